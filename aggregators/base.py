@@ -1,0 +1,169 @@
+"""LoRA factors, aggregation results and the registry of aggregation methods by name.
+
+Every method is a pure function of one module's client factors; it never mutates its inputs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class Factors:
+    """One LoRA update ΔW = scaling·B@A; B (d×r) and A (r×k) are laid out as peft's lora_B/A."""
+
+    B: torch.Tensor
+    A: torch.Tensor
+    scaling: float
+
+    def __post_init__(self) -> None:
+        B, A = self.B, self.A
+        if not isinstance(B, torch.Tensor) or not isinstance(A, torch.Tensor):
+            raise TypeError(f"B and A must be tensors, got {type(B).__name__}, {type(A).__name__}")
+        if B.ndim != 2 or A.ndim != 2:
+            raise ValueError(f"B and A must be 2-D, got B {tuple(B.shape)} and A {tuple(A.shape)}")
+        if B.shape[1] != A.shape[0]:
+            raise ValueError(
+                f"rank mismatch: B {tuple(B.shape)} has {B.shape[1]} columns "
+                f"but A {tuple(A.shape)} has {A.shape[0]} rows"
+            )
+        if not (B.is_floating_point() and A.is_floating_point()) or B.dtype != A.dtype:
+            raise ValueError(f"B and A must share one floating dtype, got {B.dtype} and {A.dtype}")
+        if isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)):
+            raise ValueError(f"scaling must be a real number, got {self.scaling!r}")
+        if not (math.isfinite(self.scaling) and self.scaling > 0):
+            raise ValueError(f"scaling must be finite and > 0, got {self.scaling!r}")
+
+    @property
+    def rank(self) -> int:
+        """The LoRA rank r (columns of B, rows of A)."""
+        return self.B.shape[1]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The shape (d, k) of the update ΔW."""
+        return (self.B.shape[0], self.A.shape[1])
+
+    def delta(self) -> torch.Tensor:
+        """The dense d×k update scaling·B@A in float64: for tests and the dense baseline only."""
+        return self.scaling * (self.B.double() @ self.A.double())
+
+    def pad(self, rank: int) -> Factors:
+        """Zero-pad to `rank` (≥ self.rank) columns of B and rows of A; ΔW is unchanged."""
+        _check_rank(rank)
+        if rank < self.rank:
+            raise ValueError(f"cannot pad rank {self.rank} down to {rank}; use truncate")
+        extra = rank - self.rank
+        B = torch.cat([self.B, self.B.new_zeros(self.B.shape[0], extra)], dim=1)
+        A = torch.cat([self.A, self.A.new_zeros(extra, self.A.shape[1])], dim=0)
+        return Factors(B, A, self.scaling)
+
+    def truncate(self, rank: int, scaling: float | None = None) -> Factors:
+        """Keep the first `rank` components under a new scaling (default: the same).
+
+        B is rescaled by self.scaling/scaling so the kept part's ΔW is unchanged; rank > self.rank
+        zero-pads. On SVD-ordered factors this is the best rank-`rank` approximation.
+        """
+        _check_rank(rank)
+        scaling = self.scaling if scaling is None else scaling
+        kept = min(rank, self.rank)
+        head = Factors(self.B[:, :kept] * (self.scaling / scaling), self.A[:kept], scaling)
+        return head.pad(rank)
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """The server's result for one module: global factors, plus state for the next round."""
+
+    global_: Factors
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class AggregatorFn(Protocol):
+    """Signature shared by every registered method (one adapted module per call)."""
+
+    def __call__(
+        self,
+        updates: Sequence[Factors],
+        weights: Sequence[float],
+        *,
+        global_rank: int | None = None,
+        state: Mapping[str, torch.Tensor] | None = None,
+        seed: int = 0,
+        **options: Any,
+    ) -> Aggregate: ...
+
+
+class UnknownAggregatorError(KeyError, ValueError):
+    """Raised by `get` for a name that is not registered (catchable as KeyError or ValueError)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+_REGISTRY: dict[str, AggregatorFn] = {}
+
+
+def register(name: str) -> Callable[[AggregatorFn], AggregatorFn]:
+    """Decorator registering an aggregation method under `name` (a name may be taken only once)."""
+
+    def decorate(fn: AggregatorFn) -> AggregatorFn:
+        if name in _REGISTRY and _REGISTRY[name] is not fn:
+            raise ValueError(f"aggregator {name!r} is already registered")
+        _REGISTRY[name] = fn
+        return fn
+
+    return decorate
+
+
+def get(name: str) -> AggregatorFn:
+    """The method registered as `name`; an unknown name raises, listing names and a close match."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        pass
+    close = difflib.get_close_matches(name, _REGISTRY, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise UnknownAggregatorError(
+        f"unknown aggregator {name!r}; available: {', '.join(available())}.{hint}"
+    )
+
+
+def available() -> list[str]:
+    """Registered method names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def normalized_weights(updates: Sequence[Factors], weights: Sequence[float]) -> list[float]:
+    """Check one round's updates agree on (d, k) and return the weights scaled to sum to 1."""
+    if len(updates) == 0:
+        raise ValueError("no updates to aggregate")
+    if len(weights) != len(updates):
+        raise ValueError(f"got {len(updates)} updates but {len(weights)} weights")
+    shapes = {u.shape for u in updates}
+    if len(shapes) != 1:
+        raise ValueError(f"updates disagree on the module shape (d, k): {sorted(shapes)}")
+    values = [float(w) for w in weights]
+    if any(not math.isfinite(w) or w < 0 for w in values):
+        raise ValueError(f"weights must be finite and non-negative, got {values}")
+    total = math.fsum(values)
+    if total <= 0:
+        raise ValueError(f"weights must not all be zero, got {values}")
+    return [w / total for w in values]
+
+
+def reject_options(method: str, options: Mapping[str, Any]) -> None:
+    """Raise TypeError naming options a method does not take (so a typo is not silently ignored)."""
+    if options:
+        raise TypeError(f"aggregator {method!r} got unexpected options: {sorted(options)}")
+
+
+def _check_rank(rank: int) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise ValueError(f"rank must be a non-negative int, got {rank!r}")

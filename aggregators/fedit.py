@@ -1,0 +1,38 @@
+"""FedIT: per-factor weighted mean of B and A, zero-padded to the largest rank.
+
+Biased: (Σpᵢsᵢ·Bᵢ)(ΣpⱼAⱼ) = ΔW* + Σ_{i≠j} pᵢpⱼsᵢ·BᵢAⱼ, so the cross terms BᵢAⱼ leak in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .base import Aggregate, Factors, normalized_weights, register, reject_options
+
+
+@register("fedit")
+def fedit(
+    updates: Sequence[Factors],
+    weights: Sequence[float],
+    *,
+    global_rank: int | None = None,
+    state: Mapping[str, torch.Tensor] | None = None,
+    seed: int = 0,
+    **options: Any,
+) -> Aggregate:
+    """B̄ = Σpᵢsᵢ·pad(Bᵢ), Ā = Σpᵢ·pad(Aᵢ), scaling 1 (each client's scaling folded into its B).
+
+    With one shared scaling s this is standard FedIT. `global_rank` pads/truncates the result.
+    """
+    reject_options("fedit", options)
+    p = normalized_weights(updates, weights)
+    width = max(u.rank for u in updates)
+    padded = [u.pad(width) for u in updates]
+    B = sum(pi * u.scaling * u.B.double() for pi, u in zip(p, padded, strict=True))
+    A = sum(pi * u.A.double() for pi, u in zip(p, padded, strict=True))
+    dtype = updates[0].B.dtype
+    mean = Factors(B.to(dtype), A.to(dtype), 1.0)
+    return Aggregate(mean if global_rank is None else mean.truncate(global_rank))

@@ -1,0 +1,49 @@
+"""Exact aggregate ΔW* = Σpᵢsᵢ·BᵢAᵢ as SVD-ordered factors (FlexLoRA's result, never forming d×k).
+
+Adapter-state semantics: client j restarts from `global_.truncate(rⱼ, sⱼ)`, the best rank-rⱼ
+approximation of ΔW* (Eckart–Young); the discarded tail is dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .base import Aggregate, Factors, normalized_weights, register, reject_options
+from .linalg import factored_svd
+
+
+@register("svd")
+def svd(
+    updates: Sequence[Factors],
+    weights: Sequence[float],
+    *,
+    global_rank: int | None = None,
+    state: Mapping[str, torch.Tensor] | None = None,
+    seed: int = 0,
+    method: str = "auto",
+    oversample: int = 8,
+    power_iters: int = 2,
+    **options: Any,
+) -> Aggregate:
+    """Best rank-`global_rank` factors of ΔW* (default Σrᵢ capped at min(d, k)), scaling 1.
+
+    `method`, `oversample`, `power_iters` go to `factored_svd` ("exact" with rank ≥ Σrᵢ is exact).
+    """
+    reject_options("svd", options)
+    p = normalized_weights(updates, weights)
+    d, k = updates[0].shape
+    rank = min(sum(u.rank for u in updates), d, k) if global_rank is None else global_rank
+    B, A = factored_svd(
+        [u.B for u in updates],
+        [u.A for u in updates],
+        [pi * u.scaling for pi, u in zip(p, updates, strict=True)],
+        rank,
+        method=method,
+        oversample=oversample,
+        power_iters=power_iters,
+        seed=seed,
+    )
+    return Aggregate(Factors(B, A, 1.0))

@@ -1,0 +1,129 @@
+"""Split examples over federated clients (IID, Dirichlet label skew, or whole domains per client).
+
+Every function returns sorted example indices and is deterministic for its `seed`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+METHODS = ("iid", "dirichlet", "domain")
+MAX_DIRICHLET_DRAWS = 1000
+
+
+def partition(
+    examples: Sequence[Mapping[str, Any]],
+    *,
+    num_clients: int,
+    method: str = "iid",
+    alpha: float = 0.5,
+    seed: int = 0,
+    min_size: int = 1,
+) -> list[list[int]]:
+    """The sorted example indices of each of `num_clients` clients; every example goes to one.
+
+    iid: a shuffled even split. dirichlet: per label, client shares drawn from Dirichlet(alpha),
+    redrawn until every client has `min_size`. domain: whole labels per client, balanced greedily
+    (largest label onto the smallest client; `seed` is not needed).
+    """
+    if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
+        raise ValueError(f"num_clients must be an integer ≥ 1, got {num_clients!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
+    if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 0:
+        raise ValueError(f"min_size must be an integer ≥ 0, got {min_size!r}")
+    if len(examples) < num_clients * min_size:
+        raise ValueError(
+            f"{len(examples)} examples cannot give num_clients={num_clients} clients "
+            f"min_size={min_size} each; use more examples, fewer clients or a smaller min_size"
+        )
+    if method == "iid":
+        order = np.random.default_rng(seed).permutation(len(examples))
+        return [sorted(part.tolist()) for part in np.array_split(order, num_clients)]
+    labels = [_label(example, i) for i, example in enumerate(examples)]
+    if method == "dirichlet":
+        clients = _dirichlet(
+            labels, num_clients=num_clients, alpha=alpha, seed=seed, min_size=min_size
+        )
+    else:
+        clients = _domain(labels, num_clients=num_clients)
+        smallest = min(len(c) for c in clients)
+        if smallest < min_size:
+            raise ValueError(
+                f"domain partition gives a client only {smallest} examples (min_size={min_size}); "
+                "use fewer clients, a smaller min_size, or method='dirichlet'"
+            )
+    return [sorted(c) for c in clients]
+
+
+def split_held_out(
+    indices: Iterable[int], *, fraction: float, seed: int
+) -> tuple[list[int], list[int]]:
+    """(train, held_out), both sorted: round(fraction·n) held out, at least one each when n ≥ 2."""
+    if not (isinstance(fraction, (int, float)) and 0 <= fraction < 1):
+        raise ValueError(f"fraction must be a number in [0, 1), got {fraction!r}")
+    items = list(indices)
+    n_held = math.floor(len(items) * fraction + 0.5)
+    if fraction > 0 and len(items) >= 2:
+        n_held = min(max(n_held, 1), len(items) - 1)
+    shuffled = random.Random(seed).sample(items, len(items))
+    return sorted(shuffled[n_held:]), sorted(shuffled[:n_held])
+
+
+def _label(example: Mapping[str, Any], index: int) -> str:
+    if "label" not in example:
+        raise ValueError(
+            f"example {index} has no 'label' (keys: {sorted(example)}); "
+            "label-based methods need one, or use method='iid'"
+        )
+    return str(example["label"])
+
+
+def _dirichlet(
+    labels: list[str], *, num_clients: int, alpha: float, seed: int, min_size: int
+) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    by_label: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_label.setdefault(label, []).append(i)
+    for _ in range(MAX_DIRICHLET_DRAWS):
+        clients: list[list[int]] = [[] for _ in range(num_clients)]
+        for label in sorted(by_label):
+            members = rng.permutation(by_label[label])
+            shares = rng.dirichlet(np.full(num_clients, float(alpha)))
+            cuts = (np.cumsum(shares)[:-1] * len(members)).astype(int)
+            for client, part in zip(clients, np.split(members, cuts), strict=True):
+                client.extend(part.tolist())
+        if min(len(c) for c in clients) >= min_size:
+            return clients
+    raise ValueError(
+        f"dirichlet partition (alpha={alpha}) left a client below min_size={min_size} in "
+        f"{MAX_DIRICHLET_DRAWS} draws; raise alpha, lower num_clients or min_size, or add examples"
+    )
+
+
+def _domain(labels: list[str], *, num_clients: int) -> list[list[int]]:
+    counts = Counter(labels)
+    if len(counts) < num_clients:
+        raise ValueError(
+            f"domain partition needs at least num_clients={num_clients} distinct labels, found "
+            f"{len(counts)} ({sorted(counts)[:10]}); use fewer clients or method='dirichlet'/'iid'"
+        )
+    sizes = [0] * num_clients
+    owner: dict[str, int] = {}
+    for label in sorted(counts, key=lambda name: (-counts[name], name)):
+        client = min(range(num_clients), key=lambda c: (sizes[c], c))
+        owner[label] = client
+        sizes[client] += counts[label]
+    clients: list[list[int]] = [[] for _ in range(num_clients)]
+    for i, label in enumerate(labels):
+        clients[owner[label]].append(i)
+    return clients

@@ -1,0 +1,91 @@
+"""One entry point for every data source: "wordnet", "fortunes", a local path, or a hub name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fedllm.data.fortunes import load_fortunes
+from fedllm.data.local import BUILDERS, load_local, rows_to_examples
+from fedllm.data.sample import sample_examples
+from fedllm.data.wordnet import load_wordnet
+
+VALID_SOURCES = (
+    "'wordnet', 'fortunes', a local "
+    + "/".join(BUILDERS)
+    + " file or save_to_disk folder, or a Hugging Face hub dataset name (needs network access)"
+)
+
+# The keyword options each kind of source accepts, besides max_examples and seed.
+OPTIONS: dict[str, tuple[str, ...]] = {
+    "wordnet": ("root", "pos"),
+    "fortunes": ("root",),
+    "local": ("prompt_field", "response_field", "label_field"),
+    "hub": ("prompt_field", "response_field", "label_field", "name", "split"),
+}
+
+
+def load_examples(
+    source: str, *, max_examples: int | None = None, seed: int = 0, **source_options: Any
+) -> list[dict[str, str]]:
+    """Load examples from `source`; `max_examples` keeps a deterministic subset chosen by `seed`."""
+    if not isinstance(source, str) or not source.strip():
+        raise ValueError(f"source must be {VALID_SOURCES}; got {source!r}")
+    if source in ("wordnet", "fortunes"):
+        _check_options(source, source_options, kind=source)
+        loader = load_wordnet if source == "wordnet" else load_fortunes
+        return loader(max_examples=max_examples, seed=seed, **source_options)
+    path = Path(source).expanduser()
+    if path.exists():
+        _check_options(source, source_options, kind="local")
+        examples = load_local(path, **source_options)
+    elif _looks_like_path(source):
+        raise FileNotFoundError(f"local dataset {source} not found; valid sources: {VALID_SOURCES}")
+    else:
+        _check_options(source, source_options, kind="hub")
+        examples = _load_hub(source, **source_options)
+    return sample_examples(examples, max_examples=max_examples, seed=seed)
+
+
+def _check_options(source: str, options: dict[str, Any], *, kind: str) -> None:
+    unknown = sorted(set(options) - set(OPTIONS[kind]))
+    if unknown:
+        raise ValueError(
+            f"option(s) {unknown} do not apply to source {source!r} ({kind}); "
+            f"valid options are {list(OPTIONS[kind])} plus max_examples and seed"
+        )
+
+
+def _looks_like_path(source: str) -> bool:
+    prefixes = ("/", "./", "../", "~", "\\")
+    return source.startswith(prefixes) or Path(source).suffix.lower() in BUILDERS
+
+
+def _load_hub(
+    name_or_path: str,
+    *,
+    prompt_field: str = "prompt",
+    response_field: str = "response",
+    label_field: str | None = None,
+    name: str | None = None,
+    split: str = "train",
+) -> list[dict[str, str]]:
+    import datasets  # imported on use: it takes over a second
+
+    try:
+        dataset = datasets.load_dataset(name_or_path, name=name, split=split)
+    except Exception as err:
+        raise ValueError(
+            f"could not load source {name_or_path!r}: it is not 'wordnet', 'fortunes' or an "
+            "existing local path, so it was tried as a Hugging Face hub dataset, which only "
+            f"works online with a valid name and split ({type(err).__name__}: {err}); "
+            f"valid sources: {VALID_SOURCES}"
+        ) from err
+    return rows_to_examples(
+        dataset,
+        columns=list(dataset.column_names),
+        origin=f"{name_or_path}[{split}]",
+        prompt_field=prompt_field,
+        response_field=response_field,
+        label_field=label_field,
+    )

@@ -1,0 +1,135 @@
+"""`fedllm` command line: run a recipe in Flower's simulation engine, validate recipes, prepare models."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+from fedllm.checkpoint import CHECKPOINT
+from fedllm.config import ConfigError, RunConfig, load_recipe
+
+
+def absolute_paths(cfg: RunConfig) -> RunConfig:
+    """Pin relative paths to this directory: simulation workers may start elsewhere."""
+    data = cfg.data
+    source = data.source
+    if Path(source).expanduser().exists():
+        source = str(Path(source).expanduser().resolve())
+    return cfg.model_copy(
+        update={
+            "output_dir": str(Path(cfg.output_dir).expanduser().resolve()),
+            "data": data.model_copy(update={"source": source}),
+        }
+    )
+
+
+def prepare(cfg: RunConfig) -> None:
+    """Everything that can fail before a round starts: base model, rank fit, every client's data."""
+    from fedllm.shards import adapter_shapes, check_ranks, load_all_examples, partition_indices
+
+    shapes = adapter_shapes(cfg)
+    check_ranks(cfg, shapes)
+    examples = load_all_examples(cfg)
+    parts = partition_indices(cfg, examples)
+    sizes = [len(p) for p in parts]
+    print(
+        f"[fedllm] {len(examples)} examples from {cfg.data.source!r} over {len(parts)} clients "
+        f"({cfg.data.partitioner}): sizes {sizes}; {len(shapes)} adapted modules",
+        flush=True,
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = absolute_paths(load_recipe(args.recipe, args.overrides))
+    run_dir = cfg.run_dir
+    if (run_dir / CHECKPOINT).exists() and not args.resume:
+        if not args.overwrite:
+            raise ConfigError(
+                f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to "
+                f"start again, or name=<new name>"
+            )
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    prepare(cfg)
+    (run_dir / "recipe.yaml").write_text(cfg.to_yaml())
+
+    from flwr.simulation import run_simulation
+
+    from fedllm.client_app import make_client_app
+    from fedllm.server_app import make_server_app
+
+    cpus = min(cfg.simulation.num_cpus_per_client, float(_cpu_count()))
+    run_simulation(
+        server_app=make_server_app(cfg, resume=args.resume),
+        client_app=make_client_app(cfg),
+        num_supernodes=cfg.data.num_clients,
+        backend_config={
+            "client_resources": {"num_cpus": cpus, "num_gpus": cfg.simulation.num_gpus_per_client},
+        },
+    )
+    if not (run_dir / "final_adapter" / "adapter_config.json").exists():
+        print(f"[fedllm] run did not finish: no adapter in {run_dir}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    for path in args.recipes:
+        cfg = load_recipe(path, args.overrides)
+        print(f"ok  {path}: {cfg.name}, {cfg.data.num_clients} clients, aggregator {cfg.aggregator.name}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    cfg = absolute_paths(load_recipe(args.recipe, args.overrides))
+    prepare(cfg)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedllm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a recipe in Flower's simulation engine")
+    run.add_argument("recipe", help="path to a YAML recipe (see recipes/)")
+    run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. federation.rounds=2")
+    run.add_argument("--resume", action="store_true", help="continue from the last finished round")
+    run.add_argument("--overwrite", action="store_true", help="delete an existing run of this name")
+    run.set_defaults(fn=cmd_run)
+
+    val = sub.add_parser("validate", help="check recipes without running them")
+    val.add_argument("recipes", nargs="+")
+    val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    val.set_defaults(fn=cmd_validate)
+
+    prep = sub.add_parser("prepare", help="convert/build the base model and check the data")
+    prep.add_argument("recipe")
+    prep.add_argument("overrides", nargs="*")
+    prep.set_defaults(fn=cmd_prepare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("fedllm").addHandler(handler)
+    logging.getLogger("fedllm").setLevel(logging.INFO)
+    try:
+        return args.fn(args)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"fedllm: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

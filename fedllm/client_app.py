@@ -1,0 +1,161 @@
+"""The Flower ClientApp: local LoRA training and held-out evaluation on one private shard.
+
+Each message rebuilds this client's shard from the recipe (deterministic), reuses the base model
+loaded once per process, attaches a LoRA adapter at this client's rank, starts it from the global
+factors it received and replies with its factors and metrics. Only adapter tensors and metrics
+leave the client.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from peft import PeftModel
+
+from fedllm.adapters import attach_lora, from_record, read_factors, to_record, write_factors
+from fedllm.config import RunConfig
+from fedllm.shards import cached_base_model, load_shard
+from fedllm.train import evaluate_nll, num_local_steps, train_local
+
+log = logging.getLogger("fedllm.client")
+
+
+def partition_of(context: Context) -> int:
+    """This node's partition id (set by the simulation engine or a SuperNode's --node-config)."""
+    if "partition-id" not in context.node_config:
+        raise ValueError("node config has no 'partition-id'; start the SuperNode with one")
+    return int(context.node_config["partition-id"])
+
+
+def check_recipe(cfg: RunConfig, config: ConfigRecord) -> None:
+    """Refuse to train for a server running another base model, adapter layout or data split."""
+    theirs = str(config.get("recipe-hash", ""))
+    if theirs and theirs != cfg.fingerprint():
+        raise ValueError(
+            f"recipe mismatch: server runs recipe {theirs}, this client {cfg.fingerprint()} "
+            "(model, lora, data and seed must match)"
+        )
+
+
+@contextmanager
+def lora_on_base(cfg: RunConfig, *, rank: int, scaling: float) -> Iterator[tuple[PeftModel, object]]:
+    """The cached base with a fresh LoRA adapter of this rank; removed again afterwards."""
+    base, tokenizer = cached_base_model(cfg)
+    model = attach_lora(
+        base,
+        rank=rank,
+        alpha=scaling * rank,
+        dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+    )
+    try:
+        yield model, tokenizer
+    finally:
+        model.unload()
+
+
+def train(cfg: RunConfig, msg: Message, context: Context) -> Message:
+    """One round of local training, started from the global factors in `msg`."""
+    config = msg.content["config"]
+    check_recipe(cfg, config)
+    pid = partition_of(context)
+    rank = int(context.node_config.get("rank", cfg.client_rank(pid)))
+    server_round = int(config["server-round"])
+    global_factors = from_record(msg.content["global"], float(config["global-scaling"]))
+    with lora_on_base(cfg, rank=rank, scaling=cfg.client_scaling(rank)) as (model, tokenizer):
+        shard = load_shard(cfg, pid, tokenizer)
+        write_factors(model, global_factors)
+        fed = cfg.federation
+        steps = num_local_steps(
+            len(shard.train),
+            batch_size=fed.batch_size,
+            local_steps=fed.local_steps,
+            local_epochs=fed.local_epochs,
+        )
+        result = train_local(
+            model,
+            shard.train,
+            steps=steps,
+            batch_size=fed.batch_size,
+            pad_id=tokenizer.pad_token_id,
+            optimizer=fed.optimizer,
+            lr=fed.lr,
+            weight_decay=fed.weight_decay,
+            schedule=fed.schedule,
+            warmup_steps=fed.warmup_steps,
+            max_grad_norm=fed.max_grad_norm,
+            seed=cfg.seed * 100_003 + server_round * 1009 + pid,
+        )
+        update = to_record(read_factors(model))
+    log.info("client %d round %d: rank %d, %d steps, loss %.4f -> %.4f",
+             pid, server_round, rank, result.steps, result.loss_first, result.loss_last)
+    metrics = MetricRecord(
+        {
+            "num-examples": len(shard.train),
+            "partition-id": pid,
+            "rank": rank,
+            "scaling": cfg.client_scaling(rank),
+            "train-loss": result.loss_mean,
+            "train-loss-first": result.loss_first,
+            "train-loss-last": result.loss_last,
+            "steps": result.steps,
+            "train-seconds": result.seconds,
+            "bytes-received": msg.content["global"].count_bytes(),
+            "bytes-sent": update.count_bytes(),
+        }
+    )
+    return Message(RecordDict({"update": update, "metrics": metrics}), reply_to=msg)
+
+
+def evaluate(cfg: RunConfig, msg: Message, context: Context) -> Message:
+    """Held-out NLL of the global adapter on this client's held-out split."""
+    config = msg.content["config"]
+    check_recipe(cfg, config)
+    pid = partition_of(context)
+    record: ArrayRecord = msg.content["global"]
+    scaling = float(config["global-scaling"])
+    global_factors = from_record(record, scaling)
+    rank = max((f.rank for f in global_factors.values()), default=1)
+    with lora_on_base(cfg, rank=rank, scaling=scaling) as (model, tokenizer):
+        shard = load_shard(cfg, pid, tokenizer)
+        write_factors(model, global_factors)
+        # No-grad forwards in eval mode would flip 4-bit layers to an inference kernel on some
+        # CPUs (see platform notes); dropout is the only other difference, so stay in train mode
+        # for quantized bases.
+        model.train(cfg.model.quantization != "none")
+        nll, tokens = evaluate_nll(
+            model,
+            shard.held_out,
+            batch_size=cfg.federation.eval_batch_size,
+            pad_id=tokenizer.pad_token_id,
+        )
+        model.train()
+    metrics = MetricRecord(
+        {
+            "partition-id": pid,
+            "nll-sum": nll,
+            "tokens": tokens,
+            "num-examples": len(shard.held_out),
+            "held-out-loss": nll / max(tokens, 1),
+        }
+    )
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def make_client_app(cfg: RunConfig) -> ClientApp:
+    """A ClientApp bound to a recipe (the simulation passes it by value to every worker)."""
+    app = ClientApp()
+
+    @app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        return train(cfg, msg, context)
+
+    @app.evaluate()
+    def _evaluate(msg: Message, context: Context) -> Message:
+        return evaluate(cfg, msg, context)
+
+    return app

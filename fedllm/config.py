@@ -1,0 +1,324 @@
+"""The recipe schema: typed, frozen, validated at construction, built from YAML.
+
+Unknown keys are rejected by name (with a did-you-mean), wrong types and out-of-range values name the
+key and what would be valid. `key=value` overrides from the command line are applied before validation.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A recipe that cannot run, with every problem named by its dotted key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class TinyModelConfig(_Strict):
+    """A small Llama built from config, with a BPE tokenizer trained on the run's own data."""
+
+    vocab_size: int = Field(512, ge=64)
+    hidden_size: int = Field(64, ge=8)
+    intermediate_size: int = Field(128, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int = Field(2, ge=1)
+    max_position_embeddings: int = Field(256, ge=16)
+
+
+class ModelConfig(_Strict):
+    """Which frozen base model the clients adapt."""
+
+    name: str = Field(
+        "smollm2-135m",
+        description="'smollm2-135m' (embedded), 'tiny' (built from config), a local HF folder, "
+        "or a hub id available offline",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+    tiny: TinyModelConfig = TinyModelConfig()
+
+
+class TierConfig(_Strict):
+    """A device tier: `clients` partitions of this tier train LoRA at `rank`."""
+
+    name: str
+    rank: int = Field(gt=0)
+    clients: int = Field(gt=0)
+
+
+class RankRule(_Strict):
+    """Ranks spread geometrically (or linearly) from `min` to `max` over the clients."""
+
+    min: int = Field(gt=0)
+    max: int = Field(gt=0)
+    spacing: Literal["geometric", "linear"] = "geometric"
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RankRule:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must be <= max ({self.max})")
+        return self
+
+
+class LoraConfig(_Strict):
+    """The LoRA adapters: where they go, how they scale, each client's rank."""
+
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    ranks: int | list[int] | RankRule | None = Field(
+        8, description="one rank for all, a list cycled over clients, or a rule {min, max, spacing}"
+    )
+    tiers: list[TierConfig] | None = None
+
+    @field_validator("ranks")
+    @classmethod
+    def _positive(cls, v: Any) -> Any:
+        values = [v] if isinstance(v, int) else v if isinstance(v, list) else []
+        if isinstance(v, list) and not v:
+            raise ValueError("the list of ranks is empty; give at least one rank")
+        for r in values:
+            if r <= 0:
+                raise ValueError(f"every rank must be > 0, got {r}")
+        return v
+
+
+class DataConfig(_Strict):
+    """Where the examples come from and how they are split over clients."""
+
+    source: str = Field("wordnet", description="'wordnet', 'fortunes', a local file/folder, or a hub name")
+    pos: list[Literal["noun", "verb", "adj", "adv"]] = Field(
+        default_factory=lambda: ["noun", "verb", "adj", "adv"]
+    )
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    label_field: str | None = None
+    max_examples: int | None = Field(None, gt=0)
+    prompt_format: Literal["chat", "plain"] = "chat"
+    partitioner: Literal["iid", "dirichlet", "domain"] = "domain"
+    dirichlet_alpha: float = Field(0.5, gt=0)
+    num_clients: int = Field(4, ge=1)
+    held_out: float = Field(0.1, gt=0, lt=1)
+    max_length: int = Field(64, ge=8)
+
+
+class FederationConfig(_Strict):
+    """Rounds, sampling and the clients' local optimisation."""
+
+    rounds: int = Field(3, ge=1)
+    clients_per_round: int | None = Field(None, ge=1, description="default: every client")
+    local_steps: int | None = Field(20, ge=1)
+    local_epochs: float | None = Field(None, gt=0)
+    batch_size: int = Field(8, ge=1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    eval_batch_size: int = Field(16, ge=1)
+    round_timeout: float = Field(3600.0, gt=0, description="seconds to wait for replies per round")
+    max_rejected_norm_ratio: float = Field(
+        100.0, gt=1, description="replies whose norm exceeds this times the median are rejected"
+    )
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> FederationConfig:
+        if (self.local_steps is None) == (self.local_epochs is None):
+            raise ValueError("set exactly one of local_steps and local_epochs (the other to null)")
+        return self
+
+
+class AggregatorConfig(_Strict):
+    """The server's aggregation method, by registry name, with its options."""
+
+    name: str = "svd"
+    weighting: Literal["examples", "uniform"] = "examples"
+    global_rank: int | None = Field(None, gt=0)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class SimulationConfig(_Strict):
+    """Resources of the Flower simulation engine (Ray) on this machine."""
+
+    num_cpus_per_client: float = Field(2.0, gt=0)
+    num_gpus_per_client: float = Field(0.0, ge=0)
+
+
+class RunConfig(_Strict):
+    """One federated fine-tuning run: everything a recipe says."""
+
+    name: str = Field("run", pattern=r"^[A-Za-z0-9._-]+$")
+    output_dir: str = "runs"
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfig = LoraConfig()
+    data: DataConfig = DataConfig()
+    federation: FederationConfig = FederationConfig()
+    aggregator: AggregatorConfig = AggregatorConfig()
+    simulation: SimulationConfig = SimulationConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> RunConfig:
+        n = self.data.num_clients
+        per_round = self.federation.clients_per_round
+        if per_round is not None and per_round > n:
+            raise ValueError(
+                f"federation.clients_per_round ({per_round}) exceeds data.num_clients ({n})"
+            )
+        tiers = self.lora.tiers
+        if tiers is not None and sum(t.clients for t in tiers) != n:
+            total = sum(t.clients for t in tiers)
+            raise ValueError(f"lora.tiers cover {total} clients but data.num_clients is {n}")
+        if tiers is None and self.lora.ranks is None:
+            raise ValueError("set lora.ranks or lora.tiers")
+        from fedllm.aggregators import available
+
+        if self.aggregator.name not in available():
+            raise ValueError(_unknown("aggregator.name", self.aggregator.name, available()))
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def client_rank(self, partition_id: int) -> int:
+        """The LoRA rank of the client holding partition `partition_id`."""
+        n = self.data.num_clients
+        if not 0 <= partition_id < n:
+            raise ValueError(f"partition_id {partition_id} outside [0, {n})")
+        if self.lora.tiers is not None:
+            start = 0
+            for tier in self.lora.tiers:
+                if partition_id < start + tier.clients:
+                    return tier.rank
+                start += tier.clients
+        ranks = self.lora.ranks
+        if isinstance(ranks, int):
+            return ranks
+        if isinstance(ranks, list):
+            return ranks[partition_id % len(ranks)]
+        assert isinstance(ranks, RankRule)
+        t = partition_id / max(n - 1, 1)
+        if ranks.spacing == "linear":
+            return round(ranks.min + t * (ranks.max - ranks.min))
+        return round(math.exp(math.log(ranks.min) + t * math.log(ranks.max / ranks.min)))
+
+    def client_scaling(self, rank: int) -> float:
+        """peft's LoRA scaling α/r for a client of this rank."""
+        return self.lora.alpha / rank
+
+    def fingerprint(self) -> str:
+        """A short hash of what must match between server and clients (model, LoRA, data)."""
+        parts = self.model_dump(include={"model", "lora", "data", "seed"}, mode="json")
+        return hashlib.sha256(yaml.safe_dump(parts, sort_keys=True).encode()).hexdigest()[:12]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _unknown(key: str, value: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(value, valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{key}: unknown value {value!r}{hint}; valid: {', '.join(sorted(valid))}"
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid recipe {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            parent = _model_at(e["loc"][:-1])
+            valid = sorted(parent.model_fields) if parent else []
+            close = difflib.get_close_matches(str(e["loc"][-1]), valid, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            lines.append(f"  {key}: unknown key{hint}; valid keys here: {', '.join(valid)}")
+        elif e["type"] == "value_error":
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"  {msg}" if key == "(top level)" else f"  {key}: {msg}")
+        else:
+            got = e.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  {key}: {e['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class at a dotted location of the schema, for listing valid keys."""
+    model: type[BaseModel] = RunConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            return None
+    return model
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ["federation.rounds=2", "lora.ranks=[4,8]"] into a nested dict (values parsed as YAML)."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. federation.rounds=2)")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r} has an empty key part")
+        node = tree
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with another override of {part!r}")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "options":
+            out[k] = _merge(out[k], v)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = {**out[k], **v}
+        else:
+            out[k] = v
+    return out
+
+
+def build_config(data: dict[str, Any], *, source: str = "<dict>") -> RunConfig:
+    """Validate a recipe dict into a RunConfig, or raise ConfigError naming every bad key."""
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML recipe, apply `key=value` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        shipped = sorted(p.name for p in (Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+        raise ConfigError(f"recipe file {path} not found; shipped recipes: {', '.join(shipped)}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"recipe {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path} must be a mapping of keys, got {type(data).__name__}")
+    data = _merge(data, parse_overrides(overrides or []))
+    return build_config(data, source=str(path))

@@ -1,0 +1,136 @@
+"""From a recipe to each client's private shard: load, partition, hold out, tokenize.
+
+Every step is deterministic for the recipe's seed, so a client (in simulation or on its own
+SuperNode) rebuilds exactly its own partition without anything being sent to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedllm.config import RunConfig
+from fedllm.data import load_examples, partition, split_held_out, tokenize_all
+from fedllm.model import (
+    BASE_MODELS,
+    build_tiny_model,
+    load_base_model,
+    module_shapes,
+    resolve_model_dir,
+)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One client's private data: tokenized train and held-out examples, plus raw counts."""
+
+    partition_id: int
+    train: list[dict]
+    held_out: list[dict]
+    labels: tuple[str, ...]
+
+
+def source_options(cfg: RunConfig) -> dict:
+    """The loader options that apply to the recipe's data source."""
+    data = cfg.data
+    if data.source == "wordnet":
+        return {"pos": tuple(data.pos)}
+    if data.source == "fortunes":
+        return {}
+    return {
+        "prompt_field": data.prompt_field,
+        "response_field": data.response_field,
+        "label_field": data.label_field,
+    }
+
+
+def load_all_examples(cfg: RunConfig) -> list[dict]:
+    """Every example of the federation (each client keeps only its partition of these)."""
+    return load_examples(
+        cfg.data.source, max_examples=cfg.data.max_examples, seed=cfg.seed, **source_options(cfg)
+    )
+
+
+def partition_indices(cfg: RunConfig, examples: list[dict]) -> list[list[int]]:
+    return partition(
+        examples,
+        num_clients=cfg.data.num_clients,
+        method=cfg.data.partitioner,
+        alpha=cfg.data.dirichlet_alpha,
+        seed=cfg.seed,
+    )
+
+
+def load_shard(cfg: RunConfig, partition_id: int, tokenizer) -> Shard:
+    """Client `partition_id`'s shard, tokenized with the base model's tokenizer."""
+    examples = load_all_examples(cfg)
+    parts = partition_indices(cfg, examples)
+    if not 0 <= partition_id < len(parts):
+        raise ValueError(f"partition-id {partition_id} outside [0, {len(parts)})")
+    train_idx, held_idx = split_held_out(
+        parts[partition_id], fraction=cfg.data.held_out, seed=cfg.seed + partition_id
+    )
+    if not train_idx:
+        raise ValueError(
+            f"client {partition_id} has no training examples (data.source={cfg.data.source!r}, "
+            f"{len(parts[partition_id])} examples in its partition)"
+        )
+    fmt = {"prompt_format": cfg.data.prompt_format, "max_length": cfg.data.max_length}
+    return Shard(
+        partition_id=partition_id,
+        train=tokenize_all([examples[i] for i in train_idx], tokenizer, **fmt),
+        held_out=tokenize_all([examples[i] for i in held_idx], tokenizer, **fmt),
+        labels=tuple(sorted({examples[i]["label"] for i in parts[partition_id]})),
+    )
+
+
+def base_model_dir(cfg: RunConfig) -> Path:
+    """Where the frozen base lives: the embedded cache, a local folder, or the run's tiny base."""
+    if cfg.model.name == "tiny":
+        return (cfg.run_dir / "tiny_base").resolve()
+    return resolve_model_dir(cfg.model.name)
+
+
+def prepare_base_model(cfg: RunConfig) -> Path:
+    """Make sure the base exists on disk (convert the embedded GGUF / build the tiny model)."""
+    folder = base_model_dir(cfg)
+    if cfg.model.name == "tiny":
+        texts = [f"{e['prompt']} {e['response']}" for e in load_all_examples(cfg)]
+        build_tiny_model(folder, texts=texts, seed=cfg.seed, **cfg.model.tiny.model_dump())
+    return folder
+
+
+def cached_base_model(cfg: RunConfig):
+    """(model, tokenizer), loaded once per process and reused across rounds."""
+    quant = None if cfg.model.quantization == "none" else cfg.model.quantization
+
+    def load():
+        folder = prepare_base_model(cfg)
+        return load_base_model(folder, dtype=cfg.model.dtype, quantization=quant)
+
+    return BASE_MODELS.get((str(base_model_dir(cfg)), cfg.model.dtype, quant), load)
+
+
+def adapter_shapes(cfg: RunConfig) -> dict[str, tuple[int, int]]:
+    """(out, in) of every adapted module, read from the base's config on the meta device."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = prepare_base_model(cfg)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    return module_shapes(model, cfg.lora.target_modules)
+
+
+def check_ranks(cfg: RunConfig, shapes: dict[str, tuple[int, int]]) -> None:
+    """Every client's rank must fit every adapted module (rank ≤ min(out, in))."""
+    limit = min(min(s) for s in shapes.values())
+    module = next(m for m, s in shapes.items() if min(s) == limit)
+    for pid in range(cfg.data.num_clients):
+        rank = cfg.client_rank(pid)
+        if rank > limit:
+            key = "lora.tiers" if cfg.lora.tiers else "lora.ranks"
+            raise ValueError(
+                f"{key}: client {pid} has rank {rank}, larger than module {module} "
+                f"{shapes[module]} allows (valid: 1..{limit})"
+            )

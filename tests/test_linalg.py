@@ -1,0 +1,168 @@
+"""factored_svd: exactness, optimality (Eckart–Young), randomized accuracy, determinism, dtypes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fedllm.aggregators import factored_svd, svd_factors
+from fedllm.aggregators.linalg import choose_method
+
+FACTORED = ["exact", "rsvd", "dense", "auto"]
+
+
+def clients(
+    d: int, k: int, ranks: list[int], *, seed: int = 0, dtype: torch.dtype = torch.float64
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    Bs = [torch.randn(d, r, generator=g, dtype=dtype) for r in ranks]
+    As = [torch.randn(r, k, generator=g, dtype=dtype) for r in ranks]
+    return Bs, As
+
+
+def dense(Bs: list[torch.Tensor], As: list[torch.Tensor], w: list[float]) -> torch.Tensor:
+    return sum(wi * B.double() @ A.double() for wi, B, A in zip(w, Bs, As, strict=True))
+
+
+def test_diagonal_case_by_hand() -> None:
+    # 1·[e1 e3][3e1ᵀ; 2e3ᵀ] + 0.5·(2e2)(e2ᵀ) = diag(3, 1, 2): σ = 3, 2, 1 on e1, e3, e2.
+    Bs = [torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0]]), torch.tensor([[0.0], [2.0], [0.0]])]
+    As = [torch.tensor([[3.0, 0.0, 0.0], [0.0, 0.0, 2.0]]), torch.tensor([[0.0, 1.0, 0.0]])]
+    r3, r2 = math.sqrt(3.0), math.sqrt(2.0)
+    for method in FACTORED:
+        B, A = factored_svd(Bs, As, [1.0, 0.5], 2, method=method)
+        assert torch.allclose(B.abs(), torch.tensor([[r3, 0.0], [0.0, 0.0], [0.0, r2]]), atol=1e-6)
+        assert torch.allclose(A.abs(), torch.tensor([[r3, 0.0, 0.0], [0.0, 0.0, r2]]), atol=1e-6)
+        assert torch.allclose(B @ A, torch.diag(torch.tensor([3.0, 0.0, 2.0])), atol=1e-6)
+
+
+@pytest.mark.parametrize("method", FACTORED)
+def test_exact_when_rank_covers_the_stacked_rank(method: str) -> None:
+    Bs, As = clients(30, 20, [2, 3, 4])
+    w = [0.5, -1.2, 2.0]
+    B, A = factored_svd(Bs, As, w, 9, method=method)
+    assert B.shape == (30, 9) and A.shape == (9, 20)
+    assert torch.allclose(B @ A, dense(Bs, As, w), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["exact", "dense"])
+@pytest.mark.parametrize("rank", [1, 4, 8])
+def test_truncation_error_is_the_optimal_tail(method: str, rank: int) -> None:
+    Bs, As = clients(40, 25, [1, 4, 7], seed=1)
+    w = [0.2, 0.3, 0.5]
+    M = dense(Bs, As, w)
+    sigma = torch.linalg.svdvals(M)
+    B, A = factored_svd(Bs, As, w, rank, method=method)
+    error = torch.linalg.matrix_norm(M - B @ A)
+    assert error.item() == pytest.approx(sigma[rank:].norm().item(), rel=1e-10)
+    # Σ split evenly: ‖B[:, j]‖ = ‖A[j]‖ = √σⱼ, in decreasing order.
+    root = sigma[:rank].sqrt()
+    assert torch.allclose(B.norm(dim=0), root, rtol=1e-10)
+    assert torch.allclose(A.norm(dim=1), root, rtol=1e-10)
+
+
+def decaying(
+    d: int, k: int, n_clients: int, r: int, decay: float
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """Clients whose sum has singular values decay**j, the directions shuffled across clients."""
+    g = torch.Generator().manual_seed(7)
+    R = n_clients * r
+    left = torch.linalg.qr(torch.randn(d, R, generator=g, dtype=torch.float64)).Q
+    right = torch.linalg.qr(torch.randn(k, R, generator=g, dtype=torch.float64)).Q
+    sigma = decay ** torch.arange(R, dtype=torch.float64)
+    cols = torch.randperm(R, generator=g).reshape(n_clients, r)
+    Bs = [left[:, c] * sigma[c] for c in cols]
+    As = [right[:, c].T for c in cols]
+    return Bs, As, sigma
+
+
+def test_rsvd_error_within_one_percent_of_optimal() -> None:
+    Bs, As, sigma = decaying(300, 200, 10, 16, 0.9)
+    rank = 10
+    assert choose_method(160, 300, 200, rank, 8) == "rsvd"
+    B, A = factored_svd(Bs, As, [1.0] * 10, rank, method="rsvd", power_iters=2, seed=3)
+    error = torch.linalg.matrix_norm(dense(Bs, As, [1.0] * 10) - B @ A).item()
+    optimal = sigma[rank:].norm().item()
+    assert optimal < error < 1.01 * optimal
+
+
+def test_rsvd_power_iterations_help() -> None:
+    Bs, As, sigma = decaying(300, 200, 10, 16, 0.97)
+    M = dense(Bs, As, [1.0] * 10)
+    errors = []
+    for q in (0, 2):
+        B, A = factored_svd(Bs, As, [1.0] * 10, 10, method="rsvd", oversample=2, power_iters=q)
+        errors.append(torch.linalg.matrix_norm(M - B @ A).item())
+    assert errors[1] < errors[0]
+
+
+def test_deterministic_for_a_seed() -> None:
+    Bs, As, _ = decaying(120, 90, 6, 8, 0.9)
+    w = [1.0] * 6
+    first = factored_svd(Bs, As, w, 5, method="rsvd", seed=11)
+    again = factored_svd(Bs, As, w, 5, method="rsvd", seed=11)
+    other = factored_svd(Bs, As, w, 5, method="rsvd", seed=12)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert not torch.equal(first[0], other[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", FACTORED)
+def test_dtype_is_preserved(dtype: torch.dtype, method: str) -> None:
+    Bs, As = clients(16, 12, [2, 3], dtype=dtype)
+    B, A = factored_svd(Bs, As, [0.5, 0.5], 5, method=method)
+    assert B.dtype == dtype and A.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    M = dense(Bs, As, [0.5, 0.5])
+    assert torch.allclose((B.double() @ A.double()), M, rtol=0, atol=tol * M.abs().max().item())
+
+
+@pytest.mark.parametrize("method", FACTORED)
+def test_rank_above_attainable_is_zero_padded(method: str) -> None:
+    Bs, As = clients(6, 5, [1, 1])
+    B, A = factored_svd(Bs, As, [1.0, 1.0], 4, method=method)
+    assert B.shape == (6, 4) and A.shape == (4, 5)
+    assert not B[:, 2:].any() and not A[2:].any()
+    assert torch.allclose(B @ A, dense(Bs, As, [1.0, 1.0]), atol=1e-12)
+    # Capped by min(d, k) as well: a 3×2 sum of two rank-2 products.
+    Bs, As = clients(3, 2, [2, 2])
+    B, A = factored_svd(Bs, As, [1.0, 1.0], 5, method=method)
+    assert B.shape == (3, 5) and A.shape == (5, 2) and not B[:, 2:].any()
+    assert torch.allclose(B @ A, dense(Bs, As, [1.0, 1.0]), atol=1e-12)
+
+
+def test_rank_zero_and_triplets() -> None:
+    Bs, As = clients(6, 5, [2, 1])
+    B, A = factored_svd(Bs, As, [1.0, 1.0], 0)
+    assert B.shape == (6, 0) and A.shape == (0, 5)
+    L, S, R = svd_factors(Bs, As, [1.0, 1.0], 10, method="exact")
+    assert L.shape == (6, 3) and S.shape == (3,) and R.shape == (5, 3)
+    assert torch.all(S[:-1] >= S[1:])
+    assert torch.allclose(L.T @ L, torch.eye(3, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(L * S @ R.T, dense(Bs, As, [1.0, 1.0]), atol=1e-12)
+
+
+def test_inputs_are_not_mutated() -> None:
+    Bs, As = clients(10, 8, [2, 3])
+    copies = [x.clone() for x in Bs + As]
+    for method in FACTORED:
+        factored_svd(Bs, As, [0.3, 0.7], 2, method=method)
+    assert all(torch.equal(x, c) for x, c in zip(Bs + As, copies, strict=True))
+
+
+def test_auto_rule() -> None:
+    assert choose_method(64, 4096, 4096, 8, 8) == "exact"  # R = 4ℓ
+    assert choose_method(65, 4096, 4096, 8, 8) == "rsvd"
+    assert choose_method(1000, 30, 4096, 8, 8) == "exact"  # min(d, k) ≤ 2ℓ: no sketch saving
+
+
+def test_rejects_bad_input() -> None:
+    Bs, As = clients(6, 5, [2, 1])
+    with pytest.raises(ValueError, match="client 1"):
+        factored_svd(Bs, [As[0], torch.zeros(2, 5)], [1.0, 1.0], 2)
+    with pytest.raises(ValueError, match="method"):
+        factored_svd(Bs, As, [1.0, 1.0], 2, method="qr")
+    with pytest.raises(ValueError, match="matching"):
+        factored_svd(Bs, As, [1.0], 2)
