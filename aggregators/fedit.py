@@ -28,11 +28,18 @@ def fedit(
     With one shared scaling s this is standard FedIT. `global_rank` pads/truncates the result.
     """
     reject_options("fedit", options)
-    p = normalized_weights(updates, weights)
+    B, A = padded_mean(updates, normalized_weights(updates, weights))
+    dtype = updates[0].B.dtype
+    mean = Factors(B.to(dtype), A.to(dtype), 1.0)
+    return Aggregate(mean if global_rank is None else mean.truncate(global_rank))
+
+
+def padded_mean(
+    updates: Sequence[Factors], p: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σpᵢsᵢ·pad(Bᵢ), Σpᵢ·pad(Aᵢ)) in float64, padded to the largest rank; p used as given."""
     width = max(u.rank for u in updates)
     padded = [u.pad(width) for u in updates]
     B = sum(pi * u.scaling * u.B.double() for pi, u in zip(p, padded, strict=True))
     A = sum(pi * u.A.double() for pi, u in zip(p, padded, strict=True))
-    dtype = updates[0].B.dtype
-    mean = Factors(B.to(dtype), A.to(dtype), 1.0)
-    return Aggregate(mean if global_rank is None else mean.truncate(global_rank))
+    return B, A

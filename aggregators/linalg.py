@@ -39,15 +39,24 @@ def factored_svd(
         power_iters=power_iters,
         seed=seed,
     )
-    root = S.sqrt()
-    d, k = L.shape[0], R.shape[0]
-    B = torch.zeros(d, rank, dtype=torch.float64, device=L.device)
-    A = torch.zeros(rank, k, dtype=torch.float64, device=L.device)
-    m = S.shape[0]
-    B[:, :m] = L * root
-    A[:m] = root[:, None] * R.T
+    B, A = split_triplets(L, S, R, rank)
     dtype = Bs[0].dtype
     return B.to(dtype), A.to(dtype)
+
+
+def split_triplets(
+    L: torch.Tensor, S: torch.Tensor, R: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (L·Σ^½, Σ^½·Rᵀ) of L·diag(S)·Rᵀ, zero-padded to `rank` (≥ len(S)) components."""
+    m = S.shape[0]
+    if rank < m:
+        raise ValueError(f"cannot fit {m} triplets into rank {rank}")
+    root = S.sqrt()
+    B = L.new_zeros(L.shape[0], rank)
+    A = L.new_zeros(rank, R.shape[0])
+    B[:, :m] = L * root
+    A[:m] = root[:, None] * R.T
+    return B, A
 
 
 def svd_factors(

@@ -69,6 +69,8 @@ def screen(
         median = statistics.median(norms.values())
         for client, norm in norms.items():
             if median > 0 and norm > max_norm_ratio * median:
-                rejected[client] = f"update norm {norm:.3g} is over {max_norm_ratio:g}× the median {median:.3g}"
+                rejected[client] = (
+                    f"update norm {norm:.3g} is over {max_norm_ratio:g}× the median {median:.3g}"
+                )
     accepted = [c for c in updates if c not in rejected]
     return accepted, rejected

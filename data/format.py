@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,8 @@ def tokenize_all(
 
 def collate(batch: Sequence[Mapping[str, Any]], *, pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch: input_ids with `pad_id`, labels with -100, attention_mask with 0."""
+    import torch  # imported on use: loaders and partitions should not pay its seconds of import
+
     if not batch:
         raise ValueError("collate needs a non-empty batch")
     if isinstance(pad_id, bool) or not isinstance(pad_id, int):

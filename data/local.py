@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,15 +30,17 @@ def load_local(
             f"local dataset {path} not found; give a {'/'.join(BUILDERS)} file "
             "or a folder written by datasets' save_to_disk"
         )
-    dataset = _read_folder(path) if path.is_dir() else _read_file(path)
-    return rows_to_examples(
-        dataset,
-        columns=list(dataset.column_names),
-        origin=str(path),
-        prompt_field=prompt_field,
-        response_field=response_field,
-        label_field=label_field,
-    )
+    # A throwaway cache: the rows are copied out below, so nothing is left in ~/.cache.
+    with tempfile.TemporaryDirectory(prefix="fedllm-data-") as cache_dir:
+        dataset = _read_folder(path) if path.is_dir() else _read_file(path, cache_dir=cache_dir)
+        return rows_to_examples(
+            dataset,
+            columns=list(dataset.column_names),
+            origin=str(path),
+            prompt_field=prompt_field,
+            response_field=response_field,
+            label_field=label_field,
+        )
 
 
 def rows_to_examples(
@@ -72,7 +75,7 @@ def rows_to_examples(
     return examples
 
 
-def _read_file(path: Path) -> Any:
+def _read_file(path: Path, *, cache_dir: str) -> Any:
     builder = BUILDERS.get(path.suffix.lower())
     if builder is None:
         raise ValueError(
@@ -81,7 +84,7 @@ def _read_file(path: Path) -> Any:
         )
     import datasets  # imported on use: it takes over a second
 
-    return datasets.load_dataset(builder, data_files=str(path), split="train")
+    return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir)
 
 
 def _read_folder(path: Path) -> Any:

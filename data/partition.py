@@ -67,13 +67,15 @@ def partition(
 def split_held_out(
     indices: Iterable[int], *, fraction: float, seed: int
 ) -> tuple[list[int], list[int]]:
-    """(train, held_out), both sorted: round(fraction·n) held out, at least one each when n ≥ 2."""
+    """(train, held_out), both sorted: fraction·n rounded half up held out, at least one when
+    fraction > 0, but never every index (a single index stays in train)."""
     if not (isinstance(fraction, (int, float)) and 0 <= fraction < 1):
         raise ValueError(f"fraction must be a number in [0, 1), got {fraction!r}")
     items = list(indices)
     n_held = math.floor(len(items) * fraction + 0.5)
-    if fraction > 0 and len(items) >= 2:
-        n_held = min(max(n_held, 1), len(items) - 1)
+    if fraction > 0:
+        n_held = max(n_held, 1)
+    n_held = min(n_held, max(len(items) - 1, 0))
     shuffled = random.Random(seed).sample(items, len(items))
     return sorted(shuffled[n_held:]), sorted(shuffled[:n_held])
 

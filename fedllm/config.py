@@ -36,6 +36,19 @@ class TinyModelConfig(_Strict):
     max_position_embeddings: int = Field(256, ge=16)
 
 
+def _looks_like_path(value: str) -> bool:
+    return value.startswith(("/", "./", "../", "~")) or value.endswith(DATA_SUFFIXES)
+
+
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+
+
+def _must_exist(value: str, what: str) -> str:
+    if _looks_like_path(value) and not Path(value).expanduser().exists():
+        raise ValueError(f"{what} {value!r} does not exist")
+    return value
+
+
 class ModelConfig(_Strict):
     """Which frozen base model the clients adapt."""
 
@@ -47,6 +60,11 @@ class ModelConfig(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     quantization: Literal["none", "4bit", "8bit"] = "none"
     tiny: TinyModelConfig = TinyModelConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _local_folder_exists(cls, v: str) -> str:
+        return _must_exist(v, "local model folder")
 
 
 class TierConfig(_Strict):
@@ -111,6 +129,11 @@ class DataConfig(_Strict):
     num_clients: int = Field(4, ge=1)
     held_out: float = Field(0.1, gt=0, lt=1)
     max_length: int = Field(64, ge=8)
+
+    @field_validator("source")
+    @classmethod
+    def _local_data_exists(cls, v: str) -> str:
+        return _must_exist(v, "local dataset (a JSON/JSONL/CSV/Parquet file or a saved folder)")
 
 
 class FederationConfig(_Strict):

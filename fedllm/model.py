@@ -122,7 +122,7 @@ def embedded_gguf_path() -> Path:
 
 
 def embedded_model_dir(*, cache_dir: Path | None = None) -> Path:
-    """HF folder of the embedded SmolLM2-135M-Instruct, converted once from GGUF (~15 s, 538 MB)."""
+    """HF folder of the embedded SmolLM2-135M-Instruct, converted once from GGUF (~15-50 s)."""
     final = cache_root(cache_dir) / EMBEDDED_SUBDIR
     if _is_converted(final):
         return final
@@ -201,7 +201,7 @@ def build_tiny_model(
     folder = Path(folder)
     settings = {
         "format": FORMAT_VERSION,
-        "texts_sha256": hashlib.sha256("\0".join(texts).encode()).hexdigest(),
+        "texts_sha256": hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest(),
         "vocab_size": vocab_size,
         "hidden_size": hidden_size,
         "intermediate_size": intermediate_size,
@@ -297,10 +297,11 @@ def resolve_model_dir(name: str, *, cache_dir: Path | None = None) -> Path:
 
     try:
         snapshot = Path(snapshot_download(name, local_files_only=True))
-    except Exception as err:  # LocalEntryNotFoundError, HFValidationError, ...
+    except (OSError, ValueError) as err:  # LocalEntryNotFoundError, HFValidationError
         raise FileNotFoundError(
-            f"{name!r} is neither a local folder nor in the local Hugging Face cache, and fedllm "
-            f"never downloads; {valid}"
+            f"{name!r} is not available offline: no such local folder, and not in the local "
+            f"Hugging Face cache (fedllm never downloads; run `hf download {name}` while "
+            f"online); {valid}"
         ) from err
     if not (snapshot / "config.json").is_file():
         raise FileNotFoundError(f"cached snapshot {snapshot} of {name!r} has no config.json")
@@ -380,22 +381,20 @@ class ModelCache:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._key: Hashable | None = None
-        self._value: object = None
+        self._entry: tuple[Hashable, object] | None = None
 
     def get(self, key: Hashable, loader: Callable[[], T]) -> T:
         """The cached value for ``key``, else drop the old entry and call ``loader()``."""
         with self._lock:
-            if self._key != key or self._value is None:
-                self._key, self._value = None, None  # free the old model before loading
-                self._value = loader()
-                self._key = key
-            return self._value  # type: ignore[return-value]
+            if self._entry is None or self._entry[0] != key:
+                self._entry = None  # free the old model before loading the new one
+                self._entry = (key, loader())
+            return self._entry[1]  # type: ignore[return-value]
 
     def clear(self) -> None:
         """Forget the cached entry."""
         with self._lock:
-            self._key, self._value = None, None
+            self._entry = None
 
 
 BASE_MODELS = ModelCache()

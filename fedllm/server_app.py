@@ -79,6 +79,8 @@ def run_server(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
     if start == 1:
         t0 = time.perf_counter()
         row = evaluate_round(strategy, grid, 0, timeout)
+        if "held_out_loss" not in row:
+            raise RuntimeError("no client could evaluate the base model; see the client errors above")
         metrics.write([{"kind": "eval", **r} for r in strategy.round_rows] + [row])
         say(f"round 0 (base model): held-out loss {row.get('held_out_loss', float('nan')):.4f} "
             f"[{time.perf_counter() - t0:.0f}s]")
@@ -92,6 +94,11 @@ def run_server(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
         _, summary = strategy.aggregate_train(rnd, replies)
         train_rows = [{"kind": "client", **r} for r in strategy.round_rows]
         ok = [r for r in train_rows if r["status"] == "ok"]
+        if replies and all(m.has_error() for m in replies):
+            raise RuntimeError(
+                f"round {rnd}: every client failed (first error: {replies[0].error.reason}); "
+                f"rounds up to {rnd - 1} are checkpointed in {run_dir}, fix and use --resume"
+            )
         if len(replies) < len(messages):
             say(f"round {rnd}: {len(messages) - len(replies)} of {len(messages)} clients did not "
                 f"reply within {timeout:.0f}s")

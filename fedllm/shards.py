@@ -13,11 +13,14 @@ from fedllm.config import RunConfig
 from fedllm.data import load_examples, partition, split_held_out, tokenize_all
 from fedllm.model import (
     BASE_MODELS,
+    ModelCache,
     build_tiny_model,
     load_base_model,
     module_shapes,
     resolve_model_dir,
 )
+
+EXAMPLES = ModelCache()
 
 
 @dataclass(frozen=True)
@@ -45,9 +48,17 @@ def source_options(cfg: RunConfig) -> dict:
 
 
 def load_all_examples(cfg: RunConfig) -> list[dict]:
-    """Every example of the federation (each client keeps only its partition of these)."""
-    return load_examples(
-        cfg.data.source, max_examples=cfg.data.max_examples, seed=cfg.seed, **source_options(cfg)
+    """Every example of the federation (each client keeps only its partition of these).
+
+    Parsed once per process (WordNet takes seconds), like the base model.
+    """
+    options = source_options(cfg)
+    key = (cfg.data.source, cfg.data.max_examples, cfg.seed, tuple(sorted(options.items())))
+    return EXAMPLES.get(
+        key,
+        lambda: load_examples(
+            cfg.data.source, max_examples=cfg.data.max_examples, seed=cfg.seed, **options
+        ),
     )
 
 

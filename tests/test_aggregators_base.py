@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from fedllm.aggregators import Aggregate, Factors, available, base, get, register
 
 
@@ -48,7 +47,8 @@ def test_rank_shape_and_delta() -> None:
 def test_truncate_keeps_the_kept_parts_delta_under_a_new_scaling() -> None:
     f = Factors(t([[1.0, 2.0], [3.0, 4.0]]), t([[5.0, 6.0], [7.0, 8.0]]), 2.0)
     head = f.truncate(1, 4.0)
-    # B rescaled by 2/4: [[0.5], [1.5]]; ΔW of the kept part: 2·[1, 3]ᵀ[5, 6] = [[10, 12], [30, 36]].
+    # B rescaled by 2/4: [[0.5], [1.5]].
+    # ΔW of the kept part: 2·[1, 3]ᵀ[5, 6] = [[10, 12], [30, 36]].
     assert torch.equal(head.B, t([[0.5], [1.5]]))
     assert torch.equal(head.A, t([[5.0, 6.0]]))
     assert head.scaling == 4.0
@@ -136,6 +136,4 @@ def test_register_and_duplicate(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_reject_options_names_them() -> None:
     with pytest.raises(TypeError, match=r"\['metod'\]"):
-        get("fedit")(
-            [Factors(torch.zeros(3, 2), torch.zeros(2, 4), 1.0)], [1.0], metod="exact"
-        )
+        get("fedit")([Factors(torch.zeros(3, 2), torch.zeros(2, 4), 1.0)], [1.0], metod="exact")

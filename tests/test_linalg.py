@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from fedllm.aggregators import factored_svd, svd_factors
 from fedllm.aggregators.linalg import choose_method
 
@@ -49,8 +48,11 @@ def test_exact_when_rank_covers_the_stacked_rank(method: str) -> None:
 
 @pytest.mark.parametrize("method", ["exact", "dense"])
 @pytest.mark.parametrize("rank", [1, 4, 8])
-def test_truncation_error_is_the_optimal_tail(method: str, rank: int) -> None:
-    Bs, As = clients(40, 25, [1, 4, 7], seed=1)
+@pytest.mark.parametrize("shape", [(40, 25), (10, 40), (40, 9)])  # R=12 ≤ d,k; R > d; R > k
+def test_truncation_error_is_the_optimal_tail(
+    method: str, rank: int, shape: tuple[int, int]
+) -> None:
+    Bs, As = clients(*shape, [1, 4, 7], seed=1)
     w = [0.2, 0.3, 0.5]
     M = dense(Bs, As, w)
     sigma = torch.linalg.svdvals(M)
@@ -89,7 +91,7 @@ def test_rsvd_error_within_one_percent_of_optimal() -> None:
 
 
 def test_rsvd_power_iterations_help() -> None:
-    Bs, As, sigma = decaying(300, 200, 10, 16, 0.97)
+    Bs, As, _ = decaying(300, 200, 10, 16, 0.97)
     M = dense(Bs, As, [1.0] * 10)
     errors = []
     for q in (0, 2):

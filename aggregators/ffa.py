@@ -1,0 +1,45 @@
+"""FFA-LoRA (Sun et al., ICLR 2024): A is frozen from a shared seed, so only B is averaged.
+
+With one A₀ of r_max rows and clients holding slices A₀[:rᵢ], Σpᵢsᵢ·BᵢA₀[:rᵢ] = (Σpᵢsᵢ·pad(Bᵢ))A₀:
+zero-padded averaging of B is exact. Adapter-state semantics; client j gets truncate(rⱼ, sⱼ).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .base import Aggregate, Factors, normalized_weights, register, reject_options
+
+
+@register("ffa")
+def ffa(
+    updates: Sequence[Factors],
+    weights: Sequence[float],
+    *,
+    global_rank: int | None = None,
+    state: Mapping[str, torch.Tensor] | None = None,
+    seed: int = 0,
+    atol: float = 0.0,
+    **options: Any,
+) -> Aggregate:
+    """Factors (Σpᵢsᵢ·pad(Bᵢ), A₀), scaling 1, with A₀ the largest client's A.
+
+    Raises ValueError if a client's A is not the matching slice of A₀ (to `atol`): then FFA's
+    exactness is lost and a frozen A was not shared. `global_rank` pads/truncates the result.
+    """
+    reject_options("ffa", options)
+    p = normalized_weights(updates, weights)
+    A0 = max(updates, key=lambda u: u.rank).A
+    for i, u in enumerate(updates):
+        if not torch.allclose(u.A, A0[: u.rank], rtol=0.0, atol=atol):
+            raise ValueError(
+                f"client {i}: A ({u.rank}×{u.shape[1]}) is not a slice of the shared frozen A "
+                f"({A0.shape[0]}×{A0.shape[1]}); FFA needs A from one seed"
+            )
+    width = A0.shape[0]
+    B = sum(pi * u.scaling * u.pad(width).B.double() for pi, u in zip(p, updates, strict=True))
+    mean = Factors(B.to(A0.dtype), A0.clone(), 1.0)
+    return Aggregate(mean if global_rank is None else mean.truncate(global_rank))

@@ -1,0 +1,48 @@
+"""HetLoRA (Cho et al., 2024): zero-padded factor averaging weighted by each update's size.
+
+Weights are pᵢ·‖sᵢBᵢAᵢ‖_F, normalised; the norm comes from r×r Gram matrices, never d×k. Like FedIT
+it is biased by cross terms. Client-side rank self-pruning is not part of aggregation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .base import Aggregate, Factors, normalized_weights, register, reject_options
+from .fedit import padded_mean
+
+
+def delta_norm(f: Factors) -> float:
+    """‖s·B@A‖_F from the factors: ‖BA‖_F² = trace((BᵀB)(AAᵀ)) = Σ (BᵀB)⊙(AAᵀ)."""
+    B, A = f.B.double(), f.A.double()
+    squared = ((B.T @ B) * (A @ A.T)).sum().clamp_min(0.0).item()
+    return f.scaling * math.sqrt(squared)
+
+
+@register("hetlora")
+def hetlora(
+    updates: Sequence[Factors],
+    weights: Sequence[float],
+    *,
+    global_rank: int | None = None,
+    state: Mapping[str, torch.Tensor] | None = None,
+    seed: int = 0,
+    **options: Any,
+) -> Aggregate:
+    """FedIT with weights ∝ pᵢ·‖sᵢBᵢAᵢ‖_F (plain pᵢ if every update is zero), scaling 1.
+
+    `global_rank` pads/truncates the result.
+    """
+    reject_options("hetlora", options)
+    p = normalized_weights(updates, weights)
+    sized = [pi * delta_norm(u) for pi, u in zip(p, updates, strict=True)]
+    total = math.fsum(sized)
+    q = [w / total for w in sized] if total > 0 else p
+    B, A = padded_mean(updates, q)
+    dtype = updates[0].B.dtype
+    mean = Factors(B.to(dtype), A.to(dtype), 1.0)
+    return Aggregate(mean if global_rank is None else mean.truncate(global_rank))

@@ -1,0 +1,94 @@
+"""LoRA-Squeeze: the exact aggregate ΔW* from the factors, squeezed to a global rank.
+
+Optional LoRA-FAIR correction (keep the averaged Ā, correct B̄) instead of SVD factors, and optional
+error feedback: the part of ΔW* the global factors miss, capped to its best rank-`residual_rank`
+approximation, is kept in `state` (float32 or wider, factored) and stacked into the next round.
+Adapter-state semantics: client j restarts from `global_.truncate(rⱼ, sⱼ)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from functools import partial
+from typing import Any
+
+import torch
+
+from .base import Aggregate, Factors, normalized_weights, register, reject_options
+from .fedit import padded_mean
+from .linalg import split_triplets, stack, svd_factors
+from .lorafair import fair_correction
+
+STATE_KEYS = ("residual_B", "residual_A")
+
+
+@register("squeeze")
+def squeeze(
+    updates: Sequence[Factors],
+    weights: Sequence[float],
+    *,
+    global_rank: int | None = None,
+    state: Mapping[str, torch.Tensor] | None = None,
+    seed: int = 0,
+    method: str = "auto",
+    oversample: int = 8,
+    power_iters: int = 2,
+    correction: bool = False,
+    lam: float = 0.01,
+    residual_rank: int = 0,
+    **options: Any,
+) -> Aggregate:
+    """Global factors (scaling 1), rank `global_rank` (default max rᵢ), of ΔW* + carried residual.
+
+    SVD-ordered best approximation by default; `correction=True` returns LoRA-FAIR factors. A new
+    residual is kept when `residual_rank` > 0; a residual in `state` is always stacked in.
+    """
+    reject_options("squeeze", options)
+    if residual_rank < 0:
+        raise ValueError(f"residual_rank must be >= 0, got {residual_rank}")
+    p = normalized_weights(updates, weights)
+    rank = max(u.rank for u in updates) if global_rank is None else global_rank
+    Bs = [u.B for u in updates]
+    As = [u.A for u in updates]
+    ws = [pi * u.scaling for pi, u in zip(p, updates, strict=True)]
+    carried = _residual(state, updates[0].shape)
+    if carried is not None:
+        Bs, As, ws = [*Bs, carried[0]], [*As, carried[1]], [*ws, 1.0]
+    decompose = partial(
+        svd_factors, method=method, oversample=oversample, power_iters=power_iters, seed=seed
+    )
+
+    if correction:
+        mean = Factors(*padded_mean(updates, p), 1.0).truncate(rank)
+        U, V = stack(Bs, As, ws)
+        B, A = mean.B + fair_correction(mean.B, mean.A, U, V, lam), mean.A
+        # What the corrected factors miss is [U | −B][V; A]: squeeze that to the cap.
+        missed = ([*Bs, B], [*As, A], [*ws, -1.0])
+        tail = decompose(*missed, residual_rank) if residual_rank else None
+    else:
+        L, S, R = decompose(Bs, As, ws, rank + residual_rank)
+        B, A = split_triplets(L[:, :rank], S[:rank], R[:, :rank], rank)
+        tail = (L[:, rank:], S[rank:], R[:, rank:]) if residual_rank else None
+
+    dtype = updates[0].B.dtype
+    new_state: dict[str, torch.Tensor] = {}
+    if tail is not None:
+        kept = torch.promote_types(dtype, torch.float32)
+        rB, rA = split_triplets(*tail, residual_rank)
+        new_state = {"residual_B": rB.to(kept), "residual_A": rA.to(kept)}
+    return Aggregate(Factors(B.to(dtype), A.to(dtype), 1.0), new_state)
+
+
+def _residual(
+    state: Mapping[str, torch.Tensor] | None, shape: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The carried residual (B d×c, A c×k) from `state`, checked; None if there is none."""
+    if not state:
+        return None
+    if set(state) != set(STATE_KEYS):
+        raise ValueError(f"squeeze state needs exactly keys {STATE_KEYS}, got {sorted(state)}")
+    B, A = state["residual_B"], state["residual_A"]
+    Factors(B, A, 1.0)  # validates 2-D, matching rank and dtype
+    if (B.shape[0], A.shape[1]) != shape:
+        raise ValueError(f"residual is {B.shape[0]}×{A.shape[1]} but the module is {shape}")
+    return B, A

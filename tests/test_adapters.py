@@ -1,0 +1,102 @@
+"""Adapters <-> factors <-> records <-> PEFT folders, on a tiny model built from config."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord
+from peft import PeftModel
+
+from fedllm.adapters import (
+    attach_lora,
+    from_record,
+    read_factors,
+    save_peft_adapter,
+    to_record,
+    write_factors,
+)
+from fedllm.aggregators import Factors
+from fedllm.model import build_tiny_model, load_base_model
+
+TEXTS = [f"word {i} means the thing number {i} in a list of {i % 7} things" for i in range(200)]
+Q = "model.layers.0.self_attn.q_proj"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"), texts=TEXTS, vocab_size=300)
+
+
+def random_factors(shapes: dict, rank: int, scaling: float, seed: int = 0) -> dict[str, Factors]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        m: Factors(torch.randn(d, rank, generator=g), torch.randn(rank, k, generator=g), scaling)
+        for m, (d, k) in shapes.items()
+    }
+
+
+def test_write_then_read_reproduces_the_update_at_another_scaling(tiny_dir: Path) -> None:
+    base, _ = load_base_model(tiny_dir)
+    model = attach_lora(base, rank=4, alpha=8.0, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    shapes = {m: f.shape for m, f in read_factors(model).items()}
+    assert Q in shapes and len(shapes) == 4  # 2 layers x (q, v)
+    sent = random_factors(shapes, rank=4, scaling=0.5)
+    write_factors(model, sent)
+    got = read_factors(model)
+    for m, f in sent.items():
+        assert got[m].scaling == pytest.approx(2.0)  # this adapter's alpha / r
+        torch.testing.assert_close(got[m].delta(), f.delta(), rtol=1e-5, atol=1e-5)
+    model.unload()
+
+
+def test_write_truncates_a_larger_global_to_the_client_rank(tiny_dir: Path) -> None:
+    base, _ = load_base_model(tiny_dir)
+    model = attach_lora(base, rank=2, alpha=4.0, dropout=0.0, target_modules=["q_proj"])
+    shapes = {m: f.shape for m, f in read_factors(model).items()}
+    sent = random_factors(shapes, rank=6, scaling=1.0)
+    write_factors(model, sent)
+    got = read_factors(model)[Q]
+    assert got.rank == 2
+    expected = sent[Q].B[:, :2] @ sent[Q].A[:2]
+    torch.testing.assert_close(got.delta().float(), expected, rtol=1e-5, atol=1e-5)
+    model.unload()
+
+
+def test_record_round_trip_and_malformed_records() -> None:
+    f = {Q: Factors(torch.randn(8, 3), torch.randn(3, 5), 2.0)}
+    back = from_record(to_record(f), 2.0)
+    torch.testing.assert_close(back[Q].B, f[Q].B)
+    torch.testing.assert_close(back[Q].A, f[Q].A)
+    with pytest.raises(ValueError, match="no matching"):
+        from_record(ArrayRecord({f"{Q}.lora_A": torch.zeros(3, 5)}), 1.0)
+    with pytest.raises(ValueError, match="unexpected array"):
+        from_record(ArrayRecord({"weights": torch.zeros(3, 5)}), 1.0)
+
+
+def test_saved_adapter_loads_with_stock_peft_and_applies_the_update(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    base, tok = load_base_model(tiny_dir)
+    shapes = {
+        m: f.shape
+        for m, f in read_factors(
+            attach_lora(base, rank=3, alpha=3.0, dropout=0.0, target_modules=["q_proj", "v_proj"])
+        ).items()
+    }
+    base = base.unload() if hasattr(base, "unload") else base
+    factors = random_factors(shapes, rank=3, scaling=0.1, seed=1)
+    factors[Q] = Factors(factors[Q].B[:, :2], factors[Q].A[:2], 0.3)  # a lower rank, other scaling
+    folder = save_peft_adapter(
+        tmp_path / "adapter", factors, base_model=str(tiny_dir), target_modules=["q_proj", "v_proj"]
+    )
+    fresh, _ = load_base_model(tiny_dir)
+    ids = tok("word 3 means", return_tensors="pt").input_ids
+    with torch.no_grad():
+        plain = fresh(ids).logits
+    loaded = PeftModel.from_pretrained(fresh, str(folder))
+    with torch.no_grad():
+        adapted = loaded(ids).logits
+    assert not torch.allclose(plain, adapted)
+    layer = dict(loaded.named_modules())["base_model.model." + Q]
+    delta = layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    torch.testing.assert_close(delta.double(), factors[Q].delta(), rtol=1e-5, atol=1e-6)

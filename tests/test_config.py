@@ -1,0 +1,115 @@
+"""The recipe schema: every shipped recipe validates; bad input is named with what would be valid."""
+
+from pathlib import Path
+
+import pytest
+
+from fedllm.config import ConfigError, build_config, load_recipe, parse_overrides
+from fedllm.shards import check_ranks
+
+RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_shipped_recipe_validates_and_says_how_to_run_it(path: Path) -> None:
+    cfg = load_recipe(path)
+    header = path.read_text().split("\n\n")[0]
+    assert "fedllm run recipes/" in header or "make " in header, "header must give the run command"
+    assert cfg.data.num_clients >= 1
+    ranks = [cfg.client_rank(i) for i in range(cfg.data.num_clients)]
+    assert all(r > 0 for r in ranks)
+
+
+def test_shipped_recipes_exist() -> None:
+    names = {p.name for p in RECIPES}
+    assert {"quickstart.yaml", "tiny.yaml"} <= names
+
+
+def test_unknown_key_is_named_with_a_suggestion() -> None:
+    with pytest.raises(ConfigError) as err:
+        build_config({"lora": {"rnaks": [4]}})
+    assert "lora.rnaks" in str(err.value)
+    assert "did you mean 'ranks'" in str(err.value)
+
+
+def test_wrong_type_names_the_key_and_value() -> None:
+    with pytest.raises(ConfigError) as err:
+        build_config({"federation": {"rounds": "three"}})
+    assert "federation.rounds" in str(err.value) and "'three'" in str(err.value)
+
+
+@pytest.mark.parametrize("ranks", [0, -4, [4, 0], []])
+def test_nonpositive_or_empty_ranks_are_rejected(ranks) -> None:
+    with pytest.raises(ConfigError, match=r"lora\.ranks"):
+        build_config({"lora": {"ranks": ranks}})
+
+
+def test_unknown_aggregator_lists_the_valid_ones() -> None:
+    with pytest.raises(ConfigError) as err:
+        build_config({"aggregator": {"name": "fedavgg"}})
+    assert "aggregator.name" in str(err.value) and "svd" in str(err.value)
+
+
+def test_missing_local_dataset_and_model_folder_are_named(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.jsonl"
+    with pytest.raises(ConfigError, match="data.source.*nope.jsonl"):
+        build_config({"data": {"source": str(missing)}})
+    with pytest.raises(ConfigError, match="model.name.*no_model"):
+        build_config({"model": {"name": str(tmp_path / "no_model")}})
+
+
+def test_missing_recipe_file_lists_shipped_recipes(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="quickstart.yaml"):
+        load_recipe(tmp_path / "absent.yaml")
+
+
+def test_cross_field_checks() -> None:
+    with pytest.raises(ConfigError, match="clients_per_round"):
+        build_config({"data": {"num_clients": 2}, "federation": {"clients_per_round": 3}})
+    with pytest.raises(ConfigError, match="tiers cover 3 clients"):
+        build_config(
+            {"data": {"num_clients": 4}, "lora": {"tiers": [{"name": "a", "rank": 4, "clients": 3}]}}
+        )
+    with pytest.raises(ConfigError, match="exactly one of local_steps"):
+        build_config({"federation": {"local_steps": 5, "local_epochs": 1.0}})
+
+
+def test_overrides_parse_as_yaml_and_nest() -> None:
+    tree = parse_overrides(["federation.rounds=2", "lora.ranks=[4, 8]", "name=x"])
+    assert tree == {"federation": {"rounds": 2}, "lora": {"ranks": [4, 8]}, "name": "x"}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["federation.rounds"])
+
+
+def test_overrides_apply_before_validation(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\nfederation: {rounds: 5}\n")
+    assert load_recipe(recipe, ["federation.rounds=2"]).federation.rounds == 2
+    with pytest.raises(ConfigError, match="federation.rounds"):
+        load_recipe(recipe, ["federation.rounds=0"])
+
+
+def test_client_ranks_list_tiers_and_rule() -> None:
+    cfg = build_config({"data": {"num_clients": 5}, "lora": {"ranks": [4, 8]}})
+    assert [cfg.client_rank(i) for i in range(5)] == [4, 8, 4, 8, 4]
+    tiers = [{"name": "phone", "rank": 2, "clients": 3}, {"name": "gpu", "rank": 16, "clients": 2}]
+    cfg = build_config({"data": {"num_clients": 5}, "lora": {"ranks": None, "tiers": tiers}})
+    assert [cfg.client_rank(i) for i in range(5)] == [2, 2, 2, 16, 16]
+    rule = {"min": 4, "max": 32, "spacing": "geometric"}
+    cfg = build_config({"data": {"num_clients": 4}, "lora": {"ranks": rule}})
+    assert [cfg.client_rank(i) for i in range(4)] == [4, 8, 16, 32]
+    assert cfg.client_scaling(8) == pytest.approx(16 / 8)
+
+
+def test_rank_larger_than_a_module_is_rejected() -> None:
+    cfg = build_config({"data": {"num_clients": 2}, "lora": {"ranks": [4, 40]}})
+    shapes = {"model.layers.0.self_attn.q_proj": (64, 64), "model.layers.0.self_attn.v_proj": (32, 64)}
+    with pytest.raises(ValueError, match=r"lora\.ranks: client 1 has rank 40.*v_proj.*1\.\.32"):
+        check_ranks(cfg, shapes)
+    check_ranks(build_config({"data": {"num_clients": 2}, "lora": {"ranks": [4, 32]}}), shapes)
+
+
+def test_fingerprint_tracks_what_clients_must_share() -> None:
+    a = build_config({})
+    assert a.fingerprint() == build_config({"federation": {"rounds": 9}}).fingerprint()
+    assert a.fingerprint() != build_config({"lora": {"alpha": 8}}).fingerprint()

@@ -1,0 +1,129 @@
+"""Local JSONL/JSON/CSV/Parquet files and save_to_disk folders, and the load_examples dispatch."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+from fedllm.data import load_examples, load_local
+
+ROWS = [
+    {"question": "2+2?", "answer": "4", "topic": "math"},
+    {"question": "Capital of France?", "answer": "Paris", "topic": "geo"},
+    {"question": "3*3?", "answer": "9", "topic": "math"},
+]
+EXPECTED = [
+    {"prompt": "2+2?", "response": "4", "label": "math"},
+    {"prompt": "Capital of France?", "response": "Paris", "label": "geo"},
+    {"prompt": "3*3?", "response": "9", "label": "math"},
+]
+FIELDS = {"prompt_field": "question", "response_field": "answer", "label_field": "topic"}
+
+
+def without_ids(examples: list[dict[str, str]]) -> list[dict[str, str]]:
+    return [{k: v for k, v in e.items() if k != "id"} for e in examples]
+
+
+def write_jsonl(path: Path) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in ROWS), encoding="utf-8")
+    return path
+
+
+def test_jsonl_with_fields_and_row_ids(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "qa.jsonl")
+    examples = load_local(path, **FIELDS)
+    assert without_ids(examples) == EXPECTED
+    assert [e["id"] for e in examples] == [f"{path}:0", f"{path}:1", f"{path}:2"]
+
+
+def test_json_array_csv_and_parquet(tmp_path: Path) -> None:
+    (tmp_path / "qa.json").write_text(json.dumps(ROWS), encoding="utf-8")
+    with (tmp_path / "qa.csv").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["question", "answer", "topic"])
+        writer.writeheader()
+        writer.writerows(ROWS)
+    datasets.Dataset.from_list(ROWS).to_parquet(str(tmp_path / "qa.parquet"))
+    for name in ("qa.json", "qa.csv", "qa.parquet"):
+        assert without_ids(load_local(tmp_path / name, **FIELDS)) == EXPECTED, name
+
+
+def test_label_defaults_to_empty_and_id_column_is_kept(tmp_path: Path) -> None:
+    rows = [{"prompt": "p", "response": None, "id": 17}]
+    (tmp_path / "plain.jsonl").write_text(json.dumps(rows[0]) + "\n", encoding="utf-8")
+    assert load_local(tmp_path / "plain.jsonl") == [
+        {"prompt": "p", "response": "", "label": "", "id": "17"}
+    ]
+
+
+def test_save_to_disk_dataset_and_dataset_dict(tmp_path: Path) -> None:
+    dataset = datasets.Dataset.from_list(ROWS)
+    dataset.save_to_disk(str(tmp_path / "single"))
+    datasets.DatasetDict({"train": dataset, "test": dataset.select([0])}).save_to_disk(
+        str(tmp_path / "splits")
+    )
+    datasets.DatasetDict({"test": dataset}).save_to_disk(str(tmp_path / "no_train"))
+    assert without_ids(load_local(tmp_path / "single", **FIELDS)) == EXPECTED
+    assert without_ids(load_local(tmp_path / "splits", **FIELDS)) == EXPECTED
+    with pytest.raises(ValueError, match=r"without a 'train' split.*\['test'\]"):
+        load_local(tmp_path / "no_train", **FIELDS)
+    (tmp_path / "just_a_folder").mkdir()
+    with pytest.raises(ValueError, match="not one written by datasets' save_to_disk"):
+        load_local(tmp_path / "just_a_folder")
+
+
+def test_missing_field_names_field_file_and_columns(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "qa.jsonl")
+    with pytest.raises(ValueError) as caught:
+        load_local(path, prompt_field="question", response_field="reply")
+    message = str(caught.value)
+    assert "response_field='reply'" in message and str(path) in message
+    assert "['question', 'answer', 'topic']" in message
+    with pytest.raises(ValueError, match="label_field='domain'"):
+        load_local(path, prompt_field="question", response_field="answer", label_field="domain")
+
+
+def test_missing_path_and_unknown_suffix(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"nope\.jsonl"):
+        load_local(tmp_path / "nope.jsonl")
+    (tmp_path / "notes.txt").write_text("hello", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"'\.txt' is not one of \['\.json', '\.jsonl'"):
+        load_local(tmp_path / "notes.txt")
+
+
+def test_load_examples_dispatches_local_paths(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "qa.jsonl")
+    assert without_ids(load_examples(str(path), **FIELDS)) == EXPECTED
+    two = load_examples(str(path), max_examples=2, seed=1, **FIELDS)
+    assert len(two) == 2 and two == load_examples(str(path), max_examples=2, seed=1, **FIELDS)
+    with pytest.raises(ValueError, match=r"\['pos'\] do not apply.*prompt_field"):
+        load_examples(str(path), pos=("noun",))
+    with pytest.raises(FileNotFoundError, match=r"missing\.csv.*'wordnet', 'fortunes'"):
+        load_examples(str(tmp_path / "missing.csv"))
+    with pytest.raises(ValueError, match="source must be 'wordnet', 'fortunes'"):
+        load_examples("  ")
+
+
+def test_hub_names_go_through_load_dataset(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, str | None, str]] = []
+
+    def fake_load_dataset(path: str, *, name: str | None, split: str) -> datasets.Dataset:
+        calls.append((path, name, split))
+        return datasets.Dataset.from_list(ROWS)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    examples = load_examples("someone/qa", split="validation", **FIELDS)
+    assert calls == [("someone/qa", None, "validation")]
+    assert without_ids(examples) == EXPECTED
+    assert examples[0]["id"] == "someone/qa[validation]:0"
+
+
+def test_hub_failure_says_it_needs_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(ValueError, match=r"only works online.*no route to host"):
+        load_examples("someone/qa")

@@ -1,0 +1,88 @@
+"""squeeze: exact aggregate squeezed to a rank, optional correction, error feedback via state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fedllm.aggregators import Factors, get
+
+
+def t(rows: list[list[float]]) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def diagonal_round() -> list[Factors]:
+    """Two clients whose mean update is diag(3, 1, 2) (weights ½, ½)."""
+    one = Factors(
+        t([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0]]), t([[6.0, 0.0, 0.0], [0.0, 0.0, 4.0]]), 1.0
+    )
+    two = Factors(t([[0.0], [2.0], [0.0]]), t([[0.0, 1.0, 0.0]]), 1.0)
+    return [one, two]
+
+
+def test_default_rank_is_the_largest_client_rank() -> None:
+    result = get("squeeze")(diagonal_round(), [1.0, 1.0])
+    assert result.global_.rank == 2 and result.state == {}
+    assert torch.allclose(result.global_.delta(), torch.diag(t([[3.0, 0.0, 2.0]])[0]))
+
+
+def test_matches_svd_at_the_same_rank() -> None:
+    gen = torch.Generator().manual_seed(0)
+    updates = [
+        Factors(torch.randn(30, r, generator=gen), torch.randn(r, 20, generator=gen), 16.0 / r)
+        for r in (4, 8, 2)
+    ]
+    sq = get("squeeze")(updates, [1.0, 2.0, 3.0], method="exact").global_
+    svd = get("svd")(updates, [1.0, 2.0, 3.0], global_rank=8, method="exact").global_
+    assert torch.allclose(sq.delta(), svd.delta(), atol=1e-4)
+
+
+def test_error_feedback_keeps_the_tail_and_brings_it_back() -> None:
+    first = get("squeeze")(diagonal_round(), [1.0, 1.0], residual_rank=1)
+    rB, rA = first.state["residual_B"], first.state["residual_A"]
+    assert rB.shape == (3, 1) and rA.shape == (1, 3) and rB.dtype == torch.float64
+    assert torch.allclose(rB @ rA, torch.diag(t([[0.0, 1.0, 0.0]])[0]))
+    # Next round every client sends a zero update: only the carried residual remains.
+    zeros = [
+        Factors(torch.zeros(3, 2, dtype=torch.float64), torch.zeros(2, 3, dtype=torch.float64), 1.0)
+    ]
+    second = get("squeeze")(zeros, [1.0], state=first.state, residual_rank=1)
+    assert torch.allclose(second.global_.delta(), torch.diag(t([[0.0, 1.0, 0.0]])[0]))
+    assert torch.allclose(
+        second.state["residual_B"] @ second.state["residual_A"],
+        torch.zeros(3, 3, dtype=torch.float64),
+    )
+    # Without feedback the tail is gone for good.
+    assert not get("squeeze")(zeros, [1.0]).global_.delta().any()
+
+
+def test_residual_is_capped_to_the_best_tail_approximation() -> None:
+    # Mean diag(3, 1, 2) at global rank 1 leaves diag(0, 1, 2), capped to rank 1: diag(0, 0, 2).
+    result = get("squeeze")(diagonal_round(), [1.0, 1.0], global_rank=1, residual_rank=1)
+    assert torch.allclose(result.global_.delta(), torch.diag(t([[3.0, 0.0, 0.0]])[0]))
+    residual = result.state["residual_B"] @ result.state["residual_A"]
+    assert torch.allclose(residual, torch.diag(t([[0.0, 0.0, 2.0]])[0]))
+
+
+def test_correction_returns_lorafair_factors_and_their_residual() -> None:
+    updates, weights = diagonal_round(), [1.0, 1.0]
+    result = get("squeeze")(updates, weights, correction=True, lam=0.0, residual_rank=3)
+    fair = get("lorafair")(updates, weights, lam=0.0).global_
+    assert torch.allclose(result.global_.B, fair.B) and torch.allclose(result.global_.A, fair.A)
+    residual = result.state["residual_B"] @ result.state["residual_A"]
+    target = torch.diag(t([[3.0, 1.0, 2.0]])[0])
+    assert torch.allclose(result.global_.delta() + residual, target, atol=1e-10)
+
+
+def test_state_dtype_and_validation() -> None:
+    updates = [
+        Factors(torch.ones(4, 2, dtype=torch.bfloat16), torch.ones(2, 3, dtype=torch.bfloat16), 1.0)
+    ]
+    result = get("squeeze")(updates, [1.0], global_rank=1, residual_rank=2)
+    assert result.global_.B.dtype == torch.bfloat16
+    assert result.state["residual_B"].dtype == torch.float32
+    with pytest.raises(ValueError, match="residual_A"):
+        get("squeeze")(updates, [1.0], state={"residual_B": torch.zeros(4, 1)})
+    with pytest.raises(ValueError, match="module"):
+        bad = {"residual_B": torch.zeros(5, 1), "residual_A": torch.zeros(1, 3)}
+        get("squeeze")(updates, [1.0], state=bad)
