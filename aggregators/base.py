@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -35,10 +36,7 @@ class Factors:
             )
         if not (B.is_floating_point() and A.is_floating_point()) or B.dtype != A.dtype:
             raise ValueError(f"B and A must share one floating dtype, got {B.dtype} and {A.dtype}")
-        if isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)):
-            raise ValueError(f"scaling must be a real number, got {self.scaling!r}")
-        if not (math.isfinite(self.scaling) and self.scaling > 0):
-            raise ValueError(f"scaling must be finite and > 0, got {self.scaling!r}")
+        _check_scaling(self.scaling)
 
     @property
     def rank(self) -> int:
@@ -71,7 +69,7 @@ class Factors:
         zero-pads. On SVD-ordered factors this is the best rank-`rank` approximation.
         """
         _check_rank(rank)
-        scaling = self.scaling if scaling is None else scaling
+        scaling = self.scaling if scaling is None else _check_scaling(scaling)
         kept = min(rank, self.rank)
         head = Factors(self.B[:, :kept] * (self.scaling / scaling), self.A[:kept], scaling)
         return head.pad(rank)
@@ -162,6 +160,14 @@ def reject_options(method: str, options: Mapping[str, Any]) -> None:
     """Raise TypeError naming options a method does not take (so a typo is not silently ignored)."""
     if options:
         raise TypeError(f"aggregator {method!r} got unexpected options: {sorted(options)}")
+
+
+def _check_scaling(scaling: float) -> float:
+    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
+        raise ValueError(f"scaling must be a real number, got {scaling!r}")
+    if not (math.isfinite(scaling) and scaling > 0):
+        raise ValueError(f"scaling must be finite and > 0, got {scaling!r}")
+    return scaling
 
 
 def _check_rank(rank: int) -> None:

@@ -39,7 +39,10 @@ def padded_mean(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σpᵢsᵢ·pad(Bᵢ), Σpᵢ·pad(Aᵢ)) in float64, padded to the largest rank; p used as given."""
     width = max(u.rank for u in updates)
-    padded = [u.pad(width) for u in updates]
-    B = sum(pi * u.scaling * u.B.double() for pi, u in zip(p, padded, strict=True))
-    A = sum(pi * u.A.double() for pi, u in zip(p, padded, strict=True))
+    (d, k), device = updates[0].shape, updates[0].B.device
+    B = torch.zeros(d, width, dtype=torch.float64, device=device)
+    A = torch.zeros(width, k, dtype=torch.float64, device=device)
+    for pi, u in zip(p, updates, strict=True):
+        B[:, : u.rank].add_(u.B, alpha=pi * u.scaling)  # accumulates into our own buffers only
+        A[: u.rank].add_(u.A, alpha=pi)
     return B, A

@@ -39,7 +39,8 @@ def ffa(
                 f"client {i}: A ({u.rank}×{u.shape[1]}) is not a slice of the shared frozen A "
                 f"({A0.shape[0]}×{A0.shape[1]}); FFA needs A from one seed"
             )
-    width = A0.shape[0]
-    B = sum(pi * u.scaling * u.pad(width).B.double() for pi, u in zip(p, updates, strict=True))
+    B = torch.zeros(updates[0].shape[0], A0.shape[0], dtype=torch.float64, device=A0.device)
+    for pi, u in zip(p, updates, strict=True):
+        B[:, : u.rank].add_(u.B, alpha=pi * u.scaling)
     mean = Factors(B.to(A0.dtype), A0.clone(), 1.0)
     return Aggregate(mean if global_rank is None else mean.truncate(global_rank))

@@ -6,6 +6,7 @@ Only the "dense" baseline forms the d×k matrix; "exact" and "rsvd" touch thin f
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -95,8 +96,15 @@ def stack(
     Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor], weights: Sequence[float]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Σ wᵢBᵢAᵢ = U@V with U = [w₁B₁|…] (d×R) and V = [A₁;…] (R×k), in float64 (FLoRA stacking)."""
-    U = torch.cat([float(w) * B.double() for w, B in zip(weights, Bs, strict=True)], dim=1)
-    V = torch.cat([A.double() for A in As], dim=0)
+    R = sum(B.shape[1] for B in Bs)
+    U = torch.empty(Bs[0].shape[0], R, dtype=torch.float64, device=Bs[0].device)
+    V = torch.empty(R, As[0].shape[1], dtype=torch.float64, device=Bs[0].device)
+    start = 0
+    for w, B, A in zip(weights, Bs, As, strict=True):
+        end = start + B.shape[1]
+        U[:, start:end].copy_(B).mul_(float(w))  # written straight into U: no per-client copies
+        V[start:end].copy_(A)
+        start = end
     return U, V
 
 
@@ -168,6 +176,8 @@ def _check(
         )
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
         raise ValueError(f"rank must be a non-negative int, got {rank!r}")
+    if not all(math.isfinite(float(w)) for w in weights):
+        raise ValueError(f"weights must be finite, got {list(weights)}")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     if oversample < 0 or power_iters < 0:

@@ -2,32 +2,37 @@
 
 Closed form of min ‖ΔW* − (B̄+ΔB)Ā‖² + λ‖ΔB‖² (design/aggregation.md) in folded units: every
 client's scaling sᵢ is folded into B, so the result has scaling 1 and λ penalises s·ΔB. Only thin
-products are formed: ΔW*Āᵀ = Σpᵢsᵢ·Bᵢ(AᵢĀᵀ). Adapter-state semantics.
+products are formed, one client at a time: ΔW*Āᵀ = Σpᵢsᵢ·Bᵢ(AᵢĀᵀ). Adapter-state semantics.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from .base import Aggregate, Factors, normalized_weights, register, reject_options
 from .fedit import padded_mean
-from .linalg import stack
 
 
 def fair_correction(
-    B: torch.Tensor, A: torch.Tensor, U: torch.Tensor, V: torch.Tensor, lam: float
+    B: torch.Tensor,
+    A: torch.Tensor,
+    terms: Iterable[tuple[float, torch.Tensor, torch.Tensor]],
+    lam: float,
 ) -> torch.Tensor:
-    """ΔB minimising ‖U@V − (B+ΔB)@A‖_F² + lam·‖ΔB‖_F²: (UVAᵀ − BAAᵀ)(AAᵀ + lam·I)⁻¹.
+    """ΔB minimising ‖Σwᵢ·BᵢAᵢ − (B+ΔB)A‖_F² + lam·‖ΔB‖_F², terms = (wᵢ, Bᵢ, Aᵢ); float64 B, A.
 
-    lam = 0 gives the minimum-norm least-squares ΔB (pseudo-inverse). Float64 in, d×k never formed.
+    ΔB = (Σwᵢ·Bᵢ(AᵢAᵀ) − B·AAᵀ)(AAᵀ + lam·I)⁻¹, one client at a time (d×r temporaries only);
+    lam = 0 gives the minimum-norm least-squares ΔB (pseudo-inverse).
     """
     if not lam >= 0:
         raise ValueError(f"lam must be >= 0, got {lam!r}")
     gram = A @ A.T
-    rhs = U @ (V @ A.T) - B @ gram
+    rhs = -(B @ gram)
+    for w, Bi, Ai in terms:
+        rhs.add_(Bi.double() @ (Ai.double() @ A.T), alpha=w)
     if lam == 0:
         return rhs @ torch.linalg.pinv(gram, hermitian=True)
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
@@ -55,11 +60,7 @@ def lorafair(
     mean = Factors(B, A, 1.0)
     if global_rank is not None:
         mean = mean.truncate(global_rank)
-    U, V = stack(
-        [u.B for u in updates],
-        [u.A for u in updates],
-        [pi * u.scaling for pi, u in zip(p, updates, strict=True)],
-    )
-    corrected = mean.B + fair_correction(mean.B, mean.A, U, V, lam)
+    terms = ((pi * u.scaling, u.B, u.A) for pi, u in zip(p, updates, strict=True))
+    corrected = mean.B + fair_correction(mean.B, mean.A, terms, lam)
     dtype = updates[0].B.dtype
     return Aggregate(Factors(corrected.to(dtype), mean.A.to(dtype), 1.0))

@@ -37,8 +37,8 @@ def rblora(
     A = torch.zeros(width, k, dtype=torch.float64, device=device)
     owners = torch.zeros(width, dtype=torch.float64, device=device)
     for pi, u in zip(p, updates, strict=True):
-        B[:, : u.rank] += pi * u.scaling * u.B.double()
-        A[: u.rank] += pi * u.A.double()
+        B[:, : u.rank].add_(u.B, alpha=pi * u.scaling)
+        A[: u.rank].add_(u.A, alpha=pi)
         owners[: u.rank] += pi
     balance = torch.where(owners > 0, 1.0 / owners.clamp_min(1e-300), 0.0)
     dtype = updates[0].B.dtype

@@ -16,7 +16,7 @@ import torch
 
 from .base import Aggregate, Factors, normalized_weights, register, reject_options
 from .fedit import padded_mean
-from .linalg import split_triplets, stack, svd_factors
+from .linalg import split_triplets, svd_factors
 from .lorafair import fair_correction
 
 STATE_KEYS = ("residual_B", "residual_A")
@@ -60,8 +60,8 @@ def squeeze(
 
     if correction:
         mean = Factors(*padded_mean(updates, p), 1.0).truncate(rank)
-        U, V = stack(Bs, As, ws)
-        B, A = mean.B + fair_correction(mean.B, mean.A, U, V, lam), mean.A
+        terms = zip(ws, Bs, As, strict=True)
+        B, A = mean.B + fair_correction(mean.B, mean.A, terms, lam), mean.A
         # What the corrected factors miss is [U | −B][V; A]: squeeze that to the cap.
         missed = ([*Bs, B], [*As, A], [*ws, -1.0])
         tail = decompose(*missed, residual_rank) if residual_rank else None

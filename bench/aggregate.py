@@ -25,6 +25,7 @@ if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":  # must be set before th
     os.execv(sys.executable, [sys.executable, *sys.argv])
 
 import torch
+
 from fedllm.aggregators import Factors, get
 from fedllm.aggregators.linalg import stack
 

@@ -12,7 +12,7 @@ CHECKPOINT = "checkpoint.pt"
 
 
 def save_checkpoint(run_dir: Path, state: dict) -> Path:
-    """Write `state` (plus the RNG states) to run_dir/checkpoint.pt; a crash never leaves half a file."""
+    """Write `state` and RNG states to run_dir/checkpoint.pt atomically (never half a file)."""
     path = run_dir / CHECKPOINT
     tmp = path.with_suffix(".pt.tmp")
     payload = {**state, "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}

@@ -1,4 +1,4 @@
-"""`fedllm` command line: run a recipe in Flower's simulation engine, validate recipes, prepare models."""
+"""`fedllm` command line: run a recipe in Flower's simulation engine, validate, prepare models."""
 
 from __future__ import annotations
 
@@ -85,7 +85,10 @@ def _cpu_count() -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     for path in args.recipes:
         cfg = load_recipe(path, args.overrides)
-        print(f"ok  {path}: {cfg.name}, {cfg.data.num_clients} clients, aggregator {cfg.aggregator.name}")
+        print(
+            f"ok  {path}: {cfg.name}, {cfg.data.num_clients} clients, "
+            f"aggregator {cfg.aggregator.name}"
+        )
     return 0
 
 

@@ -42,7 +42,9 @@ def check_recipe(cfg: RunConfig, config: ConfigRecord) -> None:
 
 
 @contextmanager
-def lora_on_base(cfg: RunConfig, *, rank: int, scaling: float) -> Iterator[tuple[PeftModel, object]]:
+def lora_on_base(
+    cfg: RunConfig, *, rank: int, scaling: float
+) -> Iterator[tuple[PeftModel, object]]:
     """The cached base with a fresh LoRA adapter of this rank; removed again afterwards."""
     base, tokenizer = cached_base_model(cfg)
     model = attach_lora(
@@ -91,8 +93,15 @@ def train(cfg: RunConfig, msg: Message, context: Context) -> Message:
             seed=cfg.seed * 100_003 + server_round * 1009 + pid,
         )
         update = to_record(read_factors(model))
-    log.info("client %d round %d: rank %d, %d steps, loss %.4f -> %.4f",
-             pid, server_round, rank, result.steps, result.loss_first, result.loss_last)
+    log.info(
+        "client %d round %d: rank %d, %d steps, loss %.4f -> %.4f",
+        pid,
+        server_round,
+        rank,
+        result.steps,
+        result.loss_first,
+        result.loss_last,
+    )
     metrics = MetricRecord(
         {
             "num-examples": len(shard.train),

@@ -1,7 +1,7 @@
 """The recipe schema: typed, frozen, validated at construction, built from YAML.
 
-Unknown keys are rejected by name (with a did-you-mean), wrong types and out-of-range values name the
-key and what would be valid. `key=value` overrides from the command line are applied before validation.
+Unknown keys are rejected by name (with a did-you-mean); wrong types and out-of-range values
+name the key and what would be valid. `key=value` command-line overrides apply before validation.
 """
 
 from __future__ import annotations
@@ -115,7 +115,9 @@ class LoraConfig(_Strict):
 class DataConfig(_Strict):
     """Where the examples come from and how they are split over clients."""
 
-    source: str = Field("wordnet", description="'wordnet', 'fortunes', a local file/folder, or a hub name")
+    source: str = Field(
+        "wordnet", description="'wordnet', 'fortunes', a local file/folder, or a hub name"
+    )
     pos: list[Literal["noun", "verb", "adj", "adv"]] = Field(
         default_factory=lambda: ["noun", "verb", "adj", "adv"]
     )
@@ -293,11 +295,13 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """Turn ["federation.rounds=2", "lora.ranks=[4,8]"] into a nested dict (values parsed as YAML)."""
+    """Turn ["federation.rounds=2", "lora.ranks=[4,8]"] into a nested dict; values are YAML."""
     tree: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. federation.rounds=2)")
+            raise ConfigError(
+                f"override {item!r} is not of the form key=value (e.g. federation.rounds=2)"
+            )
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
         if not all(parts):

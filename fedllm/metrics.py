@@ -39,7 +39,9 @@ def plot_held_out(rows: list[dict], path: Path, *, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     server = sorted(
-        (r["round"], r["held_out_loss"]) for r in rows if r.get("kind") == "server" and "held_out_loss" in r
+        (r["round"], r["held_out_loss"])
+        for r in rows
+        if r.get("kind") == "server" and "held_out_loss" in r
     )
     clients: dict[int, list[tuple[int, float]]] = {}
     for r in rows:
@@ -74,7 +76,9 @@ def final_table(rows: list[dict], last_round: int) -> list[dict]:
         table.append(_row(f"client {pid}", base["held_out_loss"], fed["held_out_loss"]))
     server = {r["round"]: r for r in rows if r.get("kind") == "server" and "held_out_loss" in r}
     if 0 in server and last_round in server:
-        table.append(_row("global", server[0]["held_out_loss"], server[last_round]["held_out_loss"]))
+        table.append(
+            _row("global", server[0]["held_out_loss"], server[last_round]["held_out_loss"])
+        )
     return table
 
 

@@ -63,7 +63,8 @@ def run_server(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
     if state is not None:
         if state["fingerprint"] != cfg.fingerprint():
             raise ValueError(
-                f"checkpoint in {run_dir} was made by another recipe (model/lora/data/seed differ); "
+                f"checkpoint in {run_dir} was made by another recipe "
+                "(model/lora/data/seed differ); "
                 "use a new name= or drop --resume"
             )
         strategy.load_state_dict(state["strategy"])
@@ -73,22 +74,30 @@ def run_server(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
     else:
         metrics.path.write_text("")
     n = wait_for_nodes(grid, cfg.data.num_clients, timeout=min(timeout, 600))
-    say(f"{n} client nodes connected; aggregator {cfg.aggregator.name}; ranks "
-        f"{[cfg.client_rank(i) for i in range(cfg.data.num_clients)]}")
+    say(
+        f"{n} client nodes connected; aggregator {cfg.aggregator.name}; ranks "
+        f"{[cfg.client_rank(i) for i in range(cfg.data.num_clients)]}"
+    )
 
     if start == 1:
         t0 = time.perf_counter()
         row = evaluate_round(strategy, grid, 0, timeout)
         if "held_out_loss" not in row:
-            raise RuntimeError("no client could evaluate the base model; see the client errors above")
+            raise RuntimeError(
+                "no client could evaluate the base model; see the client errors above"
+            )
         metrics.write([{"kind": "eval", **r} for r in strategy.round_rows] + [row])
-        say(f"round 0 (base model): held-out loss {row.get('held_out_loss', float('nan')):.4f} "
-            f"[{time.perf_counter() - t0:.0f}s]")
+        say(
+            f"round 0 (base model): held-out loss {row.get('held_out_loss', float('nan')):.4f} "
+            f"[{time.perf_counter() - t0:.0f}s]"
+        )
         save_checkpoint(run_dir, _state(strategy, cfg, 0))
 
     for rnd in range(start, cfg.federation.rounds + 1):
         t0 = time.perf_counter()
-        messages = list(strategy.configure_train(rnd, strategy.global_record(), ConfigRecord(), grid))
+        messages = list(
+            strategy.configure_train(rnd, strategy.global_record(), ConfigRecord(), grid)
+        )
         say(f"round {rnd}/{cfg.federation.rounds}: training {len(messages)} clients")
         replies = list(grid.send_and_receive(messages, timeout=timeout))
         _, summary = strategy.aggregate_train(rnd, replies)
@@ -100,8 +109,10 @@ def run_server(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
                 f"rounds up to {rnd - 1} are checkpointed in {run_dir}, fix and use --resume"
             )
         if len(replies) < len(messages):
-            say(f"round {rnd}: {len(messages) - len(replies)} of {len(messages)} clients did not "
-                f"reply within {timeout:.0f}s")
+            say(
+                f"round {rnd}: {len(messages) - len(replies)} of {len(messages)} clients did not "
+                f"reply within {timeout:.0f}s"
+            )
         agg_seconds = time.perf_counter() - t0
         eval_row = evaluate_round(strategy, grid, rnd, timeout)
         server_row = {
@@ -116,13 +127,16 @@ def run_server(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
             "seconds": time.perf_counter() - t0,
             "train_seconds": agg_seconds,
         }
-        metrics.write(train_rows + [{"kind": "eval", **r} for r in strategy.round_rows]
-                      + [server_row])
+        metrics.write(
+            train_rows + [{"kind": "eval", **r} for r in strategy.round_rows] + [server_row]
+        )
         save_checkpoint(run_dir, _state(strategy, cfg, rnd))
         losses = " ".join(f"c{r['partition']}:{r['train_loss']:.3f}" for r in ok)
-        say(f"round {rnd}/{cfg.federation.rounds}: {len(ok)}/{len(messages)} clients ok, "
+        say(
+            f"round {rnd}/{cfg.federation.rounds}: {len(ok)}/{len(messages)} clients ok, "
             f"train loss {losses}; held-out {server_row.get('held_out_loss', float('nan')):.4f} "
-            f"[{server_row['seconds']:.0f}s]")
+            f"[{server_row['seconds']:.0f}s]"
+        )
 
     return finish(cfg, strategy, metrics)
 

@@ -120,8 +120,14 @@ class LoraStrategy(Strategy):
             node = msg.metadata.src_node_id
             if msg.has_error():
                 log.warning("round %d: node %s failed: %s", server_round, node, msg.error.reason)
-                rows.append({"round": server_round, "node": node, "status": "failed",
-                             "reason": msg.error.reason})
+                rows.append(
+                    {
+                        "round": server_round,
+                        "node": node,
+                        "status": "failed",
+                        "reason": msg.error.reason,
+                    }
+                )
                 continue
             m = msg.content["metrics"]
             try:
@@ -135,8 +141,14 @@ class LoraStrategy(Strategy):
                 updates[str(node)] = update
             except (KeyError, ValueError, TypeError) as err:
                 log.warning("round %d: node %s sent a malformed reply: %s", server_round, node, err)
-                rows.append({"round": server_round, "node": node, "status": "rejected",
-                             "reason": f"malformed reply: {err}"})
+                rows.append(
+                    {
+                        "round": server_round,
+                        "node": node,
+                        "status": "rejected",
+                        "reason": f"malformed reply: {err}",
+                    }
+                )
                 continue
             metrics[str(node)] = m
             self.node_ranks[node] = int(m["rank"])
@@ -149,22 +161,39 @@ class LoraStrategy(Strategy):
         )
         for node, reason in rejected.items():
             log.warning("round %d: rejected node %s: %s", server_round, node, reason)
-            rows.append({"round": server_round, "node": int(node), "status": "rejected",
-                         "partition": self.node_partitions.get(int(node)), "reason": reason})
+            rows.append(
+                {
+                    "round": server_round,
+                    "node": int(node),
+                    "status": "rejected",
+                    "partition": self.node_partitions.get(int(node)),
+                    "reason": reason,
+                }
+            )
         for node in accepted:
             m = metrics[node]
-            rows.append({"round": server_round, "node": int(node), "status": "ok",
-                         "partition": int(m["partition-id"]), "rank": int(m["rank"]),
-                         "num_examples": int(m["num-examples"]),
-                         "train_loss": float(m["train-loss"]),
-                         "train_loss_first": float(m["train-loss-first"]),
-                         "train_loss_last": float(m["train-loss-last"]),
-                         "steps": int(m["steps"]), "train_seconds": float(m["train-seconds"]),
-                         "bytes_sent": int(m["bytes-sent"]),
-                         "bytes_received": int(m["bytes-received"])})
+            rows.append(
+                {
+                    "round": server_round,
+                    "node": int(node),
+                    "status": "ok",
+                    "partition": int(m["partition-id"]),
+                    "rank": int(m["rank"]),
+                    "num_examples": int(m["num-examples"]),
+                    "train_loss": float(m["train-loss"]),
+                    "train_loss_first": float(m["train-loss-first"]),
+                    "train_loss_last": float(m["train-loss-last"]),
+                    "steps": int(m["steps"]),
+                    "train_seconds": float(m["train-seconds"]),
+                    "bytes_sent": int(m["bytes-sent"]),
+                    "bytes_received": int(m["bytes-received"]),
+                }
+            )
         self.round_rows = rows
         if not accepted:
-            log.warning("round %d: no acceptable update; the global adapter is unchanged", server_round)
+            log.warning(
+                "round %d: no acceptable update; the global adapter is unchanged", server_round
+            )
             return None, None
         if self.cfg.aggregator.weighting == "uniform":
             weights = [1.0] * len(accepted)
@@ -189,8 +218,11 @@ class LoraStrategy(Strategy):
             {
                 "clients": len(accepted),
                 "rejected": sum(1 for r in rows if r["status"] != "ok"),
-                "train-loss": sum(w * float(metrics[n]["train-loss"])
-                                  for w, n in zip(weights, accepted, strict=True)) / total,
+                "train-loss": sum(
+                    w * float(metrics[n]["train-loss"])
+                    for w, n in zip(weights, accepted, strict=True)
+                )
+                / total,
                 "global-rank": max(f.rank for f in self.global_.values()),
             }
         )
@@ -214,19 +246,30 @@ class LoraStrategy(Strategy):
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
-                log.warning("round %d: node %s failed to evaluate: %s",
-                            server_round, node, msg.error.reason)
+                log.warning(
+                    "round %d: node %s failed to evaluate: %s", server_round, node, msg.error.reason
+                )
                 continue
             m = msg.content["metrics"]
             nll += float(m["nll-sum"])
             tokens += int(m["tokens"])
-            rows.append({"round": server_round, "partition": int(m["partition-id"]),
-                         "held_out_loss": float(m["held-out-loss"]), "tokens": int(m["tokens"])})
+            rows.append(
+                {
+                    "round": server_round,
+                    "partition": int(m["partition-id"]),
+                    "held_out_loss": float(m["held-out-loss"]),
+                    "tokens": int(m["tokens"]),
+                }
+            )
         self.round_rows = rows
         if tokens == 0:
             return None
         return MetricRecord({"held-out-loss": nll / tokens, "tokens": tokens})
 
     def summary(self) -> None:
-        log.info("LoraStrategy: aggregator=%s, ranks up to %d, %d modules",
-                 self.cfg.aggregator.name, self.max_rank, len(self.shapes))
+        log.info(
+            "LoraStrategy: aggregator=%s, ranks up to %d, %d modules",
+            self.cfg.aggregator.name,
+            self.max_rank,
+            len(self.shapes),
+        )

@@ -98,5 +98,7 @@ def test_saved_adapter_loads_with_stock_peft_and_applies_the_update(
         adapted = loaded(ids).logits
     assert not torch.allclose(plain, adapted)
     layer = dict(loaded.named_modules())["base_model.model." + Q]
-    delta = layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    delta = (
+        layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    )
     torch.testing.assert_close(delta.double(), factors[Q].delta(), rtol=1e-5, atol=1e-6)

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from fedllm.aggregators import Aggregate, Factors, available, base, get, register
 
 

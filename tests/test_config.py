@@ -1,4 +1,4 @@
-"""The recipe schema: every shipped recipe validates; bad input is named with what would be valid."""
+"""Recipe schema: every shipped recipe validates; bad input is named with what would be valid."""
 
 from pathlib import Path
 
@@ -52,14 +52,14 @@ def test_unknown_aggregator_lists_the_valid_ones() -> None:
 
 def test_missing_local_dataset_and_model_folder_are_named(tmp_path: Path) -> None:
     missing = tmp_path / "nope.jsonl"
-    with pytest.raises(ConfigError, match="data.source.*nope.jsonl"):
+    with pytest.raises(ConfigError, match=r"data\.source.*nope\.jsonl"):
         build_config({"data": {"source": str(missing)}})
-    with pytest.raises(ConfigError, match="model.name.*no_model"):
+    with pytest.raises(ConfigError, match=r"model\.name.*no_model"):
         build_config({"model": {"name": str(tmp_path / "no_model")}})
 
 
 def test_missing_recipe_file_lists_shipped_recipes(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="quickstart.yaml"):
+    with pytest.raises(ConfigError, match=r"quickstart\.yaml"):
         load_recipe(tmp_path / "absent.yaml")
 
 
@@ -68,7 +68,10 @@ def test_cross_field_checks() -> None:
         build_config({"data": {"num_clients": 2}, "federation": {"clients_per_round": 3}})
     with pytest.raises(ConfigError, match="tiers cover 3 clients"):
         build_config(
-            {"data": {"num_clients": 4}, "lora": {"tiers": [{"name": "a", "rank": 4, "clients": 3}]}}
+            {
+                "data": {"num_clients": 4},
+                "lora": {"tiers": [{"name": "a", "rank": 4, "clients": 3}]},
+            }
         )
     with pytest.raises(ConfigError, match="exactly one of local_steps"):
         build_config({"federation": {"local_steps": 5, "local_epochs": 1.0}})
@@ -85,7 +88,7 @@ def test_overrides_apply_before_validation(tmp_path: Path) -> None:
     recipe = tmp_path / "r.yaml"
     recipe.write_text("name: r\nfederation: {rounds: 5}\n")
     assert load_recipe(recipe, ["federation.rounds=2"]).federation.rounds == 2
-    with pytest.raises(ConfigError, match="federation.rounds"):
+    with pytest.raises(ConfigError, match=r"federation\.rounds"):
         load_recipe(recipe, ["federation.rounds=0"])
 
 
@@ -103,7 +106,10 @@ def test_client_ranks_list_tiers_and_rule() -> None:
 
 def test_rank_larger_than_a_module_is_rejected() -> None:
     cfg = build_config({"data": {"num_clients": 2}, "lora": {"ranks": [4, 40]}})
-    shapes = {"model.layers.0.self_attn.q_proj": (64, 64), "model.layers.0.self_attn.v_proj": (32, 64)}
+    shapes = {
+        "model.layers.0.self_attn.q_proj": (64, 64),
+        "model.layers.0.self_attn.v_proj": (32, 64),
+    }
     with pytest.raises(ValueError, match=r"lora\.ranks: client 1 has rank 40.*v_proj.*1\.\.32"):
         check_ranks(cfg, shapes)
     check_ranks(build_config({"data": {"num_clients": 2}, "lora": {"ranks": [4, 32]}}), shapes)

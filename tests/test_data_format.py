@@ -6,9 +6,10 @@ import logging
 
 import pytest
 import torch
-from fedllm.data import collate, format_example, tokenize_all
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+
+from fedllm.data import collate, format_example, tokenize_all
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"

@@ -6,6 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+
 from fedllm.data import load_examples, load_fortunes
 
 COOKIE = (

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+
 from fedllm.data import load_examples, load_local
 
 ROWS = [

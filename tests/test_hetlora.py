@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from fedllm.aggregators import Factors, get
 from fedllm.aggregators.hetlora import delta_norm
 

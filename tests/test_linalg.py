@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from fedllm.aggregators import factored_svd, svd_factors
 from fedllm.aggregators.linalg import choose_method
 
@@ -168,3 +169,5 @@ def test_rejects_bad_input() -> None:
         factored_svd(Bs, As, [1.0, 1.0], 2, method="qr")
     with pytest.raises(ValueError, match="matching"):
         factored_svd(Bs, As, [1.0], 2)
+    with pytest.raises(ValueError, match="finite"):
+        factored_svd(Bs, As, [1.0, math.nan], 2)

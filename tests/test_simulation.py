@@ -69,7 +69,9 @@ def test_resume_continues_from_the_last_finished_round(run_dir: Path) -> None:
     state = load_checkpoint(run_dir)
     assert state is not None and state["round"] == 2
     out, name = run_dir.parent, run_dir.name
-    code = main(["run", RECIPE, f"output_dir={out}", f"name={name}", "federation.rounds=3", "--resume"])
+    code = main(
+        ["run", RECIPE, f"output_dir={out}", f"name={name}", "federation.rounds=3", "--resume"]
+    )
     assert code == 0
     after = rows(run_dir)
     assert after[: len(before)] == before, "finished rounds are kept as they were"
@@ -78,7 +80,9 @@ def test_resume_continues_from_the_last_finished_round(run_dir: Path) -> None:
     assert load_checkpoint(run_dir)["round"] == 3
     # Round 3 started from round 2's global adapter, not from scratch: its first local step is
     # already better than round 1's first step (which started from the base model).
-    first = {(x["round"], x["partition"]): x["train_loss_first"] for x in after if x["kind"] == "client"}
+    first = {
+        (x["round"], x["partition"]): x["train_loss_first"] for x in after if x["kind"] == "client"
+    }
     mean = {rnd: sum(first[(rnd, p)] for p in range(3)) / 3 for rnd in (1, 3)}
     assert mean[3] < mean[1] - 0.03, mean
 
