@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context
+from flwr.app import ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from fedllm.adapters import save_peft_adapter
@@ -37,11 +38,59 @@ def wait_for_nodes(grid: Grid, wanted: int, *, timeout: float) -> int:
     return n
 
 
+def exchange(
+    grid: Grid,
+    messages: list[Message],
+    *,
+    timeout: float,
+    label: str,
+    describe: Callable[[Message], str] | None = None,
+) -> list[Message]:
+    """Push `messages`, then pull replies until all are in or `timeout` passes, reporting each one.
+
+    The same as `grid.send_and_receive`, but the person watching sees clients finish one by one.
+    """
+    pending = set(grid.push_messages(messages))
+    replies: list[Message] = []
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        for reply in grid.pull_messages(pending):
+            pending.discard(reply.metadata.reply_to_message_id)
+            replies.append(reply)
+            if reply.has_error():
+                detail = f"failed: {reply.error.reason}"
+            else:
+                detail = describe(reply) if describe else "done"
+            say(f"{label}: client {len(replies)}/{len(messages)} {detail}")
+        if pending:
+            time.sleep(0.2)
+    return replies
+
+
+def describe_train(reply: Message) -> str:
+    """One line about a training reply: partition, rank, loss first → last, time."""
+    m = reply.content["metrics"]
+    return (
+        f"(partition {int(m['partition-id'])}, rank {int(m['rank'])}): loss "
+        f"{float(m['train-loss-first']):.3f} -> {float(m['train-loss-last']):.3f} "
+        f"in {int(m['steps'])} steps, {float(m['train-seconds']):.0f}s"
+    )
+
+
 def evaluate_round(strategy: LoraStrategy, grid: Grid, server_round: int, timeout: float) -> dict:
     """Federated evaluation of the current global adapter; returns the server row."""
-    replies = grid.send_and_receive(
-        strategy.configure_evaluate(server_round, strategy.global_record(), ConfigRecord(), grid),
+    messages = list(
+        strategy.configure_evaluate(server_round, strategy.global_record(), ConfigRecord(), grid)
+    )
+    replies = exchange(
+        grid,
+        messages,
         timeout=timeout,
+        label=f"round {server_round} eval",
+        describe=lambda r: (
+            f"(partition {int(r.content['metrics']['partition-id'])}): held-out loss "
+            f"{float(r.content['metrics']['held-out-loss']):.4f}"
+        ),
     )
     summary = strategy.aggregate_evaluate(server_round, replies)
     row = {"kind": "server", "round": server_round, "phase": "evaluate"}
@@ -99,7 +148,8 @@ def run_server(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
             strategy.configure_train(rnd, strategy.global_record(), ConfigRecord(), grid)
         )
         say(f"round {rnd}/{cfg.federation.rounds}: training {len(messages)} clients")
-        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        label = f"round {rnd}/{cfg.federation.rounds} train"
+        replies = exchange(grid, messages, timeout=timeout, label=label, describe=describe_train)
         _, summary = strategy.aggregate_train(rnd, replies)
         train_rows = [{"kind": "client", **r} for r in strategy.round_rows]
         ok = [r for r in train_rows if r["status"] == "ok"]
@@ -145,6 +195,24 @@ def _state(strategy: LoraStrategy, cfg: RunConfig, rnd: int) -> dict:
     return {"round": rnd, "fingerprint": cfg.fingerprint(), "strategy": strategy.state_dict()}
 
 
+def save_client_adapters(cfg: RunConfig, strategy: LoraStrategy) -> None:
+    """Each client's latest accepted update as a PEFT adapter: what an honest-but-curious server
+    holds (`client_adapters/<partition>/`, with the round of each in `index.json`)."""
+    folder = cfg.run_dir / "client_adapters"
+    index = {}
+    for pid, (rnd, factors) in sorted(strategy.client_updates.items()):
+        save_peft_adapter(
+            folder / str(pid),
+            factors,
+            base_model=str(base_model_dir(cfg)),
+            target_modules=cfg.lora.target_modules,
+            dropout=cfg.lora.dropout,
+        )
+        index[str(pid)] = {"round": rnd, "rank": max(f.rank for f in factors.values())}
+    if index:
+        (folder / "index.json").write_text(json.dumps(index, indent=2))
+
+
 def finish(cfg: RunConfig, strategy: LoraStrategy, metrics: MetricsLog) -> Path:
     """Save the global adapter in PEFT format, the plot, and the base-vs-federated table."""
     run_dir = cfg.run_dir
@@ -155,6 +223,7 @@ def finish(cfg: RunConfig, strategy: LoraStrategy, metrics: MetricsLog) -> Path:
         target_modules=cfg.lora.target_modules,
         dropout=cfg.lora.dropout,
     )
+    save_client_adapters(cfg, strategy)
     rows = metrics.read()
     plot_held_out(rows, run_dir / "held_out_loss.png", title=f"{cfg.name}: held-out loss")
     table = final_table(rows, cfg.federation.rounds)
