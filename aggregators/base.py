@@ -98,6 +98,22 @@ class AggregatorFn(Protocol):
     ) -> Aggregate: ...
 
 
+@dataclass(frozen=True)
+class RoundSpec:
+    """How a method's global state travels each round; the Flower strategy and client read it.
+
+    Default (all False) is adapter state: clients start from the global factors cut to their rank
+    and send back their whole adapter.
+    """
+
+    merge: bool = False  # global_ is a delta merged into the base; clients start a fresh LoRA
+    freeze_A: bool = False  # clients train B only; A stays as the server sent it (shared seed)
+    local_B: bool = False  # clients keep B across rounds and exchange A only
+
+
+ADAPTER_STATE = RoundSpec()
+
+
 class UnknownAggregatorError(KeyError, ValueError):
     """Raised by `get` for a name that is not registered (catchable as KeyError or ValueError)."""
 
@@ -106,18 +122,28 @@ class UnknownAggregatorError(KeyError, ValueError):
 
 
 _REGISTRY: dict[str, AggregatorFn] = {}
+_ROUNDS: dict[str, RoundSpec] = {}
 
 
-def register(name: str) -> Callable[[AggregatorFn], AggregatorFn]:
-    """Decorator registering an aggregation method under `name` (a name may be taken only once)."""
+def register(
+    name: str, *, rounds: RoundSpec = ADAPTER_STATE
+) -> Callable[[AggregatorFn], AggregatorFn]:
+    """Decorator registering a method under `name` (taken only once) with its round semantics."""
 
     def decorate(fn: AggregatorFn) -> AggregatorFn:
         if name in _REGISTRY and _REGISTRY[name] is not fn:
             raise ValueError(f"aggregator {name!r} is already registered")
         _REGISTRY[name] = fn
+        _ROUNDS[name] = rounds
         return fn
 
     return decorate
+
+
+def round_spec(name: str) -> RoundSpec:
+    """The round semantics of the method registered as `name` (unknown names raise like `get`)."""
+    get(name)
+    return _ROUNDS[name]
 
 
 def get(name: str) -> AggregatorFn:

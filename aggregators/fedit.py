@@ -1,6 +1,8 @@
 """FedIT: per-factor weighted mean of B and A, zero-padded to the largest rank.
 
 Biased: (Σpᵢsᵢ·Bᵢ)(ΣpⱼAⱼ) = ΔW* + Σ_{i≠j} pᵢpⱼsᵢ·BᵢAⱼ, so the cross terms BᵢAⱼ leak in.
+Adapter-state semantics: client j restarts from truncate(rⱼ, sⱼ); each sᵢ = α/rᵢ is folded into
+Bᵢ on the server, so the global factors have scaling 1.
 """
 
 from __future__ import annotations

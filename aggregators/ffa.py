@@ -1,7 +1,9 @@
 """FFA-LoRA (Sun et al., ICLR 2024): A is frozen from a shared seed, so only B is averaged.
 
 With one A₀ of r_max rows and clients holding slices A₀[:rᵢ], Σpᵢsᵢ·BᵢA₀[:rᵢ] = (Σpᵢsᵢ·pad(Bᵢ))A₀:
-zero-padded averaging of B is exact. Adapter-state semantics; client j gets truncate(rⱼ, sⱼ).
+zero-padded averaging of B is exact. Adapter-state semantics with A frozen (RoundSpec.freeze_A):
+client j gets truncate(rⱼ, sⱼ) = (B̄[:, :rⱼ]/sⱼ, A₀[:rⱼ]) and trains B only; each sᵢ = α/rᵢ is
+folded into B on the server, so the global factors have scaling 1.
 """
 
 from __future__ import annotations
@@ -11,10 +13,10 @@ from typing import Any
 
 import torch
 
-from .base import Aggregate, Factors, normalized_weights, register, reject_options
+from .base import Aggregate, Factors, RoundSpec, normalized_weights, register, reject_options
 
 
-@register("ffa")
+@register("ffa", rounds=RoundSpec(freeze_A=True))
 def ffa(
     updates: Sequence[Factors],
     weights: Sequence[float],

@@ -1,7 +1,9 @@
 """HetLoRA (Cho et al., 2024): zero-padded factor averaging weighted by each update's size.
 
 Weights are pᵢ·‖sᵢBᵢAᵢ‖_F, normalised; the norm comes from r×r Gram matrices, never d×k. Like FedIT
-it is biased by cross terms. Client-side rank self-pruning is not part of aggregation.
+it is biased by cross terms. Adapter-state semantics: client j restarts from truncate(rⱼ, sⱼ)
+(sᵢ = α/rᵢ folded into Bᵢ; global scaling 1). The client-side rank self-pruning regulariser is
+not part of aggregation.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 Component j is averaged only over the clients that have it (rᵢ > j): weight wⱼ ∝ 1/Σ_{i: rᵢ>j} pᵢ,
 so high components are not diluted by the zeros of padding. Equal ranks reduce to FedIT.
+Adapter-state semantics: client j restarts from truncate(rⱼ, sⱼ); each sᵢ = α/rᵢ is folded into
+Bᵢ on the server, so the global factors have scaling 1.
 """
 
 from __future__ import annotations

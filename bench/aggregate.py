@@ -1,6 +1,12 @@
 """Time and peak memory of each aggregation method on one module, as ratios to the dense SVD.
 
-    python bench/aggregate.py [--quick]    # --quick: d=k=4096 only; writes results/aggregate.md
+    python bench/aggregate.py [--quick] [--sections layers scaling model7b]
+    # --quick: d=k=4096 only; writes results/aggregate.md (a subset of sections: aggregate-<…>.md)
+
+Sections: "layers" (every method on d = k = 4096/8192 with 10/100 clients, ratios to FlexLoRA's
+dense SVD and to forming ΔW* + torch.svd_lowrank), "scaling" (squeeze-rsvd's time as d and the
+number of clients grow, against the same two dense routes), "model7b" (squeeze over a whole
+7B-shaped model: 32 layers × q, k, v, o of 4096 × 4096).
 
 Peak memory is the rise of the process's resident set over the call: Linux's high-water mark
 VmHWM is reset through /proc/self/clear_refs before each call and read after it, minus VmRSS before
@@ -24,6 +30,7 @@ if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":  # must be set before th
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     os.execv(sys.executable, [sys.executable, *sys.argv])
 
+import aggregate_scale
 import torch
 
 from fedllm.aggregators import Factors, get
@@ -33,6 +40,7 @@ RANKS = (4, 8, 16, 32, 64)  # client ranks, cycled
 TARGET = 64  # global rank of the SVD-family methods: the largest client rank
 OVERSAMPLE, POWER_ITERS = 8, 2
 RESULTS = Path(__file__).parent / "results" / "aggregate.md"
+SECTIONS = ("layers", "scaling", "model7b")
 
 
 @dataclass(frozen=True)
@@ -97,16 +105,19 @@ def cases(
         return lambda: get(name)(inputs, weights, **options).global_  # type: ignore[arg-type]
 
     return {
-        "dense (FlexLoRA: form ΔW*, full SVD)": method("svd", global_rank=TARGET, method="dense"),
+        "flexlora (dense ΔW*, full SVD)": method("flexlora", global_rank=TARGET),
         "form ΔW* + torch.svd_lowrank": lambda: lowrank_baseline(updates, weights),
         "svd exact": method("svd", global_rank=TARGET, method="exact"),
         "svd rsvd": method("svd", global_rank=TARGET, method="rsvd"),
         "squeeze (auto)": method("squeeze"),
+        "squeeze rsvd": method("squeeze", method="rsvd"),
         "squeeze +correction +residual 16": method("squeeze", correction=True, residual_rank=16),
         "lorafair": method("lorafair"),
         "fedit": method("fedit"),
         "hetlora": method("hetlora"),
         "rblora": method("rblora"),
+        "flora (exact stacking + merged state)": method("flora", global_rank=TARGET),
+        "fedsa (A only)": method("fedsa"),
         "ffa (shared A₀; own inputs)": method("ffa", shared),
     }
 
@@ -134,7 +145,7 @@ def run_config(d: int, n: int) -> list[Row]:
     del U, V
     scale = torch.linalg.matrix_norm(target).item()
     for i, row in enumerate(rows):
-        if not row.method.startswith("ffa"):
+        if not row.method.startswith(("ffa", "fedsa")):
             error = torch.linalg.matrix_norm(target - results[row.method].delta()).item() / scale
             rows[i] = Row(row.method, row.seconds, row.peak_mib, error)
     return rows
@@ -151,11 +162,12 @@ def table(d: int, n: int, rows: list[Row]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        quality = (
-            "0 by construction | –"
-            if r.error is None
-            else f"{r.error:.4f} | {r.error / base.error:.4f}"
-        )
+        if r.error is not None:
+            quality = f"{r.error:.4f} | {r.error / base.error:.4f}"
+        elif r.method.startswith("fedsa"):
+            quality = "n/a: B stays on the clients | –"
+        else:
+            quality = "0 by construction | –"
         lines.append(
             f"| {r.method} | {r.seconds:.3f} | {r.seconds / base.seconds:.4f} | {r.peak_mib:.1f} "
             f"| {r.peak_mib / max(base.peak_mib, 1e-9):.4f} | {quality} |"
@@ -168,15 +180,22 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="d = k = 4096 only")
     parser.add_argument("--dims", type=int, nargs="+", help="override d = k (smoke tests)")
     parser.add_argument("--clients", type=int, nargs="+", default=[10, 100])
+    parser.add_argument(
+        "--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to run"
+    )
     args = parser.parse_args()
     dims = args.dims or ((4096,) if args.quick else (4096, 8192))
     load_before = os.getloadavg()
     started = time.time()
     sections = []
-    for d in dims:
+    for d in dims if "layers" in args.sections else ():
         for n in args.clients:
             print(f"d = k = {d}, {n} clients", flush=True)
             sections.append(table(d, n, run_config(d, n)))
+    if "scaling" in args.sections:
+        sections.append(aggregate_scale.scaling_section())
+    if "model7b" in args.sections:
+        sections.append(aggregate_scale.model7b_section())
     load_after = os.getloadavg()
     command = " ".join(["python bench/aggregate.py", *sys.argv[1:]])
     header = [
@@ -195,9 +214,12 @@ def main() -> None:
         "(VmHWM reset via /proc/self/clear_refs; glibc mmap threshold 64 KiB so frees return "
         "memory). Time: one run, or best of three when under 2 s.",
     ]
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text("\n\n".join(["\n".join(header), *sections]) + "\n")
-    print(f"wrote {RESULTS}")
+    out = RESULTS
+    if set(args.sections) != set(SECTIONS) or args.dims:
+        out = RESULTS.with_name(f"aggregate-{'-'.join(args.sections)}.md")  # a partial run
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n\n".join(["\n".join(header), *sections]) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -28,10 +28,13 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
 
 def prepare(cfg: RunConfig) -> None:
     """Everything that can fail before a round starts: base model, rank fit, every client's data."""
+    from fedllm.constrained_client import check_pruned_ranks
+    from fedllm.privacy.plan import check_shards
     from fedllm.shards import adapter_shapes, check_ranks, load_all_examples, partition_indices
 
     shapes = adapter_shapes(cfg)
     check_ranks(cfg, shapes)
+    check_pruned_ranks(cfg, shapes)  # ranks of pruned tiers / bandit arms (constrained_client)
     examples = load_all_examples(cfg)
     parts = partition_indices(cfg, examples)
     sizes = [len(p) for p in parts]
@@ -40,6 +43,7 @@ def prepare(cfg: RunConfig) -> None:
         f"({cfg.data.partitioner}): sizes {sizes}; {len(shapes)} adapted modules",
         flush=True,
     )
+    check_shards(cfg)  # privacy: δ < 1/n and batch < n on every shard (fedllm.privacy)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -55,6 +59,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     prepare(cfg)
     (run_dir / "recipe.yaml").write_text(cfg.to_yaml())
+    if args.federation:
+        from fedllm.deploy import submit
+
+        return submit(cfg, args.federation, resume=args.resume)
 
     from flwr.simulation import run_simulation
 
@@ -107,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. federation.rounds=2")
     run.add_argument("--resume", action="store_true", help="continue from the last finished round")
     run.add_argument("--overwrite", action="store_true", help="delete an existing run of this name")
+    run.add_argument(
+        "--federation",
+        metavar="CONNECTION",
+        help="submit to a running SuperLink (a connection in $FLWR_HOME/config.toml) instead of "
+        "simulating; see docs/deployment.md",
+    )
     run.set_defaults(fn=cmd_run)
 
     val = sub.add_parser("validate", help="check recipes without running them")
@@ -118,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("recipe")
     prep.add_argument("overrides", nargs="*")
     prep.set_defaults(fn=cmd_prepare)
+
+    from fedllm.deploy_cli import add_deploy_commands
+
+    add_deploy_commands(sub)
+    from fedllm.eval.cli import add_eval_commands
+
+    add_eval_commands(sub)
     return parser
 
 

@@ -16,9 +16,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from peft import PeftModel
 
-from fedllm.adapters import attach_lora, from_record, read_factors, to_record, write_factors
+from fedllm import constrained_client as constrained
+from fedllm import rounds
+from fedllm.adapters import attach_lora, from_record, read_factors, write_factors
+from fedllm.aggregators import Factors
 from fedllm.config import RunConfig
-from fedllm.shards import cached_base_model, load_shard
+from fedllm.node import node_shard
+from fedllm.privacy.client import privatize_reply, train_private
+from fedllm.shards import cached_base_model
 from fedllm.train import evaluate_nll, num_local_steps, train_local
 
 log = logging.getLogger("fedllm.client")
@@ -43,21 +48,22 @@ def check_recipe(cfg: RunConfig, config: ConfigRecord) -> None:
 
 @contextmanager
 def lora_on_base(
-    cfg: RunConfig, *, rank: int, scaling: float
+    cfg: RunConfig, *, rank: int, scaling: float, merged: dict[str, Factors] | None = None
 ) -> Iterator[tuple[PeftModel, object]]:
-    """The cached base with a fresh LoRA adapter of this rank; removed again afterwards."""
+    """The cached base (plus a `merged` delta) with a fresh LoRA of this rank; both undone after."""
     base, tokenizer = cached_base_model(cfg)
-    model = attach_lora(
-        base,
-        rank=rank,
-        alpha=scaling * rank,
-        dropout=cfg.lora.dropout,
-        target_modules=cfg.lora.target_modules,
-    )
-    try:
-        yield model, tokenizer
-    finally:
-        model.unload()
+    with rounds.merged_into(base, merged or {}):
+        model = attach_lora(
+            base,
+            rank=rank,
+            alpha=scaling * rank,
+            dropout=cfg.lora.dropout,
+            target_modules=cfg.lora.target_modules,
+        )
+        try:
+            yield model, tokenizer
+        finally:
+            model.unload()
 
 
 def train(cfg: RunConfig, msg: Message, context: Context) -> Message:
@@ -65,12 +71,33 @@ def train(cfg: RunConfig, msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     check_recipe(cfg, config)
     pid = partition_of(context)
-    rank = int(context.node_config.get("rank", cfg.client_rank(pid)))
+    plan = constrained.client_plan(cfg, pid, config, context.node_config)  # rank, pruning, quant
+    rank = plan.rank
     server_round = int(config["server-round"])
-    global_factors = from_record(msg.content["global"], float(config["global-scaling"]))
-    with lora_on_base(cfg, rank=rank, scaling=cfg.client_scaling(rank)) as (model, tokenizer):
-        shard = load_shard(cfg, pid, tokenizer)
-        write_factors(model, global_factors)
+    spec = rounds.spec_of(config)
+    received = msg.content["global"]
+    global_scaling = float(config["global-scaling"])
+    global_factors = (
+        None if spec.local_B else constrained.decode_global(cfg, received, global_scaling)
+    )
+    merged = global_factors if spec.merge else None
+    seed = cfg.seed * 100_003 + server_round * 1009 + pid
+    # kept: the ids a pruned base keeps (fedllm.pruning); {} for a whole base
+    with constrained.constrained_lora(cfg, plan, context.node_config, merged=merged) as (
+        model,
+        tokenizer,
+        shard,
+        kept,
+    ):
+        start = constrained.start_from(cfg, plan, global_factors, kept)
+        if spec.merge:  # the delta is in the base: train a fresh LoRA on top
+            rounds.fresh_adapter(model, seed=seed)
+        elif spec.local_B:  # the shared A with this node's own B
+            write_factors(model, rounds.personal(model, received, context))
+        else:
+            write_factors(model, start)
+        if spec.freeze_A:
+            rounds.freeze_A(model)
         fed = cfg.federation
         steps = num_local_steps(
             len(shard.train),
@@ -78,21 +105,37 @@ def train(cfg: RunConfig, msg: Message, context: Context) -> Message:
             local_steps=fed.local_steps,
             local_epochs=fed.local_epochs,
         )
-        result = train_local(
-            model,
-            shard.train,
-            steps=steps,
-            batch_size=fed.batch_size,
-            pad_id=tokenizer.pad_token_id,
-            optimizer=fed.optimizer,
-            lr=fed.lr,
-            weight_decay=fed.weight_decay,
-            schedule=fed.schedule,
-            warmup_steps=fed.warmup_steps,
-            max_grad_norm=fed.max_grad_norm,
-            seed=cfg.seed * 100_003 + server_round * 1009 + pid,
+        dp_metrics: dict[str, float | int] = {}
+        if cfg.privacy.mode == "sample":  # DP-SGD on the LoRA parameters (fedllm.privacy)
+            private = train_private(
+                cfg, model, shard.train, steps=steps, pad_id=tokenizer.pad_token_id, partition=pid
+            )
+            result, dp_metrics = private.train, private.metrics()
+        else:
+            result = train_local(
+                model,
+                shard.train,
+                steps=steps,
+                batch_size=fed.batch_size,
+                pad_id=tokenizer.pad_token_id,
+                optimizer=fed.optimizer,
+                lr=fed.lr,
+                weight_decay=fed.weight_decay,
+                schedule=fed.schedule,
+                warmup_steps=fed.warmup_steps,
+                max_grad_norm=fed.max_grad_norm,
+                seed=seed,
+            )
+        # client-level DP with noise_at=client: clip to S and noise here (else unchanged)
+        factors, clip_metrics = privatize_reply(
+            cfg, read_factors(model), start, freeze_a=spec.freeze_A
         )
-        update = to_record(read_factors(model))
+        dp_metrics.update(clip_metrics)
+        if spec.local_B:
+            rounds.keep_local_B(context, factors)
+        reply = constrained.build_reply(
+            cfg, factors, spec=spec, start=start, kept=kept, state=context.state
+        )  # update (+ kept-index map), in the recipe's wire dtype / top-k
     log.info(
         "client %d round %d: rank %d, %d steps, loss %.4f -> %.4f",
         pid,
@@ -114,10 +157,12 @@ def train(cfg: RunConfig, msg: Message, context: Context) -> Message:
             "steps": result.steps,
             "train-seconds": result.seconds,
             "bytes-received": msg.content["global"].count_bytes(),
-            "bytes-sent": update.count_bytes(),
+            "bytes-sent": sum(r.count_bytes() for r in reply.values()),
+            "pruning": plan.pruning,
+            **dp_metrics,
         }
     )
-    return Message(RecordDict({"update": update, "metrics": metrics}), reply_to=msg)
+    return Message(RecordDict({**reply, "metrics": metrics}), reply_to=msg)
 
 
 def evaluate(cfg: RunConfig, msg: Message, context: Context) -> Message:
@@ -126,11 +171,18 @@ def evaluate(cfg: RunConfig, msg: Message, context: Context) -> Message:
     check_recipe(cfg, config)
     pid = partition_of(context)
     record: ArrayRecord = msg.content["global"]
-    scaling = float(config["global-scaling"])
-    global_factors = from_record(record, scaling)
-    rank = max((f.rank for f in global_factors.values()), default=1)
+    spec = rounds.spec_of(config)
+    if spec.local_B:  # personalised: the shared A with this node's own B, at its own rank
+        rank = int(context.node_config.get("rank", cfg.client_rank(pid)))
+        scaling = cfg.client_scaling(rank)
+    else:
+        scaling = float(config["global-scaling"])
+        global_factors = from_record(record, scaling)
+        rank = max((f.rank for f in global_factors.values()), default=1)
     with lora_on_base(cfg, rank=rank, scaling=scaling) as (model, tokenizer):
-        shard = load_shard(cfg, pid, tokenizer)
+        shard = node_shard(cfg, context.node_config, tokenizer)
+        if spec.local_B:
+            global_factors = rounds.personal(model, record, context)
         write_factors(model, global_factors)
         # No-grad forwards in eval mode would flip 4-bit layers to an inference kernel on some
         # CPUs (see platform notes); dropout is the only other difference, so stay in train mode

@@ -68,11 +68,24 @@ class ModelConfig(_Strict):
 
 
 class TierConfig(_Strict):
-    """A device tier: `clients` partitions of this tier train LoRA at `rank`."""
+    """A device tier: `clients` partitions of this tier train LoRA at `rank`.
+
+    Constrained tiers may prune their frozen base (`pruning` ratio, see `fedllm.pruning`) and
+    load it quantized (`quantization`; default: the model's setting).
+    """
 
     name: str
     rank: int = Field(gt=0)
     clients: int = Field(gt=0)
+    pruning: float = Field(0.0, description="fraction of MLP channels and query heads removed")
+    quantization: Literal["none", "4bit", "8bit"] | None = None
+
+    @field_validator("pruning")
+    @classmethod
+    def _pruning_ratio(cls, v: float) -> float:
+        if not 0 <= v < 1:
+            raise ValueError(f"pruning ratio must be in [0, 1), got {v}")
+        return v
 
 
 class RankRule(_Strict):
@@ -112,6 +125,28 @@ class LoraConfig(_Strict):
         return v
 
 
+class CanaryConfig(_Strict):
+    """Secret canaries inserted into chosen clients' training shards, for measuring leakage.
+
+    Each entry of `repeats` is one distinct canary (per client and per `per_repeat`) inserted
+    that many times; its secret is `digits` random digits, asked for by `prefix` ({name} names it).
+    """
+
+    prefix: str = "What is the secret number of {name}?"
+    digits: int = Field(9, ge=1, le=18)
+    repeats: list[int] = Field(default_factory=lambda: [1, 4, 16], min_length=1)
+    per_repeat: int = Field(1, ge=1)
+    clients: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    references: int = Field(1000, ge=10, description="reference secrets sampled for exposure")
+
+    @field_validator("repeats")
+    @classmethod
+    def _positive_repeats(cls, v: list[int]) -> list[int]:
+        if any(k < 1 for k in v):
+            raise ValueError(f"every repeat count must be >= 1, got {v}")
+        return v
+
+
 class DataConfig(_Strict):
     """Where the examples come from and how they are split over clients."""
 
@@ -131,6 +166,7 @@ class DataConfig(_Strict):
     num_clients: int = Field(4, ge=1)
     held_out: float = Field(0.1, gt=0, lt=1)
     max_length: int = Field(64, ge=8)
+    canaries: CanaryConfig | None = Field(None, description="leakage canaries (off by default)")
 
     @field_validator("source")
     @classmethod
@@ -174,11 +210,93 @@ class AggregatorConfig(_Strict):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+class PruningConfig(_Strict):
+    """How pruned tiers choose what to remove from their base (see `fedllm.pruning`)."""
+
+    importance: Literal["wanda", "magnitude"] = "wanda"
+    calibration_batches: int = Field(4, ge=1, description="local batches for Wanda input norms")
+    parts: list[Literal["mlp", "heads"]] = Field(
+        default_factory=lambda: ["mlp", "heads"], min_length=1
+    )
+
+
+class AdaptiveConfig(_Strict):
+    """Per-client (rank, pruning) chosen online by a bandit over ranks × pruning (see bandit.py)."""
+
+    algorithm: Literal["ucb", "exp3"] = "ucb"
+    ranks: list[int] = Field(min_length=1)
+    pruning: list[float] = Field(default_factory=lambda: [0.0], min_length=1)
+    exploration: float = Field(1.0, gt=0, description="UCB bonus c, or EXP3 gamma in (0, 1]")
+    time_weight: float = Field(1.0, ge=0, description="reward = loss gain / seconds^time_weight")
+
+    @model_validator(mode="after")
+    def _arms(self) -> AdaptiveConfig:
+        if any(r <= 0 for r in self.ranks):
+            raise ValueError(f"ranks must be > 0, got {self.ranks}")
+        if any(not 0 <= p < 1 for p in self.pruning):
+            raise ValueError(f"pruning ratios must be in [0, 1), got {self.pruning}")
+        if self.algorithm == "exp3" and self.exploration > 1:
+            raise ValueError(f"exp3 exploration must be in (0, 1], got {self.exploration}")
+        return self
+
+
+class CompressionConfig(_Strict):
+    """Training messages in a smaller dtype, optionally top-k sparsified (see compress.py)."""
+
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    topk: float | None = Field(None, gt=0, le=1, description="fraction of update entries sent")
+
+
 class SimulationConfig(_Strict):
     """Resources of the Flower simulation engine (Ray) on this machine."""
 
     num_cpus_per_client: float = Field(2.0, gt=0)
     num_gpus_per_client: float = Field(0.0, ge=0)
+
+
+class PrivacyConfig(_Strict):
+    """Differential privacy: sample-level DP-SGD on clients, or client-level DP (DP-FedAvg)."""
+
+    mode: Literal["none", "sample", "client"] = "none"
+    noise_multiplier: float | None = Field(None, gt=0, description="DP-SGD σ (mode sample)")
+    target_epsilon: float | None = Field(
+        None, gt=0, description="derive σ (sample) or z (client) for the planned rounds instead"
+    )
+    delta: float = Field(1e-5, gt=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0, description="per-sample clipping norm C (sample)")
+    client_clip: float = Field(1.0, gt=0, description="client update clipping norm S (client)")
+    client_noise_multiplier: float | None = Field(None, gt=0, description="z (mode client)")
+    noise_at: Literal["server", "client"] = "server"
+    accountant: Literal["rdp", "prv"] = "rdp"
+    epsilon_budget: float | None = Field(
+        None, gt=0, description="stop before the round that would spend more than this ε"
+    )
+
+    @model_validator(mode="after")
+    def _coherent(self) -> PrivacyConfig:
+        common = {"mode", "target_epsilon", "delta", "accountant", "epsilon_budget"}
+        own = {
+            "none": {"mode"},
+            "sample": common | {"noise_multiplier", "max_grad_norm"},
+            "client": common | {"client_noise_multiplier", "client_clip", "noise_at"},
+        }[self.mode]
+        # only values that differ from the default: a dumped recipe (recipe.yaml) must load back
+        defaults = {k: f.default for k, f in type(self).model_fields.items()}
+        stray = sorted(
+            k for k in self.model_fields_set - own if getattr(self, k) not in (None, defaults[k])
+        )
+        if stray:
+            raise ValueError(
+                f"privacy.{stray[0]} does not apply to privacy.mode={self.mode!r} "
+                f"(keys for this mode: {', '.join(sorted(own))})"
+            )
+        sigma = {"sample": "noise_multiplier", "client": "client_noise_multiplier"}.get(self.mode)
+        if sigma and (getattr(self, sigma) is None) == (self.target_epsilon is None):
+            raise ValueError(
+                f"privacy.mode={self.mode!r}: set exactly one of privacy.{sigma} and "
+                "privacy.target_epsilon"
+            )
+        return self
 
 
 class RunConfig(_Strict):
@@ -193,6 +311,10 @@ class RunConfig(_Strict):
     federation: FederationConfig = FederationConfig()
     aggregator: AggregatorConfig = AggregatorConfig()
     simulation: SimulationConfig = SimulationConfig()
+    pruning: PruningConfig = PruningConfig()
+    adaptive: AdaptiveConfig | None = Field(None, description="bandit (rank, pruning) per client")
+    compression: CompressionConfig = CompressionConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
@@ -206,12 +328,25 @@ class RunConfig(_Strict):
         if tiers is not None and sum(t.clients for t in tiers) != n:
             total = sum(t.clients for t in tiers)
             raise ValueError(f"lora.tiers cover {total} clients but data.num_clients is {n}")
+        canaries = self.data.canaries
+        if canaries is not None and any(not 0 <= c < n for c in canaries.clients):
+            raise ValueError(
+                f"data.canaries.clients {canaries.clients} must be partition ids in [0, {n})"
+            )
         if tiers is None and self.lora.ranks is None:
             raise ValueError("set lora.ranks or lora.tiers")
-        from fedllm.aggregators import available
+        from fedllm.aggregators import available, round_spec
 
         if self.aggregator.name not in available():
             raise ValueError(_unknown("aggregator.name", self.aggregator.name, available()))
+        if round_spec(self.aggregator.name).merge and self.model.quantization != "none":
+            raise ValueError(
+                f"aggregator.name: {self.aggregator.name!r} merges each round's aggregate into the "
+                f"base weights, which needs model.quantization: none "
+                f"(got {self.model.quantization!r})"
+            )
+        _check_client_dp(self)
+        _check_constrained(self)
         return self
 
     @property
@@ -247,10 +382,59 @@ class RunConfig(_Strict):
     def fingerprint(self) -> str:
         """A short hash of what must match between server and clients (model, LoRA, data)."""
         parts = self.model_dump(include={"model", "lora", "data", "seed"}, mode="json")
+        if self.privacy.mode != "none":  # clients must train with the server's DP settings
+            parts["privacy"] = self.privacy.model_dump(exclude={"epsilon_budget"}, mode="json")
         return hashlib.sha256(yaml.safe_dump(parts, sort_keys=True).encode()).hexdigest()[:12]
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _check_client_dp(cfg: RunConfig) -> None:
+    """Client-level DP needs uniform weights, adapter-state rounds and δ below 1/clients."""
+    if cfg.privacy.mode != "client":
+        return
+    from fedllm.aggregators import round_spec
+
+    if cfg.aggregator.weighting != "uniform":
+        raise ValueError(
+            "privacy.mode='client' needs aggregator.weighting='uniform': example-count weights "
+            "reveal each client's data size and break the S/m sensitivity bound"
+        )
+    spec = round_spec(cfg.aggregator.name)
+    if spec.merge or spec.local_B:
+        raise ValueError(
+            f"privacy.mode='client' cannot wrap aggregator.name={cfg.aggregator.name!r}: "
+            "it needs clients that send their whole adapter (not a merged or A-only update)"
+        )
+    n = cfg.data.num_clients
+    if cfg.privacy.delta >= 1 / n:
+        raise ValueError(
+            f"privacy.delta={cfg.privacy.delta:g} must be below 1/data.num_clients = 1/{n} "
+            "for client-level DP (a client is the unit of privacy)"
+        )
+
+
+def _check_constrained(cfg: RunConfig) -> None:
+    """Pruned bases and compressed messages need clients that start from the global adapter."""
+    from fedllm.aggregators import round_spec
+
+    spec = round_spec(cfg.aggregator.name)
+    if not (spec.merge or spec.local_B):
+        return
+    used = [t.name for t in cfg.lora.tiers or [] if t.pruning > 0]
+    what = f"pruning (tiers {used})" if used else None
+    if cfg.adaptive is not None:
+        what = "adaptive (rank, pruning)"
+    if cfg.compression.dtype != "float32" or cfg.compression.topk is not None:
+        what = "compression.dtype/topk"
+    if what:
+        raise ValueError(
+            f"{what} needs clients that start from the global factors; aggregator "
+            f"{cfg.aggregator.name!r} merges a delta into the base or keeps B locally, so use an "
+            "adapter-state aggregator (svd, squeeze, fedit, hetlora, lorafair, ffa, ...) "
+            "or drop the pruning/compression"
+        )
 
 
 def _unknown(key: str, value: str, valid: list[str]) -> str:

@@ -18,7 +18,9 @@ from flwr.serverapp import Grid, ServerApp
 from fedllm.adapters import save_peft_adapter
 from fedllm.checkpoint import load_checkpoint, save_checkpoint
 from fedllm.config import RunConfig
+from fedllm.deploy import factors_digest
 from fedllm.metrics import MetricsLog, final_table, plot_held_out, table_markdown
+from fedllm.privacy.server import ServerPrivacy
 from fedllm.shards import adapter_shapes, base_model_dir
 from fedllm.strategy import LoraStrategy
 
@@ -106,6 +108,7 @@ def run_server(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(run_dir)
     strategy = LoraStrategy(cfg, shapes=adapter_shapes(cfg))
+    privacy = ServerPrivacy(cfg, client_dp=strategy.client_dp)  # ε ledger and budget
     timeout = cfg.federation.round_timeout
     start = 1
     state = load_checkpoint(run_dir) if resume else None
@@ -117,6 +120,7 @@ def run_server(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
                 "use a new name= or drop --resume"
             )
         strategy.load_state_dict(state["strategy"])
+        privacy.load_state_dict(state.get("privacy"))
         start = state["round"] + 1
         metrics.truncate_after(state["round"])
         say(f"resuming {cfg.name} after round {state['round']} of {cfg.federation.rounds}")
@@ -140,17 +144,25 @@ def run_server(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
             f"round 0 (base model): held-out loss {row.get('held_out_loss', float('nan')):.4f} "
             f"[{time.perf_counter() - t0:.0f}s]"
         )
-        save_checkpoint(run_dir, _state(strategy, cfg, 0))
+        save_checkpoint(run_dir, _state(strategy, cfg, 0, privacy))
 
     for rnd in range(start, cfg.federation.rounds + 1):
+        if (stop := privacy.budget_stop(strategy, rnd, grid)) is not None:
+            say(stop)
+            metrics.write([{"kind": "stop", "round": rnd - 1, "reason": stop}])
+            break
         t0 = time.perf_counter()
         messages = list(
             strategy.configure_train(rnd, strategy.global_record(), ConfigRecord(), grid)
         )
-        say(f"round {rnd}/{cfg.federation.rounds}: training {len(messages)} clients")
+        say(
+            f"round {rnd}/{cfg.federation.rounds}: training {len(messages)} clients "
+            f"from global {factors_digest(strategy.global_)}"
+        )
         label = f"round {rnd}/{cfg.federation.rounds} train"
         replies = exchange(grid, messages, timeout=timeout, label=label, describe=describe_train)
         _, summary = strategy.aggregate_train(rnd, replies)
+        privacy.record_round(replies, sampled=len(messages))
         train_rows = [{"kind": "client", **r} for r in strategy.round_rows]
         ok = [r for r in train_rows if r["status"] == "ok"]
         if replies and all(m.has_error() for m in replies):
@@ -177,22 +189,28 @@ def run_server(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
             "seconds": time.perf_counter() - t0,
             "train_seconds": agg_seconds,
         }
+        privacy.annotate(train_rows, server_row)
         metrics.write(
             train_rows + [{"kind": "eval", **r} for r in strategy.round_rows] + [server_row]
         )
-        save_checkpoint(run_dir, _state(strategy, cfg, rnd))
+        save_checkpoint(run_dir, _state(strategy, cfg, rnd, privacy))
         losses = " ".join(f"c{r['partition']}:{r['train_loss']:.3f}" for r in ok)
         say(
             f"round {rnd}/{cfg.federation.rounds}: {len(ok)}/{len(messages)} clients ok, "
             f"train loss {losses}; held-out {server_row.get('held_out_loss', float('nan')):.4f} "
-            f"[{server_row['seconds']:.0f}s]"
+            f"[{server_row['seconds']:.0f}s]{privacy.progress()}"
         )
 
     return finish(cfg, strategy, metrics)
 
 
-def _state(strategy: LoraStrategy, cfg: RunConfig, rnd: int) -> dict:
-    return {"round": rnd, "fingerprint": cfg.fingerprint(), "strategy": strategy.state_dict()}
+def _state(strategy: LoraStrategy, cfg: RunConfig, rnd: int, privacy: ServerPrivacy) -> dict:
+    return {
+        "round": rnd,
+        "fingerprint": cfg.fingerprint(),
+        "strategy": strategy.state_dict(),
+        "privacy": privacy.state_dict(),
+    }
 
 
 def save_client_adapters(cfg: RunConfig, strategy: LoraStrategy) -> None:
@@ -226,7 +244,8 @@ def finish(cfg: RunConfig, strategy: LoraStrategy, metrics: MetricsLog) -> Path:
     save_client_adapters(cfg, strategy)
     rows = metrics.read()
     plot_held_out(rows, run_dir / "held_out_loss.png", title=f"{cfg.name}: held-out loss")
-    table = final_table(rows, cfg.federation.rounds)
+    last = max((r["round"] for r in rows if r.get("kind") == "server"), default=0)
+    table = final_table(rows, last)  # a privacy budget may have stopped the run early
     (run_dir / "final_eval.json").write_text(json.dumps(table, indent=2))
     md = table_markdown(table)
     (run_dir / "final_eval.md").write_text(f"# {cfg.name}: base vs federated adapter\n\n{md}\n")

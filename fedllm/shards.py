@@ -11,6 +11,7 @@ from pathlib import Path
 
 from fedllm.config import RunConfig
 from fedllm.data import load_examples, partition, split_held_out, tokenize_all
+from fedllm.data.canary import Canary, canary_examples, make_canaries
 from fedllm.model import (
     BASE_MODELS,
     ModelCache,
@@ -31,6 +32,18 @@ class Shard:
     train: list[dict]
     held_out: list[dict]
     labels: tuple[str, ...]
+    canaries: tuple[Canary, ...] = ()
+
+
+@dataclass(frozen=True)
+class RawShard:
+    """One client's untokenized examples; inserted canary copies come last in `train`."""
+
+    partition_id: int
+    train: list[dict]
+    held_out: list[dict]
+    labels: tuple[str, ...]
+    canaries: tuple[Canary, ...] = ()
 
 
 def source_options(cfg: RunConfig) -> dict:
@@ -72,8 +85,8 @@ def partition_indices(cfg: RunConfig, examples: list[dict]) -> list[list[int]]:
     )
 
 
-def load_shard(cfg: RunConfig, partition_id: int, tokenizer) -> Shard:
-    """Client `partition_id`'s shard, tokenized with the base model's tokenizer."""
+def raw_shard(cfg: RunConfig, partition_id: int) -> RawShard:
+    """Client `partition_id`'s examples (train = members, held_out = non-members) + canaries."""
     examples = load_all_examples(cfg)
     parts = partition_indices(cfg, examples)
     if not 0 <= partition_id < len(parts):
@@ -86,12 +99,37 @@ def load_shard(cfg: RunConfig, partition_id: int, tokenizer) -> Shard:
             f"client {partition_id} has no training examples (data.source={cfg.data.source!r}, "
             f"{len(parts[partition_id])} examples in its partition)"
         )
+    canaries: list[Canary] = []
+    if cfg.data.canaries is not None:
+        c = cfg.data.canaries
+        canaries = make_canaries(
+            client=partition_id,
+            clients=c.clients,
+            prefix=c.prefix,
+            digits=c.digits,
+            repeats=c.repeats,
+            per_repeat=c.per_repeat,
+            seed=cfg.seed,
+        )
+    return RawShard(
+        partition_id=partition_id,
+        train=[examples[i] for i in train_idx] + canary_examples(canaries),
+        held_out=[examples[i] for i in held_idx],
+        labels=tuple(sorted({examples[i]["label"] for i in parts[partition_id]})),
+        canaries=tuple(canaries),
+    )
+
+
+def load_shard(cfg: RunConfig, partition_id: int, tokenizer) -> Shard:
+    """Client `partition_id`'s shard, tokenized with the base model's tokenizer."""
+    raw = raw_shard(cfg, partition_id)
     fmt = {"prompt_format": cfg.data.prompt_format, "max_length": cfg.data.max_length}
     return Shard(
         partition_id=partition_id,
-        train=tokenize_all([examples[i] for i in train_idx], tokenizer, **fmt),
-        held_out=tokenize_all([examples[i] for i in held_idx], tokenizer, **fmt),
-        labels=tuple(sorted({examples[i]["label"] for i in parts[partition_id]})),
+        train=tokenize_all(raw.train, tokenizer, **fmt),
+        held_out=tokenize_all(raw.held_out, tokenizer, **fmt),
+        labels=raw.labels,
+        canaries=raw.canaries,
     )
 
 

@@ -17,10 +17,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedllm.adapters import from_record, to_record
-from fedllm.aggregators import Factors, get
+from fedllm import rounds
+from fedllm.aggregators import Factors, get, round_spec
 from fedllm.aggregators.screen import screen
 from fedllm.config import RunConfig
+from fedllm.constrained_server import ConstrainedClients
+from fedllm.privacy.server import make_client_dp
 
 log = logging.getLogger("fedllm.server")
 
@@ -45,7 +47,13 @@ class LoraStrategy(Strategy):
         self.cfg = cfg
         self.shapes = dict(shapes)
         self.aggregate_fn = get(cfg.aggregator.name)
-        max_rank = max(cfg.client_rank(i) for i in range(cfg.data.num_clients))
+        self.spec = round_spec(cfg.aggregator.name)  # what travels each round (fedllm.rounds)
+        # privacy.mode=client: clip + average + noise, then the aggregator post-processes
+        self.client_dp = make_client_dp(cfg, self.aggregate_fn, freeze_a=self.spec.freeze_A)
+        # pruned / quantized / compressed clients and the (rank, pruning) bandit
+        self.constrained = ConstrainedClients(cfg)
+        ranks = [cfg.client_rank(i) for i in range(cfg.data.num_clients)]
+        max_rank = max([*ranks, self.constrained.max_rank()])
         self.max_rank = max_rank
         self.global_: dict[str, Factors] = initial_factors(
             shapes, rank=max_rank, scaling=cfg.client_scaling(max_rank), seed=cfg.seed
@@ -54,6 +62,8 @@ class LoraStrategy(Strategy):
         self.node_ranks: dict[int, int] = {}
         self.node_partitions: dict[int, int] = {}
         self.round_rows: list[dict] = []
+        # partition -> (round, factors) of its latest accepted update: the server's view of it
+        self.client_updates: dict[int, tuple[int, dict[str, Factors]]] = {}
 
     # -- state for checkpoints -------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -62,6 +72,7 @@ class LoraStrategy(Strategy):
             "agg_state": self.agg_state,
             "node_ranks": dict(self.node_ranks),
             "node_partitions": dict(self.node_partitions),
+            "constrained": self.constrained.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -69,13 +80,15 @@ class LoraStrategy(Strategy):
         self.agg_state = state["agg_state"]
         self.node_ranks = dict(state["node_ranks"])
         self.node_partitions = dict(state["node_partitions"])
+        if "constrained" in state:
+            self.constrained.load_state_dict(state["constrained"])
 
     @property
     def global_scaling(self) -> float:
         return next(iter(self.global_.values())).scaling
 
     def global_record(self) -> ArrayRecord:
-        return to_record(self.global_)
+        return rounds.outgoing(self.global_, self.spec)
 
     def _config(self, server_round: int) -> ConfigRecord:
         return ConfigRecord(
@@ -83,6 +96,7 @@ class LoraStrategy(Strategy):
                 "server-round": server_round,
                 "global-scaling": self.global_scaling,
                 "recipe-hash": self.cfg.fingerprint(),
+                **rounds.spec_config(self.spec),
             }
         )
 
@@ -96,16 +110,23 @@ class LoraStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Each sampled node gets the global factors cut to its rank (full rank until known)."""
+        """Each sampled node gets the global factors cut to its rank (full rank until known).
+
+        A merged delta (flora) always travels whole; under fedsa only A travels.
+        """
         messages = []
         for node in self._sample(server_round, grid):
             rank = self.node_ranks.get(node)
-            if rank is None:
+            extra: dict = {}
+            if self.constrained.active:  # cut to kept ids and rank, wire dtype, bandit's arm
+                record, extra = self.constrained.download(node, self.global_, rank=rank)
+            elif rank is None or self.spec.merge:
                 record = arrays
             else:
                 cut = {m: f.truncate(rank, f.scaling) for m, f in self.global_.items()}
-                record = to_record(cut)
-            content = RecordDict({"global": record, "config": self._config(server_round)})
+                record = rounds.outgoing(cut, self.spec)
+            config = ConfigRecord({**self._config(server_round), **extra})
+            content = RecordDict({"global": record, "config": config})
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
         return messages
 
@@ -135,7 +156,15 @@ class LoraStrategy(Strategy):
                 if rank <= 0:
                     raise ValueError(f"claims rank {rank}")
                 scaling = self.cfg.client_scaling(rank)  # α/r from the recipe, not trusted
-                update = from_record(msg.content["update"], scaling)
+                if self.constrained.active:  # full shape from a pruned / compressed reply
+                    pruning = float(m.get("pruning", 0.0))
+                    update = self.constrained.receive(
+                        node, msg.content, rank=rank, pruning=pruning, shapes=self.shapes
+                    )
+                else:
+                    update = rounds.read_update(
+                        msg.content["update"], scaling, self.spec, self.shapes
+                    )
                 if any(f.rank != rank for f in update.values()):
                     raise ValueError(f"claims rank {rank} but sent factors of other ranks")
                 updates[str(node)] = update
@@ -172,6 +201,7 @@ class LoraStrategy(Strategy):
             )
         for node in accepted:
             m = metrics[node]
+            self.constrained.observe(int(node), m)  # the bandit learns from this round
             rows.append(
                 {
                     "round": server_round,
@@ -187,6 +217,7 @@ class LoraStrategy(Strategy):
                     "train_seconds": float(m["train-seconds"]),
                     "bytes_sent": int(m["bytes-sent"]),
                     "bytes_received": int(m["bytes-received"]),
+                    "pruning": float(m.get("pruning", 0.0)),
                 }
             )
         self.round_rows = rows
@@ -201,10 +232,17 @@ class LoraStrategy(Strategy):
             weights = [float(metrics[n]["num-examples"]) for n in accepted]
         new_global: dict[str, Factors] = {}
         new_state: dict[str, dict[str, torch.Tensor]] = {}
+        inputs, input_weights = [updates[n] for n in accepted], weights
+        if self.constrained.active and self.client_dp is None:
+            # pruned clients: per-coordinate weights by who covers it (fedllm.prune_map)
+            full = self.constrained.aggregation_inputs(accepted, weights, self.shapes)
+            inputs = [full[n] for n in accepted]
+        if self.client_dp is not None:  # DP-FedAvg release (fedllm.privacy.client_dp)
+            inputs, input_weights = [self.client_dp.release(self.global_, inputs)], [1.0]
         for module in sorted(self.shapes):
             result = self.aggregate_fn(
-                [updates[n][module] for n in accepted],
-                weights,
+                [u[module] for u in inputs],
+                input_weights,
                 global_rank=self.cfg.aggregator.global_rank,
                 state=self.agg_state.get(module),
                 seed=self.cfg.seed + server_round,
@@ -213,6 +251,8 @@ class LoraStrategy(Strategy):
             new_global[module] = result.global_
             new_state[module] = result.state
         self.global_, self.agg_state = new_global, new_state
+        for n in accepted:
+            self.client_updates[int(metrics[n]["partition-id"])] = (server_round, updates[n])
         total = sum(weights)
         summary = MetricRecord(
             {

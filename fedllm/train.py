@@ -76,6 +76,28 @@ def make_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def make_optimizer(
+    params: list[torch.nn.Parameter], *, optimizer: str, lr: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    """AdamW (default) or SGD over `params`."""
+    if optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token NLL per position (batch × length-1), 0 where the label is ignored (-100)."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=-100,
+        reduction="none",
+    )
+    return nll.view(shift_labels.shape)
+
+
 def train_local(
     model: torch.nn.Module,
     examples: Sequence[dict],
@@ -98,11 +120,7 @@ def train_local(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters (is the LoRA adapter attached?)")
-    opt: torch.optim.Optimizer
-    if optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
-    else:
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    opt = make_optimizer(params, optimizer=optimizer, lr=lr, weight_decay=weight_decay)
     sched = make_scheduler(opt, schedule=schedule, warmup_steps=warmup_steps, total_steps=steps)
     loader = _loader(examples, batch_size=batch_size, pad_id=pad_id, seed=seed, shuffle=True)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -148,14 +166,7 @@ def evaluate_nll(
     loader = _loader(examples, batch_size=batch_size, pad_id=pad_id, seed=0, shuffle=False)
     for batch in loader:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        shift_logits = logits[:, :-1].float()
-        shift_labels = batch["labels"][:, 1:]
-        nll = torch.nn.functional.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.shape[-1]),
-            shift_labels.reshape(-1),
-            ignore_index=-100,
-            reduction="sum",
-        )
-        total += float(nll)
-        tokens += int((shift_labels != -100).sum())
+        nll = token_nll(logits, batch["labels"])
+        total += float(nll.sum())
+        tokens += int((batch["labels"][:, 1:] != -100).sum())
     return total, tokens

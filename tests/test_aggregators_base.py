@@ -138,3 +138,16 @@ def test_register_and_duplicate(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_reject_options_names_them() -> None:
     with pytest.raises(TypeError, match=r"\['metod'\]"):
         get("fedit")([Factors(torch.zeros(3, 2), torch.zeros(2, 4), 1.0)], [1.0], metod="exact")
+
+
+def test_every_method_declares_its_round_semantics(monkeypatch: pytest.MonkeyPatch) -> None:
+    specs = {name: base.round_spec(name) for name in available()}
+    assert specs["flora"].merge and specs["ffa"].freeze_A and specs["fedsa"].local_B
+    plain = [n for n, s in specs.items() if s == base.ADAPTER_STATE]
+    assert {"fedit", "svd", "squeeze", "flexlora", "lorafair", "hetlora", "rblora"} <= set(plain)
+    with pytest.raises(KeyError, match="Did you mean 'flora'"):
+        base.round_spec("florra")
+    monkeypatch.setattr(base, "_REGISTRY", {})
+    monkeypatch.setattr(base, "_ROUNDS", {})
+    register("mine", rounds=base.RoundSpec(merge=True))(lambda updates, weights, **kw: None)
+    assert base.round_spec("mine").merge

@@ -68,3 +68,35 @@ def test_global_rank_truncates_before_correcting() -> None:
 def test_negative_lambda_rejected() -> None:
     with pytest.raises(ValueError, match="lam"):
         get("lorafair")([ONE, TWO], [1.0, 1.0], lam=-1.0)
+
+
+def cosine(x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((x * y).sum() / (torch.linalg.matrix_norm(x) * torch.linalg.matrix_norm(y)))
+
+
+def test_iterative_similarity_solver_reaches_the_target_direction() -> None:
+    # ΔW* = [4.5, 0.75]ᵀ, FedIT B̄Ā = [5.25, 0.375]ᵀ: cos = 23.90625/(4.56207·5.26338) = 0.99560.
+    target = t([[4.5], [0.75]])
+    fedit = get("fedit")([ONE, TWO], [1.0, 3.0]).global_
+    assert cosine(target, fedit.delta()) == pytest.approx(0.99560, abs=1e-5)
+    g = get("lorafair")([ONE, TWO], [1.0, 3.0], lam=0.0, solver="iterative", steps=300).global_
+    assert torch.equal(g.A, fedit.A)
+    assert cosine(target, g.delta()) > 0.99999
+    # With λ = 0 only the direction matters: B̄+ΔB ∝ [3, 0.5], i.e. B[0] = 6·B[1].
+    assert float(g.B[0, 0] / g.B[1, 0]) == pytest.approx(6.0, rel=1e-2)
+
+
+def test_iterative_penalty_holds_the_correction_back() -> None:
+    updates, weights = make(4), [0.2, 0.3, 0.5]
+    target = sum(w * u.delta() for w, u in zip(weights, updates, strict=True))
+    fedit = get("fedit")(updates, weights).global_
+    free = get("lorafair")(updates, weights, lam=0.0, solver="iterative").global_
+    held = get("lorafair")(updates, weights, lam=10.0, solver="iterative").global_
+    assert cosine(target, free.delta()) > cosine(target, fedit.delta()) + 0.05
+    moved = [torch.linalg.matrix_norm(g.B - fedit.B) for g in (free, held)]
+    assert moved[1] < 0.1 * moved[0]
+
+
+def test_unknown_solver_is_named() -> None:
+    with pytest.raises(ValueError, match="solver"):
+        get("lorafair")([ONE, TWO], [1.0, 1.0], solver="sgd")

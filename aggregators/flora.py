@@ -1,0 +1,81 @@
+"""FLoRA (Wang et al., NeurIPS 2024): exact aggregation by stacking; merge and re-initialise.
+
+Round semantics (RoundSpec.merge): each round every client trains a FRESH LoRA on top of the base
+plus the merged delta so far, and sends it. The server stacks the round's updates,
+U = [p₁s₁B₁ | …], V = [A₁; …], so UV = ΔW* exactly (each client's own sᵢ = α/rᵢ folded into U,
+never one α/max r for all: the trap of FLoRA's repo issue #16), and adds them to the merged delta
+carried in `state`. The global factors are that accumulated delta (scaling 1), which clients add to
+their base weights before training and the final PEFT adapter carries as an ordinary LoRA.
+
+The accumulated stack is kept as SVD-ordered factors from the exact factored SVD (QR of the thin
+factors, never d×k), dropping numerically-zero directions: lossless, so its rank, and with it the
+download, stays ≤ min(d, k) instead of growing by Σrᵢ every round. `global_rank` caps it (lossy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .base import Aggregate, Factors, RoundSpec, normalized_weights, register, reject_options
+from .linalg import split_triplets, svd_factors
+
+STATE_KEYS = ("merged_B", "merged_A")
+
+
+@register("flora", rounds=RoundSpec(merge=True))
+def flora(
+    updates: Sequence[Factors],
+    weights: Sequence[float],
+    *,
+    global_rank: int | None = None,
+    state: Mapping[str, torch.Tensor] | None = None,
+    seed: int = 0,
+    **options: Any,
+) -> Aggregate:
+    """Merged delta so far + Σpᵢsᵢ·BᵢAᵢ as SVD-ordered factors (scaling 1), also kept in `state`.
+
+    Exact unless `global_rank` is below the numerical rank of the accumulated delta.
+    """
+    reject_options("flora", options)
+    p = normalized_weights(updates, weights)
+    Bs = [u.B for u in updates]
+    As = [u.A for u in updates]
+    ws = [pi * u.scaling for pi, u in zip(p, updates, strict=True)]
+    merged = _merged(state, updates[0].shape)
+    if merged is not None:
+        Bs, As, ws = [*Bs, merged[0]], [*As, merged[1]], [*ws, 1.0]
+    d, k = updates[0].shape
+    cap = min(d, k) if global_rank is None else global_rank
+    L, S, R = svd_factors(Bs, As, ws, cap, method="exact", seed=seed)
+    rank = max(1, numerical_rank(S, d, k))
+    B, A = split_triplets(L[:, :rank], S[:rank], R[:, :rank], rank)
+    dtype = updates[0].B.dtype
+    kept = torch.promote_types(dtype, torch.float32)
+    new_state = {"merged_B": B.to(kept), "merged_A": A.to(kept)}
+    return Aggregate(Factors(B.to(dtype), A.to(dtype), 1.0), new_state)
+
+
+def numerical_rank(S: torch.Tensor, d: int, k: int) -> int:
+    """How many singular values exceed max(d, k)·ε(float32)·S₀ (the factors arrive in float32)."""
+    if S.numel() == 0 or S[0] <= 0:
+        return 0
+    tol = S[0] * max(d, k) * torch.finfo(torch.float32).eps
+    return int((S > tol).sum())
+
+
+def _merged(
+    state: Mapping[str, torch.Tensor] | None, shape: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The merged delta (B d×m, A m×k, scaling 1) carried in `state`, checked; None if none."""
+    if not state:
+        return None
+    if set(state) != set(STATE_KEYS):
+        raise ValueError(f"flora state needs exactly keys {STATE_KEYS}, got {sorted(state)}")
+    B, A = state["merged_B"], state["merged_A"]
+    Factors(B, A, 1.0)  # validates 2-D, matching rank and dtype
+    if (B.shape[0], A.shape[1]) != shape:
+        raise ValueError(f"merged delta is {B.shape[0]}×{A.shape[1]} but the module is {shape}")
+    return B, A

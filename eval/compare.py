@@ -1,0 +1,138 @@
+"""`fedllm compare RUN ...`: one Markdown table and side-by-side plots (quality vs leakage).
+
+Reads each run's eval/report.json (run `fedllm eval RUN` first); nothing is re-evaluated.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from fedllm.eval.report import fmt
+
+
+def load_report(run: Path) -> dict:
+    path = run / "eval" / "report.json" if run.is_dir() else run
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run `fedllm eval {run}` first")
+    return json.loads(path.read_text())
+
+
+def summarize(report: dict, *, privacy: str = "?") -> dict:
+    """The headline numbers of one report (None where the report has no such measurement)."""
+    q = report["quality"]
+    g = q.get("global", {}).get("global", {})
+    base = q.get("base", {}).get("global", {})
+    leak = report["leakage"]
+    row: dict = {
+        "run": report["run"],
+        "privacy": privacy,
+        "base_loss": base.get("held_out", {}).get("loss"),
+        "loss": g.get("held_out", {}).get("loss"),
+        "perplexity": g.get("held_out", {}).get("perplexity"),
+        "define_rouge_l": g.get("define", {}).get("rouge_l"),
+        "choose_acc": g.get("choose", {}).get("accuracy"),
+        "domain_acc": g.get("domain", {}).get("accuracy"),
+    }
+    for view in ("global", "client"):
+        pooled = leak["mia"].get(view, {}).get("pooled", {})
+        row[f"mia_auc_{view}"] = max((s["auc"] for s in pooled.values()), default=None)
+        row[f"mia_loss_auc_{view}"] = pooled.get("loss", {}).get("auc")
+        by_k: dict[int, list[float]] = defaultdict(list)
+        for r in leak["exposure"]:
+            if r["view"] == view:
+                by_k[r["repeats"]].append(r["exposure_skewnormal"])
+        row[f"exposure_{view}"] = {k: float(np.mean(v)) for k, v in sorted(by_k.items())}
+        ext = [e["members"]["exact"] for e in leak["extraction"].get(view, {}).values()]
+        row[f"extraction_{view}"] = float(np.mean(ext)) if ext else None
+    return row
+
+
+def run_privacy(run: Path) -> str:
+    """The recipe's privacy mode (read as plain YAML: older recipes have no such section)."""
+    recipe = run / "recipe.yaml"
+    if not recipe.is_file():
+        return "?"
+    privacy = (yaml.safe_load(recipe.read_text()) or {}).get("privacy") or {}
+    return str(privacy.get("mode", "none"))
+
+
+def table_md(rows: list[dict]) -> str:
+    ks = sorted({k for r in rows for k in r["exposure_global"]})
+    head = [
+        "run",
+        "privacy",
+        "held-out loss (base → global)",
+        "define ROUGE-L",
+        "choose acc",
+        "MIA AUC global",
+        "MIA AUC client",
+        *[f"exposure k={k} (global/client)" for k in ks],
+        "extraction (global)",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [
+            r["run"],
+            r["privacy"],
+            f"{fmt(r['base_loss'])} → {fmt(r['loss'])}",
+            fmt(r["define_rouge_l"]),
+            fmt(r["choose_acc"], 2),
+            fmt(r["mia_auc_global"]),
+            fmt(r["mia_auc_client"]),
+            *[
+                f"{fmt(r['exposure_global'].get(k), 1)} / {fmt(r['exposure_client'].get(k), 1)}"
+                for k in ks
+            ],
+            fmt(r["extraction_global"]),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_compare(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4), dpi=120)
+    for r in rows:
+        if r["mia_auc_global"] is not None and r["loss"] is not None:
+            ax1.scatter(r["mia_auc_global"], r["loss"], s=40)
+            ax1.annotate(r["run"], (r["mia_auc_global"], r["loss"]), fontsize=8)
+        ks = sorted(r["exposure_global"])
+        if ks:
+            ax2.plot(ks, [r["exposure_global"][k] for k in ks], marker="o", label=r["run"])
+    ax1.axvline(0.5, ls=":", color="grey")
+    ax1.set_xlabel("best MIA ROC AUC, global adapter (leakage →)")
+    ax1.set_ylabel("held-out loss, global adapter (← better)")
+    ax1.set_title("quality vs membership leakage")
+    ax1.grid(alpha=0.3)
+    ax2.set_xscale("log", base=2)
+    ax2.set_xlabel("canary repeats k")
+    ax2.set_ylabel("exposure, global adapter (bits)")
+    ax2.set_title("canary exposure")
+    ax2.grid(alpha=0.3)
+    if ax2.get_legend_handles_labels()[0]:
+        ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def compare_runs(runs: list[Path], *, out_dir: Path) -> Path:
+    """Write compare.md, compare.json and compare.png for `runs` into `out_dir`."""
+    if not runs:
+        raise ValueError("compare needs at least one run directory")
+    rows = [summarize(load_report(r), privacy=run_privacy(r)) for r in runs]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "compare.json").write_text(json.dumps(rows, indent=2, default=float))
+    plot_compare(rows, out_dir / "compare.png")
+    text = "# Runs compared\n\n" + table_md(rows) + "\n\n![quality vs leakage](compare.png)\n"
+    (out_dir / "compare.md").write_text(text)
+    return out_dir

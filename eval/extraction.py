@@ -1,0 +1,70 @@
+"""Verbatim extraction: greedy-decode a suffix from a prefix of an example and compare.
+
+The prefix is the prompt plus the first `prefix_tokens` response tokens; the target is the next
+(up to) `suffix_tokens` response tokens. Reported: the rate of exact suffix matches and the mean
+token-level ROUGE-L, for training examples (members) and, as the baseline of what the task alone
+explains, for held-out examples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fedllm.eval.generate import greedy_generate
+from fedllm.eval.text import rouge_l_tokens
+
+
+def split_prefix_suffix(
+    item: dict, *, prefix_tokens: int, suffix_tokens: int, end_ids: Sequence[int] = ()
+) -> tuple[list[int], list[int]] | None:
+    """(prefix ids, true suffix ids up to an end token), or None when there is no suffix."""
+    labels = item["labels"]
+    first = next((i for i, t in enumerate(labels) if t != -100), None)
+    if first is None:
+        return None
+    cut = first + prefix_tokens
+    suffix = []
+    for t in item["input_ids"][cut : cut + suffix_tokens]:
+        if t in end_ids:
+            break
+        suffix.append(t)
+    if not suffix:
+        return None
+    return list(item["input_ids"][:cut]), suffix
+
+
+def extraction_rates(
+    model: torch.nn.Module,
+    items: Sequence[dict],
+    *,
+    prefix_tokens: int,
+    suffix_tokens: int,
+    pad_id: int,
+    end_ids: Sequence[int],
+    batch_size: int,
+) -> dict:
+    """Exact-suffix rate and mean ROUGE-L of greedy continuations over `items`."""
+    cut = {"prefix_tokens": prefix_tokens, "suffix_tokens": suffix_tokens, "end_ids": end_ids}
+    pairs = [p for p in (split_prefix_suffix(x, **cut) for x in items) if p is not None]
+    if not pairs:
+        return {"examples": 0, "exact": float("nan"), "rouge_l": float("nan")}
+    generated = greedy_generate(
+        model,
+        [prefix for prefix, _ in pairs],
+        max_new_tokens=max(len(s) for _, s in pairs),
+        pad_id=pad_id,
+        eos_ids=end_ids,
+        batch_size=batch_size,
+    )
+    exact, rouge = [], []
+    for (_, suffix), out in zip(pairs, generated, strict=True):
+        out = out[: len(suffix)]
+        exact.append(float(out == suffix))
+        rouge.append(rouge_l_tokens(out, suffix))
+    return {
+        "examples": len(pairs),
+        "exact": sum(exact) / len(exact),
+        "rouge_l": sum(rouge) / len(rouge),
+    }

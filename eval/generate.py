@@ -1,0 +1,73 @@
+"""Batched greedy decoding with left padding (transformers' `generate`, no sampling).
+
+Prompts are sorted by length so a batch pads little; outputs come back in the input order, cut at
+the first end-of-sequence token. Batched and one-at-a-time decoding give the same tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import GenerationConfig
+
+
+def end_token_ids(tokenizer) -> list[int]:
+    """Tokens that end a response: eos, and the chat template's end-of-turn when there is one."""
+    ids = {tokenizer.eos_token_id}
+    end_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(end_turn, int) and end_turn != tokenizer.unk_token_id:
+        ids.add(end_turn)
+    return sorted(i for i in ids if i is not None)
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    pad_id: int,
+    eos_ids: Sequence[int],
+    batch_size: int,
+) -> list[list[int]]:
+    """The greedy continuation (new tokens only, up to the first end token) of each prompt."""
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(
+            f"batch_size and max_new_tokens must be >= 1 ({batch_size}, {max_new_tokens})"
+        )
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    config = GenerationConfig(
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad_id,
+        eos_token_id=list(eos_ids),
+    )
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[list[int]] = [[] for _ in prompts]
+    ends = set(eos_ids)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = max(len(prompts[i]) for i in chunk)
+        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, i in enumerate(chunk):
+            n = len(prompts[i])
+            input_ids[row, width - n :] = torch.as_tensor(list(prompts[i]), dtype=torch.long)
+            mask[row, width - n :] = 1
+        generated = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
+            generation_config=config,
+        )
+        for row, i in enumerate(chunk):
+            tokens: list[int] = []
+            for t in generated[row, width:].tolist():
+                if t in ends:
+                    break
+                tokens.append(t)
+            out[i] = tokens
+    return out

@@ -1,0 +1,65 @@
+"""Membership-inference scores (as in MIMIR); for every score, LOWER means "more likely a member".
+
+- loss:      mean token NLL of the example under the attacked model
+- zlib:      total NLL (nats) / zlib-compressed byte length of the example's scored text
+- min_k:     −mean of the lowest k·100% token log-probs (Min-K% Prob, k = 0.2)
+- min_k_pp:  −mean of the lowest k·100% of zₜ = (log p(xₜ) − μₜ)/σₜ, with μₜ, σₜ the mean and
+             standard deviation of log p(v) under the model's own distribution p(·|x<ₜ) (Min-K%++)
+- reference: mean NLL under the attacked model − mean NLL under the base model (calibration)
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from fedllm.eval.roc import attack_summary
+from fedllm.eval.scoring import Scored
+
+SCORES = ("loss", "zlib", "min_k", "min_k_pp", "reference")
+
+
+def lowest_fraction_mean(values: np.ndarray, k: float) -> float:
+    """Mean of the ceil(k·n) smallest values (at least one)."""
+    if len(values) == 0:
+        return float("nan")
+    n = max(1, math.ceil(k * len(values)))
+    return float(np.sort(values)[:n].mean())
+
+
+def membership_scores(
+    target: Sequence[Scored],
+    *,
+    texts: Sequence[str],
+    base: Sequence[Scored] | None = None,
+    k: float = 0.2,
+) -> dict[str, np.ndarray]:
+    """Every score for every example (the target needs vocab_stats for min_k_pp)."""
+    if len(texts) != len(target) or (base is not None and len(base) != len(target)):
+        raise ValueError("target, texts and base must describe the same examples")
+    if not 0 < k <= 1:
+        raise ValueError(f"k must be in (0, 1], got {k}")
+    out: dict[str, list[float]] = {name: [] for name in SCORES}
+    for i, s in enumerate(target):
+        out["loss"].append(s.mean_nll)
+        out["zlib"].append(s.nll_sum / len(zlib.compress(texts[i].encode("utf-8"))))
+        out["min_k"].append(-lowest_fraction_mean(s.logprobs, k))
+        if s.mu is not None and s.sigma is not None:
+            out["min_k_pp"].append(-lowest_fraction_mean((s.logprobs - s.mu) / s.sigma, k))
+        if base is not None:
+            out["reference"].append(s.mean_nll - base[i].mean_nll)
+    return {name: np.asarray(v) for name, v in out.items() if v}
+
+
+def run_attacks(
+    members: dict[str, np.ndarray], non_members: dict[str, np.ndarray]
+) -> dict[str, dict]:
+    """attack_summary (AUC, TPR@FPR) for each score present in both groups."""
+    return {
+        name: attack_summary(members[name], non_members[name])
+        for name in SCORES
+        if name in members and name in non_members
+    }

@@ -1,0 +1,219 @@
+"""Write an evaluation report: report.json, report.md and PNG plots (quality, exposure, MIA)."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from fedllm.eval.mia import SCORES
+
+VIEW_NOTE = (
+    "Views: **base** = the frozen base model (control), **global** = the released federated "
+    "adapter, **local**/**client** = each client's own last accepted update (what an "
+    "honest-but-curious server holds), evaluated on that client's data."
+)
+
+
+def fmt(x, digits: int = 3) -> str:
+    return "—" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{digits}f}"
+
+
+def tpr_cell(entry: dict) -> str:
+    if entry["enough_non_members"]:
+        return fmt(entry["value"])
+    return f"{fmt(entry['value'])}* "
+
+
+def quality_md(quality: dict) -> list[str]:
+    lines = [
+        "## Task quality (all clients' held-out examples)",
+        "",
+        "| view | loss | perplexity | define EM | define ROUGE-L | domain acc (chance) "
+        "| choose-definition acc (chance) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for view, block in quality.items():
+        g = block.get("global", {})
+        h, d, dom, ch = (g.get(k, {}) for k in ("held_out", "define", "domain", "choose"))
+        lines.append(
+            f"| {view} | {fmt(h.get('loss'))} | {fmt(h.get('perplexity'), 2)} | "
+            f"{fmt(d.get('exact_match'))} | {fmt(d.get('rouge_l'))} | "
+            f"{fmt(dom.get('accuracy'), 2)} ({fmt(dom.get('chance'), 2)}) | "
+            f"{fmt(ch.get('accuracy'), 2)} ({fmt(ch.get('chance'), 2)}) |"
+        )
+    clients = sorted({c for b in quality.values() for c in b["clients"]}, key=int)
+    lines += [
+        "",
+        "Held-out loss per client:",
+        "",
+        "| view | " + " | ".join(f"client {c}" for c in clients) + " |",
+        "|---|" + "---|" * len(clients),
+    ]
+    for view, block in quality.items():
+        cells = [fmt(block["clients"].get(c, {}).get("held_out", {}).get("loss")) for c in clients]
+        lines.append(f"| {view} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def exposure_md(rows: list[dict]) -> list[str]:
+    if not rows:
+        return ["## Canary exposure", "", "No canaries in this recipe (data.canaries).", ""]
+    lines = [
+        "## Canary exposure",
+        "",
+        f"Rank-based exposure against n = {rows[0]['references']} sampled "
+        f"references (max {rows[0]['max_rank_exposure']:.2f} bits) and the skew-normal "
+        f"extrapolation (max {rows[0]['space_bits']:.1f} bits = log2 |R|).",
+        "",
+        "| view | client | repeats k | canary | Px (bits) | median ref Px | exposure (rank) "
+        "| exposure (skew-normal) | AUC vs refs |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['view']} | {r['client']} | {r['repeats']} | {r['index']} | "
+            f"{fmt(r['px_bits'], 1)} | {fmt(r['reference_px_median'], 1)} | "
+            f"{fmt(r['exposure'], 2)} | {fmt(r['exposure_skewnormal'], 2)} | "
+            f"{fmt(r['auc_vs_references'])} |"
+        )
+    return [*lines, ""]
+
+
+def mia_md(mia: dict) -> list[str]:
+    lines = [
+        "## Membership inference (members = a client's training examples, non-members = its "
+        "held-out examples; pooled over clients)",
+        "",
+        "| view | score | AUC | TPR@FPR<1% | TPR@FPR<0.1% | members | non-members |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    few = False
+    for view, block in mia.items():
+        for score, s in block["pooled"].items():
+            t1, t01 = s["tpr@fpr<0.01"], s["tpr@fpr<0.001"]
+            few |= not (t1["enough_non_members"] and t01["enough_non_members"])
+            lines.append(
+                f"| {view} | {score} | {fmt(s['auc'])} | {tpr_cell(t1)} | {tpr_cell(t01)} | "
+                f"{s['members']} | {s['non_members']} |"
+            )
+    if few:
+        lines += [
+            "",
+            "\\* too few non-members for this FPR to mean anything: FPR < α needs at "
+            "least 1/α non-members (100 for 1%, 1000 for 0.1%); below that the value is "
+            "the TPR at zero false positives.",
+        ]
+    return [*lines, ""]
+
+
+def extraction_md(extraction: dict) -> list[str]:
+    lines = [
+        "## Verbatim extraction (greedy suffix from prompt + first response tokens)",
+        "",
+        "| view | client | members exact | held-out exact | members ROUGE-L | held-out ROUGE-L |",
+        "|---|---|---|---|---|---|",
+    ]
+    for view, clients in extraction.items():
+        for pid, e in clients.items():
+            m, n = e["members"], e["non_members"]
+            lines.append(
+                f"| {view} | {pid} | {fmt(m['exact'])} | {fmt(n['exact'])} | "
+                f"{fmt(m['rouge_l'])} | {fmt(n['rouge_l'])} |"
+            )
+    return [*lines, ""]
+
+
+def plot_quality(quality: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    clients = sorted({c for b in quality.values() for c in b["clients"]}, key=int)
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=120)
+    width = 0.8 / max(len(quality), 1)
+    for i, (view, block) in enumerate(quality.items()):
+        ys = [block["clients"].get(c, {}).get("held_out", {}).get("loss", np.nan) for c in clients]
+        ax.bar(np.arange(len(clients)) + i * width, ys, width, label=view)
+    ax.set_xticks(np.arange(len(clients)) + width * (len(quality) - 1) / 2)
+    ax.set_xticklabels([f"client {c}" for c in clients])
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_exposure(rows: list[dict], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=120)
+    panels = (
+        ("exposure_skewnormal", "exposure (bits, skew-normal)"),
+        ("auc_vs_references", "AUC of the secret vs references"),
+    )
+    for ax, (field, label) in zip(axes, panels, strict=True):
+        by_view: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+        for r in rows:
+            by_view[r["view"]][r["repeats"]].append(r[field])
+        for view, ks in by_view.items():
+            xs = sorted(ks)
+            ax.plot(xs, [np.mean(ks[k]) for k in xs], marker="o", label=view)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("canary repeats k")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].axhline(rows[0]["max_rank_exposure"], ls=":", color="grey", label="log2 n")
+    axes[1].axhline(0.5, ls=":", color="grey")
+    axes[1].set_ylim(0, 1.02)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_mia(mia: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=120)
+    width = 0.8 / max(len(mia), 1)
+    for i, (view, block) in enumerate(mia.items()):
+        ys = [block["pooled"].get(s, {}).get("auc", np.nan) for s in SCORES]
+        ax.bar(np.arange(len(SCORES)) + i * width, ys, width, label=view)
+    ax.axhline(0.5, ls=":", color="grey")
+    ax.set_xticks(np.arange(len(SCORES)) + width * (len(mia) - 1) / 2)
+    ax.set_xticklabels(SCORES)
+    ax.set_ylabel("ROC AUC (pooled)")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(report: dict, out: Path) -> Path:
+    """report.json, report.md and the plots into `out`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
+    lines = [f"# Evaluation of run `{report['run']}`", "", VIEW_NOTE, ""]
+    lines += quality_md(report["quality"])
+    plot_quality(report["quality"], out / "quality.png")
+    lines += ["![held-out loss per client](quality.png)", ""]
+    leak = report["leakage"]
+    lines += exposure_md(leak["exposure"])
+    if leak["exposure"]:
+        plot_exposure(leak["exposure"], out / "exposure.png")
+        lines += ["![exposure vs repeats](exposure.png)", ""]
+    if leak["mia"]:
+        lines += mia_md(leak["mia"])
+        plot_mia(leak["mia"], out / "mia.png")
+        lines += ["![MIA AUC by score](mia.png)", ""]
+    if leak["extraction"]:
+        lines += extraction_md(leak["extraction"])
+    lines.append(f"Evaluated in {report['seconds']:.0f} s with settings `{report['settings']}`.")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return out

@@ -1,0 +1,82 @@
+"""The models an evaluator compares, on one base loaded once: "base", "global" (the released
+federated adapter) and "client:<p>" (client p's last accepted update, the honest-but-curious
+server's view). Adapters load with stock `PeftModel.from_pretrained` / `load_adapter`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from peft import PeftModel
+
+from fedllm.model import load_base_model
+
+BASE, GLOBAL = "base", "global"
+
+
+def client_view(partition: int) -> str:
+    return f"client:{partition}"
+
+
+def adapter_base_dir(adapter: Path) -> Path:
+    """The base model folder an adapter names in its adapter_config.json."""
+    config_path = adapter / "adapter_config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
+    base = json.loads(config_path.read_text()).get("base_model_name_or_path")
+    if not base or not Path(base).is_dir():
+        raise FileNotFoundError(
+            f"{config_path}: base_model_name_or_path {base!r} is not a local model folder"
+        )
+    return Path(base)
+
+
+def find_client_adapters(run_dir: Path) -> dict[int, Path]:
+    """client_adapters/<partition>/ folders written by the server at the end of a run."""
+    folder = run_dir / "client_adapters"
+    if not folder.is_dir():
+        return {}
+    return {
+        int(p.name): p
+        for p in sorted(folder.iterdir())
+        if p.name.isdigit() and (p / "adapter_config.json").is_file()
+    }
+
+
+class Views:
+    """A base model with named adapters; `use(view)` makes one of them active."""
+
+    def __init__(
+        self,
+        global_adapter: Path,
+        *,
+        client_adapters: dict[int, Path] | None = None,
+        dtype: str = "float32",
+        quantization: str | None = None,
+    ) -> None:
+        base_dir = adapter_base_dir(global_adapter)
+        base, self.tokenizer = load_base_model(base_dir, dtype=dtype, quantization=quantization)
+        # no-grad forwards in eval mode break 4-bit LoRA (platform notes); dropout is 0 at eval
+        self.train_mode = quantization is not None
+        self.model = PeftModel.from_pretrained(base, str(global_adapter), adapter_name=GLOBAL)
+        self.names = [BASE, GLOBAL]
+        for pid, folder in sorted((client_adapters or {}).items()):
+            self.model.load_adapter(str(folder), adapter_name=client_view(pid))
+            self.names.append(client_view(pid))
+        self.model.train(self.train_mode)
+
+    @contextmanager
+    def use(self, view: str) -> Iterator[PeftModel]:
+        """The model with `view` active ("base" disables every adapter)."""
+        if view not in self.names:
+            raise KeyError(f"unknown view {view!r}; available: {self.names}")
+        self.model.train(self.train_mode)
+        if view == BASE:
+            with self.model.disable_adapter():
+                yield self.model
+        else:
+            self.model.set_adapter(view)
+            yield self.model

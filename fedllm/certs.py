@@ -1,0 +1,133 @@
+"""Test credentials for a secured loopback federation: a CA, a SuperLink certificate, node keys.
+
+`fedllm certs DIR` writes what docs/deployment.md walks through by hand with openssl/ssh-keygen:
+- `ca.crt`/`ca.key`: a self-signed certificate authority (SuperNodes and `flwr` trust `ca.crt`);
+- `server.pem`/`server.key`: the SuperLink's TLS certificate, signed by the CA, valid for the
+  given host names / IP addresses (default 127.0.0.1 and localhost);
+- `node-<i>` / `node-<i>.pub`: one ECDSA P-384 key pair per SuperNode in OpenSSH format, which
+  is what Flower's SuperNode authentication expects (`flwr supernode register node-<i>.pub`).
+For tests and trials only: production keys belong to each organisation and never leave it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Paths of everything `make_credentials` wrote."""
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+    node_keys: tuple[Path, ...]  # private keys; the public key is the same path + ".pub"
+
+    def node_public(self, i: int) -> Path:
+        return self.node_keys[i].with_name(self.node_keys[i].name + ".pub")
+
+
+def _name(common: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedllm test"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common),
+        ]
+    )
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey, fmt: serialization.PrivateFormat):
+    data = key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption())
+    path.write_bytes(data)
+    path.chmod(0o600)
+
+
+def _alt_names(hosts: list[str]) -> list[x509.GeneralName]:
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    return names
+
+
+def make_credentials(
+    folder: str | Path, *, nodes: int = 3, hosts: list[str] | None = None, days: int = 30
+) -> Credentials:
+    """Write a test CA, a CA-signed server certificate for `hosts`, and `nodes` node key pairs."""
+    if nodes < 0:
+        raise ValueError(f"nodes must be >= 0, got {nodes}")
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    hosts = hosts or ["127.0.0.1", "localhost"]
+    now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+    until = now + dt.timedelta(days=days)
+
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name("fedllm test CA"))
+        .issuer_name(_name("fedllm test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(until)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA384())
+    )
+    (out / "ca.crt").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(out / "ca.key", ca_key, serialization.PrivateFormat.PKCS8)
+
+    server_key = ec.generate_private_key(ec.SECP384R1())
+    server_cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(hosts[0]))
+        .issuer_name(ca_cert.subject)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(until)
+        .add_extension(x509.SubjectAlternativeName(_alt_names(hosts)), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+        .sign(ca_key, hashes.SHA384())
+    )
+    (out / "server.pem").write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(out / "server.key", server_key, serialization.PrivateFormat.PKCS8)
+
+    keys = []
+    for i in range(nodes):
+        key = ec.generate_private_key(ec.SECP384R1())
+        path = out / f"node-{i}"
+        _write_key(path, key, serialization.PrivateFormat.OpenSSH)
+        pub = key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+        path.with_name(path.name + ".pub").write_bytes(pub + f" fedllm-node-{i}\n".encode())
+        keys.append(path)
+    return Credentials(out / "ca.crt", out / "server.pem", out / "server.key", tuple(keys))

@@ -1,0 +1,100 @@
+"""What a DP recipe means for each client: sampling rate, steps, noise; checked before training.
+
+Sample-level (DP-SGD): a client with n training examples samples each one with q = batch/n per
+step (Poisson) and runs the recipe's local steps every round it takes part in; with a target ε,
+its σ is the one that keeps rounds × local steps within it at its own q (a client taking part in
+fewer rounds spends less). Client-level (DP-FedAvg): q = m/N per round, σ = z.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedllm.config import ConfigError, RunConfig
+from fedllm.privacy.accounting import noise_multiplier_for
+from fedllm.train import num_local_steps
+
+
+@dataclass(frozen=True)
+class SamplePlan:
+    """One client's DP-SGD settings for every round."""
+
+    sample_rate: float
+    steps_per_round: int
+    noise_multiplier: float
+    max_grad_norm: float
+
+
+def check_shard(cfg: RunConfig, *, partition: int, n_train: int) -> None:
+    """Raise ValueError (naming the keys) if this shard cannot be trained with sample-level DP."""
+    if cfg.privacy.mode != "sample":
+        return
+    delta, batch = cfg.privacy.delta, cfg.federation.batch_size
+    if delta >= 1 / n_train:
+        raise ValueError(
+            f"privacy.delta={delta:g} must be below 1/n = 1/{n_train} for client {partition}'s "
+            f"shard of {n_train} training examples (e.g. privacy.delta={0.1 / n_train:.1e})"
+        )
+    if batch >= n_train:
+        raise ValueError(
+            f"federation.batch_size={batch} must be below client {partition}'s {n_train} "
+            "training examples for Poisson sampling (q = batch/n < 1)"
+        )
+
+
+def sample_plan(cfg: RunConfig, *, n_train: int, partition: int = 0) -> SamplePlan:
+    """The DP-SGD settings of a client holding `n_train` training examples."""
+    check_shard(cfg, partition=partition, n_train=n_train)
+    p, fed = cfg.privacy, cfg.federation
+    q = fed.batch_size / n_train
+    steps = num_local_steps(
+        n_train,
+        batch_size=fed.batch_size,
+        local_steps=fed.local_steps,
+        local_epochs=fed.local_epochs,
+    )
+    sigma = p.noise_multiplier
+    if sigma is None:
+        assert p.target_epsilon is not None
+        sigma = noise_multiplier_for(
+            target_epsilon=p.target_epsilon,
+            delta=p.delta,
+            sample_rate=q,
+            steps=steps * fed.rounds,
+            accountant=p.accountant,
+        )
+    return SamplePlan(q, steps, sigma, p.max_grad_norm)
+
+
+def planned_clients(cfg: RunConfig) -> int:
+    """m: clients sampled per round."""
+    return cfg.federation.clients_per_round or cfg.data.num_clients
+
+
+def client_noise_multiplier(cfg: RunConfig) -> float:
+    """z of client-level DP: given, or derived for q = m/N over the planned rounds."""
+    p = cfg.privacy
+    if p.client_noise_multiplier is not None:
+        return p.client_noise_multiplier
+    assert p.target_epsilon is not None
+    return noise_multiplier_for(
+        target_epsilon=p.target_epsilon,
+        delta=p.delta,
+        sample_rate=planned_clients(cfg) / cfg.data.num_clients,
+        steps=cfg.federation.rounds,
+        accountant=p.accountant,
+    )
+
+
+def check_shards(cfg: RunConfig) -> None:
+    """Every client's shard (as the recipe splits its data) against the DP settings, as a
+    ConfigError before any training; a deployed node checks its own data again at its start."""
+    if cfg.privacy.mode != "sample":
+        return
+    from fedllm.shards import raw_shard
+
+    try:
+        for pid in range(cfg.data.num_clients):
+            check_shard(cfg, partition=pid, n_train=len(raw_shard(cfg, pid).train))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None

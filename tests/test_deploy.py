@@ -1,0 +1,266 @@
+"""Deployment engine on 127.0.0.1: a TLS SuperLink with SuperNode authentication, 3 SuperNodes each
+reading its own JSONL file, the tiny recipe for 2 rounds. One scenario, checked by several tests:
+the ServerApp is killed after round 1 (that run must exit non-zero), the run is resumed, a
+SuperNode is killed during round 2, and the run still finishes. Every process is started in its
+own session and killed by its process-group id, also on failure; the scenario bounds its time."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedllm.certs import make_credentials
+from fedllm.deploy import (
+    flwr_env,
+    register_node,
+    superlink_command,
+    supernode_command,
+    wait_for_port,
+    write_connection,
+)
+
+RECIPE = str(Path(__file__).parents[1] / "recipes" / "tiny.yaml")
+LIMIT = 900.0  # seconds for the whole scenario on a loaded 2-core machine
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def descendants(pid: int) -> list[int]:
+    """All processes below `pid` (children read from /proc)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").glob("*/children"):
+            kids = [int(c) for c in task.read_text().split()]
+            out += kids
+            todo += kids
+    return out
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+class Federation:
+    """Processes of one loopback federation; `stop()` kills each started process group."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.procs, self.logs = root, [], {}
+        self.env = {**flwr_env(), "FLWR_HOME": str(root / "flwr_home")}
+        self.deadline = time.monotonic() + LIMIT
+
+    def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        log = open(self.root / f"{name}.log", "w")
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
+        self.procs.append((proc, log))
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text()
+
+    def wait_for(self, name: str, text: str) -> None:
+        while text not in self.log(name):
+            assert time.monotonic() < self.deadline, f"timed out waiting for {text!r} in {name}"
+            time.sleep(0.5)
+
+    def wait_exit(self, proc: subprocess.Popen) -> int:
+        return proc.wait(timeout=max(1.0, self.deadline - time.monotonic()))
+
+    @staticmethod
+    def kill(proc: subprocess.Popen) -> None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+    def stop(self) -> None:
+        for proc, log in reversed(self.procs):
+            self.kill(proc)
+            log.close()
+
+
+def write_data(folder: Path) -> tuple[Path, list[Path]]:
+    """Three organisations' private JSONL files and their union (for the tiny tokenizer)."""
+    folder.mkdir()
+    words = ["apple", "river", "stone", "cloud", "garden", "window", "candle", "bridge", "forest"]
+    union, files = [], []
+    for org in range(3):
+        rows = [
+            {"prompt": f"Define {w}{i} for org {org}.", "response": f"{w}{i} is a thing of {w}s."}
+            for i in range(14)
+            for w in words[3 * org : 3 * org + 3]
+        ]
+        path = folder / f"org{org}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        files.append(path)
+        union += rows
+    (folder / "all.jsonl").write_text("".join(json.dumps(r) + "\n" for r in union))
+    return folder / "all.jsonl", files
+
+
+def fedllm_run(fed: Federation, name: str, args: list[str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "fedllm.cli", "run", RECIPE, *args, "--federation", "loop"]
+    return fed.start(name, cmd)
+
+
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deploy")
+    union, files = write_data(root / "data")
+    fed = Federation(root)
+    try:
+        creds = make_credentials(root / "creds", nodes=3)
+        port = free_port()
+        fed.start(
+            "superlink",
+            superlink_command(port=port, database=root / "state.db", certs=root / "creds"),
+        )
+        link = fed.procs[0][0]
+        write_connection(
+            root / "flwr_home", "loop", address=f"127.0.0.1:{port}", root_certificates=creds.ca_cert
+        )
+        wait_for_port("127.0.0.1", port, timeout=60)
+        for i in range(3):
+            register_node(creds.node_public(i), "loop", env=fed.env)
+        nodes = [
+            fed.start(
+                f"node{i}",
+                supernode_command(
+                    superlink=f"127.0.0.1:{port}",
+                    partition_id=i,
+                    port=free_port(),
+                    data_path=str(files[i]),
+                    root_certificates=creds.ca_cert,
+                    auth_key=creds.node_keys[i],
+                ),
+            )
+            for i in range(3)
+        ]
+        args = [
+            f"output_dir={root / 'runs'}",
+            "name=dep",
+            f"data.source={union}",
+            "data.partitioner=iid",
+            "data.max_examples=null",
+            "federation.rounds=2",
+            "federation.local_steps=3",
+            "federation.round_timeout=120",
+        ]
+        # 1) kill the ServerApp once round 1 is checkpointed; that run must fail (exit != 0)
+        first = fedllm_run(fed, "run1", args)
+        fed.wait_for("run1", "round 1/2: 3/3 clients ok")
+        run_dir = root / "runs" / "dep"
+        shutil.copy(run_dir / "checkpoint.pt", root / "after_round1.pt")
+        apps = [p for p in descendants(link.pid) if "flwr-serverapp" in cmdline(p)]
+        assert apps, "no flwr-serverapp process under the SuperLink"
+        for pid in apps:
+            os.kill(pid, signal.SIGKILL)
+        run_id = (run_dir / "flwr_run_id").read_text().strip()
+        subprocess.run(
+            ["flwr", "stop", run_id, "loop"],
+            env=fed.env,
+            timeout=120,
+            capture_output=True,
+            check=False,
+        )
+        first_rc = fed.wait_exit(first)
+        rows_before = (run_dir / "metrics.jsonl").read_text().splitlines()
+        # 2) resume; kill SuperNode 2 while round 2 trains
+        second = fedllm_run(fed, "run2", [*args, "--resume"])
+        fed.wait_for("run2", "round 2/2: training")
+        time.sleep(2.0)
+        fed.kill(nodes[2])
+        second_rc = fed.wait_exit(second)
+        yield {
+            "root": root,
+            "run_dir": run_dir,
+            "first_rc": first_rc,
+            "second_rc": second_rc,
+            "rows_before": rows_before,
+            "log": fed.log("run2"),
+            "files": files,
+            "ckpt1": root / "after_round1.pt",
+        }
+    finally:
+        fed.stop()
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_killed_serverapp_run_exits_nonzero_and_resumed_run_succeeds(scenario) -> None:
+    assert scenario["first_rc"] != 0
+    assert scenario["second_rc"] == 0, scenario["log"][-3000:]
+    assert "resuming dep after round 1 of 2" in scenario["log"]
+
+
+def test_round_2_finishes_without_the_killed_node_and_says_so(scenario) -> None:
+    r = rows(scenario["run_dir"])
+    server = {x["round"]: x for x in r if x["kind"] == "server"}
+    assert set(server) == {0, 1, 2}
+    assert server[1]["clients_ok"] == 3
+    assert server[2]["clients_ok"] == 2 and server[2]["clients_sampled"] == 3
+    ok2 = {
+        x["partition"]
+        for x in r
+        if x["kind"] == "client" and x["round"] == 2 and x["status"] == "ok"
+    }
+    assert ok2 == {0, 1}
+    log = scenario["log"]
+    assert "did not reply within" in log or "failed" in log.split("round 2/2: training")[1]
+
+
+def test_resumed_round_2_starts_from_round_1_state(scenario) -> None:
+    """The resumed ServerApp starts round 2 from exactly the global factors checkpointed after
+    round 1 (their digest is logged at the round start), not from the initial ones; the rows of
+    rounds 0 and 1 are kept as they were."""
+    from fedllm.aggregators import Factors
+    from fedllm.deploy import factors_digest
+
+    r = rows(scenario["run_dir"])
+    before = [json.loads(x) for x in scenario["rows_before"]]
+    assert {x["round"] for x in before} == {0, 1} and r[: len(before)] == before
+    state = torch.load(scenario["ckpt1"], weights_only=False)
+    assert state["round"] == 1
+    saved = {m: Factors(b, a, s) for m, (b, a, s) in state["strategy"]["global"].items()}
+    log = scenario["log"]
+    assert f"round 2/2: training 3 clients from global {factors_digest(saved)}" in log
+    first_run = (scenario["root"] / "run1.log").read_text()
+    round1 = first_run.split("round 1/2: training 3 clients from global ")[1][:12]
+    assert round1 != factors_digest(saved), "round 1 must have changed the global factors"
+
+
+def test_global_adapter_loads_with_stock_peft(scenario) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter = scenario["run_dir"] / "final_adapter"
+    base_dir = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    ids = AutoTokenizer.from_pretrained(base_dir)("Define apple1.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = base(ids).logits
+        after = PeftModel.from_pretrained(base, str(adapter))(ids).logits
+    assert torch.isfinite(after).all() and not torch.allclose(before, after)

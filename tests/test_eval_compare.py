@@ -1,0 +1,82 @@
+"""`fedllm compare`: headline numbers picked from each run's report, one table, one figure."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedllm.cli import main
+from fedllm.eval.compare import summarize
+
+
+def attack(auc: float) -> dict:
+    return {"auc": auc, "members": 10, "non_members": 10}
+
+
+def report(name: str, *, loss: float, aucs: dict, exposures: list[tuple[str, int, float]]) -> dict:
+    return {
+        "run": name,
+        "quality": {
+            "base": {"global": {"held_out": {"loss": 3.0}}},
+            "global": {
+                "global": {
+                    "held_out": {"loss": loss, "perplexity": 2.0},
+                    "define": {"rouge_l": 0.25},
+                    "choose": {"accuracy": 0.5},
+                }
+            },
+        },
+        "leakage": {
+            "mia": {"global": {"pooled": {k: attack(v) for k, v in aucs.items()}}},
+            "exposure": [
+                {"view": v, "repeats": k, "exposure_skewnormal": e} for v, k, e in exposures
+            ],
+            "extraction": {
+                "global": {"0": {"members": {"exact": 0.2}}, "1": {"members": {"exact": 0.4}}}
+            },
+        },
+    }
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> list[Path]:
+    a = report(
+        "plain",
+        loss=2.0,
+        aucs={"loss": 0.7, "min_k": 0.8},
+        exposures=[
+            ("global", 1, 2.0),
+            ("global", 16, 10.0),
+            ("global", 16, 12.0),
+            ("client", 16, 20.0),
+        ],
+    )
+    b = report("dp", loss=2.5, aucs={"loss": 0.52}, exposures=[("global", 16, 1.0)])
+    dirs = []
+    for r, mode in ((a, "none"), (b, "sample")):
+        d = tmp_path / r["run"]
+        (d / "eval").mkdir(parents=True)
+        (d / "eval" / "report.json").write_text(json.dumps(r))
+        (d / "recipe.yaml").write_text(f"name: {r['run']}\nprivacy:\n  mode: {mode}\n")
+        dirs.append(d)
+    return dirs
+
+
+def test_summary_picks_best_auc_mean_exposure_and_extraction(runs: list[Path]) -> None:
+    row = summarize(json.loads((runs[0] / "eval" / "report.json").read_text()))
+    assert row["mia_auc_global"] == 0.8 and row["mia_loss_auc_global"] == 0.7
+    assert row["exposure_global"] == {1: 2.0, 16: 11.0}
+    assert row["exposure_client"] == {16: 20.0}
+    assert row["extraction_global"] == pytest.approx(0.3)
+    assert row["mia_auc_client"] is None and row["base_loss"] == 3.0
+
+
+def test_compare_writes_one_table_and_a_figure(runs: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    assert main(["compare", *map(str, runs), "--out", str(out)]) == 0
+    md = (out / "compare.md").read_text()
+    assert "| plain | none | 3.000 → 2.000 |" in md
+    assert "| dp | sample | 3.000 → 2.500 |" in md
+    assert "exposure k=16 (global/client)" in md and "11.0 / 20.0" in md
+    assert (out / "compare.png").stat().st_size > 10_000
+    assert main(["compare", str(tmp_path / "missing"), "--out", str(out)]) == 2

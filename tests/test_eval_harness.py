@@ -1,0 +1,156 @@
+"""`fedllm eval` end to end on a small finished run made without Flower: a real tiny base, real
+locally trained client adapters saved as the server saves them, an SVD-aggregated global one."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedllm.adapters import attach_lora, read_factors, save_peft_adapter
+from fedllm.aggregators import get
+from fedllm.cli import main
+from fedllm.config import build_config
+from fedllm.eval.task_heldout import HeldOutLoss
+from fedllm.model import load_base_model
+from fedllm.shards import base_model_dir, load_shard, prepare_base_model, raw_shard
+from fedllm.train import train_local
+
+TINY = {
+    "vocab_size": 320,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_layers": 1,
+    "num_heads": 2,
+    "num_kv_heads": 1,
+}
+ARGS = ["--max-examples", "8", "--batch-size", "8", "--max-new-tokens", "4", "--references", "10"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cfg = build_config(
+        {
+            "name": "h",
+            "output_dir": str(tmp_path_factory.mktemp("runs")),
+            "model": {"name": "tiny", "tiny": TINY},
+            "lora": {"ranks": [2, 4]},
+            "data": {
+                "source": "wordnet",
+                "pos": ["noun"],
+                "max_examples": 60,
+                "num_clients": 2,
+                "held_out": 0.2,
+                "max_length": 32,
+                "canaries": {"repeats": [1, 4], "clients": [0], "digits": 4, "references": 10},
+            },
+        }
+    )
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True)
+    (run_dir / "recipe.yaml").write_text(
+        yaml.safe_dump(cfg.model_dump(mode="json", exclude_unset=True))
+    )
+    base, tok = load_base_model(prepare_base_model(cfg))
+    updates, save = (
+        [],
+        {"base_model": str(base_model_dir(cfg)), "target_modules": ["q_proj", "v_proj"]},
+    )
+    for pid in range(2):
+        model = attach_lora(
+            base,
+            rank=cfg.client_rank(pid),
+            alpha=16,
+            dropout=0.0,
+            target_modules=["q_proj", "v_proj"],
+        )
+        train_local(
+            model,
+            load_shard(cfg, pid, tok).train,
+            steps=3,
+            batch_size=8,
+            pad_id=tok.pad_token_id,
+            lr=0.05,
+            seed=pid,
+        )
+        updates.append(read_factors(model))
+        model.unload()
+        save_peft_adapter(run_dir / "client_adapters" / str(pid), updates[-1], **save)
+    svd = get("svd")
+    glob = {
+        m: svd([u[m] for u in updates], [1.0, 1.0], global_rank=None, state=None, seed=0).global_
+        for m in updates[0]
+    }
+    save_peft_adapter(run_dir / "final_adapter", glob, **save)
+    assert main(["eval", str(run_dir), *ARGS]) == 0
+    return run_dir
+
+
+def test_report_files_and_views(run: Path) -> None:
+    out = run / "eval"
+    for name in ("report.json", "report.md", "quality.png", "exposure.png", "mia.png"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "report.json").read_text())
+    assert report["views"] == ["base", "global", "client:0", "client:1"]
+    assert set(report["quality"]) == {"base", "global", "local"}
+    md = (out / "report.md").read_text()
+    assert "## Canary exposure" in md and "too few non-members" in md
+
+
+def test_global_loss_is_token_weighted_and_base_view_is_the_plain_base(run: Path) -> None:
+    report = json.loads((run / "eval" / "report.json").read_text())
+    clients = report["quality"]["base"]["clients"]
+    nll = sum(c["held_out"]["nll_sum"] for c in clients.values())
+    tokens = sum(c["held_out"]["tokens"] for c in clients.values())
+    assert report["quality"]["base"]["global"]["held_out"]["loss"] == pytest.approx(nll / tokens)
+    cfg = build_config(yaml.safe_load((run / "recipe.yaml").read_text()))
+    base, tok = load_base_model(prepare_base_model(cfg))
+    base.eval()
+    held = raw_shard(cfg, 1).held_out
+    assert len(held) <= 8  # so the harness scored exactly these (no subsampling)
+    plain = HeldOutLoss(held, tok, prompt_format="chat", max_length=32).evaluate(base, batch_size=8)
+    assert clients["1"]["held_out"]["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+    assert report["quality"]["global"]["clients"]["1"]["held_out"]["loss"] != pytest.approx(
+        clients["1"]["held_out"]["loss"], rel=1e-7
+    )
+
+
+def test_leakage_sections(run: Path) -> None:
+    leak = json.loads((run / "eval" / "report.json").read_text())["leakage"]
+    rows = leak["exposure"]
+    assert sorted((r["view"], r["repeats"]) for r in rows) == sorted(
+        (v, k) for v in ("base", "global", "client") for k in (1, 4)
+    )
+    assert all(r["client"] == 0 and r["exposure"] <= r["max_rank_exposure"] + 1e-9 for r in rows)
+    for r in rows:  # the secret's AUC against its references is 1 - (rank - 1) / n (no ties)
+        rank = r["references"] / 2 ** r["exposure"]
+        assert r["auc_vs_references"] == pytest.approx(1 - (rank - 1) / r["references"], abs=0.05)
+    assert set(leak["mia"]) == {"base", "global", "client"}
+    pooled = leak["mia"]["global"]["pooled"]
+    assert set(pooled) == {"loss", "zlib", "min_k", "min_k_pp", "reference"}
+    per_client = leak["mia"]["global"]["clients"]
+    assert pooled["loss"]["members"] == sum(c["loss"]["members"] for c in per_client.values())
+    assert set(leak["extraction"]["client"]) == {"0", "1"}
+
+
+def test_adapter_folder_with_recipe_and_bad_target(run: Path, tmp_path: Path, capsys) -> None:
+    adapter = run / "final_adapter"
+    code = main(
+        [
+            "eval",
+            str(adapter),
+            "--recipe",
+            str(run / "recipe.yaml"),
+            "--no-leakage",
+            "--tasks",
+            "held_out",
+            *ARGS,
+        ]
+    )
+    assert code == 0
+    report = json.loads((adapter / "eval" / "report.json").read_text())
+    assert report["views"] == ["base", "global"] and report["leakage"]["mia"] == {}
+    assert main(["eval", str(adapter), *ARGS]) == 2
+    assert "pass --recipe" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path), *ARGS]) == 2
+    assert "neither a run directory" in capsys.readouterr().err

@@ -1,0 +1,66 @@
+"""fedllm.eval.mia: score definitions by hand, and a real attack on a tiny model that memorised
+its members (AUC > 0.9) vs the same attack between two disjoint held-out sets (AUC near 0.5)."""
+
+import math
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedllm.data import load_wordnet, tokenize_all
+from fedllm.eval.mia import lowest_fraction_mean, membership_scores, run_attacks
+from fedllm.eval.scoring import Scored, score_examples
+from fedllm.model import build_tiny_model, load_base_model
+from fedllm.train import train_local
+
+FMT = {"prompt_format": "plain", "max_length": 40}
+
+
+def test_scores_by_hand() -> None:
+    lp = np.log(np.array([0.5, 0.25, 0.125, 0.5, 0.5]))
+    target = Scored(np.arange(5), lp, mu=np.full(5, -1.0), sigma=np.full(5, 2.0))
+    base = Scored(np.arange(5), np.log(np.full(5, 0.25)))
+    s = membership_scores([target], texts=["hello hello hello"], base=[base], k=0.2)
+    nll = -lp.sum()
+    assert s["loss"][0] == pytest.approx(nll / 5)
+    assert s["zlib"][0] == pytest.approx(nll / len(zlib.compress(b"hello hello hello")))
+    assert s["min_k"][0] == pytest.approx(math.log(8))  # the lowest 20% of 5 tokens: 1 token
+    assert s["min_k_pp"][0] == pytest.approx(-(math.log(0.125) + 1.0) / 2.0)
+    assert s["reference"][0] == pytest.approx(nll / 5 - math.log(4))
+    assert lowest_fraction_mean(np.array([3.0, 1.0, 2.0, 5.0]), 0.5) == 1.5
+
+
+@pytest.fixture(scope="module")
+def memorised(tmp_path_factory: pytest.TempPathFactory):
+    examples = load_wordnet(pos=("noun",), max_examples=400, seed=3)
+    texts = [f"{e['prompt']} {e['response']}" for e in examples]
+    folder = build_tiny_model(tmp_path_factory.mktemp("mia") / "m", texts=texts, vocab_size=400)
+    model, tok = load_base_model(Path(folder))
+    members, held_a, held_b = examples[:48], examples[48:96], examples[96:144]
+    model.requires_grad_(True)  # full fine-tuning: a small model memorises quickly
+    items = tokenize_all(members, tok, **FMT)
+    train_local(model, items, steps=40, batch_size=16, pad_id=tok.pad_token_id, lr=6e-3)
+    model.eval()
+    return model, tok, members, held_a, held_b
+
+
+def scores(model, tok, examples):
+    items = tokenize_all(examples, tok, **FMT)
+    scored = score_examples(model, items, batch_size=16, pad_id=tok.pad_token_id, vocab_stats=True)
+    return membership_scores(scored, texts=[e["response"] for e in examples])
+
+
+def test_attack_separates_members_from_held_out(memorised) -> None:
+    model, tok, members, held_a, _ = memorised
+    result = run_attacks(scores(model, tok, members), scores(model, tok, held_a))
+    assert result["loss"]["auc"] > 0.9
+    assert result["min_k"]["auc"] > 0.9
+    assert result["loss"]["tpr@fpr<0.01"]["enough_non_members"] is False  # only 48
+
+
+def test_attack_between_two_held_out_sets_is_chance(memorised) -> None:
+    model, tok, _, held_a, held_b = memorised
+    result = run_attacks(scores(model, tok, held_a), scores(model, tok, held_b))
+    for name in ("loss", "zlib", "min_k", "min_k_pp"):
+        assert abs(result[name]["auc"] - 0.5) < 0.2, (name, result[name]["auc"])

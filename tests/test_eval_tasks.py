@@ -1,0 +1,79 @@
+"""fedllm.eval task classes: questions built as specified, and the metrics of a tiny model."""
+
+from pathlib import Path
+
+import pytest
+
+from fedllm.data import load_wordnet
+from fedllm.eval.task_choose import ChooseDefinition
+from fedllm.eval.task_define import DefineWords
+from fedllm.eval.task_domain import WordDomain
+from fedllm.eval.task_heldout import HeldOutLoss
+from fedllm.model import build_tiny_model, load_base_model
+from fedllm.train import evaluate_nll
+
+DOG = {
+    "prompt": "Define the word 'dog' (noun).",
+    "response": "a domestic canine",
+    "label": "noun.animal",
+    "id": "x",
+}
+QUICK = {
+    "prompt": "Define the word 'quickly' (adverb).",
+    "response": "with speed",
+    "label": "adv.all",
+    "id": "y",
+}
+
+
+def test_domain_questions() -> None:
+    task = WordDomain([DOG, QUICK, {"prompt": "free text", "response": "r", "label": "z"}])
+    assert len(task) == 1  # adverbs have one domain only; non-WordNet examples are skipped
+    q = task.get_example(0)
+    assert q["prompt"] == "Which WordNet category does the noun 'dog' belong to?"
+    assert len(q["options"]) == 4 and q["options"][q["answer"]] == "animal"
+    assert len(set(q["options"])) == 4
+
+
+def test_choose_definition_questions() -> None:
+    examples = load_wordnet(pos=("noun",), max_examples=20, seed=4)
+    task = ChooseDefinition(examples, num_options=4)
+    assert len(task) == 20
+    for i, ex in enumerate(examples):
+        q = task.get_example(i)
+        assert q["prompt"] == ex["prompt"] and len(q["options"]) == 4
+        assert q["options"][q["answer"]] == ex["response"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory):
+    examples = load_wordnet(pos=("noun",), max_examples=40, seed=5)
+    texts = [f"{e['prompt']} {e['response']}" for e in examples]
+    model, tok = load_base_model(
+        Path(build_tiny_model(tmp_path_factory.mktemp("t") / "m", texts=texts, vocab_size=320))
+    )
+    model.eval()
+    return model, tok, examples[:10]
+
+
+def test_held_out_loss_matches_the_trainer(tiny) -> None:
+    model, tok, examples = tiny
+    task = HeldOutLoss(examples, tok, prompt_format="chat", max_length=40)
+    result = task.evaluate(model, batch_size=4)
+    nll, tokens = evaluate_nll(model, task.items, batch_size=3, pad_id=tok.pad_token_id)
+    assert result["tokens"] == tokens
+    assert result["loss"] == pytest.approx(nll / tokens, rel=1e-4)
+    assert result["perplexity"] > 50  # an untrained model over a few hundred tokens
+
+
+def test_generation_and_choice_tasks_run_on_a_model(tiny) -> None:
+    model, tok, examples = tiny
+    define = DefineWords(examples, tok, prompt_format="chat", max_new_tokens=4)
+    assert define.get_example(0)["reference"] == examples[0]["response"]
+    result = define.evaluate(model, batch_size=4)
+    assert result["examples"] == 10 and 0 <= result["rouge_l"] <= 1
+    assert result["exact_match"] == 0.0  # 4 tokens of an untrained model are not a definition
+    choose = ChooseDefinition(examples).evaluate(
+        model, tokenizer=tok, prompt_format="chat", batch_size=8
+    )
+    assert choose["examples"] == 10 and choose["chance"] == pytest.approx(0.25)

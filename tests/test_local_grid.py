@@ -1,0 +1,96 @@
+"""Each round semantics end to end through run_server, LoraStrategy and the ClientApp on a
+LocalGrid (Flower serialisation both ways, per-node Context): tiny model, 2 clients, 2 rounds."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord
+from peft import PeftModel
+
+from fedllm.checkpoint import load_checkpoint
+from fedllm.config import load_recipe
+from fedllm.local_grid import run_local
+from fedllm.rounds import LOCAL_B
+from fedllm.shards import base_model_dir, cached_base_model
+from fedllm.strategy import initial_factors
+
+RECIPE = Path(__file__).parents[1] / "recipes" / "tiny.yaml"
+
+
+def run(tmp_path: Path, method: str) -> tuple:
+    cfg = load_recipe(
+        RECIPE,
+        [
+            f"output_dir={tmp_path}",
+            f"name={method}",
+            f"aggregator.name={method}",
+            "data.num_clients=2",
+            "data.max_examples=160",
+            "lora.ranks=[2,4]",
+            "federation.local_steps=3",
+        ],
+    )
+    run_dir, grid = run_local(cfg)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    clients = [r for r in rows if r["kind"] == "client"]
+    assert len(clients) == 4 and all(r["status"] == "ok" for r in clients)
+    return cfg, run_dir, grid, clients
+
+
+def test_flora_merges_into_a_clean_base_and_exports_a_peft_adapter(tmp_path: Path) -> None:
+    cfg, run_dir, _, clients = run(tmp_path, "flora")
+    received = {r["round"]: r["bytes_received"] for r in clients if r["rank"] == 2}
+    assert received[2] > received[1]  # the merged delta grows by this round's stacked ranks
+    base, _ = cached_base_model(cfg)
+    fresh = type(base).from_pretrained(base_model_dir(cfg))
+    for (name, w), (_, w0) in zip(
+        base.state_dict().items(), fresh.state_dict().items(), strict=True
+    ):
+        assert torch.equal(w, w0), f"{name} of the cached base was left modified"
+    merged = load_checkpoint(run_dir)["strategy"]["agg_state"]
+    module = "model.layers.0.self_attn.q_proj"
+    expected = merged[module]["merged_B"].double() @ merged[module]["merged_A"].double()
+    loaded = PeftModel.from_pretrained(fresh, str(run_dir / "final_adapter"))
+    layer = loaded.get_submodule("base_model.model." + module)
+    got = layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+    assert expected.abs().max() > 0
+
+
+def test_ffa_clients_keep_the_shared_seed_a(tmp_path: Path) -> None:
+    cfg, run_dir, _, _ = run(tmp_path, "ffa")  # the ffa aggregator raises if any A moved
+    shapes = {m: (b.shape[0], a.shape[1]) for m, (b, a, _) in _global(run_dir).items()}
+    start = initial_factors(shapes, rank=4, scaling=cfg.client_scaling(4), seed=cfg.seed)
+    for module, (b, a, _) in _global(run_dir).items():
+        assert torch.equal(a, start[module].A) and b.abs().max() > 0
+
+
+def test_fedsa_keeps_b_on_the_clients_and_sends_a_only(tmp_path: Path) -> None:
+    _, run_dir, grid, clients = run(tmp_path, "fedsa")
+    for pid, context in enumerate(grid.contexts.values()):
+        kept = context.state[LOCAL_B]
+        assert isinstance(kept, ArrayRecord)
+        Bs = kept.to_torch_state_dict()
+        assert {B.shape[1] for B in Bs.values()} == {[2, 4][pid]}
+        assert all(B.abs().max() > 0 for B in Bs.values())
+    assert all(not b.any() for b, _, _ in _global(run_dir).values())  # the server never had B
+    sent = {r["rank"]: r["bytes_sent"] for r in clients if r["round"] == 1}
+    # A only: rank·(64 + 64 + 64 + 64) floats over 2 layers × (q, v), plus the record's framing
+    assert sent[4] - sent[2] == 2 * 2 * (64 + 64) * 4
+
+
+def _global(run_dir: Path) -> dict:
+    return load_checkpoint(run_dir)["strategy"]["global"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:  # a shared 2-core machine: avoid oversubscription
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,0 +1,221 @@
+"""fedllm.privacy accounting: ε functions, the checkpointed ledger, recipe checks, and a DP run
+through the real ServerApp loop / ClientApp (fedllm.local_grid) with a budget stop and a resume."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from fedllm.checkpoint import load_checkpoint, save_checkpoint
+from fedllm.config import ConfigError, load_recipe
+from fedllm.privacy.accounting import PrivacyLedger, epsilon, noise_multiplier_for
+from fedllm.privacy.plan import check_shards
+from fedllm.shards import raw_shard
+
+RECIPE = str(Path(__file__).parents[1] / "recipes" / "tiny.yaml")
+ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+
+
+def gaussian_epsilon(sigma: float, steps: int, delta: float) -> float:
+    """Hand-computed: q = 1 Gaussian RDP steps·α/(2σ²), converted as in Balle et al. 2020."""
+    return min(
+        steps * a / (2 * sigma**2)
+        - (math.log(delta) + math.log(a)) / (a - 1)
+        + math.log((a - 1) / a)
+        for a in ALPHAS
+    )
+
+
+def test_epsilon_without_subsampling_matches_the_closed_form() -> None:
+    for sigma, steps in ((2.0, 10), (5.0, 100), (1.0, 1)):
+        got = epsilon(noise_multiplier=sigma, sample_rate=1.0, steps=steps, delta=1e-5)
+        assert got == pytest.approx(gaussian_epsilon(sigma, steps, 1e-5), rel=1e-9)
+
+
+def test_epsilon_grows_with_steps_and_rate_and_prv_is_tighter() -> None:
+    kw = {"noise_multiplier": 1.0, "delta": 1e-5}
+    e1 = epsilon(sample_rate=0.01, steps=100, **kw)
+    assert (
+        0
+        < e1
+        < epsilon(sample_rate=0.01, steps=400, **kw)
+        < epsilon(sample_rate=0.05, steps=400, **kw)
+    )
+    assert epsilon(sample_rate=0.01, steps=0, **kw) == 0.0
+    prv = epsilon(sample_rate=0.01, steps=100, accountant="prv", **kw)
+    assert 0.5 * e1 < prv < e1
+
+
+def test_noise_multiplier_for_hits_the_target() -> None:
+    kw = {"delta": 1e-5, "sample_rate": 0.02, "steps": 300}
+    sigma = noise_multiplier_for(target_epsilon=3.0, **kw)
+    assert 2.98 <= epsilon(noise_multiplier=sigma, **kw) <= 3.0
+    assert epsilon(noise_multiplier=0.95 * sigma, **kw) > 3.0
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"noise_multiplier": 0.0}, "noise_multiplier must be > 0"),
+        ({"sample_rate": 1.5}, r"sample_rate must be in \(0, 1\]"),
+        ({"delta": 1.0}, r"delta must be in \(0, 1\)"),
+        ({"steps": -1}, "steps must be an int >= 0"),
+        ({"accountant": "gdp2"}, "accountant must be one of"),
+    ],
+)
+def test_bad_accounting_input(kw: dict, message: str) -> None:
+    args = {"noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 10, "delta": 1e-5, **kw}
+    with pytest.raises(ValueError, match=message):
+        epsilon(**args)
+    with pytest.raises(ValueError, match="target_epsilon must be > 0"):
+        noise_multiplier_for(target_epsilon=0.0, delta=1e-5, sample_rate=0.1, steps=10)
+
+
+def test_ledger_survives_a_checkpoint_and_continues(tmp_path: Path) -> None:
+    ledger = PrivacyLedger(delta=1e-5, accountant="rdp")
+    ledger.record("partition-0", noise_multiplier=1.1, sample_rate=0.05, steps=20)
+    ledger.record("partition-1", noise_multiplier=1.1, sample_rate=0.02, steps=20)
+    assert ledger.epsilon() == ledger.epsilon("partition-0") > ledger.epsilon("partition-1")
+    save_checkpoint(tmp_path, {"privacy": ledger.state_dict()})
+    restored = PrivacyLedger(delta=1e-5, accountant="rdp")
+    restored.load_state_dict(load_checkpoint(tmp_path)["privacy"])
+    restored.record("partition-0", noise_multiplier=1.1, sample_rate=0.05, steps=20)
+    want = epsilon(noise_multiplier=1.1, sample_rate=0.05, steps=40, delta=1e-5)
+    assert restored.epsilon("partition-0") == pytest.approx(want, rel=1e-12)
+    assert restored.steps("partition-0") == 40
+    assert restored.epsilon_if({"partition-1": (1.1, 0.02, 20)}) == pytest.approx(want)
+    with pytest.raises(ValueError, match=r"privacy\.accountant / privacy\.delta must not change"):
+        PrivacyLedger(delta=1e-5, accountant="prv").load_state_dict(ledger.state_dict())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["privacy.mode=sample"], "set exactly one of privacy.noise_multiplier and privacy.target"),
+        (
+            ["privacy.mode=sample", "privacy.noise_multiplier=1", "privacy.target_epsilon=3"],
+            "exactly one",
+        ),
+        (
+            ["privacy.mode=sample", "privacy.target_epsilon=0"],
+            "privacy.target_epsilon: Input should be greater than 0",
+        ),
+        (["privacy.mode=sample", "privacy.target_epsilon=-2"], "privacy.target_epsilon"),
+        (["privacy.mode=sample", "privacy.noise_multiplier=1", "privacy.delta=0"], "privacy.delta"),
+        (["privacy.mode=sample", "privacy.noise_multiplier=1", "privacy.delta=1"], "privacy.delta"),
+        (
+            ["privacy.mode=sample", "privacy.noise_multiplier=1", "privacy.max_grad_norm=0"],
+            "privacy.max_grad_norm",
+        ),
+        (
+            [
+                "privacy.mode=client",
+                "privacy.client_noise_multiplier=1",
+                "aggregator.weighting=uniform",
+                "privacy.client_clip=-1",
+            ],
+            "privacy.client_clip",
+        ),
+        (
+            ["privacy.mode=sample", "privacy.noise_multiplier=1", "privacy.noise_at=client"],
+            "privacy.noise_at does not apply",
+        ),
+        (
+            ["privacy.mode=client", "privacy.client_noise_multiplier=1"],
+            "aggregator.weighting='uniform'",
+        ),
+        (
+            [
+                "privacy.mode=client",
+                "privacy.client_noise_multiplier=1",
+                "aggregator.weighting=uniform",
+                "privacy.delta=0.5",
+            ],
+            "below 1/data.num_clients",
+        ),
+        (
+            ["privacy.epsilon_budget=3"],
+            "privacy.epsilon_budget does not apply to privacy.mode='none'",
+        ),
+        (
+            ["privacy.mode=sample", "privacy.noise_multiplier=1", "privacy.epsilon_budget=0"],
+            "privacy.epsilon_budget",
+        ),
+    ],
+)
+def test_bad_privacy_recipes(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_recipe(RECIPE, overrides)
+
+
+def test_delta_must_be_below_one_over_each_shard(tmp_path: Path) -> None:
+    cfg = load_recipe(
+        RECIPE,
+        [
+            f"output_dir={tmp_path}",
+            "privacy.mode=sample",
+            "privacy.noise_multiplier=1",
+            "privacy.delta=0.02",
+        ],
+    )
+    with pytest.raises(
+        ConfigError, match=r"privacy.delta=0.02 must be below 1/n = 1/\d+ for client 0"
+    ):
+        check_shards(cfg)
+    ok = load_recipe(
+        RECIPE, [f"output_dir={tmp_path}", "privacy.mode=sample", "privacy.noise_multiplier=1"]
+    )
+    check_shards(ok)
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_dp_run_reports_accountant_epsilon_stops_at_budget_and_resumes(tmp_path: Path) -> None:
+    """Real ServerApp loop + ClientApp over fedllm.local_grid (Flower serialisation, no Ray)."""
+    from fedllm.local_grid import run_local
+
+    sigma, delta, local = 1.2, 1e-3, 2
+    base = [
+        f"output_dir={tmp_path}",
+        "name=dp",
+        "data.max_examples=200",
+        "data.num_clients=2",
+        "data.max_length=32",
+        f"federation.local_steps={local}",
+        "federation.rounds=3",
+        "privacy.mode=sample",
+        f"privacy.noise_multiplier={sigma}",
+        f"privacy.delta={delta}",
+    ]
+    plain = load_recipe(RECIPE, base)
+    q = {p: plain.federation.batch_size / len(raw_shard(plain, p).train) for p in range(2)}
+
+    def eps(p: int, rounds: int) -> float:  # recomputed from the recipe's q, σ and steps
+        return epsilon(noise_multiplier=sigma, sample_rate=q[p], steps=local * rounds, delta=delta)
+
+    budget = (max(eps(p, 2) for p in q) + max(eps(p, 3) for p in q)) / 2
+    run_dir, _ = run_local(load_recipe(RECIPE, [*base, f"privacy.epsilon_budget={budget}"]))
+    first = rows(run_dir)
+    clients = [r for r in first if r["kind"] == "client"]
+    assert {r["round"] for r in clients} == {1, 2}, "round 3 would cross the budget: not run"
+    for r in clients:
+        assert r["dp_steps"] == local and r["dp_sample_rate"] == pytest.approx(q[r["partition"]])
+        assert r["epsilon"] == pytest.approx(eps(r["partition"], r["round"]), rel=1e-9)
+    server = {r["round"]: r for r in first if r["kind"] == "server"}
+    assert server[2]["epsilon"] == pytest.approx(max(eps(p, 2) for p in q), rel=1e-9)
+    assert server[2]["epsilon"] <= budget
+    stop = [r for r in first if r["kind"] == "stop"]
+    assert len(stop) == 1 and "round 3 would bring ε" in stop[0]["reason"]
+    assert (run_dir / "final_adapter" / "adapter_model.safetensors").is_file()
+    assert load_checkpoint(run_dir)["privacy"]["ledger"]["accountants"]
+
+    run_local(load_recipe(RECIPE, base), resume=True)  # no budget now: round 3 runs
+    third = [r for r in rows(run_dir) if r["kind"] == "client" and r["round"] == 3]
+    assert {r["partition"] for r in third} == {0, 1}
+    for r in third:  # continues from the saved ledger (from zero it would be eps(p, 1))
+        assert r["epsilon"] == pytest.approx(eps(r["partition"], 3), rel=1e-9)

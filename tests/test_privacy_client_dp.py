@@ -1,0 +1,208 @@
+"""fedllm.privacy.client_dp: clipping on factor deltas, noise zS/m, composition with aggregators."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fedllm.aggregators import Factors, get, round_spec
+from fedllm.privacy.client_dp import (
+    ClientLevelDP,
+    clip_delta,
+    delta_norm,
+    folded_delta,
+    privatize_locally,
+)
+
+
+def factors(d: int, k: int, r: int, *, scaling: float, seed: int, scale: float = 1.0) -> Factors:
+    g = torch.Generator().manual_seed(seed)
+    return Factors(
+        torch.randn(d, r, generator=g) * scale, torch.randn(r, k, generator=g) * scale, scaling
+    )
+
+
+def test_folded_delta_is_the_change_of_what_is_sent() -> None:
+    """Hand-computed: ΔB = s·B − s₀·B₀[:, :r], ΔA = A − A₀[:r]."""
+    ref = {"m": Factors(torch.ones(2, 3), torch.ones(3, 2), 2.0)}
+    upd = {"m": Factors(torch.full((2, 2), 3.0), torch.full((2, 2), 4.0), 0.5)}
+    dB, dA = folded_delta(upd, ref)["m"]
+    assert torch.equal(dB, torch.full((2, 2), 0.5 * 3.0 - 2.0, dtype=torch.float64))
+    assert torch.equal(dA, torch.full((2, 2), 3.0, dtype=torch.float64))
+    # ‖ΔB‖² = 4·0.25, ‖ΔA‖² = 4·9
+    assert delta_norm(folded_delta(upd, ref)) == pytest.approx(math.sqrt(1.0 + 36.0))
+
+
+def test_clip_bounds_the_norm_over_all_modules() -> None:
+    ref = {m: factors(16, 12, 4, scaling=2.0, seed=i) for i, m in enumerate("abc")}
+    upd = {m: factors(16, 12, 2, scaling=4.0, seed=10 + i) for i, m in enumerate("abc")}
+    delta = folded_delta(upd, ref)
+    raw = delta_norm(delta)
+    clipped, norm = clip_delta(delta, 0.25 * raw)
+    assert norm == pytest.approx(raw)
+    assert delta_norm(clipped) == pytest.approx(0.25 * raw)
+    same, _ = clip_delta(delta, 2 * raw)  # already inside: unchanged
+    assert delta_norm(same) == pytest.approx(raw)
+    with pytest.raises(ValueError, match="clip norm must be > 0"):
+        clip_delta(delta, 0.0)
+
+
+def noiseless_mean(global_, updates, clip):
+    """Hand-built: global (folded) + mean of clipped deltas, at the largest client rank."""
+    deltas = [clip_delta(folded_delta(u, global_), clip)[0] for u in updates]
+    out = {}
+    for m, g in global_.items():
+        r = g.rank
+        B = g.scaling * g.B.double()
+        A = g.A.double().clone()
+        for d in deltas:
+            b, a = d[m]
+            B[:, : b.shape[1]] += b / len(deltas)
+            A[: a.shape[0]] += a / len(deltas)
+        out[m] = (B[:, :r], A[:r])
+    return out
+
+
+def test_server_noise_has_std_z_s_over_m_on_b_and_a() -> None:
+    g = {m: factors(64, 48, 8, scaling=2.0, seed=i) for i, m in enumerate("ab")}
+    ups = [
+        {m: factors(64, 48, 8, scaling=2.0, seed=100 + 9 * j + i) for i, m in enumerate("ab")}
+        for j in range(4)
+    ]
+    z, S = 1.5, 0.7
+    dp = ClientLevelDP(
+        get("fedit"),
+        clip=S,
+        noise_multiplier=z,
+        noise_at="server",
+        expected_clients=4,
+        freeze_a=False,
+        generator=torch.Generator().manual_seed(0),
+    )
+    released = dp.release(g, ups)
+    want = noiseless_mean(g, ups, S)
+    noise_B = torch.cat([(released[m].B.double() - want[m][0]).flatten() for m in g])
+    noise_A = torch.cat([(released[m].A.double() - want[m][1]).flatten() for m in g])
+    target = z * S / 4
+    assert abs(float(noise_B.std()) / target - 1) < 0.05  # 1024 entries: ~2% std error
+    assert abs(float(noise_A.std()) / target - 1) < 0.05
+    assert dp.last.clipped == 4 and dp.last.noise_std == pytest.approx(target)
+    assert dp.take().effective_noise_multiplier == z and dp.take() is None
+
+
+def test_frozen_a_gets_no_noise() -> None:
+    g = {"m": factors(32, 24, 4, scaling=1.0, seed=0)}
+    ups = []
+    for j in range(3):  # FFA clients: A is the shared slice, only B moved
+        B = torch.randn(32, 4, generator=torch.Generator().manual_seed(j))
+        ups.append({"m": Factors(B, g["m"].A.clone(), 1.0)})
+    dp = ClientLevelDP(
+        get("ffa"),
+        clip=1.0,
+        noise_multiplier=1.0,
+        noise_at="server",
+        expected_clients=3,
+        freeze_a=True,
+    )
+    new_global, _ = dp(g, ups)
+    assert torch.equal(new_global["m"].A, g["m"].A), "A must be exactly the shared A (no noise)"
+    assert not torch.allclose(new_global["m"].B, noiseless_mean(g, ups, 1.0)["m"][0].float())
+
+
+def test_local_noise_is_z_s_over_sqrt_m_per_client() -> None:
+    received = {m: factors(64, 48, 8, scaling=2.0, seed=i) for i, m in enumerate("ab")}
+    update = {m: factors(64, 48, 8, scaling=2.0, seed=5 + i) for i, m in enumerate("ab")}
+    z, S, m = 2.0, 0.5, 4
+    sent, norm = privatize_locally(
+        update,
+        received,
+        clip=S,
+        noise_multiplier=z,
+        clients=m,
+        freeze_a=False,
+        generator=torch.Generator().manual_seed(2),
+    )
+    clipped, _ = clip_delta(folded_delta(update, received), S)
+    noise = torch.cat(
+        [
+            (d[0] - c[0]).flatten()
+            for d, c in zip(folded_delta(sent, received).values(), clipped.values(), strict=True)
+        ]
+    )
+    assert norm > S
+    assert abs(float(noise.std()) / (z * S / math.sqrt(m)) - 1) < 0.05
+    assert all(f.scaling == 2.0 and f.rank == 8 for f in sent.values())
+
+
+def test_local_noise_mixed_ranks_is_accounted_at_the_least_noised_components() -> None:
+    g = {"m": factors(16, 8, 8, scaling=1.0, seed=0)}
+    ups = [{"m": factors(16, 8, r, scaling=1.0, seed=r)} for r in (2, 4, 8, 8)]
+    dp = ClientLevelDP(
+        get("fedit"),
+        clip=1.0,
+        noise_multiplier=2.0,
+        noise_at="client",
+        expected_clients=4,
+        freeze_a=False,
+    )
+    dp.release(g, ups)
+    # components 4..7 are trained (and noised) by the two rank-8 clients only: z·√(2/4)
+    assert dp.last.effective_noise_multiplier == pytest.approx(2.0 * math.sqrt(2 / 4))
+
+
+@pytest.mark.parametrize("name", ["fedit", "ffa", "svd", "hetlora"])
+def test_wraps_registered_aggregators_as_post_processing(name: str) -> None:
+    if round_spec(name).merge or round_spec(name).local_B:
+        pytest.skip("not an adapter-state method")
+    shared_A = factors(32, 24, 8, scaling=2.0, seed=0).A
+    g = {"m": Factors(torch.zeros(32, 8), shared_A, 2.0)}
+    ups = [
+        {
+            "m": Factors(
+                torch.randn(32, r, generator=torch.Generator().manual_seed(r)),
+                shared_A[:r].clone(),
+                16.0 / r,
+            )
+        }
+        for r in (2, 4, 8)
+    ]
+    dp = ClientLevelDP(
+        get(name),
+        clip=0.5,
+        noise_multiplier=1.0,
+        noise_at="server",
+        expected_clients=3,
+        freeze_a=True,
+        generator=torch.Generator().manual_seed(4),
+    )
+    released = dp.release(g, ups)
+    dp.generator.manual_seed(4)
+    new_global, _ = dp(g, ups)
+    assert new_global["m"].shape == (32, 24)
+    if name in ("svd", "fedit", "ffa"):  # exact post-processing of the single released update
+        torch.testing.assert_close(
+            new_global["m"].delta(), released["m"].delta(), rtol=1e-4, atol=1e-5
+        )
+
+
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="noise_at"):
+        ClientLevelDP(
+            get("fedit"),
+            clip=1,
+            noise_multiplier=1,
+            noise_at="edge",
+            expected_clients=2,
+            freeze_a=False,
+        )
+    with pytest.raises(ValueError, match="clip > 0"):
+        ClientLevelDP(
+            get("fedit"),
+            clip=0,
+            noise_multiplier=1,
+            noise_at="server",
+            expected_clients=2,
+            freeze_a=False,
+        )

@@ -1,0 +1,104 @@
+"""Kept-index maps: pruned factors back at full shape, and coverage-weighted aggregation."""
+
+import pytest
+import torch
+
+from fedllm.aggregators import Factors, get
+from fedllm.prune_map import (
+    Kept,
+    check_kept,
+    coverage_weighted,
+    expand,
+    fit_start,
+    kept_from_record,
+    kept_to_record,
+    restrict,
+)
+
+
+def rand(d: int, r: int, k: int, seed: int, scaling: float = 2.0) -> Factors:
+    g = torch.Generator().manual_seed(seed)
+    return Factors(torch.randn(d, r, generator=g), torch.randn(r, k, generator=g), scaling)
+
+
+def test_expanded_rows_land_exactly_at_the_kept_ids() -> None:
+    f = rand(2, 3, 4, 0)
+    full = expand(f, Kept(out=torch.tensor([1, 4]), in_=None), (5, 4))
+    assert full.shape == (5, 4)
+    assert torch.equal(full.B[1], f.B[0]) and torch.equal(full.B[4], f.B[1])
+    assert torch.equal(full.B[[0, 2, 3]], torch.zeros(3, 3))
+    delta = full.delta()
+    assert torch.equal(delta[[1, 4]], f.delta())
+    assert torch.count_nonzero(delta[[0, 2, 3]]) == 0
+
+
+def test_expanded_columns_and_restrict_round_trip() -> None:
+    f = rand(3, 2, 2, 1)
+    kept = Kept(out=None, in_=torch.tensor([0, 3]))
+    full = expand(f, kept, (3, 5))
+    assert torch.equal(full.A[:, [0, 3]], f.A)
+    assert torch.count_nonzero(full.A[:, [1, 2, 4]]) == 0
+    back = restrict(full, kept)
+    assert torch.equal(back.A, f.A) and torch.equal(back.B, f.B)
+
+
+def test_mixed_pruned_and_whole_clients_aggregate_per_coordinate() -> None:
+    """Client 0 (weight 1) covers all 4 rows; client 1 (weight 3) only rows 0 and 2."""
+    whole, pruned = rand(4, 2, 3, 2), rand(2, 1, 3, 3, scaling=4.0)
+    kept = Kept(out=torch.tensor([0, 2]), in_=None)
+    shapes = {"m": (4, 3)}
+    inputs = coverage_weighted([{"m": whole}, {"m": pruned}], [{}, {"m": kept}], [1.0, 3.0], shapes)
+    result = get("svd")([u["m"] for u in inputs], [1.0, 3.0]).global_.delta()
+    d0, d1 = whole.delta(), pruned.delta()
+    expected = d0.clone()
+    expected[0] = (1 * d0[0] + 3 * d1[0]) / 4
+    expected[2] = (1 * d0[2] + 3 * d1[1]) / 4  # rows 1 and 3: client 0 alone
+    assert torch.allclose(result, expected, atol=1e-5)
+
+
+def test_coverage_on_columns_and_uncovered_coordinates_stay_zero() -> None:
+    a, b = rand(2, 1, 2, 4), rand(2, 1, 1, 5)
+    ka, kb = Kept(None, torch.tensor([0, 1])), Kept(None, torch.tensor([1]))
+    inputs = coverage_weighted([{"m": a}, {"m": b}], [{"m": ka}, {"m": kb}], [1, 1], {"m": (2, 3)})
+    result = get("svd")([u["m"] for u in inputs], [1, 1]).global_.delta()
+    expected = torch.zeros(2, 3, dtype=torch.float64)
+    expected[:, 0] = a.delta()[:, 0]
+    expected[:, 1] = (a.delta()[:, 1] + b.delta()[:, 0]) / 2
+    assert torch.allclose(result, expected, atol=1e-5)
+
+
+def test_fit_start_restricts_full_factors_and_passes_restricted_ones() -> None:
+    g = rand(4, 3, 2, 6, scaling=1.0)
+    kept = {"m": Kept(torch.tensor([1, 3]), None)}
+    a = fit_start({"m": g}, kept, rank=2, scaling=0.5)["m"]
+    b = fit_start({"m": restrict(g, kept["m"])}, kept, rank=2, scaling=0.5)["m"]
+    assert a.shape == (2, 2) and a.rank == 2
+    assert torch.equal(a.B, b.B) and torch.equal(a.A, b.A)
+    assert torch.allclose(a.delta(), g.truncate(2).delta()[[1, 3]])
+
+
+def test_kept_map_that_does_not_fit_names_client_module_and_value() -> None:
+    f = {"m": rand(2, 1, 3, 7)}
+    shapes = {"m": (4, 3)}
+    check_kept(f, {"m": Kept(torch.tensor([0, 3]), None)}, shapes, who="client 2")
+    with pytest.raises(ValueError, match=r"client 2: m.out keeps 3 ids but the factors have 2"):
+        check_kept(f, {"m": Kept(torch.tensor([0, 1, 3]), None)}, shapes, who="client 2")
+    with pytest.raises(ValueError, match=r"client 2: m.out ids must be in \[0, 4\), got 0..9"):
+        check_kept(f, {"m": Kept(torch.tensor([0, 9]), None)}, shapes, who="client 2")
+    with pytest.raises(ValueError, match="strictly increasing"):
+        check_kept(f, {"m": Kept(torch.tensor([3, 1]), None)}, shapes, who="client 2")
+    with pytest.raises(ValueError, match=r"client 2: m factors have shape \(2, 3\) but no kept"):
+        check_kept(f, {}, shapes, who="client 2")
+    with pytest.raises(ValueError, match="'x', which is not adapted"):
+        check_kept(f, {"x": Kept(torch.tensor([0]), None)}, shapes, who="client 2")
+
+
+def test_kept_map_record_round_trip_and_bad_key() -> None:
+    kept = {"a.q_proj": Kept(torch.tensor([1, 5]), None), "a.o_proj": Kept(None, torch.tensor([2]))}
+    back = kept_from_record(kept_to_record(kept), who="c")
+    assert torch.equal(back["a.q_proj"].out, kept["a.q_proj"].out) and back["a.q_proj"].in_ is None
+    assert torch.equal(back["a.o_proj"].in_, kept["a.o_proj"].in_)
+    from flwr.app import ArrayRecord
+
+    with pytest.raises(ValueError, match=r"client 9: kept-index key 'm\.rows'"):
+        kept_from_record(ArrayRecord({"m.rows": torch.tensor([1])}), who="client 9")
