@@ -12,6 +12,9 @@ def t(rows: list[list[float]]) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float64)
 
 
+PLAIN = {"correction": False, "residual_rank": 0}  # the SVD squeeze without its default extras
+
+
 def diagonal_round() -> list[Factors]:
     """Two clients whose mean update is diag(3, 1, 2) (weights ½, ½)."""
     one = Factors(
@@ -22,7 +25,7 @@ def diagonal_round() -> list[Factors]:
 
 
 def test_default_rank_is_the_largest_client_rank() -> None:
-    result = get("squeeze")(diagonal_round(), [1.0, 1.0])
+    result = get("squeeze")(diagonal_round(), [1.0, 1.0], **PLAIN)
     assert result.global_.rank == 2 and result.state == {}
     assert torch.allclose(result.global_.delta(), torch.diag(t([[3.0, 0.0, 2.0]])[0]))
 
@@ -33,13 +36,13 @@ def test_matches_svd_at_the_same_rank() -> None:
         Factors(torch.randn(30, r, generator=gen), torch.randn(r, 20, generator=gen), 16.0 / r)
         for r in (4, 8, 2)
     ]
-    sq = get("squeeze")(updates, [1.0, 2.0, 3.0], method="exact").global_
+    sq = get("squeeze")(updates, [1.0, 2.0, 3.0], method="exact", **PLAIN).global_
     svd = get("svd")(updates, [1.0, 2.0, 3.0], global_rank=8, method="exact").global_
     assert torch.allclose(sq.delta(), svd.delta(), atol=1e-4)
 
 
 def test_error_feedback_keeps_the_tail_and_brings_it_back() -> None:
-    first = get("squeeze")(diagonal_round(), [1.0, 1.0], residual_rank=1)
+    first = get("squeeze")(diagonal_round(), [1.0, 1.0], correction=False, residual_rank=1)
     rB, rA = first.state["residual_B"], first.state["residual_A"]
     assert rB.shape == (3, 1) and rA.shape == (1, 3) and rB.dtype == torch.float64
     assert torch.allclose(rB @ rA, torch.diag(t([[0.0, 1.0, 0.0]])[0]))
@@ -47,19 +50,21 @@ def test_error_feedback_keeps_the_tail_and_brings_it_back() -> None:
     zeros = [
         Factors(torch.zeros(3, 2, dtype=torch.float64), torch.zeros(2, 3, dtype=torch.float64), 1.0)
     ]
-    second = get("squeeze")(zeros, [1.0], state=first.state, residual_rank=1)
+    second = get("squeeze")(zeros, [1.0], state=first.state, correction=False, residual_rank=1)
     assert torch.allclose(second.global_.delta(), torch.diag(t([[0.0, 1.0, 0.0]])[0]))
     assert torch.allclose(
         second.state["residual_B"] @ second.state["residual_A"],
         torch.zeros(3, 3, dtype=torch.float64),
     )
     # Without feedback the tail is gone for good.
-    assert not get("squeeze")(zeros, [1.0]).global_.delta().any()
+    assert not get("squeeze")(zeros, [1.0], **PLAIN).global_.delta().any()
 
 
 def test_residual_is_capped_to_the_best_tail_approximation() -> None:
     # Mean diag(3, 1, 2) at global rank 1 leaves diag(0, 1, 2), capped to rank 1: diag(0, 0, 2).
-    result = get("squeeze")(diagonal_round(), [1.0, 1.0], global_rank=1, residual_rank=1)
+    result = get("squeeze")(
+        diagonal_round(), [1.0, 1.0], global_rank=1, correction=False, residual_rank=1
+    )
     assert torch.allclose(result.global_.delta(), torch.diag(t([[3.0, 0.0, 0.0]])[0]))
     residual = result.state["residual_B"] @ result.state["residual_A"]
     assert torch.allclose(residual, torch.diag(t([[0.0, 0.0, 2.0]])[0]))
@@ -79,7 +84,7 @@ def test_state_dtype_and_validation() -> None:
     updates = [
         Factors(torch.ones(4, 2, dtype=torch.bfloat16), torch.ones(2, 3, dtype=torch.bfloat16), 1.0)
     ]
-    result = get("squeeze")(updates, [1.0], global_rank=1, residual_rank=2)
+    result = get("squeeze")(updates, [1.0], global_rank=1, correction=False, residual_rank=2)
     assert result.global_.B.dtype == torch.bfloat16
     assert result.state["residual_B"].dtype == torch.float32
     with pytest.raises(ValueError, match="residual_A"):
@@ -87,3 +92,13 @@ def test_state_dtype_and_validation() -> None:
     with pytest.raises(ValueError, match="module"):
         bad = {"residual_B": torch.zeros(5, 1), "residual_A": torch.zeros(1, 3)}
         get("squeeze")(updates, [1.0], state=bad)
+
+
+def test_defaults_are_correction_and_a_residual_at_the_global_rank() -> None:
+    # Chosen by bench/quality.py; see the module docstring.
+    updates, weights = diagonal_round(), [1.0, 1.0]
+    default = get("squeeze")(updates, weights)
+    explicit = get("squeeze")(updates, weights, correction=True, lam=0.01, residual_rank=2)
+    assert torch.equal(default.global_.B, explicit.global_.B)
+    assert default.state["residual_B"].shape == (3, 2)
+    assert torch.equal(default.state["residual_A"], explicit.state["residual_A"])
