@@ -66,8 +66,11 @@ resume = false
 
 
 def flwr_env() -> dict[str, str]:
-    """Environment for `flwr`/`flower-*` subprocesses: no dependency installation at run time."""
-    return {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    """Environment for `flwr`/`flower-*` subprocesses: no run-time dependency installation, and
+    this interpreter's scripts folder first on PATH so an unactivated venv finds Flower's CLIs."""
+    scripts = str(Path(sys.executable).parent)
+    path = os.pathsep.join([scripts, os.environ.get("PATH", "")])
+    return {**os.environ, "PATH": path, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
 
 
 def write_app(folder: Path) -> Path:

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from fedllm.deploy import supernode_command
+from fedllm.deploy import flwr_env, supernode_command
 
 
 def cmd_node(args: argparse.Namespace) -> int:
@@ -27,8 +27,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     if args.data_path and not Path(args.data_path).expanduser().exists():
         raise FileNotFoundError(f"--data-path {args.data_path}: no such file or folder")
     print(f"[fedllm] {' '.join(cmd)}", flush=True)
-    os.environ["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-    os.execvp(cmd[0], cmd)
+    os.execvpe(cmd[0], cmd, flwr_env())
     return 1  # not reached
 
 
