@@ -109,6 +109,8 @@ class RoundSpec:
     merge: bool = False  # global_ is a delta merged into the base; clients start a fresh LoRA
     freeze_A: bool = False  # clients train B only; A stays as the server sent it (shared seed)
     local_B: bool = False  # clients keep B across rounds and exchange A only
+    # aggregator.options read by clients (sent in the round config), never by the aggregation
+    client_options: tuple[str, ...] = ()
 
 
 ADAPTER_STATE = RoundSpec()

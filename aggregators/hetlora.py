@@ -3,7 +3,8 @@
 Weights are pᵢ·‖sᵢBᵢAᵢ‖_F, normalised; the norm comes from r×r Gram matrices, never d×k. Like FedIT
 it is biased by cross terms. Adapter-state semantics: client j restarts from truncate(rⱼ, sⱼ)
 (sᵢ = α/rᵢ folded into Bᵢ; global scaling 1). The client-side rank self-pruning regulariser is
-not part of aggregation.
+not part of aggregation: its options (`CLIENT_OPTIONS`) travel to clients in the round config
+(RoundSpec.client_options) and never reach this function (fedllm.hetlora_client).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .base import Aggregate, Factors, normalized_weights, register, reject_options
+from .base import Aggregate, Factors, RoundSpec, normalized_weights, register, reject_options
 from .fedit import padded_mean
 
 
@@ -25,7 +26,11 @@ def delta_norm(f: Factors) -> float:
     return f.scaling * math.sqrt(squared)
 
 
-@register("hetlora")
+# the rank self-pruning options, used by clients only (fedllm.hetlora_client)
+CLIENT_OPTIONS = ("prune_lambda", "prune_gamma", "min_rank")
+
+
+@register("hetlora", rounds=RoundSpec(client_options=CLIENT_OPTIONS))
 def hetlora(
     updates: Sequence[Factors],
     weights: Sequence[float],

@@ -17,7 +17,7 @@ from flwr.clientapp import ClientApp
 from peft import PeftModel
 
 from fedllm import constrained_client as constrained
-from fedllm import rounds
+from fedllm import hetlora_client, rounds
 from fedllm.adapters import attach_lora, from_record, read_factors, write_factors
 from fedllm.aggregators import Factors
 from fedllm.config import RunConfig
@@ -72,6 +72,8 @@ def train(cfg: RunConfig, msg: Message, context: Context) -> Message:
     check_recipe(cfg, config)
     pid = partition_of(context)
     plan = constrained.client_plan(cfg, pid, config, context.node_config)  # rank, pruning, quant
+    prune = hetlora_client.options_of(config)  # HetLoRA rank self-pruning (off unless sent)
+    plan = hetlora_client.planned(plan, context.state)  # at the rank this node pruned to, if any
     rank = plan.rank
     server_round = int(config["server-round"])
     spec = rounds.spec_of(config)
@@ -125,12 +127,17 @@ def train(cfg: RunConfig, msg: Message, context: Context) -> Message:
                 warmup_steps=fed.warmup_steps,
                 max_grad_norm=fed.max_grad_norm,
                 seed=seed,
+                regularizer=hetlora_client.regularizer(model, prune, rank),
             )
         # client-level DP with noise_at=client: clip to S and noise here (else unchanged)
         factors, clip_metrics = privatize_reply(
             cfg, read_factors(model), start, freeze_a=spec.freeze_A
         )
         dp_metrics.update(clip_metrics)
+        factors, start, rank, tail = hetlora_client.prune_reply(
+            factors, start, prune, context.state, rank=rank, scaling=cfg.client_scaling
+        )  # HetLoRA: maybe cut to a smaller rank; sent and remembered from now on
+        dp_metrics.update(tail)
         if spec.local_B:
             rounds.keep_local_B(context, factors)
         reply = constrained.build_reply(

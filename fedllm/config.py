@@ -347,6 +347,9 @@ class RunConfig(_Strict):
             )
         _check_client_dp(self)
         _check_constrained(self)
+        from fedllm.hetlora_client import check_recipe as _check_hetlora
+
+        _check_hetlora(self)  # HetLoRA's client-side rank self-pruning options
         return self
 
     @property

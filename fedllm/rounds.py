@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
@@ -26,18 +27,47 @@ from fedllm.aggregators import Factors, RoundSpec
 LOCAL_B = "fedsa-local-B"  # key of this node's B matrices in context.state
 
 
-def spec_config(spec: RoundSpec) -> dict[str, bool]:
+OPTION_PREFIX = "option."  # round-config key prefix of the client-side aggregator options
+
+
+def spec_config(spec: RoundSpec) -> dict[str, bool | str]:
     """The round semantics as ConfigRecord entries."""
-    return {"merge": spec.merge, "freeze-a": spec.freeze_A, "local-b": spec.local_B}
+    out: dict[str, bool | str] = {
+        "merge": spec.merge,
+        "freeze-a": spec.freeze_A,
+        "local-b": spec.local_B,
+    }
+    if spec.client_options:
+        out["client-options"] = ",".join(spec.client_options)
+    return out
 
 
 def spec_of(config: ConfigRecord) -> RoundSpec:
     """The round semantics the server announced (adapter state if it announced none)."""
+    names = str(config.get("client-options", ""))
     return RoundSpec(
         merge=bool(config.get("merge", False)),
         freeze_A=bool(config.get("freeze-a", False)),
         local_B=bool(config.get("local-b", False)),
+        client_options=tuple(n for n in names.split(",") if n),
     )
+
+
+def options_config(spec: RoundSpec, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The recipe's client-side aggregator options as round-config entries (`option.<name>`)."""
+    return {OPTION_PREFIX + k: v for k, v in options.items() if k in spec.client_options}
+
+
+def client_options(config: ConfigRecord) -> dict[str, Any]:
+    """The client-side aggregator options the server sent (`options_config`'s inverse)."""
+    return {
+        k.removeprefix(OPTION_PREFIX): v for k, v in config.items() if k.startswith(OPTION_PREFIX)
+    }
+
+
+def server_options(spec: RoundSpec, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The aggregator options the server's aggregation function takes (client-side ones removed)."""
+    return {k: v for k, v in options.items() if k not in spec.client_options}
 
 
 def outgoing(factors: Mapping[str, Factors], spec: RoundSpec) -> ArrayRecord:

@@ -97,6 +97,7 @@ class LoraStrategy(Strategy):
                 "global-scaling": self.global_scaling,
                 "recipe-hash": self.cfg.fingerprint(),
                 **rounds.spec_config(self.spec),
+                **rounds.options_config(self.spec, self.cfg.aggregator.options),
             }
         )
 
@@ -218,6 +219,7 @@ class LoraStrategy(Strategy):
                     "bytes_sent": int(m["bytes-sent"]),
                     "bytes_received": int(m["bytes-received"]),
                     "pruning": float(m.get("pruning", 0.0)),
+                    **({"hetlora_tail": float(m["hetlora-tail"])} if "hetlora-tail" in m else {}),
                 }
             )
         self.round_rows = rows
@@ -246,7 +248,7 @@ class LoraStrategy(Strategy):
                 global_rank=self.cfg.aggregator.global_rank,
                 state=self.agg_state.get(module),
                 seed=self.cfg.seed + server_round,
-                **self.cfg.aggregator.options,
+                **rounds.server_options(self.spec, self.cfg.aggregator.options),
             )
             new_global[module] = result.global_
             new_state[module] = result.state

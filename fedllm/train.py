@@ -113,8 +113,13 @@ def train_local(
     max_grad_norm: float | None = 1.0,
     seed: int = 0,
     on_step: Callable[[int, int, float], None] | None = None,
+    regularizer: Callable[[], torch.Tensor] | None = None,
 ) -> TrainResult:
-    """Run `steps` optimizer steps on the trainable (LoRA) parameters of `model`."""
+    """Run `steps` optimizer steps on the trainable (LoRA) parameters of `model`.
+
+    `regularizer()` (e.g. HetLoRA's tail penalty, `fedllm.hetlora_client`) is added to each step's
+    loss before the backward pass; the reported losses are the data loss alone.
+    """
     if not examples:
         raise ValueError("no training examples on this client")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -133,7 +138,7 @@ def train_local(
     for step in range(steps):
         batch = next(batches)
         loss = model(**batch).loss
-        accelerator.backward(loss)
+        accelerator.backward(loss if regularizer is None else loss + regularizer())
         if max_grad_norm is not None:
             accelerator.clip_grad_norm_(params, max_grad_norm)
         opt.step()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -143,7 +144,13 @@ def test_reject_options_names_them() -> None:
 def test_every_method_declares_its_round_semantics(monkeypatch: pytest.MonkeyPatch) -> None:
     specs = {name: base.round_spec(name) for name in available()}
     assert specs["flora"].merge and specs["ffa"].freeze_A and specs["fedsa"].local_B
-    plain = [n for n, s in specs.items() if s == base.ADAPTER_STATE]
+    # adapter state on the wire (hetlora also declares client-side options)
+    plain = [
+        n
+        for n, s in specs.items()
+        if s == replace(base.ADAPTER_STATE, client_options=s.client_options)
+    ]
+    assert specs["hetlora"].client_options and not specs["svd"].client_options
     assert {"fedit", "svd", "squeeze", "flexlora", "lorafair", "hetlora", "rblora"} <= set(plain)
     with pytest.raises(KeyError, match="Did you mean 'flora'"):
         base.round_spec("florra")
