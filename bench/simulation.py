@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 
 from fedllm.adapters import attach_lora, read_factors, write_factors
-from fedllm.aggregators import get
+from fedllm.aggregators import get, round_spec
 from fedllm.cli import absolute_paths
 from fedllm.config import RunConfig, load_recipe
+from fedllm.rounds import server_options
 from fedllm.shards import adapter_shapes, cached_base_model, load_shard
 from fedllm.strategy import initial_factors
 from fedllm.train import evaluate_nll, num_local_steps, train_local
@@ -88,7 +89,7 @@ def plain_rounds(cfg: RunConfig) -> list[float]:
                 weights,
                 global_rank=cfg.aggregator.global_rank,
                 seed=cfg.seed + rnd,
-                **cfg.aggregator.options,
+                **server_options(round_spec(cfg.aggregator.name), cfg.aggregator.options),
             ).global_
             for module in sorted(global_)
         }

@@ -1,7 +1,8 @@
 """Deployment engine on 127.0.0.1: a TLS SuperLink with SuperNode authentication, 3 SuperNodes each
-reading its own JSONL file, the tiny recipe for 2 rounds. One scenario, checked by several tests:
+reading its own JSONL file, the tiny recipe for 3 rounds. One scenario, checked by several tests:
 the ServerApp is killed after round 1 (that run must exit non-zero), the run is resumed, a
-SuperNode is killed during round 2, and the run still finishes. Every process is started in its
+SuperNode is killed during round 2 (the round finishes without it after the timeout), the node is
+started again and rejoins for round 3, and the run finishes. Every process is started in its
 own session and killed by its process-group id, also on failure; the scenario bounds its time."""
 
 from __future__ import annotations
@@ -78,10 +79,12 @@ class Federation:
     def log(self, name: str) -> str:
         return (self.root / f"{name}.log").read_text()
 
-    def wait_for(self, name: str, text: str) -> None:
-        while text not in self.log(name):
-            assert time.monotonic() < self.deadline, f"timed out waiting for {text!r} in {name}"
+    def wait_for(self, name: str, *texts: str) -> str:
+        """Wait until any of `texts` is in the log of `name`; returns the one seen."""
+        while not (seen := [t for t in texts if t in self.log(name)]):
+            assert time.monotonic() < self.deadline, f"timed out waiting for {texts!r} in {name}"
             time.sleep(0.5)
+        return seen[0]
 
     def wait_exit(self, proc: subprocess.Popen) -> int:
         return proc.wait(timeout=max(1.0, self.deadline - time.monotonic()))
@@ -143,33 +146,31 @@ def scenario(tmp_path_factory):
         wait_for_port("127.0.0.1", port, timeout=60)
         for i in range(3):
             register_node(creds.node_public(i), "loop", env=fed.env)
-        nodes = [
-            fed.start(
-                f"node{i}",
-                supernode_command(
-                    superlink=f"127.0.0.1:{port}",
-                    partition_id=i,
-                    port=free_port(),
-                    data_path=str(files[i]),
-                    root_certificates=creds.ca_cert,
-                    auth_key=creds.node_keys[i],
-                ),
+        node_cmds = [
+            supernode_command(
+                superlink=f"127.0.0.1:{port}",
+                partition_id=i,
+                port=free_port(),
+                data_path=str(files[i]),
+                root_certificates=creds.ca_cert,
+                auth_key=creds.node_keys[i],
             )
             for i in range(3)
         ]
+        nodes = [fed.start(f"node{i}", cmd) for i, cmd in enumerate(node_cmds)]
         args = [
             f"output_dir={root / 'runs'}",
             "name=dep",
             f"data.source={union}",
             "data.partitioner=iid",
             "data.max_examples=null",
-            "federation.rounds=2",
+            "federation.rounds=3",
             "federation.local_steps=3",
             "federation.round_timeout=120",
         ]
         # 1) kill the ServerApp once round 1 is checkpointed; that run must fail (exit != 0)
         first = fedllm_run(fed, "run1", args)
-        fed.wait_for("run1", "round 1/2: 3/3 clients ok")
+        fed.wait_for("run1", "round 1/3: 3/3 clients ok")
         run_dir = root / "runs" / "dep"
         shutil.copy(run_dir / "checkpoint.pt", root / "after_round1.pt")
         apps = [p for p in descendants(link.pid) if "flwr-serverapp" in cmdline(p)]
@@ -188,9 +189,12 @@ def scenario(tmp_path_factory):
         rows_before = (run_dir / "metrics.jsonl").read_text().splitlines()
         # 2) resume; kill SuperNode 2 while round 2 trains
         second = fedllm_run(fed, "run2", [*args, "--resume"])
-        fed.wait_for("run2", "round 2/2: training")
+        fed.wait_for("run2", "round 2/3: training")
         time.sleep(2.0)
         fed.kill(nodes[2])
+        # 3) once round 2's training gave up on it, the organisation restarts its SuperNode
+        fed.wait_for("run2", "did not reply within", "round 2/3 train: client 3/3")
+        fed.start("node2-rejoined", node_cmds[2])
         second_rc = fed.wait_exit(second)
         yield {
             "root": root,
@@ -213,13 +217,13 @@ def rows(run_dir: Path) -> list[dict]:
 def test_killed_serverapp_run_exits_nonzero_and_resumed_run_succeeds(scenario) -> None:
     assert scenario["first_rc"] != 0
     assert scenario["second_rc"] == 0, scenario["log"][-3000:]
-    assert "resuming dep after round 1 of 2" in scenario["log"]
+    assert "resuming dep after round 1 of 3" in scenario["log"]
 
 
 def test_round_2_finishes_without_the_killed_node_and_says_so(scenario) -> None:
     r = rows(scenario["run_dir"])
     server = {x["round"]: x for x in r if x["kind"] == "server"}
-    assert set(server) == {0, 1, 2}
+    assert set(server) == {0, 1, 2, 3}
     assert server[1]["clients_ok"] == 3
     assert server[2]["clients_ok"] == 2 and server[2]["clients_sampled"] == 3
     ok2 = {
@@ -229,7 +233,19 @@ def test_round_2_finishes_without_the_killed_node_and_says_so(scenario) -> None:
     }
     assert ok2 == {0, 1}
     log = scenario["log"]
-    assert "did not reply within" in log or "failed" in log.split("round 2/2: training")[1]
+    assert "did not reply within" in log or "failed" in log.split("round 2/3: training")[1]
+
+
+def test_restarted_node_rejoins_in_round_3(scenario) -> None:
+    r = rows(scenario["run_dir"])
+    server = {x["round"]: x for x in r if x["kind"] == "server"}
+    assert server[3]["clients_ok"] == 3, scenario["log"][-3000:]
+    ok3 = {
+        x["partition"]
+        for x in r
+        if x["kind"] == "client" and x["round"] == 3 and x["status"] == "ok"
+    }
+    assert ok3 == {0, 1, 2}
 
 
 def test_resumed_round_2_starts_from_round_1_state(scenario) -> None:
@@ -246,9 +262,9 @@ def test_resumed_round_2_starts_from_round_1_state(scenario) -> None:
     assert state["round"] == 1
     saved = {m: Factors(b, a, s) for m, (b, a, s) in state["strategy"]["global"].items()}
     log = scenario["log"]
-    assert f"round 2/2: training 3 clients from global {factors_digest(saved)}" in log
+    assert f"round 2/3: training 3 clients from global {factors_digest(saved)}" in log
     first_run = (scenario["root"] / "run1.log").read_text()
-    round1 = first_run.split("round 1/2: training 3 clients from global ")[1][:12]
+    round1 = first_run.split("round 1/3: training 3 clients from global ")[1][:12]
     assert round1 != factors_digest(saved), "round 1 must have changed the global factors"
 
 
