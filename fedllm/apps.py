@@ -14,6 +14,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedllm import client_app as client
+from fedllm import secagg
 from fedllm.node import check_node, recipe_from_run_config
 
 server_app = ServerApp()
@@ -28,7 +29,7 @@ def _serve(grid: Grid, context: Context) -> None:
     run_server(grid, cfg, resume=bool(context.run_config.get("resume", False)))
 
 
-@client_app.train()
+@client_app.train(mods=[secagg.mod])  # SecAgg+ masking; passes other messages through
 def _train(msg: Message, context: Context) -> Message:
     cfg = recipe_from_run_config(context.run_config)
     check_node(cfg, context.node_config)

@@ -17,7 +17,7 @@ from flwr.clientapp import ClientApp
 from peft import PeftModel
 
 from fedllm import constrained_client as constrained
-from fedllm import hetlora_client, rounds
+from fedllm import hetlora_client, rounds, secagg
 from fedllm.adapters import attach_lora, from_record, read_factors, write_factors
 from fedllm.aggregators import Factors
 from fedllm.config import RunConfig
@@ -67,8 +67,19 @@ def lora_on_base(
 
 
 def train(cfg: RunConfig, msg: Message, context: Context) -> Message:
-    """One round of local training, started from the global factors in `msg`."""
-    config = msg.content["config"]
+    """One round of local training, started from the global factors in `msg`.
+
+    A SecAgg+ round (fedllm.secagg) arrives in FitIns form and replies in FitRes form, which
+    `secagg.mod` masks before anything leaves the client.
+    """
+    if secagg.FITINS in msg.content.config_records:
+        return Message(secagg.client_reply(cfg, msg.content, context, train_content), reply_to=msg)
+    return Message(train_content(cfg, msg.content, context), reply_to=msg)
+
+
+def train_content(cfg: RunConfig, content: RecordDict, context: Context) -> RecordDict:
+    """`train` on a message's content: {global, config} in, {update, metrics} out."""
+    config = content["config"]
     check_recipe(cfg, config)
     pid = partition_of(context)
     plan = constrained.client_plan(cfg, pid, config, context.node_config)  # rank, pruning, quant
@@ -77,7 +88,7 @@ def train(cfg: RunConfig, msg: Message, context: Context) -> Message:
     rank = plan.rank
     server_round = int(config["server-round"])
     spec = rounds.spec_of(config)
-    received = msg.content["global"]
+    received = content["global"]
     global_scaling = float(config["global-scaling"])
     global_factors = (
         None if spec.local_B else constrained.decode_global(cfg, received, global_scaling)
@@ -163,13 +174,13 @@ def train(cfg: RunConfig, msg: Message, context: Context) -> Message:
             "train-loss-last": result.loss_last,
             "steps": result.steps,
             "train-seconds": result.seconds,
-            "bytes-received": msg.content["global"].count_bytes(),
+            "bytes-received": received.count_bytes(),
             "bytes-sent": sum(r.count_bytes() for r in reply.values()),
             "pruning": plan.pruning,
             **dp_metrics,
         }
     )
-    return Message(RecordDict({**reply, "metrics": metrics}), reply_to=msg)
+    return RecordDict({**reply, "metrics": metrics})
 
 
 def evaluate(cfg: RunConfig, msg: Message, context: Context) -> Message:
@@ -218,7 +229,7 @@ def make_client_app(cfg: RunConfig) -> ClientApp:
     """A ClientApp bound to a recipe (the simulation passes it by value to every worker)."""
     app = ClientApp()
 
-    @app.train()
+    @app.train(mods=[secagg.mod])  # passes through unless the round is a SecAgg+ one
     def _train(msg: Message, context: Context) -> Message:
         return train(cfg, msg, context)
 

@@ -254,6 +254,44 @@ class SimulationConfig(_Strict):
     num_gpus_per_client: float = Field(0.0, ge=0)
 
 
+class SecureAggregationConfig(_Strict):
+    """Flower's SecAgg+ for training rounds (see `fedllm.secagg`): the server sees only sums.
+
+    What clients send follows the aggregator: ffa (padded B), fedit (padded B and A) or svd
+    (dense sᵢBᵢAᵢ). Shares and threshold are counts (int) or fractions of the sampled clients.
+    """
+
+    enabled: bool = False
+    num_shares: int | float = Field(
+        1.0, gt=0, description="key shares per client (int or fraction)"
+    )
+    reconstruction_threshold: int | float = Field(
+        0.5, gt=0, description="shares needed to unmask (int, or fraction of num_shares)"
+    )
+    clipping_range: float = Field(8.0, gt=0, description="weighted entries clipped to ±this")
+    quantization_range: int = Field(2**24, ge=2, description="integer levels over the clip range")
+    max_weight: float | None = Field(
+        None, gt=0, description="largest client weight (default: data.max_examples)"
+    )
+
+    @model_validator(mode="after")
+    def _protocol(self) -> SecureAggregationConfig:
+        shares, threshold = self.num_shares, self.reconstruction_threshold
+        if isinstance(shares, int) and shares != 1 and shares <= 2:
+            raise ValueError(f"num_shares as a count must be > 2 (or a fraction), got {shares}")
+        if isinstance(shares, float) and shares > 1:
+            raise ValueError(f"num_shares as a fraction must be in (0, 1], got {shares}")
+        if isinstance(threshold, float) and threshold > 1:
+            raise ValueError(
+                f"reconstruction_threshold as a fraction must be <= 1, got {threshold}"
+            )
+        if isinstance(threshold, int) and isinstance(shares, int) and 1 < shares <= threshold:
+            raise ValueError(
+                f"reconstruction_threshold ({threshold}) must be below num_shares ({shares})"
+            )
+        return self
+
+
 class PrivacyConfig(_Strict):
     """Differential privacy: sample-level DP-SGD on clients, or client-level DP (DP-FedAvg)."""
 
@@ -271,12 +309,14 @@ class PrivacyConfig(_Strict):
     epsilon_budget: float | None = Field(
         None, gt=0, description="stop before the round that would spend more than this ε"
     )
+    secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
 
     @model_validator(mode="after")
     def _coherent(self) -> PrivacyConfig:
         common = {"mode", "target_epsilon", "delta", "accountant", "epsilon_budget"}
+        common |= {"secure_aggregation"}  # any mode
         own = {
-            "none": {"mode"},
+            "none": {"mode", "secure_aggregation"},
             "sample": common | {"noise_multiplier", "max_grad_norm"},
             "client": common | {"client_noise_multiplier", "client_clip", "noise_at"},
         }[self.mode]
@@ -350,6 +390,7 @@ class RunConfig(_Strict):
         from fedllm.hetlora_client import check_recipe as _check_hetlora
 
         _check_hetlora(self)  # HetLoRA's client-side rank self-pruning options
+        _check_secure_aggregation(self)
         return self
 
     @property
@@ -386,7 +427,9 @@ class RunConfig(_Strict):
         """A short hash of what must match between server and clients (model, LoRA, data)."""
         parts = self.model_dump(include={"model", "lora", "data", "seed"}, mode="json")
         if self.privacy.mode != "none":  # clients must train with the server's DP settings
-            parts["privacy"] = self.privacy.model_dump(exclude={"epsilon_budget"}, mode="json")
+            parts["privacy"] = self.privacy.model_dump(
+                exclude={"epsilon_budget", "secure_aggregation"}, mode="json"
+            )
         return hashlib.sha256(yaml.safe_dump(parts, sort_keys=True).encode()).hexdigest()[:12]
 
     def to_yaml(self) -> str:
@@ -437,6 +480,38 @@ def _check_constrained(cfg: RunConfig) -> None:
             f"{cfg.aggregator.name!r} merges a delta into the base or keeps B locally, so use an "
             "adapter-state aggregator (svd, squeeze, fedit, hetlora, lorafair, ffa, ...) "
             "or drop the pruning/compression"
+        )
+
+
+def _check_secure_aggregation(cfg: RunConfig) -> None:
+    """SecAgg+ needs an aggregator that works from sums and no per-client server-side step."""
+    sa = cfg.privacy.secure_aggregation
+    if not sa.enabled:
+        return
+    from fedllm.secagg import MODES, MODULUS
+
+    key = "privacy.secure_aggregation"
+    if cfg.aggregator.name not in MODES:
+        raise ValueError(
+            f"{key}: aggregator.name={cfg.aggregator.name!r} needs each client's update; the "
+            "server only sees sums under SecAgg+, so use ffa (exact), fedit, or svd (dense upload)"
+        )
+    if cfg.privacy.mode == "client":
+        raise ValueError(
+            f"{key}: privacy.mode='client' clips and noises each update on the server, which "
+            "never sees one under SecAgg+; use privacy.mode 'sample' or 'none'"
+        )
+    if cfg.adaptive is not None or any(t.pruning > 0 for t in cfg.lora.tiers or []):
+        raise ValueError(f"{key}: pruned tiers and adaptive (rank, pruning) are not supported")
+    if cfg.compression.dtype != "float32" or cfg.compression.topk is not None:
+        raise ValueError(f"{key}: compression does not apply (masked vectors are integers)")
+    n = cfg.federation.clients_per_round or cfg.data.num_clients
+    if n < 2:
+        raise ValueError(f"{key}: SecAgg+ needs at least 2 clients per round, got {n}")
+    if sa.quantization_range * n >= MODULUS:
+        raise ValueError(
+            f"{key}.quantization_range ({sa.quantization_range}) × {n} clients must stay below "
+            f"2**32 (the masks' modulus), or the sum overflows; use at most {MODULUS // n - 1}"
         )
 
 

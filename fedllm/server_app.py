@@ -15,6 +15,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 
+from fedllm import secagg
 from fedllm.adapters import save_peft_adapter
 from fedllm.checkpoint import load_checkpoint, save_checkpoint
 from fedllm.config import RunConfig
@@ -152,17 +153,26 @@ def run_server(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
             metrics.write([{"kind": "stop", "round": rnd - 1, "reason": stop}])
             break
         t0 = time.perf_counter()
-        messages = list(
-            strategy.configure_train(rnd, strategy.global_record(), ConfigRecord(), grid)
-        )
-        say(
-            f"round {rnd}/{cfg.federation.rounds}: training {len(messages)} clients "
-            f"from global {factors_digest(strategy.global_)}"
-        )
         label = f"round {rnd}/{cfg.federation.rounds} train"
-        replies = exchange(grid, messages, timeout=timeout, label=label, describe=describe_train)
-        _, summary = strategy.aggregate_train(rnd, replies)
-        privacy.record_round(replies, sampled=len(messages))
+        if cfg.privacy.secure_aggregation.enabled:  # SecAgg+: four exchanges, only sums seen
+            say(f"{label}: SecAgg+ from global {factors_digest(strategy.global_)}")
+            sampled, replies, summary = secagg.train_round(strategy, grid, rnd)
+            for i, reply in enumerate(replies, 1):
+                say(f"{label}: client {i}/{sampled} {describe_train(reply)} (masked)")
+        else:
+            messages = list(
+                strategy.configure_train(rnd, strategy.global_record(), ConfigRecord(), grid)
+            )
+            sampled = len(messages)
+            say(
+                f"round {rnd}/{cfg.federation.rounds}: training {sampled} clients "
+                f"from global {factors_digest(strategy.global_)}"
+            )
+            replies = exchange(
+                grid, messages, timeout=timeout, label=label, describe=describe_train
+            )
+            _, summary = strategy.aggregate_train(rnd, replies)
+        privacy.record_round(replies, sampled=sampled)
         train_rows = [{"kind": "client", **r} for r in strategy.round_rows]
         ok = [r for r in train_rows if r["status"] == "ok"]
         if replies and all(m.has_error() for m in replies):
@@ -170,9 +180,9 @@ def run_server(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
                 f"round {rnd}: every client failed (first error: {replies[0].error.reason}); "
                 f"rounds up to {rnd - 1} are checkpointed in {run_dir}, fix and use --resume"
             )
-        if len(replies) < len(messages):
+        if len(replies) < sampled:
             say(
-                f"round {rnd}: {len(messages) - len(replies)} of {len(messages)} clients did not "
+                f"round {rnd}: {sampled - len(replies)} of {sampled} clients did not "
                 f"reply within {timeout:.0f}s"
             )
         agg_seconds = time.perf_counter() - t0
@@ -182,7 +192,7 @@ def run_server(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
             "phase": "round",
             "clients_ok": len(ok),
             "clients_failed": len(train_rows) - len(ok),
-            "clients_sampled": len(messages),
+            "clients_sampled": sampled,
             "train_loss": float(summary["train-loss"]) if summary else None,
             "bytes_sent": sum(r["bytes_sent"] for r in ok),
             "bytes_received": sum(r["bytes_received"] for r in ok),
@@ -196,7 +206,7 @@ def run_server(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
         save_checkpoint(run_dir, _state(strategy, cfg, rnd, privacy))
         losses = " ".join(f"c{r['partition']}:{r['train_loss']:.3f}" for r in ok)
         say(
-            f"round {rnd}/{cfg.federation.rounds}: {len(ok)}/{len(messages)} clients ok, "
+            f"round {rnd}/{cfg.federation.rounds}: {len(ok)}/{sampled} clients ok, "
             f"train loss {losses}; held-out {server_row.get('held_out_loss', float('nan')):.4f} "
             f"[{server_row['seconds']:.0f}s]{privacy.progress()}"
         )

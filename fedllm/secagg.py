@@ -1,0 +1,254 @@
+"""Secure aggregation with Flower's SecAgg+: the server only ever sees the weighted sum.
+
+One training round runs Flower's `SecAggPlusWorkflow` (four exchanges: setup, share keys, collect
+masked vectors, unmask) around a minimal legacy `Strategy` (`SecureRound`). Its `configure_fit`
+reuses `LoraStrategy.configure_train` (each node its global factors cut to its rank) in `FitIns`
+form; the client's `secaggplus_mod` masks the vectors `client_reply` builds; `aggregate_fit` gets
+only the unmasked weighted mean and hands it to the recipe's aggregator as one pseudo-client.
+What a client sends (same shape for every rank, zero-padded to the federation's max rank r):
+- ffa   (aggregator ffa):   sᵢ·pad(Bᵢ) per module; A is the shared frozen A₀ (exact);
+- fedit (aggregator fedit): sᵢ·pad(Bᵢ) and pad(Aᵢ) per module (FedIT's own, biased, result);
+- dense (aggregator svd):   sᵢ·BᵢAᵢ (d×k) per module, exact, then SVD to the global rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
+from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters
+from flwr.common import parameters_to_ndarrays as to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common import recorddict_compat as compat
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import Strategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+from flwr.serverapp import Grid
+
+from fedllm.adapters import from_record
+from fedllm.aggregators import Factors
+
+MODES = {"ffa": "ffa", "fedit": "fedit", "svd": "dense"}  # aggregator -> what clients send
+MODULUS = 2**32  # SecAgg+ mask range; the sum of n quantized vectors must stay below it
+FITINS = "fitins.config"  # a train message in FitIns form: a SecAgg+ round
+
+
+# -- client side --------------------------------------------------------------------------------
+def mod(msg, context, call_next):
+    """`secaggplus_mod` for SecAgg+ messages; every other message passes through untouched."""
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def vectors(update: dict[str, Factors], mode: str, width: int) -> list[np.ndarray]:
+    """The padded vectors of one client, modules in sorted order (float64)."""
+    out = []
+    for module in sorted(update):
+        f = update[module].pad(width)  # zero rows/columns beyond the client's rank
+        B = (f.B.double() * f.scaling).numpy()
+        if mode == "ffa":
+            out.append(B)
+        elif mode == "fedit":
+            out += [B, f.A.double().numpy()]
+        else:
+            out.append(B @ f.A.double().numpy())
+    return out
+
+
+def client_reply(
+    cfg, content: RecordDict, context: Context, train: Callable[..., RecordDict]
+) -> RecordDict:
+    """Train from a FitIns-form message; reply in FitRes form with the vectors to be masked."""
+    fitins = compat.recorddict_to_fitins(content, keep_input=True)
+    config = dict(fitins.config)
+    keys = str(config.pop("secagg-keys")).split("\n")
+    mode, width = str(config.pop("secagg-mode")), int(config.pop("secagg-width"))
+    uniform = bool(config.pop("secagg-uniform"))
+    arrays = to_ndarrays(fitins.parameters)
+    received = ArrayRecord(
+        {k: torch.from_numpy(a.copy()) for k, a in zip(keys, arrays, strict=True)}
+    )
+    out = train(cfg, RecordDict({"global": received, "config": ConfigRecord(config)}), context)
+    metrics = dict(out["metrics"])
+    update = from_record(out["update"], cfg.client_scaling(int(metrics["rank"])))
+    vecs = vectors(update, mode, width)
+    weight = 1 if uniform else int(metrics["num-examples"])
+    if weight > max_weight(cfg):  # the mod would only warn, and the masked sum overflow
+        raise ValueError(f"weight {weight} exceeds privacy.secure_aggregation.max_weight")
+    # what leaves this client: one int64 per entry, plus the weight (after masking, in the mod)
+    metrics["bytes-sent"] = 8 * (1 + sum(v.size for v in vecs))
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(vecs), weight, metrics)
+    return compat.fitres_to_recorddict(fitres, keep_input=True)
+
+
+# -- server side --------------------------------------------------------------------------------
+@dataclass
+class Reply:
+    """A successful client's reply as the round loop sees it: metrics only, never its arrays."""
+
+    metrics: dict
+    content: dict = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.content = {"metrics": self.metrics}
+
+    def has_error(self) -> bool:
+        return False
+
+
+class SecureRound(Strategy):
+    """The legacy Strategy the SecAgg+ workflow drives, wrapped around a `LoraStrategy`."""
+
+    def __init__(self, lora, grid: Grid) -> None:
+        self.lora, self.grid = lora, grid
+        self.mode = MODES[lora.cfg.aggregator.name]
+        self.sampled = 0
+        self.replies: list[Reply] = []
+        self.summary: MetricRecord | None = None
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        """`LoraStrategy.configure_train`'s messages (cut global + config) as FitIns."""
+        lora, out = self.lora, []
+        for msg in lora.configure_train(
+            server_round, lora.global_record(), ConfigRecord(), self.grid
+        ):
+            record = msg.content["global"]
+            config = {
+                **dict(msg.content["config"]),
+                "secagg-keys": "\n".join(record.keys()),
+                "secagg-mode": self.mode,
+                "secagg-width": lora.max_rank,
+                "secagg-uniform": lora.cfg.aggregator.weighting == "uniform",
+            }
+            arrays = [record[k].numpy() for k in record.keys()]
+            proxy = GridClientProxy(msg.metadata.dst_node_id, self.grid, run_id=0)
+            out.append((proxy, FitIns(ndarrays_to_parameters(arrays), config)))
+        self.sampled = len(out)
+        return out
+
+    def aggregate_fit(self, server_round, results, failures):
+        """Every FitRes carries the same unmasked weighted mean; the individual vectors are gone."""
+        if not results:
+            return None, {}
+        shared = results[0][1].parameters
+        assert all(res.parameters is shared for _, res in results), "not a SecAgg+ aggregate"
+        self.replies = [Reply(dict(res.metrics)) for _, res in results]
+        self.lora.round_rows = [self.row(server_round, proxy, r) for proxy, r in results]
+        for proxy, res in results:
+            self.lora.node_ranks[proxy.node_id] = int(res.metrics["rank"])
+            self.lora.node_partitions[proxy.node_id] = int(res.metrics["partition-id"])
+        ranks = sum(int(res.metrics["rank"]) for _, res in results)
+        self.apply(server_round, to_ndarrays(shared), total_rank=ranks)
+        total = sum(res.num_examples for _, res in results)
+        loss = sum(res.num_examples * float(res.metrics["train-loss"]) for _, res in results)
+        self.summary = MetricRecord({"clients": len(results), "train-loss": loss / total})
+        return None, {}
+
+    def apply(self, server_round: int, mean: list[np.ndarray], *, total_rank: int) -> None:
+        """The aggregate as one pseudo-client of weight 1, through the recipe's aggregator."""
+        lora, agg = self.lora, self.lora.cfg.aggregator
+        arrays = iter(torch.from_numpy(a).double() for a in mean)
+        new_global, new_state = {}, {}
+        for module in sorted(lora.shapes):
+            d, k = lora.shapes[module]
+            rank = agg.global_rank
+            if self.mode == "ffa":  # A is the server's own frozen A₀
+                A0 = lora.global_[module].A.double()
+                pseudo = Factors(next(arrays), A0, 1.0)
+            elif self.mode == "fedit":
+                pseudo = Factors(next(arrays), next(arrays), 1.0)
+            else:  # dense ΔW: the svd aggregator keeps Σrᵢ singular triplets unless told
+                pseudo = Factors(next(arrays), torch.eye(k, dtype=torch.float64), 1.0)
+                rank = rank or min(total_rank, d, k)
+            result = lora.aggregate_fn(
+                [pseudo],
+                [1.0],
+                global_rank=rank,
+                state=lora.agg_state.get(module),
+                seed=lora.cfg.seed + server_round,
+                **agg.options,
+            )
+            g = result.global_
+            new_global[module] = Factors(g.B.float(), g.A.float(), g.scaling)
+            new_state[module] = result.state
+        lora.global_, lora.agg_state = new_global, new_state
+
+    @staticmethod
+    def row(server_round: int, proxy, res: FitRes) -> dict:
+        m = res.metrics
+        return {
+            "round": server_round,
+            "node": proxy.node_id,
+            "status": "ok",
+            "partition": int(m["partition-id"]),
+            "rank": int(m["rank"]),
+            "num_examples": int(m["num-examples"]),
+            "train_loss": float(m["train-loss"]),
+            "train_loss_first": float(m["train-loss-first"]),
+            "train_loss_last": float(m["train-loss-last"]),
+            "steps": int(m["steps"]),
+            "train_seconds": float(m["train-seconds"]),
+            "bytes_sent": int(m["bytes-sent"]),
+            "bytes_received": int(m["bytes-received"]),
+            "pruning": 0.0,
+            "secure_aggregation": "secagg+",
+        }
+
+    # the round loop evaluates itself (LoraStrategy.configure_evaluate)
+    def initialize_parameters(self, client_manager):
+        return None
+
+    def configure_evaluate(self, server_round, parameters, client_manager):
+        return []
+
+    def aggregate_evaluate(self, server_round, results, failures):
+        return None, {}
+
+    def evaluate(self, server_round, parameters):
+        return None
+
+
+def train_round(
+    lora, grid: Grid, server_round: int
+) -> tuple[int, list[Reply], MetricRecord | None]:
+    """One SecAgg+ training round: (clients sampled, replies (metrics only), summary or None)."""
+    sa = lora.cfg.privacy.secure_aggregation
+    weighting = lora.cfg.aggregator.weighting
+    workflow = SecAggPlusWorkflow(
+        num_shares=sa.num_shares,
+        reconstruction_threshold=sa.reconstruction_threshold,
+        max_weight=1.0 if weighting == "uniform" else max_weight(lora.cfg),
+        clipping_range=sa.clipping_range,
+        quantization_range=sa.quantization_range,
+        modulus_range=MODULUS,
+        timeout=lora.cfg.federation.round_timeout,
+    )
+    adapter = SecureRound(lora, grid)
+    lora.round_rows = []
+    state = RecordDict(
+        {
+            MAIN_CONFIGS_RECORD: ConfigRecord({Key.CURRENT_ROUND: server_round}),
+            MAIN_PARAMS_RECORD: ArrayRecord(),
+        }
+    )
+    context = LegacyContext(Context(0, 0, {}, state, {}), strategy=adapter)
+    workflow(grid, context)
+    if adapter.summary is None:  # the protocol halted (too few clients left) or none replied
+        lora.round_rows = [
+            {"round": server_round, "node": -1, "status": "failed",
+             "reason": "SecAgg+ halted: fewer clients than the reconstruction threshold"}
+        ]  # fmt: skip
+    return adapter.sampled, adapter.replies, adapter.summary
+
+
+def max_weight(cfg) -> float:
+    """The largest weight a client may send (its number of training examples)."""
+    sa = cfg.privacy.secure_aggregation
+    return float(sa.max_weight or cfg.data.max_examples or 100_000)
