@@ -13,7 +13,10 @@ Writes results/pruning.md.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -64,7 +67,10 @@ def worker(pruning: float, quant: str | None, steps: int, overrides: list[str]) 
 
         thread = threading.Thread(target=sample)
         thread.start()
-        result = train_local(model, steps=steps, seed=1, **run)
+        stamps = [time.perf_counter()]
+        train_local(
+            model, steps=steps, seed=1, on_step=lambda *_: stamps.append(time.perf_counter()), **run
+        )
         done.set()
         thread.join()
         from fedllm.adapters import read_factors
@@ -77,7 +83,7 @@ def worker(pruning: float, quant: str | None, steps: int, overrides: list[str]) 
             reply = build_reply(c, factors, spec=RoundSpec(), start=start, kept=kept, state=None)
             sizes[name] = sum(r.count_bytes() for r in reply.values())
     return {
-        "step_seconds": result.seconds / steps,
+        "step_seconds": statistics.median(b - a for a, b in itertools.pairwise(stamps)),
         "rss_model": rss_model,
         "rss_peak_train": max(peak[0], rss_model),
         "bytes_fp32": sizes["fp32"],
@@ -106,7 +112,7 @@ def main() -> None:
         pruning, quant = json.loads(args.worker)
         print(json.dumps(worker(pruning, quant, args.steps, args.overrides)))
         return
-    rows = []
+    rows, load0 = [], os.getloadavg()[0]
     for label, pruning, quant in CONFIGS:
         spec = json.dumps([pruning, quant])
         cmd = [sys.executable, __file__, "--worker", spec, "--steps", str(args.steps)]
@@ -118,7 +124,9 @@ def main() -> None:
         "# Pruned and quantized clients (bench/pruning.py)",
         "",
         f"SmolLM2-135M, LoRA rank 8 on q_proj/v_proj/down_proj, batch 8, {args.steps} timed local "
-        "steps after one warm-up, each configuration in a fresh process. Ratios are against the "
+        "steps after one warm-up (median step), each configuration in a fresh process; load "
+        "average "
+        f"{load0:.1f} at start, {os.getloadavg()[0]:.1f} at the end. Ratios are against the "
         "unpruned full-precision client measured in the same run (lower is better).",
         "",
         "| client | step time | peak RSS in training | reply bytes fp32 | reply bytes bf16 |",
