@@ -215,13 +215,42 @@ class SecureRound(Strategy):
         return None
 
 
+class Workflow(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow, except that a client lost before its key shares went out is
+    forgotten.
+
+    Flower 1.41 keeps such a client among the sampled ones, so the unmask stage asks the others
+    for its key shares, which they never received, and the round halts. No other client masked
+    against it (pairwise masks are made only with the clients whose shares arrived), so removing
+    it from the sampled set and the neighbour lists after each of the first two stages is all
+    the protocol needs; a client lost later is recovered by Flower's own unmasking.
+    """
+
+    def setup_stage(self, grid, context, state) -> bool:
+        ok = super().setup_stage(grid, context, state)
+        return self._forget_lost(state) if state.nid_to_neighbours else ok
+
+    def share_keys_stage(self, grid, context, state) -> bool:
+        super().share_keys_stage(grid, context, state)
+        return self._forget_lost(state)
+
+    def _forget_lost(self, state) -> bool:
+        state.sampled_node_ids = set(state.active_node_ids)
+        state.nid_to_neighbours = {
+            nid: neighbours & state.sampled_node_ids
+            for nid, neighbours in state.nid_to_neighbours.items()
+            if nid in state.sampled_node_ids
+        }
+        return self._check_threshold(state)
+
+
 def train_round(
     lora, grid: Grid, server_round: int
 ) -> tuple[int, list[Reply], MetricRecord | None]:
     """One SecAgg+ training round: (clients sampled, replies (metrics only), summary or None)."""
     sa = lora.cfg.privacy.secure_aggregation
     weighting = lora.cfg.aggregator.weighting
-    workflow = SecAggPlusWorkflow(
+    workflow = Workflow(
         num_shares=sa.num_shares,
         reconstruction_threshold=sa.reconstruction_threshold,
         max_weight=1.0 if weighting == "uniform" else max_weight(lora.cfg),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -259,3 +260,123 @@ def test_secure_fedit_and_dense_svd_match_plain(tmp_path: Path, caplog, aggregat
             worst = max(worst, diff)
     print(f"[secagg] {aggregator} secure vs plain: max abs diff {worst:.3g}")
     print(f"[secagg] {aggregator}: bytes per client per round {train[0]['bytes_sent']}")
+
+
+# -- deployment on loopback ------------------------------------------------------------------------
+def write_orgs(folder: Path, n: int) -> tuple[Path, list[Path]]:
+    """`n` organisations' private JSONL files and their union (for the tiny tokenizer)."""
+    folder.mkdir()
+    words = ["apple", "river", "stone", "cloud", "garden", "window", "candle", "bridge"]
+    union, files = [], []
+    for org in range(n):
+        rows = [
+            {"prompt": f"Define {w}{i} for org {org}.", "response": f"{w}{i} is a thing of {w}s."}
+            for i in range(14)
+            for w in words[2 * org : 2 * org + 2]
+        ]
+        files.append(folder / f"org{org}.jsonl")
+        files[-1].write_text("".join(json.dumps(r) + "\n" for r in rows))
+        union += rows
+    (folder / "all.jsonl").write_text("".join(json.dumps(r) + "\n" for r in union))
+    return folder / "all.jsonl", files
+
+
+@pytest.mark.slow
+def test_secure_rounds_on_a_loopback_deployment_survive_dropouts(tmp_path: Path) -> None:
+    """TLS SuperLink + 4 authenticated SuperNodes (tests/test_deploy.py's harness), ffa under
+    SecAgg+ with 3 shares and threshold 2, 3 rounds.
+    Round 2: SuperNode 3 is killed as soon as it has sent its public keys, so it is lost before
+    its key shares go out (fedllm.secagg.Workflow forgets it).
+    Round 3: SuperNode 2 is killed once every key share is out, before its masked vector: the
+    others reveal its key shares and Flower removes its pairwise masks from their sum."""
+    from test_deploy import Federation, fedllm_run, free_port
+
+    from fedllm.certs import make_credentials
+    from fedllm.deploy import (
+        register_node,
+        superlink_command,
+        supernode_command,
+        wait_for_port,
+        write_connection,
+    )
+
+    def wait_count(name: str, text: str, n: int) -> None:
+        while fed.log(name).count(text) < n:
+            assert time.monotonic() < fed.deadline, f"timed out waiting for {text!r} x{n}"
+            assert run.poll() is None, f"the run ended before {text!r} x{n}: {fed.log('run')}"
+            time.sleep(0.2)
+
+    union, files = write_orgs(tmp_path / "data", 4)
+    fed = Federation(tmp_path)
+    try:
+        creds = make_credentials(tmp_path / "creds", nodes=4)
+        port = free_port()
+        fed.start(
+            "superlink",
+            superlink_command(port=port, database=tmp_path / "state.db", certs=tmp_path / "creds"),
+        )
+        write_connection(
+            tmp_path / "flwr_home",
+            "loop",
+            address=f"127.0.0.1:{port}",
+            root_certificates=creds.ca_cert,
+        )
+        wait_for_port("127.0.0.1", port, timeout=60)
+        nodes = []
+        for i in range(4):
+            register_node(creds.node_public(i), "loop", env=fed.env)
+            cmd = supernode_command(
+                superlink=f"127.0.0.1:{port}",
+                partition_id=i,
+                port=free_port(),
+                data_path=str(files[i]),
+                root_certificates=creds.ca_cert,
+                auth_key=creds.node_keys[i],
+            )
+            nodes.append(fed.start(f"node{i}", cmd))
+        args = [
+            f"output_dir={tmp_path / 'runs'}",
+            "name=sec",
+            f"data.source={union}",
+            "data.partitioner=iid",
+            "data.max_examples=null",
+            "data.num_clients=4",
+            "aggregator.name=ffa",
+            ON,
+            "privacy.secure_aggregation.num_shares=3",
+            "privacy.secure_aggregation.reconstruction_threshold=2",
+            "privacy.secure_aggregation.max_weight=1000",
+            "federation.rounds=3",
+            "federation.local_steps=3",
+            "federation.round_timeout=40",
+        ]
+        run = fedllm_run(fed, "run", args)
+        fed.wait_for("run", "round 2/3 train: SecAgg+")
+        wait_count("node3", "stage 0 completes", 2)  # round 2: its public keys are sent
+        fed.kill(nodes[3])
+        fed.wait_for("run", "round 3/3 train: SecAgg+")
+        wait_count("node2", "stage 1 completes", 3)  # round 3: its key shares are sent
+        wait_count("run", "[Stage 1] Received encrypted key shares from 3 clients", 2)
+        fed.kill(nodes[2])
+        rc = fed.wait_exit(run)
+        log = fed.log("run")
+    finally:
+        fed.stop()
+    assert rc == 0, log[-3000:]
+    run_dir = tmp_path / "runs" / "sec"
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    server = {x["round"]: x for x in rows if x["kind"] == "server"}
+    ok = {
+        rnd: {x["partition"] for x in rows if x.get("round") == rnd and x.get("status") == "ok"}
+        for rnd in (1, 2, 3)
+    }
+    assert ok == {1: {0, 1, 2, 3}, 2: {0, 1, 2}, 3: {0, 1}}, log[-3000:]
+    assert server[2]["clients_sampled"] == 4
+    assert server[3]["held_out_loss"] < server[0]["held_out_loss"]
+    assert "[Stage 0] Received public keys from 3 clients" in log  # round 2: node 3 lost early
+    assert "[Stage 2] Received masked vectors from 2 clients" in log  # round 3: node 2 lost late
+    assert log.count("Secure aggregation completed.") >= 3 and "halted" not in log
+    train = [x for x in rows if x["kind"] == "client"]
+    assert all(x["secure_aggregation"] == "secagg+" for x in train)
+    assert "(masked)" in log
+    assert not (run_dir / "client_adapters").exists()
