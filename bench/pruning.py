@@ -39,8 +39,16 @@ CONFIGS = [  # (label, pruning, quantization)
 
 
 def worker(pruning: float, quant: str | None, steps: int, overrides: list[str]) -> dict:
-    """One client configuration in this process: set-up, timed steps, peak RSS, reply bytes."""
+    """One client configuration in this process: set-up, timed steps, peak RSS, reply bytes.
+
+    One torch thread: on a shared machine two-thread OpenMP regions stall on a busy core, which
+    made the same configuration 1.5 s or 39 s per step from one run to the next.
+    """
     import gc
+
+    import torch
+
+    torch.set_num_threads(1)
 
     from fedllm.aggregators import RoundSpec
     from fedllm.config import load_recipe
@@ -124,8 +132,8 @@ def main() -> None:
         "# Pruned and quantized clients (bench/pruning.py)",
         "",
         f"SmolLM2-135M, LoRA rank 8 on q_proj/v_proj/down_proj, batch 8, {args.steps} timed local "
-        "steps after one warm-up (median step), each configuration in a fresh process; load "
-        "average "
+        "steps after one warm-up (median step), each configuration in a fresh process with one "
+        "torch thread; load average "
         f"{load0:.1f} at start, {os.getloadavg()[0]:.1f} at the end. Ratios are against the "
         "unpruned full-precision client measured in the same run (lower is better).",
         "",

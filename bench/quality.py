@@ -230,6 +230,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench-quality"))
     parser.add_argument("--fresh", action="store_true", help="rerun rows already in --out")
     parser.add_argument("--set", nargs="+", default=[], help="extra key=value for every run")
+    parser.add_argument("--tag", default="", help="result files quality-<tag>.md/png")
     args = parser.parse_args()
     WORKLOAD.extend(args.set)
     torch.set_num_threads(1)  # a shared 2-core machine: one busy core, no oversubscription
@@ -265,9 +266,10 @@ def main() -> None:
         "`fedllm run recipes/<recipe>.yaml` with these overrides (and the squeeze options shown)."
     )
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "quality.md").write_text(markdown(everything, header) + "\n")
-    plot(everything, RESULTS / "quality.png")
-    print(f"wrote {RESULTS / 'quality.md'}")
+    stem = f"quality-{args.tag}" if args.tag else "quality"
+    (RESULTS / f"{stem}.md").write_text(markdown(everything, header) + "\n")
+    plot(everything, RESULTS / f"{stem}.png")
+    print(f"wrote {RESULTS / stem}.md")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from flwr.serverapp import Grid
 
 from fedllm.adapters import from_record
 from fedllm.aggregators import Factors
+from fedllm.strategy import client_row
 
 MODES = {"ffa": "ffa", "fedit": "fedit", "svd": "dense"}  # aggregator -> what clients send
 MODULUS = 2**32  # SecAgg+ mask range; the sum of n quantized vectors must stay below it
@@ -182,22 +183,8 @@ class SecureRound(Strategy):
 
     @staticmethod
     def row(server_round: int, proxy, res: FitRes) -> dict:
-        m = res.metrics
         return {
-            "round": server_round,
-            "node": proxy.node_id,
-            "status": "ok",
-            "partition": int(m["partition-id"]),
-            "rank": int(m["rank"]),
-            "num_examples": int(m["num-examples"]),
-            "train_loss": float(m["train-loss"]),
-            "train_loss_first": float(m["train-loss-first"]),
-            "train_loss_last": float(m["train-loss-last"]),
-            "steps": int(m["steps"]),
-            "train_seconds": float(m["train-seconds"]),
-            "bytes_sent": int(m["bytes-sent"]),
-            "bytes_received": int(m["bytes-received"]),
-            "pruning": 0.0,
+            **client_row(server_round, proxy.node_id, res.metrics),
             "secure_aggregation": "secagg+",
         }
 

@@ -11,6 +11,7 @@ import logging
 import math
 import random
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -38,6 +39,27 @@ def initial_factors(
         a = (torch.rand(rank, k, generator=gen) * 2 - 1) * bound
         out[module] = Factors(torch.zeros(d, rank), a, scaling)
     return out
+
+
+def client_row(server_round: int, node: int, m: Mapping[str, Any]) -> dict:
+    """One accepted client's line in metrics.jsonl, from its reply's metrics."""
+    return {
+        "round": server_round,
+        "node": node,
+        "status": "ok",
+        "partition": int(m["partition-id"]),
+        "rank": int(m["rank"]),
+        "num_examples": int(m["num-examples"]),
+        "train_loss": float(m["train-loss"]),
+        "train_loss_first": float(m["train-loss-first"]),
+        "train_loss_last": float(m["train-loss-last"]),
+        "steps": int(m["steps"]),
+        "train_seconds": float(m["train-seconds"]),
+        "bytes_sent": int(m["bytes-sent"]),
+        "bytes_received": int(m["bytes-received"]),
+        "pruning": float(m.get("pruning", 0.0)),
+        **({"hetlora_tail": float(m["hetlora-tail"])} if "hetlora-tail" in m else {}),
+    }
 
 
 class LoraStrategy(Strategy):
@@ -203,25 +225,7 @@ class LoraStrategy(Strategy):
         for node in accepted:
             m = metrics[node]
             self.constrained.observe(int(node), m)  # the bandit learns from this round
-            rows.append(
-                {
-                    "round": server_round,
-                    "node": int(node),
-                    "status": "ok",
-                    "partition": int(m["partition-id"]),
-                    "rank": int(m["rank"]),
-                    "num_examples": int(m["num-examples"]),
-                    "train_loss": float(m["train-loss"]),
-                    "train_loss_first": float(m["train-loss-first"]),
-                    "train_loss_last": float(m["train-loss-last"]),
-                    "steps": int(m["steps"]),
-                    "train_seconds": float(m["train-seconds"]),
-                    "bytes_sent": int(m["bytes-sent"]),
-                    "bytes_received": int(m["bytes-received"]),
-                    "pruning": float(m.get("pruning", 0.0)),
-                    **({"hetlora_tail": float(m["hetlora-tail"])} if "hetlora-tail" in m else {}),
-                }
-            )
+            rows.append(client_row(server_round, int(node), m))
         self.round_rows = rows
         if not accepted:
             log.warning(
