@@ -161,8 +161,8 @@ def main() -> None:
         lines += [
             "",
             "## Federation held-out loss (reduced workload: recipes/pruned.yaml with 3 clients, "
-            "2 rounds of 5 local steps, 600 WordNet examples, bf16 messages, no 4-bit tier: "
-            "4-bit steps are ~50× slower on this CPU)",
+            "2 rounds of 5 local steps, 600 WordNet examples, bf16 messages, no 4-bit tier, "
+            "to keep the run short)",
             "",
             "| federation | held-out loss after round 2 | vs no pruning |",
             "|---|---:|---:|",
