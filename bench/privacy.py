@@ -1,16 +1,18 @@
 """Utility against ε for sample-level DP-SGD, with and without FFA, and DP-SGD's step overhead.
 
-    python bench/privacy.py [--recipe recipes/tiny.yaml] [--out DIR] [key=value ...]
+    python bench/privacy.py [--recipe recipes/tiny.yaml] [--full] [--out DIR] [key=value ...]
+    python bench/privacy.py --recipe recipes/quickstart.yaml --full  # ~80 min
 
 Each cell is a whole federation through the real ServerApp loop and ClientApp on
-`fedllm.local_grid` (Flower serialisation, no Ray start-up), reduced to fit a shared 2-core CPU:
-by default the tiny recipe, 2 rounds of 5 local steps, 400 examples (the reduction is written into
-the results). ε ∈ {1, 3, 8} sets privacy.target_epsilon (each client derives its σ for its own q
+`fedllm.local_grid` (Flower serialisation, no Ray start-up). By default it is reduced to fit a
+shared 2-core CPU: the tiny recipe, 2 rounds of 5 local steps, 400 examples (the reduction is
+written into the results); --full runs the recipe as written.
+ε ∈ {1, 3, 8} sets privacy.target_epsilon (each client derives its σ for its own q
 over the planned rounds × steps); ∞ is the same run without DP. "FFA" is aggregator ffa (A frozen),
 the other column the recipe's default aggregator on adapter state (svd).
 The overhead is DP-SGD (Opacus hooks, Poisson sampling at q = batch/n, clipping, noise) against
 plain steps of `train_local` on the same model and shard, same number of steps, in this process.
-Writes results/privacy.md.
+Writes results/privacy.md (results/privacy-<recipe>.md with --full).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def utility(recipe: str, extra: list[str], out: Path, *, eps: float | None, agg:
     cfg = absolute_paths(
         load_recipe(
             recipe,
-            [*REDUCED, *extra, f"output_dir={out}", f"name={name}", f"aggregator.name={agg}", *dp],
+            [*extra, f"output_dir={out}", f"name={name}", f"aggregator.name={agg}", *dp],
         )
     )
     run_dir = cfg.run_dir
@@ -67,7 +69,7 @@ def overhead(recipe: str, extra: list[str], out: Path, *, steps: int = 12) -> di
     from fedllm.train import train_local
 
     dp = ["privacy.mode=sample", f"privacy.delta={DELTA}", "privacy.noise_multiplier=1"]
-    cfg = load_recipe(recipe, [*REDUCED, *extra, f"output_dir={out}", *dp])
+    cfg = load_recipe(recipe, [*extra, f"output_dir={out}", *dp])
     base, tok = cached_base_model(cfg)
     shard = load_shard(cfg, 0, tok)
     plan = sample_plan(cfg, n_train=len(shard.train))
@@ -107,26 +109,32 @@ def overhead(recipe: str, extra: list[str], out: Path, *, steps: int = 12) -> di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--recipe", default=str(Path(__file__).parents[1] / "recipes/tiny.yaml"))
+    parser.add_argument("--full", action="store_true", help="run the recipe as written, unreduced")
     parser.add_argument("--out", default=None, help="run folder (default: a temporary one)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="bench-privacy-"))
+    extra = [*([] if args.full else REDUCED), *args.overrides]
+    results = RESULTS.with_name(f"privacy-{Path(args.recipe).stem}.md") if args.full else RESULTS
     t0 = time.perf_counter()
     table = {}
     for agg in ("ffa", "svd"):
         for eps in EPSILONS:
-            table[(agg, eps)] = utility(args.recipe, args.overrides, out, eps=eps, agg=agg)
+            table[(agg, eps)] = utility(args.recipe, extra, out, eps=eps, agg=agg)
             print(f"[bench] {agg} ε={eps}: {table[(agg, eps)]}", flush=True)
-    ov = overhead(args.recipe, args.overrides, out)
+    ov = overhead(args.recipe, extra, out)
     base_loss = table[("ffa", None)][1]
+    command = f" --recipe {args.recipe} --full" if args.full else ""
     lines = [
         "# Privacy: utility against ε, and DP-SGD step overhead",
         "",
-        f"Recipe `{Path(args.recipe).name}` reduced for a shared 2-core CPU: "
-        f"{' '.join(REDUCED + args.overrides)}; sample-level DP-SGD with privacy.target_epsilon "
+        f"Recipe `{Path(args.recipe).name}`"
+        + (f" with {' '.join(extra)}" if extra else " as written")
+        + "; sample-level DP-SGD with privacy.target_epsilon "
         f"= ε at δ = {DELTA:g}, per-example clip C = 1, RDP accountant. Held-out loss of the final "
         f"global adapter (token-weighted over clients; base model: {base_loss:.4f}). "
-        f"Wall time {time.perf_counter() - t0:.0f} s. Run: `python bench/privacy.py`.",
+        f"Wall time {time.perf_counter() - t0:.0f} s. "
+        f"Run: `python bench/privacy.py{command}`.",
         "",
         "| ε (target) | held-out loss, FFA (A frozen) | ε spent | held-out loss, svd | ε spent |",
         "|---|---:|---:|---:|---:|",
@@ -144,8 +152,8 @@ def main() -> None:
         f"{ov['batch_dp']:.1f}): **{ov['ratio']:.2f}×** the plain step.",
         "",
     ]
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text("\n".join(lines))
+    results.parent.mkdir(exist_ok=True)
+    results.write_text("\n".join(lines))
     print("\n".join(lines))
 
 

@@ -262,6 +262,53 @@ def test_secure_fedit_and_dense_svd_match_plain(tmp_path: Path, caplog, aggregat
     print(f"[secagg] {aggregator}: bytes per client per round {train[0]['bytes_sent']}")
 
 
+def test_dp_sgd_under_secagg_is_accounted_and_resumes(tmp_path: Path) -> None:
+    """DP-SGD clients whose replies are masked: the server still charges each client's ε from the
+    steps it ran, and a run stopped after round 2 resumes round 3 under SecAgg+ from the saved
+    global adapter and ledger (fedllm.local_grid: the real round loop, ClientApp and mods)."""
+    from fedllm.local_grid import run_local
+    from fedllm.privacy.accounting import epsilon
+    from fedllm.shards import raw_shard
+
+    sigma, delta, local = 1.5, 1e-3, 2
+    base = [
+        ON,
+        "aggregator.name=ffa",
+        f"output_dir={tmp_path}",
+        "name=dp-sec",
+        "data.max_examples=240",
+        "data.max_length=32",
+        f"federation.local_steps={local}",
+        "privacy.mode=sample",
+        f"privacy.noise_multiplier={sigma}",
+        f"privacy.delta={delta}",
+    ]
+    cfg = load_recipe(RECIPE, [*base, "federation.rounds=2"])
+    q = {p: cfg.federation.batch_size / len(raw_shard(cfg, p).train) for p in range(3)}
+
+    def eps(p: int, rounds: int) -> float:  # from the recipe's q and σ and the steps run
+        return epsilon(noise_multiplier=sigma, sample_rate=q[p], steps=local * rounds, delta=delta)
+
+    run_dir, _ = run_local(cfg)
+    after_2 = secure_global(run_dir)
+    run_local(load_recipe(RECIPE, [*base, "federation.rounds=3"]), resume=True)
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "client"]
+    assert sorted((r["round"], r["partition"]) for r in train) == [
+        (rnd, p) for rnd in (1, 2, 3) for p in range(3)
+    ], "round 3 ran once, after the resume, with every client"
+    for r in train:
+        assert r["secure_aggregation"] == "secagg+" and r["status"] == "ok"
+        assert r["epsilon"] == pytest.approx(eps(r["partition"], r["round"]), rel=1e-9)
+    server = {r["round"]: r for r in rows if r["kind"] == "server"}
+    assert server[3]["epsilon"] == pytest.approx(max(eps(p, 3) for p in q), rel=1e-9)
+    final = secure_global(run_dir)
+    for module, (B, A, _) in final.items():  # ffa: round 3 kept round 2's A and moved B
+        assert torch.equal(A, after_2[module][1])
+        assert not torch.equal(B, after_2[module][0])
+    assert not (run_dir / "client_adapters").exists()
+
+
 # -- deployment on loopback ------------------------------------------------------------------------
 def write_orgs(folder: Path, n: int) -> tuple[Path, list[Path]]:
     """`n` organisations' private JSONL files and their union (for the tiny tokenizer)."""
