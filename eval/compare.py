@@ -101,21 +101,26 @@ def plot_compare(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4), dpi=120)
-    for r in rows:
+    for i, r in enumerate(rows):  # solid: the released global adapter; hollow/dashed: client view
+        color = f"C{i}"
         if r["mia_auc_global"] is not None and r["loss"] is not None:
-            ax1.scatter(r["mia_auc_global"], r["loss"], s=40)
+            ax1.scatter(r["mia_auc_global"], r["loss"], s=40, color=color)
             ax1.annotate(r["run"], (r["mia_auc_global"], r["loss"]), fontsize=8)
-        ks = sorted(r["exposure_global"])
-        if ks:
-            ax2.plot(ks, [r["exposure_global"][k] for k in ks], marker="o", label=r["run"])
+            if r["mia_auc_client"] is not None:
+                ax1.scatter(r["mia_auc_client"], r["loss"], s=40, facecolors="none", color=color)
+        for view, style in (("global", "-"), ("client", "--")):
+            ks = sorted(r[f"exposure_{view}"])
+            if ks:
+                ys = [r[f"exposure_{view}"][k] for k in ks]
+                ax2.plot(ks, ys, style, marker="o", color=color, label=f"{r['run']} ({view})")
     ax1.axvline(0.5, ls=":", color="grey")
-    ax1.set_xlabel("best MIA ROC AUC, global adapter (leakage →)")
+    ax1.set_xlabel("best MIA ROC AUC: global ●, one client's adapter ○ (leakage →)")
     ax1.set_ylabel("held-out loss, global adapter (← better)")
     ax1.set_title("quality vs membership leakage")
     ax1.grid(alpha=0.3)
     ax2.set_xscale("log", base=2)
     ax2.set_xlabel("canary repeats k")
-    ax2.set_ylabel("exposure, global adapter (bits)")
+    ax2.set_ylabel("exposure (bits, skew-normal)")
     ax2.set_title("canary exposure")
     ax2.grid(alpha=0.3)
     if ax2.get_legend_handles_labels()[0]:
