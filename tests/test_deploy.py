@@ -67,6 +67,7 @@ class Federation:
         self.root, self.procs, self.logs = root, [], {}
         self.env = {**flwr_env(), "FLWR_HOME": str(root / "flwr_home")}
         self.deadline = time.monotonic() + LIMIT
+        self.link: subprocess.Popen | None = None  # the SuperLink, once secure_link started it
 
     def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
         log = open(self.root / f"{name}.log", "w")
@@ -97,26 +98,57 @@ class Federation:
             pass
         proc.wait()
 
+    def secure_link(self, files: list[Path]) -> list[list[str]]:
+        """Start a TLS SuperLink, make connection "loop" point at it and register one
+        authenticated SuperNode per data file; returns the SuperNodes' commands (not started)."""
+        creds = make_credentials(self.root / "creds", nodes=len(files))
+        port = free_port()
+        self.link = self.start(
+            "superlink",
+            superlink_command(
+                port=port, database=self.root / "state.db", certs=self.root / "creds"
+            ),
+        )
+        write_connection(
+            self.root / "flwr_home",
+            "loop",
+            address=f"127.0.0.1:{port}",
+            root_certificates=creds.ca_cert,
+        )
+        wait_for_port("127.0.0.1", port, timeout=60)
+        cmds = []
+        for i, path in enumerate(files):
+            register_node(creds.node_public(i), "loop", env=self.env)
+            cmd = supernode_command(
+                superlink=f"127.0.0.1:{port}",
+                partition_id=i,
+                port=free_port(),
+                data_path=str(path),
+                root_certificates=creds.ca_cert,
+                auth_key=creds.node_keys[i],
+            )
+            cmds.append(cmd)
+        return cmds
+
     def stop(self) -> None:
         for proc, log in reversed(self.procs):
             self.kill(proc)
             log.close()
 
 
-def write_data(folder: Path) -> tuple[Path, list[Path]]:
-    """Three organisations' private JSONL files and their union (for the tiny tokenizer)."""
+def write_orgs(folder: Path, n: int, *, words_each: int) -> tuple[Path, list[Path]]:
+    """`n` organisations' private JSONL files and their union (for the tiny tokenizer)."""
     folder.mkdir()
     words = ["apple", "river", "stone", "cloud", "garden", "window", "candle", "bridge", "forest"]
     union, files = [], []
-    for org in range(3):
+    for org in range(n):
         rows = [
             {"prompt": f"Define {w}{i} for org {org}.", "response": f"{w}{i} is a thing of {w}s."}
             for i in range(14)
-            for w in words[3 * org : 3 * org + 3]
+            for w in words[words_each * org : words_each * (org + 1)]
         ]
-        path = folder / f"org{org}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        files.append(path)
+        files.append(folder / f"org{org}.jsonl")
+        files[-1].write_text("".join(json.dumps(r) + "\n" for r in rows))
         union += rows
     (folder / "all.jsonl").write_text("".join(json.dumps(r) + "\n" for r in union))
     return folder / "all.jsonl", files
@@ -130,33 +162,10 @@ def fedllm_run(fed: Federation, name: str, args: list[str]) -> subprocess.Popen:
 @pytest.fixture(scope="module")
 def scenario(tmp_path_factory):
     root = tmp_path_factory.mktemp("deploy")
-    union, files = write_data(root / "data")
+    union, files = write_orgs(root / "data", 3, words_each=3)
     fed = Federation(root)
     try:
-        creds = make_credentials(root / "creds", nodes=3)
-        port = free_port()
-        fed.start(
-            "superlink",
-            superlink_command(port=port, database=root / "state.db", certs=root / "creds"),
-        )
-        link = fed.procs[0][0]
-        write_connection(
-            root / "flwr_home", "loop", address=f"127.0.0.1:{port}", root_certificates=creds.ca_cert
-        )
-        wait_for_port("127.0.0.1", port, timeout=60)
-        for i in range(3):
-            register_node(creds.node_public(i), "loop", env=fed.env)
-        node_cmds = [
-            supernode_command(
-                superlink=f"127.0.0.1:{port}",
-                partition_id=i,
-                port=free_port(),
-                data_path=str(files[i]),
-                root_certificates=creds.ca_cert,
-                auth_key=creds.node_keys[i],
-            )
-            for i in range(3)
-        ]
+        node_cmds = fed.secure_link(files)
         nodes = [fed.start(f"node{i}", cmd) for i, cmd in enumerate(node_cmds)]
         args = [
             f"output_dir={root / 'runs'}",
@@ -173,7 +182,7 @@ def scenario(tmp_path_factory):
         fed.wait_for("run1", "round 1/3: 3/3 clients ok")
         run_dir = root / "runs" / "dep"
         shutil.copy(run_dir / "checkpoint.pt", root / "after_round1.pt")
-        apps = [p for p in descendants(link.pid) if "flwr-serverapp" in cmdline(p)]
+        apps = [p for p in descendants(fed.link.pid) if "flwr-serverapp" in cmdline(p)]
         assert apps, "no flwr-serverapp process under the SuperLink"
         for pid in apps:
             os.kill(pid, signal.SIGKILL)

@@ -310,24 +310,6 @@ def test_dp_sgd_under_secagg_is_accounted_and_resumes(tmp_path: Path) -> None:
 
 
 # -- deployment on loopback ------------------------------------------------------------------------
-def write_orgs(folder: Path, n: int) -> tuple[Path, list[Path]]:
-    """`n` organisations' private JSONL files and their union (for the tiny tokenizer)."""
-    folder.mkdir()
-    words = ["apple", "river", "stone", "cloud", "garden", "window", "candle", "bridge"]
-    union, files = [], []
-    for org in range(n):
-        rows = [
-            {"prompt": f"Define {w}{i} for org {org}.", "response": f"{w}{i} is a thing of {w}s."}
-            for i in range(14)
-            for w in words[2 * org : 2 * org + 2]
-        ]
-        files.append(folder / f"org{org}.jsonl")
-        files[-1].write_text("".join(json.dumps(r) + "\n" for r in rows))
-        union += rows
-    (folder / "all.jsonl").write_text("".join(json.dumps(r) + "\n" for r in union))
-    return folder / "all.jsonl", files
-
-
 @pytest.mark.slow
 def test_secure_rounds_on_a_loopback_deployment_survive_dropouts(tmp_path: Path) -> None:
     """TLS SuperLink + 4 authenticated SuperNodes (tests/test_deploy.py's harness), ffa under
@@ -336,16 +318,7 @@ def test_secure_rounds_on_a_loopback_deployment_survive_dropouts(tmp_path: Path)
     its key shares go out (fedllm.secagg.Workflow forgets it).
     Round 3: SuperNode 2 is killed once every key share is out, before its masked vector: the
     others reveal its key shares and Flower removes its pairwise masks from their sum."""
-    from test_deploy import Federation, fedllm_run, free_port
-
-    from fedllm.certs import make_credentials
-    from fedllm.deploy import (
-        register_node,
-        superlink_command,
-        supernode_command,
-        wait_for_port,
-        write_connection,
-    )
+    from test_deploy import Federation, fedllm_run, write_orgs
 
     def wait_count(name: str, text: str, n: int) -> None:
         while fed.log(name).count(text) < n:
@@ -353,34 +326,10 @@ def test_secure_rounds_on_a_loopback_deployment_survive_dropouts(tmp_path: Path)
             assert run.poll() is None, f"the run ended before {text!r} x{n}: {fed.log('run')}"
             time.sleep(0.2)
 
-    union, files = write_orgs(tmp_path / "data", 4)
+    union, files = write_orgs(tmp_path / "data", 4, words_each=2)
     fed = Federation(tmp_path)
     try:
-        creds = make_credentials(tmp_path / "creds", nodes=4)
-        port = free_port()
-        fed.start(
-            "superlink",
-            superlink_command(port=port, database=tmp_path / "state.db", certs=tmp_path / "creds"),
-        )
-        write_connection(
-            tmp_path / "flwr_home",
-            "loop",
-            address=f"127.0.0.1:{port}",
-            root_certificates=creds.ca_cert,
-        )
-        wait_for_port("127.0.0.1", port, timeout=60)
-        nodes = []
-        for i in range(4):
-            register_node(creds.node_public(i), "loop", env=fed.env)
-            cmd = supernode_command(
-                superlink=f"127.0.0.1:{port}",
-                partition_id=i,
-                port=free_port(),
-                data_path=str(files[i]),
-                root_certificates=creds.ca_cert,
-                auth_key=creds.node_keys[i],
-            )
-            nodes.append(fed.start(f"node{i}", cmd))
+        nodes = [fed.start(f"node{i}", cmd) for i, cmd in enumerate(fed.secure_link(files))]
         args = [
             f"output_dir={tmp_path / 'runs'}",
             "name=sec",
