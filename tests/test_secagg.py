@@ -8,7 +8,6 @@ on exactly those client updates.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -20,6 +19,7 @@ import torch
 
 from fedllm.aggregators import Factors, get
 from fedllm.config import ConfigError, load_recipe
+from fedllm.metrics import MetricsLog
 from fedllm.secagg import max_weight
 
 RECIPE = str(Path(__file__).parents[1] / "recipes" / "tiny.yaml")
@@ -176,7 +176,7 @@ def check_secure_run(run_dir: Path, oracle: Path, rounds: int, out: str) -> list
     """The protocol ran (all four stages) and the server kept no individual update."""
     assert "Secure aggregation completed." in out
     assert out.count("[Stage 3] Received key shares from 3 clients") >= rounds
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = MetricsLog(run_dir).read()
     train = [r for r in rows if r["kind"] == "client"]
     assert len(train) == 3 * rounds
     assert all(r["status"] == "ok" and r["secure_aggregation"] == "secagg+" for r in train)
@@ -292,7 +292,7 @@ def test_dp_sgd_under_secagg_is_accounted_and_resumes(tmp_path: Path) -> None:
     run_dir, _ = run_local(cfg)
     after_2 = secure_global(run_dir)
     run_local(load_recipe(RECIPE, [*base, "federation.rounds=3"]), resume=True)
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = MetricsLog(run_dir).read()
     train = [r for r in rows if r["kind"] == "client"]
     assert sorted((r["round"], r["partition"]) for r in train) == [
         (rnd, p) for rnd in (1, 2, 3) for p in range(3)
@@ -360,7 +360,7 @@ def test_secure_rounds_on_a_loopback_deployment_survive_dropouts(tmp_path: Path)
         fed.stop()
     assert rc == 0, log[-3000:]
     run_dir = tmp_path / "runs" / "sec"
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = MetricsLog(run_dir).read()
     server = {x["round"]: x for x in rows if x["kind"] == "server"}
     ok = {
         rnd: {x["partition"] for x in rows if x.get("round") == rnd and x.get("status") == "ok"}
