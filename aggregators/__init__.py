@@ -1,23 +1,18 @@
-"""Aggregation of heterogeneous-rank LoRA factors: pure tensor methods behind a name registry."""
+"""Aggregation of heterogeneous-rank LoRA factors: pure tensor methods behind a name registry.
 
-from . import (  # noqa: F401  (they register)
-    fedit,
-    fedsa,
-    ffa,
-    flexlora,
-    flora,
-    hetlora,
-    lorafair,
-    rblora,
-    squeeze,
-    svd,
-)
+A method is one module of this folder with `@register("name")` (or an installed package with a
+`fedllm.aggregators` entry point): the first lookup (`get`, `available`, `round_spec`) imports
+them all through `discover`, so there is no list to edit here.
+"""
+
 from .base import (
     Aggregate,
     AggregatorFn,
     Factors,
     RoundSpec,
     available,
+    check_options,
+    discover,
     get,
     register,
     round_spec,
@@ -30,6 +25,8 @@ __all__ = [
     "Factors",
     "RoundSpec",
     "available",
+    "check_options",
+    "discover",
     "factored_svd",
     "get",
     "register",

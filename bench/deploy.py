@@ -25,8 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedllm.certs import make_credentials
-from fedllm.deploy import (
+from fedllm.deploy.certs import make_credentials
+from fedllm.deploy.federation import (
     flwr_env,
     register_node,
     superlink_command,
@@ -130,7 +130,7 @@ def deployed(recipe: str, overrides: list[str], root: Path, clients: int) -> flo
 
 def import_seconds() -> float:
     """What a fresh ClientApp process pays before any work: importing fedllm's client app."""
-    code = "import fedllm.apps"
+    code = "import fedllm.deploy.apps"
     return run([sys.executable, "-c", code], dict(os.environ))
 
 
@@ -139,7 +139,7 @@ def main() -> None:
     parser.add_argument("--recipe", default="recipes/tiny.yaml")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    from fedllm.config import load_recipe
+    from fedllm.recipe import load_recipe
 
     with tempfile.TemporaryDirectory(prefix="fedllm-bench-deploy-") as tmp:
         root = Path(tmp)
@@ -181,8 +181,8 @@ def main() -> None:
         "",
         "Where the time goes (deployment): each round is 2 exchanges (train, evaluate). Every "
         "message starts a fresh `flwr-clientapp` process, which imports torch/transformers/peft/"
-        f"fedllm ({imports:.1f} s measured here for `import fedllm.apps` alone), rebuilds the "
-        "shard and loads the base model before any step; the SuperNodes and the ServerApp poll "
+        f"fedllm ({imports:.1f} s measured here for `import fedllm.deploy.apps` alone), rebuilds "
+        "the shard and loads the base model before any step; the SuperNodes and the ServerApp poll "
         "the SuperLink every 1-3 s. Simulation keeps one Ray worker per client alive, with the "
         "base model cached across rounds. The clients' own training seconds (columns above) are "
         "a small part of either.",

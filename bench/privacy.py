@@ -4,7 +4,8 @@
     python bench/privacy.py --recipe recipes/quickstart.yaml --full  # ~80 min
 
 Each cell is a whole federation through the real ServerApp loop and ClientApp on
-`fedllm.local_grid` (Flower serialisation, no Ray start-up). By default it is reduced to fit a
+`fedllm.deploy.local_grid` (Flower serialisation, no Ray start-up). By default it is reduced to fit
+a
 shared 2-core CPU: the tiny recipe, 2 rounds of 5 local steps, 400 examples (the reduction is
 written into the results); --full runs the recipe as written.
 ε ∈ {1, 3, 8} sets privacy.target_epsilon (each client derives its σ for its own q
@@ -37,8 +38,8 @@ DELTA = 1e-4
 def utility(recipe: str, extra: list[str], out: Path, *, eps: float | None, agg: str):
     """(final held-out loss, base loss, ε spent) of one federation."""
     from fedllm.cli import absolute_paths, prepare
-    from fedllm.config import load_recipe
-    from fedllm.local_grid import run_local
+    from fedllm.deploy.local_grid import run_local
+    from fedllm.recipe import load_recipe
 
     name = f"{agg}-{'inf' if eps is None else f'{eps:g}'}"
     dp = [] if eps is None else ["privacy.mode=sample", f"privacy.target_epsilon={eps}"]
@@ -61,12 +62,13 @@ def utility(recipe: str, extra: list[str], out: Path, *, eps: float | None, agg:
 
 def overhead(recipe: str, extra: list[str], out: Path, *, steps: int = 12) -> dict:
     """Seconds per step: plain `train_local` vs DP-SGD, same model/shard/steps, interleaved."""
-    from fedllm.adapters import attach_lora
-    from fedllm.config import load_recipe
+    from fedllm.client.train import train_local
+    from fedllm.data.shards import load_shard
+    from fedllm.model.adapters import attach_lora
+    from fedllm.model.base import cached_base_model
     from fedllm.privacy.dpsgd import train_dp
     from fedllm.privacy.plan import sample_plan
-    from fedllm.shards import cached_base_model, load_shard
-    from fedllm.train import train_local
+    from fedllm.recipe import load_recipe
 
     dp = ["privacy.mode=sample", f"privacy.delta={DELTA}", "privacy.noise_multiplier=1"]
     cfg = load_recipe(recipe, [*extra, f"output_dir={out}", *dp])

@@ -51,10 +51,10 @@ def worker(pruning: float, quant: str | None, steps: int, overrides: list[str]) 
     torch.set_num_threads(1)
 
     from fedllm.aggregators import RoundSpec
-    from fedllm.config import load_recipe
-    from fedllm.constrained_client import ClientPlan, build_reply, constrained_lora, start_from
-    from fedllm.model import BASE_MODELS
-    from fedllm.train import train_local
+    from fedllm.client.train import train_local
+    from fedllm.constrained.client import ClientPlan, build_reply, constrained_lora, start_from
+    from fedllm.model.loading import BASE_MODELS
+    from fedllm.recipe import load_recipe
 
     cfg = load_recipe(RECIPE, overrides)
     plan = ClientPlan(partition=0, rank=8, pruning=pruning, quantization=quant)
@@ -81,7 +81,7 @@ def worker(pruning: float, quant: str | None, steps: int, overrides: list[str]) 
         )
         done.set()
         thread.join()
-        from fedllm.adapters import read_factors
+        from fedllm.model.adapters import read_factors
 
         factors = read_factors(model)
         start = start_from(cfg, plan, None, kept)

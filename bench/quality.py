@@ -3,7 +3,8 @@
     python bench/quality.py [--only LABEL ...] [--out DIR]   # writes results/quality.{md,png}
 
 All methods share the seed, the shards (WordNet, domain non-IID), the clients and their ranks; each
-runs the real ServerApp loop, LoraStrategy and ClientApp through `fedllm.local_grid` (Flower's
+runs the real ServerApp loop, LoraStrategy and ClientApp through `fedllm.deploy.local_grid`
+(Flower's
 serialisation both ways, per-node Context; no Ray start-up). References on the same shards: a
 centralised LoRA on the pooled training data (upper) and local-only training (lower), both with the
 same examples processed per round. The workload is the quickstart's model, data, clients and ranks
@@ -23,12 +24,13 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from fedllm.adapters import attach_lora
 from fedllm.aggregators import round_spec
-from fedllm.config import RunConfig, load_recipe
-from fedllm.local_grid import run_local
-from fedllm.shards import Shard, cached_base_model, load_shard
-from fedllm.train import evaluate_nll, train_local
+from fedllm.client.train import evaluate_nll, train_local
+from fedllm.data.shards import Shard, load_shard
+from fedllm.deploy.local_grid import run_local
+from fedllm.model.adapters import attach_lora
+from fedllm.model.base import cached_base_model
+from fedllm.recipe import RunConfig, load_recipe
 
 ROOT = Path(__file__).parents[1]
 
@@ -65,6 +67,10 @@ METHODS: dict[str, tuple[str, list[str]]] = {  # label -> (recipe, extra overrid
     "squeeze +correction": ("squeeze", _squeeze(correction=True, residual=0)),
     "squeeze +residual": ("squeeze", _squeeze(correction=False, residual=R_MAX)),
     "squeeze +correction +residual": ("squeeze", _squeeze(correction=True, residual=R_MAX)),
+    # features (fedllm/features): FedProx on svd, server momentum on fedit (FedAvgM) and on svd
+    "fedprox": ("fedprox", []),
+    "fedavgm": ("fedavgm", []),
+    "svd +fedavgm": ("svd", ["features.server_momentum.beta=0.9"]),
 }
 EXTRA = {  # on request only (--only): not needed for the comparison
     # svd sends clients the same top-rⱼ factors of ΔW* as "squeeze plain"; only its kept global

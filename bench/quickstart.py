@@ -25,8 +25,8 @@ RESULTS = Path(__file__).parent / "results" / "quickstart.md"
 
 BASELINE = """
 import sys, torch
-from fedllm.config import load_recipe
-from fedllm.shards import cached_base_model
+from fedllm.recipe import load_recipe
+from fedllm.model.base import cached_base_model
 cfg = load_recipe(sys.argv[1], sys.argv[2:])
 model, tok = cached_base_model(cfg)
 with torch.no_grad():

@@ -23,14 +23,15 @@ from pathlib import Path
 
 import torch
 
-from fedllm.adapters import attach_lora, read_factors, write_factors
 from fedllm.aggregators import get, round_spec
 from fedllm.cli import absolute_paths
-from fedllm.config import RunConfig, load_recipe
-from fedllm.rounds import server_options
-from fedllm.shards import adapter_shapes, cached_base_model, load_shard
-from fedllm.strategy import initial_factors
-from fedllm.train import evaluate_nll, num_local_steps, train_local
+from fedllm.client.train import evaluate_nll, num_local_steps, train_local
+from fedllm.data.shards import load_shard
+from fedllm.model.adapters import attach_lora, read_factors, write_factors
+from fedllm.model.base import adapter_shapes, cached_base_model
+from fedllm.model.wire import server_options
+from fedllm.recipe import RunConfig, load_recipe
+from fedllm.server.strategy import initial_factors
 
 RESULTS = Path(__file__).parent / "results" / "simulation.md"
 

@@ -1,16 +1,23 @@
 """Multiple choice by option log-likelihood: the option with the highest mean token log-prob wins.
 
-The mean (not the sum) keeps long options from losing just for being long.
+The mean (not the sum) keeps long options from losing just for being long. `MultipleChoiceTask`
+is the base of the tasks that only differ in how they write their questions.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedllm.eval.prompting import prompt_response_item
 from fedllm.eval.scoring import score_examples
+from fedllm.eval.task import EvalTask, Metric
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
 
 
 def choose(
@@ -43,3 +50,46 @@ def choose(
         "accuracy": float(np.mean(correct)),
         "chance": float(np.mean([1 / len(q["options"]) for q in questions])),
     }
+
+
+class MultipleChoiceTask(EvalTask):
+    """Questions {prompt, options, answer} scored by `choose`: accuracy against chance."""
+
+    metrics = (Metric("accuracy", "accuracy", 2), Metric("chance", "chance", 2))
+
+    def __init__(
+        self,
+        questions: Sequence[dict],
+        *,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        prompt_format: str = "chat",
+    ) -> None:
+        self.questions = list(questions)
+        self.tokenizer = tokenizer
+        self.prompt_format = prompt_format
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+    def get_example(self, i: int) -> dict:
+        return self.questions[i]
+
+    def evaluate(
+        self,
+        model: torch.nn.Module,
+        *,
+        batch_size: int,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        prompt_format: str | None = None,
+    ) -> dict:
+        """Accuracy and chance; the tokenizer may come here, as writing questions needs none."""
+        tokenizer = self.tokenizer if tokenizer is None else tokenizer
+        if tokenizer is None:
+            raise ValueError(f"{type(self).__name__}.evaluate needs a tokenizer")
+        return choose(
+            model,
+            self.questions,
+            tokenizer=tokenizer,
+            prompt_format=prompt_format or self.prompt_format,
+            batch_size=batch_size,
+        )

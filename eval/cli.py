@@ -14,7 +14,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
         references=args.references,
-        tasks=tuple(args.tasks),
+        tasks=tuple(args.tasks) if args.tasks else None,
         leakage=not args.no_leakage,
     )
     evaluate_run(args.target, recipe=args.recipe, out_dir=args.out, settings=settings)
@@ -27,6 +27,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
     out = compare_runs([Path(r) for r in args.runs], out_dir=Path(args.out))
     print(out.joinpath("compare.md").read_text())
     return 0
+
+
+class ListTasks(argparse.Action):
+    """`--list-tasks`: print every discovered eval task and exit (like --version, no target)."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        from fedllm.eval.registry import available_tasks
+
+        tasks = available_tasks()
+        width = max((len(name) for name in tasks), default=0)
+        for name, cls in tasks.items():
+            print(f"{name:<{width}}  {cls.describe()['about']}")
+        parser.exit()
 
 
 def add_eval_commands(sub) -> None:
@@ -42,9 +58,10 @@ def add_eval_commands(sub) -> None:
     ev.add_argument(
         "--tasks",
         nargs="+",
-        default=["held_out", "define", "domain", "choose"],
-        choices=["held_out", "define", "domain", "choose"],
+        metavar="TASK",
+        help="quality tasks to run (default: every task; see --list-tasks)",
     )
+    ev.add_argument("--list-tasks", action=ListTasks, help="list the eval tasks and exit")
     ev.add_argument("--no-leakage", action="store_true", help="task quality only")
     ev.set_defaults(fn=cmd_eval)
 

@@ -3,28 +3,27 @@
 Data come from the recipe, rebuilt deterministically per client (train = members, held-out =
 non-members, canaries as inserted). Views: base, global (released adapter) and each client's own
 last accepted update ("local" in quality tables, the honest-but-curious server in leakage).
+Quality tasks come from the registry (fedllm.eval.registry); none is named here.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from fedllm.config import RunConfig, load_recipe
 from fedllm.data.canary import is_canary
 from fedllm.data.sample import sample_examples
+from fedllm.data.shards import raw_shard
 from fedllm.eval import leakage
 from fedllm.eval.mia import run_attacks
-from fedllm.eval.task_choose import ChooseDefinition
-from fedllm.eval.task_define import DefineWords
-from fedllm.eval.task_domain import WordDomain
-from fedllm.eval.task_heldout import HeldOutLoss
+from fedllm.eval.registry import select_tasks
+from fedllm.eval.task import EvalTask, TaskSetup
 from fedllm.eval.views import BASE, GLOBAL, Views, client_view, find_client_adapters
-from fedllm.shards import raw_shard
+from fedllm.recipe import RunConfig, load_recipe
 
 
 @dataclass(frozen=True)
@@ -37,7 +36,7 @@ class EvalSettings:
     references: int | None = None
     prefix_tokens: int = 2
     suffix_tokens: int = 16
-    tasks: tuple[str, ...] = ("held_out", "define", "domain", "choose")
+    tasks: tuple[str, ...] | None = None  # None: every available task
     leakage: bool = True
 
 
@@ -73,6 +72,8 @@ def evaluate_run(
     from fedllm.eval.report import write_report
 
     t0 = time.perf_counter()
+    tasks = select_tasks(settings.tasks)
+    settings = replace(settings, tasks=tuple(tasks))
     cfg, adapter, clients, default_out = resolve_inputs(
         Path(target), Path(recipe) if recipe else None
     )
@@ -80,11 +81,19 @@ def evaluate_run(
     quant = None if cfg.model.quantization == "none" else cfg.model.quantization
     say(f"loading base + global adapter + {len(clients)} client adapters ({adapter})")
     views = Views(adapter, client_adapters=clients, dtype=cfg.model.dtype, quantization=quant)
+    setup = TaskSetup(
+        tokenizer=views.tokenizer,
+        prompt_format=cfg.data.prompt_format,
+        max_length=cfg.data.max_length,
+        max_new_tokens=settings.max_new_tokens,
+        seed=cfg.seed,
+    )
     report: dict = {
         "run": cfg.name,
         "target": str(Path(target).resolve()),
         "settings": asdict(settings),
         "views": views.names,
+        "tasks": {name: cls.describe() for name, cls in tasks.items()},
         "quality": {},
         "leakage": {"exposure": [], "mia": {}, "extraction": {}},
     }
@@ -96,12 +105,13 @@ def evaluate_run(
         members = sample_examples(members, max_examples=max(len(held), 1), seed=pid)
         local = client_view(pid) if client_view(pid) in views.names else None
         say(f"client {pid}/{n}: {len(members)} members, {len(held)} held-out examples")
-        quality_views = [BASE, GLOBAL] + ([local] if local else [])
-        for view in quality_views:
+        built = {name: cls.build(held, setup) for name, cls in tasks.items()}
+        for view in [BASE, GLOBAL] + ([local] if local else []):
             key = "local" if view == local else view
-            result = _quality(views, view, held, cfg=cfg, settings=settings)
+            result = _quality(views, view, built, batch_size=settings.batch_size)
             report["quality"].setdefault(key, {"clients": {}})["clients"][str(pid)] = result
-            say(f"client {pid} quality [{key}]: {_brief(result)}")
+            brief = ", ".join(f"{name} {tasks[name].headline(r)}" for name, r in result.items())
+            say(f"client {pid} quality [{key}]: {brief}")
         if settings.leakage:
             _leakage(
                 views,
@@ -116,7 +126,7 @@ def evaluate_run(
                 say=say,
             )
     for block in report["quality"].values():
-        block["global"] = _combine(list(block["clients"].values()))
+        block["global"] = _combine(tasks, list(block["clients"].values()))
     if settings.leakage:
         for block in report["leakage"]["mia"].values():
             block["pooled"] = run_attacks(
@@ -128,27 +138,10 @@ def evaluate_run(
     return report
 
 
-def _quality(views: Views, view: str, held: list[dict], *, cfg: RunConfig, settings) -> dict:
-    tok, fmt = views.tokenizer, cfg.data.prompt_format
-    result: dict = {}
+def _quality(views: Views, view: str, built: dict[str, EvalTask], *, batch_size: int) -> dict:
+    """Every task's metrics under one view (tasks are built once per client, not per view)."""
     with views.use(view) as model:
-        if "held_out" in settings.tasks:
-            task = HeldOutLoss(held, tok, prompt_format=fmt, max_length=cfg.data.max_length)
-            result["held_out"] = task.evaluate(model, batch_size=settings.batch_size)
-        if "define" in settings.tasks:
-            define = DefineWords(
-                held, tok, prompt_format=fmt, max_new_tokens=settings.max_new_tokens
-            )
-            result["define"] = define.evaluate(model, batch_size=settings.batch_size)
-        for name, task in (
-            ("domain", WordDomain(held, seed=cfg.seed)),
-            ("choose", ChooseDefinition(held, seed=cfg.seed)),
-        ):
-            if name in settings.tasks:
-                result[name] = task.evaluate(
-                    model, tokenizer=tok, prompt_format=fmt, batch_size=settings.batch_size
-                )
-    return result
+        return {name: task.evaluate(model, batch_size=batch_size) for name, task in built.items()}
 
 
 def _leakage(views: Views, report: dict, *, cfg, settings, pid, shard, members, held, local, say):
@@ -221,38 +214,11 @@ def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def _combine(per_client: list[dict]) -> dict:
-    """Global numbers: token-weighted loss, example-weighted everything else."""
+def _combine(tasks: dict[str, type[EvalTask]], per_client: list[dict]) -> dict:
+    """Global numbers: each task merges its per-client results (see EvalTask.combine)."""
     out: dict = {}
-    if all("held_out" in c for c in per_client):
-        nll = sum(c["held_out"]["nll_sum"] for c in per_client)
-        tokens = sum(c["held_out"]["tokens"] for c in per_client)
-        if tokens:
-            out["held_out"] = {
-                "loss": nll / tokens,
-                "perplexity": float(np.exp(nll / tokens)),
-                "tokens": tokens,
-            }
-    for task, metrics in (
-        ("define", ("exact_match", "rouge_l")),
-        ("domain", ("accuracy", "chance")),
-        ("choose", ("accuracy", "chance")),
-    ):
-        rows = [c[task] for c in per_client if task in c and c[task]["examples"]]
-        total = sum(r["examples"] for r in rows)
-        if total:
-            out[task] = {m: sum(r[m] * r["examples"] for r in rows) / total for m in metrics}
-            out[task]["examples"] = total
+    for name, cls in tasks.items():
+        combined = cls.combine([c[name] for c in per_client if name in c])
+        if combined:
+            out[name] = combined
     return out
-
-
-def _brief(result: dict) -> str:
-    parts = []
-    if "held_out" in result:
-        parts.append(f"loss {result['held_out'].get('loss', float('nan')):.3f}")
-    if "define" in result:
-        parts.append(f"define ROUGE-L {result['define']['rouge_l']:.3f}")
-    for name in ("domain", "choose"):
-        if name in result:
-            parts.append(f"{name} acc {result[name]['accuracy']:.2f}")
-    return ", ".join(parts)

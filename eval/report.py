@@ -27,34 +27,37 @@ def tpr_cell(entry: dict) -> str:
     return f"{fmt(entry['value'])}* "
 
 
-def quality_md(quality: dict) -> list[str]:
+def quality_md(quality: dict, tasks: dict) -> list[str]:
+    """Every metric of every task (global), then each task's headline metric per client."""
+    columns = [(name, m) for name, task in tasks.items() for m in task["metrics"]]
     lines = [
         "## Task quality (all clients' held-out examples)",
         "",
-        "| view | loss | perplexity | define EM | define ROUGE-L | domain acc (chance) "
-        "| choose-definition acc (chance) |",
-        "|---|---|---|---|---|---|---|",
+        *(f"- **{name}**: {task['about']}" for name, task in tasks.items()),
+        "",
+        "| view | " + " | ".join(f"{name} {m['label']}" for name, m in columns) + " |",
+        "|---|" + "---|" * len(columns),
     ]
     for view, block in quality.items():
         g = block.get("global", {})
-        h, d, dom, ch = (g.get(k, {}) for k in ("held_out", "define", "domain", "choose"))
-        lines.append(
-            f"| {view} | {fmt(h.get('loss'))} | {fmt(h.get('perplexity'), 2)} | "
-            f"{fmt(d.get('exact_match'))} | {fmt(d.get('rouge_l'))} | "
-            f"{fmt(dom.get('accuracy'), 2)} ({fmt(dom.get('chance'), 2)}) | "
-            f"{fmt(ch.get('accuracy'), 2)} ({fmt(ch.get('chance'), 2)}) |"
-        )
+        cells = [fmt(g.get(name, {}).get(m["key"]), m["digits"]) for name, m in columns]
+        lines.append(f"| {view} | " + " | ".join(cells) + " |")
     clients = sorted({c for b in quality.values() for c in b["clients"]}, key=int)
     lines += [
         "",
-        "Held-out loss per client:",
+        "Per client (each task's headline metric):",
         "",
-        "| view | " + " | ".join(f"client {c}" for c in clients) + " |",
-        "|---|" + "---|" * len(clients),
+        "| view | metric | " + " | ".join(f"client {c}" for c in clients) + " |",
+        "|---|---|" + "---|" * len(clients),
     ]
     for view, block in quality.items():
-        cells = [fmt(block["clients"].get(c, {}).get("held_out", {}).get("loss")) for c in clients]
-        lines.append(f"| {view} | " + " | ".join(cells) + " |")
+        for name, task in tasks.items():
+            m = task["metrics"][0]
+            cells = [
+                fmt(block["clients"].get(c, {}).get(name, {}).get(m["key"]), m["digits"])
+                for c in clients
+            ]
+            lines.append(f"| {view} | {name} {m['label']} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 
@@ -126,20 +129,23 @@ def extraction_md(extraction: dict) -> list[str]:
     return [*lines, ""]
 
 
-def plot_quality(quality: dict, path: Path) -> None:
+def plot_quality(quality: dict, tasks: dict, path: Path) -> None:
+    """One panel per task: its headline metric per client, one bar per view."""
     import matplotlib.pyplot as plt
 
     clients = sorted({c for b in quality.values() for c in b["clients"]}, key=int)
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=120)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.6), dpi=120, squeeze=False)
     width = 0.8 / max(len(quality), 1)
-    for i, (view, block) in enumerate(quality.items()):
-        ys = [block["clients"].get(c, {}).get("held_out", {}).get("loss", np.nan) for c in clients]
-        ax.bar(np.arange(len(clients)) + i * width, ys, width, label=view)
-    ax.set_xticks(np.arange(len(clients)) + width * (len(quality) - 1) / 2)
-    ax.set_xticklabels([f"client {c}" for c in clients])
-    ax.set_ylabel("held-out loss (nats/token)")
-    ax.legend()
-    ax.grid(axis="y", alpha=0.3)
+    for ax, (name, task) in zip(axes[0], tasks.items(), strict=True):
+        m = task["metrics"][0]
+        for i, (view, block) in enumerate(quality.items()):
+            ys = [block["clients"].get(c, {}).get(name, {}).get(m["key"], np.nan) for c in clients]
+            ax.bar(np.arange(len(clients)) + i * width, ys, width, label=view)
+        ax.set_xticks(np.arange(len(clients)) + width * (len(quality) - 1) / 2)
+        ax.set_xticklabels([f"client {c}" for c in clients])
+        ax.set_title(f"{name}: {m['label']}")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend()
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -200,9 +206,10 @@ def write_report(report: dict, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
     lines = [f"# Evaluation of run `{report['run']}`", "", VIEW_NOTE, ""]
-    lines += quality_md(report["quality"])
-    plot_quality(report["quality"], out / "quality.png")
-    lines += ["![held-out loss per client](quality.png)", ""]
+    lines += quality_md(report["quality"], report["tasks"])
+    if report["tasks"]:
+        plot_quality(report["quality"], report["tasks"], out / "quality.png")
+        lines += ["![each task's headline metric per client](quality.png)", ""]
     leak = report["leakage"]
     lines += exposure_md(leak["exposure"])
     if leak["exposure"]:

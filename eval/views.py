@@ -12,7 +12,7 @@ from pathlib import Path
 
 from peft import PeftModel
 
-from fedllm.model import load_base_model
+from fedllm.model.loading import load_base_model
 
 BASE, GLOBAL = "base", "global"
 

@@ -8,8 +8,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from fedllm.checkpoint import CHECKPOINT
-from fedllm.config import ConfigError, RunConfig, load_recipe
+from fedllm.recipe import ConfigError, RunConfig, load_recipe
+from fedllm.server.checkpoint import CHECKPOINT
 
 
 def absolute_paths(cfg: RunConfig) -> RunConfig:
@@ -28,13 +28,12 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
 
 def prepare(cfg: RunConfig) -> None:
     """Everything that can fail before a round starts: base model, rank fit, every client's data."""
-    from fedllm.constrained_client import check_pruned_ranks
-    from fedllm.privacy.plan import check_shards
-    from fedllm.shards import adapter_shapes, check_ranks, load_all_examples, partition_indices
+    from fedllm.data.shards import load_all_examples, partition_indices
+    from fedllm.features import registry
+    from fedllm.model.base import adapter_shapes, check_ranks
 
     shapes = adapter_shapes(cfg)
     check_ranks(cfg, shapes)
-    check_pruned_ranks(cfg, shapes)  # ranks of pruned tiers / bandit arms (constrained_client)
     examples = load_all_examples(cfg)
     parts = partition_indices(cfg, examples)
     sizes = [len(p) for p in parts]
@@ -43,7 +42,8 @@ def prepare(cfg: RunConfig) -> None:
         f"({cfg.data.partitioner}): sizes {sizes}; {len(shapes)} adapted modules",
         flush=True,
     )
-    check_shards(cfg)  # privacy: δ < 1/n and batch < n on every shard (fedllm.privacy)
+    for feature in registry.active(cfg):  # e.g. pruned ranks fit, DP fits every shard
+        feature.prepare(cfg, shapes=shapes)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -60,14 +60,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     prepare(cfg)
     (run_dir / "recipe.yaml").write_text(cfg.to_yaml())
     if args.federation:
-        from fedllm.deploy import submit
+        from fedllm.deploy.federation import submit
 
         return submit(cfg, args.federation, resume=args.resume)
 
     from flwr.simulation import run_simulation
 
-    from fedllm.client_app import make_client_app
-    from fedllm.server_app import make_server_app
+    from fedllm.client.app import make_client_app
+    from fedllm.server.app import make_server_app
 
     cpus = min(cfg.simulation.num_cpus_per_client, float(_cpu_count()))
     run_simulation(
@@ -90,14 +90,34 @@ def _cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def split_recipes(items: list[str]) -> tuple[list[str], list[str]]:
+    """Split arguments into recipes and `key=value` overrides: '=' and not an existing file."""
+    recipes: list[str] = []
+    overrides: list[str] = []
+    for item in items:
+        (overrides if "=" in item and not Path(item).is_file() else recipes).append(item)
+    return recipes, overrides
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
-    for path in args.recipes:
-        cfg = load_recipe(path, args.overrides)
+    """Check every recipe with the same overrides; report each bad one and exit 2 if any is bad."""
+    recipes, overrides = split_recipes(args.items)
+    if not recipes:
+        raise ConfigError("validate needs at least one recipe path (got only key=value overrides)")
+    overrides += args.overrides  # --set KEY=VALUE, kept as an alias
+    failed = 0
+    for path in recipes:
+        try:
+            cfg = load_recipe(path, overrides)
+        except (ConfigError, FileNotFoundError, ValueError) as err:
+            print(f"fedllm: error: {err}", file=sys.stderr)
+            failed += 1
+            continue
         print(
             f"ok  {path}: {cfg.name}, {cfg.data.num_clients} clients, "
             f"aggregator {cfg.aggregator.name}"
         )
-    return 0
+    return 2 if failed else 0
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -123,9 +143,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(fn=cmd_run)
 
-    val = sub.add_parser("validate", help="check recipes without running them")
-    val.add_argument("recipes", nargs="+")
-    val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    val = sub.add_parser(
+        "validate",
+        help="check recipes without running them",
+        usage="%(prog)s [-h] [--set KEY=VALUE] RECIPE [RECIPE ...] [KEY=VALUE ...]",
+    )
+    val.add_argument(
+        "items",
+        nargs="+",
+        metavar="RECIPE|KEY=VALUE",
+        help="YAML recipes, and key=value overrides applied to each of them (as for run)",
+    )
+    val.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an override (same as a positional key=value)",
+    )
     val.set_defaults(fn=cmd_validate)
 
     prep = sub.add_parser("prepare", help="convert/build the base model and check the data")
@@ -133,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("overrides", nargs="*")
     prep.set_defaults(fn=cmd_prepare)
 
-    from fedllm.deploy_cli import add_deploy_commands
+    from fedllm.deploy.cli import add_deploy_commands
 
     add_deploy_commands(sub)
     from fedllm.eval.cli import add_eval_commands

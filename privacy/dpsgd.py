@@ -24,9 +24,9 @@ import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
+from fedllm.client.train import TrainResult, make_optimizer, make_scheduler, token_nll
 from fedllm.data import collate
 from fedllm.privacy.plan import SamplePlan
-from fedllm.train import TrainResult, make_optimizer, make_scheduler, token_nll
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedllm.config import ConfigError, RunConfig
+from fedllm.client.train import num_local_steps
 from fedllm.privacy.accounting import noise_multiplier_for
-from fedllm.train import num_local_steps
+from fedllm.recipe import ConfigError, RunConfig
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ def check_shards(cfg: RunConfig) -> None:
     ConfigError before any training; a deployed node checks its own data again at its start."""
     if cfg.privacy.mode != "sample":
         return
-    from fedllm.shards import raw_shard
+    from fedllm.data.shards import raw_shard
 
     try:
         for pid in range(cfg.data.num_clients):

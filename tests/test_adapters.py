@@ -7,7 +7,8 @@ import torch
 from flwr.app import ArrayRecord
 from peft import PeftModel
 
-from fedllm.adapters import (
+from fedllm.aggregators import Factors
+from fedllm.model.adapters import (
     attach_lora,
     from_record,
     read_factors,
@@ -15,8 +16,7 @@ from fedllm.adapters import (
     to_record,
     write_factors,
 )
-from fedllm.aggregators import Factors
-from fedllm.model import build_tiny_model, load_base_model
+from fedllm.model.loading import build_tiny_model, load_base_model
 
 TEXTS = [f"word {i} means the thing number {i} in a list of {i % 7} things" for i in range(200)]
 Q = "model.layers.0.self_attn.q_proj"

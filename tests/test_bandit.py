@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from fedllm.bandit import Arm, ArmBandit, efficiency
+from fedllm.constrained.bandit import Arm, ArmBandit, efficiency
 
 ARMS = [Arm(r, p) for r in (2, 8) for p in (0.0, 0.5)]
 # known mean efficiencies: the rank-2, pruning-0.5 arm is best on this "device"

@@ -5,7 +5,7 @@ import torch
 from flwr.app import ArrayRecord, RecordDict
 
 from fedllm.aggregators import Factors
-from fedllm.compress import (
+from fedllm.constrained.compress import (
     decode_factors,
     decode_update,
     encode_factors,

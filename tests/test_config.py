@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from fedllm.config import ConfigError, build_config, load_recipe, parse_overrides
-from fedllm.shards import check_ranks
+from fedllm.model.base import check_ranks
+from fedllm.recipe import ConfigError, build_config, load_recipe, parse_overrides
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
 

@@ -1,25 +1,68 @@
 """Server side of constrained clients: restricted downloads, top-k replies from pruned clients."""
 
 import torch
-from flwr.app import MetricRecord, RecordDict
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from fedllm.aggregators import Factors, RoundSpec
-from fedllm.compress import decode_factors, flat
-from fedllm.config import build_config
-from fedllm.constrained_client import build_reply
-from fedllm.constrained_server import ConstrainedClients
-from fedllm.prune_map import Kept, fit_start
+from fedllm.constrained.adaptive import Adaptive
+from fedllm.constrained.compress import decode_factors, flat
+from fedllm.constrained.prune_map import Kept, fit_start
+from fedllm.constrained.pruned import PrunedBase
+from fedllm.features import registry
+from fedllm.features.types import ClientPlan, ClientRound, ClientUpdate, TrainReply
+from fedllm.model import wire
+from fedllm.recipe import build_config
+from fedllm.server.strategy import LoraStrategy
 
 SHAPES = {"q": (6, 4), "v": (4, 4)}
 
 
 def cfg(**compression):
+    tiers = [{"name": "pruned", "rank": 2, "clients": 2, "pruning": 0.5}]
     return build_config(
         {
             "data": {"num_clients": 2},
-            "lora": {"ranks": 2, "alpha": 4},
+            "lora": {"ranks": None, "tiers": tiers, "alpha": 4},
             "compression": compression,
             "aggregator": {"name": "svd"},
+        }
+    )
+
+
+def server(c) -> LoraStrategy:
+    """A strategy with the recipe's features whose global adapter is `global_factors()`."""
+    strategy = LoraStrategy(c, shapes=SHAPES, features=registry.build(c))
+    strategy.global_ = global_factors()
+    return strategy
+
+
+def build_reply(c, trained, *, start, kept, state) -> dict:
+    """What a pruned client sends: the features' reply hooks on its trained factors."""
+    plan = ClientPlan(0, 2, 0.5)
+    rnd = ClientRound(c, 0, 1, RoundSpec(), ConfigRecord({}), {}, state, 0, plan)
+    features = registry.build(c)
+    for f in features:
+        if isinstance(f, PrunedBase):
+            f.kept = kept  # what its prepare_base would have found
+    arrays = {"update": wire.outgoing(trained, RoundSpec())}
+    for f in features:
+        arrays = f.reply(arrays, ClientUpdate(dict(trained), dict(start), 2), rnd)
+    return arrays
+
+
+def reply_metrics(*, rank: int, pruning: float = 0.0, **loss) -> MetricRecord:
+    values = {"train-loss-first": 2.0, "train-loss-last": 1.5, "train-seconds": 1.0, **loss}
+    return MetricRecord(
+        {
+            "partition-id": 0,
+            "rank": rank,
+            "num-examples": 10,
+            "train-loss": 1.7,
+            "steps": 1,
+            "bytes-sent": 0,
+            "bytes-received": 0,
+            "pruning": pruning,
+            **values,
         }
     )
 
@@ -34,20 +77,20 @@ def global_factors() -> dict[str, Factors]:
 
 def test_pruned_client_topk_round_trip_lands_at_kept_rows() -> None:
     c = cfg(dtype="bfloat16", topk=0.5)
-    server = ConstrainedClients(c)
+    strategy = server(c)
     kept = {"q": Kept(out=torch.tensor([0, 2, 5]), in_=None)}
-    g = global_factors()
     # round 1: node unknown -> full global; the client restricts it itself
-    record, extra = server.download(7, g, rank=None)
+    record, extra = strategy.download(7)
     assert extra == {}
     received = decode_factors(record, scaling=1.0, dtype="bfloat16")
     start = fit_start(received, kept, rank=2, scaling=c.client_scaling(2))
     assert start["q"].shape == (3, 4)
     trained = {m: Factors(f.B + 0.5, f.A - 0.25, f.scaling) for m, f in start.items()}
     state = RecordDict()
-    records = build_reply(c, trained, spec=RoundSpec(), start=start, kept=kept, state=state)
-    content = RecordDict({**records, "metrics": MetricRecord({"rank": 2})})
-    full = server.receive(7, content, rank=2, pruning=0.5, shapes=SHAPES)
+    records = build_reply(c, trained, start=start, kept=kept, state=state)
+    content = RecordDict({**records, "metrics": reply_metrics(rank=2, pruning=0.5)})
+    reply, full = strategy.read_reply(7, content)
+    strategy.remember(7, reply)
     assert full["q"].shape == (6, 4) and full["v"].shape == (4, 4)
     assert torch.count_nonzero(full["q"].B[[1, 3, 4]]) == 0
     # what arrived + what the client kept back = what it trained, at the kept rows
@@ -55,7 +98,7 @@ def test_pruned_client_topk_round_trip_lands_at_kept_rows() -> None:
     rebuilt = full["q"].B[[0, 2, 5]] + residual["q.lora_B"]
     assert torch.allclose(rebuilt, trained["q"].B, atol=1e-6)
     # round 2: the server now sends the node only its kept rows, at its rank
-    record, _ = server.download(7, g, rank=2)
+    record, _ = strategy.download(7)
     again = decode_factors(record, scaling=c.client_scaling(2), dtype="bfloat16")
     assert again["q"].shape == (3, 4) and again["q"].rank == 2
 
@@ -74,25 +117,30 @@ def test_bandit_assigns_arms_learns_and_checkpoints() -> None:
             "adaptive": {"ranks": [1, 2], "pruning": [0.0, 0.5], "time_weight": 1.0},
         }
     )
-    server = ConstrainedClients(c)
-    assert server.max_rank() == 2
-    g = global_factors()
+    strategy = server(c)
+    (bandit,) = [f for f in strategy.features if isinstance(f, Adaptive)]
+    assert c.max_rank == 2
     seen = []
     for _ in range(4):  # UCB plays every arm once, in order
-        record, extra = server.download(3, g, rank=None)
+        record, extra = strategy.download(3)
         seen.append((extra["rank"], extra["pruning"]))
         assert {f.rank for f in decode_factors(record, scaling=1.0).values()} == {extra["rank"]}
         fast = extra["pruning"] == 0.5
-        server.observe(
+        bandit.accepted(
             3,
-            {
-                "train-loss-first": 2.0,
-                "train-loss-last": 1.5,
-                "train-seconds": 1.0 if fast else 4.0,
-            },
+            TrainReply.parse(
+                reply_metrics(
+                    rank=extra["rank"],
+                    **{
+                        "train-loss-first": 2.0,
+                        "train-loss-last": 1.5,
+                        "train-seconds": 1.0 if fast else 4.0,
+                    },
+                )
+            ),
         )
     assert seen == [(1, 0.0), (1, 0.5), (2, 0.0), (2, 0.5)]
-    assert server.bandit.best("3").pruning == 0.5
-    again = ConstrainedClients(c)
-    again.load_state_dict(server.state_dict())
-    assert again.bandit.counts == server.bandit.counts
+    assert bandit.bandit.best("3").pruning == 0.5
+    again = Adaptive(c)
+    again.load_state_dict(bandit.state_dict())
+    assert again.bandit.counts == bandit.bandit.counts

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedllm.certs import make_credentials
-from fedllm.deploy import (
+from fedllm.deploy.certs import make_credentials
+from fedllm.deploy.federation import (
     flwr_env,
     register_node,
     superlink_command,
@@ -262,7 +262,7 @@ def test_resumed_round_2_starts_from_round_1_state(scenario) -> None:
     round 1 (their digest is logged at the round start), not from the initial ones; the rows of
     rounds 0 and 1 are kept as they were."""
     from fedllm.aggregators import Factors
-    from fedllm.deploy import factors_digest
+    from fedllm.model.adapters import factors_digest
 
     r = rows(scenario["run_dir"])
     before = [json.loads(x) for x in scenario["rows_before"]]

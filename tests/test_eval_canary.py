@@ -3,9 +3,9 @@ clients' train shards only, held-out untouched, bad input named by its dotted ke
 
 import pytest
 
-from fedllm.config import ConfigError, build_config
 from fedllm.data.canary import canary_examples, is_canary, make_canaries, reference_secrets
-from fedllm.shards import raw_shard
+from fedllm.data.shards import raw_shard
+from fedllm.recipe import ConfigError, build_config
 
 RECIPE = {
     "data": {

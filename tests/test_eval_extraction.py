@@ -3,11 +3,11 @@ training suffixes far more often than held-out ones."""
 
 from pathlib import Path
 
+from fedllm.client.train import train_local
 from fedllm.data import load_wordnet, tokenize_all
 from fedllm.eval.extraction import extraction_rates, split_prefix_suffix
 from fedllm.eval.generate import end_token_ids
-from fedllm.model import build_tiny_model, load_base_model
-from fedllm.train import train_local
+from fedllm.model.loading import build_tiny_model, load_base_model
 
 
 def test_split_prefix_suffix_by_hand() -> None:

@@ -7,14 +7,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedllm.adapters import attach_lora, read_factors, save_peft_adapter
 from fedllm.aggregators import get
 from fedllm.cli import main
-from fedllm.config import build_config
-from fedllm.eval.task_heldout import HeldOutLoss
-from fedllm.model import load_base_model
-from fedllm.shards import base_model_dir, load_shard, prepare_base_model, raw_shard
-from fedllm.train import train_local
+from fedllm.client.train import train_local
+from fedllm.data.shards import load_shard, raw_shard
+from fedllm.eval.tasks.held_out import HeldOutLoss
+from fedllm.model.adapters import attach_lora, read_factors, save_peft_adapter
+from fedllm.model.base import base_model_dir, prepare_base_model
+from fedllm.model.loading import load_base_model
+from fedllm.recipe import build_config
 
 TINY = {
     "vocab_size": 320,

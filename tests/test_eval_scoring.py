@@ -8,7 +8,7 @@ import torch
 
 from fedllm.data import collate, load_wordnet, tokenize_all
 from fedllm.eval.scoring import nll_and_tokens, score_examples
-from fedllm.model import build_tiny_model, load_base_model
+from fedllm.model.loading import build_tiny_model, load_base_model
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,13 @@ from pathlib import Path
 
 import pytest
 
+from fedllm.client.train import evaluate_nll
 from fedllm.data import load_wordnet
-from fedllm.eval.task_choose import ChooseDefinition
-from fedllm.eval.task_define import DefineWords
-from fedllm.eval.task_domain import WordDomain
-from fedllm.eval.task_heldout import HeldOutLoss
-from fedllm.model import build_tiny_model, load_base_model
-from fedllm.train import evaluate_nll
+from fedllm.eval.tasks.choose import ChooseDefinition
+from fedllm.eval.tasks.define import DefineWords
+from fedllm.eval.tasks.domain import WordDomain
+from fedllm.eval.tasks.held_out import HeldOutLoss
+from fedllm.model.loading import build_tiny_model, load_base_model
 
 DOG = {
     "prompt": "Define the word 'dog' (noun).",

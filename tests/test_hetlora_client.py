@@ -10,14 +10,14 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
-from fedllm import hetlora_client as hc
-from fedllm import rounds
-from fedllm.adapters import attach_lora
 from fedllm.aggregators import Factors, get, round_spec
+from fedllm.aggregators import hetlora_prune as hc
 from fedllm.cli import main
-from fedllm.config import ConfigError, build_config
-from fedllm.model import build_tiny_model, load_base_model
-from fedllm.train import train_local
+from fedllm.client.train import train_local
+from fedllm.model import wire as rounds
+from fedllm.model.adapters import attach_lora
+from fedllm.model.loading import build_tiny_model, load_base_model
+from fedllm.recipe import ConfigError, build_config
 
 # module m1: rank 4, γ = 0.5 → tail = last 2 components
 B1 = torch.tensor([[1.0, 2.0, 3.0, 0.0], [0.0, 0.0, 0.0, 4.0]])  # tail [[3, 0], [0, 4]]: ‖·‖ = 5
@@ -91,7 +91,7 @@ def test_prune_rule() -> None:
 
 
 def test_state_persists_rank_and_lowers_the_plan() -> None:
-    from fedllm.constrained_client import ClientPlan
+    from fedllm.features.types import ClientPlan
 
     state = RecordDict()
     opts = hc.PruneOptions(prune_lambda=1.0, prune_gamma=0.5, min_rank=1)

@@ -12,12 +12,12 @@ import torch
 from flwr.app import ArrayRecord
 from peft import PeftModel
 
-from fedllm.checkpoint import load_checkpoint
-from fedllm.config import load_recipe
-from fedllm.local_grid import run_local
-from fedllm.rounds import LOCAL_B
-from fedllm.shards import base_model_dir, cached_base_model
-from fedllm.strategy import initial_factors
+from fedllm.deploy.local_grid import run_local
+from fedllm.model.base import base_model_dir, cached_base_model
+from fedllm.model.wire import LOCAL_B
+from fedllm.recipe import load_recipe
+from fedllm.server.checkpoint import load_checkpoint
+from fedllm.server.strategy import initial_factors
 
 RECIPE = Path(__file__).parents[1] / "recipes" / "tiny.yaml"
 

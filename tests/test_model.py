@@ -1,4 +1,5 @@
-"""fedllm.model: tiny model building, name resolution, loading, shapes and the per-process cache."""
+"""fedllm.model.loading: tiny model building, name resolution, loading, shapes and the per-process
+cache."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fedllm import model as fm
+from fedllm.model import loading as fm
 
 WORDS = (
     "federated learning trains a shared model across many clients without moving their data "
@@ -192,7 +193,7 @@ def test_load_base_model_4bit_keeps_the_trainable_kernel(tiny_dir: Path) -> None
 
 
 def test_model_cache_holds_one_entry() -> None:
-    cache: fm.ModelCache = fm.ModelCache()
+    cache: fm.LastValueCache = fm.LastValueCache()
     calls: list[str] = []
 
     def loader(tag: str) -> object:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from fedllm.config import load_recipe
-from fedllm.deploy import supernode_command, write_run_config
-from fedllm.node import check_node, local_recipe, node_shard, recipe_from_run_config
+from fedllm.client.node_config import check_node, local_recipe, node_shard, recipe_from_run_config
+from fedllm.deploy.federation import supernode_command, write_run_config
+from fedllm.recipe import load_recipe
 
 RECIPE = Path(__file__).parents[1] / "recipes" / "tiny.yaml"
 

@@ -1,5 +1,6 @@
 """fedllm.privacy accounting: ε functions, the checkpointed ledger, recipe checks, and a DP run
-through the real ServerApp loop / ClientApp (fedllm.local_grid) with a budget stop and a resume."""
+through the real ServerApp loop / ClientApp (fedllm.deploy.local_grid) with a budget stop and a
+resume."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from fedllm.checkpoint import load_checkpoint, save_checkpoint
-from fedllm.config import ConfigError, load_recipe
+from fedllm.data.shards import raw_shard
 from fedllm.privacy.accounting import PrivacyLedger, epsilon, noise_multiplier_for
 from fedllm.privacy.plan import check_shards
-from fedllm.shards import raw_shard
+from fedllm.recipe import ConfigError, load_recipe
+from fedllm.server.checkpoint import load_checkpoint, save_checkpoint
 
 RECIPE = str(Path(__file__).parents[1] / "recipes" / "tiny.yaml")
 ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
@@ -176,8 +177,9 @@ def rows(run_dir: Path) -> list[dict]:
 
 
 def test_dp_run_reports_accountant_epsilon_stops_at_budget_and_resumes(tmp_path: Path) -> None:
-    """Real ServerApp loop + ClientApp over fedllm.local_grid (Flower serialisation, no Ray)."""
-    from fedllm.local_grid import run_local
+    """Real ServerApp loop + ClientApp over fedllm.deploy.local_grid (Flower serialisation,
+    no Ray)."""
+    from fedllm.deploy.local_grid import run_local
 
     sigma, delta, local = 1.2, 1e-3, 2
     base = [

@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedllm.adapters import attach_lora, read_factors
-from fedllm.config import load_recipe
 from fedllm.data import collate
-from fedllm.privacy.client import train_private
+from fedllm.data.shards import load_shard
+from fedllm.model.adapters import attach_lora, read_factors
+from fedllm.model.base import cached_base_model
 from fedllm.privacy.dpsgd import PrivateSteps, example_losses, train_dp
 from fedllm.privacy.plan import SamplePlan
-from fedllm.shards import cached_base_model, load_shard
+from fedllm.privacy.sample_level import train_private
+from fedllm.recipe import load_recipe
 
 RECIPE = str(Path(__file__).parents[1] / "recipes" / "tiny.yaml")
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fedllm.aggregators import Factors, get
-from fedllm.prune_map import (
+from fedllm.constrained.prune_map import (
     Kept,
     check_kept,
     coverage_weighted,

@@ -4,10 +4,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fedllm.adapters import attach_lora, read_factors
-from fedllm.config import ConfigError, build_config
-from fedllm.constrained_client import ClientPlan, check_rank_fits, client_plan
-from fedllm.pruning import check_ratio, prune_model, prune_plan, pruned_module_shapes
+from fedllm.client.app import check_rank_fits, client_plan
+from fedllm.constrained.pruning import check_ratio, prune_model, prune_plan, pruned_module_shapes
+from fedllm.features.types import ClientPlan
+from fedllm.model.adapters import attach_lora, read_factors
+from fedllm.recipe import ConfigError, build_config
 
 
 def small_llama(seed: int = 0) -> LlamaForCausalLM:

@@ -8,10 +8,10 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
-from fedllm import rounds
-from fedllm.adapters import attach_lora, read_factors, write_factors
 from fedllm.aggregators import Factors, RoundSpec, round_spec
-from fedllm.model import build_tiny_model, load_base_model
+from fedllm.model import wire as rounds
+from fedllm.model.adapters import attach_lora, read_factors, write_factors
+from fedllm.model.loading import build_tiny_model, load_base_model
 
 TEXTS = [f"word {i} means the thing number {i} in a list of {i % 7} things" for i in range(200)]
 Q = "model.layers.0.self_attn.q_proj"
@@ -88,12 +88,12 @@ def test_local_b_persists_in_the_context_and_pairs_with_the_shared_a(tiny_dir: P
     model = attach_lora(base, rank=2, alpha=4.0, dropout=0.0, target_modules=["q_proj"])
     context = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
     shared = ArrayRecord({f"{Q}.lora_A": torch.arange(4 * 64.0).reshape(4, 64)})
-    start = rounds.personal(model, shared, context)  # first round: no B yet
+    start = rounds.personal(model, shared, context.state)  # first round: no B yet
     assert not start[Q].B.any() and torch.equal(start[Q].A, torch.arange(2 * 64.0).reshape(2, 64))
     assert start[Q].scaling == 2.0
     mine = {Q: Factors(torch.full((64, 2), 0.25), start[Q].A, 2.0)}
-    rounds.keep_local_B(context, mine)
-    later = rounds.personal(model, shared, context)
+    rounds.keep_local_B(context.state, mine)
+    later = rounds.personal(model, shared, context.state)
     assert torch.equal(later[Q].B, mine[Q].B)
     write_factors(model, later)
     torch.testing.assert_close(read_factors(model)[Q].delta(), mine[Q].delta())
@@ -101,7 +101,7 @@ def test_local_b_persists_in_the_context_and_pairs_with_the_shared_a(tiny_dir: P
 
 
 def test_merge_methods_refuse_a_quantized_base_at_validation() -> None:
-    from fedllm.config import ConfigError, build_config
+    from fedllm.recipe import ConfigError, build_config
 
     with pytest.raises(ConfigError, match=r"model\.quantization: none"):
         build_config({"aggregator": {"name": "flora"}, "model": {"quantization": "4bit"}})

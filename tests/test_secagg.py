@@ -1,4 +1,4 @@
-"""SecAgg+ secure aggregation (fedllm.secagg) through Flower's real simulation engine.
+"""SecAgg+ secure aggregation (fedllm.privacy.secagg) through Flower's real simulation engine.
 
 The tiny recipe, 3 clients of ranks 2/4/8. The ClientApp here is fedllm's, plus an oracle that
 writes each client's *unmasked* FitRes vectors to disk before `secaggplus_mod` masks them (the
@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from fedllm.aggregators import Factors, get
-from fedllm.config import ConfigError, load_recipe
-from fedllm.metrics import MetricsLog
-from fedllm.secagg import max_weight
+from fedllm.privacy.secagg import max_weight
+from fedllm.recipe import ConfigError, load_recipe
+from fedllm.server.metrics import MetricsLog
 
 RECIPE = str(Path(__file__).parents[1] / "recipes" / "tiny.yaml")
 ON = "privacy.secure_aggregation.enabled=true"
@@ -74,7 +74,7 @@ def test_compatible_recipes_load_and_the_option_is_off_by_default() -> None:
 
 
 def test_vectors_have_one_shape_for_every_rank() -> None:
-    from fedllm.secagg import vectors
+    from fedllm.privacy.secagg import vectors
 
     d, k = 6, 5
     for r in (1, 3):
@@ -93,8 +93,8 @@ def oracle_client_app(cfg, folder: Path):
     from flwr.common import parameters_to_ndarrays
     from flwr.compat.common import recorddict_compat as compat
 
-    from fedllm import client_app as client
-    from fedllm import secagg
+    from fedllm.client import app as client
+    from fedllm.privacy import secagg
 
     app = ClientApp()
 
@@ -126,7 +126,7 @@ def run_secure(tmp: Path, aggregator: str, rounds: int):
     from flwr.simulation import run_simulation
 
     from fedllm.cli import absolute_paths, prepare
-    from fedllm.server_app import make_server_app
+    from fedllm.server.app import make_server_app
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the oracle, to workers
     cfg = absolute_paths(
@@ -167,7 +167,7 @@ def clients(oracle: Path, rnd: int) -> list[dict]:
 
 
 def secure_global(run_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    from fedllm.checkpoint import load_checkpoint
+    from fedllm.server.checkpoint import load_checkpoint
 
     return load_checkpoint(run_dir)["strategy"]["global"]
 
@@ -265,10 +265,11 @@ def test_secure_fedit_and_dense_svd_match_plain(tmp_path: Path, caplog, aggregat
 def test_dp_sgd_under_secagg_is_accounted_and_resumes(tmp_path: Path) -> None:
     """DP-SGD clients whose replies are masked: the server still charges each client's ε from the
     steps it ran, and a run stopped after round 2 resumes round 3 under SecAgg+ from the saved
-    global adapter and ledger (fedllm.local_grid: the real round loop, ClientApp and mods)."""
-    from fedllm.local_grid import run_local
+    global adapter and ledger (fedllm.deploy.local_grid: the real round loop, ClientApp and
+    mods)."""
+    from fedllm.data.shards import raw_shard
+    from fedllm.deploy.local_grid import run_local
     from fedllm.privacy.accounting import epsilon
-    from fedllm.shards import raw_shard
 
     sigma, delta, local = 1.5, 1e-3, 2
     base = [
@@ -315,7 +316,7 @@ def test_secure_rounds_on_a_loopback_deployment_survive_dropouts(tmp_path: Path)
     """TLS SuperLink + 4 authenticated SuperNodes (tests/test_deploy.py's harness), ffa under
     SecAgg+ with 3 shares and threshold 2, 3 rounds.
     Round 2: SuperNode 3 is killed as soon as it has sent its public keys, so it is lost before
-    its key shares go out (fedllm.secagg.Workflow forgets it).
+    its key shares go out (fedllm.privacy.secagg.Workflow forgets it).
     Round 3: SuperNode 2 is killed once every key share is out, before its masked vector: the
     others reveal its key shares and Flower removes its pairwise masks from their sum."""
     from test_deploy import Federation, fedllm_run, write_orgs

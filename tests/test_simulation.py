@@ -9,8 +9,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fedllm.checkpoint import load_checkpoint
 from fedllm.cli import main
+from fedllm.server.checkpoint import load_checkpoint
 
 RECIPE = str(Path(__file__).parents[1] / "recipes" / "tiny.yaml")
 pytestmark = pytest.mark.slow

@@ -1,0 +1,84 @@
+"""Find eval tasks: every module in fedllm/eval/tasks/ plus the `fedllm.eval_tasks` entry points.
+
+Nothing is kept between calls: each call imports what it finds (Python itself imports a module
+once), so a task dropped into the folder or installed as a plugin is there on the next call.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import pkgutil
+from collections.abc import Iterator, Sequence
+from importlib import metadata
+from types import ModuleType
+
+from fedllm.eval import tasks as task_folder
+from fedllm.eval.task import EvalTask, is_registered
+
+ENTRY_POINT_GROUP = "fedllm.eval_tasks"
+
+
+def available_tasks() -> dict[str, type[EvalTask]]:
+    """Every task by name, sorted by name; two different classes with one name is an error."""
+    found: dict[str, type[EvalTask]] = {}
+    for cls in [*_folder_tasks(), *_entry_point_tasks()]:
+        other = found.setdefault(cls.name, cls)
+        if other is not cls:
+            raise ValueError(
+                f"two eval tasks are named {cls.name!r}: {_where(other)} and {_where(cls)}"
+            )
+    return dict(sorted(found.items()))
+
+
+def select_tasks(names: Sequence[str] | None = None) -> dict[str, type[EvalTask]]:
+    """The tasks called `names`, in that order (None: every available task)."""
+    found = available_tasks()
+    if names is None:
+        return found
+    for name in names:
+        if name not in found:
+            raise ValueError(_unknown(name, list(found)))
+    return {name: found[name] for name in names}
+
+
+def get_task(name: str) -> type[EvalTask]:
+    """The task called `name`; an unknown name raises ValueError naming the valid ones."""
+    return select_tasks([name])[name]
+
+
+def _unknown(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown eval task {name!r}{hint}; available: {', '.join(known) or 'none'}"
+
+
+def _folder_tasks() -> Iterator[type[EvalTask]]:
+    prefix = task_folder.__name__ + "."
+    for info in sorted(pkgutil.iter_modules(task_folder.__path__, prefix), key=lambda m: m.name):
+        yield from _defined_in(importlib.import_module(info.name))
+
+
+def _entry_point_tasks() -> Iterator[type[EvalTask]]:
+    for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        target = entry.load()
+        if isinstance(target, ModuleType):
+            yield from _defined_in(target)
+        elif is_registered(target):
+            yield target
+        else:
+            raise TypeError(
+                f"entry point {entry.name} = {entry.value} in {ENTRY_POINT_GROUP} is neither a "
+                "module nor an EvalTask class decorated with @register_task"
+            )
+
+
+def _defined_in(module: ModuleType) -> Iterator[type[EvalTask]]:
+    """Registered task classes defined in `module` itself (not ones it imports)."""
+    for obj in vars(module).values():
+        if is_registered(obj) and obj.__module__ == module.__name__:
+            yield obj
+
+
+def _where(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"

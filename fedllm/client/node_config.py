@@ -1,0 +1,91 @@
+"""What a deployed SuperNode knows about itself: its node config, its own data, its base model.
+
+A SuperNode is started with `--node-config` (see `fedllm node`), whose keys are:
+- `partition-id` (required): this node's identity in the federation and, without `data-path`, which
+  partition of the recipe's data source it holds (rebuilt deterministically, as in simulation);
+- `data-path`: a local JSON/JSONL/CSV/Parquet file or saved `datasets` folder holding this node's
+  whole private dataset (split into train/held-out with the recipe's `data.held_out`);
+- `rank`: the LoRA rank this node trains at (default: the recipe's rank for its partition);
+- `model`: the base model this node has; a run of a recipe on another base is refused;
+- `recipe-hash`: pin the recipe fingerprint this organisation agreed to; other runs are refused.
+Errors raised here reach the server as the client's error reply and leave it out of the round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from fedllm.recipe import RunConfig, build_config
+
+NODE_KEYS = ("partition-id", "num-partitions", "data-path", "rank", "model", "recipe-hash")
+
+
+def recipe_from_run_config(run_config: Mapping[str, object]) -> RunConfig:
+    """The recipe the submitter resolved and sent as the run config's `recipe` (YAML text)."""
+    import yaml
+
+    text = run_config.get("recipe")
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(
+            "run config has no 'recipe': submit runs with `fedllm run RECIPE --federation CONN`, "
+            "which sends the resolved recipe YAML"
+        )
+    return build_config(yaml.safe_load(text), source="run config 'recipe'")
+
+
+def check_node(cfg: RunConfig, node_config: Mapping[str, object]) -> None:
+    """Refuse a run whose base model or recipe differs from what this node was set up for."""
+    unknown = sorted(set(node_config) - set(NODE_KEYS))
+    if unknown:
+        raise ValueError(f"unknown node config key(s) {unknown}; valid: {', '.join(NODE_KEYS)}")
+    model = node_config.get("model")
+    if model is not None and str(model) != cfg.model.name:
+        raise ValueError(
+            f"base model mismatch: the run uses model.name={cfg.model.name!r} but this node "
+            f"holds {model!r} (node config model=...)"
+        )
+    pinned = node_config.get("recipe-hash")
+    if pinned is not None and str(pinned) != cfg.fingerprint():
+        raise ValueError(
+            f"recipe hash mismatch: the run's recipe has fingerprint {cfg.fingerprint()} but this "
+            f"node only accepts {pinned} (node config recipe-hash=...)"
+        )
+
+
+def local_recipe(cfg: RunConfig, node_config: Mapping[str, object]) -> tuple[RunConfig, int]:
+    """(recipe, partition) that `load_shard` should read for this node's own data.
+
+    With `data-path`, the node's file is a one-client federation of its own; otherwise the node
+    holds partition `partition-id` of the recipe's source.
+    """
+    pid = int(node_config["partition-id"]) if "partition-id" in node_config else None
+    path = node_config.get("data-path")
+    if path is None:
+        if pid is None:
+            raise ValueError("node config has no 'partition-id'; start the SuperNode with one")
+        return cfg, pid
+    folder = Path(str(path)).expanduser()
+    if not folder.exists():
+        raise FileNotFoundError(
+            f"node config data-path={path!r}: no such file or folder on this node "
+            "(valid: a JSON/JSONL/CSV/Parquet file or a saved datasets folder)"
+        )
+    if folder.is_file() and folder.stat().st_size == 0:
+        raise ValueError(f"node config data-path={path!r}: the file is empty (no examples)")
+    data = cfg.data.model_copy(
+        update={"source": str(folder.resolve()), "num_clients": 1, "partitioner": "iid"}
+    )
+    return cfg.model_copy(update={"data": data}), 0
+
+
+def node_shard(cfg: RunConfig, node_config: Mapping[str, object], tokenizer):
+    """This node's private shard, with errors that name the node config key and the file."""
+    from fedllm.data.shards import load_shard
+
+    local, part = local_recipe(cfg, node_config)
+    try:
+        return load_shard(local, part, tokenizer)
+    except ValueError as err:
+        where = node_config.get("data-path", f"partition {node_config.get('partition-id')}")
+        raise ValueError(f"this node's data ({where}) cannot be used: {err}") from err

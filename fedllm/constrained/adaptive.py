@@ -1,0 +1,68 @@
+"""The (rank, pruning) bandit (`adaptive:`): the server picks each client's arm every round and
+learns from the loss gain per second it bought (`fedllm.constrained.bandit`, as FedSpine)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from fedllm.constrained.bandit import Arm, ArmBandit, efficiency
+from fedllm.features.base import Feature, require_adapter_state
+from fedllm.features.registry import register
+from fedllm.features.types import Download, TrainReply
+from fedllm.recipe.schema import RunConfig
+
+
+@register
+class Adaptive(Feature):
+    """Per-client (rank, pruning) arms: chosen at download, sent as `rank`/`pruning` config
+    (which every client obeys, see `fedllm.client.app.base_plan`)."""
+
+    name = "adaptive"
+
+    @classmethod
+    def enabled(cls, cfg: RunConfig) -> bool:
+        return cfg.adaptive is not None
+
+    @classmethod
+    def check(cls, cfg: RunConfig) -> None:
+        if cls.enabled(cfg):
+            require_adapter_state(cfg, "adaptive (rank, pruning)")
+
+    def __init__(self, cfg: RunConfig) -> None:
+        super().__init__(cfg)
+        ad = cfg.adaptive
+        self.bandit = ArmBandit(
+            [Arm(r, p) for r in ad.ranks for p in ad.pruning],
+            algorithm=ad.algorithm,
+            exploration=ad.exploration,
+            seed=cfg.seed,
+        )
+        self.arms: dict[int, Arm] = {}  # this round's arm per node
+
+    # -- server --------------------------------------------------------------------------------
+    def download(self, node: int, down: Download) -> Download:
+        arm = self.bandit.select(str(node))
+        self.arms[node] = arm
+        config = {**down.config, "rank": arm.rank, "pruning": arm.pruning}
+        return dataclasses.replace(down, rank=arm.rank, config=config)
+
+    def accepted(self, node: int, reply: TrainReply) -> None:
+        """Feed the bandit this node's round: loss gain per second on the arm it ran."""
+        if node not in self.arms:
+            return
+        reward = efficiency(
+            reply.train_loss_first,
+            reply.train_loss_last,
+            reply.train_seconds,
+            time_weight=self.cfg.adaptive.time_weight,
+        )
+        self.bandit.update(str(node), self.arms[node], reward)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"bandit": self.bandit.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
+        if state is not None and state.get("bandit") is not None:
+            self.bandit.load_state_dict(state["bandit"])

@@ -1,0 +1,83 @@
+"""Cheaper training messages (`compression:`): factors in fp16/bf16, optionally top-k deltas with
+error feedback (the codec is `fedllm.constrained.compress`).
+
+The server remembers what it sent each node this round, so it can rebuild a top-k reply from
+the start the client had.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from flwr.app import ArrayRecord, RecordDict
+
+from fedllm.aggregators.base import Factors
+from fedllm.constrained.compress import (
+    decode_factors,
+    decode_update,
+    encode_factors,
+    encode_update,
+)
+from fedllm.constrained.prune_map import fit_start, kept_from_record
+from fedllm.features.base import Feature, require_adapter_state
+from fedllm.features.registry import register
+from fedllm.features.types import ClientRound, ClientUpdate
+from fedllm.recipe.schema import RunConfig
+
+
+@register
+class Compression(Feature):
+    """The training messages in the recipe's wire dtype, the reply optionally top-k sparsified."""
+
+    name = "compression"
+    order = 90  # encodes last, after every feature changed the update
+
+    @classmethod
+    def enabled(cls, cfg: RunConfig) -> bool:
+        c = cfg.compression
+        return c.dtype != "float32" or c.topk is not None
+
+    @classmethod
+    def check(cls, cfg: RunConfig) -> None:
+        if cls.enabled(cfg):
+            require_adapter_state(cfg, "compression.dtype/topk")
+
+    def __init__(self, cfg: RunConfig) -> None:
+        super().__init__(cfg)
+        self.sent: dict[int, dict[str, Factors]] = {}  # server: this round's download, decoded
+
+    # -- client --------------------------------------------------------------------------------
+    def read_global(self, record: ArrayRecord, rnd: ClientRound) -> dict[str, Factors] | None:
+        scaling = float(rnd.config["global-scaling"])
+        return decode_factors(record, scaling=scaling, dtype=self.cfg.compression.dtype)
+
+    def reply(
+        self, arrays: dict[str, ArrayRecord], update: ClientUpdate, rnd: ClientRound
+    ) -> dict[str, ArrayRecord]:
+        c = self.cfg.compression
+        encoded = encode_update(
+            update.factors, update.start, dtype=c.dtype, topk=c.topk, state=rnd.state
+        )
+        return {**arrays, "update": encoded}
+
+    # -- server --------------------------------------------------------------------------------
+    def encode(self, node: int, factors: Mapping[str, Factors]) -> ArrayRecord | None:
+        dtype = self.cfg.compression.dtype
+        record = encode_factors(factors, dtype=dtype)
+        scaling = next(iter(factors.values())).scaling
+        self.sent[node] = decode_factors(record, scaling=scaling, dtype=dtype)
+        return record
+
+    def decode(self, node: int, content: RecordDict, *, rank: int) -> dict[str, Factors] | None:
+        c, who = self.cfg.compression, f"client (node {node})"
+        scaling = self.cfg.client_scaling(rank)
+        start: dict[str, Factors] = {}
+        if c.topk is not None:
+            if node not in self.sent:
+                raise ValueError(f"{who}: sent a top-k update but was sent no factors this round")
+            kept = kept_from_record(content.get("kept"), who=who)
+            start = fit_start(self.sent[node], kept, rank=rank, scaling=scaling)
+        factors = decode_update(
+            content["update"], start, scaling=scaling, dtype=c.dtype, topk=c.topk
+        )
+        return factors

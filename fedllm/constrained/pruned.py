@@ -1,0 +1,231 @@
+"""Pruned bases: a client whose plan has a pruning ratio trains on a smaller copy of the base.
+
+Client: prunes the base once per process (Wanda or magnitude over its own batches, see
+`fedllm.constrained.pruning`), starts from the global factors cut to the ids it kept, and sends
+its kept-index map with its update. Server: sends a node only its kept ids once it knows them,
+expands replies to full shape (zeros at pruned ids) and weights each coordinate by the clients
+that cover it (`fedllm.constrained.prune_map`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, RecordDict
+from transformers import AutoConfig
+
+from fedllm.aggregators.base import Factors
+from fedllm.constrained.prune_map import (
+    Kept,
+    check_kept,
+    coverage_weighted,
+    expand,
+    kept_from_record,
+    kept_to_record,
+    restrict,
+)
+from fedllm.constrained.pruning import prune_model, prune_plan, pruned_module_shapes
+from fedllm.constrained.tiers import tier_of
+from fedllm.data import collate
+from fedllm.features.base import Feature, require_adapter_state
+from fedllm.features.registry import register
+from fedllm.features.types import ClientRound, ClientUpdate, Download, TrainReply
+from fedllm.model.base import prepare_base_model
+from fedllm.model.loading import LastValueCache, load_base_model
+from fedllm.recipe.schema import RunConfig
+
+PRUNED = LastValueCache()  # this process's most recent pruned base, like the base model's cache
+
+
+def pruned_base(rnd: ClientRound, base: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, Kept]]:
+    """(pruned model, kept map of the adapted modules), built once per process and client."""
+    cfg, plan, tokenizer = rnd.cfg, rnd.plan, rnd.tokenizer
+
+    def build():
+        size = cfg.federation.batch_size
+        examples = rnd.shard.train[: cfg.pruning.calibration_batches * size]
+        batches = [
+            collate(examples[i : i + size], pad_id=tokenizer.pad_token_id)
+            for i in range(0, len(examples), size)
+        ]
+        model, kept = prune_model(
+            base,
+            plan.pruning,
+            method=cfg.pruning.importance,
+            batches=batches,
+            parts=tuple(cfg.pruning.parts),
+        )
+        if plan.quantization is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+                model, _ = load_base_model(
+                    tmp, dtype=cfg.model.dtype, quantization=plan.quantization
+                )
+        targets = tuple(cfg.lora.target_modules)
+        adapted = {m: k for m, k in kept.items() if m.rsplit(".", 1)[-1] in targets}
+        return model, adapted
+
+    key = (
+        cfg.model.name,
+        cfg.model.dtype,
+        cfg.fingerprint(),
+        cfg.pruning.model_dump_json(),
+        plan.partition,
+        plan.pruning,
+        plan.quantization,
+    )
+    return PRUNED.get(key, build)
+
+
+def restricted(factors: Mapping[str, Factors], kept: Mapping[str, Kept]) -> dict[str, Factors]:
+    """Full-shape factors cut to the kept ids; factors already cut pass through."""
+    out = {}
+    for module, f in factors.items():
+        k = kept.get(module)
+        cut_rows = k is not None and k.out is not None and f.B.shape[0] != len(k.out)
+        cut_cols = k is not None and k.in_ is not None and f.A.shape[1] != len(k.in_)
+        out[module] = restrict(f, k) if cut_rows or cut_cols else f
+    return out
+
+
+def planned_ranks(cfg: RunConfig) -> list[tuple[str, int, float]]:
+    """(who, rank, pruning ratio) of every client and every bandit arm of the recipe."""
+    plans = []
+    for p in range(cfg.data.num_clients):
+        tier = tier_of(cfg, p)
+        plans.append((f"client {p}", cfg.client_rank(p), tier.pruning if tier else 0.0))
+    if cfg.adaptive is not None:
+        plans += [
+            (f"adaptive arm (rank {r}, pruning {q})", r, q)
+            for r in cfg.adaptive.ranks
+            for q in cfg.adaptive.pruning
+        ]
+    return plans
+
+
+@register
+class PrunedBase(Feature):
+    """Clients train on a pruned base; the server speaks to them in their kept ids."""
+
+    name = "pruned_base"
+    order = 40  # after tiers and the bandit have set the plan's pruning ratio
+
+    @classmethod
+    def enabled(cls, cfg: RunConfig) -> bool:
+        return any(q > 0 for _, _, q in planned_ranks(cfg))
+
+    @classmethod
+    def check(cls, cfg: RunConfig) -> None:
+        if not cls.enabled(cfg):
+            return
+        used = [t.name for t in cfg.lora.tiers or [] if t.pruning > 0]
+        require_adapter_state(
+            cfg, f"pruning (tiers {used})" if used else "adaptive (rank, pruning)"
+        )
+        if cfg.privacy.mode == "client":
+            raise ValueError(
+                "privacy.mode='client' with pruned clients is not supported: pruned rows would "
+                "enter the clipped delta as zeros and pull the global towards zero there; drop "
+                "the pruning or use privacy.mode 'sample'"
+            )
+
+    @classmethod
+    def prepare(cls, cfg: RunConfig, *, shapes: Mapping[str, tuple[int, int]]) -> None:
+        """Every tier's (and bandit arm's) rank must fit its pruned modules."""
+        config = AutoConfig.from_pretrained(prepare_base_model(cfg))
+        for who, rank, ratio in planned_ranks(cfg):
+            if ratio == 0:
+                continue
+            plan = prune_plan(config, ratio, parts=tuple(cfg.pruning.parts))
+            for name, (d, k) in pruned_module_shapes(shapes, config, plan).items():
+                if rank > min(d, k):
+                    raise ValueError(
+                        f"{who}: rank {rank} does not fit module {name} pruned to {(d, k)} at "
+                        f"pruning {ratio} (valid ranks: 1..{min(d, k)})"
+                    )
+
+    def __init__(self, cfg: RunConfig) -> None:
+        super().__init__(cfg)
+        self.kept: dict[str, Kept] = {}  # client: this round's map
+        self.known: dict[int, tuple[float, dict[str, Kept]]] = {}  # server: node -> (ratio, map)
+        self.received: dict[int, tuple[dict[str, Factors], dict[str, Kept]]] = {}
+
+    # -- client --------------------------------------------------------------------------------
+    def prepare_base(self, base: torch.nn.Module, rnd: ClientRound) -> torch.nn.Module:
+        if rnd.plan.pruning == 0:
+            return base
+        pruned, self.kept = pruned_base(rnd, base)
+        return pruned
+
+    def start(self, factors: Mapping[str, Factors], rnd: ClientRound) -> dict[str, Factors]:
+        return restricted(factors, self.kept)
+
+    def reply(
+        self, arrays: dict[str, ArrayRecord], update: ClientUpdate, rnd: ClientRound
+    ) -> dict[str, ArrayRecord]:
+        return {**arrays, "kept": kept_to_record(self.kept)} if self.kept else arrays
+
+    # -- server --------------------------------------------------------------------------------
+    def download(self, node: int, down: Download) -> Download:
+        """The global factors cut to the ids `node` keeps (known from its last reply at the
+        pruning ratio it runs this round)."""
+        known = self.known.get(node)
+        ratio = down.config.get("pruning")
+        if known is None or (ratio is not None and known[0] != ratio) or down.rank is None:
+            return down
+        return dataclasses.replace(down, factors=restricted(down.factors, known[1]))
+
+    def receive(
+        self,
+        node: int,
+        content: RecordDict,
+        factors: dict[str, Factors],
+        *,
+        reply: TrainReply,
+        shapes: Mapping[str, tuple[int, int]],
+    ) -> dict[str, Factors]:
+        """A reply's factors at full shape (zeros at pruned ids); ValueError if its map is bad."""
+        who = f"client (node {node})"
+        kept = kept_from_record(content.get("kept"), who=who)
+        check_kept(factors, kept, shapes, who=who)
+        self.received[node] = (factors, kept)
+        self.known[node] = (reply.pruning, kept)
+        return {
+            m: expand(f, kept.get(m), shapes[m]) if m in shapes else f for m, f in factors.items()
+        }
+
+    def release(
+        self,
+        nodes: Sequence[int],
+        inputs: list[dict[str, Factors]],
+        weights: list[float],
+        *,
+        global_: Mapping[str, Factors],
+    ) -> tuple[list[dict[str, Factors]], list[float]]:
+        """Full-shape inputs rescaled per coordinate by the weight of the clients covering it."""
+        got = [self.received[n] for n in nodes]
+        self.received = {}
+        shapes = {m: f.shape for m, f in global_.items()}
+        full = coverage_weighted([g[0] for g in got], [g[1] for g in got], weights, shapes)
+        return full, weights
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "kept": {
+                n: (r, {m: (k.out, k.in_) for m, k in km.items()})
+                for n, (r, km) in self.known.items()
+            }
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
+        if state is None:
+            return
+        self.known = {
+            n: (r, {m: Kept(o, i) for m, (o, i) in km.items()})
+            for n, (r, km) in state["kept"].items()
+        }

@@ -1,0 +1,46 @@
+"""Device tiers (`lora.tiers`): each tier's clients prune their base and load it quantized.
+
+The tier's rank is the recipe's (`RunConfig.client_rank`); this feature adds the tier's pruning
+ratio and quantization to the client's plan. The pruning itself is `fedllm.constrained.pruned`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from fedllm.features.base import Feature
+from fedllm.features.registry import register
+from fedllm.features.types import ClientPlan, ClientRound
+from fedllm.recipe.schema import RunConfig, TierConfig
+
+
+def tier_of(cfg: RunConfig, partition: int) -> TierConfig | None:
+    """The recipe tier holding `partition`, if the recipe has tiers."""
+    start = 0
+    for tier in cfg.lora.tiers or []:
+        if partition < start + tier.clients:
+            return tier
+        start += tier.clients
+    return None
+
+
+@register
+class Tiers(Feature):
+    """A tier's pruning ratio and quantization in its clients' plans."""
+
+    name = "tiers"
+    order = 10
+
+    @classmethod
+    def enabled(cls, cfg: RunConfig) -> bool:
+        return cfg.lora.tiers is not None
+
+    def plan(self, plan: ClientPlan, rnd: ClientRound) -> ClientPlan:
+        tier = tier_of(self.cfg, plan.partition)
+        if tier is None:
+            return plan
+        quant = tier.quantization or self.cfg.model.quantization
+        pruning = plan.pruning if "pruning" in rnd.config else tier.pruning  # the server's first
+        return dataclasses.replace(
+            plan, pruning=pruning, quantization=None if quant == "none" else quant
+        )

@@ -1,0 +1,67 @@
+"""`fedllm node` (start one organisation's SuperNode) and `fedllm certs` (test credentials)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from fedllm.deploy.federation import flwr_env, supernode_command
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    """Replace this process by `flower-supernode`, so its PID is the SuperNode's."""
+    cmd = supernode_command(
+        superlink=args.superlink,
+        partition_id=args.partition_id,
+        port=args.port,
+        data_path=str(Path(args.data_path).expanduser().resolve()) if args.data_path else None,
+        rank=args.rank,
+        model=args.model,
+        recipe_hash=args.recipe_hash,
+        root_certificates=args.root_certificates,
+        auth_key=args.auth_key,
+        insecure=args.insecure,
+    )
+    if args.data_path and not Path(args.data_path).expanduser().exists():
+        raise FileNotFoundError(f"--data-path {args.data_path}: no such file or folder")
+    print(f"[fedllm] {' '.join(cmd)}", flush=True)
+    os.execvpe(cmd[0], cmd, flwr_env())
+    return 1  # not reached
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from fedllm.deploy.certs import make_credentials
+
+    creds = make_credentials(args.folder, nodes=args.nodes, hosts=args.host or None)
+    print(f"CA certificate:      {creds.ca_cert}")
+    print(f"SuperLink cert/key:  {creds.server_cert}, {creds.server_key}")
+    for i, key in enumerate(creds.node_keys):
+        print(f"SuperNode {i} keys:    {key} (private), {creds.node_public(i)} (register this)")
+    print(
+        "test credentials only: each organisation should create and keep its own key",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def add_deploy_commands(sub: argparse._SubParsersAction) -> None:
+    node = sub.add_parser("node", help="start a SuperNode for one organisation (deployment mode)")
+    node.add_argument("--superlink", required=True, metavar="HOST:PORT")
+    node.add_argument("--partition-id", type=int, required=True, help="this node's partition id")
+    node.add_argument("--data-path", help="a local data file/folder: this node's whole dataset")
+    node.add_argument("--rank", type=int, help="LoRA rank of this node (default: the recipe's)")
+    node.add_argument("--model", help="refuse runs whose recipe uses another base model")
+    node.add_argument("--recipe-hash", help="refuse runs of any other recipe fingerprint")
+    node.add_argument("--port", type=int, default=9094, help="local port of the node's app API")
+    node.add_argument("--root-certificates", type=Path, help="CA certificate (TLS)")
+    node.add_argument("--auth-key", type=Path, help="this node's registered ECDSA private key")
+    node.add_argument("--insecure", action="store_true", help="no TLS, no auth (debug only)")
+    node.set_defaults(fn=cmd_node)
+
+    certs = sub.add_parser("certs", help="create a test CA, SuperLink certificate and node keys")
+    certs.add_argument("folder")
+    certs.add_argument("--nodes", type=int, default=3)
+    certs.add_argument("--host", action="append", help="SuperLink host name/IP (repeatable)")
+    certs.set_defaults(fn=cmd_certs)

@@ -1,0 +1,217 @@
+"""The feature interface: one optional capability = one class with client and server hooks.
+
+The ClientApp and the server's round loop call every active feature's hooks in `order`, and know
+no feature by name. Every hook has a no-op default, so a feature overrides only what it changes.
+A feature is enabled by its recipe keys (`enabled`), checks them (`check`), and is built once per
+round on a client (hooks may keep per-round values on `self`) and once per run on the server
+(`state_dict` is saved with each checkpoint).
+
+Client hooks, in the order one training round calls them:
+    plan → read_global → prepare_base → start → regularizers / train → post_process → reply
+    (+ `metrics`)
+Server hooks: before_round (may stop the run) → download (per node) → encode → decode → receive
+(per reply) → accepted → release (the accepted inputs) → after_aggregate → record; `run_round`
+lets one feature run a round's whole training exchange itself (SecAgg+).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from flwr.app import ArrayRecord, RecordDict
+from pydantic import BaseModel
+
+from fedllm.aggregators.base import Factors, round_spec
+from fedllm.features.types import (
+    ClientPlan,
+    ClientRound,
+    ClientUpdate,
+    Download,
+    RoundResult,
+    TrainReply,
+)
+
+if TYPE_CHECKING:
+    from fedllm.client.train import TrainResult
+    from fedllm.recipe.schema import RunConfig
+
+Regularizer = Callable[[], torch.Tensor]
+
+
+class Feature:
+    """An optional capability of a run; subclass, set `name`, override the hooks it needs."""
+
+    name: ClassVar[str] = ""
+    order: ClassVar[int] = 50  # lower runs first in every hook chain
+    # the keys of the recipe section `features.<name>` (None: the feature has its own section)
+    Options: ClassVar[type[BaseModel] | None] = None
+    # the checkpoint key of `state_dict` (default: `name`); the DP mechanisms share "privacy"
+    state_key: ClassVar[str] = ""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.options = self.parse_options(cfg)
+
+    # -- recipe -----------------------------------------------------------------------------
+    @classmethod
+    def enabled(cls, cfg: RunConfig) -> bool:
+        """Whether the recipe turns this feature on (default: it names it under `features`)."""
+        return cls.Options is not None and cls.name in cfg.features
+
+    @classmethod
+    def parse_options(cls, cfg: RunConfig) -> BaseModel | None:
+        """This feature's validated `features.<name>` section (None without an Options model)."""
+        if cls.Options is None:
+            return None
+        return cls.Options.model_validate(cfg.features.get(cls.name) or {})
+
+    @classmethod
+    def check(cls, cfg: RunConfig) -> None:
+        """Raise ValueError naming the recipe key when this feature cannot run with `cfg`."""
+
+    @classmethod
+    def prepare(cls, cfg: RunConfig, *, shapes: Mapping[str, tuple[int, int]]) -> None:
+        """Checks that need the base model or the data, before any training (`fedllm prepare`)."""
+
+    # -- client: the message ------------------------------------------------------------------
+    # a Flower mod for every train message (None: none); it must pass other messages through
+    client_mod: ClassVar[Callable[..., Any] | None] = None
+
+    @classmethod
+    def wrap_train(
+        cls,
+        cfg: RunConfig,
+        content: RecordDict,
+        context: Any,
+        train: Callable[[RunConfig, RecordDict, Any], RecordDict],
+    ) -> RecordDict | None:
+        """Handle a train message in this feature's own form (calling `train` inside), or None."""
+        return None
+
+    # -- client -----------------------------------------------------------------------------
+    def plan(self, plan: ClientPlan, rnd: ClientRound) -> ClientPlan:
+        """Change what this client runs this round (rank, pruning ratio, quantization)."""
+        return plan
+
+    def read_global(self, record: ArrayRecord, rnd: ClientRound) -> dict[str, Factors] | None:
+        """Decode the global factors the server sent (None: not this feature's encoding)."""
+        return None
+
+    def prepare_base(self, base: torch.nn.Module, rnd: ClientRound) -> torch.nn.Module:
+        """The frozen base this client trains on (e.g. pruned); `rnd.shard` holds its data."""
+        return base
+
+    def start(self, factors: Mapping[str, Factors], rnd: ClientRound) -> dict[str, Factors]:
+        """The received global factors as this client's base needs them (before the rank cut)."""
+        return dict(factors)
+
+    def regularizers(self, model: torch.nn.Module, rnd: ClientRound) -> list[Regularizer]:
+        """Terms added to every local step's loss (differentiable scalars of the live adapter)."""
+        return []
+
+    def train(self, model: torch.nn.Module, rnd: ClientRound, *, steps: int) -> TrainResult | None:
+        """Run the local steps in this feature's own way (e.g. DP-SGD), or None for plain steps."""
+        return None
+
+    def post_process(self, update: ClientUpdate, rnd: ClientRound) -> ClientUpdate:
+        """The trained update before it is encoded (clip and noise, cut the rank, ...)."""
+        return update
+
+    def reply(
+        self, arrays: dict[str, ArrayRecord], update: ClientUpdate, rnd: ClientRound
+    ) -> dict[str, ArrayRecord]:
+        """The arrays this client sends (re-encode `update`, add a map, ...)."""
+        return arrays
+
+    def metrics(self) -> dict[str, int | float]:
+        """Per-round metrics this feature adds to the client's reply."""
+        return {}
+
+    # -- server -----------------------------------------------------------------------------
+    def before_round(
+        self, server_round: int, *, partitions: Sequence[int], sampled: int
+    ) -> str | None:
+        """Why round `server_round` must not run, or None; `partitions` may train in it (nodes
+        not seen yet may hold any partition not seen yet), `sampled` nodes will be asked."""
+        return None
+
+    def run_round(self, server_round: int, *, strategy: Any, grid: Any) -> RoundResult | None:
+        """Run the round's whole training exchange instead of the plain one, or None."""
+        return None
+
+    def download(self, node: int, down: Download) -> Download:
+        """What `node` is sent this round (its rank, factors, extra config entries)."""
+        return down
+
+    def encode(self, node: int, factors: Mapping[str, Factors]) -> ArrayRecord | None:
+        """The record `node` is sent, in this feature's encoding (None: the plain one)."""
+        return None
+
+    def decode(self, node: int, content: RecordDict, *, rank: int) -> dict[str, Factors] | None:
+        """A reply's factors in this feature's encoding (None: the plain one)."""
+        return None
+
+    def receive(
+        self,
+        node: int,
+        content: RecordDict,
+        factors: dict[str, Factors],
+        *,
+        reply: TrainReply,
+        shapes: Mapping[str, tuple[int, int]],
+    ) -> dict[str, Factors]:
+        """A reply's factors at the global shapes, for screening; raise ValueError to reject."""
+        return factors
+
+    def accepted(self, node: int, reply: TrainReply) -> None:
+        """Learn from a reply that passed screening."""
+
+    def release(
+        self,
+        nodes: Sequence[int],
+        inputs: list[dict[str, Factors]],
+        weights: list[float],
+        *,
+        global_: Mapping[str, Factors],
+    ) -> tuple[list[dict[str, Factors]], list[float]]:
+        """The aggregator's inputs and weights from the accepted updates (e.g. clipped + noised)."""
+        return inputs, weights
+
+    def after_aggregate(
+        self,
+        old: Mapping[str, Factors],
+        new: dict[str, Factors],
+        *,
+        server_round: int,
+    ) -> dict[str, Factors]:
+        """The new global factors after aggregation (e.g. with server momentum)."""
+        return new
+
+    def record(self, result: RoundResult, *, server_row: dict[str, Any]) -> None:
+        """Account for a finished round; may add keys to its rows and `server_row`."""
+
+    def progress(self) -> str:
+        """A short addition to the round's progress line ('' for none)."""
+        return ""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What this feature must keep across a resume (saved with each checkpoint)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
+        """Restore `state_dict`'s output (None: the checkpoint has none for this feature)."""
+
+
+def require_adapter_state(cfg: RunConfig, what: str) -> None:
+    """Refuse `what` (a feature's recipe keys) with an aggregator whose clients do not start from
+    the global factors (a merged delta, or B kept on the clients)."""
+    spec = round_spec(cfg.aggregator.name)
+    if spec.merge or spec.local_B:
+        raise ValueError(
+            f"{what} needs clients that start from the global factors; aggregator "
+            f"{cfg.aggregator.name!r} merges a delta into the base or keeps B locally, so use an "
+            "adapter-state aggregator (svd, squeeze, fedit, hetlora, lorafair, ffa, ...) "
+            "or drop the pruning/compression"
+        )

@@ -1,0 +1,104 @@
+"""Where features are found: every module of the feature folders, and third-party entry points.
+
+A feature registers itself with `@register` when its module is imported; `discover` imports the
+folders below (and the `fedllm.features` entry-point group) so that adding a feature is one new
+file, with no import list to edit.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import pkgutil
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING
+
+from pydantic import ValidationError
+
+from fedllm.features.base import Feature
+
+if TYPE_CHECKING:
+    from fedllm.recipe.schema import RunConfig
+
+# packages whose modules may define features: the feature folder, constrained clients, privacy
+# mechanisms, and aggregators that come with a client part (HetLoRA's rank self-pruning)
+HOMES = ("fedllm.features", "fedllm.constrained", "fedllm.privacy", "fedllm.aggregators")
+GROUP = "fedllm.features"
+
+_FEATURES: dict[str, type[Feature]] = {}
+
+
+def register(cls: type[Feature]) -> type[Feature]:
+    """Class decorator: make `cls` (with a unique `name`) a feature the round loops may call."""
+    if not cls.name:
+        raise ValueError(f"feature class {cls.__qualname__} has no name")
+    known = _FEATURES.get(cls.name)
+    if known is not None and known.__qualname__ != cls.__qualname__:
+        raise ValueError(f"feature {cls.name!r} is already registered by {known.__qualname__}")
+    _FEATURES[cls.name] = cls
+    return cls
+
+
+def discover() -> dict[str, type[Feature]]:
+    """Import every module of the feature homes and the entry points; returns name -> class."""
+    for home in HOMES:
+        package = importlib.import_module(home)
+        for info in pkgutil.iter_modules(package.__path__):
+            if not info.name.startswith("_"):
+                importlib.import_module(f"{home}.{info.name}")
+    for point in entry_points(group=GROUP):
+        point.load()
+    return dict(_FEATURES)
+
+
+def available() -> list[str]:
+    """Names of every feature found, sorted."""
+    return sorted(discover())
+
+
+def feature_class(name: str) -> type[Feature]:
+    """The feature registered as `name`; an unknown name raises with a close match."""
+    found = discover()
+    if name in found:
+        return found[name]
+    close = difflib.get_close_matches(name, found, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ValueError(f"unknown feature {name!r}{hint}; available: {', '.join(sorted(found))}")
+
+
+def active(cfg: RunConfig) -> list[type[Feature]]:
+    """The feature classes the recipe turns on, in hook order (by `order`, then name)."""
+    found = discover().values()
+    return sorted((c for c in found if c.enabled(cfg)), key=lambda c: (c.order, c.name))
+
+
+def check(cfg: RunConfig) -> None:
+    """The `features` section (names and options), then every feature's own recipe checks
+    (enabled or not: a feature may refuse a combination)."""
+    found = discover()
+    for name in cfg.features:
+        cls = found.get(name)
+        if cls is None or cls.Options is None:
+            own = sorted(n for n, c in found.items() if c.Options is not None)
+            close = difflib.get_close_matches(name, own, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"features.{name}: unknown feature{hint}; valid: {', '.join(own)}")
+        try:
+            cls.parse_options(cfg)
+        except ValidationError as err:
+            e = err.errors()[0]
+            key = ".".join(str(p) for p in e["loc"])
+            raise ValueError(f"features.{name}.{key}: {e['msg']}") from None
+    for cls in sorted(found.values(), key=lambda c: (c.order, c.name)):
+        cls.check(cfg)
+
+
+def client_mods() -> list:
+    """The Flower mods of every feature found (each passes messages not its own through)."""
+    found = sorted(discover().values(), key=lambda c: (c.order, c.name))
+    return [c.client_mod for c in found if c.client_mod is not None]
+
+
+def build(cfg: RunConfig) -> list[Feature]:
+    """Fresh instances of the active features (per round on a client, per run on the server)."""
+    return [cls(cfg) for cls in active(cfg)]

@@ -1,0 +1,200 @@
+"""The typed values that travel through one round: a client's plan and update, what a node is
+sent, a validated training reply, and the rows of `metrics.jsonl`.
+
+A reply's metrics are validated once (`TrainReply.parse`), inside the round's error handling;
+nothing downstream reads a string-keyed metrics dict.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import ConfigRecord, RecordDict
+
+from fedllm.aggregators.base import Factors, RoundSpec
+
+
+@dataclass(frozen=True)
+class ClientPlan:
+    """What one client runs this round: LoRA rank, pruning ratio of its base, quantization."""
+
+    partition: int
+    rank: int
+    pruning: float = 0.0
+    quantization: str | None = None  # None: full precision
+
+
+@dataclass
+class ClientRound:
+    """One training round on one client as its hooks see it; the ClientApp fills it in as the
+    round proceeds (plan, then tokenizer and shard once the base is loaded)."""
+
+    cfg: Any  # fedllm.recipe.schema.RunConfig
+    partition: int
+    server_round: int
+    spec: RoundSpec
+    config: ConfigRecord  # the server's round config
+    node_config: Mapping[str, Any]
+    state: RecordDict  # the node's persistent context.state
+    seed: int
+    plan: ClientPlan
+    tokenizer: Any = None
+    shard: Any = None  # fedllm.data.shards.Shard
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """A client's trained adapter, what it started from (same rank) and that rank."""
+
+    factors: dict[str, Factors]
+    start: dict[str, Factors]
+    rank: int
+
+
+@dataclass(frozen=True)
+class Download:
+    """What the server sends one node: its rank (None until known), factors and config entries."""
+
+    rank: int | None
+    factors: dict[str, Factors]
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def _number(metrics: Mapping[str, Any], key: str, kind: type, *, minimum: float = 0) -> Any:
+    if key not in metrics:
+        raise ValueError(f"reply metrics lack {key!r}")
+    raw = metrics[key]
+    if isinstance(raw, bool) or not isinstance(raw, int | float):
+        raise ValueError(f"reply metric {key!r} must be a number, got {raw!r}")
+    if kind is int and float(raw) != int(raw):
+        raise ValueError(f"reply metric {key!r} must be an integer, got {raw!r}")
+    value = kind(raw)
+    if not math.isfinite(value) or value < minimum:
+        raise ValueError(f"reply metric {key!r} must be finite and >= {minimum}, got {raw!r}")
+    return value
+
+
+CORE_KEYS = (
+    "partition-id",
+    "rank",
+    "num-examples",
+    "train-loss",
+    "train-loss-first",
+    "train-loss-last",
+    "steps",
+    "train-seconds",
+    "bytes-sent",
+    "bytes-received",
+    "pruning",
+    "scaling",
+)
+
+
+@dataclass(frozen=True)
+class TrainReply:
+    """A client's training metrics, validated; feature metrics stay in `extra` by their keys."""
+
+    partition: int
+    rank: int
+    num_examples: int
+    train_loss: float
+    train_loss_first: float
+    train_loss_last: float
+    steps: int
+    train_seconds: float
+    bytes_sent: int
+    bytes_received: int
+    pruning: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, metrics: Mapping[str, Any]) -> TrainReply:
+        """Validate a reply's metrics; ValueError names the first bad key."""
+        loss = -math.inf
+        return cls(
+            partition=_number(metrics, "partition-id", int),
+            rank=_number(metrics, "rank", int, minimum=1),
+            num_examples=_number(metrics, "num-examples", int),
+            train_loss=_number(metrics, "train-loss", float, minimum=loss),
+            train_loss_first=_number(metrics, "train-loss-first", float, minimum=loss),
+            train_loss_last=_number(metrics, "train-loss-last", float, minimum=loss),
+            steps=_number(metrics, "steps", int),
+            train_seconds=_number(metrics, "train-seconds", float),
+            bytes_sent=_number(metrics, "bytes-sent", int),
+            bytes_received=_number(metrics, "bytes-received", int),
+            pruning=_number({"pruning": metrics.get("pruning", 0.0)}, "pruning", float),
+            extra={k: v for k, v in metrics.items() if k not in CORE_KEYS},
+        )
+
+
+@dataclass
+class ClientRow:
+    """One client's line of a training round in `metrics.jsonl` (features may add `fields`)."""
+
+    round: int
+    node: int
+    status: str  # ok | rejected | failed
+    reply: TrainReply | None = None
+    partition: int | None = None
+    reason: str | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        row: dict[str, Any] = {"kind": "client", "round": self.round, "node": self.node}
+        row["status"] = self.status
+        r = self.reply
+        if self.status == "ok" and r is not None:
+            row.update(
+                partition=r.partition,
+                rank=r.rank,
+                num_examples=r.num_examples,
+                train_loss=r.train_loss,
+                train_loss_first=r.train_loss_first,
+                train_loss_last=r.train_loss_last,
+                steps=r.steps,
+                train_seconds=r.train_seconds,
+                bytes_sent=r.bytes_sent,
+                bytes_received=r.bytes_received,
+                pruning=r.pruning,
+            )
+        else:
+            if self.partition is not None or (self.status == "rejected" and r is not None):
+                row["partition"] = self.partition if self.partition is not None else r.partition
+            row["reason"] = self.reason
+        return {**row, **self.fields}
+
+
+@dataclass(frozen=True)
+class EvalRow:
+    """One client's held-out loss of the global adapter after a round."""
+
+    round: int
+    partition: int
+    held_out_loss: float
+    tokens: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": "eval",
+            "round": self.round,
+            "partition": self.partition,
+            "held_out_loss": self.held_out_loss,
+            "tokens": self.tokens,
+        }
+
+
+@dataclass
+class RoundResult:
+    """What one training round produced: a row per sampled client and the weighted train loss."""
+
+    sampled: int
+    rows: list[ClientRow]
+    train_loss: float | None = None  # example-weighted over accepted clients; None if none
+    replies: int = 0  # replies received (errors included)
+
+    @property
+    def ok(self) -> list[ClientRow]:
+        return [r for r in self.rows if r.status == "ok"]

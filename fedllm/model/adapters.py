@@ -1,0 +1,154 @@
+"""LoRA adapters <-> per-module factors <-> Flower records <-> PEFT folders.
+
+A module's factors are named by the base model's module path (`model.layers.0.self_attn.q_proj`);
+on the wire they travel as `<module>.lora_A` / `<module>.lora_B` arrays plus one scaling s = α/r,
+so that every party agrees on the update s·B·A.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from safetensors.torch import save_file
+
+from fedllm.aggregators import Factors
+
+PEFT_PREFIX = "base_model.model."
+
+
+def attach_lora(
+    base: torch.nn.Module,
+    *,
+    rank: int,
+    alpha: float,
+    dropout: float,
+    target_modules: list[str],
+) -> PeftModel:
+    """Wrap the frozen base in a fresh peft LoRA adapter of this rank (only LoRA is trainable)."""
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(base, config)
+
+
+def read_factors(model: PeftModel) -> dict[str, Factors]:
+    """Copy the adapter's factors out of the live model (peft's state dict aliases parameters)."""
+    config = model.peft_config[model.active_adapter]
+    scaling = config.lora_alpha / config.r
+    state = get_peft_model_state_dict(model)
+    out: dict[str, Factors] = {}
+    for key, a in state.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight")
+        b = state[key.replace(".lora_A.weight", ".lora_B.weight")]
+        out[module] = Factors(b.detach().clone().float(), a.detach().clone().float(), scaling)
+    return out
+
+
+def write_factors(model: PeftModel, factors: Mapping[str, Factors]) -> None:
+    """Load factors into the live adapter, converting each to this adapter's rank and scaling."""
+    config = model.peft_config[model.active_adapter]
+    rank, scaling = config.r, config.lora_alpha / config.r
+    modules = dict(model.named_modules())
+    missing = [m for m in factors if PEFT_PREFIX + m not in modules]
+    if missing:
+        raise KeyError(f"adapter has no module(s) {missing[:3]}; the sender uses other targets")
+    with torch.no_grad():
+        for module, f in factors.items():
+            layer = modules[PEFT_PREFIX + module]
+            fitted = f.truncate(rank, scaling)
+            name = model.active_adapter
+            layer.lora_A[name].weight.copy_(fitted.A.to(layer.lora_A[name].weight.dtype))
+            layer.lora_B[name].weight.copy_(fitted.B.to(layer.lora_B[name].weight.dtype))
+
+
+def to_record(factors: Mapping[str, Factors]) -> ArrayRecord:
+    """Factors as a Flower ArrayRecord (float32 CPU tensors)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for module, f in factors.items():
+        tensors[f"{module}.lora_A"] = f.A.detach().to(torch.float32).cpu().contiguous()
+        tensors[f"{module}.lora_B"] = f.B.detach().to(torch.float32).cpu().contiguous()
+    return ArrayRecord(tensors)
+
+
+def from_record(record: ArrayRecord, scaling: float) -> dict[str, Factors]:
+    """Factors from a Flower ArrayRecord; raises ValueError naming a malformed entry."""
+    tensors = record.to_torch_state_dict()
+    out: dict[str, Factors] = {}
+    for key in tensors:
+        if key.endswith(".lora_A"):
+            module = key.removesuffix(".lora_A")
+            b_key = module + ".lora_B"
+            if b_key not in tensors:
+                raise ValueError(f"{key} has no matching {b_key}")
+            out[module] = Factors(tensors[b_key].clone(), tensors[key].clone(), scaling)
+        elif not key.endswith(".lora_B"):
+            raise ValueError(f"unexpected array {key!r}: expected '<module>.lora_A' / '.lora_B'")
+    if len(out) * 2 != len(tensors):
+        raise ValueError("lora_B arrays without a matching lora_A")
+    return out
+
+
+def save_peft_adapter(
+    folder: Path,
+    factors: Mapping[str, Factors],
+    *,
+    base_model: str,
+    target_modules: list[str],
+    dropout: float = 0.0,
+) -> Path:
+    """Write factors as a PEFT adapter folder that stock `PeftModel.from_pretrained` loads."""
+    if not factors:
+        raise ValueError("no factors to save")
+    # One rank and one alpha serve all modules: zero-pad lower ranks, fold scalings into B.
+    rank = max(f.rank for f in factors.values())
+    scaling = max(f.scaling for f in factors.values())
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=scaling * rank,
+        lora_dropout=dropout,
+        target_modules=list(target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=str(base_model),
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(folder))
+    tensors: dict[str, torch.Tensor] = {}
+    for module, f in factors.items():
+        key = PEFT_PREFIX + module
+        fitted = f.truncate(rank, scaling)
+        tensors[f"{key}.lora_A.weight"] = fitted.A.to(torch.float32).contiguous()
+        tensors[f"{key}.lora_B.weight"] = fitted.B.to(torch.float32).contiguous()
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def adapter_summary(folder: Path) -> dict:
+    """The rank, alpha and targets of a saved PEFT adapter (for reports)."""
+    config = json.loads((folder / "adapter_config.json").read_text())
+    return {k: config[k] for k in ("r", "lora_alpha", "target_modules", "base_model_name_or_path")}
+
+
+def factors_digest(factors: Mapping[str, Factors]) -> str:
+    """A short hash of global factors, logged at each round start so a resume can be checked."""
+    digest = hashlib.sha256()
+    for module in sorted(factors):
+        f = factors[module]
+        digest.update(module.encode())
+        digest.update(f.B.detach().float().contiguous().numpy().tobytes())
+        digest.update(f.A.detach().float().contiguous().numpy().tobytes())
+        digest.update(repr(float(f.scaling)).encode())
+    return digest.hexdigest()[:12]

@@ -1,0 +1,70 @@
+"""The frozen base model a recipe names: where it lives, building it, loading it once per process.
+
+Also the adapted modules' shapes (read on the meta device) and the check that every rank fits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedllm.data.shards import load_all_examples
+from fedllm.model.loading import (
+    BASE_MODELS,
+    build_tiny_model,
+    load_base_model,
+    module_shapes,
+    resolve_model_dir,
+)
+from fedllm.recipe import RunConfig
+
+
+def base_model_dir(cfg: RunConfig) -> Path:
+    """Where the frozen base lives: the embedded cache, a local folder, or the run's tiny base."""
+    if cfg.model.name == "tiny":
+        return (cfg.run_dir / "tiny_base").resolve()
+    return resolve_model_dir(cfg.model.name)
+
+
+def prepare_base_model(cfg: RunConfig) -> Path:
+    """Make sure the base exists on disk (convert the embedded GGUF / build the tiny model)."""
+    folder = base_model_dir(cfg)
+    if cfg.model.name == "tiny":
+        texts = [f"{e['prompt']} {e['response']}" for e in load_all_examples(cfg)]
+        build_tiny_model(folder, texts=texts, seed=cfg.seed, **cfg.model.tiny.model_dump())
+    return folder
+
+
+def cached_base_model(cfg: RunConfig):
+    """(model, tokenizer), loaded once per process and reused across rounds."""
+    quant = None if cfg.model.quantization == "none" else cfg.model.quantization
+
+    def load():
+        folder = prepare_base_model(cfg)
+        return load_base_model(folder, dtype=cfg.model.dtype, quantization=quant)
+
+    return BASE_MODELS.get((str(base_model_dir(cfg)), cfg.model.dtype, quant), load)
+
+
+def adapter_shapes(cfg: RunConfig) -> dict[str, tuple[int, int]]:
+    """(out, in) of every adapted module, read from the base's config on the meta device."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = prepare_base_model(cfg)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    return module_shapes(model, cfg.lora.target_modules)
+
+
+def check_ranks(cfg: RunConfig, shapes: dict[str, tuple[int, int]]) -> None:
+    """Every client's rank must fit every adapted module (rank ≤ min(out, in))."""
+    limit = min(min(s) for s in shapes.values())
+    module = next(m for m, s in shapes.items() if min(s) == limit)
+    for pid in range(cfg.data.num_clients):
+        rank = cfg.client_rank(pid)
+        if rank > limit:
+            key = "lora.tiers" if cfg.lora.tiers else "lora.ranks"
+            raise ValueError(
+                f"{key}: client {pid} has rank {rank}, larger than module {module} "
+                f"{shapes[module]} allows (valid: 1..{limit})"
+            )

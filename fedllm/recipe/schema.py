@@ -1,0 +1,414 @@
+"""The recipe schema: typed, frozen sections, validated at construction.
+
+Field-level rules live here; checks that span sections (aggregator options, features, privacy
+with secure aggregation, ...) live in `fedllm.recipe.checks`, which `RunConfig` calls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from fedllm.recipe.checks import cross_check
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class TinyModelConfig(_Strict):
+    """A small Llama built from config, with a BPE tokenizer trained on the run's own data."""
+
+    vocab_size: int = Field(512, ge=64)
+    hidden_size: int = Field(64, ge=8)
+    intermediate_size: int = Field(128, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int = Field(2, ge=1)
+    max_position_embeddings: int = Field(256, ge=16)
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.startswith(("/", "./", "../", "~")) or value.endswith(DATA_SUFFIXES)
+
+
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+
+
+def _must_exist(value: str, what: str) -> str:
+    if _looks_like_path(value) and not Path(value).expanduser().exists():
+        raise ValueError(f"{what} {value!r} does not exist")
+    return value
+
+
+class ModelConfig(_Strict):
+    """Which frozen base model the clients adapt."""
+
+    name: str = Field(
+        "smollm2-135m",
+        description="'smollm2-135m' (embedded), 'tiny' (built from config), a local HF folder, "
+        "or a hub id available offline",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+    tiny: TinyModelConfig = TinyModelConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _local_folder_exists(cls, v: str) -> str:
+        return _must_exist(v, "local model folder")
+
+
+class TierConfig(_Strict):
+    """A device tier: `clients` partitions of this tier train LoRA at `rank`.
+
+    Constrained tiers may prune their frozen base (`pruning` ratio, see
+    `fedllm.constrained.pruning`) and
+    load it quantized (`quantization`; default: the model's setting).
+    """
+
+    name: str
+    rank: int = Field(gt=0)
+    clients: int = Field(gt=0)
+    pruning: float = Field(0.0, description="fraction of MLP channels and query heads removed")
+    quantization: Literal["none", "4bit", "8bit"] | None = None
+
+    @field_validator("pruning")
+    @classmethod
+    def _pruning_ratio(cls, v: float) -> float:
+        if not 0 <= v < 1:
+            raise ValueError(f"pruning ratio must be in [0, 1), got {v}")
+        return v
+
+
+class RankRule(_Strict):
+    """Ranks spread geometrically (or linearly) from `min` to `max` over the clients."""
+
+    min: int = Field(gt=0)
+    max: int = Field(gt=0)
+    spacing: Literal["geometric", "linear"] = "geometric"
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RankRule:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must be <= max ({self.max})")
+        return self
+
+
+class LoraConfig(_Strict):
+    """The LoRA adapters: where they go, how they scale, each client's rank."""
+
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    ranks: int | list[int] | RankRule | None = Field(
+        8, description="one rank for all, a list cycled over clients, or a rule {min, max, spacing}"
+    )
+    tiers: list[TierConfig] | None = None
+
+    @field_validator("ranks")
+    @classmethod
+    def _positive(cls, v: Any) -> Any:
+        values = [v] if isinstance(v, int) else v if isinstance(v, list) else []
+        if isinstance(v, list) and not v:
+            raise ValueError("the list of ranks is empty; give at least one rank")
+        for r in values:
+            if r <= 0:
+                raise ValueError(f"every rank must be > 0, got {r}")
+        return v
+
+
+class CanaryConfig(_Strict):
+    """Secret canaries inserted into chosen clients' training shards, for measuring leakage.
+
+    Each entry of `repeats` is one distinct canary (per client and per `per_repeat`) inserted
+    that many times; its secret is `digits` random digits, asked for by `prefix` ({name} names it).
+    """
+
+    prefix: str = "What is the secret number of {name}?"
+    digits: int = Field(9, ge=1, le=18)
+    repeats: list[int] = Field(default_factory=lambda: [1, 4, 16], min_length=1)
+    per_repeat: int = Field(1, ge=1)
+    clients: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    references: int = Field(1000, ge=10, description="reference secrets sampled for exposure")
+
+    @field_validator("repeats")
+    @classmethod
+    def _positive_repeats(cls, v: list[int]) -> list[int]:
+        if any(k < 1 for k in v):
+            raise ValueError(f"every repeat count must be >= 1, got {v}")
+        return v
+
+
+class DataConfig(_Strict):
+    """Where the examples come from and how they are split over clients."""
+
+    source: str = Field(
+        "wordnet", description="'wordnet', 'fortunes', a local file/folder, or a hub name"
+    )
+    pos: list[Literal["noun", "verb", "adj", "adv"]] = Field(
+        default_factory=lambda: ["noun", "verb", "adj", "adv"]
+    )
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    label_field: str | None = None
+    max_examples: int | None = Field(None, gt=0)
+    prompt_format: Literal["chat", "plain"] = "chat"
+    partitioner: Literal["iid", "dirichlet", "domain"] = "domain"
+    dirichlet_alpha: float = Field(0.5, gt=0)
+    num_clients: int = Field(4, ge=1)
+    held_out: float = Field(0.1, gt=0, lt=1)
+    max_length: int = Field(64, ge=8)
+    canaries: CanaryConfig | None = Field(None, description="leakage canaries (off by default)")
+
+    @field_validator("source")
+    @classmethod
+    def _local_data_exists(cls, v: str) -> str:
+        return _must_exist(v, "local dataset (a JSON/JSONL/CSV/Parquet file or a saved folder)")
+
+
+class FederationConfig(_Strict):
+    """Rounds, sampling and the clients' local optimisation."""
+
+    rounds: int = Field(3, ge=1)
+    clients_per_round: int | None = Field(None, ge=1, description="default: every client")
+    local_steps: int | None = Field(20, ge=1)
+    local_epochs: float | None = Field(None, gt=0)
+    batch_size: int = Field(8, ge=1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    eval_batch_size: int = Field(16, ge=1)
+    round_timeout: float = Field(3600.0, gt=0, description="seconds to wait for replies per round")
+    max_rejected_norm_ratio: float = Field(
+        100.0, gt=1, description="replies whose norm exceeds this times the median are rejected"
+    )
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> FederationConfig:
+        if (self.local_steps is None) == (self.local_epochs is None):
+            raise ValueError("set exactly one of local_steps and local_epochs (the other to null)")
+        return self
+
+
+class AggregatorConfig(_Strict):
+    """The server's aggregation method, by registry name, with its options."""
+
+    name: str = "svd"
+    weighting: Literal["examples", "uniform"] = "examples"
+    global_rank: int | None = Field(None, gt=0)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class PruningConfig(_Strict):
+    """How pruned tiers choose what to remove from their base (see `fedllm.constrained.pruning`)."""
+
+    importance: Literal["wanda", "magnitude"] = "wanda"
+    calibration_batches: int = Field(4, ge=1, description="local batches for Wanda input norms")
+    parts: list[Literal["mlp", "heads"]] = Field(
+        default_factory=lambda: ["mlp", "heads"], min_length=1
+    )
+
+
+class AdaptiveConfig(_Strict):
+    """Per-client (rank, pruning) chosen online by a bandit over ranks × pruning (see bandit.py)."""
+
+    algorithm: Literal["ucb", "exp3"] = "ucb"
+    ranks: list[int] = Field(min_length=1)
+    pruning: list[float] = Field(default_factory=lambda: [0.0], min_length=1)
+    exploration: float = Field(1.0, gt=0, description="UCB bonus c, or EXP3 gamma in (0, 1]")
+    time_weight: float = Field(1.0, ge=0, description="reward = loss gain / seconds^time_weight")
+
+    @model_validator(mode="after")
+    def _arms(self) -> AdaptiveConfig:
+        if any(r <= 0 for r in self.ranks):
+            raise ValueError(f"ranks must be > 0, got {self.ranks}")
+        if any(not 0 <= p < 1 for p in self.pruning):
+            raise ValueError(f"pruning ratios must be in [0, 1), got {self.pruning}")
+        if self.algorithm == "exp3" and self.exploration > 1:
+            raise ValueError(f"exp3 exploration must be in (0, 1], got {self.exploration}")
+        return self
+
+
+class CompressionConfig(_Strict):
+    """Training messages in a smaller dtype, optionally top-k sparsified (see compress.py)."""
+
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    topk: float | None = Field(None, gt=0, le=1, description="fraction of update entries sent")
+
+
+class SimulationConfig(_Strict):
+    """Resources of the Flower simulation engine (Ray) on this machine."""
+
+    num_cpus_per_client: float = Field(2.0, gt=0)
+    num_gpus_per_client: float = Field(0.0, ge=0)
+
+
+class SecureAggregationConfig(_Strict):
+    """Flower's SecAgg+ for training rounds (see `fedllm.privacy.secagg`): the server sees only
+    sums.
+
+    What clients send follows the aggregator: ffa (padded B), fedit (padded B and A) or svd
+    (dense sᵢBᵢAᵢ). Shares and threshold are counts (int) or fractions of the sampled clients.
+    """
+
+    enabled: bool = False
+    num_shares: int | float = Field(
+        1.0, gt=0, description="key shares per client (int or fraction)"
+    )
+    reconstruction_threshold: int | float = Field(
+        0.5, gt=0, description="shares needed to unmask (int, or fraction of num_shares)"
+    )
+    clipping_range: float = Field(8.0, gt=0, description="weighted entries clipped to ±this")
+    quantization_range: int = Field(2**24, ge=2, description="integer levels over the clip range")
+    max_weight: float | None = Field(
+        None, gt=0, description="largest client weight (default: data.max_examples)"
+    )
+
+    @model_validator(mode="after")
+    def _protocol(self) -> SecureAggregationConfig:
+        shares, threshold = self.num_shares, self.reconstruction_threshold
+        if isinstance(shares, int) and shares != 1 and shares <= 2:
+            raise ValueError(f"num_shares as a count must be > 2 (or a fraction), got {shares}")
+        if isinstance(shares, float) and shares > 1:
+            raise ValueError(f"num_shares as a fraction must be in (0, 1], got {shares}")
+        if isinstance(threshold, float) and threshold > 1:
+            raise ValueError(
+                f"reconstruction_threshold as a fraction must be <= 1, got {threshold}"
+            )
+        if isinstance(threshold, int) and isinstance(shares, int) and 1 < shares <= threshold:
+            raise ValueError(
+                f"reconstruction_threshold ({threshold}) must be below num_shares ({shares})"
+            )
+        return self
+
+
+class PrivacyConfig(_Strict):
+    """Differential privacy: sample-level DP-SGD on clients, or client-level DP (DP-FedAvg)."""
+
+    mode: Literal["none", "sample", "client"] = "none"
+    noise_multiplier: float | None = Field(None, gt=0, description="DP-SGD σ (mode sample)")
+    target_epsilon: float | None = Field(
+        None, gt=0, description="derive σ (sample) or z (client) for the planned rounds instead"
+    )
+    delta: float = Field(1e-5, gt=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0, description="per-sample clipping norm C (sample)")
+    client_clip: float = Field(1.0, gt=0, description="client update clipping norm S (client)")
+    client_noise_multiplier: float | None = Field(None, gt=0, description="z (mode client)")
+    noise_at: Literal["server", "client"] = "server"
+    accountant: Literal["rdp", "prv"] = "rdp"
+    epsilon_budget: float | None = Field(
+        None, gt=0, description="stop before the round that would spend more than this ε"
+    )
+    secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
+
+    @model_validator(mode="after")
+    def _coherent(self) -> PrivacyConfig:
+        common = {"mode", "target_epsilon", "delta", "accountant", "epsilon_budget"}
+        common |= {"secure_aggregation"}  # any mode
+        own = {
+            "none": {"mode", "secure_aggregation"},
+            "sample": common | {"noise_multiplier", "max_grad_norm"},
+            "client": common | {"client_noise_multiplier", "client_clip", "noise_at"},
+        }[self.mode]
+        # only values that differ from the default: a dumped recipe (recipe.yaml) must load back
+        defaults = {k: f.default for k, f in type(self).model_fields.items()}
+        stray = sorted(
+            k for k in self.model_fields_set - own if getattr(self, k) not in (None, defaults[k])
+        )
+        if stray:
+            raise ValueError(
+                f"privacy.{stray[0]} does not apply to privacy.mode={self.mode!r} "
+                f"(keys for this mode: {', '.join(sorted(own))})"
+            )
+        sigma = {"sample": "noise_multiplier", "client": "client_noise_multiplier"}.get(self.mode)
+        if sigma and (getattr(self, sigma) is None) == (self.target_epsilon is None):
+            raise ValueError(
+                f"privacy.mode={self.mode!r}: set exactly one of privacy.{sigma} and "
+                "privacy.target_epsilon"
+            )
+        return self
+
+
+class RunConfig(_Strict):
+    """One federated fine-tuning run: everything a recipe says."""
+
+    name: str = Field("run", pattern=r"^[A-Za-z0-9._-]+$")
+    output_dir: str = "runs"
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfig = LoraConfig()
+    data: DataConfig = DataConfig()
+    federation: FederationConfig = FederationConfig()
+    aggregator: AggregatorConfig = AggregatorConfig()
+    simulation: SimulationConfig = SimulationConfig()
+    pruning: PruningConfig = PruningConfig()
+    adaptive: AdaptiveConfig | None = Field(None, description="bandit (rank, pruning) per client")
+    compression: CompressionConfig = CompressionConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    features: dict[str, dict[str, Any] | None] = Field(
+        default_factory=dict,
+        description="feature name -> its options, for features without a section of their own "
+        "(e.g. fedprox: {mu: 0.01}); see `fedllm.features`",
+    )
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> RunConfig:
+        cross_check(self)  # every check that spans sections, in one place (fedllm.recipe.checks)
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def client_rank(self, partition_id: int) -> int:
+        """The LoRA rank of the client holding partition `partition_id`."""
+        n = self.data.num_clients
+        if not 0 <= partition_id < n:
+            raise ValueError(f"partition_id {partition_id} outside [0, {n})")
+        if self.lora.tiers is not None:
+            start = 0
+            for tier in self.lora.tiers:
+                if partition_id < start + tier.clients:
+                    return tier.rank
+                start += tier.clients
+        ranks = self.lora.ranks
+        if isinstance(ranks, int):
+            return ranks
+        if isinstance(ranks, list):
+            return ranks[partition_id % len(ranks)]
+        assert isinstance(ranks, RankRule)
+        t = partition_id / max(n - 1, 1)
+        if ranks.spacing == "linear":
+            return round(ranks.min + t * (ranks.max - ranks.min))
+        return round(math.exp(math.log(ranks.min) + t * math.log(ranks.max / ranks.min)))
+
+    @property
+    def max_rank(self) -> int:
+        """The largest LoRA rank any client may train at (its recipe rank or a bandit arm)."""
+        ranks = [self.client_rank(i) for i in range(self.data.num_clients)]
+        return max([*ranks, *(self.adaptive.ranks if self.adaptive is not None else [])])
+
+    def client_scaling(self, rank: int) -> float:
+        """peft's LoRA scaling α/r for a client of this rank."""
+        return self.lora.alpha / rank
+
+    def fingerprint(self) -> str:
+        """A short hash of what must match between server and clients (model, LoRA, data)."""
+        parts = self.model_dump(include={"model", "lora", "data", "seed"}, mode="json")
+        if self.privacy.mode != "none":  # clients must train with the server's DP settings
+            parts["privacy"] = self.privacy.model_dump(
+                exclude={"epsilon_budget", "secure_aggregation"}, mode="json"
+            )
+        return hashlib.sha256(yaml.safe_dump(parts, sort_keys=True).encode()).hexdigest()[:12]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

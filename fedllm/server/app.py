@@ -1,0 +1,205 @@
+"""The Flower ServerApp: the round loop with checkpoints, metrics, progress and the final adapter.
+
+Flower's `Strategy.start` always begins at round 1 and keeps nothing on disk, so this loop drives
+the strategy itself, to checkpoint after each finished round and resume from it. Features are
+called at the loop's own hooks (before a round, a round's whole exchange, after it); the loop
+knows none of them by name.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedllm.features import registry
+from fedllm.features.base import Feature
+from fedllm.features.types import RoundResult
+from fedllm.model.adapters import factors_digest
+from fedllm.model.base import adapter_shapes
+from fedllm.recipe.schema import RunConfig
+from fedllm.server.checkpoint import load_checkpoint, save_checkpoint
+from fedllm.server.exchange import describe_train, exchange, say, wait_for_nodes
+from fedllm.server.metrics import MetricsLog
+from fedllm.server.outputs import finish
+from fedllm.server.strategy import LoraStrategy
+
+
+class Run:
+    """One run on the server: recipe, strategy, active features, metrics file, grid."""
+
+    def __init__(self, cfg: RunConfig, grid: Grid) -> None:
+        self.cfg, self.grid = cfg, grid
+        self.features: list[Feature] = registry.build(cfg)
+        self.strategy = LoraStrategy(cfg, shapes=adapter_shapes(cfg), features=self.features)
+        self.metrics = MetricsLog(cfg.run_dir)
+        self.timeout = cfg.federation.round_timeout
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def save(self, server_round: int) -> None:
+        features = {f.state_key or f.name: f.state_dict() for f in self.features}
+        state = {"round": server_round, "fingerprint": self.cfg.fingerprint()}
+        save_checkpoint(
+            self.cfg.run_dir, {**state, "strategy": self.strategy.state_dict(), **features}
+        )
+
+    def resume(self) -> int:
+        """Load the last checkpoint; returns the first round still to run (1 without one)."""
+        state = load_checkpoint(self.cfg.run_dir)
+        if state is None:
+            return 1
+        if state["fingerprint"] != self.cfg.fingerprint():
+            raise ValueError(
+                f"checkpoint in {self.cfg.run_dir} was made by another recipe "
+                "(model/lora/data/seed differ); use a new name= or drop --resume"
+            )
+        self.strategy.load_state_dict(state["strategy"])
+        for f in self.features:
+            f.load_state_dict(state.get(f.state_key or f.name))
+        self.metrics.truncate_after(state["round"])
+        say(
+            f"resuming {self.cfg.name} after round {state['round']} of {self.cfg.federation.rounds}"
+        )
+        return state["round"] + 1
+
+    # -- rounds ----------------------------------------------------------------------------------
+    def evaluate(self, server_round: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Federated evaluation of the current global adapter: (server row, client eval rows)."""
+        s = self.strategy
+        messages = list(
+            s.configure_evaluate(server_round, s.global_record(), ConfigRecord(), self.grid)
+        )
+        replies = exchange(
+            self.grid,
+            messages,
+            timeout=self.timeout,
+            label=f"round {server_round} eval",
+            describe=lambda r: (
+                f"(partition {int(r.content['metrics']['partition-id'])}): held-out loss "
+                f"{float(r.content['metrics']['held-out-loss']):.4f}"
+            ),
+        )
+        loss, rows = s.evaluate_round(server_round, replies)
+        row: dict[str, Any] = {"kind": "server", "round": server_round, "phase": "evaluate"}
+        if loss is not None:
+            row["held_out_loss"], row["eval_tokens"] = loss
+        return row, [r.to_json() for r in rows]
+
+    def stop_reason(self, server_round: int) -> str | None:
+        """Why `server_round` must not run (a feature's budget), or None."""
+        nodes = self.strategy.sample(server_round, self.grid)
+        partitions = self.strategy.may_train(nodes)
+        for f in self.features:
+            if why := f.before_round(server_round, partitions=partitions, sampled=len(nodes)):
+                return why
+        return None
+
+    def train(self, server_round: int) -> RoundResult:
+        """One training round: a feature's own exchange (SecAgg+), else the plain one."""
+        s, label = self.strategy, f"round {server_round}/{self.cfg.federation.rounds} train"
+        for f in self.features:
+            result = f.run_round(server_round, strategy=s, grid=self.grid)
+            if result is not None:
+                return result
+        messages = list(
+            s.configure_train(server_round, s.global_record(), ConfigRecord(), self.grid)
+        )
+        say(
+            f"round {server_round}/{self.cfg.federation.rounds}: training {len(messages)} "
+            f"clients from global {factors_digest(s.global_)}"
+        )
+        replies = exchange(
+            self.grid, messages, timeout=self.timeout, label=label, describe=describe_train
+        )
+        if replies and all(m.has_error() for m in replies):
+            raise RuntimeError(
+                f"round {server_round}: every client failed (first error: "
+                f"{replies[0].error.reason}); rounds up to {server_round - 1} are checkpointed "
+                f"in {self.cfg.run_dir}, fix and use --resume"
+            )
+        return s.train_round(server_round, replies, sampled=len(messages))
+
+    def round(self, server_round: int) -> None:
+        """Train, evaluate, record, checkpoint and report one round."""
+        t0 = time.perf_counter()
+        result = self.train(server_round)
+        if result.replies < result.sampled:
+            say(
+                f"round {server_round}: {result.sampled - result.replies} of {result.sampled} "
+                f"clients did not reply within {self.timeout:.0f}s"
+            )
+        train_seconds = time.perf_counter() - t0
+        eval_row, eval_rows = self.evaluate(server_round)
+        ok = [r.reply for r in result.ok if r.reply is not None]
+        server_row = {
+            **eval_row,
+            "phase": "round",
+            "clients_ok": len(result.ok),
+            "clients_failed": len(result.rows) - len(result.ok),
+            "clients_sampled": result.sampled,
+            "train_loss": result.train_loss,
+            "bytes_sent": sum(r.bytes_sent for r in ok),
+            "bytes_received": sum(r.bytes_received for r in ok),
+            "seconds": time.perf_counter() - t0,
+            "train_seconds": train_seconds,
+        }
+        for f in self.features:
+            f.record(result, server_row=server_row)
+        self.metrics.write([r.to_json() for r in result.rows] + eval_rows + [server_row])
+        self.save(server_round)
+        losses = " ".join(f"c{r.partition}:{r.train_loss:.3f}" for r in ok)
+        progress = "".join(f.progress() for f in self.features)
+        say(
+            f"round {server_round}/{self.cfg.federation.rounds}: {len(ok)}/{result.sampled} "
+            f"clients ok, train loss {losses}; held-out "
+            f"{server_row.get('held_out_loss', float('nan')):.4f} "
+            f"[{server_row['seconds']:.0f}s]{progress}"
+        )
+
+    def base_round(self) -> None:
+        """Round 0: the base model's held-out loss, the reference every round is compared to."""
+        t0 = time.perf_counter()
+        row, eval_rows = self.evaluate(0)
+        if "held_out_loss" not in row:
+            raise RuntimeError(
+                "no client could evaluate the base model; see the client errors above"
+            )
+        self.metrics.write([*eval_rows, row])
+        seconds = time.perf_counter() - t0
+        say(f"round 0 (base model): held-out loss {row['held_out_loss']:.4f} [{seconds:.0f}s]")
+        self.save(0)
+
+
+def run_server(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
+    """Run (or resume) the federation described by `cfg`; returns the run directory."""
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    run = Run(cfg, grid)
+    start = run.resume() if resume else 1
+    if start == 1:
+        run.metrics.path.write_text("")
+    n = wait_for_nodes(grid, cfg.data.num_clients, timeout=min(run.timeout, 600))
+    ranks = [cfg.client_rank(i) for i in range(cfg.data.num_clients)]
+    say(f"{n} client nodes connected; aggregator {cfg.aggregator.name}; ranks {ranks}")
+    if start == 1:
+        run.base_round()
+    for rnd in range(start, cfg.federation.rounds + 1):
+        if (stop := run.stop_reason(rnd)) is not None:
+            say(stop)
+            run.metrics.write([{"kind": "stop", "round": rnd - 1, "reason": stop}])
+            break
+        run.round(rnd)
+    return finish(cfg, run.strategy, run.metrics)
+
+
+def make_server_app(cfg: RunConfig, *, resume: bool = False) -> ServerApp:
+    """A ServerApp bound to a recipe."""
+    app = ServerApp()
+
+    @app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        run_server(grid, cfg, resume=resume)
+
+    return app

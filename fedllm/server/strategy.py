@@ -1,0 +1,332 @@
+"""A thin Flower strategy for heterogeneous-rank LoRA: unpack replies, screen, aggregate by name.
+
+All the mathematics lives in `fedllm.aggregators`; this class turns Flower messages into
+per-module factors and back, sends each node the global factors cut to its own rank, and keeps the
+global adapter between rounds. Optional capabilities change what travels and what is aggregated
+through their server hooks (`fedllm.features`), called in order; none is known here by name.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedllm.aggregators.base import Factors, get, round_spec
+from fedllm.aggregators.screen import screen
+from fedllm.features.base import Feature
+from fedllm.features.types import ClientRow, Download, EvalRow, RoundResult, TrainReply
+from fedllm.model import wire
+from fedllm.recipe.schema import RunConfig
+
+log = logging.getLogger("fedllm.server")
+
+
+def initial_factors(
+    shapes: Mapping[str, tuple[int, int]], *, rank: int, scaling: float, seed: int
+) -> dict[str, Factors]:
+    """The starting adapter: B = 0 (so round 0 is the base model), A as peft initialises it."""
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[str, Factors] = {}
+    for module, (d, k) in sorted(shapes.items()):
+        bound = 1.0 / math.sqrt(k)  # kaiming_uniform_(a=√5) on a (rank × k) weight
+        a = (torch.rand(rank, k, generator=gen) * 2 - 1) * bound
+        out[module] = Factors(torch.zeros(d, rank), a, scaling)
+    return out
+
+
+class LoraStrategy(Strategy):
+    """Heterogeneous-rank LoRA federated training with a pluggable aggregator and features."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        *,
+        shapes: Mapping[str, tuple[int, int]],
+        features: Sequence[Feature] = (),
+    ) -> None:
+        self.cfg = cfg
+        self.shapes = dict(shapes)
+        self.features = list(features)
+        self.aggregate_fn = get(cfg.aggregator.name)
+        self.spec = round_spec(cfg.aggregator.name)  # what travels each round (fedllm.model.wire)
+        self.max_rank = cfg.max_rank
+        self.global_: dict[str, Factors] = initial_factors(
+            shapes, rank=self.max_rank, scaling=cfg.client_scaling(self.max_rank), seed=cfg.seed
+        )
+        self.agg_state: dict[str, dict[str, torch.Tensor]] = {}
+        self.node_ranks: dict[int, int] = {}
+        self.node_partitions: dict[int, int] = {}
+        # partition -> (round, factors) of its latest accepted update: the server's view of it
+        self.client_updates: dict[int, tuple[int, dict[str, Factors]]] = {}
+
+    # -- state for checkpoints -------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "global": {m: (f.B, f.A, f.scaling) for m, f in self.global_.items()},
+            "agg_state": self.agg_state,
+            "node_ranks": dict(self.node_ranks),
+            "node_partitions": dict(self.node_partitions),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.global_ = {m: Factors(b, a, s) for m, (b, a, s) in state["global"].items()}
+        self.agg_state = state["agg_state"]
+        self.node_ranks = dict(state["node_ranks"])
+        self.node_partitions = dict(state["node_partitions"])
+
+    @property
+    def global_scaling(self) -> float:
+        return next(iter(self.global_.values())).scaling
+
+    def global_record(self) -> ArrayRecord:
+        return wire.outgoing(self.global_, self.spec)
+
+    def round_config(self, server_round: int) -> dict[str, Any]:
+        """What every node is told this round: the round, the global scaling, the semantics."""
+        return {
+            "server-round": server_round,
+            "global-scaling": self.global_scaling,
+            "recipe-hash": self.cfg.fingerprint(),
+            **wire.spec_config(self.spec),
+            **wire.options_config(self.spec, self.cfg.aggregator.options),
+        }
+
+    def sample(self, server_round: int, grid: Grid) -> list[int]:
+        """The nodes asked to train in `server_round` (seeded, so a resumed run asks the same)."""
+        nodes = sorted(grid.get_node_ids())
+        wanted = self.cfg.federation.clients_per_round or len(nodes)
+        rng = random.Random(self.cfg.seed * 7919 + server_round)
+        return sorted(rng.sample(nodes, min(wanted, len(nodes))))
+
+    def may_train(self, nodes: Sequence[int]) -> list[int]:
+        """Partitions these nodes may hold: known ones, and any unseen one for an unseen node."""
+        known = self.node_partitions
+        parts = {known[n] for n in nodes if n in known}
+        if any(n not in known for n in nodes):
+            parts |= set(range(self.cfg.data.num_clients)) - set(known.values())
+        return sorted(parts)
+
+    # -- training: download ----------------------------------------------------------------------
+    def download(self, node: int) -> tuple[ArrayRecord, dict[str, Any]]:
+        """The global factors for `node` (cut to its rank once known) and extra config entries.
+
+        A merged delta (flora) always travels whole; under fedsa only A travels.
+        """
+        down = Download(self.node_ranks.get(node), dict(self.global_))
+        for f in self.features:
+            down = f.download(node, down)
+        factors, rank = down.factors, down.rank
+        if rank is not None and not self.spec.merge:
+            scaling = self.cfg.client_scaling(rank)
+            factors = {m: f.truncate(rank, scaling) for m, f in factors.items()}
+        for f in self.features:
+            if (record := f.encode(node, factors)) is not None:
+                return record, down.config
+        return wire.outgoing(factors, self.spec), down.config
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Each sampled node gets the global factors cut to its rank (full rank until known)."""
+        messages = []
+        for node in self.sample(server_round, grid):
+            record, extra = self.download(node)
+            config = ConfigRecord({**self.round_config(server_round), **extra})
+            content = RecordDict({"global": record, "config": config})
+            messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
+        return messages
+
+    # -- training: replies -----------------------------------------------------------------------
+    def read_reply(self, node: int, content: RecordDict) -> tuple[TrainReply, dict[str, Factors]]:
+        """A reply's validated metrics and its factors at the global shapes (ValueError if bad)."""
+        reply = TrainReply.parse(content["metrics"])
+        scaling = self.cfg.client_scaling(reply.rank)  # α/r from the recipe, not trusted
+        update = None
+        for f in self.features:
+            if (update := f.decode(node, content, rank=reply.rank)) is not None:
+                break
+        if update is None:
+            update = wire.read_update(content["update"], scaling, self.spec, self.shapes)
+        for f in self.features:
+            update = f.receive(node, content, update, reply=reply, shapes=self.shapes)
+        if any(f.rank != reply.rank for f in update.values()):
+            raise ValueError(f"claims rank {reply.rank} but sent factors of other ranks")
+        return reply, update
+
+    def remember(self, node: int, reply: TrainReply) -> None:
+        """What the server learns of a node from a reply: its rank and its partition."""
+        self.node_ranks[node] = reply.rank
+        self.node_partitions[node] = reply.partition
+
+    def train_round(
+        self, server_round: int, replies: Iterable[Message], *, sampled: int
+    ) -> RoundResult:
+        """Screen the replies, aggregate the accepted ones, keep the new global adapter."""
+        rows: list[ClientRow] = []
+        parsed: dict[int, tuple[TrainReply, dict[str, Factors]]] = {}
+        replies = list(replies)
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                log.warning("round %d: node %s failed: %s", server_round, node, msg.error.reason)
+                rows.append(ClientRow(server_round, node, "failed", reason=msg.error.reason))
+                continue
+            try:
+                parsed[node] = self.read_reply(node, msg.content)
+            except (KeyError, ValueError, TypeError) as err:
+                log.warning("round %d: node %s sent a malformed reply: %s", server_round, node, err)
+                reason = f"malformed reply: {err}"
+                rows.append(ClientRow(server_round, node, "rejected", reason=reason))
+                continue
+            self.remember(node, parsed[node][0])
+        accepted = self.screen(server_round, parsed, rows)
+        result = RoundResult(sampled=sampled, rows=rows, replies=len(replies))
+        if not accepted:
+            log.warning("round %d: no acceptable update; the global is unchanged", server_round)
+            return result
+        if self.cfg.aggregator.weighting == "uniform":
+            weights = [1.0] * len(accepted)
+        else:
+            weights = [float(parsed[n][0].num_examples) for n in accepted]
+        inputs = [parsed[n][1] for n in accepted]
+        for f in self.features:  # e.g. coverage weights for pruned clients, the DP release
+            inputs, weights = f.release(accepted, inputs, weights, global_=self.global_)
+        self.commit(server_round, *self.aggregate(server_round, inputs, weights))
+        for n in accepted:
+            reply, update = parsed[n]
+            self.client_updates[reply.partition] = (server_round, update)
+        losses = [(float(parsed[n][0].num_examples), parsed[n][0].train_loss) for n in accepted]
+        if self.cfg.aggregator.weighting == "uniform":
+            losses = [(1.0, loss) for _, loss in losses]
+        result.train_loss = sum(w * x for w, x in losses) / sum(w for w, _ in losses)
+        return result
+
+    def screen(
+        self,
+        server_round: int,
+        parsed: Mapping[int, tuple[TrainReply, dict[str, Factors]]],
+        rows: list[ClientRow],
+    ) -> list[int]:
+        """The nodes whose updates pass screening (shape, rank, finiteness, norm); a row each."""
+        ok, rejected = screen(
+            {str(n): u for n, (_, u) in parsed.items()},
+            shapes=self.shapes,
+            max_rank=self.max_rank,
+            max_norm_ratio=self.cfg.federation.max_rejected_norm_ratio,
+        )
+        for node, reason in rejected.items():
+            log.warning("round %d: rejected node %s: %s", server_round, node, reason)
+            reply = parsed[int(node)][0]
+            rows.append(
+                ClientRow(server_round, int(node), "rejected", reply, reply.partition, reason)
+            )
+        accepted = [int(n) for n in ok]
+        for node in accepted:
+            reply = parsed[node][0]
+            for f in self.features:
+                f.accepted(node, reply)
+            rows.append(ClientRow(server_round, node, "ok", reply, reply.partition))
+        return accepted
+
+    def aggregate(
+        self, server_round: int, inputs: Sequence[Mapping[str, Factors]], weights: list[float]
+    ) -> tuple[dict[str, Factors], dict[str, dict[str, torch.Tensor]]]:
+        """The recipe's aggregator, module by module: (new global, new aggregator state)."""
+        new_global: dict[str, Factors] = {}
+        new_state: dict[str, dict[str, torch.Tensor]] = {}
+        options = wire.server_options(self.spec, self.cfg.aggregator.options)
+        for module in sorted(self.shapes):
+            result = self.aggregate_fn(
+                [u[module] for u in inputs],
+                weights,
+                global_rank=self.cfg.aggregator.global_rank,
+                state=self.agg_state.get(module),
+                seed=self.cfg.seed + server_round,
+                **options,
+            )
+            new_global[module] = result.global_
+            new_state[module] = result.state
+        return new_global, new_state
+
+    def commit(
+        self,
+        server_round: int,
+        new_global: dict[str, Factors],
+        new_state: dict[str, dict[str, torch.Tensor]],
+    ) -> None:
+        """Keep an aggregate as the new global, after the features' post-processing."""
+        for f in self.features:
+            new_global = f.after_aggregate(self.global_, new_global, server_round=server_round)
+        self.global_, self.agg_state = new_global, new_state
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Flower's entry point: `train_round`, summarised as (global record, metrics)."""
+        replies = list(replies)
+        result = self.train_round(server_round, replies, sampled=len(replies))
+        if result.train_loss is None:
+            return None, None
+        summary = {
+            "clients": len(result.ok),
+            "rejected": len(result.rows) - len(result.ok),
+            "train-loss": result.train_loss,
+            "global-rank": max(f.rank for f in self.global_.values()),
+        }
+        return self.global_record(), MetricRecord(summary)
+
+    # -- evaluation ------------------------------------------------------------------------------
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Every node evaluates the global adapter on its own held-out split."""
+        config = ConfigRecord(self.round_config(server_round))
+        content = RecordDict({"global": arrays, "config": config})
+        return [
+            Message(content, dst_node_id=node, message_type=MessageType.EVALUATE)
+            for node in sorted(grid.get_node_ids())
+        ]
+
+    def evaluate_round(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[tuple[float, int] | None, list[EvalRow]]:
+        """((token-weighted held-out loss, tokens) or None, one row per client)."""
+        nll, tokens, rows = 0.0, 0, []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                log.warning(
+                    "round %d: node %s failed to evaluate: %s", server_round, node, msg.error.reason
+                )
+                continue
+            m = msg.content["metrics"]
+            nll += float(m["nll-sum"])
+            tokens += int(m["tokens"])
+            row = EvalRow(
+                server_round, int(m["partition-id"]), float(m["held-out-loss"]), int(m["tokens"])
+            )
+            rows.append(row)
+        return ((nll / tokens, tokens) if tokens else None), rows
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Flower's entry point: the token-weighted global held-out loss."""
+        loss, _ = self.evaluate_round(server_round, replies)
+        return None if loss is None else MetricRecord({"held-out-loss": loss[0], "tokens": loss[1]})
+
+    def summary(self) -> None:
+        log.info(
+            "LoraStrategy: aggregator=%s, ranks up to %d, %d modules",
+            self.cfg.aggregator.name,
+            self.max_rank,
+            len(self.shapes),
+        )

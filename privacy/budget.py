@@ -1,0 +1,48 @@
+"""The run's privacy account, shared by the DP mechanisms: the ledger, the budget stop, the ε
+reported in metrics and progress. Saved with each checkpoint (an Opacus accountant per key)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from fedllm.privacy.accounting import PrivacyLedger
+
+
+class Account:
+    """A ledger of spent ε for one run, and the check that a planned round stays in budget."""
+
+    def __init__(self, *, delta: float, accountant: str, budget: float | None, mode: str) -> None:
+        self.delta, self.budget, self.mode = delta, budget, mode
+        self.ledger = PrivacyLedger(delta=delta, accountant=accountant)
+
+    def stop(self, server_round: int, plan: Mapping[str, tuple[float, float, int]]) -> str | None:
+        """Why round `server_round` (charging `plan`: key -> (σ, q, steps)) must not run."""
+        if self.budget is None:
+            return None
+        after = self.ledger.epsilon_if(plan)
+        if after <= self.budget:
+            return None
+        return (
+            f"privacy budget: round {server_round} would bring ε to {after:.3f} > "
+            f"privacy.epsilon_budget={self.budget:g} (spent so far {self.ledger.epsilon():.3f}); "
+            f"stopping after round {server_round - 1}"
+        )
+
+    def annotate(self, server_row: dict[str, Any]) -> None:
+        server_row["epsilon"] = self.ledger.epsilon()
+        server_row["delta"] = self.delta
+
+    def progress(self) -> str:
+        return f"; ε={self.ledger.epsilon():.3f} (δ={self.delta:g})"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ledger": self.ledger.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
+        if state is None:
+            raise ValueError(
+                "the checkpoint has no privacy ledger (the run began without DP); resuming with "
+                f"privacy.mode={self.mode!r} would not count the rounds already run"
+            )
+        self.ledger.load_state_dict(state["ledger"])

@@ -1,0 +1,146 @@
+"""Client-level DP (`privacy.mode: client`, DP-FedAvg): each update's factor delta is clipped to
+S, the mean gets Gaussian noise zS/m (at the server, or each client's share at the client), and
+the recipe's aggregator post-processes the release (`fedllm.privacy.client_dp` has the math).
+One sampled-Gaussian step per round is charged with q = m/N and the release's effective z.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fedllm.aggregators.base import Factors, get, round_spec
+from fedllm.features.base import Feature
+from fedllm.features.registry import register
+from fedllm.features.types import ClientRound, ClientUpdate, RoundResult
+from fedllm.privacy.accounting import FEDERATION
+from fedllm.privacy.budget import Account
+from fedllm.privacy.client_dp import ClientLevelDP, privatize_locally
+from fedllm.privacy.plan import client_noise_multiplier, planned_clients
+from fedllm.recipe.schema import RunConfig
+
+
+@register
+class ClientLevel(Feature):
+    """Clip, average and noise the accepted updates before the aggregator sees them."""
+
+    name = "client_dp"
+    privacy_mode = "client"
+    state_key = "privacy"
+    order = 25  # its client noise comes before any rank cut (HetLoRA)
+
+    @classmethod
+    def enabled(cls, cfg: RunConfig) -> bool:
+        return cfg.privacy.mode == cls.privacy_mode
+
+    @classmethod
+    def check(cls, cfg: RunConfig) -> None:
+        """Uniform weights, adapter-state rounds and δ below 1/clients."""
+        if not cls.enabled(cfg):
+            return
+        if cfg.aggregator.weighting != "uniform":
+            raise ValueError(
+                "privacy.mode='client' needs aggregator.weighting='uniform': example-count "
+                "weights reveal each client's data size and break the S/m sensitivity bound"
+            )
+        spec = round_spec(cfg.aggregator.name)
+        if spec.merge or spec.local_B:
+            raise ValueError(
+                f"privacy.mode='client' cannot wrap aggregator.name={cfg.aggregator.name!r}: "
+                "it needs clients that send their whole adapter (not a merged or A-only update)"
+            )
+        n = cfg.data.num_clients
+        if cfg.privacy.delta >= 1 / n:
+            raise ValueError(
+                f"privacy.delta={cfg.privacy.delta:g} must be below 1/data.num_clients = 1/{n} "
+                "for client-level DP (a client is the unit of privacy)"
+            )
+
+    def __init__(self, cfg: RunConfig) -> None:
+        super().__init__(cfg)
+        p = cfg.privacy
+        self.z = client_noise_multiplier(cfg)
+        self.freeze_a = round_spec(cfg.aggregator.name).freeze_A
+        self.dp = ClientLevelDP(
+            get(cfg.aggregator.name),
+            clip=p.client_clip,
+            noise_multiplier=self.z,
+            noise_at=p.noise_at,
+            expected_clients=planned_clients(cfg),
+            freeze_a=self.freeze_a,
+        )
+        self.account = Account(
+            delta=p.delta, accountant=p.accountant, budget=p.epsilon_budget, mode=p.mode
+        )
+        self.dp_metrics: dict[str, int | float] = {}
+
+    # -- client --------------------------------------------------------------------------------
+    def post_process(self, update: ClientUpdate, rnd: ClientRound) -> ClientUpdate:
+        """noise_at=client: clip this client's delta to S and add its share of the noise."""
+        p = self.cfg.privacy
+        if p.noise_at != "client":
+            return update
+        if not update.start:
+            raise ValueError("client-level DP needs the global factors this client started from")
+        noisy, norm = privatize_locally(
+            update.factors,
+            update.start,
+            clip=p.client_clip,
+            noise_multiplier=self.z,
+            clients=planned_clients(self.cfg),
+            freeze_a=self.freeze_a,
+        )
+        self.dp_metrics = {"dp-update-norm": norm, "dp-clipped": float(norm > p.client_clip)}
+        return ClientUpdate(noisy, update.start, update.rank)
+
+    def metrics(self) -> dict[str, int | float]:
+        return dict(self.dp_metrics)
+
+    # -- server --------------------------------------------------------------------------------
+    def before_round(
+        self, server_round: int, *, partitions: Sequence[int], sampled: int
+    ) -> str | None:
+        q = sampled / self.cfg.data.num_clients
+        return self.account.stop(server_round, {FEDERATION: (self.z, q, 1)})
+
+    def release(
+        self,
+        nodes: Sequence[int],
+        inputs: list[dict[str, Factors]],
+        weights: list[float],
+        *,
+        global_: Mapping[str, Factors],
+    ) -> tuple[list[dict[str, Factors]], list[float]]:
+        """One pseudo-update: global + mean of clipped deltas + noise (DP-FedAvg)."""
+        return [self.dp.release(global_, inputs)], [1.0]
+
+    def record(self, result: RoundResult, *, server_row: dict[str, Any]) -> None:
+        ledger, release = self.account.ledger, self.dp.take()
+        if release is not None:
+            ledger.record(
+                FEDERATION,
+                noise_multiplier=release.effective_noise_multiplier,
+                sample_rate=result.sampled / self.cfg.data.num_clients,
+                steps=1,
+            )
+        for row in result.rows:
+            row.fields["epsilon"] = ledger.epsilon(FEDERATION)
+        self.account.annotate(server_row)
+        if release is not None:
+            norms = sorted(release.norms)
+            server_row.update(
+                dp_clients=release.clients,
+                dp_clipped=release.clipped,
+                dp_noise_std=release.noise_std,
+                dp_noise_multiplier=release.effective_noise_multiplier,
+                dp_update_norm_median=norms[len(norms) // 2],
+            )
+
+    def progress(self) -> str:
+        return self.account.progress()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.account.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
+        self.account.load_state_dict(state)

@@ -1,0 +1,321 @@
+"""Secure aggregation with Flower's SecAgg+: the server only ever sees the weighted sum.
+
+One training round runs Flower's `SecAggPlusWorkflow` (four exchanges: setup, share keys, collect
+masked vectors, unmask) around a minimal legacy `Strategy` (`SecureRound`). Its `configure_fit`
+reuses `LoraStrategy.configure_train` (each node its global factors cut to its rank) in `FitIns`
+form; the client's `secaggplus_mod` masks the vectors `client_reply` builds; `aggregate_fit` gets
+only the unmasked weighted mean and hands it to the recipe's aggregator as one pseudo-client.
+What a client sends (same shape for every rank, zero-padded to the federation's max rank r):
+- ffa   (aggregator ffa):   sᵢ·pad(Bᵢ) per module; A is the shared frozen A₀ (exact);
+- fedit (aggregator fedit): sᵢ·pad(Bᵢ) and pad(Aᵢ) per module (FedIT's own, biased, result);
+- dense (aggregator svd):   sᵢ·BᵢAᵢ (d×k) per module, exact, then SVD to the global rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.client.mod import secaggplus_mod
+from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters
+from flwr.common import parameters_to_ndarrays as to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common import recorddict_compat as compat
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import Strategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+from flwr.serverapp import Grid
+
+from fedllm.aggregators.base import Factors
+from fedllm.features.base import Feature
+from fedllm.features.registry import register
+from fedllm.features.types import ClientRow, RoundResult, TrainReply
+from fedllm.model.adapters import factors_digest, from_record
+from fedllm.recipe.schema import RunConfig
+from fedllm.server.exchange import say
+
+MODES = {"ffa": "ffa", "fedit": "fedit", "svd": "dense"}  # aggregator -> what clients send
+MODULUS = 2**32  # SecAgg+ mask range; the sum of n quantized vectors must stay below it
+FITINS = "fitins.config"  # a train message in FitIns form: a SecAgg+ round
+
+
+# -- client side --------------------------------------------------------------------------------
+def mod(msg, context, call_next):
+    """`secaggplus_mod` for SecAgg+ messages; every other message passes through untouched."""
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def vectors(update: dict[str, Factors], mode: str, width: int) -> list[np.ndarray]:
+    """The padded vectors of one client, modules in sorted order (float64)."""
+    out = []
+    for module in sorted(update):
+        f = update[module].pad(width)  # zero rows/columns beyond the client's rank
+        B = (f.B.double() * f.scaling).numpy()
+        if mode == "ffa":
+            out.append(B)
+        elif mode == "fedit":
+            out += [B, f.A.double().numpy()]
+        else:
+            out.append(B @ f.A.double().numpy())
+    return out
+
+
+def client_reply(
+    cfg, content: RecordDict, context: Context, train: Callable[..., RecordDict]
+) -> RecordDict:
+    """Train from a FitIns-form message; reply in FitRes form with the vectors to be masked."""
+    fitins = compat.recorddict_to_fitins(content, keep_input=True)
+    config = dict(fitins.config)
+    keys = str(config.pop("secagg-keys")).split("\n")
+    mode, width = str(config.pop("secagg-mode")), int(config.pop("secagg-width"))
+    uniform = bool(config.pop("secagg-uniform"))
+    arrays = to_ndarrays(fitins.parameters)
+    received = ArrayRecord(
+        {k: torch.from_numpy(a.copy()) for k, a in zip(keys, arrays, strict=True)}
+    )
+    out = train(cfg, RecordDict({"global": received, "config": ConfigRecord(config)}), context)
+    metrics = dict(out["metrics"])
+    update = from_record(out["update"], cfg.client_scaling(int(metrics["rank"])))
+    vecs = vectors(update, mode, width)
+    weight = 1 if uniform else int(metrics["num-examples"])
+    if weight > max_weight(cfg):  # the mod would only warn, and the masked sum overflow
+        raise ValueError(f"weight {weight} exceeds privacy.secure_aggregation.max_weight")
+    # what leaves this client: one int64 per entry, plus the weight (after masking, in the mod)
+    metrics["bytes-sent"] = 8 * (1 + sum(v.size for v in vecs))
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(vecs), weight, metrics)
+    return compat.fitres_to_recorddict(fitres, keep_input=True)
+
+
+# -- server side --------------------------------------------------------------------------------
+class SecureRound(Strategy):
+    """The legacy Strategy the SecAgg+ workflow drives, wrapped around a `LoraStrategy`."""
+
+    def __init__(self, lora, grid: Grid) -> None:
+        self.lora, self.grid = lora, grid
+        self.mode = MODES[lora.cfg.aggregator.name]
+        self.sampled = 0
+        self.rows: list[ClientRow] = []
+        self.train_loss: float | None = None
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        """`LoraStrategy.configure_train`'s messages (cut global + config) as FitIns."""
+        lora, out = self.lora, []
+        for msg in lora.configure_train(
+            server_round, lora.global_record(), ConfigRecord(), self.grid
+        ):
+            record = msg.content["global"]
+            config = {
+                **dict(msg.content["config"]),
+                "secagg-keys": "\n".join(record.keys()),
+                "secagg-mode": self.mode,
+                "secagg-width": lora.max_rank,
+                "secagg-uniform": lora.cfg.aggregator.weighting == "uniform",
+            }
+            arrays = [record[k].numpy() for k in record.keys()]
+            proxy = GridClientProxy(msg.metadata.dst_node_id, self.grid, run_id=0)
+            out.append((proxy, FitIns(ndarrays_to_parameters(arrays), config)))
+        self.sampled = len(out)
+        return out
+
+    def aggregate_fit(self, server_round, results, failures):
+        """Every FitRes carries the same unmasked weighted mean; the individual vectors are gone."""
+        if not results:
+            return None, {}
+        shared = results[0][1].parameters
+        assert all(res.parameters is shared for _, res in results), "not a SecAgg+ aggregate"
+        replies = [(proxy.node_id, TrainReply.parse(dict(res.metrics))) for proxy, res in results]
+        fields = {"secure_aggregation": "secagg+"}
+        self.rows = [
+            ClientRow(server_round, node, "ok", r, r.partition, fields=dict(fields))
+            for node, r in replies
+        ]
+        for node, reply in replies:
+            self.lora.remember(node, reply)
+        ranks = sum(r.rank for _, r in replies)
+        self.apply(server_round, to_ndarrays(shared), total_rank=ranks)
+        total = sum(res.num_examples for _, res in results)
+        loss = sum(
+            res.num_examples * r.train_loss
+            for (_, res), (_, r) in zip(results, replies, strict=True)
+        )
+        self.train_loss = loss / total
+        return None, {}
+
+    def apply(self, server_round: int, mean: list[np.ndarray], *, total_rank: int) -> None:
+        """The aggregate as one pseudo-client of weight 1, through the recipe's aggregator."""
+        lora, agg = self.lora, self.lora.cfg.aggregator
+        arrays = iter(torch.from_numpy(a).double() for a in mean)
+        new_global, new_state = {}, {}
+        for module in sorted(lora.shapes):
+            d, k = lora.shapes[module]
+            rank = agg.global_rank
+            if self.mode == "ffa":  # A is the server's own frozen A₀
+                A0 = lora.global_[module].A.double()
+                pseudo = Factors(next(arrays), A0, 1.0)
+            elif self.mode == "fedit":
+                pseudo = Factors(next(arrays), next(arrays), 1.0)
+            else:  # dense ΔW: the svd aggregator keeps Σrᵢ singular triplets unless told
+                pseudo = Factors(next(arrays), torch.eye(k, dtype=torch.float64), 1.0)
+                rank = rank or min(total_rank, d, k)
+            result = lora.aggregate_fn(
+                [pseudo],
+                [1.0],
+                global_rank=rank,
+                state=lora.agg_state.get(module),
+                seed=lora.cfg.seed + server_round,
+                **agg.options,
+            )
+            g = result.global_
+            new_global[module] = Factors(g.B.float(), g.A.float(), g.scaling)
+            new_state[module] = result.state
+        lora.commit(server_round, new_global, new_state)
+
+    # the round loop evaluates itself (LoraStrategy.configure_evaluate)
+    def initialize_parameters(self, client_manager):
+        return None
+
+    def configure_evaluate(self, server_round, parameters, client_manager):
+        return []
+
+    def aggregate_evaluate(self, server_round, results, failures):
+        return None, {}
+
+    def evaluate(self, server_round, parameters):
+        return None
+
+
+class Workflow(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow, except that a client lost before its key shares went out is
+    forgotten.
+
+    Flower 1.41 keeps such a client among the sampled ones, so the unmask stage asks the others
+    for its key shares, which they never received, and the round halts. No other client masked
+    against it (pairwise masks are made only with the clients whose shares arrived), so removing
+    it from the sampled set and the neighbour lists after each of the first two stages is all
+    the protocol needs; a client lost later is recovered by Flower's own unmasking.
+    """
+
+    def setup_stage(self, grid, context, state) -> bool:
+        ok = super().setup_stage(grid, context, state)
+        return self._forget_lost(state) if state.nid_to_neighbours else ok
+
+    def share_keys_stage(self, grid, context, state) -> bool:
+        super().share_keys_stage(grid, context, state)
+        return self._forget_lost(state)
+
+    def _forget_lost(self, state) -> bool:
+        state.sampled_node_ids = set(state.active_node_ids)
+        state.nid_to_neighbours = {
+            nid: neighbours & state.sampled_node_ids
+            for nid, neighbours in state.nid_to_neighbours.items()
+            if nid in state.sampled_node_ids
+        }
+        return self._check_threshold(state)
+
+
+def train_round(lora, grid: Grid, server_round: int) -> RoundResult:
+    """One SecAgg+ training round: a row per client that took part (metrics only)."""
+    sa = lora.cfg.privacy.secure_aggregation
+    weighting = lora.cfg.aggregator.weighting
+    workflow = Workflow(
+        num_shares=sa.num_shares,
+        reconstruction_threshold=sa.reconstruction_threshold,
+        max_weight=1.0 if weighting == "uniform" else max_weight(lora.cfg),
+        clipping_range=sa.clipping_range,
+        quantization_range=sa.quantization_range,
+        modulus_range=MODULUS,
+        timeout=lora.cfg.federation.round_timeout,
+    )
+    adapter = SecureRound(lora, grid)
+    state = RecordDict(
+        {
+            MAIN_CONFIGS_RECORD: ConfigRecord({Key.CURRENT_ROUND: server_round}),
+            MAIN_PARAMS_RECORD: ArrayRecord(),
+        }
+    )
+    context = LegacyContext(Context(0, 0, {}, state, {}), strategy=adapter)
+    workflow(grid, context)
+    rows = adapter.rows
+    if adapter.train_loss is None:  # the protocol halted (too few clients left) or none replied
+        reason = "SecAgg+ halted: fewer clients than the reconstruction threshold"
+        rows = [ClientRow(server_round, -1, "failed", reason=reason)]
+    return RoundResult(adapter.sampled, rows, adapter.train_loss, replies=len(adapter.rows))
+
+
+def max_weight(cfg) -> float:
+    """The largest weight a client may send (its number of training examples)."""
+    sa = cfg.privacy.secure_aggregation
+    return float(sa.max_weight or cfg.data.max_examples or 100_000)
+
+
+def check_recipe(cfg: RunConfig) -> None:
+    """SecAgg+ needs an aggregator that works from sums and no per-client server-side step."""
+    sa = cfg.privacy.secure_aggregation
+    if not sa.enabled:
+        return
+    key = "privacy.secure_aggregation"
+    if cfg.aggregator.name not in MODES:
+        raise ValueError(
+            f"{key}: aggregator.name={cfg.aggregator.name!r} needs each client's update; the "
+            "server only sees sums under SecAgg+, so use ffa (exact), fedit, or svd (dense upload)"
+        )
+    if cfg.privacy.mode == "client":
+        raise ValueError(
+            f"{key}: privacy.mode='client' clips and noises each update on the server, which "
+            "never sees one under SecAgg+; use privacy.mode 'sample' or 'none'"
+        )
+    if cfg.adaptive is not None or any(t.pruning > 0 for t in cfg.lora.tiers or []):
+        raise ValueError(f"{key}: pruned tiers and adaptive (rank, pruning) are not supported")
+    if cfg.compression.dtype != "float32" or cfg.compression.topk is not None:
+        raise ValueError(f"{key}: compression does not apply (masked vectors are integers)")
+    n = cfg.federation.clients_per_round or cfg.data.num_clients
+    if n < 2:
+        raise ValueError(f"{key}: SecAgg+ needs at least 2 clients per round, got {n}")
+    if sa.quantization_range * n >= MODULUS:
+        raise ValueError(
+            f"{key}.quantization_range ({sa.quantization_range}) × {n} clients must stay below "
+            f"2**32 (the masks' modulus), or the sum overflows; use at most {MODULUS // n - 1}"
+        )
+
+
+@register
+class SecureAggregation(Feature):
+    """SecAgg+ training rounds: the client's mod masks its vectors, the server sees only sums."""
+
+    name = "secagg"
+    order = 0
+    client_mod = staticmethod(mod)
+
+    @classmethod
+    def enabled(cls, cfg: RunConfig) -> bool:
+        return cfg.privacy.secure_aggregation.enabled
+
+    @classmethod
+    def check(cls, cfg: RunConfig) -> None:
+        if cls.enabled(cfg):
+            check_recipe(cfg)
+
+    @classmethod
+    def wrap_train(cls, cfg, content, context, train):
+        if FITINS not in content.config_records:
+            return None
+        return client_reply(cfg, content, context, train)
+
+    def run_round(self, server_round: int, *, strategy, grid) -> RoundResult:
+        label = f"round {server_round}/{self.cfg.federation.rounds} train"
+        say(f"{label}: SecAgg+ from global {factors_digest(strategy.global_)}")
+        result = train_round(strategy, grid, server_round)
+        for i, row in enumerate(result.ok, 1):
+            r = row.reply
+            say(
+                f"{label}: client {i}/{result.sampled} (partition {r.partition}, rank {r.rank}): "
+                f"loss {r.train_loss_first:.3f} -> {r.train_loss_last:.3f} in {r.steps} steps, "
+                f"{r.train_seconds:.0f}s (masked)"
+            )
+        return result
