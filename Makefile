@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup quickstart tiny test lint bench clean
+.PHONY: setup quickstart tiny test test-fast lint bench clean
 
 setup: $(STAMP) /usr/share/wordnet/data.noun /usr/share/games/fortunes/fortunes
 
@@ -30,6 +30,9 @@ tiny: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -31,6 +31,7 @@ from fedllm.aggregators.hetlora import CLIENT_OPTIONS as OPTIONS
 from fedllm.features.base import Feature, Regularizer
 from fedllm.features.registry import register
 from fedllm.features.types import ClientPlan, ClientRound, ClientUpdate, RoundResult
+from fedllm.model.adapters import live_lora
 from fedllm.model.wire import client_options
 from fedllm.recipe.schema import RunConfig
 
@@ -109,13 +110,7 @@ def lora_pairs(source: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Module → (B, A): the live (differentiable) weights of a peft model's active adapter, or
     the tensors of a mapping of `Factors` / (B, A) pairs."""
     if isinstance(source, torch.nn.Module):
-        name = getattr(source, "active_adapter", "default")
-        out = {}
-        for module, layer in source.named_modules():
-            lora_A = getattr(layer, "lora_A", None)
-            if isinstance(lora_A, torch.nn.ModuleDict) and name in lora_A:
-                out[module] = (layer.lora_B[name].weight, lora_A[name].weight)
-        return out
+        return live_lora(source)
     return {m: (f.B, f.A) if isinstance(f, Factors) else (f[0], f[1]) for m, f in source.items()}
 
 

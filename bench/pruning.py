@@ -50,16 +50,25 @@ def worker(pruning: float, quant: str | None, steps: int, overrides: list[str]) 
 
     torch.set_num_threads(1)
 
+    from flwr.app import ConfigRecord
+
     from fedllm.aggregators import RoundSpec
+    from fedllm.client.app import lora_model
     from fedllm.client.train import train_local
-    from fedllm.constrained.client import ClientPlan, build_reply, constrained_lora, start_from
+    from fedllm.constrained.compression import Compression
+    from fedllm.constrained.pruned import PrunedBase
+    from fedllm.features.types import ClientPlan, ClientRound, ClientUpdate
+    from fedllm.model import wire
     from fedllm.model.loading import BASE_MODELS
     from fedllm.recipe import load_recipe
 
     cfg = load_recipe(RECIPE, overrides)
     plan = ClientPlan(partition=0, rank=8, pruning=pruning, quantization=quant)
+    rnd = ClientRound(cfg, 0, 1, RoundSpec(), ConfigRecord({}), {"partition-id": 0}, None, 0, plan)
+    pruned = PrunedBase(cfg)
     me = psutil.Process()
-    with constrained_lora(cfg, plan, {"partition-id": 0}) as (model, tok, shard, kept):
+    with lora_model(rnd, [pruned], merged=None) as model:
+        tok, shard = rnd.tokenizer, rnd.shard
         if pruning > 0:  # a device would keep only its pruned base
             BASE_MODELS.clear()
             gc.collect()
@@ -83,13 +92,15 @@ def worker(pruning: float, quant: str | None, steps: int, overrides: list[str]) 
         thread.join()
         from fedllm.model.adapters import read_factors
 
-        factors = read_factors(model)
-        start = start_from(cfg, plan, None, kept)
-        sizes = {}
-        for name, over in (("fp32", {"dtype": "float32"}), ("bf16", {"dtype": "bfloat16"})):
-            c = cfg.model_copy(update={"compression": cfg.compression.model_copy(update=over)})
-            reply = build_reply(c, factors, spec=RoundSpec(), start=start, kept=kept, state=None)
-            sizes[name] = sum(r.count_bytes() for r in reply.values())
+        update = ClientUpdate(read_factors(model), {}, plan.rank)
+        plain = pruned.reply({"update": wire.outgoing(update.factors, RoundSpec())}, update, rnd)
+        over = {"dtype": "bfloat16"}
+        c = cfg.model_copy(update={"compression": cfg.compression.model_copy(update=over)})
+        bf16 = Compression(c).reply(plain, update, rnd)
+        sizes = {
+            n: sum(r.count_bytes() for r in a.values())
+            for n, a in (("fp32", plain), ("bf16", bf16))
+        }
     return {
         "step_seconds": statistics.median(b - a for a, b in itertools.pairwise(stamps)),
         "rss_model": rss_model,

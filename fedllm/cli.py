@@ -180,10 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    logging.getLogger("fedllm").addHandler(handler)
-    logging.getLogger("fedllm").setLevel(logging.INFO)
+    logger = logging.getLogger("fedllm")
+    if not logger.handlers:  # main() may run more than once in a process (tests, notebooks)
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     try:
         return args.fn(args)
     except (ConfigError, FileNotFoundError, ValueError) as err:

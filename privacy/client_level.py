@@ -30,10 +30,6 @@ class ClientLevel(Feature):
     order = 25  # its client noise comes before any rank cut (HetLoRA)
 
     @classmethod
-    def enabled(cls, cfg: RunConfig) -> bool:
-        return cfg.privacy.mode == cls.privacy_mode
-
-    @classmethod
     def check(cls, cfg: RunConfig) -> None:
         """Uniform weights, adapter-state rounds and δ below 1/clients."""
         if not cls.enabled(cfg):

@@ -57,10 +57,6 @@ class SampleLevelDP(Feature):
     state_key = "privacy"
 
     @classmethod
-    def enabled(cls, cfg: RunConfig) -> bool:
-        return cfg.privacy.mode == cls.privacy_mode
-
-    @classmethod
     def prepare(cls, cfg: RunConfig, *, shapes: Mapping[str, tuple[int, int]]) -> None:
         check_shards(cfg)  # δ < 1/n and batch < n on every shard
 

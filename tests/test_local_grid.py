@@ -20,6 +20,7 @@ from fedllm.server.checkpoint import load_checkpoint
 from fedllm.server.strategy import initial_factors
 
 RECIPE = Path(__file__).parents[1] / "recipes" / "tiny.yaml"
+pytestmark = pytest.mark.slow  # every test here runs a federation
 
 
 def run(tmp_path: Path, method: str) -> tuple:

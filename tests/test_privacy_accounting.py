@@ -176,6 +176,7 @@ def rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_dp_run_reports_accountant_epsilon_stops_at_budget_and_resumes(tmp_path: Path) -> None:
     """Real ServerApp loop + ClientApp over fedllm.deploy.local_grid (Flower serialisation,
     no Ray)."""

@@ -262,6 +262,7 @@ def test_secure_fedit_and_dense_svd_match_plain(tmp_path: Path, caplog, aggregat
     print(f"[secagg] {aggregator}: bytes per client per round {train[0]['bytes_sent']}")
 
 
+@pytest.mark.slow
 def test_dp_sgd_under_secagg_is_accounted_and_resumes(tmp_path: Path) -> None:
     """DP-SGD clients whose replies are masked: the server still charges each client's ε from the
     steps it ran, and a run stopped after round 2 resumes round 3 under SecAgg+ from the saved

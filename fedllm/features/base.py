@@ -49,6 +49,8 @@ class Feature:
     Options: ClassVar[type[BaseModel] | None] = None
     # the checkpoint key of `state_dict` (default: `name`); the DP mechanisms share "privacy"
     state_key: ClassVar[str] = ""
+    # a DP mechanism: the `privacy.mode` value that turns it on (None: not a DP mechanism)
+    privacy_mode: ClassVar[str | None] = None
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -57,7 +59,10 @@ class Feature:
     # -- recipe -----------------------------------------------------------------------------
     @classmethod
     def enabled(cls, cfg: RunConfig) -> bool:
-        """Whether the recipe turns this feature on (default: it names it under `features`)."""
+        """Whether the recipe turns this feature on: its `privacy.mode`, or its name under
+        `features`."""
+        if cls.privacy_mode is not None:
+            return cfg.privacy.mode == cls.privacy_mode
         return cls.Options is not None and cls.name in cfg.features
 
     @classmethod

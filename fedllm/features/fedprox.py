@@ -25,6 +25,7 @@ from fedllm.aggregators import round_spec
 from fedllm.features.base import Feature, Regularizer
 from fedllm.features.registry import register
 from fedllm.features.types import ClientRound
+from fedllm.model.adapters import live_lora
 
 if TYPE_CHECKING:
     from fedllm.recipe.schema import RunConfig
@@ -38,19 +39,6 @@ class FedProxOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     mu: float = Field(0.01, gt=0, allow_inf_nan=False, description="proximal weight μ > 0")
-
-
-def live_lora(model: torch.nn.Module) -> dict[str, Pair]:
-    """Module → (B, A): the live (differentiable) lora_B/lora_A weights of the active adapter."""
-    name = getattr(model, "active_adapter", "default")
-    if isinstance(name, list | tuple):  # peft returns a list when several adapters are active
-        name = name[0]
-    out: dict[str, Pair] = {}
-    for module, layer in model.named_modules():
-        lora_A = getattr(layer, "lora_A", None)
-        if isinstance(lora_A, torch.nn.ModuleDict) and name in lora_A:
-            out[module] = (layer.lora_B[name].weight, lora_A[name].weight)
-    return out
 
 
 def snapshot(pairs: Mapping[str, Pair]) -> dict[str, Pair]:

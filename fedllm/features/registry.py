@@ -76,6 +76,14 @@ def check(cfg: RunConfig) -> None:
     """The `features` section (names and options), then every feature's own recipe checks
     (enabled or not: a feature may refuse a combination)."""
     found = discover()
+    modes = sorted(c.privacy_mode for c in found.values() if c.privacy_mode is not None)
+    if cfg.privacy.mode != "none" and cfg.privacy.mode not in modes:
+        close = difflib.get_close_matches(cfg.privacy.mode, modes, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        valid = ", ".join(["none", *modes])
+        raise ValueError(
+            f"privacy.mode: unknown DP mechanism {cfg.privacy.mode!r}{hint}; valid: {valid}"
+        )
     for name in cfg.features:
         cls = found.get(name)
         if cls is None or cls.Options is None:

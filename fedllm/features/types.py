@@ -69,6 +69,8 @@ def _number(metrics: Mapping[str, Any], key: str, kind: type, *, minimum: float 
     raw = metrics[key]
     if isinstance(raw, bool) or not isinstance(raw, int | float):
         raise ValueError(f"reply metric {key!r} must be a number, got {raw!r}")
+    if not math.isfinite(raw):
+        raise ValueError(f"reply metric {key!r} must be finite, got {raw!r}")
     if kind is int and float(raw) != int(raw):
         raise ValueError(f"reply metric {key!r} must be an integer, got {raw!r}")
     value = kind(raw)
@@ -117,7 +119,7 @@ class TrainReply:
         return cls(
             partition=_number(metrics, "partition-id", int),
             rank=_number(metrics, "rank", int, minimum=1),
-            num_examples=_number(metrics, "num-examples", int),
+            num_examples=_number(metrics, "num-examples", int, minimum=1),
             train_loss=_number(metrics, "train-loss", float, minimum=loss),
             train_loss_first=_number(metrics, "train-loss-first", float, minimum=loss),
             train_loss_last=_number(metrics, "train-loss-last", float, minimum=loss),

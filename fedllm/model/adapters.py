@@ -152,3 +152,16 @@ def factors_digest(factors: Mapping[str, Factors]) -> str:
         digest.update(f.A.detach().float().contiguous().numpy().tobytes())
         digest.update(repr(float(f.scaling)).encode())
     return digest.hexdigest()[:12]
+
+
+def live_lora(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Module → (B, A): the live (differentiable) lora_B/lora_A weights of the active adapter."""
+    name = getattr(model, "active_adapter", "default")
+    if isinstance(name, list | tuple):  # peft returns a list when several adapters are active
+        name = name[0]
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for module, layer in model.named_modules():
+        lora_A = getattr(layer, "lora_A", None)
+        if isinstance(lora_A, torch.nn.ModuleDict) and name in lora_A:
+            out[module] = (layer.lora_B[name].weight, lora_A[name].weight)
+    return out

@@ -294,7 +294,11 @@ class SecureAggregationConfig(_Strict):
 class PrivacyConfig(_Strict):
     """Differential privacy: sample-level DP-SGD on clients, or client-level DP (DP-FedAvg)."""
 
-    mode: Literal["none", "sample", "client"] = "none"
+    mode: str = Field(
+        "none",
+        description="'none', or a DP mechanism's name: 'sample' (DP-SGD), 'client' (DP-FedAvg), "
+        "or any mechanism a module of fedllm/privacy/ registers (Feature.privacy_mode)",
+    )
     noise_multiplier: float | None = Field(None, gt=0, description="DP-SGD σ (mode sample)")
     target_epsilon: float | None = Field(
         None, gt=0, description="derive σ (sample) or z (client) for the planned rounds instead"
@@ -318,7 +322,7 @@ class PrivacyConfig(_Strict):
             "none": {"mode", "secure_aggregation"},
             "sample": common | {"noise_multiplier", "max_grad_norm"},
             "client": common | {"client_noise_multiplier", "client_clip", "noise_at"},
-        }[self.mode]
+        }.get(self.mode, set(type(self).model_fields))  # another mechanism checks its own keys
         # only values that differ from the default: a dumped recipe (recipe.yaml) must load back
         defaults = {k: f.default for k, f in type(self).model_fields.items()}
         stray = sorted(

@@ -148,6 +148,9 @@ class LoraStrategy(Strategy):
     def read_reply(self, node: int, content: RecordDict) -> tuple[TrainReply, dict[str, Factors]]:
         """A reply's validated metrics and its factors at the global shapes (ValueError if bad)."""
         reply = TrainReply.parse(content["metrics"])
+        n = self.cfg.data.num_clients
+        if reply.partition >= n:
+            raise ValueError(f"partition-id {reply.partition} outside the recipe's [0, {n})")
         scaling = self.cfg.client_scaling(reply.rank)  # α/r from the recipe, not trusted
         update = None
         for f in self.features:
@@ -185,8 +188,6 @@ class LoraStrategy(Strategy):
                 log.warning("round %d: node %s sent a malformed reply: %s", server_round, node, err)
                 reason = f"malformed reply: {err}"
                 rows.append(ClientRow(server_round, node, "rejected", reason=reason))
-                continue
-            self.remember(node, parsed[node][0])
         accepted = self.screen(server_round, parsed, rows)
         result = RoundResult(sampled=sampled, rows=rows, replies=len(replies))
         if not accepted:
@@ -231,6 +232,7 @@ class LoraStrategy(Strategy):
         accepted = [int(n) for n in ok]
         for node in accepted:
             reply = parsed[node][0]
+            self.remember(node, reply)  # a rejected reply teaches the server nothing
             for f in self.features:
                 f.accepted(node, reply)
             rows.append(ClientRow(server_round, node, "ok", reply, reply.partition))
