@@ -41,7 +41,7 @@ class DPTrainResult:
     clipped_fraction: float
 
     def metrics(self) -> dict[str, float | int]:
-        """The reply's DP metrics (read by fedllm.privacy.server)."""
+        """The reply's DP metrics (read by fedllm.privacy.sample_level on the server)."""
         return {
             "dp-noise-multiplier": self.noise_multiplier,
             "dp-sample-rate": self.sample_rate,
