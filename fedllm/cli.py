@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from fedllm.recipe import ConfigError, RunConfig, load_recipe
-from fedllm.server.checkpoint import CHECKPOINT
+from fedllm.server.checkpoint import CHECKPOINT, PREVIOUS, has_checkpoint, read_checkpoint
+from fedllm.server.metrics import METRICS
 
 
 def absolute_paths(cfg: RunConfig) -> RunConfig:
@@ -49,13 +50,16 @@ def prepare(cfg: RunConfig) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = absolute_paths(load_recipe(args.recipe, args.overrides))
     run_dir = cfg.run_dir
-    if (run_dir / CHECKPOINT).exists() and not args.resume:
+    if args.resume:
+        if not args.federation:  # a SuperLink's ServerApp may keep its run folder elsewhere
+            check_resumable(run_dir)
+    elif has_checkpoint(run_dir):
         if not args.overwrite:
             raise ConfigError(
                 f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to "
                 f"start again, or name=<new name>"
             )
-        shutil.rmtree(run_dir)
+        remove_run_dir(run_dir, Path(cfg.output_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
     prepare(cfg)
     (run_dir / "recipe.yaml").write_text(cfg.to_yaml())
@@ -82,6 +86,41 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"[fedllm] run did not finish: no adapter in {run_dir}", file=sys.stderr)
         return 1
     return 0
+
+
+RUN_FILES = (CHECKPOINT, PREVIOUS, "recipe.yaml", METRICS)  # any of these: a fedllm run folder
+
+
+def check_resumable(run_dir: Path) -> None:
+    """Refuse --resume without a readable checkpoint: it would silently restart from round 0."""
+    if not has_checkpoint(run_dir):
+        where = run_dir if run_dir.is_dir() else f"{run_dir} (which does not exist)"
+        raise ConfigError(
+            f"--resume: no {CHECKPOINT} in {where}, so there is no finished round to continue "
+            "from; drop --resume to start this run from round 0 (or check output_dir= and name=)"
+        )
+    read_checkpoint(run_dir)  # CheckpointError naming the file and --overwrite if unreadable
+
+
+def remove_run_dir(run_dir: Path, output_dir: Path) -> None:
+    """`--overwrite`: delete `run_dir`, only if it is a fedllm run folder inside `output_dir`."""
+    target, root = run_dir.resolve(), output_dir.resolve()
+    if run_dir.is_symlink():
+        raise ConfigError(
+            f"--overwrite: refusing to delete {run_dir}: it is a symbolic link (to {target}), "
+            "and --overwrite deletes only a real run folder; remove it by hand or use a new name="
+        )
+    if target == root or not target.is_relative_to(root):
+        raise ConfigError(
+            f"--overwrite: refusing to delete {run_dir}: it resolves to {target}, which is not a "
+            f"folder inside output_dir {root}; remove it by hand or use a new name="
+        )
+    if not target.is_dir() or not any((target / f).is_file() for f in RUN_FILES):
+        raise ConfigError(
+            f"--overwrite: refusing to delete {run_dir}: it does not look like a fedllm run "
+            f"(none of {', '.join(RUN_FILES)} in it); remove it by hand or use a new name="
+        )
+    shutil.rmtree(target)
 
 
 def _cpu_count() -> int:

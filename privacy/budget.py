@@ -8,6 +8,12 @@ from typing import Any
 
 from fedllm.privacy.accounting import PrivacyLedger
 
+# what any private reply may carry: who it is, its rank and steps, what it moved (no loss, no data
+# size, no timing, nothing computed from the data)
+PUBLIC_KEYS = frozenset(
+    {"partition-id", "rank", "scaling", "pruning", "steps", "bytes-sent", "bytes-received"}
+)
+
 
 class Account:
     """A ledger of spent ε for one run, and the check that a planned round stays in budget."""

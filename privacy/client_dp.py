@@ -10,10 +10,11 @@ release is linear: the mean of clipped factor deltas has sensitivity S/m, a prod
 Per round: each delta is clipped to norm S, the m deltas are averaged uniformly, and the mean gets
 N(0, (zS/m)²) on every coordinate a client can move, at the server (`noise_at: server`) or as
 N(0, (zS)²/m) added by each client to its own clipped update (`noise_at: client`; the mean then
-carries the same noise; meant with secure aggregation, as one update alone is only protected by
-z/√m; with mixed ranks, components only the c highest-rank clients train carry the noise of
-those c, so the round is accounted at z·√(c/m)). With A frozen (FFA) every ΔA is 0 and A gets no
-noise: noise enters B only, instead of the ((B+ξ_B)(A+ξ_A) = BA + ξ_B·A + B·ξ_A + ξ_B·ξ_A) of
+carries the same noise, but the server sees each update alone, protected by z/√m only: the round
+is accounted at z/√m, and a target ε derives z = √m times the server-side z). With A frozen
+(FFA) every ΔA is forced to 0 (a client that moved A would otherwise put it in the release
+unnoised) and A gets no noise: noise enters B only, instead of the
+((B+ξ_B)(A+ξ_A) = BA + ξ_B·A + B·ξ_A + ξ_B·ξ_A) of
 noising both. The noisy global is then handed to the wrapped aggregator as a single update, which
 post-processes it (truncation, SVD, ...): any aggregator keeps the guarantee, as post-processing
 cannot weaken DP. The price: the aggregator sees a FedIT-style factor mean, exact only with A
@@ -99,7 +100,10 @@ def privatize_locally(
     generator: torch.Generator | None = None,
 ) -> tuple[dict[str, Factors], float]:
     """noise_at=client: clip this delta to S, add N(0, (zS)²/m); (factors to send, raw norm)."""
-    clipped, norm = clip_delta(folded_delta(update, received), clip)
+    delta = folded_delta(update, received)
+    if freeze_a:  # A is frozen: only B moves
+        delta = {k: (dB, torch.zeros_like(dA)) for k, (dB, dA) in delta.items()}
+    clipped, norm = clip_delta(delta, clip)
     std = noise_multiplier * clip / math.sqrt(clients)
     noisy = add_noise(clipped, std=std, freeze_a=freeze_a, generator=generator or os_generator())
     scaling = next(iter(update.values())).scaling
@@ -156,6 +160,8 @@ class ClientLevelDP:
         deltas, norms = [], []
         for u in updates:
             delta = folded_delta(u, global_)
+            if self.freeze_a:  # A is frozen: a client's ΔA would enter the release unnoised
+                delta = {k: (dB, torch.zeros_like(dA)) for k, (dB, dA) in delta.items()}
             if self.noise_at == "server":
                 delta, norm = clip_delta(delta, self.clip)
             else:  # clipped and noised by the client; its norm includes that noise
@@ -179,11 +185,9 @@ class ClientLevelDP:
             std = self.z * self.clip / m
             mean = self._noise_touched(mean, updates, std)
             z_eff = self.z
-        else:  # a component only c clients train carries noise from those c clients only
-            top = max(u.rank for d in updates for u in d.values())
-            c = sum(1 for d in updates if max(u.rank for u in d.values()) == top)
+        else:  # the server saw each update with only its own share of the noise, zS/√m
             std = self.z * self.clip / math.sqrt(self.expected_clients * m)
-            z_eff = self.z * math.sqrt(c / self.expected_clients)
+            z_eff = self.z / math.sqrt(self.expected_clients)
         self.last = Release(m, norms, sum(n > self.clip for n in norms), std, z_eff)
         return apply_delta(global_, mean)
 

@@ -14,9 +14,14 @@ from fedllm.features.base import Feature
 from fedllm.features.registry import register
 from fedllm.features.types import ClientRound, ClientUpdate, RoundResult
 from fedllm.privacy.accounting import FEDERATION
-from fedllm.privacy.budget import Account
+from fedllm.privacy.budget import PUBLIC_KEYS, Account
 from fedllm.privacy.client_dp import ClientLevelDP, privatize_locally
-from fedllm.privacy.plan import client_noise_multiplier, planned_clients
+from fedllm.privacy.plan import (
+    DELTA_FACTOR,
+    client_noise_multiplier,
+    planned_clients,
+    seen_noise_multiplier,
+)
 from fedllm.recipe.schema import RunConfig
 
 
@@ -27,6 +32,7 @@ class ClientLevel(Feature):
     name = "client_dp"
     privacy_mode = "client"
     state_key = "privacy"
+    screen_relative = False  # one client's presence must not get another's update rejected
     order = 25  # its client noise comes before any rank cut (HetLoRA)
 
     @classmethod
@@ -46,16 +52,19 @@ class ClientLevel(Feature):
                 "it needs clients that send their whole adapter (not a merged or A-only update)"
             )
         n = cfg.data.num_clients
-        if cfg.privacy.delta >= 1 / n:
+        if cfg.privacy.delta > DELTA_FACTOR / n:
             raise ValueError(
                 f"privacy.delta={cfg.privacy.delta:g} must be below 1/data.num_clients = 1/{n} "
-                "for client-level DP (a client is the unit of privacy)"
+                f"by a factor of {1 / DELTA_FACTOR:g} or more (privacy.delta <= "
+                f"{DELTA_FACTOR / n:.1e}) for client-level DP: a client is the unit of privacy, "
+                "and near 1/n a mechanism that publishes one whole client's update would pass"
             )
 
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg)
         p = cfg.privacy
         self.z = client_noise_multiplier(cfg)
+        self.seen_z = seen_noise_multiplier(cfg)  # what the server sees of one update
         self.freeze_a = round_spec(cfg.aggregator.name).freeze_A
         self.dp = ClientLevelDP(
             get(cfg.aggregator.name),
@@ -92,12 +101,16 @@ class ClientLevel(Feature):
     def metrics(self) -> dict[str, int | float]:
         return dict(self.dp_metrics)
 
+    def reply_keys(self) -> frozenset[str] | None:
+        """Client-level DP covers the whole update; the client's losses, data size, update
+        norm and timing stay on it."""
+        return PUBLIC_KEYS
+
     # -- server --------------------------------------------------------------------------------
     def before_round(
         self, server_round: int, *, partitions: Sequence[int], sampled: int
     ) -> str | None:
-        q = sampled / self.cfg.data.num_clients
-        return self.account.stop(server_round, {FEDERATION: (self.z, q, 1)})
+        return self.account.stop(server_round, {FEDERATION: (self.seen_z, 1.0, 1)})
 
     def release(
         self,
@@ -116,20 +129,17 @@ class ClientLevel(Feature):
             ledger.record(
                 FEDERATION,
                 noise_multiplier=release.effective_noise_multiplier,
-                sample_rate=result.sampled / self.cfg.data.num_clients,
+                sample_rate=1.0,  # the sampled clients are public: no amplification
                 steps=1,
             )
         for row in result.rows:
             row.fields["epsilon"] = ledger.epsilon(FEDERATION)
         self.account.annotate(server_row)
-        if release is not None:
-            norms = sorted(release.norms)
+        if release is not None:  # no norms: raw update norms are outside the guarantee
             server_row.update(
                 dp_clients=release.clients,
-                dp_clipped=release.clipped,
                 dp_noise_std=release.noise_std,
                 dp_noise_multiplier=release.effective_noise_multiplier,
-                dp_update_norm_median=norms[len(norms) // 2],
             )
 
     def progress(self) -> str:

@@ -3,16 +3,20 @@
 Sample-level (DP-SGD): a client with n training examples samples each one with q = batch/n per
 step (Poisson) and runs the recipe's local steps every round it takes part in; with a target ε,
 its σ is the one that keeps rounds × local steps within it at its own q (a client taking part in
-fewer rounds spends less). Client-level (DP-FedAvg): q = m/N per round, σ = z.
+fewer rounds spends less). Client-level (DP-FedAvg): one Gaussian step per round at q = 1 (the
+sampled clients are public, so no amplification by sampling), σ = the z the server sees.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from fedllm.client.train import num_local_steps
 from fedllm.privacy.accounting import noise_multiplier_for
 from fedllm.recipe import ConfigError, RunConfig
+
+DELTA_FACTOR = 0.1  # δ ≤ 0.1/n: "well below" 1/n, for the shard size n (or the client count)
 
 
 @dataclass(frozen=True)
@@ -30,10 +34,12 @@ def check_shard(cfg: RunConfig, *, partition: int, n_train: int) -> None:
     if cfg.privacy.mode != "sample":
         return
     delta, batch = cfg.privacy.delta, cfg.federation.batch_size
-    if delta >= 1 / n_train:
+    if delta > DELTA_FACTOR / n_train:
         raise ValueError(
             f"privacy.delta={delta:g} must be below 1/n = 1/{n_train} for client {partition}'s "
-            f"shard of {n_train} training examples (e.g. privacy.delta={0.1 / n_train:.1e})"
+            f"shard of {n_train} training examples, by a factor of {1 / DELTA_FACTOR:g} or more "
+            f"(privacy.delta <= {DELTA_FACTOR / n_train:.1e}): δ is the chance the guarantee "
+            "fails outright, and near 1/n a mechanism that publishes one whole example would pass"
         )
     if batch >= n_train:
         raise ValueError(
@@ -72,18 +78,31 @@ def planned_clients(cfg: RunConfig) -> int:
 
 
 def client_noise_multiplier(cfg: RunConfig) -> float:
-    """z of client-level DP: given, or derived for q = m/N over the planned rounds."""
+    """z of client-level DP: given, or derived so that the noise the server sees meets the target.
+
+    Clients are sampled from a public seed, so a round is accounted without amplification (q = 1).
+    With noise_at=client each update the server sees carries only its own share, zS/√m: the
+    derived z is √m times the z that would meet the target at the server.
+    """
     p = cfg.privacy
     if p.client_noise_multiplier is not None:
         return p.client_noise_multiplier
     assert p.target_epsilon is not None
-    return noise_multiplier_for(
+    z = noise_multiplier_for(
         target_epsilon=p.target_epsilon,
         delta=p.delta,
-        sample_rate=planned_clients(cfg) / cfg.data.num_clients,
+        sample_rate=1.0,
         steps=cfg.federation.rounds,
         accountant=p.accountant,
     )
+    return z * math.sqrt(planned_clients(cfg)) if p.noise_at == "client" else z
+
+
+def seen_noise_multiplier(cfg: RunConfig) -> float:
+    """The noise multiplier of what the server sees of one client's update in a round: z with
+    the noise added at the server, z/√m with each client adding its own share."""
+    z = client_noise_multiplier(cfg)
+    return z / math.sqrt(planned_clients(cfg)) if cfg.privacy.noise_at == "client" else z
 
 
 def check_shards(cfg: RunConfig) -> None:

@@ -5,18 +5,21 @@ each reply reports, and the federation's ε is the max over partitions (their da
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from flwr.app import RecordDict
 
+from fedllm.aggregators.base import Factors
 from fedllm.client.train import TrainResult
 from fedllm.data.shards import raw_shard
 from fedllm.features.base import Feature
 from fedllm.features.registry import register
-from fedllm.features.types import ClientRound, RoundResult
+from fedllm.features.types import ClientRound, RoundResult, TrainReply
 from fedllm.privacy.accounting import partition_key
-from fedllm.privacy.budget import Account
+from fedllm.privacy.budget import PUBLIC_KEYS, Account
 from fedllm.privacy.dpsgd import DPTrainResult, train_dp
 from fedllm.privacy.plan import check_shards, sample_plan
 from fedllm.recipe.schema import RunConfig
@@ -86,6 +89,17 @@ class SampleLevelDP(Feature):
     def metrics(self) -> dict[str, int | float]:
         return dict(self.dp_metrics)
 
+    def reply_keys(self) -> frozenset[str] | None:
+        """DP-SGD covers the update; its accounting numbers are public. Losses, clipping
+        statistics and (with uniform weights) the shard size stay on the client."""
+        keys = PUBLIC_KEYS | {
+            "dp-noise-multiplier",
+            "dp-sample-rate",
+            "dp-steps",
+            "dp-max-grad-norm",
+        }
+        return keys | ({"num-examples"} if self.cfg.aggregator.weighting == "examples" else set())
+
     # -- server --------------------------------------------------------------------------------
     def before_round(
         self, server_round: int, *, partitions: Sequence[int], sampled: int
@@ -99,23 +113,47 @@ class SampleLevelDP(Feature):
         plan = sample_plan(self.cfg, n_train=len(raw_shard(self.cfg, pid).train), partition=pid)
         return (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
 
+    def receive(
+        self,
+        node: int,
+        content: RecordDict,
+        factors: dict[str, Factors],
+        *,
+        reply: TrainReply,
+        shapes: Mapping[str, tuple[int, int]],
+    ) -> dict[str, Factors]:
+        """Refuse a reply whose DP-SGD numbers are missing or out of what the recipe allows."""
+        self.dp_numbers(reply)
+        return factors
+
+    def dp_numbers(self, reply: TrainReply) -> tuple[float, float, int]:
+        """(σ, q, steps) a reply reports, checked: σ > 0, q in (0, 1], steps within the plan."""
+        m, fed = reply.extra, self.cfg.federation
+        if not {"dp-noise-multiplier", "dp-sample-rate", "dp-steps"} <= set(m):
+            raise ValueError("no DP-SGD metrics in a privacy.mode='sample' run (recipe mismatch?)")
+        sigma, q, steps = m["dp-noise-multiplier"], m["dp-sample-rate"], m["dp-steps"]
+        most = fed.local_steps or math.ceil(
+            fed.local_epochs * (self.cfg.data.max_examples or 10**6) / fed.batch_size
+        )
+        numbers = all(isinstance(x, int | float) and math.isfinite(x) for x in (sigma, q, steps))
+        if not numbers or sigma <= 0 or not 0 < q <= 1 or not 0 <= steps <= most:
+            raise ValueError(
+                f"DP-SGD metrics out of range: σ={sigma!r}, q={q!r}, steps={steps!r} "
+                f"(at most {most})"
+            )
+        return float(sigma), float(q), int(steps)
+
     def record(self, result: RoundResult, *, server_row: dict[str, Any]) -> None:
         """Charge every client that trained (accepted or not), then put ε into the rows."""
         ledger = self.account.ledger
         for row in result.rows:
             if row.reply is None:
                 continue
-            m, pid = row.reply.extra, row.reply.partition
-            if "dp-steps" not in m:
-                raise RuntimeError(
-                    f"partition {pid} replied without DP-SGD metrics in a privacy.mode="
-                    "'sample' run: it did not train privately (recipe mismatch?)"
-                )
-            sigma, q, steps = (
-                float(m["dp-noise-multiplier"]),
-                float(m["dp-sample-rate"]),
-                int(m["dp-steps"]),
-            )
+            pid = row.reply.partition
+            try:
+                sigma, q, steps = self.dp_numbers(row.reply)
+            except ValueError:  # a rejected reply: charge what the recipe plans for it
+                sigma, q, steps = self._planned(pid)
             ledger.record(partition_key(pid), noise_multiplier=sigma, sample_rate=q, steps=steps)
             self.reported[pid] = (sigma, q, steps)
         for row in result.rows:

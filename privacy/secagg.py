@@ -9,11 +9,17 @@ What a client sends (same shape for every rank, zero-padded to the federation's 
 - ffa   (aggregator ffa):   sᵢ·pad(Bᵢ) per module; A is the shared frozen A₀ (exact);
 - fedit (aggregator fedit): sᵢ·pad(Bᵢ) and pad(Aᵢ) per module (FedIT's own, biased, result);
 - dense (aggregator svd):   sᵢ·BᵢAᵢ (d×k) per module, exact, then SVD to the global rank.
+Guards: a client refuses to send non-finite vectors and reports how many entries quantisation
+will clip; it sends only the metrics in `CLEAR_KEYS` in the clear (no losses); the server keeps
+the previous global if the unmasked mean is not finite or outside what clipped entries can give;
+at least 3 clients per round (with 2, each learns the other's update from the sum).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -41,6 +47,33 @@ from fedllm.server.exchange import say
 MODES = {"ffa": "ffa", "fedit": "fedit", "svd": "dense"}  # aggregator -> what clients send
 MODULUS = 2**32  # SecAgg+ mask range; the sum of n quantized vectors must stay below it
 FITINS = "fitins.config"  # a train message in FitIns form: a SecAgg+ round
+KEY = "privacy.secure_aggregation"
+CLIPPED = "secagg-clipped-entries"  # reply metric: entries the mod's quantisation will clip
+# The reply metrics a SecAgg+ client sends in the clear (outside the masked sum): what the server
+# needs to run the protocol (who, rank, weight, traffic) and to account DP-SGD. Losses, clipping
+# statistics and every other key stay on the client.
+CLEAR_KEYS = frozenset(
+    {
+        "partition-id",
+        "rank",
+        "num-examples",  # the weight, already bounded by max_weight
+        "steps",
+        "train-seconds",
+        "bytes-sent",
+        "bytes-received",
+        "scaling",
+        "pruning",
+        "dp-noise-multiplier",
+        "dp-sample-rate",
+        "dp-steps",
+        CLIPPED,
+    }
+)
+# TrainReply.parse (fedllm/features/types.py) may require these; the server fills them ONLY to
+# parse a SecAgg+ reply (which never carries them) and sets the parsed losses to None after.
+LOSS_PLACEHOLDERS = {"train-loss": 0.0, "train-loss-first": 0.0, "train-loss-last": 0.0}
+
+log = logging.getLogger("fedllm.secagg")
 
 
 # -- client side --------------------------------------------------------------------------------
@@ -66,6 +99,34 @@ def vectors(update: dict[str, Factors], mode: str, width: int) -> list[np.ndarra
     return out
 
 
+def vector_names(update: dict[str, Factors], mode: str) -> list[str]:
+    """What each of `vectors`' arrays is (module and factor), in the same order, for messages."""
+    parts = {"ffa": ["B"], "fedit": ["B", "A"]}.get(mode, ["BA"])
+    return [f"{module}.{part}" for module in sorted(update) for part in parts]
+
+
+def weight_ratio(weight: float, max_weight: float, quantization_range: int) -> float:
+    """The factor `secaggplus_mod` multiplies a client's vectors by: wᵢ/max_weight, quantized."""
+    return round(weight / max_weight * quantization_range) / quantization_range
+
+
+def check_finite(vecs: Sequence[np.ndarray], names: Sequence[str]) -> None:
+    """Refuse to send a NaN or ±Inf entry: quantised, it wraps the masked sum to garbage."""
+    for name, v in zip(names, vecs, strict=True):
+        bad = int(v.size - np.count_nonzero(np.isfinite(v)))
+        if bad:
+            raise ValueError(
+                f"{KEY} (fedllm.privacy.secagg): refusing to send this client's update: {bad} "
+                f"non-finite (NaN/Inf) entries of {v.size} in {name}; the unmasked sum of every "
+                "client would be garbage"
+            )
+
+
+def clipped_entries(vecs: Sequence[np.ndarray], ratio: float, clipping_range: float) -> int:
+    """How many entries the mod's quantisation clips: |ratio·x| > clipping_range."""
+    return sum(int(np.count_nonzero(np.abs(v * ratio) > clipping_range)) for v in vecs)
+
+
 def client_reply(
     cfg, content: RecordDict, context: Context, train: Callable[..., RecordDict]
 ) -> RecordDict:
@@ -83,9 +144,25 @@ def client_reply(
     metrics = dict(out["metrics"])
     update = from_record(out["update"], cfg.client_scaling(int(metrics["rank"])))
     vecs = vectors(update, mode, width)
+    check_finite(vecs, vector_names(update, mode))
     weight = 1 if uniform else int(metrics["num-examples"])
     if weight > max_weight(cfg):  # the mod would only warn, and the masked sum overflow
         raise ValueError(f"weight {weight} exceeds privacy.secure_aggregation.max_weight")
+    sa = cfg.privacy.secure_aggregation
+    ratio = weight_ratio(weight, workflow_max_weight(cfg), sa.quantization_range)
+    clipped = clipped_entries(vecs, ratio, sa.clipping_range)
+    if clipped:
+        log.warning(
+            "%s: %d of %d weighted entries exceed ±clipping_range=%g and will be clipped by "
+            "quantisation (the aggregate is biased; raise clipping_range)",
+            KEY,
+            clipped,
+            sum(v.size for v in vecs),
+            sa.clipping_range,
+        )
+    # only what the server needs leaves in the clear (the vectors are masked by the mod)
+    metrics = {k: v for k, v in metrics.items() if k in CLEAR_KEYS}
+    metrics[CLIPPED] = clipped
     # what leaves this client: one int64 per entry, plus the weight (after masking, in the mod)
     metrics["bytes-sent"] = 8 * (1 + sum(v.size for v in vecs))
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(vecs), weight, metrics)
@@ -101,7 +178,7 @@ class SecureRound(Strategy):
         self.mode = MODES[lora.cfg.aggregator.name]
         self.sampled = 0
         self.rows: list[ClientRow] = []
-        self.train_loss: float | None = None
+        self.failure: str | None = None  # why the unmasked mean was refused, if it was
 
     def configure_fit(self, server_round, parameters, client_manager):
         """`LoraStrategy.configure_train`'s messages (cut global + config) as FitIns."""
@@ -129,26 +206,54 @@ class SecureRound(Strategy):
             return None, {}
         shared = results[0][1].parameters
         assert all(res.parameters is shared for _, res in results), "not a SecAgg+ aggregate"
-        replies = [(proxy.node_id, TrainReply.parse(dict(res.metrics))) for proxy, res in results]
-        fields = {"secure_aggregation": "secagg+"}
+        replies = [(proxy.node_id, parse_reply(res.metrics)) for proxy, res in results]
         self.rows = [
-            ClientRow(server_round, node, "ok", r, r.partition, fields=dict(fields))
+            ClientRow(server_round, node, "ok", r, r.partition, fields=row_fields(r))
             for node, r in replies
         ]
-        for node, reply in replies:
-            self.lora.remember(node, reply)
+        clipped = sum(row.fields["secagg_clipped_entries"] for row in self.rows)
+        if clipped:
+            log.warning(
+                "round %d: %s: clients report %d entries clipped to ±clipping_range",
+                server_round,
+                KEY,
+                clipped,
+            )
         ranks = sum(r.rank for _, r in replies)
-        self.apply(server_round, to_ndarrays(shared), total_rank=ranks)
-        total = sum(res.num_examples for _, res in results)
-        loss = sum(
-            res.num_examples * r.train_loss
-            for (_, res), (_, r) in zip(results, replies, strict=True)
-        )
-        self.train_loss = loss / total
+        weights = [res.num_examples for _, res in results]  # what each mod weighted by
+        if self.apply(server_round, to_ndarrays(shared), total_rank=ranks, weights=weights):
+            for node, reply in replies:  # a refused round teaches the server nothing
+                self.lora.remember(node, reply)
         return None, {}
 
-    def apply(self, server_round: int, mean: list[np.ndarray], *, total_rank: int) -> None:
-        """The aggregate as one pseudo-client of weight 1, through the recipe's aggregator."""
+    def bound(self, weights: Sequence[float] | None = None) -> float:
+        """The largest |entry| a mean of clipped client entries can have; beyond: a wrapped sum."""
+        # the mean is Σ clip(rᵢxᵢ) / Σ rᵢ, rᵢ = wᵢ/max_weight as the mods quantised it, so each
+        # |entry| ≤ n·clipping_range / Σ rᵢ; without the weights: clipping_range × max_weight
+        sa, mw = self.lora.cfg.privacy.secure_aggregation, workflow_max_weight(self.lora.cfg)
+        if not weights:
+            return sa.clipping_range * mw
+        total = sum(weight_ratio(w, mw, sa.quantization_range) for w in weights)
+        return len(weights) * sa.clipping_range / total if total > 0 else float("inf")
+
+    def apply(
+        self,
+        server_round: int,
+        mean: list[np.ndarray],
+        *,
+        total_rank: int,
+        weights: Sequence[float] | None = None,
+    ) -> bool:
+        """The mean as one weight-1 pseudo-client through the aggregator; False if refused."""
+        # refused (not finite, or beyond what clipped entries give): the previous global stays,
+        # every row fails with the reason (their replies kept, so DP-SGD is still charged)
+        self.failure = mean_problem(mean, self.bound(weights))
+        if self.failure is not None:
+            log.warning("round %d: %s; the global adapter is unchanged", server_round, self.failure)
+            self.rows = [
+                dataclasses.replace(row, status="failed", reason=self.failure) for row in self.rows
+            ]
+            return False
         lora, agg = self.lora, self.lora.cfg.aggregator
         arrays = iter(torch.from_numpy(a).double() for a in mean)
         new_global, new_state = {}, {}
@@ -175,6 +280,7 @@ class SecureRound(Strategy):
             new_global[module] = Factors(g.B.float(), g.A.float(), g.scaling)
             new_state[module] = result.state
         lora.commit(server_round, new_global, new_state)
+        return True
 
     # the round loop evaluates itself (LoraStrategy.configure_evaluate)
     def initialize_parameters(self, client_manager):
@@ -188,6 +294,43 @@ class SecureRound(Strategy):
 
     def evaluate(self, server_round, parameters):
         return None
+
+
+def parse_reply(metrics) -> TrainReply:
+    """A SecAgg+ reply's metrics, validated; its losses None (they never leave a client)."""
+    # LOSS_PLACEHOLDERS only satisfy a TrainReply.parse that requires the losses; they are
+    # replaced by None at once, so no placeholder reaches a row, a mean or a progress line
+    reply = TrainReply.parse({**dict(metrics), **LOSS_PLACEHOLDERS})
+    return dataclasses.replace(reply, train_loss=None, train_loss_first=None, train_loss_last=None)
+
+
+def row_fields(reply: TrainReply) -> dict:
+    """The SecAgg+ columns of a client's row: the protocol and its clipped-entry count."""
+    clipped = reply.extra.get(CLIPPED, 0)
+    ok = isinstance(clipped, int | float) and not isinstance(clipped, bool) and clipped >= 0
+    return {"secure_aggregation": "secagg+", "secagg_clipped_entries": int(clipped) if ok else 0}
+
+
+def mean_problem(mean: Sequence[np.ndarray], bound: float) -> str | None:
+    """Why an unmasked mean cannot be a mean of clipped finite client entries (None: it can)."""
+    # a client that quantised a NaN (or sent integers outside [0, Q]) wraps the masked sum
+    # modulo 2**32: the mean comes out finite but far outside ±bound (e.g. +2040 with bound 8)
+    entries = sum(a.size for a in mean)
+    nonfinite = sum(int(a.size - np.count_nonzero(np.isfinite(a))) for a in mean)
+    if nonfinite:
+        return (
+            f"{KEY}: the unmasked mean has {nonfinite} non-finite entries of {entries}; "
+            "round refused"
+        )
+    top = max((float(np.abs(a).max()) for a in mean if a.size), default=0.0)
+    if top > bound * (1 + 1e-9):
+        outside = sum(int(np.count_nonzero(np.abs(a) > bound)) for a in mean)
+        return (
+            f"{KEY}: the unmasked mean reaches {top:.6g}, outside ±{bound:.6g} (what clipped "
+            f"client entries can give) at {outside} of {entries} entries: a client sent "
+            "non-finite or out-of-range values, or the masked sum overflowed; round refused"
+        )
+    return None
 
 
 class Workflow(SecAggPlusWorkflow):
@@ -222,11 +365,10 @@ class Workflow(SecAggPlusWorkflow):
 def train_round(lora, grid: Grid, server_round: int) -> RoundResult:
     """One SecAgg+ training round: a row per client that took part (metrics only)."""
     sa = lora.cfg.privacy.secure_aggregation
-    weighting = lora.cfg.aggregator.weighting
     workflow = Workflow(
         num_shares=sa.num_shares,
         reconstruction_threshold=sa.reconstruction_threshold,
-        max_weight=1.0 if weighting == "uniform" else max_weight(lora.cfg),
+        max_weight=workflow_max_weight(lora.cfg),
         clipping_range=sa.clipping_range,
         quantization_range=sa.quantization_range,
         modulus_range=MODULUS,
@@ -242,10 +384,11 @@ def train_round(lora, grid: Grid, server_round: int) -> RoundResult:
     context = LegacyContext(Context(0, 0, {}, state, {}), strategy=adapter)
     workflow(grid, context)
     rows = adapter.rows
-    if adapter.train_loss is None:  # the protocol halted (too few clients left) or none replied
+    if not rows:  # the protocol halted (too few clients left) or none replied
         reason = "SecAgg+ halted: fewer clients than the reconstruction threshold"
         rows = [ClientRow(server_round, -1, "failed", reason=reason)]
-    return RoundResult(adapter.sampled, rows, adapter.train_loss, replies=len(adapter.rows))
+    # the server cannot know the clients' losses (they stay on the clients): train_loss is None
+    return RoundResult(adapter.sampled, rows, None, replies=len(adapter.rows))
 
 
 def max_weight(cfg) -> float:
@@ -254,12 +397,17 @@ def max_weight(cfg) -> float:
     return float(sa.max_weight or cfg.data.max_examples or 100_000)
 
 
+def workflow_max_weight(cfg) -> float:
+    """The max_weight the workflow and mods use: 1 with uniform weights (every weight is 1)."""
+    return 1.0 if cfg.aggregator.weighting == "uniform" else max_weight(cfg)
+
+
 def check_recipe(cfg: RunConfig) -> None:
-    """SecAgg+ needs an aggregator that works from sums and no per-client server-side step."""
+    """SecAgg+ needs sum-based aggregation, no per-client server step, and ≥ 3 clients a round."""
     sa = cfg.privacy.secure_aggregation
     if not sa.enabled:
         return
-    key = "privacy.secure_aggregation"
+    key = KEY
     if cfg.aggregator.name not in MODES:
         raise ValueError(
             f"{key}: aggregator.name={cfg.aggregator.name!r} needs each client's update; the "
@@ -276,7 +424,17 @@ def check_recipe(cfg: RunConfig) -> None:
         raise ValueError(f"{key}: compression does not apply (masked vectors are integers)")
     n = cfg.federation.clients_per_round or cfg.data.num_clients
     if n < 2:
-        raise ValueError(f"{key}: SecAgg+ needs at least 2 clients per round, got {n}")
+        raise ValueError(
+            f"{key}: SecAgg+ needs at least 2 clients per round to form a sum (and 3 to hide "
+            f"each update), got {n}"
+        )
+    if n == 2:
+        raise ValueError(
+            f"{key}: exactly 2 clients per round (federation.clients_per_round or "
+            "data.num_clients) hides nothing: the global adapter they receive is the weighted sum "
+            "of both updates, so each client learns the other's by subtracting its own; use at "
+            "least 3"
+        )
     if sa.quantization_range * n >= MODULUS:
         raise ValueError(
             f"{key}.quantization_range ({sa.quantization_range}) × {n} clients must stay below "
@@ -301,6 +459,10 @@ class SecureAggregation(Feature):
         if cls.enabled(cfg):
             check_recipe(cfg)
 
+    def reply_keys(self) -> frozenset[str] | None:
+        """Only `CLEAR_KEYS` leave a SecAgg+ client outside the masked sum."""
+        return CLEAR_KEYS
+
     @classmethod
     def wrap_train(cls, cfg, content, context, train):
         if FITINS not in content.config_records:
@@ -311,11 +473,14 @@ class SecureAggregation(Feature):
         label = f"round {server_round}/{self.cfg.federation.rounds} train"
         say(f"{label}: SecAgg+ from global {factors_digest(strategy.global_)}")
         result = train_round(strategy, grid, server_round)
-        for i, row in enumerate(result.ok, 1):
+        for i, row in enumerate(result.ok, 1):  # no loss: it stays on the client
             r = row.reply
+            seconds = "" if r.train_seconds is None else f", {r.train_seconds:.0f}s"
             say(
                 f"{label}: client {i}/{result.sampled} (partition {r.partition}, rank {r.rank}): "
-                f"loss {r.train_loss_first:.3f} -> {r.train_loss_last:.3f} in {r.steps} steps, "
-                f"{r.train_seconds:.0f}s (masked)"
+                f"{r.steps} steps{seconds} (masked)"
             )
+        failed = {row.reason for row in result.rows if row.status == "failed" and row.reply}
+        for reason in failed:
+            say(f"{label}: {reason}; the global adapter is unchanged")
         return result

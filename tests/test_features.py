@@ -352,6 +352,7 @@ HOOKS = {
     "post_process",
     "reply",
     "metrics",
+    "reply_keys",
     # server
     "before_round",
     "run_round",
@@ -367,7 +368,15 @@ HOOKS = {
     "state_dict",
     "load_state_dict",
 }
-ATTRIBUTES = {"name", "order", "Options", "state_key", "client_mod", "privacy_mode"}
+ATTRIBUTES = {
+    "name",
+    "order",
+    "Options",
+    "state_key",
+    "client_mod",
+    "privacy_mode",
+    "screen_relative",
+}
 
 
 def test_the_hook_list_below_is_complete() -> None:
@@ -379,6 +388,7 @@ def test_base_attributes() -> None:
     assert (Feature.name, Feature.order, Feature.Options, Feature.state_key) == ("", 50, None, "")
     assert Feature.client_mod is None
     assert Feature.privacy_mode is None
+    assert Feature.screen_relative is True
 
 
 def factors(rank: int = 2) -> dict[str, Factors]:
@@ -391,6 +401,7 @@ def test_every_hook_of_the_base_feature_is_a_no_op() -> None:
     assert f.cfg is cfg and f.options is None
     # recipe
     assert Feature.enabled(cfg) is False
+    assert f.reply_keys() is None
     assert Feature.parse_options(cfg) is None
     assert Feature.check(cfg) is None
     assert Feature.prepare(cfg, shapes={"q": (3, 2)}) is None
@@ -463,3 +474,42 @@ def test_a_subclass_with_options_is_enabled_by_naming_it(clean_registry: None) -
     assert Named(off).options == Opts(k=3)  # defaults when not named
     # a subclass without options is never enabled by the base rule
     assert not type("Bare", (Feature,), {"name": "zz_bare"}).enabled(on)
+
+
+# -- DP mechanisms: found by `privacy.mode`, one file each ---------------------------------------
+
+MECHANISM_SOURCE = '''
+from fedllm.features.base import Feature
+from fedllm.features.registry import register
+
+
+@register
+class LaplaceProbe(Feature):
+    """A stand-in DP mechanism: turned on by privacy.mode=laplace_probe."""
+
+    name = "laplace_probe"
+    privacy_mode = "laplace_probe"
+    state_key = "privacy"
+'''
+
+
+def test_unknown_privacy_mode_names_the_mechanisms() -> None:
+    with pytest.raises(
+        ConfigError,
+        match=r"privacy.mode: unknown DP mechanism 'smaple' "
+        r"\(did you mean 'sample'\?\); valid: none, client, sample",
+    ):
+        build_config(recipe(privacy={"mode": "smaple"}))
+
+
+def test_a_dropped_in_dp_mechanism_is_enabled_by_its_privacy_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clean_registry: None
+) -> None:
+    import fedllm.privacy
+
+    (tmp_path / "laplace_probe.py").write_text(MECHANISM_SOURCE)
+    monkeypatch.setattr(fedllm.privacy, "__path__", [*fedllm.privacy.__path__, str(tmp_path)])
+    monkeypatch.delitem(sys.modules, "fedllm.privacy.laplace_probe", raising=False)
+    cfg = build_config(recipe(privacy={"mode": "laplace_probe"}))
+    assert [c.name for c in registry.active(cfg)] == ["laplace_probe"]
+    assert registry.active(build_config(recipe())) == []

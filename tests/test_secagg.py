@@ -86,6 +86,304 @@ def test_vectors_have_one_shape_for_every_rank() -> None:
         np.testing.assert_allclose(W, u["m"].delta().double().numpy(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("override", ["data.num_clients=2", "federation.clients_per_round=2"])
+def test_two_clients_per_round_are_refused(override: str) -> None:
+    # with 2, each client gets the sum of both updates back and subtracts its own
+    with pytest.raises(ConfigError, match=r"privacy\.secure_aggregation: exactly 2 clients"):
+        load_recipe(RECIPE, [ON, "aggregator.name=ffa", "lora.ranks=4", override])
+    assert load_recipe(RECIPE, [ON, "aggregator.name=ffa", "federation.clients_per_round=3"])
+
+
+def test_every_shipped_recipe_still_loads() -> None:
+    for path in sorted(Path(RECIPE).parent.glob("*.yaml")):
+        load_recipe(str(path))
+
+
+# -- guards: real SecAgg+ rounds on an in-process grid, with fake (instant) training ------------
+SHAPES = {"m1": (6, 5), "m2": (4, 3)}
+# what a SecAgg+ client may send in the clear: who, rank, weight, traffic, DP-SGD accounting, and
+# the count of entries its quantisation clipped
+CLEAR = {
+    "partition-id",
+    "rank",
+    "num-examples",
+    "steps",
+    "train-seconds",
+    "bytes-sent",
+    "bytes-received",
+    "scaling",
+    "pruning",
+    "dp-noise-multiplier",
+    "dp-sample-rate",
+    "dp-steps",
+    "secagg-clipped-entries",
+}
+WEIGHTS = {0: 100, 1: 200, 2: 300}
+
+
+def secure_cfg(*overrides: str):
+    return load_recipe(RECIPE, [ON, "aggregator.name=ffa", *overrides])
+
+
+def updates(cfg, *, seed: int = 0) -> dict[int, dict[str, Factors]]:
+    """Each partition's trained factors at its recipe rank, with entries of size ~0.1."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for p in range(cfg.data.num_clients):
+        r = cfg.client_rank(p)
+        out[p] = {
+            m: Factors(
+                0.1 * torch.randn(d, r, generator=g),
+                torch.randn(r, k, generator=g),
+                cfg.client_scaling(r),
+            )
+            for m, (d, k) in SHAPES.items()
+        }
+    return out
+
+
+def all_metrics(partition: int, rank: int, examples: int) -> dict[str, float | int]:
+    """Every metric a DP-SGD + HetLoRA client's training could report, private ones included."""
+    return {
+        "partition-id": partition,
+        "rank": rank,
+        "num-examples": examples,
+        "scaling": 16.0 / rank,
+        "train-loss": 2.5,
+        "train-loss-first": 3.0,
+        "train-loss-last": 2.0,
+        "steps": 3,
+        "train-seconds": 0.5,
+        "bytes-received": 100,
+        "bytes-sent": 100,
+        "pruning": 0.0,
+        "dp-noise-multiplier": 1.5,
+        "dp-sample-rate": 0.1,
+        "dp-steps": 3,
+        "dp-max-grad-norm": 1.0,
+        "dp-clipped-fraction": 0.25,
+        "dp-empty-batches": 0,
+        "hetlora-tail": 0.125,
+        "some-future-key": 7.0,
+    }
+
+
+def fake_train(ups: dict[int, dict[str, Factors]], weights: dict[int, int] = WEIGHTS):
+    """`train_content` stand-in: the partition's given factors and every metric, at once."""
+    from flwr.app import MetricRecord, RecordDict
+
+    from fedllm.model.adapters import to_record
+
+    def train(cfg, content, context):
+        p = int(context.node_config["partition-id"])
+        rank = next(iter(ups[p].values())).rank
+        return RecordDict(
+            {"update": to_record(ups[p]), "metrics": MetricRecord(all_metrics(p, rank, weights[p]))}
+        )
+
+    return train
+
+
+def node_context(partition: int):
+    from flwr.app import Context, RecordDict
+
+    return Context(1, 1001 + partition, {"partition-id": partition}, RecordDict(), {})
+
+
+def fitins_content(cfg):
+    """A SecAgg+ train message's content as `client_reply` receives it (FitIns form)."""
+    from flwr.common import FitIns, ndarrays_to_parameters
+    from flwr.compat.common import recorddict_compat as compat
+
+    config = {
+        "server-round": 1,
+        "secagg-keys": "m1.lora_A",
+        "secagg-mode": "ffa",
+        "secagg-width": cfg.max_rank,
+        "secagg-uniform": cfg.aggregator.weighting == "uniform",
+    }
+    params = ndarrays_to_parameters([np.zeros((2, 5), np.float32)])
+    return compat.fitins_to_recorddict(FitIns(params, config), keep_input=True)
+
+
+def secure_round(cfg, ups, *, check=None):
+    """One real SecAgg+ round (Flower's workflow and mods, fedllm's `train_round`) on a LocalGrid.
+
+    Returns (round result, global before, global after, the replies that left each client)."""
+    from flwr.clientapp import ClientApp
+
+    from fedllm.deploy.local_grid import LocalGrid, server_identity
+    from fedllm.features import registry
+    from fedllm.privacy import secagg
+    from fedllm.server.strategy import LoraStrategy
+
+    app = ClientApp()
+    train = fake_train(ups)
+
+    @app.train(mods=[secagg.mod])
+    def _train(msg, context):
+        content = secagg.SecureAggregation.wrap_train(cfg, msg.content, context, train)
+        return type(msg)(content, reply_to=msg)
+
+    sent = []
+
+    def node(msg, context):  # what leaves each client, after the mod
+        reply = app(msg, context)
+        sent.append(reply)
+        return reply
+
+    grid = LocalGrid(node, cfg.data.num_clients)
+    lora = LoraStrategy(cfg, shapes=SHAPES, features=registry.build(cfg))
+    before = dict(lora.global_)
+    with server_identity(grid.run.run_id):
+        result = secagg.train_round(lora, grid, 1)
+    return result, before, lora.global_, sent
+
+
+def plain_mean(cfg, ups, partitions) -> dict[str, torch.Tensor]:
+    """Σ wᵢ·sᵢ·pad(Bᵢ) / Σ wᵢ over `partitions`: what the SecAgg+ ffa round must recover."""
+    w = {p: WEIGHTS[p] for p in partitions}
+    return {
+        m: sum(w[p] * ups[p][m].pad(cfg.max_rank).B.double() * ups[p][m].scaling for p in w)
+        / sum(w.values())
+        for m in SHAPES
+    }
+
+
+def test_a_round_recovers_the_weighted_mean_and_only_allowed_keys_leave_clients() -> None:
+    cfg = secure_cfg()
+    ups = updates(cfg)
+    result, before, after, sent = secure_round(cfg, ups)
+    assert [r.status for r in result.rows] == ["ok"] * 3
+    assert result.train_loss is None, "the server cannot know the clients' losses"
+    want = plain_mean(cfg, ups, [0, 1, 2])
+    for m in SHAPES:
+        assert torch.equal(after[m].A, before[m].A)  # ffa: the frozen A₀
+        tol = tolerance(cfg.privacy.secure_aggregation, [100, 200, 300], max_weight(cfg), 1.0)
+        assert (after[m].B.double() - want[m]).abs().max().item() <= tol
+    # every key every reply carried in the clear, at every stage of the protocol
+    masked = [r for r in sent if "fitres.metrics" in r.content.config_records]
+    assert len(masked) == 3 and len(sent) == 12  # 4 stages × 3 clients
+    for reply in sent:
+        content = reply.content
+        assert all(len(rec) == 0 for rec in content.array_records.values()), "unmasked arrays"
+        assert set(content.metric_records) <= {"fitres.num_examples"}
+        assert set(content.config_records) <= {"fitres.metrics", "fitres.status", "secaggplus"}
+        if reply in masked:
+            metrics = content.config_records["fitres.metrics"]
+            assert set(metrics) <= CLEAR, set(metrics) - CLEAR
+            assert metrics["secagg-clipped-entries"] == 0
+            assert set(content.config_records["fitres.status"]) == {"code", "message"}
+            assert set(content.metric_records["fitres.num_examples"]) == {"num_examples"}
+    rows = [row.to_json() for row in result.rows]
+    assert all(r["train_loss"] is None and r["secagg_clipped_entries"] == 0 for r in rows)
+    for row in result.rows:  # what the server read from each reply
+        assert set(row.reply.extra) <= CLEAR, set(row.reply.extra) - CLEAR
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_client_refuses_to_send_non_finite_vectors(bad: float) -> None:
+    from fedllm.privacy.secagg import client_reply
+
+    cfg = secure_cfg()
+    ups = updates(cfg)
+    ups[1]["m2"].B[0, 0] = bad
+    match = r"privacy\.secure_aggregation.*1 non-finite \(NaN/Inf\) entries .* in m2\.B"
+    with pytest.raises(ValueError, match=match):
+        client_reply(cfg, fitins_content(cfg), node_context(1), fake_train(ups))
+
+
+def test_a_non_finite_client_drops_out_and_the_others_are_aggregated() -> None:
+    # before: the NaN was quantised and wrapped the masked sum, moving the mean to ~+2040
+    cfg = secure_cfg()
+    ups = updates(cfg)
+    ups[2]["m1"].B[1, 1] = float("nan")
+    result, _, after, _ = secure_round(cfg, ups)
+    assert sorted(r.partition for r in result.ok) == [0, 1]
+    want = plain_mean(cfg, ups, [0, 1])
+    tol = tolerance(cfg.privacy.secure_aggregation, [100, 200], max_weight(cfg), 1.0)
+    for m in SHAPES:
+        assert (after[m].B.double() - want[m]).abs().max().item() <= tol
+
+
+def test_the_server_refuses_a_wrapped_mean_and_keeps_the_global(monkeypatch) -> None:
+    # a client that skips the check (an older or a dishonest one) quantises its NaN anyway
+    from fedllm.privacy import secagg
+
+    monkeypatch.setattr(secagg, "check_finite", lambda vecs, names: None, raising=False)
+    cfg = secure_cfg()
+    ups = updates(cfg)
+    ups[2]["m1"].B[1, 1] = float("nan")
+    result, before, after, _ = secure_round(cfg, ups)
+    assert [r.status for r in result.rows] == ["failed"] * 3 and result.ok == []
+    assert all("outside ±" in r.reason and "round refused" in r.reason for r in result.rows)
+    assert sorted(r.reply.partition for r in result.rows) == [0, 1, 2]  # still charged (DP)
+    for m in SHAPES:
+        assert after[m] is before[m], "the previous global stays"
+
+
+def test_apply_refuses_non_finite_and_out_of_range_means() -> None:
+    from fedllm.privacy.secagg import SecureRound
+    from fedllm.server.strategy import LoraStrategy
+
+    cfg = secure_cfg("aggregator.weighting=uniform")
+    lora = LoraStrategy(cfg, shapes=SHAPES)
+    sr = SecureRound(lora, grid=None)
+    c = cfg.privacy.secure_aggregation.clipping_range
+    assert sr.bound([1, 1, 1]) == c  # uniform: a mean of entries clipped to ±c
+    weighted = SecureRound(LoraStrategy(secure_cfg(), shapes=SHAPES), grid=None)
+    assert weighted.bound([600, 600, 600]) == pytest.approx(c)
+    assert weighted.bound([150, 300, 600]) == pytest.approx(3 * c / (0.25 + 0.5 + 1.0))
+    assert weighted.bound() == pytest.approx(c * max_weight(cfg))
+    zeros = [np.zeros((d, cfg.max_rank)) for _, (d, _) in sorted(SHAPES.items())]
+    for bad, reason in [(np.nan, "non-finite"), (np.inf, "non-finite"), (2040.0, "outside")]:
+        mean = [a.copy() for a in zeros]
+        mean[1][0, 0] = bad
+        before = dict(lora.global_)
+        assert not sr.apply(1, mean, total_rank=6, weights=[1, 1, 1])
+        assert reason in sr.failure and all(lora.global_[m] is before[m] for m in SHAPES)
+    mean = [a.copy() for a in zeros]
+    mean[0][0, 0] = c  # the largest honest entry
+    assert sr.apply(1, mean, total_rank=6, weights=[1, 1, 1]) and sr.failure is None
+    assert lora.global_["m1"].B[0, 0].item() == c
+
+
+@pytest.mark.parametrize(
+    ("weighting", "examples", "entries", "clipped"),
+    [
+        # uniform: ratio 1, so |s·B| > c is clipped
+        ("uniform", 150, [0.5, 2.0, -2.0, 8.0], 3),
+        # examples: the mod multiplies by w/max_weight = 150/600 first, so only |s·B|/4 > c is
+        ("examples", 150, [0.5, 2.0, -2.0, 8.0], 1),
+    ],
+)
+def test_a_client_reports_the_entries_quantisation_will_clip(
+    weighting: str, examples: int, entries: list[float], clipped: int, caplog
+) -> None:
+    from flwr.common import parameters_to_ndarrays
+    from flwr.compat.common import recorddict_compat as compat
+
+    from fedllm.privacy.secagg import client_reply
+
+    cfg = secure_cfg(f"aggregator.weighting={weighting}")
+    c = cfg.privacy.secure_aggregation.clipping_range
+    ups = updates(cfg)
+    f = ups[0]["m1"]  # partition 0: rank 2, scaling 8
+    for i, x in enumerate(entries):  # x·c after the scaling
+        f.B[i, 0] = x * c / f.scaling
+    train = fake_train(ups, {0: examples})
+    with caplog.at_level(logging.WARNING, logger="fedllm.secagg"):
+        reply = client_reply(cfg, fitins_content(cfg), node_context(0), train)
+    res = compat.recorddict_to_fitres(reply, keep_input=True)
+    assert res.metrics["secagg-clipped-entries"] == clipped
+    assert f"{clipped} of " in caplog.text and "will be clipped" in caplog.text
+    assert set(res.metrics) <= CLEAR and "train-loss" not in res.metrics
+    assert res.num_examples == (1 if weighting == "uniform" else examples)
+    assert np.isfinite(
+        np.concatenate([a.ravel() for a in parameters_to_ndarrays(res.parameters)])
+    ).all()
+
+
 # -- end to end ------------------------------------------------------------------------------------
 def oracle_client_app(cfg, folder: Path):
     """fedllm's ClientApp, writing each client's unmasked reply vectors before they are masked."""

@@ -168,7 +168,7 @@ def _drop(key: str) -> dict:
 
 
 MALFORMED = {
-    "missing train-loss": (MetricRecord, _drop("train-loss"), "train-loss"),
+    "missing steps": (MetricRecord, _drop("steps"), "steps"),
     "missing rank": (MetricRecord, _drop("rank"), "rank"),
     "missing num-examples": (MetricRecord, _drop("num-examples"), "num-examples"),
     "non-numeric rank": (ConfigRecord, {**metrics(3), "rank": "two"}, "rank"),

@@ -100,10 +100,19 @@ def test_scaling_is_optional() -> None:
     assert TrainReply.parse(without("scaling")).rank == 4
 
 
-@pytest.mark.parametrize("key", list(REQUIRED))
+# what a private reply may leave out (DP, SecAgg+): data size, losses, time
+OPTIONAL = ["num-examples", "train-loss", "train-loss-first", "train-loss-last", "train-seconds"]
+
+
+@pytest.mark.parametrize("key", [k for k in REQUIRED if k not in OPTIONAL])
 def test_each_missing_required_key_is_named(key: str) -> None:
     with pytest.raises(ValueError, match=f"reply metrics lack '{key}'"):
         TrainReply.parse(without(key))
+
+
+@pytest.mark.parametrize("key", OPTIONAL)
+def test_keys_a_private_reply_leaves_out_parse_to_none(key: str) -> None:
+    assert getattr(TrainReply.parse(without(key)), REQUIRED[key][0]) is None
 
 
 def test_the_first_bad_key_is_named_when_several_are_bad() -> None:

@@ -264,7 +264,13 @@ def train_content(cfg: RunConfig, content: RecordDict, context: Context) -> Reco
             **{k: v for f in features for k, v in f.metrics().items()},
         }
     )
-    return RecordDict({**arrays, "metrics": metrics})
+    return RecordDict({**arrays, "metrics": only_allowed(metrics, features)})
+
+
+def only_allowed(metrics: MetricRecord, features: Sequence[Feature]) -> MetricRecord:
+    """The metrics every active feature's guarantee lets leave this client (all without one)."""
+    limits = [keys for f in features if (keys := f.reply_keys()) is not None]
+    return MetricRecord({k: v for k, v in metrics.items() if all(k in keys for keys in limits)})
 
 
 def evaluate(cfg: RunConfig, msg: Message, context: Context) -> Message:

@@ -27,8 +27,14 @@ class Adaptive(Feature):
 
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
-        if cls.enabled(cfg):
-            require_adapter_state(cfg, "adaptive (rank, pruning)")
+        if not cls.enabled(cfg):
+            return
+        require_adapter_state(cfg, "adaptive (rank, pruning)")
+        if cfg.privacy.mode != "none" or cfg.privacy.secure_aggregation.enabled:
+            raise ValueError(
+                "adaptive (rank, pruning) learns from each client's training losses and time, "
+                "which a private run (privacy.mode or SecAgg+) does not send; drop adaptive"
+            )
 
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg)
@@ -50,7 +56,12 @@ class Adaptive(Feature):
 
     def accepted(self, node: int, reply: TrainReply) -> None:
         """Feed the bandit this node's round: loss gain per second on the arm it ran."""
-        if node not in self.arms:
+        r = reply
+        if node not in self.arms or None in (
+            r.train_loss_first,
+            r.train_loss_last,
+            r.train_seconds,
+        ):
             return
         reward = efficiency(
             reply.train_loss_first,

@@ -127,6 +127,11 @@ class PrunedBase(Feature):
         require_adapter_state(
             cfg, f"pruning (tiers {used})" if used else "adaptive (rank, pruning)"
         )
+        if cfg.privacy.mode != "none" and cfg.pruning.importance == "wanda":
+            raise ValueError(
+                "pruning.importance='wanda' computes the kept-index map a client sends from its "
+                "private batches, outside the DP guarantee; use pruning.importance: magnitude"
+            )
         if cfg.privacy.mode == "client":
             raise ValueError(
                 "privacy.mode='client' with pruned clients is not supported: pruned rows would "

@@ -51,6 +51,9 @@ class Feature:
     state_key: ClassVar[str] = ""
     # a DP mechanism: the `privacy.mode` value that turns it on (None: not a DP mechanism)
     privacy_mode: ClassVar[str | None] = None
+    # False: the server screens each update against fixed bounds only, never relative to the
+    # others (so one client's presence cannot get another's update rejected)
+    screen_relative: ClassVar[bool] = True
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -133,6 +136,11 @@ class Feature:
     def metrics(self) -> dict[str, int | float]:
         """Per-round metrics this feature adds to the client's reply."""
         return {}
+
+    def reply_keys(self) -> frozenset[str] | None:
+        """The reply metrics its guarantee lets leave the client (None: no limit). With any such
+        feature active a run is private: the server keeps no per-client results on disk."""
+        return None
 
     # -- server -----------------------------------------------------------------------------
     def before_round(

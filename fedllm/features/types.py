@@ -79,6 +79,10 @@ def _number(metrics: Mapping[str, Any], key: str, kind: type, *, minimum: float 
     return value
 
 
+def _optional(metrics: Mapping[str, Any], key: str, kind: type, *, minimum: float = 0) -> Any:
+    return _number(metrics, key, kind, minimum=minimum) if key in metrics else None
+
+
 CORE_KEYS = (
     "partition-id",
     "rank",
@@ -101,12 +105,12 @@ class TrainReply:
 
     partition: int
     rank: int
-    num_examples: int
-    train_loss: float
-    train_loss_first: float
-    train_loss_last: float
+    num_examples: int | None  # None: not sent (a private reply; see Feature.reply_keys)
+    train_loss: float | None
+    train_loss_first: float | None
+    train_loss_last: float | None
     steps: int
-    train_seconds: float
+    train_seconds: float | None
     bytes_sent: int
     bytes_received: int
     pruning: float = 0.0
@@ -114,17 +118,20 @@ class TrainReply:
 
     @classmethod
     def parse(cls, metrics: Mapping[str, Any]) -> TrainReply:
-        """Validate a reply's metrics; ValueError names the first bad key."""
+        """Validate a reply's metrics; ValueError names the first bad key.
+
+        The keys a private reply leaves out (example count, losses, time) may be absent.
+        """
         loss = -math.inf
         return cls(
             partition=_number(metrics, "partition-id", int),
             rank=_number(metrics, "rank", int, minimum=1),
-            num_examples=_number(metrics, "num-examples", int, minimum=1),
-            train_loss=_number(metrics, "train-loss", float, minimum=loss),
-            train_loss_first=_number(metrics, "train-loss-first", float, minimum=loss),
-            train_loss_last=_number(metrics, "train-loss-last", float, minimum=loss),
+            num_examples=_optional(metrics, "num-examples", int, minimum=1),
+            train_loss=_optional(metrics, "train-loss", float, minimum=loss),
+            train_loss_first=_optional(metrics, "train-loss-first", float, minimum=loss),
+            train_loss_last=_optional(metrics, "train-loss-last", float, minimum=loss),
             steps=_number(metrics, "steps", int),
-            train_seconds=_number(metrics, "train-seconds", float),
+            train_seconds=_optional(metrics, "train-seconds", float),
             bytes_sent=_number(metrics, "bytes-sent", int),
             bytes_received=_number(metrics, "bytes-received", int),
             pruning=_number({"pruning": metrics.get("pruning", 0.0)}, "pruning", float),

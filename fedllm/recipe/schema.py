@@ -364,6 +364,19 @@ class RunConfig(_Strict):
         "(e.g. fedprox: {mu: 0.01}); see `fedllm.features`",
     )
 
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder_in_output_dir(cls, v: str) -> str:
+        """Refuse '.', '..' (and any name of only dots): the run folder would not be inside
+        output_dir, and --overwrite would delete output_dir or its parent."""
+        if set(v) == {"."}:
+            raise ValueError(
+                f"{v!r} is not a run name: a name of only dots points at output_dir or outside "
+                "it; use letters, digits, '.', '_' or '-' with at least one character other "
+                "than '.' (e.g. tiny-2)"
+            )
+        return v
+
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
         cross_check(self)  # every check that spans sections, in one place (fedllm.recipe.checks)

@@ -86,6 +86,8 @@ class Run:
         row: dict[str, Any] = {"kind": "server", "round": server_round, "phase": "evaluate"}
         if loss is not None:
             row["held_out_loss"], row["eval_tokens"] = loss
+        if s.private:  # per-client held-out losses are outside any training guarantee
+            return row, []
         return row, [r.to_json() for r in rows]
 
     def stop_reason(self, server_round: int) -> str | None:
@@ -150,7 +152,10 @@ class Run:
             f.record(result, server_row=server_row)
         self.metrics.write([r.to_json() for r in result.rows] + eval_rows + [server_row])
         self.save(server_round)
-        losses = " ".join(f"c{r.partition}:{r.train_loss:.3f}" for r in ok)
+        losses = " ".join(
+            f"c{r.partition}:{r.train_loss:.3f}" for r in ok if r.train_loss is not None
+        )
+        losses = losses or "not sent (private replies)"
         progress = "".join(f.progress() for f in self.features)
         say(
             f"round {server_round}/{self.cfg.federation.rounds}: {len(ok)}/{result.sampled} "

@@ -63,7 +63,8 @@ def describe_train(reply: Message) -> str:
         r = TrainReply.parse(reply.content["metrics"])
     except (KeyError, ValueError, TypeError) as err:
         return f"sent malformed metrics ({err})"
-    return (
-        f"(partition {r.partition}, rank {r.rank}): loss {r.train_loss_first:.3f} -> "
-        f"{r.train_loss_last:.3f} in {r.steps} steps, {r.train_seconds:.0f}s"
-    )
+    loss = ""
+    if r.train_loss_first is not None and r.train_loss_last is not None:
+        loss = f" loss {r.train_loss_first:.3f} -> {r.train_loss_last:.3f} in"
+    seconds = "" if r.train_seconds is None else f", {r.train_seconds:.0f}s"
+    return f"(partition {r.partition}, rank {r.rank}):{loss} {r.steps} steps{seconds}"

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 from pathlib import Path
 
 METRICS = "metrics.jsonl"
+
+log = logging.getLogger(__name__)
 
 
 class MetricsLog:
@@ -16,19 +20,75 @@ class MetricsLog:
         self.path = run_dir / METRICS
 
     def truncate_after(self, last_round: int) -> None:
-        """Drop rows of rounds after `last_round` (written before a crash, not checkpointed)."""
+        """Drop rows of rounds after `last_round` (written before a crash, not checkpointed).
+
+        The file is rewritten atomically (temporary file, fsync, rename), so a crash here leaves
+        either the old rows or the kept ones; a half-written last line is dropped with the rest.
+        """
         rows = [r for r in self.read() if int(r.get("round", 0)) <= last_round]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp = self.path.with_name(f"{self.path.name}.tmp")
+        with tmp.open("w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        fsync_dir(self.path.parent)
 
     def write(self, rows: list[dict]) -> None:
+        """Append `rows`, flushed and fsynced: a round's rows are on disk before its checkpoint."""
         with self.path.open("a") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
     def read(self) -> list[dict]:
+        """Every row; a last line cut short by a crash is dropped with a warning.
+
+        A line that is not a JSON object anywhere else is a ValueError naming the file and line:
+        the file was edited or damaged, and guessing which rows to keep could lose rounds.
+        """
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        raw = self.path.read_bytes().split(b"\n")
+        lines = [(n, line) for n, line in enumerate(raw, 1) if line.strip()]
+        rows: list[dict] = []
+        for i, (n, line) in enumerate(lines):
+            try:
+                row = json.loads(line.decode())
+            except UnicodeDecodeError:
+                reason = "not UTF-8 text"
+            except json.JSONDecodeError as err:
+                reason = f"not valid JSON ({err.msg})"
+            else:
+                if isinstance(row, dict):
+                    rows.append(row)
+                    continue
+                reason = f"a JSON {type(row).__name__}, not an object"
+            if i == len(lines) - 1:
+                log.warning(
+                    "%s: dropping line %d, %s: the end of a row cut short by a crash",
+                    self.path,
+                    n,
+                    reason,
+                )
+                break
+            raise ValueError(
+                f"{self.path}: line {n} is {reason}; every line must be one JSON object (a row). "
+                "Fix or delete that line, or start the run again with --overwrite"
+            )
+        return rows
+
+
+def fsync_dir(directory: Path) -> None:
+    """fsync a directory so a rename in it survives a power loss (POSIX; a no-op elsewhere)."""
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def plot_held_out(rows: list[dict], path: Path, *, title: str) -> Path:

@@ -67,6 +67,24 @@ class LoraStrategy(Strategy):
         # partition -> (round, factors) of its latest accepted update: the server's view of it
         self.client_updates: dict[int, tuple[int, dict[str, Factors]]] = {}
 
+    @property
+    def max_norm_ratio(self) -> float:
+        """The recipe's outlier ratio, or none (∞) when a feature forbids comparing clients."""
+        relative = all(f.screen_relative for f in self.features)
+        return self.cfg.federation.max_rejected_norm_ratio if relative else math.inf
+
+    @property
+    def max_reply_bytes(self) -> int:
+        """The largest reply arrays a client may send: float32 factors at the largest rank, plus
+        int64 kept-index maps, twice over for slack (top-k indices, SecAgg+ padding)."""
+        per_module = [(d + k) * (4 * self.max_rank + 8) for d, k in self.shapes.values()]
+        return 2 * sum(per_module) + 65_536
+
+    @property
+    def private(self) -> bool:
+        """Whether a feature limits what leaves clients: then no per-client result is saved."""
+        return any(f.reply_keys() is not None for f in self.features)
+
     # -- state for checkpoints -------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
@@ -147,10 +165,19 @@ class LoraStrategy(Strategy):
     # -- training: replies -----------------------------------------------------------------------
     def read_reply(self, node: int, content: RecordDict) -> tuple[TrainReply, dict[str, Factors]]:
         """A reply's validated metrics and its factors at the global shapes (ValueError if bad)."""
+        size = sum(r.count_bytes() for r in content.array_records.values())
+        if size > self.max_reply_bytes:
+            raise ValueError(
+                f"{size} bytes of arrays, more than any valid reply ({self.max_reply_bytes})"
+            )
         reply = TrainReply.parse(content["metrics"])
-        n = self.cfg.data.num_clients
+        n, cap = self.cfg.data.num_clients, self.cfg.data.max_examples
         if reply.partition >= n:
             raise ValueError(f"partition-id {reply.partition} outside the recipe's [0, {n})")
+        if cap is not None and (reply.num_examples or 0) > cap:  # a weight the server can bound
+            raise ValueError(f"num-examples {reply.num_examples} above data.max_examples={cap}")
+        if self.cfg.aggregator.weighting == "examples" and reply.num_examples is None:
+            raise ValueError("no 'num-examples': aggregator.weighting=examples needs it")
         scaling = self.cfg.client_scaling(reply.rank)  # α/r from the recipe, not trusted
         update = None
         for f in self.features:
@@ -162,7 +189,17 @@ class LoraStrategy(Strategy):
             update = f.receive(node, content, update, reply=reply, shapes=self.shapes)
         if any(f.rank != reply.rank for f in update.values()):
             raise ValueError(f"claims rank {reply.rank} but sent factors of other ranks")
+        if self.spec.freeze_A:  # the server's own frozen A, never one a client sent
+            update = {m: self.frozen_A(m, f) for m, f in update.items()}
         return reply, update
+
+    def frozen_A(self, module: str, f: Factors) -> Factors:
+        """`f` with the global A's first rows (zero where a pruned client has zero columns)."""
+        A = self.global_[module].A if module in self.global_ else None
+        if A is None or A.shape[0] < f.rank or A.shape[1] != f.A.shape[1]:
+            return f  # not a slice of the global A: the aggregator's own check refuses it
+        cols = (f.A != 0).any(dim=0, keepdim=True)
+        return Factors(f.B, A[: f.rank].to(f.A.dtype) * cols, f.scaling)
 
     def remember(self, node: int, reply: TrainReply) -> None:
         """What the server learns of a node from a reply: its rank and its partition."""
@@ -193,22 +230,25 @@ class LoraStrategy(Strategy):
         if not accepted:
             log.warning("round %d: no acceptable update; the global is unchanged", server_round)
             return result
-        if self.cfg.aggregator.weighting == "uniform":
-            weights = [1.0] * len(accepted)
-        else:
-            weights = [float(parsed[n][0].num_examples) for n in accepted]
+        weights = [self.weight(parsed[n][0]) for n in accepted]
         inputs = [parsed[n][1] for n in accepted]
         for f in self.features:  # e.g. coverage weights for pruned clients, the DP release
             inputs, weights = f.release(accepted, inputs, weights, global_=self.global_)
         self.commit(server_round, *self.aggregate(server_round, inputs, weights))
-        for n in accepted:
+        for n in accepted if not self.private else []:  # a private run keeps none
             reply, update = parsed[n]
             self.client_updates[reply.partition] = (server_round, update)
-        losses = [(float(parsed[n][0].num_examples), parsed[n][0].train_loss) for n in accepted]
-        if self.cfg.aggregator.weighting == "uniform":
-            losses = [(1.0, loss) for _, loss in losses]
-        result.train_loss = sum(w * x for w, x in losses) / sum(w for w, _ in losses)
+        losses = [(self.weight(r), r.train_loss) for r in (parsed[n][0] for n in accepted)]
+        losses = [(w, x) for w, x in losses if x is not None]  # a private reply sends no loss
+        if losses:
+            result.train_loss = sum(w * x for w, x in losses) / sum(w for w, _ in losses)
         return result
+
+    def weight(self, reply: TrainReply) -> float:
+        """A reply's aggregation weight: 1, or its example count (checked in `read_reply`)."""
+        if self.cfg.aggregator.weighting == "uniform":
+            return 1.0
+        return float(reply.num_examples)
 
     def screen(
         self,
@@ -221,7 +261,7 @@ class LoraStrategy(Strategy):
             {str(n): u for n, (_, u) in parsed.items()},
             shapes=self.shapes,
             max_rank=self.max_rank,
-            max_norm_ratio=self.cfg.federation.max_rejected_norm_ratio,
+            max_norm_ratio=self.max_norm_ratio,
         )
         for node, reason in rejected.items():
             log.warning("round %d: rejected node %s: %s", server_round, node, reason)
