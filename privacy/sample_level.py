@@ -107,6 +107,14 @@ class SampleLevelDP(Feature):
         plan = {partition_key(p): self._planned(p) for p in partitions}
         return self.account.stop(server_round, plan)
 
+    def lost_round(self, server_round: int, *, partitions: Sequence[int], sampled: int) -> None:
+        """Charge every partition that may have trained in the lost round at its plan."""
+        for pid in partitions:
+            sigma, q, steps = self._planned(pid)
+            self.account.ledger.record(
+                partition_key(pid), noise_multiplier=sigma, sample_rate=q, steps=steps
+            )
+
     def _planned(self, pid: int) -> tuple[float, float, int]:
         if pid in self.reported:
             return self.reported[pid]

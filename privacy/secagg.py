@@ -69,9 +69,6 @@ CLEAR_KEYS = frozenset(
         CLIPPED,
     }
 )
-# TrainReply.parse (fedllm/features/types.py) may require these; the server fills them ONLY to
-# parse a SecAgg+ reply (which never carries them) and sets the parsed losses to None after.
-LOSS_PLACEHOLDERS = {"train-loss": 0.0, "train-loss-first": 0.0, "train-loss-last": 0.0}
 
 log = logging.getLogger("fedllm.secagg")
 
@@ -162,6 +159,8 @@ def client_reply(
         )
     # only what the server needs leaves in the clear (the vectors are masked by the mod)
     metrics = {k: v for k, v in metrics.items() if k in CLEAR_KEYS}
+    if uniform:  # the weight is 1: the shard size stays on the client
+        metrics.pop("num-examples", None)
     metrics[CLIPPED] = clipped
     # what leaves this client: one int64 per entry, plus the weight (after masking, in the mod)
     metrics["bytes-sent"] = 8 * (1 + sum(v.size for v in vecs))
@@ -297,11 +296,8 @@ class SecureRound(Strategy):
 
 
 def parse_reply(metrics) -> TrainReply:
-    """A SecAgg+ reply's metrics, validated; its losses None (they never leave a client)."""
-    # LOSS_PLACEHOLDERS only satisfy a TrainReply.parse that requires the losses; they are
-    # replaced by None at once, so no placeholder reaches a row, a mean or a progress line
-    reply = TrainReply.parse({**dict(metrics), **LOSS_PLACEHOLDERS})
-    return dataclasses.replace(reply, train_loss=None, train_loss_first=None, train_loss_last=None)
+    """A SecAgg+ reply's metrics, validated (its losses and time never leave a client)."""
+    return TrainReply.parse(dict(metrics))
 
 
 def row_fields(reply: TrainReply) -> dict:

@@ -178,7 +178,7 @@ def test_each_save_keeps_the_one_before_and_leaves_no_temporary(tmp_path: Path) 
     save_checkpoint(tmp_path, {"round": 3})
     assert torch.load(tmp_path / CHECKPOINT, weights_only=True)["round"] == 3
     assert torch.load(tmp_path / PREVIOUS, weights_only=True)["round"] == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT, PREVIOUS]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CHECKPOINT, PREVIOUS])
 
 
 def test_a_save_fsyncs_the_file_and_the_directory(

@@ -98,3 +98,135 @@ def test_an_existing_file_with_an_equals_sign_is_a_recipe(
 def test_overrides_without_a_recipe_are_an_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["validate", "federation.rounds=2"]) == 2
     assert "at least one recipe" in capsys.readouterr().err
+
+
+# -- `fedllm run`: --resume and --overwrite on the run directory ----------------------------------
+
+
+class PrepareReached(Exception):
+    """Raised by a stand-in for `prepare`: cmd_run got past its run-directory checks."""
+
+
+@pytest.fixture
+def no_prepare(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stop `fedllm run` right after its run-directory checks (no model, no simulation)."""
+
+    def stop(cfg: object) -> None:
+        raise PrepareReached
+
+    monkeypatch.setattr("fedllm.cli.prepare", stop)
+
+
+def run_args(out: Path, name: str, *flags: str) -> list[str]:
+    return ["run", TINY, f"output_dir={out}", f"name={name}", *flags]
+
+
+@pytest.mark.parametrize("exists", [False, True])
+def test_resume_without_a_checkpoint_is_an_error_naming_the_run_dir(
+    tmp_path: Path, exists: bool, no_prepare: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "fresh"
+    if exists:  # a run that died before its first checkpoint
+        run_dir.mkdir()
+        (run_dir / "metrics.jsonl").write_text("")
+    assert main(run_args(tmp_path, "fresh", "--resume")) == 2
+    err = capsys.readouterr().err
+    assert f"no checkpoint.pt in {run_dir}" in err and "drop --resume" in err
+    assert run_dir.exists() == exists
+
+
+def test_resume_with_an_unreadable_checkpoint_suggests_overwrite(
+    tmp_path: Path, no_prepare: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "broken"
+    run_dir.mkdir()
+    (run_dir / "checkpoint.pt").write_bytes(b"PK\x03\x04 cut short")
+    assert main(run_args(tmp_path, "broken", "--resume")) == 2
+    err = capsys.readouterr().err
+    assert f"{run_dir / 'checkpoint.pt'} is not a readable checkpoint" in err
+    assert "--overwrite" in err and "Traceback" not in err
+
+
+def test_resume_with_a_checkpoint_goes_on(tmp_path: Path, no_prepare: None) -> None:
+    from fedllm.server.checkpoint import save_checkpoint
+
+    (tmp_path / "ok").mkdir()
+    save_checkpoint(tmp_path / "ok", {"round": 1})
+    with pytest.raises(PrepareReached):
+        main(run_args(tmp_path, "ok", "--resume"))
+
+
+@pytest.mark.parametrize("name", [".", "..", "..."])
+def test_a_run_name_of_only_dots_is_refused(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", TINY, f"name='{name}'"]) == 2  # quoted: `...` alone ends YAML
+    err = capsys.readouterr().err
+    assert f"name: {name!r} is not a run name" in err and "letters, digits" in err
+
+
+def test_overwrite_with_name_dot_dot_deletes_nothing(
+    tmp_path: Path, no_prepare: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "checkpoint.pt").write_bytes(b"x")  # output_dir/.. looks like a run
+    (tmp_path / "precious.txt").write_text("keep me")
+    (tmp_path / "runs").mkdir()
+    assert main(run_args(tmp_path / "runs", "..", "--overwrite")) == 2
+    assert "name: '..' is not a run name" in capsys.readouterr().err
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_overwrite_refuses_a_run_dir_linking_outside_output_dir(
+    tmp_path: Path, no_prepare: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "checkpoint.pt").write_bytes(b"x")
+    (elsewhere / "precious.txt").write_text("keep me")
+    out = tmp_path / "runs"
+    out.mkdir()
+    (out / "link").symlink_to(elsewhere, target_is_directory=True)
+    assert main(run_args(out, "link", "--overwrite")) == 2
+    err = capsys.readouterr().err
+    assert f"refusing to delete {out / 'link'}" in err and "symbolic link" in err
+    assert (elsewhere / "precious.txt").read_text() == "keep me"
+
+
+def test_overwrite_deletes_a_run_inside_output_dir(tmp_path: Path, no_prepare: None) -> None:
+    run_dir = tmp_path / "old"
+    run_dir.mkdir()
+    (run_dir / "checkpoint.prev.pt").write_bytes(b"x")  # only the previous copy survived
+    (run_dir / "stale.txt").write_text("from the old run")
+    with pytest.raises(PrepareReached):
+        main(run_args(tmp_path, "old", "--overwrite"))
+    assert run_dir.is_dir() and not (run_dir / "stale.txt").exists()
+
+
+def test_an_existing_previous_checkpoint_alone_still_needs_a_flag(
+    tmp_path: Path, no_prepare: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "checkpoint.prev.pt").write_bytes(b"x")
+    assert main(run_args(tmp_path, "old")) == 2
+    assert "pass --resume to continue it, --overwrite" in capsys.readouterr().err
+
+
+def test_remove_run_dir_deletes_only_run_folders_inside_output_dir(tmp_path: Path) -> None:
+    from fedllm.cli import remove_run_dir
+    from fedllm.recipe import ConfigError
+
+    out = tmp_path / "runs"
+    notes = out / "notes"
+    notes.mkdir(parents=True)
+    (notes / "todo.txt").write_text("not a run")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "recipe.yaml").write_text("name: other\n")
+    (out / "recipe.yaml").write_text("name: x\n")
+    with pytest.raises(ConfigError, match="does not look like a fedllm run"):
+        remove_run_dir(notes, out)
+    with pytest.raises(ConfigError, match="not a folder inside output_dir"):
+        remove_run_dir(out / ".." / "other", out)
+    with pytest.raises(ConfigError, match="not a folder inside output_dir"):
+        remove_run_dir(out, out)
+    assert (notes / "todo.txt").exists() and (tmp_path / "other" / "recipe.yaml").exists()
+    (notes / "metrics.jsonl").write_text("")
+    remove_run_dir(notes, out)
+    assert not notes.exists() and out.is_dir()

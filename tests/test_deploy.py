@@ -22,6 +22,7 @@ import torch
 
 from fedllm.deploy.certs import make_credentials
 from fedllm.deploy.federation import (
+    APP_PYPROJECT,
     flwr_env,
     register_node,
     superlink_command,
@@ -289,3 +290,145 @@ def test_global_adapter_loads_with_stock_peft(scenario) -> None:
         before = base(ids).logits
         after = PeftModel.from_pretrained(base, str(adapter))(ids).logits
     assert torch.isfinite(after).all() and not torch.allclose(before, after)
+
+
+# -- security: who may submit, and what a SuperNode runs (no training; seconds, not minutes) -------
+
+
+def outside_address() -> str | None:
+    """An IPv4 address of this machine other than loopback (None if it has none)."""
+    found = set()
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the routed interface
+            found.add(s.getsockname()[0])
+    except OSError:
+        pass
+    try:
+        found |= {a[4][0] for a in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)}
+    except OSError:
+        pass
+    return next((a for a in sorted(found) if not a.startswith("127.")), None)
+
+
+def flwr_ls(fed: Federation, connection: str) -> dict:
+    out = subprocess.run(
+        ["flwr", "ls", connection, "--format", "json"],
+        capture_output=True,
+        text=True,
+        env=fed.env,
+        timeout=120,
+        check=False,
+    )
+    return json.loads(out.stdout)
+
+
+def test_the_control_api_answers_only_loopback_and_the_operator_address(tmp_path) -> None:
+    ip = outside_address()
+    if ip is None:
+        pytest.skip("this machine has no non-loopback IPv4 address to attack from")
+    fed = Federation(tmp_path)
+    try:
+        creds = make_credentials(tmp_path / "creds", nodes=1, hosts=["127.0.0.1", ip])
+        port, operator = free_port(), free_port()
+        cmd = superlink_command(
+            port=port,
+            database=tmp_path / "state.db",
+            host="0.0.0.0",
+            certs=tmp_path / "creds",
+            operator_address=f"{ip}:{operator}",
+        )
+        fed.start("superlink", cmd)
+        home = tmp_path / "flwr_home"
+        for name, address in (
+            ("loop", f"127.0.0.1:{port}"),
+            ("outside", f"{ip}:{port}"),
+            ("operator", f"{ip}:{operator}"),
+        ):
+            write_connection(home, name, address=address, root_certificates=creds.ca_cert)
+        wait_for_port("127.0.0.1", port, timeout=60)
+        wait_for_port(ip, operator, timeout=60)
+        assert flwr_ls(fed, "loop")["success"] is True
+        assert flwr_ls(fed, "operator")["success"] is True
+        refused = flwr_ls(fed, "outside")
+        assert refused["success"] is False
+        assert "Control and Runtime APIs only on loopback" in refused["error-message"]
+        # the same outsider cannot register a node key or start a run either
+        out = subprocess.run(
+            ["flwr", "supernode", "register", str(creds.node_public(0)), "outside"],
+            capture_output=True,
+            text=True,
+            env=fed.env,
+            timeout=120,
+            check=False,
+        )
+        assert "only on loopback" in out.stdout + out.stderr
+        assert '/v1/control/register-node HTTP/1.1" 403' in fed.log("superlink")
+    finally:
+        fed.stop()
+
+
+FOREIGN_SERVER = """
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+server_app = ServerApp()
+client_app = ClientApp()
+
+
+@server_app.main()
+def _serve(grid: Grid, context: Context) -> None:
+    import time
+
+    while not (nodes := list(grid.get_node_ids())):
+        time.sleep(0.5)
+    train = [
+        Message(RecordDict({"c": ConfigRecord({"x": 1})}), dst_node_id=n, message_type="train")
+        for n in nodes
+    ]
+    for reply in grid.send_and_receive(train, timeout=90):
+        print("REPLY", reply.error.reason if reply.has_error() else "ran", flush=True)
+
+
+@client_app.train()
+def _train(msg: Message, context: Context) -> Message:
+    from pathlib import Path
+
+    Path(str(context.run_config["marker"])).write_text("the FAB's code ran on the node")
+    return Message(RecordDict({"c": ConfigRecord({"ok": 1})}), reply_to=msg)
+"""
+
+
+def test_a_supernode_runs_only_the_installed_fedllm_not_code_a_run_brings(tmp_path) -> None:
+    """A run whose app carries its own ClientApp (here: code that writes a file next to the
+    node's data) is refused by fedllm's SuperNode; the code never runs."""
+    data = tmp_path / "org0.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n")
+    marker = tmp_path / "ran-on-the-node"
+    app = tmp_path / "foreign_app"
+    (app / "foreign").mkdir(parents=True)
+    (app / "foreign" / "__init__.py").write_text("")
+    (app / "foreign" / "apps.py").write_text(FOREIGN_SERVER)
+    (app / "README.md").write_text("not fedllm\n")
+    pyproject = APP_PYPROJECT.format(version="1.0.0").replace("fedllm.deploy.apps", "foreign.apps")
+    pyproject = pyproject.replace("fedllm", "foreign")
+    pyproject = pyproject.replace('recipe = ""', f"marker = {json.dumps(str(marker))}")
+    (app / "pyproject.toml").write_text(pyproject)
+    fed = Federation(tmp_path)
+    try:
+        (node,) = fed.secure_link([data])
+        fed.start("node0", node)
+        out = subprocess.run(
+            ["flwr", "run", str(app), "loop", "--stream"],
+            capture_output=True,
+            text=True,
+            env=fed.env,
+            timeout=300,
+            check=False,
+        )
+        assert "REPLY" in out.stdout, out.stdout + out.stderr
+        assert "this node runs only its installed fedllm" in out.stdout
+        assert "REPLY ran" not in out.stdout and not marker.exists()
+    finally:
+        fed.stop()

@@ -43,8 +43,26 @@ BUILT_IN = {
     "secagg": "fedllm.privacy.secagg",
     "fedprox": "fedllm.features.fedprox",
     "server_momentum": "fedllm.features.server_momentum",
+    "node_guard": "fedllm.privacy.node_guard",
 }
 BASE = {"data": {"num_clients": 2}, "lora": {"ranks": 2, "alpha": 4}}
+
+
+ALWAYS = {"node_guard"}  # on for every recipe: the node's own privacy minimums
+
+
+def recipe_active(cfg) -> list:
+    """The feature classes the recipe turns on (without the always-on node guard)."""
+    return [c for c in registry.active(cfg) if c.name not in ALWAYS]
+
+
+def recipe_build(cfg) -> list:
+    """Instances of the features the recipe turns on (without the always-on node guard)."""
+    return [f for f in registry.build(cfg) if f.name not in ALWAYS]
+
+
+def test_the_node_guard_is_on_for_every_recipe_and_first() -> None:
+    assert registry.active(build_config(BASE))[0].name == "node_guard"
 
 
 def recipe(**extra: object) -> dict:
@@ -162,9 +180,9 @@ def test_dropped_in_feature_is_discovered(dropin: str) -> None:
 def test_dropped_in_feature_validates_in_a_recipe(dropin: str) -> None:
     cfg = build_config(recipe(features={dropin: {"strength": 0.25}}))
     assert cfg.features == {dropin: {"strength": 0.25}}
-    assert [c.name for c in registry.active(cfg)] == [dropin]
+    assert [c.name for c in recipe_active(cfg)] == [dropin]
     # named with no options: its defaults
-    (probe,) = registry.build(build_config(recipe(features={dropin: None})))
+    (probe,) = recipe_build(build_config(recipe(features={dropin: None})))
     assert (probe.options.strength, probe.options.label) == (0.5, "probe")
 
 
@@ -203,14 +221,14 @@ def test_build_instantiates_the_dropped_in_feature_in_order(dropin: str) -> None
             features={"server_momentum": {"beta": 0.5}, dropin: {"strength": 0.75}, "fedprox": {}}
         )
     )
-    features = registry.build(cfg)
+    features = recipe_build(cfg)
     assert [f.name for f in features] == ["fedprox", dropin, "server_momentum"]
     assert [f.order for f in features] == [50, 60, 80]
     probe = features[1]
     assert isinstance(probe, Feature) and probe.cfg is cfg
     assert probe.options.strength == 0.75 and probe.progress() == "probe 0.75"
     # fresh instances every time (per round on a client)
-    assert registry.build(cfg)[1] is not probe
+    assert recipe_build(cfg)[1] is not probe
 
 
 def test_no_drop_in_left_behind() -> None:
@@ -258,7 +276,7 @@ def test_entry_point_feature_is_found(
     assert "ep_probe" in registry.available()
     assert groups and set(groups) == {"fedllm.features"} and point.loads >= 1
     cfg = build_config(recipe(features={"ep_probe": {"level": 3}, "fedprox": {"mu": 0.1}}))
-    assert [f.name for f in registry.build(cfg)] == ["ep_probe", "fedprox"]  # 45 before 50
+    assert [f.name for f in recipe_build(cfg)] == ["ep_probe", "fedprox"]  # 45 before 50
     with pytest.raises(ConfigError, match=r"features\.ep_probe\.level: "):
         build_config(recipe(features={"ep_probe": {"level": 0}}))
     path = tmp_path / "ep.yaml"
@@ -319,18 +337,18 @@ def test_fedllm_validate_reports_an_unknown_feature(
 )
 def test_active_features_of_shipped_recipes(name: str, expected: list[str]) -> None:
     cfg = load_recipe(RECIPES / name)
-    assert [c.name for c in registry.active(cfg)] == expected
-    assert [f.name for f in registry.build(cfg)] == expected
+    assert [c.name for c in recipe_active(cfg)] == expected
+    assert [f.name for f in recipe_build(cfg)] == expected
 
 
 def test_a_plain_recipe_builds_no_feature() -> None:
-    assert registry.build(build_config(BASE)) == []
+    assert recipe_build(build_config(BASE)) == []
 
 
 def test_overrides_turn_features_on() -> None:
     path = RECIPES / "quickstart.yaml"
     cfg = load_recipe(path, ["features.server_momentum={beta: 0.5}", "compression.dtype=float16"])
-    assert [c.name for c in registry.active(cfg)] == ["server_momentum", "compression"]
+    assert [c.name for c in recipe_active(cfg)] == ["server_momentum", "compression"]
 
 
 # -- (e) the base Feature does nothing ------------------------------------------------------------
@@ -356,6 +374,7 @@ HOOKS = {
     # server
     "before_round",
     "run_round",
+    "lost_round",
     "download",
     "encode",
     "decode",
@@ -402,6 +421,7 @@ def test_every_hook_of_the_base_feature_is_a_no_op() -> None:
     # recipe
     assert Feature.enabled(cfg) is False
     assert f.reply_keys() is None
+    assert f.lost_round(3, partitions=[0, 1], sampled=2) is None
     assert Feature.parse_options(cfg) is None
     assert Feature.check(cfg) is None
     assert Feature.prepare(cfg, shapes={"q": (3, 2)}) is None
@@ -511,5 +531,5 @@ def test_a_dropped_in_dp_mechanism_is_enabled_by_its_privacy_mode(
     monkeypatch.setattr(fedllm.privacy, "__path__", [*fedllm.privacy.__path__, str(tmp_path)])
     monkeypatch.delitem(sys.modules, "fedllm.privacy.laplace_probe", raising=False)
     cfg = build_config(recipe(privacy={"mode": "laplace_probe"}))
-    assert [c.name for c in registry.active(cfg)] == ["laplace_probe"]
-    assert registry.active(build_config(recipe())) == []
+    assert [c.name for c in recipe_active(cfg)] == ["laplace_probe"]
+    assert recipe_active(build_config(recipe())) == []

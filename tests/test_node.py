@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
-from fedllm.client.node_config import check_node, local_recipe, node_shard, recipe_from_run_config
-from fedllm.deploy.federation import supernode_command, write_run_config
+from fedllm.client.node_config import (
+    check_app_source,
+    check_node,
+    local_recipe,
+    node_shard,
+    recipe_from_run_config,
+)
+from fedllm.deploy.federation import (
+    OperatorOnly,
+    check_fab,
+    guard_bin,
+    guard_clientapp_runtime,
+    superlink_command,
+    supernode_command,
+    write_app,
+    write_run_config,
+)
 from fedllm.recipe import load_recipe
 
 RECIPE = Path(__file__).parents[1] / "recipes" / "tiny.yaml"
@@ -88,3 +105,195 @@ def test_supernode_needs_tls_and_key_unless_insecure(capsys) -> None:
     )
     assert cmd[cmd.index("--node-config") + 1] == 'partition-id=3 data-path="/d.jsonl" rank=4'
     assert "--auth-supernode-private-key" in cmd and "--insecure" not in cmd
+
+
+# -- what a node pins, and which app it runs -------------------------------------------------------
+
+
+def test_a_pinned_recipe_hash_covers_secagg_and_the_budget(cfg) -> None:
+    """A node pinning the fingerprint of a SecAgg+ DP recipe refuses the same recipe without
+    SecAgg+, with a larger ε budget, or without DP."""
+    agreed = cfg.model_copy(
+        update={
+            "aggregator": cfg.aggregator.model_copy(update={"name": "ffa"}),
+            "privacy": cfg.privacy.model_validate(
+                {
+                    "mode": "sample",
+                    "noise_multiplier": 1.0,
+                    "epsilon_budget": 4.0,
+                    "secure_aggregation": {"enabled": True},
+                }
+            ),
+        }
+    )
+    node = {"partition-id": 0, "recipe-hash": agreed.fingerprint()}
+    check_node(agreed, node)
+    p, secagg = agreed.privacy, agreed.privacy.secure_aggregation
+    weaker = [
+        p.model_copy(update={"secure_aggregation": secagg.model_copy(update={"enabled": False})}),
+        p.model_copy(update={"epsilon_budget": 40.0}),
+        p.model_copy(update={"secure_aggregation": secagg.model_copy(update={"num_shares": 3})}),
+        type(p)(),
+    ]
+    for privacy in weaker:
+        with pytest.raises(ValueError, match="recipe hash mismatch"):
+            check_node(agreed.model_copy(update={"privacy": privacy}), node)
+
+
+def test_node_privacy_keys_are_node_config_keys(cfg) -> None:
+    check_node(cfg, {"partition-id": 0, "require-secagg": True, "max-epsilon": 8, "min-noise": 1})
+    cmd = supernode_command(
+        superlink="h:1",
+        partition_id=0,
+        port=2,
+        require_secagg=True,
+        max_epsilon=8.0,
+        min_noise=0.5,
+        insecure=True,
+    )
+    pairs = cmd[cmd.index("--node-config") + 1]
+    assert pairs == "partition-id=0 require-secagg=true max-epsilon=8.0 min-noise=0.5"
+
+
+def test_started_superlinks_and_supernodes_go_through_fedllm_guards() -> None:
+    link = superlink_command(port=9093, database=Path("s.db"), host="0.0.0.0", certs=Path("c"))
+    node = supernode_command(
+        superlink="h:1", partition_id=0, port=2, root_certificates=Path("ca"), auth_key=Path("k")
+    )
+    for cmd, role in ((link, "superlink"), (node, "supernode")):
+        assert cmd[:4] == [sys.executable, "-m", "fedllm.deploy.federation", role]
+        assert not any(a.startswith(("flower-", "--isolation", "--allow-runtime")) for a in cmd)
+    assert "--disable-runtime-dependency-installation" in link and "--enable-supernode-auth" in link
+    with pytest.raises(ValueError, match=r"0\.0\.0\.0:9095.*specific IP address"):
+        superlink_command(
+            port=1, database=Path("s"), insecure=True, operator_address="0.0.0.0:9095"
+        )
+    cmd = superlink_command(
+        port=1, database=Path("s"), insecure=True, operator_address="10.8.0.1:9095"
+    )
+    assert cmd[cmd.index("--operator-address") + 1] == "10.8.0.1:9095"
+
+
+def call(app, path: str, *, client: str, server: tuple[str, int] = ("192.0.2.2", 9093)) -> int:
+    """The HTTP status of one request through an ASGI app, from `client` to `server`."""
+    import asyncio
+
+    scope = {"type": "http", "path": path, "method": "POST", "headers": []}
+    scope |= {"client": (client, 40000), "server": server}
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    return next(m["status"] for m in sent if m["type"] == "http.response.start")
+
+
+async def flower(scope, receive, send) -> None:
+    """Stands for Flower's SuperLink app: answers 200 to anything that reaches it."""
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def test_control_and_runtime_apis_answer_only_loopback_and_the_operator() -> None:
+    app = OperatorOnly(flower, operator=[("10.8.0.1", 9095)])
+    for path in ("/v1/control/start-run", "/v1/control/register-node", "/v1/runtime/push-messages"):
+        assert call(app, path, client="203.0.113.9") == 403
+        assert call(app, path, client="::ffff:203.0.113.9") == 403
+        assert call(app, "/docs", client="203.0.113.9") == 403
+        assert call(app, path, client="127.0.0.1") == 200
+        assert call(app, path, client="::1") == 200
+        # the operator listener, and only it
+        assert call(app, path, client="10.8.0.7", server=("10.8.0.1", 9095)) == 200
+        assert call(app, path, client="10.8.0.7", server=("10.8.0.1", 9093)) == 403
+    for path in ("/v1/fleet/pull-messages", "/v1/fleet/get-fab", "/health"):
+        assert call(app, path, client="203.0.113.9") == 200
+
+
+def fab(files: dict[str, str]) -> bytes:
+    """A FAB as Flower builds it from a folder holding `files`."""
+    import tempfile
+
+    from flwr.cli.build import build_fab_from_disk
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, text in files.items():
+            (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
+            (Path(tmp) / name).write_text(text)
+        return build_fab_from_disk(Path(tmp))
+
+
+def fedllm_fab(tmp_path: Path) -> bytes:
+    from flwr.cli.build import build_fab_from_disk
+
+    return build_fab_from_disk(write_app(tmp_path / "app"))
+
+
+def foreign_fabs(tmp_path: Path) -> dict[str, bytes]:
+    """Apps a node must not run: code in the FAB, another ClientApp, fedllm's name over code."""
+    ours = (write_app(tmp_path / "ours") / "pyproject.toml").read_text()
+    other = ours.replace("fedllm.deploy.apps:client_app", "evil.apps:client_app")
+    return {
+        "code": fab({"pyproject.toml": other, "evil/apps.py": "client_app = None\n"}),
+        "other components, no code": fab({"pyproject.toml": other}),
+        "fedllm's components over code": fab(
+            {"pyproject.toml": ours, "fedllm/deploy/apps.py": "client_app = None\n"}
+        ),
+    }
+
+
+def test_only_fedllms_own_app_passes_the_fab_check(tmp_path) -> None:
+    check_fab(fedllm_fab(tmp_path))
+    for content in foreign_fabs(tmp_path).values():
+        with pytest.raises(ValueError, match=r"this node runs only .*fedllm"):
+            check_fab(content)
+    with pytest.raises(ValueError, match="not a FAB"):
+        check_fab(b"not a zip")
+
+
+def test_the_guarded_clientapp_process_runs_the_installed_fedllm(tmp_path, monkeypatch) -> None:
+    import flwr.supernode.runtime.run_clientapp as runtime
+
+    from fedllm.deploy import apps
+
+    monkeypatch.setattr(runtime, "install_from_fab", runtime.install_from_fab)  # restored after
+    monkeypatch.setattr(runtime, "get_load_client_app_fn", runtime.get_load_client_app_fn)
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
+    guard_clientapp_runtime(runtime, apps.client_app)
+    runtime.install_from_fab(fedllm_fab(tmp_path), skip_prompt=True)
+    assert not (tmp_path / "home").exists()  # nothing of the FAB was written
+    load = runtime.get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
+    assert load("evil/evil-app", "1.0.0", "0" * 64) is apps.client_app
+    for content in foreign_fabs(tmp_path).values():
+        with pytest.raises(ValueError, match="this node runs only"):
+            runtime.install_from_fab(content, skip_prompt=True)
+
+
+def test_a_fedllm_node_starts_no_other_app_process(tmp_path) -> None:
+    import subprocess
+
+    folder = guard_bin(tmp_path)
+    text = (folder / "flwr-clientapp").read_text()
+    assert "-m fedllm.deploy.federation clientapp" in text and sys.executable in text
+    for name in ("flwr-serverapp", "flwr-agentapp", "flwr-simulation"):
+        out = subprocess.run([folder / name], capture_output=True, text=True, check=False)
+        assert out.returncode == 1 and "runs only fedllm's installed ClientApp" in out.stderr
+    assert guard_bin(tmp_path) == folder  # written in place, no new folder per start
+
+
+def test_the_client_app_refuses_a_foreign_app_flower_put_on_its_path(tmp_path, monkeypatch) -> None:
+    import zipfile
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    apps = tmp_path / "apps"
+    ours, theirs = apps / "fedllm.fedllm-app.0.1.abc", apps / "evil.evil-app.1.0.def"
+    zipfile.ZipFile(io.BytesIO(fedllm_fab(tmp_path))).extractall(ours)
+    zipfile.ZipFile(io.BytesIO(foreign_fabs(tmp_path)["code"])).extractall(theirs)
+    check_app_source([str(ours), "/somewhere/else"])
+    with pytest.raises(
+        ValueError, match=r"evil/apps\.py: this node runs only its installed fedllm"
+    ):
+        check_app_source([str(theirs)])

@@ -68,9 +68,9 @@ def test_compatible_recipes_load_and_the_option_is_off_by_default() -> None:
     for name in ("ffa", "fedit", "svd"):
         cfg = load_recipe(RECIPE, [ON, f"aggregator.name={name}"])
         assert cfg.privacy.secure_aggregation.enabled
-    # a resolved recipe (recipe.yaml) loads back; the fingerprint ignores the option
+    # a resolved recipe (recipe.yaml) loads back; the fingerprint a node pins covers the option
     plain = load_recipe(RECIPE, ["aggregator.name=ffa"])
-    assert cfg.fingerprint() == plain.fingerprint()
+    assert cfg.fingerprint() != plain.fingerprint()
 
 
 def test_vectors_have_one_shape_for_every_rank() -> None:
@@ -251,6 +251,8 @@ def plain_mean(cfg, ups, partitions) -> dict[str, torch.Tensor]:
 
 
 def test_a_round_recovers_the_weighted_mean_and_only_allowed_keys_leave_clients() -> None:
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
     cfg = secure_cfg()
     ups = updates(cfg)
     result, before, after, sent = secure_round(cfg, ups)
@@ -268,7 +270,12 @@ def test_a_round_recovers_the_weighted_mean_and_only_allowed_keys_leave_clients(
         content = reply.content
         assert all(len(rec) == 0 for rec in content.array_records.values()), "unmasked arrays"
         assert set(content.metric_records) <= {"fitres.num_examples"}
-        assert set(content.config_records) <= {"fitres.metrics", "fitres.status", "secaggplus"}
+        # the protocol's own record (public keys, encrypted shares, masked vector) and FitRes's
+        assert set(content.config_records) <= {
+            "fitres.metrics",
+            "fitres.status",
+            RECORD_KEY_CONFIGS,
+        }
         if reply in masked:
             metrics = content.config_records["fitres.metrics"]
             assert set(metrics) <= CLEAR, set(metrics) - CLEAR

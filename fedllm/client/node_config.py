@@ -7,18 +7,35 @@ A SuperNode is started with `--node-config` (see `fedllm node`), whose keys are:
   whole private dataset (split into train/held-out with the recipe's `data.held_out`);
 - `rank`: the LoRA rank this node trains at (default: the recipe's rank for its partition);
 - `model`: the base model this node has; a run of a recipe on another base is refused;
-- `recipe-hash`: pin the recipe fingerprint this organisation agreed to; other runs are refused.
+- `recipe-hash`: pin the recipe fingerprint this organisation agreed to (model, LoRA, data, seed
+  and the whole `privacy` section, SecAgg+ and budget included); other runs are refused;
+- `require-secagg` (true/false): train only in runs with `privacy.secure_aggregation.enabled`;
+- `max-epsilon`: train only under DP whose target ε / budget is at most this, and never past it by
+  this node's own ε ledger (`privacy.mode: sample`), kept in its context state;
+- `min-noise`: train only with a DP-SGD σ (sample) or client-level z (client) of at least this.
+The last three are enforced by `fedllm.privacy.node_guard` before any training.
 Errors raised here reach the server as the client's error reply and leave it out of the round.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
 from fedllm.recipe import RunConfig, build_config
 
-NODE_KEYS = ("partition-id", "num-partitions", "data-path", "rank", "model", "recipe-hash")
+NODE_KEYS = (
+    "partition-id",
+    "num-partitions",
+    "data-path",
+    "rank",
+    "model",
+    "recipe-hash",
+    "require-secagg",
+    "max-epsilon",
+    "min-noise",
+)
 
 
 def recipe_from_run_config(run_config: Mapping[str, object]) -> RunConfig:
@@ -34,8 +51,26 @@ def recipe_from_run_config(run_config: Mapping[str, object]) -> RunConfig:
     return build_config(yaml.safe_load(text), source="run config 'recipe'")
 
 
+def check_app_source(paths: list[str] | None = None) -> None:
+    """Refuse to run when Flower put a run's app on sys.path that is not fedllm's own (files
+    besides pyproject/README, or other components): a node runs only its installed fedllm.
+
+    Flower's stock `flwr-clientapp` installs the run's FAB under $FLWR_HOME/apps and puts it first
+    on sys.path; fedllm's own ClientApp process (`fedllm node`) never does, and checks the FAB
+    before anything is imported (`fedllm.deploy.federation.check_fab`).
+    """
+    from fedllm.deploy.federation import check_app_dir, flwr_home
+
+    apps = (flwr_home() / "apps").resolve()
+    for entry in sys.path if paths is None else paths:
+        folder = Path(entry or ".").resolve()
+        if folder.is_dir() and folder.is_relative_to(apps) and folder != apps:
+            check_app_dir(folder)
+
+
 def check_node(cfg: RunConfig, node_config: Mapping[str, object]) -> None:
-    """Refuse a run whose base model or recipe differs from what this node was set up for."""
+    """Refuse a run whose app, base model or recipe differs from what this node was set up for."""
+    check_app_source()
     unknown = sorted(set(node_config) - set(NODE_KEYS))
     if unknown:
         raise ValueError(f"unknown node config key(s) {unknown}; valid: {', '.join(NODE_KEYS)}")

@@ -68,7 +68,8 @@ def make_credentials(
         raise ValueError(f"nodes must be >= 0, got {nodes}")
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
-    hosts = hosts or ["127.0.0.1", "localhost"]
+    # Flower's ServerApp runner reaches the SuperLink over loopback: always name 127.0.0.1
+    hosts = list(dict.fromkeys([*(hosts or ["127.0.0.1", "localhost"]), "127.0.0.1"]))
     now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
     until = now + dt.timedelta(days=days)
 

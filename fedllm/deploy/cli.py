@@ -1,4 +1,5 @@
-"""`fedllm node` (start one organisation's SuperNode) and `fedllm certs` (test credentials)."""
+"""`fedllm superlink` (the operator's guarded SuperLink), `fedllm node` (one organisation's guarded
+SuperNode) and `fedllm certs` (test credentials)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,17 @@ import os
 import sys
 from pathlib import Path
 
-from fedllm.deploy.federation import flwr_env, supernode_command
+from fedllm.deploy.federation import (
+    flwr_env,
+    serve_superlink,
+    superlink_args,
+    supernode_command,
+)
 
 
 def cmd_node(args: argparse.Namespace) -> int:
-    """Replace this process by `flower-supernode`, so its PID is the SuperNode's."""
+    """Replace this process by the guarded `flower-supernode` (`exec_supernode` execs again), so
+    its PID is the SuperNode's."""
     cmd = supernode_command(
         superlink=args.superlink,
         partition_id=args.partition_id,
@@ -20,6 +27,9 @@ def cmd_node(args: argparse.Namespace) -> int:
         rank=args.rank,
         model=args.model,
         recipe_hash=args.recipe_hash,
+        require_secagg=args.require_secagg,
+        max_epsilon=args.max_epsilon,
+        min_noise=args.min_noise,
         root_certificates=args.root_certificates,
         auth_key=args.auth_key,
         insecure=args.insecure,
@@ -29,6 +39,27 @@ def cmd_node(args: argparse.Namespace) -> int:
     print(f"[fedllm] {' '.join(cmd)}", flush=True)
     os.execvpe(cmd[0], cmd, flwr_env())
     return 1  # not reached
+
+
+def cmd_superlink(args: argparse.Namespace) -> int:
+    """Run Flower's SuperLink with its Control/Runtime APIs for the operator only; blocks."""
+    tls = (args.ssl_ca_certfile, args.ssl_certfile, args.ssl_keyfile)
+    if not args.insecure and None in tls:
+        raise ValueError(
+            "a SuperLink needs --ssl-ca-certfile, --ssl-certfile and --ssl-keyfile "
+            "(or --insecure, on a trusted loopback only)"
+        )
+    serve_superlink(
+        superlink_args(
+            port=args.port,
+            database=args.database,
+            host=args.host,
+            tls=None if args.insecure else tls,
+            insecure=args.insecure,
+            operator_address=args.operator_address,
+        )
+    )
+    return 0
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
@@ -54,11 +85,47 @@ def add_deploy_commands(sub: argparse._SubParsersAction) -> None:
     node.add_argument("--rank", type=int, help="LoRA rank of this node (default: the recipe's)")
     node.add_argument("--model", help="refuse runs whose recipe uses another base model")
     node.add_argument("--recipe-hash", help="refuse runs of any other recipe fingerprint")
+    node.add_argument(
+        "--require-secagg",
+        action="store_true",
+        help="train only in runs with privacy.secure_aggregation.enabled",
+    )
+    node.add_argument(
+        "--max-epsilon",
+        type=float,
+        help="train only under DP with target ε / budget ≤ this, and never past it by this "
+        "node's own ε ledger",
+    )
+    node.add_argument(
+        "--min-noise",
+        type=float,
+        help="train only with a DP-SGD σ or client-level z of at least this",
+    )
     node.add_argument("--port", type=int, default=9094, help="local port of the node's app API")
     node.add_argument("--root-certificates", type=Path, help="CA certificate (TLS)")
     node.add_argument("--auth-key", type=Path, help="this node's registered ECDSA private key")
     node.add_argument("--insecure", action="store_true", help="no TLS, no auth (debug only)")
     node.set_defaults(fn=cmd_node)
+
+    link = sub.add_parser(
+        "superlink",
+        help="start the SuperLink (deployment mode): Flower's, with its Control API for the "
+        "operator only",
+    )
+    link.add_argument("--host", default="0.0.0.0", help="address SuperNodes connect to")
+    link.add_argument("--port", type=int, default=9093)
+    link.add_argument("--database", type=Path, default=Path("state.db"), help="runs and nodes")
+    link.add_argument("--ssl-ca-certfile", type=Path, help="CA certificate (TLS)")
+    link.add_argument("--ssl-certfile", type=Path, help="the SuperLink's TLS certificate")
+    link.add_argument("--ssl-keyfile", type=Path, help="the SuperLink's TLS private key")
+    link.add_argument(
+        "--operator-address",
+        metavar="IP:PORT",
+        help="also answer the Control API on this operator-only address (e.g. a VPN or "
+        "management interface); without it, only on loopback",
+    )
+    link.add_argument("--insecure", action="store_true", help="no TLS, no auth (debug only)")
+    link.set_defaults(fn=cmd_superlink)
 
     certs = sub.add_parser("certs", help="create a test CA, SuperLink certificate and node keys")
     certs.add_argument("folder")

@@ -150,6 +150,10 @@ class Feature:
         not seen yet may hold any partition not seen yet), `sampled` nodes will be asked."""
         return None
 
+    def lost_round(self, server_round: int, *, partitions: Sequence[int], sampled: int) -> None:
+        """Account for a round that began (clients were asked to train) but never ended: the
+        server crashed before its checkpoint; called on --resume."""
+
     def run_round(self, server_round: int, *, strategy: Any, grid: Any) -> RoundResult | None:
         """Run the round's whole training exchange instead of the plain one, or None."""
         return None

@@ -419,12 +419,9 @@ class RunConfig(_Strict):
         return self.lora.alpha / rank
 
     def fingerprint(self) -> str:
-        """A short hash of what must match between server and clients (model, LoRA, data)."""
-        parts = self.model_dump(include={"model", "lora", "data", "seed"}, mode="json")
-        if self.privacy.mode != "none":  # clients must train with the server's DP settings
-            parts["privacy"] = self.privacy.model_dump(
-                exclude={"epsilon_budget", "secure_aggregation"}, mode="json"
-            )
+        """A short hash of what must match between server and clients and what a node pins
+        (model, LoRA, data, seed and the whole privacy section, SecAgg+ and budget included)."""
+        parts = self.model_dump(include={"model", "lora", "data", "seed", "privacy"}, mode="json")
         return hashlib.sha256(yaml.safe_dump(parts, sort_keys=True).encode()).hexdigest()[:12]
 
     def to_yaml(self) -> str:

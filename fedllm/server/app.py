@@ -21,7 +21,7 @@ from fedllm.features.types import RoundResult
 from fedllm.model.adapters import factors_digest
 from fedllm.model.base import adapter_shapes
 from fedllm.recipe.schema import RunConfig
-from fedllm.server.checkpoint import load_checkpoint, save_checkpoint
+from fedllm.server.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from fedllm.server.exchange import describe_train, exchange, say, wait_for_nodes
 from fedllm.server.metrics import MetricsLog
 from fedllm.server.outputs import finish
@@ -39,26 +39,35 @@ class Run:
         self.timeout = cfg.federation.round_timeout
 
     # -- checkpoints -----------------------------------------------------------------------------
-    def save(self, server_round: int) -> None:
+    def save(self, server_round: int, *, pending: dict[str, Any] | None = None) -> None:
+        """Checkpoint after `server_round`; `pending` marks a round whose clients may be training
+        now, so that a crash before its end is still accounted on --resume."""
         features = {f.state_key or f.name: f.state_dict() for f in self.features}
-        state = {"round": server_round, "fingerprint": self.cfg.fingerprint()}
+        state = {"round": server_round, "fingerprint": self.cfg.fingerprint(), "pending": pending}
         save_checkpoint(
             self.cfg.run_dir, {**state, "strategy": self.strategy.state_dict(), **features}
         )
 
     def resume(self) -> int:
-        """Load the last checkpoint; returns the first round still to run (1 without one)."""
+        """Load the last checkpoint; returns the first round still to run."""
         state = load_checkpoint(self.cfg.run_dir)
         if state is None:
-            return 1
+            raise FileNotFoundError(
+                f"--resume: no {CHECKPOINT} in {self.cfg.run_dir} on the server, so there is no "
+                "finished round to continue from; drop --resume to start the run from round 0"
+            )
         if state["fingerprint"] != self.cfg.fingerprint():
             raise ValueError(
                 f"checkpoint in {self.cfg.run_dir} was made by another recipe "
-                "(model/lora/data/seed differ); use a new name= or drop --resume"
+                "(model/lora/data/seed/privacy differ); use a new name= or drop --resume"
             )
         self.strategy.load_state_dict(state["strategy"])
         for f in self.features:
             f.load_state_dict(state.get(f.state_key or f.name))
+        if (lost := state.get("pending")) is not None:  # clients trained, the round never ended
+            for f in self.features:
+                f.lost_round(lost["round"], partitions=lost["partitions"], sampled=lost["sampled"])
+            say(f"round {lost['round']} was interrupted after its clients were asked to train")
         self.metrics.truncate_after(state["round"])
         say(
             f"resuming {self.cfg.name} after round {state['round']} of {self.cfg.federation.rounds}"
@@ -97,6 +106,8 @@ class Run:
         for f in self.features:
             if why := f.before_round(server_round, partitions=partitions, sampled=len(nodes)):
                 return why
+        pending = {"round": server_round, "partitions": partitions, "sampled": len(nodes)}
+        self.save(server_round - 1, pending=pending)
         return None
 
     def train(self, server_round: int) -> RoundResult:

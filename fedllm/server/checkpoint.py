@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import shutil
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -31,7 +32,7 @@ _LEAVES = (str, bytes, int, float, bool, type(None))
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be written or read back, naming the file and what to do."""
+    """A checkpoint that cannot be read back, naming the file and what to do about it."""
 
 
 def has_checkpoint(run_dir: Path) -> bool:
@@ -117,11 +118,17 @@ def _keep_as(path: Path, target: Path) -> None:
 def _read(path: Path) -> dict:
     """One checkpoint file, tensors and plain containers only; CheckpointError saying why not."""
     try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
+        state = torch.load(path, weights_only=True)
     except Exception as err:  # a truncated zip, a bad pickle, a forbidden global: all unreadable
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "Weights only load failed" in reason or "weights_only" in reason:
-            reason = "it holds objects other than tensors and plain containers (refused)"
+        text = str(err)
+        if found := re.search(r"Unsupported global: GLOBAL (\S+)", text):
+            reason = (
+                f"it refers to {found[1]}, but a checkpoint holds only tensors and plain "
+                "containers (refused: loading it could run code)"
+            )
+        else:
+            detail = re.search(r"PytorchStreamReader[^.]*|Unsupported operand \d+", text)
+            reason = f"damaged or truncated ({detail[0] if detail else type(err).__name__})"
         raise CheckpointError(f"{path} is not a readable checkpoint: {reason}") from err
     rng = state.get("rng") if isinstance(state, dict) else None
     if not (

@@ -165,6 +165,11 @@ class LoraStrategy(Strategy):
     # -- training: replies -----------------------------------------------------------------------
     def read_reply(self, node: int, content: RecordDict) -> tuple[TrainReply, dict[str, Factors]]:
         """A reply's validated metrics and its factors at the global shapes (ValueError if bad)."""
+        for key in ("update", "kept"):
+            if key in content and not isinstance(content[key], ArrayRecord):
+                raise ValueError(
+                    f"'{key}' must be an array record, got {type(content[key]).__name__}"
+                )
         size = sum(r.count_bytes() for r in content.array_records.values())
         if size > self.max_reply_bytes:
             raise ValueError(
@@ -187,6 +192,9 @@ class LoraStrategy(Strategy):
             update = wire.read_update(content["update"], scaling, self.spec, self.shapes)
         for f in self.features:
             update = f.receive(node, content, update, reply=reply, shapes=self.shapes)
+        if any(f.B.dtype != torch.float32 for f in update.values()):
+            dtypes = sorted({str(f.B.dtype) for f in update.values()})
+            raise ValueError(f"factors in dtype {dtypes}, expected float32 (the wire dtype)")
         if any(f.rank != reply.rank for f in update.values()):
             raise ValueError(f"claims rank {reply.rank} but sent factors of other ranks")
         if self.spec.freeze_A:  # the server's own frozen A, never one a client sent
@@ -221,7 +229,7 @@ class LoraStrategy(Strategy):
                 continue
             try:
                 parsed[node] = self.read_reply(node, msg.content)
-            except (KeyError, ValueError, TypeError) as err:
+            except Exception as err:  # anything a client sends must not end the round
                 log.warning("round %d: node %s sent a malformed reply: %s", server_round, node, err)
                 reason = f"malformed reply: {err}"
                 rows.append(ClientRow(server_round, node, "rejected", reason=reason))

@@ -1,0 +1,245 @@
+"""A hostile client against the server: each bad reply is rejected with a logged reason, the round
+completes with the honest clients, and the global adapter stays finite.
+
+Fast: every corruption through `LoraStrategy.train_round` beside three honest replies, for the
+plain, DP-SGD and client-level-DP servers. Slow: a real federation (the round loop and ClientApp on
+the in-process grid) in which one node's replies are corrupted a different way every round.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from test_strategy import factors, metrics, recipe, reply, strategy
+
+from fedllm.deploy.local_grid import LocalGrid, server_identity
+from fedllm.model.adapters import to_record
+
+Corrupt = Callable[[RecordDict], RecordDict]
+
+
+def _factors(content: RecordDict) -> dict[str, torch.Tensor]:
+    return content["update"].to_torch_state_dict()
+
+
+def _arrays(change: Callable[[dict[str, torch.Tensor]], None]) -> Corrupt:
+    """A corruption of the reply's update arrays (a copy: the honest reply is not mutated)."""
+
+    def corrupt(content: RecordDict) -> RecordDict:
+        tensors = {k: v.clone() for k, v in _factors(content).items()}
+        change(tensors)
+        return RecordDict({**content, "update": ArrayRecord(tensors)})
+
+    return corrupt
+
+
+def _metrics(**values: object) -> Corrupt:
+    def corrupt(content: RecordDict) -> RecordDict:
+        old = dict(content["metrics"])
+        new = {k: v for k, v in {**old, **values}.items() if v is not None}
+        holder = (
+            ConfigRecord if any(isinstance(v, str | bool) for v in new.values()) else MetricRecord
+        )
+        return RecordDict({**content, "metrics": holder(new)})
+
+    return corrupt
+
+
+def _first(key_end: str) -> Callable[[dict[str, torch.Tensor]], str]:
+    return lambda t: next(k for k in sorted(t) if k.endswith(key_end))
+
+
+def _set(key_end: str, value: float) -> Corrupt:
+    def change(t: dict[str, torch.Tensor]) -> None:
+        t[_first(key_end)(t)][0, 0] = value
+
+    return _arrays(change)
+
+
+def _reshape(t: dict[str, torch.Tensor]) -> None:
+    key = _first(".lora_B")(t)
+    t[key] = torch.zeros(t[key].shape[0] + 3, t[key].shape[1])
+
+
+def _rank_up(t: dict[str, torch.Tensor]) -> None:  # factors of rank 3, metrics still say 2
+    for key in list(t):
+        x = t[key]
+        t[key] = torch.cat([x, x[:, :1]], 1) if key.endswith("lora_B") else torch.cat([x, x[:1]])
+
+
+def _drop_module(t: dict[str, torch.Tensor]) -> None:
+    module = _first(".lora_A")(t).removesuffix(".lora_A")
+    del t[module + ".lora_A"], t[module + ".lora_B"]
+
+
+def _extra_module(t: dict[str, torch.Tensor]) -> None:
+    t["k.lora_A"], t["k.lora_B"] = torch.ones(2, 4), torch.ones(4, 2)
+
+
+def _dtype(dtype: torch.dtype) -> Callable[[dict[str, torch.Tensor]], None]:
+    def change(t: dict[str, torch.Tensor]) -> None:
+        for key in t:
+            t[key] = t[key].to(dtype)
+
+    return change
+
+
+def _huge_norm(t: dict[str, torch.Tensor]) -> None:
+    for key in t:
+        if key.endswith("lora_B"):
+            t[key] = t[key] * 1e6
+
+
+def _oversized(t: dict[str, torch.Tensor]) -> None:
+    t["q.lora_A"] = torch.zeros(2, 4)  # keep the update valid, then pad the message
+    t["padding.lora_B"] = torch.zeros(2_000_000)
+
+
+def _no_metrics(content: RecordDict) -> RecordDict:
+    return RecordDict({"update": content["update"]})
+
+
+def _no_update(content: RecordDict) -> RecordDict:
+    return RecordDict({"metrics": content["metrics"]})
+
+
+def _garbage_record(content: RecordDict) -> RecordDict:
+    return RecordDict({**content, "update": ConfigRecord({"q.lora_A": "nonsense"})})
+
+
+# name -> (corruption, words the rejection reason must contain)
+HOSTILE: dict[str, tuple[Corrupt, str]] = {
+    "NaN in B": (_set(".lora_B", float("nan")), "NaN or Inf"),
+    "Inf in A": (_set(".lora_A", float("inf")), "NaN or Inf"),
+    "-Inf in B": (_set(".lora_B", float("-inf")), "NaN or Inf"),
+    "wrong shape": (_arrays(_reshape), "shape"),
+    "factors of another rank": (_arrays(_rank_up), "claims rank"),
+    "float64 factors": (_arrays(_dtype(torch.float64)), "dtype"),
+    "integer factors": (_arrays(_dtype(torch.int32)), "dtype"),
+    "missing module": (_arrays(_drop_module), "missing modules"),
+    "extra module": (_arrays(_extra_module), "unknown modules"),
+    "huge norm": (_arrays(_huge_norm), "median"),
+    "oversized message": (_arrays(_oversized), "bytes"),
+    "huge weight": (_metrics(**{"num-examples": 10**12}), "num-examples"),
+    "rank above the recipe": (_metrics(rank=64), "rank"),
+    "garbage rank": (_metrics(rank="two"), "rank"),
+    "bool rank": (_metrics(rank=True), "rank"),
+    "NaN loss": (_metrics(**{"train-loss": float("nan")}), "train-loss"),
+    "infinite steps": (_metrics(steps=float("inf")), "steps"),
+    "negative steps": (_metrics(steps=-5), "steps"),
+    "partition outside the recipe": (_metrics(**{"partition-id": 99}), "partition-id"),
+    "missing partition": (_metrics(**{"partition-id": None}), "partition-id"),
+    "no metrics record": (_no_metrics, "metrics"),
+    "no update record": (_no_update, "update"),
+    "update not an array record": (_garbage_record, "update"),
+}
+
+
+def honest(node: int, partition: int) -> Message:
+    return reply(node, factors(partition), metrics(partition))
+
+
+def content_of(partition: int, **extra: object) -> RecordDict:
+    values = {**metrics(partition), **extra}
+    return RecordDict({"update": to_record(factors(partition)), "metrics": MetricRecord(values)})
+
+
+def from_content(node: int, content: RecordDict) -> Message:
+    from test_strategy import instruction
+
+    return Message(content, reply_to=instruction(node))
+
+
+@pytest.mark.parametrize("server", ["plain", "dp_sgd", "client_dp"])
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_a_hostile_reply_is_rejected_and_the_round_goes_on(
+    name: str, server: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    corrupt, words = HOSTILE[name]
+    privacy = {
+        "plain": {},
+        "dp_sgd": {"mode": "sample", "noise_multiplier": 1.0},
+        "client_dp": {"mode": "client", "client_noise_multiplier": 1.0, "delta": 1e-3},
+    }[server]
+    weighting = "uniform" if server == "client_dp" else "examples"
+    cfg = recipe(privacy=privacy, aggregator={"weighting": weighting}, data={"max_examples": 1000})
+    dp = {"dp-noise-multiplier": 1.0, "dp-sample-rate": 0.1, "dp-steps": 5}
+    extra = dp if server == "dp_sgd" else {}
+    s = strategy(cfg)
+    before = {m: f.delta() for m, f in s.global_.items()}
+    replies = [from_content(1 + p, content_of(p, **extra)) for p in range(3)]
+    replies.append(from_content(4, corrupt(content_of(3, **extra))))
+    with caplog.at_level(logging.WARNING, logger="fedllm.server"):
+        result = s.train_round(1, replies, sampled=4)
+    rows = {r.node: r for r in result.rows}
+    if name == "huge norm" and server == "client_dp":  # no relative screening: clipped to S
+        assert rows[4].status == "ok"
+        moved = sum(float((s.global_[m].delta() - before[m]).norm()) for m in before)
+        assert moved < 10 * cfg.privacy.client_clip, "the hostile update was clipped to S"
+        return
+    assert rows[4].status == "rejected", f"{name}: {rows[4]}"
+    assert words.lower() in rows[4].reason.lower(), rows[4].reason
+    assert any(str(4) in rec.getMessage() for rec in caplog.records), "the rejection is logged"
+    assert [rows[n].status for n in (1, 2, 3)] == ["ok"] * 3
+    assert all(torch.isfinite(f.B).all() and torch.isfinite(f.A).all() for f in s.global_.values())
+    assert any(not torch.equal(s.global_[m].delta(), before[m]) for m in before)
+
+
+def test_the_harness_tries_at_least_fifteen_bad_replies() -> None:
+    assert len(HOSTILE) >= 15
+
+
+# -- a real federation with one hostile node ------------------------------------------------------
+
+
+class HostileApp:
+    """fedllm's ClientApp, except that node `hostile`'s training replies are corrupted, a
+    different way each round (messages go through Flower's serialisation both ways)."""
+
+    def __init__(self, app, *, hostile: int, plan: list[str]) -> None:
+        self.app, self.hostile, self.plan = app, hostile, plan
+        self.rounds = 0
+
+    def __call__(self, msg: Message, context: Context) -> Message:
+        out = self.app(msg, context)
+        if context.node_id != self.hostile or msg.metadata.message_type != "train":
+            return out
+        corrupt, _ = HOSTILE[self.plan[self.rounds % len(self.plan)]]
+        self.rounds += 1
+        return Message(corrupt(out.content), reply_to=msg)
+
+
+@pytest.mark.slow
+def test_a_hostile_node_in_a_real_federation_never_breaks_a_round(tmp_path: Path) -> None:
+    from fedllm.client.app import make_client_app
+    from fedllm.recipe import load_recipe
+    from fedllm.server.app import run_server
+    from fedllm.server.metrics import MetricsLog
+
+    plan = ["NaN in B", "huge norm", "garbage rank", "huge weight", "factors of another rank"]
+    recipe_path = Path(__file__).parents[1] / "recipes" / "tiny.yaml"
+    overrides = [f"output_dir={tmp_path}", "name=hostile", "data.num_clients=4"]
+    overrides += [
+        "lora.ranks=[2,4,8,2]",
+        f"federation.rounds={len(plan)}",
+        "federation.local_steps=2",
+    ]
+    cfg = load_recipe(recipe_path, overrides)
+    app = HostileApp(make_client_app(cfg), hostile=1004, plan=plan)
+    grid = LocalGrid(app, cfg.data.num_clients)
+    with server_identity(grid.run.run_id):
+        run_dir = run_server(grid, cfg)
+    rows = MetricsLog(run_dir).read()
+    for rnd in range(1, len(plan) + 1):
+        clients = {r["node"]: r for r in rows if r["kind"] == "client" and r["round"] == rnd}
+        assert clients[1004]["status"] == "rejected", (rnd, plan[rnd - 1], clients[1004])
+        assert [clients[n]["status"] for n in (1001, 1002, 1003)] == ["ok"] * 3
+    server = [r for r in rows if r["kind"] == "server"]
+    assert len(server) == len(plan) + 1
+    assert all(r["held_out_loss"] == r["held_out_loss"] for r in server), "held-out loss finite"
+    assert server[-1]["held_out_loss"] < server[0]["held_out_loss"]

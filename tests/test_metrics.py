@@ -1,0 +1,99 @@
+"""metrics.jsonl: a last line cut short by a crash is dropped with a warning, a bad line elsewhere
+is an error naming file and line, and written rows are fsynced before the checkpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from fedllm.server.metrics import METRICS, MetricsLog
+
+ROWS = [
+    {"kind": "server", "round": 0, "held_out_loss": 3.0},
+    {"kind": "client", "round": 1, "partition": 0},
+    {"kind": "server", "round": 1, "held_out_loss": 2.5},
+    {"kind": "client", "round": 2, "partition": 0},
+]
+
+
+def _log_with(tmp_path: Path, tail: bytes) -> MetricsLog:
+    """A metrics file holding ROWS, then `tail` (e.g. half a row written when the run died)."""
+    log = MetricsLog(tmp_path)
+    log.write(ROWS)
+    with log.path.open("ab") as f:
+        f.write(tail)
+    return log
+
+
+HALF_ROW = json.dumps({"kind": "server", "round": 2, "held_out_loss": 2.25}).encode()[:23]
+
+
+@pytest.mark.parametrize("tail", [HALF_ROW, HALF_ROW + b"\n", b'{"kind": "cli\xe2', b"\x00" * 32])
+def test_read_drops_a_half_written_last_line_with_a_warning(
+    tmp_path: Path, tail: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = _log_with(tmp_path, tail)
+    with caplog.at_level(logging.WARNING, logger="fedllm"):
+        assert log.read() == ROWS
+    assert f"{tmp_path / METRICS}: dropping line 5" in caplog.text
+
+
+def test_truncate_after_tolerates_a_half_written_last_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = _log_with(tmp_path, HALF_ROW)
+    with caplog.at_level(logging.WARNING, logger="fedllm"):
+        log.truncate_after(1)
+    assert "dropping line 5" in caplog.text
+    assert log.path.read_text().splitlines() == [json.dumps(r) for r in ROWS[:3]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [METRICS]  # no temporary left
+    log.write([{"kind": "server", "round": 2}])  # appending after the repair gives whole lines
+    assert [r["round"] for r in log.read()] == [0, 1, 1, 2]
+
+
+@pytest.mark.parametrize("bad", [b"{not json", b"[1, 2]"])
+def test_a_bad_line_in_the_middle_is_an_error_naming_file_and_line(
+    tmp_path: Path, bad: bytes
+) -> None:
+    log = MetricsLog(tmp_path)
+    log.write(ROWS[:2])
+    with log.path.open("ab") as f:
+        f.write(bad + b"\n")
+    log.write(ROWS[2:])
+    with pytest.raises(ValueError, match=rf"{METRICS}: line 3 is .*--overwrite") as err:
+        log.read()
+    assert str(tmp_path / METRICS) in str(err.value)
+    with pytest.raises(ValueError, match="line 3"):
+        log.truncate_after(1)
+    assert log.path.read_bytes().count(b"\n") == 5, "a failed truncate leaves the file as it was"
+
+
+def test_blank_lines_and_a_missing_file_are_fine(tmp_path: Path) -> None:
+    log = MetricsLog(tmp_path)
+    assert log.read() == []
+    log.path.write_text(json.dumps(ROWS[0]) + "\n\n" + json.dumps(ROWS[1]) + "\n\n")
+    assert log.read() == ROWS[:2]
+
+
+def test_write_flushes_and_fsyncs_the_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[tuple[str, bytes]] = []
+    real = os.fsync
+    log = MetricsLog(tmp_path)
+
+    def spy(fd: int) -> None:
+        kind = "dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"
+        synced.append((kind, log.path.read_bytes() if kind == "file" else b""))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    log.write(ROWS[:2])
+    # at the fsync the rows were already flushed to the file
+    assert synced == [("file", "".join(json.dumps(r) + "\n" for r in ROWS[:2]).encode())]
+    synced.clear()
+    log.truncate_after(0)
+    assert [k for k, _ in synced] == ["file", "dir"]

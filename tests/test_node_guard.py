@@ -1,0 +1,160 @@
+"""A node's own privacy minimums (node config) and its own ε ledger, enforced before training."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+
+from fedllm.aggregators import RoundSpec
+from fedllm.features import registry
+from fedllm.features.types import ClientPlan, ClientRound
+from fedllm.privacy.accounting import epsilon
+from fedllm.privacy.node_guard import LEDGER_KEY, NodeGuard, NodeRules, load_ledger
+from fedllm.recipe import build_config
+
+DP_SGD = {"mode": "sample", "noise_multiplier": 1.0, "delta": 1e-5}
+SECAGG = {"secure_aggregation": {"enabled": True}}
+CLIENT_DP = {"aggregator": {"name": "svd", "weighting": "uniform"}}
+
+
+def recipe(privacy: dict | None = None, **sections):
+    return build_config({"federation": {"local_steps": 5}, "privacy": privacy or {}, **sections})
+
+
+def client_round(cfg, node: dict, *, state: RecordDict | None = None, rnd: int = 1, n: int = 100):
+    """A hand-built round of partition 0 on a node whose shard holds `n` training examples."""
+    plan = ClientPlan(0, 4)
+    state = RecordDict() if state is None else state
+    return ClientRound(
+        cfg,
+        0,
+        rnd,
+        RoundSpec(),
+        ConfigRecord({"server-round": rnd}),
+        {"partition-id": 0, **node},
+        state,
+        0,
+        plan,
+        shard=SimpleNamespace(train=[{}] * n),
+    )
+
+
+def guard_round(cfg, node: dict, **kw) -> ClientRound:
+    """Run the guard's hooks as the ClientApp does before local steps (plan, then start)."""
+    rnd = client_round(cfg, node, **kw)
+    guard = NodeGuard(cfg)
+    rnd.plan = guard.plan(rnd.plan, rnd)
+    guard.start({}, rnd)
+    return rnd
+
+
+def test_the_guard_is_on_for_every_recipe_and_runs_first() -> None:
+    for cfg in (recipe(), recipe(DP_SGD), recipe(SECAGG, aggregator={"name": "ffa"})):
+        assert NodeGuard.enabled(cfg)
+        assert registry.active(cfg)[0] is NodeGuard
+    guard_round(recipe(), {})  # a node without rules accepts anything
+
+
+def test_require_secagg_refuses_a_recipe_without_it() -> None:
+    node = {"require-secagg": True}
+    with pytest.raises(ValueError, match=r"require-secagg=true.*secure_aggregation\.enabled"):
+        guard_round(recipe(DP_SGD), node)
+    guard_round(recipe(SECAGG, aggregator={"name": "ffa"}), node)
+    guard_round(recipe(), {"require-secagg": False})
+
+
+def test_max_epsilon_refuses_no_dp_and_a_larger_target_or_budget() -> None:
+    node = {"max-epsilon": 4.0}
+    with pytest.raises(ValueError, match=r"max-epsilon=4.*privacy\.mode: none.*ε ≤ 4"):
+        guard_round(recipe(), node)
+    too_far = {"mode": "sample", "target_epsilon": 8.0}
+    with pytest.raises(ValueError, match=r"max-epsilon=4.*privacy\.target_epsilon=8"):
+        guard_round(recipe(too_far), node)
+    with pytest.raises(ValueError, match=r"max-epsilon=4.*privacy\.epsilon_budget=6"):
+        guard_round(recipe({**DP_SGD, "epsilon_budget": 6.0}), node)
+    # client-level DP with a given z: the ε its rounds plan
+    z = {"mode": "client", "client_noise_multiplier": 0.5}
+    with pytest.raises(ValueError, match=r"max-epsilon=4.*client-level DP plans ε="):
+        guard_round(recipe(z, **CLIENT_DP), node)
+    guard_round(recipe({"mode": "client", "target_epsilon": 3.0}, **CLIENT_DP), node)
+
+
+def test_min_noise_refuses_a_smaller_sigma_or_z() -> None:
+    node = {"min-noise": 1.5}
+    with pytest.raises(ValueError, match=r"min-noise=1\.5.*privacy\.mode: none"):
+        guard_round(recipe(), node)
+    with pytest.raises(ValueError, match=r"min-noise=1\.5.*noise_multiplier=1\b.*≥ 1\.5"):
+        guard_round(recipe(DP_SGD), node)
+    z = {"mode": "client", "client_noise_multiplier": 1.0}
+    with pytest.raises(ValueError, match=r"min-noise=1\.5.*z=1\.000"):
+        guard_round(recipe(z, **CLIENT_DP), node)
+    guard_round(recipe({**DP_SGD, "noise_multiplier": 2.0}), node)
+
+
+def test_min_noise_checks_the_sigma_derived_for_this_nodes_shard() -> None:
+    cfg = recipe({"mode": "sample", "target_epsilon": 8.0})
+    rnd = client_round(cfg, {"min-noise": 5.0})
+    guard = NodeGuard(cfg)
+    guard.plan(rnd.plan, rnd)  # σ is not in the recipe: known only once the shard is
+    with pytest.raises(ValueError, match=r"min-noise=5.*σ for this node's 100 training"):
+        guard.start({}, rnd)
+    assert LEDGER_KEY not in rnd.state  # refused rounds are not charged
+
+
+def test_malformed_rules_name_the_key_and_what_is_valid() -> None:
+    with pytest.raises(ValueError, match=r"require-secagg='yes'.*true or false"):
+        NodeRules.from_node_config({"require-secagg": "yes"})
+    with pytest.raises(ValueError, match=r"max-epsilon=-1.*number > 0.*max-epsilon=8\.0"):
+        NodeRules.from_node_config({"max-epsilon": -1})
+    with pytest.raises(ValueError, match=r"min-noise='lots'.*number > 0"):
+        NodeRules.from_node_config({"min-noise": "lots"})
+    rules = NodeRules.from_node_config({"require-secagg": "true", "max-epsilon": 8, "min-noise": 1})
+    assert rules == NodeRules(True, 8.0, 1.0)
+
+
+def test_the_ledger_grows_each_round_and_refuses_the_round_past_max_epsilon() -> None:
+    cfg = recipe(DP_SGD)  # σ = 1, q = 8/100, 5 local steps a round
+    per_round = epsilon(noise_multiplier=1.0, sample_rate=0.08, steps=5, delta=1e-5)
+    three = epsilon(noise_multiplier=1.0, sample_rate=0.08, steps=15, delta=1e-5)
+    four = epsilon(noise_multiplier=1.0, sample_rate=0.08, steps=20, delta=1e-5)
+    node, state = {"max-epsilon": (three + four) / 2}, RecordDict()
+    spent = []
+    for rnd in (1, 2, 3):
+        guard_round(cfg, node, state=state, rnd=rnd)
+        ledger, rounds = load_ledger(state, cfg)
+        spent.append(ledger.epsilon())
+        assert rounds == list(range(1, rnd + 1)) and ledger.steps("node") == 5 * rnd
+    assert spent[0] == pytest.approx(per_round) and spent[2] == pytest.approx(three)
+    assert spent[0] < spent[1] < spent[2]
+    with pytest.raises(ValueError, match=r"max-epsilon=.*round 4 would bring this node's own ε"):
+        guard_round(cfg, node, state=state, rnd=4)
+    assert load_ledger(state, cfg)[1] == [1, 2, 3]  # the refused round is not charged
+    # the ledger is plain config values in the node's context state
+    record = state.config_records[LEDGER_KEY]
+    assert isinstance(record, ConfigRecord) and record["steps"] == [15]
+    assert record["rounds"] == [1, 2, 3] and record["sigma"] == [1.0]
+
+
+def test_every_dp_sgd_round_is_charged_even_without_rules() -> None:
+    cfg, state = recipe(DP_SGD), RecordDict()
+    guard_round(cfg, {}, state=state, rnd=1)
+    guard_round(cfg, {}, state=state, rnd=2)
+    assert load_ledger(state, cfg)[1] == [1, 2]
+    plain = RecordDict()
+    guard_round(recipe(), {}, state=plain)
+    assert LEDGER_KEY not in plain
+
+
+def test_the_client_app_refuses_before_loading_anything(monkeypatch) -> None:
+    from fedllm.client import app
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the base model was loaded for a refused round")
+
+    monkeypatch.setattr(app, "cached_base_model", must_not_load)
+    content = RecordDict({"config": ConfigRecord({"server-round": 1}), "global": ArrayRecord()})
+    context = Context(0, 0, {"partition-id": 0, "require-secagg": True}, RecordDict(), {})
+    with pytest.raises(ValueError, match="require-secagg=true"):
+        app.train_content(recipe(DP_SGD), content, context)

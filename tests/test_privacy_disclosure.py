@@ -1,0 +1,90 @@
+"""Every key that leaves a client, in each mode, against the table in docs/privacy.md ("What leaves
+a client"): a federation per mode, a spy on every reply, and nothing sent that the table does not
+list for that mode. Also: a private run saves no per-client result."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from flwr.app import ArrayRecord, Context, Message
+
+from fedllm.client.app import make_client_app
+from fedllm.deploy.local_grid import LocalGrid, server_identity
+from fedllm.recipe import load_recipe
+from fedllm.server.app import run_server
+from fedllm.server.metrics import MetricsLog
+
+ROOT = Path(__file__).parents[1]
+TABLE_ROW = re.compile(r"^\| (train|evaluate) \| ([^|]+?) \| ([^|]+) \| ([^|]+) \| ([^|]+) \|")
+MODES = ("none", "sample", "client")
+ARRAYS = {"update (LoRA factors)": "update", "kept (pruning map)": "kept"}
+
+
+def table() -> dict[str, set[tuple[str, str]]]:
+    """mode -> {(message, key)} the docs allow to be sent (any cell but '—')."""
+    allowed: dict[str, set[tuple[str, str]]] = {m: set() for m in MODES}
+    text = (ROOT / "docs" / "privacy.md").read_text()
+    for line in text.splitlines():
+        if m := TABLE_ROW.match(line):
+            message, key, *cells = (x.strip() for x in m.groups())
+            for mode, cell in zip(MODES, cells, strict=True):
+                if cell != "—":
+                    allowed[mode].add((message, ARRAYS.get(key, key)))
+    return allowed
+
+
+class Spy:
+    """The ClientApp, recording (message type, key) of everything each reply carries."""
+
+    def __init__(self, app) -> None:
+        self.app, self.sent = app, set()
+
+    def __call__(self, msg: Message, context: Context) -> Message:
+        out = self.app(msg, context)
+        if not out.has_error():
+            kind = msg.metadata.message_type
+            for name, record in out.content.items():
+                keys = [name] if isinstance(record, ArrayRecord) else list(record)
+                self.sent |= {(kind, k) for k in keys}
+        return out
+
+
+def test_the_table_lists_every_mode() -> None:
+    allowed = table()
+    assert all(("train", "update") in allowed[m] for m in MODES)
+    assert ("train", "train-loss") not in allowed["sample"] | allowed["client"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", MODES)
+def test_every_key_a_client_sends_is_in_the_table(tmp_path: Path, mode: str) -> None:
+    privacy = {
+        "none": [],
+        "sample": ["privacy.mode=sample", "privacy.noise_multiplier=1.0"],
+        "client": [
+            "privacy.mode=client",
+            "privacy.client_noise_multiplier=1.0",
+            "aggregator.weighting=uniform",
+            "privacy.delta=1e-3",
+        ],
+    }[mode]
+    overrides = [f"output_dir={tmp_path}", f"name={mode}", "data.num_clients=3"]
+    overrides += ["data.max_examples=150", "federation.rounds=2", "federation.local_steps=2"]
+    cfg = load_recipe(ROOT / "recipes" / "tiny.yaml", [*overrides, *privacy])
+    spy = Spy(make_client_app(cfg))
+    grid = LocalGrid(spy, cfg.data.num_clients)
+    with server_identity(grid.run.run_id):
+        run_dir = run_server(grid, cfg)
+    unexpected = spy.sent - table()[mode]
+    assert not unexpected, f"sent in mode {mode} but not allowed by docs/privacy.md: {unexpected}"
+    assert ("train", "update") in spy.sent
+    rows = MetricsLog(run_dir).read()
+    private = mode != "none"
+    assert (run_dir / "client_adapters").exists() is not private
+    assert any(r["kind"] == "eval" for r in rows) is not private
+    if private:
+        clients = [r for r in rows if r["kind"] == "client"]
+        assert clients and all(r.get("train_loss") is None for r in clients)
+        assert not any("dp_update_norm_median" in r for r in rows)
