@@ -27,13 +27,13 @@ from pathlib import Path
 
 from fedllm.deploy.certs import make_credentials
 from fedllm.deploy.federation import (
-    flwr_env,
     register_node,
     superlink_command,
     supernode_command,
     wait_for_port,
     write_connection,
 )
+from fedllm.deploy.flower_env import flwr_env
 
 RESULTS = Path(__file__).parent / "results" / "deploy.md"
 

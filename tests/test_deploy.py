@@ -23,13 +23,13 @@ import torch
 from fedllm.deploy.certs import make_credentials
 from fedllm.deploy.federation import (
     APP_PYPROJECT,
-    flwr_env,
     register_node,
     superlink_command,
     supernode_command,
     wait_for_port,
     write_connection,
 )
+from fedllm.deploy.flower_env import flwr_env
 
 RECIPE = str(Path(__file__).parents[1] / "recipes" / "tiny.yaml")
 LIMIT = 900.0  # seconds for the whole scenario on a loaded 2-core machine

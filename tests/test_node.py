@@ -16,16 +16,14 @@ from fedllm.client.node_config import (
     node_shard,
     recipe_from_run_config,
 )
+from fedllm.deploy.app_check import check_fab
 from fedllm.deploy.federation import (
-    OperatorOnly,
-    check_fab,
-    guard_bin,
-    guard_clientapp_runtime,
     superlink_command,
     supernode_command,
     write_app,
     write_run_config,
 )
+from fedllm.deploy.guard import OperatorOnly, guard_bin, guard_clientapp_runtime
 from fedllm.recipe import load_recipe
 
 RECIPE = Path(__file__).parents[1] / "recipes" / "tiny.yaml"

@@ -57,9 +57,10 @@ def check_app_source(paths: list[str] | None = None) -> None:
 
     Flower's stock `flwr-clientapp` installs the run's FAB under $FLWR_HOME/apps and puts it first
     on sys.path; fedllm's own ClientApp process (`fedllm node`) never does, and checks the FAB
-    before anything is imported (`fedllm.deploy.federation.check_fab`).
+    before anything is imported (`fedllm.deploy.app_check.check_fab`).
     """
-    from fedllm.deploy.federation import check_app_dir, flwr_home
+    from fedllm.deploy.app_check import check_app_dir
+    from fedllm.deploy.flower_env import flwr_home
 
     apps = (flwr_home() / "apps").resolve()
     for entry in sys.path if paths is None else paths:

@@ -8,12 +8,9 @@ import os
 import sys
 from pathlib import Path
 
-from fedllm.deploy.federation import (
-    flwr_env,
-    serve_superlink,
-    superlink_args,
-    supernode_command,
-)
+from fedllm.deploy.federation import superlink_args, supernode_command
+from fedllm.deploy.flower_env import flwr_env
+from fedllm.deploy.guard import serve_superlink
 
 
 def cmd_node(args: argparse.Namespace) -> int:
