@@ -237,6 +237,12 @@ def test_a_module_dropped_into_the_package_folder_registers(
     base.check_options("dropin_test", {"knob": 2})  # options bound to the new signature
     with pytest.raises(ValueError, match="did you mean 'knob'"):
         base.check_options("dropin_test", {"knbo": 2})
+    # a recipe naming it validates as `fedllm validate` does, its options checked by signature
+    from fedllm.recipe import ConfigError, build_config
+
+    build_config({"aggregator": {"name": "dropin_test", "options": {"knob": 2}}})
+    with pytest.raises(ConfigError, match="did you mean 'knob'"):
+        build_config({"aggregator": {"name": "dropin_test", "options": {"knbo": 2}}})
     # already imported: a second pass registers nothing new (and does not raise on re-import)
     assert base.discover("fedllm.aggregators", aggregators.__path__) == []
 
