@@ -221,7 +221,7 @@ def test_a_hostile_node_in_a_real_federation_never_breaks_a_round(tmp_path: Path
     from fedllm.server.app import run_server
     from fedllm.server.metrics import MetricsLog
 
-    plan = ["NaN in B", "huge norm", "garbage rank", "huge weight", "factors of another rank"]
+    plan = ["NaN in B", "huge weight", "factors of another rank"]
     recipe_path = Path(__file__).parents[1] / "recipes" / "tiny.yaml"
     overrides = [f"output_dir={tmp_path}", "name=hostile", "data.num_clients=4"]
     overrides += [

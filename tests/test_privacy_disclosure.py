@@ -71,7 +71,7 @@ def test_every_key_a_client_sends_is_in_the_table(tmp_path: Path, mode: str) -> 
         ],
     }[mode]
     overrides = [f"output_dir={tmp_path}", f"name={mode}", "data.num_clients=3"]
-    overrides += ["data.max_examples=150", "federation.rounds=2", "federation.local_steps=2"]
+    overrides += ["data.max_examples=150", "federation.rounds=1", "federation.local_steps=2"]
     cfg = load_recipe(ROOT / "recipes" / "tiny.yaml", [*overrides, *privacy])
     spy = Spy(make_client_app(cfg))
     grid = LocalGrid(spy, cfg.data.num_clients)

@@ -39,9 +39,8 @@ def run(tmp_path: Path, name: str, overrides: list[str]):
 
 def test_sample_level_target_is_met_and_equals_the_accountant(tmp_path: Path) -> None:
     target = 6.0
-    cfg, server, rows = run(
-        tmp_path, "sample", ["privacy.mode=sample", f"privacy.target_epsilon={target}"]
-    )
+    overrides = ["privacy.mode=sample", f"privacy.target_epsilon={target}", "federation.rounds=2"]
+    cfg, server, rows = run(tmp_path, "sample", overrides)
     per_partition = []
     for p in range(cfg.data.num_clients):
         plan = sample_plan(cfg, n_train=len(raw_shard(cfg, p).train), partition=p)

@@ -418,10 +418,16 @@ class RunConfig(_Strict):
         """peft's LoRA scaling α/r for a client of this rank."""
         return self.lora.alpha / rank
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, *, budget: bool = True) -> str:
         """A short hash of what must match between server and clients and what a node pins
-        (model, LoRA, data, seed and the whole privacy section, SecAgg+ and budget included)."""
+        (model, LoRA, data, seed and the whole privacy section, SecAgg+ and budget included).
+
+        `budget=False` leaves out `privacy.epsilon_budget`: a checkpoint may be resumed under a
+        new budget (the ledger keeps what was spent), though a node pinning the hash refuses it.
+        """
         parts = self.model_dump(include={"model", "lora", "data", "seed", "privacy"}, mode="json")
+        if not budget:
+            parts["privacy"].pop("epsilon_budget")
         return hashlib.sha256(yaml.safe_dump(parts, sort_keys=True).encode()).hexdigest()[:12]
 
     def to_yaml(self) -> str:

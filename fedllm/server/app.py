@@ -43,7 +43,8 @@ class Run:
         """Checkpoint after `server_round`; `pending` marks a round whose clients may be training
         now, so that a crash before its end is still accounted on --resume."""
         features = {f.state_key or f.name: f.state_dict() for f in self.features}
-        state = {"round": server_round, "fingerprint": self.cfg.fingerprint(), "pending": pending}
+        fingerprint = self.cfg.fingerprint(budget=False)  # a resume may change the ε budget
+        state = {"round": server_round, "fingerprint": fingerprint, "pending": pending}
         save_checkpoint(
             self.cfg.run_dir, {**state, "strategy": self.strategy.state_dict(), **features}
         )
@@ -56,7 +57,7 @@ class Run:
                 f"--resume: no {CHECKPOINT} in {self.cfg.run_dir} on the server, so there is no "
                 "finished round to continue from; drop --resume to start the run from round 0"
             )
-        if state["fingerprint"] != self.cfg.fingerprint():
+        if state["fingerprint"] != self.cfg.fingerprint(budget=False):
             raise ValueError(
                 f"checkpoint in {self.cfg.run_dir} was made by another recipe "
                 "(model/lora/data/seed/privacy differ); use a new name= or drop --resume"
