@@ -217,8 +217,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse a command line; `key=value` overrides may come before or after any flag
+    (`fedllm run R name=x --overwrite data.source=...`), as a recipe's overrides."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if extra and (stray or not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     logger = logging.getLogger("fedllm")
     if not logger.handlers:  # main() may run more than once in a process (tests, notebooks)
         handler = logging.StreamHandler()

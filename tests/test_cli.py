@@ -230,3 +230,20 @@ def test_remove_run_dir_deletes_only_run_folders_inside_output_dir(tmp_path: Pat
     (notes / "metrics.jsonl").write_text("")
     remove_run_dir(notes, out)
     assert not notes.exists() and out.is_dir()
+
+
+def test_overrides_may_come_after_a_flag() -> None:
+    """`fedllm run R name=x --overwrite data.max_examples=10`: both overrides reach the recipe."""
+    from fedllm.cli import parse
+
+    args = parse(["run", "recipes/tiny.yaml", "name=x", "--overwrite", "data.max_examples=10"])
+    assert args.overwrite and args.overrides == ["name=x", "data.max_examples=10"]
+    args = parse(["validate", "recipes/tiny.yaml", "--set", "seed=1", "federation.rounds=2"])
+    assert args.overrides == ["seed=1", "federation.rounds=2"]
+
+
+def test_a_stray_flag_is_still_an_error() -> None:
+    from fedllm.cli import parse
+
+    with pytest.raises(SystemExit):
+        parse(["run", "recipes/tiny.yaml", "--bogus"])
