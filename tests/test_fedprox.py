@@ -3,7 +3,6 @@ the recipe checks, and (slow) a federation where a huge μ keeps the global near
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -200,6 +199,7 @@ def global_norm(tmp_path: Path, name: str, *overrides: str) -> float:
     """‖ΔW‖_F summed over modules of the global after one round (the start is ΔW = 0)."""
     from fedllm.deploy.local_grid import run_local
     from fedllm.server.checkpoint import load_checkpoint
+    from fedllm.server.metrics import MetricsLog
 
     cfg = load_recipe(
         TINY,
@@ -214,7 +214,7 @@ def global_norm(tmp_path: Path, name: str, *overrides: str) -> float:
         ],
     )
     run_dir, _ = run_local(cfg)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = MetricsLog(run_dir).read()
     assert sum(r["kind"] == "client" and r["status"] == "ok" for r in rows) == 2
     state = load_checkpoint(run_dir)["strategy"]["global"]
     deltas = [s * (b.double() @ a.double()) for b, a, s in state.values()]

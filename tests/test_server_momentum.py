@@ -5,7 +5,6 @@ federation whose global departs from the plain run's."""
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -239,6 +238,7 @@ def run(tmp_path: Path, name: str, *overrides: str) -> tuple[dict[str, Any], lis
     """A 3-round tiny federation: its checkpoint and global held-out loss per round (0-3)."""
     from fedllm.deploy.local_grid import run_local
     from fedllm.server.checkpoint import load_checkpoint
+    from fedllm.server.metrics import MetricsLog
 
     cfg = load_recipe(
         TINY,
@@ -254,7 +254,7 @@ def run(tmp_path: Path, name: str, *overrides: str) -> tuple[dict[str, Any], lis
         ],
     )
     run_dir, _ = run_local(cfg)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = MetricsLog(run_dir).read()
     assert sum(r["kind"] == "client" and r["status"] == "ok" for r in rows) == 6
     losses = [r["held_out_loss"] for r in rows if r["kind"] == "server"]
     return load_checkpoint(run_dir), losses
