@@ -11,6 +11,13 @@ An empty Poisson batch skips the forward pass but still takes a noise-only step,
 release is the sampled Gaussian mechanism the accountant assumes. Sampling and noise draw from a
 generator seeded from OS entropy unless a seed is given (tests): a seed derived from the public
 recipe would let the server subtract the noise.
+
+Batches move to the model's device, and the noise is drawn on that device (a generator there,
+seeded from the sampling generator). Under bf16 autocast (`precision`) Opacus's per-example
+gradients come out in bf16: they are cast to fp32 before clipping, summing and noise, so the
+fp32 LoRA parameters get an fp32 update. Gradient accumulation and gradient checkpointing are
+refused for DP-SGD (`fedllm.privacy.sample_level`): a step is one Poisson batch, and Opacus's
+hooks see no per-example gradients through recomputed (checkpointed) layers.
 """
 
 from __future__ import annotations
@@ -24,7 +31,16 @@ import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
-from fedllm.client.train import TrainResult, make_optimizer, make_scheduler, token_nll
+from fedllm.client.train import (
+    TrainResult,
+    autocast_dtype,
+    check_precision,
+    make_optimizer,
+    make_scheduler,
+    model_device,
+    to_device,
+    token_nll,
+)
 from fedllm.data import collate
 from fedllm.privacy.plan import SamplePlan
 
@@ -52,9 +68,14 @@ class DPTrainResult:
         }
 
 
-def example_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Each example's mean NLL over its response tokens (a vector of batch size)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+def example_losses(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], *, amp: torch.dtype | None = None
+) -> torch.Tensor:
+    """Each example's mean NLL over its response tokens (a vector of batch size); the forward
+    runs under autocast to `amp` when given (the NLL itself in fp32)."""
+    device = batch["input_ids"].device
+    with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     nll = token_nll(logits, batch["labels"])
     counted = (batch["labels"][:, 1:] != -100).sum(dim=1).clamp(min=1)
     return nll.sum(dim=1) / counted
@@ -78,6 +99,7 @@ class PrivateSteps:
         max_grad_norm: float,
         expected_batch_size: int,
         generator: torch.Generator,
+        amp: torch.dtype | None = None,
     ) -> None:
         if noise_multiplier < 0 or max_grad_norm <= 0:
             raise ValueError(
@@ -87,6 +109,11 @@ class PrivateSteps:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("model has no trainable parameters (is the LoRA adapter attached?)")
+        self.device, self.amp = model_device(model), amp
+        check_precision(model, amp)
+        if generator.device != self.device:  # Opacus draws noise with it on the params' device
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            generator = torch.Generator(self.device).manual_seed(seed)
         self.module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
         self.optimizer = DPOptimizer(
             optimizer,
@@ -103,9 +130,12 @@ class PrivateSteps:
             for p in self.params:
                 p.grad_sample = p.new_zeros((0, *p.shape))
         else:
-            losses = example_losses(self.module, batch)
+            losses = example_losses(self.module, to_device(batch, self.device), amp=self.amp)
             losses.mean().backward()
             loss = float(losses.detach().mean())
+            for p in self.params:  # bf16 under autocast: clip, sum and noise in fp32
+                if p.grad_sample is not None and p.grad_sample.dtype != p.dtype:
+                    p.grad_sample = p.grad_sample.to(p.dtype)
             norms = per_sample_norms(self.params)
             clipped = int((norms > self.optimizer.max_grad_norm).sum())
         self.optimizer.step()
@@ -128,9 +158,13 @@ def train_dp(
     weight_decay: float = 0.0,
     schedule: str = "constant",
     warmup_steps: int = 0,
+    schedule_offset: int = 0,
+    schedule_steps: int | None = None,
+    precision: str = "fp32",
     seed: int | None = None,
 ) -> DPTrainResult:
-    """`steps` DP-SGD steps with Poisson sampling at plan.sample_rate over `examples`."""
+    """`steps` DP-SGD steps with Poisson sampling at plan.sample_rate over `examples`; the
+    schedule and `precision` as in `fedllm.client.train.train_local`."""
     n = len(examples)
     if n == 0:
         raise ValueError("no training examples on this client")
@@ -138,7 +172,13 @@ def train_dp(
     gen = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, optimizer=optimizer, lr=lr, weight_decay=weight_decay)
-    sched = make_scheduler(opt, schedule=schedule, warmup_steps=warmup_steps, total_steps=steps)
+    sched = make_scheduler(
+        opt,
+        schedule=schedule,
+        warmup_steps=warmup_steps,
+        total_steps=schedule_steps or steps,
+        offset=schedule_offset,
+    )
     private = PrivateSteps(
         model,
         opt,
@@ -146,6 +186,7 @@ def train_dp(
         max_grad_norm=plan.max_grad_norm,
         expected_batch_size=max(1, round(q * n)),
         generator=gen,
+        amp=autocast_dtype(precision, model_device(model)),
     )
     model.train()
     losses: list[float] = []

@@ -13,7 +13,7 @@ import torch
 from flwr.app import RecordDict
 
 from fedllm.aggregators.base import Factors
-from fedllm.client.train import TrainResult
+from fedllm.client.train import TrainResult, schedule_span
 from fedllm.data.shards import raw_shard
 from fedllm.features.base import Feature
 from fedllm.features.registry import register
@@ -33,9 +33,14 @@ def train_private(
     steps: int,
     pad_id: int,
     partition: int,
+    server_round: int = 1,
 ) -> DPTrainResult:
-    """DP-SGD for this client's shard (raises ValueError if δ or q do not fit its size)."""
+    """DP-SGD for this client's shard (raises ValueError if δ or q do not fit its size), with
+    the recipe's schedule at `server_round` and its precision."""
     fed = cfg.federation
+    offset, span = schedule_span(
+        scope=fed.schedule_scope, server_round=server_round, rounds=fed.rounds, steps=steps
+    )
     return train_dp(
         model,
         examples,
@@ -47,6 +52,9 @@ def train_private(
         weight_decay=fed.weight_decay,
         schedule=fed.schedule,
         warmup_steps=fed.warmup_steps,
+        schedule_offset=offset,
+        schedule_steps=span,
+        precision=fed.precision,
     )
 
 
@@ -58,6 +66,26 @@ class SampleLevelDP(Feature):
     privacy_mode = "sample"
     order = 5
     state_key = "privacy"
+
+    @classmethod
+    def check(cls, cfg: RunConfig) -> None:
+        """Refuse the local-step knobs DP-SGD cannot honour."""
+        if not cls.enabled(cfg):
+            return
+        fed = cfg.federation
+        if fed.gradient_accumulation_steps != 1:
+            raise ValueError(
+                f"federation.gradient_accumulation_steps={fed.gradient_accumulation_steps} does "
+                "not apply to privacy.mode='sample': a DP-SGD step is one Poisson batch of "
+                "expected size federation.batch_size (the accountant's q); set it to 1 and "
+                "raise federation.batch_size instead"
+            )
+        if fed.gradient_checkpointing:
+            raise ValueError(
+                "federation.gradient_checkpointing cannot be combined with privacy.mode='sample': "
+                "Opacus's per-example gradient hooks get no gradients through recomputed layers; "
+                "set federation.gradient_checkpointing=false"
+            )
 
     @classmethod
     def prepare(cls, cfg: RunConfig, *, shapes: Mapping[str, tuple[int, int]]) -> None:
@@ -82,6 +110,7 @@ class SampleLevelDP(Feature):
             steps=steps,
             pad_id=rnd.tokenizer.pad_token_id,
             partition=rnd.partition,
+            server_round=rnd.server_round,
         )
         self.dp_metrics = private.metrics()
         return private.train

@@ -21,7 +21,13 @@ from peft import PeftModel
 
 from fedllm.aggregators.base import Factors
 from fedllm.client.node_config import node_shard
-from fedllm.client.train import TrainResult, evaluate_nll, num_local_steps, train_local
+from fedllm.client.train import (
+    TrainResult,
+    evaluate_nll,
+    num_local_steps,
+    schedule_span,
+    train_local,
+)
 from fedllm.constrained.pruning import check_ratio
 from fedllm.features import registry
 from fedllm.features.base import Feature
@@ -181,11 +187,15 @@ def local_steps(model: PeftModel, rnd: ClientRound, features: Sequence[Feature])
         batch_size=fed.batch_size,
         local_steps=fed.local_steps,
         local_epochs=fed.local_epochs,
+        accumulation=fed.gradient_accumulation_steps,
     )
     for f in features:
         if (result := f.train(model, rnd, steps=steps)) is not None:
             return result
     terms = [term for f in features for term in f.regularizers(model, rnd)]
+    offset, span = schedule_span(
+        scope=fed.schedule_scope, server_round=rnd.server_round, rounds=fed.rounds, steps=steps
+    )
     return train_local(
         model,
         rnd.shard.train,
@@ -197,6 +207,11 @@ def local_steps(model: PeftModel, rnd: ClientRound, features: Sequence[Feature])
         weight_decay=fed.weight_decay,
         schedule=fed.schedule,
         warmup_steps=fed.warmup_steps,
+        schedule_offset=offset,
+        schedule_steps=span,
+        accumulation=fed.gradient_accumulation_steps,
+        gradient_checkpointing=fed.gradient_checkpointing,
+        precision=fed.precision,
         max_grad_norm=fed.max_grad_norm,
         seed=rnd.seed,
         regularizer=(lambda: sum(t() for t in terms)) if terms else None,

@@ -1,7 +1,10 @@
 """The client's local optimisation and the held-out loss, on tokenized examples.
 
-Plain PyTorch steps driven through accelerate (device placement, mixed precision where a device has
-it); the federated parts live in `client_app.py`.
+Plain PyTorch steps on whatever device the model lives on (CUDA when the process sees one, else
+CPU; see `fedllm.model.loading.compute_device`): every batch moves to the model's device. Knobs:
+gradient accumulation (a step sums `accumulation` micro-batches, weighted as one bigger batch),
+gradient checkpointing, bf16 autocast with fp32 master LoRA weights, and a learning-rate schedule
+that may span the whole federation (`schedule_span`). The federated parts live in `app.py`.
 """
 
 from __future__ import annotations
@@ -9,13 +12,17 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
-from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
 from fedllm.data import collate
+
+Precision = Literal["fp32", "bf16", "auto"]
+PRECISIONS = ("fp32", "bf16", "auto")
 
 
 @dataclass(frozen=True)
@@ -48,30 +55,162 @@ def _forever(loader: DataLoader) -> Iterator[dict]:
         yield from loader
 
 
+# ---------------------------------------------------------------- device and precision
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch's tensors on `device` (no copy when they already are)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether `device` runs bf16 matmuls natively (CUDA with bf16, a CPU with AVX512-BF16/AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `precision` on `device`: bf16, or None for full precision.
+
+    "auto" is bf16 where the device runs it natively, else fp32; "bf16" is bf16 regardless
+    (emulated and slow on a CPU without AVX512-BF16).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}; valid: {', '.join(PRECISIONS)}")
+    if precision == "fp32" or (precision == "auto" and not bf16_supported(device)):
+        return None
+    return torch.bfloat16
+
+
+def check_precision(model: torch.nn.Module, dtype: torch.dtype | None) -> None:
+    """Refuse bf16 autocast over a float16 base (a second rounding of every weight) and LoRA
+    parameters below fp32 (autocast needs fp32 masters)."""
+    if dtype is None:
+        return
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()}
+    if torch.float16 in frozen:
+        raise ValueError(
+            "federation.precision='bf16' over a float16 base (model.dtype='float16') rounds "
+            "every weight twice; use model.dtype 'float32' or 'bfloat16' (storage) with "
+            "precision 'bf16', or precision 'fp32'"
+        )
+    low = sorted({str(p.dtype) for p in model.parameters() if p.requires_grad} - {"torch.float32"})
+    if low:
+        raise ValueError(f"bf16 autocast needs fp32 trainable (LoRA) parameters, found {low}")
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+@contextmanager
+def checkpointing(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """Gradient (activation) checkpointing on the transformers base of `model` while inside,
+    non-reentrant, with input grads on (LoRA); undone afterwards (the base is shared)."""
+    if not enabled:
+        yield
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"federation.gradient_checkpointing: {type(base).__name__} does not support "
+            "gradient checkpointing; set it to false"
+        )
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    base.enable_input_require_grads()
+    config = getattr(base, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    if use_cache:  # training needs no KV cache; checkpointed layers would warn and drop it
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        if use_cache:
+            config.use_cache = use_cache
+        if hasattr(base, "activation_checkpointing_disable"):
+            base.activation_checkpointing_disable()
+        else:
+            base.gradient_checkpointing_disable()
+        base.disable_input_require_grads()
+
+
+# ---------------------------------------------------------------- steps and schedules
+
+
 def num_local_steps(
-    n_examples: int, *, batch_size: int, local_steps: int | None, local_epochs: float | None
+    n_examples: int,
+    *,
+    batch_size: int,
+    local_steps: int | None,
+    local_epochs: float | None,
+    accumulation: int = 1,
 ) -> int:
-    """Local steps for a round: given directly, or from epochs over this client's shard."""
+    """Local steps for a round: given directly, or from epochs over this client's shard (a step
+    sees `accumulation` batches)."""
     if local_steps is not None:
         return local_steps
     assert local_epochs is not None
-    return max(1, math.ceil(local_epochs * n_examples / batch_size))
+    return max(1, math.ceil(local_epochs * n_examples / (batch_size * accumulation)))
+
+
+def schedule_span(*, scope: str, server_round: int, rounds: int, steps: int) -> tuple[int, int]:
+    """(steps already scheduled before this round, steps the schedule spans).
+
+    scope "round" restarts the schedule every round; "federation" spans every planned round,
+    so round r starts at step (r-1)·steps of rounds·steps (warm-up once, decay across rounds).
+    """
+    if scope == "round":
+        return 0, steps
+    if scope != "federation":
+        raise ValueError(f"schedule scope {scope!r}; valid: 'federation', 'round'")
+    if not 1 <= server_round <= rounds:
+        raise ValueError(f"server round {server_round} outside the planned rounds 1..{rounds}")
+    return (server_round - 1) * steps, rounds * steps
+
+
+def lr_factor(step: int, *, schedule: str, warmup_steps: int, total_steps: int) -> float:
+    """The learning-rate multiplier at global step `step` (0-based) of a `total_steps` schedule:
+    linear warm-up (step+1)/(warmup+1), then constant, linear or cosine decay."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    if schedule == "constant":
+        return 1.0
+    raise ValueError(f"schedule {schedule!r}; valid: 'constant', 'linear', 'cosine'")
 
 
 def make_scheduler(
-    optimizer: torch.optim.Optimizer, *, schedule: str, warmup_steps: int, total_steps: int
+    optimizer: torch.optim.Optimizer,
+    *,
+    schedule: str,
+    warmup_steps: int,
+    total_steps: int,
+    offset: int = 0,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Constant, linear or cosine decay after a linear warm-up."""
+    """Constant, linear or cosine decay after a linear warm-up; this call's step k is the
+    schedule's step `offset` + k."""
+    lr_factor(0, schedule=schedule, warmup_steps=0, total_steps=1)  # unknown names fail here
 
     def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        if schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        if schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-        return 1.0
+        return lr_factor(
+            offset + step, schedule=schedule, warmup_steps=warmup_steps, total_steps=total_steps
+        )
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -98,6 +237,11 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return nll.view(shift_labels.shape)
 
 
+def counted_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """How many next-token labels of `batch` count in the loss."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
 def train_local(
     model: torch.nn.Module,
     examples: Sequence[dict],
@@ -110,6 +254,11 @@ def train_local(
     weight_decay: float = 0.0,
     schedule: str = "constant",
     warmup_steps: int = 0,
+    schedule_offset: int = 0,
+    schedule_steps: int | None = None,
+    accumulation: int = 1,
+    gradient_checkpointing: bool = False,
+    precision: str = "fp32",
     max_grad_norm: float | None = 1.0,
     seed: int = 0,
     on_step: Callable[[int, int, float], None] | None = None,
@@ -117,39 +266,63 @@ def train_local(
 ) -> TrainResult:
     """Run `steps` optimizer steps on the trainable (LoRA) parameters of `model`.
 
-    `regularizer()` (e.g. HetLoRA's tail penalty, `fedllm.aggregators.hetlora_prune`) is added to
-    each step's
-    loss before the backward pass; the reported losses are the data loss alone.
+    A step draws `accumulation` micro-batches of `batch_size` and weights each micro-batch's
+    summed token NLL by the step's total token count, so it equals one step on the concatenated
+    batch (the token mean `model(**batch).loss` computes). The schedule's step k is
+    `schedule_offset` + k of `schedule_steps` (default: this call's steps; see
+    `schedule_span`). `precision` "bf16"/"auto" runs forwards under bf16 autocast; the LoRA
+    parameters, their gradients and the optimizer stay fp32. `regularizer()` (FedProx,
+    HetLoRA's tail penalty) is added once per step; the reported losses are the data loss alone.
     """
     if not examples:
         raise ValueError("no training examples on this client")
+    if accumulation < 1:
+        raise ValueError(f"accumulation must be >= 1, got {accumulation}")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters (is the LoRA adapter attached?)")
+    device = model_device(model)
+    amp = autocast_dtype(precision, device)
+    check_precision(model, amp)
     opt = make_optimizer(params, optimizer=optimizer, lr=lr, weight_decay=weight_decay)
-    sched = make_scheduler(opt, schedule=schedule, warmup_steps=warmup_steps, total_steps=steps)
+    sched = make_scheduler(
+        opt,
+        schedule=schedule,
+        warmup_steps=warmup_steps,
+        total_steps=schedule_steps or steps,
+        offset=schedule_offset,
+    )
     loader = _loader(examples, batch_size=batch_size, pad_id=pad_id, seed=seed, shuffle=True)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    model, opt, loader = accelerator.prepare(model, opt, loader)
     model.train()
     losses: list[float] = []
     seen = 0
     start = time.perf_counter()
     batches = _forever(loader)
-    for step in range(steps):
-        batch = next(batches)
-        loss = model(**batch).loss
-        accelerator.backward(loss if regularizer is None else loss + regularizer())
-        if max_grad_norm is not None:
-            accelerator.clip_grad_norm_(params, max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-        seen += int(batch["input_ids"].shape[0])
-        if on_step is not None:
-            on_step(step + 1, steps, losses[-1])
-    accelerator.free_memory()
+    with checkpointing(model, gradient_checkpointing):
+        for step in range(steps):
+            micro = [to_device(next(batches), device) for _ in range(accumulation)]
+            tokens = max(1, sum(counted_tokens(b) for b in micro))
+            total = 0.0
+            for i, batch in enumerate(micro):
+                with _autocast(device, amp):
+                    logits = model(
+                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                    ).logits
+                nll = token_nll(logits, batch["labels"]).sum()
+                part = nll / tokens
+                if i == 0 and regularizer is not None:
+                    part = part + regularizer()
+                part.backward()
+                total += float(nll.detach())
+                seen += int(batch["input_ids"].shape[0])
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(total / tokens)
+            if on_step is not None:
+                on_step(step + 1, steps, losses[-1])
     return TrainResult(
         steps=steps,
         examples=seen,
@@ -162,17 +335,27 @@ def train_local(
 
 @torch.no_grad()
 def evaluate_nll(
-    model: torch.nn.Module, examples: Sequence[dict], *, batch_size: int, pad_id: int
+    model: torch.nn.Module,
+    examples: Sequence[dict],
+    *,
+    batch_size: int,
+    pad_id: int,
+    precision: str = "fp32",
 ) -> tuple[float, int]:
     """Summed token negative log-likelihood on the response tokens, and how many tokens.
 
-    Sums, not means, so that clients' results combine exactly into a global loss.
+    Sums, not means, so that clients' results combine exactly into a global loss. Batches move to
+    the model's device; `precision` as in `train_local` (the NLL itself is computed in fp32).
     """
+    device = model_device(model)
+    amp = autocast_dtype(precision, device)
     total, tokens = 0.0, 0
     loader = _loader(examples, batch_size=batch_size, pad_id=pad_id, seed=0, shuffle=False)
     for batch in loader:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        nll = token_nll(logits, batch["labels"])
+        batch = to_device(batch, device)
+        with _autocast(device, amp):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        nll = token_nll(logits.logits, batch["labels"])
         total += float(nll.sum())
-        tokens += int((batch["labels"][:, 1:] != -100).sum())
+        tokens += counted_tokens(batch)
     return total, tokens

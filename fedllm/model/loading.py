@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 import torch
+from peft import prepare_model_for_kbit_training
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
@@ -308,13 +309,29 @@ def resolve_model_dir(name: str, *, cache_dir: Path | None = None) -> Path:
     return snapshot
 
 
+def compute_device() -> torch.device:
+    """Where this process computes: its current CUDA device when it sees one, else the CPU.
+
+    A simulated client sees the GPUs Ray gives it (`simulation.num_gpus_per_client`; none when
+    0, as Ray then hides every GPU), a SuperNode's ClientApp those of its machine.
+    """
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def load_base_model(
     model_dir: Path,
     *,
     dtype: Dtype = "float32",
     quantization: Quantization | None = None,
+    device: torch.device | str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load model and tokenizer from a local folder, frozen and in train mode, ready for LoRA."""
+    """Load model and tokenizer from a local folder onto `device` (default: `compute_device()`),
+    frozen and in train mode, ready for LoRA; a 4-/8-bit base goes through peft's k-bit
+    preparation (norms and embeddings in fp32, no checkpointing: `federation.gradient_checkpointing`
+    decides that)."""
+    device = torch.device(device) if device is not None else compute_device()
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}; valid: {sorted(DTYPES)}")
     if quantization not in (None, "4bit", "8bit"):
@@ -324,14 +341,17 @@ def load_base_model(
     if quantization is not None:
         from transformers import BitsAndBytesConfig
 
-        kwargs["device_map"] = "cpu"
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=quantization == "4bit",
             load_in_8bit=quantization == "8bit",
             bnb_4bit_quant_type="nf4",
             bnb_4bit_compute_dtype=torch_dtype,
         )
+    if quantization is not None or device.type != "cpu":
+        kwargs["device_map"] = {"": device}  # straight onto the device, quantized there
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if quantization is not None:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     _ensure_pad(tokenizer, where=model_dir)
     if model.config.pad_token_id is None:

@@ -54,7 +54,11 @@ class ModelConfig(_Strict):
         description="'smollm2-135m' (embedded), 'tiny' (built from config), a local HF folder, "
         "or a hub id available offline",
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="storage dtype of the frozen base weights (LoRA weights stay float32); "
+        "compute precision is federation.precision",
+    )
     quantization: Literal["none", "4bit", "8bit"] = "none"
     tiny: TinyModelConfig = TinyModelConfig()
 
@@ -184,7 +188,23 @@ class FederationConfig(_Strict):
     lr: float = Field(3e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     schedule: Literal["constant", "linear", "cosine"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, description="local steps of linear warm-up")
+    schedule_scope: Literal["federation", "round"] = Field(
+        "federation",
+        description="'federation': warm-up once and decay across all planned rounds (round r "
+        "continues at step (r-1)*steps); 'round': the schedule restarts every round",
+    )
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="micro-batches of batch_size per local step (= one bigger batch)"
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in backward: less memory, slower steps"
+    )
+    precision: Literal["fp32", "bf16", "auto"] = Field(
+        "fp32",
+        description="compute precision of local steps: 'bf16' autocast (LoRA weights and "
+        "optimizer stay fp32), 'auto' (bf16 where the device has it natively), 'fp32'",
+    )
     max_grad_norm: float | None = Field(1.0, gt=0)
     eval_batch_size: int = Field(16, ge=1)
     round_timeout: float = Field(3600.0, gt=0, description="seconds to wait for replies per round")

@@ -1,0 +1,284 @@
+"""Local training knobs (fedllm.client.train): gradient accumulation equals a bigger batch,
+gradient checkpointing recomputes and matches, and a learning-rate schedule over the whole
+federation gives the hand-computed rate at step k of round r, also through the ClientApp."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, RecordDict
+
+from fedllm.aggregators import RoundSpec
+from fedllm.client.app import local_steps
+from fedllm.client.train import (
+    lr_factor,
+    make_scheduler,
+    num_local_steps,
+    schedule_span,
+    train_local,
+)
+from fedllm.data import collate
+from fedllm.data.shards import load_shard
+from fedllm.features.types import ClientPlan, ClientRound
+from fedllm.model.adapters import attach_lora
+from fedllm.model.base import cached_base_model
+from fedllm.recipe import ConfigError, load_recipe
+
+RECIPE = str(Path(__file__).parents[1] / "recipes" / "tiny.yaml")
+DP_RECIPE = str(Path(__file__).parents[1] / "recipes" / "dp.yaml")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("knobs")
+    cfg = load_recipe(RECIPE, [f"output_dir={out}", "data.max_examples=300"])
+    base, tok = cached_base_model(cfg)
+    shard = load_shard(cfg, 0, tok)
+    return base, tok, shard
+
+
+def fresh_lora(base: torch.nn.Module, seed: int = 0):
+    """A rank-4 adapter, dropout 0, with A and B random (both get gradients), seeded."""
+    torch.manual_seed(seed)
+    model = attach_lora(base, rank=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return model
+
+
+@pytest.fixture
+def lora(tiny) -> Iterator:
+    model = fresh_lora(tiny[0])
+    yield model
+    model.unload()
+
+
+def trainable(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def one_step(model, examples, tok, **kw) -> tuple[dict[str, torch.Tensor], float]:
+    """The parameter change of one SGD step (lr 1, no clipping) and its reported loss."""
+    before = trainable(model)
+    result = train_local(
+        model,
+        examples,
+        steps=1,
+        pad_id=tok.pad_token_id,
+        optimizer="sgd",
+        lr=1.0,
+        max_grad_norm=None,
+        seed=7,
+        **kw,
+    )
+    after = trainable(model)
+    with torch.no_grad():  # back to the start for the next run
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(before[n])
+    return {n: after[n] - before[n] for n in before}, result.loss_first
+
+
+# ---------------------------------------------------------------- gradient accumulation
+
+
+def test_accumulating_two_batches_of_4_equals_one_batch_of_8(tiny, lora) -> None:
+    _, tok, shard = tiny
+    examples = shard.train[:8]
+    # the two micro-batches hold different numbers of loss tokens, so a mean of the two
+    # micro-batch means would differ from the token mean of the batch of 8
+    g = torch.Generator().manual_seed(7)
+    order = torch.randperm(8, generator=g).tolist()
+    halves = [collate([examples[i] for i in order[h : h + 4]], pad_id=0) for h in (0, 4)]
+    counts = [int((b["labels"][:, 1:] != -100).sum()) for b in halves]
+    assert counts[0] != counts[1]
+
+    big, loss_big = one_step(lora, examples, tok, batch_size=8)
+    acc, loss_acc = one_step(lora, examples, tok, batch_size=4, accumulation=2)
+    assert loss_acc == pytest.approx(loss_big, rel=1e-5)
+    for name in big:
+        assert big[name].abs().max() > 0
+        torch.testing.assert_close(acc[name], big[name], rtol=1e-4, atol=1e-6)
+
+    # and it is not the mean of the micro-batch means
+    with torch.no_grad():
+        means = [float(lora(**b).loss) for b in halves]
+    assert abs(sum(means) / 2 - loss_big) > 1e-4
+
+
+def test_accumulation_counts_examples_and_epochs() -> None:
+    # 100 examples, batch 8 × 2 micro-batches = 16 per step: ceil(100 / 16) = 7 steps an epoch
+    assert num_local_steps(100, batch_size=8, local_steps=None, local_epochs=1, accumulation=2) == 7
+    assert num_local_steps(100, batch_size=8, local_steps=None, local_epochs=1) == 13
+    assert num_local_steps(100, batch_size=8, local_steps=5, local_epochs=None, accumulation=4) == 5
+
+
+def test_accumulation_reports_every_micro_batch_example(tiny, lora) -> None:
+    _, tok, shard = tiny
+    result = train_local(
+        lora, shard.train[:20], steps=2, batch_size=4, accumulation=3, pad_id=tok.pad_token_id
+    )
+    assert result.examples == 2 * 3 * 4
+
+
+# ---------------------------------------------------------------- gradient checkpointing
+
+
+def test_gradient_checkpointing_recomputes_and_matches(tiny, lora) -> None:
+    base, tok, shard = tiny
+    layer = base.model.layers[0].self_attn  # inside the checkpointed forward
+    calls = []
+    hook = layer.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        plain, loss_plain = one_step(lora, shard.train[:8], tok, batch_size=8)
+        n_plain = len(calls)
+        ckpt, loss_ckpt = one_step(
+            lora, shard.train[:8], tok, batch_size=8, gradient_checkpointing=True
+        )
+        n_ckpt = len(calls) - n_plain
+    finally:
+        hook.remove()
+    assert (n_plain, n_ckpt) == (1, 2)  # the layer ran again in the backward pass
+    assert loss_ckpt == pytest.approx(loss_plain, rel=1e-6)
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-7)
+    # undone afterwards: the cached base is shared with evaluation and later rounds
+    assert not base.is_gradient_checkpointing
+    assert not getattr(base, "_require_grads_hooks", [])
+
+
+def test_gradient_checkpointing_trains_several_steps(tiny, lora) -> None:
+    _, tok, shard = tiny
+    kw = dict(steps=8, batch_size=8, pad_id=tok.pad_token_id, lr=5e-3, seed=3)
+    result = train_local(lora, shard.train, gradient_checkpointing=True, **kw)
+    assert result.loss_last < result.loss_first
+
+
+def test_dp_sgd_refuses_accumulation_and_checkpointing(tmp_path) -> None:
+    with pytest.raises(ConfigError, match=r"gradient_accumulation_steps=2.*privacy.mode='sample'"):
+        load_recipe(
+            DP_RECIPE, [f"output_dir={tmp_path}", "federation.gradient_accumulation_steps=2"]
+        )
+    with pytest.raises(ConfigError, match=r"gradient_checkpointing.*privacy.mode='sample'"):
+        load_recipe(DP_RECIPE, [f"output_dir={tmp_path}", "federation.gradient_checkpointing=true"])
+
+
+# ---------------------------------------------------------------- learning-rate schedule
+
+
+def cosine(g: int, *, warmup: int, total: int) -> float:
+    """By hand: warm-up (g+1)/(w+1), then 0.5·(1 + cos(π·(g−w)/(T−w)))."""
+    if g < warmup:
+        return (g + 1) / (warmup + 1)
+    return 0.5 * (1 + math.cos(math.pi * (g - warmup) / (total - warmup)))
+
+
+def test_schedule_span_over_the_federation_and_per_round() -> None:
+    # 3 rounds of 5 steps: round 2 continues at step 5 of 15; per round it restarts at 0 of 5
+    assert schedule_span(scope="federation", server_round=2, rounds=3, steps=5) == (5, 15)
+    assert schedule_span(scope="federation", server_round=1, rounds=3, steps=5) == (0, 15)
+    assert schedule_span(scope="round", server_round=2, rounds=3, steps=5) == (0, 5)
+    with pytest.raises(ValueError, match=r"outside the planned rounds 1\.\.3"):
+        schedule_span(scope="federation", server_round=4, rounds=3, steps=5)
+
+
+def test_lr_at_step_k_of_round_r_by_hand() -> None:
+    # lr 0.1, cosine, 2 warm-up steps, 3 rounds × 5 steps: round 2 step k is global step 5 + k
+    expected = [0.1 * 0.5 * (1 + math.cos(math.pi * (5 + k - 2) / 13)) for k in range(5)]
+    # round 2, step 0: global 5, progress 3/13: 0.1·0.5·(1 + cos(3π/13)) = 0.1·0.5·(1 + 0.748511) = 0.087426
+    assert expected[0] == pytest.approx(0.0874255, abs=1e-6)
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=0.1)
+    sched = make_scheduler(opt, schedule="cosine", warmup_steps=2, total_steps=15, offset=5)
+    seen = []
+    for _ in range(5):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx(expected, rel=1e-9)
+    # round 1 warms up: 0.1/3, 0.2/3, then decays from 0.1
+    assert [
+        0.1 * lr_factor(g, schedule="cosine", warmup_steps=2, total_steps=15) for g in (0, 1, 2)
+    ] == pytest.approx([0.1 / 3, 0.2 / 3, 0.1])
+    # linear: round 3, step 4 is global 14: 1 − 12/13
+    assert lr_factor(14, schedule="linear", warmup_steps=2, total_steps=15) == pytest.approx(1 / 13)
+
+
+class Unigram(torch.nn.Module):
+    """Logits = one trainable vector w at every position: the CE gradient is softmax(w) − e_t
+    when every label is token t, so an SGD step's learning rate can be read off exactly."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(vocab))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        return SimpleNamespace(logits=self.w.expand(*input_ids.shape, -1))
+
+
+def test_the_client_app_decays_the_rate_across_rounds() -> None:
+    """ClientApp `local_steps` in round 2 of 3 runs steps 4..7 of a 12-step cosine schedule."""
+    cfg = load_recipe(
+        RECIPE,
+        [
+            "federation.rounds=3",
+            "federation.local_steps=4",
+            "federation.optimizer=sgd",
+            "federation.lr=0.5",
+            "federation.schedule=cosine",
+            "federation.warmup_steps=2",
+            "federation.max_grad_norm=null",
+        ],
+    )
+    vocab, t = 5, 3
+    example = {"input_ids": [1, 2, 3, 4], "labels": [-100, t, t, t]}
+
+    def run(server_round: int, scope: str) -> torch.Tensor:
+        fed = cfg.federation.model_copy(update={"schedule_scope": scope})
+        rnd = ClientRound(
+            cfg=cfg.model_copy(update={"federation": fed}),
+            partition=0,
+            server_round=server_round,
+            spec=RoundSpec(),
+            config=ConfigRecord({}),
+            node_config={},
+            state=RecordDict(),
+            seed=0,
+            plan=ClientPlan(partition=0, rank=2),
+            tokenizer=SimpleNamespace(pad_token_id=0),
+            shard=SimpleNamespace(train=[example] * 8),
+        )
+        model = Unigram(vocab)
+        result = local_steps(model, rnd, [])
+        assert result.steps == 4
+        return model.w.detach()
+
+    def by_hand(first: int, total: int) -> torch.Tensor:
+        w, target = torch.zeros(vocab), torch.nn.functional.one_hot(torch.tensor(t), vocab)
+        for g in range(first, first + 4):
+            w = w - 0.5 * cosine(g, warmup=2, total=total) * (torch.softmax(w, 0) - target)
+        return w
+
+    torch.testing.assert_close(run(2, "federation"), by_hand(4, 12), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(run(3, "federation"), by_hand(8, 12), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(run(2, "round"), by_hand(0, 4), rtol=1e-5, atol=1e-6)
+    assert (run(2, "federation") - run(2, "round")).abs().max() > 1e-3  # the scope matters
+
+
+def test_recipe_keys_are_checked(tmp_path) -> None:
+    with pytest.raises(ConfigError, match=r"federation\.schedule_scope"):
+        load_recipe(RECIPE, ["federation.schedule_scope=epoch"])
+    with pytest.raises(ConfigError, match=r"federation\.gradient_accumulation_steps"):
+        load_recipe(RECIPE, ["federation.gradient_accumulation_steps=0"])
+    cfg = load_recipe(RECIPE, [])
+    assert cfg.federation.schedule_scope == "federation"
+    assert cfg.federation.gradient_accumulation_steps == 1
+    assert cfg.federation.gradient_checkpointing is False
