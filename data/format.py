@@ -1,6 +1,7 @@
 """Examples → token ids whose labels cover only the response (prompt positions are -100).
 
 "chat" renders the tokenizer's chat template; "plain" is f"{prompt}\\n{response}{eos}".
+An example with a `messages` list (fedllm.data.chat) is trained on its assistant turns only.
 """
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
+
+from fedllm.data.chat import common_prefix, plain_text, template_text
 
 if TYPE_CHECKING:
     import torch
@@ -50,7 +53,8 @@ def tokenize_all(
     if mismatched:
         logger.warning(
             "%d of %d examples: the tokenized prompt is not a prefix of the tokenized "
-            "prompt+response; only their common prefix is masked from the loss",
+            "prompt+response (for messages: the chat template renders the turns before an "
+            "assistant turn differently); only their common prefix is masked from the loss",
             mismatched,
             len(encoded),
         )
@@ -94,6 +98,10 @@ def _encode(
     """(encoded example, whether the prompt tokens were an exact prefix of the full tokens)."""
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
         raise ValueError(f"max_length must be an integer ≥ 2, got {max_length!r}")
+    if example.get("messages"):
+        return _encode_messages(
+            example, tokenizer, prompt_format=prompt_format, max_length=max_length
+        )
     missing = [key for key in ("prompt", "response") if not isinstance(example.get(key), str)]
     if missing:
         raise ValueError(f"example needs str {missing}; it has keys {sorted(example)}")
@@ -117,7 +125,7 @@ def _encode(
     full_ids = tokenizer(full_text, add_special_tokens=special)["input_ids"]
     if eos is not None and (not full_ids or full_ids[-1] != eos):
         full_ids = [*full_ids, eos]
-    n_prompt = _common_prefix(prompt_ids, full_ids)
+    n_prompt = common_prefix(prompt_ids, full_ids)
     prefix_ok = n_prompt == len(prompt_ids)
     input_ids, n_prompt = _truncate(full_ids, n_prompt, max_length=max_length)
     labels = [IGNORE_INDEX] * n_prompt + input_ids[n_prompt:]
@@ -125,13 +133,47 @@ def _encode(
     return encoded, prefix_ok
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
+def _encode_messages(
+    example: Mapping[str, Any], tokenizer: Any, *, prompt_format: str, max_length: int
+) -> tuple[dict[str, list[int]], bool]:
+    """A conversation rendered and tokenized once; labels on tokens overlapping assistant turns."""
+    where = f"example {example.get('id', '?')}"
+    messages = example["messages"]
+    if prompt_format == "chat":
+        text, spans, clean = template_text(tokenizer, messages, where=where)
+        special = False  # the template writes its own special tokens
+    else:
+        if tokenizer.eos_token is None:
+            raise ValueError(
+                "prompt_format='plain' ends assistant turns with eos; set tokenizer.eos_token"
+            )
+        (text, spans), clean, special = plain_text(messages, eos=tokenizer.eos_token), True, True
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(
+            f"{where}: 'messages' rows need a fast tokenizer (character offsets); "
+            f"{type(tokenizer).__name__} is not one"
+        )
+    encoded = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
+    ids = list(encoded["input_ids"])
+    labels = [
+        token if s < e and any(s < end and e > start for start, end in spans) else IGNORE_INDEX
+        for token, (s, e) in zip(ids, encoded["offset_mapping"], strict=True)
+    ]
+    ids, labels = _truncate_labelled(ids, labels, max_length=max_length)
+    return {"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)}, clean
+
+
+def _truncate_labelled(
+    ids: list[int], labels: list[int], *, max_length: int
+) -> tuple[list[int], list[int]]:
+    """Cut the end; if no trained token would remain, end the window at the first trained one."""
+    if len(ids) <= max_length or any(t != IGNORE_INDEX for t in labels[:max_length]):
+        return ids[:max_length], labels[:max_length]
+    first = next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), None)
+    if first is None:
+        return ids[:max_length], labels[:max_length]
+    start = first + 1 - max_length
+    return ids[start : first + 1], labels[start : first + 1]
 
 
 def _truncate(ids: list[int], n_prompt: int, *, max_length: int) -> tuple[list[int], int]:

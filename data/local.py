@@ -1,11 +1,18 @@
-"""Examples from the user's own data: a JSON/JSONL/CSV/Parquet file or a `save_to_disk` folder."""
+"""Examples from the user's own data: a JSON/JSONL/CSV/Parquet file or a `save_to_disk` folder.
+
+Rows are prompt/response columns (`prompt_field`, `response_field`), or, found from the columns
+when those are absent: a `messages` list of {role, content} turns (chat, loss on the assistant
+turns), Alpaca's instruction/input/output, or MMLU's question/choices/answer.
+"""
 
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from fedllm.data.chat import check_messages, messages_example
 
 # File suffix → the `datasets` builder that reads it.
 BUILDERS: dict[str, str] = {
@@ -13,6 +20,12 @@ BUILDERS: dict[str, str] = {
     ".jsonl": "json",
     ".csv": "csv",
     ".parquet": "parquet",
+}
+# Row layouts read without setting prompt_field/response_field: the columns each one needs.
+LAYOUTS: dict[str, tuple[str, ...]] = {
+    "messages": ("messages",),
+    "alpaca": ("instruction", "output"),
+    "multiple_choice": ("question", "choices", "answer"),
 }
 
 
@@ -22,7 +35,7 @@ def load_local(
     prompt_field: str = "prompt",
     response_field: str = "response",
     label_field: str | None = None,
-) -> list[dict[str, str]]:
+) -> list[dict[str, Any]]:
     """Read a local file or `datasets.save_to_disk` folder (a DatasetDict's "train" split)."""
     path = Path(path).expanduser()
     if not path.exists():
@@ -51,28 +64,118 @@ def rows_to_examples(
     prompt_field: str,
     response_field: str,
     label_field: str | None,
-) -> list[dict[str, str]]:
-    """Map table rows to examples; None becomes "", other values become str; label "" if unset."""
-    wanted = {"prompt_field": prompt_field, "response_field": response_field}
-    if label_field is not None:
-        wanted["label_field"] = label_field
-    for argument, field in wanted.items():
-        if field not in columns:
-            raise ValueError(
-                f"{argument}={field!r} is not a column of {origin}; its columns are {columns}"
-            )
+) -> list[dict[str, Any]]:
+    """Map table rows to examples in the layout `detect_layout` finds; label "" if unset.
+
+    prompt/response rows: None becomes "", other values become str. The other layouts check
+    every row and name the file, the row and what is missing.
+    """
+    layout = detect_layout(
+        columns, origin=origin, prompt_field=prompt_field, response_field=response_field
+    )
+    if label_field is not None and label_field not in columns:
+        raise ValueError(
+            f"label_field={label_field!r} is not a column of {origin}; its columns are {columns}"
+        )
     has_id = "id" in columns
-    examples: list[dict[str, str]] = []
+    examples: list[dict[str, Any]] = []
     for row_number, row in enumerate(rows):
+        label = "" if label_field is None else _text(row[label_field])
+        example_id = _text(row["id"]) if has_id else f"{origin}:{row_number}"
+        where = f"{origin} row {row_number}"
+        if layout == "messages":
+            messages = check_messages(row["messages"], where=where)
+            examples.append(messages_example(messages, label=label, example_id=example_id))
+            continue
+        if layout == "alpaca":
+            prompt, response = alpaca_pair(row, where=where)
+            extra: dict[str, Any] = {}
+        elif layout == "multiple_choice":
+            question, choices, answer = choice_row(row, where=where)
+            prompt, response = question, choices[answer]
+            extra = {"choices": choices, "answer": answer}
+        else:
+            prompt, response, extra = _text(row[prompt_field]), _text(row[response_field]), {}
         examples.append(
-            {
-                "prompt": _text(row[prompt_field]),
-                "response": _text(row[response_field]),
-                "label": "" if label_field is None else _text(row[label_field]),
-                "id": _text(row["id"]) if has_id else f"{origin}:{row_number}",
-            }
+            {"prompt": prompt, "response": response, "label": label, "id": example_id, **extra}
         )
     return examples
+
+
+def detect_layout(
+    columns: list[str], *, origin: str, prompt_field: str, response_field: str
+) -> str:
+    """The rows' layout: the prompt/response fields, else (fields left at their defaults) a
+    'messages' list, Alpaca's instruction/output, or question/choices/answer, in that order."""
+    if prompt_field in columns and response_field in columns:
+        return "fields"
+    if (prompt_field, response_field) == ("prompt", "response"):
+        for layout, needs in LAYOUTS.items():
+            if set(needs) <= set(columns):
+                return layout
+    argument, field = (
+        ("prompt_field", prompt_field)
+        if prompt_field not in columns
+        else ("response_field", response_field)
+    )
+    raise ValueError(
+        f"{argument}={field!r} is not a column of {origin}; its columns are {columns}; "
+        "rows are also read without setting fields when they have "
+        + ", ".join(
+            f"{' + '.join(repr(c) for c in needs)} ({layout})" for layout, needs in LAYOUTS.items()
+        )
+    )
+
+
+def alpaca_pair(row: Mapping[str, Any], *, where: str) -> tuple[str, str]:
+    """(prompt, response) of an Alpaca row: instruction (+ "\\n\\n" + input if any) → output."""
+    for column in ("instruction", "output"):
+        value = row.get(column)
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(
+                f"{where}: Alpaca row without {column!r} (got {value!r:.60}); every row needs a "
+                "non-empty 'instruction' and 'output' ('input' is optional)"
+            )
+    extra = row.get("input")
+    if extra is not None and not isinstance(extra, str):
+        raise ValueError(f"{where}: Alpaca 'input' must be a string or absent, got {extra!r:.60}")
+    prompt = row["instruction"] + (f"\n\n{extra}" if extra and extra.strip() else "")
+    return prompt, row["output"]
+
+
+def choice_row(row: Mapping[str, Any], *, where: str) -> tuple[str, list[str], int]:
+    """(question, choices, answer index) of a multiple-choice row (MMLU's layout).
+
+    `answer` is a 0-based index (int or digits) or a letter (A = the first choice).
+    """
+    question, choices = row.get("question"), row.get("choices")
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"{where}: multiple-choice row without 'question' (got {question!r:.60})")
+    if isinstance(choices, (str, bytes)) or not isinstance(choices, Sequence) or len(choices) < 2:
+        raise ValueError(
+            f"{where}: 'choices' must be a list of at least 2 answers, got {choices!r:.80}"
+        )
+    if any(c is None for c in choices):
+        raise ValueError(f"{where}: 'choices' holds a null: {list(choices)!r:.80}")
+    texts = [str(c) for c in choices]
+    return question, texts, answer_index(row.get("answer"), len(texts), where=where)
+
+
+def answer_index(answer: Any, n: int, *, where: str) -> int:
+    """A choice index from 0..n-1, digits, or a letter A.. (case-insensitive)."""
+    index: int | None = None
+    if isinstance(answer, int) and not isinstance(answer, bool):
+        index = answer
+    elif isinstance(answer, str) and answer.strip().isdigit():
+        index = int(answer.strip())
+    elif isinstance(answer, str) and len(answer.strip()) == 1 and answer.strip().isalpha():
+        index = ord(answer.strip().upper()) - ord("A")
+    if index is None or not 0 <= index < n:
+        raise ValueError(
+            f"{where}: 'answer' {answer!r} is neither a choice index 0..{n - 1} nor a letter "
+            f"A..{chr(ord('A') + n - 1)} for its {n} choices"
+        )
+    return index
 
 
 def _read_file(path: Path, *, cache_dir: str) -> Any:

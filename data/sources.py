@@ -1,4 +1,8 @@
-"""One entry point for every data source: "wordnet", "fortunes", a local path, or a hub name."""
+"""One entry point for every data source: "wordnet", "fortunes", a local path, or a hub name.
+
+Local files and hub datasets may hold prompt/response columns, a `messages` list (chat), Alpaca
+rows or question/choices/answer rows: see fedllm.data.local.detect_layout.
+"""
 
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ OPTIONS: dict[str, tuple[str, ...]] = {
 
 def load_examples(
     source: str, *, max_examples: int | None = None, seed: int = 0, **source_options: Any
-) -> list[dict[str, str]]:
+) -> list[dict[str, Any]]:
     """Load examples from `source`; `max_examples` keeps a deterministic subset chosen by `seed`."""
     if not isinstance(source, str) or not source.strip():
         raise ValueError(f"source must be {VALID_SOURCES}; got {source!r}")
@@ -69,7 +73,7 @@ def _load_hub(
     label_field: str | None = None,
     name: str | None = None,
     split: str = "train",
-) -> list[dict[str, str]]:
+) -> list[dict[str, Any]]:
     import datasets  # imported on use: it takes over a second
 
     try:

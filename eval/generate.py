@@ -12,13 +12,37 @@ import torch
 from transformers import GenerationConfig
 
 
-def end_token_ids(tokenizer) -> list[int]:
-    """Tokens that end a response: eos, and the chat template's end-of-turn when there is one."""
-    ids = {tokenizer.eos_token_id}
-    end_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(end_turn, int) and end_turn != tokenizer.unk_token_id:
-        ids.add(end_turn)
-    return sorted(i for i in ids if i is not None)
+def end_token_ids(tokenizer, model: torch.nn.Module | None = None) -> list[int]:
+    """Tokens that end a response: the tokenizer's eos, the end-of-turn token its chat template
+    writes after a reply, and the eos ids of `model`'s generation config (when given)."""
+    ids = {tokenizer.eos_token_id, *template_end_ids(tokenizer)}
+    config = getattr(model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None)
+    ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+    return sorted(i for i in ids if isinstance(i, int))
+
+
+def template_end_ids(tokenizer) -> list[int]:
+    """The special token the chat template puts right after an assistant reply, if any.
+
+    Found by rendering a probe conversation, so no template's end-of-turn name is hard-coded
+    (ChatML's <|im_end|>, Llama 3's <|eot_id|>, Gemma's <end_of_turn> alike).
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE}]
+    try:
+        text = tokenizer.apply_chat_template(probe, tokenize=False)
+    except Exception:  # a template that refuses the probe simply gives no end-of-turn token
+        return []
+    if _PROBE not in text:
+        return []
+    tail = tokenizer(text.rsplit(_PROBE, 1)[1], add_special_tokens=False)["input_ids"]
+    special = set(getattr(tokenizer, "added_tokens_decoder", {})) | set(tokenizer.all_special_ids)
+    return [tail[0]] if tail and tail[0] in special else []
+
+
+_PROBE = "fedllm end-of-turn probe"
 
 
 @torch.no_grad()

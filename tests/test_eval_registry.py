@@ -22,7 +22,7 @@ from fedllm.eval.tasks.define import DefineWords
 from fedllm.model.loading import build_tiny_model, load_base_model
 from fedllm.recipe import build_config
 
-BUILT_IN = ["choose", "define", "domain", "held_out"]
+BUILT_IN = ["choose", "define", "domain", "held_out", "multiple_choice"]
 
 # A complete new task, exactly as a newcomer would save it as fedllm/eval/tasks/<file>.py.
 TASK_FILE = '''
@@ -126,10 +126,11 @@ def test_two_tasks_with_one_name_are_an_error(monkeypatch, tmp_path: Path) -> No
 def test_unknown_task_names_the_valid_ones(tmp_path: Path, capsys) -> None:
     with pytest.raises(ValueError, match="did you mean 'define'") as err:
         get_task("defin")
-    assert "available: choose, define, domain, held_out" in str(err.value)
+    assert "available: choose, define, domain, held_out, multiple_choice" in str(err.value)
     assert main(["eval", str(tmp_path), "--tasks", "held_out", "choos"]) == 2
     message = capsys.readouterr().err
-    assert "unknown eval task 'choos'" in message and "choose, define, domain, held_out" in message
+    assert "unknown eval task 'choos'" in message
+    assert "choose, define, domain, held_out, multiple_choice" in message
 
 
 def test_register_task_checks_what_it_names() -> None:
