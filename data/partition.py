@@ -129,3 +129,48 @@ def _domain(labels: list[str], *, num_clients: int) -> list[list[int]]:
     for i, label in enumerate(labels):
         clients[owner[label]].append(i)
     return clients
+
+
+def hold_out_test(
+    examples: Sequence[Mapping[str, Any]],
+    *,
+    fraction: float,
+    labels: Iterable[str] = (),
+    max_examples: int | None = None,
+    seed: int = 0,
+) -> tuple[list[int], list[int]]:
+    """(test, rest), both sorted: a global test set drawn before any client gets its partition.
+
+    From every label, `fraction` of its examples (rounded half up, at least one of any label with
+    two or more), chosen by `seed`, plus every example of `labels` (domains no client holds: they
+    are never in `rest`). With `max_examples`, a seeded subset of that many is kept; drawn
+    examples left out go back to `rest`.
+    """
+    if not (isinstance(fraction, (int, float)) and 0 <= fraction < 1):
+        raise ValueError(f"fraction must be a number in [0, 1), got {fraction!r}")
+    if max_examples is not None and (isinstance(max_examples, bool) or max_examples < 1):
+        raise ValueError(f"max_examples must be a positive integer or None, got {max_examples!r}")
+    by_label: dict[str, list[int]] = {}
+    for i, example in enumerate(examples):
+        by_label.setdefault(str(example.get("label", "")), []).append(i)
+    whole = set(labels)
+    unknown = sorted(whole - set(by_label))
+    if unknown:
+        raise ValueError(
+            f"label(s) {unknown} are not in the data; its labels are {sorted(by_label)[:50]}"
+        )
+    rng = random.Random(seed)
+    test: list[int] = []
+    for label in sorted(by_label):
+        members = by_label[label]
+        if label in whole:
+            test.extend(members)
+            continue
+        n = math.floor(len(members) * fraction + 0.5)
+        if fraction > 0 and len(members) >= 2:
+            n = max(n, 1)
+        test.extend(rng.sample(members, n))
+    if max_examples is not None and len(test) > max_examples:
+        test = rng.sample(sorted(test), max_examples)
+    excluded = set(test).union(*(by_label[label] for label in whole))
+    return sorted(test), [i for i in range(len(examples)) if i not in excluded]

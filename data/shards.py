@@ -1,15 +1,23 @@
-"""From a recipe to each client's private shard: load, partition, hold out, tokenize.
+"""From a recipe to each client's private shard: load, hold out the test set, partition, tokenize.
 
 Every step is deterministic for the recipe's seed, so a client (in simulation or on its own
-SuperNode) rebuilds exactly its own partition without anything being sent to it.
+SuperNode) rebuilds exactly its own partition without anything being sent to it. A `ShardCache`
+keeps what one process computes for every client it serves: the recipe's split (examples, global
+test set, every client's indices) once, and each client's tokenized shard once.
 """
 
 from __future__ import annotations
 
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Hashable
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from fedllm.data import load_examples, partition, split_held_out, tokenize_all
 from fedllm.data.canary import Canary, canary_examples, make_canaries
+from fedllm.data.partition import hold_out_test
 from fedllm.model.loading import LastValueCache
 from fedllm.recipe import RunConfig
 
@@ -36,6 +44,15 @@ class RawShard:
     held_out: list[dict]
     labels: tuple[str, ...]
     canaries: tuple[Canary, ...] = ()
+
+
+@dataclass(frozen=True)
+class Split:
+    """A recipe's examples cut into the global test set and each client's example indices."""
+
+    examples: list[dict]
+    test: list[int]
+    parts: list[list[int]]
 
 
 def source_options(cfg: RunConfig) -> dict:
@@ -67,20 +84,131 @@ def load_all_examples(cfg: RunConfig) -> list[dict]:
     )
 
 
-def partition_indices(cfg: RunConfig, examples: list[dict]) -> list[list[int]]:
-    return partition(
-        examples,
+def data_key(cfg: RunConfig) -> Hashable:
+    """What a split and a shard depend on: the seed and the whole data section."""
+    return (cfg.seed, cfg.data.model_dump_json())
+
+
+def split_examples(cfg: RunConfig, examples: list[dict]) -> Split:
+    """The recipe's global test set (if any) drawn first, then the rest partitioned over clients."""
+    test, pool = [], list(range(len(examples)))
+    if (t := cfg.data.test_set) is not None:
+        try:
+            test, pool = hold_out_test(
+                examples,
+                fraction=t.fraction,
+                labels=t.labels,
+                max_examples=t.max_examples,
+                seed=cfg.seed,
+            )
+        except ValueError as err:
+            raise ValueError(f"data.test_set: {err}") from None
+    parts = partition(
+        examples if not test else [examples[i] for i in pool],
         num_clients=cfg.data.num_clients,
         method=cfg.data.partitioner,
         alpha=cfg.data.dirichlet_alpha,
         seed=cfg.seed,
     )
+    if test:  # back to indices into `examples`
+        parts = [[pool[j] for j in part] for part in parts]
+    return Split(examples, test, parts)
 
 
-def raw_shard(cfg: RunConfig, partition_id: int) -> RawShard:
-    """Client `partition_id`'s examples (train = members, held_out = non-members) + canaries."""
-    examples = load_all_examples(cfg)
-    parts = partition_indices(cfg, examples)
+def partition_indices(cfg: RunConfig, examples: list[dict]) -> list[list[int]]:
+    """Each client's example indices (the global test set, if any, left out)."""
+    return split_examples(cfg, examples).parts
+
+
+class ShardCache:
+    """One process's shards of the recipe it serves: the split once, each tokenized shard once.
+
+    The ClientApp holds one (`make_client_app`) and hands it down to `load_shard`; up to
+    `max_examples` tokenized examples are kept, least recently used first out. Flower's simulation
+    engine pickles the ClientApp into every message it runs, so a pickled cache travels as a
+    handle: unpickled in a worker it is that worker's own cache of the same handle, kept across
+    messages (the latest few handles per process).
+    """
+
+    _attached: ClassVar[OrderedDict[str, ShardCache]] = OrderedDict()
+    _attached_lock: ClassVar[threading.Lock] = threading.Lock()
+    MAX_ATTACHED: ClassVar[int] = 4
+
+    def __init__(self, *, max_examples: int = 50_000) -> None:
+        self.token = uuid.uuid4().hex
+        self.max_examples = max_examples
+        self.splits = 0  # how often this cache split a recipe's data (for tests and benches)
+        self.tokenized = 0  # how many shards it tokenized
+        self._lock = threading.RLock()
+        self._split: tuple[Hashable, Split] | None = None
+        self._shards: OrderedDict[Hashable, tuple[Any, Shard]] = OrderedDict()
+        self._held = 0  # tokenized examples kept
+
+    def split(self, cfg: RunConfig) -> Split:
+        """The recipe's split, computed on first use (a new recipe replaces the old one)."""
+        key = data_key(cfg)
+        with self._lock:
+            if self._split is None or self._split[0] != key:
+                self._split = None
+                self._split = (key, split_examples(cfg, load_all_examples(cfg)))
+                self.splits += 1
+            return self._split[1]
+
+    def shard(self, cfg: RunConfig, partition_id: int, tokenizer: Any) -> Shard:
+        """Client `partition_id`'s tokenized shard, tokenized once per tokenizer."""
+        key = (data_key(cfg), partition_id)
+        with self._lock:
+            hit = self._shards.get(key)
+            if hit is not None and hit[0] is tokenizer:
+                self._shards.move_to_end(key)
+                return hit[1]
+        shard = tokenize_shard(cfg, raw_shard(cfg, partition_id, cache=self), tokenizer)
+        with self._lock:
+            self.tokenized += 1
+            if (old := self._shards.pop(key, None)) is not None:
+                self._held -= _size(old[1])
+            self._shards[key] = (tokenizer, shard)
+            self._held += _size(shard)
+            while self._held > self.max_examples and len(self._shards) > 1:
+                _, (_, dropped) = self._shards.popitem(last=False)
+                self._held -= _size(dropped)
+        return shard
+
+    def __reduce__(self) -> tuple:
+        with ShardCache._attached_lock:
+            ShardCache._remember(self)
+        return (ShardCache.attach, (self.token, self.max_examples))
+
+    @classmethod
+    def attach(cls, token: str, max_examples: int) -> ShardCache:
+        """This process's cache for `token` (a new one the first time the handle arrives)."""
+        with cls._attached_lock:
+            cache = cls._attached.get(token)
+            if cache is None:
+                cache = cls(max_examples=max_examples)
+                cache.token = token
+            cls._remember(cache)
+            return cache
+
+    @classmethod
+    def _remember(cls, cache: ShardCache) -> None:
+        cls._attached[cache.token] = cache
+        cls._attached.move_to_end(cache.token)
+        while len(cls._attached) > cls.MAX_ATTACHED:
+            cls._attached.popitem(last=False)
+
+
+def _size(shard: Shard) -> int:
+    return len(shard.train) + len(shard.held_out)
+
+
+def raw_shard(cfg: RunConfig, partition_id: int, *, cache: ShardCache | None = None) -> RawShard:
+    """Client `partition_id`'s examples (train = members, held_out = non-members) + canaries.
+
+    Built from the client's own indices of the split `cache` keeps (a fresh split without one).
+    """
+    split = (cache if cache is not None else ShardCache()).split(cfg)
+    examples, parts = split.examples, split.parts
     if not 0 <= partition_id < len(parts):
         raise ValueError(f"partition-id {partition_id} outside [0, {len(parts)})")
     train_idx, held_idx = split_held_out(
@@ -112,14 +240,27 @@ def raw_shard(cfg: RunConfig, partition_id: int) -> RawShard:
     )
 
 
-def load_shard(cfg: RunConfig, partition_id: int, tokenizer) -> Shard:
-    """Client `partition_id`'s shard, tokenized with the base model's tokenizer."""
-    raw = raw_shard(cfg, partition_id)
+def tokenize_shard(cfg: RunConfig, raw: RawShard, tokenizer: Any) -> Shard:
+    """`raw` tokenized with the base model's tokenizer and the recipe's format."""
     fmt = {"prompt_format": cfg.data.prompt_format, "max_length": cfg.data.max_length}
     return Shard(
-        partition_id=partition_id,
+        partition_id=raw.partition_id,
         train=tokenize_all(raw.train, tokenizer, **fmt),
         held_out=tokenize_all(raw.held_out, tokenizer, **fmt),
         labels=raw.labels,
         canaries=raw.canaries,
     )
+
+
+def load_shard(
+    cfg: RunConfig, partition_id: int, tokenizer: Any, *, cache: ShardCache | None = None
+) -> Shard:
+    """Client `partition_id`'s shard, tokenized with the base model's tokenizer (kept by
+    `cache` for the next message of this process; built afresh without one)."""
+    return (cache if cache is not None else ShardCache()).shard(cfg, partition_id, tokenizer)
+
+
+def global_test_set(cfg: RunConfig, *, cache: ShardCache | None = None) -> list[dict]:
+    """The recipe's global test set (`data.test_set`), untokenized; empty without one."""
+    split = (cache if cache is not None else ShardCache()).split(cfg)
+    return [split.examples[i] for i in split.test]

@@ -9,6 +9,7 @@ hooks in order and knows none of them by name. Only adapter tensors and metrics 
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -29,6 +30,7 @@ from fedllm.client.train import (
     train_local,
 )
 from fedllm.constrained.pruning import check_ratio
+from fedllm.data.shards import ShardCache
 from fedllm.features import registry
 from fedllm.features.base import Feature
 from fedllm.features.types import ClientPlan, ClientRound, ClientUpdate
@@ -116,16 +118,21 @@ def check_rank_fits(model: torch.nn.Module, plan: ClientPlan, targets: list[str]
 
 @contextmanager
 def lora_model(
-    rnd: ClientRound, features: Sequence[Feature], *, merged: dict[str, Factors] | None
+    rnd: ClientRound,
+    features: Sequence[Feature],
+    *,
+    merged: dict[str, Factors] | None,
+    shards: ShardCache | None = None,
 ) -> Iterator[PeftModel]:
     """The base as the features prepare it (plus a `merged` delta) with a fresh LoRA at the
-    planned rank; fills in `rnd.tokenizer` and `rnd.shard`; all undone afterwards."""
+    planned rank; fills in `rnd.tokenizer` and `rnd.shard` (from `shards`, the app's cache);
+    all undone afterwards."""
     cfg, plan = rnd.cfg, rnd.plan
     # a base to be pruned loads at full precision; the feature that prunes it quantizes after
     quant = None if plan.pruning > 0 else plan.quantization
     model_cfg = cfg.model.model_copy(update={"quantization": quant or "none"})
     base, rnd.tokenizer = cached_base_model(cfg.model_copy(update={"model": model_cfg}))
-    rnd.shard = node_shard(cfg, rnd.node_config, rnd.tokenizer)
+    rnd.shard = node_shard(cfg, rnd.node_config, rnd.tokenizer, cache=shards)
     for f in features:
         base = f.prepare_base(base, rnd)
     check_rank_fits(base, plan, cfg.lora.target_modules)
@@ -218,20 +225,25 @@ def local_steps(model: PeftModel, rnd: ClientRound, features: Sequence[Feature])
     )
 
 
-def train(cfg: RunConfig, msg: Message, context: Context) -> Message:
+def train(
+    cfg: RunConfig, msg: Message, context: Context, *, shards: ShardCache | None = None
+) -> Message:
     """One round of local training, started from the global factors in `msg`.
 
     A feature may take the message in its own form (SecAgg+ rounds arrive as FitIns and reply
     as FitRes, which its mod masks before anything leaves the client).
     """
+    run = functools.partial(train_content, shards=shards)
     for cls in registry.active(cfg):
-        content = cls.wrap_train(cfg, msg.content, context, train_content)
+        content = cls.wrap_train(cfg, msg.content, context, run)
         if content is not None:
             return Message(content, reply_to=msg)
-    return Message(train_content(cfg, msg.content, context), reply_to=msg)
+    return Message(run(cfg, msg.content, context), reply_to=msg)
 
 
-def train_content(cfg: RunConfig, content: RecordDict, context: Context) -> RecordDict:
+def train_content(
+    cfg: RunConfig, content: RecordDict, context: Context, *, shards: ShardCache | None = None
+) -> RecordDict:
     """`train` on a message's content: {global, config} in, {update, metrics} out."""
     config = content["config"]
     check_recipe(cfg, config)
@@ -242,7 +254,7 @@ def train_content(cfg: RunConfig, content: RecordDict, context: Context) -> Reco
     received = content["global"]
     global_factors = None if rnd.spec.local_B else read_global(received, rnd, features)
     merged = global_factors if rnd.spec.merge else None
-    with lora_model(rnd, features, merged=merged) as model:
+    with lora_model(rnd, features, merged=merged, shards=shards) as model:
         start = start_adapter(model, received, global_factors, rnd, features)
         result = local_steps(model, rnd, features)
         update = ClientUpdate(read_factors(model), start, rnd.plan.rank)
@@ -288,7 +300,9 @@ def only_allowed(metrics: MetricRecord, features: Sequence[Feature]) -> MetricRe
     return MetricRecord({k: v for k, v in metrics.items() if all(k in keys for keys in limits)})
 
 
-def evaluate(cfg: RunConfig, msg: Message, context: Context) -> Message:
+def evaluate(
+    cfg: RunConfig, msg: Message, context: Context, *, shards: ShardCache | None = None
+) -> Message:
     """Held-out NLL of the global adapter on this client's held-out split."""
     config = msg.content["config"]
     check_recipe(cfg, config)
@@ -311,7 +325,7 @@ def evaluate(cfg: RunConfig, msg: Message, context: Context) -> Message:
         target_modules=cfg.lora.target_modules,
     )
     try:
-        shard = node_shard(cfg, context.node_config, tokenizer)
+        shard = node_shard(cfg, context.node_config, tokenizer, cache=shards)
         if spec.local_B:
             global_factors = wire.personal(model, record, context.state)
         write_factors(model, global_factors)
@@ -341,15 +355,17 @@ def evaluate(cfg: RunConfig, msg: Message, context: Context) -> Message:
 
 
 def make_client_app(cfg: RunConfig) -> ClientApp:
-    """A ClientApp bound to a recipe (the simulation passes it by value to every worker)."""
+    """A ClientApp bound to a recipe (the simulation passes it by value to every worker),
+    holding this process's shard cache: each client's shard is built and tokenized once."""
     app = ClientApp()
+    shards = ShardCache()
 
     @app.train(mods=registry.client_mods())  # e.g. SecAgg+ masking; others pass through
     def _train(msg: Message, context: Context) -> Message:
-        return train(cfg, msg, context)
+        return train(cfg, msg, context, shards=shards)
 
     @app.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:
-        return evaluate(cfg, msg, context)
+        return evaluate(cfg, msg, context, shards=shards)
 
     return app

@@ -22,8 +22,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedllm.recipe import RunConfig, build_config
+
+if TYPE_CHECKING:
+    from fedllm.data.shards import ShardCache
 
 NODE_KEYS = (
     "partition-id",
@@ -110,18 +114,26 @@ def local_recipe(cfg: RunConfig, node_config: Mapping[str, object]) -> tuple[Run
     if folder.is_file() and folder.stat().st_size == 0:
         raise ValueError(f"node config data-path={path!r}: the file is empty (no examples)")
     data = cfg.data.model_copy(
-        update={"source": str(folder.resolve()), "num_clients": 1, "partitioner": "iid"}
+        update={
+            "source": str(folder.resolve()),
+            "num_clients": 1,
+            "partitioner": "iid",
+            "test_set": None,  # the server's test set comes from the recipe's source, not here
+        }
     )
     return cfg.model_copy(update={"data": data}), 0
 
 
-def node_shard(cfg: RunConfig, node_config: Mapping[str, object], tokenizer):
-    """This node's private shard, with errors that name the node config key and the file."""
+def node_shard(
+    cfg: RunConfig, node_config: Mapping[str, object], tokenizer, *, cache: ShardCache | None = None
+):
+    """This node's private shard (kept by `cache` across messages), with errors that name the
+    node config key and the file."""
     from fedllm.data.shards import load_shard
 
     local, part = local_recipe(cfg, node_config)
     try:
-        return load_shard(local, part, tokenizer)
+        return load_shard(local, part, tokenizer, cache=cache)
     except ValueError as err:
         where = node_config.get("data-path", f"partition {node_config.get('partition-id')}")
         raise ValueError(f"this node's data ({where}) cannot be used: {err}") from err

@@ -149,6 +149,24 @@ class CanaryConfig(_Strict):
         return v
 
 
+class TestSetConfig(_Strict):
+    """A global test set the server evaluates itself with the global adapter: drawn from every
+    domain (label) before the clients' partition, so no client holds it (see
+    `fedllm.data.partition.hold_out_test`)."""
+
+    fraction: float = Field(0.05, ge=0, lt=1, description="of every label's examples")
+    labels: list[str] = Field(
+        default_factory=list, description="whole labels (domains) no client holds"
+    )
+    max_examples: int | None = Field(1000, gt=0, description="a seeded subset of at most this")
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> TestSetConfig:
+        if self.fraction == 0 and not self.labels:
+            raise ValueError("set fraction > 0 or name labels, else the test set is empty")
+        return self
+
+
 class DataConfig(_Strict):
     """Where the examples come from and how they are split over clients."""
 
@@ -169,6 +187,9 @@ class DataConfig(_Strict):
     held_out: float = Field(0.1, gt=0, lt=1)
     max_length: int = Field(64, ge=8)
     canaries: CanaryConfig | None = Field(None, description="leakage canaries (off by default)")
+    test_set: TestSetConfig | None = Field(
+        None, description="a global test set evaluated by the server (off by default)"
+    )
 
     @field_validator("source")
     @classmethod
@@ -211,6 +232,22 @@ class FederationConfig(_Strict):
     max_rejected_norm_ratio: float = Field(
         100.0, gt=1, description="replies whose norm exceeds this times the median are rejected"
     )
+    evaluate_clients: Literal["all", "none"] | int | float = Field(
+        "all",
+        description="clients that evaluate each round: all, none, a count or a fraction; the same "
+        "seeded panel every round (fedllm.server.evaluation)",
+    )
+
+    @field_validator("evaluate_clients", mode="before")
+    @classmethod
+    def _panel(cls, v: Any) -> Any:
+        count = isinstance(v, int) and not isinstance(v, bool) and v >= 1
+        fraction = isinstance(v, float) and 0 < v <= 1
+        if v not in ("all", "none") and not count and not fraction:
+            raise ValueError(
+                f"must be 'all', 'none', a count >= 1 or a fraction in (0, 1]; got {v!r}"
+            )
+        return v
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> FederationConfig:
@@ -396,6 +433,21 @@ class RunConfig(_Strict):
                 "than '.' (e.g. tiny-2)"
             )
         return v
+
+    @model_validator(mode="after")
+    def _evaluation(self) -> RunConfig:
+        panel, n = self.federation.evaluate_clients, self.data.num_clients
+        if isinstance(panel, int) and not isinstance(panel, bool) and panel > n:
+            raise ValueError(
+                f"federation.evaluate_clients ({panel}) exceeds data.num_clients ({n}); "
+                "use at most that many, a fraction or 'all'"
+            )
+        if panel == "none" and self.data.test_set is None:
+            raise ValueError(
+                "federation.evaluate_clients=none with no data.test_set evaluates nothing; "
+                "set data.test_set (the server's own test set) or evaluate some clients"
+            )
+        return self
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:

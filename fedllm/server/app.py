@@ -9,6 +9,7 @@ knows none of them by name.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,12 @@ from fedllm.model.adapters import factors_digest
 from fedllm.model.base import adapter_shapes
 from fedllm.recipe.schema import RunConfig
 from fedllm.server.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from fedllm.server.evaluation import TestSetEvaluator
 from fedllm.server.exchange import describe_train, exchange, say, wait_for_nodes
 from fedllm.server.metrics import MetricsLog
-from fedllm.server.outputs import finish
+from fedllm.server.outputs import finish, snapshot
 from fedllm.server.strategy import LoraStrategy
+from fedllm.server.trackers import open_trackers
 
 
 class Run:
@@ -35,8 +38,9 @@ class Run:
         self.cfg, self.grid = cfg, grid
         self.features: list[Feature] = registry.build(cfg)
         self.strategy = LoraStrategy(cfg, shapes=adapter_shapes(cfg), features=self.features)
-        self.metrics = MetricsLog(cfg.run_dir)
+        self.metrics = MetricsLog(cfg.run_dir, sinks=open_trackers(cfg))  # + trackers
         self.timeout = cfg.federation.round_timeout
+        self.test_set = TestSetEvaluator(cfg) if cfg.data.test_set is not None else None
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save(self, server_round: int, *, pending: dict[str, Any] | None = None) -> None:
@@ -77,7 +81,8 @@ class Run:
 
     # -- rounds ----------------------------------------------------------------------------------
     def evaluate(self, server_round: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """Federated evaluation of the current global adapter: (server row, client eval rows)."""
+        """Evaluation of the current global adapter by the round's client panel and the
+        server's own test set: (server row, client eval rows)."""
         s = self.strategy
         messages = list(
             s.configure_evaluate(server_round, s.global_record(), ConfigRecord(), self.grid)
@@ -94,8 +99,11 @@ class Run:
         )
         loss, rows = s.evaluate_round(server_round, replies)
         row: dict[str, Any] = {"kind": "server", "round": server_round, "phase": "evaluate"}
+        row["eval_clients"] = len(messages)  # the panel asked (federation.evaluate_clients)
         if loss is not None:
             row["held_out_loss"], row["eval_tokens"] = loss
+        if self.test_set is not None:  # the server's own global test set, no client involved
+            row["test_loss"], row["test_tokens"] = self.test_set.evaluate(s.global_)
         if s.private:  # per-client held-out losses are outside any training guarantee
             return row, []
         return row, [r.to_json() for r in rows]
@@ -164,6 +172,7 @@ class Run:
             f.record(result, server_row=server_row)
         self.metrics.write([r.to_json() for r in result.rows] + eval_rows + [server_row])
         self.save(server_round)
+        snapshot(self.cfg, self.strategy, self.metrics, server_round)  # output.snapshot_every
         losses = " ".join(
             f"c{r.partition}:{r.train_loss:.3f}" for r in ok if r.train_loss is not None
         )
@@ -172,7 +181,7 @@ class Run:
         say(
             f"round {server_round}/{self.cfg.federation.rounds}: {len(ok)}/{result.sampled} "
             f"clients ok, train loss {losses}; held-out "
-            f"{server_row.get('held_out_loss', float('nan')):.4f} "
+            f"{server_row.get('held_out_loss', float('nan')):.4f}{with_test_loss(server_row)} "
             f"[{server_row['seconds']:.0f}s]{progress}"
         )
 
@@ -180,14 +189,20 @@ class Run:
         """Round 0: the base model's held-out loss, the reference every round is compared to."""
         t0 = time.perf_counter()
         row, eval_rows = self.evaluate(0)
-        if "held_out_loss" not in row:
+        if "held_out_loss" not in row and "test_loss" not in row:
             raise RuntimeError(
                 "no client could evaluate the base model; see the client errors above"
             )
+        row["seconds"] = seconds = time.perf_counter() - t0
         self.metrics.write([*eval_rows, row])
-        seconds = time.perf_counter() - t0
-        say(f"round 0 (base model): held-out loss {row['held_out_loss']:.4f} [{seconds:.0f}s]")
+        held = row.get("held_out_loss", float("nan"))
+        say(f"round 0 (base model): held-out loss {held:.4f}{with_test_loss(row)} [{seconds:.0f}s]")
         self.save(0)
+
+
+def with_test_loss(row: dict[str, Any]) -> str:
+    """The server's test-set loss for a progress line, if it has one."""
+    return f", test {row['test_loss']:.4f}" if "test_loss" in row else ""
 
 
 def run_server(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
@@ -198,8 +213,9 @@ def run_server(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
     if start == 1:
         run.metrics.path.write_text("")
     n = wait_for_nodes(grid, cfg.data.num_clients, timeout=min(run.timeout, 600))
-    ranks = [cfg.client_rank(i) for i in range(cfg.data.num_clients)]
-    say(f"{n} client nodes connected; aggregator {cfg.aggregator.name}; ranks {ranks}")
+    ranks = Counter(cfg.client_rank(i) for i in range(cfg.data.num_clients))
+    ranks_text = ", ".join(f"{r} x{c}" for r, c in sorted(ranks.items()))  # not one per client
+    say(f"{n} client nodes connected; aggregator {cfg.aggregator.name}; ranks {ranks_text}")
     if start == 1:
         run.base_round()
     for rnd in range(start, cfg.federation.rounds + 1):

@@ -39,7 +39,10 @@ def exchange(
     """Push `messages`, then pull replies until all are in or `timeout` passes, reporting each one.
 
     The same as `grid.send_and_receive`, but the person watching sees clients finish one by one.
+    No message (an empty evaluation panel) asks the grid nothing.
     """
+    if not messages:
+        return []
     pending = set(grid.push_messages(messages))
     replies: list[Message] = []
     deadline = time.monotonic() + timeout

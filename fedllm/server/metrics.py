@@ -114,6 +114,10 @@ def plot_held_out(rows: list[dict], path: Path, *, title: str) -> Path:
     if server:
         xs, ys = zip(*server, strict=True)
         ax.plot(xs, ys, lw=2.5, color="black", marker="o", label="global")
+    test = sorted((r["round"], r["test_loss"]) for r in rows if "test_loss" in r)
+    if test:  # the server's own global test set
+        xs, ys = zip(*test, strict=True)
+        ax.plot(xs, ys, lw=2.5, color="tab:red", marker="s", label="test set")
     ax.set_xlabel("round (0 = base model)")
     ax.set_ylabel("held-out loss (nats/token)")
     ax.set_title(title)
@@ -139,6 +143,9 @@ def final_table(rows: list[dict], last_round: int) -> list[dict]:
         table.append(
             _row("global", server[0]["held_out_loss"], server[last_round]["held_out_loss"])
         )
+    test = {r["round"]: r for r in rows if r.get("kind") == "server" and "test_loss" in r}
+    if 0 in test and last_round in test:  # the server's own test set (data.test_set)
+        table.append(_row("test set", test[0]["test_loss"], test[last_round]["test_loss"]))
     return table
 
 

@@ -25,6 +25,7 @@ from fedllm.features.base import Feature
 from fedllm.features.types import ClientRow, Download, EvalRow, RoundResult, TrainReply
 from fedllm.model import wire
 from fedllm.recipe.schema import RunConfig
+from fedllm.server.evaluation import evaluation_panel
 
 log = logging.getLogger("fedllm.server")
 
@@ -337,12 +338,14 @@ class LoraStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Every node evaluates the global adapter on its own held-out split."""
+        """The round's evaluation panel (`federation.evaluate_clients`: every node by default,
+        the same seeded nodes each round) evaluates the global adapter on its held-out splits."""
         config = ConfigRecord(self.round_config(server_round))
         content = RecordDict({"global": arrays, "config": config})
+        spec, seed = self.cfg.federation.evaluate_clients, self.cfg.seed
         return [
             Message(content, dst_node_id=node, message_type=MessageType.EVALUATE)
-            for node in sorted(grid.get_node_ids())
+            for node in evaluation_panel(grid.get_node_ids(), spec=spec, seed=seed)
         ]
 
     def evaluate_round(

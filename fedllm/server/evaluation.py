@@ -1,0 +1,107 @@
+"""Evaluation whose cost follows the clients that take part, not how many exist.
+
+Two ways, chosen in the recipe and usable together:
+- `federation.evaluate_clients`: a panel of clients evaluates the global adapter on their own
+  held-out splits each round (Flower's `fraction_evaluate`). The panel is the same every round
+  (rendezvous hashing of the node ids with the recipe's seed), so the curves of a run compare
+  the same clients; a node joining or leaving moves at most one seat.
+- `data.test_set`: a global test set drawn from every domain before the clients' partition,
+  evaluated by the server itself with the global adapter (no message to any client).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Mapping
+
+from fedllm.aggregators.base import Factors
+from fedllm.client.train import evaluate_nll
+from fedllm.data import tokenize_all
+from fedllm.data.shards import ShardCache, global_test_set
+from fedllm.model.adapters import attach_lora, write_factors
+from fedllm.model.base import cached_base_model
+from fedllm.recipe.schema import RunConfig
+
+
+def panel_size(spec: str | int | float, num_nodes: int) -> int:
+    """How many of `num_nodes` evaluate: all, none, a count (at most all), or a fraction
+    rounded half up (at least one)."""
+    if spec == "all":
+        return num_nodes
+    if spec == "none" or num_nodes == 0:
+        return 0
+    if isinstance(spec, float):
+        return min(num_nodes, max(1, math.floor(spec * num_nodes + 0.5)))
+    return min(int(spec), num_nodes)
+
+
+def evaluation_panel(nodes: Iterable[int], *, spec: str | int | float, seed: int) -> list[int]:
+    """The sorted nodes that evaluate this round: the `panel_size` nodes whose hash with `seed`
+    is smallest, the same every round for the same nodes."""
+    nodes = sorted(set(nodes))
+    k = panel_size(spec, len(nodes))
+    if k == len(nodes):
+        return nodes
+
+    def score(node: int) -> bytes:
+        return hashlib.blake2b(f"{seed}:{node}".encode(), digest_size=8).digest()
+
+    return sorted(sorted(nodes, key=score)[:k])
+
+
+class TestSetEvaluator:
+    """The server's own evaluation of the global adapter on the recipe's global test set."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, cfg: RunConfig, *, cache: ShardCache | None = None) -> None:
+        if cfg.data.test_set is None:
+            raise ValueError("data.test_set is not set: there is no global test set to evaluate")
+        self.cfg = cfg
+        self.raw = global_test_set(cfg, cache=cache)
+        if not self.raw:
+            raise ValueError(
+                "data.test_set drew no example (fraction too small for labels this size?); "
+                "raise data.test_set.fraction or name whole labels"
+            )
+        self._tokenized: tuple[object, list[dict]] | None = None
+
+    def examples(self, tokenizer: object) -> list[dict]:
+        """The test set tokenized once for this tokenizer."""
+        if self._tokenized is None or self._tokenized[0] is not tokenizer:
+            fmt = {
+                "prompt_format": self.cfg.data.prompt_format,
+                "max_length": self.cfg.data.max_length,
+            }
+            self._tokenized = (tokenizer, tokenize_all(self.raw, tokenizer, **fmt))
+        return self._tokenized[1]
+
+    def evaluate(self, factors: Mapping[str, Factors]) -> tuple[float, int]:
+        """(mean token NLL, tokens) of the base with `factors` as its LoRA adapter."""
+        cfg = self.cfg
+        base, tokenizer = cached_base_model(cfg)
+        examples = self.examples(tokenizer)
+        rank = max((f.rank for f in factors.values()), default=1)
+        scaling = next(iter(factors.values())).scaling if factors else 1.0
+        model = attach_lora(
+            base,
+            rank=rank,
+            alpha=scaling * rank,
+            dropout=cfg.lora.dropout,
+            target_modules=cfg.lora.target_modules,
+        )
+        try:
+            write_factors(model, dict(factors))
+            # as on the clients: eval mode would flip 4-bit layers to an inference kernel
+            model.train(cfg.model.quantization != "none")
+            nll, tokens = evaluate_nll(
+                model,
+                examples,
+                batch_size=cfg.federation.eval_batch_size,
+                pad_id=tokenizer.pad_token_id,
+            )
+            model.train()
+        finally:
+            model.unload()
+        return nll / max(tokens, 1), tokens
