@@ -5,13 +5,13 @@ server's view). Adapters load with stock `PeftModel.from_pretrained` / `load_ada
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from peft import PeftModel
 
+from fedllm.model.card import resolve_adapter_base
 from fedllm.model.loading import load_base_model
 
 BASE, GLOBAL = "base", "global"
@@ -22,16 +22,8 @@ def client_view(partition: int) -> str:
 
 
 def adapter_base_dir(adapter: Path) -> Path:
-    """The base model folder an adapter names in its adapter_config.json."""
-    config_path = adapter / "adapter_config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
-    base = json.loads(config_path.read_text()).get("base_model_name_or_path")
-    if not base or not Path(base).is_dir():
-        raise FileNotFoundError(
-            f"{config_path}: base_model_name_or_path {base!r} is not a local model folder"
-        )
-    return Path(base)
+    """The base model folder of an adapter (its portable base name resolved to a local folder)."""
+    return resolve_adapter_base(adapter)
 
 
 def find_client_adapters(run_dir: Path) -> dict[int, Path]:

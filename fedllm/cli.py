@@ -45,6 +45,9 @@ def prepare(cfg: RunConfig) -> None:
     )
     for feature in registry.active(cfg):  # e.g. pruned ranks fit, DP fits every shard
         feature.prepare(cfg, shapes=shapes)
+    from fedllm.server.trackers import check_trackers
+
+    check_trackers(cfg)  # output.trackers installed here (the server logs to them)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -165,6 +168,48 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """`fedllm export`: the run's adapter (portable), or merged into its base."""
+    from fedllm.export import export
+
+    out = export(
+        Path(args.run_dir),
+        Path(args.out),
+        merge=args.merge,
+        client=args.client,
+        round=args.round,
+        base_name=args.base_name,
+        dtype=args.dtype,
+    )
+    what = "merged model" if args.merge else "adapter"
+    print(f"[fedllm] {what} written to {out} (model card: {out / 'README.md'})", flush=True)
+    return 0
+
+
+def add_export_command(sub) -> None:
+    """`fedllm export RUN_DIR OUT [--merge] [--client N | --round K]`."""
+    exp = sub.add_parser(
+        "export",
+        help="write a run's adapter as a portable PEFT folder, or --merge it into its base",
+    )
+    exp.add_argument("run_dir", help="a finished run's folder, e.g. runs/quickstart")
+    exp.add_argument("out", help="a new (or empty) folder to write")
+    exp.add_argument(
+        "--merge",
+        action="store_true",
+        help="a plain Hugging Face model (base + adapter merged, with its tokenizer)",
+    )
+    exp.add_argument("--client", type=int, metavar="N", help="client N's adapter (default: global)")
+    exp.add_argument("--round", type=int, metavar="K", help="the snapshot of round K")
+    exp.add_argument(
+        "--base-name",
+        metavar="PATH_OR_HUB_ID",
+        help="set base_model_name_or_path to your copy of the base (adapter export)",
+    )
+    exp.add_argument("--dtype", help="weights of the merged model (default: the recipe's dtype)")
+    exp.set_defaults(fn=cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedllm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -214,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     from fedllm.eval.cli import add_eval_commands
 
     add_eval_commands(sub)
+    add_export_command(sub)
     return parser
 
 

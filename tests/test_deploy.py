@@ -282,8 +282,10 @@ def test_global_adapter_loads_with_stock_peft(scenario) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from fedllm.model.card import resolve_adapter_base
+
     adapter = scenario["run_dir"] / "final_adapter"
-    base_dir = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base_dir = resolve_adapter_base(adapter)  # the portable name 'tiny' -> the run's tiny base
     base = AutoModelForCausalLM.from_pretrained(base_dir)
     ids = AutoTokenizer.from_pretrained(base_dir)("Define apple1.", return_tensors="pt").input_ids
     with torch.no_grad():

@@ -10,6 +10,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fedllm.cli import main
+from fedllm.model.card import resolve_adapter_base
 from fedllm.server.checkpoint import load_checkpoint
 
 RECIPE = str(Path(__file__).parents[1] / "recipes" / "tiny.yaml")
@@ -48,8 +49,9 @@ def test_run_writes_metrics_for_every_round_and_client(run_dir: Path) -> None:
 
 def test_final_adapter_loads_with_stock_peft(run_dir: Path) -> None:
     config = json.loads((run_dir / "final_adapter" / "adapter_config.json").read_text())
-    base_dir = config["base_model_name_or_path"]
-    assert Path(base_dir).is_dir(), "the adapter must point at the saved tiny base"
+    assert config["base_model_name_or_path"] == "tiny", "a portable name, not a cache path"
+    base_dir = resolve_adapter_base(run_dir / "final_adapter")
+    assert base_dir == run_dir / "tiny_base", "the name resolves to the run's tiny base"
     base = AutoModelForCausalLM.from_pretrained(base_dir)
     tok = AutoTokenizer.from_pretrained(base_dir)
     ids = tok("Define the word 'dog' (noun).", return_tensors="pt").input_ids

@@ -1,4 +1,8 @@
-"""Run results as files a person can open: metrics.jsonl, a PNG plot, a Markdown summary."""
+"""Run results as files a person can open: metrics.jsonl, a PNG plot, a Markdown summary.
+
+`MetricsLog.write` is the one writer of a run's metrics: it appends to metrics.jsonl and hands
+the same rows to the experiment trackers the recipe names (`fedllm.server.trackers`).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,12 @@ import json
 import logging
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fedllm.server.trackers import Sink
 
 METRICS = "metrics.jsonl"
 
@@ -14,10 +23,11 @@ log = logging.getLogger(__name__)
 
 
 class MetricsLog:
-    """Append-only JSONL of per-round, per-client and server rows."""
+    """Append-only JSONL of per-round, per-client and server rows, mirrored to tracker sinks."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, *, sinks: Sequence[Sink] = ()) -> None:
         self.path = run_dir / METRICS
+        self.sinks = list(sinks)
 
     def truncate_after(self, last_round: int) -> None:
         """Drop rows of rounds after `last_round` (written before a crash, not checkpointed).
@@ -35,12 +45,38 @@ class MetricsLog:
         fsync_dir(self.path.parent)
 
     def write(self, rows: list[dict]) -> None:
-        """Append `rows`, flushed and fsynced: a round's rows are on disk before its checkpoint."""
+        """Append `rows`, flushed and fsynced: a round's rows are on disk before its checkpoint.
+        Then each tracker sink logs them (step = round)."""
         with self.path.open("a") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        if self.sinks:
+            self._to_sinks(rows)
+
+    def _to_sinks(self, rows: list[dict]) -> None:
+        """Log rows to every sink; a sink that fails is dropped with a warning (metrics.jsonl
+        stays the record, and a tracker's outage must not stop a federation)."""
+        from fedllm.server.trackers import scalars_by_round
+
+        steps = scalars_by_round(rows)
+        for sink in list(self.sinks):
+            try:
+                for step, scalars in sorted(steps.items()):
+                    sink.log(scalars, step)
+            except Exception as err:  # any tracker library error
+                log.warning("tracker %s failed (%s); it gets no more rows", sink.name, err)
+                self.sinks.remove(sink)
+
+    def close(self) -> None:
+        """Close every tracker sink (metrics.jsonl needs no closing)."""
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception as err:  # any tracker library error
+                log.warning("tracker %s did not close cleanly: %s", sink.name, err)
+        self.sinks = []
 
     def read(self) -> list[dict]:
         """Every row; a last line cut short by a crash is dropped with a warning.

@@ -1,54 +1,136 @@
-"""What a finished run leaves in its folder: the global adapter in PEFT format, each client's
-latest update as the server saw it, the held-out plot and the base-vs-federated table."""
+"""What a run leaves in its folder: the global adapter in PEFT format, each client's latest update
+as the server saw it, adapter snapshots every `output.snapshot_every` rounds, the held-out plot
+and the base-vs-federated table. Every adapter folder carries a model card (`README.md`,
+`fedllm_adapter.json`) and names its base portably (`fedllm.model.card`)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from fedllm.model.adapters import save_peft_adapter
-from fedllm.model.base import base_model_dir
+from fedllm.aggregators import Factors, round_spec
+from fedllm.model.card import IDENTITY_MEMO, AdapterCard, BaseIdentity, base_identity, make_card
+from fedllm.model.card import save_adapter as save_with_card
 from fedllm.recipe.schema import RunConfig
 from fedllm.server.exchange import say
 from fedllm.server.metrics import MetricsLog, final_table, plot_held_out, table_markdown
 from fedllm.server.strategy import LoraStrategy
 
+SNAPSHOTS = "snapshots"
+LOCAL_B_NOTE = (
+    "The server holds only the shared A of this aggregator (B is zero here): each client's "
+    "personal adapter (`clients/<partition>/personal_adapter/`) is the model to use."
+)
 
-def save_client_adapters(cfg: RunConfig, strategy: LoraStrategy) -> None:
+
+def run_base(cfg: RunConfig) -> BaseIdentity:
+    """The base's portable identity, hashed once per run (memo in the run folder)."""
+    return base_identity(cfg, memo=cfg.run_dir / IDENTITY_MEMO)
+
+
+def save_adapter(
+    folder: Path, factors: Mapping[str, Factors], cfg: RunConfig, card: AdapterCard
+) -> Path:
+    """A PEFT adapter folder naming the base portably, with its model card."""
+    return save_with_card(
+        folder, factors, card, target_modules=cfg.lora.target_modules, dropout=cfg.lora.dropout
+    )
+
+
+def _rank(factors: Mapping[str, Factors]) -> int:
+    return max(f.rank for f in factors.values())
+
+
+def _server_row(rows: list[dict], server_round: int) -> dict[str, Any]:
+    return next(
+        (r for r in rows if r.get("kind") == "server" and r.get("round") == server_round), {}
+    )
+
+
+def _numbers(row: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, float]:
+    return {k: row[k] for k in keys if isinstance(row.get(k), int | float) and k in row}
+
+
+def save_client_adapters(
+    cfg: RunConfig, strategy: LoraStrategy, *, base: BaseIdentity, rows: list[dict]
+) -> None:
     """Each client's latest accepted update as a PEFT adapter: what an honest-but-curious server
     holds (`client_adapters/<partition>/`, with the round of each in `index.json`)."""
     folder = cfg.run_dir / "client_adapters"
     index = {}
     for pid, (rnd, factors) in sorted(strategy.client_updates.items()):
-        save_peft_adapter(
-            folder / str(pid),
-            factors,
-            base_model=str(base_model_dir(cfg)),
-            target_modules=cfg.lora.target_modules,
-            dropout=cfg.lora.dropout,
+        row = next(
+            (
+                r
+                for r in rows
+                if r.get("kind") == "client" and r.get("round") == rnd and r.get("partition") == pid
+            ),
+            {},
         )
-        index[str(pid)] = {"round": rnd, "rank": max(f.rank for f in factors.values())}
+        card = make_card(
+            cfg,
+            base,
+            what="client",
+            round=rnd,
+            rank=_rank(factors),
+            partition=pid,
+            metrics=_numbers(row, ("train_loss", "train_loss_first", "train_loss_last")),
+            note="What the server received from this client in that round (before aggregation).",
+        )
+        save_adapter(folder / str(pid), factors, cfg, card)
+        index[str(pid)] = {"round": rnd, "rank": _rank(factors)}
     if index:
         (folder / "index.json").write_text(json.dumps(index, indent=2))
 
 
-def finish(cfg: RunConfig, strategy: LoraStrategy, metrics: MetricsLog) -> Path:
-    """Save the global adapter in PEFT format, the plot, and the base-vs-federated table."""
-    run_dir = cfg.run_dir
-    save_peft_adapter(
-        run_dir / "final_adapter",
-        strategy.global_,
-        base_model=str(base_model_dir(cfg)),
-        target_modules=cfg.lora.target_modules,
-        dropout=cfg.lora.dropout,
+def snapshot(
+    cfg: RunConfig, strategy: LoraStrategy, metrics: MetricsLog, server_round: int
+) -> Path | None:
+    """The global adapter after `server_round` in `snapshots/round_<r>/`, every
+    `output.snapshot_every` rounds (None when this round is not one of them)."""
+    every = cfg.output.snapshot_every
+    if every is None or server_round % every:
+        return None
+    row = _server_row(metrics.read(), server_round)
+    card = make_card(
+        cfg,
+        run_base(cfg),
+        what="snapshot",
+        round=server_round,
+        rank=_rank(strategy.global_),
+        metrics=_numbers(row, ("held_out_loss", "train_loss")),
     )
-    save_client_adapters(cfg, strategy)
+    return save_adapter(
+        cfg.run_dir / SNAPSHOTS / f"round_{server_round}", strategy.global_, cfg, card
+    )
+
+
+def finish(cfg: RunConfig, strategy: LoraStrategy, metrics: MetricsLog) -> Path:
+    """Save the global adapter in PEFT format with its card, the client adapters, the plot, and
+    the base-vs-federated table; close the trackers."""
+    run_dir = cfg.run_dir
     rows = metrics.read()
-    plot_held_out(rows, run_dir / "held_out_loss.png", title=f"{cfg.name}: held-out loss")
     last = max((r["round"] for r in rows if r.get("kind") == "server"), default=0)
     table = final_table(rows, last)  # a privacy budget may have stopped the run early
+    base = run_base(cfg)
+    card = make_card(
+        cfg,
+        base,
+        what="global",
+        round=last,
+        rank=_rank(strategy.global_),
+        metrics=_numbers(_server_row(rows, last), ("held_out_loss", "train_loss")),
+        table=table,
+        note=LOCAL_B_NOTE if round_spec(cfg.aggregator.name).local_B else "",
+    )
+    save_adapter(run_dir / "final_adapter", strategy.global_, cfg, card)
+    save_client_adapters(cfg, strategy, base=base, rows=rows)
+    plot_held_out(rows, run_dir / "held_out_loss.png", title=f"{cfg.name}: held-out loss")
     (run_dir / "final_eval.json").write_text(json.dumps(table, indent=2))
     md = table_markdown(table)
     (run_dir / "final_eval.md").write_text(f"# {cfg.name}: base vs federated adapter\n\n{md}\n")
+    metrics.close()
     say(f"finished: adapter in {run_dir / 'final_adapter'}\n{md}")
     return run_dir

@@ -1,0 +1,164 @@
+"""`fedllm export RUN_DIR OUT`: a run's adapter as a portable PEFT folder, or merged into its base.
+
+The global adapter by default; `--round K` for a snapshot (`output.snapshot_every`); `--client N`
+for client N's own personal adapter if it kept one (`clients/N/personal_adapter`), else the
+server's copy of its last update (`client_adapters/N`). Clients may train at different ranks:
+every saved adapter is one PEFT folder at one rank (lower ranks zero-padded), so each exports
+alike. `--merge` writes a plain Hugging Face model folder (weights W + s·B·A, the base's tokenizer
+and generation config, a model card) that `AutoModelForCausalLM.from_pretrained(OUT)` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+from fedllm.model.card import (
+    CARD_JSON,
+    README,
+    AdapterCard,
+    base_identity,
+    make_card,
+    read_card,
+    render_card,
+    resolve_adapter_base,
+    write_atomic,
+    write_card,
+)
+from fedllm.model.loading import DTYPES
+from fedllm.recipe import RunConfig, load_recipe
+
+PERSONAL = Path("clients") / "{client}" / "personal_adapter"
+CLIENT = Path("client_adapters") / "{client}"
+SNAPSHOT = Path("snapshots") / "round_{round}"
+
+
+def run_recipe(run_dir: Path) -> RunConfig:
+    """The resolved recipe a run left in its folder."""
+    recipe = run_dir / "recipe.yaml"
+    if not recipe.is_file():
+        raise FileNotFoundError(
+            f"{run_dir} is not a fedllm run folder (no recipe.yaml); pass the folder `fedllm run` "
+            "wrote, e.g. runs/quickstart"
+        )
+    return load_recipe(recipe)
+
+
+def find_adapter(run_dir: Path, *, client: int | None = None, round: int | None = None) -> Path:
+    """The adapter folder to export: global, a snapshot, or one client's."""
+    if client is not None and round is not None:
+        raise ValueError("pass --client or --round, not both (snapshots hold the global adapter)")
+    if client is not None:
+        for pattern in (PERSONAL, CLIENT):
+            folder = run_dir / str(pattern).format(client=client)
+            if (folder / "adapter_config.json").is_file():
+                return folder
+        have = sorted(
+            {p.parent.name for p in run_dir.glob("clients/*/personal_adapter/adapter_config.json")}
+            | {p.parent.name for p in run_dir.glob("client_adapters/*/adapter_config.json")}
+        )
+        raise FileNotFoundError(
+            f"{run_dir}: no adapter of client {client} (neither {PERSONAL} nor {CLIENT}); "
+            f"clients with one: {', '.join(have) or 'none (a private run keeps none)'}"
+        )
+    if round is not None:
+        folder = run_dir / str(SNAPSHOT).format(round=round)
+        if not (folder / "adapter_config.json").is_file():
+            have = sorted(
+                int(p.parent.name.removeprefix("round_"))
+                for p in run_dir.glob("snapshots/round_*/adapter_config.json")
+            )
+            raise FileNotFoundError(
+                f"{run_dir}: no snapshot of round {round}; snapshots: "
+                f"{', '.join(map(str, have)) or 'none (set output.snapshot_every)'}"
+            )
+        return folder
+    folder = run_dir / "final_adapter"
+    if not (folder / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{folder} holds no adapter: did the run finish?")
+    return folder
+
+
+def adapter_card(adapter: Path, cfg: RunConfig) -> AdapterCard:
+    """The adapter's card; an adapter from before cards gets one from the recipe."""
+    data = read_card(adapter)
+    if data is not None:
+        return AdapterCard.from_json(data)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    return make_card(cfg, base_identity(cfg), what="global", round=0, rank=int(config["r"]))
+
+
+def _fresh(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} exists and is not an empty folder; pick a new OUT")
+
+
+def export_adapter(adapter: Path, out: Path, card: AdapterCard, *, base_name: str | None) -> Path:
+    """Copy the adapter with its card; `base_name` re-points `base_model_name_or_path`."""
+    _fresh(out)
+    shutil.copytree(adapter, out, dirs_exist_ok=True)
+    if base_name is not None:
+        card = replace(card, base=replace(card.base, name=base_name))
+    config_path = out / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = card.base.name  # portable even for an old adapter
+    write_atomic(config_path, json.dumps(config, indent=2))
+    write_atomic(out / CARD_JSON, json.dumps(card.to_json(), indent=2))
+    write_atomic(out / README, render_card(card))
+    return out
+
+
+def export_merged(
+    adapter: Path, out: Path, card: AdapterCard, *, dtype: str, quantized: bool
+) -> Path:
+    """Merge the adapter into its (full-precision) base; save model, tokenizer and card."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _fresh(out)
+    base_dir = resolve_adapter_base(adapter)
+    base = AutoModelForCausalLM.from_pretrained(
+        base_dir, dtype=torch.float32, local_files_only=True
+    )
+    tokenizer = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
+    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    merged = merged.to(DTYPES[dtype])
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    note = "Merged in float32" + (f", saved as {dtype}" if dtype != "float32" else "") + "."
+    if quantized:
+        note += " The run trained on a quantized base; this is merged into the full-precision one."
+    write_card(out, replace(card, what="merged", note=f"{card.note} {note}".strip()))
+    return out
+
+
+def export(
+    run_dir: Path,
+    out: Path,
+    *,
+    merge: bool = False,
+    client: int | None = None,
+    round: int | None = None,
+    base_name: str | None = None,
+    dtype: str | None = None,
+) -> Path:
+    """Export a run's adapter (or the merged model) to `out`; returns `out`."""
+    cfg = run_recipe(run_dir)
+    adapter = find_adapter(run_dir, client=client, round=round)
+    card = adapter_card(adapter, cfg)
+    if not merge:
+        if dtype is not None:
+            raise ValueError("--dtype applies to --merge only (an adapter stays float32)")
+        return export_adapter(adapter, out, card, base_name=base_name)
+    if base_name is not None:
+        raise ValueError("--base-name applies to an adapter export; a merged model has no base")
+    dtype = dtype or cfg.model.dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    return export_merged(
+        adapter, out, card, dtype=dtype, quantized=cfg.model.quantization != "none"
+    )

