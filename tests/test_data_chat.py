@@ -151,6 +151,17 @@ def test_named_fields_win_over_detection(tmp_path: Path) -> None:
         load_local(path, prompt_field="q", response_field="answer")
 
 
+def test_the_shipped_example_reads_as_chat(tok: PreTrainedTokenizerFast) -> None:
+    path = Path(__file__).parents[1] / "examples" / "chat.jsonl"
+    examples = load_local(path, label_field="topic")
+    assert len(examples) == 48
+    assert sorted({e["label"] for e in examples}) == ["cooking", "garden", "maths", "travel"]
+    roles = [[t["role"] for t in e["messages"]] for e in examples]
+    assert sum(r[0] == "system" for r in roles) == 16 and sum(len(r) > 3 for r in roles) == 4
+    items = tokenize_all(examples, tok, prompt_format="chat", max_length=256)
+    assert all(any(t != -100 for t in item["labels"]) for item in items)
+
+
 # ---------------------------------------------------------------- Alpaca rows
 
 
