@@ -50,14 +50,15 @@ def prepare(cfg: RunConfig) -> None:
     check_trackers(cfg)  # output.trackers installed here (the server logs to them)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    cfg = absolute_paths(load_recipe(args.recipe, args.overrides))
+def start_run(cfg: RunConfig, *, resume: bool, overwrite: bool, local: bool = True) -> Path:
+    """Ready the run directory (resume / overwrite rules), check everything that can fail before
+    round 1 and save the resolved recipe; `fedllm run` and the Flower App (`flwr run .`) both."""
     run_dir = cfg.run_dir
-    if args.resume:
-        if not args.federation:  # a SuperLink's ServerApp may keep its run folder elsewhere
+    if resume:
+        if local:  # a SuperLink's ServerApp may keep its run folder elsewhere
             check_resumable(run_dir)
     elif has_checkpoint(run_dir):
-        if not args.overwrite:
+        if not overwrite:
             raise ConfigError(
                 f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to "
                 f"start again, or name=<new name>"
@@ -66,6 +67,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     prepare(cfg)
     (run_dir / "recipe.yaml").write_text(cfg.to_yaml())
+    return run_dir
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = absolute_paths(load_recipe(args.recipe, args.overrides))
+    run_dir = start_run(
+        cfg, resume=args.resume, overwrite=args.overwrite, local=not args.federation
+    )
     if args.federation:
         from fedllm.deploy.federation import submit
 
@@ -215,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a recipe in Flower's simulation engine")
-    run.add_argument("recipe", help="path to a YAML recipe (see recipes/)")
+    run.add_argument("recipe", help="a YAML recipe, or a shipped recipe's name (`fedllm recipes`)")
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. federation.rounds=2")
     run.add_argument("--resume", action="store_true", help="continue from the last finished round")
     run.add_argument("--overwrite", action="store_true", help="delete an existing run of this name")
@@ -260,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_commands(sub)
     add_export_command(sub)
+    from fedllm.recipes_cmd import add_recipes_command
+
+    add_recipes_command(sub)
     return parser
 
 

@@ -1,43 +1,102 @@
-"""Module-level ServerApp and ClientApp for Flower's deployment engine (SuperLink + SuperNodes).
+"""Module-level ServerApp and ClientApp: the Flower App of the checkout (`flwr run .`, simulation
+or a SuperLink) and of `fedllm run RECIPE --federation CONN`.
 
-Simulation binds the recipe by closure (`make_server_app`, `make_client_app`); a deployed run
-cannot, so the submitter (`fedllm run RECIPE --federation CONN`) sends the resolved recipe YAML as
-the run config key `recipe` (and `resume`), and these apps rebuild it on each side. The app
-folder Flower builds into a FAB names `fedllm.deploy.apps:server_app` /
-`fedllm.deploy.apps:client_app`; fedllm
-itself is installed on every machine beforehand (no run-time dependency installation).
+A run config names its recipe either way (`fedllm.deploy.app_config.app_recipe`):
+- `flwr run . --run-config "recipe='quickstart' federation.rounds=2"`: a shipped recipe's name,
+  `recipes/NAME.yaml` or a file's path, with any recipe key as an override. The ServerApp then
+  does what `fedllm run` does before round 1 (`fedllm.cli.start_run`: run-directory rules,
+  `prepare`, recipe.yaml); in Flower's simulation it first checks the federation has one
+  SuperNode per client.
+- `fedllm run RECIPE --federation CONN`: the resolved recipe's YAML text (`recipe`, `resume`),
+  after the submitter did those steps.
+Both sides rebuild the recipe from the run config. fedllm itself is installed on every machine
+beforehand: the FAB carries no code (no run-time dependency installation).
 """
 
 from __future__ import annotations
 
+import time
+
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
+from fedllm.cli import absolute_paths, start_run
 from fedllm.client import app as client
-from fedllm.client.node_config import check_node, recipe_from_run_config
+from fedllm.client.node_config import check_node
+from fedllm.deploy.app_config import app_recipe, is_recipe_text
 from fedllm.features import registry
+from fedllm.recipe import ConfigError, RunConfig
 from fedllm.server.app import run_server
+from fedllm.server.exchange import say, wait_for_nodes
 
 server_app = ServerApp()
 client_app = ClientApp()
 
+FLWR_RUN_HINT = (
+    'with `flwr run`, give --run-config "resume=true", "overwrite=true" or "name=\'NEW\'"'
+)
+
+
+def simulated_nodes(grid: Grid, *, timeout: float = 120.0) -> int | None:
+    """How many SuperNodes Flower's simulation runs (None outside simulation). The simulation
+    registers them all at once, just after the ServerApp starts: wait for the count to settle."""
+    if not isinstance(grid, InMemoryGrid):
+        return None
+    n = wait_for_nodes(grid, 1, timeout=timeout)
+    while True:
+        time.sleep(0.5)
+        if n == (n := len(list(grid.get_node_ids()))):
+            return n
+
+
+def check_simulation_size(nodes: int | None, cfg: RunConfig) -> None:
+    """Refuse a simulation of `nodes` SuperNodes (None: not a simulation) unless it is the
+    recipe's client count (each node holds one partition), naming both ways to agree."""
+    n, wanted = nodes, cfg.data.num_clients
+    if n is not None and n != wanted:
+        raise ConfigError(
+            f"this simulation runs {n} SuperNodes but the recipe has data.num_clients={wanted}: "
+            f'run `flwr run . --federation-config "num-supernodes={wanted}" ...` (or set it '
+            f"once: `flwr federation simulation-config`), or override data.num_clients={n}"
+        )
+
 
 @server_app.main()
 def _serve(grid: Grid, context: Context) -> None:
-    cfg = recipe_from_run_config(context.run_config)
-    run_server(grid, cfg, resume=bool(context.run_config.get("resume", False)))
+    run_config = context.run_config
+    resume = bool(run_config.get("resume", False))
+    if is_recipe_text(str(run_config.get("recipe", ""))):  # `fedllm run --federation`
+        run_server(grid, app_recipe(run_config), resume=resume)
+        return
+    cfg = absolute_paths(app_recipe(run_config))
+    check_simulation_size(simulated_nodes(grid), cfg)
+    try:
+        run_dir = start_run(cfg, resume=resume, overwrite=bool(run_config.get("overwrite")))
+    except ConfigError as err:
+        raise ConfigError(f"{err} ({FLWR_RUN_HINT})") from None
+    say(f"run directory {run_dir.resolve()}")
+    run_server(grid, cfg, resume=resume)
+
+
+def _recipe(context: Context) -> RunConfig:
+    """This node's copy of the run's recipe (paths pinned as on the server)."""
+    cfg = app_recipe(context.run_config)
+    if is_recipe_text(str(context.run_config.get("recipe", ""))):
+        return cfg
+    return absolute_paths(cfg)
 
 
 @client_app.train(mods=registry.client_mods())  # e.g. SecAgg+ masking; others pass through
 def _train(msg: Message, context: Context) -> Message:
-    cfg = recipe_from_run_config(context.run_config)
+    cfg = _recipe(context)
     check_node(cfg, context.node_config)
     return client.train(cfg, msg, context)
 
 
 @client_app.evaluate()
 def _evaluate(msg: Message, context: Context) -> Message:
-    cfg = recipe_from_run_config(context.run_config)
+    cfg = _recipe(context)
     check_node(cfg, context.node_config)
     return client.evaluate(cfg, msg, context)

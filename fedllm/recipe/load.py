@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 from fedllm.features import registry as features
 from fedllm.recipe.checks import ConfigError
 from fedllm.recipe.schema import RunConfig
+from fedllm.recipe.shipped import resolve_recipe
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
@@ -101,11 +102,9 @@ def build_config(data: dict[str, Any], *, source: str = "<dict>") -> RunConfig:
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML recipe, apply `key=value` overrides, validate."""
-    path = Path(path)
-    if not path.is_file():
-        shipped = sorted(p.name for p in (Path(__file__).parents[2] / "recipes").glob("*.yaml"))
-        raise ConfigError(f"recipe file {path} not found; shipped recipes: {', '.join(shipped)}")
+    """Read a YAML recipe (a file, or a shipped recipe's name), apply `key=value` overrides,
+    validate."""
+    path = resolve_recipe(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:

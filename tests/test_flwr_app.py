@@ -1,0 +1,266 @@
+"""The checkout as a Flower App: `flwr run . --run-config "recipe=... key=value"`.
+
+Fast: the declared run config is the one generated from the schema (pyproject.toml kept in step),
+a `--run-config` string goes through Flower's own parsing and key check into the recipe, and the
+FAB Flower builds from the checkout is fedllm's code-free wrapper. Slow: one real `flwr run .` in
+Flower's simulation runtime on the tiny recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import zipfile
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+import tomli
+import yaml
+from flwr.cli.build import build_fab_from_files
+from flwr.common.config import flatten_dict, fuse_dicts, parse_config_args
+
+from fedllm.deploy.app_check import check_fab
+from fedllm.deploy.app_config import (
+    APP_KEYS,
+    FROM_RECIPE,
+    app_recipe,
+    config_table,
+    declared_table,
+    main,
+    recipe_keys,
+)
+from fedllm.deploy.apps import check_simulation_size
+from fedllm.deploy.federation import write_run_config
+from fedllm.deploy.flower_env import flwr_env
+from fedllm.recipe import ConfigError, load_recipe
+
+ROOT = Path(__file__).parents[1]
+PYPROJECT = ROOT / "pyproject.toml"
+TINY = ROOT / "recipes" / "tiny.yaml"
+
+
+def declared() -> dict:
+    """The app's run config as Flower reads it from pyproject.toml (flattened, dotted keys)."""
+    app = tomli.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]
+    return flatten_dict(app["config"])
+
+
+def run_config(text: str) -> dict:
+    """What the app receives for `flwr run . --run-config TEXT`: Flower's parsing of TEXT, its
+    check that every key is declared, and the declared values for the rest."""
+    return fuse_dicts(declared(), parse_config_args([text]), check_keys=True)
+
+
+def test_pyproject_declares_every_recipe_key_as_generated() -> None:
+    """After a schema change: regenerate with `python -m fedllm.deploy.app_config`."""
+    assert declared_table() == config_table()
+    assert main(["--check"]) == 0
+    config = declared()
+    assert set(config) == set(APP_KEYS) | set(recipe_keys())
+    assert {k: config[k] for k in APP_KEYS} == {"recipe": "", "resume": False, "overwrite": False}
+    assert all(config[k] == FROM_RECIPE for k in recipe_keys())
+
+
+def test_recipe_keys_are_the_schema_leaves() -> None:
+    keys = recipe_keys()
+    for key in ("name", "federation.rounds", "model.tiny.hidden_size", "data.canaries.digits"):
+        assert key in keys
+    assert "privacy.secure_aggregation.enabled" in keys  # two sections deep
+    # a value that may be a list or a mapping is one key, given as a YAML string
+    assert {"lora.ranks", "lora.tiers", "aggregator.options", "features"} <= set(keys)
+    assert not [k for k in keys if k.startswith(("lora.ranks.", "aggregator.options."))]
+    assert "model" not in keys and "privacy.secure_aggregation" not in keys  # sections are not
+
+
+def test_stale_table_is_reported_and_regenerated(tmp_path: Path, capsys) -> None:
+    text = PYPROJECT.read_text()
+    table = declared_table()
+    stale = table.replace('federation.rounds = "<recipe>"\n', "")
+    assert stale != table
+    copy = tmp_path / "pyproject.toml"
+    copy.write_text(text.replace(table, stale))
+    assert main(["--check", str(copy)]) == 1
+    assert main([str(copy)]) == 0
+    assert "regenerated" in capsys.readouterr().out
+    assert declared_table(copy) == config_table()
+    assert copy.read_text() == text.replace(table, config_table())  # the rest untouched
+
+
+def test_run_config_overrides_the_named_recipe() -> None:
+    cfg = app_recipe(
+        run_config(
+            "recipe='recipes/tiny.yaml' federation.rounds=5 lora.ranks='[8, 16]' "
+            "federation.lr=1e-05 data.max_examples='null' name='flwr-x' "
+            "privacy.secure_aggregation.enabled=false"
+        )
+    )
+    assert cfg.federation.rounds == 5
+    assert cfg.lora.ranks == [8, 16]
+    assert cfg.federation.lr == 1e-05  # a TOML float reaches the recipe unchanged
+    assert cfg.data.max_examples is None
+    assert cfg.name == "flwr-x"
+    # everything not given is the recipe's own value, not the schema default
+    tiny = load_recipe(TINY)
+    assert (
+        cfg.model == tiny.model and cfg.federation.local_steps == tiny.federation.local_steps == 10
+    )
+    assert cfg.data.num_clients == 3 and cfg.data.max_length == 48  # tiny.yaml's (defaults: 4, 64)
+    # by name, the same recipe
+    assert app_recipe(run_config("recipe='tiny'")) == tiny
+
+
+def test_flower_refuses_undeclared_keys_and_lists() -> None:
+    with pytest.raises(ValueError, match="rouns"):
+        run_config("recipe='tiny' federation.rouns=2")
+    with pytest.raises(ValueError, match="needs to be of type"):  # a TOML list: quote it
+        run_config("recipe='tiny' lora.ranks=[8,16]")
+
+
+def test_bad_values_name_the_recipe_key() -> None:
+    with pytest.raises(ConfigError, match=r"federation\.rounds"):
+        app_recipe(run_config("recipe='tiny' federation.rounds=0"))
+    with pytest.raises(ConfigError, match=r"recipe='quickstart'.*shipped recipes: .*tiny"):
+        app_recipe(run_config("federation.rounds=2"))
+    with pytest.raises(ConfigError, match="not a shipped recipe"):
+        app_recipe(run_config("recipe='recipes/nope.yaml'"))
+
+
+def test_recipe_sent_as_yaml_by_fedllm_run_federation(tmp_path: Path) -> None:
+    """`fedllm run R --federation C` sends the resolved recipe as text; the same apps read it."""
+    cfg = load_recipe(TINY, ["federation.rounds=4"])
+    sent = parse_config_args([str(write_run_config(tmp_path / "rc.toml", cfg, resume=False))])
+    assert app_recipe(fuse_dicts(declared(), sent)) == cfg
+    with pytest.raises(ConfigError, match="not to a recipe sent as YAML text"):
+        app_recipe({**fuse_dicts(declared(), sent), "federation.rounds": 2})
+
+
+def test_simulation_size_must_match_the_recipe() -> None:
+    cfg = load_recipe(TINY, ["data.num_clients=2"])
+    check_simulation_size(2, cfg)
+    check_simulation_size(None, cfg)  # not a simulation: nodes may join over time
+    with pytest.raises(ConfigError) as err:
+        check_simulation_size(3, cfg)
+    assert 'num-supernodes=2"' in str(err.value) and "data.num_clients=3" in str(err.value)
+
+
+def test_fab_of_the_checkout_is_the_code_free_wrapper() -> None:
+    """Flower's FAB rules on the checkout's files (what `flwr run .` and `flwr build` apply), with
+    a run folder, a venv and code added: only pyproject.toml and README.md go in, and a fedllm
+    SuperNode accepts the result."""
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    files = {name: ROOT / name for name in tracked if (ROOT / name).is_file()}
+    files |= {
+        "runs/tiny/metrics.jsonl": b"{}\n",
+        "runs/tiny/recipe.yaml": b"name: tiny\n",
+        ".venv/lib/python3.11/site-packages/x.py": b"",
+        "notes.md": b"scratch\n",
+    }
+    fab, _ = build_fab_from_files(files)
+    with zipfile.ZipFile(BytesIO(fab)) as z:
+        assert sorted(z.namelist()) == [".info/CONTENT", "README.md", "pyproject.toml"]
+        shipped = tomli.loads(z.read("pyproject.toml").decode())
+    check_fab(fab)  # what `fedllm node` checks before running a run's ClientApp
+    assert flatten_dict(shipped["tool"]["flwr"]["app"]["config"]) == declared()
+    assert len(fab) < 64 * 1024
+
+
+# -- one real `flwr run .` ------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def local_superlink_groups(port: int) -> set[int]:
+    """Process groups of the local SuperLink `flwr run` started detached on `port` (and of the
+    SuperExec it started, which holds the simulation and its Ray workers)."""
+    marks = (f"--port {port} ", f"--runtime-api-address 127.0.0.1:{port} ")
+    groups = set()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if any(m in cmd for m in marks) and "flower-super" in cmd:
+                groups.add(os.getpgid(int(proc.name)))
+        except (OSError, ProcessLookupError):
+            continue
+    return groups
+
+
+def stop_groups(groups: set[int], *, grace: float = 10.0) -> None:
+    """SIGTERM each process group, then SIGKILL what is left after `grace` (Ray workers)."""
+    for group in groups:
+        os.killpg(group, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for group in groups:
+        try:
+            while time.monotonic() < deadline:
+                os.killpg(group, 0)  # raises once no process of the group is left
+                time.sleep(0.2)
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+
+
+@pytest.mark.slow
+def test_flwr_run_dot_runs_the_recipe_in_flowers_simulation(tmp_path: Path) -> None:
+    home, port = tmp_path / "flwr_home", free_port()
+    env = {
+        **flwr_env(),  # includes FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+        "FLWR_HOME": str(home),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+    }
+    overrides = (
+        f"recipe='recipes/tiny.yaml' output_dir='{tmp_path / 'runs'}' name='flwr' "
+        "data.num_clients=2 federation.rounds=1 federation.local_steps=2 lora.ranks='[2, 4]' "
+        "data.max_examples=200"
+    )
+    cmd = ["flwr", "run", ".", "--run-config", overrides]
+    cmd += ["--federation-config", "num-supernodes=2", "--stream"]
+    t0 = time.monotonic()
+    try:
+        out = subprocess.run(
+            cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False
+        )
+        seconds = time.monotonic() - t0
+        log = out.stdout + out.stderr
+        assert out.returncode == 0, log[-3000:]
+        run_id = log.split("Successfully started run ")[1].split()[0]
+        listed = subprocess.run(
+            ["flwr", "ls", "local", "--run-id", run_id, "--format", "json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        stop_groups(local_superlink_groups(port))
+    assert json.loads(listed.stdout)["runs"][0]["status"] == "finished:completed", log[-3000:]
+    print(f"flwr run . took {seconds:.0f} s")
+
+    run_dir = tmp_path / "runs" / "flwr"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    clients = [r for r in rows if r["kind"] == "client"]
+    assert sorted((r["round"], r["partition"], r["rank"]) for r in clients) == [
+        (1, 0, 2),
+        (1, 1, 4),
+    ]
+    assert all(r["status"] == "ok" and r["steps"] == 2 for r in clients)
+    assert sorted(r["round"] for r in rows if r["kind"] == "server") == [0, 1]
+    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    assert recipe["federation"]["rounds"] == 1 and recipe["lora"]["ranks"] == [2, 4]
+    assert recipe["model"]["tiny"]["hidden_size"] == 64  # from tiny.yaml, not overridden
+    assert (run_dir / "final_adapter" / "adapter_config.json").is_file()
+    # what Flower installed of the app: only the wrapper, never runs/, .venv or code
+    (app,) = (home / "apps").iterdir()
+    assert sorted(p.name for p in app.rglob("*") if p.is_file()) == ["README.md", "pyproject.toml"]
