@@ -275,7 +275,7 @@ def test_a_fedllm_node_starts_no_other_app_process(tmp_path) -> None:
 
     folder = guard_bin(tmp_path)
     text = (folder / "flwr-clientapp").read_text()
-    assert "-m fedllm.deploy.federation clientapp" in text and sys.executable in text
+    assert "-m fedllm.deploy.guard clientapp" in text and sys.executable in text
     for name in ("flwr-serverapp", "flwr-agentapp", "flwr-simulation"):
         out = subprocess.run([folder / name], capture_output=True, text=True, check=False)
         assert out.returncode == 1 and "runs only fedllm's installed ClientApp" in out.stderr

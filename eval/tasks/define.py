@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from fedllm.eval.generate import end_token_ids, greedy_generate
-from fedllm.eval.prompting import prompt_ids
+from fedllm.eval.prompting import example_prompt, prompt_ids
 from fedllm.eval.task import EvalTask, Metric, TaskSetup, register_task
 from fedllm.eval.text import exact_match, rouge_l
 
@@ -48,7 +48,8 @@ class DefineWords(EvalTask):
 
     def get_example(self, i: int) -> dict:
         ex = self.examples[i]
-        ids = prompt_ids(self.tokenizer, ex["prompt"], prompt_format=self.prompt_format)
+        # the whole conversation before the last reply (system prompt, earlier turns) for chat rows
+        ids = prompt_ids(self.tokenizer, example_prompt(ex), prompt_format=self.prompt_format)
         return {"prompt": ex["prompt"], "prompt_ids": ids, "reference": ex["response"]}
 
     def evaluate(self, model: torch.nn.Module, *, batch_size: int, samples: int = 3) -> dict:
@@ -61,7 +62,7 @@ class DefineWords(EvalTask):
             [x["prompt_ids"] for x in items],
             max_new_tokens=self.max_new_tokens,
             pad_id=self.tokenizer.pad_token_id,
-            eos_ids=end_token_ids(self.tokenizer),
+            eos_ids=end_token_ids(self.tokenizer, model),
             batch_size=batch_size,
         )
         texts = [self.tokenizer.decode(o, skip_special_tokens=True).strip() for o in outputs]

@@ -14,6 +14,7 @@ A SuperNode is started with `--node-config` (see `fedllm node`), whose keys are:
   this node's own ε ledger (`privacy.mode: sample`), kept in its context state;
 - `min-noise`: train only with a DP-SGD σ (sample) or client-level z (client) of at least this.
 The last three are enforced by `fedllm.privacy.node_guard` before any training.
+- `warm-worker`: the folder of this node's warm worker (`fedllm.deploy.warm`, set by `fedllm node`).
 Errors raised here reach the server as the client's error reply and leave it out of the round.
 """
 
@@ -39,6 +40,7 @@ NODE_KEYS = (
     "require-secagg",
     "max-epsilon",
     "min-noise",
+    "warm-worker",
 )
 
 

@@ -6,6 +6,8 @@
 - SuperNode (`exec_supernode`, `guard_bin`): Flower's own SuperNode whose task processes are
   fedllm's: `flwr-clientapp` checks the run's app is fedllm's wrapper and runs the installed
   `fedllm.deploy.apps:client_app` (`run_guarded_clientapp`); every other app process is refused.
+  Beside it runs the node's warm worker (`fedllm.deploy.warm`), which keeps the ClientApp's imports,
+  base model and shard across messages; `--no-warm-worker` runs each message in its own process.
 """
 
 from __future__ import annotations
@@ -17,11 +19,14 @@ import json
 import os
 import shlex
 import socket
+import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fedllm.deploy import warm
 from fedllm.deploy.app_check import check_fab
 from fedllm.deploy.flower_env import flwr_env, flwr_home
 
@@ -207,7 +212,8 @@ def guard_bin(home: Path | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     python = shlex.quote(sys.executable)
     scripts = {
-        "flwr-clientapp": f'exec {python} -I -m fedllm.deploy.federation clientapp "$@"\n',
+        # fedllm.deploy.guard imports only Flower: a message's process stays light
+        "flwr-clientapp": f'exec {python} -I -m fedllm.deploy.guard clientapp "$@"\n',
         **{
             name: (
                 f'echo "fedllm node: refusing to start {name}: this SuperNode runs only '
@@ -234,9 +240,37 @@ def exec_supernode(argv: Sequence[str]) -> None:
                 f"[fedllm] {flag} is not allowed for a fedllm SuperNode: it starts its own "
                 "ClientApp processes (subprocess isolation) and installs nothing at run time"
             )
+    argv = list(argv)
+    cold = "--no-warm-worker" in argv
+    argv = [a for a in argv if a != "--no-warm-worker"]
     env = flwr_env()
     env["PATH"] = os.pathsep.join([str(guard_bin()), env["PATH"]])
+    if not cold:
+        argv = with_node_config(argv, {warm.NODE_KEY: str(start_warm_worker(env))})
     os.execvpe("flower-supernode", ["flower-supernode", *argv], env)
+
+
+def start_warm_worker(env: Mapping[str, str]) -> Path:
+    """Start this node's warm worker (`fedllm.deploy.warm`) as a child of the process about to
+    become the SuperNode (exec keeps the PID, so the worker exits with the SuperNode)."""
+    folder = Path(tempfile.mkdtemp(prefix="fedllm-worker-"))  # 0700, short enough for AF_UNIX
+    cmd = [sys.executable, "-I", "-m", "fedllm.deploy.warm", str(folder), "--parent"]
+    subprocess.Popen([*cmd, str(os.getpid())], env=dict(env), stdin=subprocess.DEVNULL)
+    return folder
+
+
+def with_node_config(argv: Sequence[str], extra: Mapping[str, str]) -> list[str]:
+    """`argv` with `extra` keys added to its `--node-config` (Flower's `k=v k=v`, JSON values)."""
+    pairs = " ".join(f"{k}={json.dumps(v)}" for k, v in extra.items())
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--node-config" and i + 1 < len(out):
+            out[i + 1] = f"{out[i + 1]} {pairs}".strip()
+            return out
+        if arg.startswith("--node-config="):
+            out[i] = f"{arg} {pairs}"
+            return out
+    return [*out, "--node-config", pairs]
 
 
 def guard_clientapp_runtime(runtime: Any, client_app: Any) -> None:
@@ -259,8 +293,16 @@ def run_guarded_clientapp(argv: Sequence[str]) -> None:
     import flwr.supernode.runtime.run_clientapp as runtime
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
 
-    from fedllm.deploy.apps import client_app  # imported before any FAB could be on sys.path
+    # imported before any FAB could be on sys.path; the heavy ClientApp is imported here only if
+    # the node has no warm worker (`fedllm.deploy.warm`)
+    from fedllm.deploy.warm import client_entry
 
-    guard_clientapp_runtime(runtime, client_app)
+    guard_clientapp_runtime(runtime, client_entry)
     sys.argv = ["flwr-clientapp", *(a for a in argv if not a.startswith("--allow-runtime"))]
     flwr_clientapp()
+
+
+if __name__ == "__main__":  # `python -m fedllm.deploy.guard clientapp FLOWER-ARGS...`
+    if sys.argv[1:2] != ["clientapp"]:
+        sys.exit("usage: python -m fedllm.deploy.guard clientapp FLOWER-ARGS...")
+    run_guarded_clientapp(sys.argv[2:])
