@@ -166,7 +166,11 @@ class WandbSink:
         self.run.log(scalars, step=step)
 
     def close(self) -> None:
+        import wandb
+
         self.run.finish()
+        if wandb.run is None:  # no other W&B run here: wait until every record is on disk (the
+            wandb.teardown()  # atexit hook that would is unreliable under Ray/multiprocessing)
 
 
 def _params(cfg: RunConfig) -> list:
@@ -192,6 +196,7 @@ def open_trackers(cfg: RunConfig) -> list[Sink]:
     if not trackers.names:
         return []
     check_trackers(cfg)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
     ids_path = cfg.run_dir / IDS
     ids: dict[str, str] = json.loads(ids_path.read_text()) if ids_path.is_file() else {}
     sinks: list[Sink] = []
@@ -201,6 +206,5 @@ def open_trackers(cfg: RunConfig) -> list[Sink]:
         sinks.append(MlflowSink(cfg, trackers.mlflow, ids))
     if trackers.wandb is not None:
         sinks.append(WandbSink(cfg, trackers.wandb, ids))
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
     ids_path.write_text(json.dumps(ids, indent=2))
     return sinks

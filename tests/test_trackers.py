@@ -1,0 +1,232 @@
+"""Experiment trackers fed by the one metrics writer: each sink leaves something a person can open
+(TensorBoard event files, an MLflow store, a W&B offline run), with step = round; nothing is
+imported unless the recipe asks; a missing package names the pip extra."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedllm.cli import main
+from fedllm.recipe import load_recipe
+from fedllm.server.metrics import MetricsLog
+from fedllm.server.trackers import IDS, open_trackers, scalars_by_round
+
+RECIPE = Path(__file__).parents[1] / "recipes" / "tiny.yaml"
+
+ROWS = {  # what a 2-round run of 2 clients writes, round by round (one write per round)
+    0: [
+        {"kind": "eval", "round": 0, "partition": 0, "held_out_loss": 5.0},
+        {"kind": "eval", "round": 0, "partition": 1, "held_out_loss": 6.0},
+        {"kind": "server", "round": 0, "phase": "evaluate", "held_out_loss": 5.5},
+    ],
+    1: [
+        {
+            "kind": "client",
+            "round": 1,
+            "partition": 0,
+            "status": "ok",
+            "train_loss": 4.0,
+            "rank": 2,
+        },
+        {
+            "kind": "client",
+            "round": 1,
+            "partition": 1,
+            "status": "ok",
+            "train_loss": 4.5,
+            "rank": 4,
+        },
+        {
+            "kind": "server",
+            "round": 1,
+            "phase": "round",
+            "held_out_loss": 4.75,
+            "clients_ok": 2,
+            "private": False,
+        },
+    ],
+    2: [
+        {"kind": "server", "round": 2, "phase": "round", "held_out_loss": 4.25, "clients_ok": 2},
+        {"kind": "stop", "round": 2, "reason": "budget"},
+    ],
+}
+SERVER_LOSS = [(0, 5.5), (1, 4.75), (2, 4.25)]
+
+
+def config(tmp_path: Path, trackers: str):
+    return load_recipe(RECIPE, [f"output_dir={tmp_path}", "name=t", f"output.trackers={trackers}"])
+
+
+def write_run(cfg) -> MetricsLog:
+    log = MetricsLog(cfg.run_dir, sinks=open_trackers(cfg))
+    for rnd in sorted(ROWS):
+        log.write(ROWS[rnd])
+    log.close()
+    return log
+
+
+def test_rows_become_scalars_per_round_by_hand() -> None:
+    rows = [row for rnd in sorted(ROWS) for row in ROWS[rnd]]
+    assert scalars_by_round(rows) == {
+        0: {
+            "client_0/held_out_loss": 5.0,
+            "client_1/held_out_loss": 6.0,
+            "server/held_out_loss": 5.5,
+        },
+        1: {
+            "client_0/train_loss": 4.0,
+            "client_0/rank": 2.0,
+            "client_1/train_loss": 4.5,
+            "client_1/rank": 4.0,
+            "server/held_out_loss": 4.75,
+            "server/clients_ok": 2.0,
+        },
+        2: {"server/held_out_loss": 4.25, "server/clients_ok": 2.0},
+    }  # text (status, phase), flags (private), round/partition and 'stop' rows are left out
+
+
+def test_no_trackers_imports_none_of_their_packages(tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "from fedllm.recipe import load_recipe\n"
+        "from fedllm.server.metrics import MetricsLog\n"
+        "from fedllm.server.trackers import open_trackers\n"
+        f"cfg = load_recipe({str(RECIPE)!r}, ['output_dir={tmp_path}'])\n"
+        "cfg.run_dir.mkdir(parents=True)\n"
+        "log = MetricsLog(cfg.run_dir, sinks=open_trackers(cfg))\n"
+        "log.write([{'kind': 'server', 'round': 0, 'held_out_loss': 1.0}]); log.close()\n"
+        "print(sorted(m for m in ('tensorboard', 'mlflow', 'wandb') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_missing_tracker_package_is_an_error_naming_the_extra(tmp_path, monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(  # as on a machine without mlflow: find_spec answers None
+        "fedllm.server.trackers.importlib.util.find_spec",
+        lambda name, *a: None if name == "mlflow" else real(name, *a),
+    )
+    args = ["prepare", str(RECIPE), f"output_dir={tmp_path}", "output.trackers=[mlflow]"]
+    args.append("data.max_examples=60")  # a quick tiny base: the check comes after it
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "output.trackers: mlflow needs the package 'mlflow-skinny'" in err
+    assert "pip install 'fedllm[trackers]'" in err
+
+
+def test_tensorboard_event_files_hold_every_round(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = config(tmp_path, "[tensorboard]")
+    write_run(cfg)
+    events = EventAccumulator(str(cfg.run_dir / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("server/held_out_loss")] == SERVER_LOSS
+    assert [(e.step, e.value) for e in events.Scalars("client_1/train_loss")] == [(1, 4.5)]
+    assert [(e.step, e.value) for e in events.Scalars("client_0/held_out_loss")] == [(0, 5.0)]
+
+
+def test_mlflow_store_holds_the_metric_per_round_and_a_resume_continues_the_run(tmp_path):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    cfg = config(tmp_path, "{mlflow: {experiment: sums}}")
+    write_run(cfg)
+    run_id = json.loads((cfg.run_dir / IDS).read_text())["mlflow"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{cfg.run_dir / 'mlflow.db'}")
+    history = client.get_metric_history(run_id, "server/held_out_loss")
+    assert [(m.step, m.value) for m in history] == SERVER_LOSS
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "t"
+    assert run.data.params["aggregator.name"] == "svd"
+    assert run.data.tags["fedllm.recipe_fingerprint"] == cfg.fingerprint()
+    assert client.get_experiment(run.info.experiment_id).name == "sums"
+    # --resume opens the trackers again: the same MLflow run gets the next round
+    log = MetricsLog(cfg.run_dir, sinks=open_trackers(cfg))
+    log.write([{"kind": "server", "round": 3, "held_out_loss": 4.0}])
+    log.close()
+    history = client.get_metric_history(run_id, "server/held_out_loss")
+    assert [(m.step, m.value) for m in history] == [*SERVER_LOSS, (3, 4.0)]
+
+
+def wandb_records(path: Path) -> list:
+    """The protobuf records of a W&B offline run file (a LevelDB-style log: a 7-byte header,
+    then 32 KiB blocks of chunks with a 7-byte crc/length/type header each)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    records, pending, pos, block = [], b"", 7, 32768
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # a block's tail too short for a chunk header is padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        pending += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST: one record is complete
+            record = pb.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def test_wandb_offline_run_holds_every_round(tmp_path: Path) -> None:
+    pytest.importorskip("wandb")
+    cfg = config(tmp_path, "[wandb]")
+    write_run(cfg)
+    runs = list((cfg.run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1, "one offline run, to upload later with `wandb sync`"
+    history = {}
+    for record in wandb_records(runs[0]):
+        if record.WhichOneof("record_type") == "history":
+            items = {
+                i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                for i in record.history.item
+            }
+            history[items["_step"]] = items
+    assert sorted(history) == [0, 1, 2]
+    assert [(s, history[s]["server/held_out_loss"]) for s in sorted(history)] == SERVER_LOSS
+    assert history[1]["client_1/train_loss"] == 4.5
+    assert json.loads((cfg.run_dir / IDS).read_text())["wandb"] in runs[0].name
+
+
+class Broken:
+    """A tracker that fails on every write (a dead tracking server, a full disk)."""
+
+    name = "broken"
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        raise ConnectionError("tracking server unreachable")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_failing_tracker_is_dropped_with_a_warning_and_metrics_jsonl_keeps_every_row(
+    tmp_path: Path, caplog
+) -> None:
+    broken = Broken()
+    log = MetricsLog(tmp_path, sinks=[broken])
+    with caplog.at_level(logging.WARNING):
+        for rnd in sorted(ROWS):
+            log.write(ROWS[rnd])
+    assert log.read() == [row for rnd in sorted(ROWS) for row in ROWS[rnd]]
+    warnings = [r.getMessage() for r in caplog.records if "tracker broken failed" in r.getMessage()]
+    assert len(warnings) == 1 and "tracking server unreachable" in warnings[0]
+    assert log.sinks == []
