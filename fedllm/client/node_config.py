@@ -15,6 +15,8 @@ A SuperNode is started with `--node-config` (see `fedllm node`), whose keys are:
 - `min-noise`: train only with a DP-SGD σ (sample) or client-level z (client) of at least this.
 The last three are enforced by `fedllm.privacy.node_guard` before any training.
 - `warm-worker`: the folder of this node's warm worker (`fedllm.deploy.warm`, set by `fedllm node`).
+- `personal-dir`: the folder where this node keeps its personal adapter (`fedllm.features.personal`;
+  default: `<run_dir>/clients/<partition-id>` of the recipe's output_dir on this machine).
 Errors raised here reach the server as the client's error reply and leave it out of the round.
 """
 
@@ -41,6 +43,7 @@ NODE_KEYS = (
     "max-epsilon",
     "min-noise",
     "warm-worker",
+    "personal-dir",
 )
 
 

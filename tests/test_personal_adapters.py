@@ -1,0 +1,139 @@
+"""Personal adapters (fedllm.features.personal): each client keeps the adapter it trained on its
+own disk, never in its reply. fedsa keeps B on the clients, so there it is on by default."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from fedllm.deploy.local_grid import LocalGrid, server_identity
+from fedllm.features import registry
+from fedllm.features.personal import personal_adapter_dir
+from fedllm.model.card import CARD_JSON, resolve_adapter_base
+from fedllm.model.wire import LOCAL_B
+from fedllm.recipe import ConfigError, build_config, load_recipe
+
+RECIPE = Path(__file__).parents[1] / "recipes" / "tiny.yaml"
+BASE = {"data": {"num_clients": 2}, "lora": {"ranks": 2, "alpha": 4}}
+
+
+def active(**sections) -> list[str]:
+    return [c.name for c in registry.active(build_config({**BASE, **sections}))]
+
+
+# ---------------------------------------------------------------- when it is on (no training)
+
+
+def test_on_by_default_for_fedsa_and_opt_in_elsewhere() -> None:
+    assert "personal_adapter" in active(aggregator={"name": "fedsa"})
+    assert "personal_adapter" not in active(aggregator={"name": "svd"})
+    assert "personal_adapter" in active(features={"personal_adapter": {}})
+    off = {"personal_adapter": {"enabled": False}}
+    assert "personal_adapter" not in active(aggregator={"name": "fedsa"}, features=off)
+
+
+def test_refused_where_an_adapter_would_not_fit_the_plain_base() -> None:
+    with pytest.raises(ConfigError, match=r"features\.personal_adapter: aggregator\.name='flora'"):
+        build_config(
+            {**BASE, "aggregator": {"name": "flora"}, "features": {"personal_adapter": {}}}
+        )
+    tiers = {
+        "tiers": [
+            {"name": "phone", "rank": 2, "clients": 1, "pruning": 0.5},
+            {"name": "server", "rank": 2, "clients": 1},
+        ]
+    }
+    with pytest.raises(ConfigError, match="client 0 trains on a pruned base"):
+        build_config({**BASE, "lora": tiers, "features": {"personal_adapter": {}}})
+
+
+def test_a_supernode_may_keep_it_in_its_own_folder(tmp_path: Path) -> None:
+    cfg = build_config({**BASE, "output_dir": str(tmp_path), "name": "r"})
+    assert personal_adapter_dir(cfg, 1) == tmp_path / "r" / "clients" / "1" / "personal_adapter"
+    mine = {"personal-dir": str(tmp_path / "org1")}
+    assert personal_adapter_dir(cfg, 1, mine) == tmp_path / "org1" / "personal_adapter"
+
+
+# ---------------------------------------------------------------- a fedsa federation
+
+
+class RecordingGrid(LocalGrid):
+    """A LocalGrid that keeps every reply the server pulls (what left the clients)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.replies = []
+
+    def pull_messages(self, message_ids):
+        replies = list(super().pull_messages(message_ids))
+        self.replies += replies
+        return replies
+
+
+@pytest.fixture(scope="module")
+def fedsa_run(tmp_path_factory):
+    from fedllm.client.app import make_client_app
+    from fedllm.server.app import run_server
+
+    out = tmp_path_factory.mktemp("personal")
+    overrides = [
+        f"output_dir={out}",
+        "name=fedsa",
+        "aggregator.name=fedsa",
+        "data.num_clients=2",
+        "data.max_examples=120",
+        "lora.ranks=[2,4]",
+        "federation.rounds=2",
+        "federation.local_steps=3",
+    ]
+    cfg = load_recipe(RECIPE, overrides)
+    grid = RecordingGrid(make_client_app(cfg), cfg.data.num_clients)
+    with server_identity(grid.run.run_id):
+        run_dir = run_server(grid, cfg)
+    return cfg, run_dir, grid
+
+
+@pytest.mark.slow
+def test_each_client_keeps_its_personal_adapter_and_it_loads_on_the_base(fedsa_run) -> None:
+    cfg, run_dir, grid = fedsa_run
+    for node, context in grid.contexts.items():
+        pid = int(context.node_config["partition-id"])
+        folder = run_dir / "clients" / str(pid) / "personal_adapter"
+        card = json.loads((folder / CARD_JSON).read_text())
+        assert (card["what"], card["partition"], card["round"]) == ("personal", pid, 2)
+        config = json.loads((folder / "adapter_config.json").read_text())
+        assert config["r"] == cfg.client_rank(pid) and config["base_model_name_or_path"] == "tiny"
+        assert resolve_adapter_base(folder) == run_dir / "tiny_base"
+        base = AutoModelForCausalLM.from_pretrained(run_dir / "tiny_base")
+        model = PeftModel.from_pretrained(base, str(folder))
+        kept = context.state[LOCAL_B].to_torch_state_dict()  # the B this node trains on with
+        assert kept, f"node {node} kept no B"
+        for module, B in kept.items():
+            layer = model.get_submodule("base_model.model." + module)
+            torch.testing.assert_close(layer.lora_B["default"].weight, B)
+            assert B.abs().max() > 0, "a trained B, not the zero start"
+    readme = (run_dir / "final_adapter" / "README.md").read_text()
+    assert "personal adapter (`clients/<partition>/personal_adapter/`)" in readme
+
+
+@pytest.mark.slow
+def test_no_personal_B_is_in_any_reply_to_the_server(fedsa_run) -> None:
+    _, _, grid = fedsa_run
+    kept = [
+        B for c in grid.contexts.values() for B in c.state[LOCAL_B].to_torch_state_dict().values()
+    ]
+    train = [r for r in grid.replies if "update" in r.content]
+    assert len(train) == 4, "2 clients x 2 rounds"
+    for reply in train:
+        arrays = [v for v in reply.content.values() if isinstance(v, ArrayRecord)]
+        for record in arrays:
+            tensors = record.to_torch_state_dict()
+            assert tensors and all(k.endswith(".lora_A") for k in tensors), sorted(tensors)[:3]
+            for t in tensors.values():
+                assert not any(t.shape == B.shape and torch.equal(t, B) for B in kept)
