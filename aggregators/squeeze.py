@@ -13,10 +13,19 @@ residual capped at the global rank. Final held-out loss: plain 4.1671, +residual
 matches lorafair's row; the residual's (≤ 0.002) is within one seed's noise but never hurt, and
 costs one more rank-`global_rank` factor pair of server state per module. `correction=False,
 residual_rank=0` gives the plain SVD squeeze (the `svd` method at rank max rᵢ).
+
+Gauge (`gauge`): B·D, D⁻¹·A leave BA unchanged, so the split of the global factors is free and
+only decides where each client's next local steps start. "balanced" (default) keeps the factors
+as computed (B = U√S, A = √S Vᵀ without correction; the averaged Ā with it). "rows" rescales
+every non-zero row of A to norm `row_norm` (default 1/√3: the expected row norm of peft's
+kaiming-uniform A, whatever its width) and B's columns inversely: clients restart with A at the
+scale of a fresh initialisation (B's gradient is proportional to A). `bench/quality.py` compares
+the two (issue 14).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any
@@ -29,6 +38,8 @@ from .linalg import split_triplets, svd_factors
 from .lorafair import fair_correction
 
 STATE_KEYS = ("residual_B", "residual_A")
+GAUGES = ("balanced", "rows")
+INIT_ROW_NORM = 3**-0.5  # E‖row‖² = k·bound²/3 = 1/3 for kaiming_uniform_(a=√5), bound = 1/√k
 
 
 @register("squeeze")
@@ -45,15 +56,19 @@ def squeeze(
     correction: bool = True,
     lam: float = 0.01,
     residual_rank: int | None = None,
+    gauge: str = "balanced",
+    row_norm: float = INIT_ROW_NORM,
     **options: Any,
 ) -> Aggregate:
     """Global factors (scaling 1), rank `global_rank` (default max rᵢ), of ΔW* + carried residual.
 
     `correction=True` (default) returns LoRA-FAIR factors, False the SVD-ordered best
     approximation. A new residual is kept when `residual_rank` > 0 (default None: the global
-    rank); a residual in `state` is always stacked in.
+    rank); a residual in `state` is always stacked in. `gauge` picks the split of the global
+    factors (see the module docstring); it never changes their product.
     """
     reject_options("squeeze", options)
+    _check_gauge(gauge, row_norm)
     p = normalized_weights(updates, weights)
     rank = max(u.rank for u in updates) if global_rank is None else global_rank
     residual_rank = rank if residual_rank is None else residual_rank
@@ -87,7 +102,25 @@ def squeeze(
         kept = torch.promote_types(dtype, torch.float32)
         rB, rA = split_triplets(*tail, residual_rank)
         new_state = {"residual_B": rB.to(kept), "residual_A": rA.to(kept)}
+    if gauge == "rows":
+        B, A = rows_gauge(B, A, row_norm)
     return Aggregate(Factors(B.to(dtype), A.to(dtype), 1.0), new_state)
+
+
+def rows_gauge(
+    B: torch.Tensor, A: torch.Tensor, row_norm: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B·D⁻¹, D·A) with D = diag(row_norm/‖Aⱼ‖): every non-zero row of A at `row_norm`, BA kept."""
+    norms = A.double().norm(dim=1)
+    scale = torch.where(norms > 0, row_norm / norms.clamp_min(1e-300), 1.0)
+    return B.double() / scale[None, :], A.double() * scale[:, None]
+
+
+def _check_gauge(gauge: str, row_norm: float) -> None:
+    if gauge not in GAUGES:
+        raise ValueError(f"aggregator.options.gauge must be one of {list(GAUGES)}, got {gauge!r}")
+    if not (math.isfinite(row_norm) and row_norm > 0):
+        raise ValueError(f"aggregator.options.row_norm must be a finite number > 0, got {row_norm}")
 
 
 def _residual(

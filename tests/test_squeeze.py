@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fedllm.aggregators import Factors, get
+from fedllm.aggregators.squeeze import INIT_ROW_NORM
 
 
 def t(rows: list[list[float]]) -> torch.Tensor:
@@ -102,3 +103,43 @@ def test_defaults_are_correction_and_a_residual_at_the_global_rank() -> None:
     assert torch.equal(default.global_.B, explicit.global_.B)
     assert default.state["residual_B"].shape == (3, 2)
     assert torch.equal(default.state["residual_A"], explicit.state["residual_A"])
+
+
+def test_rows_gauge_keeps_BA_and_puts_A_rows_at_the_asked_norm() -> None:
+    # Mean diag(3, 1, 2) at rank 2: balanced B = U√S, A = √S Vᵀ has A rows of norm √3 and √2;
+    # the rows gauge at 1/√3 gives A rows e₁/√3, e₃/√3 and B columns 3√3·e₁, 2√3·e₃ (signs free).
+    balanced = get("squeeze")(diagonal_round(), [1.0, 1.0], **PLAIN).global_
+    rows = get("squeeze")(diagonal_round(), [1.0, 1.0], gauge="rows", **PLAIN).global_
+    assert torch.allclose(balanced.A.norm(dim=1), t([[3**0.5, 2**0.5]])[0])
+    assert torch.allclose(rows.A.abs(), t([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]) / 3**0.5)
+    assert torch.allclose(rows.B.abs(), t([[3.0, 0.0], [0.0, 0.0], [0.0, 2.0]]) * 3**0.5)
+    assert torch.allclose(rows.delta(), torch.diag(t([[3.0, 0.0, 2.0]])[0]))
+    # Each client's cut (first rⱼ components) is unchanged too: D is diagonal.
+    assert torch.allclose(rows.truncate(1, 0.5).delta(), balanced.truncate(1, 0.5).delta())
+    custom = get("squeeze")(diagonal_round(), [1.0, 1.0], gauge="rows", row_norm=2.0, **PLAIN)
+    assert torch.allclose(custom.global_.A.norm(dim=1), t([[2.0, 2.0]])[0])
+
+
+def test_rows_gauge_with_correction_and_zero_rows() -> None:
+    updates, weights = diagonal_round(), [1.0, 1.0]
+    plain = get("squeeze")(updates, weights, global_rank=4, residual_rank=0)
+    rows = get("squeeze")(
+        updates, weights, global_rank=4, residual_rank=0, gauge="rows", row_norm=0.5
+    )
+    assert torch.allclose(rows.global_.delta(), plain.global_.delta(), atol=1e-12)
+    # Ā has rows 0, 1 (both clients' A rows) and zero padding beyond: padding stays zero.
+    assert torch.allclose(rows.global_.A.norm(dim=1), t([[0.5, 0.5, 0.0, 0.0]])[0])
+    assert not rows.global_.B[:, 2:].any()
+
+
+def test_init_row_norm_is_peft_initial_A_row_norm() -> None:
+    A = torch.empty(64, 2048)
+    torch.nn.init.kaiming_uniform_(A, a=5**0.5, generator=torch.Generator().manual_seed(0))
+    assert A.norm(dim=1).mean().item() == pytest.approx(INIT_ROW_NORM, rel=0.01)
+
+
+def test_gauge_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="gauge must be one of \\['balanced', 'rows'\\]"):
+        get("squeeze")(diagonal_round(), [1.0, 1.0], gauge="init")
+    with pytest.raises(ValueError, match="row_norm"):
+        get("squeeze")(diagonal_round(), [1.0, 1.0], gauge="rows", row_norm=0.0)
