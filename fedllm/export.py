@@ -40,10 +40,18 @@ def run_recipe(run_dir: Path) -> RunConfig:
     recipe = run_dir / "recipe.yaml"
     if not recipe.is_file():
         raise FileNotFoundError(
-            f"{run_dir} is not a fedllm run folder (no recipe.yaml); pass the folder `fedllm run` "
-            "wrote, e.g. runs/quickstart"
+            f"{run_dir} has no recipe.yaml, needed for an adapter without a card"
         )
     return load_recipe(recipe)
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Refuse a folder that is no fedllm run (neither its recipe nor its final adapter)."""
+    if not (run_dir / "recipe.yaml").is_file() and not (run_dir / "final_adapter").is_dir():
+        raise FileNotFoundError(
+            f"{run_dir} is not a fedllm run folder (no recipe.yaml, no final_adapter/); pass the "
+            "folder `fedllm run` wrote, e.g. runs/quickstart"
+        )
 
 
 def find_adapter(run_dir: Path, *, client: int | None = None, round: int | None = None) -> Path:
@@ -81,11 +89,13 @@ def find_adapter(run_dir: Path, *, client: int | None = None, round: int | None 
     return folder
 
 
-def adapter_card(adapter: Path, cfg: RunConfig) -> AdapterCard:
-    """The adapter's card; an adapter from before cards gets one from the recipe."""
+def adapter_card(adapter: Path, run_dir: Path) -> AdapterCard:
+    """The adapter's card (which holds the run's recipe); an adapter from before cards gets one
+    from the run's recipe.yaml."""
     data = read_card(adapter)
     if data is not None:
         return AdapterCard.from_json(data)
+    cfg = run_recipe(run_dir)
     config = json.loads((adapter / "adapter_config.json").read_text())
     return make_card(cfg, base_identity(cfg), what="global", round=0, rank=int(config["r"]))
 
@@ -147,18 +157,17 @@ def export(
     dtype: str | None = None,
 ) -> Path:
     """Export a run's adapter (or the merged model) to `out`; returns `out`."""
-    cfg = run_recipe(run_dir)
+    check_run_dir(run_dir)
     adapter = find_adapter(run_dir, client=client, round=round)
-    card = adapter_card(adapter, cfg)
+    card = adapter_card(adapter, run_dir)
+    model = card.recipe["model"]
     if not merge:
         if dtype is not None:
             raise ValueError("--dtype applies to --merge only (an adapter stays float32)")
         return export_adapter(adapter, out, card, base_name=base_name)
     if base_name is not None:
         raise ValueError("--base-name applies to an adapter export; a merged model has no base")
-    dtype = dtype or cfg.model.dtype
+    dtype = dtype or model["dtype"]
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}; valid: {', '.join(DTYPES)}")
-    return export_merged(
-        adapter, out, card, dtype=dtype, quantized=cfg.model.quantization != "none"
-    )
+    return export_merged(adapter, out, card, dtype=dtype, quantized=model["quantization"] != "none")

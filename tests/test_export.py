@@ -313,9 +313,31 @@ def test_export_refuses_bad_requests_naming_what_is_valid(run, tmp_path, capsys,
 def test_export_refuses_a_folder_that_is_no_run_and_a_non_empty_out(run, tmp_path, capsys):
     _, run_dir, _ = run
     assert main(["export", str(tmp_path), str(tmp_path / "o")]) == 2
-    assert "is not a fedllm run folder (no recipe.yaml)" in capsys.readouterr().err
+    assert (
+        "is not a fedllm run folder (no recipe.yaml, no final_adapter/)" in capsys.readouterr().err
+    )
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("keep me")
     assert main(["export", str(run_dir), str(tmp_path / "full")]) == 2
     assert "exists and is not an empty folder" in capsys.readouterr().err
     assert (tmp_path / "full" / "x").read_text() == "keep me"
+
+
+def test_an_adapter_from_before_cards_exports_with_a_portable_name_and_a_card(run, tmp_path):
+    _, run_dir, _ = run
+    old = tmp_path / "old"
+    shutil.copytree(run_dir, old)
+    adapter = old / "final_adapter"
+    (adapter / "README.md").unlink()
+    (adapter / CARD_JSON).unlink()
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str((old / "tiny_base").resolve())  # as runs wrote it
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    assert resolve_adapter_base(adapter) == (old / "tiny_base").resolve()  # still loads
+    out = tmp_path / "new"
+    assert main(["export", str(old), str(out)]) == 0
+    assert (
+        json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny"
+    )
+    assert json.loads((out / CARD_JSON).read_text())["base"]["kind"] == "tiny"
+    assert (out / "README.md").is_file()

@@ -3,6 +3,7 @@ own disk, never in its reply. fedsa keeps B on the clients, so there it is on by
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -12,14 +13,17 @@ from flwr.app import ArrayRecord
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from fedllm.cli import main
 from fedllm.deploy.local_grid import LocalGrid, server_identity
 from fedllm.features import registry
 from fedllm.features.personal import personal_adapter_dir
 from fedllm.model.card import CARD_JSON, resolve_adapter_base
 from fedllm.model.wire import LOCAL_B
 from fedllm.recipe import ConfigError, build_config, load_recipe
+from fedllm.server.metrics import MetricsLog
 
 RECIPE = Path(__file__).parents[1] / "recipes" / "tiny.yaml"
+HAVE_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 BASE = {"data": {"num_clients": 2}, "lora": {"ranks": 2, "alpha": 4}}
 
 
@@ -91,7 +95,10 @@ def fedsa_run(tmp_path_factory):
         "lora.ranks=[2,4]",
         "federation.rounds=2",
         "federation.local_steps=3",
+        "output.snapshot_every=1",
     ]
+    if HAVE_TENSORBOARD:  # the dev extra may leave the trackers out
+        overrides.append("output.trackers=[tensorboard]")
     cfg = load_recipe(RECIPE, overrides)
     grid = RecordingGrid(make_client_app(cfg), cfg.data.num_clients)
     with server_identity(grid.run.run_id):
@@ -137,3 +144,33 @@ def test_no_personal_B_is_in_any_reply_to_the_server(fedsa_run) -> None:
             assert tensors and all(k.endswith(".lora_A") for k in tensors), sorted(tensors)[:3]
             for t in tensors.values():
                 assert not any(t.shape == B.shape and torch.equal(t, B) for B in kept)
+
+
+@pytest.mark.slow
+def test_the_run_leaves_snapshots_tracker_events_and_a_mergeable_personal_model(
+    fedsa_run, tmp_path
+) -> None:
+    _, run_dir, _ = fedsa_run
+    rows = MetricsLog(run_dir).read()
+    loss = {r["round"]: r["held_out_loss"] for r in rows if r["kind"] == "server"}
+    for rnd in (1, 2):  # output.snapshot_every=1
+        card = json.loads((run_dir / "snapshots" / f"round_{rnd}" / CARD_JSON).read_text())
+        assert (card["what"], card["round"]) == ("snapshot", rnd)
+        assert card["metrics"]["held_out_loss"] == loss[rnd]
+    if HAVE_TENSORBOARD:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(run_dir / "tensorboard"))
+        events.Reload()
+        scalars = events.Scalars("server/held_out_loss")
+        assert [e.step for e in scalars] == [0, 1, 2]
+        assert [e.value for e in scalars] == pytest.approx([loss[r] for r in (0, 1, 2)])
+    out = tmp_path / "client1"
+    assert main(["export", str(run_dir), str(out), "--client", "1", "--merge"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(run_dir / "tiny_base")
+    personal = PeftModel.from_pretrained(base, str(run_dir / "clients/1/personal_adapter"))
+    ids = torch.tensor([[1, 5, 9, 42, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, personal(ids).logits, rtol=1e-4, atol=1e-4)
+    assert json.loads((out / CARD_JSON).read_text())["partition"] == 1
