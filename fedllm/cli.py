@@ -83,17 +83,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flwr.simulation import run_simulation
 
     from fedllm.client.app import make_client_app
+    from fedllm.processes import simulation_ray
     from fedllm.server.app import make_server_app
 
-    cpus = min(cfg.simulation.num_cpus_per_client, float(_cpu_count()))
-    run_simulation(
-        server_app=make_server_app(cfg, resume=args.resume),
-        client_app=make_client_app(cfg),
-        num_supernodes=cfg.data.num_clients,
-        backend_config={
-            "client_resources": {"num_cpus": cpus, "num_gpus": cfg.simulation.num_gpus_per_client},
-        },
-    )
+    sim = cfg.simulation
+    cpus = sim.num_cpus_per_client
+    if sim.ray_address is None:  # on a cluster its nodes bound a client's CPUs, not this machine
+        cpus = min(cpus, float(_cpu_count()))
+    with simulation_ray(address=sim.ray_address, verbose=args.verbose, num_cpus_per_client=cpus):
+        run_simulation(
+            server_app=make_server_app(cfg, resume=args.resume),
+            client_app=make_client_app(cfg),
+            num_supernodes=cfg.data.num_clients,
+            backend_config={
+                "client_resources": {"num_cpus": cpus, "num_gpus": sim.num_gpus_per_client}
+            },
+            verbose_logging=args.verbose,
+        )
     if not (run_dir / "final_adapter" / "adapter_config.json").exists():
         print(f"[fedllm] run did not finish: no adapter in {run_dir}", file=sys.stderr)
         return 1
@@ -234,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="submit to a running SuperLink (a connection in $FLWR_HOME/config.toml) instead of "
         "simulating; see docs/deployment.md",
     )
+    run.add_argument(
+        "-v", "--verbose", action="store_true", help="also Flower's and Ray's own log lines"
+    )
     run.set_defaults(fn=cmd_run)
 
     val = sub.add_parser(
@@ -296,8 +305,13 @@ def main(argv: list[str] | None = None) -> int:
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    from fedllm.processes import command_process
+
+    verbose = getattr(args, "verbose", False)  # Flower's own logs otherwise at WARNING, except
+    quiet = not getattr(args, "flower_service", False)  # in a SuperLink/SuperNode: its own log
     try:
-        return args.fn(args)
+        with command_process(verbose=verbose, quiet_flower=quiet):
+            return args.fn(args)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"fedllm: error: {err}", file=sys.stderr)
         return 2

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from fedllm.deploy.federation import superlink_args, supernode_command
+from fedllm.deploy.federation import node_port, superlink_args, supernode_command
 from fedllm.deploy.flower_env import flwr_env
 from fedllm.deploy.guard import serve_superlink
 
@@ -16,10 +16,11 @@ from fedllm.deploy.guard import serve_superlink
 def cmd_node(args: argparse.Namespace) -> int:
     """Replace this process by the guarded `flower-supernode` (`exec_supernode` execs again), so
     its PID is the SuperNode's."""
+    port = node_port(args.port)
     cmd = supernode_command(
         superlink=args.superlink,
         partition_id=args.partition_id,
-        port=args.port,
+        port=port,
         data_path=str(Path(args.data_path).expanduser().resolve()) if args.data_path else None,
         rank=args.rank,
         model=args.model,
@@ -33,8 +34,10 @@ def cmd_node(args: argparse.Namespace) -> int:
     )
     if args.data_path and not Path(args.data_path).expanduser().exists():
         raise FileNotFoundError(f"--data-path {args.data_path}: no such file or folder")
+    if args.port is None:
+        print(f"[fedllm] this SuperNode's app API: 127.0.0.1:{port} (free; --port to choose)")
     print(f"[fedllm] {' '.join(cmd)}", flush=True)
-    os.execvpe(cmd[0], cmd, flwr_env())
+    os.execvpe(cmd[0], cmd, flwr_env(verbose=args.verbose))
     return 1  # not reached
 
 
@@ -46,6 +49,11 @@ def cmd_superlink(args: argparse.Namespace) -> int:
             "a SuperLink needs --ssl-ca-certfile, --ssl-certfile and --ssl-keyfile "
             "(or --insecure, on a trusted loopback only)"
         )
+    if args.verbose:  # this process's Flower log, and the ServerApp processes it starts
+        from flwr.common.logger import update_console_handler
+
+        os.environ.update(flwr_env(verbose=True))
+        update_console_handler(level="DEBUG", timestamps=True)
     serve_superlink(
         superlink_args(
             port=args.port,
@@ -98,11 +106,17 @@ def add_deploy_commands(sub: argparse._SubParsersAction) -> None:
         type=float,
         help="train only with a DP-SGD σ or client-level z of at least this",
     )
-    node.add_argument("--port", type=int, default=9094, help="local port of the node's app API")
+    node.add_argument(
+        "--port",
+        type=int,
+        help="local port of the node's app API (Flower's Runtime HTTP API on 127.0.0.1; default: "
+        "a free one, so several nodes can share a machine)",
+    )
     node.add_argument("--root-certificates", type=Path, help="CA certificate (TLS)")
     node.add_argument("--auth-key", type=Path, help="this node's registered ECDSA private key")
     node.add_argument("--insecure", action="store_true", help="no TLS, no auth (debug only)")
-    node.set_defaults(fn=cmd_node)
+    node.add_argument("-v", "--verbose", action="store_true", help="Flower's DEBUG log lines too")
+    node.set_defaults(fn=cmd_node, flower_service=True)  # its output is Flower's own log
 
     link = sub.add_parser(
         "superlink",
@@ -122,7 +136,8 @@ def add_deploy_commands(sub: argparse._SubParsersAction) -> None:
         "management interface); without it, only on loopback",
     )
     link.add_argument("--insecure", action="store_true", help="no TLS, no auth (debug only)")
-    link.set_defaults(fn=cmd_superlink)
+    link.add_argument("-v", "--verbose", action="store_true", help="Flower's DEBUG log lines too")
+    link.set_defaults(fn=cmd_superlink, flower_service=True)  # its output is Flower's own log
 
     certs = sub.add_parser("certs", help="create a test CA, SuperLink certificate and node keys")
     certs.add_argument("folder")

@@ -35,6 +35,7 @@ from fedllm.deploy.guard import (
     run_guarded_clientapp,
     serve_superlink,
 )
+from fedllm.processes import hide_bitsandbytes
 from fedllm.recipe import RunConfig
 
 INSECURE_WARNING = (
@@ -305,8 +306,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args or args[0] not in roles:
         print(f"usage: python -m fedllm.deploy.federation {{{'|'.join(roles)}}} ARGS...")
         return 2
+    if args[0] == "clientapp":  # a fresh process per task: no bitsandbytes unless 4/8-bit
+        hide_bitsandbytes()
     roles[args[0]](args[1:])
     return 0
+
+
+def node_port(port: int | None, *, host: str = "127.0.0.1") -> int:
+    """The local port of a SuperNode's app API (Flower's Runtime HTTP API): `port` if nothing
+    listens there, else a clear error; without `port`, a free one, so that several SuperNodes
+    can share a machine (Flower's fixed default, 9094, lets only the first start)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will bind
+        try:
+            probe.bind((host, port or 0))
+        except OSError as err:
+            raise ValueError(
+                f"--port {port}: {host}:{port} is already taken ({err.strerror}), e.g. by "
+                "another SuperNode on this machine; give a free port with --port, or leave "
+                "--port out to take a free one"
+            ) from None
+        return probe.getsockname()[1]
 
 
 def wait_for_port(host: str, port: int, *, timeout: float) -> None:

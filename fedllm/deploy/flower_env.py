@@ -7,12 +7,14 @@ import sys
 from pathlib import Path
 
 
-def flwr_env() -> dict[str, str]:
+def flwr_env(*, verbose: bool = False) -> dict[str, str]:
     """Environment for `flwr`/`flower-*` subprocesses: no run-time dependency installation, and
-    this interpreter's scripts folder first on PATH so an unactivated venv finds Flower's CLIs."""
+    this interpreter's scripts folder first on PATH so an unactivated venv finds Flower's CLIs;
+    with `verbose`, Flower's DEBUG log lines (`FLWR_LOG_LEVEL`) in them and their children."""
     scripts = str(Path(sys.executable).parent)
     path = os.pathsep.join([scripts, os.environ.get("PATH", "")])
-    return {**os.environ, "PATH": path, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    env = {**os.environ, "PATH": path, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    return {**env, "FLWR_LOG_LEVEL": "DEBUG"} if verbose else env
 
 
 def flwr_home() -> Path:

