@@ -90,6 +90,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cpus = sim.num_cpus_per_client
     if sim.ray_address is None:  # on a cluster its nodes bound a client's CPUs, not this machine
         cpus = min(cpus, float(_cpu_count()))
+        check_gpus(sim.num_gpus_per_client)
     with simulation_ray(address=sim.ray_address, verbose=args.verbose, num_cpus_per_client=cpus):
         run_simulation(
             server_app=make_server_app(cfg, resume=args.resume),
@@ -139,6 +140,21 @@ def remove_run_dir(run_dir: Path, output_dir: Path) -> None:
             f"(none of {', '.join(RUN_FILES)} in it); remove it by hand or use a new name="
         )
     shutil.rmtree(target)
+
+
+def check_gpus(per_client: float) -> None:
+    """Refuse GPUs per client this machine cannot give: Ray would start no client at all."""
+    if per_client <= 0:
+        return
+    import torch
+
+    have = torch.cuda.device_count()
+    if per_client > have:
+        raise ConfigError(
+            f"simulation.num_gpus_per_client={per_client} but this machine has {have} CUDA "
+            "device(s) (torch.cuda.device_count()); set it to 0 for CPU clients, at most "
+            f"{have}, or run on a Ray cluster with GPUs (simulation.ray_address)"
+        )
 
 
 def _cpu_count() -> int:

@@ -257,7 +257,9 @@ def train_content(
     with lora_model(rnd, features, merged=merged, shards=shards) as model:
         start = start_adapter(model, received, global_factors, rnd, features)
         result = local_steps(model, rnd, features)
-        update = ClientUpdate(read_factors(model), start, rnd.plan.rank)
+        live = read_factors(model)  # on the model's device; what follows works on the CPU
+        trained = {m: Factors(f.B.cpu(), f.A.cpu(), f.scaling) for m, f in live.items()}
+        update = ClientUpdate(trained, start, rnd.plan.rank)
         for f in features:
             update = f.post_process(update, rnd)
         if rnd.spec.local_B:
