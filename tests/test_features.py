@@ -367,6 +367,7 @@ HOOKS = {
     "prepare_base",
     "start",
     "regularizers",
+    "fold",
     "train",
     "post_process",
     "reply",
@@ -436,6 +437,7 @@ def test_every_hook_of_the_base_feature_is_a_no_op() -> None:
     rnd = ClientRound(cfg, 1, 3, RoundSpec(), ConfigRecord({}), {}, state, 0, plan)
     assert f.plan(plan, rnd) is plan
     assert f.read_global(ArrayRecord(), rnd) is None
+    assert f.fold(factors(), rnd) == {}
     base = torch.nn.Linear(2, 3)
     weight = base.weight.detach().clone()
     assert f.prepare_base(base, rnd) is base and torch.equal(base.weight, weight)

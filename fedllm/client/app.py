@@ -253,8 +253,9 @@ def train_content(
         rnd.plan = f.plan(rnd.plan, rnd)
     received = content["global"]
     global_factors = None if rnd.spec.local_B else read_global(received, rnd, features)
-    merged = global_factors if rnd.spec.merge else None
-    with lora_model(rnd, features, merged=merged, shards=shards) as model:
+    folded = [f.fold(global_factors or {}, rnd) for f in features]  # e.g. Fed-PLoRA's modules
+    merged = wire.stacked(global_factors if rnd.spec.merge else {}, *folded)
+    with lora_model(rnd, features, merged=merged or None, shards=shards) as model:
         start = start_adapter(model, received, global_factors, rnd, features)
         result = local_steps(model, rnd, features)
         live = read_factors(model)  # on the model's device; what follows works on the CPU

@@ -7,7 +7,8 @@ round on a client (hooks may keep per-round values on `self`) and once per run o
 (`state_dict` is saved with each checkpoint).
 
 Client hooks, in the order one training round calls them:
-    plan → read_global → prepare_base → start → regularizers / train → post_process → reply
+    plan → read_global → fold → prepare_base → start → regularizers / train → post_process →
+    reply
     (+ `metrics`)
 Server hooks: before_round (may stop the run) → download (per node) → encode → decode → receive
 (per reply) → accepted → release (the accepted inputs) → after_aggregate → record; `run_round`
@@ -106,6 +107,11 @@ class Feature:
     def read_global(self, record: ArrayRecord, rnd: ClientRound) -> dict[str, Factors] | None:
         """Decode the global factors the server sent (None: not this feature's encoding)."""
         return None
+
+    def fold(self, factors: Mapping[str, Factors], rnd: ClientRound) -> dict[str, Factors]:
+        """A delta added to the frozen base for this round and restored after it (Fed-PLoRA folds
+        the global modules it does not train); `factors` are the global factors received."""
+        return {}
 
     def prepare_base(self, base: torch.nn.Module, rnd: ClientRound) -> torch.nn.Module:
         """The frozen base this client trains on (e.g. pruned); `rnd.shard` holds its data."""

@@ -159,6 +159,21 @@ def freeze_A(model: PeftModel) -> int:
     return frozen
 
 
+def stacked(*deltas: Mapping[str, Factors]) -> dict[str, Factors]:
+    """Module → one delta equal to the sum of the given deltas of that module (the factors side by
+    side, [s₁B₁ | s₂B₂][A₁; A₂] at scaling 1); a module in one mapping only is kept as it is."""
+    out: dict[str, Factors] = {}
+    for delta in deltas:
+        for module, f in delta.items():
+            if module not in out:
+                out[module] = f
+                continue
+            g = out[module]
+            B = torch.cat([g.B * g.scaling, f.B.to(g.B.dtype) * f.scaling], dim=1)
+            out[module] = Factors(B, torch.cat([g.A, f.A.to(g.A.dtype)]), 1.0)
+    return out
+
+
 @contextmanager
 def merged_into(base: torch.nn.Module, delta: Mapping[str, Factors]) -> Iterator[None]:
     """Within the block the base's weights are W + s·B·A; the exact originals come back after."""

@@ -1,0 +1,112 @@
+"""Fed-PLoRA (Zhang, Hu & Xu, ICLR 2026, arXiv 2602.16936): one-rank modules, Select-N-Fold.
+
+The global adapter of rank R is read as R parallel one-rank modules (column j of B with row j of
+A; ΔW = Σⱼ BⱼAⱼ, the same matrix as the LoRA B@A). Each round client i of rank rᵢ ≤ R selects rᵢ
+modules (`select`, seeded per client and round), folds the other R − rᵢ into its frozen base
+(W₀ + Σ_{j∉Sᵢ} BⱼAⱼ: it starts from the global model exactly, no initialisation noise), trains
+the selected ones as an ordinary rank-rᵢ LoRA and sends them with their indices. The server puts
+them back at their indices (`expand`: the modules a client did not train are the global ones, which
+it left untouched) and averages the R modules over every client, here: module j is
+(ΣpᵢsᵢBⱼ⁽ⁱ⁾)(ΣpᵢAⱼ⁽ⁱ⁾) with the global module wherever client i did not train j.
+
+Against the ideal Σpᵢ·(client i's whole ΔW), module j errs by
+−Σ_{i<k} pᵢpₖ(Bⱼ⁽ⁱ⁾−Bⱼ⁽ᵏ⁾)(Aⱼ⁽ⁱ⁾−Aⱼ⁽ᵏ⁾) (sᵢ folded into B): second order in what the clients
+changed, where zero-padded averaging (FedIT, HetLoRA) errs at first order. The client side
+(selection, fold, indices) is `fedllm.aggregators.fedplora_fold`; R is the largest client rank (the
+strategy's global rank), so `aggregator.global_rank` is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .base import Aggregate, Factors, RoundSpec, normalized_weights, register, reject_options
+
+
+@register("fedplora", rounds=RoundSpec())
+def fedplora(
+    updates: Sequence[Factors],
+    weights: Sequence[float],
+    *,
+    global_rank: int | None = None,
+    state: Mapping[str, torch.Tensor] | None = None,
+    seed: int = 0,
+    **options: Any,
+) -> Aggregate:
+    """Module-wise weighted mean of R one-rank modules: (Σpᵢsᵢ·Bᵢ, Σpᵢ·Aᵢ), scaling 1.
+
+    Every update must already be at the global rank R (`expand`: the client's trained modules at
+    their indices, the global ones elsewhere); a different rank or `global_rank` raises.
+    """
+    reject_options("fedplora", options)
+    p = normalized_weights(updates, weights)
+    ranks = sorted({u.rank for u in updates})
+    if len(ranks) != 1:
+        raise ValueError(
+            f"fedplora needs every update at the global rank R (expanded by the fedplora_fold "
+            f"feature's release), got ranks {ranks}"
+        )
+    if global_rank is not None and global_rank != ranks[0]:
+        raise ValueError(
+            f"fedplora keeps R = {ranks[0]} one-rank modules; aggregator.global_rank "
+            f"{global_rank} would drop or invent modules (leave it unset)"
+        )
+    d, k = updates[0].shape
+    B = torch.zeros(d, ranks[0], dtype=torch.float64, device=updates[0].B.device)
+    A = torch.zeros(ranks[0], k, dtype=torch.float64, device=updates[0].B.device)
+    for pi, u in zip(p, updates, strict=True):
+        B.add_(u.B, alpha=pi * u.scaling)
+        A.add_(u.A, alpha=pi)
+    dtype = updates[0].B.dtype
+    return Aggregate(Factors(B.to(dtype), A.to(dtype), 1.0))
+
+
+def select(global_rank: int, rank: int, *, seed: int) -> list[int]:
+    """The `rank` module indices (sorted) a client trains this round: a seeded draw without
+    replacement from range(global_rank); all of them when rank ≥ global_rank."""
+    if rank < 1 or global_rank < 1:
+        raise ValueError(f"ranks must be >= 1, got rank {rank} of global rank {global_rank}")
+    if rank >= global_rank:
+        return list(range(global_rank))
+    order = torch.randperm(global_rank, generator=torch.Generator().manual_seed(seed))
+    return sorted(int(j) for j in order[:rank])
+
+
+def split(global_: Factors, selected: Sequence[int]) -> tuple[Factors, Factors | None]:
+    """(the selected modules, in order, as a rank-|selected| adapter; the others as the delta
+    folded into the base, None if there are none), both at the global scaling."""
+    chosen = list(selected)
+    rest = [j for j in range(global_.rank) if j not in set(chosen)]
+    trained = Factors(global_.B[:, chosen], global_.A[chosen], global_.scaling)
+    folded = Factors(global_.B[:, rest], global_.A[rest], global_.scaling) if rest else None
+    return trained, folded
+
+
+def check_selection(selected: Sequence[int], *, rank: int, global_rank: int) -> list[int]:
+    """`selected` as distinct ints in [0, global_rank), one per trained rank; ValueError if not."""
+    if isinstance(selected, int | float | str) or not all(
+        isinstance(j, int | float) and float(j) == int(j) for j in selected
+    ):
+        raise ValueError(f"module indices must be a list of integers, got {selected!r}")
+    out = [int(j) for j in selected]
+    if len(out) != rank or len(set(out)) != rank:
+        raise ValueError(f"{len(out)} module indices {out} for rank {rank} (need {rank} distinct)")
+    if any(not 0 <= j < global_rank for j in out):
+        raise ValueError(f"module indices {out} outside [0, {global_rank})")
+    return out
+
+
+def expand(update: Factors, selected: Sequence[int], global_: Factors) -> Factors:
+    """A client's rank-rᵢ update as R modules (scaling 1): its sᵢ·Bᵢ and Aᵢ at `selected`, the
+    global modules (scaled) everywhere else; ΔW of the result = client i's whole PLoRA."""
+    chosen = check_selection(selected, rank=update.rank, global_rank=global_.rank)
+    if update.shape != global_.shape:
+        raise ValueError(f"update is {update.shape} but the global module is {global_.shape}")
+    B = (global_.B * global_.scaling).to(update.B.dtype).clone()
+    A = global_.A.to(update.A.dtype).clone()
+    B[:, chosen] = update.B * update.scaling
+    A[chosen] = update.A
+    return Factors(B, A, 1.0)

@@ -1,0 +1,135 @@
+"""Fed-PLoRA's Select-N-Fold on both sides of a round (the math is `fedllm.aggregators.fedplora`).
+
+Server: every node is sent the whole global adapter (R modules; no cut to its rank), and each
+reply's module indices (`fedplora-select`, one per trained rank) put its modules back at their
+places before the aggregator runs (`release`: the global modules fill the rest).
+Client: it selects rᵢ modules (seeded by the run's seed, the round and its partition), folds the
+others into its frozen base for the round (the `fold` hook; restored afterwards), trains the
+selected ones as its rank-rᵢ LoRA and reports their indices.
+
+Refused: DP (a client-level release would mix the clients before their modules are placed),
+SecAgg+ (the server must see each client's indices), top-k compression (its residual would follow
+positions whose modules change every round), pruned or quantized bases (the fold needs the full
+float weights), the bandit, and `aggregator.global_rank` (R is the largest client rank).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from flwr.app import RecordDict
+
+from fedllm.aggregators.base import Factors
+from fedllm.aggregators.fedplora import check_selection, expand, select, split
+from fedllm.features.base import Feature
+from fedllm.features.registry import register
+from fedllm.features.types import ClientRound, Download, TrainReply
+from fedllm.recipe.schema import RunConfig
+
+METRIC = "fedplora-select"  # the reply metric listing the trained module indices
+
+
+def check_recipe(cfg: RunConfig) -> None:
+    """Refuse what Select-N-Fold cannot run with, naming the recipe key."""
+    problems = {
+        "privacy.mode": cfg.privacy.mode != "none",
+        "privacy.secure_aggregation.enabled": cfg.privacy.secure_aggregation.enabled,
+        "compression.topk": cfg.compression.topk is not None,
+        "model.quantization": cfg.model.quantization != "none",
+        "lora.tiers (pruning or quantization)": any(
+            t.pruning > 0 or t.quantization not in (None, "none") for t in cfg.lora.tiers or []
+        ),
+        "adaptive": cfg.adaptive is not None,
+        "aggregator.global_rank": cfg.aggregator.global_rank is not None,
+    }
+    bad = [key for key, hit in problems.items() if hit]
+    if bad:
+        raise ValueError(
+            f"{bad[0]}: not supported with aggregator.name='fedplora' (Select-N-Fold folds the "
+            "untrained global modules into a full-precision base and places each client's "
+            "modules by their indices, at R = the largest client rank); leave it at its default"
+        )
+
+
+@register
+class FedPLoRAFold(Feature):
+    """Select rᵢ of the R global modules, fold the rest into the base, report the indices."""
+
+    name = "fedplora_fold"
+    order = 10  # the server's placement comes before any other release
+
+    @classmethod
+    def enabled(cls, cfg: RunConfig) -> bool:
+        return cfg.aggregator.name == "fedplora"
+
+    @classmethod
+    def check(cls, cfg: RunConfig) -> None:
+        if cls.enabled(cfg):
+            check_recipe(cfg)
+
+    def __init__(self, cfg: RunConfig) -> None:
+        super().__init__(cfg)
+        self.selected: dict[str, list[int]] = {}  # client: module -> the indices it trains
+        self.placed: dict[int, list[int]] = {}  # server: node -> its reply's indices
+
+    # -- client --------------------------------------------------------------------------------
+    def fold(self, factors: Mapping[str, Factors], rnd: ClientRound) -> dict[str, Factors]:
+        """Choose this round's modules (one draw for every adapted module) and return the others."""
+        folded: dict[str, Factors] = {}
+        for module, f in factors.items():
+            chosen = select(f.rank, rnd.plan.rank, seed=rnd.seed)
+            self.selected[module] = chosen
+            _, rest = split(f, chosen)
+            if rest is not None:
+                folded[module] = rest
+        return folded
+
+    def start(self, factors: Mapping[str, Factors], rnd: ClientRound) -> dict[str, Factors]:
+        """The selected modules, in index order, as the adapter this client trains."""
+        return {m: split(f, self.selected[m])[0] for m, f in factors.items()}
+
+    def metrics(self) -> dict[str, Any]:
+        chosen = {tuple(v) for v in self.selected.values()}
+        if len(chosen) > 1:  # one draw per round: every module has the same indices
+            raise ValueError(f"modules disagree on the selected indices: {sorted(chosen)}")
+        return {METRIC: list(chosen.pop())} if chosen else {}
+
+    # -- server --------------------------------------------------------------------------------
+    def download(self, node: int, down: Download) -> Download:
+        """The whole global adapter: a client selects its modules and folds the rest."""
+        return dataclasses.replace(down, rank=None)
+
+    def receive(
+        self,
+        node: int,
+        content: RecordDict,
+        factors: dict[str, Factors],
+        *,
+        reply: TrainReply,
+        shapes: Mapping[str, tuple[int, int]],
+    ) -> dict[str, Factors]:
+        """Keep the reply's module indices (checked against its rank and R) for `release`."""
+        if METRIC not in reply.extra:
+            raise ValueError(f"a fedplora reply must list its trained modules in {METRIC!r}")
+        self.placed[node] = check_selection(
+            reply.extra[METRIC], rank=reply.rank, global_rank=self.cfg.max_rank
+        )
+        return factors
+
+    def release(
+        self,
+        nodes: Sequence[int],
+        inputs: list[dict[str, Factors]],
+        weights: list[float],
+        *,
+        global_: Mapping[str, Factors],
+    ) -> tuple[list[dict[str, Factors]], list[float]]:
+        """Every update as R modules: its own at its indices, the global ones elsewhere."""
+        out = [
+            {m: expand(f, self.placed[node], global_[m]) for m, f in update.items()}
+            for node, update in zip(nodes, inputs, strict=True)
+        ]
+        self.placed = {}
+        return out, weights

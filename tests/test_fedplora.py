@@ -1,0 +1,291 @@
+"""fedplora: R one-rank modules, a seeded selection per client, the rest folded into the base, and a
+module-wise mean over every client (hand-computed); the client and server hooks; and (slow) one tiny
+federation of each 2026 method (fedplora, prelort, sdflora)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, RecordDict
+from peft import LoraConfig, get_peft_model
+
+from fedllm.aggregators import Factors, get, round_spec
+from fedllm.aggregators.fedplora import check_selection, expand, select, split
+from fedllm.aggregators.fedplora_fold import METRIC, FedPLoRAFold
+from fedllm.features.types import ClientPlan, ClientRound, Download, TrainReply
+from fedllm.model import wire
+from fedllm.model.adapters import write_factors
+from fedllm.recipe import ConfigError, RunConfig, load_recipe
+
+TINY = Path(__file__).parents[1] / "recipes" / "tiny.yaml"
+
+
+def t(rows: list[list[float]]) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+# The global: three one-rank modules of a 1×1 module (b_j, a_j) = (1, 1), (2, 1), (3, 1).
+GLOBAL = Factors(t([[1.0, 2.0, 3.0]]), t([[1.0], [1.0], [1.0]]), 1.0)
+# Client 0 (rank 1, s = 2) trained module 2; client 1 (rank 2, s = 1) trained modules 0 and 2.
+C0 = Factors(t([[5.0]]), t([[2.0]]), 2.0)
+C1 = Factors(t([[4.0, 6.0]]), t([[3.0], [1.0]]), 1.0)
+
+
+def test_expand_places_the_trained_modules_and_keeps_the_global_ones() -> None:
+    e0 = expand(C0, [2], GLOBAL)
+    assert e0.scaling == 1.0
+    assert torch.equal(e0.B, t([[1.0, 2.0, 10.0]])) and torch.equal(e0.A, t([[1.0], [1.0], [2.0]]))
+    e1 = expand(C1, [0, 2], GLOBAL)
+    assert torch.equal(e1.B, t([[4.0, 2.0, 6.0]])) and torch.equal(e1.A, t([[3.0], [1.0], [1.0]]))
+    # a client's whole PLoRA: 1·1 + 2·1 + 10·2 = 23 and 4·3 + 2·1 + 6·1 = 20
+    assert e0.delta().item() == 23.0 and e1.delta().item() == 20.0
+
+
+def test_hand_computed_module_wise_mean_over_every_client() -> None:
+    expanded = [expand(C0, [2], GLOBAL), expand(C1, [0, 2], GLOBAL)]
+    g = get("fedplora")(expanded, [1.0, 3.0]).global_  # p = ¼, ¾
+    # B̄ = ¼[1, 2, 10] + ¾[4, 2, 6] = [3.25, 2, 7]; Ā = ¼[1, 1, 2] + ¾[3, 1, 1] = [2.5, 1, 1.25]
+    assert torch.allclose(g.B, t([[3.25, 2.0, 7.0]])) and torch.allclose(
+        g.A, t([[2.5], [1.0], [1.25]])
+    )
+    assert g.scaling == 1.0
+    # module 1, trained by no one, is the global module unchanged
+    assert g.B[0, 1].item() == 2.0 and g.A[1, 0].item() == 1.0
+    # ΔW = 3.25·2.5 + 2 + 7·1.25 = 18.875 against the ideal ¼·23 + ¾·20 = 20.75
+    assert g.delta().item() == pytest.approx(18.875)
+
+
+def test_the_error_is_second_order_in_what_the_clients_changed() -> None:
+    """aggregate − Σpᵢ·ΔWᵢ = −Σ_j Σ_{i<k} pᵢpₖ(Bⱼ⁽ⁱ⁾−Bⱼ⁽ᵏ⁾)(Aⱼ⁽ⁱ⁾−Aⱼ⁽ᵏ⁾), for random tensors."""
+    g = torch.Generator().manual_seed(3)
+    R, d, k = 4, 5, 3
+    glob = Factors(
+        torch.randn(d, R, generator=g, dtype=torch.float64),
+        torch.randn(R, k, generator=g, dtype=torch.float64),
+        0.5,
+    )
+    picks = [[1], [0, 1, 3], [2, 3]]
+    ups = [
+        Factors(
+            torch.randn(d, len(s), generator=g, dtype=torch.float64),
+            torch.randn(len(s), k, generator=g, dtype=torch.float64),
+            4.0 / len(s),
+        )
+        for s in picks
+    ]
+    full = [expand(u, s, glob) for u, s in zip(ups, picks, strict=True)]
+    w = [1.0, 2.0, 5.0]
+    p = [x / sum(w) for x in w]
+    agg = get("fedplora")(full, w).global_
+    ideal = sum(pi * f.delta() for pi, f in zip(p, full, strict=True))
+    error = torch.zeros(d, k, dtype=torch.float64)
+    for j in range(R):
+        for i in range(3):
+            for m in range(i + 1, 3):
+                dB = full[i].B[:, j] - full[m].B[:, j]
+                dA = full[i].A[j] - full[m].A[j]
+                error -= p[i] * p[m] * torch.outer(dB, dA)
+    torch.testing.assert_close(agg.delta() - ideal, error)
+
+
+def test_the_aggregator_refuses_unexpanded_updates_and_a_global_rank() -> None:
+    with pytest.raises(ValueError, match="global rank R"):
+        get("fedplora")([C0, C1], [1.0, 1.0])
+    e = expand(C0, [2], GLOBAL)
+    with pytest.raises(ValueError, match="global_rank"):
+        get("fedplora")([e, e], [1.0, 1.0], global_rank=2)
+    assert round_spec("fedplora") == round_spec("svd")  # adapter-state rounds
+
+
+def test_selection_is_seeded_sorted_and_covers_every_module() -> None:
+    assert select(3, 3, seed=1) == [0, 1, 2] and select(3, 8, seed=1) == [0, 1, 2]
+    draws = [select(8, 3, seed=s) for s in range(40)]
+    assert draws[5] == select(8, 3, seed=5)
+    assert all(len(set(d)) == 3 and d == sorted(d) and 0 <= min(d) and max(d) < 8 for d in draws)
+    assert len({tuple(d) for d in draws}) > 10
+    assert set().union(*draws) == set(range(8))
+    with pytest.raises(ValueError):
+        select(4, 0, seed=0)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [[0, 0], [0, 3], [0], [0.5, 1], "01", [-1, 1]],
+    ids=["dup", "range", "short", "frac", "str", "neg"],
+)
+def test_bad_module_indices_are_refused(bad) -> None:
+    with pytest.raises(ValueError, match="module indices"):
+        check_selection(bad, rank=2, global_rank=3)
+
+
+def test_split_then_fold_is_the_global_exactly() -> None:
+    g = torch.Generator().manual_seed(0)
+    glob = Factors(torch.randn(4, 3, generator=g), torch.randn(3, 5, generator=g), 0.25)
+    trained, folded = split(glob, [0, 2])
+    assert trained.rank == 2 and folded is not None and folded.rank == 1
+    torch.testing.assert_close(trained.delta() + folded.delta(), glob.delta())
+    assert split(glob, [0, 1, 2])[1] is None
+    both = wire.stacked({"q": trained}, {"q": folded}, {"v": folded})
+    torch.testing.assert_close(both["q"].delta(), glob.delta())
+    assert both["v"] is folded
+
+
+# -- the client and server hooks -----------------------------------------------------------------
+
+
+def recipe(*overrides: str) -> RunConfig:
+    return load_recipe(TINY, ["aggregator.name=fedplora", "lora.ranks=[2,3,3]", *overrides])
+
+
+def client_round(cfg: RunConfig, *, rank: int, seed: int = 11) -> ClientRound:
+    return ClientRound(
+        cfg=cfg,
+        partition=0,
+        server_round=2,
+        spec=round_spec("fedplora"),
+        config=ConfigRecord({"server-round": 2}),
+        node_config={},
+        state=RecordDict(),
+        seed=seed,
+        plan=ClientPlan(partition=0, rank=rank),
+    )
+
+
+class OneLinear(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = torch.nn.Linear(5, 4, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.q(x)
+
+
+def test_the_client_starts_from_the_global_model_exactly() -> None:
+    """Fold (merged into the base) + the selected modules (as a rank-2 LoRA) = base + global."""
+    cfg = recipe()
+    torch.manual_seed(0)
+    base = OneLinear()
+    g = torch.Generator().manual_seed(1)
+    glob = {"q": Factors(torch.randn(4, 3, generator=g), torch.randn(3, 5, generator=g), 1.0)}
+    x = torch.randn(7, 5, generator=g)
+    want = base(x) + x @ glob["q"].delta().float().T
+    feature, rnd = FedPLoRAFold(cfg), client_round(cfg, rank=2)
+    folded = feature.fold(glob, rnd)
+    start = feature.start(glob, rnd)
+    chosen = feature.selected["q"]
+    assert chosen == select(3, 2, seed=rnd.seed) and folded["q"].rank == 1
+    assert feature.metrics() == {METRIC: chosen}
+    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=cfg.lora.alpha, target_modules=["q"]))
+    scaling = cfg.client_scaling(2)
+    write_factors(model, {m: f.truncate(2, scaling) for m, f in start.items()})
+    with wire.merged_into(model.base_model.model, wire.stacked(folded)):
+        got = model(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        assert not torch.allclose(model(x), want, atol=1e-3)  # the fold is undone after the block
+
+
+def test_the_server_sends_everything_and_places_the_modules() -> None:
+    cfg = recipe()
+    feature = FedPLoRAFold(cfg)
+    down = feature.download(7, Download(2, {"q": GLOBAL}, {"x": 1}))
+    assert down.rank is None and down.config == {"x": 1}
+    glob = {"q": Factors(t([[1.0, 2.0, 3.0]]), t([[1.0], [1.0], [1.0]]), 1.0)}
+    metrics = {
+        "partition-id": 0,
+        "rank": 2,
+        "num-examples": 4,
+        "steps": 1,
+        "bytes-sent": 1,
+        "bytes-received": 1,
+        METRIC: [0, 2],
+    }
+    reply = TrainReply.parse(metrics)
+    factors = {"q": C1}
+    assert feature.receive(7, RecordDict(), factors, reply=reply, shapes={"q": (1, 1)}) is factors
+    inputs, weights = feature.release([7], [factors], [3.0], global_=glob)
+    assert weights == [3.0] and torch.equal(inputs[0]["q"].B, t([[4.0, 2.0, 6.0]]))
+    for bad in ([0, 0], [2]):
+        with pytest.raises(ValueError, match="module indices"):
+            feature.receive(
+                7,
+                RecordDict(),
+                factors,
+                reply=TrainReply.parse({**metrics, METRIC: bad}),
+                shapes={},
+            )
+    missing = TrainReply.parse({k: v for k, v in metrics.items() if k != METRIC})
+    with pytest.raises(ValueError, match=METRIC):
+        feature.receive(7, RecordDict(), factors, reply=missing, shapes={})
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("compression.topk=0.1", "compression.topk"),
+        ("aggregator.global_rank=3", "aggregator.global_rank"),
+        ("model.quantization=4bit", "model.quantization"),
+        ("privacy.secure_aggregation.enabled=true", "privacy.secure_aggregation"),
+    ],
+)
+def test_combinations_it_cannot_run_are_refused_naming_the_key(override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        recipe(override)
+
+
+# -- the three 2026 methods, one tiny federation each ---------------------------------------------
+
+
+@pytest.mark.slow
+def test_fedplora_prelort_and_sdflora_federate(tmp_path: Path) -> None:
+    from fedllm.deploy.local_grid import run_local
+    from fedllm.server.checkpoint import load_checkpoint
+    from fedllm.server.metrics import MetricsLog
+
+    ranks = {}
+    for name, extra in [
+        ("fedplora", []),
+        ("prelort", []),
+        ("sdflora", ["aggregator.options={local_fraction: 0.5}"]),
+    ]:
+        cfg = load_recipe(
+            TINY,
+            [
+                f"output_dir={tmp_path}",
+                f"name={name}",
+                f"aggregator.name={name}",
+                "data.num_clients=2",
+                "data.max_examples=160",
+                "lora.ranks=[2,4]",
+                "federation.rounds=2",
+                "federation.local_steps=3",
+                *extra,
+            ],
+        )
+        run_dir, grid = run_local(cfg)
+        rows = MetricsLog(run_dir).read()
+        clients = [r for r in rows if r["kind"] == "client"]
+        assert len(clients) == 4 and all(r["status"] == "ok" for r in clients), clients
+        server = [r for r in rows if r["kind"] == "server" and r["round"] == 2]
+        assert server and all(torch.isfinite(torch.tensor(r["held_out_loss"])) for r in server)
+        state = load_checkpoint(run_dir)["strategy"]["global"]
+        ranks[name] = ({r["rank"] for r in clients}, {b.shape[1] for b, _, _ in state.values()})
+        if name == "sdflora":  # each node kept its local module: rank ⌊½·r⌋, B no longer zero
+            kept = [c.state["sdflora-local"].to_torch_state_dict() for c in grid.contexts.values()]
+            local_ranks = {v.shape[0] for s in kept for k, v in s.items() if k.endswith("lora_A")}
+            assert local_ranks == {1, 2}
+            assert all(any(v.any() for k, v in s.items() if k.endswith("lora_B")) for s in kept)
+    assert ranks["fedplora"] == ({2, 4}, {4})  # clients train r_i modules; the global keeps R = 4
+    assert ranks["prelort"] == ({2, 4}, {4})
+    assert ranks["sdflora"] == ({1, 2}, {2})  # only the global modules (r_g = r − ⌊r/2⌋) travel
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:  # a shared 2-core machine: avoid oversubscription
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
