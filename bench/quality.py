@@ -1,281 +1,281 @@
-"""Every aggregation method on one federated workload: held-out loss per round and bytes moved.
+"""The quality benchmark as an experiment: a grid of cells (method × regime × seed) with intervals.
 
-    python bench/quality.py [--only LABEL ...] [--out DIR]   # writes results/quality.{md,png}
+    python bench/quality.py --list                                   # methods, groups, regimes
+    python bench/quality.py --methods core --regimes domain --seeds 0 1 2
+    python bench/quality.py --report                                 # tables + plot, no runs
 
-All methods share the seed, the shards (WordNet, domain non-IID), the clients and their ranks; each
-runs the real ServerApp loop, LoraStrategy and ClientApp through `fedllm.deploy.local_grid`
-(Flower's
-serialisation both ways, per-node Context; no Ray start-up). References on the same shards: a
-centralised LoRA on the pooled training data (upper) and local-only training (lower), both with the
-same examples processed per round. The workload is the quickstart's model, data, clients and ranks
-with a much smaller budget (see WORKLOAD), so that every row fits on this shared CPU. (The tiny
-random-init model was tried first: every method, centralised and local-only, ended within 0.02 of
-each other, so it could not tell aggregators apart.)
+Each cell is `fedllm run recipes/<recipe>.yaml <regime overrides> seed=<s>` on the in-process grid
+(`fedllm.deploy.local_grid`: the real ServerApp loop, LoraStrategy and ClientApp with Flower's
+serialisation; no Ray start-up), or a reference trained here: centralised (one LoRA of the largest
+client rank on the pooled data, the clients' steps per round) and local-only (each client alone).
+A finished cell appends one line to <out>/rows.jsonl and is skipped on the next call (the grid
+takes hours); an interrupted federation resumes from its last round's checkpoint.
+
+`seed` changes the LoRA initialisation, client sampling and data order. It also changes the data
+subset, the global test set and the held-out splits unless the recipe has a data seed of its own
+(`data.seed`, proposed in issue 14): with it the harness pins `data.seed=0` so the partition is
+the same in every seed. Comparisons are paired either way (same seed = same data for every method).
+
+Two test sets per cell: each client's own held-out split (own domains: personalisation) and the
+global test set (`data.test_set`: 10% of every domain plus two whole domains no client holds:
+generalisation). `bench/_stats.py` makes the intervals; `bench/_quality_report.py` the report.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
+import shlex
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 
-from fedllm.aggregators import round_spec
-from fedllm.client.train import evaluate_nll, train_local
-from fedllm.data.shards import Shard, load_shard
-from fedllm.deploy.local_grid import run_local
-from fedllm.model.adapters import attach_lora
-from fedllm.model.base import cached_base_model
-from fedllm.recipe import RunConfig, load_recipe
+sys.path.insert(0, str(Path(__file__).parent))  # bench/_*.py next to this script
+
+from _quality_report import RESULTS, write_report
+from _quality_runs import centralised, federated, local_only, machine, run_dir
+
+from fedllm.aggregators import available
+from fedllm.recipe import load_recipe
+from fedllm.recipe.schema import DataConfig
 
 ROOT = Path(__file__).parents[1]
+FIXED_DATA_SEED = "seed" in DataConfig.model_fields  # data.seed: the partition fixed over seeds
 
-
-def _squeeze(*, correction: bool, residual: int) -> list[str]:
-    return [
-        f"aggregator.options.correction={str(correction).lower()}",
-        f"aggregator.options.residual_rank={residual}",
-    ]
-
-
-RESULTS = Path(__file__).parent / "results"
-WORKLOAD = [  # overrides of every recipes/<method>.yaml (the quickstart workload): a smaller budget
-    "data.max_examples=320",
+# Every regime starts from recipes/<method>.yaml (the quickstart workload: SmolLM2-135M, WordNet,
+# ranks cycling 4/8/16/32, LoRA on q_proj/v_proj) with these overrides.
+COMMON = [
     "data.prompt_format=plain",
-    "data.max_length=32",
-    "data.held_out=0.1",
-    "federation.rounds=2",
-    "federation.local_steps=2",
-    "federation.batch_size=4",
-    "federation.lr=0.003",
+    "data.max_length=48",
+    "data.held_out=0.2",
+    "data.test_set={fraction: 0.1, labels: [noun.food, verb.motion]}",
+    "federation.local_steps=8",
+    "federation.batch_size=8",
+    "federation.lr=0.001",
+    *(["data.seed=0"] if FIXED_DATA_SEED else []),
 ]
-R_MAX = 32  # the quickstart's largest client rank (ranks 4/8/16/32)
-METHODS: dict[str, tuple[str, list[str]]] = {  # label -> (recipe, extra overrides)
-    "fedit": ("fedit", []),
-    "ffa": ("ffa", []),
-    "hetlora": ("hetlora", []),
-    "rblora": ("rblora", []),
-    "flora": ("flora", []),
-    "flexlora": ("flexlora", []),
-    "fedsa": ("fedsa", []),
-    "lorafair": ("lorafair", []),
-    "squeeze plain": ("squeeze", _squeeze(correction=False, residual=0)),
-    "squeeze +correction": ("squeeze", _squeeze(correction=True, residual=0)),
-    "squeeze +residual": ("squeeze", _squeeze(correction=False, residual=R_MAX)),
-    "squeeze +correction +residual": ("squeeze", _squeeze(correction=True, residual=R_MAX)),
-    # features (fedllm/features): FedProx on svd, server momentum on fedit (FedAvgM) and on svd
-    "fedprox": ("fedprox", []),
-    "fedavgm": ("fedavgm", []),
-    "svd +fedavgm": ("svd", ["features.server_momentum.beta=0.9"]),
+
+
+@dataclass(frozen=True)
+class Regime:
+    overrides: tuple[str, ...]
+    about: str
+
+
+REGIMES = {
+    "domain": Regime(
+        ("data.max_examples=800", "data.num_clients=4", "federation.rounds=5"),
+        "4 clients, each holding whole WordNet domains (non-IID), ~136 training examples each",
+    ),
+    "scarce": Regime(
+        ("data.max_examples=1100", "data.num_clients=8", "federation.rounds=5"),
+        "8 clients × ~94 training examples, whole domains each: where collaboration should pay",
+    ),
+    "iid": Regime(
+        (
+            "data.max_examples=800",
+            "data.num_clients=4",
+            "data.partitioner=iid",
+            "federation.rounds=5",
+        ),
+        "the domain regime's data shuffled evenly over 4 clients (control)",
+    ),
+    "long": Regime(
+        ("data.max_examples=800", "data.num_clients=4", "federation.rounds=12"),
+        "the domain regime at 12 rounds: error feedback and gauge at a longer budget",
+    ),
 }
-EXTRA = {  # on request only (--only): not needed for the comparison
-    # svd sends clients the same top-rⱼ factors of ΔW* as "squeeze plain"; only its kept global
-    # rank differs (Σrᵢ instead of max rᵢ), so it is left out to save ~4 CPU-minutes.
-    "svd": ("svd", []),
-    "lorafair iterative": ("lorafair", ["aggregator.options.solver=iterative"]),
+
+
+def _sq(*extra: str) -> tuple[str, tuple[str, ...]]:
+    return "squeeze", tuple(f"aggregator.options.{o}" for o in extra)
+
+
+PLAIN = ("correction=false", "residual_rank=0")
+# label -> (recipe, extra overrides); recipe None: a reference trained in this process
+METHODS: dict[str, tuple[str | None, tuple[str, ...]]] = {
+    "centralised": (None, ()),
+    "local only": (None, ()),
+    "fedit": ("fedit", ()),
+    "ffa": ("ffa", ()),
+    "hetlora": ("hetlora", ()),
+    "flora": ("flora", ()),
+    "flexlora": ("flexlora", ()),
+    "fedsa": ("fedsa", ()),
+    "rblora": ("rblora", ()),
+    "lorafair": ("lorafair", ()),
+    "svd": ("svd", ()),
+    "squeeze": _sq(),  # the default: +correction +residual at the global rank
+    "squeeze plain": _sq(*PLAIN),
+    "squeeze +correction": _sq("correction=true", "residual_rank=0"),
+    "squeeze +residual": _sq("correction=false"),
+    "squeeze rows": _sq(*PLAIN, "gauge=rows"),  # A rows at a fresh init's norm (1/√3)
+    "squeeze +residual rows": _sq("correction=false", "gauge=rows"),
+    "squeeze +correction +residual rows": _sq("gauge=rows"),
+    "fedplora": ("fedplora", ()),
+    "prelort": ("prelort", ()),
+    "sdflora": ("sdflora", ()),
+    "fedprox": ("fedprox", ()),  # svd + μ = 0.01
+    "fedavgm": ("fedavgm", ()),  # fedit + server momentum β = 0.9
+    "svd +fedavgm": ("svd", ("features.server_momentum.beta=0.9",)),
 }
+GROUPS = {
+    "core": [
+        "centralised",
+        "local only",
+        "fedit",
+        "svd",
+        "squeeze",
+        "rblora",
+        "fedsa",
+        "fedplora",
+        "prelort",
+        "sdflora",
+    ],
+    "baselines": ["ffa", "hetlora", "flora", "flexlora", "lorafair"],
+    "squeeze": [m for m in METHODS if m.startswith("squeeze")],
+    "features": ["fedprox", "fedavgm", "svd +fedavgm"],
+}
+GROUPS["all"] = list(METHODS)
+# Controlled pairs (one knob changed, same seeds) reported beside the comparisons to fedit and
+# local-only: (variant, its base).
+PAIRS = [
+    ("squeeze +correction", "squeeze plain"),
+    ("squeeze +residual", "squeeze plain"),
+    ("squeeze", "squeeze +correction"),
+    ("squeeze rows", "squeeze plain"),
+    ("squeeze +residual rows", "squeeze +residual"),
+    ("squeeze +correction +residual rows", "squeeze"),
+    ("fedprox", "svd"),
+    ("fedavgm", "fedit"),
+    ("svd +fedavgm", "svd"),
+]
 
 
-def config(recipe: str, name: str, out: Path, extra: list[str]) -> RunConfig:
-    overrides = [*WORKLOAD, f"output_dir={out}", f"name={name}", *extra]
-    return load_recipe(ROOT / "recipes" / f"{recipe}.yaml", overrides)
+def overrides(label: str, regime: str, seed: int, extra: list[str]) -> list[str]:
+    """Every override of one cell after its recipe (the regime's, the method's, the seed)."""
+    return [*COMMON, *REGIMES[regime].overrides, *METHODS[label][1], *extra, f"seed={seed}"]
 
 
-def federated(label: str, out: Path) -> dict:
-    """Run one method; its global held-out loss per round and cumulative bytes per round."""
-    recipe, extra = {**METHODS, **EXTRA}[label]
-    cfg = config(recipe, label.replace(" ", "").replace("+", "-"), out, extra)
-    start = time.perf_counter()
-    run_dir, _ = run_local(cfg)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    server = {r["round"]: r for r in rows if r.get("kind") == "server"}
-    moved, total = [0], 0
-    for rnd in range(1, cfg.federation.rounds + 1):
-        total += server[rnd]["bytes_sent"] + server[rnd]["bytes_received"]
-        moved.append(total)
-    spec = round_spec(cfg.aggregator.name)
-    kind = "merge" if spec.merge else "A only, B local" if spec.local_B else "adapter"
-    kind += ", A frozen" if spec.freeze_A else ""
-    return {
-        "label": label,
-        "semantics": kind,
-        "loss": [server[r]["held_out_loss"] for r in range(cfg.federation.rounds + 1)],
-        "bytes": moved,
-        "seconds": time.perf_counter() - start,
-    }
-
-
-def references(out: Path) -> list[dict]:
-    """Centralised LoRA on the pooled shards (rank R_MAX) and local-only training, per round."""
-    cfg = config("svd", "references", out, [])
-    fed = cfg.federation
-    base, tok = cached_base_model(cfg)
-    shards = [load_shard(cfg, pid, tok) for pid in range(cfg.data.num_clients)]
-    pooled = [ex for s in shards for ex in s.train]
-    common = {
-        "batch_size": fed.batch_size,
-        "pad_id": tok.pad_token_id,
-        "optimizer": fed.optimizer,
-        "lr": fed.lr,
-        "max_grad_norm": fed.max_grad_norm,
-    }
-
-    def lora(rank: int) -> PeftModel:
-        scaling = cfg.client_scaling(rank)
-        return attach_lora(
-            base,
-            rank=rank,
-            alpha=scaling * rank,
-            dropout=0.0,
-            target_modules=cfg.lora.target_modules,
+def command(label: str, regime: str, seed: int, extra: list[str]) -> str:
+    """The shell command that reruns one cell on its own."""
+    recipe = METHODS[label][0]
+    if recipe is None:
+        args = ["--methods", label, "--regimes", regime, "--seeds", str(seed)]
+        return shlex.join(
+            ["python", "bench/quality.py", *args, *(["--set", *extra] if extra else [])]
         )
-
-    def held_out(model: PeftModel, which: Shard) -> tuple[float, int]:
-        model.eval()
-        nll, tokens = evaluate_nll(
-            model, which.held_out, batch_size=fed.eval_batch_size, pad_id=tok.pad_token_id
-        )
-        model.train()
-        return nll, tokens
-
-    out_rows = []
-    start = time.perf_counter()
-    model = lora(R_MAX)
-    losses = []
-    for rnd in range(fed.rounds + 1):
-        if rnd:
-            steps = fed.local_steps * len(shards)  # the federation's examples per round
-            train_local(model, pooled, steps=steps, seed=cfg.seed * 7 + rnd, **common)
-        sums = [held_out(model, s) for s in shards]
-        losses.append(sum(n for n, _ in sums) / sum(t for _, t in sums))
-    model.unload()
-    out_rows.append(_reference("centralised (pooled data)", losses, start))
-
-    start = time.perf_counter()
-    per_round = [[0.0, 0] for _ in range(fed.rounds + 1)]
-    for pid, shard in enumerate(shards):
-        model = lora(cfg.client_rank(pid))
-        for rnd in range(fed.rounds + 1):
-            if rnd:
-                seed = cfg.seed * 100_003 + rnd * 1009 + pid
-                train_local(model, shard.train, steps=fed.local_steps, seed=seed, **common)
-            nll, tokens = held_out(model, shard)
-            per_round[rnd][0] += nll
-            per_round[rnd][1] += tokens
-        model.unload()
-    out_rows.append(_reference("local only", [n / t for n, t in per_round], start))
-    return out_rows
-
-
-def _reference(label: str, losses: list[float], start: float) -> dict:
-    return {
-        "label": label,
-        "semantics": "reference",
-        "loss": losses,
-        "bytes": [0] * len(losses),
-        "seconds": time.perf_counter() - start,
-    }
-
-
-def markdown(results: list[dict], header: str) -> str:
-    rounds = len(results[0]["loss"]) - 1
-    cols = " | ".join(f"round {r}" for r in range(rounds + 1))
-    lines = [
-        header,
-        "",
-        f"| method | round semantics | {cols} | Δ vs base | MB moved | seconds |",
-        "|---|---|" + "---:|" * (rounds + 4),
-    ]
-    ranked = sorted(results, key=lambda r: r["loss"][-1])
-    for r in ranked:
-        losses = " | ".join(f"{x:.4f}" for x in r["loss"])
-        lines.append(
-            f"| {r['label']} | {r['semantics']} | {losses} | {r['loss'][-1] - r['loss'][0]:+.4f} "
-            f"| {r['bytes'][-1] / 1e6:.2f} | {r['seconds']:.0f} |"
-        )
-    return "\n".join(lines)
-
-
-def plot(results: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6), dpi=110)
-    for r in results:
-        style = "--" if r["semantics"] == "reference" else ":" if "squeeze" in r["label"] else "-"
-        left.plot(range(len(r["loss"])), r["loss"], style, marker="o", ms=3, label=r["label"])
-        if r["semantics"] != "reference":
-            right.scatter(r["bytes"][-1] / 1e6, r["loss"][-1], s=18)
-            right.annotate(r["label"], (r["bytes"][-1] / 1e6, r["loss"][-1]), fontsize=7)
-    left.set(xlabel="round", ylabel="held-out loss (token-weighted)", title="held-out loss")
-    right.set(
-        xlabel="MB moved in all (up + down)",
-        ylabel="final held-out loss",
-        title="quality vs communication",
+    return shlex.join(
+        ["fedllm", "run", f"recipes/{recipe}.yaml", *overrides(label, regime, seed, extra)]
     )
-    left.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
-def _read(path: Path) -> list[dict]:
-    return json.loads(path.read_text())
+def run_cell(label: str, regime: str, seed: int, *, out: Path, extra: list[str]) -> dict:
+    """One cell's row: where, how, and what it measured."""
+    recipe, _ = METHODS[label]
+    folder, name = run_dir(out, regime, seed, label)
+    cfg = load_recipe(
+        ROOT / "recipes" / f"{recipe or 'svd'}.yaml",
+        [*overrides(label, regime, seed, extra), f"output_dir={folder}", f"name={name}"],
+    )
+    row = {"method": label, "regime": regime, "seed": seed, "recipe": recipe}
+    row |= {
+        "overrides": overrides(label, regime, seed, extra),
+        "command": command(label, regime, seed, extra),
+    }
+    row |= {"data_seed_fixed": FIXED_DATA_SEED, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    row |= machine()
+    measure = {"centralised": centralised, "local only": local_only}.get(label, federated)
+    row |= measure(cfg)
+    row["load_end"] = machine()["load"]
+    return row
+
+
+def expand(names: list[str]) -> list[str]:
+    """Labels and group names -> labels, in grid order, without duplicates."""
+    chosen = {m for n in names for m in GROUPS.get(n, [n])}
+    unknown = sorted(chosen - set(METHODS))
+    if unknown:
+        raise SystemExit(
+            f"--methods: unknown {unknown}; valid: groups {sorted(GROUPS)} "
+            f"or labels {list(METHODS)}"
+        )
+    return [m for m in METHODS if m in chosen]
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="+", choices=[*METHODS, *EXTRA, "references"])
-    parser.add_argument("--report", action="store_true", help="only write the report from --out")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench-quality"))
-    parser.add_argument("--fresh", action="store_true", help="rerun rows already in --out")
-    parser.add_argument("--set", nargs="+", default=[], help="extra key=value for every run")
-    parser.add_argument("--tag", default="", help="result files quality-<tag>.md/png")
-    args = parser.parse_args()
-    WORKLOAD.extend(args.set)
-    torch.set_num_threads(1)  # a shared 2-core machine: one busy core, no oversubscription
-    load = os.getloadavg()[0]
-    chosen = args.only or [*METHODS, "references"]
-    results = []
-    args.out.mkdir(parents=True, exist_ok=True)
-    cache = args.out / f"results-{os.getpid()}.json"  # one per process: workers may run in parallel
-    done = {r["label"]: r for f in sorted(args.out.glob("results-*.json")) for r in _read(f)}
-    for label in [] if args.report else chosen:
-        finished = set(done) | ({"references"} if "local only" in done else set())
-        if not args.fresh and label in finished:
-            continue
-        if label == "references":
-            results += references(args.out)
-        else:
-            results.append(federated(label, args.out))
-        print(f"[quality] {results[-1]['label']}: {results[-1]['loss']}", flush=True)
-        cache.write_text(json.dumps(results, indent=1))
-    done.update({r["label"]: r for f in sorted(args.out.glob("results-*.json")) for r in _read(f)})
-    everything = list(done.values())
-    header = (
-        "# Aggregation quality: every method on one federated workload\n\n"
-        "Command: `python bench/quality.py` (rows may come from parallel `--only` workers "
-        f"and a final `--report`; this one started at load average {load:.1f}; one torch thread "
-        "per process; seconds per row below). Workload: recipes/quickstart.yaml "
-        f"(SmolLM2-135M, WordNet, 4 clients of ranks 4/8/16/32, domain non-IID) with these "
-        "overrides: "
-        f"{WORKLOAD}. Same seed, "
-        "shards, clients and ranks for every row; held-out loss is the token-weighted loss over "
-        "all clients' held-out splits (fedsa: each client with its own B, i.e. personalised). "
-        "MB moved: adapter arrays up and down, summed over clients and rounds. Each row is "
-        "`fedllm run recipes/<recipe>.yaml` with these overrides (and the squeeze options shown)."
+    parser.add_argument("--methods", nargs="+", default=["all"], help="labels or groups")
+    parser.add_argument(
+        "--regimes", nargs="+", default=["domain", "scarce", "iid"], choices=REGIMES
     )
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-quality"))
+    parser.add_argument("--set", nargs="+", default=[], help="extra key=value for every cell")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--tag", default="", help="write quality-<tag>.{md,png,...}")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the report goes")
+    parser.add_argument("--report", action="store_true", help="only write the report")
+    parser.add_argument("--list", action="store_true", help="print the grid's names and exit")
+    args = parser.parse_args()
+    if args.list:
+        for name, regime in REGIMES.items():
+            print(f"regime {name}: {regime.about}\n  {' '.join(regime.overrides)}")
+        for name, labels in GROUPS.items():
+            print(f"group {name}: {', '.join(labels)}")
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    registered = set(available())
+    methods = expand(args.methods)
+    missing = [m for m in methods if METHODS[m][0] and METHODS[m][0] not in registered]
+    for m in missing:
+        print(f"[quality] {m}: aggregator {METHODS[m][0]!r} is not registered here; skipped")
+    rows_path = args.out / "rows.jsonl"
+    args.out.mkdir(parents=True, exist_ok=True)
+    done = {(r["method"], r["regime"], r["seed"]): r for r in read_rows(rows_path)}
+    cells = [
+        (m, g, s) for s in args.seeds for g in args.regimes for m in methods if m not in missing
+    ]
+    for i, (label, regime, seed) in enumerate([] if args.report else cells, 1):
+        wanted = overrides(label, regime, seed, args.set)
+        if (old := done.get((label, regime, seed))) is not None:
+            if old["overrides"] != wanted:
+                raise SystemExit(
+                    f"{rows_path} holds ({label}, {regime}, seed {seed}) run with other overrides "
+                    f"({old['overrides']}); use another --out, or delete that line"
+                )
+            continue
+        print(f"[quality] cell {i}/{len(cells)}: {label} / {regime} / seed {seed}", flush=True)
+        row = run_cell(label, regime, seed, out=args.out, extra=args.set)
+        with rows_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        done[(label, regime, seed)] = row
+        personal, test = row["personal"][-1], row["test"][-1]
+        print(
+            f"[quality] {label} / {regime} / seed {seed}: own {personal:.4f}, test "
+            f"{test if test is None else round(test, 4)} [{row['seconds']:.0f}s]",
+            flush=True,
+        )
     stem = f"quality-{args.tag}" if args.tag else "quality"
-    (RESULTS / f"{stem}.md").write_text(markdown(everything, header) + "\n")
-    plot(everything, RESULTS / f"{stem}.png")
-    print(f"wrote {RESULTS / stem}.md")
+    paths = write_report(
+        list(done.values()),
+        stem=stem,
+        results=args.results,
+        regimes={n: r.about for n, r in REGIMES.items()},
+        common=COMMON,
+        regime_overrides={n: list(r.overrides) for n, r in REGIMES.items()},
+        pairs=PAIRS,
+        invocation=shlex.join(["python", "bench/quality.py", *sys.argv[1:]]),
+    )
+    print("wrote " + ", ".join(str(p) for p in paths))
 
 
 if __name__ == "__main__":

@@ -1,86 +1,67 @@
-"""FedProx and server momentum against their base methods, over seeds, with paired intervals.
+"""FedProx and server momentum against their base methods, from the quality grid's rows.
 
-    for s in 0 1 2; do
-      python bench/quality.py --only fedit svd fedprox fedavgm "svd +fedavgm" \\
-          --set seed=$s --out runs/bq-s$s --tag features-s$s
-    done
-    python bench/quality_features.py runs/bq-s0 runs/bq-s1 runs/bq-s2
+    python bench/quality.py --methods features svd fedit --seeds 0 1 2
+    python bench/quality_features.py [--out runs/bench-quality]     # results/quality-features.md
 
-Reads each seed's rows (the `results-*.json` that `bench/quality.py` leaves in its --out folder)
-and writes results/quality-features.md: final held-out loss per method as mean ± 95% interval
-(Student t over seeds), and each feature's paired difference to its base method on the same
-seeds. A difference whose interval contains 0 is a tie.
+Reads the cells `bench/quality.py` left in <out>/rows.jsonl and writes, per regime, each feature's
+paired difference to its base method on the same seeds (mean ± 95% Student-t interval over seeds),
+on the clients' own held-out splits and on the global test set. A difference whose interval
+contains 0 is a tie. (The earlier per-seed files quality-features-s*.md came from the one-seed
+harness this replaced.)
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
+import sys
 from pathlib import Path
 
-from scipy import stats
+sys.path.insert(0, str(Path(__file__).parent))
 
-RESULTS = Path(__file__).parent / "results"
-PAIRS = [("fedprox", "svd"), ("fedavgm", "fedit"), ("svd +fedavgm", "svd")]
+from _quality_report import RESULTS, by_method, diff_text, finals, interval_text
+from quality import PAIRS, read_rows
 
-
-def final_losses(folder: Path) -> dict[str, float]:
-    """label -> final global held-out loss of one seed's runs."""
-    rows = [r for f in sorted(folder.glob("results-*.json")) for r in json.loads(f.read_text())]
-    return {r["label"]: r["loss"][-1] for r in rows}
+FEATURES = [(a, b) for a, b in PAIRS if a in ("fedprox", "fedavgm", "svd +fedavgm")]
 
 
-def interval(values: list[float]) -> tuple[float, float]:
-    """(mean, half-width of the 95% Student-t interval); half-width 0 for a single value."""
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, 0.0
-    half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
-    return mean, half
-
-
-def report(seeds: list[dict[str, float]], folders: list[Path]) -> str:
-    labels = sorted({label for s in seeds for label in s})
+def report(rows: list[dict], source: Path) -> str:
     lines = [
-        "# FedProx and server momentum: final held-out loss over seeds",
+        "# FedProx and server momentum: paired differences to their base methods",
         "",
-        f"Seeds: {len(seeds)} ({', '.join(str(f) for f in folders)}); workload and commands in "
-        "the header of `bench/quality_features.py`; one row per method, mean ± 95% interval.",
-        "",
-        "| method | final held-out loss | per seed |",
-        "|---|---:|---|",
+        f"From `{source}` (cells of `bench/quality.py`; commands, seeds and load there and in "
+        "`quality.md`). fedprox: svd + μ = 0.01; fedavgm: fedit + server momentum β = 0.9; "
+        "svd +fedavgm: svd + β = 0.9. Negative: lower loss than the base; tie: the 95% interval "
+        "contains 0.",
     ]
-    for label in labels:
-        values = [s[label] for s in seeds if label in s]
-        mean, half = interval(values)
-        lines.append(
-            f"| {label} | {mean:.4f} ± {half:.4f} | {', '.join(f'{v:.4f}' for v in values)} |"
-        )
-    lines += [
-        "",
-        "| feature − base (same seeds) | mean ± 95% interval | verdict |",
-        "|---|---:|---|",
-    ]
-    for feature, base in PAIRS:
-        diffs = [s[feature] - s[base] for s in seeds if feature in s and base in s]
-        if not diffs:
-            continue
-        mean, half = interval(diffs)
-        verdict = (
-            "tie" if abs(mean) <= half or len(diffs) < 2 else ("better" if mean < 0 else "worse")
-        )
-        lines.append(f"| {feature} − {base} | {mean:+.4f} ± {half:.4f} | {verdict} |")
+    for regime in sorted({r["regime"] for r in rows}):
+        cells = by_method(rows, regime)
+        lines += [
+            "",
+            f"## Regime `{regime}`",
+            "",
+            "| feature − base | feature own-domain | own-domain difference | test difference |",
+            "|---|---:|---:|---:|",
+        ]
+        for a, b in FEATURES:
+            if a in cells and b in cells:
+                own = diff_text(finals(cells[a], "personal"), finals(cells[b], "personal"))
+                test = diff_text(finals(cells[a], "test"), finals(cells[b], "test"))
+                alone = interval_text(finals(cells[a], "personal"))
+                lines.append(f"| {a} − {b} | {alone} | {own} | {test} |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folders", nargs="+", type=Path, help="one bench/quality.py --out per seed")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-quality"))
+    parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
-    seeds = [final_losses(f) for f in args.folders]
-    text = report(seeds, args.folders)
-    (RESULTS / "quality-features.md").write_text(text)
+    source = args.out / "rows.jsonl"
+    rows = read_rows(source)
+    if not rows:
+        raise SystemExit(f"{source}: no finished cells; run bench/quality.py first")
+    text = report(rows, source)
+    (args.results / "quality-features.md").write_text(text)
     print(text)
 
 

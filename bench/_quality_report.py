@@ -1,0 +1,280 @@
+"""The quality grid's report: tables with intervals and paired verdicts, a plot, the raw rows.
+
+Writes <results>/<stem>.md (default bench/results/), <stem>.png, <stem>-rows.jsonl (every cell
+as run) and <stem>-rows.csv (one line per cell and round). Loss is lower-better everywhere; a paired
+difference is method − reference on the seeds both ran, "tie" when its 95% interval holds 0.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from _stats import Interval, paired, t_interval, verdict
+
+RESULTS = Path(__file__).parent / "results"
+REFERENCES = ("fedit", "local only")
+CURVES = ("centralised", "local only", "fedit", "svd", "squeeze", "rblora", "fedsa", "fedplora")
+
+
+def by_method(rows: list[dict], regime: str) -> dict[str, dict[int, dict]]:
+    """method -> seed -> row, for one regime."""
+    out: dict[str, dict[int, dict]] = {}
+    for r in rows:
+        if r["regime"] == regime:
+            out.setdefault(r["method"], {})[r["seed"]] = r
+    return out
+
+
+def finals(by_seed: dict[int, dict], key: str) -> dict[int, float]:
+    """seed -> the last round's value of `key` ("personal" or "test"), where there is one."""
+    return {s: r[key][-1] for s, r in by_seed.items() if r[key] and r[key][-1] is not None}
+
+
+def _personal_B(by_seed: dict[int, dict]) -> bool:
+    """The server's adapter is not the one clients use (fedsa: B = 0 on the server)."""
+    return any("B local" in r["semantics"] for r in by_seed.values())
+
+
+def interval_text(values: dict[int, float]) -> str:
+    return t_interval(values.values()).text() if values else "—"
+
+
+def diff_text(a: dict[int, float], b: dict[int, float]) -> str:
+    d = paired(a, b)
+    return "—" if d is None else f"{d.text(signed=True)} {verdict(d)}"
+
+
+def regime_tables(rows: list[dict], regime: str, pairs: Sequence[tuple[str, str]]) -> list[str]:
+    """One regime: final losses, paired differences, controlled pairs, per-round means."""
+    cells = by_method(rows, regime)
+    order = sorted(cells, key=lambda m: t_interval(finals(cells[m], "personal").values()).mean)
+    lines = [
+        "| method | semantics | own-domain held-out | global test set | last-round Δ (own) "
+        "| MB moved | s/cell | seeds |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for m in order:
+        by_seed = cells[m]
+        own, test = finals(by_seed, "personal"), finals(by_seed, "test")
+        last = [r["personal"][-1] - r["personal"][-2] for r in by_seed.values()]
+        any_row = next(iter(by_seed.values()))
+        test_text = "n/a (B on clients)" if _personal_B(by_seed) else interval_text(test)
+        seconds = sum(r["seconds"] for r in by_seed.values()) / len(by_seed)
+        lines.append(
+            f"| {m} | {any_row['semantics']} | {interval_text(own)} | {test_text} "
+            f"| {sum(last) / len(last):+.4f} | {any_row['mb_moved']:.1f} | {seconds:.0f} "
+            f"| {', '.join(str(s) for s in sorted(by_seed))} |"
+        )
+    lines += [
+        "",
+        "Paired differences, method − reference on the same seeds (negative: lower loss than the "
+        "reference; mean ± 95% t-interval; tie: the interval contains 0):",
+        "",
+        "| method | own − fedit | own − local only | test − fedit | test − local only |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    refs = {ref: cells.get(ref, {}) for ref in REFERENCES}
+    for m in order:
+        by_seed = cells[m]
+        out = []
+        for key in ("personal", "test"):
+            for ref in REFERENCES:
+                if m == ref or (key == "test" and _personal_B(by_seed)):
+                    out.append("—")
+                else:
+                    out.append(diff_text(finals(by_seed, key), finals(refs[ref], key)))
+        lines.append(f"| {m} | " + " | ".join(out) + " |")
+    shown = [(a, b) for a, b in pairs if a in cells and b in cells]
+    if shown:
+        lines += [
+            "",
+            "Controlled pairs (one knob changed, same seeds):",
+            "",
+            "| variant − base | own-domain | test |",
+            "|---|---:|---:|",
+        ]
+        for a, b in shown:
+            own = diff_text(finals(cells[a], "personal"), finals(cells[b], "personal"))
+            test = diff_text(finals(cells[a], "test"), finals(cells[b], "test"))
+            lines.append(f"| {a} − {b} | {own} | {test} |")
+    lines += ["", "Own-domain held-out loss per round (mean over seeds):", ""]
+    rounds = max(len(r["personal"]) for c in cells.values() for r in c.values())
+    lines += [
+        "| method | " + " | ".join(f"r{i}" for i in range(rounds)) + " |",
+        "|---|" + "---:|" * rounds,
+    ]
+    for m in order:
+        means = _curve(cells[m], "personal")
+        lines.append(f"| {m} | " + " | ".join(f"{x.mean:.4f}" for x in means) + " |")
+    return lines
+
+
+def _curve(by_seed: dict[int, dict], key: str) -> list[Interval]:
+    """Per round, the interval over seeds (rounds every seed reached)."""
+    series = [r[key] for r in by_seed.values()]
+    length = min(len(s) for s in series)
+    out = []
+    for i in range(length):
+        values = [s[i] for s in series if s[i] is not None]
+        out.append(t_interval(values) if values else Interval(math.nan, math.nan, 0))
+    return out
+
+
+def header(
+    rows: list[dict], *, stem: str, common, regimes, regime_overrides, invocation
+) -> list[str]:
+    """Title, how the cells were run (commands, seeds, wall time, load) and the regimes."""
+    seeds = sorted({r["seed"] for r in rows})
+    hours = sum(r["seconds"] for r in rows) / 3600
+    loads = [r["load"] for r in rows]
+    threads = sorted({r["threads"] for r in rows})
+    fixed = {r["data_seed_fixed"] for r in rows}
+    data = (
+        "`data.seed=0` pins the data subset, global test set, partition and held-out splits: "
+        "seeds differ only in LoRA initialisation, client sampling and data order."
+        if fixed == {True}
+        else "The recipe has no data seed yet (proposed: `data.seed`), so `seed` also redraws the "
+        "data subset, the global test set and the held-out splits (domains stay whole per "
+        "client); comparisons are paired, so each difference is taken on identical data."
+    )
+    lines = [
+        "# Aggregation quality over seeds: methods × regimes, two test sets",
+        "",
+        f"Written by `{invocation}` from {len(rows)} cells (each a row of `rows.jsonl` in the "
+        f"run folder; copies: `{stem}-rows.jsonl`, `{stem}-rows.csv`). Seeds: "
+        f"{', '.join(map(str, seeds))}. Wall time of all cells: {hours:.2f} h; cells started at "
+        f"load average {min(loads):.1f}–{max(loads):.1f} (2-core machine); torch threads "
+        f"{threads}. {data}",
+        "",
+        "Every cell is `fedllm run recipes/<method>.yaml` (references: trained by "
+        "`bench/_quality_runs.py`) with these overrides, then the regime's, the method's "
+        f"options and `seed=<s>`: `{' '.join(common)}`. Each row of `rows.jsonl` holds its exact "
+        "command.",
+        "",
+        "Own-domain held-out: token-weighted over every client's own held-out split (own domains: "
+        "personalisation; fedsa clients use their own B). Global test set: 10% of every domain "
+        "drawn before partitioning plus two domains no client holds (noun.food, verb.motion), "
+        "evaluated by the server with the global adapter (generalisation; local-only: the mean "
+        "of the clients' own adapters; sdflora: its global module only). Last-round Δ: how much "
+        "the last round still moved the own-domain loss (near 0: the curve has flattened).",
+        "",
+        "| regime | overrides | what |",
+        "|---|---|---|",
+    ]
+    for name in sorted({r["regime"] for r in rows}, key=list(regimes).index):
+        lines.append(f"| {name} | `{' '.join(regime_overrides[name])}` | {regimes[name]} |")
+    return lines
+
+
+def plot(rows: list[dict], regimes: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = len({r["method"] for r in rows})
+    fig, axes = plt.subplots(
+        3, len(regimes), figsize=(6 * len(regimes), 5 + 0.5 * methods), dpi=100, squeeze=False
+    )
+    for col, regime in enumerate(regimes):
+        cells = by_method(rows, regime)
+        for m in [c for c in CURVES if c in cells]:
+            curve = _curve(cells[m], "personal")
+            err = [0 if math.isnan(x.half) else x.half for x in curve]
+            axes[0][col].errorbar(
+                range(len(curve)),
+                [x.mean for x in curve],
+                yerr=err,
+                capsize=3,
+                marker="o",
+                ms=3,
+                label=m,
+            )
+        axes[0][col].set(title=f"{regime}: own-domain held-out loss", xlabel="round")
+        axes[0][col].legend(fontsize=7)
+        local = cells.get("local only", {})
+        for row, key, what in ((1, "personal", "own-domain"), (2, "test", "global test set")):
+            diffs = {
+                m: d
+                for m, c in cells.items()
+                if m != "local only"
+                and not (key == "test" and _personal_B(c))
+                and (d := paired(finals(c, key), finals(local, key))) is not None
+            }
+            order = sorted(diffs, key=lambda m: -diffs[m].mean)
+            ax = axes[row][col]
+            ax.errorbar(
+                [diffs[m].mean for m in order],
+                range(len(order)),
+                xerr=[0 if math.isnan(diffs[m].half) else diffs[m].half for m in order],
+                fmt="o",
+                capsize=3,
+            )
+            ax.axvline(0, color="grey", lw=0.8)
+            ax.set_yticks(range(len(order)), order, fontsize=7)
+            ax.set(
+                title=f"{regime}: final {what} loss − local only (paired, 95%)",
+                xlabel="loss difference (< 0: federation helps)",
+            )
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(
+    rows: list[dict],
+    *,
+    stem: str,
+    results: Path = RESULTS,
+    regimes: dict[str, str],
+    common: list[str],
+    regime_overrides: dict[str, list[str]],
+    pairs: Sequence[tuple[str, str]],
+    invocation: str,
+) -> list[Path]:
+    """Write the report files for `rows`; the paths written."""
+    if not rows:
+        raise SystemExit("no finished cells to report yet")
+    results.mkdir(parents=True, exist_ok=True)
+    present = [g for g in regimes if any(r["regime"] == g for r in rows)]
+    lines = header(
+        rows,
+        stem=stem,
+        common=common,
+        regimes=regimes,
+        regime_overrides=regime_overrides,
+        invocation=invocation,
+    )
+    for regime in present:
+        lines += ["", f"## Regime `{regime}`", "", *regime_tables(rows, regime, pairs)]
+    lines += ["", f"![loss per round and final losses with intervals]({stem}.png)", ""]
+    md, png = results / f"{stem}.md", results / f"{stem}.png"
+    md.write_text("\n".join(lines))
+    plot(rows, present, png)
+    raw = results / f"{stem}-rows.jsonl"
+    raw.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = results / f"{stem}-rows.csv"
+    with table.open("w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(
+            [
+                "method",
+                "regime",
+                "seed",
+                "round",
+                "own_domain_loss",
+                "test_loss",
+                "cell_seconds",
+                "load",
+            ]
+        )
+        for r in rows:
+            for i, (own, test) in enumerate(zip(r["personal"], r["test"], strict=True)):
+                out.writerow(
+                    [r["method"], r["regime"], r["seed"], i, own, test, r["seconds"], r["load"]]
+                )
+    return [md, png, raw, table]

@@ -1,0 +1,208 @@
+"""One cell of the quality grid: a federation (the real ServerApp loop and ClientApp on the
+in-process grid) or a reference trained in this process (centralised, local-only), read back as
+one row: the own-domain held-out loss and the global test-set loss per round.
+
+Own-domain ("personal") loss: token-weighted over every client's own held-out split, as the
+server's rows report it (clients evaluate the global adapter; fedsa: each its own B). Test loss:
+the recipe's global test set (`data.test_set`, drawn from every domain before partitioning, plus
+whole domains no client holds), evaluated by the server with the global adapter.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+
+from fedllm.aggregators import round_spec
+from fedllm.client.train import evaluate_nll, num_local_steps, schedule_span, train_local
+from fedllm.data import tokenize_all
+from fedllm.data.shards import ShardCache, global_test_set, load_shard
+from fedllm.deploy.local_grid import run_local
+from fedllm.model.adapters import attach_lora
+from fedllm.model.base import cached_base_model
+from fedllm.recipe import RunConfig
+from fedllm.server.metrics import MetricsLog
+
+
+def federated(cfg: RunConfig) -> dict:
+    """Run (or resume, after an interruption) one federation; its curves, bytes and per-client
+    final losses."""
+    resume = (cfg.run_dir / "checkpoint.pt").exists()
+    start = time.perf_counter()
+    run_dir, _ = run_local(cfg, resume=resume)
+    seconds = time.perf_counter() - start
+    rows = MetricsLog(run_dir).read()
+    server = {r["round"]: r for r in rows if r.get("kind") == "server" and "round" in r}
+    rounds = range(cfg.federation.rounds + 1)
+    last = max(r for r in server if r <= cfg.federation.rounds)
+    clients = {
+        int(r["partition"]): r["held_out_loss"]
+        for r in rows
+        if r.get("kind") == "eval" and r["round"] == last
+    }
+    spec = round_spec(cfg.aggregator.name)
+    kind = "merge" if spec.merge else "A only, B local" if spec.local_B else "adapter"
+    return {
+        "semantics": kind + (", A frozen" if spec.freeze_A else ""),
+        "personal": [server[r].get("held_out_loss") for r in rounds if r in server],
+        "test": [server[r].get("test_loss") for r in rounds if r in server],
+        "clients": clients,
+        "mb_moved": sum(
+            server[r].get("bytes_sent", 0) + server[r].get("bytes_received", 0) for r in server
+        )
+        / 1e6,
+        "seconds": seconds,
+        "resumed": resume,
+    }
+
+
+def centralised(cfg: RunConfig) -> dict:
+    """One LoRA of the largest client rank on the pooled training data, as many steps per round
+    as all clients together."""
+    return _reference(cfg, pooled=True)
+
+
+def local_only(cfg: RunConfig) -> dict:
+    """Every client alone on its own shard with the federation's steps: personal loss on its
+    own held-out split, test loss = the mean of the clients' own adapters on the test set."""
+    return _reference(cfg, pooled=False)
+
+
+def _reference(cfg: RunConfig, *, pooled: bool) -> dict:
+    start = time.perf_counter()
+    base, tok = cached_base_model(cfg)
+    cache = ShardCache()
+    shards = [load_shard(cfg, pid, tok, cache=cache) for pid in range(cfg.data.num_clients)]
+    fmt = {"prompt_format": cfg.data.prompt_format, "max_length": cfg.data.max_length}
+    test = tokenize_all(global_test_set(cfg, cache=cache), tok, **fmt)
+    fed = cfg.federation
+    rounds = range(fed.rounds + 1)
+    pad = tok.pad_token_id
+    nll = _nll(cfg, pad)
+
+    def lora(rank: int, seed: int) -> PeftModel:
+        torch.manual_seed(seed)  # peft draws A from the global generator
+        return attach_lora(
+            base,
+            rank=rank,
+            alpha=cfg.client_scaling(rank) * rank,
+            dropout=0.0,
+            target_modules=cfg.lora.target_modules,
+        )
+
+    def steps(n_examples: int) -> int:
+        return num_local_steps(
+            n_examples,
+            batch_size=fed.batch_size,
+            local_steps=fed.local_steps,
+            local_epochs=fed.local_epochs,
+            accumulation=fed.gradient_accumulation_steps,
+        )
+
+    personal: list[list[float]] = [[0.0, 0] for _ in rounds]
+    tested: list[list[float]] = [[0.0, 0] for _ in rounds]
+    clients: dict[int, float] = {}
+    if pooled:
+        model = lora(max(cfg.client_rank(p) for p in range(len(shards))), cfg.seed)
+        data = [ex for s in shards for ex in s.train]
+        per_round = sum(steps(len(s.train)) for s in shards)
+        for rnd in rounds:
+            if rnd:
+                _train(cfg, model, data, per_round, rnd, seed=cfg.seed * 7 + rnd, pad_id=pad)
+            for s in shards:
+                _add(personal[rnd], nll(model, s.held_out))
+            if test:
+                _add(tested[rnd], nll(model, test))
+        clients = {s.partition_id: _ratio(nll(model, s.held_out)) for s in shards}
+        model.unload()
+    else:
+        for s in shards:
+            pid = s.partition_id
+            model = lora(cfg.client_rank(pid), cfg.seed * 1009 + pid)
+            for rnd in rounds:
+                if rnd:  # the client app's seed for this client and round
+                    seed = cfg.seed * 100_003 + rnd * 1009 + pid
+                    _train(cfg, model, s.train, steps(len(s.train)), rnd, seed=seed, pad_id=pad)
+                _add(personal[rnd], nll(model, s.held_out))
+                if test:
+                    _add(tested[rnd], nll(model, test))
+            clients[pid] = _ratio(nll(model, s.held_out))
+            model.unload()
+    return {
+        "semantics": "reference",
+        "personal": [_ratio(p) for p in personal],
+        "test": [_ratio(t) for t in tested] if test else [None for _ in rounds],
+        "clients": clients,
+        "mb_moved": 0.0,
+        "seconds": time.perf_counter() - start,
+        "resumed": False,
+    }
+
+
+def _train(
+    cfg: RunConfig, model: PeftModel, data: list, steps: int, rnd: int, *, seed: int, pad_id: int
+) -> None:
+    """One round of local steps, scheduled as the client app schedules them."""
+    fed = cfg.federation
+    offset, span = schedule_span(
+        scope=fed.schedule_scope, server_round=rnd, rounds=fed.rounds, steps=steps
+    )
+    train_local(
+        model,
+        data,
+        steps=steps,
+        batch_size=fed.batch_size,
+        pad_id=pad_id,
+        optimizer=fed.optimizer,
+        lr=fed.lr,
+        weight_decay=fed.weight_decay,
+        schedule=fed.schedule,
+        warmup_steps=fed.warmup_steps,
+        schedule_offset=offset,
+        schedule_steps=span,
+        accumulation=fed.gradient_accumulation_steps,
+        precision=fed.precision,
+        max_grad_norm=fed.max_grad_norm,
+        seed=seed,
+    )
+
+
+def _nll(cfg: RunConfig, pad_id: int) -> Callable[[PeftModel, list], tuple[float, int]]:
+    def nll(model: PeftModel, examples: list) -> tuple[float, int]:
+        model.eval()
+        out = evaluate_nll(
+            model,
+            examples,
+            batch_size=cfg.federation.eval_batch_size,
+            pad_id=pad_id,
+            precision=cfg.federation.precision,
+        )
+        model.train()
+        return out
+
+    return nll
+
+
+def _add(total: list[float], part: tuple[float, int]) -> None:
+    total[0] += part[0]
+    total[1] += part[1]
+
+
+def _ratio(part) -> float:
+    return part[0] / max(part[1], 1)
+
+
+def machine() -> dict:
+    """Load average and torch threads when a cell starts (a shared machine slows every row)."""
+    return {"load": round(os.getloadavg()[0], 2), "threads": torch.get_num_threads()}
+
+
+def run_dir(out: Path, regime: str, seed: int, label: str) -> tuple[Path, str]:
+    """(output_dir, name) of one cell's run: <out>/<regime>/s<seed>/<label slug>."""
+    slug = label.replace(" +", "-").replace(" ", "-").replace("+", "")
+    return out / regime / f"s{seed}", slug

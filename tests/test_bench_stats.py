@@ -1,0 +1,109 @@
+"""bench/_stats.py: t-intervals, paired differences over shared seeds, and the tie rule."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location(
+    "bench_stats", Path(__file__).parents[1] / "bench" / "_stats.py"
+)
+S = importlib.util.module_from_spec(_spec)
+sys.modules["bench_stats"] = S  # dataclasses look their module up there
+_spec.loader.exec_module(S)
+
+T_975 = {1: 12.7062, 2: 4.3027, 3: 3.1824}  # Student t quantiles from a printed table
+
+
+def test_t_interval_by_hand() -> None:
+    # 1, 2, 3: mean 2, sample sd 1, half-width t(0.975, 2)·1/√3 = 4.3027/1.7321 = 2.4841.
+    iv = S.t_interval([1.0, 2.0, 3.0])
+    assert iv.mean == 2.0 and iv.n == 3
+    assert iv.half == pytest.approx(T_975[2] / math.sqrt(3), abs=1e-4)
+    assert (iv.low, iv.high) == pytest.approx((2.0 - 2.4841, 2.0 + 2.4841), abs=1e-4)
+    # Two values 3.0 and 3.2: sd 0.1414, half-width 12.7062·0.1414/√2 = 1.2706.
+    assert S.t_interval([3.0, 3.2]).half == pytest.approx(1.2706, abs=1e-4)
+    # Four values 0, 0, 1, 1: sd 0.5774, half-width 3.1824·0.5774/2 = 0.9187.
+    assert S.t_interval([0, 0, 1, 1]).half == pytest.approx(0.9187, abs=1e-4)
+    # A wider level is wider.
+    assert S.t_interval([1.0, 2.0, 3.0], level=0.99).half > iv.half
+
+
+def test_single_value_has_no_interval_and_bad_input_is_refused() -> None:
+    one = S.t_interval([3.5])
+    assert one.mean == 3.5 and one.n == 1 and math.isnan(one.half)
+    assert one.text() == "3.5000 (1 seed)"
+    with pytest.raises(ValueError, match="at least one"):
+        S.t_interval([])
+    with pytest.raises(ValueError, match="non-finite"):
+        S.t_interval([1.0, float("nan")])
+
+
+def test_paired_uses_per_seed_differences_on_shared_seeds_only() -> None:
+    # Seed noise moves both methods together (1, 2, 4 vs 0.5, 1, 2.5): per-seed differences
+    # 0.5, 1.0, 1.5 (mean 1, sd 0.5) are far tighter than either method's own spread.
+    a = {0: 1.0, 1: 2.0, 2: 4.0, 7: 9.0}  # seed 7: a only, left out
+    b = {0: 0.5, 1: 1.0, 2: 2.5, 5: 0.0}  # seed 5: b only, left out
+    d = S.paired(a, b)
+    assert d.n == 3 and d.mean == pytest.approx(1.0)
+    assert d.half == pytest.approx(T_975[2] * 0.5 / math.sqrt(3), abs=1e-4)  # 1.2421
+    assert S.verdict(d) == "tie"  # 1.0 − 1.2421 < 0 < 1.0 + 1.2421
+    assert S.paired(a, {3: 1.0}) is None
+
+
+def test_verdict_tie_rule_and_direction() -> None:
+    # Differences 1.0, 1.1, 0.9: mean 1.0, half-width 4.3027·0.1/√3 = 0.2484 -> [0.75, 1.25].
+    worse = S.paired({0: 2.0, 1: 2.1, 2: 1.9}, {0: 1.0, 1: 1.0, 2: 1.0})
+    assert worse.half == pytest.approx(0.2484, abs=1e-4)
+    assert S.verdict(worse) == "worse"  # a higher loss than the reference
+    assert S.verdict(worse, lower_is_better=False) == "better"  # e.g. an accuracy
+    better = S.paired({0: 1.0, 1: 1.0, 2: 1.0}, {0: 2.0, 1: 2.1, 2: 1.9})
+    assert S.verdict(better) == "better" and better.text(signed=True) == "-1.0000 ± 0.2484"
+    # An interval that touches 0 is still a tie; one seed or none is no verdict.
+    touching = S.Interval(mean=0.5, half=0.5, n=3)
+    assert S.verdict(touching) == "tie"
+    assert S.verdict(S.Interval(1.0, math.nan, 1)) == "n/a" and S.verdict(None) == "n/a"
+
+
+def _row(method: str, seed: int, own: float, test: float, semantics: str = "adapter") -> dict:
+    return {
+        "method": method, "regime": "domain", "seed": seed, "semantics": semantics,
+        "personal": [5.0, own + 0.1, own], "test": [5.0, test + 0.1, test], "clients": {},
+        "mb_moved": 1.0, "seconds": 10.0, "load": 0.5, "threads": 1, "data_seed_fixed": False,
+    }  # fmt: skip
+
+
+def test_report_pairs_each_method_with_fedit_and_local_only(tmp_path: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    try:
+        from _quality_report import write_report
+    finally:
+        sys.path.pop(0)
+    rows = []
+    for s, noise in enumerate([0.0, 0.3, -0.2]):  # seed noise shared by every method
+        rows += [
+            _row("fedit", s, 3.5 + noise, 3.9 + noise),
+            _row("local only", s, 3.4 + noise, 4.2 + noise, "reference"),
+            # squeeze: own − fedit = −0.1, −0.11, −0.09 (better); test − local only = −0.3
+            _row("squeeze", s, 3.4 - 0.01 * (s % 2) + 0.01 * (s == 2) + noise, 3.9 + noise),
+            _row("fedsa", s, 3.3 + noise, 5.0, "A only, B local"),
+        ]
+    paths = write_report(
+        rows, stem="q", results=tmp_path, regimes={"domain": "4 clients"},
+        common=["a=1"], regime_overrides={"domain": ["b=2"]}, pairs=[("squeeze", "fedit")],
+        invocation="python bench/quality.py",
+    )  # fmt: skip
+    assert [p.name for p in paths] == ["q.md", "q.png", "q-rows.jsonl", "q-rows.csv"]
+    md = (tmp_path / "q.md").read_text()
+    line = next(x for x in md.splitlines() if x.startswith("| squeeze | -"))
+    # own − fedit: −0.1000 ± t(2)·0.01/√3 = 0.0248 -> better; own − local only: 0.0 ± 0.0248 tie
+    assert "-0.1000 ± 0.0248 better" in line and "+0.0000 ± 0.0248 tie" in line
+    assert "+0.0000 ± 0.0000" in line and "-0.3000 ± 0.0000 better" in line
+    fedsa = next(x for x in md.splitlines() if x.startswith("| fedsa | A only"))
+    assert "n/a (B on clients)" in fedsa  # the server's adapter is not what fedsa clients use
+    assert "| squeeze − fedit | -0.1000 ± 0.0248 better |" in md
+    assert len((tmp_path / "q-rows.csv").read_text().splitlines()) == 1 + 12 * 3
