@@ -19,6 +19,20 @@ the same in every seed. Comparisons are paired either way (same seed = same data
 Two test sets per cell: each client's own held-out split (own domains: personalisation) and the
 global test set (`data.test_set`: 10% of every domain plus two whole domains no client holds:
 generalisation). `bench/_stats.py` makes the intervals; `bench/_quality_report.py` the report.
+
+The whole grid, in the order that answers the most first. Estimates for one worker on an idle
+2-core machine, not measured (the machine was loaded): ~2.2 s per local step of SmolLM2-135M at
+batch 8 × 48 tokens (scaled from the earlier quality runs: 1.27 s per step at batch 4 × 32),
+so cells of ~8 min in domain/iid, ~14 in scarce, ~18 in long; ±40%; flora merges every round:
+
+    python bench/quality.py --methods core --regimes domain scarce iid       # 90 cells, ~15 h
+    python bench/quality.py --methods squeeze --regimes domain                # +18 cells, ~2.4 h
+    python bench/quality.py --methods "squeeze plain" "squeeze +residual" "squeeze rows" \
+        "squeeze +residual rows" squeeze fedit "local only" --regimes long    # 21 cells, ~6.3 h
+    python bench/quality.py --methods baselines features --regimes domain scarce  # 48, ~9 h
+    python bench/quality_features.py                          # the features' paired table
+
+Each call rewrites results/quality.{md,png} and quality-rows.{jsonl,csv} from every finished cell.
 """
 
 from __future__ import annotations
