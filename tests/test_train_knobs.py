@@ -193,7 +193,7 @@ def test_schedule_span_over_the_federation_and_per_round() -> None:
 def test_lr_at_step_k_of_round_r_by_hand() -> None:
     # lr 0.1, cosine, 2 warm-up steps, 3 rounds × 5 steps: round 2 step k is global step 5 + k
     expected = [0.1 * 0.5 * (1 + math.cos(math.pi * (5 + k - 2) / 13)) for k in range(5)]
-    # round 2, step 0: global 5, progress 3/13: 0.1·0.5·(1 + cos(3π/13)) = 0.1·0.5·(1 + 0.748511) = 0.087426
+    # round 2, step 0: global 5, progress 3/13: 0.1·0.5·(1 + cos(3π/13)) = 0.1·0.5·1.748511
     assert expected[0] == pytest.approx(0.0874255, abs=1e-6)
     param = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([param], lr=0.1)
