@@ -110,10 +110,12 @@ def check_shards(cfg: RunConfig) -> None:
     ConfigError before any training; a deployed node checks its own data again at its start."""
     if cfg.privacy.mode != "sample":
         return
-    from fedllm.data.shards import raw_shard
+    from fedllm.data.shards import ShardCache, raw_shard
 
+    cache = ShardCache()  # the split once for every client
     try:
         for pid in range(cfg.data.num_clients):
-            check_shard(cfg, partition=pid, n_train=len(raw_shard(cfg, pid).train))
+            n_train = len(raw_shard(cfg, pid, cache=cache).train)
+            check_shard(cfg, partition=pid, n_train=n_train)
     except ValueError as err:
         raise ConfigError(str(err)) from None

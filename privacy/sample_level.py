@@ -14,7 +14,7 @@ from flwr.app import RecordDict
 
 from fedllm.aggregators.base import Factors
 from fedllm.client.train import TrainResult, schedule_span
-from fedllm.data.shards import raw_shard
+from fedllm.data.shards import ShardCache, raw_shard
 from fedllm.features.base import Feature
 from fedllm.features.registry import register
 from fedllm.features.types import ClientRound, RoundResult, TrainReply
@@ -98,6 +98,7 @@ class SampleLevelDP(Feature):
             delta=p.delta, accountant=p.accountant, budget=p.epsilon_budget, mode=p.mode
         )
         self.reported: dict[int, tuple[float, float, int]] = {}  # partition -> (σ, q, steps)
+        self.shards = ShardCache()  # server: the recipe's split once, for every partition's plan
         self.dp_metrics: dict[str, int | float] = {}
 
     # -- client --------------------------------------------------------------------------------
@@ -147,7 +148,8 @@ class SampleLevelDP(Feature):
     def _planned(self, pid: int) -> tuple[float, float, int]:
         if pid in self.reported:
             return self.reported[pid]
-        plan = sample_plan(self.cfg, n_train=len(raw_shard(self.cfg, pid).train), partition=pid)
+        n_train = len(raw_shard(self.cfg, pid, cache=self.shards).train)
+        plan = sample_plan(self.cfg, n_train=n_train, partition=pid)
         return (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
 
     def receive(

@@ -117,7 +117,9 @@ class PrunedBase(Feature):
 
     @classmethod
     def enabled(cls, cfg: RunConfig) -> bool:
-        return any(q > 0 for _, _, q in planned_ranks(cfg))
+        # a pruned tier or bandit arm (not per client: this runs on every message)
+        arms = cfg.adaptive.pruning if cfg.adaptive is not None else []
+        return any(t.pruning > 0 for t in cfg.lora.tiers or []) or any(q > 0 for q in arms)
 
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
