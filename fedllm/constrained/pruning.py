@@ -119,8 +119,10 @@ def input_norms(model: PreTrainedModel, batches: Iterable[dict]) -> dict[str, to
         hooks.append(layer.self_attn.o_proj.register_forward_hook(hook(f"{i}.o")))
         hooks.append(layer.mlp.down_proj.register_forward_hook(hook(f"{i}.down")))
     current_mask: list[torch.Tensor | None] = [None]
+    device = next(model.parameters()).device
     try:
         for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
             current_mask[0] = batch.get("attention_mask")
             model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
     finally:
@@ -204,7 +206,7 @@ def build_pruned(model: PreTrainedModel, kept_by_module: dict[str, Kept], plan: 
         if k is not None and k.in_ is not None:
             value = value.index_select(1, k.in_)
         state[key] = value.clone()
-    pruned = LlamaForCausalLM(config).to(model.dtype)
+    pruned = LlamaForCausalLM(config).to(device=next(model.parameters()).device, dtype=model.dtype)
     pruned.load_state_dict(state)
     pruned.generation_config = model.generation_config
     pruned.requires_grad_(False)

@@ -53,7 +53,10 @@ def read_factors(model: PeftModel) -> dict[str, Factors]:
             continue
         module = key.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight")
         b = state[key.replace(".lora_A.weight", ".lora_B.weight")]
-        out[module] = Factors(b.detach().clone().float(), a.detach().clone().float(), scaling)
+        # on the CPU: factors leave the device with the reply and are aggregated on the server
+        out[module] = Factors(
+            b.detach().float().cpu().clone(), a.detach().float().cpu().clone(), scaling
+        )
     return out
 
 
