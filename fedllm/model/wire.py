@@ -188,7 +188,7 @@ def merged_into(base: torch.nn.Module, delta: Mapping[str, Factors]) -> Iterator
                         f"delta {f.shape} (merge-and-reinitialise needs an unquantized base)"
                     )
                 saved[module] = weight.detach().clone()
-                weight.add_(f.delta().to(weight.dtype))
+                weight.add_(f.delta().to(device=weight.device, dtype=weight.dtype))
         yield
     finally:
         with torch.no_grad():
