@@ -10,8 +10,10 @@ sums every truncation in each step, this is the unbiased one-draw estimate of th
 deviation, at 1/|T| of its cost). The reported training losses are those of the drawn truncations.
 
 Client option `nested` (aggregator.options of `prelort`, sent in the round config): true (default)
-or false (plain local steps: segment-wise averaging alone). Refused with DP-SGD (its per-sample
-gradients were not tested under the hooks).
+or false (plain local steps: segment-wise averaging alone). Any other adapter-state aggregator
+takes the same training with `features: {nested_prefix: {}}` (e.g. squeeze, whose clients restart
+from the SVD-ordered prefix of the global: a prefix trained to carry the most is what that cut
+keeps). Refused with DP-SGD (its per-sample gradients were not tested under the hooks).
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
+from pydantic import BaseModel, ConfigDict
 from torch.utils.hooks import RemovableHandle
 
 from fedllm.aggregators.prelort import CLIENT_OPTIONS
-from fedllm.features.base import Feature
+from fedllm.features.base import Feature, require_adapter_state
 from fedllm.features.registry import register
 from fedllm.features.types import ClientRound, ClientUpdate
 from fedllm.model.wire import client_options
@@ -101,26 +104,43 @@ def nested(model: torch.nn.Module, choices: Sequence[int], *, seed: int) -> Iter
             h.remove()
 
 
+class NestedOptions(BaseModel):
+    """`features.nested_prefix`: on (default) or off."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+
+
 @register
 class PreLortNested(Feature):
     """Local steps under nested rank truncations (PreLort's prefix-nested training)."""
 
-    name = "prelort_nested"
+    name = "nested_prefix"
     order = 60  # its `train` only installs hooks: a feature that trains its own way wins
+    Options = NestedOptions
 
     @classmethod
     def enabled(cls, cfg: RunConfig) -> bool:
+        """Named under `features` (unless `enabled: false`), or the prelort aggregator."""
+        if cls.name in cfg.features:
+            return cls.parse_options(cfg).enabled
         return cfg.aggregator.name == "prelort"
 
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
         if not cls.enabled(cfg):
             return
+        if cfg.aggregator.name != "prelort":
+            require_adapter_state(cfg, f"features.{cls.name}")
         options = {k: v for k, v in cfg.aggregator.options.items() if k in CLIENT_OPTIONS}
-        if nested_option(options) and cfg.privacy.mode == "sample":
+        if cfg.aggregator.name == "prelort" and not nested_option(options):
+            return
+        if cfg.privacy.mode == "sample":
             raise ValueError(
-                "aggregator.options.nested: PreLort's nested training is not supported with "
-                "privacy.mode='sample' (DP-SGD); set nested: false or use privacy.mode='client'"
+                f"features.{cls.name} / aggregator.options.nested: nested training is not "
+                "supported with privacy.mode='sample' (DP-SGD); turn it off or use "
+                "privacy.mode='client'"
             )
 
     def __init__(self, cfg: RunConfig) -> None:

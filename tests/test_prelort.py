@@ -13,6 +13,7 @@ from peft import LoraConfig, get_peft_model
 from fedllm.aggregators import Factors, get, round_spec
 from fedllm.aggregators.prelort import segments
 from fedllm.aggregators.prelort_nested import Draws, PreLortNested, nested, truncations
+from fedllm.features import registry
 from fedllm.features.types import ClientPlan, ClientRound, ClientUpdate
 from fedllm.model.adapters import live_lora, read_factors, write_factors
 from fedllm.recipe import ConfigError, RunConfig, load_recipe
@@ -181,3 +182,22 @@ def test_bad_options_are_refused_naming_the_key() -> None:
     recipe(
         "privacy.mode=sample", "privacy.noise_multiplier=1.0", "aggregator.options={nested: false}"
     )
+
+
+def test_any_adapter_state_aggregator_can_train_nested() -> None:
+    def active(*overrides: str) -> bool:
+        cfg = load_recipe(TINY, ["aggregator.name=squeeze", *overrides])
+        return PreLortNested in registry.active(cfg)
+
+    assert not active()
+    assert active("features.nested_prefix={}")
+    assert not active("features.nested_prefix={enabled: false}")
+    assert not PreLortNested.enabled(recipe("features.nested_prefix={enabled: false}"))
+    with pytest.raises(ConfigError, match=r"features\.nested_prefix.*'flora'"):
+        load_recipe(TINY, ["aggregator.name=flora", "features.nested_prefix={}"])
+    # under squeeze no option.nested travels: the hooks go in (the default)
+    cfg = load_recipe(TINY, ["aggregator.name=squeeze", "features.nested_prefix={}"])
+    model, _ = rank3()
+    feature = PreLortNested(cfg)
+    feature.train(model, client_round(cfg, nested_on=None), steps=1)
+    assert feature.handles
