@@ -4,6 +4,7 @@ and a test set no client holds."""
 
 from __future__ import annotations
 
+import functools
 import pickle
 from pathlib import Path
 
@@ -42,9 +43,14 @@ def counted(monkeypatch) -> dict[str, int]:
     return calls
 
 
+@functools.cache
+def nouns(seed: int) -> list[dict]:
+    return load_examples("wordnet", max_examples=300, seed=seed, pos=("noun",))
+
+
 def by_hand(cfg, pid: int) -> tuple[list[dict], list[dict]]:
     """Client `pid`'s (train, held_out) as the code before the cache built them."""
-    examples = load_examples("wordnet", max_examples=300, seed=cfg.seed, pos=("noun",))
+    examples = nouns(cfg.seed)
     parts = partition(
         examples,
         num_clients=5,
