@@ -25,7 +25,7 @@ from fedllm.aggregators import Factors
 from fedllm.deploy.local_grid import server_identity, wire
 from fedllm.features import registry
 from fedllm.features.types import ClientRow, RoundResult, TrainReply
-from fedllm.model.adapters import to_record
+from fedllm.model.adapters import from_record, to_record
 from fedllm.recipe import RunConfig, build_config
 from fedllm.server.strategy import LoraStrategy
 
@@ -498,10 +498,17 @@ def test_download_is_full_rank_before_a_reply_and_cut_after() -> None:
     assert s.node_ranks == {7: 2, 8: 4} and s.node_partitions == {7: 0, 8: 1}
     g = s.global_
     assert {f.rank for f in g.values()} == {4} and s.global_scaling == 1.0  # fedit: scaling 1
-    # node 7: the first two components, B rescaled from the global scaling 1 to α/2 = 2
-    for m, (B, A) in decoded(s.download(7)[0]).items():
+    # node 7: the first two components, B rescaled from the global scaling 1 to α/2 = 2, and
+    # the config says so: the node reads them at 2 and starts from exactly the global's cut
+    record, extra = s.download(7)
+    assert extra == {"global-scaling": 2.0}
+    for m, (B, A) in decoded(record).items():
         torch.testing.assert_close(B, g[m].B[:, :2] * (1.0 / 2.0))
         torch.testing.assert_close(A, g[m].A[:2])
+    config = {**s.round_config(2), **extra}
+    for m, f in from_record(record, float(config["global-scaling"])).items():
+        start = f.truncate(2, cfg.client_scaling(2))  # what the client writes into its LoRA
+        torch.testing.assert_close(start.delta(), g[m].truncate(2).delta())
     # node 8 (rank 4, scaling 1) and an unknown node 9 get the whole global
     for node in (8, 9):
         for m, (B, A) in decoded(s.download(node)[0]).items():

@@ -143,13 +143,17 @@ class LoraStrategy(Strategy):
         for f in self.features:
             down = f.download(node, down)
         factors, rank = down.factors, down.rank
+        config = dict(down.config)
         if rank is not None and not self.spec.merge:
             scaling = self.cfg.client_scaling(rank)
             factors = {m: f.truncate(rank, scaling) for m, f in factors.items()}
+            # the cut factors are at the node's α/r: the node must read them at that scaling,
+            # not at the global one (else it rescales B a second time)
+            config["global-scaling"] = scaling
         for f in self.features:
             if (record := f.encode(node, factors)) is not None:
-                return record, down.config
-        return wire.outgoing(factors, self.spec), down.config
+                return record, config
+        return wire.outgoing(factors, self.spec), config
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
