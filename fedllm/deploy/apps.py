@@ -25,6 +25,7 @@ from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 from fedllm.cli import absolute_paths, start_run
 from fedllm.client import app as client
 from fedllm.client.node_config import check_node
+from fedllm.data.shards import ShardCache
 from fedllm.deploy.app_config import app_recipe, is_recipe_text
 from fedllm.features import registry
 from fedllm.recipe import ConfigError, RunConfig
@@ -33,6 +34,7 @@ from fedllm.server.exchange import say, wait_for_nodes
 
 server_app = ServerApp()
 client_app = ClientApp()
+shards = ShardCache()  # this process's shards (a warm worker's: built and tokenized once per run)
 
 FLWR_RUN_HINT = (
     'with `flwr run`, give --run-config "resume=true", "overwrite=true" or "name=\'NEW\'"'
@@ -92,11 +94,11 @@ def _recipe(context: Context) -> RunConfig:
 def _train(msg: Message, context: Context) -> Message:
     cfg = _recipe(context)
     check_node(cfg, context.node_config)
-    return client.train(cfg, msg, context)
+    return client.train(cfg, msg, context, shards=shards)
 
 
 @client_app.evaluate()
 def _evaluate(msg: Message, context: Context) -> Message:
     cfg = _recipe(context)
     check_node(cfg, context.node_config)
-    return client.evaluate(cfg, msg, context)
+    return client.evaluate(cfg, msg, context, shards=shards)
