@@ -297,7 +297,7 @@ def test_unknown_feature_name_fails_with_a_did_you_mean(name: str, close: str) -
         build_config(recipe(features={name: {}}))
     message = str(info.value)
     assert f"features.{name}: unknown feature (did you mean '{close}'?)" in message
-    assert "valid: fedprox, personal_adapter, server_momentum" in message
+    assert "valid: fedprox, nested_prefix, personal_adapter, server_momentum" in message
 
 
 def test_unknown_feature_without_a_close_match_lists_the_valid_ones() -> None:
