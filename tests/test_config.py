@@ -59,7 +59,10 @@ def test_missing_local_dataset_and_model_folder_are_named(tmp_path: Path) -> Non
 
 
 def test_missing_recipe_file_lists_shipped_recipes(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"not a shipped recipe; shipped recipes: .*quickstart, .*`fedllm recipes`"):
+    with pytest.raises(
+        ConfigError,
+        match=r"not a shipped recipe; shipped recipes: .*quickstart, .*`fedllm recipes`",
+    ):
         load_recipe(tmp_path / "absent.yaml")
 
 
