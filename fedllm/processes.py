@@ -7,7 +7,8 @@ Why bitsandbytes is hidden: peft 0.21 imports it whenever it is installed (`peft
 `import peft`, and the layer dispatch of every LoRA model), which costs seconds in every process
 and, on AVX512-BF16 CPUs, logs bitsandbytes' `Failed to load CPU gemm_4bit_forward from
 kernels-community` warning. Only a 4-/8-bit base needs it: `fedllm.model.loading.load_base_model`
-calls `expose_bitsandbytes()` before a quantised load.
+calls `expose_bitsandbytes()` before a quantised load (other code that needs bitsandbytes in a
+fedllm command does the same; while hidden, `import bitsandbytes` raises ModuleNotFoundError).
 """
 
 from __future__ import annotations
@@ -143,11 +144,13 @@ def check_reachable(address: str, *, where: str, timeout: float = 5.0) -> None:
 def simulation_ray(
     *, address: str | None, verbose: bool, num_cpus_per_client: float
 ) -> Iterator[None]:
-    """Ray for one simulation: a new instance on this machine, or the cluster at `address`.
+    """Ray for one simulation: a new instance on this machine (even if `ray start` left a
+    cluster here), or the cluster at `address`.
 
     Started here, not by Flower (which then uses it, and shuts it down at the end), so that its
     workers run `quiet_worker`/`verbose_worker` before any task: the ClientApps' Flower logs
-    follow --verbose as this process's do. Like Flower, the workers get this PYTHONPATH.
+    follow --verbose as this process's do, and their Hugging Face progress bars are off unless
+    --verbose. Like Flower, the workers get this process's PYTHONPATH.
     """
     import ray
 
@@ -175,12 +178,12 @@ def simulation_ray(
             "ray_address to start Ray on this machine"
         ) from err
     try:
-        largest = max(cluster_cpus(), default=0.0)
-        if address is not None and largest < num_cpus_per_client:
+        largest = max(cluster_cpus(), default=0.0) if address is not None else None
+        if largest is not None and largest < num_cpus_per_client:
             raise ConfigError(
                 f"simulation.num_cpus_per_client={num_cpus_per_client:g} but the largest node "
-                f"of the Ray cluster at {where} has {largest:g} CPUs: no client fits; lower "
-                "num_cpus_per_client or start the workers with more --num-cpus"
+                f"of the Ray cluster at {address} ({where}) has {largest:g} CPUs: no client "
+                "fits; lower num_cpus_per_client or start the workers with more --num-cpus"
             )
         yield
     finally:
