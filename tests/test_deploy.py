@@ -177,6 +177,7 @@ def scenario(tmp_path_factory):
             "federation.rounds=3",
             "federation.local_steps=3",
             "federation.round_timeout=120",
+            "federation.node_grace=90",  # the restarted node rejoins before round 3 samples
         ]
         # 1) kill the ServerApp once round 1 is checkpointed; that run must fail (exit != 0)
         first = fedllm_run(fed, "run1", args)

@@ -229,6 +229,12 @@ class FederationConfig(_Strict):
     max_grad_norm: float | None = Field(1.0, gt=0)
     eval_batch_size: int = Field(16, ge=1)
     round_timeout: float = Field(3600.0, gt=0, description="seconds to wait for replies per round")
+    node_grace: float = Field(
+        0.0,
+        ge=0,
+        description="seconds each round waits, before sampling, for all num_clients nodes to be "
+        "connected (deployments whose nodes restart; simulation nodes are always there)",
+    )
     max_rejected_norm_ratio: float = Field(
         100.0, gt=1, description="replies whose norm exceeds this times the median are rejected"
     )

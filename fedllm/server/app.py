@@ -122,6 +122,8 @@ class Run:
     def train(self, server_round: int) -> RoundResult:
         """One training round: a feature's own exchange (SecAgg+), else the plain one."""
         s, label = self.strategy, f"round {server_round}/{self.cfg.federation.rounds} train"
+        if (grace := self.cfg.federation.node_grace) > 0:  # a restarting node may rejoin first
+            wait_for_nodes(self.grid, self.cfg.data.num_clients, timeout=grace)
         for f in self.features:
             result = f.run_round(server_round, strategy=s, grid=self.grid)
             if result is not None:
