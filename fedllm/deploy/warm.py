@@ -168,6 +168,9 @@ def serve_forever(
 def serve(folder: Path, *, app_ref: str = APP_REF, parent: int | None = None) -> None:
     """The worker process: import the ClientApp once, then serve FOLDER until the parent exits."""
     server, secret = listen(folder)
+    from fedllm.processes import hide_bitsandbytes  # heavy (the recipe): the worker's side only
+
+    hide_bitsandbytes()  # peft imports it when installed; a quantised base exposes it again
     app = _load(app_ref)  # the heavy imports, once
     if parent is not None:
         threading.Thread(target=_exit_with_parent, args=(parent, folder), daemon=True).start()
