@@ -1,7 +1,9 @@
 """Truncated SVD of a weighted sum of low-rank products Σ wᵢ·Bᵢ@Aᵢ, computed from the factors.
 
 Only the "dense" baseline forms the d×k matrix; "exact" and "rsvd" touch thin factors only
-(see design/aggregation.md). Work is done in float64; results come back in the inputs' dtype.
+(see design/aggregation.md). "exact" and "dense" work in float64. "rsvd" runs its big products (the
+sketch and the projections, linear in d·Σrᵢ) in float32 unless an input is float64 (`precision`),
+and its small core SVD in float64; triplets come back in float64, factors in the inputs' dtype.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Sequence
 import torch
 
 METHODS = ("auto", "exact", "rsvd", "dense")
+PRECISIONS = ("auto", "float32", "float64")
 
 
 def factored_svd(
@@ -21,9 +24,10 @@ def factored_svd(
     rank: int,
     *,
     method: str = "auto",
-    oversample: int = 8,
+    oversample: int = 16,
     power_iters: int = 2,
     seed: int = 0,
+    precision: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Best rank-`rank` factors (B d×rank, A rank×k) of Σ weights[i]·Bs[i]@As[i], weights as given.
 
@@ -39,6 +43,7 @@ def factored_svd(
         oversample=oversample,
         power_iters=power_iters,
         seed=seed,
+        precision=precision,
     )
     B, A = split_triplets(L, S, R, rank)
     dtype = Bs[0].dtype
@@ -67,29 +72,51 @@ def svd_factors(
     rank: int,
     *,
     method: str = "auto",
-    oversample: int = 8,
+    oversample: int = 16,
     power_iters: int = 2,
     seed: int = 0,
+    precision: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Leading singular triplets (L d×m, S m, R k×m; float64) of Σ wᵢBᵢAᵢ ≈ L·diag(S)·Rᵀ.
 
     m = min(rank, Σrᵢ, d, k), S is decreasing. Triplets past the numerical rank may be arbitrary
-    directions with (near-)zero singular values.
+    directions with (near-)zero singular values. `precision` is the dtype of rsvd's big products:
+    "auto" is float64 if any input is float64, else float32 (see `sketch_dtype`).
     """
-    _check(Bs, As, weights, rank, method, oversample, power_iters)
-    U, V = stack(Bs, As, weights)
-    d, k = U.shape[0], V.shape[1]
-    m = min(rank, U.shape[1], d, k)
+    _check(Bs, As, weights, rank, method, oversample, power_iters, precision)
+    d, k = Bs[0].shape[0], As[0].shape[1]
+    total = sum(B.shape[1] for B in Bs)
+    m = min(rank, total, d, k)
     if m == 0:
-        return U.new_zeros(d, 0), U.new_zeros(0), U.new_zeros(k, 0)
-    chosen = choose_method(U.shape[1], d, k, rank, oversample) if method == "auto" else method
+        empty = torch.zeros(0, dtype=torch.float64, device=Bs[0].device)
+        return empty.new_zeros(d, 0), empty, empty.new_zeros(k, 0)
+    chosen = choose_method(total, d, k, rank, oversample) if method == "auto" else method
+    if chosen == "rsvd":
+        dtype = sketch_dtype(Bs, As, precision)
+        width = min(rank + oversample, d, k)
+        L, S, Rt = _rsvd(Bs, As, weights, width, power_iters, seed, dtype)
+        return L[:, :m], S[:m], Rt[:m].T
+    U, V = stack(Bs, As, weights)
     if chosen == "dense":
         L, S, Rt = torch.linalg.svd(U @ V, full_matrices=False)
-    elif chosen == "exact":
-        L, S, Rt = _exact(U, V)
     else:
-        L, S, Rt = _rsvd(U, V, min(rank + oversample, d, k), power_iters, seed)
+        L, S, Rt = _exact(U, V)
     return L[:, :m], S[:m], Rt[:m].T
+
+
+def sketch_dtype(
+    Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor], precision: str
+) -> torch.dtype:
+    """The dtype of rsvd's big products: float32, or float64 when asked or when an input is.
+
+    Float32 factors (or bf16/fp16, whose products already round far coarser) carry no more than
+    float32 can hold, and the result comes back in their dtype; float64 inputs ask for float64.
+    """
+    if precision == "float64" or (
+        precision == "auto" and any(x.dtype == torch.float64 for x in [*Bs, *As])
+    ):
+        return torch.float64
+    return torch.float32
 
 
 def stack(
@@ -111,8 +138,9 @@ def stack(
 def choose_method(total_rank: int, d: int, k: int, rank: int, oversample: int) -> str:
     """The "auto" rule: "exact" while R ≤ 4ℓ (ℓ = rank+oversample) or min(d, k) ≤ 2ℓ, else "rsvd".
 
-    Exact costs ~2(d+k)R² + O(R³), rsvd ~(2q+2)(d+k)Rℓ; measured at d=k=4096 on 2 cores the two
-    cross near R ≈ 3ℓ, and below 4ℓ exactness is worth at most ~2× the time.
+    Exact costs ~2(d+k)R² + O(R³), rsvd ~(2q+2)(d+k)Rℓ. At d=k=4096 (one core's CPU time) the
+    float32 sketch (ℓ = 80) already wins at R = 248, taking 0.6× exact's time: below 4ℓ exactness
+    is still worth at most ~2× the time, so the rule keeps it there.
     """
     sketch = rank + oversample
     if total_rank <= 4 * sketch or min(d, k) <= 2 * sketch:
@@ -143,18 +171,54 @@ def _exact(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _rsvd(
-    U: torch.Tensor, V: torch.Tensor, width: int, power_iters: int, seed: int
+    Bs: Sequence[torch.Tensor],
+    As: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    width: int,
+    power_iters: int,
+    seed: int,
+    dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Halko–Martinsson–Tropp randomized SVD of the operator x ↦ U(Vx), never forming U@V."""
+    """Halko–Martinsson–Tropp randomized SVD of x ↦ U·diag(w)·(V x), never forming U@V.
+
+    U = [B₁|…] and V = [A₁;…] are stacked once in `dtype` without the weights; w (one entry per
+    stacked column) scales the thin R×width products instead, which saves a pass over U. Each
+    product with U or V is one GEMM in `dtype`. The tall d×width and k×width blocks are
+    orthonormalised by Householder QR in `dtype` too: it is backward stable, so it keeps what the
+    products computed (float64 QR measured no better). Only the width×width core goes to float64.
+    Ω is drawn in float32 whatever `dtype`, so the two precisions start from the same sketch.
+    """
+    U, V, w = _stack_unweighted(Bs, As, weights, dtype)
     generator = torch.Generator().manual_seed(seed)
-    omega = torch.randn(V.shape[1], width, generator=generator, dtype=torch.float64)
-    Q = _orth(U @ (V @ omega.to(V.device)))
+    omega = torch.randn(V.shape[1], width, generator=generator, dtype=torch.float32)
+    Q = _orth(U @ ((V @ omega.to(V.device, dtype)) * w))
     for _ in range(power_iters):
-        Z = _orth(V.T @ (U.T @ Q))
-        Q = _orth(U @ (V @ Z))
-    small = (Q.T @ U) @ V
-    X, S, Wt = torch.linalg.svd(small, full_matrices=False)
-    return Q @ X, S, Wt
+        Z = _orth(V.T @ ((U.T @ Q) * w))
+        Q = _orth(U @ ((V @ Z) * w))
+    Qw, Rw = torch.linalg.qr(V.T @ ((U.T @ Q) * w))  # (U diag(w) V)ᵀ Q = Qw Rw, k×width
+    X, S, Yt = torch.linalg.svd(Rw.double().T)  # Qᵀ U diag(w) V = (X S Yᵀ) Qwᵀ
+    return Q.double() @ X, S, Yt @ Qw.double().T
+
+
+def _stack_unweighted(
+    Bs: Sequence[torch.Tensor],
+    As: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U = [B₁|…] (d×R), V = [A₁;…] (R×k) in `dtype`, and w (R×1): wᵢ repeated rᵢ times."""
+    device = Bs[0].device
+    ranks = [B.shape[1] for B in Bs]
+    U = torch.empty(Bs[0].shape[0], sum(ranks), dtype=dtype, device=device)
+    V = torch.empty(sum(ranks), As[0].shape[1], dtype=dtype, device=device)
+    start = 0
+    for B, A in zip(Bs, As, strict=True):
+        end = start + B.shape[1]
+        U[:, start:end].copy_(B)
+        V[start:end].copy_(A)
+        start = end
+    w = torch.tensor([float(x) for x in weights], dtype=dtype, device=device)
+    return U, V, w.repeat_interleave(torch.tensor(ranks, device=device))[:, None]
 
 
 def _orth(Y: torch.Tensor) -> torch.Tensor:
@@ -169,6 +233,7 @@ def _check(
     method: str,
     oversample: int,
     power_iters: int,
+    precision: str,
 ) -> None:
     if not (len(Bs) == len(As) == len(weights)) or len(Bs) == 0:
         raise ValueError(
@@ -180,6 +245,8 @@ def _check(
         raise ValueError(f"weights must be finite, got {list(weights)}")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
     if oversample < 0 or power_iters < 0:
         raise ValueError(
             f"oversample and power_iters must be >= 0, got {oversample}, {power_iters}"

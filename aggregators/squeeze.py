@@ -51,7 +51,7 @@ def squeeze(
     state: Mapping[str, torch.Tensor] | None = None,
     seed: int = 0,
     method: str = "auto",
-    oversample: int = 8,
+    oversample: int = 16,
     power_iters: int = 2,
     correction: bool = True,
     lam: float = 0.01,
@@ -80,8 +80,15 @@ def squeeze(
     carried = _residual(state, updates[0].shape)
     if carried is not None:
         Bs, As, ws = [*Bs, carried[0]], [*As, carried[1]], [*ws, 1.0]
+    # The sketch's precision follows the clients' factors, not the float64 correction term.
+    precision = "float64" if updates[0].B.dtype == torch.float64 else "float32"
     decompose = partial(
-        svd_factors, method=method, oversample=oversample, power_iters=power_iters, seed=seed
+        svd_factors,
+        method=method,
+        oversample=oversample,
+        power_iters=power_iters,
+        seed=seed,
+        precision=precision,
     )
 
     if correction:

@@ -24,7 +24,7 @@ def svd(
     state: Mapping[str, torch.Tensor] | None = None,
     seed: int = 0,
     method: str = "auto",
-    oversample: int = 8,
+    oversample: int = 16,
     power_iters: int = 2,
     **options: Any,
 ) -> Aggregate:

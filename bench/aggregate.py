@@ -1,12 +1,14 @@
 """Time and peak memory of each aggregation method on one module, as ratios to the dense SVD.
 
     python bench/aggregate.py [--quick] [--sections layers scaling model7b]
+        [--model7b-clients 10 100] [--model7b-modules 128]
     # --quick: d=k=4096 only; writes results/aggregate.md (a subset of sections: aggregate-<…>.md)
 
 Sections: "layers" (every method on d = k = 4096/8192 with 10/100 clients, ratios to FlexLoRA's
 dense SVD and to forming ΔW* + torch.svd_lowrank), "scaling" (squeeze-rsvd's time as d and the
 number of clients grow, against the same two dense routes), "model7b" (squeeze over a whole
-7B-shaped model: 32 layers × q, k, v, o of 4096 × 4096).
+7B-shaped model: 32 layers × q, k, v, o of 4096 × 4096). Every section also times rsvd as it ran
+before float32 sketches ("before": float64 throughout, oversample 8) in the same run.
 
 Peak memory is the rise of the process's resident set over the call: Linux's high-water mark
 VmHWM is reset through /proc/self/clear_refs before each call and read after it, minus VmRSS before
@@ -109,6 +111,7 @@ def cases(
         "form ΔW* + torch.svd_lowrank": lambda: lowrank_baseline(updates, weights),
         "svd exact": method("svd", global_rank=TARGET, method="exact"),
         "svd rsvd": method("svd", global_rank=TARGET, method="rsvd"),
+        "svd rsvd before (float64, oversample 8)": lambda: aggregate_scale.before(updates, weights),
         "squeeze plain (auto)": method("squeeze", correction=False, residual_rank=0),
         "squeeze plain rsvd": method("squeeze", method="rsvd", correction=False, residual_rank=0),
         "squeeze defaults (correction, residual 64)": method("squeeze"),
@@ -183,6 +186,10 @@ def main() -> None:
     parser.add_argument(
         "--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to run"
     )
+    parser.add_argument("--model7b-clients", type=int, nargs="+", default=[10, 100])
+    parser.add_argument(
+        "--model7b-modules", type=int, default=128, help="fewer than 128 for a smoke run"
+    )
     args = parser.parse_args()
     dims = args.dims or ((4096,) if args.quick else (4096, 8192))
     load_before = os.getloadavg()
@@ -195,7 +202,11 @@ def main() -> None:
     if "scaling" in args.sections:
         sections.append(aggregate_scale.scaling_section())
     if "model7b" in args.sections:
-        sections.append(aggregate_scale.model7b_section())
+        sections.append(
+            aggregate_scale.model7b_section(
+                tuple(args.model7b_clients), modules=args.model7b_modules
+            )
+        )
     load_after = os.getloadavg()
     command = " ".join(["python bench/aggregate.py", *sys.argv[1:]])
     header = [
@@ -208,14 +219,20 @@ def main() -> None:
         "",
         f"Clients: float32 factors, ranks cycling {RANKS}, α = 16, weights ∝ examples; B columns "
         f"decay as 1/j so ΔW* has a decaying spectrum. SVD-family methods target rank {TARGET}; "
-        f"rsvd uses oversample {OVERSAMPLE}, {POWER_ITERS} power iterations. All routes, including "
-        "both baselines, accumulate in float64. FedIT-family methods are included for cost; their "
+        "rsvd uses its defaults (oversample 16, 2 power iterations) and runs its big products "
+        "and tall QRs in float32 (the clients' precision), its small core in float64; exact, "
+        "dense and both baselines work in float64 (svd_lowrank with oversample "
+        f'{OVERSAMPLE}, {POWER_ITERS} power iterations). "before" rows: rsvd as it ran before '
+        "float32 sketches (float64, oversample 8). The dense route's error is the optimal "
+        'truncation error, so "error ÷ dense\'s" is the ratio to the optimum. FedIT-family '
+        "methods are included for cost; their "
         "error column shows their bias on this data. Memory: rise of peak RSS over the call "
         "(VmHWM reset via /proc/self/clear_refs; glibc mmap threshold 64 KiB so frees return "
         "memory). Time: one run, or best of three when under 2 s.",
     ]
     out = RESULTS
-    if set(args.sections) != set(SECTIONS) or args.dims:
+    partial = args.model7b_clients != [10, 100] or args.model7b_modules != 128
+    if set(args.sections) != set(SECTIONS) or args.dims or partial:
         out = RESULTS.with_name(f"aggregate-{'-'.join(args.sections)}.md")  # a partial run
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n\n".join(["\n".join(header), *sections]) + "\n")

@@ -1,18 +1,23 @@
 """Scaling sections of bench/aggregate.py: cost against d and the number of clients, and a whole
-7B-shaped model. Imported by aggregate.py (which sets up the allocator and writes the results)."""
+7B-shaped model, each against the route as it was before float32 sketches ("before": rsvd in
+float64 with oversample 8, kept as `precision="float64"`). Imported by aggregate.py (which sets up
+the allocator and writes the results)."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 
 import torch
 
-from fedllm.aggregators import Factors, get
+from fedllm.aggregators import Factors, factored_svd, get, svd_factors
+from fedllm.aggregators.base import normalized_weights
 
 RANKS = (4, 8, 16, 32, 64)
 TARGET = 64
-OVERSAMPLE, POWER_ITERS = 8, 2
+OVERSAMPLE, POWER_ITERS = 8, 2  # the svd_lowrank baseline's sketch (our "before" route's)
+BEFORE = {"precision": "float64", "oversample": 8}  # rsvd as it was: float64 throughout, p = 8
 
 
 def clients(d: int, n: int, *, seed: int = 0) -> tuple[list[Factors], list[float]]:
@@ -52,6 +57,28 @@ def squeeze_rsvd(updates: list[Factors], weights: list[float]) -> None:
     )
 
 
+def before(updates: list[Factors], weights: list[float], method: str = "rsvd") -> Factors:
+    """The plain squeeze's computation (factored_svd at the global rank) as it ran before:
+    float64 sketch, oversample 8 (squeeze itself does not expose the precision)."""
+    p = normalized_weights(updates, weights)
+    B, A = factored_svd(
+        [u.B for u in updates],
+        [u.A for u in updates],
+        [pi * u.scaling for pi, u in zip(p, updates, strict=True)],
+        TARGET,
+        method=method,
+        **BEFORE,  # type: ignore[arg-type]
+    )
+    return Factors(B, A, 1.0)
+
+
+def plain_squeeze(updates: list[Factors], weights: list[float], method: str) -> Factors:
+    """The plain squeeze (no correction, no residual) at the global rank, today's defaults."""
+    return get("squeeze")(
+        updates, weights, global_rank=TARGET, method=method, correction=False, residual_rank=0
+    ).global_
+
+
 def scaling_section() -> str:
     """squeeze-rsvd vs ΔW* + svd_lowrank as d grows (10 clients) and as clients grow (d = 4096)."""
     rows = []
@@ -66,56 +93,106 @@ def scaling_section() -> str:
     ]:
         updates, weights = clients(d, n)
         ours = best_of(lambda u=updates, w=weights: squeeze_rsvd(u, w))
+        old = best_of(lambda u=updates, w=weights: before(u, w))
         theirs = best_of(lambda u=updates, w=weights: lowrank(u, w), repeats=1 if d >= 8192 else 2)
-        rows.append((d, n, ours, theirs))
+        rows.append((d, n, ours, old, theirs))
         print(
-            f"  d={d} n={n}: squeeze rsvd {ours:.3f} s, ΔW*+svd_lowrank {theirs:.3f} s", flush=True
+            f"  d={d} n={n}: squeeze rsvd {ours:.3f} s, before {old:.3f} s, "
+            f"ΔW*+svd_lowrank {theirs:.3f} s",
+            flush=True,
         )
-    d0, n0, t0, _ = rows[0]
+    d0, n0, t0, _, _ = rows[0]
     lines = [
         "### Cost growth: squeeze rsvd (global rank 64) vs forming ΔW* + torch.svd_lowrank",
         "",
-        "Linear growth shows as a constant normalised column (time per d·n against the first row).",
+        "Linear growth shows as a constant normalised column (time per d·n against the first row). "
+        '"before": the same rsvd in float64 with oversample 8, as it ran before float32 '
+        "sketches. Best of three (two, one at d = 8192 for svd_lowrank).",
         "",
-        "| d = k | clients | squeeze rsvd (s) | normalised time ÷ (d·n) | ΔW* + svd_lowrank (s) "
-        "| margin (theirs ÷ ours) |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| d = k | clients | squeeze rsvd (s) | normalised time ÷ (d·n) | before (s) "
+        "| now ÷ before | ΔW* + svd_lowrank (s) | margin (theirs ÷ ours) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for d, n, ours, theirs in rows:
+    for d, n, ours, old, theirs in rows:
         per = (ours / (d * n)) / (t0 / (d0 * n0))
         lines.append(
-            f"| {d} | {n} | {ours:.3f} | {per:.2f} | {theirs:.3f} | {theirs / ours:.1f}× |"
+            f"| {d} | {n} | {ours:.3f} | {per:.2f} | {old:.3f} | {ours / old:.2f} "
+            f"| {theirs:.3f} | {theirs / ours:.1f}× |"
         )
     return "\n".join(lines)
 
 
-def model7b_section(client_counts: tuple[int, ...] = (10, 100)) -> str:
-    """squeeze (auto and rsvd) over 32 layers × q, k, v, o of 4096×4096, data made per module."""
-    modules = [f"layers.{i}.{p}" for i in range(32) for p in ("q", "k", "v", "o")]
+def optimal_ratios(updates: list[Factors], weights: list[float]) -> dict[str, float]:
+    """‖ΔW* − W‖_F ÷ the optimal rank-64 error for today's auto/rsvd and the before routes.
+
+    The optimum comes from the exact factored SVD's leading values and ‖ΔW*‖_F (dense, float64):
+    for the check only, never timed.
+    """
+    p = normalized_weights(updates, weights)
+    ws = [pi * u.scaling for pi, u in zip(p, updates, strict=True)]
+    target = sum(pi * u.delta() for pi, u in zip(p, updates, strict=True))  # delta() has sᵢ
+    _, S, _ = svd_factors(
+        [u.B for u in updates], [u.A for u in updates], ws, TARGET, method="exact"
+    )
+    optimal = (torch.linalg.matrix_norm(target) ** 2 - (S**2).sum()).clamp_min(0).sqrt().item()
+    results = {
+        "auto": plain_squeeze(updates, weights, "auto"),
+        "rsvd": plain_squeeze(updates, weights, "rsvd"),
+        "auto before": before(updates, weights, "auto"),
+        "rsvd before": before(updates, weights, "rsvd"),
+    }
+    return {
+        label: torch.linalg.matrix_norm(target - f.delta()).item() / optimal
+        for label, f in results.items()
+    }
+
+
+def model7b_section(client_counts: tuple[int, ...] = (10, 100), modules: int = 128) -> str:
+    """Plain squeeze (auto and rsvd) over 32 layers × q, k, v, o of 4096×4096, now vs before.
+
+    Client factors are generated per module outside the clock; the four routes run one after the
+    other on each module, so load drifts hit them alike. Errors are measured on module 0.
+    """
+    names = [f"layers.{i}.{p}" for i in range(32) for p in ("q", "k", "v", "o")][:modules]
+    shape = "32 layers × q, k, v, o" if len(names) == 128 else f"{len(names)} of the 128 modules"
     lines = [
-        "### A whole 7B-shaped model: 32 layers × q, k, v, o (4096 × 4096), global rank 64",
+        f"### A whole 7B-shaped model: {shape} (4096 × 4096), global rank 64",
         "",
         "Time of the aggregation calls only (client factors are generated per module, outside the "
-        "clock).",
+        "clock). Now: float32 sketch, oversample 16 (today's defaults; auto picks exact, float64, "
+        "while Σrᵢ ≤ 4ℓ). Before: float64 sketch, oversample 8. Error: ‖ΔW* − W‖_F ÷ the optimal "
+        "rank-64 error, on module 0. Load: 1-minute load average before and after the row.",
         "",
-        "| clients | squeeze (auto) total (s) | squeeze rsvd total (s) |",
-        "|---:|---:|---:|",
+        "| clients | auto now (s) | auto before (s) | now ÷ before | rsvd now (s) "
+        "| rsvd before (s) | now ÷ before | error ÷ optimal: auto now; rsvd now / before | load |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    warm, warm_weights = clients(256, 10)  # first calls pay one-off library set-up: not timed
+    for method in ("exact", "rsvd"):
+        plain_squeeze(warm, warm_weights, method)
+        before(warm, warm_weights, method)
     for n in client_counts:
-        totals = {"auto": 0.0, "rsvd": 0.0}
-        for j, _ in enumerate(modules):
+        load_start = os.getloadavg()[0]
+        totals = dict.fromkeys(("auto", "auto before", "rsvd", "rsvd before"), 0.0)
+        for j, _ in enumerate(names):
             updates, weights = clients(4096, n, seed=j)
-            for method in totals:
+            calls: dict[str, Callable[[], object]] = {
+                "auto": lambda u=updates, w=weights: plain_squeeze(u, w, "auto"),
+                "auto before": lambda u=updates, w=weights: before(u, w, "auto"),
+                "rsvd": lambda u=updates, w=weights: plain_squeeze(u, w, "rsvd"),
+                "rsvd before": lambda u=updates, w=weights: before(u, w, "rsvd"),
+            }
+            for label, call in calls.items():
                 start = time.perf_counter()
-                get("squeeze")(  # the plain squeeze; the defaults add a residual SVD
-                    updates,
-                    weights,
-                    global_rank=TARGET,
-                    method=method,
-                    correction=False,
-                    residual_rank=0,
-                )
-                totals[method] += time.perf_counter() - start
-        print(f"  7B-shaped, {n} clients: {totals}", flush=True)
-        lines.append(f"| {n} | {totals['auto']:.1f} | {totals['rsvd']:.1f} |")
+                call()
+                totals[label] += time.perf_counter() - start
+        load_end = os.getloadavg()[0]
+        ratios = optimal_ratios(*clients(4096, n, seed=0))
+        print(f"  7B-shaped, {n} clients: {totals}, error ÷ optimal {ratios}", flush=True)
+        a, ab, r, rb = (totals[k] for k in ("auto", "auto before", "rsvd", "rsvd before"))
+        lines.append(
+            f"| {n} | {a:.1f} | {ab:.1f} | {a / ab:.2f} | {r:.1f} | {rb:.1f} | {r / rb:.2f} "
+            f"| {ratios['auto']:.4f}; {ratios['rsvd']:.4f} / {ratios['rsvd before']:.4f} "
+            f"| {load_start:.1f} → {load_end:.1f} |"
+        )
     return "\n".join(lines)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fedllm.aggregators import factored_svd, svd_factors
-from fedllm.aggregators.linalg import choose_method
+from fedllm.aggregators.linalg import choose_method, sketch_dtype
 
 FACTORED = ["exact", "rsvd", "dense", "auto"]
 
@@ -70,15 +70,23 @@ def decaying(
     d: int, k: int, n_clients: int, r: int, decay: float
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
     """Clients whose sum has singular values decay**j, the directions shuffled across clients."""
+    sigma = decay ** torch.arange(n_clients * r, dtype=torch.float64)
+    Bs, As = with_spectrum(d, k, n_clients, sigma)
+    return Bs, As, sigma
+
+
+def with_spectrum(
+    d: int, k: int, n_clients: int, sigma: torch.Tensor, *, dtype: torch.dtype = torch.float64
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Clients (equal ranks) whose sum has singular values `sigma`, directions shuffled."""
     g = torch.Generator().manual_seed(7)
-    R = n_clients * r
+    R = sigma.numel()
     left = torch.linalg.qr(torch.randn(d, R, generator=g, dtype=torch.float64)).Q
     right = torch.linalg.qr(torch.randn(k, R, generator=g, dtype=torch.float64)).Q
-    sigma = decay ** torch.arange(R, dtype=torch.float64)
-    cols = torch.randperm(R, generator=g).reshape(n_clients, r)
-    Bs = [left[:, c] * sigma[c] for c in cols]
-    As = [right[:, c].T for c in cols]
-    return Bs, As, sigma
+    cols = torch.randperm(R, generator=g).reshape(n_clients, -1)
+    Bs = [(left[:, c] * sigma[c]).to(dtype) for c in cols]
+    As = [right[:, c].T.to(dtype) for c in cols]
+    return Bs, As
 
 
 def test_rsvd_error_within_one_percent_of_optimal() -> None:
@@ -99,6 +107,80 @@ def test_rsvd_power_iterations_help() -> None:
         B, A = factored_svd(Bs, As, [1.0] * 10, 10, method="rsvd", oversample=2, power_iters=q)
         errors.append(torch.linalg.matrix_norm(M - B @ A).item())
     assert errors[1] < errors[0]
+
+
+# The float32 sketch's accuracy guard. Spectra (R = 12 clients × 16 = 192, target rank 16, default
+# oversample and power iterations): fast decay 0.5ʲ (σ₁/σ_ℓ ≈ 10⁷: the sketch is ill-conditioned,
+# the tail ~10⁻⁵ is still far above float32's ε·‖M‖), harmonic 1/j (the benchmark's shape), and a
+# nearly flat 0.995ʲ (no gap at the cut: the case power iterations struggle with).
+SPECTRA = {
+    "fast-decay": 0.5 ** torch.arange(192, dtype=torch.float64),
+    "harmonic": 1.0 / torch.arange(1, 193, dtype=torch.float64),
+    "flat": 0.995 ** torch.arange(192, dtype=torch.float64),
+}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("spectrum", list(SPECTRA))
+def test_float32_rsvd_within_one_percent_of_optimal(spectrum: str, seed: int) -> None:
+    Bs, As = with_spectrum(400, 300, 12, SPECTRA[spectrum], dtype=torch.float32)
+    w = [0.5 + 0.1 * i for i in range(12)]
+    M = dense(Bs, As, w)  # float64 from the float32 factors: the optimum they define
+    optimal = torch.linalg.svdvals(M)[16:].norm().item()
+    assert sketch_dtype(Bs, As, "auto") == torch.float32
+    fast = svd_factors(Bs, As, w, 16, method="rsvd", seed=seed)
+    slow = svd_factors(Bs, As, w, 16, method="rsvd", seed=seed, precision="float64")
+    errors = [torch.linalg.matrix_norm(M - (L * S) @ R.T).item() for L, S, R in (fast, slow)]
+    assert optimal <= errors[0] <= 1.01 * optimal
+    # Both precisions start from the same Ω and match to float32 rounding: errors within
+    # ε₃₂·‖M‖ (measured ≤ 0.1·ε₃₂·‖M‖), products within 10⁻⁵·‖M‖ and singular values within
+    # 10⁻⁵·σ₁ (both measured < 10⁻⁶).
+    norm = torch.linalg.matrix_norm(M).item()
+    assert abs(errors[0] - errors[1]) <= torch.finfo(torch.float32).eps * norm
+    products = [(L * S) @ R.T for L, S, R in (fast, slow)]
+    assert torch.linalg.matrix_norm(products[0] - products[1]).item() <= 1e-5 * norm
+    assert torch.allclose(fast[1], slow[1], rtol=0, atol=1e-5 * slow[1][0].item())
+
+
+def test_float32_floor_where_the_tail_is_below_float32() -> None:
+    # Decay 0.2ʲ at rank 12: the optimal tail (~4·10⁻⁹·σ₁) is below float32 rounding, so the
+    # float32 sketch reaches only ~ε₃₂·‖M‖; precision="float64" still reaches the optimum.
+    Bs, As = with_spectrum(200, 150, 6, 0.2 ** torch.arange(48, dtype=torch.float64))
+    Bs, As = [B.float() for B in Bs], [A.float() for A in As]
+    w = [1.0] * 6
+    M = dense(Bs, As, w)
+    optimal = torch.linalg.svdvals(M)[12:].norm().item()
+    norm = torch.linalg.matrix_norm(M).item()
+    eps = torch.finfo(torch.float32).eps
+    errors = []
+    for precision in ("auto", "float64"):
+        L, S, R = svd_factors(Bs, As, w, 12, method="rsvd", precision=precision)
+        errors.append(torch.linalg.matrix_norm(M - (L * S) @ R.T).item())
+    assert errors[0] <= optimal + 10 * eps * norm
+    assert errors[0] > 1.01 * optimal  # the floor is real: this is why float64 stays an option
+    assert errors[1] <= 1.01 * optimal
+
+
+def test_float32_rsvd_weights_signs_and_dtypes() -> None:
+    # Full rank (rank ≥ Σrᵢ): the sketch covers the range, so only float32 rounding remains.
+    Bs, As = clients(30, 20, [2, 3, 4], dtype=torch.float32)
+    Bs[1] = Bs[1].to(torch.bfloat16)  # mixed input dtypes stay on the float32 path
+    w = [0.5, -1.2, 0.0]
+    L, S, R = svd_factors(Bs, As, w, 9, method="rsvd")
+    assert L.dtype == S.dtype == R.dtype == torch.float64
+    M = dense(Bs, As, w)
+    assert torch.allclose((L * S) @ R.T, M, rtol=0, atol=1e-5 * M.abs().max().item())
+    assert torch.allclose(L.T @ L, torch.eye(9, dtype=torch.float64), atol=1e-5)
+
+
+def test_precision_rule() -> None:
+    f32, f64, bf16 = (
+        torch.zeros(2, 1, dtype=t) for t in (torch.float32, torch.float64, torch.bfloat16)
+    )
+    assert sketch_dtype([f32, bf16], [f32.T, bf16.T], "auto") == torch.float32
+    assert sketch_dtype([f32, f64], [f32.T, f32.T], "auto") == torch.float64
+    assert sketch_dtype([f64], [f64.T], "float32") == torch.float32
+    assert sketch_dtype([f32], [f32.T], "float64") == torch.float64
 
 
 def test_deterministic_for_a_seed() -> None:
@@ -171,3 +253,5 @@ def test_rejects_bad_input() -> None:
         factored_svd(Bs, As, [1.0], 2)
     with pytest.raises(ValueError, match="finite"):
         factored_svd(Bs, As, [1.0, math.nan], 2)
+    with pytest.raises(ValueError, match=r"precision 'half'.*float32"):
+        factored_svd(Bs, As, [1.0, 1.0], 2, precision="half")

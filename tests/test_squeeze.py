@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fedllm.aggregators import Factors, get
+from fedllm.aggregators import squeeze as squeeze_module
 from fedllm.aggregators.squeeze import INIT_ROW_NORM
 
 
@@ -143,3 +144,47 @@ def test_gauge_options_are_checked() -> None:
         get("squeeze")(diagonal_round(), [1.0, 1.0], gauge="init")
     with pytest.raises(ValueError, match="row_norm"):
         get("squeeze")(diagonal_round(), [1.0, 1.0], gauge="rows", row_norm=0.0)
+
+
+def random_round(dtype: torch.dtype) -> list[Factors]:
+    """Five clients (ranks 2–12) on a 60×50 module, α = 16."""
+    gen = torch.Generator().manual_seed(3)
+    return [
+        Factors(
+            torch.randn(60, r, generator=gen).to(dtype),
+            torch.randn(r, 50, generator=gen).to(dtype) / 7,
+            16.0 / r,
+        )
+        for r in (2, 4, 8, 12, 6)
+    ]
+
+
+@pytest.mark.parametrize("correction", [False, True])
+def test_sketch_precision_follows_the_clients(
+    correction: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # float32 clients sketch in float32 even though the correction term is float64; float64
+    # clients in float64. Both give the same aggregate and residual to float32 rounding.
+    seen: list[str] = []
+    real = squeeze_module.svd_factors
+
+    def spy(*args: object, precision: str, **kwargs: object) -> object:
+        seen.append(precision)
+        return real(*args, precision=precision, **kwargs)
+
+    monkeypatch.setattr(squeeze_module, "svd_factors", spy)
+    options = {"method": "rsvd", "global_rank": 4, "residual_rank": 4, "correction": correction}
+    weights = [1.0, 2.0, 3.0, 1.0, 2.0]
+    low = get("squeeze")(random_round(torch.float32), weights, **options)
+    assert seen == ["float32"]
+    high = get("squeeze")(random_round(torch.float64), weights, **options)
+    assert seen == ["float32", "float64"]
+    assert low.global_.B.dtype == torch.float32 and low.state["residual_B"].dtype == torch.float32
+    for a, b in [
+        (low.global_.delta(), high.global_.delta()),
+        (
+            low.state["residual_B"].double() @ low.state["residual_A"].double(),
+            high.state["residual_B"] @ high.state["residual_A"],
+        ),
+    ]:
+        assert torch.linalg.matrix_norm(a - b) <= 1e-5 * torch.linalg.matrix_norm(b)

@@ -82,3 +82,19 @@ def test_bad_weights_and_options_rejected() -> None:
         get("svd")(updates, [0.0, 0.0])
     with pytest.raises(TypeError, match="oversampling"):
         get("svd")(updates, [1.0, 1.0], oversampling=4)
+
+
+def test_float32_clients_rsvd_within_one_percent_of_optimal() -> None:
+    # 20 float32 clients (Σrᵢ = 160 on 120×100), rank 12, default oversample and power iterations:
+    # the float32 sketch stays within 1.01× the optimal tail and within 10⁻⁵ of float64 clients.
+    updates = make(120, 100, [2, 4, 8, 16] * 5, alpha=16.0, seed=4)
+    low = [Factors(u.B.float(), u.A.float(), u.scaling) for u in updates]
+    weights = [float(1 + i % 3) for i in range(20)]
+    target = exact_mean(low, weights)
+    optimal = torch.linalg.svdvals(target)[12:].norm().item()
+    g32 = get("svd")(low, weights, global_rank=12, method="rsvd").global_
+    g64 = get("svd")(updates, weights, global_rank=12, method="rsvd").global_
+    assert g32.B.dtype == torch.float32
+    assert torch.linalg.matrix_norm(target - g32.delta()).item() <= 1.01 * optimal
+    gap = torch.linalg.matrix_norm(g32.delta() - g64.delta()).item()
+    assert gap <= 1e-5 * torch.linalg.matrix_norm(target).item()
