@@ -5,10 +5,10 @@
 Both sides run `fedllm run` on the recipe with the same overrides: once in simulation (Ray), once
 on a loopback SuperLink with TLS and node authentication plus one SuperNode per client (started
 here, stopped by process group at the end). Per round both write `seconds` (train + evaluate)
-to metrics.jsonl; the ratio of their means is what deployment costs per round. Where the time
-goes: the clients' own training seconds, and the import of the ClientApp's modules, which the
-deployment engine pays in a fresh `flwr-clientapp` process for every message. Writes
-results/deploy.md.
+to metrics.jsonl; the ratio of their means is what deployment costs per round. Each SuperNode
+has its warm worker (`fedllm.deploy.warm`); `--cold` adds a third side whose nodes run every
+message in a fresh `flwr-clientapp` process (`--no-warm-worker`), as before the worker existed.
+Writes results/deploy.md.
 """
 
 from __future__ import annotations
@@ -69,7 +69,9 @@ def run(cmd: list[str], env: dict[str, str]) -> float:
     return time.perf_counter() - start
 
 
-def deployed(recipe: str, overrides: list[str], root: Path, clients: int) -> float:
+def deployed(
+    recipe: str, overrides: list[str], root: Path, clients: int, *, warm: bool = True
+) -> float:
     """Run the recipe on a loopback TLS + auth federation; returns total wall seconds."""
     env = {**flwr_env(), "FLWR_HOME": str(root / "flwr_home")}
     creds = make_credentials(root / "creds", nodes=clients)
@@ -99,13 +101,16 @@ def deployed(recipe: str, overrides: list[str], root: Path, clients: int) -> flo
         for i in range(clients):
             register_node(creds.node_public(i), "bench", env=env)
             start(
-                supernode_command(
-                    superlink=f"127.0.0.1:{port}",
-                    partition_id=i,
-                    port=free_port(),
-                    root_certificates=creds.ca_cert,
-                    auth_key=creds.node_keys[i],
-                ),
+                [
+                    *supernode_command(
+                        superlink=f"127.0.0.1:{port}",
+                        partition_id=i,
+                        port=free_port(),
+                        root_certificates=creds.ca_cert,
+                        auth_key=creds.node_keys[i],
+                    ),
+                    *([] if warm else ["--no-warm-worker"]),
+                ],
                 f"node{i}.log",
             )
         cmd = [
@@ -137,55 +142,71 @@ def import_seconds() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="recipes/tiny.yaml")
+    parser.add_argument("--cold", action="store_true", help="also run nodes without warm workers")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     from fedllm.recipe import load_recipe
 
+    walls, rounds = {}, {}
     with tempfile.TemporaryDirectory(prefix="fedllm-bench-deploy-") as tmp:
         root = Path(tmp)
         common = [*args.overrides, f"output_dir={root}"]
         clients = load_recipe(args.recipe, common).data.num_clients
-        t_sim = run(
+        walls["simulation"] = run(
             [sys.executable, "-m", "fedllm.cli", "run", args.recipe, *common, "name=sim"],
             dict(os.environ),
         )
-        sim = round_rows(root / "sim")
-        (root / "dep").mkdir()
-        t_dep = deployed(args.recipe, [*common, "name=dep"], root / "dep", clients)
-        dep = round_rows(root / "dep")
+        rounds["simulation"] = round_rows(root / "sim")
+        sides = [("deployment (warm)", True)] + ([("deployment (cold)", False)] * args.cold)
+        for label, warm in sides:
+            name = "dep" if warm else "cold"
+            (root / name).mkdir()
+            walls[label] = deployed(
+                args.recipe, [*common, f"name={name}"], root / name, clients, warm=warm
+            )
+            rounds[label] = round_rows(root / name)
         imports = import_seconds()
-    mean = lambda d, k: sum(v[k] for v in d.values()) / len(d)  # noqa: E731
+    load = os.getloadavg()
+    mean = lambda d: sum(v["seconds"] for v in d.values()) / len(d)  # noqa: E731
+    sim = rounds["simulation"]
+    head = " | ".join(f"{k} s" for k in rounds)
     lines = [
         "# Deployment vs simulation: per-round wall time",
         "",
-        f"`python bench/deploy.py --recipe {args.recipe} {' '.join(args.overrides)}` on "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared), "
-        f"{clients} clients; deployment = loopback SuperLink with TLS + SuperNode auth.",
+        f"`python bench/deploy.py --recipe {args.recipe} {'--cold ' * args.cold}"
+        f"{' '.join(args.overrides)}` on {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, {clients} clients; deployment = loopback SuperLink with TLS + "
+        f"SuperNode auth. Load average at the end: {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}.",
         "",
-        "| round | simulation s | deployment s | ratio | sim max client train s | "
-        "dep max client train s |",
-        "|---:|---:|---:|---:|---:|---:|",
+        f"| round | {head} | " + " | ".join(f"{k} / simulation" for k in list(rounds)[1:]) + " |",
+        "|---:|" + "---:|" * (2 * len(rounds) - 1),
     ]
     for rnd in sorted(sim):
-        s, d = sim[rnd], dep.get(rnd, {"seconds": float("nan"), "train": float("nan")})
+        secs = [rounds[k].get(rnd, {"seconds": float("nan")})["seconds"] for k in rounds]
+        ratios = [f"{x / secs[0]:.2f}" for x in secs[1:]]
         lines.append(
-            f"| {rnd} | {s['seconds']:.1f} | {d['seconds']:.1f} | "
-            f"{d['seconds'] / s['seconds']:.2f} | {s['train']:.1f} | {d['train']:.1f} |"
+            f"| {rnd} | "
+            + " | ".join(f"{x:.1f}" for x in secs)
+            + " | "
+            + " | ".join(ratios)
+            + " |"
         )
-    ratio = mean(dep, "seconds") / mean(sim, "seconds")
+    lines.append("")
+    for label in list(rounds)[1:]:
+        lines.append(
+            f"**Mean round: {label} / simulation = {mean(rounds[label]) / mean(sim):.2f}×** "
+            f"({mean(rounds[label]):.1f} s vs {mean(sim):.1f} s); whole command incl. start-up "
+            f"and round 0: {walls[label]:.0f} s vs {walls['simulation']:.0f} s."
+        )
     lines += [
         "",
-        f"**Mean round: deployment / simulation = {ratio:.2f}×** "
-        f"({mean(dep, 'seconds'):.1f} s vs {mean(sim, 'seconds'):.1f} s). Whole command incl. "
-        f"start-up and round 0: {t_dep:.0f} s vs {t_sim:.0f} s.",
-        "",
-        "Where the time goes (deployment): each round is 2 exchanges (train, evaluate). Every "
-        "message starts a fresh `flwr-clientapp` process, which imports torch/transformers/peft/"
-        f"fedllm ({imports:.1f} s measured here for `import fedllm.deploy.apps` alone), rebuilds "
-        "the shard and loads the base model before any step; the SuperNodes and the ServerApp poll "
-        "the SuperLink every 1-3 s. Simulation keeps one Ray worker per client alive, with the "
-        "base model cached across rounds. The clients' own training seconds (columns above) are "
-        "a small part of either.",
+        "Each round is 2 exchanges (train, evaluate) and Flower starts a `flwr-clientapp` process "
+        "for every message. With a warm worker that process imports only Flower and the guard "
+        "and hands the message to the node's long-lived worker, which keeps torch/transformers/"
+        "peft, the base model and the tokenized shard; without one (cold) every message imports "
+        f"the ClientApp ({imports:.1f} s measured here for `import fedllm.deploy.apps` alone), "
+        "rebuilds the shard and reloads the base. SuperNodes and the ServerApp poll the "
+        "SuperLink every 1-3 s.",
     ]
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text("\n".join(lines) + "\n")
