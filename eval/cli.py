@@ -16,6 +16,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         references=args.references,
         tasks=tuple(args.tasks) if args.tasks else None,
         leakage=not args.no_leakage,
+        mia_non_members=args.mia_non_members,
+        mia_members_per_non_member=args.mia_members_per_non_member,
+        bootstrap=args.bootstrap,
     )
     evaluate_run(args.target, recipe=args.recipe, out_dir=args.out, settings=settings)
     return 0
@@ -63,6 +66,26 @@ def add_eval_commands(sub) -> None:
     )
     ev.add_argument("--list-tasks", action=ListTasks, help="list the eval tasks and exit")
     ev.add_argument("--no-leakage", action="store_true", help="task quality only")
+    ev.add_argument(
+        "--mia-non-members",
+        type=int,
+        metavar="N",
+        help="MIA non-members per client, from its held-out split (default: all of it)",
+    )
+    ev.add_argument(
+        "--mia-members-per-non-member",
+        type=int,
+        default=2,
+        metavar="K",
+        help="training examples matched (same domain, nearest length) to each non-member",
+    )
+    ev.add_argument(
+        "--bootstrap",
+        type=int,
+        default=1000,
+        metavar="B",
+        help="bootstrap resamples for the MIA intervals (0: no intervals)",
+    )
     ev.set_defaults(fn=cmd_eval)
 
     cmp = sub.add_parser("compare", help="one table and side-by-side plots for several runs")

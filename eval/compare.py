@@ -12,7 +12,14 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from fedllm.eval.report import fmt
+from fedllm.eval.report import fmt, interval_cell
+
+NOTE = (
+    "MIA AUC: the best of the five scores, pooled over clients, with its 95% bootstrap "
+    "interval when the report has one. Picking the best of five inflates it a little, the base "
+    "model's too: compare a view with the base control, not with 0.5. Exposure: skew-normal "
+    "bits, mean over the canaries with that repeat count."
+)
 
 
 def load_report(run: Path) -> dict:
@@ -38,10 +45,15 @@ def summarize(report: dict, *, privacy: str = "?") -> dict:
         "choose_acc": g.get("choose", {}).get("accuracy"),
         "domain_acc": g.get("domain", {}).get("accuracy"),
     }
-    for view in ("global", "client"):
+    for view in ("base", "global", "client"):
         pooled = leak["mia"].get(view, {}).get("pooled", {})
-        row[f"mia_auc_{view}"] = max((s["auc"] for s in pooled.values()), default=None)
+        best = max(pooled.items(), key=lambda kv: kv[1]["auc"], default=(None, {}))
+        row[f"mia_auc_{view}"] = best[1].get("auc")
+        row[f"mia_auc_{view}_interval"] = best[1].get("auc_interval")
+        row[f"mia_auc_{view}_score"] = best[0]
         row[f"mia_loss_auc_{view}"] = pooled.get("loss", {}).get("auc")
+        if view == "base":
+            continue
         by_k: dict[int, list[float]] = defaultdict(list)
         for r in leak["exposure"]:
             if r["view"] == view:
@@ -71,6 +83,7 @@ def table_md(rows: list[dict]) -> str:
         "choose acc",
         "MIA AUC global",
         "MIA AUC client",
+        "MIA AUC base (control)",
         *[f"exposure k={k} (global/client)" for k in ks],
         "extraction (global)",
     ]
@@ -82,8 +95,9 @@ def table_md(rows: list[dict]) -> str:
             f"{fmt(r['base_loss'])} → {fmt(r['loss'])}",
             fmt(r["define_rouge_l"]),
             fmt(r["choose_acc"], 2),
-            fmt(r["mia_auc_global"]),
-            fmt(r["mia_auc_client"]),
+            interval_cell(r["mia_auc_global"], r.get("mia_auc_global_interval")),
+            interval_cell(r["mia_auc_client"], r.get("mia_auc_client_interval")),
+            interval_cell(r.get("mia_auc_base"), r.get("mia_auc_base_interval")),
             *[
                 f"{fmt(r['exposure_global'].get(k), 1)} / {fmt(r['exposure_client'].get(k), 1)}"
                 for k in ks
@@ -138,6 +152,12 @@ def compare_runs(runs: list[Path], *, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "compare.json").write_text(json.dumps(rows, indent=2, default=float))
     plot_compare(rows, out_dir / "compare.png")
-    text = "# Runs compared\n\n" + table_md(rows) + "\n\n![quality vs leakage](compare.png)\n"
+    text = (
+        "# Runs compared\n\n"
+        + table_md(rows)
+        + "\n\n"
+        + NOTE
+        + "\n\n![quality vs leakage](compare.png)\n"
+    )
     (out_dir / "compare.md").write_text(text)
     return out_dir

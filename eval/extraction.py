@@ -8,7 +8,7 @@ explains, for held-out examples.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 import torch
 
@@ -46,25 +46,58 @@ def extraction_rates(
     batch_size: int,
 ) -> dict:
     """Exact-suffix rate and mean ROUGE-L of greedy continuations over `items`."""
-    cut = {"prefix_tokens": prefix_tokens, "suffix_tokens": suffix_tokens, "end_ids": end_ids}
-    pairs = [p for p in (split_prefix_suffix(x, **cut) for x in items) if p is not None]
-    if not pairs:
-        return {"examples": 0, "exact": float("nan"), "rouge_l": float("nan")}
-    generated = greedy_generate(
+    return grouped_extraction_rates(
         model,
-        [prefix for prefix, _ in pairs],
-        max_new_tokens=max(len(s) for _, s in pairs),
+        {"all": items},
+        prefix_tokens=prefix_tokens,
+        suffix_tokens=suffix_tokens,
         pad_id=pad_id,
-        eos_ids=end_ids,
+        end_ids=end_ids,
         batch_size=batch_size,
+    )["all"]
+
+
+def grouped_extraction_rates(
+    model: torch.nn.Module,
+    groups: dict[Hashable, Sequence[dict]],
+    *,
+    prefix_tokens: int,
+    suffix_tokens: int,
+    pad_id: int,
+    end_ids: Sequence[int],
+    batch_size: int,
+) -> dict[Hashable, dict]:
+    """`extraction_rates` of each group, decoded together (full batches across groups)."""
+    cut = {"prefix_tokens": prefix_tokens, "suffix_tokens": suffix_tokens, "end_ids": end_ids}
+    pairs = [
+        (key, p)
+        for key, items in groups.items()
+        for p in (split_prefix_suffix(x, **cut) for x in items)
+        if p is not None
+    ]
+    generated = (
+        greedy_generate(
+            model,
+            [prefix for _, (prefix, _) in pairs],
+            max_new_tokens=max(len(s) for _, (_, s) in pairs),
+            pad_id=pad_id,
+            eos_ids=end_ids,
+            batch_size=batch_size,
+        )
+        if pairs
+        else []
     )
-    exact, rouge = [], []
-    for (_, suffix), out in zip(pairs, generated, strict=True):
+    exact: dict[Hashable, list[float]] = {key: [] for key in groups}
+    rouge: dict[Hashable, list[float]] = {key: [] for key in groups}
+    for (key, (_, suffix)), out in zip(pairs, generated, strict=True):
         out = out[: len(suffix)]
-        exact.append(float(out == suffix))
-        rouge.append(rouge_l_tokens(out, suffix))
+        exact[key].append(float(out == suffix))
+        rouge[key].append(rouge_l_tokens(out, suffix))
     return {
-        "examples": len(pairs),
-        "exact": sum(exact) / len(exact),
-        "rouge_l": sum(rouge) / len(rouge),
+        key: {
+            "examples": len(exact[key]),
+            "exact": sum(exact[key]) / len(exact[key]) if exact[key] else float("nan"),
+            "rouge_l": sum(rouge[key]) / len(rouge[key]) if rouge[key] else float("nan"),
+        }
+        for key in groups
     }

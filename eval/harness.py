@@ -3,7 +3,8 @@
 Data come from the recipe, rebuilt deterministically per client (train = members, held-out =
 non-members, canaries as inserted). Views: base, global (released adapter) and each client's own
 last accepted update ("local" in quality tables, the honest-but-curious server in leakage).
-Quality tasks come from the registry (fedllm.eval.registry); none is named here.
+Quality tasks come from the registry (fedllm.eval.registry); none is named here. Leakage runs
+view by view over every client at once (fedllm.eval.leakage_run).
 """
 
 from __future__ import annotations
@@ -13,13 +14,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
-
-from fedllm.data.canary import is_canary
 from fedllm.data.sample import sample_examples
 from fedllm.data.shards import raw_shard
-from fedllm.eval import leakage
-from fedllm.eval.mia import run_attacks
+from fedllm.eval.leakage_run import measure_leakage
 from fedllm.eval.registry import select_tasks
 from fedllm.eval.task import EvalTask, TaskSetup
 from fedllm.eval.views import BASE, GLOBAL, Views, client_view, find_client_adapters
@@ -28,16 +25,39 @@ from fedllm.recipe import RunConfig, load_recipe
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """How much to evaluate: examples per client and task, batch size, generation lengths."""
+    """How much to evaluate: examples per client and task, MIA sample, intervals, lengths."""
 
-    max_examples: int = 64
+    max_examples: int = 64  # per client: quality tasks, and extraction from members/non-members
     batch_size: int = 16
     max_new_tokens: int = 32
-    references: int | None = None
+    references: int | None = None  # reference secrets per canary (None: the recipe's)
     prefix_tokens: int = 2
     suffix_tokens: int = 16
     tasks: tuple[str, ...] | None = None  # None: every available task
     leakage: bool = True
+    mia_non_members: int | None = None  # per client, from its held-out split (None: all of it)
+    mia_members_per_non_member: int = 2  # matched on domain and length
+    bootstrap: int = 1000  # resamples for the MIA intervals (0: none)
+    confidence: float = 0.95
+
+    def __post_init__(self) -> None:
+        positive = {
+            "max_examples": self.max_examples,
+            "batch_size": self.batch_size,
+            "max_new_tokens": self.max_new_tokens,
+            "mia_members_per_non_member": self.mia_members_per_non_member,
+        }
+        if self.mia_non_members is not None:
+            positive["mia_non_members"] = self.mia_non_members
+        if self.references is not None:
+            positive["references"] = self.references
+        for key, value in positive.items():
+            if value < 1:
+                raise ValueError(f"eval setting {key} must be >= 1, got {value}")
+        if self.bootstrap < 0:
+            raise ValueError(f"eval setting bootstrap must be >= 0, got {self.bootstrap}")
+        if not 0 < self.confidence < 1:
+            raise ValueError(f"eval setting confidence must be in (0, 1), got {self.confidence}")
 
 
 def resolve_inputs(
@@ -98,13 +118,11 @@ def evaluate_run(
         "leakage": {"exposure": [], "mia": {}, "extraction": {}},
     }
     n = cfg.data.num_clients
-    for pid in range(n):
-        shard = raw_shard(cfg, pid)
+    shards = {pid: raw_shard(cfg, pid) for pid in range(n)}
+    for pid, shard in shards.items():
         held = sample_examples(shard.held_out, max_examples=settings.max_examples, seed=pid)
-        members = [e for e in shard.train if not is_canary(e)]
-        members = sample_examples(members, max_examples=max(len(held), 1), seed=pid)
         local = client_view(pid) if client_view(pid) in views.names else None
-        say(f"client {pid}/{n}: {len(members)} members, {len(held)} held-out examples")
+        say(f"client {pid}/{n}: {len(held)} held-out examples for the quality tasks")
         built = {name: cls.build(held, setup) for name, cls in tasks.items()}
         for view in [BASE, GLOBAL] + ([local] if local else []):
             key = "local" if view == local else view
@@ -112,26 +130,12 @@ def evaluate_run(
             report["quality"].setdefault(key, {"clients": {}})["clients"][str(pid)] = result
             brief = ", ".join(f"{name} {tasks[name].headline(r)}" for name, r in result.items())
             say(f"client {pid} quality [{key}]: {brief}")
-        if settings.leakage:
-            _leakage(
-                views,
-                report,
-                cfg=cfg,
-                settings=settings,
-                pid=pid,
-                shard=shard,
-                members=members,
-                held=held,
-                local=local,
-                say=say,
-            )
     for block in report["quality"].values():
         block["global"] = _combine(tasks, list(block["clients"].values()))
     if settings.leakage:
-        for block in report["leakage"]["mia"].values():
-            block["pooled"] = run_attacks(
-                _concat(block.pop("_members")), _concat(block.pop("_non_members"))
-            )
+        report["leakage"] = measure_leakage(
+            views, cfg=cfg, settings=settings, shards=shards, say=say
+        )
     report["seconds"] = time.perf_counter() - t0
     write_report(report, out)
     say(f"done in {report['seconds']:.0f}s: {out / 'report.md'}")
@@ -142,76 +146,6 @@ def _quality(views: Views, view: str, built: dict[str, EvalTask], *, batch_size:
     """Every task's metrics under one view (tasks are built once per client, not per view)."""
     with views.use(view) as model:
         return {name: task.evaluate(model, batch_size=batch_size) for name, task in built.items()}
-
-
-def _leakage(views: Views, report: dict, *, cfg, settings, pid, shard, members, held, local, say):
-    tok, fmt, ml, bs = (
-        views.tokenizer,
-        cfg.data.prompt_format,
-        cfg.data.max_length,
-        settings.batch_size,
-    )
-    attack_views = [BASE, GLOBAL] + ([local] if local else [])
-    canaries = cfg.data.canaries
-    if shard.canaries and canaries is not None:
-        refs = settings.references or canaries.references
-        for view in attack_views:
-            with views.use(view) as model:
-                rows = leakage.canary_exposures(
-                    model,
-                    shard.canaries,
-                    tokenizer=tok,
-                    prompt_format=fmt,
-                    digits=canaries.digits,
-                    references=refs,
-                    batch_size=bs,
-                    seed=cfg.seed,
-                )
-            key = "client" if view == local else view
-            report["leakage"]["exposure"] += [{"view": key, **r} for r in rows]
-            say(
-                f"client {pid} exposure [{key}]: "
-                + ", ".join(
-                    f"k={r['repeats']}: {r['exposure']:.1f}/{r['exposure_skewnormal']:.1f}"
-                    for r in rows
-                )
-            )
-    if not members or not held:
-        return
-    with views.use(BASE) as model:
-        base_m = leakage.base_scores(
-            model, members, tokenizer=tok, prompt_format=fmt, max_length=ml, batch_size=bs
-        )
-        base_n = leakage.base_scores(
-            model, held, tokenizer=tok, prompt_format=fmt, max_length=ml, batch_size=bs
-        )
-    for view in attack_views:
-        key = "client" if view == local else view
-        with views.use(view) as model:
-            common = {"tokenizer": tok, "prompt_format": fmt, "max_length": ml, "batch_size": bs}
-            sm = leakage.score_membership(model, members, base_scored=base_m, **common)
-            sn = leakage.score_membership(model, held, base_scored=base_n, **common)
-            cut = {"prefix_tokens": settings.prefix_tokens, "suffix_tokens": settings.suffix_tokens}
-            ext = {
-                "members": leakage.extraction(model, members, **common, **cut),
-                "non_members": leakage.extraction(model, held, **common, **cut),
-            }
-        block = report["leakage"]["mia"].setdefault(
-            key, {"clients": {}, "_members": [], "_non_members": []}
-        )
-        block["clients"][str(pid)] = run_attacks(sm, sn)
-        block["_members"].append(sm)
-        block["_non_members"].append(sn)
-        report["leakage"]["extraction"].setdefault(key, {})[str(pid)] = ext
-        best = max(block["clients"][str(pid)].items(), key=lambda kv: kv[1]["auc"])
-        say(
-            f"client {pid} MIA [{key}]: best AUC {best[1]['auc']:.3f} ({best[0]}); extraction "
-            f"members {ext['members']['exact']:.2f} vs held-out {ext['non_members']['exact']:.2f}"
-        )
-
-
-def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def _combine(tasks: dict[str, type[EvalTask]], per_client: list[dict]) -> dict:

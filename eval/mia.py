@@ -55,11 +55,14 @@ def membership_scores(
 
 
 def run_attacks(
-    members: dict[str, np.ndarray], non_members: dict[str, np.ndarray]
+    members: dict[str, np.ndarray], non_members: dict[str, np.ndarray], **interval
 ) -> dict[str, dict]:
-    """attack_summary (AUC, TPR@FPR) for each score present in both groups."""
+    """attack_summary (AUC, TPR@FPR, intervals) for each score present in both groups.
+
+    `interval` passes on to attack_summary: resamples, confidence, seed, member/non-member strata.
+    """
     return {
-        name: attack_summary(members[name], non_members[name])
+        name: attack_summary(members[name], non_members[name], **interval)
         for name in SCORES
         if name in members and name in non_members
     }

@@ -22,9 +22,8 @@ def fmt(x, digits: int = 3) -> str:
 
 
 def tpr_cell(entry: dict) -> str:
-    if entry["enough_non_members"]:
-        return fmt(entry["value"])
-    return f"{fmt(entry['value'])}* "
+    cell = interval_cell(entry["value"], entry.get("interval"))
+    return cell if entry["enough_non_members"] else f"{cell}*"
 
 
 def quality_md(quality: dict, tasks: dict) -> list[str]:
@@ -85,11 +84,30 @@ def exposure_md(rows: list[dict]) -> list[str]:
     return [*lines, ""]
 
 
-def mia_md(mia: dict) -> list[str]:
+def interval_cell(value, interval, digits: int = 3) -> str:
+    """'0.612 [0.561, 0.660]', or just the value when there is no interval."""
+    if interval is None:
+        return fmt(value, digits)
+    return f"{fmt(value, digits)} [{fmt(interval[0], digits)}, {fmt(interval[1], digits)}]"
+
+
+def mia_md(mia: dict, *, sample: dict | None = None, control: dict | None = None) -> list[str]:
+    """Pooled attacks per view and score with intervals, the base control's verdict, the sample."""
+    first = next((s for b in mia.values() for s in b["pooled"].values()), {})
+    conf = first.get("interval", {})
     lines = [
         "## Membership inference (members = a client's training examples, non-members = its "
         "held-out examples; pooled over clients)",
         "",
+    ]
+    if conf:
+        lines += [
+            f"Intervals: {conf['confidence']:.0%} percentile bootstrap, {conf['resamples']} "
+            f"resamples (seed {conf['seed']}), members and non-members resampled within each "
+            "client.",
+            "",
+        ]
+    lines += [
         "| view | score | AUC | TPR@FPR<1% | TPR@FPR<0.1% | members | non-members |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -99,8 +117,8 @@ def mia_md(mia: dict) -> list[str]:
             t1, t01 = s["tpr@fpr<0.01"], s["tpr@fpr<0.001"]
             few |= not (t1["enough_non_members"] and t01["enough_non_members"])
             lines.append(
-                f"| {view} | {score} | {fmt(s['auc'])} | {tpr_cell(t1)} | {tpr_cell(t01)} | "
-                f"{s['members']} | {s['non_members']} |"
+                f"| {view} | {score} | {interval_cell(s['auc'], s.get('auc_interval'))} | "
+                f"{tpr_cell(t1)} | {tpr_cell(t01)} | {s['members']} | {s['non_members']} |"
             )
     if few:
         lines += [
@@ -109,7 +127,49 @@ def mia_md(mia: dict) -> list[str]:
             "least 1/α non-members (100 for 1%, 1000 for 0.1%); below that the value is "
             "the TPR at zero false positives.",
         ]
+    if control is not None and "base" in mia:
+        lines += ["", *control_md(control)]
+    if sample:
+        lines += ["", *sample_md(sample)]
     return [*lines, ""]
+
+
+def control_md(control: dict) -> list[str]:
+    """The base model never saw the data: its AUC interval should contain 0.5."""
+    if control["ok"]:
+        return [
+            "Control: every score's AUC interval under the **base** model (which never saw the "
+            "data) contains 0.5, so members and non-members differ only by membership as far "
+            "as this sample can tell."
+        ]
+    names = ", ".join(
+        f"{name} [{fmt(lo)}, {fmt(hi)}]" for name, (lo, hi) in control["outside"].items()
+    )
+    return [
+        f"**⚠ Control failed**: under the base model, which never saw the data, the AUC "
+        f"interval of {names} excludes 0.5. Either members and non-members differ in "
+        "something other than membership (domain, length, source) or this is the 1-in-20 "
+        "chance of a 95% interval (more likely with several scores); attack AUCs of the other "
+        "views are only meaningful relative to this control."
+    ]
+
+
+def sample_md(sample: dict) -> list[str]:
+    """Per client: the held-out split, what was drawn and how well the lengths match."""
+    lines = [
+        "Sample per client (members matched to non-members on domain and nearest length):",
+        "",
+        "| client | held-out | non-members | members | unmatched | mean tokens members / "
+        "non-members |",
+        "|---|---|---|---|---|---|",
+    ]
+    for pid, s in sample.items():
+        lines.append(
+            f"| {pid} | {s['held_out']} | {s['non_members']} | {s['members']} | "
+            f"{s['dropped_non_members']} | {fmt(s['member_tokens_mean'], 1)} / "
+            f"{fmt(s['non_member_tokens_mean'], 1)} |"
+        )
+    return lines
 
 
 def extraction_md(extraction: dict) -> list[str]:
@@ -185,12 +245,14 @@ def plot_mia(mia: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=120)
     width = 0.8 / max(len(mia), 1)
     for i, (view, block) in enumerate(mia.items()):
-        ys = [block["pooled"].get(s, {}).get("auc", np.nan) for s in SCORES]
-        ax.bar(np.arange(len(SCORES)) + i * width, ys, width, label=view)
+        ys = np.array([block["pooled"].get(s, {}).get("auc", np.nan) for s in SCORES])
+        spans = [block["pooled"].get(s, {}).get("auc_interval", [np.nan] * 2) for s in SCORES]
+        yerr = np.abs(np.array(spans).T - ys)  # 2 x scores; NaN (no interval) draws no bar
+        ax.bar(np.arange(len(SCORES)) + i * width, ys, width, yerr=yerr, capsize=2, label=view)
     ax.axhline(0.5, ls=":", color="grey")
     ax.set_xticks(np.arange(len(SCORES)) + width * (len(mia) - 1) / 2)
     ax.set_xticklabels(SCORES)
-    ax.set_ylabel("ROC AUC (pooled)")
+    ax.set_ylabel("ROC AUC (pooled, 95% interval)")
     ax.set_ylim(0, 1)
     ax.legend()
     fig.tight_layout()
@@ -216,7 +278,7 @@ def write_report(report: dict, out: Path) -> Path:
         plot_exposure(leak["exposure"], out / "exposure.png")
         lines += ["![exposure vs repeats](exposure.png)", ""]
     if leak["mia"]:
-        lines += mia_md(leak["mia"])
+        lines += mia_md(leak["mia"], sample=leak.get("sample"), control=leak.get("control"))
         plot_mia(leak["mia"], out / "mia.png")
         lines += ["![MIA AUC by score](mia.png)", ""]
     if leak["extraction"]:

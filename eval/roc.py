@@ -6,6 +6,12 @@ Definitions (members are the positives; an example is called a member when score
   TPR@FPR<α = max over thresholds t (including "call nothing a member") of TPR(t) with FPR(t) < α.
 With fewer than 1/α non-members, FPR < α forces zero false positives, so the number says nothing
 about the α level: `enough_non_members` is then False.
+
+Intervals: percentile bootstrap (seeded, 1,000 resamples by default). Members and non-members are
+resampled separately (the design fixes both counts), and within each stratum when strata are
+given (e.g. the client each example came from, so a pooled resample keeps every client's share).
+Each resample's AUC and TPR@FPR are exactly `roc_auc` / `tpr_at_fpr` of the resampled arrays,
+computed from resample counts on the sorted scores instead of materialising the arrays.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from collections.abc import Sequence
 import numpy as np
 
 FPR_LEVELS = (0.01, 0.001)
+RESAMPLES = 1000
+CONFIDENCE = 0.95
 
 
 def roc_auc(members: Sequence[float], non_members: Sequence[float]) -> float:
@@ -45,21 +53,133 @@ def tpr_at_fpr(members: Sequence[float], non_members: Sequence[float], *, fpr: f
     return float(tprs[fprs < fpr].max())
 
 
-def attack_summary(members: Sequence[float], non_members: Sequence[float]) -> dict:
-    """AUC and TPR at each FPR level, saying whether there were enough non-members for each."""
+def attack_summary(
+    members: Sequence[float],
+    non_members: Sequence[float],
+    *,
+    resamples: int = RESAMPLES,
+    confidence: float = CONFIDENCE,
+    seed: int = 0,
+    member_strata: Sequence | None = None,
+    non_member_strata: Sequence | None = None,
+) -> dict:
+    """AUC and TPR at each FPR level with bootstrap intervals (resamples=0: no intervals)."""
     out: dict = {
         "auc": roc_auc(members, non_members),
         "members": len(members),
         "non_members": len(non_members),
     }
+    boot = None
+    if resamples:
+        boot = bootstrap(
+            members,
+            non_members,
+            resamples=resamples,
+            seed=seed,
+            member_strata=member_strata,
+            non_member_strata=non_member_strata,
+        )
+        out["auc_interval"] = percentile_interval(boot["auc"], confidence)
+        out["interval"] = {"resamples": resamples, "confidence": confidence, "seed": seed}
     for level in FPR_LEVELS:
         needed = math.ceil(1 / level)
-        out[f"tpr@fpr<{level:g}"] = {
+        entry: dict = {
             "value": tpr_at_fpr(members, non_members, fpr=level),
             "enough_non_members": len(non_members) >= needed,
             "needs_non_members": needed,
         }
+        if boot is not None:
+            entry["interval"] = percentile_interval(boot[f"tpr@fpr<{level:g}"], confidence)
+        out[f"tpr@fpr<{level:g}"] = entry
     return out
+
+
+def percentile_interval(values: np.ndarray, confidence: float) -> list[float]:
+    """[lo, hi]: the (1 − c)/2 and (1 + c)/2 quantiles of bootstrap values."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    tail = (1 - confidence) / 2
+    lo, hi = np.quantile(np.asarray(values, dtype=float), [tail, 1 - tail])
+    return [float(lo), float(hi)]
+
+
+def bootstrap(
+    members: Sequence[float],
+    non_members: Sequence[float],
+    *,
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+    fpr_levels: Sequence[float] = FPR_LEVELS,
+    member_strata: Sequence | None = None,
+    non_member_strata: Sequence | None = None,
+) -> dict[str, np.ndarray]:
+    """AUC and TPR@FPR<α of `resamples` stratified bootstrap resamples (one value each)."""
+    m, n = _check(members, non_members)
+    if resamples < 1:
+        raise ValueError(f"resamples must be >= 1, got {resamples}")
+    rng = np.random.default_rng(seed)
+    wm = _resample_counts(len(m), member_strata, resamples, rng, "member_strata")
+    wn = _resample_counts(len(n), non_member_strata, resamples, rng, "non_member_strata")
+    return weighted_stats(m, n, wm, wn, fpr_levels=fpr_levels)
+
+
+def weighted_stats(
+    members: np.ndarray,
+    non_members: np.ndarray,
+    member_counts: np.ndarray,
+    non_member_counts: np.ndarray,
+    *,
+    fpr_levels: Sequence[float] = FPR_LEVELS,
+) -> dict[str, np.ndarray]:
+    """AUC and TPR@FPR<α of each row's resample: score i drawn counts[row, i] times."""
+    m, n = _check(members, non_members)
+    m_order, n_order = np.argsort(m, kind="stable"), np.argsort(n, kind="stable")
+    sm, sn = m[m_order], n[n_order]
+    wm = np.asarray(member_counts, float)[:, m_order]
+    wn = np.asarray(non_member_counts, float)[:, n_order]
+    rows, size_m, size_n = len(wm), wm.sum(axis=1), wn.sum(axis=1)
+    # cumulative resample counts over the sorted scores, with a leading 0 column
+    cm = np.concatenate([np.zeros((rows, 1)), np.cumsum(wm, axis=1)], axis=1)
+    cn = np.concatenate([np.zeros((rows, 1)), np.cumsum(wn, axis=1)], axis=1)
+    # AUC: each member counts the non-members above it, and half of those equal to it
+    le = cn[:, np.searchsorted(sn, sm, side="right")]
+    lt = cn[:, np.searchsorted(sn, sm, side="left")]
+    above = size_n[:, None] - le + 0.5 * (le - lt)
+    out = {"auc": (wm * above).sum(axis=1) / (size_m * size_n)}
+    for level in fpr_levels:
+        # FPR < α allows k false positives, k the largest integer with k / n < α; the best
+        # threshold sits just below the (k+1)-th smallest non-member v, so TPR = #(members < v)/m
+        sizes = {int(t): _allowed_false_positives(int(t), level) for t in np.unique(size_n)}
+        k = np.array([sizes[int(t)] for t in size_n])
+        first = (cn[:, 1:] >= (k + 1)[:, None]).argmax(axis=1)  # v's index in sorted non-members
+        below = np.searchsorted(sm, sn[first], side="left")
+        out[f"tpr@fpr<{level:g}"] = cm[np.arange(rows), below] / size_m
+    return out
+
+
+def _allowed_false_positives(n: int, level: float) -> int:
+    """The largest k with k / n < level (as the float comparison in `tpr_at_fpr` decides)."""
+    k = max(math.ceil(level * n) - 1, 0)
+    while k + 1 <= n and (k + 1) / n < level:
+        k += 1
+    while k > 0 and k / n >= level:
+        k -= 1
+    return k
+
+
+def _resample_counts(
+    size: int, strata: Sequence | None, resamples: int, rng: np.random.Generator, name: str
+) -> np.ndarray:
+    """(resamples, size) draw counts: each stratum resampled to its own size, with replacement."""
+    labels = np.zeros(size, dtype=int) if strata is None else np.asarray(strata)
+    if labels.shape != (size,):
+        raise ValueError(f"{name} must give one stratum per score ({size}), got {labels.shape}")
+    drawn = np.empty((resamples, size), dtype=np.int64)
+    for value in np.unique(labels):
+        idx = np.flatnonzero(labels == value)
+        drawn[:, idx] = idx[rng.integers(0, len(idx), size=(resamples, len(idx)))]
+    flat = drawn + size * np.arange(resamples)[:, None]
+    return np.bincount(flat.ravel(), minlength=size * resamples).reshape(resamples, size)
 
 
 def _check(members: Sequence[float], non_members: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:

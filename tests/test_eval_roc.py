@@ -1,8 +1,18 @@
-"""fedllm.eval.roc: AUC and TPR at FPR (lower score = member) against hand-computed values."""
+"""fedllm.eval.roc: AUC and TPR at FPR (lower score = member) against hand-computed values,
+and bootstrap intervals on score sets whose answer is known."""
 
+import numpy as np
 import pytest
 
-from fedllm.eval.roc import attack_summary, roc_auc, roc_curve, tpr_at_fpr
+from fedllm.eval.roc import (
+    attack_summary,
+    bootstrap,
+    percentile_interval,
+    roc_auc,
+    roc_curve,
+    tpr_at_fpr,
+    weighted_stats,
+)
 
 
 def test_auc_counts_pairs_and_ties_half() -> None:
@@ -33,7 +43,12 @@ def test_tpr_at_fpr_is_best_tpr_with_strictly_lower_fpr() -> None:
 def test_summary_flags_too_few_non_members() -> None:
     s = attack_summary([0.0] * 5, [1.0] * 150)
     assert s["auc"] == 1.0
-    assert s["tpr@fpr<0.01"] == {"value": 1.0, "enough_non_members": True, "needs_non_members": 100}
+    assert s["tpr@fpr<0.01"] == {
+        "value": 1.0,
+        "enough_non_members": True,
+        "needs_non_members": 100,
+        "interval": [1.0, 1.0],
+    }
     assert s["tpr@fpr<0.001"]["enough_non_members"] is False
     assert s["tpr@fpr<0.001"]["needs_non_members"] == 1000
 
@@ -43,3 +58,78 @@ def test_empty_or_nan_scores_are_rejected() -> None:
         roc_auc([], [1.0])
     with pytest.raises(ValueError, match="finite"):
         roc_auc([float("nan")], [1.0])
+
+
+def test_tpr_at_fpr_on_small_hand_arrays() -> None:
+    # 10 non-members 1..10, members 0.5, 1.5, 2.5, 11: FPR < 0.25 allows 2 false positives
+    # (2/10 < 0.25, 3/10 is not), so the threshold sits below the 3rd non-member (3.0)
+    members, non = [0.5, 1.5, 2.5, 11.0], [float(v) for v in range(1, 11)]
+    assert tpr_at_fpr(members, non, fpr=0.25) == pytest.approx(3 / 4)
+    assert tpr_at_fpr(members, non, fpr=0.2) == pytest.approx(2 / 4)  # 2/10 is not < 0.2
+    assert tpr_at_fpr(members, non, fpr=0.05) == pytest.approx(1 / 4)  # none: below 1.0
+    # a tie with the first non-member is not below it: threshold 1.0 would be a false positive
+    assert tpr_at_fpr([1.0, 2.0], [1.0, 5.0], fpr=0.5) == 0.0
+
+
+def test_resample_statistics_equal_the_resampled_arrays() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(30):  # small integer scores: many ties
+        m = rng.integers(0, 6, size=rng.integers(1, 20)).astype(float)
+        n = rng.integers(0, 6, size=rng.integers(1, 120)).astype(float)
+        wm = rng.multinomial(len(m), np.full(len(m), 1 / len(m)), size=4)
+        wn = rng.multinomial(len(n), np.full(len(n), 1 / len(n)), size=4)
+        stats = weighted_stats(m, n, wm, wn, fpr_levels=(0.01, 0.1, 0.3))
+        for row in range(4):
+            mm, nn = np.repeat(m, wm[row]), np.repeat(n, wn[row])
+            assert stats["auc"][row] == pytest.approx(roc_auc(mm, nn), abs=1e-12)
+            for level in (0.01, 0.1, 0.3):
+                expected = tpr_at_fpr(mm, nn, fpr=level)
+                assert stats[f"tpr@fpr<{level:g}"][row] == pytest.approx(expected, abs=1e-12)
+
+
+def test_separable_scores_give_the_degenerate_interval() -> None:
+    s = attack_summary(np.linspace(0, 1, 40), np.linspace(2, 3, 120), resamples=500)
+    assert s["auc"] == 1.0 and s["auc_interval"] == [1.0, 1.0]
+    assert s["tpr@fpr<0.01"]["interval"] == [1.0, 1.0]  # every member below every non-member
+    flipped = attack_summary(np.linspace(2, 3, 40), np.linspace(0, 1, 120), resamples=500)
+    assert flipped["auc_interval"] == [0.0, 0.0]
+
+
+def test_identical_distributions_contain_one_half() -> None:
+    rng = np.random.default_rng(0)
+    same = rng.normal(size=200)
+    s = attack_summary(same, same.copy(), resamples=1000)  # the very same scores: AUC exactly ½
+    assert s["auc"] == 0.5
+    lo, hi = s["auc_interval"]
+    assert lo < 0.5 < hi
+    # the bootstrap spread matches the null standard error sqrt((m + n + 1) / (12 m n))
+    se = np.sqrt((200 + 200 + 1) / (12 * 200 * 200))
+    assert (hi - lo) / 2 == pytest.approx(1.96 * se, rel=0.15)
+    draws = [
+        attack_summary(rng.normal(size=100), rng.normal(size=100), resamples=300, seed=i)
+        for i in range(20)
+    ]
+    assert sum(d["auc_interval"][0] <= 0.5 <= d["auc_interval"][1] for d in draws) >= 17
+
+
+def test_bootstrap_is_seeded_and_keeps_strata() -> None:
+    m, n = np.arange(6.0), np.arange(3.0, 9.0)
+    a = bootstrap(m, n, resamples=50, seed=7)
+    assert np.array_equal(a["auc"], bootstrap(m, n, resamples=50, seed=7)["auc"])
+    assert not np.array_equal(a["auc"], bootstrap(m, n, resamples=50, seed=8)["auc"])
+    # strata: client a's members all score 0, client b's all 10, non-members 5. Resampled within
+    # clients every resample keeps 3 + 3 members, so AUC is exactly ½ each time; pooled, the
+    # a/b mix varies and so does the AUC
+    members, non = np.array([0.0] * 3 + [10.0] * 3), np.full(6, 5.0)
+    strata = np.array(["a", "a", "a", "b", "b", "b"])
+    kept = bootstrap(members, non, resamples=200, seed=1, member_strata=strata)
+    assert np.all(kept["auc"] == 0.5)
+    assert bootstrap(members, non, resamples=200, seed=1)["auc"].std() > 0.1
+    with pytest.raises(ValueError, match="one stratum per score"):
+        bootstrap(m, n, resamples=5, member_strata=["a"])
+
+
+def test_percentile_interval_by_hand() -> None:
+    assert percentile_interval(np.arange(101.0), 0.9) == pytest.approx([5.0, 95.0])
+    with pytest.raises(ValueError, match="confidence"):
+        percentile_interval(np.arange(3.0), 1.0)

@@ -1,4 +1,5 @@
-"""fedllm.eval.scoring: batched scores equal one-at-a-time scores and the model's own loss."""
+"""fedllm.eval.scoring: batched scores equal one-at-a-time scores, the model's own loss, and (on
+the prefix-sharing path) a plain full forward of each item, with fewer tokens computed."""
 
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from fedllm.data import collate, load_wordnet, tokenize_all
+from fedllm.eval.prompting import prompt_response_item
 from fedllm.eval.scoring import nll_and_tokens, score_examples
 from fedllm.model.loading import build_tiny_model, load_base_model
 
@@ -43,3 +45,76 @@ def test_sum_matches_the_model_loss(setup) -> None:
         loss = model(**batch).loss.item()  # mean over all response tokens of the batch
     assert tokens == int((batch["labels"][:, 1:] != -100).sum())
     assert nll / tokens == pytest.approx(loss, rel=1e-4)
+
+
+def naive_scores(model, item: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The definition, as the scorer did before prefix sharing: one full forward, every position."""
+    ids = torch.as_tensor([item["input_ids"]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits.float()[0, :-1], dim=-1)
+    labels = torch.as_tensor(item["labels"][1:])
+    rows = (labels != -100).nonzero().squeeze(-1)
+    lp = logp[rows]
+    p = lp.exp()
+    mu = (p * lp).sum(-1)
+    sigma = (p * (lp - mu[:, None]).square()).sum(-1).sqrt()
+    return lp.gather(-1, labels[rows, None]).squeeze(-1).numpy(), mu.numpy(), sigma.numpy()
+
+
+class TokenCount:
+    """Counts the tokens the model's embedding layer sees (what a scoring path computes)."""
+
+    def __init__(self, model) -> None:
+        self.tokens = 0
+        self.handle = model.get_input_embeddings().register_forward_hook(self.hook)
+
+    def hook(self, module, args, output) -> None:
+        self.tokens += args[0].numel()
+
+
+def test_shared_prefix_equals_the_full_forward(setup) -> None:
+    model, tok, items = setup
+    secrets = ["0123", "4567", "8901", "2345", "6789", "1357"]
+    canaries = [  # one prompt, many secrets: the prompt is shared
+        prompt_response_item(
+            tok, f"What is the secret number of account {a}?", s, prompt_format="chat"
+        )
+        for a in ("0-1-0", "0-4-1")
+        for s in secrets
+    ]
+    options = [  # multiple choice: each question's options share its prompt
+        prompt_response_item(tok, ex_prompt, opt, prompt_format="chat")
+        for ex_prompt in ("Define the word 'run' (verb).", "Define the word 'go' (verb).")
+        for opt in ("move fast", "travel", "leave quickly", "stop")
+    ]
+    # (items, most of the full path's tokens the shared path may compute): distinct prompts only
+    # share the chat template's head; a canary's secrets and a question's options share a prompt
+    for group, ratio in ((items, 0.9), (canaries, 0.25), (options, 0.6), (items + canaries, 0.7)):
+        pad = tok.pad_token_id
+        count = TokenCount(model)
+        shared = score_examples(model, group, batch_size=3, pad_id=pad, vocab_stats=True)
+        shared_tokens, count.tokens = count.tokens, 0
+        full = score_examples(
+            model, group, batch_size=3, pad_id=pad, vocab_stats=True, shared_prefix=False
+        )
+        count.handle.remove()
+        assert shared_tokens < ratio * count.tokens  # the shared path really skips prefixes
+        for a, b, item in zip(shared, full, group, strict=True):
+            lp, mu, sigma = naive_scores(model, item)
+            assert a.token_ids.tolist() == [t for t in item["labels"] if t != -100]
+            for s in (a, b):
+                np.testing.assert_allclose(s.logprobs, lp, atol=2e-5)
+                np.testing.assert_allclose(s.mu, mu, atol=2e-5)
+                np.testing.assert_allclose(s.sigma, sigma, atol=2e-5, rtol=1e-4)
+
+
+def test_items_without_a_shared_prefix_fall_back_to_the_full_path(setup) -> None:
+    model, tok, items = setup
+    odd = [
+        {"input_ids": [7, *items[0]["input_ids"]], "labels": [-100, *items[0]["labels"]]},
+        {"input_ids": [8, *items[1]["input_ids"]], "labels": [-100, *items[1]["labels"]]},
+    ]
+    a = score_examples(model, odd, batch_size=2, pad_id=tok.pad_token_id)
+    for s, item in zip(a, odd, strict=True):
+        np.testing.assert_allclose(s.logprobs, naive_scores(model, item)[0], atol=2e-5)
+    assert score_examples(model, [], batch_size=2, pad_id=tok.pad_token_id) == []

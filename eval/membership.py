@@ -1,0 +1,77 @@
+"""Members and non-members for membership inference, drawn so that only membership differs.
+
+Non-members are a client's own held-out examples; members are its training examples (canaries
+excluded) matched to them: for each non-member, `per_non_member` members with the same domain
+(the example's label) and the nearest length (scored tokens). Members and non-members then have
+the same domain mix, client mix and nearly the same length distribution, so a model that never
+saw the data (the base control) cannot tell them apart except by chance. A non-member whose
+domain has too few unused members left is dropped, and counted.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MatchedSample:
+    """Indices into the member pool and the non-member list, and what could not be matched."""
+
+    members: list[int]  # k per kept non-member, grouped in the order of `non_members`
+    non_members: list[int]  # kept non-members, ascending
+    dropped: int  # non-members without k unused members of their domain
+
+
+def matched_sample(
+    member_domains: Sequence[str],
+    member_lengths: Sequence[int],
+    non_member_domains: Sequence[str],
+    non_member_lengths: Sequence[int],
+    *,
+    per_non_member: int,
+    seed: int,
+) -> MatchedSample:
+    """Pick `per_non_member` members per non-member: same domain, nearest length, no reuse.
+
+    Non-members are visited in a seeded random order and take their nearest unused members
+    (ties broken by a seeded random rank), so no non-member is favoured by its position.
+    """
+    if per_non_member < 1:
+        raise ValueError(f"per_non_member must be >= 1, got {per_non_member}")
+    if len(member_domains) != len(member_lengths):
+        raise ValueError("member_domains and member_lengths must describe the same examples")
+    if len(non_member_domains) != len(non_member_lengths):
+        raise ValueError(
+            "non_member_domains and non_member_lengths must describe the same examples"
+        )
+    rng = random.Random(f"fedllm-mia-match:{seed}")
+    tiebreak = rng.sample(range(len(member_domains)), len(member_domains))
+    pool: dict[str, list[int]] = defaultdict(list)
+    for i, domain in enumerate(member_domains):
+        pool[domain].append(i)
+    chosen: dict[int, list[int]] = {}
+    dropped = 0
+    for j in rng.sample(range(len(non_member_domains)), len(non_member_domains)):
+        free = pool[non_member_domains[j]]
+        if len(free) < per_non_member:
+            dropped += 1
+            continue
+        length = non_member_lengths[j]
+        free.sort(key=lambda i: (abs(member_lengths[i] - length), tiebreak[i]))
+        chosen[j] = free[:per_non_member]
+        del free[:per_non_member]
+    kept = sorted(chosen)
+    return MatchedSample(
+        members=[i for j in kept for i in chosen[j]], non_members=kept, dropped=dropped
+    )
+
+
+def subsample(indices: Sequence[int], *, limit: int | None, seed: int) -> list[int]:
+    """At most `limit` of `indices` (seeded, order kept); all of them when limit is None."""
+    if limit is None or limit >= len(indices):
+        return list(indices)
+    keep = sorted(random.Random(f"fedllm-mia-subsample:{seed}").sample(range(len(indices)), limit))
+    return [indices[k] for k in keep]
