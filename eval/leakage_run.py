@@ -20,7 +20,7 @@ from fedllm.eval.extraction import grouped_extraction_rates
 from fedllm.eval.generate import end_token_ids
 from fedllm.eval.leakage import CanarySet, canary_exposures, canary_set, score_groups
 from fedllm.eval.membership import matched_sample, subsample
-from fedllm.eval.mia import membership_scores, run_attacks
+from fedllm.eval.mia import against_base, membership_scores, run_attacks
 from fedllm.eval.views import BASE, GLOBAL, Views, client_view
 
 
@@ -115,6 +115,7 @@ def measure_leakage(
     attack = {"resamples": settings.bootstrap, "confidence": settings.confidence, "seed": cfg.seed}
     cut = {"prefix_tokens": settings.prefix_tokens, "suffix_tokens": settings.suffix_tokens}
     base: dict = {}
+    base_scores: dict[int, tuple] = {}  # the base view's MIA scores per client (the control)
     pooled: dict[str, list] = {}
     plan = [(BASE, "base", list(data)), (GLOBAL, "global", list(data))]
     plan += [(client_view(p), "client", [p]) for p in data if client_view(p) in views.names]
@@ -150,6 +151,8 @@ def measure_leakage(
             )
             block["clients"][str(p)] = run_attacks(sm, sn, **attack)
             pooled.setdefault(key, []).append((p, sm, sn))
+            if view == BASE:
+                base_scores[p] = (sm, sn)
             out["extraction"].setdefault(key, {})[str(p)] = {
                 "members": extraction[(p, "members")],
                 "non_members": extraction[(p, "non_members")],
@@ -162,6 +165,9 @@ def measure_leakage(
             )
     for key, parts in pooled.items():
         out["mia"][key]["pooled"] = _pooled(parts, attack)
+        if key != "base" and attack["resamples"]:
+            base_parts = [(p, *base_scores[p]) for p, _, _ in parts]
+            out["mia"][key]["vs_base"] = _pooled(parts, attack, base_parts)
     out["control"] = control_check(out["mia"].get("base", {}).get("pooled", {}))
     return out
 
@@ -179,14 +185,26 @@ def control_check(pooled: dict) -> dict:
     return {"ok": not outside, "outside": outside}
 
 
-def _pooled(parts: list, attack: dict) -> dict:
-    """Attacks on every client's scores together, resampled within each client."""
+def _pooled(parts: list, attack: dict, base_parts: list | None = None) -> dict:
+    """Attacks on every client's scores together, resampled within each client; with
+    `base_parts`, each score's AUC difference from the base model's on the same examples."""
+    sm, sn, strata_m, strata_n = _concat(parts)
+    if base_parts is None:
+        return run_attacks(sm, sn, **attack, member_strata=strata_m, non_member_strata=strata_n)
+    bm, bn, _, _ = _concat(base_parts)
+    return against_base(
+        sm, sn, bm, bn, **attack, member_strata=strata_m, non_member_strata=strata_n
+    )
+
+
+def _concat(parts: list) -> tuple[dict, dict, np.ndarray, np.ndarray]:
+    """(member scores, non-member scores, their client ids) over [(client, members, non)]."""
     sm = {k: np.concatenate([m[k] for _, m, _ in parts]) for k in parts[0][1]}
     sn = {k: np.concatenate([n[k] for _, _, n in parts]) for k in parts[0][2]}
     first = next(iter(parts[0][1]))
     strata_m = np.concatenate([np.full(len(m[first]), p) for p, m, _ in parts])
     strata_n = np.concatenate([np.full(len(n[first]), p) for p, _, n in parts])
-    return run_attacks(sm, sn, **attack, member_strata=strata_m, non_member_strata=strata_n)
+    return sm, sn, strata_m, strata_n
 
 
 def _merge(sets: list[CanarySet]) -> CanarySet:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fedllm.eval.roc import attack_summary
+from fedllm.eval.roc import attack_summary, paired_auc_difference
 from fedllm.eval.scoring import Scored
 
 SCORES = ("loss", "zlib", "min_k", "min_k_pp", "reference")
@@ -65,4 +65,28 @@ def run_attacks(
         name: attack_summary(members[name], non_members[name], **interval)
         for name in SCORES
         if name in members and name in non_members
+    }
+
+
+def against_base(
+    members: dict[str, np.ndarray],
+    non_members: dict[str, np.ndarray],
+    base_members: dict[str, np.ndarray],
+    base_non_members: dict[str, np.ndarray],
+    **interval,
+) -> dict[str, dict]:
+    """Per score: AUC − the base model's AUC on the same examples, with a paired interval.
+
+    The reference score is left out: under the base model it is 0 for every example.
+    """
+    return {
+        name: paired_auc_difference(
+            members[name],
+            non_members[name],
+            base_members[name],
+            base_non_members[name],
+            **interval,
+        )
+        for name in SCORES
+        if name != "reference" and name in members and name in base_members
     }

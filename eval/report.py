@@ -104,21 +104,29 @@ def mia_md(mia: dict, *, sample: dict | None = None, control: dict | None = None
         lines += [
             f"Intervals: {conf['confidence']:.0%} percentile bootstrap, {conf['resamples']} "
             f"resamples (seed {conf['seed']}), members and non-members resampled within each "
-            "client.",
+            "client. AUC − base: the view's AUC minus the base model's on the same examples, "
+            "both from the same resamples (what training added, with the split's own tilt "
+            "cancelled).",
             "",
         ]
     lines += [
-        "| view | score | AUC | TPR@FPR<1% | TPR@FPR<0.1% | members | non-members |",
-        "|---|---|---|---|---|---|---|",
+        "| view | score | AUC | AUC − base (paired) | TPR@FPR<1% | TPR@FPR<0.1% | members | "
+        "non-members |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     few = False
     for view, block in mia.items():
         for score, s in block["pooled"].items():
             t1, t01 = s["tpr@fpr<0.01"], s["tpr@fpr<0.001"]
             few |= not (t1["enough_non_members"] and t01["enough_non_members"])
+            delta = block.get("vs_base", {}).get(score)
+            delta_cell = (
+                "—" if delta is None else interval_cell(delta["difference"], delta["interval"])
+            )
             lines.append(
                 f"| {view} | {score} | {interval_cell(s['auc'], s.get('auc_interval'))} | "
-                f"{tpr_cell(t1)} | {tpr_cell(t01)} | {s['members']} | {s['non_members']} |"
+                f"{delta_cell} | {tpr_cell(t1)} | {tpr_cell(t01)} | {s['members']} | "
+                f"{s['non_members']} |"
             )
     if few:
         lines += [

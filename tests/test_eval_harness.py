@@ -134,6 +134,47 @@ def test_leakage_sections(run: Path) -> None:
     assert set(leak["extraction"]["client"]) == {"0", "1"}
 
 
+def test_mia_sample_intervals_and_base_control(run: Path) -> None:
+    report = json.loads((run / "eval" / "report.json").read_text())
+    leak = report["leakage"]
+    cfg = build_config(yaml.safe_load((run / "recipe.yaml").read_text()))
+    for pid in ("0", "1"):  # every held-out example is a non-member unless it had no match
+        s = leak["sample"][pid]
+        assert s["held_out"] == len(raw_shard(cfg, int(pid)).held_out)
+        assert s["non_members"] + s["dropped_non_members"] == s["held_out"]
+        assert s["members"] == 2 * s["non_members"]
+        assert leak["mia"]["global"]["clients"][pid]["loss"]["members"] == s["members"]
+    for view in ("base", "global", "client"):
+        for score in ("loss", "min_k"):
+            a = leak["mia"][view]["pooled"][score]
+            lo, hi = a["auc_interval"]
+            assert lo <= a["auc"] <= hi and a["interval"]["resamples"] == 1000
+            t = a["tpr@fpr<0.01"]
+            assert t["interval"][0] <= t["value"] <= t["interval"][1]
+    # the base model scores "reference" as 0 for everyone: AUC exactly 1/2, interval [1/2, 1/2]
+    assert leak["mia"]["base"]["pooled"]["reference"]["auc_interval"] == [0.5, 0.5]
+    delta = leak["mia"]["global"]["vs_base"]["loss"]
+    base_auc = leak["mia"]["base"]["pooled"]["loss"]["auc"]
+    global_auc = leak["mia"]["global"]["pooled"]["loss"]["auc"]
+    assert delta["difference"] == pytest.approx(global_auc - base_auc)
+    assert "vs_base" not in leak["mia"]["base"]
+    outside = {
+        k: v["auc_interval"]
+        for k, v in leak["mia"]["base"]["pooled"].items()
+        if not v["auc_interval"][0] <= 0.5 <= v["auc_interval"][1]
+    }
+    assert leak["control"] == {"ok": not outside, "outside": outside}
+    md = (run / "eval" / "report.md").read_text()
+    assert "AUC − base (paired)" in md and "percentile bootstrap" in md
+    assert ("Control: every score" in md) == leak["control"]["ok"]
+    assert "| client | held-out | non-members | members |" in md
+
+
+def test_bad_eval_settings_name_the_key(run: Path, capsys) -> None:
+    assert main(["eval", str(run), "--mia-members-per-non-member", "0", *ARGS]) == 2
+    assert "mia_members_per_non_member must be >= 1" in capsys.readouterr().err
+
+
 def test_adapter_folder_with_recipe_and_bad_target(run: Path, tmp_path: Path, capsys) -> None:
     adapter = run / "final_adapter"
     code = main(

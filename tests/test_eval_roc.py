@@ -7,6 +7,7 @@ import pytest
 from fedllm.eval.roc import (
     attack_summary,
     bootstrap,
+    paired_auc_difference,
     percentile_interval,
     roc_auc,
     roc_curve,
@@ -133,3 +134,20 @@ def test_percentile_interval_by_hand() -> None:
     assert percentile_interval(np.arange(101.0), 0.9) == pytest.approx([5.0, 95.0])
     with pytest.raises(ValueError, match="confidence"):
         percentile_interval(np.arange(3.0), 1.0)
+
+
+def test_paired_difference_cancels_what_both_models_share() -> None:
+    rng = np.random.default_rng(5)
+    base_m, base_n = rng.normal(0.2, 1, 150), rng.normal(0, 1, 150)  # a tilted split: AUC < ½
+    same = paired_auc_difference(base_m, base_n, base_m, base_n, resamples=300)
+    assert same == {"difference": 0.0, "interval": [0.0, 0.0]}
+    view_m = base_m - 0.5  # training lowers every member's loss by 0.5
+    d = paired_auc_difference(view_m, base_n, base_m, base_n, resamples=1000)
+    assert d["difference"] == pytest.approx(roc_auc(view_m, base_n) - roc_auc(base_m, base_n))
+    lo, hi = d["interval"]
+    assert 0 < lo < d["difference"] < hi
+    # narrower than the view's own AUC interval: the base's share of the noise cancels
+    own = attack_summary(view_m, base_n, resamples=1000)["auc_interval"]
+    assert hi - lo < 0.8 * (own[1] - own[0])
+    with pytest.raises(ValueError, match="same members"):
+        paired_auc_difference(view_m, base_n, base_m[:-1], base_n)
