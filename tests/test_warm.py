@@ -125,3 +125,17 @@ def test_the_worker_folder_joins_the_node_config() -> None:
         "--node-config",
         'warm-worker="/tmp/w"',
     ]
+
+
+def test_the_supernode_gets_a_worker_unless_told_not_to(monkeypatch, tmp_path: Path) -> None:
+    from fedllm.deploy import guard
+
+    started, execs = [], []
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    monkeypatch.setattr(guard, "start_warm_worker", lambda env: started.append(1) or tmp_path)
+    monkeypatch.setattr(guard.os, "execvpe", lambda f, argv, env: execs.append(argv))
+    guard.exec_supernode(["--insecure", "--node-config", "partition-id=0"])
+    guard.exec_supernode(["--insecure", "--node-config", "partition-id=0", "--no-warm-worker"])
+    assert started == [1]
+    assert execs[0][-1] == f'partition-id=0 warm-worker="{tmp_path}"'
+    assert execs[1] == ["flower-supernode", "--insecure", "--node-config", "partition-id=0"]

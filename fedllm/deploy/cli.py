@@ -32,6 +32,8 @@ def cmd_node(args: argparse.Namespace) -> int:
         auth_key=args.auth_key,
         insecure=args.insecure,
     )
+    if args.no_warm_worker:  # every message in its own process (see fedllm.deploy.warm)
+        cmd.append("--no-warm-worker")
     if args.data_path and not Path(args.data_path).expanduser().exists():
         raise FileNotFoundError(f"--data-path {args.data_path}: no such file or folder")
     if args.port is None:
@@ -116,6 +118,11 @@ def add_deploy_commands(sub: argparse._SubParsersAction) -> None:
     node.add_argument("--auth-key", type=Path, help="this node's registered ECDSA private key")
     node.add_argument("--insecure", action="store_true", help="no TLS, no auth (debug only)")
     node.add_argument("-v", "--verbose", action="store_true", help="Flower's DEBUG log lines too")
+    node.add_argument(
+        "--no-warm-worker",
+        action="store_true",
+        help="no warm worker: each message imports the ClientApp and loads the base again",
+    )
     node.set_defaults(fn=cmd_node, flower_service=True)  # its output is Flower's own log
 
     link = sub.add_parser(
