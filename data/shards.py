@@ -1,9 +1,9 @@
 """From a recipe to each client's private shard: load, hold out the test set, partition, tokenize.
 
-Every step is deterministic for the recipe's seed, so a client (in simulation or on its own
-SuperNode) rebuilds exactly its own partition without anything being sent to it. A `ShardCache`
-keeps what one process computes for every client it serves: the recipe's split (examples, global
-test set, every client's indices) once, and each client's tokenized shard once.
+Every step is deterministic for the data seed (`data.seed`, else the run's), so a client (in
+simulation or on its own SuperNode) rebuilds exactly its own partition with nothing sent to it. A
+`ShardCache` keeps what one process computes for every client it serves: the recipe's split
+(examples, global test set, every client's indices) once, and each client's tokenized shard once.
 """
 
 from __future__ import annotations
@@ -75,18 +75,18 @@ def load_all_examples(cfg: RunConfig) -> list[dict]:
     Parsed once per process (WordNet takes seconds), like the base model.
     """
     options = source_options(cfg)
-    key = (cfg.data.source, cfg.data.max_examples, cfg.seed, tuple(sorted(options.items())))
+    key = (cfg.data.source, cfg.data.max_examples, cfg.data_seed, tuple(sorted(options.items())))
     return ALL_EXAMPLES.get(
         key,
         lambda: load_examples(
-            cfg.data.source, max_examples=cfg.data.max_examples, seed=cfg.seed, **options
+            cfg.data.source, max_examples=cfg.data.max_examples, seed=cfg.data_seed, **options
         ),
     )
 
 
 def data_key(cfg: RunConfig) -> Hashable:
     """What a split and a shard depend on: the seed and the whole data section."""
-    return (cfg.seed, cfg.data.model_dump_json())
+    return (cfg.data_seed, cfg.data.model_dump_json())
 
 
 def split_examples(cfg: RunConfig, examples: list[dict]) -> Split:
@@ -99,7 +99,7 @@ def split_examples(cfg: RunConfig, examples: list[dict]) -> Split:
                 fraction=t.fraction,
                 labels=t.labels,
                 max_examples=t.max_examples,
-                seed=cfg.seed,
+                seed=cfg.data_seed,
             )
         except ValueError as err:
             raise ValueError(f"data.test_set: {err}") from None
@@ -108,7 +108,7 @@ def split_examples(cfg: RunConfig, examples: list[dict]) -> Split:
         num_clients=cfg.data.num_clients,
         method=cfg.data.partitioner,
         alpha=cfg.data.dirichlet_alpha,
-        seed=cfg.seed,
+        seed=cfg.data_seed,
     )
     if test:  # back to indices into `examples`
         parts = [[pool[j] for j in part] for part in parts]
@@ -212,7 +212,7 @@ def raw_shard(cfg: RunConfig, partition_id: int, *, cache: ShardCache | None = N
     if not 0 <= partition_id < len(parts):
         raise ValueError(f"partition-id {partition_id} outside [0, {len(parts)})")
     train_idx, held_idx = split_held_out(
-        parts[partition_id], fraction=cfg.data.held_out, seed=cfg.seed + partition_id
+        parts[partition_id], fraction=cfg.data.held_out, seed=cfg.data_seed + partition_id
     )
     if not train_idx:
         raise ValueError(
@@ -229,7 +229,7 @@ def raw_shard(cfg: RunConfig, partition_id: int, *, cache: ShardCache | None = N
             digits=c.digits,
             repeats=c.repeats,
             per_repeat=c.per_repeat,
-            seed=cfg.seed,
+            seed=cfg.data_seed,
         )
     return RawShard(
         partition_id=partition_id,

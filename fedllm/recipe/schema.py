@@ -187,6 +187,11 @@ class DataConfig(_Strict):
     held_out: float = Field(0.1, gt=0, lt=1)
     max_length: int = Field(64, ge=8)
     canaries: CanaryConfig | None = Field(None, description="leakage canaries (off by default)")
+    seed: int | None = Field(
+        None,
+        description="seed of the data (subset, test set, partition, held-out splits, canaries); "
+        "default: the run's seed. Fix it to vary only LoRA init, sampling and order across seeds",
+    )
     test_set: TestSetConfig | None = Field(
         None, description="a global test set evaluated by the server (off by default)"
     )
@@ -581,6 +586,11 @@ class RunConfig(_Strict):
         if ranks.spacing == "linear":
             return round(ranks.min + t * (ranks.max - ranks.min))
         return round(math.exp(math.log(ranks.min) + t * math.log(ranks.max / ranks.min)))
+
+    @property
+    def data_seed(self) -> int:
+        """The seed every data step uses: `data.seed`, else the run's seed."""
+        return self.seed if self.data.seed is None else self.data.seed
 
     @property
     def max_rank(self) -> int:
