@@ -8,8 +8,10 @@ and its small core SVD in float64; triplets come back in float64, factors in the
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -123,16 +125,7 @@ def stack(
     Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor], weights: Sequence[float]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Σ wᵢBᵢAᵢ = U@V with U = [w₁B₁|…] (d×R) and V = [A₁;…] (R×k), in float64 (FLoRA stacking)."""
-    R = sum(B.shape[1] for B in Bs)
-    U = torch.empty(Bs[0].shape[0], R, dtype=torch.float64, device=Bs[0].device)
-    V = torch.empty(R, As[0].shape[1], dtype=torch.float64, device=Bs[0].device)
-    start = 0
-    for w, B, A in zip(weights, Bs, As, strict=True):
-        end = start + B.shape[1]
-        U[:, start:end].copy_(B).mul_(float(w))  # written straight into U: no per-client copies
-        V[start:end].copy_(A)
-        start = end
-    return U, V
+    return _stacked(Bs, As, torch.float64, [float(w) for w in weights])
 
 
 def choose_method(total_rank: int, d: int, k: int, rank: int, oversample: int) -> str:
@@ -197,7 +190,8 @@ def _rsvd(
         Q = _orth(U @ ((V @ Z) * w))
     Qw, Rw = torch.linalg.qr(V.T @ ((U.T @ Q) * w))  # (U diag(w) V)ᵀ Q = Qw Rw, k×width
     X, S, Yt = torch.linalg.svd(Rw.double().T)  # Qᵀ U diag(w) V = (X S Yᵀ) Qwᵀ
-    return Q.double() @ X, S, Yt @ Qw.double().T
+    # Rotating the `dtype` bases is a `dtype` product too: float64 here would add only cost.
+    return (Q @ X.to(dtype)).double(), S, (Yt.to(dtype) @ Qw.T).double()
 
 
 def _stack_unweighted(
@@ -207,18 +201,51 @@ def _stack_unweighted(
     dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """U = [B₁|…] (d×R), V = [A₁;…] (R×k) in `dtype`, and w (R×1): wᵢ repeated rᵢ times."""
-    device = Bs[0].device
+    U, V = _stacked(Bs, As, dtype, None)
+    ranks = torch.tensor([B.shape[1] for B in Bs], device=U.device)
+    w = torch.tensor([float(x) for x in weights], dtype=dtype, device=U.device)
+    return U, V, w.repeat_interleave(ranks)[:, None]
+
+
+PARALLEL_STACK = 1 << 22  # elements of U and V above which V is filled on a second thread
+
+
+def _stacked(
+    Bs: Sequence[torch.Tensor],
+    As: Sequence[torch.Tensor],
+    dtype: torch.dtype,
+    weights: list[float] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[w₁B₁|…] (d×R; unweighted if `weights` is None) and [A₁;…] (R×k), written in place.
+
+    Filling fresh memory is mostly page faults and runs on one core, so for large stacks V is
+    filled by a helper thread while this one fills U (the copies release the GIL).
+    """
     ranks = [B.shape[1] for B in Bs]
+    device = Bs[0].device
     U = torch.empty(Bs[0].shape[0], sum(ranks), dtype=dtype, device=device)
     V = torch.empty(sum(ranks), As[0].shape[1], dtype=dtype, device=device)
-    start = 0
-    for B, A in zip(Bs, As, strict=True):
-        end = start + B.shape[1]
-        U[:, start:end].copy_(B)
-        V[start:end].copy_(A)
-        start = end
-    w = torch.tensor([float(x) for x in weights], dtype=dtype, device=device)
-    return U, V, w.repeat_interleave(torch.tensor(ranks, device=device))[:, None]
+    bounds = list(itertools.accumulate(ranks, initial=0))
+
+    def fill_u() -> None:
+        for i, B in enumerate(Bs):
+            block = U[:, bounds[i] : bounds[i + 1]].copy_(B)  # no per-client temporaries
+            if weights is not None:
+                block.mul_(weights[i])
+
+    def fill_v() -> None:
+        for i, A in enumerate(As):
+            V[bounds[i] : bounds[i + 1]].copy_(A)
+
+    if U.numel() + V.numel() < PARALLEL_STACK:
+        fill_u()
+        fill_v()
+        return U, V
+    with ThreadPoolExecutor(max_workers=1) as helper:
+        pending = helper.submit(fill_v)
+        fill_u()
+        pending.result()
+    return U, V
 
 
 def _orth(Y: torch.Tensor) -> torch.Tensor:

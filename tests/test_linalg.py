@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from fedllm.aggregators import factored_svd, svd_factors
-from fedllm.aggregators.linalg import choose_method, sketch_dtype
+from fedllm.aggregators import factored_svd, linalg, svd_factors
+from fedllm.aggregators.linalg import choose_method, sketch_dtype, stack
 
 FACTORED = ["exact", "rsvd", "dense", "auto"]
 
@@ -171,6 +171,18 @@ def test_float32_rsvd_weights_signs_and_dtypes() -> None:
     M = dense(Bs, As, w)
     assert torch.allclose((L * S) @ R.T, M, rtol=0, atol=1e-5 * M.abs().max().item())
     assert torch.allclose(L.T @ L, torch.eye(9, dtype=torch.float64), atol=1e-5)
+
+
+def test_stacking_on_a_helper_thread_matches_serial(monkeypatch: pytest.MonkeyPatch) -> None:
+    Bs, As = clients(40, 30, [2, 5, 3], dtype=torch.float32)
+    w = [0.5, -2.0, 1.5]
+    serial = stack(Bs, As, w), svd_factors(Bs, As, w, 4, method="rsvd")
+    monkeypatch.setattr(linalg, "PARALLEL_STACK", 0)  # every stack now fills V on a helper thread
+    threaded = stack(Bs, As, w), svd_factors(Bs, As, w, 4, method="rsvd")
+    assert all(torch.equal(a, b) for a, b in zip(serial[0], threaded[0], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(serial[1], threaded[1], strict=True))
+    U, V = threaded[0]
+    assert torch.allclose(U @ V, dense(Bs, As, w), atol=1e-5)
 
 
 def test_precision_rule() -> None:
