@@ -83,7 +83,9 @@ def svd_factors(
 
     m = min(rank, Σrᵢ, d, k), S is decreasing. Triplets past the numerical rank may be arbitrary
     directions with (near-)zero singular values. `precision` is the dtype of rsvd's big products:
-    "auto" is float64 if any input is float64, else float32 (see `sketch_dtype`).
+    "auto" is float64 if any input is float64, else float32 (see `sketch_dtype`). Oversample 16:
+    at 8, rsvd's error on the benchmark's 100-client 4096² modules was 1.012–1.014× the optimal
+    truncation error; at 16 it is ≈ 1.007× (≤ 1.0071 over 6 draws) for ~2 % more time.
     """
     _check(Bs, As, weights, rank, method, oversample, power_iters, precision)
     d, k = Bs[0].shape[0], As[0].shape[1]
@@ -111,8 +113,9 @@ def sketch_dtype(
 ) -> torch.dtype:
     """The dtype of rsvd's big products: float32, or float64 when asked or when an input is.
 
-    Float32 factors (or bf16/fp16, whose products already round far coarser) carry no more than
-    float32 can hold, and the result comes back in their dtype; float64 inputs ask for float64.
+    Float32, bf16 and fp16 factors hold no more than float32 carries, and the result goes back to
+    their dtype; float64 inputs ask for float64. Float32 cannot resolve a tail below ~ε₃₂·‖ΣwBA‖:
+    `precision="float64"` is the way to the optimum there (tests/test_linalg.py shows both).
     """
     if precision == "float64" or (
         precision == "auto" and any(x.dtype == torch.float64 for x in [*Bs, *As])
