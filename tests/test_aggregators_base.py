@@ -315,7 +315,7 @@ def test_check_options_names_a_typo_with_a_close_match_and_the_valid_keys() -> N
         base.check_options("squeeze", {"oversampel": 4})
     assert str(info.value) == (
         "aggregator.options.oversampel: unknown option of 'squeeze' (did you mean 'oversample'?); "
-        "valid: correction, lam, method, oversample, power_iters, residual_rank"
+        "valid: correction, gauge, lam, method, oversample, power_iters, residual_rank, row_norm"
     )
 
 
