@@ -185,11 +185,7 @@ def main() -> None:
         secs = [rounds[k].get(rnd, {"seconds": float("nan")})["seconds"] for k in rounds]
         ratios = [f"{x / secs[0]:.2f}" for x in secs[1:]]
         lines.append(
-            f"| {rnd} | "
-            + " | ".join(f"{x:.1f}" for x in secs)
-            + " | "
-            + " | ".join(ratios)
-            + " |"
+            f"| {rnd} | " + " | ".join(f"{x:.1f}" for x in secs) + " | " + " | ".join(ratios) + " |"
         )
     lines.append("")
     for label in list(rounds)[1:]:

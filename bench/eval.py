@@ -1,8 +1,18 @@
-"""Evaluation throughput: batched scoring and batched greedy generation vs one example at a time.
+"""Evaluation speed: throughput of the scoring paths, and leakage eval time against training time.
 
-    python bench/eval.py [--model smollm2-135m|tiny] [--examples 64] [--batch-size 16]
+    python bench/eval.py [throughput] [--model smollm2-135m|tiny] [--examples 64] [--batch-size 16]
     # writes bench/results/eval.md
+    python bench/eval.py leakage [--tiny] [--recipes R ...] [key=value ...]
+    # writes bench/results/eval-leakage.md (eval-leakage-tiny.md with --tiny)
 
+leakage: for each recipe (default recipes/leakage.yaml and recipes/leakage_dp.yaml), `fedllm run`
+then `fedllm eval` at the default eval sizes, each a fresh process timed by wall clock (what a
+user waits for); the table gives eval ÷ run (target ≤ 0.35), the eval's own phase breakdown,
+and `fedllm compare` of the runs (MIA AUC with 95% intervals and the base control). --tiny adds
+the tiny-model overrides below so the whole thing takes a few minutes. Run it alone on an idle
+machine: ratios from a loaded machine mean little.
+
+throughput (the default):
 Scoring = one forward pass over prompt + response with per-token log-probs and the vocabulary
 statistics Min-K%++ needs (what held-out loss, membership inference and exposure use).
 Generation = greedy decoding of the definition (define task, extraction), left-padded batches.
@@ -13,8 +23,12 @@ the ratio batched ÷ one-at-a-time, and checks that both paths give the same num
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +41,16 @@ from fedllm.eval.prompting import prompt_ids
 from fedllm.eval.scoring import score_examples
 from fedllm.model.loading import build_tiny_model, load_base_model, resolve_model_dir
 
-OUT = Path(__file__).parent / "results" / "eval.md"
+RESULTS = Path(__file__).parent / "results"
+OUT = RESULTS / "eval.md"
+RECIPES = ["recipes/leakage.yaml", "recipes/leakage_dp.yaml"]
+TINY = [  # a few minutes per recipe on 2 cores; the tiny model still memorises the k=16 canaries
+    "model.name=tiny",
+    "data.max_examples=400",
+    "federation.rounds=2",
+    "federation.local_steps=10",
+    "federation.lr=0.01",
+]
 
 
 def timed(fn) -> tuple[float, object]:
@@ -36,15 +59,27 @@ def timed(fn) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def machine_note(load0: float) -> str:
+    return (
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}, "
+        f"load average {load0:.1f} at start and {os.getloadavg()[0]:.1f} at the end"
+    )
+
+
+def throughput(argv: list[str]) -> None:
+    """Scoring one at a time, batched in full and with shared prefixes; greedy generation."""
+    parser = argparse.ArgumentParser(prog="bench/eval.py throughput")
     parser.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' or 'tiny'")
     parser.add_argument("--examples", type=int, default=64)
+    parser.add_argument("--references", type=int, default=200, help="secrets after one canary")
     parser.add_argument("--gen-examples", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--out", default=str(OUT))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+
+    from fedllm.data.canary import make_canaries, reference_secrets
+    from fedllm.eval.exposure import secret_item
 
     examples = load_wordnet(max_examples=args.examples, seed=0)
     if args.model == "tiny":
@@ -54,19 +89,36 @@ def main() -> None:
         folder = resolve_model_dir(args.model)
     model, tok = load_base_model(folder)
     model.eval()
-    items = tokenize_all(examples, tok, prompt_format="chat", max_length=64)
     pad = tok.pad_token_id
+    items = tokenize_all(examples, tok, prompt_format="chat", max_length=64)
+    canary = make_canaries(
+        client=0, clients=[0], prefix="What is the secret number of {name}?", digits=9, repeats=[1]
+    )[0]
+    secrets = [canary.secret, *reference_secrets(canary, n=args.references, digits=9)]
+    secret_items = [secret_item(tok, canary.prompt, s, prompt_format="chat") for s in secrets]
     load0 = os.getloadavg()[0]
 
-    def score(bs: int):
-        return score_examples(model, items, batch_size=bs, pad_id=pad, vocab_stats=True)
+    def score(its, bs: int, shared: bool):
+        return lambda: score_examples(
+            model, its, batch_size=bs, pad_id=pad, vocab_stats=its is items, shared_prefix=shared
+        )
 
-    score(args.batch_size)  # warm-up
-    t_single, single = timed(lambda: score(1))
-    t_batch, batched = timed(lambda: score(args.batch_size))
-    diff = max(
-        float(np.abs(a.logprobs - b.logprobs).max()) for a, b in zip(single, batched, strict=True)
-    )
+    score(items, args.batch_size, True)()  # warm-up
+    rows, agree = [], []
+    for name, its in (
+        ("MIA items (log-probs + vocab stats)", items),
+        (f"one canary + {args.references} reference secrets", secret_items),
+    ):
+        t1, one = timed(score(its, 1, False))
+        tf, _ = timed(score(its, args.batch_size, False))
+        ts, shared = timed(score(its, args.batch_size, True))
+        rows.append((name, len(its), t1, tf, ts))
+        agree.append(
+            max(
+                float(np.abs(a.logprobs - b.logprobs).max())
+                for a, b in zip(one, shared, strict=True)
+            )
+        )
 
     prompts = [prompt_ids(tok, e["prompt"], prompt_format="chat") for e in examples]
     prompts = prompts[: args.gen_examples]
@@ -76,36 +128,127 @@ def main() -> None:
         lambda: greedy_generate(model, prompts, batch_size=args.batch_size, **kw)
     )
     same = sum(a == b for a, b in zip(g_single, g_batch, strict=True))
-
-    n, g = len(items), len(prompts)
-    rows = [
-        ("scoring (log-probs + vocab stats)", n, t_single, t_batch),
-        (f"greedy generation ({args.new_tokens} new tokens)", g, g_single_t, g_batch_t),
-    ]
+    g = len(prompts)
     lines = [
-        "# Evaluation throughput: batched vs one example at a time",
+        "# Evaluation throughput: one at a time, batched, batched with shared prefixes",
         "",
-        f"Command: `python bench/eval.py --model {args.model} --examples {args.examples} "
-        f"--gen-examples {args.gen_examples} --batch-size {args.batch_size}`. "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}, "
-        f"load average {load0:.1f} at start and {os.getloadavg()[0]:.1f} at the end "
-        "(a shared machine: treat absolute times as rough; the ratio is measured in one run).",
+        f"Command: `python bench/eval.py throughput --model {args.model} --examples "
+        f"{args.examples} --references {args.references} --gen-examples {args.gen_examples} "
+        f"--batch-size {args.batch_size}`. {machine_note(load0)} (treat absolute times as "
+        "rough on a shared machine; the ratios are measured in one run).",
         "",
         f"Model: {args.model}; WordNet definition examples in the chat format (≤ 64 tokens); "
-        f"batch size {args.batch_size}, length-sorted batches.",
+        f"batch size {args.batch_size}. Full batches: every item in full, length-sorted. Shared "
+        "prefixes: the chat template's common head once, a shared prompt once per batch, "
+        "then each item's rest on copied keys/values (fedllm.eval.scoring).",
         "",
-        "| path | examples | one at a time (ex/s) | batched (ex/s) | batched ÷ one-at-a-time |",
-        "|---|---:|---:|---:|---:|",
+        "| path | items | one at a time (items/s) | batched, full (items/s) | batched, shared "
+        "prefixes (items/s) | shared ÷ one at a time | shared ÷ full batched |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, count, ts, tb in rows:
-        lines.append(f"| {name} | {count} | {count / ts:.2f} | {count / tb:.2f} | {ts / tb:.2f}× |")
+    for name, count, t1, tf, ts in rows:
+        lines.append(
+            f"| scoring: {name} | {count} | {count / t1:.2f} | {count / tf:.2f} | "
+            f"{count / ts:.2f} | {t1 / ts:.2f}× | {tf / ts:.2f}× |"
+        )
+    lines.append(
+        f"| greedy generation ({args.new_tokens} new tokens) | {g} | {g / g_single_t:.2f} | "
+        f"{g / g_batch_t:.2f} | — | — | — |"
+    )
     lines += [
         "",
-        f"Agreement: max |Δ log p| between the two scoring paths {diff:.2e}; "
+        f"Agreement: max |Δ log p| one at a time vs shared prefixes {max(agree):.2e}; "
         f"{same}/{g} generations token-identical.",
     ]
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def leakage(argv: list[str]) -> None:
+    """`fedllm run` then `fedllm eval` per recipe, wall-timed; eval ÷ run and the compare table."""
+    parser = argparse.ArgumentParser(prog="bench/eval.py leakage")
+    parser.add_argument("--recipes", nargs="+", default=RECIPES)
+    parser.add_argument("--tiny", action="store_true", help="add the tiny-model overrides")
+    parser.add_argument("--runs", help="folder for the runs (default: a temporary folder)")
+    parser.add_argument("--eval-args", default="", help="extra `fedllm eval` options, quoted")
+    parser.add_argument("--out", help="result file (default bench/results/eval-leakage[-tiny].md)")
+    args, overrides = parser.parse_known_args(argv)
+    if bad := [o for o in overrides if "=" not in o]:
+        parser.error(f"unknown arguments {bad}: recipe overrides are key=value")
+    overrides = (TINY if args.tiny else []) + overrides
+    out = Path(args.out or RESULTS / f"eval-leakage{'-tiny' if args.tiny else ''}.md")
+    runs = Path(args.runs or tempfile.mkdtemp(prefix="fedllm-bench-eval-"))
+    fedllm = str(Path(sys.executable).parent / "fedllm")
+    load0 = os.getloadavg()[0]
+    rows, dirs = [], []
+    for recipe in args.recipes:
+        name = Path(recipe).stem + ("_tiny" if args.tiny else "")
+        run_dir = runs / name
+        run_cmd = [fedllm, "run", recipe, f"output_dir={runs}", f"name={name}", *overrides]
+        t_run = wall([*run_cmd, "--overwrite"])
+        eval_cmd = [fedllm, "eval", str(run_dir), *args.eval_args.split()]
+        t_eval = wall(eval_cmd)
+        report = json.loads((run_dir / "eval" / "report.json").read_text())
+        rows.append((name, t_run, t_eval, report))
+        dirs.append(str(run_dir))
+    subprocess.run(
+        [fedllm, "compare", *dirs, "--out", str(runs / "compare")],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    compare = (runs / "compare" / "compare.md").read_text().split("\n", 2)[2]
+    from fedllm.eval.report import timings_brief
+
+    shown = " ".join(overrides)
+    lines = [
+        "# Leakage evaluation time against the run's own time",
+        "",
+        f"Command: `python bench/eval.py leakage{' --tiny' if args.tiny else ''} --recipes "
+        f"{' '.join(args.recipes)}"
+        + (f" --eval-args '{args.eval_args}'" if args.eval_args else "")
+        + (f" {' '.join(o for o in overrides if o not in TINY)}" if shown else "")
+        + f"`. Overrides: `{shown or 'none'}`. {machine_note(load0)}.",
+        "",
+        "Each side is a fresh process timed by wall clock: `fedllm run RECIPE` (Ray start-up, "
+        "base model, every round and its evaluation) and `fedllm eval RUN` at the default eval "
+        "sizes (every quality task, canary exposure, matched MIA with bootstrap intervals, "
+        "extraction, in every view). Target: eval ÷ run ≤ 0.35.",
+        "",
+        "| run | run (s) | eval (s) | eval ÷ run | eval phases (s) |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for name, t_run, t_eval, report in rows:
+        lines.append(
+            f"| {name} | {t_run:.0f} | {t_eval:.0f} | {t_eval / t_run:.2f} | "
+            f"{timings_brief(report.get('timings', {}))} |"
+        )
+    lines += ["", "`fedllm compare` of the runs:", "", compare.strip(), ""]
+    for name, _, _, report in rows:
+        control = report["leakage"].get("control", {})
+        verdict = (
+            "contains 0.5 for every score"
+            if control.get("ok")
+            else (f"EXCLUDES 0.5 for {', '.join(control.get('outside', {})) or '?'}")
+        )
+        lines.append(f"- {name}: the base control's AUC interval {verdict}.")
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def wall(cmd: list[str]) -> float:
+    """Run `cmd` to completion (its output to this terminal) and return its wall seconds."""
+    print("+", " ".join(cmd), flush=True)
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    if argv and argv[0] == "leakage":
+        leakage(argv[1:])
+    else:
+        throughput(argv[1:] if argv and argv[0] == "throughput" else argv)
 
 
 if __name__ == "__main__":

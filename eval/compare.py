@@ -13,6 +13,7 @@ import numpy as np
 import yaml
 
 from fedllm.eval.report import fmt, interval_cell
+from fedllm.eval.roc import CONFIDENCE, RESAMPLES, paired_auc_difference
 
 NOTE = (
     "MIA AUC: the best of the five scores, pooled over clients, with its 95% bootstrap "
@@ -62,6 +63,63 @@ def summarize(report: dict, *, privacy: str = "?") -> dict:
         ext = [e["members"]["exact"] for e in leak["extraction"].get(view, {}).values()]
         row[f"extraction_{view}"] = float(np.mean(ext)) if ext else None
     return row
+
+
+def paired_differences(report: dict, reference: dict, *, score: str = "loss") -> dict:
+    """Per view: `score`'s AUC in `report` minus in `reference`, paired on the same examples.
+
+    Both reports must hold the pooled per-example scores of the very same members and
+    non-members (same recipe data and eval sizes); views where they do not are left out.
+    """
+    out = {}
+    for view in ("global", "client"):
+        a = report["leakage"]["mia"].get(view, {}).get("scores")
+        b = reference["leakage"]["mia"].get(view, {}).get("scores")
+        if not a or not b or score not in a["members"] or score not in b["members"]:
+            continue
+        if any(a[part]["ids"] != b[part]["ids"] for part in ("members", "non_members")):
+            continue
+        interval = report["settings"].get("bootstrap", RESAMPLES) or RESAMPLES
+        out[view] = paired_auc_difference(
+            a["members"][score],
+            a["non_members"][score],
+            b["members"][score],
+            b["non_members"][score],
+            resamples=interval,
+            confidence=report["settings"].get("confidence", CONFIDENCE),
+            member_strata=a["members"]["client"],
+            non_member_strata=a["non_members"]["client"],
+        )
+    return out
+
+
+def paired_table_md(reports: list[dict], *, score: str = "loss") -> str:
+    """Each later run against the first, paired on the same examples ('' when none pair up)."""
+    if len(reports) < 2:
+        return ""
+    first = reports[0]["run"]
+    lines = []
+    for rep in reports[1:]:
+        diff = paired_differences(rep, reports[0], score=score)
+        cells = [
+            interval_cell(diff[v]["difference"], diff[v]["interval"]) if v in diff else "—"
+            for v in ("global", "client")
+        ]
+        if diff:
+            lines.append(f"| {rep['run']} | {cells[0]} | {cells[1]} |")
+    if not lines:
+        return ""
+    return "\n".join(
+        [
+            f"Paired against `{first}` on the same members and non-members ({score.upper()} "
+            "score; the difference's 95% interval resamples examples jointly, so what both "
+            "runs share about an example cancels):",
+            "",
+            f"| run | Δ AUC global (run − {first}) | Δ AUC client |",
+            "|---|---|---|",
+            *lines,
+        ]
+    )
 
 
 def run_privacy(run: Path) -> str:
@@ -148,7 +206,9 @@ def compare_runs(runs: list[Path], *, out_dir: Path) -> Path:
     """Write compare.md, compare.json and compare.png for `runs` into `out_dir`."""
     if not runs:
         raise ValueError("compare needs at least one run directory")
-    rows = [summarize(load_report(r), privacy=run_privacy(r)) for r in runs]
+    reports = [load_report(r) for r in runs]
+    rows = [summarize(rep, privacy=run_privacy(r)) for rep, r in zip(reports, runs, strict=True)]
+    paired = paired_table_md(reports)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "compare.json").write_text(json.dumps(rows, indent=2, default=float))
     plot_compare(rows, out_dir / "compare.png")
@@ -157,6 +217,7 @@ def compare_runs(runs: list[Path], *, out_dir: Path) -> Path:
         + table_md(rows)
         + "\n\n"
         + NOTE
+        + (f"\n\n{paired}" if paired else "")
         + "\n\n![quality vs leakage](compare.png)\n"
     )
     (out_dir / "compare.md").write_text(text)

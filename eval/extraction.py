@@ -3,7 +3,8 @@
 The prefix is the prompt plus the first `prefix_tokens` response tokens; the target is the next
 (up to) `suffix_tokens` response tokens. Reported: the rate of exact suffix matches and the mean
 token-level ROUGE-L, for training examples (members) and, as the baseline of what the task alone
-explains, for held-out examples.
+explains, for held-out examples. Decoding shares the prompts' common head (fedllm.eval.decode)
+and stops each row at its own suffix length.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
-from fedllm.eval.generate import greedy_generate
+from fedllm.eval.decode import greedy_decode
 from fedllm.eval.text import rouge_l_tokens
 
 
@@ -75,17 +76,13 @@ def grouped_extraction_rates(
         for p in (split_prefix_suffix(x, **cut) for x in items)
         if p is not None
     ]
-    generated = (
-        greedy_generate(
-            model,
-            [prefix for _, (prefix, _) in pairs],
-            max_new_tokens=max(len(s) for _, (_, s) in pairs),
-            pad_id=pad_id,
-            eos_ids=end_ids,
-            batch_size=batch_size,
-        )
-        if pairs
-        else []
+    generated = greedy_decode(
+        model,
+        [prefix for _, (prefix, _) in pairs],
+        max_new_tokens=[len(suffix) for _, (_, suffix) in pairs],
+        pad_id=pad_id,
+        eos_ids=end_ids,
+        batch_size=batch_size,
     )
     exact: dict[Hashable, list[float]] = {key: [] for key in groups}
     rouge: dict[Hashable, list[float]] = {key: [] for key in groups}

@@ -117,6 +117,8 @@ def evaluate_run(
         "quality": {},
         "leakage": {"exposure": [], "mia": {}, "extraction": {}},
     }
+    report["timings"] = {"load": time.perf_counter() - t0}
+    t_quality = time.perf_counter()
     n = cfg.data.num_clients
     shards = {pid: raw_shard(cfg, pid) for pid in range(n)}
     for pid, shard in shards.items():
@@ -132,10 +134,12 @@ def evaluate_run(
             say(f"client {pid} quality [{key}]: {brief}")
     for block in report["quality"].values():
         block["global"] = _combine(tasks, list(block["clients"].values()))
+    report["timings"]["quality"] = time.perf_counter() - t_quality
     if settings.leakage:
         report["leakage"] = measure_leakage(
             views, cfg=cfg, settings=settings, shards=shards, say=say
         )
+        report["timings"]["leakage"] = report["leakage"].pop("seconds")
     report["seconds"] = time.perf_counter() - t0
     write_report(report, out)
     say(f"done in {report['seconds']:.0f}s: {out / 'report.md'}")

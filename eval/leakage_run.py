@@ -8,7 +8,10 @@ global views score all clients in one pass; a client's own view scores only that
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +34,7 @@ class ClientData:
     pid: int
     items: dict[str, list[dict]]  # "members" (matched to the non-members), "non_members"
     texts: dict[str, list[str]]  # their responses (for the zlib score)
+    ids: dict[str, list[str]]  # their example ids (runs on the same examples compare paired)
     extract: dict[str, list[dict]]  # the subsets extraction decodes from
     canaries: CanarySet | None
     sample: dict  # what was drawn and how well it matches (for the report)
@@ -74,6 +78,10 @@ def prepare_client(cfg, settings, shard: RawShard, tokenizer) -> ClientData:
             "members": [pool[i]["response"] for i in match.members],
             "non_members": [non[j]["response"] for j in match.non_members],
         },
+        ids={
+            "members": [str(pool[i].get("id", "")) for i in match.members],
+            "non_members": [str(non[j].get("id", "")) for j in match.non_members],
+        },
         extract={
             part: [its[i] for i in subsample(range(len(its)), limit=limit, seed=pid)]
             for part, its in (("members", m_items), ("non_members", n_items))
@@ -101,7 +109,9 @@ def measure_leakage(
 ) -> dict:
     """report["leakage"]: exposure rows, MIA per client and pooled (+ intervals), extraction."""
     tok = views.tokenizer
-    data = {pid: prepare_client(cfg, settings, shard, tok) for pid, shard in shards.items()}
+    timer = PhaseTimer()
+    with timer("prepare"):
+        data = {pid: prepare_client(cfg, settings, shard, tok) for pid, shard in shards.items()}
     for d in data.values():
         s = d.sample
         say(
@@ -124,21 +134,24 @@ def measure_leakage(
         with views.use(view) as model:
             sets = [data[p].canaries for p in clients if data[p].canaries is not None]
             if sets:
-                rows = canary_exposures(model, _merge(sets), batch_size=bs, pad_id=pad)
+                with timer("exposure"):
+                    rows = canary_exposures(model, _merge(sets), batch_size=bs, pad_id=pad)
                 out["exposure"] += [{"view": key, **r} for r in rows]
                 say(f"exposure [{key}]: " + ", ".join(_exposure_brief(r) for r in rows))
             groups = {(p, part): data[p].items[part] for p in pids for part in _PARTS}
-            scored = score_groups(model, groups, batch_size=bs, pad_id=pad, vocab_stats=True)
+            with timer("mia_scoring"):
+                scored = score_groups(model, groups, batch_size=bs, pad_id=pad, vocab_stats=True)
             if view == BASE:
                 base = scored
-            extraction = grouped_extraction_rates(
-                model,
-                {(p, part): data[p].extract[part] for p in pids for part in _PARTS},
-                **cut,
-                pad_id=pad,
-                end_ids=end_token_ids(tok),
-                batch_size=bs,
-            )
+            with timer("extraction"):
+                extraction = grouped_extraction_rates(
+                    model,
+                    {(p, part): data[p].extract[part] for p in pids for part in _PARTS},
+                    **cut,
+                    pad_id=pad,
+                    end_ids=end_token_ids(tok),
+                    batch_size=bs,
+                )
         if not pids:
             continue
         block = out["mia"].setdefault(key, {"clients": {}})
@@ -149,7 +162,8 @@ def measure_leakage(
                 )
                 for part in _PARTS
             )
-            block["clients"][str(p)] = run_attacks(sm, sn, **attack)
+            with timer("attacks"):
+                block["clients"][str(p)] = run_attacks(sm, sn, **attack)
             pooled.setdefault(key, []).append((p, sm, sn))
             if view == BASE:
                 base_scores[p] = (sm, sn)
@@ -163,13 +177,31 @@ def measure_leakage(
                 f"members {extraction[(p, 'members')]['exact']:.2f} vs held-out "
                 f"{extraction[(p, 'non_members')]['exact']:.2f}"
             )
-    for key, parts in pooled.items():
-        out["mia"][key]["pooled"] = _pooled(parts, attack)
-        if key != "base" and attack["resamples"]:
-            base_parts = [(p, *base_scores[p]) for p, _, _ in parts]
-            out["mia"][key]["vs_base"] = _pooled(parts, attack, base_parts)
+    with timer("attacks"):
+        for key, parts in pooled.items():
+            out["mia"][key]["pooled"] = _pooled(parts, attack)
+            out["mia"][key]["scores"] = _score_table(parts, data)
+            if key != "base" and attack["resamples"]:
+                base_parts = [(p, *base_scores[p]) for p, _, _ in parts]
+                out["mia"][key]["vs_base"] = _pooled(parts, attack, base_parts)
     out["control"] = control_check(out["mia"].get("base", {}).get("pooled", {}))
+    out["seconds"] = dict(timer.seconds)
     return out
+
+
+class PhaseTimer:
+    """Wall seconds per named phase, summed over its calls (the report's time breakdown)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - start
 
 
 _PARTS = ("members", "non_members")
@@ -205,6 +237,20 @@ def _concat(parts: list) -> tuple[dict, dict, np.ndarray, np.ndarray]:
     strata_m = np.concatenate([np.full(len(m[first]), p) for p, m, _ in parts])
     strata_n = np.concatenate([np.full(len(n[first]), p) for p, _, n in parts])
     return sm, sn, strata_m, strata_n
+
+
+def _score_table(parts: list, data: dict[int, ClientData]) -> dict:
+    """Every pooled example's id, client and scores, so that runs can be compared paired."""
+    table: dict = {}
+    for k, part in enumerate(_PARTS):
+        rows: dict[str, list] = {"ids": [], "client": []}
+        for p, *groups in parts:
+            rows["ids"] += data[p].ids[part]
+            rows["client"] += [p] * len(data[p].ids[part])
+            for name, values in groups[k].items():
+                rows.setdefault(name, []).extend(float(v) for v in values)
+        table[part] = rows
+    return table
 
 
 def _merge(sets: list[CanarySet]) -> CanarySet:

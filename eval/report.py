@@ -268,6 +268,18 @@ def plot_mia(mia: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def timings_brief(timings: dict) -> str:
+    """'load 3, quality 40, leakage: prepare 1, exposure 12, ...' (nested phases after a colon)."""
+    parts = []
+    for name, value in timings.items():
+        if isinstance(value, dict):
+            inner = ", ".join(f"{k} {v:.0f}" for k, v in value.items())
+            parts.append(f"{name}: {inner}")
+        else:
+            parts.append(f"{name} {value:.0f}")
+    return "; ".join(parts)
+
+
 def write_report(report: dict, out: Path) -> Path:
     """report.json, report.md and the plots into `out`."""
     import matplotlib
@@ -292,5 +304,7 @@ def write_report(report: dict, out: Path) -> Path:
     if leak["extraction"]:
         lines += extraction_md(leak["extraction"])
     lines.append(f"Evaluated in {report['seconds']:.0f} s with settings `{report['settings']}`.")
+    if report.get("timings"):
+        lines += ["", "Where the time went (s): " + timings_brief(report["timings"]) + "."]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return out

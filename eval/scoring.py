@@ -170,9 +170,10 @@ def _score_full(
 @dataclass(frozen=True)
 class _Plan:
     """The common prefix; per item its prompt group (tokens after the prefix that other items
-    share, run once per chunk) and its continuation (the rest), with the label each continuation
-    position predicts (-100: none). An item whose prompt no other item shares has an empty group
-    and carries its whole prompt remainder in its continuation (one pass instead of two)."""
+    share, run once per chunk) and its continuation (the rest but the last token, which predicts
+    nothing), with the label each continuation position predicts (-100: none). An item whose
+    prompt no other item shares has an empty group and carries its whole prompt remainder in its
+    continuation (one pass instead of two)."""
 
     common: list[int]
     groups: list[tuple[int, ...]]
@@ -201,8 +202,9 @@ def _prefix_plan(items: Sequence[dict]) -> _Plan | None:
     for item, first, prompt in zip(items, firsts, prompts, strict=True):
         start = first - 1 if prompt in shared else common
         groups.append(prompt if prompt in shared else ())
-        continuations.append(list(item["input_ids"][start:]))
-        predicts.append([*item["labels"][start + 1 :], -100])
+        # the last token predicts nothing scored: it is never run
+        continuations.append(list(item["input_ids"][start:-1]))
+        predicts.append(list(item["labels"][start + 1 :]))
     return _Plan(list(ref[:common]), groups, continuations, predicts)
 
 
@@ -227,7 +229,7 @@ def _chunks(plan: _Plan, order: list[int], budget: int) -> list[list[int]]:
     return chunks
 
 
-def _pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids and attention mask (a width-0 tensor for empty rows)."""
     width = max((len(r) for r in rows), default=0)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -267,7 +269,7 @@ def _score_shared(
     for chunk in _chunks(plan, order, budget):
         keys = list(dict.fromkeys(plan.groups[i] for i in chunk))
         row_group = torch.as_tensor([keys.index(plan.groups[i]) for i in chunk], device=device)
-        g_ids, g_mask = _pad(keys, pad_id)
+        g_ids, g_mask = pad_right(keys, pad_id)
         g_ids, g_mask = g_ids.to(device), g_mask.to(device)
         cache = copy.deepcopy(prefix)
         cache.batch_select_indices(torch.zeros(len(keys), dtype=torch.long, device=device))
@@ -282,10 +284,10 @@ def _score_shared(
                 logits_to_keep=1,
             ).past_key_values
         cache.batch_select_indices(row_group)
-        c_ids, c_mask = _pad([plan.continuations[i] for i in chunk], pad_id)
+        c_ids, c_mask = pad_right([plan.continuations[i] for i in chunk], pad_id)
         c_ids, c_mask = c_ids.to(device), c_mask.to(device)
         start = c + g_mask.sum(1)[row_group]  # each row's position after its own prompt group
-        t_ids = _pad([plan.predicts[i] for i in chunk], -100)[0].to(device)
+        t_ids = pad_right([plan.predicts[i] for i in chunk], -100)[0].to(device)
         first = int((t_ids != -100).any(0).nonzero()[0])  # earliest position that predicts one
         logits = model(
             input_ids=c_ids,

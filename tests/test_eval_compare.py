@@ -80,3 +80,47 @@ def test_compare_writes_one_table_and_a_figure(runs: list[Path], tmp_path: Path)
     assert "exposure k=16 (global/client)" in md and "11.0 / 20.0" in md
     assert (out / "compare.png").stat().st_size > 10_000
     assert main(["compare", str(tmp_path / "missing"), "--out", str(out)]) == 2
+
+
+def with_scores(rep: dict, members: list[float], non: list[float], ids: str = "x") -> dict:
+    table = {
+        "members": {
+            "ids": [f"{ids}m{i}" for i in range(len(members))],
+            "client": [i % 2 for i in range(len(members))],
+            "loss": members,
+        },
+        "non_members": {
+            "ids": [f"{ids}n{i}" for i in range(len(non))],
+            "client": [i % 2 for i in range(len(non))],
+            "loss": non,
+        },
+    }
+    rep["leakage"]["mia"]["global"]["scores"] = table
+    rep["settings"] = {"bootstrap": 200, "confidence": 0.95}
+    return rep
+
+
+def test_runs_on_the_same_examples_compare_paired(tmp_path: Path) -> None:
+    from fedllm.eval.compare import paired_differences
+    from fedllm.eval.roc import roc_auc
+
+    non = [float(v) for v in range(20)]
+    leaky = with_scores(
+        report("a", loss=2.0, aucs={"loss": 0.7}, exposures=[]), [v - 3.0 for v in non], non
+    )
+    private = with_scores(report("b", loss=2.5, aucs={"loss": 0.5}, exposures=[]), list(non), non)
+    d = paired_differences(private, leaky)["global"]
+    assert d["difference"] == pytest.approx(roc_auc(non, non) - roc_auc([v - 3 for v in non], non))
+    assert d["interval"][0] <= d["difference"] <= d["interval"][1] < 0
+    assert paired_differences(leaky, leaky)["global"]["interval"] == [0.0, 0.0]
+    other = with_scores(report("c", loss=2.5, aucs={"loss": 0.5}, exposures=[]), non, non, "y")
+    assert paired_differences(other, leaky) == {}  # different examples: no pairing
+    dirs = []
+    for r in (leaky, private):
+        d = tmp_path / r["run"]
+        (d / "eval").mkdir(parents=True)
+        (d / "eval" / "report.json").write_text(json.dumps(r))
+        dirs.append(d)
+    assert main(["compare", *map(str, dirs), "--out", str(tmp_path / "cmp")]) == 0
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "Paired against `a`" in md and "| b | -0." in md

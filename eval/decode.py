@@ -1,0 +1,133 @@
+"""Greedy decoding that runs the prompts' common head once (extraction's many short decodes).
+
+Prompts that start alike (a chat template's system turn, "Define the word '") share that head:
+it runs once, its keys/values are copied to every row, each row runs the rest of its prompt,
+then one token per step with explicit positions (padding between the segments is masked).
+Each row stops at its own token budget or an end token, and finished rows leave the batch.
+Tokens agree with `fedllm.eval.generate.greedy_generate` (same argmax, up to float rounding).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+
+from fedllm.eval.generate import greedy_generate
+from fedllm.eval.scoring import pad_right
+
+
+def common_head(prompts: Sequence[Sequence[int]]) -> int:
+    """Length of the prefix every prompt shares, leaving each prompt at least one token."""
+    limit = min(len(p) for p in prompts) - 1
+    n = 0
+    while n < limit and all(p[n] == prompts[0][n] for p in prompts):
+        n += 1
+    return n
+
+
+@torch.no_grad()
+def greedy_decode(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: Sequence[int],
+    pad_id: int,
+    eos_ids: Sequence[int],
+    batch_size: int,
+) -> list[list[int]]:
+    """Each prompt's greedy continuation: at most max_new_tokens[i] tokens, cut before an end."""
+    if len(max_new_tokens) != len(prompts):
+        raise ValueError("max_new_tokens needs one budget per prompt")
+    if batch_size < 1 or any(n < 1 for n in max_new_tokens) or any(not p for p in prompts):
+        raise ValueError("batch_size, every budget and every prompt must be >= 1")
+    if not prompts:
+        return []
+    head = common_head(prompts)
+    device = next(model.parameters()).device
+    cache = None
+    if head:
+        cache = model(
+            input_ids=torch.as_tensor([list(prompts[0][:head])], device=device),
+            use_cache=True,
+            logits_to_keep=1,
+        ).past_key_values
+    if cache is None or not hasattr(cache, "batch_select_indices"):
+        return greedy_generate(
+            model, prompts, max_new_tokens=max(max_new_tokens), pad_id=pad_id,
+            eos_ids=eos_ids, batch_size=batch_size,
+        )  # fmt: skip
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), max_new_tokens[i]))
+    out: list[list[int]] = [[] for _ in prompts]
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        for i, tokens in zip(
+            rows,
+            _decode_rows(
+                model,
+                cache,
+                head,
+                [prompts[i] for i in rows],
+                [max_new_tokens[i] for i in rows],
+                pad_id=pad_id,
+                ends=set(eos_ids),
+            ),
+            strict=True,
+        ):
+            out[i] = tokens
+    return out
+
+
+def _decode_rows(model, head_cache, head: int, prompts, budgets, *, pad_id: int, ends: set[int]):
+    """Greedy tokens for one batch of prompts whose first `head` tokens are in `head_cache`."""
+    device = next(model.parameters()).device
+    n = len(prompts)
+    cache = copy.deepcopy(head_cache)
+    cache.batch_select_indices(torch.zeros(n, dtype=torch.long, device=device))
+    rest_ids, rest_mask = (t.to(device) for t in pad_right([p[head:-1] for p in prompts], pad_id))
+    mask = torch.cat([torch.ones((n, head), dtype=torch.long, device=device), rest_mask], dim=1)
+    if rest_ids.shape[1]:
+        cache = model(
+            input_ids=rest_ids,
+            attention_mask=mask,
+            position_ids=(head + torch.arange(rest_ids.shape[1], device=device)).expand(n, -1),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).past_key_values
+    position = head + rest_mask.sum(1)  # where each row's last prompt token sits
+    step_ids = torch.as_tensor([[p[-1]] for p in prompts], device=device)
+    active = torch.arange(n, device=device)  # rows still decoding, as indices into `prompts`
+    out: list[list[int]] = [[] for _ in prompts]
+    while len(active):
+        mask = torch.cat([mask, torch.ones((len(active), 1), dtype=torch.long, device=device)], 1)
+        logits = model(
+            input_ids=step_ids,
+            attention_mask=mask,
+            position_ids=position[:, None],
+            past_key_values=cache,
+            use_cache=True,
+        ).logits[:, -1]
+        chosen = logits.argmax(-1)
+        keep = []
+        for k, (row, token) in enumerate(zip(active.tolist(), chosen.tolist(), strict=True)):
+            if token in ends:
+                continue
+            out[row].append(token)
+            if len(out[row]) < budgets[row]:
+                keep.append(k)
+        if len(keep) < len(active):
+            if not keep:
+                break
+            index = torch.as_tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            active, mask, position, chosen = (
+                active[index],
+                mask[index],
+                position[index],
+                chosen[index],
+            )
+        step_ids = chosen[:, None]
+        position = position + 1
+    return out
