@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from fedllm.cli import main
 from fedllm.model.base import check_ranks
 from fedllm.recipe import ConfigError, build_config, load_recipe, parse_overrides
 
@@ -85,6 +86,32 @@ def test_overrides_parse_as_yaml_and_nest() -> None:
     assert tree == {"federation": {"rounds": 2}, "lora": {"ranks": [4, 8]}, "name": "x"}
     with pytest.raises(ConfigError, match="key=value"):
         parse_overrides(["federation.rounds"])
+
+
+@pytest.mark.parametrize(
+    ("override", "problem"),
+    [
+        ("data.test_set={fraction: 0.1, labels: [a", "expected ',' or ']'"),
+        ("federation.lr=[1,2", "expected ',' or ']'"),
+        ("data.test_set={fraction: 0.1", "expected ',' or '}'"),
+        ('name="abc', "found unexpected end of stream"),
+    ],
+)
+def test_a_malformed_yaml_override_is_one_line_naming_it(
+    override: str, problem: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_overrides(["federation.rounds=2", override])
+    text = str(err.value)
+    assert "\n" not in text
+    assert text.startswith(f"override {override!r}: the value is not valid YAML ({problem}")
+    assert "a list ([4, 8])" in text
+    # the command line reports it as one error line with exit 2, no traceback
+    tiny = Path(__file__).parents[1] / "recipes" / "tiny.yaml"
+    assert main(["validate", str(tiny), override]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [f"fedllm: error: {text}"]
+    assert "Traceback" not in captured.err
 
 
 def test_overrides_apply_before_validation(tmp_path: Path) -> None:

@@ -72,8 +72,26 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r} conflicts with another override of {part!r}")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        node[parts[-1]] = _override_value(item, raw)
     return tree
+
+
+def _override_value(item: str, raw: str) -> Any:
+    """One override's value as YAML, or a one-line ConfigError naming the override."""
+    if not raw.strip():
+        return None
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or "not valid YAML"
+        mark = getattr(err, "problem_mark", None)
+        where = f" at character {mark.column + 1} of the value" if mark is not None else ""
+        raise ConfigError(
+            f"override {item!r}: the value is not valid YAML ({problem}{where}); "
+            "give a number (2), a word (adamw), a list ([4, 8]) or a mapping "
+            "({fraction: 0.1, labels: [a, b]}), with brackets closed, "
+            "quoted for the shell ('key={a: 1}')"
+        ) from None
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
