@@ -26,7 +26,7 @@ batch 8 × 48 tokens (scaled from the earlier quality runs: 1.27 s per step at b
 so cells of ~8 min in domain/iid, ~14 in scarce, ~18 in long; ±40%; flora merges every round:
 
     python bench/quality.py --methods core --regimes domain scarce iid       # 90 cells, ~15 h
-    python bench/quality.py --methods squeeze --regimes domain                # +18 cells, ~2.4 h
+    python bench/quality.py --methods squeeze --regimes domain                # +21 cells, ~2.8 h
     python bench/quality.py --methods "squeeze plain" "squeeze +residual" "squeeze rows" \
         "squeeze +residual rows" squeeze fedit "local only" --regimes long    # 21 cells, ~6.3 h
     python bench/quality.py --methods baselines features --regimes domain scarce  # 48, ~9 h
@@ -129,6 +129,8 @@ METHODS: dict[str, tuple[str | None, tuple[str, ...]]] = {
     "squeeze rows": _sq(*PLAIN, "gauge=rows"),  # A rows at a fresh init's norm (1/√3)
     "squeeze +residual rows": _sq("correction=false", "gauge=rows"),
     "squeeze +correction +residual rows": _sq("gauge=rows"),
+    # LoRA-Squeeze in-tuning: clients train at 2r, squeeze to r after half their steps
+    "squeeze intune": ("squeeze", ("features.squeeze_intune={}",)),
     "fedplora": ("fedplora", ()),
     "prelort": ("prelort", ()),
     "sdflora": ("sdflora", ()),
@@ -163,6 +165,7 @@ PAIRS = [
     ("squeeze rows", "squeeze plain"),
     ("squeeze +residual rows", "squeeze +residual"),
     ("squeeze +correction +residual rows", "squeeze"),
+    ("squeeze intune", "squeeze"),
     ("fedprox", "svd"),
     ("fedavgm", "fedit"),
     ("svd +fedavgm", "svd"),

@@ -369,6 +369,7 @@ HOOKS = {
     "regularizers",
     "fold",
     "train",
+    "stage",
     "post_process",
     "reply",
     "metrics",
@@ -447,6 +448,7 @@ def test_every_hook_of_the_base_feature_is_a_no_op() -> None:
     assert all(started[m] is start_in[m] for m in start_in)  # ... of the same factors
     assert f.regularizers(base, rnd) == []
     assert f.train(base, rnd, steps=3) is None
+    assert f.stage(base, rnd, done=1, steps=3) == 2  # one stage: all the steps left
     update = ClientUpdate(factors(), factors(), 2)
     assert f.post_process(update, rnd) is update
     arrays = {"update": ArrayRecord()}

@@ -24,6 +24,7 @@ from fedllm.aggregators.base import Factors
 from fedllm.client.node_config import node_shard
 from fedllm.client.train import (
     TrainResult,
+    chain_results,
     evaluate_nll,
     num_local_steps,
     schedule_span,
@@ -187,7 +188,8 @@ def start_adapter(
 
 def local_steps(model: PeftModel, rnd: ClientRound, features: Sequence[Feature]) -> TrainResult:
     """The round's local steps: a feature's own trainer (DP-SGD), else plain steps with every
-    feature's regularisers added to the loss."""
+    feature's regularisers added to the loss, in the stages the features' `stage` hooks ask for
+    (one unless a feature changes the adapter mid-round, e.g. squeeze_intune)."""
     fed = rnd.cfg.federation
     steps = num_local_steps(
         len(rnd.shard.train),
@@ -203,6 +205,34 @@ def local_steps(model: PeftModel, rnd: ClientRound, features: Sequence[Feature])
     offset, span = schedule_span(
         scope=fed.schedule_scope, server_round=rnd.server_round, rounds=fed.rounds, steps=steps
     )
+    results: list[TrainResult] = []
+    done = 0
+    while done < steps:
+        asks = {f.name: f.stage(model, rnd, done=done, steps=steps) for f in features}
+        run = min(asks.values(), default=steps - done)
+        if not 0 < run <= steps - done:
+            who = next(name for name, n in asks.items() if n == run)
+            raise ValueError(
+                f"feature {who!r} asked for a stage of {run} steps at step {done} of {steps} "
+                f"(valid: 1..{steps - done})"
+            )
+        results.append(_plain_steps(model, rnd, run, done=done, span=(offset, span), terms=terms))
+        done += run
+    return chain_results(results)
+
+
+def _plain_steps(
+    model: PeftModel,
+    rnd: ClientRound,
+    steps: int,
+    *,
+    done: int,
+    span: tuple[int, int],
+    terms: Sequence[Any],
+) -> TrainResult:
+    """`steps` plain local steps from step `done` of the round (schedule and data continue)."""
+    fed = rnd.cfg.federation
+    offset, total = span
     return train_local(
         model,
         rnd.shard.train,
@@ -214,13 +244,14 @@ def local_steps(model: PeftModel, rnd: ClientRound, features: Sequence[Feature])
         weight_decay=fed.weight_decay,
         schedule=fed.schedule,
         warmup_steps=fed.warmup_steps,
-        schedule_offset=offset,
-        schedule_steps=span,
+        schedule_offset=offset + done,
+        schedule_steps=total,
         accumulation=fed.gradient_accumulation_steps,
         gradient_checkpointing=fed.gradient_checkpointing,
         precision=fed.precision,
         max_grad_norm=fed.max_grad_norm,
         seed=rnd.seed,
+        skip_steps=done,
         regularizer=(lambda: sum(t() for t in terms)) if terms else None,
     )
 

@@ -37,6 +37,22 @@ class TrainResult:
     seconds: float
 
 
+def chain_results(results: Sequence[TrainResult]) -> TrainResult:
+    """One result for consecutive stages of a round's local steps: the first and last step's
+    losses, the mean over every step, summed steps, examples and time."""
+    if not results:
+        raise ValueError("no training stages to combine")
+    steps = sum(r.steps for r in results)
+    return TrainResult(
+        steps=steps,
+        examples=sum(r.examples for r in results),
+        loss_first=results[0].loss_first,
+        loss_last=results[-1].loss_last,
+        loss_mean=sum(r.loss_mean * r.steps for r in results) / max(steps, 1),
+        seconds=sum(r.seconds for r in results),
+    )
+
+
 def _loader(
     examples: Sequence[dict], *, batch_size: int, pad_id: int, seed: int, shuffle: bool
 ) -> DataLoader:
@@ -261,6 +277,7 @@ def train_local(
     precision: str = "fp32",
     max_grad_norm: float | None = 1.0,
     seed: int = 0,
+    skip_steps: int = 0,
     on_step: Callable[[int, int, float], None] | None = None,
     regularizer: Callable[[], torch.Tensor] | None = None,
 ) -> TrainResult:
@@ -273,6 +290,8 @@ def train_local(
     `schedule_span`). `precision` "bf16"/"auto" runs forwards under bf16 autocast; the LoRA
     parameters, their gradients and the optimizer stay fp32. `regularizer()` (FedProx,
     HetLoRA's tail penalty) is added once per step; the reported losses are the data loss alone.
+    The batches of the first `skip_steps` steps of this seed's order are drawn and dropped: a
+    later stage of a round's steps continues the data order of one uninterrupted run.
     """
     if not examples:
         raise ValueError("no training examples on this client")
@@ -298,6 +317,8 @@ def train_local(
     seen = 0
     start = time.perf_counter()
     batches = _forever(loader)
+    for _ in range(skip_steps * accumulation):
+        next(batches)
     with checkpointing(model, gradient_checkpointing):
         for step in range(steps):
             micro = [to_device(next(batches), device) for _ in range(accumulation)]

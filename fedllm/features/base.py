@@ -7,8 +7,8 @@ round on a client (hooks may keep per-round values on `self`) and once per run o
 (`state_dict` is saved with each checkpoint).
 
 Client hooks, in the order one training round calls them:
-    plan → read_global → fold → prepare_base → start → regularizers / train → post_process →
-    reply
+    plan → read_global → fold → prepare_base → start → regularizers / train → stage (before
+    each stage of plain steps) → post_process → reply
     (+ `metrics`)
 Server hooks: before_round (may stop the run) → download (per node) → encode → decode → receive
 (per reply) → accepted → release (the accepted inputs) → after_aggregate → record; `run_round`
@@ -128,6 +128,13 @@ class Feature:
     def train(self, model: torch.nn.Module, rnd: ClientRound, *, steps: int) -> TrainResult | None:
         """Run the local steps in this feature's own way (e.g. DP-SGD), or None for plain steps."""
         return None
+
+    def stage(self, model: torch.nn.Module, rnd: ClientRound, *, done: int, steps: int) -> int:
+        """Before plain local steps resume at step `done` of `steps`: change the live adapter if
+        this feature does (squeeze_intune cuts its rank) and return how many steps may run before
+        it is asked again (default: all that are left). Each stage starts a fresh optimizer at the
+        same schedule position and data order; regularizers are built once, before the first."""
+        return steps - done
 
     def post_process(self, update: ClientUpdate, rnd: ClientRound) -> ClientUpdate:
         """The trained update before it is encoded (clip and noise, cut the rank, ...)."""
