@@ -3,6 +3,9 @@ own logs at WARNING unless --verbose), in the command and in its Ray workers; Ra
 here on this machine or joined on an existing cluster (`simulation.ray_address`); and no
 bitsandbytes import unless a quantised base is loaded.
 
+The processes Flower itself starts for fedllm's Flower App (a SuperLink's `flwr-serverapp`, the
+simulation of `flwr run .`) import `fedllm.deploy.apps`, which hides bitsandbytes before peft.
+
 Why bitsandbytes is hidden: peft 0.21 imports it whenever it is installed (`peft.helpers` at
 `import peft`, and the layer dispatch of every LoRA model), which costs seconds in every process
 and, on AVX512-BF16 CPUs, logs bitsandbytes' `Failed to load CPU gemm_4bit_forward from
@@ -15,8 +18,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -29,6 +34,10 @@ FLOWER = "flwr"
 # front door), and every Ray worker's end-of-run shutdown.
 RUN_SIMULATION_NOTICE = "The `run_simulation` function is deprecated"
 ACTOR_SHUTDOWN_NOTICE = "Manually terminating"
+# transformers 5 deprecates `is_gradient_checkpointing` for `is_activation_checkpointing`; the
+# caller is peft 0.21.2 itself (`PeftModel.__init__`, on every LoRA model it builds or loads), not
+# fedllm, so nothing for the user to act on: shown only with --verbose.
+CHECKPOINTING_NOTICE = "`is_gradient_checkpointing` is deprecated"
 # Hugging Face's per-client progress bars (model loading, dataset maps) in Ray workers, which
 # would interleave with the server's progress lines: off unless --verbose.
 QUIET_WORKER_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
@@ -81,12 +90,20 @@ def set_flower_level(*, verbose: bool) -> None:
     logger.propagate = False
 
 
+def drop_checkpointing_notice() -> None:
+    """Ignore peft's use of transformers' deprecated `is_gradient_checkpointing` in this process
+    (only that FutureWarning; see CHECKPOINTING_NOTICE)."""
+    warnings.filterwarnings(
+        "ignore", message=re.escape(CHECKPOINTING_NOTICE), category=FutureWarning
+    )
+
+
 @contextmanager
 def command_process(*, verbose: bool, quiet_flower: bool = True) -> Iterator[None]:
-    """While one command runs in this process: bitsandbytes hidden, and Flower's own log lines at
-    WARNING (`quiet_flower`; a SuperLink's log is Flower's and stays as Flower sets it) or every
-    one of them (`verbose`); all restored afterwards, as `main()` may run more than once in a
-    process (tests, notebooks)."""
+    """While one command runs in this process: bitsandbytes hidden, peft's checkpointing notice
+    dropped (unless `verbose`), and Flower's own log lines at WARNING (`quiet_flower`; a
+    SuperLink's log is Flower's and stays as Flower sets it) or every one of them (`verbose`);
+    all restored afterwards, as `main()` may run more than once in a process (tests, notebooks)."""
     logger = logging.getLogger(FLOWER)
     saved = (logger.level, logger.propagate)
     notice = _DropMessage(RUN_SIMULATION_NOTICE)
@@ -96,7 +113,10 @@ def command_process(*, verbose: bool, quiet_flower: bool = True) -> Iterator[Non
         logger.addFilter(notice)
     hidden = hide_bitsandbytes()
     try:
-        yield
+        with warnings.catch_warnings():  # the filters as they were, afterwards
+            if not verbose:
+                drop_checkpointing_notice()
+            yield
     finally:
         logger.setLevel(saved[0])
         logger.propagate = saved[1]
@@ -106,9 +126,11 @@ def command_process(*, verbose: bool, quiet_flower: bool = True) -> Iterator[Non
 
 
 def quiet_worker() -> None:
-    """Ray worker set-up for a plain run: Flower's logs at WARNING, bitsandbytes hidden."""
+    """Ray worker set-up for a plain run: Flower's logs at WARNING, peft's checkpointing notice
+    dropped, bitsandbytes hidden."""
     set_flower_level(verbose=False)
     logging.getLogger(FLOWER).addFilter(_DropMessage(ACTOR_SHUTDOWN_NOTICE))
+    drop_checkpointing_notice()
     hide_bitsandbytes()
 
 

@@ -12,14 +12,22 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import pytest
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from fedllm.cli import main, parse
 from fedllm.deploy.federation import node_port
 from fedllm.deploy.flower_env import flwr_env
-from fedllm.processes import RUN_SIMULATION_NOTICE, check_reachable, command_process
+from fedllm.processes import (
+    CHECKPOINTING_NOTICE,
+    RUN_SIMULATION_NOTICE,
+    check_reachable,
+    command_process,
+)
 from fedllm.recipe import ConfigError, load_recipe
 
 TINY = str(Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml")
@@ -146,6 +154,53 @@ def test_a_quantised_base_still_gets_bitsandbytes_lora_after_the_hide(tmp_path: 
     )
     assert got["hidden"] is None, "hidden while only the plain base was used"
     assert got["kinds"] == ["peft.tuners.lora.bnb"], got
+
+
+def test_the_flower_app_module_hides_bitsandbytes_before_peft(tmp_path: Path) -> None:
+    """What Flower's processes import for the app (flwr-serverapp, `flwr run .`'s simulation):
+    peft in, bitsandbytes not, and no kernels warning."""
+    got = python(
+        """
+        import json, sys
+        import fedllm.deploy.apps
+        bnb = sys.modules.get("bitsandbytes", "absent")
+        print(json.dumps({"bnb": bnb, "peft": "peft" in sys.modules}))
+        """,
+        tmp_path,
+    )
+    assert got["peft"] is True and got["bnb"] is None, got
+    assert "gemm_4bit_forward" not in got["stderr"]
+
+
+# -- peft's checkpointing notice ------------------------------------------------------------
+
+
+def test_peft_checkpointing_notice_only_with_verbose_and_only_inside_a_command() -> None:
+    """peft 0.21.2 reads transformers 5's deprecated `is_gradient_checkpointing` whenever it
+    wraps a model: the real call, on a tiny Llama."""
+    config = LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+
+    def notices() -> int:
+        with warnings.catch_warnings(record=True) as seen:  # under the filters in force
+            get_peft_model(LlamaForCausalLM(config), LoraConfig(r=1, target_modules=["q_proj"]))
+        return sum(CHECKPOINTING_NOTICE in str(w.message) for w in seen)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        before = notices()
+        with command_process(verbose=False):
+            quiet = notices()
+        with command_process(verbose=True):
+            loud = notices()
+        after = notices()
+    assert (before, quiet, loud, after) == (1, 0, 1, 1)
 
 
 # -- fedllm node: a free local port --------------------------------------------------------

@@ -11,6 +11,10 @@ A run config names its recipe either way (`fedllm.deploy.app_config.app_recipe`)
   after the submitter did those steps.
 Both sides rebuild the recipe from the run config. fedllm itself is installed on every machine
 beforehand: the FAB carries no code (no run-time dependency installation).
+
+Flower imports this module in the processes it starts for the app (a SuperLink's `flwr-serverapp`,
+`flwr run .`'s simulation and its Ray actors), so it hides bitsandbytes before importing peft, as
+fedllm's commands do (a quantised base exposes it again).
 """
 
 from __future__ import annotations
@@ -22,15 +26,19 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
-from fedllm.cli import absolute_paths, start_run
-from fedllm.client import app as client
-from fedllm.client.node_config import check_node
-from fedllm.data.shards import ShardCache
-from fedllm.deploy.app_config import app_recipe, is_recipe_text
-from fedllm.features import registry
-from fedllm.recipe import ConfigError, RunConfig
-from fedllm.server.app import run_server
-from fedllm.server.exchange import say, wait_for_nodes
+from fedllm.processes import hide_bitsandbytes
+
+hide_bitsandbytes()  # before peft (imported below): ~4 s and a kernels warning, unless quantising
+
+from fedllm.cli import absolute_paths, start_run  # noqa: E402
+from fedllm.client import app as client  # noqa: E402
+from fedllm.client.node_config import check_node  # noqa: E402
+from fedllm.data.shards import ShardCache  # noqa: E402
+from fedllm.deploy.app_config import app_recipe, is_recipe_text  # noqa: E402
+from fedllm.features import registry  # noqa: E402
+from fedllm.recipe import ConfigError, RunConfig  # noqa: E402
+from fedllm.server.app import run_server  # noqa: E402
+from fedllm.server.exchange import say, wait_for_nodes  # noqa: E402
 
 server_app = ServerApp()
 client_app = ClientApp()
