@@ -17,6 +17,9 @@ The last three are enforced by `fedllm.privacy.node_guard` before any training.
 - `warm-worker`: the folder of this node's warm worker (`fedllm.deploy.warm`, set by `fedllm node`).
 - `personal-dir`: the folder where this node keeps its personal adapter (`fedllm.features.personal`;
   default: `<run_dir>/clients/<partition-id>` of the recipe's output_dir on this machine).
+- `threads`, `slowdown`, `memory-mb`: this node's emulated device (torch threads, local steps this
+  many times slower, memory budget in MiB), over its entry in the recipe's `devices`, which must be
+  set (`fedllm.constrained.devices`).
 Errors raised here reach the server as the client's error reply and leave it out of the round.
 """
 
@@ -44,7 +47,11 @@ NODE_KEYS = (
     "min-noise",
     "warm-worker",
     "personal-dir",
+    "threads",
+    "slowdown",
+    "memory-mb",
 )
+DEVICE_KEYS = ("threads", "slowdown", "memory-mb")  # emulation: fedllm.constrained.devices
 
 
 def recipe_from_run_config(run_config: Mapping[str, object]) -> RunConfig:
@@ -84,6 +91,12 @@ def check_node(cfg: RunConfig, node_config: Mapping[str, object]) -> None:
     unknown = sorted(set(node_config) - set(NODE_KEYS))
     if unknown:
         raise ValueError(f"unknown node config key(s) {unknown}; valid: {', '.join(NODE_KEYS)}")
+    emulated = [k for k in DEVICE_KEYS if k in node_config]
+    if emulated and cfg.devices is None:
+        raise ValueError(
+            f"node config {', '.join(emulated)} emulate a device, which the run's recipe does not "
+            "turn on: give it a `devices` section (e.g. devices=[{clients: N}]) or drop the keys"
+        )
     model = node_config.get("model")
     if model is not None and str(model) != cfg.model.name:
         raise ValueError(

@@ -1,5 +1,10 @@
 """The (rank, pruning) bandit (`adaptive:`): the server picks each client's arm every round and
-learns from the loss gain per second it bought (`fedllm.constrained.bandit`, as FedSpine)."""
+learns from the loss gain per second it bought (`fedllm.constrained.bandit`, as FedSpine).
+
+An arm that bought nothing teaches too: a client that missed the round's deadline or failed
+scores 0 on the arm it was given, and an arm that does not fit a client's memory
+(`fedllm.constrained.devices`) is never offered to that client again.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from fedllm.constrained.bandit import Arm, ArmBandit, efficiency
+from fedllm.constrained.devices import MEMORY_REFUSAL
 from fedllm.features.base import Feature, require_adapter_state
 from fedllm.features.registry import register
-from fedllm.features.types import Download, TrainReply
+from fedllm.features.types import Download, RoundResult, TrainReply
 from fedllm.recipe.schema import RunConfig
 
 
@@ -70,6 +76,23 @@ class Adaptive(Feature):
             time_weight=self.cfg.adaptive.time_weight,
         )
         self.bandit.update(str(node), self.arms[node], reward)
+
+    def record(self, result: RoundResult, *, server_row: dict[str, Any]) -> None:
+        """The round's other outcomes: a miss or a failure scores 0, a memory refusal forbids
+        the arm; every row of a node given an arm names it (`arm_rank`, `arm_pruning`)."""
+        rows = {row.node: row for row in result.rows}
+        for node, arm in self.arms.items():
+            row = rows.get(node)
+            if row is not None:
+                row.fields.update(arm_rank=arm.rank, arm_pruning=arm.pruning)
+            status = "missed" if row is None else row.status
+            if status in ("ok", "rejected"):  # learned in `accepted`; a rejection is no signal
+                continue
+            if status == "failed" and MEMORY_REFUSAL in (row.reason or ""):
+                self.bandit.forbid(str(node), arm)
+            else:
+                self.bandit.update(str(node), arm, 0.0)
+        self.arms = {}
 
     def state_dict(self) -> dict[str, Any]:
         return {"bandit": self.bandit.state_dict()}

@@ -8,6 +8,8 @@ from what its rounds cost and bought. The reward of a round is its training effi
 normalised by the largest efficiency observed so far (so rewards lie in [0, 1] without knowing any
 device's speed). `ucb` is UCB1 on those normalised means; `exp3` is EXP3 (robust when devices
 change speed over time). Draws are seeded by (seed, client, play count): replays are identical.
+A round that bought nothing (a missed deadline) is a reward of 0; an arm a client cannot run at
+all (it does not fit its memory) is `forbid`den for that client and never offered to it again.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class ArmBandit:
         self.counts: dict[str, list[int]] = {}
         self.sums: dict[str, list[float]] = {}  # raw rewards (UCB)
         self.log_weights: dict[str, list[float]] = {}  # EXP3
+        self.forbidden: dict[str, list[int]] = {}  # arm indices a client cannot run
         self.scale = 0.0  # the largest raw reward seen, for normalisation
 
     def _init(self, client: str) -> None:
@@ -71,14 +74,26 @@ class ArmBandit:
         self.sums.setdefault(client, [0.0] * k)
         self.log_weights.setdefault(client, [0.0] * k)
 
+    def allowed(self, client: str) -> list[int]:
+        """Indices of the arms `client` may be offered (every arm if it can run none)."""
+        banned = set(self.forbidden.get(client, ()))
+        return [i for i in range(len(self.arms)) if i not in banned] or list(range(len(self.arms)))
+
+    def forbid(self, client: str, arm: Arm) -> None:
+        """Never offer `arm` to `client` again (it cannot run it, e.g. out of memory)."""
+        i = self._index(client, arm)
+        if i not in self.forbidden.setdefault(client, []):
+            self.forbidden[client].append(i)
+
     def probabilities(self, client: str) -> list[float]:
-        """EXP3's sampling distribution for `client`."""
+        """EXP3's sampling distribution for `client` (0 on forbidden arms)."""
         self._init(client)
+        ok = self.allowed(client)
         lw = self.log_weights[client]
-        top = max(lw)
-        w = [math.exp(x - top) for x in lw]
-        k, g = len(w), self.exploration
-        return [(1 - g) * x / sum(w) + g / k for x in w]
+        top = max(lw[i] for i in ok)
+        w = [math.exp(lw[i] - top) if i in ok else 0.0 for i in range(len(lw))]
+        k, g, total = len(ok), self.exploration, sum(w)
+        return [(1 - g) * x / total + g / k if i in ok else 0.0 for i, x in enumerate(w)]
 
     def select(self, client: str) -> Arm:
         """The arm `client` should run next."""
@@ -87,38 +102,45 @@ class ArmBandit:
         if self.algorithm == "exp3":
             rng = random.Random(f"{self.seed}-{client}-{sum(counts)}")
             return self.arms[rng.choices(range(len(self.arms)), self.probabilities(client))[0]]
-        for i, n in enumerate(counts):
-            if n == 0:
+        ok = self.allowed(client)
+        for i in ok:
+            if counts[i] == 0:
                 return self.arms[i]  # play every arm once first
         t, scale = sum(counts), self.scale or 1.0
-        index = [
-            self.sums[client][i] / n / scale + self.exploration * math.sqrt(2 * math.log(t) / n)
-            for i, n in enumerate(counts)
-        ]
-        return self.arms[max(range(len(index)), key=index.__getitem__)]
+        index = {
+            i: self.sums[client][i] / counts[i] / scale
+            + self.exploration * math.sqrt(2 * math.log(t) / counts[i])
+            for i in ok
+        }
+        return self.arms[max(ok, key=index.__getitem__)]
+
+    def _index(self, client: str, arm: Arm) -> int:
+        if arm not in self.arms:
+            raise ValueError(f"client {client}: arm {arm} is not one of {self.arms}")
+        self._init(client)
+        return self.arms.index(arm)
 
     def update(self, client: str, arm: Arm, reward: float) -> None:
         """Record the raw reward `client` obtained with `arm`."""
-        if arm not in self.arms:
-            raise ValueError(f"client {client}: arm {arm} is not one of {self.arms}")
+        i = self._index(client, arm)
         if not math.isfinite(reward) or reward < 0:
             raise ValueError(f"client {client}: reward must be finite and >= 0, got {reward}")
-        self._init(client)
-        i = self.arms.index(arm)
         if self.algorithm == "exp3":
             p = self.probabilities(client)[i]
         self.scale = max(self.scale, reward)
         self.counts[client][i] += 1
         self.sums[client][i] += reward
-        if self.algorithm == "exp3":
+        if self.algorithm == "exp3" and p > 0:  # p = 0: an arm forbidden since it was offered
             x = reward / self.scale if self.scale > 0 else 0.0
-            self.log_weights[client][i] += self.exploration * (x / p) / len(self.arms)
+            k = len(self.allowed(client))
+            self.log_weights[client][i] += self.exploration * (x / p) / k
 
     def best(self, client: str) -> Arm:
-        """The arm with the highest mean reward so far (most played on ties)."""
+        """The arm with the highest mean reward so far (most played on ties), of those allowed."""
         self._init(client)
         n, s = self.counts[client], self.sums[client]
-        return self.arms[max(range(len(n)), key=lambda i: (s[i] / n[i] if n[i] else -1, n[i]))]
+        ok = self.allowed(client)
+        return self.arms[max(ok, key=lambda i: (s[i] / n[i] if n[i] else -1, n[i]))]
 
     def state_dict(self) -> dict:
         return {
@@ -126,6 +148,7 @@ class ArmBandit:
             "counts": self.counts,
             "sums": self.sums,
             "log_weights": self.log_weights,
+            "forbidden": self.forbidden,
             "scale": self.scale,
         }
 
@@ -138,4 +161,5 @@ class ArmBandit:
         self.counts = {c: list(v) for c, v in state["counts"].items()}
         self.sums = {c: list(v) for c, v in state["sums"].items()}
         self.log_weights = {c: list(v) for c, v in state["log_weights"].items()}
+        self.forbidden = {c: list(v) for c, v in state.get("forbidden", {}).items()}
         self.scale = float(state["scale"])

@@ -233,7 +233,12 @@ class FederationConfig(_Strict):
     )
     max_grad_norm: float | None = Field(1.0, gt=0)
     eval_batch_size: int = Field(16, ge=1)
-    round_timeout: float = Field(3600.0, gt=0, description="seconds to wait for replies per round")
+    round_timeout: float = Field(
+        3600.0,
+        gt=0,
+        description="each exchange's deadline in seconds (also the messages' TTL): replies not in "
+        "by then are dropped as missed and the round goes on without them",
+    )
     node_grace: float = Field(
         0.0,
         ge=0,
@@ -304,6 +309,22 @@ class AdaptiveConfig(_Strict):
         if self.algorithm == "exp3" and self.exploration > 1:
             raise ValueError(f"exp3 exploration must be in (0, 1], got {self.exploration}")
         return self
+
+
+class DeviceProfile(_Strict):
+    """An emulated device class (see `fedllm.constrained.devices`): `clients` partitions, in
+    order as in `lora.tiers`, train with this speed and memory; a SuperNode's node config keys
+    `threads`, `slowdown` and `memory-mb` override its entry."""
+
+    name: str = "device"
+    clients: int = Field(gt=0)
+    threads: int | None = Field(None, ge=1, description="torch threads (default: the process's)")
+    slowdown: float = Field(
+        1.0, ge=1, description="local steps take this x their measured time (emulated: sleep)"
+    )
+    memory_mb: float | None = Field(
+        None, gt=0, description="MiB budget: a plan whose estimated training needs more is refused"
+    )
 
 
 class CompressionConfig(_Strict):
@@ -517,6 +538,9 @@ class RunConfig(_Strict):
     simulation: SimulationConfig = SimulationConfig()
     pruning: PruningConfig = PruningConfig()
     adaptive: AdaptiveConfig | None = Field(None, description="bandit (rank, pruning) per client")
+    devices: list[DeviceProfile] | None = Field(
+        None, description="emulated device profiles (speed, memory) by partition; off by default"
+    )
     compression: CompressionConfig = CompressionConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     features: dict[str, dict[str, Any] | None] = Field(

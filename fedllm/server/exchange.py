@@ -2,6 +2,12 @@
 
 Output goes to stdout, flushed, prefixed `[fedllm]`: Ray and pipes buffer otherwise, and the
 person watching should see clients finish one by one.
+
+The deadline (`federation.round_timeout`) is the same in every engine: counted from the push,
+and each message's TTL ends with it, so Flower's SuperLink (simulation and deployment alike)
+never hands a node an instruction that is already stale (a slow node does not fall a round
+behind) and refuses a reply that comes after it. A reply not in by the deadline, or one Flower
+reports as expired, is missed: left out, and said; the round goes on with the others.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ import time
 from collections.abc import Callable
 
 from flwr.app import Message
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from fedllm.features.types import TrainReply
@@ -28,6 +35,21 @@ def wait_for_nodes(grid: Grid, wanted: int, *, timeout: float) -> int:
     return n
 
 
+# what Flower's SuperLink answers for a message whose TTL ran out before a reply was stored
+EXPIRED = (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE)
+
+
+def expired(reply: Message) -> bool:
+    """Whether `reply` is Flower's word that the message expired unanswered (a missed deadline)."""
+    return reply.has_error() and reply.error.code in EXPIRED
+
+
+def end_ttl_at(messages: list[Message], deadline: float) -> None:
+    """Make every message expire at `deadline` (Unix time) unless it expires sooner."""
+    for m in messages:
+        m.metadata.ttl = min(m.metadata.ttl, deadline - m.metadata.created_at)
+
+
 def exchange(
     grid: Grid,
     messages: list[Message],
@@ -36,27 +58,39 @@ def exchange(
     label: str,
     describe: Callable[[Message], str] | None = None,
 ) -> list[Message]:
-    """Push `messages`, then pull replies until all are in or `timeout` passes, reporting each one.
+    """Push `messages`, then pull replies until all are in or `timeout` (from the push) passes,
+    reporting each one; the messages expire at the deadline and a late reply is missed.
 
     The same as `grid.send_and_receive`, but the person watching sees clients finish one by one.
     No message (an empty evaluation panel) asks the grid nothing.
     """
     if not messages:
         return []
+    deadline = time.monotonic() + timeout
+    end_ttl_at(messages, time.time() + timeout)
     pending = set(grid.push_messages(messages))
     replies: list[Message] = []
-    deadline = time.monotonic() + timeout
-    while pending and time.monotonic() < deadline:
+    missed = 0
+    while True:  # pull at least once: a grid that runs its nodes inside the push has answers
         for reply in grid.pull_messages(pending):
             pending.discard(reply.metadata.reply_to_message_id)
+            if expired(reply):
+                missed += 1
+                continue
             replies.append(reply)
             if reply.has_error():
                 detail = f"failed: {reply.error.reason}"
             else:
                 detail = describe(reply) if describe else "done"
             say(f"{label}: client {len(replies)}/{len(messages)} {detail}")
-        if pending:
-            time.sleep(0.2)
+        if not pending or time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)
+    if missed := missed + len(pending):
+        say(
+            f"{label}: {missed} of {len(messages)} clients missed the deadline "
+            f"(federation.round_timeout={timeout:g}s); going on without them"
+        )
     return replies
 
 

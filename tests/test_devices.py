@@ -1,0 +1,384 @@
+"""Emulated devices (speed, memory), the round deadline and what the bandit learns from a miss."""
+
+from __future__ import annotations
+
+import math
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+from flwr.server.superlink.linkstate.utils import (
+    create_message_error_unavailable_ins_message,
+    message_ttl_has_expired,
+)
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from fedllm.aggregators import RoundSpec
+from fedllm.client.node_config import check_node
+from fedllm.constrained.adaptive import Adaptive
+from fedllm.constrained.bandit import Arm, ArmBandit
+from fedllm.constrained.devices import (
+    MEMORY_REFUSAL,
+    Device,
+    Devices,
+    activation_bytes,
+    device_of,
+    training_memory,
+)
+from fedllm.constrained.pruning import prune_model
+from fedllm.deploy.device_grid import DeviceGrid
+from fedllm.deploy.local_grid import server_identity
+from fedllm.features import registry
+from fedllm.features.types import ClientPlan, ClientRound, ClientRow, RoundResult, TrainReply
+from fedllm.model.loading import BASE_MODELS
+from fedllm.recipe import ConfigError, build_config
+from fedllm.server.exchange import exchange
+from fedllm.server.strategy import LoraStrategy
+
+SHAPES = {"q": (6, 4), "v": (4, 4)}
+
+
+def recipe(**extra) -> dict:
+    return {"data": {"num_clients": 2}, "lora": {"ranks": 2, "alpha": 4}, **extra}
+
+
+# -- profiles ------------------------------------------------------------------------------------
+def test_a_node_runs_its_recipe_profile_with_its_own_keys_on_top() -> None:
+    devices = [{"clients": 1, "slowdown": 3, "memory_mb": 100}, {"clients": 1, "threads": 1}]
+    cfg = build_config(recipe(devices=devices))
+    assert device_of(cfg, {"partition-id": 0}) == Device(None, 3.0, 100.0)
+    assert device_of(cfg, {"partition-id": 1}) == Device(1, 1.0, None)
+    assert device_of(cfg, {"partition-id": 1, "slowdown": "2.5", "memory-mb": 64}) == Device(
+        1, 2.5, 64.0
+    )
+    assert device_of(build_config(recipe()), {"partition-id": 0}) is None  # no profile, no keys
+
+
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("slowdown", 0.5, r"slowdown=0.5: must be a number >= 1"),
+        ("threads", 1.5, r"threads=1.5: must be a whole number"),
+        ("memory-mb", "lots", r"memory-mb='lots': must be a number"),
+        ("threads", True, r"threads=True"),
+    ],
+)
+def test_a_malformed_device_key_is_named(key: str, value, match: str) -> None:
+    cfg = build_config(recipe(devices=[{"clients": 2}]))
+    with pytest.raises(ValueError, match=match):
+        device_of(cfg, {"partition-id": 0, key: value})
+
+
+def test_recipe_profiles_must_cover_the_clients_and_be_sane() -> None:
+    with pytest.raises(ConfigError, match=r"devices cover 1 clients but data\.num_clients is 2"):
+        build_config(recipe(devices=[{"clients": 1}]))
+    with pytest.raises(ConfigError, match="slowdown"):
+        build_config(recipe(devices=[{"clients": 2, "slowdown": 0.5}]))
+    secagg = {"secure_aggregation": {"enabled": True}}
+    three = {"num_clients": 3}
+    with pytest.raises(ConfigError, match=r"drop devices or privacy\.secure_aggregation"):
+        build_config(
+            recipe(devices=[{"clients": 3}], privacy=secagg, data=three, aggregator={"name": "ffa"})
+        )
+
+
+def test_a_node_with_device_keys_needs_a_recipe_that_emulates_devices() -> None:
+    with pytest.raises(ValueError, match=r"slowdown emulate a device.*`devices` section"):
+        check_node(build_config(recipe()), {"partition-id": 0, "slowdown": 2})
+    check_node(build_config(recipe(devices=[{"clients": 2}])), {"partition-id": 0, "slowdown": 2})
+
+
+# -- speed ---------------------------------------------------------------------------------------
+def slow_round(cfg, node_config: dict, *, seconds: float) -> tuple[RecordDict, float, list[int]]:
+    """Devices.wrap_train around a 'round' that takes `seconds` of local steps."""
+    seen = []
+
+    def train(cfg, content, context):
+        seen.append(torch.get_num_threads())
+        time.sleep(seconds)
+        return RecordDict({"metrics": MetricRecord({"train-seconds": seconds, "steps": 3})})
+
+    context = SimpleNamespace(node_config=node_config)
+    t0 = time.perf_counter()
+    out = Devices.wrap_train(cfg, RecordDict(), context, train)
+    return out, time.perf_counter() - t0, seen
+
+
+def test_a_slow_device_sleeps_the_difference_under_its_thread_limit() -> None:
+    cfg = build_config(recipe(devices=[{"clients": 2, "threads": 1, "slowdown": 3}]))
+    before = torch.get_num_threads()
+    out, elapsed, seen = slow_round(cfg, {"partition-id": 0}, seconds=0.1)
+    assert seen == [1] and torch.get_num_threads() == before  # limited inside, restored after
+    assert out["metrics"]["train-seconds"] == pytest.approx(0.3)  # the emulated device's time
+    assert 0.29 <= elapsed < 1.5
+    assert out["metrics"]["steps"] == 3
+
+
+def test_a_device_that_cannot_make_the_deadline_stops_waiting_just_past_it() -> None:
+    cfg = build_config(
+        recipe(devices=[{"clients": 2, "slowdown": 1000}], federation={"round_timeout": 0.2})
+    )
+    out, elapsed, _ = slow_round(cfg, {"partition-id": 1}, seconds=0.05)
+    assert 1.1 <= elapsed < 2.5  # 0.2 s deadline + 1 s margin, not 50 s
+    assert out["metrics"]["train-seconds"] == pytest.approx(50.0)
+
+
+def test_no_profile_leaves_the_message_to_the_plain_path() -> None:
+    cfg = build_config(recipe(devices=[{"clients": 2, "memory_mb": 5}]))
+    assert Devices.wrap_train(cfg, RecordDict(), SimpleNamespace(node_config={}), None) is None
+
+
+# -- memory --------------------------------------------------------------------------------------
+def test_activation_bytes_by_hand() -> None:
+    dims = [(8, 2), (4, 1)]  # (MLP width, query heads) per layer
+    kw = {"tokens": 6, "length": 3, "hidden": 4, "layer_dims": dims, "vocab": 10}
+    # layer 1: 4·6·(6·4 + 4·8 + 2·2·3) = 1632; layer 2: 4·6·(24 + 16 + 6) = 1104; logits 4·6·10·2
+    assert activation_bytes(**kw, checkpointing=False) == 1632 + 1104 + 480
+    # checkpointing: each layer's input (4·6·4 per layer) + the largest layer + logits
+    assert activation_bytes(**kw, checkpointing=True) == 2 * 96 + 1632 + 480
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=32,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config)
+
+
+def test_training_memory_of_a_small_llama_by_hand() -> None:
+    model = tiny_llama()
+    est = training_memory(
+        model, rank=2, target_modules=["q_proj", "v_proj"], batch_size=2, length=5
+    )
+    # embed 32·8 + q 8·8 + k 4·8 + v 4·8 + o 8·8 + MLP 3·16·8 + 3 norms of 8 + lm_head 32·8,
+    # fp32; plus two rotary buffers (inv_freq and original_inv_freq, head_dim/2 = 2 floats each)
+    assert est.weights == 4 * (256 + 64 + 32 + 32 + 64 + 384 + 24 + 256) + 2 * 4 * 2
+    # rank 2 on q (8×8) and v (4×8): weight, grad and AdamW's two moments, fp32
+    assert est.adapter == 4 * 4 * 2 * ((8 + 8) + (4 + 8))
+    # 10 tokens, one layer of MLP width 16 and 2 query heads; logits over 32
+    assert est.activations == 4 * 10 * (6 * 8 + 4 * 16 + 2 * 2 * 5) + 4 * 10 * 32 * 2
+    sgd = training_memory(
+        model, rank=2, target_modules=["q_proj"], batch_size=2, length=5, optimizer="sgd"
+    )
+    assert sgd.adapter == 4 * 2 * 2 * (8 + 8)
+
+
+def test_a_pruned_base_needs_less_and_the_estimate_sees_its_shapes() -> None:
+    model = tiny_llama()
+    pruned, _ = prune_model(model, 0.5, method="magnitude")
+    kw = {"rank": 2, "target_modules": ["q_proj", "v_proj"], "batch_size": 2, "length": 5}
+    full, half = training_memory(model, **kw), training_memory(pruned, **kw)
+    assert half.weights < full.weights and half.adapter < full.adapter
+    # MLP 16 -> 8 and query heads 2 -> 1
+    assert half.activations == 4 * 10 * (6 * 8 + 4 * 8 + 2 * 1 * 5) + 4 * 10 * 32 * 2
+
+
+def memory_round(cfg, partition: int, rank: int = 2) -> ClientRound:
+    plan = ClientPlan(partition, rank, 0.0)
+    node = {"partition-id": partition}
+    return ClientRound(cfg, partition, 1, RoundSpec(), ConfigRecord({}), node, None, 0, plan)
+
+
+def test_a_plan_that_does_not_fit_the_budget_is_refused_by_name() -> None:
+    model = tiny_llama()
+    kw = {"target_modules": ["q_proj", "v_proj"], "batch_size": 8, "length": 64}
+    need = training_memory(model, rank=2, **kw).total / 2**20
+    devices = [{"clients": 1, "memory_mb": need * 0.9}, {"clients": 1, "memory_mb": need * 1.1}]
+    cfg = build_config(
+        recipe(devices=devices, lora={"ranks": 2, "target_modules": kw["target_modules"]})
+    )
+    with pytest.raises(ValueError, match=rf"client 0: the plan \(rank 2.*{MEMORY_REFUSAL}"):
+        Devices(cfg).prepare_base(model, memory_round(cfg, 0))
+    assert Devices(cfg).prepare_base(model, memory_round(cfg, 1)) is model
+
+
+# -- the deadline --------------------------------------------------------------------------------
+class TimedLink:
+    """A grid whose nodes answer after scripted delays, with the TTL rules of Flower's SuperLink:
+    an expired message's reply is refused, and pulling it returns Flower's expiry error."""
+
+    def __init__(self, delays: dict[int, float | str]) -> None:
+        self.delays, self.pushed, self.sent = delays, {}, []
+
+    def push_messages(self, messages):
+        ids = []
+        for i, m in enumerate(messages):
+            m.metadata.__dict__["_message_id"] = f"m{i}"
+            self.pushed[f"m{i}"] = (m, time.time())
+            self.sent.append(m)
+            ids.append(f"m{i}")
+        return ids
+
+    def pull_messages(self, ids):
+        out, now = [], time.time()
+        for i in list(ids):
+            m, at = self.pushed[i]
+            delay = self.delays[m.metadata.dst_node_id]
+            if delay == "offline":
+                out.append(Message(Error(ErrorCode.NODE_UNAVAILABLE, "node gone"), reply_to=m))
+            elif message_ttl_has_expired(m.metadata, now):
+                out.append(create_message_error_unavailable_ins_message(i, 1))
+            elif now >= at + delay:
+                out.append(Message(RecordDict({"metrics": MetricRecord({"x": 1})}), reply_to=m))
+        return out
+
+
+def messages(nodes) -> list[Message]:
+    return [Message(RecordDict(), dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
+
+
+def test_replies_after_the_deadline_are_missed_and_the_rest_go_on(capsys) -> None:
+    with server_identity(1):
+        link = TimedLink({1: 0.05, 2: 30.0, 3: "offline"})
+        t0 = time.monotonic()
+        replies = exchange(link, messages([1, 2, 3]), timeout=0.6, label="round 1 train")
+        took = time.monotonic() - t0
+    assert 0.6 <= took < 3.0
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m2"]
+    assert [r.has_error() for r in replies if r.metadata.reply_to_message_id == "m2"] == [True]
+    # every message expires with the deadline, so the link drops stale work and late replies
+    assert all(m.metadata.ttl <= 0.6 + 0.05 for m in link.sent)
+    assert "1 of 3 clients missed the deadline" in capsys.readouterr().out
+
+
+def test_flowers_expiry_answer_counts_as_a_miss_not_a_failure(capsys) -> None:
+    with server_identity(1):
+        msgs = messages([1])
+        msgs[0].metadata.ttl = 0.05  # expires long before the exchange's own deadline
+        t0 = time.monotonic()
+        assert exchange(TimedLink({1: 30.0}), msgs, timeout=20, label="x") == []
+        assert time.monotonic() - t0 < 5  # Flower's expiry answer ends the wait
+    assert "x: 1 of 1 clients missed the deadline" in capsys.readouterr().out
+
+
+def device_app(seconds: dict[int, float]) -> ClientApp:
+    """A ClientApp whose node of partition p takes seconds[p], and keeps one cached value."""
+    app = ClientApp()
+
+    @app.train()
+    def _train(msg: Message, context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        mine = BASE_MODELS.get(("node", pid), lambda: [pid, 0])
+        mine[1] += 1  # how many messages this node answered with the same cached value
+        time.sleep(seconds[pid])
+        return Message(RecordDict({"metrics": MetricRecord({"seen": mine[1]})}), reply_to=msg)
+
+    return app
+
+
+def test_device_grid_times_each_node_as_if_they_worked_side_by_side(capsys) -> None:
+    # sequentially the fast node would come after 0.5 s; side by side it is in time
+    grid = DeviceGrid(device_app({0: 0.5, 1: 0.1, 2: 0.8}), 3)
+    with server_identity(grid.run.run_id):
+        for rnd in (1, 2):
+            msgs = messages([1001, 1002, 1003])
+            replies = exchange(grid, msgs, timeout=0.65, label=f"round {rnd}")
+            by_node = {r.metadata.src_node_id: r for r in replies}
+            assert sorted(by_node) == [1001, 1002]  # partition 2 (0.8 s) misses both rounds
+            # every node kept its own cached value across rounds although the others ran between
+            assert {n: r.content["metrics"]["seen"] for n, r in by_node.items()} == {
+                1001: rnd,
+                1002: rnd,
+            }
+    assert capsys.readouterr().out.count("1 of 3 clients missed the deadline") == 2
+
+
+# -- what the server learns ----------------------------------------------------------------------
+def reply(rank: int, pruning: float, seconds: float) -> TrainReply:
+    return TrainReply.parse(
+        {
+            "partition-id": 0,
+            "rank": rank,
+            "num-examples": 10,
+            "train-loss": 1.7,
+            "train-loss-first": 2.0,
+            "train-loss-last": 1.5,
+            "train-seconds": seconds,
+            "steps": 1,
+            "bytes-sent": 0,
+            "bytes-received": 0,
+            "pruning": pruning,
+        }
+    )
+
+
+def test_the_bandit_scores_a_miss_zero_and_never_reoffers_an_arm_that_does_not_fit() -> None:
+    adaptive = {"ranks": [1, 2], "pruning": [0.0, 0.5]}
+    cfg = build_config(recipe(adaptive=adaptive, devices=[{"clients": 2}]))
+    strategy = LoraStrategy(cfg, shapes=SHAPES, features=registry.build(cfg))
+    devices, bandit = (
+        next(f for f in strategy.features if isinstance(f, kind)) for kind in (Devices, Adaptive)
+    )
+    arms = {node: strategy.download(node)[1] for node in (3, 4, 5)}
+    assert all((a["rank"], a["pruning"]) == (1, 0.0) for a in arms.values())  # UCB: arm 0 first
+    refusal = f"ValueError: client 0: the plan (rank 1, pruning 0, full precision) {MEMORY_REFUSAL}"
+    ok = ClientRow(1, 5, "ok", reply(1, 0.0, 2.0), 1)
+    bandit.accepted(5, ok.reply)
+    result = RoundResult(sampled=3, rows=[ClientRow(1, 3, "failed", reason=refusal), ok])
+    server_row = {"round": 1}
+    for f in strategy.features:  # node 4 sent nothing: it missed the deadline
+        f.record(result, server_row=server_row)
+    assert server_row["clients_missed"] == 1
+    missed = [r.to_json() for r in result.rows if r.status == "missed"]
+    assert missed == [
+        {
+            "kind": "client",
+            "round": 1,
+            "node": 4,
+            "status": "missed",
+            "reason": "no reply within the round's deadline (federation.round_timeout=3600s)",
+            "arm_rank": 1,
+            "arm_pruning": 0.0,
+        }
+    ]
+    b = bandit.bandit
+    assert b.forbidden == {"3": [0]} and b.counts["3"] == [0, 0, 0, 0]
+    assert b.counts["4"] == [1, 0, 0, 0] and b.sums["4"] == [0.0, 0.0, 0.0, 0.0]
+    assert b.counts["5"] == [1, 0, 0, 0] and b.sums["5"][0] == pytest.approx(0.25 / 2.0)
+    for _ in range(12):  # node 3 is never offered (1, 0.0) again, whatever it scores
+        arm = strategy.download(3)[1]
+        assert (arm["rank"], arm["pruning"]) != (1, 0.0)
+        bandit.accepted(3, reply(arm["rank"], arm["pruning"], 1.0))
+        bandit.record(RoundResult(1, [ClientRow(1, 3, "ok")]), server_row={})
+    again = Adaptive(cfg)
+    again.load_state_dict(bandit.state_dict())
+    assert again.bandit.forbidden == {"3": [0]}
+    assert devices.asked == [3] * 12
+
+
+@pytest.mark.parametrize("algorithm,exploration", [("ucb", 1.0), ("exp3", 0.2)])
+def test_a_forbidden_arm_is_never_selected(algorithm: str, exploration: float) -> None:
+    arms = [Arm(r, p) for r in (2, 8) for p in (0.0, 0.5)]
+    bandit = ArmBandit(arms, algorithm=algorithm, exploration=exploration, seed=3)
+    bandit.forbid("d", Arm(2, 0.5))
+    picks = set()
+    for _ in range(60):
+        arm = bandit.select("d")
+        picks.add(arm)
+        bandit.update("d", arm, 1.0 if arm == Arm(8, 0.5) else 0.1)
+    assert Arm(2, 0.5) not in picks and bandit.best("d") == Arm(8, 0.5)
+    if algorithm == "exp3":
+        p = bandit.probabilities("d")
+        assert p[1] == 0.0 and math.isclose(sum(p), 1.0)
+    for arm in arms:  # nothing fits: every arm is offered again rather than none
+        bandit.forbid("e", arm)
+    assert bandit.allowed("e") == [0, 1, 2, 3]
+
+
+def test_an_old_checkpoint_without_forbidden_arms_loads() -> None:
+    bandit = ArmBandit([Arm(1, 0.0)])
+    state = bandit.state_dict()
+    del state["forbidden"]
+    bandit.load_state_dict(state)
+    assert bandit.forbidden == {}
