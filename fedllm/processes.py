@@ -4,7 +4,8 @@ here on this machine or joined on an existing cluster (`simulation.ray_address`)
 bitsandbytes import unless a quantised base is loaded.
 
 The processes Flower itself starts for fedllm's Flower App (a SuperLink's `flwr-serverapp`, the
-simulation of `flwr run .`) import `fedllm.deploy.apps`, which hides bitsandbytes before peft.
+simulation of `flwr run .`) get the same console through `app_process` (called by the ServerApp)
+and `fedllm.deploy.apps`, which hides bitsandbytes before it imports peft.
 
 Why bitsandbytes is hidden: peft 0.21 imports it whenever it is installed (`peft.helpers` at
 `import peft`, and the layer dispatch of every LoRA model), which costs seconds in every process
@@ -29,6 +30,8 @@ from fedllm.recipe import ConfigError
 
 BNB = "bitsandbytes"
 FLOWER = "flwr"
+FEDLLM = "fedllm"
+FEDLLM_FORMAT = "%(levelname)s %(name)s: %(message)s"  # fedllm's own log lines, as main() prints
 # Flower's routine notices logged as warnings, shown only with --verbose: its Python API is
 # deprecated in favour of `flwr run` (fedllm's to act on, not the user's: `fedllm run` stays the
 # front door), and every Ray worker's end-of-run shutdown.
@@ -98,14 +101,47 @@ def drop_checkpointing_notice() -> None:
     )
 
 
+def own_log() -> None:
+    """fedllm's own log lines (INFO and up) printed once, by a handler of fedllm's, not again by
+    a root handler a library installed (Opacus calls `basicConfig`)."""
+    logger = logging.getLogger(FEDLLM)
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(FEDLLM_FORMAT))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def flower_verbose() -> bool:
+    """Whether this process was asked for Flower's DEBUG lines (`FLWR_LOG_LEVEL=DEBUG`, which
+    `fedllm superlink --verbose` sets for the ServerApp processes it starts)."""
+    return os.environ.get("FLWR_LOG_LEVEL", "").strip().upper() == "DEBUG"
+
+
+def app_process(*, verbose: bool) -> None:
+    """Set-up of a process Flower started for one run of fedllm's ServerApp (a SuperLink's
+    `flwr-serverapp`, the simulation of `flwr run .`): a console as quiet as `fedllm run`'s.
+    Flower's own lines at WARNING (every one with `verbose`) printed once by Flower's handler,
+    fedllm's once by fedllm's, peft's checkpointing notice only with `verbose`; fedllm's progress
+    lines (stdout) as ever. Not undone: the process ends with the run."""
+    set_flower_level(verbose=verbose)
+    own_log()
+    if not verbose:
+        drop_checkpointing_notice()
+
+
 @contextmanager
 def command_process(*, verbose: bool, quiet_flower: bool = True) -> Iterator[None]:
     """While one command runs in this process: bitsandbytes hidden, peft's checkpointing notice
-    dropped (unless `verbose`), and Flower's own log lines at WARNING (`quiet_flower`; a
-    SuperLink's log is Flower's and stays as Flower sets it) or every one of them (`verbose`);
-    all restored afterwards, as `main()` may run more than once in a process (tests, notebooks)."""
-    logger = logging.getLogger(FLOWER)
-    saved = (logger.level, logger.propagate)
+    dropped (unless `verbose`), Flower's own log lines at WARNING (`quiet_flower`; a SuperLink's
+    log is Flower's and stays as Flower sets it) or every one of them (`verbose`), and fedllm's
+    own lines printed once by its handler (when main() gave it one); all restored afterwards, as
+    `main()` may run more than once in a process (tests, notebooks)."""
+    logger, own = logging.getLogger(FLOWER), logging.getLogger(FEDLLM)
+    saved = (logger.level, logger.propagate, own.propagate)
+    if own.handlers:  # not again by a root handler a library installed (Opacus: basicConfig)
+        own.propagate = False
     notice = _DropMessage(RUN_SIMULATION_NOTICE)
     if verbose or quiet_flower:
         set_flower_level(verbose=verbose)
@@ -120,6 +156,7 @@ def command_process(*, verbose: bool, quiet_flower: bool = True) -> Iterator[Non
     finally:
         logger.setLevel(saved[0])
         logger.propagate = saved[1]
+        own.propagate = saved[2]
         logger.removeFilter(notice)
         if hidden:
             expose_bitsandbytes()

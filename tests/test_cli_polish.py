@@ -25,8 +25,10 @@ from fedllm.deploy.flower_env import flwr_env
 from fedllm.processes import (
     CHECKPOINTING_NOTICE,
     RUN_SIMULATION_NOTICE,
+    app_process,
     check_reachable,
     command_process,
+    flower_verbose,
 )
 from fedllm.recipe import ConfigError, load_recipe
 
@@ -172,7 +174,71 @@ def test_the_flower_app_module_hides_bitsandbytes_before_peft(tmp_path: Path) ->
     assert "gemm_4bit_forward" not in got["stderr"]
 
 
-# -- peft's checkpointing notice ------------------------------------------------------------
+# -- a deployed ServerApp's console, peft's checkpointing notice ----------------------------
+
+
+@pytest.fixture
+def clean_logs():
+    """Flower's and fedllm's loggers and the warning filters as they were, after the test."""
+    flwr, own = logging.getLogger("flwr"), logging.getLogger("fedllm")
+    saved = [
+        (lg, lg.level, lg.propagate, list(lg.handlers), list(lg.filters)) for lg in (flwr, own)
+    ]
+    for handler in list(own.handlers):  # main() of an earlier test may have given it one
+        own.removeHandler(handler)
+    with warnings.catch_warnings():
+        yield flwr, own
+    for lg, level, propagate, handlers, filters in saved:
+        lg.setLevel(level)
+        lg.propagate = propagate
+        lg.handlers[:], lg.filters[:] = handlers, filters
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_a_serverapp_process_logs_like_fedllm_run(
+    verbose: bool, clean_logs, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flwr, _ = clean_logs
+    flower, root = Records(), Records()  # Flower's handler; Opacus' basicConfig one on the root
+    flwr.addHandler(flower)
+    logging.getLogger().addHandler(root)
+    try:
+        app_process(verbose=verbose)
+        flwr.debug("ServerApp finished running.")
+        flwr.warning("a node failed")
+        logging.getLogger("fedllm.server.strategy").warning("round 2: node 1 failed")
+        logging.getLogger("fedllm.server.strategy").debug("not shown")
+    finally:
+        logging.getLogger().removeHandler(root)
+    debug = ["DEBUG ServerApp finished running."] if verbose else []
+    assert flower.seen == [*debug, "WARNING a node failed"]
+    assert root.seen == [], "printed once, by Flower's and fedllm's own handlers"
+    assert capsys.readouterr().err.splitlines() == [
+        "WARNING fedllm.server.strategy: round 2: node 1 failed"
+    ]
+
+
+def test_flower_verbose_follows_flwr_log_level(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLWR_LOG_LEVEL", "debug")
+    assert flower_verbose() is True
+    monkeypatch.setenv("FLWR_LOG_LEVEL", "INFO")
+    assert flower_verbose() is False
+    monkeypatch.delenv("FLWR_LOG_LEVEL")
+    assert flower_verbose() is False
+
+
+def test_a_command_prints_fedllm_lines_once_and_restores_propagation(clean_logs) -> None:
+    _, own = clean_logs
+    mine, root = Records(), Records()  # main()'s handler; a library's root handler
+    own.addHandler(mine)
+    logging.getLogger().addHandler(root)
+    try:
+        with command_process(verbose=False):
+            logging.getLogger("fedllm.server.app").warning("resuming")
+    finally:
+        logging.getLogger().removeHandler(root)
+    assert mine.seen == ["WARNING resuming"] and root.seen == []
+    assert own.propagate is True
 
 
 def test_peft_checkpointing_notice_only_with_verbose_and_only_inside_a_command() -> None:

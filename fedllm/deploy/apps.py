@@ -14,7 +14,8 @@ beforehand: the FAB carries no code (no run-time dependency installation).
 
 Flower imports this module in the processes it starts for the app (a SuperLink's `flwr-serverapp`,
 `flwr run .`'s simulation and its Ray actors), so it hides bitsandbytes before importing peft, as
-fedllm's commands do (a quantised base exposes it again).
+fedllm's commands do (a quantised base exposes it again). The ServerApp sets its process's
+console up as `fedllm run`'s (`fedllm.processes.app_process`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
-from fedllm.processes import hide_bitsandbytes
+from fedllm.processes import app_process, flower_verbose, hide_bitsandbytes
 
 hide_bitsandbytes()  # before peft (imported below): ~4 s and a kernels warning, unless quantising
 
@@ -75,6 +76,7 @@ def check_simulation_size(nodes: int | None, cfg: RunConfig) -> None:
 
 @server_app.main()
 def _serve(grid: Grid, context: Context) -> None:
+    app_process(verbose=flower_verbose())  # Flower's lines at WARNING, fedllm's printed once
     run_config = context.run_config
     resume = bool(run_config.get("resume", False))
     if is_recipe_text(str(run_config.get("recipe", ""))):  # `fedllm run --federation`
