@@ -131,6 +131,14 @@ def app_process(*, verbose: bool) -> None:
         drop_checkpointing_notice()
 
 
+def client_app_process(*, verbose: bool) -> None:
+    """Set-up of a process running fedllm's ClientApp for Flower (a SuperNode's `flwr-clientapp`
+    or warm worker, `flwr run .`'s Ray actors): peft's checkpointing notice only with `verbose`.
+    Idempotent (once per message is fine); not undone."""
+    if not verbose:
+        drop_checkpointing_notice()
+
+
 @contextmanager
 def command_process(*, verbose: bool, quiet_flower: bool = True) -> Iterator[None]:
     """While one command runs in this process: bitsandbytes hidden, peft's checkpointing notice

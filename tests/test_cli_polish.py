@@ -27,6 +27,7 @@ from fedllm.processes import (
     RUN_SIMULATION_NOTICE,
     app_process,
     check_reachable,
+    client_app_process,
     command_process,
     flower_verbose,
 )
@@ -241,9 +242,10 @@ def test_a_command_prints_fedllm_lines_once_and_restores_propagation(clean_logs)
     assert own.propagate is True
 
 
-def test_peft_checkpointing_notice_only_with_verbose_and_only_inside_a_command() -> None:
-    """peft 0.21.2 reads transformers 5's deprecated `is_gradient_checkpointing` whenever it
-    wraps a model: the real call, on a tiny Llama."""
+def peft_notices() -> int:
+    """How many of peft's checkpointing notices one real wrap of a tiny Llama shows, under the
+    filters in force (peft 0.21.2 reads transformers 5's deprecated `is_gradient_checkpointing`
+    whenever it wraps a model)."""
     config = LlamaConfig(
         vocab_size=32,
         hidden_size=16,
@@ -252,21 +254,32 @@ def test_peft_checkpointing_notice_only_with_verbose_and_only_inside_a_command()
         num_attention_heads=2,
         num_key_value_heads=1,
     )
+    with warnings.catch_warnings(record=True) as seen:
+        get_peft_model(LlamaForCausalLM(config), LoraConfig(r=1, target_modules=["q_proj"]))
+    return sum(CHECKPOINTING_NOTICE in str(w.message) for w in seen)
 
-    def notices() -> int:
-        with warnings.catch_warnings(record=True) as seen:  # under the filters in force
-            get_peft_model(LlamaForCausalLM(config), LoraConfig(r=1, target_modules=["q_proj"]))
-        return sum(CHECKPOINTING_NOTICE in str(w.message) for w in seen)
 
+def test_peft_checkpointing_notice_only_with_verbose_and_only_inside_a_command() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("always")
-        before = notices()
+        before = peft_notices()
         with command_process(verbose=False):
-            quiet = notices()
+            quiet = peft_notices()
         with command_process(verbose=True):
-            loud = notices()
-        after = notices()
+            loud = peft_notices()
+        after = peft_notices()
     assert (before, quiet, loud, after) == (1, 0, 1, 1)
+
+
+@pytest.mark.parametrize(("verbose", "shown"), [(False, 0), (True, 1)])
+def test_a_client_app_process_drops_the_notice_unless_verbose(verbose: bool, shown: int) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        filters = len(warnings.filters)
+        for _ in range(3):  # once per message
+            client_app_process(verbose=verbose)
+        assert len(warnings.filters) == filters + (not verbose), "one filter, however many calls"
+        assert peft_notices() == shown
 
 
 # -- fedllm node: a free local port --------------------------------------------------------

@@ -15,7 +15,8 @@ beforehand: the FAB carries no code (no run-time dependency installation).
 Flower imports this module in the processes it starts for the app (a SuperLink's `flwr-serverapp`,
 `flwr run .`'s simulation and its Ray actors), so it hides bitsandbytes before importing peft, as
 fedllm's commands do (a quantised base exposes it again). The ServerApp sets its process's
-console up as `fedllm run`'s (`fedllm.processes.app_process`).
+console up as `fedllm run`'s (`fedllm.processes.app_process`), the ClientApp drops peft's
+checkpointing notice (`client_app_process`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,12 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
-from fedllm.processes import app_process, flower_verbose, hide_bitsandbytes
+from fedllm.processes import (
+    app_process,
+    client_app_process,
+    flower_verbose,
+    hide_bitsandbytes,
+)
 
 hide_bitsandbytes()  # before peft (imported below): ~4 s and a kernels warning, unless quantising
 
@@ -102,6 +108,7 @@ def _recipe(context: Context) -> RunConfig:
 
 @client_app.train(mods=registry.client_mods())  # e.g. SecAgg+ masking; others pass through
 def _train(msg: Message, context: Context) -> Message:
+    client_app_process(verbose=flower_verbose())
     cfg = _recipe(context)
     check_node(cfg, context.node_config)
     return client.train(cfg, msg, context, shards=shards)
@@ -109,6 +116,7 @@ def _train(msg: Message, context: Context) -> Message:
 
 @client_app.evaluate()
 def _evaluate(msg: Message, context: Context) -> Message:
+    client_app_process(verbose=flower_verbose())
     cfg = _recipe(context)
     check_node(cfg, context.node_config)
     return client.evaluate(cfg, msg, context, shards=shards)
