@@ -4,24 +4,48 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fedllm.eval.task import EvalTask
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from fedllm.eval.harness import EvalSettings, evaluate_run
 
+    extra = file_tasks(args.mc_file or [])  # read and checked before any model loads
     settings = EvalSettings(
         max_examples=args.max_examples,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
         references=args.references,
-        tasks=tuple(args.tasks) if args.tasks else None,
+        tasks=tuple(args.tasks) if args.tasks else (() if extra else None),
         leakage=not args.no_leakage,
         mia_non_members=args.mia_non_members,
         mia_members_per_non_member=args.mia_members_per_non_member,
         bootstrap=args.bootstrap,
     )
-    evaluate_run(args.target, recipe=args.recipe, out_dir=args.out, settings=settings)
+    evaluate_run(
+        args.target, recipe=args.recipe, out_dir=args.out, settings=settings, extra_tasks=extra
+    )
     return 0
+
+
+def file_tasks(paths: list[str]) -> dict[str, type[EvalTask]]:
+    """`--mc-file` tasks by name (`mc_<file name>`); two files of one name are an error."""
+    from fedllm.eval.tasks.multiple_choice import file_task
+
+    out: dict[str, type[EvalTask]] = {}
+    source: dict[str, str] = {}
+    for path in paths:
+        task = file_task(path)
+        if task.name in out:
+            raise ValueError(
+                f"--mc-file {path} and --mc-file {source[task.name]} both make the task "
+                f"{task.name!r}; rename one of the files"
+            )
+        out[task.name], source[task.name] = task, path
+    return out
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -63,6 +87,14 @@ def add_eval_commands(sub) -> None:
         nargs="+",
         metavar="TASK",
         help="quality tasks to run (default: every task; see --list-tasks)",
+    )
+    ev.add_argument(
+        "--mc-file",
+        action="append",
+        metavar="FILE",
+        help="an outside multiple-choice file (JSONL rows question/choices/answer, MMLU's "
+        "layout) asked as the task mc_<file name>; repeatable; only these tasks unless --tasks "
+        "names others too",
     )
     ev.add_argument("--list-tasks", action=ListTasks, help="list the eval tasks and exit")
     ev.add_argument("--no-leakage", action="store_true", help="task quality only")

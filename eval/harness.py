@@ -10,7 +10,7 @@ view by view over every client at once (fedllm.eval.leakage_run).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -86,13 +86,19 @@ def evaluate_run(
     recipe: str | Path | None = None,
     out_dir: str | Path | None = None,
     settings: EvalSettings = EvalSettings(),
+    extra_tasks: Mapping[str, type[EvalTask]] | None = None,
     say: Callable[[str], None] = lambda text: print(f"[eval] {text}", flush=True),
 ) -> dict:
-    """Evaluate and write report.json, report.md and PNG plots; returns the report."""
+    """Evaluate and write report.json, report.md and PNG plots; returns the report.
+    `extra_tasks` run beside the selected ones (e.g. `--mc-file`'s, built by the caller)."""
     from fedllm.eval.report import write_report
 
     t0 = time.perf_counter()
     tasks = select_tasks(settings.tasks)
+    extra = dict(extra_tasks or {})
+    if clash := sorted(set(tasks) & set(extra)):
+        raise ValueError(f"eval task {clash[0]!r} is both a registered task and an extra one")
+    tasks = {**tasks, **extra}
     settings = replace(settings, tasks=tuple(tasks))
     cfg, adapter, clients, default_out = resolve_inputs(
         Path(target), Path(recipe) if recipe else None

@@ -196,3 +196,54 @@ def test_adapter_folder_with_recipe_and_bad_target(run: Path, tmp_path: Path, ca
     assert "pass --recipe" in capsys.readouterr().err
     assert main(["eval", str(tmp_path), *ARGS]) == 2
     assert "neither a run directory" in capsys.readouterr().err
+
+
+def test_an_outside_multiple_choice_file_is_asked_of_every_view(run: Path, tmp_path: Path) -> None:
+    rows = [
+        {
+            "question": f"Which word is number {k}?",
+            "choices": ["alpha", "beta", "gamma"],
+            "answer": k % 3,
+        }
+        for k in range(4)
+    ]
+    quiz = tmp_path / "quiz.jsonl"
+    quiz.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "eval"
+    assert (
+        main(["eval", str(run), "--mc-file", str(quiz), "--no-leakage", "--out", str(out), *ARGS])
+        == 0
+    )
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["tasks"]) == ["mc_quiz"], "only the file's task unless --tasks names more"
+    assert report["tasks"]["mc_quiz"]["about"].startswith(f"Multiple choice from {quiz} (4 ")
+    assert set(report["quality"]) == {"base", "global", "local"}
+    for view, block in report["quality"].items():
+        per_client = [block["clients"][c]["mc_quiz"] for c in ("0", "1")]
+        assert [r["examples"] for r in per_client] == [4, 4], view
+        assert all(r["chance"] == pytest.approx(1 / 3) for r in per_client), view
+        assert block["global"]["mc_quiz"]["examples"] == 8, view
+        if view != "local":  # one model asked the same questions: the same answers per client
+            assert per_client[0] == per_client[1], view
+    assert "mc_quiz" in (out / "report.md").read_text()
+
+
+def test_a_bad_multiple_choice_file_fails_before_any_model_loads(
+    run: Path, tmp_path: Path, capsys
+) -> None:
+    bad = tmp_path / "notes.jsonl"
+    bad.write_text(json.dumps({"text": "a note"}) + "\n", encoding="utf-8")
+    assert main(["eval", str(run), "--mc-file", str(bad), *ARGS]) == 2
+    err = capsys.readouterr()
+    assert (
+        f"{bad} line 1: a multiple-choice file needs the columns question, choices, answer"
+        in err.err
+    )
+    assert "this row has: text" in err.err and "[eval]" not in err.out, "nothing loaded"
+    twin = tmp_path / "sub" / "notes.jsonl"
+    twin.parent.mkdir()
+    good = json.dumps({"question": "q", "choices": ["a", "b"], "answer": 0}) + "\n"
+    for path in (bad, twin):
+        path.write_text(good, encoding="utf-8")
+    assert main(["eval", str(run), "--mc-file", str(bad), "--mc-file", str(twin), *ARGS]) == 2
+    assert "both make the task 'mc_notes'; rename one" in capsys.readouterr().err

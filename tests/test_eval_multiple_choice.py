@@ -11,9 +11,14 @@ import pytest
 
 from fedllm.client.train import train_local
 from fedllm.data import load_local, tokenize_all
-from fedllm.eval.registry import get_task
+from fedllm.eval.registry import available_tasks, get_task
 from fedllm.eval.task import TaskSetup
-from fedllm.eval.tasks.multiple_choice import MultipleChoiceFile, read_questions
+from fedllm.eval.tasks.multiple_choice import (
+    MultipleChoiceFile,
+    file_task,
+    file_task_name,
+    read_questions,
+)
 from fedllm.model.loading import build_tiny_model, load_base_model
 
 TAUGHT = [
@@ -138,3 +143,49 @@ def test_no_questions_give_no_number(taught_model) -> None:
     result = MultipleChoiceFile([], tokenizer=tok).evaluate(model, batch_size=4)
     assert result["examples"] == 0 and math.isnan(result["accuracy"])
     assert MultipleChoiceFile.combine([result]) == {}
+
+
+def taught_rows() -> list[dict]:
+    """The four taught questions, each taught answer at A, B, C, D in turn among the unseen."""
+    rows = []
+    for k, (question, answer) in enumerate(TAUGHT):
+        choices = [*UNSEEN]
+        choices.insert(k % 4, answer)
+        rows.append({"question": question, "choices": choices, "answer": "ABCD"[k % 4]})
+    return rows
+
+
+def test_an_outside_file_is_a_task_asking_its_questions_whatever_the_client_data(
+    taught_model, tmp_path: Path
+) -> None:
+    model, tok = taught_model
+    path = write_jsonl(tmp_path / "My Quiz-v2.jsonl", taught_rows())
+    task = file_task(path)
+    assert task.name == "mc_my_quiz_v2" and issubclass(task, MultipleChoiceFile)
+    assert task.describe()["about"].startswith(f"Multiple choice from {path} (4 questions)")
+    assert "mc_my_quiz_v2" not in available_tasks(), "per call, never in the registry"
+    setup = TaskSetup(tokenizer=tok, prompt_format="chat", max_length=48, max_new_tokens=4, seed=0)
+    held_out = [{"prompt": "p", "response": "r"}]  # a client's own data plays no part
+    built = task.build(held_out, setup)
+    assert [built.get_example(i)["answer"] for i in range(len(built))] == [0, 1, 2, 3]
+    assert built.evaluate(model, batch_size=8) == {
+        "examples": 4,
+        "accuracy": 1.0,
+        "chance": pytest.approx(0.25),
+    }
+    assert file_task_name(tmp_path / "---.jsonl") == "mc_file"
+
+
+def test_a_file_of_another_layout_names_the_file_and_the_columns(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"prompt": "p", "response": "r"}])
+    with pytest.raises(ValueError) as err:
+        file_task(path)
+    assert str(err.value) == (
+        f"{path} line 1: a multiple-choice file needs the columns question, choices, answer "
+        '(MMLU\'s layout: {"question": ..., "choices": [...], "answer": 0 or "A"}); '
+        "this row has: prompt, response"
+    )
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"empty\.jsonl holds no questions; give one"):
+        file_task(empty)

@@ -4,15 +4,18 @@ Each choice is scored as the response to the question (mean token log-likelihood
 `fedllm.eval.choice`) and the best-scoring one is the model's answer. `answer` is a 0-based
 index or a letter (A = the first choice).
 
-Two ways in: `MultipleChoiceFile.from_file("mmlu.jsonl", tokenizer=...)` reads a JSONL (or a JSON
-array) of such rows; in `fedllm eval`, the task asks each client's held-out examples that came
+Three ways in: `MultipleChoiceFile.from_file("mmlu.jsonl", tokenizer=...)` reads a JSONL (or a
+JSON array) of such rows; in `fedllm eval`, the task asks each client's held-out examples that came
 from a question/choices/answer data source (`data.source: mmlu.jsonl`), and has no questions
-(so no rows in the report) for other data.
+(so no rows in the report) for other data; and `fedllm eval RUN --mc-file FILE` asks an outside
+file's questions (`file_task`, task `mc_<file name>`) under every client's views: base and global
+answer alike for every client, local is each client's own adapter.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +26,9 @@ from fedllm.eval.task import TaskSetup, register_task
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+COLUMNS = ("question", "choices", "answer")  # MMLU's layout
+LAYOUT = '{"question": ..., "choices": [...], "answer": 0 or "A"}'
 
 
 @register_task("multiple_choice")
@@ -51,13 +57,32 @@ class MultipleChoiceFile(MultipleChoiceTask):
         return cls(read_questions(path), tokenizer=tokenizer, prompt_format=prompt_format)
 
 
+def file_task(path: str | Path) -> type[MultipleChoiceFile]:
+    """The task `mc_<file name>` asking an outside file's questions of every client's views
+    (`fedllm eval --mc-file`); the file is read and checked here, before any model loads."""
+    path = Path(path).expanduser()
+    questions = read_questions(path)
+
+    def build(cls, examples: Sequence[dict], setup: TaskSetup) -> MultipleChoiceFile:
+        return cls(questions, tokenizer=setup.tokenizer, prompt_format=setup.prompt_format)
+
+    doc = f"Multiple choice from {path} ({len(questions)} questions): accuracy by log-likelihood."
+    task = type("OutsideFile", (MultipleChoiceFile,), {"__doc__": doc, "build": classmethod(build)})
+    return register_task(file_task_name(path))(task)
+
+
+def file_task_name(path: str | Path) -> str:
+    """`mc_` and the file's name in lower-case letters, digits and '_' (a valid task name)."""
+    stem = re.sub(r"[^a-z0-9]+", "_", Path(path).stem.lower()).strip("_")
+    return f"mc_{stem}" if stem else "mc_file"
+
+
 def read_questions(path: str | Path) -> list[dict]:
     """Questions {prompt, options, answer} from a JSONL/JSON file; bad rows name file and line."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
-            f"multiple-choice file {path} not found; give a JSONL file of "
-            '{"question": ..., "choices": [...], "answer": 0 or "A"} rows'
+            f"multiple-choice file {path} not found; give a JSONL file of {LAYOUT} rows"
         )
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() == ".json":
@@ -75,10 +100,15 @@ def read_questions(path: str | Path) -> list[dict]:
     for where, row in rows:
         if not isinstance(row, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        if not {"question", "choices"} & row.keys():  # another layout altogether
+            raise ValueError(
+                f"{where}: a multiple-choice file needs the columns {', '.join(COLUMNS)} "
+                f"(MMLU's layout: {LAYOUT}); this row has: {', '.join(map(str, row)) or 'none'}"
+            )
         question, choices, answer = choice_row(row, where=where)
         questions.append({"prompt": question, "options": choices, "answer": answer})
     if not questions:
-        raise ValueError(f"{path} holds no questions")
+        raise ValueError(f"{path} holds no questions; give one {LAYOUT} row per line")
     return questions
 
 
