@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -35,7 +36,7 @@ from fedllm.deploy.local_grid import server_identity
 from fedllm.features import registry
 from fedllm.features.types import ClientPlan, ClientRound, ClientRow, RoundResult, TrainReply
 from fedllm.model.loading import BASE_MODELS
-from fedllm.recipe import ConfigError, build_config
+from fedllm.recipe import ConfigError, build_config, load_recipe
 from fedllm.server.exchange import exchange
 from fedllm.server.strategy import LoraStrategy
 
@@ -382,3 +383,25 @@ def test_an_old_checkpoint_without_forbidden_arms_loads() -> None:
     del state["forbidden"]
     bandit.load_state_dict(state)
     assert bandit.forbidden == {}
+
+
+def test_a_round_whose_only_reply_in_time_is_an_error_goes_on(tmp_path, capsys) -> None:
+    from fedllm.server.app import Run
+
+    over = [f"output_dir={tmp_path}", "data.num_clients=2", "federation.round_timeout=0.5"]
+    cfg = load_recipe(Path(__file__).parents[1] / "recipes" / "tiny.yaml", over)
+    app = ClientApp()
+
+    @app.train()
+    def _train(msg: Message, context) -> Message:
+        if int(context.node_config["partition-id"]) == 0:
+            raise ValueError("out of memory")
+        time.sleep(0.8)  # past the deadline
+        return Message(RecordDict(), reply_to=msg)
+
+    grid = DeviceGrid(app, 2)
+    with server_identity(grid.run.run_id):
+        result = Run(cfg, grid).train(1)  # before: "every client failed", the run stopped
+    assert [(r.node, r.status) for r in result.rows] == [(1001, "failed")]
+    assert (result.sampled, result.replies) == (2, 1)
+    assert "1 of 2 clients missed the deadline" in capsys.readouterr().out

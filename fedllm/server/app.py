@@ -138,7 +138,7 @@ class Run:
         replies = exchange(
             self.grid, messages, timeout=self.timeout, label=label, describe=describe_train
         )
-        if replies and all(m.has_error() for m in replies):
+        if replies and len(replies) == len(messages) and all(m.has_error() for m in replies):
             raise RuntimeError(
                 f"round {server_round}: every client failed (first error: "
                 f"{replies[0].error.reason}); rounds up to {server_round - 1} are checkpointed "
