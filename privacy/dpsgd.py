@@ -35,11 +35,11 @@ from fedllm.client.train import (
     TrainResult,
     autocast_dtype,
     check_precision,
+    label_nll,
     make_optimizer,
     make_scheduler,
     model_device,
     to_device,
-    token_nll,
 )
 from fedllm.data import collate
 from fedllm.privacy.plan import SamplePlan
@@ -75,8 +75,7 @@ def example_losses(
     runs under autocast to `amp` when given (the NLL itself in fp32)."""
     device = batch["input_ids"].device
     with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    nll = token_nll(logits, batch["labels"])
+        nll = label_nll(model, batch)
     counted = (batch["labels"][:, 1:] != -100).sum(dim=1).clamp(min=1)
     return nll.sum(dim=1) / counted
 

@@ -16,10 +16,16 @@ from flwr.app import ConfigRecord, RecordDict
 from fedllm.aggregators import RoundSpec
 from fedllm.client.app import local_steps
 from fedllm.client.train import (
+    evaluate_nll,
+    keeps_logits,
+    label_nll,
+    length_grouped_batches,
     lr_factor,
     make_scheduler,
     num_local_steps,
+    predicting_positions,
     schedule_span,
+    token_nll,
     train_local,
 )
 from fedllm.data import collate
@@ -282,3 +288,101 @@ def test_recipe_keys_are_checked(tmp_path) -> None:
     assert cfg.federation.schedule_scope == "federation"
     assert cfg.federation.gradient_accumulation_steps == 1
     assert cfg.federation.gradient_checkpointing is False
+
+
+# ---------------------------------------------------------------- logits only where labels count
+
+
+def test_label_nll_runs_the_head_only_where_labels_count_and_matches_the_full_loss(
+    tiny, lora
+) -> None:
+    _, tok, shard = tiny
+    batch = collate(shard.train[:8], pad_id=tok.pad_token_id)
+    keep = predicting_positions(batch["labels"])
+    # position t predicts label t+1; every counted label is predicted from a kept position
+    counted = (batch["labels"][:, 1:] != -100).any(dim=0)
+    assert keep.tolist() == [t for t in range(len(counted)) if counted[t]]
+    assert 0 < len(keep) < batch["labels"].shape[1] - 1  # the prompts predict nothing
+    assert keeps_logits(lora)
+
+    def grads(loss_fn) -> tuple[float, dict[str, torch.Tensor]]:
+        lora.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        out = {n: p.grad.clone() for n, p in lora.named_parameters() if p.requires_grad}
+        lora.zero_grad(set_to_none=True)
+        return float(loss), out
+
+    def full() -> torch.Tensor:
+        logits = lora(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return token_nll(logits, batch["labels"]).sum()
+
+    part = label_nll(lora, batch)
+    assert part.shape == (8, len(keep))
+    loss_full, g_full = grads(full)
+    loss_kept, g_kept = grads(lambda: label_nll(lora, batch).sum())
+    assert loss_kept == pytest.approx(loss_full, rel=1e-6)
+    for name in g_full:
+        torch.testing.assert_close(g_kept[name], g_full[name], rtol=1e-4, atol=1e-7)
+
+
+def test_label_nll_falls_back_to_full_logits_for_a_model_without_logits_to_keep(tiny) -> None:
+    base, tok, shard = tiny
+    batch = collate(shard.train[:4], pad_id=tok.pad_token_id)
+
+    class Plain(torch.nn.Module):  # a forward that only takes input_ids and attention_mask
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = base
+
+        def forward(self, input_ids, attention_mask):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+    plain = Plain()
+    assert not keeps_logits(plain)
+    with torch.no_grad():
+        want = token_nll(plain(batch["input_ids"], batch["attention_mask"]).logits, batch["labels"])
+        got = label_nll(plain, batch)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want)
+
+
+# ---------------------------------------------------------------- batches grouped by length
+
+
+def test_length_grouped_batches_cover_the_epoch_once_with_near_equal_lengths() -> None:
+    lengths = [(7 * i) % 50 + 10 for i in range(200)]  # 10..59, scattered
+    batches = length_grouped_batches(lengths, batch_size=8, seed=3, pool=5)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(200))  # each example once
+    assert [len(b) for b in batches].count(8) == 25
+    pad = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+    rng = torch.Generator().manual_seed(3)
+    plain = torch.randperm(200, generator=rng).view(25, 8).tolist()
+    pad_plain = sum(max(lengths[i] for i in b) * 8 - sum(lengths[i] for i in b) for b in plain)
+    assert pad < pad_plain / 3  # pools of 40 sorted: a batch spans a fifth of a pool's range
+    # another seed is another order; the same seed the same batches
+    assert batches == length_grouped_batches(lengths, batch_size=8, seed=3, pool=5)
+    assert batches != length_grouped_batches(lengths, batch_size=8, seed=4, pool=5)
+    # batches are not sorted across the epoch: the first pools' batches are spread out
+    assert sorted(range(25), key=lambda k: min(batches[k])) != list(range(25))
+
+
+def test_grouped_training_runs_and_evaluation_sums_do_not_depend_on_order(tiny, lora) -> None:
+    _, tok, shard = tiny
+    result = train_local(
+        lora,
+        shard.train[:64],
+        steps=3,
+        batch_size=8,
+        pad_id=tok.pad_token_id,
+        lr=1e-3,
+        group_by_length=True,
+        seed=1,
+    )
+    assert result.steps == 3 and result.examples == 24
+    total, tokens = evaluate_nll(lora, shard.train[:20], batch_size=4, pad_id=tok.pad_token_id)
+    reverse = list(reversed(shard.train[:20]))
+    total_r, tokens_r = evaluate_nll(lora, reverse, batch_size=3, pad_id=tok.pad_token_id)
+    assert tokens == tokens_r
+    assert total == pytest.approx(total_r, rel=1e-5)

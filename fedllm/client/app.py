@@ -249,6 +249,7 @@ def _plain_steps(
         accumulation=fed.gradient_accumulation_steps,
         gradient_checkpointing=fed.gradient_checkpointing,
         precision=fed.precision,
+        group_by_length=fed.group_by_length,
         max_grad_norm=fed.max_grad_norm,
         seed=rnd.seed,
         skip_steps=done,

@@ -231,6 +231,12 @@ class FederationConfig(_Strict):
         description="compute precision of local steps: 'bf16' autocast (LoRA weights and "
         "optimizer stay fp32), 'auto' (bf16 where the device has it natively), 'fp32'",
     )
+    group_by_length: bool = Field(
+        False,
+        description="draw batches of similar lengths (shuffled pools of 16 batches, each sorted "
+        "by length): less padding per step, every example once per epoch; DP-SGD draws its own "
+        "Poisson batches and ignores it",
+    )
     max_grad_norm: float | None = Field(1.0, gt=0)
     eval_batch_size: int = Field(16, ge=1)
     round_timeout: float = Field(
