@@ -52,7 +52,6 @@ sys.path.insert(0, str(Path(__file__).parent))  # bench/_*.py next to this scrip
 from _quality_report import RESULTS, write_report
 from _quality_runs import centralised, federated, local_only, machine, run_dir
 
-from fedllm.aggregators import available
 from fedllm.recipe import load_recipe
 from fedllm.recipe.schema import DataConfig
 
@@ -211,6 +210,11 @@ def run_cell(label: str, regime: str, seed: int, *, out: Path, extra: list[str])
     return row
 
 
+def recipe_path(recipe: str) -> Path:
+    """Where a method's recipe lives."""
+    return ROOT / "recipes" / f"{recipe}.yaml"
+
+
 def expand(names: list[str]) -> list[str]:
     """Labels and group names -> labels, in grid order, without duplicates."""
     chosen = {m for n in names for m in GROUPS.get(n, [n])}
@@ -250,11 +254,11 @@ def main() -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
-    registered = set(available())
     methods = expand(args.methods)
-    missing = [m for m in methods if METHODS[m][0] and METHODS[m][0] not in registered]
+    # a method is its recipe (fedprox, fedavgm are features on a registered aggregator)
+    missing = [m for m in methods if METHODS[m][0] and not recipe_path(METHODS[m][0]).exists()]
     for m in missing:
-        print(f"[quality] {m}: aggregator {METHODS[m][0]!r} is not registered here; skipped")
+        print(f"[quality] {m}: no recipe {recipe_path(METHODS[m][0])}; skipped")
     rows_path = args.out / "rows.jsonl"
     args.out.mkdir(parents=True, exist_ok=True)
     done = {(r["method"], r["regime"], r["seed"]): r for r in read_rows(rows_path)}
