@@ -69,16 +69,27 @@ def run(cmd: list[str], env: dict[str, str]) -> float:
     return time.perf_counter() - start
 
 
+def node_threads(clients: int) -> int:
+    """Torch threads per SuperNode: the machine's cores shared evenly (at least one each)."""
+    return max(1, (os.cpu_count() or 1) // clients)
+
+
 def deployed(
     recipe: str, overrides: list[str], root: Path, clients: int, *, warm: bool = True
 ) -> float:
-    """Run the recipe on a loopback TLS + auth federation; returns total wall seconds."""
+    """Run the recipe on a loopback TLS + auth federation; returns total wall seconds.
+
+    The SuperNodes (and their warm workers and ClientApp processes) share this machine's cores,
+    so each gets `node_threads` of them (OMP_NUM_THREADS, read by torch at start): all nodes
+    train at once, where the simulation trains one client at a time on every core.
+    """
     env = {**flwr_env(), "FLWR_HOME": str(root / "flwr_home")}
+    node_env = {**env, "OMP_NUM_THREADS": str(node_threads(clients))}
     creds = make_credentials(root / "creds", nodes=clients)
     port = free_port()
     procs = []
 
-    def start(cmd: list[str], log: str) -> None:
+    def start(cmd: list[str], log: str, *, env: dict[str, str] = env) -> None:
         out = open(root / log, "w")
         procs.append(
             subprocess.Popen(
@@ -112,6 +123,7 @@ def deployed(
                     *([] if warm else ["--no-warm-worker"]),
                 ],
                 f"node{i}.log",
+                env=node_env,
             )
         cmd = [
             sys.executable,
@@ -148,6 +160,7 @@ def main() -> None:
     from fedllm.recipe import load_recipe
 
     walls, rounds = {}, {}
+    load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="fedllm-bench-deploy-") as tmp:
         root = Path(tmp)
         common = [*args.overrides, f"output_dir={root}"]
@@ -167,6 +180,7 @@ def main() -> None:
             rounds[label] = round_rows(root / name)
         imports = import_seconds()
     load = os.getloadavg()
+    threads = node_threads(clients)
     mean = lambda d: sum(v["seconds"] for v in d.values()) / len(d)  # noqa: E731
     sim = rounds["simulation"]
     head = " | ".join(f"{k} s" for k in rounds)
@@ -203,6 +217,12 @@ def main() -> None:
         f"the ClientApp ({imports:.1f} s measured here for `import fedllm.deploy.apps` alone), "
         "rebuilds the shard and reloads the base. SuperNodes and the ServerApp poll the "
         "SuperLink every 1-3 s.",
+        "",
+        f"Cores: the simulation trains one client at a time on all {os.cpu_count()} cores; the "
+        f"{clients} SuperNodes train at once, each with {threads} torch thread(s) "
+        "(OMP_NUM_THREADS), as if each had its share of this machine.",
+        "",
+        f"Load average before the simulation side: {load_start:.2f}.",
     ]
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text("\n".join(lines) + "\n")
