@@ -29,7 +29,7 @@ tiny: setup
 	$(VENV)/bin/fedllm run recipes/tiny.yaml --overwrite
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
