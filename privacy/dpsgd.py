@@ -185,7 +185,7 @@ def train_dp(
         max_grad_norm=plan.max_grad_norm,
         expected_batch_size=max(1, round(q * n)),
         generator=gen,
-        amp=autocast_dtype(precision, model_device(model)),
+        amp=autocast_dtype(precision, model_device(model), model),
     )
     model.train()
     losses: list[float] = []

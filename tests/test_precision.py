@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedllm.client.train import autocast_dtype, bf16_supported, evaluate_nll, train_local
+from fedllm.client.train import (
+    autocast_dtype,
+    bf16_supported,
+    check_precision,
+    evaluate_nll,
+    train_local,
+)
 from fedllm.data import collate
 from fedllm.data.shards import load_shard
 from fedllm.model.adapters import attach_lora
@@ -219,3 +225,19 @@ def test_precision_is_a_checked_recipe_key() -> None:
     assert load_recipe(RECIPE, ["federation.precision=auto"]).federation.precision == "auto"
     with pytest.raises(ConfigError, match=r"federation\.precision"):
         load_recipe(RECIPE, ["federation.precision=fp16"])
+
+
+def test_auto_is_the_default_and_stays_fp32_over_a_float16_base() -> None:
+    quickstart = str(Path(__file__).parents[1] / "recipes" / "quickstart.yaml")
+    assert load_recipe(quickstart, []).federation.precision == "auto"
+    cpu = torch.device("cpu")
+    half = torch.nn.Linear(4, 4).half().requires_grad_(False)
+    full = torch.nn.Linear(4, 4).requires_grad_(False)
+    if bf16_supported(cpu):
+        assert autocast_dtype("auto", cpu, full) == torch.bfloat16
+    else:
+        assert autocast_dtype("auto", cpu, full) is None
+    assert autocast_dtype("auto", cpu, half) is None  # bf16 would round every weight again
+    assert autocast_dtype("bf16", cpu, half) == torch.bfloat16  # and check_precision refuses it
+    with pytest.raises(ValueError, match="float16 base"):
+        check_precision(half, torch.bfloat16)

@@ -140,17 +140,26 @@ def bf16_supported(device: torch.device) -> bool:
     return False
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+def autocast_dtype(
+    precision: str, device: torch.device, model: torch.nn.Module | None = None
+) -> torch.dtype | None:
     """The autocast dtype for `precision` on `device`: bf16, or None for full precision.
 
-    "auto" is bf16 where the device runs it natively, else fp32; "bf16" is bf16 regardless
-    (emulated and slow on a CPU without AVX512-BF16).
+    "auto" is bf16 where the device runs it natively and the base is not float16 (which bf16
+    would round a second time), else fp32; "bf16" is bf16 regardless (emulated and slow on a
+    CPU without AVX512-BF16; refused over a float16 base by `check_precision`).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}; valid: {', '.join(PRECISIONS)}")
     if precision == "fp32" or (precision == "auto" and not bf16_supported(device)):
         return None
+    if precision == "auto" and model is not None and torch.float16 in _frozen_dtypes(model):
+        return None
     return torch.bfloat16
+
+
+def _frozen_dtypes(model: torch.nn.Module) -> set[torch.dtype]:
+    return {p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()}
 
 
 def check_precision(model: torch.nn.Module, dtype: torch.dtype | None) -> None:
@@ -158,8 +167,7 @@ def check_precision(model: torch.nn.Module, dtype: torch.dtype | None) -> None:
     parameters below fp32 (autocast needs fp32 masters)."""
     if dtype is None:
         return
-    frozen = {p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()}
-    if torch.float16 in frozen:
+    if torch.float16 in _frozen_dtypes(model):
         raise ValueError(
             "federation.precision='bf16' over a float16 base (model.dtype='float16') rounds "
             "every weight twice; use model.dtype 'float32' or 'bfloat16' (storage) with "
@@ -389,7 +397,7 @@ def train_local(
     if not params:
         raise ValueError("model has no trainable parameters (is the LoRA adapter attached?)")
     device = model_device(model)
-    amp = autocast_dtype(precision, device)
+    amp = autocast_dtype(precision, device, model)
     check_precision(model, amp)
     opt = make_optimizer(params, optimizer=optimizer, lr=lr, weight_decay=weight_decay)
     sched = make_scheduler(
@@ -461,7 +469,7 @@ def evaluate_nll(
     the model's device; `precision` as in `train_local` (the NLL itself is computed in fp32).
     """
     device = model_device(model)
-    amp = autocast_dtype(precision, device)
+    amp = autocast_dtype(precision, device, model)
     total, tokens = 0.0, 0
     loader = _loader(examples, batch_size=batch_size, pad_id=pad_id, seed=0, shuffle=False)
     for batch in loader:
