@@ -19,7 +19,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedllm.aggregators.base import Factors, get, round_spec
+from fedllm.aggregators.base import Aggregate, Factors, get, round_spec
+from fedllm.aggregators.per_module import map_modules
 from fedllm.aggregators.screen import screen
 from fedllm.features.base import Feature
 from fedllm.features.types import ClientRow, Download, EvalRow, RoundResult, TrainReply
@@ -295,11 +296,10 @@ class LoraStrategy(Strategy):
         self, server_round: int, inputs: Sequence[Mapping[str, Factors]], weights: list[float]
     ) -> tuple[dict[str, Factors], dict[str, dict[str, torch.Tensor]]]:
         """The recipe's aggregator, module by module: (new global, new aggregator state)."""
-        new_global: dict[str, Factors] = {}
-        new_state: dict[str, dict[str, torch.Tensor]] = {}
         options = wire.server_options(self.spec, self.cfg.aggregator.options)
-        for module in sorted(self.shapes):
-            result = self.aggregate_fn(
+
+        def one(module: str) -> Aggregate:
+            return self.aggregate_fn(
                 [u[module] for u in inputs],
                 weights,
                 global_rank=self.cfg.aggregator.global_rank,
@@ -307,8 +307,10 @@ class LoraStrategy(Strategy):
                 seed=self.cfg.seed + server_round,
                 **options,
             )
-            new_global[module] = result.global_
-            new_state[module] = result.state
+
+        results = map_modules(one, sorted(self.shapes))  # modules are independent
+        new_global = {m: r.global_ for m, r in results.items()}
+        new_state = {m: r.state for m, r in results.items()}
         return new_global, new_state
 
     def commit(
