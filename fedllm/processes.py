@@ -85,11 +85,36 @@ class _DropMessage(logging.Filter):
         return self.text not in record.getMessage()
 
 
+class _WarningsAndStages(logging.Filter):
+    """Flower's warnings and errors, and SecAgg+'s own lines (its stage lines, at DEBUG: "[Stage 1]
+    Received encrypted key shares from 3 clients."): in a secure round they are the only account
+    of who dropped out at which stage."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        if record.module != SECAGG_STAGES_MODULE:
+            return False
+        if record.levelno < logging.INFO:  # shown at INFO: Flower's console handler is at INFO
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+SECAGG_STAGES_MODULE = "secaggplus_workflow"  # flwr.server.workflow.secure_aggregation
+QUIET_FLOWER = _WarningsAndStages()
+
+
 def set_flower_level(*, verbose: bool) -> None:
-    """Flower's logger at WARNING (DEBUG with `verbose`), printed once by Flower's own handler
-    rather than again by a root handler a library installed (Opacus calls `basicConfig`)."""
+    """Flower's warnings plus SecAgg+'s own lines (every line with `verbose`), printed
+    once by Flower's own handler rather than again by a root handler a library installed (Opacus
+    calls `basicConfig`)."""
     logger = logging.getLogger(FLOWER)
-    logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    if verbose:
+        logger.setLevel(logging.DEBUG)
+        logger.removeFilter(QUIET_FLOWER)
+    else:
+        logger.setLevel(logging.DEBUG)  # QUIET_FLOWER keeps SecAgg+'s lines of every level
+        logger.addFilter(QUIET_FLOWER)  # once: the same filter object is not added twice
     logger.propagate = False
 
 
@@ -148,6 +173,7 @@ def command_process(*, verbose: bool, quiet_flower: bool = True) -> Iterator[Non
     `main()` may run more than once in a process (tests, notebooks)."""
     logger, own = logging.getLogger(FLOWER), logging.getLogger(FEDLLM)
     saved = (logger.level, logger.propagate, own.propagate)
+    quiet_before = QUIET_FLOWER in logger.filters
     if own.handlers:  # not again by a root handler a library installed (Opacus: basicConfig)
         own.propagate = False
     notice = _DropMessage(RUN_SIMULATION_NOTICE)
@@ -166,6 +192,10 @@ def command_process(*, verbose: bool, quiet_flower: bool = True) -> Iterator[Non
         logger.propagate = saved[1]
         own.propagate = saved[2]
         logger.removeFilter(notice)
+        if quiet_before:
+            logger.addFilter(QUIET_FLOWER)
+        else:
+            logger.removeFilter(QUIET_FLOWER)
         if hidden:
             expose_bitsandbytes()
 

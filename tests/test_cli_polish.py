@@ -329,3 +329,41 @@ def test_an_address_nobody_answers_fails_in_seconds_naming_the_key() -> None:
     with pytest.raises(ConfigError, match=rf"simulation.ray_address='127.0.0.1:{port}'.*ray start"):
         check_reachable(f"127.0.0.1:{port}", where=f"simulation.ray_address='127.0.0.1:{port}'")
     assert time.monotonic() - start < 10, "ray.init would retry for minutes"
+
+
+def test_quiet_flower_keeps_warnings_and_secagg_stage_lines_only() -> None:
+    from fedllm.processes import QUIET_FLOWER, SECAGG_STAGES_MODULE, set_flower_level
+
+    logger = logging.getLogger("flwr")
+    saved = (logger.level, logger.propagate, list(logger.filters))
+    seen: list[str] = []
+    handler = logging.Handler()
+    kept: list[logging.LogRecord] = []
+    handler.emit = lambda r: (seen.append(r.getMessage()), kept.append(r))  # type: ignore[method-assign]
+    logger.addHandler(handler)
+
+    def record(level: int, module: str, msg: str) -> logging.LogRecord:
+        return logging.makeLogRecord(
+            {"name": "flwr", "levelno": level, "levelname": "X", "module": module, "msg": msg}
+        )
+
+    try:
+        set_flower_level(verbose=False)
+        set_flower_level(verbose=False)
+        assert logger.filters.count(QUIET_FLOWER) == 1 and logger.isEnabledFor(logging.DEBUG)
+        for r in (
+            record(logging.INFO, "grid", "Start flwr-serverapp"),
+            record(logging.DEBUG, SECAGG_STAGES_MODULE, "[Stage 1] Received key shares from 3"),
+            record(logging.DEBUG, "grid", "pulled 3 messages"),
+            record(logging.WARNING, "grid", "a node failed"),
+        ):
+            logger.handle(r)
+        assert seen == ["[Stage 1] Received key shares from 3", "a node failed"]
+        assert [r.levelno for r in kept] == [logging.INFO, logging.WARNING]  # stage lines at INFO
+        set_flower_level(verbose=True)  # every line again
+        assert QUIET_FLOWER not in logger.filters
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+        logger.filters[:] = saved[2]
