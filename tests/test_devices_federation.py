@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 def test_a_miss_and_a_memory_refusal_in_a_simulated_round_teach_the_bandit(tmp_path: Path) -> None:
     # client 0: 5 MiB, between what rank 2 needs on the tiny base unpruned (~5.7 MiB) and pruned
-    # (~4.2 MiB) at batch 8, length 48; client 1: 1000x slower, so it sleeps to just past the
+    # (~4.2 MiB) at batch 8, length 48; client 1: 100000x slower, so it sleeps to just past the
     # deadline and Flower refuses its late reply; client 2: plain
     devices = "[{clients: 1, memory_mb: 5.0}, {clients: 1, slowdown: 100000}, {clients: 1}]"
     code = main(
