@@ -8,6 +8,7 @@ the in-process grid) in which one node's replies are corrupted a different way e
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,7 @@ from test_strategy import factors, metrics, recipe, reply, strategy
 
 from fedllm.deploy.local_grid import LocalGrid, server_identity
 from fedllm.model.adapters import to_record
+from fedllm.model.packing import LAYOUT, is_packed, pack, unpack
 
 Corrupt = Callable[[RecordDict], RecordDict]
 
@@ -112,6 +114,27 @@ def _garbage_record(content: RecordDict) -> RecordDict:
     return RecordDict({**content, "update": ConfigRecord({"q.lora_A": "nonsense"})})
 
 
+def _packed(change: Callable[[list], None]) -> Corrupt:
+    """The reply packed as one array (fedllm.model.packing) with a layout `change` falsified."""
+
+    def corrupt(content: RecordDict) -> RecordDict:
+        packed = pack(content)
+        layout = json.loads(packed[LAYOUT]["arrays"])
+        change(layout)
+        return RecordDict({**packed, LAYOUT: ConfigRecord({"arrays": json.dumps(layout)})})
+
+    return corrupt
+
+
+def _longer(layout: list) -> None:
+    layout[0][5] += 8
+
+
+def _clash(layout: list) -> None:
+    for entry in layout:
+        entry[0] = "metrics"
+
+
 # name -> (corruption, words the rejection reason must contain)
 HOSTILE: dict[str, tuple[Corrupt, str]] = {
     "NaN in B": (_set(".lora_B", float("nan")), "NaN or Inf"),
@@ -137,6 +160,8 @@ HOSTILE: dict[str, tuple[Corrupt, str]] = {
     "no metrics record": (_no_metrics, "metrics"),
     "no update record": (_no_update, "update"),
     "update not an array record": (_garbage_record, "update"),
+    "packed layout longer than its bytes": (_packed(_longer), "bytes"),
+    "packed record over the metrics": (_packed(_clash), "clashes"),
 }
 
 
@@ -211,7 +236,9 @@ class HostileApp:
             return out
         corrupt, _ = HOSTILE[self.plan[self.rounds % len(self.plan)]]
         self.rounds += 1
-        return Message(corrupt(out.content), reply_to=msg)
+        was_packed = is_packed(out.content)  # the honest app's reply, its arrays packed as one
+        bad = corrupt(unpack(out.content))
+        return Message(pack(bad) if was_packed else bad, reply_to=msg)
 
 
 @pytest.mark.slow

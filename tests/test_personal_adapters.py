@@ -18,6 +18,7 @@ from fedllm.deploy.local_grid import LocalGrid, server_identity
 from fedllm.features import registry
 from fedllm.features.personal import personal_adapter_dir
 from fedllm.model.card import CARD_JSON, resolve_adapter_base
+from fedllm.model.packing import unpack
 from fedllm.model.wire import LOCAL_B
 from fedllm.recipe import ConfigError, build_config, load_recipe
 from fedllm.server.metrics import MetricsLog
@@ -135,10 +136,10 @@ def test_no_personal_B_is_in_any_reply_to_the_server(fedsa_run) -> None:
     kept = [
         B for c in grid.contexts.values() for B in c.state[LOCAL_B].to_torch_state_dict().values()
     ]
-    train = [r for r in grid.replies if "update" in r.content]
+    train = [c for r in grid.replies if "update" in (c := unpack(r.content))]
     assert len(train) == 4, "2 clients x 2 rounds"
-    for reply in train:
-        arrays = [v for v in reply.content.values() if isinstance(v, ArrayRecord)]
+    for content in train:
+        arrays = [v for v in content.values() if isinstance(v, ArrayRecord)]
         for record in arrays:
             tensors = record.to_torch_state_dict()
             assert tensors and all(k.endswith(".lora_A") for k in tensors), sorted(tensors)[:3]

@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord, Context, Message
 
 from fedllm.client.app import make_client_app
 from fedllm.deploy.local_grid import LocalGrid, server_identity
+from fedllm.model.packing import unpack
 from fedllm.recipe import load_recipe
 from fedllm.server.app import run_server
 from fedllm.server.metrics import MetricsLog
@@ -45,7 +46,9 @@ class Spy:
         out = self.app(msg, context)
         if not out.has_error():
             kind = msg.metadata.message_type
-            for name, record in out.content.items():
+            # packed arrays (fedllm.model.packing) counted as the records they carry; the layout
+            # names the same arrays, dtypes and shapes as unpacked Flower arrays would
+            for name, record in unpack(out.content).items():
                 keys = [name] if isinstance(record, ArrayRecord) else list(record)
                 self.sent |= {(kind, k) for k in keys}
         return out

@@ -35,7 +35,7 @@ from fedllm.data.shards import ShardCache
 from fedllm.features import registry
 from fedllm.features.base import Feature
 from fedllm.features.types import ClientPlan, ClientRound, ClientUpdate
-from fedllm.model import wire
+from fedllm.model import packing, wire
 from fedllm.model.adapters import attach_lora, from_record, read_factors, write_factors
 from fedllm.model.base import cached_base_model
 from fedllm.model.loading import module_shapes
@@ -395,11 +395,11 @@ def make_client_app(cfg: RunConfig) -> ClientApp:
     app = ClientApp()
     shards = ShardCache()
 
-    @app.train(mods=registry.client_mods())  # e.g. SecAgg+ masking; others pass through
+    @app.train(mods=[packing.mod, *registry.client_mods()])  # arrays packed; e.g. SecAgg+
     def _train(msg: Message, context: Context) -> Message:
         return train(cfg, msg, context, shards=shards)
 
-    @app.evaluate()
+    @app.evaluate(mods=[packing.mod])
     def _evaluate(msg: Message, context: Context) -> Message:
         return evaluate(cfg, msg, context, shards=shards)
 

@@ -43,6 +43,7 @@ from fedllm.client.node_config import check_node  # noqa: E402
 from fedllm.data.shards import ShardCache  # noqa: E402
 from fedllm.deploy.app_config import app_recipe, is_recipe_text  # noqa: E402
 from fedllm.features import registry  # noqa: E402
+from fedllm.model import packing  # noqa: E402
 from fedllm.recipe import ConfigError, RunConfig  # noqa: E402
 from fedllm.server.app import run_server  # noqa: E402
 from fedllm.server.exchange import say, wait_for_nodes  # noqa: E402
@@ -106,7 +107,7 @@ def _recipe(context: Context) -> RunConfig:
     return absolute_paths(cfg)
 
 
-@client_app.train(mods=registry.client_mods())  # e.g. SecAgg+ masking; others pass through
+@client_app.train(mods=[packing.mod, *registry.client_mods()])  # arrays packed; e.g. SecAgg+
 def _train(msg: Message, context: Context) -> Message:
     client_app_process(verbose=flower_verbose())
     cfg = _recipe(context)
@@ -114,7 +115,7 @@ def _train(msg: Message, context: Context) -> Message:
     return client.train(cfg, msg, context, shards=shards)
 
 
-@client_app.evaluate()
+@client_app.evaluate(mods=[packing.mod])
 def _evaluate(msg: Message, context: Context) -> Message:
     client_app_process(verbose=flower_verbose())
     cfg = _recipe(context)

@@ -20,6 +20,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from fedllm.features.types import TrainReply
+from fedllm.model.packing import pack
 
 
 def say(text: str) -> None:
@@ -61,11 +62,15 @@ def exchange(
     """Push `messages`, then pull replies until all are in or `timeout` (from the push) passes,
     reporting each one; the messages expire at the deadline and a late reply is missed.
 
-    The same as `grid.send_and_receive`, but the person watching sees clients finish one by one.
+    The same as `grid.send_and_receive`, but the person watching sees clients finish one by one,
+    and each message's arrays travel packed as one (`fedllm.model.packing`; replies are unpacked
+    where they are read).
     No message (an empty evaluation panel) asks the grid nothing.
     """
     if not messages:
         return []
+    for m in messages:  # built for this push: their arrays travel as one Flower array
+        m.content = pack(m.content)
     deadline = time.monotonic() + timeout
     end_ttl_at(messages, time.time() + timeout)
     pending = set(grid.push_messages(messages))

@@ -24,7 +24,7 @@ from fedllm.aggregators.per_module import map_modules
 from fedllm.aggregators.screen import screen
 from fedllm.features.base import Feature
 from fedllm.features.types import ClientRow, Download, EvalRow, RoundResult, TrainReply
-from fedllm.model import wire
+from fedllm.model import packing, wire
 from fedllm.recipe.schema import RunConfig
 from fedllm.server.evaluation import evaluation_panel
 
@@ -171,16 +171,17 @@ class LoraStrategy(Strategy):
     # -- training: replies -----------------------------------------------------------------------
     def read_reply(self, node: int, content: RecordDict) -> tuple[TrainReply, dict[str, Factors]]:
         """A reply's validated metrics and its factors at the global shapes (ValueError if bad)."""
-        for key in ("update", "kept"):
-            if key in content and not isinstance(content[key], ArrayRecord):
-                raise ValueError(
-                    f"'{key}' must be an array record, got {type(content[key]).__name__}"
-                )
         size = sum(r.count_bytes() for r in content.array_records.values())
         if size > self.max_reply_bytes:
             raise ValueError(
                 f"{size} bytes of arrays, more than any valid reply ({self.max_reply_bytes})"
             )
+        content = packing.unpack(content)  # a new RecordDict: the reply itself stays as sent
+        for key in ("update", "kept"):
+            if key in content and not isinstance(content[key], ArrayRecord):
+                raise ValueError(
+                    f"'{key}' must be an array record, got {type(content[key]).__name__}"
+                )
         reply = TrainReply.parse(content["metrics"])
         n, cap = self.cfg.data.num_clients, self.cfg.data.max_examples
         if reply.partition >= n:
