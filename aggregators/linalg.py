@@ -4,6 +4,8 @@ Only the "dense" baseline forms the d×k matrix; "exact" and "rsvd" touch thin f
 (see design/aggregation.md). "exact" and "dense" work in float64. "rsvd" runs its big products (the
 sketch and the projections, linear in d·Σrᵢ) in float32 unless an input is float64 (`precision`),
 and its small core SVD in float64; triplets come back in float64, factors in the inputs' dtype.
+By default ("mixed") its range finding runs in bf16 where the device multiplies bf16 natively:
+only the last half-step and the projection need float32 (see `_rsvd`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 METHODS = ("auto", "exact", "rsvd", "dense")
-PRECISIONS = ("auto", "float32", "float64")
+PRECISIONS = ("auto", "mixed", "float32", "float64")
 
 
 def factored_svd(
@@ -83,7 +85,8 @@ def svd_factors(
 
     m = min(rank, Σrᵢ, d, k), S is decreasing. Triplets past the numerical rank may be arbitrary
     directions with (near-)zero singular values. `precision` is the dtype of rsvd's big products:
-    "auto" is float64 if any input is float64, else float32 (see `sketch_dtype`). Oversample 16:
+    "auto" is float64 if any input is float64, else "mixed" (float32, with the range finding in
+    bf16 where the device has it natively: `sketch_dtypes`). Oversample 16:
     at 8, rsvd's error on the benchmark's 100-client 4096² modules was 1.012–1.014× the optimal
     truncation error; at 16 it is ≈ 1.007× (≤ 1.0071 over 6 draws) for ~2 % more time.
     """
@@ -96,9 +99,9 @@ def svd_factors(
         return empty.new_zeros(d, 0), empty, empty.new_zeros(k, 0)
     chosen = choose_method(total, d, k, rank, oversample) if method == "auto" else method
     if chosen == "rsvd":
-        dtype = sketch_dtype(Bs, As, precision)
+        dtype, fast = sketch_dtypes(Bs, As, precision)
         width = min(rank + oversample, d, k)
-        L, S, Rt = _rsvd(Bs, As, weights, width, power_iters, seed, dtype)
+        L, S, Rt = _rsvd(Bs, As, weights, width, power_iters, seed, dtype, fast)
         return L[:, :m], S[:m], Rt[:m].T
     U, V = stack(Bs, As, weights)
     if chosen == "dense":
@@ -111,7 +114,7 @@ def svd_factors(
 def sketch_dtype(
     Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor], precision: str
 ) -> torch.dtype:
-    """The dtype of rsvd's big products: float32, or float64 when asked or when an input is.
+    """The dtype of rsvd's accurate products: float32, or float64 when asked or when an input is.
 
     Float32, bf16 and fp16 factors hold no more than float32 carries, and the result goes back to
     their dtype; float64 inputs ask for float64. Float32 cannot resolve a tail below ~ε₃₂·‖ΣwBA‖:
@@ -122,6 +125,25 @@ def sketch_dtype(
     ):
         return torch.float64
     return torch.float32
+
+
+def sketch_dtypes(
+    Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor], precision: str
+) -> tuple[torch.dtype, torch.dtype | None]:
+    """(`sketch_dtype`, the range finding's dtype: bf16 under "mixed" where native, else None)."""
+    dtype = sketch_dtype(Bs, As, precision)
+    mixed = precision == "mixed" or (precision == "auto" and dtype == torch.float32)
+    return dtype, torch.bfloat16 if mixed and native_bf16(Bs[0].device) else None
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies bf16 natively (CUDA with bf16, a CPU with AVX512-BF16/AMX):
+    elsewhere bf16 products are emulated and slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
 
 
 def stack(
@@ -174,6 +196,7 @@ def _rsvd(
     power_iters: int,
     seed: int,
     dtype: torch.dtype,
+    fast: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Halko–Martinsson–Tropp randomized SVD of x ↦ U·diag(w)·(V x), never forming U@V.
 
@@ -183,14 +206,28 @@ def _rsvd(
     orthonormalised by Householder QR in `dtype` too: it is backward stable, so it keeps what the
     products computed (float64 QR measured no better). Only the width×width core goes to float64.
     Ω is drawn in float32 whatever `dtype`, so the two precisions start from the same sketch.
+
+    With `fast` (bf16), the range finding up to the last power iteration's Z runs on bf16 copies
+    of U and V (≈ 3× float32's GEMM speed on an AVX512-BF16 core). Its rounding only perturbs the
+    subspace, a second-order effect on the error; the last half-step Q = orth(M Z) and the
+    projection QᵀM run in `dtype`, which also removes what bf16 could not resolve where M is
+    nearly low-rank (measured: docs/aggregators.md, bench/results/aggregate*.md).
     """
     U, V, w = _stack_unweighted(Bs, As, weights, dtype)
     generator = torch.Generator().manual_seed(seed)
     omega = torch.randn(V.shape[1], width, generator=generator, dtype=torch.float32)
-    Q = _orth(U @ ((V @ omega.to(V.device, dtype)) * w))
-    for _ in range(power_iters):
-        Z = _orth(V.T @ ((U.T @ Q) * w))
-        Q = _orth(U @ ((V @ Z) * w))
+    if fast is None or power_iters == 0:
+        Q = _orth(U @ ((V @ omega.to(V.device, dtype)) * w))
+        for _ in range(power_iters):
+            Z = _orth(V.T @ ((U.T @ Q) * w))
+            Q = _orth(U @ ((V @ Z) * w))
+    else:
+        Uf, Vf, wf = U.to(fast), V.to(fast), w.to(fast)
+        Q = _orth(Uf @ ((Vf @ omega.to(V.device, fast)) * wf), fast)
+        for i in range(power_iters):
+            Z = _orth(Vf.T @ ((Uf.T @ Q) * wf), dtype)
+            last = i == power_iters - 1
+            Q = _orth(U @ ((V @ Z) * w)) if last else _orth(Uf @ ((Vf @ Z.to(fast)) * wf), fast)
     Qw, Rw = torch.linalg.qr(V.T @ ((U.T @ Q) * w))  # (U diag(w) V)ᵀ Q = Qw Rw, k×width
     X, S, Yt = torch.linalg.svd(Rw.double().T)  # Qᵀ U diag(w) V = (X S Yᵀ) Qwᵀ
     # Rotating the `dtype` bases is a `dtype` product too: float64 here would add only cost.
@@ -251,8 +288,10 @@ def _stacked(
     return U, V
 
 
-def _orth(Y: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.qr(Y).Q
+def _orth(Y: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An orthonormal basis of Y's columns (QR in at least float32), in `dtype` (Y's if None)."""
+    Q = torch.linalg.qr(Y if Y.dtype in (torch.float32, torch.float64) else Y.float()).Q
+    return Q.to(dtype or Y.dtype)
 
 
 def _check(

@@ -81,7 +81,7 @@ def squeeze(
     if carried is not None:
         Bs, As, ws = [*Bs, carried[0]], [*As, carried[1]], [*ws, 1.0]
     # The sketch's precision follows the clients' factors, not the float64 correction term.
-    precision = "float64" if updates[0].B.dtype == torch.float64 else "float32"
+    precision = "float64" if updates[0].B.dtype == torch.float64 else "mixed"
     decompose = partial(
         svd_factors,
         method=method,
