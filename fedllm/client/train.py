@@ -15,15 +15,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch.utils.data import DataLoader
 
+from fedllm.client.precision import PRECISIONS as PRECISIONS
+from fedllm.client.precision import autocast, autocast_dtype, check_precision, frozen_weights_in
 from fedllm.data import collate
-
-Precision = Literal["fp32", "bf16", "auto"]
-PRECISIONS = ("fp32", "bf16", "auto")
 
 
 @dataclass(frozen=True)
@@ -129,57 +127,6 @@ def model_device(model: torch.nn.Module) -> torch.device:
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """The batch's tensors on `device` (no copy when they already are)."""
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """Whether `device` runs bf16 matmuls natively (CUDA with bf16, a CPU with AVX512-BF16/AMX)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return False
-
-
-def autocast_dtype(
-    precision: str, device: torch.device, model: torch.nn.Module | None = None
-) -> torch.dtype | None:
-    """The autocast dtype for `precision` on `device`: bf16, or None for full precision.
-
-    "auto" is bf16 where the device runs it natively and the base is not float16 (which bf16
-    would round a second time), else fp32; "bf16" is bf16 regardless (emulated and slow on a
-    CPU without AVX512-BF16; refused over a float16 base by `check_precision`).
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r}; valid: {', '.join(PRECISIONS)}")
-    if precision == "fp32" or (precision == "auto" and not bf16_supported(device)):
-        return None
-    if precision == "auto" and model is not None and torch.float16 in _frozen_dtypes(model):
-        return None
-    return torch.bfloat16
-
-
-def _frozen_dtypes(model: torch.nn.Module) -> set[torch.dtype]:
-    return {p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()}
-
-
-def check_precision(model: torch.nn.Module, dtype: torch.dtype | None) -> None:
-    """Refuse bf16 autocast over a float16 base (a second rounding of every weight) and LoRA
-    parameters below fp32 (autocast needs fp32 masters)."""
-    if dtype is None:
-        return
-    if torch.float16 in _frozen_dtypes(model):
-        raise ValueError(
-            "federation.precision='bf16' over a float16 base (model.dtype='float16') rounds "
-            "every weight twice; use model.dtype 'float32' or 'bfloat16' (storage) with "
-            "precision 'bf16', or precision 'fp32'"
-        )
-    low = sorted({str(p.dtype) for p in model.parameters() if p.requires_grad} - {"torch.float32"})
-    if low:
-        raise ValueError(f"bf16 autocast needs fp32 trainable (LoRA) parameters, found {low}")
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
-    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 @contextmanager
@@ -422,13 +369,13 @@ def train_local(
     batches = _forever(loader)
     for _ in range(skip_steps * accumulation):
         next(batches)
-    with checkpointing(model, gradient_checkpointing):
+    with checkpointing(model, gradient_checkpointing), frozen_weights_in(model, amp):
         for step in range(steps):
             micro = [to_device(next(batches), device) for _ in range(accumulation)]
             tokens = max(1, sum(counted_tokens(b) for b in micro))
             total = 0.0
             for i, batch in enumerate(micro):
-                with _autocast(device, amp):
+                with autocast(device, amp):
                     nll = label_nll(model, batch).sum()
                 part = nll / tokens
                 if i == 0 and regularizer is not None:
@@ -472,10 +419,11 @@ def evaluate_nll(
     amp = autocast_dtype(precision, device, model)
     total, tokens = 0.0, 0
     loader = _loader(examples, batch_size=batch_size, pad_id=pad_id, seed=0, shuffle=False)
-    for batch in loader:
-        batch = to_device(batch, device)
-        with _autocast(device, amp):
-            nll = label_nll(model, batch)
-        total += float(nll.sum())
-        tokens += counted_tokens(batch)
+    with frozen_weights_in(model, amp):
+        for batch in loader:
+            batch = to_device(batch, device)
+            with autocast(device, amp):
+                nll = label_nll(model, batch)
+            total += float(nll.sum())
+            tokens += counted_tokens(batch)
     return total, tokens
