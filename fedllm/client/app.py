@@ -266,11 +266,12 @@ def train(
     as FitRes, which its mod masks before anything leaves the client).
     """
     run = functools.partial(train_content, shards=shards)
+    received = packing.unpack(msg.content)  # packed arrays from a ClientApp without the mod
     for cls in registry.active(cfg):
-        content = cls.wrap_train(cfg, msg.content, context, run)
+        content = cls.wrap_train(cfg, received, context, run)
         if content is not None:
             return Message(content, reply_to=msg)
-    return Message(run(cfg, msg.content, context), reply_to=msg)
+    return Message(run(cfg, received, context), reply_to=msg)
 
 
 def train_content(
@@ -339,10 +340,11 @@ def evaluate(
     cfg: RunConfig, msg: Message, context: Context, *, shards: ShardCache | None = None
 ) -> Message:
     """Held-out NLL of the global adapter on this client's held-out split."""
-    config = msg.content["config"]
+    content = packing.unpack(msg.content)  # packed arrays from a ClientApp without the mod
+    config = content["config"]
     check_recipe(cfg, config)
     pid = partition_of(context)
-    record: ArrayRecord = msg.content["global"]
+    record: ArrayRecord = content["global"]
     spec = wire.spec_of(config)
     if spec.local_B:  # personalised: the shared A with this node's own B, at its own rank
         rank = int(context.node_config.get("rank", cfg.client_rank(pid)))
