@@ -24,6 +24,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         mia_non_members=args.mia_non_members,
         mia_members_per_non_member=args.mia_members_per_non_member,
         bootstrap=args.bootstrap,
+        precision=args.precision,
     )
     evaluate_run(
         args.target, recipe=args.recipe, out_dir=args.out, settings=settings, extra_tasks=extra
@@ -117,6 +118,12 @@ def add_eval_commands(sub) -> None:
         default=1000,
         metavar="B",
         help="bootstrap resamples for the MIA intervals (0: no intervals)",
+    )
+    ev.add_argument(
+        "--precision",
+        default="auto",
+        help="eval forwards: 'auto' (bf16 autocast where the device runs it natively, as in "
+        "training), 'bf16' or 'fp32' (invalid values are refused with the valid ones)",
     )
     ev.set_defaults(fn=cmd_eval)
 

@@ -60,8 +60,9 @@ def greedy_decode(
         )  # fmt: skip
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), max_new_tokens[i]))
     out: list[list[int]] = [[] for _ in prompts]
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
+    size = decode_rows(prompts, max_new_tokens, head=head, batch_size=batch_size)
+    for start in range(0, len(order), size):
+        rows = order[start : start + size]
         for i, tokens in zip(
             rows,
             _decode_rows(
@@ -77,6 +78,17 @@ def greedy_decode(
         ):
             out[i] = tokens
     return out
+
+
+def decode_rows(
+    prompts: Sequence[Sequence[int]], budgets: Sequence[int], *, head: int, batch_size: int
+) -> int:
+    """Rows decoded together: as many as keep the prompt pass within the token budget a full
+    forward of batch_size rows would have (batch_size × longest prompt + budget), as the head
+    runs once and each later step runs one token per row (small steps are overhead-bound)."""
+    width = max(len(p) + n for p, n in zip(prompts, budgets, strict=True))
+    rest = max(len(p) - head for p in prompts)
+    return max(batch_size, batch_size * width // max(rest, 1))
 
 
 def _decode_rows(model, head_cache, head: int, prompts, budgets, *, pad_id: int, ends: set[int]):

@@ -14,9 +14,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from fedllm.client.train import PRECISIONS
 from fedllm.data.sample import sample_examples
 from fedllm.data.shards import raw_shard
-from fedllm.eval.leakage_run import measure_leakage
+from fedllm.eval.leakage_run import PhaseTimer, measure_leakage
 from fedllm.eval.registry import select_tasks
 from fedllm.eval.task import EvalTask, TaskSetup
 from fedllm.eval.views import BASE, GLOBAL, Views, client_view, find_client_adapters
@@ -39,8 +40,14 @@ class EvalSettings:
     mia_members_per_non_member: int = 2  # matched on domain and length
     bootstrap: int = 1000  # resamples for the MIA intervals (0: none)
     confidence: float = 0.95
+    precision: str = "auto"  # forwards under bf16 autocast ("auto": where native) or "fp32"
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"eval setting precision must be one of {', '.join(PRECISIONS)}, "
+                f"got {self.precision!r}"
+            )
         positive = {
             "max_examples": self.max_examples,
             "batch_size": self.batch_size,
@@ -106,7 +113,14 @@ def evaluate_run(
     out = Path(out_dir) if out_dir else default_out
     quant = None if cfg.model.quantization == "none" else cfg.model.quantization
     say(f"loading base + global adapter + {len(clients)} client adapters ({adapter})")
-    views = Views(adapter, client_adapters=clients, dtype=cfg.model.dtype, quantization=quant)
+    views = Views(
+        adapter,
+        client_adapters=clients,
+        dtype=cfg.model.dtype,
+        quantization=quant,
+        precision=settings.precision,
+    )
+    say(f"eval forwards in {views.compute} (precision {settings.precision})")
     setup = TaskSetup(
         tokenizer=views.tokenizer,
         prompt_format=cfg.data.prompt_format,
@@ -117,14 +131,14 @@ def evaluate_run(
     report: dict = {
         "run": cfg.name,
         "target": str(Path(target).resolve()),
-        "settings": asdict(settings),
+        "settings": {**asdict(settings), "compute": views.compute},
         "views": views.names,
         "tasks": {name: cls.describe() for name, cls in tasks.items()},
         "quality": {},
         "leakage": {"exposure": [], "mia": {}, "extraction": {}},
     }
     report["timings"] = {"load": time.perf_counter() - t0}
-    t_quality = time.perf_counter()
+    t_quality, timer = time.perf_counter(), PhaseTimer()
     n = cfg.data.num_clients
     shards = {pid: raw_shard(cfg, pid) for pid in range(n)}
     for pid, shard in shards.items():
@@ -134,13 +148,14 @@ def evaluate_run(
         built = {name: cls.build(held, setup) for name, cls in tasks.items()}
         for view in [BASE, GLOBAL] + ([local] if local else []):
             key = "local" if view == local else view
-            result = _quality(views, view, built, batch_size=settings.batch_size)
+            result = _quality(views, view, built, batch_size=settings.batch_size, timer=timer)
             report["quality"].setdefault(key, {"clients": {}})["clients"][str(pid)] = result
             brief = ", ".join(f"{name} {tasks[name].headline(r)}" for name, r in result.items())
             say(f"client {pid} quality [{key}]: {brief}")
     for block in report["quality"].values():
         block["global"] = _combine(tasks, list(block["clients"].values()))
     report["timings"]["quality"] = time.perf_counter() - t_quality
+    report["timings"]["quality tasks"] = dict(timer.seconds)
     if settings.leakage:
         report["leakage"] = measure_leakage(
             views, cfg=cfg, settings=settings, shards=shards, say=say
@@ -152,10 +167,16 @@ def evaluate_run(
     return report
 
 
-def _quality(views: Views, view: str, built: dict[str, EvalTask], *, batch_size: int) -> dict:
+def _quality(
+    views: Views, view: str, built: dict[str, EvalTask], *, batch_size: int, timer: PhaseTimer
+) -> dict:
     """Every task's metrics under one view (tasks are built once per client, not per view)."""
+    out = {}
     with views.use(view) as model:
-        return {name: task.evaluate(model, batch_size=batch_size) for name, task in built.items()}
+        for name, task in built.items():
+            with timer(name):
+                out[name] = task.evaluate(model, batch_size=batch_size)
+    return out
 
 
 def _combine(tasks: dict[str, type[EvalTask]], per_client: list[dict]) -> dict:

@@ -9,8 +9,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 from peft import PeftModel
 
+from fedllm.client.train import PRECISIONS, autocast_dtype
 from fedllm.model.card import resolve_adapter_base
 from fedllm.model.loading import load_base_model
 
@@ -39,7 +41,8 @@ def find_client_adapters(run_dir: Path) -> dict[int, Path]:
 
 
 class Views:
-    """A base model with named adapters; `use(view)` makes one of them active."""
+    """A base model with named adapters; `use(view)` makes one of them active, its forwards
+    under bf16 autocast when `precision` picks it (as training does: "auto" where native)."""
 
     def __init__(
         self,
@@ -48,7 +51,12 @@ class Views:
         client_adapters: dict[int, Path] | None = None,
         dtype: str = "float32",
         quantization: str | None = None,
+        precision: str = "auto",
     ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(
+                f"eval setting precision={precision!r}; valid: {', '.join(PRECISIONS)}"
+            )
         base_dir = adapter_base_dir(global_adapter)
         base, self.tokenizer = load_base_model(base_dir, dtype=dtype, quantization=quantization)
         # no-grad forwards in eval mode break 4-bit LoRA (platform notes); dropout is 0 at eval
@@ -59,6 +67,13 @@ class Views:
             self.model.load_adapter(str(folder), adapter_name=client_view(pid))
             self.names.append(client_view(pid))
         self.model.train(self.train_mode)
+        self.device = next(self.model.parameters()).device
+        self.autocast = autocast_dtype(precision, self.device, self.model)
+
+    @property
+    def compute(self) -> str:
+        """What eval forwards run in: "bf16" (autocast) or "fp32" (the weights' own dtype)."""
+        return "fp32" if self.autocast is None else "bf16"
 
     @contextmanager
     def use(self, view: str) -> Iterator[PeftModel]:
@@ -66,9 +81,13 @@ class Views:
         if view not in self.names:
             raise KeyError(f"unknown view {view!r}; available: {self.names}")
         self.model.train(self.train_mode)
+        amp = torch.autocast(
+            self.device.type, dtype=self.autocast or torch.bfloat16, enabled=bool(self.autocast)
+        )
         if view == BASE:
-            with self.model.disable_adapter():
+            with self.model.disable_adapter(), amp:
                 yield self.model
         else:
             self.model.set_adapter(view)
-            yield self.model
+            with amp:
+                yield self.model

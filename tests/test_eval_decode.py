@@ -27,3 +27,13 @@ def test_shared_head_decoding_gives_generates_tokens(tmp_path: Path) -> None:
     for got, want, budget in zip(shared, full, budgets, strict=True):
         assert got == want[:budget]
     assert any(len(g) == b for g, b in zip(shared, budgets, strict=True))
+
+
+def test_decode_rows_keep_the_prompt_pass_within_the_token_budget() -> None:
+    from fedllm.eval.decode import decode_rows
+
+    # width 12 + 4 = 16 tokens, at most 12 - 8 = 4 run per row after the head: 2 * 16 // 4 = 8
+    prompts = [[0] * 10, [0] * 12]
+    assert decode_rows(prompts, [4, 4], head=8, batch_size=2) == 8
+    # never fewer rows than batch_size (no shared head: the whole prompt runs per row)
+    assert decode_rows(prompts, [1, 1], head=0, batch_size=2) == 2

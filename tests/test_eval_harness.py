@@ -26,6 +26,7 @@ TINY = {
     "num_kv_heads": 1,
 }
 ARGS = ["--max-examples", "8", "--batch-size", "8", "--max-new-tokens", "4", "--references", "10"]
+ARGS += ["--precision", "fp32"]  # exact comparisons below; bf16 has its own test
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +115,26 @@ def test_global_loss_is_token_weighted_and_base_view_is_the_plain_base(run: Path
     assert report["quality"]["global"]["clients"]["1"]["held_out"]["loss"] != pytest.approx(
         clients["1"]["held_out"]["loss"], rel=1e-7
     )
+
+
+def test_bf16_precision_is_recorded_and_agrees_with_fp32(run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bf16"
+    args = [*ARGS[:-2], "--precision", "bf16", "--no-leakage", "--tasks", "held_out", "--out"]
+    assert main(["eval", str(run), *args, str(out)]) == 0
+    bf16 = json.loads((out / "report.json").read_text())
+    fp32 = json.loads((run / "eval" / "report.json").read_text())
+    assert fp32["settings"]["precision"] == "fp32" and fp32["settings"]["compute"] == "fp32"
+    assert bf16["settings"]["precision"] == "bf16" and bf16["settings"]["compute"] == "bf16"
+    for view in ("base", "global", "local"):
+        got = bf16["quality"][view]["global"]["held_out"]["loss"]
+        want = fp32["quality"][view]["global"]["held_out"]["loss"]
+        assert got == pytest.approx(want, abs=0.02) and got != want  # bf16 ran, and agrees
+
+
+def test_an_unknown_precision_names_the_valid_ones(run: Path, capsys) -> None:
+    assert main(["eval", str(run), *ARGS[:-2], "--precision", "fp16"]) == 2
+    err = capsys.readouterr().err
+    assert "precision must be one of fp32, bf16, auto, got 'fp16'" in err
 
 
 def test_leakage_sections(run: Path) -> None:

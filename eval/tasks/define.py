@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from fedllm.eval.generate import end_token_ids, greedy_generate
+from fedllm.eval.decode import greedy_decode
+from fedllm.eval.generate import end_token_ids
 from fedllm.eval.prompting import example_prompt, prompt_ids
 from fedllm.eval.task import EvalTask, Metric, TaskSetup, register_task
 from fedllm.eval.text import exact_match, rouge_l
@@ -57,10 +58,10 @@ class DefineWords(EvalTask):
         if not self.examples:
             return {"examples": 0, "exact_match": float("nan"), "rouge_l": float("nan")}
         items = [self.get_example(i) for i in range(len(self))]
-        outputs = greedy_generate(
+        outputs = greedy_decode(  # the prompts' shared chat head runs once (same tokens)
             model,
             [x["prompt_ids"] for x in items],
-            max_new_tokens=self.max_new_tokens,
+            max_new_tokens=[self.max_new_tokens] * len(items),
             pad_id=self.tokenizer.pad_token_id,
             eos_ids=end_token_ids(self.tokenizer, model),
             batch_size=batch_size,
