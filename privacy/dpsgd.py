@@ -31,10 +31,9 @@ import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
+from fedllm.client.precision import autocast_dtype, check_precision, frozen_weights_in
 from fedllm.client.train import (
     TrainResult,
-    autocast_dtype,
-    check_precision,
     label_nll,
     make_optimizer,
     make_scheduler,
@@ -178,6 +177,7 @@ def train_dp(
         total_steps=schedule_steps or steps,
         offset=schedule_offset,
     )
+    amp = autocast_dtype(precision, model_device(model), model)
     private = PrivateSteps(
         model,
         opt,
@@ -185,23 +185,24 @@ def train_dp(
         max_grad_norm=plan.max_grad_norm,
         expected_batch_size=max(1, round(q * n)),
         generator=gen,
-        amp=autocast_dtype(precision, model_device(model), model),
+        amp=amp,
     )
     model.train()
     losses: list[float] = []
     seen = clipped = empty = 0
     start = time.perf_counter()
     try:
-        for _ in range(steps):
-            picked = (torch.rand(n, generator=gen) < q).nonzero().flatten().tolist()
-            batch = collate([examples[i] for i in picked], pad_id=pad_id) if picked else None
-            loss, n_clipped = private.step(batch)
-            sched.step()
-            empty += batch is None
-            seen += len(picked)
-            clipped += n_clipped
-            if loss is not None:
-                losses.append(loss)
+        with frozen_weights_in(model, amp):  # bf16 weights once, not a cast per matmul
+            for _ in range(steps):
+                picked = (torch.rand(n, generator=gen) < q).nonzero().flatten().tolist()
+                batch = collate([examples[i] for i in picked], pad_id=pad_id) if picked else None
+                loss, n_clipped = private.step(batch)
+                sched.step()
+                empty += batch is None
+                seen += len(picked)
+                clipped += n_clipped
+                if loss is not None:
+                    losses.append(loss)
     finally:
         private.close()
     nan = float("nan")
