@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from fedllm.client.train import PRECISIONS
+from fedllm.client.precision import PRECISIONS
 from fedllm.data.sample import sample_examples
 from fedllm.data.shards import raw_shard
 from fedllm.eval.leakage_run import PhaseTimer, measure_leakage

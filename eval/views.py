@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from fedllm.client.train import PRECISIONS, autocast_dtype
+from fedllm.client.precision import PRECISIONS, autocast_dtype
 from fedllm.model.card import resolve_adapter_base
 from fedllm.model.loading import load_base_model
 
