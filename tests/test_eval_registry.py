@@ -179,6 +179,7 @@ def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
             self.model, self.tokenizer = load_base_model(model_dir)
             self.model.eval()
             self.names = ["base", "global"]
+            self.compute = "fp32"  # what the harness reports as the forwards' precision
 
         @contextmanager
         def use(self, view: str):
