@@ -160,7 +160,8 @@ def model7b_section(client_counts: tuple[int, ...] = (10, 100), modules: int = 1
         f"### A whole 7B-shaped model: {shape} (4096 × 4096), global rank 64",
         "",
         "Time of the aggregation calls only (client factors are generated per module, outside the "
-        "clock). Now: float32 sketch, oversample 16 (today's defaults; auto picks exact, float64, "
+        "clock). Now: mixed sketch (bf16 range finding where native, float32 last half-step and "
+        "projection), oversample 16 (today's defaults; auto picks exact, float64, "
         "while Σrᵢ ≤ 4ℓ). Before: float64 sketch, oversample 8. Error: ‖ΔW* − W‖_F ÷ the optimal "
         "rank-64 error, on module 0. 2 modules at a time: auto now as the strategy runs a round's "
         "modules (`fedllm.aggregators.per_module`: two worker threads, one torch thread each). "
