@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from fedllm.client.precision import PRECISIONS, autocast_dtype, frozen_weights_in
+from fedllm.client.precision import PRECISIONS, autocast_dtype
 from fedllm.model.card import resolve_adapter_base
 from fedllm.model.loading import load_base_model
 
@@ -84,11 +84,10 @@ class Views:
         amp = torch.autocast(
             self.device.type, dtype=self.autocast or torch.bfloat16, enabled=bool(self.autocast)
         )
-        frozen = frozen_weights_in(self.model, self.autocast)  # bf16 weights once per view
         if view == BASE:
-            with self.model.disable_adapter(), frozen, amp:
+            with self.model.disable_adapter(), amp:
                 yield self.model
         else:
             self.model.set_adapter(view)
-            with frozen, amp:
+            with amp:
                 yield self.model

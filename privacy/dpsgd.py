@@ -31,7 +31,7 @@ import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
-from fedllm.client.precision import autocast_dtype, check_precision, frozen_weights_in
+from fedllm.client.precision import autocast_dtype, check_precision
 from fedllm.client.train import (
     TrainResult,
     label_nll,
@@ -192,17 +192,16 @@ def train_dp(
     seen = clipped = empty = 0
     start = time.perf_counter()
     try:
-        with frozen_weights_in(model, amp):  # bf16 weights once, not a cast per matmul
-            for _ in range(steps):
-                picked = (torch.rand(n, generator=gen) < q).nonzero().flatten().tolist()
-                batch = collate([examples[i] for i in picked], pad_id=pad_id) if picked else None
-                loss, n_clipped = private.step(batch)
-                sched.step()
-                empty += batch is None
-                seen += len(picked)
-                clipped += n_clipped
-                if loss is not None:
-                    losses.append(loss)
+        for _ in range(steps):
+            picked = (torch.rand(n, generator=gen) < q).nonzero().flatten().tolist()
+            batch = collate([examples[i] for i in picked], pad_id=pad_id) if picked else None
+            loss, n_clipped = private.step(batch)
+            sched.step()
+            empty += batch is None
+            seen += len(picked)
+            clipped += n_clipped
+            if loss is not None:
+                losses.append(loss)
     finally:
         private.close()
     nan = float("nan")

@@ -14,9 +14,8 @@ from fedllm.client.precision import (
     autocast_dtype,
     bf16_supported,
     check_precision,
-    frozen_weights_in,
 )
-from fedllm.client.train import evaluate_nll, label_nll, train_local
+from fedllm.client.train import evaluate_nll, train_local
 from fedllm.data import collate
 from fedllm.data.shards import load_shard
 from fedllm.model.adapters import attach_lora
@@ -241,40 +240,3 @@ def test_auto_is_the_default_and_stays_fp32_over_a_float16_base() -> None:
     assert autocast_dtype("bf16", cpu, half) == torch.bfloat16  # and check_precision refuses it
     with pytest.raises(ValueError, match="float16 base"):
         check_precision(half, torch.bfloat16)
-
-
-def test_frozen_weights_in_bf16_for_a_round_then_the_originals(lora) -> None:
-    base = lora.get_base_model()
-    embed, head = base.get_input_embeddings(), base.get_output_embeddings()
-    tied = head.weight is embed.weight
-    before = {n: p for n, p in lora.named_parameters()}
-    with frozen_weights_in(lora, torch.bfloat16) as n:
-        linears = [m for m in lora.modules() if isinstance(m, torch.nn.Linear)]
-        frozen = [m for m in linears if not m.weight.requires_grad]
-        assert n == len(frozen) > 0
-        assert all(m.weight.dtype == torch.bfloat16 for m in frozen)
-        assert all(p.dtype == torch.float32 for p in lora.parameters() if p.requires_grad)
-        assert embed.weight.dtype == torch.float32, "the embedding table stays fp32"
-    after = {n: p for n, p in lora.named_parameters()}
-    assert after.keys() == before.keys()
-    assert all(after[k] is before[k] for k in before), "the very fp32 parameters come back"
-    assert (head.weight is embed.weight) == tied
-    with frozen_weights_in(lora, None) as n:
-        assert n == 0
-
-
-def test_bf16_weights_give_autocast_the_same_values(tiny, lora) -> None:
-    # Under bf16 autocast every matmul reads its weight in bf16 anyway: storing the frozen weights
-    # in bf16 for the round changes no loss and no LoRA gradient, bit for bit.
-    _, _, tok, shard = tiny
-    batch = collate(shard.train[:8], pad_id=tok.pad_token_id)
-    results = []
-    for swap in (None, torch.bfloat16):
-        lora.zero_grad(set_to_none=True)
-        with frozen_weights_in(lora, swap), torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = label_nll(lora, batch).sum()
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in lora.named_parameters() if p.requires_grad}
-        results.append((loss.detach(), grads))
-    assert torch.equal(results[0][0], results[1][0])
-    assert all(torch.equal(results[0][1][k], results[1][1][k]) for k in results[0][1])

@@ -1,16 +1,12 @@
 """Mixed precision for local steps and evaluation: bf16 autocast with fp32 master LoRA weights.
 
-`federation.precision` picks it ("auto": bf16 where the device multiplies bf16 natively). Under
-bf16 autocast every matmul reads its weight in bf16; `frozen_weights_in` stores the frozen base's
-fp32 Linear weights in bf16 for the duration of a round, so the cast happens once per round
-instead of at every matmul of every step (a quarter of a step's time, profiled), with the same
-values reaching every matmul.
+`federation.precision` picks it ("auto": bf16 where the device multiplies bf16 natively). Autocast
+casts the frozen fp32 weights at every matmul; storing them in bf16 for a round instead measured
+no faster on this CPU (quickstart step, idle machine: 0.97–1.04×), so the casts stay.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -67,30 +63,3 @@ def check_precision(model: torch.nn.Module, dtype: torch.dtype | None) -> None:
 def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
     """Autocast to `dtype` on `device`'s type; a disabled context for None (full precision)."""
     return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
-
-
-@contextmanager
-def frozen_weights_in(model: torch.nn.Module, dtype: torch.dtype | None) -> Iterator[int]:
-    """Within the block, every frozen fp32 `nn.Linear` weight of `model` is a `dtype` copy (bf16
-    under autocast, which would otherwise cast it at every matmul); yields how many. The fp32
-    originals (and weights tied to an embedding, which keeps its fp32 table) come back after.
-    None: nothing changes. Costs one `dtype` copy of those weights while inside."""
-    if dtype is None:
-        yield 0
-        return
-    saved: list[tuple[torch.nn.Linear, torch.nn.Parameter]] = []
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if (
-            isinstance(module, torch.nn.Linear)
-            and type(weight) is torch.nn.Parameter
-            and weight.dtype == torch.float32
-            and not weight.requires_grad
-        ):
-            saved.append((module, weight))
-            module.weight = torch.nn.Parameter(weight.detach().to(dtype), requires_grad=False)
-    try:
-        yield len(saved)
-    finally:
-        for module, weight in saved:
-            module.weight = weight

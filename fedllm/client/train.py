@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from fedllm.client.precision import PRECISIONS as PRECISIONS
-from fedllm.client.precision import autocast, autocast_dtype, check_precision, frozen_weights_in
+from fedllm.client.precision import autocast, autocast_dtype, check_precision
 from fedllm.data import collate
 
 
@@ -369,7 +369,7 @@ def train_local(
     batches = _forever(loader)
     for _ in range(skip_steps * accumulation):
         next(batches)
-    with checkpointing(model, gradient_checkpointing), frozen_weights_in(model, amp):
+    with checkpointing(model, gradient_checkpointing):
         for step in range(steps):
             micro = [to_device(next(batches), device) for _ in range(accumulation)]
             tokens = max(1, sum(counted_tokens(b) for b in micro))
@@ -419,11 +419,10 @@ def evaluate_nll(
     amp = autocast_dtype(precision, device, model)
     total, tokens = 0.0, 0
     loader = _loader(examples, batch_size=batch_size, pad_id=pad_id, seed=0, shuffle=False)
-    with frozen_weights_in(model, amp):
-        for batch in loader:
-            batch = to_device(batch, device)
-            with autocast(device, amp):
-                nll = label_nll(model, batch)
-            total += float(nll.sum())
-            tokens += counted_tokens(batch)
+    for batch in loader:
+        batch = to_device(batch, device)
+        with autocast(device, amp):
+            nll = label_nll(model, batch)
+        total += float(nll.sum())
+        tokens += counted_tokens(batch)
     return total, tokens
