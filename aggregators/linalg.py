@@ -216,18 +216,18 @@ def _rsvd(
     U, V, w = _stack_unweighted(Bs, As, weights, dtype)
     generator = torch.Generator().manual_seed(seed)
     omega = torch.randn(V.shape[1], width, generator=generator, dtype=torch.float32)
-    if fast is None or power_iters == 0:
-        Q = _orth(U @ ((V @ omega.to(V.device, dtype)) * w))
-        for _ in range(power_iters):
-            Z = _orth(V.T @ ((U.T @ Q) * w))
-            Q = _orth(U @ ((V @ Z) * w))
-    else:
-        Uf, Vf, wf = U.to(fast), V.to(fast), w.to(fast)
-        Q = _orth(Uf @ ((Vf @ omega.to(V.device, fast)) * wf), fast)
-        for i in range(power_iters):
-            Z = _orth(Vf.T @ ((Uf.T @ Q) * wf), dtype)
-            last = i == power_iters - 1
-            Q = _orth(U @ ((V @ Z) * w)) if last else _orth(Uf @ ((Vf @ Z.to(fast)) * wf), fast)
+    low = fast or dtype  # the range finding's dtype; the last half-step's is `dtype`
+    Ul, Vl, wl = (U, V, w) if low == dtype else (U.to(low), V.to(low), w.to(low))
+
+    def half_step(X: torch.Tensor, last: bool) -> torch.Tensor:  # orth(M·X)
+        if last:
+            return _orth(U @ ((V @ X.to(dtype)) * w))
+        return _orth(Ul @ ((Vl @ X.to(low)) * wl), low)
+
+    Q = half_step(omega.to(V.device), power_iters == 0)
+    for i in range(power_iters):
+        Z = _orth(Vl.T @ ((Ul.T @ Q) * wl), dtype)
+        Q = half_step(Z, i == power_iters - 1)
     Qw, Rw = torch.linalg.qr(V.T @ ((U.T @ Q) * w))  # (U diag(w) V)ᵀ Q = Qw Rw, k×width
     X, S, Yt = torch.linalg.svd(Rw.double().T)  # Qᵀ U diag(w) V = (X S Yᵀ) Qwᵀ
     # Rotating the `dtype` bases is a `dtype` product too: float64 here would add only cost.

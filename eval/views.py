@@ -9,10 +9,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
 from peft import PeftModel
 
-from fedllm.client.precision import PRECISIONS, autocast_dtype
+from fedllm.client.precision import PRECISIONS, autocast, autocast_dtype
 from fedllm.model.card import resolve_adapter_base
 from fedllm.model.loading import load_base_model
 
@@ -81,9 +80,7 @@ class Views:
         if view not in self.names:
             raise KeyError(f"unknown view {view!r}; available: {self.names}")
         self.model.train(self.train_mode)
-        amp = torch.autocast(
-            self.device.type, dtype=self.autocast or torch.bfloat16, enabled=bool(self.autocast)
-        )
+        amp = autocast(self.device, self.autocast)
         if view == BASE:
             with self.model.disable_adapter(), amp:
                 yield self.model

@@ -109,11 +109,10 @@ def set_flower_level(*, verbose: bool) -> None:
     once by Flower's own handler rather than again by a root handler a library installed (Opacus
     calls `basicConfig`)."""
     logger = logging.getLogger(FLOWER)
+    logger.setLevel(logging.DEBUG)  # quiet, QUIET_FLOWER keeps SecAgg+'s lines of every level
     if verbose:
-        logger.setLevel(logging.DEBUG)
         logger.removeFilter(QUIET_FLOWER)
     else:
-        logger.setLevel(logging.DEBUG)  # QUIET_FLOWER keeps SecAgg+'s lines of every level
         logger.addFilter(QUIET_FLOWER)  # once: the same filter object is not added twice
     logger.propagate = False
 

@@ -31,7 +31,7 @@ import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
-from fedllm.client.precision import autocast_dtype, check_precision
+from fedllm.client.precision import autocast, autocast_dtype, check_precision
 from fedllm.client.train import (
     TrainResult,
     label_nll,
@@ -73,7 +73,7 @@ def example_losses(
     """Each example's mean NLL over its response tokens (a vector of batch size); the forward
     runs under autocast to `amp` when given (the NLL itself in fp32)."""
     device = batch["input_ids"].device
-    with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+    with autocast(device, amp):
         nll = label_nll(model, batch)
     counted = (batch["labels"][:, 1:] != -100).sum(dim=1).clamp(min=1)
     return nll.sum(dim=1) / counted

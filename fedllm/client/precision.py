@@ -7,19 +7,12 @@ no faster on this CPU (quickstart step, idle machine: 0.97–1.04×), so the cas
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-from fedllm.aggregators.linalg import native_bf16
+# whether a device runs bf16 matmuls natively (CUDA with bf16, a CPU with AVX512-BF16/AMX)
+from fedllm.aggregators.linalg import native_bf16 as bf16_supported
 
-Precision = Literal["fp32", "bf16", "auto"]
 PRECISIONS = ("fp32", "bf16", "auto")
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """Whether `device` runs bf16 matmuls natively (CUDA with bf16, a CPU with AVX512-BF16/AMX)."""
-    return native_bf16(device)
 
 
 def autocast_dtype(

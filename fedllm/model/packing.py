@@ -66,10 +66,8 @@ def unpack(content: RecordDict) -> RecordDict:
     if not isinstance(record, ArrayRecord) or list(record.keys()) != [BYTES]:
         raise PackingError(f"'{PACKED}' must be an array record holding one array {BYTES!r}")
     data = record[BYTES].data
-    if sum(e[5] for e in entries) != len(data):
-        raise PackingError(
-            f"the layout describes {sum(e[5] for e in entries)} bytes, the array holds {len(data)}"
-        )
+    if (described := sum(e[5] for e in entries)) != len(data):
+        raise PackingError(f"the layout describes {described} bytes, the array holds {len(data)}")
     others = {k: v for k, v in content.items() if k not in (PACKED, LAYOUT)}
     arrays: dict[str, dict[str, Array]] = {}
     offset = 0
