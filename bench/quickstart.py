@@ -6,11 +6,12 @@
 Runs `fedllm run` in a subprocess per variant and samples the resident memory of its whole process
 tree (driver, Ray workers and Ray's own daemons) every 0.2 s. The baseline, measured in the same
 run, is a fresh process that loads the base model and runs one forward pass: the least any client
-must pay. A variant is a named set of overrides (`VARIANTS`: precision and length grouping); the
-first is the reference, and every other variant's wall time and final held-out loss are reported
-against it (evaluation itself is fp32 in all of them). A `head` section times one local step of
-the recipe's model with the output head over every position (how training ran before issue 15)
-against only the positions that predict a label (how it runs now), in fp32 and in the same run.
+must pay. A variant is a named set of overrides (`VARIANTS`: precision, a shared prompt head,
+length grouping); the first is the reference, and every other variant's wall time and final
+held-out loss are reported against it (evaluation itself is fp32 in all of them). A `head`
+section times one local step of the recipe's model with the output head over every position (how
+training ran before issue 15) against only the positions that predict a label (how it runs now),
+in fp32 and in the same run.
 Writes results/quickstart.md (or `--out`).
 """
 
@@ -78,12 +79,18 @@ for rep in range(3):
 print(json.dumps({k: statistics.median(v) for k, v in times.items()}))
 """
 
-# name -> overrides; the first variant named on the command line is the reference
+# name -> overrides; the first variant named on the command line is the reference.
+# "+shared": the prompt head a batch's rows share runs once per batch (federation.share_head);
+# "+grouped": batches of similar lengths (federation.group_by_length).
 VARIANTS = {
-    "fp32": ["federation.precision=fp32", "federation.group_by_length=false"],
-    "fp32+grouped": ["federation.precision=fp32", "federation.group_by_length=true"],
-    "bf16": ["federation.precision=bf16", "federation.group_by_length=false"],
-    "bf16+grouped": ["federation.precision=bf16", "federation.group_by_length=true"],
+    f"{precision}{'+shared' if head else ''}{'+grouped' if grouped else ''}": [
+        f"federation.precision={precision}",
+        f"federation.share_head={str(head).lower()}",
+        f"federation.group_by_length={str(grouped).lower()}",
+    ]
+    for precision in ("fp32", "bf16")
+    for head in (False, True)
+    for grouped in (False, True)
 }
 
 

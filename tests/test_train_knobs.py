@@ -25,6 +25,7 @@ from fedllm.client.train import (
     num_local_steps,
     predicting_positions,
     schedule_span,
+    shared_head,
     token_nll,
     train_local,
 )
@@ -324,6 +325,72 @@ def test_label_nll_runs_the_head_only_where_labels_count_and_matches_the_full_lo
     assert loss_kept == pytest.approx(loss_full, rel=1e-6)
     for name in g_full:
         torch.testing.assert_close(g_kept[name], g_full[name], rtol=1e-4, atol=1e-7)
+
+
+def test_shared_head_stops_at_the_first_difference_and_before_the_first_label() -> None:
+    def batch(rows, first_label):
+        ids = torch.tensor(rows)
+        labels = torch.full_like(ids, -100)
+        labels[:, first_label:] = ids[:, first_label:]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+    assert shared_head(batch([[1, 2, 3, 4, 5, 6], [1, 2, 9, 4, 5, 6]], 4)) == 2
+    # the position that predicts the first label runs with its own row
+    assert shared_head(batch([[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 7]], 4)) == 3
+    assert shared_head(batch([[1, 2, 3, 4, 5, 6]], 4)) == 0  # one row: nothing to share
+    assert shared_head(batch([[7, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6]], 4)) == 0
+    left_padded = batch([[0, 2, 3, 4, 5, 6], [0, 2, 3, 4, 5, 6]], 4)
+    left_padded["attention_mask"][:, 0] = 0
+    assert shared_head(left_padded) == 0  # a masked token is never shared
+
+
+def test_shared_head_gives_the_full_batch_loss_and_gradients(tiny, lora) -> None:
+    _, tok, shard = tiny
+    batch = collate(shard.train[:8], pad_id=tok.pad_token_id)
+    head = shared_head(batch)
+    assert head >= 4  # the prompt template's shared words
+
+    def grads(share: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        lora.zero_grad(set_to_none=True)
+        nll = label_nll(lora, batch, share_head=share)
+        nll.sum().backward()
+        out = {n: p.grad.clone() for n, p in lora.named_parameters() if p.requires_grad}
+        lora.zero_grad(set_to_none=True)
+        return nll.detach(), out
+
+    calls = []
+    layer = lora.get_base_model().model.layers[0]
+    hook = layer.register_forward_pre_hook(
+        lambda _, args, kw: calls.append(
+            (kw.get("hidden_states", args[0] if args else None)).shape[:2]
+        ),
+        with_kwargs=True,
+    )
+    try:
+        nll_full, g_full = grads(False)
+        calls.clear()
+        nll_shared, g_shared = grads(True)
+    finally:
+        hook.remove()
+    width = batch["input_ids"].shape[1]
+    assert calls == [(1, head), (8, width - head)]  # the head once, then every row's rest
+    torch.testing.assert_close(nll_shared, nll_full, rtol=1e-5, atol=1e-5)
+    for name in g_full:  # the head's LoRA gradient comes back summed over the rows
+        torch.testing.assert_close(g_shared[name], g_full[name], rtol=1e-4, atol=1e-6)
+
+
+def test_training_with_a_shared_head_takes_the_same_steps(tiny, lora) -> None:
+    _, tok, shard = tiny
+    plain, loss_plain = one_step(lora, shard.train[:16], tok, batch_size=8)
+    shared, loss_shared = one_step(lora, shard.train[:16], tok, batch_size=8, share_head=True)
+    assert loss_shared == pytest.approx(loss_plain, rel=1e-5)
+    for name in plain:
+        torch.testing.assert_close(shared[name], plain[name], rtol=1e-4, atol=1e-6)
+    sums = [
+        evaluate_nll(lora, shard.held_out, batch_size=8, pad_id=tok.pad_token_id, share_head=s)
+        for s in (False, True)
+    ]
+    assert sums[1][1] == sums[0][1] and sums[1][0] == pytest.approx(sums[0][0], rel=1e-5)
 
 
 def test_label_nll_falls_back_to_full_logits_for_a_model_without_logits_to_keep(tiny) -> None:

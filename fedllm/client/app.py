@@ -250,6 +250,7 @@ def _plain_steps(
         gradient_checkpointing=fed.gradient_checkpointing,
         precision=fed.precision,
         group_by_length=fed.group_by_length,
+        share_head=fed.share_head,
         max_grad_norm=fed.max_grad_norm,
         seed=rnd.seed,
         skip_steps=done,
@@ -375,6 +376,7 @@ def evaluate(
             shard.held_out,
             batch_size=cfg.federation.eval_batch_size,
             pad_id=tokenizer.pad_token_id,
+            share_head=cfg.federation.share_head,
         )
         model.train()
     finally:

@@ -267,32 +267,78 @@ def keeps_logits(model: torch.nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
 
-def label_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def shared_head(batch: dict[str, torch.Tensor]) -> int:
+    """How many leading tokens every row of `batch` shares before its first label (a chat
+    template's system turn and instruction words): 0 for a single row or nothing shared."""
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    labelled = (labels != -100).any(dim=0).nonzero()
+    if ids.shape[0] < 2 or not len(labelled):
+        return 0
+    limit = int(labelled[0]) - 1  # the position predicting the first label runs with its row
+    same = (ids[:, :limit] == ids[:1, :limit]).all(dim=0) & (mask[:, :limit] == 1).all(dim=0)
+    differs = (~same).nonzero()
+    return int(differs[0]) if len(differs) else max(limit, 0)
+
+
+def label_nll(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], *, share_head: bool = False
+) -> torch.Tensor:
     """Next-token NLL at every position that predicts a label in some row, 0 where ignored.
 
     The output head and the fp32 cross-entropy run only at those positions (`logits_to_keep`,
     through the model's own forward, so soft-capping or logit scales still apply): with chat
     prompts about four in five positions predict nothing, and a 49k-word head dominated the step.
+    With `share_head`, the tokens every row starts with (`shared_head`: the chat template's
+    system turn) run once, as a one-row forward whose keys/values every row attends to; the
+    gradient flows back through them summed over the rows, so loss and gradient are the full
+    batch's to float rounding (a LoRA dropout mask on those tokens is then shared by the rows).
+    Not for per-example gradients (DP-SGD): those need every row's own forward.
     Sums over the result equal `token_nll(model(...).logits, labels)`'s.
     """
     labels = batch["labels"]
     keep = predicting_positions(labels)
-    if 0 < len(keep) < labels.shape[1] - 1 and keeps_logits(model):
+    if not (0 < len(keep) < labels.shape[1] - 1 and keeps_logits(model)):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return token_nll(logits, labels)
+    head = shared_head(batch) if share_head else 0
+    cache = None
+    if head:
+        cache = model(
+            input_ids=batch["input_ids"][:1, :head],
+            attention_mask=batch["attention_mask"][:1, :head],
+            use_cache=True,
+            logits_to_keep=1,
+        ).past_key_values
+    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
         logits = model(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
             logits_to_keep=keep,
         ).logits
-        targets = labels[:, keep + 1]
-        nll = torch.nn.functional.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]),
-            targets.reshape(-1),
-            ignore_index=-100,
-            reduction="none",
-        )
-        return nll.view(targets.shape)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return token_nll(logits, labels)
+        return _kept_nll(logits, labels[:, keep + 1])
+    ids = batch["input_ids"]
+    rows, width = ids.shape
+    cache.batch_repeat_interleave(rows)
+    logits = model(
+        input_ids=ids[:, head:],
+        attention_mask=batch["attention_mask"],
+        position_ids=torch.arange(head, width, device=ids.device).expand(rows, -1),
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=keep - head,
+    ).logits
+    return _kept_nll(logits, labels[:, keep + 1])
+
+
+def _kept_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """fp32 cross-entropy of the kept logits (rows × kept × vocab) against their targets."""
+    nll = torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=-100,
+        reduction="none",
+    )
+    return nll.view(targets.shape)
 
 
 def counted_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -318,6 +364,7 @@ def train_local(
     gradient_checkpointing: bool = False,
     precision: str = "fp32",
     group_by_length: bool = False,
+    share_head: bool = False,
     max_grad_norm: float | None = 1.0,
     seed: int = 0,
     skip_steps: int = 0,
@@ -331,8 +378,10 @@ def train_local(
     batch (the token mean `model(**batch).loss` computes). The schedule's step k is
     `schedule_offset` + k of `schedule_steps` (default: this call's steps; see
     `schedule_span`). `precision` "bf16"/"auto" runs forwards under bf16 autocast; the LoRA
-    parameters, their gradients and the optimizer stay fp32. `regularizer()` (FedProx,
-    HetLoRA's tail penalty) is added once per step; the reported losses are the data loss alone.
+    parameters, their gradients and the optimizer stay fp32. `share_head` runs the prompt head
+    a batch's rows share once per batch (see `label_nll`; not with gradient checkpointing, which
+    keeps no keys/values). `regularizer()` (FedProx, HetLoRA's tail penalty) is added once per
+    step; the reported losses are the data loss alone.
     The batches of the first `skip_steps` steps of this seed's order are drawn and dropped: a
     later stage of a round's steps continues the data order of one uninterrupted run.
     """
@@ -346,6 +395,7 @@ def train_local(
     device = model_device(model)
     amp = autocast_dtype(precision, device, model)
     check_precision(model, amp)
+    share_head = share_head and not gradient_checkpointing
     opt = make_optimizer(params, optimizer=optimizer, lr=lr, weight_decay=weight_decay)
     sched = make_scheduler(
         opt,
@@ -376,7 +426,7 @@ def train_local(
             total = 0.0
             for i, batch in enumerate(micro):
                 with autocast(device, amp):
-                    nll = label_nll(model, batch).sum()
+                    nll = label_nll(model, batch, share_head=share_head).sum()
                 part = nll / tokens
                 if i == 0 and regularizer is not None:
                     part = part + regularizer()
@@ -409,11 +459,12 @@ def evaluate_nll(
     batch_size: int,
     pad_id: int,
     precision: str = "fp32",
+    share_head: bool = False,
 ) -> tuple[float, int]:
     """Summed token negative log-likelihood on the response tokens, and how many tokens.
 
     Sums, not means, so that clients' results combine exactly into a global loss. Batches move to
-    the model's device; `precision` as in `train_local` (the NLL itself is computed in fp32).
+    the model's device; `precision` and `share_head` as in `train_local` (the NLL is fp32).
     """
     device = model_device(model)
     amp = autocast_dtype(precision, device, model)
@@ -422,7 +473,7 @@ def evaluate_nll(
     for batch in loader:
         batch = to_device(batch, device)
         with autocast(device, amp):
-            nll = label_nll(model, batch)
+            nll = label_nll(model, batch, share_head=share_head)
         total += float(nll.sum())
         tokens += counted_tokens(batch)
     return total, tokens

@@ -239,6 +239,13 @@ class FederationConfig(_Strict):
         "by length): less padding per step, every example once per epoch; DP-SGD draws its own "
         "Poisson batches and ignores it",
     )
+    share_head: bool = Field(
+        True,
+        description="run the prompt head every row of a batch starts with (the chat template's "
+        "system turn) once per batch, its keys/values shared by the rows: the same loss and "
+        "gradients to float rounding, fewer tokens per step; DP-SGD's per-example gradients "
+        "always run every row in full",
+    )
     max_grad_norm: float | None = Field(1.0, gt=0)
     eval_batch_size: int = Field(16, ge=1)
     round_timeout: float = Field(

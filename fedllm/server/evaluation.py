@@ -100,6 +100,7 @@ class TestSetEvaluator:
                 examples,
                 batch_size=cfg.federation.eval_batch_size,
                 pad_id=tokenizer.pad_token_id,
+                share_head=cfg.federation.share_head,
             )
             model.train()
         finally:
