@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedllm.data.canary import Canary, reference_secrets
-from fedllm.eval.branches import score_continuations
 from fedllm.eval.exposure import exposure, exposure_skewnormal, log_perplexity_bits, secret_item
 from fedllm.eval.roc import roc_auc
 from fedllm.eval.scoring import Scored, score_examples
@@ -50,56 +49,14 @@ def canary_set(
 
 
 def canary_exposures(model, cs: CanarySet, *, batch_size: int, pad_id: int) -> list[dict]:
-    """Px (bits) of each canary's secret and its rank-based and skew-normal exposure.
-
-    Each canary's secrets score as continuations of its prompt that share their first digits
-    (`score_continuations`); items not of that shape score one by one in full batches.
-    """
-    px_all = [
-        log_perplexity_bits(lp)
-        for lp in secret_logprobs(model, cs.items, batch_size=batch_size, pad_id=pad_id)
-    ]
+    """Px (bits) of each canary's secret and its rank-based and skew-normal exposure."""
+    scored = score_examples(model, cs.items, batch_size=batch_size, pad_id=pad_id)
+    px_all = [log_perplexity_bits(s.logprobs) for s in scored]
     block = cs.references + 1
     return [
         exposure_row(c, px_all[b * block : (b + 1) * block], digits=cs.digits)
         for b, c in enumerate(cs.canaries)
     ]
-
-
-def secret_logprobs(
-    model, items: Sequence[dict], *, batch_size: int, pad_id: int
-) -> list[np.ndarray]:
-    """log p (nats) of each item's labelled tokens: items of one prompt whose labels run from
-    their first to their last token score together as that prompt's continuations."""
-    blocks: dict[tuple[int, ...], list[int]] = {}
-    for k, item in enumerate(items):
-        split = _prompt_split(item)
-        if split is None or split < 2:
-            return [
-                s.logprobs
-                for s in score_examples(model, items, batch_size=batch_size, pad_id=pad_id)
-            ]
-        blocks.setdefault(tuple(item["input_ids"][:split]), []).append(k)
-    width = max(len(item["input_ids"]) for item in items)
-    out: list[np.ndarray] = [np.zeros(0)] * len(items)
-    for prompt, members in blocks.items():
-        conts = [items[k]["input_ids"][len(prompt) :] for k in members]
-        rows = max(1, batch_size * width // max(len(c) for c in conts))
-        scored = score_continuations(model, prompt, conts, rows=rows, pad_id=pad_id)
-        for k, logprobs in zip(members, scored, strict=True):
-            out[k] = logprobs
-    return out
-
-
-def _prompt_split(item: dict) -> int | None:
-    """Where an item's labels start, if they cover every token from there to its end."""
-    labels = item["labels"]
-    first = next((i for i, t in enumerate(labels) if t != -100), None)
-    if first is None or any(t == -100 for t in labels[first:]):
-        return None
-    if list(labels[first:]) != list(item["input_ids"][first:]):
-        return None
-    return first
 
 
 def exposure_row(canary: Canary, px: Sequence[float], *, digits: int) -> dict:
