@@ -81,17 +81,21 @@ print(json.dumps({k: statistics.median(v) for k, v in times.items()}))
 
 # name -> overrides; the first variant named on the command line is the reference.
 # "+shared": the prompt head a batch's rows share runs once per batch (federation.share_head);
-# "+grouped": batches of similar lengths (federation.group_by_length).
+# "+grouped": batches of similar lengths (federation.group_by_length); "+eager": eager attention
+# (model.attention; without it sdpa). "defaults": the recipe as shipped, no overrides.
 VARIANTS = {
-    f"{precision}{'+shared' if head else ''}{'+grouped' if grouped else ''}": [
+    f"{precision}{'+shared' * head}{'+grouped' * grouped}{'+eager' * eager}": [
         f"federation.precision={precision}",
         f"federation.share_head={str(head).lower()}",
         f"federation.group_by_length={str(grouped).lower()}",
+        f"model.attention={'eager' if eager else 'sdpa'}",
     ]
     for precision in ("fp32", "bf16")
     for head in (False, True)
     for grouped in (False, True)
+    for eager in (False, True)
 }
+VARIANTS["defaults"] = []
 
 
 def tree_rss(proc: psutil.Process) -> int:
@@ -175,7 +179,7 @@ def report(
         f"`python bench/quickstart.py --recipe {args.recipe} --variants {' '.join(args.variants)} "
         f"{' '.join(args.overrides)}` on {os.cpu_count()} CPUs, load average {load[0]:.2f} at "
         f"the start and {load[1]:.2f} at the end. Variants: "
-        + "; ".join(f"{v} = `{' '.join(VARIANTS[v])}`" for v in args.variants)
+        + "; ".join(f"{v} = `{' '.join(VARIANTS[v]) or 'no overrides'}`" for v in args.variants)
         + ".",
         "",
         "| | wall seconds | peak RSS (GiB) | wall ratio | memory ratio |",

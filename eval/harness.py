@@ -119,6 +119,8 @@ def evaluate_run(
         dtype=cfg.model.dtype,
         quantization=quant,
         precision=settings.precision,
+        attention=cfg.model.attention,
+        max_length=cfg.data.max_length,
     )
     say(f"eval forwards in {views.compute} (precision {settings.precision})")
     setup = TaskSetup(

@@ -51,13 +51,21 @@ class Views:
         dtype: str = "float32",
         quantization: str | None = None,
         precision: str = "auto",
+        attention: str = "auto",
+        max_length: int | None = None,
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(
                 f"eval setting precision={precision!r}; valid: {', '.join(PRECISIONS)}"
             )
         base_dir = adapter_base_dir(global_adapter)
-        base, self.tokenizer = load_base_model(base_dir, dtype=dtype, quantization=quantization)
+        base, self.tokenizer = load_base_model(
+            base_dir,
+            dtype=dtype,
+            quantization=quantization,
+            attention=attention,
+            max_length=max_length,
+        )
         # no-grad forwards in eval mode break 4-bit LoRA (platform notes); dropout is 0 at eval
         self.train_mode = quantization is not None
         self.model = PeftModel.from_pretrained(base, str(global_adapter), adapter_name=GLOBAL)

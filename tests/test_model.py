@@ -171,6 +171,27 @@ def test_load_base_model_is_frozen_in_train_mode(tiny_dir: Path) -> None:
         fm.load_base_model(tiny_dir, dtype="float64")  # type: ignore[arg-type]
 
 
+def test_attention_auto_is_eager_for_short_sequences_on_the_cpu() -> None:
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert fm.attention_for("auto", cpu, 64) == "eager"
+    assert fm.attention_for("auto", cpu, fm.EAGER_UP_TO + 1) == "sdpa"
+    assert fm.attention_for("auto", cpu, None) == "sdpa"  # length unknown: the general choice
+    assert fm.attention_for("auto", gpu, 64) == "sdpa"
+    assert fm.attention_for("sdpa", cpu, 64) == "sdpa"
+    with pytest.raises(ValueError, match="valid: auto, eager, sdpa"):
+        fm.attention_for("flash", cpu, 64)
+
+
+def test_eager_and_sdpa_give_the_same_loss(tiny_dir: Path) -> None:
+    ids = torch.arange(3, 40).reshape(1, -1)
+    losses = {}
+    for attention in ("eager", "sdpa"):
+        model, _ = fm.load_base_model(tiny_dir, attention=attention, max_length=64)
+        assert model.config._attn_implementation == attention
+        losses[attention] = float(model(input_ids=ids, labels=ids).loss)
+    assert losses["eager"] == pytest.approx(losses["sdpa"], rel=1e-5)
+
+
 def test_load_base_model_sets_missing_pad_to_eos(tiny_dir: Path, tmp_path: Path) -> None:
     folder = tmp_path / "nopad"
     folder.mkdir()

@@ -64,7 +64,11 @@ def pruned_base(rnd: ClientRound, base: torch.nn.Module) -> tuple[torch.nn.Modul
                 model.save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
                 model, _ = load_base_model(
-                    tmp, dtype=cfg.model.dtype, quantization=plan.quantization
+                    tmp,
+                    dtype=cfg.model.dtype,
+                    quantization=plan.quantization,
+                    attention=cfg.model.attention,
+                    max_length=cfg.data.max_length,
                 )
         targets = tuple(cfg.lora.target_modules)
         adapted = {m: k for m, k in kept.items() if m.rsplit(".", 1)[-1] in targets}

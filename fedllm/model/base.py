@@ -40,9 +40,22 @@ def cached_base_model(cfg: RunConfig):
 
     def load():
         folder = prepare_base_model(cfg)
-        return load_base_model(folder, dtype=cfg.model.dtype, quantization=quant)
+        return load_base_model(
+            folder,
+            dtype=cfg.model.dtype,
+            quantization=quant,
+            attention=cfg.model.attention,
+            max_length=cfg.data.max_length,
+        )
 
-    return BASE_MODELS.get((str(base_model_dir(cfg)), cfg.model.dtype, quant), load)
+    key = (
+        str(base_model_dir(cfg)),
+        cfg.model.dtype,
+        quant,
+        cfg.model.attention,
+        cfg.data.max_length,
+    )
+    return BASE_MODELS.get(key, load)
 
 
 def adapter_shapes(cfg: RunConfig) -> dict[str, tuple[int, int]]:

@@ -311,6 +311,25 @@ def resolve_model_dir(name: str, *, cache_dir: Path | None = None) -> Path:
     return snapshot
 
 
+ATTENTIONS = ("auto", "eager", "sdpa")
+
+
+EAGER_UP_TO = 256  # tokens: "auto" picks eager attention on the CPU for sequences this short
+
+
+def attention_for(attention: str, device: torch.device, max_length: int | None) -> str:
+    """The attention implementation to load. "auto": eager on the CPU for sequences of at most
+    EAGER_UP_TO tokens, else sdpa. A bf16 LoRA step of SmolLM2-135M on 2 cores took 0.88x
+    sdpa's time with eager at 64 tokens (sdpa's CPU flash kernel is slow backwards), 1.09x at
+    512 and 1.83x at 1,024; exposure scoring at 64 tokens 0.89x."""
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention={attention!r}; valid: {', '.join(ATTENTIONS)}")
+    if attention != "auto":
+        return attention
+    short = max_length is not None and max_length <= EAGER_UP_TO
+    return "eager" if device.type == "cpu" and short else "sdpa"
+
+
 def compute_device() -> torch.device:
     """Where this process computes: its current CUDA device when it sees one, else the CPU.
 
@@ -328,18 +347,24 @@ def load_base_model(
     dtype: Dtype = "float32",
     quantization: Quantization | None = None,
     device: torch.device | str | None = None,
+    attention: str = "auto",
+    max_length: int | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load model and tokenizer from a local folder onto `device` (default: `compute_device()`),
     frozen and in train mode, ready for LoRA; a 4-/8-bit base goes through peft's k-bit
     preparation (norms and embeddings in fp32, no checkpointing: `federation.gradient_checkpointing`
-    decides that)."""
+    decides that); `attention` for sequences of up to `max_length` tokens, see `attention_for`."""
     device = torch.device(device) if device is not None else compute_device()
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}; valid: {sorted(DTYPES)}")
     if quantization not in (None, "4bit", "8bit"):
         raise ValueError(f"quantization={quantization!r}; valid: None, '4bit', '8bit'")
     torch_dtype = DTYPES[dtype]
-    kwargs: dict = {"dtype": torch_dtype, "local_files_only": True}
+    kwargs: dict = {
+        "dtype": torch_dtype,
+        "local_files_only": True,
+        "attn_implementation": attention_for(attention, device, max_length),
+    }
     if quantization is not None:
         from transformers import BitsAndBytesConfig
 
