@@ -295,43 +295,33 @@ def label_nll(
     Not for per-example gradients (DP-SGD): those need every row's own forward.
     Sums over the result equal `token_nll(model(...).logits, labels)`'s.
     """
-    labels = batch["labels"]
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     keep = predicting_positions(labels)
     if not (0 < len(keep) < labels.shape[1] - 1 and keeps_logits(model)):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return token_nll(logits, labels)
+        return token_nll(model(input_ids=ids, attention_mask=mask).logits, labels)
     head = shared_head(batch) if share_head else 0
-    cache = None
+    after_head: dict = {}  # how the rows' forward continues from the head's keys/values
     if head:
         cache = model(
-            input_ids=batch["input_ids"][:1, :head],
-            attention_mask=batch["attention_mask"][:1, :head],
+            input_ids=ids[:1, :head],
+            attention_mask=mask[:1, :head],
             use_cache=True,
             logits_to_keep=1,
         ).past_key_values
-    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
-        logits = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            logits_to_keep=keep,
-        ).logits
-        return _kept_nll(logits, labels[:, keep + 1])
-    ids = batch["input_ids"]
-    rows, width = ids.shape
-    cache.batch_repeat_interleave(rows)
+        if cache is not None and hasattr(cache, "batch_repeat_interleave"):
+            cache.batch_repeat_interleave(ids.shape[0])
+            positions = torch.arange(head, ids.shape[1], device=ids.device)
+            after_head = {
+                "past_key_values": cache,
+                "use_cache": True,
+                "position_ids": positions.expand(ids.shape[0], -1),
+            }
+        else:
+            head = 0  # no reusable cache: every row runs in full
     logits = model(
-        input_ids=ids[:, head:],
-        attention_mask=batch["attention_mask"],
-        position_ids=torch.arange(head, width, device=ids.device).expand(rows, -1),
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=keep - head,
+        input_ids=ids[:, head:], attention_mask=mask, logits_to_keep=keep - head, **after_head
     ).logits
-    return _kept_nll(logits, labels[:, keep + 1])
-
-
-def _kept_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """fp32 cross-entropy of the kept logits (rows × kept × vocab) against their targets."""
+    targets = labels[:, keep + 1]
     nll = torch.nn.functional.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]),
         targets.reshape(-1),

@@ -10,7 +10,9 @@ from pathlib import Path
 from fedllm.data.shards import load_all_examples
 from fedllm.model.loading import (
     BASE_MODELS,
+    attention_for,
     build_tiny_model,
+    compute_device,
     load_base_model,
     module_shapes,
     resolve_model_dir,
@@ -38,23 +40,16 @@ def cached_base_model(cfg: RunConfig):
     """(model, tokenizer), loaded once per process and reused across rounds."""
     quant = None if cfg.model.quantization == "none" else cfg.model.quantization
 
+    # the implementation `model.attention` resolves to here: the only thing of it the model holds
+    attention = attention_for(cfg.model.attention, compute_device(), cfg.data.max_length)
+
     def load():
         folder = prepare_base_model(cfg)
         return load_base_model(
-            folder,
-            dtype=cfg.model.dtype,
-            quantization=quant,
-            attention=cfg.model.attention,
-            max_length=cfg.data.max_length,
+            folder, dtype=cfg.model.dtype, quantization=quant, attention=attention
         )
 
-    key = (
-        str(base_model_dir(cfg)),
-        cfg.model.dtype,
-        quant,
-        cfg.model.attention,
-        cfg.data.max_length,
-    )
+    key = (str(base_model_dir(cfg)), cfg.model.dtype, quant, attention)
     return BASE_MODELS.get(key, load)
 
 
