@@ -339,6 +339,9 @@ def test_shared_head_stops_at_the_first_difference_and_before_the_first_label() 
     assert shared_head(batch([[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 7]], 4)) == 3
     assert shared_head(batch([[1, 2, 3, 4, 5, 6]], 4)) == 0  # one row: nothing to share
     assert shared_head(batch([[7, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6]], 4)) == 0
+    # a label at position 0 or 1 leaves no token to share (not a slice from the end)
+    assert shared_head(batch([[1, 2, 3, 4, 5, 6], [1, 2, 9, 4, 5, 6]], 0)) == 0
+    assert shared_head(batch([[1, 2, 3, 4, 5, 6], [1, 2, 9, 4, 5, 6]], 1)) == 0
     left_padded = batch([[0, 2, 3, 4, 5, 6], [0, 2, 3, 4, 5, 6]], 4)
     left_padded["attention_mask"][:, 0] = 0
     assert shared_head(left_padded) == 0  # a masked token is never shared

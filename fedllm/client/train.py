@@ -272,12 +272,13 @@ def shared_head(batch: dict[str, torch.Tensor]) -> int:
     template's system turn and instruction words): 0 for a single row or nothing shared."""
     ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
     labelled = (labels != -100).any(dim=0).nonzero()
-    if ids.shape[0] < 2 or not len(labelled):
+    # the position predicting the first label runs with its row, so the head ends before it
+    limit = int(labelled[0]) - 1 if len(labelled) else 0
+    if ids.shape[0] < 2 or limit < 1:
         return 0
-    limit = int(labelled[0]) - 1  # the position predicting the first label runs with its row
     same = (ids[:, :limit] == ids[:1, :limit]).all(dim=0) & (mask[:, :limit] == 1).all(dim=0)
     differs = (~same).nonzero()
-    return int(differs[0]) if len(differs) else max(limit, 0)
+    return int(differs[0]) if len(differs) else limit
 
 
 def label_nll(
