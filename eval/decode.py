@@ -1,21 +1,22 @@
 """Greedy decoding that runs the prompts' common head once (extraction's many short decodes).
 
 Prompts that start alike (a chat template's system turn, "Define the word '") share that head:
-it runs once, its keys/values are copied to every row, each row runs the rest of its prompt,
-then one token per step with explicit positions (padding between the segments is masked).
+it runs once and every row reads its keys/values from that one copy (`fedllm.model.shared_kv`);
+each row runs the rest of its prompt, then one token per step with explicit positions (padding
+between the rows' own tokens is masked).
 Each row stops at its own token budget or an end token, and finished rows leave the batch.
 Tokens agree with `fedllm.eval.generate.greedy_generate` (same argmax, up to float rounding).
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 import torch
 
 from fedllm.eval.generate import greedy_generate
 from fedllm.eval.scoring import pad_right
+from fedllm.model.shared_kv import attending_shared, shared_kv
 
 
 def common_head(prompts: Sequence[Sequence[int]]) -> int:
@@ -46,14 +47,16 @@ def greedy_decode(
         return []
     head = common_head(prompts)
     device = next(model.parameters()).device
-    cache = None
+    kv = None
     if head:
-        cache = model(
-            input_ids=torch.as_tensor([list(prompts[0][:head])], device=device),
-            use_cache=True,
-            logits_to_keep=1,
-        ).past_key_values
-    if cache is None or not hasattr(cache, "batch_select_indices"):
+        kv = shared_kv(
+            model(
+                input_ids=torch.as_tensor([list(prompts[0][:head])], device=device),
+                use_cache=True,
+                logits_to_keep=1,
+            ).past_key_values
+        )
+    if kv is None:
         return greedy_generate(
             model, prompts, max_new_tokens=max(max_new_tokens), pad_id=pad_id,
             eos_ids=eos_ids, batch_size=batch_size,
@@ -67,7 +70,7 @@ def greedy_decode(
             rows,
             _decode_rows(
                 model,
-                cache,
+                kv,
                 head,
                 [prompts[i] for i in rows],
                 [max_new_tokens[i] for i in rows],
@@ -91,55 +94,57 @@ def decode_rows(
     return max(batch_size, batch_size * width // max(rest, 1))
 
 
-def _decode_rows(model, head_cache, head: int, prompts, budgets, *, pad_id: int, ends: set[int]):
-    """Greedy tokens for one batch of prompts whose first `head` tokens are in `head_cache`."""
+def _decode_rows(model, kv, head: int, prompts, budgets, *, pad_id: int, ends: set[int]):
+    """Greedy tokens for one batch of prompts whose first `head` tokens' keys/values are `kv`
+    (read by every row from one copy: `fedllm.model.shared_kv`)."""
     device = next(model.parameters()).device
     n = len(prompts)
-    cache = copy.deepcopy(head_cache)
-    cache.batch_select_indices(torch.zeros(n, dtype=torch.long, device=device))
-    rest_ids, rest_mask = (t.to(device) for t in pad_right([p[head:-1] for p in prompts], pad_id))
-    mask = torch.cat([torch.ones((n, head), dtype=torch.long, device=device), rest_mask], dim=1)
-    if rest_ids.shape[1]:
-        cache = model(
-            input_ids=rest_ids,
-            attention_mask=mask,
-            position_ids=(head + torch.arange(rest_ids.shape[1], device=device)).expand(n, -1),
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        ).past_key_values
-    position = head + rest_mask.sum(1)  # where each row's last prompt token sits
+    rest_ids, mask = (t.to(device) for t in pad_right([p[head:-1] for p in prompts], pad_id))
+    position = head + mask.sum(1)  # where each row's last prompt token sits
     step_ids = torch.as_tensor([[p[-1]] for p in prompts], device=device)
     active = torch.arange(n, device=device)  # rows still decoding, as indices into `prompts`
     out: list[list[int]] = [[] for _ in prompts]
-    while len(active):
-        mask = torch.cat([mask, torch.ones((len(active), 1), dtype=torch.long, device=device)], 1)
-        logits = model(
-            input_ids=step_ids,
-            attention_mask=mask,
-            position_ids=position[:, None],
-            past_key_values=cache,
-            use_cache=True,
-        ).logits[:, -1]
-        chosen = logits.argmax(-1)
-        keep = []
-        for k, (row, token) in enumerate(zip(active.tolist(), chosen.tolist(), strict=True)):
-            if token in ends:
-                continue
-            out[row].append(token)
-            if len(out[row]) < budgets[row]:
-                keep.append(k)
-        if len(keep) < len(active):
-            if not keep:
-                break
-            index = torch.as_tensor(keep, device=device)
-            cache.batch_select_indices(index)
-            active, mask, position, chosen = (
-                active[index],
-                mask[index],
-                position[index],
-                chosen[index],
+    with attending_shared(model):
+        cache = None
+        if rest_ids.shape[1]:
+            cache = model(
+                input_ids=rest_ids,
+                attention_mask=mask,
+                position_ids=(head + torch.arange(rest_ids.shape[1], device=device)).expand(n, -1),
+                use_cache=True,
+                logits_to_keep=1,
+                shared_kv=kv,
+            ).past_key_values
+        while len(active):
+            one = torch.ones((len(active), 1), dtype=torch.long, device=device)
+            mask = torch.cat([mask, one], dim=1)
+            step = model(
+                input_ids=step_ids,
+                attention_mask=mask,
+                position_ids=position[:, None],
+                past_key_values=cache,
+                use_cache=True,
+                shared_kv=kv,
             )
-        step_ids = chosen[:, None]
-        position = position + 1
+            cache, chosen = step.past_key_values, step.logits[:, -1].argmax(-1)
+            keep = []
+            for k, (row, token) in enumerate(zip(active.tolist(), chosen.tolist(), strict=True)):
+                if token in ends:
+                    continue
+                out[row].append(token)
+                if len(out[row]) < budgets[row]:
+                    keep.append(k)
+            if len(keep) < len(active):
+                if not keep:
+                    break
+                index = torch.as_tensor(keep, device=device)
+                cache.batch_select_indices(index)
+                active, mask, position, chosen = (
+                    active[index],
+                    mask[index],
+                    position[index],
+                    chosen[index],
+                )
+            step_ids = chosen[:, None]
+            position = position + 1
     return out

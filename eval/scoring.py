@@ -8,8 +8,8 @@ Two paths give the same numbers (to float rounding, tested):
 - `shared_prefix=True` (default): the prefix every item shares (a chat template's system turn and
   instruction words) runs once per call; a prompt several items share (a canary's 1,000
   reference secrets, a question's options) runs once per batch; each item then runs only the
-  rest, on a copy of the cached keys/values (explicit positions; padding between segments is
-  masked).
+  rest, reading the common prefix's keys/values from one copy (`fedllm.model.shared_kv`) and
+  its prompt group's from the group's cache (explicit positions; padding is masked).
 - `shared_prefix=False`: every item runs in full, right-padded and length-sorted (the reference
   path, and the one-at-a-time baseline at batch_size=1).
 Either way the output layer and the softmax run only where a scored token is predicted.
@@ -17,7 +17,6 @@ Either way the output layer and the softmax run only where a scored token is pre
 
 from __future__ import annotations
 
-import copy
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from fedllm.data import collate
+from fedllm.model.shared_kv import attending_shared, shared_kv
 
 
 @dataclass(frozen=True)
@@ -252,13 +252,15 @@ def _score_shared(
     """The common prefix once, each prompt group once per chunk, then the continuations."""
     device = _device(model)
     c = len(plan.common)
-    prefix = model(
-        input_ids=torch.as_tensor([plan.common], dtype=torch.long, device=device),
-        attention_mask=torch.ones((1, c), dtype=torch.long, device=device),
-        use_cache=True,
-        logits_to_keep=1,
-    ).past_key_values
-    if prefix is None or not hasattr(prefix, "batch_select_indices"):
+    kv = shared_kv(
+        model(
+            input_ids=torch.as_tensor([plan.common], dtype=torch.long, device=device),
+            attention_mask=torch.ones((1, c), dtype=torch.long, device=device),
+            use_cache=True,
+            logits_to_keep=1,
+        ).past_key_values
+    )
+    if kv is None:
         return None  # no reusable key/value cache (e.g. gradient checkpointing in train mode)
     budget = batch_size * max(len(it["input_ids"]) for it in items)
     order = sorted(
@@ -271,32 +273,32 @@ def _score_shared(
         row_group = torch.as_tensor([keys.index(plan.groups[i]) for i in chunk], device=device)
         g_ids, g_mask = pad_right(keys, pad_id)
         g_ids, g_mask = g_ids.to(device), g_mask.to(device)
-        cache = copy.deepcopy(prefix)
-        cache.batch_select_indices(torch.zeros(len(keys), dtype=torch.long, device=device))
-        ones = torch.ones((len(keys), c), dtype=torch.long, device=device)
-        if g_ids.shape[1]:
-            cache = model(
-                input_ids=g_ids,
-                attention_mask=torch.cat([ones, g_mask], dim=1),
-                position_ids=(c + torch.arange(g_ids.shape[1], device=device)).expand_as(g_ids),
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            ).past_key_values
-        cache.batch_select_indices(row_group)
         c_ids, c_mask = pad_right([plan.continuations[i] for i in chunk], pad_id)
         c_ids, c_mask = c_ids.to(device), c_mask.to(device)
-        start = c + g_mask.sum(1)[row_group]  # each row's position after its own prompt group
         t_ids = pad_right([plan.predicts[i] for i in chunk], -100)[0].to(device)
         first = int((t_ids != -100).any(0).nonzero()[0])  # earliest position that predicts one
-        logits = model(
-            input_ids=c_ids,
-            attention_mask=torch.cat([ones[row_group], g_mask[row_group], c_mask], dim=1),
-            position_ids=start[:, None] + torch.arange(c_ids.shape[1], device=device),
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=c_ids.shape[1] - first,
-        ).logits  # continuation positions first .. end
+        after_group: dict = {}  # the rows' own prompt group, as keys/values before their tokens
+        with attending_shared(model):
+            if g_ids.shape[1]:
+                cache = model(
+                    input_ids=g_ids,
+                    attention_mask=g_mask,
+                    position_ids=(c + torch.arange(g_ids.shape[1], device=device)).expand_as(g_ids),
+                    use_cache=True,
+                    logits_to_keep=1,
+                    shared_kv=kv,
+                ).past_key_values
+                cache.batch_select_indices(row_group)
+                after_group = {"past_key_values": cache, "use_cache": True}
+            start = c + g_mask.sum(1)[row_group]  # each row's position after its prompt group
+            logits = model(
+                input_ids=c_ids,
+                attention_mask=torch.cat([g_mask[row_group], c_mask], dim=1),
+                position_ids=start[:, None] + torch.arange(c_ids.shape[1], device=device),
+                logits_to_keep=c_ids.shape[1] - first,
+                shared_kv=kv,
+                **after_group,
+            ).logits  # continuation positions first .. end
         keep = t_ids != -100
         flat_targets = t_ids[keep]
         stats = _picked(logits[keep[:, first:]], flat_targets, vocab_stats=vocab_stats)
