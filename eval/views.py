@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 from peft import PeftModel
 
 from fedllm.client.precision import PRECISIONS, autocast, autocast_dtype
@@ -76,6 +77,8 @@ class Views:
         self.model.train(self.train_mode)
         self.device = next(self.model.parameters()).device
         self.autocast = autocast_dtype(precision, self.device, self.model)
+        if self.autocast is not None:
+            cast_linear_weights(self.model, self.autocast)
 
     @property
     def compute(self) -> str:
@@ -96,3 +99,14 @@ class Views:
             self.model.set_adapter(view)
             with amp:
                 yield self.model
+
+
+def cast_linear_weights(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Store every linear layer's weights (base and adapters) in `dtype`, the one autocast
+    computes them in: the same numbers, without autocast re-casting the frozen weights on every
+    forward (a quarter of a decode step's time on a CPU). The output layer stays when it shares
+    its weights with the input embeddings."""
+    embeddings = model.get_input_embeddings().weight
+    for module in model.modules():
+        if type(module) is torch.nn.Linear and module.weight is not embeddings:
+            module.to(dtype)

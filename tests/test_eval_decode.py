@@ -30,10 +30,13 @@ def test_shared_head_decoding_gives_generates_tokens(tmp_path: Path) -> None:
 
 
 def test_decode_rows_keep_the_prompt_pass_within_the_token_budget() -> None:
-    from fedllm.eval.decode import decode_rows
+    from fedllm.eval.decode import MIN_ROWS, decode_rows
 
     # width 12 + 4 = 16 tokens, at most 12 - 8 = 4 run per row after the head: 2 * 16 // 4 = 8
     prompts = [[0] * 10, [0] * 12]
-    assert decode_rows(prompts, [4, 4], head=8, batch_size=2) == 8
-    # never fewer rows than batch_size (no shared head: the whole prompt runs per row)
-    assert decode_rows(prompts, [1, 1], head=0, batch_size=2) == 2
+    big = 4 * MIN_ROWS
+    assert decode_rows(prompts, [4, 4], head=8, batch_size=big) == big * 16 // 4
+    # no shared head: the whole prompt runs per row, about batch_size rows (13 // 12)
+    assert decode_rows(prompts, [1, 1], head=0, batch_size=big) == big * 13 // 12
+    # nor fewer than MIN_ROWS: one-token steps over few rows are overhead-bound
+    assert decode_rows(prompts, [4, 4], head=8, batch_size=2) == MIN_ROWS

@@ -1,0 +1,38 @@
+"""Eval views: storing linear weights in autocast's dtype changes no number."""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from fedllm.eval.views import cast_linear_weights
+
+
+def test_cast_linear_weights_gives_autocasts_numbers_and_keeps_tied_embeddings():
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=300,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    base = LlamaForCausalLM(config)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)  # a non-zero adapter
+    ids = torch.randint(5, 300, (3, 9))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = model(input_ids=ids).logits
+        cast_linear_weights(model, torch.bfloat16)
+        after = model(input_ids=ids).logits
+    assert torch.equal(before, after)
+    q = base.model.layers[0].self_attn.q_proj
+    assert q.base_layer.weight.dtype == torch.bfloat16
+    assert q.lora_A["default"].weight.dtype == torch.bfloat16
+    embeddings = base.get_input_embeddings().weight
+    assert embeddings.dtype == torch.float32 and base.lm_head.weight is embeddings
