@@ -121,3 +121,20 @@ def test_nothing_to_share():
     model = _model("eager")
     two_rows = torch.randint(5, 300, (2, 3))
     assert shared_kv(model(input_ids=two_rows, use_cache=True).past_key_values) is None
+
+
+def test_a_bf16_model_without_autocast_runs_in_its_own_dtype():
+    model = _model("eager").to(torch.bfloat16)
+    head, rest, mask = _batch()
+    with torch.no_grad():
+        full, shared = _full(model, head, rest, mask), _shared(model, head, rest, mask)
+    real = mask.bool()
+    assert shared.dtype == torch.bfloat16
+    assert (shared[real].float() - full[real].float()).abs().max() < 0.1
+
+
+def test_sliding_window_caches_are_not_shared():
+    from transformers import DynamicCache, MistralConfig
+
+    cache = DynamicCache(config=MistralConfig(sliding_window=16, num_hidden_layers=2))
+    assert shared_kv(cache) is None

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 
 import torch
 from transformers import AttentionInterface
+from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 NAME = "fedllm_shared_kv"
@@ -32,9 +33,12 @@ SharedKV = Sequence[tuple[torch.Tensor, torch.Tensor]]  # per layer: (1, kv head
 
 
 def shared_kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-    """Per-layer (keys, values) of a one-row cache; None when it has none to share."""
+    """Per-layer (keys, values) of a one-row cache; None when it has none to share (no cache,
+    or layers other than plain full-attention ones: sliding windows, quantized caches)."""
     layers = getattr(cache, "layers", None)
-    if not layers or any(getattr(layer, "keys", None) is None for layer in layers):
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        return None
+    if any(getattr(layer, "keys", None) is None for layer in layers):
         return None
     kv = [(layer.keys, layer.values) for layer in layers]
     return kv if all(k.shape[0] == 1 for k, _ in kv) else None
@@ -69,6 +73,8 @@ def shared_kv_attention(
     attention-function signature; `attention_mask` is the additive mask of the own keys)."""
     if shared_kv is None:
         raise ValueError(f"attention {NAME!r} needs shared_kv=... in the model call")
+    if kwargs.get("softcap") or kwargs.get("sliding_window"):
+        raise NotImplementedError(f"attention {NAME!r} has no logit soft-capping or window")
     rows, heads, _, _ = query.shape
     kv_heads = key.shape[1]
     shared_k, shared_v = shared_kv[module.layer_idx]
@@ -86,7 +92,7 @@ def shared_kv_attention(
     to_shared = _per_key_head(weights[..., :s], kv_heads) @ shared_v[0]
     # summed in fp32: one rounding, as a single product over the joined keys would have
     out = _per_row(to_shared, rows, heads).float() + (weights[..., s:] @ own_v).float()
-    return out.transpose(1, 2).contiguous(), None
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(NAME, shared_kv_attention)
