@@ -16,7 +16,7 @@ import torch
 
 from fedllm.eval.generate import greedy_generate
 from fedllm.eval.scoring import pad_right
-from fedllm.model.shared_kv import attending_shared, shared_kv
+from fedllm.model.shared_kv import attending_shared, prefix_kv
 
 
 def common_head(prompts: Sequence[Sequence[int]]) -> int:
@@ -46,16 +46,7 @@ def greedy_decode(
     if not prompts:
         return []
     head = common_head(prompts)
-    device = next(model.parameters()).device
-    kv = None
-    if head:
-        kv = shared_kv(
-            model(
-                input_ids=torch.as_tensor([list(prompts[0][:head])], device=device),
-                use_cache=True,
-                logits_to_keep=1,
-            ).past_key_values
-        )
+    kv = prefix_kv(model, prompts[0][:head]) if head else None
     if kv is None:
         return greedy_generate(
             model, prompts, max_new_tokens=max(max_new_tokens), pad_id=pad_id,

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from fedllm.data import collate
-from fedllm.model.shared_kv import attending_shared, shared_kv
+from fedllm.model.shared_kv import attending_shared, prefix_kv
 
 
 @dataclass(frozen=True)
@@ -252,14 +252,7 @@ def _score_shared(
     """The common prefix once, each prompt group once per chunk, then the continuations."""
     device = _device(model)
     c = len(plan.common)
-    kv = shared_kv(
-        model(
-            input_ids=torch.as_tensor([plan.common], dtype=torch.long, device=device),
-            attention_mask=torch.ones((1, c), dtype=torch.long, device=device),
-            use_cache=True,
-            logits_to_keep=1,
-        ).past_key_values
-    )
+    kv = prefix_kv(model, plan.common)
     if kv is None:
         return None  # no reusable key/value cache (e.g. gradient checkpointing in train mode)
     budget = batch_size * max(len(it["input_ids"]) for it in items)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fedllm.model.shared_kv import NAME, attending_shared, shared_kv
+from fedllm.model.shared_kv import NAME, attending_shared, prefix_kv, shared_kv
 
 HEAD, REST, ROWS = 7, 6, 4
 
@@ -44,7 +44,7 @@ def _full(model, head, rest, mask) -> torch.Tensor:
 
 
 def _shared(model, head, rest, mask) -> torch.Tensor:
-    kv = shared_kv(model(input_ids=head, use_cache=True).past_key_values)
+    kv = prefix_kv(model, head[0].tolist())
     assert kv is not None and len(kv) == 2 and kv[0][0].shape[:3] == (1, 2, HEAD)
     positions = (HEAD + torch.arange(REST)).expand(ROWS, -1)
     with attending_shared(model):

@@ -10,7 +10,7 @@ both key sets are concatenated before one softmax, so the result equals attentio
 concatenated keys/values to float rounding, and gradients flow back into the shared ones
 (summed over the rows) when training.
 
-    kv = shared_kv(model(input_ids=head, use_cache=True).past_key_values)
+    kv = prefix_kv(model, head_ids)
     with attending_shared(model):
         logits = model(input_ids=rest, attention_mask=rest_mask, position_ids=..., shared_kv=kv)
 
@@ -42,6 +42,16 @@ def shared_kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         return None
     kv = [(layer.keys, layer.values) for layer in layers]
     return kv if all(k.shape[0] == 1 for k, _ in kv) else None
+
+
+def prefix_kv(
+    model: torch.nn.Module, token_ids: Sequence[int]
+) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Run `token_ids` once as a one-row forward; its keys/values for every row to share (None:
+    the model keeps no reusable cache, e.g. gradient checkpointing in train mode)."""
+    device = next(model.parameters()).device
+    ids = torch.as_tensor([list(token_ids)], dtype=torch.long, device=device)
+    return shared_kv(model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values)
 
 
 def _per_key_head(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
