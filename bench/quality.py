@@ -32,7 +32,8 @@ so cells of ~8 min in domain/iid, ~14 in scarce, ~18 in long; ±40%; flora merge
     python bench/quality.py --methods baselines features --regimes domain scarce  # 48, ~9 h
     python bench/quality_features.py                          # the features' paired table
 
-Each call rewrites results/quality.{md,png} and quality-rows.{jsonl,csv} from every finished cell.
+Every finished cell rewrites results/quality.{md,png} and quality-rows.{jsonl,csv} from all
+finished cells; a checkout without <out>/rows.jsonl starts from the committed quality-rows.jsonl.
 """
 
 from __future__ import annotations
@@ -261,7 +262,25 @@ def main() -> None:
         print(f"[quality] {m}: no recipe {recipe_path(METHODS[m][0])}; skipped")
     rows_path = args.out / "rows.jsonl"
     args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"quality-{args.tag}" if args.tag else "quality"
+    kept = args.results / f"{stem}-rows.jsonl"
+    if not rows_path.exists() and kept.exists():  # a new checkout: the committed copy is the grid
+        rows_path.write_text(kept.read_text())
+        print(f"[quality] {rows_path}: started from the {len(read_rows(kept))} cells in {kept}")
     done = {(r["method"], r["regime"], r["seed"]): r for r in read_rows(rows_path)}
+
+    def report() -> list[Path]:
+        return write_report(
+            list(done.values()),
+            stem=stem,
+            results=args.results,
+            regimes={n: r.about for n, r in REGIMES.items()},
+            common=COMMON,
+            regime_overrides={n: list(r.overrides) for n, r in REGIMES.items()},
+            pairs=PAIRS,
+            invocation=shlex.join(["python", "bench/quality.py", *sys.argv[1:]]),
+        )
+
     cells = [
         (m, g, s) for s in args.seeds for g in args.regimes for m in methods if m not in missing
     ]
@@ -285,18 +304,8 @@ def main() -> None:
             f"{test if test is None else round(test, 4)} [{row['seconds']:.0f}s]",
             flush=True,
         )
-    stem = f"quality-{args.tag}" if args.tag else "quality"
-    paths = write_report(
-        list(done.values()),
-        stem=stem,
-        results=args.results,
-        regimes={n: r.about for n, r in REGIMES.items()},
-        common=COMMON,
-        regime_overrides={n: list(r.overrides) for n, r in REGIMES.items()},
-        pairs=PAIRS,
-        invocation=shlex.join(["python", "bench/quality.py", *sys.argv[1:]]),
-    )
-    print("wrote " + ", ".join(str(p) for p in paths))
+        report()  # every finished cell reaches bench/results (committed: survives the checkout)
+    print("wrote " + ", ".join(str(p) for p in report()))
 
 
 if __name__ == "__main__":
