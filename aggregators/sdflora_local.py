@@ -13,8 +13,8 @@ Refused: DP-SGD (`privacy.mode: sample`: the local module, trained without noise
 would steer the noised global gradients outside the DP-SGD accounting; client-level DP, which
 clips and noises what is sent, is the sound way to noise only the global module), pruned bases,
 top-k compression and `features.personal_adapter` (it would save the global module alone). The
-server's evaluation uses the global module; a client's personalised model (global + local) stays
-on it.
+client evaluates its own model (global + local, the `personalise` hook) on its held-out split;
+the server's test set sees the global module alone.
 """
 
 from __future__ import annotations
@@ -160,16 +160,18 @@ class SDFLoRALocal(Feature):
             check_recipe(cfg)
 
     def start(self, factors: Mapping[str, Factors], rnd: ClientRound) -> dict[str, Factors]:
+        self.ranks = split_ranks(rnd.plan.rank, local_fraction(client_options(rnd.config)))
+        return self.personalise(factors, rnd)
+
+    def personalise(self, factors: Mapping[str, Factors], rnd: ClientRound) -> dict[str, Factors]:
+        """The client's own model, global module + its local module (B_l = 0 before its first
+        round), at its rank: what SDFLoRA personalises with; the server's test set sees the
+        global module alone."""
         rank = rnd.plan.rank
-        self.ranks = split_ranks(rank, local_fraction(client_options(rnd.config)))
+        ranks = split_ranks(rank, local_fraction(client_options(rnd.config)))
         seed = self.cfg.seed * 1_000_003 + rnd.partition
-        return with_local(
-            factors,
-            stored(rnd.state),
-            ranks=self.ranks,
-            scaling=self.cfg.client_scaling(rank),
-            seed=seed,
-        )
+        scaling = self.cfg.client_scaling(rank)
+        return with_local(factors, stored(rnd.state), ranks=ranks, scaling=scaling, seed=seed)
 
     def post_process(self, update: ClientUpdate, rnd: ClientRound) -> ClientUpdate:
         rg, rl = self.ranks

@@ -366,6 +366,7 @@ HOOKS = {
     "read_global",
     "prepare_base",
     "start",
+    "personalise",
     "regularizers",
     "fold",
     "train",
@@ -446,6 +447,8 @@ def test_every_hook_of_the_base_feature_is_a_no_op() -> None:
     started = f.start(start_in, rnd)
     assert started is not start_in and list(started) == list(start_in)  # a copy ...
     assert all(started[m] is start_in[m] for m in start_in)  # ... of the same factors
+    own = f.personalise(start_in, rnd)
+    assert own is not start_in and all(own[m] is start_in[m] for m in start_in)
     assert f.regularizers(base, rnd) == []
     assert f.train(base, rnd, steps=3) is None
     assert f.stage(base, rnd, done=1, steps=3) == 2  # one stage: all the steps left

@@ -1,6 +1,6 @@
 """sdflora: the global modules stacked exactly and recompressed by SVD (hand-computed), the split of
 each client's adapter into a global and a private local module, and client-level DP noise landing
-on the global module only."""
+on the global module only, and a client evaluating its own model (global + local)."""
 
 from __future__ import annotations
 
@@ -8,19 +8,25 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from fedllm.aggregators import Factors, get, round_spec
 from fedllm.aggregators.sdflora import split_ranks
 from fedllm.aggregators.sdflora_local import (
     STATE,
     SDFLoRALocal,
+    keep,
     split_update,
     stored,
     with_local,
 )
+from fedllm.client.app import evaluate
+from fedllm.deploy.local_grid import server_identity
 from fedllm.features import registry
 from fedllm.features.types import ClientPlan, ClientRound, ClientUpdate
+from fedllm.model import wire
+from fedllm.model.adapters import to_record
+from fedllm.model.base import cached_base_model
 from fedllm.recipe import ConfigError, RunConfig, load_recipe
 
 TINY = Path(__file__).parents[1] / "recipes" / "tiny.yaml"
@@ -173,3 +179,59 @@ def test_combinations_it_cannot_run_are_refused_naming_the_key() -> None:
         recipe("aggregator.options={local_fraction: 1.0}")
     with pytest.raises(ConfigError, match=r"compression\.topk"):
         recipe("compression.topk=0.1")
+
+
+def test_personalise_is_the_global_cut_plus_the_kept_local_module() -> None:
+    cfg = recipe()
+    s4, s2 = cfg.client_scaling(4), cfg.client_scaling(2)
+    glob = {"q": Factors(torch.randn(6, 2) * 0.1, torch.randn(2, 5), s2)}  # a node's r_g = 2 cut
+    fresh = SDFLoRALocal(cfg).personalise(glob, client_round(cfg, RecordDict()))["q"]
+    assert (fresh.rank, fresh.scaling) == (4, s4)
+    torch.testing.assert_close(fresh.delta(), glob["q"].delta())  # B_l = 0 before round one
+    state = RecordDict()
+    local = (torch.randn(6, 2), torch.randn(2, 5))
+    keep(state, {"q": local})
+    own = SDFLoRALocal(cfg).personalise(glob, client_round(cfg, state))["q"]
+    expected = glob["q"].delta() + s4 * local[0] @ local[1]
+    torch.testing.assert_close(own.delta(), expected)
+
+
+def test_a_client_evaluates_its_own_model_not_the_global_module_alone(tmp_path: Path) -> None:
+    """The ClientApp's evaluate under sdflora = a plain evaluation of [global cut | local]."""
+    cfg = recipe(f"output_dir={tmp_path}", "data.max_examples=200")
+    base, _ = cached_base_model(cfg)
+    layers = base.model.layers
+    shapes = {
+        f"model.layers.{i}.self_attn.{p}": tuple(getattr(layers[i].self_attn, p).weight.shape)
+        for i in range(len(layers))
+        for p in ("q_proj", "v_proj")
+    }
+    g = torch.Generator().manual_seed(4)
+    s2, s4 = cfg.client_scaling(2), cfg.client_scaling(4)
+
+    def pair(d: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(d, 2, generator=g) * 0.05, torch.randn(2, k, generator=g) * 0.5
+
+    glob = {m: Factors(*pair(d, k), s2) for m, (d, k) in shapes.items()}  # server cut to r_g = 2
+    local = {m: pair(d, k) for m, (d, k) in shapes.items()}
+    joined = {  # by hand: [B_g·s₂/s₄ | B_l], [A_g; A_l] at the rank-4 scaling
+        m: Factors(torch.cat([f.B * (s2 / s4), local[m][0]], 1), torch.cat([f.A, local[m][1]]), s4)
+        for m, f in glob.items()
+    }
+
+    def held_out_loss(run: RunConfig, factors, scaling: float, state: RecordDict) -> float:
+        spec = round_spec(run.aggregator.name)
+        config = {"server-round": 2, "global-scaling": scaling, "recipe-hash": run.fingerprint()}
+        config |= wire.spec_config(spec) | wire.options_config(spec, run.aggregator.options)
+        content = RecordDict({"global": to_record(factors), "config": ConfigRecord(config)})
+        with server_identity(1):  # a message is made by a run's server
+            msg = Message(content, dst_node_id=1, message_type=MessageType.EVALUATE)
+        context = Context(0, 1, {"partition-id": 1}, state, {})
+        return float(evaluate(run, msg, context).content["metrics"]["held-out-loss"])
+
+    kept = RecordDict()
+    keep(kept, local)
+    own = held_out_loss(cfg, glob, s2, kept)
+    plain = cfg.model_copy(update={"aggregator": cfg.aggregator.model_copy(update={"name": "svd"})})
+    assert own == pytest.approx(held_out_loss(plain, joined, s4, RecordDict()), rel=1e-6)
+    assert abs(own - held_out_loss(plain, glob, s2, RecordDict())) > 1e-3  # the local part counts

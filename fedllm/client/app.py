@@ -340,7 +340,8 @@ def only_allowed(metrics: MetricRecord, features: Sequence[Feature]) -> MetricRe
 def evaluate(
     cfg: RunConfig, msg: Message, context: Context, *, shards: ShardCache | None = None
 ) -> Message:
-    """Held-out NLL of the global adapter on this client's held-out split."""
+    """Held-out NLL of the global adapter (as this client's features personalise it: fedsa's own
+    B, sdflora's local module) on this client's held-out split."""
     content = packing.unpack(msg.content)  # packed arrays from a ClientApp without the mod
     config = content["config"]
     check_recipe(cfg, config)
@@ -350,10 +351,13 @@ def evaluate(
     if spec.local_B:  # personalised: the shared A with this node's own B, at its own rank
         rank = int(context.node_config.get("rank", cfg.client_rank(pid)))
         scaling = cfg.client_scaling(rank)
-    else:
-        scaling = float(config["global-scaling"])
-        global_factors = from_record(record, scaling)
+    else:  # the global adapter, as each active feature personalises it (sdflora: + local)
+        global_factors = from_record(record, float(config["global-scaling"]))
+        rnd = client_round(cfg, config, context)
+        for f in registry.build(cfg):
+            global_factors = f.personalise(global_factors, rnd)
         rank = max((f.rank for f in global_factors.values()), default=1)
+        scaling = next(iter(global_factors.values())).scaling if global_factors else 1.0
     base, tokenizer = cached_base_model(cfg)
     model = attach_lora(
         base,

@@ -121,6 +121,11 @@ class Feature:
         """The received global factors as this client's base needs them (before the rank cut)."""
         return dict(factors)
 
+    def personalise(self, factors: Mapping[str, Factors], rnd: ClientRound) -> dict[str, Factors]:
+        """The adapter this client evaluates on its own held-out split, from the global factors
+        received (default: those; SDFLoRA adds the private local module it keeps)."""
+        return dict(factors)
+
     def regularizers(self, model: torch.nn.Module, rnd: ClientRound) -> list[Regularizer]:
         """Terms added to every local step's loss (differentiable scalars of the live adapter)."""
         return []
