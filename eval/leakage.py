@@ -68,6 +68,7 @@ def exposure_row(canary: Canary, px: Sequence[float], *, digits: int) -> dict:
         "index": canary.index,
         "px_bits": px[0],
         "reference_px_median": float(np.median(px[1:])),
+        "reference_px": [round(float(x), 4) for x in px[1:]],  # for refits (bench/exposure_refs.py)
         "exposure": exposure(px[0], px[1:]),
         "exposure_skewnormal": exposure_skewnormal(px[0], px[1:], space_size=10.0**digits),
         # membership of the secret itself: canary (member) vs reference secrets
