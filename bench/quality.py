@@ -131,6 +131,9 @@ METHODS: dict[str, tuple[str | None, tuple[str, ...]]] = {
     "squeeze +correction +residual rows": _sq("gauge=rows"),
     # LoRA-Squeeze in-tuning: clients train at 2r, squeeze to r after half their steps
     "squeeze intune": ("squeeze", ("features.squeeze_intune={}",)),
+    # PreLort's nested-prefix training under squeeze: the prefix a client's rank cut keeps is
+    # trained to carry the most
+    "squeeze prefix": ("squeeze", ("features.nested_prefix={}",)),
     "fedplora": ("fedplora", ()),
     "prelort": ("prelort", ()),
     "sdflora": ("sdflora", ()),
@@ -166,6 +169,7 @@ PAIRS = [
     ("squeeze +residual rows", "squeeze +residual"),
     ("squeeze +correction +residual rows", "squeeze"),
     ("squeeze intune", "squeeze"),
+    ("squeeze prefix", "squeeze"),
     ("fedprox", "svd"),
     ("fedavgm", "fedit"),
     ("svd +fedavgm", "svd"),
