@@ -132,6 +132,7 @@ def header(
     hours = sum(r["seconds"] for r in rows) / 3600
     loads = [r["load"] for r in rows]
     threads = sorted({r["threads"] for r in rows})
+    cpus = sorted({r.get("cpu", "not recorded") for r in rows})
     fixed = {r["data_seed_fixed"] for r in rows}
     data = (
         "`data.seed=0` pins the data subset, global test set, partition and held-out splits: "
@@ -148,7 +149,7 @@ def header(
         f"run folder; copies: `{stem}-rows.jsonl`, `{stem}-rows.csv`). Seeds: "
         f"{', '.join(map(str, seeds))}. Wall time of all cells: {hours:.2f} h; cells started at "
         f"load average {min(loads):.1f}–{max(loads):.1f} (2-core machine); torch threads "
-        f"{threads}. {data}",
+        f"{threads}; CPUs: {'; '.join(cpus)}. {data}",
         "",
         "Every cell is `fedllm run recipes/<method>.yaml` (references: trained by "
         "`bench/_quality_runs.py`) with these overrides, then the regime's, the method's "

@@ -11,6 +11,7 @@ whole domains no client holds), evaluated by the server with the global adapter.
 from __future__ import annotations
 
 import os
+import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -198,8 +199,18 @@ def _ratio(part) -> float:
 
 
 def machine() -> dict:
-    """Load average and torch threads when a cell starts (a shared machine slows every row)."""
-    return {"load": round(os.getloadavg()[0], 2), "threads": torch.get_num_threads()}
+    """Load average, torch threads and CPU when a cell starts (a shared or slower machine slows
+    every row; the grid spans sessions on different machines)."""
+    return {"load": round(os.getloadavg()[0], 2), "threads": torch.get_num_threads(), "cpu": _cpu()}
+
+
+def _cpu() -> str:
+    for line in (
+        Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    ):
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def run_dir(out: Path, regime: str, seed: int, label: str) -> tuple[Path, str]:

@@ -69,6 +69,9 @@ COMMON = [
     "federation.local_steps=8",
     "federation.batch_size=8",
     "federation.lr=0.001",
+    # pinned: "auto" is bf16 on CPUs with native bf16 and fp32 elsewhere, and the grid spans
+    # sessions on different machines; fp32 keeps every cell's numbers comparable
+    "federation.precision=fp32",
     *(["data.seed=0"] if FIXED_DATA_SEED else []),
 ]
 
