@@ -145,7 +145,12 @@ class CanaryConfig(_Strict):
     repeats: list[int] = Field(default_factory=lambda: [1, 4, 16], min_length=1)
     per_repeat: int = Field(1, ge=1)
     clients: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    references: int = Field(1000, ge=10, description="reference secrets sampled for exposure")
+    references: int = Field(
+        250,
+        ge=10,
+        description="reference secrets sampled per canary for exposure (skew-normal fit; "
+        "bench/exposure_refs.py shows what fewer or more change)",
+    )
 
     @field_validator("repeats")
     @classmethod
