@@ -135,7 +135,8 @@ def _reference(cfg: RunConfig, *, pooled: bool) -> dict:
                     _train(cfg, model, s.train, steps(len(s.train)), rnd, seed=seed, pad_id=pad)
                 _add(personal[rnd], nll(model, s.held_out))
                 if test and rnd == 0:
-                    at_base = at_base or nll(model, test)
+                    if at_base is None:
+                        at_base = nll(model, test)
                     _add(tested[0], at_base)
                 elif test and rnd == fed.rounds:
                     _add(tested[rnd], nll(model, test))
@@ -212,12 +213,11 @@ def machine() -> dict:
 
 
 def _cpu() -> str:
-    for line in (
-        Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
-    ):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    """The CPU's model name (Linux), else what `platform` knows."""
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
 
 
 def run_dir(out: Path, regime: str, seed: int, label: str) -> tuple[Path, str]:

@@ -352,12 +352,14 @@ def evaluate(
         rank = int(context.node_config.get("rank", cfg.client_rank(pid)))
         scaling = cfg.client_scaling(rank)
     else:  # the global adapter, as each active feature personalises it (sdflora: + local)
-        global_factors = from_record(record, float(config["global-scaling"]))
+        scaling = float(config["global-scaling"])
+        global_factors = from_record(record, scaling)
         rnd = client_round(cfg, config, context)
         for f in registry.build(cfg):
             global_factors = f.personalise(global_factors, rnd)
         rank = max((f.rank for f in global_factors.values()), default=1)
-        scaling = next(iter(global_factors.values())).scaling if global_factors else 1.0
+        if global_factors:  # a feature may have moved them to this client's scaling (sdflora)
+            scaling = next(iter(global_factors.values())).scaling
     base, tokenizer = cached_base_model(cfg)
     model = attach_lora(
         base,
