@@ -6,10 +6,15 @@ Own-domain ("personal") loss: token-weighted over every client's own held-out sp
 server's rows report it (clients evaluate the global adapter; fedsa: each its own B). Test loss:
 the recipe's global test set (`data.test_set`, drawn from every domain before partitioning, plus
 whole domains no client holds), evaluated by the server with the global adapter.
+
+Both kinds print a line per round (per client and round for local-only). An interrupted
+federation resumes from its checkpoint; an interrupted local-only cell from its last finished
+client (`<run dir>/local-clients.jsonl`: each client's sums, added exactly as before).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
@@ -109,6 +114,7 @@ def _reference(cfg: RunConfig, *, pooled: bool) -> dict:
     personal: list[list[float]] = [[0.0, 0] for _ in rounds]
     tested: list[list[float]] = [[0.0, 0] for _ in rounds]
     clients: dict[int, float] = {}
+    done: dict[int, dict] = {}  # local-only: each client's sums, by partition
     if pooled:
         model = lora(max(cfg.client_rank(p) for p in range(len(shards))), cfg.seed)
         data = [ex for s in shards for ex in s.train]
@@ -120,28 +126,32 @@ def _reference(cfg: RunConfig, *, pooled: bool) -> dict:
                 _add(personal[rnd], nll(model, s.held_out))
             if test:
                 _add(tested[rnd], nll(model, test))
+            test_note = f", test {_ratio(tested[rnd]):.4f}" if test else ""
+            _say(
+                f"centralised round {rnd}/{fed.rounds}: own {_ratio(personal[rnd]):.4f}{test_note}"
+            )
         clients = {s.partition_id: _ratio(nll(model, s.held_out)) for s in shards}
         model.unload()
     else:
         # The test set at the start and the end only (8 clients x every round was most of the
         # cell); at round 0 every client's B is 0, so each adapter is the base: scored once.
-        at_base = None
+        done = _finished_clients(cfg.run_dir, cfg.fingerprint())
+        at_base = next((d["at_base"] for d in done.values()), None)
         for s in shards:
             pid = s.partition_id
-            model = lora(cfg.client_rank(pid), cfg.seed * 1009 + pid)
+            if pid not in done:
+                done[pid] = _local_client(
+                    cfg, s, lora, nll, steps, test=test, at_base=at_base, pad_id=pad
+                )
+                at_base = done[pid]["at_base"]
+                _save_client(cfg.run_dir, {**done[pid], "recipe": cfg.fingerprint()})
             for rnd in rounds:
-                if rnd:  # the client app's seed for this client and round
-                    seed = cfg.seed * 100_003 + rnd * 1009 + pid
-                    _train(cfg, model, s.train, steps(len(s.train)), rnd, seed=seed, pad_id=pad)
-                _add(personal[rnd], nll(model, s.held_out))
-                if test and rnd == 0:
-                    if at_base is None:
-                        at_base = nll(model, test)
-                    _add(tested[0], at_base)
-                elif test and rnd == fed.rounds:
-                    _add(tested[rnd], nll(model, test))
-            clients[pid] = _ratio(nll(model, s.held_out))
-            model.unload()
+                _add(personal[rnd], done[pid]["personal"][rnd])
+                if (tested_at := done[pid]["tested"][rnd]) is not None:
+                    _add(tested[rnd], tested_at)
+            clients[pid] = done[pid]["final"]
+        before = sum(d["seconds"] for d in done.values() if d.get("earlier"))
+        start -= before  # the cell's time includes its clients finished before an interruption
     return {
         "semantics": "reference",
         "personal": [_ratio(p) for p in personal],
@@ -149,8 +159,64 @@ def _reference(cfg: RunConfig, *, pooled: bool) -> dict:
         "clients": clients,
         "mb_moved": 0.0,
         "seconds": time.perf_counter() - start,
-        "resumed": False,
+        "resumed": any(d.get("earlier") for d in done.values()),
     }
+
+
+def _local_client(
+    cfg: RunConfig, shard, lora, nll, steps, *, test: list, at_base, pad_id: int
+) -> dict:
+    """One client alone on its shard: its held-out sums per round, test sums at the first and
+    last round (None between), the final loss and its seconds."""
+    t0, fed, pid = time.perf_counter(), cfg.federation, shard.partition_id
+    model = lora(cfg.client_rank(pid), cfg.seed * 1009 + pid)
+    personal, tested = [], []
+    for rnd in range(fed.rounds + 1):
+        if rnd:  # the client app's seed for this client and round
+            seed = cfg.seed * 100_003 + rnd * 1009 + pid
+            _train(cfg, model, shard.train, steps(len(shard.train)), rnd, seed=seed, pad_id=pad_id)
+        personal.append(list(nll(model, shard.held_out)))
+        if test and rnd == 0:
+            at_base = at_base if at_base is not None else list(nll(model, test))
+            tested.append(at_base)
+        elif test and rnd == fed.rounds:
+            tested.append(list(nll(model, test)))
+        else:
+            tested.append(None)
+        _say(
+            f"local only client {pid + 1}/{cfg.data.num_clients} round {rnd}/{fed.rounds}: "
+            f"own {_ratio(personal[-1]):.4f} [{time.perf_counter() - t0:.0f}s]"
+        )
+    model.unload()
+    return {
+        "partition": pid,
+        "personal": personal,
+        "tested": tested,
+        "at_base": at_base,
+        "final": _ratio(personal[-1]),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _finished_clients(run_dir: Path, recipe: str) -> dict[int, dict]:
+    """Clients a local-only cell of this very recipe (fingerprint) finished before an
+    interruption, marked `earlier`; rows of another recipe are ignored."""
+    path = run_dir / LOCAL_CLIENTS
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return {r["partition"]: {**r, "earlier": True} for r in rows if r.get("recipe") == recipe}
+
+
+def _save_client(run_dir: Path, row: dict) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with (run_dir / LOCAL_CLIENTS).open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+LOCAL_CLIENTS = "local-clients.jsonl"
+
+
+def _say(text: str) -> None:
+    print(f"[quality] {text}", flush=True)
 
 
 def _train(

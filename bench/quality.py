@@ -9,7 +9,8 @@ Each cell is `fedllm run recipes/<recipe>.yaml <regime overrides> seed=<s>` on t
 serialisation; no Ray start-up), or a reference trained here: centralised (one LoRA of the largest
 client rank on the pooled data, the clients' steps per round) and local-only (each client alone).
 A finished cell appends one line to <out>/rows.jsonl and is skipped on the next call (the grid
-takes hours); an interrupted federation resumes from its last round's checkpoint.
+takes hours); an interrupted federation resumes from its last round's checkpoint, an interrupted
+local-only cell from its last finished client.
 
 `seed` changes the LoRA initialisation, client sampling and data order. It also changes the data
 subset, the global test set and the held-out splits unless the recipe has a data seed of its own
