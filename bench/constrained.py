@@ -27,7 +27,11 @@ pruning), which the prediction leaves out. Quality: the server's own global test
 (data.test_set, 10% of every domain), so no client evaluates and quality does not depend on the
 devices.
 Writes results/constrained.md: command, load average, calibration, deadlines met per setting,
-the arm each client ran every round and whether it met the deadline, test loss per seed.
+the arm each client ran every round and whether it met the deadline, test loss per seed. Each
+(seed, setting) run also appends a row to results/constrained-rows.jsonl with its own deadline
+and budget, so seeds run in separate invocations (one per session: a seed of the quickstart
+workload takes about an hour) add up: the report covers every row of the same workload
+(recipe, rounds, slowdown, overrides), each seed under the deadline calibrated in its own run.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ from fedllm.server.strategy import LoraStrategy
 
 ROOT = Path(__file__).parents[1]
 RESULTS = Path(__file__).parent / "results" / "constrained.md"
+ROWS = RESULTS.with_name("constrained-rows.jsonl")  # every (seed, setting) run, over invocations
 BANDIT = {"ranks": [4, 32], "pruning": [0.0, 0.5]}
 FIXED = {"r32": (32, 0.0, None), "r4-p50": (4, 0.5, None), "r32-4bit": (32, 0.0, "4bit")}
 SETTINGS = ["bandit", *FIXED]
@@ -209,7 +214,54 @@ def run(cfg: RunConfig, setting: str) -> dict:
     }
 
 
-def report(args, cal: dict, results: dict, n: int, load: tuple[float, float]) -> list[str]:
+def workload(args) -> str:
+    """What makes runs comparable across invocations (seeds and settings may differ)."""
+    return shlex.join(
+        [
+            Path(args.recipe).name,
+            f"rounds={args.rounds}",
+            f"slowdown={args.slowdown:g}",
+            *(["deadline=" + str(args.deadline)] if args.deadline else []),
+            *args.overrides,
+        ]
+    )
+
+
+def save_row(args, seed: int, setting: str, result: dict, cal: dict) -> None:
+    row = {"workload": workload(args), "seed": seed, "setting": setting}
+    row |= {k: v for k, v in result.items() if k != "cells"}
+    row["cells"] = [
+        [rnd, pid, arm, out] for (rnd, pid), (arm, out) in sorted(result["cells"].items())
+    ]
+    row |= {"deadline": cal["deadline"], "budget": cal["budget"], "cpu": _cpu()}
+    row |= {"load": round(os.getloadavg()[0], 2), "date": time.strftime("%Y-%m-%d %H:%M")}
+    with ROWS.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def saved_results(args) -> tuple[dict, dict]:
+    """(seed, setting) -> result and seed -> (deadline, budget, cpu) of every saved row of this
+    workload (a later row of the same seed and setting replaces an earlier one)."""
+    rows = [json.loads(x) for x in ROWS.read_text().splitlines()] if ROWS.exists() else []
+    results, seeds = {}, {}
+    for r in (r for r in rows if r["workload"] == workload(args)):
+        cells = {(rnd, pid): (arm, out) for rnd, pid, arm, out in r["cells"]}
+        results[r["seed"], r["setting"]] = {**r, "cells": cells}
+        seeds[r["seed"]] = (r["deadline"], r["budget"], r["cpu"])
+    return results, seeds
+
+
+def _cpu() -> str:
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    return next((x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")), "?")
+
+
+def report(
+    args, cal: dict, results: dict, n: int, load: tuple[float, float], *, seeds: dict
+) -> list[str]:
+    """The markdown report: this invocation's calibration, and every saved seed of the workload
+    (`seeds`: seed -> its own run's deadline, budget and CPU)."""
     cmd = shlex.join(["python", "bench/constrained.py", *sys.argv[1:]])
     who = profiles(n)
     budget = "none (pruning does not shrink the estimate below the unpruned arms)"
@@ -220,15 +272,23 @@ def report(args, cal: dict, results: dict, n: int, load: tuple[float, float]) ->
         "",
         f"Command: `{cmd}`. Load average {load[0]:.2f} at start, {load[1]:.2f} at the end "
         f"({os.cpu_count()} cores). Recipe {args.recipe}, {n} clients, {args.rounds} rounds, "
-        f"seeds {args.seeds}. The federation runs on `DeviceGrid`: nodes take turns on the "
-        "machine and each reply is timed as if they had worked side by side.",
+        f"seeds {sorted(seeds)} (this invocation: {args.seeds}; the others from "
+        "`constrained-rows.jsonl`). The federation runs on `DeviceGrid`: nodes take turns on "
+        "the machine and each reply is timed as if they had worked side by side.",
         "",
         f"Devices (clients 0..{n - 1}): {', '.join(who)}. fast: 2 threads; slow: 1 thread, "
         f"local steps x{args.slowdown:g} (emulated by sleeping); small: 1 thread, memory budget "
         f"{budget}. Deadline: {cal['deadline']:.2f} s"
         + (" (--deadline)." if args.deadline else " (halfway across the slow profile's arms)."),
         "",
-        "## Calibration",
+        "Each seed ran under the deadline and budget calibrated in its own invocation: "
+        + "; ".join(
+            f"seed {k}: {d:.2f} s, {'no budget' if b is None else f'{b:.2f} MiB'} ({c})"
+            for k, (d, b, c) in sorted(seeds.items())
+        )
+        + ".",
+        "",
+        "## Calibration (this invocation)",
         "",
         "| arm | est. memory | overhead, s/step (1 thread) | (2 threads) "
         "| predicted: fast | slow | small |",
@@ -250,7 +310,9 @@ def report(args, cal: dict, results: dict, n: int, load: tuple[float, float]) ->
         "|---|---:|---|---|---:|---:|---:|",
     ]
     for setting in args.settings:
-        per_seed = [results[seed, setting] for seed in args.seeds]
+        per_seed = [results[seed, setting] for seed in sorted(seeds) if (seed, setting) in results]
+        if not per_seed:
+            continue
         cells = [c for r in per_seed for c in r["cells"].values()]
         met = sum(o == "met" for _, o in cells)
         by_client = []
@@ -264,11 +326,11 @@ def report(args, cal: dict, results: dict, n: int, load: tuple[float, float]) ->
             f"| {setting} | {met}/{len(cells)} | {', '.join(by_client)} | {losses} | {mean} "
             f"| {per_seed[0]['base']:.4f} | {sum(r['seconds'] for r in per_seed):.0f} s |"
         )
-    for seed in args.seeds:
+    for seed in sorted(seeds):
         lines += ["", f"## Arm and outcome per client and round (seed {seed})", ""]
         head = " | ".join(f"c{p} {who[p]}" for p in range(n))
         lines += [f"| setting | round | {head} |", "|---|---:|" + "---|" * n]
-        for setting in args.settings:
+        for setting in (x for x in args.settings if (seed, x) in results):
             cells = results[seed, setting]["cells"]
             for rnd in range(1, args.rounds + 1):
                 row = [cells.get((rnd, p)) for p in range(n)]
@@ -305,16 +367,17 @@ def main() -> None:
         n = load_recipe(args.recipe, base).data.num_clients
         cal = calibrate(base, args, out)
         print(f"deadline {cal['deadline']:.2f} s, small budget {cal['budget']} MiB", flush=True)
-        results = {}
         for seed in args.seeds:
             for setting in args.settings:
                 dev = devices(n, slowdown=args.slowdown, budget_mib=cal["budget"])
                 extra = [f"seed={seed}", f"devices={json.dumps(dev)}"]
                 extra += [f"federation.round_timeout={cal['deadline']}"]
                 cfg = recipe(base, args, name=f"{setting}-s{seed}", setting=setting, extra=extra)
-                results[seed, setting] = run(cfg, setting)
-                print(setting, seed, results[seed, setting]["final"], flush=True)
-    lines = report(args, cal, results, n, (load0, os.getloadavg()[0]))
+                result = run(cfg, setting)
+                save_row(args, seed, setting, result, cal)
+                print(setting, seed, result["final"], flush=True)
+    results, seeds = saved_results(args)
+    lines = report(args, cal, results, n, (load0, os.getloadavg()[0]), seeds=seeds)
     RESULTS.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
