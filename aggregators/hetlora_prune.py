@@ -225,7 +225,7 @@ class HetLoRAPrune(Feature):
     """HetLoRA's rank self-pruning as client hooks; the server only adds the tail to its rows."""
 
     name = "hetlora_prune"
-    order = 30  # after the bandit: lowers whatever rank the plan has
+    order = 30  # lowers whatever rank the plan has (the bandit's comes first: `assign`)
 
     @classmethod
     def enabled(cls, cfg: RunConfig) -> bool:

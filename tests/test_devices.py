@@ -30,6 +30,8 @@ from fedllm.constrained.devices import (
     device_of,
     training_memory,
 )
+from fedllm.constrained.prune_map import Kept
+from fedllm.constrained.pruned import PrunedBase
 from fedllm.constrained.pruning import prune_model
 from fedllm.deploy.device_grid import DeviceGrid
 from fedllm.deploy.local_grid import server_identity
@@ -357,6 +359,29 @@ def test_the_bandit_scores_a_miss_zero_and_never_reoffers_an_arm_that_does_not_f
     again.load_state_dict(bandit.state_dict())
     assert again.bandit.forbidden == {"3": [0]}
     assert devices.asked == [3] * 12
+
+
+def test_a_node_the_bandit_moves_off_a_pruned_arm_gets_the_whole_factors() -> None:
+    """The bandit's arm is set (`assign`) before a pruned base cuts a download to the kept ids
+    of the node's last pruned reply: an unpruned arm gets full-shape factors (the first SmolLM2
+    run of bench/constrained.py failed with 576 vs 384 rows when the order was the other way)."""
+    adaptive = {"ranks": [1], "pruning": [0.0, 0.5]}
+    cfg = build_config(recipe(adaptive=adaptive))
+    strategy = LoraStrategy(cfg, shapes=SHAPES, features=registry.build(cfg))
+    pruned, bandit = (
+        next(f for f in strategy.features if isinstance(f, kind)) for kind in (PrunedBase, Adaptive)
+    )
+    # node 3's last reply: rank 1 on a base pruned to 0.5 that kept q's rows 0, 2, 4
+    strategy.node_ranks[3] = 1
+    pruned.known[3] = (0.5, {"q": Kept(torch.tensor([0, 2, 4]), None)})
+    rows = {}
+    for unplayable in (Arm(1, 0.5), Arm(1, 0.0)):
+        bandit.bandit = ArmBandit([Arm(1, 0.0), Arm(1, 0.5)], algorithm="ucb", exploration=1.0)
+        bandit.bandit.forbid("3", unplayable)
+        record, config = strategy.download(3)
+        tensors = record.to_torch_state_dict()
+        rows[config["pruning"]] = (tensors["q.lora_B"].shape[0], tensors["v.lora_B"].shape[0])
+    assert rows == {0.0: (6, 4), 0.5: (3, 4)}  # whole q at p0; q cut to rows 0, 2, 4 at p0.5
 
 
 @pytest.mark.parametrize("algorithm,exploration", [("ucb", 1.0), ("exp3", 0.2)])

@@ -379,6 +379,7 @@ HOOKS = {
     "before_round",
     "run_round",
     "lost_round",
+    "assign",
     "download",
     "encode",
     "decode",
@@ -462,7 +463,7 @@ def test_every_hook_of_the_base_feature_is_a_no_op() -> None:
     assert f.before_round(1, partitions=[0, 1], sampled=2) is None
     assert f.run_round(1, strategy=object(), grid=object()) is None
     down = Download(2, factors(), {"k": 1})
-    assert f.download(7, down) is down
+    assert f.assign(7, down) is down and f.download(7, down) is down
     assert f.encode(7, factors()) is None
     assert f.decode(7, RecordDict(), rank=2) is None
     received = factors()

@@ -54,7 +54,9 @@ class Adaptive(Feature):
         self.arms: dict[int, Arm] = {}  # this round's arm per node
 
     # -- server --------------------------------------------------------------------------------
-    def download(self, node: int, down: Download) -> Download:
+    def assign(self, node: int, down: Download) -> Download:
+        """This round's arm for `node`, chosen before any feature shapes its download (a pruned
+        base cuts the factors to the kept ids of the ratio chosen here)."""
         arm = self.bandit.select(str(node))
         self.arms[node] = arm
         config = {**down.config, "rank": arm.rank, "pruning": arm.pruning}

@@ -117,7 +117,7 @@ class PrunedBase(Feature):
     """Clients train on a pruned base; the server speaks to them in their kept ids."""
 
     name = "pruned_base"
-    order = 40  # after tiers and the bandit have set the plan's pruning ratio
+    order = 40  # after tiers have set the plan's pruning ratio (the bandit's: `assign`)
 
     @classmethod
     def enabled(cls, cfg: RunConfig) -> bool:

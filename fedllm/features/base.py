@@ -10,9 +10,9 @@ Client hooks, in the order one training round calls them:
     plan → read_global → fold → prepare_base → start → regularizers / train → stage (before
     each stage of plain steps) → post_process → reply
     (+ `metrics`)
-Server hooks: before_round (may stop the run) → download (per node) → encode → decode → receive
-(per reply) → accepted → release (the accepted inputs) → after_aggregate → record; `run_round`
-lets one feature run a round's whole training exchange itself (SecAgg+).
+Server hooks: before_round (may stop the run) → assign, then download (per node) → encode →
+decode → receive (per reply) → accepted → release (the accepted inputs) → after_aggregate →
+record; `run_round` lets one feature run a round's whole training exchange itself (SecAgg+).
 """
 
 from __future__ import annotations
@@ -175,6 +175,12 @@ class Feature:
     def run_round(self, server_round: int, *, strategy: Any, grid: Any) -> RoundResult | None:
         """Run the round's whole training exchange instead of the plain one, or None."""
         return None
+
+    def assign(self, node: int, down: Download) -> Download:
+        """Decide what `node` runs this round (its rank, `pruning` and other config entries):
+        every feature's `assign` runs before any feature's `download`, so the features that
+        shape a download (a pruned base's kept ids, a rank cut) see the final plan (the bandit)."""
+        return down
 
     def download(self, node: int, down: Download) -> Download:
         """What `node` is sent this round (its rank, factors, extra config entries)."""

@@ -141,6 +141,8 @@ class LoraStrategy(Strategy):
         A merged delta (flora) always travels whole; under fedsa only A travels.
         """
         down = Download(self.node_ranks.get(node), dict(self.global_))
+        for f in self.features:  # the node's plan first, whatever the features' order
+            down = f.assign(node, down)
         for f in self.features:
             down = f.download(node, down)
         factors, rank = down.factors, down.rank
