@@ -239,16 +239,15 @@ def save_row(args, seed: int, setting: str, result: dict, cal: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-def saved_results(args) -> tuple[dict, dict]:
-    """(seed, setting) -> result and seed -> (deadline, budget, cpu) of every saved row of this
-    workload (a later row of the same seed and setting replaces an earlier one)."""
+def saved_results(args) -> dict:
+    """(seed, setting) -> result (with the deadline, budget and CPU of its own invocation) of
+    every saved row of this workload; a later row of the same seed and setting replaces one."""
     rows = [json.loads(x) for x in ROWS.read_text().splitlines()] if ROWS.exists() else []
-    results, seeds = {}, {}
+    results = {}
     for r in (r for r in rows if r["workload"] == workload(args)):
         cells = {(rnd, pid): (arm, out) for rnd, pid, arm, out in r["cells"]}
         results[r["seed"], r["setting"]] = {**r, "cells": cells}
-        seeds[r["seed"]] = (r["deadline"], r["budget"], r["cpu"])
-    return results, seeds
+    return results
 
 
 def _cpu() -> str:
@@ -257,12 +256,17 @@ def _cpu() -> str:
     return next((x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")), "?")
 
 
-def report(
-    args, cal: dict, results: dict, n: int, load: tuple[float, float], *, seeds: dict
-) -> list[str]:
-    """The markdown report: this invocation's calibration, and every saved seed of the workload
-    (`seeds`: seed -> its own run's deadline, budget and CPU)."""
+def report(args, cal: dict, results: dict, n: int, load: tuple[float, float]) -> list[str]:
+    """The markdown report: this invocation's calibration, and every saved (seed, setting) run
+    of the workload, each under the deadline and budget of its own invocation."""
     cmd = shlex.join(["python", "bench/constrained.py", *sys.argv[1:]])
+    seeds = sorted({seed for seed, _ in results})
+    settings = [x for x in SETTINGS if any(setting == x for _, setting in results)]
+    ran_under = {
+        (r["deadline"], r["budget"], r["cpu"]): [] for r in results.values()
+    }  # calibrations, in order of first use
+    for (seed, setting), r in results.items():
+        ran_under[r["deadline"], r["budget"], r["cpu"]].append(f"{setting} s{seed}")
     who = profiles(n)
     budget = "none (pruning does not shrink the estimate below the unpruned arms)"
     if cal["budget"] is not None:
@@ -272,7 +276,7 @@ def report(
         "",
         f"Command: `{cmd}`. Load average {load[0]:.2f} at start, {load[1]:.2f} at the end "
         f"({os.cpu_count()} cores). Recipe {args.recipe}, {n} clients, {args.rounds} rounds, "
-        f"seeds {sorted(seeds)} (this invocation: {args.seeds}; the others from "
+        f"seeds {seeds} (this invocation: {args.seeds}; the others from "
         "`constrained-rows.jsonl`). The federation runs on `DeviceGrid`: nodes take turns on "
         "the machine and each reply is timed as if they had worked side by side.",
         "",
@@ -281,10 +285,10 @@ def report(
         f"{budget}. Deadline: {cal['deadline']:.2f} s"
         + (" (--deadline)." if args.deadline else " (halfway across the slow profile's arms)."),
         "",
-        "Each seed ran under the deadline and budget calibrated in its own invocation: "
+        "Each run used the deadline and budget calibrated in its own invocation: "
         + "; ".join(
-            f"seed {k}: {d:.2f} s, {'no budget' if b is None else f'{b:.2f} MiB'} ({c})"
-            for k, (d, b, c) in sorted(seeds.items())
+            f"{', '.join(who_ran)}: {d:.2f} s, {'no budget' if b is None else f'{b:.2f} MiB'} ({c})"
+            for (d, b, c), who_ran in ran_under.items()
         )
         + ".",
         "",
@@ -309,8 +313,8 @@ def report(
         "| mean | base model | wall |",
         "|---|---:|---|---|---:|---:|---:|",
     ]
-    for setting in args.settings:
-        per_seed = [results[seed, setting] for seed in sorted(seeds) if (seed, setting) in results]
+    for setting in settings:
+        per_seed = [results[seed, setting] for seed in seeds if (seed, setting) in results]
         if not per_seed:
             continue
         cells = [c for r in per_seed for c in r["cells"].values()]
@@ -326,11 +330,11 @@ def report(
             f"| {setting} | {met}/{len(cells)} | {', '.join(by_client)} | {losses} | {mean} "
             f"| {per_seed[0]['base']:.4f} | {sum(r['seconds'] for r in per_seed):.0f} s |"
         )
-    for seed in sorted(seeds):
+    for seed in seeds:
         lines += ["", f"## Arm and outcome per client and round (seed {seed})", ""]
         head = " | ".join(f"c{p} {who[p]}" for p in range(n))
         lines += [f"| setting | round | {head} |", "|---|---:|" + "---|" * n]
-        for setting in (x for x in args.settings if (seed, x) in results):
+        for setting in (x for x in settings if (seed, x) in results):
             cells = results[seed, setting]["cells"]
             for rnd in range(1, args.rounds + 1):
                 row = [cells.get((rnd, p)) for p in range(n)]
@@ -376,8 +380,7 @@ def main() -> None:
                 result = run(cfg, setting)
                 save_row(args, seed, setting, result, cal)
                 print(setting, seed, result["final"], flush=True)
-    results, seeds = saved_results(args)
-    lines = report(args, cal, results, n, (load0, os.getloadavg()[0]), seeds=seeds)
+    lines = report(args, cal, saved_results(args), n, (load0, os.getloadavg()[0]))
     RESULTS.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
