@@ -320,6 +320,27 @@ def reject_options(method: str, options: Mapping[str, Any]) -> None:
         raise TypeError(f"aggregator {method!r} got unexpected options: {sorted(options)}")
 
 
+def carried_factors(
+    state: Mapping[str, torch.Tensor] | None,
+    shape: tuple[int, int],
+    *,
+    keys: tuple[str, str],
+    method: str,
+    what: str,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The (B d×c, A c×k) pair a stateful method carries across rounds under `keys`, checked
+    against the module `shape`; None if `state` is empty (the first round)."""
+    if not state:
+        return None
+    if set(state) != set(keys):
+        raise ValueError(f"{method} state needs exactly keys {keys}, got {sorted(state)}")
+    B, A = state[keys[0]], state[keys[1]]
+    Factors(B, A, 1.0)  # validates 2-D, matching rank and dtype
+    if (B.shape[0], A.shape[1]) != shape:
+        raise ValueError(f"{what} is {B.shape[0]}×{A.shape[1]} but the module is {shape}")
+    return B, A
+
+
 def _check_scaling(scaling: float) -> float:
     if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
         raise ValueError(f"scaling must be a real number, got {scaling!r}")

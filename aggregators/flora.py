@@ -19,7 +19,15 @@ from typing import Any
 
 import torch
 
-from .base import Aggregate, Factors, RoundSpec, normalized_weights, register, reject_options
+from .base import (
+    Aggregate,
+    Factors,
+    RoundSpec,
+    carried_factors,
+    normalized_weights,
+    register,
+    reject_options,
+)
 from .linalg import split_triplets, svd_factors
 
 STATE_KEYS = ("merged_B", "merged_A")
@@ -44,7 +52,9 @@ def flora(
     Bs = [u.B for u in updates]
     As = [u.A for u in updates]
     ws = [pi * u.scaling for pi, u in zip(p, updates, strict=True)]
-    merged = _merged(state, updates[0].shape)
+    merged = carried_factors(
+        state, updates[0].shape, keys=STATE_KEYS, method="flora", what="merged delta"
+    )
     if merged is not None:
         Bs, As, ws = [*Bs, merged[0]], [*As, merged[1]], [*ws, 1.0]
     d, k = updates[0].shape
@@ -64,18 +74,3 @@ def numerical_rank(S: torch.Tensor, d: int, k: int) -> int:
         return 0
     tol = S[0] * max(d, k) * torch.finfo(torch.float32).eps
     return int((S > tol).sum())
-
-
-def _merged(
-    state: Mapping[str, torch.Tensor] | None, shape: tuple[int, int]
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The merged delta (B d×m, A m×k, scaling 1) carried in `state`, checked; None if none."""
-    if not state:
-        return None
-    if set(state) != set(STATE_KEYS):
-        raise ValueError(f"flora state needs exactly keys {STATE_KEYS}, got {sorted(state)}")
-    B, A = state["merged_B"], state["merged_A"]
-    Factors(B, A, 1.0)  # validates 2-D, matching rank and dtype
-    if (B.shape[0], A.shape[1]) != shape:
-        raise ValueError(f"merged delta is {B.shape[0]}×{A.shape[1]} but the module is {shape}")
-    return B, A

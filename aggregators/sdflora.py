@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from .base import Aggregate, Factors, RoundSpec, normalized_weights, register, reject_options
-from .linalg import factored_svd
+from .base import Aggregate, Factors, RoundSpec, register, reject_options
+from .svd import svd
 
 CLIENT_OPTIONS = ("local_fraction",)  # read by the clients only (sdflora_local)
 
@@ -44,19 +44,16 @@ def sdflora(
     `factored_svd` ("exact" is exact up to the truncation).
     """
     reject_options("sdflora", options)
-    p = normalized_weights(updates, weights)
-    rank = max(u.rank for u in updates) if global_rank is None else global_rank
-    B, A = factored_svd(
-        [u.B for u in updates],
-        [u.A for u in updates],
-        [pi * u.scaling for pi, u in zip(p, updates, strict=True)],
-        rank,
+    rank = max((u.rank for u in updates), default=0) if global_rank is None else global_rank
+    return svd(
+        updates,
+        weights,
+        global_rank=rank,
+        seed=seed,
         method=method,
         oversample=oversample,
         power_iters=power_iters,
-        seed=seed,
     )
-    return Aggregate(Factors(B, A, 1.0))
 
 
 def split_ranks(rank: int, local_fraction: float) -> tuple[int, int]:

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .base import Aggregate, Factors, normalized_weights, register, reject_options
+from .base import Aggregate, Factors, carried_factors, normalized_weights, register, reject_options
 from .fedit import padded_mean
 from .linalg import split_triplets, svd_factors
 from .lorafair import fair_correction
@@ -77,7 +77,9 @@ def squeeze(
     Bs = [u.B for u in updates]
     As = [u.A for u in updates]
     ws = [pi * u.scaling for pi, u in zip(p, updates, strict=True)]
-    carried = _residual(state, updates[0].shape)
+    carried = carried_factors(
+        state, updates[0].shape, keys=STATE_KEYS, method="squeeze", what="residual"
+    )
     if carried is not None:
         Bs, As, ws = [*Bs, carried[0]], [*As, carried[1]], [*ws, 1.0]
     # The sketch's precision follows the clients' factors, not the float64 correction term.
@@ -128,18 +130,3 @@ def _check_gauge(gauge: str, row_norm: float) -> None:
         raise ValueError(f"aggregator.options.gauge must be one of {list(GAUGES)}, got {gauge!r}")
     if not (math.isfinite(row_norm) and row_norm > 0):
         raise ValueError(f"aggregator.options.row_norm must be a finite number > 0, got {row_norm}")
-
-
-def _residual(
-    state: Mapping[str, torch.Tensor] | None, shape: tuple[int, int]
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The carried residual (B d×c, A c×k) from `state`, checked; None if there is none."""
-    if not state:
-        return None
-    if set(state) != set(STATE_KEYS):
-        raise ValueError(f"squeeze state needs exactly keys {STATE_KEYS}, got {sorted(state)}")
-    B, A = state["residual_B"], state["residual_A"]
-    Factors(B, A, 1.0)  # validates 2-D, matching rank and dtype
-    if (B.shape[0], A.shape[1]) != shape:
-        raise ValueError(f"residual is {B.shape[0]}×{A.shape[1]} but the module is {shape}")
-    return B, A
