@@ -183,13 +183,16 @@ def test_combinations_it_cannot_run_are_refused_naming_the_key() -> None:
 
 def test_personalise_is_the_global_cut_plus_the_kept_local_module() -> None:
     cfg = recipe()
+    g = torch.Generator().manual_seed(0)  # fixed values: float32 tolerances, any test order
     s4, s2 = cfg.client_scaling(4), cfg.client_scaling(2)
-    glob = {"q": Factors(torch.randn(6, 2) * 0.1, torch.randn(2, 5), s2)}  # a node's r_g = 2 cut
+    glob = {
+        "q": Factors(torch.randn(6, 2, generator=g) * 0.1, torch.randn(2, 5, generator=g), s2)
+    }  # a node's r_g = 2 cut
     fresh = SDFLoRALocal(cfg).personalise(glob, client_round(cfg, RecordDict()))["q"]
     assert (fresh.rank, fresh.scaling) == (4, s4)
     torch.testing.assert_close(fresh.delta(), glob["q"].delta())  # B_l = 0 before round one
     state = RecordDict()
-    local = (torch.randn(6, 2), torch.randn(2, 5))
+    local = (torch.randn(6, 2, generator=g), torch.randn(2, 5, generator=g))
     keep(state, {"q": local})
     own = SDFLoRALocal(cfg).personalise(glob, client_round(cfg, state))["q"]
     expected = glob["q"].delta() + s4 * local[0] @ local[1]
