@@ -2,7 +2,8 @@
 that differ in speed and memory, under a round deadline.
 
     python bench/constrained.py [--recipe recipes/tiny.yaml] [--rounds 2] [--seeds 0 1 2]
-        [--settings bandit r32 r4-p50 r32-4bit] [--deadline S] [--slowdown 2.0] [key=value ...]
+        [--settings bandit bandit-server r32 r4-p50 r32-4bit] [--deadline S] [--slowdown 2.0]
+        [key=value ...]
 
 Every setting runs the recipe's federation (the real round loop, strategy and ClientApp) on a
 `DeviceGrid` (fedllm.deploy.device_grid): the nodes answer one after another, each alone on the
@@ -15,6 +16,9 @@ deadline (federation.round_timeout, which is also every message's TTL). Device p
          the smallest unpruned full-precision arm need on this base (so it cannot train unpruned
          in full precision).
 Settings: `bandit` (adaptive: ranks [4, 32] x pruning [0, 0.5], UCB, per client per round);
+`bandit-server` (the same bandit rewarded by the server's score of each reply on the unpruned
+base, adaptive.reward=server: 64 examples of the test set below, so the arms are chosen on a
+sliver of the data that scores them);
 `r32` (every client rank 32, no pruning); `r4-p50` (rank 4 on a base pruned to 0.5);
 `r32-4bit` (rank 32 on a 4-bit base, bitsandbytes).
 Calibration first, on this machine: every arm's estimated training memory on the real base, and
@@ -65,7 +69,8 @@ RESULTS = Path(__file__).parent / "results" / "constrained.md"
 ROWS = RESULTS.with_name("constrained-rows.jsonl")  # every (seed, setting) run, over invocations
 BANDIT = {"ranks": [4, 32], "pruning": [0.0, 0.5]}
 FIXED = {"r32": (32, 0.0, None), "r4-p50": (4, 0.5, None), "r32-4bit": (32, 0.0, "4bit")}
-SETTINGS = ["bandit", *FIXED]
+ADAPTIVE = {"bandit": BANDIT, "bandit-server": {**BANDIT, "reward": "server"}}
+SETTINGS = [*ADAPTIVE, *FIXED]
 BANDIT_ARMS = [(r, p, None) for r in BANDIT["ranks"] for p in BANDIT["pruning"]]
 ARMS = sorted({*BANDIT_ARMS, *FIXED.values()}, key=lambda a: (a[0], a[1], a[2] or ""))
 # the server evaluates on its own global test set, so quality does not depend on the devices
@@ -96,8 +101,8 @@ def devices(n: int, *, slowdown: float, budget_mib: float | None) -> list[dict]:
 def recipe(base: list[str], args, *, name: str, setting: str, extra: list[str] = ()) -> RunConfig:
     """The setting's recipe: the bench's base overrides, its arms, then `extra`."""
     over = [*base, f"name={name}"]
-    if setting == "bandit":
-        over += ["lora.tiers=null", "lora.ranks=4", f"adaptive={json.dumps(BANDIT)}"]
+    if setting in ADAPTIVE:
+        over += ["lora.tiers=null", "lora.ranks=4", f"adaptive={json.dumps(ADAPTIVE[setting])}"]
     else:
         rank, pruning, quant = FIXED[setting]
         n = load_recipe(args.recipe, base).data.num_clients

@@ -1,6 +1,14 @@
 """The (rank, pruning) bandit (`adaptive:`): the server picks each client's arm every round and
 learns from the loss gain per second it bought (`fedllm.constrained.bandit`, as FedSpine).
 
+Whose loss gain (`adaptive.reward`): the client's own first and last training losses (`client`,
+the default: no server data needed), or the server's (`server`): the test-set loss of the
+global adapter cut to the arm's rank (where the client started) against that of the client's
+reply, both on the server's unpruned base. A client's losses on a pruned base measure what its
+adapter does there, and training on a pruned base transfers poorly to the full one
+(docs/constrained.md); the server's score sees that, at one small evaluation per arm rank
+played and one per reply each round, on `reward_examples` of `data.test_set`.
+
 An arm that bought nothing teaches too: a client that missed the round's deadline or failed
 scores 0 on the arm it was given, and an arm that does not fit a client's memory
 (`fedllm.constrained.devices`) is never offered to that client again.
@@ -12,12 +20,16 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from flwr.app import RecordDict
+
+from fedllm.aggregators.base import Factors
 from fedllm.constrained.bandit import Arm, ArmBandit, efficiency
 from fedllm.constrained.devices import MEMORY_REFUSAL
 from fedllm.features.base import Feature, require_adapter_state
 from fedllm.features.registry import register
 from fedllm.features.types import Download, RoundResult, TrainReply
 from fedllm.recipe.schema import RunConfig
+from fedllm.server.evaluation import TestSetEvaluator
 
 
 @register
@@ -41,6 +53,12 @@ class Adaptive(Feature):
                 "adaptive (rank, pruning) learns from each client's training losses and time, "
                 "which a private run (privacy.mode or SecAgg+) does not send; drop adaptive"
             )
+        if cfg.adaptive.reward == "server" and cfg.data.test_set is None:
+            raise ValueError(
+                "adaptive.reward=server scores each reply on the server's own test set, and "
+                "data.test_set is not set; set it (e.g. data.test_set={fraction: 0.1}) or use "
+                "adaptive.reward=client"
+            )
 
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg)
@@ -52,6 +70,15 @@ class Adaptive(Feature):
             seed=cfg.seed,
         )
         self.arms: dict[int, Arm] = {}  # this round's arm per node
+        self.scorer = (
+            TestSetEvaluator(cfg, max_examples=ad.reward_examples)
+            if ad.reward == "server"
+            else None
+        )
+        # reward=server, this round only: the global, the score of its cut per rank, the replies
+        self.global_: dict[str, Factors] = {}
+        self.start_loss: dict[int, float] = {}
+        self.replies: dict[int, dict[str, Factors]] = {}
 
     # -- server --------------------------------------------------------------------------------
     def assign(self, node: int, down: Download) -> Download:
@@ -59,25 +86,48 @@ class Adaptive(Feature):
         base cuts the factors to the kept ids of the ratio chosen here)."""
         arm = self.bandit.select(str(node))
         self.arms[node] = arm
+        self.global_ = down.factors  # the same for every node of a round
         config = {**down.config, "rank": arm.rank, "pruning": arm.pruning}
         return dataclasses.replace(down, rank=arm.rank, config=config)
 
+    def receive(
+        self,
+        node: int,
+        content: RecordDict,
+        factors: dict[str, Factors],
+        *,
+        reply: TrainReply,
+        shapes: Mapping[str, tuple[int, int]],
+    ) -> dict[str, Factors]:
+        """reward=server: keep the reply's factors at the global shapes (a pruned base's
+        feature, order 40, has put them back at full shape) to score once it is accepted."""
+        if self.scorer is not None:
+            self.replies[node] = factors
+        return factors
+
     def accepted(self, node: int, reply: TrainReply) -> None:
         """Feed the bandit this node's round: loss gain per second on the arm it ran."""
-        r = reply
-        if node not in self.arms or None in (
-            r.train_loss_first,
-            r.train_loss_last,
-            r.train_seconds,
-        ):
+        arm = self.arms.get(node)
+        if arm is None or reply.train_seconds is None:
+            return
+        if self.scorer is None:
+            first, last = reply.train_loss_first, reply.train_loss_last
+        else:
+            first, last = self.start_score(arm.rank), self.scorer.evaluate(self.replies[node])[0]
+        if first is None or last is None:
             return
         reward = efficiency(
-            reply.train_loss_first,
-            reply.train_loss_last,
-            reply.train_seconds,
-            time_weight=self.cfg.adaptive.time_weight,
+            first, last, reply.train_seconds, time_weight=self.cfg.adaptive.time_weight
         )
-        self.bandit.update(str(node), self.arms[node], reward)
+        self.bandit.update(str(node), arm, reward)
+
+    def start_score(self, rank: int) -> float:
+        """The server's test-set loss of this round's global cut to `rank` (a client's start)."""
+        if rank not in self.start_loss:
+            scaling = self.cfg.client_scaling(rank)
+            start = {m: f.truncate(rank, scaling) for m, f in self.global_.items()}
+            self.start_loss[rank] = self.scorer.evaluate(start)[0]
+        return self.start_loss[rank]
 
     def record(self, result: RoundResult, *, server_row: dict[str, Any]) -> None:
         """The round's other outcomes: a miss or a failure scores 0, a memory refusal forbids
@@ -94,7 +144,7 @@ class Adaptive(Feature):
                 self.bandit.forbid(str(node), arm)
             else:
                 self.bandit.update(str(node), arm, 0.0)
-        self.arms = {}
+        self.arms, self.start_loss, self.replies = {}, {}, {}
 
     def state_dict(self) -> dict[str, Any]:
         return {"bandit": self.bandit.state_dict()}

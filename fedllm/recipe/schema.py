@@ -325,6 +325,15 @@ class AdaptiveConfig(_Strict):
     pruning: list[float] = Field(default_factory=lambda: [0.0], min_length=1)
     exploration: float = Field(1.0, gt=0, description="UCB bonus c, or EXP3 gamma in (0, 1]")
     time_weight: float = Field(1.0, ge=0, description="reward = loss gain / seconds^time_weight")
+    reward: Literal["client", "server"] = Field(
+        "client",
+        description="whose loss gain: the client's own training losses (on its own, possibly "
+        "pruned, base; as FedSpine), or the server's, scoring each reply's adapter on the full "
+        "base over data.test_set (sees what pruned training transfers)",
+    )
+    reward_examples: int = Field(
+        64, ge=1, description="reward=server: test-set examples each adapter is scored on"
+    )
 
     @model_validator(mode="after")
     def _arms(self) -> AdaptiveConfig:

@@ -55,7 +55,11 @@ class TestSetEvaluator:
 
     __test__ = False  # not a pytest class
 
-    def __init__(self, cfg: RunConfig, *, cache: ShardCache | None = None) -> None:
+    def __init__(
+        self, cfg: RunConfig, *, cache: ShardCache | None = None, max_examples: int | None = None
+    ) -> None:
+        """`max_examples`: score an evenly spaced subset of at most this many (the same one
+        every call), e.g. for a cheap per-client score."""
         if cfg.data.test_set is None:
             raise ValueError("data.test_set is not set: there is no global test set to evaluate")
         self.cfg = cfg
@@ -65,6 +69,9 @@ class TestSetEvaluator:
                 "data.test_set drew no example (fraction too small for labels this size?); "
                 "raise data.test_set.fraction or name whole labels"
             )
+        if max_examples is not None and len(self.raw) > max_examples:
+            n = len(self.raw)
+            self.raw = [self.raw[i * n // max_examples] for i in range(max_examples)]
         self._tokenized: tuple[object, list[dict]] | None = None
 
     def examples(self, tokenizer: object) -> list[dict]:
