@@ -385,8 +385,9 @@ def main() -> None:
                 result = run(cfg, setting)
                 save_row(args, seed, setting, result, cal)
                 print(setting, seed, result["final"], flush=True)
-    lines = report(args, cal, saved_results(args), n, (load0, os.getloadavg()[0]))
-    RESULTS.write_text("\n".join(lines) + "\n")
+                # after every run: an interrupted invocation leaves the report of what finished
+                lines = report(args, cal, saved_results(args), n, (load0, os.getloadavg()[0]))
+                RESULTS.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
