@@ -85,6 +85,7 @@ def test_the_server_scores_the_reply_not_the_claim(tiny) -> None:
         for m, (d, k) in shapes.items()
     }
     (bandit,) = [f for f in strategy.features if isinstance(f, Adaptive)]
+    assert bandit.scorer is None  # built at the first score: a client's copy never loads data
     scorer = TestSetEvaluator(cfg, max_examples=8)  # an independent copy of the server's score
 
     _, extra = strategy.download(7)  # UCB plays every arm once, in order: rank 2 first

@@ -70,11 +70,9 @@ class Adaptive(Feature):
             seed=cfg.seed,
         )
         self.arms: dict[int, Arm] = {}  # this round's arm per node
-        self.scorer = (
-            TestSetEvaluator(cfg, max_examples=ad.reward_examples)
-            if ad.reward == "server"
-            else None
-        )
+        # reward=server: built at the server's first score (clients build this feature too,
+        # on every message, and never score)
+        self.scorer: TestSetEvaluator | None = None
         # reward=server, this round only: the global, the score of its cut per rank, the replies
         self.global_: dict[str, Factors] = {}
         self.start_loss: dict[int, float] = {}
@@ -101,7 +99,7 @@ class Adaptive(Feature):
     ) -> dict[str, Factors]:
         """reward=server: keep the reply's factors at the global shapes (a pruned base's
         feature, order 40, has put them back at full shape) to score once it is accepted."""
-        if self.scorer is not None:
+        if self.cfg.adaptive.reward == "server":
             self.replies[node] = factors
         return factors
 
@@ -110,10 +108,10 @@ class Adaptive(Feature):
         arm = self.arms.get(node)
         if arm is None or reply.train_seconds is None:
             return
-        if self.scorer is None:
+        if self.cfg.adaptive.reward == "client":
             first, last = reply.train_loss_first, reply.train_loss_last
         else:
-            first, last = self.start_score(arm.rank), self.scorer.evaluate(self.replies[node])[0]
+            first, last = self.start_score(arm.rank), self.score(self.replies[node])
         if first is None or last is None:
             return
         reward = efficiency(
@@ -126,8 +124,15 @@ class Adaptive(Feature):
         if rank not in self.start_loss:
             scaling = self.cfg.client_scaling(rank)
             start = {m: f.truncate(rank, scaling) for m, f in self.global_.items()}
-            self.start_loss[rank] = self.scorer.evaluate(start)[0]
+            self.start_loss[rank] = self.score(start)
         return self.start_loss[rank]
+
+    def score(self, factors: Mapping[str, Factors]) -> float:
+        """The server's test-set loss of `factors` on `reward_examples` of data.test_set."""
+        if self.scorer is None:
+            n = self.cfg.adaptive.reward_examples
+            self.scorer = TestSetEvaluator(self.cfg, max_examples=n)
+        return self.scorer.evaluate(factors)[0]
 
     def record(self, result: RoundResult, *, server_row: dict[str, Any]) -> None:
         """The round's other outcomes: a miss or a failure scores 0, a memory refusal forbids
