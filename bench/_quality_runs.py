@@ -27,7 +27,7 @@ from peft import PeftModel
 from fedllm.aggregators import round_spec
 from fedllm.client.train import evaluate_nll, num_local_steps, schedule_span, train_local
 from fedllm.data import tokenize_all
-from fedllm.data.shards import ShardCache, global_test_set, load_shard
+from fedllm.data.shards import ProcessCache, global_test_set, load_shard
 from fedllm.deploy.local_grid import run_local
 from fedllm.model.adapters import attach_lora
 from fedllm.model.base import cached_base_model
@@ -83,7 +83,7 @@ def local_only(cfg: RunConfig) -> dict:
 def _reference(cfg: RunConfig, *, pooled: bool) -> dict:
     start = time.perf_counter()
     base, tok = cached_base_model(cfg)
-    cache = ShardCache()
+    cache = ProcessCache()
     shards = [load_shard(cfg, pid, tok, cache=cache) for pid in range(cfg.data.num_clients)]
     fmt = {"prompt_format": cfg.data.prompt_format, "max_length": cfg.data.max_length}
     test = tokenize_all(global_test_set(cfg, cache=cache), tok, **fmt)

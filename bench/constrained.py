@@ -135,7 +135,7 @@ def message_time(cfg: RunConfig) -> tuple[float, float]:
     from fedllm.client.app import make_client_app
 
     strategy = LoraStrategy(cfg, shapes=adapter_shapes(cfg), features=registry.build(cfg))
-    grid = DeviceGrid(make_client_app(cfg), 1)
+    grid = DeviceGrid([make_client_app(cfg)])
     timed = []
     with server_identity(grid.run.run_id):
         for rnd in (1, 2, 3):

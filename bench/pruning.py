@@ -59,7 +59,6 @@ def worker(pruning: float, quant: str | None, steps: int, overrides: list[str]) 
     from fedllm.constrained.pruned import PrunedBase
     from fedllm.features.types import ClientPlan, ClientRound, ClientUpdate
     from fedllm.model import wire
-    from fedllm.model.loading import BASE_MODELS
     from fedllm.recipe import load_recipe
 
     cfg = load_recipe(RECIPE, overrides)
@@ -69,8 +68,7 @@ def worker(pruning: float, quant: str | None, steps: int, overrides: list[str]) 
     me = psutil.Process()
     with lora_model(rnd, [pruned], merged=None) as model:
         tok, shard = rnd.tokenizer, rnd.shard
-        if pruning > 0:  # a device would keep only its pruned base
-            BASE_MODELS.clear()
+        if pruning > 0:  # a device keeps only its pruned base (no cache holds the full one)
             gc.collect()
         run = {"examples": shard.train, "batch_size": cfg.federation.batch_size}
         run |= {"pad_id": tok.pad_token_id, "lr": cfg.federation.lr}

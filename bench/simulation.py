@@ -26,7 +26,7 @@ import torch
 from fedllm.aggregators import get, round_spec
 from fedllm.cli import absolute_paths
 from fedllm.client.train import evaluate_nll, num_local_steps, train_local
-from fedllm.data.shards import ShardCache, load_shard
+from fedllm.data.shards import ProcessCache, load_shard
 from fedllm.model.adapters import attach_lora, read_factors, write_factors
 from fedllm.model.base import adapter_shapes, cached_base_model
 from fedllm.model.wire import server_options
@@ -45,7 +45,7 @@ def plain_rounds(cfg: RunConfig) -> list[float]:
     global_ = initial_factors(
         adapter_shapes(cfg), rank=top, scaling=cfg.client_scaling(top), seed=cfg.seed
     )
-    cache = ShardCache()  # the partition once, as a ClientApp process does
+    cache = ProcessCache()  # the partition once, as a ClientApp process does
     shards = [load_shard(cfg, pid, tok, cache=cache) for pid in range(n)]
     fed, aggregate = cfg.federation, get(cfg.aggregator.name)
     seconds = []

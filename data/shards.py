@@ -2,8 +2,10 @@
 
 Every step is deterministic for the data seed (`data.seed`, else the run's), so a client (in
 simulation or on its own SuperNode) rebuilds exactly its own partition with nothing sent to it. A
-`ShardCache` keeps what one process computes for every client it serves: the recipe's split
-(examples, global test set, every client's indices) once, and each client's tokenized shard once.
+`ProcessCache` keeps what one process computes for every client it serves: the parsed examples and
+the recipe's split (global test set, every client's indices) once, each client's tokenized shard
+once, and the loaded base model (and a pruned base) across messages. It is passed explicitly, from
+the app that owns it down to the code that reads it; nothing is cached at module level.
 """
 
 from __future__ import annotations
@@ -20,8 +22,6 @@ from fedllm.data.canary import Canary, canary_examples, make_canaries
 from fedllm.data.partition import hold_out_test
 from fedllm.model.loading import LastValueCache
 from fedllm.recipe import RunConfig
-
-ALL_EXAMPLES = LastValueCache()  # the federation's examples, parsed once per process
 
 
 @dataclass(frozen=True)
@@ -69,19 +69,18 @@ def source_options(cfg: RunConfig) -> dict:
     }
 
 
-def load_all_examples(cfg: RunConfig) -> list[dict]:
-    """Every example of the federation (each client keeps only its partition of these).
-
-    Parsed once per process (WordNet takes seconds), like the base model.
-    """
+def load_all_examples(cfg: RunConfig, *, cache: ProcessCache | None = None) -> list[dict]:
+    """Every example of the federation (each client keeps only its partition of these), parsed
+    once per `cache` (afresh without one)."""
     options = source_options(cfg)
     key = (cfg.data.source, cfg.data.max_examples, cfg.data_seed, tuple(sorted(options.items())))
-    return ALL_EXAMPLES.get(
-        key,
-        lambda: load_examples(
+
+    def parse() -> list[dict]:
+        return load_examples(
             cfg.data.source, max_examples=cfg.data.max_examples, seed=cfg.data_seed, **options
-        ),
-    )
+        )
+
+    return cache.examples.get(key, parse) if cache is not None else parse()
 
 
 def data_key(cfg: RunConfig) -> Hashable:
@@ -120,17 +119,20 @@ def partition_indices(cfg: RunConfig, examples: list[dict]) -> list[list[int]]:
     return split_examples(cfg, examples).parts
 
 
-class ShardCache:
-    """One process's shards of the recipe it serves: the split once, each tokenized shard once.
+class ProcessCache:
+    """What one process keeps across the messages it serves: the parsed examples, the recipe's
+    split and each tokenized shard once; the most recent base model and pruned base.
 
-    The ClientApp holds one (`make_client_app`) and hands it down to `load_shard`; up to
-    `max_examples` tokenized examples are kept, least recently used first out. Flower's simulation
+    Its owner hands it down: the ClientApp (`make_client_app`) to its rounds, the server's `Run`
+    to its evaluator. Up to `max_examples` tokenized examples are kept, least recently used first
+    out; `base` and `pruned` hold one model each (a new key frees the old one before it loads).
+    A process that needs no reuse passes none and builds afresh. Flower's simulation
     engine pickles the ClientApp into every message it runs, so a pickled cache travels as a
     handle: unpickled in a worker it is that worker's own cache of the same handle, kept across
     messages (the latest few handles per process).
     """
 
-    _attached: ClassVar[OrderedDict[str, ShardCache]] = OrderedDict()
+    _attached: ClassVar[OrderedDict[str, ProcessCache]] = OrderedDict()
     _attached_lock: ClassVar[threading.Lock] = threading.Lock()
     MAX_ATTACHED: ClassVar[int] = 4
 
@@ -143,6 +145,9 @@ class ShardCache:
         self._split: tuple[Hashable, Split] | None = None
         self._shards: OrderedDict[Hashable, tuple[Any, Shard]] = OrderedDict()
         self._held = 0  # tokenized examples kept
+        self.examples = LastValueCache()  # the federation's parsed examples
+        self.base = LastValueCache()  # (model, tokenizer): fedllm.model.base.cached_base_model
+        self.pruned = LastValueCache()  # a pruned base: fedllm.constrained.pruned.pruned_base
 
     def split(self, cfg: RunConfig) -> Split:
         """The recipe's split, computed on first use (a new recipe replaces the old one)."""
@@ -150,7 +155,7 @@ class ShardCache:
         with self._lock:
             if self._split is None or self._split[0] != key:
                 self._split = None
-                self._split = (key, split_examples(cfg, load_all_examples(cfg)))
+                self._split = (key, split_examples(cfg, load_all_examples(cfg, cache=self)))
                 self.splits += 1
             return self._split[1]
 
@@ -175,12 +180,12 @@ class ShardCache:
         return shard
 
     def __reduce__(self) -> tuple:
-        with ShardCache._attached_lock:
-            ShardCache._remember(self)
-        return (ShardCache.attach, (self.token, self.max_examples))
+        with ProcessCache._attached_lock:
+            ProcessCache._remember(self)
+        return (ProcessCache.attach, (self.token, self.max_examples))
 
     @classmethod
-    def attach(cls, token: str, max_examples: int) -> ShardCache:
+    def attach(cls, token: str, max_examples: int) -> ProcessCache:
         """This process's cache for `token` (a new one the first time the handle arrives)."""
         with cls._attached_lock:
             cache = cls._attached.get(token)
@@ -191,7 +196,7 @@ class ShardCache:
             return cache
 
     @classmethod
-    def _remember(cls, cache: ShardCache) -> None:
+    def _remember(cls, cache: ProcessCache) -> None:
         cls._attached[cache.token] = cache
         cls._attached.move_to_end(cache.token)
         while len(cls._attached) > cls.MAX_ATTACHED:
@@ -202,12 +207,12 @@ def _size(shard: Shard) -> int:
     return len(shard.train) + len(shard.held_out)
 
 
-def raw_shard(cfg: RunConfig, partition_id: int, *, cache: ShardCache | None = None) -> RawShard:
+def raw_shard(cfg: RunConfig, partition_id: int, *, cache: ProcessCache | None = None) -> RawShard:
     """Client `partition_id`'s examples (train = members, held_out = non-members) + canaries.
 
     Built from the client's own indices of the split `cache` keeps (a fresh split without one).
     """
-    split = (cache if cache is not None else ShardCache()).split(cfg)
+    split = (cache if cache is not None else ProcessCache()).split(cfg)
     examples, parts = split.examples, split.parts
     if not 0 <= partition_id < len(parts):
         raise ValueError(f"partition-id {partition_id} outside [0, {len(parts)})")
@@ -253,14 +258,14 @@ def tokenize_shard(cfg: RunConfig, raw: RawShard, tokenizer: Any) -> Shard:
 
 
 def load_shard(
-    cfg: RunConfig, partition_id: int, tokenizer: Any, *, cache: ShardCache | None = None
+    cfg: RunConfig, partition_id: int, tokenizer: Any, *, cache: ProcessCache | None = None
 ) -> Shard:
     """Client `partition_id`'s shard, tokenized with the base model's tokenizer (kept by
     `cache` for the next message of this process; built afresh without one)."""
-    return (cache if cache is not None else ShardCache()).shard(cfg, partition_id, tokenizer)
+    return (cache if cache is not None else ProcessCache()).shard(cfg, partition_id, tokenizer)
 
 
-def global_test_set(cfg: RunConfig, *, cache: ShardCache | None = None) -> list[dict]:
+def global_test_set(cfg: RunConfig, *, cache: ProcessCache | None = None) -> list[dict]:
     """The recipe's global test set (`data.test_set`), untokenized; empty without one."""
-    split = (cache if cache is not None else ShardCache()).split(cfg)
+    split = (cache if cache is not None else ProcessCache()).split(cfg)
     return [split.examples[i] for i in split.test]

@@ -110,9 +110,9 @@ def check_shards(cfg: RunConfig) -> None:
     ConfigError before any training; a deployed node checks its own data again at its start."""
     if cfg.privacy.mode != "sample":
         return
-    from fedllm.data.shards import ShardCache, raw_shard
+    from fedllm.data.shards import ProcessCache, raw_shard
 
-    cache = ShardCache()  # the split once for every client
+    cache = ProcessCache()  # the split once for every client
     try:
         for pid in range(cfg.data.num_clients):
             n_train = len(raw_shard(cfg, pid, cache=cache).train)

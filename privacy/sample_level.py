@@ -14,7 +14,7 @@ from flwr.app import RecordDict
 
 from fedllm.aggregators.base import Factors
 from fedllm.client.train import TrainResult, schedule_span
-from fedllm.data.shards import ShardCache, raw_shard
+from fedllm.data.shards import ProcessCache, raw_shard
 from fedllm.features.base import Feature
 from fedllm.features.registry import register
 from fedllm.features.types import ClientRound, RoundResult, TrainReply
@@ -98,7 +98,7 @@ class SampleLevelDP(Feature):
             delta=p.delta, accountant=p.accountant, budget=p.epsilon_budget, mode=p.mode
         )
         self.reported: dict[int, tuple[float, float, int]] = {}  # partition -> (σ, q, steps)
-        self.shards = ShardCache()  # server: the recipe's split once, for every partition's plan
+        self.shards = ProcessCache()  # server: the recipe's split once, for every partition's plan
         self.dp_metrics: dict[str, int | float] = {}
 
     # -- client --------------------------------------------------------------------------------

@@ -33,11 +33,11 @@ from fedllm.constrained.devices import (
 from fedllm.constrained.prune_map import Kept
 from fedllm.constrained.pruned import PrunedBase
 from fedllm.constrained.pruning import prune_model
+from fedllm.data.shards import ProcessCache
 from fedllm.deploy.device_grid import DeviceGrid
 from fedllm.deploy.local_grid import server_identity
 from fedllm.features import registry
 from fedllm.features.types import ClientPlan, ClientRound, ClientRow, RoundResult, TrainReply
-from fedllm.model.loading import BASE_MODELS
 from fedllm.recipe import ConfigError, build_config, load_recipe
 from fedllm.server.exchange import exchange
 from fedllm.server.strategy import LoraStrategy
@@ -266,13 +266,14 @@ def test_flowers_expiry_answer_counts_as_a_miss_not_a_failure(capsys) -> None:
 
 
 def device_app(seconds: dict[int, float]) -> ClientApp:
-    """A ClientApp whose node of partition p takes seconds[p], and keeps one cached value."""
-    app = ClientApp()
+    """A ClientApp whose node of partition p takes seconds[p], and keeps one value in its cache
+    (one slot: a node answered by another app's cache would find another node's value)."""
+    app, cache = ClientApp(), ProcessCache()
 
     @app.train()
     def _train(msg: Message, context) -> Message:
         pid = int(context.node_config["partition-id"])
-        mine = BASE_MODELS.get(("node", pid), lambda: [pid, 0])
+        mine = cache.base.get(("node", pid), lambda: [pid, 0])
         mine[1] += 1  # how many messages this node answered with the same cached value
         time.sleep(seconds[pid])
         return Message(RecordDict({"metrics": MetricRecord({"seen": mine[1]})}), reply_to=msg)
@@ -283,7 +284,7 @@ def device_app(seconds: dict[int, float]) -> ClientApp:
 def test_device_grid_times_each_node_as_if_they_worked_side_by_side(capsys) -> None:
     # one after another, node 1002 would answer 2.0 s after the push; side by side, 0.8 s (the
     # deadline, 1.8 s, leaves every node at least 0.6 s either side of it on a busy machine)
-    grid = DeviceGrid(device_app({0: 1.2, 1: 0.8, 2: 2.4}), 3)
+    grid = DeviceGrid([device_app({0: 1.2, 1: 0.8, 2: 2.4}) for _ in range(3)])
     with server_identity(grid.run.run_id):
         for rnd in (1, 2):
             msgs = messages([1001, 1002, 1003])
@@ -425,7 +426,7 @@ def test_a_round_whose_only_reply_in_time_is_an_error_goes_on(tmp_path, capsys) 
         time.sleep(0.8)  # past the deadline
         return Message(RecordDict(), reply_to=msg)
 
-    grid = DeviceGrid(app, 2)
+    grid = DeviceGrid([app, app])
     with server_identity(grid.run.run_id):
         result = Run(cfg, grid).train(1)  # before: "every client failed", the run stopped
     assert [(r.node, r.status) for r in result.rows] == [(1001, "failed")]

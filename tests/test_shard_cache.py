@@ -1,4 +1,4 @@
-"""fedllm.data.shards.ShardCache and the global test split: the partition computed once per
+"""fedllm.data.shards.ProcessCache and the global test split: the partition computed once per
 process, each shard tokenized once, shards equal to the ones built from the partition by hand,
 and a test set no client holds."""
 
@@ -13,7 +13,7 @@ import pytest
 from fedllm.data import load_examples, partition, split_held_out, tokenize_all
 from fedllm.data import shards as shards_module
 from fedllm.data.partition import hold_out_test
-from fedllm.data.shards import ShardCache, global_test_set, load_shard, raw_shard
+from fedllm.data.shards import ProcessCache, global_test_set, load_shard, raw_shard
 from fedllm.model.base import cached_base_model
 from fedllm.recipe import build_config, load_recipe
 
@@ -63,7 +63,7 @@ def by_hand(cfg, pid: int) -> tuple[list[dict], list[dict]]:
 
 
 def test_the_partition_is_built_once_and_shards_are_unchanged(counted) -> None:
-    cfg, cache = recipe(), ShardCache()
+    cfg, cache = recipe(), ProcessCache()
     for pid in [0, 1, 2, 3, 4, 2, 0]:
         shard = raw_shard(cfg, pid, cache=cache)
         assert (shard.train, shard.held_out) == by_hand(cfg, pid)
@@ -81,7 +81,7 @@ def tokenizer(tmp_path_factory):
 
 
 def test_each_shard_is_tokenized_once_per_tokenizer(counted, tokenizer) -> None:
-    cfg, cache = recipe(), ShardCache()
+    cfg, cache = recipe(), ProcessCache()
     first = load_shard(cfg, 1, tokenizer, cache=cache)
     assert load_shard(cfg, 1, tokenizer, cache=cache) is first
     assert counted["tokenize"] == 2 and cache.tokenized == 1  # its train and held-out lists
@@ -95,7 +95,7 @@ def test_each_shard_is_tokenized_once_per_tokenizer(counted, tokenizer) -> None:
 
 def test_the_cache_keeps_at_most_max_examples(tokenizer) -> None:
     cfg = recipe(partitioner="iid")  # 60 examples per client
-    cache = ShardCache(max_examples=130)
+    cache = ProcessCache(max_examples=130)
     shards = [load_shard(cfg, pid, tokenizer, cache=cache) for pid in range(3)]
     assert load_shard(cfg, 2, tokenizer, cache=cache) is shards[2]
     assert load_shard(cfg, 1, tokenizer, cache=cache) is shards[1]
@@ -106,12 +106,12 @@ def test_the_cache_keeps_at_most_max_examples(tokenizer) -> None:
 
 def test_a_pickled_cache_comes_back_as_this_process_cache() -> None:
     """Flower's simulation pickles the ClientApp into every message: its cache must survive."""
-    cache = ShardCache()
+    cache = ProcessCache()
     cache.split(recipe())
     again = pickle.loads(pickle.dumps(cache))
     assert again is cache and again.splits == 1
     sent = pickle.dumps(cache)
-    ShardCache._attached.pop(cache.token)  # as a worker process that never saw it
+    ProcessCache._attached.pop(cache.token)  # as a worker process that never saw it
     fresh = pickle.loads(sent)
     assert fresh is not cache and fresh.token == cache.token and fresh.splits == 0
     assert pickle.loads(sent) is fresh  # the next message in that worker
@@ -119,7 +119,7 @@ def test_a_pickled_cache_comes_back_as_this_process_cache() -> None:
 
 def test_the_test_set_is_drawn_from_every_label_and_held_by_no_client() -> None:
     cfg = recipe(partitioner="domain", test_set={"fraction": 0.1, "labels": ["noun.plant"]})
-    cache = ShardCache()
+    cache = ProcessCache()
     split = cache.split(cfg)
     labels = {e["label"] for e in split.examples}
     test = global_test_set(cfg, cache=cache)

@@ -1,7 +1,7 @@
 """The Flower ClientApp: local LoRA training and held-out evaluation on one private shard.
 
-Each message rebuilds this client's shard from the recipe (deterministic), reuses the base model
-loaded once per process, attaches a LoRA adapter at this client's rank, starts it from the global
+Each message takes this client's shard (built from the recipe, deterministic) and the base model
+from the app's `ProcessCache` (built and loaded once per process), attaches a LoRA adapter at this client's rank, starts it from the global
 factors it received and replies with its factors and metrics. Optional capabilities (DP-SGD,
 pruning, compression, FedProx, ...) are features (`fedllm.features`): this module calls their
 hooks in order and knows none of them by name. Only adapter tensors and metrics leave the client.
@@ -31,7 +31,7 @@ from fedllm.client.train import (
     train_local,
 )
 from fedllm.constrained.pruning import check_ratio
-from fedllm.data.shards import ShardCache
+from fedllm.data.shards import ProcessCache
 from fedllm.features import registry
 from fedllm.features.base import Feature
 from fedllm.features.types import ClientPlan, ClientRound, ClientUpdate
@@ -123,17 +123,20 @@ def lora_model(
     features: Sequence[Feature],
     *,
     merged: dict[str, Factors] | None,
-    shards: ShardCache | None = None,
+    cache: ProcessCache | None = None,
 ) -> Iterator[PeftModel]:
     """The base as the features prepare it (plus a `merged` delta) with a fresh LoRA at the
-    planned rank; fills in `rnd.tokenizer` and `rnd.shard` (from `shards`, the app's cache);
+    planned rank; fills in `rnd.tokenizer` and `rnd.shard` (kept in `cache`, the app's);
     all undone afterwards."""
     cfg, plan = rnd.cfg, rnd.plan
     # a base to be pruned loads at full precision; the feature that prunes it quantizes after
     quant = None if plan.pruning > 0 else plan.quantization
     model_cfg = cfg.model.model_copy(update={"quantization": quant or "none"})
-    base, rnd.tokenizer = cached_base_model(cfg.model_copy(update={"model": model_cfg}))
-    rnd.shard = node_shard(cfg, rnd.node_config, rnd.tokenizer, cache=shards)
+    rnd.cache = cache  # e.g. the pruned base's feature keeps its pruned model there
+    base, rnd.tokenizer = cached_base_model(
+        cfg.model_copy(update={"model": model_cfg}), cache=cache
+    )
+    rnd.shard = node_shard(cfg, rnd.node_config, rnd.tokenizer, cache=cache)
     for f in features:
         base = f.prepare_base(base, rnd)
     check_rank_fits(base, plan, cfg.lora.target_modules)
@@ -259,14 +262,14 @@ def _plain_steps(
 
 
 def train(
-    cfg: RunConfig, msg: Message, context: Context, *, shards: ShardCache | None = None
+    cfg: RunConfig, msg: Message, context: Context, *, cache: ProcessCache | None = None
 ) -> Message:
     """One round of local training, started from the global factors in `msg`.
 
     A feature may take the message in its own form (SecAgg+ rounds arrive as FitIns and reply
     as FitRes, which its mod masks before anything leaves the client).
     """
-    run = functools.partial(train_content, shards=shards)
+    run = functools.partial(train_content, cache=cache)
     received = packing.unpack(msg.content)  # packed arrays from a ClientApp without the mod
     for cls in registry.active(cfg):
         content = cls.wrap_train(cfg, received, context, run)
@@ -276,7 +279,7 @@ def train(
 
 
 def train_content(
-    cfg: RunConfig, content: RecordDict, context: Context, *, shards: ShardCache | None = None
+    cfg: RunConfig, content: RecordDict, context: Context, *, cache: ProcessCache | None = None
 ) -> RecordDict:
     """`train` on a message's content: {global, config} in, {update, metrics} out."""
     config = content["config"]
@@ -289,7 +292,7 @@ def train_content(
     global_factors = None if rnd.spec.local_B else read_global(received, rnd, features)
     folded = [f.fold(global_factors or {}, rnd) for f in features]  # e.g. Fed-PLoRA's modules
     merged = wire.stacked(global_factors if rnd.spec.merge else {}, *folded)
-    with lora_model(rnd, features, merged=merged or None, shards=shards) as model:
+    with lora_model(rnd, features, merged=merged or None, cache=cache) as model:
         start = start_adapter(model, received, global_factors, rnd, features)
         result = local_steps(model, rnd, features)
         live = read_factors(model)  # on the model's device; what follows works on the CPU
@@ -338,7 +341,7 @@ def only_allowed(metrics: MetricRecord, features: Sequence[Feature]) -> MetricRe
 
 
 def evaluate(
-    cfg: RunConfig, msg: Message, context: Context, *, shards: ShardCache | None = None
+    cfg: RunConfig, msg: Message, context: Context, *, cache: ProcessCache | None = None
 ) -> Message:
     """Held-out NLL of the global adapter (as this client's features personalise it: fedsa's own
     B, sdflora's local module) on this client's held-out split."""
@@ -360,7 +363,7 @@ def evaluate(
         rank = max((f.rank for f in global_factors.values()), default=1)
         if global_factors:  # a feature may have moved them to this client's scaling (sdflora)
             scaling = next(iter(global_factors.values())).scaling
-    base, tokenizer = cached_base_model(cfg)
+    base, tokenizer = cached_base_model(cfg, cache=cache)
     model = attach_lora(
         base,
         rank=rank,
@@ -369,7 +372,7 @@ def evaluate(
         target_modules=cfg.lora.target_modules,
     )
     try:
-        shard = node_shard(cfg, context.node_config, tokenizer, cache=shards)
+        shard = node_shard(cfg, context.node_config, tokenizer, cache=cache)
         if spec.local_B:
             global_factors = wire.personal(model, record, context.state)
         write_factors(model, global_factors)
@@ -399,18 +402,18 @@ def evaluate(
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
-def make_client_app(cfg: RunConfig) -> ClientApp:
-    """A ClientApp bound to a recipe (the simulation passes it by value to every worker),
-    holding this process's shard cache: each client's shard is built and tokenized once."""
+def make_client_app(cfg: RunConfig, *, cache: ProcessCache | None = None) -> ClientApp:
+    """A ClientApp bound to a recipe (the simulation passes it by value to every worker), holding
+    `cache` (a new one by default): the base loaded and each shard tokenized once per process."""
     app = ClientApp()
-    shards = ShardCache()
+    cache = cache if cache is not None else ProcessCache()
 
     @app.train(mods=[packing.mod, *registry.client_mods()])  # arrays packed; e.g. SecAgg+
     def _train(msg: Message, context: Context) -> Message:
-        return train(cfg, msg, context, shards=shards)
+        return train(cfg, msg, context, cache=cache)
 
     @app.evaluate(mods=[packing.mod])
     def _evaluate(msg: Message, context: Context) -> Message:
-        return evaluate(cfg, msg, context, shards=shards)
+        return evaluate(cfg, msg, context, cache=cache)
 
     return app

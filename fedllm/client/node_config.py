@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 from fedllm.recipe import RunConfig, build_config
 
 if TYPE_CHECKING:
-    from fedllm.data.shards import ShardCache
+    from fedllm.data.shards import ProcessCache
 
 NODE_KEYS = (
     "partition-id",
@@ -143,7 +143,11 @@ def local_recipe(cfg: RunConfig, node_config: Mapping[str, object]) -> tuple[Run
 
 
 def node_shard(
-    cfg: RunConfig, node_config: Mapping[str, object], tokenizer, *, cache: ShardCache | None = None
+    cfg: RunConfig,
+    node_config: Mapping[str, object],
+    tokenizer,
+    *,
+    cache: ProcessCache | None = None,
 ):
     """This node's private shard (kept by `cache` across messages), with errors that name the
     node config key and the file."""

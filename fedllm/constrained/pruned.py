@@ -1,6 +1,6 @@
 """Pruned bases: a client whose plan has a pruning ratio trains on a smaller copy of the base.
 
-Client: prunes the base once per process (Wanda or magnitude over its own batches, see
+Client: prunes the base once per app cache (Wanda or magnitude over its own batches, see
 `fedllm.constrained.pruning`), starts from the global factors cut to the ids it kept, and sends
 its kept-index map with its update. Server: sends a node only its kept ids once it knows them,
 expands replies to full shape (zeros at pruned ids) and weights each coordinate by the clients
@@ -35,14 +35,13 @@ from fedllm.features.base import Feature, require_adapter_state
 from fedllm.features.registry import register
 from fedllm.features.types import ClientRound, ClientUpdate, Download, TrainReply
 from fedllm.model.base import prepare_base_model
-from fedllm.model.loading import LastValueCache, load_base_model
+from fedllm.model.loading import load_base_model
 from fedllm.recipe.schema import RunConfig
-
-PRUNED = LastValueCache()  # this process's most recent pruned base, like the base model's cache
 
 
 def pruned_base(rnd: ClientRound, base: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, Kept]]:
-    """(pruned model, kept map of the adapted modules), built once per process and client."""
+    """(pruned model, kept map of the adapted modules), kept in the app's cache (`rnd.cache`)
+    for the client's next round at the same plan."""
     cfg, plan, tokenizer = rnd.cfg, rnd.plan, rnd.tokenizer
 
     def build():
@@ -83,7 +82,7 @@ def pruned_base(rnd: ClientRound, base: torch.nn.Module) -> tuple[torch.nn.Modul
         plan.pruning,
         plan.quantization,
     )
-    return PRUNED.get(key, build)
+    return rnd.cache.pruned.get(key, build) if rnd.cache is not None else build()
 
 
 def restricted(factors: Mapping[str, Factors], kept: Mapping[str, Kept]) -> dict[str, Factors]:

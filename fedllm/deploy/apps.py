@@ -40,7 +40,7 @@ hide_bitsandbytes()  # before peft (imported below): ~4 s and a kernels warning,
 from fedllm.cli import absolute_paths, start_run  # noqa: E402
 from fedllm.client import app as client  # noqa: E402
 from fedllm.client.node_config import check_node  # noqa: E402
-from fedllm.data.shards import ShardCache  # noqa: E402
+from fedllm.data.shards import ProcessCache  # noqa: E402
 from fedllm.deploy.app_config import app_recipe, is_recipe_text  # noqa: E402
 from fedllm.features import registry  # noqa: E402
 from fedllm.model import packing  # noqa: E402
@@ -50,7 +50,9 @@ from fedllm.server.exchange import say, wait_for_nodes  # noqa: E402
 
 server_app = ServerApp()
 client_app = ClientApp()
-shards = ShardCache()  # this process's shards (a warm worker's: built and tokenized once per run)
+# the app's own state, like the app objects: a process's base and shards, kept across its
+# messages (a warm worker's: loaded, built and tokenized once per run)
+cache = ProcessCache()
 
 FLWR_RUN_HINT = (
     'with `flwr run`, give --run-config "resume=true", "overwrite=true" or "name=\'NEW\'"'
@@ -87,7 +89,7 @@ def _serve(grid: Grid, context: Context) -> None:
     run_config = context.run_config
     resume = bool(run_config.get("resume", False))
     if is_recipe_text(str(run_config.get("recipe", ""))):  # `fedllm run --federation`
-        run_server(grid, app_recipe(run_config), resume=resume)
+        run_server(grid, app_recipe(run_config), resume=resume, cache=cache)
         return
     cfg = absolute_paths(app_recipe(run_config))
     check_simulation_size(simulated_nodes(grid), cfg)
@@ -96,7 +98,7 @@ def _serve(grid: Grid, context: Context) -> None:
     except ConfigError as err:
         raise ConfigError(f"{err} ({FLWR_RUN_HINT})") from None
     say(f"run directory {run_dir.resolve()}")
-    run_server(grid, cfg, resume=resume)
+    run_server(grid, cfg, resume=resume, cache=cache)
 
 
 def _recipe(context: Context) -> RunConfig:
@@ -112,7 +114,7 @@ def _train(msg: Message, context: Context) -> Message:
     client_app_process(verbose=flower_verbose())
     cfg = _recipe(context)
     check_node(cfg, context.node_config)
-    return client.train(cfg, msg, context, shards=shards)
+    return client.train(cfg, msg, context, cache=cache)
 
 
 @client_app.evaluate(mods=[packing.mod])
@@ -120,4 +122,4 @@ def _evaluate(msg: Message, context: Context) -> Message:
     client_app_process(verbose=flower_verbose())
     cfg = _recipe(context)
     check_node(cfg, context.node_config)
-    return client.evaluate(cfg, msg, context, shards=shards)
+    return client.evaluate(cfg, msg, context, cache=cache)

@@ -8,16 +8,15 @@ its message's TTL (the round's deadline, set by `fedllm.server.exchange`) is ref
 server pulls what Flower's SuperLink answers for a message that expired unanswered. A node that
 misses one round starts the next one fresh, as with a SuperLink that dropped its stale message.
 
-Each node also keeps its own loaded base and pruned base between messages (the entries of the
-process's one-value caches are swapped in and out around its messages), as a device keeps its
-own memory, instead of rebuilding them whenever the node before it needed another one.
+Each node has its own ClientApp, and so its own `ProcessCache`: it keeps its loaded base and
+pruned base between messages, as a device keeps its own memory, instead of rebuilding them
+whenever the node before it needed another one.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from flwr.app import Message
@@ -25,41 +24,29 @@ from flwr.clientapp import ClientApp
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_ins_message
 
 from fedllm.client.node_config import DEVICE_KEYS
-from fedllm.constrained.pruned import PRUNED
 from fedllm.deploy.local_grid import LocalGrid, server_identity
-from fedllm.model.loading import BASE_MODELS, LastValueCache
 from fedllm.recipe import RunConfig
-
-CACHES: tuple[LastValueCache, ...] = (BASE_MODELS, PRUNED)  # what a device holds in memory
 
 
 class DeviceGrid(LocalGrid):
-    """`LocalGrid` with per-node timing against each message's TTL and per-node caches."""
+    """`LocalGrid` with one ClientApp per node (`apps[i]` serves partition i) and per-node
+    timing against each message's TTL."""
 
     def __init__(
         self,
-        app: ClientApp,
-        num_nodes: int,
+        apps: Sequence[ClientApp],
         *,
         node_config: Mapping[int, Mapping[str, int | float | str]] | None = None,
         run_id: int = 1,
     ) -> None:
-        super().__init__(app, num_nodes, node_config=node_config, run_id=run_id)
-        self.kept: dict[int, list[object]] = {}  # node -> its cache entries
+        if not apps:
+            raise ValueError("DeviceGrid needs one ClientApp per node, got none")
+        super().__init__(apps[0], len(apps), node_config=node_config, run_id=run_id)
+        self.apps = dict(zip(self.contexts, apps, strict=True))  # node id -> its app
         self.seconds: dict[str, float] = {}  # message id -> the node's time to answer it
 
-    @contextmanager
-    def own_caches(self, node: int) -> Iterator[None]:
-        """Run the block with `node`'s own cache entries; keep them for its next message."""
-        outer = [c._entry for c in CACHES]
-        for cache, entry in zip(CACHES, self.kept.get(node, [None] * len(CACHES)), strict=True):
-            cache._entry = entry
-        try:
-            yield
-        finally:
-            self.kept[node] = [c._entry for c in CACHES]
-            for cache, entry in zip(CACHES, outer, strict=True):
-                cache._entry = entry
+    def app_for(self, node: int) -> ClientApp:
+        return self.apps[node]
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Each node answers in turn; a reply later than its message's expiry (counted from
@@ -67,8 +54,7 @@ class DeviceGrid(LocalGrid):
         pushed, ids = time.time(), []
         for msg in messages:
             t0 = time.perf_counter()
-            with self.own_caches(msg.metadata.dst_node_id):
-                (message_id,) = super().push_messages([msg])
+            (message_id,) = super().push_messages([msg])
             took = self.seconds[message_id] = time.perf_counter() - t0
             if pushed + took > msg.metadata.created_at + msg.metadata.ttl:
                 self._replies[message_id] = create_message_error_unavailable_ins_message(
@@ -95,6 +81,7 @@ def run_devices(
             f"node config {', '.join(keyed)} emulate a device, which needs the recipe's "
             "`devices` section (e.g. devices=[{clients: N}])"
         )
-    grid = DeviceGrid(make_client_app(cfg), cfg.data.num_clients, node_config=node_config)
+    apps = [make_client_app(cfg) for _ in range(cfg.data.num_clients)]  # a cache per device
+    grid = DeviceGrid(apps, node_config=node_config)
     with server_identity(grid.run.run_id):
         return run_server(grid, cfg, resume=resume), grid

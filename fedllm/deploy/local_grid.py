@@ -80,22 +80,25 @@ class LocalGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
 
+    def app_for(self, node: int) -> ClientApp:
+        """The ClientApp that answers `node` (one for every node here)."""
+        return self._app
+
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Deliver each message to its node's ClientApp now; the reply waits for `pull_messages`."""
         ids = []
         for msg in messages:
-            if msg.metadata.dst_node_id not in self.contexts:
-                raise ValueError(
-                    f"no node {msg.metadata.dst_node_id}; nodes: {list(self.contexts)}"
-                )
+            node = msg.metadata.dst_node_id
+            if node not in self.contexts:
+                raise ValueError(f"no node {node}; nodes: {list(self.contexts)}")
             message_id = uuid4().hex
             msg.metadata.__dict__["_message_id"] = message_id  # as Flower's InMemoryGrid does
             received = wire(msg)
             received.metadata.__dict__["_message_id"] = message_id  # serde drops the id
             try:
-                reply = self._app(received, self.contexts[msg.metadata.dst_node_id])
+                reply = self.app_for(node)(received, self.contexts[node])
             except Exception as err:  # a failing client becomes an error reply, as in Flower
-                log.exception("node %s failed", msg.metadata.dst_node_id)
+                log.exception("node %s failed", node)
                 reply = Message(
                     Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=received
                 )
@@ -125,10 +128,13 @@ def server_identity(run_id: int) -> Iterator[None]:
 
 
 def run_local(cfg: RunConfig, *, resume: bool = False) -> tuple[Path, LocalGrid]:
-    """Run the recipe's federation through `run_server` on a LocalGrid; (run dir, grid)."""
+    """Run the recipe's federation through `run_server` on a LocalGrid; (run dir, grid). The
+    server and its clients share one process, so they share its cache (one base in memory)."""
     from fedllm.client.app import make_client_app
+    from fedllm.data.shards import ProcessCache
     from fedllm.server.app import run_server
 
-    grid = LocalGrid(make_client_app(cfg), cfg.data.num_clients)
+    cache = ProcessCache()
+    grid = LocalGrid(make_client_app(cfg, cache=cache), cfg.data.num_clients)
     with server_identity(grid.run.run_id):
-        return run_server(grid, cfg, resume=resume), grid
+        return run_server(grid, cfg, resume=resume, cache=cache), grid

@@ -43,6 +43,7 @@ class ClientRound:
     plan: ClientPlan
     tokenizer: Any = None
     shard: Any = None  # fedllm.data.shards.Shard
+    cache: Any = None  # the app's fedllm.data.shards.ProcessCache (None: nothing kept)
 
 
 @dataclass(frozen=True)

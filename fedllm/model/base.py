@@ -1,4 +1,5 @@
-"""The frozen base model a recipe names: where it lives, building it, loading it once per process.
+"""The frozen base model a recipe names: where it lives, building it, loading it (once per
+`ProcessCache` that its caller passes down).
 
 Also the adapted modules' shapes (read on the meta device) and the check that every rank fits.
 """
@@ -7,9 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedllm.data.shards import load_all_examples
+from fedllm.data.shards import ProcessCache, load_all_examples
 from fedllm.model.loading import (
-    BASE_MODELS,
     attention_for,
     build_tiny_model,
     compute_device,
@@ -27,38 +27,42 @@ def base_model_dir(cfg: RunConfig) -> Path:
     return resolve_model_dir(cfg.model.name)
 
 
-def prepare_base_model(cfg: RunConfig) -> Path:
-    """Make sure the base exists on disk (convert the embedded GGUF / build the tiny model)."""
+def prepare_base_model(cfg: RunConfig, *, cache: ProcessCache | None = None) -> Path:
+    """Make sure the base exists on disk (convert the embedded GGUF / build the tiny model, whose
+    tokenizer trains on the federation's examples: parsed once per `cache`)."""
     folder = base_model_dir(cfg)
     if cfg.model.name == "tiny":
-        texts = [f"{e['prompt']} {e['response']}" for e in load_all_examples(cfg)]
+        texts = [f"{e['prompt']} {e['response']}" for e in load_all_examples(cfg, cache=cache)]
         build_tiny_model(folder, texts=texts, seed=cfg.seed, **cfg.model.tiny.model_dump())
     return folder
 
 
-def cached_base_model(cfg: RunConfig):
-    """(model, tokenizer), loaded once per process and reused across rounds."""
+def cached_base_model(cfg: RunConfig, *, cache: ProcessCache | None = None):
+    """(model, tokenizer), kept in `cache` and reused across its owner's rounds (loaded afresh
+    without one); a new model, dtype or quantization replaces the kept one."""
     quant = None if cfg.model.quantization == "none" else cfg.model.quantization
 
     # the implementation `model.attention` resolves to here: the only thing of it the model holds
     attention = attention_for(cfg.model.attention, compute_device(), cfg.data.max_length)
 
     def load():
-        folder = prepare_base_model(cfg)
+        folder = prepare_base_model(cfg, cache=cache)
         return load_base_model(
             folder, dtype=cfg.model.dtype, quantization=quant, attention=attention
         )
 
     key = (str(base_model_dir(cfg)), cfg.model.dtype, quant, attention)
-    return BASE_MODELS.get(key, load)
+    return cache.base.get(key, load) if cache is not None else load()
 
 
-def adapter_shapes(cfg: RunConfig) -> dict[str, tuple[int, int]]:
+def adapter_shapes(
+    cfg: RunConfig, *, cache: ProcessCache | None = None
+) -> dict[str, tuple[int, int]]:
     """(out, in) of every adapted module, read from the base's config on the meta device."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    folder = prepare_base_model(cfg)
+    folder = prepare_base_model(cfg, cache=cache)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
     return module_shapes(model, cfg.lora.target_modules)

@@ -422,12 +422,12 @@ def module_shapes(model: nn.Module, target_modules: Sequence[str]) -> dict[str, 
     return shapes
 
 
-# ---------------------------------------------------------------- per-process cache
+# ---------------------------------------------------------------- one-value slot
 
 
 class LastValueCache:
     """Holds the one value most recently built (a base model, the parsed examples), so repeated
-    rounds in a process build it once."""
+    rounds build it once; owned by whoever passes it down (`fedllm.data.shards.ProcessCache`)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -445,6 +445,3 @@ class LastValueCache:
         """Forget the cached entry."""
         with self._lock:
             self._entry = None
-
-
-BASE_MODELS = LastValueCache()

@@ -16,6 +16,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedllm.data.shards import ProcessCache
 from fedllm.features import registry
 from fedllm.features.base import Feature
 from fedllm.features.types import RoundResult
@@ -34,13 +35,19 @@ from fedllm.server.trackers import open_trackers
 class Run:
     """One run on the server: recipe, strategy, active features, metrics file, grid."""
 
-    def __init__(self, cfg: RunConfig, grid: Grid) -> None:
+    def __init__(self, cfg: RunConfig, grid: Grid, *, cache: ProcessCache | None = None) -> None:
+        """`cache`: what this process keeps (the base model the test set is scored on); a run
+        in the clients' own process (`run_local`) shares theirs."""
         self.cfg, self.grid = cfg, grid
+        self.cache = cache if cache is not None else ProcessCache()
         self.features: list[Feature] = registry.build(cfg)
-        self.strategy = LoraStrategy(cfg, shapes=adapter_shapes(cfg), features=self.features)
+        shapes = adapter_shapes(cfg, cache=self.cache)
+        self.strategy = LoraStrategy(cfg, shapes=shapes, features=self.features)
         self.metrics = MetricsLog(cfg.run_dir, sinks=open_trackers(cfg))  # + trackers
         self.timeout = cfg.federation.round_timeout
-        self.test_set = TestSetEvaluator(cfg) if cfg.data.test_set is not None else None
+        self.test_set = (
+            TestSetEvaluator(cfg, cache=self.cache) if cfg.data.test_set is not None else None
+        )
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save(self, server_round: int, *, pending: dict[str, Any] | None = None) -> None:
@@ -207,10 +214,13 @@ def with_test_loss(row: dict[str, Any]) -> str:
     return f", test {row['test_loss']:.4f}" if "test_loss" in row else ""
 
 
-def run_server(grid: Grid, cfg: RunConfig, *, resume: bool = False) -> Path:
-    """Run (or resume) the federation described by `cfg`; returns the run directory."""
+def run_server(
+    grid: Grid, cfg: RunConfig, *, resume: bool = False, cache: ProcessCache | None = None
+) -> Path:
+    """Run (or resume) the federation described by `cfg`; returns the run directory. `cache`:
+    the process's own (shared with clients that run in this process)."""
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    run = Run(cfg, grid)
+    run = Run(cfg, grid, cache=cache)
     start = run.resume() if resume else 1
     if start == 1:
         run.metrics.path.write_text("")

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from fedllm.aggregators.base import Factors
 from fedllm.client.train import evaluate_nll
 from fedllm.data import tokenize_all
-from fedllm.data.shards import ShardCache, global_test_set
+from fedllm.data.shards import ProcessCache, global_test_set
 from fedllm.model.adapters import attach_lora, write_factors
 from fedllm.model.base import cached_base_model
 from fedllm.recipe.schema import RunConfig
@@ -56,14 +56,16 @@ class TestSetEvaluator:
     __test__ = False  # not a pytest class
 
     def __init__(
-        self, cfg: RunConfig, *, cache: ShardCache | None = None, max_examples: int | None = None
+        self, cfg: RunConfig, *, cache: ProcessCache | None = None, max_examples: int | None = None
     ) -> None:
-        """`max_examples`: score an evenly spaced subset of at most this many (the same one
-        every call), e.g. for a cheap per-client score."""
+        """`cache`: where the base model is kept between calls (a cache of its own by default);
+        `max_examples`: score an evenly spaced subset of at most this many (the same one every
+        call), e.g. for a cheap per-client score."""
         if cfg.data.test_set is None:
             raise ValueError("data.test_set is not set: there is no global test set to evaluate")
         self.cfg = cfg
-        self.raw = global_test_set(cfg, cache=cache)
+        self.cache = cache if cache is not None else ProcessCache()
+        self.raw = global_test_set(cfg, cache=self.cache)
         if not self.raw:
             raise ValueError(
                 "data.test_set drew no example (fraction too small for labels this size?); "
@@ -87,7 +89,7 @@ class TestSetEvaluator:
     def evaluate(self, factors: Mapping[str, Factors]) -> tuple[float, int]:
         """(mean token NLL, tokens) of the base with `factors` as its LoRA adapter."""
         cfg = self.cfg
-        base, tokenizer = cached_base_model(cfg)
+        base, tokenizer = cached_base_model(cfg, cache=self.cache)
         examples = self.examples(tokenizer)
         rank = max((f.rank for f in factors.values()), default=1)
         scaling = next(iter(factors.values())).scaling if factors else 1.0
