@@ -132,7 +132,7 @@ def test_evaluate_clients_is_checked_against_the_clients() -> None:
 @pytest.mark.slow
 def test_a_round_of_2_clients_among_12(tmp_path: Path, monkeypatch) -> None:
     """Panel of 3 the same in rounds 0 and 1, the test set every round, state for the 2 that
-    trained, and the partition computed once by the server and once by the ClientApp process."""
+    trained, and the partition computed once: run_local's server and ClientApp share a cache."""
     calls = []
     monkeypatch.setattr(
         shards_module, "partition", lambda *a, **k: calls.append(1) or partition(*a, **k)
@@ -168,4 +168,4 @@ def test_a_round_of_2_clients_among_12(tmp_path: Path, monkeypatch) -> None:
     assert len(state["node_ranks"]) == len(state["node_partitions"]) == 2
     table = json.loads((run_dir / "final_eval.json").read_text())
     assert [r["who"] for r in table][-1] == "test set"
-    assert len(calls) == 2  # 8 messages, one split in the server and one in the ClientApp
+    assert len(calls) == 1  # 8 messages and the server's test set: one split
