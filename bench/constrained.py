@@ -2,7 +2,8 @@
 that differ in speed and memory, under a round deadline.
 
     python bench/constrained.py [--recipe recipes/tiny.yaml] [--rounds 2] [--seeds 0 1 2]
-        [--settings bandit bandit-server r32 r4-p50 r32-4bit] [--deadline S] [--slowdown 2.0]
+        [--settings bandit bandit-server bandit-q r32 r4-p50 r32-4bit] [--deadline S]
+        [--slowdown 2.0]
         [key=value ...]
 
 Every setting runs the recipe's federation (the real round loop, strategy and ClientApp) on a
@@ -16,6 +17,8 @@ deadline (federation.round_timeout, which is also every message's TTL). Device p
          the smallest unpruned full-precision arm need on this base (so it cannot train unpruned
          in full precision).
 Settings: `bandit` (adaptive: ranks [4, 32] x pruning [0, 0.5], UCB, per client per round);
+`bandit-q` (rank 32 x pruning [0, 0.5] x base precision [fp32, 4-bit]: quantization among the
+arms, which fits the small device without pruning);
 `bandit-server` (the same bandit rewarded by the server's score of each reply on the unpruned
 base, adaptive.reward=server: 64 examples of the test set below, so the arms are chosen on a
 sliver of the data that scores them);
@@ -68,10 +71,17 @@ ROOT = Path(__file__).parents[1]
 RESULTS = Path(__file__).parent / "results" / "constrained.md"
 ROWS = RESULTS.with_name("constrained-rows.jsonl")  # every (seed, setting) run, over invocations
 BANDIT = {"ranks": [4, 32], "pruning": [0.0, 0.5]}
+BANDIT_Q = {"ranks": [32], "pruning": [0.0, 0.5], "quantization": ["none", "4bit"]}
 FIXED = {"r32": (32, 0.0, None), "r4-p50": (4, 0.5, None), "r32-4bit": (32, 0.0, "4bit")}
-ADAPTIVE = {"bandit": BANDIT, "bandit-server": {**BANDIT, "reward": "server"}}
+ADAPTIVE = {"bandit": BANDIT, "bandit-server": {**BANDIT, "reward": "server"}, "bandit-q": BANDIT_Q}
 SETTINGS = [*ADAPTIVE, *FIXED]
-BANDIT_ARMS = [(r, p, None) for r in BANDIT["ranks"] for p in BANDIT["pruning"]]
+BANDIT_ARMS = [
+    (r, p, None if q == "none" else q)
+    for b in ADAPTIVE.values()
+    for r in b["ranks"]
+    for p in b["pruning"]
+    for q in b.get("quantization", ["none"])
+]
 ARMS = sorted({*BANDIT_ARMS, *FIXED.values()}, key=lambda a: (a[0], a[1], a[2] or ""))
 # the server evaluates on its own global test set, so quality does not depend on the devices
 EVALUATION = ["data.test_set={fraction: 0.1}", "federation.evaluate_clients=none"]
@@ -206,10 +216,9 @@ def run(cfg: RunConfig, setting: str) -> dict:
     for r in (r for r in rows if r.get("kind") == "client"):
         if fixed is not None:
             arm = fixed
-        elif r["status"] == "ok":
-            arm = (r["rank"], r["pruning"], None)
         else:
-            arm = (r["arm_rank"], r["arm_pruning"], None)
+            quant = r.get("arm_quantization", "none")
+            arm = (r["arm_rank"], r["arm_pruning"], None if quant == "none" else quant)
         cells[r["round"], r["node"] - 1001] = (arm_name(*arm), outcome(r))
     return {
         "cells": cells,

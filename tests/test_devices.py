@@ -19,6 +19,7 @@ from flwr.server.superlink.linkstate.utils import (
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fedllm.aggregators import RoundSpec
+from fedllm.client.app import client_plan
 from fedllm.client.node_config import check_node
 from fedllm.constrained.adaptive import Adaptive
 from fedllm.constrained.bandit import Arm, ArmBandit
@@ -345,6 +346,7 @@ def test_the_bandit_scores_a_miss_zero_and_never_reoffers_an_arm_that_does_not_f
             "reason": "no reply within the round's deadline (federation.round_timeout=3600s)",
             "arm_rank": 1,
             "arm_pruning": 0.0,
+            "arm_quantization": "none",
         }
     ]
     b = bandit.bandit
@@ -402,6 +404,38 @@ def test_a_forbidden_arm_is_never_selected(algorithm: str, exploration: float) -
     for arm in arms:  # nothing fits: every arm is offered again rather than none
         bandit.forbid("e", arm)
     assert bandit.allowed("e") == [0, 1, 2, 3]
+
+
+def test_the_bandit_assigns_a_base_precision_and_the_client_runs_it() -> None:
+    adaptive = {"ranks": [2], "pruning": [0.0], "quantization": ["4bit", "none"]}
+    tiers = [{"name": "q", "rank": 2, "clients": 2, "quantization": "4bit"}]
+    cfg = build_config(recipe(adaptive=adaptive, lora={"ranks": None, "tiers": tiers, "alpha": 4}))
+    strategy = LoraStrategy(cfg, shapes=SHAPES, features=registry.build(cfg))
+    bandit = next(f for f in strategy.features if isinstance(f, Adaptive))
+    assert bandit.bandit.arms == [Arm(2, 0.0, "4bit"), Arm(2, 0.0, "none")]
+    configs = []
+    for _ in range(2):  # UCB plays each arm once: 4-bit, then full precision
+        config = strategy.download(5)[1]
+        configs.append(config)
+        bandit.accepted(5, reply(2, 0.0, 1.0))
+        bandit.record(RoundResult(1, [ClientRow(1, 5, "ok")]), server_row={})
+    assert [c["quantization"] for c in configs] == ["4bit", "none"]
+    plans = [client_plan(cfg, 0, dict(c), {}) for c in configs]
+    # the server's precision comes first, over the tier's 4-bit
+    assert [p.quantization for p in plans] == ["4bit", None]
+    assert client_plan(cfg, 0, {}, {}).quantization == "4bit"  # no assignment: the tier's
+    with pytest.raises(ValueError, match=r"client 0: quantization must be one of .*'2bit'"):
+        client_plan(cfg, 0, {"quantization": "2bit"}, {})
+
+
+def test_an_old_checkpoint_of_rank_and_pruning_arms_loads_at_full_precision() -> None:
+    bandit = ArmBandit([Arm(1, 0.0), Arm(1, 0.5)])
+    state = bandit.state_dict()
+    state["arms"] = [(1, 0.0), (1, 0.5)]  # before arms had a precision
+    bandit.load_state_dict(state)
+    assert bandit.arms == [Arm(1, 0.0, "none"), Arm(1, 0.5, "none")]
+    with pytest.raises(ValueError, match="differ from the recipe"):
+        ArmBandit([Arm(1, 0.0, "4bit"), Arm(1, 0.5)]).load_state_dict(state)
 
 
 def test_an_old_checkpoint_without_forbidden_arms_loads() -> None:

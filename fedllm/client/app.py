@@ -1,10 +1,11 @@
 """The Flower ClientApp: local LoRA training and held-out evaluation on one private shard.
 
 Each message takes this client's shard (built from the recipe, deterministic) and the base model
-from the app's `ProcessCache` (built and loaded once per process), attaches a LoRA adapter at this client's rank, starts it from the global
-factors it received and replies with its factors and metrics. Optional capabilities (DP-SGD,
-pruning, compression, FedProx, ...) are features (`fedllm.features`): this module calls their
-hooks in order and knows none of them by name. Only adapter tensors and metrics leave the client.
+from the app's `ProcessCache` (built and loaded once per process), attaches a LoRA adapter at
+this client's rank, starts it from the global factors it received and replies with its factors
+and metrics. Optional capabilities (DP-SGD, pruning, compression, FedProx, ...) are features
+(`fedllm.features`): this module calls their hooks in order and knows none of them by name.
+Only adapter tensors and metrics leave the client.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from fedllm.features.types import ClientPlan, ClientRound, ClientUpdate
 from fedllm.model import packing, wire
 from fedllm.model.adapters import attach_lora, from_record, read_factors, write_factors
 from fedllm.model.base import cached_base_model
-from fedllm.model.loading import module_shapes
+from fedllm.model.loading import QUANTIZATIONS, module_shapes
 from fedllm.recipe.schema import RunConfig
 
 log = logging.getLogger("fedllm.client")
@@ -62,8 +63,8 @@ def check_recipe(cfg: RunConfig, config: ConfigRecord) -> None:
 
 
 def base_plan(cfg: RunConfig, partition: int, config: ConfigRecord, node_config) -> ClientPlan:
-    """The rank and pruning the server assigned this round, else this node's or the recipe's
-    rank at full size; the model's precision."""
+    """The rank, pruning and base precision the server assigned this round, else this node's or
+    the recipe's rank at full size and the model's precision."""
     who = f"client {partition}"
     raw = config.get("rank", node_config.get("rank", cfg.client_rank(partition)))
     try:
@@ -73,7 +74,9 @@ def base_plan(cfg: RunConfig, partition: int, config: ConfigRecord, node_config)
     if rank <= 0:
         raise ValueError(f"{who}: LoRA rank must be > 0, got {rank}")
     pruning = check_ratio(config.get("pruning", 0.0), who=who)
-    quant = cfg.model.quantization
+    quant = config.get("quantization", cfg.model.quantization)
+    if quant not in QUANTIZATIONS:
+        raise ValueError(f"{who}: quantization must be one of {QUANTIZATIONS}, got {quant!r}")
     return ClientPlan(partition, rank, pruning, None if quant == "none" else quant)
 
 

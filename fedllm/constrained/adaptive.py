@@ -1,5 +1,7 @@
-"""The (rank, pruning) bandit (`adaptive:`): the server picks each client's arm every round and
-learns from the loss gain per second it bought (`fedllm.constrained.bandit`, as FedSpine).
+"""The (rank, pruning, precision) bandit (`adaptive:`): the server picks each client's arm every
+round and learns from the loss gain per second it bought (`fedllm.constrained.bandit`, as
+FedSpine; a 4-/8-bit base among the arms is ours: it fits a small device's memory without
+pruning, whose training transfers poorly to the full base, docs/constrained.md).
 
 Whose loss gain (`adaptive.reward`): the client's own first and last training losses (`client`,
 the default: no server data needed), or the server's (`server`): the test-set loss of the
@@ -34,8 +36,8 @@ from fedllm.server.evaluation import TestSetEvaluator
 
 @register
 class Adaptive(Feature):
-    """Per-client (rank, pruning) arms: chosen at download, sent as `rank`/`pruning` config
-    (which every client obeys, see `fedllm.client.app.base_plan`)."""
+    """Per-client (rank, pruning, precision) arms: chosen at download, sent as `rank`/`pruning`/
+    `quantization` config (which every client obeys, see `fedllm.client.app.base_plan`)."""
 
     name = "adaptive"
 
@@ -64,7 +66,7 @@ class Adaptive(Feature):
         super().__init__(cfg)
         ad = cfg.adaptive
         self.bandit = ArmBandit(
-            [Arm(r, p) for r in ad.ranks for p in ad.pruning],
+            [Arm(r, p, q) for r in ad.ranks for p in ad.pruning for q in ad.quantization],
             algorithm=ad.algorithm,
             exploration=ad.exploration,
             seed=cfg.seed,
@@ -86,6 +88,7 @@ class Adaptive(Feature):
         self.arms[node] = arm
         self.global_ = down.factors  # the same for every node of a round
         config = {**down.config, "rank": arm.rank, "pruning": arm.pruning}
+        config["quantization"] = arm.quantization
         return dataclasses.replace(down, rank=arm.rank, config=config)
 
     def receive(
@@ -136,12 +139,15 @@ class Adaptive(Feature):
 
     def record(self, result: RoundResult, *, server_row: dict[str, Any]) -> None:
         """The round's other outcomes: a miss or a failure scores 0, a memory refusal forbids
-        the arm; every row of a node given an arm names it (`arm_rank`, `arm_pruning`)."""
+        the arm; every row of a node given an arm names it (`arm_rank`, `arm_pruning`,
+        `arm_quantization`)."""
         rows = {row.node: row for row in result.rows}
         for node, arm in self.arms.items():
             row = rows.get(node)
             if row is not None:
-                row.fields.update(arm_rank=arm.rank, arm_pruning=arm.pruning)
+                row.fields.update(
+                    arm_rank=arm.rank, arm_pruning=arm.pruning, arm_quantization=arm.quantization
+                )
             status = "missed" if row is None else row.status
             if status in ("ok", "rejected"):  # learned in `accepted`; a rejection is no signal
                 continue

@@ -1,4 +1,5 @@
-"""Online choice of each client's (LoRA rank, pruning ratio) by a multi-armed bandit (as FedSpine).
+"""Online choice of each client's (LoRA rank, pruning ratio, base precision) by a multi-armed
+bandit (as FedSpine, whose arms are rank and pruning; quantization is ours).
 
 No prior knowledge of the devices: every client has its own learner over the same arms, and learns
 from what its rounds cost and bought. The reward of a round is its training efficiency
@@ -25,10 +26,11 @@ Algorithm = Literal["ucb", "exp3"]
 
 @dataclass(frozen=True)
 class Arm:
-    """One configuration a client can run: LoRA rank and pruning ratio of its base."""
+    """One configuration a client can run: LoRA rank, pruning ratio and precision of its base."""
 
     rank: int
     pruning: float
+    quantization: str = "none"  # "none", "4bit" or "8bit" (bitsandbytes)
 
 
 def efficiency(
@@ -144,7 +146,7 @@ class ArmBandit:
 
     def state_dict(self) -> dict:
         return {
-            "arms": [(a.rank, a.pruning) for a in self.arms],
+            "arms": [(a.rank, a.pruning, a.quantization) for a in self.arms],
             "counts": self.counts,
             "sums": self.sums,
             "log_weights": self.log_weights,
@@ -153,7 +155,7 @@ class ArmBandit:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        arms = [Arm(int(r), float(p)) for r, p in state["arms"]]
+        arms = [Arm(int(r), float(p), *q) for r, p, *q in state["arms"]]  # older: no precision
         if arms != self.arms:
             raise ValueError(
                 f"checkpointed bandit arms {arms} differ from the recipe's {self.arms}"

@@ -39,8 +39,10 @@ class Tiers(Feature):
         tier = tier_of(self.cfg, plan.partition)
         if tier is None:
             return plan
-        quant = tier.quantization or self.cfg.model.quantization
         pruning = plan.pruning if "pruning" in rnd.config else tier.pruning  # the server's first
+        if "quantization" in rnd.config:
+            return dataclasses.replace(plan, pruning=pruning)
+        quant = tier.quantization or self.cfg.model.quantization
         return dataclasses.replace(
             plan, pruning=pruning, quantization=None if quant == "none" else quant
         )

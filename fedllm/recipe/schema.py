@@ -318,11 +318,17 @@ class PruningConfig(_Strict):
 
 
 class AdaptiveConfig(_Strict):
-    """Per-client (rank, pruning) chosen online by a bandit over ranks × pruning (see bandit.py)."""
+    """Per-client (rank, pruning, base precision) chosen online by a bandit over ranks × pruning ×
+    quantization (see bandit.py)."""
 
     algorithm: Literal["ucb", "exp3"] = "ucb"
     ranks: list[int] = Field(min_length=1)
     pruning: list[float] = Field(default_factory=lambda: [0.0], min_length=1)
+    quantization: list[Literal["none", "4bit", "8bit"]] = Field(
+        default_factory=lambda: ["none"],
+        min_length=1,
+        description="base precisions among the arms ('4bit'/'8bit': bitsandbytes)",
+    )
     exploration: float = Field(1.0, gt=0, description="UCB bonus c, or EXP3 gamma in (0, 1]")
     time_weight: float = Field(1.0, ge=0, description="reward = loss gain / seconds^time_weight")
     reward: Literal["client", "server"] = Field(
