@@ -25,8 +25,9 @@ The whole grid, in the order that answers the most first. Estimates for one work
 2-core machine: ~2.2 s per local step of SmolLM2-135M at batch 8 × 48 tokens, so cells of ~8 min
 in domain/iid, ~14 in scarce, ~18 in long; ±40%; flora merges every round. Measured on a 2-core
 AMD EPYC (stop 24, fp32): centralised scarce 23 min, local-only scarce 19 min (its 2,697 s
-minus a 26-min pause); a federated scarce cell ~20 min (from its rounds). The grid moves only
-while nothing else runs, so it takes many sessions; the rows it commits add up across them:
+minus a 26-min pause); a federated scarce cell 12 min (rblora, stop 26, uncontended: 729 s).
+The grid moves only while nothing else runs, so it takes many sessions; the rows it commits add
+up across them:
 
     python bench/quality.py --methods core --regimes domain scarce iid       # 90 cells, ~15 h
     python bench/quality.py --methods squeeze --regimes domain                # +21 cells, ~2.8 h
