@@ -14,7 +14,7 @@ import functools
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -39,8 +39,8 @@ from fedllm.features.types import ClientPlan, ClientRound, ClientUpdate
 from fedllm.model import packing, wire
 from fedllm.model.adapters import attach_lora, from_record, read_factors, write_factors
 from fedllm.model.base import cached_base_model
-from fedllm.model.loading import QUANTIZATIONS, module_shapes
-from fedllm.recipe.schema import RunConfig
+from fedllm.model.loading import module_shapes
+from fedllm.recipe.schema import BasePrecision, RunConfig
 
 log = logging.getLogger("fedllm.client")
 
@@ -75,8 +75,8 @@ def base_plan(cfg: RunConfig, partition: int, config: ConfigRecord, node_config)
         raise ValueError(f"{who}: LoRA rank must be > 0, got {rank}")
     pruning = check_ratio(config.get("pruning", 0.0), who=who)
     quant = config.get("quantization", cfg.model.quantization)
-    if quant not in QUANTIZATIONS:
-        raise ValueError(f"{who}: quantization must be one of {QUANTIZATIONS}, got {quant!r}")
+    if quant not in (valid := get_args(BasePrecision)):
+        raise ValueError(f"{who}: quantization must be one of {valid}, got {quant!r}")
     return ClientPlan(partition, rank, pruning, None if quant == "none" else quant)
 
 

@@ -87,8 +87,8 @@ class Adaptive(Feature):
         arm = self.bandit.select(str(node))
         self.arms[node] = arm
         self.global_ = down.factors  # the same for every node of a round
-        config = {**down.config, "rank": arm.rank, "pruning": arm.pruning}
-        config["quantization"] = arm.quantization
+        arm_config = {"rank": arm.rank, "pruning": arm.pruning, "quantization": arm.quantization}
+        config = {**down.config, **arm_config}
         return dataclasses.replace(down, rank=arm.rank, config=config)
 
     def receive(

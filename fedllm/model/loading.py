@@ -55,7 +55,6 @@ CHATML_TEMPLATE = (
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 Quantization = Literal["4bit", "8bit"]
-QUANTIZATIONS = ("none", "4bit", "8bit")  # a base's precision as recipes and configs name it
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,

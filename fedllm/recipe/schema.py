@@ -38,6 +38,7 @@ def _looks_like_path(value: str) -> bool:
 
 
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+BasePrecision = Literal["none", "4bit", "8bit"]  # "4bit"/"8bit": bitsandbytes
 
 
 def _must_exist(value: str, what: str) -> str:
@@ -59,7 +60,7 @@ class ModelConfig(_Strict):
         description="storage dtype of the frozen base weights (LoRA weights stay float32); "
         "compute precision is federation.precision",
     )
-    quantization: Literal["none", "4bit", "8bit"] = "none"
+    quantization: BasePrecision = "none"
     attention: Literal["auto", "eager", "sdpa"] = Field(
         "auto",
         description="attention implementation: 'auto' is eager on the CPU for data.max_length "
@@ -86,7 +87,7 @@ class TierConfig(_Strict):
     rank: int = Field(gt=0)
     clients: int = Field(gt=0)
     pruning: float = Field(0.0, description="fraction of MLP channels and query heads removed")
-    quantization: Literal["none", "4bit", "8bit"] | None = None
+    quantization: BasePrecision | None = None
 
     @field_validator("pruning")
     @classmethod
@@ -324,7 +325,7 @@ class AdaptiveConfig(_Strict):
     algorithm: Literal["ucb", "exp3"] = "ucb"
     ranks: list[int] = Field(min_length=1)
     pruning: list[float] = Field(default_factory=lambda: [0.0], min_length=1)
-    quantization: list[Literal["none", "4bit", "8bit"]] = Field(
+    quantization: list[BasePrecision] = Field(
         default_factory=lambda: ["none"],
         min_length=1,
         description="base precisions among the arms ('4bit'/'8bit': bitsandbytes)",
