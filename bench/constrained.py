@@ -201,6 +201,8 @@ def outcome(row: dict) -> str:
         return "met"
     if row["status"] == "failed" and MEMORY_REFUSAL in (row.get("reason") or ""):
         return "no memory"
+    if row["status"] == "missed" and row.get("arm_new_base"):
+        return "missed (new base)"  # the bandit replays the arm, warm, before scoring it
     return row["status"]  # missed, failed, rejected
 
 
@@ -357,7 +359,9 @@ def report(args, cal: dict, results: dict, n: int, load: tuple[float, float]) ->
     lines += [
         "",
         "Outcomes: met (the reply came in before the deadline and was aggregated), missed (no "
-        "reply in time: dropped, the bandit scores the arm 0), no memory (the client refused "
+        "reply in time: dropped, the bandit scores the arm 0), missed (new base) (a miss in a "
+        "round whose arm changed the client's pruning or precision: the bandit replays the arm "
+        "next round, warm, and scores that round instead), no memory (the client refused "
         "a plan whose estimated training memory exceeds its budget: the bandit never offers "
         "that arm to it again). Test loss: the server's own global test set (10% of every "
         "domain, held out before the partition) with the global adapter on the full-precision "

@@ -347,10 +347,14 @@ def test_the_bandit_scores_a_miss_zero_and_never_reoffers_an_arm_that_does_not_f
             "arm_rank": 1,
             "arm_pruning": 0.0,
             "arm_quantization": "none",
+            "arm_new_base": True,
         }
     ]
     b = bandit.bandit
     assert b.forbidden == {"3": [0]} and b.counts["3"] == [0, 0, 0, 0]
+    assert b.counts["4"] == [0, 0, 0, 0]  # a miss on a freshly loaded base: replayed, not scored
+    assert strategy.download(4)[1]["rank"] == 1
+    bandit.record(RoundResult(1, []), server_row={})  # missed again, warm: now it scores 0
     assert b.counts["4"] == [1, 0, 0, 0] and b.sums["4"] == [0.0, 0.0, 0.0, 0.0]
     assert b.counts["5"] == [1, 0, 0, 0] and b.sums["5"][0] == pytest.approx(0.25 / 2.0)
     for _ in range(12):  # node 3 is never offered (1, 0.0) again, whatever it scores
@@ -361,7 +365,7 @@ def test_the_bandit_scores_a_miss_zero_and_never_reoffers_an_arm_that_does_not_f
     again = Adaptive(cfg)
     again.load_state_dict(bandit.state_dict())
     assert again.bandit.forbidden == {"3": [0]}
-    assert devices.asked == [3] * 12
+    assert devices.asked == [4] + [3] * 12
 
 
 def test_a_node_the_bandit_moves_off_a_pruned_arm_gets_the_whole_factors() -> None:
@@ -385,6 +389,43 @@ def test_a_node_the_bandit_moves_off_a_pruned_arm_gets_the_whole_factors() -> No
         tensors = record.to_torch_state_dict()
         rows[config["pruning"]] = (tensors["q.lora_B"].shape[0], tensors["v.lora_B"].shape[0])
     assert rows == {0.0: (6, 4), 0.5: (3, 4)}  # whole q at p0; q cut to rows 0, 2, 4 at p0.5
+
+
+def test_a_miss_on_a_changed_base_is_replayed_warm_before_it_scores() -> None:
+    """Stop 26: a miss scored 0 on every arm alike, so UCB cycled a slow device through its
+    arms and each change of pruning or precision reloaded its base inside the round (0 of 24
+    deadlines met). A miss on a new base is now asked again; a change of rank alone is warm."""
+    adaptive = {"ranks": [1, 2], "pruning": [0.0, 0.5]}
+    cfg = build_config(recipe(adaptive=adaptive))
+    strategy = LoraStrategy(cfg, shapes=SHAPES, features=registry.build(cfg))
+    bandit = next(f for f in strategy.features if isinstance(f, Adaptive))
+    b = bandit.bandit
+
+    def round_(*, met: bool) -> tuple[int, float]:
+        config = strategy.download(7)[1]
+        rows = []
+        if met:
+            bandit.accepted(7, reply(config["rank"], config["pruning"], 1.0))
+            rows = [ClientRow(1, 7, "ok")]
+        bandit.record(RoundResult(1, rows), server_row={})
+        return config["rank"], config["pruning"]
+
+    assert round_(met=False) == (1, 0.0)  # cold: not scored
+    assert sum(b.counts["7"]) == 0 and bandit.replays == {7: Arm(1, 0.0)}
+    assert round_(met=True) == (1, 0.0)  # the same arm again, warm
+    assert b.counts["7"] == [1, 0, 0, 0] and bandit.replays == {}
+    assert round_(met=False) == (1, 0.5)  # UCB's next arm prunes: a new base, replayed
+    assert round_(met=False) == (1, 0.5)  # missed warm too: scored 0
+    assert b.counts["7"] == [1, 1, 0, 0] and b.sums["7"][1] == 0.0
+    assert round_(met=False) == (2, 0.0)  # back to the unpruned base: new again
+    again = Adaptive(cfg)  # a resumed run keeps the pending replay and each node's base
+    again.load_state_dict(bandit.state_dict())
+    assert again.replays == {7: Arm(2, 0.0)} and again.bases == {7: (0.0, "none")}
+    assert round_(met=False) == (2, 0.0)  # warm
+    assert round_(met=False) == (2, 0.5)  # rank 2 pruned: a new base
+    assert round_(met=False) == (2, 0.5)
+    assert b.counts["7"] == [1, 1, 1, 1] and bandit.replays == {}
+    assert bandit.bases == {7: (0.5, "none")}
 
 
 @pytest.mark.parametrize("algorithm,exploration", [("ucb", 1.0), ("exp3", 0.2)])

@@ -13,7 +13,11 @@ played and one per reply each round, on `reward_examples` of `data.test_set`.
 
 An arm that bought nothing teaches too: a client that missed the round's deadline or failed
 scores 0 on the arm it was given, and an arm that does not fit a client's memory
-(`fedllm.constrained.devices`) is never offered to that client again.
+(`fedllm.constrained.devices`) is never offered to that client again. A miss in a round whose
+arm changed the client's base (its pruning or precision: the base is reloaded or re-pruned inside
+the round) is not scored: the client replays the arm once, warm, and that round is. Otherwise
+UCB's bonus cycles a slow device through its arms, each change costing it the deadline
+(docs/constrained.md, stop 26: the slow device met 0 of 24).
 """
 
 from __future__ import annotations
@@ -72,6 +76,8 @@ class Adaptive(Feature):
             seed=cfg.seed,
         )
         self.arms: dict[int, Arm] = {}  # this round's arm per node
+        self.bases: dict[int, tuple[float, str]] = {}  # per node: the base its last arm loaded
+        self.replays: dict[int, Arm] = {}  # per node: an arm to run again, warm, next round
         # reward=server: built at the server's first score (clients build this feature too,
         # on every message, and never score)
         self.scorer: TestSetEvaluator | None = None
@@ -84,7 +90,7 @@ class Adaptive(Feature):
     def assign(self, node: int, down: Download) -> Download:
         """This round's arm for `node`, chosen before any feature shapes its download (a pruned
         base cuts the factors to the kept ids of the ratio chosen here)."""
-        arm = self.bandit.select(str(node))
+        arm = self.replays.pop(node, None) or self.bandit.select(str(node))
         self.arms[node] = arm
         self.global_ = down.factors  # the same for every node of a round
         arm_config = {"rank": arm.rank, "pruning": arm.pruning, "quantization": arm.quantization}
@@ -138,28 +144,45 @@ class Adaptive(Feature):
         return self.scorer.evaluate(factors)[0]
 
     def record(self, result: RoundResult, *, server_row: dict[str, Any]) -> None:
-        """The round's other outcomes: a miss or a failure scores 0, a memory refusal forbids
-        the arm; every row of a node given an arm names it (`arm_rank`, `arm_pruning`,
-        `arm_quantization`)."""
+        """The round's other outcomes: a miss or a failure scores 0 (a miss on a changed base
+        is replayed first), a memory refusal forbids the arm; every row of a node given an arm
+        names it (`arm_rank`, `arm_pruning`, `arm_quantization`, `arm_new_base`)."""
         rows = {row.node: row for row in result.rows}
         for node, arm in self.arms.items():
             row = rows.get(node)
+            status = "missed" if row is None else row.status
+            refused = status == "failed" and MEMORY_REFUSAL in (row.reason or "")
+            base = (arm.pruning, arm.quantization)
+            new_base = self.bases.get(node) != base  # a node's first round loads one too
+            if not refused:  # a refused plan loaded nothing: the node keeps its last base
+                self.bases[node] = base
             if row is not None:
                 row.fields.update(
-                    arm_rank=arm.rank, arm_pruning=arm.pruning, arm_quantization=arm.quantization
+                    arm_rank=arm.rank,
+                    arm_pruning=arm.pruning,
+                    arm_quantization=arm.quantization,
+                    arm_new_base=new_base,
                 )
-            status = "missed" if row is None else row.status
             if status in ("ok", "rejected"):  # learned in `accepted`; a rejection is no signal
                 continue
-            if status == "failed" and MEMORY_REFUSAL in (row.reason or ""):
+            if refused:
                 self.bandit.forbid(str(node), arm)
+            elif status == "missed" and new_base:
+                self.replays[node] = arm  # the miss may be the load's: ask again, warm
             else:
                 self.bandit.update(str(node), arm, 0.0)
         self.arms, self.start_loss, self.replies = {}, {}, {}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"bandit": self.bandit.state_dict()}
+        replays = {str(n): self.bandit.arms.index(a) for n, a in self.replays.items()}
+        bases = {str(n): list(b) for n, b in self.bases.items()}
+        return {"bandit": self.bandit.state_dict(), "bases": bases, "replays": replays}
 
     def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
-        if state is not None and state.get("bandit") is not None:
-            self.bandit.load_state_dict(state["bandit"])
+        if state is None or state.get("bandit") is None:
+            return
+        self.bandit.load_state_dict(state["bandit"])  # checks the arms are the recipe's
+        # older checkpoints have neither: every node's next miss is then taken as a cold one
+        self.bases = {int(n): (float(p), str(q)) for n, (p, q) in state.get("bases", {}).items()}
+        arms = self.bandit.arms
+        self.replays = {int(n): arms[i] for n, i in state.get("replays", {}).items()}
