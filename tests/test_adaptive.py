@@ -12,10 +12,12 @@ from flwr.app import MetricRecord, RecordDict
 from fedllm.aggregators.base import Factors
 from fedllm.constrained.adaptive import Adaptive
 from fedllm.constrained.bandit import Arm, efficiency
+from fedllm.data.shards import ProcessCache
 from fedllm.features import registry
 from fedllm.features.types import TrainReply
-from fedllm.model.base import adapter_shapes
+from fedllm.model.base import adapter_shapes, cached_base_model
 from fedllm.recipe import ConfigError, load_recipe
+from fedllm.server.app import Run
 from fedllm.server.evaluation import TestSetEvaluator
 from fedllm.server.strategy import LoraStrategy
 
@@ -113,6 +115,21 @@ def test_the_server_scores_the_reply_not_the_claim(tiny) -> None:
     expected = efficiency(first, last, 4.0)
     assert bandit.bandit.sums["7"][j] == pytest.approx(expected, rel=1e-6)
     assert expected != pytest.approx(efficiency(3.0, 2.9, 4.0))  # not the client's claim
+
+
+def test_the_server_scores_on_the_base_its_run_already_holds(tiny) -> None:
+    """reward=server used to build a cache of its own: a second copy of the base on the server."""
+    cfg, _ = tiny
+    cache = ProcessCache()
+    run = Run(cfg, None, cache=cache)
+    (bandit,) = [f for f in run.features if isinstance(f, Adaptive)]
+    assert bandit.cache is cache
+    held = cached_base_model(cfg, cache=cache)
+    shapes = adapter_shapes(cfg, cache=cache).items()
+    zero = {m: Factors(torch.zeros(d, 2), torch.zeros(2, k), 1.0) for m, (d, k) in shapes}
+    bandit.score(zero)
+    assert bandit.scorer.cache is cache
+    assert cached_base_model(cfg, cache=cache)[0] is held[0]  # the same model object, not a copy
 
 
 def test_the_client_reward_is_the_clients_own_losses(tiny) -> None:

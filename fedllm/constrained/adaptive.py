@@ -79,14 +79,19 @@ class Adaptive(Feature):
         self.bases: dict[int, tuple[float, str]] = {}  # per node: the base its last arm loaded
         self.replays: dict[int, Arm] = {}  # per node: an arm to run again, warm, next round
         # reward=server: built at the server's first score (clients build this feature too,
-        # on every message, and never score)
+        # on every message, and never score), on the server's own cache (its base, its data)
         self.scorer: TestSetEvaluator | None = None
+        self.cache: Any = None
         # reward=server, this round only: the global, the score of its cut per rank, the replies
         self.global_: dict[str, Factors] = {}
         self.start_loss: dict[int, float] = {}
         self.replies: dict[int, dict[str, Factors]] = {}
 
     # -- server --------------------------------------------------------------------------------
+    def on_server(self, *, cache: Any) -> None:
+        """Score on the run's cache: the base the server already holds, not a second copy."""
+        self.cache = cache
+
     def assign(self, node: int, down: Download) -> Download:
         """This round's arm for `node`, chosen before any feature shapes its download (a pruned
         base cuts the factors to the kept ids of the ratio chosen here)."""
@@ -140,7 +145,7 @@ class Adaptive(Feature):
         """The server's test-set loss of `factors` on `reward_examples` of data.test_set."""
         if self.scorer is None:
             n = self.cfg.adaptive.reward_examples
-            self.scorer = TestSetEvaluator(self.cfg, max_examples=n)
+            self.scorer = TestSetEvaluator(self.cfg, cache=self.cache, max_examples=n)
         return self.scorer.evaluate(factors)[0]
 
     def record(self, result: RoundResult, *, server_row: dict[str, Any]) -> None:

@@ -10,7 +10,8 @@ Client hooks, in the order one training round calls them:
     plan → read_global → fold → prepare_base → start → regularizers / train → stage (before
     each stage of plain steps) → post_process → reply
     (+ `metrics`)
-Server hooks: before_round (may stop the run) → assign, then download (per node) → encode →
+Server hooks: on_server (once, when the run is built) → before_round (may stop the run) →
+assign, then download (per node) → encode →
 decode → receive (per reply) → accepted → release (the accepted inputs) → after_aggregate →
 record; `run_round` lets one feature run a round's whole training exchange itself (SecAgg+).
 """
@@ -161,6 +162,10 @@ class Feature:
         return None
 
     # -- server -----------------------------------------------------------------------------
+    def on_server(self, *, cache: Any) -> None:
+        """Once, when the server's run is built: its `fedllm.data.shards.ProcessCache` (the base
+        model and data it already holds), for a feature that scores adapters on the server."""
+
     def before_round(
         self, server_round: int, *, partitions: Sequence[int], sampled: int
     ) -> str | None:

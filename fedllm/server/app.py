@@ -41,6 +41,8 @@ class Run:
         self.cfg, self.grid = cfg, grid
         self.cache = cache if cache is not None else ProcessCache()
         self.features: list[Feature] = registry.build(cfg)
+        for f in self.features:
+            f.on_server(cache=self.cache)
         shapes = adapter_shapes(cfg, cache=self.cache)
         self.strategy = LoraStrategy(cfg, shapes=shapes, features=self.features)
         self.metrics = MetricsLog(cfg.run_dir, sinks=open_trackers(cfg))  # + trackers
