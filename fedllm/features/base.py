@@ -11,9 +11,9 @@ Client hooks, in the order one training round calls them:
     each stage of plain steps) → post_process → reply
     (+ `metrics`)
 Server hooks: on_server (once, when the run is built) → before_round (may stop the run) →
-assign, then download (per node) → encode →
-decode → receive (per reply) → accepted → release (the accepted inputs) → after_aggregate →
-record; `run_round` lets one feature run a round's whole training exchange itself (SecAgg+).
+assign, then download (per node) → encode → decode → receive (per reply) → accepted → release
+(the accepted inputs) → after_aggregate → record; `run_round` lets one feature run a round's
+whole training exchange itself (SecAgg+).
 """
 
 from __future__ import annotations
