@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 import fedllm.features
 from fedllm import cli
 from fedllm.aggregators import Factors, RoundSpec
+from fedllm.data.shards import ProcessCache
 from fedllm.features import registry
 from fedllm.features.base import Feature
 from fedllm.features.types import (
@@ -376,6 +377,7 @@ HOOKS = {
     "metrics",
     "reply_keys",
     # server
+    "on_server",
     "before_round",
     "run_round",
     "lost_round",
@@ -460,6 +462,8 @@ def test_every_hook_of_the_base_feature_is_a_no_op() -> None:
     assert f.metrics() == {}
     assert len(state) == 0, "no client hook writes the node's state"
     # server
+    cache = ProcessCache()
+    assert f.on_server(cache=cache) is None and vars(f) == {"cfg": cfg, "options": None}
     assert f.before_round(1, partitions=[0, 1], sampled=2) is None
     assert f.run_round(1, strategy=object(), grid=object()) is None
     down = Download(2, factors(), {"k": 1})
