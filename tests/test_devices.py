@@ -426,6 +426,13 @@ def test_a_miss_on_a_changed_base_is_replayed_warm_before_it_scores() -> None:
     assert round_(met=False) == (2, 0.5)
     assert b.counts["7"] == [1, 1, 1, 1] and bandit.replays == {}
     assert bandit.bases == {7: (0.5, "none")}
+    # a change of rank alone keeps the base: its miss scores 0 at once
+    cfg = build_config(recipe(adaptive={"ranks": [1, 2], "pruning": [0.0]}))
+    strategy = LoraStrategy(cfg, shapes=SHAPES, features=registry.build(cfg))
+    bandit = next(f for f in strategy.features if isinstance(f, Adaptive))
+    assert round_(met=False) == (1, 0.0) and round_(met=True) == (1, 0.0)  # cold, then warm
+    assert round_(met=False) == (2, 0.0)  # same base, rank 2
+    assert bandit.bandit.counts["7"] == [1, 1] and bandit.replays == {}
 
 
 @pytest.mark.parametrize("algorithm,exploration", [("ucb", 1.0), ("exp3", 0.2)])
