@@ -2,6 +2,7 @@
 locally trained tokenizer, 3 clients of ranks 2/4/8, 2 rounds; then resume to a third round."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fedllm.cli import main
 from fedllm.model.card import resolve_adapter_base
-from fedllm.server.checkpoint import load_checkpoint
+from fedllm.server.checkpoint import load_checkpoint, save_checkpoint
 
 RECIPE = str(Path(__file__).parents[1] / "recipes" / "tiny.yaml")
 pytestmark = pytest.mark.slow
@@ -87,6 +88,24 @@ def test_resume_continues_from_the_last_finished_round(run_dir: Path) -> None:
     }
     mean = {rnd: sum(first[(rnd, p)] for p in range(3)) / 3 for rnd in (1, 3)}
     assert mean[3] < mean[1] - 0.03, mean
+
+
+def test_a_run_stopped_during_round_1_keeps_its_base_round(run_dir: Path) -> None:
+    """A crash after round 0's checkpoint resumes at round 1: round 0's rows are kept, not
+    evaluated again (nor wiped with the metrics file)."""
+    stopped = run_dir.parent / "stopped"
+    shutil.copytree(run_dir, stopped)
+    base = [x for x in rows(stopped) if x["round"] == 0]
+    state = load_checkpoint(stopped)
+    pending = {"round": 1, "partitions": [0, 1, 2], "sampled": 3}  # clients asked, no reply
+    (stopped / "checkpoint.prev.pt").unlink()
+    save_checkpoint(stopped, {**state, "round": 0, "pending": pending})
+    (stopped / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in base))
+    args = ["run", RECIPE, f"output_dir={run_dir.parent}", "name=stopped", "federation.rounds=1"]
+    assert main([*args, "--resume"]) == 0
+    after = rows(stopped)
+    assert after[: len(base)] == base, "round 0's rows are kept as they were"
+    assert {x["round"] for x in after[len(base) :]} == {1}, "round 0 was not redone"
 
 
 def test_existing_run_is_not_overwritten_without_asking(run_dir: Path, capsys) -> None:

@@ -223,16 +223,16 @@ def run_server(
     the process's own (shared with clients that run in this process)."""
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     run = Run(cfg, grid, cache=cache)
-    start = run.resume() if resume else 1
-    if start == 1:
+    start = run.resume() if resume else 0  # the first round still to run (0: the base round)
+    if start == 0:
         run.metrics.path.write_text("")
     n = wait_for_nodes(grid, cfg.data.num_clients, timeout=min(run.timeout, 600))
     ranks = Counter(cfg.client_rank(i) for i in range(cfg.data.num_clients))
     ranks_text = ", ".join(f"{r} x{c}" for r, c in sorted(ranks.items()))  # not one per client
     say(f"{n} client nodes connected; aggregator {cfg.aggregator.name}; ranks {ranks_text}")
-    if start == 1:
+    if start == 0:
         run.base_round()
-    for rnd in range(start, cfg.federation.rounds + 1):
+    for rnd in range(max(start, 1), cfg.federation.rounds + 1):
         if (stop := run.stop_reason(rnd)) is not None:
             say(stop)
             run.metrics.write([{"kind": "stop", "round": rnd - 1, "reason": stop}])
