@@ -54,8 +54,8 @@ def regime_tables(rows: list[dict], regime: str, pairs: Sequence[tuple[str, str]
     order = sorted(cells, key=lambda m: t_interval(finals(cells[m], "personal").values()).mean)
     lines = [
         "| method | semantics | own-domain held-out | global test set | last-round Δ (own) "
-        "| MB moved | s/cell | seeds |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
+        "| MB moved | s/cell | CPU s/cell | seeds |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for m in order:
         by_seed = cells[m]
@@ -64,9 +64,12 @@ def regime_tables(rows: list[dict], regime: str, pairs: Sequence[tuple[str, str]
         any_row = next(iter(by_seed.values()))
         test_text = "n/a (B on clients)" if _personal_B(by_seed) else interval_text(test)
         seconds = sum(r["seconds"] for r in by_seed.values()) / len(by_seed)
+        cpu = [r["cpu_seconds"] for r in by_seed.values() if "cpu_seconds" in r]
+        cpu_text = f"{sum(cpu) / len(cpu):.0f}" if cpu else "—"
         lines.append(
             f"| {m} | {any_row['semantics']} | {interval_text(own)} | {test_text} "
             f"| {sum(last) / len(last):+.4f} | {any_row['mb_moved']:.1f} | {seconds:.0f} "
+            f"| {cpu_text} "
             f"| {', '.join(str(s) for s in sorted(by_seed))} |"
         )
     lines += [
@@ -161,7 +164,10 @@ def header(
         "drawn before partitioning plus two domains no client holds (noun.food, verb.motion), "
         "evaluated by the server with the global adapter (generalisation; local-only: the mean "
         "of the clients' own adapters; sdflora: its global module only). Last-round Δ: how much "
-        "the last round still moved the own-domain loss (near 0: the curve has flattened).",
+        "the last round still moved the own-domain loss (near 0: the curve has flattened). "
+        "s/cell: wall time, including any time the grid was paused for another job on the "
+        "machine; CPU s/cell: the grid process's CPU time (both cores; a pause adds none), "
+        "since the cell's last resume (— : not recorded, cells before stop 28).",
         "",
         "| regime | overrides | what |",
         "|---|---|---|",

@@ -217,7 +217,9 @@ def run_cell(label: str, regime: str, seed: int, *, out: Path, extra: list[str])
     row |= {"data_seed_fixed": FIXED_DATA_SEED, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     row |= machine()
     measure = {"centralised": centralised, "local only": local_only}.get(label, federated)
+    cpu = time.process_time()  # every thread of this process; a paused grid accrues none
     row |= measure(cfg)
+    row["cpu_seconds"] = time.process_time() - cpu  # since this call: a resume's part only
     row["load_end"] = machine()["load"]
     return row
 
