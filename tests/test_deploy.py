@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -243,8 +244,10 @@ def test_round_2_finishes_without_the_killed_node_and_says_so(scenario) -> None:
         if x["kind"] == "client" and x["round"] == 2 and x["status"] == "ok"
     }
     assert ok2 == {0, 1}
-    log = scenario["log"]
-    assert "did not reply within" in log or "failed" in log.split("round 2/3: training")[1]
+    log = scenario["log"]  # Flower's heartbeat fails the message, or the round's timeout ends it
+    killed = r"node \S+ failed: .*Node Unavailable|1 of 3 clients did not reply"
+    said = re.search(rf"round 2: ({killed})", log)
+    assert said, log[-3000:]
 
 
 def test_restarted_node_rejoins_in_round_3(scenario) -> None:

@@ -19,6 +19,7 @@ import pytest
 import torch
 import yaml
 from peft import PeftModel
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fedllm.aggregators import Factors
@@ -277,6 +278,19 @@ def test_export_adapter_is_portable_and_can_name_the_users_base(run, tmp_path) -
     torch.testing.assert_close(exported, original)
 
 
+def exported_delta(folder: Path) -> torch.Tensor:
+    """scaling·B@A of MODULE in an exported PEFT folder, read from its files."""
+    config = json.loads((folder / "adapter_config.json").read_text())
+    tensors = load_file(folder / "adapter_model.safetensors")
+    key = f"base_model.model.{MODULE}"
+    B, A = tensors[f"{key}.lora_B.weight"], tensors[f"{key}.lora_A.weight"]
+    return (config["lora_alpha"] / config["r"]) * B.float() @ A.float()
+
+
+def assert_close_delta(folder: Path, want: Factors) -> None:
+    torch.testing.assert_close(exported_delta(folder), want.delta().float(), rtol=1e-4, atol=1e-6)
+
+
 def test_export_client_prefers_its_personal_adapter_over_the_servers_copy(run, tmp_path):
     cfg, run_dir, strategy = run
     out = tmp_path / "c0"
@@ -290,6 +304,9 @@ def test_export_client_prefers_its_personal_adapter_over_the_servers_copy(run, t
         out = tmp_path / "c1"
         assert main(["export", str(run_dir), str(out), "--client", "1"]) == 0
         assert json.loads((out / CARD_JSON).read_text())["what"] == "personal"
+        assert_close_delta(out, strategy.global_[MODULE])  # the personal weights, not the copy
+        mine = strategy.client_updates[1][1][MODULE].delta()
+        assert not torch.allclose(exported_delta(out), mine.float())
     finally:
         shutil.rmtree(run_dir / "clients")
 

@@ -7,6 +7,7 @@ import logging
 import sys
 import textwrap
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -154,19 +155,29 @@ class Probe(Feature):
 '''
 
 
-@pytest.fixture
-def dropin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clean_registry: None) -> Iterator[str]:
-    """A feature module written into a folder appended to `fedllm.features.__path__`."""
-    folder = tmp_path / "more_features"
+@contextmanager
+def dropped_in(folder: Path) -> Iterator[str]:
+    """A feature module written into `folder`, appended to `fedllm.features.__path__` (and the
+    registry copied) while the block runs; all of it undone afterwards."""
     folder.mkdir()
     (folder / f"{DROPIN}.py").write_text(textwrap.dedent(DROPIN_SOURCE))
     (folder / "_zz_private_probe.py").write_text("raise RuntimeError('private: never imported')\n")
-    monkeypatch.setattr(fedllm.features, "__path__", [*fedllm.features.__path__, str(folder)])
-    module = f"fedllm.features.{DROPIN}"
-    yield DROPIN
-    sys.modules.pop(module, None)
-    if hasattr(fedllm.features, DROPIN):
-        delattr(fedllm.features, DROPIN)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(registry, "_FEATURES", dict(registry.discover()))
+        mp.setattr(fedllm.features, "__path__", [*fedllm.features.__path__, str(folder)])
+        try:
+            yield DROPIN
+        finally:
+            sys.modules.pop(f"fedllm.features.{DROPIN}", None)
+            if hasattr(fedllm.features, DROPIN):
+                delattr(fedllm.features, DROPIN)
+
+
+@pytest.fixture
+def dropin(tmp_path: Path) -> Iterator[str]:
+    """A feature module dropped into `fedllm.features` for one test."""
+    with dropped_in(tmp_path / "more_features") as name:
+        yield name
 
 
 def test_dropped_in_feature_is_discovered(dropin: str) -> None:
@@ -233,9 +244,13 @@ def test_build_instantiates_the_dropped_in_feature_in_order(dropin: str) -> None
     assert recipe_build(cfg)[1] is not probe
 
 
-def test_no_drop_in_left_behind() -> None:
-    # the fixture's registry copy, module and folder are gone once the tests above have run
-    assert DROPIN not in registry.available()
+def test_no_drop_in_left_behind(tmp_path: Path) -> None:
+    """The drop-in is found inside the block, and its registry entry, module and folder are
+    gone after it."""
+    with dropped_in(tmp_path / "more_features") as name:
+        assert name in registry.available()
+        build_config(recipe(features={name: {}}))
+    assert DROPIN not in registry.available() and f"fedllm.features.{DROPIN}" not in sys.modules
     with pytest.raises(ConfigError, match=rf"features\.{DROPIN}: unknown feature"):
         build_config(recipe(features={DROPIN: {}}))
 

@@ -107,7 +107,7 @@ def test_selection_is_seeded_sorted_and_covers_every_module() -> None:
     assert all(len(set(d)) == 3 and d == sorted(d) and 0 <= min(d) and max(d) < 8 for d in draws)
     assert len({tuple(d) for d in draws}) > 10
     assert set().union(*draws) == set(range(8))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="ranks must be >= 1, got rank 0 of global rank 4"):
         select(4, 0, seed=0)
 
 

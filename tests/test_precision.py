@@ -132,10 +132,14 @@ def test_bfloat16_storage_with_fp32_compute_keeps_fp32_lora(tiny) -> None:
     assert {p.dtype for p in base.parameters() if not p.requires_grad} == {torch.bfloat16}
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
     for precision in ("fp32", "bf16"):
+        before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
         r = train_local(
             model, shard.train, steps=3, batch_size=8, pad_id=tok.pad_token_id, precision=precision
         )
         assert torch.isfinite(torch.tensor(r.loss_last))
+        after = [p for p in model.parameters() if p.requires_grad]
+        assert {p.dtype for p in after} == {torch.float32}, precision
+        assert max(float((a - b).abs().max()) for a, b in zip(after, before, strict=True)) > 0
 
 
 def test_bf16_over_a_float16_base_is_refused(tiny) -> None:

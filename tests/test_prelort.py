@@ -121,7 +121,7 @@ def test_draws_are_seeded_and_uniform_over_the_truncations() -> None:
         a.draw(None, ()), b.draw(None, ())
     assert a.drawn == b.drawn
     assert all(60 < a.drawn.count(x) < 140 for x in (1, 2, 4))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"truncations must be ranks >= 1, got \[0, 2\]"):
         Draws([0, 2], seed=0)
 
 

@@ -53,7 +53,7 @@ def test_sample_level_target_is_met_and_equals_the_accountant(tmp_path: Path) ->
         per_partition.append(want)
     final = server[cfg.federation.rounds]["epsilon"]
     assert final == pytest.approx(max(per_partition), rel=1e-9)
-    assert final <= target * (1 + 1e-3)
+    assert target * 0.99 <= final <= target * (1 + 1e-3), "met, with no more noise than needed"
     assert not any(
         "train_loss" in r and r["train_loss"] is not None for r in rows if r["kind"] == "client"
     )
@@ -74,7 +74,7 @@ def test_client_level_target_is_met_at_the_noise_the_server_sees(
     rounds = cfg.federation.rounds
     want = epsilon(noise_multiplier=seen, sample_rate=1.0, steps=rounds, delta=1e-3)
     assert server[rounds]["epsilon"] == pytest.approx(want, rel=1e-9)
-    assert server[rounds]["epsilon"] <= target * (1 + 1e-3)
+    assert target * 0.99 <= server[rounds]["epsilon"] <= target * (1 + 1e-3)
     assert server[rounds]["dp_noise_multiplier"] == pytest.approx(seen)
 
 

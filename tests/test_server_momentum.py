@@ -143,13 +143,13 @@ def test_float32_factors_stay_float32_and_inputs_are_not_mutated() -> None:
 
 
 def test_bad_arguments_are_refused() -> None:
-    for kwargs in (
-        {"beta": 1.0},
-        {"beta": -0.1},
-        {"beta": 0.5, "lr": 0.0},
-        {"beta": 0.5, "rank": 0},
+    for kwargs, named in (
+        ({"beta": 1.0}, r"beta must be in \[0, 1\), got 1.0"),
+        ({"beta": -0.1}, r"beta must be in \[0, 1\), got -0.1"),
+        ({"beta": 0.5, "lr": 0.0}, r"lr must be > 0, got 0.0"),
+        ({"beta": 0.5, "rank": 0}, r"rank must be an int >= 1, got 0"),
     ):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=named):
             momentum_step(ZERO, diag([1, 2, 3]), None, **kwargs)
     with pytest.raises(ValueError, match="but the new global is"):
         momentum_step(diag([1, 2]), diag([1, 2, 3]), None, beta=0.5)
@@ -206,7 +206,8 @@ def test_options_defaults_and_validation() -> None:
     opts = ServerMomentum(recipe("features.server_momentum={}")).options
     assert (opts.beta, opts.rank, opts.server_lr) == (0.9, None, 1.0)
     for bad in ("beta=1.0", "beta=-0.1", "rank=0", "server_lr=0", "momentum=0.9"):
-        with pytest.raises(ValidationError):
+        key = bad.split("=")[0]
+        with pytest.raises(ValidationError, match=rf"(?s)\b{key}\b.*input_value"):
             ServerMomentum(recipe(f"features.server_momentum.{bad}"))
 
 

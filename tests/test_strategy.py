@@ -449,10 +449,16 @@ def test_train_loss_and_aggregate_follow_the_weighting(weighting, loss, weights)
 def test_only_zero_example_replies_do_not_abort_the_round() -> None:
     cfg = recipe()
     s = strategy(cfg)
+    before = {m: (f.B.clone(), f.A.clone()) for m, f in s.global_.items()}
     replies = [failure(1, "gone"), reply(2, factors(2), metrics(0, examples=0))]
     result = s.train_round(1, replies, sampled=2)
     assert isinstance(result, RoundResult)
-    assert result.train_loss is None or math.isfinite(result.train_loss)
+    status = {r.node: (r.status, r.reason) for r in result.rows}
+    assert status[1][0] == "failed" and status[2][0] == "rejected"
+    assert "'num-examples'" in status[2][1]
+    assert result.train_loss is None, "no accepted reply, no training loss"
+    for m, (B, A) in before.items():  # nothing accepted: the global stays as it was
+        assert torch.equal(s.global_[m].B, B) and torch.equal(s.global_[m].A, A)
 
 
 def test_zero_example_reply_beside_others_is_rejected() -> None:
