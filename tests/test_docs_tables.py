@@ -1,4 +1,5 @@
-"""The docs' tables name what the code has: the `fold` hook, Fed-PLoRA's reply metric."""
+"""The docs' tables name what the code has: the `fold` hook, Fed-PLoRA's reply metric, every
+module of `fedllm/` in the architecture's tree."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from pathlib import Path
 from fedllm.aggregators.fedplora_fold import METRIC, FedPLoRAFold
 from fedllm.features.base import Feature
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
 
 
 def hook_table() -> dict[str, str]:
@@ -44,3 +46,11 @@ def test_the_disclosure_table_has_fedplora_select_public_without_privacy() -> No
         if line.startswith(f"| train | {METRIC} |")
     ]
     assert rows == [["train", "fedplora-select", "public", "—", "—", "—"]]
+
+
+def test_every_module_of_fedllm_has_its_line_in_the_architecture_tree() -> None:
+    text = (DOCS / "architecture.md").read_text()
+    tree = text.split("## The tree, one line per module", 1)[1].split("```")[1]
+    listed = set(re.findall(r"^\s+(\w+\.py)\s", tree, flags=re.MULTILINE))
+    modules = {p.name for p in (ROOT / "fedllm").rglob("*.py") if p.name != "__init__.py"}
+    assert modules - listed == set(), "add a line for each to docs/architecture.md"
