@@ -184,7 +184,7 @@ class SampleLevelDP(Feature):
 
     def record(self, result: RoundResult, *, server_row: dict[str, Any]) -> None:
         """Charge every client that trained (accepted or not), then put ε into the rows."""
-        ledger = self.account.ledger
+        ledger, charged = self.account.ledger, set()
         for row in result.rows:
             if row.reply is None:
                 continue
@@ -195,6 +195,14 @@ class SampleLevelDP(Feature):
                 sigma, q, steps = self._planned(pid)
             ledger.record(partition_key(pid), noise_multiplier=sigma, sample_rate=q, steps=steps)
             self.reported[pid] = (sigma, q, steps)
+            charged.add(pid)
+        for row in result.rows:  # an unreadable reply reached the server too: its node's
+            for pid in sorted(set(row.may_hold) - charged):  # partitions at their plan
+                sigma, q, steps = self._planned(pid)
+                ledger.record(
+                    partition_key(pid), noise_multiplier=sigma, sample_rate=q, steps=steps
+                )
+                charged.add(pid)
         for row in result.rows:
             pid = row.reply.partition if row.reply is not None else row.partition
             if pid is None:

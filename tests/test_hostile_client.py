@@ -22,6 +22,7 @@ from test_strategy import factors, metrics, recipe, reply, strategy
 from fedllm.deploy.local_grid import LocalGrid, server_identity
 from fedllm.model.adapters import to_record
 from fedllm.model.packing import LAYOUT, is_packed, pack, unpack
+from fedllm.privacy.accounting import partition_key
 
 Corrupt = Callable[[RecordDict], RecordDict]
 
@@ -283,3 +284,30 @@ def test_a_hostile_node_in_a_real_federation_never_breaks_a_round(tmp_path: Path
     assert len(server) == len(plan) + 1
     assert all(math.isfinite(r["held_out_loss"]) for r in server), "held-out loss finite"
     assert server[-1]["held_out_loss"] < server[0]["held_out_loss"]
+
+
+def test_an_unreadable_dp_sgd_reply_is_still_charged_to_its_nodes_partition() -> None:
+    """A malformed reply reached the server, so under DP-SGD its node's partition is charged at
+    the recipe's plan: the partitions the node may hold (round 1: the one no readable reply
+    claimed), then the one it is known to hold."""
+    cfg = recipe(privacy={"mode": "sample", "noise_multiplier": 1.0}, data={"max_examples": 1000})
+    dp = {"dp-noise-multiplier": 1.0, "dp-sample-rate": 0.1, "dp-steps": 5}
+    s = strategy(cfg)
+    (feature,) = [f for f in s.features if f.name == "dp_sgd"]
+    ledger = feature.account.ledger
+    replies = [from_content(1 + p, content_of(p, **dp)) for p in range(3)]
+    replies.append(from_content(4, _no_metrics(content_of(3, **dp))))
+    result = s.train_round(1, replies, sampled=4)
+    feature.record(result, server_row={})
+    assert [ledger.steps(partition_key(p)) for p in range(3)] == [5, 5, 5]  # as reported
+    *_, steps = feature._planned(3)  # the recipe's plan (σ, q, steps) for the unread partition
+    assert ledger.steps(partition_key(3)) == steps > 0
+    # round 2: node 4 is known (an honest reply taught it) and its partition is on the row
+    s.train_round(2, [from_content(4, content_of(3, **dp))], sampled=1)
+    before = ledger.steps(partition_key(3))
+    result = s.train_round(3, [from_content(4, _no_metrics(content_of(3, **dp)))], sampled=1)
+    feature.record(result, server_row={})
+    (row,) = result.rows
+    assert row.status == "rejected" and row.to_json()["partition"] == 3
+    assert ledger.steps(partition_key(3)) == before + steps
+    assert row.fields["epsilon"] == ledger.epsilon(partition_key(3)) > 0

@@ -151,6 +151,9 @@ class ClientRow:
     partition: int | None = None
     reason: str | None = None
     fields: dict[str, Any] = field(default_factory=dict)
+    # an unreadable reply: the partitions its node may hold (it may have trained on any of them;
+    # sample-level DP charges them), not written to the row
+    may_hold: tuple[int, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         row: dict[str, Any] = {"kind": "client", "round": self.round, "node": self.node}

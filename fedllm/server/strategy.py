@@ -241,7 +241,12 @@ class LoraStrategy(Strategy):
             except Exception as err:  # anything a client sends must not end the round
                 log.warning("round %d: node %s sent a malformed reply: %s", server_round, node, err)
                 reason = f"malformed reply: {err}"
-                rows.append(ClientRow(server_round, node, "rejected", reason=reason))
+                known = self.node_partitions.get(node)
+                row = ClientRow(server_round, node, "rejected", partition=known, reason=reason)
+                rows.append(row)
+        for row in rows:  # after every readable reply has taught its node's partition
+            if row.status == "rejected" and row.reply is None:
+                row.may_hold = tuple(self.may_train([row.node]))
         accepted = self.screen(server_round, parsed, rows)
         result = RoundResult(sampled=sampled, rows=rows, replies=len(replies))
         if not accepted:
