@@ -92,6 +92,13 @@ def check_recipe(cfg: RunConfig) -> None:
             "aggregator.options.prune_lambda > 0 (HetLoRA rank self-pruning) is not supported "
             "with privacy.mode='sample' (DP-SGD has no regulariser hook); set prune_lambda: 0"
         )
+    if cfg.privacy.mode == "client" and cfg.privacy.noise_at == "server":
+        raise ValueError(
+            "aggregator.options.prune_lambda > 0 (HetLoRA rank self-pruning) is not supported "
+            "with privacy.mode='client' and noise_at='server': the rank a client keeps is read "
+            "from its raw update and sent in the clear, outside the guarantee; use "
+            "privacy.noise_at='client' (pruning then reads the noised update) or prune_lambda: 0"
+        )
     if cfg.compression.topk is not None:
         raise ValueError(
             "aggregator.options.prune_lambda > 0 cannot be combined with compression.topk "

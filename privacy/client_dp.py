@@ -164,8 +164,9 @@ class ClientLevelDP:
                 delta = {k: (dB, torch.zeros_like(dA)) for k, (dB, dA) in delta.items()}
             if self.noise_at == "server":
                 delta, norm = clip_delta(delta, self.clip)
-            else:  # clipped and noised by the client; its norm includes that noise
-                norm = delta_norm(delta)
+            else:  # clipped and noised by the client; its norm includes that noise, and a
+                norm = delta_norm(delta)  # hostile client's larger one is cut to an honest bound
+                delta, _ = clip_delta(delta, self.honest_bound(delta))
             deltas.append(delta)
             norms.append(norm)
         width = max(
@@ -190,6 +191,15 @@ class ClientLevelDP:
             z_eff = self.z / math.sqrt(self.expected_clients)
         self.last = Release(m, norms, sum(n > self.clip for n in norms), std, z_eff)
         return apply_delta(global_, mean)
+
+    def honest_bound(self, delta: Delta) -> float:
+        """The norm a client's own clipped (S) and noised (σ = zS/√M per entry, D entries) delta
+        stays under: S + σ(√D + 10), beyond which a Gaussian's norm goes with probability below
+        e⁻⁵⁰. Cutting a longer delta to it is post-processing of what the server saw: no privacy
+        cost, and a hostile client's influence is bounded as an honest one's is."""
+        d = sum(dB.numel() + (0 if self.freeze_a else dA.numel()) for dB, dA in delta.values())
+        sigma = self.z * self.clip / math.sqrt(self.expected_clients)
+        return self.clip + sigma * (math.sqrt(d) + 10)
 
     def _noise_touched(self, mean: Delta, updates: Sequence[Mapping[str, Factors]], std: float):
         """Noise on the first r_max components (those clients can move); the rest is public."""

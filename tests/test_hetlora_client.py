@@ -152,6 +152,12 @@ def test_unsupported_combinations_are_refused() -> None:
     with pytest.raises(ConfigError, match=r"compression\.topk"):
         build_config({"aggregator": on, "compression": {"topk": 0.1}})
     build_config({"aggregator": {"name": "hetlora", "options": {"prune_lambda": 0.0}}})
+    # client-level DP: the kept rank is read from the update, raw unless the client noised it
+    client = {"mode": "client", "client_noise_multiplier": 1.0}
+    uniform = {**on, "weighting": "uniform"}
+    with pytest.raises(ConfigError, match=r"noise_at='server': the rank a client keeps"):
+        build_config({"aggregator": uniform, "privacy": client})
+    build_config({"aggregator": uniform, "privacy": {**client, "noise_at": "client"}})
 
 
 def test_train_local_adds_the_regulariser(tmp_path: Path) -> None:

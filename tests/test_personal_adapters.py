@@ -9,14 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from fedllm.aggregators import Factors, RoundSpec
 from fedllm.cli import main
 from fedllm.deploy.local_grid import LocalGrid, server_identity
 from fedllm.features import registry
-from fedllm.features.personal import personal_adapter_dir
+from fedllm.features.personal import PersonalAdapter, personal_adapter_dir, raw_update
+from fedllm.features.types import ClientPlan, ClientRound, ClientUpdate
 from fedllm.model.card import CARD_JSON, resolve_adapter_base
 from fedllm.model.packing import unpack
 from fedllm.model.wire import LOCAL_B
@@ -63,6 +65,43 @@ def test_a_supernode_may_keep_it_in_its_own_folder(tmp_path: Path) -> None:
     assert personal_adapter_dir(cfg, 1) == tmp_path / "r" / "clients" / "1" / "personal_adapter"
     mine = {"personal-dir": str(tmp_path / "org1")}
     assert personal_adapter_dir(cfg, 1, mine) == tmp_path / "org1" / "personal_adapter"
+
+
+@pytest.mark.parametrize(
+    ("privacy", "raw"),
+    [
+        ({}, False),
+        ({"mode": "sample", "noise_multiplier": 1.0}, False),  # the adapter is DP-trained
+        ({"mode": "client", "noise_at": "client", "client_noise_multiplier": 1.0}, False),
+        ({"mode": "client", "noise_at": "server", "client_noise_multiplier": 1.0}, True),
+        ({"secure_aggregation": {"enabled": True}}, True),
+    ],
+)
+def test_a_raw_update_is_never_written_into_the_run_directory(
+    tmp_path: Path, privacy: dict, raw: bool
+) -> None:
+    """Where the adapter a client kept is its raw update, the server's run directory (a
+    simulation's clients' folder) gets none; a node's own personal-dir still may."""
+    cfg = build_config(
+        {
+            **BASE,
+            "aggregator": {"name": "fedit", "weighting": "uniform"},
+            "data": {"num_clients": 3},
+            "privacy": privacy,
+            "features": {"personal_adapter": {}},
+            "output_dir": str(tmp_path),
+            "name": "r",
+        }
+    )
+    assert raw_update(cfg) is raw
+    if not raw:
+        return
+    f = {"m": Factors(torch.ones(4, 2), torch.ones(2, 3), 2.0)}
+    update = ClientUpdate(f, f, 2)
+    plan = ClientPlan(0, 2, 0.0, None)
+    rnd = ClientRound(cfg, 0, 1, RoundSpec(), ConfigRecord({}), {}, RecordDict(), 0, plan)
+    assert PersonalAdapter(cfg).post_process(update, rnd) is update
+    assert not (tmp_path / "r").exists(), "nothing written under the run directory"
 
 
 # ---------------------------------------------------------------- a fedsa federation

@@ -207,3 +207,50 @@ def test_bad_settings_are_refused() -> None:
             expected_clients=2,
             freeze_a=False,
         )
+
+
+def test_a_hostile_update_under_client_noise_is_cut_to_an_honest_norm() -> None:
+    """noise_at=client: the server cannot clip to S (the noise is in the update), but an update
+    longer than S + σ(√D + 10) is no client's own clipped-and-noised one: it is cut to that
+    bound, so one hostile client moves the release no further than an honest one could."""
+    g = {"m": factors(64, 48, 8, scaling=1.0, seed=0)}
+    z, S, m = 1.0, 0.5, 3
+    gen = torch.Generator().manual_seed(7)
+    honest = [
+        privatize_locally(
+            {"m": factors(64, 48, 8, scaling=1.0, seed=10 + i)},
+            g,
+            clip=S,
+            noise_multiplier=z,
+            clients=m,
+            freeze_a=False,
+            generator=gen,
+        )[0]
+        for i in range(m - 1)
+    ]
+    hostile = {"m": Factors(g["m"].B + 1e4, g["m"].A.clone(), 1.0)}
+    dp = ClientLevelDP(
+        get("fedit"),
+        clip=S,
+        noise_multiplier=z,
+        noise_at="client",
+        expected_clients=m,
+        freeze_a=False,
+    )
+    bound = dp.honest_bound(folded_delta(hostile, g))
+    d = 64 * 8 + 8 * 48
+    assert bound == pytest.approx(S + z * S / math.sqrt(m) * (math.sqrt(d) + 10))
+    assert all(delta_norm(folded_delta(h, g)) < bound for h in honest), "honest ones pass"
+    with_hostile = dp.release(g, [*honest, hostile])
+    assert dp.last.norms[-1] > 1e4, "the round still reports the norm it was sent"
+    without = dp.release(g, [*honest, honest[0]])
+    moved = math.sqrt(
+        sum(
+            float(x.square().sum())
+            for x in (
+                with_hostile["m"].B.double() - without["m"].B.double(),
+                with_hostile["m"].A.double() - without["m"].A.double(),
+            )
+        )
+    )
+    assert moved <= 2 * bound / m + 1e-9  # its delta and the one it replaced, each ≤ bound

@@ -62,7 +62,9 @@ def test_the_table_lists_every_mode() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
-def test_every_key_a_client_sends_is_in_the_table(tmp_path: Path, mode: str) -> None:
+def test_every_key_a_client_sends_is_in_the_table(
+    tmp_path: Path, mode: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     privacy = {
         "none": [],
         "sample": ["privacy.mode=sample", "privacy.noise_multiplier=1.0"],
@@ -91,3 +93,6 @@ def test_every_key_a_client_sends_is_in_the_table(tmp_path: Path, mode: str) -> 
         clients = [r for r in rows if r["kind"] == "client"]
         assert clients and all(r.get("train_loss") is None for r in clients)
         assert not any("dp_update_norm_median" in r for r in rows)
+    # the progress lines: per-client held-out losses only where the files have them too
+    evals = [x for x in capsys.readouterr().out.splitlines() if " eval: client " in x]
+    assert evals and all(("held-out loss" in x) is not private for x in evals), evals

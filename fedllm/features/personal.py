@@ -55,6 +55,16 @@ def client_dir(cfg: RunConfig, partition: int, node_config) -> Path:
     return cfg.run_dir / CLIENTS / str(partition)
 
 
+def raw_update(cfg: RunConfig) -> bool:
+    """Whether a client's trained adapter is its raw update in this run's privacy setting:
+    client-level DP noised by the server, or SecAgg+ without DP-SGD. The server never sees it
+    then, so it is not written into the run directory (the server's folder), only into a node's
+    own `personal-dir`."""
+    p = cfg.privacy
+    server_noise = p.mode == "client" and p.noise_at == "server"
+    return server_noise or (p.secure_aggregation.enabled and p.mode != "sample")
+
+
 def personal_adapter_dir(cfg: RunConfig, partition: int, node_config=None) -> Path:
     """Where client `partition` keeps its personal adapter."""
     return client_dir(cfg, partition, node_config or {}) / FOLDER
@@ -77,9 +87,17 @@ class PersonalAdapter(Feature):
 
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
-        """Refuse pruned bases and merge-each-round aggregators."""
+        """Refuse pruned bases and merge-each-round aggregators; say where a private run's
+        adapters go."""
         if not cls.enabled(cfg):
             return
+        if raw_update(cfg):
+            log.warning(
+                "features.personal_adapter: in this privacy setting a client's adapter is its "
+                "raw update, so only nodes started with --node-config %s=<folder> keep one "
+                "(never in the run directory; none in a simulation)",
+                NODE_KEY,
+            )
         pruned = [who for who, _, q in planned_ranks(cfg) if q > 0]
         if pruned:
             raise ValueError(
@@ -96,6 +114,8 @@ class PersonalAdapter(Feature):
     def post_process(self, update: ClientUpdate, rnd: ClientRound) -> ClientUpdate:
         """Write the update as this client's personal adapter; the update is left unchanged."""
         cfg = rnd.cfg
+        if raw_update(cfg) and not rnd.node_config.get(NODE_KEY):
+            return update  # a raw update stays out of the run directory (see `raw_update`)
         home = client_dir(cfg, rnd.partition, rnd.node_config)
         card = make_card(
             cfg,

@@ -102,8 +102,12 @@ class Run:
             timeout=self.timeout,
             label=f"round {server_round} eval",
             describe=lambda r: (
-                f"(partition {int(r.content['metrics']['partition-id'])}): held-out loss "
-                f"{float(r.content['metrics']['held-out-loss']):.4f}"
+                f"(partition {int(r.content['metrics']['partition-id'])})"
+                + (  # a private run keeps per-client losses out of its log, as out of its files
+                    ""
+                    if s.private
+                    else f": held-out loss {float(r.content['metrics']['held-out-loss']):.4f}"
+                )
             ),
         )
         loss, rows = s.evaluate_round(server_round, replies)
