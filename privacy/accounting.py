@@ -2,7 +2,8 @@
 
 A `PrivacyLedger` keeps one Opacus accountant per key: one per data partition for sample-level
 DP-SGD (clients' data are disjoint, so the federation's ε is the max over partitions), or one
-"federation" key for client-level DP (one sampled-Gaussian step per round, q = m/N, σ = z).
+"federation" key for client-level DP (one Gaussian step per round at q = 1, σ = the z the
+server sees).
 The server fills it from what clients report (σ, q, steps actually run), since a client keeps no
 state between rounds; its `state_dict` goes into the run checkpoint and comes back on --resume.
 """

@@ -1,7 +1,8 @@
 """Client-level DP (`privacy.mode: client`, DP-FedAvg): each update's factor delta is clipped to
 S, the mean gets Gaussian noise zS/m (at the server, or each client's share at the client), and
 the recipe's aggregator post-processes the release (`fedllm.privacy.client_dp` has the math).
-One sampled-Gaussian step per round is charged with q = m/N and the release's effective z.
+One Gaussian step per round is charged at q = 1 (clients are drawn from a public seed and who
+took part is public, so no amplification by sampling) and the release's effective z.
 """
 
 from __future__ import annotations
