@@ -60,22 +60,27 @@ def test_the_table_lists_every_mode() -> None:
     assert ("train", "train-loss") not in allowed["sample"] | allowed["client"]
 
 
+CLIENT = [
+    "privacy.mode=client",
+    "privacy.client_noise_multiplier=1.0",
+    "aggregator.weighting=uniform",
+    "privacy.delta=1e-3",
+]
+RUNS = {  # a federation per run: (the table's column, its privacy overrides)
+    "none": ("none", []),
+    "sample": ("sample", ["privacy.mode=sample", "privacy.noise_multiplier=1.0"]),
+    "client": ("client", CLIENT),
+    "client-noise-at-client": ("client", [*CLIENT, "privacy.noise_at=client"]),
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("run", sorted(RUNS))
 def test_every_key_a_client_sends_is_in_the_table(
-    tmp_path: Path, mode: str, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, run: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    privacy = {
-        "none": [],
-        "sample": ["privacy.mode=sample", "privacy.noise_multiplier=1.0"],
-        "client": [
-            "privacy.mode=client",
-            "privacy.client_noise_multiplier=1.0",
-            "aggregator.weighting=uniform",
-            "privacy.delta=1e-3",
-        ],
-    }[mode]
-    overrides = [f"output_dir={tmp_path}", f"name={mode}", "data.num_clients=3"]
+    mode, privacy = RUNS[run]
+    overrides = [f"output_dir={tmp_path}", f"name={run}", "data.num_clients=3"]
     overrides += ["data.max_examples=150", "federation.rounds=1", "federation.local_steps=2"]
     cfg = load_recipe(ROOT / "recipes" / "tiny.yaml", [*overrides, *privacy])
     spy = Spy(make_client_app(cfg))
