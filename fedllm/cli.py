@@ -8,7 +8,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from fedllm.recipe import ConfigError, RunConfig, load_recipe
+import yaml
+
+from fedllm.recipe import ConfigError, RunConfig, build_config, load_recipe
 from fedllm.server.checkpoint import CHECKPOINT, PREVIOUS, has_checkpoint, read_checkpoint
 from fedllm.server.metrics import METRICS
 
@@ -56,7 +58,7 @@ def start_run(cfg: RunConfig, *, resume: bool, overwrite: bool, local: bool = Tr
     run_dir = cfg.run_dir
     if resume:
         if local:  # a SuperLink's ServerApp may keep its run folder elsewhere
-            check_resumable(run_dir)
+            check_resumable(run_dir, cfg)
     elif has_checkpoint(run_dir):
         if not overwrite:
             raise ConfigError(
@@ -110,15 +112,53 @@ def cmd_run(args: argparse.Namespace) -> int:
 RUN_FILES = (CHECKPOINT, PREVIOUS, "recipe.yaml", METRICS)  # any of these: a fedllm run folder
 
 
-def check_resumable(run_dir: Path) -> None:
-    """Refuse --resume without a readable checkpoint: it would silently restart from round 0."""
+def check_resumable(run_dir: Path, cfg: RunConfig | None = None) -> None:
+    """Refuse --resume without a readable checkpoint (it would silently restart from round 0) or
+    with a recipe other than the checkpoint's, before anything is prepared or written."""
     if not has_checkpoint(run_dir):
         where = run_dir if run_dir.is_dir() else f"{run_dir} (which does not exist)"
         raise ConfigError(
             f"--resume: no {CHECKPOINT} in {where}, so there is no finished round to continue "
             "from; drop --resume to start this run from round 0 (or check output_dir= and name=)"
         )
-    read_checkpoint(run_dir)  # CheckpointError naming the file and --overwrite if unreadable
+    found = read_checkpoint(run_dir)  # CheckpointError naming the file and --overwrite
+    saved = found[0].get("fingerprint") if found else None
+    if cfg is not None and saved is not None and saved != cfg.fingerprint(budget=False):
+        raise ConfigError(
+            f"--resume: {found[1]} was made by another recipe{recipe_changes(run_dir, cfg)}; "
+            f"resume with the one it was made with ({run_dir / 'recipe.yaml'}), or start a new "
+            "run with name=<new name> or --overwrite"
+        )
+
+
+def recipe_changes(run_dir: Path, cfg: RunConfig, *, most: int = 5) -> str:
+    """': key is X there and Y now, ...' between the run's saved recipe and `cfg`, over what the
+    checkpoint's fingerprint covers; '' if the saved recipe cannot be read."""
+    try:
+        then = build_config(yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {})
+    except (OSError, yaml.YAMLError, ConfigError):
+        return ""
+    pinned = ("model", "lora", "data", "seed", "privacy")
+    now = {k: v for k, v in cfg.model_dump(mode="json").items() if k in pinned}
+    then = {k: v for k, v in then.model_dump(mode="json").items() if k in pinned}
+    changes = [
+        f"{key} is {old!r} there and {new!r} now"
+        for key, old, new in differences(then, now)
+        if key != "privacy.epsilon_budget"
+    ]
+    more = f"; and {len(changes) - most} more" if len(changes) > most else ""
+    shown = "; ".join(changes[:most]) + more
+    return f": {shown}" if changes else ""
+
+
+def differences(a: object, b: object, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, a's value, b's value) wherever two nested dicts differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in [*a, *(k for k in b if k not in a)]:
+            out += differences(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [(prefix.rstrip("."), a, b)]
 
 
 def remove_run_dir(run_dir: Path, output_dir: Path) -> None:

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from fedllm.cli import main, split_recipes
+from fedllm.recipe import load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 SHIPPED = sorted(str(p) for p in RECIPES.glob("*.yaml"))
@@ -153,6 +154,26 @@ def test_resume_with_a_checkpoint_goes_on(tmp_path: Path, no_prepare: None) -> N
     (tmp_path / "ok").mkdir()
     save_checkpoint(tmp_path / "ok", {"round": 1})
     with pytest.raises(PrepareReached):
+        main(run_args(tmp_path, "ok", "--resume"))
+
+
+def test_resume_with_another_recipe_names_what_changed_and_writes_nothing(
+    tmp_path: Path, no_prepare: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedllm.cli import absolute_paths
+    from fedllm.server.checkpoint import save_checkpoint
+
+    run_dir = tmp_path / "ok"
+    run_dir.mkdir()
+    cfg = absolute_paths(load_recipe(TINY, [f"output_dir={tmp_path}", "name=ok"]))
+    save_checkpoint(run_dir, {"round": 1, "fingerprint": cfg.fingerprint(budget=False)})
+    (run_dir / "recipe.yaml").write_text(saved := cfg.to_yaml())
+    assert main(run_args(tmp_path, "ok", "lora.ranks=[4]", "seed=7", "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "was made by another recipe: seed is 0 there and 7 now; lora.ranks is [2, 4, 8] " in err
+    assert "there and [4] now; resume with" in err and "name=<new name> or --overwrite" in err
+    assert (run_dir / "recipe.yaml").read_text() == saved, "the run's recipe is left as it was"
+    with pytest.raises(PrepareReached):  # the same recipe goes on
         main(run_args(tmp_path, "ok", "--resume"))
 
 
