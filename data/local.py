@@ -7,6 +7,7 @@ turns), Alpaca's instruction/input/output, or MMLU's question/choices/answer.
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -67,8 +68,9 @@ def rows_to_examples(
 ) -> list[dict[str, Any]]:
     """Map table rows to examples in the layout `detect_layout` finds; label "" if unset.
 
-    prompt/response rows: None becomes "", other values become str. The other layouts check
-    every row and name the file, the row and what is missing.
+    prompt/response rows: a None prompt becomes "", a None response is an error naming the row,
+    other values become str. The other layouts check every row and name the file, the row and
+    what is missing.
     """
     layout = detect_layout(
         columns, origin=origin, prompt_field=prompt_field, response_field=response_field
@@ -95,6 +97,10 @@ def rows_to_examples(
             prompt, response = question, choices[answer]
             extra = {"choices": choices, "answer": answer}
         else:
+            if row[response_field] is None:
+                raise ValueError(
+                    f"{where}: {response_field!r} is null; every row needs a response to learn"
+                )
             prompt, response, extra = _text(row[prompt_field]), _text(row[response_field]), {}
         examples.append(
             {"prompt": prompt, "response": response, "label": label, "id": example_id, **extra}
@@ -185,9 +191,41 @@ def _read_file(path: Path, *, cache_dir: str) -> Any:
             f"cannot read {path}: the suffix {path.suffix!r} is not one of {list(BUILDERS)}; "
             "a folder written by datasets' save_to_disk also works"
         )
+    size = path.stat().st_size
+    if size == 0 or (size < 1 << 16 and not path.read_bytes().strip()):
+        raise ValueError(f"{path} is empty: it holds no rows; give at least one example")
     import datasets  # imported on use: it takes over a second
 
-    return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir)
+    try:
+        dataset = datasets.load_dataset(
+            builder, data_files=str(path), split="train", cache_dir=cache_dir
+        )
+    except Exception as err:  # datasets' own errors name neither the file nor the line
+        raise ValueError(_unreadable(path, builder, err)) from None
+    if len(dataset) == 0:
+        raise ValueError(f"{path} has columns {dataset.column_names} but no rows")
+    return dataset
+
+
+def _unreadable(path: Path, builder: str, err: Exception) -> str:
+    """Why `path` does not read as `builder`: its first line that is not JSON (JSON Lines), no
+    row under a CSV header, or datasets' own words."""
+    if path.suffix.lower() == ".jsonl":
+        with path.open(encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, 1):
+                try:
+                    if line.strip():
+                        json.loads(line.rstrip())
+                except json.JSONDecodeError as bad:
+                    return (
+                        f"{path} line {number} is not valid JSON ({bad.msg} at column "
+                        f"{bad.colno}); every line must be one JSON object"
+                    )
+    if builder == "csv" and len(path.read_text(errors="replace").strip().splitlines()) <= 1:
+        return f"{path} has a header but no rows; give at least one example"
+    if "corresponds to no data" in str(err):  # datasets' words for a file without rows
+        return f"{path} holds no rows; give at least one example"
+    return f"cannot read {path} as {builder.upper()}: {err}"
 
 
 def _read_folder(path: Path) -> Any:

@@ -115,9 +115,13 @@ def _dirichlet(
 def _domain(labels: list[str], *, num_clients: int) -> list[list[int]]:
     counts = Counter(labels)
     if len(counts) < num_clients:
+        found = f"{len(counts)} ({sorted(counts)[:10]})"
+        if set(counts) == {""}:  # a local file read without data.label_field
+            found = "none (no example has a label: set data.label_field to a label column)"
         raise ValueError(
-            f"domain partition needs at least num_clients={num_clients} distinct labels, found "
-            f"{len(counts)} ({sorted(counts)[:10]}); use fewer clients or method='dirichlet'/'iid'"
+            f"data.partitioner='domain' needs at least data.num_clients={num_clients} distinct "
+            f"labels, found {found}; use fewer data.num_clients, or data.partitioner='iid' or "
+            "'dirichlet'"
         )
     sizes = [0] * num_clients
     owner: dict[str, int] = {}

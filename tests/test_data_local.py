@@ -52,10 +52,10 @@ def test_json_array_csv_and_parquet(tmp_path: Path) -> None:
 
 
 def test_label_defaults_to_empty_and_id_column_is_kept(tmp_path: Path) -> None:
-    rows = [{"prompt": "p", "response": None, "id": 17}]
+    rows = [{"prompt": None, "response": "r", "id": 17}]  # a null prompt: unconditional text
     (tmp_path / "plain.jsonl").write_text(json.dumps(rows[0]) + "\n", encoding="utf-8")
     assert load_local(tmp_path / "plain.jsonl") == [
-        {"prompt": "p", "response": "", "label": "", "id": "17"}
+        {"prompt": "", "response": "r", "label": "", "id": "17"}
     ]
 
 
@@ -92,6 +92,36 @@ def test_missing_path_and_unknown_suffix(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("hello", encoding="utf-8")
     with pytest.raises(ValueError, match=r"'\.txt' is not one of \['\.json', '\.jsonl'"):
         load_local(tmp_path / "notes.txt")
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("empty.jsonl", "", r"empty\.jsonl is empty: it holds no rows"),
+        ("blank.jsonl", "\n\n  \n", r"blank\.jsonl is empty: it holds no rows"),
+        ("header.csv", "prompt,response\n", r"header\.csv has a header but no rows"),
+        ("empty.json", "[]", r"empty\.json holds no rows"),
+        (
+            "bad.jsonl",
+            '{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": \n',
+            r"bad\.jsonl line 2 is not valid JSON \(Expecting value at column 28\); every line",
+        ),
+    ],
+)
+def test_an_unreadable_or_empty_file_is_named_with_what_is_wrong(
+    tmp_path: Path, name: str, text: str, message: str
+) -> None:
+    (tmp_path / name).write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError, match=message):
+        load_local(tmp_path / name)
+
+
+def test_a_null_response_is_an_error_naming_the_row(tmp_path: Path) -> None:
+    path = tmp_path / "null.jsonl"
+    rows = [{"prompt": "a", "response": "b"}, {"prompt": "c", "response": None}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"null\.jsonl row 1: 'response' is null"):
+        load_local(path)
 
 
 def test_load_examples_dispatches_local_paths(tmp_path: Path) -> None:

@@ -53,8 +53,10 @@ def test_domain_never_shares_a_label_on_wordnet_like_sizes() -> None:
 
 
 def test_domain_needs_as_many_labels_as_clients() -> None:
-    with pytest.raises(ValueError, match=r"at least num_clients=3 distinct labels, found 2"):
+    with pytest.raises(ValueError, match=r"at least data.num_clients=3 distinct labels, found 2"):
         partition(labelled({"a": 5, "b": 5}), num_clients=3, method="domain")
+    with pytest.raises(ValueError, match=r"found none \(no example has a label: set data\.label_"):
+        partition(labelled({"": 10}), num_clients=2, method="domain")
     with pytest.raises(ValueError, match="min_size=3"):
         partition(labelled({"a": 5, "b": 2}), num_clients=2, method="domain", min_size=3)
 
