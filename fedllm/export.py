@@ -68,8 +68,9 @@ def find_adapter(run_dir: Path, *, client: int | None = None, round: int | None 
             | {p.parent.name for p in run_dir.glob("client_adapters/*/adapter_config.json")}
         )
         raise FileNotFoundError(
-            f"{run_dir}: no adapter of client {client} (neither {PERSONAL} nor {CLIENT}); "
-            f"clients with one: {', '.join(have) or 'none (a private run keeps none)'}"
+            f"{run_dir}: no adapter of client {client} (neither "
+            f"{str(PERSONAL).format(client=client)} nor {str(CLIENT).format(client=client)}); "
+            f"valid --client: {', '.join(have) or 'none (a private run keeps none)'}"
         )
     if round is not None:
         folder = run_dir / str(SNAPSHOT).format(round=round)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -155,6 +156,39 @@ def test_resume_with_a_checkpoint_goes_on(tmp_path: Path, no_prepare: None) -> N
     save_checkpoint(tmp_path / "ok", {"round": 1})
     with pytest.raises(PrepareReached):
         main(run_args(tmp_path, "ok", "--resume"))
+
+
+@pytest.mark.parametrize(
+    ("write", "arg", "message"),
+    [
+        (
+            lambda p: p.write_text(Path(TINY).read_text() + "federation:\n  lr: 0.01\n"),
+            "r.yaml",
+            r"r\.yaml is not valid YAML: key 'federation' appears twice \(lines \d+ and \d+\)",
+        ),
+        (
+            lambda p: p.write_bytes(b"name: caf\xe9\n"),
+            "r.yaml",
+            r"r\.yaml is not UTF-8 text \(byte 0xe9 at position 9\); save it as UTF-8",
+        ),
+        (lambda p: p.write_text("a: [1\n"), "r.yaml", r"in \".*r\.yaml\", line 1"),
+        (lambda p: p.mkdir(), "r.yaml", r"r\.yaml is a folder; give a YAML file"),
+        (
+            lambda p: None,
+            "federation.rounds",
+            r"if it is an override, write key=value \(e\.g\. federation\.rounds=2\)",
+        ),
+    ],
+)
+def test_a_recipe_that_cannot_be_read_is_named_with_what_is_wrong(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], write, arg: str, message: str
+) -> None:
+    write(tmp_path / "r.yaml")
+    target = str(tmp_path / arg) if arg.endswith(".yaml") else arg
+    assert main(["validate", target]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert "Traceback" not in err
 
 
 def test_resume_with_another_recipe_names_what_changed_and_writes_nothing(

@@ -315,7 +315,11 @@ def test_export_client_prefers_its_personal_adapter_over_the_servers_copy(run, t
     ("args", "message"),
     [
         (["--round", "5"], "no snapshot of round 5; snapshots: none (set output.snapshot_every)"),
-        (["--client", "7"], "no adapter of client 7"),
+        (
+            ["--client", "7"],
+            "no adapter of client 7 (neither clients/7/personal_adapter nor client_adapters/7); "
+            "valid --client: 0, 1",
+        ),
         (["--client", "0", "--round", "1"], "pass --client or --round, not both"),
         (["--dtype", "float16"], "--dtype applies to --merge only"),
         (["--merge", "--dtype", "fp8"], "--dtype 'fp8'; valid: float32, bfloat16, float16"),

@@ -20,6 +20,26 @@ from fedllm.recipe.schema import RunConfig
 from fedllm.recipe.shipped import resolve_recipe
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key twice in one mapping is an error (PyYAML keeps the
+    last one, so a second `federation:` section would silently drop the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key {key!r} appears twice (lines {seen[key]} and {line}); merge them",
+                    key_node.start_mark,
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid recipe {source}:"]
     for e in err.errors():
@@ -124,9 +144,15 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RunConf
     validate."""
     path = resolve_recipe(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"recipe {path} is not UTF-8 text (byte {err.object[err.start]:#x} at position "
+            f"{err.start}); save it as UTF-8"
+        ) from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"recipe {path} is not valid YAML: {err}") from None
+        where = str(err).replace("<unicode string>", str(path))
+        raise ConfigError(f"recipe {path} is not valid YAML: {where}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path} must be a mapping of keys, got {type(data).__name__}")
     data = _merge(data, parse_overrides(overrides or []))

@@ -56,7 +56,11 @@ def resolve_recipe(value: str | Path) -> Path:
     name = shipped_name(str(value))
     if name is not None:
         return shipped_recipes()[name]
+    if path.is_dir():
+        raise ConfigError(f"recipe {path} is a folder; give a YAML file (e.g. {path}/*.yaml)")
+    override = "." in str(value) and not str(value).endswith((".yaml", ".yml"))
+    hint = f"; if it is an override, write key=value (e.g. {value}=2)" if override else ""
     raise ConfigError(
-        f"recipe file {value} not found, and it is not a shipped recipe; shipped recipes: "
-        f"{', '.join(shipped_recipes())} (`fedllm recipes` lists them)"
+        f"recipe file {value} not found, and it is not a shipped recipe{hint}; shipped "
+        f"recipes: {', '.join(shipped_recipes())} (`fedllm recipes` lists them)"
     )
