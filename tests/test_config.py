@@ -149,3 +149,20 @@ def test_fingerprint_tracks_what_clients_must_share() -> None:
     a = build_config({})
     assert a.fingerprint() == build_config({"federation": {"rounds": 9}}).fingerprint()
     assert a.fingerprint() != build_config({"lora": {"alpha": 8}}).fingerprint()
+
+
+@pytest.mark.parametrize(
+    ("ranks", "message"),
+    [
+        ("eight", r"lora\.ranks: got 'eight'; valid forms: int, list\[int\], RankRule"),
+        (2.5, r"lora\.ranks: got 2\.5; valid forms: int, list\[int\], RankRule"),
+        ({"min": 8, "max": 2}, r"lora\.ranks: min \(8\) must be <= max \(2\)"),
+        ({"min": 2, "maxx": 4}, r"lora\.ranks\.maxx: unknown key \(did you mean 'max'\?\); valid"),
+    ],
+)
+def test_a_value_no_form_of_a_union_takes_is_one_plain_error(ranks, message: str) -> None:
+    """lora.ranks takes an int, a list or a {min, max, spacing} rule: a bad value gets one line
+    (the rule's own for a mapping), not one per form with pydantic's internal names."""
+    with pytest.raises(ConfigError, match=message) as caught:
+        build_config({"lora": {"ranks": ranks}})
+    assert "function-after" not in str(caught.value) and "lora.ranks.int" not in str(caught.value)

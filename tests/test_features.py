@@ -213,18 +213,22 @@ def test_dropped_in_feature_through_fedllm_validate(
 
 
 @pytest.mark.parametrize(
-    ("options", "key"),
+    ("options", "key", "then"),
     [
-        ({"strength": 0}, "strength"),
-        ({"strength": "strong"}, "strength"),
-        ({"label": 3}, "label"),
-        ({"strenght": 0.5}, "strenght"),  # unknown option: extra="forbid"
+        ({"strength": 0}, "strength", r"Input should be greater than 0 \(got 0\)"),
+        ({"strength": "strong"}, "strength", r".*\(got 'strong'\)"),
+        ({"label": 3}, "label", r".*\(got 3\)"),
+        (  # unknown option: extra="forbid"
+            {"strenght": 0.5},
+            "strenght",
+            r"unknown option \(did you mean 'strength'\?\); valid: label, strength",
+        ),
     ],
 )
 def test_bad_option_of_a_dropped_in_feature_is_reported_by_key(
-    dropin: str, options: dict, key: str
+    dropin: str, options: dict, key: str, then: str
 ) -> None:
-    with pytest.raises(ConfigError, match=rf"features\.{dropin}\.{key}: "):
+    with pytest.raises(ConfigError, match=rf"features\.{dropin}\.{key}: {then}"):
         build_config(recipe(features={dropin: options}))
 
 

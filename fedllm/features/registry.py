@@ -13,7 +13,7 @@ import pkgutil
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from fedllm.features.base import Feature
 
@@ -94,9 +94,7 @@ def check(cfg: RunConfig) -> None:
         try:
             cls.parse_options(cfg)
         except ValidationError as err:
-            e = err.errors()[0]
-            key = ".".join(str(p) for p in e["loc"])
-            raise ValueError(f"features.{name}.{key}: {e['msg']}") from None
+            raise ValueError(option_error(name, cls.Options, err)) from None
     for cls in sorted(found.values(), key=lambda c: (c.order, c.name)):
         cls.check(cfg)
 
@@ -110,3 +108,16 @@ def client_mods() -> list:
 def build(cfg: RunConfig) -> list[Feature]:
     """Fresh instances of the active features (per round on a client, per run on the server)."""
     return [cls(cfg) for cls in active(cfg)]
+
+
+def option_error(name: str, options: type[BaseModel], err: ValidationError) -> str:
+    """`features.<name>.<key>: ...` for a bad option: an unknown one with a did-you-mean and the
+    valid options, a bad value with what was given."""
+    e = err.errors()[0]
+    key = ".".join(str(p) for p in e["loc"])
+    if e["type"] == "extra_forbidden":
+        valid = sorted(options.model_fields)
+        close = difflib.get_close_matches(str(e["loc"][-1]), valid, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"features.{name}.{key}: unknown option{hint}; valid: {', '.join(valid)}"
+    return f"features.{name}.{key}: {e['msg']} (got {e.get('input')!r})"

@@ -8,6 +8,8 @@ command that takes a recipe.
 from __future__ import annotations
 
 import difflib
+import re
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +42,57 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# A location part that names a member of a union type (`int`, `list[int]`, `RankRule`,
+# `function-after[_ordered(), RankRule]`), not a recipe key.
+UNION_MEMBER = re.compile(r"^(int|float|str|bool|none|[\w-]+\[.*\]|[A-Z]\w*)$")
+
+
+def _form(tag: str) -> str:
+    """A union member as a reader knows it: `function-after[_ordered(), RankRule]` is
+    `RankRule`."""
+    return m.group(1) if (m := re.match(r"^function-[\w-]+\[.*?(\w+)\]$", tag)) else tag
+
+
+def _union_errors(errors: list[dict]) -> list[dict]:
+    """The errors of a value none of a union's forms accepts, as a reader wants them: for a
+    mapping, the mapping form's own (its keys); else what was given and the valid forms."""
+    out: list[dict] = []
+    groups: dict[tuple, list[tuple[str, dict]]] = {}
+    for e in errors:
+        loc = e["loc"]
+        cut = next(
+            (i for i, x in enumerate(loc) if isinstance(x, str) and UNION_MEMBER.match(x)), None
+        )
+        if cut is None:
+            out.append(e)
+            continue
+        if loc[:cut] not in groups:
+            groups[loc[:cut]] = []
+            out.append({"union": loc[:cut]})
+        groups[loc[:cut]].append((_form(str(loc[cut])), {**e, "loc": loc[:cut] + loc[cut + 1 :]}))
+    result = []
+    for e in out:
+        if "union" not in e:
+            result.append(e)
+            continue
+        members = groups[e["union"]]
+        got = members[0][1].get("input")
+        if isinstance(got, dict) and (mapping := [m for f, m in members if f[0].isupper()]):
+            result += mapping
+            continue
+        forms = ", ".join(dict.fromkeys(f for f, _ in members))
+        msg = f"got {got!r}; valid forms: {forms}"
+        result.append({"type": "union", "loc": e["union"], "msg": msg, "input": got})
+    return result
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid recipe {source}:"]
-    for e in err.errors():
+    for e in _union_errors(err.errors()):
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "union":
+            lines.append(f"  {key}: {e['msg']}")
+            continue
         if e["type"] == "extra_forbidden":
             parent = _model_at(e["loc"][:-1])
             valid = sorted(parent.model_fields) if parent else []
@@ -67,11 +116,14 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
         field = model.model_fields.get(str(part))
         if field is None:
             return None
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            model = ann
-        else:
+        models = [  # the field's model, also as one form of a union (lora.ranks: RankRule)
+            a
+            for a in (field.annotation, *typing.get_args(field.annotation))
+            if isinstance(a, type) and issubclass(a, BaseModel)
+        ]
+        if not models:
             return None
+        model = models[0]
     return model
 
 
