@@ -166,3 +166,12 @@ def test_a_value_no_form_of_a_union_takes_is_one_plain_error(ranks, message: str
     with pytest.raises(ConfigError, match=message) as caught:
         build_config({"lora": {"ranks": ranks}})
     assert "function-after" not in str(caught.value) and "lora.ranks.int" not in str(caught.value)
+
+
+@pytest.mark.parametrize("override", ["federation.rounds=true", "federation.lr=false"])
+def test_a_boolean_is_no_number(override: str) -> None:
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{key}: expected a number, got a boolean"):
+        load_recipe(Path(__file__).parents[1] / "recipes" / "tiny.yaml", [override])
+    tiny = Path(__file__).parents[1] / "recipes" / "tiny.yaml"
+    load_recipe(tiny, ["federation.share_head=true"])  # a bool field takes one

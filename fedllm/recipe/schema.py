@@ -8,17 +8,36 @@ from __future__ import annotations
 
 import hashlib
 import math
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from fedllm.recipe.checks import cross_check
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """`rounds: true` is a mistake, not 1 round: a number field takes no boolean (pydantic's
+        lax mode would)."""
+        ann = cls.model_fields[info.field_name].annotation
+        forms = {ann, *typing.get_args(ann)}
+        if isinstance(value, bool) and forms & {int, float} and bool not in forms:
+            raise ValueError(f"expected a number, got a boolean ({str(value).lower()})")
+        return value
 
 
 class TinyModelConfig(_Strict):
