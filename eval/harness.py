@@ -45,7 +45,7 @@ class EvalSettings:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(
-                f"eval setting precision must be one of {', '.join(PRECISIONS)}, "
+                f"--precision: eval setting precision must be one of {', '.join(PRECISIONS)}, "
                 f"got {self.precision!r}"
             )
         positive = {

@@ -47,6 +47,8 @@ def run_recipe(run_dir: Path) -> RunConfig:
 
 def check_run_dir(run_dir: Path) -> None:
     """Refuse a folder that is no fedllm run (neither its recipe nor its final adapter)."""
+    if not run_dir.exists():
+        raise FileNotFoundError(f"{run_dir} does not exist; pass the folder `fedllm run` wrote")
     if not (run_dir / "recipe.yaml").is_file() and not (run_dir / "final_adapter").is_dir():
         raise FileNotFoundError(
             f"{run_dir} is not a fedllm run folder (no recipe.yaml, no final_adapter/); pass the "

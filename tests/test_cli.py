@@ -173,6 +173,7 @@ def test_resume_with_a_checkpoint_goes_on(tmp_path: Path, no_prepare: None) -> N
         ),
         (lambda p: p.write_text("a: [1\n"), "r.yaml", r"in \".*r\.yaml\", line 1"),
         (lambda p: p.mkdir(), "r.yaml", r"r\.yaml is a folder; give a YAML file"),
+        (lambda p: p.write_text("# only a comment\n"), "r.yaml", r"r\.yaml is empty; give at"),
         (
             lambda p: None,
             "federation.rounds",

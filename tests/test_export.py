@@ -337,6 +337,8 @@ def test_export_refuses_a_folder_that_is_no_run_and_a_non_empty_out(run, tmp_pat
     assert (
         "is not a fedllm run folder (no recipe.yaml, no final_adapter/)" in capsys.readouterr().err
     )
+    assert main(["export", str(tmp_path / "gone"), str(tmp_path / "o")]) == 2
+    assert f"{tmp_path / 'gone'} does not exist" in capsys.readouterr().err
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("keep me")
     assert main(["export", str(run_dir), str(tmp_path / "full")]) == 2

@@ -418,7 +418,10 @@ def module_shapes(model: nn.Module, target_modules: Sequence[str]) -> dict[str, 
             shapes[name] = (linears[name].out_features, linears[name].in_features)
     if unmatched:
         suffixes = sorted({n.rsplit(".", 1)[-1] for n in linears})
-        raise ValueError(f"target modules {unmatched} match no linear layer; existing: {suffixes}")
+        raise ValueError(
+            f"lora.target_modules {unmatched} match no linear layer of the base; existing: "
+            f"{suffixes}"
+        )
     return shapes
 
 

@@ -196,7 +196,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RunConf
     validate."""
     path = resolve_recipe(path)
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
     except UnicodeDecodeError as err:
         raise ConfigError(
             f"recipe {path} is not UTF-8 text (byte {err.object[err.start]:#x} at position "
@@ -205,6 +205,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RunConf
     except yaml.YAMLError as err:
         where = str(err).replace("<unicode string>", str(path))
         raise ConfigError(f"recipe {path} is not valid YAML: {where}") from None
+    if data is None:
+        raise ConfigError(
+            f"recipe {path} is empty; give at least a model and data (`fedllm recipes cp "
+            "quickstart` copies one to edit)"
+        )
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path} must be a mapping of keys, got {type(data).__name__}")
     data = _merge(data, parse_overrides(overrides or []))
