@@ -22,6 +22,8 @@ from typing import Any, Protocol
 
 import torch
 
+from fedllm.suggest import did_you_mean
+
 
 @dataclass(frozen=True)
 class Factors:
@@ -278,8 +280,7 @@ def check_options(name: str, options: Mapping[str, Any]) -> None:
     for key, value in options.items():
         dotted = f"aggregator.options.{key}"
         if key not in defaults:
-            close = difflib.get_close_matches(str(key), valid, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = did_you_mean(str(key), valid)
             listed = f"valid: {', '.join(valid)}" if valid else f"{name!r} takes no options"
             problems.append(f"{dotted}: unknown option of {name!r}{hint}; {listed}")
             continue

@@ -16,7 +16,6 @@ passed to the server's aggregation): `prune_lambda` λ ≥ 0 (0: off, the defaul
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import numbers
 from collections.abc import Callable, Mapping
@@ -34,6 +33,7 @@ from fedllm.features.types import ClientPlan, ClientRound, ClientUpdate, RoundRe
 from fedllm.model.adapters import live_lora
 from fedllm.model.wire import client_options
 from fedllm.recipe.schema import RunConfig
+from fedllm.suggest import did_you_mean
 
 STATE = "hetlora-prune"  # key of {rank, tail} in the node's context.state
 
@@ -78,8 +78,7 @@ def check_recipe(cfg: RunConfig) -> None:
         return
     unknown = sorted(set(cfg.aggregator.options) - set(OPTIONS))
     if unknown:  # hetlora's aggregation takes no options of its own
-        close = difflib.get_close_matches(unknown[0], OPTIONS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        hint = did_you_mean(unknown[0], OPTIONS)
         raise ValueError(
             f"aggregator.options.{unknown[0]}: unknown option of 'hetlora'{hint}; "
             f"valid: {', '.join(OPTIONS)}"

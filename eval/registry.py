@@ -6,7 +6,6 @@ once), so a task dropped into the folder or installed as a plugin is there on th
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import pkgutil
 from collections.abc import Iterator, Sequence
@@ -15,6 +14,7 @@ from types import ModuleType
 
 from fedllm.eval import tasks as task_folder
 from fedllm.eval.task import EvalTask, is_registered
+from fedllm.suggest import did_you_mean
 
 ENTRY_POINT_GROUP = "fedllm.eval_tasks"
 
@@ -48,8 +48,7 @@ def get_task(name: str) -> type[EvalTask]:
 
 
 def _unknown(name: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(name, known, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    hint = did_you_mean(name, known)
     return f"unknown eval task {name!r}{hint}; available: {', '.join(known) or 'none'}"
 
 

@@ -138,13 +138,9 @@ def recipe_changes(run_dir: Path, cfg: RunConfig, *, most: int = 5) -> str:
         then = build_config(yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {})
     except (OSError, yaml.YAMLError, ConfigError):
         return ""
-    pinned = ("model", "lora", "data", "seed", "privacy")
-    now = {k: v for k, v in cfg.model_dump(mode="json").items() if k in pinned}
-    then = {k: v for k, v in then.model_dump(mode="json").items() if k in pinned}
     changes = [
         f"{key} is {old!r} there and {new!r} now"
-        for key, old, new in differences(then, now)
-        if key != "privacy.epsilon_budget"
+        for key, old, new in differences(then.pinned(budget=False), cfg.pinned(budget=False))
     ]
     more = f"; and {len(changes) - most} more" if len(changes) > most else ""
     shown = "; ".join(changes[:most]) + more

@@ -140,10 +140,14 @@ class SampleLevelDP(Feature):
     def lost_round(self, server_round: int, *, partitions: Sequence[int], sampled: int) -> None:
         """Charge every partition that may have trained in the lost round at its plan."""
         for pid in partitions:
-            sigma, q, steps = self._planned(pid)
-            self.account.ledger.record(
-                partition_key(pid), noise_multiplier=sigma, sample_rate=q, steps=steps
-            )
+            self._charge_at_plan(pid)
+
+    def _charge_at_plan(self, pid: int) -> None:
+        """Charge `pid` one round at its plan (its last reported numbers, else the recipe's)."""
+        sigma, q, steps = self._planned(pid)
+        self.account.ledger.record(
+            partition_key(pid), noise_multiplier=sigma, sample_rate=q, steps=steps
+        )
 
     def _planned(self, pid: int) -> tuple[float, float, int]:
         if pid in self.reported:
@@ -198,10 +202,7 @@ class SampleLevelDP(Feature):
             charged.add(pid)
         for row in result.rows:  # an unreadable reply reached the server too: its node's
             for pid in sorted(set(row.may_hold) - charged):  # partitions at their plan
-                sigma, q, steps = self._planned(pid)
-                ledger.record(
-                    partition_key(pid), noise_multiplier=sigma, sample_rate=q, steps=steps
-                )
+                self._charge_at_plan(pid)
                 charged.add(pid)
         for row in result.rows:
             pid = row.reply.partition if row.reply is not None else row.partition

@@ -7,7 +7,6 @@ file, with no import list to edit.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import pkgutil
 from importlib.metadata import entry_points
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, ValidationError
 
 from fedllm.features.base import Feature
+from fedllm.suggest import did_you_mean
 
 if TYPE_CHECKING:
     from fedllm.recipe.schema import RunConfig
@@ -61,8 +61,7 @@ def feature_class(name: str) -> type[Feature]:
     found = discover()
     if name in found:
         return found[name]
-    close = difflib.get_close_matches(name, found, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    hint = did_you_mean(name, found)
     raise ValueError(f"unknown feature {name!r}{hint}; available: {', '.join(sorted(found))}")
 
 
@@ -78,8 +77,7 @@ def check(cfg: RunConfig) -> None:
     found = discover()
     modes = sorted(c.privacy_mode for c in found.values() if c.privacy_mode is not None)
     if cfg.privacy.mode != "none" and cfg.privacy.mode not in modes:
-        close = difflib.get_close_matches(cfg.privacy.mode, modes, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        hint = did_you_mean(cfg.privacy.mode, modes)
         valid = ", ".join(["none", *modes])
         raise ValueError(
             f"privacy.mode: unknown DP mechanism {cfg.privacy.mode!r}{hint}; valid: {valid}"
@@ -88,8 +86,7 @@ def check(cfg: RunConfig) -> None:
         cls = found.get(name)
         if cls is None or cls.Options is None:
             own = sorted(n for n, c in found.items() if c.Options is not None)
-            close = difflib.get_close_matches(name, own, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = did_you_mean(name, own)
             raise ValueError(f"features.{name}: unknown feature{hint}; valid: {', '.join(own)}")
         try:
             cls.parse_options(cfg)
@@ -117,7 +114,6 @@ def option_error(name: str, options: type[BaseModel], err: ValidationError) -> s
     key = ".".join(str(p) for p in e["loc"])
     if e["type"] == "extra_forbidden":
         valid = sorted(options.model_fields)
-        close = difflib.get_close_matches(str(e["loc"][-1]), valid, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        hint = did_you_mean(str(e["loc"][-1]), valid)
         return f"features.{name}.{key}: unknown option{hint}; valid: {', '.join(valid)}"
     return f"features.{name}.{key}: {e['msg']} (got {e.get('input')!r})"

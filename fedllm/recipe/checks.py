@@ -5,8 +5,9 @@ Field-level rules (types, ranges, unknown keys) are pydantic's, in `fedllm.recip
 
 from __future__ import annotations
 
-import difflib
 from typing import Any
+
+from fedllm.suggest import did_you_mean
 
 RunConfig = Any  # fedllm.recipe.schema.RunConfig, which imports this module (no cycle back)
 
@@ -48,6 +49,5 @@ def cross_check(cfg: RunConfig) -> None:
 
 
 def _unknown(key: str, value: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(value, valid, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    hint = did_you_mean(value, valid)
     return f"{key}: unknown value {value!r}{hint}; valid: {', '.join(sorted(valid))}"

@@ -7,7 +7,6 @@ command that takes a recipe.
 
 from __future__ import annotations
 
-import difflib
 import re
 import typing
 from pathlib import Path
@@ -20,6 +19,7 @@ from fedllm.features import registry as features
 from fedllm.recipe.checks import ConfigError
 from fedllm.recipe.schema import RunConfig
 from fedllm.recipe.shipped import resolve_recipe
+from fedllm.suggest import did_you_mean
 
 
 class UniqueKeyLoader(yaml.SafeLoader):
@@ -96,8 +96,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
         if e["type"] == "extra_forbidden":
             parent = _model_at(e["loc"][:-1])
             valid = sorted(parent.model_fields) if parent else []
-            close = difflib.get_close_matches(str(e["loc"][-1]), valid, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = did_you_mean(str(e["loc"][-1]), valid)
             lines.append(f"  {key}: unknown key{hint}; valid keys here: {', '.join(valid)}")
         elif e["type"] == "value_error":
             msg = e["msg"].removeprefix("Value error, ")

@@ -694,10 +694,15 @@ class RunConfig(_Strict):
         `budget=False` leaves out `privacy.epsilon_budget`: a checkpoint may be resumed under a
         new budget (the ledger keeps what was spent), though a node pinning the hash refuses it.
         """
+        parts = self.pinned(budget=budget)
+        return hashlib.sha256(yaml.safe_dump(parts, sort_keys=True).encode()).hexdigest()[:12]
+
+    def pinned(self, *, budget: bool = True) -> dict[str, Any]:
+        """The sections `fingerprint` hashes, as plain data (what a resumed run must keep)."""
         parts = self.model_dump(include={"model", "lora", "data", "seed", "privacy"}, mode="json")
         if not budget:
             parts["privacy"].pop("epsilon_budget")
-        return hashlib.sha256(yaml.safe_dump(parts, sort_keys=True).encode()).hexdigest()[:12]
+        return parts
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,12 @@
+"""The did-you-mean hint every error that lists valid names gives for a misspelt one."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+def did_you_mean(word: str, valid: Iterable[str]) -> str:
+    """` (did you mean 'x'?)` for the name in `valid` closest to `word`, or "" if none is."""
+    close = difflib.get_close_matches(word, list(valid), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
