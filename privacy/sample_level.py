@@ -21,7 +21,7 @@ from fedllm.features.types import ClientRound, RoundResult, TrainReply
 from fedllm.privacy.accounting import partition_key
 from fedllm.privacy.budget import PUBLIC_KEYS, Account
 from fedllm.privacy.dpsgd import DPTrainResult, train_dp
-from fedllm.privacy.plan import check_shards, sample_plan
+from fedllm.privacy.plan import SamplePlan, check_shards, sample_plan
 from fedllm.recipe.schema import RunConfig
 
 
@@ -100,6 +100,7 @@ class SampleLevelDP(Feature):
         self.reported: dict[int, tuple[float, float, int]] = {}  # partition -> (σ, q, steps)
         self.shards = ProcessCache()  # server: the recipe's split once, for every partition's plan
         self.dp_metrics: dict[str, int | float] = {}
+        self.plans: dict[int, SamplePlan] = {}  # shard size -> its plan (a target σ is a search)
 
     # -- client --------------------------------------------------------------------------------
     def train(self, model: torch.nn.Module, rnd: ClientRound, *, steps: int) -> TrainResult:
@@ -170,21 +171,47 @@ class SampleLevelDP(Feature):
         return factors
 
     def dp_numbers(self, reply: TrainReply) -> tuple[float, float, int]:
-        """(σ, q, steps) a reply reports, checked: σ > 0, q in (0, 1], steps within the plan."""
-        m, fed = reply.extra, self.cfg.federation
+        """(σ, q, steps) a reply reports, checked against the recipe: they must be the plan of
+        some shard size n the recipe allows (q = batch/n, σ and C the recipe's or the ones its
+        target ε gives at that q), with no more steps than that plan runs in a round."""
+        m = reply.extra
         if not {"dp-noise-multiplier", "dp-sample-rate", "dp-steps"} <= set(m):
             raise ValueError("no DP-SGD metrics in a privacy.mode='sample' run (recipe mismatch?)")
         sigma, q, steps = m["dp-noise-multiplier"], m["dp-sample-rate"], m["dp-steps"]
-        most = fed.local_steps or math.ceil(
-            fed.local_epochs * (self.cfg.data.max_examples or 10**6) / fed.batch_size
-        )
-        numbers = all(isinstance(x, int | float) and math.isfinite(x) for x in (sigma, q, steps))
-        if not numbers or sigma <= 0 or not 0 < q <= 1 or not 0 <= steps <= most:
+        clip = m.get("dp-max-grad-norm", self.cfg.privacy.max_grad_norm)
+        numbers = (sigma, q, steps, clip)
+        finite = all(isinstance(x, int | float) and math.isfinite(x) for x in numbers)
+        if not finite or not 0 < q <= 1:
+            raise ValueError(f"DP-SGD metrics out of range: σ={sigma!r}, q={q!r}, steps={steps!r}")
+        plan = self._plan_for(round(self.cfg.federation.batch_size / q), reply.partition)
+        if not math.isclose(q, plan.sample_rate, rel_tol=1e-9):
             raise ValueError(
-                f"DP-SGD metrics out of range: σ={sigma!r}, q={q!r}, steps={steps!r} "
-                f"(at most {most})"
+                f"dp-sample-rate {q!r} is not batch/n for a whole shard size n "
+                f"(federation.batch_size={self.cfg.federation.batch_size})"
             )
+        if not math.isclose(sigma, plan.noise_multiplier, rel_tol=1e-3):
+            raise ValueError(
+                f"dp-noise-multiplier {sigma!r} is not the recipe's σ at q={q:g} "
+                f"({plan.noise_multiplier:.4g})"
+            )
+        if clip != plan.max_grad_norm:
+            raise ValueError(
+                f"dp-max-grad-norm {clip!r} is not the recipe's privacy.max_grad_norm "
+                f"({plan.max_grad_norm:g})"
+            )
+        if not 0 <= steps <= plan.steps_per_round:
+            raise ValueError(f"dp-steps {steps!r} outside [0, {plan.steps_per_round}] at q={q:g}")
         return float(sigma), float(q), int(steps)
+
+    def _plan_for(self, n_train: int, partition: int) -> SamplePlan:
+        """The recipe's plan for a shard of `n_train` examples (ValueError if the recipe cannot
+        train one: δ ≥ 0.1/n, batch ≥ n, or more than data.max_examples); one per n."""
+        cap = self.cfg.data.max_examples
+        if cap is not None and n_train > cap:
+            raise ValueError(f"dp-sample-rate implies {n_train} examples, above data.max_examples")
+        if n_train not in self.plans:
+            self.plans[n_train] = sample_plan(self.cfg, n_train=n_train, partition=partition)
+        return self.plans[n_train]
 
     def record(self, result: RoundResult, *, server_row: dict[str, Any]) -> None:
         """Charge every client that trained (accepted or not), then put ε into the rows."""

@@ -311,3 +311,59 @@ def test_an_unreadable_dp_sgd_reply_is_still_charged_to_its_nodes_partition() ->
     assert row.status == "rejected" and row.to_json()["partition"] == 3
     assert ledger.steps(partition_key(3)) == before + steps
     assert row.fields["epsilon"] == ledger.epsilon(partition_key(3)) > 0
+
+
+# -- DP-SGD accounting numbers the plan of no shard could give ------------------------------------
+
+HONEST_DP = {"dp-noise-multiplier": 1.0, "dp-sample-rate": 0.1, "dp-steps": 5}  # n = 8/0.1 = 80
+DP_LIES: dict[str, tuple[dict[str, float], str]] = {
+    "σ below the recipe's": ({"dp-noise-multiplier": 0.5}, "dp-noise-multiplier"),
+    "q of no whole shard size": ({"dp-sample-rate": 0.0937}, "whole shard"),
+    "q of a shard above max_examples": ({"dp-sample-rate": 8 / 5000}, "max_examples"),
+    "q of a shard no bigger than a batch": ({"dp-sample-rate": 1.0}, "batch_size"),
+    "steps above the plan": ({"dp-steps": 21}, "dp-steps"),
+    "clip above the recipe's": ({"dp-max-grad-norm": 100.0}, "max_grad_norm"),
+    "NaN σ": ({"dp-noise-multiplier": float("nan")}, "out of range"),
+    "q of zero": ({"dp-sample-rate": 0.0}, "out of range"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DP_LIES))
+def test_dp_sgd_numbers_no_plan_gives_are_rejected_and_charged_at_plan(name: str) -> None:
+    """σ, q, steps and C must be the recipe's plan for some shard size it allows (q = batch/n,
+    n ≤ data.max_examples and δ ≤ 0.1/n); a reply that lies is rejected and its partition
+    charged at the recipe's plan, not at its numbers."""
+    lie, words = DP_LIES[name]
+    cfg = recipe(privacy={"mode": "sample", "noise_multiplier": 1.0}, data={"max_examples": 1000})
+    s = strategy(cfg)
+    (feature,) = [f for f in s.features if f.name == "dp_sgd"]
+    replies = [from_content(1 + p, content_of(p, **HONEST_DP)) for p in range(3)]
+    replies.append(from_content(4, content_of(3, **{**HONEST_DP, **lie})))
+    result = s.train_round(1, replies, sampled=4)
+    feature.record(result, server_row={})
+    rows = {r.node: r for r in result.rows}
+    assert [rows[n].status for n in (1, 2, 3)] == ["ok"] * 3
+    assert rows[4].status == "rejected" and words in rows[4].reason, rows[4].reason
+    ledger = feature.account.ledger
+    assert [ledger.steps(partition_key(p)) for p in range(3)] == [5, 5, 5]
+    sigma, q, steps = feature._planned(3)  # the recipe's split: not the lie
+    assert ledger.steps(partition_key(3)) == steps == cfg.federation.local_steps
+    assert sigma == 1.0 and q != lie.get("dp-sample-rate")
+
+
+def test_under_a_target_epsilon_sigma_must_be_the_one_the_target_gives_at_q() -> None:
+    """With `target_epsilon` σ depends on q: the σ of the plan for the q a reply reports is
+    accepted, the (smaller) σ of a bigger shard's plan at that q is not."""
+    from fedllm.privacy.plan import sample_plan
+
+    cfg = recipe(privacy={"mode": "sample", "target_epsilon": 8.0}, data={"max_examples": 1000})
+    small, big = (sample_plan(cfg, n_train=n) for n in (80, 800))
+    assert big.noise_multiplier < small.noise_multiplier  # amplification by sampling
+    s = strategy(cfg)
+    honest_dp = {"dp-sample-rate": small.sample_rate, "dp-steps": small.steps_per_round}
+    ok = {**honest_dp, "dp-noise-multiplier": small.noise_multiplier}
+    lie = {**honest_dp, "dp-noise-multiplier": big.noise_multiplier}
+    replies = [from_content(1, content_of(0, **ok)), from_content(2, content_of(1, **lie))]
+    rows = {r.node: r for r in s.train_round(1, replies, sampled=2).rows}
+    assert rows[1].status == "ok", rows[1].reason
+    assert rows[2].status == "rejected" and "dp-noise-multiplier" in rows[2].reason
