@@ -53,6 +53,8 @@ def test_sample_level_target_is_met_and_equals_the_accountant(tmp_path: Path) ->
         per_partition.append(want)
     final = server[cfg.federation.rounds]["epsilon"]
     assert final == pytest.approx(max(per_partition), rel=1e-9)
+    # charged from the replies' own numbers: honest ones pass the server's plan check
+    assert {r["status"] for r in rows if r["kind"] == "client"} == {"ok"}
     assert target * 0.99 <= final <= target * (1 + 1e-3), "met, with no more noise than needed"
     assert not any(
         "train_loss" in r and r["train_loss"] is not None for r in rows if r["kind"] == "client"
