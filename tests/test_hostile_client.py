@@ -367,3 +367,35 @@ def test_under_a_target_epsilon_sigma_must_be_the_one_the_target_gives_at_q() ->
     rows = {r.node: r for r in s.train_round(1, replies, sampled=2).rows}
     assert rows[1].status == "ok", rows[1].reason
     assert rows[2].status == "rejected" and "dp-noise-multiplier" in rows[2].reason
+
+
+# -- partition ids: fixed per node, one node per partition in a round -----------------------------
+
+
+def test_a_node_that_switches_partition_is_rejected() -> None:
+    s = strategy(recipe())
+    s.train_round(1, [honest(1 + p, p) for p in range(4)], sampled=4)
+    replies = [honest(1, 0), honest(2, 1), honest(3, 2), honest(4, 2)]  # node 4 held 3
+    rows = {r.node: r for r in s.train_round(2, replies, sampled=4).rows}
+    assert [rows[n].status for n in (1, 2, 3)] == ["ok"] * 3
+    assert rows[4].status == "rejected"
+    assert "partition-id 2, but the node held 3 before" in rows[4].reason
+
+
+def test_two_nodes_claiming_one_partition_in_a_round_are_both_rejected(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Neither claim can be told from the other (a lie, or two SuperNodes started with the same
+    partition-id): both are refused, logged, and the round goes on with the rest."""
+    s = strategy(recipe())
+    before = {m: f.delta() for m, f in s.global_.items()}
+    with caplog.at_level(logging.WARNING, logger="fedllm.server"):
+        result = s.train_round(1, [honest(1, 0), honest(2, 1), honest(3, 1)], sampled=3)
+    rows = {r.node: r for r in result.rows}
+    assert rows[1].status == "ok"
+    for n in (2, 3):
+        assert rows[n].status == "rejected" and rows[n].partition == 1
+        assert rows[n].reason == "partition-id 1 claimed by nodes [2, 3] in one round"
+        assert f"round 1: rejected node {n}: {rows[n].reason}" in caplog.text
+    assert s.node_partitions == {1: 0}  # a rejected claim teaches the server nothing
+    assert any(not torch.equal(s.global_[m].delta(), before[m]) for m in before)

@@ -18,9 +18,13 @@ from fedllm.server.app import run_server
 from fedllm.server.metrics import MetricsLog
 
 ROOT = Path(__file__).parents[1]
-TABLE_ROW = re.compile(r"^\| (train|evaluate) \| ([^|]+?) \| ([^|]+) \| ([^|]+) \| ([^|]+) \|")
-MODES = ("none", "sample", "client")
-ARRAYS = {"update (LoRA factors)": "update", "kept (pruning map)": "kept"}
+TABLE_ROW = re.compile(r"^\| (train|evaluate) \| ([^|]+?) \|" + r" ([^|]+) \|" * 4)
+MODES = ("none", "sample", "client", "secagg")
+ARRAYS = {  # the table's wording -> the key a reply carries
+    "update (LoRA factors)": "update",
+    "kept (pruning map)": "kept",
+    "SecAgg+ protocol (keys, shares, status)": "secagg-protocol",
+}
 
 
 def table() -> dict[str, set[tuple[str, str]]]:
@@ -49,15 +53,35 @@ class Spy:
             # packed arrays (fedllm.model.packing) counted as the records they carry; the layout
             # names the same arrays, dtypes and shapes as unpacked Flower arrays would
             for name, record in unpack(out.content).items():
-                keys = [name] if isinstance(record, ArrayRecord) else list(record)
-                self.sent |= {(kind, k) for k in keys}
+                self.sent |= {(kind, k) for k in keys_of(name, record)}
         return out
+
+
+def keys_of(name: str, record) -> list[str]:
+    """The table's keys a reply record carries. Under SecAgg+ Flower's mod sends the reply as
+    FitRes records (its arrays emptied) and the masked update in its own protocol record."""
+    if isinstance(record, ArrayRecord):
+        return [name] if len(record) else []
+    if name == "secaggplus_configs":
+        return ["update" if k == "masked_params" else "secagg-protocol" for k in record]
+    return {"fitres.num_examples": ["num-examples"], "fitres.status": ["secagg-protocol"]}.get(
+        name, list(record)
+    )
 
 
 def test_the_table_lists_every_mode() -> None:
     allowed = table()
     assert all(("train", "update") in allowed[m] for m in MODES)
-    assert ("train", "train-loss") not in allowed["sample"] | allowed["client"]
+    assert ("train", "train-loss") not in allowed["sample"] | allowed["client"] | allowed["secagg"]
+
+
+def test_the_secagg_column_allows_what_a_secagg_client_sends_in_the_clear() -> None:
+    """test_secagg checks a SecAgg+ client's clear metrics (its real reply, through Flower's
+    SecAgg+ mod) against its CLEAR set; the docs' column must allow every one of them."""
+    from test_secagg import CLEAR
+
+    sent = {("train", k) for k in CLEAR | {"update"}}
+    assert not sent - table()["secagg"], sent - table()["secagg"]
 
 
 CLIENT = [
@@ -71,6 +95,7 @@ RUNS = {  # a federation per run: (the table's column, its privacy overrides)
     "sample": ("sample", ["privacy.mode=sample", "privacy.noise_multiplier=1.0"]),
     "client": ("client", CLIENT),
     "client-noise-at-client": ("client", [*CLIENT, "privacy.noise_at=client"]),
+    "secagg": ("secagg", ["privacy.secure_aggregation.enabled=true"]),
 }
 
 

@@ -188,6 +188,9 @@ class LoraStrategy(Strategy):
         n, cap = self.cfg.data.num_clients, self.cfg.data.max_examples
         if reply.partition >= n:
             raise ValueError(f"partition-id {reply.partition} outside the recipe's [0, {n})")
+        held = self.node_partitions.get(node)
+        if held is not None and reply.partition != held:  # a node's partition-id is fixed
+            raise ValueError(f"partition-id {reply.partition}, but the node held {held} before")
         if cap is not None and (reply.num_examples or 0) > cap:  # a weight the server can bound
             raise ValueError(f"num-examples {reply.num_examples} above data.max_examples={cap}")
         if self.cfg.aggregator.weighting == "examples" and reply.num_examples is None:
@@ -244,6 +247,7 @@ class LoraStrategy(Strategy):
                 known = self.node_partitions.get(node)
                 row = ClientRow(server_round, node, "rejected", partition=known, reason=reason)
                 rows.append(row)
+        self.refuse_shared_partitions(server_round, parsed, rows)
         for row in rows:  # after every readable reply has taught its node's partition
             if row.status == "rejected" and row.reply is None:
                 row.may_hold = tuple(self.may_train([row.node]))
@@ -265,6 +269,26 @@ class LoraStrategy(Strategy):
         if losses:
             result.train_loss = sum(w * x for w, x in losses) / sum(w for w, _ in losses)
         return result
+
+    def refuse_shared_partitions(
+        self,
+        server_round: int,
+        parsed: dict[int, tuple[TrainReply, dict[str, Factors]]],
+        rows: list[ClientRow],
+    ) -> None:
+        """Reject every reply of a partition two nodes claim in one round: one of them lies,
+        or two SuperNodes were started with the same partition-id; neither can be told apart."""
+        claims: dict[int, list[int]] = {}
+        for node, (reply, _) in parsed.items():
+            claims.setdefault(reply.partition, []).append(node)
+        for pid, nodes in claims.items():
+            if len(nodes) < 2:
+                continue
+            reason = f"partition-id {pid} claimed by nodes {sorted(nodes)} in one round"
+            for node in nodes:
+                log.warning("round %d: rejected node %s: %s", server_round, node, reason)
+                reply, _ = parsed.pop(node)
+                rows.append(ClientRow(server_round, node, "rejected", reply, pid, reason))
 
     def weight(self, reply: TrainReply) -> float:
         """A reply's aggregation weight: 1, or its example count (checked in `read_reply`)."""
