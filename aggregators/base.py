@@ -215,8 +215,9 @@ _discovery = "pending"  # -> "running" -> "done"
 
 def _discover_once() -> None:
     """Run `discover` over this package on the first lookup (at import it could cycle: below)."""
-    # Not at package import: modules of the folder may import code that imports this package
-    # (hetlora_prune is a client feature importing fedllm.features, which imports .base).
+    # Not at package import: a module of the folder or a plugin's entry point may import code
+    # that imports this package (a plugin's client feature imports fedllm.features, which
+    # imports .base) while it is still half-initialised.
     global _discovery
     if _discovery != "pending":  # done, or a lookup from a module being discovered
         return

@@ -12,7 +12,7 @@ it left untouched) and averages the R modules over every client, here: module j 
 Against the ideal Σpᵢ·(client i's whole ΔW), module j errs by
 −Σ_{i<k} pᵢpₖ(Bⱼ⁽ⁱ⁾−Bⱼ⁽ᵏ⁾)(Aⱼ⁽ⁱ⁾−Aⱼ⁽ᵏ⁾) (sᵢ folded into B): second order in what the clients
 changed, where zero-padded averaging (FedIT, HetLoRA) errs at first order. The client side
-(selection, fold, indices) is `fedllm.aggregators.fedplora_fold`; R is the largest client rank (the
+(selection, fold, indices) is `fedllm.features.fedplora_fold`; R is the largest client rank (the
 strategy's global rank), so `aggregator.global_rank` is refused.
 """
 

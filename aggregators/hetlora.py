@@ -4,7 +4,7 @@ Weights are pᵢ·‖sᵢBᵢAᵢ‖_F, normalised; the norm comes from r×r Gra
 it is biased by cross terms. Adapter-state semantics: client j restarts from truncate(rⱼ, sⱼ)
 (sᵢ = α/rᵢ folded into Bᵢ; global scaling 1). The client-side rank self-pruning regulariser is
 not part of aggregation: its options (`CLIENT_OPTIONS`) travel to clients in the round config
-(RoundSpec.client_options) and never reach this function (fedllm.aggregators.hetlora_prune).
+(RoundSpec.client_options) and never reach this function (fedllm.features.hetlora_prune).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def delta_norm(f: Factors) -> float:
     return f.scaling * math.sqrt(squared)
 
 
-# the rank self-pruning options, used by clients only (fedllm.aggregators.hetlora_prune)
+# the rank self-pruning options, used by clients only (fedllm.features.hetlora_prune)
 CLIENT_OPTIONS = ("prune_lambda", "prune_gamma", "min_rank")
 
 

@@ -8,7 +8,7 @@ high-rank client's extra dimensions are not shrunk by the zeros a padded low-ran
 
 The other half of the method is on the clients: each adapter is trained under several rank
 truncations so that the useful signal gathers in the low-rank prefix, the part every client gets
-(`fedllm.aggregators.prelort_nested`; client option `nested`, default on). Adapter-state rounds:
+(`fedllm.features.prelort_nested`; client option `nested`, default on). Adapter-state rounds:
 client j restarts from `global_.truncate(rⱼ, sⱼ)`; each sᵢ = α/rᵢ is folded into Bᵢ on the server,
 so the global factors have scaling 1.
 """
@@ -22,7 +22,7 @@ import torch
 
 from .base import Aggregate, Factors, RoundSpec, normalized_weights, register, reject_options
 
-CLIENT_OPTIONS = ("nested",)  # read by the clients only (fedllm.aggregators.prelort_nested)
+CLIENT_OPTIONS = ("nested",)  # read by the clients only (fedllm.features.prelort_nested)
 
 
 @register("prelort", rounds=RoundSpec(client_options=CLIENT_OPTIONS))

@@ -4,7 +4,7 @@ local one per client; only the global module is aggregated, and DP noise touches
 Each client's adapter of rank rᵢ is two LoRA modules side by side: a global module of rank
 r_gᵢ = rᵢ − r_lᵢ (the first components) and a local module of rank r_lᵢ = ⌊f·rᵢ⌋ (client option
 `local_fraction` f, default 0.5), ΔWᵢ = s(B_g A_g + B_l A_l). The local module never leaves the
-client (`fedllm.aggregators.sdflora_local` keeps it in the node's state); the reply is the global
+client (`fedllm.features.sdflora_local` keeps it in the node's state); the reply is the global
 module alone, so under `privacy.mode: client` the clipping and noise act on it only, the paper's
 "noise exclusively on the global module". The server aggregates the heterogeneous-rank global
 modules by weighted stacking, U = [p₁s₁B_g₁ | …], V = [A_g₁; …] (UV = Σpᵢsᵢ·B_gᵢA_gᵢ exactly), and

@@ -6,8 +6,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from fedllm.aggregators.fedplora_fold import METRIC, FedPLoRAFold
 from fedllm.features.base import Feature
+from fedllm.features.fedplora_fold import METRIC, FedPLoRAFold
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -30,6 +30,7 @@ def test_the_hook_table_lists_fold_as_a_client_hook_of_feature() -> None:
 def test_every_hook_fedplora_overrides_is_in_the_hook_table() -> None:
     # the recipe-side classmethods (described above the table) and class attributes
     recipe_side = {"enabled", "check", "prepare", "parse_options", "name", "order"}
+    recipe_side |= {"own_adapter_shape"}
     overridden = {
         n
         for n in vars(FedPLoRAFold)

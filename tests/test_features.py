@@ -39,7 +39,7 @@ BUILT_IN = {
     "adaptive": "fedllm.constrained.adaptive",
     "pruned_base": "fedllm.constrained.pruned",
     "compression": "fedllm.constrained.compression",
-    "hetlora_prune": "fedllm.aggregators.hetlora_prune",
+    "hetlora_prune": "fedllm.features.hetlora_prune",
     "dp_sgd": "fedllm.privacy.sample_level",
     "client_dp": "fedllm.privacy.client_level",
     "secagg": "fedllm.privacy.secagg",
@@ -421,6 +421,7 @@ ATTRIBUTES = {
     "client_mod",
     "privacy_mode",
     "screen_relative",
+    "own_adapter_shape",
 }
 
 
@@ -434,6 +435,7 @@ def test_base_attributes() -> None:
     assert Feature.client_mod is None
     assert Feature.privacy_mode is None
     assert Feature.screen_relative is True
+    assert Feature.own_adapter_shape is False
 
 
 def factors(rank: int = 2) -> dict[str, Factors]:

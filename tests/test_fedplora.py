@@ -14,7 +14,7 @@ from peft import LoraConfig, get_peft_model
 
 from fedllm.aggregators import Factors, get, round_spec
 from fedllm.aggregators.fedplora import check_selection, expand, select, split
-from fedllm.aggregators.fedplora_fold import METRIC, FedPLoRAFold
+from fedllm.features.fedplora_fold import METRIC, FedPLoRAFold
 from fedllm.features.types import ClientPlan, ClientRound, Download, TrainReply
 from fedllm.model import wire
 from fedllm.model.adapters import write_factors

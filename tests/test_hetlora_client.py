@@ -11,9 +11,9 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 
 from fedllm.aggregators import Factors, get, round_spec
-from fedllm.aggregators import hetlora_prune as hc
 from fedllm.cli import main
 from fedllm.client.train import train_local
+from fedllm.features import hetlora_prune as hc
 from fedllm.model import wire as rounds
 from fedllm.model.adapters import attach_lora
 from fedllm.model.loading import build_tiny_model, load_base_model

@@ -12,8 +12,8 @@ from peft import LoraConfig, get_peft_model
 
 from fedllm.aggregators import Factors, get, round_spec
 from fedllm.aggregators.prelort import segments
-from fedllm.aggregators.prelort_nested import Draws, PreLortNested, nested, truncations
 from fedllm.features import registry
+from fedllm.features.prelort_nested import Draws, PreLortNested, nested, truncations
 from fedllm.features.types import ClientPlan, ClientRound, ClientUpdate
 from fedllm.model.adapters import live_lora, read_factors, write_factors
 from fedllm.recipe import ConfigError, RunConfig, load_recipe

@@ -12,7 +12,10 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from fedllm.aggregators import Factors, get, round_spec
 from fedllm.aggregators.sdflora import split_ranks
-from fedllm.aggregators.sdflora_local import (
+from fedllm.client.app import evaluate
+from fedllm.deploy.local_grid import server_identity
+from fedllm.features import registry
+from fedllm.features.sdflora_local import (
     STATE,
     SDFLoRALocal,
     keep,
@@ -20,9 +23,6 @@ from fedllm.aggregators.sdflora_local import (
     stored,
     with_local,
 )
-from fedllm.client.app import evaluate
-from fedllm.deploy.local_grid import server_identity
-from fedllm.features import registry
 from fedllm.features.types import ClientPlan, ClientRound, ClientUpdate
 from fedllm.model import wire
 from fedllm.model.adapters import to_record

@@ -56,6 +56,9 @@ class Feature:
     # False: the server screens each update against fixed bounds only, never relative to the
     # others (so one client's presence cannot get another's update rejected)
     screen_relative: ClassVar[bool] = True
+    # True: the clients train an adapter of this feature's own shape (parallel modules, nested
+    # prefixes, a local part); features that reshape the adapter themselves refuse it
+    own_adapter_shape: ClassVar[bool] = False
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg

@@ -20,9 +20,9 @@ from fedllm.suggest import did_you_mean
 if TYPE_CHECKING:
     from fedllm.recipe.schema import RunConfig
 
-# packages whose modules may define features: the feature folder, constrained clients, privacy
-# mechanisms, and aggregators that come with a client part (HetLoRA's rank self-pruning)
-HOMES = ("fedllm.features", "fedllm.constrained", "fedllm.privacy", "fedllm.aggregators")
+# packages whose modules may define features: the feature folder (with the client parts of
+# aggregators that have one), constrained clients, privacy mechanisms
+HOMES = ("fedllm.features", "fedllm.constrained", "fedllm.privacy")
 GROUP = "fedllm.features"
 
 _FEATURES: dict[str, type[Feature]] = {}

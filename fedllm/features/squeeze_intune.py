@@ -199,11 +199,7 @@ class SqueezeInTune(Feature):
             if refused:
                 raise ValueError(f"{KEY} cannot be combined with {what}; drop one of them")
         require_adapter_state(cfg, KEY)
-        own = [
-            c.name
-            for c in registry.active(cfg)
-            if c.__module__.startswith("fedllm.aggregators.") and c.name != "hetlora_prune"
-        ]
+        own = [c.name for c in registry.active(cfg) if c.own_adapter_shape]
         if own:
             raise ValueError(
                 f"{KEY} cannot be combined with aggregator.name={cfg.aggregator.name!r}: its "

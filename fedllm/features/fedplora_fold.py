@@ -58,6 +58,7 @@ class FedPLoRAFold(Feature):
     """Select rᵢ of the R global modules, fold the rest into the base, report the indices."""
 
     name = "fedplora_fold"
+    own_adapter_shape = True
     order = 10  # the server's placement comes before any other release
 
     @classmethod

@@ -117,6 +117,7 @@ class PreLortNested(Feature):
     """Local steps under nested rank truncations (PreLort's prefix-nested training)."""
 
     name = "nested_prefix"
+    own_adapter_shape = True
     order = 60  # its `train` only installs hooks: a feature that trains its own way wins
     Options = NestedOptions
 
