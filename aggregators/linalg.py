@@ -97,7 +97,9 @@ def svd_factors(
     if m == 0:
         empty = torch.zeros(0, dtype=torch.float64, device=Bs[0].device)
         return empty.new_zeros(d, 0), empty, empty.new_zeros(k, 0)
-    chosen = choose_method(total, d, k, rank, oversample) if method == "auto" else method
+    chosen = (
+        choose_method(total, d, k, rank=rank, oversample=oversample) if method == "auto" else method
+    )
     if chosen == "rsvd":
         dtype, fast = sketch_dtypes(Bs, As, precision)
         width = min(rank + oversample, d, k)
@@ -153,7 +155,7 @@ def stack(
     return _stacked(Bs, As, torch.float64, [float(w) for w in weights])
 
 
-def choose_method(total_rank: int, d: int, k: int, rank: int, oversample: int) -> str:
+def choose_method(total_rank: int, d: int, k: int, *, rank: int, oversample: int) -> str:
     """The "auto" rule: "exact" while R ≤ 4ℓ (ℓ = rank+oversample) or min(d, k) ≤ 2ℓ, else "rsvd".
 
     Exact costs ~2(d+k)R² + O(R³), rsvd ~(2q+2)(d+k)Rℓ. At d=k=4096 (one core's CPU time) the

@@ -69,11 +69,11 @@ def test_gradient_flows_only_into_the_tail() -> None:
 
 def test_prune_rule() -> None:
     # the tail value is 25 (γ = 0.5); prune to 4 − 2 = 2 only if it is below the previous one
-    first = hc.maybe_prune(factors(), None, 0.5, 1)
+    first = hc.maybe_prune(factors(), None, gamma=0.5, min_rank=1)
     assert (first.rank, first.pruned, first.value) == (4, False, pytest.approx(25.0))
-    assert not hc.maybe_prune(factors(), 25.0, 0.5, 1).pruned  # equal: keep
-    assert not hc.maybe_prune(factors(), 24.0, 0.5, 1).pruned  # grew: keep
-    cut = hc.maybe_prune(factors(), 30.0, 0.5, 1, scaling=lambda r: 8.0 / r)
+    assert not hc.maybe_prune(factors(), 25.0, gamma=0.5, min_rank=1).pruned  # equal: keep
+    assert not hc.maybe_prune(factors(), 24.0, gamma=0.5, min_rank=1).pruned  # grew: keep
+    cut = hc.maybe_prune(factors(), 30.0, gamma=0.5, min_rank=1, scaling=lambda r: 8.0 / r)
     assert cut.pruned and cut.rank == 2
     for m, f in cut.factors.items():
         assert f.rank == 2 and f.scaling == 4.0
@@ -82,11 +82,14 @@ def test_prune_rule() -> None:
     torch.testing.assert_close(cut.factors["m1"].B, 0.5 * B1[:, :2])
     torch.testing.assert_close(cut.factors["m1"].A, A1[:2])
     # never below min_rank
-    assert hc.maybe_prune(factors(), 30.0, 0.5, 3).rank == 3
-    assert not hc.maybe_prune(factors(), 30.0, 0.5, 4).pruned
+    assert hc.maybe_prune(factors(), 30.0, gamma=0.5, min_rank=3).rank == 3
+    assert not hc.maybe_prune(factors(), 30.0, gamma=0.5, min_rank=4).pruned
     with pytest.raises(ValueError, match="share one rank"):
         hc.maybe_prune(
-            {"a": Factors(torch.ones(2, 2), torch.ones(2, 3), 1.0), **factors()}, 1.0, 0.5, 1
+            {"a": Factors(torch.ones(2, 2), torch.ones(2, 3), 1.0), **factors()},
+            1.0,
+            gamma=0.5,
+            min_rank=1,
         )
 
 

@@ -92,7 +92,7 @@ def with_spectrum(
 def test_rsvd_error_within_one_percent_of_optimal() -> None:
     Bs, As, sigma = decaying(300, 200, 10, 16, 0.9)
     rank = 10
-    assert choose_method(160, 300, 200, rank, 8) == "rsvd"
+    assert choose_method(160, 300, 200, rank=rank, oversample=8) == "rsvd"
     B, A = factored_svd(Bs, As, [1.0] * 10, rank, method="rsvd", power_iters=2, seed=3)
     error = torch.linalg.matrix_norm(dense(Bs, As, [1.0] * 10) - B @ A).item()
     optimal = sigma[rank:].norm().item()
@@ -279,9 +279,11 @@ def test_inputs_are_not_mutated() -> None:
 
 
 def test_auto_rule() -> None:
-    assert choose_method(64, 4096, 4096, 8, 8) == "exact"  # R = 4ℓ
-    assert choose_method(65, 4096, 4096, 8, 8) == "rsvd"
-    assert choose_method(1000, 30, 4096, 8, 8) == "exact"  # min(d, k) ≤ 2ℓ: no sketch saving
+    assert choose_method(64, 4096, 4096, rank=8, oversample=8) == "exact"  # R = 4ℓ
+    assert choose_method(65, 4096, 4096, rank=8, oversample=8) == "rsvd"
+    assert (
+        choose_method(1000, 30, 4096, rank=8, oversample=8) == "exact"
+    )  # min(d, k) ≤ 2ℓ: no sketch saving
 
 
 def test_rejects_bad_input() -> None:

@@ -74,11 +74,11 @@ def test_a_only_records_and_replies() -> None:
     f = {Q: Factors(torch.ones(64, 2), torch.full((2, 64), 3.0), 2.0)}
     record = rounds.outgoing(f, round_spec("fedsa"))
     assert set(record.keys()) == {f"{Q}.lora_A"}
-    back = rounds.read_update(record, 2.0, round_spec("fedsa"), {Q: (64, 64)})
+    back = rounds.read_update(record, scaling=2.0, spec=round_spec("fedsa"), shapes={Q: (64, 64)})
     assert not back[Q].B.any() and back[Q].B.shape == (64, 2) and torch.equal(back[Q].A, f[Q].A)
     assert set(rounds.outgoing(f, round_spec("svd")).keys()) == {f"{Q}.lora_A", f"{Q}.lora_B"}
     with pytest.raises(ValueError, match="unknown module"):
-        rounds.read_update(record, 2.0, round_spec("fedsa"), {V: (32, 64)})
+        rounds.read_update(record, scaling=2.0, spec=round_spec("fedsa"), shapes={V: (32, 64)})
     with pytest.raises(ValueError, match=r"only '<module>\.lora_A'"):
         rounds.a_only(rounds.outgoing(f, round_spec("svd")))
 

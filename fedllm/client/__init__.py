@@ -1,0 +1,1 @@
+"""The client side: the ClientApp's message handlers, local training, precision, node config."""

@@ -171,6 +171,7 @@ def read_global(
 def start_adapter(
     model: PeftModel,
     received: ArrayRecord,
+    *,
     global_factors: dict[str, Factors] | None,
     rnd: ClientRound,
     features: Sequence[Feature],
@@ -296,7 +297,9 @@ def train_content(
     folded = [f.fold(global_factors or {}, rnd) for f in features]  # e.g. Fed-PLoRA's modules
     merged = wire.stacked(global_factors if rnd.spec.merge else {}, *folded)
     with lora_model(rnd, features, merged=merged or None, cache=cache) as model:
-        start = start_adapter(model, received, global_factors, rnd, features)
+        start = start_adapter(
+            model, received, global_factors=global_factors, rnd=rnd, features=features
+        )
         result = local_steps(model, rnd, features)
         live = read_factors(model)  # on the model's device; what follows works on the CPU
         trained = {m: Factors(f.B.cpu(), f.A.cpu(), f.scaling) for m, f in live.items()}

@@ -1,0 +1,1 @@
+"""Constrained clients: pruned bases, rank and precision tiers, the bandit, compression."""

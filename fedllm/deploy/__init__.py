@@ -1,0 +1,1 @@
+"""Federations: Flower apps for `flwr run`, SuperLink/SuperNode commands, TLS, local grids."""

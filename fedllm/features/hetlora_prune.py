@@ -146,9 +146,9 @@ class Pruned:
 def maybe_prune(
     factors: Mapping[str, Factors],
     prev_value: float | None,
+    *,
     gamma: float,
     min_rank: int,
-    *,
     scaling: Callable[[int], float] | None = None,
 ) -> Pruned:
     """Cut to max(min_rank, r−t) if the tail value is below `prev_value` (never on the first
@@ -219,7 +219,8 @@ def prune_reply(
     if not opts.active:
         return dict(factors), dict(start), rank, {}
     _, prev = remembered(state)
-    result = maybe_prune(factors, prev, opts.prune_gamma, opts.min_rank, scaling=scaling)
+    gamma, min_rank = opts.prune_gamma, opts.min_rank
+    result = maybe_prune(factors, prev, gamma=gamma, min_rank=min_rank, scaling=scaling)
     if result.pruned:
         start = {m: f.truncate(result.rank, scaling(result.rank)) for m, f in start.items()}
     state[STATE] = ConfigRecord({"rank": result.rank, "tail": result.value})

@@ -93,7 +93,11 @@ def a_only(record: ArrayRecord) -> dict[str, torch.Tensor]:
 
 
 def read_update(
-    record: ArrayRecord, scaling: float, spec: RoundSpec, shapes: Mapping[str, tuple[int, int]]
+    record: ArrayRecord,
+    *,
+    scaling: float,
+    spec: RoundSpec,
+    shapes: Mapping[str, tuple[int, int]],
 ) -> dict[str, Factors]:
     """A client's reply as factors; under `local_B` B is zero (the server never sees it)."""
     if not spec.local_B:

@@ -1,0 +1,1 @@
+"""The server side: the round loop, the strategy, checkpoints, metrics, evaluation and outputs."""

@@ -201,7 +201,9 @@ class LoraStrategy(Strategy):
             if (update := f.decode(node, content, rank=reply.rank)) is not None:
                 break
         if update is None:
-            update = wire.read_update(content["update"], scaling, self.spec, self.shapes)
+            update = wire.read_update(
+                content["update"], scaling=scaling, spec=self.spec, shapes=self.shapes
+            )
         for f in self.features:
             update = f.receive(node, content, update, reply=reply, shapes=self.shapes)
         if any(f.B.dtype != torch.float32 for f in update.values()):
