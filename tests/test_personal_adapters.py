@@ -104,6 +104,37 @@ def test_a_raw_update_is_never_written_into_the_run_directory(
     assert not (tmp_path / "r").exists(), "nothing written under the run directory"
 
 
+def test_a_fedsa_node_with_empty_state_takes_its_B_back_from_its_personal_adapter(
+    tmp_path: Path,
+) -> None:
+    """A resumed simulation's nodes start with empty state: B comes back from the adapter the
+    node wrote in an earlier round (else fedsa's personal model would restart from B = 0)."""
+    from fedllm.model.adapters import save_peft_adapter
+
+    cfg = build_config(
+        {**BASE, "aggregator": {"name": "fedsa"}, "output_dir": str(tmp_path), "name": "r"}
+    )
+    module = "model.layers.0.self_attn.q_proj"
+    B = torch.arange(8.0).reshape(4, 2)
+    folder = personal_adapter_dir(cfg, 1)
+    save_peft_adapter(
+        folder,
+        {module: Factors(B, torch.ones(2, 3), 2.0)},
+        base_model="tiny",
+        target_modules=["q_proj"],
+    )
+    plan = ClientPlan(1, 2, 0.0, None)
+    state = RecordDict()
+    spec = RoundSpec(local_B=True)
+    rnd = ClientRound(cfg, 1, 3, spec, ConfigRecord({}), {}, state, 0, plan)
+    feature = PersonalAdapter(cfg)
+    assert feature.start({}, rnd) == {}
+    assert torch.equal(state[LOCAL_B].to_torch_state_dict()[module], B)
+    state[LOCAL_B] = ArrayRecord({module: torch.zeros(4, 2)})  # a live node's state wins
+    feature.start({}, rnd)
+    assert not state[LOCAL_B].to_torch_state_dict()[module].any()
+
+
 # ---------------------------------------------------------------- a fedsa federation
 
 

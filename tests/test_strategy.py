@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -684,3 +685,31 @@ def test_client_row_fields_are_added_to_every_status() -> None:
     for row, keys in zip(rows, [OK_KEYS, OTHER_KEYS | {"partition"}, OTHER_KEYS], strict=True):
         out = row.to_json()
         assert set(out) == keys | {"epsilon"} and out["epsilon"] == 1.5
+
+
+# -- a resumed strategy: node ids may be new, the server's view of clients is kept ----------------
+
+
+def test_a_resumed_strategy_counts_new_node_ids_as_any_partition_not_held_here(
+    tmp_path: Path,
+) -> None:
+    """A resumed simulation gives its nodes new ids: the checkpoint's node -> partition map
+    must not make them hold nothing (a DP budget check and a lost round's charge read it)."""
+    from fedllm.server.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg = recipe()
+    first = strategy(cfg)
+    first.train_round(1, [reply(1 + p, factors(p), metrics(p)) for p in range(4)], sampled=4)
+    assert first.may_train([99]) == []  # every partition is held by a node of this process
+    save_checkpoint(tmp_path, {"strategy": first.state_dict()})
+    resumed = strategy(cfg)
+    resumed.load_state_dict(load_checkpoint(tmp_path)["strategy"])
+    assert resumed.may_train([101]) == [0, 1, 2, 3]
+    assert resumed.may_train([1]) == [0]  # a node the checkpoint knows (a deployment's)
+    resumed.train_round(2, [reply(102, factors(2), metrics(2))], sampled=1)
+    assert resumed.may_train([101]) == [0, 1, 3]
+    # the server's view of every client survives too (client_adapters/ at the end)
+    assert sorted(resumed.client_updates) == [0, 1, 2, 3]
+    assert resumed.client_updates[0][0] == 1 and resumed.client_updates[2][0] == 2
+    for m, f in first.client_updates[1][1].items():
+        assert torch.equal(resumed.client_updates[1][1][m].B, f.B)

@@ -17,17 +17,22 @@ during the round).
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from flwr.app import ArrayRecord, RecordDict
 from pydantic import BaseModel, ConfigDict
+from safetensors.torch import load_file
 
-from fedllm.aggregators import round_spec
+from fedllm.aggregators import Factors, round_spec
 from fedllm.constrained.pruned import planned_ranks
 from fedllm.features.base import Feature
 from fedllm.features.registry import register
 from fedllm.features.types import ClientRound, ClientUpdate
+from fedllm.model.adapters import PEFT_PREFIX
 from fedllm.model.card import IDENTITY_MEMO, base_identity, make_card, save_adapter
+from fedllm.model.wire import LOCAL_B
 
 if TYPE_CHECKING:
     from fedllm.recipe.schema import RunConfig
@@ -70,6 +75,20 @@ def personal_adapter_dir(cfg: RunConfig, partition: int, node_config=None) -> Pa
     return client_dir(cfg, partition, node_config or {}) / FOLDER
 
 
+def restore_local_B(folder: Path, state: RecordDict) -> bool:
+    """Put the B matrices of the personal adapter in `folder` into `state` (a node's context
+    state) if it holds none: a resumed simulation's nodes start with empty state, and under
+    `local_B` (fedsa) B would restart from zero. True if restored."""
+    weights = folder / "adapter_model.safetensors"
+    if LOCAL_B in state or not weights.exists():
+        return False
+    end = ".lora_B.weight"
+    tensors = load_file(str(weights))
+    B = {k[len(PEFT_PREFIX) : -len(end)]: t for k, t in tensors.items() if k.endswith(end)}
+    state[LOCAL_B] = ArrayRecord({m: t.float().contiguous() for m, t in B.items()})
+    return True
+
+
 @register
 class PersonalAdapter(Feature):
     """Each client saves its trained adapter locally after every round (never in the reply)."""
@@ -110,6 +129,15 @@ class PersonalAdapter(Feature):
                 "round into the base and trains a fresh adapter on top, which means nothing on "
                 "the plain base; use an adapter-state aggregator or drop personal_adapter"
             )
+
+    def start(self, factors: Mapping[str, Factors], rnd: ClientRound) -> dict[str, Factors]:
+        """Under `local_B` (fedsa), a node whose state is empty (a resumed run's new process)
+        takes its B back from the personal adapter it wrote in an earlier round."""
+        if rnd.spec.local_B:
+            folder = personal_adapter_dir(rnd.cfg, rnd.partition, rnd.node_config)
+            if restore_local_B(folder, rnd.state):
+                log.info("client %d: local B restored from %s", rnd.partition, folder)
+        return dict(factors)
 
     def post_process(self, update: ClientUpdate, rnd: ClientRound) -> ClientUpdate:
         """Write the update as this client's personal adapter; the update is left unchanged."""

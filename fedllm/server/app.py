@@ -186,8 +186,9 @@ class Run:
         for f in self.features:
             f.record(result, server_row=server_row)
         self.metrics.write([r.to_json() for r in result.rows] + eval_rows + [server_row])
-        self.save(server_round)
+        # the snapshot first: a crash between the two reruns this round and writes it again
         snapshot(self.cfg, self.strategy, self.metrics, server_round)  # output.snapshot_every
+        self.save(server_round)
         losses = " ".join(
             f"c{r.partition}:{r.train_loss:.3f}" for r in ok if r.train_loss is not None
         )

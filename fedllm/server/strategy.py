@@ -66,6 +66,7 @@ class LoraStrategy(Strategy):
         self.agg_state: dict[str, dict[str, torch.Tensor]] = {}
         self.node_ranks: dict[int, int] = {}
         self.node_partitions: dict[int, int] = {}
+        self.seen: set[int] = set()  # nodes that replied to this process (not to a resumed one)
         # partition -> (round, factors) of its latest accepted update: the server's view of it
         self.client_updates: dict[int, tuple[int, dict[str, Factors]]] = {}
 
@@ -94,6 +95,11 @@ class LoraStrategy(Strategy):
             "agg_state": self.agg_state,
             "node_ranks": dict(self.node_ranks),
             "node_partitions": dict(self.node_partitions),
+            # the server's view of each client (client_adapters/ at the end); empty when private
+            "client_updates": {
+                p: (rnd, {m: (f.B, f.A, f.scaling) for m, f in update.items()})
+                for p, (rnd, update) in self.client_updates.items()
+            },
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -101,6 +107,10 @@ class LoraStrategy(Strategy):
         self.agg_state = state["agg_state"]
         self.node_ranks = dict(state["node_ranks"])
         self.node_partitions = dict(state["node_partitions"])
+        self.client_updates = {
+            p: (rnd, {m: Factors(b, a, s) for m, (b, a, s) in update.items()})
+            for p, (rnd, update) in state.get("client_updates", {}).items()
+        }
 
     @property
     def global_scaling(self) -> float:
@@ -120,18 +130,22 @@ class LoraStrategy(Strategy):
         }
 
     def sample(self, server_round: int, grid: Grid) -> list[int]:
-        """The nodes asked to train in `server_round` (seeded, so a resumed run asks the same)."""
+        """The nodes asked to train in `server_round`: seeded by the round over the node ids, so a
+        resumed deployment asks the same nodes; a resumed simulation's nodes have new ids."""
         nodes = sorted(grid.get_node_ids())
         wanted = self.cfg.federation.clients_per_round or len(nodes)
         rng = random.Random(self.cfg.seed * 7919 + server_round)
         return sorted(rng.sample(nodes, min(wanted, len(nodes))))
 
     def may_train(self, nodes: Sequence[int]) -> list[int]:
-        """Partitions these nodes may hold: known ones, and any unseen one for an unseen node."""
+        """Partitions these nodes may hold: known ones, and for an unknown node any partition
+        no node that replied to this process holds (a resumed run's nodes may be new ids for
+        the partitions its checkpoint knew: a simulation gives them fresh ones)."""
         known = self.node_partitions
         parts = {known[n] for n in nodes if n in known}
         if any(n not in known for n in nodes):
-            parts |= set(range(self.cfg.data.num_clients)) - set(known.values())
+            held = {known[n] for n in self.seen if n in known}
+            parts |= set(range(self.cfg.data.num_clients)) - held
         return sorted(parts)
 
     # -- training: download ----------------------------------------------------------------------
@@ -227,6 +241,7 @@ class LoraStrategy(Strategy):
         """What the server learns of a node from a reply: its rank and its partition."""
         self.node_ranks[node] = reply.rank
         self.node_partitions[node] = reply.partition
+        self.seen.add(node)
 
     def train_round(
         self, server_round: int, replies: Iterable[Message], *, sampled: int
