@@ -19,16 +19,29 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
-from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters
+from flwr.common import (
+    Code,
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    Parameters,
+    Scalar,
+    Status,
+    ndarrays_to_parameters,
+)
 from flwr.common import parameters_to_ndarrays as to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.strategy import Strategy
@@ -43,6 +56,11 @@ from fedllm.features.types import ClientRow, RoundResult, TrainReply
 from fedllm.model.adapters import factors_digest, from_record
 from fedllm.recipe.schema import RunConfig
 from fedllm.server.exchange import say
+
+if TYPE_CHECKING:
+    from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
+
+    from fedllm.server.strategy import LoraStrategy
 
 MODES = {"ffa": "ffa", "fedit": "fedit", "svd": "dense"}  # aggregator -> what clients send
 MODULUS = 2**32  # SecAgg+ mask range; the sum of n quantized vectors must stay below it
@@ -74,7 +92,9 @@ log = logging.getLogger("fedllm.secagg")
 
 
 # -- client side --------------------------------------------------------------------------------
-def mod(msg, context, call_next):
+def mod(
+    msg: Message, context: Context, call_next: Callable[[Message, Context], Message]
+) -> Message:
     """`secaggplus_mod` for SecAgg+ messages; every other message passes through untouched."""
     if RECORD_KEY_CONFIGS in msg.content.config_records:
         return secaggplus_mod(msg, context, call_next)
@@ -125,7 +145,7 @@ def clipped_entries(vecs: Sequence[np.ndarray], ratio: float, clipping_range: fl
 
 
 def client_reply(
-    cfg, content: RecordDict, context: Context, train: Callable[..., RecordDict]
+    cfg: RunConfig, content: RecordDict, context: Context, train: Callable[..., RecordDict]
 ) -> RecordDict:
     """Train from a FitIns-form message; reply in FitRes form with the vectors to be masked."""
     fitins = compat.recorddict_to_fitins(content, keep_input=True)
@@ -172,14 +192,16 @@ def client_reply(
 class SecureRound(Strategy):
     """The legacy Strategy the SecAgg+ workflow drives, wrapped around a `LoraStrategy`."""
 
-    def __init__(self, lora, grid: Grid) -> None:
+    def __init__(self, lora: LoraStrategy, grid: Grid) -> None:
         self.lora, self.grid = lora, grid
         self.mode = MODES[lora.cfg.aggregator.name]
         self.sampled = 0
         self.rows: list[ClientRow] = []
         self.failure: str | None = None  # why the unmasked mean was refused, if it was
 
-    def configure_fit(self, server_round, parameters, client_manager):
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
         """`LoraStrategy.configure_train`'s messages (cut global + config) as FitIns."""
         lora, out = self.lora, []
         for msg in lora.configure_train(
@@ -199,7 +221,12 @@ class SecureRound(Strategy):
         self.sampled = len(out)
         return out
 
-    def aggregate_fit(self, server_round, results, failures):
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Every FitRes carries the same unmasked weighted mean; the individual vectors are gone."""
         if not results:
             return None, {}
@@ -282,25 +309,34 @@ class SecureRound(Strategy):
         return True
 
     # the round loop evaluates itself (LoraStrategy.configure_evaluate)
-    def initialize_parameters(self, client_manager):
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         return None
 
-    def configure_evaluate(self, server_round, parameters, client_manager):
+    def configure_evaluate(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, EvaluateIns]]:
         return []
 
-    def aggregate_evaluate(self, server_round, results, failures):
+    def aggregate_evaluate(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, EvaluateRes]],
+        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
+    ) -> tuple[float | None, dict[str, Scalar]]:
         return None, {}
 
-    def evaluate(self, server_round, parameters):
+    def evaluate(
+        self, server_round: int, parameters: Parameters
+    ) -> tuple[float, dict[str, Scalar]] | None:
         return None
 
 
-def parse_reply(metrics) -> TrainReply:
+def parse_reply(metrics: Mapping[str, Any]) -> TrainReply:
     """A SecAgg+ reply's metrics, validated (its losses and time never leave a client)."""
     return TrainReply.parse(dict(metrics))
 
 
-def row_fields(reply: TrainReply) -> dict:
+def row_fields(reply: TrainReply) -> dict[str, Any]:
     """The SecAgg+ columns of a client's row: the protocol and its clipped-entry count."""
     clipped = reply.extra.get(CLIPPED, 0)
     ok = isinstance(clipped, int | float) and not isinstance(clipped, bool) and clipped >= 0
@@ -340,15 +376,15 @@ class Workflow(SecAggPlusWorkflow):
     the protocol needs; a client lost later is recovered by Flower's own unmasking.
     """
 
-    def setup_stage(self, grid, context, state) -> bool:
+    def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
         ok = super().setup_stage(grid, context, state)
         return self._forget_lost(state) if state.nid_to_neighbours else ok
 
-    def share_keys_stage(self, grid, context, state) -> bool:
+    def share_keys_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
         super().share_keys_stage(grid, context, state)
         return self._forget_lost(state)
 
-    def _forget_lost(self, state) -> bool:
+    def _forget_lost(self, state: WorkflowState) -> bool:
         state.sampled_node_ids = set(state.active_node_ids)
         state.nid_to_neighbours = {
             nid: neighbours & state.sampled_node_ids
@@ -358,7 +394,7 @@ class Workflow(SecAggPlusWorkflow):
         return self._check_threshold(state)
 
 
-def train_round(lora, grid: Grid, server_round: int) -> RoundResult:
+def train_round(lora: LoraStrategy, grid: Grid, server_round: int) -> RoundResult:
     """One SecAgg+ training round: a row per client that took part (metrics only)."""
     sa = lora.cfg.privacy.secure_aggregation
     workflow = Workflow(
@@ -387,13 +423,13 @@ def train_round(lora, grid: Grid, server_round: int) -> RoundResult:
     return RoundResult(adapter.sampled, rows, None, replies=len(adapter.rows))
 
 
-def max_weight(cfg) -> float:
+def max_weight(cfg: RunConfig) -> float:
     """The largest weight a client may send (its number of training examples)."""
     sa = cfg.privacy.secure_aggregation
     return float(sa.max_weight or cfg.data.max_examples or 100_000)
 
 
-def workflow_max_weight(cfg) -> float:
+def workflow_max_weight(cfg: RunConfig) -> float:
     """The max_weight the workflow and mods use: 1 with uniform weights (every weight is 1)."""
     return 1.0 if cfg.aggregator.weighting == "uniform" else max_weight(cfg)
 
@@ -460,12 +496,18 @@ class SecureAggregation(Feature):
         return CLEAR_KEYS
 
     @classmethod
-    def wrap_train(cls, cfg, content, context, train):
+    def wrap_train(
+        cls,
+        cfg: RunConfig,
+        content: RecordDict,
+        context: Any,
+        train: Callable[[RunConfig, RecordDict, Any], RecordDict],
+    ) -> RecordDict | None:
         if FITINS not in content.config_records:
             return None
         return client_reply(cfg, content, context, train)
 
-    def run_round(self, server_round: int, *, strategy, grid) -> RoundResult:
+    def run_round(self, server_round: int, *, strategy: Any, grid: Any) -> RoundResult:
         label = f"round {server_round}/{self.cfg.federation.rounds} train"
         say(f"{label}: SecAgg+ from global {factors_digest(strategy.global_)}")
         result = train_round(strategy, grid, server_round)
