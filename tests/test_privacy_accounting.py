@@ -217,6 +217,9 @@ def test_dp_run_reports_accountant_epsilon_stops_at_budget_and_resumes(tmp_path:
     assert (run_dir / "final_adapter" / "adapter_model.safetensors").is_file()
     assert load_checkpoint(run_dir)["privacy"]["ledger"]["accountants"]
 
+    budgeted = load_recipe(RECIPE, [*base, f"privacy.epsilon_budget={budget}"])
+    run_local(budgeted, resume=True)  # the same budget: it stops again, with no second row
+    assert [r for r in rows(run_dir) if r["kind"] == "stop"] == stop
     run_local(load_recipe(RECIPE, base), resume=True)  # no budget now: round 3 runs
     third = [r for r in rows(run_dir) if r["kind"] == "client" and r["round"] == 3]
     assert {r["partition"] for r in third} == {0, 1}
