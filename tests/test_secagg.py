@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from fedllm.aggregators import Factors, get
-from fedllm.privacy.secagg import max_weight
+from fedllm.privacy.secagg_common import max_weight
 from fedllm.recipe import ConfigError, load_recipe
 from fedllm.server.metrics import MetricsLog
 
@@ -74,7 +74,7 @@ def test_compatible_recipes_load_and_the_option_is_off_by_default() -> None:
 
 
 def test_vectors_have_one_shape_for_every_rank() -> None:
-    from fedllm.privacy.secagg import vectors
+    from fedllm.privacy.secagg_client import vectors
 
     d, k = 6, 5
     for r in (1, 3):
@@ -214,13 +214,13 @@ def secure_round(cfg, ups, *, check=None):
 
     from fedllm.deploy.local_grid import LocalGrid, server_identity
     from fedllm.features import registry
-    from fedllm.privacy import secagg
+    from fedllm.privacy import secagg, secagg_client, secagg_server
     from fedllm.server.strategy import LoraStrategy
 
     app = ClientApp()
     train = fake_train(ups)
 
-    @app.train(mods=[secagg.mod])
+    @app.train(mods=[secagg_client.mod])
     def _train(msg, context):
         content = secagg.SecureAggregation.wrap_train(cfg, msg.content, context, train)
         return type(msg)(content, reply_to=msg)
@@ -236,7 +236,7 @@ def secure_round(cfg, ups, *, check=None):
     lora = LoraStrategy(cfg, shapes=SHAPES, features=registry.build(cfg))
     before = dict(lora.global_)
     with server_identity(grid.run.run_id):
-        result = secagg.train_round(lora, grid, 1)
+        result = secagg_server.train_round(lora, grid, 1)
     return result, before, lora.global_, sent
 
 
@@ -290,7 +290,7 @@ def test_a_round_recovers_the_weighted_mean_and_only_allowed_keys_leave_clients(
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_a_client_refuses_to_send_non_finite_vectors(bad: float) -> None:
-    from fedllm.privacy.secagg import client_reply
+    from fedllm.privacy.secagg_client import client_reply
 
     cfg = secure_cfg()
     ups = updates(cfg)
@@ -315,9 +315,9 @@ def test_a_non_finite_client_drops_out_and_the_others_are_aggregated() -> None:
 
 def test_the_server_refuses_a_wrapped_mean_and_keeps_the_global(monkeypatch) -> None:
     # a client that skips the check (an older or a dishonest one) quantises its NaN anyway
-    from fedllm.privacy import secagg
+    from fedllm.privacy import secagg_client
 
-    monkeypatch.setattr(secagg, "check_finite", lambda vecs, names: None, raising=False)
+    monkeypatch.setattr(secagg_client, "check_finite", lambda vecs, names: None, raising=False)
     cfg = secure_cfg()
     ups = updates(cfg)
     ups[2]["m1"].B[1, 1] = float("nan")
@@ -330,7 +330,7 @@ def test_the_server_refuses_a_wrapped_mean_and_keeps_the_global(monkeypatch) -> 
 
 
 def test_apply_refuses_non_finite_and_out_of_range_means() -> None:
-    from fedllm.privacy.secagg import SecureRound
+    from fedllm.privacy.secagg_server import SecureRound
     from fedllm.server.strategy import LoraStrategy
 
     cfg = secure_cfg("aggregator.weighting=uniform")
@@ -370,7 +370,7 @@ def test_a_client_reports_the_entries_quantisation_will_clip(
     from flwr.common import parameters_to_ndarrays
     from flwr.compat.common import recorddict_compat as compat
 
-    from fedllm.privacy.secagg import client_reply
+    from fedllm.privacy.secagg_client import client_reply
 
     cfg = secure_cfg(f"aggregator.weighting={weighting}")
     c = cfg.privacy.secure_aggregation.clipping_range
@@ -399,14 +399,15 @@ def oracle_client_app(cfg, folder: Path):
     from flwr.compat.common import recorddict_compat as compat
 
     from fedllm.client import app as client
-    from fedllm.privacy import secagg
+    from fedllm.privacy import secagg_client
+    from fedllm.privacy.secagg_common import FITINS
 
     app = ClientApp()
 
-    @app.train(mods=[secagg.mod])
+    @app.train(mods=[secagg_client.mod])
     def _train(msg, context):
         reply = client.train(cfg, msg, context)
-        if secagg.FITINS in msg.content.config_records:
+        if FITINS in msg.content.config_records:
             res = compat.recorddict_to_fitres(reply.content, keep_input=True)
             stage = context.state.config_records["secaggplus_state"]["current_stage"]
             rnd = int(msg.content.config_records["fitins.config"]["server-round"])
@@ -623,7 +624,7 @@ def test_secure_rounds_on_a_loopback_deployment_survive_dropouts(tmp_path: Path)
     SecAgg+ with 3 shares and threshold 2, 2 rounds (a round with all four nodes is
     tests/test_deploy.py's and the simulated SecAgg+ tests').
     Round 1: SuperNode 3 is killed as soon as it has sent its public keys, so it is lost before
-    its key shares go out (fedllm.privacy.secagg.Workflow forgets it).
+    its key shares go out (fedllm.privacy.secagg_server.Workflow forgets it).
     Round 2: SuperNode 2 is killed once every key share is out, before its masked vector: the
     others reveal its key shares and Flower removes its pairwise masks from their sum."""
     from test_deploy import Federation, fedllm_run, write_orgs

@@ -1,0 +1,124 @@
+"""SecAgg+ on a client: the vectors `secaggplus_mod` masks, built from one local training round.
+
+Each client sends the same shape whatever its rank (zero-padded to the federation's max rank),
+refuses non-finite entries, counts what quantisation will clip, and keeps all but `CLEAR_KEYS`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.client.mod import secaggplus_mod
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+from flwr.common import parameters_to_ndarrays as to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common import recorddict_compat as compat
+
+from fedllm.aggregators.base import Factors
+from fedllm.model.adapters import from_record
+from fedllm.privacy.secagg_common import (
+    CLEAR_KEYS,
+    CLIPPED,
+    KEY,
+    max_weight,
+    weight_ratio,
+    workflow_max_weight,
+)
+from fedllm.recipe.schema import RunConfig
+
+log = logging.getLogger("fedllm.secagg")
+
+
+def mod(
+    msg: Message, context: Context, call_next: Callable[[Message, Context], Message]
+) -> Message:
+    """`secaggplus_mod` for SecAgg+ messages; every other message passes through untouched."""
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def vectors(update: dict[str, Factors], mode: str, width: int) -> list[np.ndarray]:
+    """The padded vectors of one client, modules in sorted order (float64)."""
+    out = []
+    for module in sorted(update):
+        f = update[module].pad(width)  # zero rows/columns beyond the client's rank
+        B = (f.B.double() * f.scaling).numpy()
+        if mode == "ffa":
+            out.append(B)
+        elif mode == "fedit":
+            out += [B, f.A.double().numpy()]
+        else:
+            out.append(B @ f.A.double().numpy())
+    return out
+
+
+def vector_names(update: dict[str, Factors], mode: str) -> list[str]:
+    """What each of `vectors`' arrays is (module and factor), in the same order, for messages."""
+    parts = {"ffa": ["B"], "fedit": ["B", "A"]}.get(mode, ["BA"])
+    return [f"{module}.{part}" for module in sorted(update) for part in parts]
+
+
+def check_finite(vecs: Sequence[np.ndarray], names: Sequence[str]) -> None:
+    """Refuse to send a NaN or ±Inf entry: quantised, it wraps the masked sum to garbage."""
+    for name, v in zip(names, vecs, strict=True):
+        bad = int(v.size - np.count_nonzero(np.isfinite(v)))
+        if bad:
+            raise ValueError(
+                f"{KEY} (fedllm.privacy.secagg): refusing to send this client's update: {bad} "
+                f"non-finite (NaN/Inf) entries of {v.size} in {name}; the unmasked sum of every "
+                "client would be garbage"
+            )
+
+
+def clipped_entries(vecs: Sequence[np.ndarray], ratio: float, clipping_range: float) -> int:
+    """How many entries the mod's quantisation clips: |ratio·x| > clipping_range."""
+    return sum(int(np.count_nonzero(np.abs(v * ratio) > clipping_range)) for v in vecs)
+
+
+def client_reply(
+    cfg: RunConfig, content: RecordDict, context: Context, train: Callable[..., RecordDict]
+) -> RecordDict:
+    """Train from a FitIns-form message; reply in FitRes form with the vectors to be masked."""
+    fitins = compat.recorddict_to_fitins(content, keep_input=True)
+    config = dict(fitins.config)
+    keys = str(config.pop("secagg-keys")).split("\n")
+    mode, width = str(config.pop("secagg-mode")), int(config.pop("secagg-width"))
+    uniform = bool(config.pop("secagg-uniform"))
+    arrays = to_ndarrays(fitins.parameters)
+    received = ArrayRecord(
+        {k: torch.from_numpy(a.copy()) for k, a in zip(keys, arrays, strict=True)}
+    )
+    out = train(cfg, RecordDict({"global": received, "config": ConfigRecord(config)}), context)
+    metrics = dict(out["metrics"])
+    update = from_record(out["update"], cfg.client_scaling(int(metrics["rank"])))
+    vecs = vectors(update, mode, width)
+    check_finite(vecs, vector_names(update, mode))
+    weight = 1 if uniform else int(metrics["num-examples"])
+    if weight > max_weight(cfg):  # the mod would only warn, and the masked sum overflow
+        raise ValueError(f"weight {weight} exceeds privacy.secure_aggregation.max_weight")
+    sa = cfg.privacy.secure_aggregation
+    ratio = weight_ratio(weight, workflow_max_weight(cfg), sa.quantization_range)
+    clipped = clipped_entries(vecs, ratio, sa.clipping_range)
+    if clipped:
+        log.warning(
+            "%s: %d of %d weighted entries exceed ±clipping_range=%g and will be clipped by "
+            "quantisation (the aggregate is biased; raise clipping_range)",
+            KEY,
+            clipped,
+            sum(v.size for v in vecs),
+            sa.clipping_range,
+        )
+    # only what the server needs leaves in the clear (the vectors are masked by the mod)
+    metrics = {k: v for k, v in metrics.items() if k in CLEAR_KEYS}
+    if uniform:  # the weight is 1: the shard size stays on the client
+        metrics.pop("num-examples", None)
+    metrics[CLIPPED] = clipped
+    # what leaves this client: one int64 per entry, plus the weight (after masking, in the mod)
+    metrics["bytes-sent"] = 8 * (1 + sum(v.size for v in vecs))
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(vecs), weight, metrics)
+    return compat.fitres_to_recorddict(fitres, keep_input=True)
