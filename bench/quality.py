@@ -62,7 +62,7 @@ from _quality_report import RESULTS, write_report
 from _quality_runs import centralised, federated, local_only, machine, run_dir
 
 from fedllm.recipe import load_recipe
-from fedllm.recipe.schema import DataConfig
+from fedllm.recipe.schema_data import DataConfig
 
 ROOT = Path(__file__).parents[1]
 FIXED_DATA_SEED = "seed" in DataConfig.model_fields  # data.seed: the partition fixed over seeds

@@ -40,7 +40,8 @@ from fedllm.model import packing, wire
 from fedllm.model.adapters import attach_lora, from_record, read_factors, write_factors
 from fedllm.model.base import cached_base_model
 from fedllm.model.loading import module_shapes
-from fedllm.recipe.schema import BasePrecision, RunConfig
+from fedllm.recipe.schema import RunConfig
+from fedllm.recipe.schema_common import BasePrecision
 
 log = logging.getLogger("fedllm.client")
 

@@ -38,7 +38,8 @@ from fedllm.features.base import Feature
 from fedllm.features.registry import register
 from fedllm.features.types import ClientRound, ClientRow, Download, RoundResult, TrainReply
 from fedllm.model.loading import module_shapes
-from fedllm.recipe.schema import DeviceProfile, RunConfig
+from fedllm.recipe.schema import RunConfig
+from fedllm.recipe.schema_constrained import DeviceProfile
 
 MEMORY_REFUSAL = "does not fit this device's memory"  # in the error reply; the bandit reads it
 LATE_MARGIN = 1.0  # seconds past the deadline at which a late client stops its emulated wait

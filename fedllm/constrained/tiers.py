@@ -11,7 +11,8 @@ import dataclasses
 from fedllm.features.base import Feature
 from fedllm.features.registry import register
 from fedllm.features.types import ClientPlan, ClientRound
-from fedllm.recipe.schema import RunConfig, TierConfig
+from fedllm.recipe.schema import RunConfig
+from fedllm.recipe.schema_model import TierConfig
 
 
 def tier_of(cfg: RunConfig, partition: int) -> TierConfig | None:

@@ -2,7 +2,8 @@
 
 from fedllm.recipe.checks import ConfigError
 from fedllm.recipe.load import build_config, load_recipe, parse_overrides
-from fedllm.recipe.schema import RunConfig, TierConfig
+from fedllm.recipe.schema import RunConfig
+from fedllm.recipe.schema_model import TierConfig
 
 __all__ = [
     "ConfigError",

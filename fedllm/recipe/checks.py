@@ -1,6 +1,7 @@
 """Every recipe check that spans sections, in one place; `RunConfig` runs them at construction.
 
-Field-level rules (types, ranges, unknown keys) are pydantic's, in `fedllm.recipe.schema`.
+Field-level rules (types, ranges, unknown keys) are pydantic's, in `fedllm.recipe.schema` and
+its section modules (`schema_*`).
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fedllm.recipe.checks import ConfigError
-from fedllm.recipe.schema import MlflowTracker, RunConfig, TensorBoardTracker, WandbTracker
+from fedllm.recipe.schema import RunConfig
+from fedllm.recipe.schema_output import MlflowTracker, TensorBoardTracker, WandbTracker
 
 log = logging.getLogger(__name__)
 

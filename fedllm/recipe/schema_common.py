@@ -1,0 +1,43 @@
+"""What every recipe section shares: the `Strict` base (unknown keys refused, frozen, no boolean
+for a number) and the field types and checks of more than one section.
+
+A leaf module, so that `schema` and every `schema_*` section module import it and not each other.
+"""
+
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+BasePrecision = Literal["none", "4bit", "8bit"]  # "4bit"/"8bit": bitsandbytes
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """`rounds: true` is a mistake, not 1 round: a number field takes no boolean (pydantic's
+        lax mode would)."""
+        ann = cls.model_fields[info.field_name].annotation
+        forms = {ann, *typing.get_args(ann)}
+        if isinstance(value, bool) and forms & {int, float} and bool not in forms:
+            raise ValueError(f"expected a number, got a boolean ({str(value).lower()})")
+        return value
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.startswith(("/", "./", "../", "~")) or value.endswith(DATA_SUFFIXES)
+
+
+def must_exist(value: str, what: str) -> str:
+    """`value`, unless it looks like a local path (/, ./, ../, ~, a data file's suffix) that does
+    not exist: a hub name or a built-in source passes unchecked."""
+    if _looks_like_path(value) and not Path(value).expanduser().exists():
+        raise ValueError(f"{what} {value!r} does not exist")
+    return value

@@ -1,0 +1,83 @@
+"""The recipe's output section: adapter snapshots and the experiment trackers (options of
+`fedllm.server.trackers`); not part of the recipe fingerprint."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from fedllm.recipe.schema_common import Strict
+
+
+class TensorBoardTracker(Strict):
+    """`output.trackers.tensorboard`: event files for `tensorboard --logdir`."""
+
+    log_dir: str | None = Field(None, description="default: <run_dir>/tensorboard")
+
+
+class MlflowTracker(Strict):
+    """`output.trackers.mlflow`: one MLflow run per fedllm run (resumed with it)."""
+
+    tracking_uri: str | None = Field(
+        None, description="default: sqlite:///<run_dir>/mlflow.db (a local file, no server)"
+    )
+    experiment: str = "fedllm"
+    run_name: str | None = Field(None, description="default: the recipe's name")
+
+
+class WandbTracker(Strict):
+    """`output.trackers.wandb`: a Weights & Biases run, offline unless told otherwise."""
+
+    project: str = "fedllm"
+    mode: Literal["offline", "online"] = Field(
+        "offline", description="offline: files under <dir>/wandb, upload later with `wandb sync`"
+    )
+    dir: str | None = Field(None, description="default: <run_dir>")
+    entity: str | None = None
+
+
+TRACKERS = ("tensorboard", "mlflow", "wandb")
+
+
+class TrackersConfig(Strict):
+    """Experiment trackers fed from the metrics writer (none by default); a list of names, or
+    names with options: `[tensorboard, mlflow]` or `{mlflow: {experiment: x}}`."""
+
+    tensorboard: TensorBoardTracker | None = None
+    mlflow: MlflowTracker | None = None
+    wandb: WandbTracker | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _names(cls, value: Any) -> Any:
+        if value is None:
+            return {}
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list | tuple):
+            unknown = [v for v in value if v not in TRACKERS]
+            if unknown:
+                raise ValueError(f"unknown tracker(s) {unknown}; valid: {', '.join(TRACKERS)}")
+            return {name: {} for name in value}
+        if isinstance(value, dict):
+            return {k: ({} if v is None else v) for k, v in value.items()}
+        return value
+
+    @property
+    def names(self) -> list[str]:
+        """The trackers turned on, in a fixed order."""
+        return [n for n in TRACKERS if getattr(self, n) is not None]
+
+
+class OutputConfig(Strict):
+    """What a run leaves besides its final adapter: adapter snapshots, experiment trackers.
+
+    Not part of the recipe fingerprint: a resumed run may change them."""
+
+    snapshot_every: int | None = Field(
+        None,
+        ge=1,
+        description="save the global adapter every k rounds in snapshots/round_<r>/ (off: null)",
+    )
+    trackers: TrackersConfig = TrackersConfig()
