@@ -175,3 +175,34 @@ def test_a_boolean_is_no_number(override: str) -> None:
         load_recipe(Path(__file__).parents[1] / "recipes" / "tiny.yaml", [override])
     tiny = Path(__file__).parents[1] / "recipes" / "tiny.yaml"
     load_recipe(tiny, ["federation.share_head=true"])  # a bool field takes one
+
+
+def test_a_recipe_header_names_quality_cells_the_bench_has() -> None:
+    """A header's `python bench/quality.py ...` command parses: the bench's flags, its method
+    labels or groups, its regimes (twelve headers once named a flag it never had)."""
+    import shlex
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    try:
+        import quality
+    finally:
+        sys.path.pop(0)
+    commands = [
+        line.split("python bench/quality.py", 1)[1].rstrip(")")
+        for path in RECIPES
+        for line in path.read_text().split("\n\n")[0].splitlines()
+        if "python bench/quality.py" in line
+    ]
+    assert len(commands) >= 12
+    for command in commands:
+        flag, values = None, {}
+        for token in shlex.split(command):
+            if token.startswith("--"):
+                flag = token
+                values[flag] = []
+            else:
+                values[flag].append(token)
+        assert set(values) <= {"--methods", "--regimes", "--seeds"}, command
+        assert set(values["--methods"]) <= set(quality.METHODS) | set(quality.GROUPS), command
+        assert set(values.get("--regimes", [])) <= set(quality.REGIMES), command
