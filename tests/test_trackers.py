@@ -120,7 +120,7 @@ def test_a_missing_tracker_package_is_an_error_naming_the_extra(tmp_path, monkey
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "output.trackers: mlflow needs the package 'mlflow-skinny'" in err
-    assert "pip install 'fedllm[trackers]'" in err
+    assert "pip install -e '.[trackers]'" in err
 
 
 def test_tensorboard_event_files_hold_every_round(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from fedllm.recipe.schema_output import MlflowTracker, TensorBoardTracker, Wandb
 
 log = logging.getLogger(__name__)
 
-EXTRA = "pip install 'fedllm[trackers]'"
+EXTRA = "pip install -e '.[trackers]'"  # in the checkout: PyPI's 'fedllm' is another project
 PACKAGES = {  # tracker -> (module it needs, pip package)
     "tensorboard": ("tensorboard", "tensorboard"),
     "mlflow": ("mlflow", "mlflow-skinny"),
