@@ -154,7 +154,7 @@ class SampleLevelDP(Feature):
         if pid in self.reported:
             return self.reported[pid]
         n_train = len(raw_shard(self.cfg, pid, cache=self.shards).train)
-        plan = sample_plan(self.cfg, n_train=n_train, partition=pid)
+        plan = self._plan_for(n_train, pid)  # memoised: a target σ is a search, every round
         return (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
 
     def receive(
