@@ -42,8 +42,8 @@ def partition(
         raise ValueError(f"min_size must be an integer ≥ 0, got {min_size!r}")
     if len(examples) < num_clients * min_size:
         raise ValueError(
-            f"{len(examples)} examples cannot give num_clients={num_clients} clients "
-            f"min_size={min_size} each; use more examples, fewer clients or a smaller min_size"
+            f"{len(examples)} examples cannot give data.num_clients={num_clients} clients "
+            f"{min_size} each; use more examples (data.max_examples) or fewer data.num_clients"
         )
     if method == "iid":
         order = np.random.default_rng(seed).permutation(len(examples))
@@ -58,8 +58,9 @@ def partition(
         smallest = min(len(c) for c in clients)
         if smallest < min_size:
             raise ValueError(
-                f"domain partition gives a client only {smallest} examples (min_size={min_size}); "
-                "use fewer clients, a smaller min_size, or method='dirichlet'"
+                f"data.partitioner='domain' gives a client only {smallest} examples (at least "
+                f"{min_size} needed); use fewer data.num_clients, or data.partitioner='dirichlet' "
+                "or 'iid'"
             )
     return [sorted(c) for c in clients]
 
@@ -107,8 +108,9 @@ def _dirichlet(
         if min(len(c) for c in clients) >= min_size:
             return clients
     raise ValueError(
-        f"dirichlet partition (alpha={alpha}) left a client below min_size={min_size} in "
-        f"{MAX_DIRICHLET_DRAWS} draws; raise alpha, lower num_clients or min_size, or add examples"
+        f"data.partitioner='dirichlet' (data.dirichlet_alpha={alpha}) left a client below "
+        f"{min_size} examples in {MAX_DIRICHLET_DRAWS} draws; raise data.dirichlet_alpha, lower "
+        "data.num_clients, or add examples (data.max_examples)"
     )
 
 

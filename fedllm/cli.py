@@ -31,24 +31,17 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
 
 def prepare(cfg: RunConfig) -> None:
     """Everything that can fail before a round starts: base model, rank fit, every client's data."""
-    from fedllm.data.shards import load_all_examples, partition_indices
     from fedllm.features import registry
     from fedllm.model.base import adapter_shapes, check_ranks
+    from fedllm.preflight import check_data
+    from fedllm.server.trackers import check_trackers
 
     shapes = adapter_shapes(cfg)
     check_ranks(cfg, shapes)
-    examples = load_all_examples(cfg)
-    parts = partition_indices(cfg, examples)
-    sizes = [len(p) for p in parts]
-    print(
-        f"[fedllm] {len(examples)} examples from {cfg.data.source!r} over {len(parts)} clients "
-        f"({cfg.data.partitioner}): sizes {sizes}; {len(shapes)} adapted modules",
-        flush=True,
-    )
+    data = check_data(cfg)
+    print(f"[fedllm] {data.line(cfg)}; {len(shapes)} adapted modules", flush=True)
     for feature in registry.active(cfg):  # e.g. pruned ranks fit, DP fits every shard
         feature.prepare(cfg, shapes=shapes)
-    from fedllm.server.trackers import check_trackers
-
     check_trackers(cfg)  # output.trackers installed here (the server logs to them)
 
 
@@ -85,6 +78,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flwr.simulation import run_simulation
 
     from fedllm.client.app import make_client_app
+    from fedllm.preflight import check_gpus
     from fedllm.processes import simulation_ray
     from fedllm.server.app import make_server_app
 
@@ -92,7 +86,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cpus = sim.num_cpus_per_client
     if sim.ray_address is None:  # on a cluster its nodes bound a client's CPUs, not this machine
         cpus = min(cpus, float(_cpu_count()))
-        check_gpus(sim.num_gpus_per_client)
+        check_gpus(sim.num_gpus_per_client)  # (on a cluster its nodes give them)
     with simulation_ray(address=sim.ray_address, verbose=args.verbose, num_cpus_per_client=cpus):
         run_simulation(
             server_app=make_server_app(cfg, resume=args.resume),
@@ -178,21 +172,6 @@ def remove_run_dir(run_dir: Path, output_dir: Path) -> None:
     shutil.rmtree(target)
 
 
-def check_gpus(per_client: float) -> None:
-    """Refuse GPUs per client this machine cannot give: Ray would start no client at all."""
-    if per_client <= 0:
-        return
-    import torch
-
-    have = torch.cuda.device_count()
-    if per_client > have:
-        raise ConfigError(
-            f"simulation.num_gpus_per_client={per_client} but this machine has {have} CUDA "
-            "device(s) (torch.cuda.device_count()); set it to 0 for CPU clients, at most "
-            f"{have}, or run on a Ray cluster with GPUs (simulation.ray_address)"
-        )
-
-
 def _cpu_count() -> int:
     import os
 
@@ -209,15 +188,20 @@ def split_recipes(items: list[str]) -> tuple[list[str], list[str]]:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    """Check every recipe with the same overrides; report each bad one and exit 2 if any is bad."""
+    """Check every recipe with the same overrides, then (unless --config-only) what it needs of
+    this machine: its data loads and gives every client examples, its trackers are installed,
+    its GPUs exist. Report each bad one and exit 2 if any is bad."""
     recipes, overrides = split_recipes(args.items)
     if not recipes:
         raise ConfigError("validate needs at least one recipe path (got only key=value overrides)")
     overrides += args.overrides  # --set KEY=VALUE, kept as an alias
+    if not args.config_only:
+        from fedllm.preflight import check_machine
     failed = 0
     for path in recipes:
         try:
             cfg = load_recipe(path, overrides)
+            data = None if args.config_only else check_machine(absolute_paths(cfg))
         except (ConfigError, FileNotFoundError, ValueError) as err:
             print(f"fedllm: error: {err}", file=sys.stderr)
             failed += 1
@@ -226,6 +210,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
             f"ok  {path}: {cfg.name}, {cfg.data.num_clients} clients, "
             f"aggregator {cfg.aggregator.name}"
         )
+        if data is not None:
+            print(f"    {data.line(cfg)}")
     return 2 if failed else 0
 
 
@@ -300,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     val = sub.add_parser(
         "validate",
         help="check recipes without running them",
-        usage="%(prog)s [-h] [--set KEY=VALUE] RECIPE [RECIPE ...] [KEY=VALUE ...]",
+        usage="%(prog)s [-h] [--config-only] [--set KEY=VALUE] RECIPE [RECIPE ...] [KEY=VALUE ...]",
     )
     val.add_argument(
         "items",
@@ -315,6 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="an override (same as a positional key=value)",
+    )
+    val.add_argument(
+        "--config-only",
+        action="store_true",
+        help="check the recipe alone, not its data, trackers and GPUs on this machine (for a "
+        "recipe that runs elsewhere, e.g. on SuperNodes with their own data)",
     )
     val.set_defaults(fn=cmd_validate)
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedllm.cli import check_gpus, main
+from fedllm.cli import main
+from fedllm.preflight import check_gpus
 from fedllm.recipe import ConfigError, load_recipe
 
 ROOT = Path(__file__).parents[1]

@@ -1,0 +1,77 @@
+"""What a recipe needs of this machine, checked before a base model is built or a round runs.
+
+`fedllm validate` runs these after the schema (so a broken data file, a partition that leaves a
+client nothing, a tracker that is not installed or GPUs the machine lacks are named in seconds);
+`fedllm run` and the Flower App run them again in `prepare`, next to the base model's checks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedllm.data.shards import ProcessCache, raw_shard
+from fedllm.recipe import ConfigError, RunConfig
+from fedllm.server.trackers import check_trackers
+
+
+@dataclass(frozen=True)
+class DataCheck:
+    """A recipe's data as every client would build it: counts only, nothing kept."""
+
+    examples: int
+    test: int
+    train: tuple[int, ...]  # per client, canary copies included
+    held_out: tuple[int, ...]
+
+    def line(self, cfg: RunConfig) -> str:
+        """One line for a person: where the data came from and what each client gets."""
+        test = f", {self.test} in the global test set" if self.test else ""
+        return (
+            f"{self.examples} examples from {cfg.data.source!r}{test}; "
+            f"{len(self.train)} clients ({cfg.data.partitioner}): train {_span(self.train)}, "
+            f"held out {_span(self.held_out)} each"
+        )
+
+
+def _span(sizes: tuple[int, ...]) -> str:
+    low, high = min(sizes), max(sizes)
+    return str(low) if low == high else f"{low}–{high}"
+
+
+def check_data(cfg: RunConfig) -> DataCheck:
+    """Load, split and partition the recipe's data as the clients will; the loaders' and the
+    partitioner's errors (a broken file, too few examples for the clients) surface here."""
+    cache = ProcessCache()
+    shards = [raw_shard(cfg, p, cache=cache) for p in range(cfg.data.num_clients)]
+    split = cache.split(cfg)
+    return DataCheck(
+        examples=len(split.examples),
+        test=len(split.test),
+        train=tuple(len(s.train) for s in shards),
+        held_out=tuple(len(s.held_out) for s in shards),
+    )
+
+
+def check_gpus(per_client: float) -> None:
+    """Refuse GPUs per client this machine cannot give: Ray would start no client at all."""
+    if per_client <= 0:
+        return
+    import torch
+
+    have = torch.cuda.device_count()
+    if per_client > have:
+        raise ConfigError(
+            f"simulation.num_gpus_per_client={per_client} but this machine has {have} CUDA "
+            "device(s) (torch.cuda.device_count()); set it to 0 for CPU clients, at most "
+            f"{have}, or run on a Ray cluster with GPUs (simulation.ray_address)"
+        )
+
+
+def check_machine(cfg: RunConfig) -> DataCheck:
+    """Everything but the base model: data, trackers, and GPUs when this machine runs the
+    clients (on a Ray cluster, `simulation.ray_address`, the cluster's nodes give them)."""
+    data = check_data(cfg)
+    check_trackers(cfg)
+    if cfg.simulation.ray_address is None:
+        check_gpus(cfg.simulation.num_gpus_per_client)
+    return data

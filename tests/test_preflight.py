@@ -1,0 +1,72 @@
+"""`fedllm validate` checks what a recipe needs of this machine: data that loads and gives every
+client examples, installed trackers; `--config-only` checks the recipe alone."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from fedllm.cli import main
+from fedllm.preflight import check_data
+from fedllm.recipe import load_recipe
+
+TINY = str(Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml")  # 3 clients, wordnet
+
+
+def test_check_data_counts_every_example_once() -> None:
+    cfg = load_recipe(TINY, ["data.test_set={fraction: 0.1}"])
+    data = check_data(cfg)
+    assert len(data.train) == len(data.held_out) == cfg.data.num_clients == 3
+    assert min(data.train) > 0 and min(data.held_out) > 0
+    assert sum(data.train) + sum(data.held_out) + data.test == data.examples == 600
+    assert 0 < data.test < data.examples
+    assert "600 examples from 'wordnet', " in data.line(cfg)
+
+
+def rows(path: Path, lines: list[str]) -> str:
+    path.write_text("".join(line + "\n" for line in lines))
+    return str(path)
+
+
+PAIR = json.dumps({"prompt": "a", "response": "b"})
+BAD_DATA = {  # file name: (its lines, what the error must say)
+    "empty.jsonl": ([], "is empty: it holds no rows"),
+    "broken.jsonl": ([PAIR, "{broken"], "line 2 is not valid JSON"),
+    "no_reply.jsonl": (
+        [json.dumps({"messages": [{"role": "user", "content": "hi"}]})],
+        "no assistant turn",
+    ),
+    "two_rows.jsonl": ([PAIR, PAIR], "2 examples cannot give data.num_clients=3 clients"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_DATA))
+def test_validate_loads_the_data_and_names_what_is_wrong(
+    name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lines, message = BAD_DATA[name]
+    source = rows(tmp_path / name, lines)
+    assert main(["validate", TINY, f"data.source={source}"]) == 2
+    err = capsys.readouterr().err
+    assert "fedllm: error: " in err and message in err
+    # the recipe alone is fine: --config-only does not read the file
+    assert main(["validate", "--config-only", TINY, f"data.source={source}"]) == 0
+    assert "ok  " in capsys.readouterr().out
+
+
+def test_validate_says_what_each_client_gets(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", TINY]) == 0
+    out = capsys.readouterr().out
+    assert "\n    600 examples from 'wordnet'; 3 clients (domain): train " in out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")
+def test_validate_refuses_a_tracker_that_is_not_installed(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["validate", TINY, "output.trackers=[wandb]"]) == 2
+    assert "pip install -e '.[trackers]'" in capsys.readouterr().err
+    assert main(["validate", "--config-only", TINY, "output.trackers=[wandb]"]) == 0
