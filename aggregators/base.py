@@ -235,6 +235,11 @@ def _discover_once() -> None:
 _NOT_OPTIONS = frozenset({"updates", "weights", "global_rank", "state", "seed"})
 
 
+def option_names(name: str) -> list[str]:
+    """The `aggregator.options` keys the method `name` takes (its own and its clients')."""
+    return sorted(_option_defaults(name))
+
+
 def _option_defaults(name: str) -> dict[str, Any]:
     """Option -> default (Parameter.empty if required; None for client options) of `name`."""
     fn = get(name)

@@ -18,12 +18,18 @@ import zipfile
 from io import BytesIO
 from pathlib import Path
 
+import click
 import pytest
 import tomli
 import yaml
 from flwr.cli.build import build_fab_from_files
 from flwr.common.config import flatten_dict, fuse_dicts, parse_config_args
+from pydantic import BaseModel
 
+import fedllm.aggregators.base as aggregator_base
+import fedllm.features.registry as feature_registry
+from fedllm.aggregators import available
+from fedllm.aggregators.base import _option_defaults
 from fedllm.deploy.app_check import check_fab
 from fedllm.deploy.app_config import (
     APP_KEYS,
@@ -37,6 +43,8 @@ from fedllm.deploy.app_config import (
 from fedllm.deploy.apps import check_simulation_size
 from fedllm.deploy.federation import write_run_config
 from fedllm.deploy.flower_env import flwr_env
+from fedllm.features.base import Feature
+from fedllm.features.registry import discover
 from fedllm.recipe import ConfigError, load_recipe
 
 ROOT = Path(__file__).parents[1]
@@ -66,21 +74,63 @@ def test_pyproject_declares_every_recipe_key_as_generated() -> None:
     assert all(config[k] == FROM_RECIPE for k in recipe_keys())
 
 
-def test_recipe_keys_are_the_schema_leaves() -> None:
+def test_recipe_keys_are_every_schema_key_and_section() -> None:
     keys = recipe_keys()
     for key in ("name", "federation.rounds", "model.tiny.hidden_size", "data.canaries.digits"):
         assert key in keys
     assert "privacy.secure_aggregation.enabled" in keys  # two sections deep
+    # a section is a key too (a whole YAML mapping), declared before its own keys
+    for section in ("model", "privacy.secure_aggregation", "data.test_set", "output.trackers"):
+        assert section in keys
+        assert keys.index(section) < min(
+            i for i, k in enumerate(keys) if k.startswith(section + ".")
+        )
     # a value that may be a list or a mapping is one key, given as a YAML string
     assert {"lora.ranks", "lora.tiers", "aggregator.options", "features"} <= set(keys)
-    assert not [k for k in keys if k.startswith(("lora.ranks.", "aggregator.options."))]
-    assert "model" not in keys and "privacy.secure_aggregation" not in keys  # sections are not
+    # ... and the keys of its mapping form (a rank rule), but not a list's items
+    assert {"lora.ranks.min", "lora.ranks.max", "lora.ranks.spacing"} <= set(keys)
+    assert not [k for k in keys if k.startswith(("lora.tiers.", "devices.", "data.pos."))]
+
+
+def test_registry_options_are_keys() -> None:
+    """Every option of every registered aggregator, every feature and its options: from the
+    registries, so a new aggregator or feature needs only the table regenerated."""
+    keys = set(recipe_keys())
+    for name in available():
+        for option in _option_defaults(name):
+            assert f"aggregator.options.{option}" in keys, (name, option)
+    own = {n: c for n, c in discover().items() if c.Options is not None}
+    assert "fedprox" in own
+    for name, cls in own.items():
+        assert f"features.{name}" in keys
+        assert {f"features.{name}.{o}" for o in cls.Options.model_fields} <= keys
+    assert not [k for k in keys if k.startswith("features.") and k.split(".")[1] not in own]
+
+
+def test_a_new_aggregator_or_feature_appears_in_the_table(monkeypatch) -> None:
+    def knobbed(updates, weights, *, knob: int = 3, **_: object):  # pragma: no cover
+        raise NotImplementedError
+
+    class Options(BaseModel):
+        strength: float = 1.0
+
+    class Knobbed(Feature):
+        name = "knobbed_feature"
+
+    monkeypatch.setattr(Knobbed, "Options", Options)
+    monkeypatch.setitem(aggregator_base._REGISTRY, "knobbed", knobbed)
+    monkeypatch.setitem(aggregator_base._ROUNDS, "knobbed", aggregator_base.RoundSpec())
+    monkeypatch.setitem(feature_registry._FEATURES, "knobbed_feature", Knobbed)
+    table = config_table()
+    for key in ("aggregator.options.knob", "features.knobbed_feature.strength"):
+        assert f'"{key}" = "{FROM_RECIPE}"' in table
+    assert table != declared_table()  # the checked-in table would be reported stale
 
 
 def test_stale_table_is_reported_and_regenerated(tmp_path: Path, capsys) -> None:
     text = PYPROJECT.read_text()
     table = declared_table()
-    stale = table.replace('federation.rounds = "<recipe>"\n', "")
+    stale = table.replace('"federation.rounds" = "<recipe>"\n', "")
     assert stale != table
     copy = tmp_path / "pyproject.toml"
     copy.write_text(text.replace(table, stale))
@@ -114,9 +164,74 @@ def test_run_config_overrides_the_named_recipe() -> None:
     assert app_recipe(run_config("recipe='tiny'")) == tiny
 
 
+# the spellings an audit found Flower refused ("not present in the main dictionary")
+AUDITED = {
+    "output.trackers='[tensorboard]'": lambda c: c.output.trackers.names == ["tensorboard"],
+    "data.test_set='{fraction: 0.1, labels: [noun.food]}'": lambda c: (
+        c.data.test_set is not None
+        and (c.data.test_set.fraction, c.data.test_set.labels) == (0.1, ["noun.food"])
+        and c.data.test_set.max_examples == 1000  # the schema default
+    ),
+    "aggregator.options.oversample=16": lambda c: c.aggregator.options == {"oversample": 16},
+    "features.fedprox.mu=0.01": lambda c: c.features == {"fedprox": {"mu": 0.01}},
+}
+
+
+@pytest.mark.parametrize("given", AUDITED)
+def test_audited_spellings_pass_flower_and_reach_the_recipe(given: str) -> None:
+    cfg = app_recipe(run_config(f"recipe='tiny' {given}"))  # run_config: Flower's own key check
+    assert AUDITED[given](cfg)
+    assert cfg.model_dump(exclude={"output", "data", "aggregator", "features"}) == load_recipe(
+        TINY
+    ).model_dump(exclude={"output", "data", "aggregator", "features"})
+
+
+def test_audited_spellings_together_and_their_other_forms() -> None:
+    cfg = app_recipe(run_config(" ".join(["recipe='tiny'", *AUDITED])))
+    assert all(check(cfg) for check in AUDITED.values())
+    assert "fedprox" in [f.name for f in feature_registry.active(cfg)]
+    cfg = app_recipe(
+        run_config(
+            "recipe='tiny' output.trackers.mlflow.experiment='x' data.test_set.fraction=0.2 "
+            "aggregator.options='{oversample: 8, power_iters: 3}' features.server_momentum='{}' "
+            "features.fedprox='{mu: 0.1}' output.trackers.tensorboard='{}'"
+        )
+    )
+    assert cfg.output.trackers.names == ["tensorboard", "mlflow"]
+    assert cfg.output.trackers.mlflow is not None and cfg.output.trackers.mlflow.experiment == "x"
+    assert cfg.data.test_set is not None and cfg.data.test_set.fraction == 0.2
+    assert cfg.aggregator.options == {"oversample": 8, "power_iters": 3}
+    assert cfg.features == {"server_momentum": {}, "fedprox": {"mu": 0.1}}  # '{}': the defaults
+    cfg = app_recipe(run_config("recipe='recipes/fedprox.yaml' features.fedprox.mu=0.5"))
+    assert cfg.features == {"fedprox": {"mu": 0.5}}
+    cfg = app_recipe(run_config("recipe='tiny' lora.ranks.min=2 lora.ranks.max=8 adaptive='null'"))
+    assert [cfg.client_rank(i) for i in range(3)] == [2, 4, 8] and cfg.adaptive is None
+
+
+def test_a_section_and_its_keys_combine_from_a_run_config_file(tmp_path: Path) -> None:
+    """A TOML file may give a section and its own keys (a `--run-config` string may not): the
+    keys refine the section's mapping, whatever their order."""
+    file = tmp_path / "rc.toml"
+    file.write_text(
+        "recipe = 'tiny'\n"
+        "\"data.test_set.labels\" = '[noun.food]'\n"
+        "\"data.test_set\" = '{fraction: 0.1, labels: [noun.animal]}'\n"
+        "\"aggregator.options\" = '{oversample: 8, power_iters: 3}'\n"
+        '"aggregator.options.oversample" = 4\n'
+    )
+    cfg = app_recipe(fuse_dicts(declared(), parse_config_args([str(file)]), check_keys=True))
+    assert cfg.data.test_set is not None
+    assert (cfg.data.test_set.fraction, cfg.data.test_set.labels) == (0.1, ["noun.food"])
+    assert cfg.aggregator.options == {"oversample": 4, "power_iters": 3}
+    with pytest.raises(click.ClickException):  # TOML: a key is a value or a table, not both
+        parse_config_args(["recipe='tiny' data.test_set='{fraction: 0.1}' data.test_set.labels=1"])
+
+
 def test_flower_refuses_undeclared_keys_and_lists() -> None:
     with pytest.raises(ValueError, match="rouns"):
         run_config("recipe='tiny' federation.rouns=2")
+    with pytest.raises(ValueError, match="not present"):  # an option no aggregator has
+        run_config("recipe='tiny' aggregator.options.oversampel=2")
     with pytest.raises(ValueError, match="needs to be of type"):  # a TOML list: quote it
         run_config("recipe='tiny' lora.ranks=[8,16]")
 

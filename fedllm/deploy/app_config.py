@@ -6,20 +6,30 @@ given; Flower refuses keys the app does not declare (`flwr.common.config.fuse_di
 the others with their declared values. So every recipe key is declared, with the value
 `FROM_RECIPE` ("take it from the recipe"), and a run's recipe is the named recipe with every
 other value as a `key=value` override, exactly as `fedllm run RECIPE key=value` applies them.
-Flower's config values are scalars: a list or mapping is given as a YAML string
-(`lora.ranks='[8, 16]'`), as on fedllm's command line.
 
-Regenerate the table after changing the schema (a test compares it with pyproject.toml):
-`python -m fedllm.deploy.app_config` (or `--check` to only compare).
+Every key means every depth: a section (`data.test_set`, `output.trackers`, `features.fedprox`)
+as well as its own keys (`data.test_set.fraction`), and the keys that come from the registries
+rather than the schema: each registered aggregator's options (`aggregator.options.oversample`)
+and each registered feature with its options (`features.fedprox`, `features.fedprox.mu`). Flower
+flattens the table to dotted keys, but TOML cannot hold `a.b` both as a value and as a table, so
+every dotted key is written quoted (`"data.test_set" = ...`, one key of the table): a section and
+its keys then both exist. Flower's config values are scalars: a list or mapping is given as a
+YAML string (`lora.ranks='[8, 16]'`, `data.test_set='{fraction: 0.1}'`), as on fedllm's command
+line.
+
+Regenerate the table after changing the schema or adding an aggregator or a feature (a test
+compares it with pyproject.toml): `python -m fedllm.deploy.app_config` (or `--check` to only
+compare).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import yaml
@@ -42,30 +52,66 @@ PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
 
 def _section(annotation: object) -> type[BaseModel] | None:
-    """The recipe section a field holds (`X` or `X | None`), or None for a value."""
+    """The recipe section a field holds (`X`, `X | None`, or one form of a union: `lora.ranks`
+    may be a rule `{min, max, spacing}`), or None for a value."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
-    if union and len(args) == 1:
-        return _section(args[0])
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return next(filter(None, map(_section, typing.get_args(annotation))), None)
     return None
 
 
+def _aggregator_option_keys(prefix: str) -> list[str]:
+    """`aggregator.options.<option>` for every option of every registered aggregator."""
+    from fedllm.aggregators import available
+    from fedllm.aggregators.base import option_names
+
+    return [prefix + o for o in sorted({o for n in available() for o in option_names(n)})]
+
+
+def _feature_keys(prefix: str) -> list[str]:
+    """`features.<name>` (its whole options, `'{}'` for the defaults) and its options' keys, for
+    every registered feature that has a `features` entry."""
+    from fedllm.features.registry import discover
+
+    keys: list[str] = []
+    for name, cls in sorted(discover().items()):
+        if cls.Options is not None:
+            keys += [prefix + name, *recipe_keys(cls.Options, f"{prefix}{name}.")]
+    return keys
+
+
+# the schema's mappings whose keys are registry names, not schema fields: found by the registries
+# (so a new aggregator or feature needs only the table regenerated)
+REGISTRY_KEYS: dict[str, Callable[[str], list[str]]] = {
+    "aggregator.options": _aggregator_option_keys,
+    "features": _feature_keys,
+}
+
+
 def recipe_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
-    """Every dotted recipe key that takes one value (a section's fields, recursively)."""
+    """Every dotted recipe key, a section before its own keys (recursively): a section or a
+    mapping takes a whole YAML mapping, its keys one value each."""
     keys: list[str] = []
     for name, field in model.model_fields.items():
+        key = prefix + name
+        keys.append(key)
         section = _section(field.annotation)
-        if section is None:
-            keys.append(prefix + name)
-        else:
-            keys += recipe_keys(section, f"{prefix}{name}.")
+        if section is not None:
+            keys += recipe_keys(section, f"{key}.")
+        elif key in REGISTRY_KEYS:
+            keys += REGISTRY_KEYS[key](f"{key}.")
     return keys
 
 
 def _toml(value: str | bool) -> str:
     return str(value).lower() if isinstance(value, bool) else f'"{value}"'
+
+
+def _toml_key(key: str) -> str:
+    """A dotted key quoted (one key of the table, not nested tables), so that a section and its
+    own keys may both be declared."""
+    return json.dumps(key) if "." in key else key
 
 
 def config_table() -> str:
@@ -76,9 +122,10 @@ def config_table() -> str:
         "# recipe: a shipped recipe's name (`fedllm recipes`), recipes/NAME.yaml or a file's path;",
         "# resume / overwrite: as `fedllm run --resume / --overwrite`",
         *(f"{key} = {_toml(value)}" for key, value in APP_KEYS.items()),
-        f'# every recipe key, "{FROM_RECIPE}" = the recipe\'s value; lists and mappings as YAML '
-        "strings",
-        *(f"{key} = {_toml(FROM_RECIPE)}" for key in recipe_keys()),
+        f'# every recipe key, sections too ("{FROM_RECIPE}": the recipe\'s value; lists and '
+        "mappings as YAML",
+        "# strings); dotted keys quoted so a section and its keys both fit (given unquoted: a.b=1)",
+        *(f"{_toml_key(key)} = {_toml(FROM_RECIPE)}" for key in recipe_keys()),
         END,
     ]
     return "\n".join(lines) + "\n"
@@ -117,11 +164,13 @@ def _yaml_scalar(value: object) -> str:
 
 
 def recipe_overrides(run_config: Mapping[str, object]) -> list[str]:
-    """The run config's recipe values as `key=value` overrides (FROM_RECIPE ones left out)."""
+    """The run config's recipe values as `key=value` overrides (FROM_RECIPE ones left out), a
+    section's whole mapping before its own keys, which then refine it (only a run-config file
+    can give both: Flower's `--run-config` string refuses `a='{...}' a.b=1`)."""
+    given = [k for k, v in run_config.items() if k not in APP_KEYS and v != FROM_RECIPE]
     return [
-        f"{key}={_yaml_scalar(value)}"
-        for key, value in run_config.items()
-        if key not in APP_KEYS and value != FROM_RECIPE
+        f"{key}={_yaml_scalar(run_config[key])}"
+        for key in sorted(given, key=lambda k: k.count("."))
     ]
 
 
