@@ -9,6 +9,7 @@ from fedllm.model.base import check_ranks
 from fedllm.recipe import ConfigError, build_config, load_recipe, parse_overrides
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+TINY_RECIPE = Path(__file__).parents[1] / "recipes" / "tiny.yaml"
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
@@ -206,3 +207,24 @@ def test_a_recipe_header_names_quality_cells_the_bench_has() -> None:
         assert set(values) <= {"--methods", "--regimes", "--seeds"}, command
         assert set(values["--methods"]) <= set(quality.METHODS) | set(quality.GROUPS), command
         assert set(values.get("--regimes", [])) <= set(quality.REGIMES), command
+
+
+def test_a_dtype_may_be_spelled_either_way_in_every_field() -> None:
+    """model.dtype and compression.dtype keep torch's names, federation.precision the short
+    ones; each takes the other spelling (a recipe mixing them is not a typo)."""
+    cfg = load_recipe(
+        TINY_RECIPE,
+        ["model.dtype=bf16", "compression.dtype=fp16", "federation.precision=bfloat16"],
+    )
+    assert (cfg.model.dtype, cfg.compression.dtype, cfg.federation.precision) == (
+        "bfloat16",
+        "float16",
+        "bf16",
+    )
+    same = load_recipe(
+        TINY_RECIPE,
+        ["model.dtype=bfloat16", "compression.dtype=float16", "federation.precision=bf16"],
+    )
+    assert same.fingerprint() == cfg.fingerprint()
+    with pytest.raises(ConfigError, match=r"model\.dtype"):
+        load_recipe(TINY_RECIPE, ["model.dtype=bf17"])

@@ -8,12 +8,28 @@ from __future__ import annotations
 
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationInfo, field_validator
 
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 BasePrecision = Literal["none", "4bit", "8bit"]  # "4bit"/"8bit": bitsandbytes
+# A dtype may be spelled either way in every field that takes one: torch's names (model.dtype,
+# compression.dtype) or the short ones (federation.precision); the field keeps its own.
+DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _long_name(value: Any) -> Any:
+    return DTYPE_NAMES.get(value, value) if isinstance(value, str) else value
+
+
+def _short_name(value: Any) -> Any:
+    short = {long: s for s, long in DTYPE_NAMES.items()}
+    return short.get(value, value) if isinstance(value, str) else value
+
+
+Dtype = Annotated[Literal["float32", "bfloat16", "float16"], BeforeValidator(_long_name)]
+Precision = Annotated[Literal["fp32", "bf16", "auto"], BeforeValidator(_short_name)]
 
 
 class Strict(BaseModel):

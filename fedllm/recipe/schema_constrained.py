@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from fedllm.recipe.schema_common import BasePrecision, Strict
+from fedllm.recipe.schema_common import BasePrecision, Dtype, Strict
 
 
 class PruningConfig(Strict):
@@ -74,5 +74,5 @@ class DeviceProfile(Strict):
 class CompressionConfig(Strict):
     """Training messages in a smaller dtype, optionally top-k sparsified (see compress.py)."""
 
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    dtype: Dtype = "float32"
     topk: float | None = Field(None, gt=0, le=1, description="fraction of update entries sent")

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from fedllm.recipe.schema_common import Strict
+from fedllm.recipe.schema_common import Precision, Strict
 
 
 class FederationConfig(Strict):
@@ -34,7 +34,7 @@ class FederationConfig(Strict):
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in backward: less memory, slower steps"
     )
-    precision: Literal["fp32", "bf16", "auto"] = Field(
+    precision: Precision = Field(
         "auto",
         description="compute precision of local steps: 'bf16' autocast (LoRA weights and "
         "optimizer stay fp32), 'auto' (bf16 where the device has it natively and the base is "

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from fedllm.recipe.schema_common import BasePrecision, Strict, must_exist
+from fedllm.recipe.schema_common import BasePrecision, Dtype, Strict, must_exist
 
 
 class TinyModelConfig(Strict):
@@ -29,7 +29,7 @@ class ModelConfig(Strict):
         description="'smollm2-135m' (embedded), 'tiny' (built from config), a local HF folder, "
         "or a hub id available offline",
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+    dtype: Dtype = Field(
         "float32",
         description="storage dtype of the frozen base weights (LoRA weights stay float32); "
         "compute precision is federation.precision",
