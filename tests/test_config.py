@@ -228,3 +228,13 @@ def test_a_dtype_may_be_spelled_either_way_in_every_field() -> None:
     assert same.fingerprint() == cfg.fingerprint()
     with pytest.raises(ConfigError, match=r"model\.dtype"):
         load_recipe(TINY_RECIPE, ["model.dtype=bf17"])
+
+
+def test_an_override_turns_off_a_feature_the_recipe_has() -> None:
+    fedprox = Path(__file__).parents[1] / "recipes" / "fedprox.yaml"
+    assert "fedprox" in load_recipe(fedprox, []).features
+    off = load_recipe(fedprox, ["features.fedprox=false"])
+    assert "fedprox" not in off.features
+    assert off.fingerprint() == load_recipe(fedprox, ["features={}"]).fingerprint()
+    with pytest.raises(ConfigError, match=r"features\.fedprox"):
+        load_recipe(fedprox, ["features.fedprox=true"])
