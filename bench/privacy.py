@@ -37,8 +37,8 @@ DELTA = 1e-4
 
 def utility(recipe: str, extra: list[str], out: Path, *, eps: float | None, agg: str):
     """(final held-out loss, base loss, ε spent) of one federation."""
-    from fedllm.cli import absolute_paths, prepare
     from fedllm.deploy.local_grid import run_local
+    from fedllm.launch import absolute_paths, prepare
     from fedllm.recipe import load_recipe
 
     name = f"{agg}-{'inf' if eps is None else f'{eps:g}'}"

@@ -51,8 +51,8 @@ def overrides(clients: int, args: argparse.Namespace, out: Path) -> list[str]:
 
 def case(clients: int, args: argparse.Namespace, out: Path) -> None:
     """One federation in this process (local engine); prints its timings as one JSON line."""
-    from fedllm.cli import absolute_paths
     from fedllm.deploy.local_grid import run_local
+    from fedllm.launch import absolute_paths
     from fedllm.recipe import load_recipe
 
     start = time.perf_counter()

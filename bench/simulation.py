@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from fedllm.aggregators import get, round_spec
-from fedllm.cli import absolute_paths
 from fedllm.client.train import evaluate_nll, num_local_steps, train_local
 from fedllm.data.shards import ProcessCache, load_shard
+from fedllm.launch import absolute_paths
 from fedllm.model.adapters import attach_lora, read_factors, write_factors
 from fedllm.model.base import adapter_shapes, cached_base_model
 from fedllm.model.wire import server_options

@@ -116,7 +116,7 @@ def no_prepare(monkeypatch: pytest.MonkeyPatch) -> None:
     def stop(cfg: object) -> None:
         raise PrepareReached
 
-    monkeypatch.setattr("fedllm.cli.prepare", stop)
+    monkeypatch.setattr("fedllm.launch.prepare", stop)
 
 
 def run_args(out: Path, name: str, *flags: str) -> list[str]:
@@ -195,7 +195,7 @@ def test_a_recipe_that_cannot_be_read_is_named_with_what_is_wrong(
 def test_resume_with_another_recipe_names_what_changed_and_writes_nothing(
     tmp_path: Path, no_prepare: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from fedllm.cli import absolute_paths
+    from fedllm.launch import absolute_paths
     from fedllm.server.checkpoint import save_checkpoint
 
     run_dir = tmp_path / "ok"
@@ -266,7 +266,7 @@ def test_an_existing_previous_checkpoint_alone_still_needs_a_flag(
 
 
 def test_remove_run_dir_deletes_only_run_folders_inside_output_dir(tmp_path: Path) -> None:
-    from fedllm.cli import remove_run_dir
+    from fedllm.launch import remove_run_dir
     from fedllm.recipe import ConfigError
 
     out = tmp_path / "runs"

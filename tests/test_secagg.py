@@ -431,7 +431,7 @@ def run_secure(tmp: Path, aggregator: str, rounds: int):
     import ray.cloudpickle
     from flwr.simulation import run_simulation
 
-    from fedllm.cli import absolute_paths, prepare
+    from fedllm.launch import absolute_paths, prepare
     from fedllm.server.app import make_server_app
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the oracle, to workers

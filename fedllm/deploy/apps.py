@@ -4,7 +4,7 @@ or a SuperLink) and of `fedllm run RECIPE --federation CONN`.
 A run config names its recipe either way (`fedllm.deploy.app_config.app_recipe`):
 - `flwr run . --run-config "recipe='quickstart' federation.rounds=2"`: a shipped recipe's name,
   `recipes/NAME.yaml` or a file's path, with any recipe key as an override. The ServerApp then
-  does what `fedllm run` does before round 1 (`fedllm.cli.start_run`: run-directory rules,
+  does what `fedllm run` does before round 1 (`fedllm.launch.start_run`: run-directory rules,
   `prepare`, recipe.yaml); in Flower's simulation it first checks the federation has one
   SuperNode per client.
 - `fedllm run RECIPE --federation CONN`: the resolved recipe's YAML text (`recipe`, `resume`),
@@ -37,12 +37,12 @@ from fedllm.processes import (
 
 hide_bitsandbytes()  # before peft (imported below): ~4 s and a kernels warning, unless quantising
 
-from fedllm.cli import absolute_paths, start_run  # noqa: E402
 from fedllm.client import app as client  # noqa: E402
 from fedllm.client.node_config import check_node  # noqa: E402
 from fedllm.data.shards import ProcessCache  # noqa: E402
 from fedllm.deploy.app_config import app_recipe, is_recipe_text  # noqa: E402
 from fedllm.features import registry  # noqa: E402
+from fedllm.launch import absolute_paths, start_run  # noqa: E402
 from fedllm.model import packing  # noqa: E402
 from fedllm.recipe import ConfigError, RunConfig  # noqa: E402
 from fedllm.server.app import run_server  # noqa: E402
