@@ -321,6 +321,20 @@ def normalized_weights(updates: Sequence[Factors], weights: Sequence[float]) -> 
     return [w / total for w in values]
 
 
+def padded_mean(
+    updates: Sequence[Factors], p: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σpᵢsᵢ·pad(Bᵢ), Σpᵢ·pad(Aᵢ)) in float64, padded to the largest rank; p used as given."""
+    width = max(u.rank for u in updates)
+    (d, k), device = updates[0].shape, updates[0].B.device
+    B = torch.zeros(d, width, dtype=torch.float64, device=device)
+    A = torch.zeros(width, k, dtype=torch.float64, device=device)
+    for pi, u in zip(p, updates, strict=True):
+        B[:, : u.rank].add_(u.B, alpha=pi * u.scaling)  # accumulates into our own buffers only
+        A[: u.rank].add_(u.A, alpha=pi)
+    return B, A
+
+
 def reject_options(method: str, options: Mapping[str, Any]) -> None:
     """Raise TypeError naming options a method does not take (so a typo is not silently ignored)."""
     if options:

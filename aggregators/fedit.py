@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .base import Aggregate, Factors, normalized_weights, register, reject_options
+from .base import Aggregate, Factors, normalized_weights, padded_mean, register, reject_options
 
 
 @register("fedit")
@@ -34,17 +34,3 @@ def fedit(
     dtype = updates[0].B.dtype
     mean = Factors(B.to(dtype), A.to(dtype), 1.0)
     return Aggregate(mean if global_rank is None else mean.truncate(global_rank))
-
-
-def padded_mean(
-    updates: Sequence[Factors], p: Sequence[float]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Σpᵢsᵢ·pad(Bᵢ), Σpᵢ·pad(Aᵢ)) in float64, padded to the largest rank; p used as given."""
-    width = max(u.rank for u in updates)
-    (d, k), device = updates[0].shape, updates[0].B.device
-    B = torch.zeros(d, width, dtype=torch.float64, device=device)
-    A = torch.zeros(width, k, dtype=torch.float64, device=device)
-    for pi, u in zip(p, updates, strict=True):
-        B[:, : u.rank].add_(u.B, alpha=pi * u.scaling)  # accumulates into our own buffers only
-        A[: u.rank].add_(u.A, alpha=pi)
-    return B, A

@@ -15,8 +15,15 @@ from typing import Any
 
 import torch
 
-from .base import Aggregate, Factors, RoundSpec, normalized_weights, register, reject_options
-from .fedit import padded_mean
+from .base import (
+    Aggregate,
+    Factors,
+    RoundSpec,
+    normalized_weights,
+    padded_mean,
+    register,
+    reject_options,
+)
 
 
 def delta_norm(f: Factors) -> float:

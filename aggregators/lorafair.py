@@ -15,8 +15,7 @@ from typing import Any
 
 import torch
 
-from .base import Aggregate, Factors, normalized_weights, register, reject_options
-from .fedit import padded_mean
+from .base import Aggregate, Factors, normalized_weights, padded_mean, register, reject_options
 
 
 def fair_correction(

@@ -32,8 +32,15 @@ from typing import Any
 
 import torch
 
-from .base import Aggregate, Factors, carried_factors, normalized_weights, register, reject_options
-from .fedit import padded_mean
+from .base import (
+    Aggregate,
+    Factors,
+    carried_factors,
+    normalized_weights,
+    padded_mean,
+    register,
+    reject_options,
+)
 from .linalg import split_triplets, svd_factors
 from .lorafair import fair_correction
 

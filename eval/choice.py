@@ -21,10 +21,10 @@ if TYPE_CHECKING:
 
 
 def choose(
-    model,
+    model: torch.nn.Module,
     questions: Sequence[dict],
     *,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     prompt_format: str,
     batch_size: int,
 ) -> dict:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from fedllm.eval.task import EvalTask
@@ -63,7 +64,13 @@ class ListTasks(argparse.Action):
     def __init__(self, option_strings: list[str], dest: str, help: str | None = None) -> None:
         super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, help=help)
 
-    def __call__(self, parser, namespace, values, option_string=None) -> None:
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
         from fedllm.eval.registry import available_tasks
 
         tasks = available_tasks()
@@ -73,7 +80,7 @@ class ListTasks(argparse.Action):
         parser.exit()
 
 
-def add_eval_commands(sub) -> None:
+def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     """Add `eval` and `compare` to the fedllm argument parser."""
     ev = sub.add_parser("eval", help="task quality and leakage of a finished run")
     ev.add_argument("target", help="a run directory, or a PEFT adapter folder (with --recipe)")

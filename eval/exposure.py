@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedllm.eval.prompting import prompt_response_item
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def exposure(canary_log_perplexity: float, reference_log_perplexities: Sequence[float]) -> float:
@@ -46,7 +50,9 @@ def exposure_skewnormal(
     return max(bits, 0.0)
 
 
-def secret_item(tokenizer, prompt: str, secret: str, *, prompt_format: str) -> dict:
+def secret_item(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, secret: str, *, prompt_format: str
+) -> dict:
     """Token ids of prompt + secret, with labels on the secret's tokens only (for Px)."""
     return prompt_response_item(tokenizer, prompt, secret, prompt_format=prompt_format)
 

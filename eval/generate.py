@@ -7,12 +7,18 @@ the first end-of-sequence token. Batched and one-at-a-time decoding give the sam
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import GenerationConfig
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
-def end_token_ids(tokenizer, model: torch.nn.Module | None = None) -> list[int]:
+
+def end_token_ids(
+    tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module | None = None
+) -> list[int]:
     """Tokens that end a response: the tokenizer's eos, the end-of-turn token its chat template
     writes after a reply, and the eos ids of `model`'s generation config (when given)."""
     ids = {tokenizer.eos_token_id, *template_end_ids(tokenizer)}
@@ -22,7 +28,7 @@ def end_token_ids(tokenizer, model: torch.nn.Module | None = None) -> list[int]:
     return sorted(i for i in ids if isinstance(i, int))
 
 
-def template_end_ids(tokenizer) -> list[int]:
+def template_end_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """The special token the chat template puts right after an assistant reply, if any.
 
     Found by rendering a probe conversation, so no template's end-of-turn name is hard-coded

@@ -11,60 +11,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from fedllm.client.precision import PRECISIONS
 from fedllm.data.sample import sample_examples
 from fedllm.data.shards import raw_shard
 from fedllm.eval.leakage_run import PhaseTimer, measure_leakage
 from fedllm.eval.registry import select_tasks
+from fedllm.eval.settings import EvalSettings
 from fedllm.eval.task import EvalTask, TaskSetup
 from fedllm.eval.views import BASE, GLOBAL, Views, client_view, find_client_adapters
 from fedllm.recipe import RunConfig, load_recipe
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    """How much to evaluate: examples per client and task, MIA sample, intervals, lengths."""
-
-    max_examples: int = 64  # per client: quality tasks, and extraction from members/non-members
-    batch_size: int = 16
-    max_new_tokens: int = 32
-    references: int | None = None  # reference secrets per canary (None: the recipe's)
-    prefix_tokens: int = 2
-    suffix_tokens: int = 16
-    tasks: tuple[str, ...] | None = None  # None: every available task
-    leakage: bool = True
-    mia_non_members: int | None = None  # per client, from its held-out split (None: all of it)
-    mia_members_per_non_member: int = 2  # matched on domain and length
-    bootstrap: int = 1000  # resamples for the MIA intervals (0: none)
-    confidence: float = 0.95
-    precision: str = "auto"  # forwards under bf16 autocast ("auto": where native) or "fp32"
-
-    def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(
-                f"--precision: eval setting precision must be one of {', '.join(PRECISIONS)}, "
-                f"got {self.precision!r}"
-            )
-        positive = {
-            "max_examples": self.max_examples,
-            "batch_size": self.batch_size,
-            "max_new_tokens": self.max_new_tokens,
-            "mia_members_per_non_member": self.mia_members_per_non_member,
-        }
-        if self.mia_non_members is not None:
-            positive["mia_non_members"] = self.mia_non_members
-        if self.references is not None:
-            positive["references"] = self.references
-        for key, value in positive.items():
-            if value < 1:
-                raise ValueError(f"eval setting {key} must be >= 1, got {value}")
-        if self.bootstrap < 0:
-            raise ValueError(f"eval setting bootstrap must be >= 0, got {self.bootstrap}")
-        if not 0 < self.confidence < 1:
-            raise ValueError(f"eval setting confidence must be in (0, 1), got {self.confidence}")
 
 
 def resolve_inputs(
@@ -92,7 +49,7 @@ def evaluate_run(
     *,
     recipe: str | Path | None = None,
     out_dir: str | Path | None = None,
-    settings: EvalSettings = EvalSettings(),
+    settings: EvalSettings = EvalSettings(),  # noqa: B008 (frozen: safe to share)
     extra_tasks: Mapping[str, type[EvalTask]] | None = None,
     say: Callable[[str], None] = lambda text: print(f"[eval] {text}", flush=True),
 ) -> dict:

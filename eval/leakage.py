@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,6 +19,10 @@ from fedllm.data.canary import Canary, reference_secrets
 from fedllm.eval.exposure import exposure, exposure_skewnormal, log_perplexity_bits, secret_item
 from fedllm.eval.roc import roc_auc
 from fedllm.eval.scoring import Scored, score_examples
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -33,7 +38,7 @@ class CanarySet:
 def canary_set(
     canaries: Sequence[Canary],
     *,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     prompt_format: str,
     digits: int,
     references: int,
@@ -48,7 +53,9 @@ def canary_set(
     return CanarySet(tuple(canaries), tuple(items), references, digits)
 
 
-def canary_exposures(model, cs: CanarySet, *, batch_size: int, pad_id: int) -> list[dict]:
+def canary_exposures(
+    model: torch.nn.Module, cs: CanarySet, *, batch_size: int, pad_id: int
+) -> list[dict]:
     """Px (bits) of each canary's secret and its rank-based and skew-normal exposure."""
     scored = score_examples(model, cs.items, batch_size=batch_size, pad_id=pad_id)
     px_all = [log_perplexity_bits(s.logprobs) for s in scored]
@@ -80,7 +87,7 @@ def exposure_row(canary: Canary, px: Sequence[float], *, digits: int) -> dict:
 
 
 def score_groups(
-    model,
+    model: torch.nn.Module,
     groups: dict[Hashable, Sequence[dict]],
     *,
     batch_size: int,

@@ -13,6 +13,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,7 +25,13 @@ from fedllm.eval.generate import end_token_ids
 from fedllm.eval.leakage import CanarySet, canary_exposures, canary_set, score_groups
 from fedllm.eval.membership import matched_sample, subsample
 from fedllm.eval.mia import against_base, membership_scores, run_attacks
+from fedllm.eval.settings import EvalSettings
 from fedllm.eval.views import BASE, GLOBAL, Views, client_view
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from fedllm.recipe import RunConfig
 
 
 @dataclass(frozen=True)
@@ -40,7 +47,9 @@ class ClientData:
     sample: dict  # what was drawn and how well it matches (for the report)
 
 
-def prepare_client(cfg, settings, shard: RawShard, tokenizer) -> ClientData:
+def prepare_client(
+    cfg: RunConfig, settings: EvalSettings, shard: RawShard, tokenizer: PreTrainedTokenizerBase
+) -> ClientData:
     """Matched members/non-members, extraction subsets and canary items of one client."""
     fmt = {"prompt_format": cfg.data.prompt_format, "max_length": cfg.data.max_length}
     pid = shard.partition_id
@@ -102,8 +111,8 @@ def prepare_client(cfg, settings, shard: RawShard, tokenizer) -> ClientData:
 def measure_leakage(
     views: Views,
     *,
-    cfg,
-    settings,
+    cfg: RunConfig,
+    settings: EvalSettings,
     shards: dict[int, RawShard],
     say: Callable[[str], None],
 ) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -55,7 +56,7 @@ def membership_scores(
 
 
 def run_attacks(
-    members: dict[str, np.ndarray], non_members: dict[str, np.ndarray], **interval
+    members: dict[str, np.ndarray], non_members: dict[str, np.ndarray], **interval: Any
 ) -> dict[str, dict]:
     """attack_summary (AUC, TPR@FPR, intervals) for each score present in both groups.
 
@@ -73,7 +74,7 @@ def against_base(
     non_members: dict[str, np.ndarray],
     base_members: dict[str, np.ndarray],
     base_non_members: dict[str, np.ndarray],
-    **interval,
+    **interval: Any,
 ) -> dict[str, dict]:
     """Per score: AUC − the base model's AUC on the same examples, with a paired interval.
 

@@ -9,10 +9,13 @@ after that prompt.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedllm.data.chat import context, plain_text, render
 from fedllm.data.format import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 Prompt = str | Sequence[Mapping[str, str]]
 
@@ -22,7 +25,9 @@ def example_prompt(example: Mapping[str, Any]) -> Prompt:
     return context(example)
 
 
-def render_prompt(tokenizer, prompt: Prompt, *, prompt_format: str) -> tuple[str, bool]:
+def render_prompt(
+    tokenizer: PreTrainedTokenizerBase, prompt: Prompt, *, prompt_format: str
+) -> tuple[str, bool]:
     """(prompt text up to where the response starts, whether to add special tokens)."""
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if prompt_format == "chat" and getattr(tokenizer, "chat_template", None):
@@ -34,13 +39,17 @@ def render_prompt(tokenizer, prompt: Prompt, *, prompt_format: str) -> tuple[str
     return plain_text(messages, eos=tokenizer.eos_token)[0], True
 
 
-def prompt_ids(tokenizer, prompt: Prompt, *, prompt_format: str) -> list[int]:
+def prompt_ids(
+    tokenizer: PreTrainedTokenizerBase, prompt: Prompt, *, prompt_format: str
+) -> list[int]:
     """Token ids of the rendered prompt (what generation starts from)."""
     text, special = render_prompt(tokenizer, prompt, prompt_format=prompt_format)
     return tokenizer(text, add_special_tokens=special)["input_ids"]
 
 
-def prompt_response_item(tokenizer, prompt: Prompt, response: str, *, prompt_format: str) -> dict:
+def prompt_response_item(
+    tokenizer: PreTrainedTokenizerBase, prompt: Prompt, response: str, *, prompt_format: str
+) -> dict:
     """input_ids of prompt + response, labels on the response tokens only."""
     head, special = render_prompt(tokenizer, prompt, prompt_format=prompt_format)
     head_ids = tokenizer(head, add_special_tokens=special)["input_ids"]

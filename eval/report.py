@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ VIEW_NOTE = (
 )
 
 
-def fmt(x, digits: int = 3) -> str:
+def fmt(x: float | None, digits: int = 3) -> str:
     return "—" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{digits}f}"
 
 
@@ -84,7 +85,7 @@ def exposure_md(rows: list[dict]) -> list[str]:
     return [*lines, ""]
 
 
-def interval_cell(value, interval, digits: int = 3) -> str:
+def interval_cell(value: float | None, interval: Sequence[float] | None, digits: int = 3) -> str:
     """'0.612 [0.561, 0.660]', or just the value when there is no interval."""
     if interval is None:
         return fmt(value, digits)

@@ -202,7 +202,12 @@ def isolated_registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
     monkeypatch.setattr(base, "_ROUNDS", dict(base._ROUNDS))
     monkeypatch.setattr(base, "_LOADED_ENTRY_POINTS", set())
-    monkeypatch.setattr(importlib.metadata, "entry_points", lambda **kw: [])
+    real = importlib.metadata.entry_points
+
+    def none_of_ours(**kw: object) -> object:  # other libraries' (fsspec via peft) still load
+        return [] if str(kw.get("group", "")).startswith("fedllm.") else real(**kw)
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", none_of_ours)
     yield
     for name in [m for m in sys.modules if m.rpartition(".")[2].startswith(("zz_", "_zz_"))]:
         del sys.modules[name]
