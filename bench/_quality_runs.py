@@ -25,7 +25,8 @@ import torch
 from peft import PeftModel
 
 from fedllm.aggregators import round_spec
-from fedllm.client.train import evaluate_nll, num_local_steps, schedule_span, train_local
+from fedllm.client.schedule import num_local_steps, schedule_span
+from fedllm.client.train import evaluate_nll, train_local
 from fedllm.data import tokenize_all
 from fedllm.data.shards import ProcessCache, global_test_set, load_shard
 from fedllm.deploy.local_grid import run_local

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from fedllm.aggregators import get, round_spec
-from fedllm.client.train import evaluate_nll, num_local_steps, train_local
+from fedllm.client.schedule import num_local_steps
+from fedllm.client.train import evaluate_nll, train_local
 from fedllm.data.shards import ProcessCache, load_shard
 from fedllm.launch import absolute_paths
 from fedllm.model.adapters import attach_lora, read_factors, write_factors

@@ -32,14 +32,8 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
 from fedllm.client.precision import autocast, autocast_dtype, check_precision
-from fedllm.client.train import (
-    TrainResult,
-    label_nll,
-    make_optimizer,
-    make_scheduler,
-    model_device,
-    to_device,
-)
+from fedllm.client.schedule import make_optimizer, make_scheduler
+from fedllm.client.train import TrainResult, label_nll, model_device, to_device
 from fedllm.data import collate
 from fedllm.privacy.plan import SamplePlan
 

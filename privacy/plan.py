@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from fedllm.client.train import num_local_steps
+from fedllm.client.schedule import num_local_steps
 from fedllm.privacy.accounting import noise_multiplier_for
 from fedllm.recipe import ConfigError, RunConfig
 

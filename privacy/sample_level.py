@@ -13,7 +13,8 @@ import torch
 from flwr.app import RecordDict
 
 from fedllm.aggregators.base import Factors
-from fedllm.client.train import TrainResult, schedule_span
+from fedllm.client.schedule import schedule_span
+from fedllm.client.train import TrainResult
 from fedllm.data.shards import ProcessCache, raw_shard
 from fedllm.features.base import Feature
 from fedllm.features.registry import register

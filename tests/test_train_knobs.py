@@ -15,16 +15,13 @@ from flwr.app import ConfigRecord, RecordDict
 
 from fedllm.aggregators import RoundSpec
 from fedllm.client.app import local_steps
+from fedllm.client.batches import length_grouped_batches
+from fedllm.client.schedule import lr_factor, make_scheduler, num_local_steps, schedule_span
 from fedllm.client.train import (
     evaluate_nll,
     keeps_logits,
     label_nll,
-    length_grouped_batches,
-    lr_factor,
-    make_scheduler,
-    num_local_steps,
     predicting_positions,
-    schedule_span,
     shared_head,
     token_nll,
     train_local,

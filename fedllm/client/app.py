@@ -23,14 +23,8 @@ from peft import PeftModel
 
 from fedllm.aggregators.base import Factors
 from fedllm.client.node_config import node_shard
-from fedllm.client.train import (
-    TrainResult,
-    chain_results,
-    evaluate_nll,
-    num_local_steps,
-    schedule_span,
-    train_local,
-)
+from fedllm.client.schedule import num_local_steps, schedule_span
+from fedllm.client.train import TrainResult, chain_results, evaluate_nll, train_local
 from fedllm.constrained.pruning import check_ratio
 from fedllm.data.shards import ProcessCache
 from fedllm.features import registry

@@ -4,24 +4,24 @@ Plain PyTorch steps on whatever device the model lives on (CUDA when the process
 CPU; see `fedllm.model.loading.compute_device`): every batch moves to the model's device. Knobs:
 gradient accumulation (a step sums `accumulation` micro-batches, weighted as one bigger batch),
 gradient checkpointing, bf16 autocast with fp32 master LoRA weights, and a learning-rate schedule
-that may span the whole federation (`schedule_span`). The federated parts live in `app.py`.
+that may span the whole federation (`schedule.py`; batches in `batches.py`). The federated
+parts live in `app.py`.
 """
 
 from __future__ import annotations
 
 import inspect
-import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader
 
+from fedllm.client.batches import batch_loader, forever
 from fedllm.client.precision import PRECISIONS as PRECISIONS
 from fedllm.client.precision import autocast, autocast_dtype, check_precision
-from fedllm.data import collate
+from fedllm.client.schedule import make_optimizer, make_scheduler
 
 
 @dataclass(frozen=True)
@@ -50,70 +50,6 @@ def chain_results(results: Sequence[TrainResult]) -> TrainResult:
         loss_mean=sum(r.loss_mean * r.steps for r in results) / max(steps, 1),
         seconds=sum(r.seconds for r in results),
     )
-
-
-def length_grouped_batches(
-    lengths: Sequence[int], *, batch_size: int, seed: int, pool: int = 16
-) -> list[list[int]]:
-    """One epoch of shuffled batches whose members have similar lengths (less padding).
-
-    The shuffled indices are cut into pools of `pool` batches, each pool is sorted by length and
-    cut into batches, and the batch order is shuffled again: every example once per epoch, as
-    random as plain shuffling across pools, and a batch pads only to its own near-equal lengths.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(lengths), generator=gen).tolist()
-    span = batch_size * pool
-    batches = []
-    for start in range(0, len(order), span):
-        chunk = sorted(order[start : start + span], key=lambda i: lengths[i])
-        batches += [chunk[k : k + batch_size] for k in range(0, len(chunk), batch_size)]
-    return [batches[k] for k in torch.randperm(len(batches), generator=gen).tolist()]
-
-
-class _GroupedEpochs(torch.utils.data.Sampler):
-    """A batch sampler: a new length-grouped epoch (seed, seed+1, ...) every pass."""
-
-    def __init__(self, lengths: Sequence[int], *, batch_size: int, seed: int) -> None:
-        self.lengths, self.batch_size, self.seed, self.epoch = list(lengths), batch_size, seed, 0
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.lengths) / self.batch_size)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        batches = length_grouped_batches(
-            self.lengths, batch_size=self.batch_size, seed=self.seed + self.epoch
-        )
-        self.epoch += 1
-        yield from batches
-
-
-def _loader(
-    examples: Sequence[dict],
-    *,
-    batch_size: int,
-    pad_id: int,
-    seed: int,
-    shuffle: bool,
-    group_by_length: bool = False,
-) -> DataLoader:
-    items = list(examples)
-    collate_fn = lambda batch: collate(batch, pad_id=pad_id)  # noqa: E731
-    if shuffle and group_by_length:
-        lengths = [len(x["input_ids"]) for x in items]
-        sampler = _GroupedEpochs(lengths, batch_size=batch_size, seed=seed)
-        return DataLoader(items, batch_sampler=sampler, collate_fn=collate_fn)
-    if not shuffle:  # evaluation: sums do not depend on the order, so pad as little as possible
-        items = sorted(items, key=lambda x: len(x["input_ids"]))
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        items, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate_fn
-    )
-
-
-def _forever(loader: DataLoader) -> Iterator[dict]:
-    while True:
-        yield from loader
 
 
 # ---------------------------------------------------------------- device and precision
@@ -162,84 +98,6 @@ def checkpointing(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
         else:
             base.gradient_checkpointing_disable()
         base.disable_input_require_grads()
-
-
-# ---------------------------------------------------------------- steps and schedules
-
-
-def num_local_steps(
-    n_examples: int,
-    *,
-    batch_size: int,
-    local_steps: int | None,
-    local_epochs: float | None,
-    accumulation: int = 1,
-) -> int:
-    """Local steps for a round: given directly, or from epochs over this client's shard (a step
-    sees `accumulation` batches)."""
-    if local_steps is not None:
-        return local_steps
-    assert local_epochs is not None
-    return max(1, math.ceil(local_epochs * n_examples / (batch_size * accumulation)))
-
-
-def schedule_span(*, scope: str, server_round: int, rounds: int, steps: int) -> tuple[int, int]:
-    """(steps already scheduled before this round, steps the schedule spans).
-
-    scope "round" restarts the schedule every round; "federation" spans every planned round,
-    so round r starts at step (r-1)·steps of rounds·steps (warm-up once, decay across rounds).
-    """
-    if scope == "round":
-        return 0, steps
-    if scope != "federation":
-        raise ValueError(f"schedule scope {scope!r}; valid: 'federation', 'round'")
-    if not 1 <= server_round <= rounds:
-        raise ValueError(f"server round {server_round} outside the planned rounds 1..{rounds}")
-    return (server_round - 1) * steps, rounds * steps
-
-
-def lr_factor(step: int, *, schedule: str, warmup_steps: int, total_steps: int) -> float:
-    """The learning-rate multiplier at global step `step` (0-based) of a `total_steps` schedule:
-    linear warm-up (step+1)/(warmup+1), then constant, linear or cosine decay."""
-    if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    if schedule == "linear":
-        return max(0.0, 1.0 - progress)
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-    if schedule == "constant":
-        return 1.0
-    raise ValueError(f"schedule {schedule!r}; valid: 'constant', 'linear', 'cosine'")
-
-
-def make_scheduler(
-    optimizer: torch.optim.Optimizer,
-    *,
-    schedule: str,
-    warmup_steps: int,
-    total_steps: int,
-    offset: int = 0,
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Constant, linear or cosine decay after a linear warm-up; this call's step k is the
-    schedule's step `offset` + k."""
-    lr_factor(0, schedule=schedule, warmup_steps=0, total_steps=1)  # unknown names fail here
-
-    def factor(step: int) -> float:
-        return lr_factor(
-            offset + step, schedule=schedule, warmup_steps=warmup_steps, total_steps=total_steps
-        )
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def make_optimizer(
-    params: list[torch.nn.Parameter], *, optimizer: str, lr: float, weight_decay: float
-) -> torch.optim.Optimizer:
-    """AdamW (default) or SGD over `params`."""
-    if optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -395,7 +253,7 @@ def train_local(
         total_steps=schedule_steps or steps,
         offset=schedule_offset,
     )
-    loader = _loader(
+    loader = batch_loader(
         examples,
         batch_size=batch_size,
         pad_id=pad_id,
@@ -407,7 +265,7 @@ def train_local(
     losses: list[float] = []
     seen = 0
     start = time.perf_counter()
-    batches = _forever(loader)
+    batches = forever(loader)
     for _ in range(skip_steps * accumulation):
         next(batches)
     with checkpointing(model, gradient_checkpointing):
@@ -460,7 +318,7 @@ def evaluate_nll(
     device = model_device(model)
     amp = autocast_dtype(precision, device, model)
     total, tokens = 0.0, 0
-    loader = _loader(examples, batch_size=batch_size, pad_id=pad_id, seed=0, shuffle=False)
+    loader = batch_loader(examples, batch_size=batch_size, pad_id=pad_id, seed=0, shuffle=False)
     for batch in loader:
         batch = to_device(batch, device)
         with autocast(device, amp):
