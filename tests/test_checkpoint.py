@@ -232,6 +232,31 @@ def test_a_missing_latest_with_a_previous_copy_resumes_from_it(
     assert "previous checkpoint" in caplog.text
 
 
+def test_a_pending_round_is_in_the_fallback_copy_too(tmp_path: Path) -> None:
+    """Run.save marks a round pending before its clients train (a resume charges it to the DP
+    ledgers); a resume from the fallback must charge it as well, not drop it."""
+    from types import SimpleNamespace
+
+    from fedllm.server.app import Run
+
+    cfg = load_recipe(TINY, [f"output_dir={tmp_path}", "name=r"])
+    cfg.run_dir.mkdir(parents=True)
+    run = SimpleNamespace(cfg=cfg, features=[], strategy=SimpleNamespace(state_dict=dict))
+    Run.save(run, 1)  # round 1 finished
+    pending = {"round": 2, "partitions": [0, 1], "sampled": 2}
+    Run.save(run, 1, pending=pending)  # round 2's clients are asked to train
+    for path in (cfg.run_dir / CHECKPOINT, cfg.run_dir / PREVIOUS):
+        state = torch.load(path, weights_only=True)
+        assert (state["round"], state["pending"]) == (1, pending), path.name
+    (cfg.run_dir / CHECKPOINT).write_bytes(b"\x00" * 64)  # the latest lost: the fallback charges
+    assert load_checkpoint(cfg.run_dir)["pending"] == pending
+    Run.save(run, 1, pending=pending)  # (resumed) round 2 asked again
+    Run.save(run, 2)  # and finished: the fallback is the pending copy, as before
+    assert torch.load(cfg.run_dir / CHECKPOINT, weights_only=True)["pending"] is None
+    assert torch.load(cfg.run_dir / PREVIOUS, weights_only=True)["pending"] == pending
+    assert sorted(p.name for p in cfg.run_dir.iterdir()) == sorted([CHECKPOINT, CORRUPT, PREVIOUS])
+
+
 def test_a_truncated_checkpoint_without_fallback_is_a_clear_error(tmp_path: Path) -> None:
     save_checkpoint(tmp_path, {"round": 1})
     latest = tmp_path / CHECKPOINT

@@ -1,11 +1,14 @@
 """Wire dtypes and top-k updates with error feedback."""
 
+from pathlib import Path
+
 import pytest
 import torch
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from fedllm.aggregators import Factors
+from fedllm.aggregators import Factors, RoundSpec
 from fedllm.constrained.compress import (
+    RESIDUAL_KEY,
     decode_factors,
     decode_update,
     encode_factors,
@@ -13,6 +16,9 @@ from fedllm.constrained.compress import (
     topk_decode,
     topk_encode,
 )
+from fedllm.constrained.compression import Compression
+from fedllm.features.types import ClientPlan, ClientRound, ClientUpdate
+from fedllm.recipe import build_config
 
 
 def factors(seed: int = 0) -> dict[str, Factors]:
@@ -81,3 +87,60 @@ def test_malformed_topk_records_are_named() -> None:
         topk_decode(ArrayRecord({"y.idx": torch.tensor([0])}), like=like)
     with pytest.raises(ValueError, match="fraction"):
         topk_encode(like, fraction=0.0)
+
+
+def topk_round(cfg, state: RecordDict, trained, start, *, server_round: int, node_config=None):
+    """The compression feature's reply hook for client 1 in `server_round`: the encoded update."""
+    plan = ClientPlan(1, 4, 0.0, None)
+    config = ConfigRecord({"server-round": server_round})
+    rnd = ClientRound(cfg, 1, server_round, RoundSpec(), config, node_config or {}, state, 0, plan)
+    update = ClientUpdate(trained, start, 4)
+    return Compression(cfg).reply({}, update, rnd)["update"].to_torch_state_dict()
+
+
+def topk_recipe(tmp_path: Path, **privacy):
+    return build_config(
+        {
+            "data": {"num_clients": 3},
+            "lora": {"ranks": 4, "alpha": 8},
+            "aggregator": {"name": "svd", "weighting": "uniform"},
+            "compression": {"topk": 0.1},
+            "privacy": privacy,
+            "output_dir": str(tmp_path),
+            "name": "r",
+        }
+    )
+
+
+def test_a_resumed_node_takes_its_residual_back_from_its_own_folder(tmp_path: Path) -> None:
+    """A resumed simulation's nodes are new processes with empty state: the top-k residual comes
+    back from the file the client wrote, so the next reply is the one a live node would send."""
+    cfg = topk_recipe(tmp_path)
+    state = RecordDict()
+    topk_round(cfg, state, factors(1), factors(0), server_round=1)
+    written = tmp_path / "r" / "clients" / "1" / "node_state" / f"{RESIDUAL_KEY}.safetensors"
+    assert written.is_file()
+    residual = state[RESIDUAL_KEY].to_torch_state_dict()
+    live = RecordDict({RESIDUAL_KEY: ArrayRecord(residual)})
+    fresh = RecordDict()  # the same partition on a new node
+    sent_fresh = topk_round(cfg, fresh, factors(3), factors(2), server_round=2)
+    sent_live = topk_round(cfg, live, factors(3), factors(2), server_round=2)
+    assert sent_fresh.keys() == sent_live.keys()
+    assert all(torch.equal(sent_fresh[k], sent_live[k]) for k in sent_live)
+    without = encode_update(factors(3), factors(2), dtype="float32", topk=0.1).to_torch_state_dict()
+    assert not torch.equal(without["m.lora_B.val"], sent_live["m.lora_B.val"])
+    assert torch.equal(
+        fresh[RESIDUAL_KEY].to_torch_state_dict()["m.lora_B"],
+        live[RESIDUAL_KEY].to_torch_state_dict()["m.lora_B"],
+    )
+
+
+def test_a_raw_updates_residual_stays_out_of_the_run_directory(tmp_path: Path) -> None:
+    """Client-level DP noised by the server: the residual is part of the raw update, kept only
+    in a node's own personal-dir."""
+    cfg = topk_recipe(tmp_path, mode="client", client_noise_multiplier=1.0, delta=1e-3)
+    topk_round(cfg, RecordDict(), factors(1), factors(0), server_round=1)
+    assert not (tmp_path / "r").exists()
+    mine = {"personal-dir": str(tmp_path / "org1")}
+    topk_round(cfg, RecordDict(), factors(1), factors(0), server_round=1, node_config=mine)
+    assert (tmp_path / "org1" / "node_state" / f"{RESIDUAL_KEY}.safetensors").is_file()

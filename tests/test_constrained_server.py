@@ -1,5 +1,8 @@
 """Server side of constrained clients: restricted downloads, top-k replies from pruned clients."""
 
+from pathlib import Path
+
+import pytest
 import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
@@ -15,6 +18,12 @@ from fedllm.recipe import build_config
 from fedllm.server.strategy import LoraStrategy
 
 SHAPES = {"q": (6, 4), "v": (4, 4)}
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recipe's relative output_dir (where a top-k client writes its residual) in tmp_path."""
+    monkeypatch.chdir(tmp_path)
 
 
 def cfg(**compression):

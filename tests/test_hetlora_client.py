@@ -119,6 +119,55 @@ def test_state_persists_rank_and_lowers_the_plan() -> None:
     assert hc.STATE not in fresh
 
 
+def prune_round(cfg, state: RecordDict, trained, *, server_round: int, node_config=None):
+    """HetLoRAPrune's hooks for client 0 in `server_round` (γ = 0.5): its plan, then its reply."""
+    from fedllm.features.types import ClientPlan, ClientRound, ClientUpdate
+
+    spec = round_spec("hetlora")
+    options = {"prune_lambda": 1.0, "prune_gamma": 0.5}
+    config = {"server-round": server_round, **rounds.options_config(spec, options)}
+    plan = ClientPlan(partition=0, rank=4, pruning=0.0, quantization=None)
+    rnd = ClientRound(
+        cfg, 0, server_round, spec, ConfigRecord(config), node_config or {}, state, 0, plan
+    )
+    feature = hc.HetLoRAPrune(cfg)
+    rnd.plan = feature.plan(rnd.plan, rnd)
+    cut = {m: f.truncate(rnd.plan.rank) for m, f in trained.items()}
+    return rnd.plan, feature.post_process(ClientUpdate(cut, cut, rnd.plan.rank), rnd)
+
+
+def hetlora_recipe(tmp_path: Path):
+    on = {"name": "hetlora", "options": {"prune_lambda": 1.0, "prune_gamma": 0.5}}
+    return build_config(
+        {
+            "data": {"num_clients": 2},
+            "lora": {"ranks": 4, "alpha": 8},
+            "aggregator": on,
+            "output_dir": str(tmp_path),
+            "name": "r",
+        }
+    )
+
+
+def test_a_resumed_node_takes_its_pruned_rank_back_from_its_own_folder(tmp_path: Path) -> None:
+    """A resumed simulation's nodes are new processes with empty state: the pruned rank (and the
+    tail value the next prune compares with) come back from the file the client wrote."""
+    cfg = hetlora_recipe(tmp_path)
+    state = RecordDict()
+    prune_round(cfg, state, factors(), server_round=1)  # records the tail (25)
+    smaller = {m: Factors(f.B * 0.5, f.A, f.scaling) for m, f in factors().items()}  # 12.5
+    _, update = prune_round(cfg, state, smaller, server_round=2)
+    assert update.rank == 2 and hc.remembered(state) == (2, pytest.approx(12.5))
+    written = tmp_path / "r" / "clients" / "0" / "node_state" / f"{hc.STATE}.json"
+    assert written.is_file()
+    fresh = RecordDict()  # the same partition on a new node
+    plan, _ = prune_round(cfg, fresh, factors(), server_round=3)
+    assert plan.rank == 2, "it trains at the rank it pruned to, not the recipe's 4"
+    live = RecordDict({hc.STATE: ConfigRecord({"rank": 4, "tail": 99.0})})
+    plan, _ = prune_round(cfg, live, factors(), server_round=3)
+    assert plan.rank == 4, "a live node's own state wins"
+
+
 def test_options_travel_to_clients_not_to_the_aggregation() -> None:
     spec = round_spec("hetlora")
     assert set(spec.client_options) == set(hc.OPTIONS)

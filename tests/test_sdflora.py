@@ -4,6 +4,7 @@ on the global module only, and a client evaluating its own model (global + local
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,12 @@ from fedllm.model.base import cached_base_model
 from fedllm.recipe import ConfigError, RunConfig, load_recipe
 
 TINY = Path(__file__).parents[1] / "recipes" / "tiny.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recipe's relative output_dir (where a client writes its local module) under tmp_path."""
+    monkeypatch.chdir(tmp_path)
 
 
 def t(rows: list[list[float]]) -> torch.Tensor:
@@ -238,3 +245,63 @@ def test_a_client_evaluates_its_own_model_not_the_global_module_alone(tmp_path: 
     plain = cfg.model_copy(update={"aggregator": cfg.aggregator.model_copy(update={"name": "svd"})})
     assert own == pytest.approx(held_out_loss(plain, joined, s4, RecordDict()), rel=1e-6)
     assert abs(own - held_out_loss(plain, glob, s2, RecordDict())) > 1e-3  # the local part counts
+
+
+def test_a_resumed_node_takes_its_local_module_back_from_its_own_folder(tmp_path: Path) -> None:
+    """A resumed simulation's nodes are new processes with empty state: the local module comes
+    back from the file the client wrote in its own folder; a live node's state wins."""
+    cfg = recipe(f"output_dir={tmp_path}")
+    s = cfg.client_scaling(4)
+    state = RecordDict()
+    feature, rnd = SDFLoRALocal(cfg), client_round(cfg, state)
+    start = feature.start(received(0), rnd)
+    g = torch.Generator().manual_seed(1)
+    trained = {"q": Factors(torch.randn(6, 4, generator=g), torch.randn(4, 5, generator=g), s)}
+    feature.post_process(ClientUpdate(trained, start, 4), rnd)
+    written = tmp_path / "tiny" / "clients" / "1" / "node_state" / f"{STATE}.safetensors"
+    assert written.is_file()
+    kept = stored(state)["q"]
+    fresh = RecordDict()  # the same partition on a new node
+    nxt = SDFLoRALocal(cfg).start(received(5, rank=2), client_round(cfg, fresh, server_round=2))
+    assert torch.equal(stored(fresh)["q"][0], kept[0]) and torch.equal(
+        stored(fresh)["q"][1], kept[1]
+    )
+    assert torch.equal(nxt["q"].B[:, 2:], kept[0]) and torch.equal(nxt["q"].A[2:], kept[1])
+    evaluating = RecordDict()  # a resumed node asked to evaluate before it trains
+    glob = {"q": received(5, rank=2)["q"]}
+    SDFLoRALocal(cfg).personalise(glob, client_round(cfg, evaluating, server_round=2))
+    assert torch.equal(stored(evaluating)["q"][0], kept[0])
+    live = RecordDict()
+    keep(live, {"q": (torch.zeros(6, 2), torch.ones(2, 5))})
+    SDFLoRALocal(cfg).start(received(5, rank=2), client_round(cfg, live, server_round=2))
+    assert not stored(live)["q"][0].any(), "a live node's own local module wins"
+
+
+def test_in_a_private_run_the_local_module_stays_out_of_the_run_directory(tmp_path: Path) -> None:
+    """Trained without noise and never sent, the local module of a private run is written only
+    into a node's own personal-dir, never into the run directory (the server's, in a simulation)."""
+    cfg = recipe(
+        f"output_dir={tmp_path}",
+        "privacy.mode=client",
+        "privacy.noise_at=client",
+        "privacy.client_noise_multiplier=1.0",
+        "aggregator.weighting=uniform",
+        "privacy.delta=1e-3",
+    )
+    s = cfg.client_scaling(4)
+    trained = {"q": Factors(torch.ones(6, 4), torch.ones(4, 5), s)}
+
+    def one_round(rnd: ClientRound) -> None:
+        feature = SDFLoRALocal(cfg)
+        feature.post_process(ClientUpdate(trained, feature.start(received(0), rnd), 4), rnd)
+
+    state = RecordDict()
+    one_round(client_round(cfg, state))
+    assert STATE in state and not (tmp_path / "tiny").exists()
+    mine = {"personal-dir": str(tmp_path / "org1")}
+    one_round(dataclasses.replace(client_round(cfg, RecordDict()), node_config=mine))
+    assert (tmp_path / "org1" / "node_state" / f"{STATE}.safetensors").is_file()
+    fresh = dataclasses.replace(client_round(cfg, RecordDict(), server_round=2), node_config=mine)
+    SDFLoRALocal(cfg).start(received(5, rank=2), fresh)
+    assert torch.equal(stored(fresh.state)["q"][0], torch.ones(6, 2))
+    assert not (tmp_path / "tiny").exists()

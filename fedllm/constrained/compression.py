@@ -2,7 +2,11 @@
 error feedback (the codec is `fedllm.constrained.compress`).
 
 The server remembers what it sent each node this round, so it can rebuild a top-k reply from
-the start the client had.
+the start the client had. A top-k client also writes its residual into its own folder
+(`features.personal.save_node_state`: `clients/<p>/node_state/`, or the node's `personal-dir`),
+never sent, and a node whose state has none (a resumed simulation's new process) takes it back
+before it encodes; where the update is raw (`features.personal.raw_update`: client-level DP
+noised by the server) only a node's own `personal-dir` keeps it, never the run directory.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from flwr.app import ArrayRecord, RecordDict
 
 from fedllm.aggregators.base import Factors
 from fedllm.constrained.compress import (
+    RESIDUAL_KEY,
     decode_factors,
     decode_update,
     encode_factors,
@@ -20,6 +25,7 @@ from fedllm.constrained.compress import (
 )
 from fedllm.constrained.prune_map import fit_start, kept_from_record
 from fedllm.features.base import Feature, require_adapter_state
+from fedllm.features.personal import raw_update, restore_node_state, save_node_state
 from fedllm.features.registry import register
 from fedllm.features.types import ClientRound, ClientUpdate
 from fedllm.recipe.schema import RunConfig
@@ -55,9 +61,14 @@ class Compression(Feature):
         self, arrays: dict[str, ArrayRecord], update: ClientUpdate, rnd: ClientRound
     ) -> dict[str, ArrayRecord]:
         c = self.cfg.compression
+        raw = raw_update(self.cfg)  # the residual is then part of a raw update
+        if c.topk is not None:  # a resumed node (empty state) takes back the residual it wrote
+            restore_node_state(rnd, RESIDUAL_KEY, uncovered=raw)
         encoded = encode_update(
             update.factors, update.start, dtype=c.dtype, topk=c.topk, state=rnd.state
         )
+        if c.topk is not None:
+            save_node_state(rnd, RESIDUAL_KEY, uncovered=raw)
         return {**arrays, "update": encoded}
 
     # -- server --------------------------------------------------------------------------------

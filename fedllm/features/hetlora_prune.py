@@ -6,7 +6,12 @@ its rank to max(min_rank, r−t) if that tail value (computed on the trained fac
 value it recorded after the previous round's training; the first round only records it. A pruned
 client trains and sends at the smaller rank from then on: the rank and the last tail value persist
 in the node's `context.state`, and the server, which cuts the global factors to the rank a client
-last reported, needs no change (zero-padded averaging takes any rank).
+last reported, needs no change (zero-padded averaging takes any rank). The client also writes
+them into its own folder (`features.personal.save_node_state`: `clients/<p>/node_state/`, or the
+node's `personal-dir`), and a node whose state has none (a resumed simulation's new process) takes
+them back before it plans its round. They are read from the update a client sends (noised
+first under client-level DP); were that update raw (`features.personal.raw_update`), only a
+node's own `personal-dir` would keep them, never the run directory.
 
 Options (recipe `aggregator.options` of `hetlora`, sent to clients in the round config; never
 passed to the server's aggregation): `prune_lambda` λ ≥ 0 (0: off, the default), `prune_gamma`
@@ -28,6 +33,7 @@ from flwr.app import ConfigRecord, RecordDict
 from fedllm.aggregators.base import Factors
 from fedllm.aggregators.hetlora import CLIENT_OPTIONS as OPTIONS
 from fedllm.features.base import Feature, Regularizer
+from fedllm.features.personal import raw_update, restore_node_state, save_node_state
 from fedllm.features.registry import register
 from fedllm.features.types import ClientPlan, ClientRound, ClientUpdate, RoundResult
 from fedllm.model.adapters import live_lora
@@ -244,6 +250,8 @@ class HetLoRAPrune(Feature):
 
     def plan(self, plan: ClientPlan, rnd: ClientRound) -> ClientPlan:
         self.opts = options_of(rnd.config)  # off unless the server sent prune_lambda > 0
+        if self.opts.active:  # a resumed node (empty state) takes back the rank it pruned to
+            restore_node_state(rnd, STATE, uncovered=raw_update(self.cfg))
         return planned(plan, rnd.state)
 
     def regularizers(self, model: torch.nn.Module, rnd: ClientRound) -> list[Regularizer]:
@@ -259,6 +267,8 @@ class HetLoRAPrune(Feature):
             rank=update.rank,
             scaling=self.cfg.client_scaling,
         )
+        if self.opts.active:
+            save_node_state(rnd, STATE, uncovered=raw_update(self.cfg))
         return ClientUpdate(factors, start, rank)
 
     def metrics(self) -> dict[str, int | float]:

@@ -9,6 +9,12 @@ peft-initialised, seeded by the run's seed and the partition, on its first round
 node's state and the update shrinks to the global module at rank r_g: only it is screened, noised
 and sent. The server sees ranks r_g, so it cuts each node's download to r_g.
 
+The client also writes its local module into its own folder (`features.personal.save_node_state`:
+`clients/<p>/node_state/` of the run directory, or the node's `personal-dir`), never sent, and a
+node whose state has none (a resumed simulation's new process) takes it back from there before
+it trains or evaluates. The local module is trained without noise, so in a private run
+(`privacy.mode` or SecAgg+) only a node's own `personal-dir` keeps it, never the run directory.
+
 Refused: DP-SGD (`privacy.mode: sample`: the local module, trained without noise on the same data,
 would steer the noised global gradients outside the DP-SGD accounting; client-level DP, which
 clips and noises what is sent, is the sound way to noise only the global module), pruned bases,
@@ -30,6 +36,7 @@ from flwr.app import ArrayRecord, RecordDict
 from fedllm.aggregators.base import Factors
 from fedllm.aggregators.sdflora import CLIENT_OPTIONS, split_ranks
 from fedllm.features.base import Feature
+from fedllm.features.personal import restore_node_state, save_node_state
 from fedllm.features.registry import register
 from fedllm.features.types import ClientRound, ClientUpdate
 from fedllm.model.wire import client_options
@@ -73,6 +80,12 @@ def check_recipe(cfg: RunConfig) -> None:
             f"{bad[0]}: not supported with aggregator.name='sdflora' (each client's adapter is "
             "its global module plus a private local module kept in its node state); drop it"
         )
+
+
+def private(cfg: RunConfig) -> bool:
+    """Whether the run promises clients privacy (DP or SecAgg+): the local module, trained
+    without noise and never sent, is then outside every guarantee."""
+    return cfg.privacy.mode != "none" or cfg.privacy.secure_aggregation.enabled
 
 
 def stored(state: RecordDict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -170,6 +183,8 @@ class SDFLoRALocal(Feature):
         global module alone."""
         rank = rnd.plan.rank
         ranks = split_ranks(rank, local_fraction(client_options(rnd.config)))
+        if ranks[1]:  # a resumed node (empty state) takes back the module it wrote
+            restore_node_state(rnd, STATE, uncovered=private(self.cfg))
         seed = self.cfg.seed * 1_000_003 + rnd.partition
         scaling = self.cfg.client_scaling(rank)
         return with_local(factors, stored(rnd.state), ranks=ranks, scaling=scaling, seed=seed)
@@ -181,6 +196,7 @@ class SDFLoRALocal(Feature):
         scaling = self.cfg.client_scaling(rg)
         shared, local = split_update(update.factors, global_rank=rg, global_scaling=scaling)
         keep(rnd.state, local)
+        save_node_state(rnd, STATE, uncovered=private(self.cfg))
         start, _ = split_update(update.start, global_rank=rg, global_scaling=scaling)
         return ClientUpdate(shared, start, rg)
 

@@ -58,8 +58,11 @@ class Run:
         features = {f.state_key or f.name: f.state_dict() for f in self.features}
         fingerprint = self.cfg.fingerprint(budget=False)  # a resume may change the ε budget
         state = {"round": server_round, "fingerprint": fingerprint, "pending": pending}
+        # a pending round goes into the fallback copy as well: a resume from either charges it
         save_checkpoint(
-            self.cfg.run_dir, {**state, "strategy": self.strategy.state_dict(), **features}
+            self.cfg.run_dir,
+            {**state, "strategy": self.strategy.state_dict(), **features},
+            as_previous=pending is not None,
         )
 
     def resume(self) -> int:

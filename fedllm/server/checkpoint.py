@@ -3,7 +3,9 @@
 A checkpoint holds only tensors and plain containers (dict, list, tuple, str, int, float, bool,
 None) and is read with `torch.load(weights_only=True)`, so a file dropped into a run directory
 cannot run code when it is resumed. Each save keeps the one before as `checkpoint.prev.pt`; a
-latest checkpoint that cannot be read (a bad disk, a partial copy) falls back to it.
+latest checkpoint that cannot be read (a bad disk, a partial copy) falls back to it. The save that
+marks a round pending (its clients may be training: a resume charges it to the DP ledgers) writes
+both files, so that the fallback charges it too.
 """
 
 from __future__ import annotations
@@ -81,25 +83,36 @@ def plain(value: Any, where: str = "state") -> Any:
     )
 
 
-def save_checkpoint(run_dir: Path, state: dict) -> Path:
+def save_checkpoint(run_dir: Path, state: dict, *, as_previous: bool = False) -> Path:
     """Write `state` and RNG states to run_dir/checkpoint.pt atomically (never half a file).
 
     The file is written to a temporary name and fsynced, the current checkpoint becomes
     checkpoint.prev.pt, the new one is renamed into place and the directory is fsynced, so after
     a crash at any point the latest finished round (or the one before it) is intact on disk.
+
+    `as_previous`: `state` is the latest round's again with an entry every file a resume may read
+    must carry (a round's pending DP charge): it is written as checkpoint.prev.pt too (a copy of
+    its own), instead of keeping the current checkpoint, which lacks the entry, as the fallback.
     """
     path, previous = run_dir / CHECKPOINT, run_dir / PREVIOUS
     payload = plain({**state, "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}})
-    tmp = run_dir / f"{CHECKPOINT}.tmp"
-    with tmp.open("wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    if path.is_file():
+    tmp = _write(run_dir / f"{CHECKPOINT}.tmp", payload)
+    if as_previous:
+        os.replace(_write(run_dir / f"{PREVIOUS}.tmp", payload), previous)
+    elif path.is_file():
         _keep_as(path, previous)
     os.replace(tmp, path)
     fsync_dir(run_dir)
     return path
+
+
+def _write(tmp: Path, payload: dict) -> Path:
+    """`payload` saved to `tmp` and fsynced; returns `tmp`."""
+    with tmp.open("wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
 
 
 def _keep_as(path: Path, target: Path) -> None:
