@@ -39,7 +39,8 @@ from fedllm.data import load_wordnet, tokenize_all
 from fedllm.eval.generate import end_token_ids, greedy_generate
 from fedllm.eval.prompting import prompt_ids
 from fedllm.eval.scoring import score_examples
-from fedllm.model.loading import build_tiny_model, load_base_model, resolve_model_dir
+from fedllm.model.loading import load_base_model, resolve_model_dir
+from fedllm.model.tiny import build_tiny_model
 
 RESULTS = Path(__file__).parent / "results"
 OUT = RESULTS / "eval.md"

@@ -144,8 +144,9 @@ def test_a_quantised_base_still_gets_bitsandbytes_lora_after_the_hide(tmp_path: 
         assert hide_bitsandbytes()
         import peft
         from fedllm.model import loading as fm
+        from fedllm.model.tiny import build_tiny_model
         texts = ["a tiny model trained on a tiny text about rivers and stones"] * 20
-        folder = fm.build_tiny_model(Path({str(tmp_path / "tiny")!r}), texts=texts)
+        folder = build_tiny_model(Path({str(tmp_path / "tiny")!r}), texts=texts)
         lora = peft.LoraConfig(r=2, target_modules=["q_proj"])
         plain = peft.get_peft_model(fm.load_base_model(folder)[0], lora)
         hidden = sys.modules.get("bitsandbytes", "absent")

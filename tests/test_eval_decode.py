@@ -5,7 +5,8 @@ from pathlib import Path
 
 from fedllm.data import load_wordnet
 from fedllm.eval.generate import end_token_ids
-from fedllm.model.loading import build_tiny_model, load_base_model
+from fedllm.model.loading import load_base_model
+from fedllm.model.tiny import build_tiny_model
 
 
 def test_shared_head_decoding_gives_generates_tokens(tmp_path: Path) -> None:

@@ -7,7 +7,8 @@ from fedllm.client.train import train_local
 from fedllm.data import load_wordnet, tokenize_all
 from fedllm.eval.extraction import extraction_rates, split_prefix_suffix
 from fedllm.eval.generate import end_token_ids
-from fedllm.model.loading import build_tiny_model, load_base_model
+from fedllm.model.loading import load_base_model
+from fedllm.model.tiny import build_tiny_model
 
 
 def test_split_prefix_suffix_by_hand() -> None:

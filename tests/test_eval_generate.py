@@ -9,7 +9,8 @@ from fedllm.client.train import train_local
 from fedllm.data import load_wordnet, tokenize_all
 from fedllm.eval.generate import end_token_ids, greedy_generate
 from fedllm.eval.prompting import prompt_ids
-from fedllm.model.loading import build_tiny_model, load_base_model
+from fedllm.model.loading import load_base_model
+from fedllm.model.tiny import build_tiny_model
 
 
 @pytest.fixture(scope="module")

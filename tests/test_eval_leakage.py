@@ -12,7 +12,8 @@ from fedllm.data.canary import make_canaries, reference_secrets
 from fedllm.eval.exposure import exposure, log_perplexity_bits, secret_item
 from fedllm.eval.leakage import canary_exposures, canary_set, score_groups
 from fedllm.eval.scoring import score_examples
-from fedllm.model.loading import build_tiny_model, load_base_model
+from fedllm.model.loading import load_base_model
+from fedllm.model.tiny import build_tiny_model
 
 
 @pytest.fixture(scope="module")

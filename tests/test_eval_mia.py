@@ -12,7 +12,8 @@ from fedllm.client.train import train_local
 from fedllm.data import load_wordnet, tokenize_all
 from fedllm.eval.mia import lowest_fraction_mean, membership_scores, run_attacks
 from fedllm.eval.scoring import Scored, score_examples
-from fedllm.model.loading import build_tiny_model, load_base_model
+from fedllm.model.loading import load_base_model
+from fedllm.model.tiny import build_tiny_model
 
 FMT = {"prompt_format": "plain", "max_length": 40}
 

@@ -19,7 +19,8 @@ from fedllm.eval.tasks.multiple_choice import (
     file_task_name,
     read_questions,
 )
-from fedllm.model.loading import build_tiny_model, load_base_model
+from fedllm.model.loading import load_base_model
+from fedllm.model.tiny import build_tiny_model
 
 TAUGHT = [
     ("What does the farmer grow?", "tall golden wheat"),

@@ -19,7 +19,8 @@ from fedllm.eval import harness
 from fedllm.eval.registry import ENTRY_POINT_GROUP, available_tasks, get_task, select_tasks
 from fedllm.eval.task import EvalTask, register_task
 from fedllm.eval.tasks.define import DefineWords
-from fedllm.model.loading import build_tiny_model, load_base_model
+from fedllm.model.loading import load_base_model
+from fedllm.model.tiny import build_tiny_model
 from fedllm.recipe import build_config
 
 BUILT_IN = ["choose", "define", "domain", "held_out", "multiple_choice"]

@@ -10,7 +10,8 @@ import torch
 from fedllm.data import collate, load_wordnet, tokenize_all
 from fedllm.eval.prompting import prompt_response_item
 from fedllm.eval.scoring import nll_and_tokens, score_examples
-from fedllm.model.loading import build_tiny_model, load_base_model
+from fedllm.model.loading import load_base_model
+from fedllm.model.tiny import build_tiny_model
 
 
 @pytest.fixture(scope="module")

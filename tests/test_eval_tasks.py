@@ -10,7 +10,8 @@ from fedllm.eval.tasks.choose import ChooseDefinition
 from fedllm.eval.tasks.define import DefineWords
 from fedllm.eval.tasks.domain import WordDomain
 from fedllm.eval.tasks.held_out import HeldOutLoss
-from fedllm.model.loading import build_tiny_model, load_base_model
+from fedllm.model.loading import load_base_model
+from fedllm.model.tiny import build_tiny_model
 
 DOG = {
     "prompt": "Define the word 'dog' (noun).",

@@ -16,7 +16,8 @@ from fedllm.client.train import train_local
 from fedllm.features import hetlora_prune as hc
 from fedllm.model import wire as rounds
 from fedllm.model.adapters import attach_lora
-from fedllm.model.loading import build_tiny_model, load_base_model
+from fedllm.model.loading import load_base_model
+from fedllm.model.tiny import build_tiny_model
 from fedllm.recipe import ConfigError, build_config
 
 # module m1: rank 4, γ = 0.5 → tail = last 2 components

@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fedllm.model import loading as fm
+from fedllm.model.tiny import build_tiny_model
 
 WORDS = (
     "federated learning trains a shared model across many clients without moving their data "
@@ -30,7 +31,7 @@ SENTENCE = "The capital of France is Paris. The capital of Germany is"
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return fm.build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", texts=TEXTS)
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", texts=TEXTS)
 
 
 def test_texts_are_a_few_hundred_words() -> None:
@@ -63,7 +64,7 @@ def test_tiny_chat_template_renders(tiny_dir: Path) -> None:
 
 def test_tiny_model_is_deterministic_and_leaves_rng_alone(tmp_path: Path, tiny_dir: Path) -> None:
     state = torch.random.get_rng_state()
-    other = fm.build_tiny_model(tmp_path / "again", texts=TEXTS)
+    other = build_tiny_model(tmp_path / "again", texts=TEXTS)
     assert torch.equal(torch.random.get_rng_state(), state)
     assert (other / "tokenizer.json").read_bytes() == (tiny_dir / "tokenizer.json").read_bytes()
     a = AutoModelForCausalLM.from_pretrained(tiny_dir, local_files_only=True).state_dict()
@@ -72,12 +73,12 @@ def test_tiny_model_is_deterministic_and_leaves_rng_alone(tmp_path: Path, tiny_d
 
 
 def test_rebuild_reuses_folder_and_other_settings_replace_it(tmp_path: Path) -> None:
-    folder = fm.build_tiny_model(tmp_path / "m", texts=TEXTS)
+    folder = build_tiny_model(tmp_path / "m", texts=TEXTS)
     weights = folder / "model.safetensors"
     before = weights.stat().st_mtime_ns, weights.stat().st_ino
-    assert fm.build_tiny_model(folder, texts=TEXTS) == folder
+    assert build_tiny_model(folder, texts=TEXTS) == folder
     assert (weights.stat().st_mtime_ns, weights.stat().st_ino) == before
-    fm.build_tiny_model(folder, texts=TEXTS, seed=1)
+    build_tiny_model(folder, texts=TEXTS, seed=1)
     assert weights.stat().st_ino != before[1]
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temp folders left behind
 
@@ -87,7 +88,7 @@ def test_concurrent_builds_of_one_folder_both_succeed(tmp_path: Path) -> None:
 
     def build() -> None:
         try:
-            fm.build_tiny_model(tmp_path / "m", texts=TEXTS)
+            build_tiny_model(tmp_path / "m", texts=TEXTS)
         except BaseException as err:
             errors.append(err)
 
@@ -104,9 +105,9 @@ def test_concurrent_builds_of_one_folder_both_succeed(tmp_path: Path) -> None:
 def test_build_refuses_a_foreign_folder(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not a fedllm tiny model"):
-        fm.build_tiny_model(tmp_path, texts=TEXTS)
+        build_tiny_model(tmp_path, texts=TEXTS)
     with pytest.raises(ValueError, match="multiple of num_heads"):
-        fm.build_tiny_model(tmp_path / "x", texts=TEXTS, hidden_size=60, num_heads=8)
+        build_tiny_model(tmp_path / "x", texts=TEXTS, hidden_size=60, num_heads=8)
 
 
 def test_resolve_local_folder(tiny_dir: Path, tmp_path: Path) -> None:

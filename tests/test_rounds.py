@@ -11,7 +11,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from fedllm.aggregators import Factors, RoundSpec, round_spec
 from fedllm.model import wire as rounds
 from fedllm.model.adapters import attach_lora, read_factors, write_factors
-from fedllm.model.loading import build_tiny_model, load_base_model
+from fedllm.model.loading import load_base_model
+from fedllm.model.tiny import build_tiny_model
 
 TEXTS = [f"word {i} means the thing number {i} in a list of {i % 7} things" for i in range(200)]
 Q = "model.layers.0.self_attn.q_proj"

@@ -11,12 +11,12 @@ from pathlib import Path
 from fedllm.data.shards import ProcessCache, load_all_examples
 from fedllm.model.loading import (
     attention_for,
-    build_tiny_model,
     compute_device,
     load_base_model,
     module_shapes,
     resolve_model_dir,
 )
+from fedllm.model.tiny import build_tiny_model
 from fedllm.recipe import RunConfig
 
 

