@@ -78,7 +78,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for path in recipes:
         try:
             cfg = load_recipe(path, overrides)
-            data = None if args.config_only else check_machine(absolute_paths(cfg))
+            found = [] if args.config_only else check_machine(absolute_paths(cfg))
         except (ConfigError, FileNotFoundError, ValueError) as err:
             print(f"fedllm: error: {err}", file=sys.stderr)
             failed += 1
@@ -87,8 +87,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
             f"ok  {path}: {cfg.name}, {cfg.data.num_clients} clients, "
             f"aggregator {cfg.aggregator.name}"
         )
-        if data is not None:
-            print(f"    {data.line(cfg)}")
+        for line in found:
+            print(f"    {line}")
     return 2 if failed else 0
 
 

