@@ -1,9 +1,10 @@
 """Deployment engine on 127.0.0.1: a TLS SuperLink with SuperNode authentication, 3 SuperNodes each
 reading its own JSONL file, the tiny recipe for 3 rounds. One scenario, checked by several tests:
 the ServerApp is killed after round 1 (that run must exit non-zero), the run is resumed, a
-SuperNode is killed during round 2 (the round finishes without it after the timeout), the node is
-started again and rejoins for round 3, and the run finishes. Every process is started in its
-own session and killed by its process-group id, also on failure; the scenario bounds its time."""
+SuperNode is killed during round 2 (the round finishes without it once Flower reports it unavailable
+or the round's timeout passes), the node is started again and rejoins for round 3, and the run
+finishes. Every process is started in its own session and killed by its process-group id, also on
+failure; the scenario bounds its time."""
 
 from __future__ import annotations
 
@@ -62,12 +63,70 @@ def cmdline(pid: int) -> str:
         return ""
 
 
+# Flower's timings in a test federation: a `sitecustomize` on the PYTHONPATH of its processes.
+# Only how soon Flower sees a lost node or a reply changes, not what Flower or fedllm then do.
+# The per-message `flwr-clientapp` processes and the warm workers run `python -I`, without it.
+FLOWER_TIMINGS = '''\
+"""Test timings of tests/test_deploy.py's loopback federation (FLOWER_TIMINGS there)."""
+
+import os
+import sys
+
+PROGRAM = os.path.basename(sys.argv[0]) if sys.argv else ""
+
+
+def replace(module, name, old, new):
+    if getattr(module, name, None) != old:
+        raise RuntimeError(
+            f"tests/test_deploy.py FLOWER_TIMINGS: {module.__name__}.{name} is not {old!r} "
+            "in this Flower; update the shim"
+        )
+    setattr(module, name, new)
+
+
+if PROGRAM == "flower-supernode":
+    # a SuperNode declares a 10 s heartbeat (the SuperLink's minimum) instead of 30 s and sends
+    # one every ~4 s: a killed node's messages fail 2 x 10 s after its last one, not 2 x 30 s
+    import flwr.supercore.heartbeat
+    import flwr.supernode.fleet_http_connection
+
+    replace(flwr.supercore.heartbeat, "HEARTBEAT_DEFAULT_INTERVAL", 30, 10)
+    replace(flwr.supernode.fleet_http_connection, "HEARTBEAT_DEFAULT_INTERVAL", 30, 10)
+elif PROGRAM == "flwr-serverapp":
+    # Grid.send_and_receive (each stage of Flower's SecAgg+ workflow) polls for replies every
+    # 0.5 s instead of 3 s
+    import time
+    import types
+
+    import flwr.superlink.grid.http_grid
+
+    class FastPoll(types.ModuleType):
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        @staticmethod
+        def sleep(seconds):
+            time.sleep(min(seconds, 0.5))
+
+    replace(flwr.superlink.grid.http_grid, "time", time, FastPoll("time"))
+'''
+
+
 class Federation:
     """Processes of one loopback federation; `stop()` kills each started process group."""
 
     def __init__(self, root: Path) -> None:
         self.root, self.procs, self.logs = root, [], {}
-        self.env = {**flwr_env(), "FLWR_HOME": str(root / "flwr_home")}
+        shim = root / "flower_timings"
+        shim.mkdir()
+        (shim / "sitecustomize.py").write_text(FLOWER_TIMINGS)
+        path = os.pathsep.join(filter(None, [str(shim), os.environ.get("PYTHONPATH")]))
+        self.env = {
+            **flwr_env(),
+            "FLWR_HOME": str(root / "flwr_home"),
+            "PYTHONPATH": path,
+            "FLWR_DISABLE_UPDATE_CHECK": "1",  # no call to api.flower.ai from each CLI process
+        }
         self.deadline = time.monotonic() + LIMIT
         self.link: subprocess.Popen | None = None  # the SuperLink, once secure_link started it
 
@@ -103,26 +162,36 @@ class Federation:
     def secure_link(self, files: list[Path]) -> list[list[str]]:
         """Start a TLS SuperLink, make connection "loop" point at it and register one
         authenticated SuperNode per data file; returns the SuperNodes' commands (not started)."""
-        creds = make_credentials(self.root / "creds", nodes=len(files))
-        port = free_port()
+        self.start_link(len(files))
+        return self.register_nodes(files)
+
+    def start_link(self, nodes: int) -> None:
+        """`secure_link`'s first half: credentials for `nodes` SuperNodes, the TLS SuperLink and
+        connection "loop", once it answers (a run submitted from now on reaches it)."""
+        self.creds = make_credentials(self.root / "creds", nodes=nodes)
+        self.port = free_port()
         self.link = self.start(
             "superlink",
             superlink_command(
-                port=port, database=self.root / "state.db", certs=self.root / "creds"
+                port=self.port, database=self.root / "state.db", certs=self.root / "creds"
             ),
         )
         write_connection(
             self.root / "flwr_home",
             "loop",
-            address=f"127.0.0.1:{port}",
-            root_certificates=creds.ca_cert,
+            address=f"127.0.0.1:{self.port}",
+            root_certificates=self.creds.ca_cert,
         )
-        wait_for_port("127.0.0.1", port, timeout=60)
-        cmds = []
+        wait_for_port("127.0.0.1", self.port, timeout=60)
+
+    def register_nodes(self, files: list[Path]) -> list[list[str]]:
+        """`secure_link`'s second half: register one authenticated SuperNode per data file with
+        the started SuperLink; returns their commands (not started)."""
+        creds, cmds = self.creds, []
         for i, path in enumerate(files):
             register_node(creds.node_public(i), "loop", env=self.env)
             cmd = supernode_command(
-                superlink=f"127.0.0.1:{port}",
+                superlink=f"127.0.0.1:{self.port}",
                 partition_id=i,
                 port=free_port(),
                 data_path=str(path),
@@ -166,22 +235,25 @@ def scenario(tmp_path_factory):
     root = tmp_path_factory.mktemp("deploy")
     union, files = write_orgs(root / "data", 3, words_each=3)
     fed = Federation(root)
+    args = [
+        f"output_dir={root / 'runs'}",
+        "name=dep",
+        f"data.source={union}",
+        "data.partitioner=iid",
+        "data.max_examples=null",
+        "federation.rounds=3",
+        "federation.local_steps=3",
+        "federation.round_timeout=120",
+        "federation.node_grace=90",  # the restarted node rejoins before round 3 samples
+    ]
     try:
-        node_cmds = fed.secure_link(files)
-        nodes = [fed.start(f"node{i}", cmd) for i, cmd in enumerate(node_cmds)]
-        args = [
-            f"output_dir={root / 'runs'}",
-            "name=dep",
-            f"data.source={union}",
-            "data.partitioner=iid",
-            "data.max_examples=null",
-            "federation.rounds=3",
-            "federation.local_steps=3",
-            "federation.round_timeout=120",
-            "federation.node_grace=90",  # the restarted node rejoins before round 3 samples
-        ]
-        # 1) kill the ServerApp once round 1 is checkpointed; that run must fail (exit != 0)
+        fed.start_link(len(files))
+        # 1) kill the ServerApp once round 1 is checkpointed; that run must fail (exit != 0).
+        # Started before the nodes register: its recipe preparation overlaps theirs, and its
+        # ServerApp waits for all 3 nodes before round 0.
         first = fedllm_run(fed, "run1", args)
+        node_cmds = fed.register_nodes(files)
+        nodes = [fed.start(f"node{i}", cmd) for i, cmd in enumerate(node_cmds)]
         fed.wait_for("run1", "round 1/3: 3/3 clients ok")
         run_dir = root / "runs" / "dep"
         shutil.copy(run_dir / "checkpoint.pt", root / "after_round1.pt")
@@ -190,6 +262,11 @@ def scenario(tmp_path_factory):
         for pid in apps:
             os.kill(pid, signal.SIGKILL)
         run_id = (run_dir / "flwr_run_id").read_text().strip()
+        rows_before = (run_dir / "metrics.jsonl").read_text().splitlines()  # no writer is left
+        # 2) resume; kill SuperNode 2 while round 2 trains. The resumed run's start-up (recipe,
+        # checkpoint) overlaps the first run's stop: the first run is over either way (its
+        # ServerApp is dead), `flwr stop` only ends its record and its `fedllm run`.
+        second = fedllm_run(fed, "run2", [*args, "--resume"])
         subprocess.run(
             ["flwr", "stop", run_id, "loop"],
             env=fed.env,
@@ -198,9 +275,6 @@ def scenario(tmp_path_factory):
             check=False,
         )
         first_rc = fed.wait_exit(first)
-        rows_before = (run_dir / "metrics.jsonl").read_text().splitlines()
-        # 2) resume; kill SuperNode 2 while round 2 trains
-        second = fedllm_run(fed, "run2", [*args, "--resume"])
         fed.wait_for("run2", "round 2/3: training")
         time.sleep(2.0)
         fed.kill(nodes[2])

@@ -636,26 +636,31 @@ def test_secure_rounds_on_a_loopback_deployment_survive_dropouts(tmp_path: Path)
             time.sleep(0.05)
 
     union, files = write_orgs(tmp_path / "data", 4, words_each=2)
+    args = [
+        f"output_dir={tmp_path / 'runs'}",
+        "name=sec",
+        f"data.source={union}",
+        "data.partitioner=iid",
+        "data.max_examples=null",
+        "data.num_clients=4",
+        "aggregator.name=ffa",
+        ON,
+        "privacy.secure_aggregation.num_shares=3",
+        "privacy.secure_aggregation.reconstruction_threshold=2",
+        "privacy.secure_aggregation.max_weight=1000",
+        "federation.rounds=2",
+        "federation.local_steps=3",
+        # the deadline of each stage for a live but slow node; a killed one is reported
+        # unavailable sooner, 2 heartbeats of 10 s after its last (Federation's Flower timings)
+        "federation.round_timeout=40",
+    ]
     fed = Federation(tmp_path)
     try:
-        nodes = [fed.start(f"node{i}", cmd) for i, cmd in enumerate(fed.secure_link(files))]
-        args = [
-            f"output_dir={tmp_path / 'runs'}",
-            "name=sec",
-            f"data.source={union}",
-            "data.partitioner=iid",
-            "data.max_examples=null",
-            "data.num_clients=4",
-            "aggregator.name=ffa",
-            ON,
-            "privacy.secure_aggregation.num_shares=3",
-            "privacy.secure_aggregation.reconstruction_threshold=2",
-            "privacy.secure_aggregation.max_weight=1000",
-            "federation.rounds=2",
-            "federation.local_steps=3",
-            "federation.round_timeout=40",
-        ]
+        fed.start_link(len(files))
+        # submitted before the nodes register: its recipe preparation overlaps theirs, and its
+        # ServerApp waits for all 4 nodes (up to round_timeout) before round 0
         run = fedllm_run(fed, "run", args)
+        nodes = [fed.start(f"node{i}", cmd) for i, cmd in enumerate(fed.register_nodes(files))]
         # Each kill follows the server's own line that the stage is complete: the next stage's
         # messages go out only after it, and a node needs a poll and a process start (≥ 1 s)
         # to answer one, so the kill lands in between. (Nodes' own log lines can come late.)
@@ -678,7 +683,7 @@ def test_secure_rounds_on_a_loopback_deployment_survive_dropouts(tmp_path: Path)
     assert ok == {1: {0, 1, 2}, 2: {0, 1}}, log[-3000:]
     assert server[1]["clients_sampled"] == 4
     assert server[2]["held_out_loss"] < server[0]["held_out_loss"]
-    assert "[Stage 0] Received public keys from 3 clients" in log  # round 1: node 3 lost early
+    assert "[Stage 0] Received public keys from 3 clients" in log  # round 2: node 3 lost in round 1
     assert "[Stage 2] Received masked vectors from 2 clients" in log  # round 2: node 2 lost late
     assert log.count("Secure aggregation completed.") >= 2 and "halted" not in log
     train = [x for x in rows if x["kind"] == "client"]
