@@ -79,7 +79,7 @@ def test_recipes_cp_refuses_to_overwrite_or_guess(tmp_path: Path, monkeypatch, c
 def test_a_recipe_name_works_where_a_path_is_expected(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)  # no recipes/ folder here: names resolve to the shipped ones
     assert main(["validate", "quickstart", "tiny.yaml", "recipes/svd.yaml"]) == 0
-    out = capsys.readouterr().out.splitlines()
+    out = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("    ")]
     assert out == [
         "ok  quickstart: quickstart, 4 clients, aggregator svd",
         "ok  tiny.yaml: tiny, 3 clients, aggregator svd",
