@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -21,7 +21,8 @@ from fedllm.features.personal import PersonalAdapter, personal_adapter_dir, raw_
 from fedllm.features.types import ClientPlan, ClientRound, ClientUpdate
 from fedllm.model.card import CARD_JSON, resolve_adapter_base
 from fedllm.model.packing import unpack
-from fedllm.model.wire import LOCAL_B
+from fedllm.model.wire import LOCAL_B, outgoing
+from fedllm.model.wire import spec_config as wire_config
 from fedllm.recipe import ConfigError, build_config, load_recipe
 from fedllm.server.metrics import MetricsLog
 
@@ -133,6 +134,52 @@ def test_a_fedsa_node_with_empty_state_takes_its_B_back_from_its_personal_adapte
     state[LOCAL_B] = ArrayRecord({module: torch.zeros(4, 2)})  # a live node's state wins
     feature.start({}, rnd)
     assert not state[LOCAL_B].to_torch_state_dict()[module].any()
+
+
+def test_a_resumed_fedsa_node_evaluates_with_its_own_B_before_it_trains(tmp_path: Path) -> None:
+    """The ClientApp's evaluate on a node with empty state (a resumed run asks it to evaluate
+    before it trains) = the same evaluation on a live node holding the B it wrote, not B = 0."""
+    from fedllm.client.app import evaluate
+    from fedllm.model.adapters import save_peft_adapter
+    from fedllm.model.base import cached_base_model
+
+    cfg = load_recipe(
+        RECIPE,
+        [
+            f"output_dir={tmp_path}",
+            "aggregator.name=fedsa",
+            "lora.ranks=[2,2]",
+            "data.max_examples=120",
+        ],
+    )
+    base, _ = cached_base_model(cfg)
+    g = torch.Generator().manual_seed(0)
+    mine = {}
+    for i, layer in enumerate(base.model.layers):
+        for p in ("q_proj", "v_proj"):
+            d, k = getattr(layer.self_attn, p).weight.shape
+            B, A = torch.randn(d, 2, generator=g) * 0.1, torch.randn(2, k, generator=g)
+            mine[f"model.layers.{i}.self_attn.{p}"] = Factors(B, A, cfg.client_scaling(2))
+    save_peft_adapter(
+        personal_adapter_dir(cfg, 1), mine, base_model="tiny", target_modules=["q_proj", "v_proj"]
+    )
+    spec = RoundSpec(local_B=True)
+    config = {"server-round": 3, "global-scaling": cfg.client_scaling(2)}
+    config |= {"recipe-hash": cfg.fingerprint(), **wire_config(spec)}
+
+    def held_out_loss(state: RecordDict) -> float:
+        content = RecordDict({"global": outgoing(mine, spec), "config": ConfigRecord(config)})
+        with server_identity(1):  # a message is made by a run's server
+            msg = Message(content, dst_node_id=1, message_type=MessageType.EVALUATE)
+        context = Context(0, 1, {"partition-id": 1}, state, {})
+        return float(evaluate(cfg, msg, context).content["metrics"]["held-out-loss"])
+
+    live = RecordDict({LOCAL_B: ArrayRecord({m: f.B for m, f in mine.items()})})
+    zero = RecordDict({LOCAL_B: ArrayRecord({m: f.B * 0 for m, f in mine.items()})})
+    resumed = RecordDict()
+    assert held_out_loss(resumed) == pytest.approx(held_out_loss(live), rel=1e-6)
+    assert LOCAL_B in resumed, "the node keeps the B it took back"
+    assert abs(held_out_loss(live) - held_out_loss(zero)) > 1e-3, "B counts"
 
 
 # ---------------------------------------------------------------- a fedsa federation

@@ -352,15 +352,17 @@ def evaluate(
     pid = partition_of(context)
     record: ArrayRecord = content["global"]
     spec = wire.spec_of(config)
+    rnd = client_round(cfg, config, context)
+    scaling = float(config["global-scaling"])
+    # the global adapter as each active feature personalises it (sdflora: + its local module;
+    # under local_B the personal adapter feature gives a resumed node its B back first)
+    global_factors = {} if spec.local_B else from_record(record, scaling)
+    for f in registry.build(cfg):
+        global_factors = f.personalise(global_factors, rnd)
     if spec.local_B:  # personalised: the shared A with this node's own B, at its own rank
         rank = int(context.node_config.get("rank", cfg.client_rank(pid)))
         scaling = cfg.client_scaling(rank)
-    else:  # the global adapter, as each active feature personalises it (sdflora: + local)
-        scaling = float(config["global-scaling"])
-        global_factors = from_record(record, scaling)
-        rnd = client_round(cfg, config, context)
-        for f in registry.build(cfg):
-            global_factors = f.personalise(global_factors, rnd)
+    else:
         rank = max((f.rank for f in global_factors.values()), default=1)
         if global_factors:  # a feature may have moved them to this client's scaling (sdflora)
             scaling = next(iter(global_factors.values())).scaling

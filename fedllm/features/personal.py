@@ -220,11 +220,20 @@ class PersonalAdapter(Feature):
     def start(self, factors: Mapping[str, Factors], rnd: ClientRound) -> dict[str, Factors]:
         """Under `local_B` (fedsa), a node whose state is empty (a resumed run's new process)
         takes its B back from the personal adapter it wrote in an earlier round."""
+        self._restore_local_B(rnd)
+        return dict(factors)
+
+    def personalise(self, factors: Mapping[str, Factors], rnd: ClientRound) -> dict[str, Factors]:
+        """The same before an evaluation: a resumed node may evaluate before it trains."""
+        self._restore_local_B(rnd)
+        return dict(factors)
+
+    @staticmethod
+    def _restore_local_B(rnd: ClientRound) -> None:
         if rnd.spec.local_B:
             folder = personal_adapter_dir(rnd.cfg, rnd.partition, rnd.node_config)
             if restore_local_B(folder, rnd.state):
                 log.info("client %d: local B restored from %s", rnd.partition, folder)
-        return dict(factors)
 
     def post_process(self, update: ClientUpdate, rnd: ClientRound) -> ClientUpdate:
         """Write the update as this client's personal adapter; the update is left unchanged."""
