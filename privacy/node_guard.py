@@ -5,8 +5,13 @@ a training round whose recipe is weaker than that, whatever the server sends (`p
 keys; `start`, once the node's shard is loaded: the σ DP-SGD derives for it). Under
 `privacy.mode: sample` the node also keeps its own ε ledger in its `context.state` (σ, q and
 steps of every round it trained, computed from the recipe and its own shard size) and refuses the
-round that would take it past `max-epsilon`. A refusal reaches the server as the client's error
-reply and leaves the node out of the round. Evaluation rounds are not guarded (no training).
+round that would take it past `max-epsilon`. The ledger is also written to the node's own folder
+(`features.personal.save_node_state`: its `personal-dir`, else `<run_dir>/clients/<p>/node_state/`)
+and read back by a node with empty state, so a resumed run or a restarted SuperNode goes on
+from what it spent; a recipe with another budget keeps it, another recipe starts afresh. Only a
+`personal-dir` is out of the server's reach: in a simulation the run directory is the server's.
+A refusal reaches the server as the client's error reply and leaves the node out of the round.
+Evaluation rounds are not guarded (no training).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from flwr.app import ConfigRecord, RecordDict
 
 from fedllm.aggregators.base import Factors
 from fedllm.features.base import Feature
+from fedllm.features.personal import restore_node_state, save_node_state
 from fedllm.features.registry import register
 from fedllm.features.types import ClientPlan, ClientRound
 from fedllm.privacy.accounting import PrivacyLedger, epsilon
@@ -175,6 +181,8 @@ def charge(rnd: ClientRound, rules: NodeRules) -> float:
             f"σ ≥ {rules.min_noise:g} (a larger privacy.noise_multiplier or target_epsilon "
             "that derives it)",
         )
+    # a resumed simulation's node (or a restarted SuperNode) has empty state: the ledger it wrote
+    restore_node_state(rnd, LEDGER_KEY, uncovered=False)
     ledger, rounds = load_ledger(rnd.state, cfg)
     after = ledger.epsilon_if({NODE: (sigma, q, steps)})
     if rules.max_epsilon is not None and after > rules.max_epsilon:
@@ -187,6 +195,7 @@ def charge(rnd: ClientRound, rules: NodeRules) -> float:
         )
     ledger.record(NODE, noise_multiplier=sigma, sample_rate=q, steps=steps)
     save_ledger(rnd.state, ledger, [*rounds, rnd.server_round])
+    save_node_state(rnd, LEDGER_KEY, uncovered=False)
     return after
 
 

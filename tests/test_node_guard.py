@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -17,6 +18,12 @@ from fedllm.recipe import build_config
 DP_SGD = {"mode": "sample", "noise_multiplier": 1.0, "delta": 1e-5}
 SECAGG = {"secure_aggregation": {"enabled": True}}
 CLIENT_DP = {"aggregator": {"name": "svd", "weighting": "uniform"}}
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recipe's relative output_dir (where a node writes its ledger) under tmp_path."""
+    monkeypatch.chdir(tmp_path)
 
 
 def recipe(privacy: dict | None = None, **sections):
@@ -135,6 +142,35 @@ def test_the_ledger_grows_each_round_and_refuses_the_round_past_max_epsilon() ->
     record = state.config_records[LEDGER_KEY]
     assert isinstance(record, ConfigRecord) and record["steps"] == [15]
     assert record["rounds"] == [1, 2, 3] and record["sigma"] == [1.0]
+
+
+def test_a_node_with_empty_state_goes_on_from_the_ledger_it_wrote(tmp_path: Path) -> None:
+    """A resumed simulation's node (or a restarted SuperNode) starts with empty context state:
+    the ledger comes back from the node's own folder, so max-epsilon still holds across the
+    restart; a recipe with another budget keeps it, another recipe starts afresh."""
+    cfg = recipe(DP_SGD)
+    three = epsilon(noise_multiplier=1.0, sample_rate=0.08, steps=15, delta=1e-5)
+    four = epsilon(noise_multiplier=1.0, sample_rate=0.08, steps=20, delta=1e-5)
+    node = {"max-epsilon": (three + four) / 2}
+    before = RecordDict()
+    for rnd in (1, 2, 3):
+        guard_round(cfg, node, state=before, rnd=rnd)
+    assert (cfg.run_dir / "clients" / "0" / "node_state" / f"{LEDGER_KEY}.json").is_file()
+    restarted = RecordDict()
+    with pytest.raises(ValueError, match=r"round 4 would bring this node's own ε"):
+        guard_round(cfg, node, state=restarted, rnd=4)
+    assert load_ledger(restarted, cfg)[1] == [1, 2, 3]
+    budget = recipe({**DP_SGD, "epsilon_budget": 50.0})  # the same run, a new budget
+    kept = RecordDict()
+    guard_round(budget, {}, state=kept, rnd=4)
+    assert load_ledger(kept, budget)[1] == [1, 2, 3, 4]
+    other = recipe({**DP_SGD, "noise_multiplier": 2.0})
+    fresh = RecordDict()
+    guard_round(other, node, state=fresh, rnd=4)
+    assert load_ledger(fresh, other)[1] == [4]
+    own = {**node, "personal-dir": str(tmp_path / "org0")}  # a SuperNode's own folder
+    guard_round(cfg, own, state=RecordDict(), rnd=1)
+    assert (tmp_path / "org0" / "node_state" / f"{LEDGER_KEY}.json").is_file()
 
 
 def test_every_dp_sgd_round_is_charged_even_without_rules() -> None:
