@@ -129,7 +129,7 @@ def arm_memory(cfg: RunConfig, arm: tuple[int, float, str | None]) -> int:
     plan = ClientPlan(0, rank, pruning, quant)
     node = {"partition-id": 0}
     rnd = ClientRound(cfg, 0, 1, RoundSpec(), ConfigRecord({}), node, RecordDict(), 0, plan)
-    load = None if pruning > 0 else quant  # as fedllm.client.app.lora_model loads it
+    load = None if pruning > 0 else quant  # as fedllm.client.round.lora_model loads it
     model = cfg.model.model_copy(update={"quantization": load or "none"})
     base, rnd.tokenizer = cached_base_model(cfg.model_copy(update={"model": model}))
     rnd.shard = node_shard(cfg, node, rnd.tokenizer)

@@ -53,7 +53,7 @@ def worker(pruning: float, quant: str | None, steps: int, overrides: list[str]) 
     from flwr.app import ConfigRecord
 
     from fedllm.aggregators import RoundSpec
-    from fedllm.client.app import lora_model
+    from fedllm.client.round import lora_model
     from fedllm.client.train import train_local
     from fedllm.constrained.compression import Compression
     from fedllm.constrained.pruned import PrunedBase

@@ -19,8 +19,8 @@ from flwr.server.superlink.linkstate.utils import (
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fedllm.aggregators import RoundSpec
-from fedllm.client.app import client_plan
 from fedllm.client.node_config import check_node
+from fedllm.client.round import client_plan
 from fedllm.constrained.adaptive import Adaptive
 from fedllm.constrained.bandit import Arm, ArmBandit
 from fedllm.constrained.devices import (

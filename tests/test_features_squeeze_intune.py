@@ -14,7 +14,8 @@ import torch
 from flwr.app import ConfigRecord, Context, RecordDict
 
 from fedllm.aggregators import Factors, RoundSpec
-from fedllm.client.app import local_steps, train_content
+from fedllm.client.app import train_content
+from fedllm.client.round import local_steps
 from fedllm.client.train import evaluate_nll
 from fedllm.data.shards import load_shard
 from fedllm.features.base import Feature

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fedllm.client.app import check_rank_fits, client_plan
+from fedllm.client.round import check_rank_fits, client_plan
 from fedllm.constrained.pruning import check_ratio, prune_model, prune_plan, pruned_module_shapes
 from fedllm.features.types import ClientPlan
 from fedllm.model.adapters import attach_lora, read_factors

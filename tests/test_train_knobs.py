@@ -14,8 +14,8 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 
 from fedllm.aggregators import RoundSpec
-from fedllm.client.app import local_steps
 from fedllm.client.batches import length_grouped_batches
+from fedllm.client.round import local_steps
 from fedllm.client.schedule import lr_factor, make_scheduler, num_local_steps, schedule_span
 from fedllm.client.train import (
     evaluate_nll,

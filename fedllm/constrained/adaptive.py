@@ -41,7 +41,7 @@ from fedllm.server.evaluation import TestSetEvaluator
 @register
 class Adaptive(Feature):
     """Per-client (rank, pruning, precision) arms: chosen at download, sent as `rank`/`pruning`/
-    `quantization` config (which every client obeys, see `fedllm.client.app.base_plan`)."""
+    `quantization` config (which every client obeys, see `fedllm.client.round.base_plan`)."""
 
     name = "adaptive"
 

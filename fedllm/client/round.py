@@ -1,0 +1,251 @@
+"""One client round's steps, in the order the ClientApp runs them: the plan (rank, pruning,
+precision) after every feature's `plan` hook, the base with a fresh LoRA at that rank, the
+starting adapter (the global factors as the features start them) and the local steps (a
+feature's own trainer, else plain steps in the stages the features ask for).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, get_args
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from peft import PeftModel
+
+from fedllm.aggregators.base import Factors
+from fedllm.client.node_config import node_shard
+from fedllm.client.schedule import num_local_steps, schedule_span
+from fedllm.client.train import TrainResult, chain_results, train_local
+from fedllm.constrained.pruning import check_ratio
+from fedllm.data.shards import ProcessCache
+from fedllm.features import registry
+from fedllm.features.base import Feature
+from fedllm.features.types import ClientPlan, ClientRound
+from fedllm.model import wire
+from fedllm.model.adapters import attach_lora, from_record, write_factors
+from fedllm.model.base import cached_base_model
+from fedllm.model.loading import module_shapes
+from fedllm.recipe.schema import RunConfig
+from fedllm.recipe.schema_common import BasePrecision
+
+
+def partition_of(context: Context) -> int:
+    """This node's partition id (set by the simulation engine or a SuperNode's --node-config)."""
+    if "partition-id" not in context.node_config:
+        raise ValueError("node config has no 'partition-id'; start the SuperNode with one")
+    return int(context.node_config["partition-id"])
+
+
+def check_recipe(cfg: RunConfig, config: ConfigRecord) -> None:
+    """Refuse to train for a server running another base model, adapter layout or data split."""
+    theirs = str(config.get("recipe-hash", ""))
+    if theirs and theirs != cfg.fingerprint():
+        raise ValueError(
+            f"recipe mismatch: server runs recipe {theirs}, this client {cfg.fingerprint()} "
+            "(model, lora, data and seed must match)"
+        )
+
+
+def base_plan(cfg: RunConfig, partition: int, config: ConfigRecord, node_config) -> ClientPlan:
+    """The rank, pruning and base precision the server assigned this round, else this node's or
+    the recipe's rank at full size and the model's precision."""
+    who = f"client {partition}"
+    raw = config.get("rank", node_config.get("rank", cfg.client_rank(partition)))
+    try:
+        rank = int(raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"{who}: LoRA rank must be a positive integer, got {raw!r}") from None
+    if rank <= 0:
+        raise ValueError(f"{who}: LoRA rank must be > 0, got {rank}")
+    pruning = check_ratio(config.get("pruning", 0.0), who=who)
+    quant = config.get("quantization", cfg.model.quantization)
+    if quant not in (valid := get_args(BasePrecision)):
+        raise ValueError(f"{who}: quantization must be one of {valid}, got {quant!r}")
+    return ClientPlan(partition, rank, pruning, None if quant == "none" else quant)
+
+
+def client_round(cfg: RunConfig, config: ConfigRecord, context: Context) -> ClientRound:
+    """This round's context for the hooks, with the plan before any feature changed it."""
+    pid = partition_of(context)
+    server_round = int(config["server-round"])
+    return ClientRound(
+        cfg=cfg,
+        partition=pid,
+        server_round=server_round,
+        spec=wire.spec_of(config),
+        config=config,
+        node_config=context.node_config,
+        state=context.state,
+        seed=cfg.seed * 100_003 + server_round * 1009 + pid,
+        plan=base_plan(cfg, pid, config, context.node_config),
+    )
+
+
+def client_plan(
+    cfg: RunConfig, partition: int, config: Mapping[str, Any], node_config: Mapping[str, Any]
+) -> ClientPlan:
+    """What a client runs in a round with this config: the base plan after every active
+    feature's `plan` hook (for tools and tests; a round computes it in `train_content`)."""
+    node = {**node_config, "partition-id": partition}
+    context = Context(0, 0, node, RecordDict(), {})
+    rnd = client_round(cfg, ConfigRecord({"server-round": 1, **config}), context)
+    for f in registry.build(cfg):
+        rnd.plan = f.plan(rnd.plan, rnd)
+    return rnd.plan
+
+
+def check_rank_fits(model: torch.nn.Module, plan: ClientPlan, targets: list[str]) -> None:
+    """A rank above min(out, in) of an adapted module names the client and the valid ranks."""
+    for name, (d, k) in module_shapes(model, targets).items():
+        if plan.rank > min(d, k):
+            raise ValueError(
+                f"client {plan.partition}: rank {plan.rank} does not fit module {name} of shape "
+                f"{(d, k)} after pruning {plan.pruning} (valid ranks: 1..{min(d, k)})"
+            )
+
+
+@contextmanager
+def lora_model(
+    rnd: ClientRound,
+    features: Sequence[Feature],
+    *,
+    merged: dict[str, Factors] | None,
+    cache: ProcessCache | None = None,
+) -> Iterator[PeftModel]:
+    """The base as the features prepare it (plus a `merged` delta) with a fresh LoRA at the
+    planned rank; fills in `rnd.tokenizer` and `rnd.shard` (kept in `cache`, the app's);
+    all undone afterwards."""
+    cfg, plan = rnd.cfg, rnd.plan
+    # a base to be pruned loads at full precision; the feature that prunes it quantizes after
+    quant = None if plan.pruning > 0 else plan.quantization
+    model_cfg = cfg.model.model_copy(update={"quantization": quant or "none"})
+    rnd.cache = cache  # e.g. the pruned base's feature keeps its pruned model there
+    base, rnd.tokenizer = cached_base_model(
+        cfg.model_copy(update={"model": model_cfg}), cache=cache
+    )
+    rnd.shard = node_shard(cfg, rnd.node_config, rnd.tokenizer, cache=cache)
+    for f in features:
+        base = f.prepare_base(base, rnd)
+    check_rank_fits(base, plan, cfg.lora.target_modules)
+    with wire.merged_into(base, merged or {}):
+        model = attach_lora(
+            base,
+            rank=plan.rank,
+            alpha=cfg.lora.alpha,
+            dropout=cfg.lora.dropout,
+            target_modules=cfg.lora.target_modules,
+        )
+        try:
+            yield model
+        finally:
+            model.unload()
+
+
+def read_global(
+    record: ArrayRecord, rnd: ClientRound, features: Sequence[Feature]
+) -> dict[str, Factors]:
+    """The global factors the server sent, in the first encoding a feature claims, else plain."""
+    scaling = float(rnd.config["global-scaling"])
+    for f in features:
+        if (factors := f.read_global(record, rnd)) is not None:
+            return factors
+    return from_record(record, scaling)
+
+
+def start_adapter(
+    model: PeftModel,
+    received: ArrayRecord,
+    *,
+    global_factors: dict[str, Factors] | None,
+    rnd: ClientRound,
+    features: Sequence[Feature],
+) -> dict[str, Factors]:
+    """Write the round's starting adapter into `model`; returns the factors it starts from."""
+    rank, scaling = rnd.plan.rank, rnd.cfg.client_scaling(rnd.plan.rank)
+    start = dict(global_factors or {})
+    for f in features:
+        start = f.start(start, rnd)
+    start = {m: f.truncate(rank, scaling) for m, f in start.items()}
+    if rnd.spec.merge:  # the delta is in the base: train a fresh LoRA on top
+        wire.fresh_adapter(model, seed=rnd.seed)
+    elif rnd.spec.local_B:  # the shared A with this node's own B
+        write_factors(model, wire.personal(model, received, rnd.state))
+    else:
+        write_factors(model, start)
+    if rnd.spec.freeze_A:
+        wire.freeze_A(model)
+    return start
+
+
+def local_steps(model: PeftModel, rnd: ClientRound, features: Sequence[Feature]) -> TrainResult:
+    """The round's local steps: a feature's own trainer (DP-SGD), else plain steps with every
+    feature's regularisers added to the loss, in the stages the features' `stage` hooks ask for
+    (one unless a feature changes the adapter mid-round, e.g. squeeze_intune)."""
+    fed = rnd.cfg.federation
+    steps = num_local_steps(
+        len(rnd.shard.train),
+        batch_size=fed.batch_size,
+        local_steps=fed.local_steps,
+        local_epochs=fed.local_epochs,
+        accumulation=fed.gradient_accumulation_steps,
+    )
+    for f in features:
+        if (result := f.train(model, rnd, steps=steps)) is not None:
+            return result
+    terms = [term for f in features for term in f.regularizers(model, rnd)]
+    offset, span = schedule_span(
+        scope=fed.schedule_scope, server_round=rnd.server_round, rounds=fed.rounds, steps=steps
+    )
+    results: list[TrainResult] = []
+    done = 0
+    while done < steps:
+        asks = {f.name: f.stage(model, rnd, done=done, steps=steps) for f in features}
+        run = min(asks.values(), default=steps - done)
+        if not 0 < run <= steps - done:
+            who = next(name for name, n in asks.items() if n == run)
+            raise ValueError(
+                f"feature {who!r} asked for a stage of {run} steps at step {done} of {steps} "
+                f"(valid: 1..{steps - done})"
+            )
+        results.append(_plain_steps(model, rnd, run, done=done, span=(offset, span), terms=terms))
+        done += run
+    return chain_results(results)
+
+
+def _plain_steps(
+    model: PeftModel,
+    rnd: ClientRound,
+    steps: int,
+    *,
+    done: int,
+    span: tuple[int, int],
+    terms: Sequence[Any],
+) -> TrainResult:
+    """`steps` plain local steps from step `done` of the round (schedule and data continue)."""
+    fed = rnd.cfg.federation
+    offset, total = span
+    return train_local(
+        model,
+        rnd.shard.train,
+        steps=steps,
+        batch_size=fed.batch_size,
+        pad_id=rnd.tokenizer.pad_token_id,
+        optimizer=fed.optimizer,
+        lr=fed.lr,
+        weight_decay=fed.weight_decay,
+        schedule=fed.schedule,
+        warmup_steps=fed.warmup_steps,
+        schedule_offset=offset + done,
+        schedule_steps=total,
+        accumulation=fed.gradient_accumulation_steps,
+        gradient_checkpointing=fed.gradient_checkpointing,
+        precision=fed.precision,
+        group_by_length=fed.group_by_length,
+        share_head=fed.share_head,
+        max_grad_norm=fed.max_grad_norm,
+        seed=rnd.seed,
+        skip_steps=done,
+        regularizer=(lambda: sum(t() for t in terms)) if terms else None,
+    )
