@@ -231,12 +231,70 @@ def test_the_harness_tries_at_least_fifteen_bad_replies() -> None:
     assert len(HOSTILE) >= 15
 
 
+# -- evaluation replies ---------------------------------------------------------------------------
+
+
+def eval_metrics(partition: int, *, loss: float = 2.0, tokens: int = 100) -> dict:
+    held = {"held-out-loss": loss, "num-examples": 5}
+    return {"partition-id": partition, "nll-sum": loss * tokens, "tokens": tokens, **held}
+
+
+# name -> (metrics of node 4, which trained as partition 3; words its reason must contain)
+HOSTILE_EVAL: dict[str, tuple[dict | None, str]] = {
+    "NaN loss": ({**eval_metrics(3), "held-out-loss": math.nan}, "held-out-loss"),
+    "Inf nll": ({**eval_metrics(3), "nll-sum": math.inf}, "nll-sum"),
+    "a loss that is not its nll over its tokens": (eval_metrics(3) | {"nll-sum": 1.0}, "nll-sum"),
+    "negative tokens": (eval_metrics(3) | {"tokens": -5, "nll-sum": -10.0}, "nll-sum"),
+    "a huge token weight": (eval_metrics(3, loss=0.01, tokens=10**9), "tokens"),
+    "string tokens": (eval_metrics(3) | {"tokens": "many"}, "tokens"),
+    "partition outside the recipe": (eval_metrics(99), "partition-id"),
+    "a partition it did not train as": (eval_metrics(1), "trained as 3"),
+    "no partition": (
+        {k: v for k, v in eval_metrics(3).items() if k != "partition-id"},
+        "partition",
+    ),
+    "no metrics record": (None, "metrics"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_EVAL))
+def test_a_hostile_evaluation_is_dropped_and_the_loss_is_the_others(
+    name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from fedllm.server.exchange import describe_evaluation
+
+    values, words = HOSTILE_EVAL[name]
+    s = strategy(recipe(data={"max_examples": 1000}))
+    s.node_partitions = {1: 0, 2: 1, 3: 2, 4: 3}  # what their training replies taught
+    honest = [
+        reply(1 + p, None, eval_metrics(p, loss=1.0 + p, tokens=10 * (p + 1))) for p in range(3)
+    ]
+    bad = reply(4, None, values, record=ConfigRecord)
+    with caplog.at_level(logging.WARNING, logger="fedllm.server"):
+        loss, rows, dropped = s.evaluate_round(2, [*honest, bad])
+    assert list(dropped) == [4] and words.lower() in dropped[4].lower(), dropped
+    assert sorted(r.partition for r in rows) == [0, 1, 2]
+    # by hand: (1·10 + 2·20 + 3·30) / 60 over the honest three
+    assert loss == pytest.approx((140 / 60, 60))
+    assert any("dropped node 4's evaluation" in r.getMessage() for r in caplog.records)
+    assert describe_evaluation(bad, private=False).startswith(("sent malformed", "(partition"))
+
+
+def test_two_nodes_claiming_one_partition_in_an_evaluation_are_both_dropped() -> None:
+    s = strategy(recipe())
+    replies = [reply(n, None, eval_metrics(p, tokens=10)) for n, p in ((1, 0), (2, 1), (3, 1))]
+    loss, rows, dropped = s.evaluate_round(1, replies)  # no node has trained yet
+    assert sorted(dropped) == [2, 3] and "claimed by nodes [2, 3]" in dropped[2]
+    assert [r.partition for r in rows] == [0] and loss == pytest.approx((2.0, 10))
+
+
 # -- a real federation with one hostile node ------------------------------------------------------
 
 
 class HostileApp:
     """fedllm's ClientApp, except that node `hostile`'s training replies are corrupted, a
-    different way each round (messages go through Flower's serialisation both ways)."""
+    different way each round, and its evaluations claim a billion tokens at loss 0.01 (messages
+    go through Flower's serialisation both ways)."""
 
     def __init__(self, app, *, hostile: int, plan: list[str]) -> None:
         self.app, self.hostile, self.plan = app, hostile, plan
@@ -244,7 +302,15 @@ class HostileApp:
 
     def __call__(self, msg: Message, context: Context) -> Message:
         out = self.app(msg, context)
-        if context.node_id != self.hostile or msg.metadata.message_type != "train":
+        if context.node_id != self.hostile:
+            return out
+        if msg.metadata.message_type == "evaluate":  # a token count that would own the mean
+            content = unpack(out.content)
+            metrics = dict(content["metrics"])
+            tokens = 10**9
+            metrics |= {"tokens": tokens, "nll-sum": 0.01 * tokens, "held-out-loss": 0.01}
+            return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+        if msg.metadata.message_type != "train":
             return out
         corrupt, _ = HOSTILE[self.plan[self.rounds % len(self.plan)]]
         self.rounds += 1
@@ -283,6 +349,8 @@ def test_a_hostile_node_in_a_real_federation_never_breaks_a_round(tmp_path: Path
     server = [r for r in rows if r["kind"] == "server"]
     assert len(server) == len(plan) + 1
     assert all(math.isfinite(r["held_out_loss"]) for r in server), "held-out loss finite"
+    assert all(r["eval_dropped"] == 1 for r in server), "its evaluations are dropped"
+    assert all(r["held_out_loss"] > 1.0 for r in server), "its 0.01 is not in the loss"
     assert server[-1]["held_out_loss"] < server[0]["held_out_loss"]
 
 

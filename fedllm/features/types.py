@@ -189,6 +189,20 @@ class EvalRow:
     held_out_loss: float
     tokens: int
 
+    @classmethod
+    def parse(cls, server_round: int, metrics: Mapping[str, Any]) -> EvalRow:
+        """Validate an evaluation reply's metrics; ValueError names the first bad key. The loss
+        must be its own nll-sum over its tokens (the token-weighted mean uses both)."""
+        nll = _number(metrics, "nll-sum", float)
+        tokens = _number(metrics, "tokens", int)
+        loss = _number(metrics, "held-out-loss", float)
+        if not math.isclose(loss, nll / max(tokens, 1), rel_tol=1e-5, abs_tol=1e-9):
+            raise ValueError(
+                f"reply metric 'held-out-loss'={loss!r} is not 'nll-sum'/'tokens' "
+                f"({nll!r}/{tokens})"
+            )
+        return cls(server_round, _number(metrics, "partition-id", int), loss, tokens)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "kind": "eval",

@@ -8,6 +8,7 @@ knows none of them by name.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import Counter
 from pathlib import Path
@@ -25,7 +26,13 @@ from fedllm.model.base import adapter_shapes
 from fedllm.recipe.schema import RunConfig
 from fedllm.server.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from fedllm.server.evaluation import TestSetEvaluator
-from fedllm.server.exchange import describe_train, exchange, say, wait_for_nodes
+from fedllm.server.exchange import (
+    describe_evaluation,
+    describe_train,
+    exchange,
+    say,
+    wait_for_nodes,
+)
 from fedllm.server.metrics import MetricsLog
 from fedllm.server.outputs import finish, snapshot
 from fedllm.server.strategy import LoraStrategy
@@ -104,18 +111,13 @@ class Run:
             messages,
             timeout=self.timeout,
             label=f"round {server_round} eval",
-            describe=lambda r: (
-                f"(partition {int(r.content['metrics']['partition-id'])})"
-                + (  # a private run keeps per-client losses out of its log, as out of its files
-                    ""
-                    if s.private
-                    else f": held-out loss {float(r.content['metrics']['held-out-loss']):.4f}"
-                )
-            ),
+            describe=functools.partial(describe_evaluation, private=s.private),
         )
-        loss, rows = s.evaluate_round(server_round, replies)
+        loss, rows, dropped = s.evaluate_round(server_round, replies)
         row: dict[str, Any] = {"kind": "server", "round": server_round, "phase": "evaluate"}
         row["eval_clients"] = len(messages)  # the panel asked (federation.evaluate_clients)
+        if dropped:
+            row["eval_dropped"] = len(dropped)
         if loss is not None:
             row["held_out_loss"], row["eval_tokens"] = loss
         if self.test_set is not None:  # the server's own global test set, no client involved

@@ -7,18 +7,24 @@ Two ways, chosen in the recipe and usable together:
   the same clients; a node joining or leaving moves at most one seat.
 - `data.test_set`: a global test set drawn from every domain before the clients' partition,
   evaluated by the server itself with the global adapter (no message to any client).
+
+The panel's replies are checked like training replies (`read_evaluations`): a malformed, lying
+or duplicated one is dropped with a logged reason and the round's loss is the others'.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+
+from flwr.app import Message
 
 from fedllm.aggregators.base import Factors
 from fedllm.client.train import evaluate_nll
 from fedllm.data import tokenize_all
 from fedllm.data.shards import ProcessCache, global_test_set
+from fedllm.features.types import EvalRow
 from fedllm.model.adapters import attach_lora, write_factors
 from fedllm.model.base import cached_base_model
 from fedllm.recipe.schema import RunConfig
@@ -48,6 +54,54 @@ def evaluation_panel(nodes: Iterable[int], *, spec: str | int | float, seed: int
         return hashlib.blake2b(f"{seed}:{node}".encode(), digest_size=8).digest()
 
     return sorted(sorted(nodes, key=score)[:k])
+
+
+def read_evaluations(
+    replies: Sequence[Message],
+    *,
+    server_round: int,
+    cfg: RunConfig,
+    partitions: Mapping[int, int],
+) -> tuple[list[EvalRow], dict[int, str]]:
+    """The panel's readable replies as rows, and why each other one was dropped (by node).
+
+    Dropped: metrics that do not parse (`EvalRow.parse`), a partition outside the recipe or not
+    the one the node trained as (`partitions`), more tokens than its shard can hold
+    (data.max_examples × data.max_length, when the recipe caps the examples), and every reply of
+    a partition two nodes claim in one round. Failed replies (Flower errors) are neither.
+    """
+    rows: dict[int, EvalRow] = {}
+    dropped: dict[int, str] = {}
+    n, cap = cfg.data.num_clients, cfg.data.max_examples
+    max_tokens = None if cap is None else cap * cfg.data.max_length
+    for msg in replies:
+        if msg.has_error():
+            continue
+        node = msg.metadata.src_node_id
+        try:
+            row = EvalRow.parse(server_round, msg.content["metrics"])
+            held = partitions.get(node)
+            if row.partition >= n:
+                raise ValueError(f"partition-id {row.partition} outside the recipe's [0, {n})")
+            if held is not None and row.partition != held:
+                raise ValueError(f"partition-id {row.partition}, but the node trained as {held}")
+            if max_tokens is not None and row.tokens > max_tokens:
+                raise ValueError(
+                    f"tokens {row.tokens} above data.max_examples × data.max_length={max_tokens}"
+                )
+        except (KeyError, TypeError, ValueError) as err:
+            dropped[node] = f"malformed evaluation: {err}"
+            continue
+        rows[node] = row
+    claims: dict[int, list[int]] = {}
+    for node, row in rows.items():
+        claims.setdefault(row.partition, []).append(node)
+    for pid, nodes in claims.items():
+        if len(nodes) > 1:
+            for node in nodes:
+                del rows[node]
+                dropped[node] = f"partition-id {pid} claimed by nodes {sorted(nodes)} in one round"
+    return list(rows.values()), dropped
 
 
 class TestSetEvaluator:

@@ -19,7 +19,7 @@ from flwr.app import Message
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
-from fedllm.features.types import TrainReply
+from fedllm.features.types import EvalRow, TrainReply
 from fedllm.model.packing import pack
 
 
@@ -110,3 +110,15 @@ def describe_train(reply: Message) -> str:
         loss = f" loss {r.train_loss_first:.3f} -> {r.train_loss_last:.3f} in"
     seconds = "" if r.train_seconds is None else f", {r.train_seconds:.0f}s"
     return f"(partition {r.partition}, rank {r.rank}):{loss} {r.steps} steps{seconds}"
+
+
+def describe_evaluation(reply: Message, *, private: bool) -> str:
+    """One line about an evaluation reply: partition and held-out loss (a private run keeps
+    per-client losses out of its log, as out of its files)."""
+    try:
+        row = EvalRow.parse(0, reply.content["metrics"])
+    except (KeyError, ValueError, TypeError) as err:
+        return f"sent malformed metrics ({err})"
+    return f"(partition {row.partition})" + (
+        "" if private else f": held-out loss {row.held_out_loss:.4f}"
+    )

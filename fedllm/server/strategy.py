@@ -26,7 +26,7 @@ from fedllm.features.base import Feature
 from fedllm.features.types import ClientRow, Download, EvalRow, RoundResult, TrainReply
 from fedllm.model import packing, wire
 from fedllm.recipe.schema import RunConfig
-from fedllm.server.evaluation import evaluation_panel
+from fedllm.server.evaluation import evaluation_panel, read_evaluations
 
 log = logging.getLogger("fedllm.server")
 
@@ -405,30 +405,28 @@ class LoraStrategy(Strategy):
 
     def evaluate_round(
         self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[tuple[float, int] | None, list[EvalRow]]:
-        """((token-weighted held-out loss, tokens) or None, one row per client)."""
-        nll, tokens, rows = 0.0, 0, []
+    ) -> tuple[tuple[float, int] | None, list[EvalRow], dict[int, str]]:
+        """((token-weighted held-out loss, tokens) or None, one row per client, why each
+        dropped reply was dropped): a bad reply never ends the round or moves its loss."""
+        replies = list(replies)
         for msg in replies:
-            node = msg.metadata.src_node_id
             if msg.has_error():
-                log.warning(
-                    "round %d: node %s failed to evaluate: %s", server_round, node, msg.error.reason
-                )
-                continue
-            m = msg.content["metrics"]
-            nll += float(m["nll-sum"])
-            tokens += int(m["tokens"])
-            row = EvalRow(
-                server_round, int(m["partition-id"]), float(m["held-out-loss"]), int(m["tokens"])
-            )
-            rows.append(row)
-        return ((nll / tokens, tokens) if tokens else None), rows
+                node, why = msg.metadata.src_node_id, msg.error.reason
+                log.warning("round %d: node %s failed to evaluate: %s", server_round, node, why)
+        rows, dropped = read_evaluations(
+            replies, server_round=server_round, cfg=self.cfg, partitions=self.node_partitions
+        )
+        for node, reason in dropped.items():
+            log.warning("round %d: dropped node %s's evaluation: %s", server_round, node, reason)
+        tokens = sum(r.tokens for r in rows)
+        nll = sum(r.held_out_loss * r.tokens for r in rows)
+        return ((nll / tokens, tokens) if tokens else None), rows, dropped
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Flower's entry point: the token-weighted global held-out loss."""
-        loss, _ = self.evaluate_round(server_round, replies)
+        loss, _, _ = self.evaluate_round(server_round, replies)
         return None if loss is None else MetricRecord({"held-out-loss": loss[0], "tokens": loss[1]})
 
     def summary(self) -> None:
