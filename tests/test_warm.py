@@ -139,3 +139,38 @@ def test_the_supernode_gets_a_worker_unless_told_not_to(monkeypatch, tmp_path: P
     assert started == [1]
     assert execs[0][-1] == f'partition-id=0 warm-worker="{tmp_path}"'
     assert execs[1] == ["flower-supernode", "--insecure", "--node-config", "partition-id=0"]
+
+
+def test_a_dead_workers_folder_is_swept_and_a_live_ones_kept(tmp_path: Path) -> None:
+    """A SIGKILLed node's worker leaves its folder (secret, socket); the next `fedllm node`
+    removes it, never a live worker's, a young folder whose worker is starting, or others'."""
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    folders = {}
+    for name, pid in (("dead", dead.pid), ("live", os.getpid()), ("young", None), ("old", None)):
+        folder = tmp_path / f"{warm.PREFIX}{name}"
+        warm.make_folder(folder)
+        (folder / warm.PID).unlink()
+        if pid is not None:
+            (folder / warm.PID).write_text(str(pid))
+        folders[name] = folder
+    os.utime(folders["old"], (0, 0))  # no pid file and long ago: died while starting
+    loose = tmp_path / f"{warm.PREFIX}group-readable"
+    loose.mkdir(mode=0o750)
+    loose.chmod(0o750)
+    os.utime(loose, (0, 0))
+    assert warm.sweep_stale(tmp_path) == [folders["dead"], folders["old"]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [folders["live"].name, folders["young"].name, loose.name]
+    )
+    assert (folders["live"] / warm.SECRET).exists()
+
+
+def test_a_worker_writes_its_pid_beside_its_secret(worker: Path) -> None:
+    import os
+
+    assert (worker / warm.PID).read_text() == str(os.getpid())  # the test's thread is the worker

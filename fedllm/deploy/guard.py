@@ -253,7 +253,8 @@ def exec_supernode(argv: Sequence[str]) -> None:
 def start_warm_worker(env: Mapping[str, str]) -> Path:
     """Start this node's warm worker (`fedllm.deploy.warm`) as a child of the process about to
     become the SuperNode (exec keeps the PID, so the worker exits with the SuperNode)."""
-    folder = Path(tempfile.mkdtemp(prefix="fedllm-worker-"))  # 0700, short enough for AF_UNIX
+    warm.sweep_stale(Path(tempfile.gettempdir()))  # folders of killed nodes' workers
+    folder = Path(tempfile.mkdtemp(prefix=warm.PREFIX))  # 0700, short enough for AF_UNIX
     cmd = [sys.executable, "-I", "-m", "fedllm.deploy.warm", str(folder), "--parent"]
     subprocess.Popen([*cmd, str(os.getpid())], env=dict(env), stdin=subprocess.DEVNULL)
     return folder

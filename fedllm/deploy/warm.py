@@ -14,7 +14,9 @@ are unchanged: only the work inside one ClientApp call moved.
 Reachable only by its own node: FOLDER is 0700 and owned by the node's user, and every request
 carries the 32-byte secret in FOLDER/secret (0600), compared in constant time. Another local
 user cannot connect; a process of the same user can (as it could read the node's keys).
-If the worker is not running, the message runs in the per-message process as before.
+If the worker is not running, the message runs in the per-message process as before. A worker
+removes FOLDER when its node exits; a SIGKILLed one cannot, so the next `fedllm node` on the
+machine removes the folders of dead workers (`sweep_stale`, by the pid each one writes).
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 NODE_KEY = "warm-worker"
-SOCKET, SECRET = "worker.sock", "secret"
+SOCKET, SECRET, PID = "worker.sock", "secret", "pid"
+PREFIX = "fedllm-worker-"  # the folders `fedllm node` makes in the temporary directory
 APP_REF = "fedllm.deploy.apps:client_app"
 _LEN = struct.Struct("!Q")
 
@@ -98,7 +101,39 @@ def make_folder(folder: Path) -> bytes:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(secret)
+    (folder / PID).write_text(str(os.getpid()))  # lets `sweep_stale` tell a dead worker's folder
     return secret
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process holds the pid now
+        return True
+    return True
+
+
+def sweep_stale(tmp: Path, *, min_age: float = 60.0) -> list[Path]:
+    """Remove this user's worker folders in `tmp` whose worker is dead (a SIGKILLed node's
+    worker cannot clean up after itself): its pid file names no live process, or it has none
+    and is older than `min_age` seconds (a worker that died starting). Returns what it removed."""
+    removed = []
+    for folder in sorted(tmp.glob(f"{PREFIX}*")):
+        try:
+            check_folder(folder)
+            pid_file = folder / PID
+            if pid_file.exists():
+                stale = not _alive(int(pid_file.read_text()))
+            else:
+                stale = time.time() - folder.lstat().st_mtime > min_age
+        except (OSError, ValueError):  # not ours, not a folder, half-written: leave it
+            continue
+        if stale:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 # -- the worker ---------------------------------------------------------------------------------
