@@ -3,9 +3,13 @@
 A SuperNode started with `require-secagg`, `max-epsilon` or `min-noise` in its node config refuses
 a training round whose recipe is weaker than that, whatever the server sends (`plan`: the recipe's
 keys; `start`, once the node's shard is loaded: the σ DP-SGD derives for it). Under
-`privacy.mode: sample` the node also keeps its own ε ledger in its `context.state` (σ, q and
-steps of every round it trained, computed from the recipe and its own shard size) and refuses the
-round that would take it past `max-epsilon`. The ledger is also written to the node's own folder
+`privacy.mode: sample` or `client` the node also keeps its own ε ledger in its `context.state`
+(σ, q and steps of every round it trained: DP-SGD's from the recipe and its own shard size;
+client-level DP's one Gaussian step at q = 1 with the noise the server sees of its update, as the
+server's ledger charges it) and refuses the round that would take it past `max-epsilon`. For
+client-level DP `max-epsilon` also bounds the ε the server's ledger would reach over the recipe's
+rounds (`planned_client_epsilon`: the server's accounting, not amplification by sampling).
+The ledger is also written to the node's own folder
 (`features.personal.save_node_state`: its `personal-dir`, else `<run_dir>/clients/<p>/node_state/`)
 and read back by a node with empty state, so a resumed run or a restarted SuperNode goes on
 from what it spent; a recipe with another budget keeps it, another recipe starts afresh. Only a
@@ -29,7 +33,7 @@ from fedllm.features.personal import restore_node_state, save_node_state
 from fedllm.features.registry import register
 from fedllm.features.types import ClientPlan, ClientRound
 from fedllm.privacy.accounting import PrivacyLedger, epsilon
-from fedllm.privacy.plan import client_noise_multiplier, planned_clients, sample_plan
+from fedllm.privacy.plan import client_noise_multiplier, sample_plan, seen_noise_multiplier
 from fedllm.recipe.schema import RunConfig
 
 LEDGER_KEY = "fedllm.node-privacy-ledger"  # a ConfigRecord in the node's context.state
@@ -76,6 +80,27 @@ def _positive(node_config: Mapping[str, Any], key: str, *, example: str) -> floa
     return value
 
 
+def client_level_round(cfg: RunConfig) -> tuple[float, float, int]:
+    """(σ, q, steps) that one client-level DP round charges, as the server's ledger charges it
+    (`ClientLevel.before_round` / `record`): one Gaussian step at q = 1 (who takes part is public,
+    so no amplification by sampling) with the noise multiplier the server sees of one update
+    (`seen_noise_multiplier`: z at the server, z/√m with each client adding its own share)."""
+    return seen_noise_multiplier(cfg), 1.0, 1
+
+
+def planned_client_epsilon(cfg: RunConfig) -> float:
+    """The ε the server's ledger reaches after all the recipe's rounds of client-level DP: the
+    bound a node's `max-epsilon` is checked against before it trains (never below the server's)."""
+    sigma, q, steps = client_level_round(cfg)
+    return epsilon(
+        noise_multiplier=sigma,
+        sample_rate=q,
+        steps=steps * cfg.federation.rounds,
+        delta=cfg.privacy.delta,
+        accountant=cfg.privacy.accountant,
+    )
+
+
 def _refuse(rule: str, why: str, valid: str) -> ValueError:
     return ValueError(f"this node refuses the run ({rule}): {why}; valid: {valid}")
 
@@ -105,16 +130,16 @@ def check_recipe(cfg: RunConfig, rules: NodeRules) -> None:
             value = getattr(p, key)
             if value is not None and value > cap:
                 raise _refuse(rule, f"the recipe has privacy.{key}={value:g}", valid)
-        if p.mode == "client" and p.target_epsilon is None and p.epsilon_budget is None:
-            planned = epsilon(
-                noise_multiplier=client_noise_multiplier(cfg),
-                sample_rate=planned_clients(cfg) / cfg.data.num_clients,
-                steps=cfg.federation.rounds,
-                delta=p.delta,
-                accountant=p.accountant,
-            )
+        # with an epsilon_budget (≤ cap, checked above) the server stops before it is spent
+        if p.mode == "client" and p.epsilon_budget is None:
+            planned = planned_client_epsilon(cfg)
             if planned > cap:
-                why = f"the recipe's client-level DP plans ε={planned:.3f} over its rounds"
+                why = (
+                    f"the recipe's client-level DP plans ε={planned:.3f} over its "
+                    f"{cfg.federation.rounds} rounds (δ={p.delta:g}, q = 1, noise multiplier "
+                    f"{client_level_round(cfg)[0]:.3f} as the server sees it, "
+                    f"noise_at: {p.noise_at})"
+                )
                 raise _refuse(rule, why, valid)
         if not known and p.target_epsilon is None and p.epsilon_budget is None:
             why = f"privacy.mode={p.mode!r} states no privacy.target_epsilon or epsilon_budget"
@@ -168,12 +193,12 @@ def save_ledger(state: RecordDict, ledger: PrivacyLedger, rounds: list[int]) -> 
     )
 
 
-def charge(rnd: ClientRound, rules: NodeRules) -> float:
-    """Check this round's DP-SGD σ against `min-noise` and the node's ledger against
-    `max-epsilon`, then charge the ledger; returns the node's ε after the round."""
-    cfg, n = rnd.cfg, len(rnd.shard.train)
-    plan = sample_plan(cfg, n_train=n, partition=rnd.partition)
-    sigma, q, steps = plan.noise_multiplier, plan.sample_rate, plan.steps_per_round
+def _dp_sgd_round(rnd: ClientRound, rules: NodeRules) -> tuple[float, float, int]:
+    """(σ, q, steps) of this node's DP-SGD round on its own shard, σ checked against
+    `min-noise` (known only once the shard is)."""
+    n = len(rnd.shard.train)
+    plan = sample_plan(rnd.cfg, n_train=n, partition=rnd.partition)
+    sigma = plan.noise_multiplier
     if rules.min_noise is not None and sigma < rules.min_noise:
         raise _refuse(
             f"node config min-noise={rules.min_noise:g}",
@@ -181,6 +206,18 @@ def charge(rnd: ClientRound, rules: NodeRules) -> float:
             f"σ ≥ {rules.min_noise:g} (a larger privacy.noise_multiplier or target_epsilon "
             "that derives it)",
         )
+    return sigma, plan.sample_rate, plan.steps_per_round
+
+
+def charge(rnd: ClientRound, rules: NodeRules) -> float:
+    """Check the node's ledger against `max-epsilon` with this round's spend (DP-SGD: its σ,
+    checked against `min-noise`, q and local steps; client-level DP: `client_level_round`), then
+    charge the ledger; a refused round is not charged. Returns the node's ε after the round."""
+    cfg = rnd.cfg
+    if cfg.privacy.mode == "client":
+        sigma, q, steps = client_level_round(cfg)
+    else:
+        sigma, q, steps = _dp_sgd_round(rnd, rules)
     # a resumed simulation's node (or a restarted SuperNode) has empty state: the ledger it wrote
     restore_node_state(rnd, LEDGER_KEY, uncovered=False)
     ledger, rounds = load_ledger(rnd.state, cfg)
@@ -217,7 +254,8 @@ class NodeGuard(Feature):
         return plan
 
     def start(self, factors: Mapping[str, Factors], rnd: ClientRound) -> dict[str, Factors]:
-        """Before any local step (the shard is known): DP-SGD σ and the node's ε ledger."""
-        if rnd.cfg.privacy.mode == "sample":
+        """Before any local step (the shard is known): DP-SGD σ and the node's ε ledger, for
+        DP-SGD and client-level DP alike."""
+        if rnd.cfg.privacy.mode in ("sample", "client"):
             charge(rnd, NodeRules.from_node_config(rnd.node_config))
         return dict(factors)

@@ -6,12 +6,15 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
-from fedllm.aggregators import RoundSpec
+from fedllm.aggregators import Factors, RoundSpec
 from fedllm.features import registry
-from fedllm.features.types import ClientPlan, ClientRound
+from fedllm.features.types import ClientPlan, ClientRound, RoundResult
+from fedllm.privacy import node_guard
 from fedllm.privacy.accounting import epsilon
+from fedllm.privacy.client_level import ClientLevel
 from fedllm.privacy.node_guard import LEDGER_KEY, NodeGuard, NodeRules, load_ledger
 from fedllm.recipe import build_config
 
@@ -194,3 +197,75 @@ def test_the_client_app_refuses_before_loading_anything(monkeypatch) -> None:
     context = Context(0, 0, {"partition-id": 0, "require-secagg": True}, RecordDict(), {})
     with pytest.raises(ValueError, match="require-secagg=true"):
         app.train_content(recipe(DP_SGD), content, context)
+
+
+def audit_recipe(noise_at: str, *, rounds: int = 10):
+    """The audit's example: N = 10 clients, m = 5 a round, z = 2, δ = 1e-3."""
+    return recipe(
+        {"mode": "client", "client_noise_multiplier": 2.0, "delta": 1e-3, "noise_at": noise_at},
+        federation={"local_steps": 5, "rounds": rounds, "clients_per_round": 5},
+        data={"num_clients": 10},
+        **CLIENT_DP,
+    )
+
+
+def server_ledger_epsilon(cfg) -> float:
+    """ε in the server's own ledger after every round of the recipe, each releasing m updates,
+    through the server's client-level DP hooks (before_round, release, record)."""
+    server, m = ClientLevel(cfg), cfg.federation.clients_per_round
+    start = {"q": Factors(torch.zeros(3, 2), torch.zeros(2, 2), 1.0)}
+    update = {"q": Factors(torch.ones(3, 2), torch.ones(2, 2), 1.0)}
+    row: dict = {}
+    for rnd in range(1, cfg.federation.rounds + 1):
+        assert server.before_round(rnd, partitions=list(range(m)), sampled=m) is None
+        server.release(list(range(m)), [update] * m, [1.0] * m, global_=start)
+        server.record(RoundResult(sampled=m, rows=[]), server_row=row)
+    return row["epsilon"]
+
+
+@pytest.mark.parametrize(("noise_at", "audited"), [("client", 18.02), ("server", 6.24)])
+def test_client_level_max_epsilon_uses_the_servers_own_accounting(
+    noise_at: str, audited: float
+) -> None:
+    """Not z at q = m/N (ε ≈ 3.11 here, below the node's 4): the server charges each round at
+    q = 1 with the noise it sees of one update, z/√m under noise_at: client."""
+    cfg = audit_recipe(noise_at)
+    spent = server_ledger_epsilon(cfg)
+    assert spent == pytest.approx(audited, abs=0.01)  # the audit's independent numbers
+    state = RecordDict()
+    with pytest.raises(ValueError, match=rf"max-epsilon=4.*client-level DP plans ε={spent:.3f}"):
+        guard_round(cfg, {"max-epsilon": 4.0}, state=state)
+    assert LEDGER_KEY not in state  # refused before training: nothing charged
+    assert node_guard.planned_client_epsilon(cfg) == pytest.approx(spent, rel=1e-9)
+    guard_round(cfg, {"max-epsilon": spent + 0.01})  # a cap the whole run fits in
+
+
+@pytest.mark.parametrize("noise_at", ["client", "server"])
+def test_client_level_rounds_are_charged_and_stop_at_max_epsilon(noise_at: str) -> None:
+    """The node charges each round it trains (one step at q = 1, the z the server sees), so a
+    server that runs on past the recipe's rounds is refused the round past max-epsilon; the
+    refused round is not charged, in the node's state or in the file a restart reads."""
+    cfg = audit_recipe(noise_at, rounds=3)
+    seen = 2.0 / 5**0.5 if noise_at == "client" else 2.0  # z/√m, or z at the server
+
+    def spent_after(rounds: int) -> float:
+        return epsilon(noise_multiplier=seen, sample_rate=1.0, steps=rounds, delta=1e-3)
+
+    node, state = {"max-epsilon": (spent_after(3) + spent_after(4)) / 2}, RecordDict()
+    for rnd in (1, 2, 3):
+        guard_round(cfg, node, state=state, rnd=rnd)
+        ledger, rounds = load_ledger(state, cfg)
+        assert rounds == list(range(1, rnd + 1)) and ledger.steps("node") == rnd
+        assert ledger.epsilon() == pytest.approx(spent_after(rnd))
+    with pytest.raises(ValueError, match=r"round 4 would bring this node's own ε"):
+        guard_round(cfg, node, state=state, rnd=4)
+    record = state.config_records[LEDGER_KEY]
+    assert record["rounds"] == [1, 2, 3] and record["steps"] == [3]
+    assert record["sigma"] == [pytest.approx(seen)] and record["sample-rate"] == [1.0]
+    restarted = RecordDict()  # the ledger the node wrote: round 4 stays refused
+    with pytest.raises(ValueError, match=r"round 4 would bring this node's own ε"):
+        guard_round(cfg, node, state=restarted, rnd=4)
+    assert load_ledger(restarted, cfg)[1] == [1, 2, 3]
+    unruled = RecordDict()  # a node without rules trains on, and is charged all the same
+    guard_round(cfg, {}, state=unruled, rnd=4)
+    assert load_ledger(unruled, cfg)[1] == [1, 2, 3, 4]
