@@ -153,8 +153,12 @@ def check_recipe(cfg: RunConfig, rules: NodeRules) -> None:
         if p.mode == "sample" and p.noise_multiplier is not None and p.noise_multiplier < floor:
             why = f"the recipe's DP-SGD privacy.noise_multiplier={p.noise_multiplier:g}"
             raise _refuse(rule, why, f"privacy.noise_multiplier ≥ {floor:g}")
-        if p.mode == "client" and (z := client_noise_multiplier(cfg)) < floor:
-            why = f"the recipe's client-level noise multiplier z={z:.3f}"
+        if p.mode == "client" and (seen := seen_noise_multiplier(cfg)) < floor:
+            z = client_noise_multiplier(cfg)
+            why = (  # the noise of one update as the server sees it: z/√m when clients add it
+                f"the recipe's client-level noise multiplier z={z:.3f} gives {seen:.3f} on one "
+                f"update as the server sees it (noise_at: {p.noise_at})"
+            )
             raise _refuse(rule, why, f"privacy.client_noise_multiplier (or derived z) ≥ {floor:g}")
         if not known:
             why = f"privacy.mode={p.mode!r} is not a mechanism whose noise this node can check"

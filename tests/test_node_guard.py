@@ -101,6 +101,11 @@ def test_min_noise_refuses_a_smaller_sigma_or_z() -> None:
     with pytest.raises(ValueError, match=r"min-noise=1\.5.*z=1\.000"):
         guard_round(recipe(z, **CLIENT_DP), node)
     guard_round(recipe({**DP_SGD, "noise_multiplier": 2.0}), node)
+    # each of m = 4 clients adds z/√m of the noise: the server sees 2/√4 = 1 on one update
+    shared = {"mode": "client", "client_noise_multiplier": 2.0, "noise_at": "client"}
+    with pytest.raises(ValueError, match=r"min-noise=1\.5.*z=2\.000 gives 1\.000 on one update"):
+        guard_round(recipe(shared, **CLIENT_DP), node)
+    guard_round(recipe({**shared, "noise_at": "server"}, **CLIENT_DP), node)
 
 
 def test_min_noise_checks_the_sigma_derived_for_this_nodes_shard() -> None:
