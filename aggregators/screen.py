@@ -1,8 +1,15 @@
 """Server-side screening of client updates before aggregation.
 
 A reply with NaN/Inf, a module the global adapter does not have (or lacks one), a wrong shape, a
-rank above the allowed one, or an update norm far outside the others is rejected with a reason;
-the round aggregates the rest. Inputs are never modified.
+rank above the allowed one, an update beyond float32's range, or an update norm far outside the
+others is rejected with a reason; the round aggregates the rest. Inputs are never modified.
+
+The float32 bound is absolute, so it holds with one or two clients, where there is no median to
+compare with: a module's ΔW = s·B·A must have ‖ΔW‖_F ≤ the largest float32 (then every entry of
+it, and of any weighted mean of such updates, is a float32), and s·B, the factor the aggregators
+fold the scaling into (their global is at scaling 1), must be a float32 entry by entry. Real
+updates are over thirty orders of magnitude below it. A finite update under the bound can still
+be far too large: only the relative screening (three clients or more) refuses that.
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ from collections.abc import Mapping
 import torch
 
 from fedllm.aggregators.base import Factors
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # ≈ 3.4e38
 
 
 def update_norm(f: Factors) -> float:
@@ -42,6 +51,20 @@ def check_update(
             return f"{module}: rank {f.rank} above the allowed {max_rank}"
         if not (torch.isfinite(f.A).all() and torch.isfinite(f.B).all()):
             return f"{module}: NaN or Inf in the factors"
+        if (why := float32_overflow(f)) is not None:
+            return f"{module}: {why}"
+    return None
+
+
+def float32_overflow(f: Factors) -> str | None:
+    """Why this (finite) update does not fit float32 once scaled, or None: ‖s·B·A‖_F or an
+    entry of s·B above the largest float32 (computed in float64, so neither overflows here)."""
+    folded = abs(f.scaling) * float(f.B.double().abs().max()) if f.B.numel() else 0.0
+    if folded > FLOAT32_MAX:
+        return f"s·B reaches {folded:.3g}, beyond float32 (max {FLOAT32_MAX:.3g})"
+    norm = update_norm(f)
+    if norm > FLOAT32_MAX:
+        return f"update norm ‖s·B·A‖ = {norm:.3g}, beyond float32 (max {FLOAT32_MAX:.3g})"
     return None
 
 
@@ -74,3 +97,23 @@ def screen(
                 )
     accepted = [c for c in updates if c not in rejected]
     return accepted, rejected
+
+
+def aggregate_problem(
+    global_: Mapping[str, Factors],
+    state: Mapping[str, Mapping[str, torch.Tensor] | None] | None = None,
+) -> str | None:
+    """Why an aggregate must not become the global adapter, or None: NaN or Inf in its factors
+    or in the aggregator's state for the next round, or a module's ΔW beyond float32's range
+    (screening bounds each update, but a factor-wise aggregator's intermediates may still
+    overflow: no bound on two factors bounds what they are folded into)."""
+    for module, f in sorted(global_.items()):
+        if not (torch.isfinite(f.A).all() and torch.isfinite(f.B).all()):
+            return f"{module}: NaN or Inf in the aggregate"
+        if (norm := update_norm(f)) > FLOAT32_MAX:
+            return f"{module}: aggregate norm ‖s·B·A‖ = {norm:.3g}, beyond float32"
+    for module, tensors in sorted((state or {}).items()):
+        for key, t in sorted((tensors or {}).items()):
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not t.isfinite().all():
+                return f"{module}: NaN or Inf in the aggregator's state {key!r}"
+    return None

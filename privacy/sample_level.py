@@ -25,6 +25,8 @@ from fedllm.privacy.dpsgd import DPTrainResult, train_dp
 from fedllm.privacy.plan import SamplePlan, check_shards, sample_plan
 from fedllm.recipe.schema import RunConfig
 
+MAX_SHARD = 10**9  # the most examples a reply's q may imply when data.max_examples is unset
+
 
 def train_private(
     cfg: RunConfig,
@@ -184,7 +186,11 @@ class SampleLevelDP(Feature):
         finite = all(isinstance(x, int | float) and math.isfinite(x) for x in numbers)
         if not finite or not 0 < q <= 1:
             raise ValueError(f"DP-SGD metrics out of range: σ={sigma!r}, q={q!r}, steps={steps!r}")
-        plan = self._plan_for(round(self.cfg.federation.batch_size / q), reply.partition)
+        n_train, cap = self.cfg.federation.batch_size / q, self.cfg.data.max_examples
+        if not n_train <= (cap or MAX_SHARD):  # inf for a subnormal q
+            limit = f"data.max_examples={cap}" if cap else f"{MAX_SHARD:g} (no data.max_examples)"
+            raise ValueError(f"dp-sample-rate {q!r} implies {n_train:g} examples, above {limit}")
+        plan = self._plan_for(round(n_train), reply.partition)
         if not math.isclose(q, plan.sample_rate, rel_tol=1e-9):
             raise ValueError(
                 f"dp-sample-rate {q!r} is not batch/n for a whole shard size n "

@@ -27,7 +27,14 @@ from fedllm.features.registry import register
 from fedllm.features.types import RoundResult
 from fedllm.model.adapters import factors_digest
 from fedllm.privacy.secagg_client import client_reply, mod
-from fedllm.privacy.secagg_common import CLEAR_KEYS, FITINS, KEY, MODES, MODULUS
+from fedllm.privacy.secagg_common import (
+    CLEAR_KEYS,
+    FITINS,
+    KEY,
+    MODES,
+    MODULUS,
+    protocol_numbers,
+)
 from fedllm.privacy.secagg_server import train_round
 from fedllm.recipe.schema import RunConfig
 from fedllm.server.exchange import say
@@ -66,6 +73,15 @@ def check_recipe(cfg: RunConfig) -> None:
             "of both updates, so each client learns the other's by subtracting its own; use at "
             "least 3"
         )
+    k, t = protocol_numbers(sa.num_shares, sa.reconstruction_threshold, n)
+    if not k < 2 * t <= 2 * k:
+        raise ValueError(
+            f"{key}: with {n} clients per round, num_shares={sa.num_shares} and "
+            f"reconstruction_threshold={sa.reconstruction_threshold} give {k} key shares and a "
+            f"threshold of {t}; it must be above half the shares and at most all of them, or "
+            "a server that reports different dropouts to different clients can unmask one "
+            "(clients refuse such a setup); e.g. reconstruction_threshold=0.67"
+        )
     if sa.quantization_range * n >= MODULUS:
         raise ValueError(
             f"{key}.quantization_range ({sa.quantization_range}) × {n} clients must stay below "
@@ -102,8 +118,11 @@ class SecureAggregation(Feature):
         context: Any,
         train: Callable[[RunConfig, RecordDict, Any], RecordDict],
     ) -> RecordDict | None:
-        if FITINS not in content.config_records:
-            return None
+        if FITINS not in content.config_records:  # a server skipping the protocol
+            raise ValueError(
+                f"{KEY}: this recipe trains every round under SecAgg+, but the server sent a "
+                "plain training message; refusing to reply with an unmasked update"
+            )
         return client_reply(cfg, content, context, train)
 
     def run_round(self, server_round: int, *, strategy: Any, grid: Any) -> RoundResult:

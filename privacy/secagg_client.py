@@ -15,7 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from flwr.common import parameters_to_ndarrays as to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
 
 from fedllm.aggregators.base import Factors
@@ -24,6 +24,7 @@ from fedllm.privacy.secagg_common import (
     CLEAR_KEYS,
     CLIPPED,
     KEY,
+    MODES,
     max_weight,
     weight_ratio,
     workflow_max_weight,
@@ -36,10 +37,41 @@ log = logging.getLogger("fedllm.secagg")
 def mod(
     msg: Message, context: Context, call_next: Callable[[Message, Context], Message]
 ) -> Message:
-    """`secaggplus_mod` for SecAgg+ messages; every other message passes through untouched."""
+    """`secaggplus_mod` for SecAgg+ messages, after `check_stage`; every other message passes
+    through untouched."""
     if RECORD_KEY_CONFIGS in msg.content.config_records:
+        check_stage(msg.content.config_records[RECORD_KEY_CONFIGS])
         return secaggplus_mod(msg, context, call_next)
     return call_next(msg, context)
+
+
+def check_stage(configs: ConfigRecord) -> None:
+    """Refuse a protocol stage with which the server could unmask this client's own update.
+
+    Flower's mod checks the types, not these: at setup, a round of fewer than 3 clients (the
+    sum of 2 gives each update away), fewer than 3 key shares, or a threshold t with 2t <= k
+    shares (the server could collect t shares of this client's mask seed from some neighbours
+    and t of its secret key from others, by telling them different dropouts); at unmasking, a
+    node named both alive and dropped (its seed share and its key share together unmask it).
+    """
+    stage = configs.get(Key.STAGE)
+    if stage == Stage.SETUP:
+        n, k, t = (
+            int(configs[key]) for key in (Key.SAMPLE_NUMBER, Key.SHARE_NUMBER, Key.THRESHOLD)
+        )
+        if n < 3 or k < 3 or not k < 2 * t <= 2 * k:
+            raise ValueError(
+                f"{KEY}: the server's SecAgg+ setup ({n} clients, {k} key shares, threshold {t}) "
+                "would let it unmask this client's update; refusing (valid: at least 3 clients "
+                "and 3 shares, and shares / 2 < threshold <= shares)"
+            )
+    elif stage == Stage.UNMASK:
+        both = set(configs[Key.ACTIVE_NODE_ID_LIST]) & set(configs[Key.DEAD_NODE_ID_LIST])
+        if both:
+            raise ValueError(
+                f"{KEY}: the server named nodes {sorted(both)} both alive and dropped; refusing "
+                "to send both shares of one node"
+            )
 
 
 def vectors(update: dict[str, Factors], mode: str, width: int) -> list[np.ndarray]:
@@ -87,8 +119,13 @@ def client_reply(
     fitins = compat.recorddict_to_fitins(content, keep_input=True)
     config = dict(fitins.config)
     keys = str(config.pop("secagg-keys")).split("\n")
-    mode, width = str(config.pop("secagg-mode")), int(config.pop("secagg-width"))
-    uniform = bool(config.pop("secagg-uniform"))
+    # what to send and how to weight it follow this client's recipe, never the server's word
+    mode, width = MODES[cfg.aggregator.name], cfg.max_rank
+    uniform = cfg.aggregator.weighting == "uniform"
+    asked = {k: config.pop(k) for k in ("secagg-mode", "secagg-width", "secagg-uniform")}
+    mine = {"secagg-mode": mode, "secagg-width": width, "secagg-uniform": uniform}
+    if asked != mine:
+        raise ValueError(f"{KEY}: the server asked for {asked}, but this recipe gives {mine}")
     arrays = to_ndarrays(fitins.parameters)
     received = ArrayRecord(
         {k: torch.from_numpy(a.copy()) for k, a in zip(keys, arrays, strict=True)}

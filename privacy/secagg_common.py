@@ -49,3 +49,21 @@ def workflow_max_weight(cfg: RunConfig) -> float:
 def weight_ratio(weight: float, max_weight: float, quantization_range: int) -> float:
     """The factor `secaggplus_mod` multiplies a client's vectors by: wᵢ/max_weight, quantized."""
     return round(weight / max_weight * quantization_range) / quantization_range
+
+
+def protocol_numbers(shares: int | float, threshold: int | float, clients: int) -> tuple[int, int]:
+    """(key shares k, threshold t) Flower's SecAgg+ setup derives for a round of `clients` from
+    the recipe's `num_shares` and `reconstruction_threshold` (its `setup_stage`, restated here so
+    a recipe is checked before any round: clients refuse a setup with 2t <= k)."""
+    if isinstance(shares, float):
+        k = round(shares * clients)
+        if k < clients and k % 2 == 0:
+            k += 1
+        if k <= 2:
+            k = clients
+    else:
+        k = shares
+    t = max(round(threshold * k), 2) if isinstance(threshold, float) else threshold
+    if clients != k and k % 2 == 0:
+        k += 1
+    return k, t

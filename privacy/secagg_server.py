@@ -95,11 +95,17 @@ class SecureRound(Strategy):
             return None, {}
         shared = results[0][1].parameters
         assert all(res.parameters is shared for _, res in results), "not a SecAgg+ aggregate"
-        replies = [(proxy.node_id, parse_reply(res.metrics)) for proxy, res in results]
+        replies, refused = self.read_replies(server_round, results)
         self.rows = [
             ClientRow(server_round, node, "ok", r, r.partition, fields=row_fields(r))
-            for node, r in replies
+            for node, r in replies.items()
         ]
+        if refused:  # its vector is in the masked sum: the mean cannot be used without it
+            self.failure = f"{KEY}: {len(refused)} masked replies were refused; round refused"
+            log.warning("round %d: %s; the global adapter is unchanged", server_round, self.failure)
+            self.refuse()
+            self.rows += refused
+            return None, {}
         clipped = sum(row.fields["secagg_clipped_entries"] for row in self.rows)
         if clipped:
             log.warning(
@@ -108,12 +114,36 @@ class SecureRound(Strategy):
                 KEY,
                 clipped,
             )
-        ranks = sum(r.rank for _, r in replies)
+        ranks = sum(r.rank for r in replies.values())
         weights = [res.num_examples for _, res in results]  # what each mod weighted by
         if self.apply(server_round, to_ndarrays(shared), total_rank=ranks, weights=weights):
-            for node, reply in replies:  # a refused round teaches the server nothing
+            for node, reply in replies.items():  # a refused round teaches the server nothing
                 self.lora.remember(node, reply)
         return None, {}
+
+    def read_replies(
+        self, server_round: int, results: list[tuple[ClientProxy, FitRes]]
+    ) -> tuple[dict[int, TrainReply], list[ClientRow]]:
+        """The readable replies by node, and a rejected row for each other one: metrics that do
+        not parse, a partition or weight the recipe or the node's earlier claims rule out
+        (`LoraStrategy.check_claims`), a partition two nodes claim. A malformed reply never
+        ends the round."""
+        lora, parsed, rows = self.lora, {}, []
+        for proxy, res in results:
+            node = proxy.node_id
+            try:
+                reply = parse_reply(res.metrics)
+                lora.check_claims(node, reply)
+            except (KeyError, TypeError, ValueError) as err:
+                log.warning("round %d: node %s sent a malformed reply: %s", server_round, node, err)
+                known = lora.node_partitions.get(node)
+                row = ClientRow(server_round, node, "rejected", partition=known)
+                row.reason, row.may_hold = f"malformed reply: {err}", tuple(lora.may_train([node]))
+                rows.append(row)
+                continue
+            parsed[node] = (reply, {})
+        lora.refuse_shared_partitions(server_round, parsed, rows)
+        return {node: reply for node, (reply, _) in parsed.items()}, rows
 
     def bound(self, weights: Sequence[float] | None = None) -> float:
         """The largest |entry| a mean of clipped client entries can have; beyond: a wrapped sum."""
@@ -139,10 +169,7 @@ class SecureRound(Strategy):
         self.failure = mean_problem(mean, self.bound(weights))
         if self.failure is not None:
             log.warning("round %d: %s; the global adapter is unchanged", server_round, self.failure)
-            self.rows = [
-                dataclasses.replace(row, status="failed", reason=self.failure) for row in self.rows
-            ]
-            return False
+            return self.refuse()
         lora, agg = self.lora, self.lora.cfg.aggregator
         arrays = iter(torch.from_numpy(a).double() for a in mean)
         new_global, new_state = {}, {}
@@ -168,8 +195,17 @@ class SecureRound(Strategy):
             g = result.global_
             new_global[module] = Factors(g.B.float(), g.A.float(), g.scaling)
             new_state[module] = result.state
-        lora.commit(server_round, new_global, new_state)
+        if (problem := lora.commit(server_round, new_global, new_state)) is not None:
+            self.failure = f"{KEY}: {problem}"  # e.g. the aggregator overflowed on the mean
+            return self.refuse()
         return True
+
+    def refuse(self) -> bool:
+        """Every row of a refused round fails with `self.failure`; False."""
+        self.rows = [
+            dataclasses.replace(row, status="failed", reason=self.failure) for row in self.rows
+        ]
+        return False
 
     # the round loop evaluates itself (LoraStrategy.configure_evaluate)
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
 import shutil
 from importlib.metadata import version
 from pathlib import Path
@@ -364,3 +365,50 @@ def test_an_adapter_from_before_cards_exports_with_a_portable_name_and_a_card(ru
     )
     assert json.loads((out / CARD_JSON).read_text())["base"]["kind"] == "tiny"
     assert (out / "README.md").is_file()
+
+
+# ---------------------------------------------------------------- what a hostile number cannot cost
+
+
+def test_a_held_out_loss_of_1e300_leaves_the_final_adapter_and_an_inf_perplexity(tmp_path):
+    """A hostile evaluation reply (nll-sum 1e300 over 1 token) makes the last round's held-out
+    loss 1e300: its perplexity is inf in the table, card and final_eval.json, never an
+    OverflowError that left no final adapter (and came back on every --resume)."""
+    cfg, run_dir, strategy, metrics = make_run(tmp_path)
+    hostile = {"kind": "eval", "round": 2, "partition": 1, "held_out_loss": 1e300}
+    metrics.write([hostile, {"kind": "server", "round": 2, "held_out_loss": 1e300}])
+    finish(cfg, strategy, metrics)
+    assert (run_dir / "final_adapter" / "adapter_model.safetensors").is_file()
+    table = json.loads((run_dir / "final_eval.json").read_text())  # Python's json: Infinity
+    ppl = {r["who"]: r["federated_ppl"] for r in table}
+    assert ppl == {
+        "client 0": pytest.approx(math.exp(4.25)),
+        "client 1": math.inf,
+        "global": math.inf,
+    }
+    card = json.loads((run_dir / "final_adapter" / CARD_JSON).read_text())
+    assert card["table"] == table
+    assert "| inf |" in (run_dir / "final_adapter" / "README.md").read_text()
+
+
+def test_the_final_adapter_is_saved_before_anything_that_only_reports(tmp_path, monkeypatch):
+    """A report that fails (here the base-vs-federated table) comes after the final and client
+    adapters are on disk: it costs the run no adapter."""
+    import fedllm.server.outputs as outputs
+
+    cfg, run_dir, strategy, metrics = make_run(tmp_path)
+
+    def broken(rows, last_round):
+        raise RuntimeError("a report failed")
+
+    monkeypatch.setattr(outputs, "final_table", broken)
+    with pytest.raises(RuntimeError, match="a report failed"):
+        finish(cfg, strategy, metrics)
+    card = json.loads((run_dir / "final_adapter" / CARD_JSON).read_text())
+    assert card["what"] == "global" and card["round"] == 2 and card["table"] == []
+    assert (run_dir / "final_adapter" / "adapter_model.safetensors").is_file()
+    assert sorted(p.name for p in (run_dir / "client_adapters").iterdir()) == [
+        "0",
+        "1",
+        "index.json",
+    ]

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from test_strategy import factors, metrics, recipe, reply, strategy
+from test_strategy import SHAPES, factors, metrics, recipe, reply, strategy
 
+from fedllm.aggregators import Factors
 from fedllm.deploy.local_grid import LocalGrid, server_identity
 from fedllm.model.adapters import to_record
 from fedllm.model.packing import LAYOUT, is_packed, pack, unpack
@@ -467,3 +468,172 @@ def test_two_nodes_claiming_one_partition_in_a_round_are_both_rejected(
         assert f"round 1: rejected node {n}: {rows[n].reason}" in caplog.text
     assert s.node_partitions == {1: 0}  # a rejected claim teaches the server nothing
     assert any(not torch.equal(s.global_[m].delta(), before[m]) for m in before)
+
+
+# -- a feature's own reply metrics, and numbers a feature's later hooks compute from a reply ------
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and r.name.startswith("fedllm.server")
+    ]
+
+
+@pytest.mark.parametrize("tail", [[1.0], math.nan, math.inf, -1.0])
+def test_a_hetlora_tail_that_is_no_finite_number_is_rejected_where_the_reply_is_read(
+    tail: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Flower's MetricRecord carries lists: `float([1.0])` in the feature's `record` (called
+    after the round trained and evaluated, before its metrics and checkpoint) ended the run and
+    lost the round. The reply is rejected in `receive`, naming the key; the round goes on."""
+    s = strategy(recipe(aggregator={"name": "hetlora"}))
+    replies = [from_content(1 + p, content_of(p, **{"hetlora-tail": 0.5 + p})) for p in range(2)]
+    replies.append(from_content(3, content_of(2, **{"hetlora-tail": tail})))
+    with caplog.at_level(logging.WARNING, logger="fedllm.server"):
+        result = s.train_round(1, replies, sampled=3)
+    server_row: dict = {"round": 1}
+    for f in s.features:  # as the round loop does next: must not raise
+        f.record(result, server_row=server_row)
+    rows = {r.node: r for r in result.rows}
+    assert rows[3].status == "rejected"
+    assert "reply metric 'hetlora-tail'" in rows[3].reason, rows[3].reason
+    assert f"round 1: node 3 sent a {rows[3].reason}" in _warnings(caplog)
+    assert [rows[n].status for n in (1, 2)] == ["ok", "ok"]
+    assert [rows[n].fields["hetlora_tail"] for n in (1, 2)] == [0.5, 1.5]
+    assert [r.to_json()["hetlora_tail"] for r in result.ok] == [0.5, 1.5]
+    assert s.node_partitions == {1: 0, 2: 1}
+
+
+def test_hostile_losses_and_time_give_the_bandit_a_bounded_reward_not_a_crash() -> None:
+    """adaptive (reward: client) learns from train-loss-first/last and train-seconds in its
+    `accepted` hook, outside the per-reply error handling. First 1, last -1e308, 0 seconds made
+    the efficiency (1 + 1e308) / 1e-6 = inf and the bandit raised, ending the run. The relative
+    gain is now at most 1 (no cross-entropy is negative) over at least 1 µs: 1e6 at
+    time_weight 1; the honest reply's (2 - 0.5) / 2 = 0.75 over 0.25 s is 3."""
+    from fedllm.constrained.bandit import Arm
+
+    s = strategy(recipe(adaptive={"ranks": [2]}))
+    (feature,) = [f for f in s.features if f.name == "adaptive"]
+    for node in (1, 2):
+        s.download(node)  # each node is given its arm (rank 2, unpruned)
+    lie = {"train-loss-first": 1.0, "train-loss-last": -1e308, "train-seconds": 0.0}
+    replies = [from_content(1, content_of(0)), from_content(2, content_of(1, **lie))]
+    result = s.train_round(1, replies, sampled=2)
+    feature.record(result, server_row={"round": 1})
+    assert [r.status for r in result.rows] == ["ok", "ok"]  # finite numbers: nothing to refuse
+    arm = feature.bandit.arms.index(Arm(2, 0.0))
+    assert feature.bandit.sums["1"][arm] == pytest.approx(3.0)
+    assert feature.bandit.sums["2"][arm] == pytest.approx(1e6)
+    assert feature.bandit.scale == pytest.approx(1e6)
+    assert all(math.isfinite(x) for sums in feature.bandit.sums.values() for x in sums)
+    s.download(1)  # and the next round's choice still works
+
+
+@pytest.mark.parametrize("aggregator", ["fedit", "squeeze"])
+def test_with_two_replies_an_update_beyond_float32_is_rejected_alone(
+    aggregator: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With fewer than three replies there is no median to screen against. A client claiming
+    rank 1 (s = α/1 = 16) with B entries of 3e38 passed, and its s·B = 4.8e39 made the
+    float32 aggregate inf for every later round. The absolute float32 bound rejects it alone;
+    the global is the honest client's update on its own."""
+    from test_strategy import GOOD, expected_global
+
+    cfg = recipe(aggregator={"name": aggregator}, lora={"alpha": 16.0})
+    s = strategy(cfg)
+    hostile = {
+        m: Factors(torch.full((d, 1), 3e38), torch.full((1, k), 0.5), 1.0)
+        for m, (d, k) in SHAPES.items()
+    }
+    replies = [reply(1, GOOD[1], metrics(0)), reply(2, hostile, metrics(1, rank=1))]
+    with caplog.at_level(logging.WARNING, logger="fedllm.server"):
+        result = s.train_round(1, replies, sampled=2)
+    rows = {r.node: r for r in result.rows}
+    assert rows[1].status == "ok" and rows[2].status == "rejected"
+    assert rows[2].reason == "q: s·B reaches 4.8e+39, beyond float32 (max 3.4e+38)"
+    assert f"round 1: rejected node 2: {rows[2].reason}" in _warnings(caplog)
+    want = expected_global(cfg, [GOOD[1]], [2], [10.0], server_round=1)
+    for m, delta in want.items():
+        torch.testing.assert_close(s.global_[m].delta(), delta, rtol=1e-5, atol=1e-6)
+
+
+def _cross(b: float, a: float) -> dict[str, Factors]:
+    return {
+        m: Factors(torch.full((d, 2), b), torch.full((2, k), a), 1.0)
+        for m, (d, k) in SHAPES.items()
+    }
+
+
+def test_an_aggregate_beyond_float32_is_refused_and_the_previous_global_kept(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each update is within float32 (s·B = 2e37, ‖s·B·A‖ ≈ 2e8), but fedit averages the
+    factors: B̄ ≈ ½·2e37 = 1e37 and Ā ≈ ½·1e37 = 5e36, so every entry of the global's ΔW is
+    2·1e37·5e36 = 1e74, no float32. Neither update can be blamed: the round is refused (both
+    rows rejected with the reason, logged), the global stays, the next round goes on."""
+    s = strategy(recipe())
+    before = {m: (f.B.clone(), f.A.clone()) for m, f in s.global_.items()}
+    replies = [
+        reply(1, _cross(1e37, 1e-30), metrics(0)),  # s = α/2 = 2: s·B = 2e37
+        reply(2, _cross(1e-30, 1e37), metrics(1)),
+    ]
+    with caplog.at_level(logging.WARNING, logger="fedllm.server"):
+        result = s.train_round(1, replies, sampled=2)
+    rows = {r.node: r for r in result.rows}
+    reason = rows[1].reason
+    assert [rows[n].status for n in (1, 2)] == ["rejected", "rejected"]
+    assert reason.startswith("aggregate refused (q: aggregate norm ‖s·B·A‖ = 4.9e+74, beyond")
+    assert reason.endswith("): the global adapter is unchanged") and rows[2].reason == reason
+    logged = _warnings(caplog)
+    assert f"round 1: {reason}" in logged
+    assert {f"round 1: rejected node {n}: {reason}" for n in (1, 2)} <= set(logged)
+    assert all(
+        torch.equal(s.global_[m].B, B) and torch.equal(s.global_[m].A, A)
+        for m, (B, A) in before.items()
+    )
+    assert result.train_loss is None and not result.ok
+    assert s.node_ranks == {} and s.node_partitions == {} and s.client_updates == {}
+    assert [r.to_json()["partition"] for r in result.rows] == [0, 1]
+    again = s.train_round(2, [honest(1, 0), honest(2, 1)], sampled=2)  # the run goes on
+    assert [r.status for r in again.rows] == ["ok", "ok"]
+    assert all(torch.isfinite(f.B).all() and torch.isfinite(f.A).all() for f in s.global_.values())
+
+
+def test_a_feature_that_makes_the_aggregate_non_finite_is_undone() -> None:
+    """The check runs again after the features' `after_aggregate`: a feature whose output is
+    not finite gets the round refused, and its own state (e.g. server momentum's velocity) is
+    put back as it was before the round."""
+    from fedllm.features.base import Feature
+
+    class Poison(Feature):
+        name = "poison"
+
+        def __init__(self, cfg) -> None:
+            super().__init__(cfg)
+            self.steps = 0
+
+        def after_aggregate(self, old, new, *, server_round):
+            self.steps += 1
+            return {m: Factors(f.B * math.inf, f.A, f.scaling) for m, f in new.items()}
+
+        def state_dict(self):
+            return {"steps": self.steps}
+
+        def load_state_dict(self, state):
+            self.steps = state["steps"]
+
+    cfg = recipe()
+    s = strategy(cfg)
+    poison = Poison(cfg)
+    s.features.append(poison)
+    before = {m: f.B.clone() for m, f in s.global_.items()}
+    result = s.train_round(1, [honest(1, 0), honest(2, 1)], sampled=2)
+    assert [r.status for r in result.rows] == ["rejected", "rejected"]
+    assert result.rows[0].reason == (
+        "aggregate refused (q: NaN or Inf in the aggregate after the features' "
+        "after_aggregate): the global adapter is unchanged"
+    )
+    assert poison.steps == 0  # its state is the one before the round
+    assert all(torch.equal(s.global_[m].B, B) for m, B in before.items())

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import stat
 from pathlib import Path
 
 import pytest
 
-from fedllm.server.metrics import METRICS, MetricsLog
+from fedllm.server.metrics import METRICS, MetricsLog, final_table, perplexity, table_markdown
 
 ROWS = [
     {"kind": "server", "round": 0, "held_out_loss": 3.0},
@@ -97,3 +98,27 @@ def test_write_flushes_and_fsyncs_the_rows(tmp_path: Path, monkeypatch: pytest.M
     synced.clear()
     log.truncate_after(0)
     assert [k for k, _ in synced] == ["file", "dir"]
+
+
+def test_the_perplexity_of_an_overflowing_loss_is_inf_never_an_error() -> None:
+    """exp(loss) overflows a float above ln(max float) ≈ 709.78. A hostile evaluation reply
+    (nll-sum 1e300 over 1 token, held-out-loss 1e300) passes the evaluation checks, so the
+    final table raised OverflowError at the end of the run, before the final adapter was saved,
+    and again on every --resume."""
+    assert perplexity(2.0) == math.exp(2.0)
+    assert perplexity(709.0) == math.exp(709.0)  # still a float
+    assert perplexity(710.0) == math.inf and perplexity(1e300) == math.inf
+    assert perplexity(-1e300) == 0.0 and math.isnan(perplexity(math.nan))
+    rows = [
+        {"kind": "eval", "round": 0, "partition": 0, "held_out_loss": 3.0},
+        {"kind": "server", "round": 0, "held_out_loss": 3.0},
+        {"kind": "eval", "round": 1, "partition": 0, "held_out_loss": 1e300},
+        {"kind": "server", "round": 1, "held_out_loss": 1e300},
+    ]
+    table = final_table(rows, 1)
+    want = {"base_loss": 3.0, "federated_loss": 1e300, "base_ppl": math.exp(3.0)}
+    want |= {"federated_ppl": math.inf, "change": 1e300 - 3.0}
+    assert table == [{"who": "client 0", **want}, {"who": "global", **want}]
+    lines = table_markdown(table).splitlines()[2:]
+    assert all(line.startswith(("| client 0 | 3.0000 |", "| global | 3.0000 |")) for line in lines)
+    assert all("| 20.09 | inf | +1000000" in line for line in lines), lines

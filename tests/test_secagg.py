@@ -690,3 +690,164 @@ def test_secure_rounds_on_a_loopback_deployment_survive_dropouts(tmp_path: Path)
     assert all(x["secure_aggregation"] == "secagg+" for x in train)
     assert "(masked)" in log
     assert not (run_dir / "client_adapters").exists()
+
+
+# -- against a hostile server, and a hostile client's clear metrics -------------------------------
+@pytest.mark.parametrize(
+    ("n", "shares", "threshold", "ok"),
+    [
+        (3, 1.0, 0.67, True),  # the defaults at 3 clients: k = 3, t = 2
+        (4, 1.0, 0.67, True),  # k = 4, t = 3
+        (4, 1.0, 0.5, False),  # k = 4, t = 2: two disjoint halves of 2 shares each
+        (5, 1.0, 0.5, False),  # k = 5, t = round(2.5) = 2
+        (4, 3, 2, True),  # the loopback deployment's: k = 3, t = 2
+    ],
+)
+def test_a_threshold_at_most_half_the_shares_is_refused(
+    n: int, shares: float, threshold: float, ok: bool
+) -> None:
+    overrides = [
+        ON,
+        "aggregator.name=ffa",
+        f"data.num_clients={n}",
+        f"lora.ranks={[2] * n}".replace(" ", ""),
+        f"privacy.secure_aggregation.num_shares={shares}",
+        f"privacy.secure_aggregation.reconstruction_threshold={threshold}",
+    ]
+    if ok:
+        load_recipe(RECIPE, overrides)
+    else:
+        with pytest.raises(ConfigError, match=r"threshold of 2; it must be above half the shares"):
+            load_recipe(RECIPE, overrides)
+
+
+def test_protocol_numbers_are_flowers() -> None:
+    from fedllm.privacy.secagg_common import protocol_numbers
+
+    # by hand from Flower's setup_stage: k = round(f·n) made odd below n, t = max(round(f·k), 2)
+    assert protocol_numbers(1.0, 0.67, 4) == (4, 3)
+    assert protocol_numbers(0.5, 0.67, 10) == (5, 3)
+    assert protocol_numbers(0.4, 0.67, 10) == (5, 3)  # round(4.0) = 4, even and < 10: 5
+    assert protocol_numbers(0.1, 0.67, 10) == (10, 7)  # k <= 2: every client
+    assert protocol_numbers(3, 2, 4) == (3, 2)
+
+
+def test_a_client_refuses_a_plain_training_message_under_secagg() -> None:
+    """A server that skips the protocol would get the raw update; the node refuses instead."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    from fedllm.privacy.secagg import SecureAggregation
+
+    cfg = secure_cfg()
+    plain = RecordDict({"config": ConfigRecord({"server-round": 1})})
+    with pytest.raises(ValueError, match="plain training message; refusing"):
+        SecureAggregation.wrap_train(cfg, plain, node_context(0), fake_train(updates(cfg)))
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("secagg-uniform", True), ("secagg-mode", "dense"), ("secagg-width", 2)]
+)
+def test_a_client_sends_what_its_recipe_says_not_what_the_server_asks(key: str, value) -> None:
+    """secagg-uniform=true would make a weighted client drop its weight from the mask and send
+    its example count in the clear; the node's own recipe decides."""
+    from flwr.common import FitIns, ndarrays_to_parameters
+    from flwr.compat.common import recorddict_compat as compat
+
+    from fedllm.privacy.secagg_client import client_reply
+
+    cfg = secure_cfg()
+    content = fitins_content(cfg)
+    fitins = compat.recorddict_to_fitins(content, keep_input=True)
+    config = {**fitins.config, key: value}
+    params = ndarrays_to_parameters([np.zeros((2, 5), np.float32)])
+    asked = compat.fitins_to_recorddict(FitIns(params, config), keep_input=True)
+    with pytest.raises(ValueError, match=r"the server asked for .* but this recipe gives"):
+        client_reply(cfg, asked, node_context(0), fake_train(updates(cfg)))
+    client_reply(cfg, content, node_context(0), fake_train(updates(cfg)))  # as asked: fine
+
+
+def setup_configs(n: int, k: int, t: int):
+    from flwr.app import ConfigRecord
+    from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
+
+    values = {Key.STAGE: Stage.SETUP, Key.SAMPLE_NUMBER: n, Key.SHARE_NUMBER: k}
+    return ConfigRecord({**values, Key.THRESHOLD: t, Key.CLIPPING_RANGE: 8.0})
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "t", "ok"),
+    [(3, 3, 2, True), (5, 5, 3, True), (2, 2, 2, False), (5, 2, 2, False), (5, 5, 2, False)],
+)
+def test_a_client_refuses_a_setup_with_which_the_server_could_unmask_it(n, k, t, ok) -> None:
+    from fedllm.privacy.secagg_client import check_stage
+
+    if ok:
+        check_stage(setup_configs(n, k, t))
+    else:
+        with pytest.raises(ValueError, match="would let it unmask this client's update"):
+            check_stage(setup_configs(n, k, t))
+
+
+def test_a_client_refuses_to_send_both_shares_of_one_node() -> None:
+    from flwr.app import ConfigRecord
+    from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
+
+    from fedllm.privacy.secagg_client import check_stage
+
+    def unmask(active: list[int], dead: list[int]) -> ConfigRecord:
+        keys = {Key.ACTIVE_NODE_ID_LIST: active, Key.DEAD_NODE_ID_LIST: dead}
+        return ConfigRecord({Key.STAGE: Stage.UNMASK, **keys})
+
+    check_stage(unmask([1, 2, 3], [4]))
+    with pytest.raises(ValueError, match=r"named nodes \[3\] both alive and dropped"):
+        check_stage(unmask([1, 2, 3], [3, 4]))
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (lambda m: m.pop("steps"), "lack 'steps'"),
+        (lambda m: m.update({"partition-id": 99}), "outside the recipe's"),
+        (lambda m: m.update({"partition-id": 0}), "claimed by nodes"),
+        (lambda m: m.update({"dp-sample-rate": 5e-324}), None),  # no DP here: an ignored extra
+    ],
+)
+def test_a_malformed_clear_reply_refuses_the_round_and_never_ends_it(change, words) -> None:
+    """Its vector is already in the masked sum, so the mean is refused (the global stays) and
+    the round ends with a row per client; before, a missing key raised out of the workflow."""
+    cfg = secure_cfg()
+    ups = updates(cfg)
+    honest = all_metrics
+
+    def metrics_of(partition: int, rank: int, examples: int) -> dict:
+        m = honest(partition, rank, examples)
+        if partition == 2:
+            change(m)
+        return m
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys.modules[__name__], "all_metrics", metrics_of)
+        result, before, after, _ = secure_round(cfg, ups)
+    statuses = {r.node: r.status for r in result.rows}
+    if words is None:
+        assert sorted(statuses.values()) == ["ok"] * 3
+        return
+    bad = [r for r in result.rows if r.status == "rejected"]
+    assert bad and all(words in r.reason for r in bad), [r.reason for r in result.rows]
+    assert all(
+        r.status == "failed" and "round refused" in r.reason for r in result.rows if r not in bad
+    )
+    assert all(after[m] is before[m] for m in SHAPES), "the previous global stays"
+
+
+def test_an_aggregate_the_strategy_refuses_fails_the_secure_rounds_rows(monkeypatch) -> None:
+    """`LoraStrategy.commit` refuses a non-finite aggregate; the SecAgg+ round says so per row."""
+    from fedllm.server.strategy import LoraStrategy
+
+    why = "aggregate refused (m1: NaN or Inf in the aggregate): the global adapter is unchanged"
+    monkeypatch.setattr(LoraStrategy, "commit", lambda self, *args: why)
+    cfg = secure_cfg()
+    result, before, after, _ = secure_round(cfg, updates(cfg))
+    assert [r.status for r in result.rows] == ["failed"] * 3
+    assert all(r.reason == f"privacy.secure_aggregation: {why}" for r in result.rows)
+    assert all(after[m] is before[m] for m in SHAPES)

@@ -4,13 +4,16 @@ bandit (as FedSpine, whose arms are rank and pruning; quantization is ours).
 No prior knowledge of the devices: every client has its own learner over the same arms, and learns
 from what its rounds cost and bought. The reward of a round is its training efficiency
 
-    relative loss gain / seconds^time_weight,    gain = max(0, (ℓ_first − ℓ_last) / ℓ_first)
+    relative loss gain / seconds^time_weight,    gain = clamp((ℓ_first − ℓ_last) / ℓ_first, 0, 1)
 
 normalised by the largest efficiency observed so far (so rewards lie in [0, 1] without knowing any
-device's speed). `ucb` is UCB1 on those normalised means; `exp3` is EXP3 (robust when devices
-change speed over time). Draws are seeded by (seed, client, play count): replays are identical.
-A round that bought nothing (a missed deadline) is a reward of 0; an arm a client cannot run at
-all (it does not fit its memory) is `forbid`den for that client and never offered to it again.
+device's speed). A gain above 1 needs a negative last loss, which no cross-entropy has; seconds
+count from 1 µs, and a reward is at most `MAX_REWARD`: whatever finite losses and time a client
+reports, its reward and the bandit's sums stay finite. `ucb` is UCB1 on those normalised means;
+`exp3` is EXP3 (robust when devices change speed over time). Draws are seeded by (seed, client,
+play count): replays are identical. A round that bought nothing (a missed deadline) is a reward
+of 0; an arm a client cannot run at all (it does not fit its memory) is `forbid`den for that
+client and never offered to it again.
 """
 
 from __future__ import annotations
@@ -33,14 +36,29 @@ class Arm:
     quantization: str = "none"  # "none", "4bit" or "8bit" (bitsandbytes)
 
 
+MIN_SECONDS = 1e-6  # a round's time counts from 1 µs (a reported 0 divides by this)
+MAX_REWARD = 1e100  # above any real reward (gain ≤ 1, ≥ 1 µs at time_weight ≤ 16); finite sums
+
+
 def efficiency(
     loss_first: float, loss_last: float, seconds: float, *, time_weight: float = 1.0
 ) -> float:
-    """Relative loss improvement of a round per (seconds ** time_weight); never negative."""
-    if not all(math.isfinite(x) for x in (loss_first, loss_last, seconds)):
+    """Relative loss improvement of a round (at most 1) per (seconds ** time_weight): in
+    [0, MAX_REWARD] for any finite input, never raises (a hostile client's numbers included);
+    0 for a non-finite one."""
+    if not all(math.isfinite(x) for x in (loss_first, loss_last, seconds, time_weight)):
         return 0.0
-    gain = max(0.0, (loss_first - loss_last) / max(abs(loss_first), 1e-12))
-    return gain / max(seconds, 1e-6) ** time_weight
+    gain = min(1.0, (loss_first - loss_last) / max(abs(loss_first), 1e-12))
+    if gain <= 0:  # the loss did not improve
+        return 0.0
+    base = max(seconds, MIN_SECONDS)
+    try:
+        rate = gain / base**time_weight
+    except OverflowError:  # base > 1: a denominator beyond the float range
+        return 0.0
+    except ZeroDivisionError:  # base < 1: a denominator that underflowed to 0
+        return MAX_REWARD
+    return min(rate, MAX_REWARD)
 
 
 class ArmBandit:

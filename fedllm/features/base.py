@@ -211,7 +211,9 @@ class Feature:
         reply: TrainReply,
         shapes: Mapping[str, tuple[int, int]],
     ) -> dict[str, Factors]:
-        """A reply's factors at the global shapes, for screening; raise ValueError to reject."""
+        """A reply's factors at the global shapes, for screening; raise ValueError to reject.
+        Check here any `reply.extra` metric a later hook reads (`types.extra_number`): `receive`
+        runs inside the round's per-reply error handling, `accepted` and `record` do not."""
         return factors
 
     def accepted(self, node: int, reply: TrainReply) -> None:

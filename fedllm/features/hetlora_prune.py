@@ -35,13 +35,21 @@ from fedllm.aggregators.hetlora import CLIENT_OPTIONS as OPTIONS
 from fedllm.features.base import Feature, Regularizer
 from fedllm.features.personal import raw_update, restore_node_state, save_node_state
 from fedllm.features.registry import register
-from fedllm.features.types import ClientPlan, ClientRound, ClientUpdate, RoundResult
+from fedllm.features.types import (
+    ClientPlan,
+    ClientRound,
+    ClientUpdate,
+    RoundResult,
+    TrainReply,
+    extra_number,
+)
 from fedllm.model.adapters import live_lora
 from fedllm.model.wire import client_options
 from fedllm.recipe.schema import RunConfig
 from fedllm.suggest import did_you_mean
 
 STATE = "hetlora-prune"  # key of {rank, tail} in the node's context.state
+TAIL = "hetlora-tail"  # the reply metric: the tail value after local training
 
 
 @dataclass(frozen=True)
@@ -230,12 +238,13 @@ def prune_reply(
     if result.pruned:
         start = {m: f.truncate(result.rank, scaling(result.rank)) for m, f in start.items()}
     state[STATE] = ConfigRecord({"rank": result.rank, "tail": result.value})
-    return result.factors, dict(start), result.rank, {"hetlora-tail": result.value}
+    return result.factors, dict(start), result.rank, {TAIL: result.value}
 
 
 @register
 class HetLoRAPrune(Feature):
-    """HetLoRA's rank self-pruning as client hooks; the server only adds the tail to its rows."""
+    """HetLoRA's rank self-pruning as client hooks; the server checks the tail a reply reports
+    and adds it to the client's row."""
 
     name = "hetlora_prune"
     order = 30  # lowers whatever rank the plan has (the bandit's comes first: `assign`)
@@ -274,7 +283,22 @@ class HetLoRAPrune(Feature):
     def metrics(self) -> dict[str, int | float]:
         return dict(getattr(self, "tail", {}))
 
+    # -- server --------------------------------------------------------------------------------
+    def receive(
+        self,
+        node: int,
+        content: RecordDict,
+        factors: dict[str, Factors],
+        *,
+        reply: TrainReply,
+        shapes: Mapping[str, tuple[int, int]],
+    ) -> dict[str, Factors]:
+        """Reject a reply whose tail value is not a finite number >= 0 (a norm product)."""
+        extra_number(reply, TAIL, minimum=0)
+        return factors
+
     def record(self, result: RoundResult, *, server_row: dict[str, Any]) -> None:
+        """Each accepted client's tail value into its row (`receive` checked it)."""
         for row in result.ok:
-            if row.reply is not None and "hetlora-tail" in row.reply.extra:
-                row.fields["hetlora_tail"] = float(row.reply.extra["hetlora-tail"])
+            if row.reply is not None and (tail := extra_number(row.reply, TAIL)) is not None:
+                row.fields["hetlora_tail"] = tail

@@ -2,7 +2,8 @@
 sent, a validated training reply, and the rows of `metrics.jsonl`.
 
 A reply's metrics are validated once (`TrainReply.parse`), inside the round's error handling;
-nothing downstream reads a string-keyed metrics dict.
+nothing downstream reads a string-keyed metrics dict. A feature's own metrics (`TrainReply.extra`)
+are checked by its `receive` hook (`extra_number`), inside that handling too.
 """
 
 from __future__ import annotations
@@ -82,6 +83,16 @@ def _number(metrics: Mapping[str, Any], key: str, kind: type, *, minimum: float 
 
 def _optional(metrics: Mapping[str, Any], key: str, kind: type, *, minimum: float = 0) -> Any:
     return _number(metrics, key, kind, minimum=minimum) if key in metrics else None
+
+
+def extra_number(
+    reply: TrainReply, key: str, kind: type = float, *, minimum: float = -math.inf
+) -> Any:
+    """A feature's own reply metric `key` (in `reply.extra`) as a finite scalar of `kind` >=
+    `minimum`, or None if the reply has none; ValueError naming the key otherwise (a list, a
+    string, NaN: Flower's records carry them all). For a feature's `receive`, so that a bad value
+    rejects its reply there instead of failing a later hook."""
+    return _optional(reply.extra, key, kind, minimum=minimum)
 
 
 CORE_KEYS = (

@@ -22,7 +22,9 @@ class SecureAggregationConfig(Strict):
         1.0, gt=0, description="key shares per client (int or fraction)"
     )
     reconstruction_threshold: int | float = Field(
-        0.5, gt=0, description="shares needed to unmask (int, or fraction of num_shares)"
+        0.67,
+        gt=0,
+        description="shares needed to unmask (int, or fraction of num_shares); above half",
     )
     clipping_range: float = Field(8.0, gt=0, description="weighted entries clipped to ±this")
     quantization_range: int = Field(2**24, ge=2, description="integer levels over the clip range")

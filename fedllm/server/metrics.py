@@ -185,13 +185,22 @@ def final_table(rows: list[dict], last_round: int) -> list[dict]:
     return table
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss): inf where that overflows a float (a loss above ~709.78, e.g. a hostile
+    client's evaluation); never raises."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
+
+
 def _row(who: str, base: float, fed: float) -> dict:
     return {
         "who": who,
         "base_loss": base,
         "federated_loss": fed,
-        "base_ppl": math.exp(base),
-        "federated_ppl": math.exp(fed),
+        "base_ppl": perplexity(base),
+        "federated_ppl": perplexity(fed),
         "change": fed - base,
     }
 

@@ -5,13 +5,21 @@ and the base-vs-federated table. Every adapter folder carries a model card (`REA
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from fedllm.aggregators import Factors, round_spec
-from fedllm.model.card import IDENTITY_MEMO, AdapterCard, BaseIdentity, base_identity, make_card
+from fedllm.model.card import (
+    IDENTITY_MEMO,
+    AdapterCard,
+    BaseIdentity,
+    base_identity,
+    make_card,
+    write_card,
+)
 from fedllm.model.card import save_adapter as save_with_card
 from fedllm.recipe.schema import RunConfig
 from fedllm.server.exchange import say
@@ -108,12 +116,13 @@ def snapshot(
 
 
 def finish(cfg: RunConfig, strategy: LoraStrategy, metrics: MetricsLog) -> Path:
-    """Save the global adapter in PEFT format with its card, the client adapters, the plot, and
-    the base-vs-federated table; close the trackers."""
+    """Save the global adapter in PEFT format with its card and the client adapters, then what
+    only reports: the base-vs-federated table (also into the final adapter's card), the plot;
+    close the trackers. The adapters come first: a report that fails never costs them (and a
+    --resume of a finished run comes straight back here)."""
     run_dir = cfg.run_dir
     rows = metrics.read()
     last = max((r["round"] for r in rows if r.get("kind") == "server"), default=0)
-    table = final_table(rows, last)  # a privacy budget may have stopped the run early
     base = run_base(cfg)
     card = make_card(
         cfg,
@@ -122,11 +131,12 @@ def finish(cfg: RunConfig, strategy: LoraStrategy, metrics: MetricsLog) -> Path:
         round=last,
         rank=_rank(strategy.global_),
         metrics=_numbers(_server_row(rows, last), ("held_out_loss", "train_loss")),
-        table=table,
         note=LOCAL_B_NOTE if round_spec(cfg.aggregator.name).local_B else "",
     )
-    save_adapter(run_dir / "final_adapter", strategy.global_, cfg, card)
+    adapter = save_adapter(run_dir / "final_adapter", strategy.global_, cfg, card)
     save_client_adapters(cfg, strategy, base=base, rows=rows)
+    table = final_table(rows, last)  # a privacy budget may have stopped the run early
+    write_card(adapter, dataclasses.replace(card, table=table))
     plot_held_out(rows, run_dir / "held_out_loss.png", title=f"{cfg.name}: held-out loss")
     (run_dir / "final_eval.json").write_text(json.dumps(table, indent=2))
     md = table_markdown(table)

@@ -21,7 +21,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedllm.aggregators.base import Aggregate, Factors, get, round_spec
 from fedllm.aggregators.per_module import map_modules
-from fedllm.aggregators.screen import screen
+from fedllm.aggregators.screen import aggregate_problem, screen
 from fedllm.features.base import Feature
 from fedllm.features.types import ClientRow, Download, EvalRow, RoundResult, TrainReply
 from fedllm.model import packing, wire
@@ -42,6 +42,11 @@ def initial_factors(
         a = (torch.rand(rank, k, generator=gen) * 2 - 1) * bound
         out[module] = Factors(torch.zeros(d, rank), a, scaling)
     return out
+
+
+def post_processes(feature: Feature) -> bool:
+    """Whether `feature` changes the aggregate (overrides `Feature.after_aggregate`)."""
+    return type(feature).after_aggregate is not Feature.after_aggregate
 
 
 class LoraStrategy(Strategy):
@@ -199,16 +204,7 @@ class LoraStrategy(Strategy):
                     f"'{key}' must be an array record, got {type(content[key]).__name__}"
                 )
         reply = TrainReply.parse(content["metrics"])
-        n, cap = self.cfg.data.num_clients, self.cfg.data.max_examples
-        if reply.partition >= n:
-            raise ValueError(f"partition-id {reply.partition} outside the recipe's [0, {n})")
-        held = self.node_partitions.get(node)
-        if held is not None and reply.partition != held:  # a node's partition-id is fixed
-            raise ValueError(f"partition-id {reply.partition}, but the node held {held} before")
-        if cap is not None and (reply.num_examples or 0) > cap:  # a weight the server can bound
-            raise ValueError(f"num-examples {reply.num_examples} above data.max_examples={cap}")
-        if self.cfg.aggregator.weighting == "examples" and reply.num_examples is None:
-            raise ValueError("no 'num-examples': aggregator.weighting=examples needs it")
+        self.check_claims(node, reply)
         scaling = self.cfg.client_scaling(reply.rank)  # α/r from the recipe, not trusted
         update = None
         for f in self.features:
@@ -228,6 +224,20 @@ class LoraStrategy(Strategy):
         if self.spec.freeze_A:  # the server's own frozen A, never one a client sent
             update = {m: self.frozen_A(m, f) for m, f in update.items()}
         return reply, update
+
+    def check_claims(self, node: int, reply: TrainReply) -> None:
+        """A reply's partition and weight against the recipe and what the node claimed before
+        (ValueError naming the key); SecAgg+ replies are checked here too."""
+        n, cap = self.cfg.data.num_clients, self.cfg.data.max_examples
+        if reply.partition >= n:
+            raise ValueError(f"partition-id {reply.partition} outside the recipe's [0, {n})")
+        held = self.node_partitions.get(node)
+        if held is not None and reply.partition != held:  # a node's partition-id is fixed
+            raise ValueError(f"partition-id {reply.partition}, but the node held {held} before")
+        if cap is not None and (reply.num_examples or 0) > cap:  # a weight the server can bound
+            raise ValueError(f"num-examples {reply.num_examples} above data.max_examples={cap}")
+        if self.cfg.aggregator.weighting == "examples" and reply.num_examples is None:
+            raise ValueError("no 'num-examples': aggregator.weighting=examples needs it")
 
     def frozen_A(self, module: str, f: Factors) -> Factors:
         """`f` with the global A's first rows (zero where a pruned client has zero columns)."""
@@ -268,6 +278,7 @@ class LoraStrategy(Strategy):
         for row in rows:  # after every readable reply has taught its node's partition
             if row.status == "rejected" and row.reply is None:
                 row.may_hold = tuple(self.may_train([row.node]))
+        known = dict(self.node_ranks), dict(self.node_partitions), set(self.seen)
         accepted = self.screen(server_round, parsed, rows)
         result = RoundResult(sampled=sampled, rows=rows, replies=len(replies))
         if not accepted:
@@ -277,7 +288,15 @@ class LoraStrategy(Strategy):
         inputs = [parsed[n][1] for n in accepted]
         for f in self.features:  # e.g. coverage weights for pruned clients, the DP release
             inputs, weights = f.release(accepted, inputs, weights, global_=self.global_)
-        self.commit(server_round, *self.aggregate(server_round, inputs, weights))
+        refused = self.commit(server_round, *self.aggregate(server_round, inputs, weights))
+        if refused is not None:  # every accepted update is in it: none can be told to blame
+            for row in rows:
+                if row.status == "ok":
+                    log.warning("round %d: rejected node %s: %s", server_round, row.node, refused)
+                    row.status, row.reason = "rejected", refused
+            # a refused round teaches the server nothing (the ranks and partitions it claimed)
+            self.node_ranks, self.node_partitions, self.seen = known
+            return result
         for n in accepted if not self.private else []:  # a private run keeps none
             reply, update = parsed[n]
             self.client_updates[reply.partition] = (server_round, update)
@@ -367,11 +386,29 @@ class LoraStrategy(Strategy):
         server_round: int,
         new_global: dict[str, Factors],
         new_state: dict[str, dict[str, torch.Tensor]],
-    ) -> None:
-        """Keep an aggregate as the new global, after the features' post-processing."""
-        for f in self.features:
-            new_global = f.after_aggregate(self.global_, new_global, server_round=server_round)
+    ) -> str | None:
+        """Keep an aggregate as the new global, after the features' post-processing; None.
+
+        An aggregate with NaN or Inf (or beyond float32's range: `aggregate_problem`), from the
+        aggregator or after a feature's `after_aggregate`, is refused: the previous global, the
+        aggregator's state and the post-processing features' state stay, and the reason is
+        logged and returned. Kept, it would ruin every later round."""
+        problem = aggregate_problem(new_global, new_state)
+        if problem is None:
+            post = [f for f in self.features if post_processes(f)]
+            before = [f.state_dict() for f in post]  # e.g. server momentum's velocity
+            for f in self.features:
+                new_global = f.after_aggregate(self.global_, new_global, server_round=server_round)
+            if (problem := aggregate_problem(new_global)) is not None:
+                problem += " after the features' after_aggregate"
+                for f, state in zip(post, before, strict=True):
+                    f.load_state_dict(state)
+        if problem is not None:
+            why = f"aggregate refused ({problem}): the global adapter is unchanged"
+            log.warning("round %d: %s", server_round, why)
+            return why
         self.global_, self.agg_state = new_global, new_state
+        return None
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
