@@ -43,6 +43,7 @@ from fedllm.privacy.secagg_common import (
     weight_ratio,
     workflow_max_weight,
 )
+from fedllm.server.replies import check_claims, refuse_shared_partitions
 
 if TYPE_CHECKING:
     from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
@@ -126,14 +127,14 @@ class SecureRound(Strategy):
     ) -> tuple[dict[int, TrainReply], list[ClientRow]]:
         """The readable replies by node, and a rejected row for each other one: metrics that do
         not parse, a partition or weight the recipe or the node's earlier claims rule out
-        (`LoraStrategy.check_claims`), a partition two nodes claim. A malformed reply never
+        (`fedllm.server.replies.check_claims`), a partition two nodes claim. A malformed reply never
         ends the round."""
         lora, parsed, rows = self.lora, {}, []
         for proxy, res in results:
             node = proxy.node_id
             try:
                 reply = parse_reply(res.metrics)
-                lora.check_claims(node, reply)
+                check_claims(reply, cfg=lora.cfg, held=lora.node_partitions.get(node))
             except (KeyError, TypeError, ValueError) as err:
                 log.warning("round %d: node %s sent a malformed reply: %s", server_round, node, err)
                 known = lora.node_partitions.get(node)
@@ -142,7 +143,7 @@ class SecureRound(Strategy):
                 rows.append(row)
                 continue
             parsed[node] = (reply, {})
-        lora.refuse_shared_partitions(server_round, parsed, rows)
+        refuse_shared_partitions(server_round, parsed, rows)
         return {node: reply for node, (reply, _) in parsed.items()}, rows
 
     def bound(self, weights: Sequence[float] | None = None) -> float:

@@ -27,6 +27,7 @@ from fedllm.features.types import ClientRow, Download, EvalRow, RoundResult, Tra
 from fedllm.model import packing, wire
 from fedllm.recipe.schema import RunConfig
 from fedllm.server.evaluation import evaluation_panel, read_evaluations
+from fedllm.server.replies import check_claims, frozen_A, refuse_shared_partitions
 
 log = logging.getLogger("fedllm.server")
 
@@ -204,7 +205,7 @@ class LoraStrategy(Strategy):
                     f"'{key}' must be an array record, got {type(content[key]).__name__}"
                 )
         reply = TrainReply.parse(content["metrics"])
-        self.check_claims(node, reply)
+        check_claims(reply, cfg=self.cfg, held=self.node_partitions.get(node))
         scaling = self.cfg.client_scaling(reply.rank)  # α/r from the recipe, not trusted
         update = None
         for f in self.features:
@@ -222,30 +223,8 @@ class LoraStrategy(Strategy):
         if any(f.rank != reply.rank for f in update.values()):
             raise ValueError(f"claims rank {reply.rank} but sent factors of other ranks")
         if self.spec.freeze_A:  # the server's own frozen A, never one a client sent
-            update = {m: self.frozen_A(m, f) for m, f in update.items()}
+            update = {m: frozen_A(self.global_, m, f) for m, f in update.items()}
         return reply, update
-
-    def check_claims(self, node: int, reply: TrainReply) -> None:
-        """A reply's partition and weight against the recipe and what the node claimed before
-        (ValueError naming the key); SecAgg+ replies are checked here too."""
-        n, cap = self.cfg.data.num_clients, self.cfg.data.max_examples
-        if reply.partition >= n:
-            raise ValueError(f"partition-id {reply.partition} outside the recipe's [0, {n})")
-        held = self.node_partitions.get(node)
-        if held is not None and reply.partition != held:  # a node's partition-id is fixed
-            raise ValueError(f"partition-id {reply.partition}, but the node held {held} before")
-        if cap is not None and (reply.num_examples or 0) > cap:  # a weight the server can bound
-            raise ValueError(f"num-examples {reply.num_examples} above data.max_examples={cap}")
-        if self.cfg.aggregator.weighting == "examples" and reply.num_examples is None:
-            raise ValueError("no 'num-examples': aggregator.weighting=examples needs it")
-
-    def frozen_A(self, module: str, f: Factors) -> Factors:
-        """`f` with the global A's first rows (zero where a pruned client has zero columns)."""
-        A = self.global_[module].A if module in self.global_ else None
-        if A is None or A.shape[0] < f.rank or A.shape[1] != f.A.shape[1]:
-            return f  # not a slice of the global A: the aggregator's own check refuses it
-        cols = (f.A != 0).any(dim=0, keepdim=True)
-        return Factors(f.B, A[: f.rank].to(f.A.dtype) * cols, f.scaling)
 
     def remember(self, node: int, reply: TrainReply) -> None:
         """What the server learns of a node from a reply: its rank and its partition."""
@@ -274,7 +253,7 @@ class LoraStrategy(Strategy):
                 known = self.node_partitions.get(node)
                 row = ClientRow(server_round, node, "rejected", partition=known, reason=reason)
                 rows.append(row)
-        self.refuse_shared_partitions(server_round, parsed, rows)
+        refuse_shared_partitions(server_round, parsed, rows)
         for row in rows:  # after every readable reply has taught its node's partition
             if row.status == "rejected" and row.reply is None:
                 row.may_hold = tuple(self.may_train([row.node]))
@@ -305,26 +284,6 @@ class LoraStrategy(Strategy):
         if losses:
             result.train_loss = sum(w * x for w, x in losses) / sum(w for w, _ in losses)
         return result
-
-    def refuse_shared_partitions(
-        self,
-        server_round: int,
-        parsed: dict[int, tuple[TrainReply, dict[str, Factors]]],
-        rows: list[ClientRow],
-    ) -> None:
-        """Reject every reply of a partition two nodes claim in one round: one of them lies,
-        or two SuperNodes were started with the same partition-id; neither can be told apart."""
-        claims: dict[int, list[int]] = {}
-        for node, (reply, _) in parsed.items():
-            claims.setdefault(reply.partition, []).append(node)
-        for pid, nodes in claims.items():
-            if len(nodes) < 2:
-                continue
-            reason = f"partition-id {pid} claimed by nodes {sorted(nodes)} in one round"
-            for node in nodes:
-                log.warning("round %d: rejected node %s: %s", server_round, node, reason)
-                reply, _ = parsed.pop(node)
-                rows.append(ClientRow(server_round, node, "rejected", reply, pid, reason))
 
     def weight(self, reply: TrainReply) -> float:
         """A reply's aggregation weight: 1, or its example count (checked in `read_reply`)."""

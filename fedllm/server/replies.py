@@ -1,0 +1,60 @@
+"""Checks of what a training reply claims, as plain functions: its partition and weight against
+the recipe and the node's earlier replies, one partition per node in a round, and FFA's frozen A
+(the server's own, never the one a client sent). `LoraStrategy.read_reply` and the SecAgg+ round
+(`privacy/secagg_server.py`) both use them; a ValueError is a rejection with its reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from fedllm.aggregators.base import Factors
+from fedllm.features.types import ClientRow, TrainReply
+from fedllm.recipe.schema import RunConfig
+
+log = logging.getLogger("fedllm.server")
+
+
+def check_claims(reply: TrainReply, *, cfg: RunConfig, held: int | None) -> None:
+    """A reply's partition and weight against the recipe and the partition the node held
+    before (`held`, None if unknown); ValueError naming the key."""
+    n, cap = cfg.data.num_clients, cfg.data.max_examples
+    if reply.partition >= n:
+        raise ValueError(f"partition-id {reply.partition} outside the recipe's [0, {n})")
+    if held is not None and reply.partition != held:  # a node's partition-id is fixed
+        raise ValueError(f"partition-id {reply.partition}, but the node held {held} before")
+    if cap is not None and (reply.num_examples or 0) > cap:  # a weight the server can bound
+        raise ValueError(f"num-examples {reply.num_examples} above data.max_examples={cap}")
+    if cfg.aggregator.weighting == "examples" and reply.num_examples is None:
+        raise ValueError("no 'num-examples': aggregator.weighting=examples needs it")
+
+
+def refuse_shared_partitions(
+    server_round: int,
+    parsed: dict[int, tuple[TrainReply, dict[str, Factors]]],
+    rows: list[ClientRow],
+) -> None:
+    """Move every reply of a partition two nodes claim in one round from `parsed` to a rejected
+    row: one of them lies, or two SuperNodes were started with the same partition-id; neither
+    can be told apart."""
+    claims: dict[int, list[int]] = {}
+    for node, (reply, _) in parsed.items():
+        claims.setdefault(reply.partition, []).append(node)
+    for pid, nodes in claims.items():
+        if len(nodes) < 2:
+            continue
+        reason = f"partition-id {pid} claimed by nodes {sorted(nodes)} in one round"
+        for node in nodes:
+            log.warning("round %d: rejected node %s: %s", server_round, node, reason)
+            reply, _ = parsed.pop(node)
+            rows.append(ClientRow(server_round, node, "rejected", reply, pid, reason))
+
+
+def frozen_A(global_: Mapping[str, Factors], module: str, f: Factors) -> Factors:
+    """`f` with the global A's first rows (zero where a pruned client has zero columns)."""
+    A = global_[module].A if module in global_ else None
+    if A is None or A.shape[0] < f.rank or A.shape[1] != f.A.shape[1]:
+        return f  # not a slice of the global A: the aggregator's own check refuses it
+    cols = (f.A != 0).any(dim=0, keepdim=True)
+    return Factors(f.B, A[: f.rank].to(f.A.dtype) * cols, f.scaling)
