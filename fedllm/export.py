@@ -19,15 +19,14 @@ from fedllm.model.card import (
     CARD_JSON,
     README,
     AdapterCard,
-    base_identity,
     make_card,
     read_card,
     render_card,
     resolve_adapter_base,
-    write_atomic,
     write_card,
 )
-from fedllm.model.loading import DTYPES
+from fedllm.model.identity import base_identity
+from fedllm.model.loading import DTYPES, write_atomic
 from fedllm.recipe import RunConfig, load_recipe
 
 PERSONAL = Path("clients") / "{client}" / "personal_adapter"

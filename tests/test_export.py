@@ -26,14 +26,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from fedllm.aggregators import Factors
 from fedllm.cli import main
 from fedllm.model.base import adapter_shapes, prepare_base_model
-from fedllm.model.card import (
-    CARD_JSON,
-    IDENTITY_MEMO,
-    base_identity,
-    make_card,
-    resolve_adapter_base,
-    save_adapter,
-)
+from fedllm.model.card import CARD_JSON, make_card, resolve_adapter_base, save_adapter
+from fedllm.model.identity import IDENTITY_MEMO, base_identity
 from fedllm.model.loading import embedded_gguf_path
 from fedllm.recipe import load_recipe
 from fedllm.server.metrics import MetricsLog
@@ -220,7 +214,7 @@ def test_the_embedded_base_is_named_by_package_version_and_gguf_hash(tmp_path, m
     def no_rehash(path: Path, **_) -> str:
         raise AssertionError(f"{path} hashed again: the memo should have answered")
 
-    monkeypatch.setattr("fedllm.model.card.file_sha256", no_rehash)
+    monkeypatch.setattr("fedllm.model.identity.file_sha256", no_rehash)
     assert base_identity(cfg, memo=memo) == identity
 
 

@@ -39,7 +39,8 @@ from fedllm.features.base import Feature
 from fedllm.features.registry import register
 from fedllm.features.types import ClientRound, ClientUpdate
 from fedllm.model.adapters import PEFT_PREFIX
-from fedllm.model.card import IDENTITY_MEMO, base_identity, make_card, save_adapter
+from fedllm.model.card import make_card, save_adapter
+from fedllm.model.identity import IDENTITY_MEMO, base_identity
 from fedllm.model.wire import LOCAL_B
 
 if TYPE_CHECKING:

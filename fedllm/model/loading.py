@@ -66,6 +66,19 @@ def cache_root(cache_dir: Path | None = None) -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "fedllm"
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename (readers never see half)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 @contextmanager
 def atomic_folder(final: Path, *, is_complete: Callable[[Path], bool]) -> Iterator[Path]:
     """Yield a temp folder next to ``final``, then rename it into place in one atomic step.

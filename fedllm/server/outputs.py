@@ -12,15 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from fedllm.aggregators import Factors, round_spec
-from fedllm.model.card import (
-    IDENTITY_MEMO,
-    AdapterCard,
-    BaseIdentity,
-    base_identity,
-    make_card,
-    write_card,
-)
+from fedllm.model.card import AdapterCard, make_card, write_card
 from fedllm.model.card import save_adapter as save_with_card
+from fedllm.model.identity import IDENTITY_MEMO, BaseIdentity, base_identity
 from fedllm.recipe.schema import RunConfig
 from fedllm.server.exchange import say
 from fedllm.server.metrics import MetricsLog, final_table, plot_held_out, table_markdown
