@@ -44,8 +44,13 @@ def interval_text(values: dict[int, float]) -> str:
 
 
 def diff_text(a: dict[int, float], b: dict[int, float]) -> str:
+    """The paired difference and its verdict; '(n seeds)' when fewer seeds are shared than
+    either method has (the others' intervals are wider or narrower than this one's)."""
     d = paired(a, b)
-    return "—" if d is None else f"{d.text(signed=True)} {verdict(d)}"
+    if d is None:
+        return "—"
+    fewer = f" ({d.n} seeds)" if 2 <= d.n < max(len(a), len(b)) else ""
+    return f"{d.text(signed=True)} {verdict(d)}{fewer}"
 
 
 def regime_tables(rows: list[dict], regime: str, pairs: Sequence[tuple[str, str]]) -> list[str]:

@@ -107,3 +107,13 @@ def test_report_pairs_each_method_with_fedit_and_local_only(tmp_path: Path) -> N
     assert "n/a (B on clients)" in fedsa  # the server's adapter is not what fedsa clients use
     assert "| squeeze − fedit | -0.1000 ± 0.0248 better |" in md
     assert len((tmp_path / "q-rows.csv").read_text().splitlines()) == 1 + 12 * 3
+
+
+def test_a_difference_on_fewer_seeds_than_its_methods_have_says_how_many() -> None:
+    from _quality_report import diff_text
+
+    three, two = {0: 3.10, 1: 3.20, 2: 3.90}, {0: 3.15, 1: 3.24}
+    # by hand: differences -0.05, -0.04: mean -0.045, sd 0.00707, t(0.975, 1) = 12.706: ± 0.0635
+    assert diff_text(three, two) == "-0.0450 ± 0.0635 tie (2 seeds)"
+    assert diff_text(three, {0: 3.0, 1: 3.1, 2: 3.8}).endswith("worse")  # 3 of 3: no count
+    assert diff_text(three, {5: 3.0}) == "—"
