@@ -21,9 +21,14 @@ class Account:
     def __init__(self, *, delta: float, accountant: str, budget: float | None, mode: str) -> None:
         self.delta, self.budget, self.mode = delta, budget, mode
         self.ledger = PrivacyLedger(delta=delta, accountant=accountant)
+        # the charge of the round about to run, as planned before its clients were asked: saved
+        # with the pending checkpoint, so a resume charges exactly it (not the resumed recipe's)
+        self.pending: dict[str, tuple[float, float, int]] = {}
 
     def stop(self, server_round: int, plan: Mapping[str, tuple[float, float, int]]) -> str | None:
-        """Why round `server_round` (charging `plan`: key -> (σ, q, steps)) must not run."""
+        """Why round `server_round` (charging `plan`: key -> (σ, q, steps)) must not run; the
+        plan is kept as the pending charge (`charge_pending`)."""
+        self.pending = {key: (float(s), float(q), int(n)) for key, (s, q, n) in plan.items()}
         if self.budget is None:
             return None
         after = self.ledger.epsilon_if(plan)
@@ -42,8 +47,17 @@ class Account:
     def progress(self) -> str:
         return f"; ε={self.ledger.epsilon():.3f} (δ={self.delta:g})"
 
+    def charge_pending(self) -> bool:
+        """Charge the round planned last (a round lost to a crash, on --resume) exactly as it was
+        planned: the noise its clients trained with, whatever the resumed recipe now derives.
+        False if the checkpoint holds no plan (one written before fedllm kept it)."""
+        for key, (sigma, q, steps) in self.pending.items():
+            self.ledger.record(key, noise_multiplier=sigma, sample_rate=q, steps=steps)
+        return bool(self.pending)
+
     def state_dict(self) -> dict[str, Any]:
-        return {"ledger": self.ledger.state_dict()}
+        pending = {key: list(charge) for key, charge in self.pending.items()}
+        return {"ledger": self.ledger.state_dict(), "pending": pending}
 
     def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
         if state is None:
@@ -52,3 +66,5 @@ class Account:
                 f"privacy.mode={self.mode!r} would not count the rounds already run"
             )
         self.ledger.load_state_dict(state["ledger"])
+        pending = state.get("pending") or {}
+        self.pending = {key: (float(s), float(q), int(n)) for key, (s, q, n) in pending.items()}

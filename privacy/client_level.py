@@ -114,10 +114,12 @@ class ClientLevel(Feature):
         return self.account.stop(server_round, {FEDERATION: (self.seen_z, 1.0, 1)})
 
     def lost_round(self, server_round: int, *, partitions: Sequence[int], sampled: int) -> None:
-        """Charge the lost round as a finished one (its updates may have reached the server)."""
-        self.account.ledger.record(
-            FEDERATION, noise_multiplier=self.seen_z, sample_rate=1.0, steps=1
-        )
+        """Charge the lost round as a finished one (its updates may have reached the server), at
+        the noise planned for it before its clients trained."""
+        if not self.account.charge_pending():  # a checkpoint from before the plan was kept
+            self.account.ledger.record(
+                FEDERATION, noise_multiplier=self.seen_z, sample_rate=1.0, steps=1
+            )
 
     def release(
         self,

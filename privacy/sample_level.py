@@ -142,8 +142,11 @@ class SampleLevelDP(Feature):
         return self.account.stop(server_round, plan)
 
     def lost_round(self, server_round: int, *, partitions: Sequence[int], sampled: int) -> None:
-        """Charge every partition that may have trained in the lost round at its plan."""
-        for pid in partitions:
+        """Charge every partition that may have trained in the lost round at its plan (the one
+        made before its clients trained, saved with the pending checkpoint)."""
+        if self.account.charge_pending():
+            return
+        for pid in partitions:  # a checkpoint from before the plan was kept
             self._charge_at_plan(pid)
 
     def _charge_at_plan(self, pid: int) -> None:

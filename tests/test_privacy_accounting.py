@@ -225,3 +225,37 @@ def test_dp_run_reports_accountant_epsilon_stops_at_budget_and_resumes(tmp_path:
     assert {r["partition"] for r in third} == {0, 1}
     for r in third:  # continues from the saved ledger (from zero it would be eps(p, 1))
         assert r["epsilon"] == pytest.approx(eps(r["partition"], 3), rel=1e-9)
+
+
+def test_a_lost_round_is_charged_at_the_noise_planned_for_it_not_the_resumed_recipes() -> None:
+    """A round lost to a crash is charged on --resume. Resumed with federation.rounds=20 (was
+    10), a target ε derives a larger z: charging the lost round at it would under-count the
+    noise its clients released. The plan made before it ran is saved and charged instead."""
+    from fedllm.privacy.client_level import ClientLevel
+    from fedllm.recipe import build_config
+
+    def recipe(rounds: int):
+        return build_config(
+            {
+                "data": {"num_clients": 4},
+                "aggregator": {"name": "svd", "weighting": "uniform"},
+                "privacy": {"mode": "client", "target_epsilon": 8.0, "delta": 1e-5},
+                "federation": {"rounds": rounds},
+            }
+        )
+
+    first = ClientLevel(recipe(10))
+    assert first.before_round(3, partitions=[0, 1, 2, 3], sampled=4) is None
+    state = first.state_dict()  # what the pending checkpoint holds
+    resumed = ClientLevel(recipe(20))
+    assert resumed.seen_z > first.seen_z  # the resumed recipe would charge less per round
+    resumed.load_state_dict(state)
+    resumed.lost_round(3, partitions=[0, 1, 2, 3], sampled=4)
+    spent = resumed.account.ledger.epsilon()
+    assert spent == pytest.approx(
+        epsilon(noise_multiplier=first.seen_z, sample_rate=1.0, steps=1, delta=1e-5)
+    )
+    older = ClientLevel(recipe(20))  # a checkpoint written before the plan was kept
+    older.load_state_dict({k: v for k, v in state.items() if k != "pending"})
+    older.lost_round(3, partitions=[0, 1, 2, 3], sampled=4)
+    assert older.account.ledger.epsilon() < spent

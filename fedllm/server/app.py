@@ -127,7 +127,11 @@ class Run:
         return row, [r.to_json() for r in rows]
 
     def stop_reason(self, server_round: int) -> str | None:
-        """Why `server_round` must not run (a feature's budget), or None."""
+        """Why `server_round` must not run (a feature's budget), or None. Otherwise the round is
+        marked pending with the partitions that may train in it (after waiting for restarting
+        nodes, so the sample is the one the round will ask)."""
+        if (grace := self.cfg.federation.node_grace) > 0:  # a restarting node may rejoin first
+            wait_for_nodes(self.grid, self.cfg.data.num_clients, timeout=grace)
         nodes = self.strategy.sample(server_round, self.grid)
         partitions = self.strategy.may_train(nodes)
         for f in self.features:
@@ -140,8 +144,6 @@ class Run:
     def train(self, server_round: int) -> RoundResult:
         """One training round: a feature's own exchange (SecAgg+), else the plain one."""
         s, label = self.strategy, f"round {server_round}/{self.cfg.federation.rounds} train"
-        if (grace := self.cfg.federation.node_grace) > 0:  # a restarting node may rejoin first
-            wait_for_nodes(self.grid, self.cfg.data.num_clients, timeout=grace)
         for f in self.features:
             result = f.run_round(server_round, strategy=s, grid=self.grid)
             if result is not None:
