@@ -92,6 +92,7 @@ class Run:
             for f in self.features:
                 f.lost_round(lost["round"], partitions=lost["partitions"], sampled=lost["sampled"])
             say(f"round {lost['round']} was interrupted after its clients were asked to train")
+            self.save(state["round"])  # the charge on disk now, even if this run stops at once
         self.metrics.truncate_after(state["round"])
         say(
             f"resuming {self.cfg.name} after round {state['round']} of {self.cfg.federation.rounds}"
