@@ -136,6 +136,19 @@ def test_tensorboard_event_files_hold_every_round(tmp_path: Path) -> None:
     assert [(e.step, e.value) for e in events.Scalars("client_0/held_out_loss")] == [(0, 5.0)]
 
 
+def test_a_half_written_ids_file_is_a_fresh_start_not_a_failed_resume(tmp_path: Path) -> None:
+    from fedllm.server.trackers import load_ids
+
+    path = tmp_path / IDS
+    assert load_ids(path) == {}
+    path.write_text('{"mlflow": "ab')  # a crash mid-write (it is written atomically now)
+    assert load_ids(path) == {}
+    path.write_text('["not", "a", "table"]')
+    assert load_ids(path) == {}
+    path.write_text('{"mlflow": "abc"}')
+    assert load_ids(path) == {"mlflow": "abc"}
+
+
 def test_mlflow_store_holds_the_metric_per_round_and_a_resume_continues_the_run(tmp_path):
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
+from fedllm.model.loading import write_atomic
 from fedllm.recipe.checks import ConfigError
 from fedllm.recipe.schema import RunConfig
 from fedllm.recipe.schema_output import MlflowTracker, TensorBoardTracker, WandbTracker
@@ -191,6 +192,16 @@ def _params(cfg: RunConfig) -> list:
     return [Param(k, str(v)[:500]) for k, v in sorted(flat.items())]
 
 
+def load_ids(path: Path) -> dict[str, str]:
+    """The trackers' run ids of an earlier attempt ({} if none; a file a crash left half-written
+    is a fresh start, not a failed resume: it is written atomically since)."""
+    try:
+        ids = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        return {}
+    return ids if isinstance(ids, dict) else {}
+
+
 def open_trackers(cfg: RunConfig) -> list[Sink]:
     """The sinks the recipe names (none: an empty list, and nothing imported)."""
     trackers = cfg.output.trackers
@@ -199,7 +210,7 @@ def open_trackers(cfg: RunConfig) -> list[Sink]:
     check_trackers(cfg)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     ids_path = cfg.run_dir / IDS
-    ids: dict[str, str] = json.loads(ids_path.read_text()) if ids_path.is_file() else {}
+    ids = load_ids(ids_path)
     sinks: list[Sink] = []
     if trackers.tensorboard is not None:
         sinks.append(TensorBoardSink(cfg, trackers.tensorboard))
@@ -207,5 +218,5 @@ def open_trackers(cfg: RunConfig) -> list[Sink]:
         sinks.append(MlflowSink(cfg, trackers.mlflow, ids))
     if trackers.wandb is not None:
         sinks.append(WandbSink(cfg, trackers.wandb, ids))
-    ids_path.write_text(json.dumps(ids, indent=2))
+    write_atomic(ids_path, json.dumps(ids, indent=2))
     return sinks
