@@ -223,7 +223,7 @@ def charge(rnd: ClientRound, rules: NodeRules) -> float:
     else:
         sigma, q, steps = _dp_sgd_round(rnd, rules)
     # a resumed simulation's node (or a restarted SuperNode) has empty state: the ledger it wrote
-    restore_node_state(rnd, LEDGER_KEY, uncovered=False)
+    restore_node_state(rnd, LEDGER_KEY, uncovered=False, strict=True)
     ledger, rounds = load_ledger(rnd.state, cfg)
     after = ledger.epsilon_if({NODE: (sigma, q, steps)})
     if rules.max_epsilon is not None and after > rules.max_epsilon:
@@ -236,7 +236,7 @@ def charge(rnd: ClientRound, rules: NodeRules) -> float:
         )
     ledger.record(NODE, noise_multiplier=sigma, sample_rate=q, steps=steps)
     save_ledger(rnd.state, ledger, [*rounds, rnd.server_round])
-    save_node_state(rnd, LEDGER_KEY, uncovered=False)
+    save_node_state(rnd, LEDGER_KEY, uncovered=False, strict=True)
     return after
 
 

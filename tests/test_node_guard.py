@@ -178,7 +178,11 @@ def test_a_node_with_empty_state_goes_on_from_the_ledger_it_wrote(tmp_path: Path
     assert load_ledger(fresh, other)[1] == [4]
     own = {**node, "personal-dir": str(tmp_path / "org0")}  # a SuperNode's own folder
     guard_round(cfg, own, state=RecordDict(), rnd=1)
-    assert (tmp_path / "org0" / "node_state" / f"{LEDGER_KEY}.json").is_file()
+    written = tmp_path / "org0" / "node_state" / f"{LEDGER_KEY}.json"
+    assert written.is_file()
+    written.write_text('{"fingerprint": "')  # torn or tampered: the ledger fails closed
+    with pytest.raises(ValueError, match="cannot read .* refusing to train"):
+        guard_round(cfg, own, state=RecordDict(), rnd=2)
 
 
 def test_every_dp_sgd_round_is_charged_even_without_rules() -> None:

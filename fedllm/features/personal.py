@@ -109,11 +109,14 @@ def node_state_dir(rnd: ClientRound, *, uncovered: bool) -> Path | None:
     return client_dir(rnd.cfg, rnd.partition, rnd.node_config) / NODE_STATE
 
 
-def save_node_state(rnd: ClientRound, key: str, *, uncovered: bool) -> Path | None:
+def save_node_state(
+    rnd: ClientRound, key: str, *, uncovered: bool, strict: bool = False
+) -> Path | None:
     """Write `rnd.state[key]` (arrays as `<key>.safetensors`, a config record as `<key>.json`)
     into `node_state_dir`, atomically, with the recipe's fingerprint and the round; returns the
     file, or None where it is not kept. A folder it cannot write is a warning, not an error: the
-    node trains on, and only a resume would start that state afresh."""
+    node trains on, and only a resume would start that state afresh; `strict` (a privacy
+    ledger, which must not start afresh) makes it an error."""
     record, folder = rnd.state.get(key), node_state_dir(rnd, uncovered=uncovered)
     if folder is None or not isinstance(record, ArrayRecord | ConfigRecord):
         return None
@@ -128,8 +131,15 @@ def save_node_state(rnd: ClientRound, key: str, *, uncovered: bool) -> Path | No
             save_file(tensors, str(tmp), metadata=meta)
         else:
             tmp.write_text(json.dumps({**meta, "state": dict(record)}))
+        with tmp.open("rb") as f:  # on disk before the rename, so a crash leaves old or new
+            os.fsync(f.fileno())
         os.replace(tmp, path)  # never half a file, even if the node dies while writing
     except OSError as err:
+        if strict:
+            raise OSError(
+                f"client {rnd.partition}: cannot keep {key} in {folder} ({err}); refusing to "
+                f"train without it (give the SuperNode a writable --node-config {NODE_KEY})"
+            ) from err
         log.warning(
             "client %d: cannot keep %s in %s (%s); a resumed run would start it afresh (give "
             "the SuperNode a writable folder with --node-config %s=<folder>)",
@@ -143,10 +153,13 @@ def save_node_state(rnd: ClientRound, key: str, *, uncovered: bool) -> Path | No
     return path
 
 
-def restore_node_state(rnd: ClientRound, key: str, *, uncovered: bool) -> bool:
+def restore_node_state(
+    rnd: ClientRound, key: str, *, uncovered: bool, strict: bool = False
+) -> bool:
     """Put `rnd.state[key]` back from what this client wrote (`save_node_state`) if its state
     has none (a live node's state wins); True if restored. A file of another recipe, or one
-    that cannot be read, is skipped with a warning: the feature starts afresh, as without it."""
+    that cannot be read, is skipped with a warning: the feature starts afresh, as without it;
+    with `strict` (a privacy ledger) a file that cannot be read is an error instead."""
     folder = node_state_dir(rnd, uncovered=uncovered)
     if key in rnd.state or folder is None:
         return False
@@ -163,6 +176,11 @@ def restore_node_state(rnd: ClientRound, key: str, *, uncovered: bool) -> bool:
             meta = json.loads(path.read_text())
             record = ConfigRecord(meta["state"])
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
+        if strict:
+            raise ValueError(
+                f"client {rnd.partition}: cannot read {path} ({err}); refusing to train rather "
+                f"than start {key} afresh (restore the file, or remove it to start over)"
+            ) from err
         log.warning(
             "client %d: cannot read %s (%s); %s starts afresh", rnd.partition, path, err, key
         )
