@@ -141,6 +141,12 @@ class ClientLevel(Feature):
                 sample_rate=1.0,  # the sampled clients are public: no amplification
                 steps=1,
             )
+        elif self.cfg.privacy.noise_at == "client" and any(
+            r.status != "failed" for r in result.rows
+        ):
+            # nothing released, but each client's own noised update reached the server (every
+            # reply rejected): what the server saw is charged at the noise of one update
+            ledger.record(FEDERATION, noise_multiplier=self.seen_z, sample_rate=1.0, steps=1)
         for row in result.rows:
             row.fields["epsilon"] = ledger.epsilon(FEDERATION)
         self.account.annotate(server_row)

@@ -259,3 +259,33 @@ def test_a_lost_round_is_charged_at_the_noise_planned_for_it_not_the_resumed_rec
     older.load_state_dict({k: v for k, v in state.items() if k != "pending"})
     older.lost_round(3, partitions=[0, 1, 2, 3], sampled=4)
     assert older.account.ledger.epsilon() < spent
+
+
+@pytest.mark.parametrize(("noise_at", "charged"), [("client", True), ("server", False)])
+def test_a_client_level_round_whose_every_reply_was_rejected(noise_at: str, charged: bool) -> None:
+    """Nothing is released, but with noise_at: client each client's own noised update reached
+    the server: charged at the noise of one update. With noise_at: server the raw updates
+    reach a server trusted with them and nothing is released: not charged."""
+    from fedllm.features.types import ClientRow, RoundResult
+    from fedllm.privacy.client_level import ClientLevel
+    from fedllm.recipe import build_config
+
+    privacy = {"mode": "client", "client_noise_multiplier": 2.0, "delta": 1e-5}
+    cfg = build_config(
+        {
+            "data": {"num_clients": 4},
+            "aggregator": {"name": "svd", "weighting": "uniform"},
+            "privacy": {**privacy, "noise_at": noise_at},
+        }
+    )
+    feature = ClientLevel(cfg)
+    rows = [ClientRow(1, n, "rejected", reason="norm") for n in (1, 2)]
+    rows.append(ClientRow(1, 3, "failed", reason="timeout"))
+    feature.record(RoundResult(sampled=3, rows=rows, replies=3), server_row={})
+    spent = feature.account.ledger.epsilon()
+    if charged:  # z/√m with m = 4: 1.0
+        assert spent == pytest.approx(
+            epsilon(noise_multiplier=1.0, sample_rate=1.0, steps=1, delta=1e-5)
+        )
+    else:
+        assert spent == 0.0
