@@ -9,8 +9,8 @@ client-level DP's one Gaussian step at q = 1 with the noise the server sees of i
 server's ledger charges it) and refuses the round that would take it past `max-epsilon`. For
 client-level DP `max-epsilon` also bounds the ε the server's ledger would reach over the recipe's
 rounds (`planned_client_epsilon`: the server's accounting, not amplification by sampling).
-The ledger is also written to the node's own folder
-(`features.personal.save_node_state`: its `personal-dir`, else `<run_dir>/clients/<p>/node_state/`)
+The ledger is also written to the node's own folder (`features.node_state`: its
+`personal-dir`, else `<run_dir>/clients/<p>/node_state/`)
 and read back by a node with empty state, so a resumed run or a restarted SuperNode goes on
 from what it spent; a recipe with another budget keeps it, another recipe starts afresh. Only a
 `personal-dir` is out of the server's reach: in a simulation the run directory is the server's.
@@ -29,7 +29,7 @@ from flwr.app import ConfigRecord, RecordDict
 
 from fedllm.aggregators.base import Factors
 from fedllm.features.base import Feature
-from fedllm.features.personal import restore_node_state, save_node_state
+from fedllm.features.node_state import restore_node_state, save_node_state
 from fedllm.features.registry import register
 from fedllm.features.types import ClientPlan, ClientRound
 from fedllm.privacy.accounting import PrivacyLedger, epsilon
@@ -223,7 +223,7 @@ def charge(rnd: ClientRound, rules: NodeRules) -> float:
     else:
         sigma, q, steps = _dp_sgd_round(rnd, rules)
     # a resumed simulation's node (or a restarted SuperNode) has empty state: the ledger it wrote
-    restore_node_state(rnd, LEDGER_KEY, uncovered=False, strict=True)
+    restore_node_state(rnd, LEDGER_KEY, uncovered=False, strict=True, newest=True)
     ledger, rounds = load_ledger(rnd.state, cfg)
     after = ledger.epsilon_if({NODE: (sigma, q, steps)})
     if rules.max_epsilon is not None and after > rules.max_epsilon:

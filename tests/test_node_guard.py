@@ -181,7 +181,7 @@ def test_a_node_with_empty_state_goes_on_from_the_ledger_it_wrote(tmp_path: Path
     written = tmp_path / "org0" / "node_state" / f"{LEDGER_KEY}.json"
     assert written.is_file()
     written.write_text('{"fingerprint": "')  # torn or tampered: the ledger fails closed
-    with pytest.raises(ValueError, match="cannot read .* refusing to train"):
+    with pytest.raises(ValueError, match=r"cannot read .* refusing to train"):
         guard_round(cfg, own, state=RecordDict(), rnd=2)
 
 

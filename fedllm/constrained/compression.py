@@ -3,7 +3,7 @@ error feedback (the codec is `fedllm.constrained.compress`).
 
 The server remembers what it sent each node this round, so it can rebuild a top-k reply from
 the start the client had. A top-k client also writes its residual into its own folder
-(`features.personal.save_node_state`: `clients/<p>/node_state/`, or the node's `personal-dir`),
+(`features.node_state.save_node_state`: `clients/<p>/node_state/`, or the node's `personal-dir`),
 never sent, and a node whose state has none (a resumed simulation's new process) takes it back
 before it encodes; where the update is raw (`features.personal.raw_update`: client-level DP
 noised by the server) only a node's own `personal-dir` keeps it, never the run directory.
@@ -25,7 +25,8 @@ from fedllm.constrained.compress import (
 )
 from fedllm.constrained.prune_map import fit_start, kept_from_record
 from fedllm.features.base import Feature, require_adapter_state
-from fedllm.features.personal import raw_update, restore_node_state, save_node_state
+from fedllm.features.node_state import restore_node_state, save_node_state
+from fedllm.features.personal import raw_update
 from fedllm.features.registry import register
 from fedllm.features.types import ClientRound, ClientUpdate
 from fedllm.recipe.schema import RunConfig

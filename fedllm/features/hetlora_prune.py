@@ -7,7 +7,7 @@ value it recorded after the previous round's training; the first round only reco
 client trains and sends at the smaller rank from then on: the rank and the last tail value persist
 in the node's `context.state`, and the server, which cuts the global factors to the rank a client
 last reported, needs no change (zero-padded averaging takes any rank). The client also writes
-them into its own folder (`features.personal.save_node_state`: `clients/<p>/node_state/`, or the
+them into its own folder (`features.node_state.save_node_state`: `clients/<p>/node_state/`, or the
 node's `personal-dir`), and a node whose state has none (a resumed simulation's new process) takes
 them back before it plans its round. They are read from the update a client sends (noised
 first under client-level DP); were that update raw (`features.personal.raw_update`), only a
@@ -33,7 +33,8 @@ from flwr.app import ConfigRecord, RecordDict
 from fedllm.aggregators.base import Factors
 from fedllm.aggregators.hetlora import CLIENT_OPTIONS as OPTIONS
 from fedllm.features.base import Feature, Regularizer
-from fedllm.features.personal import raw_update, restore_node_state, save_node_state
+from fedllm.features.node_state import restore_node_state, save_node_state
+from fedllm.features.personal import raw_update
 from fedllm.features.registry import register
 from fedllm.features.types import (
     ClientPlan,

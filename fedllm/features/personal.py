@@ -13,25 +13,20 @@ pruned bases (an adapter for a pruned base does not fit the full one) and with a
 merge each round into the base (the adapter is relative to a base that exists only on the client
 during the round).
 
-A node's own state is kept here too (`save_node_state` / `restore_node_state`): what a feature
-keeps in `context.state` across rounds (SDFLoRA's local module, a top-k residual, HetLoRA's pruned
-rank), written by the client in `<client folder>/node_state/` after each round and taken back by
-a node whose state lacks it (a resumed simulation's nodes are new processes with empty state).
+A node's other state kept across a resume is in `fedllm.features.node_state`, beside this
+client's folder (`client_dir`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, RecordDict
 from pydantic import BaseModel, ConfigDict
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file
 
 from fedllm.aggregators import Factors, round_spec
 from fedllm.constrained.pruned import planned_ranks
@@ -52,7 +47,6 @@ NAME = "personal_adapter"
 NODE_KEY = "personal-dir"  # a SuperNode's folder for its personal adapters
 CLIENTS = "clients"
 FOLDER = "personal_adapter"
-NODE_STATE = "node_state"  # a node's own feature state, kept across a resume
 
 
 class PersonalAdapterOptions(BaseModel):
@@ -96,102 +90,6 @@ def restore_local_B(folder: Path, state: RecordDict) -> bool:
     tensors = load_file(str(weights))
     B = {k[len(PEFT_PREFIX) : -len(end)]: t for k, t in tensors.items() if k.endswith(end)}
     state[LOCAL_B] = ArrayRecord({m: t.float().contiguous() for m, t in B.items()})
-    return True
-
-
-def node_state_dir(rnd: ClientRound, *, uncovered: bool) -> Path | None:
-    """The folder where this client keeps `context.state` entries across a resume: in its own
-    folder (`client_dir`); None where `uncovered` (the entry is outside the run's privacy
-    guarantee) and that folder would be the run directory, the server's folder in a simulation:
-    then only a node's own personal-dir keeps it, as for a raw update's personal adapter."""
-    if uncovered and not rnd.node_config.get(NODE_KEY):
-        return None
-    return client_dir(rnd.cfg, rnd.partition, rnd.node_config) / NODE_STATE
-
-
-def save_node_state(
-    rnd: ClientRound, key: str, *, uncovered: bool, strict: bool = False
-) -> Path | None:
-    """Write `rnd.state[key]` (arrays as `<key>.safetensors`, a config record as `<key>.json`)
-    into `node_state_dir`, atomically, with the recipe's fingerprint and the round; returns the
-    file, or None where it is not kept. A folder it cannot write is a warning, not an error: the
-    node trains on, and only a resume would start that state afresh; `strict` (a privacy
-    ledger, which must not start afresh) makes it an error."""
-    record, folder = rnd.state.get(key), node_state_dir(rnd, uncovered=uncovered)
-    if folder is None or not isinstance(record, ArrayRecord | ConfigRecord):
-        return None
-    meta = {"fingerprint": rnd.cfg.fingerprint(budget=False), "round": str(rnd.server_round)}
-    arrays = isinstance(record, ArrayRecord)
-    path = folder / f"{key}.{'safetensors' if arrays else 'json'}"
-    tmp = folder / f"{path.name}.tmp"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        if arrays:
-            tensors = {k: t.contiguous() for k, t in record.to_torch_state_dict().items()}
-            save_file(tensors, str(tmp), metadata=meta)
-        else:
-            tmp.write_text(json.dumps({**meta, "state": dict(record)}))
-        with tmp.open("rb") as f:  # on disk before the rename, so a crash leaves old or new
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # never half a file, even if the node dies while writing
-    except OSError as err:
-        if strict:
-            raise OSError(
-                f"client {rnd.partition}: cannot keep {key} in {folder} ({err}); refusing to "
-                f"train without it (give the SuperNode a writable --node-config {NODE_KEY})"
-            ) from err
-        log.warning(
-            "client %d: cannot keep %s in %s (%s); a resumed run would start it afresh (give "
-            "the SuperNode a writable folder with --node-config %s=<folder>)",
-            rnd.partition,
-            key,
-            folder,
-            err,
-            NODE_KEY,
-        )
-        return None
-    return path
-
-
-def restore_node_state(
-    rnd: ClientRound, key: str, *, uncovered: bool, strict: bool = False
-) -> bool:
-    """Put `rnd.state[key]` back from what this client wrote (`save_node_state`) if its state
-    has none (a live node's state wins); True if restored. A file of another recipe, or one
-    that cannot be read, is skipped with a warning: the feature starts afresh, as without it;
-    with `strict` (a privacy ledger) a file that cannot be read is an error instead."""
-    folder = node_state_dir(rnd, uncovered=uncovered)
-    if key in rnd.state or folder is None:
-        return False
-    arrays, config = folder / f"{key}.safetensors", folder / f"{key}.json"
-    path = arrays if arrays.exists() else config
-    if not path.exists():
-        return False
-    try:
-        if path == arrays:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                record = ArrayRecord({k: f.get_tensor(k) for k in f.keys()})
-        else:
-            meta = json.loads(path.read_text())
-            record = ConfigRecord(meta["state"])
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
-        if strict:
-            raise ValueError(
-                f"client {rnd.partition}: cannot read {path} ({err}); refusing to train rather "
-                f"than start {key} afresh (restore the file, or remove it to start over)"
-            ) from err
-        log.warning(
-            "client %d: cannot read %s (%s); %s starts afresh", rnd.partition, path, err, key
-        )
-        return False
-    if meta.get("fingerprint") != rnd.cfg.fingerprint(budget=False):
-        log.warning("client %d: %s is another recipe's; %s starts afresh", rnd.partition, path, key)
-        return False
-    rnd.state[key] = record
-    log.info(
-        "client %d: %s restored from %s (round %s)", rnd.partition, key, path, meta.get("round")
-    )
     return True
 
 

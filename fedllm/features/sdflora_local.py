@@ -9,7 +9,7 @@ peft-initialised, seeded by the run's seed and the partition, on its first round
 node's state and the update shrinks to the global module at rank r_g: only it is screened, noised
 and sent. The server sees ranks r_g, so it cuts each node's download to r_g.
 
-The client also writes its local module into its own folder (`features.personal.save_node_state`:
+The client also writes its local module into its own folder (`features.node_state.save_node_state`:
 `clients/<p>/node_state/` of the run directory, or the node's `personal-dir`), never sent, and a
 node whose state has none (a resumed simulation's new process) takes it back from there before
 it trains or evaluates. The local module is trained without noise, so in a private run
@@ -36,7 +36,7 @@ from flwr.app import ArrayRecord, RecordDict
 from fedllm.aggregators.base import Factors
 from fedllm.aggregators.sdflora import CLIENT_OPTIONS, split_ranks
 from fedllm.features.base import Feature
-from fedllm.features.personal import restore_node_state, save_node_state
+from fedllm.features.node_state import restore_node_state, save_node_state
 from fedllm.features.registry import register
 from fedllm.features.types import ClientRound, ClientUpdate
 from fedllm.model.wire import client_options

@@ -1,0 +1,139 @@
+"""A node's own feature state kept across a resume: what a feature keeps in `context.state`
+between rounds (SDFLoRA's local module, a top-k residual, HetLoRA's pruned rank, the node's ε
+ledger), written by the client into `<client folder>/node_state/` after each round and taken
+back by a node whose state lacks it (a resumed simulation's nodes are new processes with empty
+state; a restarted SuperNode too).
+
+Each save keeps the file it replaces as `<key>.prev.*`, both tagged with their round. A round
+lost to a server crash is run again after the resume, and the state a client wrote in the lost
+attempt must not be its start: `restore_node_state` takes the newest file from before the round
+(`newest=True` instead for a privacy ledger, which must count the lost attempt too).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord
+from safetensors import SafetensorError
+from safetensors.torch import safe_open, save_file
+
+from fedllm.features.personal import NODE_KEY, client_dir
+from fedllm.features.types import ClientRound
+
+log = logging.getLogger("fedllm.client")
+
+NODE_STATE = "node_state"  # the folder, under the client's own folder
+SUFFIXES = ("safetensors", "json")  # arrays, a config record
+
+
+def node_state_dir(rnd: ClientRound, *, uncovered: bool) -> Path | None:
+    """The folder where this client keeps `context.state` entries across a resume: in its own
+    folder (`client_dir`); None where `uncovered` (the entry is outside the run's privacy
+    guarantee) and that folder would be the run directory, the server's folder in a simulation:
+    then only a node's own personal-dir keeps it, as for a raw update's personal adapter."""
+    if uncovered and not rnd.node_config.get(NODE_KEY):
+        return None
+    return client_dir(rnd.cfg, rnd.partition, rnd.node_config) / NODE_STATE
+
+
+def save_node_state(
+    rnd: ClientRound, key: str, *, uncovered: bool, strict: bool = False
+) -> Path | None:
+    """Write `rnd.state[key]` (arrays as `<key>.safetensors`, a config record as `<key>.json`)
+    into `node_state_dir`, atomically, with the recipe's fingerprint and the round, keeping the
+    file it replaces as `<key>.prev.*`; returns the file, or None where it is not kept. A folder
+    it cannot write is a warning, not an error: the node trains on, and only a resume would start
+    that state afresh; `strict` (a privacy ledger, which must not start afresh) makes it one."""
+    record, folder = rnd.state.get(key), node_state_dir(rnd, uncovered=uncovered)
+    if folder is None or not isinstance(record, ArrayRecord | ConfigRecord):
+        return None
+    meta = {"fingerprint": rnd.cfg.fingerprint(budget=False), "round": str(rnd.server_round)}
+    suffix = SUFFIXES[0] if isinstance(record, ArrayRecord) else SUFFIXES[1]
+    path, prev = folder / f"{key}.{suffix}", folder / f"{key}.prev.{suffix}"
+    tmp = folder / f"{path.name}.tmp"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if isinstance(record, ArrayRecord):
+            tensors = {k: t.contiguous() for k, t in record.to_torch_state_dict().items()}
+            save_file(tensors, str(tmp), metadata=meta)
+        else:
+            tmp.write_text(json.dumps({**meta, "state": dict(record)}))
+        with tmp.open("rb") as f:  # on disk before the rename, so a crash leaves old or new
+            os.fsync(f.fileno())
+        if path.exists() and _round(path) != rnd.server_round:  # not a repeat of this round
+            os.replace(path, prev)
+        os.replace(tmp, path)  # never half a file, even if the node dies while writing
+    except OSError as err:
+        if strict:
+            raise OSError(
+                f"client {rnd.partition}: cannot keep {key} in {folder} ({err}); refusing to "
+                f"train without it (give the SuperNode a writable --node-config {NODE_KEY})"
+            ) from err
+        log.warning(
+            "client %d: cannot keep %s in %s (%s); a resumed run would start it afresh (give "
+            "the SuperNode a writable folder with --node-config %s=<folder>)",
+            rnd.partition,
+            key,
+            folder,
+            err,
+            NODE_KEY,
+        )
+        return None
+    return path
+
+
+def _read(path: Path) -> tuple[dict, ArrayRecord | ConfigRecord]:
+    """(metadata, record) of a saved state file; raises if it cannot be read."""
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {}), ArrayRecord({k: f.get_tensor(k) for k in f.keys()})
+    meta = json.loads(path.read_text())
+    return meta, ConfigRecord(meta["state"])
+
+
+def _round(path: Path) -> int | None:
+    try:
+        return int(_read(path)[0]["round"])
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError):
+        return None
+
+
+def restore_node_state(
+    rnd: ClientRound, key: str, *, uncovered: bool, strict: bool = False, newest: bool = False
+) -> bool:
+    """Put `rnd.state[key]` back from what this client wrote (`save_node_state`) if its state
+    has none (a live node's state wins); True if restored. It takes the newest file written
+    before this round (`newest`: the newest file, whatever its round). A file of another
+    recipe, or one that cannot be read, is skipped with a warning: the feature starts afresh,
+    as without it; with `strict` (a privacy ledger) a file that cannot be read is an error."""
+    folder = node_state_dir(rnd, uncovered=uncovered)
+    if key in rnd.state or folder is None:
+        return False
+    for name in [f"{key}{tag}.{suffix}" for tag in ("", ".prev") for suffix in SUFFIXES]:
+        path = folder / name
+        if not path.exists():
+            continue
+        try:
+            meta, record = _read(path)
+            written = int(meta.get("round", 0))
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
+            if strict:
+                raise ValueError(
+                    f"client {rnd.partition}: cannot read {path} ({err}); refusing to train "
+                    f"rather than start {key} afresh (restore the file, or remove it to start over)"
+                ) from err
+            log.warning("client %d: cannot read %s (%s); skipped", rnd.partition, path, err)
+            continue
+        if meta.get("fingerprint") != rnd.cfg.fingerprint(budget=False):
+            log.warning("client %d: %s is another recipe's; skipped", rnd.partition, path)
+            continue
+        if not newest and written >= rnd.server_round:  # a lost attempt at this round
+            continue
+        rnd.state[key] = record
+        log.info("client %d: %s restored from %s (round %s)", rnd.partition, key, path, written)
+        return True
+    return False
