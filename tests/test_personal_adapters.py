@@ -136,6 +136,53 @@ def test_a_fedsa_node_with_empty_state_takes_its_B_back_from_its_personal_adapte
     assert not state[LOCAL_B].to_torch_state_dict()[module].any()
 
 
+def test_a_fedsa_round_lost_to_a_crash_starts_again_from_the_B_before_it(tmp_path: Path) -> None:
+    """Each round's B is also kept by round in the node state: a resumed round 3 (its first
+    attempt trained, then the server died) starts from round 2's B, not the lost attempt's."""
+    cfg = build_config(
+        {**BASE, "aggregator": {"name": "fedsa"}, "output_dir": str(tmp_path), "name": "r"}
+    )
+    module, A = "model.layers.0.self_attn.q_proj", torch.ones(2, 3)
+    feature = PersonalAdapter(cfg)
+
+    def trained(server_round: int, value: float) -> None:
+        state = RecordDict()
+        rnd = ClientRound(
+            cfg,
+            1,
+            server_round,
+            RoundSpec(local_B=True),
+            ConfigRecord({}),
+            {},
+            state,
+            0,
+            ClientPlan(1, 2, 0.0, None),
+        )
+        B = torch.full((4, 2), value)
+        update = ClientUpdate({module: Factors(B, A, 2.0)}, {module: Factors(B, A, 2.0)}, 2)
+        feature.post_process(update, rnd)
+
+    def start(server_round: int) -> float:
+        state = RecordDict()
+        rnd = ClientRound(
+            cfg,
+            1,
+            server_round,
+            RoundSpec(local_B=True),
+            ConfigRecord({}),
+            {},
+            state,
+            0,
+            ClientPlan(1, 2, 0.0, None),
+        )
+        feature.start({}, rnd)
+        return float(state[LOCAL_B].to_torch_state_dict()[module][0, 0])
+
+    trained(2, 2.0)
+    trained(3, 3.0)  # the lost attempt at round 3
+    assert start(3) == 2.0 and start(4) == 3.0
+
+
 def test_a_resumed_fedsa_node_evaluates_with_its_own_B_before_it_trains(tmp_path: Path) -> None:
     """The ClientApp's evaluate on a node with empty state (a resumed run asks it to evaluate
     before it trains) = the same evaluation on a live node holding the B it wrote, not B = 0."""

@@ -21,13 +21,22 @@ from flwr.app import ArrayRecord, ConfigRecord
 from safetensors import SafetensorError
 from safetensors.torch import safe_open, save_file
 
-from fedllm.features.personal import NODE_KEY, client_dir
 from fedllm.features.types import ClientRound
+from fedllm.recipe.schema import RunConfig
 
 log = logging.getLogger("fedllm.client")
 
+NODE_KEY = "personal-dir"  # a SuperNode's own folder (personal adapters, node state)
+CLIENTS = "clients"  # a simulation's clients' folders, in the run directory
 NODE_STATE = "node_state"  # the folder, under the client's own folder
 SUFFIXES = ("safetensors", "json")  # arrays, a config record
+
+
+def client_dir(cfg: RunConfig, partition: int, node_config) -> Path:
+    """This client's own folder: the node's `personal-dir`, else `<run_dir>/clients/<p>`."""
+    if node_config.get(NODE_KEY):
+        return Path(str(node_config[NODE_KEY])).expanduser()
+    return cfg.run_dir / CLIENTS / str(partition)
 
 
 def node_state_dir(rnd: ClientRound, *, uncovered: bool) -> Path | None:
@@ -84,6 +93,13 @@ def save_node_state(
         )
         return None
     return path
+
+
+def has_node_state(rnd: ClientRound, key: str, *, uncovered: bool) -> bool:
+    """Whether this client wrote `key` at all (of any round)."""
+    folder = node_state_dir(rnd, uncovered=uncovered)
+    names = [f"{key}{tag}.{suffix}" for tag in ("", ".prev") for suffix in SUFFIXES]
+    return folder is not None and any((folder / name).exists() for name in names)
 
 
 def _read(path: Path) -> tuple[dict, ArrayRecord | ConfigRecord]:

@@ -31,8 +31,16 @@ from safetensors.torch import load_file
 from fedllm.aggregators import Factors, round_spec
 from fedllm.constrained.pruned import planned_ranks
 from fedllm.features.base import Feature
+from fedllm.features.node_state import (
+    NODE_KEY,
+    client_dir,
+    has_node_state,
+    restore_node_state,
+    save_node_state,
+)
 from fedllm.features.registry import register
 from fedllm.features.types import ClientRound, ClientUpdate
+from fedllm.model import wire
 from fedllm.model.adapters import PEFT_PREFIX
 from fedllm.model.card import make_card, save_adapter
 from fedllm.model.identity import IDENTITY_MEMO, base_identity
@@ -44,8 +52,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("fedllm.client")
 
 NAME = "personal_adapter"
-NODE_KEY = "personal-dir"  # a SuperNode's folder for its personal adapters
-CLIENTS = "clients"
 FOLDER = "personal_adapter"
 
 
@@ -55,13 +61,6 @@ class PersonalAdapterOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     enabled: bool = True
-
-
-def client_dir(cfg: RunConfig, partition: int, node_config) -> Path:
-    """This client's own folder: the node's `personal-dir`, else `<run_dir>/clients/<p>`."""
-    if node_config.get(NODE_KEY):
-        return Path(str(node_config[NODE_KEY])).expanduser()
-    return cfg.run_dir / CLIENTS / str(partition)
 
 
 def raw_update(cfg: RunConfig) -> bool:
@@ -147,10 +146,17 @@ class PersonalAdapter(Feature):
 
     @staticmethod
     def _restore_local_B(rnd: ClientRound) -> None:
-        if rnd.spec.local_B:
-            folder = personal_adapter_dir(rnd.cfg, rnd.partition, rnd.node_config)
-            if restore_local_B(folder, rnd.state):
-                log.info("client %d: local B restored from %s", rnd.partition, folder)
+        """B from the node state written before this round (a lost round restarts from the
+        one before it), else, for a run that kept none, from the personal adapter."""
+        if not rnd.spec.local_B or LOCAL_B in rnd.state:
+            return
+        if restore_node_state(rnd, LOCAL_B, uncovered=raw_update(rnd.cfg)):
+            return
+        if has_node_state(rnd, LOCAL_B, uncovered=raw_update(rnd.cfg)):
+            return  # only a lost attempt's: B starts afresh, as in that round's first attempt
+        folder = personal_adapter_dir(rnd.cfg, rnd.partition, rnd.node_config)
+        if restore_local_B(folder, rnd.state):
+            log.info("client %d: local B restored from %s", rnd.partition, folder)
 
     def post_process(self, update: ClientUpdate, rnd: ClientRound) -> ClientUpdate:
         """Write the update as this client's personal adapter; the update is left unchanged."""
@@ -182,6 +188,9 @@ class PersonalAdapter(Feature):
                 f"give the SuperNode a writable folder with --node-config {NODE_KEY}=<folder>, "
                 f"or turn it off with features.{NAME}.enabled=false"
             ) from err
+        if rnd.spec.local_B:  # the B it trains on next, by round (see `_restore_local_B`)
+            wire.keep_local_B(rnd.state, update.factors)
+            save_node_state(rnd, LOCAL_B, uncovered=raw_update(cfg))
         log.info(
             "client %d round %d: personal adapter in %s", rnd.partition, rnd.server_round, folder
         )
