@@ -74,11 +74,13 @@ def screen(
     shapes: Mapping[str, tuple[int, int]],
     max_rank: int,
     max_norm_ratio: float = 100.0,
+    quote_median: bool = True,
 ) -> tuple[list[str], dict[str, str]]:
     """Split clients into accepted ones and rejected ones (client -> reason).
 
     Norm outliers: a client whose total update norm exceeds `max_norm_ratio` times the median of
     the well-formed clients' norms (needs at least three clients to have a median worth trusting).
+    The median is another client's norm: a private run's reasons leave it out (`quote_median`).
     """
     rejected: dict[str, str] = {}
     norms: dict[str, float] = {}
@@ -92,9 +94,8 @@ def screen(
         median = statistics.median(norms.values())
         for client, norm in norms.items():
             if median > 0 and norm > max_norm_ratio * median:
-                rejected[client] = (
-                    f"update norm {norm:.3g} is over {max_norm_ratio:g}× the median {median:.3g}"
-                )
+                of = f"the median {median:.3g}" if quote_median else "the round's median"
+                rejected[client] = f"update norm {norm:.3g} is over {max_norm_ratio:g}× {of}"
     accepted = [c for c in updates if c not in rejected]
     return accepted, rejected
 

@@ -129,6 +129,9 @@ def test_screen_keeps_a_norm_exactly_at_the_ratio_and_rejects_one_over_it() -> N
     accepted, rejected = screen(over, shapes=shapes, max_rank=1, max_norm_ratio=10.0)
     assert accepted == ["a", "b"]
     assert rejected == {"c": "update norm 20.5 is over 10× the median 2"}
+    # the median is client b's norm: a private run's reason leaves it out
+    _, private = screen(over, shapes=shapes, max_rank=1, max_norm_ratio=10.0, quote_median=False)
+    assert private == {"c": "update norm 20.5 is over 10× the round's median"}
 
 
 def test_screen_uses_the_total_norm_over_modules() -> None:

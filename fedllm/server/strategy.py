@@ -303,6 +303,7 @@ class LoraStrategy(Strategy):
             shapes=self.shapes,
             max_rank=self.max_rank,
             max_norm_ratio=self.max_norm_ratio,
+            quote_median=not self.private,  # another client's norm
         )
         for node, reason in rejected.items():
             log.warning("round %d: rejected node %s: %s", server_round, node, reason)
