@@ -68,3 +68,25 @@ def test_bad_input_is_named() -> None:
         bandit.update("c", Arm(3, 0.1), 0.5)
     with pytest.raises(ValueError, match="client c: reward"):
         bandit.update("c", ARMS[0], -1.0)
+
+
+def test_one_clients_rewards_never_rescale_another_clients() -> None:
+    """Each client's rewards are normalised by its own best: a client reporting a huge (or
+    hostile) reward leaves the others' UCB indices as they were."""
+    arms = [Arm(2, 0.0), Arm(4, 0.0)]
+    alone, beside = ArmBandit(arms, seed=0), ArmBandit(arms, seed=0)
+    for bandit in (alone, beside):
+        bandit.update("a", arms[0], 1.0)
+        bandit.update("a", arms[1], 3.0)
+    beside.update("b", arms[0], 1e9)
+    assert beside.scales == {"a": 3.0, "b": 1e9}
+    for _ in range(5):  # the same choices for "a", with or without "b"
+        pick = alone.select("a")
+        assert beside.select("a") == pick
+        alone.update("a", pick, 2.0)
+        beside.update("a", pick, 2.0)
+    old = {**beside.state_dict(), "scale": 5.0}  # a checkpoint of one shared scale
+    del old["scales"]
+    again = ArmBandit(arms, seed=0)
+    again.load_state_dict(old)
+    assert again.scales == {"a": 5.0, "b": 5.0}

@@ -6,8 +6,9 @@ from what its rounds cost and bought. The reward of a round is its training effi
 
     relative loss gain / seconds^time_weight,    gain = clamp((ℓ_first − ℓ_last) / ℓ_first, 0, 1)
 
-normalised by the largest efficiency observed so far (so rewards lie in [0, 1] without knowing any
-device's speed). A gain above 1 needs a negative last loss, which no cross-entropy has; seconds
+normalised by the largest efficiency that client has obtained so far (so rewards lie in [0, 1]
+without knowing any device's speed, and one client's numbers, honest or not, never rescale
+another's). A gain above 1 needs a negative last loss, which no cross-entropy has; seconds
 count from 1 µs, and a reward is at most `MAX_REWARD`: whatever finite losses and time a client
 reports, its reward and the bandit's sums stay finite. `ucb` is UCB1 on those normalised means;
 `exp3` is EXP3 (robust when devices change speed over time). Draws are seeded by (seed, client,
@@ -86,7 +87,7 @@ class ArmBandit:
         self.sums: dict[str, list[float]] = {}  # raw rewards (UCB)
         self.log_weights: dict[str, list[float]] = {}  # EXP3
         self.forbidden: dict[str, list[int]] = {}  # arm indices a client cannot run
-        self.scale = 0.0  # the largest raw reward seen, for normalisation
+        self.scales: dict[str, float] = {}  # each client's largest raw reward, to normalise
 
     def _init(self, client: str) -> None:
         k = len(self.arms)
@@ -126,7 +127,7 @@ class ArmBandit:
         for i in ok:
             if counts[i] == 0:
                 return self.arms[i]  # play every arm once first
-        t, scale = sum(counts), self.scale or 1.0
+        t, scale = sum(counts), self.scales.get(client) or 1.0
         index = {
             i: self.sums[client][i] / counts[i] / scale
             + self.exploration * math.sqrt(2 * math.log(t) / counts[i])
@@ -147,11 +148,11 @@ class ArmBandit:
             raise ValueError(f"client {client}: reward must be finite and >= 0, got {reward}")
         if self.algorithm == "exp3":
             p = self.probabilities(client)[i]
-        self.scale = max(self.scale, reward)
+        scale = self.scales[client] = max(self.scales.get(client, 0.0), reward)
         self.counts[client][i] += 1
         self.sums[client][i] += reward
         if self.algorithm == "exp3" and p > 0:  # p = 0: an arm forbidden since it was offered
-            x = reward / self.scale if self.scale > 0 else 0.0
+            x = reward / scale if scale > 0 else 0.0
             k = len(self.allowed(client))
             self.log_weights[client][i] += self.exploration * (x / p) / k
 
@@ -169,7 +170,7 @@ class ArmBandit:
             "sums": self.sums,
             "log_weights": self.log_weights,
             "forbidden": self.forbidden,
-            "scale": self.scale,
+            "scales": dict(self.scales),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -182,4 +183,7 @@ class ArmBandit:
         self.sums = {c: list(v) for c, v in state["sums"].items()}
         self.log_weights = {c: list(v) for c, v in state["log_weights"].items()}
         self.forbidden = {c: list(v) for c, v in state.get("forbidden", {}).items()}
-        self.scale = float(state["scale"])
+        if "scales" in state:
+            self.scales = {c: float(v) for c, v in state["scales"].items()}
+        else:  # a checkpoint of one scale shared by every client
+            self.scales = {c: float(state["scale"]) for c in self.counts}
