@@ -122,3 +122,13 @@ def test_the_perplexity_of_an_overflowing_loss_is_inf_never_an_error() -> None:
     lines = table_markdown(table).splitlines()[2:]
     assert all(line.startswith(("| client 0 | 3.0000 |", "| global | 3.0000 |")) for line in lines)
     assert all("| 20.09 | inf | +1000000" in line for line in lines), lines
+
+
+def test_truncate_after_drops_stop_rows(tmp_path: Path) -> None:
+    """A resumed run goes on past its old stop (a larger budget), or writes its own at its end:
+    the old `stop` row would sit mid-file."""
+    log = MetricsLog(tmp_path)
+    stop = {"kind": "stop", "round": 2, "reason": "privacy budget"}
+    log.write([{"kind": "server", "round": 1}, {"kind": "server", "round": 2}, stop])
+    log.truncate_after(2)
+    assert log.read() == [{"kind": "server", "round": 1}, {"kind": "server", "round": 2}]

@@ -221,6 +221,7 @@ def test_dp_run_reports_accountant_epsilon_stops_at_budget_and_resumes(tmp_path:
     run_local(budgeted, resume=True)  # the same budget: it stops again, with no second row
     assert [r for r in rows(run_dir) if r["kind"] == "stop"] == stop
     run_local(load_recipe(RECIPE, base), resume=True)  # no budget now: round 3 runs
+    assert not [r for r in rows(run_dir) if r["kind"] == "stop"], "it did not stop this time"
     third = [r for r in rows(run_dir) if r["kind"] == "client" and r["round"] == 3]
     assert {r["partition"] for r in third} == {0, 1}
     for r in third:  # continues from the saved ledger (from zero it would be eps(p, 1))

@@ -248,9 +248,7 @@ def run_server(
     for rnd in range(max(start, 1), cfg.federation.rounds + 1):
         if (stop := run.stop_reason(rnd)) is not None:
             say(stop)
-            row = {"kind": "stop", "round": rnd - 1, "reason": stop}
-            if row not in run.metrics.read():  # a resumed stopped run has its row already
-                run.metrics.write([row])
+            run.metrics.write([{"kind": "stop", "round": rnd - 1, "reason": stop}])
             break
         run.round(rnd)
     return finish(cfg, run.strategy, run.metrics)

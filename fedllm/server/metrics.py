@@ -30,12 +30,17 @@ class MetricsLog:
         self.sinks = list(sinks)
 
     def truncate_after(self, last_round: int) -> None:
-        """Drop rows of rounds after `last_round` (written before a crash, not checkpointed).
+        """Drop rows of rounds after `last_round` (written before a crash, not checkpointed) and
+        `stop` rows (the resumed run goes on, or writes its own at its end).
 
         The file is rewritten atomically (temporary file, fsync, rename), so a crash here leaves
         either the old rows or the kept ones; a half-written last line is dropped with the rest.
         """
-        rows = [r for r in self.read() if int(r.get("round", 0)) <= last_round]
+        rows = [
+            r
+            for r in self.read()
+            if int(r.get("round", 0)) <= last_round and r.get("kind") != "stop"
+        ]
         tmp = self.path.with_name(f"{self.path.name}.tmp")
         with tmp.open("w") as f:
             f.write("".join(json.dumps(r) + "\n" for r in rows))
