@@ -379,3 +379,33 @@ def test_flwr_run_dot_runs_the_recipe_in_flowers_simulation(tmp_path: Path) -> N
     # what Flower installed of the app: only the wrapper, never runs/, .venv or code
     (app,) = (home / "apps").iterdir()
     assert sorted(p.name for p in app.rglob("*") if p.is_file()) == ["README.md", "pyproject.toml"]
+
+
+@pytest.mark.parametrize("content", ["aws_access_key_id = AKIAEXAMPLE\n", "a: [unclosed\n"])
+def test_a_node_never_sends_back_what_a_recipe_path_on_its_disk_holds(
+    tmp_path: Path, content: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server names the recipe, and a name may be any path on the node: the load error the
+    node replies with says only that it did not load (not the file's text, not whether the path
+    exists); the node's own log has the reason."""
+    import logging
+
+    from flwr.app import Context, RecordDict
+
+    from fedllm.deploy.apps import _recipe
+
+    secret = tmp_path / "credentials"
+    secret.write_text(content)
+    messages = []
+    for path in (secret, tmp_path / "missing.yaml"):
+        context = Context(0, 1, {}, RecordDict(), {"recipe": str(path)})
+        with caplog.at_level(logging.ERROR, logger="fedllm.client"):
+            with pytest.raises(ConfigError) as err:
+                _recipe(context)
+        messages.append(str(err.value))
+        assert err.value.__cause__ is None and err.value.__suppress_context__
+    assert (
+        messages[0] == messages[1] and "AKIA" not in messages[0] and "unclosed" not in messages[0]
+    )
+    assert "did not load on this node" in messages[0]
+    assert str(secret) in caplog.text or "credentials" in caplog.text  # the node's own log

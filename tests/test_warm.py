@@ -174,3 +174,8 @@ def test_a_worker_writes_its_pid_beside_its_secret(worker: Path) -> None:
     import os
 
     assert (worker / warm.PID).read_text() == str(os.getpid())  # the test's thread is the worker
+
+
+def test_a_swept_folder_means_run_here(tmp_path: Path) -> None:
+    """A node whose worker died and whose folder was swept runs its messages itself."""
+    assert warm.forward(tmp_path / "gone", _message(), _context(tmp_path / "gone")) is None

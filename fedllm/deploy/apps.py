@@ -21,6 +21,7 @@ checkpointing notice (`client_app_process`).
 
 from __future__ import annotations
 
+import logging
 import time
 
 from flwr.app import Context, Message
@@ -53,6 +54,7 @@ client_app = ClientApp()
 # the app's own state, like the app objects: a process's base and shards, kept across its
 # messages (a warm worker's: loaded, built and tokenized once per run)
 cache = ProcessCache()
+log = logging.getLogger("fedllm.client")
 
 FLWR_RUN_HINT = (
     'with `flwr run`, give --run-config "resume=true", "overwrite=true" or "name=\'NEW\'"'
@@ -102,8 +104,20 @@ def _serve(grid: Grid, context: Context) -> None:
 
 
 def _recipe(context: Context) -> RunConfig:
-    """This node's copy of the run's recipe (paths pinned as on the server)."""
-    cfg = app_recipe(context.run_config)
+    """This node's copy of the run's recipe (paths pinned as on the server).
+
+    The recipe is the server's to name, and a name may be a path on this node's disk: a load
+    error goes back to the server as this node's error reply, so it says only that the recipe
+    did not load (its text could quote the file, its kind tell whether the path exists); the
+    whole error is in this node's own log. The server loaded the same recipe first and shows
+    its own error in a simulation."""
+    try:
+        cfg = app_recipe(context.run_config)
+    except Exception as err:  # whatever it is, it stays on this node
+        log.error("the run's recipe did not load on this node: %s", err)
+        raise ConfigError(
+            "the run's recipe did not load on this node (the reason is in the node's log)"
+        ) from None
     if is_recipe_text(str(context.run_config.get("recipe", ""))):
         return cfg
     return absolute_paths(cfg)

@@ -194,10 +194,13 @@ def serve_forever(
                 token, identity, message, context = _recv(conn, 4)
             except (ConnectionError, struct.error):
                 continue
-            if not hmac.compare_digest(token, secret):
-                _send(conn, b"error", b"PermissionError: wrong warm worker secret")
+            try:  # a caller killed mid-request must not take the worker down with it
+                if not hmac.compare_digest(token, secret):
+                    _send(conn, b"error", b"PermissionError: wrong warm worker secret")
+                    continue
+                _send(conn, *handle(app, identity, message, context))
+            except OSError:
                 continue
-            _send(conn, *handle(app, identity, message, context))
 
 
 def serve(folder: Path, *, app_ref: str = APP_REF, parent: int | None = None) -> None:
@@ -217,7 +220,10 @@ def serve(folder: Path, *, app_ref: str = APP_REF, parent: int | None = None) ->
 
 
 def forward(folder: Path, message: Message, context: Context) -> Message | None:
-    """Run `message` in the worker of FOLDER; None when no worker listens there (run it here)."""
+    """Run `message` in the worker of FOLDER; None when no worker listens there (run it here),
+    the folder gone included (a worker that died, its folder swept by `sweep_stale`)."""
+    if not folder.exists():
+        return None
     check_folder(folder)
     try:
         secret = (folder / SECRET).read_bytes()
