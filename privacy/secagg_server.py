@@ -43,7 +43,7 @@ from fedllm.privacy.secagg_common import (
     weight_ratio,
     workflow_max_weight,
 )
-from fedllm.server.replies import check_claims, refuse_shared_partitions
+from fedllm.server.replies import check_claims, malformed_row, refuse_shared_partitions
 
 if TYPE_CHECKING:
     from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
@@ -136,11 +136,8 @@ class SecureRound(Strategy):
                 reply = parse_reply(res.metrics)
                 check_claims(reply, cfg=lora.cfg, held=lora.node_partitions.get(node))
             except (KeyError, TypeError, ValueError) as err:
-                log.warning("round %d: node %s sent a malformed reply: %s", server_round, node, err)
-                known = lora.node_partitions.get(node)
-                row = ClientRow(server_round, node, "rejected", partition=known)
-                row.reason, row.may_hold = f"malformed reply: {err}", tuple(lora.may_train([node]))
-                rows.append(row)
+                known, may_hold = lora.node_partitions.get(node), lora.may_train([node])
+                rows.append(malformed_row(server_round, node, err, known=known, may_hold=may_hold))
                 continue
             parsed[node] = (reply, {})
         refuse_shared_partitions(server_round, parsed, rows)

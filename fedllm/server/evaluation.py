@@ -28,6 +28,7 @@ from fedllm.features.types import EvalRow
 from fedllm.model.adapters import attach_lora, write_factors
 from fedllm.model.base import cached_base_model
 from fedllm.recipe.schema import RunConfig
+from fedllm.server.replies import shared_partitions
 
 
 def panel_size(spec: str | int | float, num_nodes: int) -> int:
@@ -93,14 +94,9 @@ def read_evaluations(
             dropped[node] = f"malformed evaluation: {err}"
             continue
         rows[node] = row
-    claims: dict[int, list[int]] = {}
-    for node, row in rows.items():
-        claims.setdefault(row.partition, []).append(node)
-    for pid, nodes in claims.items():
-        if len(nodes) > 1:
-            for node in nodes:
-                del rows[node]
-                dropped[node] = f"partition-id {pid} claimed by nodes {sorted(nodes)} in one round"
+    for node, reason in shared_partitions({n: row.partition for n, row in rows.items()}).items():
+        del rows[node]
+        dropped[node] = reason
     return list(rows.values()), dropped
 
 

@@ -7,7 +7,7 @@ the recipe and the node's earlier replies, one partition per node in a round, an
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from fedllm.aggregators.base import Factors
 from fedllm.features.types import ClientRow, TrainReply
@@ -30,25 +30,46 @@ def check_claims(reply: TrainReply, *, cfg: RunConfig, held: int | None) -> None
         raise ValueError("no 'num-examples': aggregator.weighting=examples needs it")
 
 
+def malformed_row(
+    server_round: int, node: int, err: Exception, *, known: int | None, may_hold: Sequence[int]
+) -> ClientRow:
+    """The rejected row of a reply that could not be read (logged): the partition the node held
+    before (`known`), and the partitions it may have trained on (`may_hold`, for DP charges)."""
+    log.warning("round %d: node %s sent a malformed reply: %s", server_round, node, err)
+    row = ClientRow(
+        server_round, node, "rejected", partition=known, reason=f"malformed reply: {err}"
+    )
+    row.may_hold = tuple(may_hold)
+    return row
+
+
+def shared_partitions(claims: Mapping[int, int]) -> dict[int, str]:
+    """node -> why, for every node whose partition (`claims`: node -> partition) another node
+    claims in the same round: one of them lies, or two SuperNodes were started with the same
+    partition-id; neither can be told apart."""
+    by_partition: dict[int, list[int]] = {}
+    for node, pid in claims.items():
+        by_partition.setdefault(pid, []).append(node)
+    return {
+        node: f"partition-id {pid} claimed by nodes {sorted(nodes)} in one round"
+        for pid, nodes in by_partition.items()
+        if len(nodes) > 1
+        for node in nodes
+    }
+
+
 def refuse_shared_partitions(
     server_round: int,
     parsed: dict[int, tuple[TrainReply, dict[str, Factors]]],
     rows: list[ClientRow],
 ) -> None:
-    """Move every reply of a partition two nodes claim in one round from `parsed` to a rejected
-    row: one of them lies, or two SuperNodes were started with the same partition-id; neither
-    can be told apart."""
-    claims: dict[int, list[int]] = {}
-    for node, (reply, _) in parsed.items():
-        claims.setdefault(reply.partition, []).append(node)
-    for pid, nodes in claims.items():
-        if len(nodes) < 2:
-            continue
-        reason = f"partition-id {pid} claimed by nodes {sorted(nodes)} in one round"
-        for node in nodes:
-            log.warning("round %d: rejected node %s: %s", server_round, node, reason)
-            reply, _ = parsed.pop(node)
-            rows.append(ClientRow(server_round, node, "rejected", reply, pid, reason))
+    """Move every reply of a partition two nodes claim in one round (`shared_partitions`) from
+    `parsed` to a rejected row."""
+    shared = shared_partitions({node: reply.partition for node, (reply, _) in parsed.items()})
+    for node, reason in shared.items():
+        log.warning("round %d: rejected node %s: %s", server_round, node, reason)
+        reply, _ = parsed.pop(node)
+        rows.append(ClientRow(server_round, node, "rejected", reply, reply.partition, reason))
 
 
 def frozen_A(global_: Mapping[str, Factors], module: str, f: Factors) -> Factors:

@@ -27,7 +27,12 @@ from fedllm.features.types import ClientRow, Download, EvalRow, RoundResult, Tra
 from fedllm.model import packing, wire
 from fedllm.recipe.schema import RunConfig
 from fedllm.server.evaluation import evaluation_panel, read_evaluations
-from fedllm.server.replies import check_claims, frozen_A, refuse_shared_partitions
+from fedllm.server.replies import (
+    check_claims,
+    frozen_A,
+    malformed_row,
+    refuse_shared_partitions,
+)
 
 log = logging.getLogger("fedllm.server")
 
@@ -248,15 +253,9 @@ class LoraStrategy(Strategy):
             try:
                 parsed[node] = self.read_reply(node, msg.content)
             except Exception as err:  # anything a client sends must not end the round
-                log.warning("round %d: node %s sent a malformed reply: %s", server_round, node, err)
-                reason = f"malformed reply: {err}"
-                known = self.node_partitions.get(node)
-                row = ClientRow(server_round, node, "rejected", partition=known, reason=reason)
-                rows.append(row)
+                known, may_hold = self.node_partitions.get(node), self.may_train([node])
+                rows.append(malformed_row(server_round, node, err, known=known, may_hold=may_hold))
         refuse_shared_partitions(server_round, parsed, rows)
-        for row in rows:  # after every readable reply has taught its node's partition
-            if row.status == "rejected" and row.reply is None:
-                row.may_hold = tuple(self.may_train([row.node]))
         known = dict(self.node_ranks), dict(self.node_partitions), set(self.seen)
         accepted = self.screen(server_round, parsed, rows)
         result = RoundResult(sampled=sampled, rows=rows, replies=len(replies))
