@@ -15,6 +15,11 @@ PUBLIC_KEYS = frozenset(
 )
 
 
+def _charges(plan: Mapping[str, Any]) -> dict[str, tuple[float, float, int]]:
+    """key -> (σ, q, steps) as plain numbers (a plan, or the lists a checkpoint holds)."""
+    return {key: (float(s), float(q), int(n)) for key, (s, q, n) in plan.items()}
+
+
 class Account:
     """A ledger of spent ε for one run, and the check that a planned round stays in budget."""
 
@@ -28,7 +33,7 @@ class Account:
     def stop(self, server_round: int, plan: Mapping[str, tuple[float, float, int]]) -> str | None:
         """Why round `server_round` (charging `plan`: key -> (σ, q, steps)) must not run; the
         plan is kept as the pending charge (`charge_pending`)."""
-        self.pending = {key: (float(s), float(q), int(n)) for key, (s, q, n) in plan.items()}
+        self.pending = _charges(plan)
         if self.budget is None:
             return None
         after = self.ledger.epsilon_if(plan)
@@ -66,5 +71,4 @@ class Account:
                 f"privacy.mode={self.mode!r} would not count the rounds already run"
             )
         self.ledger.load_state_dict(state["ledger"])
-        pending = state.get("pending") or {}
-        self.pending = {key: (float(s), float(q), int(n)) for key, (s, q, n) in pending.items()}
+        self.pending = _charges(state.get("pending") or {})

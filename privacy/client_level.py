@@ -19,9 +19,9 @@ from fedllm.privacy.budget import PUBLIC_KEYS, Account
 from fedllm.privacy.client_dp import ClientLevelDP, privatize_locally
 from fedllm.privacy.plan import (
     DELTA_FACTOR,
+    client_level_round,
     client_noise_multiplier,
     planned_clients,
-    seen_noise_multiplier,
 )
 from fedllm.recipe.schema import RunConfig
 
@@ -65,7 +65,7 @@ class ClientLevel(Feature):
         super().__init__(cfg)
         p = cfg.privacy
         self.z = client_noise_multiplier(cfg)
-        self.seen_z = seen_noise_multiplier(cfg)  # what the server sees of one update
+        self.round_charge = client_level_round(cfg)  # (seen z, q = 1, 1 step) a round
         self.freeze_a = round_spec(cfg.aggregator.name).freeze_A
         self.dp = ClientLevelDP(
             get(cfg.aggregator.name),
@@ -111,15 +111,23 @@ class ClientLevel(Feature):
     def before_round(
         self, server_round: int, *, partitions: Sequence[int], sampled: int
     ) -> str | None:
-        return self.account.stop(server_round, {FEDERATION: (self.seen_z, 1.0, 1)})
+        return self.account.stop(server_round, {FEDERATION: self.round_charge})
 
     def lost_round(self, server_round: int, *, partitions: Sequence[int], sampled: int) -> None:
         """Charge the lost round as a finished one (its updates may have reached the server), at
         the noise planned for it before its clients trained."""
         if not self.account.charge_pending():  # a checkpoint from before the plan was kept
-            self.account.ledger.record(
-                FEDERATION, noise_multiplier=self.seen_z, sample_rate=1.0, steps=1
-            )
+            self._charge_one_round()
+
+    @property
+    def seen_z(self) -> float:
+        """The noise multiplier the server sees of one update (`seen_noise_multiplier`)."""
+        return self.round_charge[0]
+
+    def _charge_one_round(self) -> None:
+        """One round at `client_level_round`: the noise the server sees of one update."""
+        sigma, q, steps = self.round_charge
+        self.account.ledger.record(FEDERATION, noise_multiplier=sigma, sample_rate=q, steps=steps)
 
     def release(
         self,
@@ -146,7 +154,7 @@ class ClientLevel(Feature):
         ):
             # nothing released, but each client's own noised update reached the server (every
             # reply rejected): what the server saw is charged at the noise of one update
-            ledger.record(FEDERATION, noise_multiplier=self.seen_z, sample_rate=1.0, steps=1)
+            self._charge_one_round()
         for row in result.rows:
             row.fields["epsilon"] = ledger.epsilon(FEDERATION)
         self.account.annotate(server_row)

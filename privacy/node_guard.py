@@ -33,7 +33,12 @@ from fedllm.features.node_state import restore_node_state, save_node_state
 from fedllm.features.registry import register
 from fedllm.features.types import ClientPlan, ClientRound
 from fedllm.privacy.accounting import PrivacyLedger, epsilon
-from fedllm.privacy.plan import client_noise_multiplier, sample_plan, seen_noise_multiplier
+from fedllm.privacy.plan import (
+    client_level_round,
+    client_noise_multiplier,
+    sample_plan,
+    seen_noise_multiplier,
+)
 from fedllm.recipe.schema import RunConfig
 
 LEDGER_KEY = "fedllm.node-privacy-ledger"  # a ConfigRecord in the node's context.state
@@ -78,14 +83,6 @@ def _positive(node_config: Mapping[str, Any], key: str, *, example: str) -> floa
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"node config {key}={raw!r}: must be a number > 0, e.g. {key}={example}")
     return value
-
-
-def client_level_round(cfg: RunConfig) -> tuple[float, float, int]:
-    """(σ, q, steps) that one client-level DP round charges, as the server's ledger charges it
-    (`ClientLevel.before_round` / `record`): one Gaussian step at q = 1 (who takes part is public,
-    so no amplification by sampling) with the noise multiplier the server sees of one update
-    (`seen_noise_multiplier`: z at the server, z/√m with each client adding its own share)."""
-    return seen_noise_multiplier(cfg), 1.0, 1
 
 
 def planned_client_epsilon(cfg: RunConfig) -> float:

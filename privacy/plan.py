@@ -105,6 +105,14 @@ def seen_noise_multiplier(cfg: RunConfig) -> float:
     return z / math.sqrt(planned_clients(cfg)) if cfg.privacy.noise_at == "client" else z
 
 
+def client_level_round(cfg: RunConfig) -> tuple[float, float, int]:
+    """(σ, q, steps) that one client-level DP round charges, in the server's ledger
+    (`ClientLevel`) and a node's own (`node_guard`): one Gaussian step at q = 1 (who takes part is
+    public, so no amplification by sampling) with the noise multiplier the server sees of one
+    update (`seen_noise_multiplier`: z at the server, z/√m with each client adding its share)."""
+    return seen_noise_multiplier(cfg), 1.0, 1
+
+
 def check_shards(cfg: RunConfig) -> None:
     """Every client's shard (as the recipe splits its data) against the DP settings, as a
     ConfigError before any training; a deployed node checks its own data again at its start."""
