@@ -95,11 +95,15 @@ def save_node_state(
     return path
 
 
+def _files(folder: Path, key: str) -> list[Path]:
+    """Where `key` may be kept, newest first: the last save, then the one it replaced."""
+    return [folder / f"{key}{tag}.{suffix}" for tag in ("", ".prev") for suffix in SUFFIXES]
+
+
 def has_node_state(rnd: ClientRound, key: str, *, uncovered: bool) -> bool:
     """Whether this client wrote `key` at all (of any round)."""
     folder = node_state_dir(rnd, uncovered=uncovered)
-    names = [f"{key}{tag}.{suffix}" for tag in ("", ".prev") for suffix in SUFFIXES]
-    return folder is not None and any((folder / name).exists() for name in names)
+    return folder is not None and any(path.exists() for path in _files(folder, key))
 
 
 def _read(path: Path) -> tuple[dict, ArrayRecord | ConfigRecord]:
@@ -112,8 +116,12 @@ def _read(path: Path) -> tuple[dict, ArrayRecord | ConfigRecord]:
 
 
 def _round(path: Path) -> int | None:
+    """The round a saved state file was written in (its metadata only), or None."""
     try:
-        return int(_read(path)[0]["round"])
+        if path.suffix == ".safetensors":  # the header alone: the tensors stay on disk
+            with safe_open(str(path), framework="pt") as f:
+                return int((f.metadata() or {})["round"])
+        return int(json.loads(path.read_text())["round"])
     except (OSError, ValueError, KeyError, TypeError, SafetensorError):
         return None
 
@@ -129,8 +137,7 @@ def restore_node_state(
     folder = node_state_dir(rnd, uncovered=uncovered)
     if key in rnd.state or folder is None:
         return False
-    for name in [f"{key}{tag}.{suffix}" for tag in ("", ".prev") for suffix in SUFFIXES]:
-        path = folder / name
+    for path in _files(folder, key):
         if not path.exists():
             continue
         try:
