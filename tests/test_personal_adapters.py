@@ -145,38 +145,20 @@ def test_a_fedsa_round_lost_to_a_crash_starts_again_from_the_B_before_it(tmp_pat
     module, A = "model.layers.0.self_attn.q_proj", torch.ones(2, 3)
     feature = PersonalAdapter(cfg)
 
+    def at(server_round: int) -> ClientRound:  # partition 1 of a fresh node, rank 2
+        plan = ClientPlan(1, 2, 0.0, None)
+        spec, config = RoundSpec(local_B=True), ConfigRecord({})
+        return ClientRound(cfg, 1, server_round, spec, config, {}, RecordDict(), 0, plan)
+
     def trained(server_round: int, value: float) -> None:
-        state = RecordDict()
-        rnd = ClientRound(
-            cfg,
-            1,
-            server_round,
-            RoundSpec(local_B=True),
-            ConfigRecord({}),
-            {},
-            state,
-            0,
-            ClientPlan(1, 2, 0.0, None),
-        )
         B = torch.full((4, 2), value)
         update = ClientUpdate({module: Factors(B, A, 2.0)}, {module: Factors(B, A, 2.0)}, 2)
-        feature.post_process(update, rnd)
+        feature.post_process(update, at(server_round))
 
     def start(server_round: int) -> float:
-        state = RecordDict()
-        rnd = ClientRound(
-            cfg,
-            1,
-            server_round,
-            RoundSpec(local_B=True),
-            ConfigRecord({}),
-            {},
-            state,
-            0,
-            ClientPlan(1, 2, 0.0, None),
-        )
+        rnd = at(server_round)
         feature.start({}, rnd)
-        return float(state[LOCAL_B].to_torch_state_dict()[module][0, 0])
+        return float(rnd.state[LOCAL_B].to_torch_state_dict()[module][0, 0])
 
     trained(2, 2.0)
     trained(3, 3.0)  # the lost attempt at round 3
