@@ -15,6 +15,7 @@ or duplicated one is dropped with a logged reason and the round's loss is the ot
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -29,6 +30,8 @@ from fedllm.model.adapters import attach_lora, write_factors
 from fedllm.model.base import cached_base_model
 from fedllm.recipe.schema import RunConfig
 from fedllm.server.replies import shared_partitions
+
+log = logging.getLogger("fedllm.server")
 
 
 def panel_size(spec: str | int | float, num_nodes: int) -> int:
@@ -98,6 +101,29 @@ def read_evaluations(
         del rows[node]
         dropped[node] = reason
     return list(rows.values()), dropped
+
+
+def evaluate_round(
+    replies: Sequence[Message],
+    *,
+    server_round: int,
+    cfg: RunConfig,
+    partitions: Mapping[int, int],
+) -> tuple[tuple[float, int] | None, list[EvalRow], dict[int, str]]:
+    """((token-weighted held-out loss, tokens) or None, one row per client, why each dropped
+    reply was dropped): a bad reply never ends the round or moves its loss; each is logged."""
+    for msg in replies:
+        if msg.has_error():
+            node, why = msg.metadata.src_node_id, msg.error.reason
+            log.warning("round %d: node %s failed to evaluate: %s", server_round, node, why)
+    rows, dropped = read_evaluations(
+        replies, server_round=server_round, cfg=cfg, partitions=partitions
+    )
+    for node, reason in dropped.items():
+        log.warning("round %d: dropped node %s's evaluation: %s", server_round, node, reason)
+    tokens = sum(r.tokens for r in rows)
+    nll = sum(r.held_out_loss * r.tokens for r in rows)
+    return ((nll / tokens, tokens) if tokens else None), rows, dropped
 
 
 class TestSetEvaluator:
