@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from .base import Aggregate, Factors, RoundSpec, register, reject_options
+from .base import Aggregate, Factors, RoundSpec, reject_options
+from .registry import register
 from .svd import svd
 
 CLIENT_OPTIONS = ("local_fraction",)  # read by the clients only (sdflora_local)

@@ -38,11 +38,11 @@ from .base import (
     carried_factors,
     normalized_weights,
     padded_mean,
-    register,
     reject_options,
 )
 from .linalg import split_triplets, svd_factors
 from .lorafair import fair_correction
+from .registry import register
 
 STATE_KEYS = ("residual_B", "residual_A")
 GAUGES = ("balanced", "rows")

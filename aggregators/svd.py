@@ -11,8 +11,9 @@ from typing import Any
 
 import torch
 
-from .base import Aggregate, Factors, normalized_weights, register, reject_options
+from .base import Aggregate, Factors, normalized_weights, reject_options
 from .linalg import factored_svd
+from .registry import register
 
 
 @register("svd")

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fedllm.aggregators.base import Factors, get, round_spec
+from fedllm.aggregators.base import Factors
+from fedllm.aggregators.registry import get, round_spec
 from fedllm.features.base import Feature
 from fedllm.features.registry import register
 from fedllm.features.types import ClientRound, ClientUpdate, RoundResult

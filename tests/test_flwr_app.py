@@ -26,10 +26,10 @@ from flwr.cli.build import build_fab_from_files
 from flwr.common.config import flatten_dict, fuse_dicts, parse_config_args
 from pydantic import BaseModel
 
-import fedllm.aggregators.base as aggregator_base
+import fedllm.aggregators.registry as aggregator_registry
 import fedllm.features.registry as feature_registry
 from fedllm.aggregators import available
-from fedllm.aggregators.base import _option_defaults
+from fedllm.aggregators.registry import _option_defaults
 from fedllm.deploy.app_check import check_fab
 from fedllm.deploy.app_config import (
     APP_KEYS,
@@ -118,8 +118,8 @@ def test_a_new_aggregator_or_feature_appears_in_the_table(monkeypatch) -> None:
         name = "knobbed_feature"
 
     monkeypatch.setattr(Knobbed, "Options", Options)
-    monkeypatch.setitem(aggregator_base._REGISTRY, "knobbed", knobbed)
-    monkeypatch.setitem(aggregator_base._ROUNDS, "knobbed", aggregator_base.RoundSpec())
+    monkeypatch.setitem(aggregator_registry._REGISTRY, "knobbed", knobbed)
+    monkeypatch.setitem(aggregator_registry._ROUNDS, "knobbed", aggregator_registry.RoundSpec())
     monkeypatch.setitem(feature_registry._FEATURES, "knobbed_feature", Knobbed)
     table = config_table()
     for key in ("aggregator.options.knob", "features.knobbed_feature.strength"):

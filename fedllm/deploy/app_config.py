@@ -64,7 +64,7 @@ def _section(annotation: object) -> type[BaseModel] | None:
 def _aggregator_option_keys(prefix: str) -> list[str]:
     """`aggregator.options.<option>` for every option of every registered aggregator."""
     from fedllm.aggregators import available
-    from fedllm.aggregators.base import option_names
+    from fedllm.aggregators.registry import option_names
 
     return [prefix + o for o in sorted({o for n in available() for o in option_names(n)})]
 

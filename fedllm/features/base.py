@@ -25,7 +25,8 @@ import torch
 from flwr.app import ArrayRecord, RecordDict
 from pydantic import BaseModel
 
-from fedllm.aggregators.base import Factors, round_spec
+from fedllm.aggregators.base import Factors
+from fedllm.aggregators.registry import round_spec
 from fedllm.features.types import (
     ClientPlan,
     ClientRound,

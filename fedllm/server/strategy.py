@@ -19,8 +19,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedllm.aggregators.base import Aggregate, Factors, get, round_spec
+from fedllm.aggregators.base import Aggregate, Factors
 from fedllm.aggregators.per_module import map_modules
+from fedllm.aggregators.registry import get, round_spec
 from fedllm.aggregators.screen import aggregate_problem, screen
 from fedllm.features.base import Feature
 from fedllm.features.types import ClientRow, Download, EvalRow, RoundResult, TrainReply
