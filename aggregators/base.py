@@ -10,9 +10,17 @@ import math
 import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 import torch
+from pydantic import Field
+
+# Types for a method's keyword options: `registry.check_options` checks a recipe's values against
+# a method's annotations when the recipe loads, before any client trains (a `Literal[...]` lists
+# the allowed words); an option without annotation is checked against its default's type only.
+NonNegativeInt = Annotated[int, Field(ge=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
 @dataclass(frozen=True)

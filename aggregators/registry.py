@@ -14,9 +14,12 @@ import importlib.metadata
 import inspect
 import numbers
 import pkgutil
+import typing
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
 
 from fedllm.suggest import did_you_mean
 
@@ -42,11 +45,43 @@ def register(
     def decorate(fn: AggregatorFn) -> AggregatorFn:
         if name in _REGISTRY and _REGISTRY[name] is not fn:
             raise ValueError(f"aggregator {name!r} is already registered")
+        _check_signature(name, fn)
         _REGISTRY[name] = fn
         _ROUNDS[name] = rounds
         return fn
 
     return decorate
+
+
+def _check_signature(name: str, fn: Callable[..., Any]) -> None:
+    """TypeError unless `fn` takes what the strategy passes every method: the updates and weights
+    by position and `global_rank`, `state`, `seed` by keyword (`AggregatorFn`). Found when the
+    method registers, not after the first round's clients have trained."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # no introspectable signature: trusted as it is
+        return
+    kinds = [p.kind for p in params.values()]
+    if inspect.Parameter.VAR_KEYWORD in kinds:
+        keywords_ok: list[str] = []
+    else:
+        keywords_ok = [
+            k
+            for k in STRATEGY_KEYWORDS
+            if k not in params or params[k].kind is inspect.Parameter.POSITIONAL_ONLY
+        ]
+    positional = [
+        k
+        for k in kinds
+        if k in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    if keywords_ok or (len(positional) < 2 and inspect.Parameter.VAR_POSITIONAL not in kinds):
+        raise TypeError(
+            f"aggregator {name!r}: {getattr(fn, '__qualname__', fn)!r} must take "
+            f"(updates, weights, *, global_rank=None, state=None, seed=0, **its options): "
+            f"the strategy passes all of them every round"
+            + (f"; missing {keywords_ok}" if keywords_ok else "")
+        )
 
 
 def round_spec(name: str) -> RoundSpec:
@@ -129,7 +164,8 @@ def _discover_once() -> None:
 
 
 # the arguments every method gets from the strategy, never from aggregator.options
-_NOT_OPTIONS = frozenset({"updates", "weights", "global_rank", "state", "seed"})
+STRATEGY_KEYWORDS = ("global_rank", "state", "seed")
+_NOT_OPTIONS = frozenset({"updates", "weights", *STRATEGY_KEYWORDS})
 
 
 def option_names(name: str) -> list[str]:
@@ -170,14 +206,37 @@ def _type_problem(default: Any, value: Any) -> str | None:
     return None
 
 
+def _annotation_problem(hint: Any, value: Any) -> str | None:
+    """What `value` should be if the annotation `hint` refuses it (pydantic, strict: no "8" for
+    an int, no bool for a number), else None."""
+    try:
+        TypeAdapter(hint).validate_python(value, strict=True)
+    except ValidationError as err:
+        what = err.errors()[0]["msg"].removeprefix("Input should be ")
+        return f"a value {what}" if what.startswith(("greater", "less")) else what
+    except Exception:  # an annotation pydantic cannot build a validator for: not checked
+        return None
+    return None
+
+
+def _option_hints(fn: Callable[..., Any]) -> dict[str, Any]:
+    """The method's resolved annotations ({} if they cannot be resolved: defaults' types then)."""
+    try:
+        return typing.get_type_hints(fn, include_extras=True)
+    except Exception:  # a name only imported under TYPE_CHECKING, a non-function callable, ...
+        return {}
+
+
 def check_options(name: str, options: Mapping[str, Any]) -> None:
     """Bind `aggregator.options` to the method's signature so a typo fails before any training.
 
     Valid keys are the keyword parameters (other than updates, weights, global_rank, state, seed)
     and the method's RoundSpec.client_options. Raises ValueError naming each unknown key (with a
-    close match), required key left unset, or value obviously not of its default's type.
+    close match), required key left unset, and value its annotation refuses (`Literal` words,
+    `NonNegativeInt`, ...: base.py) or, unannotated, obviously not of its default's type.
     """
     defaults = _option_defaults(name)
+    hints = _option_hints(get(name))
     valid = sorted(defaults)
     problems: list[str] = []
     for key, value in options.items():
@@ -187,7 +246,10 @@ def check_options(name: str, options: Mapping[str, Any]) -> None:
             listed = f"valid: {', '.join(valid)}" if valid else f"{name!r} takes no options"
             problems.append(f"{dotted}: unknown option of {name!r}{hint}; {listed}")
             continue
-        expected = _type_problem(defaults[key], value)
+        if hints.get(key, Any) is not Any:
+            expected = _annotation_problem(hints[key], value)
+        else:
+            expected = _type_problem(defaults[key], value)
         if expected is not None:
             problems.append(
                 f"{dotted}: {name!r} expects {expected} (default {defaults[key]!r}), "

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import math
 import pkgutil
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -14,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from fedllm import aggregators
-from fedllm.aggregators import Aggregate, available, get, register, registry
+from fedllm.aggregators import Aggregate, Factors, available, get, register, registry
 from fedllm.aggregators.base import ADAPTER_STATE, RoundSpec
 
 
@@ -230,9 +233,10 @@ def test_check_options_on_a_method_without_options() -> None:
     ("name", "options"),
     [
         ("squeeze", {"method": "exact", "oversample": 4, "correction": False, "lam": 0.5}),
-        ("squeeze", {"residual_rank": 4}),  # default None: any value (the method checks it)
+        ("squeeze", {"residual_rank": 4}),  # default None, annotated: an int >= 0 or None
+        ("squeeze", {"residual_rank": None, "gauge": "rows", "row_norm": 1}),
         ("svd", {"power_iters": 0}),
-        ("lorafair", {"lam": 1, "solver": "gd", "steps": 10, "lr": 0.1}),  # int where float
+        ("lorafair", {"lam": 1, "solver": "iterative", "steps": 10, "lr": 0.1}),  # int for float
         ("ffa", {"atol": 0}),
         ("hetlora", {"prune_lambda": 0.05, "prune_gamma": 0.25, "min_rank": 2}),  # client options
     ],
@@ -253,15 +257,15 @@ def test_check_options_suggests_client_options() -> None:
 @pytest.mark.parametrize(
     ("name", "key", "value", "expected"),
     [
-        ("squeeze", "oversample", "8", "an int"),
-        ("squeeze", "oversample", 8.0, "an int"),
-        ("squeeze", "oversample", True, "an int"),  # a bool is not an int
-        ("squeeze", "correction", 1, "a bool"),
-        ("squeeze", "correction", "yes", "a bool"),
-        ("lorafair", "lam", "0.1", "a float"),
-        ("lorafair", "lam", False, "a float"),
-        ("svd", "method", 3, "a str"),
-        ("svd", "method", None, "a str"),
+        ("squeeze", "oversample", "8", "a valid integer"),
+        ("squeeze", "oversample", 8.5, "a valid integer"),
+        ("squeeze", "oversample", True, "a valid integer"),  # a bool is not an int
+        ("squeeze", "correction", 1, "a valid boolean"),
+        ("squeeze", "correction", "yes", "a valid boolean"),
+        ("lorafair", "lam", "0.1", "a valid number"),
+        ("lorafair", "lam", False, "a valid number"),
+        ("svd", "method", 3, "'auto', 'exact', 'rsvd' or 'dense'"),
+        ("svd", "method", None, "'auto', 'exact', 'rsvd' or 'dense'"),
     ],
 )
 def test_check_options_rejects_an_obviously_wrong_type(
@@ -274,11 +278,42 @@ def test_check_options_rejects_an_obviously_wrong_type(
         registry.check_options(name, {key: value})
 
 
+@pytest.mark.parametrize(
+    ("name", "options", "expected"),
+    [  # what used to pass `fedllm validate` and fail only at the first aggregation
+        ("squeeze", {"gauge": "bogus"}, "gauge: 'squeeze' expects 'balanced' or 'rows'"),
+        ("squeeze", {"oversample": -5}, "oversample: 'squeeze' expects a value greater than or"),
+        ("squeeze", {"residual_rank": -1}, "residual_rank: 'squeeze' expects a value greater"),
+        ("squeeze", {"row_norm": math.inf}, "row_norm: 'squeeze' expects a finite number"),
+        ("squeeze", {"lam": -0.1}, "lam: 'squeeze' expects a value greater than or equal to 0"),
+        ("lorafair", {"solver": "gd"}, "solver: 'lorafair' expects 'closed' or 'iterative'"),
+        ("lorafair", {"lr": 0}, "lr: 'lorafair' expects a value greater than 0"),
+        ("sdflora", {"method": "svd"}, "method: 'sdflora' expects 'auto', 'exact', 'rsvd' or"),
+        ("ffa", {"atol": -1e-3}, "atol: 'ffa' expects a value greater than or equal to 0"),
+    ],
+)
+def test_check_options_refuses_a_value_outside_the_annotation(
+    name: str, options: dict[str, Any], expected: str
+) -> None:
+    with pytest.raises(ValueError, match=f"^aggregator\\.options\\.{re.escape(expected)}"):
+        registry.check_options(name, options)
+
+
+def test_the_annotation_and_the_method_agree_on_what_is_valid() -> None:
+    """The method refuses at round time what check_options refuses at load time."""
+    u = Factors(torch.ones(3, 2), torch.ones(2, 4), 1.0)
+    for options in ({"gauge": "bogus"}, {"residual_rank": -1}, {"row_norm": math.inf}):
+        with pytest.raises(ValueError):
+            registry.check_options("squeeze", options)
+        with pytest.raises(ValueError):
+            get("squeeze")([u, u], [1.0, 1.0], **options)
+
+
 def test_check_options_names_every_problem_at_once() -> None:
     with pytest.raises(ValueError) as info:
         registry.check_options("svd", {"oversample": "8", "power_iter": 1})
     message = str(info.value)
-    assert "aggregator.options.oversample: 'svd' expects an int" in message
+    assert "aggregator.options.oversample: 'svd' expects a valid integer" in message
     assert "aggregator.options.power_iter: unknown option of 'svd'" in message
 
 
@@ -291,6 +326,8 @@ def test_check_options_binds_third_party_signatures(monkeypatch: pytest.MonkeyPa
         return Aggregate(updates[0])
 
     registry.check_options("needs_tau", {"tau": 2.0, "mix": 1, "local_mu": "anything"})
+    with pytest.raises(ValueError, match=r"mix: 'needs_tau' expects a float \(default 0.5\)"):
+        registry.check_options("needs_tau", {"tau": 2.0, "mix": "half"})  # unannotated: default
     with pytest.raises(ValueError, match=r"^aggregator.options.tau: required by 'needs_tau'"):
         registry.check_options("needs_tau", {"mix": 0.1})
     with pytest.raises(ValueError, match=r"valid: local_mu, mix, tau$"):
@@ -300,3 +337,28 @@ def test_check_options_binds_third_party_signatures(monkeypatch: pytest.MonkeyPa
 def test_check_options_of_an_unknown_method_raises_like_get() -> None:
     with pytest.raises(KeyError, match="Did you mean 'squeeze'"):
         registry.check_options("squeez", {})
+
+
+@pytest.mark.parametrize(
+    "signature",
+    [
+        "def bad(updates, weights, *, k=1)",  # no global_rank/state/seed: the strategy passes them
+        "def bad(updates, weights, global_rank, state, /, seed=0)",  # positional only
+        "def bad(updates, *, global_rank=None, state=None, seed=0)",  # no weights
+    ],
+)
+@pytest.mark.usefixtures("isolated_registry")
+def test_a_method_that_cannot_take_the_strategys_arguments_is_refused_at_register(
+    signature: str,
+) -> None:
+    namespace: dict[str, Any] = {}
+    exec(f"{signature}:\n    return None", namespace)
+    with pytest.raises(TypeError, match=r"aggregator 'bad_sig'.*must take \(updates, weights"):
+        register("bad_sig")(namespace["bad"])
+    assert "bad_sig" not in available()
+
+
+@pytest.mark.usefixtures("isolated_registry")
+def test_a_method_taking_every_keyword_by_kwargs_registers() -> None:
+    register("kw_only_sig")(lambda updates, weights, **kw: Aggregate(updates[0]))
+    assert "kw_only_sig" in available()
