@@ -206,6 +206,14 @@ def _type_problem(default: Any, value: Any) -> str | None:
     return None
 
 
+_SAME_WORDS = {
+    "a valid integer": "an int",
+    "a valid boolean": "a bool (true/false)",
+    "a valid number": "a float",
+    "a valid string": "a str",
+}
+
+
 def _annotation_problem(hint: Any, value: Any) -> str | None:
     """What `value` should be if the annotation `hint` refuses it (pydantic, strict: no "8" for
     an int, no bool for a number), else None."""
@@ -213,6 +221,7 @@ def _annotation_problem(hint: Any, value: Any) -> str | None:
         TypeAdapter(hint).validate_python(value, strict=True)
     except ValidationError as err:
         what = err.errors()[0]["msg"].removeprefix("Input should be ")
+        what = _SAME_WORDS.get(what, what)  # as `_type_problem` says it
         return f"a value {what}" if what.startswith(("greater", "less")) else what
     except Exception:  # an annotation pydantic cannot build a validator for: not checked
         return None

@@ -257,13 +257,13 @@ def test_check_options_suggests_client_options() -> None:
 @pytest.mark.parametrize(
     ("name", "key", "value", "expected"),
     [
-        ("squeeze", "oversample", "8", "a valid integer"),
-        ("squeeze", "oversample", 8.5, "a valid integer"),
-        ("squeeze", "oversample", True, "a valid integer"),  # a bool is not an int
-        ("squeeze", "correction", 1, "a valid boolean"),
-        ("squeeze", "correction", "yes", "a valid boolean"),
-        ("lorafair", "lam", "0.1", "a valid number"),
-        ("lorafair", "lam", False, "a valid number"),
+        ("squeeze", "oversample", "8", "an int"),
+        ("squeeze", "oversample", 8.5, "an int"),
+        ("squeeze", "oversample", True, "an int"),  # a bool is not an int
+        ("squeeze", "correction", 1, "a bool"),
+        ("squeeze", "correction", "yes", "a bool"),
+        ("lorafair", "lam", "0.1", "a float"),
+        ("lorafair", "lam", False, "a float"),
         ("svd", "method", 3, "'auto', 'exact', 'rsvd' or 'dense'"),
         ("svd", "method", None, "'auto', 'exact', 'rsvd' or 'dense'"),
     ],
@@ -313,7 +313,7 @@ def test_check_options_names_every_problem_at_once() -> None:
     with pytest.raises(ValueError) as info:
         registry.check_options("svd", {"oversample": "8", "power_iter": 1})
     message = str(info.value)
-    assert "aggregator.options.oversample: 'svd' expects a valid integer" in message
+    assert "aggregator.options.oversample: 'svd' expects an int" in message
     assert "aggregator.options.power_iter: unknown option of 'svd'" in message
 
 
