@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import warnings
 from collections.abc import Iterator, Sequence
 from importlib import metadata
 from types import ModuleType
@@ -59,16 +60,29 @@ def _folder_tasks() -> Iterator[type[EvalTask]]:
 
 
 def _entry_point_tasks() -> Iterator[type[EvalTask]]:
+    """The tasks of each entry point; one that fails to load, or names neither a module nor a
+    registered task, is skipped with a warning (a broken plugin must not stop every eval)."""
     for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        target = entry.load()
+        where = f"eval task entry point {entry.name} = {entry.value} ({ENTRY_POINT_GROUP})"
+        try:
+            target = entry.load()
+        except Exception as err:  # any import error of third-party code
+            warnings.warn(
+                f"{where} failed to load and was skipped: {type(err).__name__}: {err}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            continue
         if isinstance(target, ModuleType):
             yield from _defined_in(target)
         elif is_registered(target):
             yield target
         else:
-            raise TypeError(
-                f"entry point {entry.name} = {entry.value} in {ENTRY_POINT_GROUP} is neither a "
-                "module nor an EvalTask class decorated with @register_task"
+            warnings.warn(
+                f"{where} is neither a module nor an EvalTask class decorated with "
+                "@register_task; skipped",
+                RuntimeWarning,
+                stacklevel=2,
             )
 
 

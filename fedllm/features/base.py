@@ -60,6 +60,9 @@ class Feature:
     # True: the clients train an adapter of this feature's own shape (parallel modules, nested
     # prefixes, a local part); features that reshape the adapter themselves refuse it
     own_adapter_shape: ClassVar[bool] = False
+    # True: `train` returns its own result (DP-SGD), so the plain local steps never run, nor any
+    # feature's `regularizers` or `stage`; the registry refuses a recipe that combines them
+    replaces_trainer: ClassVar[bool] = False
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -136,7 +139,8 @@ class Feature:
         return []
 
     def train(self, model: torch.nn.Module, rnd: ClientRound, *, steps: int) -> TrainResult | None:
-        """Run the local steps in this feature's own way (e.g. DP-SGD), or None for plain steps."""
+        """Run the local steps in this feature's own way (e.g. DP-SGD: set `replaces_trainer`),
+        or None for plain steps."""
         return None
 
     def stage(self, model: torch.nn.Module, rnd: ClientRound, *, done: int, steps: int) -> int:
