@@ -238,3 +238,32 @@ def test_an_override_turns_off_a_feature_the_recipe_has() -> None:
     assert off.fingerprint() == load_recipe(fedprox, ["features={}"]).fingerprint()
     with pytest.raises(ConfigError, match=r"features\.fedprox"):
         load_recipe(fedprox, ["features.fedprox=true"])
+
+
+def test_a_number_in_exponent_form_is_a_float_in_the_file_and_on_the_command_line(
+    tmp_path: Path,
+) -> None:
+    """PyYAML (YAML 1.1) reads `1e-3` as text; recipes read it as YAML 1.2 does, a float."""
+    path = tmp_path / "r.yaml"
+    text = TINY_RECIPE.read_text().replace("aggregator:", "aggregator:\n  options: {lam: 1e-3}", 1)
+    path.write_text(text)
+    cfg = load_recipe(path, [f"output_dir={tmp_path}", "aggregator.name=squeeze"])
+    lam = cfg.aggregator.options["lam"]
+    assert lam == 0.001 and isinstance(lam, float)
+    cfg = load_recipe(path, ["aggregator.name=squeeze", "federation.lr=2e-4"])
+    assert cfg.federation.lr == 0.0002
+    assert parse_overrides(["a=1E+3", "b=-5e-1", "c=3", "d=x1e3", "e='1e-3'"]) == {
+        "a": 1000.0,
+        "b": -0.5,
+        "c": 3,
+        "d": "x1e3",
+        "e": "1e-3",
+    }
+
+
+def test_a_name_yaml_would_read_as_a_date_or_number(tmp_path: Path) -> None:
+    cfg = load_recipe(TINY_RECIPE, [f"output_dir={tmp_path}", "name=2024-01-01"])
+    assert cfg.name == "2024-01-01"  # no dates in recipes: the text
+    for value, kind in (("20240101", "a number"), ("no", "true/false")):
+        with pytest.raises(ConfigError, match=rf"name: .*YAML reads it as {kind}: quote it"):
+            load_recipe(TINY_RECIPE, [f"name={value}"])

@@ -1,7 +1,7 @@
 """The recipe: its typed schema, YAML loading with overrides, and every cross-section check."""
 
 from fedllm.recipe.checks import ConfigError
-from fedllm.recipe.load import build_config, load_recipe, parse_overrides
+from fedllm.recipe.load import build_config, load_recipe, load_yaml, parse_overrides
 from fedllm.recipe.schema import RunConfig
 from fedllm.recipe.schema_model import TierConfig
 
@@ -11,5 +11,6 @@ __all__ = [
     "TierConfig",
     "build_config",
     "load_recipe",
+    "load_yaml",
     "parse_overrides",
 ]

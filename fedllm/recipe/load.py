@@ -42,6 +42,27 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# YAML 1.2 floats: PyYAML (YAML 1.1) reads `1e-3` (no dot) as the string "1e-3", so a learning
+# rate written the usual way would be refused, or kept as text where a value is not typed.
+UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+# No dates: no recipe key holds one, and `name: 2024-01-01` means the text.
+UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in UniqueKeyLoader.yaml_implicit_resolvers.items()
+}
+
+
+def load_yaml(text: str) -> Any:
+    """YAML as recipes read it: safe, a repeated key is an error, `1e-3` is a float."""
+    return yaml.load(text, Loader=UniqueKeyLoader)
+
+
 # A location part that names a member of a union type (`int`, `list[int]`, `RankRule`,
 # `function-after[_ordered(), RankRule]`), not a recipe key.
 UNION_MEMBER = re.compile(r"^(int|float|str|bool|none|[\w-]+\[.*\]|[A-Z]\w*)$")
@@ -104,6 +125,9 @@ def _format_errors(err: ValidationError, source: str) -> str:
         else:
             got = e.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            if e["type"] == "string_type" and isinstance(got, int | float | bool):
+                kind = "true/false" if isinstance(got, bool) else "a number"
+                shown += f"; YAML reads it as {kind}: quote it to keep it text"
             lines.append(f"  {key}: {e['msg']}{shown}")
     return "\n".join(lines)
 
@@ -152,7 +176,7 @@ def _override_value(item: str, raw: str) -> Any:
     if not raw.strip():
         return None
     try:
-        return yaml.safe_load(raw)
+        return load_yaml(raw)
     except yaml.YAMLError as err:
         problem = getattr(err, "problem", None) or "not valid YAML"
         mark = getattr(err, "problem_mark", None)
@@ -195,7 +219,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RunConf
     validate."""
     path = resolve_recipe(path)
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
         raise ConfigError(
             f"recipe {path} is not UTF-8 text (byte {err.object[err.start]:#x} at position "
