@@ -267,3 +267,28 @@ def test_a_name_yaml_would_read_as_a_date_or_number(tmp_path: Path) -> None:
     for value, kind in (("20240101", "a number"), ("no", "true/false")):
         with pytest.raises(ConfigError, match=rf"name: .*YAML reads it as {kind}: quote it"):
             load_recipe(TINY_RECIPE, [f"name={value}"])
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("rounds=3", "rounds: unknown key (did you mean 'federation.rounds'?)"),
+        ("lr=0.1", "lr: unknown key (did you mean 'federation.lr'?)"),  # not 'lora'
+        ("data.rounds=2", "data.rounds: unknown key (did you mean 'federation.rounds'?)"),
+        ("federation.roundz=3", "federation.roundz: unknown key (did you mean 'rounds'?)"),
+        (
+            "lora.tiers=[{nam: a, rank: 2, clients: 3}]",
+            "lora.tiers.0.nam: unknown key (did you mean 'name'?); valid keys here: clients, name,",
+        ),
+        (
+            "devices=[{clients: 3, slowdwn: 2}]",
+            "devices.0.slowdwn: unknown key (did you mean 'slowdown'?); valid keys here: clients,",
+        ),
+    ],
+)
+def test_a_key_in_the_wrong_place_or_a_list_entry_gets_a_suggestion(
+    override: str, expected: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_recipe(TINY_RECIPE, [override])
+    assert expected in str(info.value)

@@ -117,7 +117,10 @@ def _format_errors(err: ValidationError, source: str) -> str:
         if e["type"] == "extra_forbidden":
             parent = _model_at(e["loc"][:-1])
             valid = sorted(parent.model_fields) if parent else []
-            hint = did_you_mean(str(e["loc"][-1]), valid)
+            name = str(e["loc"][-1])
+            hint = did_you_mean(name, valid)
+            if homes := [h for h in _homes(name, RunConfig) if h != key]:  # a section's key
+                hint = f" (did you mean {' or '.join(repr(h) for h in homes)}?)"
             lines.append(f"  {key}: unknown key{hint}; valid keys here: {', '.join(valid)}")
         elif e["type"] == "value_error":
             msg = e["msg"].removeprefix("Value error, ")
@@ -132,20 +135,45 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The models a field holds: itself, a union's forms, a list's or a dict's values."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def _homes(key: str, model: type[BaseModel], prefix: str = "", depth: int = 2) -> list[str]:
+    """Dotted paths below `model` where `key` is a key (`rounds` -> `federation.rounds`): a key
+    written without its section."""
+    found: list[str] = []
+    for name, field in model.model_fields.items():
+        for sub in _models_in(field.annotation)[:1]:
+            if key in sub.model_fields:
+                found.append(f"{prefix}{name}.{key}")
+            elif depth > 1:
+                found += _homes(key, sub, f"{prefix}{name}.", depth - 1)
+    return found
+
+
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The pydantic model class at a dotted location of the schema, for listing valid keys."""
+    """The pydantic model class at a dotted location of the schema, for listing valid keys (a
+    list index or a dict key below a field of models is that model: `lora.tiers.0`)."""
     model: type[BaseModel] = RunConfig
+    inside: type[BaseModel] | None = None  # the element model of the list/dict just entered
     for part in loc:
+        if inside is not None:
+            model, inside = inside, None
+            continue
         field = model.model_fields.get(str(part))
         if field is None:
             return None
-        models = [  # the field's model, also as one form of a union (lora.ranks: RankRule)
-            a
-            for a in (field.annotation, *typing.get_args(field.annotation))
-            if isinstance(a, type) and issubclass(a, BaseModel)
-        ]
+        models = _models_in(field.annotation)  # also one form of a union (lora.ranks: RankRule)
         if not models:
             return None
+        if typing.get_origin(field.annotation) in (list, dict) or any(
+            typing.get_origin(a) in (list, dict) for a in typing.get_args(field.annotation)
+        ):
+            inside = models[0]
         model = models[0]
     return model
 
