@@ -28,10 +28,17 @@ class DataCheck:
     def line(self, cfg: RunConfig) -> str:
         """One line for a person: where the data came from and what each client gets."""
         test = f", {self.test} in the global test set" if self.test else ""
+        empty = [p for p, n in enumerate(self.held_out) if n == 0]
+        none = (
+            f"; partitions {empty} hold no held-out examples, so their held-out loss is not "
+            "measured (raise data.held_out or data.max_examples)"
+            if empty
+            else ""
+        )
         return (
             f"{self.examples} examples from {cfg.data.source!r}{test}; "
             f"{len(self.train)} clients ({cfg.data.partitioner}): train {_span(self.train)}, "
-            f"held out {_span(self.held_out)} each"
+            f"held out {_span(self.held_out)} each{none}"
         )
 
 

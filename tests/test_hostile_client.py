@@ -289,6 +289,24 @@ def test_two_nodes_claiming_one_partition_in_an_evaluation_are_both_dropped() ->
     assert [r.partition for r in rows] == [0] and loss == pytest.approx((2.0, 10))
 
 
+def test_a_client_without_held_out_examples_has_no_row_not_a_loss_of_zero(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An honest client whose shard holds no held-out example replies 0 tokens (loss 0/1 = 0):
+    its row would read held-out loss 0.0000 and perplexity 1.00 in the final table."""
+    from fedllm.server.exchange import describe_evaluation
+
+    s = strategy(recipe())
+    empty = reply(3, None, eval_metrics(2, loss=0.0, tokens=0))
+    replies = [reply(1, None, eval_metrics(0, loss=2.0, tokens=10)), empty]
+    with caplog.at_level(logging.WARNING, logger="fedllm.server"):
+        loss, rows, dropped = s.evaluate_round(1, replies)
+    assert [r.partition for r in rows] == [0] and not dropped
+    assert loss == pytest.approx((2.0, 10))
+    assert any("partitions [2] hold no held-out examples" in r.getMessage() for r in caplog.records)
+    assert describe_evaluation(empty, private=False) == "(partition 2): no held-out examples"
+
+
 # -- a real federation with one hostile node ------------------------------------------------------
 
 

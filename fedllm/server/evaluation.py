@@ -110,8 +110,9 @@ def evaluate_round(
     cfg: RunConfig,
     partitions: Mapping[int, int],
 ) -> tuple[tuple[float, int] | None, list[EvalRow], dict[int, str]]:
-    """((token-weighted held-out loss, tokens) or None, one row per client, why each dropped
-    reply was dropped): a bad reply never ends the round or moves its loss; each is logged."""
+    """((token-weighted held-out loss, tokens) or None, one row per client that has held-out
+    tokens, why each dropped reply was dropped): a bad reply never ends the round or moves its
+    loss; each is logged."""
     for msg in replies:
         if msg.has_error():
             node, why = msg.metadata.src_node_id, msg.error.reason
@@ -121,6 +122,14 @@ def evaluate_round(
     )
     for node, reason in dropped.items():
         log.warning("round %d: dropped node %s's evaluation: %s", server_round, node, reason)
+    if empty := sorted(r.partition for r in rows if r.tokens == 0):  # its loss would read 0.0
+        if server_round <= 1:
+            log.warning(
+                "partitions %s hold no held-out examples: no held-out loss of theirs is "
+                "recorded (raise data.held_out or data.max_examples)",
+                empty,
+            )
+        rows = [r for r in rows if r.tokens > 0]
     tokens = sum(r.tokens for r in rows)
     nll = sum(r.held_out_loss * r.tokens for r in rows)
     return ((nll / tokens, tokens) if tokens else None), rows, dropped

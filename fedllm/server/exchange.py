@@ -119,6 +119,8 @@ def describe_evaluation(reply: Message, *, private: bool) -> str:
         row = EvalRow.parse(0, reply.content["metrics"])
     except (KeyError, ValueError, TypeError) as err:
         return f"sent malformed metrics ({err})"
+    if row.tokens == 0:
+        return f"(partition {row.partition}): no held-out examples"
     return f"(partition {row.partition})" + (
         "" if private else f": held-out loss {row.held_out_loss:.4f}"
     )
