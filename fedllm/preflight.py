@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from fedllm.data.shards import ProcessCache, raw_shard
 from fedllm.model.loading import EMBEDDED, embedded_gguf_path, resolve_model_dir
+from fedllm.privacy.plan import check_shards
 from fedllm.recipe import ConfigError, RunConfig
 from fedllm.server.trackers import check_trackers
 
@@ -94,6 +95,7 @@ def check_machine(cfg: RunConfig) -> list[str]:
     Returns a line for each finding a person would want to see."""
     model = check_model(cfg)
     data = check_data(cfg)
+    check_shards(cfg)  # DP-SGD: δ, batch and the target ε's noise against every shard
     check_trackers(cfg)
     if cfg.simulation.ray_address is None:
         check_gpus(cfg.simulation.num_gpus_per_client)

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 
 from opacus.accountants import create_accountant
 from opacus.accountants.accountant import IAccountant
-from opacus.accountants.utils import get_noise_multiplier
+from opacus.accountants.utils import MAX_SIGMA, get_noise_multiplier
 
 ACCOUNTANTS = ("rdp", "prv")
 FEDERATION = "federation"
@@ -77,15 +77,30 @@ def noise_multiplier_for(
     if steps == 0:
         raise ValueError("steps must be >= 1 to derive a noise multiplier")
     _accountant(accountant)  # validates the name
-    return float(
-        get_noise_multiplier(
+    try:
+        sigma = get_noise_multiplier(
             target_epsilon=target_epsilon,
             target_delta=delta,
             sample_rate=sample_rate,
             steps=steps,
             accountant=accountant,
         )
-    )
+    except ValueError as err:  # Opacus: "The privacy budget is too low." (σ past its search cap)
+        if "too low" not in str(err):
+            raise
+        floor = epsilon(
+            noise_multiplier=MAX_SIGMA,
+            sample_rate=sample_rate,
+            steps=steps,
+            delta=delta,
+            accountant=accountant,
+        )
+        raise ValueError(
+            f"target ε={target_epsilon:g} is below what the {accountant!r} accountant can "
+            f"certify for {steps} steps at q={sample_rate:.3g}, δ={delta:g} with any noise "
+            f"(≈{floor:.3g} at σ={MAX_SIGMA:g}: the δ term alone); raise the target ε or δ"
+        ) from None
+    return float(sigma)
 
 
 class PrivacyLedger:

@@ -114,16 +114,24 @@ def client_level_round(cfg: RunConfig) -> tuple[float, float, int]:
 
 
 def check_shards(cfg: RunConfig) -> None:
-    """Every client's shard (as the recipe splits its data) against the DP settings, as a
-    ConfigError before any training; a deployed node checks its own data again at its start."""
+    """Every client's shard (as the recipe splits its data) against the DP settings, and the
+    noise a target ε needs at its size, as a ConfigError before any training; a deployed node
+    checks its own data again at its start."""
     if cfg.privacy.mode != "sample":
         return
     from fedllm.data.shards import ProcessCache, raw_shard
 
     cache = ProcessCache()  # the split once for every client
+    planned: set[int] = set()  # shard sizes whose σ is found (a target ε is a search)
     try:
         for pid in range(cfg.data.num_clients):
             n_train = len(raw_shard(cfg, pid, cache=cache).train)
             check_shard(cfg, partition=pid, n_train=n_train)
+            if n_train not in planned:
+                try:
+                    sample_plan(cfg, n_train=n_train, partition=pid)
+                except ValueError as err:
+                    raise ValueError(f"privacy.target_epsilon (client {pid}): {err}") from None
+                planned.add(n_train)
     except ValueError as err:
         raise ConfigError(str(err)) from None
