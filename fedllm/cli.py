@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from fedllm.errors import RunFailed
 from fedllm.launch import absolute_paths, prepare, start_run
 from fedllm.recipe import ConfigError, load_recipe
 
@@ -236,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"fedllm: error: {err}", file=sys.stderr)
         return 2
+    except RunFailed as err:
+        print(f"fedllm: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -368,3 +368,25 @@ def test_quiet_flower_keeps_warnings_and_secagg_stage_lines_only() -> None:
         logger.setLevel(saved[0])
         logger.propagate = saved[1]
         logger.filters[:] = saved[2]
+
+
+def test_flowers_client_error_traces_are_dropped_unless_verbose() -> None:
+    """The simulation engine logs a failing ClientApp's exception three times (a header, the Ray
+    worker's traceback, its own): ~150 lines a client a round; fedllm's one line says it."""
+    flwr = logging.getLogger("flwr")
+    own = Records()
+    flwr.addHandler(own)
+    trace = "ray::ClientAppActor.run() ...\nflwr.clientapp.client_app.ClientAppException: \n"
+    engine = "Traceback (most recent call last):\n  File vce_api.py\nClientAppException: x"
+    try:
+        for verbose, kept in ((False, 1), (True, 4)):
+            own.seen.clear()
+            with command_process(verbose=verbose):
+                flwr.error("An exception was raised when processing a message by RayBackend")
+                flwr.error(trace)
+                flwr.error(engine)
+                flwr.error("the SuperLink is unreachable")  # any other error stays
+            assert len(own.seen) == kept, own.seen
+            assert own.seen[-1] == "ERROR the SuperLink is unreachable"
+    finally:
+        flwr.removeHandler(own)

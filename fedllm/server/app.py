@@ -18,6 +18,7 @@ from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedllm.data.shards import ProcessCache
+from fedllm.errors import RunFailed, short_reason
 from fedllm.features import registry
 from fedllm.features.base import Feature
 from fedllm.features.types import RoundResult
@@ -160,10 +161,10 @@ class Run:
             self.grid, messages, timeout=self.timeout, label=label, describe=describe_train
         )
         if replies and len(replies) == len(messages) and all(m.has_error() for m in replies):
-            raise RuntimeError(
+            raise RunFailed(
                 f"round {server_round}: every client failed (first error: "
-                f"{replies[0].error.reason}); rounds up to {server_round - 1} are checkpointed "
-                f"in {self.cfg.run_dir}, fix and use --resume"
+                f"{short_reason(replies[0].error.reason)}); rounds up to {server_round - 1} are "
+                f"checkpointed in {self.cfg.run_dir}, fix and use --resume"
             )
         return s.train_round(server_round, replies, sampled=len(messages))
 

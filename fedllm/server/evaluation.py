@@ -25,6 +25,7 @@ from fedllm.aggregators.base import Factors
 from fedllm.client.train import evaluate_nll
 from fedllm.data import tokenize_all
 from fedllm.data.shards import ProcessCache, global_test_set
+from fedllm.errors import short_reason
 from fedllm.features.types import EvalRow
 from fedllm.model.adapters import attach_lora, write_factors
 from fedllm.model.base import cached_base_model
@@ -115,7 +116,7 @@ def evaluate_round(
     loss; each is logged."""
     for msg in replies:
         if msg.has_error():
-            node, why = msg.metadata.src_node_id, msg.error.reason
+            node, why = msg.metadata.src_node_id, short_reason(msg.error.reason)
             log.warning("round %d: node %s failed to evaluate: %s", server_round, node, why)
     rows, dropped = read_evaluations(
         replies, server_round=server_round, cfg=cfg, partitions=partitions

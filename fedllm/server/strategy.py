@@ -23,6 +23,7 @@ from fedllm.aggregators.base import Aggregate, Factors
 from fedllm.aggregators.per_module import map_modules
 from fedllm.aggregators.registry import get, round_spec
 from fedllm.aggregators.screen import aggregate_problem, screen
+from fedllm.errors import short_reason
 from fedllm.features.base import Feature
 from fedllm.features.types import ClientRow, Download, EvalRow, RoundResult, TrainReply
 from fedllm.model import wire
@@ -210,7 +211,8 @@ class LoraStrategy(Strategy):
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
-                log.warning("round %d: node %s failed: %s", server_round, node, msg.error.reason)
+                why = short_reason(msg.error.reason)  # the row keeps the whole report
+                log.warning("round %d: node %s failed: %s", server_round, node, why)
                 rows.append(ClientRow(server_round, node, "failed", reason=msg.error.reason))
                 continue
             try:
