@@ -236,8 +236,8 @@ def test_an_override_turns_off_a_feature_the_recipe_has() -> None:
     off = load_recipe(fedprox, ["features.fedprox=false"])
     assert "fedprox" not in off.features
     assert off.fingerprint() == load_recipe(fedprox, ["features={}"]).fingerprint()
-    with pytest.raises(ConfigError, match=r"features\.fedprox"):
-        load_recipe(fedprox, ["features.fedprox=true"])
+    on = load_recipe(fedprox, ["features.fedprox=true"])  # on: the recipe's options kept
+    assert on.features == load_recipe(fedprox, []).features and on.features["fedprox"]
 
 
 def test_a_number_in_exponent_form_is_a_float_in_the_file_and_on_the_command_line(
@@ -292,3 +292,15 @@ def test_a_key_in_the_wrong_place_or_a_list_entry_gets_a_suggestion(
     with pytest.raises(ConfigError) as info:
         load_recipe(TINY_RECIPE, [override])
     assert expected in str(info.value)
+
+
+def test_short_forms_turn_things_on_and_an_empty_override_clears(tmp_path: Path) -> None:
+    cfg = load_recipe(TINY_RECIPE, ["features.fedprox=true", "aggregator=fedit"])
+    assert cfg.features == {"fedprox": {}} and cfg.aggregator.name == "fedit"  # defaults
+    path = tmp_path / "r.yaml"
+    text = TINY_RECIPE.read_text().replace("aggregator:", "aggregator:\n  options: {lam: 0.5}", 1)
+    path.write_text(text)
+    kept = load_recipe(path, ["aggregator.name=squeeze", "aggregator.options.oversample=4"])
+    assert kept.aggregator.options == {"lam": 0.5, "oversample": 4}  # options merge
+    cleared = load_recipe(path, ["aggregator.name=squeeze", "aggregator.options={}"])
+    assert cleared.aggregator.options == {}

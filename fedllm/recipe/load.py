@@ -217,11 +217,20 @@ def _override_value(item: str, raw: str) -> Any:
         ) from None
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def _merge(
+    base: dict[str, Any], extra: dict[str, Any], path: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """`extra` (overrides) into `base` (the recipe): mappings merge key by key, except that an
+    empty mapping replaces (`aggregator.options={}` clears the recipe's options), and
+    `features.<name>=true` keeps the options the recipe gives that feature."""
     out = dict(base)
     for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "options":
-            out[k] = _merge(out[k], v)
+        if v == {}:
+            out[k] = {}
+        elif v is True and path == ("features",) and isinstance(out.get(k), dict):
+            continue  # on already, with the recipe's options
+        elif isinstance(v, dict) and isinstance(out.get(k), dict) and k != "options":
+            out[k] = _merge(out[k], v, (*path, k))
         elif isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = {**out[k], **v}
         else:
