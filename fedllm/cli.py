@@ -14,6 +14,10 @@ from fedllm.recipe import ConfigError, load_recipe
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = absolute_paths(load_recipe(args.recipe, args.overrides))
+    if args.federation:  # a connection name flwr does not know fails now, not after prepare
+        from fedllm.deploy.flower_env import check_connection
+
+        check_connection(args.federation)
     run_dir = start_run(
         cfg, resume=args.resume, overwrite=args.overwrite, local=not args.federation
     )

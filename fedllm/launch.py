@@ -48,6 +48,11 @@ def start_run(cfg: RunConfig, *, resume: bool, overwrite: bool, local: bool = Tr
     """Ready the run directory (resume / overwrite rules), check everything that can fail before
     round 1 and save the resolved recipe; `fedllm run` and the Flower App (`flwr run .`) both."""
     run_dir = cfg.run_dir
+    if resume and overwrite:
+        raise ConfigError(
+            "--resume continues the run in its folder and --overwrite deletes that folder; "
+            "pass one of them"
+        )
     if resume:
         if local:  # a SuperLink's ServerApp may keep its run folder elsewhere
             check_resumable(run_dir, cfg)

@@ -6,6 +6,11 @@ import os
 import sys
 from pathlib import Path
 
+import tomllib
+
+from fedllm.recipe.checks import ConfigError
+from fedllm.suggest import did_you_mean
+
 
 def flwr_env(*, verbose: bool = False) -> dict[str, str]:
     """Environment for `flwr`/`flower-*` subprocesses: no run-time dependency installation, and
@@ -21,3 +26,23 @@ def flwr_home() -> Path:
     """Flower's home folder ($FLWR_HOME, default ~/.flwr), as Flower computes it."""
     home = os.environ.get("FLWR_HOME")
     return Path(home) if home else Path.home() / ".flwr"
+
+
+def check_connection(connection: str, *, home: Path | None = None) -> None:
+    """ConfigError unless `$FLWR_HOME/config.toml` names the SuperLink `connection`: checked
+    before the run folder is built and the model prepared, not after (what `flwr run` reads)."""
+    path = (home or flwr_home()) / "config.toml"
+    try:
+        known = sorted(tomllib.loads(path.read_text()).get("superlink", {}))
+    except FileNotFoundError:
+        known = []
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"--federation: {path} is not valid TOML ({err})") from None
+    known = [name for name in known if name != "default"]
+    if connection not in known:
+        listed = ", ".join(known) if known else "none"
+        raise ConfigError(
+            f"--federation {connection!r}: no such SuperLink connection in {path}"
+            f"{did_you_mean(connection, known)}; known: {listed}; docs/deployment.md shows "
+            "how to add one"
+        )
