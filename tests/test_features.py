@@ -430,6 +430,7 @@ ATTRIBUTES = {
     "screen_relative",
     "own_adapter_shape",
     "replaces_trainer",
+    "reply_metrics",
 }
 
 
@@ -445,6 +446,7 @@ def test_base_attributes() -> None:
     assert Feature.screen_relative is True
     assert Feature.own_adapter_shape is False
     assert Feature.replaces_trainer is False
+    assert Feature.reply_metrics == {}
 
 
 def factors(rank: int = 2) -> dict[str, Factors]:

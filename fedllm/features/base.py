@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from fedllm.recipe.schema import RunConfig
 
 Regularizer = Callable[[], torch.Tensor]
+ReplyMetrics = Mapping[str, type | tuple[type, float]]  # key -> int/float, or (type, minimum)
 
 
 class Feature:
@@ -63,6 +64,11 @@ class Feature:
     # True: `train` returns its own result (DP-SGD), so the plain local steps never run, nor any
     # feature's `regularizers` or `stage`; the registry refuses a recipe that combines them
     replaces_trainer: ClassVar[bool] = False
+    # the scalar metrics its client `metrics()` sends that the server checks and writes into the
+    # client's row of metrics.jsonl: reply key -> int or float, or (type, minimum); a reply with
+    # a value that is not a finite number of that type (>= minimum) is rejected. Keys it sends
+    # but does not declare here reach no file (a client's reply is not trusted).
+    reply_metrics: ClassVar[ReplyMetrics] = {}
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg

@@ -95,6 +95,18 @@ def extra_number(
     return _optional(reply.extra, key, kind, minimum=minimum)
 
 
+def declared_metrics(reply: TrainReply, declared: Mapping[str, Any]) -> dict[str, Any]:
+    """The reply's values of the `declared` metrics (key -> type or (type, minimum); see
+    `Feature.reply_metrics`) by their row names (`squeeze-rank` -> `squeeze_rank`), checked;
+    ValueError naming the key for a bad one, absent keys left out."""
+    out: dict[str, Any] = {}
+    for key, spec in declared.items():
+        kind, minimum = spec if isinstance(spec, tuple) else (spec, -math.inf)
+        if (value := extra_number(reply, key, kind, minimum=minimum)) is not None:
+            out[key.replace("-", "_")] = value
+    return out
+
+
 CORE_KEYS = (
     "partition-id",
     "rank",

@@ -15,7 +15,7 @@ from flwr.app import ArrayRecord, RecordDict
 
 from fedllm.aggregators.base import Factors, RoundSpec
 from fedllm.features.base import Feature
-from fedllm.features.types import ClientRow, TrainReply
+from fedllm.features.types import ClientRow, TrainReply, declared_metrics
 from fedllm.model import packing, wire
 from fedllm.recipe.schema import RunConfig
 
@@ -70,6 +70,7 @@ def read_reply(
         update = wire.read_update(content["update"], scaling=scaling, spec=spec, shapes=shapes)
     for f in features:
         update = f.receive(node, content, update, reply=reply, shapes=shapes)
+        declared_metrics(reply, f.reply_metrics)  # a bad declared metric rejects the reply
     if any(f.B.dtype != torch.float32 for f in update.values()):
         dtypes = sorted({str(f.B.dtype) for f in update.values()})
         raise ValueError(f"factors in dtype {dtypes}, expected float32 (the wire dtype)")

@@ -25,7 +25,14 @@ from fedllm.aggregators.registry import get, round_spec
 from fedllm.aggregators.screen import aggregate_problem, screen
 from fedllm.errors import short_reason
 from fedllm.features.base import Feature
-from fedllm.features.types import ClientRow, Download, EvalRow, RoundResult, TrainReply
+from fedllm.features.types import (
+    ClientRow,
+    Download,
+    EvalRow,
+    RoundResult,
+    TrainReply,
+    declared_metrics,
+)
 from fedllm.model import wire
 from fedllm.model.adapters import initial_factors
 from fedllm.recipe.schema import RunConfig
@@ -281,7 +288,10 @@ class LoraStrategy(Strategy):
             self.remember(node, reply)  # a rejected reply teaches the server nothing
             for f in self.features:
                 f.accepted(node, reply)
-            rows.append(ClientRow(server_round, node, "ok", reply, reply.partition))
+            fields: dict[str, Any] = {}
+            for f in self.features:  # checked in `read_reply`
+                fields |= declared_metrics(reply, f.reply_metrics)
+            rows.append(ClientRow(server_round, node, "ok", reply, reply.partition, fields=fields))
         return accepted
 
     def aggregate(
