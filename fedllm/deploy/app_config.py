@@ -61,22 +61,30 @@ def _section(annotation: object) -> type[BaseModel] | None:
     return None
 
 
+def _own(obj: object) -> bool:
+    """Whether `obj` is fedllm's own: the table in fedllm's pyproject declares fedllm's keys, the
+    same on every machine whatever plugins are installed (a plugin's keys go through
+    `fedllm run` or a recipe; docs/extending.md)."""
+    return getattr(obj, "__module__", "").startswith("fedllm.")
+
+
 def _aggregator_option_keys(prefix: str) -> list[str]:
-    """`aggregator.options.<option>` for every option of every registered aggregator."""
-    from fedllm.aggregators import available
+    """`aggregator.options.<option>` for every option of every fedllm aggregator."""
+    from fedllm.aggregators import available, get
     from fedllm.aggregators.registry import option_names
 
-    return [prefix + o for o in sorted({o for n in available() for o in option_names(n)})]
+    names = [n for n in available() if _own(get(n))]
+    return [prefix + o for o in sorted({o for n in names for o in option_names(n)})]
 
 
 def _feature_keys(prefix: str) -> list[str]:
     """`features.<name>` (its whole options, `'{}'` for the defaults) and its options' keys, for
-    every registered feature that has a `features` entry."""
+    every fedllm feature that has a `features` entry."""
     from fedllm.features.registry import discover
 
     keys: list[str] = []
     for name, cls in sorted(discover().items()):
-        if cls.Options is not None:
+        if cls.Options is not None and _own(cls):
             keys += [prefix + name, *recipe_keys(cls.Options, f"{prefix}{name}.")]
     return keys
 
