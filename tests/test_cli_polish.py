@@ -306,6 +306,20 @@ def test_a_taken_node_port_is_named_with_the_flag(capsys: pytest.CaptureFixture[
     assert f"--port {port}" in err and "leave --port out to take a free one" in err
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--partition-id", "-1"], "--partition-id -1: a partition id is 0 or more"),
+        (["--partition-id", "0", "--rank", "0"], "--rank 0: a LoRA rank is 1 or more"),
+    ],
+)
+def test_a_node_with_an_impossible_identity_is_refused_before_it_starts(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["node", "--superlink", "127.0.0.1:9093", "--insecure", *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
 # -- simulation.ray_address -----------------------------------------------------------------
 
 
