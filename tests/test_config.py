@@ -304,3 +304,9 @@ def test_short_forms_turn_things_on_and_an_empty_override_clears(tmp_path: Path)
     assert kept.aggregator.options == {"lam": 0.5, "oversample": 4}  # options merge
     cleared = load_recipe(path, ["aggregator.name=squeeze", "aggregator.options={}"])
     assert cleared.aggregator.options == {}
+
+
+def test_a_section_error_that_names_its_own_key_is_not_prefixed_twice() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_recipe(TINY_RECIPE, ["privacy.mode=client", "privacy.noise_multiplier=1"])
+    assert "\n  privacy.noise_multiplier does not apply to privacy.mode='client'" in str(info.value)

@@ -124,7 +124,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
             lines.append(f"  {key}: unknown key{hint}; valid keys here: {', '.join(valid)}")
         elif e["type"] == "value_error":
             msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"  {msg}" if key == "(top level)" else f"  {key}: {msg}")
+            named = key == "(top level)" or msg.startswith(f"{key}.")  # it names its own key
+            lines.append(f"  {msg}" if named else f"  {key}: {msg}")
         else:
             got = e.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
