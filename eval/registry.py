@@ -21,13 +21,23 @@ ENTRY_POINT_GROUP = "fedllm.eval_tasks"
 
 
 def available_tasks() -> dict[str, type[EvalTask]]:
-    """Every task by name, sorted by name; two different classes with one name is an error."""
+    """Every task by name, sorted by name; two of fedllm's tasks with one name is an error, a
+    plugin's task with a name taken is skipped with a warning."""
     found: dict[str, type[EvalTask]] = {}
-    for cls in [*_folder_tasks(), *_entry_point_tasks()]:
+    for cls in _folder_tasks():
         other = found.setdefault(cls.name, cls)
         if other is not cls:
             raise ValueError(
                 f"two eval tasks are named {cls.name!r}: {_where(other)} and {_where(cls)}"
+            )
+    for cls in _entry_point_tasks():  # a plugin cannot take a name: skipped, said
+        other = found.setdefault(cls.name, cls)
+        if other is not cls:
+            warnings.warn(
+                f"eval task {cls.name!r} of {_where(cls)} is skipped: {_where(other)} has the "
+                "name already",
+                RuntimeWarning,
+                stacklevel=2,
             )
     return dict(sorted(found.items()))
 

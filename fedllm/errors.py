@@ -20,8 +20,9 @@ def short_reason(reason: str, *, limit: int = 300) -> str:
     if not lines:
         return reason
     found = lines[-1]
-    if "occurred. Message:" in found:  # Flower's wrapper around the client's own error
-        found = found.split("occurred. Message:", 1)[1].strip() or found
+    text = "\n".join(lines)
+    if (at := text.rfind("occurred. Message:")) >= 0:  # Flower's wrapper of the client's error
+        found = " ".join(text[at + len("occurred. Message:") :].split()) or found  # all its lines
     else:
         for line in reversed(lines):  # e.g. "ValueError: ..." with a message after the colon
             head, _, message = line.partition(":")

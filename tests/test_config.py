@@ -6,7 +6,7 @@ import pytest
 
 from fedllm.cli import main
 from fedllm.model.base import check_ranks
-from fedllm.recipe import ConfigError, build_config, load_recipe, parse_overrides
+from fedllm.recipe import ConfigError, build_config, load_recipe, load_yaml, parse_overrides
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
 TINY_RECIPE = Path(__file__).parents[1] / "recipes" / "tiny.yaml"
@@ -310,3 +310,27 @@ def test_a_section_error_that_names_its_own_key_is_not_prefixed_twice() -> None:
     with pytest.raises(ConfigError) as info:
         load_recipe(TINY_RECIPE, ["privacy.mode=client", "privacy.noise_multiplier=1"])
     assert "\n  privacy.noise_multiplier does not apply to privacy.mode='client'" in str(info.value)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_a_recipe_written_out_reads_back_the_same(path: Path) -> None:
+    """run_dir/recipe.yaml, the recipe a SuperNode receives: text that YAML 1.2 reads as a
+    float is quoted ("1e5"), and trackers that are off are not written as `mlflow: null` (which
+    turns mlflow on)."""
+    for extra in ([], ["name='1e5'", "output.trackers=[tensorboard]"]):
+        cfg = load_recipe(path, extra)
+        assert build_config(load_yaml(cfg.to_yaml())) == cfg
+
+
+def test_the_aggregator_short_form_merges_with_its_keys_in_any_order(tmp_path: Path) -> None:
+    for overrides in (
+        ["aggregator=fedit", "aggregator.global_rank=8"],
+        ["aggregator.global_rank=8", "aggregator=fedit"],
+    ):
+        agg = load_recipe(TINY_RECIPE, overrides).aggregator
+        assert (agg.name, agg.global_rank) == ("fedit", 8), overrides
+    path = tmp_path / "short.yaml"
+    text = TINY_RECIPE.read_text()
+    path.write_text(text[: text.index("aggregator:")] + "aggregator: fedit\n")
+    agg = load_recipe(path, ["aggregator.global_rank=8"]).aggregator  # not squeeze at rank 8
+    assert (agg.name, agg.global_rank) == ("fedit", 8)

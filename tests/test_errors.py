@@ -60,3 +60,17 @@ def test_a_failed_run_is_one_line_and_exit_1(monkeypatch: pytest.MonkeyPatch, ca
     assert capsys.readouterr().err == (
         "fedllm: error: round 1: every client failed (first error: out of memory)\n"
     )
+
+
+def test_a_multi_line_client_message_is_kept_whole() -> None:
+    """A client's ConfigError names the bad key on its second line."""
+    trace = (
+        "ray::ClientAppActor.run()\nfedllm.recipe.checks.ConfigError: invalid recipe:\n"
+        "Exception ClientAppException occurred. Message: invalid recipe run config 'recipe':\n"
+        "  federation.rounds: Input should be greater than 0 (got 0)"
+    )
+    reason = "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'" + trace + "'>"
+    assert short_reason(reason) == (
+        "invalid recipe run config 'recipe': federation.rounds: Input should be greater than 0 "
+        "(got 0)"
+    )

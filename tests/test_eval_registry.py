@@ -118,10 +118,11 @@ def test_an_entry_point_task_is_found(monkeypatch, tmp_path: Path, value: str) -
         assert get_task("plugin_chars").__module__ == "fedllm_demo_plugin"
 
 
-def test_two_tasks_with_one_name_are_an_error(monkeypatch, tmp_path: Path) -> None:
+def test_a_plugin_task_with_a_taken_name_is_skipped_with_a_warning(monkeypatch, tmp_path) -> None:
     with plugin(monkeypatch, tmp_path, name="define", value="fedllm_demo_plugin"):
-        with pytest.raises(ValueError, match="two eval tasks are named 'define'"):
-            available_tasks()
+        with pytest.warns(RuntimeWarning, match="eval task 'define' of fedllm_demo_plugin"):
+            tasks = available_tasks()
+    assert tasks["define"] is DefineWords and list(tasks) == BUILT_IN
 
 
 def test_unknown_task_names_the_valid_ones(tmp_path: Path, capsys) -> None:

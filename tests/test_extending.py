@@ -8,11 +8,11 @@ import json
 import math
 import re
 import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import tomllib
 import torch
 
 from fedllm.aggregators import Factors, available, get, registry
@@ -53,14 +53,14 @@ def install(site: Path) -> dict[str, str]:
 @pytest.fixture
 def myfed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """The package installed; fedllm's registries as copies, dropped (with myfed) afterwards."""
-    available()  # the built-in methods first
-    install(tmp_path / "site")
-    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    available()  # the built-in methods and features first, into copies the test may change
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     monkeypatch.setattr(registry, "_ROUNDS", dict(registry._ROUNDS))
     monkeypatch.setattr(registry, "_LOADED_ENTRY_POINTS", set())
     monkeypatch.setattr(registry, "_discovery", "pending")
     monkeypatch.setattr(features, "_FEATURES", dict(features.discover()))
+    install(tmp_path / "site")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
     yield
     for name in [m for m in sys.modules if m == "myfed" or m.startswith("myfed.")]:
         del sys.modules[name]

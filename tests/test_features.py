@@ -431,6 +431,7 @@ ATTRIBUTES = {
     "own_adapter_shape",
     "replaces_trainer",
     "reply_metrics",
+    "adds_to_steps",
 }
 
 
@@ -632,3 +633,20 @@ def test_a_loss_term_beside_a_trainer_that_replaces_the_plain_steps_is_refused(
         build_config(recipe(features={"lax_term": {}}, **private))
     build_config(recipe(features={"lax_term": {}}))  # alone: fine
     build_config(recipe(**private))  # DP-SGD alone: fine
+
+
+def test_a_feature_whose_loss_term_is_off_may_run_beside_dp_sgd() -> None:
+    """hetlora_prune is on with every hetlora recipe, but adds its term only when pruning is."""
+    private = ["privacy.mode=sample", "privacy.noise_multiplier=1"]
+    load_recipe(RECIPES / "hetlora.yaml", private)  # prune_lambda 0: no term, nothing lost
+    with pytest.raises(ConfigError, match="prune_lambda > 0"):
+        load_recipe(RECIPES / "hetlora.yaml", [*private, "aggregator.options.prune_lambda=0.1"])
+
+
+def test_a_reply_metric_may_not_take_a_core_column_of_the_row(clean_registry: None) -> None:
+    class Clobber(Feature):
+        name = "clobber"
+        reply_metrics = {"train-loss": float}  # noqa: RUF012
+
+    with pytest.raises(ValueError, match=r"\['train-loss'\] name core columns"):
+        registry.register(Clobber)

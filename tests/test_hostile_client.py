@@ -322,7 +322,7 @@ class Counted(Feature):
             {"counted-steps": 4, "counted-norm": 0.5},
             "ok",
             {"counted_steps": 4, "counted_norm": 0.5},
-        ),  # noqa: E501
+        ),
         ({"counted-steps": 4, "undeclared": 7.0}, "ok", {"counted_steps": 4}),  # not written
         ({}, "ok", {}),  # absent: nothing
         ({"counted-steps": -1}, "rejected", {}),  # below its minimum

@@ -32,10 +32,9 @@ import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel
 
-from fedllm.recipe import ConfigError, RunConfig, load_recipe
+from fedllm.recipe import ConfigError, RunConfig, dump_yaml, load_recipe
 from fedllm.recipe.shipped import shipped_recipes
 
 FROM_RECIPE = "<recipe>"
@@ -168,7 +167,7 @@ def _yaml_scalar(value: object) -> str:
     command line), numbers and booleans so YAML reads them back unchanged (1e-05 -> 1.0e-05)."""
     if isinstance(value, str):
         return value
-    return yaml.safe_dump(value).splitlines()[0]
+    return dump_yaml(value).splitlines()[0]
 
 
 def recipe_overrides(run_config: Mapping[str, object]) -> list[str]:

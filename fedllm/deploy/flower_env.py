@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import os
 import sys
+import tomllib
 from pathlib import Path
 
-import tomllib
-
-from fedllm.recipe.checks import ConfigError
 from fedllm.suggest import did_you_mean
 
 
@@ -29,19 +27,21 @@ def flwr_home() -> Path:
 
 
 def check_connection(connection: str, *, home: Path | None = None) -> None:
-    """ConfigError unless `$FLWR_HOME/config.toml` names the SuperLink `connection`: checked
+    """ValueError unless `$FLWR_HOME/config.toml` names the SuperLink `connection`: checked
     before the run folder is built and the model prepared, not after (what `flwr run` reads)."""
     path = (home or flwr_home()) / "config.toml"
     try:
-        known = sorted(tomllib.loads(path.read_text()).get("superlink", {}))
-    except FileNotFoundError:
-        known = []
+        text = path.read_text()
+    except FileNotFoundError:  # `flwr` writes its default file (`local`, `supergrid`) on first use
+        from flwr.cli.constant import DEFAULT_FLOWER_CONFIG_TOML as text
+    try:
+        known = sorted(tomllib.loads(text).get("superlink", {}))
     except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"--federation: {path} is not valid TOML ({err})") from None
+        raise ValueError(f"--federation: {path} is not valid TOML ({err})") from None
     known = [name for name in known if name != "default"]
     if connection not in known:
         listed = ", ".join(known) if known else "none"
-        raise ConfigError(
+        raise ValueError(
             f"--federation {connection!r}: no such SuperLink connection in {path}"
             f"{did_you_mean(connection, known)}; known: {listed}; docs/deployment.md shows "
             "how to add one"

@@ -95,6 +95,13 @@ class Feature:
         """Raise ValueError naming the recipe key when this feature cannot run with `cfg`."""
 
     @classmethod
+    def adds_to_steps(cls, cfg: RunConfig) -> bool:
+        """Whether, under `cfg`, this feature adds to the plain local steps (a loss term, stages),
+        which a feature that `replaces_trainer` would never run; default: it overrides
+        `regularizers` or `stage`. Override when a recipe can switch those off."""
+        return cls.regularizers is not Feature.regularizers or cls.stage is not Feature.stage
+
+    @classmethod
     def prepare(cls, cfg: RunConfig, *, shapes: Mapping[str, tuple[int, int]]) -> None:
         """Checks that need the base model or the data, before any training (`fedllm prepare`)."""
 

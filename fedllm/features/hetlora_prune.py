@@ -256,6 +256,12 @@ class HetLoRAPrune(Feature):
     def check(cls, cfg: RunConfig) -> None:
         check_recipe(cfg)
 
+    @classmethod
+    def adds_to_steps(cls, cfg: RunConfig) -> bool:
+        """Its regulariser only when pruning is on (prune_lambda > 0)."""
+        options = {k: v for k, v in cfg.aggregator.options.items() if k in OPTIONS}
+        return parse_options(options).active
+
     def plan(self, plan: ClientPlan, rnd: ClientRound) -> ClientPlan:
         self.opts = options_of(rnd.config)  # off unless the server sent prune_lambda > 0
         if self.opts.active:  # a resumed node (empty state) takes back the rank it pruned to

@@ -117,7 +117,7 @@ class PreLortNested(Feature):
     """Local steps under nested rank truncations (PreLort's prefix-nested training)."""
 
     name = "nested_prefix"
-    reply_metrics: ClassVar[ReplyMetrics] = {"prelort-truncation-mean": float}
+    reply_metrics: ClassVar[ReplyMetrics] = {"prelort-truncation-mean": (float, 0.0)}
     own_adapter_shape = True
     order = 60  # its `train` only installs hooks: a feature that trains its own way wins
     Options = NestedOptions

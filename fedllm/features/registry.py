@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, ValidationError
 
 from fedllm.features.base import Feature
+from fedllm.features.types import ROW_KEYS
 from fedllm.suggest import did_you_mean
 
 if TYPE_CHECKING:
@@ -33,6 +34,9 @@ def register(cls: type[Feature]) -> type[Feature]:
     """Class decorator: make `cls` (with a unique `name`) a feature the round loops may call."""
     if not cls.name:
         raise ValueError(f"feature class {cls.__qualname__} has no name")
+    taken = sorted(k for k in cls.reply_metrics if k.replace("-", "_") in ROW_KEYS)
+    if taken:  # its row value would overwrite the core column of that name
+        raise ValueError(f"feature {cls.name!r}: reply_metrics {taken} name core columns of a row")
     known = _FEATURES.get(cls.name)
     if known is not None and _where(known) != _where(cls):  # the same module imported again: fine
         raise ValueError(f"feature {cls.name!r} is already registered by {_where(known)}")
@@ -111,7 +115,7 @@ def check(cfg: RunConfig) -> None:
         unknown_option(name, cls.Options, cfg.features[name])
     for cls in sorted(found.values(), key=lambda c: (c.order, c.name)):
         cls.check(cfg)
-    check_trainer(active(cfg))
+    check_trainer(cfg, active(cfg))
 
 
 def unknown_option(name: str, options: type[BaseModel], given: object) -> None:
@@ -128,15 +132,11 @@ def unknown_option(name: str, options: type[BaseModel], given: object) -> None:
             raise ValueError(f"features.{name}.{key}: unknown option{hint}; valid: {listed}")
 
 
-def check_trainer(classes: list[type[Feature]]) -> None:
+def check_trainer(cfg: RunConfig, classes: list[type[Feature]]) -> None:
     """Refuse a feature that adds to the plain local steps (a loss term, stages) beside one that
     replaces them: its hook would never run, and the run would silently train without it."""
     trainers = [c.name for c in classes if c.replaces_trainer]
-    adds = [
-        c.name
-        for c in classes
-        if c.regularizers is not Feature.regularizers or c.stage is not Feature.stage
-    ]
+    adds = [c.name for c in classes if not c.replaces_trainer and c.adds_to_steps(cfg)]
     if trainers and adds:
         raise ValueError(
             f"features: {', '.join(map(repr, adds))} add(s) to the plain local steps (a loss "

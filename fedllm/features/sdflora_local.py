@@ -161,7 +161,7 @@ class SDFLoRALocal(Feature):
     """The private local module beside the shared global one; only the global one is sent."""
 
     name = "sdflora_local"
-    reply_metrics: ClassVar[ReplyMetrics] = {"sdflora-local-rank": int}
+    reply_metrics: ClassVar[ReplyMetrics] = {"sdflora-local-rank": (int, 0)}
     own_adapter_shape = True
     order = 20  # splits the update before client-level DP (25) clips and noises what is sent
 

@@ -163,6 +163,31 @@ class TrainReply:
         )
 
 
+# the columns of a client's row in metrics.jsonl that fedllm writes (a feature's declared reply
+# metrics may not take them: `registry.register`)
+ROW_KEYS = frozenset(
+    {
+        "kind",
+        "round",
+        "node",
+        "status",
+        "partition",
+        "rank",
+        "num_examples",
+        "train_loss",
+        "train_loss_first",
+        "train_loss_last",
+        "steps",
+        "train_seconds",
+        "bytes_sent",
+        "bytes_received",
+        "pruning",
+        "reason",
+        "epsilon",
+    }
+)
+
+
 @dataclass
 class ClientRow:
     """One client's line of a training round in `metrics.jsonl` (features may add `fields`)."""

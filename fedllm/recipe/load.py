@@ -19,49 +19,8 @@ from fedllm.features import registry as features
 from fedllm.recipe.checks import ConfigError
 from fedllm.recipe.schema import RunConfig
 from fedllm.recipe.shipped import resolve_recipe
+from fedllm.recipe.yaml_io import load_yaml
 from fedllm.suggest import did_you_mean
-
-
-class UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, except that a key twice in one mapping is an error (PyYAML keeps the
-    last one, so a second `federation:` section would silently drop the first)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            line = key_node.start_mark.line + 1
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None,
-                    None,
-                    f"key {key!r} appears twice (lines {seen[key]} and {line}); merge them",
-                    key_node.start_mark,
-                )
-            seen[key] = line
-        return super().construct_mapping(node, deep=deep)
-
-
-# YAML 1.2 floats: PyYAML (YAML 1.1) reads `1e-3` (no dot) as the string "1e-3", so a learning
-# rate written the usual way would be refused, or kept as text where a value is not typed.
-UniqueKeyLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
-# No dates: no recipe key holds one, and `name: 2024-01-01` means the text.
-UniqueKeyLoader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
-    for first, resolvers in UniqueKeyLoader.yaml_implicit_resolvers.items()
-}
-
-
-def load_yaml(text: str) -> Any:
-    """YAML as recipes read it: safe, a repeated key is an error, `1e-3` is a float."""
-    return yaml.load(text, Loader=UniqueKeyLoader)
-
 
 # A location part that names a member of a union type (`int`, `list[int]`, `RankRule`,
 # `function-after[_ordered(), RankRule]`), not a recipe key.
@@ -196,7 +155,13 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r} conflicts with another override of {part!r}")
-        node[parts[-1]] = _override_value(item, raw)
+        value = _override_value(item, raw)
+        if parts == ["aggregator"] and isinstance(value, str):
+            value = {"name": value}  # the short form, merged with any aggregator.<key> override
+        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+            node[parts[-1]] = _merge(node[parts[-1]], value)  # in either order
+        else:
+            node[parts[-1]] = value
     return tree
 
 
@@ -226,6 +191,9 @@ def _merge(
     `features.<name>=true` keeps the options the recipe gives that feature."""
     out = dict(base)
     for k, v in extra.items():
+        if path == () and k == "aggregator":  # `aggregator: svd` is {name: svd}, then merged
+            v = {"name": v} if isinstance(v, str) else v
+            out[k] = {"name": out[k]} if isinstance(out.get(k), str) else out.get(k)
         if v == {}:
             out[k] = {}
         elif v is True and path == ("features",) and isinstance(out.get(k), dict):

@@ -29,6 +29,7 @@ from fedllm.recipe.schema_federation import AggregatorConfig, FederationConfig, 
 from fedllm.recipe.schema_model import LoraConfig, ModelConfig, RankRule
 from fedllm.recipe.schema_output import OutputConfig
 from fedllm.recipe.schema_privacy import PrivacyConfig
+from fedllm.recipe.yaml_io import dump_yaml
 
 
 class RunConfig(Strict):
@@ -161,4 +162,4 @@ class RunConfig(Strict):
         return parts
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        return dump_yaml(self.model_dump(mode="json"))
