@@ -5,19 +5,9 @@ A method is one module of this folder with `@register("name")` (or an installed 
 them all through `discover`, so there is no list to edit here.
 """
 
-from .base import (
-    Aggregate,
-    AggregatorFn,
-    Factors,
-    RoundSpec,
-    available,
-    check_options,
-    discover,
-    get,
-    register,
-    round_spec,
-)
+from .base import Aggregate, AggregatorFn, Factors, RoundSpec
 from .linalg import factored_svd, svd_factors
+from .registry import available, check_options, discover, get, register, round_spec
 
 __all__ = [
     "Aggregate",

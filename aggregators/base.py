@@ -1,28 +1,26 @@
-"""LoRA factors, aggregation results and the registry of aggregation methods by name.
+"""LoRA factors, aggregation results, round semantics and the helpers methods share.
 
-Every method is a pure function of one module's client factors; it never mutates its inputs.
-Methods are found by `discover` (every module of the package, plus `fedllm.aggregators` entry
-points) on the first lookup, and a recipe's options are checked against the method's signature by
-`check_options`.
+Every method is a pure function of one module's client factors (`AggregatorFn`); it never
+mutates its inputs. The registry that finds methods by name is `registry.py`.
 """
 
 from __future__ import annotations
 
-import difflib
-import importlib
-import importlib.metadata
-import inspect
 import math
 import numbers
-import pkgutil
-import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 import torch
+from pydantic import Field
 
-from fedllm.suggest import did_you_mean
+# Types for a method's keyword options: `registry.check_options` checks a recipe's values against
+# a method's annotations when the recipe loads, before any client trains (a `Literal[...]` lists
+# the allowed words); an option without annotation is checked against its default's type only.
+NonNegativeInt = Annotated[int, Field(ge=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
 @dataclass(frozen=True)
@@ -124,183 +122,6 @@ class RoundSpec:
 
 
 ADAPTER_STATE = RoundSpec()
-
-
-class UnknownAggregatorError(KeyError, ValueError):
-    """Raised by `get` for a name that is not registered (catchable as KeyError or ValueError)."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
-
-
-_REGISTRY: dict[str, AggregatorFn] = {}
-_ROUNDS: dict[str, RoundSpec] = {}
-
-
-def register(
-    name: str, *, rounds: RoundSpec = ADAPTER_STATE
-) -> Callable[[AggregatorFn], AggregatorFn]:
-    """Decorator registering a method under `name` (taken only once) with its round semantics."""
-
-    def decorate(fn: AggregatorFn) -> AggregatorFn:
-        if name in _REGISTRY and _REGISTRY[name] is not fn:
-            raise ValueError(f"aggregator {name!r} is already registered")
-        _REGISTRY[name] = fn
-        _ROUNDS[name] = rounds
-        return fn
-
-    return decorate
-
-
-def round_spec(name: str) -> RoundSpec:
-    """The round semantics of the method registered as `name` (unknown names raise like `get`)."""
-    get(name)
-    return _ROUNDS[name]
-
-
-def get(name: str) -> AggregatorFn:
-    """The method registered as `name`; an unknown name raises, listing names and a close match."""
-    _discover_once()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        pass
-    close = difflib.get_close_matches(name, _REGISTRY, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise UnknownAggregatorError(
-        f"unknown aggregator {name!r}; available: {', '.join(available())}.{hint}"
-    )
-
-
-def available() -> list[str]:
-    """Registered method names, sorted."""
-    _discover_once()
-    return sorted(_REGISTRY)
-
-
-ENTRY_POINT_GROUP = "fedllm.aggregators"
-_LOADED_ENTRY_POINTS: set[tuple[str, str]] = set()
-
-
-def discover(package: str, path: Iterable[str], *, group: str = ENTRY_POINT_GROUP) -> list[str]:
-    """Import `package`'s public modules and each `group` entry point once: a method is one file.
-
-    Modules named `_x` are skipped. An entry point names a module (or object) whose import runs
-    `@register`; one that fails to load is skipped with a warning rather than breaking every
-    command. Returns the names this call registered, sorted.
-    """
-    before = set(_REGISTRY)
-    for info in pkgutil.iter_modules(list(path)):
-        if not info.name.startswith("_"):
-            importlib.import_module(f"{package}.{info.name}")
-    for ep in importlib.metadata.entry_points(group=group):
-        key = (ep.name, ep.value)
-        if key in _LOADED_ENTRY_POINTS:
-            continue
-        _LOADED_ENTRY_POINTS.add(key)
-        try:
-            ep.load()
-        except Exception as err:  # a broken plugin must not take the built-in methods down
-            warnings.warn(
-                f"aggregator entry point {ep.name!r} ({ep.value}) failed to load and was skipped: "
-                f"{type(err).__name__}: {err}",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-    return sorted(set(_REGISTRY) - before)
-
-
-_discovery = "pending"  # -> "running" -> "done"
-
-
-def _discover_once() -> None:
-    """Run `discover` over this package on the first lookup (at import it could cycle: below)."""
-    # Not at package import: a module of the folder or a plugin's entry point may import code
-    # that imports this package (a plugin's client feature imports fedllm.features, which
-    # imports .base) while it is still half-initialised.
-    global _discovery
-    if _discovery != "pending":  # done, or a lookup from a module being discovered
-        return
-    _discovery = "running"
-    try:
-        package = importlib.import_module(__package__)
-        discover(package.__name__, package.__path__)
-    except BaseException:
-        _discovery = "pending"  # fail again on the next lookup rather than with methods missing
-        raise
-    _discovery = "done"
-
-
-# the arguments every method gets from the strategy, never from aggregator.options
-_NOT_OPTIONS = frozenset({"updates", "weights", "global_rank", "state", "seed"})
-
-
-def option_names(name: str) -> list[str]:
-    """The `aggregator.options` keys the method `name` takes (its own and its clients')."""
-    return sorted(_option_defaults(name))
-
-
-def _option_defaults(name: str) -> dict[str, Any]:
-    """Option -> default (Parameter.empty if required; None for client options) of `name`."""
-    fn = get(name)
-    try:
-        params = list(inspect.signature(fn).parameters.values())
-    except (TypeError, ValueError):  # no introspectable signature: only client options known
-        params = []
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    skip = {p.name for p in positional[:2]} | _NOT_OPTIONS  # updates, weights by position
-    out = {
-        p.name: p.default
-        for p in params
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in skip
-    }
-    for option in round_spec(name).client_options:
-        out.setdefault(option, None)
-    return out
-
-
-def _type_problem(default: Any, value: Any) -> str | None:
-    """The expected type if `value` is obviously not of `default`'s scalar type, else None."""
-    if isinstance(default, bool):
-        return None if isinstance(value, bool) else "a bool (true/false)"
-    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if isinstance(default, int):
-        return None if real and isinstance(value, numbers.Integral) else "an int"
-    if isinstance(default, float):
-        return None if real else "a float"
-    if isinstance(default, str):
-        return None if isinstance(value, str) else "a str"
-    return None
-
-
-def check_options(name: str, options: Mapping[str, Any]) -> None:
-    """Bind `aggregator.options` to the method's signature so a typo fails before any training.
-
-    Valid keys are the keyword parameters (other than updates, weights, global_rank, state, seed)
-    and the method's RoundSpec.client_options. Raises ValueError naming each unknown key (with a
-    close match), required key left unset, or value obviously not of its default's type.
-    """
-    defaults = _option_defaults(name)
-    valid = sorted(defaults)
-    problems: list[str] = []
-    for key, value in options.items():
-        dotted = f"aggregator.options.{key}"
-        if key not in defaults:
-            hint = did_you_mean(str(key), valid)
-            listed = f"valid: {', '.join(valid)}" if valid else f"{name!r} takes no options"
-            problems.append(f"{dotted}: unknown option of {name!r}{hint}; {listed}")
-            continue
-        expected = _type_problem(defaults[key], value)
-        if expected is not None:
-            problems.append(
-                f"{dotted}: {name!r} expects {expected} (default {defaults[key]!r}), "
-                f"got {type(value).__name__} {value!r}"
-            )
-    for key, default in defaults.items():
-        if default is inspect.Parameter.empty and key not in options:
-            problems.append(f"aggregator.options.{key}: required by {name!r} but not set")
-    if problems:
-        raise ValueError("; ".join(problems))
 
 
 def normalized_weights(updates: Sequence[Factors], weights: Sequence[float]) -> list[float]:

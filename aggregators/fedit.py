@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from .base import Aggregate, Factors, normalized_weights, padded_mean, register, reject_options
+from .base import Aggregate, Factors, normalized_weights, padded_mean, reject_options
+from .registry import register
 
 
 @register("fedit")

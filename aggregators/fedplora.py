@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from .base import Aggregate, Factors, RoundSpec, normalized_weights, register, reject_options
+from .base import Aggregate, Factors, RoundSpec, normalized_weights, reject_options
+from .registry import register
 
 
 @register("fedplora", rounds=RoundSpec())

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from .base import Aggregate, Factors, RoundSpec, normalized_weights, register, reject_options
+from .base import Aggregate, Factors, RoundSpec, normalized_weights, reject_options
+from .registry import register
 
 
 @register("fedsa", rounds=RoundSpec(local_B=True))

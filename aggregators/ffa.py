@@ -13,7 +13,15 @@ from typing import Any
 
 import torch
 
-from .base import Aggregate, Factors, RoundSpec, normalized_weights, register, reject_options
+from .base import (
+    Aggregate,
+    Factors,
+    NonNegativeFloat,
+    RoundSpec,
+    normalized_weights,
+    reject_options,
+)
+from .registry import register
 
 
 @register("ffa", rounds=RoundSpec(freeze_A=True))
@@ -24,7 +32,7 @@ def ffa(
     global_rank: int | None = None,
     state: Mapping[str, torch.Tensor] | None = None,
     seed: int = 0,
-    atol: float = 0.0,
+    atol: NonNegativeFloat = 0.0,
     **options: Any,
 ) -> Aggregate:
     """Factors (Σpᵢsᵢ·pad(Bᵢ), A₀), scaling 1, with A₀ the largest client's A.

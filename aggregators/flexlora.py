@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
-from .base import Aggregate, Factors, normalized_weights, register, reject_options
+from .base import Aggregate, Factors, normalized_weights, reject_options
 from .linalg import split_triplets
+from .registry import register
 
 
 def dense_delta(updates: Sequence[Factors], p: Sequence[float]) -> torch.Tensor:

@@ -19,16 +19,9 @@ from typing import Any
 
 import torch
 
-from .base import (
-    Aggregate,
-    Factors,
-    RoundSpec,
-    carried_factors,
-    normalized_weights,
-    register,
-    reject_options,
-)
+from .base import Aggregate, Factors, RoundSpec, carried_factors, normalized_weights, reject_options
 from .linalg import split_triplets, svd_factors
+from .registry import register
 
 STATE_KEYS = ("merged_B", "merged_A")
 

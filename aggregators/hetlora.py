@@ -15,15 +15,8 @@ from typing import Any
 
 import torch
 
-from .base import (
-    Aggregate,
-    Factors,
-    RoundSpec,
-    normalized_weights,
-    padded_mean,
-    register,
-    reject_options,
-)
+from .base import Aggregate, Factors, RoundSpec, normalized_weights, padded_mean, reject_options
+from .registry import register
 
 
 def delta_norm(f: Factors) -> float:

@@ -14,10 +14,12 @@ import itertools
 import math
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Literal, get_args
 
 import torch
 
-METHODS = ("auto", "exact", "rsvd", "dense")
+SvdMethod = Literal["auto", "exact", "rsvd", "dense"]
+METHODS = get_args(SvdMethod)
 PRECISIONS = ("auto", "mixed", "float32", "float64")
 
 

@@ -11,11 +11,21 @@ Adapter-state semantics: client j restarts from truncate(rⱼ, sⱼ) of the corr
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
-from .base import Aggregate, Factors, normalized_weights, padded_mean, register, reject_options
+from .base import (
+    Aggregate,
+    Factors,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    normalized_weights,
+    padded_mean,
+    reject_options,
+)
+from .registry import register
 
 
 def fair_correction(
@@ -86,7 +96,8 @@ def fair_correction_iterative(
     return delta.detach()
 
 
-SOLVERS = ("closed", "iterative")
+Solver = Literal["closed", "iterative"]
+SOLVERS = get_args(Solver)
 
 
 @register("lorafair")
@@ -97,10 +108,10 @@ def lorafair(
     global_rank: int | None = None,
     state: Mapping[str, torch.Tensor] | None = None,
     seed: int = 0,
-    lam: float = 0.01,
-    solver: str = "closed",
-    steps: int = 200,
-    lr: float = 0.01,
+    lam: NonNegativeFloat = 0.01,
+    solver: Solver = "closed",
+    steps: NonNegativeInt = 200,
+    lr: PositiveFloat = 0.01,
     **options: Any,
 ) -> Aggregate:
     """Factors (B̄+ΔB, Ā), scaling 1, with (B̄, Ā) the FedIT mean padded/truncated to `global_rank`.

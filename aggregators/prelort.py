@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from .base import Aggregate, Factors, RoundSpec, normalized_weights, register, reject_options
+from .base import Aggregate, Factors, RoundSpec, normalized_weights, reject_options
+from .registry import register
 
 CLIENT_OPTIONS = ("nested",)  # read by the clients only (fedllm.features.prelort_nested)
 

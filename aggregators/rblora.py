@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from .base import Aggregate, Factors, normalized_weights, register, reject_options
+from .base import Aggregate, Factors, normalized_weights, reject_options
+from .registry import register
 
 
 @register("rblora")

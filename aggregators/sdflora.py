@@ -19,7 +19,9 @@ from typing import Any
 
 import torch
 
-from .base import Aggregate, Factors, RoundSpec, register, reject_options
+from .base import Aggregate, Factors, NonNegativeInt, RoundSpec, reject_options
+from .linalg import SvdMethod
+from .registry import register
 from .svd import svd
 
 CLIENT_OPTIONS = ("local_fraction",)  # read by the clients only (sdflora_local)
@@ -33,9 +35,9 @@ def sdflora(
     global_rank: int | None = None,
     state: Mapping[str, torch.Tensor] | None = None,
     seed: int = 0,
-    method: str = "auto",
-    oversample: int = 16,  # as svd and squeeze: within 1.01x optimal in float32
-    power_iters: int = 2,
+    method: SvdMethod = "auto",
+    oversample: NonNegativeInt = 16,  # as svd and squeeze: within 1.01x optimal in float32
+    power_iters: NonNegativeInt = 2,
     **options: Any,
 ) -> Aggregate:
     """SVD-ordered factors (scaling 1) of the stacked Σpᵢsᵢ·BᵢAᵢ at `global_rank` (default max rᵢ).

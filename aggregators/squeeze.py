@@ -28,24 +28,28 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
 from .base import (
     Aggregate,
     Factors,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
     carried_factors,
     normalized_weights,
     padded_mean,
-    register,
     reject_options,
 )
-from .linalg import split_triplets, svd_factors
+from .linalg import SvdMethod, split_triplets, svd_factors
 from .lorafair import fair_correction
+from .registry import register
 
 STATE_KEYS = ("residual_B", "residual_A")
-GAUGES = ("balanced", "rows")
+Gauge = Literal["balanced", "rows"]
+GAUGES = get_args(Gauge)
 INIT_ROW_NORM = 3**-0.5  # E‖row‖² = k·bound²/3 = 1/3 for kaiming_uniform_(a=√5), bound = 1/√k
 
 
@@ -57,14 +61,14 @@ def squeeze(
     global_rank: int | None = None,
     state: Mapping[str, torch.Tensor] | None = None,
     seed: int = 0,
-    method: str = "auto",
-    oversample: int = 16,
-    power_iters: int = 2,
+    method: SvdMethod = "auto",
+    oversample: NonNegativeInt = 16,
+    power_iters: NonNegativeInt = 2,
     correction: bool = True,
-    lam: float = 0.01,
-    residual_rank: int | None = None,
-    gauge: str = "balanced",
-    row_norm: float = INIT_ROW_NORM,
+    lam: NonNegativeFloat = 0.01,
+    residual_rank: NonNegativeInt | None = None,
+    gauge: Gauge = "balanced",
+    row_norm: PositiveFloat = INIT_ROW_NORM,
     **options: Any,
 ) -> Aggregate:
     """Global factors (scaling 1), rank `global_rank` (default max rᵢ), of ΔW* + carried residual.

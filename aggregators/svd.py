@@ -11,8 +11,9 @@ from typing import Any
 
 import torch
 
-from .base import Aggregate, Factors, normalized_weights, register, reject_options
-from .linalg import factored_svd
+from .base import Aggregate, Factors, NonNegativeInt, normalized_weights, reject_options
+from .linalg import SvdMethod, factored_svd
+from .registry import register
 
 
 @register("svd")
@@ -23,9 +24,9 @@ def svd(
     global_rank: int | None = None,
     state: Mapping[str, torch.Tensor] | None = None,
     seed: int = 0,
-    method: str = "auto",
-    oversample: int = 16,
-    power_iters: int = 2,
+    method: SvdMethod = "auto",
+    oversample: NonNegativeInt = 16,
+    power_iters: NonNegativeInt = 2,
     **options: Any,
 ) -> Aggregate:
     """Best rank-`global_rank` factors of ΔW* (default Σrᵢ capped at min(d, k)), scaling 1.

@@ -28,11 +28,10 @@ from fedllm.client.schedule import num_local_steps
 from fedllm.client.train import evaluate_nll, train_local
 from fedllm.data.shards import ProcessCache, load_shard
 from fedllm.launch import absolute_paths
-from fedllm.model.adapters import attach_lora, read_factors, write_factors
+from fedllm.model.adapters import attach_lora, initial_factors, read_factors, write_factors
 from fedllm.model.base import adapter_shapes, cached_base_model
 from fedllm.model.wire import server_options
 from fedllm.recipe import RunConfig, load_recipe
-from fedllm.server.strategy import initial_factors
 
 RESULTS = Path(__file__).parent / "results" / "simulation.md"
 

@@ -7,9 +7,11 @@ turns), Alpaca's instruction/input/output, or MMLU's question/choices/answer.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +70,9 @@ def rows_to_examples(
 ) -> list[dict[str, Any]]:
     """Map table rows to examples in the layout `detect_layout` finds; label "" if unset.
 
-    prompt/response rows: a None prompt becomes "", a None response is an error naming the row,
-    other values become str. The other layouts check every row and name the file, the row and
+    prompt/response rows: a None prompt becomes "" (a plain continuation); a null or empty
+    response, a null label and a value that is a mapping or list are errors naming the row;
+    numbers become their text. The other layouts check every row and name the file, the row and
     what is missing.
     """
     layout = detect_layout(
@@ -81,10 +84,15 @@ def rows_to_examples(
         )
     has_id = "id" in columns
     examples: list[dict[str, Any]] = []
-    for row_number, row in enumerate(rows):
-        label = "" if label_field is None else _text(row[label_field])
-        example_id = _text(row["id"]) if has_id else f"{origin}:{row_number}"
+    for row_number, row in enumerate(_decoded(rows, origin)):
         where = f"{origin} row {row_number}"
+        if label_field is not None and row[label_field] is None:
+            raise ValueError(
+                f"{where}: label {label_field!r} is null; every row needs one (it names the "
+                "row's domain for data.partitioner=domain)"
+            )
+        label = "" if label_field is None else _text(row[label_field], where, label_field)
+        example_id = _text(row["id"], where, "id") if has_id else f"{origin}:{row_number}"
         if layout == "messages":
             messages = check_messages(row["messages"], where=where)
             examples.append(messages_example(messages, label=label, example_id=example_id))
@@ -97,11 +105,13 @@ def rows_to_examples(
             prompt, response = question, choices[answer]
             extra = {"choices": choices, "answer": answer}
         else:
-            if row[response_field] is None:
+            response = _text(row[response_field], where, response_field)
+            if row[response_field] is None or not response.strip():
+                empty = "null" if row[response_field] is None else "empty"
                 raise ValueError(
-                    f"{where}: {response_field!r} is null; every row needs a response to learn"
+                    f"{where}: {response_field!r} is {empty}; every row needs a response to learn"
                 )
-            prompt, response, extra = _text(row[prompt_field]), _text(row[response_field]), {}
+            prompt, extra = _text(row[prompt_field], where, prompt_field), {}
         examples.append(
             {"prompt": prompt, "response": response, "label": label, "id": example_id, **extra}
         )
@@ -208,20 +218,48 @@ def _read_file(path: Path, *, cache_dir: str) -> Any:
 
 
 def _unreadable(path: Path, builder: str, err: Exception) -> str:
-    """Why `path` does not read as `builder`: its first line that is not JSON (JSON Lines), no
-    row under a CSV header, or datasets' own words."""
+    """Why `path` does not read as `builder`, where: a byte that is not UTF-8, a JSON Lines line
+    that is not a JSON object, where a JSON file breaks, a CSV row of another width than its
+    header, no row under a CSV header, or datasets' own words."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        line, byte = raw[: bad.start].count(b"\n") + 1, raw[bad.start : bad.start + 1]
+        return f"{path} line {line} is not UTF-8 text (byte {byte!r}); save it as UTF-8"
     if path.suffix.lower() == ".jsonl":
-        with path.open(encoding="utf-8", errors="replace") as f:
-            for number, line in enumerate(f, 1):
-                try:
-                    if line.strip():
-                        json.loads(line.rstrip())
-                except json.JSONDecodeError as bad:
-                    return (
-                        f"{path} line {number} is not valid JSON ({bad.msg} at column "
-                        f"{bad.colno}); every line must be one JSON object"
-                    )
-    if builder == "csv" and len(path.read_text(errors="replace").strip().splitlines()) <= 1:
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.rstrip())
+            except json.JSONDecodeError as bad:
+                return (
+                    f"{path} line {number} is not valid JSON ({bad.msg} at column "
+                    f"{bad.colno}); every line must be one JSON object"
+                )
+            if not isinstance(row, dict):
+                return (
+                    f"{path} line {number} is a JSON {type(row).__name__}, not an object; every "
+                    'line must be one JSON object ({"prompt": ..., "response": ...})'
+                )
+    elif builder == "json":
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as bad:
+            return (
+                f"{path} is not valid JSON ({bad.msg} at line {bad.lineno} column {bad.colno}); "
+                "give a list of objects, or JSON Lines (.jsonl) with one object per line"
+            )
+    elif builder == "csv":
+        rows = list(csv.reader(io.StringIO(text)))
+        for number, row in enumerate(rows[1:], 2):
+            if row and len(row) != len(rows[0]):
+                return (
+                    f"{path} line {number} has {len(row)} fields, the header {len(rows[0])}; "
+                    "quote a field that holds a comma"
+                )
+    if builder == "csv" and len(text.strip().splitlines()) <= 1:
         return f"{path} has a header but no rows; give at least one example"
     if "corresponds to no data" in str(err):  # datasets' words for a file without rows
         return f"{path} holds no rows; give at least one example"
@@ -247,5 +285,23 @@ def _read_folder(path: Path) -> Any:
     return loaded
 
 
-def _text(value: Any) -> str:
+def _text(value: Any, where: str, field: str) -> str:
+    """A cell as text: None is "", a number its digits; a mapping or list is an error (its
+    Python repr would be trained on as if it were text)."""
+    if isinstance(value, Mapping | list | tuple):
+        raise ValueError(
+            f"{where}: {field!r} is a {type(value).__name__}, not text; flatten it to a string "
+            "(or name another column)"
+        )
     return "" if value is None else str(value)
+
+
+def _decoded(rows: Iterable[Mapping[str, Any]], origin: str) -> Iterator[Mapping[str, Any]]:
+    """`rows`, with a file that is not UTF-8 named (datasets decodes lazily, row by row)."""
+    try:
+        yield from rows
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{origin} is not UTF-8 text (byte {err.object[err.start : err.start + 1]!r} at "
+            f"offset {err.start}); save it as UTF-8"
+        ) from None

@@ -10,10 +10,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from fedllm.eval.report import fmt, interval_cell
 from fedllm.eval.roc import CONFIDENCE, RESAMPLES, paired_auc_difference
+from fedllm.recipe import load_yaml
 
 NOTE = (
     "MIA AUC: the best of the five scores, pooled over clients, with its 95% bootstrap "
@@ -127,7 +127,7 @@ def run_privacy(run: Path) -> str:
     recipe = run / "recipe.yaml"
     if not recipe.is_file():
         return "?"
-    privacy = (yaml.safe_load(recipe.read_text()) or {}).get("privacy") or {}
+    privacy = (load_yaml(recipe.read_text()) or {}).get("privacy") or {}
     return str(privacy.get("mode", "none"))
 
 

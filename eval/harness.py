@@ -32,6 +32,8 @@ def resolve_inputs(
         if recipe is None:
             raise ValueError(f"{target} is an adapter folder: pass --recipe RECIPE.yaml with it")
         return load_recipe(recipe), target, {}, target / "eval"
+    if recipe is not None and not recipe.is_file():
+        raise FileNotFoundError(f"--recipe {recipe} not found")
     recipe = recipe or target / "recipe.yaml"
     if not recipe.is_file():
         raise FileNotFoundError(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import warnings
 from collections.abc import Iterator, Sequence
 from importlib import metadata
 from types import ModuleType
@@ -20,13 +21,23 @@ ENTRY_POINT_GROUP = "fedllm.eval_tasks"
 
 
 def available_tasks() -> dict[str, type[EvalTask]]:
-    """Every task by name, sorted by name; two different classes with one name is an error."""
+    """Every task by name, sorted by name; two of fedllm's tasks with one name is an error, a
+    plugin's task with a name taken is skipped with a warning."""
     found: dict[str, type[EvalTask]] = {}
-    for cls in [*_folder_tasks(), *_entry_point_tasks()]:
+    for cls in _folder_tasks():
         other = found.setdefault(cls.name, cls)
         if other is not cls:
             raise ValueError(
                 f"two eval tasks are named {cls.name!r}: {_where(other)} and {_where(cls)}"
+            )
+    for cls in _entry_point_tasks():  # a plugin cannot take a name: skipped, said
+        other = found.setdefault(cls.name, cls)
+        if other is not cls:
+            warnings.warn(
+                f"eval task {cls.name!r} of {_where(cls)} is skipped: {_where(other)} has the "
+                "name already",
+                RuntimeWarning,
+                stacklevel=2,
             )
     return dict(sorted(found.items()))
 
@@ -59,16 +70,29 @@ def _folder_tasks() -> Iterator[type[EvalTask]]:
 
 
 def _entry_point_tasks() -> Iterator[type[EvalTask]]:
+    """The tasks of each entry point; one that fails to load, or names neither a module nor a
+    registered task, is skipped with a warning (a broken plugin must not stop every eval)."""
     for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        target = entry.load()
+        where = f"eval task entry point {entry.name} = {entry.value} ({ENTRY_POINT_GROUP})"
+        try:
+            target = entry.load()
+        except Exception as err:  # any import error of third-party code
+            warnings.warn(
+                f"{where} failed to load and was skipped: {type(err).__name__}: {err}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            continue
         if isinstance(target, ModuleType):
             yield from _defined_in(target)
         elif is_registered(target):
             yield target
         else:
-            raise TypeError(
-                f"entry point {entry.name} = {entry.value} in {ENTRY_POINT_GROUP} is neither a "
-                "module nor an EvalTask class decorated with @register_task"
+            warnings.warn(
+                f"{where} is neither a module nor an EvalTask class decorated with "
+                "@register_task; skipped",
+                RuntimeWarning,
+                stacklevel=2,
             )
 
 

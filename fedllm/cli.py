@@ -7,12 +7,17 @@ import logging
 import sys
 from pathlib import Path
 
+from fedllm.errors import RunFailed
 from fedllm.launch import absolute_paths, prepare, start_run
 from fedllm.recipe import ConfigError, load_recipe
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = absolute_paths(load_recipe(args.recipe, args.overrides))
+    if args.federation:  # a connection name flwr does not know fails now, not after prepare
+        from fedllm.deploy.flower_env import check_connection
+
+        check_connection(args.federation)
     run_dir = start_run(
         cfg, resume=args.resume, overwrite=args.overwrite, local=not args.federation
     )
@@ -236,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"fedllm: error: {err}", file=sys.stderr)
         return 2
+    except RunFailed as err:
+        print(f"fedllm: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from fedllm.recipe import ConfigError, RunConfig, build_config
+from fedllm.recipe import ConfigError, RunConfig, build_config, load_yaml
 from fedllm.server.checkpoint import CHECKPOINT, PREVIOUS, has_checkpoint, read_checkpoint
 from fedllm.server.metrics import METRICS
 
@@ -48,6 +48,11 @@ def start_run(cfg: RunConfig, *, resume: bool, overwrite: bool, local: bool = Tr
     """Ready the run directory (resume / overwrite rules), check everything that can fail before
     round 1 and save the resolved recipe; `fedllm run` and the Flower App (`flwr run .`) both."""
     run_dir = cfg.run_dir
+    if resume and overwrite:
+        raise ConfigError(
+            "--resume continues the run in its folder and --overwrite deletes that folder; "
+            "pass one of them"
+        )
     if resume:
         if local:  # a SuperLink's ServerApp may keep its run folder elsewhere
             check_resumable(run_dir, cfg)
@@ -90,7 +95,7 @@ def recipe_changes(run_dir: Path, cfg: RunConfig, *, most: int = 5) -> str:
     """': key is X there and Y now, ...' between the run's saved recipe and `cfg`, over what the
     checkpoint's fingerprint covers; '' if the saved recipe cannot be read."""
     try:
-        then = build_config(yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {})
+        then = build_config(load_yaml((run_dir / "recipe.yaml").read_text()) or {})
     except (OSError, yaml.YAMLError, ConfigError):
         return ""
     changes = [

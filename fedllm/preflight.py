@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from fedllm.data.shards import ProcessCache, raw_shard
 from fedllm.model.loading import EMBEDDED, embedded_gguf_path, resolve_model_dir
+from fedllm.privacy.plan import check_shards
 from fedllm.recipe import ConfigError, RunConfig
 from fedllm.server.trackers import check_trackers
 
@@ -28,10 +29,17 @@ class DataCheck:
     def line(self, cfg: RunConfig) -> str:
         """One line for a person: where the data came from and what each client gets."""
         test = f", {self.test} in the global test set" if self.test else ""
+        empty = [p for p, n in enumerate(self.held_out) if n == 0]
+        none = (
+            f"; partitions {empty} hold no held-out examples, so their held-out loss is not "
+            "measured (raise data.held_out or data.max_examples)"
+            if empty
+            else ""
+        )
         return (
             f"{self.examples} examples from {cfg.data.source!r}{test}; "
             f"{len(self.train)} clients ({cfg.data.partitioner}): train {_span(self.train)}, "
-            f"held out {_span(self.held_out)} each"
+            f"held out {_span(self.held_out)} each{none}"
         )
 
 
@@ -87,6 +95,7 @@ def check_machine(cfg: RunConfig) -> list[str]:
     Returns a line for each finding a person would want to see."""
     model = check_model(cfg)
     data = check_data(cfg)
+    check_shards(cfg)  # DP-SGD: δ, batch and the target ε's noise against every shard
     check_trackers(cfg)
     if cfg.simulation.ray_address is None:
         check_gpus(cfg.simulation.num_gpus_per_client)

@@ -85,6 +85,20 @@ class _DropMessage(logging.Filter):
         return self.text not in record.getMessage()
 
 
+class _ClientErrorTraces(logging.Filter):
+    """Drop Flower's simulation-engine records of a ClientApp's exception (a header, the Ray
+    worker's traceback, the engine's own): some 150 lines per failing client each round. fedllm
+    says each failure in one line (`exchange`) and keeps the whole report in metrics.jsonl;
+    --verbose shows them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not (
+            text.startswith("An exception was raised when processing a message by")
+            or ("ClientAppException" in text and ("Traceback" in text or "ray::" in text))
+        )
+
+
 class _WarningsAndStages(logging.Filter):
     """Flower's warnings and errors, and SecAgg+'s own lines (its stage lines, at DEBUG: "[Stage 1]
     Received encrypted key shares from 3 clients."): in a secure round they are the only account
@@ -175,11 +189,12 @@ def command_process(*, verbose: bool, quiet_flower: bool = True) -> Iterator[Non
     quiet_before = QUIET_FLOWER in logger.filters
     if own.handlers:  # not again by a root handler a library installed (Opacus: basicConfig)
         own.propagate = False
-    notice = _DropMessage(RUN_SIMULATION_NOTICE)
+    notice, traces = _DropMessage(RUN_SIMULATION_NOTICE), _ClientErrorTraces()
     if verbose or quiet_flower:
         set_flower_level(verbose=verbose)
     if quiet_flower and not verbose:
         logger.addFilter(notice)
+        logger.addFilter(traces)
     hidden = hide_bitsandbytes()
     try:
         with warnings.catch_warnings():  # the filters as they were, afterwards
@@ -191,6 +206,7 @@ def command_process(*, verbose: bool, quiet_flower: bool = True) -> Iterator[Non
         logger.propagate = saved[1]
         own.propagate = saved[2]
         logger.removeFilter(notice)
+        logger.removeFilter(traces)
         if quiet_before:
             logger.addFilter(QUIET_FLOWER)
         else:

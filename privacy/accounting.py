@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 
 from opacus.accountants import create_accountant
 from opacus.accountants.accountant import IAccountant
-from opacus.accountants.utils import get_noise_multiplier
+from opacus.accountants.utils import MAX_SIGMA, get_noise_multiplier
 
 ACCOUNTANTS = ("rdp", "prv")
 FEDERATION = "federation"
@@ -77,14 +77,51 @@ def noise_multiplier_for(
     if steps == 0:
         raise ValueError("steps must be >= 1 to derive a noise multiplier")
     _accountant(accountant)  # validates the name
-    return float(
-        get_noise_multiplier(
+    try:
+        sigma = get_noise_multiplier(
             target_epsilon=target_epsilon,
             target_delta=delta,
             sample_rate=sample_rate,
             steps=steps,
             accountant=accountant,
         )
+    except ValueError as err:  # Opacus: "The privacy budget is too low." (σ past its search cap)
+        if "too low" not in str(err):
+            raise
+        raise ValueError(
+            unreachable(
+                target_epsilon,
+                delta=delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=accountant,
+            )
+        ) from None
+    return float(sigma)
+
+
+def epsilon_floor(*, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
+    """The smallest ε the accountant certifies for these steps with any noise (ε at Opacus's
+    σ cap): under RDP its δ term log(1/δ)/(α−1) at the largest order; under PRV its error bound."""
+    return epsilon(
+        noise_multiplier=MAX_SIGMA,
+        sample_rate=sample_rate,
+        steps=steps,
+        delta=delta,
+        accountant=accountant,
+    )
+
+
+def unreachable(
+    target_epsilon: float, *, delta: float, sample_rate: float, steps: int, accountant: str
+) -> str:
+    """Why no noise meets `target_epsilon`, with the floor (`epsilon_floor`)."""
+    floor = epsilon_floor(delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant)
+    why = "its δ term alone" if accountant == "rdp" else "its error bound"
+    return (
+        f"target ε={target_epsilon:g} is below what the {accountant!r} accountant can certify "
+        f"for {steps} steps at q={sample_rate:.3g}, δ={delta:g} with any noise (≈{floor:.3g} "
+        f"at σ={MAX_SIGMA:g}: {why}); raise the target ε or δ"
     )
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fedllm.aggregators.base import Factors, get, round_spec
+from fedllm.aggregators.base import Factors
+from fedllm.aggregators.registry import get, round_spec
 from fedllm.features.base import Feature
 from fedllm.features.registry import register
 from fedllm.features.types import ClientRound, ClientUpdate, RoundResult
@@ -41,6 +42,11 @@ class ClientLevel(Feature):
         """Uniform weights, adapter-state rounds and δ below 1/clients."""
         if not cls.enabled(cfg):
             return
+        if cfg.privacy.client_noise_multiplier is None:
+            try:
+                client_noise_multiplier(cfg)  # a target ε no noise can meet fails here, not later
+            except ValueError as err:
+                raise ValueError(f"privacy.target_epsilon: {err}") from None
         if cfg.aggregator.weighting != "uniform":
             raise ValueError(
                 "privacy.mode='client' needs aggregator.weighting='uniform': example-count "

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 
 from fedllm.client.schedule import num_local_steps
-from fedllm.privacy.accounting import noise_multiplier_for
+from fedllm.privacy.accounting import epsilon_floor, noise_multiplier_for, unreachable
 from fedllm.recipe import ConfigError, RunConfig
 
 DELTA_FACTOR = 0.1  # δ ≤ 0.1/n: "well below" 1/n, for the shard size n (or the client count)
@@ -113,17 +113,43 @@ def client_level_round(cfg: RunConfig) -> tuple[float, float, int]:
     return seen_noise_multiplier(cfg), 1.0, 1
 
 
+def check_reachable(cfg: RunConfig, target: float, *, n_train: int, partition: int) -> None:
+    """ValueError naming privacy.target_epsilon if no noise meets it on a shard of `n_train`
+    (ε at Opacus's σ cap compared with the target: one accountant call, not a σ search)."""
+    fed, p = cfg.federation, cfg.privacy
+    local = num_local_steps(
+        n_train,
+        batch_size=fed.batch_size,
+        local_steps=fed.local_steps,
+        local_epochs=fed.local_epochs,
+    )
+    kw = dict(
+        delta=p.delta,
+        sample_rate=fed.batch_size / n_train,
+        steps=local * fed.rounds,
+        accountant=p.accountant,
+    )
+    if epsilon_floor(**kw) >= target:
+        why = unreachable(target, **kw)
+        raise ValueError(f"privacy.target_epsilon (client {partition}): {why}")
+
+
 def check_shards(cfg: RunConfig) -> None:
-    """Every client's shard (as the recipe splits its data) against the DP settings, as a
-    ConfigError before any training; a deployed node checks its own data again at its start."""
+    """Every client's shard (as the recipe splits its data) against the DP settings, and the
+    noise a target ε needs at its size, as a ConfigError before any training; a deployed node
+    checks its own data again at its start."""
     if cfg.privacy.mode != "sample":
         return
     from fedllm.data.shards import ProcessCache, raw_shard
 
     cache = ProcessCache()  # the split once for every client
+    planned: set[int] = set()  # shard sizes whose σ is found (a target ε is a search)
     try:
         for pid in range(cfg.data.num_clients):
             n_train = len(raw_shard(cfg, pid, cache=cache).train)
             check_shard(cfg, partition=pid, n_train=n_train)
+            if n_train not in planned and (target := cfg.privacy.target_epsilon) is not None:
+                check_reachable(cfg, target, n_train=n_train, partition=pid)
+                planned.add(n_train)
     except ValueError as err:
         raise ConfigError(str(err)) from None

@@ -67,6 +67,7 @@ class SampleLevelDP(Feature):
 
     name = "dp_sgd"
     privacy_mode = "sample"
+    replaces_trainer = True
     order = 5
     state_key = "privacy"
 

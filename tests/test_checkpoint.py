@@ -132,7 +132,7 @@ def test_the_rng_states_are_restored(tmp_path: Path) -> None:
 
 
 def test_values_weights_only_cannot_read_are_converted_at_save_time(tmp_path: Path) -> None:
-    class Kind(str, enum.Enum):
+    class Kind(str, enum.Enum):  # noqa: UP042 (the kind of value a checkpoint may hold)
         FAST = "fast"
 
     class Level(enum.IntEnum):

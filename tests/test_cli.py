@@ -303,3 +303,29 @@ def test_a_stray_flag_is_still_an_error() -> None:
 
     with pytest.raises(SystemExit):
         parse(["run", "recipes/tiny.yaml", "--bogus"])
+
+
+def test_resume_and_overwrite_together_are_refused(tmp_path: Path, no_prepare: None, capsys):
+    assert main(run_args(tmp_path, "both", "--resume", "--overwrite")) == 2
+    assert "pass one of them" in capsys.readouterr().err
+
+
+def test_an_unknown_federation_connection_fails_before_the_run_folder_is_built(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_prepare: None, capsys
+) -> None:
+    home = tmp_path / "flwr"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "prod"\n\n[superlink.prod]\naddress = "127.0.0.1:9093"\n'
+    )
+    monkeypatch.setenv("FLWR_HOME", str(home))
+    assert main(run_args(tmp_path, "fed", "--federation", "prd")) == 2
+    err = capsys.readouterr().err
+    assert "--federation 'prd': no such SuperLink connection" in err
+    assert "(did you mean 'prod'?); known: prod" in err
+    assert not (tmp_path / "fed").exists()
+
+
+def test_eval_with_a_missing_recipe_names_the_recipe(tmp_path: Path, capsys) -> None:
+    assert main(["eval", str(tmp_path), "--recipe", str(tmp_path / "nosuch.yaml")]) == 2
+    assert f"--recipe {tmp_path / 'nosuch.yaml'} not found" in capsys.readouterr().err

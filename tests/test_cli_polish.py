@@ -306,6 +306,20 @@ def test_a_taken_node_port_is_named_with_the_flag(capsys: pytest.CaptureFixture[
     assert f"--port {port}" in err and "leave --port out to take a free one" in err
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--partition-id", "-1"], "--partition-id -1: a partition id is 0 or more"),
+        (["--partition-id", "0", "--rank", "0"], "--rank 0: a LoRA rank is 1 or more"),
+    ],
+)
+def test_a_node_with_an_impossible_identity_is_refused_before_it_starts(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["node", "--superlink", "127.0.0.1:9093", "--insecure", *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
 # -- simulation.ray_address -----------------------------------------------------------------
 
 
@@ -368,3 +382,25 @@ def test_quiet_flower_keeps_warnings_and_secagg_stage_lines_only() -> None:
         logger.setLevel(saved[0])
         logger.propagate = saved[1]
         logger.filters[:] = saved[2]
+
+
+def test_flowers_client_error_traces_are_dropped_unless_verbose() -> None:
+    """The simulation engine logs a failing ClientApp's exception three times (a header, the Ray
+    worker's traceback, its own): ~150 lines a client a round; fedllm's one line says it."""
+    flwr = logging.getLogger("flwr")
+    own = Records()
+    flwr.addHandler(own)
+    trace = "ray::ClientAppActor.run() ...\nflwr.clientapp.client_app.ClientAppException: \n"
+    engine = "Traceback (most recent call last):\n  File vce_api.py\nClientAppException: x"
+    try:
+        for verbose, kept in ((False, 1), (True, 4)):
+            own.seen.clear()
+            with command_process(verbose=verbose):
+                flwr.error("An exception was raised when processing a message by RayBackend")
+                flwr.error(trace)
+                flwr.error(engine)
+                flwr.error("the SuperLink is unreachable")  # any other error stays
+            assert len(own.seen) == kept, own.seen
+            assert own.seen[-1] == "ERROR the SuperLink is unreachable"
+    finally:
+        flwr.removeHandler(own)

@@ -6,7 +6,7 @@ import pytest
 
 from fedllm.cli import main
 from fedllm.model.base import check_ranks
-from fedllm.recipe import ConfigError, build_config, load_recipe, parse_overrides
+from fedllm.recipe import ConfigError, build_config, load_recipe, load_yaml, parse_overrides
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
 TINY_RECIPE = Path(__file__).parents[1] / "recipes" / "tiny.yaml"
@@ -236,5 +236,101 @@ def test_an_override_turns_off_a_feature_the_recipe_has() -> None:
     off = load_recipe(fedprox, ["features.fedprox=false"])
     assert "fedprox" not in off.features
     assert off.fingerprint() == load_recipe(fedprox, ["features={}"]).fingerprint()
-    with pytest.raises(ConfigError, match=r"features\.fedprox"):
-        load_recipe(fedprox, ["features.fedprox=true"])
+    on = load_recipe(fedprox, ["features.fedprox=true"])  # on: the recipe's options kept
+    assert on.features == load_recipe(fedprox, []).features and on.features["fedprox"]
+
+
+def test_a_number_in_exponent_form_is_a_float_in_the_file_and_on_the_command_line(
+    tmp_path: Path,
+) -> None:
+    """PyYAML (YAML 1.1) reads `1e-3` as text; recipes read it as YAML 1.2 does, a float."""
+    path = tmp_path / "r.yaml"
+    text = TINY_RECIPE.read_text().replace("aggregator:", "aggregator:\n  options: {lam: 1e-3}", 1)
+    path.write_text(text)
+    cfg = load_recipe(path, [f"output_dir={tmp_path}", "aggregator.name=squeeze"])
+    lam = cfg.aggregator.options["lam"]
+    assert lam == 0.001 and isinstance(lam, float)
+    cfg = load_recipe(path, ["aggregator.name=squeeze", "federation.lr=2e-4"])
+    assert cfg.federation.lr == 0.0002
+    assert parse_overrides(["a=1E+3", "b=-5e-1", "c=3", "d=x1e3", "e='1e-3'"]) == {
+        "a": 1000.0,
+        "b": -0.5,
+        "c": 3,
+        "d": "x1e3",
+        "e": "1e-3",
+    }
+
+
+def test_a_name_yaml_would_read_as_a_date_or_number(tmp_path: Path) -> None:
+    cfg = load_recipe(TINY_RECIPE, [f"output_dir={tmp_path}", "name=2024-01-01"])
+    assert cfg.name == "2024-01-01"  # no dates in recipes: the text
+    for value, kind in (("20240101", "a number"), ("no", "true/false")):
+        with pytest.raises(ConfigError, match=rf"name: .*YAML reads it as {kind}: quote it"):
+            load_recipe(TINY_RECIPE, [f"name={value}"])
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("rounds=3", "rounds: unknown key (did you mean 'federation.rounds'?)"),
+        ("lr=0.1", "lr: unknown key (did you mean 'federation.lr'?)"),  # not 'lora'
+        ("data.rounds=2", "data.rounds: unknown key (did you mean 'federation.rounds'?)"),
+        ("federation.roundz=3", "federation.roundz: unknown key (did you mean 'rounds'?)"),
+        (
+            "lora.tiers=[{nam: a, rank: 2, clients: 3}]",
+            "lora.tiers.0.nam: unknown key (did you mean 'name'?); valid keys here: clients, name,",
+        ),
+        (
+            "devices=[{clients: 3, slowdwn: 2}]",
+            "devices.0.slowdwn: unknown key (did you mean 'slowdown'?); valid keys here: clients,",
+        ),
+    ],
+)
+def test_a_key_in_the_wrong_place_or_a_list_entry_gets_a_suggestion(
+    override: str, expected: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_recipe(TINY_RECIPE, [override])
+    assert expected in str(info.value)
+
+
+def test_short_forms_turn_things_on_and_an_empty_override_clears(tmp_path: Path) -> None:
+    cfg = load_recipe(TINY_RECIPE, ["features.fedprox=true", "aggregator=fedit"])
+    assert cfg.features == {"fedprox": {}} and cfg.aggregator.name == "fedit"  # defaults
+    path = tmp_path / "r.yaml"
+    text = TINY_RECIPE.read_text().replace("aggregator:", "aggregator:\n  options: {lam: 0.5}", 1)
+    path.write_text(text)
+    kept = load_recipe(path, ["aggregator.name=squeeze", "aggregator.options.oversample=4"])
+    assert kept.aggregator.options == {"lam": 0.5, "oversample": 4}  # options merge
+    cleared = load_recipe(path, ["aggregator.name=squeeze", "aggregator.options={}"])
+    assert cleared.aggregator.options == {}
+
+
+def test_a_section_error_that_names_its_own_key_is_not_prefixed_twice() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_recipe(TINY_RECIPE, ["privacy.mode=client", "privacy.noise_multiplier=1"])
+    assert "\n  privacy.noise_multiplier does not apply to privacy.mode='client'" in str(info.value)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_a_recipe_written_out_reads_back_the_same(path: Path) -> None:
+    """run_dir/recipe.yaml, the recipe a SuperNode receives: text that YAML 1.2 reads as a
+    float is quoted ("1e5"), and trackers that are off are not written as `mlflow: null` (which
+    turns mlflow on)."""
+    for extra in ([], ["name='1e5'", "output.trackers=[tensorboard]"]):
+        cfg = load_recipe(path, extra)
+        assert build_config(load_yaml(cfg.to_yaml())) == cfg
+
+
+def test_the_aggregator_short_form_merges_with_its_keys_in_any_order(tmp_path: Path) -> None:
+    for overrides in (
+        ["aggregator=fedit", "aggregator.global_rank=8"],
+        ["aggregator.global_rank=8", "aggregator=fedit"],
+    ):
+        agg = load_recipe(TINY_RECIPE, overrides).aggregator
+        assert (agg.name, agg.global_rank) == ("fedit", 8), overrides
+    path = tmp_path / "short.yaml"
+    text = TINY_RECIPE.read_text()
+    path.write_text(text[: text.index("aggregator:")] + "aggregator: fedit\n")
+    agg = load_recipe(path, ["aggregator.global_rank=8"]).aggregator  # not squeeze at rank 8
+    assert (agg.name, agg.global_rank) == ("fedit", 8)

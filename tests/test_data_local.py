@@ -106,6 +106,17 @@ def test_missing_path_and_unknown_suffix(tmp_path: Path) -> None:
             '{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": \n',
             r"bad\.jsonl line 2 is not valid JSON \(Expecting value at column 28\); every line",
         ),
+        (
+            "array.jsonl",
+            '{"prompt": "a", "response": "b"}\n[1, 2]\n',
+            r"array\.jsonl line 2 is a JSON list, not an object",
+        ),
+        (
+            "cut.json",
+            '[{"prompt": "a", "response": "b"},\n {"prompt": "c", "resp',
+            r"cut\.json is not valid JSON \(.* at line 2 column \d+\)",
+        ),
+        ("ragged.csv", "prompt,response\na,b\nc,d,e\n", r"ragged\.csv line 3 has 3 fields, the"),
     ],
 )
 def test_an_unreadable_or_empty_file_is_named_with_what_is_wrong(
@@ -158,3 +169,38 @@ def test_hub_failure_says_it_needs_network(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(ValueError, match=r"only works online.*no route to host"):
         load_examples("someone/qa")
+
+
+def test_a_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "latin.jsonl"
+    path.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "caf\xe9", "response": "x"}\n')
+    with pytest.raises(ValueError, match=r"latin\.jsonl (line 2 )?is not UTF-8 text"):
+        load_local(path)
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"prompt": "c", "response": ""}, r"row 1: 'response' is empty"),
+        ({"prompt": "c", "response": "  "}, r"row 1: 'response' is empty"),
+        ({"prompt": "c", "response": {"text": "a"}}, r"row 1: 'response' is a dict, not text"),
+        ({"prompt": ["c"], "response": "d"}, r"row 1: 'prompt' is a list, not text"),
+        ({"prompt": "c", "response": "d", "topic": None}, r"row 1: label 'topic' is null"),
+    ],
+)
+def test_a_row_nothing_could_be_learned_from_is_an_error_naming_it(
+    tmp_path: Path, row: dict, message: str
+) -> None:
+    path = tmp_path / "rows.jsonl"
+    rows = [{"prompt": "a", "response": "b", "topic": "t"}, {"topic": "t", **row}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    with pytest.raises(ValueError, match=message):
+        load_local(path, label_field="topic")
+
+
+def test_a_missing_prompt_is_a_plain_continuation_and_numbers_are_text(tmp_path: Path) -> None:
+    path = tmp_path / "rows.jsonl"
+    rows = [{"prompt": None, "response": "b"}, {"prompt": 2, "response": 4}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    got = [(e["prompt"], e["response"]) for e in load_local(path)]
+    assert got == [("", "b"), ("2", "4")]

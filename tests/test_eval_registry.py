@@ -118,10 +118,11 @@ def test_an_entry_point_task_is_found(monkeypatch, tmp_path: Path, value: str) -
         assert get_task("plugin_chars").__module__ == "fedllm_demo_plugin"
 
 
-def test_two_tasks_with_one_name_are_an_error(monkeypatch, tmp_path: Path) -> None:
+def test_a_plugin_task_with_a_taken_name_is_skipped_with_a_warning(monkeypatch, tmp_path) -> None:
     with plugin(monkeypatch, tmp_path, name="define", value="fedllm_demo_plugin"):
-        with pytest.raises(ValueError, match="two eval tasks are named 'define'"):
-            available_tasks()
+        with pytest.warns(RuntimeWarning, match="eval task 'define' of fedllm_demo_plugin"):
+            tasks = available_tasks()
+    assert tasks["define"] is DefineWords and list(tasks) == BUILT_IN
 
 
 def test_unknown_task_names_the_valid_ones(tmp_path: Path, capsys) -> None:
@@ -203,3 +204,20 @@ def test_harness_and_report_run_a_dropped_in_task(run_dir: Path, dropped: str) -
     md = (run_dir / "eval" / "report.md").read_text()
     assert f"{dropped} mean prompt chars" in md and "held_out loss" in md
     assert (run_dir / "eval" / "quality.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        ("fedllm_no_such_plugin", "failed to load.*No module named"),
+        ("fedllm_demo_plugin:TASK_NAME_CONSTANT", "neither a module nor an EvalTask"),
+    ],
+)
+def test_a_broken_entry_point_warns_and_the_built_in_tasks_still_run(
+    monkeypatch, tmp_path: Path, value: str, why: str
+) -> None:
+    with plugin(monkeypatch, tmp_path, name="broken", value=value):
+        sys.modules["fedllm_demo_plugin"] = type(sys)("fedllm_demo_plugin")
+        sys.modules["fedllm_demo_plugin"].TASK_NAME_CONSTANT = "not a task"  # type: ignore[attr-defined]
+        with pytest.warns(RuntimeWarning, match=f"entry point broken = {value}.*{why}"):
+            assert list(available_tasks()) == BUILT_IN

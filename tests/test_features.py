@@ -121,8 +121,15 @@ def test_register_refuses_a_nameless_or_second_class(clean_registry: None) -> No
     class Impostor(Feature):
         name = "fedprox"
 
-    with pytest.raises(ValueError, match="'fedprox' is already registered by FedProx"):
+    with pytest.raises(ValueError, match=r"'fedprox' is already registered by .*fedprox\.FedProx"):
         registry.register(Impostor)
+
+    class FedProx(Feature):  # a plugin's class of the same name must not replace the built-in
+        name = "fedprox"
+
+    with pytest.raises(ValueError, match="'fedprox' is already registered"):
+        registry.register(FedProx)
+    assert registry.discover()["fedprox"].__module__ == "fedllm.features.fedprox"
 
 
 # -- (b) a new feature dropped in, with nothing else edited ---------------------------------------
@@ -422,6 +429,9 @@ ATTRIBUTES = {
     "privacy_mode",
     "screen_relative",
     "own_adapter_shape",
+    "replaces_trainer",
+    "reply_metrics",
+    "adds_to_steps",
 }
 
 
@@ -436,6 +446,8 @@ def test_base_attributes() -> None:
     assert Feature.privacy_mode is None
     assert Feature.screen_relative is True
     assert Feature.own_adapter_shape is False
+    assert Feature.replaces_trainer is False
+    assert Feature.reply_metrics == {}
 
 
 def factors(rank: int = 2) -> dict[str, Factors]:
@@ -567,3 +579,74 @@ def test_a_dropped_in_dp_mechanism_is_enabled_by_its_privacy_mode(
     cfg = build_config(recipe(privacy={"mode": "laplace_probe"}))
     assert [c.name for c in recipe_active(cfg)] == ["laplace_probe"]
     assert recipe_active(build_config(recipe())) == []
+
+
+class BrokenEntryPoint:
+    name = "broken_plugin"
+    value = "thirdparty.broken:Feature"
+    group = registry.GROUP
+
+    def load(self) -> type[Feature]:
+        raise ImportError("No module named 'thirdparty'")
+
+
+def test_a_broken_feature_entry_point_warns_and_every_recipe_still_loads(
+    monkeypatch: pytest.MonkeyPatch, clean_registry: None
+) -> None:
+    points = [BrokenEntryPoint(), FakeEntryPoint()]
+    monkeypatch.setattr(registry, "entry_points", lambda *, group: points)
+    with pytest.warns(RuntimeWarning, match=r"'broken_plugin' .*failed to load.*No module named"):
+        found = registry.available()
+    assert "ep_probe" in found and "fedprox" in found  # the others still load
+    build_config(recipe(features={"fedprox": {"mu": 0.1}}))
+
+
+class LaxOptions(BaseModel):  # a plugin's model that forgot extra="forbid"
+    lam: float = 0.1
+
+
+class LaxTerm(Feature):
+    """A plugin feature adding a loss term, with an Options model that ignores extra keys."""
+
+    name = "lax_term"
+    Options = LaxOptions
+
+    def regularizers(self, model: torch.nn.Module, rnd: ClientRound) -> list:
+        return [lambda: torch.zeros(())]
+
+
+def test_a_typo_in_a_lax_plugin_options_model_is_still_refused(clean_registry: None) -> None:
+    registry.register(LaxTerm)
+    build_config(recipe(features={"lax_term": {"lam": 0.5}}))
+    with pytest.raises(ConfigError, match=r"features\.lax_term\.lamb: unknown option \(did you "):
+        build_config(recipe(features={"lax_term": {"lamb": 5}}))
+
+
+def test_a_loss_term_beside_a_trainer_that_replaces_the_plain_steps_is_refused(
+    clean_registry: None,
+) -> None:
+    """DP-SGD trains with its own trainer: a plugin's loss term would silently never run."""
+    registry.register(LaxTerm)
+    private = {"privacy": {"mode": "sample", "target_epsilon": 8.0}}
+    refused = r"'lax_term' add\(s\) to the plain local steps.*'dp_sgd'"
+    with pytest.raises(ConfigError, match=refused):
+        build_config(recipe(features={"lax_term": {}}, **private))
+    build_config(recipe(features={"lax_term": {}}))  # alone: fine
+    build_config(recipe(**private))  # DP-SGD alone: fine
+
+
+def test_a_feature_whose_loss_term_is_off_may_run_beside_dp_sgd() -> None:
+    """hetlora_prune is on with every hetlora recipe, but adds its term only when pruning is."""
+    private = ["privacy.mode=sample", "privacy.noise_multiplier=1"]
+    load_recipe(RECIPES / "hetlora.yaml", private)  # prune_lambda 0: no term, nothing lost
+    with pytest.raises(ConfigError, match="prune_lambda > 0"):
+        load_recipe(RECIPES / "hetlora.yaml", [*private, "aggregator.options.prune_lambda=0.1"])
+
+
+def test_a_reply_metric_may_not_take_a_core_column_of_the_row(clean_registry: None) -> None:
+    class Clobber(Feature):
+        name = "clobber"
+        reply_metrics = {"train-loss": float}  # noqa: RUF012
+
+    with pytest.raises(ValueError, match=r"\['train-loss'\] name core columns"):
+        registry.register(Clobber)

@@ -26,10 +26,10 @@ from flwr.cli.build import build_fab_from_files
 from flwr.common.config import flatten_dict, fuse_dicts, parse_config_args
 from pydantic import BaseModel
 
-import fedllm.aggregators.base as aggregator_base
+import fedllm.aggregators.registry as aggregator_registry
 import fedllm.features.registry as feature_registry
 from fedllm.aggregators import available
-from fedllm.aggregators.base import _option_defaults
+from fedllm.aggregators.registry import _option_defaults
 from fedllm.deploy.app_check import check_fab
 from fedllm.deploy.app_config import (
     APP_KEYS,
@@ -107,7 +107,7 @@ def test_registry_options_are_keys() -> None:
     assert not [k for k in keys if k.startswith("features.") and k.split(".")[1] not in own]
 
 
-def test_a_new_aggregator_or_feature_appears_in_the_table(monkeypatch) -> None:
+def test_a_new_aggregator_or_feature_of_fedllm_appears_in_the_table(monkeypatch) -> None:
     def knobbed(updates, weights, *, knob: int = 3, **_: object):  # pragma: no cover
         raise NotImplementedError
 
@@ -118,8 +118,10 @@ def test_a_new_aggregator_or_feature_appears_in_the_table(monkeypatch) -> None:
         name = "knobbed_feature"
 
     monkeypatch.setattr(Knobbed, "Options", Options)
-    monkeypatch.setitem(aggregator_base._REGISTRY, "knobbed", knobbed)
-    monkeypatch.setitem(aggregator_base._ROUNDS, "knobbed", aggregator_base.RoundSpec())
+    knobbed.__module__ = "fedllm.aggregators.knobbed"  # new files of fedllm's own folders
+    Knobbed.__module__ = "fedllm.features.knobbed"
+    monkeypatch.setitem(aggregator_registry._REGISTRY, "knobbed", knobbed)
+    monkeypatch.setitem(aggregator_registry._ROUNDS, "knobbed", aggregator_registry.RoundSpec())
     monkeypatch.setitem(feature_registry._FEATURES, "knobbed_feature", Knobbed)
     table = config_table()
     for key in ("aggregator.options.knob", "features.knobbed_feature.strength"):
@@ -409,3 +411,31 @@ def test_a_node_never_sends_back_what_a_recipe_path_on_its_disk_holds(
     )
     assert "did not load on this node" in messages[0]
     assert str(secret) in caplog.text or "credentials" in caplog.text  # the node's own log
+
+
+def test_an_installed_plugin_leaves_the_declared_table_as_it_is(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A plugin's aggregator or feature is not fedllm's: the table fedllm's pyproject declares
+    (and `--check` compares) is the same on a machine that has one."""
+    from pydantic import BaseModel
+
+    from fedllm.features import registry as features
+    from fedllm.features.base import Feature
+
+    before = config_table()
+    monkeypatch.setitem(
+        aggregator_registry._REGISTRY, "plugin_agg", lambda updates, weights, *, knob=1, **kw: None
+    )
+    spec = aggregator_registry.ADAPTER_STATE
+    monkeypatch.setitem(aggregator_registry._ROUNDS, "plugin_agg", spec)
+
+    class PluginOptions(BaseModel):
+        level: int = 1
+
+    plugin = type("PluginFeature", (Feature,), {"name": "plugin_f", "Options": PluginOptions})
+    plugin.__module__ = "myfed.feature"
+    monkeypatch.setattr(features, "_FEATURES", {**features.discover(), "plugin_f": plugin})
+    assert "plugin_agg" in aggregator_registry.available()
+    assert config_table() == before
+    assert main(["--check"]) == 0

@@ -21,6 +21,7 @@ from test_strategy import SHAPES, factors, metrics, recipe, reply, strategy
 
 from fedllm.aggregators import Factors
 from fedllm.deploy.local_grid import LocalGrid, server_identity
+from fedllm.features.base import Feature
 from fedllm.model.adapters import to_record
 from fedllm.model.packing import LAYOUT, is_packed, pack, unpack
 from fedllm.privacy.accounting import partition_key
@@ -287,6 +288,65 @@ def test_two_nodes_claiming_one_partition_in_an_evaluation_are_both_dropped() ->
     loss, rows, dropped = s.evaluate_round(1, replies)  # no node has trained yet
     assert sorted(dropped) == [2, 3] and "claimed by nodes [2, 3]" in dropped[2]
     assert [r.partition for r in rows] == [0] and loss == pytest.approx((2.0, 10))
+
+
+def test_a_client_without_held_out_examples_has_no_row_not_a_loss_of_zero(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An honest client whose shard holds no held-out example replies 0 tokens (loss 0/1 = 0):
+    its row would read held-out loss 0.0000 and perplexity 1.00 in the final table."""
+    from fedllm.server.exchange import describe_evaluation
+
+    s = strategy(recipe())
+    empty = reply(3, None, eval_metrics(2, loss=0.0, tokens=0))
+    replies = [reply(1, None, eval_metrics(0, loss=2.0, tokens=10)), empty]
+    with caplog.at_level(logging.WARNING, logger="fedllm.server"):
+        loss, rows, dropped = s.evaluate_round(1, replies)
+    assert [r.partition for r in rows] == [0] and not dropped
+    assert loss == pytest.approx((2.0, 10))
+    assert any("partitions [2] hold no held-out examples" in r.getMessage() for r in caplog.records)
+    assert describe_evaluation(empty, private=False) == "(partition 2): no held-out examples"
+
+
+class Counted(Feature):
+    """A feature whose clients send two metrics: one declared (checked, written), one not."""
+
+    name = "counted"
+    reply_metrics = {"counted-steps": (int, 0), "counted-norm": float}  # noqa: RUF012
+
+
+@pytest.mark.parametrize(
+    ("extra", "status", "fields"),
+    [
+        (
+            {"counted-steps": 4, "counted-norm": 0.5},
+            "ok",
+            {"counted_steps": 4, "counted_norm": 0.5},
+        ),
+        ({"counted-steps": 4, "undeclared": 7.0}, "ok", {"counted_steps": 4}),  # not written
+        ({}, "ok", {}),  # absent: nothing
+        ({"counted-steps": -1}, "rejected", {}),  # below its minimum
+        ({"counted-norm": math.inf}, "rejected", {}),
+        ({"counted-steps": 2.5}, "rejected", {}),  # not an int
+    ],
+)
+def test_a_features_declared_reply_metrics_are_checked_and_written_to_the_row(
+    extra: dict, status: str, fields: dict
+) -> None:
+    from fedllm.server.strategy import LoraStrategy
+
+    cfg = recipe()
+    s = LoraStrategy(cfg, shapes=SHAPES, features=[Counted(cfg)])
+    honest_ones = [honest(n, n - 1) for n in (1, 2)]
+    probe = reply(3, factors(2), {**metrics(2), **extra})
+    result = s.train_round(1, [*honest_ones, probe], sampled=3)
+    row = next(r for r in result.rows if r.node == 3)
+    assert row.status == status, row.reason
+    if status == "rejected":
+        assert next(iter(extra)) in row.reason
+    assert {k: v for k, v in row.to_json().items() if k.startswith(("counted", "undeclared"))} == (
+        fields
+    )
 
 
 # -- a real federation with one hostile node ------------------------------------------------------

@@ -13,11 +13,11 @@ from flwr.app import ArrayRecord
 from peft import PeftModel
 
 from fedllm.deploy.local_grid import run_local
+from fedllm.model.adapters import initial_factors
 from fedllm.model.base import base_model_dir, cached_base_model
 from fedllm.model.wire import LOCAL_B
 from fedllm.recipe import load_recipe
 from fedllm.server.checkpoint import load_checkpoint
-from fedllm.server.strategy import initial_factors
 
 RECIPE = Path(__file__).parents[1] / "recipes" / "tiny.yaml"
 pytestmark = pytest.mark.slow  # every test here runs a federation

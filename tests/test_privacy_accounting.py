@@ -172,6 +172,26 @@ def test_delta_must_be_below_one_over_each_shard(tmp_path: Path) -> None:
     check_shards(ok)
 
 
+def test_a_target_epsilon_no_noise_can_meet_names_its_floor() -> None:
+    """Opacus says only "The privacy budget is too low." when σ passes its cap: RDP's δ term
+    log(1/δ)/(α−1) is a floor no noise gets under."""
+    kw = dict(delta=1e-5, sample_rate=0.05, steps=40)
+    floor = epsilon(noise_multiplier=1e6, **kw)
+    assert 0.05 < floor < 1.0
+    with pytest.raises(ValueError, match=rf"target ε=0.1 is below .* \(≈{floor:.3g} at σ=1e\+06"):
+        noise_multiplier_for(target_epsilon=0.1, **kw)
+    assert noise_multiplier_for(target_epsilon=2 * floor, **kw) > 0  # above the floor: found
+
+
+def test_a_target_epsilon_below_the_floor_fails_before_any_round(tmp_path: Path) -> None:
+    low = [f"output_dir={tmp_path}", "privacy.target_epsilon=0.05"]
+    with pytest.raises(ConfigError, match=r"\n  privacy.target_epsilon: target ε=0.05 is below"):
+        load_recipe(RECIPE, [*low, "privacy.mode=client", "aggregator.weighting=uniform"])
+    cfg = load_recipe(RECIPE, [*low, "privacy.mode=sample"])  # σ depends on each shard's size
+    with pytest.raises(ConfigError, match=r"privacy.target_epsilon \(client 0\): target ε=0.05"):
+        check_shards(cfg)
+
+
 def rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -18,11 +18,12 @@ from fedllm.data import partition, tokenize_all
 from fedllm.data import shards as shards_module
 from fedllm.data.shards import global_test_set
 from fedllm.deploy.local_grid import LocalGrid, run_local, server_identity
+from fedllm.model.adapters import initial_factors
 from fedllm.model.base import adapter_shapes, base_model_dir, cached_base_model
 from fedllm.recipe import ConfigError, load_recipe
 from fedllm.server.checkpoint import load_checkpoint
 from fedllm.server.evaluation import TestSetEvaluator, evaluation_panel, panel_size
-from fedllm.server.strategy import LoraStrategy, initial_factors
+from fedllm.server.strategy import LoraStrategy
 
 RECIPE = str(Path(__file__).parents[1] / "recipes" / "tiny.yaml")
 

@@ -243,3 +243,53 @@ def test_a_failing_tracker_is_dropped_with_a_warning_and_metrics_jsonl_keeps_eve
     warnings = [r.getMessage() for r in caplog.records if "tracker broken failed" in r.getMessage()]
     assert len(warnings) == 1 and "tracking server unreachable" in warnings[0]
     assert log.sinks == []
+
+
+class Recording:
+    """A sink that keeps every (step, scalars) it is given."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.logged: list[tuple[int, dict[str, float]]] = []
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        self.logged.append((step, scalars))
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.slow
+def test_a_round_a_crash_makes_the_resumed_run_repeat_reaches_the_trackers_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash after round 1's rows are on disk but before its checkpoint: the resumed run
+    trains round 1 again; the trackers get each round once, with the values metrics.jsonl
+    keeps (the repeated round's)."""
+    from fedllm.deploy.local_grid import run_local
+    from fedllm.server import app
+
+    sink = Recording()
+    monkeypatch.setattr(app, "open_trackers", lambda cfg: [sink])
+    cfg = load_recipe(
+        RECIPE,
+        [f"output_dir={tmp_path}", "name=crash", "federation.rounds=2", "data.num_clients=2"],
+    )
+    real_save = app.Run.save
+
+    def crash_after_round_1(self, server_round: int, **kw) -> None:
+        if server_round == 1 and kw.get("pending") is None:
+            raise RuntimeError("the machine went down")
+        real_save(self, server_round, **kw)
+
+    monkeypatch.setattr(app.Run, "save", crash_after_round_1)
+    with pytest.raises(RuntimeError, match="went down"):
+        run_local(cfg)
+    monkeypatch.setattr(app.Run, "save", real_save)
+    run_dir, _ = run_local(cfg, resume=True)
+    steps = [step for step, _ in sink.logged]
+    assert sorted(steps) == [0, 1, 2], steps
+    kept = {r["round"]: r for r in MetricsLog(run_dir).read() if r["kind"] == "server"}
+    logged = dict(sink.logged)
+    assert logged[1]["server/held_out_loss"] == kept[1]["held_out_loss"]

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedllm.recipe import RunConfig, build_config
+from fedllm.recipe import RunConfig, build_config, load_yaml
 
 if TYPE_CHECKING:
     from fedllm.data.shards import ProcessCache
@@ -56,7 +56,6 @@ DEVICE_KEYS = ("threads", "slowdown", "memory-mb")  # emulation: fedllm.constrai
 
 def recipe_from_run_config(run_config: Mapping[str, object]) -> RunConfig:
     """The recipe the submitter resolved and sent as the run config's `recipe` (YAML text)."""
-    import yaml
 
     text = run_config.get("recipe")
     if not isinstance(text, str) or not text.strip():
@@ -64,7 +63,7 @@ def recipe_from_run_config(run_config: Mapping[str, object]) -> RunConfig:
             "run config has no 'recipe': submit runs with `fedllm run RECIPE --federation CONN`, "
             "which sends the resolved recipe YAML"
         )
-    return build_config(yaml.safe_load(text), source="run config 'recipe'")
+    return build_config(load_yaml(text), source="run config 'recipe'")
 
 
 def check_app_source(paths: list[str] | None = None) -> None:

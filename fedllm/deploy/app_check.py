@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import tomllib
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
-
-import tomllib
 
 # the files of fedllm's FAB (`flwr run` adds .info/CONTENT; Flower removes it when installing)
 # what fedllm's app declares; a SuperNode runs a run's ClientApp only when its FAB says exactly this

@@ -32,10 +32,9 @@ import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel
 
-from fedllm.recipe import ConfigError, RunConfig, load_recipe
+from fedllm.recipe import ConfigError, RunConfig, dump_yaml, load_recipe
 from fedllm.recipe.shipped import shipped_recipes
 
 FROM_RECIPE = "<recipe>"
@@ -61,22 +60,30 @@ def _section(annotation: object) -> type[BaseModel] | None:
     return None
 
 
-def _aggregator_option_keys(prefix: str) -> list[str]:
-    """`aggregator.options.<option>` for every option of every registered aggregator."""
-    from fedllm.aggregators import available
-    from fedllm.aggregators.base import option_names
+def _own(obj: object) -> bool:
+    """Whether `obj` is fedllm's own: the table in fedllm's pyproject declares fedllm's keys, the
+    same on every machine whatever plugins are installed (a plugin's keys go through
+    `fedllm run` or a recipe; docs/extending.md)."""
+    return getattr(obj, "__module__", "").startswith("fedllm.")
 
-    return [prefix + o for o in sorted({o for n in available() for o in option_names(n)})]
+
+def _aggregator_option_keys(prefix: str) -> list[str]:
+    """`aggregator.options.<option>` for every option of every fedllm aggregator."""
+    from fedllm.aggregators import available, get
+    from fedllm.aggregators.registry import option_names
+
+    names = [n for n in available() if _own(get(n))]
+    return [prefix + o for o in sorted({o for n in names for o in option_names(n)})]
 
 
 def _feature_keys(prefix: str) -> list[str]:
     """`features.<name>` (its whole options, `'{}'` for the defaults) and its options' keys, for
-    every registered feature that has a `features` entry."""
+    every fedllm feature that has a `features` entry."""
     from fedllm.features.registry import discover
 
     keys: list[str] = []
     for name, cls in sorted(discover().items()):
-        if cls.Options is not None:
+        if cls.Options is not None and _own(cls):
             keys += [prefix + name, *recipe_keys(cls.Options, f"{prefix}{name}.")]
     return keys
 
@@ -160,7 +167,7 @@ def _yaml_scalar(value: object) -> str:
     command line), numbers and booleans so YAML reads them back unchanged (1e-05 -> 1.0e-05)."""
     if isinstance(value, str):
         return value
-    return yaml.safe_dump(value).splitlines()[0]
+    return dump_yaml(value).splitlines()[0]
 
 
 def recipe_overrides(run_config: Mapping[str, object]) -> list[str]:

@@ -70,7 +70,7 @@ def make_credentials(
     out.mkdir(parents=True, exist_ok=True)
     # Flower's ServerApp runner reaches the SuperLink over loopback: always name 127.0.0.1
     hosts = list(dict.fromkeys([*(hosts or ["127.0.0.1", "localhost"]), "127.0.0.1"]))
-    now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+    now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
     until = now + dt.timedelta(days=days)
 
     ca_key = ec.generate_private_key(ec.SECP384R1())

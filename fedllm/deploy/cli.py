@@ -16,6 +16,10 @@ from fedllm.deploy.guard import serve_superlink
 def cmd_node(args: argparse.Namespace) -> int:
     """Replace this process by the guarded `flower-supernode` (`exec_supernode` execs again), so
     its PID is the SuperNode's."""
+    if args.partition_id < 0:
+        raise ValueError(f"--partition-id {args.partition_id}: a partition id is 0 or more")
+    if args.rank is not None and args.rank < 1:
+        raise ValueError(f"--rank {args.rank}: a LoRA rank is 1 or more")
     port = node_port(args.port)
     cmd = supernode_command(
         superlink=args.superlink,

@@ -36,7 +36,7 @@ from fedllm.deploy.guard import (
     serve_superlink,
 )
 from fedllm.processes import hide_bitsandbytes
-from fedllm.recipe import RunConfig
+from fedllm.recipe import RunConfig, dump_yaml
 
 INSECURE_WARNING = (
     "WARNING: insecure mode: traffic is unencrypted and the SuperLink cannot tell real nodes "
@@ -86,9 +86,8 @@ def write_run_config(path: Path, cfg: RunConfig, *, resume: bool) -> Path:
     Only non-default values are sent (the receiver re-applies the defaults), which keeps the
     text short and independent of how optional sections dump their defaults.
     """
-    import yaml
 
-    text = yaml.safe_dump(cfg.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
+    text = dump_yaml(cfg.model_dump(mode="json", exclude_defaults=True))
     path.write_text(f"recipe = {json.dumps(text)}\nresume = {str(resume).lower()}\n")
     return path
 

@@ -25,7 +25,8 @@ import torch
 from flwr.app import ArrayRecord, RecordDict
 from pydantic import BaseModel
 
-from fedllm.aggregators.base import Factors, round_spec
+from fedllm.aggregators.base import Factors
+from fedllm.aggregators.registry import round_spec
 from fedllm.features.types import (
     ClientPlan,
     ClientRound,
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from fedllm.recipe.schema import RunConfig
 
 Regularizer = Callable[[], torch.Tensor]
+ReplyMetrics = Mapping[str, type | tuple[type, float]]  # key -> int/float, or (type, minimum)
 
 
 class Feature:
@@ -59,6 +61,14 @@ class Feature:
     # True: the clients train an adapter of this feature's own shape (parallel modules, nested
     # prefixes, a local part); features that reshape the adapter themselves refuse it
     own_adapter_shape: ClassVar[bool] = False
+    # True: `train` returns its own result (DP-SGD), so the plain local steps never run, nor any
+    # feature's `regularizers` or `stage`; the registry refuses a recipe that combines them
+    replaces_trainer: ClassVar[bool] = False
+    # the scalar metrics its client `metrics()` sends that the server checks and writes into the
+    # client's row of metrics.jsonl: reply key -> int or float, or (type, minimum); a reply with
+    # a value that is not a finite number of that type (>= minimum) is rejected. Keys it sends
+    # but does not declare here reach no file (a client's reply is not trusted).
+    reply_metrics: ClassVar[ReplyMetrics] = {}
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -83,6 +93,13 @@ class Feature:
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
         """Raise ValueError naming the recipe key when this feature cannot run with `cfg`."""
+
+    @classmethod
+    def adds_to_steps(cls, cfg: RunConfig) -> bool:
+        """Whether, under `cfg`, this feature adds to the plain local steps (a loss term, stages),
+        which a feature that `replaces_trainer` would never run; default: it overrides
+        `regularizers` or `stage`. Override when a recipe can switch those off."""
+        return cls.regularizers is not Feature.regularizers or cls.stage is not Feature.stage
 
     @classmethod
     def prepare(cls, cfg: RunConfig, *, shapes: Mapping[str, tuple[int, int]]) -> None:
@@ -135,7 +152,8 @@ class Feature:
         return []
 
     def train(self, model: torch.nn.Module, rnd: ClientRound, *, steps: int) -> TrainResult | None:
-        """Run the local steps in this feature's own way (e.g. DP-SGD), or None for plain steps."""
+        """Run the local steps in this feature's own way (e.g. DP-SGD: set `replaces_trainer`),
+        or None for plain steps."""
         return None
 
     def stage(self, model: torch.nn.Module, rnd: ClientRound, *, done: int, steps: int) -> int:

@@ -25,14 +25,14 @@ import math
 import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
 from fedllm.aggregators.base import Factors
 from fedllm.aggregators.hetlora import CLIENT_OPTIONS as OPTIONS
-from fedllm.features.base import Feature, Regularizer
+from fedllm.features.base import Feature, Regularizer, ReplyMetrics
 from fedllm.features.node_state import restore_node_state, save_node_state
 from fedllm.features.personal import raw_update
 from fedllm.features.registry import register
@@ -40,9 +40,6 @@ from fedllm.features.types import (
     ClientPlan,
     ClientRound,
     ClientUpdate,
-    RoundResult,
-    TrainReply,
-    extra_number,
 )
 from fedllm.model.adapters import live_lora
 from fedllm.model.wire import client_options
@@ -248,6 +245,7 @@ class HetLoRAPrune(Feature):
     and adds it to the client's row."""
 
     name = "hetlora_prune"
+    reply_metrics: ClassVar[ReplyMetrics] = {TAIL: (float, 0.0)}  # a norm product, >= 0
     order = 30  # lowers whatever rank the plan has (the bandit's comes first: `assign`)
 
     @classmethod
@@ -257,6 +255,12 @@ class HetLoRAPrune(Feature):
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
         check_recipe(cfg)
+
+    @classmethod
+    def adds_to_steps(cls, cfg: RunConfig) -> bool:
+        """Its regulariser only when pruning is on (prune_lambda > 0)."""
+        options = {k: v for k, v in cfg.aggregator.options.items() if k in OPTIONS}
+        return parse_options(options).active
 
     def plan(self, plan: ClientPlan, rnd: ClientRound) -> ClientPlan:
         self.opts = options_of(rnd.config)  # off unless the server sent prune_lambda > 0
@@ -283,23 +287,3 @@ class HetLoRAPrune(Feature):
 
     def metrics(self) -> dict[str, int | float]:
         return dict(getattr(self, "tail", {}))
-
-    # -- server --------------------------------------------------------------------------------
-    def receive(
-        self,
-        node: int,
-        content: RecordDict,
-        factors: dict[str, Factors],
-        *,
-        reply: TrainReply,
-        shapes: Mapping[str, tuple[int, int]],
-    ) -> dict[str, Factors]:
-        """Reject a reply whose tail value is not a finite number >= 0 (a norm product)."""
-        extra_number(reply, TAIL, minimum=0)
-        return factors
-
-    def record(self, result: RoundResult, *, server_row: dict[str, Any]) -> None:
-        """Each accepted client's tail value into its row (`receive` checked it)."""
-        for row in result.ok:
-            if row.reply is not None and (tail := extra_number(row.reply, TAIL)) is not None:
-                row.fields["hetlora_tail"] = tail

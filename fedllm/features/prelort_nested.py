@@ -21,14 +21,14 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch.utils.hooks import RemovableHandle
 
 from fedllm.aggregators.prelort import CLIENT_OPTIONS
-from fedllm.features.base import Feature, require_adapter_state
+from fedllm.features.base import Feature, ReplyMetrics, require_adapter_state
 from fedllm.features.registry import register
 from fedllm.features.types import ClientRound, ClientUpdate
 from fedllm.model.wire import client_options
@@ -117,6 +117,7 @@ class PreLortNested(Feature):
     """Local steps under nested rank truncations (PreLort's prefix-nested training)."""
 
     name = "nested_prefix"
+    reply_metrics: ClassVar[ReplyMetrics] = {"prelort-truncation-mean": (float, 0.0)}
     own_adapter_shape = True
     order = 60  # its `train` only installs hooks: a feature that trains its own way wins
     Options = NestedOptions

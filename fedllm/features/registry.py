@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import warnings
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ValidationError
 
 from fedllm.features.base import Feature
+from fedllm.features.types import ROW_KEYS
 from fedllm.suggest import did_you_mean
 
 if TYPE_CHECKING:
@@ -32,22 +34,40 @@ def register(cls: type[Feature]) -> type[Feature]:
     """Class decorator: make `cls` (with a unique `name`) a feature the round loops may call."""
     if not cls.name:
         raise ValueError(f"feature class {cls.__qualname__} has no name")
+    taken = sorted(k for k in cls.reply_metrics if k.replace("-", "_") in ROW_KEYS)
+    if taken:  # its row value would overwrite the core column of that name
+        raise ValueError(f"feature {cls.name!r}: reply_metrics {taken} name core columns of a row")
     known = _FEATURES.get(cls.name)
-    if known is not None and known.__qualname__ != cls.__qualname__:
-        raise ValueError(f"feature {cls.name!r} is already registered by {known.__qualname__}")
+    if known is not None and _where(known) != _where(cls):  # the same module imported again: fine
+        raise ValueError(f"feature {cls.name!r} is already registered by {_where(known)}")
     _FEATURES[cls.name] = cls
     return cls
 
 
+def _where(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def discover() -> dict[str, type[Feature]]:
-    """Import every module of the feature homes and the entry points; returns name -> class."""
+    """Import every module of the feature homes and the entry points; returns name -> class.
+
+    An entry point that fails to load (or registers a name taken by another class) is skipped
+    with a warning naming it: a broken plugin must not stop recipes that do not use it."""
     for home in HOMES:
         package = importlib.import_module(home)
         for info in pkgutil.iter_modules(package.__path__):
             if not info.name.startswith("_"):
                 importlib.import_module(f"{home}.{info.name}")
     for point in entry_points(group=GROUP):
-        point.load()
+        try:
+            point.load()
+        except Exception as err:  # any import error of third-party code
+            warnings.warn(
+                f"feature entry point {point.name!r} ({point.value}) failed to load and was "
+                f"skipped: {type(err).__name__}: {err}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     return dict(_FEATURES)
 
 
@@ -92,8 +112,37 @@ def check(cfg: RunConfig) -> None:
             cls.parse_options(cfg)
         except ValidationError as err:
             raise ValueError(option_error(name, cls.Options, err)) from None
+        unknown_option(name, cls.Options, cfg.features[name])
     for cls in sorted(found.values(), key=lambda c: (c.order, c.name)):
         cls.check(cfg)
+    check_trainer(cfg, active(cfg))
+
+
+def unknown_option(name: str, options: type[BaseModel], given: object) -> None:
+    """Refuse a key of `features.<name>` its Options model does not have, even when the model
+    ignores extra keys (a plugin's model without `extra="forbid"`): a typo is never dropped."""
+    if not isinstance(given, dict):
+        return
+    fields = options.model_fields
+    valid = sorted(set(fields) | {f.alias for f in fields.values() if f.alias})
+    for key in given:
+        if key not in valid:
+            hint = did_you_mean(str(key), valid)
+            listed = ", ".join(valid)
+            raise ValueError(f"features.{name}.{key}: unknown option{hint}; valid: {listed}")
+
+
+def check_trainer(cfg: RunConfig, classes: list[type[Feature]]) -> None:
+    """Refuse a feature that adds to the plain local steps (a loss term, stages) beside one that
+    replaces them: its hook would never run, and the run would silently train without it."""
+    trainers = [c.name for c in classes if c.replaces_trainer]
+    adds = [c.name for c in classes if not c.replaces_trainer and c.adds_to_steps(cfg)]
+    if trainers and adds:
+        raise ValueError(
+            f"features: {', '.join(map(repr, adds))} add(s) to the plain local steps (a loss "
+            f"term or training stages), but {trainers[0]!r} trains with its own trainer, which "
+            "runs neither; drop one of them (or change privacy.mode if it is a DP mechanism)"
+        )
 
 
 def client_mods() -> list:

@@ -28,14 +28,14 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from flwr.app import ArrayRecord, RecordDict
 
 from fedllm.aggregators.base import Factors
 from fedllm.aggregators.sdflora import CLIENT_OPTIONS, split_ranks
-from fedllm.features.base import Feature
+from fedllm.features.base import Feature, ReplyMetrics
 from fedllm.features.node_state import restore_node_state, save_node_state
 from fedllm.features.registry import register
 from fedllm.features.types import ClientRound, ClientUpdate
@@ -161,6 +161,7 @@ class SDFLoRALocal(Feature):
     """The private local module beside the shared global one; only the global one is sent."""
 
     name = "sdflora_local"
+    reply_metrics: ClassVar[ReplyMetrics] = {"sdflora-local-rank": (int, 0)}
     own_adapter_shape = True
     order = 20  # splits the update before client-level DP (25) clips and noises what is sent
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -43,8 +43,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from fedllm.aggregators import Factors, round_spec
 from fedllm.aggregators.linalg import split_triplets, svd_factors
 from fedllm.features import registry
-from fedllm.features.base import Feature, require_adapter_state
-from fedllm.features.types import ClientPlan, ClientRound, ClientUpdate, RoundResult
+from fedllm.features.base import Feature, ReplyMetrics, require_adapter_state
+from fedllm.features.types import ClientPlan, ClientRound, ClientUpdate
 from fedllm.model.adapters import PEFT_PREFIX, read_factors
 
 if TYPE_CHECKING:
@@ -161,6 +161,7 @@ class SqueezeInTune(Feature):
     """Clients train at a higher rank, squeeze to their own rank mid-round, and finish there."""
 
     name = NAME
+    reply_metrics: ClassVar[ReplyMetrics] = dict(zip(METRICS, (int, int, float), strict=True))
     order = 20  # plan after tiers (10); start before pruning (40); squeeze before client DP (25)
     Options = SqueezeInTuneOptions
 
@@ -281,12 +282,3 @@ class SqueezeInTune(Feature):
             return {}
         kept = sum(self.kept) / len(self.kept)
         return dict(zip(METRICS, (self.rank, self.step, kept), strict=True))
-
-    # -- server --------------------------------------------------------------------------------
-    def record(self, result: RoundResult, *, server_row: dict[str, Any]) -> None:
-        """The clients' squeeze metrics into their rows of metrics.jsonl."""
-        for row in result.ok:
-            extra = row.reply.extra if row.reply is not None else {}
-            for key in METRICS:
-                if key in extra:
-                    row.fields[key.replace("-", "_")] = extra[key]

@@ -95,6 +95,18 @@ def extra_number(
     return _optional(reply.extra, key, kind, minimum=minimum)
 
 
+def declared_metrics(reply: TrainReply, declared: Mapping[str, Any]) -> dict[str, Any]:
+    """The reply's values of the `declared` metrics (key -> type or (type, minimum); see
+    `Feature.reply_metrics`) by their row names (`squeeze-rank` -> `squeeze_rank`), checked;
+    ValueError naming the key for a bad one, absent keys left out."""
+    out: dict[str, Any] = {}
+    for key, spec in declared.items():
+        kind, minimum = spec if isinstance(spec, tuple) else (spec, -math.inf)
+        if (value := extra_number(reply, key, kind, minimum=minimum)) is not None:
+            out[key.replace("-", "_")] = value
+    return out
+
+
 CORE_KEYS = (
     "partition-id",
     "rank",
@@ -149,6 +161,31 @@ class TrainReply:
             pruning=_number({"pruning": metrics.get("pruning", 0.0)}, "pruning", float),
             extra={k: v for k, v in metrics.items() if k not in CORE_KEYS},
         )
+
+
+# the columns of a client's row in metrics.jsonl that fedllm writes (a feature's declared reply
+# metrics may not take them: `registry.register`)
+ROW_KEYS = frozenset(
+    {
+        "kind",
+        "round",
+        "node",
+        "status",
+        "partition",
+        "rank",
+        "num_examples",
+        "train_loss",
+        "train_loss_first",
+        "train_loss_last",
+        "steps",
+        "train_seconds",
+        "bytes_sent",
+        "bytes_received",
+        "pruning",
+        "reason",
+        "epsilon",
+    }
+)
 
 
 @dataclass

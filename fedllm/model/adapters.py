@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -20,6 +21,19 @@ from safetensors.torch import save_file
 from fedllm.aggregators import Factors
 
 PEFT_PREFIX = "base_model.model."
+
+
+def initial_factors(
+    shapes: Mapping[str, tuple[int, int]], *, rank: int, scaling: float, seed: int
+) -> dict[str, Factors]:
+    """The starting adapter: B = 0 (so round 0 is the base model), A as peft initialises it."""
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[str, Factors] = {}
+    for module, (d, k) in sorted(shapes.items()):
+        bound = 1.0 / math.sqrt(k)  # kaiming_uniform_(a=√5) on a (rank × k) weight
+        a = (torch.rand(rank, k, generator=gen) * 2 - 1) * bound
+        out[module] = Factors(torch.zeros(d, rank), a, scaling)
+    return out
 
 
 def attach_lora(

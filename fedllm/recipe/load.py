@@ -19,28 +19,8 @@ from fedllm.features import registry as features
 from fedllm.recipe.checks import ConfigError
 from fedllm.recipe.schema import RunConfig
 from fedllm.recipe.shipped import resolve_recipe
+from fedllm.recipe.yaml_io import load_yaml
 from fedllm.suggest import did_you_mean
-
-
-class UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, except that a key twice in one mapping is an error (PyYAML keeps the
-    last one, so a second `federation:` section would silently drop the first)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            line = key_node.start_mark.line + 1
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None,
-                    None,
-                    f"key {key!r} appears twice (lines {seen[key]} and {line}); merge them",
-                    key_node.start_mark,
-                )
-            seen[key] = line
-        return super().construct_mapping(node, deep=deep)
-
 
 # A location part that names a member of a union type (`int`, `list[int]`, `RankRule`,
 # `function-after[_ordered(), RankRule]`), not a recipe key.
@@ -96,32 +76,64 @@ def _format_errors(err: ValidationError, source: str) -> str:
         if e["type"] == "extra_forbidden":
             parent = _model_at(e["loc"][:-1])
             valid = sorted(parent.model_fields) if parent else []
-            hint = did_you_mean(str(e["loc"][-1]), valid)
+            name = str(e["loc"][-1])
+            hint = did_you_mean(name, valid)
+            if homes := [h for h in _homes(name, RunConfig) if h != key]:  # a section's key
+                hint = f" (did you mean {' or '.join(repr(h) for h in homes)}?)"
             lines.append(f"  {key}: unknown key{hint}; valid keys here: {', '.join(valid)}")
         elif e["type"] == "value_error":
             msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"  {msg}" if key == "(top level)" else f"  {key}: {msg}")
+            named = key == "(top level)" or msg.startswith(f"{key}.")  # it names its own key
+            lines.append(f"  {msg}" if named else f"  {key}: {msg}")
         else:
             got = e.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            if e["type"] == "string_type" and isinstance(got, int | float | bool):
+                kind = "true/false" if isinstance(got, bool) else "a number"
+                shown += f"; YAML reads it as {kind}: quote it to keep it text"
             lines.append(f"  {key}: {e['msg']}{shown}")
     return "\n".join(lines)
 
 
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The models a field holds: itself, a union's forms, a list's or a dict's values."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def _homes(key: str, model: type[BaseModel], prefix: str = "", depth: int = 2) -> list[str]:
+    """Dotted paths below `model` where `key` is a key (`rounds` -> `federation.rounds`): a key
+    written without its section."""
+    found: list[str] = []
+    for name, field in model.model_fields.items():
+        for sub in _models_in(field.annotation)[:1]:
+            if key in sub.model_fields:
+                found.append(f"{prefix}{name}.{key}")
+            elif depth > 1:
+                found += _homes(key, sub, f"{prefix}{name}.", depth - 1)
+    return found
+
+
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The pydantic model class at a dotted location of the schema, for listing valid keys."""
+    """The pydantic model class at a dotted location of the schema, for listing valid keys (a
+    list index or a dict key below a field of models is that model: `lora.tiers.0`)."""
     model: type[BaseModel] = RunConfig
+    inside: type[BaseModel] | None = None  # the element model of the list/dict just entered
     for part in loc:
+        if inside is not None:
+            model, inside = inside, None
+            continue
         field = model.model_fields.get(str(part))
         if field is None:
             return None
-        models = [  # the field's model, also as one form of a union (lora.ranks: RankRule)
-            a
-            for a in (field.annotation, *typing.get_args(field.annotation))
-            if isinstance(a, type) and issubclass(a, BaseModel)
-        ]
+        models = _models_in(field.annotation)  # also one form of a union (lora.ranks: RankRule)
         if not models:
             return None
+        if typing.get_origin(field.annotation) in (list, dict) or any(
+            typing.get_origin(a) in (list, dict) for a in typing.get_args(field.annotation)
+        ):
+            inside = models[0]
         model = models[0]
     return model
 
@@ -143,7 +155,13 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r} conflicts with another override of {part!r}")
-        node[parts[-1]] = _override_value(item, raw)
+        value = _override_value(item, raw)
+        if parts == ["aggregator"] and isinstance(value, str):
+            value = {"name": value}  # the short form, merged with any aggregator.<key> override
+        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+            node[parts[-1]] = _merge(node[parts[-1]], value)  # in either order
+        else:
+            node[parts[-1]] = value
     return tree
 
 
@@ -152,7 +170,7 @@ def _override_value(item: str, raw: str) -> Any:
     if not raw.strip():
         return None
     try:
-        return yaml.safe_load(raw)
+        return load_yaml(raw)
     except yaml.YAMLError as err:
         problem = getattr(err, "problem", None) or "not valid YAML"
         mark = getattr(err, "problem_mark", None)
@@ -165,11 +183,23 @@ def _override_value(item: str, raw: str) -> Any:
         ) from None
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def _merge(
+    base: dict[str, Any], extra: dict[str, Any], path: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """`extra` (overrides) into `base` (the recipe): mappings merge key by key, except that an
+    empty mapping replaces (`aggregator.options={}` clears the recipe's options), and
+    `features.<name>=true` keeps the options the recipe gives that feature."""
     out = dict(base)
     for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "options":
-            out[k] = _merge(out[k], v)
+        if path == () and k == "aggregator":  # `aggregator: svd` is {name: svd}, then merged
+            v = {"name": v} if isinstance(v, str) else v
+            out[k] = {"name": out[k]} if isinstance(out.get(k), str) else out.get(k)
+        if v == {}:
+            out[k] = {}
+        elif v is True and path == ("features",) and isinstance(out.get(k), dict):
+            continue  # on already, with the recipe's options
+        elif isinstance(v, dict) and isinstance(out.get(k), dict) and k != "options":
+            out[k] = _merge(out[k], v, (*path, k))
         elif isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = {**out[k], **v}
         else:
@@ -195,7 +225,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RunConf
     validate."""
     path = resolve_recipe(path)
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
         raise ConfigError(
             f"recipe {path} is not UTF-8 text (byte {err.object[err.start]:#x} at position "

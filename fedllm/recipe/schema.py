@@ -29,6 +29,7 @@ from fedllm.recipe.schema_federation import AggregatorConfig, FederationConfig, 
 from fedllm.recipe.schema_model import LoraConfig, ModelConfig, RankRule
 from fedllm.recipe.schema_output import OutputConfig
 from fedllm.recipe.schema_privacy import PrivacyConfig
+from fedllm.recipe.yaml_io import dump_yaml
 
 
 class RunConfig(Strict):
@@ -53,7 +54,7 @@ class RunConfig(Strict):
     features: dict[str, dict[str, Any] | None] = Field(
         default_factory=dict,
         description="feature name -> its options, for features without a section of their own "
-        "(e.g. fedprox: {mu: 0.01}; {} or nothing: its defaults; false: off, so an override "
+        "(e.g. fedprox: {mu: 0.01}; {}, true or nothing: its defaults; false: off, so an override "
         "features.fedprox=false turns off a recipe's feature); see `fedllm.features`",
     )
     output: OutputConfig = Field(
@@ -65,8 +66,8 @@ class RunConfig(Strict):
     def _false_turns_a_feature_off(cls, v: Any) -> Any:
         """`fedprox: false` leaves fedprox out: overrides merge into the recipe and cannot delete
         a key, so this is how `features.fedprox=false` turns off a feature the recipe has."""
-        if isinstance(v, dict):
-            return {name: options for name, options in v.items() if options is not False}
+        if isinstance(v, dict):  # and `true` is "on, with its defaults", as `{}`
+            return {n: {} if o is True else o for n, o in v.items() if o is not False}
         return v
 
     @field_validator("name")
@@ -161,4 +162,4 @@ class RunConfig(Strict):
         return parts
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        return dump_yaml(self.model_dump(mode="json"))

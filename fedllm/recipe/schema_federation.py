@@ -104,6 +104,12 @@ class AggregatorConfig(Strict):
     global_rank: int | None = Field(None, gt=0)
     options: dict[str, Any] = Field(default_factory=dict)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _a_name_alone(cls, v: Any) -> Any:
+        """`aggregator: svd` is `aggregator: {name: svd}` (the other keys at their defaults)."""
+        return {"name": v} if isinstance(v, str) else v
+
 
 class SimulationConfig(Strict):
     """Resources of the Flower simulation engine (Ray): on this machine, or on an existing Ray

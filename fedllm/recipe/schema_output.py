@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 from fedllm.recipe.schema_common import Strict
 
@@ -63,6 +63,12 @@ class TrackersConfig(Strict):
         if isinstance(value, dict):
             return {k: ({} if v is None else v) for k, v in value.items()}
         return value
+
+    @model_serializer(mode="wrap")
+    def _on_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """The trackers turned on only: `mlflow: null` in a recipe turns mlflow *on* with its
+        defaults, so a saved recipe (run_dir/recipe.yaml) must not write the off ones so."""
+        return {k: v for k, v in handler(self).items() if v is not None}
 
     @property
     def names(self) -> list[str]:

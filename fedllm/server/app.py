@@ -18,6 +18,7 @@ from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedllm.data.shards import ProcessCache
+from fedllm.errors import RunFailed, short_reason
 from fedllm.features import registry
 from fedllm.features.base import Feature
 from fedllm.features.types import RoundResult
@@ -160,10 +161,10 @@ class Run:
             self.grid, messages, timeout=self.timeout, label=label, describe=describe_train
         )
         if replies and len(replies) == len(messages) and all(m.has_error() for m in replies):
-            raise RuntimeError(
+            raise RunFailed(
                 f"round {server_round}: every client failed (first error: "
-                f"{replies[0].error.reason}); rounds up to {server_round - 1} are checkpointed "
-                f"in {self.cfg.run_dir}, fix and use --resume"
+                f"{short_reason(replies[0].error.reason)}); rounds up to {server_round - 1} are "
+                f"checkpointed in {self.cfg.run_dir}, fix and use --resume"
             )
         return s.train_round(server_round, replies, sampled=len(messages))
 
@@ -193,10 +194,12 @@ class Run:
         }
         for f in self.features:
             f.record(result, server_row=server_row)
-        self.metrics.write([r.to_json() for r in result.rows] + eval_rows + [server_row])
+        rows = [r.to_json() for r in result.rows] + eval_rows + [server_row]
+        self.metrics.write(rows, publish=False)
         # the snapshot first: a crash between the two reruns this round and writes it again
         snapshot(self.cfg, self.strategy, self.metrics, server_round)  # output.snapshot_every
         self.save(server_round)
+        self.metrics.publish(rows)  # to the trackers once the round can no longer be rerun
         losses = " ".join(
             f"c{r.partition}:{r.train_loss:.3f}" for r in ok if r.train_loss is not None
         )
@@ -218,10 +221,11 @@ class Run:
                 "no client could evaluate the base model; see the client errors above"
             )
         row["seconds"] = seconds = time.perf_counter() - t0
-        self.metrics.write([*eval_rows, row])
+        self.metrics.write([*eval_rows, row], publish=False)
         held = row.get("held_out_loss", float("nan"))
         say(f"round 0 (base model): held-out loss {held:.4f}{with_test_loss(row)} [{seconds:.0f}s]")
         self.save(0)
+        self.metrics.publish([*eval_rows, row])
 
 
 def with_test_loss(row: dict[str, Any]) -> str:

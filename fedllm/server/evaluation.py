@@ -15,6 +15,7 @@ or duplicated one is dropped with a logged reason and the round's loss is the ot
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -24,11 +25,14 @@ from fedllm.aggregators.base import Factors
 from fedllm.client.train import evaluate_nll
 from fedllm.data import tokenize_all
 from fedllm.data.shards import ProcessCache, global_test_set
+from fedllm.errors import short_reason
 from fedllm.features.types import EvalRow
 from fedllm.model.adapters import attach_lora, write_factors
 from fedllm.model.base import cached_base_model
 from fedllm.recipe.schema import RunConfig
 from fedllm.server.replies import shared_partitions
+
+log = logging.getLogger("fedllm.server")
 
 
 def panel_size(spec: str | int | float, num_nodes: int) -> int:
@@ -98,6 +102,38 @@ def read_evaluations(
         del rows[node]
         dropped[node] = reason
     return list(rows.values()), dropped
+
+
+def evaluate_round(
+    replies: Sequence[Message],
+    *,
+    server_round: int,
+    cfg: RunConfig,
+    partitions: Mapping[int, int],
+) -> tuple[tuple[float, int] | None, list[EvalRow], dict[int, str]]:
+    """((token-weighted held-out loss, tokens) or None, one row per client that has held-out
+    tokens, why each dropped reply was dropped): a bad reply never ends the round or moves its
+    loss; each is logged."""
+    for msg in replies:
+        if msg.has_error():
+            node, why = msg.metadata.src_node_id, short_reason(msg.error.reason)
+            log.warning("round %d: node %s failed to evaluate: %s", server_round, node, why)
+    rows, dropped = read_evaluations(
+        replies, server_round=server_round, cfg=cfg, partitions=partitions
+    )
+    for node, reason in dropped.items():
+        log.warning("round %d: dropped node %s's evaluation: %s", server_round, node, reason)
+    if empty := sorted(r.partition for r in rows if r.tokens == 0):  # its loss would read 0.0
+        if server_round <= 1:
+            log.warning(
+                "partitions %s hold no held-out examples: no held-out loss of theirs is "
+                "recorded (raise data.held_out or data.max_examples)",
+                empty,
+            )
+        rows = [r for r in rows if r.tokens > 0]
+    tokens = sum(r.tokens for r in rows)
+    nll = sum(r.held_out_loss * r.tokens for r in rows)
+    return ((nll / tokens, tokens) if tokens else None), rows, dropped
 
 
 class TestSetEvaluator:

@@ -19,6 +19,7 @@ from flwr.app import Message
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
+from fedllm.errors import short_reason
 from fedllm.features.types import EvalRow, TrainReply
 from fedllm.model.packing import pack
 
@@ -83,8 +84,8 @@ def exchange(
                 missed += 1
                 continue
             replies.append(reply)
-            if reply.has_error():
-                detail = f"failed: {reply.error.reason}"
+            if reply.has_error():  # the whole report stays in metrics.jsonl's row
+                detail = f"failed: {short_reason(reply.error.reason)}"
             else:
                 detail = describe(reply) if describe else "done"
             say(f"{label}: client {len(replies)}/{len(messages)} {detail}")
@@ -119,6 +120,8 @@ def describe_evaluation(reply: Message, *, private: bool) -> str:
         row = EvalRow.parse(0, reply.content["metrics"])
     except (KeyError, ValueError, TypeError) as err:
         return f"sent malformed metrics ({err})"
+    if row.tokens == 0:
+        return f"(partition {row.partition}): no held-out examples"
     return f"(partition {row.partition})" + (
         "" if private else f": held-out loss {row.held_out_loss:.4f}"
     )

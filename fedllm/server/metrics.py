@@ -49,20 +49,24 @@ class MetricsLog:
         os.replace(tmp, self.path)
         fsync_dir(self.path.parent)
 
-    def write(self, rows: list[dict]) -> None:
+    def write(self, rows: list[dict], *, publish: bool = True) -> None:
         """Append `rows`, flushed and fsynced: a round's rows are on disk before its checkpoint.
-        Then each tracker sink logs them (step = round)."""
+        Then each tracker sink logs them (step = round), unless `publish=False`: the round loop
+        publishes a round's rows once its checkpoint is saved, so a round that a crash makes the
+        resumed run repeat reaches the trackers once (metrics.jsonl drops its first rows)."""
         with self.path.open("a") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        if self.sinks:
-            self._to_sinks(rows)
+        if publish:
+            self.publish(rows)
 
-    def _to_sinks(self, rows: list[dict]) -> None:
+    def publish(self, rows: list[dict]) -> None:
         """Log rows to every sink; a sink that fails is dropped with a warning (metrics.jsonl
         stays the record, and a tracker's outage must not stop a federation)."""
+        if not self.sinks:
+            return
         from fedllm.server.trackers import scalars_by_round
 
         steps = scalars_by_round(rows)

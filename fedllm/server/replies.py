@@ -1,6 +1,7 @@
-"""Checks of what a training reply claims, as plain functions: its partition and weight against
-the recipe and the node's earlier replies, one partition per node in a round, and FFA's frozen A
-(the server's own, never the one a client sent). `LoraStrategy.read_reply` and the SecAgg+ round
+"""Reading a training reply, as plain functions: its size, its metrics, what it claims (its
+partition and weight against the recipe and the node's earlier replies), its factors through the
+features' decode/receive hooks, one partition per node in a round, and FFA's frozen A (the
+server's own, never the one a client sent). `LoraStrategy` and the SecAgg+ round
 (`privacy/secagg_server.py`) both use them; a ValueError is a rejection with its reason.
 """
 
@@ -9,8 +10,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 
-from fedllm.aggregators.base import Factors
-from fedllm.features.types import ClientRow, TrainReply
+import torch
+from flwr.app import ArrayRecord, RecordDict
+
+from fedllm.aggregators.base import Factors, RoundSpec
+from fedllm.features.base import Feature
+from fedllm.features.types import ClientRow, TrainReply, declared_metrics
+from fedllm.model import packing, wire
 from fedllm.recipe.schema import RunConfig
 
 log = logging.getLogger("fedllm.server")
@@ -28,6 +34,51 @@ def check_claims(reply: TrainReply, *, cfg: RunConfig, held: int | None) -> None
         raise ValueError(f"num-examples {reply.num_examples} above data.max_examples={cap}")
     if cfg.aggregator.weighting == "examples" and reply.num_examples is None:
         raise ValueError("no 'num-examples': aggregator.weighting=examples needs it")
+
+
+def read_reply(
+    node: int,
+    content: RecordDict,
+    *,
+    cfg: RunConfig,
+    spec: RoundSpec,
+    shapes: Mapping[str, tuple[int, int]],
+    features: Sequence[Feature],
+    global_: Mapping[str, Factors],
+    held: int | None,
+    max_bytes: int,
+) -> tuple[TrainReply, dict[str, Factors]]:
+    """A reply's validated metrics and its factors at the global `shapes` (ValueError if bad):
+    at most `max_bytes` of arrays, claims checked against the partition the node `held`, the
+    factors decoded by the first feature that can (else `wire.read_update`) and passed through
+    every feature's `receive`; float32 at the claimed rank; FFA's A replaced by the global one."""
+    size = sum(r.count_bytes() for r in content.array_records.values())
+    if size > max_bytes:
+        raise ValueError(f"{size} bytes of arrays, more than any valid reply ({max_bytes})")
+    content = packing.unpack(content)  # a new RecordDict: the reply itself stays as sent
+    for key in ("update", "kept"):
+        if key in content and not isinstance(content[key], ArrayRecord):
+            raise ValueError(f"'{key}' must be an array record, got {type(content[key]).__name__}")
+    reply = TrainReply.parse(content["metrics"])
+    check_claims(reply, cfg=cfg, held=held)
+    scaling = cfg.client_scaling(reply.rank)  # α/r from the recipe, not trusted
+    update = None
+    for f in features:
+        if (update := f.decode(node, content, rank=reply.rank)) is not None:
+            break
+    if update is None:
+        update = wire.read_update(content["update"], scaling=scaling, spec=spec, shapes=shapes)
+    for f in features:
+        update = f.receive(node, content, update, reply=reply, shapes=shapes)
+        declared_metrics(reply, f.reply_metrics)  # a bad declared metric rejects the reply
+    if any(f.B.dtype != torch.float32 for f in update.values()):
+        dtypes = sorted({str(f.B.dtype) for f in update.values()})
+        raise ValueError(f"factors in dtype {dtypes}, expected float32 (the wire dtype)")
+    if any(f.rank != reply.rank for f in update.values()):
+        raise ValueError(f"claims rank {reply.rank} but sent factors of other ranks")
+    if spec.freeze_A:  # the server's own frozen A, never one a client sent
+        update = {m: frozen_A(global_, m, f) for m, f in update.items()}
+    return reply, update
 
 
 def malformed_row(

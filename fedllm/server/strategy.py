@@ -19,35 +19,27 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedllm.aggregators.base import Aggregate, Factors, get, round_spec
+from fedllm.aggregators.base import Aggregate, Factors
 from fedllm.aggregators.per_module import map_modules
+from fedllm.aggregators.registry import get, round_spec
 from fedllm.aggregators.screen import aggregate_problem, screen
+from fedllm.errors import short_reason
 from fedllm.features.base import Feature
-from fedllm.features.types import ClientRow, Download, EvalRow, RoundResult, TrainReply
-from fedllm.model import packing, wire
-from fedllm.recipe.schema import RunConfig
-from fedllm.server.evaluation import evaluation_panel, read_evaluations
-from fedllm.server.replies import (
-    check_claims,
-    frozen_A,
-    malformed_row,
-    refuse_shared_partitions,
+from fedllm.features.types import (
+    ClientRow,
+    Download,
+    EvalRow,
+    RoundResult,
+    TrainReply,
+    declared_metrics,
 )
+from fedllm.model import wire
+from fedllm.model.adapters import initial_factors
+from fedllm.recipe.schema import RunConfig
+from fedllm.server.evaluation import evaluate_round, evaluation_panel
+from fedllm.server.replies import malformed_row, read_reply, refuse_shared_partitions
 
 log = logging.getLogger("fedllm.server")
-
-
-def initial_factors(
-    shapes: Mapping[str, tuple[int, int]], *, rank: int, scaling: float, seed: int
-) -> dict[str, Factors]:
-    """The starting adapter: B = 0 (so round 0 is the base model), A as peft initialises it."""
-    gen = torch.Generator().manual_seed(seed)
-    out: dict[str, Factors] = {}
-    for module, (d, k) in sorted(shapes.items()):
-        bound = 1.0 / math.sqrt(k)  # kaiming_uniform_(a=√5) on a (rank × k) weight
-        a = (torch.rand(rank, k, generator=gen) * 2 - 1) * bound
-        out[module] = Factors(torch.zeros(d, rank), a, scaling)
-    return out
 
 
 def post_processes(feature: Feature) -> bool:
@@ -198,38 +190,17 @@ class LoraStrategy(Strategy):
     # -- training: replies -----------------------------------------------------------------------
     def read_reply(self, node: int, content: RecordDict) -> tuple[TrainReply, dict[str, Factors]]:
         """A reply's validated metrics and its factors at the global shapes (ValueError if bad)."""
-        size = sum(r.count_bytes() for r in content.array_records.values())
-        if size > self.max_reply_bytes:
-            raise ValueError(
-                f"{size} bytes of arrays, more than any valid reply ({self.max_reply_bytes})"
-            )
-        content = packing.unpack(content)  # a new RecordDict: the reply itself stays as sent
-        for key in ("update", "kept"):
-            if key in content and not isinstance(content[key], ArrayRecord):
-                raise ValueError(
-                    f"'{key}' must be an array record, got {type(content[key]).__name__}"
-                )
-        reply = TrainReply.parse(content["metrics"])
-        check_claims(reply, cfg=self.cfg, held=self.node_partitions.get(node))
-        scaling = self.cfg.client_scaling(reply.rank)  # α/r from the recipe, not trusted
-        update = None
-        for f in self.features:
-            if (update := f.decode(node, content, rank=reply.rank)) is not None:
-                break
-        if update is None:
-            update = wire.read_update(
-                content["update"], scaling=scaling, spec=self.spec, shapes=self.shapes
-            )
-        for f in self.features:
-            update = f.receive(node, content, update, reply=reply, shapes=self.shapes)
-        if any(f.B.dtype != torch.float32 for f in update.values()):
-            dtypes = sorted({str(f.B.dtype) for f in update.values()})
-            raise ValueError(f"factors in dtype {dtypes}, expected float32 (the wire dtype)")
-        if any(f.rank != reply.rank for f in update.values()):
-            raise ValueError(f"claims rank {reply.rank} but sent factors of other ranks")
-        if self.spec.freeze_A:  # the server's own frozen A, never one a client sent
-            update = {m: frozen_A(self.global_, m, f) for m, f in update.items()}
-        return reply, update
+        return read_reply(
+            node,
+            content,
+            cfg=self.cfg,
+            spec=self.spec,
+            shapes=self.shapes,
+            features=self.features,
+            global_=self.global_,
+            held=self.node_partitions.get(node),
+            max_bytes=self.max_reply_bytes,
+        )
 
     def remember(self, node: int, reply: TrainReply) -> None:
         """What the server learns of a node from a reply: its rank and its partition."""
@@ -247,7 +218,8 @@ class LoraStrategy(Strategy):
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
-                log.warning("round %d: node %s failed: %s", server_round, node, msg.error.reason)
+                why = short_reason(msg.error.reason)  # the row keeps the whole report
+                log.warning("round %d: node %s failed: %s", server_round, node, why)
                 rows.append(ClientRow(server_round, node, "failed", reason=msg.error.reason))
                 continue
             try:
@@ -316,7 +288,10 @@ class LoraStrategy(Strategy):
             self.remember(node, reply)  # a rejected reply teaches the server nothing
             for f in self.features:
                 f.accepted(node, reply)
-            rows.append(ClientRow(server_round, node, "ok", reply, reply.partition))
+            fields: dict[str, Any] = {}
+            for f in self.features:  # checked in `read_reply`
+                fields |= declared_metrics(reply, f.reply_metrics)
+            rows.append(ClientRow(server_round, node, "ok", reply, reply.partition, fields=fields))
         return accepted
 
     def aggregate(
@@ -403,20 +378,10 @@ class LoraStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[tuple[float, int] | None, list[EvalRow], dict[int, str]]:
         """((token-weighted held-out loss, tokens) or None, one row per client, why each
-        dropped reply was dropped): a bad reply never ends the round or moves its loss."""
-        replies = list(replies)
-        for msg in replies:
-            if msg.has_error():
-                node, why = msg.metadata.src_node_id, msg.error.reason
-                log.warning("round %d: node %s failed to evaluate: %s", server_round, node, why)
-        rows, dropped = read_evaluations(
-            replies, server_round=server_round, cfg=self.cfg, partitions=self.node_partitions
+        dropped reply was dropped): `evaluation.evaluate_round`."""
+        return evaluate_round(
+            list(replies), server_round=server_round, cfg=self.cfg, partitions=self.node_partitions
         )
-        for node, reason in dropped.items():
-            log.warning("round %d: dropped node %s's evaluation: %s", server_round, node, reason)
-        tokens = sum(r.tokens for r in rows)
-        nll = sum(r.held_out_loss * r.tokens for r in rows)
-        return ((nll / tokens, tokens) if tokens else None), rows, dropped
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]

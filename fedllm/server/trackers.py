@@ -4,7 +4,8 @@
 `output.trackers`; a sink logs the rows' numbers as scalars at step = round (`server/<key>` for
 the round's server row, `client_<p>/<key>` for a client's training and evaluation rows). Each
 tracker's package is imported only when the recipe asks for it; a missing one is an error naming
-the pip extra. A resumed run continues the same MLflow / W&B run (ids kept in `trackers.json`).
+the pip extra. A resumed run continues the same MLflow / W&B run (ids kept in `trackers.json`),
+and a round reaches the trackers once its checkpoint is saved, so a repeated round appears once.
 """
 
 from __future__ import annotations
