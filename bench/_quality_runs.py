@@ -30,16 +30,33 @@ from fedllm.client.train import evaluate_nll, train_local
 from fedllm.data import tokenize_all
 from fedllm.data.shards import ProcessCache, global_test_set, load_shard
 from fedllm.deploy.local_grid import run_local
+from fedllm.launch import remove_run_dir
 from fedllm.model.adapters import attach_lora
 from fedllm.model.base import cached_base_model
 from fedllm.recipe import RunConfig
+from fedllm.server.checkpoint import load_checkpoint
 from fedllm.server.metrics import MetricsLog
+
+
+def _stale_checkpoint(cfg: RunConfig) -> str | None:
+    """Why the cell's checkpoint cannot be resumed by this recipe (a grid that spans sessions
+    may meet one a recipe or default since changed), else None."""
+    state = load_checkpoint(cfg.run_dir)
+    if state is None:
+        return "no readable checkpoint"
+    if state["fingerprint"] != cfg.fingerprint(budget=False):
+        return "its checkpoint was made by another recipe (a default or recipe changed since)"
+    return None
 
 
 def federated(cfg: RunConfig) -> dict:
     """Run (or resume, after an interruption) one federation; its curves, bytes and per-client
     final losses."""
     resume = (cfg.run_dir / "checkpoint.pt").exists()
+    if resume and (stale := _stale_checkpoint(cfg)) is not None:  # an older code's recipe
+        print(f"[quality] {cfg.run_dir}: {stale}; starting the cell again", flush=True)
+        remove_run_dir(cfg.run_dir, Path(cfg.output_dir))
+        resume = False
     start = time.perf_counter()
     run_dir, _ = run_local(cfg, resume=resume)
     seconds = time.perf_counter() - start
