@@ -25,7 +25,7 @@ import fedllm.aggregators
 from fedllm.aggregators import Factors
 from fedllm.deploy.local_grid import server_identity, wire
 from fedllm.features import registry
-from fedllm.features.types import ClientRow, RoundResult, TrainReply
+from fedllm.features.types import ROW_KEYS, ClientRow, RoundResult, TrainReply
 from fedllm.model.adapters import from_record, to_record
 from fedllm.recipe import RunConfig, build_config
 from fedllm.server.strategy import LoraStrategy
@@ -642,6 +642,7 @@ def test_client_rows_to_json_have_the_keys_metrics_consumers_read() -> None:
         json.dumps(row, allow_nan=False)  # plain JSON values only
         assert row["kind"] == "client" and row["round"] == 6
     assert set(rows[1]) == set(rows[2]) == OK_KEYS
+    assert OK_KEYS | OTHER_KEYS <= ROW_KEYS  # no feature's declared metric may take one of them
     assert rows[1] == {
         "kind": "client",
         "round": 6,
