@@ -11,7 +11,11 @@ and generation config, a model card) that `AutoModelForCausalLM.from_pretrained(
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,7 +30,7 @@ from fedllm.model.card import (
     write_card,
 )
 from fedllm.model.identity import base_identity
-from fedllm.model.loading import DTYPES, write_atomic
+from fedllm.model.loading import DTYPES, umask, write_atomic
 from fedllm.recipe import RunConfig, load_recipe
 
 PERSONAL = Path("clients") / "{client}" / "personal_adapter"
@@ -107,18 +111,40 @@ def _fresh(out: Path) -> None:
         raise ValueError(f"{out} exists and is not an empty folder; pick a new OUT")
 
 
-def export_adapter(adapter: Path, out: Path, card: AdapterCard, *, base_name: str | None) -> Path:
-    """Copy the adapter with its card; `base_name` re-points `base_model_name_or_path`."""
+@contextmanager
+def _building(out: Path) -> Iterator[Path]:
+    """A folder beside `out` to build the export in, renamed to `out` when the block ends: an
+    interrupted export leaves no half folder at OUT (one that loads without its card)."""
     _fresh(out)
-    shutil.copytree(adapter, out, dirs_exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o777 & ~umask())  # mkdtemp makes it private; the export is to be shared
+        for f in tmp.rglob("*"):  # so do safetensors and tempfile for the files
+            f.chmod((0o777 if f.is_dir() else 0o666) & ~umask())
+        if out.exists():
+            out.rmdir()  # empty: `_fresh`
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_adapter(adapter: Path, out: Path, card: AdapterCard, *, base_name: str | None) -> Path:
+    """Copy the adapter's own files (not a folder an eval wrote into it: its report lists
+    training example ids) with its card; `base_name` re-points `base_model_name_or_path`."""
     if base_name is not None:
         card = replace(card, base=replace(card.base, name=base_name))
-    config_path = out / "adapter_config.json"
-    config = json.loads(config_path.read_text())
-    config["base_model_name_or_path"] = card.base.name  # portable even for an old adapter
-    write_atomic(config_path, json.dumps(config, indent=2))
-    write_atomic(out / CARD_JSON, json.dumps(card.to_json(), indent=2))
-    write_atomic(out / README, render_card(card))
+    with _building(out) as tmp:
+        for f in adapter.iterdir():
+            if f.is_file():
+                shutil.copyfile(f, tmp / f.name)  # an ordinary file's mode, not the source's
+        config_path = tmp / "adapter_config.json"
+        config = json.loads(config_path.read_text())
+        config["base_model_name_or_path"] = card.base.name  # portable even for an old adapter
+        write_atomic(config_path, json.dumps(config, indent=2))
+        write_atomic(tmp / CARD_JSON, json.dumps(card.to_json(), indent=2))
+        write_atomic(tmp / README, render_card(card))
     return out
 
 
@@ -130,7 +156,7 @@ def export_merged(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _fresh(out)
+    _fresh(out)  # before the base is loaded
     base_dir = resolve_adapter_base(adapter)
     base = AutoModelForCausalLM.from_pretrained(
         base_dir, dtype=torch.float32, local_files_only=True
@@ -138,13 +164,13 @@ def export_merged(
     tokenizer = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
     merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
     merged = merged.to(DTYPES[dtype])
-    out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out)
-    tokenizer.save_pretrained(out)
     note = "Merged in float32" + (f", saved as {dtype}" if dtype != "float32" else "") + "."
     if quantized:
         note += " The run trained on a quantized base; this is merged into the full-precision one."
-    write_card(out, replace(card, what="merged", note=f"{card.note} {note}".strip()))
+    with _building(out) as tmp:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_card(tmp, replace(card, what="merged", note=f"{card.note} {note}".strip()))
     return out
 
 

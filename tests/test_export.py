@@ -28,7 +28,7 @@ from fedllm.cli import main
 from fedllm.model.base import adapter_shapes, prepare_base_model
 from fedllm.model.card import CARD_JSON, make_card, resolve_adapter_base, save_adapter
 from fedllm.model.identity import IDENTITY_MEMO, base_identity
-from fedllm.model.loading import embedded_gguf_path
+from fedllm.model.loading import embedded_gguf_path, umask
 from fedllm.recipe import load_recipe
 from fedllm.server.metrics import MetricsLog
 from fedllm.server.outputs import finish, snapshot
@@ -406,3 +406,41 @@ def test_the_final_adapter_is_saved_before_anything_that_only_reports(tmp_path, 
         "1",
         "index.json",
     ]
+
+
+def test_export_takes_the_adapters_own_files_readable_by_others_and_never_half(
+    run, tmp_path, monkeypatch
+) -> None:
+    """An eval written into the adapter folder (its report lists training example ids) stays
+    out of the export; files get an ordinary write's mode (mkstemp's are 0600); an interrupted
+    export leaves no folder at OUT, so a retry needs no new name."""
+    import fedllm.export as export
+
+    _, run_dir, _ = run
+    eval_dir = run_dir / "final_adapter" / "eval"
+    eval_dir.mkdir()
+    (eval_dir / "report.json").write_text('{"members": ["wordnet:noun:03953020"]}')
+    try:
+        out = tmp_path / "adapter"
+        assert main(["export", str(run_dir), str(out)]) == 0
+    finally:
+        shutil.rmtree(eval_dir)
+    assert not (out / "eval").exists()
+    assert {p.name for p in out.iterdir()} >= {"adapter_config.json", "README.md"}
+    mask = umask()
+    for p in out.iterdir():
+        assert p.stat().st_mode & 0o777 == 0o666 & ~mask, p.name
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "render_card", interrupted)
+    retry = tmp_path / "retry"
+    with pytest.raises(KeyboardInterrupt):
+        export.export_adapter(
+            run_dir / "final_adapter",
+            retry,
+            export.adapter_card(run_dir / "final_adapter", run_dir),
+            base_name=None,
+        )
+    assert not retry.exists() and not list(tmp_path.glob(".retry.tmp-*"))

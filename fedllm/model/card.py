@@ -25,7 +25,7 @@ import yaml
 from fedllm.aggregators import Factors
 from fedllm.model.adapters import save_peft_adapter
 from fedllm.model.identity import BaseIdentity, file_sha256, weight_files
-from fedllm.model.loading import resolve_model_dir, write_atomic
+from fedllm.model.loading import resolve_model_dir, umask, write_atomic
 from fedllm.model.tiny import TINY_MARKER
 from fedllm.recipe.schema import RunConfig
 from fedllm.server.metrics import table_markdown
@@ -169,7 +169,9 @@ def save_adapter(
             tmp, factors, base_model=card.base.name, target_modules=target_modules, dropout=dropout
         )
         write_card(tmp, card)
-        tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
+        tmp.chmod(0o777 & ~umask())  # mkdtemp makes it private; the result is an ordinary folder
+        for f in tmp.iterdir():  # safetensors writes its file private (0600)
+            f.chmod(0o666 & ~umask())
         if folder.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
             os.replace(folder, old / folder.name)

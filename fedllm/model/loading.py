@@ -66,13 +66,28 @@ def cache_root(cache_dir: Path | None = None) -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "fedllm"
 
 
+def umask() -> int:
+    """This process's umask, read without changing it (Linux: /proc; else set and restored)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename (readers never see half)."""
+    """Write `text` to `path` through a temporary file and a rename (readers never see half),
+    with the mode an ordinary write would give it (mkstemp's files are private: 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
