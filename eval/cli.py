@@ -85,7 +85,9 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="task quality and leakage of a finished run")
     ev.add_argument("target", help="a run directory, or a PEFT adapter folder (with --recipe)")
     ev.add_argument("--recipe", help="recipe YAML (default: the run directory's recipe.yaml)")
-    ev.add_argument("--out", help="output folder (default: TARGET/eval)")
+    ev.add_argument(
+        "--out", help="output folder (default: RUN/eval; ADAPTER-eval beside an adapter folder)"
+    )
     ev.add_argument("--max-examples", type=int, default=64, help="per client and task")
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--max-new-tokens", type=int, default=32)

@@ -31,7 +31,8 @@ def resolve_inputs(
     if (target / "adapter_config.json").is_file():
         if recipe is None:
             raise ValueError(f"{target} is an adapter folder: pass --recipe RECIPE.yaml with it")
-        return load_recipe(recipe), target, {}, target / "eval"
+        # beside the adapter, not in it: its report lists training example ids
+        return load_recipe(recipe), target, {}, target.parent / f"{target.name}-eval"
     if recipe is not None and not recipe.is_file():
         raise FileNotFoundError(f"--recipe {recipe} not found")
     recipe = recipe or target / "recipe.yaml"

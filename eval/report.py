@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
+import shutil
+import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from fedllm.eval.mia import SCORES
+from fedllm.model.loading import replace_folder
 
 VIEW_NOTE = (
     "Views: **base** = the frozen base model (control), **global** = the released federated "
@@ -281,13 +286,37 @@ def timings_brief(timings: dict) -> str:
     return "; ".join(parts)
 
 
+def finite(value: Any) -> Any:
+    """`value` with NaN and ±inf floats as None: report.json is standard JSON (NaN is not)."""
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
 def write_report(report: dict, out: Path) -> Path:
-    """report.json, report.md and the plots into `out`."""
+    """report.json, report.md and the plots, built in a folder beside `out` and swapped in: an
+    interrupted eval leaves the previous report whole, never files of two runs mixed (a
+    `compare` reads report.json)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        _write_files(report, tmp)
+        replace_folder(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _write_files(report: dict, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
+    text = json.dumps(finite(report), indent=2, default=float, allow_nan=False)
+    (out / "report.json").write_text(text)
     lines = [f"# Evaluation of run `{report['run']}`", "", VIEW_NOTE, ""]
     lines += quality_md(report["quality"], report["tasks"])
     if report["tasks"]:
@@ -308,4 +337,3 @@ def write_report(report: dict, out: Path) -> Path:
     if report.get("timings"):
         lines += ["", "Where the time went (s): " + timings_brief(report["timings"]) + "."]
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    return out

@@ -244,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunFailed as err:
         print(f"fedllm: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # finished rounds are checkpointed; reports and exports whole
+        print("fedllm: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -211,8 +211,9 @@ def test_adapter_folder_with_recipe_and_bad_target(run: Path, tmp_path: Path, ca
         ]
     )
     assert code == 0
-    report = json.loads((adapter / "eval" / "report.json").read_text())
+    report = json.loads((adapter.parent / f"{adapter.name}-eval" / "report.json").read_text())
     assert report["views"] == ["base", "global"] and report["leakage"]["mia"] == {}
+    assert not (adapter / "eval").exists()  # not in the adapter folder a user may share
     assert main(["eval", str(adapter), *ARGS]) == 2
     assert "pass --recipe" in capsys.readouterr().err
     assert main(["eval", str(tmp_path), *ARGS]) == 2

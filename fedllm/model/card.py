@@ -11,7 +11,6 @@ folder for fedllm's own loaders; stock `PeftModel.from_pretrained(base, folder)`
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -25,7 +24,7 @@ import yaml
 from fedllm.aggregators import Factors
 from fedllm.model.adapters import save_peft_adapter
 from fedllm.model.identity import BaseIdentity, file_sha256, weight_files
-from fedllm.model.loading import resolve_model_dir, umask, write_atomic
+from fedllm.model.loading import replace_folder, resolve_model_dir, umask, write_atomic
 from fedllm.model.tiny import TINY_MARKER
 from fedllm.recipe.schema import RunConfig
 from fedllm.server.metrics import table_markdown
@@ -169,16 +168,9 @@ def save_adapter(
             tmp, factors, base_model=card.base.name, target_modules=target_modules, dropout=dropout
         )
         write_card(tmp, card)
-        tmp.chmod(0o777 & ~umask())  # mkdtemp makes it private; the result is an ordinary folder
         for f in tmp.iterdir():  # safetensors writes its file private (0600)
             f.chmod(0o666 & ~umask())
-        if folder.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
-            os.replace(folder, old / folder.name)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
+        replace_folder(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder

@@ -94,6 +94,19 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def replace_folder(built: Path, final: Path) -> None:
+    """Put the finished folder `built` at `final` (a sibling), replacing what is there: readers
+    see the old folder or the new one, never a mix (an old one is moved aside, then deleted)."""
+    built.chmod(0o777 & ~umask())  # mkdtemp makes folders private; this one is ordinary
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+        os.replace(final, old / final.name)
+        os.replace(built, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(built, final)
+
+
 @contextmanager
 def atomic_folder(final: Path, *, is_complete: Callable[[Path], bool]) -> Iterator[Path]:
     """Yield a temp folder next to ``final``, then rename it into place in one atomic step.

@@ -1,0 +1,60 @@
+"""eval/report.py's files: standard JSON (no NaN), and a report replaced whole or not at all."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from fedllm.eval import report as report_module
+from fedllm.eval.report import finite, write_report
+
+
+def minimal(run: str, accuracy: float) -> dict:
+    return {
+        "run": run,
+        "tasks": {},
+        "quality": {"global": {"clients": {"0": {"mc": {"examples": 0, "accuracy": accuracy}}}}},
+        "leakage": {"exposure": [], "mia": {}, "extraction": {}},
+        "seconds": 1.0,
+        "settings": {"max_examples": 8},
+    }
+
+
+def strict(text: str) -> dict:
+    def refuse(name: str) -> None:
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_nan_and_inf_are_null_so_report_json_is_standard_json(tmp_path: Path) -> None:
+    """A task with no example (multiple_choice on WordNet) scores NaN; JSON has no NaN."""
+    out = write_report(minimal("a", math.nan), tmp_path / "eval")
+    data = strict((out / "report.json").read_text())
+    assert data["quality"]["global"]["clients"]["0"]["mc"]["accuracy"] is None
+    got = finite({"x": [math.inf, 1.5, -math.inf], "y": (2.0,)})
+    assert got == {"x": [None, 1.5, None], "y": [2.0]}
+
+
+def test_an_interrupted_write_leaves_the_previous_report_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = write_report(minimal("first", 0.5), tmp_path / "eval")
+    (out / "mia.png").write_bytes(b"old plot")  # a file of the first report only
+
+    def interrupted(*args: object, **kwargs: object) -> list[str]:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report_module, "exposure_md", interrupted)  # after report.json is written
+    with pytest.raises(KeyboardInterrupt):
+        write_report(minimal("second", 0.25), out)
+    assert strict((out / "report.json").read_text())["run"] == "first"
+    assert "first" in (out / "report.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]  # no temp folder left
+    monkeypatch.undo()
+    write_report(minimal("second", 0.25), out)  # a finished one replaces the whole folder
+    assert strict((out / "report.json").read_text())["run"] == "second"
+    assert not (out / "mia.png").exists()
