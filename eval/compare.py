@@ -27,7 +27,14 @@ def load_report(run: Path) -> dict:
     path = run / "eval" / "report.json" if run.is_dir() else run
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run `fedllm eval {run}` first")
-    return json.loads(path.read_text())
+    try:
+        report = json.loads(path.read_text())
+    except ValueError as err:  # a damaged or half-copied file: name it
+        raise ValueError(f"{path} is not valid JSON ({err}); run `fedllm eval` again") from None
+    missing = [k for k in ("run", "quality", "leakage") if k not in report]
+    if missing:
+        raise ValueError(f"{path} is not a fedllm eval report: no {missing}")
+    return report
 
 
 def summarize(report: dict, *, privacy: str = "?") -> dict:

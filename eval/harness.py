@@ -21,7 +21,22 @@ from fedllm.eval.registry import select_tasks
 from fedllm.eval.settings import EvalSettings
 from fedllm.eval.task import EvalTask, TaskSetup
 from fedllm.eval.views import BASE, GLOBAL, Views, client_view, find_client_adapters
+from fedllm.model.card import read_card
 from fedllm.recipe import RunConfig, load_recipe
+
+
+def trained_by(cfg: RunConfig, adapter: Path, recipe: Path) -> RunConfig:
+    """`cfg`, if it is the recipe that trained `adapter` (its card's fingerprint; an adapter
+    without a card is taken as it is); else a ValueError: another recipe's clients, data or
+    canaries would be scored as if the adapter had met them."""
+    card = read_card(adapter) or {}
+    if (want := card.get("fingerprint")) and want != cfg.fingerprint():
+        raise ValueError(
+            f"--recipe {recipe} is not the recipe that trained {adapter} (fingerprint "
+            f"{cfg.fingerprint()}, the adapter's card says {want}: model, lora, data, seed or "
+            "privacy differ); pass the run's own recipe.yaml"
+        )
+    return cfg
 
 
 def resolve_inputs(
@@ -31,8 +46,9 @@ def resolve_inputs(
     if (target / "adapter_config.json").is_file():
         if recipe is None:
             raise ValueError(f"{target} is an adapter folder: pass --recipe RECIPE.yaml with it")
+        cfg = trained_by(load_recipe(recipe), target, recipe)
         # beside the adapter, not in it: its report lists training example ids
-        return load_recipe(recipe), target, {}, target.parent / f"{target.name}-eval"
+        return cfg, target, {}, target.parent / f"{target.name}-eval"
     if recipe is not None and not recipe.is_file():
         raise FileNotFoundError(f"--recipe {recipe} not found")
     recipe = recipe or target / "recipe.yaml"
@@ -44,7 +60,8 @@ def resolve_inputs(
     adapter = target / "final_adapter"
     if not (adapter / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter} holds no adapter: did the run finish?")
-    return load_recipe(recipe), adapter, find_client_adapters(target), target / "eval"
+    cfg = trained_by(load_recipe(recipe), adapter, recipe)
+    return cfg, adapter, find_client_adapters(target), target / "eval"
 
 
 def evaluate_run(

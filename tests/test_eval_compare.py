@@ -124,3 +124,18 @@ def test_runs_on_the_same_examples_compare_paired(tmp_path: Path) -> None:
     assert main(["compare", *map(str, dirs), "--out", str(tmp_path / "cmp")]) == 0
     md = (tmp_path / "cmp" / "compare.md").read_text()
     assert "Paired against `a`" in md and "| b | -0." in md
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"run": "a", "quality": {"glo', "report.json is not valid JSON"),
+        ('{"run": "a", "quality": {}}', "is not a fedllm eval report: no ['leakage']"),
+    ],
+)
+def test_a_damaged_report_is_named(tmp_path: Path, capsys, text: str, message: str) -> None:
+    (tmp_path / "a" / "eval").mkdir(parents=True)
+    (tmp_path / "a" / "eval" / "report.json").write_text(text)
+    assert main(["compare", str(tmp_path / "a"), "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "a" / "eval" / "report.json") in err and message in err

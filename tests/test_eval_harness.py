@@ -2,6 +2,7 @@
 locally trained client adapters saved as the server saves them, an SVD-aggregated global one."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,9 @@ from fedllm.data.shards import load_shard, raw_shard
 from fedllm.eval.tasks.held_out import HeldOutLoss
 from fedllm.model.adapters import attach_lora, read_factors, save_peft_adapter
 from fedllm.model.base import base_model_dir, prepare_base_model
+from fedllm.model.card import CARD_JSON
 from fedllm.model.loading import load_base_model
-from fedllm.recipe import build_config
+from fedllm.recipe import build_config, dump_yaml, load_recipe, load_yaml
 
 TINY = {
     "vocab_size": 320,
@@ -216,6 +218,15 @@ def test_adapter_folder_with_recipe_and_bad_target(run: Path, tmp_path: Path, ca
     assert not (adapter / "eval").exists()  # not in the adapter folder a user may share
     assert main(["eval", str(adapter), *ARGS]) == 2
     assert "pass --recipe" in capsys.readouterr().err
+    other = tmp_path / "other.yaml"  # the run's recipe with another seed: other data, other A
+    data = load_yaml((run / "recipe.yaml").read_text())
+    other.write_text(dump_yaml({**data, "seed": data.get("seed", 0) + 1}))
+    carded = tmp_path / "carded"  # the adapter with the card every run writes (fingerprint)
+    shutil.copytree(adapter, carded)
+    fingerprint = load_recipe(run / "recipe.yaml").fingerprint()
+    (carded / CARD_JSON).write_text(json.dumps({"fingerprint": fingerprint}))
+    assert main(["eval", str(carded), "--recipe", str(other), *ARGS]) == 2
+    assert "is not the recipe that trained" in capsys.readouterr().err
     assert main(["eval", str(tmp_path), *ARGS]) == 2
     assert "neither a run directory" in capsys.readouterr().err
 
