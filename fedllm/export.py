@@ -79,14 +79,18 @@ def find_adapter(run_dir: Path, *, client: int | None = None, round: int | None 
         )
     if round is not None:
         folder = run_dir / str(SNAPSHOT).format(round=round)
+        final = (read_card(run_dir / "final_adapter") or {}).get("round")
+        if not (folder / "adapter_config.json").is_file() and round == final:
+            return run_dir / "final_adapter"  # the last round's adapter is the final one
         if not (folder / "adapter_config.json").is_file():
             have = sorted(
                 int(p.parent.name.removeprefix("round_"))
                 for p in run_dir.glob("snapshots/round_*/adapter_config.json")
             )
+            last = f"; the final adapter is round {final} (leave out --round)" if final else ""
             raise FileNotFoundError(
                 f"{run_dir}: no snapshot of round {round}; snapshots: "
-                f"{', '.join(map(str, have)) or 'none (set output.snapshot_every)'}"
+                f"{', '.join(map(str, have)) or 'none (set output.snapshot_every)'}{last}"
             )
         return folder
     folder = run_dir / "final_adapter"

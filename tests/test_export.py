@@ -444,3 +444,14 @@ def test_export_takes_the_adapters_own_files_readable_by_others_and_never_half(
             base_name=None,
         )
     assert not retry.exists() and not list(tmp_path.glob(".retry.tmp-*"))
+
+
+def test_the_final_round_exports_the_final_adapter(run, tmp_path, capsys) -> None:
+    """No snapshot is kept of the last round: its adapter is the final one."""
+    _, run_dir, _ = run
+    final = json.loads((run_dir / "final_adapter" / CARD_JSON).read_text())["round"]
+    out = tmp_path / "last"
+    assert main(["export", str(run_dir), str(out), "--round", str(final)]) == 0
+    assert json.loads((out / CARD_JSON).read_text())["round"] == final
+    assert main(["export", str(run_dir), str(tmp_path / "o"), "--round", str(final + 7)]) == 2
+    assert f"the final adapter is round {final} (leave out --round)" in capsys.readouterr().err
