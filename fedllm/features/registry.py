@@ -127,9 +127,7 @@ def unknown_option(name: str, options: type[BaseModel], given: object) -> None:
     valid = sorted(set(fields) | {f.alias for f in fields.values() if f.alias})
     for key in given:
         if key not in valid:
-            hint = did_you_mean(str(key), valid)
-            listed = ", ".join(valid)
-            raise ValueError(f"features.{name}.{key}: unknown option{hint}; valid: {listed}")
+            raise ValueError(_unknown(name, str(key), str(key), valid))
 
 
 def check_trainer(cfg: RunConfig, classes: list[type[Feature]]) -> None:
@@ -162,7 +160,11 @@ def option_error(name: str, options: type[BaseModel], err: ValidationError) -> s
     e = err.errors()[0]
     key = ".".join(str(p) for p in e["loc"])
     if e["type"] == "extra_forbidden":
-        valid = sorted(options.model_fields)
-        hint = did_you_mean(str(e["loc"][-1]), valid)
-        return f"features.{name}.{key}: unknown option{hint}; valid: {', '.join(valid)}"
+        return _unknown(name, key, str(e["loc"][-1]), sorted(options.model_fields))
     return f"features.{name}.{key}: {e['msg']} (got {e.get('input')!r})"
+
+
+def _unknown(name: str, key: str, last: str, valid: list[str]) -> str:
+    """`features.<name>.<key>: unknown option` with a did-you-mean for `last` and the valid keys."""
+    hint, listed = did_you_mean(last, valid), ", ".join(valid)
+    return f"features.{name}.{key}: unknown option{hint}; valid: {listed}"
