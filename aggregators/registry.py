@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import importlib.metadata
 import inspect
 import numbers
 import pkgutil
 import typing
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
+from fedllm.plugins import load_entry_points
 from fedllm.suggest import did_you_mean
 
 from .base import ADAPTER_STATE, AggregatorFn, RoundSpec
@@ -111,34 +110,21 @@ def available() -> list[str]:
 
 
 ENTRY_POINT_GROUP = "fedllm.aggregators"
-_LOADED_ENTRY_POINTS: set[tuple[str, str]] = set()
 
 
 def discover(package: str, path: Iterable[str], *, group: str = ENTRY_POINT_GROUP) -> list[str]:
-    """Import `package`'s public modules and each `group` entry point once: a method is one file.
+    """Import `package`'s public modules and each `group` entry point: a method is one file.
 
     Modules named `_x` are skipped. An entry point names a module (or object) whose import runs
     `@register`; one that fails to load is skipped with a warning rather than breaking every
-    command. Returns the names this call registered, sorted.
+    command (`fedllm.plugins`). Returns the names this call registered, sorted.
     """
     before = set(_REGISTRY)
     for info in pkgutil.iter_modules(list(path)):
         if not info.name.startswith("_"):
             importlib.import_module(f"{package}.{info.name}")
-    for ep in importlib.metadata.entry_points(group=group):
-        key = (ep.name, ep.value)
-        if key in _LOADED_ENTRY_POINTS:
-            continue
-        _LOADED_ENTRY_POINTS.add(key)
-        try:
-            ep.load()
-        except Exception as err:  # a broken plugin must not take the built-in methods down
-            warnings.warn(
-                f"aggregator entry point {ep.name!r} ({ep.value}) failed to load and was skipped: "
-                f"{type(err).__name__}: {err}",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+    for _ in load_entry_points(group, kind="aggregator"):
+        pass  # loading the module ran its @register
     return sorted(set(_REGISTRY) - before)
 
 

@@ -10,11 +10,11 @@ import importlib
 import pkgutil
 import warnings
 from collections.abc import Iterator, Sequence
-from importlib import metadata
 from types import ModuleType
 
 from fedllm.eval import tasks as task_folder
 from fedllm.eval.task import EvalTask, is_registered
+from fedllm.plugins import load_entry_points
 from fedllm.suggest import did_you_mean
 
 ENTRY_POINT_GROUP = "fedllm.eval_tasks"
@@ -72,17 +72,7 @@ def _folder_tasks() -> Iterator[type[EvalTask]]:
 def _entry_point_tasks() -> Iterator[type[EvalTask]]:
     """The tasks of each entry point; one that fails to load, or names neither a module nor a
     registered task, is skipped with a warning (a broken plugin must not stop every eval)."""
-    for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        where = f"eval task entry point {entry.name} = {entry.value} ({ENTRY_POINT_GROUP})"
-        try:
-            target = entry.load()
-        except Exception as err:  # any import error of third-party code
-            warnings.warn(
-                f"{where} failed to load and was skipped: {type(err).__name__}: {err}",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            continue
+    for where, target in load_entry_points(ENTRY_POINT_GROUP, kind="eval task"):
         if isinstance(target, ModuleType):
             yield from _defined_in(target)
         elif is_registered(target):

@@ -56,7 +56,6 @@ def myfed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     available()  # the built-in methods and features first, into copies the test may change
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     monkeypatch.setattr(registry, "_ROUNDS", dict(registry._ROUNDS))
-    monkeypatch.setattr(registry, "_LOADED_ENTRY_POINTS", set())
     monkeypatch.setattr(registry, "_discovery", "pending")
     monkeypatch.setattr(features, "_FEATURES", dict(features.discover()))
     install(tmp_path / "site")

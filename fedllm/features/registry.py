@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-import warnings
-from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ValidationError
 
 from fedllm.features.base import Feature
 from fedllm.features.types import ROW_KEYS
+from fedllm.plugins import load_entry_points
 from fedllm.suggest import did_you_mean
 
 if TYPE_CHECKING:
@@ -58,16 +57,8 @@ def discover() -> dict[str, type[Feature]]:
         for info in pkgutil.iter_modules(package.__path__):
             if not info.name.startswith("_"):
                 importlib.import_module(f"{home}.{info.name}")
-    for point in entry_points(group=GROUP):
-        try:
-            point.load()
-        except Exception as err:  # any import error of third-party code
-            warnings.warn(
-                f"feature entry point {point.name!r} ({point.value}) failed to load and was "
-                f"skipped: {type(err).__name__}: {err}",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+    for _ in load_entry_points(GROUP, kind="feature"):
+        pass  # loading the module ran its @register_feature
     return dict(_FEATURES)
 
 

@@ -1,0 +1,37 @@
+"""Installed extensions: load each entry point of a group, and skip a broken one with a warning.
+
+The aggregator, feature and eval-task registries all find third-party code this way, so a
+plugin that fails to import is reported the same way everywhere and never stops the built-in
+parts (a recipe that does not use the plugin must still run).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+
+def load_entry_points(group: str, *, kind: str) -> Iterator[tuple[str, Any]]:
+    """(name = value, loaded object) for each entry point of `group`, once per (name, value).
+
+    The same entry point listed twice (two copies of a package on sys.path) loads once; one that
+    raises on load is skipped with a RuntimeWarning naming it, its group and the error.
+    """
+    seen: set[tuple[str, str]] = set()
+    for point in importlib.metadata.entry_points(group=group):
+        if (point.name, point.value) in seen:
+            continue
+        seen.add((point.name, point.value))
+        where = f"{kind} entry point {point.name} = {point.value} ({group})"
+        try:
+            target = point.load()
+        except Exception as err:  # any error of third-party code at import
+            warnings.warn(
+                f"{where} failed to load and was skipped: {type(err).__name__}: {err}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            continue
+        yield where, target
