@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from fedllm.eval.mia import SCORES
-from fedllm.model.loading import replace_folder
+from fedllm.model.loading import building_folder
 
 VIEW_NOTE = (
     "Views: **base** = the frozen base model (control), **global** = the released federated "
@@ -301,13 +299,8 @@ def write_report(report: dict, out: Path) -> Path:
     """report.json, report.md and the plots, built in a folder beside `out` and swapped in: an
     interrupted eval leaves the previous report whole, never files of two runs mixed (a
     `compare` reads report.json)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with building_folder(out) as tmp:
         _write_files(report, tmp)
-        replace_folder(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -11,9 +11,7 @@ and generation config, a model card) that `AutoModelForCausalLM.from_pretrained(
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -30,7 +28,7 @@ from fedllm.model.card import (
     write_card,
 )
 from fedllm.model.identity import base_identity
-from fedllm.model.loading import DTYPES, umask, write_atomic
+from fedllm.model.loading import DTYPES, building_folder, write_atomic
 from fedllm.recipe import RunConfig, load_recipe
 
 PERSONAL = Path("clients") / "{client}" / "personal_adapter"
@@ -120,18 +118,8 @@ def _building(out: Path) -> Iterator[Path]:
     """A folder beside `out` to build the export in, renamed to `out` when the block ends: an
     interrupted export leaves no half folder at OUT (one that loads without its card)."""
     _fresh(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with building_folder(out) as tmp:
         yield tmp
-        tmp.chmod(0o777 & ~umask())  # mkdtemp makes it private; the export is to be shared
-        for f in tmp.rglob("*"):  # so do safetensors and tempfile for the files
-            f.chmod((0o777 if f.is_dir() else 0o666) & ~umask())
-        if out.exists():
-            out.rmdir()  # empty: `_fresh`
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def export_adapter(adapter: Path, out: Path, card: AdapterCard, *, base_name: str | None) -> Path:

@@ -7,6 +7,7 @@ import importlib.util
 import math
 import os
 import re
+import tempfile
 import threading
 from pathlib import Path
 
@@ -255,3 +256,30 @@ def test_embedded_model_converts_and_matches_known_loss() -> None:
     shapes = fm.module_shapes(model, ["q_proj", "k_proj"])
     assert shapes["model.layers.0.self_attn.q_proj"] == (576, 576)
     assert shapes["model.layers.0.self_attn.k_proj"] == (192, 576)
+
+
+def test_building_folder_swaps_in_whole_with_ordinary_modes(tmp_path: Path) -> None:
+    """mkstemp files and mkdtemp folders are private (0600/0700); the folder put in place is
+    not, and a failed build leaves the old folder as it was and nothing beside it."""
+    final = tmp_path / "adapter"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError), fm.building_folder(final) as tmp:
+        (tmp / "half.txt").write_text("half")
+        raise RuntimeError("interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    assert [p.name for p in final.iterdir()] == ["old.txt"]
+
+    with fm.building_folder(final) as tmp:
+        fd, private = tempfile.mkstemp(dir=tmp)
+        os.close(fd)
+        sub = Path(tempfile.mkdtemp(dir=tmp))
+        (sub / "weights").write_bytes(b"w")
+        os.chmod(sub / "weights", 0o600)
+    mask = fm.umask()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    assert not (final / "old.txt").exists()
+    for path in [final, *final.rglob("*")]:
+        want = (0o777 if path.is_dir() else 0o666) & ~mask
+        assert path.stat().st_mode & 0o777 == want, path.name
+    assert (final / Path(private).name).is_file()

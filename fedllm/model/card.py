@@ -11,8 +11,6 @@ folder for fedllm's own loaders; stock `PeftModel.from_pretrained(base, folder)`
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from importlib.metadata import PackageNotFoundError, version
@@ -24,7 +22,7 @@ import yaml
 from fedllm.aggregators import Factors
 from fedllm.model.adapters import save_peft_adapter
 from fedllm.model.identity import BaseIdentity, file_sha256, weight_files
-from fedllm.model.loading import replace_folder, resolve_model_dir, umask, write_atomic
+from fedllm.model.loading import building_folder, resolve_model_dir, write_atomic
 from fedllm.model.tiny import TINY_MARKER
 from fedllm.recipe.schema import RunConfig
 from fedllm.server.metrics import table_markdown
@@ -161,18 +159,11 @@ def save_adapter(
 ) -> Path:
     """A PEFT adapter folder naming its base portably, with its card; written next to `folder`
     and renamed into place, so a reader (or a crash) never sees half an adapter."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    with building_folder(folder) as tmp:
         save_peft_adapter(
             tmp, factors, base_model=card.base.name, target_modules=target_modules, dropout=dropout
         )
         write_card(tmp, card)
-        for f in tmp.iterdir():  # safetensors writes its file private (0600)
-            f.chmod(0o666 & ~umask())
-        replace_folder(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

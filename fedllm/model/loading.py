@@ -96,8 +96,15 @@ def write_atomic(path: Path, text: str) -> None:
 
 def replace_folder(built: Path, final: Path) -> None:
     """Put the finished folder `built` at `final` (a sibling), replacing what is there: readers
-    see the old folder or the new one, never a mix (an old one is moved aside, then deleted)."""
-    built.chmod(0o777 & ~umask())  # mkdtemp makes folders private; this one is ordinary
+    see the old folder or the new one, never a mix (an old one is moved aside, then deleted).
+
+    Everything in it gets an ordinary mode first (the umask's): mkdtemp, mkstemp and safetensors
+    make private ones, and a run's adapters and reports are meant to be shared.
+    """
+    mask = umask()
+    for path in [built, *built.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
     if final.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
         os.replace(final, old / final.name)
@@ -105,6 +112,19 @@ def replace_folder(built: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(built, final)
+
+
+@contextmanager
+def building_folder(final: Path) -> Iterator[Path]:
+    """An empty folder beside `final` to build in; when the block ends it replaces `final` whole
+    (`replace_folder`), and an error leaves `final` as it was and no half folder behind."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        replace_folder(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextmanager
