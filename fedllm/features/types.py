@@ -163,29 +163,23 @@ class TrainReply:
         )
 
 
-# the columns of a client's row in metrics.jsonl that fedllm writes (a feature's declared reply
-# metrics may not take them: `registry.register`)
-ROW_KEYS = frozenset(
-    {
-        "kind",
-        "round",
-        "node",
-        "status",
-        "partition",
-        "rank",
-        "num_examples",
-        "train_loss",
-        "train_loss_first",
-        "train_loss_last",
-        "steps",
-        "train_seconds",
-        "bytes_sent",
-        "bytes_received",
-        "pruning",
-        "reason",
-        "epsilon",
-    }
+# a trained client's reply, as the columns of its row in metrics.jsonl (`ClientRow.to_json`)
+REPLY_COLUMNS = (
+    "partition",
+    "rank",
+    "num_examples",
+    "train_loss",
+    "train_loss_first",
+    "train_loss_last",
+    "steps",
+    "train_seconds",
+    "bytes_sent",
+    "bytes_received",
+    "pruning",
 )
+# every column of a client's row that fedllm writes, "epsilon" by the DP features (a feature's
+# declared reply metrics may not take one: `registry.register`)
+ROW_KEYS = frozenset({"kind", "round", "node", "status", "reason", "epsilon", *REPLY_COLUMNS})
 
 
 @dataclass
@@ -208,19 +202,7 @@ class ClientRow:
         row["status"] = self.status
         r = self.reply
         if self.status == "ok" and r is not None:
-            row.update(
-                partition=r.partition,
-                rank=r.rank,
-                num_examples=r.num_examples,
-                train_loss=r.train_loss,
-                train_loss_first=r.train_loss_first,
-                train_loss_last=r.train_loss_last,
-                steps=r.steps,
-                train_seconds=r.train_seconds,
-                bytes_sent=r.bytes_sent,
-                bytes_received=r.bytes_received,
-                pruning=r.pruning,
-            )
+            row.update({key: getattr(r, key) for key in REPLY_COLUMNS})
         else:
             if self.partition is not None or (self.status == "rejected" and r is not None):
                 row["partition"] = self.partition if self.partition is not None else r.partition
