@@ -129,13 +129,56 @@ def paired_table_md(reports: list[dict], *, score: str = "loss") -> str:
     )
 
 
-def run_privacy(run: Path) -> str:
-    """The recipe's privacy mode (read as plain YAML: older recipes have no such section)."""
+# eval settings that do not move the numbers (batch size only changes the speed)
+NEUTRAL_SETTINGS = {"batch_size"}
+
+
+def mismatches(reports: list[dict], recipes: list[dict], labels: list[str]) -> list[str]:
+    """What differs between the runs besides the training itself, each as one Markdown line: the
+    eval settings and tasks, the recipe's data and model sections. A gap between such runs may be
+    that difference, not the method's."""
+    facts: list[dict[str, object]] = []
+    for rep, recipe in zip(reports, recipes, strict=True):
+        settings = rep.get("settings") or {}
+        fact: dict[str, object] = {
+            f"eval {k}": v for k, v in settings.items() if k not in NEUTRAL_SETTINGS
+        }
+        fact["eval tasks"] = sorted(rep.get("tasks") or {})
+        for section in ("data", "model"):
+            for key, value in (recipe.get(section) or {}).items():
+                fact[f"{section}.{key}"] = value
+        facts.append(fact)
+    lines = []
+    for key in sorted({k for fact in facts for k in fact}):
+        values: dict[str, list[str]] = defaultdict(list)
+        for fact, label in zip(facts, labels, strict=True):
+            values[json.dumps(fact.get(key), sort_keys=True, default=str)].append(label)
+        if len(values) > 1:
+            said = "; ".join(f"{v} ({', '.join(who)})" for v, who in values.items())
+            lines.append(f"- `{key}`: {said}")
+    return lines
+
+
+def labels_of(reports: list[dict], runs: list[Path]) -> list[str]:
+    """Each run's name in the tables: the recipe's name, or its folder where two share a name."""
+    names = [rep["run"] for rep in reports]
+    return [
+        name if names.count(name) == 1 else f"{name} ({run.name})"
+        for name, run in zip(names, runs, strict=True)
+    ]
+
+
+def run_recipe_data(run: Path) -> dict:
+    """The run's recipe.yaml as plain data ({} when absent: a report file given directly)."""
     recipe = run / "recipe.yaml"
-    if not recipe.is_file():
+    return (load_yaml(recipe.read_text()) or {}) if recipe.is_file() else {}
+
+
+def run_privacy(run: Path) -> str:
+    """The recipe's privacy mode ('?' without a recipe.yaml; older recipes have no section)."""
+    if not (run / "recipe.yaml").is_file():
         return "?"
-    privacy = (load_yaml(recipe.read_text()) or {}).get("privacy") or {}
-    return str(privacy.get("mode", "none"))
+    return str((run_recipe_data(run).get("privacy") or {}).get("mode", "none"))
 
 
 def table_md(rows: list[dict]) -> str:
@@ -214,13 +257,23 @@ def compare_runs(runs: list[Path], *, out_dir: Path) -> Path:
     if not runs:
         raise ValueError("compare needs at least one run directory")
     reports = [load_report(r) for r in runs]
+    labels = labels_of(reports, runs)
+    reports = [{**rep, "run": label} for rep, label in zip(reports, labels, strict=True)]
     rows = [summarize(rep, privacy=run_privacy(r)) for rep, r in zip(reports, runs, strict=True)]
     paired = paired_table_md(reports)
+    differ = mismatches(reports, [run_recipe_data(r) for r in runs], labels)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "compare.json").write_text(json.dumps(rows, indent=2, default=float))
     plot_compare(rows, out_dir / "compare.png")
+    warning = (
+        "**Not like for like.** These runs differ in more than their training, so part of any "
+        "gap below may be this:\n\n" + "\n".join(differ) + "\n\n"
+        if differ
+        else ""
+    )
     text = (
         "# Runs compared\n\n"
+        + warning
         + table_md(rows)
         + "\n\n"
         + NOTE

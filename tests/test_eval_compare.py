@@ -79,7 +79,31 @@ def test_compare_writes_one_table_and_a_figure(runs: list[Path], tmp_path: Path)
     assert "| dp | sample | 3.000 → 2.500 |" in md
     assert "exposure k=16 (global/client)" in md and "11.0 / 20.0" in md
     assert (out / "compare.png").stat().st_size > 10_000
+    assert "Not like for like" not in md  # the recipes differ in privacy only: the point
     assert main(["compare", str(tmp_path / "missing"), "--out", str(out)]) == 2
+
+
+def test_compare_says_what_differs_besides_training(runs: list[Path], tmp_path: Path) -> None:
+    """Other eval sizes, tasks or data move the numbers too: said above the table; two runs of
+    one recipe name are told apart by their folders."""
+    for run, examples, clients in ((runs[0], 4, 2), (runs[1], 64, 4)):
+        path = run / "eval" / "report.json"
+        rep = json.loads(path.read_text())
+        rep["run"] = "same"
+        rep["settings"] = {"max_examples": examples, "batch_size": examples, "leakage": True}
+        rep["tasks"] = {"held_out": {}, **({"define": {}} if examples > 4 else {})}
+        path.write_text(json.dumps(rep))
+        recipe = run / "recipe.yaml"
+        recipe.write_text(recipe.read_text() + f"data:\n  num_clients: {clients}\n")
+    out = tmp_path / "cmp"
+    assert main(["compare", *map(str, runs), "--out", str(out)]) == 0
+    md = (out / "compare.md").read_text()
+    warning = md[md.index("**Not like for like.**") : md.index("| run |")]
+    assert "- `eval max_examples`: 4 (same (plain)); 64 (same (dp))" in warning
+    assert '- `eval tasks`: ["held_out"] (same (plain)); ["define", "held_out"] (same (dp))' in md
+    assert "- `data.num_clients`: 2 (same (plain)); 4 (same (dp))" in warning
+    assert "batch_size" not in warning and "leakage" not in warning  # equal, or speed only
+    assert "| same (plain) | none |" in md and "| same (dp) | sample |" in md
 
 
 def with_scores(rep: dict, members: list[float], non: list[float], ids: str = "x") -> dict:
