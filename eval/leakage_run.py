@@ -138,10 +138,18 @@ def measure_leakage(
     pooled: dict[str, list] = {}
     plan = [(BASE, "base", list(data)), (GLOBAL, "global", list(data))]
     plan += [(client_view(p), "client", [p]) for p in data if client_view(p) in views.names]
-    for view, key, clients in plan:
+    for step, (view, key, clients) in enumerate(plan, start=1):
         pids = [p for p in clients if data[p].items["members"] and data[p].items["non_members"]]
+        sets = [data[p].canaries for p in clients if data[p].canaries is not None]
+        t_view = time.perf_counter()
+        say(
+            f"leakage view {step}/{len(plan)} [{view}]: "
+            f"{sum(len(s.items) for s in sets)} canary sequences, "
+            f"{sum(len(data[p].items[part]) for p in pids for part in _PARTS)} MIA examples, "
+            f"{sum(len(data[p].extract[part]) for p in pids for part in _PARTS)} extraction "
+            "prefixes to decode"
+        )
         with views.use(view) as model:
-            sets = [data[p].canaries for p in clients if data[p].canaries is not None]
             if sets:
                 with timer("exposure"):
                     rows = canary_exposures(model, _merge(sets), batch_size=bs, pad_id=pad)
@@ -186,6 +194,7 @@ def measure_leakage(
                 f"members {extraction[(p, 'members')]['exact']:.2f} vs held-out "
                 f"{extraction[(p, 'non_members')]['exact']:.2f}"
             )
+        say(f"leakage view {step}/{len(plan)} [{view}] done [{time.perf_counter() - t_view:.0f}s]")
     with timer("attacks"):
         for key, parts in pooled.items():
             out["mia"][key]["pooled"] = _pooled(parts, attack)

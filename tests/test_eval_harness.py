@@ -2,7 +2,9 @@
 locally trained client adapters saved as the server saves them, an SVD-aggregated global one."""
 
 import json
+import re
 import shutil
+from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -86,7 +88,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for m in updates[0]
     }
     save_peft_adapter(run_dir / "final_adapter", glob, **save)
-    assert main(["eval", str(run_dir), *ARGS]) == 0
+    with (run_dir / "eval-stdout.txt").open("w") as said, redirect_stdout(said):
+        assert main(["eval", str(run_dir), *ARGS]) == 0
     return run_dir
 
 
@@ -155,6 +158,24 @@ def test_leakage_sections(run: Path) -> None:
     per_client = leak["mia"]["global"]["clients"]
     assert pooled["loss"]["members"] == sum(c["loss"]["members"] for c in per_client.values())
     assert set(leak["extraction"]["client"]) == {"0", "1"}
+
+
+def test_each_leakage_view_says_what_it_will_do_and_when_it_is_done(run: Path) -> None:
+    """The leakage part is the long one: a line as each view starts (with its sizes) and ends."""
+    said = (run / "eval-stdout.txt").read_text()
+    starts = re.findall(
+        r"leakage view (\d)/(\d) \[(\S+)\]: (\d+) canary sequences, (\d+) MIA", said
+    )
+    views = ["base", "global", "client:0", "client:1"]
+    assert [(int(i), int(n), v) for i, n, v, _, _ in starts] == [
+        (i, 4, v) for i, v in enumerate(views, start=1)
+    ]
+    leak = json.loads((run / "eval" / "report.json").read_text())["leakage"]
+    canaries = {v: int(c) for _, _, v, c, _ in starts}
+    assert canaries["client:0"] == canaries["global"] > 0 == canaries["client:1"]  # client 0's
+    examples = sum(leak["mia"]["global"]["pooled"]["loss"][k] for k in ("members", "non_members"))
+    assert {v: int(m) for _, _, v, _, m in starts}["global"] == examples
+    assert len(re.findall(r"leakage view \d/4 \[\S+\] done \[\d+s\]", said)) == 4
 
 
 def test_mia_sample_intervals_and_base_control(run: Path) -> None:
