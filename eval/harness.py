@@ -123,14 +123,14 @@ def evaluate_run(
     for pid, shard in shards.items():
         held = sample_examples(shard.held_out, max_examples=settings.max_examples, seed=pid)
         local = client_view(pid) if client_view(pid) in views.names else None
-        say(f"client {pid}/{n}: {len(held)} held-out examples for the quality tasks")
+        say(f"client {pid + 1}/{n} (partition {pid}): {len(held)} held-out examples, quality tasks")
         built = {name: cls.build(held, setup) for name, cls in tasks.items()}
         for view in [BASE, GLOBAL] + ([local] if local else []):
             key = "local" if view == local else view
             result = _quality(views, view, built, batch_size=settings.batch_size, timer=timer)
             report["quality"].setdefault(key, {"clients": {}})["clients"][str(pid)] = result
             brief = ", ".join(f"{name} {tasks[name].headline(r)}" for name, r in result.items())
-            say(f"client {pid} quality [{key}]: {brief}")
+            say(f"partition {pid} quality [{key}]: {brief}")
     for block in report["quality"].values():
         block["global"] = _combine(tasks, list(block["clients"].values()))
     report["timings"]["quality"] = time.perf_counter() - t_quality

@@ -124,8 +124,9 @@ def measure_leakage(
     for d in data.values():
         s = d.sample
         say(
-            f"client {d.pid} MIA sample: {s['members']} members matched to {s['non_members']} of "
-            f"{s['held_out']} held-out ({s['dropped_non_members']} unmatched); mean tokens "
+            f"partition {d.pid} MIA sample: {s['members']} members matched to "
+            f"{s['non_members']} of {s['held_out']} held-out ({s['dropped_non_members']} "
+            "unmatched); mean tokens "
             f"{s['member_tokens_mean']:.1f} vs {s['non_member_tokens_mean']:.1f}"
         )
     out: dict = {"exposure": [], "mia": {}, "extraction": {}, "sample": {}}
@@ -190,7 +191,7 @@ def measure_leakage(
             }
             best = max(block["clients"][str(p)].items(), key=lambda kv: kv[1]["auc"])
             say(
-                f"client {p} MIA [{key}]: best AUC {best[1]['auc']:.3f} ({best[0]}); extraction "
+                f"partition {p} MIA [{key}]: best AUC {best[1]['auc']:.3f} ({best[0]}); extraction "
                 f"members {extraction[(p, 'members')]['exact']:.2f} vs held-out "
                 f"{extraction[(p, 'non_members')]['exact']:.2f}"
             )
