@@ -4,7 +4,8 @@ Data come from the recipe, rebuilt deterministically per client (train = members
 non-members, canaries as inserted). Views: base, global (released adapter) and each client's own
 last accepted update ("local" in quality tables, the honest-but-curious server in leakage).
 Quality tasks come from the registry (fedllm.eval.registry); none is named here. Leakage runs
-view by view over every client at once (fedllm.eval.leakage_run).
+view by view over every client at once (fedllm.eval.leakage_run). Each client's quality and each
+leakage view is saved as it finishes, so an interrupted eval resumes (fedllm.eval.partial).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from fedllm.data.sample import sample_examples
 from fedllm.data.shards import raw_shard
 from fedllm.eval.leakage_run import PhaseTimer, measure_leakage
+from fedllm.eval.partial import Pieces, adapter_digest, eval_version
 from fedllm.eval.registry import select_tasks
 from fedllm.eval.settings import EvalSettings
 from fedllm.eval.task import EvalTask, TaskSetup
@@ -117,45 +119,73 @@ def evaluate_run(
         "leakage": {"exposure": [], "mia": {}, "extraction": {}},
     }
     report["timings"] = {"load": time.perf_counter() - t0}
+    pieces = Pieces.beside(out, _resume_key(cfg, report, [adapter, *clients.values()]), say=say)
     t_quality, timer = time.perf_counter(), PhaseTimer()
     n = cfg.data.num_clients
     shards = {pid: raw_shard(cfg, pid) for pid in range(n)}
     for pid, shard in shards.items():
-        held = sample_examples(shard.held_out, max_examples=settings.max_examples, seed=pid)
-        local = client_view(pid) if client_view(pid) in views.names else None
-        say(f"client {pid + 1}/{n} (partition {pid}): {len(held)} held-out examples, quality tasks")
-        built = {name: cls.build(held, setup) for name, cls in tasks.items()}
-        for view in [BASE, GLOBAL] + ([local] if local else []):
-            key = "local" if view == local else view
-            result = _quality(views, view, built, batch_size=settings.batch_size, timer=timer)
-            report["quality"].setdefault(key, {"clients": {}})["clients"][str(pid)] = result
-            brief = ", ".join(f"{name} {tasks[name].headline(r)}" for name, r in result.items())
-            say(f"partition {pid} quality [{key}]: {brief}")
+        result = pieces.get(f"quality-{pid}")
+        if result is not None:
+            say(f"client {pid + 1}/{n} (partition {pid}): quality from the interrupted eval")
+        else:
+            held = sample_examples(shard.held_out, max_examples=settings.max_examples, seed=pid)
+            say(f"client {pid + 1}/{n} (partition {pid}): {len(held)} held-out examples")
+            built = {name: cls.build(held, setup) for name, cls in tasks.items()}
+            result = _client_quality(views, pid, built, settings=settings, timer=timer, say=say)
+            result = pieces.put(f"quality-{pid}", result)
+        for key, per_task in result.items():
+            report["quality"].setdefault(key, {"clients": {}})["clients"][str(pid)] = per_task
     for block in report["quality"].values():
         block["global"] = _combine(tasks, list(block["clients"].values()))
     report["timings"]["quality"] = time.perf_counter() - t_quality
     report["timings"]["quality tasks"] = dict(timer.seconds)
     if settings.leakage:
         report["leakage"] = measure_leakage(
-            views, cfg=cfg, settings=settings, shards=shards, say=say
+            views, cfg=cfg, settings=settings, shards=shards, say=say, pieces=pieces
         )
         report["timings"]["leakage"] = report["leakage"].pop("seconds")
     report["seconds"] = time.perf_counter() - t0
     write_report(report, out)
+    pieces.remove()
     say(f"done in {report['seconds']:.0f}s: {out / 'report.md'}")
     return report
 
 
-def _quality(
-    views: Views, view: str, built: dict[str, EvalTask], *, batch_size: int, timer: PhaseTimer
+def _resume_key(cfg: RunConfig, report: dict, adapters: list[Path]) -> dict:
+    """What every finished piece depends on: an interrupted eval's pieces are reused only when
+    all of it is the same (`fedllm.eval.partial`)."""
+    return {
+        "recipe": cfg.fingerprint(),
+        "settings": report["settings"],
+        "tasks": report["tasks"],
+        "adapters": adapter_digest(adapters),
+        "fedllm": eval_version(),
+    }
+
+
+def _client_quality(
+    views: Views,
+    pid: int,
+    built: dict[str, EvalTask],
+    *,
+    settings: EvalSettings,
+    timer: PhaseTimer,
+    say: Callable[[str], None],
 ) -> dict:
-    """Every task's metrics under one view (tasks are built once per client, not per view)."""
-    out = {}
-    with views.use(view) as model:
-        for name, task in built.items():
-            with timer(name):
-                out[name] = task.evaluate(model, batch_size=batch_size)
-    return out
+    """One client's tasks under the base, global and (when saved) its own adapter's view."""
+    local = client_view(pid) if client_view(pid) in views.names else None
+    result = {}
+    for view in [BASE, GLOBAL] + ([local] if local else []):
+        key = "local" if view == local else view
+        with views.use(view) as model:
+            for name, task in built.items():
+                with timer(name):
+                    result.setdefault(key, {})[name] = task.evaluate(
+                        model, batch_size=settings.batch_size
+                    )
+        brief = ", ".join(f"{k} {built[k].headline(r)}" for k, r in result[key].items())
+        say(f"partition {pid} quality [{key}]: {brief}")
+    return result
 
 
 def _combine(tasks: dict[str, type[EvalTask]], per_client: list[dict]) -> dict:

@@ -12,100 +12,22 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedllm.data import tokenize_all
-from fedllm.data.canary import is_canary
 from fedllm.data.shards import RawShard
 from fedllm.eval.extraction import grouped_extraction_rates
 from fedllm.eval.generate import end_token_ids
-from fedllm.eval.leakage import CanarySet, canary_exposures, canary_set, score_groups
-from fedllm.eval.membership import matched_sample, subsample
+from fedllm.eval.leakage import CanarySet, canary_exposures, score_groups
+from fedllm.eval.leakage_data import ClientData, prepare_client
 from fedllm.eval.mia import against_base, membership_scores, run_attacks
+from fedllm.eval.partial import Pieces
 from fedllm.eval.settings import EvalSettings
 from fedllm.eval.views import BASE, GLOBAL, Views, client_view
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
-
     from fedllm.recipe import RunConfig
-
-
-@dataclass(frozen=True)
-class ClientData:
-    """One client's leakage inputs, tokenized once for every view."""
-
-    pid: int
-    items: dict[str, list[dict]]  # "members" (matched to the non-members), "non_members"
-    texts: dict[str, list[str]]  # their responses (for the zlib score)
-    ids: dict[str, list[str]]  # their example ids (runs on the same examples compare paired)
-    extract: dict[str, list[dict]]  # the subsets extraction decodes from
-    canaries: CanarySet | None
-    sample: dict  # what was drawn and how well it matches (for the report)
-
-
-def prepare_client(
-    cfg: RunConfig, settings: EvalSettings, shard: RawShard, tokenizer: PreTrainedTokenizerBase
-) -> ClientData:
-    """Matched members/non-members, extraction subsets and canary items of one client."""
-    fmt = {"prompt_format": cfg.data.prompt_format, "max_length": cfg.data.max_length}
-    pid = shard.partition_id
-    pool = [e for e in shard.train if not is_canary(e)]
-    held = shard.held_out
-    chosen = subsample(range(len(held)), limit=settings.mia_non_members, seed=pid)
-    non = [held[j] for j in chosen]
-    pool_items = tokenize_all(pool, tokenizer, **fmt)
-    non_items = tokenize_all(non, tokenizer, **fmt)
-    match = matched_sample(
-        [str(e.get("label", "")) for e in pool],
-        [_scored_tokens(x) for x in pool_items],
-        [str(e.get("label", "")) for e in non],
-        [_scored_tokens(x) for x in non_items],
-        per_non_member=settings.mia_members_per_non_member,
-        seed=cfg.seed + pid,
-    )
-    m_items = [pool_items[i] for i in match.members]
-    n_items = [non_items[j] for j in match.non_members]
-    canaries = None
-    if shard.canaries and cfg.data.canaries is not None:
-        canaries = canary_set(
-            shard.canaries,
-            tokenizer=tokenizer,
-            prompt_format=cfg.data.prompt_format,
-            digits=cfg.data.canaries.digits,
-            references=settings.references or cfg.data.canaries.references,
-            seed=cfg.seed,
-        )
-    limit = settings.max_examples
-    return ClientData(
-        pid=pid,
-        items={"members": m_items, "non_members": n_items},
-        texts={
-            "members": [pool[i]["response"] for i in match.members],
-            "non_members": [non[j]["response"] for j in match.non_members],
-        },
-        ids={
-            "members": [str(pool[i].get("id", "")) for i in match.members],
-            "non_members": [str(non[j].get("id", "")) for j in match.non_members],
-        },
-        extract={
-            part: [its[i] for i in subsample(range(len(its)), limit=limit, seed=pid)]
-            for part, its in (("members", m_items), ("non_members", n_items))
-        },
-        canaries=canaries,
-        sample={
-            "held_out": len(held),
-            "training": len(pool),
-            "members": len(m_items),
-            "non_members": len(n_items),
-            "dropped_non_members": match.dropped,
-            "member_tokens_mean": _mean([_scored_tokens(x) for x in m_items]),
-            "non_member_tokens_mean": _mean([_scored_tokens(x) for x in n_items]),
-        },
-    )
 
 
 def measure_leakage(
@@ -115,87 +37,63 @@ def measure_leakage(
     settings: EvalSettings,
     shards: dict[int, RawShard],
     say: Callable[[str], None],
+    pieces: Pieces,
 ) -> dict:
-    """report["leakage"]: exposure rows, MIA per client and pooled (+ intervals), extraction."""
-    tok = views.tokenizer
+    """report["leakage"]: exposure rows, MIA per client and pooled (+ intervals), extraction.
+
+    Each view's measures are one piece (`_view_piece`): a view an interrupted eval finished is
+    taken from `pieces`, and each view finished here is saved there as it ends.
+    """
     timer = PhaseTimer()
     with timer("prepare"):
-        data = {pid: prepare_client(cfg, settings, shard, tok) for pid, shard in shards.items()}
+        data = {
+            pid: prepare_client(cfg, settings, shard, views.tokenizer)
+            for pid, shard in shards.items()
+        }
     for d in data.values():
         s = d.sample
         say(
             f"partition {d.pid} MIA sample: {s['members']} members matched to "
             f"{s['non_members']} of {s['held_out']} held-out ({s['dropped_non_members']} "
-            "unmatched); mean tokens "
-            f"{s['member_tokens_mean']:.1f} vs {s['non_member_tokens_mean']:.1f}"
+            f"unmatched); mean tokens {s['member_tokens_mean']:.1f} vs "
+            f"{s['non_member_tokens_mean']:.1f}"
         )
     out: dict = {"exposure": [], "mia": {}, "extraction": {}, "sample": {}}
     out["sample"] = {str(pid): d.sample for pid, d in data.items()}
-    pad, bs = tok.pad_token_id, settings.batch_size
     attack = {"resamples": settings.bootstrap, "confidence": settings.confidence, "seed": cfg.seed}
-    cut = {"prefix_tokens": settings.prefix_tokens, "suffix_tokens": settings.suffix_tokens}
-    base: dict = {}
-    base_scores: dict[int, tuple] = {}  # the base view's MIA scores per client (the control)
+    base_nll: dict[str, list[float]] = {}  # the base view's losses: every view's reference
     pooled: dict[str, list] = {}
     plan = [(BASE, "base", list(data)), (GLOBAL, "global", list(data))]
     plan += [(client_view(p), "client", [p]) for p in data if client_view(p) in views.names]
     for step, (view, key, clients) in enumerate(plan, start=1):
-        pids = [p for p in clients if data[p].items["members"] and data[p].items["non_members"]]
-        sets = [data[p].canaries for p in clients if data[p].canaries is not None]
-        t_view = time.perf_counter()
-        say(
-            f"leakage view {step}/{len(plan)} [{view}]: "
-            f"{sum(len(s.items) for s in sets)} canary sequences, "
-            f"{sum(len(data[p].items[part]) for p in pids for part in _PARTS)} MIA examples, "
-            f"{sum(len(data[p].extract[part]) for p in pids for part in _PARTS)} extraction "
-            "prefixes to decode"
-        )
-        with views.use(view) as model:
-            if sets:
-                with timer("exposure"):
-                    rows = canary_exposures(model, _merge(sets), batch_size=bs, pad_id=pad)
-                out["exposure"] += [{"view": key, **r} for r in rows]
-                say(f"exposure [{key}]: " + ", ".join(_exposure_brief(r) for r in rows))
-            groups = {(p, part): data[p].items[part] for p in pids for part in _PARTS}
-            with timer("mia_scoring"):
-                scored = score_groups(model, groups, batch_size=bs, pad_id=pad, vocab_stats=True)
-            if view == BASE:
-                base = scored
-            with timer("extraction"):
-                extraction = grouped_extraction_rates(
-                    model,
-                    {(p, part): data[p].extract[part] for p in pids for part in _PARTS},
-                    **cut,
-                    pad_id=pad,
-                    end_ids=end_token_ids(tok),
-                    batch_size=bs,
-                )
-        if not pids:
-            continue
-        block = out["mia"].setdefault(key, {"clients": {}})
-        for p in pids:
-            sm, sn = (
-                membership_scores(
-                    scored[(p, part)], texts=data[p].texts[part], base=base[(p, part)]
-                )
-                for part in _PARTS
+        name, where = f"leakage-{step}", f"leakage view {step}/{len(plan)} [{view}]"
+        piece = pieces.get(name)
+        if piece is not None:
+            say(f"{where}: taken from the interrupted eval")
+        else:
+            t_view = time.perf_counter()
+            piece = _view_piece(
+                views,
+                view,
+                key,
+                [data[p] for p in clients],
+                settings=settings,
+                attack=attack,
+                base_nll=base_nll,
+                timer=timer,
+                say=lambda text, where=where: say(f"{where}: {text}"),
             )
-            with timer("attacks"):
-                block["clients"][str(p)] = run_attacks(sm, sn, **attack)
-            pooled.setdefault(key, []).append((p, sm, sn))
-            if view == BASE:
-                base_scores[p] = (sm, sn)
-            out["extraction"].setdefault(key, {})[str(p)] = {
-                "members": extraction[(p, "members")],
-                "non_members": extraction[(p, "non_members")],
-            }
-            best = max(block["clients"][str(p)].items(), key=lambda kv: kv[1]["auc"])
-            say(
-                f"partition {p} MIA [{key}]: best AUC {best[1]['auc']:.3f} ({best[0]}); extraction "
-                f"members {extraction[(p, 'members')]['exact']:.2f} vs held-out "
-                f"{extraction[(p, 'non_members')]['exact']:.2f}"
+            piece = pieces.put(name, piece)  # as a resumed eval reads it: the same numbers
+            say(f"{where} done [{time.perf_counter() - t_view:.0f}s]")
+        out["exposure"] += piece["exposure"]
+        base_nll.update(piece["base_nll"])
+        if piece["clients"]:
+            out["mia"].setdefault(key, {"clients": {}})["clients"].update(piece["clients"])
+            out["extraction"].setdefault(key, {}).update(piece["extraction"])
+            pooled.setdefault(key, []).extend(
+                (p, _arrays(sm), _arrays(sn)) for p, sm, sn in piece["parts"]
             )
-        say(f"leakage view {step}/{len(plan)} [{view}] done [{time.perf_counter() - t_view:.0f}s]")
+    base_scores = {p: (sm, sn) for p, sm, sn in pooled.get("base", [])}
     with timer("attacks"):
         for key, parts in pooled.items():
             out["mia"][key]["pooled"] = _pooled(parts, attack)
@@ -206,6 +104,88 @@ def measure_leakage(
     out["control"] = control_check(out["mia"].get("base", {}).get("pooled", {}))
     out["seconds"] = dict(timer.seconds)
     return out
+
+
+def _view_piece(
+    views: Views,
+    view: str,
+    key: str,
+    clients: list[ClientData],
+    *,
+    settings: EvalSettings,
+    attack: dict,
+    base_nll: dict[str, list[float]],
+    timer: PhaseTimer,
+    say: Callable[[str], None],
+) -> dict:
+    """One view's measures as plain data: exposure rows, each client's attacks, extraction
+    rates and scores (pooled later), and under the base view each example's loss."""
+    tok = views.tokenizer
+    pad, bs = tok.pad_token_id, settings.batch_size
+    cut = {"prefix_tokens": settings.prefix_tokens, "suffix_tokens": settings.suffix_tokens}
+    ready = [d for d in clients if d.items["members"] and d.items["non_members"]]
+    sets = [d.canaries for d in clients if d.canaries is not None]
+    say(
+        f"{sum(len(s.items) for s in sets)} canary sequences, "
+        f"{sum(len(d.items[part]) for d in ready for part in _PARTS)} MIA examples, "
+        f"{sum(len(d.extract[part]) for d in ready for part in _PARTS)} extraction prefixes "
+        "to decode"
+    )
+    piece: dict = {"exposure": [], "clients": {}, "extraction": {}, "parts": [], "base_nll": {}}
+    with views.use(view) as model:
+        if sets:
+            with timer("exposure"):
+                rows = canary_exposures(model, _merge(sets), batch_size=bs, pad_id=pad)
+            piece["exposure"] = [{"view": key, **r} for r in rows]
+            say("exposure " + ", ".join(_exposure_brief(r) for r in rows))
+        groups = {(d.pid, part): d.items[part] for d in ready for part in _PARTS}
+        with timer("mia_scoring"):
+            scored = score_groups(model, groups, batch_size=bs, pad_id=pad, vocab_stats=True)
+        with timer("extraction"):
+            extraction = grouped_extraction_rates(
+                model,
+                {(d.pid, part): d.extract[part] for d in ready for part in _PARTS},
+                **cut,
+                pad_id=pad,
+                end_ids=end_token_ids(tok),
+                batch_size=bs,
+            )
+    if view == BASE:
+        piece["base_nll"] = {
+            _slot(p, part): [s.mean_nll for s in scored[(p, part)]] for p, part in scored
+        }
+        base_nll = piece["base_nll"]  # the base model is its own reference (score 0)
+    for d in ready:
+        p = d.pid
+        sm, sn = (
+            membership_scores(
+                scored[(p, part)], texts=d.texts[part], base_nll=base_nll[_slot(p, part)]
+            )
+            for part in _PARTS
+        )
+        with timer("attacks"):
+            attacks = piece["clients"][str(p)] = run_attacks(sm, sn, **attack)
+        piece["parts"].append([p, _lists(sm), _lists(sn)])
+        piece["extraction"][str(p)] = {part: extraction[(p, part)] for part in _PARTS}
+        best = max(attacks.items(), key=lambda kv: kv[1]["auc"])
+        say(
+            f"partition {p} MIA best AUC {best[1]['auc']:.3f} ({best[0]}); extraction members "
+            f"{extraction[(p, 'members')]['exact']:.2f} vs held-out "
+            f"{extraction[(p, 'non_members')]['exact']:.2f}"
+        )
+    return piece
+
+
+def _slot(partition: int, part: str) -> str:
+    return f"{partition}/{part}"
+
+
+def _lists(scores: dict[str, np.ndarray]) -> dict[str, list[float]]:
+    return {name: [float(v) for v in values] for name, values in scores.items()}
+
+
+def _arrays(scores: dict[str, list[float]]) -> dict[str, np.ndarray]:
+    return {name: np.asarray(values, dtype=np.float64) for name, values in scores.items()}
 
 
 class PhaseTimer:
@@ -285,11 +265,3 @@ def _merge(sets: list[CanarySet]) -> CanarySet:
 
 def _exposure_brief(r: dict) -> str:
     return f"c{r['client']} k={r['repeats']}: {r['exposure']:.1f}/{r['exposure_skewnormal']:.1f}"
-
-
-def _scored_tokens(item: dict) -> int:
-    return sum(t != -100 for t in item["labels"])
-
-
-def _mean(values: list[int]) -> float:
-    return float(np.mean(values)) if values else float("nan")

@@ -35,12 +35,13 @@ def membership_scores(
     target: Sequence[Scored],
     *,
     texts: Sequence[str],
-    base: Sequence[Scored] | None = None,
+    base_nll: Sequence[float] | None = None,
     k: float = 0.2,
 ) -> dict[str, np.ndarray]:
-    """Every score for every example (the target needs vocab_stats for min_k_pp)."""
-    if len(texts) != len(target) or (base is not None and len(base) != len(target)):
-        raise ValueError("target, texts and base must describe the same examples")
+    """Every score for every example (the target needs vocab_stats for min_k_pp); `base_nll`,
+    the reference model's mean NLL of each, makes the reference score."""
+    if len(texts) != len(target) or (base_nll is not None and len(base_nll) != len(target)):
+        raise ValueError("target, texts and base_nll must describe the same examples")
     if not 0 < k <= 1:
         raise ValueError(f"k must be in (0, 1], got {k}")
     out: dict[str, list[float]] = {name: [] for name in SCORES}
@@ -50,8 +51,8 @@ def membership_scores(
         out["min_k"].append(-lowest_fraction_mean(s.logprobs, k))
         if s.mu is not None and s.sigma is not None:
             out["min_k_pp"].append(-lowest_fraction_mean((s.logprobs - s.mu) / s.sigma, k))
-        if base is not None:
-            out["reference"].append(s.mean_nll - base[i].mean_nll)
+        if base_nll is not None:
+            out["reference"].append(s.mean_nll - base_nll[i])
     return {name: np.asarray(v) for name, v in out.items() if v}
 
 

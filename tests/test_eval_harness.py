@@ -14,6 +14,8 @@ from fedllm.aggregators import get
 from fedllm.cli import main
 from fedllm.client.train import train_local
 from fedllm.data.shards import load_shard, raw_shard
+from fedllm.eval.harness import evaluate_run
+from fedllm.eval.settings import EvalSettings
 from fedllm.eval.tasks.held_out import HeldOutLoss
 from fedllm.model.adapters import attach_lora, read_factors, save_peft_adapter
 from fedllm.model.base import base_model_dir, prepare_base_model
@@ -301,3 +303,58 @@ def test_a_bad_multiple_choice_file_fails_before_any_model_loads(
         path.write_text(good, encoding="utf-8")
     assert main(["eval", str(run), "--mc-file", str(bad), "--mc-file", str(twin), *ARGS]) == 2
     assert "both make the task 'mc_notes'; rename one" in capsys.readouterr().err
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_an_interrupted_eval_resumes_from_its_finished_pieces(run: Path, tmp_path: Path) -> None:
+    """Killed in the third leakage view, the eval run again takes the clients' quality and the
+    first two views from disk and writes the very report a run straight through wrote."""
+    settings = EvalSettings(
+        max_examples=8, batch_size=8, max_new_tokens=4, references=10, precision="fp32"
+    )
+    out = tmp_path / "eval"
+
+    def stop_in_view_3(text: str) -> None:
+        if text.startswith("leakage view 3/4"):
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        evaluate_run(run, out_dir=out, settings=settings, say=stop_in_view_3)
+    partial = tmp_path / ".eval.partial"
+    assert sorted(p.name for p in partial.iterdir()) == [
+        "key.json",
+        "leakage-1.json",
+        "leakage-2.json",
+        "quality-0.json",
+        "quality-1.json",
+    ]
+    said: list[str] = []
+    evaluate_run(run, out_dir=out, settings=settings, say=said.append)
+    taken = [t for t in said if "interrupted eval" in t]
+    assert taken[0] == "resuming an interrupted eval: 4 finished pieces in " + str(partial)
+    assert len(taken) == 5  # the line above, two clients' quality, two leakage views
+    assert "leakage view 3/4 [client:0] done" in " ".join(said)
+    assert not partial.exists()  # the report is written: nothing to resume
+
+    def numbers(report: Path) -> dict:
+        data = json.loads(report.read_text())
+        return {k: data[k] for k in ("quality", "leakage", "settings", "tasks", "views")}
+
+    assert numbers(out / "report.json") == numbers(run / "eval" / "report.json")
+
+
+def test_pieces_of_another_eval_are_discarded(run: Path, tmp_path: Path) -> None:
+    """Other settings (or adapters) make other numbers: their pieces are not taken."""
+    partial = tmp_path / ".eval.partial"
+    partial.mkdir()
+    (partial / "key.json").write_text('{"settings": "other"}')
+    (partial / "quality-0.json").write_text('{"global": {"held_out": {"loss": 0.0}}}')
+    said: list[str] = []
+    settings = EvalSettings(max_examples=4, batch_size=8, max_new_tokens=2, leakage=False)
+    report = evaluate_run(run, out_dir=tmp_path / "eval", settings=settings, say=said.append)
+    assert f"{partial}: an interrupted eval of other adapters or settings, discarded" in said
+    assert report["quality"]["global"]["clients"]["0"]["held_out"]["loss"] > 0.5
+    assert not partial.exists()

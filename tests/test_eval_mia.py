@@ -22,7 +22,7 @@ def test_scores_by_hand() -> None:
     lp = np.log(np.array([0.5, 0.25, 0.125, 0.5, 0.5]))
     target = Scored(np.arange(5), lp, mu=np.full(5, -1.0), sigma=np.full(5, 2.0))
     base = Scored(np.arange(5), np.log(np.full(5, 0.25)))
-    s = membership_scores([target], texts=["hello hello hello"], base=[base], k=0.2)
+    s = membership_scores([target], texts=["hello hello hello"], base_nll=[base.mean_nll], k=0.2)
     nll = -lp.sum()
     assert s["loss"][0] == pytest.approx(nll / 5)
     assert s["zlib"][0] == pytest.approx(nll / len(zlib.compress(b"hello hello hello")))
