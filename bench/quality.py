@@ -58,11 +58,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # bench/_*.py next to this script
 
-from _quality_report import RESULTS, write_report
-from _quality_runs import centralised, federated, local_only, machine, run_dir
+from fedllm.processes import hide_bitsandbytes
 
-from fedllm.recipe import load_recipe
-from fedllm.recipe.schema_data import DataConfig
+hide_bitsandbytes()  # as fedllm's commands do: no base here is quantised (peft would import it)
+
+from _quality_report import RESULTS, write_report  # noqa: E402
+from _quality_runs import centralised, federated, local_only, machine, run_dir  # noqa: E402
+
+from fedllm.recipe import load_recipe  # noqa: E402
+from fedllm.recipe.schema_data import DataConfig  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
 FIXED_DATA_SEED = "seed" in DataConfig.model_fields  # data.seed: the partition fixed over seeds
