@@ -22,7 +22,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg, resume=args.resume, overwrite=args.overwrite, local=not args.federation
     )
     if args.federation:
-        from fedllm.deploy.federation import submit
+        from fedllm.deploy.submit import submit
 
         return submit(cfg, args.federation, resume=args.resume)
 

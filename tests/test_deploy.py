@@ -24,7 +24,6 @@ import torch
 
 from fedllm.deploy.certs import make_credentials
 from fedllm.deploy.federation import (
-    APP_PYPROJECT,
     register_node,
     superlink_command,
     supernode_command,
@@ -32,6 +31,7 @@ from fedllm.deploy.federation import (
     write_connection,
 )
 from fedllm.deploy.flower_env import flwr_env
+from fedllm.deploy.submit import APP_PYPROJECT
 
 RECIPE = str(Path(__file__).parents[1] / "recipes" / "tiny.yaml")
 LIMIT = 900.0  # seconds for the whole scenario on a loaded 2-core machine

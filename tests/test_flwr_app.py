@@ -41,8 +41,8 @@ from fedllm.deploy.app_config import (
     recipe_keys,
 )
 from fedllm.deploy.apps import check_simulation_size
-from fedllm.deploy.federation import write_run_config
 from fedllm.deploy.flower_env import flwr_env
+from fedllm.deploy.submit import write_run_config
 from fedllm.features.base import Feature
 from fedllm.features.registry import discover
 from fedllm.recipe import ConfigError, load_recipe

@@ -17,13 +17,9 @@ from fedllm.client.node_config import (
     recipe_from_run_config,
 )
 from fedllm.deploy.app_check import check_fab
-from fedllm.deploy.federation import (
-    superlink_command,
-    supernode_command,
-    write_app,
-    write_run_config,
-)
+from fedllm.deploy.federation import superlink_command, supernode_command
 from fedllm.deploy.guard import OperatorOnly, guard_bin, guard_clientapp_runtime
+from fedllm.deploy.submit import write_app, write_run_config
 from fedllm.recipe import load_recipe
 
 RECIPE = Path(__file__).parents[1] / "recipes" / "tiny.yaml"

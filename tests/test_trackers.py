@@ -274,8 +274,14 @@ def test_a_round_a_crash_makes_the_resumed_run_repeat_reaches_the_trackers_once(
     monkeypatch.setattr(app, "open_trackers", lambda cfg: [sink])
     cfg = load_recipe(
         RECIPE,
-        [f"output_dir={tmp_path}", "name=crash", "federation.rounds=2", "data.num_clients=2"]
-        + ["data.max_examples=120", "federation.local_steps=2"],
+        [
+            f"output_dir={tmp_path}",
+            "name=crash",
+            "federation.rounds=2",
+            "data.num_clients=2",
+            "data.max_examples=120",
+            "federation.local_steps=2",
+        ],
     )
     real_save = app.Run.save
 

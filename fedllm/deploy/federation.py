@@ -1,10 +1,6 @@
-"""Deployment mode: submit a recipe to a running SuperLink and start SuperNodes, secured by default.
-
-`fedllm run RECIPE --federation CONN` writes a Flower app folder (a pyproject naming
-`fedllm.deploy.apps:server_app`/`client_app`) into the run directory, sends the resolved recipe as
-run
-config, streams the logs through `flwr run --stream`, and then asks the SuperLink for the run's
-final status, because `flwr run --stream` exits 0 even when the run failed.
+"""Deployment mode's processes: a SuperLink and SuperNodes, secured by default, and the
+commands that start them (`fedllm superlink`, `fedllm node`; submitting a run is
+`fedllm.deploy.submit`).
 
 The processes fedllm starts are guarded (`fedllm.deploy.guard`, docs/security.md):
 - SuperLink (`superlink_command`, `fedllm superlink`): Flower's own SuperLink, but its Control API
@@ -21,10 +17,10 @@ The processes fedllm starts are guarded (`fedllm.deploy.guard`, docs/security.md
 from __future__ import annotations
 
 import json
-import re
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,113 +32,11 @@ from fedllm.deploy.guard import (
     serve_superlink,
 )
 from fedllm.processes import hide_bitsandbytes
-from fedllm.recipe import RunConfig, dump_yaml
 
 INSECURE_WARNING = (
     "WARNING: insecure mode: traffic is unencrypted and the SuperLink cannot tell real nodes "
     "from impostors; use it only on a trusted loopback for debugging"
 )
-
-APP_PYPROJECT = """\
-# Written by `fedllm run --federation`: the Flower app wrapping fedllm's module-level apps.
-# fedllm must be installed on the SuperLink and every SuperNode (no run-time installation).
-[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "fedllm-app"
-version = "{version}"
-description = "fedllm federated LoRA fine-tuning (recipe sent as run config)"
-license = "Apache-2.0"
-dependencies = ["fedllm"]
-
-[tool.flwr.app]
-publisher = "fedllm"
-
-[tool.flwr.app.components]
-serverapp = "fedllm.deploy.apps:server_app"
-clientapp = "fedllm.deploy.apps:client_app"
-
-[tool.flwr.app.config]
-recipe = ""
-resume = false
-"""
-
-
-def write_app(folder: Path) -> Path:
-    """The Flower app folder `flwr run` builds a FAB from."""
-    from importlib.metadata import version
-
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "pyproject.toml").write_text(APP_PYPROJECT.format(version=version("fedllm")))
-    (folder / "README.md").write_text("fedllm deployment app; see docs/deployment.md\n")
-    return folder
-
-
-def write_run_config(path: Path, cfg: RunConfig, *, resume: bool) -> Path:
-    """Run-config overrides as TOML; a JSON string literal is also a valid TOML basic string.
-
-    Only non-default values are sent (the receiver re-applies the defaults), which keeps the
-    text short and independent of how optional sections dump their defaults.
-    """
-
-    text = dump_yaml(cfg.model_dump(mode="json", exclude_defaults=True))
-    path.write_text(f"recipe = {json.dumps(text)}\nresume = {str(resume).lower()}\n")
-    return path
-
-
-def run_status(connection: str, run_id: int) -> dict:
-    """The SuperLink's record of one run (`flwr ls --format json`), e.g. status finished:failed."""
-    out = subprocess.run(
-        ["flwr", "ls", connection, "--run-id", str(run_id), "--format", "json"],
-        capture_output=True,
-        text=True,
-        env=flwr_env(),
-        timeout=120,
-        check=False,
-    )
-    try:
-        runs = json.loads(out.stdout).get("runs", [])
-    except json.JSONDecodeError:
-        runs = []
-    if not runs:
-        raise RuntimeError(f"`flwr ls` did not report run {run_id}: {out.stdout}{out.stderr}")
-    return runs[0]
-
-
-def submit(cfg: RunConfig, connection: str, *, resume: bool) -> int:
-    """Run `cfg` on the SuperLink `connection`; 0 only if the run finished as completed."""
-    run_dir = cfg.run_dir
-    app = write_app(run_dir / "flwr_app")
-    overrides = write_run_config(run_dir / "run_config.toml", cfg, resume=resume)
-    cmd = ["flwr", "run", str(app), connection, "--run-config", str(overrides), "--stream"]
-    print(f"[fedllm] submitting to {connection}: {' '.join(cmd)}", flush=True)
-    run_id = None
-    with subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=flwr_env()
-    ) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-            found = re.search(r"Successfully started run (\d+)", line)
-            if found and run_id is None:
-                run_id = int(found.group(1))
-                (run_dir / "flwr_run_id").write_text(f"{run_id}\n")
-    if run_id is None:
-        print(f"[fedllm] the SuperLink at {connection} did not start the run", file=sys.stderr)
-        return 1
-    status = run_status(connection, run_id)
-    if status.get("status") != "finished:completed":
-        print(
-            f"[fedllm] run {run_id} ended as {status.get('status')!r}: "
-            f"{status.get('status-details') or 'see the log above'}",
-            file=sys.stderr,
-        )
-        return 1
-    print(f"[fedllm] run {run_id} finished:completed", flush=True)
-    return 0
 
 
 def write_connection(
@@ -288,12 +182,6 @@ def supernode_command(
     ]
 
 
-# -- SuperLink: Control and Runtime APIs for the operator only ----------------------------------
-
-
-# -- SuperNode: only the installed fedllm runs ---------------------------------------------------
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m fedllm.deploy.federation {superlink|supernode|clientapp} FLOWER-ARGS...`."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -330,8 +218,6 @@ def node_port(port: int | None, *, host: str = "127.0.0.1") -> int:
 
 def wait_for_port(host: str, port: int, *, timeout: float) -> None:
     """Block until something accepts TCP connections on host:port (a starting SuperLink)."""
-    import time
-
     deadline = time.monotonic() + timeout
     while True:
         try:
