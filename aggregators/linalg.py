@@ -92,7 +92,16 @@ def svd_factors(
     at 8, rsvd's error on the benchmark's 100-client 4096² modules was 1.012–1.014× the optimal
     truncation error; at 16 it is ≈ 1.007× (≤ 1.0071 over 6 draws) for ~2 % more time.
     """
-    _check(Bs, As, weights, rank, method, oversample, power_iters, precision)
+    _check(
+        Bs,
+        As,
+        weights,
+        rank=rank,
+        method=method,
+        oversample=oversample,
+        power_iters=power_iters,
+        precision=precision,
+    )
     d, k = Bs[0].shape[0], As[0].shape[1]
     total = sum(B.shape[1] for B in Bs)
     m = min(rank, total, d, k)
@@ -105,7 +114,9 @@ def svd_factors(
     if chosen == "rsvd":
         dtype, fast = sketch_dtypes(Bs, As, precision)
         width = min(rank + oversample, d, k)
-        L, S, Rt = _rsvd(Bs, As, weights, width, power_iters, seed, dtype, fast)
+        L, S, Rt = _rsvd(
+            Bs, As, weights, width=width, power_iters=power_iters, seed=seed, dtype=dtype, fast=fast
+        )
         return L[:, :m], S[:m], Rt[:m].T
     U, V = stack(Bs, As, weights)
     if chosen == "dense":
@@ -154,7 +165,7 @@ def stack(
     Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor], weights: Sequence[float]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Σ wᵢBᵢAᵢ = U@V with U = [w₁B₁|…] (d×R) and V = [A₁;…] (R×k), in float64 (FLoRA stacking)."""
-    return _stacked(Bs, As, torch.float64, [float(w) for w in weights])
+    return _stacked(Bs, As, dtype=torch.float64, weights=[float(w) for w in weights])
 
 
 def choose_method(total_rank: int, d: int, k: int, *, rank: int, oversample: int) -> str:
@@ -196,6 +207,7 @@ def _rsvd(
     Bs: Sequence[torch.Tensor],
     As: Sequence[torch.Tensor],
     weights: Sequence[float],
+    *,
     width: int,
     power_iters: int,
     seed: int,
@@ -217,7 +229,7 @@ def _rsvd(
     projection QᵀM run in `dtype`, which also removes what bf16 could not resolve where M is
     nearly low-rank (measured: docs/aggregators.md, bench/results/aggregate*.md).
     """
-    U, V, w = _stack_unweighted(Bs, As, weights, dtype)
+    U, V, w = _stack_unweighted(Bs, As, weights=weights, dtype=dtype)
     generator = torch.Generator().manual_seed(seed)
     omega = torch.randn(V.shape[1], width, generator=generator, dtype=torch.float32)
     low = fast or dtype  # the range finding's dtype; the last half-step's is `dtype`
@@ -241,11 +253,12 @@ def _rsvd(
 def _stack_unweighted(
     Bs: Sequence[torch.Tensor],
     As: Sequence[torch.Tensor],
+    *,
     weights: Sequence[float],
     dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """U = [B₁|…] (d×R), V = [A₁;…] (R×k) in `dtype`, and w (R×1): wᵢ repeated rᵢ times."""
-    U, V = _stacked(Bs, As, dtype, None)
+    U, V = _stacked(Bs, As, dtype=dtype, weights=None)
     ranks = torch.tensor([B.shape[1] for B in Bs], device=U.device)
     w = torch.tensor([float(x) for x in weights], dtype=dtype, device=U.device)
     return U, V, w.repeat_interleave(ranks)[:, None]
@@ -257,6 +270,7 @@ PARALLEL_STACK = 1 << 22  # elements of U and V above which V is filled on a sec
 def _stacked(
     Bs: Sequence[torch.Tensor],
     As: Sequence[torch.Tensor],
+    *,
     dtype: torch.dtype,
     weights: list[float] | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -302,6 +316,7 @@ def _check(
     Bs: Sequence[torch.Tensor],
     As: Sequence[torch.Tensor],
     weights: Sequence[float],
+    *,
     rank: int,
     method: str,
     oversample: int,

@@ -32,6 +32,7 @@ def fair_correction(
     B: torch.Tensor,
     A: torch.Tensor,
     terms: Iterable[tuple[float, torch.Tensor, torch.Tensor]],
+    *,
     lam: float,
 ) -> torch.Tensor:
     """ΔB minimising ‖Σwᵢ·BᵢAᵢ − (B+ΔB)A‖_F² + lam·‖ΔB‖_F², terms = (wᵢ, Bᵢ, Aᵢ); float64 B, A.
@@ -129,7 +130,7 @@ def lorafair(
         mean = mean.truncate(global_rank)
     terms = ((pi * u.scaling, u.B, u.A) for pi, u in zip(p, updates, strict=True))
     if solver == "closed":
-        correction = fair_correction(mean.B, mean.A, terms, lam)
+        correction = fair_correction(mean.B, mean.A, terms, lam=lam)
     else:
         correction = fair_correction_iterative(mean.B, mean.A, terms, lam, steps=steps, lr=lr)
     corrected = mean.B + correction

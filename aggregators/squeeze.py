@@ -107,7 +107,7 @@ def squeeze(
     if correction:
         mean = Factors(*padded_mean(updates, p), 1.0).truncate(rank)
         terms = zip(ws, Bs, As, strict=True)
-        B, A = mean.B + fair_correction(mean.B, mean.A, terms, lam), mean.A
+        B, A = mean.B + fair_correction(mean.B, mean.A, terms, lam=lam), mean.A
         # What the corrected factors miss is [U | −B][V; A]: squeeze that to the cap.
         missed = ([*Bs, B], [*As, A], [*ws, -1.0])
         tail = decompose(*missed, residual_rank) if residual_rank else None

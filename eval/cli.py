@@ -12,6 +12,7 @@ if TYPE_CHECKING:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    """`fedllm eval`: settings from the flags, then the harness on the run or adapter folder."""
     from fedllm.eval.harness import EvalSettings, evaluate_run
 
     extra = file_tasks(args.mc_file or [])  # read and checked before any model loads

@@ -90,8 +90,8 @@ def paired_differences(report: dict, reference: dict, *, score: str = "loss") ->
         out[view] = paired_auc_difference(
             a["members"][score],
             a["non_members"][score],
-            b["members"][score],
-            b["non_members"][score],
+            base_members=b["members"][score],
+            base_non_members=b["non_members"][score],
             resamples=interval,
             confidence=report["settings"].get("confidence", CONFIDENCE),
             member_strata=a["members"]["client"],

@@ -224,7 +224,13 @@ def _pooled(parts: list, attack: dict, base_parts: list | None = None) -> dict:
         return run_attacks(sm, sn, **attack, member_strata=strata_m, non_member_strata=strata_n)
     bm, bn, _, _ = _concat(base_parts)
     return against_base(
-        sm, sn, bm, bn, **attack, member_strata=strata_m, non_member_strata=strata_n
+        sm,
+        sn,
+        base_members=bm,
+        base_non_members=bn,
+        **attack,
+        member_strata=strata_m,
+        non_member_strata=strata_n,
     )
 
 

@@ -73,6 +73,7 @@ def run_attacks(
 def against_base(
     members: dict[str, np.ndarray],
     non_members: dict[str, np.ndarray],
+    *,
     base_members: dict[str, np.ndarray],
     base_non_members: dict[str, np.ndarray],
     **interval: Any,
@@ -85,8 +86,8 @@ def against_base(
         name: paired_auc_difference(
             members[name],
             non_members[name],
-            base_members[name],
-            base_non_members[name],
+            base_members=base_members[name],
+            base_non_members=base_non_members[name],
             **interval,
         )
         for name in SCORES

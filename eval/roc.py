@@ -97,9 +97,9 @@ def attack_summary(
 def paired_auc_difference(
     members: Sequence[float],
     non_members: Sequence[float],
+    *,
     base_members: Sequence[float],
     base_non_members: Sequence[float],
-    *,
     resamples: int = RESAMPLES,
     confidence: float = CONFIDENCE,
     seed: int = 0,
@@ -150,8 +150,10 @@ def bootstrap(
     if resamples < 1:
         raise ValueError(f"resamples must be >= 1, got {resamples}")
     rng = np.random.default_rng(seed)
-    wm = _resample_counts(len(m), member_strata, resamples, rng, "member_strata")
-    wn = _resample_counts(len(n), non_member_strata, resamples, rng, "non_member_strata")
+    wm = _resample_counts(len(m), member_strata, resamples=resamples, rng=rng, name="member_strata")
+    wn = _resample_counts(
+        len(n), non_member_strata, resamples=resamples, rng=rng, name="non_member_strata"
+    )
     return weighted_stats(m, n, wm, wn, fpr_levels=fpr_levels)
 
 
@@ -200,7 +202,7 @@ def _allowed_false_positives(n: int, level: float) -> int:
 
 
 def _resample_counts(
-    size: int, strata: Sequence | None, resamples: int, rng: np.random.Generator, name: str
+    size: int, strata: Sequence | None, *, resamples: int, rng: np.random.Generator, name: str
 ) -> np.ndarray:
     """(resamples, size) draw counts: each stratum resampled to its own size, with replacement."""
     labels = np.zeros(size, dtype=int) if strata is None else np.asarray(strata)

@@ -13,6 +13,7 @@ from fedllm.recipe import ConfigError, load_recipe
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """`fedllm run`: a simulation here, or (with --federation) a run submitted to a SuperLink."""
     cfg = absolute_paths(load_recipe(args.recipe, args.overrides))
     if args.federation:  # a connection name flwr does not know fails now, not after prepare
         from fedllm.deploy.flower_env import check_connection
@@ -121,7 +122,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_export_command(sub) -> None:
+def add_export_command(sub: argparse._SubParsersAction) -> None:
     """`fedllm export RUN_DIR OUT [--merge] [--client N | --round K]`."""
     exp = sub.add_parser(
         "export",
@@ -146,6 +147,7 @@ def add_export_command(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every subcommand with its flags (deployment and eval commands add their own)."""
     parser = argparse.ArgumentParser(prog="fedllm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -224,6 +226,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `fedllm` command: parse, run the subcommand; a known error is one line and exit code
+    2 (130 on Ctrl-C)."""
     args = parse(argv)
     logger = logging.getLogger("fedllm")
     if not logger.handlers:  # main() may run more than once in a process (tests, notebooks)

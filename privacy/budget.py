@@ -61,10 +61,13 @@ class Account:
         return bool(self.pending)
 
     def state_dict(self) -> dict[str, Any]:
+        """The ledger and the charges not yet booked, for the checkpoint (the accountant resumes
+        with the run)."""
         pending = {key: list(charge) for key, charge in self.pending.items()}
         return {"ledger": self.ledger.state_dict(), "pending": pending}
 
     def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
+        """Resume the ledger from a checkpoint; a checkpoint without one cannot resume a DP run."""
         if state is None:
             raise ValueError(
                 "the checkpoint has no privacy ledger (the run began without DP); resuming with "

@@ -72,7 +72,9 @@ def add_noise(delta: Delta, *, std: float, freeze_a: bool, generator: torch.Gene
     return out
 
 
-def apply_delta(reference: Mapping[str, Factors], delta: Delta, *, scaling: float | None = None):
+def apply_delta(
+    reference: Mapping[str, Factors], delta: Delta, *, scaling: float | None = None
+) -> dict[str, Factors]:
     """reference (cut/padded to each delta's rank, folded) + delta, at `scaling` (default 1)."""
     out: dict[str, Factors] = {}
     for module, (dB, dA) in delta.items():

@@ -468,12 +468,14 @@ def test_the_bandit_assigns_a_base_precision_and_the_client_runs_it() -> None:
         bandit.accepted(5, reply(2, 0.0, 1.0))
         bandit.record(RoundResult(1, [ClientRow(1, 5, "ok")]), server_row={})
     assert [c["quantization"] for c in configs] == ["4bit", "none"]
-    plans = [client_plan(cfg, 0, dict(c), {}) for c in configs]
+    plans = [client_plan(cfg, 0, config=dict(c), node_config={}) for c in configs]
     # the server's precision comes first, over the tier's 4-bit
     assert [p.quantization for p in plans] == ["4bit", None]
-    assert client_plan(cfg, 0, {}, {}).quantization == "4bit"  # no assignment: the tier's
+    assert (
+        client_plan(cfg, 0, config={}, node_config={}).quantization == "4bit"
+    )  # no assignment: the tier's
     with pytest.raises(ValueError, match=r"client 0: quantization must be one of .*'2bit'"):
-        client_plan(cfg, 0, {"quantization": "2bit"}, {})
+        client_plan(cfg, 0, config={"quantization": "2bit"}, node_config={})
 
 
 def test_an_old_checkpoint_of_rank_and_pruning_arms_loads_at_full_precision() -> None:

@@ -139,10 +139,14 @@ def test_percentile_interval_by_hand() -> None:
 def test_paired_difference_cancels_what_both_models_share() -> None:
     rng = np.random.default_rng(5)
     base_m, base_n = rng.normal(0.2, 1, 150), rng.normal(0, 1, 150)  # a tilted split: AUC < ½
-    same = paired_auc_difference(base_m, base_n, base_m, base_n, resamples=300)
+    same = paired_auc_difference(
+        base_m, base_n, base_members=base_m, base_non_members=base_n, resamples=300
+    )
     assert same == {"difference": 0.0, "interval": [0.0, 0.0]}
     view_m = base_m - 0.5  # training lowers every member's loss by 0.5
-    d = paired_auc_difference(view_m, base_n, base_m, base_n, resamples=1000)
+    d = paired_auc_difference(
+        view_m, base_n, base_members=base_m, base_non_members=base_n, resamples=1000
+    )
     assert d["difference"] == pytest.approx(roc_auc(view_m, base_n) - roc_auc(base_m, base_n))
     lo, hi = d["interval"]
     assert 0 < lo < d["difference"] < hi
@@ -150,4 +154,4 @@ def test_paired_difference_cancels_what_both_models_share() -> None:
     own = attack_summary(view_m, base_n, resamples=1000)["auc_interval"]
     assert hi - lo < 0.8 * (own[1] - own[0])
     with pytest.raises(ValueError, match="same members"):
-        paired_auc_difference(view_m, base_n, base_m[:-1], base_n)
+        paired_auc_difference(view_m, base_n, base_members=base_m[:-1], base_non_members=base_n)

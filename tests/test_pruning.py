@@ -130,11 +130,13 @@ def test_client_plan_reads_tier_and_server_arm_and_rejects_bad_ratio() -> None:
             },
         }
     )
-    assert client_plan(cfg, 2, {}, {}) == ClientPlan(2, 2, 0.5, "4bit")
-    assert client_plan(cfg, 0, {}, {}) == ClientPlan(0, 8, 0.0, None)
-    assert client_plan(cfg, 0, {"rank": 4, "pruning": 0.3}, {}) == ClientPlan(0, 4, 0.3, None)
+    assert client_plan(cfg, 2, config={}, node_config={}) == ClientPlan(2, 2, 0.5, "4bit")
+    assert client_plan(cfg, 0, config={}, node_config={}) == ClientPlan(0, 8, 0.0, None)
+    assert client_plan(cfg, 0, config={"rank": 4, "pruning": 0.3}, node_config={}) == ClientPlan(
+        0, 4, 0.3, None
+    )
     with pytest.raises(ValueError, match=r"client 1: pruning ratio 1\.5 is outside"):
-        client_plan(cfg, 1, {"pruning": 1.5}, {})
+        client_plan(cfg, 1, config={"pruning": 1.5}, node_config={})
 
 
 def test_recipe_rejects_bad_tier_ratio_and_pruning_with_merge_aggregators() -> None:

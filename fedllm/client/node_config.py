@@ -33,7 +33,9 @@ from typing import TYPE_CHECKING
 from fedllm.recipe import RunConfig, build_config, load_yaml
 
 if TYPE_CHECKING:
-    from fedllm.data.shards import ProcessCache
+    from transformers import PreTrainedTokenizerBase
+
+    from fedllm.data.shards import ProcessCache, Shard
 
 NODE_KEYS = (
     "partition-id",
@@ -144,10 +146,10 @@ def local_recipe(cfg: RunConfig, node_config: Mapping[str, object]) -> tuple[Run
 def node_shard(
     cfg: RunConfig,
     node_config: Mapping[str, object],
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     *,
     cache: ProcessCache | None = None,
-):
+) -> Shard:
     """This node's private shard (kept by `cache` across messages), with errors that name the
     node config key and the file."""
     from fedllm.data.shards import load_shard

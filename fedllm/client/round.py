@@ -48,7 +48,9 @@ def check_recipe(cfg: RunConfig, config: ConfigRecord) -> None:
         )
 
 
-def base_plan(cfg: RunConfig, partition: int, config: ConfigRecord, node_config) -> ClientPlan:
+def base_plan(
+    cfg: RunConfig, partition: int, *, config: ConfigRecord, node_config: Mapping[str, Any]
+) -> ClientPlan:
     """The rank, pruning and base precision the server assigned this round, else this node's or
     the recipe's rank at full size and the model's precision."""
     who = f"client {partition}"
@@ -79,12 +81,12 @@ def client_round(cfg: RunConfig, config: ConfigRecord, context: Context) -> Clie
         node_config=context.node_config,
         state=context.state,
         seed=cfg.seed * 100_003 + server_round * 1009 + pid,
-        plan=base_plan(cfg, pid, config, context.node_config),
+        plan=base_plan(cfg, pid, config=config, node_config=context.node_config),
     )
 
 
 def client_plan(
-    cfg: RunConfig, partition: int, config: Mapping[str, Any], node_config: Mapping[str, Any]
+    cfg: RunConfig, partition: int, *, config: Mapping[str, Any], node_config: Mapping[str, Any]
 ) -> ClientPlan:
     """What a client runs in a round with this config: the base plan after every active
     feature's `plan` hook (for tools and tests; a round computes it in `train_content`)."""

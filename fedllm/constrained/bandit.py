@@ -164,6 +164,7 @@ class ArmBandit:
         return self.arms[max(ok, key=lambda i: (s[i] / n[i] if n[i] else -1, n[i]))]
 
     def state_dict(self) -> dict:
+        """The arms and each client's counts and rewards, for the checkpoint."""
         return {
             "arms": [(a.rank, a.pruning, a.quantization) for a in self.arms],
             "counts": self.counts,
@@ -174,6 +175,7 @@ class ArmBandit:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume from `state_dict`'s output; a checkpoint with other arms is refused."""
         arms = [Arm(int(r), float(p), *q) for r, p, *q in state["arms"]]  # older: no precision
         if arms != self.arms:
             raise ValueError(

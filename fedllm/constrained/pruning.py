@@ -20,7 +20,7 @@ from typing import Literal
 
 import torch
 from torch import nn
-from transformers import LlamaForCausalLM, PreTrainedModel
+from transformers import LlamaForCausalLM, PretrainedConfig, PreTrainedModel
 
 from fedllm.constrained.prune_map import Kept
 
@@ -56,7 +56,9 @@ def _keep(n: int, ratio: float) -> int:
     return max(1, min(n, math.floor(n * (1 - ratio) + 0.5)))
 
 
-def prune_plan(config, ratio: float, *, parts: Sequence[Part] = ("mlp", "heads")) -> PrunePlan:
+def prune_plan(
+    config: PretrainedConfig, ratio: float, *, parts: Sequence[Part] = ("mlp", "heads")
+) -> PrunePlan:
     """The kept counts for a Llama config at `ratio` (same for every layer)."""
     heads, kv = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -75,7 +77,7 @@ def prune_plan(config, ratio: float, *, parts: Sequence[Part] = ("mlp", "heads")
 
 
 def pruned_module_shapes(
-    shapes: dict[str, tuple[int, int]], config, plan: PrunePlan
+    shapes: dict[str, tuple[int, int]], config: PretrainedConfig, plan: PrunePlan
 ) -> dict[str, tuple[int, int]]:
     """(out, in) of each adapted module after pruning to `plan` (for rank checks before a run)."""
     q = plan.num_heads * plan.head_dim
@@ -172,7 +174,7 @@ def choose_kept(
 
 
 def kept_map(
-    kept: list[tuple[torch.Tensor, torch.Tensor]], plan: PrunePlan, *, full_config
+    kept: list[tuple[torch.Tensor, torch.Tensor]], plan: PrunePlan, *, full_config: PretrainedConfig
 ) -> dict[str, Kept]:
     """Kept indices of every pruned linear layer, by module path (sides left whole are None)."""
     out: dict[str, Kept] = {}
@@ -191,7 +193,9 @@ def kept_map(
 
 
 @torch.no_grad()
-def build_pruned(model: PreTrainedModel, kept_by_module: dict[str, Kept], plan: PrunePlan):
+def build_pruned(
+    model: PreTrainedModel, kept_by_module: dict[str, Kept], plan: PrunePlan
+) -> LlamaForCausalLM:
     """A new, frozen LlamaForCausalLM holding only the kept rows/columns of `model`."""
     config = model.config.__class__.from_dict(model.config.to_dict())
     config.intermediate_size = plan.intermediate

@@ -89,6 +89,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 def add_deploy_commands(sub: argparse._SubParsersAction) -> None:
+    """`fedllm node`, `fedllm superlink` and `fedllm certs`."""
     node = sub.add_parser("node", help="start a SuperNode for one organisation (deployment mode)")
     node.add_argument("--superlink", required=True, metavar="HOST:PORT")
     node.add_argument("--partition-id", type=int, required=True, help="this node's partition id")

@@ -197,7 +197,7 @@ def remembered(state: RecordDict) -> tuple[int | None, float | None]:
     return int(kept["rank"]), float(kept["tail"])
 
 
-def planned(plan, state: RecordDict):
+def planned(plan: ClientPlan, state: RecordDict) -> ClientPlan:
     """The client plan with its rank lowered to the one this node pruned to (if it did)."""
     rank, _ = remembered(state)
     if rank is None or rank >= plan.rank:

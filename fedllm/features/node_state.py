@@ -15,7 +15,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord
 from safetensors import SafetensorError
@@ -32,7 +34,7 @@ NODE_STATE = "node_state"  # the folder, under the client's own folder
 SUFFIXES = ("safetensors", "json")  # arrays, a config record
 
 
-def client_dir(cfg: RunConfig, partition: int, node_config) -> Path:
+def client_dir(cfg: RunConfig, partition: int, node_config: Mapping[str, Any]) -> Path:
     """This client's own folder: the node's `personal-dir`, else `<run_dir>/clients/<p>`."""
     if node_config.get(NODE_KEY):
         return Path(str(node_config[NODE_KEY])).expanduser()

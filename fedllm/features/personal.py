@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ArrayRecord, RecordDict
 from pydantic import BaseModel, ConfigDict
@@ -73,7 +73,9 @@ def raw_update(cfg: RunConfig) -> bool:
     return server_noise or (p.secure_aggregation.enabled and p.mode != "sample")
 
 
-def personal_adapter_dir(cfg: RunConfig, partition: int, node_config=None) -> Path:
+def personal_adapter_dir(
+    cfg: RunConfig, partition: int, node_config: Mapping[str, Any] | None = None
+) -> Path:
     """Where client `partition` keeps its personal adapter."""
     return client_dir(cfg, partition, node_config or {}) / FOLDER
 

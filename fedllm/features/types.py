@@ -198,6 +198,7 @@ class ClientRow:
     may_hold: tuple[int, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
+        """The row as metrics.jsonl writes it: the reply's columns if accepted, else the reason."""
         row: dict[str, Any] = {"kind": "client", "round": self.round, "node": self.node}
         row["status"] = self.status
         r = self.reply

@@ -7,6 +7,7 @@ Also the adapted modules' shapes (read on the meta device) and the check that ev
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedllm.data.shards import ProcessCache, load_all_examples
 from fedllm.model.loading import (
@@ -18,6 +19,9 @@ from fedllm.model.loading import (
 )
 from fedllm.model.tiny import build_tiny_model
 from fedllm.recipe import RunConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 def base_model_dir(cfg: RunConfig) -> Path:
@@ -37,7 +41,9 @@ def prepare_base_model(cfg: RunConfig, *, cache: ProcessCache | None = None) -> 
     return folder
 
 
-def cached_base_model(cfg: RunConfig, *, cache: ProcessCache | None = None):
+def cached_base_model(
+    cfg: RunConfig, *, cache: ProcessCache | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer), kept in `cache` and reused across its owner's rounds (loaded afresh
     without one); a new model, dtype or quantization replaces the kept one."""
     quant = None if cfg.model.quantization == "none" else cfg.model.quantization

@@ -22,17 +22,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from transformers import AttentionInterface
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 NAME = "fedllm_shared_kv"
 SharedKV = Sequence[tuple[torch.Tensor, torch.Tensor]]  # per layer: (1, kv heads, S, head dim)
 
 
-def shared_kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+def shared_kv(cache: Cache | None) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
     """Per-layer (keys, values) of a one-row cache; None when it has none to share (no cache,
     or layers other than plain full-attention ones: sliding windows, quantized caches)."""
     layers = getattr(cache, "layers", None)
@@ -77,7 +78,7 @@ def shared_kv_attention(
     scaling: float,
     dropout: float = 0.0,
     shared_kv: SharedKV | None = None,
-    **kwargs,
+    **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """Attention of the rows' queries over [shared keys, their own keys] (transformers'
     attention-function signature; `attention_mask` is the additive mask of the own keys)."""

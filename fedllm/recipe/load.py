@@ -102,7 +102,7 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
     return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
 
 
-def _homes(key: str, model: type[BaseModel], prefix: str = "", depth: int = 2) -> list[str]:
+def _homes(key: str, model: type[BaseModel], *, prefix: str = "", depth: int = 2) -> list[str]:
     """Dotted paths below `model` where `key` is a key (`rounds` -> `federation.rounds`): a key
     written without its section."""
     found: list[str] = []
@@ -111,7 +111,7 @@ def _homes(key: str, model: type[BaseModel], prefix: str = "", depth: int = 2) -
             if key in sub.model_fields:
                 found.append(f"{prefix}{name}.{key}")
             elif depth > 1:
-                found += _homes(key, sub, f"{prefix}{name}.", depth - 1)
+                found += _homes(key, sub, prefix=f"{prefix}{name}.", depth=depth - 1)
     return found
 
 

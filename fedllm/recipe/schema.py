@@ -105,6 +105,7 @@ class RunConfig(Strict):
 
     @property
     def run_dir(self) -> Path:
+        """Where this run writes: `output_dir/name`."""
         return Path(self.output_dir) / self.name
 
     def client_rank(self, partition_id: int) -> int:
@@ -162,4 +163,5 @@ class RunConfig(Strict):
         return parts
 
     def to_yaml(self) -> str:
+        """The whole resolved recipe as YAML, defaults included (a run's recipe.yaml)."""
         return dump_yaml(self.model_dump(mode="json"))

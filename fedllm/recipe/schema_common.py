@@ -33,6 +33,8 @@ Precision = Annotated[Literal["fp32", "bf16", "auto"], BeforeValidator(_short_na
 
 
 class Strict(BaseModel):
+    """A recipe section: unknown keys are errors, values frozen after validation."""
+
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
 
     @field_validator("*", mode="before")

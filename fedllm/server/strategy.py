@@ -93,6 +93,7 @@ class LoraStrategy(Strategy):
 
     # -- state for checkpoints -------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """What a checkpoint keeps: global adapter, aggregator state, what is known of nodes."""
         return {
             "global": {m: (f.B, f.A, f.scaling) for m, f in self.global_.items()},
             "agg_state": self.agg_state,
@@ -106,6 +107,7 @@ class LoraStrategy(Strategy):
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume from `state_dict`'s output (a checkpoint)."""
         self.global_ = {m: Factors(b, a, s) for m, (b, a, s) in state["global"].items()}
         self.agg_state = state["agg_state"]
         self.node_ranks = dict(state["node_ranks"])
@@ -117,9 +119,11 @@ class LoraStrategy(Strategy):
 
     @property
     def global_scaling(self) -> float:
+        """The global adapter's LoRA scaling (α/r at the largest rank)."""
         return next(iter(self.global_.values())).scaling
 
     def global_record(self) -> ArrayRecord:
+        """The global adapter as Flower arrays, in this aggregator's wire layout."""
         return wire.outgoing(self.global_, self.spec)
 
     def round_config(self, server_round: int) -> dict[str, Any]:
@@ -391,6 +395,7 @@ class LoraStrategy(Strategy):
         return None if loss is None else MetricRecord({"held-out-loss": loss[0], "tokens": loss[1]})
 
     def summary(self) -> None:
+        """One log line naming the aggregator, the largest rank and the module count."""
         log.info(
             "LoraStrategy: aggregator=%s, ranks up to %d, %d modules",
             self.cfg.aggregator.name,
