@@ -15,7 +15,7 @@ be far too large: only the relative screening (three clients or more) refuses th
 from __future__ import annotations
 
 import statistics
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -78,26 +78,41 @@ def screen(
 ) -> tuple[list[str], dict[str, str]]:
     """Split clients into accepted ones and rejected ones (client -> reason).
 
-    Norm outliers: a client whose total update norm exceeds `max_norm_ratio` times the median of
-    the well-formed clients' norms (needs at least three clients to have a median worth trusting).
+    Norm outliers: a client whose total update norm ‖s·B·A‖, or whose factors' norms ‖s·B‖ or
+    ‖A‖, exceed `max_norm_ratio` times the median of the well-formed clients' (needs at least
+    three clients to have a median worth trusting). The factors are screened apart because a
+    factor-wise aggregator averages them apart: B·c with A/c is an honest ΔW and a ruinous mean.
     The median is another client's norm: a private run's reasons leave it out (`quote_median`).
     """
     rejected: dict[str, str] = {}
-    norms: dict[str, float] = {}
+    measures: dict[str, dict[str, float]] = {"update norm": {}, "‖s·B‖": {}, "‖A‖": {}}
     for client, update in updates.items():
         reason = check_update(update, shapes=shapes, max_rank=max_rank)
         if reason is not None:
             rejected[client] = reason
-        else:
-            norms[client] = sum(update_norm(f) ** 2 for f in update.values()) ** 0.5
-    if len(norms) >= 3:
+            continue
+        measures["update norm"][client] = _total(update_norm(f) for f in update.values())
+        measures["‖s·B‖"][client] = _total(abs(f.scaling) * _fro(f.B) for f in update.values())
+        measures["‖A‖"][client] = _total(_fro(f.A) for f in update.values())
+    for what, norms in measures.items():  # ΔW, then each factor: a factor-wise mean (fedit)
+        if len(norms) < 3:  # takes B·c and A/c apart, though their product is an honest ΔW
+            break
         median = statistics.median(norms.values())
         for client, norm in norms.items():
-            if median > 0 and norm > max_norm_ratio * median:
+            if client not in rejected and median > 0 and norm > max_norm_ratio * median:
                 of = f"the median {median:.3g}" if quote_median else "the round's median"
-                rejected[client] = f"update norm {norm:.3g} is over {max_norm_ratio:g}× {of}"
+                rejected[client] = f"{what} {norm:.3g} is over {max_norm_ratio:g}× {of}"
     accepted = [c for c in updates if c not in rejected]
     return accepted, rejected
+
+
+def _fro(t: torch.Tensor) -> float:
+    return float(t.double().norm()) if t.numel() else 0.0
+
+
+def _total(norms: Iterable[float]) -> float:
+    """The norm of the concatenation, from each part's norm."""
+    return sum(n * n for n in norms) ** 0.5
 
 
 def aggregate_problem(

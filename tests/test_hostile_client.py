@@ -101,6 +101,12 @@ def _huge_norm(t: dict[str, torch.Tensor]) -> None:
             t[key] = t[key] * 1e6
 
 
+def _gauge(t: dict[str, torch.Tensor]) -> None:
+    """B·c with A/c: the same ΔW (its norm passes), but a factor-wise mean takes them apart."""
+    for key in t:
+        t[key] = t[key] * (1e4 if key.endswith("lora_B") else 1e-4)
+
+
 def _oversized(t: dict[str, torch.Tensor]) -> None:
     t["q.lora_A"] = torch.zeros(2, 4)  # keep the update valid, then pad the message
     t["padding.lora_B"] = torch.zeros(2_000_000)
@@ -151,6 +157,7 @@ HOSTILE: dict[str, tuple[Corrupt, str]] = {
     "missing module": (_arrays(_drop_module), "missing modules"),
     "extra module": (_arrays(_extra_module), "unknown modules"),
     "huge norm": (_arrays(_huge_norm), "median"),
+    "B up, A down (same ΔW)": (_arrays(_gauge), "‖s·B‖"),
     "oversized message": (_arrays(_oversized), "bytes"),
     "huge weight": (_metrics(**{"num-examples": 10**12}), "num-examples"),
     "rank above the recipe": (_metrics(rank=64), "rank"),
@@ -206,7 +213,8 @@ def test_a_hostile_reply_is_rejected_and_the_round_goes_on(
     with caplog.at_level(logging.WARNING, logger="fedllm.server"):
         result = s.train_round(1, replies, sampled=4)
     rows = {r.node: r for r in result.rows}
-    if name == "huge norm" and server == "client_dp":  # no relative screening: clipped to S
+    relative = ("huge norm", "B up, A down (same ΔW)")
+    if name in relative and server == "client_dp":  # no relative screening: clipped to S
         assert rows[4].status == "ok"
         moved = sum(float((s.global_[m].delta() - before[m]).norm()) for m in before)
         assert moved < 10 * cfg.privacy.client_clip, "the hostile update was clipped to S"

@@ -147,6 +147,27 @@ def test_screen_uses_the_total_norm_over_modules() -> None:
     assert accepted == ["b", "c"] and list(rejected) == ["a"]
 
 
+def test_screen_rejects_factors_rescaled_apart_though_their_product_is_honest() -> None:
+    """B·c with A/c leaves ΔW alone, and a factor-wise mean (fedit) takes the factors apart:
+    each factor's norm is screened against its own median."""
+    shapes = {"m": (1, 1)}
+    gauge = {"m": Factors(t([[1.5e4]]), t([[1e-4]]), 1.0)}  # ΔW 1.5: inside 100× the median
+    updates = {"a": scalar(1.0), "b": scalar(2.0), "c": gauge}
+    assert update_norm(gauge["m"]) == pytest.approx(1.5)
+    # ‖s·B‖: 1, 2, 15000 -> median 2
+    assert screen(updates, shapes=shapes, max_rank=1)[1] == {
+        "c": "‖s·B‖ 1.5e+04 is over 100× the median 2"
+    }
+    # the scaling counts on B's side: s = 0.01 brings s·B to 150, under 100 × 2
+    small = {"m": Factors(t([[1.5e4]]), t([[1e-4]]), 0.01)}
+    assert screen({**updates, "c": small}, shapes=shapes, max_rank=1)[1] == {}
+    # A up, B down: ‖A‖ 1, 1, 10000 -> median 1
+    flipped = {"m": Factors(t([[1e-4]]), t([[1e4]]), 1.0)}
+    assert screen({**updates, "c": flipped}, shapes=shapes, max_rank=1)[1] == {
+        "c": "‖A‖ 1e+04 is over 100× the median 1"
+    }
+
+
 def test_screen_takes_the_median_over_well_formed_clients_only() -> None:
     shapes = {"m": (1, 1)}
     broken = {"m": Factors(t([[math.nan]]), t([[1.0]]), 1.0)}
