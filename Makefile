@@ -6,6 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-trackers
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # PyPI's torch for Linux is the CUDA build (several GB); PyTorch's CPU index has the `+cpu` one,
 # which pip prefers for `torch==2.13.0` when it can reach that index. `make setup TORCH_INDEX=`
@@ -33,10 +34,15 @@ quickstart: setup
 tiny: setup
 	$(VENV)/bin/fedllm run recipes/tiny.yaml --overwrite
 
-test: setup
+# the tests also need the experiment trackers (`pip install fedllm[trackers]`), or theirs would skip
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install -c constraints.txt $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) -e '.[dev,trackers]'
+	touch $(TEST_STAMP)
+
+test: setup $(TEST_STAMP)
 	$(PY) -m pytest -q --durations=15
 
-test-fast: setup
+test-fast: setup $(TEST_STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 lint: setup

@@ -303,10 +303,23 @@ def test_check_options_refuses_a_value_outside_the_annotation(
 def test_the_annotation_and_the_method_agree_on_what_is_valid() -> None:
     """The method refuses at round time what check_options refuses at load time."""
     u = Factors(torch.ones(3, 2), torch.ones(2, 4), 1.0)
-    for options in ({"gauge": "bogus"}, {"residual_rank": -1}, {"row_norm": math.inf}):
-        with pytest.raises(ValueError):
+    cases = [
+        ({"gauge": "bogus"}, "gauge: 'squeeze' expects 'balanced' or 'rows'", "gauge must be one"),
+        (
+            {"residual_rank": -1},
+            "residual_rank: 'squeeze' expects a value greater than or equal",
+            "residual_rank must be >= 0",
+        ),
+        (
+            {"row_norm": math.inf},
+            "row_norm: 'squeeze' expects a finite number",
+            "row_norm must be a finite number > 0",
+        ),
+    ]
+    for options, at_load, at_round in cases:
+        with pytest.raises(ValueError, match=re.escape(at_load)):
             registry.check_options("squeeze", options)
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=re.escape(at_round)):
             get("squeeze")([u, u], [1.0, 1.0], **options)
 
 

@@ -20,14 +20,17 @@ FMT = {"prompt_format": "plain", "max_length": 40}
 
 def test_scores_by_hand() -> None:
     lp = np.log(np.array([0.5, 0.25, 0.125, 0.5, 0.5]))
-    target = Scored(np.arange(5), lp, mu=np.full(5, -1.0), sigma=np.full(5, 2.0))
+    # per-token μ and σ differ: Min-K%++ standardises each token by its own
+    mu, sigma = np.array([-1.0, -1.0, -3.0, -1.0, -1.0]), np.array([2.0, 2.0, 1.0, 2.0, 2.0])
+    target = Scored(np.arange(5), lp, mu=mu, sigma=sigma)
     base = Scored(np.arange(5), np.log(np.full(5, 0.25)))
     s = membership_scores([target], texts=["hello hello hello"], base_nll=[base.mean_nll], k=0.2)
     nll = -lp.sum()
     assert s["loss"][0] == pytest.approx(nll / 5)
     assert s["zlib"][0] == pytest.approx(nll / len(zlib.compress(b"hello hello hello")))
     assert s["min_k"][0] == pytest.approx(math.log(8))  # the lowest 20% of 5 tokens: 1 token
-    assert s["min_k_pp"][0] == pytest.approx(-(math.log(0.125) + 1.0) / 2.0)
+    # standardised: (ln .5+1)/2, (ln .25+1)/2, ln .125+3, ... -> the lowest is (1 - ln 4)/2
+    assert s["min_k_pp"][0] == pytest.approx((math.log(4) - 1.0) / 2.0)
     assert s["reference"][0] == pytest.approx(nll / 5 - math.log(4))
     assert lowest_fraction_mean(np.array([3.0, 1.0, 2.0, 5.0]), 0.5) == 1.5
 

