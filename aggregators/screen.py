@@ -79,13 +79,13 @@ def screen(
     """Split clients into accepted ones and rejected ones (client -> reason).
 
     Norm outliers: a client whose total update norm ‖s·B·A‖, or whose factors' norms ‖s·B‖ or
-    ‖A‖, exceed `max_norm_ratio` times the median of the well-formed clients' (needs at least
+    ‖A‖/√r, exceed `max_norm_ratio` times the median of the well-formed clients' (needs at least
     three clients to have a median worth trusting). The factors are screened apart because a
     factor-wise aggregator averages them apart: B·c with A/c is an honest ΔW and a ruinous mean.
     The median is another client's norm: a private run's reasons leave it out (`quote_median`).
     """
     rejected: dict[str, str] = {}
-    measures: dict[str, dict[str, float]] = {"update norm": {}, "‖s·B‖": {}, "‖A‖": {}}
+    measures: dict[str, dict[str, float]] = {"update norm": {}, "‖s·B‖": {}, "‖A‖/√r": {}}
     for client, update in updates.items():
         reason = check_update(update, shapes=shapes, max_rank=max_rank)
         if reason is not None:
@@ -93,7 +93,11 @@ def screen(
             continue
         measures["update norm"][client] = _total(update_norm(f) for f in update.values())
         measures["‖s·B‖"][client] = _total(abs(f.scaling) * _fro(f.B) for f in update.values())
-        measures["‖A‖"][client] = _total(_fro(f.A) for f in update.values())
+        # A's rows start at one norm (a fresh init, or the global's rows), so ‖A‖ grows as √r:
+        # per rank, an honest rank-64 client is not an outlier among rank-4 ones
+        measures["‖A‖/√r"][client] = _total(
+            _fro(f.A) / max(f.rank, 1) ** 0.5 for f in update.values()
+        )
     for what, norms in measures.items():  # ΔW, then each factor: a factor-wise mean (fedit)
         if len(norms) < 3:  # takes B·c and A/c apart, though their product is an honest ΔW
             break

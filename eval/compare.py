@@ -133,52 +133,82 @@ def paired_table_md(reports: list[dict], *, score: str = "loss") -> str:
 NEUTRAL_SETTINGS = {"batch_size"}
 
 
-def mismatches(reports: list[dict], recipes: list[dict], labels: list[str]) -> list[str]:
+def mismatches(reports: list[dict], recipes: list[dict | None], labels: list[str]) -> list[str]:
     """What differs between the runs besides the training itself, each as one Markdown line: the
-    eval settings and tasks, the recipe's data and model sections. A gap between such runs may be
-    that difference, not the method's."""
+    eval settings and tasks, the recipes' data and model sections (keys every known recipe has;
+    None: no recipe found). A gap between such runs may be that difference, not the method's."""
     facts: list[dict[str, object]] = []
-    for rep, recipe in zip(reports, recipes, strict=True):
+    for rep in reports:
         settings = rep.get("settings") or {}
         fact: dict[str, object] = {
             f"eval {k}": v for k, v in settings.items() if k not in NEUTRAL_SETTINGS
         }
         fact["eval tasks"] = sorted(rep.get("tasks") or {})
-        for section in ("data", "model"):
-            for key, value in (recipe.get(section) or {}).items():
-                fact[f"{section}.{key}"] = value
         facts.append(fact)
+    known = [recipe for recipe in recipes if recipe is not None]
+    for fact, recipe in zip(facts, recipes, strict=True):
+        for section in ("data", "model") if recipe is not None else ():
+            shared = set.intersection(*(set(r.get(section) or {}) for r in known))
+            fact |= {
+                f"{section}.{k}": v for k, v in (recipe.get(section) or {}).items() if k in shared
+            }
     lines = []
     for key in sorted({k for fact in facts for k in fact}):
         values: dict[str, list[str]] = defaultdict(list)
         for fact, label in zip(facts, labels, strict=True):
-            values[json.dumps(fact.get(key), sort_keys=True, default=str)].append(label)
+            if key in fact or not key.startswith(("data.", "model.")):
+                values[json.dumps(fact.get(key), sort_keys=True, default=str)].append(label)
         if len(values) > 1:
             said = "; ".join(f"{v} ({', '.join(who)})" for v, who in values.items())
             lines.append(f"- `{key}`: {said}")
+    missing = [label for label, recipe in zip(labels, recipes, strict=True) if recipe is None]
+    if missing and len(missing) < len(recipes):
+        lines.append(f"- no recipe.yaml found for {', '.join(missing)}: its data and model unknown")
     return lines
 
 
+def run_folder(run: Path) -> Path:
+    """The run directory RUN names: itself, or the run of a report.json in its eval/ folder."""
+    return run if run.is_dir() else run.parent.parent
+
+
 def labels_of(reports: list[dict], runs: list[Path]) -> list[str]:
-    """Each run's name in the tables: the recipe's name, or its folder where two share a name."""
+    """Each run's name in the tables: the recipe's name, and where two share one, the shortest
+    end of their run folders' paths that tells them apart (runs/seed0/tiny: seed0/tiny)."""
     names = [rep["run"] for rep in reports]
-    return [
-        name if names.count(name) == 1 else f"{name} ({run.name})"
-        for name, run in zip(names, runs, strict=True)
+    parts = [run_folder(run).resolve().parts for run in runs]
+    labels = []
+    for i, name in enumerate(names):
+        twins = [j for j, other in enumerate(names) if other == name]
+        if len(twins) == 1:
+            labels.append(name)
+            continue
+        k = next(
+            (
+                k
+                for k in range(1, max(map(len, parts)) + 1)
+                if len({parts[j][-k:] for j in twins}) == len(twins)
+            ),
+            1,  # the very same run twice: numbered below
+        )
+        labels.append(f"{name} ({'/'.join(parts[i][-k:])})")
+    return [  # the very same run given twice: numbered
+        f"{label} #{i + 1}" if labels.count(label) > 1 else label for i, label in enumerate(labels)
     ]
 
 
-def run_recipe_data(run: Path) -> dict:
-    """The run's recipe.yaml as plain data ({} when absent: a report file given directly)."""
-    recipe = run / "recipe.yaml"
-    return (load_yaml(recipe.read_text()) or {}) if recipe.is_file() else {}
+def run_recipe_data(run: Path) -> dict | None:
+    """The run's recipe.yaml as plain data (None when it has none, e.g. an adapter's eval)."""
+    recipe = run_folder(run) / "recipe.yaml"
+    return (load_yaml(recipe.read_text()) or {}) if recipe.is_file() else None
 
 
 def run_privacy(run: Path) -> str:
     """The recipe's privacy mode ('?' without a recipe.yaml; older recipes have no section)."""
-    if not (run / "recipe.yaml").is_file():
+    recipe = run_recipe_data(run)
+    if recipe is None:
         return "?"
-    return str((run_recipe_data(run).get("privacy") or {}).get("mode", "none"))
+    return str((recipe.get("privacy") or {}).get("mode", "none"))
 
 
 def table_md(rows: list[dict]) -> str:

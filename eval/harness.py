@@ -18,7 +18,7 @@ from pathlib import Path
 from fedllm.data.sample import sample_examples
 from fedllm.data.shards import raw_shard
 from fedllm.eval.leakage_run import PhaseTimer, measure_leakage
-from fedllm.eval.partial import Pieces, adapter_digest, eval_version
+from fedllm.eval.partial import Pieces, adapter_digest, code_digest
 from fedllm.eval.registry import select_tasks
 from fedllm.eval.settings import EvalSettings
 from fedllm.eval.task import EvalTask, TaskSetup
@@ -119,7 +119,8 @@ def evaluate_run(
         "leakage": {"exposure": [], "mia": {}, "extraction": {}},
     }
     report["timings"] = {"load": time.perf_counter() - t0}
-    pieces = Pieces.beside(out, _resume_key(cfg, report, [adapter, *clients.values()]), say=say)
+    key = _resume_key(cfg, report, [adapter, *clients.values()], tasks)
+    pieces = Pieces.beside(out, key, say=say)
     t_quality, timer = time.perf_counter(), PhaseTimer()
     n = cfg.data.num_clients
     shards = {pid: raw_shard(cfg, pid) for pid in range(n)}
@@ -151,15 +152,18 @@ def evaluate_run(
     return report
 
 
-def _resume_key(cfg: RunConfig, report: dict, adapters: list[Path]) -> dict:
+def _resume_key(
+    cfg: RunConfig, report: dict, adapters: list[Path], tasks: Mapping[str, type[EvalTask]]
+) -> dict:
     """What every finished piece depends on: an interrupted eval's pieces are reused only when
     all of it is the same (`fedllm.eval.partial`)."""
     return {
         "recipe": cfg.fingerprint(),
         "settings": report["settings"],
         "tasks": report["tasks"],
+        "task inputs": {name: cls.inputs_digest for name, cls in tasks.items()},
         "adapters": adapter_digest(adapters),
-        "fedllm": eval_version(),
+        "code": code_digest(tasks.values()),
     }
 
 

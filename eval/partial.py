@@ -4,16 +4,19 @@ again takes those pieces instead of recomputing them, and the folder goes once t
 written.
 
 "The same eval" is a key over everything a piece depends on: the recipe's fingerprint, the
-eval settings and tasks, the bytes of every adapter evaluated and fedllm's version. A folder
-with another key (other settings, a retrained adapter) is discarded, with a line saying so.
+eval settings and tasks (with the data a task brings, e.g. an --mc-file's questions), the bytes
+of every adapter evaluated and the source of the code that computes pieces. A folder with
+another key (other settings, a retrained adapter, edited code) is discarded, with a line saying
+so.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
+import inspect
 import json
 import shutil
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,12 +37,20 @@ def adapter_digest(folders: Iterable[Path]) -> str:
     return h.hexdigest()
 
 
-def eval_version() -> str:
-    """fedllm's installed version (a piece from another version's code is not reused)."""
-    try:
-        return importlib.metadata.version("fedllm")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
+def code_digest(classes: Iterable[type]) -> str:
+    """sha256 over the source of every loaded fedllm module and of the modules defining
+    `classes` (a plugin's tasks): a piece computed by other code is not reused."""
+    files = {
+        module.__file__
+        for name, module in list(sys.modules.items())
+        if (name == "fedllm" or name.startswith("fedllm.")) and getattr(module, "__file__", None)
+    }
+    files |= {inspect.getfile(cls) for cls in classes}
+    h = hashlib.sha256()
+    for path in sorted(files):
+        h.update(f"{path}\0".encode())
+        h.update(Path(path).read_bytes() if Path(path).is_file() else b"")
+    return h.hexdigest()
 
 
 class Pieces:

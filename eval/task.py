@@ -45,6 +45,9 @@ class EvalTask(ABC):
 
     name: ClassVar[str]
     metrics: ClassVar[tuple[Metric, ...]]
+    # a digest of data the task brings itself (an outside file's questions): an interrupted
+    # eval's pieces are reused only with the same (`fedllm.eval.partial`)
+    inputs_digest: ClassVar[str | None] = None
 
     @classmethod
     @abstractmethod

@@ -83,27 +83,34 @@ def test_compare_writes_one_table_and_a_figure(runs: list[Path], tmp_path: Path)
     assert main(["compare", str(tmp_path / "missing"), "--out", str(out)]) == 2
 
 
-def test_compare_says_what_differs_besides_training(runs: list[Path], tmp_path: Path) -> None:
-    """Other eval sizes, tasks or data move the numbers too: said above the table; two runs of
-    one recipe name are told apart by their folders."""
-    for run, examples, clients in ((runs[0], 4, 2), (runs[1], 64, 4)):
-        path = run / "eval" / "report.json"
-        rep = json.loads(path.read_text())
-        rep["run"] = "same"
+def test_compare_says_what_differs_besides_training(tmp_path: Path) -> None:
+    """Other eval sizes, tasks or data move the numbers too: said above the table. Two runs of
+    one recipe (runs/seed0/tiny, runs/seed1/tiny) are told apart by their paths' ends."""
+    runs = []
+    for seed, examples, clients in ((0, 4, 2), (1, 64, 4)):
+        rep = report("tiny", loss=2.0, aucs={"loss": 0.6}, exposures=[])
         rep["settings"] = {"max_examples": examples, "batch_size": examples, "leakage": True}
         rep["tasks"] = {"held_out": {}, **({"define": {}} if examples > 4 else {})}
-        path.write_text(json.dumps(rep))
-        recipe = run / "recipe.yaml"
-        recipe.write_text(recipe.read_text() + f"data:\n  num_clients: {clients}\n")
+        run = tmp_path / f"seed{seed}" / "tiny"
+        (run / "eval").mkdir(parents=True)
+        (run / "eval" / "report.json").write_text(json.dumps(rep))
+        (run / "recipe.yaml").write_text(f"name: tiny\ndata:\n  num_clients: {clients}\n")
+        runs.append(run)
     out = tmp_path / "cmp"
     assert main(["compare", *map(str, runs), "--out", str(out)]) == 0
     md = (out / "compare.md").read_text()
     warning = md[md.index("**Not like for like.**") : md.index("| run |")]
-    assert "- `eval max_examples`: 4 (same (plain)); 64 (same (dp))" in warning
-    assert '- `eval tasks`: ["held_out"] (same (plain)); ["define", "held_out"] (same (dp))' in md
-    assert "- `data.num_clients`: 2 (same (plain)); 4 (same (dp))" in warning
+    a, b = "tiny (seed0/tiny)", "tiny (seed1/tiny)"
+    assert f"- `eval max_examples`: 4 ({a}); 64 ({b})" in warning
+    assert f'- `eval tasks`: ["held_out"] ({a}); ["define", "held_out"] ({b})' in warning
+    assert f"- `data.num_clients`: 2 ({a}); 4 ({b})" in warning
     assert "batch_size" not in warning and "leakage" not in warning  # equal, or speed only
-    assert "| same (plain) | none |" in md and "| same (dp) | sample |" in md
+    assert f"| {a} | none |" in md and f"| {b} | none |" in md
+    # a report.json given directly: its run's recipe is found, nothing else differs
+    same = [runs[1], runs[1] / "eval" / "report.json"]
+    assert main(["compare", *map(str, same), "--out", str(out)]) == 0
+    md = (out / "compare.md").read_text()
+    assert "Not like for like" not in md and "| tiny (tiny) #1 | none |" in md
 
 
 def with_scores(rep: dict, members: list[float], non: list[float], ids: str = "x") -> dict:

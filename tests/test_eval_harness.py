@@ -358,3 +358,18 @@ def test_pieces_of_another_eval_are_discarded(run: Path, tmp_path: Path) -> None
     assert f"{partial}: an interrupted eval of other adapters or settings, discarded" in said
     assert report["quality"]["global"]["clients"]["0"]["held_out"]["loss"] > 0.5
     assert not partial.exists()
+
+
+def test_an_outside_file_with_other_answers_makes_another_resume_key(tmp_path: Path) -> None:
+    """Pieces of an eval whose --mc-file said other answers are not reused: the task's inputs
+    digest is part of the key (the file's path and question count alone are not)."""
+    from fedllm.eval.tasks.multiple_choice import file_task
+
+    quiz = tmp_path / "quiz.jsonl"
+    row = {"question": "2 + 2?", "choices": ["3", "4"], "answer": 1}
+    quiz.write_text(json.dumps(row) + "\n")
+    before = file_task(quiz)
+    quiz.write_text(json.dumps({**row, "answer": 0}) + "\n")
+    after = file_task(quiz)
+    assert before.describe() == after.describe()
+    assert before.inputs_digest != after.inputs_digest

@@ -161,11 +161,24 @@ def test_screen_rejects_factors_rescaled_apart_though_their_product_is_honest() 
     # the scaling counts on B's side: s = 0.01 brings s·B to 150, under 100 × 2
     small = {"m": Factors(t([[1.5e4]]), t([[1e-4]]), 0.01)}
     assert screen({**updates, "c": small}, shapes=shapes, max_rank=1)[1] == {}
-    # A up, B down: ‖A‖ 1, 1, 10000 -> median 1
+    # A up, B down: ‖A‖/√r 1, 1, 10000 -> median 1
     flipped = {"m": Factors(t([[1e-4]]), t([[1e4]]), 1.0)}
     assert screen({**updates, "c": flipped}, shapes=shapes, max_rank=1)[1] == {
-        "c": "‖A‖ 1e+04 is over 100× the median 1"
+        "c": "‖A‖/√r 1e+04 is over 100× the median 1"
     }
+
+
+def test_an_honest_higher_rank_is_not_an_a_norm_outlier() -> None:
+    """‖A‖_F grows as √r with rows of one norm: a rank-64 A of unit rows beside rank-4 ones is
+    ‖A‖ = 8 against 2 (4× the median, rejected at a ratio of 3 unnormalised), but 1 per √r."""
+    shapes = {"m": (64, 64)}
+
+    def unit_rows(rank: int) -> dict[str, Factors]:
+        A = torch.eye(64, dtype=torch.float64)[:rank]
+        return {"m": Factors(torch.full((64, rank), 0.01, dtype=torch.float64), A, 1.0 / rank)}
+
+    updates = {"a": unit_rows(4), "b": unit_rows(4), "c": unit_rows(4), "d": unit_rows(64)}
+    assert screen(updates, shapes=shapes, max_rank=64, max_norm_ratio=3.0) == (list(updates), {})
 
 
 def test_screen_takes_the_median_over_well_formed_clients_only() -> None:

@@ -14,6 +14,7 @@ answer alike for every client, local is each client's own adapter.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Sequence
@@ -67,7 +68,9 @@ def file_task(path: str | Path) -> type[MultipleChoiceFile]:
         return cls(questions, tokenizer=setup.tokenizer, prompt_format=setup.prompt_format)
 
     doc = f"Multiple choice from {path} ({len(questions)} questions): accuracy by log-likelihood."
-    task = type("OutsideFile", (MultipleChoiceFile,), {"__doc__": doc, "build": classmethod(build)})
+    digest = hashlib.sha256(json.dumps(questions, sort_keys=True).encode()).hexdigest()
+    attributes = {"__doc__": doc, "build": classmethod(build), "inputs_digest": digest}
+    task = type("OutsideFile", (MultipleChoiceFile,), attributes)
     return register_task(file_task_name(path))(task)
 
 

@@ -129,24 +129,14 @@ def building_folder(final: Path) -> Iterator[Path]:
 
 @contextmanager
 def atomic_folder(final: Path, *, is_complete: Callable[[Path], bool]) -> Iterator[Path]:
-    """Yield a temp folder next to ``final``, then rename it into place in one atomic step.
-
-    If another process completed ``final`` meanwhile, theirs is kept; a stale folder is swapped out.
-    """
+    """`building_folder` for a cache: if another process completed ``final`` meanwhile, theirs
+    is kept (as good as ours); a stale or half folder is swapped out."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary model folder
     try:
         yield tmp
-        try:
-            os.replace(tmp, final)  # succeeds when `final` is absent or an empty folder
-        except OSError:
-            if is_complete(final):
-                return
-            trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-            os.replace(final, trash / final.name)
-            os.replace(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
+        if not (final.exists() and is_complete(final)):
+            replace_folder(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
