@@ -24,6 +24,28 @@ def factors(d: int, k: int, r: int, *, scaling: float, seed: int, scale: float =
     )
 
 
+def client_dp(
+    *,
+    clip: float,
+    z: float,
+    expected: int,
+    seed: int | None = None,
+    aggregator: str = "fedit",
+    noise_at: str = "server",
+    freeze_a: bool = False,
+) -> ClientLevelDP:
+    """ClientLevelDP around `aggregator` (a seeded generator when `seed` is given)."""
+    return ClientLevelDP(
+        get(aggregator),
+        clip=clip,
+        noise_multiplier=z,
+        noise_at=noise_at,
+        expected_clients=expected,
+        freeze_a=freeze_a,
+        generator=None if seed is None else torch.Generator().manual_seed(seed),
+    )
+
+
 def test_folded_delta_is_the_change_of_what_is_sent() -> None:
     """Hand-computed: ΔB = s·B − s₀·B₀[:, :r], ΔA = A − A₀[:r]."""
     ref = {"m": Factors(torch.ones(2, 3), torch.ones(3, 2), 2.0)}
@@ -72,15 +94,7 @@ def test_server_noise_has_std_z_s_over_m_on_b_and_a() -> None:
         for j in range(4)
     ]
     z, S = 1.5, 0.7
-    dp = ClientLevelDP(
-        get("fedit"),
-        clip=S,
-        noise_multiplier=z,
-        noise_at="server",
-        expected_clients=4,
-        freeze_a=False,
-        generator=torch.Generator().manual_seed(0),
-    )
+    dp = client_dp(clip=S, z=z, expected=4, seed=0)
     released = dp.release(g, ups)
     want = noiseless_mean(g, ups, S)
     noise_B = torch.cat([(released[m].B.double() - want[m][0]).flatten() for m in g])
@@ -97,15 +111,7 @@ def test_server_noise_divides_by_the_replies_not_the_planned_clients() -> None:
     sensitivity S/2, so the noise is zS/2 = 1.5·0.7/2 = 0.525, not zS/4 = 0.2625."""
     g = {"m": factors(64, 48, 8, scaling=1.0, seed=0)}
     ups = [{"m": factors(64, 48, 8, scaling=1.0, seed=1 + j)} for j in range(2)]
-    dp = ClientLevelDP(
-        get("fedit"),
-        clip=0.7,
-        noise_multiplier=1.5,
-        noise_at="server",
-        expected_clients=4,
-        freeze_a=False,
-        generator=torch.Generator().manual_seed(0),
-    )
+    dp = client_dp(clip=0.7, z=1.5, expected=4, seed=0)
     released = dp.release(g, ups)
     want = noiseless_mean(g, ups, 0.7)
     noise = (released["m"].B.double() - want["m"][0]).flatten()
@@ -124,15 +130,7 @@ def test_mixed_ranks_average_over_all_replies_and_noise_every_component_a_client
         {"m": Factors(torch.tensor([[2.0]]), A[:1], 1.0)},
         {"m": Factors(torch.tensor([[4.0, 6.0]]), A, 1.0)},
     ]
-    quiet = ClientLevelDP(
-        get("fedit"),
-        clip=100.0,
-        noise_multiplier=1e-9,
-        noise_at="server",
-        expected_clients=2,
-        freeze_a=False,
-        generator=torch.Generator().manual_seed(0),
-    )
+    quiet = client_dp(clip=100.0, z=1e-9, expected=2, seed=0)
     released = quiet.release(g, ups)["m"]
     assert torch.allclose(released.B.double(), torch.tensor([[3.0, 3.0]]).double(), atol=1e-6)
     assert torch.allclose(released.A, A, atol=1e-6)  # noise zS/m = 5e-8
@@ -140,15 +138,7 @@ def test_mixed_ranks_average_over_all_replies_and_noise_every_component_a_client
     g8 = {"m": factors(400, 6, 8, scaling=1.0, seed=0)}
     ups = [{"m": factors(400, 6, r, scaling=1.0, seed=10 + r)} for r in (2, 4)]
     z, S = 2.0, 1.0
-    dp = ClientLevelDP(
-        get("fedit"),
-        clip=S,
-        noise_multiplier=z,
-        noise_at="server",
-        expected_clients=2,
-        freeze_a=False,
-        generator=torch.Generator().manual_seed(1),
-    )
+    dp = client_dp(clip=S, z=z, expected=2, seed=1)
     out = dp.release(g8, ups)["m"]
     want_B = noiseless_mean(g8, ups, S)["m"][0]
     assert out.B.shape == (400, 8)
@@ -178,14 +168,7 @@ def test_frozen_a_gets_no_noise() -> None:
     for j in range(3):  # FFA clients: A is the shared slice, only B moved
         B = torch.randn(32, 4, generator=torch.Generator().manual_seed(j))
         ups.append({"m": Factors(B, g["m"].A.clone(), 1.0)})
-    dp = ClientLevelDP(
-        get("ffa"),
-        clip=1.0,
-        noise_multiplier=1.0,
-        noise_at="server",
-        expected_clients=3,
-        freeze_a=True,
-    )
+    dp = client_dp(clip=1.0, z=1.0, expected=3, aggregator="ffa", freeze_a=True)
     new_global, _ = dp(g, ups)
     assert torch.equal(new_global["m"].A, g["m"].A), "A must be exactly the shared A (no noise)"
     assert not torch.allclose(new_global["m"].B, noiseless_mean(g, ups, 1.0)["m"][0].float())
@@ -222,14 +205,7 @@ def test_local_noise_is_accounted_at_what_the_server_sees_of_one_update() -> Non
     of the noise, zS/√m: the round is accounted at z/√m, whatever the ranks."""
     g = {"m": factors(16, 8, 8, scaling=1.0, seed=0)}
     ups = [{"m": factors(16, 8, r, scaling=1.0, seed=r)} for r in (2, 4, 8, 8)]
-    dp = ClientLevelDP(
-        get("fedit"),
-        clip=1.0,
-        noise_multiplier=2.0,
-        noise_at="client",
-        expected_clients=4,
-        freeze_a=False,
-    )
+    dp = client_dp(clip=1.0, z=2.0, expected=4, noise_at="client")
     dp.release(g, ups)
     assert dp.last.effective_noise_multiplier == pytest.approx(2.0 / math.sqrt(4))
 
@@ -250,15 +226,7 @@ def test_wraps_registered_aggregators_as_post_processing(name: str) -> None:
         }
         for r in (2, 4, 8)
     ]
-    dp = ClientLevelDP(
-        get(name),
-        clip=0.5,
-        noise_multiplier=1.0,
-        noise_at="server",
-        expected_clients=3,
-        freeze_a=True,
-        generator=torch.Generator().manual_seed(4),
-    )
+    dp = client_dp(clip=0.5, z=1.0, expected=3, seed=4, aggregator=name, freeze_a=True)
     released = dp.release(g, ups)
     dp.generator.manual_seed(4)
     new_global, _ = dp(g, ups)
@@ -279,14 +247,7 @@ def test_bad_settings_are_refused() -> None:
             freeze_a=False,
         )
     with pytest.raises(ValueError, match="clip > 0"):
-        ClientLevelDP(
-            get("fedit"),
-            clip=0,
-            noise_multiplier=1,
-            noise_at="server",
-            expected_clients=2,
-            freeze_a=False,
-        )
+        client_dp(clip=0, z=1, expected=2)
 
 
 def test_a_hostile_update_under_client_noise_is_cut_to_an_honest_norm() -> None:
@@ -309,14 +270,7 @@ def test_a_hostile_update_under_client_noise_is_cut_to_an_honest_norm() -> None:
         for i in range(m - 1)
     ]
     hostile = {"m": Factors(g["m"].B + 1e4, g["m"].A.clone(), 1.0)}
-    dp = ClientLevelDP(
-        get("fedit"),
-        clip=S,
-        noise_multiplier=z,
-        noise_at="client",
-        expected_clients=m,
-        freeze_a=False,
-    )
+    dp = client_dp(clip=S, z=z, expected=m, noise_at="client")
     bound = dp.honest_bound(folded_delta(hostile, g))
     d = 64 * 8 + 8 * 48
     assert bound == pytest.approx(S + z * S / math.sqrt(m) * (math.sqrt(d) + 10))
