@@ -60,7 +60,7 @@ class Pieces:
         self.folder = folder
         wanted = json.dumps(dict(key), sort_keys=True, default=str)
         kept = folder / KEY
-        if kept.is_file() and kept.read_text() != wanted:
+        if folder.exists() and (not kept.is_file() or kept.read_text() != wanted):
             say(f"{folder}: an interrupted eval of other adapters or settings, discarded")
             shutil.rmtree(folder)
         elif kept.is_file():
