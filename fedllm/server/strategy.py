@@ -19,10 +19,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedllm.aggregators.base import Aggregate, Factors
-from fedllm.aggregators.per_module import map_modules
+from fedllm.aggregators.base import Factors
 from fedllm.aggregators.registry import get, round_spec
-from fedllm.aggregators.screen import aggregate_problem, screen
+from fedllm.aggregators.screen import screen
 from fedllm.errors import short_reason
 from fedllm.features.base import Feature
 from fedllm.features.types import (
@@ -36,15 +35,11 @@ from fedllm.features.types import (
 from fedllm.model import wire
 from fedllm.model.adapters import initial_factors
 from fedllm.recipe.schema import RunConfig
+from fedllm.server.aggregation import aggregate_modules, post_process
 from fedllm.server.evaluation import evaluate_round, evaluation_panel
 from fedllm.server.replies import malformed_row, read_reply, refuse_shared_partitions
 
 log = logging.getLogger("fedllm.server")
-
-
-def post_processes(feature: Feature) -> bool:
-    """Whether `feature` changes the aggregate (overrides `Feature.after_aggregate`)."""
-    return type(feature).after_aggregate is not Feature.after_aggregate
 
 
 class LoraStrategy(Strategy):
@@ -302,22 +297,16 @@ class LoraStrategy(Strategy):
         self, server_round: int, inputs: Sequence[Mapping[str, Factors]], weights: list[float]
     ) -> tuple[dict[str, Factors], dict[str, dict[str, torch.Tensor]]]:
         """The recipe's aggregator, module by module: (new global, new aggregator state)."""
-        options = wire.server_options(self.spec, self.cfg.aggregator.options)
-
-        def one(module: str) -> Aggregate:
-            return self.aggregate_fn(
-                [u[module] for u in inputs],
-                weights,
-                global_rank=self.cfg.aggregator.global_rank,
-                state=self.agg_state.get(module),
-                seed=self.cfg.seed + server_round,
-                **options,
-            )
-
-        results = map_modules(one, sorted(self.shapes))  # modules are independent
-        new_global = {m: r.global_ for m, r in results.items()}
-        new_state = {m: r.state for m, r in results.items()}
-        return new_global, new_state
+        return aggregate_modules(
+            self.aggregate_fn,
+            inputs,
+            weights,
+            modules=sorted(self.shapes),
+            global_rank=self.cfg.aggregator.global_rank,
+            states=self.agg_state,
+            seed=self.cfg.seed + server_round,
+            options=wire.server_options(self.spec, self.cfg.aggregator.options),
+        )
 
     def commit(
         self,
@@ -325,22 +314,12 @@ class LoraStrategy(Strategy):
         new_global: dict[str, Factors],
         new_state: dict[str, dict[str, torch.Tensor]],
     ) -> str | None:
-        """Keep an aggregate as the new global, after the features' post-processing; None.
-
-        An aggregate with NaN or Inf (or beyond float32's range: `aggregate_problem`), from the
-        aggregator or after a feature's `after_aggregate`, is refused: the previous global, the
-        aggregator's state and the post-processing features' state stay, and the reason is
-        logged and returned. Kept, it would ruin every later round."""
-        problem = aggregate_problem(new_global, new_state)
-        if problem is None:
-            post = [f for f in self.features if post_processes(f)]
-            before = [f.state_dict() for f in post]  # e.g. server momentum's velocity
-            for f in self.features:
-                new_global = f.after_aggregate(self.global_, new_global, server_round=server_round)
-            if (problem := aggregate_problem(new_global)) is not None:
-                problem += " after the features' after_aggregate"
-                for f, state in zip(post, before, strict=True):
-                    f.load_state_dict(state)
+        """Keep an aggregate as the new global after the features' post-processing (None), or
+        refuse it with the reason, logged: the previous global and every state stay
+        (`aggregation.post_process`)."""
+        new_global, problem = post_process(
+            self.features, self.global_, new_global, new_state, server_round=server_round
+        )
         if problem is not None:
             why = f"aggregate refused ({problem}): the global adapter is unchanged"
             log.warning("round %d: %s", server_round, why)
