@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from fedllm.model.loading import write_atomic
+from fedllm.files import write_atomic
 
 KEY = "key.json"
 

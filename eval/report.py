@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from fedllm.eval.mia import SCORES
-from fedllm.model.loading import building_folder
+from fedllm.files import building_folder
 
 VIEW_NOTE = (
     "Views: **base** = the frozen base model (control), **global** = the released federated "

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
+from fedllm.files import building_folder, write_atomic
 from fedllm.model.card import (
     CARD_JSON,
     README,
@@ -28,7 +29,7 @@ from fedllm.model.card import (
     write_card,
 )
 from fedllm.model.identity import base_identity
-from fedllm.model.loading import DTYPES, building_folder, write_atomic
+from fedllm.model.loading import DTYPES
 from fedllm.recipe import RunConfig, load_recipe
 
 PERSONAL = Path("clients") / "{client}" / "personal_adapter"

@@ -25,10 +25,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fedllm.aggregators import Factors
 from fedllm.cli import main
+from fedllm.files import umask
 from fedllm.model.base import adapter_shapes, prepare_base_model
 from fedllm.model.card import CARD_JSON, make_card, resolve_adapter_base, save_adapter
 from fedllm.model.identity import IDENTITY_MEMO, base_identity
-from fedllm.model.loading import embedded_gguf_path, umask
+from fedllm.model.loading import embedded_gguf_path
 from fedllm.recipe import load_recipe
 from fedllm.server.metrics import MetricsLog
 from fedllm.server.outputs import finish, snapshot

@@ -15,6 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from fedllm import files
 from fedllm.model import loading as fm
 from fedllm.model.tiny import build_tiny_model
 
@@ -263,19 +264,19 @@ def test_building_folder_swaps_in_whole_with_ordinary_modes(tmp_path: Path) -> N
     final = tmp_path / "adapter"
     final.mkdir()
     (final / "old.txt").write_text("old")
-    with pytest.raises(RuntimeError), fm.building_folder(final) as tmp:
+    with pytest.raises(RuntimeError), files.building_folder(final) as tmp:
         (tmp / "half.txt").write_text("half")
         raise RuntimeError("interrupted")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
     assert [p.name for p in final.iterdir()] == ["old.txt"]
 
-    with fm.building_folder(final) as tmp:
+    with files.building_folder(final) as tmp:
         fd, private = tempfile.mkstemp(dir=tmp)
         os.close(fd)
         sub = Path(tempfile.mkdtemp(dir=tmp))
         (sub / "weights").write_bytes(b"w")
         os.chmod(sub / "weights", 0o600)
-    mask = fm.umask()
+    mask = files.umask()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
     assert not (final / "old.txt").exists()
     for path in [final, *final.rglob("*")]:

@@ -20,9 +20,10 @@ from typing import Any
 import yaml
 
 from fedllm.aggregators import Factors
+from fedllm.files import building_folder, write_atomic
 from fedllm.model.adapters import save_peft_adapter
 from fedllm.model.identity import BaseIdentity, file_sha256, weight_files
-from fedllm.model.loading import building_folder, resolve_model_dir, write_atomic
+from fedllm.model.loading import resolve_model_dir
 from fedllm.model.tiny import TINY_MARKER
 from fedllm.recipe.schema import RunConfig
 from fedllm.server.metrics import table_markdown

@@ -14,13 +14,13 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from fedllm.files import write_atomic
 from fedllm.model.base import base_model_dir
 from fedllm.model.loading import (
     EMBEDDED,
     EMBEDDED_GGUF,
     EMBEDDED_PACKAGE,
     embedded_gguf_path,
-    write_atomic,
 )
 from fedllm.recipe.schema import RunConfig
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from fedllm.model.loading import FORMAT_VERSION, atomic_folder, read_json
+from fedllm.files import atomic_folder, read_json
+from fedllm.model.loading import FORMAT_VERSION
 
 TINY_MARKER = "fedllm_tiny.json"  # written last: its presence means the folder is complete
 

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
-from fedllm.model.loading import write_atomic
+from fedllm.files import write_atomic
 from fedllm.recipe.checks import ConfigError
 from fedllm.recipe.schema import RunConfig
 from fedllm.recipe.schema_output import MlflowTracker, TensorBoardTracker, WandbTracker
