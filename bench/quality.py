@@ -124,6 +124,7 @@ def _sq(*extra: str) -> tuple[str, tuple[str, ...]]:
 
 
 PLAIN = ("correction=false", "residual_rank=0")
+BALANCED = ("gauge=balanced",)
 # label -> (recipe, extra overrides); recipe None: a reference trained in this process
 METHODS: dict[str, tuple[str | None, tuple[str, ...]]] = {
     "centralised": (None, ()),
@@ -137,15 +138,17 @@ METHODS: dict[str, tuple[str | None, tuple[str, ...]]] = {
     "rblora": ("rblora", ()),
     "lorafair": ("lorafair", ()),
     "svd": ("svd", ()),
-    "squeeze": _sq(),  # the default: +correction +residual at the global rank
-    "squeeze plain": _sq(*PLAIN),
-    "squeeze +correction": _sq("correction=true", "residual_rank=0"),
-    "squeeze +residual": _sq("correction=false"),
-    "squeeze rows": _sq(*PLAIN, "gauge=rows"),  # A rows at a fresh init's norm (1/√3)
-    "squeeze +residual rows": _sq("correction=false", "gauge=rows"),
-    "squeeze +correction +residual rows": _sq("gauge=rows"),
-    # LoRA-Squeeze in-tuning: clients train at 2r, squeeze to r after half their steps
-    "squeeze intune": ("squeeze", ("features.squeeze_intune={}",)),
+    "squeeze": _sq(),  # the default: +correction +residual at the global rank, rows gauge
+    # the default until stop 34 (rows won in domain: bench/results/quality.md)
+    "squeeze balanced": _sq(*BALANCED),
+    "squeeze plain": _sq(*PLAIN, *BALANCED),  # == svd at rank max rᵢ
+    "squeeze +correction": _sq("correction=true", "residual_rank=0", *BALANCED),
+    "squeeze +residual": _sq("correction=false", *BALANCED),
+    "squeeze rows": _sq(*PLAIN),  # A rows at a fresh init's norm (1/√3)
+    "squeeze +residual rows": _sq("correction=false"),
+    # LoRA-Squeeze in-tuning: clients train at 2r, squeeze to r after half their steps (run
+    # against the balanced default, so it stays there)
+    "squeeze intune": ("squeeze", ("features.squeeze_intune={}", *_sq(*BALANCED)[1])),
     # PreLort's nested-prefix training under squeeze: the prefix a client's rank cut keeps is
     # trained to carry the most
     "squeeze prefix": ("squeeze", ("features.nested_prefix={}",)),
@@ -182,11 +185,11 @@ GROUPS["all"] = list(METHODS)
 PAIRS = [
     ("squeeze +correction", "squeeze plain"),
     ("squeeze +residual", "squeeze plain"),
-    ("squeeze", "squeeze +correction"),
+    ("squeeze balanced", "squeeze +correction"),
     ("squeeze rows", "squeeze plain"),
     ("squeeze +residual rows", "squeeze +residual"),
-    ("squeeze +correction +residual rows", "squeeze"),
-    ("squeeze intune", "squeeze"),
+    ("squeeze", "squeeze balanced"),
+    ("squeeze intune", "squeeze balanced"),
     ("squeeze prefix", "squeeze"),
     ("fedprox", "svd"),
     ("fedavgm", "fedit"),

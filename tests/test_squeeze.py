@@ -74,7 +74,9 @@ def test_residual_is_capped_to_the_best_tail_approximation() -> None:
 
 def test_correction_returns_lorafair_factors_and_their_residual() -> None:
     updates, weights = diagonal_round(), [1.0, 1.0]
-    result = get("squeeze")(updates, weights, correction=True, lam=0.0, residual_rank=3)
+    result = get("squeeze")(
+        updates, weights, correction=True, lam=0.0, residual_rank=3, gauge="balanced"
+    )
     fair = get("lorafair")(updates, weights, lam=0.0).global_
     assert torch.allclose(result.global_.B, fair.B) and torch.allclose(result.global_.A, fair.A)
     residual = result.state["residual_B"] @ result.state["residual_A"]
@@ -96,21 +98,27 @@ def test_state_dtype_and_validation() -> None:
         get("squeeze")(updates, [1.0], state=bad)
 
 
-def test_defaults_are_correction_and_a_residual_at_the_global_rank() -> None:
+def test_defaults_are_correction_a_residual_at_the_global_rank_and_the_rows_gauge() -> None:
     # Chosen by bench/quality.py; see the module docstring.
     updates, weights = diagonal_round(), [1.0, 1.0]
     default = get("squeeze")(updates, weights)
-    explicit = get("squeeze")(updates, weights, correction=True, lam=0.01, residual_rank=2)
-    assert torch.equal(default.global_.B, explicit.global_.B)
+    explicit = dict(correction=True, lam=0.01, residual_rank=2)
+    rows = get("squeeze")(updates, weights, **explicit, gauge="rows", row_norm=INIT_ROW_NORM)
+    balanced = get("squeeze")(updates, weights, **explicit, gauge="balanced")
+    assert torch.equal(default.global_.B, rows.global_.B)
+    assert torch.equal(default.global_.A, rows.global_.A)
+    assert torch.allclose(default.global_.A.norm(dim=1), torch.full((2,), INIT_ROW_NORM).double())
+    assert not torch.allclose(default.global_.A, balanced.global_.A)
+    assert torch.allclose(default.global_.delta(), balanced.global_.delta(), atol=1e-12)
     assert default.state["residual_B"].shape == (3, 2)
-    assert torch.equal(default.state["residual_A"], explicit.state["residual_A"])
+    assert torch.equal(default.state["residual_A"], balanced.state["residual_A"])
 
 
 def test_rows_gauge_keeps_BA_and_puts_A_rows_at_the_asked_norm() -> None:
     # Mean diag(3, 1, 2) at rank 2: balanced B = U√S, A = √S Vᵀ has A rows of norm √3 and √2;
     # the rows gauge at 1/√3 gives A rows e₁/√3, e₃/√3 and B columns 3√3·e₁, 2√3·e₃ (signs free).
-    balanced = get("squeeze")(diagonal_round(), [1.0, 1.0], **PLAIN).global_
-    rows = get("squeeze")(diagonal_round(), [1.0, 1.0], gauge="rows", **PLAIN).global_
+    balanced = get("squeeze")(diagonal_round(), [1.0, 1.0], gauge="balanced", **PLAIN).global_
+    rows = get("squeeze")(diagonal_round(), [1.0, 1.0], **PLAIN).global_  # the default gauge
     assert torch.allclose(balanced.A.norm(dim=1), t([[3**0.5, 2**0.5]])[0])
     assert torch.allclose(rows.A.abs(), t([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]) / 3**0.5)
     assert torch.allclose(rows.B.abs(), t([[3.0, 0.0], [0.0, 0.0], [0.0, 2.0]]) * 3**0.5)
@@ -123,7 +131,7 @@ def test_rows_gauge_keeps_BA_and_puts_A_rows_at_the_asked_norm() -> None:
 
 def test_rows_gauge_with_correction_and_zero_rows() -> None:
     updates, weights = diagonal_round(), [1.0, 1.0]
-    plain = get("squeeze")(updates, weights, global_rank=4, residual_rank=0)
+    plain = get("squeeze")(updates, weights, global_rank=4, residual_rank=0, gauge="balanced")
     rows = get("squeeze")(
         updates, weights, global_rank=4, residual_rank=0, gauge="rows", row_norm=0.5
     )
