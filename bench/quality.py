@@ -32,9 +32,10 @@ up across them:
     python bench/quality.py --methods core --regimes scarce domain           # 60 cells, ~11 h
     python bench/quality.py --methods control --regimes iid                   # 15 cells, ~2 h
     python bench/quality.py --methods baselines features --regimes scarce     # 24 cells, ~5 h
-    python bench/quality.py --methods squeeze --regimes domain                # +24 cells, ~3 h
+    python bench/quality.py --methods squeeze --regimes domain                # +27 cells, ~3.5 h
     python bench/quality.py --methods "squeeze plain" "squeeze +residual" "squeeze rows" \
-        "squeeze +residual rows" squeeze fedit "local only" --regimes long    # 21 cells, ~6.3 h
+        "squeeze +residual rows" squeeze "squeeze balanced" fedit "local only" \
+        --regimes long                                                        # 24 cells, ~7 h
     python bench/quality_features.py                          # the features' paired table
 
 (The IID control runs the `control` group only, and the baselines and features run in the
