@@ -65,11 +65,14 @@ def paired(
     return t_interval([a[s] - b[s] for s in seeds], level=level)
 
 
-def verdict(diff: Interval | None, *, lower_is_better: bool = True) -> str:
-    """'better' / 'worse' when the interval excludes 0, 'tie' when it contains it,
-    'n/a' without one (no shared seed, or a single seed)."""
+def verdict(diff: Interval | None, *, lower_is_better: bool = True, negligible: float = 0.0) -> str:
+    """'better' / 'worse' when the interval excludes 0, 'tie' when it contains it, 'same' when
+    even its far end is within `negligible` of 0 (a difference too small to matter, however
+    sure: e.g. two methods equal up to round-off), 'n/a' without one (no shared seed, or one)."""
     if diff is None or diff.n < 2:
         return "n/a"
+    if max(abs(diff.low), abs(diff.high)) < negligible:
+        return "same"
     if diff.low <= 0 <= diff.high:
         return "tie"
     lower = diff.high < 0

@@ -69,6 +69,15 @@ def test_verdict_tie_rule_and_direction() -> None:
     assert S.verdict(S.Interval(1.0, math.nan, 1)) == "n/a" and S.verdict(None) == "n/a"
 
 
+def test_a_sure_but_negligible_difference_is_the_same() -> None:
+    # 3e-5 ± 1e-5 excludes 0 (worse), but its far end 4e-5 is under a 1e-3 margin: same.
+    tiny = S.Interval(mean=3e-5, half=1e-5, n=3)
+    assert S.verdict(tiny) == "worse" and S.verdict(tiny, negligible=1e-3) == "same"
+    # The margin needs the whole interval inside it: 5e-4 ± 6e-4 reaches 1.1e-3, a tie.
+    assert S.verdict(S.Interval(mean=5e-4, half=6e-4, n=3), negligible=1e-3) == "tie"
+    assert S.verdict(S.Interval(mean=-0.02, half=0.001, n=3), negligible=1e-3) == "better"
+
+
 def _row(method: str, seed: int, own: float, test: float, semantics: str = "adapter") -> dict:
     return {
         "method": method, "regime": "domain", "seed": seed, "semantics": semantics,
