@@ -188,6 +188,7 @@ PAIRS = [
     ("squeeze +residual", "squeeze plain"),
     ("squeeze balanced", "squeeze +correction"),
     ("squeeze rows", "squeeze plain"),
+    ("squeeze plain", "svd"),  # the same method (RSVD = exact SVD): a consistency check
     ("squeeze +residual rows", "squeeze +residual"),
     ("squeeze", "squeeze balanced"),
     ("squeeze intune", "squeeze balanced"),
