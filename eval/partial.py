@@ -27,29 +27,34 @@ KEY = "key.json"
 
 
 def adapter_digest(folders: Iterable[Path]) -> str:
-    """sha256 over the files of the adapter folders (names and bytes): a retrained or replaced
-    adapter makes another digest."""
-    h = hashlib.sha256()
-    for folder in folders:
-        for path in sorted(p for p in folder.iterdir() if p.is_file()):
-            h.update(f"{folder.name}/{path.name}\0".encode())
-            h.update(hashlib.sha256(path.read_bytes()).digest())
-    return h.hexdigest()
+    """A digest of the adapter folders' files (names and bytes): a retrained or replaced adapter
+    makes another digest."""
+    return _files_digest(
+        (f"{folder.name}/{path.name}", path)
+        for folder in folders
+        for path in folder.iterdir()
+        if path.is_file()
+    )
 
 
 def code_digest(classes: Iterable[type]) -> str:
-    """sha256 over the source of every loaded fedllm module and of the modules defining
+    """A digest of the source of every loaded fedllm module and of the modules defining
     `classes` (a plugin's tasks): a piece computed by other code is not reused."""
     files = {
-        module.__file__
+        (name, Path(module.__file__))
         for name, module in list(sys.modules.items())
         if (name == "fedllm" or name.startswith("fedllm.")) and getattr(module, "__file__", None)
     }
-    files |= {inspect.getfile(cls) for cls in classes}
+    files |= {(cls.__module__, Path(inspect.getfile(cls))) for cls in classes}
+    return _files_digest(files)
+
+
+def _files_digest(files: Iterable[tuple[str, Path]]) -> str:
+    """sha256 over (name, sha256 of the bytes) in name order; a file gone reads as empty."""
     h = hashlib.sha256()
-    for path in sorted(files):
-        h.update(f"{path}\0".encode())
-        h.update(Path(path).read_bytes() if Path(path).is_file() else b"")
+    for name, path in sorted(files):
+        h.update(f"{name}\0".encode())
+        h.update(hashlib.sha256(path.read_bytes() if path.is_file() else b"").digest())
     return h.hexdigest()
 
 

@@ -1,0 +1,54 @@
+"""eval/partial.py's digests: what makes a finished piece of an eval stale."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedllm.eval.partial import adapter_digest, code_digest
+
+
+def _adapter(folder: Path, weights: bytes) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text('{"r": 4}')
+    (folder / "adapter_model.safetensors").write_bytes(weights)
+    return folder
+
+
+def test_adapter_digest_follows_names_and_bytes_not_the_parent(tmp_path: Path) -> None:
+    one = _adapter(tmp_path / "a" / "global", b"\x00\x01")
+    same = _adapter(tmp_path / "b" / "global", b"\x00\x01")
+    assert adapter_digest([one]) == adapter_digest([same])  # moved run folder: same pieces
+    other = _adapter(tmp_path / "c" / "global", b"\x00\x02")
+    assert adapter_digest([one]) != adapter_digest([other])  # retrained weights
+    renamed = _adapter(tmp_path / "d" / "client_0", b"\x00\x01")
+    assert adapter_digest([one]) != adapter_digest([renamed])
+    (same / "extra.txt").write_text("x")
+    assert adapter_digest([one]) != adapter_digest([same])  # a file added
+
+
+def _module(tmp_path: Path, name: str, source: str) -> type:
+    path = tmp_path / f"{name}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module.Task
+
+
+def test_code_digest_follows_a_plugin_task_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "modules", dict(sys.modules))  # the plugin modules stay here
+    base = code_digest([])
+    assert code_digest([]) == base
+    task = _module(tmp_path, "plugin_task_one", "class Task:\n    answer = 1\n")
+    with_task = code_digest([task])
+    assert with_task != base
+    (tmp_path / "plugin_task_one.py").write_text("class Task:\n    answer = 2\n")
+    assert code_digest([task]) != with_task  # the same class, its file edited since
