@@ -179,6 +179,12 @@ def header(
         "machine; CPU s/cell: the grid process's CPU time (both cores; a pause adds none), "
         "since the cell's last resume (— : not recorded, cells before stop 28).",
         "",
+        "Each verdict below is one paired 95% t-interval (n − 1 degrees of freedom: 2 with three "
+        "seeds), read on its own: among the dozens of comparisons per regime a few "
+        "'better'/'worse' are expected by chance alone, and three seeds estimate the spread "
+        "loosely. A claim in docs/aggregators.md rests on a difference that holds on both test "
+        "sets or in both regimes, not on one verdict.",
+        "",
         "| regime | overrides | what |",
         "|---|---|---|",
     ]
