@@ -7,7 +7,15 @@ them all through `discover`, so there is no list to edit here.
 
 from .base import Aggregate, AggregatorFn, Factors, RoundSpec
 from .linalg import factored_svd, svd_factors
-from .registry import available, check_options, discover, get, register, round_spec
+from .registry import (
+    available,
+    check_options,
+    discover,
+    get,
+    register,
+    resolved_options,
+    round_spec,
+)
 
 __all__ = [
     "Aggregate",
@@ -20,6 +28,7 @@ __all__ = [
     "factored_svd",
     "get",
     "register",
+    "resolved_options",
     "round_spec",
     "svd_factors",
 ]

@@ -159,6 +159,15 @@ def option_names(name: str) -> list[str]:
     return sorted(_option_defaults(name))
 
 
+def resolved_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """Every option of `name` as the method will run it: its defaults under `options` (a
+    checkpoint keeps them, so a resume notices a default changed since; non-scalars as repr)."""
+    merged = {k: v for k, v in _option_defaults(name).items() if v is not inspect.Parameter.empty}
+    merged |= dict(options)
+    plain = (str, int, float, bool, type(None))
+    return {k: v if isinstance(v, plain) else repr(v) for k, v in sorted(merged.items())}
+
+
 def _option_defaults(name: str) -> dict[str, Any]:
     """Option -> default (Parameter.empty if required; None for client options) of `name`."""
     fn = get(name)

@@ -34,6 +34,7 @@ from fedllm.launch import remove_run_dir
 from fedllm.model.adapters import attach_lora
 from fedllm.model.base import cached_base_model
 from fedllm.recipe import RunConfig
+from fedllm.server.app import aggregator_record
 from fedllm.server.checkpoint import load_checkpoint
 from fedllm.server.metrics import MetricsLog
 
@@ -45,7 +46,9 @@ def _stale_checkpoint(cfg: RunConfig) -> str | None:
     if state is None:
         return "no readable checkpoint"
     if state["fingerprint"] != cfg.fingerprint(budget=False):
-        return "its checkpoint was made by another recipe (a default or recipe changed since)"
+        return "its checkpoint was made by another recipe (model, LoRA, data, seed or privacy)"
+    if state.get("aggregator") != aggregator_record(cfg):
+        return "its rounds ran with other aggregator options (a default or the recipe changed)"
     return None
 
 

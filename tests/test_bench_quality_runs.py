@@ -1,0 +1,36 @@
+"""bench/_quality_runs.py: a grid cell resumes only a checkpoint its own settings made."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+from fedllm.recipe import load_recipe
+from fedllm.server.app import Run
+
+_spec = importlib.util.spec_from_file_location(
+    "bench_quality_runs", Path(__file__).parents[1] / "bench" / "_quality_runs.py"
+)
+Q = importlib.util.module_from_spec(_spec)
+sys.modules["bench_quality_runs"] = Q
+_spec.loader.exec_module(Q)
+
+TINY = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
+
+
+def test_a_cell_restarts_when_its_rounds_ran_other_aggregator_options(tmp_path: Path) -> None:
+    """The grid relabelled 'squeeze' when gauge's default changed: a finished cell of the old
+    default must not be resumed as the new one (the recipe fingerprint leaves options out)."""
+    base = [f"output_dir={tmp_path}", "name=cell", "aggregator.name=squeeze"]
+    old = load_recipe(TINY, [*base, "aggregator.options.gauge=balanced"])
+    old.run_dir.mkdir(parents=True)
+    assert Q._stale_checkpoint(old) == "no readable checkpoint"
+    Run.save(SimpleNamespace(cfg=old, features=[], strategy=SimpleNamespace(state_dict=dict)), 2)
+    assert Q._stale_checkpoint(old) is None
+    assert Q._stale_checkpoint(load_recipe(TINY, base)) == (
+        "its rounds ran with other aggregator options (a default or the recipe changed)"
+    )
+    other_seed = load_recipe(TINY, [*base, "aggregator.options.gauge=balanced", "seed=5"])
+    assert "another recipe" in Q._stale_checkpoint(other_seed)
