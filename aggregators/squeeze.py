@@ -22,7 +22,8 @@ scale of a fresh initialisation (B's gradient is proportional to A). "balanced" 
 as computed (B = U√S, A = √S Vᵀ without correction; the averaged Ā with it). Measured by
 `bench/quality.py` (domain regime, 3 seeds, paired): rows beat balanced by 0.008 ± 0.002 nats on
 the clients' own test sets and 0.008 ± 0.006 on the global one, and by 0.021 ± 0.002 on both
-without correction and residual, where the SVD split leaves A's rows at √Sⱼ.
+without correction and residual, where the SVD split leaves A's rows at √Sⱼ. Under client-level
+DP, which noises the factors, the gauge also sets how that noise reaches ΔW (docs/privacy.md).
 """
 
 from __future__ import annotations
@@ -75,9 +76,9 @@ def squeeze(
 ) -> Aggregate:
     """Global factors (scaling 1), rank `global_rank` (default max rᵢ), of ΔW* + carried residual.
 
-    `correction=True` (default) returns LoRA-FAIR factors, False the SVD-ordered best
-    approximation. A new residual is kept when `residual_rank` > 0 (default None: the global
-    rank); a residual in `state` is always stacked in. `gauge` picks the split of the global
+    `correction=True` (default) returns LoRA-FAIR factors, False the SVD-ordered best approximation
+    (both before the gauge). A new residual is kept when `residual_rank` > 0 (default None: the
+    global rank); a residual in `state` is always stacked in. `gauge` picks the split of the global
     factors (see the module docstring); it never changes their product.
     """
     reject_options("squeeze", options)

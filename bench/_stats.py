@@ -2,7 +2,8 @@
 
 A cell's runs differ only in `seed`; two methods run on the same seeds are compared by their
 per-seed differences (paired), which removes what the seed does to both. A difference whose 95%
-interval contains 0 is a tie; fewer than two seeds give no interval at all.
+interval contains 0 is a tie, one whose whole interval is within a negligible margin of 0 is
+"same"; fewer than two seeds give no interval at all.
 """
 
 from __future__ import annotations
@@ -66,9 +67,8 @@ def paired(
 
 
 def verdict(diff: Interval | None, *, lower_is_better: bool = True, negligible: float = 0.0) -> str:
-    """'better' / 'worse' when the interval excludes 0, 'tie' when it contains it, 'same' when
-    even its far end is within `negligible` of 0 (a difference too small to matter, however
-    sure: e.g. two methods equal up to round-off), 'n/a' without one (no shared seed, or one)."""
+    """'better'/'worse' (interval excludes 0), 'tie' (holds 0), 'same' (wholly within
+    `negligible` of 0: equal up to round-off, however sure), 'n/a' (fewer than two seeds)."""
     if diff is None or diff.n < 2:
         return "n/a"
     if max(abs(diff.low), abs(diff.high)) < negligible:

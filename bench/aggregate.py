@@ -34,6 +34,8 @@ import torch
 from fedllm.aggregators import Factors, get
 from fedllm.aggregators.linalg import stack
 
+PLAIN = aggregate_scale.PLAIN
+
 RANKS = (4, 8, 16, 32, 64)  # client ranks, cycled
 TARGET = 64  # global rank of the SVD-family methods: the largest client rank
 OVERSAMPLE, POWER_ITERS = 8, 2
@@ -108,9 +110,9 @@ def cases(
         "svd exact": method("svd", global_rank=TARGET, method="exact"),
         "svd rsvd": method("svd", global_rank=TARGET, method="rsvd"),
         "svd rsvd before (float64, oversample 8)": lambda: aggregate_scale.before(updates, weights),
-        "squeeze plain (auto)": method("squeeze", correction=False, residual_rank=0),
-        "squeeze plain rsvd": method("squeeze", method="rsvd", correction=False, residual_rank=0),
-        "squeeze defaults (correction, residual 64)": method("squeeze"),
+        "squeeze plain (auto)": method("squeeze", **PLAIN),
+        "squeeze plain rsvd": method("squeeze", method="rsvd", **PLAIN),
+        "squeeze defaults (correction, residual 64, rows gauge)": method("squeeze"),
         "lorafair": method("lorafair"),
         "fedit": method("fedit"),
         "hetlora": method("hetlora"),

@@ -30,9 +30,10 @@ The grid moves only while nothing else runs, so it takes many sessions; the rows
 up across them:
 
     python bench/quality.py --methods core --regimes scarce domain           # 60 cells, ~11 h
+    python bench/quality.py --methods "squeeze balanced" --regimes scarce     # 3: the old default
     python bench/quality.py --methods control --regimes iid                   # 15 cells, ~2 h
     python bench/quality.py --methods baselines features --regimes scarce     # 24 cells, ~5 h
-    python bench/quality.py --methods variants --regimes domain               # +12 cells, ~1.5 h
+    python bench/quality.py --methods variants --regimes domain               # +24 cells, ~2.5 h
     python bench/quality.py --methods "squeeze plain" "squeeze +residual" "squeeze rows" \
         "squeeze +residual rows" squeeze "squeeze balanced" fedit "local only" \
         --regimes long                                                        # 24 cells, ~7 h
@@ -145,8 +146,8 @@ METHODS: dict[str, tuple[str | None, tuple[str, ...]]] = {
     "squeeze plain": _sq(*PLAIN, *BALANCED),  # == svd at rank max rᵢ
     "squeeze +correction": _sq("correction=true", "residual_rank=0", *BALANCED),
     "squeeze +residual": _sq("correction=false", *BALANCED),
-    "squeeze rows": _sq(*PLAIN),  # A rows at a fresh init's norm (1/√3)
-    "squeeze +residual rows": _sq("correction=false"),
+    "squeeze rows": _sq(*PLAIN, "gauge=rows"),  # A rows at a fresh init's norm (1/√3)
+    "squeeze +residual rows": _sq("correction=false", "gauge=rows"),
     # LoRA-Squeeze in-tuning: clients train at 2r, squeeze to r after half their steps (run
     # against the balanced default, so it stays there)
     "squeeze intune": ("squeeze", ("features.squeeze_intune={}", *_sq(*BALANCED)[1])),

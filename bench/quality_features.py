@@ -5,9 +5,9 @@
 
 Reads the cells `bench/quality.py` left in <out>/rows.jsonl and writes, per regime, each feature's
 paired difference to its base method on the same seeds (mean ± 95% Student-t interval over seeds),
-on the clients' own held-out splits and on the global test set. A difference whose interval
-contains 0 is a tie. (The earlier per-seed files quality-features-s*.md came from the one-seed
-harness this replaced.)
+on the clients' own held-out splits and on the global test set. A difference whose interval contains
+0 is a tie; one whose whole interval is within 0.001 nats of 0 is "same". (The earlier per-seed
+files quality-features-s*.md came from the one-seed harness this replaced.)
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _quality_report import RESULTS, by_method, diff_text, finals, interval_text
+from _quality_report import NEGLIGIBLE, RESULTS, by_method, diff_text, finals, interval_text
 from quality import PAIRS, read_rows
 
 FEATURES = [(a, b) for a, b in PAIRS if a in ("fedprox", "fedavgm", "svd +fedavgm")]
@@ -31,7 +31,7 @@ def report(rows: list[dict], source: Path) -> str:
         f"From `{source}` (cells of `bench/quality.py`; commands, seeds and load there and in "
         "`quality.md`). fedprox: svd + μ = 0.01; fedavgm: fedit + server momentum β = 0.9; "
         "svd +fedavgm: svd + β = 0.9. Negative: lower loss than the base; tie: the 95% interval "
-        "contains 0.",
+        f"contains 0; same: the whole interval within {NEGLIGIBLE} nats of 0.",
     ]
     for regime in sorted({r["regime"] for r in rows}):
         cells = by_method(rows, regime)

@@ -10,10 +10,11 @@ sums every truncation in each step, this is the unbiased one-draw estimate of th
 deviation, at 1/|T| of its cost). The reported training losses are those of the drawn truncations.
 
 Client option `nested` (aggregator.options of `prelort`, sent in the round config): true (default)
-or false (plain local steps: segment-wise averaging alone). Any other adapter-state aggregator
-takes the same training with `features: {nested_prefix: {}}` (e.g. squeeze, whose clients restart
-from the SVD-ordered prefix of the global: a prefix trained to carry the most is what that cut
-keeps). Refused with DP-SGD (its per-sample gradients were not tested under the hooks).
+or false (plain local steps: segment-wise averaging alone). Any other adapter-state aggregator takes
+the same training with `features: {nested_prefix: {}}` (e.g. squeeze, whose clients restart from the
+first components of the global: a prefix trained to carry the most is what that cut keeps; measured,
+it lost to plain squeeze: docs/aggregators.md). Refused with DP-SGD (its per-sample gradients were
+not tested under the hooks).
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ or wider; the new global is the best rank-r approximation of ΔW_old + η·(β·
 those of the aggregator's result, computed from the uncapped velocity (the cap only limits what
 is carried to the next round). The global comes back SVD-ordered, so a client's cut to its rank
 is the best approximation at that rank. β = 0, η = 1 gives back the aggregate (re-factored).
+The re-factoring is the balanced SVD split (B = U√S, A = √S Vᵀ): an aggregator's own split of
+the same product (squeeze's `gauge: rows`, its corrected Ā) does not survive momentum.
 
 Recipe: `features: {server_momentum: {beta: 0.9, rank: null, server_lr: 1.0}}` — β in [0, 1)
 (default 0.9, the paper's usual value), `rank` ≥ 1 caps the velocity (default: the rank of the
