@@ -283,6 +283,12 @@ def main() -> None:
             print(f"regime {name}: {regime.about}\n  {' '.join(regime.overrides)}")
         for name, labels in GROUPS.items():
             print(f"group {name}: {', '.join(labels)}")
+        done = read_rows(args.results / "quality-rows.jsonl")  # the committed grid
+        for regime in REGIMES:
+            here = [r for r in done if r["regime"] == regime]
+            seeds = {m: sorted(r["seed"] for r in here if r["method"] == m) for m in METHODS}
+            cells = [f"{m} {v}" for m, v in seeds.items() if v]
+            print(f"done in {regime}: {sum(map(len, seeds.values()))} cells: {', '.join(cells)}")
         return
     if args.threads:
         torch.set_num_threads(args.threads)
