@@ -160,12 +160,10 @@ def option_names(name: str) -> list[str]:
 
 
 def resolved_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
-    """Every option of `name` as the method will run it: its defaults under `options` (a
-    checkpoint keeps them, so a resume notices a default changed since; non-scalars as repr)."""
+    """Every option of `name` as the method will run it: its defaults under `options`, by key.
+    A client option the recipe leaves unset reads None (its default lives with the client)."""
     merged = {k: v for k, v in _option_defaults(name).items() if v is not inspect.Parameter.empty}
-    merged |= dict(options)
-    plain = (str, int, float, bool, type(None))
-    return {k: v if isinstance(v, plain) else repr(v) for k, v in sorted(merged.items())}
+    return dict(sorted((merged | dict(options)).items()))
 
 
 def _option_defaults(name: str) -> dict[str, Any]:

@@ -30,13 +30,14 @@ from fedllm.client.train import evaluate_nll, train_local
 from fedllm.data import tokenize_all
 from fedllm.data.shards import ProcessCache, global_test_set, load_shard
 from fedllm.deploy.local_grid import run_local
+from fedllm.features import registry as features
 from fedllm.launch import remove_run_dir
 from fedllm.model.adapters import attach_lora
 from fedllm.model.base import cached_base_model
 from fedllm.recipe import RunConfig
-from fedllm.server.app import aggregator_record
 from fedllm.server.checkpoint import load_checkpoint
 from fedllm.server.metrics import MetricsLog
+from fedllm.server.settings_record import settings_record
 
 
 def _stale_checkpoint(cfg: RunConfig) -> str | None:
@@ -47,8 +48,8 @@ def _stale_checkpoint(cfg: RunConfig) -> str | None:
         return "no readable checkpoint"
     if state["fingerprint"] != cfg.fingerprint(budget=False):
         return "its checkpoint was made by another recipe (model, LoRA, data, seed or privacy)"
-    if state.get("aggregator") != aggregator_record(cfg):
-        return "its rounds ran with other aggregator options (a default or the recipe changed)"
+    if state.get("settings") != settings_record(cfg, features.build(cfg)):
+        return "its rounds ran with other settings (a default or the recipe changed)"
     return None
 
 

@@ -30,7 +30,7 @@ def test_a_cell_restarts_when_its_rounds_ran_other_aggregator_options(tmp_path: 
     Run.save(SimpleNamespace(cfg=old, features=[], strategy=SimpleNamespace(state_dict=dict)), 2)
     assert Q._stale_checkpoint(old) is None
     assert Q._stale_checkpoint(load_recipe(TINY, base)) == (
-        "its rounds ran with other aggregator options (a default or the recipe changed)"
+        "its rounds ran with other settings (a default or the recipe changed)"
     )
     other_seed = load_recipe(TINY, [*base, "aggregator.options.gauge=balanced", "seed=5"])
     assert "another recipe" in Q._stale_checkpoint(other_seed)

@@ -257,36 +257,6 @@ def test_a_pending_round_is_in_the_fallback_copy_too(tmp_path: Path) -> None:
     assert sorted(p.name for p in cfg.run_dir.iterdir()) == sorted([CHECKPOINT, CORRUPT, PREVIOUS])
 
 
-def test_a_checkpoint_keeps_the_aggregator_options_as_run_and_a_resume_names_changes(
-    tmp_path: Path,
-) -> None:
-    """A default that changed between a run and its resume (squeeze's gauge did) is said, option
-    by option; the recipe's `options: {}` alone could not show it."""
-    from types import SimpleNamespace
-
-    from fedllm.server.app import Run, option_changes
-
-    cfg = load_recipe(TINY, [f"output_dir={tmp_path}", "name=r", "aggregator.name=squeeze"])
-    cfg.run_dir.mkdir(parents=True)
-    run = SimpleNamespace(cfg=cfg, features=[], strategy=SimpleNamespace(state_dict=dict))
-    Run.save(run, 1)
-    saved = load_checkpoint(cfg.run_dir)["aggregator"]
-    assert saved["name"] == "squeeze" and saved["options"]["gauge"] == "rows"  # the default
-    assert saved["options"]["lam"] == 0.01 and saved["options"]["residual_rank"] is None
-    assert option_changes(saved, cfg, saved_round=1) == []
-    assert option_changes(None, cfg, saved_round=1) == []  # a checkpoint older than the record
-    older = {"name": "squeeze", "options": {**saved["options"], "gauge": "balanced"}}
-    (line,) = option_changes(older, cfg, saved_round=3)
-    assert line.startswith("resume: aggregator.options.gauge was 'balanced' in rounds 1-3 and is")
-    assert "'rows' now" in line
-    pin = [f"output_dir={tmp_path}", "name=r", "aggregator.name=squeeze"]
-    pinned = load_recipe(TINY, [*pin, "aggregator.options.gauge=balanced"])
-    assert option_changes(older, pinned, saved_round=3) == []  # the old value kept in the recipe
-    svd = load_recipe(TINY, [f"output_dir={tmp_path}", "name=r", "aggregator.name=svd"])
-    (line,) = option_changes(saved, svd, saved_round=2)
-    assert line == "resume: rounds 1-2 were aggregated by 'squeeze', the rest by 'svd'"
-
-
 def test_a_truncated_checkpoint_without_fallback_is_a_clear_error(tmp_path: Path) -> None:
     save_checkpoint(tmp_path, {"round": 1})
     latest = tmp_path / CHECKPOINT

@@ -17,7 +17,6 @@ from typing import Any
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedllm.aggregators import resolved_options
 from fedllm.data.shards import ProcessCache
 from fedllm.errors import RunFailed, short_reason
 from fedllm.features import registry
@@ -37,34 +36,9 @@ from fedllm.server.exchange import (
 )
 from fedllm.server.metrics import MetricsLog
 from fedllm.server.outputs import finish, snapshot
+from fedllm.server.settings_record import setting_changes, settings_record
 from fedllm.server.strategy import LoraStrategy
 from fedllm.server.trackers import open_trackers
-
-
-def aggregator_record(cfg: RunConfig) -> dict[str, Any]:
-    """The aggregator's name and every option as it runs, defaults included (what a
-    checkpoint keeps: a default may change between a run and its resume)."""
-    name = cfg.aggregator.name
-    return {"name": name, "options": resolved_options(name, cfg.aggregator.options)}
-
-
-def option_changes(saved: dict[str, Any] | None, cfg: RunConfig, *, saved_round: int) -> list[str]:
-    """What differs between the aggregator the checkpoint's rounds ran and `cfg`'s, one line
-    each ([] for a checkpoint from before this record); the run goes on with `cfg`'s."""
-    now = aggregator_record(cfg)
-    if saved is None or saved == now:
-        return []
-    done = f"rounds 1-{saved_round}"
-    if saved["name"] != now["name"]:
-        return [f"resume: {done} were aggregated by {saved['name']!r}, the rest by {now['name']!r}"]
-    old, new = saved["options"], now["options"]
-    return [
-        f"resume: aggregator.options.{key} was {old.get(key)!r} in {done} and is "
-        f"{new.get(key)!r} now (the recipe or a default changed); set it in the recipe to keep "
-        "the old value"
-        for key in sorted(set(old) | set(new))
-        if old.get(key) != new.get(key)
-    ]
 
 
 class Run:
@@ -93,7 +67,7 @@ class Run:
         features = {f.state_key or f.name: f.state_dict() for f in self.features}
         fingerprint = self.cfg.fingerprint(budget=False)  # a resume may change the ε budget
         state = {"round": server_round, "fingerprint": fingerprint, "pending": pending}
-        state["aggregator"] = aggregator_record(self.cfg)
+        state["settings"] = settings_record(self.cfg, self.features)
         # a pending round goes into the fallback copy as well: a resume from either charges it
         save_checkpoint(
             self.cfg.run_dir,
@@ -114,7 +88,8 @@ class Run:
                 f"checkpoint in {self.cfg.run_dir} was made by another recipe "
                 "(model/lora/data/seed/privacy differ); use a new name= or drop --resume"
             )
-        for change in option_changes(state.get("aggregator"), self.cfg, saved_round=state["round"]):
+        now = settings_record(self.cfg, self.features)
+        for change in setting_changes(state.get("settings"), now, saved_round=state["round"]):
             say(change)
         self.strategy.load_state_dict(state["strategy"])
         for f in self.features:

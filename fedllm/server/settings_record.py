@@ -1,0 +1,69 @@
+"""The settings a checkpoint keeps beside the recipe fingerprint, so that a resume can say what
+changed since its finished rounds.
+
+The fingerprint pins what must match for a resume to make sense (model, LoRA, data, seed,
+privacy) and refuses a mismatch. The aggregator, the features' options and the federation's
+training settings may change on purpose between a run and its resume (a recipe edit), or
+without anyone asking (a code default that changed between versions, as squeeze's gauge did):
+the run goes on with today's values, and says each one that differs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+from fedllm.aggregators import resolved_options
+from fedllm.features.base import Feature
+from fedllm.recipe.schema import RunConfig
+
+# the budget and the operational knobs: extending a run's rounds is what a resume is for
+NOT_RECORDED = ("rounds", "round_timeout", "node_grace", "eval_batch_size")
+
+
+def settings_record(cfg: RunConfig, features: Iterable[Feature]) -> dict[str, Any]:
+    """Dotted key -> value as this run trains (defaults included): `aggregator.name`,
+    `aggregator.options.*`, `features.<name>.*`, `federation.*` (values a checkpoint can hold)."""
+    name = cfg.aggregator.name
+    out: dict[str, Any] = {"aggregator.name": name}
+    for key, value in resolved_options(name, cfg.aggregator.options).items():
+        out[f"aggregator.options.{key}"] = stable(value)
+    for feature in features:
+        if feature.options is not None:
+            for key, value in feature.options.model_dump(mode="json").items():
+                out[f"features.{feature.name}.{key}"] = stable(value)
+    for key, value in cfg.federation.model_dump(mode="json").items():
+        if key not in NOT_RECORDED:
+            out[f"federation.{key}"] = stable(value)
+    return out
+
+
+def setting_changes(
+    saved: dict[str, Any] | None, now: dict[str, Any], *, saved_round: int
+) -> list[str]:
+    """One line per setting that differs between the checkpoint's rounds and now ([] for a
+    checkpoint older than the record, or one saved before any round was aggregated)."""
+    if saved is None or saved_round == 0 or saved == now:
+        return []
+    unset = "(not set)"
+    return [
+        f"resume: {key} was {saved.get(key, unset)!r} in rounds 1-{saved_round} and is "
+        f"{now.get(key, unset)!r} now (the recipe or a default changed); the run goes on with "
+        "today's value (set it in the recipe to keep the old one)"
+        for key in sorted(set(saved) | set(now))
+        if saved.get(key, unset) != now.get(key, unset)
+    ]
+
+
+def stable(value: Any) -> Any:
+    """A value that reads back equal in another process: scalars as they are (NaN as 'nan'),
+    anything else as a repr with no memory address and no hash order."""
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"
+    if isinstance(value, (str, int, float, bool, type(None))):
+        return value
+    if isinstance(value, (set, frozenset)):
+        return repr(sorted(value, key=repr))
+    text = repr(value)
+    return type(value).__name__ if " at 0x" in text else text

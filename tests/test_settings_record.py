@@ -1,0 +1,102 @@
+"""fedllm/server/settings_record.py: what a checkpoint keeps beside the fingerprint, and a
+resume that names each setting changed since its finished rounds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fedllm.aggregators import available
+from fedllm.features import registry
+from fedllm.recipe import load_recipe
+from fedllm.server.app import Run
+from fedllm.server.checkpoint import load_checkpoint, plain
+from fedllm.server.settings_record import setting_changes, settings_record, stable
+
+TINY = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
+
+
+def _cfg(tmp_path: Path, *extra: str):
+    return load_recipe(TINY, [f"output_dir={tmp_path}", "name=r", *extra])
+
+
+def _run(cfg) -> SimpleNamespace:
+    """What Run.save and Run.resume use of a Run, without a model or a grid."""
+    return SimpleNamespace(
+        cfg=cfg,
+        features=registry.build(cfg),
+        strategy=SimpleNamespace(state_dict=dict, load_state_dict=lambda state: None),
+        metrics=SimpleNamespace(truncate_after=lambda last: None),
+        save=lambda *args, **kw: None,
+    )
+
+
+def test_the_record_has_every_default_the_run_trains_with(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, "aggregator.name=squeeze", "features.fedprox={}")
+    record = settings_record(cfg, registry.build(cfg))
+    assert record["aggregator.name"] == "squeeze"
+    assert record["aggregator.options.gauge"] == "rows"  # a default the recipe never names
+    assert record["aggregator.options.lam"] == 0.01
+    assert record["features.fedprox.mu"] == 0.01
+    assert record["federation.lr"] == cfg.federation.lr
+    assert "federation.rounds" not in record  # a resume may extend the budget
+
+
+def test_a_resume_says_each_changed_setting_and_goes_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """squeeze's gauge default changed between versions: a run whose rounds ran `balanced`
+    resumed under `rows` must say so (the recipe's `options: {}` alone cannot show it)."""
+    old = _cfg(tmp_path, "aggregator.name=squeeze", "aggregator.options.gauge=balanced")
+    old.run_dir.mkdir(parents=True)
+    Run.save(_run(old), 3)
+    assert load_checkpoint(old.run_dir)["settings"]["aggregator.options.gauge"] == "balanced"
+    capsys.readouterr()
+    assert Run.resume(_run(old)) == 4 and "was" not in capsys.readouterr().out  # same settings
+    new = _cfg(tmp_path, "aggregator.name=squeeze", "federation.lr=0.002")
+    assert Run.resume(_run(new)) == 4
+    out = capsys.readouterr().out
+    assert (
+        "[fedllm] resume: aggregator.options.gauge was 'balanced' in rounds 1-3 and is 'rows' "
+        "now (the recipe or a default changed)" in out
+    )
+    assert "resume: federation.lr was 0.005 in rounds 1-3 and is 0.002 now" in out
+    assert "resuming r after round 3" in out
+
+
+def test_changes_name_added_and_removed_settings() -> None:
+    saved = {"aggregator.name": "squeeze", "features.fedprox.mu": 0.01}
+    now = {"aggregator.name": "svd"}
+    assert setting_changes(saved, now, saved_round=2) == [
+        "resume: aggregator.name was 'squeeze' in rounds 1-2 and is 'svd' now (the recipe or a "
+        "default changed); the run goes on with today's value (set it in the recipe to keep the "
+        "old one)",
+        "resume: features.fedprox.mu was 0.01 in rounds 1-2 and is '(not set)' now (the recipe "
+        "or a default changed); the run goes on with today's value (set it in the recipe to keep "
+        "the old one)",
+    ]
+    assert setting_changes(None, now, saved_round=2) == []  # a checkpoint before the record
+    assert setting_changes(saved, now, saved_round=0) == []  # nothing aggregated yet
+
+
+@pytest.mark.parametrize("name", available())
+def test_every_aggregators_record_reads_back_equal(name: str, tmp_path: Path) -> None:
+    """Saved with the checkpoint and read with weights_only, the record must compare equal, or
+    every resume would report a change."""
+    cfg = _cfg(tmp_path, f"aggregator.name={name}")
+    record = settings_record(cfg, [])
+    torch.save(plain(record), tmp_path / "r.pt")
+    assert torch.load(tmp_path / "r.pt", weights_only=True) == record
+
+
+def test_stable_values_survive_another_process() -> None:
+    class Knob:
+        pass
+
+    assert stable(float("nan")) == "nan" and stable(0.5) == 0.5 and stable(None) is None
+    assert stable(frozenset({"b", "a"})) == "['a', 'b']"  # not hash order
+    assert stable(Knob()) == "Knob"  # not <Knob object at 0x...>
+    assert stable((1, 2)) == "(1, 2)"
