@@ -14,7 +14,12 @@ from fedllm.features import registry
 from fedllm.recipe import load_recipe
 from fedllm.server.app import Run
 from fedllm.server.checkpoint import load_checkpoint, plain
-from fedllm.server.settings_record import setting_changes, settings_record, stable
+from fedllm.server.settings_record import (
+    changed_settings,
+    describe_changes,
+    settings_record,
+    stable,
+)
 
 TINY = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
 
@@ -23,13 +28,17 @@ def _cfg(tmp_path: Path, *extra: str):
     return load_recipe(TINY, [f"output_dir={tmp_path}", "name=r", *extra])
 
 
-def _run(cfg) -> SimpleNamespace:
-    """What Run.save and Run.resume use of a Run, without a model or a grid."""
+def _run(cfg, written: list[dict] | None = None) -> SimpleNamespace:
+    """What Run.save and Run.resume use of a Run, without a model or a grid; metrics rows the
+    resume writes go to `written`."""
+    sink = written if written is not None else []
     return SimpleNamespace(
         cfg=cfg,
         features=registry.build(cfg),
         strategy=SimpleNamespace(state_dict=dict, load_state_dict=lambda state: None),
-        metrics=SimpleNamespace(truncate_after=lambda last: None),
+        metrics=SimpleNamespace(
+            truncate_after=lambda last: None, write=lambda rows, publish: sink.extend(rows)
+        ),
         save=lambda *args, **kw: None,
     )
 
@@ -57,7 +66,18 @@ def test_a_resume_says_each_changed_setting_and_goes_on(
     capsys.readouterr()
     assert Run.resume(_run(old)) == 4 and "was" not in capsys.readouterr().out  # same settings
     new = _cfg(tmp_path, "aggregator.name=squeeze", "federation.lr=0.002")
-    assert Run.resume(_run(new)) == 4
+    written: list[dict] = []
+    assert Run.resume(_run(new, written)) == 4
+    assert written == [  # on disk: the next checkpoint keeps only today's settings
+        {
+            "kind": "resume",
+            "round": 3,
+            "changed": {
+                "aggregator.options.gauge": ["balanced", "rows"],
+                "federation.lr": [0.005, 0.002],
+            },
+        }
+    ]
     out = capsys.readouterr().out
     assert (
         "[fedllm] resume: aggregator.options.gauge was 'balanced' in rounds 1-3 and is 'rows' "
@@ -70,16 +90,19 @@ def test_a_resume_says_each_changed_setting_and_goes_on(
 def test_changes_name_added_and_removed_settings() -> None:
     saved = {"aggregator.name": "squeeze", "features.fedprox.mu": 0.01}
     now = {"aggregator.name": "svd"}
-    assert setting_changes(saved, now, saved_round=2) == [
+    changes = changed_settings(saved, now, saved_round=2)
+    assert changes == {
+        "aggregator.name": ["squeeze", "svd"],
+        "features.fedprox.mu": [0.01, "(not set)"],
+    }
+    assert describe_changes(changes, saved_round=2)[0] == (
         "resume: aggregator.name was 'squeeze' in rounds 1-2 and is 'svd' now (the recipe or a "
         "default changed); the run goes on with today's value (set it in the recipe to keep the "
-        "old one)",
-        "resume: features.fedprox.mu was 0.01 in rounds 1-2 and is '(not set)' now (the recipe "
-        "or a default changed); the run goes on with today's value (set it in the recipe to keep "
-        "the old one)",
-    ]
-    assert setting_changes(None, now, saved_round=2) == []  # a checkpoint before the record
-    assert setting_changes(saved, now, saved_round=0) == []  # nothing aggregated yet
+        "old one)"
+    )
+    assert changed_settings(None, now, saved_round=2) == {}  # a checkpoint before the record
+    assert changed_settings(saved, now, saved_round=0) == {}  # nothing aggregated yet
+    assert changed_settings(now, dict(now), saved_round=2) == {}
 
 
 @pytest.mark.parametrize("name", available())

@@ -36,7 +36,7 @@ from fedllm.server.exchange import (
 )
 from fedllm.server.metrics import MetricsLog
 from fedllm.server.outputs import finish, snapshot
-from fedllm.server.settings_record import setting_changes, settings_record
+from fedllm.server.settings_record import changed_settings, describe_changes, settings_record
 from fedllm.server.strategy import LoraStrategy
 from fedllm.server.trackers import open_trackers
 
@@ -89,8 +89,9 @@ class Run:
                 "(model/lora/data/seed/privacy differ); use a new name= or drop --resume"
             )
         now = settings_record(self.cfg, self.features)
-        for change in setting_changes(state.get("settings"), now, saved_round=state["round"]):
-            say(change)
+        changes = changed_settings(state.get("settings"), now, saved_round=state["round"])
+        for line in describe_changes(changes, saved_round=state["round"]):
+            say(line)
         self.strategy.load_state_dict(state["strategy"])
         for f in self.features:
             f.load_state_dict(state.get(f.state_key or f.name))
@@ -100,6 +101,9 @@ class Run:
             say(f"round {lost['round']} was interrupted after its clients were asked to train")
             self.save(state["round"])  # the charge on disk now, even if this run stops at once
         self.metrics.truncate_after(state["round"])
+        if changes:  # on disk: the next checkpoint keeps only today's settings
+            row = {"kind": "resume", "round": state["round"], "changed": changes}
+            self.metrics.write([row], publish=False)
         say(
             f"resuming {self.cfg.name} after round {state['round']} of {self.cfg.federation.rounds}"
         )

@@ -20,6 +20,7 @@ from fedllm.recipe.schema import RunConfig
 
 # the budget and the operational knobs: extending a run's rounds is what a resume is for
 NOT_RECORDED = ("rounds", "round_timeout", "node_grace", "eval_batch_size")
+UNSET = "(not set)"  # a setting one side has and the other does not (a feature added, say)
 
 
 def settings_record(cfg: RunConfig, features: Iterable[Feature]) -> dict[str, Any]:
@@ -39,20 +40,25 @@ def settings_record(cfg: RunConfig, features: Iterable[Feature]) -> dict[str, An
     return out
 
 
-def setting_changes(
+def changed_settings(
     saved: dict[str, Any] | None, now: dict[str, Any], *, saved_round: int
-) -> list[str]:
-    """One line per setting that differs between the checkpoint's rounds and now ([] for a
+) -> dict[str, list[Any]]:
+    """Setting -> [value in the checkpoint's rounds, value now] for each that differs ({} for a
     checkpoint older than the record, or one saved before any round was aggregated)."""
     if saved is None or saved_round == 0 or saved == now:
-        return []
-    unset = "(not set)"
+        return {}
+    keys = sorted(set(saved) | set(now))
+    pairs = {key: [saved.get(key, UNSET), now.get(key, UNSET)] for key in keys}
+    return {key: pair for key, pair in pairs.items() if pair[0] != pair[1]}
+
+
+def describe_changes(changes: dict[str, list[Any]], *, saved_round: int) -> list[str]:
+    """One progress line per changed setting."""
     return [
-        f"resume: {key} was {saved.get(key, unset)!r} in rounds 1-{saved_round} and is "
-        f"{now.get(key, unset)!r} now (the recipe or a default changed); the run goes on with "
-        "today's value (set it in the recipe to keep the old one)"
-        for key in sorted(set(saved) | set(now))
-        if saved.get(key, unset) != now.get(key, unset)
+        f"resume: {key} was {old!r} in rounds 1-{saved_round} and is {new!r} now (the recipe or "
+        "a default changed); the run goes on with today's value (set it in the recipe to keep "
+        "the old one)"
+        for key, (old, new) in changes.items()
     ]
 
 
