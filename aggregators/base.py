@@ -119,6 +119,9 @@ class RoundSpec:
     local_B: bool = False  # clients keep B across rounds and exchange A only
     # aggregator.options read by clients (sent in the round config), never by the aggregation
     client_options: tuple[str, ...] = ()
+    # the value a client applies to each client option the recipe leaves unset (what a run's
+    # settings record shows; an option missing here reads None there)
+    client_defaults: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
 
 ADAPTER_STATE = RoundSpec()

@@ -26,11 +26,16 @@ def delta_norm(f: Factors) -> float:
     return f.scaling * math.sqrt(squared)
 
 
-# the rank self-pruning options, used by clients only (fedllm.features.hetlora_prune)
-CLIENT_OPTIONS = ("prune_lambda", "prune_gamma", "min_rank")
+# the rank self-pruning options, used by clients only (fedllm.features.hetlora_prune), and their
+# defaults there (λ = 0: off)
+CLIENT_DEFAULTS: dict[str, Any] = {"prune_lambda": 0.0, "prune_gamma": 0.1, "min_rank": 1}
+CLIENT_OPTIONS = tuple(CLIENT_DEFAULTS)
 
 
-@register("hetlora", rounds=RoundSpec(client_options=CLIENT_OPTIONS))
+@register(
+    "hetlora",
+    rounds=RoundSpec(client_options=CLIENT_OPTIONS, client_defaults=CLIENT_DEFAULTS),
+)
 def hetlora(
     updates: Sequence[Factors],
     weights: Sequence[float],

@@ -23,10 +23,15 @@ import torch
 from .base import Aggregate, Factors, RoundSpec, normalized_weights, reject_options
 from .registry import register
 
-CLIENT_OPTIONS = ("nested",)  # read by the clients only (fedllm.features.prelort_nested)
+# read by the clients only (fedllm.features.prelort_nested): option -> its default there
+CLIENT_DEFAULTS: dict[str, Any] = {"nested": True}
+CLIENT_OPTIONS = tuple(CLIENT_DEFAULTS)
 
 
-@register("prelort", rounds=RoundSpec(client_options=CLIENT_OPTIONS))
+@register(
+    "prelort",
+    rounds=RoundSpec(client_options=CLIENT_OPTIONS, client_defaults=CLIENT_DEFAULTS),
+)
 def prelort(
     updates: Sequence[Factors],
     weights: Sequence[float],

@@ -45,6 +45,9 @@ def register(
         if name in _REGISTRY and _REGISTRY[name] is not fn:
             raise ValueError(f"aggregator {name!r} is already registered")
         _check_signature(name, fn)
+        stray = sorted(set(rounds.client_defaults) - set(rounds.client_options))
+        if stray:
+            raise ValueError(f"aggregator {name!r}: client_defaults {stray} not in client_options")
         _REGISTRY[name] = fn
         _ROUNDS[name] = rounds
         return fn
@@ -161,13 +164,13 @@ def option_names(name: str) -> list[str]:
 
 def resolved_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
     """Every option of `name` as the method will run it: its defaults under `options`, by key.
-    A client option the recipe leaves unset reads None (its default lives with the client)."""
+    A client option reads the default its RoundSpec declares (None if it declares none)."""
     merged = {k: v for k, v in _option_defaults(name).items() if v is not inspect.Parameter.empty}
     return dict(sorted((merged | dict(options)).items()))
 
 
 def _option_defaults(name: str) -> dict[str, Any]:
-    """Option -> default (Parameter.empty if required; None for client options) of `name`."""
+    """Option -> default (Parameter.empty if required; a client option's declared one) of `name`."""
     fn = get(name)
     try:
         params = list(inspect.signature(fn).parameters.values())
@@ -180,8 +183,9 @@ def _option_defaults(name: str) -> dict[str, Any]:
         for p in params
         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in skip
     }
-    for option in round_spec(name).client_options:
-        out.setdefault(option, None)
+    spec = round_spec(name)
+    for option in spec.client_options:
+        out.setdefault(option, spec.client_defaults.get(option))
     return out
 
 

@@ -24,10 +24,15 @@ from .linalg import SvdMethod
 from .registry import register
 from .svd import svd
 
-CLIENT_OPTIONS = ("local_fraction",)  # read by the clients only (sdflora_local)
+# read by the clients only (fedllm.features.sdflora_local): option -> its default there
+CLIENT_DEFAULTS: dict[str, Any] = {"local_fraction": 0.5}
+CLIENT_OPTIONS = tuple(CLIENT_DEFAULTS)
 
 
-@register("sdflora", rounds=RoundSpec(client_options=CLIENT_OPTIONS))
+@register(
+    "sdflora",
+    rounds=RoundSpec(client_options=CLIENT_OPTIONS, client_defaults=CLIENT_DEFAULTS),
+)
 def sdflora(
     updates: Sequence[Factors],
     weights: Sequence[float],

@@ -21,6 +21,10 @@ import torch
 from fedllm import aggregators
 from fedllm.aggregators import Aggregate, Factors, available, get, register, registry
 from fedllm.aggregators.base import ADAPTER_STATE, RoundSpec
+from fedllm.aggregators.registry import resolved_options
+from fedllm.features.hetlora_prune import PruneOptions, parse_options
+from fedllm.features.prelort_nested import nested_option
+from fedllm.features.sdflora_local import local_fraction
 
 
 @pytest.fixture(autouse=True)
@@ -376,3 +380,20 @@ def test_a_method_that_cannot_take_the_strategys_arguments_is_refused_at_registe
 def test_a_method_taking_every_keyword_by_kwargs_registers() -> None:
     register("kw_only_sig")(lambda updates, weights, **kw: Aggregate(updates[0]))
     assert "kw_only_sig" in available()
+
+
+def test_client_defaults_are_what_the_clients_apply() -> None:
+    """The record of a run (resolved_options) shows a client option at the value the client
+    feature uses when the recipe leaves it unset."""
+    hetlora = resolved_options("hetlora", {})
+    assert PruneOptions(**{k: hetlora[k] for k in PruneOptions.__dataclass_fields__}) == (
+        parse_options({})
+    )
+    assert resolved_options("prelort", {})["nested"] is nested_option({})
+    assert resolved_options("sdflora", {})["local_fraction"] == local_fraction({})
+    assert resolved_options("sdflora", {"local_fraction": 0.25})["local_fraction"] == 0.25
+
+
+def test_client_defaults_must_name_client_options() -> None:
+    with pytest.raises(ValueError, match=r"client_defaults \['mu'\] not in client_options"):
+        register("stray_default", rounds=RoundSpec(client_defaults={"mu": 0.1}))(get("svd"))

@@ -123,3 +123,31 @@ def test_stable_values_survive_another_process() -> None:
     assert stable(frozenset({"b", "a"})) == "['a', 'b']"  # not hash order
     assert stable(Knob()) == "Knob"  # not <Knob object at 0x...>
     assert stable((1, 2)) == "(1, 2)"
+
+
+def test_constrained_sections_and_devices_are_recorded(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, "pruning.importance=magnitude", "compression.dtype=bfloat16")
+    record = settings_record(cfg, [])
+    assert record["pruning.importance"] == "magnitude"
+    assert record["compression.dtype"] == "bfloat16" and record["compression.topk"] is None
+    assert not any(k.startswith("adaptive.") for k in record) and "devices" not in record
+    assert record["version"] == 2
+    now = settings_record(_cfg(tmp_path, "pruning.importance=wanda"), [])
+    changes = changed_settings(record, now, saved_round=1)
+    assert changes == {
+        "pruning.importance": ["magnitude", "wanda"],
+        "compression.dtype": ["bfloat16", "float32"],
+    }
+
+
+def test_a_version_1_record_is_compared_on_what_it_kept(tmp_path: Path) -> None:
+    """A checkpoint from before version 2 kept neither the constrained sections nor the client
+    options' defaults: a resume must not report those as changed, only what both recorded."""
+    now = settings_record(_cfg(tmp_path, "aggregator.name=prelort"), [])
+    assert now["aggregator.options.nested"] is True  # the client's default, declared
+    old = {k: v for k, v in now.items() if not k.startswith(("pruning.", "compression."))}
+    old = old | {"aggregator.options.nested": None, "federation.lr": 0.5}
+    del old["version"]
+    assert changed_settings(old, now, saved_round=2) == {
+        "federation.lr": [0.5, now["federation.lr"]]
+    }

@@ -31,6 +31,7 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 
 from fedllm.aggregators.base import Factors
+from fedllm.aggregators.hetlora import CLIENT_DEFAULTS
 from fedllm.aggregators.hetlora import CLIENT_OPTIONS as OPTIONS
 from fedllm.features.base import Feature, Regularizer, ReplyMetrics
 from fedllm.features.node_state import restore_node_state, save_node_state
@@ -54,9 +55,9 @@ TAIL = "hetlora-tail"  # the reply metric: the tail value after local training
 class PruneOptions:
     """The rank self-pruning settings; `active` only when λ > 0."""
 
-    prune_lambda: float = 0.0
-    prune_gamma: float = 0.1
-    min_rank: int = 1
+    prune_lambda: float = CLIENT_DEFAULTS["prune_lambda"]
+    prune_gamma: float = CLIENT_DEFAULTS["prune_gamma"]
+    min_rank: int = CLIENT_DEFAULTS["min_rank"]
 
     @property
     def active(self) -> bool:

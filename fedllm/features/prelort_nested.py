@@ -28,7 +28,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch.utils.hooks import RemovableHandle
 
-from fedllm.aggregators.prelort import CLIENT_OPTIONS
+from fedllm.aggregators.prelort import CLIENT_DEFAULTS, CLIENT_OPTIONS
 from fedllm.features.base import Feature, ReplyMetrics, require_adapter_state
 from fedllm.features.registry import register
 from fedllm.features.types import ClientRound, ClientUpdate
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 def nested_option(options: dict[str, Any]) -> bool:
     """The `nested` client option (default true); anything but a bool is an error naming it."""
-    value = options.get("nested", True)
+    value = options.get("nested", CLIENT_DEFAULTS["nested"])
     if not isinstance(value, bool):
         raise ValueError(f"aggregator.options.nested: must be true or false, got {value!r}")
     return value

@@ -34,7 +34,7 @@ import torch
 from flwr.app import ArrayRecord, RecordDict
 
 from fedllm.aggregators.base import Factors
-from fedllm.aggregators.sdflora import CLIENT_OPTIONS, split_ranks
+from fedllm.aggregators.sdflora import CLIENT_DEFAULTS, CLIENT_OPTIONS, split_ranks
 from fedllm.features.base import Feature, ReplyMetrics
 from fedllm.features.node_state import restore_node_state, save_node_state
 from fedllm.features.registry import register
@@ -43,7 +43,7 @@ from fedllm.model.wire import client_options
 from fedllm.recipe.schema import RunConfig
 
 STATE = "sdflora-local"  # key of this node's local module in context.state
-DEFAULT_FRACTION = 0.5
+DEFAULT_FRACTION = CLIENT_DEFAULTS["local_fraction"]
 
 
 def local_fraction(options: Mapping[str, Any]) -> float:

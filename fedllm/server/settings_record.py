@@ -21,11 +21,17 @@ from fedllm.recipe.schema import RunConfig
 # the budget and the operational knobs: extending a run's rounds is what a resume is for
 NOT_RECORDED = ("rounds", "round_timeout", "node_grace", "eval_batch_size")
 UNSET = "(not set)"  # a setting one side has and the other does not (a feature added, say)
+# the constrained-client sections, each setting as `section.key` (`devices` as one list); not
+# `simulation`, which says where clients run, not how they train
+SECTIONS = ("pruning", "adaptive", "compression")
+VERSION = 2  # 2: SECTIONS and `devices` recorded, client options at their declared defaults
+_SINCE_2 = (*(f"{s}." for s in SECTIONS), "devices")
 
 
 def settings_record(cfg: RunConfig, features: Iterable[Feature]) -> dict[str, Any]:
     """Dotted key -> value as this run trains (defaults included): `aggregator.name`,
-    `aggregator.options.*`, `features.<name>.*`, `federation.*` (values a checkpoint can hold)."""
+    `aggregator.options.*`, `features.<name>.*`, `federation.*`, `pruning.*`, `adaptive.*`,
+    `compression.*`, `devices`, and the record's `version` (values a checkpoint can hold)."""
     name = cfg.aggregator.name
     out: dict[str, Any] = {"aggregator.name": name}
     for key, value in resolved_options(name, cfg.aggregator.options).items():
@@ -37,6 +43,13 @@ def settings_record(cfg: RunConfig, features: Iterable[Feature]) -> dict[str, An
     for key, value in cfg.federation.model_dump(mode="json").items():
         if key not in NOT_RECORDED:
             out[f"federation.{key}"] = stable(value)
+    for section in SECTIONS:  # `adaptive` unset (None) records nothing: its keys read UNSET
+        config = getattr(cfg, section)
+        for key, value in ({} if config is None else config.model_dump(mode="json")).items():
+            out[f"{section}.{key}"] = stable(value)
+    if cfg.devices is not None:
+        out["devices"] = stable([device.model_dump(mode="json") for device in cfg.devices])
+    out["version"] = VERSION
     return out
 
 
@@ -47,9 +60,16 @@ def changed_settings(
     checkpoint older than the record, or one saved before any round was aggregated)."""
     if saved is None or saved_round == 0 or saved == now:
         return {}
-    keys = sorted(set(saved) | set(now))
+    keys = sorted((set(saved) | set(now)) - {"version"})
+    if saved.get("version", 1) < 2:  # an older record: compare only what both recorded
+        keys = [k for k in keys if not k.startswith(_SINCE_2) and not _client_option(k, saved)]
     pairs = {key: [saved.get(key, UNSET), now.get(key, UNSET)] for key in keys}
     return {key: pair for key, pair in pairs.items() if pair[0] != pair[1]}
+
+
+def _client_option(key: str, saved: dict[str, Any]) -> bool:
+    """A client option a version-1 record kept as None (its default was not declared then)."""
+    return key.startswith("aggregator.options.") and key in saved and saved[key] is None
 
 
 def describe_changes(changes: dict[str, list[Any]], *, saved_round: int) -> list[str]:
