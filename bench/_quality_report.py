@@ -221,6 +221,9 @@ def plot(rows: list[dict], regimes: list[str], path: Path) -> None:
         axes[0][col].legend(fontsize=7)
         local = cells.get("local only", {})
         for row, key, what in ((1, "personal", "own-domain"), (2, "test", "global test set")):
+            if not local:  # a regime without the reference (clientdp)
+                axes[row][col].set_axis_off()
+                continue
             diffs = {
                 m: d
                 for m, c in cells.items()

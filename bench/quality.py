@@ -32,6 +32,7 @@ up across them:
     python bench/quality.py --methods core --regimes scarce domain           # 60 cells, ~11 h
     python bench/quality.py --methods "squeeze balanced" --regimes scarce     # 3: the old default
     python bench/quality.py --methods control --regimes iid                   # 15 cells, ~2 h
+    python bench/quality.py --methods fedit squeeze "squeeze balanced" --regimes clientdp  # 9
     python bench/quality.py --methods baselines features --regimes scarce     # 24 cells, ~5 h
     python bench/quality.py --methods variants --regimes domain               # +24 cells, ~2.5 h
     python bench/quality.py --methods "squeeze plain" "squeeze +residual" "squeeze rows" \
@@ -40,7 +41,9 @@ up across them:
     python bench/quality_features.py                          # the features' paired table
 
 (The IID control runs the `control` group only, and the baselines and features run in the
-scarce regime, where collaboration should pay: the full cross would be ~40 more cells.)
+scarce regime, where collaboration should pay: the full cross would be ~40 more cells. The
+`clientdp` regime asks one question: which gauge of squeeze's factors carries DP noise into ΔW
+less; docs/privacy.md.)
 
 Every finished cell rewrites results/quality.{md,png} and quality-rows.{jsonl,csv} from all
 finished cells; a checkout without <out>/rows.jsonl starts from the committed quality-rows.jsonl.
@@ -117,6 +120,23 @@ REGIMES = {
     "long": Regime(
         ("data.max_examples=800", "data.num_clients=4", "federation.rounds=12"),
         "the domain regime at 12 rounds: error feedback and gauge at a longer budget",
+    ),
+    # Client-level DP at the noise a large federation's mean carries: σ = zS/m per entry, here
+    # 0.01·2/4 = 0.005, which is a 400-client round at z = 1 (4 clients cannot give a useful ε:
+    # this regime measures how noise in the factors reaches ΔW, i.e. the gauge; its ε is not a
+    # privacy claim). Uniform weights, as client-level DP requires.
+    "clientdp": Regime(
+        (
+            "data.max_examples=800",
+            "data.num_clients=4",
+            "federation.rounds=5",
+            "privacy.mode=client",
+            "privacy.client_clip=2",
+            "privacy.client_noise_multiplier=0.01",
+            "aggregator.weighting=uniform",
+        ),
+        "the domain regime under client-level DP, S = 2, σ = 0.005 per entry of the mean "
+        "(a 400-client round's at z = 1): how factor noise reaches ΔW in each gauge",
     ),
 }
 

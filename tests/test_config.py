@@ -211,6 +211,28 @@ def test_a_recipe_header_names_quality_cells_the_bench_has() -> None:
         assert set(values.get("--regimes", [])) <= set(quality.REGIMES), command
 
 
+@pytest.mark.parametrize("regime", ["domain", "scarce", "iid", "long", "clientdp"])
+def test_every_quality_cell_is_a_valid_recipe(regime: str) -> None:
+    """Each federated cell of the grid validates before hours of other cells run (clientdp: the
+    cells its docstring plans, as client-level DP refuses some methods' options)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    try:
+        import quality
+    finally:
+        sys.path.pop(0)
+    planned = ["fedit", "squeeze", "squeeze balanced"]
+    labels = planned if regime == "clientdp" else list(quality.METHODS)
+    for label in labels:
+        recipe = quality.METHODS[label][0]
+        if recipe is not None:
+            path = quality.recipe_path(recipe)
+            cfg = load_recipe(path, quality.overrides(label, regime, 0, ["output_dir=/tmp/x"]))
+            assert cfg.data.num_clients in (4, 8), label
+            assert (cfg.privacy.mode == "client") == (regime == "clientdp"), label
+
+
 def test_a_dtype_may_be_spelled_either_way_in_every_field() -> None:
     """model.dtype and compression.dtype keep torch's names, federation.precision the short
     ones; each takes the other spelling (a recipe mixing them is not a typo)."""
