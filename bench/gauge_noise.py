@@ -1,0 +1,124 @@
+"""How much DP noise on the factors reaches ΔW, per aggregator and gauge, from the quality grid's
+own checkpoints (no training): the measurement behind docs/privacy.md's gauge paragraph.
+
+    python bench/gauge_noise.py [--runs runs/bench-quality] [--regimes domain clientdp]
+
+Client-level DP adds N(0, σ²) to every entry of the mean factor delta, and the wrapped aggregator
+reads the noisy factors: (B + ξ_B)(A + ξ_A) = BA + ξ_B·A + B·ξ_A + ξ_B·ξ_A. To first order the
+noise energy in ΔW = s·BA is σ²·G with the gain G = Σ_modules s²(d‖A‖² + k‖B‖²), which depends on
+how the global splits into B and A (its gauge), not on BA. Each cell's last checkpoint gives G of
+its final global, ‖ΔW‖ (the signal it carries), and the norm of each client's last factor delta
+against the global it started from (what clipping at S meets: ΔB = s·B − s₀·B₀[:, :r],
+ΔA = A − A₀[:r], as privacy/client_dp.py clips). Writes results/gauge-noise.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # bench/_stats.py next to this script
+
+from _stats import t_interval
+
+RESULTS = Path(__file__).parent / "results" / "gauge-noise.md"
+LABELS = ("fedit", "svd", "squeeze balanced", "squeeze")  # squeeze: the default, rows gauge
+
+
+def gain_and_signal(global_: dict) -> tuple[float, float]:
+    """(G = Σ s²(d‖A‖² + k‖B‖²), ‖s·BA‖ over all modules) of checkpointed global factors."""
+    gain = signal = 0.0
+    for B, A, s in global_.values():
+        d, k = B.shape[0], A.shape[1]
+        gain += s * s * (d * float(A.square().sum()) + k * float(B.square().sum()))
+        signal += float((s * B @ A).square().sum())
+    return gain, math.sqrt(signal)
+
+
+def delta_norms(updates: dict, start: dict) -> list[float]:
+    """Each client's factor-delta norm √Σ(‖ΔB‖² + ‖ΔA‖²) against the global it started from."""
+    norms = []
+    for _, update in updates.values():
+        total = 0.0
+        for module, (B, A, s) in update.items():
+            B0, A0, s0 = start[module]
+            r = A.shape[0]
+            total += float((s * B - s0 * B0[:, :r]).square().sum() + (A - A0[:r]).square().sum())
+        norms.append(math.sqrt(total))
+    return norms
+
+
+def cell(folder: Path) -> dict | None:
+    """G, ‖ΔW‖ and the mean client delta norm of one finished cell (None if it has not run)."""
+    latest, previous = folder / "checkpoint.pt", folder / "checkpoint.prev.pt"
+    if not latest.is_file():
+        return None
+    state = torch.load(latest, weights_only=True)["strategy"]
+    gain, signal = gain_and_signal(state["global"])
+    out = {"gain": gain, "signal": signal, "delta": math.nan}
+    if previous.is_file() and state["client_updates"]:  # a private run keeps no updates
+        start = torch.load(previous, weights_only=True)["strategy"]["global"]
+        norms = delta_norms(state["client_updates"], start)
+        out["delta"] = sum(norms) / len(norms)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", default="runs/bench-quality", help="the grid's run folder")
+    parser.add_argument("--regimes", nargs="+", default=["domain", "clientdp"])
+    args = parser.parse_args()
+    lines = [
+        "# Noise gain of the global factors: how factor noise reaches ΔW, per gauge",
+        "",
+        f"Written by `python bench/gauge_noise.py --regimes {' '.join(args.regimes)}` from the "
+        "quality grid's checkpoints (the final global of each cell; its seeds as in "
+        "quality.md). G = Σ s²(d‖A‖² + k‖B‖²): the first-order noise energy in ΔW per unit σ² "
+        "of factor noise (a noise of σ per factor entry moves ΔW by about σ√G). ‖ΔW‖: the "
+        "global's own size. Client Δ: the mean norm of a client's last factor delta (what "
+        "client-level clipping at S meets). Mean ± 95% t-interval over seeds; the ratio is "
+        "paired against `squeeze balanced` on the same seeds.",
+        "",
+    ]
+    for regime in args.regimes:
+        cells = {
+            label: {
+                int(s.name[1:]): c
+                for s in sorted((Path(args.runs) / regime).glob("s*"))
+                if (c := cell(s / label.replace(" ", "-"))) is not None
+            }
+            for label in LABELS
+        }
+        base = {seed: c["gain"] for seed, c in cells["squeeze balanced"].items()}
+        lines += [
+            f"## Regime `{regime}`",
+            "",
+            "| method | G | G / G(squeeze balanced) | ‖ΔW‖ | client Δ | seeds |",
+            "|---|---:|---:|---:|---:|---|",
+        ]
+        for label, by_seed in cells.items():
+            if not by_seed:
+                continue
+            ratios = [c["gain"] / base[seed] for seed, c in by_seed.items() if seed in base]
+            values = [by_seed[s] for s in sorted(by_seed)]
+            gain = t_interval(c["gain"] for c in values)
+            deltas = [c["delta"] for c in values if not math.isnan(c["delta"])]
+            cols = [
+                f"{gain.mean:.3g}" + (f" ± {gain.half:.2g}" if gain.n > 1 else " (1 seed)"),
+                t_interval(ratios).text(2) if ratios else "—",
+                t_interval(c["signal"] for c in values).text(3),
+                t_interval(deltas).text(3) if deltas else "— (private run)",
+            ]
+            seeds = ", ".join(map(str, sorted(by_seed)))
+            lines.append(f"| {label} | {' | '.join(cols)} | {seeds} |")
+        lines.append("")
+    RESULTS.write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
