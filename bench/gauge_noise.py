@@ -3,10 +3,11 @@ own checkpoints (no training): the measurement behind docs/privacy.md's gauge pa
 
     python bench/gauge_noise.py [--runs runs/bench-quality] [--regimes domain clientdp]
 
-Client-level DP adds N(0, σ²) to every entry of the mean factor delta, and the wrapped aggregator
-reads the noisy factors: (B + ξ_B)(A + ξ_A) = BA + ξ_B·A + B·ξ_A + ξ_B·ξ_A. To first order the
-noise energy in ΔW = s·BA is σ²·G with the gain G = Σ_modules s²(d‖A‖² + k‖B‖²), which depends on
-how the global splits into B and A (its gauge), not on BA. Each cell's last checkpoint gives G of
+Client-level DP adds N(0, σ²) to every entry of the mean factor delta, with each scaling s folded
+into B (privacy/client_dp.py), and the wrapped aggregator reads the noisy factors:
+(sB + ξ_B)(A + ξ_A) = sBA + ξ_B·A + sB·ξ_A + ξ_B·ξ_A. To first order the noise energy in
+ΔW = sBA is σ²·G with the gain G = Σ_modules (d‖A‖² + k‖sB‖²), which depends on how the global
+splits into B and A (its gauge), not on ΔW. Each cell's last checkpoint gives G of
 its final global, ‖ΔW‖ (the signal it carries), and the norm of each client's last factor delta
 against the global it started from (what clipping at S meets: ΔB = s·B − s₀·B₀[:, :r],
 ΔA = A − A₀[:r], as privacy/client_dp.py clips). Writes results/gauge-noise.md.
@@ -30,11 +31,11 @@ LABELS = ("fedit", "svd", "squeeze balanced", "squeeze")  # squeeze: the default
 
 
 def gain_and_signal(global_: dict) -> tuple[float, float]:
-    """(G = Σ s²(d‖A‖² + k‖B‖²), ‖s·BA‖ over all modules) of checkpointed global factors."""
+    """(G = Σ (d‖A‖² + k‖sB‖²), ‖sBA‖ over all modules) of checkpointed global factors."""
     gain = signal = 0.0
     for B, A, s in global_.values():
         d, k = B.shape[0], A.shape[1]
-        gain += s * s * (d * float(A.square().sum()) + k * float(B.square().sum()))
+        gain += d * float(A.square().sum()) + k * s * s * float(B.square().sum())
         signal += float((s * B @ A).square().sum())
     return gain, math.sqrt(signal)
 
@@ -77,10 +78,11 @@ def main() -> None:
         "",
         f"Written by `python bench/gauge_noise.py --regimes {' '.join(args.regimes)}` from the "
         "quality grid's checkpoints (the final global of each cell; its seeds as in "
-        "quality.md). G = Σ s²(d‖A‖² + k‖B‖²): the first-order noise energy in ΔW per unit σ² "
-        "of factor noise (a noise of σ per factor entry moves ΔW by about σ√G). ‖ΔW‖: the "
-        "global's own size. Client Δ: the mean norm of a client's last factor delta (what "
-        "client-level clipping at S meets). Mean ± 95% t-interval over seeds; the ratio is "
+        "quality.md). G = Σ (d‖A‖² + k‖sB‖²): the first-order noise energy in ΔW per unit σ² "
+        "of noise on the factors (s folded into B, as client-level DP noises them; a noise "
+        "of σ per factor entry moves ΔW by about σ√G). ‖ΔW‖: the global's own size. Client "
+        "Δ: the mean norm of a client's last factor delta (what client-level clipping at S "
+        "meets). Mean ± 95% t-interval over seeds; the ratio is "
         "paired against `squeeze balanced` on the same seeds.",
         "",
     ]

@@ -1,4 +1,4 @@
-"""bench/gauge_noise.py: the noise gain G = Σ s²(d‖A‖² + k‖B‖²) of a split, by hand, and the
+"""bench/gauge_noise.py: the noise gain G = Σ (d‖A‖² + k‖sB‖²) of a split, by hand, and the
 factor deltas client-level clipping meets."""
 
 from __future__ import annotations
@@ -18,35 +18,30 @@ finally:
 
 
 def test_gain_and_signal_by_hand() -> None:
-    # d = 2, r = 1, k = 3, s = 0.5: G = 0.25·(2·‖A‖² + 3·‖B‖²) = 0.25·(2·4 + 3·1) = 2.75;
+    # d = 2, r = 1, k = 3, s = 0.5: G = 2·‖A‖² + 3·‖sB‖² = 2·4 + 3·0.25 = 8.75;
     # ΔW = 0.5·B·A has one entry 0.5·1·2 = 1.
     B, A = torch.tensor([[1.0], [0.0]]), torch.tensor([[2.0, 0.0, 0.0]])
     gain, signal = G.gain_and_signal({"m": (B, A, 0.5)})
-    assert gain == pytest.approx(2.75) and signal == pytest.approx(1.0)
-    # another gauge of the same product (B·4, A/4): same ΔW, G = 0.25·(2·0.25 + 3·16) = 12.125
+    assert gain == pytest.approx(8.75) and signal == pytest.approx(1.0)
+    # another gauge of the same product (B·4, A/4): same ΔW, G = 2·0.25 + 3·0.25·16 = 12.5
     gain, signal = G.gain_and_signal({"m": (4 * B, A / 4, 0.5)})
-    assert gain == pytest.approx(12.125) and signal == pytest.approx(1.0)
+    assert gain == pytest.approx(12.5) and signal == pytest.approx(1.0)
 
 
 def test_gain_is_the_first_order_noise_energy() -> None:
-    """E‖s·(ξ_B·A + B·ξ_A)‖² = σ²·G for independent N(0, σ²) entries: checked by sampling."""
+    """Noise of σ on the folded factors (sB + ξ_B, A + ξ_A), as client-level DP adds it:
+    E‖ξ_B·A + sB·ξ_A‖² = σ²·G, checked by sampling."""
     torch.manual_seed(0)
     B, A, s, sigma = torch.randn(6, 2), torch.randn(2, 5), 0.7, 0.1
     gain, _ = G.gain_and_signal({"m": (B, A, s)})
-    draws = [
-        float(
-            (s * (sigma * torch.randn(6, 2) @ A + B @ (sigma * torch.randn(2, 5)))).square().sum()
-        )
-        for _ in range(20000)
-    ]
+    noise = [(sigma * torch.randn(6, 2), sigma * torch.randn(2, 5)) for _ in range(20000)]
+    draws = [float((xB @ A + s * B @ xA).square().sum()) for xB, xA in noise]
     assert sum(draws) / len(draws) == pytest.approx(sigma**2 * gain, rel=0.03)
 
 
 def test_delta_norms_cut_the_start_to_the_clients_rank() -> None:
     # start at rank 2, scaling 1; a rank-1 client at scaling 2 sent B = [[1], [1]], A = [[1, 1]]:
     # ΔB = 2·[1, 1] − [1, 0] = [1, 2], ΔA = [1, 1] − [0, 1] = [1, 0]: norm √(1 + 4 + 1) = √6.
-    start = {
-        "m": (torch.tensor([[1.0, 5.0], [0.0, 5.0]]), torch.tensor([[0.0, 1.0], [9.0, 9.0]]), 1.0)
-    }
+    B0, A0 = torch.tensor([[1.0, 5.0], [0.0, 5.0]]), torch.tensor([[0.0, 1.0], [9.0, 9.0]])
     update = {"m": (torch.tensor([[1.0], [1.0]]), torch.tensor([[1.0, 1.0]]), 2.0)}
-    assert G.delta_norms({0: (5, update)}, start) == [pytest.approx(math.sqrt(6))]
+    assert G.delta_norms({0: (5, update)}, {"m": (B0, A0, 1.0)}) == [pytest.approx(math.sqrt(6))]
