@@ -205,7 +205,9 @@ def plot(rows: list[dict], regimes: list[str], path: Path) -> None:
     )
     for col, regime in enumerate(regimes):
         cells = by_method(rows, regime)
-        for m in [c for c in CURVES if c in cells]:
+        # a regime without the references (clientdp) is a few methods: draw them all
+        shown = CURVES if "local only" in cells else [*CURVES, *sorted(set(cells) - set(CURVES))]
+        for m in [c for c in shown if c in cells]:
             curve = _curve(cells[m], "personal")
             err = [0 if math.isnan(x.half) else x.half for x in curve]
             axes[0][col].errorbar(

@@ -37,7 +37,7 @@ from fedllm.model.base import cached_base_model
 from fedllm.recipe import RunConfig
 from fedllm.server.checkpoint import load_checkpoint
 from fedllm.server.metrics import MetricsLog
-from fedllm.server.settings_record import settings_record
+from fedllm.server.settings_record import changed_settings, settings_record
 
 
 def _stale_checkpoint(cfg: RunConfig) -> str | None:
@@ -48,8 +48,11 @@ def _stale_checkpoint(cfg: RunConfig) -> str | None:
         return "no readable checkpoint"
     if state["fingerprint"] != cfg.fingerprint(budget=False):
         return "its checkpoint was made by another recipe (model, LoRA, data, seed or privacy)"
-    if state.get("settings") != settings_record(cfg, features.build(cfg)):
-        return "its rounds ran with other settings (a default or the recipe changed)"
+    saved, now = state.get("settings"), settings_record(cfg, features.build(cfg))
+    if saved is None:
+        return "its checkpoint predates the settings record (what its rounds ran is unknown)"
+    if changed := changed_settings(saved, now, saved_round=max(1, state["round"])):
+        return f"its rounds ran with other settings ({', '.join(changed)})"
     return None
 
 

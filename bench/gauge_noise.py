@@ -30,20 +30,26 @@ RESULTS = Path(__file__).parent / "results" / "gauge-noise.md"
 LABELS = ("fedit", "svd", "squeeze balanced", "squeeze")  # squeeze: the default, rows gauge
 
 
-def gain_and_signal(global_: dict) -> tuple[float, float]:
-    """(G = Σ (d‖A‖² + k‖sB‖²), ‖sBA‖ over all modules) of checkpointed global factors."""
+def gain_and_signal(global_: dict, *, rank: int | None = None) -> tuple[float, float]:
+    """(G = Σ (d‖A‖² + k‖sB‖²), ‖sBA‖ over all modules) of checkpointed global factors; G over
+    the first `rank` components only (client-level DP noises what clients can move: a global
+    above the largest client rank, svd's Σrᵢ, keeps the rest noiseless)."""
     gain = signal = 0.0
     for B, A, s in global_.values():
         d, k = B.shape[0], A.shape[1]
-        gain += d * float(A.square().sum()) + k * s * s * float(B.square().sum())
+        b, a = B[:, :rank], A[:rank]
+        gain += d * float(a.square().sum()) + k * s * s * float(b.square().sum())
         signal += float((s * B @ A).square().sum())
     return gain, math.sqrt(signal)
 
 
-def delta_norms(updates: dict, start: dict) -> list[float]:
-    """Each client's factor-delta norm √Σ(‖ΔB‖² + ‖ΔA‖²) against the global it started from."""
+def delta_norms(updates: dict, start: dict, *, round_: int) -> list[float]:
+    """Each client's factor-delta norm √Σ(‖ΔB‖² + ‖ΔA‖²) against the global it started from,
+    for the clients whose last update is of round `round_` (`start` is that round's start)."""
     norms = []
-    for _, update in updates.values():
+    for sent_in, update in updates.values():
+        if sent_in != round_:
+            continue
         total = 0.0
         for module, (B, A, s) in update.items():
             B0, A0, s0 = start[module]
@@ -54,17 +60,19 @@ def delta_norms(updates: dict, start: dict) -> list[float]:
 
 
 def cell(folder: Path) -> dict | None:
-    """G, ‖ΔW‖ and the mean client delta norm of one finished cell (None if it has not run)."""
+    """G, ‖ΔW‖ and the mean client delta norm of one finished cell (None if it has not)."""
     latest, previous = folder / "checkpoint.pt", folder / "checkpoint.prev.pt"
-    if not latest.is_file():
+    if not (folder / "final_eval.json").is_file() or not latest.is_file():
         return None
-    state = torch.load(latest, weights_only=True)["strategy"]
-    gain, signal = gain_and_signal(state["global"])
+    checkpoint = torch.load(latest, weights_only=True)
+    state = checkpoint["strategy"]
+    rank = max(state["node_ranks"].values(), default=None)
+    gain, signal = gain_and_signal(state["global"], rank=rank)
     out = {"gain": gain, "signal": signal, "delta": math.nan}
-    if previous.is_file() and state["client_updates"]:  # a private run keeps no updates
+    if previous.is_file() and checkpoint["pending"] is None:  # else prev is this round again
         start = torch.load(previous, weights_only=True)["strategy"]["global"]
-        norms = delta_norms(state["client_updates"], start)
-        out["delta"] = sum(norms) / len(norms)
+        if norms := delta_norms(state["client_updates"], start, round_=checkpoint["round"]):
+            out["delta"] = sum(norms) / len(norms)  # none in a private run
     return out
 
 

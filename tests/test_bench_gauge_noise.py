@@ -26,6 +26,10 @@ def test_gain_and_signal_by_hand() -> None:
     # another gauge of the same product (B·4, A/4): same ΔW, G = 2·0.25 + 3·0.25·16 = 12.5
     gain, signal = G.gain_and_signal({"m": (4 * B, A / 4, 0.5)})
     assert gain == pytest.approx(12.5) and signal == pytest.approx(1.0)
+    # rank 1 of a rank-2 global: the second component (noiseless under DP) is left out
+    B2, A2 = torch.tensor([[1.0, 3.0], [0.0, 0.0]]), torch.tensor([[2.0, 0.0, 0.0], [0, 0, 5]])
+    gain, signal = G.gain_and_signal({"m": (B2, A2, 0.5)}, rank=1)
+    assert gain == pytest.approx(8.75) and signal == pytest.approx(0.5 * math.hypot(2, 15))
 
 
 def test_gain_is_the_first_order_noise_energy() -> None:
@@ -44,4 +48,6 @@ def test_delta_norms_cut_the_start_to_the_clients_rank() -> None:
     # ΔB = 2·[1, 1] − [1, 0] = [1, 2], ΔA = [1, 1] − [0, 1] = [1, 0]: norm √(1 + 4 + 1) = √6.
     B0, A0 = torch.tensor([[1.0, 5.0], [0.0, 5.0]]), torch.tensor([[0.0, 1.0], [9.0, 9.0]])
     update = {"m": (torch.tensor([[1.0], [1.0]]), torch.tensor([[1.0, 1.0]]), 2.0)}
-    assert G.delta_norms({0: (5, update)}, {"m": (B0, A0, 1.0)}) == [pytest.approx(math.sqrt(6))]
+    start = {"m": (B0, A0, 1.0)}
+    assert G.delta_norms({0: (5, update)}, start, round_=5) == [pytest.approx(math.sqrt(6))]
+    assert G.delta_norms({0: (4, update)}, start, round_=5) == []  # an older round's update

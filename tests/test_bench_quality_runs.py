@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 from fedllm.recipe import load_recipe
 from fedllm.server.app import Run
+from fedllm.server.checkpoint import load_checkpoint, save_checkpoint
 
 _spec = importlib.util.spec_from_file_location(
     "bench_quality_runs", Path(__file__).parents[1] / "bench" / "_quality_runs.py"
@@ -30,7 +31,22 @@ def test_a_cell_restarts_when_its_rounds_ran_other_aggregator_options(tmp_path: 
     Run.save(SimpleNamespace(cfg=old, features=[], strategy=SimpleNamespace(state_dict=dict)), 2)
     assert Q._stale_checkpoint(old) is None
     assert Q._stale_checkpoint(load_recipe(TINY, base)) == (
-        "its rounds ran with other settings (a default or the recipe changed)"
+        "its rounds ran with other settings (aggregator.options.gauge)"
     )
     other_seed = load_recipe(TINY, [*base, "aggregator.options.gauge=balanced", "seed=5"])
     assert "another recipe" in Q._stale_checkpoint(other_seed)
+
+
+def test_a_cell_resumes_a_version_1_record_of_the_same_settings(tmp_path: Path) -> None:
+    """A checkpoint of an older record version (no constrained sections) is resumed, not
+    restarted, when what it recorded is what the cell runs; one without a record restarts."""
+    cfg = load_recipe(TINY, [f"output_dir={tmp_path}", "name=cell", "aggregator.name=squeeze"])
+    cfg.run_dir.mkdir(parents=True)
+    Run.save(SimpleNamespace(cfg=cfg, features=[], strategy=SimpleNamespace(state_dict=dict)), 2)
+    state = load_checkpoint(cfg.run_dir)
+    v1 = {k: v for k, v in state["settings"].items() if not k.startswith(("pruning.", "compr"))}
+    del v1["version"]
+    save_checkpoint(cfg.run_dir, state | {"settings": v1})
+    assert Q._stale_checkpoint(cfg) is None
+    save_checkpoint(cfg.run_dir, {k: v for k, v in state.items() if k != "settings"})
+    assert "predates the settings record" in Q._stale_checkpoint(cfg)

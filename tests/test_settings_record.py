@@ -151,3 +151,21 @@ def test_a_version_1_record_is_compared_on_what_it_kept(tmp_path: Path) -> None:
     assert changed_settings(old, now, saved_round=2) == {
         "federation.lr": [0.5, now["federation.lr"]]
     }
+
+
+def test_a_version_1_record_still_reports_real_changes(tmp_path: Path) -> None:
+    """Version 1 kept an unset client option as None: read as the declared default, so a
+    switch away from it is a change; a server option it kept as None compares as it is."""
+    cfg = _cfg(tmp_path, "aggregator.name=prelort", "aggregator.options.nested=false")
+    now = settings_record(cfg, [])
+    old = {k: v for k, v in now.items() if not k.startswith(("pruning.", "compression."))}
+    old = old | {"aggregator.options.nested": None}
+    del old["version"]
+    changes = changed_settings(old, now, saved_round=2)
+    assert changes == {"aggregator.options.nested": [True, False]}
+    cfg = _cfg(tmp_path, "aggregator.name=squeeze", "aggregator.options.residual_rank=4")
+    now = settings_record(cfg, [])
+    old = {k: v for k, v in now.items() if k != "version"}
+    old["aggregator.options.residual_rank"] = None
+    changes = changed_settings(old, now, saved_round=2)
+    assert changes == {"aggregator.options.residual_rank": [None, 4]}

@@ -14,7 +14,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-from fedllm.aggregators import resolved_options
+from fedllm.aggregators import resolved_options, round_spec
 from fedllm.features.base import Feature
 from fedllm.recipe.schema import RunConfig
 
@@ -62,14 +62,28 @@ def changed_settings(
         return {}
     keys = sorted((set(saved) | set(now)) - {"version"})
     if saved.get("version", 1) < 2:  # an older record: compare only what both recorded
-        keys = [k for k in keys if not k.startswith(_SINCE_2) and not _client_option(k, saved)]
+        saved = _client_defaults_filled(saved)
+        keys = [k for k in keys if not k.startswith(_SINCE_2)]
     pairs = {key: [saved.get(key, UNSET), now.get(key, UNSET)] for key in keys}
     return {key: pair for key, pair in pairs.items() if pair[0] != pair[1]}
 
 
-def _client_option(key: str, saved: dict[str, Any]) -> bool:
-    """A client option a version-1 record kept as None (its default was not declared then)."""
-    return key.startswith("aggregator.options.") and key in saved and saved[key] is None
+def _client_defaults_filled(saved: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 record with each client option it kept as None (unset: the client applied
+    its default, undeclared then) at the default the saved aggregator declares now."""
+    try:
+        spec = round_spec(str(saved.get("aggregator.name")))
+    except (KeyError, ValueError):  # an aggregator no longer installed: nothing to fill
+        return saved
+    prefix = "aggregator.options."
+    return {
+        key: spec.client_defaults.get(key.removeprefix(prefix), value)
+        if value is None
+        and key.startswith(prefix)
+        and key.removeprefix(prefix) in spec.client_options
+        else value
+        for key, value in saved.items()
+    }
 
 
 def describe_changes(changes: dict[str, list[Any]], *, saved_round: int) -> list[str]:
