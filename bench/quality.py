@@ -125,7 +125,8 @@ REGIMES = {
     # Client-level DP at the noise a large federation's mean carries: σ = zS/m per entry, here
     # 0.01·2/4 = 0.005, which is a 400-client round at z = 1 (4 clients cannot give a useful ε:
     # this regime measures how noise in the factors reaches ΔW, i.e. the gauge; its ε is not a
-    # privacy claim). Uniform weights, as client-level DP requires.
+    # privacy claim). Uniform weights, as client-level DP requires. The noise comes from OS
+    # entropy (privacy/client_dp.py), so a seed does not repeat it: pairing removes less here.
     "clientdp": Regime(
         (
             "data.max_examples=800",
