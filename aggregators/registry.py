@@ -34,17 +34,12 @@ class UnknownAggregatorError(KeyError, ValueError):
 
 _REGISTRY: dict[str, AggregatorFn] = {}
 _ROUNDS: dict[str, RoundSpec] = {}
-_NOISED: dict[str, dict[str, Any]] = {}
 
 
 def register(
-    name: str, *, rounds: RoundSpec = ADAPTER_STATE, noised: Mapping[str, Any] | None = None
+    name: str, *, rounds: RoundSpec = ADAPTER_STATE
 ) -> Callable[[AggregatorFn], AggregatorFn]:
-    """Decorator registering a method under `name` (taken only once) with its round semantics.
-
-    `noised`: option defaults that replace the method's own when the factors it reads carry
-    noise (a feature with `noises_factors`, client-level DP); a recipe's options still win.
-    """
+    """Decorator registering a method under `name` (taken only once) with its round semantics."""
 
     def decorate(fn: AggregatorFn) -> AggregatorFn:
         if name in _REGISTRY and _REGISTRY[name] is not fn:
@@ -55,7 +50,6 @@ def register(
             raise ValueError(f"aggregator {name!r}: client_defaults {stray} not in client_options")
         _REGISTRY[name] = fn
         _ROUNDS[name] = rounds
-        _NOISED[name] = dict(noised or {})
         return fn
 
     return decorate
@@ -168,27 +162,11 @@ def option_names(name: str) -> list[str]:
     return sorted(_option_defaults(name))
 
 
-def noised_defaults(name: str) -> dict[str, Any]:
-    """The option defaults `name` runs with when its inputs carry noise (`register(noised=)`)."""
-    get(name)
-    return dict(_NOISED[name])
-
-
-def effective_options(
-    name: str, options: Mapping[str, Any], *, noised: bool = False
-) -> dict[str, Any]:
-    """The recipe's `options` over the method's noised defaults when `noised` (else as given)."""
-    return (noised_defaults(name) if noised else {}) | dict(options)
-
-
-def resolved_options(
-    name: str, options: Mapping[str, Any], *, noised: bool = False
-) -> dict[str, Any]:
-    """Every option of `name` as the method will run it: its defaults under `options`, by key
-    (under its noised defaults too when `noised`). A client option reads the default its
-    RoundSpec declares (None if it declares none)."""
+def resolved_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """Every option of `name` as the method will run it: its defaults under `options`, by key.
+    A client option reads the default its RoundSpec declares (None if it declares none)."""
     merged = {k: v for k, v in _option_defaults(name).items() if v is not inspect.Parameter.empty}
-    return dict(sorted((merged | effective_options(name, options, noised=noised)).items()))
+    return dict(sorted((merged | dict(options)).items()))
 
 
 def _option_defaults(name: str) -> dict[str, Any]:

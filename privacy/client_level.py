@@ -35,7 +35,6 @@ class ClientLevel(Feature):
     privacy_mode = "client"
     state_key = "privacy"
     screen_relative = False  # one client's presence must not get another's update rejected
-    noises_factors = True  # the aggregator reads the noised mean (squeeze: balanced gauge)
     order = 25  # its client noise comes before any rank cut (HetLoRA)
 
     @classmethod

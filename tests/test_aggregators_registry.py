@@ -104,7 +104,6 @@ def isolated_registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """A registry copy and no installed entry points; the test's `zz_` modules dropped after."""
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     monkeypatch.setattr(registry, "_ROUNDS", dict(registry._ROUNDS))
-    monkeypatch.setattr(registry, "_NOISED", dict(registry._NOISED))
     real = importlib.metadata.entry_points
 
     def none_of_ours(**kw: object) -> object:  # other libraries' (fsspec via peft) still load
@@ -398,26 +397,3 @@ def test_client_defaults_are_what_the_clients_apply() -> None:
 def test_client_defaults_must_name_client_options() -> None:
     with pytest.raises(ValueError, match=r"client_defaults \['mu'\] not in client_options"):
         register("stray_default", rounds=RoundSpec(client_defaults={"mu": 0.1}))(get("svd"))
-
-
-@pytest.mark.usefixtures("isolated_registry")
-def test_noised_defaults_apply_only_to_noised_inputs_and_under_the_recipe() -> None:
-    """`register(noised=...)`: the defaults a method runs with when the factors it reads carry
-    noise (client-level DP); a recipe's own option always wins, and resolved_options shows it."""
-
-    @register("zz_noisy", noised={"mix": 0.9})
-    def zz_noisy(updates, weights, *, global_rank=None, state=None, seed=0, mix=0.5):  # type: ignore[no-untyped-def]
-        return Aggregate(updates[0])
-
-    assert registry.noised_defaults("zz_noisy") == {"mix": 0.9}
-    assert registry.effective_options("zz_noisy", {}) == {}
-    assert registry.effective_options("zz_noisy", {}, noised=True) == {"mix": 0.9}
-    assert registry.effective_options("zz_noisy", {"mix": 0.1}, noised=True) == {"mix": 0.1}
-    assert registry.resolved_options("zz_noisy", {})["mix"] == 0.5
-    assert registry.resolved_options("zz_noisy", {}, noised=True)["mix"] == 0.9
-    assert registry.noised_defaults("svd") == {}
-
-
-@pytest.mark.parametrize("name", available())
-def test_every_noised_default_is_a_valid_option(name: str) -> None:
-    registry.check_options(name, registry.noised_defaults(name))

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from fedllm.aggregators import available
-from fedllm.aggregators import registry as aggregator_registry
 from fedllm.features import registry
 from fedllm.recipe import load_recipe
 from fedllm.server.app import Run
@@ -21,7 +20,6 @@ from fedllm.server.settings_record import (
     settings_record,
     stable,
 )
-from fedllm.server.strategy import LoraStrategy
 
 TINY = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
 
@@ -171,28 +169,3 @@ def test_a_version_1_record_still_reports_real_changes(tmp_path: Path) -> None:
     old["aggregator.options.residual_rank"] = None
     changes = changed_settings(old, now, saved_round=2)
     assert changes == {"aggregator.options.residual_rank": [None, 4]}
-
-
-def test_client_level_dp_runs_the_aggregators_noised_defaults(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A feature that noises the factors (client-level DP) makes the strategy aggregate with
-    the method's `noised` defaults under the recipe's options, and the record says so."""
-    monkeypatch.setitem(aggregator_registry._NOISED, "svd", {"oversample": 3})
-    dp = [
-        "privacy.mode=client",
-        "privacy.client_noise_multiplier=1",
-        "aggregator.weighting=uniform",
-    ]
-    shapes = {"m": (4, 6)}
-    for extra, expected in (
-        ([], {}),
-        (dp, {"oversample": 3}),
-        ([*dp, "aggregator.options.oversample=5"], {"oversample": 5}),
-    ):
-        cfg = _cfg(tmp_path, "aggregator.name=svd", *extra)
-        built = registry.build(cfg)
-        assert LoraStrategy(cfg, shapes=shapes, features=built).options == expected
-        assert settings_record(cfg, built)["aggregator.options.oversample"] == (
-            expected.get("oversample", 16)
-        )

@@ -55,9 +55,6 @@ class Feature:
     state_key: ClassVar[str] = ""
     # a DP mechanism: the `privacy.mode` value that turns it on (None: not a DP mechanism)
     privacy_mode: ClassVar[str | None] = None
-    # True: the factors the aggregator reads carry noise this feature adds (client-level DP):
-    # the aggregator then runs with its `noised` option defaults (aggregators.register)
-    noises_factors: ClassVar[bool] = False
     # False: the server screens each update against fixed bounds only, never relative to the
     # others (so one client's presence cannot get another's update rejected)
     screen_relative: ClassVar[bool] = True

@@ -34,9 +34,7 @@ def settings_record(cfg: RunConfig, features: Iterable[Feature]) -> dict[str, An
     `compression.*`, `devices`, and the record's `version` (values a checkpoint can hold)."""
     name = cfg.aggregator.name
     out: dict[str, Any] = {"aggregator.name": name}
-    features = list(features)
-    noised = any(f.noises_factors for f in features)  # the aggregator's noised defaults apply
-    for key, value in resolved_options(name, cfg.aggregator.options, noised=noised).items():
+    for key, value in resolved_options(name, cfg.aggregator.options).items():
         out[f"aggregator.options.{key}"] = stable(value)
     for feature in features:
         if feature.options is not None:

@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedllm.aggregators.base import Factors
-from fedllm.aggregators.registry import effective_options, get, round_spec
+from fedllm.aggregators.registry import get, round_spec
 from fedllm.aggregators.screen import screen
 from fedllm.errors import short_reason
 from fedllm.features.base import Feature
@@ -57,8 +57,6 @@ class LoraStrategy(Strategy):
         self.features = list(features)
         self.aggregate_fn = get(cfg.aggregator.name)
         self.spec = round_spec(cfg.aggregator.name)  # what travels each round (fedllm.model.wire)
-        noised = any(f.noises_factors for f in self.features)  # client-level DP: its defaults
-        self.options = effective_options(cfg.aggregator.name, cfg.aggregator.options, noised=noised)
         self.max_rank = cfg.max_rank
         self.global_: dict[str, Factors] = initial_factors(
             shapes, rank=self.max_rank, scaling=cfg.client_scaling(self.max_rank), seed=cfg.seed
@@ -307,7 +305,7 @@ class LoraStrategy(Strategy):
             global_rank=self.cfg.aggregator.global_rank,
             states=self.agg_state,
             seed=self.cfg.seed + server_round,
-            options=wire.server_options(self.spec, self.options),
+            options=wire.server_options(self.spec, self.cfg.aggregator.options),
         )
 
     def commit(
