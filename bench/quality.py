@@ -33,8 +33,10 @@ up across them:
     python bench/quality.py --methods "squeeze balanced" --regimes scarce     # 3: the old default
     python bench/quality.py --methods control --regimes iid                   # 15 cells, ~2 h
     python bench/quality.py --methods fedit squeeze "squeeze balanced" --regimes clientdp  # 9
+    python bench/quality.py --methods squeeze "squeeze balanced" --regimes clientdp \
+        --seeds 3 4                                             # 4 more: the DP noise is unseeded
     python bench/quality.py --methods baselines features --regimes scarce     # 24 cells, ~5 h
-    python bench/quality.py --methods variants --regimes domain               # +24 cells, ~2.5 h
+    python bench/quality.py --methods variants --regimes domain               # 27 cells, ~3.5 h
     python bench/quality.py --methods "squeeze plain" "squeeze +residual" "squeeze rows" \
         "squeeze +residual rows" squeeze "squeeze balanced" fedit "local only" \
         --regimes long                                                        # 24 cells, ~7 h
