@@ -198,3 +198,18 @@ def test_sketch_precision_follows_the_clients(
         ),
     ]:
         assert torch.linalg.matrix_norm(a - b) <= 1e-5 * torch.linalg.matrix_norm(b)
+
+
+def test_one_update_is_returned_as_it_is_with_correction_and_no_residual() -> None:
+    """Client-level DP hands squeeze one update (the noised factor mean): LoRA-FAIR's correction
+    of a one-client mean is zero and nothing is missed, so the balanced gauge returns the update's
+    own factors (at scaling 1) and the residual kept is zero; rows only re-gauges them."""
+    torch.manual_seed(3)
+    u = Factors(torch.randn(7, 3, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64), 0.5)
+    out = get("squeeze")([u], [1.0], gauge="balanced")
+    assert torch.allclose(out.global_.B, 0.5 * u.B) and torch.allclose(out.global_.A, u.A)
+    residual = out.state["residual_B"] @ out.state["residual_A"]
+    assert residual.abs().max() < 1e-10
+    rows = get("squeeze")([u], [1.0]).global_
+    assert torch.allclose(rows.B @ rows.A, 0.5 * u.B @ u.A)
+    assert torch.allclose(rows.A.norm(dim=1), torch.full((3,), INIT_ROW_NORM, dtype=torch.float64))
