@@ -22,6 +22,9 @@ from pathlib import Path
 
 import torch
 
+from fedllm.aggregators import Factors
+from fedllm.privacy.client_dp import delta_norm, folded_delta
+
 sys.path.insert(0, str(Path(__file__).parent))  # bench/_stats.py next to this script
 
 from _stats import t_interval
@@ -44,19 +47,15 @@ def gain_and_signal(global_: dict, *, rank: int | None = None) -> tuple[float, f
 
 
 def delta_norms(updates: dict, start: dict, *, round_: int) -> list[float]:
-    """Each client's factor-delta norm √Σ(‖ΔB‖² + ‖ΔA‖²) against the global it started from,
-    for the clients whose last update is of round `round_` (`start` is that round's start)."""
-    norms = []
-    for sent_in, update in updates.values():
-        if sent_in != round_:
-            continue
-        total = 0.0
-        for module, (B, A, s) in update.items():
-            B0, A0, s0 = start[module]
-            r = A.shape[0]
-            total += float((s * B - s0 * B0[:, :r]).square().sum() + (A - A0[:r]).square().sum())
-        norms.append(math.sqrt(total))
-    return norms
+    """Each client's factor-delta norm against the global it started from, as client-level DP
+    clips it (`folded_delta`, `delta_norm`), for the clients whose last update is of round
+    `round_` (`start` is that round's start)."""
+    reference = {module: Factors(*factors) for module, factors in start.items()}
+    return [
+        delta_norm(folded_delta({m: Factors(*f) for m, f in update.items()}, reference))
+        for sent_in, update in updates.values()
+        if sent_in == round_
+    ]
 
 
 def cell(folder: Path) -> dict | None:
