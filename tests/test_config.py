@@ -1,6 +1,8 @@
 """Recipe schema: every shipped recipe validates; bad input is named with what would be valid."""
 
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -178,17 +180,22 @@ def test_a_boolean_is_no_number(override: str) -> None:
     load_recipe(tiny, ["federation.share_head=true"])  # a bool field takes one
 
 
-def test_a_recipe_header_names_quality_cells_the_bench_has() -> None:
-    """A header's `python bench/quality.py ...` command parses: the bench's flags, its method
-    labels or groups, its regimes (twelve headers once named a flag it never had)."""
-    import shlex
-    import sys
-
+def _quality_bench() -> ModuleType:
+    """bench/quality.py as a module (it imports its bench/_*.py neighbours by name)."""
     sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
     try:
         import quality
     finally:
         sys.path.pop(0)
+    return quality
+
+
+def test_a_recipe_header_names_quality_cells_the_bench_has() -> None:
+    """A header's `python bench/quality.py ...` command parses: the bench's flags, its method
+    labels or groups, its regimes (twelve headers once named a flag it never had)."""
+    import shlex
+
+    quality = _quality_bench()
     commands = [
         line.split("python bench/quality.py", 1)[1].rstrip(")")
         for path in RECIPES
@@ -214,25 +221,13 @@ def test_a_recipe_header_names_quality_cells_the_bench_has() -> None:
 def test_every_quality_cell_is_a_valid_recipe() -> None:
     """Each federated cell of the grid validates before hours of other cells run (a regime
     with a method list runs only those: client-level DP refuses some methods)."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
-    try:
-        import quality
-    finally:
-        sys.path.pop(0)
+    quality = _quality_bench()
     for regime, about in quality.REGIMES.items():
         _quality_cells_load(quality, regime, about.methods or list(quality.METHODS))
 
 
 def test_a_regime_runs_only_its_methods(capsys: pytest.CaptureFixture[str]) -> None:
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
-    try:
-        import quality
-    finally:
-        sys.path.pop(0)
+    quality = _quality_bench()
     cells = quality.plan(["local only", "fedit", "squeeze"], ["clientdp", "domain"], [0, 1])
     assert cells == [
         ("fedit", "clientdp", 0),
