@@ -271,18 +271,12 @@ def run_cell(label: str, regime: str, seed: int, *, out: Path, extra: list[str])
 def plan(methods: list[str], regimes: list[str], seeds: list[int]) -> list[tuple[str, str, int]]:
     """The cells to run, seed by seed: every method in every regime, except where a regime
     lists the only methods it runs (said once per regime)."""
-    for regime in regimes:
-        allowed = REGIMES[regime].methods or tuple(METHODS)
-        if skipped := [m for m in methods if m not in allowed]:
-            only, left = ", ".join(allowed), ", ".join(skipped)
+    allowed = {regime: REGIMES[regime].methods or tuple(METHODS) for regime in regimes}
+    for regime, labels in allowed.items():
+        if skipped := [m for m in methods if m not in labels]:
+            only, left = ", ".join(labels), ", ".join(skipped)
             print(f"[quality] {regime} runs only {only}; skipped {left}")
-    return [
-        (m, g, s)
-        for s in seeds
-        for g in regimes
-        for m in methods
-        if m in (REGIMES[g].methods or METHODS)
-    ]
+    return [(m, g, s) for s in seeds for g in regimes for m in methods if m in allowed[g]]
 
 
 def recipe_path(recipe: str) -> Path:
