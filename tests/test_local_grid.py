@@ -16,26 +16,32 @@ from fedllm.deploy.local_grid import run_local
 from fedllm.model.adapters import initial_factors
 from fedllm.model.base import base_model_dir, cached_base_model
 from fedllm.model.wire import LOCAL_B
-from fedllm.recipe import load_recipe
+from fedllm.recipe import RunConfig, load_recipe
 from fedllm.server.checkpoint import load_checkpoint
 
 RECIPE = Path(__file__).parents[1] / "recipes" / "tiny.yaml"
 pytestmark = pytest.mark.slow  # every test here runs a federation
 
 
-def run(tmp_path: Path, method: str) -> tuple:
-    cfg = load_recipe(
+def tiny(tmp_path: Path, method: str, *extra: str, name: str | None = None) -> RunConfig:
+    """The tiny recipe at 2 clients of ranks 2 and 4, 3 local steps, aggregated by `method`."""
+    return load_recipe(
         RECIPE,
         [
             f"output_dir={tmp_path}",
-            f"name={method}",
+            f"name={name or method}",
             f"aggregator.name={method}",
             "data.num_clients=2",
             "data.max_examples=160",
             "lora.ranks=[2,4]",
             "federation.local_steps=3",
+            *extra,
         ],
     )
+
+
+def run(tmp_path: Path, method: str) -> tuple:
+    cfg = tiny(tmp_path, method)
     run_dir, grid = run_local(cfg)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     clients = [r for r in rows if r["kind"] == "client"]
@@ -83,6 +89,32 @@ def test_fedsa_keeps_b_on_the_clients_and_sends_a_only(tmp_path: Path) -> None:
     sent = {r["rank"]: r["bytes_sent"] for r in clients if r["round"] == 1}
     # A only: rank·(64 + 64 + 64 + 64) floats over 2 layers × (q, v), plus the record's framing
     assert sent[4] - sent[2] == 2 * 2 * (64 + 64) * 4
+
+
+@pytest.mark.parametrize("method", ["squeeze", "fedsa"])
+def test_a_run_extended_by_resume_is_the_run_it_would_have_been(tmp_path: Path, method) -> None:
+    """Two rounds, then resumed for a third, give the three-round run bit for bit: the server's
+    state (squeeze's residual) and the clients' (fedsa's own B, from their folders) come back
+    whole, and every round's sampling and data order depend on the seed and round only."""
+    straight, _ = run_local(tiny(tmp_path, method, "federation.rounds=3", name="straight"))
+    short = tiny(tmp_path, method, "federation.rounds=2", name="extended")
+    run_local(short)
+    extended, _ = run_local(
+        tiny(tmp_path, method, "federation.rounds=3", name="extended"), resume=True
+    )
+    for module, (b, a, s) in _global(straight).items():
+        again = _global(extended)[module]
+        assert torch.equal(b, again[0]) and torch.equal(a, again[1]) and s == again[2]
+
+    def losses(run_dir: Path) -> list[tuple]:
+        rows = (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+        keep = ("kind", "round", "partition", "train_loss", "held_out_loss")
+        return sorted(
+            tuple(r.get(k) for k in keep) for r in rows if r["kind"] in ("client", "eval")
+        )
+
+    assert losses(extended) == losses(straight)
+    assert {r[1] for r in losses(straight)} == {0, 1, 2, 3}
 
 
 def _global(run_dir: Path) -> dict:
