@@ -35,6 +35,7 @@ up across them:
     python bench/quality.py --methods fedit squeeze "squeeze balanced" --regimes clientdp  # 9
     python bench/quality.py --methods squeeze "squeeze balanced" --regimes clientdp \
         --seeds 3 4                                             # 4 more: the DP noise is unseeded
+    python bench/quality.py --methods "ffa lr" --regimes scarce --seeds 0    # 2: ffa's lr
     python bench/quality.py --methods baselines features --regimes scarce     # 24 cells, ~5 h
     python bench/quality.py --methods variants --regimes domain               # 27 cells, ~3.5 h
     python bench/quality.py --methods "squeeze plain" "squeeze +residual" "squeeze rows" \
@@ -159,6 +160,10 @@ METHODS: dict[str, tuple[str | None, tuple[str, ...]]] = {
     "local only": (None, ()),
     "fedit": ("fedit", ()),
     "ffa": ("ffa", ()),
+    # FFA-LoRA trains B alone against a frozen A: at the grid's common lr it moves ΔW slowest
+    # and still falls steeply in its last round; is it the method or its step size?
+    "ffa lr 0.003": ("ffa", ("federation.lr=0.003",)),
+    "ffa lr 0.01": ("ffa", ("federation.lr=0.01",)),
     "hetlora": ("hetlora", ()),
     "flora": ("flora", ()),
     "flexlora": ("flexlora", ()),
@@ -207,6 +212,7 @@ GROUPS = {
     # not "squeeze": a group name would shadow the method's label in --methods
     "variants": [m for m in METHODS if m.startswith("squeeze")],
     "features": ["fedprox", "fedavgm", "svd +fedavgm"],
+    "ffa lr": ["ffa", "ffa lr 0.003", "ffa lr 0.01"],  # a learning-rate check, not a sweep
 }
 GROUPS["all"] = list(METHODS)
 # Controlled pairs (one knob changed, same seeds) reported beside the comparisons to fedit and
@@ -221,6 +227,8 @@ PAIRS = [
     ("squeeze", "squeeze balanced"),
     ("squeeze intune", "squeeze balanced"),
     ("squeeze prefix", "squeeze"),
+    ("ffa lr 0.003", "ffa"),
+    ("ffa lr 0.01", "ffa"),
     ("fedprox", "svd"),
     ("fedavgm", "fedit"),
     ("svd +fedavgm", "svd"),
