@@ -10,7 +10,8 @@ into B (privacy/client_dp.py), and the wrapped aggregator reads the noisy factor
 splits into B and A (its gauge), not on ΔW. Each cell's last checkpoint gives G of
 its final global, ‖ΔW‖ (the signal it carries), and the norm of each client's last factor delta
 against the global it started from (what clipping at S meets: ΔB = s·B − s₀·B₀[:, :r],
-ΔA = A − A₀[:r], as privacy/client_dp.py clips). Writes results/gauge-noise.md.
+ΔA = A − A₀[:r], as privacy/client_dp.py clips), and G of the same ΔW split at its SVD (the
+split neither gauge is). Writes results/gauge-noise.md.
 """
 
 from __future__ import annotations
@@ -46,6 +47,19 @@ def gain_and_signal(global_: dict, *, rank: int | None = None) -> tuple[float, f
     return gain, math.sqrt(signal)
 
 
+def svd_gain(global_: dict, *, rank: int | None = None) -> float:
+    """G of the same ΔW split at its SVD, sB = U·√S and A = √S·Vᵀ (each component's B column and
+    A row at norm √Sⱼ): (d + k)·Σ Sⱼ over the first `rank` components. From the factors' QR,
+    never the d×k product."""
+    gain = 0.0
+    for B, A, s in global_.values():
+        d, k = B.shape[0], A.shape[1]
+        _, rb = torch.linalg.qr(s * B.double())
+        _, ra = torch.linalg.qr(A.double().T)
+        gain += (d + k) * float(torch.linalg.svdvals(rb @ ra.T)[:rank].sum())
+    return gain
+
+
 def delta_norms(updates: dict, start: dict, *, round_: int) -> list[float]:
     """Each client's factor-delta norm against the global it started from, as client-level DP
     clips it (`folded_delta`, `delta_norm`), for the clients whose last update is of round
@@ -67,7 +81,8 @@ def cell(folder: Path) -> dict | None:
     state = checkpoint["strategy"]
     rank = max(state["node_ranks"].values(), default=None)
     gain, signal = gain_and_signal(state["global"], rank=rank)
-    out = {"gain": gain, "signal": signal, "delta": math.nan}
+    svd = svd_gain(state["global"], rank=rank)
+    out = {"gain": gain, "signal": signal, "svd": svd, "delta": math.nan}
     if previous.is_file() and checkpoint["pending"] is None:  # else prev is this round again
         start = torch.load(previous, weights_only=True)["strategy"]["global"]
         if norms := delta_norms(state["client_updates"], start, round_=checkpoint["round"]):
@@ -89,8 +104,9 @@ def main() -> None:
         "of noise on the factors (s folded into B, as client-level DP noises them; a noise "
         "of σ per factor entry moves ΔW by about σ√G). ‖ΔW‖: the global's own size. Client "
         "Δ: the mean norm of a client's last factor delta (what client-level clipping at S "
-        "meets). Mean ± 95% t-interval over seeds; the ratio is "
-        "paired against `squeeze balanced` on the same seeds.",
+        "meets). SVD split: G of the same ΔW split at its SVD (B = U√S, A = √S·Vᵀ, s folded "
+        "into B), over the same components, as a ratio to the cell's own G. Mean ± 95% "
+        "t-interval over seeds; the ratio to `squeeze balanced` is paired on the same seeds.",
         "",
     ]
     for regime in args.regimes:
@@ -106,8 +122,8 @@ def main() -> None:
         lines += [
             f"## Regime `{regime}`",
             "",
-            "| method | G | G / G(squeeze balanced) | ‖ΔW‖ | client Δ | seeds |",
-            "|---|---:|---:|---:|---:|---|",
+            "| method | G | G / G(squeeze balanced) | SVD split / G | ‖ΔW‖ | client Δ | seeds |",
+            "|---|---:|---:|---:|---:|---:|---|",
         ]
         for label, by_seed in cells.items():
             if not by_seed:
@@ -119,6 +135,7 @@ def main() -> None:
             cols = [
                 f"{gain.mean:.3g}" + (f" ± {gain.half:.2g}" if gain.n > 1 else " (1 seed)"),
                 t_interval(ratios).text(2) if ratios else "—",
+                t_interval(c["svd"] / c["gain"] for c in values).text(2),
                 t_interval(c["signal"] for c in values).text(3),
                 t_interval(deltas).text(3) if deltas else "— (private run)",
             ]

@@ -32,6 +32,21 @@ def test_gain_and_signal_by_hand() -> None:
     assert gain == pytest.approx(8.75) and signal == pytest.approx(0.5 * math.hypot(2, 15))
 
 
+def test_svd_gain_by_hand_is_the_gain_of_the_svd_split() -> None:
+    # sBA = 0.5·[1, 0]ᵀ·[2, 0, 0] has one singular value 1: G = (d + k)·1 = 5, whatever the gauge
+    B, A = torch.tensor([[1.0], [0.0]]), torch.tensor([[2.0, 0.0, 0.0]])
+    assert G.svd_gain({"m": (B, A, 0.5)}) == pytest.approx(5.0)
+    assert G.svd_gain({"m": (4 * B, A / 4, 0.5)}) == pytest.approx(5.0)
+    # a random rank-3 global: the split U√S, √S·Vᵀ of its SVD has the gain svd_gain reports,
+    # and only its first 2 components count at rank 2
+    torch.manual_seed(1)
+    B, A, s = torch.randn(7, 3), torch.randn(3, 4), 0.3
+    U, S, Vh = torch.linalg.svd(s * B @ A, full_matrices=False)
+    split = (U[:, :2] * S[:2].sqrt(), S[:2].sqrt()[:, None] * Vh[:2], 1.0)
+    gain, _ = G.gain_and_signal({"m": split})
+    assert G.svd_gain({"m": (B, A, s)}, rank=2) == pytest.approx(gain, rel=1e-5)
+
+
 def test_gain_is_the_first_order_noise_energy() -> None:
     """Noise of σ on the folded factors (sB + ξ_B, A + ξ_A), as client-level DP adds it:
     E‖ξ_B·A + sB·ξ_A‖² = σ²·G, checked by sampling."""
