@@ -11,9 +11,10 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from _quality_clients import client_table
 from _stats import Interval, paired, t_interval, verdict
 
 RESULTS = Path(__file__).parent / "results"
@@ -57,8 +58,14 @@ def diff_text(a: dict[int, float], b: dict[int, float]) -> str:
     return f"{d.text(signed=True)} {verdict(d, negligible=NEGLIGIBLE)}{fewer}"
 
 
-def regime_tables(rows: list[dict], regime: str, pairs: Sequence[tuple[str, str]]) -> list[str]:
-    """One regime: final losses, paired differences, controlled pairs, per-round means."""
+def regime_tables(
+    rows: list[dict],
+    regime: str,
+    pairs: Sequence[tuple[str, str]],
+    ranks: Mapping[int, int] | None = None,
+) -> list[str]:
+    """One regime: final losses, paired differences, controlled pairs, who gains at home (client
+    by client, `ranks`: partition -> LoRA rank), per-round means."""
     cells = by_method(rows, regime)
     order = sorted(cells, key=lambda m: t_interval(finals(cells[m], "personal").values()).mean)
     lines = [
@@ -114,6 +121,8 @@ def regime_tables(rows: list[dict], regime: str, pairs: Sequence[tuple[str, str]
             own = diff_text(finals(cells[a], "personal"), finals(cells[b], "personal"))
             test = diff_text(finals(cells[a], "test"), finals(cells[b], "test"))
             lines.append(f"| {a} − {b} | {own} | {test} |")
+    if by_client := client_table(cells, order, ranks or {}):
+        lines += ["", *by_client]
     lines += ["", "Own-domain held-out loss per round (mean over seeds):", ""]
     rounds = max(len(r["personal"]) for c in cells.values() for r in c.values())
     lines += [
@@ -263,6 +272,7 @@ def write_report(
     regime_overrides: dict[str, list[str]],
     pairs: Sequence[tuple[str, str]],
     invocation: str,
+    client_ranks: Mapping[str, Mapping[int, int]] | None = None,
 ) -> list[Path]:
     """Write the report files for `rows`; the paths written."""
     if not rows:
@@ -278,7 +288,12 @@ def write_report(
         invocation=invocation,
     )
     for regime in present:
-        lines += ["", f"## Regime `{regime}`", "", *regime_tables(rows, regime, pairs)]
+        lines += [
+            "",
+            f"## Regime `{regime}`",
+            "",
+            *regime_tables(rows, regime, pairs, (client_ranks or {}).get(regime)),
+        ]
     lines += ["", f"![loss per round and final losses with intervals]({stem}.png)", ""]
     md, png = results / f"{stem}.md", results / f"{stem}.png"
     md.write_text("\n".join(lines))

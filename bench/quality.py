@@ -291,6 +291,12 @@ def plan(methods: list[str], regimes: list[str], seeds: list[int]) -> list[tuple
     return [(m, g, s) for s in seeds for g in regimes for m in methods if m in allowed[g]]
 
 
+def client_ranks(regime: str) -> dict[int, int]:
+    """Partition -> LoRA rank in `regime` (every method's recipe cycles ranks 4/8/16/32)."""
+    cfg = load_recipe(recipe_path("fedit"), overrides("fedit", regime, 0, []))
+    return {p: cfg.client_rank(p) for p in range(cfg.data.num_clients)}
+
+
 def recipe_path(recipe: str) -> Path:
     """Where a method's recipe lives."""
     return ROOT / "recipes" / f"{recipe}.yaml"
@@ -365,6 +371,7 @@ def main() -> None:
             regime_overrides={n: list(r.overrides) for n, r in REGIMES.items()},
             pairs=PAIRS,
             invocation=shlex.join(["python", "bench/quality.py", *sys.argv[1:]]),
+            client_ranks={regime: client_ranks(regime) for regime in REGIMES},
         )
 
     cells = plan([m for m in methods if m not in missing], args.regimes, args.seeds)

@@ -247,6 +247,7 @@ def test_a_regime_runs_only_its_methods(capsys: pytest.CaptureFixture[str]) -> N
 
 
 def _quality_cells_load(quality, regime: str, labels: list[str]) -> None:
+    ranks = quality.client_ranks(regime)  # the report labels clients with these
     for label in labels:
         recipe = quality.METHODS[label][0]
         if recipe is not None:
@@ -254,6 +255,7 @@ def _quality_cells_load(quality, regime: str, labels: list[str]) -> None:
             cfg = load_recipe(path, quality.overrides(label, regime, 0, ["output_dir=/tmp/x"]))
             assert cfg.data.num_clients in (4, 8), label
             assert (cfg.privacy.mode == "client") == (regime == "clientdp"), label
+            assert {p: cfg.client_rank(p) for p in range(cfg.data.num_clients)} == ranks, label
 
 
 def test_a_dtype_may_be_spelled_either_way_in_every_field() -> None:

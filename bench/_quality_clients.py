@@ -1,0 +1,61 @@
+"""Who gains at home: the quality grid's own-domain loss client by client, against local-only.
+
+A regime's own-domain number is a token-weighted mean over clients; a hospital deciding whether
+to join asks about its own split. This table gives each client's held-out loss under local-only
+training and, for each method, the paired difference from it over the seeds both ran, with the
+count of clients whose 95% interval lies below 0 (gains) or above it (losses).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from _stats import paired, t_interval
+
+REFERENCE = "local only"
+
+
+def per_client(by_seed: Mapping[int, dict]) -> dict[int, dict[int, float]]:
+    """partition -> seed -> that client's final own-domain loss (rows keep it as 'clients')."""
+    out: dict[int, dict[int, float]] = {}
+    for seed, row in by_seed.items():
+        for partition, loss in row.get("clients", {}).items():
+            out.setdefault(int(partition), {})[seed] = loss
+    return out
+
+
+def client_table(
+    cells: Mapping[str, Mapping[int, dict]], order: list[str], ranks: Mapping[int, int]
+) -> list[str]:
+    """Markdown lines: local-only's loss per client, then each method − local-only per client
+    (`*`: the paired interval excludes 0) and its gains / losses count; [] without local-only."""
+    if REFERENCE not in cells:
+        return []
+    local = per_client(cells[REFERENCE])
+    clients = sorted(local)
+    head = [f"c{p} (r{ranks[p]})" if p in ranks else f"c{p}" for p in clients]
+    lines = [
+        "Own-domain held-out loss per client (client, LoRA rank): local-only's, then each "
+        "method − local-only on the same seeds (mean; `*`: the paired 95% interval excludes 0). "
+        "Gains / losses: the clients whose interval lies below / above 0.",
+        "",
+        "| method | " + " | ".join(head) + " | gains / losses |",
+        "|---|" + "---:|" * (len(clients) + 1),
+        f"| {REFERENCE} (loss) | "
+        + " | ".join(f"{t_interval(local[p].values()).mean:.4f}" for p in clients)
+        + " | |",
+    ]
+    for method in [m for m in order if m != REFERENCE]:
+        mine = per_client(cells[method])
+        texts, gains, losses = [], 0, 0
+        for p in clients:
+            d = paired(mine.get(p, {}), local[p])
+            if d is None:
+                texts.append("—")
+                continue
+            sure = d.n >= 2 and not d.low <= 0 <= d.high
+            gains += sure and d.mean < 0
+            losses += sure and d.mean > 0
+            texts.append(f"{d.mean:+.3f}" + ("*" if sure else ""))
+        lines.append(f"| {method} | " + " | ".join(texts) + f" | {gains} / {losses} |")
+    return lines

@@ -1,0 +1,48 @@
+"""bench/_quality_clients.py: each client's own-domain loss against local-only, by hand."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+try:
+    import _quality_clients as C
+finally:
+    sys.path.pop(0)
+
+
+def _cells(method_clients: dict[str, list[dict[int, float]]]) -> dict[str, dict[int, dict]]:
+    """method -> seed -> a row holding only its per-client losses (keys as JSON keeps them)."""
+    return {
+        m: {seed: {"clients": {str(p): x for p, x in c.items()}} for seed, c in enumerate(seeds)}
+        for m, seeds in method_clients.items()
+    }
+
+
+def test_each_client_is_paired_with_its_local_only_loss_over_the_seeds() -> None:
+    cells = _cells(
+        {
+            "local only": [{0: 3.0, 1: 2.0}, {0: 3.2, 1: 2.1}, {0: 2.9, 1: 2.2}],
+            # client 0: −0.10, −0.12, −0.08 -> mean −0.100, interval ± 4.303·0.02/√3 = ± 0.050:
+            # a gain. client 1: +0.05, −0.05, +0.03: mean +0.010, holds 0: neither.
+            "fedit": [{0: 2.90, 1: 2.05}, {0: 3.08, 1: 2.05}, {0: 2.82, 1: 2.23}],
+            # client 0 on two seeds only: +0.20, +0.22 -> +0.210 ± 12.71·0.01414/√2: a loss
+            "squeeze": [{0: 3.20, 1: 2.0}, {0: 3.42, 1: 2.1}, {1: 2.2}],
+        }
+    )
+    lines = C.client_table(cells, ["squeeze", "local only", "fedit"], {0: 4, 1: 8})
+    table = [line for line in lines if line.startswith("|")]
+    assert table[0] == "| method | c0 (r4) | c1 (r8) | gains / losses |"
+    assert table[2] == "| local only (loss) | 3.0333 | 2.1000 | |"
+    assert table[3] == "| squeeze | +0.210* | +0.000 | 0 / 1 |"  # client 1: all zero, n = 3
+    assert table[4] == "| fedit | -0.100* | +0.010 | 1 / 0 |"
+    assert len(table) == 5  # local-only has no difference row of its own
+
+
+def test_a_missing_client_or_reference_is_shown_not_guessed() -> None:
+    cells = _cells({"local only": [{0: 3.0, 1: 2.0}], "fedit": [{0: 2.9}]})
+    lines = C.client_table(cells, ["fedit"], {})
+    assert "| method | c0 | c1 | gains / losses |" in lines  # no ranks known: no rank label
+    assert "| fedit | -0.100 | — | 0 / 0 |" in lines  # one seed: no interval, no star
+    assert C.client_table(_cells({"fedit": [{0: 2.9}]}), ["fedit"], {}) == []  # clientdp
