@@ -226,6 +226,7 @@ PAIRS = [
     ("squeeze balanced", "squeeze +correction"),
     ("squeeze rows", "squeeze plain"),
     ("squeeze plain", "svd"),  # the same method (RSVD = exact SVD): a consistency check
+    ("flexlora", "svd"),  # the same aggregate, formed densely: another
     ("squeeze +residual rows", "squeeze +residual"),
     ("squeeze", "squeeze balanced"),
     ("squeeze intune", "squeeze balanced"),
