@@ -1,0 +1,273 @@
+"""The quality grid as data: the regimes, the methods (a recipe and its options), the groups, the
+controlled pairs and the plan (every command, in the order that answers the most first).
+
+`bench/quality.py` runs it; `python bench/quality.py --list` prints it with what is done and what
+is left, and `python bench/quality.py --plan` runs what is left in order.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedllm.recipe import RunConfig, load_recipe
+from fedllm.recipe.schema_data import DataConfig
+
+ROOT = Path(__file__).parents[1]
+FIXED_DATA_SEED = "seed" in DataConfig.model_fields  # data.seed: the partition fixed over seeds
+
+# Every regime starts from recipes/<method>.yaml (the quickstart workload: SmolLM2-135M, WordNet,
+# ranks cycling 4/8/16/32, LoRA on q_proj/v_proj) with these overrides.
+COMMON = [
+    "data.prompt_format=plain",
+    "data.max_length=48",
+    "data.held_out=0.2",
+    "data.test_set={fraction: 0.1, labels: [noun.food, verb.motion]}",
+    "federation.local_steps=8",
+    "federation.batch_size=8",
+    "federation.lr=0.001",
+    # pinned: "auto" is bf16 on CPUs with native bf16 and fp32 elsewhere, and the grid spans
+    # sessions on different machines; fp32 keeps every cell's numbers comparable
+    "federation.precision=fp32",
+    *(["data.seed=0"] if FIXED_DATA_SEED else []),
+]
+
+
+@dataclass(frozen=True)
+class Regime:
+    overrides: tuple[str, ...]
+    about: str
+    methods: tuple[str, ...] | None = None  # the only labels it runs (None: any)
+
+
+REGIMES = {
+    "domain": Regime(
+        ("data.max_examples=800", "data.num_clients=4", "federation.rounds=5"),
+        "4 clients, each holding whole WordNet domains (non-IID), ~136 training examples each",
+    ),
+    "scarce": Regime(
+        ("data.max_examples=1100", "data.num_clients=8", "federation.rounds=5"),
+        "8 clients × ~94 training examples, whole domains each: where collaboration should pay",
+    ),
+    "iid": Regime(
+        (
+            "data.max_examples=800",
+            "data.num_clients=4",
+            "data.partitioner=iid",
+            "federation.rounds=5",
+        ),
+        "the domain regime's data shuffled evenly over 4 clients (control)",
+    ),
+    "long": Regime(
+        ("data.max_examples=800", "data.num_clients=4", "federation.rounds=12"),
+        "the domain regime at 12 rounds: error feedback and gauge at a longer budget",
+    ),
+    # Client-level DP at the noise a large federation's mean carries: σ = zS/m per entry, here
+    # 0.01·2/4 = 0.005, which is a 400-client round at z = 1 (4 clients cannot give a useful ε:
+    # this regime measures how noise in the factors reaches ΔW, i.e. the gauge; its ε is not a
+    # privacy claim). Uniform weights, as client-level DP requires. The noise comes from OS
+    # entropy (privacy/client_dp.py), so a seed does not repeat it: pairing removes less here.
+    "clientdp": Regime(
+        (
+            "data.max_examples=800",
+            "data.num_clients=4",
+            "federation.rounds=5",
+            "privacy.mode=client",
+            "privacy.client_clip=2",
+            "privacy.client_noise_multiplier=0.01",
+            "aggregator.weighting=uniform",
+        ),
+        "the domain regime under client-level DP, S = 2, σ = 0.005 per entry of the mean "
+        "(a 400-client round's at z = 1): how factor noise reaches ΔW in each gauge",
+        # the references train without DP, and client-level DP refuses fedsa, flora, fedplora
+        methods=("fedit", "squeeze", "squeeze balanced"),
+    ),
+}
+
+
+def _sq(*extra: str) -> tuple[str, tuple[str, ...]]:
+    return "squeeze", tuple(f"aggregator.options.{o}" for o in extra)
+
+
+PLAIN = ("correction=false", "residual_rank=0")
+BALANCED = ("gauge=balanced",)
+# label -> (recipe, extra overrides); recipe None: a reference trained in this process
+METHODS: dict[str, tuple[str | None, tuple[str, ...]]] = {
+    "centralised": (None, ()),
+    "local only": (None, ()),
+    "fedit": ("fedit", ()),
+    "ffa": ("ffa", ()),
+    # every cell runs at one lr (0.001). FFA-LoRA trains B alone against a frozen A: there it
+    # moves ΔW slowest and still falls steeply in its last round; is it the method or its step
+    # size? And does squeeze's lead over FedIT hold at a larger step?
+    "ffa lr 0.003": ("ffa", ("federation.lr=0.003",)),
+    "ffa lr 0.01": ("ffa", ("federation.lr=0.01",)),
+    "fedit lr 0.003": ("fedit", ("federation.lr=0.003",)),
+    "squeeze lr 0.003": ("squeeze", ("federation.lr=0.003",)),
+    "hetlora": ("hetlora", ()),
+    "flora": ("flora", ()),
+    "flexlora": ("flexlora", ()),
+    "fedsa": ("fedsa", ()),
+    "rblora": ("rblora", ()),
+    "lorafair": ("lorafair", ()),
+    "svd": ("svd", ()),
+    "squeeze": _sq(),  # the default: +correction +residual at the global rank, rows gauge
+    # the default until stop 34 (rows won in domain: bench/results/quality.md)
+    "squeeze balanced": _sq(*BALANCED),
+    "squeeze plain": _sq(*PLAIN, *BALANCED),  # == svd at rank max rᵢ
+    "squeeze +correction": _sq("correction=true", "residual_rank=0", *BALANCED),
+    "squeeze +residual": _sq("correction=false", *BALANCED),
+    "squeeze rows": _sq(*PLAIN, "gauge=rows"),  # A rows at a fresh init's norm (1/√3)
+    "squeeze +residual rows": _sq("correction=false", "gauge=rows"),
+    # LoRA-Squeeze in-tuning: clients train at 2r, squeeze to r after half their steps (run
+    # against the balanced default, so it stays there)
+    "squeeze intune": ("squeeze", ("features.squeeze_intune={}", *_sq(*BALANCED)[1])),
+    # PreLort's nested-prefix training under squeeze: the prefix a client's rank cut keeps is
+    # trained to carry the most
+    "squeeze prefix": ("squeeze", ("features.nested_prefix={}",)),
+    "fedplora": ("fedplora", ()),
+    "prelort": ("prelort", ()),
+    "sdflora": ("sdflora", ()),
+    "fedprox": ("fedprox", ()),  # svd + μ = 0.01
+    "fedavgm": ("fedavgm", ()),  # fedit + server momentum β = 0.9
+    "svd +fedavgm": ("svd", ("features.server_momentum.beta=0.9",)),
+}
+GROUPS = {
+    "core": [
+        "centralised",
+        "local only",
+        "fedit",
+        "svd",
+        "squeeze",
+        "rblora",
+        "fedsa",
+        "fedplora",
+        "prelort",
+        "sdflora",
+    ],
+    "baselines": ["ffa", "hetlora", "flora", "flexlora", "lorafair"],
+    # the IID regime is a control (does the gap to local-only close without domain skew?):
+    # the references, the plain average and the exact and default aggregators are enough
+    "control": ["centralised", "local only", "fedit", "svd", "squeeze"],
+    # not "squeeze": a group name would shadow the method's label in --methods
+    "variants": [m for m in METHODS if m.startswith("squeeze") and " lr " not in m],
+    "features": ["fedprox", "fedavgm", "svd +fedavgm"],
+    "lr check": [m for m in METHODS if " lr " in m],  # one seed: a check, not a sweep
+}
+GROUPS["all"] = list(METHODS)
+# Controlled pairs (one knob changed, same seeds) reported beside the comparisons to fedit and
+# local-only: (variant, its base).
+PAIRS = [
+    ("squeeze +correction", "squeeze plain"),
+    ("squeeze +residual", "squeeze plain"),
+    ("squeeze balanced", "squeeze +correction"),
+    ("squeeze rows", "squeeze plain"),
+    ("squeeze plain", "svd"),  # the same method (RSVD = exact SVD): a consistency check
+    ("flexlora", "svd"),  # the same aggregate, formed densely: another
+    ("squeeze +residual rows", "squeeze +residual"),
+    ("squeeze", "squeeze balanced"),
+    ("squeeze intune", "squeeze balanced"),
+    ("squeeze prefix", "squeeze"),
+    ("ffa lr 0.003", "ffa"),
+    ("ffa lr 0.01", "ffa"),
+    ("squeeze lr 0.003", "fedit lr 0.003"),
+    ("fedprox", "svd"),
+    ("fedavgm", "fedit"),
+    ("svd +fedavgm", "svd"),
+]
+
+
+def overrides(label: str, regime: str, seed: int, extra: list[str]) -> list[str]:
+    """Every override of one cell after its recipe (the regime's, the method's, the seed)."""
+    return [*COMMON, *REGIMES[regime].overrides, *METHODS[label][1], *extra, f"seed={seed}"]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One command of the plan: its methods (labels or groups) × regimes × seeds, and why."""
+
+    methods: tuple[str, ...]
+    regimes: tuple[str, ...]
+    why: str
+    seeds: tuple[int, ...] = (0, 1, 2)
+
+    def command(self) -> str:
+        """The command that runs this step alone."""
+        return shlex.join(
+            ["python", "bench/quality.py", "--methods", *self.methods, "--regimes", *self.regimes]
+            + (["--seeds", *map(str, self.seeds)] if self.seeds != (0, 1, 2) else [])
+        )
+
+
+# The whole grid, in the order that answers the most first (each step's rows were read before
+# the next was chosen). The IID control runs the `control` group only, and the baselines and
+# features the scarce regime, where collaboration should pay: the full cross would be ~40 more
+# cells. `clientdp` asks one question: which gauge of squeeze's factors carries DP noise into ΔW
+# less (docs/privacy.md).
+LONG = ("squeeze plain", "squeeze +residual", "squeeze rows", "squeeze +residual rows")
+PLAN = [
+    Step(("core",), ("scarce", "domain"), "every core method, 8 and 4 clients"),
+    Step(("squeeze balanced",), ("scarce",), "the default until stop 34"),
+    Step(("control",), ("iid",), "the IID control: does the gap to local-only close?"),
+    Step(("fedit", "squeeze", "squeeze balanced"), ("clientdp",), "the gauge under client DP"),
+    Step(("squeeze", "squeeze balanced"), ("clientdp",), "the DP noise is unseeded", (3, 4)),
+    Step(("lr check",), ("scarce",), "ffa's step size; squeeze's lead at lr 0.003", (0,)),
+    Step(("baselines", "features"), ("scarce",), "issue 14's other rows"),
+    Step(("variants",), ("domain",), "what each squeeze option adds"),
+    Step(
+        (*LONG, "squeeze", "squeeze balanced", "fedit", "local only"),
+        ("long",),
+        "12 rounds: do the curves flatten; error feedback and gauge at a longer budget",
+    ),
+]
+
+
+def plan(
+    methods: list[str], regimes: list[str], seeds: list[int], *, quiet: bool = False
+) -> list[tuple[str, str, int]]:
+    """The cells to run, seed by seed: every method in every regime, except where a regime
+    lists the only methods it runs (said once per regime, unless `quiet`)."""
+    allowed = {regime: REGIMES[regime].methods or tuple(METHODS) for regime in regimes}
+    for regime, labels in allowed.items():
+        if (skipped := [m for m in methods if m not in labels]) and not quiet:
+            only, left = ", ".join(labels), ", ".join(skipped)
+            print(f"[quality] {regime} runs only {only}; skipped {left}")
+    return [(m, g, s) for s in seeds for g in regimes for m in methods if m in allowed[g]]
+
+
+def regime_config(regime: str) -> RunConfig:
+    """A regime's recipe (fedit's: every method's recipe shares the workload and its ranks)."""
+    return load_recipe(recipe_path("fedit"), overrides("fedit", regime, 0, []))
+
+
+def client_ranks(regime: str) -> dict[int, int]:
+    """Partition -> LoRA rank in `regime` (every method's recipe cycles ranks 4/8/16/32)."""
+    cfg = regime_config(regime)
+    return {p: cfg.client_rank(p) for p in range(cfg.data.num_clients)}
+
+
+def recipe_path(recipe: str) -> Path:
+    """Where a method's recipe lives."""
+    return ROOT / "recipes" / f"{recipe}.yaml"
+
+
+def expand(names: list[str]) -> list[str]:
+    """Labels and group names -> labels, in grid order, without duplicates."""
+    chosen = {m for n in names for m in GROUPS.get(n, [n])}
+    unknown = sorted(chosen - set(METHODS))
+    if unknown:
+        raise SystemExit(
+            f"--methods: unknown {unknown}; valid: groups {sorted(GROUPS)} "
+            f"or labels {list(METHODS)}"
+        )
+    return [m for m in METHODS if m in chosen]
+
+
+def plan_cells(steps: list[Step], *, quiet: bool = False) -> list[tuple[str, str, int]]:
+    """Every cell of `steps`, in order, each once."""
+    cells: dict[tuple[str, str, int], None] = {}
+    for step in steps:
+        chosen = plan(expand(list(step.methods)), list(step.regimes), list(step.seeds), quiet=quiet)
+        cells |= dict.fromkeys(chosen)
+    return list(cells)
