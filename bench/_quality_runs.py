@@ -115,7 +115,7 @@ def _reference(cfg: RunConfig, *, pooled: bool) -> dict:
     fed = cfg.federation
     rounds = range(fed.rounds + 1)
     pad = tok.pad_token_id
-    nll = _nll(cfg, pad)
+    nll = nll_scorer(cfg, pad)
 
     def lora(rank: int, seed: int) -> PeftModel:
         torch.manual_seed(seed)  # peft draws A from the global generator
@@ -146,16 +146,14 @@ def _reference(cfg: RunConfig, *, pooled: bool) -> dict:
         per_round = sum(steps(len(s.train)) for s in shards)
         for rnd in rounds:
             if rnd:
-                _train(cfg, model, data, per_round, rnd, seed=cfg.seed * 7 + rnd, pad_id=pad)
+                train_round(cfg, model, data, per_round, rnd, seed=cfg.seed * 7 + rnd, pad_id=pad)
             for s in shards:
                 _add(personal[rnd], nll(model, s.held_out))
             if test:
                 _add(tested[rnd], nll(model, test))
-            test_note = f", test {_ratio(tested[rnd]):.4f}" if test else ""
-            _say(
-                f"centralised round {rnd}/{fed.rounds}: own {_ratio(personal[rnd]):.4f}{test_note}"
-            )
-        clients = {s.partition_id: _ratio(nll(model, s.held_out)) for s in shards}
+            test_note = f", test {ratio(tested[rnd]):.4f}" if test else ""
+            _say(f"centralised round {rnd}/{fed.rounds}: own {ratio(personal[rnd]):.4f}{test_note}")
+        clients = {s.partition_id: ratio(nll(model, s.held_out)) for s in shards}
         model.unload()
     else:
         # The test set at the start and the end only (8 clients x every round was most of the
@@ -179,8 +177,8 @@ def _reference(cfg: RunConfig, *, pooled: bool) -> dict:
         start -= before  # the cell's time includes its clients finished before an interruption
     return {
         "semantics": "reference",
-        "personal": [_ratio(p) for p in personal],
-        "test": [_ratio(t) if t[1] else None for t in tested] if test else [None for _ in rounds],
+        "personal": [ratio(p) for p in personal],
+        "test": [ratio(t) if t[1] else None for t in tested] if test else [None for _ in rounds],
         "clients": clients,
         "mb_moved": 0.0,
         "seconds": time.perf_counter() - start,
@@ -199,7 +197,9 @@ def _local_client(
     for rnd in range(fed.rounds + 1):
         if rnd:  # the client app's seed for this client and round
             seed = cfg.seed * 100_003 + rnd * 1009 + pid
-            _train(cfg, model, shard.train, steps(len(shard.train)), rnd, seed=seed, pad_id=pad_id)
+            train_round(
+                cfg, model, shard.train, steps(len(shard.train)), rnd, seed=seed, pad_id=pad_id
+            )
         personal.append(list(nll(model, shard.held_out)))
         if test and rnd == 0:
             at_base = at_base if at_base is not None else list(nll(model, test))
@@ -210,7 +210,7 @@ def _local_client(
             tested.append(None)
         _say(
             f"local only client {pid + 1}/{cfg.data.num_clients} round {rnd}/{fed.rounds}: "
-            f"own {_ratio(personal[-1]):.4f} [{time.perf_counter() - t0:.0f}s]"
+            f"own {ratio(personal[-1]):.4f} [{time.perf_counter() - t0:.0f}s]"
         )
     model.unload()
     return {
@@ -218,7 +218,7 @@ def _local_client(
         "personal": personal,
         "tested": tested,
         "at_base": at_base,
-        "final": _ratio(personal[-1]),
+        "final": ratio(personal[-1]),
         "seconds": time.perf_counter() - t0,
     }
 
@@ -244,7 +244,7 @@ def _say(text: str) -> None:
     print(f"[quality] {text}", flush=True)
 
 
-def _train(
+def train_round(
     cfg: RunConfig, model: PeftModel, data: list, steps: int, rnd: int, *, seed: int, pad_id: int
 ) -> None:
     """One round of local steps, scheduled as the client app schedules them."""
@@ -272,7 +272,7 @@ def _train(
     )
 
 
-def _nll(cfg: RunConfig, pad_id: int) -> Callable[[PeftModel, list], tuple[float, int]]:
+def nll_scorer(cfg: RunConfig, pad_id: int) -> Callable[[PeftModel, list], tuple[float, int]]:
     def nll(model: PeftModel, examples: list) -> tuple[float, int]:
         model.eval()
         out = evaluate_nll(
@@ -293,7 +293,7 @@ def _add(total: list[float], part: tuple[float, int]) -> None:
     total[1] += part[1]
 
 
-def _ratio(part) -> float:
+def ratio(part) -> float:
     return part[0] / max(part[1], 1)
 
 

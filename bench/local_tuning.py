@@ -34,7 +34,7 @@ hide_bitsandbytes()  # as fedllm's commands do: no base here is quantised (peft 
 from _quality_clients import client_table  # noqa: E402
 from _quality_grid import METHODS, client_ranks, overrides, recipe_path  # noqa: E402
 from _quality_report import by_method, diff_text, finals, interval_text  # noqa: E402
-from _quality_runs import _nll, _ratio, _train, run_dir  # noqa: E402
+from _quality_runs import nll_scorer, ratio, run_dir, train_round  # noqa: E402
 
 from fedllm.aggregators import Factors  # noqa: E402
 from fedllm.client.schedule import num_local_steps  # noqa: E402
@@ -52,7 +52,7 @@ def tune_cell(cfg: RunConfig, factors: dict[str, Factors]) -> dict[int, dict]:
     """Partition -> {global, tuned: (nll sum, tokens)} for every client of a finished cell."""
     cache = ProcessCache()
     base, tok = cached_base_model(cfg, cache=cache)
-    nll, fed = _nll(cfg, tok.pad_token_id), cfg.federation
+    nll, fed = nll_scorer(cfg, tok.pad_token_id), cfg.federation
     rank = max(f.rank for f in factors.values())
     scaling = next(iter(factors.values())).scaling
     out = {}
@@ -77,13 +77,13 @@ def tune_cell(cfg: RunConfig, factors: dict[str, Factors]) -> dict[int, dict]:
         # seeded as the client app seeds a round after the last; scheduled as the last round
         # (the grid's lr is constant)
         seed = cfg.seed * 100_003 + (fed.rounds + 1) * 1009 + pid
-        _train(cfg, model, shard.train, steps, fed.rounds, seed=seed, pad_id=tok.pad_token_id)
+        train_round(cfg, model, shard.train, steps, fed.rounds, seed=seed, pad_id=tok.pad_token_id)
         after = nll(model, shard.held_out)
         model.unload()
         out[pid] = {"global": list(before), "tuned": list(after), "steps": steps}
         print(
-            f"[tuning] client {pid + 1}/{cfg.data.num_clients}: own {_ratio(before):.4f} -> "
-            f"{_ratio(after):.4f} after {steps} steps",
+            f"[tuning] client {pid + 1}/{cfg.data.num_clients}: own {ratio(before):.4f} -> "
+            f"{ratio(after):.4f} after {steps} steps",
             flush=True,
         )
     return out
@@ -104,10 +104,10 @@ def run(label: str, regime: str, seed: int, *, grid: Path, row: dict) -> dict:
     clients = tune_cell(cfg, factors)
     for pid, c in clients.items():
         grid_loss = row["clients"][str(pid)]
-        if abs(_ratio(c["global"]) - grid_loss) > TOLERANCE:
+        if abs(ratio(c["global"]) - grid_loss) > TOLERANCE:
             raise SystemExit(
                 f"{label} / {regime} / seed {seed}, client {pid}: the global scores "
-                f"{_ratio(c['global']):.6f} here and {grid_loss:.6f} in the grid"
+                f"{ratio(c['global']):.6f} here and {grid_loss:.6f} in the grid"
             )
     return {
         "method": label,
@@ -159,7 +159,7 @@ def report(rows: list[dict], grid_rows: list[dict], regimes: list[str]) -> str:
             )
             tuned_cells[label] = cells[label]
             tuned_cells[f"{label} +tuned"] = {
-                s: {"clients": {p: _ratio(c["tuned"]) for p, c in r["clients"].items()}}
+                s: {"clients": {p: ratio(c["tuned"]) for p, c in r["clients"].items()}}
                 for s, r in by_seed.items()
             }
         lines += ["", *client_table(tuned_cells, list(tuned_cells), client_ranks(regime))]
