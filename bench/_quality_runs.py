@@ -273,6 +273,9 @@ def train_round(
 
 
 def nll_scorer(cfg: RunConfig, pad_id: int) -> Callable[[PeftModel, list], tuple[float, int]]:
+    """model, examples -> (NLL sum, tokens), in eval mode at the recipe's precision and eval batch
+    (what the client app reports for its held-out split)."""
+
     def nll(model: PeftModel, examples: list) -> tuple[float, int]:
         model.eval()
         out = evaluate_nll(
@@ -294,6 +297,7 @@ def _add(total: list[float], part: tuple[float, int]) -> None:
 
 
 def ratio(part) -> float:
+    """Mean NLL per token of an (NLL sum, tokens) pair."""
     return part[0] / max(part[1], 1)
 
 
