@@ -36,6 +36,8 @@ COMMON = [
 
 @dataclass(frozen=True)
 class Regime:
+    """A workload: overrides after COMMON, what it measures, and the methods it runs."""
+
     overrides: tuple[str, ...]
     about: str
     methods: tuple[str, ...] | None = None  # the only labels it runs (None: any)
@@ -87,6 +89,7 @@ REGIMES = {
 
 
 def _sq(*extra: str) -> tuple[str, tuple[str, ...]]:
+    """A squeeze method with these `aggregator.options` (key=value)."""
     return "squeeze", tuple(f"aggregator.options.{o}" for o in extra)
 
 
@@ -183,6 +186,9 @@ def overrides(label: str, regime: str, seed: int, extra: list[str]) -> list[str]
     return [*COMMON, *REGIMES[regime].overrides, *METHODS[label][1], *extra, f"seed={seed}"]
 
 
+SEEDS = (0, 1, 2)  # a cell's default seeds
+
+
 @dataclass(frozen=True)
 class Step:
     """One command of the plan: its methods (labels or groups) × regimes × seeds, and why."""
@@ -190,13 +196,13 @@ class Step:
     methods: tuple[str, ...]
     regimes: tuple[str, ...]
     why: str
-    seeds: tuple[int, ...] = (0, 1, 2)
+    seeds: tuple[int, ...] = SEEDS
 
     def command(self) -> str:
         """The command that runs this step alone."""
         return shlex.join(
             ["python", "bench/quality.py", "--methods", *self.methods, "--regimes", *self.regimes]
-            + (["--seeds", *map(str, self.seeds)] if self.seeds != (0, 1, 2) else [])
+            + (["--seeds", *map(str, self.seeds)] if self.seeds != SEEDS else [])
         )
 
 

@@ -25,6 +25,11 @@ NEGLIGIBLE = 0.001
 CURVES = ("centralised", "local only", "fedit", "svd", "squeeze", "rblora", "fedsa", "fedplora")
 
 
+def read_rows(path: Path) -> list[dict]:
+    """The cells of a rows file (one JSON object a line), [] if there is none yet."""
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
 def by_method(rows: list[dict], regime: str) -> dict[str, dict[int, dict]]:
     """method -> seed -> row, for one regime."""
     out: dict[str, dict[int, dict]] = {}

@@ -14,17 +14,19 @@ client (`<run dir>/local-clients.jsonl`: each client's sums, added exactly as be
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from peft import PeftModel
 
 from fedllm.aggregators import round_spec
+from fedllm.client.round import client_seed
 from fedllm.client.schedule import num_local_steps, schedule_span
 from fedllm.client.train import evaluate_nll, train_local
 from fedllm.data import tokenize_all
@@ -127,14 +129,7 @@ def _reference(cfg: RunConfig, *, pooled: bool) -> dict:
             target_modules=cfg.lora.target_modules,
         )
 
-    def steps(n_examples: int) -> int:
-        return num_local_steps(
-            n_examples,
-            batch_size=fed.batch_size,
-            local_steps=fed.local_steps,
-            local_epochs=fed.local_epochs,
-            accumulation=fed.gradient_accumulation_steps,
-        )
+    steps = functools.partial(local_steps, cfg)
 
     personal: list[list[float]] = [[0.0, 0] for _ in rounds]
     tested: list[list[float]] = [[0.0, 0] for _ in rounds]
@@ -146,7 +141,8 @@ def _reference(cfg: RunConfig, *, pooled: bool) -> dict:
         per_round = sum(steps(len(s.train)) for s in shards)
         for rnd in rounds:
             if rnd:
-                train_round(cfg, model, data, per_round, rnd, seed=cfg.seed * 7 + rnd, pad_id=pad)
+                seed = cfg.seed * 7 + rnd
+                train_round(cfg, model, data, steps=per_round, rnd=rnd, seed=seed, pad_id=pad)
             for s in shards:
                 _add(personal[rnd], nll(model, s.held_out))
             if test:
@@ -196,10 +192,9 @@ def _local_client(
     personal, tested = [], []
     for rnd in range(fed.rounds + 1):
         if rnd:  # the client app's seed for this client and round
-            seed = cfg.seed * 100_003 + rnd * 1009 + pid
-            train_round(
-                cfg, model, shard.train, steps(len(shard.train)), rnd, seed=seed, pad_id=pad_id
-            )
+            seed = client_seed(cfg, server_round=rnd, partition=pid)
+            n = steps(len(shard.train))
+            train_round(cfg, model, shard.train, steps=n, rnd=rnd, seed=seed, pad_id=pad_id)
         personal.append(list(nll(model, shard.held_out)))
         if test and rnd == 0:
             at_base = at_base if at_base is not None else list(nll(model, test))
@@ -244,8 +239,20 @@ def _say(text: str) -> None:
     print(f"[quality] {text}", flush=True)
 
 
+def local_steps(cfg: RunConfig, n_examples: int) -> int:
+    """A client's local steps per round on `n_examples` training examples (the client app's)."""
+    fed = cfg.federation
+    return num_local_steps(
+        n_examples,
+        batch_size=fed.batch_size,
+        local_steps=fed.local_steps,
+        local_epochs=fed.local_epochs,
+        accumulation=fed.gradient_accumulation_steps,
+    )
+
+
 def train_round(
-    cfg: RunConfig, model: PeftModel, data: list, steps: int, rnd: int, *, seed: int, pad_id: int
+    cfg: RunConfig, model: PeftModel, data: list, *, steps: int, rnd: int, seed: int, pad_id: int
 ) -> None:
     """One round of local steps, scheduled as the client app schedules them."""
     fed = cfg.federation
@@ -296,7 +303,7 @@ def _add(total: list[float], part: tuple[float, int]) -> None:
     total[1] += part[1]
 
 
-def ratio(part) -> float:
+def ratio(part: Sequence[float]) -> float:
     """Mean NLL per token of an (NLL sum, tokens) pair."""
     return part[0] / max(part[1], 1)
 

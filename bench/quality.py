@@ -61,6 +61,7 @@ from _quality_grid import (  # noqa: E402
     PLAN,
     REGIMES,
     ROOT,
+    SEEDS,
     client_ranks,
     expand,
     overrides,
@@ -69,7 +70,7 @@ from _quality_grid import (  # noqa: E402
     recipe_path,
     regime_config,
 )
-from _quality_report import RESULTS, write_report  # noqa: E402
+from _quality_report import RESULTS, read_rows, write_report  # noqa: E402
 from _quality_runs import centralised, federated, local_only, machine, run_dir  # noqa: E402
 
 from fedllm.recipe import load_recipe  # noqa: E402
@@ -111,10 +112,6 @@ def run_cell(label: str, regime: str, seed: int, *, out: Path, extra: list[str])
     return row
 
 
-def read_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
 def print_grid(rows: list[dict]) -> None:
     """The regimes, groups, finished cells and each step of the plan with what is left of it
     (hours estimated from the finished cells' median wall time per client-round)."""
@@ -130,29 +127,30 @@ def print_grid(rows: list[dict]) -> None:
     done = {(r["method"], r["regime"], r["seed"]) for r in rows}
     cfgs = {g: regime_config(g) for g in REGIMES}
     size = {g: cfg.data.num_clients * cfg.federation.rounds for g, cfg in cfgs.items()}
-    per = [r["seconds"] / size[r["regime"]] for r in rows]
+    # a resumed cell's seconds are its last part only
+    per = [r["seconds"] / size[r["regime"]] for r in rows if not r.get("resumed")]
     unit = statistics.median(per) if per else float("nan")  # s per client-round
+
+    def hours(cells: list[tuple[str, str, int]]) -> float:
+        return sum(unit * size[g] for m, g, s in cells if (m, g, s) not in done) / 3600
+
     print("plan (python bench/quality.py --plan runs what is left, in this order):")
-    total = 0.0
     for step in PLAN:
         cells = plan_cells([step], quiet=True)
-        left = [(m, g, s) for m, g, s in cells if (m, g, s) not in done]
-        hours = sum(unit * size[g] for _, g, _ in left) / 3600
-        total += hours
-        print(
-            f"  {len(cells) - len(left)}/{len(cells)} done, ~{hours:.1f} h left: {step.command()}"
-        )
+        finished = sum(cell in done for cell in cells)
+        print(f"  {finished}/{len(cells)} done, ~{hours(cells):.1f} h left: {step.command()}")
         print(f"      {step.why}")
-    print(f"  ~{total:.1f} h left in all, one worker at the finished cells' pace")
+    print(f"  ~{hours(plan_cells(PLAN, quiet=True)):.1f} h left in all at the finished cells' pace")
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (tests parse each plan step's command with it)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=["all"], help="labels or groups")
+    parser.add_argument("--methods", nargs="+", help="labels or groups (default: all)")
+    parser.add_argument("--regimes", nargs="+", choices=REGIMES, help="default: domain scarce iid")
     parser.add_argument(
-        "--regimes", nargs="+", default=["domain", "scarce", "iid"], choices=REGIMES
+        "--seeds", nargs="+", type=int, help=f"default: {' '.join(map(str, SEEDS))}"
     )
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path("runs/bench-quality"))
     parser.add_argument("--set", nargs="+", default=[], help="extra key=value for every cell")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
@@ -161,16 +159,28 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="only write the report")
     parser.add_argument("--plan", action="store_true", help="run what is left of the plan")
     parser.add_argument("--list", action="store_true", help="print the grid and the plan; exit")
+    return parser
+
+
+def chosen_cells(args: argparse.Namespace) -> list[tuple[str, str, int]]:
+    """The cells a command line asks for: the plan's, or its methods × regimes × seeds."""
+    if args.plan:
+        return plan_cells(PLAN)
+    methods, regimes = args.methods or ["all"], args.regimes or ["domain", "scarce", "iid"]
+    return plan(expand(methods), regimes, args.seeds or list(SEEDS))
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
+    if args.plan and (args.methods or args.regimes or args.seeds):
+        parser.error("--plan runs the plan's own cells: drop --methods, --regimes and --seeds")
     if args.list:
         print_grid(read_rows(args.results / "quality-rows.jsonl"))  # the committed grid
         return
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.plan:
-        cells = plan_cells(PLAN)
-    else:
-        cells = plan(expand(args.methods), args.regimes, args.seeds)
+    cells = chosen_cells(args)
     # a method is its recipe (fedprox, fedavgm are features on a registered aggregator)
     missing = {m for m, _, _ in cells if METHODS[m][0] and not recipe_path(METHODS[m][0]).exists()}
     for m in sorted(missing):
@@ -180,10 +190,13 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"quality-{args.tag}" if args.tag else "quality"
     kept = args.results / f"{stem}-rows.jsonl"
-    if not rows_path.exists() and kept.exists():  # a new checkout: the committed copy is the grid
-        rows_path.write_text(kept.read_text())
-        print(f"[quality] {rows_path}: started from the {len(read_rows(kept))} cells in {kept}")
     done = {(r["method"], r["regime"], r["seed"]): r for r in read_rows(rows_path)}
+    # the committed copy is the grid on a new checkout, and holds rows other machines added
+    if adopted := [r for r in read_rows(kept) if (r["method"], r["regime"], r["seed"]) not in done]:
+        with rows_path.open("a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in adopted)
+        done |= {(r["method"], r["regime"], r["seed"]): r for r in adopted}
+        print(f"[quality] {rows_path}: took {len(adopted)} finished cells from {kept}")
 
     def report() -> list[Path]:
         return write_report(

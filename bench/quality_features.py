@@ -18,8 +18,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _quality_report import NEGLIGIBLE, RESULTS, by_method, diff_text, finals, interval_text
-from quality import PAIRS, read_rows
+from _quality_grid import PAIRS
+from _quality_report import (
+    NEGLIGIBLE,
+    RESULTS,
+    by_method,
+    diff_text,
+    finals,
+    interval_text,
+    read_rows,
+)
 
 FEATURES = [(a, b) for a, b in PAIRS if a in ("fedprox", "fedavgm", "svd +fedavgm")]
 

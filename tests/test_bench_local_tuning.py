@@ -36,17 +36,26 @@ def test_report_pools_tokens_and_pairs_tuned_with_global_and_local_only() -> Non
         # client 0: 10 tokens, client 1: 30; global 3.0 / 2.8 pooled (30 + 84) / 40 = 2.85;
         # tuned 2.6 / 2.7 pooled (26 + 81) / 40 = 2.675 (+ noise on both)
         clients = {
-            "0": {"global": [10 * (3.0 + noise), 10], "tuned": [10 * (2.6 + noise), 10]},
-            "1": {"global": [30 * (2.8 + noise), 30], "tuned": [30 * (2.7 + noise), 30]},
+            "0": {
+                "global": [10 * (3.0 + noise), 10],
+                "cut": [10 * (3.1 + noise), 10],
+                "tuned": [10 * (2.6 + noise), 10],
+            },
+            "1": {
+                "global": [30 * (2.8 + noise), 30],
+                "cut": [30 * (2.8 + noise), 30],
+                "tuned": [30 * (2.7 + noise), 30],
+            },
         }
         rows.append({"method": "fedit", "regime": "domain", "seed": seed, "clients": clients,
                      "seconds": 5.0})  # fmt: skip
-    md = T.report(rows, grid, ["domain", "scarce"])
+    md = T.report(rows, grid_rows=grid, regimes=["domain", "scarce", "clientdp"])
     line = next(x for x in md.splitlines() if x.startswith("| fedit | "))
     # tuned − global: −0.175 on every seed; tuned − local only: 2.675 − 3.0 = −0.325
-    assert "| 2.8500 ± 0.2484 | 2.6750 ± 0.2484 | -0.1750 ± 0.0000 better" in line
+    # cut: (31 + 84) / 40 = 2.875
+    assert "| 2.8500 ± 0.2484 | 2.8750 ± 0.2484 | 2.6750 ± 0.2484 | -0.1750 ± 0.0000 better" in line
     assert "| -0.3250 ± 0.0000 better | 5 |" in line
-    assert "## Regime `scarce`" not in md  # no rows there
+    assert "## Regime `scarce`" not in md and "clientdp" not in md  # no rows / no local-only
     tuned = next(x for x in md.splitlines() if x.startswith("| fedit +tuned | "))
     assert tuned == "| fedit +tuned | -0.600* | -0.100* | 2 / 0 |"  # vs local only per client
     plain = next(x for x in md.splitlines() if x.startswith("| fedit | -"))
@@ -72,4 +81,13 @@ def test_a_tuned_cell_starts_from_what_the_clients_scored_in_the_run(tmp_path: P
     for pid, c in clients.items():
         assert c["global"][0] / c["global"][1] == pytest.approx(scored[pid], abs=T.TOLERANCE)
         assert c["tuned"][1] == c["global"][1] and c["tuned"][0] != c["global"][0]
-        assert c["steps"] == 3
+        assert c["steps"] == 3 and c["rank"] == [2, 4][pid]
+        # the cut of a rank-4 global to rank 4 is the global; to rank 2 it is not
+        cut = c["cut"][0] / c["cut"][1]
+        assert (cut == pytest.approx(scored[pid], abs=T.TOLERANCE)) == (pid == 1)
+
+
+def test_only_methods_whose_global_the_clients_use_are_tuned() -> None:
+    assert T.tunable("squeeze") and T.tunable("fedit") and T.tunable("fedprox")
+    # merged into the base each round, B kept on clients, a private module, no global at all
+    assert not any(T.tunable(m) for m in ("flora", "fedsa", "sdflora", "local only"))

@@ -248,23 +248,20 @@ def test_a_regime_runs_only_its_methods(capsys: pytest.CaptureFixture[str]) -> N
 
 def test_the_plan_is_its_steps_commands_each_cell_once() -> None:
     """`--plan` runs PLAN's cells in order, each once; each step's printed command (what a
-    person runs by hand) plans the same cells as the step."""
+    person runs by hand), parsed by the script's own parser, asks for the step's cells."""
     import shlex
 
     quality = _quality_bench()
     cells = quality.plan_cells(quality.PLAN, quiet=True)
     assert len(cells) == len(set(cells)) == 167  # docs/aggregators.md quotes the count
     assert cells[0] == ("centralised", "scarce", 0)  # core first, seed by seed
+    parser = quality.build_parser()
     for step in quality.PLAN:
-        tokens = shlex.split(step.command())[2:]
-        methods = tokens[1 : tokens.index("--regimes")]
-        rest = tokens[tokens.index("--regimes") + 1 :]
-        regimes = rest[: rest.index("--seeds")] if "--seeds" in rest else rest
-        seeds = (
-            [int(s) for s in rest[rest.index("--seeds") + 1 :]] if "--seeds" in rest else [0, 1, 2]
-        )
-        planned = quality.plan(quality.expand(methods), regimes, seeds, quiet=True)
-        assert planned == quality.plan_cells([step], quiet=True), step
+        args = parser.parse_args(shlex.split(step.command())[2:])
+        assert quality.chosen_cells(args) == quality.plan_cells([step], quiet=True), step
+    assert quality.chosen_cells(parser.parse_args(["--plan"])) == cells
+    # a step that left out its seeds runs the default ones, as the command line does
+    assert {s for _, _, s in quality.chosen_cells(parser.parse_args([]))} == set(quality.SEEDS)
 
 
 def _quality_cells_load(quality, regime: str, labels: list[str]) -> None:

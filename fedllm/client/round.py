@@ -68,6 +68,12 @@ def base_plan(
     return ClientPlan(partition, rank, pruning, None if quant == "none" else quant)
 
 
+def client_seed(cfg: RunConfig, *, server_round: int, partition: int) -> int:
+    """The seed of one client's training in one round: distinct per run seed, round and client,
+    and the same on a resume."""
+    return cfg.seed * 100_003 + server_round * 1009 + partition
+
+
 def client_round(cfg: RunConfig, config: ConfigRecord, context: Context) -> ClientRound:
     """This round's context for the hooks, with the plan before any feature changed it."""
     pid = partition_of(context)
@@ -80,7 +86,7 @@ def client_round(cfg: RunConfig, config: ConfigRecord, context: Context) -> Clie
         config=config,
         node_config=context.node_config,
         state=context.state,
-        seed=cfg.seed * 100_003 + server_round * 1009 + pid,
+        seed=client_seed(cfg, server_round=server_round, partition=pid),
         plan=base_plan(cfg, pid, config=config, node_config=context.node_config),
     )
 
