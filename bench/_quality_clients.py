@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from _stats import paired, t_interval
+from _stats import paired, t_interval, verdict
 
 REFERENCE = "local only"
 
@@ -25,7 +25,7 @@ def per_client(by_seed: Mapping[int, dict]) -> dict[int, dict[int, float]]:
 
 
 def client_table(
-    cells: Mapping[str, Mapping[int, dict]], order: list[str], ranks: Mapping[int, int]
+    cells: Mapping[str, Mapping[int, dict]], *, order: list[str], ranks: Mapping[int, int]
 ) -> list[str]:
     """Markdown lines: local-only's loss per client, then each method − local-only per client
     (`*`: the paired interval excludes 0) and its gains / losses count; [] without local-only."""
@@ -53,9 +53,9 @@ def client_table(
             if d is None:
                 texts.append("—")
                 continue
-            sure = d.n >= 2 and not d.low <= 0 <= d.high
-            gains += sure and d.mean < 0
-            losses += sure and d.mean > 0
-            texts.append(f"{d.mean:+.3f}" + ("*" if sure else ""))
+            said = verdict(d)  # better / worse: the interval excludes 0
+            gains += said == "better"
+            losses += said == "worse"
+            texts.append(f"{d.mean:+.3f}" + ("*" if said in ("better", "worse") else ""))
         lines.append(f"| {method} | " + " | ".join(texts) + f" | {gains} / {losses} |")
     return lines

@@ -66,6 +66,7 @@ def diff_text(a: dict[int, float], b: dict[int, float]) -> str:
 def regime_tables(
     rows: list[dict],
     regime: str,
+    *,
     pairs: Sequence[tuple[str, str]],
     ranks: Mapping[int, int] | None = None,
 ) -> list[str]:
@@ -126,7 +127,7 @@ def regime_tables(
             own = diff_text(finals(cells[a], "personal"), finals(cells[b], "personal"))
             test = diff_text(finals(cells[a], "test"), finals(cells[b], "test"))
             lines.append(f"| {a} − {b} | {own} | {test} |")
-    if by_client := client_table(cells, order, ranks or {}):
+    if by_client := client_table(cells, order=order, ranks=ranks or {}):
         lines += ["", *by_client]
     lines += ["", "Own-domain held-out loss per round (mean over seeds):", ""]
     rounds = max(len(r["personal"]) for c in cells.values() for r in c.values())
@@ -297,7 +298,7 @@ def write_report(
             "",
             f"## Regime `{regime}`",
             "",
-            *regime_tables(rows, regime, pairs, (client_ranks or {}).get(regime)),
+            *regime_tables(rows, regime, pairs=pairs, ranks=(client_ranks or {}).get(regime)),
         ]
     lines += ["", f"![loss per round and final losses with intervals]({stem}.png)", ""]
     md, png = results / f"{stem}.md", results / f"{stem}.png"

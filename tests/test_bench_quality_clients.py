@@ -31,7 +31,7 @@ def test_each_client_is_paired_with_its_local_only_loss_over_the_seeds() -> None
             "squeeze": [{0: 3.20, 1: 2.0}, {0: 3.42, 1: 2.1}, {1: 2.2}],
         }
     )
-    lines = C.client_table(cells, ["squeeze", "local only", "fedit"], {0: 4, 1: 8})
+    lines = C.client_table(cells, order=["squeeze", "local only", "fedit"], ranks={0: 4, 1: 8})
     table = [line for line in lines if line.startswith("|")]
     assert table[0] == "| method | c0 (r4) | c1 (r8) | gains / losses |"
     assert table[2] == "| local only (loss) | 3.0333 | 2.1000 | |"
@@ -42,7 +42,9 @@ def test_each_client_is_paired_with_its_local_only_loss_over_the_seeds() -> None
 
 def test_a_missing_client_or_reference_is_shown_not_guessed() -> None:
     cells = _cells({"local only": [{0: 3.0, 1: 2.0}], "fedit": [{0: 2.9}]})
-    lines = C.client_table(cells, ["fedit"], {})
+    lines = C.client_table(cells, order=["fedit"], ranks={})
     assert "| method | c0 | c1 | gains / losses |" in lines  # no ranks known: no rank label
     assert "| fedit | -0.100 | — | 0 / 0 |" in lines  # one seed: no interval, no star
-    assert C.client_table(_cells({"fedit": [{0: 2.9}]}), ["fedit"], {}) == []  # clientdp
+    assert (
+        C.client_table(_cells({"fedit": [{0: 2.9}]}), order=["fedit"], ranks={}) == []
+    )  # clientdp
