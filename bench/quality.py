@@ -22,7 +22,7 @@ Two test sets per cell: each client's own held-out split (own domains: personali
 global test set (`data.test_set`: 10% of every domain plus two whole domains no client holds:
 generalisation). `bench/_stats.py` makes the intervals; `bench/_quality_report.py` the report.
 
-The whole grid is `PLAN` in bench/_quality_grid.py: nine commands, 167 distinct cells, in the order
+The whole grid is `PLAN` in bench/_quality_grid.py: nine commands, 171 distinct cells, in the order
 that answers the most first. `--list` prints each with what is done and the hours left; `--plan`
 runs what is left in that order (what each new session restarts). Measured on an idle 2-core AMD
 EPYC: a federated `domain` cell takes ~5 min (squeeze: 305–324 s), a `scarce` one 9–10 min (551–591
@@ -68,6 +68,7 @@ from _quality_grid import (  # noqa: E402
     plan,
     plan_cells,
     recipe_path,
+    reference,
     regime_config,
 )
 from _quality_report import RESULTS, read_rows, write_report  # noqa: E402
@@ -104,7 +105,8 @@ def run_cell(label: str, regime: str, seed: int, *, out: Path, extra: list[str])
     }
     row |= {"data_seed_fixed": FIXED_DATA_SEED, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     row |= machine()
-    measure = {"centralised": centralised, "local only": local_only}.get(label, federated)
+    kind = reference(label)
+    measure = {"centralised": centralised, "local only": local_only}.get(kind, federated)
     cpu = time.process_time()  # every thread of this process; a paused grid accrues none
     row |= measure(cfg)
     row["cpu_seconds"] = time.process_time() - cpu  # since this call: a resume's part only

@@ -253,7 +253,7 @@ def test_the_plan_is_its_steps_commands_each_cell_once() -> None:
 
     quality = _quality_bench()
     cells = quality.plan_cells(quality.PLAN, quiet=True)
-    assert len(cells) == len(set(cells)) == 167  # docs/aggregators.md quotes the count
+    assert len(cells) == len(set(cells)) == 171  # docs/aggregators.md quotes the count
     assert cells[0] == ("centralised", "scarce", 0)  # core first, seed by seed
     parser = quality.build_parser()
     for step in quality.PLAN:
@@ -262,6 +262,17 @@ def test_the_plan_is_its_steps_commands_each_cell_once() -> None:
     assert quality.chosen_cells(parser.parse_args(["--plan"])) == cells
     # a step that left out its seeds runs the default ones, as the command line does
     assert {s for _, _, s in quality.chosen_cells(parser.parse_args([]))} == set(quality.SEEDS)
+
+
+def test_a_reference_at_another_lr_is_still_that_reference() -> None:
+    quality = _quality_bench()
+    assert quality.reference("local only lr 0.01") == "local only"
+    assert quality.reference("centralised") == "centralised"
+    assert quality.reference("squeeze lr 0.01") is None and quality.reference("fedit") is None
+    cfg = load_recipe(
+        quality.recipe_path("svd"), quality.overrides("local only lr 0.01", "scarce", 0, [])
+    )
+    assert cfg.federation.lr == 0.01  # the label's lr wins over the common one
 
 
 def _quality_cells_load(quality, regime: str, labels: list[str]) -> None:
