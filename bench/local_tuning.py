@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 
 sys.path.insert(0, str(Path(__file__).parent))  # bench/_*.py next to this script
 
@@ -41,7 +40,7 @@ from _quality_runs import local_steps, nll_scorer, ratio, run_dir, train_round  
 from fedllm.aggregators import Factors, round_spec  # noqa: E402
 from fedllm.client.round import client_seed  # noqa: E402
 from fedllm.data.shards import ProcessCache, load_shard  # noqa: E402
-from fedllm.model.adapters import attach_lora, write_factors  # noqa: E402
+from fedllm.model.adapters import adapter_holding  # noqa: E402
 from fedllm.model.base import cached_base_model  # noqa: E402
 from fedllm.recipe import RunConfig, load_recipe  # noqa: E402
 from fedllm.server.checkpoint import load_checkpoint  # noqa: E402
@@ -57,30 +56,16 @@ def tune_cell(cfg: RunConfig, factors: dict[str, Factors]) -> dict[int, dict]:
     cache = ProcessCache()
     base, tok = cached_base_model(cfg, cache=cache)
     nll, fed = nll_scorer(cfg, tok.pad_token_id), cfg.federation
-    whole = next(iter(factors.values()))
-
-    def adapter(start: dict[str, Factors], *, rank: int, scaling: float) -> PeftModel:
-        model = attach_lora(
-            base,
-            rank=rank,
-            alpha=scaling * rank,
-            dropout=cfg.lora.dropout,
-            target_modules=cfg.lora.target_modules,
-        )
-        write_factors(model, start)
-        return model
-
+    lora = {"dropout": cfg.lora.dropout, "target_modules": cfg.lora.target_modules}
     out = {}
     for pid in range(cfg.data.num_clients):
         shard = load_shard(cfg, pid, tok, cache=cache)
-        model = adapter(factors, rank=max(f.rank for f in factors.values()), scaling=whole.scaling)
+        model = adapter_holding(base, factors, **lora)
         scores = {"global": list(nll(model, shard.held_out))}
         model.unload()
         rank = cfg.client_rank(pid)
-        scaling = cfg.client_scaling(rank)
-        model = adapter(
-            {m: f.truncate(rank, scaling) for m, f in factors.items()}, rank=rank, scaling=scaling
-        )
+        cut = {m: f.truncate(rank, cfg.client_scaling(rank)) for m, f in factors.items()}
+        model = adapter_holding(base, cut, **lora)
         scores["cut"] = list(nll(model, shard.held_out))
         steps = local_steps(cfg, len(shard.train))
         seed = client_seed(cfg, server_round=fed.rounds + 1, partition=pid)

@@ -9,6 +9,7 @@ from peft import PeftModel
 
 from fedllm.aggregators import Factors
 from fedllm.model.adapters import (
+    adapter_holding,
     attach_lora,
     from_record,
     read_factors,
@@ -61,6 +62,26 @@ def test_write_truncates_a_larger_global_to_the_client_rank(tiny_dir: Path) -> N
     expected = sent[Q].B[:, :2] @ sent[Q].A[:2]
     torch.testing.assert_close(got.delta().float(), expected, rtol=1e-5, atol=1e-5)
     model.unload()
+
+
+def test_an_adapter_holding_factors_takes_their_rank_and_scaling_or_leaves_the_base(
+    tiny_dir: Path,
+) -> None:
+    base, _ = load_base_model(tiny_dir)
+    probe = attach_lora(base, rank=1, alpha=1.0, dropout=0.0, target_modules=["q_proj"])
+    shapes = {m: f.shape for m, f in read_factors(probe).items()}
+    probe.unload()
+    sent = random_factors(shapes, rank=3, scaling=0.25)
+    model = adapter_holding(base, sent, dropout=0.0, target_modules=["q_proj"])
+    assert model.peft_config["default"].r == 3
+    got = read_factors(model)
+    for m, f in sent.items():  # the same rank and scaling: the factors themselves
+        assert got[m].scaling == 0.25 and torch.equal(got[m].B, f.B) and torch.equal(got[m].A, f.A)
+    model.unload()
+    # factors for modules the adapter does not target: refused, and the shared base is left clean
+    with pytest.raises(KeyError, match="no LoRA on"):
+        adapter_holding(base, sent, dropout=0.0, target_modules=["v_proj"])
+    assert not any("lora" in name for name, _ in base.named_modules())
 
 
 def test_record_round_trip_and_malformed_records() -> None:

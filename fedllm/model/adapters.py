@@ -79,9 +79,9 @@ def write_factors(model: PeftModel, factors: Mapping[str, Factors]) -> None:
     config = model.peft_config[model.active_adapter]
     rank, scaling = config.r, config.lora_alpha / config.r
     modules = dict(model.named_modules())
-    missing = [m for m in factors if PEFT_PREFIX + m not in modules]
+    missing = [m for m in factors if not hasattr(modules.get(PEFT_PREFIX + m), "lora_A")]
     if missing:
-        raise KeyError(f"adapter has no module(s) {missing[:3]}; the sender uses other targets")
+        raise KeyError(f"adapter has no LoRA on {missing[:3]}: the sender targets other modules")
     with torch.no_grad():
         for module, f in factors.items():
             layer = modules[PEFT_PREFIX + module]
@@ -89,6 +89,28 @@ def write_factors(model: PeftModel, factors: Mapping[str, Factors]) -> None:
             name = model.active_adapter
             layer.lora_A[name].weight.copy_(fitted.A.to(layer.lora_A[name].weight.dtype))
             layer.lora_B[name].weight.copy_(fitted.B.to(layer.lora_B[name].weight.dtype))
+
+
+def adapter_holding(
+    base: torch.nn.Module,
+    factors: Mapping[str, Factors],
+    *,
+    dropout: float,
+    target_modules: list[str],
+) -> PeftModel:
+    """A fresh LoRA adapter on `base` at the factors' largest rank and their scaling, holding
+    them; unloaded again if they do not fit (the base is shared: it must not keep the layers)."""
+    rank = max((f.rank for f in factors.values()), default=1)
+    scaling = next(iter(factors.values())).scaling if factors else 1.0
+    model = attach_lora(
+        base, rank=rank, alpha=scaling * rank, dropout=dropout, target_modules=target_modules
+    )
+    try:
+        write_factors(model, factors)
+    except BaseException:
+        model.unload()
+        raise
+    return model
 
 
 def to_record(factors: Mapping[str, Factors]) -> ArrayRecord:

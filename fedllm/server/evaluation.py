@@ -27,7 +27,7 @@ from fedllm.data import tokenize_all
 from fedllm.data.shards import ProcessCache, global_test_set
 from fedllm.errors import short_reason
 from fedllm.features.types import EvalRow
-from fedllm.model.adapters import attach_lora, write_factors
+from fedllm.model.adapters import adapter_holding
 from fedllm.model.base import cached_base_model
 from fedllm.recipe.schema import RunConfig
 from fedllm.server.replies import shared_partitions
@@ -177,17 +177,10 @@ class TestSetEvaluator:
         cfg = self.cfg
         base, tokenizer = cached_base_model(cfg, cache=self.cache)
         examples = self.examples(tokenizer)
-        rank = max((f.rank for f in factors.values()), default=1)
-        scaling = next(iter(factors.values())).scaling if factors else 1.0
-        model = attach_lora(
-            base,
-            rank=rank,
-            alpha=scaling * rank,
-            dropout=cfg.lora.dropout,
-            target_modules=cfg.lora.target_modules,
+        model = adapter_holding(
+            base, factors, dropout=cfg.lora.dropout, target_modules=cfg.lora.target_modules
         )
         try:
-            write_factors(model, dict(factors))
             # as on the clients: eval mode would flip 4-bit layers to an inference kernel
             model.train(cfg.model.quantization != "none")
             nll, tokens = evaluate_nll(
