@@ -114,6 +114,9 @@ def run_cell(label: str, regime: str, seed: int, *, out: Path, extra: list[str])
     return row
 
 
+DEFAULT_REGIMES = ("domain", "scarce", "iid")  # --regimes when not given
+
+
 def print_grid(rows: list[dict]) -> None:
     """The regimes, groups, finished cells and each step of the plan with what is left of it
     (hours estimated from the finished cells' median wall time per client-round)."""
@@ -149,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line (tests parse each plan step's command with it)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", help="labels or groups (default: all)")
-    parser.add_argument("--regimes", nargs="+", choices=REGIMES, help="default: domain scarce iid")
+    parser.add_argument(
+        "--regimes", nargs="+", choices=REGIMES, help=f"default: {' '.join(DEFAULT_REGIMES)}"
+    )
     parser.add_argument(
         "--seeds", nargs="+", type=int, help=f"default: {' '.join(map(str, SEEDS))}"
     )
@@ -168,7 +173,7 @@ def chosen_cells(args: argparse.Namespace) -> list[tuple[str, str, int]]:
     """The cells a command line asks for: the plan's, or its methods × regimes × seeds."""
     if args.plan:
         return plan_cells(PLAN)
-    methods, regimes = args.methods or ["all"], args.regimes or ["domain", "scarce", "iid"]
+    methods, regimes = args.methods or ["all"], args.regimes or list(DEFAULT_REGIMES)
     return plan(expand(methods), regimes, args.seeds or list(SEEDS))
 
 
@@ -200,6 +205,8 @@ def main() -> None:
         done |= {(r["method"], r["regime"], r["seed"]): r for r in adopted}
         print(f"[quality] {rows_path}: took {len(adopted)} finished cells from {kept}")
 
+    ranks = {regime: client_ranks(regime) for regime in REGIMES}  # each regime's recipe, once
+
     def report() -> list[Path]:
         return write_report(
             list(done.values()),
@@ -210,7 +217,7 @@ def main() -> None:
             regime_overrides={n: list(r.overrides) for n, r in REGIMES.items()},
             pairs=PAIRS,
             invocation=shlex.join(["python", "bench/quality.py", *sys.argv[1:]]),
-            client_ranks={regime: client_ranks(regime) for regime in REGIMES},
+            client_ranks=ranks,
         )
 
     for i, (label, regime, seed) in enumerate([] if args.report else cells, 1):
