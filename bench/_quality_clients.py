@@ -15,6 +15,15 @@ from _stats import paired, t_interval, verdict
 REFERENCE = "local only"
 
 
+def local_reference(cells: Mapping[str, object]) -> str | None:
+    """The regime's local-only label: 'local only', else its one local-only at another lr (a
+    regime at a tuned lr runs local-only at its own best, `local only lr 0.001`), else None."""
+    if REFERENCE in cells:
+        return REFERENCE
+    others = [m for m in cells if m.startswith(f"{REFERENCE} lr ")]
+    return others[0] if len(others) == 1 else None
+
+
 def per_client(by_seed: Mapping[int, dict]) -> dict[int, dict[int, float]]:
     """partition -> seed -> that client's final own-domain loss (rows keep it as 'clients')."""
     out: dict[int, dict[int, float]] = {}
@@ -29,23 +38,24 @@ def client_table(
 ) -> list[str]:
     """Markdown lines: local-only's loss per client, then each method − local-only per client
     (`*`: the paired interval excludes 0) and its gains / losses count; [] without local-only."""
-    if REFERENCE not in cells:
+    reference = local_reference(cells)
+    if reference is None:
         return []
-    local = per_client(cells[REFERENCE])
+    local = per_client(cells[reference])
     clients = sorted(local)
     head = [f"c{p} (r{ranks[p]})" if p in ranks else f"c{p}" for p in clients]
     lines = [
-        "Own-domain held-out loss per client (client, LoRA rank): local-only's, then each "
-        "method − local-only on the same seeds (mean; `*`: the paired 95% interval excludes 0). "
+        f"Own-domain held-out loss per client (client, LoRA rank): {reference}'s, then each "
+        f"method − {reference} on the same seeds (mean; `*`: the paired 95% interval excludes 0). "
         "Gains / losses: the clients whose interval lies below / above 0.",
         "",
         "| method | " + " | ".join(head) + " | gains / losses |",
         "|---|" + "---:|" * (len(clients) + 1),
-        f"| {REFERENCE} (loss) | "
+        f"| {reference} (loss) | "
         + " | ".join(f"{t_interval(local[p].values()).mean:.4f}" for p in clients)
         + " | |",
     ]
-    for method in [m for m in order if m != REFERENCE]:
+    for method in [m for m in order if m != reference]:
         mine = per_client(cells[method])
         texts, gains, losses = [], 0, 0
         for p in clients:

@@ -210,6 +210,13 @@ PAIRS = [
     ("fedit lr 0.01", "local only lr 0.01"),
     ("squeeze lr 0.01", "local only lr 0.01"),
     ("ffa lr 0.01", "fedit lr 0.01"),
+    # scarce-lr, where `fedit`, `svd` and `squeeze` run at TUNED_LR: each at its own best lr,
+    # the lr's own effect, and the room left to pooled training at its best lr
+    ("squeeze lr 0.01", "fedit"),
+    ("squeeze lr 0.01", "squeeze"),
+    ("fedit lr 0.01", "fedit"),
+    ("squeeze lr 0.01", "centralised lr 0.001"),
+    ("squeeze", "centralised lr 0.001"),
     ("fedprox", "svd"),
     ("fedavgm", "fedit"),
     ("svd +fedavgm", "svd"),

@@ -14,11 +14,10 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from _quality_clients import client_table
+from _quality_clients import client_table, local_reference
 from _stats import Interval, paired, t_interval, verdict
 
 RESULTS = Path(__file__).parent / "results"
-REFERENCES = ("fedit", "local only")
 # Nats below which a paired difference is no difference: the round-off between the exact and
 # the randomised SVD is 3e-5, the smallest seed noise between methods 0.001-0.002.
 NEGLIGIBLE = 0.001
@@ -74,6 +73,7 @@ def regime_tables(
     by client, `ranks`: partition -> LoRA rank), per-round means."""
     cells = by_method(rows, regime)
     order = sorted(cells, key=lambda m: t_interval(finals(cells[m], "personal").values()).mean)
+    fedit, local = "fedit", local_reference(cells) or "local only"
     lines = [
         "| method | semantics | own-domain held-out | global test set | last-round Δ (own) "
         "| MB moved | s/cell | CPU s/cell | seeds |",
@@ -100,15 +100,15 @@ def regime_tables(
         "reference; mean ± 95% t-interval; tie: the interval contains 0; same: the whole "
         f"interval within {NEGLIGIBLE} nats of 0):",
         "",
-        "| method | own − fedit | own − local only | test − fedit | test − local only |",
+        f"| method | own − {fedit} | own − {local} | test − {fedit} | test − {local} |",
         "|---|---:|---:|---:|---:|",
     ]
-    refs = {ref: cells.get(ref, {}) for ref in REFERENCES}
+    refs = {ref: cells.get(ref, {}) for ref in (fedit, local)}
     for m in order:
         by_seed = cells[m]
         out = []
         for key in ("personal", "test"):
-            for ref in REFERENCES:
+            for ref in refs:
                 if m == ref or (key == "test" and _personal_B(by_seed)):
                     out.append("—")
                 else:
@@ -220,9 +220,10 @@ def plot(rows: list[dict], regimes: list[str], path: Path) -> None:
     )
     for col, regime in enumerate(regimes):
         cells = by_method(rows, regime)
-        # a regime without the references (clientdp) is a few methods: draw them all
-        shown = CURVES if "local only" in cells else [*CURVES, *sorted(set(cells) - set(CURVES))]
-        for m in [c for c in shown if c in cells]:
+        # a regime of a few methods (clientdp, scarce-lr) draws them all; a full one the CURVES
+        reference = local_reference(cells)
+        extra = sorted(set(cells) - set(CURVES)) if len(cells) <= 10 else [reference]
+        for m in dict.fromkeys(c for c in [*CURVES, *extra] if c in cells):
             curve = _curve(cells[m], "personal")
             err = [0 if math.isnan(x.half) else x.half for x in curve]
             axes[0][col].errorbar(
@@ -236,7 +237,7 @@ def plot(rows: list[dict], regimes: list[str], path: Path) -> None:
             )
         axes[0][col].set(title=f"{regime}: own-domain held-out loss", xlabel="round")
         axes[0][col].legend(fontsize=7)
-        local = cells.get("local only", {})
+        local = cells.get(reference, {}) if reference else {}
         for row, key, what in ((1, "personal", "own-domain"), (2, "test", "global test set")):
             if not local:  # a regime without the reference (clientdp)
                 axes[row][col].set_axis_off()
@@ -244,7 +245,7 @@ def plot(rows: list[dict], regimes: list[str], path: Path) -> None:
             diffs = {
                 m: d
                 for m, c in cells.items()
-                if m != "local only"
+                if m != reference
                 and not (key == "test" and _personal_B(c))
                 and (d := paired(finals(c, key), finals(local, key))) is not None
             }
@@ -260,7 +261,7 @@ def plot(rows: list[dict], regimes: list[str], path: Path) -> None:
             ax.axvline(0, color="grey", lw=0.8)
             ax.set_yticks(range(len(order)), order, fontsize=7)
             ax.set(
-                title=f"{regime}: final {what} loss − local only (paired, 95%)",
+                title=f"{regime}: final {what} loss − {reference} (paired, 95%)",
                 xlabel="loss difference (< 0: federation helps)",
             )
     fig.tight_layout()

@@ -48,3 +48,16 @@ def test_a_missing_client_or_reference_is_shown_not_guessed() -> None:
     assert (
         C.client_table(_cells({"fedit": [{0: 2.9}]}), order=["fedit"], ranks={}) == []
     )  # clientdp
+
+
+def test_a_regime_at_a_tuned_lr_pairs_with_its_one_local_only_at_another_lr() -> None:
+    cells = _cells({"local only lr 0.001": [{0: 3.0}], "fedit": [{0: 2.9}]})
+    assert C.local_reference(cells) == "local only lr 0.001"
+    lines = C.client_table(cells, order=["fedit", "local only lr 0.001"], ranks={})
+    assert "| local only lr 0.001 (loss) | 3.0000 | |" in lines
+    assert "| fedit | -0.100 | 0 / 0 |" in lines
+    # 'local only' wins over any other lr; two other lrs and no plain one: no reference
+    both = _cells({"local only": [{0: 3.0}], "local only lr 0.01": [{0: 3.5}]})
+    assert C.local_reference(both) == "local only"
+    two = _cells({"local only lr 0.003": [{0: 3.0}], "local only lr 0.01": [{0: 3.5}]})
+    assert C.local_reference(two) is None
