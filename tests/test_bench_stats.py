@@ -118,6 +118,32 @@ def test_report_pairs_each_method_with_fedit_and_local_only(tmp_path: Path) -> N
     assert len((tmp_path / "q-rows.csv").read_text().splitlines()) == 1 + 12 * 3
 
 
+def test_local_only_at_its_best_round_is_the_harder_reference(tmp_path: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    try:
+        from _quality_report import best_round, write_report
+    finally:
+        sys.path.pop(0)
+    rows = []
+    for s, noise in enumerate([0.0, 0.3, -0.2]):
+        local = _row("local only", s, 3.4 + noise, 4.2 + noise, "reference")
+        local["personal"] = [5.0, 3.3 + noise, 3.4 + noise]  # over-fits: best at round 1
+        rows += [local, _row("fedit", s, 3.35 + noise + 0.01 * (s - 1), 3.9 + noise)]
+    # round 0 (the base model) is never a stopping point, even when it is the lowest
+    assert best_round({0: {"personal": [1.0, 3.3, 3.4]}}) == {0: 3.3}
+    write_report(
+        rows, stem="q", results=tmp_path, regimes={"domain": "4 clients"}, common=["a=1"],
+        regime_overrides={"domain": ["b=2"]}, pairs=[], invocation="python bench/quality.py",
+    )  # fmt: skip
+    md = (tmp_path / "q.md").read_text()
+    assert "| own − local only at its best round |" in md
+    line = next(x for x in md.splitlines() if x.startswith("| fedit | — |"))
+    cells = [c.strip() for c in line.split("|")[2:-1]]
+    # by hand: fedit − final = −0.06, −0.05, −0.04: −0.0500 ± 4.303·0.01/√3 = 0.0248, better;
+    # fedit − best round = +0.04, +0.05, +0.06: +0.0500 ± 0.0248, worse: early stopping flips it
+    assert cells[1:3] == ["-0.0500 ± 0.0248 better", "+0.0500 ± 0.0248 worse"]
+
+
 def test_a_difference_on_fewer_seeds_than_its_methods_have_says_how_many() -> None:
     from _quality_report import diff_text
 
