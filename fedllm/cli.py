@@ -114,6 +114,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         merge=args.merge,
         client=args.client,
         round=args.round,
+        best=args.best,
         base_name=args.base_name,
         dtype=args.dtype,
     )
@@ -123,7 +124,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def add_export_command(sub: argparse._SubParsersAction) -> None:
-    """`fedllm export RUN_DIR OUT [--merge] [--client N | --round K]`."""
+    """`fedllm export RUN_DIR OUT [--merge] [--client N | --round K | --best]`."""
     exp = sub.add_parser(
         "export",
         help="write a run's adapter as a portable PEFT folder, or --merge it into its base",
@@ -137,6 +138,9 @@ def add_export_command(sub: argparse._SubParsersAction) -> None:
     )
     exp.add_argument("--client", type=int, metavar="N", help="client N's adapter (default: global)")
     exp.add_argument("--round", type=int, metavar="K", help="the snapshot of round K")
+    exp.add_argument(
+        "--best", action="store_true", help="the best round's adapter (output.best_by)"
+    )
     exp.add_argument(
         "--base-name",
         metavar="PATH_OR_HUB_ID",

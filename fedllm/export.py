@@ -19,6 +19,7 @@ from pathlib import Path
 
 from fedllm.files import building_folder, write_atomic
 from fedllm.model.card import (
+    BEST_ADAPTER,
     CARD_JSON,
     README,
     AdapterCard,
@@ -58,10 +59,20 @@ def check_run_dir(run_dir: Path) -> None:
         )
 
 
-def find_adapter(run_dir: Path, *, client: int | None = None, round: int | None = None) -> Path:
-    """The adapter folder to export: global, a snapshot, or one client's."""
-    if client is not None and round is not None:
-        raise ValueError("pass --client or --round, not both (snapshots hold the global adapter)")
+def find_adapter(
+    run_dir: Path, *, client: int | None = None, round: int | None = None, best: bool = False
+) -> Path:
+    """The adapter folder to export: global, the best round's, a snapshot, or one client's."""
+    if sum((client is not None, round is not None, best)) > 1:
+        raise ValueError("pass one of --client, --round and --best (or none: the final adapter)")
+    if best:
+        folder = run_dir / BEST_ADAPTER
+        if not (folder / "adapter_config.json").is_file():
+            raise FileNotFoundError(
+                f"{run_dir}: no {BEST_ADAPTER}/ (the run kept none: output.best_by is null, or "
+                "no round has finished); leave out --best for the final adapter"
+            )
+        return folder
     if client is not None:
         for pattern in (PERSONAL, CLIENT):
             folder = run_dir / str(pattern).format(client=client)
@@ -81,6 +92,9 @@ def find_adapter(run_dir: Path, *, client: int | None = None, round: int | None 
         final = (read_card(run_dir / "final_adapter") or {}).get("round")
         if not (folder / "adapter_config.json").is_file() and round == final:
             return run_dir / "final_adapter"  # the last round's adapter is the final one
+        kept = (read_card(run_dir / BEST_ADAPTER) or {}).get("round")
+        if not (folder / "adapter_config.json").is_file() and round == kept:
+            return run_dir / BEST_ADAPTER
         if not (folder / "adapter_config.json").is_file():
             have = sorted(
                 int(p.parent.name.removeprefix("round_"))
@@ -174,12 +188,13 @@ def export(
     merge: bool = False,
     client: int | None = None,
     round: int | None = None,
+    best: bool = False,
     base_name: str | None = None,
     dtype: str | None = None,
 ) -> Path:
     """Export a run's adapter (or the merged model) to `out`; returns `out`."""
     check_run_dir(run_dir)
-    adapter = find_adapter(run_dir, client=client, round=round)
+    adapter = find_adapter(run_dir, client=client, round=round, best=best)
     card = adapter_card(adapter, run_dir)
     model = card.recipe["model"]
     if not merge:

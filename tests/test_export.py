@@ -316,7 +316,8 @@ def test_export_client_prefers_its_personal_adapter_over_the_servers_copy(run, t
             "no adapter of client 7 (neither clients/7/personal_adapter nor client_adapters/7); "
             "valid --client: 0, 1",
         ),
-        (["--client", "0", "--round", "1"], "pass --client or --round, not both"),
+        (["--client", "0", "--round", "1"], "pass one of --client, --round and --best"),
+        (["--best"], "no best_adapter/ (the run kept none: output.best_by is null, or no round"),
         (["--dtype", "float16"], "--dtype applies to --merge only"),
         (["--merge", "--dtype", "fp8"], "--dtype 'fp8'; valid: float32, bfloat16, float16"),
     ],

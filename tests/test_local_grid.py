@@ -115,6 +115,13 @@ def test_a_run_extended_by_resume_is_the_run_it_would_have_been(tmp_path: Path, 
 
     assert losses(extended) == losses(straight)
     assert {r[1] for r in losses(straight)} == {0, 1, 2, 3}
+    # the best round's adapter (output.best_by) is the same file, of the lowest held-out round
+    weights = "best_adapter/adapter_model.safetensors"
+    assert (straight / weights).read_bytes() == (extended / weights).read_bytes()
+    rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    held_out = {r["round"]: r["held_out_loss"] for r in rows if r.get("phase") == "round"}
+    card = json.loads((straight / "best_adapter" / "fedllm_adapter.json").read_text())
+    assert len(held_out) == 3 and card["round"] == min(held_out, key=held_out.get)
 
 
 def _global(run_dir: Path) -> dict:

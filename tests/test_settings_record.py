@@ -37,7 +37,9 @@ def _run(cfg, written: list[dict] | None = None) -> SimpleNamespace:
         features=registry.build(cfg),
         strategy=SimpleNamespace(state_dict=dict, load_state_dict=lambda state: None),
         metrics=SimpleNamespace(
-            truncate_after=lambda last: None, write=lambda rows, publish: sink.extend(rows)
+            truncate_after=lambda last: None,
+            write=lambda rows, publish: sink.extend(rows),
+            read=lambda: [],
         ),
         save=lambda *args, **kw: None,
     )

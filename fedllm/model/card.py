@@ -86,7 +86,7 @@ def fedllm_version() -> str:
 class AdapterCard:
     """What one adapter folder is: which base, which run and round, how good, made by what."""
 
-    what: str  # global | client | snapshot | personal | merged
+    what: str  # global | client | snapshot | best | personal | merged
     run: str
     base: BaseIdentity
     round: int  # the round this adapter is from
@@ -174,10 +174,12 @@ def read_card(folder: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+BEST_ADAPTER = "best_adapter"  # a run's folder for its best round's global adapter (output.best_by)
 TITLES = {
     "global": "global adapter",
     "client": "one client's update, as the server received it",
     "snapshot": "global adapter snapshot",
+    "best": "global adapter of the best round",
     "personal": "personal adapter, kept on its client",
     "merged": "merged model (base + federated LoRA adapter)",
 }

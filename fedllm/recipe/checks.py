@@ -34,6 +34,17 @@ def cross_check(cfg: RunConfig) -> None:
         raise ValueError(
             f"data.canaries.clients {canaries.clients} must be partition ids in [0, {n})"
         )
+    best_by = cfg.output.best_by
+    if best_by == "test_loss" and cfg.data.test_set is None:
+        raise ValueError(
+            "output.best_by: test_loss needs data.test_set (the server's own test set); set it, "
+            "or use output.best_by: held_out_loss (the clients' held-out splits) or null"
+        )
+    if best_by == "held_out_loss" and cfg.federation.evaluate_clients == "none":
+        raise ValueError(
+            "output.best_by: held_out_loss needs clients that evaluate, but "
+            "federation.evaluate_clients is none; use output.best_by: test_loss or null"
+        )
     if tiers is None and cfg.lora.ranks is None:
         raise ValueError("set lora.ranks or lora.tiers")
     from fedllm.aggregators import available, check_options, round_spec

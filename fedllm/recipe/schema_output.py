@@ -77,7 +77,8 @@ class TrackersConfig(Strict):
 
 
 class OutputConfig(Strict):
-    """What a run leaves besides its final adapter: adapter snapshots, experiment trackers.
+    """What a run leaves besides its final adapter: snapshots, the best round's adapter,
+    experiment trackers.
 
     Not part of the recipe fingerprint: a resumed run may change them."""
 
@@ -85,5 +86,11 @@ class OutputConfig(Strict):
         None,
         ge=1,
         description="save the global adapter every k rounds in snapshots/round_<r>/ (off: null)",
+    )
+    best_by: Literal["held_out_loss", "test_loss"] | None = Field(
+        "held_out_loss",
+        description="keep the global adapter of the round with the lowest value of this metric "
+        "in best_adapter/, beside the last round's final_adapter/ (null: off); held_out_loss is "
+        "the clients' held-out splits, test_loss the server's data.test_set",
     )
     trackers: TrackersConfig = TrackersConfig()

@@ -35,7 +35,7 @@ from fedllm.server.exchange import (
     wait_for_nodes,
 )
 from fedllm.server.metrics import MetricsLog
-from fedllm.server.outputs import finish, snapshot
+from fedllm.server.outputs import finish, keep_best, snapshot
 from fedllm.server.settings_record import changed_settings, describe_changes, settings_record
 from fedllm.server.strategy import LoraStrategy
 from fedllm.server.trackers import open_trackers
@@ -101,6 +101,7 @@ class Run:
             say(f"round {lost['round']} was interrupted after its clients were asked to train")
             self.save(state["round"])  # the charge on disk now, even if this run stops at once
         self.metrics.truncate_after(state["round"])
+        keep_best(self.cfg, self.strategy, self.metrics, state["round"])  # if a crash cut it
         if changes:  # on disk: the next checkpoint keeps only today's settings
             row = {"kind": "resume", "round": state["round"], "changed": changes}
             self.metrics.write([row], publish=False)
@@ -208,6 +209,10 @@ class Run:
         # the snapshot first: a crash between the two reruns this round and writes it again
         snapshot(self.cfg, self.strategy, self.metrics, server_round)  # output.snapshot_every
         self.save(server_round)
+        # after the checkpoint: a crash before it ends is mended by `resume`, which keeps the
+        # checkpointed round's adapter if it is the best (an earlier best is never overwritten
+        # by a round that will be rerun)
+        keep_best(self.cfg, self.strategy, self.metrics, server_round)  # output.best_by
         self.metrics.publish(rows)  # to the trackers once the round can no longer be rerun
         losses = " ".join(
             f"c{r.partition}:{r.train_loss:.3f}" for r in ok if r.train_loss is not None

@@ -1,18 +1,21 @@
 """What a run leaves in its folder: the global adapter in PEFT format, each client's latest update
-as the server saw it, adapter snapshots every `output.snapshot_every` rounds, the held-out plot
-and the base-vs-federated table. Every adapter folder carries a model card (`README.md`,
-`fedllm_adapter.json`) and names its base portably (`fedllm.model.card`)."""
+as the server saw it, adapter snapshots every `output.snapshot_every` rounds, the best round's
+adapter (`output.best_by`), the held-out plot and the base-vs-federated table. Every adapter
+folder carries a model card (`README.md`, `fedllm_adapter.json`) and names its base portably
+(`fedllm.model.card`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from fedllm.aggregators import Factors, round_spec
-from fedllm.model.card import AdapterCard, make_card, write_card
+from fedllm.files import building_folder
+from fedllm.model.card import BEST_ADAPTER, AdapterCard, make_card, write_card
 from fedllm.model.card import save_adapter as save_with_card
 from fedllm.model.identity import IDENTITY_MEMO, BaseIdentity, base_identity
 from fedllm.recipe.schema import RunConfig
@@ -109,6 +112,58 @@ def snapshot(
     )
 
 
+def _scored(rows: list[dict], key: str | None) -> dict[int, float]:
+    """Trained round -> its server row's `key` (the `output.best_by` metric), where it has one."""
+    return {
+        r["round"]: r[key]
+        for r in rows
+        if key and r.get("kind") == "server" and r.get("round", 0) >= 1
+        and isinstance(r.get(key), int | float) and math.isfinite(r[key])
+    }  # fmt: skip
+
+
+def keep_best(
+    cfg: RunConfig, strategy: LoraStrategy, metrics: MetricsLog, server_round: int
+) -> Path | None:
+    """The global adapter after `server_round` in best_adapter/ when this round's
+    `output.best_by` is the lowest of the run's trained rounds so far (a tie keeps the earlier
+    round); None otherwise. Built beside and swapped in whole: a crash leaves the previous one."""
+    key, rows = cfg.output.best_by, metrics.read()
+    scored = _scored(rows, key)
+    if server_round not in scored or any(
+        value <= scored[server_round] for rnd, value in scored.items() if rnd < server_round
+    ):
+        return None
+    card = make_card(
+        cfg,
+        run_base(cfg),
+        what="best",
+        round=server_round,
+        rank=_rank(strategy.global_),
+        metrics=_numbers(_server_row(rows, server_round), ("held_out_loss", "test_loss")),
+        note=f"The round with the lowest {key} of the run's rounds up to {server_round}.",
+    )
+    with building_folder(cfg.run_dir / BEST_ADAPTER) as folder:
+        save_adapter(folder, strategy.global_, cfg, card)
+    return cfg.run_dir / BEST_ADAPTER
+
+
+def best_line(cfg: RunConfig, rows: list[dict]) -> str:
+    """Which round best_adapter/ holds, against the last round, for the run's last words."""
+    key, scored = cfg.output.best_by, _scored(rows, cfg.output.best_by)
+    if not scored:
+        return ""
+    best, last = min(scored, key=lambda r: (scored[r], r)), max(scored)
+    if best == last:
+        return (
+            f"\nbest {key}: the last round's ({scored[best]:.4f}); best_adapter/ = final_adapter/"
+        )
+    return (
+        f"\nbest {key}: round {best} ({scored[best]:.4f}; the last round's {scored[last]:.4f}), "
+        f"in {cfg.run_dir / BEST_ADAPTER}"
+    )
+
+
 def finish(cfg: RunConfig, strategy: LoraStrategy, metrics: MetricsLog) -> Path:
     """Save the global adapter in PEFT format with its card and the client adapters, then what
     only reports: the base-vs-federated table (also into the final adapter's card), the plot;
@@ -136,5 +191,5 @@ def finish(cfg: RunConfig, strategy: LoraStrategy, metrics: MetricsLog) -> Path:
     md = table_markdown(table)
     (run_dir / "final_eval.md").write_text(f"# {cfg.name}: base vs federated adapter\n\n{md}\n")
     metrics.close()
-    say(f"finished: adapter in {run_dir / 'final_adapter'}\n{md}")
+    say(f"finished: adapter in {run_dir / 'final_adapter'}\n{md}{best_line(cfg, rows)}")
     return run_dir

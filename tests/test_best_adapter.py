@@ -1,0 +1,116 @@
+"""`output.best_by`: the best round's global adapter in best_adapter/, beside the final one.
+
+Built on test_export's finished tiny run (no federation): the strategy's global factors are set
+by hand for each round and the server rows written as the round loop writes them, so which round
+is kept follows from the losses written here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from peft import PeftModel
+from test_export import MODULE, make_run, random_factors
+from transformers import AutoModelForCausalLM
+
+from fedllm.cli import main
+from fedllm.model.card import CARD_JSON, resolve_adapter_base
+from fedllm.recipe import load_recipe
+from fedllm.server.app import Run
+from fedllm.server.outputs import best_line, finish, keep_best
+
+RECIPE = "recipes/tiny.yaml"
+
+
+def _round(cfg, strategy, metrics, rnd: int, **losses: float) -> None:
+    """Round `rnd` ends: a new global (seeded by the round), its server row, then keep_best."""
+    strategy.global_ = random_factors(strategy.shapes, 4, cfg.client_scaling(4), seed=100 + rnd)
+    metrics.write([{"kind": "server", "round": rnd, "phase": "round", **losses}])
+    keep_best(cfg, strategy, metrics, rnd)
+
+
+def _kept(run_dir) -> tuple[int, float]:
+    card = json.loads((run_dir / "best_adapter" / CARD_JSON).read_text())
+    return card["round"], card["metrics"]["held_out_loss"]
+
+
+def test_the_lowest_held_out_round_is_kept_and_loads_with_stock_peft(tmp_path) -> None:
+    cfg, run_dir, strategy, metrics = make_run(tmp_path, "federation.rounds=6")
+    metrics.path.write_text("")  # make_run's own rows aside: the rounds below are the run
+    for rnd, loss in [(1, 3.0), (2, 2.5), (3, 2.7), (4, 2.5), (5, math.nan), (6, 2.6)]:
+        _round(cfg, strategy, metrics, rnd, held_out_loss=loss, test_loss=loss + 1)
+        if rnd == 2:
+            kept = strategy.global_[MODULE].delta().float()
+    # round 4 ties round 2 (the earlier stays); a NaN round is never the best
+    assert _kept(run_dir) == (2, 2.5)
+    card = json.loads((run_dir / "best_adapter" / CARD_JSON).read_text())
+    assert (card["what"], card["metrics"]["test_loss"]) == ("best", 3.5)
+    adapter = run_dir / "best_adapter"
+    base = AutoModelForCausalLM.from_pretrained(resolve_adapter_base(adapter))
+    layer = PeftModel.from_pretrained(base, str(adapter)).get_submodule(
+        "base_model.model." + MODULE
+    )
+    got = layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    torch.testing.assert_close(got, kept)  # round 2's ΔW, not the last round's
+    line = best_line(cfg, metrics.read())
+    assert "round 2 (2.5000; the last round's 2.6000)" in line
+    out = tmp_path / "best"
+    assert main(["export", str(run_dir), str(out), "--best"]) == 0
+    assert json.loads((out / CARD_JSON).read_text())["round"] == 2
+    out2 = tmp_path / "r2"  # round 2 has no snapshot: --round 2 finds it in best_adapter/
+    assert main(["export", str(run_dir), str(out2), "--round", "2"]) == 0
+
+
+def test_test_loss_selects_on_the_servers_test_set(tmp_path) -> None:
+    cfg, run_dir, strategy, metrics = make_run(
+        tmp_path, "output.best_by=test_loss", "data.test_set={fraction: 0.1}"
+    )
+    metrics.path.write_text("")
+    _round(cfg, strategy, metrics, 1, held_out_loss=3.0, test_loss=2.0)
+    _round(cfg, strategy, metrics, 2, held_out_loss=2.0, test_loss=2.2)
+    assert _kept(run_dir) == (1, 3.0)
+
+
+def test_off_keeps_none_and_export_best_says_why(tmp_path, capsys) -> None:
+    cfg, run_dir, strategy, metrics = make_run(tmp_path, "output.best_by=null")
+    _round(cfg, strategy, metrics, 3, held_out_loss=1.0)
+    finish(cfg, strategy, metrics)
+    assert not (run_dir / "best_adapter").exists()
+    assert main(["export", str(run_dir), str(tmp_path / "o"), "--best"]) != 0
+    assert "output.best_by is null" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["output.best_by=test_loss"], "output.best_by: test_loss needs data.test_set"),
+        (
+            ["federation.evaluate_clients=none", "data.test_set={fraction: 0.1}"],
+            "output.best_by: held_out_loss needs clients that evaluate",
+        ),
+        (["output.best_by=lowest"], "held_out_loss"),
+    ],
+)
+def test_a_best_by_that_cannot_be_measured_is_refused_naming_the_keys(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_recipe(RECIPE, overrides)
+    load_recipe(RECIPE, [*overrides[1:], "output.best_by=null"])  # off: the rest is fine
+
+
+def test_a_resume_keeps_the_checkpointed_round_a_crash_kept_from_best_adapter(tmp_path) -> None:
+    """best_adapter/ is written after the round's checkpoint: a crash between the two leaves the
+    earlier best, and the resume puts the checkpointed round there if it is the best."""
+    cfg, run_dir, strategy, metrics = make_run(tmp_path, "federation.rounds=3")
+    metrics.path.write_text("")
+    _round(cfg, strategy, metrics, 1, held_out_loss=3.0)
+    strategy.global_ = random_factors(strategy.shapes, 4, cfg.client_scaling(4), seed=102)
+    metrics.write([{"kind": "server", "round": 2, "phase": "round", "held_out_loss": 2.0}])
+    run = SimpleNamespace(cfg=cfg, features=[], strategy=strategy, metrics=metrics)
+    Run.save(run, 2)  # round 2 checkpointed, then the crash: keep_best never ran for it
+    assert _kept(run_dir) == (1, 3.0)
+    Run.resume(run)
+    assert _kept(run_dir) == (2, 2.0)
