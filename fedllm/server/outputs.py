@@ -90,6 +90,29 @@ def save_client_adapters(
         (folder / "index.json").write_text(json.dumps(index, indent=2))
 
 
+def _round_card(
+    cfg: RunConfig,
+    strategy: LoraStrategy,
+    rows: list[dict],
+    server_round: int,
+    *,
+    what: str,
+    note: str = "",
+) -> AdapterCard:
+    """The card of the global adapter after `server_round`, with that round's server metrics."""
+    keys = ("held_out_loss", "test_loss", "train_loss")
+    metrics = _numbers(_server_row(rows, server_round), keys)
+    return make_card(
+        cfg,
+        run_base(cfg),
+        what=what,
+        round=server_round,
+        rank=_rank(strategy.global_),
+        metrics=metrics,
+        note=note,
+    )
+
+
 def snapshot(
     cfg: RunConfig, strategy: LoraStrategy, metrics: MetricsLog, server_round: int
 ) -> Path | None:
@@ -98,15 +121,7 @@ def snapshot(
     every = cfg.output.snapshot_every
     if every is None or server_round % every:
         return None
-    row = _server_row(metrics.read(), server_round)
-    card = make_card(
-        cfg,
-        run_base(cfg),
-        what="snapshot",
-        round=server_round,
-        rank=_rank(strategy.global_),
-        metrics=_numbers(row, ("held_out_loss", "train_loss")),
-    )
+    card = _round_card(cfg, strategy, metrics.read(), server_round, what="snapshot")
     return save_adapter(
         cfg.run_dir / SNAPSHOTS / f"round_{server_round}", strategy.global_, cfg, card
     )
@@ -134,15 +149,8 @@ def keep_best(
         value <= scored[server_round] for rnd, value in scored.items() if rnd < server_round
     ):
         return None
-    card = make_card(
-        cfg,
-        run_base(cfg),
-        what="best",
-        round=server_round,
-        rank=_rank(strategy.global_),
-        metrics=_numbers(_server_row(rows, server_round), ("held_out_loss", "test_loss")),
-        note=f"The round with the lowest {key} of the run's rounds up to {server_round}.",
-    )
+    note = f"The round with the lowest {key} of the run's rounds up to {server_round}."
+    card = _round_card(cfg, strategy, rows, server_round, what="best", note=note)
     with building_folder(cfg.run_dir / BEST_ADAPTER) as folder:
         save_adapter(folder, strategy.global_, cfg, card)
     return cfg.run_dir / BEST_ADAPTER
@@ -173,15 +181,8 @@ def finish(cfg: RunConfig, strategy: LoraStrategy, metrics: MetricsLog) -> Path:
     rows = metrics.read()
     last = max((r["round"] for r in rows if r.get("kind") == "server"), default=0)
     base = run_base(cfg)
-    card = make_card(
-        cfg,
-        base,
-        what="global",
-        round=last,
-        rank=_rank(strategy.global_),
-        metrics=_numbers(_server_row(rows, last), ("held_out_loss", "train_loss")),
-        note=LOCAL_B_NOTE if round_spec(cfg.aggregator.name).local_B else "",
-    )
+    note = LOCAL_B_NOTE if round_spec(cfg.aggregator.name).local_B else ""
+    card = _round_card(cfg, strategy, rows, last, what="global", note=note)
     adapter = save_adapter(run_dir / "final_adapter", strategy.global_, cfg, card)
     save_client_adapters(cfg, strategy, base=base, rows=rows)
     table = final_table(rows, last)  # a privacy budget may have stopped the run early
