@@ -57,7 +57,10 @@ def test_the_lowest_held_out_round_is_kept_and_loads_with_stock_peft(tmp_path) -
     got = layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
     torch.testing.assert_close(got, kept)  # round 2's ΔW, not the last round's
     line = best_line(cfg, metrics.read())
-    assert "round 2 (2.5000; the last round's 2.6000)" in line
+    assert line == (
+        "\nbest round by held_out_loss: 2 (2.5000; the last round's 2.6000), in "
+        f"{run_dir / 'best_adapter'}"
+    )
     out = tmp_path / "best"
     assert main(["export", str(run_dir), str(out), "--best"]) == 0
     assert json.loads((out / CARD_JSON).read_text())["round"] == 2

@@ -163,12 +163,10 @@ def best_line(cfg: RunConfig, rows: list[dict]) -> str:
         return ""
     best, last = min(scored, key=lambda r: (scored[r], r)), max(scored)
     if best == last:
-        return (
-            f"\nbest {key}: the last round's ({scored[best]:.4f}); best_adapter/ = final_adapter/"
-        )
+        return f"\nbest round by {key}: the last ({scored[best]:.4f}); best_adapter/ holds it too"
     return (
-        f"\nbest {key}: round {best} ({scored[best]:.4f}; the last round's {scored[last]:.4f}), "
-        f"in {cfg.run_dir / BEST_ADAPTER}"
+        f"\nbest round by {key}: {best} ({scored[best]:.4f}; the last round's "
+        f"{scored[last]:.4f}), in {cfg.run_dir / BEST_ADAPTER}"
     )
 
 
