@@ -24,11 +24,7 @@ BANDIT_ARMS = [
 ]
 ARMS = sorted({*BANDIT_ARMS, *FIXED.values()}, key=lambda a: (a[0], a[1], a[2] or ""))
 # the server evaluates on its own global test set, so quality does not depend on the devices
-EVALUATION = [
-    "data.test_set={fraction: 0.1}",
-    "federation.evaluate_clients=none",
-    "output.best_by=test_loss",
-]
+EVALUATION = ["data.test_set={fraction: 0.1}", "federation.evaluate_clients=none"]
 PROFILES = ("fast", "slow", "small")
 CAL_STEPS = 3
 MIB = 2**20

@@ -137,7 +137,9 @@ def add_export_command(sub: argparse._SubParsersAction) -> None:
         help="a plain Hugging Face model (base + adapter merged, with its tokenizer)",
     )
     exp.add_argument("--client", type=int, metavar="N", help="client N's adapter (default: global)")
-    exp.add_argument("--round", type=int, metavar="K", help="the snapshot of round K")
+    exp.add_argument(
+        "--round", type=int, metavar="K", help="round K's adapter (a snapshot, the best, the final)"
+    )
     exp.add_argument(
         "--best", action="store_true", help="the best round's adapter (output.best_by)"
     )

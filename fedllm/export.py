@@ -1,6 +1,7 @@
 """`fedllm export RUN_DIR OUT`: a run's adapter as a portable PEFT folder, or merged into its base.
 
-The global adapter by default; `--round K` for a snapshot (`output.snapshot_every`); `--client N`
+The global adapter by default; `--best` for the best round's (`output.best_by`); `--round K` for
+round K's (a snapshot, `output.snapshot_every`, or the best or final round's); `--client N`
 for client N's own personal adapter if it kept one (`clients/N/personal_adapter`), else the
 server's copy of its last update (`client_adapters/N`). Clients may train at different ranks:
 every saved adapter is one PEFT folder at one rank (lower ranks zero-padded), so each exports
@@ -69,7 +70,7 @@ def find_adapter(
         folder = run_dir / BEST_ADAPTER
         if not (folder / "adapter_config.json").is_file():
             raise FileNotFoundError(
-                f"{run_dir}: no {BEST_ADAPTER}/ (the run kept none: output.best_by is null, or "
+                f"{run_dir}: no {BEST_ADAPTER}/ (the run kept none: output.best_by is none, or "
                 "no round has finished); leave out --best for the final adapter"
             )
         return folder
@@ -101,6 +102,7 @@ def find_adapter(
                 for p in run_dir.glob("snapshots/round_*/adapter_config.json")
             )
             last = f"; the final adapter is round {final} (leave out --round)" if final else ""
+            last += f"; best_adapter/ is round {kept} (--best)" if kept else ""
             raise FileNotFoundError(
                 f"{run_dir}: no snapshot of round {round}; snapshots: "
                 f"{', '.join(map(str, have)) or 'none (set output.snapshot_every)'}{last}"

@@ -18,10 +18,12 @@ from test_export import MODULE, make_run, random_factors
 from transformers import AutoModelForCausalLM
 
 from fedllm.cli import main
+from fedllm.features.types import RoundResult
 from fedllm.model.card import CARD_JSON, resolve_adapter_base
 from fedllm.recipe import load_recipe
+from fedllm.server import app
 from fedllm.server.app import Run
-from fedllm.server.outputs import best_line, finish, keep_best
+from fedllm.server.outputs import best_line, best_metric, finish, keep_best
 
 RECIPE = "recipes/tiny.yaml"
 
@@ -79,12 +81,12 @@ def test_test_loss_selects_on_the_servers_test_set(tmp_path) -> None:
 
 
 def test_off_keeps_none_and_export_best_says_why(tmp_path, capsys) -> None:
-    cfg, run_dir, strategy, metrics = make_run(tmp_path, "output.best_by=null")
+    cfg, run_dir, strategy, metrics = make_run(tmp_path, "output.best_by=none")
     _round(cfg, strategy, metrics, 3, held_out_loss=1.0)
     finish(cfg, strategy, metrics)
     assert not (run_dir / "best_adapter").exists()
     assert main(["export", str(run_dir), str(tmp_path / "o"), "--best"]) != 0
-    assert "output.best_by is null" in capsys.readouterr().err
+    assert "output.best_by is none" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -92,16 +94,95 @@ def test_off_keeps_none_and_export_best_says_why(tmp_path, capsys) -> None:
     [
         (["output.best_by=test_loss"], "output.best_by: test_loss needs data.test_set"),
         (
-            ["federation.evaluate_clients=none", "data.test_set={fraction: 0.1}"],
+            [
+                "output.best_by=held_out_loss",
+                "federation.evaluate_clients=none",
+                "data.test_set={fraction: 0.1}",
+            ],
             "output.best_by: held_out_loss needs clients that evaluate",
         ),
-        (["output.best_by=lowest"], "held_out_loss"),
+        (["output.best_by=held_out_loss", "aggregator.name=fedsa"], "server holds A only"),
+        (["output.best_by=lowest"], "'auto', 'held_out_loss', 'test_loss' or 'none'"),
     ],
 )
 def test_a_best_by_that_cannot_be_measured_is_refused_naming_the_keys(overrides, message):
     with pytest.raises(ValueError, match=message):
         load_recipe(RECIPE, overrides)
     load_recipe(RECIPE, [*overrides[1:], "output.best_by=null"])  # off: the rest is fine
+
+
+def test_auto_selects_on_what_the_run_measures() -> None:
+    def metric(*overrides: str) -> str | None:
+        return best_metric(load_recipe(RECIPE, list(overrides)))
+
+    assert metric() == "held_out_loss"  # clients evaluate by default
+    no_panel = ("federation.evaluate_clients=none", "data.test_set={fraction: 0.1}")
+    assert metric(*no_panel) == "test_loss"  # a recipe that loaded before best_by still loads
+    assert metric("aggregator.name=fedsa") is None  # the server's adapter has no B
+    assert metric("output.best_by=none") is None and metric("output.best_by=null") is None
+
+
+def test_a_round_scored_by_fewer_clients_is_not_compared(tmp_path) -> None:
+    cfg, run_dir, strategy, metrics = make_run(tmp_path, "federation.rounds=3")
+    metrics.path.write_text("")
+    _round(cfg, strategy, metrics, 1, held_out_loss=3.0)
+    _round(cfg, strategy, metrics, 2, held_out_loss=1.0, eval_dropped=1)  # one easy client
+    assert _kept(run_dir) == (1, 3.0)
+
+
+def test_a_resume_that_changes_the_metric_drops_the_other_metrics_pick(tmp_path, capsys) -> None:
+    cfg, run_dir, strategy, metrics = make_run(
+        tmp_path, "federation.rounds=4", "data.test_set={fraction: 0.1}"
+    )
+    metrics.path.write_text("")
+    _round(cfg, strategy, metrics, 1, held_out_loss=3.0, test_loss=2.0)
+    _round(cfg, strategy, metrics, 2, held_out_loss=2.0, test_loss=2.5)
+    assert _kept(run_dir) == (2, 2.0)
+    Run.save(SimpleNamespace(cfg=cfg, features=[], strategy=strategy), 2)
+    by_test = cfg.model_copy(
+        update={"output": cfg.output.model_copy(update={"best_by": "test_loss"})}
+    )
+    Run.resume(SimpleNamespace(cfg=by_test, features=[], strategy=strategy, metrics=metrics))
+    said = capsys.readouterr().out
+    assert "best_adapter removed (chosen by held_out_loss, output.best_by now test_loss)" in said
+    assert not (run_dir / "best_adapter").exists()  # round 1, the best by test loss, is gone
+    _round(by_test, strategy, metrics, 3, held_out_loss=1.0, test_loss=2.4)
+    assert not (run_dir / "best_adapter").exists()  # 2.4 is not below round 1's 2.0
+    assert best_line(by_test, metrics.read()) == ""  # nothing said of an adapter not kept
+    _round(by_test, strategy, metrics, 4, held_out_loss=1.5, test_loss=1.9)
+    card = json.loads((run_dir / "best_adapter" / CARD_JSON).read_text())
+    assert (card["round"], card["selected_by"], card["metrics"]["test_loss"]) == (
+        4,
+        "test_loss",
+        1.9,
+    )
+
+
+def test_the_round_loop_keeps_the_best_after_the_rounds_checkpoint(tmp_path, monkeypatch) -> None:
+    cfg, run_dir, strategy, metrics = make_run(tmp_path, "federation.rounds=3")
+    metrics.path.write_text("")
+    calls: list[tuple[str, int]] = []
+    losses = {1: 3.0, 2: 2.5, 3: 2.8}  # over-fits in the last round
+    run = SimpleNamespace(
+        cfg=cfg,
+        strategy=strategy,
+        metrics=metrics,
+        features=[],
+        timeout=60.0,
+        train=lambda rnd: RoundResult(sampled=2, rows=[], replies=2),
+        evaluate=lambda rnd: ({"kind": "server", "round": rnd, "held_out_loss": losses[rnd]}, []),
+        save=lambda rnd, **_: calls.append(("save", rnd)),
+    )
+
+    def recorded(*args):
+        calls.append(("best", args[3]))
+        return keep_best(*args)
+
+    monkeypatch.setattr(app, "keep_best", recorded)
+    for rnd in (1, 2, 3):
+        Run.round(run, rnd)
+    assert calls == [(step, rnd) for rnd in (1, 2, 3) for step in ("save", "best")]
+    assert _kept(run_dir) == (2, 2.5)
 
 
 def test_a_resume_keeps_the_checkpointed_round_a_crash_kept_from_best_adapter(tmp_path) -> None:

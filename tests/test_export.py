@@ -317,7 +317,7 @@ def test_export_client_prefers_its_personal_adapter_over_the_servers_copy(run, t
             "valid --client: 0, 1",
         ),
         (["--client", "0", "--round", "1"], "pass one of --client, --round and --best"),
-        (["--best"], "no best_adapter/ (the run kept none: output.best_by is null, or no round"),
+        (["--best"], "no best_adapter/ (the run kept none: output.best_by is none, or no round"),
         (["--dtype", "float16"], "--dtype applies to --merge only"),
         (["--merge", "--dtype", "fp8"], "--dtype 'fp8'; valid: float32, bfloat16, float16"),
     ],

@@ -98,6 +98,7 @@ class AdapterCard:
     table: list[dict[str, Any]] = field(default_factory=list)  # base vs federated, per client
     partition: int | None = None
     note: str = ""
+    selected_by: str | None = None  # best_adapter/: the metric its round is the lowest of
     fedllm_version: str = field(default_factory=fedllm_version)
 
     def to_json(self) -> dict[str, Any]:

@@ -34,17 +34,6 @@ def cross_check(cfg: RunConfig) -> None:
         raise ValueError(
             f"data.canaries.clients {canaries.clients} must be partition ids in [0, {n})"
         )
-    best_by = cfg.output.best_by
-    if best_by == "test_loss" and cfg.data.test_set is None:
-        raise ValueError(
-            "output.best_by: test_loss needs data.test_set (the server's own test set); set it, "
-            "or use output.best_by: held_out_loss (the clients' held-out splits) or null"
-        )
-    if best_by == "held_out_loss" and cfg.federation.evaluate_clients == "none":
-        raise ValueError(
-            "output.best_by: held_out_loss needs clients that evaluate, but "
-            "federation.evaluate_clients is none; use output.best_by: test_loss or null"
-        )
     if tiers is None and cfg.lora.ranks is None:
         raise ValueError("set lora.ranks or lora.tiers")
     from fedllm.aggregators import available, check_options, round_spec
@@ -52,11 +41,33 @@ def cross_check(cfg: RunConfig) -> None:
     if cfg.aggregator.name not in available():
         raise ValueError(_unknown("aggregator.name", cfg.aggregator.name, available()))
     check_options(cfg.aggregator.name, cfg.aggregator.options)  # typos fail before any training
+    _check_best_by(cfg, local_B=round_spec(cfg.aggregator.name).local_B)
     if round_spec(cfg.aggregator.name).merge and cfg.model.quantization != "none":
         raise ValueError(
             f"aggregator.name: {cfg.aggregator.name!r} merges each round's aggregate into the "
             f"base weights, which needs model.quantization: none "
             f"(got {cfg.model.quantization!r})"
+        )
+
+
+def _check_best_by(cfg: RunConfig, *, local_B: bool) -> None:
+    """`output.best_by` names a metric the run measures, of an adapter the server holds."""
+    best_by = cfg.output.best_by
+    if best_by == "test_loss" and cfg.data.test_set is None:
+        raise ValueError(
+            "output.best_by: test_loss needs data.test_set (the server's own test set); set it, "
+            "or use output.best_by: held_out_loss (the clients' held-out splits), auto or none"
+        )
+    if best_by == "held_out_loss" and cfg.federation.evaluate_clients == "none":
+        raise ValueError(
+            "output.best_by: held_out_loss needs clients that evaluate, but "
+            "federation.evaluate_clients is none; use output.best_by: test_loss, auto or none"
+        )
+    if best_by in ("held_out_loss", "test_loss") and local_B:
+        raise ValueError(
+            f"output.best_by: {best_by} under aggregator.name: {cfg.aggregator.name}, whose "
+            "server holds A only (each B stays on its client): its global adapter of any round "
+            "is the base model; use output.best_by: none (or auto)"
         )
 
 

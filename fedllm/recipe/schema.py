@@ -58,7 +58,8 @@ class RunConfig(Strict):
         "features.fedprox=false turns off a recipe's feature); see `fedllm.features`",
     )
     output: OutputConfig = Field(
-        default_factory=OutputConfig, description="snapshots and experiment trackers"
+        default_factory=OutputConfig,
+        description="snapshots, the best round's adapter and experiment trackers",
     )
 
     @field_validator("features", mode="before")

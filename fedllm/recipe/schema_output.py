@@ -1,11 +1,17 @@
-"""The recipe's output section: adapter snapshots and the experiment trackers (options of
-`fedllm.server.trackers`); not part of the recipe fingerprint."""
+"""The recipe's output section: adapter snapshots, the best round's adapter and the experiment
+trackers (options of `fedllm.server.trackers`); not part of the recipe fingerprint."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, SerializerFunctionWrapHandler, model_serializer, model_validator
+from pydantic import (
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from fedllm.recipe.schema_common import Strict
 
@@ -87,10 +93,18 @@ class OutputConfig(Strict):
         ge=1,
         description="save the global adapter every k rounds in snapshots/round_<r>/ (off: null)",
     )
-    best_by: Literal["held_out_loss", "test_loss"] | None = Field(
-        "held_out_loss",
+    best_by: Literal["auto", "held_out_loss", "test_loss", "none"] = Field(
+        "auto",
         description="keep the global adapter of the round with the lowest value of this metric "
-        "in best_adapter/, beside the last round's final_adapter/ (null: off); held_out_loss is "
-        "the clients' held-out splits, test_loss the server's data.test_set",
+        "in best_adapter/, beside the last round's final_adapter/: held_out_loss (the clients' "
+        "held-out splits), test_loss (the server's data.test_set), none (off; null too), or "
+        "auto: held_out_loss where clients evaluate, else test_loss; none under fedsa, whose "
+        "server adapter has no B",
     )
+
+    @field_validator("best_by", mode="before")
+    @classmethod
+    def _null_is_none(cls, value: Any) -> Any:
+        return "none" if value is None else value
+
     trackers: TrackersConfig = TrackersConfig()

@@ -9,13 +9,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from fedllm.aggregators import Factors, round_spec
 from fedllm.files import building_folder
-from fedllm.model.card import BEST_ADAPTER, AdapterCard, make_card, write_card
+from fedllm.model.card import BEST_ADAPTER, AdapterCard, make_card, read_card, write_card
 from fedllm.model.card import save_adapter as save_with_card
 from fedllm.model.identity import IDENTITY_MEMO, BaseIdentity, base_identity
 from fedllm.recipe.schema import RunConfig
@@ -127,45 +128,86 @@ def snapshot(
     )
 
 
+def best_metric(cfg: RunConfig) -> str | None:
+    """The metric `output.best_by` selects on (auto resolved), None when off or when the
+    server's adapter is not the clients' model (fedsa: B stays on the clients)."""
+    by = cfg.output.best_by
+    if by == "none" or round_spec(cfg.aggregator.name).local_B:
+        return None
+    if by == "auto":
+        return "held_out_loss" if cfg.federation.evaluate_clients != "none" else "test_loss"
+    return by
+
+
 def _scored(rows: list[dict], key: str | None) -> dict[int, float]:
-    """Trained round -> its server row's `key` (the `output.best_by` metric), where it has one."""
+    """Trained round -> its server row's `key`, where it has a finite one; a held-out loss only
+    where every client of the panel replied (fewer clients score another mix of domains)."""
     return {
         r["round"]: r[key]
         for r in rows
         if key and r.get("kind") == "server" and r.get("round", 0) >= 1
         and isinstance(r.get(key), int | float) and math.isfinite(r[key])
+        and not (key == "held_out_loss" and r.get("eval_dropped"))
     }  # fmt: skip
+
+
+def _kept(cfg: RunConfig) -> tuple[str, int, float] | None:
+    """(metric, round, value) of the adapter in best_adapter/, None if there is none."""
+    card = read_card(cfg.run_dir / BEST_ADAPTER)
+    key = (card or {}).get("selected_by")
+    if card is None or key is None or not isinstance(card["metrics"].get(key), int | float):
+        return None
+    return key, card["round"], card["metrics"][key]
 
 
 def keep_best(
     cfg: RunConfig, strategy: LoraStrategy, metrics: MetricsLog, server_round: int
 ) -> Path | None:
-    """The global adapter after `server_round` in best_adapter/ when this round's
-    `output.best_by` is the lowest of the run's trained rounds so far (a tie keeps the earlier
-    round); None otherwise. Built beside and swapped in whole: a crash leaves the previous one."""
-    key, rows = cfg.output.best_by, metrics.read()
+    """The global adapter after `server_round` in best_adapter/ when this round's metric
+    (`best_metric`) is below the kept one's (a tie keeps the earlier round); None otherwise.
+
+    The kept card is the state: one chosen by another metric (`output.best_by` changed on a
+    resume) or from a later round (a resume from the fallback checkpoint reruns it) is removed,
+    and then only a round below every earlier one is kept. Built beside and swapped in whole."""
+    key, rows = best_metric(cfg), metrics.read()
+    folder = cfg.run_dir / BEST_ADAPTER
+    kept = _kept(cfg)
+    if folder.exists() and (kept is None or kept[0] != key or kept[1] > server_round):
+        if kept is not None and kept[0] == key:
+            why = f"it holds round {kept[1]}, which runs again"
+        else:
+            why = (
+                f"chosen by {kept[0] if kept else 'no metric'}, output.best_by now {key or 'none'}"
+            )
+        say(f"{folder} removed ({why}); a round below every earlier one is kept from here")
+        shutil.rmtree(folder)
+        kept = None
     scored = _scored(rows, key)
-    if server_round not in scored or any(
-        value <= scored[server_round] for rnd, value in scored.items() if rnd < server_round
-    ):
+    if server_round not in scored:
+        return None
+    value = scored[server_round]
+    if kept is not None and not value < kept[2]:
+        return None
+    if kept is None and any(v <= value for rnd, v in scored.items() if rnd < server_round):
         return None
     note = f"The round with the lowest {key} of the run's rounds up to {server_round}."
     card = _round_card(cfg, strategy, rows, server_round, what="best", note=note)
-    with building_folder(cfg.run_dir / BEST_ADAPTER) as folder:
-        save_adapter(folder, strategy.global_, cfg, card)
-    return cfg.run_dir / BEST_ADAPTER
+    with building_folder(folder) as fresh:
+        save_adapter(fresh, strategy.global_, cfg, dataclasses.replace(card, selected_by=key))
+    return folder
 
 
 def best_line(cfg: RunConfig, rows: list[dict]) -> str:
     """Which round best_adapter/ holds, against the last round, for the run's last words."""
-    key, scored = cfg.output.best_by, _scored(rows, cfg.output.best_by)
-    if not scored:
+    scored, kept = _scored(rows, best_metric(cfg)), _kept(cfg)
+    if kept is None or not scored:
         return ""
-    best, last = min(scored, key=lambda r: (scored[r], r)), max(scored)
+    key, best, value = kept
+    last = max(scored)
     if best == last:
-        return f"\nbest round by {key}: the last ({scored[best]:.4f}); best_adapter/ holds it too"
+        return f"\nbest round by {key}: the last ({value:.4f}); best_adapter/ holds it too"
     return (
-        f"\nbest round by {key}: {best} ({scored[best]:.4f}; the last round's "
+        f"\nbest round by {key}: {best} ({value:.4f}; the last round's "
         f"{scored[last]:.4f}), in {cfg.run_dir / BEST_ADAPTER}"
     )
 
