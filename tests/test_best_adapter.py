@@ -158,7 +158,9 @@ def test_a_resume_that_changes_the_metric_drops_the_other_metrics_pick(tmp_path,
     )
 
 
-def test_the_round_loop_keeps_the_best_after_the_rounds_checkpoint(tmp_path, monkeypatch) -> None:
+def test_the_round_loop_keeps_the_best_after_the_rounds_checkpoint(
+    tmp_path, monkeypatch, capsys
+) -> None:
     cfg, run_dir, strategy, metrics = make_run(tmp_path, "federation.rounds=3")
     metrics.path.write_text("")
     calls: list[tuple[str, int]] = []
@@ -183,6 +185,8 @@ def test_the_round_loop_keeps_the_best_after_the_rounds_checkpoint(tmp_path, mon
         Run.round(run, rnd)
     assert calls == [(step, rnd) for rnd in (1, 2, 3) for step in ("save", "best")]
     assert _kept(run_dir) == (2, 2.5)
+    lines = [x for x in capsys.readouterr().out.splitlines() if "clients ok" in x]
+    assert ["(best so far)" in x for x in lines] == [True, True, False]
 
 
 def test_a_resume_keeps_the_checkpointed_round_a_crash_kept_from_best_adapter(tmp_path) -> None:

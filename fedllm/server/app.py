@@ -212,7 +212,7 @@ class Run:
         # after the checkpoint: a crash before it ends is mended by `resume`, which keeps the
         # checkpointed round's adapter if it is the best (an earlier best is never overwritten
         # by a round that will be rerun)
-        keep_best(self.cfg, self.strategy, self.metrics, server_round)  # output.best_by
+        best = keep_best(self.cfg, self.strategy, self.metrics, server_round)  # output.best_by
         self.metrics.publish(rows)  # to the trackers once the round can no longer be rerun
         losses = " ".join(
             f"c{r.partition}:{r.train_loss:.3f}" for r in ok if r.train_loss is not None
@@ -223,7 +223,7 @@ class Run:
             f"round {server_round}/{self.cfg.federation.rounds}: {len(ok)}/{result.sampled} "
             f"clients ok, train loss {losses}; held-out "
             f"{server_row.get('held_out_loss', float('nan')):.4f}{with_test_loss(server_row)} "
-            f"[{server_row['seconds']:.0f}s]{progress}"
+            f"[{server_row['seconds']:.0f}s]{' (best so far)' if best else ''}{progress}"
         )
 
     def base_round(self) -> None:
