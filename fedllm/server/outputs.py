@@ -169,8 +169,9 @@ def keep_best(
     The kept card is the state: one chosen by another metric (`output.best_by` changed on a
     resume) or from a later round (a resume from the fallback checkpoint reruns it) is removed,
     and then only a round below every earlier one is kept. Built beside and swapped in whole."""
-    key, rows = best_metric(cfg), metrics.read()
-    folder = cfg.run_dir / BEST_ADAPTER
+    key, folder = best_metric(cfg), cfg.run_dir / BEST_ADAPTER
+    if key is None and not folder.exists():
+        return None
     kept = _kept(cfg)
     if folder.exists() and (kept is None or kept[0] != key or kept[1] > server_round):
         if kept is not None and kept[0] == key:
@@ -182,13 +183,13 @@ def keep_best(
         say(f"{folder} removed ({why}); a round below every earlier one is kept from here")
         shutil.rmtree(folder)
         kept = None
+    rows = metrics.read()
     scored = _scored(rows, key)
     if server_round not in scored:
         return None
-    value = scored[server_round]
-    if kept is not None and not value < kept[2]:
-        return None
-    if kept is None and any(v <= value for rnd, v in scored.items() if rnd < server_round):
+    earlier = (v for rnd, v in scored.items() if rnd < server_round)
+    bar = kept[2] if kept is not None else min(earlier, default=math.inf)
+    if not scored[server_round] < bar:  # a tie keeps the earlier round
         return None
     note = f"The round with the lowest {key} of the run's rounds up to {server_round}."
     card = _round_card(cfg, strategy, rows, server_round, what="best", note=note)
