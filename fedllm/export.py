@@ -90,24 +90,24 @@ def find_adapter(
         )
     if round is not None:
         folder = run_dir / str(SNAPSHOT).format(round=round)
+        if (folder / "adapter_config.json").is_file():
+            return folder
         final = (read_card(run_dir / "final_adapter") or {}).get("round")
-        if not (folder / "adapter_config.json").is_file() and round == final:
+        if round == final:
             return run_dir / "final_adapter"  # the last round's adapter is the final one
         kept = (read_card(run_dir / BEST_ADAPTER) or {}).get("round")
-        if not (folder / "adapter_config.json").is_file() and round == kept:
+        if round == kept:
             return run_dir / BEST_ADAPTER
-        if not (folder / "adapter_config.json").is_file():
-            have = sorted(
-                int(p.parent.name.removeprefix("round_"))
-                for p in run_dir.glob("snapshots/round_*/adapter_config.json")
-            )
-            last = f"; the final adapter is round {final} (leave out --round)" if final else ""
-            last += f"; best_adapter/ is round {kept} (--best)" if kept else ""
-            raise FileNotFoundError(
-                f"{run_dir}: no snapshot of round {round}; snapshots: "
-                f"{', '.join(map(str, have)) or 'none (set output.snapshot_every)'}{last}"
-            )
-        return folder
+        have = sorted(
+            int(p.parent.name.removeprefix("round_"))
+            for p in run_dir.glob("snapshots/round_*/adapter_config.json")
+        )
+        last = f"; the final adapter is round {final} (leave out --round)" if final else ""
+        last += f"; best_adapter/ is round {kept} (--best)" if kept else ""
+        raise FileNotFoundError(
+            f"{run_dir}: no snapshot of round {round}; snapshots: "
+            f"{', '.join(map(str, have)) or 'none (set output.snapshot_every)'}{last}"
+        )
     folder = run_dir / "final_adapter"
     if not (folder / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{folder} holds no adapter: did the run finish?")
