@@ -13,16 +13,22 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from flwr.app import Context, Message, MessageType
 from peft import PeftModel
 from test_export import MODULE, make_run, random_factors
 from transformers import AutoModelForCausalLM
 
 from fedllm.cli import main
+from fedllm.client.app import make_client_app
+from fedllm.deploy.local_grid import LocalGrid, server_identity
 from fedllm.features.types import RoundResult
+from fedllm.model import packing
+from fedllm.model.adapters import from_record, read_factors
 from fedllm.model.card import CARD_JSON, resolve_adapter_base
 from fedllm.recipe import load_recipe
 from fedllm.server import app
-from fedllm.server.app import Run
+from fedllm.server.app import Run, run_server
+from fedllm.server.metrics import MetricsLog
 from fedllm.server.outputs import best_line, best_metric, finish, keep_best
 
 RECIPE = "recipes/tiny.yaml"
@@ -202,3 +208,47 @@ def test_a_resume_keeps_the_checkpointed_round_a_crash_kept_from_best_adapter(tm
     assert _kept(run_dir) == (1, 3.0)
     Run.resume(run)
     assert _kept(run_dir) == (2, 2.0)
+
+
+class EvalSpy:
+    """The ClientApp, recording the global adapter each evaluation message carried, by round."""
+
+    def __init__(self, app) -> None:
+        self.app, self.received = app, {}
+
+    def __call__(self, msg: Message, context: Context) -> Message:
+        if msg.metadata.message_type == MessageType.EVALUATE:
+            content = packing.unpack(msg.content)
+            config = content["config"]
+            factors = from_record(content["global"], float(config["global-scaling"]))
+            self.received[int(config["server-round"])] = factors
+        return self.app(msg, context)
+
+
+@pytest.mark.slow
+def test_a_private_runs_best_adapter_is_a_global_the_panel_received(tmp_path) -> None:
+    """The claim in docs/privacy.md: best_adapter/ adds no channel. Under client-level DP, its
+    round is the argmin of the held-out totals metrics.jsonl holds, and its ΔW is the global
+    every evaluating client already received in that round (a DP release like each round's)."""
+    overrides = [f"output_dir={tmp_path}", "name=best-dp", "data.num_clients=3"]
+    overrides += ["data.max_examples=150", "federation.rounds=3", "federation.local_steps=2"]
+    overrides += ["privacy.mode=client", "privacy.client_noise_multiplier=1.0"]
+    overrides += ["aggregator.weighting=uniform", "privacy.delta=1e-3"]
+    cfg = load_recipe(RECIPE, overrides)
+    spy = EvalSpy(make_client_app(cfg))
+    grid = LocalGrid(spy, cfg.data.num_clients)
+    with server_identity(grid.run.run_id):
+        run_dir = run_server(grid, cfg)
+    assert sorted(spy.received) == [0, 1, 2, 3]  # round 0: the base, never kept
+    server = [r for r in MetricsLog(run_dir).read() if r["kind"] == "server" and r["round"] > 0]
+    totals = {r["round"]: r["held_out_loss"] for r in server}
+    argmin = min(sorted(totals), key=totals.__getitem__)  # ties: the earlier round
+    kept_round, kept_value = _kept(run_dir)
+    assert (kept_round, kept_value) == (argmin, totals[argmin])
+    adapter = run_dir / "best_adapter"
+    base = AutoModelForCausalLM.from_pretrained(resolve_adapter_base(adapter))
+    kept = read_factors(PeftModel.from_pretrained(base, str(adapter)))
+    sent = spy.received[kept_round]
+    assert kept.keys() == sent.keys()
+    for module, factors in kept.items():
+        torch.testing.assert_close(factors.delta(), sent[module].delta())
