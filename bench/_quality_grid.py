@@ -69,6 +69,22 @@ REGIMES = {
         f"the scarce regime at lr {TUNED_LR} (labels with an lr set their own): each method at "
         "the lr the check picked for it",
     ),
+    # recipes/quickstart.yaml's own workload (COMMON's grid settings undone but fp32 and the
+    # test set): the shipped recipes' lr 0.001 was chosen on it; does a larger step pay there too?
+    "quickstart": Regime(
+        (
+            "data.max_examples=2000",
+            "data.num_clients=4",
+            "data.prompt_format=chat",
+            "data.max_length=64",
+            "data.held_out=0.1",
+            "federation.rounds=3",
+            "federation.local_steps=15",
+        ),
+        "the quickstart's workload: 4 clients × ~386 training examples, 3 rounds × 15 steps, "
+        "chat prompts",
+        methods=("local only", "squeeze", "squeeze lr 0.003", "squeeze lr 0.01"),
+    ),
     "iid": Regime(
         (
             "data.max_examples=800",
@@ -210,6 +226,7 @@ PAIRS = [
     ("fedit lr 0.01", "local only lr 0.01"),
     ("squeeze lr 0.01", "local only lr 0.01"),
     ("ffa lr 0.01", "fedit lr 0.01"),
+    ("squeeze lr 0.003", "squeeze"),  # the lr's own effect (quickstart; scarce's seed 0)
     # scarce-lr, where `fedit`, `svd` and `squeeze` run at TUNED_LR: each at its own best lr,
     # the lr's own effect, and the room left to pooled training at its best lr
     ("squeeze lr 0.01", "fedit"),
@@ -270,6 +287,11 @@ PLAN = [
         ("scarce-lr",),
         "fedit, svd, squeeze at their best lr and local-only at its own, on fresh seeds",
         (1, 2, 3),
+    ),
+    Step(
+        ("local only", "squeeze", "squeeze lr 0.003", "squeeze lr 0.01"),
+        ("quickstart",),
+        "the shipped lr (0.001) on the quickstart's own workload, against 0.003 and 0.01",
     ),
     Step(
         tuple(m for m in (*TUNED, *TUNED_MORE) if m not in KEY_LR),
