@@ -14,7 +14,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # find-links) and cannot reach the index goes without it.
 TORCH_INDEX ?= $(shell curl -fsS -m 5 -o /dev/null https://download.pytorch.org/whl/cpu/ 2>/dev/null && echo https://download.pytorch.org/whl/cpu)
 
-.PHONY: setup quickstart tiny test test-fast lint bench clean
+.PHONY: setup quickstart tiny test test-fast lint clean
 
 setup: $(STAMP) /usr/share/wordnet/data.noun /usr/share/games/fortunes/fortunes
 

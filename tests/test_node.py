@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from flwr.common.config import parse_config_args
 
+from fedllm.cli import main
 from fedllm.client.node_config import (
     check_app_source,
     check_node,
@@ -143,10 +145,13 @@ def test_node_privacy_keys_are_node_config_keys(cfg) -> None:
         require_secagg=True,
         max_epsilon=8.0,
         min_noise=0.5,
+        personal_dir="/srv/org1",
         insecure=True,
     )
     pairs = cmd[cmd.index("--node-config") + 1]
-    assert pairs == "partition-id=0 require-secagg=true max-epsilon=8.0 min-noise=0.5"
+    assert pairs == (
+        'partition-id=0 require-secagg=true max-epsilon=8.0 min-noise=0.5 personal-dir="/srv/org1"'
+    )
 
 
 def test_started_superlinks_and_supernodes_go_through_fedllm_guards() -> None:
@@ -291,3 +296,16 @@ def test_the_client_app_refuses_a_foreign_app_flower_put_on_its_path(tmp_path, m
         ValueError, match=r"evil/apps\.py: this node runs only its installed fedllm"
     ):
         check_app_source([str(theirs)])
+
+
+def test_fedllm_node_passes_its_personal_dir_to_the_node_config(tmp_path, monkeypatch) -> None:
+    """`fedllm node --personal-dir` is how an organisation keeps what its client must not leave
+    in the run directory (docs/security.md): the absolute folder, as Flower parses the config."""
+    started: list[list[str]] = []
+    monkeypatch.setattr("os.execvpe", lambda path, cmd, env: started.append(cmd))
+    monkeypatch.chdir(tmp_path)
+    argv = ["node", "--superlink", "127.0.0.1:9093", "--partition-id", "1", "--insecure"]
+    assert main([*argv, "--personal-dir", "org1"]) == 1  # exec replaced: "not reached"
+    (cmd,) = started
+    node = parse_config_args([cmd[cmd.index("--node-config") + 1]])
+    assert node == {"partition-id": 1, "personal-dir": str(tmp_path / "org1")}

@@ -32,6 +32,9 @@ def cmd_node(args: argparse.Namespace) -> int:
         require_secagg=args.require_secagg,
         max_epsilon=args.max_epsilon,
         min_noise=args.min_noise,
+        personal_dir=str(Path(args.personal_dir).expanduser().resolve())
+        if args.personal_dir
+        else None,
         root_certificates=args.root_certificates,
         auth_key=args.auth_key,
         insecure=args.insecure,
@@ -112,6 +115,12 @@ def add_deploy_commands(sub: argparse._SubParsersAction) -> None:
         "--min-noise",
         type=float,
         help="train only with a DP-SGD σ or client-level z of at least this",
+    )
+    node.add_argument(
+        "--personal-dir",
+        help="this organisation's own folder for what its client keeps between rounds and "
+        "never sends (personal adapters, node state): the only place state outside a private "
+        "run's guarantee is kept (default: the run directory's clients/<p>/, or nowhere then)",
     )
     node.add_argument(
         "--port",

@@ -134,6 +134,7 @@ def supernode_command(
     require_secagg: bool = False,
     max_epsilon: float | None = None,
     min_noise: float | None = None,
+    personal_dir: str | None = None,
     root_certificates: Path | None = None,
     auth_key: Path | None = None,
     insecure: bool = False,
@@ -149,6 +150,7 @@ def supernode_command(
         "require-secagg": True if require_secagg else None,
         "max-epsilon": max_epsilon,
         "min-noise": min_noise,
+        "personal-dir": personal_dir,
     }
     pairs = [f"{k}={json.dumps(v)}" for k, v in node.items() if v is not None]
     cmd = [
