@@ -298,14 +298,17 @@ def test_the_client_app_refuses_a_foreign_app_flower_put_on_its_path(tmp_path, m
         check_app_source([str(theirs)])
 
 
-def test_fedllm_node_passes_its_personal_dir_to_the_node_config(tmp_path, monkeypatch) -> None:
+def test_node_flags_personal_dir_and_device_reach_the_node_config(tmp_path, monkeypatch) -> None:
     """`fedllm node --personal-dir` is how an organisation keeps what its client must not leave
-    in the run directory (docs/security.md): the absolute folder, as Flower parses the config."""
+    in the run directory (docs/security.md): the absolute folder, as Flower parses the config;
+    the device flags are the node config keys of an emulated device (docs/constrained.md)."""
     started: list[list[str]] = []
     monkeypatch.setattr("os.execvpe", lambda path, cmd, env: started.append(cmd))
     monkeypatch.chdir(tmp_path)
     argv = ["node", "--superlink", "127.0.0.1:9093", "--partition-id", "1", "--insecure"]
     assert main([*argv, "--personal-dir", "org1"]) == 1  # exec replaced: "not reached"
-    (cmd,) = started
-    node = parse_config_args([cmd[cmd.index("--node-config") + 1]])
-    assert node == {"partition-id": 1, "personal-dir": str(tmp_path / "org1")}
+    device = ["--threads", "1", "--slowdown", "2.5", "--memory-mb", "900"]
+    assert main([*argv, *device]) == 1
+    first, second = (parse_config_args([c[c.index("--node-config") + 1]]) for c in started)
+    assert first == {"partition-id": 1, "personal-dir": str(tmp_path / "org1")}
+    assert second == {"partition-id": 1, "threads": 1, "slowdown": 2.5, "memory-mb": 900.0}

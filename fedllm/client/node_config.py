@@ -11,12 +11,14 @@ A SuperNode is started with `--node-config` (see `fedllm node`), whose keys are:
   and the whole `privacy` section, SecAgg+ and budget included); other runs are refused;
 - `require-secagg` (true/false): train only in runs with `privacy.secure_aggregation.enabled`;
 - `max-epsilon`: train only under DP whose target ε / budget is at most this, and never past it by
-  this node's own ε ledger (`privacy.mode: sample`), kept in its context state;
-- `min-noise`: train only with a DP-SGD σ (sample) or client-level z (client) of at least this.
+  this node's own ε ledger (`privacy.mode: sample` or `client`), kept in its context state;
+- `min-noise`: train only with a DP-SGD σ (sample) or client-level noise on one update as the
+  server sees it (client: z, or z/√m with `noise_at: client`) of at least this.
 The last three are enforced by `fedllm.privacy.node_guard` before any training.
 - `warm-worker`: the folder of this node's warm worker (`fedllm.deploy.warm`, set by `fedllm node`).
-- `personal-dir`: the folder where this node keeps its personal adapter (`fedllm.features.personal`;
-  default: `<run_dir>/clients/<partition-id>` of the recipe's output_dir on this machine).
+- `personal-dir` (`fedllm node --personal-dir`): the folder where this node keeps its personal
+  adapter and node state (`fedllm.features.personal`, `fedllm.features.node_state`; default:
+  `<run_dir>/clients/<partition-id>` of the recipe's output_dir on this machine).
 - `threads`, `slowdown`, `memory-mb`: this node's emulated device (torch threads, local steps this
   many times slower, memory budget in MiB), over its entry in the recipe's `devices`, which must be
   set (`fedllm.constrained.devices`).

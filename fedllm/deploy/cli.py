@@ -35,6 +35,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         personal_dir=str(Path(args.personal_dir).expanduser().resolve())
         if args.personal_dir
         else None,
+        device={k: v for k, v in device_flags(args).items() if v is not None},
         root_certificates=args.root_certificates,
         auth_key=args.auth_key,
         insecure=args.insecure,
@@ -48,6 +49,11 @@ def cmd_node(args: argparse.Namespace) -> int:
     print(f"[fedllm] {' '.join(cmd)}", flush=True)
     os.execvpe(cmd[0], cmd, flwr_env(verbose=args.verbose))
     return 1  # not reached
+
+
+def device_flags(args: argparse.Namespace) -> dict[str, float | None]:
+    """The node config keys of an emulated device (`fedllm.constrained.devices`), as flagged."""
+    return {"threads": args.threads, "slowdown": args.slowdown, "memory-mb": args.memory_mb}
 
 
 def cmd_superlink(args: argparse.Namespace) -> int:
@@ -114,7 +120,8 @@ def add_deploy_commands(sub: argparse._SubParsersAction) -> None:
     node.add_argument(
         "--min-noise",
         type=float,
-        help="train only with a DP-SGD σ or client-level z of at least this",
+        help="train only with a DP-SGD σ, or client-level noise on one update as the server "
+        "sees it (z, or z/√m with noise_at: client), of at least this",
     )
     node.add_argument(
         "--personal-dir",
@@ -128,6 +135,12 @@ def add_deploy_commands(sub: argparse._SubParsersAction) -> None:
         help="local port of the node's app API (Flower's Runtime HTTP API on 127.0.0.1; default: "
         "a free one, so several nodes can share a machine)",
     )
+    emulate = node.add_argument_group(
+        "device emulation", "over this node's entry in the recipe's `devices` (docs/constrained.md)"
+    )
+    emulate.add_argument("--threads", type=int, help="torch threads while training")
+    emulate.add_argument("--slowdown", type=float, help="local steps take this many times longer")
+    emulate.add_argument("--memory-mb", type=float, help="refuse plans estimated above this")
     node.add_argument("--root-certificates", type=Path, help="CA certificate (TLS)")
     node.add_argument("--auth-key", type=Path, help="this node's registered ECDSA private key")
     node.add_argument("--insecure", action="store_true", help="no TLS, no auth (debug only)")

@@ -21,7 +21,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from fedllm.deploy.flower_env import flwr_env
@@ -135,6 +135,7 @@ def supernode_command(
     max_epsilon: float | None = None,
     min_noise: float | None = None,
     personal_dir: str | None = None,
+    device: Mapping[str, float] | None = None,
     root_certificates: Path | None = None,
     auth_key: Path | None = None,
     insecure: bool = False,
@@ -151,6 +152,7 @@ def supernode_command(
         "max-epsilon": max_epsilon,
         "min-noise": min_noise,
         "personal-dir": personal_dir,
+        **(device or {}),  # threads, slowdown, memory-mb: fedllm.constrained.devices
     }
     pairs = [f"{k}={json.dumps(v)}" for k, v in node.items() if v is not None]
     cmd = [
