@@ -93,6 +93,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
             f"ok  {path}: {cfg.name}, {cfg.data.num_clients} clients, "
             f"aggregator {cfg.aggregator.name}"
         )
+        # what a SuperNode pins (`fedllm node --recipe-hash`), data paths resolved as run does
+        print(f"    recipe-hash {absolute_paths(cfg).fingerprint()}")
         for line in found:
             print(f"    {line}")
     return 2 if failed else 0

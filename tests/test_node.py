@@ -22,6 +22,7 @@ from fedllm.deploy.app_check import check_fab
 from fedllm.deploy.federation import superlink_command, supernode_command
 from fedllm.deploy.guard import OperatorOnly, guard_bin, guard_clientapp_runtime
 from fedllm.deploy.submit import write_app, write_run_config
+from fedllm.launch import absolute_paths
 from fedllm.recipe import load_recipe
 
 RECIPE = Path(__file__).parents[1] / "recipes" / "tiny.yaml"
@@ -312,3 +313,17 @@ def test_node_flags_personal_dir_and_device_reach_the_node_config(tmp_path, monk
     first, second = (parse_config_args([c[c.index("--node-config") + 1]]) for c in started)
     assert first == {"partition-id": 1, "personal-dir": str(tmp_path / "org1")}
     assert second == {"partition-id": 1, "threads": 1, "slowdown": 2.5, "memory-mb": 900.0}
+
+
+def test_validate_prints_the_hash_a_node_pins(tmp_path, capsys) -> None:
+    """`fedllm validate` prints the recipe-hash the submitted run carries (data paths resolved
+    as `fedllm run` resolves them), and a node pinning it accepts that run."""
+    data = tmp_path / "mine.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\n' * 40)
+    overrides = [f"data.source={data}", f"output_dir={tmp_path}"]
+    assert main(["validate", "--config-only", "recipes/tiny.yaml", *overrides]) == 0
+    printed = capsys.readouterr().out.split("recipe-hash ")[1].split()[0]
+    submitted = absolute_paths(load_recipe("recipes/tiny.yaml", overrides))
+    check_node(submitted, {"partition-id": 0, "recipe-hash": printed})
+    with pytest.raises(ValueError, match="fedllm validate RECIPE"):
+        check_node(submitted, {"partition-id": 0, "recipe-hash": "0" * 12})

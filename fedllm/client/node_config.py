@@ -110,7 +110,8 @@ def check_node(cfg: RunConfig, node_config: Mapping[str, object]) -> None:
     if pinned is not None and str(pinned) != cfg.fingerprint():
         raise ValueError(
             f"recipe hash mismatch: the run's recipe has fingerprint {cfg.fingerprint()} but this "
-            f"node only accepts {pinned} (node config recipe-hash=...)"
+            f"node only accepts {pinned} (node config recipe-hash=...; `fedllm validate RECIPE` "
+            "prints a recipe's hash as the run from that folder would send it)"
         )
 
 
