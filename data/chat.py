@@ -34,7 +34,7 @@ def check_messages(value: Any, *, where: str) -> list[dict[str, str]]:
         role, content = turn.get("role"), turn.get("content")
         if role not in ROLES:
             raise ValueError(
-                f"{where}: messages[{i}] has role {role!r}; valid roles are {list(ROLES)}"
+                f"{where}: messages[{i}] has role {role!r:.80}; valid roles are {list(ROLES)}"
             )
         if not isinstance(content, str):
             raise ValueError(

@@ -188,7 +188,7 @@ def answer_index(answer: Any, n: int, *, where: str) -> int:
         index = ord(answer.strip().upper()) - ord("A")
     if index is None or not 0 <= index < n:
         raise ValueError(
-            f"{where}: 'answer' {answer!r} is neither a choice index 0..{n - 1} nor a letter "
+            f"{where}: 'answer' {answer!r:.80} is neither a choice index 0..{n - 1} nor a letter "
             f"A..{chr(ord('A') + n - 1)} for its {n} choices"
         )
     return index

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from flwr.app import RecordDict
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from fedllm.features.base import Feature
 from fedllm.features.registry import register
@@ -122,6 +123,15 @@ class SecureAggregation(Feature):
             raise ValueError(
                 f"{KEY}: this recipe trains every round under SecAgg+, but the server sent a "
                 "plain training message; refusing to reply with an unmasked update"
+            )
+        # Flower's mod calls the app only at its masking stage (after setup and key sharing),
+        # and `mod` hands it every message that carries the protocol's record: a FitIns
+        # without that record skipped the protocol, and its reply would leave unmasked
+        if RECORD_KEY_CONFIGS not in content.config_records:
+            raise ValueError(
+                f"{KEY}: the server sent a training message outside the SecAgg+ protocol (no "
+                f"'{RECORD_KEY_CONFIGS}' record: its masking stage never ran); refusing to reply "
+                "with an unmasked update"
             )
         return client_reply(cfg, content, context, train)
 

@@ -52,7 +52,9 @@ def check_stage(configs: ConfigRecord) -> None:
     sum of 2 gives each update away), fewer than 3 key shares, or a threshold t with 2t <= k
     shares (the server could collect t shares of this client's mask seed from some neighbours
     and t of its secret key from others, by telling them different dropouts); at unmasking, a
-    node named both alive and dropped (its seed share and its key share together unmask it).
+    node named both alive and dropped (its seed share and its key share together unmask it),
+    and fewer than 3 nodes alive (Flower's mod needs only the threshold, 2 of 3 shares by
+    default: a dropout, real or claimed, would give the server a sum of two updates).
     """
     stage = configs.get(Key.STAGE)
     if stage == Stage.SETUP:
@@ -66,7 +68,13 @@ def check_stage(configs: ConfigRecord) -> None:
                 "and 3 shares, and shares / 2 < threshold <= shares)"
             )
     elif stage == Stage.UNMASK:
-        both = set(configs[Key.ACTIVE_NODE_ID_LIST]) & set(configs[Key.DEAD_NODE_ID_LIST])
+        alive = set(configs[Key.ACTIVE_NODE_ID_LIST])
+        if len(alive) < 3:
+            raise ValueError(
+                f"{KEY}: the server would unmask a sum of {len(alive)} updates (nodes "
+                f"{sorted(alive)} alive); refusing (valid: at least 3 alive)"
+            )
+        both = alive & set(configs[Key.DEAD_NODE_ID_LIST])
         if both:
             raise ValueError(
                 f"{KEY}: the server named nodes {sorted(both)} both alive and dropped; refusing "

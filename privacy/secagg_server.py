@@ -281,6 +281,22 @@ class Workflow(SecAggPlusWorkflow):
         super().share_keys_stage(grid, context, state)
         return self._forget_lost(state)
 
+    def collect_masked_vectors_stage(
+        self, grid: Grid, context: LegacyContext, state: WorkflowState
+    ) -> bool:
+        """Halt before unmasking a sum of fewer than 3 updates (Flower needs only the
+        threshold); each client refuses it too (`secagg_client.check_stage`)."""
+        if not super().collect_masked_vectors_stage(grid, context, state):
+            return False
+        if len(state.active_node_ids) < 3:
+            log.warning(
+                "%s: only %d clients sent masked vectors; not unmasking a sum of fewer than 3",
+                KEY,
+                len(state.active_node_ids),
+            )
+            return False
+        return True
+
     def _forget_lost(self, state: WorkflowState) -> bool:
         state.sampled_node_ids = set(state.active_node_ids)
         state.nid_to_neighbours = {
@@ -314,7 +330,10 @@ def train_round(lora: LoraStrategy, grid: Grid, server_round: int) -> RoundResul
     workflow(grid, context)
     rows = adapter.rows
     if not rows:  # the protocol halted (too few clients left) or none replied
-        reason = "SecAgg+ halted: fewer clients than the reconstruction threshold"
+        reason = (
+            "SecAgg+ halted: fewer clients left than the protocol needs (its reconstruction "
+            "threshold, and 3 to unmask a sum)"
+        )
         rows = [ClientRow(server_round, -1, "failed", reason=reason)]
     # the server cannot know the clients' losses (they stay on the clients): train_loss is None
     return RoundResult(adapter.sampled, rows, None, replies=len(adapter.rows))

@@ -327,3 +327,11 @@ def test_validate_prints_the_hash_a_node_pins(tmp_path, capsys) -> None:
     check_node(submitted, {"partition-id": 0, "recipe-hash": printed})
     with pytest.raises(ValueError, match="fedllm validate RECIPE"):
         check_node(submitted, {"partition-id": 0, "recipe-hash": "0" * 12})
+
+
+def test_superlink_needs_certificates_unless_insecure(capsys) -> None:
+    """`fedllm superlink` refuses to start without its TLS files (docs/security.md)."""
+    assert main(["superlink", "--ssl-certfile", "server.pem"]) == 2
+    err = capsys.readouterr().err
+    assert "needs --ssl-ca-certfile, --ssl-certfile and --ssl-keyfile" in err
+    assert "--insecure" in err

@@ -196,12 +196,15 @@ def test_every_dp_sgd_round_is_charged_even_without_rules() -> None:
 
 
 def test_the_client_app_refuses_before_loading_anything(monkeypatch) -> None:
-    from fedllm.client import app
+    from fedllm.client import app, round
 
     def must_not_load(*args, **kwargs):
-        raise AssertionError("the base model was loaded for a refused round")
+        raise AssertionError("the base model or the data was loaded for a refused round")
 
-    monkeypatch.setattr(app, "cached_base_model", must_not_load)
+    # training loads both in fedllm.client.round, evaluation in app: every place is watched
+    for module in (app, round):
+        monkeypatch.setattr(module, "cached_base_model", must_not_load)
+        monkeypatch.setattr(module, "node_shard", must_not_load)
     content = RecordDict({"config": ConfigRecord({"server-round": 1}), "global": ArrayRecord()})
     context = Context(0, 0, {"partition-id": 0, "require-secagg": True}, RecordDict(), {})
     with pytest.raises(ValueError, match="require-secagg=true"):

@@ -118,7 +118,7 @@ CLEAR = {
     "dp-steps",
     "secagg-clipped-entries",
 }
-WEIGHTS = {0: 100, 1: 200, 2: 300}
+WEIGHTS = {0: 100, 1: 200, 2: 300, 3: 400}
 
 
 def secure_cfg(*overrides: str):
@@ -302,15 +302,27 @@ def test_a_client_refuses_to_send_non_finite_vectors(bad: float) -> None:
 
 def test_a_non_finite_client_drops_out_and_the_others_are_aggregated() -> None:
     # before: the NaN was quantised and wrapped the masked sum, moving the mean to ~+2040
+    cfg = secure_cfg("data.num_clients=4")
+    ups = updates(cfg)
+    ups[3]["m1"].B[1, 1] = float("nan")
+    result, _, after, _ = secure_round(cfg, ups)
+    assert sorted(r.partition for r in result.ok) == [0, 1, 2]
+    want = plain_mean(cfg, ups, [0, 1, 2])
+    tol = tolerance(cfg.privacy.secure_aggregation, [100, 200, 300], max_weight(cfg), 1.0)
+    for m in SHAPES:
+        assert (after[m].B.double() - want[m]).abs().max().item() <= tol
+
+
+def test_a_dropout_that_would_leave_a_sum_of_two_refuses_the_round() -> None:
+    """3 clients, one drops out: Flower's threshold (2 of 3 shares) would let the server unmask
+    the other two's sum; each survivor refuses to unmask, and the global stays."""
     cfg = secure_cfg()
     ups = updates(cfg)
     ups[2]["m1"].B[1, 1] = float("nan")
-    result, _, after, _ = secure_round(cfg, ups)
-    assert sorted(r.partition for r in result.ok) == [0, 1]
-    want = plain_mean(cfg, ups, [0, 1])
-    tol = tolerance(cfg.privacy.secure_aggregation, [100, 200], max_weight(cfg), 1.0)
+    result, before, after, _ = secure_round(cfg, ups)
+    assert result.ok == [] and "3 to unmask a sum" in result.rows[0].reason
     for m in SHAPES:
-        assert (after[m].B.double() - want[m]).abs().max().item() <= tol
+        assert after[m] is before[m], "the previous global stays"
 
 
 def test_the_server_refuses_a_wrapped_mean_and_keeps_the_global(monkeypatch) -> None:
@@ -742,6 +754,11 @@ def test_a_client_refuses_a_plain_training_message_under_secagg() -> None:
     plain = RecordDict({"config": ConfigRecord({"server-round": 1})})
     with pytest.raises(ValueError, match="plain training message; refusing"):
         SecureAggregation.wrap_train(cfg, plain, node_context(0), fake_train(updates(cfg)))
+    # the protocol's own form without its stage record: the masking stage never ran, and the
+    # reply would carry the raw vectors (found by an audit; Flower's mod never saw the message)
+    skipped = fitins_content(cfg)
+    with pytest.raises(ValueError, match=r"outside the SecAgg\+ protocol"):
+        SecureAggregation.wrap_train(cfg, skipped, node_context(0), fake_train(updates(cfg)))
 
 
 @pytest.mark.parametrize(
@@ -801,6 +818,10 @@ def test_a_client_refuses_to_send_both_shares_of_one_node() -> None:
     check_stage(unmask([1, 2, 3], [4]))
     with pytest.raises(ValueError, match=r"named nodes \[3\] both alive and dropped"):
         check_stage(unmask([1, 2, 3], [3, 4]))
+    # 3 clients, threshold 2 (the default 0.67 of 3 shares): one dropout, real or claimed,
+    # would give the server the sum of two updates (found by an audit; Flower's mod allows it)
+    with pytest.raises(ValueError, match=r"would unmask a sum of 2 updates"):
+        check_stage(unmask([1, 2], [3]))
 
 
 @pytest.mark.parametrize(
