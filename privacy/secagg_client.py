@@ -15,7 +15,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from flwr.common import parameters_to_ndarrays as to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.common.secure_aggregation.secaggplus_constants import (
+    RECORD_KEY_CONFIGS,
+    RECORD_KEY_STATE,
+    Key,
+    Stage,
+)
 from flwr.compat.common import recorddict_compat as compat
 
 from fedllm.aggregators.base import Factors
@@ -40,12 +45,13 @@ def mod(
     """`secaggplus_mod` for SecAgg+ messages, after `check_stage`; every other message passes
     through untouched."""
     if RECORD_KEY_CONFIGS in msg.content.config_records:
-        check_stage(msg.content.config_records[RECORD_KEY_CONFIGS])
+        state = context.state.config_records.get(RECORD_KEY_STATE)
+        check_stage(msg.content.config_records[RECORD_KEY_CONFIGS], state)
         return secaggplus_mod(msg, context, call_next)
     return call_next(msg, context)
 
 
-def check_stage(configs: ConfigRecord) -> None:
+def check_stage(configs: ConfigRecord, state: ConfigRecord | None = None) -> None:
     """Refuse a protocol stage with which the server could unmask this client's own update.
 
     Flower's mod checks the types, not these: at setup, a round of fewer than 3 clients (the
@@ -53,8 +59,10 @@ def check_stage(configs: ConfigRecord) -> None:
     shares (the server could collect t shares of this client's mask seed from some neighbours
     and t of its secret key from others, by telling them different dropouts); at unmasking, a
     node named both alive and dropped (its seed share and its key share together unmask it),
-    and fewer than 3 nodes alive (Flower's mod needs only the threshold, 2 of 3 shares by
-    default: a dropout, real or claimed, would give the server a sum of two updates).
+    and, when every node of the round is this client's neighbour (`state`: the mod's, from
+    setup), fewer than 3 alive (Flower's mod needs only the threshold, 2 of 3 shares with 3
+    clients: a dropout, real or claimed, would give the server a sum of two updates). With
+    fewer shares than clients a client sees only its neighbours, and cannot count the others.
     """
     stage = configs.get(Key.STAGE)
     if stage == Stage.SETUP:
@@ -69,7 +77,10 @@ def check_stage(configs: ConfigRecord) -> None:
             )
     elif stage == Stage.UNMASK:
         alive = set(configs[Key.ACTIVE_NODE_ID_LIST])
-        if len(alive) < 3:
+        everyone = state is not None and int(state.get("share_num", 0)) >= int(
+            state.get("sample_num", 1 << 30)
+        )
+        if everyone and len(alive) < 3:
             raise ValueError(
                 f"{KEY}: the server would unmask a sum of {len(alive)} updates (nodes "
                 f"{sorted(alive)} alive); refusing (valid: at least 3 alive)"

@@ -313,9 +313,18 @@ def test_a_non_finite_client_drops_out_and_the_others_are_aggregated() -> None:
         assert (after[m].B.double() - want[m]).abs().max().item() <= tol
 
 
-def test_a_dropout_that_would_leave_a_sum_of_two_refuses_the_round() -> None:
+@pytest.mark.parametrize("server", ["honest", "curious"])
+def test_a_dropout_that_would_leave_a_sum_of_two_refuses_the_round(
+    server: str, monkeypatch, caplog
+) -> None:
     """3 clients, one drops out: Flower's threshold (2 of 3 shares) would let the server unmask
-    the other two's sum; each survivor refuses to unmask, and the global stays."""
+    the other two's sum. fedllm's server halts; a curious one that goes on (Flower's own
+    workflow) gets no key shares: each survivor refuses to unmask. The global stays."""
+    from fedllm.privacy import secagg_server
+
+    if server == "curious":
+        parent = secagg_server.SecAggPlusWorkflow.collect_masked_vectors_stage
+        monkeypatch.setattr(secagg_server.Workflow, "collect_masked_vectors_stage", parent)
     cfg = secure_cfg()
     ups = updates(cfg)
     ups[2]["m1"].B[1, 1] = float("nan")
@@ -323,6 +332,8 @@ def test_a_dropout_that_would_leave_a_sum_of_two_refuses_the_round() -> None:
     assert result.ok == [] and "3 to unmask a sum" in result.rows[0].reason
     for m in SHAPES:
         assert after[m] is before[m], "the previous global stays"
+    refused = "would unmask a sum of 2 updates" in caplog.text
+    assert refused is (server == "curious"), caplog.text[-2000:]
 
 
 def test_the_server_refuses_a_wrapped_mean_and_keeps_the_global(monkeypatch) -> None:
@@ -635,10 +646,11 @@ def test_secure_rounds_on_a_loopback_deployment_survive_dropouts(tmp_path: Path)
     """TLS SuperLink + 4 authenticated SuperNodes (tests/test_deploy.py's harness), ffa under
     SecAgg+ with 3 shares and threshold 2, 2 rounds (a round with all four nodes is
     tests/test_deploy.py's and the simulated SecAgg+ tests').
-    Round 1: SuperNode 3 is killed as soon as it has sent its public keys, so it is lost before
-    its key shares go out (fedllm.privacy.secagg_server.Workflow forgets it).
-    Round 2: SuperNode 2 is killed once every key share is out, before its masked vector: the
-    others reveal its key shares and Flower removes its pairwise masks from their sum."""
+    Round 1: SuperNode 2 is killed once every key share is out, before its masked vector: the
+    others reveal its key shares and Flower removes its pairwise masks from their sum of 3.
+    Round 2: SuperNode 3 is killed as soon as it has sent its public keys, so it is lost before
+    its key shares go out (fedllm.privacy.secagg_server.Workflow forgets it): 2 are left, and
+    the server halts rather than unmask a sum of two (the round is lost, the global stays)."""
     from test_deploy import Federation, fedllm_run, write_orgs
 
     def wait_count(name: str, text: str, n: int) -> None:
@@ -676,10 +688,10 @@ def test_secure_rounds_on_a_loopback_deployment_survive_dropouts(tmp_path: Path)
         # Each kill follows the server's own line that the stage is complete: the next stage's
         # messages go out only after it, and a node needs a poll and a process start (≥ 1 s)
         # to answer one, so the kill lands in between. (Nodes' own log lines can come late.)
-        wait_count("run", "[Stage 0] Received public keys from 4 clients", 1)  # round 1
-        fed.kill(nodes[3])
-        wait_count("run", "[Stage 1] Received encrypted key shares from 3 clients", 2)  # round 2
+        wait_count("run", "[Stage 1] Received encrypted key shares from 4 clients", 1)  # round 1
         fed.kill(nodes[2])
+        wait_count("run", "[Stage 0] Received public keys from 3 clients", 1)  # round 2
+        fed.kill(nodes[3])
         rc = fed.wait_exit(run)
         log = fed.log("run")
     finally:
@@ -692,14 +704,15 @@ def test_secure_rounds_on_a_loopback_deployment_survive_dropouts(tmp_path: Path)
         rnd: {x["partition"] for x in rows if x.get("round") == rnd and x.get("status") == "ok"}
         for rnd in (1, 2)
     }
-    assert ok == {1: {0, 1, 2}, 2: {0, 1}}, log[-3000:]
+    assert ok == {1: {0, 1, 3}, 2: set()}, log[-3000:]
     assert server[1]["clients_sampled"] == 4
-    assert server[2]["held_out_loss"] < server[0]["held_out_loss"]
-    assert "[Stage 0] Received public keys from 3 clients" in log  # round 2: node 3 lost in round 1
-    assert "[Stage 2] Received masked vectors from 2 clients" in log  # round 2: node 2 lost late
-    assert log.count("Secure aggregation completed.") >= 2 and "halted" not in log
-    train = [x for x in rows if x["kind"] == "client"]
-    assert all(x["secure_aggregation"] == "secagg+" for x in train)
+    assert server[1]["held_out_loss"] < server[0]["held_out_loss"]
+    assert "[Stage 2] Received masked vectors from 3 clients" in log  # round 1: node 2 lost late
+    assert "[Stage 2] Received masked vectors from 2 clients" in log  # round 2: node 3 forgotten
+    assert "not unmasking a sum of fewer than 3" in log
+    assert log.count("Secure aggregation completed.") == 1 and "halted" in log
+    train = [x for x in rows if x["kind"] == "client" and x["status"] == "ok"]
+    assert train and all(x["secure_aggregation"] == "secagg+" for x in train)
     assert "(masked)" in log
     assert not (run_dir / "client_adapters").exists()
 
@@ -820,8 +833,11 @@ def test_a_client_refuses_to_send_both_shares_of_one_node() -> None:
         check_stage(unmask([1, 2, 3], [3, 4]))
     # 3 clients, threshold 2 (the default 0.67 of 3 shares): one dropout, real or claimed,
     # would give the server the sum of two updates (found by an audit; Flower's mod allows it)
+    everyone = ConfigRecord({"sample_num": 3, "share_num": 3})
     with pytest.raises(ValueError, match=r"would unmask a sum of 2 updates"):
-        check_stage(unmask([1, 2], [3]))
+        check_stage(unmask([1, 2], [3]), everyone)
+    # 4 clients, 3 shares each: two live neighbours of 3, and the fourth client not one of them
+    check_stage(unmask([1, 2], [3]), ConfigRecord({"sample_num": 4, "share_num": 3}))
 
 
 @pytest.mark.parametrize(
