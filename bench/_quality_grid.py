@@ -161,6 +161,8 @@ METHODS: dict[str, tuple[str | None, tuple[str, ...]]] = {
     "rblora": ("rblora", ()),
     "lorafair": ("lorafair", ()),
     "svd": ("svd", ()),
+    # the exact aggregate at squeeze's best lr: at 0.003 svd led squeeze on seeds 1 and 2
+    "svd lr 0.01": ("svd", ("federation.lr=0.01",)),
     "squeeze": _sq(),  # the default: +correction +residual at the global rank, rows gauge
     # the default until stop 34 (rows won in domain: bench/results/quality.md)
     "squeeze balanced": _sq(*BALANCED),
@@ -229,6 +231,8 @@ PAIRS = [
     ("squeeze lr 0.003", "squeeze"),  # the lr's own effect (quickstart; scarce's seed 0)
     # scarce-lr, where `fedit`, `svd` and `squeeze` run at TUNED_LR: each at its own best lr,
     # the lr's own effect, and the room left to pooled training at its best lr
+    ("squeeze", "svd"),  # what correction, residual and gauge add at one lr
+    ("squeeze lr 0.01", "svd lr 0.01"),
     ("squeeze lr 0.01", "fedit"),
     ("squeeze lr 0.01", "squeeze"),
     ("fedit lr 0.01", "fedit"),
@@ -286,6 +290,12 @@ PLAN = [
         KEY_LR,
         ("scarce-lr",),
         "fedit, svd, squeeze at their best lr and local-only at its own, on fresh seeds",
+        (1, 2, 3),
+    ),
+    Step(
+        ("svd lr 0.01",),
+        ("scarce-lr",),
+        "svd at squeeze's best lr: which exact aggregator leads at a tuned step",
         (1, 2, 3),
     ),
     Step(
