@@ -83,8 +83,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     failed = 0
     for path in recipes:
         try:
-            cfg = load_recipe(path, overrides)
-            found = [] if args.config_only else check_machine(absolute_paths(cfg))
+            cfg = absolute_paths(load_recipe(path, overrides))  # as `fedllm run` resolves it
+            found = [] if args.config_only else check_machine(cfg)
         except (ConfigError, FileNotFoundError, ValueError) as err:
             print(f"fedllm: error: {err}", file=sys.stderr)
             failed += 1
@@ -93,8 +93,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             f"ok  {path}: {cfg.name}, {cfg.data.num_clients} clients, "
             f"aggregator {cfg.aggregator.name}"
         )
-        # what a SuperNode pins (`fedllm node --recipe-hash`), data paths resolved as run does
-        print(f"    recipe-hash {absolute_paths(cfg).fingerprint()}")
+        print(f"    recipe-hash {cfg.fingerprint()}")  # what `fedllm node --recipe-hash` pins
         for line in found:
             print(f"    {line}")
     return 2 if failed else 0

@@ -29,6 +29,7 @@ from fedllm.privacy.secagg_common import (
     CLEAR_KEYS,
     CLIPPED,
     KEY,
+    MIN_SUM,
     MODES,
     max_weight,
     weight_ratio,
@@ -69,7 +70,7 @@ def check_stage(configs: ConfigRecord, state: ConfigRecord | None = None) -> Non
         n, k, t = (
             int(configs[key]) for key in (Key.SAMPLE_NUMBER, Key.SHARE_NUMBER, Key.THRESHOLD)
         )
-        if n < 3 or k < 3 or not k < 2 * t <= 2 * k:
+        if n < MIN_SUM or k < MIN_SUM or not k < 2 * t <= 2 * k:
             raise ValueError(
                 f"{KEY}: the server's SecAgg+ setup ({n} clients, {k} key shares, threshold {t}) "
                 "would let it unmask this client's update; refusing (valid: at least 3 clients "
@@ -77,10 +78,9 @@ def check_stage(configs: ConfigRecord, state: ConfigRecord | None = None) -> Non
             )
     elif stage == Stage.UNMASK:
         alive = set(configs[Key.ACTIVE_NODE_ID_LIST])
-        everyone = state is not None and int(state.get("share_num", 0)) >= int(
-            state.get("sample_num", 1 << 30)
-        )
-        if everyone and len(alive) < 3:
+        # the mod's state from setup: every node of the round is a neighbour when k >= n
+        everyone = state is not None and int(state["share_num"]) >= int(state["sample_num"])
+        if everyone and len(alive) < MIN_SUM:
             raise ValueError(
                 f"{KEY}: the server would unmask a sum of {len(alive)} updates (nodes "
                 f"{sorted(alive)} alive); refusing (valid: at least 3 alive)"

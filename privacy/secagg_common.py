@@ -16,6 +16,8 @@ CLIPPED = "secagg-clipped-entries"  # reply metric: entries the mod's quantisati
 # The reply metrics a SecAgg+ client sends in the clear (outside the masked sum): what the server
 # needs to run the protocol (who, rank, weight, traffic) and to account DP-SGD. Losses, clipping
 # statistics and every other key stay on the client.
+MIN_SUM = 3  # the fewest updates a masked sum may hold: a sum of 2 gives each away to the other
+
 CLEAR_KEYS = frozenset(
     {
         "partition-id",

@@ -38,6 +38,7 @@ from fedllm.features.types import ClientRow, RoundResult, TrainReply
 from fedllm.privacy.secagg_common import (
     CLIPPED,
     KEY,
+    MIN_SUM,
     MODES,
     MODULUS,
     weight_ratio,
@@ -288,7 +289,7 @@ class Workflow(SecAggPlusWorkflow):
         threshold); each client refuses it too (`secagg_client.check_stage`)."""
         if not super().collect_masked_vectors_stage(grid, context, state):
             return False
-        if len(state.active_node_ids) < 3:
+        if len(state.active_node_ids) < MIN_SUM:
             log.warning(
                 "%s: only %d clients sent masked vectors; not unmasking a sum of fewer than 3",
                 KEY,

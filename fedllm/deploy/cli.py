@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from fedllm.client.node_config import DEVICE_KEYS
 from fedllm.deploy.federation import node_port, superlink_args, supernode_command
 from fedllm.deploy.flower_env import flwr_env
 from fedllm.deploy.guard import serve_superlink
@@ -25,17 +26,15 @@ def cmd_node(args: argparse.Namespace) -> int:
         superlink=args.superlink,
         partition_id=args.partition_id,
         port=port,
-        data_path=str(Path(args.data_path).expanduser().resolve()) if args.data_path else None,
+        data_path=absolute(args.data_path),
         rank=args.rank,
         model=args.model,
         recipe_hash=args.recipe_hash,
         require_secagg=args.require_secagg,
         max_epsilon=args.max_epsilon,
         min_noise=args.min_noise,
-        personal_dir=str(Path(args.personal_dir).expanduser().resolve())
-        if args.personal_dir
-        else None,
-        device={k: v for k, v in device_flags(args).items() if v is not None},
+        personal_dir=absolute(args.personal_dir),
+        device={key: getattr(args, key.replace("-", "_")) for key in DEVICE_KEYS},
         root_certificates=args.root_certificates,
         auth_key=args.auth_key,
         insecure=args.insecure,
@@ -51,9 +50,9 @@ def cmd_node(args: argparse.Namespace) -> int:
     return 1  # not reached
 
 
-def device_flags(args: argparse.Namespace) -> dict[str, float | None]:
-    """The node config keys of an emulated device (`fedllm.constrained.devices`), as flagged."""
-    return {"threads": args.threads, "slowdown": args.slowdown, "memory-mb": args.memory_mb}
+def absolute(path: str | None) -> str | None:
+    """A node's folder or file as the absolute path its node config carries (None: unset)."""
+    return str(Path(path).expanduser().resolve()) if path else None
 
 
 def cmd_superlink(args: argparse.Namespace) -> int:

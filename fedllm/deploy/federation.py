@@ -152,7 +152,7 @@ def supernode_command(
         "max-epsilon": max_epsilon,
         "min-noise": min_noise,
         "personal-dir": personal_dir,
-        **(device or {}),  # threads, slowdown, memory-mb: fedllm.constrained.devices
+        **(device or {}),  # threads, slowdown, memory-mb (None: unset, left out below)
     }
     pairs = [f"{k}={json.dumps(v)}" for k, v in node.items() if v is not None]
     cmd = [
