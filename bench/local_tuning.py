@@ -32,7 +32,7 @@ from fedllm.processes import hide_bitsandbytes
 
 hide_bitsandbytes()  # as fedllm's commands do: no base here is quantised (peft would import it)
 
-from _quality_clients import client_table  # noqa: E402
+from _quality_clients import client_table, local_reference  # noqa: E402
 from _quality_grid import METHODS, client_ranks, overrides, recipe_path  # noqa: E402
 from _quality_report import by_method, diff_text, interval_text, read_rows  # noqa: E402
 from _quality_runs import local_steps, nll_scorer, ratio, run_dir, train_round  # noqa: E402
@@ -112,8 +112,9 @@ def run(cell: tuple[str, str, int], *, grid: Path, row: dict) -> dict | None:
 
 
 def report(rows: list[dict], *, grid_rows: list[dict], regimes: list[str]) -> str:
-    """Markdown: per regime with local-only, own-domain loss of the global, its cut and the
-    tuned cut, paired against the global and local-only; then client by client."""
+    """Markdown: per regime with local-only (the grid's, at its own lr), own-domain loss of the
+    global, its cut and the tuned cut, paired against the global and local-only; then client
+    by client."""
 
     def pooled(row: dict, key: str) -> float:
         return ratio([sum(c[key][i] for c in row["clients"].values()) for i in (0, 1)])
@@ -131,17 +132,18 @@ def report(rows: list[dict], *, grid_rows: list[dict], regimes: list[str]) -> st
     for regime in regimes:
         cells = by_method(grid_rows, regime)
         mine = [r for r in rows if r["regime"] == regime]
-        if not mine or "local only" not in cells:
+        if not mine or (baseline := local_reference(cells)) is None:
             continue
-        local = {s: r["personal"][-1] for s, r in cells["local only"].items()}
+        local = {s: r["personal"][-1] for s, r in cells[baseline].items()}
         lines += [
             "",
-            f"## Regime `{regime}`",
+            f"## Regime `{regime}`"
+            + (f" (local only: `{baseline}`)" if baseline != "local only" else ""),
             "",
             "| method | own: global | cut | tuned | tuned − global | tuned − local only | s |",
             "|---|---:|---:|---:|---:|---:|---:|",
         ]
-        table: dict[str, dict[int, dict]] = {"local only": cells["local only"]}
+        table: dict[str, dict[int, dict]] = {baseline: cells[baseline]}
         for label in dict.fromkeys(r["method"] for r in mine):
             by_seed = {r["seed"]: r for r in mine if r["method"] == label}
             own = {k: {s: pooled(r, k) for s, r in by_seed.items()} for k in SCORES}

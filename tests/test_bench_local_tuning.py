@@ -62,6 +62,25 @@ def test_report_pools_tokens_and_pairs_tuned_with_global_and_local_only() -> Non
     assert plain == "| fedit | -0.200* | +0.000 | 1 / 0 |"
 
 
+def test_a_regime_at_a_tuned_lr_pairs_with_its_own_local_only() -> None:
+    """scarce-lr runs local-only only at its own lr (`local only lr 0.001`): the tuned cells
+    pair with that one, and the report names it."""
+    grid, rows = [], []
+    for seed, noise in zip((1, 2, 3), (0.0, 0.1, -0.1), strict=True):
+        for row in (_grid_row("local only lr 0.001", seed, 3.1 + noise, {0: 3.1 + noise}),
+                    _grid_row("fedit", seed, 3.0 + noise, {0: 3.0 + noise})):  # fmt: skip
+            grid.append({**row, "regime": "scarce-lr"})
+        clients = {"0": {k: [10 * (x + noise), 10] for k, x in
+                         (("global", 3.0), ("cut", 3.0), ("tuned", 2.9))}}  # fmt: skip
+        rows.append({"method": "fedit", "regime": "scarce-lr", "seed": seed, "clients": clients,
+                     "seconds": 5.0})  # fmt: skip
+    md = T.report(rows, grid_rows=grid, regimes=["scarce-lr"])
+    assert "## Regime `scarce-lr` (local only: `local only lr 0.001`)" in md
+    line = next(x for x in md.splitlines() if x.startswith("| fedit | "))
+    assert "| -0.1000 ± 0.0000 better | -0.2000 ± 0.0000 better | 5 |" in line  # 2.9 − 3.1
+    assert "| local only lr 0.001 (loss) | 3.1000 |" in md
+
+
 @pytest.mark.slow  # a federation
 def test_a_tuned_cell_starts_from_what_the_clients_scored_in_the_run(tmp_path: Path) -> None:
     """The global re-evaluated here scores what the run's clients reported for it (the check
