@@ -76,7 +76,7 @@ class Views:
             self.names.append(client_view(pid))
         self.model.train(self.train_mode)
         self.device = next(self.model.parameters()).device
-        self.autocast = autocast_dtype(precision, self.device, self.model)
+        self.autocast = autocast_dtype(precision, device=self.device, model=self.model)
         if self.autocast is not None:
             cast_linear_weights(self.model, self.autocast)
 

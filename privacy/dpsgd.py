@@ -171,7 +171,7 @@ def train_dp(
         total_steps=schedule_steps or steps,
         offset=schedule_offset,
     )
-    amp = autocast_dtype(precision, model_device(model), model)
+    amp = autocast_dtype(precision, device=model_device(model), model=model)
     private = PrivateSteps(
         model,
         opt,

@@ -74,7 +74,7 @@ def check_recipe(cfg: RunConfig) -> None:
             "of both updates, so each client learns the other's by subtracting its own; use at "
             "least 3"
         )
-    k, t = protocol_numbers(sa.num_shares, sa.reconstruction_threshold, n)
+    k, t = protocol_numbers(shares=sa.num_shares, threshold=sa.reconstruction_threshold, clients=n)
     if not k < 2 * t <= 2 * k:
         raise ValueError(
             f"{key}: with {n} clients per round, num_shares={sa.num_shares} and "

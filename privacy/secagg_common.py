@@ -53,7 +53,9 @@ def weight_ratio(weight: float, max_weight: float, quantization_range: int) -> f
     return round(weight / max_weight * quantization_range) / quantization_range
 
 
-def protocol_numbers(shares: int | float, threshold: int | float, clients: int) -> tuple[int, int]:
+def protocol_numbers(
+    *, shares: int | float, threshold: int | float, clients: int
+) -> tuple[int, int]:
     """(key shares k, threshold t) Flower's SecAgg+ setup derives for a round of `clients` from
     the recipe's `num_shares` and `reconstruction_threshold` (its `setup_stage`, restated here so
     a recipe is checked before any round: clients refuse a setup with 2t <= k)."""

@@ -16,12 +16,10 @@ TINY_RECIPE = Path(__file__).parents[1] / "recipes" / "tiny.yaml"
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
 def test_every_shipped_recipe_validates_and_says_how_to_run_it(path: Path) -> None:
-    cfg = load_recipe(path)
+    load_recipe(path)  # a ConfigError names the field if it is not valid
     header = path.read_text().split("\n\n")[0]
-    assert "fedllm run recipes/" in header or "make " in header, "header must give the run command"
-    assert cfg.data.num_clients >= 1
-    ranks = [cfg.client_rank(i) for i in range(cfg.data.num_clients)]
-    assert all(r > 0 for r in ranks)
+    # its own run command, not a neighbour's pasted with the header
+    assert f"recipes/{path.name}" in header or "make " in header, "header must give its command"
 
 
 def test_shipped_recipes_exist() -> None:

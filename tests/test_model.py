@@ -36,10 +36,6 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", texts=TEXTS)
 
 
-def test_texts_are_a_few_hundred_words() -> None:
-    assert 200 <= sum(len(t.split()) for t in TEXTS) <= 1000
-
-
 def test_tiny_model_loads_back_and_gives_finite_loss(tiny_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, local_files_only=True)
@@ -176,13 +172,15 @@ def test_load_base_model_is_frozen_in_train_mode(tiny_dir: Path) -> None:
 
 def test_attention_auto_is_eager_for_short_sequences_on_the_cpu() -> None:
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
-    assert fm.attention_for("auto", cpu, 64) == "eager"
-    assert fm.attention_for("auto", cpu, fm.EAGER_UP_TO + 1) == "sdpa"
-    assert fm.attention_for("auto", cpu, None) == "sdpa"  # length unknown: the general choice
-    assert fm.attention_for("auto", gpu, 64) == "sdpa"
-    assert fm.attention_for("sdpa", cpu, 64) == "sdpa"
+    assert fm.attention_for("auto", device=cpu, max_length=64) == "eager"
+    assert fm.attention_for("auto", device=cpu, max_length=fm.EAGER_UP_TO + 1) == "sdpa"
+    assert (
+        fm.attention_for("auto", device=cpu, max_length=None) == "sdpa"
+    )  # length unknown: the general choice
+    assert fm.attention_for("auto", device=gpu, max_length=64) == "sdpa"
+    assert fm.attention_for("sdpa", device=cpu, max_length=64) == "sdpa"
     with pytest.raises(ValueError, match="valid: auto, eager, sdpa"):
-        fm.attention_for("flash", cpu, 64)
+        fm.attention_for("flash", device=cpu, max_length=64)
 
 
 def test_eager_and_sdpa_give_the_same_loss(tiny_dir: Path) -> None:

@@ -65,7 +65,7 @@ def test_a_supernode_may_keep_it_in_its_own_folder(tmp_path: Path) -> None:
     cfg = build_config({**BASE, "output_dir": str(tmp_path), "name": "r"})
     assert personal_adapter_dir(cfg, 1) == tmp_path / "r" / "clients" / "1" / "personal_adapter"
     mine = {"personal-dir": str(tmp_path / "org1")}
-    assert personal_adapter_dir(cfg, 1, mine) == tmp_path / "org1" / "personal_adapter"
+    assert personal_adapter_dir(cfg, 1, node_config=mine) == tmp_path / "org1" / "personal_adapter"
 
 
 @pytest.mark.parametrize(

@@ -67,13 +67,13 @@ def restore(model, state: dict[str, torch.Tensor]) -> None:
 
 
 def test_autocast_dtype_by_precision() -> None:
-    assert autocast_dtype("fp32", CPU) is None
-    assert autocast_dtype("bf16", CPU) is torch.bfloat16
+    assert autocast_dtype("fp32", device=CPU) is None
+    assert autocast_dtype("bf16", device=CPU) is torch.bfloat16
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     assert bf16_supported(CPU) == native
-    assert autocast_dtype("auto", CPU) is (torch.bfloat16 if native else None)
+    assert autocast_dtype("auto", device=CPU) is (torch.bfloat16 if native else None)
     with pytest.raises(ValueError, match="precision='fp16'; valid: fp32, bf16, auto"):
-        autocast_dtype("fp16", CPU)
+        autocast_dtype("fp16", device=CPU)
 
 
 def test_bf16_step_runs_in_bf16_and_keeps_fp32_masters(tiny, lora) -> None:
@@ -237,10 +237,14 @@ def test_auto_is_the_default_and_stays_fp32_over_a_float16_base() -> None:
     half = torch.nn.Linear(4, 4).half().requires_grad_(False)
     full = torch.nn.Linear(4, 4).requires_grad_(False)
     if bf16_supported(cpu):
-        assert autocast_dtype("auto", cpu, full) == torch.bfloat16
+        assert autocast_dtype("auto", device=cpu, model=full) == torch.bfloat16
     else:
-        assert autocast_dtype("auto", cpu, full) is None
-    assert autocast_dtype("auto", cpu, half) is None  # bf16 would round every weight again
-    assert autocast_dtype("bf16", cpu, half) == torch.bfloat16  # and check_precision refuses it
+        assert autocast_dtype("auto", device=cpu, model=full) is None
+    assert (
+        autocast_dtype("auto", device=cpu, model=half) is None
+    )  # bf16 would round every weight again
+    assert (
+        autocast_dtype("bf16", device=cpu, model=half) == torch.bfloat16
+    )  # and check_precision refuses it
     with pytest.raises(ValueError, match="float16 base"):
         check_precision(half, torch.bfloat16)

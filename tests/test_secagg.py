@@ -91,12 +91,8 @@ def test_two_clients_per_round_are_refused(override: str) -> None:
     # with 2, each client gets the sum of both updates back and subtracts its own
     with pytest.raises(ConfigError, match=r"privacy\.secure_aggregation: exactly 2 clients"):
         load_recipe(RECIPE, [ON, "aggregator.name=ffa", "lora.ranks=4", override])
-    assert load_recipe(RECIPE, [ON, "aggregator.name=ffa", "federation.clients_per_round=3"])
-
-
-def test_every_shipped_recipe_still_loads() -> None:
-    for path in sorted(Path(RECIPE).parent.glob("*.yaml")):
-        load_recipe(str(path))
+    cfg = load_recipe(RECIPE, [ON, "aggregator.name=ffa", "federation.clients_per_round=3"])
+    assert cfg.privacy.secure_aggregation.enabled and cfg.federation.clients_per_round == 3
 
 
 # -- guards: real SecAgg+ rounds on an in-process grid, with fake (instant) training ------------
@@ -750,11 +746,17 @@ def test_protocol_numbers_are_flowers() -> None:
     from fedllm.privacy.secagg_common import protocol_numbers
 
     # by hand from Flower's setup_stage: k = round(f·n) made odd below n, t = max(round(f·k), 2)
-    assert protocol_numbers(1.0, 0.67, 4) == (4, 3)
-    assert protocol_numbers(0.5, 0.67, 10) == (5, 3)
-    assert protocol_numbers(0.4, 0.67, 10) == (5, 3)  # round(4.0) = 4, even and < 10: 5
-    assert protocol_numbers(0.1, 0.67, 10) == (10, 7)  # k <= 2: every client
-    assert protocol_numbers(3, 2, 4) == (3, 2)
+    assert protocol_numbers(shares=1.0, threshold=0.67, clients=4) == (4, 3)
+    assert protocol_numbers(shares=0.5, threshold=0.67, clients=10) == (5, 3)
+    assert protocol_numbers(shares=0.4, threshold=0.67, clients=10) == (
+        5,
+        3,
+    )  # round(4.0) = 4, even and < 10: 5
+    assert protocol_numbers(shares=0.1, threshold=0.67, clients=10) == (
+        10,
+        7,
+    )  # k <= 2: every client
+    assert protocol_numbers(shares=3, threshold=2, clients=4) == (3, 2)
 
 
 def test_a_client_refuses_a_plain_training_message_under_secagg() -> None:

@@ -16,7 +16,7 @@ PRECISIONS = ("fp32", "bf16", "auto")
 
 
 def autocast_dtype(
-    precision: str, device: torch.device, model: torch.nn.Module | None = None
+    precision: str, *, device: torch.device, model: torch.nn.Module | None = None
 ) -> torch.dtype | None:
     """The autocast dtype for `precision` on `device`: bf16, or None for full precision.
 

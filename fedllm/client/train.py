@@ -242,7 +242,7 @@ def train_local(
     if not params:
         raise ValueError("model has no trainable parameters (is the LoRA adapter attached?)")
     device = model_device(model)
-    amp = autocast_dtype(precision, device, model)
+    amp = autocast_dtype(precision, device=device, model=model)
     check_precision(model, amp)
     share_head = share_head and not gradient_checkpointing
     opt = make_optimizer(params, optimizer=optimizer, lr=lr, weight_decay=weight_decay)
@@ -316,7 +316,7 @@ def evaluate_nll(
     the model's device; `precision` and `share_head` as in `train_local` (the NLL is fp32).
     """
     device = model_device(model)
-    amp = autocast_dtype(precision, device, model)
+    amp = autocast_dtype(precision, device=device, model=model)
     total, tokens = 0.0, 0
     loader = batch_loader(examples, batch_size=batch_size, pad_id=pad_id, seed=0, shuffle=False)
     for batch in loader:

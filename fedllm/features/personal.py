@@ -74,7 +74,7 @@ def raw_update(cfg: RunConfig) -> bool:
 
 
 def personal_adapter_dir(
-    cfg: RunConfig, partition: int, node_config: Mapping[str, Any] | None = None
+    cfg: RunConfig, partition: int, *, node_config: Mapping[str, Any] | None = None
 ) -> Path:
     """Where client `partition` keeps its personal adapter."""
     return client_dir(cfg, partition, node_config or {}) / FOLDER
@@ -156,7 +156,7 @@ class PersonalAdapter(Feature):
             return
         if has_node_state(rnd, LOCAL_B, uncovered=raw_update(rnd.cfg)):
             return  # only a lost attempt's: B starts afresh, as in that round's first attempt
-        folder = personal_adapter_dir(rnd.cfg, rnd.partition, rnd.node_config)
+        folder = personal_adapter_dir(rnd.cfg, rnd.partition, node_config=rnd.node_config)
         if restore_local_B(folder, rnd.state):
             log.info("client %d: local B restored from %s", rnd.partition, folder)
 

@@ -86,7 +86,7 @@ def _optional(metrics: Mapping[str, Any], key: str, kind: type, *, minimum: floa
 
 
 def extra_number(
-    reply: TrainReply, key: str, kind: type = float, *, minimum: float = -math.inf
+    reply: TrainReply, key: str, *, kind: type = float, minimum: float = -math.inf
 ) -> Any:
     """A feature's own reply metric `key` (in `reply.extra`) as a finite scalar of `kind` >=
     `minimum`, or None if the reply has none; ValueError naming the key otherwise (a list, a
@@ -102,7 +102,7 @@ def declared_metrics(reply: TrainReply, declared: Mapping[str, Any]) -> dict[str
     out: dict[str, Any] = {}
     for key, spec in declared.items():
         kind, minimum = spec if isinstance(spec, tuple) else (spec, -math.inf)
-        if (value := extra_number(reply, key, kind, minimum=minimum)) is not None:
+        if (value := extra_number(reply, key, kind=kind, minimum=minimum)) is not None:
             out[key.replace("-", "_")] = value
     return out
 

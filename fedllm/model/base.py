@@ -49,7 +49,9 @@ def cached_base_model(
     quant = None if cfg.model.quantization == "none" else cfg.model.quantization
 
     # the implementation `model.attention` resolves to here: the only thing of it the model holds
-    attention = attention_for(cfg.model.attention, compute_device(), cfg.data.max_length)
+    attention = attention_for(
+        cfg.model.attention, device=compute_device(), max_length=cfg.data.max_length
+    )
 
     def load():
         folder = prepare_base_model(cfg, cache=cache)

@@ -167,7 +167,7 @@ ATTENTIONS = ("auto", "eager", "sdpa")
 EAGER_UP_TO = 256  # tokens: "auto" picks eager attention on the CPU for sequences this short
 
 
-def attention_for(attention: str, device: torch.device, max_length: int | None) -> str:
+def attention_for(attention: str, *, device: torch.device, max_length: int | None) -> str:
     """The attention implementation to load. "auto": eager on the CPU for sequences of at most
     EAGER_UP_TO tokens, else sdpa. A bf16 LoRA step of SmolLM2-135M on 2 cores took 0.88x
     sdpa's time with eager at 64 tokens (sdpa's CPU flash kernel is slow backwards), 1.09x at
@@ -213,7 +213,7 @@ def load_base_model(
     kwargs: dict = {
         "dtype": torch_dtype,
         "local_files_only": True,
-        "attn_implementation": attention_for(attention, device, max_length),
+        "attn_implementation": attention_for(attention, device=device, max_length=max_length),
     }
     if quantization is not None:
         from transformers import BitsAndBytesConfig
