@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -94,7 +95,7 @@ def run(cell: tuple[str, str, int], *, grid: Path, row: dict) -> dict | None:
         print(f"[tuning] {cfg.run_dir}: no checkpoint of the finished cell here; skipped")
         return None
     factors = {m: Factors(b, a, s) for m, (b, a, s) in state["strategy"]["global"].items()}
-    start = time.perf_counter()
+    load, start = os.getloadavg()[0], time.perf_counter()
     clients = tune_cell(cfg, factors)
     for pid, c in clients.items():
         if abs(ratio(c["global"]) - (graded := row["clients"][str(pid)])) > TOLERANCE:
@@ -108,6 +109,7 @@ def run(cell: tuple[str, str, int], *, grid: Path, row: dict) -> dict | None:
         "seed": seed,
         "clients": {str(p): c for p, c in clients.items()},
         "seconds": time.perf_counter() - start,
+        "load": load,  # 1-min load average at the cell's start (2 cores: above ~2, shared)
     }
 
 
@@ -127,8 +129,13 @@ def report(rows: list[dict], *, grid_rows: list[dict], regimes: list[str]) -> st
         "clients scored it (whole); cut = it cut to the client's rank (what a round sends); "
         "tuned = the cut after one more round of the client's local training. Own-domain loss "
         "is token-weighted over the clients; differences are paired over seeds (mean ± 95% "
-        "t-interval; tie: the interval holds 0).",
+        "t-interval; tie: the interval holds 0). Rows: `local-tuning-rows.jsonl`.",
     ]
+    if loads := [r["load"] for r in rows if "load" in r]:
+        lines += [
+            "",
+            f"Load average at the cells' start: {min(loads):.2f}–{max(loads):.2f} (2 cores).",
+        ]
     for regime in regimes:
         cells = by_method(grid_rows, regime)
         mine = [r for r in rows if r["regime"] == regime]
@@ -203,7 +210,11 @@ def main() -> None:
                 with kept.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 rows.append(row)
-                out.write_text(report(rows, grid_rows=grid_rows, regimes=args.regimes))
+                # every regime tuned so far, not only this call's
+                shown = list(dict.fromkeys([*args.regimes, *(r["regime"] for r in rows)]))
+                out.write_text(report(rows, grid_rows=grid_rows, regimes=shown))
+                copy = "".join(json.dumps(r) + "\n" for r in rows)
+                (args.results / "local-tuning-rows.jsonl").write_text(copy)
     print(out.read_text() if rows else "no finished grid cells to tune")
 
 
