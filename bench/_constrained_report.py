@@ -3,6 +3,7 @@ Markdown report (bench/results/constrained.md)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shlex
@@ -14,7 +15,7 @@ from pathlib import Path
 from _constrained_setup import ARMS, MIB, PROFILES, ROWS, SETTINGS, arm_name, profiles
 
 
-def workload(args) -> str:
+def workload(args: argparse.Namespace) -> str:
     """What makes runs comparable across invocations (seeds and settings may differ)."""
     return shlex.join(
         [
@@ -27,7 +28,7 @@ def workload(args) -> str:
     )
 
 
-def save_row(args, seed: int, setting: str, result: dict, cal: dict) -> None:
+def save_row(args: argparse.Namespace, *, seed: int, setting: str, result: dict, cal: dict) -> None:
     row = {"workload": workload(args), "seed": seed, "setting": setting}
     row |= {k: v for k, v in result.items() if k != "cells"}
     row["cells"] = [
@@ -39,7 +40,7 @@ def save_row(args, seed: int, setting: str, result: dict, cal: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-def saved_results(args) -> dict:
+def saved_results(args: argparse.Namespace) -> dict:
     """(seed, setting) -> result (with the deadline, budget and CPU of its own invocation) of
     every saved row of this workload; a later row of the same seed and setting replaces one."""
     rows = [json.loads(x) for x in ROWS.read_text().splitlines()] if ROWS.exists() else []
@@ -56,7 +57,9 @@ def _cpu() -> str:
     return next((x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")), "?")
 
 
-def report(args, cal: dict, results: dict, n: int, load: tuple[float, float]) -> list[str]:
+def report(
+    args: argparse.Namespace, *, cal: dict, results: dict, n: int, load: tuple[float, float]
+) -> list[str]:
     """The markdown report: this invocation's calibration, and every saved (seed, setting) run
     of the workload, each under the deadline and budget of its own invocation."""
     cmd = shlex.join(["python", "bench/constrained.py", *sys.argv[1:]])

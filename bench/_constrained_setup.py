@@ -3,7 +3,9 @@ its report (bench/_constrained_report.py)."""
 
 from __future__ import annotations
 
+import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from fedllm.recipe import RunConfig, load_recipe
@@ -48,7 +50,14 @@ def devices(n: int, *, slowdown: float, budget_mib: float | None) -> list[dict]:
     return [{"name": p, "clients": 1, **spec[p]} for p in profiles(n)]
 
 
-def recipe(base: list[str], args, *, name: str, setting: str, extra: list[str] = ()) -> RunConfig:
+def recipe(
+    base: list[str],
+    args: argparse.Namespace,
+    *,
+    name: str,
+    setting: str,
+    extra: Sequence[str] = (),
+) -> RunConfig:
     """The setting's recipe: the bench's base overrides, its arms, then `extra`."""
     over = [*base, f"name={name}"]
     if setting in ADAPTIVE:

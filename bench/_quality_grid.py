@@ -244,7 +244,7 @@ PAIRS = [
 ]
 
 
-def overrides(label: str, regime: str, seed: int, extra: list[str]) -> list[str]:
+def overrides(label: str, *, regime: str, seed: int, extra: list[str]) -> list[str]:
     """Every override of one cell after its recipe (the regime's, the method's, the seed)."""
     return [*COMMON, *REGIMES[regime].overrides, *METHODS[label][1], *extra, f"seed={seed}"]
 
@@ -336,7 +336,7 @@ def plan(
 
 def regime_config(regime: str) -> RunConfig:
     """A regime's recipe (fedit's: every method's recipe shares the workload and its ranks)."""
-    return load_recipe(recipe_path("fedit"), overrides("fedit", regime, 0, []))
+    return load_recipe(recipe_path("fedit"), overrides("fedit", regime=regime, seed=0, extra=[]))
 
 
 def client_ranks(regime: str) -> dict[int, int]:

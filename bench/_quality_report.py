@@ -168,7 +168,13 @@ def _curve(by_seed: dict[int, dict], key: str) -> list[Interval]:
 
 
 def header(
-    rows: list[dict], *, stem: str, common, regimes, regime_overrides, invocation
+    rows: list[dict],
+    *,
+    stem: str,
+    common: list[str],
+    regimes: dict[str, str],
+    regime_overrides: dict[str, list[str]],
+    invocation: str,
 ) -> list[str]:
     """Title, how the cells were run (commands, seeds, wall time, load) and the regimes."""
     seeds = sorted({r["seed"] for r in rows})

@@ -322,7 +322,7 @@ def _cpu() -> str:
     return names[0] if names else platform.processor() or platform.machine()
 
 
-def run_dir(out: Path, regime: str, seed: int, label: str) -> tuple[Path, str]:
+def run_dir(out: Path, *, regime: str, seed: int, label: str) -> tuple[Path, str]:
     """(output_dir, name) of one cell's run: <out>/<regime>/s<seed>/<label slug>."""
     slug = label.replace(" +", "-").replace(" ", "-").replace("+", "")
     return out / regime / f"s{seed}", slug

@@ -58,7 +58,7 @@ def squeeze_rsvd(updates: list[Factors], weights: list[float]) -> None:
     get("squeeze")(updates, weights, global_rank=TARGET, method="rsvd", **PLAIN)
 
 
-def before(updates: list[Factors], weights: list[float], method: str = "rsvd") -> Factors:
+def before(updates: list[Factors], weights: list[float], *, method: str = "rsvd") -> Factors:
     """The plain squeeze's computation (factored_svd at the global rank) as it ran before:
     float64 sketch, oversample 8 (squeeze itself does not expose the precision)."""
     p = normalized_weights(updates, weights)
@@ -137,8 +137,8 @@ def optimal_ratios(updates: list[Factors], weights: list[float]) -> dict[str, fl
     results = {
         "auto": plain_squeeze(updates, weights, "auto"),
         "rsvd": plain_squeeze(updates, weights, "rsvd"),
-        "auto before": before(updates, weights, "auto"),
-        "rsvd before": before(updates, weights, "rsvd"),
+        "auto before": before(updates, weights, method="auto"),
+        "rsvd before": before(updates, weights, method="rsvd"),
     }
     return {
         label: torch.linalg.matrix_norm(target - f.delta()).item() / optimal
@@ -173,7 +173,7 @@ def model7b_section(client_counts: tuple[int, ...] = (10, 100), modules: int = 1
     warm, warm_weights = clients(256, 10)  # first calls pay one-off library set-up: not timed
     for method in ("exact", "rsvd"):
         plain_squeeze(warm, warm_weights, method)
-        before(warm, warm_weights, method)
+        before(warm, warm_weights, method=method)
     for n in client_counts:
         load_start = os.getloadavg()[0]
         totals = dict.fromkeys(("auto", "auto before", "rsvd", "rsvd before", "auto pairs"), 0.0)
@@ -182,9 +182,9 @@ def model7b_section(client_counts: tuple[int, ...] = (10, 100), modules: int = 1
             for updates, weights in pair:
                 calls: dict[str, Callable[[], object]] = {
                     "auto": lambda u=updates, w=weights: plain_squeeze(u, w, "auto"),
-                    "auto before": lambda u=updates, w=weights: before(u, w, "auto"),
+                    "auto before": lambda u=updates, w=weights: before(u, w, method="auto"),
                     "rsvd": lambda u=updates, w=weights: plain_squeeze(u, w, "rsvd"),
-                    "rsvd before": lambda u=updates, w=weights: before(u, w, "rsvd"),
+                    "rsvd before": lambda u=updates, w=weights: before(u, w, method="rsvd"),
                 }
                 for label, call in calls.items():
                     start = time.perf_counter()

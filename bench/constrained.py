@@ -122,7 +122,7 @@ def message_time(cfg: RunConfig) -> tuple[float, float]:
     return min(timed[1:], key=lambda t: t[1])
 
 
-def calibrate(base: list[str], args, out: Path) -> dict:
+def calibrate(base: list[str], args: argparse.Namespace, out: Path) -> dict:
     """Every arm's memory need and message time at 1 and 2 threads; the small budget, the
     deadline and each profile's predicted time per arm."""
     n = load_recipe(args.recipe, base).data.num_clients
@@ -219,10 +219,16 @@ def main() -> None:
                 extra += [f"federation.round_timeout={cal['deadline']}"]
                 cfg = recipe(base, args, name=f"{setting}-s{seed}", setting=setting, extra=extra)
                 result = run(cfg, setting)
-                save_row(args, seed, setting, result, cal)
+                save_row(args, seed=seed, setting=setting, result=result, cal=cal)
                 print(setting, seed, result["final"], flush=True)
                 # after every run: an interrupted invocation leaves the report of what finished
-                lines = report(args, cal, saved_results(args), n, (load0, os.getloadavg()[0]))
+                lines = report(
+                    args,
+                    cal=cal,
+                    results=saved_results(args),
+                    n=n,
+                    load=(load0, os.getloadavg()[0]),
+                )
                 RESULTS.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -75,7 +75,7 @@ def node_threads(clients: int) -> int:
 
 
 def deployed(
-    recipe: str, overrides: list[str], root: Path, clients: int, *, warm: bool = True
+    recipe: str, *, overrides: list[str], root: Path, clients: int, warm: bool = True
 ) -> float:
     """Run the recipe on a loopback TLS + auth federation; returns total wall seconds.
 
@@ -175,7 +175,11 @@ def main() -> None:
             name = "dep" if warm else "cold"
             (root / name).mkdir()
             walls[label] = deployed(
-                args.recipe, [*common, f"name={name}"], root / name, clients, warm=warm
+                args.recipe,
+                overrides=[*common, f"name={name}"],
+                root=root / name,
+                clients=clients,
+                warm=warm,
             )
             rounds[label] = round_rows(root / name)
         imports = import_seconds()

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +55,8 @@ TINY = [  # a few minutes per recipe on 2 cores; the tiny model still memorises 
 ]
 
 
-def timed(fn) -> tuple[float, object]:
+def timed(fn: Callable[[], object]) -> tuple[float, object]:
+    """(seconds, result) of one call of `fn`."""
     start = time.perf_counter()
     result = fn()
     return time.perf_counter() - start, result

@@ -21,8 +21,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from fedllm.recipe import RunConfig
 
 RESULTS = Path(__file__).parent / "results" / "gpu.md"
 CONFIGS = [  # (label, precision, quantization)
@@ -43,7 +47,9 @@ class Measured:
     peak_bytes: int
 
 
-def measure(cfg, *, device: torch.device, precision: str, quant: str | None, steps: int):
+def measure(
+    cfg: RunConfig, *, device: torch.device, precision: str, quant: str | None, steps: int
+) -> tuple[float, float, float, int]:
     """Time `steps` local steps of client 0 in this configuration (see the module docstring)."""
     from fedllm.client.train import evaluate_nll, train_local
     from fedllm.data.shards import load_shard

@@ -85,10 +85,14 @@ def run(cell: tuple[str, str, int], *, grid: Path, row: dict) -> dict | None:
     """One cell's tuning row, checked against the grid's row of the same cell (None: the grid's
     run folder is not here)."""
     label, regime, seed = cell
-    folder, name = run_dir(grid, regime, seed, label)
+    folder, name = run_dir(grid, regime=regime, seed=seed, label=label)
     cfg = load_recipe(
         recipe_path(METHODS[label][0]),
-        [*overrides(label, regime, seed, []), f"output_dir={folder}", f"name={name}"],
+        [
+            *overrides(label, regime=regime, seed=seed, extra=[]),
+            f"output_dir={folder}",
+            f"name={name}",
+        ],
     )
     state = load_checkpoint(cfg.run_dir)
     if state is None or state["round"] != cfg.federation.rounds:

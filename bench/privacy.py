@@ -35,7 +35,9 @@ EPSILONS = [1.0, 3.0, 8.0, None]
 DELTA = 1e-4
 
 
-def utility(recipe: str, extra: list[str], out: Path, *, eps: float | None, agg: str):
+def utility(
+    recipe: str, extra: list[str], out: Path, *, eps: float | None, agg: str
+) -> tuple[float, float, float | None]:
     """(final held-out loss, base loss, ε spent) of one federation."""
     from fedllm.deploy.local_grid import run_local
     from fedllm.launch import absolute_paths, prepare

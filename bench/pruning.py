@@ -38,7 +38,7 @@ CONFIGS = [  # (label, pruning, quantization)
 ]
 
 
-def worker(pruning: float, quant: str | None, steps: int, overrides: list[str]) -> dict:
+def worker(pruning: float, *, quant: str | None, steps: int, overrides: list[str]) -> dict:
     """One client configuration in this process: set-up, timed steps, peak RSS, reply bytes.
 
     One torch thread: on a shared machine two-thread OpenMP regions stall on a busy core, which
@@ -127,7 +127,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         pruning, quant = json.loads(args.worker)
-        print(json.dumps(worker(pruning, quant, args.steps, args.overrides)))
+        print(json.dumps(worker(pruning, quant=quant, steps=args.steps, overrides=args.overrides)))
         return
     rows, load0 = [], os.getloadavg()[0]
     for label, pruning, quant in CONFIGS:

@@ -78,7 +78,7 @@ from _quality_runs import centralised, federated, local_only, machine, run_dir  
 from fedllm.recipe import load_recipe  # noqa: E402
 
 
-def command(label: str, regime: str, seed: int, extra: list[str]) -> str:
+def command(label: str, *, regime: str, seed: int, extra: list[str]) -> str:
     """The shell command that reruns one cell on its own."""
     recipe = METHODS[label][0]
     if recipe is None:
@@ -87,22 +87,31 @@ def command(label: str, regime: str, seed: int, extra: list[str]) -> str:
             ["python", "bench/quality.py", *args, *(["--set", *extra] if extra else [])]
         )
     return shlex.join(
-        ["fedllm", "run", f"recipes/{recipe}.yaml", *overrides(label, regime, seed, extra)]
+        [
+            "fedllm",
+            "run",
+            f"recipes/{recipe}.yaml",
+            *overrides(label, regime=regime, seed=seed, extra=extra),
+        ]
     )
 
 
 def run_cell(label: str, regime: str, seed: int, *, out: Path, extra: list[str]) -> dict:
     """One cell's row: where, how, and what it measured."""
     recipe, _ = METHODS[label]
-    folder, name = run_dir(out, regime, seed, label)
+    folder, name = run_dir(out, regime=regime, seed=seed, label=label)
     cfg = load_recipe(
         ROOT / "recipes" / f"{recipe or 'svd'}.yaml",
-        [*overrides(label, regime, seed, extra), f"output_dir={folder}", f"name={name}"],
+        [
+            *overrides(label, regime=regime, seed=seed, extra=extra),
+            f"output_dir={folder}",
+            f"name={name}",
+        ],
     )
     row = {"method": label, "regime": regime, "seed": seed, "recipe": recipe}
     row |= {
-        "overrides": overrides(label, regime, seed, extra),
-        "command": command(label, regime, seed, extra),
+        "overrides": overrides(label, regime=regime, seed=seed, extra=extra),
+        "command": command(label, regime=regime, seed=seed, extra=extra),
     }
     row |= {"data_seed_fixed": FIXED_DATA_SEED, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     row |= machine()
@@ -222,7 +231,7 @@ def main() -> None:
         )
 
     for i, (label, regime, seed) in enumerate([] if args.report else cells, 1):
-        wanted = overrides(label, regime, seed, args.set)
+        wanted = overrides(label, regime=regime, seed=seed, extra=args.set)
         if (old := done.get((label, regime, seed))) is not None:
             if old["overrides"] != wanted:
                 raise SystemExit(

@@ -143,7 +143,7 @@ class Run:
         return self.server[-1]["held_out_loss"]
 
 
-def federation(recipe: str, overrides: list[str], tmp: str, variant: str) -> Run:
+def federation(recipe: str, *, overrides: list[str], tmp: str, variant: str) -> Run:
     """`fedllm run` of the recipe with the variant's overrides, timed and sampled for memory."""
     name = f"bench-{variant.replace('+', '-')}"
     cmd = [sys.executable, "-m", "fedllm.cli", "run", recipe, *overrides, *VARIANTS[variant]]
@@ -242,7 +242,10 @@ def main() -> None:
         where = [*args.overrides, f"output_dir={tmp}", "name=bench"]
         base_s, base_peak = watch([sys.executable, "-c", BASELINE, args.recipe, *where])
         head = {} if args.no_head else head_step(args.recipe, where)
-        runs = [federation(args.recipe, args.overrides, tmp, v) for v in args.variants]
+        runs = [
+            federation(args.recipe, overrides=args.overrides, tmp=tmp, variant=v)
+            for v in args.variants
+        ]
     load = (load_start, os.getloadavg()[0])
     text = report(args, base_s, base_peak, runs, head=head, load=load)
     print(text)

@@ -268,7 +268,8 @@ def test_a_reference_at_another_lr_is_still_that_reference() -> None:
     assert quality.reference("centralised") == "centralised"
     assert quality.reference("squeeze lr 0.01") is None and quality.reference("fedit") is None
     cfg = load_recipe(
-        quality.recipe_path("svd"), quality.overrides("local only lr 0.01", "scarce", 0, [])
+        quality.recipe_path("svd"),
+        quality.overrides("local only lr 0.01", regime="scarce", seed=0, extra=[]),
     )
     assert cfg.federation.lr == 0.01  # the label's lr wins over the common one
 
@@ -279,7 +280,8 @@ def _quality_cells_load(quality, regime: str, labels: list[str]) -> None:
         recipe = quality.METHODS[label][0]
         if recipe is not None:
             path = quality.recipe_path(recipe)
-            cfg = load_recipe(path, quality.overrides(label, regime, 0, ["output_dir=/tmp/x"]))
+            over = quality.overrides(label, regime=regime, seed=0, extra=["output_dir=/tmp/x"])
+            cfg = load_recipe(path, over)
             assert cfg.data.num_clients in (4, 8), label
             assert (cfg.privacy.mode == "client") == (regime == "clientdp"), label
             assert {p: cfg.client_rank(p) for p in range(cfg.data.num_clients)} == ranks, label
