@@ -27,6 +27,7 @@ class Canary:
 
     @property
     def id(self) -> str:
+        """The example id, `canary:<client>:<repeats>:<index>`."""
         return f"{CANARY_ID_PREFIX}{self.client}:{self.repeats}:{self.index}"
 
     def example(self) -> dict[str, str]:

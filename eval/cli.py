@@ -52,6 +52,7 @@ def file_tasks(paths: list[str]) -> dict[str, type[EvalTask]]:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    """`fedllm compare`: compare.md, .json and .png of the runs' eval reports; prints compare.md."""
     from fedllm.eval.compare import compare_runs
 
     out = compare_runs([Path(r) for r in args.runs], out_dir=Path(args.out))

@@ -24,6 +24,8 @@ NOTE = (
 
 
 def load_report(run: Path) -> dict:
+    """A run's eval/report.json (or a report.json named directly), checked to be a fedllm eval
+    report."""
     path = run / "eval" / "report.json" if run.is_dir() else run
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run `fedllm eval {run}` first")
@@ -212,6 +214,8 @@ def run_privacy(run: Path) -> str:
 
 
 def table_md(rows: list[dict]) -> str:
+    """The `summarize` rows as one Markdown table: quality, MIA AUC with intervals, exposure per
+    repeat count k, extraction."""
     ks = sorted({k for r in rows for k in r["exposure_global"]})
     head = [
         "run",
@@ -247,6 +251,8 @@ def table_md(rows: list[dict]) -> str:
 
 
 def plot_compare(rows: list[dict], path: Path) -> None:
+    """Two panels into `path`: held-out loss against best MIA AUC (global ●, client ○), and
+    canary exposure (bits) by repeats."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -22,10 +22,12 @@ VIEW_NOTE = (
 
 
 def fmt(x: float | None, digits: int = 3) -> str:
+    """`x` to `digits` decimals, or '—' when missing (None or NaN)."""
     return "—" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{digits}f}"
 
 
 def tpr_cell(entry: dict) -> str:
+    """A TPR@FPR cell with its interval, starred when too few non-members make that FPR moot."""
     cell = interval_cell(entry["value"], entry.get("interval"))
     return cell if entry["enough_non_members"] else f"{cell}*"
 
@@ -65,6 +67,8 @@ def quality_md(quality: dict, tasks: dict) -> list[str]:
 
 
 def exposure_md(rows: list[dict]) -> list[str]:
+    """The canary-exposure section of report.md: a row per view, client and canary (or a note
+    that the recipe has none)."""
     if not rows:
         return ["## Canary exposure", "", "No canaries in this recipe (data.canaries).", ""]
     lines = [
@@ -185,6 +189,8 @@ def sample_md(sample: dict) -> list[str]:
 
 
 def extraction_md(extraction: dict) -> list[str]:
+    """The verbatim-extraction section: exact match and ROUGE-L on members vs held-out examples,
+    per view and client."""
     lines = [
         "## Verbatim extraction (greedy suffix from prompt + first response tokens)",
         "",
@@ -224,6 +230,8 @@ def plot_quality(quality: dict, tasks: dict, path: Path) -> None:
 
 
 def plot_exposure(rows: list[dict], path: Path) -> None:
+    """Two panels into `path`: mean skew-normal exposure (bits) and AUC vs references, by
+    canary repeats, a line per view."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=120)
@@ -252,6 +260,7 @@ def plot_exposure(rows: list[dict], path: Path) -> None:
 
 
 def plot_mia(mia: dict, path: Path) -> None:
+    """Pooled MIA ROC AUC per score, a bar per view with its interval, into `path`."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=120)

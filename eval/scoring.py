@@ -39,10 +39,12 @@ class Scored:
 
     @property
     def nll_sum(self) -> float:
+        """Summed NLL of the scored tokens (nats)."""
         return float(-self.logprobs.sum())
 
     @property
     def mean_nll(self) -> float:
+        """Mean NLL per scored token (nats); NaN with no tokens."""
         return float(-self.logprobs.mean()) if len(self.logprobs) else float("nan")
 
 

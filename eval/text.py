@@ -14,6 +14,7 @@ def normalize(text: str) -> str:
 
 
 def exact_match(prediction: str, reference: str) -> float:
+    """1.0 when the texts are equal after `normalize`, else 0.0."""
     return float(normalize(prediction) == normalize(reference))
 
 

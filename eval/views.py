@@ -20,6 +20,7 @@ BASE, GLOBAL = "base", "global"
 
 
 def client_view(partition: int) -> str:
+    """The view name of client `partition`'s adapter: 'client:<p>'."""
     return f"client:{partition}"
 
 

@@ -100,6 +100,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    """`fedllm prepare`: ready the base model and check the ranks and every client's data
+    (`launch.prepare`), before any round."""
     cfg = absolute_paths(load_recipe(args.recipe, args.overrides))
     prepare(cfg)
     return 0

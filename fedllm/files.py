@@ -89,6 +89,7 @@ def atomic_folder(final: Path, *, is_complete: Callable[[Path], bool]) -> Iterat
 
 
 def read_json(path: Path) -> dict | None:
+    """The JSON in `path`, or None when it is missing, unreadable or not JSON."""
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):

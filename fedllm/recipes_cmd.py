@@ -40,6 +40,7 @@ def copy_recipe(name: str, dest: str | None = None, *, force: bool = False) -> P
 
 
 def cmd_cp(args: argparse.Namespace) -> int:
+    """`fedllm recipes cp`: copy a shipped recipe (`copy_recipe`) and say how to run it."""
     target = copy_recipe(args.name, args.dest, force=args.force)
     print(f"copied recipe {args.name} to {target}; run it with: fedllm run {target}")
     return 0

@@ -148,9 +148,11 @@ class PrivacyLedger:
             acc.step(noise_multiplier=float(noise_multiplier), sample_rate=float(sample_rate))
 
     def keys(self) -> list[str]:
+        """The keys the ledger holds (one accountant each), sorted."""
         return sorted(self._accountants)
 
     def steps(self, key: str) -> int:
+        """Steps recorded for `key` so far (0 for a key never charged)."""
         acc = self._accountants.get(key)
         return sum(s for _, _, s in acc.history) if acc else 0
 
@@ -203,4 +205,5 @@ class PrivacyLedger:
 
 
 def partition_key(partition: int) -> str:
+    """The ledger key of a partition's ε: 'partition-<p>'."""
     return f"partition-{int(partition)}"

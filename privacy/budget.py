@@ -46,10 +46,12 @@ class Account:
         )
 
     def annotate(self, server_row: dict[str, Any]) -> None:
+        """Put the ε spent so far (the max over keys) and δ into the round's server row."""
         server_row["epsilon"] = self.ledger.epsilon()
         server_row["delta"] = self.delta
 
     def progress(self) -> str:
+        """'; ε=… (δ=…)': the ε spent so far, for the round's progress line."""
         return f"; ε={self.ledger.epsilon():.3f} (δ={self.delta:g})"
 
     def charge_pending(self) -> bool:

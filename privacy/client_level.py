@@ -117,6 +117,8 @@ class ClientLevel(Feature):
     def before_round(
         self, server_round: int, *, partitions: Sequence[int], sampled: int
     ) -> str | None:
+        """Stop when this round's charge would pass `privacy.epsilon_budget`; the charge is kept as
+        pending (`lost_round`)."""
         return self.account.stop(server_round, {FEDERATION: self.round_charge})
 
     def lost_round(self, server_round: int, *, partitions: Sequence[int], sampled: int) -> None:
@@ -147,6 +149,8 @@ class ClientLevel(Feature):
         return [self.dp.release(global_, inputs)], [1.0]
 
     def record(self, result: RoundResult, *, server_row: dict[str, Any]) -> None:
+        """Charge the round's release (nothing released under noise_at=client, yet updates seen:
+        one update's noise) to the ledger, and put ε into every row and the server row."""
         ledger, release = self.account.ledger, self.dp.take()
         if release is not None:
             ledger.record(

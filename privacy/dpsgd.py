@@ -135,6 +135,7 @@ class PrivateSteps:
         return loss, clipped
 
     def close(self) -> None:
+        """Remove Opacus's hooks and per-example gradient attributes from the model."""
         self.module._close()
 
 

@@ -139,6 +139,8 @@ class SampleLevelDP(Feature):
     def before_round(
         self, server_round: int, *, partitions: Sequence[int], sampled: int
     ) -> str | None:
+        """Stop when the partitions that may train would pass `privacy.epsilon_budget` at their
+        plans; the charge is kept as pending (`lost_round`)."""
         plan = {partition_key(p): self._planned(p) for p in partitions}
         return self.account.stop(server_round, plan)
 

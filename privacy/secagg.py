@@ -100,6 +100,7 @@ class SecureAggregation(Feature):
 
     @classmethod
     def enabled(cls, cfg: RunConfig) -> bool:
+        """On with `privacy.secure_aggregation.enabled`."""
         return cfg.privacy.secure_aggregation.enabled
 
     @classmethod
@@ -119,6 +120,8 @@ class SecureAggregation(Feature):
         context: Any,
         train: Callable[[RunConfig, RecordDict, Any], RecordDict],
     ) -> RecordDict | None:
+        """Refuse a train message outside the SecAgg+ protocol (its reply would leave unmasked);
+        reply through `client_reply` otherwise."""
         if FITINS not in content.config_records:  # a server skipping the protocol
             raise ValueError(
                 f"{KEY}: this recipe trains every round under SecAgg+, but the server sent a "

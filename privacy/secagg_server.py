@@ -275,10 +275,13 @@ class Workflow(SecAggPlusWorkflow):
     """
 
     def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        """Flower's setup stage, then forget the clients lost in it (once it picked neighbours)."""
         ok = super().setup_stage(grid, context, state)
         return self._forget_lost(state) if state.nid_to_neighbours else ok
 
     def share_keys_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        """Flower's key-sharing stage, then forget the clients whose shares never went out; False
+        below the reconstruction threshold."""
         super().share_keys_stage(grid, context, state)
         return self._forget_lost(state)
 

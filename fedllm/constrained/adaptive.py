@@ -47,6 +47,7 @@ class Adaptive(Feature):
 
     @classmethod
     def enabled(cls, cfg: RunConfig) -> bool:
+        """On when the recipe has an `adaptive:` section."""
         return cfg.adaptive is not None
 
     @classmethod

@@ -41,6 +41,7 @@ class Compression(Feature):
 
     @classmethod
     def enabled(cls, cfg: RunConfig) -> bool:
+        """On when `compression` asks for a wire dtype other than float32, or for top-k."""
         c = cfg.compression
         return c.dtype != "float32" or c.topk is not None
 
@@ -61,6 +62,8 @@ class Compression(Feature):
     def reply(
         self, arrays: dict[str, ArrayRecord], update: ClientUpdate, rnd: ClientRound
     ) -> dict[str, ArrayRecord]:
+        """The update re-encoded in the wire dtype (top-k: with error feedback, its residual kept in
+        the node's state and own folder, never sent)."""
         c = self.cfg.compression
         raw = raw_update(self.cfg)  # the residual is then part of a raw update
         if c.topk is not None:  # a resumed node (empty state) takes back the residual it wrote
@@ -74,6 +77,8 @@ class Compression(Feature):
 
     # -- server --------------------------------------------------------------------------------
     def encode(self, node: int, factors: Mapping[str, Factors]) -> ArrayRecord | None:
+        """The factors in the wire dtype, remembered as `node` will decode them (`decode` rebuilds a
+        top-k reply on them)."""
         dtype = self.cfg.compression.dtype
         record = encode_factors(factors, dtype=dtype)
         scaling = next(iter(factors.values())).scaling
@@ -81,6 +86,8 @@ class Compression(Feature):
         return record
 
     def decode(self, node: int, content: RecordDict, *, rank: int) -> dict[str, Factors] | None:
+        """A reply's factors from the wire dtype; a top-k one is rebuilt on what `node` was sent
+        this round (cut to its kept ids and rank), a ValueError if it was sent nothing."""
         c, who = self.cfg.compression, f"client (node {node})"
         scaling = self.cfg.client_scaling(rank)
         start: dict[str, Factors] = {}

@@ -125,14 +125,18 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
+        """All three parts, in bytes."""
         return self.weights + self.adapter + self.activations
 
     def describe(self) -> str:
+        """The parts in MiB, for a message ('weights 250.0, LoRA + optimizer 1.2, activations
+        80.5 MiB')."""
         parts = zip(("weights", "LoRA + optimizer", "activations"), self.parts, strict=True)
         return ", ".join(f"{name} {b / MIB:.1f}" for name, b in parts) + " MiB"
 
     @property
     def parts(self) -> tuple[int, int, int]:
+        """(weights, adapter, activations), in bytes."""
         return self.weights, self.adapter, self.activations
 
 
@@ -244,6 +248,7 @@ class Devices(Feature):
 
     @classmethod
     def enabled(cls, cfg: RunConfig) -> bool:
+        """On when the recipe has a `devices:` list."""
         return cfg.devices is not None
 
     @classmethod
@@ -305,10 +310,12 @@ class Devices(Feature):
 
     # -- server --------------------------------------------------------------------------------
     def download(self, node: int, down: Download) -> Download:
+        """Unchanged; `node` is noted as asked to train, for `record`'s missed rows."""
         self.asked.append(node)
         return down
 
     def accepted(self, node: int, reply: TrainReply) -> None:
+        """Remember the node's partition, for its `missed` row in a later round."""
         self.partitions[node] = reply.partition
 
     def record(self, result: RoundResult, *, server_row: dict[str, Any]) -> None:

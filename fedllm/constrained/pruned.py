@@ -120,6 +120,7 @@ class PrunedBase(Feature):
 
     @classmethod
     def enabled(cls, cfg: RunConfig) -> bool:
+        """On when a tier (`lora.tiers`) or a bandit arm (`adaptive.pruning`) prunes (ratio > 0)."""
         # a pruned tier or bandit arm (not per client: this runs on every message)
         arms = cfg.adaptive.pruning if cfg.adaptive is not None else []
         return any(t.pruning > 0 for t in cfg.lora.tiers or []) or any(q > 0 for q in arms)

@@ -39,6 +39,7 @@ class PrunePlan:
 
     @property
     def num_heads(self) -> int:
+        """Query heads kept per layer: heads per key/value group × key/value heads."""
         return self.heads_per_group * self.num_kv_heads
 
 

@@ -34,9 +34,12 @@ class Tiers(Feature):
 
     @classmethod
     def enabled(cls, cfg: RunConfig) -> bool:
+        """On when the recipe has `lora.tiers`."""
         return cfg.lora.tiers is not None
 
     def plan(self, plan: ClientPlan, rnd: ClientRound) -> ClientPlan:
+        """The tier's pruning ratio and quantization, except where this round's config already sets
+        them (an adaptive arm)."""
         tier = tier_of(self.cfg, plan.partition)
         if tier is None:
             return plan

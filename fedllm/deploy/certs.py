@@ -32,6 +32,7 @@ class Credentials:
     node_keys: tuple[Path, ...]  # private keys; the public key is the same path + ".pub"
 
     def node_public(self, i: int) -> Path:
+        """The public key of SuperNode `i`, the one to register: its private key's path + ".pub"."""
         return self.node_keys[i].with_name(self.node_keys[i].name + ".pub")
 
 

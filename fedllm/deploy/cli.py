@@ -82,6 +82,7 @@ def cmd_superlink(args: argparse.Namespace) -> int:
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
+    """`fedllm certs`: write test credentials into the folder and print which file is which."""
     from fedllm.deploy.certs import make_credentials
 
     creds = make_credentials(args.folder, nodes=args.nodes, hosts=args.host or None)

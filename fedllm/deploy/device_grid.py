@@ -46,6 +46,7 @@ class DeviceGrid(LocalGrid):
         self.seconds: dict[str, float] = {}  # message id -> the node's time to answer it
 
     def app_for(self, node: int) -> ClientApp:
+        """`node`'s own ClientApp (with its own cache)."""
         return self.apps[node]
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:

@@ -112,6 +112,7 @@ class LocalGrid(Grid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
+        """Push, then pull: every reply is there once pushed, so `timeout` is never waited on."""
         return self.pull_messages(self.push_messages(messages))
 
 

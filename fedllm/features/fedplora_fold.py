@@ -63,6 +63,7 @@ class FedPLoRAFold(Feature):
 
     @classmethod
     def enabled(cls, cfg: RunConfig) -> bool:
+        """On with `aggregator.name: fedplora`."""
         return cfg.aggregator.name == "fedplora"
 
     @classmethod
@@ -92,6 +93,7 @@ class FedPLoRAFold(Feature):
         return {m: split(f, self.selected[m])[0] for m, f in factors.items()}
 
     def metrics(self) -> dict[str, Any]:
+        """The trained module indices (`fedplora-select`); ValueError if modules disagree."""
         chosen = {tuple(v) for v in self.selected.values()}
         if len(chosen) > 1:  # one draw per round: every module has the same indices
             raise ValueError(f"modules disagree on the selected indices: {sorted(chosen)}")

@@ -61,6 +61,7 @@ class PruneOptions:
 
     @property
     def active(self) -> bool:
+        """Whether self-pruning is on: `prune_lambda` (λ) > 0."""
         return self.prune_lambda > 0
 
 
@@ -251,6 +252,7 @@ class HetLoRAPrune(Feature):
 
     @classmethod
     def enabled(cls, cfg: RunConfig) -> bool:
+        """On with `aggregator.name: hetlora` (it prunes only with prune_lambda > 0)."""
         return cfg.aggregator.name == "hetlora"
 
     @classmethod
@@ -264,6 +266,8 @@ class HetLoRAPrune(Feature):
         return parse_options(options).active
 
     def plan(self, plan: ClientPlan, rnd: ClientRound) -> ClientPlan:
+        """The rank this node last pruned to (taken back from its own folder after a resume), under
+        the options the server sent this round."""
         self.opts = options_of(rnd.config)  # off unless the server sent prune_lambda > 0
         if self.opts.active:  # a resumed node (empty state) takes back the rank it pruned to
             restore_node_state(rnd, STATE, uncovered=raw_update(self.cfg))
@@ -274,6 +278,8 @@ class HetLoRAPrune(Feature):
         return [] if term is None else [term]
 
     def post_process(self, update: ClientUpdate, rnd: ClientRound) -> ClientUpdate:
+        """With pruning on: the update (and its start) cut to a lower rank if its tail shrank since
+        last round, the rank and tail kept in the node's state and own folder."""
         factors, start, rank, self.tail = prune_reply(
             update.factors,
             update.start,

@@ -67,6 +67,7 @@ class Draws:
         self.drawn: list[int] = []
 
     def draw(self, module: torch.nn.Module, args: Any) -> None:
+        """Forward pre-hook: draw this pass's truncation from `choices` (and log it in `drawn`)."""
         self.current = self.rng.choice(self.choices)
         self.drawn.append(self.current)
 
@@ -160,6 +161,7 @@ class PreLortNested(Feature):
         return None
 
     def post_process(self, update: ClientUpdate, rnd: ClientRound) -> ClientUpdate:
+        """Remove the truncation hooks; the update passes unchanged."""
         for h in self.handles:
             h.remove()
         self.handles = []

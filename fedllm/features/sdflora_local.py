@@ -167,6 +167,7 @@ class SDFLoRALocal(Feature):
 
     @classmethod
     def enabled(cls, cfg: RunConfig) -> bool:
+        """On with `aggregator.name: sdflora`."""
         return cfg.aggregator.name == "sdflora"
 
     @classmethod
@@ -175,6 +176,7 @@ class SDFLoRALocal(Feature):
             check_recipe(cfg)
 
     def start(self, factors: Mapping[str, Factors], rnd: ClientRound) -> dict[str, Factors]:
+        """The adapter this client trains: the global module and its local one (`personalise`)."""
         self.ranks = split_ranks(rnd.plan.rank, local_fraction(client_options(rnd.config)))
         return self.personalise(factors, rnd)
 
@@ -191,6 +193,8 @@ class SDFLoRALocal(Feature):
         return with_local(factors, stored(rnd.state), ranks=ranks, scaling=scaling, seed=seed)
 
     def post_process(self, update: ClientUpdate, rnd: ClientRound) -> ClientUpdate:
+        """Only the global module goes on (at rank r_g, its own scaling); the local one stays in the
+        node's state and own folder."""
         rg, rl = self.ranks
         if rl == 0:
             return update

@@ -235,6 +235,7 @@ class EvalRow:
         return cls(server_round, _number(metrics, "partition-id", int), loss, tokens)
 
     def to_json(self) -> dict[str, Any]:
+        """The row as metrics.jsonl writes it (`kind: eval`)."""
         return {
             "kind": "eval",
             "round": self.round,
@@ -255,4 +256,5 @@ class RoundResult:
 
     @property
     def ok(self) -> list[ClientRow]:
+        """The rows of accepted replies (status `ok`)."""
         return [r for r in self.rows if r.status == "ok"]

@@ -76,6 +76,7 @@ def _same_weights(folder: Path, base: BaseIdentity) -> bool:
 
 
 def fedllm_version() -> str:
+    """The installed fedllm's version ('unknown' when it is not installed as a package)."""
     try:
         return version("fedllm")
     except PackageNotFoundError:
@@ -102,6 +103,7 @@ class AdapterCard:
     fedllm_version: str = field(default_factory=fedllm_version)
 
     def to_json(self) -> dict[str, Any]:
+        """The card as JSON data (`from_json` reads it back), with the base's combined `sha256`."""
         data = asdict(self)
         data["base"] = {**asdict(self.base), "sha256": self.base.sha256}
         return data

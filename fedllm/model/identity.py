@@ -49,6 +49,7 @@ class BaseIdentity:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> BaseIdentity:
+        """The identity in a card's `base` entry (keys it does not hold, like `sha256`, ignored)."""
         keys = ("name", "kind", "files", "source", "upstream")
         return cls(**{k: data[k] for k in keys if k in data})
 

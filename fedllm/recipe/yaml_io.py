@@ -22,6 +22,7 @@ class UniqueKeyLoader(yaml.SafeLoader):
     last one, so a second `federation:` section would silently drop the first)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        """PyYAML's mapping, after refusing a key that appears twice (the error names its lines)."""
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)

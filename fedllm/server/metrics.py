@@ -215,6 +215,7 @@ def _row(who: str, base: float, fed: float) -> dict:
 
 
 def table_markdown(table: list[dict]) -> str:
+    """`final_table`'s rows as Markdown: base and federated loss and perplexity, and Δ loss."""
     lines = [
         "| | base loss | federated loss | base ppl | federated ppl | Δ loss |",
         "|---|---:|---:|---:|---:|---:|",

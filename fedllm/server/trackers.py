@@ -40,9 +40,11 @@ class Sink(Protocol):
 
     name: str
 
-    def log(self, scalars: dict[str, float], step: int) -> None: ...
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        """Record one step's scalars (tag -> value) at `step`, the round."""
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Finish the run's logging (flush, mark the tracker's run ended)."""
 
 
 def check_trackers(cfg: RunConfig) -> None:
