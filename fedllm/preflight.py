@@ -10,8 +10,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from accelerate import init_empty_weights
+from transformers import AutoModelForCausalLM
+
 from fedllm.data.shards import ProcessCache, raw_shard
-from fedllm.model.loading import EMBEDDED, embedded_gguf_path, resolve_model_dir
+from fedllm.model.base import check_ranks
+from fedllm.model.loading import (
+    EMBEDDED,
+    base_config,
+    embedded_gguf_path,
+    module_shapes,
+    resolve_model_dir,
+)
+from fedllm.model.tiny import tiny_config
 from fedllm.privacy.plan import check_shards
 from fedllm.recipe import ConfigError, RunConfig
 from fedllm.server.trackers import check_trackers
@@ -88,12 +99,26 @@ def check_model(cfg: RunConfig) -> str:
     return f"model {name}: {resolve_model_dir(name)}"
 
 
+def check_adapted_modules(cfg: RunConfig) -> None:
+    """`lora.target_modules` name linear layers of the base and every client's rank fits them,
+    read from the base's config on the meta device (no weights, no tokenizer, no conversion)."""
+    if cfg.model.name == "tiny":
+        config = tiny_config(**cfg.model.tiny.model_dump())
+    else:
+        config = base_config(cfg.model.name)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    check_ranks(cfg, module_shapes(model, cfg.lora.target_modules))
+
+
 def check_machine(cfg: RunConfig) -> list[str]:
-    """What the recipe needs of this machine, short of loading the base: the base is here, the
-    data loads and feeds every client, the trackers are installed, and the GPUs exist when this
-    machine runs the clients (on a Ray cluster, `simulation.ray_address`, its nodes give them).
-    Returns a line for each finding a person would want to see."""
+    """What the recipe needs of this machine, short of loading the base: the base is here and
+    has the layers LoRA adapts at every client's rank, the data loads and feeds every client,
+    the trackers are installed, and the GPUs exist when this machine runs the clients (on a Ray
+    cluster, `simulation.ray_address`, its nodes give them). Returns a line for each finding a
+    person would want to see."""
     model = check_model(cfg)
+    check_adapted_modules(cfg)
     data = check_data(cfg)
     check_shards(cfg)  # DP-SGD: δ, batch and the target ε's noise against every shard
     check_trackers(cfg)

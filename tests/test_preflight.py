@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from fedllm.cli import main
+from fedllm.model.loading import EMBEDDED, base_config
 from fedllm.preflight import check_data
 from fedllm.recipe import load_recipe
 
@@ -92,3 +93,31 @@ def test_validate_finds_the_embedded_model_without_converting_it(
     assert main(["validate", TINY, "model.name=smollm2-135m"]) == 0
     out = capsys.readouterr().out
     assert "model smollm2-135m: embedded, SmolLM2-135M-Instruct.Q4_1.gguf" in out
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("lora.target_modules=[q_prj, v_proj]", "['q_prj'] match no linear layer of the base "
+         "('q_prj': did you mean 'q_proj'?); existing: ['down_proj', 'gate_proj', 'k_proj', "
+         "'lm_head', 'o_proj', 'q_proj', 'up_proj', 'v_proj']"),
+        # tiny's v_proj is (32, 64): hidden 64, 2 of 4 heads for keys and values
+        ("lora.ranks=[4, 100]", "lora.ranks: client 1 has rank 100, larger than module "
+         "model.layers.0.self_attn.v_proj (32, 64) allows (valid: 1..32)"),
+    ],
+)  # fmt: skip
+def test_validate_checks_the_adapted_layers_without_building_the_base(
+    override: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["validate", TINY, override]) == 2
+    assert message in capsys.readouterr().err
+    assert main(["validate", "--config-only", TINY, override]) == 0  # names need the base
+
+
+def test_the_embedded_base_config_comes_from_the_gguf_without_converting_it(
+    tmp_path: Path,
+) -> None:
+    config = base_config(EMBEDDED, cache_dir=tmp_path)  # nothing converted in this cache
+    assert type(config).__name__ == "LlamaConfig"
+    assert (config.num_hidden_layers, config.hidden_size) == (30, 576)  # SmolLM2-135M
+    assert not any(tmp_path.iterdir())

@@ -7,6 +7,7 @@ local Hugging Face cache.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import json
 import os
@@ -20,9 +21,11 @@ import torch
 from peft import prepare_model_for_kbit_training
 from torch import nn
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaForCausalLM,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -128,6 +131,16 @@ def _ensure_pad(tokenizer: PreTrainedTokenizerBase, *, where: Path | str) -> Non
 
 
 # ---------------------------------------------------------------- resolving and loading
+
+
+def base_config(name: str, *, cache_dir: Path | None = None) -> PretrainedConfig:
+    """The architecture of base `name` (the embedded model, a folder or a cached hub id), read
+    without loading weights or converting the GGUF (the embedded one: from its metadata)."""
+    if name == EMBEDDED and not _is_converted(cache_root(cache_dir) / EMBEDDED_SUBDIR):
+        gguf = embedded_gguf_path()
+        return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    folder = resolve_model_dir(name, cache_dir=cache_dir)
+    return AutoConfig.from_pretrained(folder, local_files_only=True)
 
 
 def resolve_model_dir(name: str, *, cache_dir: Path | None = None) -> Path:
@@ -268,9 +281,11 @@ def module_shapes(model: nn.Module, target_modules: Sequence[str]) -> dict[str, 
             shapes[name] = (linears[name].out_features, linears[name].in_features)
     if unmatched:
         suffixes = sorted({n.rsplit(".", 1)[-1] for n in linears})
+        close = {t: difflib.get_close_matches(t, suffixes, n=1) for t in unmatched}
+        hint = "".join(f" ({t!r}: did you mean {c[0]!r}?)" for t, c in close.items() if c)
         raise ValueError(
-            f"lora.target_modules {unmatched} match no linear layer of the base; existing: "
-            f"{suffixes}"
+            f"lora.target_modules {unmatched} match no linear layer of the base{hint}; "
+            f"existing: {suffixes}"
         )
     return shapes
 

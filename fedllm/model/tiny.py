@@ -26,6 +26,32 @@ CHATML_TEMPLATE = (
 )
 
 
+def tiny_config(
+    *,
+    vocab_size: int,
+    hidden_size: int,
+    intermediate_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    max_position_embeddings: int,
+    **token_ids: int | None,
+) -> LlamaConfig:
+    """The tiny base's architecture (`model.tiny`'s settings); `token_ids` (bos/eos/pad) come
+    from its tokenizer, which `fedllm validate` does not train to check layer names."""
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=True,
+        **token_ids,
+    )
+
+
 def build_tiny_model(
     folder: Path,
     *,
@@ -78,18 +104,17 @@ def build_tiny_model(
         )
 
     tokenizer = _train_tokenizer(texts, vocab_size=vocab_size, max_length=max_position_embeddings)
-    config = LlamaConfig(
+    config = tiny_config(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
         max_position_embeddings=max_position_embeddings,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
     )
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
         torch.manual_seed(seed)
