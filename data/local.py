@@ -30,6 +30,9 @@ LAYOUTS: dict[str, tuple[str, ...]] = {
     "alpaca": ("instruction", "output"),
     "multiple_choice": ("question", "choices", "answer"),
 }
+LAYOUT_TEXT = ", ".join(
+    f"{' + '.join(repr(c) for c in needs)} ({layout})" for layout, needs in LAYOUTS.items()
+)
 
 
 def load_local(
@@ -85,7 +88,7 @@ def rows_to_examples(
     has_id = "id" in columns
     examples: list[dict[str, Any]] = []
     for row_number, row in enumerate(_decoded(rows, origin)):
-        where = f"{origin} row {row_number}"
+        where = f"{origin} row {row_number + 1}"  # counted from 1 (a .jsonl's line, blanks aside)
         if label_field is not None and row[label_field] is None:
             raise ValueError(
                 f"{where}: label {label_field!r} is null; every row needs one (it names the "
@@ -94,6 +97,11 @@ def rows_to_examples(
         label = "" if label_field is None else _text(row[label_field], where, label_field)
         example_id = _text(row["id"], where, "id") if has_id else f"{origin}:{row_number}"
         if layout == "messages":
+            if row["messages"] is None:  # the file's other rows have it: a row of another layout
+                raise ValueError(
+                    f"{where}: no 'messages'{_row_keys(row)}; the file's rows are chat rows, "
+                    f"and every row needs the file's layout (one of {LAYOUT_TEXT})"
+                )
             messages = check_messages(row["messages"], where=where)
             examples.append(messages_example(messages, label=label, example_id=example_id))
             continue
@@ -118,6 +126,12 @@ def rows_to_examples(
     return examples
 
 
+def _row_keys(row: Mapping[str, Any]) -> str:
+    """' (this row has: a, b)': the row's keys that hold a value, for an error."""
+    keys = [k for k, v in row.items() if v is not None]
+    return f" (this row has: {', '.join(keys)})" if keys else " (this row is empty)"
+
+
 def detect_layout(
     columns: list[str], *, origin: str, prompt_field: str, response_field: str
 ) -> str:
@@ -136,10 +150,7 @@ def detect_layout(
     )
     raise ValueError(
         f"{argument}={field!r} is not a column of {origin}; its columns are {columns}; "
-        "rows are also read without setting fields when they have "
-        + ", ".join(
-            f"{' + '.join(repr(c) for c in needs)} ({layout})" for layout, needs in LAYOUTS.items()
-        )
+        f"rows are also read without setting fields when they have {LAYOUT_TEXT}"
     )
 
 
@@ -204,6 +215,8 @@ def _read_file(path: Path, *, cache_dir: str) -> Any:
     size = path.stat().st_size
     if size == 0 or (size < 1 << 16 and not path.read_bytes().strip()):
         raise ValueError(f"{path} is empty: it holds no rows; give at least one example")
+    if path.suffix.lower() == ".jsonl" and (bad := _jsonl_problem(path)):
+        raise ValueError(bad)  # before datasets, whose own error would print first
     import datasets  # imported on use: it takes over a second
 
     try:
@@ -215,6 +228,38 @@ def _read_file(path: Path, *, cache_dir: str) -> Any:
     if len(dataset) == 0:
         raise ValueError(f"{path} has columns {dataset.column_names} but no rows")
     return dataset
+
+
+def _jsonl_problem(path: Path) -> str | None:
+    """The first line of a JSON Lines file that is not one JSON object, or its first byte that is
+    not UTF-8, read line by line; None if every line is an object."""
+    try:
+        with path.open(encoding="utf-8") as lines:
+            for number, line in enumerate(lines, 1):
+                if problem := _jsonl_line_problem(path, number, line):
+                    return problem
+    except UnicodeDecodeError as err:
+        return _unreadable(path, "json", err)
+    return None
+
+
+def _jsonl_line_problem(path: Path, number: int, line: str) -> str | None:
+    """Why line `number` of a JSON Lines file is not one JSON object (blank lines are fine)."""
+    if not line.strip():
+        return None
+    try:
+        row = json.loads(line.rstrip())
+    except json.JSONDecodeError as bad:
+        return (
+            f"{path} line {number} is not valid JSON ({bad.msg} at column {bad.colno}); every "
+            "line must be one JSON object"
+        )
+    if not isinstance(row, dict):
+        return (
+            f"{path} line {number} is a JSON {type(row).__name__}, not an object; every line "
+            'must be one JSON object ({"prompt": ..., "response": ...})'
+        )
+    return None
 
 
 def _unreadable(path: Path, builder: str, err: Exception) -> str:
@@ -229,20 +274,8 @@ def _unreadable(path: Path, builder: str, err: Exception) -> str:
         return f"{path} line {line} is not UTF-8 text (byte {byte!r}); save it as UTF-8"
     if path.suffix.lower() == ".jsonl":
         for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line.rstrip())
-            except json.JSONDecodeError as bad:
-                return (
-                    f"{path} line {number} is not valid JSON ({bad.msg} at column "
-                    f"{bad.colno}); every line must be one JSON object"
-                )
-            if not isinstance(row, dict):
-                return (
-                    f"{path} line {number} is a JSON {type(row).__name__}, not an object; every "
-                    'line must be one JSON object ({"prompt": ..., "response": ...})'
-                )
+            if problem := _jsonl_line_problem(path, number, line):
+                return problem
     elif builder == "json":
         try:
             json.loads(text)

@@ -115,10 +115,10 @@ def test_messages_parquet_and_label_field(tmp_path: Path) -> None:
 def test_bad_messages_rows_name_file_row_and_turn(tmp_path: Path) -> None:
     good = {"messages": TURNS[1:3]}
     cases = {
-        "role": ([{"role": "bot", "content": "x"}, TURNS[2]], r"row 1: messages\[0\] has role "),
+        "role": ([{"role": "bot", "content": "x"}, TURNS[2]], r"row 2: messages\[0\] has role "),
         "content": ([TURNS[1], {"role": "assistant", "content": None}], r"messages\[1\]"),
-        "no_reply": ([TURNS[0], TURNS[1]], "row 1: the messages have no assistant turn"),
-        "empty": ([], "row 1: 'messages' must be a non-empty list"),
+        "no_reply": ([TURNS[0], TURNS[1]], "row 2: the messages have no assistant turn"),
+        "empty": ([], "row 2: 'messages' must be a non-empty list"),
     }
     for name, (messages, pattern) in cases.items():
         path = write_jsonl(tmp_path / f"{name}.jsonl", [good, {"messages": messages}])
@@ -127,6 +127,28 @@ def test_bad_messages_rows_name_file_row_and_turn(tmp_path: Path) -> None:
         assert str(path) in str(err.value), name
     with pytest.raises(ValueError, match=r"valid roles are \['system', 'user', 'assistant'\]"):
         load_local(tmp_path / "role.jsonl")
+
+
+def test_a_row_of_another_layout_in_a_chat_file_names_its_keys_and_the_layouts(
+    tmp_path: Path,
+) -> None:
+    path = write_jsonl(tmp_path / "mixed.jsonl", [{"messages": TURNS[1:3]}, {"topic": "t"}])
+    with pytest.raises(ValueError) as err:
+        load_local(path)
+    assert f"{path} row 2: no 'messages' (this row has: topic); the file's rows are chat" in str(
+        err.value
+    )
+    assert "'instruction' + 'output' (alpaca)" in str(err.value)
+
+
+def test_a_broken_jsonl_line_is_named_before_datasets_reads_the_file(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "cut.jsonl"
+    path.write_text(json.dumps({"messages": TURNS[1:3]}) + '\n{"messages": [\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"cut\.jsonl line 2 is not valid JSON"):
+        load_local(path)
+    assert "Failed to load JSON" not in capfd.readouterr().err  # datasets never saw it
 
 
 def test_unknown_layout_names_columns_and_the_layouts(tmp_path: Path) -> None:
@@ -185,14 +207,14 @@ def test_bad_alpaca_row_names_file_row_and_column(tmp_path: Path) -> None:
     rows = [
         {"instruction": "Name a colour.", "output": "red"},
         {"instruction": "Name a fruit.", "output": "apple"},
-        {"instruction": "Name a tree."},  # row 2: its output is missing
+        {"instruction": "Name a tree."},  # row 3 (counted from 1): its output is missing
     ]
     path = write_jsonl(tmp_path / "alpaca.jsonl", rows)
     with pytest.raises(ValueError) as err:
         load_local(path)
-    assert f"{path} row 2: Alpaca row without 'output'" in str(err.value)
+    assert f"{path} row 3: Alpaca row without 'output'" in str(err.value)
     blank = write_jsonl(tmp_path / "blank.jsonl", [{"instruction": " ", "output": "x"}])
-    with pytest.raises(ValueError, match=r"blank\.jsonl row 0: Alpaca row without 'instruction'"):
+    with pytest.raises(ValueError, match=r"blank\.jsonl row 1: Alpaca row without 'instruction'"):
         load_local(blank)
 
 
