@@ -6,6 +6,7 @@ rows or question/choices/answer rows: see fedllm.data.local.detect_layout.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ VALID_SOURCES = (
     + " file or save_to_disk folder, or a Hugging Face hub dataset name (needs network access)"
 )
 
+BUILT_IN = ("wordnet", "fortunes")
 # The keyword options each kind of source accepts, besides max_examples and seed.
 OPTIONS: dict[str, tuple[str, ...]] = {
     "wordnet": ("root", "pos"),
@@ -35,7 +37,7 @@ def load_examples(
     """Load examples from `source`; `max_examples` keeps a deterministic subset chosen by `seed`."""
     if not isinstance(source, str) or not source.strip():
         raise ValueError(f"source must be {VALID_SOURCES}; got {source!r}")
-    if source in ("wordnet", "fortunes"):
+    if source in BUILT_IN:
         _check_options(source, source_options, kind=source)
         loader = load_wordnet if source == "wordnet" else load_fortunes
         return loader(max_examples=max_examples, seed=seed, **source_options)
@@ -45,6 +47,12 @@ def load_examples(
         examples = load_local(path, **source_options)
     elif _looks_like_path(source):
         raise FileNotFoundError(f"local dataset {source} not found; valid sources: {VALID_SOURCES}")
+    elif close := difflib.get_close_matches(source, BUILT_IN, n=1, cutoff=0.75):
+        # a typo, not a hub name: say so now instead of after the hub's network retries
+        raise ValueError(
+            f"source {source!r} is not a local path (did you mean {close[0]!r}?); "
+            f"valid sources: {VALID_SOURCES}"
+        )
     else:
         _check_options(source, source_options, kind="hub")
         examples = _load_hub(source, **source_options)

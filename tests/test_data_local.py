@@ -171,6 +171,23 @@ def test_hub_failure_says_it_needs_network(monkeypatch: pytest.MonkeyPatch) -> N
         load_examples("someone/qa")
 
 
+def test_a_typo_of_a_built_in_source_is_named_before_the_hub_is_tried(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the hub was tried")
+
+    monkeypatch.setattr(datasets, "load_dataset", never)
+    with pytest.raises(
+        ValueError, match=r"source 'wordnt' is not a local path \(did you mean 'wordnet'\?\)"
+    ):
+        load_examples("wordnt")
+    with pytest.raises(ValueError, match=r"did you mean 'fortunes'"):
+        load_examples("fortune")
+    with pytest.raises(ValueError, match=r"tried as a Hugging Face hub dataset.*the hub was tried"):
+        load_examples("imdb")  # a hub name unlike either: tried
+
+
 def test_a_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
     path = tmp_path / "latin.jsonl"
     path.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "caf\xe9", "response": "x"}\n')
