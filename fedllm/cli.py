@@ -10,6 +10,7 @@ from pathlib import Path
 from fedllm.errors import RunFailed
 from fedllm.launch import absolute_paths, prepare, start_run
 from fedllm.recipe import ConfigError, load_recipe
+from fedllm.recipe.shipped import looks_like_key
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -77,6 +78,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     recipes, overrides = split_recipes(args.items)
     if not recipes:
         raise ConfigError("validate needs at least one recipe path (got only key=value overrides)")
+    if bare := [r for r in recipes if looks_like_key(r)]:  # before any recipe is called ok
+        raise ConfigError(
+            f"{bare[0]!r} is neither a recipe file nor key=value (e.g. {bare[0]}=2); "
+            "nothing was validated"
+        )
     overrides += args.overrides  # --set KEY=VALUE, kept as an alias
     if not args.config_only:
         from fedllm.preflight import check_machine

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from fedllm.recipe import ConfigError
 from fedllm.recipe.shipped import shipped_name, shipped_recipes, summary
+from fedllm.suggest import did_you_mean
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -25,7 +26,8 @@ def copy_recipe(name: str, dest: str | None = None, *, force: bool = False) -> P
     found = shipped_name(name)
     if found is None:
         raise ConfigError(
-            f"no shipped recipe named {name!r}; shipped recipes: {', '.join(shipped_recipes())}"
+            f"no shipped recipe named {name!r}{did_you_mean(name, shipped_recipes())}; "
+            f"shipped recipes: {', '.join(shipped_recipes())}"
         )
     source = shipped_recipes()[found]
     target = Path(dest).expanduser() if dest else Path(source.name)

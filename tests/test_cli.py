@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from fedllm.cli import main, split_recipes
-from fedllm.recipe import load_recipe
+from fedllm.recipe import ConfigError, load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 SHIPPED = sorted(str(p) for p in RECIPES.glob("*.yaml"))
@@ -68,13 +68,41 @@ def test_set_is_kept_as_an_alias(capsys: pytest.CaptureFixture[str]) -> None:
         ("federation.rondus=2", "federation.rondus: unknown key (did you mean 'rounds'?)"),
         ("aggregator.options.power_iter=1", "aggregator.options.power_iter: unknown option"),
         ("aggregator.name=sdv", "aggregator.name: unknown value 'sdv' (did you mean 'svd'?)"),
+        ("aggregator.name=FedAvg", "'FedAvg' is not an aggregator: FedAvg of the LoRA factors is "
+         "'fedit'"),
+        ("federation.rounds.x=3", "federation.rounds is a value (2 in the recipe), not a section "
+         "with keys (x); override it as federation.rounds=<value>"),
     ],
-)
+)  # fmt: skip
 def test_a_bad_override_is_named_in_the_error(
     override: str, named: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["validate", TINY, override]) == 2
     assert named in capsys.readouterr().err
+
+
+def test_a_key_without_its_value_is_refused_before_any_recipe_is_called_ok(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["validate", TINY, "federation.rounds"]) == 2
+    captured = capsys.readouterr()
+    assert "'federation.rounds' is neither a recipe file nor key=value" in captured.err
+    assert "ok  " not in captured.out
+    assert main(["validate", "quikstart"]) == 2
+    assert "(did you mean 'quickstart'?)" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"if it is an override, write key=value \(e\.g\. f"):
+        load_recipe("federation.rounds")  # `fedllm run federation.rounds`
+
+
+def test_every_features_refusal_is_reported_at_once(capsys: pytest.CaptureFixture[str]) -> None:
+    """Client-level DP on pruned tiers: fixing the weighting (the first refusal) would only
+    uncover the one that no change but dropping either can fix."""
+    pruned = str(Path(TINY).with_name("pruned.yaml"))
+    assert main(["validate", "--config-only", pruned, "privacy.mode=client",
+                 "privacy.target_epsilon=8", "aggregator.weighting=examples"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "privacy.mode='client' needs aggregator.weighting='uniform'" in err
+    assert "privacy.mode='client' with pruned clients is not supported" in err
 
 
 def test_every_bad_recipe_is_reported_and_good_ones_still_pass(
@@ -177,7 +205,8 @@ def test_resume_with_a_checkpoint_goes_on(tmp_path: Path, no_prepare: None) -> N
         (
             lambda p: None,
             "federation.rounds",
-            r"if it is an override, write key=value \(e\.g\. federation\.rounds=2\)",
+            r"'federation\.rounds' is neither a recipe file nor key=value \(e\.g\. "
+            r"federation\.rounds=2\)",
         ),
     ],
 )

@@ -133,16 +133,16 @@ class PrunedBase(Feature):
         require_adapter_state(
             cfg, f"pruning (tiers {used})" if used else "adaptive (rank, pruning)"
         )
-        if cfg.privacy.mode != "none" and cfg.pruning.importance == "wanda":
-            raise ValueError(
-                "pruning.importance='wanda' computes the kept-index map a client sends from its "
-                "private batches, outside the DP guarantee; use pruning.importance: magnitude"
-            )
-        if cfg.privacy.mode == "client":
+        if cfg.privacy.mode == "client":  # first: no other change makes this recipe run
             raise ValueError(
                 "privacy.mode='client' with pruned clients is not supported: pruned rows would "
                 "enter the clipped delta as zeros and pull the global towards zero there; drop "
                 "the pruning or use privacy.mode 'sample'"
+            )
+        if cfg.privacy.mode != "none" and cfg.pruning.importance == "wanda":
+            raise ValueError(
+                "pruning.importance='wanda' computes the kept-index map a client sends from its "
+                "private batches, outside the DP guarantee; use pruning.importance: magnitude"
             )
 
     @classmethod

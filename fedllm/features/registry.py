@@ -84,7 +84,7 @@ def active(cfg: RunConfig) -> list[type[Feature]]:
 
 def check(cfg: RunConfig) -> None:
     """The `features` section (names and options), then every feature's own recipe checks
-    (enabled or not: a feature may refuse a combination)."""
+    (enabled or not: a feature may refuse a combination), all of whose refusals are reported."""
     found = discover()
     modes = sorted(c.privacy_mode for c in found.values() if c.privacy_mode is not None)
     if cfg.privacy.mode != "none" and cfg.privacy.mode not in modes:
@@ -104,8 +104,14 @@ def check(cfg: RunConfig) -> None:
         except ValidationError as err:
             raise ValueError(option_error(name, cls.Options, err)) from None
         unknown_option(name, cls.Options, cfg.features[name])
+    problems = []  # every feature's refusal at once: fixing one should not uncover the next
     for cls in sorted(found.values(), key=lambda c: (c.order, c.name)):
-        cls.check(cfg)
+        try:
+            cls.check(cfg)
+        except ValueError as err:
+            problems.append(str(err))
+    if problems:
+        raise ValueError("\n  ".join(problems))
     check_trainer(cfg, active(cfg))
 
 

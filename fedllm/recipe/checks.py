@@ -12,6 +12,14 @@ from fedllm.suggest import did_you_mean
 
 RunConfig = Any  # fedllm.recipe.schema.RunConfig, which imports this module (no cycle back)
 
+# Method names users bring from other toolkits that are not aggregators here: what they are.
+NOT_AGGREGATORS = {
+    "fedavg": "FedAvg of the LoRA factors is 'fedit'",
+    "fedavgm": "FedAvgM is 'fedit' with features.server_momentum (recipes/fedavgm.yaml)",
+    "fedprox": "FedProx is a client-side term, features.fedprox.mu, beside any aggregator "
+    "(recipes/fedprox.yaml)",
+}
+
 
 class ConfigError(ValueError):
     """A recipe that cannot run, with every problem named by its dotted key."""
@@ -39,7 +47,10 @@ def cross_check(cfg: RunConfig) -> None:
     from fedllm.aggregators import available, check_options, round_spec
 
     if cfg.aggregator.name not in available():
-        raise ValueError(_unknown("aggregator.name", cfg.aggregator.name, available()))
+        name = cfg.aggregator.name
+        if (known := NOT_AGGREGATORS.get(name.lower())) is not None:
+            raise ValueError(f"aggregator.name: {name!r} is not an aggregator: {known}")
+        raise ValueError(_unknown("aggregator.name", name, available()))
     check_options(cfg.aggregator.name, cfg.aggregator.options)  # typos fail before any training
     _check_best_by(cfg, local_B=round_spec(cfg.aggregator.name).local_B)
     if round_spec(cfg.aggregator.name).merge and cfg.model.quantization != "none":

@@ -194,6 +194,17 @@ def _merge(
         if path == () and k == "aggregator":  # `aggregator: svd` is {name: svd}, then merged
             v = {"name": v} if isinstance(v, str) else v
             out[k] = {"name": out[k]} if isinstance(out.get(k), str) else out.get(k)
+        held = out.get(k)
+        if (
+            isinstance(v, dict)
+            and isinstance(held, (int, float, str))
+            and not isinstance(held, bool)
+        ):
+            key = ".".join((*path, k))
+            raise ConfigError(
+                f"{key} is a value ({held!r} in the recipe), not a section with keys "
+                f"({', '.join(map(str, v))}); override it as {key}=<value>"
+            )
         if v == {}:
             out[k] = {}
         elif v is True and path == ("features",) and isinstance(out.get(k), dict):

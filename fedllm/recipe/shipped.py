@@ -8,6 +8,7 @@ from importlib.resources import as_file, files
 from pathlib import Path
 
 from fedllm.recipe.checks import ConfigError
+from fedllm.suggest import did_you_mean
 
 SUFFIX = ".yaml"
 
@@ -58,9 +59,20 @@ def resolve_recipe(value: str | Path) -> Path:
         return shipped_recipes()[name]
     if path.is_dir():
         raise ConfigError(f"recipe {path} is a folder; give a YAML file (e.g. {path}/*.yaml)")
-    override = "." in str(value) and not str(value).endswith((".yaml", ".yml"))
-    hint = f"; if it is an override, write key=value (e.g. {value}=2)" if override else ""
+    hint = (
+        f"; if it is an override, write key=value (e.g. {value}=2)"
+        if looks_like_key(str(value))
+        else did_you_mean(path.name.removesuffix(SUFFIX), shipped_recipes())
+    )
     raise ConfigError(
         f"recipe file {value} not found, and it is not a shipped recipe{hint}; shipped "
         f"recipes: {', '.join(shipped_recipes())} (`fedllm recipes` lists them)"
     )
+
+
+def looks_like_key(value: str) -> bool:
+    """Whether a command-line word that is no file reads as a recipe key left without its value
+    (`federation.rounds`), not a recipe path."""
+    path = Path(value).expanduser()
+    dotted = "." in value and "/" not in value and not value.endswith((".yaml", ".yml"))
+    return dotted and not path.exists() and shipped_name(value) is None
