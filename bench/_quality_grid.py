@@ -233,6 +233,8 @@ PAIRS = [
     # the lr's own effect, and the room left to pooled training at its best lr
     ("squeeze", "svd"),  # what correction, residual and gauge add at one lr
     ("squeeze lr 0.01", "svd lr 0.01"),
+    ("squeeze lr 0.01", "svd"),  # each at its best lr (svd's: 0.003 beat 0.01 on seed 1)
+    ("svd lr 0.01", "svd"),
     ("squeeze lr 0.01", "fedit"),
     ("squeeze lr 0.01", "squeeze"),
     ("fedit lr 0.01", "fedit"),
