@@ -1,7 +1,7 @@
 """Federation, then a little local tuning (FedAvg+FT): does it protect the clients the shared
 adapter costs at home?
 
-    python bench/local_tuning.py [--regimes scarce domain] [--methods fedit svd squeeze]
+    python bench/local_tuning.py [--regimes scarce domain] [--methods fedit svd squeeze] [--lr LR]
 
 The quality grid's per-client tables show every shared global adapter losing to local-only on the
 own domains of some clients (docs/aggregators.md). The classic remedy is to personalise: each
@@ -81,9 +81,9 @@ def tune_cell(cfg: RunConfig, factors: dict[str, Factors]) -> dict[int, dict]:
     return out
 
 
-def run(cell: tuple[str, str, int], *, grid: Path, row: dict) -> dict | None:
-    """One cell's tuning row, checked against the grid's row of the same cell (None: the grid's
-    run folder is not here)."""
+def run(cell: tuple[str, str, int], *, grid: Path, row: dict, lr: float | None) -> dict | None:
+    """One cell's tuning row, its round at `lr` (None: the cell's own), checked against the
+    grid's row of the same cell (None: the grid's run folder is not here)."""
     label, regime, seed = cell
     folder, name = run_dir(grid, regime=regime, seed=seed, label=label)
     cfg = load_recipe(
@@ -92,6 +92,7 @@ def run(cell: tuple[str, str, int], *, grid: Path, row: dict) -> dict | None:
             *overrides(label, regime=regime, seed=seed, extra=[]),
             f"output_dir={folder}",
             f"name={name}",
+            *([f"federation.lr={lr}"] if lr is not None else []),  # the tuning round's only
         ],
     )
     state = load_checkpoint(cfg.run_dir)
@@ -109,6 +110,7 @@ def run(cell: tuple[str, str, int], *, grid: Path, row: dict) -> dict | None:
             )
     return {
         "method": label,
+        "tune_lr": lr,  # None: at the cell's own lr
         "regime": regime,
         "seed": seed,
         "clients": {str(p): c for p, c in clients.items()},
@@ -155,8 +157,9 @@ def report(rows: list[dict], *, grid_rows: list[dict], regimes: list[str]) -> st
             "|---|---:|---:|---:|---:|---:|---:|",
         ]
         table: dict[str, dict[int, dict]] = {baseline: cells[baseline]}
-        for label in dict.fromkeys(r["method"] for r in mine):
-            by_seed = {r["seed"]: r for r in mine if r["method"] == label}
+        for label in dict.fromkeys(shown_as(r) for r in mine):
+            by_seed = {r["seed"]: r for r in mine if shown_as(r) == label}
+            method = next(iter(by_seed.values()))["method"]
             own = {k: {s: pooled(r, k) for s, r in by_seed.items()} for k in SCORES}
             seconds = sum(r["seconds"] for r in by_seed.values()) / len(by_seed)
             lines.append(
@@ -164,13 +167,20 @@ def report(rows: list[dict], *, grid_rows: list[dict], regimes: list[str]) -> st
                 f"| {diff_text(own['tuned'], own['global'])} "
                 f"| {diff_text(own['tuned'], local)} | {seconds:.0f} |"
             )
-            table[label] = cells[label]
+            table[method] = cells[method]
             table[f"{label} +tuned"] = {
                 s: {"clients": {p: ratio(c["tuned"]) for p, c in r["clients"].items()}}
                 for s, r in by_seed.items()
             }
         lines += ["", *client_table(table, order=list(table), ranks=client_ranks(regime))]
     return "\n".join(lines) + "\n"
+
+
+def shown_as(row: dict) -> str:
+    """A tuning row's label in the report: its method, and the tuning round's lr if it was not
+    the cell's own."""
+    lr = row.get("tune_lr")
+    return row["method"] if lr is None else f"{row['method']} (tuned at lr {lr:g})"
 
 
 def tunable(label: str) -> bool:
@@ -191,6 +201,7 @@ def main() -> None:
     parser.add_argument("--grid", type=Path, default=Path("runs/bench-quality"))
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--lr", type=float, help="the tuning round's lr (default: the cell's)")
     args = parser.parse_args()
     if wrong := [m for m in args.methods if m not in METHODS or not tunable(m)]:
         raise SystemExit(f"--methods: {wrong} are not grid methods whose global clients use")
@@ -199,7 +210,7 @@ def main() -> None:
     grid_rows = read_rows(args.results / "quality-rows.jsonl")
     kept = args.grid / "local-tuning.jsonl"
     rows = read_rows(kept)
-    done = {(r["method"], r["regime"], r["seed"]) for r in rows}
+    done = {(r["method"], r["regime"], r["seed"]) for r in rows if r.get("tune_lr") == args.lr}
     index = {(r["method"], r["regime"], r["seed"]): r for r in grid_rows}
     out = args.results / "local-tuning.md"
     for regime in args.regimes:
@@ -208,7 +219,7 @@ def main() -> None:
                 if cell in done or cell not in index:
                     continue
                 print(f"[tuning] {' / '.join(map(str, cell))}", flush=True)
-                if (row := run(cell, grid=args.grid, row=index[cell])) is None:
+                if (row := run(cell, grid=args.grid, row=index[cell], lr=args.lr)) is None:
                     continue
                 kept.parent.mkdir(parents=True, exist_ok=True)
                 with kept.open("a") as f:

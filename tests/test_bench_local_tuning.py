@@ -74,8 +74,13 @@ def test_a_regime_at_a_tuned_lr_pairs_with_its_own_local_only() -> None:
                          (("global", 3.0), ("cut", 3.0), ("tuned", 2.9))}}  # fmt: skip
         rows.append({"method": "fedit", "regime": "scarce-lr", "seed": seed, "clients": clients,
                      "seconds": 5.0})  # fmt: skip
-    md = T.report(rows, grid_rows=grid, regimes=["scarce-lr"])
+    gentle = [{**r, "tune_lr": 0.001} for r in rows]  # the same cells tuned at another lr
+    md = T.report(rows + gentle, grid_rows=grid, regimes=["scarce-lr"])
     assert "## Regime `scarce-lr` (local only: `local only lr 0.001`)" in md
+    assert (
+        md.count("| fedit (tuned at lr 0.001) | ") == 1
+        and "| fedit (tuned at lr 0.001) +tuned |" in md
+    )
     line = next(x for x in md.splitlines() if x.startswith("| fedit | "))
     assert "| -0.1000 ± 0.0000 better | -0.2000 ± 0.0000 better | 5 |" in line  # 2.9 − 3.1
     assert "| local only lr 0.001 (loss) | 3.1000 |" in md
