@@ -10,16 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from accelerate import init_empty_weights
-from transformers import AutoModelForCausalLM
-
 from fedllm.data.shards import ProcessCache, raw_shard
-from fedllm.model.base import check_ranks
+from fedllm.model.base import check_ranks, config_shapes
 from fedllm.model.loading import (
     EMBEDDED,
     base_config,
     embedded_gguf_path,
-    module_shapes,
     resolve_model_dir,
 )
 from fedllm.model.tiny import tiny_config
@@ -106,9 +102,7 @@ def check_adapted_modules(cfg: RunConfig) -> None:
         config = tiny_config(**cfg.model.tiny.model_dump())
     else:
         config = base_config(cfg.model.name)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
-    check_ranks(cfg, module_shapes(model, cfg.lora.target_modules))
+    check_ranks(cfg, config_shapes(config, cfg.lora.target_modules))
 
 
 def check_machine(cfg: RunConfig) -> list[str]:

@@ -21,7 +21,7 @@ from fedllm.model.tiny import build_tiny_model
 from fedllm.recipe import RunConfig
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 
 def base_model_dir(cfg: RunConfig) -> Path:
@@ -67,13 +67,23 @@ def adapter_shapes(
     cfg: RunConfig, *, cache: ProcessCache | None = None
 ) -> dict[str, tuple[int, int]]:
     """(out, in) of every adapted module, read from the base's config on the meta device."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     folder = prepare_base_model(cfg, cache=cache)
+    return config_shapes(AutoConfig.from_pretrained(folder), cfg.lora.target_modules)
+
+
+def config_shapes(
+    config: PretrainedConfig, target_modules: list[str]
+) -> dict[str, tuple[int, int]]:
+    """(out, in) of every module `target_modules` names in the architecture `config`, built on
+    the meta device (no weights)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
-    return module_shapes(model, cfg.lora.target_modules)
+        model = AutoModelForCausalLM.from_config(config)
+    return module_shapes(model, target_modules)
 
 
 def check_ranks(cfg: RunConfig, shapes: dict[str, tuple[int, int]]) -> None:
