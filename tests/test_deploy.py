@@ -148,6 +148,25 @@ class Federation:
             time.sleep(0.5)
         return seen[0]
 
+    def wait_nodes_idle(self, run_id: str, names: list[str], *, quiet: float = 8.0) -> None:
+        """Wait until each SuperNode in `names` has sent a reply for every message of run
+        `run_id` it received, and its log has been still for `quiet` s (> a node's 3 s poll).
+
+        A run must not stop while a SuperNode pulls one of its messages: Flower 1.41's SuperNode
+        then keeps the message, runs a ClientApp for it and stays one reply behind for good
+        (`start_client_internal._pull_and_store_message`; docs/deployment.md, Failures)."""
+        still = {name: "" for name in names}
+        since = time.monotonic()
+        while True:
+            logs = {name: self.log(name) for name in names}
+            if logs != still:
+                still, since = logs, time.monotonic()
+            elif all(_answered(text, run_id) for text in logs.values()):
+                if time.monotonic() - since >= quiet:
+                    return
+            assert time.monotonic() < self.deadline, f"run {run_id}: nodes never went idle"
+            time.sleep(0.5)
+
     def wait_exit(self, proc: subprocess.Popen) -> int:
         return proc.wait(timeout=max(1.0, self.deadline - time.monotonic()))
 
@@ -207,6 +226,19 @@ class Federation:
             log.close()
 
 
+def _answered(node_log: str, run_id: str) -> bool:
+    """Whether a SuperNode's log shows as many replies as messages received for `run_id`."""
+    run, received, sent = None, 0, 0
+    for line in node_log.splitlines():
+        if m := re.search(r"\[RUN (\d+)", line):
+            run = m.group(1)
+        elif run == run_id and "Receiving:" in line:
+            received += 1
+        elif run == run_id and "Sending:" in line:
+            sent += 1
+    return received == sent
+
+
 def write_orgs(folder: Path, n: int, *, words_each: int) -> tuple[Path, list[Path]]:
     """`n` organisations' private JSONL files and their union (for the tiny tokenizer)."""
     folder.mkdir()
@@ -263,6 +295,8 @@ def scenario(tmp_path_factory):
             os.kill(pid, signal.SIGKILL)
         run_id = (run_dir / "flwr_run_id").read_text().strip()
         rows_before = (run_dir / "metrics.jsonl").read_text().splitlines()  # no writer is left
+        # round 2's messages may be out already: let the nodes answer them before the run stops
+        fed.wait_nodes_idle(run_id, [f"node{i}" for i in range(len(nodes))])
         # 2) resume; kill SuperNode 2 while round 2 trains. The resumed run's start-up (recipe,
         # checkpoint) overlaps the first run's stop: the first run is over either way (its
         # ServerApp is dead), `flwr stop` only ends its record and its `fedllm run`.

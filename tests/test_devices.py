@@ -253,7 +253,9 @@ def test_replies_after_the_deadline_are_missed_and_the_rest_go_on(capsys) -> Non
     assert [r.has_error() for r in replies if r.metadata.reply_to_message_id == "m2"] == [True]
     # every message expires with the deadline, so the link drops stale work and late replies
     assert all(m.metadata.ttl <= 0.6 + 0.05 for m in link.sent)
-    assert "1 of 3 clients missed the deadline" in capsys.readouterr().out
+    assert "1 of 3 clients missed the deadline (federation.round_timeout=0.6s; node 2)" in (
+        capsys.readouterr().out
+    )
 
 
 def test_flowers_expiry_answer_counts_as_a_miss_not_a_failure(capsys) -> None:
@@ -263,7 +265,27 @@ def test_flowers_expiry_answer_counts_as_a_miss_not_a_failure(capsys) -> None:
         t0 = time.monotonic()
         assert exchange(TimedLink({1: 30.0}), msgs, timeout=20, label="x") == []
         assert time.monotonic() - t0 < 5  # Flower's expiry answer ends the wait
-    assert "x: 1 of 1 clients missed the deadline" in capsys.readouterr().out
+    assert "x: 1 of 1 clients missed the deadline (federation.round_timeout=20s; node 1)" in (
+        capsys.readouterr().out
+    )
+
+
+class RefusingLink(TimedLink):
+    """Flower's answer to a push refused as too large: no message ids at all."""
+
+    def push_messages(self, messages):
+        super().push_messages(messages)
+        return []
+
+
+def test_a_refused_push_is_missed_by_every_node_and_the_round_goes_on(capsys) -> None:
+    with server_identity(1):
+        assert (
+            exchange(RefusingLink({4: 0.0, 7: 0.0}), messages([7, 4]), timeout=5, label="x") == []
+        )
+    assert "x: 2 of 2 clients missed the deadline (federation.round_timeout=5s; node 4, 7)" in (
+        capsys.readouterr().out
+    )
 
 
 def device_app(seconds: dict[int, float]) -> ClientApp:

@@ -7,7 +7,9 @@ The deadline (`federation.round_timeout`) is the same in every engine: counted f
 and each message's TTL ends with it, so Flower's SuperLink (simulation and deployment alike)
 never hands a node an instruction that is already stale (a slow node does not fall a round
 behind) and refuses a reply that comes after it. A reply not in by the deadline, or one Flower
-reports as expired, is missed: left out, and said; the round goes on with the others.
+reports as expired, is missed: left out, and said with its node id (a node that misses every
+round while connected may be a stuck SuperNode: docs/deployment.md, Failures); the round goes on
+with the others.
 """
 
 from __future__ import annotations
@@ -74,14 +76,18 @@ def exchange(
         m.content = pack(m.content)
     deadline = time.monotonic() + timeout
     end_ttl_at(messages, time.time() + timeout)
-    pending = set(grid.push_messages(messages))
+    ids = list(grid.push_messages(messages))  # in order; None for one Flower could not push
+    if len(ids) != len(messages):  # Flower returns [] when the push was refused as too large
+        ids = [None] * len(messages)
+    node_of = {i: m.metadata.dst_node_id for i, m in zip(ids, messages, strict=True) if i}
+    pending = set(node_of)
     replies: list[Message] = []
-    missed = 0
+    missed = [m.metadata.dst_node_id for i, m in zip(ids, messages, strict=True) if not i]
     while True:  # pull at least once: a grid that runs its nodes inside the push has answers
         for reply in grid.pull_messages(pending):
             pending.discard(reply.metadata.reply_to_message_id)
             if expired(reply):
-                missed += 1
+                missed.append(node_of[reply.metadata.reply_to_message_id])
                 continue
             replies.append(reply)
             if reply.has_error():  # the whole report stays in metrics.jsonl's row
@@ -92,10 +98,11 @@ def exchange(
         if not pending or time.monotonic() >= deadline:
             break
         time.sleep(0.2)
-    if missed := missed + len(pending):
+    if missed := sorted(missed + [node_of[i] for i in pending]):
         say(
-            f"{label}: {missed} of {len(messages)} clients missed the deadline "
-            f"(federation.round_timeout={timeout:g}s); going on without them"
+            f"{label}: {len(missed)} of {len(messages)} clients missed the deadline "
+            f"(federation.round_timeout={timeout:g}s; node {', '.join(map(str, missed))}); "
+            "going on without them"
         )
     return replies
 
