@@ -109,11 +109,22 @@ RUNS = {  # a federation per run: (the table's column, its privacy overrides)
             "pruning.importance=magnitude",
         ],
     ),
+    # personal tuning's loss goes out only where the run promises no privacy
+    "none-tuning": ("none", ["features.personal_tuning.lr=0.001"]),
+    "sample-tuning": (
+        "sample",
+        [
+            "privacy.mode=sample",
+            "privacy.noise_multiplier=1.0",
+            "features.personal_tuning.lr=0.001",
+        ],
+    ),
 }
 ONLY = {  # keys a run must send, beyond every run's update: the rows it exists for
     "none-prelort": {("train", "prelort-truncation-mean")},
     "none-sdflora": {("train", "sdflora-local-rank")},
     "sample-pruned": {("train", "kept")},
+    "none-tuning": {("evaluate", "tuned-loss")},
 }
 
 

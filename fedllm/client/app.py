@@ -138,7 +138,8 @@ def evaluate(
     # the global adapter as each active feature personalises it (sdflora: + its local module;
     # under local_B the personal adapter feature gives a resumed node its B back first)
     global_factors = {} if spec.local_B else from_record(record, scaling)
-    for f in registry.build(cfg):
+    features = registry.build(cfg)
+    for f in features:
         global_factors = f.personalise(global_factors, rnd)
     if spec.local_B:  # personalised: the shared A with this node's own B, at its own rank
         rank = int(context.node_config.get("rank", cfg.client_rank(pid)))
@@ -174,6 +175,9 @@ def evaluate(
         model.train()
     finally:
         model.unload()
+    rnd.tokenizer, rnd.shard, rnd.cache = tokenizer, shard, cache
+    scored = dict(global_factors)  # what was scored (under local_B: the node's own B)
+    extra = {k: v for f in features for k, v in f.evaluated(scored, rnd).items()}
     metrics = MetricRecord(
         {
             "partition-id": pid,
@@ -181,6 +185,7 @@ def evaluate(
             "tokens": tokens,
             "num-examples": len(shard.held_out),
             "held-out-loss": nll / max(tokens, 1),
+            **extra,
         }
     )
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -69,6 +69,10 @@ class Feature:
     # a value that is not a finite number of that type (>= minimum) is rejected. Keys it sends
     # but does not declare here reach no file (a client's reply is not trusted).
     reply_metrics: ClassVar[ReplyMetrics] = {}
+    # the same for its client `evaluated()` metrics in an evaluation reply: per-token values over
+    # the client's held-out tokens (like `held-out-loss`), written into the client's eval row;
+    # the server row gets their token-weighted mean
+    eval_metrics: ClassVar[ReplyMetrics] = {}
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -146,6 +150,11 @@ class Feature:
         """The adapter this client evaluates on its own held-out split, from the global factors
         received (default: those; SDFLoRA adds the private local module it keeps)."""
         return dict(factors)
+
+    def evaluated(self, factors: Mapping[str, Factors], rnd: ClientRound) -> dict[str, float]:
+        """After this client scored `factors` (as personalised) on its held-out split, with
+        `rnd.tokenizer` and `rnd.shard` set: metrics for the evaluation reply (`eval_metrics`)."""
+        return {}
 
     def regularizers(self, model: torch.nn.Module, rnd: ClientRound) -> list[Regularizer]:
         """Terms added to every local step's loss (differentiable scalars of the live adapter)."""

@@ -219,11 +219,19 @@ class EvalRow:
     partition: int
     held_out_loss: float
     tokens: int
+    extra: dict[str, float] = field(default_factory=dict)  # features' `eval_metrics`, row names
 
     @classmethod
-    def parse(cls, server_round: int, metrics: Mapping[str, Any]) -> EvalRow:
+    def parse(
+        cls,
+        server_round: int,
+        metrics: Mapping[str, Any],
+        *,
+        declared: Mapping[str, type | tuple[type, float]] | None = None,
+    ) -> EvalRow:
         """Validate an evaluation reply's metrics; ValueError names the first bad key. The loss
-        must be its own nll-sum over its tokens (the token-weighted mean uses both)."""
+        must be its own nll-sum over its tokens (the token-weighted mean uses both). `declared`:
+        the active features' `eval_metrics`, kept in `extra` when present and valid."""
         nll = _number(metrics, "nll-sum", float)
         tokens = _number(metrics, "tokens", int)
         loss = _number(metrics, "held-out-loss", float)
@@ -232,7 +240,12 @@ class EvalRow:
                 f"reply metric 'held-out-loss'={loss!r} is not 'nll-sum'/'tokens' "
                 f"({nll!r}/{tokens})"
             )
-        return cls(server_round, _number(metrics, "partition-id", int), loss, tokens)
+        extra = {}
+        for key, spec in (declared or {}).items():
+            kind, minimum = spec if isinstance(spec, tuple) else (spec, -math.inf)
+            if (value := _optional(metrics, key, kind, minimum=minimum)) is not None:
+                extra[key.replace("-", "_")] = value
+        return cls(server_round, _number(metrics, "partition-id", int), loss, tokens, extra)
 
     def to_json(self) -> dict[str, Any]:
         """The row as metrics.jsonl writes it (`kind: eval`)."""
@@ -242,6 +255,7 @@ class EvalRow:
             "partition": self.partition,
             "held_out_loss": self.held_out_loss,
             "tokens": self.tokens,
+            **self.extra,
         }
 
 

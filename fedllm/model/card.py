@@ -87,7 +87,7 @@ def fedllm_version() -> str:
 class AdapterCard:
     """What one adapter folder is: which base, which run and round, how good, made by what."""
 
-    what: str  # global | client | snapshot | best | personal | merged
+    what: str  # global | client | snapshot | best | personal | tuned | merged
     run: str
     base: BaseIdentity
     round: int  # the round this adapter is from
@@ -184,6 +184,7 @@ TITLES = {
     "snapshot": "global adapter snapshot",
     "best": "global adapter of the best round",
     "personal": "personal adapter, kept on its client",
+    "tuned": "final global adapter tuned on one client's data, kept on that client",
     "merged": "merged model (base + federated LoRA adapter)",
 }
 

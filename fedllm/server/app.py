@@ -26,7 +26,7 @@ from fedllm.model.adapters import factors_digest
 from fedllm.model.base import adapter_shapes
 from fedllm.recipe.schema import RunConfig
 from fedllm.server.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
-from fedllm.server.evaluation import TestSetEvaluator
+from fedllm.server.evaluation import TestSetEvaluator, extra_means
 from fedllm.server.exchange import (
     describe_evaluation,
     describe_train,
@@ -132,6 +132,7 @@ class Run:
             row["eval_dropped"] = len(dropped)
         if loss is not None:
             row["held_out_loss"], row["eval_tokens"] = loss
+            row.update(extra_means(rows))  # features' eval metrics (personal tuning's loss)
         if self.test_set is not None:  # the server's own global test set, no client involved
             row["test_loss"], row["test_tokens"] = self.test_set.evaluate(s.global_)
         if s.private:  # per-client held-out losses are outside any training guarantee
@@ -222,9 +223,15 @@ class Run:
         say(
             f"round {server_round}/{self.cfg.federation.rounds}: {len(ok)}/{result.sampled} "
             f"clients ok, train loss {losses}; held-out "
-            f"{server_row.get('held_out_loss', float('nan')):.4f}{with_test_loss(server_row)} "
+            f"{server_row.get('held_out_loss', float('nan')):.4f}{self.with_extras(server_row)}"
+            f"{with_test_loss(server_row)} "
             f"[{server_row['seconds']:.0f}s]{' (best so far)' if best else ''}{progress}"
         )
+
+    def with_extras(self, row: dict[str, Any]) -> str:
+        """The features' evaluation metrics in a server row, for a progress line."""
+        keys = [k.replace("-", "_") for f in self.features for k in f.eval_metrics]
+        return "".join(f", {k.replace('_', ' ')} {row[k]:.4f}" for k in keys if k in row)
 
     def base_round(self) -> None:
         """Round 0: the base model's held-out loss, the reference every round is compared to."""

@@ -67,10 +67,12 @@ def read_evaluations(
     server_round: int,
     cfg: RunConfig,
     partitions: Mapping[int, int],
+    declared: Mapping[str, type | tuple[type, float]] | None = None,
 ) -> tuple[list[EvalRow], dict[int, str]]:
     """The panel's readable replies as rows, and why each other one was dropped (by node).
 
-    Dropped: metrics that do not parse (`EvalRow.parse`), a partition outside the recipe or not
+    Dropped: metrics that do not parse (`EvalRow.parse`, with the features' `declared`
+    `eval_metrics`), a partition outside the recipe or not
     the one the node trained as (`partitions`), more tokens than its shard can hold
     (data.max_examples × data.max_length, when the recipe caps the examples), and every reply of
     a partition two nodes claim in one round. Failed replies (Flower errors) are neither.
@@ -84,7 +86,7 @@ def read_evaluations(
             continue
         node = msg.metadata.src_node_id
         try:
-            row = EvalRow.parse(server_round, msg.content["metrics"])
+            row = EvalRow.parse(server_round, msg.content["metrics"], declared=declared)
             held = partitions.get(node)
             if row.partition >= n:
                 raise ValueError(f"partition-id {row.partition} outside the recipe's [0, {n})")
@@ -110,16 +112,17 @@ def evaluate_round(
     server_round: int,
     cfg: RunConfig,
     partitions: Mapping[int, int],
+    declared: Mapping[str, type | tuple[type, float]] | None = None,
 ) -> tuple[tuple[float, int] | None, list[EvalRow], dict[int, str]]:
     """((token-weighted held-out loss, tokens) or None, one row per client that has held-out
     tokens, why each dropped reply was dropped): a bad reply never ends the round or moves its
-    loss; each is logged."""
+    loss; each is logged. `declared`: the features' `eval_metrics`, read into the rows."""
     for msg in replies:
         if msg.has_error():
             node, why = msg.metadata.src_node_id, short_reason(msg.error.reason)
             log.warning("round %d: node %s failed to evaluate: %s", server_round, node, why)
     rows, dropped = read_evaluations(
-        replies, server_round=server_round, cfg=cfg, partitions=partitions
+        replies, server_round=server_round, cfg=cfg, partitions=partitions, declared=declared
     )
     for node, reason in dropped.items():
         log.warning("round %d: dropped node %s's evaluation: %s", server_round, node, reason)
@@ -134,6 +137,18 @@ def evaluate_round(
     tokens = sum(r.tokens for r in rows)
     nll = sum(r.held_out_loss * r.tokens for r in rows)
     return ((nll / tokens, tokens) if tokens else None), rows, dropped
+
+
+def extra_means(rows: Sequence[EvalRow]) -> dict[str, float]:
+    """The token-weighted mean of each feature metric over the rows that carry it (features'
+    `eval_metrics` are per-token values over the client's held-out tokens)."""
+    keys = sorted({k for r in rows for k in r.extra})
+    out = {}
+    for key in keys:
+        have = [r for r in rows if key in r.extra and r.tokens > 0]
+        if tokens := sum(r.tokens for r in have):
+            out[key] = sum(r.extra[key] * r.tokens for r in have) / tokens
+    return out
 
 
 class TestSetEvaluator:

@@ -363,7 +363,11 @@ class LoraStrategy(Strategy):
         """((token-weighted held-out loss, tokens) or None, one row per client, why each
         dropped reply was dropped): `evaluation.evaluate_round`."""
         return evaluate_round(
-            list(replies), server_round=server_round, cfg=self.cfg, partitions=self.node_partitions
+            list(replies),
+            server_round=server_round,
+            cfg=self.cfg,
+            partitions=self.node_partitions,
+            declared={k: v for f in self.features for k, v in f.eval_metrics.items()},
         )
 
     def aggregate_evaluate(
