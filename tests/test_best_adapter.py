@@ -108,7 +108,14 @@ def test_off_keeps_none_and_export_best_says_why(tmp_path, capsys) -> None:
             "output.best_by: held_out_loss needs clients that evaluate",
         ),
         (["output.best_by=held_out_loss", "aggregator.name=fedsa"], "server holds A only"),
-        (["output.best_by=lowest"], "'auto', 'held_out_loss', 'test_loss' or 'none'"),
+        (
+            ["output.best_by=lowest"],
+            "'auto', 'held_out_loss', 'held_out_median', 'test_loss' or 'none'",
+        ),
+        (
+            ["output.best_by=held_out_median", "federation.evaluate_clients=2"],
+            r"held_out_median needs at least 3 evaluating clients \(the median of 2",
+        ),
     ],
 )
 def test_a_best_by_that_cannot_be_measured_is_refused_naming_the_keys(overrides, message):
@@ -210,6 +217,77 @@ def test_a_resume_keeps_the_checkpointed_round_a_crash_kept_from_best_adapter(tm
     assert _kept(run_dir) == (2, 2.0)
 
 
+def test_the_median_still_compares_a_round_a_client_sent_a_malformed_evaluation_in(
+    tmp_path,
+) -> None:
+    """Under held_out_loss such a round is left out (another mix of domains); under the median
+    it is not, or a client could leave out every round but the one it wants."""
+    cfg, run_dir, strategy, metrics = make_run(
+        tmp_path,
+        "federation.rounds=3",
+        "data.num_clients=3",
+        "lora.ranks=[2,4,4]",
+        "output.best_by=held_out_median",
+    )
+    metrics.path.write_text("")
+    _round(cfg, strategy, metrics, 1, held_out_loss=3.0, held_out_median=3.0)
+    _round(cfg, strategy, metrics, 2, held_out_loss=2.0, held_out_median=2.0, eval_dropped=1)
+    _round(cfg, strategy, metrics, 3, held_out_loss=2.5, held_out_median=2.5)
+    card = json.loads((run_dir / "best_adapter" / CARD_JSON).read_text())
+    assert (card["round"], card["selected_by"]) == (2, "held_out_median")
+
+
+class Liar:
+    """The ClientApp, except that node `node` reports a held-out loss of 0 over the most tokens
+    the server accepts (data.max_examples × data.max_length) in round `round`'s evaluation: a
+    reply every check passes (its loss is its nll-sum over its tokens)."""
+
+    def __init__(self, app, *, node: int, round: int, tokens: int) -> None:
+        self.app, self.node, self.round, self.tokens = app, node, round, tokens
+
+    def __call__(self, msg: Message, context: Context) -> Message:
+        reply = self.app(msg, context)
+        config = packing.unpack(msg.content)["config"]
+        lying = msg.metadata.dst_node_id == self.node and config["server-round"] == self.round
+        if msg.metadata.message_type == MessageType.EVALUATE and lying:
+            metrics = reply.content["metrics"]
+            metrics.update({"nll-sum": 0.0, "tokens": self.tokens, "held-out-loss": 0.0})
+        return reply
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("best_by", "steered"), [("held_out_loss", True), ("held_out_median", False)]
+)
+def test_a_lying_evaluation_picks_the_best_round_under_the_mean_not_under_the_median(
+    tmp_path, best_by: str, steered: bool
+) -> None:
+    """3 clients, 3 rounds; one client claims a perfect round 1. The token-weighted mean keeps
+    round 1 (the attack docs/security.md lists); the median keeps the round the honest clients'
+    losses pick, since each round's median stays within its honest clients' range and training
+    moves every client more between rounds than the clients differ within one."""
+    overrides = [f"output_dir={tmp_path}", "name=liar", "data.num_clients=3"]
+    overrides += ["data.max_examples=150", "federation.rounds=3", f"output.best_by={best_by}"]
+    cfg = load_recipe(RECIPE, overrides)
+    grid = LocalGrid(make_client_app(cfg), cfg.data.num_clients)
+    liar = min(grid.contexts)
+    grid._app = Liar(grid._app, node=liar, round=1, tokens=150 * cfg.data.max_length)
+    with server_identity(grid.run.run_id):
+        run_dir = run_server(grid, cfg)
+    rows = MetricsLog(run_dir).read()
+    liars = int(grid.contexts[liar].node_config["partition-id"])
+    honest: dict[int, list[float]] = {}
+    for r in rows:
+        if r["kind"] == "eval" and r["round"] > 0 and r["partition"] != liars:
+            honest.setdefault(r["round"], []).append(r["held_out_loss"])
+    assert [len(v) for v in honest.values()] == [2, 2, 2]
+    fair = min(honest, key=lambda rnd: sum(honest[rnd]))
+    assert fair != 1, "the test needs honest clients that prefer a later round"
+    card = json.loads((run_dir / "best_adapter" / CARD_JSON).read_text())
+    assert card["selected_by"] == best_by
+    assert card["round"] == (1 if steered else fair)
+
+
 class EvalSpy:
     """The ClientApp, recording the global adapter each evaluation message carried, by round."""
 
@@ -242,6 +320,7 @@ def test_a_private_runs_best_adapter_is_a_global_the_panel_received(tmp_path) ->
     assert sorted(spy.received) == [0, 1, 2, 3]  # round 0: the base, never kept
     server = [r for r in MetricsLog(run_dir).read() if r["kind"] == "server" and r["round"] > 0]
     totals = {r["round"]: r["held_out_loss"] for r in server}
+    assert not any("held_out_median" in r for r in server), "one client's loss, in a private run"
     argmin = min(sorted(totals), key=totals.__getitem__)  # ties: the earlier round
     kept_round, kept_value = _kept(run_dir)
     assert (kept_round, kept_value) == (argmin, totals[argmin])

@@ -325,7 +325,7 @@ def test_unknown_feature_name_fails_with_a_did_you_mean(name: str, close: str) -
         build_config(recipe(features={name: {}}))
     message = str(info.value)
     assert f"features.{name}: unknown feature (did you mean '{close}'?)" in message
-    assert "valid: fedprox, nested_prefix, personal_adapter, server_momentum" in message
+    assert "valid: fedprox, nested_prefix, personal_adapter, personal_tuning, server_mom" in message
 
 
 def test_unknown_feature_without_a_close_match_lists_the_valid_ones() -> None:
@@ -395,6 +395,7 @@ HOOKS = {
     "prepare_base",
     "start",
     "personalise",
+    "evaluated",
     "regularizers",
     "fold",
     "train",
@@ -432,6 +433,7 @@ ATTRIBUTES = {
     "own_adapter_shape",
     "replaces_trainer",
     "reply_metrics",
+    "eval_metrics",
     "adds_to_steps",
 }
 
@@ -449,6 +451,7 @@ def test_base_attributes() -> None:
     assert Feature.own_adapter_shape is False
     assert Feature.replaces_trainer is False
     assert Feature.reply_metrics == {}
+    assert Feature.eval_metrics == {}
 
 
 def factors(rank: int = 2) -> dict[str, Factors]:
@@ -486,6 +489,7 @@ def test_every_hook_of_the_base_feature_is_a_no_op() -> None:
     assert all(started[m] is start_in[m] for m in start_in)  # ... of the same factors
     own = f.personalise(start_in, rnd)
     assert own is not start_in and all(own[m] is start_in[m] for m in start_in)
+    assert f.evaluated(start_in, rnd) == {}
     assert f.regularizers(base, rnd) == []
     assert f.train(base, rnd, steps=3) is None
     assert f.stage(base, rnd, done=1, steps=3) == 2  # one stage: all the steps left

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from fedllm.recipe.schema_federation import panel_size
 from fedllm.suggest import did_you_mean
 
 RunConfig = Any  # fedllm.recipe.schema.RunConfig, which imports this module (no cycle back)
@@ -61,6 +62,9 @@ def cross_check(cfg: RunConfig) -> None:
         )
 
 
+HELD_OUT = ("held_out_loss", "held_out_median")  # best_by metrics from the clients' evaluations
+
+
 def _check_best_by(cfg: RunConfig, *, local_B: bool) -> None:
     """`output.best_by` names a metric the run measures, of an adapter the server holds."""
     best_by = cfg.output.best_by
@@ -69,12 +73,20 @@ def _check_best_by(cfg: RunConfig, *, local_B: bool) -> None:
             "output.best_by: test_loss needs data.test_set (the server's own test set); set it, "
             "or use output.best_by: held_out_loss (the clients' held-out splits), auto or none"
         )
-    if best_by == "held_out_loss" and cfg.federation.evaluate_clients == "none":
+    if best_by in HELD_OUT and cfg.federation.evaluate_clients == "none":
         raise ValueError(
-            "output.best_by: held_out_loss needs clients that evaluate, but "
+            f"output.best_by: {best_by} needs clients that evaluate, but "
             "federation.evaluate_clients is none; use output.best_by: test_loss, auto or none"
         )
-    if best_by in ("held_out_loss", "test_loss") and local_B:
+    panel = panel_size(cfg.federation.evaluate_clients, cfg.data.num_clients)
+    if best_by == "held_out_median" and panel < 3:
+        raise ValueError(
+            f"output.best_by: held_out_median needs at least 3 evaluating clients (the median "
+            f"of {panel} is their mean, which one client can move at will); raise "
+            "data.num_clients or federation.evaluate_clients, or use test_loss (the server's "
+            "own test set)"
+        )
+    if best_by in (*HELD_OUT, "test_loss") and local_B:
         raise ValueError(
             f"output.best_by: {best_by} under aggregator.name: {cfg.aggregator.name}, whose "
             "server holds A only (each B stays on its client): its global adapter of any round "

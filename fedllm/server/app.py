@@ -9,6 +9,7 @@ knows none of them by name.
 from __future__ import annotations
 
 import functools
+import statistics
 import time
 from collections import Counter
 from pathlib import Path
@@ -35,7 +36,7 @@ from fedllm.server.exchange import (
     wait_for_nodes,
 )
 from fedllm.server.metrics import MetricsLog
-from fedllm.server.outputs import finish, keep_best, snapshot
+from fedllm.server.outputs import best_metric, finish, keep_best, snapshot
 from fedllm.server.settings_record import changed_settings, describe_changes, settings_record
 from fedllm.server.strategy import LoraStrategy
 from fedllm.server.trackers import open_trackers
@@ -132,6 +133,11 @@ class Run:
             row["eval_dropped"] = len(dropped)
         if loss is not None:
             row["held_out_loss"], row["eval_tokens"] = loss
+            # the robust pick (output.best_by: held_out_median): one liar cannot move it far.
+            # The median of an odd panel is one client's loss: a private run keeps only the
+            # total unless its recipe selects on the median (docs/privacy.md)
+            if not s.private or best_metric(self.cfg) == "held_out_median":
+                row["held_out_median"] = statistics.median(r.held_out_loss for r in rows)
             row.update(extra_means(rows))  # features' eval metrics (personal tuning's loss)
         if self.test_set is not None:  # the server's own global test set, no client involved
             row["test_loss"], row["test_tokens"] = self.test_set.evaluate(s.global_)
@@ -223,15 +229,10 @@ class Run:
         say(
             f"round {server_round}/{self.cfg.federation.rounds}: {len(ok)}/{result.sampled} "
             f"clients ok, train loss {losses}; held-out "
-            f"{server_row.get('held_out_loss', float('nan')):.4f}{self.with_extras(server_row)}"
-            f"{with_test_loss(server_row)} "
+            f"{server_row.get('held_out_loss', float('nan')):.4f}"
+            f"{with_extras(server_row, self.features)}{with_test_loss(server_row)} "
             f"[{server_row['seconds']:.0f}s]{' (best so far)' if best else ''}{progress}"
         )
-
-    def with_extras(self, row: dict[str, Any]) -> str:
-        """The features' evaluation metrics in a server row, for a progress line."""
-        keys = [k.replace("-", "_") for f in self.features for k in f.eval_metrics]
-        return "".join(f", {k.replace('_', ' ')} {row[k]:.4f}" for k in keys if k in row)
 
     def base_round(self) -> None:
         """Round 0: the base model's held-out loss, the reference every round is compared to."""
@@ -247,6 +248,12 @@ class Run:
         say(f"round 0 (base model): held-out loss {held:.4f}{with_test_loss(row)} [{seconds:.0f}s]")
         self.save(0)
         self.metrics.publish([*eval_rows, row])
+
+
+def with_extras(row: dict[str, Any], features: list[Feature]) -> str:
+    """The features' evaluation metrics in a server row, for a progress line."""
+    keys = [k.replace("-", "_") for f in features for k in f.eval_metrics]
+    return "".join(f", {k.replace('_', ' ')} {row[k]:.4f}" for k in keys if k in row)
 
 
 def with_test_loss(row: dict[str, Any]) -> str:

@@ -101,7 +101,7 @@ def _round_card(
     note: str = "",
 ) -> AdapterCard:
     """The card of the global adapter after `server_round`, with that round's server metrics."""
-    keys = ("held_out_loss", "test_loss", "train_loss")
+    keys = ("held_out_loss", "held_out_median", "test_loss", "train_loss")
     metrics = _numbers(_server_row(rows, server_round), keys)
     return make_card(
         cfg,
@@ -141,7 +141,9 @@ def best_metric(cfg: RunConfig) -> str | None:
 
 def _scored(rows: list[dict], key: str | None) -> dict[int, float]:
     """Trained round -> its server row's `key`, where it has a finite one; a held-out loss only
-    where every client of the panel replied (fewer clients score another mix of domains)."""
+    where every client of the panel replied (fewer clients score another mix of domains). The
+    median keeps such rounds: a client could otherwise leave every round out of the running but
+    the one it wants by sending a malformed evaluation in the others."""
     return {
         r["round"]: r[key]
         for r in rows
