@@ -124,6 +124,28 @@ def test_the_perplexity_of_an_overflowing_loss_is_inf_never_an_error() -> None:
     assert all("| 20.09 | inf | +1000000" in line for line in lines), lines
 
 
+def test_the_final_table_shows_the_tuned_adapters_where_clients_tuned() -> None:
+    """features.personal_tuning: the last round's eval rows carry tuned_loss, the server row
+    their mean; a client that sent none (a private node) shows a dash."""
+    rows = [
+        {"kind": "eval", "round": 0, "partition": 0, "held_out_loss": 3.0},
+        {"kind": "eval", "round": 0, "partition": 1, "held_out_loss": 3.5},
+        {"kind": "server", "round": 0, "held_out_loss": 3.25},
+        {"kind": "eval", "round": 1, "partition": 0, "held_out_loss": 2.5, "tuned_loss": 2.25},
+        {"kind": "eval", "round": 1, "partition": 1, "held_out_loss": 3.0},
+        {"kind": "server", "round": 1, "held_out_loss": 2.75, "tuned_loss": 2.25},
+    ]
+    table = final_table(rows, 1)
+    assert [r.get("tuned_loss") for r in table] == [2.25, None, 2.25]
+    header, _, c0, c1, world = table_markdown(table).splitlines()
+    assert header.endswith("| Δ loss | tuned loss | Δ tuned |")
+    assert c0.endswith("| -0.5000 | 2.2500 | -0.2500 |")
+    assert c1.endswith("| -0.5000 | – | – |")
+    assert world.endswith("| -0.5000 | 2.2500 | -0.5000 |")
+    plain = [{k: v for k, v in r.items() if k != "tuned_loss"} for r in rows]
+    assert "tuned" not in table_markdown(final_table(plain, 1))
+
+
 def test_truncate_after_drops_stop_rows(tmp_path: Path) -> None:
     """A resumed run goes on past its old stop (a larger budget), or writes its own at its end:
     the old `stop` row would sit mid-file."""

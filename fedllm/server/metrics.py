@@ -182,12 +182,12 @@ def final_table(rows: list[dict], last_round: int) -> list[dict]:
         if rnd != 0 or (last_round, pid) not in evals:
             continue
         fed = evals[(last_round, pid)]
-        table.append(_row(f"client {pid}", base["held_out_loss"], fed["held_out_loss"]))
+        row = _row(f"client {pid}", base["held_out_loss"], fed["held_out_loss"])
+        table.append({**row, **_tuned(fed)})
     server = {r["round"]: r for r in rows if r.get("kind") == "server" and "held_out_loss" in r}
     if 0 in server and last_round in server:
-        table.append(
-            _row("global", server[0]["held_out_loss"], server[last_round]["held_out_loss"])
-        )
+        row = _row("global", server[0]["held_out_loss"], server[last_round]["held_out_loss"])
+        table.append({**row, **_tuned(server[last_round])})
     test = {r["round"]: r for r in rows if r.get("kind") == "server" and "test_loss" in r}
     if 0 in test and last_round in test:  # the server's own test set (data.test_set)
         table.append(_row("test set", test[0]["test_loss"], test[last_round]["test_loss"]))
@@ -203,6 +203,11 @@ def perplexity(loss: float) -> float:
         return math.inf
 
 
+def _tuned(row: dict) -> dict:
+    """The held-out loss of the clients' own tuned adapters (features.personal_tuning), if any."""
+    return {"tuned_loss": row["tuned_loss"]} if "tuned_loss" in row else {}
+
+
 def _row(who: str, base: float, fed: float) -> dict:
     return {
         "who": who,
@@ -215,14 +220,21 @@ def _row(who: str, base: float, fed: float) -> dict:
 
 
 def table_markdown(table: list[dict]) -> str:
-    """`final_table`'s rows as Markdown: base and federated loss and perplexity, and Δ loss."""
+    """`final_table`'s rows as Markdown: base and federated loss and perplexity, and Δ loss;
+    with personal tuning, the tuned adapters' loss and its change from the federated one."""
+    tuned = any("tuned_loss" in r for r in table)
     lines = [
-        "| | base loss | federated loss | base ppl | federated ppl | Δ loss |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| | base loss | federated loss | base ppl | federated ppl | Δ loss |"
+        + (" tuned loss | Δ tuned |" if tuned else ""),
+        "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if tuned else ""),
     ]
     for r in table:
-        lines.append(
+        line = (
             f"| {r['who']} | {r['base_loss']:.4f} | {r['federated_loss']:.4f} | "
             f"{r['base_ppl']:.2f} | {r['federated_ppl']:.2f} | {r['change']:+.4f} |"
         )
+        if tuned:
+            t = r.get("tuned_loss")
+            line += " – | – |" if t is None else f" {t:.4f} | {t - r['federated_loss']:+.4f} |"
+        lines.append(line)
     return "\n".join(lines)
