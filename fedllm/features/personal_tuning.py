@@ -18,9 +18,11 @@ all 8 clients; at the federation's own lr 0.01 one round overfit ~94 examples (+
 Recipe: `features: {personal_tuning: {lr: 0.001}}`. Refused with aggregators that merge each
 round into the base (flora), pruned tiers (tuning runs on the full base), features that shape
 the adapter themselves (Fed-PLoRA, PreLort, SDFLoRA) and an evaluation panel that is not every
-client (`federation.evaluate_clients: all`: the panel is who tunes). In a private run (DP-SGD,
-client-level DP, SecAgg+) the tuned adapter, trained on raw data without noise, is kept only
-under a node's own personal-dir (never in the run directory) and its loss is not sent.
+client (`federation.evaluate_clients: all`: the panel is who tunes). The final evaluation then
+takes one more round of local steps: `federation.round_timeout` must cover a training round plus
+an evaluation (a client past it is missed, and its tuned adapter is still kept). In a private
+run (DP-SGD, client-level DP, SecAgg+) the tuned adapter, trained on raw data without noise, is
+kept only under a node's own personal-dir (never in the run directory) and its loss is not sent.
 """
 
 from __future__ import annotations
