@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -22,6 +22,7 @@ from fedllm.features.types import ClientPlan, ClientRound, EvalRow
 from fedllm.model.base import cached_base_model
 from fedllm.model.card import CARD_JSON
 from fedllm.recipe import ConfigError, build_config, load_recipe
+from fedllm.server.exchange import describe_evaluation
 
 RECIPE = Path(__file__).parents[1] / "recipes" / "tiny.yaml"
 BASE = {"data": {"num_clients": 2}, "lora": {"ranks": 2, "alpha": 4}}
@@ -91,6 +92,12 @@ def test_a_tuned_loss_that_is_not_a_finite_nonnegative_number_drops_the_evaluati
     for bad in (-0.1, float("nan"), "1.5"):
         with pytest.raises(ValueError, match="tuned-loss"):
             EvalRow.parse(2, {**honest, "tuned-loss": bad}, declared=declared)
+    content = RecordDict({"metrics": MetricRecord({**honest, "tuned-loss": 1.5})})
+    with server_identity(1):
+        reply = Message(content, dst_node_id=1, message_type=MessageType.EVALUATE)
+    said = describe_evaluation(reply, private=False, declared=declared)
+    assert said == "(partition 1): held-out loss 2.0000, tuned loss 1.5000"
+    assert describe_evaluation(reply, private=True, declared=declared) == "(partition 1)"
 
 
 @pytest.mark.parametrize(

@@ -124,7 +124,11 @@ class Run:
             messages,
             timeout=self.timeout,
             label=f"round {server_round} eval",
-            describe=functools.partial(describe_evaluation, private=s.private),
+            describe=functools.partial(
+                describe_evaluation,
+                private=s.private,
+                declared={k: v for f in self.features for k, v in f.eval_metrics.items()},
+            ),
         )
         loss, rows, dropped = s.evaluate_round(server_round, replies)
         row: dict[str, Any] = {"kind": "server", "round": server_round, "phase": "evaluate"}

@@ -15,7 +15,8 @@ with the others.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from flwr.app import Message
 from flwr.common.constant import ErrorCode
@@ -120,15 +121,19 @@ def describe_train(reply: Message) -> str:
     return f"(partition {r.partition}, rank {r.rank}):{loss} {r.steps} steps{seconds}"
 
 
-def describe_evaluation(reply: Message, *, private: bool) -> str:
-    """One line about an evaluation reply: partition and held-out loss (a private run keeps
-    per-client losses out of its log, as out of its files)."""
+def describe_evaluation(
+    reply: Message, *, private: bool, declared: Mapping[str, Any] | None = None
+) -> str:
+    """One line about an evaluation reply: partition and held-out loss, and the features'
+    `declared` evaluation metrics it carries (a private run keeps per-client losses out of its
+    log, as out of its files)."""
     try:
-        row = EvalRow.parse(0, reply.content["metrics"])
+        row = EvalRow.parse(0, reply.content["metrics"], declared=declared)
     except (KeyError, ValueError, TypeError) as err:
         return f"sent malformed metrics ({err})"
     if row.tokens == 0:
         return f"(partition {row.partition}): no held-out examples"
+    extras = "".join(f", {k.replace('_', ' ')} {v:.4f}" for k, v in row.extra.items())
     return f"(partition {row.partition})" + (
-        "" if private else f": held-out loss {row.held_out_loss:.4f}"
+        "" if private else f": held-out loss {row.held_out_loss:.4f}{extras}"
     )
