@@ -538,3 +538,21 @@ def test_a_round_whose_only_reply_in_time_is_an_error_goes_on(tmp_path, capsys) 
     assert [(r.node, r.status) for r in result.rows] == [(1001, "failed")]
     assert (result.sampled, result.replies) == (2, 1)
     assert "1 of 2 clients missed the deadline" in capsys.readouterr().out
+
+
+class ForgetfulLink(TimedLink):
+    """Flower's in-memory grid: a message it cannot store is left out of the ids it returns."""
+
+    def push_messages(self, messages):
+        ids = super().push_messages(messages)
+        return [i for i, m in zip(ids, messages, strict=True) if m.metadata.dst_node_id != 3]
+
+
+def test_a_message_the_grid_could_not_store_is_missed_and_the_others_answer(capsys) -> None:
+    with server_identity(1):
+        link = ForgetfulLink({1: 0.0, 2: 0.0, 3: 0.0})
+        replies = exchange(link, messages([1, 2, 3]), timeout=5, label="x")
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1"]
+    assert "x: 1 of 3 clients missed the deadline (federation.round_timeout=5s; node 3)" in (
+        capsys.readouterr().out
+    )

@@ -126,7 +126,8 @@ def test_the_perplexity_of_an_overflowing_loss_is_inf_never_an_error() -> None:
 
 def test_the_final_table_shows_the_tuned_adapters_where_clients_tuned() -> None:
     """features.personal_tuning: the last round's eval rows carry tuned_loss, the server row
-    their mean; a client that sent none (a private node) shows a dash."""
+    their mean; a client that sent none (its tuning failed) shows a dash, and so does the global
+    row then (its Δ would compare two panels)."""
     rows = [
         {"kind": "eval", "round": 0, "partition": 0, "held_out_loss": 3.0},
         {"kind": "eval", "round": 0, "partition": 1, "held_out_loss": 3.5},
@@ -136,12 +137,15 @@ def test_the_final_table_shows_the_tuned_adapters_where_clients_tuned() -> None:
         {"kind": "server", "round": 1, "held_out_loss": 2.75, "tuned_loss": 2.25},
     ]
     table = final_table(rows, 1)
-    assert [r.get("tuned_loss") for r in table] == [2.25, None, 2.25]
+    assert [r.get("tuned_loss") for r in table] == [2.25, None, None]  # global: not every client
     header, _, c0, c1, world = table_markdown(table).splitlines()
     assert header.endswith("| Δ loss | tuned loss | Δ tuned |")
     assert c0.endswith("| -0.5000 | 2.2500 | -0.2500 |")
-    assert c1.endswith("| -0.5000 | – | – |")
-    assert world.endswith("| -0.5000 | 2.2500 | -0.5000 |")
+    assert c1.endswith("| -0.5000 | – | – |") and world.endswith("| -0.5000 | – | – |")
+    rows[4] |= {"tuned_loss": 2.5}
+    rows[5] |= {"tuned_loss": 2.375}  # the token-weighted mean, as the server writes it
+    *_, world = table_markdown(final_table(rows, 1)).splitlines()
+    assert world.endswith("| -0.5000 | 2.3750 | -0.3750 |")
     plain = [{k: v for k, v in r.items() if k != "tuned_loss"} for r in rows]
     assert "tuned" not in table_markdown(final_table(plain, 1))
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -37,11 +37,13 @@ def test_the_cut_is_the_best_rank_r_approximation_of_the_global() -> None:
     f = Factors(torch.randn(6, 4, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64), 2.0)
     dW = 2.0 * f.B @ f.A
     S = torch.linalg.svdvals(dW)
-    (cut,) = cut_to_rank({"m": f}, 2, 0.5).values()
+    (cut,) = cut_to_rank({"m": f}, rank=2, scaling=0.5).values()
     assert (cut.rank, cut.scaling) == (2, 0.5)
     error = torch.linalg.matrix_norm(dW - 0.5 * cut.B @ cut.A)
     torch.testing.assert_close(error, S[2:].norm())  # Eckart–Young: the tail's norm
-    (padded,) = cut_to_rank({"m": f}, 6, 1.0).values()  # more rank than it holds: same ΔW
+    (padded,) = cut_to_rank(
+        {"m": f}, rank=6, scaling=1.0
+    ).values()  # more rank than it holds: same ΔW
     assert padded.rank == 6
     torch.testing.assert_close(padded.B @ padded.A, dW)
 
@@ -204,3 +206,35 @@ def test_only_the_final_round_tunes_and_the_server_row_has_the_token_weighted_me
     final = [r for r in evals if r["round"] == 2]
     mean = sum(r["tuned_loss"] * r["tokens"] for r in final) / sum(r["tokens"] for r in final)
     assert server[2]["tuned_loss"] == pytest.approx(mean, rel=1e-9)
+
+
+def test_a_client_whose_tuning_fails_still_reports_its_score(tmp_path: Path, caplog) -> None:
+    """Tuning runs before the evaluation reply is built: a failure there (here its folder is a
+    file) is logged and the reply keeps the global's held-out loss, without a tuned loss."""
+    from fedllm.client.app import evaluate
+    from fedllm.model.wire import outgoing
+    from fedllm.model.wire import spec_config as wire_config
+
+    overrides = [f"output_dir={tmp_path}", "name=t", "lora.ranks=[2,2]", "data.num_clients=2"]
+    cfg = load_recipe(RECIPE, [*overrides, "data.max_examples=120", "features.personal_tuning={}"])
+    base, _ = cached_base_model(cfg)
+    g = torch.Generator().manual_seed(0)
+    factors = {}
+    for i, layer in enumerate(base.model.layers):
+        for p in ("q_proj", "v_proj"):
+            d, k = getattr(layer.self_attn, p).weight.shape
+            B, A = torch.randn(d, 2, generator=g) * 0.1, torch.randn(2, k, generator=g)
+            factors[f"model.layers.{i}.self_attn.{p}"] = Factors(B, A, cfg.client_scaling(2))
+    spec = RoundSpec()
+    config = {"server-round": cfg.federation.rounds, "global-scaling": cfg.client_scaling(2)}
+    config |= {"recipe-hash": cfg.fingerprint(), **wire_config(spec)}
+    content = RecordDict({"global": outgoing(factors, spec), "config": ConfigRecord(config)})
+    (cfg.run_dir / "clients").mkdir(parents=True)
+    (cfg.run_dir / "clients" / "1").write_text("not a folder")
+    with server_identity(1):
+        msg = Message(content, dst_node_id=1, message_type=MessageType.EVALUATE)
+    context = Context(0, 1, {"partition-id": 1}, RecordDict(), {})
+    metrics = evaluate(cfg, msg, context).content["metrics"]
+    assert metrics["tokens"] > 0 and metrics["held-out-loss"] > 0
+    assert "tuned-loss" not in metrics
+    assert "features.personal_tuning failed after the evaluation" in caplog.text

@@ -177,7 +177,12 @@ def evaluate(
         model.unload()
     rnd.tokenizer, rnd.shard, rnd.cache = tokenizer, shard, cache
     scored = dict(global_factors)  # what was scored (under local_B: the node's own B)
-    extra = {k: v for f in features for k, v in f.evaluated(scored, rnd).items()}
+    extra: dict[str, float] = {}
+    for f in features:
+        try:
+            extra |= f.evaluated(scored, rnd)
+        except Exception:  # e.g. out of memory while tuning: the client keeps its score
+            log.exception("client %d: features.%s failed after the evaluation", pid, f.name)
     metrics = MetricRecord(
         {
             "partition-id": pid,

@@ -18,7 +18,9 @@ all 8 clients; at the federation's own lr 0.01 one round overfit ~94 examples (+
 Recipe: `features: {personal_tuning: {lr: 0.001}}`. Refused with aggregators that merge each
 round into the base (flora), pruned tiers (tuning runs on the full base), features that shape
 the adapter themselves (Fed-PLoRA, PreLort, SDFLoRA) and an evaluation panel that is not every
-client (`federation.evaluate_clients: all`: the panel is who tunes). The final evaluation then
+client (`federation.evaluate_clients: all`: the panel is who tunes). A client tunes at its node's
+rank (node config `rank`, else the recipe's), not at a rank a feature planned for one round
+(HetLoRA's pruned rank, the bandit's arm). The final evaluation then
 takes one more round of local steps: `federation.round_timeout` must cover a training round plus
 an evaluation (a client past it is missed, and its tuned adapter is still kept). In a private
 run (DP-SGD, client-level DP, SecAgg+) the tuned adapter, trained on raw data without noise, is
@@ -75,10 +77,10 @@ def private(cfg: RunConfig) -> bool:
     return cfg.privacy.mode != "none" or cfg.privacy.secure_aggregation.enabled
 
 
-def cut_to_rank(factors: Mapping[str, Factors], rank: int, scaling: float) -> dict[str, Factors]:
+def cut_to_rank(factors: Mapping[str, Factors], *, rank: int, scaling: float) -> dict[str, Factors]:
     """Each module's ΔW at `rank` under `scaling`: the best rank-`rank` approximation when the
     factors hold more (a global need not be SVD-ordered), else the same ΔW zero-padded."""
-    out = {}
+    out: dict[str, Factors] = {}
     for module, f in factors.items():
         if f.rank <= rank:
             out[module] = f.truncate(rank, scaling)
@@ -143,7 +145,7 @@ class PersonalTuning(Feature):
             return {}
         opts = self.options
         rank = rnd.plan.rank
-        start = cut_to_rank(factors, rank, cfg.client_scaling(rank))
+        start = cut_to_rank(factors, rank=rank, scaling=cfg.client_scaling(rank))
         base, tok = cached_base_model(cfg, cache=rnd.cache)  # the evaluation's, when cached
         examples = rnd.shard.train
         steps = opts.steps or num_local_steps(
@@ -181,6 +183,7 @@ class PersonalTuning(Feature):
                 pad_id=tok.pad_token_id,
                 share_head=fed.share_head,
             )
+            model.train()  # the shared base leaves as the evaluation leaves it
             tuned = {
                 m: Factors(f.B.cpu(), f.A.cpu(), f.scaling) for m, f in read_factors(model).items()
             }
@@ -194,7 +197,7 @@ class PersonalTuning(Feature):
             what="tuned",
             round=rnd.server_round,
             rank=rank,
-            metrics={"held_out_loss": loss},
+            metrics={"held_out_loss": loss} if tokens else None,
             partition=rnd.partition,
             note=f"The final global adapter tuned by this client for {steps} steps at lr "
             f"{opts.lr:g} on its own data; never sent to the server.",

@@ -77,13 +77,14 @@ def exchange(
         m.content = pack(m.content)
     deadline = time.monotonic() + timeout
     end_ttl_at(messages, time.time() + timeout)
-    ids = list(grid.push_messages(messages))  # in order; None for one Flower could not push
-    if len(ids) != len(messages):  # Flower returns [] when the push was refused as too large
-        ids = [None] * len(messages)
-    node_of = {i: m.metadata.dst_node_id for i, m in zip(ids, messages, strict=True) if i}
-    pending = set(node_of)
+    # the ids of the messages the grid stored: Flower's grids set each message's id before the
+    # push, and leave out (in memory), put None for (deployment) or return none at all (a push
+    # refused as too large) the ones they could not store, which are missed
+    pushed = {i for i in grid.push_messages(messages) if i}
+    node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+    pending = pushed & node_of.keys()
     replies: list[Message] = []
-    missed = [m.metadata.dst_node_id for i, m in zip(ids, messages, strict=True) if not i]
+    missed = [node for i, node in node_of.items() if i not in pending]
     while True:  # pull at least once: a grid that runs its nodes inside the push has answers
         for reply in grid.pull_messages(pending):
             pending.discard(reply.metadata.reply_to_message_id)

@@ -12,7 +12,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from fedllm.server.trackers import Sink
@@ -187,7 +187,8 @@ def final_table(rows: list[dict], last_round: int) -> list[dict]:
     server = {r["round"]: r for r in rows if r.get("kind") == "server" and "held_out_loss" in r}
     if 0 in server and last_round in server:
         row = _row("global", server[0]["held_out_loss"], server[last_round]["held_out_loss"])
-        table.append({**row, **_tuned(server[last_round])})
+        every = table and all("tuned_loss" in r for r in table)  # else Δ would mix panels
+        table.append({**row, **(_tuned(server[last_round]) if every else {})})
     test = {r["round"]: r for r in rows if r.get("kind") == "server" and "test_loss" in r}
     if 0 in test and last_round in test:  # the server's own test set (data.test_set)
         table.append(_row("test set", test[0]["test_loss"], test[last_round]["test_loss"]))
@@ -203,7 +204,7 @@ def perplexity(loss: float) -> float:
         return math.inf
 
 
-def _tuned(row: dict) -> dict:
+def _tuned(row: dict[str, Any]) -> dict[str, float]:
     """The held-out loss of the clients' own tuned adapters (features.personal_tuning), if any."""
     return {"tuned_loss": row["tuned_loss"]} if "tuned_loss" in row else {}
 
