@@ -110,11 +110,15 @@ def test_off_keeps_none_and_export_best_says_why(tmp_path, capsys) -> None:
         (["output.best_by=held_out_loss", "aggregator.name=fedsa"], "server holds A only"),
         (
             ["output.best_by=lowest"],
-            "'auto', 'held_out_loss', 'held_out_median', 'test_loss' or 'none'",
+            "'auto', 'held_out_loss', 'held_out_vote', 'test_loss' or 'none'",
         ),
         (
-            ["output.best_by=held_out_median", "federation.evaluate_clients=2"],
-            r"held_out_median needs at least 3 evaluating clients \(the median of 2",
+            ["output.best_by=held_out_vote", "federation.evaluate_clients=2"],
+            r"held_out_vote needs at least 3 evaluating clients \(of 2, one liar is half",
+        ),
+        (
+            ["output.best_by=held_out_vote", "privacy.secure_aggregation.enabled=true"],
+            "held_out_vote compares each client's losses across rounds, which a private run",
         ),
     ],
 )
@@ -217,55 +221,82 @@ def test_a_resume_keeps_the_checkpointed_round_a_crash_kept_from_best_adapter(tm
     assert _kept(run_dir) == (2, 2.0)
 
 
-def test_the_median_still_compares_a_round_a_client_sent_a_malformed_evaluation_in(
+def _votes(cfg, strategy, metrics, rnd: int, losses: dict[int, float]) -> None:
+    """Round `rnd` ends with these per-client held-out losses (eval rows), then keep_best."""
+    strategy.global_ = random_factors(strategy.shapes, 4, cfg.client_scaling(4), seed=100 + rnd)
+    rows = [
+        {"kind": "eval", "round": rnd, "partition": p, "held_out_loss": v, "tokens": 10}
+        for p, v in losses.items()
+    ]
+    mean = sum(losses.values()) / len(losses)
+    metrics.write(
+        [*rows, {"kind": "server", "round": rnd, "phase": "round", "held_out_loss": mean}]
+    )
+    keep_best(cfg, strategy, metrics, rnd)
+
+
+def test_the_vote_keeps_a_round_only_when_most_clients_score_it_lower_on_their_own_split(
     tmp_path,
 ) -> None:
-    """Under held_out_loss such a round is left out (another mix of domains); under the median
-    it is not, or a client could leave out every round but the one it wants."""
+    """Client 2 lies: 0 in the round it wants, 50 elsewhere. Each client compares its own split
+    (domains of different difficulty never mix), and the liar has one vote of three."""
     cfg, run_dir, strategy, metrics = make_run(
         tmp_path,
-        "federation.rounds=3",
+        "federation.rounds=5",
         "data.num_clients=3",
         "lora.ranks=[2,4,4]",
-        "output.best_by=held_out_median",
+        "output.best_by=held_out_vote",
     )
     metrics.path.write_text("")
-    _round(cfg, strategy, metrics, 1, held_out_loss=3.0, held_out_median=3.0)
-    _round(cfg, strategy, metrics, 2, held_out_loss=2.0, held_out_median=2.0, eval_dropped=1)
-    _round(cfg, strategy, metrics, 3, held_out_loss=2.5, held_out_median=2.5)
-    card = json.loads((run_dir / "best_adapter" / CARD_JSON).read_text())
-    assert (card["round"], card["selected_by"]) == (2, "held_out_median")
+
+    def kept() -> tuple[int, float]:
+        card = json.loads((run_dir / "best_adapter" / CARD_JSON).read_text())
+        assert card["selected_by"] == "held_out_vote"
+        return card["round"], card["metrics"]["held_out_vote"]
+
+    _votes(cfg, strategy, metrics, 1, {0: 3.0, 1: 4.0, 2: 0.0})  # the first round is kept
+    assert kept() == (1, 1.0)
+    _votes(cfg, strategy, metrics, 2, {0: 2.9, 1: 3.9, 2: 50.0})  # both honest prefer round 2
+    assert kept() == (2, 2 / 3)
+    _votes(cfg, strategy, metrics, 3, {0: 3.0, 1: 4.0, 2: 0.0})  # outvoted: the liar alone
+    assert kept() == (2, 2 / 3)
+    _votes(cfg, strategy, metrics, 4, {0: 2.8, 1: 4.1, 2: 0.0})  # honest split: the liar tips it
+    assert kept() == (4, 2 / 3)
+    _votes(cfg, strategy, metrics, 5, {0: 2.7, 2: 0.0})  # 1 of the 2 who voted: no majority
+    assert kept() == (4, 2 / 3)
 
 
 class Liar:
-    """The ClientApp, except that node `node` reports a held-out loss of 0 over the most tokens
-    the server accepts (data.max_examples × data.max_length) in round `round`'s evaluation: a
-    reply every check passes (its loss is its nll-sum over its tokens)."""
+    """The ClientApp, except that node `node` reports, over the most tokens the server accepts
+    (data.max_examples × data.max_length), a held-out loss of 0 in round `round` and of 50 in
+    every other trained round: replies every check passes (each loss is its nll-sum over its
+    tokens)."""
 
     def __init__(self, app, *, node: int, round: int, tokens: int) -> None:
         self.app, self.node, self.round, self.tokens = app, node, round, tokens
 
     def __call__(self, msg: Message, context: Context) -> Message:
         reply = self.app(msg, context)
-        config = packing.unpack(msg.content)["config"]
-        lying = msg.metadata.dst_node_id == self.node and config["server-round"] == self.round
+        rnd = packing.unpack(msg.content)["config"]["server-round"]
+        lying = msg.metadata.dst_node_id == self.node and rnd > 0
         if msg.metadata.message_type == MessageType.EVALUATE and lying:
-            metrics = reply.content["metrics"]
-            metrics.update({"nll-sum": 0.0, "tokens": self.tokens, "held-out-loss": 0.0})
+            loss = 0.0 if rnd == self.round else 50.0  # its round perfect, every other awful
+            reply.content["metrics"].update(
+                {"nll-sum": loss * self.tokens, "tokens": self.tokens, "held-out-loss": loss}
+            )
         return reply
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("best_by", "steered"), [("held_out_loss", True), ("held_out_median", False)]
+    ("best_by", "steered"), [("held_out_loss", True), ("held_out_vote", False)]
 )
-def test_a_lying_evaluation_picks_the_best_round_under_the_mean_not_under_the_median(
+def test_a_lying_evaluation_picks_the_best_round_under_the_mean_not_under_the_vote(
     tmp_path, best_by: str, steered: bool
 ) -> None:
-    """3 clients, 3 rounds; one client claims a perfect round 1. The token-weighted mean keeps
-    round 1 (the attack docs/security.md lists); the median keeps the round the honest clients'
-    losses pick, since each round's median stays within its honest clients' range and training
-    moves every client more between rounds than the clients differ within one."""
+    """3 clients, 3 rounds; one client claims a perfect round 1 and awful later ones. The
+    token-weighted mean keeps round 1 (the attack docs/security.md lists); the vote keeps the
+    round both honest clients score lowest on their own splits."""
     overrides = [f"output_dir={tmp_path}", "name=liar", "data.num_clients=3"]
     overrides += ["data.max_examples=150", "federation.rounds=3", f"output.best_by={best_by}"]
     cfg = load_recipe(RECIPE, overrides)
@@ -276,16 +307,16 @@ def test_a_lying_evaluation_picks_the_best_round_under_the_mean_not_under_the_me
         run_dir = run_server(grid, cfg)
     rows = MetricsLog(run_dir).read()
     liars = int(grid.contexts[liar].node_config["partition-id"])
-    honest: dict[int, list[float]] = {}
+    honest: dict[int, dict[int, float]] = {}  # partition -> round -> its own held-out loss
     for r in rows:
         if r["kind"] == "eval" and r["round"] > 0 and r["partition"] != liars:
-            honest.setdefault(r["round"], []).append(r["held_out_loss"])
-    assert [len(v) for v in honest.values()] == [2, 2, 2]
-    fair = min(honest, key=lambda rnd: sum(honest[rnd]))
-    assert fair != 1, "the test needs honest clients that prefer a later round"
+            honest.setdefault(r["partition"], {})[r["round"]] = r["held_out_loss"]
+    assert len(honest) == 2 and all(sorted(h) == [1, 2, 3] for h in honest.values())
+    for h in honest.values():  # both honest clients would keep round 3
+        assert h[1] > h[2] > h[3], "the test needs honest clients that improve every round"
     card = json.loads((run_dir / "best_adapter" / CARD_JSON).read_text())
     assert card["selected_by"] == best_by
-    assert card["round"] == (1 if steered else fair)
+    assert card["round"] == (1 if steered else 3)
 
 
 class EvalSpy:
@@ -320,7 +351,6 @@ def test_a_private_runs_best_adapter_is_a_global_the_panel_received(tmp_path) ->
     assert sorted(spy.received) == [0, 1, 2, 3]  # round 0: the base, never kept
     server = [r for r in MetricsLog(run_dir).read() if r["kind"] == "server" and r["round"] > 0]
     totals = {r["round"]: r["held_out_loss"] for r in server}
-    assert not any("held_out_median" in r for r in server), "one client's loss, in a private run"
     argmin = min(sorted(totals), key=totals.__getitem__)  # ties: the earlier round
     kept_round, kept_value = _kept(run_dir)
     assert (kept_round, kept_value) == (argmin, totals[argmin])

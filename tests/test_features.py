@@ -656,3 +656,14 @@ def test_a_reply_metric_may_not_take_a_core_column_of_the_row(clean_registry: No
 
     with pytest.raises(ValueError, match=r"\['train-loss'\] name core columns"):
         registry.register(Clobber)
+
+
+def test_an_evaluation_metric_may_not_take_a_column_of_the_eval_or_server_row(
+    clean_registry: None,
+) -> None:
+    class Clobber(Feature):
+        name = "clobber"
+        eval_metrics = {"partition": int, "tuned-loss": float}  # noqa: RUF012
+
+    with pytest.raises(ValueError, match=r"eval_metrics \['partition'\] name core columns"):
+        registry.register(Clobber)

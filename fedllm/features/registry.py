@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, ValidationError
 
 from fedllm.features.base import Feature
-from fedllm.features.types import ROW_KEYS
+from fedllm.features.types import EVAL_ROW_KEYS, ROW_KEYS
 from fedllm.plugins import load_entry_points
 from fedllm.suggest import did_you_mean
 
@@ -36,6 +36,9 @@ def register(cls: type[Feature]) -> type[Feature]:
     taken = sorted(k for k in cls.reply_metrics if k.replace("-", "_") in ROW_KEYS)
     if taken:  # its row value would overwrite the core column of that name
         raise ValueError(f"feature {cls.name!r}: reply_metrics {taken} name core columns of a row")
+    taken = sorted(k for k in cls.eval_metrics if k.replace("-", "_") in EVAL_ROW_KEYS)
+    if taken:  # as above, in the eval row and the server row
+        raise ValueError(f"feature {cls.name!r}: eval_metrics {taken} name core columns of a row")
     known = _FEATURES.get(cls.name)
     if known is not None and _where(known) != _where(cls):  # the same module imported again: fine
         raise ValueError(f"feature {cls.name!r} is already registered by {_where(known)}")

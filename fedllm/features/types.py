@@ -180,6 +180,13 @@ REPLY_COLUMNS = (
 # every column of a client's row that fedllm writes, "epsilon" by the DP features (a feature's
 # declared reply metrics may not take one: `registry.register`)
 ROW_KEYS = frozenset({"kind", "round", "node", "status", "reason", "epsilon", *REPLY_COLUMNS})
+# the columns of an eval row and of the server row its features' `eval_metrics` are added to
+EVAL_ROW_KEYS = frozenset(
+    {"kind", "round", "partition", "held_out_loss", "tokens", "phase", "eval_clients"}
+    | {"eval_dropped", "eval_tokens", "test_loss", "test_tokens", "clients_ok", "clients_failed"}
+    | {"clients_sampled", "train_loss", "bytes_sent", "bytes_received", "seconds"}
+    | {"train_seconds"}
+)
 
 
 @dataclass

@@ -62,7 +62,7 @@ def cross_check(cfg: RunConfig) -> None:
         )
 
 
-HELD_OUT = ("held_out_loss", "held_out_median")  # best_by metrics from the clients' evaluations
+HELD_OUT = ("held_out_loss", "held_out_vote")  # best_by metrics from the clients' evaluations
 
 
 def _check_best_by(cfg: RunConfig, *, local_B: bool) -> None:
@@ -79,12 +79,18 @@ def _check_best_by(cfg: RunConfig, *, local_B: bool) -> None:
             "federation.evaluate_clients is none; use output.best_by: test_loss, auto or none"
         )
     panel = panel_size(cfg.federation.evaluate_clients, cfg.data.num_clients)
-    if best_by == "held_out_median" and panel < 3:
+    p = cfg.privacy
+    if best_by == "held_out_vote" and panel < 3:
         raise ValueError(
-            f"output.best_by: held_out_median needs at least 3 evaluating clients (the median "
-            f"of {panel} is their mean, which one client can move at will); raise "
-            "data.num_clients or federation.evaluate_clients, or use test_loss (the server's "
-            "own test set)"
+            f"output.best_by: held_out_vote needs at least 3 evaluating clients (of {panel}, "
+            "one liar is half the vote); raise data.num_clients or federation.evaluate_clients, "
+            "or use test_loss (the server's own test set)"
+        )
+    if best_by == "held_out_vote" and (p.mode != "none" or p.secure_aggregation.enabled):
+        raise ValueError(
+            "output.best_by: held_out_vote compares each client's losses across rounds, which a "
+            "private run keeps out of its files (metrics.jsonl); use test_loss (the server's own "
+            "test set) or held_out_loss"
         )
     if best_by in (*HELD_OUT, "test_loss") and local_B:
         raise ValueError(

@@ -93,14 +93,15 @@ class OutputConfig(Strict):
         ge=1,
         description="save the global adapter every k rounds in snapshots/round_<r>/ (off: null)",
     )
-    best_by: Literal["auto", "held_out_loss", "held_out_median", "test_loss", "none"] = Field(
+    best_by: Literal["auto", "held_out_loss", "held_out_vote", "test_loss", "none"] = Field(
         "auto",
         description="keep the global adapter of the round with the lowest value of this metric "
         "in best_adapter/, beside the last round's final_adapter/: held_out_loss (the clients' "
-        "held-out splits, token-weighted), held_out_median (the median of the clients' held-out "
-        "losses: one lying client of 3 or more cannot pick the round), test_loss (the server's "
-        "data.test_set), none (off; null too), or auto: held_out_loss where clients evaluate, "
-        "else test_loss; none under fedsa, whose server adapter has no B",
+        "held-out splits, token-weighted), held_out_vote (a round replaces the kept one when most "
+        "clients that evaluated both scored it lower on their own split: fewer than half the "
+        "panel lying cannot outvote the rest), test_loss (the server's data.test_set), none (off; "
+        "null too), or auto: held_out_loss where clients evaluate, else test_loss; none under "
+        "fedsa, whose server adapter has no B",
     )
 
     @field_validator("best_by", mode="before")

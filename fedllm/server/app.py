@@ -9,7 +9,6 @@ knows none of them by name.
 from __future__ import annotations
 
 import functools
-import statistics
 import time
 from collections import Counter
 from pathlib import Path
@@ -36,7 +35,7 @@ from fedllm.server.exchange import (
     wait_for_nodes,
 )
 from fedllm.server.metrics import MetricsLog
-from fedllm.server.outputs import best_metric, finish, keep_best, snapshot
+from fedllm.server.outputs import finish, keep_best, snapshot
 from fedllm.server.settings_record import changed_settings, describe_changes, settings_record
 from fedllm.server.strategy import LoraStrategy
 from fedllm.server.trackers import open_trackers
@@ -137,12 +136,7 @@ class Run:
             row["eval_dropped"] = len(dropped)
         if loss is not None:
             row["held_out_loss"], row["eval_tokens"] = loss
-            # the robust pick (output.best_by: held_out_median): one liar cannot move it far.
-            # The median of an odd panel is one client's loss: a private run keeps only the
-            # total unless its recipe selects on the median (docs/privacy.md)
-            if not s.private or best_metric(self.cfg) == "held_out_median":
-                row["held_out_median"] = statistics.median(r.held_out_loss for r in rows)
-            row.update(extra_means(rows))  # features' eval metrics (personal tuning's loss)
+            row.update(extra_means(rows))  # the features' evaluation metrics
         if self.test_set is not None:  # the server's own global test set, no client involved
             row["test_loss"], row["test_tokens"] = self.test_set.evaluate(s.global_)
         if s.private:  # per-client held-out losses are outside any training guarantee

@@ -101,7 +101,7 @@ def _round_card(
     note: str = "",
 ) -> AdapterCard:
     """The card of the global adapter after `server_round`, with that round's server metrics."""
-    keys = ("held_out_loss", "held_out_median", "test_loss", "train_loss")
+    keys = ("held_out_loss", "test_loss", "train_loss")
     metrics = _numbers(_server_row(rows, server_round), keys)
     return make_card(
         cfg,
@@ -141,9 +141,7 @@ def best_metric(cfg: RunConfig) -> str | None:
 
 def _scored(rows: list[dict], key: str | None) -> dict[int, float]:
     """Trained round -> its server row's `key`, where it has a finite one; a held-out loss only
-    where every client of the panel replied (fewer clients score another mix of domains). The
-    median keeps such rounds: a client could otherwise leave every round out of the running but
-    the one it wants by sending a malformed evaluation in the others."""
+    where every client of the panel replied (fewer clients score another mix of domains)."""
     return {
         r["round"]: r[key]
         for r in rows
@@ -186,18 +184,53 @@ def keep_best(
         shutil.rmtree(folder)
         kept = None
     rows = metrics.read()
-    scored = _scored(rows, key)
-    if server_round not in scored:
-        return None
-    earlier = (v for rnd, v in scored.items() if rnd < server_round)
-    bar = kept[2] if kept is not None else min(earlier, default=math.inf)
-    if not scored[server_round] < bar:  # a tie keeps the earlier round
-        return None
-    note = f"The round with the lowest {key} of the run's rounds up to {server_round}."
+    if key == VOTE:
+        value = _vote(rows, server_round, None if kept is None else kept[1])
+        if value is None:
+            return None
+        note = (
+            f"The round most clients scored lowest on their own held-out splits, round against "
+            f"kept round, up to round {server_round}; {key} is the share that preferred it."
+        )
+    else:
+        scored = _scored(rows, key)
+        if server_round not in scored:
+            return None
+        earlier = (v for rnd, v in scored.items() if rnd < server_round)
+        bar = kept[2] if kept is not None else min(earlier, default=math.inf)
+        if not scored[server_round] < bar:  # a tie keeps the earlier round
+            return None
+        value = scored[server_round]
+        note = f"The round with the lowest {key} of the run's rounds up to {server_round}."
     card = _round_card(cfg, strategy, rows, server_round, what="best", note=note)
+    card = dataclasses.replace(card, selected_by=key, metrics={**card.metrics, key: value})
     with building_folder(folder) as fresh:
-        save_adapter(fresh, strategy.global_, cfg, dataclasses.replace(card, selected_by=key))
+        save_adapter(fresh, strategy.global_, cfg, card)
     return folder
+
+
+VOTE = "held_out_vote"
+
+
+def _vote(rows: list[dict], server_round: int, kept_round: int | None) -> float | None:
+    """`output.best_by: held_out_vote`: the share of the clients that evaluated both
+    `server_round` and the kept round whose own held-out loss is lower in `server_round`, when
+    that is a strict majority of at least 2 (None otherwise: the kept round stays). Each client
+    compares its own split across rounds, so the clients' domains never mix, and a liar has
+    one vote. Without a kept round, any round with an evaluation is kept (share 1)."""
+    losses: dict[int, dict[int, float]] = {}
+    for r in rows:  # eval rows are written only for clients with held-out tokens
+        if r.get("kind") == "eval" and isinstance(r.get("held_out_loss"), int | float):
+            losses.setdefault(r["round"], {})[r["partition"]] = r["held_out_loss"]
+    mine = losses.get(server_round, {})
+    if not mine:
+        return None
+    if kept_round is None:
+        return 1.0
+    theirs = losses.get(kept_round, {})
+    both = [p for p in mine if p in theirs and math.isfinite(mine[p] + theirs[p])]
+    wins = sum(mine[p] < theirs[p] for p in both)
+    return wins / len(both) if len(both) >= 2 and 2 * wins > len(both) else None
 
 
 def best_line(cfg: RunConfig, rows: list[dict]) -> str:
