@@ -556,3 +556,20 @@ def test_a_message_the_grid_could_not_store_is_missed_and_the_others_answer(caps
     assert "x: 1 of 3 clients missed the deadline (federation.round_timeout=5s; node 3)" in (
         capsys.readouterr().out
     )
+
+
+def test_a_node_that_misses_two_rounds_running_while_connected_is_named(capsys) -> None:
+    """Slow, or a SuperNode stuck one reply behind after a run stopped mid-pull: the server
+    says so (a node that left, or missed once, is not named)."""
+    from types import SimpleNamespace
+
+    from fedllm.server.app import Run
+
+    run = SimpleNamespace(missed=set(), grid=SimpleNamespace(get_node_ids=lambda: [4, 5, 6]))
+    Run.warn_repeat_misses(run, 1, {5, 7})
+    Run.warn_repeat_misses(run, 2, {5, 6, 7})  # 7 missed twice but is gone
+    Run.warn_repeat_misses(run, 3, {4})
+    said = capsys.readouterr().out
+    assert "round 2: node 5 missed the deadline two rounds running while connected" in said
+    assert "restart it (docs/deployment.md, Failures)" in said
+    assert said.count("missed the deadline two rounds running") == 1

@@ -59,6 +59,7 @@ class Run:
         self.test_set = (
             TestSetEvaluator(cfg, cache=self.cache) if cfg.data.test_set is not None else None
         )
+        self.missed: set[int] = set()  # nodes that sent no training reply last round
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save(self, server_round: int, *, pending: dict[str, Any] | None = None) -> None:
@@ -175,6 +176,8 @@ class Run:
         replies = exchange(
             self.grid, messages, timeout=self.timeout, label=label, describe=describe_train
         )
+        sent = {m.metadata.dst_node_id for m in messages}
+        self.warn_repeat_misses(server_round, sent - {r.metadata.src_node_id for r in replies})
         if replies and len(replies) == len(messages) and all(m.has_error() for m in replies):
             raise RunFailed(
                 f"round {server_round}: every client failed (first error: "
@@ -182,6 +185,19 @@ class Run:
                 f"checkpointed in {self.cfg.run_dir}, fix and use --resume"
             )
         return s.train_round(server_round, replies, sampled=len(messages))
+
+    def warn_repeat_misses(self, server_round: int, missed: set[int]) -> None:
+        """Name the nodes that sent no training reply two rounds running yet are still
+        connected: slow, or a SuperNode stuck one reply behind (docs/deployment.md, Failures)."""
+        again = sorted(missed & self.missed & set(self.grid.get_node_ids()))
+        self.missed = missed
+        if again:
+            say(
+                f"round {server_round}: node {', '.join(map(str, again))} missed the deadline two "
+                "rounds running while connected: slow (raise federation.round_timeout), or a "
+                "SuperNode stuck one reply behind (its log shows each `Sending:` right after "
+                "the next `Receiving:`): restart it (docs/deployment.md, Failures)"
+            )
 
     def round(self, server_round: int) -> None:
         """Train, evaluate, record, checkpoint and report one round."""
