@@ -113,8 +113,12 @@ def test_off_keeps_none_and_export_best_says_why(tmp_path, capsys) -> None:
             "'auto', 'held_out_loss', 'held_out_vote', 'test_loss' or 'none'",
         ),
         (
-            ["output.best_by=held_out_vote", "federation.evaluate_clients=2"],
+            ["output.best_by=held_out_vote", "data.num_clients=2", "lora.ranks=[2,4]"],
             r"held_out_vote needs at least 3 evaluating clients \(of 2, one liar is half",
+        ),
+        (
+            ["output.best_by=held_out_vote", "federation.evaluate_clients=0.5"],
+            "held_out_vote compares each client's losses across rounds, so every client must",
         ),
         (
             ["output.best_by=held_out_vote", "privacy.secure_aggregation.enabled=true"],
@@ -264,6 +268,26 @@ def test_the_vote_keeps_a_round_only_when_most_clients_score_it_lower_on_their_o
     assert kept() == (4, 2 / 3)
     _votes(cfg, strategy, metrics, 5, {0: 2.7, 2: 0.0})  # 1 of the 2 who voted: no majority
     assert kept() == (4, 2 / 3)
+
+
+def test_without_a_kept_round_the_vote_needs_a_win_against_every_earlier_round() -> None:
+    """After a resume removed best_adapter/ (or at the first trained round): round 0 (the base)
+    is never kept, and a round is kept only if most clients prefer it to each earlier round."""
+    from fedllm.server.outputs import _vote
+
+    def evals(rnd: int, losses: dict[int, float]) -> list[dict]:
+        return [
+            {"kind": "eval", "round": rnd, "partition": p, "held_out_loss": v}
+            for p, v in losses.items()
+        ]
+
+    rows = evals(0, {0: 5, 1: 5, 2: 5}) + evals(1, {0: 3, 1: 3, 2: 3})
+    rows += evals(2, {0: 4, 1: 4, 2: 2}) + evals(3, {0: 2, 1: 2, 2: 9})
+    assert _vote(rows, 0, None) is None
+    assert _vote(rows, 1, None) == 1.0  # no earlier trained round
+    assert _vote(rows, 2, None) is None  # 2 of 3 prefer round 1
+    assert _vote(rows, 3, None) == 2 / 3  # beats round 1 (2 of 3) and round 2 (2 of 3)
+    assert _vote(rows, 3, 1) == 2 / 3 and _vote(rows, 2, 1) is None
 
 
 class Liar:

@@ -294,6 +294,17 @@ def test_two_nodes_claiming_one_partition_in_an_evaluation_are_both_dropped() ->
     assert [r.partition for r in rows] == [0] and loss == pytest.approx((2.0, 10))
 
 
+def test_a_newcomer_claiming_a_known_partition_loses_only_its_own_evaluation() -> None:
+    """Dropping both would let any node without an accepted training reply silence an honest
+    client's evaluation (and its vote under output.best_by: held_out_vote)."""
+    s = strategy(recipe())
+    s.node_partitions = {1: 0, 2: 1}  # what their training replies taught; node 3 never trained
+    replies = [reply(n, None, eval_metrics(p, tokens=10)) for n, p in ((1, 0), (2, 1), (3, 1))]
+    loss, rows, dropped = s.evaluate_round(2, replies)
+    assert list(dropped) == [3] and "claimed by nodes [2, 3]" in dropped[3]
+    assert sorted(r.partition for r in rows) == [0, 1] and loss == pytest.approx((2.0, 20))
+
+
 def test_a_client_without_held_out_examples_has_no_row_not_a_loss_of_zero(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

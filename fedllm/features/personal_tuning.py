@@ -204,11 +204,11 @@ class PersonalTuning(Feature):
         )
         folder = save_adapter(home / FOLDER, tuned, card, **lora)
         log.info(
-            "client %d: tuned the final global in %d steps at lr %g: held-out loss %.4f, in %s",
+            "client %d: tuned the final global in %d steps at lr %g (held-out loss %s), in %s",
             rnd.partition,
             steps,
             opts.lr,
-            loss,
+            f"{loss:.4f}" if tokens else "not measured: no held-out tokens",
             folder,
         )
         return {} if private(cfg) or tokens == 0 else {KEY: loss}

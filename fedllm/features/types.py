@@ -185,7 +185,7 @@ EVAL_ROW_KEYS = frozenset(
     {"kind", "round", "partition", "held_out_loss", "tokens", "phase", "eval_clients"}
     | {"eval_dropped", "eval_tokens", "test_loss", "test_tokens", "clients_ok", "clients_failed"}
     | {"clients_sampled", "train_loss", "bytes_sent", "bytes_received", "seconds"}
-    | {"train_seconds"}
+    | {"train_seconds", "partition_id", "nll_sum", "num_examples"}  # the reply's own keys
 )
 
 

@@ -80,6 +80,12 @@ def _check_best_by(cfg: RunConfig, *, local_B: bool) -> None:
         )
     panel = panel_size(cfg.federation.evaluate_clients, cfg.data.num_clients)
     p = cfg.privacy
+    if best_by == "held_out_vote" and cfg.federation.evaluate_clients != "all":
+        raise ValueError(
+            "output.best_by: held_out_vote compares each client's losses across rounds, so "
+            "every client must evaluate every round; set federation.evaluate_clients: all (it "
+            f"is {cfg.federation.evaluate_clients!r})"
+        )
     if best_by == "held_out_vote" and panel < 3:
         raise ValueError(
             f"output.best_by: held_out_vote needs at least 3 evaluating clients (of {panel}, "

@@ -187,7 +187,8 @@ def final_table(rows: list[dict], last_round: int) -> list[dict]:
     server = {r["round"]: r for r in rows if r.get("kind") == "server" and "held_out_loss" in r}
     if 0 in server and last_round in server:
         row = _row("global", server[0]["held_out_loss"], server[last_round]["held_out_loss"])
-        every = table and all("tuned_loss" in r for r in table)  # else Δ would mix panels
+        final = [r for (rnd, _), r in evals.items() if rnd == last_round]
+        every = final and all("tuned_loss" in r for r in final)  # else Δ would mix panels
         table.append({**row, **(_tuned(server[last_round]) if every else {})})
     test = {r["round"]: r for r in rows if r.get("kind") == "server" and "test_loss" in r}
     if 0 in test and last_round in test:  # the server's own test set (data.test_set)

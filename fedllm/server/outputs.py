@@ -216,8 +216,11 @@ def _vote(rows: list[dict], server_round: int, kept_round: int | None) -> float 
     """`output.best_by: held_out_vote`: the share of the clients that evaluated both
     `server_round` and the kept round whose own held-out loss is lower in `server_round`, when
     that is a strict majority of at least 2 (None otherwise: the kept round stays). Each client
-    compares its own split across rounds, so the clients' domains never mix, and a liar has
-    one vote. Without a kept round, any round with an evaluation is kept (share 1)."""
+    compares its own split across rounds, so the clients' domains never mix. Without a kept
+    round (the first trained round, or after a resume removed it) the round must win that vote
+    against every earlier trained round (the smallest share is returned)."""
+    if server_round < 1:
+        return None  # round 0 is the base model
     losses: dict[int, dict[int, float]] = {}
     for r in rows:  # eval rows are written only for clients with held-out tokens
         if r.get("kind") == "eval" and isinstance(r.get("held_out_loss"), int | float):
@@ -225,17 +228,32 @@ def _vote(rows: list[dict], server_round: int, kept_round: int | None) -> float 
     mine = losses.get(server_round, {})
     if not mine:
         return None
-    if kept_round is None:
-        return 1.0
-    theirs = losses.get(kept_round, {})
-    both = [p for p in mine if p in theirs and math.isfinite(mine[p] + theirs[p])]
-    wins = sum(mine[p] < theirs[p] for p in both)
-    return wins / len(both) if len(both) >= 2 and 2 * wins > len(both) else None
+    if kept_round is not None:
+        rivals = [kept_round]
+    else:
+        rivals = [r for r in losses if 1 <= r < server_round]
+    shares = []
+    for rival in rivals:
+        theirs = losses[rival] if rival in losses else {}
+        both = [p for p in mine if p in theirs and math.isfinite(mine[p] + theirs[p])]
+        wins = sum(mine[p] < theirs[p] for p in both)
+        if len(both) < 2 or 2 * wins <= len(both):
+            return None
+        shares.append(wins / len(both))
+    return min(shares, default=1.0)
 
 
 def best_line(cfg: RunConfig, rows: list[dict]) -> str:
     """Which round best_adapter/ holds, against the last round, for the run's last words."""
-    scored, kept = _scored(rows, best_metric(cfg)), _kept(cfg)
+    key = best_metric(cfg)
+    kept = _kept(cfg)
+    if kept is not None and key == VOTE:  # a share of votes: say the rounds' held-out losses
+        scored = _scored(rows, "held_out_loss")
+        if kept[1] not in scored:
+            return ""
+        kept = ("held_out_loss (by vote)", kept[1], scored[kept[1]])
+    else:
+        scored = _scored(rows, key)
     if kept is None or not scored:
         return ""
     key, best, value = kept
