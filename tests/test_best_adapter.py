@@ -288,6 +288,7 @@ def test_without_a_kept_round_the_vote_needs_a_win_against_every_earlier_round()
     assert _vote(rows, 2, None) is None  # 2 of 3 prefer round 1
     assert _vote(rows, 3, None) == 2 / 3  # beats round 1 (2 of 3) and round 2 (2 of 3)
     assert _vote(rows, 3, 1) == 2 / 3 and _vote(rows, 2, 1) is None
+    assert _vote(evals(1, {0: 3.0}), 1, None) is None  # one evaluation: nothing to keep
 
 
 class Liar:

@@ -303,6 +303,9 @@ def test_a_newcomer_claiming_a_known_partition_loses_only_its_own_evaluation() -
     loss, rows, dropped = s.evaluate_round(2, replies)
     assert list(dropped) == [3] and "claimed by nodes [2, 3]" in dropped[3]
     assert sorted(r.partition for r in rows) == [0, 1] and loss == pytest.approx((2.0, 20))
+    s.node_partitions = {1: 0, 2: 1, 3: 1}  # node 3 trained as 1 while node 2 was not sampled
+    loss, rows, dropped = s.evaluate_round(3, replies)
+    assert sorted(dropped) == [2, 3], "two known holders: neither can be told from the other"
 
 
 def test_a_client_without_held_out_examples_has_no_row_not_a_loss_of_zero(

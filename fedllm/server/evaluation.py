@@ -63,8 +63,8 @@ def read_evaluations(
     `eval_metrics`), a partition outside the recipe or not
     the one the node trained as (`partitions`), more tokens than its shard can hold
     (data.max_examples × data.max_length, when the recipe caps the examples), and every reply of
-    a partition two nodes claim in one round (except the node known to hold it: the claimant
-    is dropped alone). Failed replies (Flower errors) are neither.
+    a partition two nodes claim in one round (except the partition's sole known holder: the
+    claimant is dropped alone). Failed replies (Flower errors) are neither.
     """
     rows: dict[int, EvalRow] = {}
     dropped: dict[int, str] = {}
@@ -89,9 +89,12 @@ def read_evaluations(
             dropped[node] = f"malformed evaluation: {err}"
             continue
         rows[node] = row
+    holders: dict[int, list[int]] = {}  # partition -> the nodes accepted training taught it
+    for node, pid in partitions.items():
+        holders.setdefault(pid, []).append(node)
     for node, reason in shared_partitions({n: row.partition for n, row in rows.items()}).items():
-        if partitions.get(node) == rows[node].partition:
-            continue  # its partition since an accepted training reply: a newcomer cannot oust it
+        if holders.get(rows[node].partition) == [node]:
+            continue  # its sole known holder: a newcomer's claim cannot oust it
         del rows[node]
         dropped[node] = reason
     return list(rows.values()), dropped

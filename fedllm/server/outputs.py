@@ -215,7 +215,8 @@ VOTE = "held_out_vote"
 def _vote(rows: list[dict], server_round: int, kept_round: int | None) -> float | None:
     """`output.best_by: held_out_vote`: the share of the clients that evaluated both
     `server_round` and the kept round whose own held-out loss is lower in `server_round`, when
-    that is a strict majority of at least 2 (None otherwise: the kept round stays). Each client
+    that is a strict majority of at least 2 (None otherwise, and for a round fewer than 2
+    clients scored: the kept round stays). Each client
     compares its own split across rounds, so the clients' domains never mix. Without a kept
     round (the first trained round, or after a resume removed it) the round must win that vote
     against every earlier trained round (the smallest share is returned)."""
@@ -226,7 +227,7 @@ def _vote(rows: list[dict], server_round: int, kept_round: int | None) -> float 
         if r.get("kind") == "eval" and isinstance(r.get("held_out_loss"), int | float):
             losses.setdefault(r["round"], {})[r["partition"]] = r["held_out_loss"]
     mine = losses.get(server_round, {})
-    if not mine:
+    if len(mine) < 2:  # a round at least 2 clients scored, or every later vote would stall
         return None
     if kept_round is not None:
         rivals = [kept_round]
@@ -248,7 +249,12 @@ def best_line(cfg: RunConfig, rows: list[dict]) -> str:
     key = best_metric(cfg)
     kept = _kept(cfg)
     if kept is not None and key == VOTE:  # a share of votes: say the rounds' held-out losses
-        scored = _scored(rows, "held_out_loss")
+        scored = {
+            r["round"]: r["held_out_loss"]
+            for r in rows
+            if r.get("kind") == "server" and r.get("round", 0) >= 1
+            and isinstance(r.get("held_out_loss"), int | float)
+        }  # fmt: skip
         if kept[1] not in scored:
             return ""
         kept = ("held_out_loss (by vote)", kept[1], scored[kept[1]])
