@@ -27,7 +27,7 @@ from peft import PeftModel
 
 from fedllm.aggregators import round_spec
 from fedllm.client.round import client_seed
-from fedllm.client.schedule import num_local_steps, schedule_span
+from fedllm.client.schedule import round_steps, schedule_span
 from fedllm.client.train import evaluate_nll, train_local
 from fedllm.data import tokenize_all
 from fedllm.data.shards import ProcessCache, global_test_set, load_shard
@@ -241,14 +241,7 @@ def _say(text: str) -> None:
 
 def local_steps(cfg: RunConfig, n_examples: int) -> int:
     """A client's local steps per round on `n_examples` training examples (the client app's)."""
-    fed = cfg.federation
-    return num_local_steps(
-        n_examples,
-        batch_size=fed.batch_size,
-        local_steps=fed.local_steps,
-        local_epochs=fed.local_epochs,
-        accumulation=fed.gradient_accumulation_steps,
-    )
+    return round_steps(cfg.federation, n_examples)
 
 
 def train_round(

@@ -16,7 +16,7 @@ from peft import PeftModel
 
 from fedllm.aggregators.base import Factors
 from fedllm.client.node_config import node_shard
-from fedllm.client.schedule import num_local_steps, schedule_span
+from fedllm.client.schedule import round_steps, schedule_span
 from fedllm.client.train import TrainResult, chain_results, train_local
 from fedllm.constrained.pruning import check_ratio
 from fedllm.data.shards import ProcessCache
@@ -192,13 +192,7 @@ def local_steps(model: PeftModel, rnd: ClientRound, features: Sequence[Feature])
     feature's regularisers added to the loss, in the stages the features' `stage` hooks ask for
     (one unless a feature changes the adapter mid-round, e.g. squeeze_intune)."""
     fed = rnd.cfg.federation
-    steps = num_local_steps(
-        len(rnd.shard.train),
-        batch_size=fed.batch_size,
-        local_steps=fed.local_steps,
-        local_epochs=fed.local_epochs,
-        accumulation=fed.gradient_accumulation_steps,
-    )
+    steps = round_steps(fed, len(rnd.shard.train))
     for f in features:
         if (result := f.train(model, rnd, steps=steps)) is not None:
             return result

@@ -4,8 +4,12 @@ federation) and the optimizer."""
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from fedllm.recipe.schema_federation import FederationConfig
 
 
 def num_local_steps(
@@ -22,6 +26,18 @@ def num_local_steps(
         return local_steps
     assert local_epochs is not None
     return max(1, math.ceil(local_epochs * n_examples / (batch_size * accumulation)))
+
+
+def round_steps(fed: FederationConfig, n_examples: int) -> int:
+    """A client's local steps per round on `n_examples` training examples under the recipe's
+    `federation` section (steps, or epochs with its batch and accumulation)."""
+    return num_local_steps(
+        n_examples,
+        batch_size=fed.batch_size,
+        local_steps=fed.local_steps,
+        local_epochs=fed.local_epochs,
+        accumulation=fed.gradient_accumulation_steps,
+    )
 
 
 def schedule_span(*, scope: str, server_round: int, rounds: int, steps: int) -> tuple[int, int]:

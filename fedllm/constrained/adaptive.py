@@ -55,7 +55,7 @@ class Adaptive(Feature):
         if not cls.enabled(cfg):
             return
         require_adapter_state(cfg, "adaptive (rank, pruning)")
-        if cfg.privacy.mode != "none" or cfg.privacy.secure_aggregation.enabled:
+        if cfg.privacy.private:
             raise ValueError(
                 "adaptive (rank, pruning) learns from each client's training losses and time, "
                 "which a private run (privacy.mode or SecAgg+) does not send; drop adaptive"

@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from fedllm.aggregators import Factors, round_spec
 from fedllm.aggregators.linalg import factored_svd
 from fedllm.client.round import client_seed
-from fedllm.client.schedule import num_local_steps
+from fedllm.client.schedule import round_steps
 from fedllm.client.train import evaluate_nll, train_local
 from fedllm.constrained.pruned import planned_ranks
 from fedllm.features.base import Feature, ReplyMetrics
@@ -69,12 +69,6 @@ class PersonalTuningOptions(BaseModel):
     steps: int | None = Field(
         None, gt=0, description="optimizer steps (default: one round's local steps)"
     )
-
-
-def private(cfg: RunConfig) -> bool:
-    """Whether the run promises the clients' data a guarantee the tuning round does not keep:
-    DP (sample or client level) or SecAgg+."""
-    return cfg.privacy.mode != "none" or cfg.privacy.secure_aggregation.enabled
 
 
 def cut_to_rank(factors: Mapping[str, Factors], *, rank: int, scaling: float) -> dict[str, Factors]:
@@ -126,7 +120,7 @@ class PersonalTuning(Feature):
                 f"must evaluate; set federation.evaluate_clients: all (it is "
                 f"{cfg.federation.evaluate_clients!r})"
             )
-        if private(cfg):
+        if cfg.privacy.private:
             log.warning(
                 "%s: in a private run the tuned adapter is kept only by nodes started with "
                 "--node-config %s=<folder> (never in the run directory; none in a simulation), "
@@ -141,20 +135,14 @@ class PersonalTuning(Feature):
         cfg, fed = rnd.cfg, rnd.cfg.federation
         if rnd.server_round != fed.rounds or not factors:
             return {}
-        if private(cfg) and not rnd.node_config.get(NODE_KEY):
+        if cfg.privacy.private and not rnd.node_config.get(NODE_KEY):
             return {}
         opts = self.options
         rank = rnd.plan.rank
         start = cut_to_rank(factors, rank=rank, scaling=cfg.client_scaling(rank))
         base, tok = cached_base_model(cfg, cache=rnd.cache)  # the evaluation's, when cached
         examples = rnd.shard.train
-        steps = opts.steps or num_local_steps(
-            len(examples),
-            batch_size=fed.batch_size,
-            local_steps=fed.local_steps,
-            local_epochs=fed.local_epochs,
-            accumulation=fed.gradient_accumulation_steps,
-        )
+        steps = opts.steps or round_steps(fed, len(examples))
         lora = {"dropout": cfg.lora.dropout, "target_modules": cfg.lora.target_modules}
         model = adapter_holding(base, start, **lora)
         try:
@@ -211,4 +199,4 @@ class PersonalTuning(Feature):
             f"{loss:.4f}" if tokens else "not measured: no held-out tokens",
             folder,
         )
-        return {} if private(cfg) or tokens == 0 else {KEY: loss}
+        return {} if cfg.privacy.private or tokens == 0 else {KEY: loss}

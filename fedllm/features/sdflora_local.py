@@ -82,12 +82,6 @@ def check_recipe(cfg: RunConfig) -> None:
         )
 
 
-def private(cfg: RunConfig) -> bool:
-    """Whether the run promises clients privacy (DP or SecAgg+): the local module, trained
-    without noise and never sent, is then outside every guarantee."""
-    return cfg.privacy.mode != "none" or cfg.privacy.secure_aggregation.enabled
-
-
 def stored(state: RecordDict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Module → (B_l, A_l) this node kept, or {} before its first round."""
     kept = state.get(STATE)
@@ -187,7 +181,7 @@ class SDFLoRALocal(Feature):
         rank = rnd.plan.rank
         ranks = split_ranks(rank, local_fraction(client_options(rnd.config)))
         if ranks[1]:  # a resumed node (empty state) takes back the module it wrote
-            restore_node_state(rnd, STATE, uncovered=private(self.cfg))
+            restore_node_state(rnd, STATE, uncovered=self.cfg.privacy.private)
         seed = self.cfg.seed * 1_000_003 + rnd.partition
         scaling = self.cfg.client_scaling(rank)
         return with_local(factors, stored(rnd.state), ranks=ranks, scaling=scaling, seed=seed)
@@ -201,7 +195,7 @@ class SDFLoRALocal(Feature):
         scaling = self.cfg.client_scaling(rg)
         shared, local = split_update(update.factors, global_rank=rg, global_scaling=scaling)
         keep(rnd.state, local)
-        save_node_state(rnd, STATE, uncovered=private(self.cfg))
+        save_node_state(rnd, STATE, uncovered=self.cfg.privacy.private)
         start, _ = split_update(update.start, global_rank=rg, global_scaling=scaling)
         return ClientUpdate(shared, start, rg)
 

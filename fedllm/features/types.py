@@ -99,10 +99,16 @@ def declared_metrics(reply: TrainReply, declared: Mapping[str, Any]) -> dict[str
     """The reply's values of the `declared` metrics (key -> type or (type, minimum); see
     `Feature.reply_metrics`) by their row names (`squeeze-rank` -> `squeeze_rank`), checked;
     ValueError naming the key for a bad one, absent keys left out."""
+    return _declared(reply.extra, declared)
+
+
+def _declared(metrics: Mapping[str, Any], declared: Mapping[str, Any]) -> dict[str, Any]:
+    """`declared_metrics` over a reply's raw metrics (a training reply's extra keys, or an
+    evaluation reply's metrics for `Feature.eval_metrics`)."""
     out: dict[str, Any] = {}
     for key, spec in declared.items():
         kind, minimum = spec if isinstance(spec, tuple) else (spec, -math.inf)
-        if (value := extra_number(reply, key, kind=kind, minimum=minimum)) is not None:
+        if (value := _optional(metrics, key, kind, minimum=minimum)) is not None:
             out[key.replace("-", "_")] = value
     return out
 
@@ -247,11 +253,7 @@ class EvalRow:
                 f"reply metric 'held-out-loss'={loss!r} is not 'nll-sum'/'tokens' "
                 f"({nll!r}/{tokens})"
             )
-        extra = {}
-        for key, spec in (declared or {}).items():
-            kind, minimum = spec if isinstance(spec, tuple) else (spec, -math.inf)
-            if (value := _optional(metrics, key, kind, minimum=minimum)) is not None:
-                extra[key.replace("-", "_")] = value
+        extra = _declared(metrics, declared or {})
         return cls(server_round, _number(metrics, "partition-id", int), loss, tokens, extra)
 
     def to_json(self) -> dict[str, Any]:

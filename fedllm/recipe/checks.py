@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedllm.recipe.schema_federation import panel_size
 from fedllm.suggest import did_you_mean
 
 RunConfig = Any  # fedllm.recipe.schema.RunConfig, which imports this module (no cycle back)
@@ -78,21 +77,19 @@ def _check_best_by(cfg: RunConfig, *, local_B: bool) -> None:
             f"output.best_by: {best_by} needs clients that evaluate, but "
             "federation.evaluate_clients is none; use output.best_by: test_loss, auto or none"
         )
-    panel = panel_size(cfg.federation.evaluate_clients, cfg.data.num_clients)
-    p = cfg.privacy
     if best_by == "held_out_vote" and cfg.federation.evaluate_clients != "all":
         raise ValueError(
             "output.best_by: held_out_vote compares each client's losses across rounds, so "
             "every client must evaluate every round; set federation.evaluate_clients: all (it "
             f"is {cfg.federation.evaluate_clients!r})"
         )
-    if best_by == "held_out_vote" and panel < 3:
+    if best_by == "held_out_vote" and (panel := cfg.data.num_clients) < 3:
         raise ValueError(
             f"output.best_by: held_out_vote needs at least 3 evaluating clients (of {panel}, "
             "one liar is half the vote); raise data.num_clients or federation.evaluate_clients, "
             "or use test_loss (the server's own test set)"
         )
-    if best_by == "held_out_vote" and (p.mode != "none" or p.secure_aggregation.enabled):
+    if best_by == "held_out_vote" and cfg.privacy.private:
         raise ValueError(
             "output.best_by: held_out_vote compares each client's losses across rounds, which a "
             "private run keeps out of its files (metrics.jsonl); use test_loss (the server's own "

@@ -3,24 +3,11 @@ the server's aggregation method, and where the Flower simulation engine runs."""
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from fedllm.recipe.schema_common import Precision, Strict
-
-
-def panel_size(spec: str | int | float, num_nodes: int) -> int:
-    """How many of `num_nodes` evaluate: all, none, a count (at most all), or a fraction
-    rounded half up (at least one)."""
-    if spec == "all":
-        return num_nodes
-    if spec == "none" or num_nodes == 0:
-        return 0
-    if isinstance(spec, float):
-        return min(num_nodes, max(1, math.floor(spec * num_nodes + 0.5)))
-    return min(int(spec), num_nodes)
 
 
 class FederationConfig(Strict):

@@ -73,6 +73,12 @@ class PrivacyConfig(Strict):
     )
     secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
 
+    @property
+    def private(self) -> bool:
+        """Whether the run promises the clients privacy: a DP mechanism or SecAgg+ (what a
+        client keeps without noise, or a per-client result, is then outside that promise)."""
+        return self.mode != "none" or self.secure_aggregation.enabled
+
     @model_validator(mode="after")
     def _coherent(self) -> PrivacyConfig:
         common = {"mode", "target_epsilon", "delta", "accountant", "epsilon_budget"}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import time
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +128,7 @@ class Run:
             describe=functools.partial(
                 describe_evaluation,
                 private=s.private,
-                declared={k: v for f in self.features for k, v in f.eval_metrics.items()},
+                declared=s.eval_metrics,
             ),
         )
         loss, rows, dropped = s.evaluate_round(server_round, replies)
@@ -244,7 +245,7 @@ class Run:
             f"round {server_round}/{self.cfg.federation.rounds}: {len(ok)}/{result.sampled} "
             f"clients ok, train loss {losses}; held-out "
             f"{server_row.get('held_out_loss', float('nan')):.4f}"
-            f"{with_extras(server_row, self.features)}{with_test_loss(server_row)} "
+            f"{with_extras(server_row, self.strategy.eval_metrics)}{with_test_loss(server_row)} "
             f"[{server_row['seconds']:.0f}s]{' (best so far)' if best else ''}{progress}"
         )
 
@@ -264,9 +265,9 @@ class Run:
         self.metrics.publish([*eval_rows, row])
 
 
-def with_extras(row: dict[str, Any], features: list[Feature]) -> str:
-    """The features' evaluation metrics in a server row, for a progress line."""
-    keys = [k.replace("-", "_") for f in features for k in f.eval_metrics]
+def with_extras(row: dict[str, Any], declared: Mapping[str, Any]) -> str:
+    """The features' `declared` evaluation metrics in a server row, for a progress line."""
+    keys = [k.replace("-", "_") for k in declared]
     return "".join(f", {k.replace('_', ' ')} {row[k]:.4f}" for k in keys if k in row)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from collections.abc import Iterable, Mapping, Sequence
 
 from flwr.app import Message
@@ -29,10 +30,21 @@ from fedllm.features.types import EvalRow
 from fedllm.model.adapters import adapter_holding
 from fedllm.model.base import cached_base_model
 from fedllm.recipe.schema import RunConfig
-from fedllm.recipe.schema_federation import panel_size
 from fedllm.server.replies import shared_partitions
 
 log = logging.getLogger("fedllm.server")
+
+
+def panel_size(spec: str | int | float, num_nodes: int) -> int:
+    """How many of `num_nodes` evaluate: all, none, a count (at most all), or a fraction
+    rounded half up (at least one)."""
+    if spec == "all":
+        return num_nodes
+    if spec == "none" or num_nodes == 0:
+        return 0
+    if isinstance(spec, float):
+        return min(num_nodes, max(1, math.floor(spec * num_nodes + 0.5)))
+    return min(int(spec), num_nodes)
 
 
 def evaluation_panel(nodes: Iterable[int], *, spec: str | int | float, seed: int) -> list[int]:

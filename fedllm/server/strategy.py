@@ -55,6 +55,8 @@ class LoraStrategy(Strategy):
         self.cfg = cfg
         self.shapes = dict(shapes)
         self.features = list(features)
+        # what the features add to an evaluation reply (key -> type), read with every reply
+        self.eval_metrics = {k: v for f in self.features for k, v in f.eval_metrics.items()}
         self.aggregate_fn = get(cfg.aggregator.name)
         self.spec = round_spec(cfg.aggregator.name)  # what travels each round (fedllm.model.wire)
         self.max_rank = cfg.max_rank
@@ -367,7 +369,7 @@ class LoraStrategy(Strategy):
             server_round=server_round,
             cfg=self.cfg,
             partitions=self.node_partitions,
-            declared={k: v for f in self.features for k, v in f.eval_metrics.items()},
+            declared=self.eval_metrics,
         )
 
     def aggregate_evaluate(
