@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from _stats import paired, t_interval, verdict
+from _stats import NEGLIGIBLE, paired, t_interval, verdict
 
 REFERENCE = "local only"
 
@@ -47,25 +47,26 @@ def client_table(
     lines = [
         f"Own-domain held-out loss per client (client, LoRA rank): {reference}'s, then each "
         f"method − {reference} on the same seeds (mean; `*`: the paired 95% interval excludes 0). "
-        "Gains / losses: the clients whose interval lies below / above 0.",
+        "Gains / losses: the clients whose interval lies below / above 0; a method paired on "
+        "one seed has no interval and no count (`n/a`).",
         "",
-        "| method | " + " | ".join(head) + " | gains / losses |",
-        "|---|" + "---:|" * (len(clients) + 1),
-        f"| {reference} (loss) | "
+        "| method | seeds | " + " | ".join(head) + " | gains / losses |",
+        "|---|---:|" + "---:|" * (len(clients) + 1),
+        f"| {reference} (loss) | {len(cells[reference])} | "
         + " | ".join(f"{t_interval(local[p].values()).mean:.4f}" for p in clients)
         + " | |",
     ]
     for method in [m for m in order if m != reference]:
         mine = per_client(cells[method])
-        texts, gains, losses = [], 0, 0
+        texts, said = [], []
         for p in clients:
             d = paired(mine.get(p, {}), local[p])
             if d is None:
                 texts.append("—")
                 continue
-            said = verdict(d)  # better / worse: the interval excludes 0
-            gains += said == "better"
-            losses += said == "worse"
-            texts.append(f"{d.mean:+.3f}" + ("*" if said in ("better", "worse") else ""))
-        lines.append(f"| {method} | " + " | ".join(texts) + f" | {gains} / {losses} |")
+            said.append(verdict(d, negligible=NEGLIGIBLE))  # better / worse: excludes 0
+            texts.append(f"{d.mean:+.3f}" + ("*" if said[-1] in ("better", "worse") else ""))
+        seeds = len(set(cells[method]) & set(cells[reference]))
+        count = "n/a" if seeds < 2 else f"{said.count('better')} / {said.count('worse')}"
+        lines.append(f"| {method} | {seeds} | " + " | ".join(texts) + f" | {count} |")
     return lines

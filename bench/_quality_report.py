@@ -15,18 +15,26 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from _quality_clients import client_table, local_reference
-from _stats import Interval, paired, t_interval, verdict
+from _stats import NEGLIGIBLE, Interval, paired, t_interval, verdict
 
 RESULTS = Path(__file__).parent / "results"
-# Nats below which a paired difference is no difference: the round-off between the exact and
-# the randomised SVD is 3e-5, the smallest seed noise between methods 0.001-0.002.
-NEGLIGIBLE = 0.001
 CURVES = ("centralised", "local only", "fedit", "svd", "squeeze", "rblora", "fedsa", "fedplora")
 
 
 def read_rows(path: Path) -> list[dict]:
-    """The cells of a rows file (one JSON object a line), [] if there is none yet."""
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    """The cells of a rows file (one JSON object a line), [] if there is none yet; a cell
+    written twice is an error (which row would count is not for a dict to decide)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    seen: dict[tuple, int] = {}
+    for number, r in enumerate(rows, start=1):
+        cell = (r["method"], r["regime"], r["seed"])
+        if cell in seen:
+            raise ValueError(
+                f"{path}: line {number} repeats the cell {cell} of line {seen[cell]}; "
+                "keep one of the two rows"
+            )
+        seen[cell] = number
+    return rows
 
 
 def by_method(rows: list[dict], regime: str) -> dict[str, dict[int, dict]]:
@@ -93,13 +101,15 @@ def regime_tables(
         last = [r["personal"][-1] - r["personal"][-2] for r in by_seed.values()]
         any_row = next(iter(by_seed.values()))
         test_text = "n/a (B on clients)" if _personal_B(by_seed) else interval_text(test)
-        seconds = sum(r["seconds"] for r in by_seed.values()) / len(by_seed)
-        cpu = [r["cpu_seconds"] for r in by_seed.values() if "cpu_seconds" in r]
+        # times of whole cells only: a resumed cell's are its last part's
+        whole = [r for r in by_seed.values() if not r.get("resumed")]
+        seconds = f"{sum(r['seconds'] for r in whole) / len(whole):.0f}" if whole else "—"
+        cpu = [r["cpu_seconds"] for r in whole if "cpu_seconds" in r]
         cpu_text = f"{sum(cpu) / len(cpu):.0f}" if cpu else "—"
         lines.append(
             f"| {m} | {any_row['semantics']} | {interval_text(own)} "
             f"| {interval_text(best_round(by_seed))} | {test_text} "
-            f"| {sum(last) / len(last):+.4f} | {any_row['mb_moved']:.1f} | {seconds:.0f} "
+            f"| {sum(last) / len(last):+.4f} | {any_row['mb_moved']:.1f} | {seconds} "
             f"| {cpu_text} "
             f"| {', '.join(str(s) for s in sorted(by_seed))} |"
         )
@@ -179,6 +189,7 @@ def header(
     """Title, how the cells were run (commands, seeds, wall time, load) and the regimes."""
     seeds = sorted({r["seed"] for r in rows})
     hours = sum(r["seconds"] for r in rows) / 3600
+    resumed = sum(bool(r.get("resumed")) for r in rows)
     loads = [r["load"] for r in rows]
     threads = sorted({r["threads"] for r in rows})
     cpus = sorted({r.get("cpu", "not recorded") for r in rows})
@@ -196,7 +207,9 @@ def header(
         "",
         f"Written by `{invocation}` from {len(rows)} cells (each a row of `rows.jsonl` in the "
         f"run folder; copies: `{stem}-rows.jsonl`, `{stem}-rows.csv`). Seeds: "
-        f"{', '.join(map(str, seeds))}. Wall time of all cells: {hours:.2f} h; cells started at "
+        f"{', '.join(map(str, seeds))}. Wall time of all cells: {hours:.2f} h ({resumed} cells "
+        "resumed after an interruption count their last part only; the s/cell columns leave "
+        "them out); cells started at "
         f"load average {min(loads):.1f}–{max(loads):.1f} (2-core machine); torch threads "
         f"{threads}; CPUs: {'; '.join(cpus)}. {data}",
         "",
@@ -248,15 +261,17 @@ def plot(rows: list[dict], regimes: list[str], path: Path) -> None:
         extra = sorted(set(cells) - set(CURVES)) if len(cells) <= 10 else [reference]
         for m in dict.fromkeys(c for c in [*CURVES, *extra] if c in cells):
             curve = _curve(cells[m], "personal")
-            err = [0 if math.isnan(x.half) else x.half for x in curve]
+            one = len(cells[m]) < 2  # no interval: dashed, hollow, said in the legend
             axes[0][col].errorbar(
                 range(len(curve)),
                 [x.mean for x in curve],
-                yerr=err,
+                yerr=None if one else [0 if math.isnan(x.half) else x.half for x in curve],
                 capsize=3,
                 marker="o",
                 ms=3,
-                label=m,
+                ls="--" if one else "-",
+                mfc="none" if one else None,
+                label=f"{m} (1 seed)" if one else m,
             )
         axes[0][col].set(title=f"{regime}: own-domain held-out loss", xlabel="round")
         axes[0][col].legend(fontsize=7)
@@ -274,15 +289,20 @@ def plot(rows: list[dict], regimes: list[str], path: Path) -> None:
             }
             order = sorted(diffs, key=lambda m: -diffs[m].mean)
             ax = axes[row][col]
-            ax.errorbar(
-                [diffs[m].mean for m in order],
-                range(len(order)),
-                xerr=[0 if math.isnan(diffs[m].half) else diffs[m].half for m in order],
-                fmt="o",
-                capsize=3,
-            )
+            for y, m in enumerate(order):  # a one-seed difference: a hollow point, no bar
+                one = diffs[m].n < 2
+                ax.errorbar(
+                    [diffs[m].mean],
+                    [y],
+                    xerr=None if one else [diffs[m].half],
+                    fmt="o",
+                    mfc="none" if one else None,
+                    color="C0",
+                    capsize=3,
+                )
             ax.axvline(0, color="grey", lw=0.8)
-            ax.set_yticks(range(len(order)), order, fontsize=7)
+            names = [f"{m} (1 seed)" if diffs[m].n < 2 else m for m in order]
+            ax.set_yticks(range(len(order)), names, fontsize=7)
             ax.set(
                 title=f"{regime}: final {what} loss − {reference} (paired, 95%)",
                 xlabel="loss difference (< 0: federation helps)",
