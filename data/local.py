@@ -8,6 +8,7 @@ turns), Alpaca's instruction/input/output, or MMLU's question/choices/answer.
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import json
 import tempfile
@@ -91,8 +92,8 @@ def rows_to_examples(
         where = f"{origin} row {row_number + 1}"  # counted from 1 (a .jsonl's line, blanks aside)
         if label_field is not None and row[label_field] is None:
             raise ValueError(
-                f"{where}: label {label_field!r} is null; every row needs one (it names the "
-                "row's domain for data.partitioner=domain)"
+                f"{where}: label {label_field!r} is null or missing{_row_keys(row, label_field)};"
+                " every row needs one (it names the row's domain for data.partitioner=domain)"
             )
         label = "" if label_field is None else _text(row[label_field], where, label_field)
         example_id = _text(row["id"], where, "id") if has_id else f"{origin}:{row_number}"
@@ -115,9 +116,10 @@ def rows_to_examples(
         else:
             response = _text(row[response_field], where, response_field)
             if row[response_field] is None or not response.strip():
-                empty = "null" if row[response_field] is None else "empty"
+                empty = "null or missing" if row[response_field] is None else "empty"
                 raise ValueError(
-                    f"{where}: {response_field!r} is {empty}; every row needs a response to learn"
+                    f"{where}: {response_field!r} is {empty}{_row_keys(row, response_field)}; "
+                    "every row needs a response to learn"
                 )
             prompt, extra = _text(row[prompt_field], where, prompt_field), {}
         examples.append(
@@ -126,10 +128,15 @@ def rows_to_examples(
     return examples
 
 
-def _row_keys(row: Mapping[str, Any]) -> str:
-    """' (this row has: a, b)': the row's keys that hold a value, for an error."""
+def _row_keys(row: Mapping[str, Any], wanted: str | None = None) -> str:
+    """' (this row has: a, b)': the row's keys that hold a value, for an error; with the key
+    that was `wanted`, the closest of them (a typo in one row: 'respose')."""
     keys = [k for k, v in row.items() if v is not None]
-    return f" (this row has: {', '.join(keys)})" if keys else " (this row is empty)"
+    if not keys:
+        return " (this row is empty)"
+    close = difflib.get_close_matches(wanted, keys, n=1) if wanted else []
+    typo = f"; is {close[0]!r} a typo of {wanted!r}?" if close else ""
+    return f" (this row has: {', '.join(keys)}{typo})"
 
 
 def detect_layout(
@@ -215,8 +222,12 @@ def _read_file(path: Path, *, cache_dir: str) -> Any:
     size = path.stat().st_size
     if size == 0 or (size < 1 << 16 and not path.read_bytes().strip()):
         raise ValueError(f"{path} is empty: it holds no rows; give at least one example")
+    # before datasets, whose own error (and pandas' logged one) would print first
     if path.suffix.lower() == ".jsonl" and (bad := _jsonl_problem(path)):
-        raise ValueError(bad)  # before datasets, whose own error would print first
+        raise ValueError(bad)
+    text = path.read_text(encoding="utf-8", errors="replace") if builder == "csv" else ""
+    if builder == "csv" and (bad := _csv_problem(path, text)):
+        raise ValueError(bad)
     import datasets  # imported on use: it takes over a second
 
     try:
@@ -262,6 +273,18 @@ def _jsonl_line_problem(path: Path, number: int, line: str) -> str | None:
     return None
 
 
+def _csv_problem(path: Path, text: str) -> str | None:
+    """The first CSV row of another width than its header (a comma left unquoted), or None."""
+    rows = list(csv.reader(io.StringIO(text)))
+    for number, row in enumerate(rows[1:], 2):
+        if row and len(row) != len(rows[0]):
+            return (
+                f"{path} line {number} has {len(row)} fields, the header {len(rows[0])}; "
+                "quote a field that holds a comma"
+            )
+    return None
+
+
 def _unreadable(path: Path, builder: str, err: Exception) -> str:
     """Why `path` does not read as `builder`, where: a byte that is not UTF-8, a JSON Lines line
     that is not a JSON object, where a JSON file breaks, a CSV row of another width than its
@@ -284,14 +307,8 @@ def _unreadable(path: Path, builder: str, err: Exception) -> str:
                 f"{path} is not valid JSON ({bad.msg} at line {bad.lineno} column {bad.colno}); "
                 "give a list of objects, or JSON Lines (.jsonl) with one object per line"
             )
-    elif builder == "csv":
-        rows = list(csv.reader(io.StringIO(text)))
-        for number, row in enumerate(rows[1:], 2):
-            if row and len(row) != len(rows[0]):
-                return (
-                    f"{path} line {number} has {len(row)} fields, the header {len(rows[0])}; "
-                    "quote a field that holds a comma"
-                )
+    elif builder == "csv" and (problem := _csv_problem(path, text)):
+        return problem
     if builder == "csv" and len(text.strip().splitlines()) <= 1:
         return f"{path} has a header but no rows; give at least one example"
     if "corresponds to no data" in str(err):  # datasets' words for a file without rows

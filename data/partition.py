@@ -42,8 +42,9 @@ def partition(
         raise ValueError(f"min_size must be an integer ≥ 0, got {min_size!r}")
     if len(examples) < num_clients * min_size:
         raise ValueError(
-            f"{len(examples)} examples cannot give data.num_clients={num_clients} clients "
-            f"{min_size} each; use more examples (data.max_examples) or fewer data.num_clients"
+            f"{len(examples)} examples cannot give each of data.num_clients={num_clients} "
+            f"clients at least {min_size} (that needs {num_clients * min_size}); use more "
+            "examples (data.max_examples) or fewer data.num_clients"
         )
     if method == "iid":
         order = np.random.default_rng(seed).permutation(len(examples))

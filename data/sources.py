@@ -7,6 +7,7 @@ rows or question/choices/answer rows: see fedllm.data.local.detect_layout.
 from __future__ import annotations
 
 import difflib
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,8 @@ from fedllm.data.fortunes import load_fortunes
 from fedllm.data.local import BUILDERS, load_local, rows_to_examples
 from fedllm.data.sample import sample_examples
 from fedllm.data.wordnet import load_wordnet
+
+logger = logging.getLogger(__name__)
 
 VALID_SOURCES = (
     "'wordnet', 'fortunes', a local "
@@ -55,6 +58,13 @@ def load_examples(
         )
     else:
         _check_options(source, source_options, kind="hub")
+        # the hub's retries take half a minute offline: say what is being tried meanwhile
+        logger.warning(
+            "data source %r: no local file or folder of that name in %s; trying it as a "
+            "Hugging Face hub dataset (HF_HUB_OFFLINE=1 fails at once)",
+            source,
+            Path.cwd(),
+        )
         examples = _load_hub(source, **source_options)
     return sample_examples(examples, max_examples=max_examples, seed=seed)
 
@@ -89,8 +99,9 @@ def _load_hub(
     except Exception as err:
         raise ValueError(
             f"could not load source {name_or_path!r}: it is not 'wordnet', 'fortunes' or an "
-            "existing local path, so it was tried as a Hugging Face hub dataset, which only "
-            f"works online with a valid name and split ({type(err).__name__}: {err}); "
+            f"existing local path (in {Path.cwd()}), so it was tried as a Hugging Face hub "
+            "dataset, which only works online with a valid name and split "
+            f"({type(err).__name__}: {err}); "
             f"valid sources: {VALID_SOURCES}"
         ) from err
     return rows_to_examples(

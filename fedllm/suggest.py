@@ -7,6 +7,8 @@ from collections.abc import Iterable
 
 
 def did_you_mean(word: str, valid: Iterable[str]) -> str:
-    """` (did you mean 'x'?)` for the name in `valid` closest to `word`, or "" if none is."""
-    close = difflib.get_close_matches(word, list(valid), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    """` (did you mean 'x'?)` for the name in `valid` closest to `word` in any case (`FedIT`:
+    'fedit'), or "" if none is."""
+    by_lower = {v.lower(): v for v in valid}
+    close = difflib.get_close_matches(word.lower(), list(by_lower), n=1)
+    return f" (did you mean {by_lower[close[0]]!r}?)" if close else ""

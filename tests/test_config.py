@@ -155,8 +155,11 @@ def test_fingerprint_tracks_what_clients_must_share() -> None:
 @pytest.mark.parametrize(
     ("ranks", "message"),
     [
-        ("eight", r"lora\.ranks: got 'eight'; valid forms: int, list\[int\], RankRule"),
-        (2.5, r"lora\.ranks: got 2\.5; valid forms: int, list\[int\], RankRule"),
+        (
+            "eight",
+            r"lora\.ranks: got 'eight'; valid forms: int, list\[int\], \{min, max, spacing\}",
+        ),
+        (2.5, r"lora\.ranks: got 2\.5; valid forms: int, list\[int\], \{min, max, spacing\}"),
         ({"min": 8, "max": 2}, r"lora\.ranks: min \(8\) must be <= max \(2\)"),
         ({"min": 2, "maxx": 4}, r"lora\.ranks\.maxx: unknown key \(did you mean 'max'\?\); valid"),
     ],
@@ -354,6 +357,10 @@ def test_a_name_yaml_would_read_as_a_date_or_number(tmp_path: Path) -> None:
         ("lr=0.1", "lr: unknown key (did you mean 'federation.lr'?)"),  # not 'lora'
         ("data.rounds=2", "data.rounds: unknown key (did you mean 'federation.rounds'?)"),
         ("federation.roundz=3", "federation.roundz: unknown key (did you mean 'rounds'?)"),
+        # a close key of the section itself beats the same key in a section below or beside it
+        ("lora.rank=8", "lora.rank: unknown key (did you mean 'ranks'?)"),
+        ("data.clients=3", "data.clients: unknown key (did you mean 'num_clients'?)"),
+        ("aggregator.name=FedIT", "aggregator.name: unknown value 'FedIT' (did you mean 'fedit'?)"),
         (
             "lora.tiers=[{nam: a, rank: 2, clients: 3}]",
             "lora.tiers.0.nam: unknown key (did you mean 'name'?); valid keys here: clients, name,",
@@ -412,3 +419,36 @@ def test_the_aggregator_short_form_merges_with_its_keys_in_any_order(tmp_path: P
     path.write_text(text[: text.index("aggregator:")] + "aggregator: fedit\n")
     agg = load_recipe(path, ["aggregator.global_rank=8"]).aggregator  # not squeeze at rank 8
     assert (agg.name, agg.global_rank) == ("fedit", 8)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        # the tiny model's heads must split its width (else the first forward pass fails)
+        ("model.tiny.num_heads=3", "hidden_size (64) must be a multiple of num_heads (3); valid"),
+        ("model.tiny.num_kv_heads=3", "num_heads (4) must be a multiple of num_kv_heads (3)"),
+        # inf passes `> 0`: an endless epoch count, an infinite lr
+        ("federation.lr=.inf", "federation.lr: Input should be a finite number (got inf)"),
+        ("federation.local_epochs=.inf", "federation.local_epochs: Input should be a finite"),
+        ("features.fedprox={mu: .inf}", "finite number"),
+        # ranks beside tiers would be silently unused
+        ("lora.tiers=[{name: a, rank: 4, clients: 3}]", "lora.ranks ([2, 4, 8]) and lora.tiers"),
+        # a section given a value or left empty: its keys, not pydantic's class name
+        ("model=tiny", "model: is a section of keys (name, dtype,"),
+        ("model=tiny", "did you mean model: {name: tiny}?"),
+        ("federation=null", "federation: is empty; give its keys (rounds,"),
+        ("name=my run", "'my run' is not a run name: it names the run's folder"),
+    ],
+)
+def test_a_value_that_would_fail_later_is_refused_by_its_key(override: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_recipe(TINY_RECIPE, [override])
+    assert expected in str(info.value)
+    assert "ModelConfig" not in str(info.value) and "FederationConfig" not in str(info.value)
+
+
+def test_tiers_with_ranks_null_are_fine() -> None:
+    cfg = load_recipe(
+        TINY_RECIPE, ["lora.tiers=[{name: a, rank: 4, clients: 3}]", "lora.ranks=null"]
+    )
+    assert [cfg.client_rank(p) for p in range(3)] == [4, 4, 4]

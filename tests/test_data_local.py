@@ -203,6 +203,12 @@ def test_a_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
         ({"prompt": "c", "response": {"text": "a"}}, r"row 2: 'response' is a dict, not text"),
         ({"prompt": ["c"], "response": "d"}, r"row 2: 'prompt' is a list, not text"),
         ({"prompt": "c", "response": "d", "topic": None}, r"row 2: label 'topic' is null"),
+        # a key misspelt in one row: the row's own keys and the likely typo
+        (
+            {"prompt": "c", "respose": "d"},
+            r"row 2: 'response' is null or missing \(this row has: prompt, topic, respose; is "
+            r"'respose' a typo of 'response'\?\)",
+        ),
     ],
 )
 def test_a_row_nothing_could_be_learned_from_is_an_error_naming_it(
@@ -221,3 +227,12 @@ def test_a_missing_prompt_is_a_plain_continuation_and_numbers_are_text(tmp_path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     got = [(e["prompt"], e["response"]) for e in load_local(path)]
     assert got == [("", "b"), ("2", "4")]
+
+
+def test_a_ragged_csv_is_named_before_pandas_logs_its_own_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "ragged.csv").write_text("prompt,response\na,b\nc,d,e\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"ragged\.csv line 3 has 3 fields, the header 2"):
+        load_local(tmp_path / "ragged.csv")
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]  # datasets never ran

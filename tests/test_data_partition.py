@@ -97,7 +97,10 @@ def test_dirichlet_respects_min_size_or_says_what_to_change() -> None:
         ({"num_clients": 2, "alpha": 0.0}, "alpha must be a finite number > 0"),
         ({"num_clients": 2, "alpha": -1.0, "method": "dirichlet"}, "alpha must be"),
         ({"num_clients": 2, "min_size": -1}, "min_size must be an integer ≥ 0"),
-        ({"num_clients": 4, "min_size": 2}, "7 examples cannot give data.num_clients=4"),
+        (
+            {"num_clients": 4, "min_size": 2},
+            "7 examples cannot give each of data.num_clients=4 clients at least 2",
+        ),
     ],
 )
 def test_bad_arguments_are_named(kwargs: dict[str, object], message: str) -> None:

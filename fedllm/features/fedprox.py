@@ -36,7 +36,7 @@ Pair = tuple[torch.Tensor, torch.Tensor]  # (B d×r, A r×k) of one adapted modu
 class FedProxOptions(BaseModel):
     """`features.fedprox`: the proximal weight μ."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     mu: float = Field(0.01, gt=0, allow_inf_nan=False, description="proximal weight μ > 0")
 

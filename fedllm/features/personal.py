@@ -58,7 +58,7 @@ FOLDER = "personal_adapter"
 class PersonalAdapterOptions(BaseModel):
     """`features.personal_adapter`: on (default) or off."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     enabled: bool = True
 

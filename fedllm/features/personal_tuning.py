@@ -63,7 +63,7 @@ KEY = "tuned-loss"
 class PersonalTuningOptions(BaseModel):
     """`features.personal_tuning`: the tuning round's constant lr and its steps."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     lr: float = Field(0.001, gt=0, allow_inf_nan=False, description="constant learning rate")
     steps: int | None = Field(

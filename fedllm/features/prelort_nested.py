@@ -109,7 +109,7 @@ def nested(model: torch.nn.Module, choices: Sequence[int], *, seed: int) -> Iter
 class NestedOptions(BaseModel):
     """`features.nested_prefix`: on (default) or off."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     enabled: bool = True
 

@@ -48,7 +48,7 @@ REFUSED = {
 class ServerMomentumOptions(BaseModel):
     """`features.server_momentum`: momentum β, velocity rank cap, server learning rate η."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     beta: float = Field(0.9, ge=0, lt=1, description="momentum β in [0, 1)")
     rank: int | None = Field(None, ge=1, description="velocity rank cap (default: global rank)")

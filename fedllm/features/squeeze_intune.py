@@ -59,7 +59,7 @@ class SqueezeInTuneOptions(BaseModel):
     """`features.squeeze_intune`: the training rank (factor or train_rank), when to squeeze, and
     the gauge of the squeezed factors."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     factor: float = Field(
         2.0, gt=1, allow_inf_nan=False, description="train at ⌈factor·r⌉ (> 1) for target rank r"

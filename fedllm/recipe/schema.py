@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from fedllm.recipe.yaml_io import dump_yaml
 class RunConfig(Strict):
     """One federated fine-tuning run: everything a recipe says."""
 
-    name: str = Field("run", pattern=r"^[A-Za-z0-9._-]+$")
+    name: str = Field("run", description="the run's folder in output_dir: letters, digits, . _ -")
     output_dir: str = "runs"
     seed: int = 0
     model: ModelConfig = ModelConfig()
@@ -76,6 +77,14 @@ class RunConfig(Strict):
     def _name_is_a_folder_in_output_dir(cls, v: str) -> str:
         """Refuse '.', '..' (and any name of only dots): the run folder would not be inside
         output_dir, and --overwrite would delete output_dir or its parent."""
+        if not v:
+            raise ValueError("the run name is empty; it names the run's folder (e.g. tiny-2)")
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", v):
+            bad = "".join(dict.fromkeys(c for c in v if not re.fullmatch(r"[A-Za-z0-9._-]", c)))
+            raise ValueError(
+                f"{v!r} is not a run name: it names the run's folder, so only letters, digits, "
+                f"'.', '_' and '-' (not {bad!r}; e.g. {re.sub(r'[^A-Za-z0-9._-]', '-', v)!r})"
+            )
         if set(v) == {"."}:
             raise ValueError(
                 f"{v!r} is not a run name: a name of only dots points at output_dir or outside "

@@ -35,7 +35,8 @@ Precision = Annotated[Literal["fp32", "bf16", "auto"], BeforeValidator(_short_na
 class Strict(BaseModel):
     """A recipe section: unknown keys are errors, values frozen after validation."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+    # inf passes `gt=0` (an endless epoch count, an infinite lr): numbers must be finite
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -56,6 +57,15 @@ def _looks_like_path(value: str) -> bool:
 def must_exist(value: str, what: str) -> str:
     """`value`, unless it looks like a local path (/, ./, ../, ~, a data file's suffix) that does
     not exist: a hub name or a built-in source passes unchecked."""
-    if _looks_like_path(value) and not Path(value).expanduser().exists():
-        raise ValueError(f"{what} {value!r} does not exist")
+    path = Path(value).expanduser()
+    if _looks_like_path(value) and not path.exists():
+        where = (
+            ""
+            if path.is_absolute()
+            else (
+                f" in {Path.cwd()} (a relative path is taken from the current directory, not from "
+                "the recipe's folder)"
+            )
+        )
+        raise ValueError(f"{what} {value!r} does not exist{where}")
     return value

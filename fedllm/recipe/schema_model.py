@@ -20,6 +20,23 @@ class TinyModelConfig(Strict):
     num_kv_heads: int = Field(2, ge=1)
     max_position_embeddings: int = Field(256, ge=16)
 
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TinyModelConfig:
+        """Attention splits hidden_size over the heads and shares each key/value head among a
+        group of query heads: both must divide evenly (else the first forward pass fails)."""
+        for field, whole, part in (
+            ("num_heads", self.hidden_size, self.num_heads),
+            ("num_kv_heads", self.num_heads, self.num_kv_heads),
+        ):
+            if whole % part:
+                of = "hidden_size" if field == "num_heads" else "num_heads"
+                valid = ", ".join(str(d) for d in range(1, whole + 1) if whole % d == 0)
+                raise ValueError(
+                    f"{field}: {of} ({whole}) must be a multiple of {field} ({part}); "
+                    f"valid here: {valid}"
+                )
+        return self
+
 
 class ModelConfig(Strict):
     """Which frozen base model the clients adapt."""
@@ -95,6 +112,16 @@ class LoraConfig(Strict):
         8, description="one rank for all, a list cycled over clients, or a rule {min, max, spacing}"
     )
     tiers: list[TierConfig] | None = None
+
+    @model_validator(mode="after")
+    def _ranks_or_tiers(self) -> LoraConfig:
+        """Tiers give each client its rank; ranks written beside them would be silently unused."""
+        if self.tiers is not None and self.ranks is not None and "ranks" in self.model_fields_set:
+            raise ValueError(
+                f"lora.ranks ({self.ranks}) and lora.tiers are both set; tiers give each client "
+                "its rank: remove lora.ranks or set it to null (lora.ranks=null)"
+            )
+        return self
 
     @field_validator("ranks")
     @classmethod
