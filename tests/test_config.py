@@ -438,6 +438,8 @@ def test_the_aggregator_short_form_merges_with_its_keys_in_any_order(tmp_path: P
         ("model=tiny", "did you mean model: {name: tiny}?"),
         ("federation=null", "federation: is empty; give its keys (rounds,"),
         ("name=my run", "'my run' is not a run name: it names the run's folder"),
+        # a warm-up the schedule never leaves (tiny: 2 rounds × 10 steps)
+        ("federation.warmup_steps=20", "federation.warmup_steps (20) is not shorter than the "),
     ],
 )
 def test_a_value_that_would_fail_later_is_refused_by_its_key(override: str, expected: str) -> None:
@@ -452,3 +454,16 @@ def test_tiers_with_ranks_null_are_fine() -> None:
         TINY_RECIPE, ["lora.tiers=[{name: a, rank: 4, clients: 3}]", "lora.ranks=null"]
     )
     assert [cfg.client_rank(p) for p in range(3)] == [4, 4, 4]
+
+
+def test_a_warmup_inside_the_schedule_is_fine() -> None:
+    assert load_recipe(TINY_RECIPE, ["federation.warmup_steps=19"]).federation.warmup_steps == 19
+    # per-round schedule: 10 steps; epochs: the steps depend on each shard, not checked here
+    with pytest.raises(ConfigError, match="schedule's 10 steps"):
+        load_recipe(TINY_RECIPE, ["federation.warmup_steps=10", "federation.schedule_scope=round"])
+    epochs = [
+        "federation.local_steps=null",
+        "federation.local_epochs=1",
+        "federation.warmup_steps=99",
+    ]
+    assert load_recipe(TINY_RECIPE, epochs).federation.warmup_steps == 99

@@ -94,6 +94,25 @@ class FederationConfig(Strict):
             raise ValueError("set exactly one of local_steps and local_epochs (the other to null)")
         return self
 
+    @model_validator(mode="after")
+    def _warmup_ends(self) -> FederationConfig:
+        """A warm-up as long as the schedule never reaches `lr`: a mistake, not a plan (known
+        here with local_steps; with local_epochs the steps depend on each shard)."""
+        if self.local_steps is None or not self.warmup_steps:
+            return self
+        span = self.local_steps * (self.rounds if self.schedule_scope == "federation" else 1)
+        if self.warmup_steps >= span:
+            where = (
+                f"rounds × local_steps = {self.rounds} × {self.local_steps}"
+                if self.schedule_scope == "federation"
+                else "local_steps, schedule_scope round"
+            )
+            raise ValueError(
+                f"federation.warmup_steps ({self.warmup_steps}) is not shorter than the schedule's "
+                f"{span} steps ({where}), so lr is never reached; use at most {span - 1}"
+            )
+        return self
+
 
 class AggregatorConfig(Strict):
     """The server's aggregation method, by registry name, with its options (default squeeze: the
