@@ -57,7 +57,7 @@ def test_report_pools_tokens_and_pairs_tuned_with_global_and_local_only() -> Non
     assert "| -0.3250 ± 0.0000 better | 5 |" in line
     assert "## Regime `scarce`" not in md and "clientdp" not in md  # no rows / no local-only
     tuned = next(x for x in md.splitlines() if x.startswith("| fedit +tuned | "))
-    assert tuned == "| fedit +tuned | -0.600* | -0.100* | 2 / 0 |"  # vs local only per client
+    assert tuned == "| fedit +tuned | 3 | -0.600* | -0.100* | 2 / 0 |"  # vs local only per client
     plain = next(x for x in md.splitlines() if x.startswith("| fedit | -"))
     assert plain == "| fedit | -0.200* | +0.000 | 1 / 0 |"
 
@@ -83,7 +83,7 @@ def test_a_regime_at_a_tuned_lr_pairs_with_its_own_local_only() -> None:
     )
     line = next(x for x in md.splitlines() if x.startswith("| fedit | "))
     assert "| -0.1000 ± 0.0000 better | -0.2000 ± 0.0000 better | 5 |" in line  # 2.9 − 3.1
-    assert "| local only lr 0.001 (loss) | 3.1000 |" in md
+    assert "| local only lr 0.001 (loss) | 3 | 3.1000 |" in md
 
 
 @pytest.mark.slow  # a federation

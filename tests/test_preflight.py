@@ -40,7 +40,7 @@ BAD_DATA = {  # file name: (its lines, what the error must say)
         [json.dumps({"messages": [{"role": "user", "content": "hi"}]})],
         "no assistant turn",
     ),
-    "two_rows.jsonl": ([PAIR, PAIR], "2 examples cannot give data.num_clients=3 clients"),
+    "two_rows.jsonl": ([PAIR, PAIR], "2 examples cannot give each of data.num_clients=3 clients"),
 }
 
 
