@@ -58,8 +58,8 @@ def test_report_pools_tokens_and_pairs_tuned_with_global_and_local_only() -> Non
     assert "## Regime `scarce`" not in md and "clientdp" not in md  # no rows / no local-only
     tuned = next(x for x in md.splitlines() if x.startswith("| fedit +tuned | "))
     assert tuned == "| fedit +tuned | 3 | -0.600* | -0.100* | 2 / 0 |"  # vs local only per client
-    plain = next(x for x in md.splitlines() if x.startswith("| fedit | -"))
-    assert plain == "| fedit | -0.200* | +0.000 | 1 / 0 |"
+    plain = next(x for x in md.splitlines() if x.startswith("| fedit | 3 | -"))
+    assert plain == "| fedit | 3 | -0.200* | +0.000 | 1 / 0 |"
 
 
 def test_a_regime_at_a_tuned_lr_pairs_with_its_own_local_only() -> None:
