@@ -46,9 +46,9 @@ def client_table(
     head = [f"c{p} (r{ranks[p]})" if p in ranks else f"c{p}" for p in clients]
     lines = [
         f"Own-domain held-out loss per client (client, LoRA rank): {reference}'s, then each "
-        f"method − {reference} on the same seeds (mean; `*`: the paired 95% interval excludes 0). "
-        "Gains / losses: the clients whose interval lies below / above 0; a method paired on "
-        "one seed has no interval and no count (`n/a`).",
+        f"method − {reference} on the same seeds (mean; `*`: the paired 95% interval excludes 0 "
+        f"and is not wholly within {NEGLIGIBLE} nats of it). Gains / losses: the clients starred "
+        "below / above 0; a method paired on one seed has no interval and no count (`n/a`).",
         "",
         "| method | seeds | " + " | ".join(head) + " | gains / losses |",
         "|---|---:|" + "---:|" * (len(clients) + 1),

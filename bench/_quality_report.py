@@ -22,19 +22,24 @@ CURVES = ("centralised", "local only", "fedit", "svd", "squeeze", "rblora", "fed
 
 
 def read_rows(path: Path) -> list[dict]:
-    """The cells of a rows file (one JSON object a line), [] if there is none yet; a cell
-    written twice is an error (which row would count is not for a dict to decide)."""
-    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    seen: dict[tuple, int] = {}
-    for number, r in enumerate(rows, start=1):
+    """The rows of a rows file (one JSON object a line), [] if there is none yet."""
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def read_cells(path: Path) -> dict[tuple, dict]:
+    """(method, regime, seed) -> row of a quality rows file; a cell written twice is an error
+    (which of the two would count is not for a dict to decide)."""
+    cells: dict[tuple, dict] = {}
+    lines: dict[tuple, int] = {}
+    for number, r in enumerate(read_rows(path), start=1):
         cell = (r["method"], r["regime"], r["seed"])
-        if cell in seen:
+        if cell in cells:
             raise ValueError(
-                f"{path}: line {number} repeats the cell {cell} of line {seen[cell]}; "
+                f"{path}: line {number} repeats the cell {cell} of line {lines[cell]}; "
                 "keep one of the two rows"
             )
-        seen[cell] = number
-    return rows
+        cells[cell], lines[cell] = r, number
+    return cells
 
 
 def by_method(rows: list[dict], regime: str) -> dict[str, dict[int, dict]]:
@@ -190,6 +195,13 @@ def header(
     seeds = sorted({r["seed"] for r in rows})
     hours = sum(r["seconds"] for r in rows) / 3600
     resumed = sum(bool(r.get("resumed")) for r in rows)
+    resumed_note = (
+        f" ({resumed} cells resumed after an interruption: a resumed federation counts its last "
+        "part only, a resumed reference its earlier clients too; the s/cell columns leave every "
+        "resumed cell out)"
+        if resumed
+        else ""
+    )
     loads = [r["load"] for r in rows]
     threads = sorted({r["threads"] for r in rows})
     cpus = sorted({r.get("cpu", "not recorded") for r in rows})
@@ -207,9 +219,8 @@ def header(
         "",
         f"Written by `{invocation}` from {len(rows)} cells (each a row of `rows.jsonl` in the "
         f"run folder; copies: `{stem}-rows.jsonl`, `{stem}-rows.csv`). Seeds: "
-        f"{', '.join(map(str, seeds))}. Wall time of all cells: {hours:.2f} h ({resumed} cells "
-        "resumed after an interruption count their last part only; the s/cell columns leave "
-        "them out); cells started at "
+        f"{', '.join(map(str, seeds))}. Wall time of all cells: {hours:.2f} h{resumed_note}; "
+        "cells started at "
         f"load average {min(loads):.1f}–{max(loads):.1f} (2-core machine); torch threads "
         f"{threads}; CPUs: {'; '.join(cpus)}. {data}",
         "",

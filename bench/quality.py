@@ -72,7 +72,7 @@ from _quality_grid import (  # noqa: E402
     reference,
     regime_config,
 )
-from _quality_report import RESULTS, read_rows, write_report  # noqa: E402
+from _quality_report import RESULTS, read_cells, read_rows, write_report  # noqa: E402
 from _quality_runs import centralised, federated, local_only, machine, run_dir  # noqa: E402
 
 from fedllm.recipe import load_recipe  # noqa: E402
@@ -207,12 +207,12 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"quality-{args.tag}" if args.tag else "quality"
     kept = args.results / f"{stem}-rows.jsonl"
-    done = {(r["method"], r["regime"], r["seed"]): r for r in read_rows(rows_path)}
+    done = read_cells(rows_path)
     # the committed copy is the grid on a new checkout, and holds rows other machines added
-    if adopted := [r for r in read_rows(kept) if (r["method"], r["regime"], r["seed"]) not in done]:
+    if adopted := {cell: r for cell, r in read_cells(kept).items() if cell not in done}:
         with rows_path.open("a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in adopted)
-        done |= {(r["method"], r["regime"], r["seed"]): r for r in adopted}
+            f.writelines(json.dumps(r) + "\n" for r in adopted.values())
+        done |= adopted
         print(f"[quality] {rows_path}: took {len(adopted)} finished cells from {kept}")
 
     ranks = {regime: client_ranks(regime) for regime in REGIMES}  # each regime's recipe, once

@@ -226,7 +226,7 @@ def _read_file(path: Path, *, cache_dir: str) -> Any:
     if path.suffix.lower() == ".jsonl" and (bad := _jsonl_problem(path)):
         raise ValueError(bad)
     text = path.read_text(encoding="utf-8", errors="replace") if builder == "csv" else ""
-    if builder == "csv" and (bad := _csv_problem(path, text)):
+    if builder == "csv" and (bad := _csv_problem(path, text, shorter=False)):
         raise ValueError(bad)
     import datasets  # imported on use: it takes over a second
 
@@ -273,13 +273,15 @@ def _jsonl_line_problem(path: Path, number: int, line: str) -> str | None:
     return None
 
 
-def _csv_problem(path: Path, text: str) -> str | None:
-    """The first CSV row of another width than its header (a comma left unquoted), or None."""
-    rows = list(csv.reader(io.StringIO(text)))
-    for number, row in enumerate(rows[1:], 2):
-        if row and len(row) != len(rows[0]):
+def _csv_problem(path: Path, text: str, *, shorter: bool = True) -> str | None:
+    """The first CSV row wider than its header (a comma left unquoted) or, with `shorter`,
+    narrower (which datasets reads as nulls: only named once it has failed), or None."""
+    rows = csv.reader(io.StringIO(text))
+    header = next(rows, [])
+    for number, row in enumerate(rows, 2):
+        if row and (len(row) > len(header) or (shorter and len(row) < len(header))):
             return (
-                f"{path} line {number} has {len(row)} fields, the header {len(rows[0])}; "
+                f"{path} line {number} has {len(row)} fields, the header {len(header)}; "
                 "quote a field that holds a comma"
             )
     return None

@@ -59,7 +59,7 @@ def load_examples(
     else:
         _check_options(source, source_options, kind="hub")
         # the hub's retries take half a minute offline: say what is being tried meanwhile
-        logger.warning(
+        logger.info(
             "data source %r: no local file or folder of that name in %s; trying it as a "
             "Hugging Face hub dataset (HF_HUB_OFFLINE=1 fails at once)",
             source,

@@ -24,7 +24,13 @@ def _write(path: Path, cells: list[tuple[str, str, int]]) -> None:
 def test_rows_are_read_in_order_and_a_missing_file_is_no_rows(tmp_path: Path) -> None:
     _write(tmp_path / "rows.jsonl", [("fedit", "scarce", 0), ("fedit", "scarce", 1)])
     assert [r["seed"] for r in R.read_rows(tmp_path / "rows.jsonl")] == [0, 1]
-    assert R.read_rows(tmp_path / "none.jsonl") == []
+    assert list(R.read_cells(tmp_path / "rows.jsonl")) == [
+        ("fedit", "scarce", 0),
+        ("fedit", "scarce", 1),
+    ]
+    assert (
+        R.read_rows(tmp_path / "none.jsonl") == [] and R.read_cells(tmp_path / "none.jsonl") == {}
+    )
 
 
 def test_a_cell_written_twice_is_an_error_naming_both_lines(tmp_path: Path) -> None:
@@ -33,4 +39,6 @@ def test_a_cell_written_twice_is_an_error_naming_both_lines(tmp_path: Path) -> N
     with pytest.raises(
         ValueError, match=r"line 3 repeats the cell \('fedit', 'scarce', 0\) of line 1"
     ):
-        R.read_rows(tmp_path / "rows.jsonl")
+        R.read_cells(tmp_path / "rows.jsonl")
+    # read_rows itself keeps both (local_tuning's rows repeat a cell once per tuning lr)
+    assert len(R.read_rows(tmp_path / "rows.jsonl")) == 3

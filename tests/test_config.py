@@ -361,6 +361,12 @@ def test_a_name_yaml_would_read_as_a_date_or_number(tmp_path: Path) -> None:
         ("lora.rank=8", "lora.rank: unknown key (did you mean 'ranks'?)"),
         ("data.clients=3", "data.clients: unknown key (did you mean 'num_clients'?)"),
         ("aggregator.name=FedIT", "aggregator.name: unknown value 'FedIT' (did you mean 'fedit'?)"),
+        # the same key in another section beats a loose match here (not 'evaluate_clients')
+        ("federation.num_clients=3", "(did you mean 'data.num_clients'?)"),
+        ("data.precision=fp32", "(did you mean 'federation.precision'?)"),
+        # a capitalised key is a key, not one of a union's forms (was an IndexError)
+        ("Federation.rounds=2", "Federation: unknown key (did you mean 'federation'?)"),
+        ("federation.Rounds=2", "federation.Rounds: unknown key (did you mean 'rounds'?)"),
         (
             "lora.tiers=[{nam: a, rank: 2, clients: 3}]",
             "lora.tiers.0.nam: unknown key (did you mean 'name'?); valid keys here: clients, name,",
@@ -425,7 +431,9 @@ def test_the_aggregator_short_form_merges_with_its_keys_in_any_order(tmp_path: P
     ("override", "expected"),
     [
         # the tiny model's heads must split its width (else the first forward pass fails)
-        ("model.tiny.num_heads=3", "hidden_size (64) must be a multiple of num_heads (3); valid"),
+        ("model.tiny.num_heads=3", "hidden_size (64) must split into num_heads (3) heads of an"),
+        # heads of an odd size: RoPE rotates pairs of dimensions
+        ("model.tiny.hidden_size=60", "valid here: 1, 2, 3, 5, 6, 10, 15, 30"),
         ("model.tiny.num_kv_heads=3", "num_heads (4) must be a multiple of num_kv_heads (3)"),
         # inf passes `> 0`: an endless epoch count, an infinite lr
         ("federation.lr=.inf", "federation.lr: Input should be a finite number (got inf)"),
@@ -449,11 +457,17 @@ def test_a_value_that_would_fail_later_is_refused_by_its_key(override: str, expe
     assert "ModelConfig" not in str(info.value) and "FederationConfig" not in str(info.value)
 
 
-def test_tiers_with_ranks_null_are_fine() -> None:
+def test_tiers_with_ranks_null_are_fine_and_a_run_s_recipe_yaml_loads_back(tmp_path: Path) -> None:
     cfg = load_recipe(
         TINY_RECIPE, ["lora.tiers=[{name: a, rank: 4, clients: 3}]", "lora.ranks=null"]
     )
     assert [cfg.client_rank(p) for p in range(3)] == [4, 4, 4]
+    # a recipe without ranks: its recipe.yaml writes the default (8) beside the tiers
+    tier = {"name": "a", "rank": 4, "clients": 3}
+    tiered = build_config({"data": {"num_clients": 3}, "lora": {"tiers": [tier]}})
+    (tmp_path / "recipe.yaml").write_text(tiered.to_yaml())
+    again = load_recipe(tmp_path / "recipe.yaml")
+    assert again.lora.ranks == 8 and again.fingerprint() == tiered.fingerprint()
 
 
 def test_a_warmup_inside_the_schedule_is_fine() -> None:
@@ -467,3 +481,10 @@ def test_a_warmup_inside_the_schedule_is_fine() -> None:
         "federation.warmup_steps=99",
     ]
     assert load_recipe(TINY_RECIPE, epochs).federation.warmup_steps == 99
+
+
+def test_a_list_entry_given_a_word_gets_no_name_only_fix() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_recipe(TINY_RECIPE, ["lora.tiers=[phone]"])
+    assert "lora.tiers.0: is a section of keys (name, rank, clients" in str(info.value)
+    assert "did you mean" not in str(info.value)  # a tier needs a rank and clients too

@@ -236,3 +236,10 @@ def test_a_ragged_csv_is_named_before_pandas_logs_its_own_error(
     with pytest.raises(ValueError, match=r"ragged\.csv line 3 has 3 fields, the header 2"):
         load_local(tmp_path / "ragged.csv")
     assert not [r for r in caplog.records if r.levelname == "ERROR"]  # datasets never ran
+
+
+def test_a_csv_row_short_of_the_header_still_loads_its_missing_field_empty(tmp_path: Path) -> None:
+    # datasets reads a short row with nulls (pandas refuses only a row wider than its header)
+    (tmp_path / "short.csv").write_text("prompt,response,note\nhello,world,x\nfoo,bar\n")
+    rows = load_local(tmp_path / "short.csv")
+    assert [(r["prompt"], r["response"]) for r in rows] == [("hello", "world"), ("foo", "bar")]

@@ -127,6 +127,21 @@ def test_resolve_uncached_hub_id_says_offline() -> None:
         fm.resolve_model_dir("fedllm-test-nobody/not-a-model")
 
 
+@pytest.mark.parametrize(
+    ("name", "hint"),
+    [
+        ("smollm2", "'smollm2' (did you mean 'smollm2-135m'?)"),  # the embedded name cut short
+        ("SmolLM2-135M", "(did you mean 'smollm2-135m'?)"),
+        ("smollm2-360m", None),  # another model, not a typo of the embedded one
+        ("tinyllama", None),
+    ],
+)
+def test_a_short_or_capitalised_embedded_name_gets_a_hint(name: str, hint: str | None) -> None:
+    with pytest.raises(FileNotFoundError) as info:
+        fm.resolve_model_dir(name)
+    assert (hint in str(info.value)) if hint else "did you mean" not in str(info.value)
+
+
 def test_embedded_without_package_says_how_to_install(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

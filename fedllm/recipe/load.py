@@ -55,8 +55,10 @@ def _union_errors(errors: list[dict]) -> list[dict]:
     groups: dict[tuple, list[tuple[str, dict]]] = {}
     for e in errors:
         loc = e["loc"]
+        # an unknown key is the last part of its location, never a union's form (`Federation`)
+        tags = loc[:-1] if e["type"] == "extra_forbidden" else loc
         cut = next(
-            (i for i, x in enumerate(loc) if isinstance(x, str) and UNION_MEMBER.match(x)), None
+            (i for i, x in enumerate(tags) if isinstance(x, str) and UNION_MEMBER.match(x)), None
         )
         if cut is None:
             out.append(e)
@@ -92,12 +94,14 @@ def _format_errors(err: ValidationError, source: str) -> str:
             parent = _model_at(e["loc"][:-1])
             valid = sorted(parent.model_fields) if parent else []
             name = str(e["loc"][-1])
-            # at the top, a section's key written without it (`lr`: 'federation.lr', not
-            # 'lora'); inside a section, a close key of that section (`lora.rank`: 'ranks', not
-            # 'lora.tiers.rank'), else the sections where the key itself lives
+            # The same key in another section (`lr` at the top: 'federation.lr', not 'lora';
+            # `federation.num_clients`: 'data.num_clients'), unless this section has a very
+            # close key (`lora.rank`: 'ranks', not 'lora.tiers.rank'; `data.clients`:
+            # 'num_clients'); else this section's closest key.
             hint = did_you_mean(name, valid)
             homes = [h for h in _homes(name, RunConfig) if h != key]
-            if homes and (not hint or len(e["loc"]) == 1):
+            very_close = len(e["loc"]) > 1 and did_you_mean(name, valid, cutoff=0.75)
+            if homes and not very_close:
                 hint = f" (did you mean {' or '.join(repr(h) for h in homes)}?)"
             lines.append(f"  {key}: unknown key{hint}; valid keys here: {', '.join(valid)}")
         elif e["type"] == "model_type":  # a section given a value, or left empty
@@ -106,7 +110,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
             if got is None:
                 lines.append(f"  {key}: is empty; give its keys ({keys}) or delete the line")
                 continue
-            named = section is not None and "name" in section.model_fields
+            # `model: tiny` -> `model: {name: tiny}`; a list entry needs more than a name
+            named = len(e["loc"]) == 1 and section is not None and "name" in section.model_fields
             hint = (
                 f"; did you mean {key}: {{name: {got}}}?" if named and isinstance(got, str) else ""
             )

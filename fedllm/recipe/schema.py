@@ -33,6 +33,11 @@ from fedllm.recipe.schema_privacy import PrivacyConfig
 from fedllm.recipe.yaml_io import dump_yaml
 
 
+def _safe_name(name: str) -> str:
+    """`name` as a folder name: other characters as '-', none at the ends ('run' if none left)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "run"
+
+
 class RunConfig(Strict):
     """One federated fine-tuning run: everything a recipe says."""
 
@@ -83,7 +88,7 @@ class RunConfig(Strict):
             bad = "".join(dict.fromkeys(c for c in v if not re.fullmatch(r"[A-Za-z0-9._-]", c)))
             raise ValueError(
                 f"{v!r} is not a run name: it names the run's folder, so only letters, digits, "
-                f"'.', '_' and '-' (not {bad!r}; e.g. {re.sub(r'[^A-Za-z0-9._-]', '-', v)!r})"
+                f"'.', '_' and '-' (not {bad!r}; e.g. {_safe_name(v)!r})"
             )
         if set(v) == {"."}:
             raise ValueError(

@@ -68,8 +68,11 @@ class FederationConfig(Strict):
         description="seconds each round waits, before sampling, for all num_clients nodes to be "
         "connected (deployments whose nodes restart; simulation nodes are always there)",
     )
-    max_rejected_norm_ratio: float = Field(
-        100.0, gt=1, description="replies whose norm exceeds this times the median are rejected"
+    max_rejected_norm_ratio: float | None = Field(
+        100.0,
+        gt=1,
+        description="replies whose norm exceeds this times the median are rejected; null: no "
+        "screening by norm (non-finite and wrong-shaped replies are still rejected)",
     )
     evaluate_clients: Literal["all", "none"] | int | float = Field(
         "all",

@@ -22,19 +22,23 @@ class TinyModelConfig(Strict):
 
     @model_validator(mode="after")
     def _heads_divide(self) -> TinyModelConfig:
-        """Attention splits hidden_size over the heads and shares each key/value head among a
-        group of query heads: both must divide evenly (else the first forward pass fails)."""
-        for field, whole, part in (
-            ("num_heads", self.hidden_size, self.num_heads),
-            ("num_kv_heads", self.num_heads, self.num_kv_heads),
-        ):
-            if whole % part:
-                of = "hidden_size" if field == "num_heads" else "num_heads"
-                valid = ", ".join(str(d) for d in range(1, whole + 1) if whole % d == 0)
-                raise ValueError(
-                    f"{field}: {of} ({whole}) must be a multiple of {field} ({part}); "
-                    f"valid here: {valid}"
-                )
+        """Attention splits hidden_size into heads of an even size (RoPE rotates pairs) and
+        shares each key/value head among a group of query heads: both must divide evenly (else
+        building the model or its first forward pass fails)."""
+        width, heads = self.hidden_size, self.num_heads
+        if width % heads or (width // heads) % 2:
+            valid = [d for d in range(1, width + 1) if width % d == 0 and (width // d) % 2 == 0]
+            choices = ", ".join(map(str, valid)) or "none (make hidden_size even)"
+            raise ValueError(
+                f"num_heads: hidden_size ({width}) must split into num_heads ({heads}) heads of "
+                f"an even size; valid here: {choices}"
+            )
+        if heads % self.num_kv_heads:
+            valid = [d for d in range(1, heads + 1) if heads % d == 0]
+            raise ValueError(
+                f"num_kv_heads: num_heads ({heads}) must be a multiple of num_kv_heads "
+                f"({self.num_kv_heads}); valid here: {', '.join(map(str, valid))}"
+            )
         return self
 
 
@@ -115,8 +119,10 @@ class LoraConfig(Strict):
 
     @model_validator(mode="after")
     def _ranks_or_tiers(self) -> LoraConfig:
-        """Tiers give each client its rank; ranks written beside them would be silently unused."""
-        if self.tiers is not None and self.ranks is not None and "ranks" in self.model_fields_set:
+        """Tiers give each client its rank; ranks written beside them would be silently unused
+        (the default, 8, is let be: a run's recipe.yaml writes every default beside its tiers)."""
+        default = type(self).model_fields["ranks"].default
+        if self.tiers is not None and self.ranks not in (None, default):
             raise ValueError(
                 f"lora.ranks ({self.ranks}) and lora.tiers are both set; tiers give each client "
                 "its rank: remove lora.ranks or set it to null (lora.ranks=null)"

@@ -72,9 +72,11 @@ class LoraStrategy(Strategy):
 
     @property
     def max_norm_ratio(self) -> float:
-        """The recipe's outlier ratio, or none (∞) when a feature forbids comparing clients."""
+        """The recipe's outlier ratio, or none (∞) when the recipe turns it off (null) or a
+        feature forbids comparing clients."""
+        ratio = self.cfg.federation.max_rejected_norm_ratio
         relative = all(f.screen_relative for f in self.features)
-        return self.cfg.federation.max_rejected_norm_ratio if relative else math.inf
+        return ratio if relative and ratio is not None else math.inf
 
     @property
     def max_reply_bytes(self) -> int:
