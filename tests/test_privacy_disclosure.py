@@ -104,6 +104,7 @@ RUNS = {  # a federation per run: (the table's column, its privacy overrides)
         [
             "privacy.mode=sample",
             "privacy.noise_multiplier=1.0",
+            "lora.ranks=null",
             "lora.tiers=[{name: a, rank: 4, clients: 2}, {name: b, rank: 4, clients: 1, "
             "pruning: 0.5}]",
             "pruning.importance=magnitude",
