@@ -225,9 +225,10 @@ def _read_file(path: Path, *, cache_dir: str) -> Any:
     # before datasets, whose own error (and pandas' logged one) would print first
     if path.suffix.lower() == ".jsonl" and (bad := _jsonl_problem(path)):
         raise ValueError(bad)
-    text = path.read_text(encoding="utf-8", errors="replace") if builder == "csv" else ""
-    if builder == "csv" and (bad := _csv_problem(path, text, shorter=False)):
-        raise ValueError(bad)
+    if builder == "csv":
+        with path.open(encoding="utf-8", errors="replace", newline="") as lines:
+            if bad := _csv_problem(path, lines, shorter=False):
+                raise ValueError(bad)
     import datasets  # imported on use: it takes over a second
 
     try:
@@ -273,10 +274,11 @@ def _jsonl_line_problem(path: Path, number: int, line: str) -> str | None:
     return None
 
 
-def _csv_problem(path: Path, text: str, *, shorter: bool = True) -> str | None:
+def _csv_problem(path: Path, lines: Iterable[str], *, shorter: bool = True) -> str | None:
     """The first CSV row wider than its header (a comma left unquoted) or, with `shorter`,
-    narrower (which datasets reads as nulls: only named once it has failed), or None."""
-    rows = csv.reader(io.StringIO(text))
+    narrower (which datasets reads as nulls: only named once it has failed), or None; `lines`
+    are read one at a time (a large file is not held twice)."""
+    rows = csv.reader(lines)
     header = next(rows, [])
     for number, row in enumerate(rows, 2):
         if row and (len(row) > len(header) or (shorter and len(row) < len(header))):
@@ -309,7 +311,7 @@ def _unreadable(path: Path, builder: str, err: Exception) -> str:
                 f"{path} is not valid JSON ({bad.msg} at line {bad.lineno} column {bad.colno}); "
                 "give a list of objects, or JSON Lines (.jsonl) with one object per line"
             )
-    elif builder == "csv" and (problem := _csv_problem(path, text)):
+    elif builder == "csv" and (problem := _csv_problem(path, io.StringIO(text))):
         return problem
     if builder == "csv" and len(text.strip().splitlines()) <= 1:
         return f"{path} has a header but no rows; give at least one example"

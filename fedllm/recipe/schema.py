@@ -32,10 +32,12 @@ from fedllm.recipe.schema_output import OutputConfig
 from fedllm.recipe.schema_privacy import PrivacyConfig
 from fedllm.recipe.yaml_io import dump_yaml
 
+NAME_CHARS = "A-Za-z0-9._-"  # a run name's characters (it names a folder), as a regex class
+
 
 def _safe_name(name: str) -> str:
     """`name` as a folder name: other characters as '-', none at the ends ('run' if none left)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "run"
+    return re.sub(f"[^{NAME_CHARS}]+", "-", name).strip("-.") or "run"
 
 
 class RunConfig(Strict):
@@ -84,8 +86,7 @@ class RunConfig(Strict):
         output_dir, and --overwrite would delete output_dir or its parent."""
         if not v:
             raise ValueError("the run name is empty; it names the run's folder (e.g. tiny-2)")
-        if not re.fullmatch(r"[A-Za-z0-9._-]+", v):
-            bad = "".join(dict.fromkeys(c for c in v if not re.fullmatch(r"[A-Za-z0-9._-]", c)))
+        if bad := "".join(dict.fromkeys(re.sub(f"[{NAME_CHARS}]", "", v))):
             raise ValueError(
                 f"{v!r} is not a run name: it names the run's folder, so only letters, digits, "
                 f"'.', '_' and '-' (not {bad!r}; e.g. {_safe_name(v)!r})"
