@@ -12,6 +12,7 @@ import yaml
 from fedllm.recipe import ConfigError, RunConfig, build_config, load_yaml
 from fedllm.server.checkpoint import CHECKPOINT, PREVIOUS, has_checkpoint, read_checkpoint
 from fedllm.server.metrics import METRICS
+from fedllm.server.settings_record import aggregator_changed
 
 
 def absolute_paths(cfg: RunConfig) -> RunConfig:
@@ -89,6 +90,8 @@ def check_resumable(run_dir: Path, cfg: RunConfig | None = None) -> None:
             f"resume with the one it was made with ({run_dir / 'recipe.yaml'}), or start a new "
             "run with name=<new name> or --overwrite"
         )
+    if cfg is not None and found and (why := aggregator_changed(found[0].get("settings"), cfg)):
+        raise ConfigError(f"--resume: {why}")
 
 
 def recipe_changes(run_dir: Path, cfg: RunConfig, *, most: int = 5) -> str:

@@ -23,8 +23,18 @@ def _charges(plan: Mapping[str, Any]) -> dict[str, tuple[float, float, int]]:
 class Account:
     """A ledger of spent ε for one run, and the check that a planned round stays in budget."""
 
-    def __init__(self, *, delta: float, accountant: str, budget: float | None, mode: str) -> None:
+    def __init__(
+        self,
+        *,
+        delta: float,
+        accountant: str,
+        budget: float | None,
+        mode: str,
+        planned_for: Mapping[str, Any] | None = None,
+    ) -> None:
         self.delta, self.budget, self.mode = delta, budget, mode
+        # the settings a target ε's noise was planned for (`plan.noise_planned_for`)
+        self.planned_for = dict(planned_for or {})
         self.ledger = PrivacyLedger(delta=delta, accountant=accountant)
         # the charge of the round about to run, as planned before its clients were asked: saved
         # with the pending checkpoint, so a resume charges exactly it (not the resumed recipe's)
@@ -66,7 +76,11 @@ class Account:
         """The ledger and the charges not yet booked, for the checkpoint (the accountant resumes
         with the run)."""
         pending = {key: list(charge) for key, charge in self.pending.items()}
-        return {"ledger": self.ledger.state_dict(), "pending": pending}
+        return {
+            "ledger": self.ledger.state_dict(),
+            "pending": pending,
+            "planned_for": dict(self.planned_for),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
         """Resume the ledger from a checkpoint; a checkpoint without one cannot resume a DP run."""
@@ -74,6 +88,16 @@ class Account:
             raise ValueError(
                 "the checkpoint has no privacy ledger (the run began without DP); resuming with "
                 f"privacy.mode={self.mode!r} would not count the rounds already run"
+            )
+        saved = state.get("planned_for") or {}  # {} in a checkpoint from before it was kept
+        if changed := sorted(k for k in saved if saved[k] != self.planned_for.get(k)):
+            was = ", ".join(f"{k}={saved[k]}" for k in changed)
+            now = ", ".join(f"{k}={self.planned_for.get(k)}" for k in changed)
+            raise ValueError(
+                f"privacy.target_epsilon: the checkpoint's rounds ran at the noise planned for "
+                f"{was}; resuming with {now} would spend the rest at another plan's noise, so the "
+                "run's ε would no longer be the target (more rounds go past it). Resume with "
+                f"{was}, or start a new run (a new name=)"
             )
         self.ledger.load_state_dict(state["ledger"])
         self.pending = _charges(state.get("pending") or {})

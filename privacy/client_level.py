@@ -22,6 +22,7 @@ from fedllm.privacy.plan import (
     DELTA_FACTOR,
     client_level_round,
     client_noise_multiplier,
+    noise_planned_for,
     planned_clients,
 )
 from fedllm.recipe.schema import RunConfig
@@ -82,7 +83,11 @@ class ClientLevel(Feature):
             freeze_a=self.freeze_a,
         )
         self.account = Account(
-            delta=p.delta, accountant=p.accountant, budget=p.epsilon_budget, mode=p.mode
+            delta=p.delta,
+            accountant=p.accountant,
+            budget=p.epsilon_budget,
+            mode=p.mode,
+            planned_for=noise_planned_for(cfg),
         )
         self.dp_metrics: dict[str, int | float] = {}
 

@@ -72,6 +72,18 @@ def sample_plan(cfg: RunConfig, *, n_train: int, partition: int = 0) -> SamplePl
     return SamplePlan(q, steps, sigma, p.max_grad_norm)
 
 
+def noise_planned_for(cfg: RunConfig) -> dict[str, int | None]:
+    """The settings a target ε's noise was derived from ({} when σ is given): a resume that
+    changes one would spend the earlier rounds at one plan's noise and the rest at another's,
+    past the target when the run grows (`Account` refuses it)."""
+    p, fed = cfg.privacy, cfg.federation
+    if p.target_epsilon is None or p.mode not in ("sample", "client"):
+        return {}
+    keys = ("rounds",) if p.mode == "client" else ("rounds", "local_steps", "local_epochs")
+    keys += ("batch_size",) if p.mode == "sample" else ()
+    return {f"federation.{key}": getattr(fed, key) for key in keys}
+
+
 def planned_clients(cfg: RunConfig) -> int:
     """m: clients sampled per round."""
     return cfg.federation.clients_per_round or cfg.data.num_clients

@@ -241,6 +241,26 @@ def test_resume_with_another_recipe_names_what_changed_and_writes_nothing(
         main(run_args(tmp_path, "ok", "--resume"))
 
 
+def test_resume_with_another_aggregator_is_refused_before_anything_is_prepared(
+    tmp_path: Path, no_prepare: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedllm.launch import absolute_paths
+    from fedllm.server.checkpoint import save_checkpoint
+
+    run_dir = tmp_path / "agg"
+    run_dir.mkdir()
+    cfg = absolute_paths(load_recipe(TINY, [f"output_dir={tmp_path}", "name=agg"]))
+    settings = {"aggregator.name": "flora"}
+    fingerprint = cfg.fingerprint(budget=False)
+    save_checkpoint(run_dir, {"round": 2, "fingerprint": fingerprint, "settings": settings})
+    assert main(run_args(tmp_path, "agg", "--resume")) == 2
+    err = capsys.readouterr().err
+    assert f"aggregator.name is {cfg.aggregator.name!r}, but the checkpoint's rounds ran " in err
+    assert "resume with aggregator.name=flora" in err and "Traceback" not in err
+    with pytest.raises(PrepareReached):
+        main(run_args(tmp_path, "agg", "aggregator.name=flora", "--resume"))
+
+
 @pytest.mark.parametrize("name", [".", "..", "..."])
 def test_a_run_name_of_only_dots_is_refused(name: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["validate", TINY, f"name='{name}'"]) == 2  # quoted: `...` alone ends YAML

@@ -249,9 +249,11 @@ def test_dp_run_reports_accountant_epsilon_stops_at_budget_and_resumes(tmp_path:
 
 
 def test_a_lost_round_is_charged_at_the_noise_planned_for_it_not_the_resumed_recipes() -> None:
-    """A round lost to a crash is charged on --resume. Resumed with federation.rounds=20 (was
-    10), a target ε derives a larger z: charging the lost round at it would under-count the
-    noise its clients released. The plan made before it ran is saved and charged instead."""
+    """A round lost to a crash is charged on --resume. A target ε's noise is planned for the
+    run's rounds: resumed with federation.rounds=20 (was 10) the rest would run at a larger z
+    and the run would end past the target, so the resume is refused. A checkpoint from before
+    that check (no `planned_for`) still charges the lost round at the noise saved with it, not
+    at the z the resumed recipe derives."""
     from fedllm.privacy.client_level import ClientLevel
     from fedllm.recipe import build_config
 
@@ -268,18 +270,60 @@ def test_a_lost_round_is_charged_at_the_noise_planned_for_it_not_the_resumed_rec
     first = ClientLevel(recipe(10))
     assert first.before_round(3, partitions=[0, 1, 2, 3], sampled=4) is None
     state = first.state_dict()  # what the pending checkpoint holds
-    resumed = ClientLevel(recipe(20))
-    assert resumed.seen_z > first.seen_z  # the resumed recipe would charge less per round
-    resumed.load_state_dict(state)
-    resumed.lost_round(3, partitions=[0, 1, 2, 3], sampled=4)
-    spent = resumed.account.ledger.epsilon()
+    assert state["planned_for"] == {"federation.rounds": 10}
+    with pytest.raises(ValueError, match=r"federation\.rounds=10.*federation\.rounds=20"):
+        ClientLevel(recipe(20)).load_state_dict(state)
+    same = ClientLevel(recipe(10))
+    same.load_state_dict(state)  # the plan it ran under: resumes
+    same.lost_round(3, partitions=[0, 1, 2, 3], sampled=4)
+    spent = same.account.ledger.epsilon()
     assert spent == pytest.approx(
         epsilon(noise_multiplier=first.seen_z, sample_rate=1.0, steps=1, delta=1e-5)
     )
+    before_check = {k: v for k, v in state.items() if k != "planned_for"}
+    resumed = ClientLevel(recipe(20))
+    assert resumed.seen_z > first.seen_z  # the resumed recipe would charge less per round
+    resumed.load_state_dict(before_check)
+    resumed.lost_round(3, partitions=[0, 1, 2, 3], sampled=4)
+    assert resumed.account.ledger.epsilon() == pytest.approx(spent)
     older = ClientLevel(recipe(20))  # a checkpoint written before the plan was kept
-    older.load_state_dict({k: v for k, v in state.items() if k != "pending"})
+    older.load_state_dict({k: v for k, v in before_check.items() if k != "pending"})
     older.lost_round(3, partitions=[0, 1, 2, 3], sampled=4)
     assert older.account.ledger.epsilon() < spent
+
+
+def test_a_target_epsilon_run_resumed_with_other_dp_sgd_steps_is_refused() -> None:
+    """DP-SGD's σ for a target ε is planned over rounds × local steps at q = batch/n: each of
+    those settings is kept with the ledger, and a resume that changes one is refused by name.
+    A σ given outright plans nothing: such a run may be extended (its ε is what it spends)."""
+    from fedllm.privacy.plan import noise_planned_for
+    from fedllm.privacy.sample_level import SampleLevelDP
+    from fedllm.recipe import build_config
+
+    def recipe(**fed):
+        privacy = fed.pop("privacy", {"target_epsilon": 8.0})
+        return build_config(
+            {
+                "data": {"num_clients": 2},
+                "privacy": {"mode": "sample", "delta": 1e-6, **privacy},
+                "federation": {"rounds": 3, "local_steps": 4, **fed},
+            }
+        )
+
+    state = SampleLevelDP(recipe()).state_dict()
+    assert state["planned_for"] == {
+        "federation.rounds": 3,
+        "federation.local_steps": 4,
+        "federation.local_epochs": None,
+        "federation.batch_size": recipe().federation.batch_size,
+    }
+    SampleLevelDP(recipe()).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"federation\.local_steps=4; resuming with .*=8"):
+        SampleLevelDP(recipe(local_steps=8)).load_state_dict(state)
+    given = recipe(privacy={"noise_multiplier": 1.0})
+    assert noise_planned_for(given) == {}
+    saved = SampleLevelDP(given).state_dict()
+    SampleLevelDP(recipe(rounds=9, privacy={"noise_multiplier": 1.0})).load_state_dict(saved)
 
 
 @pytest.mark.parametrize(("noise_at", "charged"), [("client", True), ("server", False)])

@@ -15,6 +15,7 @@ from fedllm.recipe import load_recipe
 from fedllm.server.app import Run
 from fedllm.server.checkpoint import load_checkpoint, plain
 from fedllm.server.settings_record import (
+    aggregator_changed,
     changed_settings,
     describe_changes,
     settings_record,
@@ -87,6 +88,22 @@ def test_a_resume_says_each_changed_setting_and_goes_on(
     )
     assert "resume: federation.lr was 0.005 in rounds 1-3 and is 0.002 now" in out
     assert "resuming r after round 3" in out
+
+
+def test_a_resume_under_another_aggregator_is_refused(tmp_path: Path) -> None:
+    """The checkpoint holds the saved aggregator's state (squeeze's residual, flora's merged
+    delta) and its round semantics: another aggregator would misread it (squeeze -> flora raised
+    after every round's training), so the resume is refused by name before any round."""
+    old = _cfg(tmp_path, "aggregator.name=squeeze")
+    old.run_dir.mkdir(parents=True)
+    Run.save(_run(old), 2)
+    with pytest.raises(ValueError, match="aggregator.name is 'flora', but the checkpoint's rounds"):
+        Run.resume(_run(_cfg(tmp_path, "aggregator.name=flora")))
+    assert Run.resume(_run(old)) == 3  # the same aggregator goes on
+    assert aggregator_changed(None, old) is None  # a checkpoint from before the record
+    saved = load_checkpoint(old.run_dir)["settings"]
+    why = aggregator_changed(saved, _cfg(tmp_path, "aggregator.name=svd"))
+    assert why is not None and "resume with aggregator.name=squeeze" in why
 
 
 def test_changes_name_added_and_removed_settings() -> None:

@@ -37,7 +37,12 @@ from fedllm.server.exchange import (
 )
 from fedllm.server.metrics import MetricsLog
 from fedllm.server.outputs import finish, keep_best, snapshot
-from fedllm.server.settings_record import changed_settings, describe_changes, settings_record
+from fedllm.server.settings_record import (
+    aggregator_changed,
+    changed_settings,
+    describe_changes,
+    settings_record,
+)
 from fedllm.server.strategy import LoraStrategy
 from fedllm.server.trackers import open_trackers
 
@@ -90,6 +95,8 @@ class Run:
                 f"checkpoint in {self.cfg.run_dir} was made by another recipe "
                 "(model/lora/data/seed/privacy differ); use a new name= or drop --resume"
             )
+        if why := aggregator_changed(state.get("settings"), self.cfg):
+            raise ValueError(f"--resume: {why}")
         now = settings_record(self.cfg, self.features)
         changes = changed_settings(state.get("settings"), now, saved_round=state["round"])
         for line in describe_changes(changes, saved_round=state["round"]):

@@ -2,10 +2,12 @@
 changed since its finished rounds.
 
 The fingerprint pins what must match for a resume to make sense (model, LoRA, data, seed,
-privacy) and refuses a mismatch. The aggregator, the features' options and the federation's
-training settings may change on purpose between a run and its resume (a recipe edit), or
-without anyone asking (a code default that changed between versions, as squeeze's gauge did):
-the run goes on with today's values, and says each one that differs.
+privacy) and refuses a mismatch; so does the aggregator's name (`aggregator_changed`: the
+checkpoint holds that method's state and round semantics). The aggregator's options, the
+features' options and the federation's training settings may change on purpose between a run
+and its resume (a recipe edit), or without anyone asking (a code default that changed between
+versions, as squeeze's gauge did): the run goes on with today's values, and says each one that
+differs.
 """
 
 from __future__ import annotations
@@ -51,6 +53,20 @@ def settings_record(cfg: RunConfig, features: Iterable[Feature]) -> dict[str, An
         out["devices"] = stable([device.model_dump(mode="json") for device in cfg.devices])
     out["version"] = VERSION
     return out
+
+
+def aggregator_changed(saved: dict[str, Any] | None, cfg: RunConfig) -> str | None:
+    """Why a checkpoint cannot resume under `cfg`'s aggregator (its state, e.g. squeeze's
+    residual or flora's merged delta, and its round semantics belong to the saved one), or None
+    (the same one, or a checkpoint older than the settings record)."""
+    old = (saved or {}).get("aggregator.name")
+    if old is None or old == cfg.aggregator.name:
+        return None
+    return (
+        f"aggregator.name is {cfg.aggregator.name!r}, but the checkpoint's rounds ran {old!r}, "
+        f"whose state it holds; resume with aggregator.name={old}, or start a new run with "
+        "name=<new name> (or --overwrite)"
+    )
 
 
 def changed_settings(
