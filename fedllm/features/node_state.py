@@ -4,10 +4,14 @@ ledger), written by the client into `<client folder>/node_state/` after each rou
 back by a node whose state lacks it (a resumed simulation's nodes are new processes with empty
 state; a restarted SuperNode too).
 
-Each save keeps the file it replaces as `<key>.prev.*`, both tagged with their round. A round
-lost to a server crash is run again after the resume, and the state a client wrote in the lost
-attempt must not be its start: `restore_node_state` takes the newest file from before the round
-(`newest=True` instead for a privacy ledger, which must count the lost attempt too).
+Each save keeps the file it replaces as `<key>.prev.*`, both tagged with their round and the
+server process (attempt) that asked for it. A round lost to a server crash is run again after
+the resume, and the state a client wrote in the lost attempt must not be its start, neither in
+the rerun nor in a later round it is next sampled in: the server sends every round the run's
+attempts (`ATTEMPTS`: token and first round of each process, the current one last), and
+`restore_node_state` takes the newest file that a finished round wrote: of this attempt before
+this round, or of an earlier one before the round its successor started again from (`newest=True`
+instead for a privacy ledger, which must count the lost attempt too, and another run's spend).
 """
 
 from __future__ import annotations
@@ -32,6 +36,38 @@ NODE_KEY = "personal-dir"  # a SuperNode's own folder (personal adapters, node s
 CLIENTS = "clients"  # a simulation's clients' folders, in the run directory
 NODE_STATE = "node_state"  # the folder, under the client's own folder
 SUFFIXES = ("safetensors", "json")  # arrays, a config record
+ATTEMPTS = "attempts"  # round-config key: "token:first_round,..." (a scalar: legacy FitIns too)
+
+
+def encode_attempts(attempts: list[tuple[str, int]]) -> str:
+    """The run's attempts as one config string, oldest first."""
+    return ",".join(f"{token}:{first}" for token, first in attempts)
+
+
+def decode_attempts(text: object) -> list[tuple[str, int]]:
+    """`encode_attempts`'s output back ([] for none, or for a malformed value)."""
+    try:
+        pairs = [part.split(":") for part in str(text or "").split(",") if part]
+        return [(token, int(first)) for token, first in pairs]
+    except ValueError:
+        return []
+
+
+def finished(meta: Mapping[str, Any], rnd: ClientRound) -> bool:
+    """Whether a state file's round finished (the server went on from it): written in this
+    attempt before this round, or in an earlier attempt before the round the next one started
+    from (a later one was lost to a crash). A file of no attempt the server names is another
+    run's. A file or a server from before attempts were kept: its round before this one."""
+    written, token = int(meta.get("round", 0)), meta.get("attempt")
+    attempts = decode_attempts(rnd.config.get(ATTEMPTS))
+    if token is None or not attempts:
+        return written < rnd.server_round
+    tokens = [t for t, _ in attempts]
+    if token not in tokens:
+        return False
+    i = tokens.index(token)
+    ends = attempts[i + 1][1] if i + 1 < len(attempts) else rnd.server_round
+    return written < ends
 
 
 def client_dir(cfg: RunConfig, partition: int, node_config: Mapping[str, Any]) -> Path:
@@ -63,6 +99,8 @@ def save_node_state(
     if folder is None or not isinstance(record, ArrayRecord | ConfigRecord):
         return None
     meta = {"fingerprint": rnd.cfg.fingerprint(budget=False), "round": str(rnd.server_round)}
+    if attempts := decode_attempts(rnd.config.get(ATTEMPTS)):
+        meta["attempt"] = attempts[-1][0]
     suffix = SUFFIXES[0] if isinstance(record, ArrayRecord) else SUFFIXES[1]
     path, prev = folder / f"{key}.{suffix}", folder / f"{key}.prev.{suffix}"
     tmp = folder / f"{path.name}.tmp"
@@ -75,8 +113,8 @@ def save_node_state(
             tmp.write_text(json.dumps({**meta, "state": dict(record)}))
         with tmp.open("rb") as f:  # on disk before the rename, so a crash leaves old or new
             os.fsync(f.fileno())
-        if path.exists() and _round(path) != rnd.server_round:  # not a repeat of this round
-            os.replace(path, prev)
+        if (meta_then := _meta(path)) is not None and finished(meta_then, rnd):
+            os.replace(path, prev)  # else a lost round's file: dropped, `prev` kept
         os.replace(tmp, path)  # never half a file, even if the node dies while writing
     except OSError as err:
         if strict:
@@ -117,13 +155,16 @@ def _read(path: Path) -> tuple[dict, ArrayRecord | ConfigRecord]:
     return meta, ConfigRecord(meta["state"])
 
 
-def _round(path: Path) -> int | None:
-    """The round a saved state file was written in (its metadata only), or None."""
+def _meta(path: Path) -> dict | None:
+    """A saved state file's metadata (round, attempt, fingerprint), or None if none is readable."""
     try:
         if path.suffix == ".safetensors":  # the header alone: the tensors stay on disk
             with safe_open(str(path), framework="pt") as f:
-                return int((f.metadata() or {})["round"])
-        return int(json.loads(path.read_text())["round"])
+                meta = dict(f.metadata() or {})
+        else:
+            meta = json.loads(path.read_text())
+        int(meta["round"])
+        return meta
     except (OSError, ValueError, KeyError, TypeError, SafetensorError):
         return None
 
@@ -132,8 +173,8 @@ def restore_node_state(
     rnd: ClientRound, key: str, *, uncovered: bool, strict: bool = False, newest: bool = False
 ) -> bool:
     """Put `rnd.state[key]` back from what this client wrote (`save_node_state`) if its state
-    has none (a live node's state wins); True if restored. It takes the newest file written
-    before this round (`newest`: the newest file, whatever its round). A file of another
+    has none (a live node's state wins); True if restored. It takes the newest file of a
+    finished round (`finished`; `newest`: the newest file, whatever its round). A file of another
     recipe, or one that cannot be read, is skipped with a warning: the feature starts afresh,
     as without it; with `strict` (a privacy ledger) a file that cannot be read is an error."""
     folder = node_state_dir(rnd, uncovered=uncovered)
@@ -156,7 +197,8 @@ def restore_node_state(
         if meta.get("fingerprint") != rnd.cfg.fingerprint(budget=False):
             log.warning("client %d: %s is another recipe's; skipped", rnd.partition, path)
             continue
-        if not newest and written >= rnd.server_round:  # a lost attempt at this round
+        if not newest and not finished(meta, rnd):  # a round lost to a crash, or another run's
+            log.info("client %d: %s: its round did not finish; skipped", rnd.partition, path)
             continue
         rnd.state[key] = record
         log.info("client %d: %s restored from %s (round %s)", rnd.partition, key, path, written)

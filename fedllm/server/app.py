@@ -291,6 +291,7 @@ def run_server(
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     run = Run(cfg, grid, cache=cache)
     start = run.resume() if resume else 0  # the first round still to run (0: the base round)
+    run.strategy.begin(max(start, 1))
     if start == 0:
         run.metrics.path.write_text("")
     n = wait_for_nodes(grid, cfg.data.num_clients, timeout=min(run.timeout, 600))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -24,6 +25,7 @@ from fedllm.aggregators.registry import get, round_spec
 from fedllm.aggregators.screen import screen
 from fedllm.errors import short_reason
 from fedllm.features.base import Feature
+from fedllm.features.node_state import ATTEMPTS, encode_attempts
 from fedllm.features.types import (
     ClientRow,
     Download,
@@ -69,6 +71,9 @@ class LoraStrategy(Strategy):
         self.seen: set[int] = set()  # nodes that replied to this process (not to a resumed one)
         # partition -> (round, factors) of its latest accepted update: the server's view of it
         self.client_updates: dict[int, tuple[int, dict[str, Factors]]] = {}
+        # (token, first round) of each process that ran this run, the current one last: a node
+        # tells a state file of a round lost to a crash from a finished one (`node_state`)
+        self.attempts: list[tuple[str, int]] = []
 
     @property
     def max_norm_ratio(self) -> float:
@@ -103,6 +108,7 @@ class LoraStrategy(Strategy):
                 p: (rnd, {m: (f.B, f.A, f.scaling) for m, f in update.items()})
                 for p, (rnd, update) in self.client_updates.items()
             },
+            "attempts": [list(attempt) for attempt in self.attempts],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -115,6 +121,11 @@ class LoraStrategy(Strategy):
             p: (rnd, {m: Factors(b, a, s) for m, (b, a, s) in update.items()})
             for p, (rnd, update) in state.get("client_updates", {}).items()
         }
+        self.attempts = [(str(t), int(r)) for t, r in state.get("attempts", [])]
+
+    def begin(self, first_round: int) -> None:
+        """This process runs the rounds from `first_round` on: a new attempt, with a new token."""
+        self.attempts.append((secrets.token_hex(6), first_round))
 
     @property
     def global_scaling(self) -> float:
@@ -131,6 +142,7 @@ class LoraStrategy(Strategy):
             "server-round": server_round,
             "global-scaling": self.global_scaling,
             "recipe-hash": self.cfg.fingerprint(),
+            ATTEMPTS: encode_attempts(self.attempts),
             **wire.spec_config(self.spec),
             **wire.options_config(self.spec, self.cfg.aggregator.options),
         }
