@@ -26,7 +26,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.federation:
         from fedllm.deploy.submit import submit
 
-        return submit(cfg, args.federation, resume=args.resume)
+        return submit(cfg, args.federation, resume=args.resume, overwrite=args.overwrite)
 
     from flwr.simulation import run_simulation
 

@@ -40,7 +40,7 @@ from fedllm.deploy.app_config import (
     main,
     recipe_keys,
 )
-from fedllm.deploy.apps import check_simulation_size
+from fedllm.deploy.apps import check_server_run_dir, check_simulation_size, simulation_notice
 from fedllm.deploy.flower_env import flwr_env
 from fedllm.deploy.submit import write_run_config
 from fedllm.features.base import Feature
@@ -254,6 +254,34 @@ def test_recipe_sent_as_yaml_by_fedllm_run_federation(tmp_path: Path) -> None:
     assert app_recipe(fuse_dicts(declared(), sent)) == cfg
     with pytest.raises(ConfigError, match="not to a recipe sent as YAML text"):
         app_recipe({**fuse_dicts(declared(), sent), "federation.rounds": 2})
+
+
+def test_flwr_run_names_the_simulation_settings_it_cannot_apply() -> None:
+    """Under `flwr run .` Flower's simulation assigns each ClientApp's resources: a recipe's
+    `simulation` section is named with the Flower command that would apply it, not dropped."""
+    assert simulation_notice(load_recipe(TINY)) is None
+    cfg = load_recipe(TINY, ["simulation.num_gpus_per_client=0.5"])
+    notice = simulation_notice(cfg)
+    assert notice is not None and notice.startswith("simulation.num_gpus_per_client=0.5: not ")
+    assert "--client-resources-num-cpus 2 --client-resources-num-gpus 0.5" in notice
+
+
+def test_a_submitted_run_never_overwrites_the_superlinks_checkpointed_run(tmp_path: Path) -> None:
+    """On separate machines the submitter cannot see the SuperLink's run folder: the ServerApp
+    itself refuses to start over a checkpoint unless the submitter said --resume or --overwrite
+    (both travel in the run config)."""
+    from fedllm.server.checkpoint import save_checkpoint
+
+    cfg = load_recipe(TINY, [f"output_dir={tmp_path}", "name=r"])
+    check_server_run_dir(cfg, resume=False, overwrite=False)  # nothing there yet
+    cfg.run_dir.mkdir(parents=True)
+    save_checkpoint(cfg.run_dir, {"round": 2})
+    with pytest.raises(ConfigError, match=r"already holds a run of this name.*--resume.*--overw"):
+        check_server_run_dir(cfg, resume=False, overwrite=False)
+    check_server_run_dir(cfg, resume=True, overwrite=False)
+    check_server_run_dir(cfg, resume=False, overwrite=True)
+    sent = write_run_config(tmp_path / "rc.toml", cfg, resume=False, overwrite=True)
+    assert parse_config_args([str(sent)])["overwrite"] is True
 
 
 def test_simulation_size_must_match_the_recipe() -> None:

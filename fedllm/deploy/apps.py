@@ -22,6 +22,7 @@ checkpointing notice (`client_app_process`).
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 from flwr.app import Context, Message
@@ -47,6 +48,7 @@ from fedllm.launch import absolute_paths, start_run  # noqa: E402
 from fedllm.model import packing  # noqa: E402
 from fedllm.recipe import ConfigError, RunConfig  # noqa: E402
 from fedllm.server.app import run_server  # noqa: E402
+from fedllm.server.checkpoint import CHECKPOINT, has_checkpoint  # noqa: E402
 from fedllm.server.exchange import say, wait_for_nodes  # noqa: E402
 
 server_app = ServerApp()
@@ -85,18 +87,53 @@ def check_simulation_size(nodes: int | None, cfg: RunConfig) -> None:
         )
 
 
+def simulation_notice(cfg: RunConfig) -> str | None:
+    """What a recipe's `simulation` section asks that `flwr run .` cannot do (Flower's own
+    simulation settings assign each ClientApp's resources, and its Ray), as the commands that
+    would; None if it asks nothing beyond the defaults."""
+    section = cfg.simulation
+    asked = section.model_dump(exclude_defaults=True)
+    if not asked:
+        return None
+    said = ", ".join(f"simulation.{k}={v}" for k, v in asked.items())
+    return (
+        f"{said}: not applied under `flwr run .`, where Flower's simulation settings give each "
+        "ClientApp its resources: `flwr federation simulation-config --client-resources-num-cpus "
+        f"{math.ceil(section.num_cpus_per_client)} --client-resources-num-gpus "
+        f"{section.num_gpus_per_client:g}` (`fedllm run` applies the section itself"
+        + (", and joins a Ray cluster by its ray_address)" if section.ray_address else ")")
+    )
+
+
+def check_server_run_dir(cfg: RunConfig, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to start a submitted run (`fedllm run --federation`) over a checkpointed run of
+    the same name in the SuperLink's run directory, which the submitter, on another machine,
+    cannot see: a run is never overwritten silently."""
+    if not resume and not overwrite and has_checkpoint(cfg.run_dir):
+        raise ConfigError(
+            f"the SuperLink's {cfg.run_dir} already holds a run of this name (its "
+            f"{CHECKPOINT}); submit again with --resume to continue it, --overwrite to start "
+            "again, or name=<new name>"
+        )
+
+
 @server_app.main()
 def _serve(grid: Grid, context: Context) -> None:
     app_process(verbose=flower_verbose())  # Flower's lines at WARNING, fedllm's printed once
     run_config = context.run_config
     resume = bool(run_config.get("resume", False))
+    overwrite = bool(run_config.get("overwrite", False))
     if is_recipe_text(str(run_config.get("recipe", ""))):  # `fedllm run --federation`
-        run_server(grid, app_recipe(run_config), resume=resume, cache=cache)
+        cfg = app_recipe(run_config)
+        check_server_run_dir(cfg, resume=resume, overwrite=overwrite)
+        run_server(grid, cfg, resume=resume, cache=cache)
         return
     cfg = absolute_paths(app_recipe(run_config))
     check_simulation_size(simulated_nodes(grid), cfg)
+    if notice := simulation_notice(cfg):
+        say(notice)
     try:
-        run_dir = start_run(cfg, resume=resume, overwrite=bool(run_config.get("overwrite")))
+        run_dir = start_run(cfg, resume=resume, overwrite=overwrite)
     except ConfigError as err:
         raise ConfigError(f"{err} ({FLWR_RUN_HINT})") from None
     say(f"run directory {run_dir.resolve()}")

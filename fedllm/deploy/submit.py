@@ -42,6 +42,7 @@ clientapp = "fedllm.deploy.apps:client_app"
 [tool.flwr.app.config]
 recipe = ""
 resume = false
+overwrite = false
 """
 
 
@@ -53,7 +54,7 @@ def write_app(folder: Path) -> Path:
     return folder
 
 
-def write_run_config(path: Path, cfg: RunConfig, *, resume: bool) -> Path:
+def write_run_config(path: Path, cfg: RunConfig, *, resume: bool, overwrite: bool = False) -> Path:
     """Run-config overrides as TOML; a JSON string literal is also a valid TOML basic string.
 
     Only non-default values are sent (the receiver re-applies the defaults), which keeps the
@@ -61,7 +62,8 @@ def write_run_config(path: Path, cfg: RunConfig, *, resume: bool) -> Path:
     """
 
     text = dump_yaml(cfg.model_dump(mode="json", exclude_defaults=True))
-    path.write_text(f"recipe = {json.dumps(text)}\nresume = {str(resume).lower()}\n")
+    flags = f"resume = {str(resume).lower()}\noverwrite = {str(overwrite).lower()}\n"
+    path.write_text(f"recipe = {json.dumps(text)}\n{flags}")
     return path
 
 
@@ -84,11 +86,13 @@ def run_status(connection: str, run_id: int) -> dict:
     return runs[0]
 
 
-def submit(cfg: RunConfig, connection: str, *, resume: bool) -> int:
+def submit(cfg: RunConfig, connection: str, *, resume: bool, overwrite: bool = False) -> int:
     """Run `cfg` on the SuperLink `connection`; 0 only if the run finished as completed."""
     run_dir = cfg.run_dir
     app = write_app(run_dir / "flwr_app")
-    overrides = write_run_config(run_dir / "run_config.toml", cfg, resume=resume)
+    overrides = write_run_config(
+        run_dir / "run_config.toml", cfg, resume=resume, overwrite=overwrite
+    )
     cmd = ["flwr", "run", str(app), connection, "--run-config", str(overrides), "--stream"]
     print(f"[fedllm] submitting to {connection}: {' '.join(cmd)}", flush=True)
     run_id = None
