@@ -97,7 +97,7 @@ def test_a_resume_under_another_aggregator_is_refused(tmp_path: Path) -> None:
     old = _cfg(tmp_path, "aggregator.name=squeeze")
     old.run_dir.mkdir(parents=True)
     Run.save(_run(old), 2)
-    with pytest.raises(ValueError, match="aggregator.name is 'flora', but the checkpoint's rounds"):
+    with pytest.raises(ValueError, match=r"aggregator\.name is 'flora', but the checkpoint's"):
         Run.resume(_run(_cfg(tmp_path, "aggregator.name=flora")))
     assert Run.resume(_run(old)) == 3  # the same aggregator goes on
     assert aggregator_changed(None, old) is None  # a checkpoint from before the record
