@@ -196,6 +196,12 @@ def evaluate(
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
+def introduce(msg: Message, context: Context) -> Message:
+    """The answer to the server's query: the partition this node holds, by which the server
+    seats it in samples and panels (`fedllm.server.seats`); nothing is loaded or read."""
+    return Message(wire.who_answer(partition_of(context)), reply_to=msg)
+
+
 def make_client_app(cfg: RunConfig, *, cache: ProcessCache | None = None) -> ClientApp:
     """A ClientApp bound to a recipe (the simulation passes it by value to every worker), holding
     `cache` (a new one by default): the base loaded and each shard tokenized once per process."""
@@ -210,4 +216,5 @@ def make_client_app(cfg: RunConfig, *, cache: ProcessCache | None = None) -> Cli
     def _evaluate(msg: Message, context: Context) -> Message:
         return evaluate(cfg, msg, context, cache=cache)
 
+    app.query()(introduce)
     return app

@@ -134,6 +134,14 @@ class Adaptive(Feature):
         )
         self.bandit.update(str(node), arm, reward)
 
+    def renumber(self, ids: Mapping[int, int]) -> None:
+        """What the bandit learned of a node, its last base and its replay, to its new id."""
+        for old, new in ids.items():
+            self.bandit.rename(str(old), str(new))
+            for table in (self.bases, self.replays):
+                if old in table and new not in table:
+                    table[new] = table.pop(old)
+
     def start_score(self, rank: int) -> float:
         """The server's test-set loss of this round's global cut to `rank` (a client's start)."""
         if rank not in self.start_loss:

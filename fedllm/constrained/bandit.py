@@ -163,6 +163,12 @@ class ArmBandit:
         ok = self.allowed(client)
         return self.arms[max(ok, key=lambda i: (s[i] / n[i] if n[i] else -1, n[i]))]
 
+    def rename(self, old: str, new: str) -> None:
+        """Give `old`'s counts, rewards and forbidden arms to `new` (a client's new name)."""
+        for table in (self.counts, self.sums, self.log_weights, self.forbidden, self.scales):
+            if old in table and new not in table:
+                table[new] = table.pop(old)
+
     def state_dict(self) -> dict:
         """The arms and each client's counts and rewards, for the checkpoint."""
         return {

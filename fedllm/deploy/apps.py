@@ -168,6 +168,14 @@ def _train(msg: Message, context: Context) -> Message:
     return client.train(cfg, msg, context, cache=cache)
 
 
+@client_app.query()
+def _introduce(msg: Message, context: Context) -> Message:
+    client_app_process(verbose=flower_verbose())
+    cfg = _recipe(context)
+    check_node(cfg, context.node_config)  # a node that refuses the run does not answer either
+    return client.introduce(msg, context)
+
+
 @client_app.evaluate(mods=[packing.mod])
 def _evaluate(msg: Message, context: Context) -> Message:
     client_app_process(verbose=flower_verbose())

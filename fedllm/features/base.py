@@ -281,6 +281,10 @@ class Feature:
     def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
         """Restore `state_dict`'s output (None: the checkpoint has none for this feature)."""
 
+    def renumber(self, ids: Mapping[int, int]) -> None:
+        """Move what is kept per node from an old id to the new one of the node that now holds
+        its partition (`ids`: old -> new; a resumed simulation's nodes get new ids)."""
+
 
 def require_adapter_state(cfg: RunConfig, what: str) -> None:
     """Refuse `what` (a feature's recipe keys) with an aggregator whose clients do not start from

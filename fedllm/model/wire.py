@@ -25,6 +25,13 @@ from fedllm.aggregators import Factors, RoundSpec
 from fedllm.model.adapters import PEFT_PREFIX, from_record, to_record
 
 LOCAL_B = "fedsa-local-B"  # key of this node's B matrices in context.state
+WHO = "who"  # a query message's record, and its reply's: the partition a node holds
+PARTITION = "partition-id"
+
+
+def who_answer(partition: int) -> RecordDict:
+    """A node's reply to the server's query (`fedllm.server.seats`): the partition it holds."""
+    return RecordDict({WHO: ConfigRecord({PARTITION: int(partition)})})
 
 
 OPTION_PREFIX = "option."  # round-config key prefix of the client-side aggregator options

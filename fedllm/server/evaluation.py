@@ -3,8 +3,9 @@
 Two ways, chosen in the recipe and usable together:
 - `federation.evaluate_clients`: a panel of clients evaluates the global adapter on their own
   held-out splits each round (Flower's `fraction_evaluate`). The panel is the same every round
-  (rendezvous hashing of the node ids with the recipe's seed), so the curves of a run compare
-  the same clients; a node joining or leaving moves at most one seat.
+  (rendezvous hashing of the nodes' seats, their partitions (`fedllm.server.seats`), with the
+  recipe's seed), so the curves of a run compare the same clients, across a resume too; a node
+  joining or leaving moves at most one seat.
 - `data.test_set`: a global test set drawn from every domain before the clients' partition,
   evaluated by the server itself with the global adapter (no message to any client).
 
@@ -47,16 +48,26 @@ def panel_size(spec: str | int | float, num_nodes: int) -> int:
     return min(int(spec), num_nodes)
 
 
-def evaluation_panel(nodes: Iterable[int], *, spec: str | int | float, seed: int) -> list[int]:
+def evaluation_panel(
+    nodes: Iterable[int],
+    *,
+    spec: str | int | float,
+    seed: int,
+    seats: Mapping[int, tuple[int, int]] | None = None,
+) -> list[int]:
     """The sorted nodes that evaluate this round: the `panel_size` nodes whose hash with `seed`
-    is smallest, the same every round for the same nodes."""
+    is smallest, the same every round for the same nodes; hashed by seat where `seats` gives
+    one (a partition: the same panel after a resume gives the nodes new ids)."""
     nodes = sorted(set(nodes))
     k = panel_size(spec, len(nodes))
     if k == len(nodes):
         return nodes
+    seated = dict(seats or {})
 
     def score(node: int) -> bytes:
-        return hashlib.blake2b(f"{seed}:{node}".encode(), digest_size=8).digest()
+        kind, value = seated.get(node, (1, node))
+        key = f"p{value}" if kind == 0 else str(value)
+        return hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
 
     return sorted(sorted(nodes, key=score)[:k])
 

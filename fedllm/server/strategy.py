@@ -37,6 +37,7 @@ from fedllm.features.types import (
 from fedllm.model import wire
 from fedllm.model.adapters import initial_factors
 from fedllm.recipe.schema import RunConfig
+from fedllm.server import seats
 from fedllm.server.aggregation import aggregate_modules, post_process
 from fedllm.server.evaluation import evaluate_round, evaluation_panel
 from fedllm.server.replies import malformed_row, read_reply, refuse_shared_partitions
@@ -74,6 +75,11 @@ class LoraStrategy(Strategy):
         # (token, first round) of each process that ran this run, the current one last: a node
         # tells a state file of a round lost to a crash from a finished one (`node_state`)
         self.attempts: list[tuple[str, int]] = []
+        # node -> the partition it says it holds (`seats`): asked once per process, not saved
+        self.claims: dict[int, int] = {}
+        self.asked: set[int] = set()
+        self.old_ids: dict[int, int] = {}  # a resumed run's node -> partition, until renumbered
+        self.sampled: tuple[int, list[int]] | None = None  # (round, its sample), drawn once
 
     @property
     def max_norm_ratio(self) -> float:
@@ -122,6 +128,7 @@ class LoraStrategy(Strategy):
             for p, (rnd, update) in state.get("client_updates", {}).items()
         }
         self.attempts = [(str(t), int(r)) for t, r in state.get("attempts", [])]
+        self.old_ids = dict(self.node_partitions)
 
     def begin(self, first_round: int) -> None:
         """This process runs the rounds from `first_round` on: a new attempt, with a new token."""
@@ -147,13 +154,45 @@ class LoraStrategy(Strategy):
             **wire.options_config(self.spec, self.cfg.aggregator.options),
         }
 
+    def introduce(self, grid: Grid) -> None:
+        """Ask each node not yet asked by this process which partition it holds (`seats`), and
+        move what a resumed run kept under a node's old id to the node claiming its partition."""
+        ask = [n for n in sorted(grid.get_node_ids()) if n not in self.asked]
+        if not ask:
+            return
+        self.asked |= set(ask)
+        timeout = min(self.cfg.federation.round_timeout or 60.0, 60.0)
+        self.claims |= seats.read_claims(
+            grid.send_and_receive(map(seats.query, ask), timeout=timeout)
+        )
+        moved = seats.renumbering(self.old_ids, self.claims)
+        if not moved:
+            return
+        for table in (self.node_ranks, self.node_partitions):
+            for old, new in moved.items():
+                if old in table and new not in table:
+                    table[new] = table.pop(old)
+        for f in self.features:
+            f.renumber(moved)
+        for old in moved:
+            del self.old_ids[old]
+        log.info("nodes renumbered by their partitions: %s", moved)
+
     def sample(self, server_round: int, grid: Grid) -> list[int]:
-        """The nodes asked to train in `server_round`: seeded by the round over the node ids, so a
-        resumed deployment asks the same nodes; a resumed simulation's nodes have new ids."""
-        nodes = sorted(grid.get_node_ids())
+        """The nodes asked to train in `server_round`, drawn once per round: seeded by the round
+        over the nodes' seats (their partitions; `seats`), so a resumed run asks the clients the
+        run it resumes would have, whatever ids its nodes have now."""
+        if self.sampled is not None and self.sampled[0] == server_round:
+            return list(self.sampled[1])
+        self.introduce(grid)
+        nodes = list(grid.get_node_ids())
+        seat = seats.seats(nodes, self.claims)
+        nodes.sort(key=seat.__getitem__)
         wanted = self.cfg.federation.clients_per_round or len(nodes)
         rng = random.Random(self.cfg.seed * 7919 + server_round)
-        return sorted(rng.sample(nodes, min(wanted, len(nodes))))
+        chosen = sorted(rng.sample(nodes, min(wanted, len(nodes))))
+        self.sampled = (server_round, chosen)
+        return list(chosen)
 
     def may_train(self, nodes: Sequence[int]) -> list[int]:
         """Partitions these nodes may hold: known ones, and for an unknown node any partition
@@ -368,9 +407,11 @@ class LoraStrategy(Strategy):
         config = ConfigRecord(self.round_config(server_round))
         content = RecordDict({"global": arrays, "config": config})
         spec, seed = self.cfg.federation.evaluate_clients, self.cfg.seed
+        self.introduce(grid)
+        nodes = list(grid.get_node_ids())
+        panel = evaluation_panel(nodes, spec=spec, seed=seed, seats=seats.seats(nodes, self.claims))
         return [
-            Message(content, dst_node_id=node, message_type=MessageType.EVALUATE)
-            for node in evaluation_panel(grid.get_node_ids(), spec=spec, seed=seed)
+            Message(content, dst_node_id=node, message_type=MessageType.EVALUATE) for node in panel
         ]
 
     def evaluate_round(

@@ -1,0 +1,111 @@
+"""fedllm/server/seats.py: nodes seated by the partition they claim, so that a resumed run whose
+nodes have new ids (Flower's simulation gives them new ones) samples and evaluates the same
+clients, and what the server kept per node id follows the partition."""
+
+from __future__ import annotations
+
+from flwr.app import Context, RecordDict
+
+from fedllm.client.app import make_client_app
+from fedllm.constrained.bandit import Arm, ArmBandit
+from fedllm.deploy.local_grid import LocalGrid, server_identity
+from fedllm.features import registry
+from fedllm.recipe import RunConfig, build_config
+from fedllm.server import seats
+from fedllm.server.strategy import LoraStrategy
+
+SHAPES = {"q": (6, 4), "v": (4, 4)}
+
+
+def recipe(**federation: object) -> RunConfig:
+    return build_config(
+        {
+            "data": {"num_clients": 6},
+            "lora": {"ranks": 2},
+            "federation": {"clients_per_round": 3, "evaluate_clients": 2, **federation},
+        }
+    )
+
+
+def grid_with_ids(cfg: RunConfig, ids: list[int]) -> LocalGrid:
+    """A LocalGrid whose node i (partition i) has id ids[i]: a resumed simulation's new ids."""
+    grid = LocalGrid(make_client_app(cfg), cfg.data.num_clients)
+    contexts = list(grid.contexts.values())
+    grid.contexts = {
+        new: Context(
+            run_id=c.run_id,
+            node_id=new,
+            node_config=c.node_config,
+            state=RecordDict(),
+            run_config={},
+        )
+        for new, c in zip(ids, contexts, strict=True)
+    }
+    return grid
+
+
+def partitions(grid: LocalGrid, nodes: list[int]) -> list[int]:
+    return sorted(int(grid.contexts[n].node_config["partition-id"]) for n in nodes)
+
+
+def test_a_node_is_seated_by_a_partition_it_alone_claims() -> None:
+    got = seats.seats([5, 6, 7, 8], {5: 0, 6: 1, 7: 1})
+    assert got == {5: (0, 0), 6: (1, 6), 7: (1, 7), 8: (1, 8)}  # 6 and 7 both claim 1
+
+
+def test_renumbering_moves_only_unambiguous_partitions() -> None:
+    old = {1001: 0, 1002: 1, 1003: 1, 1004: 2, 1005: 3}  # 1002/1003 both trained as 1
+    claims = {7: 0, 8: 1, 9: 2, 10: 2, 1005: 3}  # 9/10 both claim 2; 1005 kept its id
+    assert seats.renumbering(old, claims) == {1001: 7}
+
+
+def test_the_query_is_answered_by_the_client_app_with_its_partition() -> None:
+    cfg = recipe()
+    grid = grid_with_ids(cfg, [40, 41, 42, 43, 44, 45])
+    grid.contexts[45] = Context(
+        run_id=1, node_id=45, node_config={}, state=RecordDict(), run_config={}
+    )  # a node that cannot say (no partition-id): an error reply, no claim, seated by its id
+    with server_identity(1):
+        replies = list(grid.send_and_receive([seats.query(n) for n in grid.get_node_ids()]))
+    assert [m.has_error() for m in replies] == [False] * 5 + [True]
+    assert seats.read_claims(replies) == {40: 0, 41: 1, 42: 2, 43: 3, 44: 4}
+
+
+def test_a_resumed_run_with_new_node_ids_samples_and_evaluates_the_same_clients() -> None:
+    """The audit's case: with sampling over node ids, round 3 trained partitions {0, 5, 6} in
+    the first run and {0, 2, 7} after a resume. Seated by partition, ids do not matter."""
+    cfg = recipe()
+    first = grid_with_ids(cfg, [1001, 1002, 1003, 1004, 1005, 1006])
+    again = grid_with_ids(cfg, [9_000_017, 55, 7_777, 3, 123_456, 42])
+    picks = []
+    for grid in (first, again):
+        s = LoraStrategy(cfg, shapes=SHAPES, features=registry.build(cfg))
+        with server_identity(1):
+            train = {r: partitions(grid, s.sample(r, grid)) for r in range(1, 6)}
+            panel = [
+                m.metadata.dst_node_id
+                for m in s.configure_evaluate(1, s.global_record(), None, grid)
+            ]
+        picks.append((train, partitions(grid, panel)))
+        assert s.sample(3, grid) == s.sample(3, grid), "a round's sample is drawn once"
+    assert picks[0] == picks[1]
+    assert all(len(p) == 3 for p in picks[0][0].values()) and len(picks[0][1]) == 2
+
+
+def test_what_the_server_kept_per_node_follows_its_partition_to_the_new_id() -> None:
+    """The node ranks, partitions and a feature's per-node state (the adaptive bandit's counts)
+    move from a checkpoint's node ids to the new nodes claiming the same partitions."""
+    cfg = recipe()
+    s = LoraStrategy(cfg, shapes=SHAPES, features=registry.build(cfg))
+    state = s.state_dict()
+    state["node_ranks"], state["node_partitions"] = {1001: 2, 1002: 2}, {1001: 0, 1002: 1}
+    resumed = LoraStrategy(cfg, shapes=SHAPES, features=registry.build(cfg))
+    resumed.load_state_dict(state)
+    grid = grid_with_ids(cfg, [70, 71, 72, 73, 74, 75])
+    with server_identity(1):
+        resumed.introduce(grid)
+    assert resumed.node_partitions == {70: 0, 71: 1} and resumed.node_ranks == {70: 2, 71: 2}
+    bandit = ArmBandit([Arm(2, 0.0), Arm(4, 0.0)])
+    bandit.update("1001", bandit.arms[1], 0.5)
+    bandit.rename("1001", "70")
+    assert bandit.counts == {"70": [0, 1]} and bandit.best("70") == Arm(4, 0.0)
