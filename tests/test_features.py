@@ -421,6 +421,7 @@ HOOKS = {
     "progress",
     "state_dict",
     "load_state_dict",
+    "renumber",
 }
 ATTRIBUTES = {
     "name",
@@ -466,6 +467,7 @@ def test_every_hook_of_the_base_feature_is_a_no_op() -> None:
     assert Feature.enabled(cfg) is False
     assert f.reply_keys() is None
     assert f.lost_round(3, partitions=[0, 1], sampled=2) is None
+    assert f.renumber({1001: 7}) is None
     assert Feature.parse_options(cfg) is None
     assert Feature.check(cfg) is None
     assert Feature.prepare(cfg, shapes={"q": (3, 2)}) is None

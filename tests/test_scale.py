@@ -83,7 +83,9 @@ def test_configure_evaluate_asks_the_panel_only(tiny) -> None:
             [m.metadata.dst_node_id for m in strategy.configure_evaluate(r, record, cfg_, grid)]
             for r in (0, 1, 2)
         ]
-    assert asked[0] == asked[1] == asked[2] == evaluation_panel(range(1001, 1041), spec=5, seed=0)
+    seated = {n: (0, n - 1001) for n in range(1001, 1041)}  # each node answered its partition
+    panel = evaluation_panel(range(1001, 1041), spec=5, seed=0, seats=seated)
+    assert asked[0] == asked[1] == asked[2] == panel
     assert len(asked[0]) == 5
 
 

@@ -112,3 +112,27 @@ def test_existing_run_is_not_overwritten_without_asking(run_dir: Path, capsys) -
     code = main(["run", RECIPE, f"output_dir={run_dir.parent}", f"name={run_dir.name}"])
     assert code == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_a_resumed_simulation_trains_and_evaluates_the_clients_the_whole_run_would(
+    tmp_path: Path,
+) -> None:
+    """Flower's simulation gives a resumed run's nodes new ids: sampled over ids, a resume
+    trained and evaluated other clients than the uninterrupted run. Seated by the partitions
+    the nodes claim (fedllm.server.seats), round 3 asks the same clients either way."""
+    sampled = ["federation.clients_per_round=2", "federation.evaluate_clients=2"]
+    args = ["run", RECIPE, f"output_dir={tmp_path}", *sampled]
+    assert main([*args, "name=whole", "federation.rounds=3"]) == 0
+    assert main([*args, "name=cut", "federation.rounds=2"]) == 0
+    assert main([*args, "name=cut", "federation.rounds=3", "--resume"]) == 0
+
+    def asked(name: str) -> dict[tuple[str, int], list[int]]:
+        out: dict[tuple[str, int], list[int]] = {}
+        for x in rows(tmp_path / name):
+            if x["kind"] in ("client", "eval"):
+                out.setdefault((x["kind"], x["round"]), []).append(x["partition"])
+        return {key: sorted(parts) for key, parts in out.items()}
+
+    whole, cut = asked("whole"), asked("cut")
+    assert len(whole[("client", 3)]) == 2 and len(whole[("eval", 3)]) == 2
+    assert cut == whole
