@@ -91,6 +91,41 @@ def one_step(model, examples, tok, **kw) -> tuple[dict[str, torch.Tensor], float
     return {n: after[n] - before[n] for n in before}, result.loss_first
 
 
+# ---------------------------------------------------------------- dropout
+
+
+def test_dropout_masks_follow_the_seed_not_the_process_rng(tiny) -> None:
+    """With LoRA dropout, a client's round used the process's global RNG: the same round gave
+    other losses depending on what the process ran before (a resumed run, a reused worker).
+    Seeded per round in a forked RNG, it repeats, and the process RNG is left as it was."""
+    base, tok, shard = tiny
+
+    def losses(seed: int, *, disturb: int) -> list[float]:
+        torch.manual_seed(0)  # the same adapter every time
+        model = attach_lora(base, rank=4, alpha=8, dropout=0.5, target_modules=["q_proj"])
+        torch.manual_seed(disturb)  # whatever the process drew before this round
+        before = torch.get_rng_state()
+        try:
+            steps: list[float] = []
+            train_local(
+                model,
+                shard.train[:16],
+                steps=3,
+                batch_size=4,
+                pad_id=tok.pad_token_id,
+                lr=1e-3,
+                seed=seed,
+                on_step=lambda done, total, loss: steps.append(loss),
+            )
+            assert torch.equal(torch.get_rng_state(), before), "the process RNG was drawn from"
+            return steps
+        finally:
+            model.unload()
+
+    assert losses(3, disturb=0) == losses(3, disturb=99)
+    assert losses(3, disturb=0) != losses(4, disturb=0)
+
+
 # ---------------------------------------------------------------- gradient accumulation
 
 

@@ -232,7 +232,10 @@ def train_local(
     keeps no keys/values). `regularizer()` (FedProx, HetLoRA's tail penalty) is added once per
     step; the reported losses are the data loss alone.
     The batches of the first `skip_steps` steps of this seed's order are drawn and dropped: a
-    later stage of a round's steps continues the data order of one uninterrupted run.
+    later stage of a round's steps continues the data order of one uninterrupted run. Dropout
+    masks come from `seed` (and `skip_steps`) in a forked RNG: a round trains the same however
+    many rounds the process ran before it (a resumed run too), and the process's RNG is left
+    as it was.
     """
     if not examples:
         raise ValueError("no training examples on this client")
@@ -268,7 +271,9 @@ def train_local(
     batches = forever(loader)
     for _ in range(skip_steps * accumulation):
         next(batches)
-    with checkpointing(model, gradient_checkpointing):
+    rng_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices), checkpointing(model, gradient_checkpointing):
+        torch.manual_seed(seed * 1_000_003 + skip_steps)  # dropout: this round's own stream
         for step in range(steps):
             micro = [to_device(next(batches), device) for _ in range(accumulation)]
             tokens = max(1, sum(counted_tokens(b) for b in micro))
