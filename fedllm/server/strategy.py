@@ -155,16 +155,18 @@ class LoraStrategy(Strategy):
         }
 
     def introduce(self, grid: Grid) -> None:
-        """Ask each node not yet asked by this process which partition it holds (`seats`), and
-        move what a resumed run kept under a node's old id to the node claiming its partition."""
+        """Ask each node this process has no answer from which partition it holds (`seats`), and
+        move what a resumed run kept under a node's old id to the node claiming its partition.
+        A node that did not answer in time is asked again next round; one that answered with
+        an error (a client without the query) is not."""
         ask = [n for n in sorted(grid.get_node_ids()) if n not in self.asked]
         if not ask:
             return
-        self.asked |= set(ask)
-        timeout = min(self.cfg.federation.round_timeout or 60.0, 60.0)
-        self.claims |= seats.read_claims(
-            grid.send_and_receive(map(seats.query, ask), timeout=timeout)
-        )
+        # the round's deadline: a simulation starts its workers (and imports) on first contact
+        timeout = self.cfg.federation.round_timeout
+        replies = list(grid.send_and_receive(map(seats.query, ask), timeout=timeout))
+        self.asked |= {m.metadata.src_node_id for m in replies}
+        self.claims |= seats.read_claims(replies)
         moved = seats.renumbering(self.old_ids, self.claims)
         if not moved:
             return
