@@ -122,11 +122,13 @@ def mia_md(mia: dict, *, sample: dict | None = None, control: dict | None = None
         "non-members |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    few = False
+    few: dict[str, int] = {}  # level label -> non-members it needs, where some view has fewer
     for view, block in mia.items():
         for score, s in block["pooled"].items():
             t1, t01 = s["tpr@fpr<0.01"], s["tpr@fpr<0.001"]
-            few |= not (t1["enough_non_members"] and t01["enough_non_members"])
+            for label, entry in (("1%", t1), ("0.1%", t01)):
+                if not entry["enough_non_members"]:
+                    few[label] = entry["needs_non_members"]
             delta = block.get("vs_base", {}).get(score)
             delta_cell = (
                 "—" if delta is None else interval_cell(delta["difference"], delta["interval"])
@@ -137,11 +139,12 @@ def mia_md(mia: dict, *, sample: dict | None = None, control: dict | None = None
                 f"{s['non_members']} |"
             )
     if few:
+        needs = ", ".join(f"{n} for {label}" for label, n in few.items())
         lines += [
             "",
-            "\\* too few non-members for this FPR to mean anything: FPR < α needs at "
-            "least 1/α non-members (100 for 1%, 1000 for 0.1%); below that the value is "
-            "the TPR at zero false positives.",
+            "\\* too few non-members for this FPR to mean anything: FPR < α is strict, so it "
+            f"allows a false positive only with more than 1/α non-members ({needs}); below "
+            "that the value is the TPR at zero false positives.",
         ]
     if control is not None and "base" in mia:
         lines += ["", *control_md(control)]

@@ -4,7 +4,8 @@ Definitions (members are the positives; an example is called a member when score
   TPR(t) = #(members with score <= t) / #members,  FPR(t) = #(non-members with score <= t) / #non.
   AUC = P(member score < non-member score) + ½ P(equal)   (Mann-Whitney, ties count half).
   TPR@FPR<α = max over thresholds t (including "call nothing a member") of TPR(t) with FPR(t) < α.
-With fewer than 1/α non-members, FPR < α forces zero false positives, so the number says nothing
+FPR < α is strict, so n non-members allow a false positive only when 1/n < α, i.e. n > 1/α (101
+for 1 %, 1001 for 0.1 %). With fewer, the value is the TPR at zero false positives and says nothing
 about the α level: `enough_non_members` is then False.
 
 Intervals: percentile bootstrap (seeded, 1,000 resamples by default). Members and non-members are
@@ -82,11 +83,10 @@ def attack_summary(
         out["auc_interval"] = percentile_interval(boot["auc"], confidence)
         out["interval"] = {"resamples": resamples, "confidence": confidence, "seed": seed}
     for level in FPR_LEVELS:
-        needed = math.ceil(1 / level)
         entry: dict = {
             "value": tpr_at_fpr(members, non_members, fpr=level),
-            "enough_non_members": len(non_members) >= needed,
-            "needs_non_members": needed,
+            "enough_non_members": _allowed_false_positives(len(non_members), level) >= 1,
+            "needs_non_members": non_members_needed(level),
         }
         if boot is not None:
             entry["interval"] = percentile_interval(boot[f"tpr@fpr<{level:g}"], confidence)
@@ -189,6 +189,19 @@ def weighted_stats(
         below = np.searchsorted(sm, sn[first], side="left")
         out[f"tpr@fpr<{level:g}"] = cm[np.arange(rows), below] / size_m
     return out
+
+
+def non_members_needed(level: float) -> int:
+    """The fewest non-members for which FPR < `level` allows one false positive (1/n < level):
+    with fewer, TPR@FPR<level is the TPR at zero false positives."""
+    if not 0 < level <= 1:
+        raise ValueError(f"level must be in (0, 1], got {level}")
+    n = max(math.floor(1 / level), 1)
+    while n > 1 and _allowed_false_positives(n - 1, level) >= 1:
+        n -= 1
+    while _allowed_false_positives(n, level) < 1:
+        n += 1
+    return n
 
 
 def _allowed_false_positives(n: int, level: float) -> int:

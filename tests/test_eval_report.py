@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fedllm.eval import report as report_module
-from fedllm.eval.report import finite, write_report
+from fedllm.eval.report import finite, mia_md, write_report
 
 
 def minimal(run: str, accuracy: float) -> dict:
@@ -58,3 +58,19 @@ def test_an_interrupted_write_leaves_the_previous_report_whole(
     write_report(minimal("second", 0.25), out)  # a finished one replaces the whole folder
     assert strict((out / "report.json").read_text())["run"] == "second"
     assert not (out / "mia.png").exists()
+
+
+def test_the_too_few_note_names_the_count_each_level_needs() -> None:
+    """96 non-members: both levels starred, and the note gives 101 and 1001 (FPR < α is strict,
+    so exactly 1/α non-members still allow no false positive)."""
+    short = {"value": 0.0, "enough_non_members": False}
+    s = {
+        "auc": 0.5,
+        "members": 192,
+        "non_members": 96,
+        "tpr@fpr<0.01": {**short, "needs_non_members": 101},
+        "tpr@fpr<0.001": {**short, "needs_non_members": 1001},
+    }
+    md = "\n".join(mia_md({"base": {"pooled": {"loss": s}}}))
+    assert "| base | loss | 0.500 | — | 0.000* | 0.000* | 192 | 96 |" in md
+    assert "more than 1/α non-members (101 for 1%, 1001 for 0.1%)" in md

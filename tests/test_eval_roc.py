@@ -7,6 +7,7 @@ import pytest
 from fedllm.eval.roc import (
     attack_summary,
     bootstrap,
+    non_members_needed,
     paired_auc_difference,
     percentile_interval,
     roc_auc,
@@ -47,11 +48,27 @@ def test_summary_flags_too_few_non_members() -> None:
     assert s["tpr@fpr<0.01"] == {
         "value": 1.0,
         "enough_non_members": True,
-        "needs_non_members": 100,
+        "needs_non_members": 101,
         "interval": [1.0, 1.0],
     }
     assert s["tpr@fpr<0.001"]["enough_non_members"] is False
-    assert s["tpr@fpr<0.001"]["needs_non_members"] == 1000
+    assert s["tpr@fpr<0.001"]["needs_non_members"] == 1001
+
+
+def test_exactly_one_over_alpha_non_members_still_allow_no_false_positive() -> None:
+    """FPR < 1% is strict: 100 non-members allow 0 false positives (1/100 is not < 0.01), so the
+    value is the TPR at zero false positives and is flagged; 101 allow one."""
+    members = [0.5, 1.5, 2.5]
+    at_100 = attack_summary(members, [float(v) for v in range(1, 101)], resamples=0)
+    assert at_100["tpr@fpr<0.01"] == {
+        "value": pytest.approx(1 / 3),  # threshold below the first non-member (1.0)
+        "enough_non_members": False,
+        "needs_non_members": 101,
+    }
+    at_101 = attack_summary(members, [float(v) for v in range(1, 102)], resamples=0)
+    assert at_101["tpr@fpr<0.01"]["value"] == pytest.approx(2 / 3)  # one false positive: 1.0
+    assert at_101["tpr@fpr<0.01"]["enough_non_members"] is True
+    assert [non_members_needed(a) for a in (0.01, 0.001, 0.25, 0.3, 1.0)] == [101, 1001, 5, 4, 2]
 
 
 def test_empty_or_nan_scores_are_rejected() -> None:
