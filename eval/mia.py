@@ -1,7 +1,9 @@
 """Membership-inference scores (as in MIMIR); for every score, LOWER means "more likely a member".
 
 - loss:      mean token NLL of the example under the attacked model
-- zlib:      total NLL (nats) / zlib-compressed byte length of the example's scored text
+- zlib:      mean token NLL (nats, the log-perplexity) / zlib-compressed byte length of the
+             example's scored text, as MIMIR's ZLIBAttack and Carlini et al. 2021 (not the total
+             NLL, which would rank a long example by its length as much as by its loss)
 - min_k:     −mean of the lowest k·100% token log-probs (Min-K% Prob, k = 0.2)
 - min_k_pp:  −mean of the lowest k·100% of zₜ = (log p(xₜ) − μₜ)/σₜ, with μₜ, σₜ the mean and
              standard deviation of log p(v) under the model's own distribution p(·|x<ₜ) (Min-K%++)
@@ -31,6 +33,11 @@ def lowest_fraction_mean(values: np.ndarray, k: float) -> float:
     return float(np.sort(values)[:n].mean())
 
 
+def zlib_score(mean_nll: float, text: str) -> float:
+    """Log-perplexity over zlib entropy: `mean_nll` / the byte length of zlib-compressed `text`."""
+    return mean_nll / len(zlib.compress(text.encode("utf-8")))
+
+
 def membership_scores(
     target: Sequence[Scored],
     *,
@@ -47,7 +54,7 @@ def membership_scores(
     out: dict[str, list[float]] = {name: [] for name in SCORES}
     for i, s in enumerate(target):
         out["loss"].append(s.mean_nll)
-        out["zlib"].append(s.nll_sum / len(zlib.compress(texts[i].encode("utf-8"))))
+        out["zlib"].append(zlib_score(s.mean_nll, texts[i]))
         out["min_k"].append(-lowest_fraction_mean(s.logprobs, k))
         if s.mu is not None and s.sigma is not None:
             out["min_k_pp"].append(-lowest_fraction_mean((s.logprobs - s.mu) / s.sigma, k))

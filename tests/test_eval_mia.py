@@ -27,12 +27,25 @@ def test_scores_by_hand() -> None:
     s = membership_scores([target], texts=["hello hello hello"], base_nll=[base.mean_nll], k=0.2)
     nll = -lp.sum()
     assert s["loss"][0] == pytest.approx(nll / 5)
-    assert s["zlib"][0] == pytest.approx(nll / len(zlib.compress(b"hello hello hello")))
+    # the mean NLL (log-perplexity) over zlib bytes, as MIMIR and Carlini et al. 2021
+    assert s["zlib"][0] == pytest.approx(nll / 5 / len(zlib.compress(b"hello hello hello")))
     assert s["min_k"][0] == pytest.approx(math.log(8))  # the lowest 20% of 5 tokens: 1 token
     # standardised: (ln .5+1)/2, (ln .25+1)/2, ln .125+3, ... -> the lowest is (1 - ln 4)/2
     assert s["min_k_pp"][0] == pytest.approx((math.log(4) - 1.0) / 2.0)
     assert s["reference"][0] == pytest.approx(nll / 5 - math.log(4))
     assert lowest_fraction_mean(np.array([3.0, 1.0, 2.0, 5.0]), 0.5) == 1.5
+
+
+def test_zlib_divides_the_mean_nll_so_length_does_not_rank() -> None:
+    """The audit's pair: A has 10 tokens at mean NLL 2.0, B 40 at 1.5. Over the total NLL A would
+    rank lower (more member-like); over the mean, as the literature defines it, B does."""
+    a_text, b_text = "ab" * 3, "the cat sat on a mat " * 2
+    a_bytes, b_bytes = len(zlib.compress(a_text.encode())), len(zlib.compress(b_text.encode()))
+    a = Scored(np.arange(10), np.full(10, -2.0))
+    b = Scored(np.arange(40), np.full(40, -1.5))
+    got = membership_scores([a, b], texts=[a_text, b_text])["zlib"]
+    assert got.tolist() == pytest.approx([2.0 / a_bytes, 1.5 / b_bytes])
+    assert 20.0 / a_bytes < 60.0 / b_bytes and got[0] > got[1]  # the two definitions disagree
 
 
 @pytest.fixture(scope="module")
