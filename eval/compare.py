@@ -15,12 +15,19 @@ from fedllm.eval.report import fmt, interval_cell
 from fedllm.eval.roc import CONFIDENCE, RESAMPLES, paired_auc_difference
 from fedllm.recipe import load_yaml
 
-NOTE = (
-    "MIA AUC: the best of the five scores, pooled over clients, with its 95% bootstrap "
-    "interval when the report has one. Picking the best of five inflates it a little, the base "
-    "model's too: compare a view with the base control, not with 0.5. Exposure: skew-normal "
-    "bits, mean over the canaries with that repeat count."
-)
+
+def note_md(rows: list[dict]) -> str:
+    """What the table's leakage columns are; the intervals' confidence is the reports' own."""
+    levels = sorted({r["mia_confidence"] for r in rows if r.get("mia_confidence") is not None})
+    said = "/".join(f"{c:.0%}" for c in levels) + " " if levels else ""
+    return (
+        f"MIA AUC: the best of the five scores, pooled over clients, with its {said}bootstrap "
+        "interval when the report has one. Picking the best of five inflates it a little, the "
+        "base model's too: compare a view with the base control, not with 0.5. Exposure: "
+        "skew-normal bits, mean over the canaries with that repeat count. Extraction: exact "
+        "suffixes over attempted members, pooled over the clients (a client with no decodable "
+        "member adds nothing)."
+    )
 
 
 def load_report(run: Path) -> dict:
@@ -55,6 +62,8 @@ def summarize(report: dict, *, privacy: str = "?") -> dict:
         "choose_acc": g.get("choose", {}).get("accuracy"),
         "domain_acc": g.get("domain", {}).get("accuracy"),
     }
+    interval = interval_settings(report)
+    row["mia_confidence"] = None if interval is None else interval["confidence"]
     for view in ("base", "global", "client"):
         pooled = leak["mia"].get(view, {}).get("pooled", {})
         best = max(pooled.items(), key=lambda kv: kv[1]["auc"], default=(None, {}))
@@ -69,17 +78,54 @@ def summarize(report: dict, *, privacy: str = "?") -> dict:
             if r["view"] == view:
                 by_k[r["repeats"]].append(r["exposure_skewnormal"])
         row[f"exposure_{view}"] = {k: float(np.mean(v)) for k, v in sorted(by_k.items())}
-        ext = [e["members"]["exact"] for e in leak["extraction"].get(view, {}).values()]
-        row[f"extraction_{view}"] = float(np.mean(ext)) if ext else None
+        row[f"extraction_{view}"] = pooled_extraction(leak["extraction"].get(view, {}))
     return row
+
+
+def pooled_extraction(clients: dict) -> float | None:
+    """Exact-suffix rate of all clients' members together: Σ extracted / Σ attempted (None when
+    no client had a decodable member; such a client's rate is NaN and must not spread)."""
+    attempted = extracted = 0
+    for e in clients.values():
+        n = e["members"].get("examples") or 0
+        if n:
+            attempted += n
+            extracted += round(e["members"]["exact"] * n)
+    return extracted / attempted if attempted else None
+
+
+def interval_settings(report: dict) -> dict | None:
+    """The resamples, confidence and seed of the report's MIA intervals, as its eval ran them
+    (None: it ran with --bootstrap 0, no intervals). The seed is the one its intervals record,
+    0 when none does (the eval's default)."""
+    settings = report.get("settings") or {}
+    recorded = next(
+        (
+            s["interval"]
+            for block in report["leakage"]["mia"].values()
+            for s in block.get("pooled", {}).values()
+            if "interval" in s
+        ),
+        {},
+    )
+    resamples = settings.get("bootstrap", recorded.get("resamples", RESAMPLES))
+    if not resamples:
+        return None
+    return {
+        "resamples": resamples,
+        "confidence": settings.get("confidence", recorded.get("confidence", CONFIDENCE)),
+        "seed": recorded.get("seed", 0),
+    }
 
 
 def paired_differences(report: dict, reference: dict, *, score: str = "loss") -> dict:
     """Per view: `score`'s AUC in `report` minus in `reference`, paired on the same examples.
 
     Both reports must hold the pooled per-example scores of the very same members and
-    non-members (same recipe data and eval sizes); views where they do not are left out.
+    non-members (same recipe data and eval sizes); views where they do not are left out. The
+    interval takes `report`'s settings (resamples, confidence, seed); none under --bootstrap 0.
     """
+    interval = interval_settings(report)
     out = {}
     for view in ("global", "client"):
         a = report["leakage"]["mia"].get(view, {}).get("scores")
@@ -88,17 +134,16 @@ def paired_differences(report: dict, reference: dict, *, score: str = "loss") ->
             continue
         if any(a[part]["ids"] != b[part]["ids"] for part in ("members", "non_members")):
             continue
-        interval = report["settings"].get("bootstrap", RESAMPLES) or RESAMPLES
-        out[view] = paired_auc_difference(
+        diff = paired_auc_difference(
             a["members"][score],
             a["non_members"][score],
             base_members=b["members"][score],
             base_non_members=b["non_members"][score],
-            resamples=interval,
-            confidence=report["settings"].get("confidence", CONFIDENCE),
+            **(interval or {"resamples": 0}),
             member_strata=a["members"]["client"],
             non_member_strata=a["non_members"]["client"],
         )
+        out[view] = {**diff, "confidence": None if interval is None else interval["confidence"]}
     return out
 
 
@@ -107,13 +152,14 @@ def paired_table_md(reports: list[dict], *, score: str = "loss") -> str:
     if len(reports) < 2:
         return ""
     first = reports[0]["run"]
-    lines = []
+    lines, confidences = [], set()
     for rep in reports[1:]:
         diff = paired_differences(rep, reports[0], score=score)
         cells = [
             interval_cell(diff[v]["difference"], diff[v]["interval"]) if v in diff else "—"
             for v in ("global", "client")
         ]
+        confidences |= {d["confidence"] for d in diff.values()}
         if diff:
             lines.append(f"| {rep['run']} | {cells[0]} | {cells[1]} |")
     if not lines:
@@ -121,14 +167,28 @@ def paired_table_md(reports: list[dict], *, score: str = "loss") -> str:
     return "\n".join(
         [
             f"Paired against `{first}` on the same members and non-members ({score.upper()} "
-            "score; the difference's 95% interval resamples examples jointly, so what both "
-            "runs share about an example cancels):",
+            f"score; {paired_interval_phrase(confidences)}):",
             "",
             f"| run | Δ AUC global (run − {first}) | Δ AUC client |",
             "|---|---|---|",
             *lines,
         ]
     )
+
+
+def paired_interval_phrase(confidences: set[float | None]) -> str:
+    """How the paired table's intervals were made, at the confidences its runs' settings give
+    (None: a run evaluated with --bootstrap 0, whose difference has no interval)."""
+    levels = "/".join(f"{c:.0%}" for c in sorted(c for c in confidences if c is not None))
+    parts = []
+    if levels:
+        parts.append(
+            f"the difference's {levels} interval resamples examples jointly, so what both runs "
+            "share about an example cancels"
+        )
+    if None in confidences:
+        parts.append("no interval where the eval ran with --bootstrap 0")
+    return "; ".join(parts)
 
 
 # eval settings that do not move the numbers (batch size only changes the speed)
@@ -312,7 +372,7 @@ def compare_runs(runs: list[Path], *, out_dir: Path) -> Path:
         + warning
         + table_md(rows)
         + "\n\n"
-        + NOTE
+        + note_md(rows)
         + (f"\n\n{paired}" if paired else "")
         + "\n\n![quality vs leakage](compare.png)\n"
     )

@@ -106,13 +106,17 @@ def paired_auc_difference(
     member_strata: Sequence | None = None,
     non_member_strata: Sequence | None = None,
 ) -> dict:
-    """AUC − base AUC on the same examples, with an interval from resampling examples jointly.
+    """AUC − base AUC on the same examples, with an interval from resampling examples jointly
+    (resamples=0: no interval, None).
 
     Pairing removes what both models see alike (e.g. a held-out split that happens to be harder),
     so the interval is narrower than either AUC's and measures what training added.
     """
     if len(base_members) != len(members) or len(base_non_members) != len(non_members):
         raise ValueError("the base scores must be of the same members and non-members")
+    point = roc_auc(members, non_members) - roc_auc(base_members, base_non_members)
+    if not resamples:
+        return {"difference": point, "interval": None}
     kw = {
         "resamples": resamples,
         "seed": seed,
@@ -122,7 +126,6 @@ def paired_auc_difference(
     }
     diff = bootstrap(members, non_members, **kw)["auc"]
     diff = diff - bootstrap(base_members, base_non_members, **kw)["auc"]  # same draws: seeded
-    point = roc_auc(members, non_members) - roc_auc(base_members, base_non_members)
     return {"difference": point, "interval": percentile_interval(diff, confidence)}
 
 

@@ -31,8 +31,12 @@ def report(name: str, *, loss: float, aucs: dict, exposures: list[tuple[str, int
             "exposure": [
                 {"view": v, "repeats": k, "exposure_skewnormal": e} for v, k, e in exposures
             ],
-            "extraction": {
-                "global": {"0": {"members": {"exact": 0.2}}, "1": {"members": {"exact": 0.4}}}
+            "extraction": {  # 6 of 64, 4 of 8, and a client with nothing to decode (rate NaN)
+                "global": {
+                    "0": {"members": {"examples": 64, "exact": 6 / 64}},
+                    "1": {"members": {"examples": 8, "exact": 0.5}},
+                    "2": {"members": {"examples": 0, "exact": None}},
+                }
             },
         },
     }
@@ -67,7 +71,8 @@ def test_summary_picks_best_auc_mean_exposure_and_extraction(runs: list[Path]) -
     assert row["mia_auc_global"] == 0.8 and row["mia_loss_auc_global"] == 0.7
     assert row["exposure_global"] == {1: 2.0, 16: 11.0}
     assert row["exposure_client"] == {16: 20.0}
-    assert row["extraction_global"] == pytest.approx(0.3)
+    # pooled: (6 + 4) / (64 + 8), not the mean of the rates (0.297) nor NaN from client 2
+    assert row["extraction_global"] == pytest.approx(10 / 72)
     assert row["mia_auc_client"] is None and row["base_loss"] == 3.0
 
 
@@ -75,7 +80,7 @@ def test_compare_writes_one_table_and_a_figure(runs: list[Path], tmp_path: Path)
     out = tmp_path / "cmp"
     assert main(["compare", *map(str, runs), "--out", str(out)]) == 0
     md = (out / "compare.md").read_text()
-    assert "| plain | none | 3.000 → 2.000 |" in md
+    assert "| plain | none | 3.000 → 2.000 |" in md and "| 0.139 |" in md
     assert "| dp | sample | 3.000 → 2.500 |" in md
     assert "exposure k=16 (global/client)" in md and "11.0 / 20.0" in md
     assert (out / "compare.png").stat().st_size > 10_000
@@ -170,3 +175,40 @@ def test_a_damaged_report_is_named(tmp_path: Path, capsys, text: str, message: s
     assert main(["compare", str(tmp_path / "a"), "--out", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
     assert str(tmp_path / "a" / "eval" / "report.json") in err and message in err
+
+
+def test_the_paired_interval_takes_the_reports_settings(tmp_path: Path) -> None:
+    """Its resamples, confidence and seed are the ones the eval recorded; --bootstrap 0 gives
+    the difference with no interval, not 1,000 resamples it never asked for."""
+    from fedllm.eval.compare import paired_differences, paired_table_md
+    from fedllm.eval.roc import paired_auc_difference
+
+    non = [float(v) for v in range(20)]
+    members = [v - 3.0 for v in non]
+    leaky = with_scores(report("a", loss=2.0, aucs={"loss": 0.7}, exposures=[]), members, non)
+    private = with_scores(report("b", loss=2.5, aucs={"loss": 0.5}, exposures=[]), non, non)
+    private["settings"] = {"bootstrap": 150, "confidence": 0.8}
+    recorded = {"resamples": 150, "confidence": 0.8, "seed": 7}
+    private["leakage"]["mia"]["global"]["pooled"]["loss"]["interval"] = recorded
+    clients = [i % 2 for i in range(20)]
+    strata = {"member_strata": clients, "non_member_strata": clients}
+    want = paired_auc_difference(
+        non, non, base_members=members, base_non_members=non, **recorded, **strata
+    )
+    got = paired_differences(private, leaky)["global"]
+    assert got == {**want, "confidence": 0.8}
+    seed0 = paired_auc_difference(
+        non, non, base_members=members, base_non_members=non, **{**recorded, "seed": 0}, **strata
+    )
+    assert seed0["interval"] != want["interval"]  # the seed matters: it is the report's
+    assert "the difference's 80% interval" in paired_table_md([leaky, private])
+    private["settings"]["bootstrap"] = 0
+    none = paired_differences(private, leaky)["global"]
+    # AUC 0.5 against (60 + 187 + 17/2) / 400 for members shifted by 3: pairs i-3 < j, ties ½
+    assert none == {
+        "difference": pytest.approx(0.5 - 255.5 / 400),
+        "interval": None,
+        "confidence": None,
+    }
+    md = paired_table_md([leaky, private])
+    assert "no interval where the eval ran with --bootstrap 0" in md and "| b | -0.139 | — |" in md

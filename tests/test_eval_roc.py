@@ -172,3 +172,8 @@ def test_paired_difference_cancels_what_both_models_share() -> None:
     assert hi - lo < 0.8 * (own[1] - own[0])
     with pytest.raises(ValueError, match="same members"):
         paired_auc_difference(view_m, base_n, base_members=base_m[:-1], base_non_members=base_n)
+    # resamples=0 (--bootstrap 0): the difference alone, as attack_summary gives no interval
+    bare = paired_auc_difference(
+        view_m, base_n, base_members=base_m, base_non_members=base_n, resamples=0
+    )
+    assert bare == {"difference": d["difference"], "interval": None}
