@@ -123,7 +123,8 @@ def paired_differences(report: dict, reference: dict, *, score: str = "loss") ->
 
     Both reports must hold the pooled per-example scores of the very same members and
     non-members (same recipe data and eval sizes); views where they do not are left out. The
-    interval takes `report`'s settings (resamples, confidence, seed); none under --bootstrap 0.
+    interval takes `report`'s settings (resamples, confidence, seed; none under --bootstrap 0)
+    and resamples matched sets whole where the reports record them.
     """
     interval = interval_settings(report)
     out = {}
@@ -134,6 +135,10 @@ def paired_differences(report: dict, reference: dict, *, score: str = "loss") ->
             continue
         if any(a[part]["ids"] != b[part]["ids"] for part in ("members", "non_members")):
             continue
+        sets_a, sets_b = a["members"].get("set"), b["members"].get("set")  # older: none
+        if sets_a is not None and sets_b is not None and sets_a != sets_b:
+            continue  # the same examples matched otherwise: not the same design
+        sets = sets_a if sets_a is not None else sets_b  # matched sets are resampled whole
         diff = paired_auc_difference(
             a["members"][score],
             a["non_members"][score],
@@ -142,6 +147,7 @@ def paired_differences(report: dict, reference: dict, *, score: str = "loss") ->
             **(interval or {"resamples": 0}),
             member_strata=a["members"]["client"],
             non_member_strata=a["non_members"]["client"],
+            member_sets=sets,
         )
         out[view] = {**diff, "confidence": None if interval is None else interval["confidence"]}
     return out
@@ -183,8 +189,8 @@ def paired_interval_phrase(confidences: set[float | None]) -> str:
     parts = []
     if levels:
         parts.append(
-            f"the difference's {levels} interval resamples examples jointly, so what both runs "
-            "share about an example cancels"
+            f"the difference's {levels} interval resamples examples (matched sets where the "
+            "reports record them) jointly, so what both runs share about an example cancels"
         )
     if None in confidences:
         parts.append("no interval where the eval ran with --bootstrap 0")

@@ -29,6 +29,7 @@ class ClientData:
     items: dict[str, list[dict]]  # "members" (matched to the non-members), "non_members"
     texts: dict[str, list[str]]  # their responses (for the zlib score)
     ids: dict[str, list[str]]  # their example ids (runs on the same examples compare paired)
+    sets: list[int]  # per member: its non-member's index in items["non_members"] (matched set)
     extract: dict[str, list[dict]]  # the subsets extraction decodes from
     canaries: CanarySet | None
     sample: dict  # what was drawn and how well it matches (for the report)
@@ -78,6 +79,7 @@ def prepare_client(
             "members": [str(pool[i].get("id", "")) for i in match.members],
             "non_members": [str(non[j].get("id", "")) for j in match.non_members],
         },
+        sets=match.sets,
         extract={
             part: [its[i] for i in subsample(range(len(its)), limit=limit, seed=pid)]
             for part, its in (("members", m_items), ("non_members", n_items))

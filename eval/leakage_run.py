@@ -94,13 +94,14 @@ def measure_leakage(
                 (p, _arrays(sm), _arrays(sn)) for p, sm, sn in piece["parts"]
             )
     base_scores = {p: (sm, sn) for p, sm, sn in pooled.get("base", [])}
+    sets = {p: d.sets for p, d in data.items()}
     with timer("attacks"):
         for key, parts in pooled.items():
-            out["mia"][key]["pooled"] = _pooled(parts, attack)
+            out["mia"][key]["pooled"] = _pooled(parts, attack, sets=sets)
             out["mia"][key]["scores"] = _score_table(parts, data)
             if key != "base" and attack["resamples"]:
                 base_parts = [(p, *base_scores[p]) for p, _, _ in parts]
-                out["mia"][key]["vs_base"] = _pooled(parts, attack, base_parts)
+                out["mia"][key]["vs_base"] = _pooled(parts, attack, base_parts, sets=sets)
     out["control"] = control_check(out["mia"].get("base", {}).get("pooled", {}))
     out["seconds"] = dict(timer.seconds)
     return out
@@ -164,7 +165,7 @@ def _view_piece(
             for part in _PARTS
         )
         with timer("attacks"):
-            attacks = piece["clients"][str(p)] = run_attacks(sm, sn, **attack)
+            attacks = piece["clients"][str(p)] = run_attacks(sm, sn, **attack, member_sets=d.sets)
         piece["parts"].append([p, _lists(sm), _lists(sn)])
         piece["extraction"][str(p)] = {part: extraction[(p, part)] for part in _PARTS}
         best = max(attacks.items(), key=lambda kv: kv[1]["auc"])
@@ -216,22 +217,34 @@ def control_check(pooled: dict) -> dict:
     return {"ok": not outside, "outside": outside}
 
 
-def _pooled(parts: list, attack: dict, base_parts: list | None = None) -> dict:
-    """Attacks on every client's scores together, resampled within each client; with
-    `base_parts`, each score's AUC difference from the base model's on the same examples."""
+def _pooled(
+    parts: list, attack: dict, base_parts: list | None = None, *, sets: dict[int, list[int]]
+) -> dict:
+    """Attacks on every client's scores together, matched sets resampled within each client;
+    with `base_parts`, each score's AUC difference from the base model's on the same examples."""
     sm, sn, strata_m, strata_n = _concat(parts)
+    design = {
+        "member_strata": strata_m,
+        "non_member_strata": strata_n,
+        "member_sets": pooled_sets([sets[p] for p, _, _ in parts], _sizes(parts)),
+    }
     if base_parts is None:
-        return run_attacks(sm, sn, **attack, member_strata=strata_m, non_member_strata=strata_n)
+        return run_attacks(sm, sn, **attack, **design)
     bm, bn, _, _ = _concat(base_parts)
-    return against_base(
-        sm,
-        sn,
-        base_members=bm,
-        base_non_members=bn,
-        **attack,
-        member_strata=strata_m,
-        non_member_strata=strata_n,
-    )
+    return against_base(sm, sn, base_members=bm, base_non_members=bn, **attack, **design)
+
+
+def pooled_sets(client_sets: list[list[int]], non_members: list[int]) -> np.ndarray:
+    """Each pooled member's matched set as an index into the pooled non-members: a client's own
+    set indices shifted by the non-members of the clients before it (`non_members`, in order)."""
+    at = np.concatenate([[0], np.cumsum(non_members)[:-1]]).astype(np.int64)
+    shifted = [np.asarray(s, dtype=np.int64) + a for s, a in zip(client_sets, at, strict=True)]
+    return np.concatenate(shifted)
+
+
+def _sizes(parts: list) -> list[int]:
+    """Each part's number of non-members."""
+    return [len(next(iter(n.values()))) for _, _, n in parts]
 
 
 def _concat(parts: list) -> tuple[dict, dict, np.ndarray, np.ndarray]:
@@ -245,7 +258,8 @@ def _concat(parts: list) -> tuple[dict, dict, np.ndarray, np.ndarray]:
 
 
 def _score_table(parts: list, data: dict[int, ClientData]) -> dict:
-    """Every pooled example's id, client and scores, so that runs can be compared paired."""
+    """Every pooled example's id, client and scores, and each member's matched set (an index
+    into the pooled non-members), so that runs can be compared paired."""
     table: dict = {}
     for k, part in enumerate(_PARTS):
         rows: dict[str, list] = {"ids": [], "client": []}
@@ -255,6 +269,8 @@ def _score_table(parts: list, data: dict[int, ClientData]) -> dict:
             for name, values in groups[k].items():
                 rows.setdefault(name, []).extend(float(v) for v in values)
         table[part] = rows
+    sets = pooled_sets([data[p].sets for p, _, _ in parts], _sizes(parts))
+    table["members"]["set"] = [int(j) for j in sets]
     return table
 
 

@@ -23,6 +23,7 @@ class MatchedSample:
     members: list[int]  # k per kept non-member, grouped in the order of `non_members`
     non_members: list[int]  # kept non-members, ascending
     dropped: int  # non-members without k unused members of their domain
+    sets: list[int]  # per member: its non-member's position in `non_members` (its matched set)
 
 
 def matched_sample(
@@ -65,7 +66,10 @@ def matched_sample(
         del free[:per_non_member]
     kept = sorted(chosen)
     return MatchedSample(
-        members=[i for j in kept for i in chosen[j]], non_members=kept, dropped=dropped
+        members=[i for j in kept for i in chosen[j]],
+        non_members=kept,
+        dropped=dropped,
+        sets=[pos for pos, j in enumerate(kept) for _ in chosen[j]],
     )
 
 

@@ -68,7 +68,8 @@ def run_attacks(
 ) -> dict[str, dict]:
     """attack_summary (AUC, TPR@FPR, intervals) for each score present in both groups.
 
-    `interval` passes on to attack_summary: resamples, confidence, seed, member/non-member strata.
+    `interval` passes on to attack_summary: resamples, confidence, seed, member/non-member strata
+    and member_sets (each member's matched non-member, so that sets are resampled whole).
     """
     return {
         name: attack_summary(members[name], non_members[name], **interval)

@@ -109,12 +109,17 @@ def mia_md(mia: dict, *, sample: dict | None = None, control: dict | None = None
         "",
     ]
     if conf:
+        unit = (
+            "whole matched sets (a non-member with its matched members) resampled within each "
+            "client"
+            if conf.get("resampled") == "matched sets"
+            else "members and non-members resampled separately within each client"
+        )
         lines += [
             f"Intervals: {conf['confidence']:.0%} percentile bootstrap, {conf['resamples']} "
-            f"resamples (seed {conf['seed']}), members and non-members resampled within each "
-            "client. AUC − base: the view's AUC minus the base model's on the same examples, "
-            "both from the same resamples (what training added, with the split's own tilt "
-            "cancelled).",
+            f"resamples (seed {conf['seed']}), {unit}. AUC − base: the view's AUC minus the "
+            "base model's on the same examples, both from the same resamples (what training "
+            "added, with the split's own tilt cancelled).",
             "",
         ]
     lines += [
@@ -147,14 +152,15 @@ def mia_md(mia: dict, *, sample: dict | None = None, control: dict | None = None
             "that the value is the TPR at zero false positives.",
         ]
     if control is not None and "base" in mia:
-        lines += ["", *control_md(control)]
+        lines += ["", *control_md(control, confidence=conf.get("confidence", 0.95))]
     if sample:
         lines += ["", *sample_md(sample)]
     return [*lines, ""]
 
 
-def control_md(control: dict) -> list[str]:
-    """The base model never saw the data: its AUC interval should contain 0.5."""
+def control_md(control: dict, *, confidence: float = 0.95) -> list[str]:
+    """The base model never saw the data: its AUC interval (at `confidence`) should contain
+    0.5."""
     if control["ok"]:
         return [
             "Control: every score's AUC interval under the **base** model (which never saw the "
@@ -167,9 +173,10 @@ def control_md(control: dict) -> list[str]:
     return [
         f"**⚠ Control failed**: under the base model, which never saw the data, the AUC "
         f"interval of {names} excludes 0.5. Either members and non-members differ in "
-        "something other than membership (domain, length, source) or this is the 1-in-20 "
-        "chance of a 95% interval (more likely with several scores); attack AUCs of the other "
-        "views are only meaningful relative to this control."
+        f"something other than membership (domain, length, source) or this is the "
+        f"{1 - confidence:.0%} chance a {confidence:.0%} interval leaves 0.5 out for each "
+        "score (more likely with several scores); attack AUCs of the other views are only "
+        "meaningful relative to this control."
     ]
 
 
@@ -276,7 +283,11 @@ def plot_mia(mia: dict, path: Path) -> None:
     ax.axhline(0.5, ls=":", color="grey")
     ax.set_xticks(np.arange(len(SCORES)) + width * (len(mia) - 1) / 2)
     ax.set_xticklabels(SCORES)
-    ax.set_ylabel("ROC AUC (pooled, 95% interval)")
+    conf = next(
+        (a["interval"] for b in mia.values() for a in b["pooled"].values() if "interval" in a), {}
+    )
+    interval = f", {conf['confidence']:.0%} interval" if conf else ""
+    ax.set_ylabel(f"ROC AUC (pooled{interval})")
     ax.set_ylim(0, 1)
     ax.legend()
     fig.tight_layout()

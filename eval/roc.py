@@ -8,11 +8,17 @@ FPR < α is strict, so n non-members allow a false positive only when 1/n < α, 
 for 1 %, 1001 for 0.1 %). With fewer, the value is the TPR at zero false positives and says nothing
 about the α level: `enough_non_members` is then False.
 
-Intervals: percentile bootstrap (seeded, 1,000 resamples by default). Members and non-members are
-resampled separately (the design fixes both counts), and within each stratum when strata are
-given (e.g. the client each example came from, so a pooled resample keeps every client's share).
-Each resample's AUC and TPR@FPR are exactly `roc_auc` / `tpr_at_fpr` of the resampled arrays,
-computed from resample counts on the sorted scores instead of materialising the arrays.
+Intervals: percentile bootstrap (seeded, 1,000 resamples by default), within each stratum when
+strata are given (e.g. the client each example came from, so a pooled resample keeps every
+client's share). With matched sets (`member_sets`: each member's non-member, as
+fedllm.eval.membership matches K members to each non-member) whole sets are resampled: a
+non-member is drawn with replacement and its members come with it, as often as it is drawn. That
+keeps the pairing that makes members and non-members alike, so the interval reflects only what
+differs within sets; resampling members and non-members independently (the fallback without
+sets) also counts the between-set spread the matching cancels: up to ~3x too wide when what was
+matched on (length, domain) drives the score (tests/test_eval_roc.py). Each resample's AUC and
+TPR@FPR are exactly `roc_auc` / `tpr_at_fpr` of the resampled arrays, computed from resample
+counts on the sorted scores instead of materialising the arrays.
 """
 
 from __future__ import annotations
@@ -63,8 +69,10 @@ def attack_summary(
     seed: int = 0,
     member_strata: Sequence | None = None,
     non_member_strata: Sequence | None = None,
+    member_sets: Sequence[int] | None = None,
 ) -> dict:
-    """AUC and TPR at each FPR level with bootstrap intervals (resamples=0: no intervals)."""
+    """AUC and TPR at each FPR level with bootstrap intervals (resamples=0: no intervals);
+    with `member_sets`, matched sets are resampled whole (see `bootstrap`)."""
     out: dict = {
         "auc": roc_auc(members, non_members),
         "members": len(members),
@@ -79,9 +87,15 @@ def attack_summary(
             seed=seed,
             member_strata=member_strata,
             non_member_strata=non_member_strata,
+            member_sets=member_sets,
         )
         out["auc_interval"] = percentile_interval(boot["auc"], confidence)
-        out["interval"] = {"resamples": resamples, "confidence": confidence, "seed": seed}
+        out["interval"] = {
+            "resamples": resamples,
+            "confidence": confidence,
+            "seed": seed,
+            "resampled": "examples" if member_sets is None else "matched sets",
+        }
     for level in FPR_LEVELS:
         entry: dict = {
             "value": tpr_at_fpr(members, non_members, fpr=level),
@@ -105,9 +119,10 @@ def paired_auc_difference(
     seed: int = 0,
     member_strata: Sequence | None = None,
     non_member_strata: Sequence | None = None,
+    member_sets: Sequence[int] | None = None,
 ) -> dict:
-    """AUC − base AUC on the same examples, with an interval from resampling examples jointly
-    (resamples=0: no interval, None).
+    """AUC − base AUC on the same examples, with an interval from resampling examples (or, with
+    `member_sets`, matched sets) jointly (resamples=0: no interval, None).
 
     Pairing removes what both models see alike (e.g. a held-out split that happens to be harder),
     so the interval is narrower than either AUC's and measures what training added.
@@ -123,6 +138,7 @@ def paired_auc_difference(
         "fpr_levels": (),
         "member_strata": member_strata,
         "non_member_strata": non_member_strata,
+        "member_sets": member_sets,
     }
     diff = bootstrap(members, non_members, **kw)["auc"]
     diff = diff - bootstrap(base_members, base_non_members, **kw)["auc"]  # same draws: seeded
@@ -147,17 +163,41 @@ def bootstrap(
     fpr_levels: Sequence[float] = FPR_LEVELS,
     member_strata: Sequence | None = None,
     non_member_strata: Sequence | None = None,
+    member_sets: Sequence[int] | None = None,
 ) -> dict[str, np.ndarray]:
-    """AUC and TPR@FPR<α of `resamples` stratified bootstrap resamples (one value each)."""
+    """AUC and TPR@FPR<α of `resamples` stratified bootstrap resamples (one value each).
+
+    Without `member_sets`, members and non-members are resampled independently, each within its
+    strata. With them (member i belongs to non-member member_sets[i]), non-members are resampled
+    within their strata and each member is drawn as often as its non-member: the matched set
+    is the unit, as the sample was drawn.
+    """
     m, n = _check(members, non_members)
     if resamples < 1:
         raise ValueError(f"resamples must be >= 1, got {resamples}")
     rng = np.random.default_rng(seed)
+    if member_sets is not None:
+        sets = _check_sets(member_sets, len(m), len(n))
+        if member_strata is not None and (
+            non_member_strata is None
+            or not np.array_equal(np.asarray(member_strata), np.asarray(non_member_strata)[sets])
+        ):
+            raise ValueError("with member_sets, each member's stratum must be its non-member's")
+        wn = _resample_counts(
+            len(n), non_member_strata, resamples=resamples, rng=rng, name="non_member_strata"
+        )
+        return weighted_stats(m, n, matched_counts(wn, sets), wn, fpr_levels=fpr_levels)
     wm = _resample_counts(len(m), member_strata, resamples=resamples, rng=rng, name="member_strata")
     wn = _resample_counts(
         len(n), non_member_strata, resamples=resamples, rng=rng, name="non_member_strata"
     )
     return weighted_stats(m, n, wm, wn, fpr_levels=fpr_levels)
+
+
+def matched_counts(non_member_counts: np.ndarray, member_sets: Sequence[int]) -> np.ndarray:
+    """Members' draw counts of matched-set resamples: each member as often as its non-member
+    (`non_member_counts` is (resamples, non-members); the result (resamples, members))."""
+    return np.asarray(non_member_counts)[:, np.asarray(member_sets, dtype=np.int64)]
 
 
 def weighted_stats(
@@ -230,6 +270,16 @@ def _resample_counts(
         drawn[:, idx] = idx[rng.integers(0, len(idx), size=(resamples, len(idx)))]
     flat = drawn + size * np.arange(resamples)[:, None]
     return np.bincount(flat.ravel(), minlength=size * resamples).reshape(resamples, size)
+
+
+def _check_sets(member_sets: Sequence[int], members: int, non_members: int) -> np.ndarray:
+    """member_sets as an index array: one non-member index per member, every one in range."""
+    sets = np.asarray(member_sets)
+    if sets.shape != (members,) or (members and not np.issubdtype(sets.dtype, np.integer)):
+        raise ValueError(f"member_sets must give one non-member index per member ({members})")
+    if members and (sets.min() < 0 or sets.max() >= non_members):
+        raise ValueError(f"member_sets must index the {non_members} non-members")
+    return sets.astype(np.int64)
 
 
 def _check(members: Sequence[float], non_members: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:

@@ -212,3 +212,32 @@ def test_the_paired_interval_takes_the_reports_settings(tmp_path: Path) -> None:
     }
     md = paired_table_md([leaky, private])
     assert "no interval where the eval ran with --bootstrap 0" in md and "| b | -0.139 | — |" in md
+
+
+def test_recorded_matched_sets_are_resampled_whole(tmp_path: Path) -> None:
+    """report.json's members carry their matched set: the paired interval resamples sets, and
+    two reports whose same examples were matched otherwise do not pair."""
+    from fedllm.eval.compare import paired_differences
+    from fedllm.eval.roc import paired_auc_difference
+
+    non = [float(v) for v in range(20)]
+    members = [v - 3.0 for v in non]
+    leaky = with_scores(report("a", loss=2.0, aucs={"loss": 0.7}, exposures=[]), members, non)
+    private = with_scores(report("b", loss=2.5, aucs={"loss": 0.5}, exposures=[]), non, non)
+    sets = list(range(20))  # member i with non-member i: both of client i % 2
+    for rep in (leaky, private):
+        rep["leakage"]["mia"]["global"]["scores"]["members"]["set"] = sets
+    clients = [i % 2 for i in range(20)]
+    want = paired_auc_difference(
+        non,
+        non,
+        base_members=members,
+        base_non_members=non,
+        resamples=200,
+        member_strata=clients,
+        non_member_strata=clients,
+        member_sets=sets,
+    )
+    assert paired_differences(private, leaky)["global"] == {**want, "confidence": 0.95}
+    private["leakage"]["mia"]["global"]["scores"]["members"]["set"] = sets[::-1]
+    assert paired_differences(private, leaky) == {}

@@ -195,6 +195,7 @@ def test_mia_sample_intervals_and_base_control(run: Path) -> None:
             a = leak["mia"][view]["pooled"][score]
             lo, hi = a["auc_interval"]
             assert lo <= a["auc"] <= hi and a["interval"]["resamples"] == 1000
+            assert a["interval"]["resampled"] == "matched sets"
             t = a["tpr@fpr<0.01"]
             assert t["interval"][0] <= t["value"] <= t["interval"][1]
     # the base model scores "reference" as 0 for everyone: AUC exactly 1/2, interval [1/2, 1/2]
@@ -204,6 +205,11 @@ def test_mia_sample_intervals_and_base_control(run: Path) -> None:
     global_auc = leak["mia"]["global"]["pooled"]["loss"]["auc"]
     assert delta["difference"] == pytest.approx(global_auc - base_auc)
     assert "vs_base" not in leak["mia"]["base"]
+    # each pooled member's matched set: a non-member of its own client, two members to each
+    table = leak["mia"]["global"]["scores"]
+    sets, owner = table["members"]["set"], table["non_members"]["client"]
+    assert [owner[j] for j in sets] == table["members"]["client"]
+    assert sorted(sets) == [j for j in range(len(owner)) for _ in range(2)]
     outside = {
         k: v["auc_interval"]
         for k, v in leak["mia"]["base"]["pooled"].items()
@@ -212,6 +218,7 @@ def test_mia_sample_intervals_and_base_control(run: Path) -> None:
     assert leak["control"] == {"ok": not outside, "outside": outside}
     md = (run / "eval" / "report.md").read_text()
     assert "AUC − base (paired)" in md and "percentile bootstrap" in md
+    assert "whole matched sets (a non-member with its matched members)" in md
     assert ("Control: every score" in md) == leak["control"]["ok"]
     assert "| client | held-out | non-members | members |" in md
 

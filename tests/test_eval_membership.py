@@ -21,9 +21,13 @@ def test_matching_by_hand() -> None:
     # non-members: a noun of length 8 takes the 9 (nearest), a verb of length 20 the only verb
     s = matched_sample(domains, lengths, ["noun", "verb"], [8, 20], per_non_member=1, seed=0)
     assert s.non_members == [0, 1] and s.members == [1, 2] and s.dropped == 0
+    assert s.sets == [0, 1]  # each member's matched set: its non-member's place in non_members
     # two per non-member: the noun takes 9 and 5; the verb has one member only and is dropped
     s = matched_sample(domains, lengths, ["noun", "verb"], [8, 20], per_non_member=2, seed=0)
     assert s.non_members == [0] and sorted(s.members) == [0, 1] and s.dropped == 1
+    # the verb first: it is dropped, so the noun (non-member 1) is set 0 of the kept ones
+    s = matched_sample(domains, lengths, ["verb", "noun"], [20, 8], per_non_member=2, seed=0)
+    assert s.non_members == [1] and s.sets == [0, 0]
     # an unknown domain is never matched across domains
     s = matched_sample(domains, lengths, ["adj"], [5], per_non_member=1, seed=0)
     assert s.members == [] and s.non_members == [] and s.dropped == 1

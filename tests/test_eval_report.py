@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fedllm.eval import report as report_module
-from fedllm.eval.report import finite, mia_md, write_report
+from fedllm.eval.report import control_md, finite, mia_md, write_report
 
 
 def minimal(run: str, accuracy: float) -> dict:
@@ -74,3 +74,25 @@ def test_the_too_few_note_names_the_count_each_level_needs() -> None:
     md = "\n".join(mia_md({"base": {"pooled": {"loss": s}}}))
     assert "| base | loss | 0.500 | — | 0.000* | 0.000* | 192 | 96 |" in md
     assert "more than 1/α non-members (101 for 1%, 1001 for 0.1%)" in md
+
+
+def test_the_intervals_say_how_they_resampled_and_the_control_its_confidence() -> None:
+    interval = {"resamples": 200, "confidence": 0.9, "seed": 4, "resampled": "matched sets"}
+    s = {
+        "auc": 0.6,
+        "auc_interval": [0.55, 0.65],
+        "interval": interval,
+        "members": 240,
+        "non_members": 120,
+        "tpr@fpr<0.01": {"value": 0.1, "enough_non_members": True, "needs_non_members": 101},
+        "tpr@fpr<0.001": {"value": 0.0, "enough_non_members": False, "needs_non_members": 1001},
+    }
+    control = {"ok": False, "outside": {"loss": [0.55, 0.65]}}
+    md = "\n".join(mia_md({"base": {"pooled": {"loss": s}}}, control=control))
+    assert "90% percentile bootstrap, 200 resamples (seed 4), whole matched sets" in md
+    assert "the 10% chance a 90% interval leaves 0.5 out for each score" in md
+    assert "1-in-20" not in md
+    s["interval"] = {**interval, "resampled": "examples"}
+    md = "\n".join(mia_md({"base": {"pooled": {"loss": s}}}))
+    assert "members and non-members resampled separately within each client" in md
+    assert "5% chance a 95% interval" in control_md(control)[0]

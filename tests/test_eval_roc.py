@@ -7,6 +7,7 @@ import pytest
 from fedllm.eval.roc import (
     attack_summary,
     bootstrap,
+    matched_counts,
     non_members_needed,
     paired_auc_difference,
     percentile_interval,
@@ -177,3 +178,84 @@ def test_paired_difference_cancels_what_both_models_share() -> None:
         view_m, base_n, base_members=base_m, base_non_members=base_n, resamples=0
     )
     assert bare == {"difference": d["difference"], "interval": None}
+
+
+# two matched sets: non-member 1.0 with members 0.5, 0.6 (both below it: AUC 1 on their own) and
+# non-member 3.0 with members 2.5, 4.0 (AUC ½ on their own); together AUC = 5/8
+SET_NON, SET_MEMBERS, SETS = np.array([1.0, 3.0]), np.array([0.5, 0.6, 2.5, 4.0]), [0, 0, 1, 1]
+
+
+def test_a_matched_set_resample_by_hand() -> None:
+    """Drawing set 0 twice gives members 0.5, 0.5, 0.6, 0.6 against 1.0, 1.0: AUC 1; set 1 twice
+    gives AUC ½; one of each is the sample itself, 5/8. Each member comes with its set."""
+    wn = np.array([[2, 0], [1, 1], [0, 2]])
+    wm = matched_counts(wn, SETS)
+    assert wm.tolist() == [[2, 2, 0, 0], [1, 1, 1, 1], [0, 0, 2, 2]]
+    stats = weighted_stats(SET_MEMBERS, SET_NON, wm, wn, fpr_levels=(0.6,))
+    assert stats["auc"].tolist() == [1.0, 5 / 8, 0.5]
+    # FPR < 0.6 of 2 drawn non-members allows one: below the second, so every member but 4.0
+    assert stats["tpr@fpr<0.6"].tolist() == [1.0, 3 / 4, 1 / 2]
+    # seeded draws take only those three values, 5/8 about half the time (2 of 4 orders);
+    # resampling members on their own would also give e.g. 0.5, 0.5, 0.6, 2.5 against 1.0, 3.0
+    boot = bootstrap(SET_MEMBERS, SET_NON, resamples=400, seed=3, member_sets=SETS)["auc"]
+    assert set(boot.tolist()) == {1.0, 5 / 8, 0.5}
+    assert np.mean(boot == 5 / 8) == pytest.approx(0.5, abs=0.08)
+    assert set(bootstrap(SET_MEMBERS, SET_NON, resamples=400, seed=3)["auc"]) > {1.0, 5 / 8, 0.5}
+
+
+def test_matched_sets_are_resampled_within_strata() -> None:
+    """Each set alone in its stratum: every resample is the sample itself, so the interval is the
+    point; the members' strata must be their sets' strata."""
+    s = attack_summary(
+        SET_MEMBERS,
+        SET_NON,
+        resamples=50,
+        member_sets=SETS,
+        member_strata=["a", "a", "b", "b"],
+        non_member_strata=["a", "b"],
+    )
+    assert s["auc"] == 5 / 8 and s["auc_interval"] == [5 / 8, 5 / 8]
+    assert s["interval"]["resampled"] == "matched sets"
+    assert attack_summary(SET_MEMBERS, SET_NON, resamples=5)["interval"]["resampled"] == "examples"
+    with pytest.raises(ValueError, match="its non-member's"):
+        bootstrap(
+            SET_MEMBERS,
+            SET_NON,
+            member_sets=SETS,
+            member_strata=list("abab"),
+            non_member_strata=["a", "b"],
+        )
+    with pytest.raises(ValueError, match="one non-member index per member"):
+        bootstrap(SET_MEMBERS, SET_NON, member_sets=[0, 1])
+    with pytest.raises(ValueError, match="index the 2 non-members"):
+        bootstrap(SET_MEMBERS, SET_NON, member_sets=[0, 0, 1, 2])
+
+
+def test_matched_set_bootstrap_is_narrower_and_still_covers_a_matched_null() -> None:
+    """The audit's simulation (h79 coverage.py/cluster.py), smaller: 96 non-members in 4
+    clients, each matched to 2 members on a covariate that drives the score (β = 3), no
+    membership effect. Resampling members and non-members independently counts the spread
+    between sets that the matching cancels: ~3x too wide, 0.5 always inside. Resampling whole
+    sets gives about the true spread and near-nominal coverage."""
+    rng = np.random.default_rng(11)
+    n_non, k, reps = 96, 2, 100
+    strata, sets = np.repeat(np.arange(4), n_non // 4), np.repeat(np.arange(n_non), k)
+    widths: dict[str, list[float]] = {"independent": [], "matched": []}
+    inside = {"independent": 0, "matched": 0}
+    aucs = []
+    for r in range(reps):
+        x = rng.normal(size=n_non)  # the matched covariate (length, domain)
+        non, members = 3 * x + rng.normal(size=n_non), 3 * x[sets] + rng.normal(size=n_non * k)
+        kw = {"resamples": 300, "seed": r, "fpr_levels": (), "non_member_strata": strata}
+        for key, extra in (("independent", {}), ("matched", {"member_sets": sets})):
+            boot = bootstrap(members, non, member_strata=strata[sets], **kw, **extra)["auc"]
+            lo, hi = percentile_interval(boot, 0.95)
+            widths[key].append(hi - lo)
+            inside[key] += lo <= 0.5 <= hi
+        aucs.append(roc_auc(members, non))
+    true_width = 2 * 1.96 * np.std(aucs)  # what a 95% interval should span
+    independent, matched = np.mean(widths["independent"]), np.mean(widths["matched"])
+    assert independent > 2.2 * true_width and inside["independent"] == reps
+    assert matched < 0.5 * independent
+    assert 0.75 * true_width < matched < 1.3 * true_width
+    assert 88 <= inside["matched"] <= 99  # nominal 95 of 100
