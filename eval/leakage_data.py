@@ -1,5 +1,6 @@
 """A client's leakage inputs, built and tokenized once for every view: members matched to
-non-members on domain and length, the subsets extraction decodes from, its canaries."""
+non-members on domain and length (without examples that have no scored token), the subsets
+extraction decodes from, its canaries."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from fedllm.data import tokenize_all
 from fedllm.data.canary import is_canary
 from fedllm.data.shards import RawShard
 from fedllm.eval.leakage import CanarySet, canary_set
-from fedllm.eval.membership import matched_sample, subsample
+from fedllm.eval.membership import drop_unscored, matched_sample, subsample
 from fedllm.eval.settings import EvalSettings
 
 if TYPE_CHECKING:
@@ -47,14 +48,18 @@ def prepare_client(
     non = [held[j] for j in chosen]
     pool_items = tokenize_all(pool, tokenizer, **fmt)
     non_items = tokenize_all(non, tokenizer, **fmt)
+    pool_tokens = [_scored_tokens(x) for x in pool_items]
+    non_tokens = [_scored_tokens(x) for x in non_items]
     match = matched_sample(
         [str(e.get("label", "")) for e in pool],
-        [_scored_tokens(x) for x in pool_items],
+        pool_tokens,
         [str(e.get("label", "")) for e in non],
-        [_scored_tokens(x) for x in non_items],
+        non_tokens,
         per_non_member=settings.mia_members_per_non_member,
         seed=cfg.seed + pid,
     )
+    # an example with no scored token would have NaN scores: left out, and counted
+    match = drop_unscored(match, member_tokens=pool_tokens, non_member_tokens=non_tokens)
     m_items = [pool_items[i] for i in match.members]
     n_items = [non_items[j] for j in match.non_members]
     canaries = None
@@ -91,6 +96,8 @@ def prepare_client(
             "members": len(m_items),
             "non_members": len(n_items),
             "dropped_non_members": match.dropped,
+            "unscored_non_members": match.unscored_non_members,
+            "unscored_members": match.unscored_members,
             "member_tokens_mean": _mean([_scored_tokens(x) for x in m_items]),
             "non_member_tokens_mean": _mean([_scored_tokens(x) for x in n_items]),
         },

@@ -52,11 +52,18 @@ def measure_leakage(
         }
     for d in data.values():
         s = d.sample
+        unscored = s["unscored_non_members"] + s["unscored_members"]
         say(
             f"partition {d.pid} MIA sample: {s['members']} members matched to "
             f"{s['non_members']} of {s['held_out']} held-out ({s['dropped_non_members']} "
             f"unmatched); mean tokens {s['member_tokens_mean']:.1f} vs "
             f"{s['non_member_tokens_mean']:.1f}"
+            + (
+                f"; left out with no scored token: {s['unscored_non_members']} non-members "
+                f"(with their matched sets), {s['unscored_members']} members"
+                if unscored
+                else ""
+            )
         )
     out: dict = {"exposure": [], "mia": {}, "extraction": {}, "sample": {}}
     out["sample"] = {str(pid): d.sample for pid, d in data.items()}

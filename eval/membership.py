@@ -5,7 +5,9 @@ excluded) matched to them: for each non-member, `per_non_member` members with th
 (the example's label) and the nearest length (scored tokens). Members and non-members then have
 the same domain mix, client mix and nearly the same length distribution, so a model that never
 saw the data (the base control) cannot tell them apart except by chance. A non-member whose
-domain has too few unused members left is dropped, and counted.
+domain has too few unused members left is dropped, and counted. So is an example with no scored
+token, whose every score would be NaN (the formatters keep at least one response token, so this
+takes items made otherwise): a non-member takes its matched set with it, a member goes alone.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,8 @@ class MatchedSample:
     non_members: list[int]  # kept non-members, ascending
     dropped: int  # non-members without k unused members of their domain
     sets: list[int]  # per member: its non-member's position in `non_members` (its matched set)
+    unscored_members: int = 0  # members dropped for having no scored token
+    unscored_non_members: int = 0  # non-members dropped so, each with its matched set
 
 
 def matched_sample(
@@ -70,6 +74,37 @@ def matched_sample(
         non_members=kept,
         dropped=dropped,
         sets=[pos for pos, j in enumerate(kept) for _ in chosen[j]],
+    )
+
+
+def drop_unscored(
+    sample: MatchedSample, *, member_tokens: Sequence[int], non_member_tokens: Sequence[int]
+) -> MatchedSample:
+    """`sample` without the examples that have no scored token, whose scores would be NaN.
+
+    A non-member goes with its whole matched set (its members are not counted as unscored); a
+    member goes alone, its set keeping the others. Token counts are indexed as the member pool
+    and the non-member list passed to `matched_sample`.
+    """
+    keep = [j for j in sample.non_members if non_member_tokens[j] > 0]
+    position = {j: pos for pos, j in enumerate(keep)}
+    members, sets, unscored = [], [], 0
+    for i, pos in zip(sample.members, sample.sets, strict=True):
+        j = sample.non_members[pos]
+        if j not in position:
+            continue  # its non-member went: the whole set goes
+        if member_tokens[i] <= 0:
+            unscored += 1
+            continue
+        members.append(i)
+        sets.append(position[j])
+    return replace(
+        sample,
+        members=members,
+        non_members=keep,
+        sets=sets,
+        unscored_members=sample.unscored_members + unscored,
+        unscored_non_members=sample.unscored_non_members + len(sample.non_members) - len(keep),
     )
 
 

@@ -181,21 +181,38 @@ def control_md(control: dict, *, confidence: float = 0.95) -> list[str]:
 
 
 def sample_md(sample: dict) -> list[str]:
-    """Per client: the held-out split, what was drawn and how well the lengths match."""
+    """Per client: the held-out split, what was drawn, what was left out for having no scored
+    token, and how well the lengths match."""
     lines = [
         "Sample per client (members matched to non-members on domain and nearest length):",
         "",
-        "| client | held-out | non-members | members | unmatched | mean tokens members / "
-        "non-members |",
-        "|---|---|---|---|---|---|",
+        "| client | held-out | non-members | members | unmatched | no scored token "
+        "(non-members / members) | mean tokens members / non-members |",
+        "|---|---|---|---|---|---|---|",
     ]
+    unscored = {"non": 0, "members": 0}
     for pid, s in sample.items():
+        un, um = s.get("unscored_non_members", 0), s.get("unscored_members", 0)
+        unscored["non"] += un
+        unscored["members"] += um
         lines.append(
             f"| {pid} | {s['held_out']} | {s['non_members']} | {s['members']} | "
-            f"{s['dropped_non_members']} | {fmt(s['member_tokens_mean'], 1)} / "
+            f"{s['dropped_non_members']} | {un} / {um} | {fmt(s['member_tokens_mean'], 1)} / "
             f"{fmt(s['non_member_tokens_mean'], 1)} |"
         )
+    if unscored["non"] or unscored["members"]:
+        lines += [
+            "",
+            f"**Note**: {_count(unscored['non'], 'non-member')} and "
+            f"{_count(unscored['members'], 'member')} have no scored token, so every score of "
+            "theirs would be NaN. They are left out of the "
+            "attacks: a non-member with its matched members, a member on its own.",
+        ]
     return lines
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def extraction_md(extraction: dict) -> list[str]:

@@ -189,6 +189,8 @@ def test_mia_sample_intervals_and_base_control(run: Path) -> None:
         assert s["held_out"] == len(raw_shard(cfg, int(pid)).held_out)
         assert s["non_members"] + s["dropped_non_members"] == s["held_out"]
         assert s["members"] == 2 * s["non_members"]
+        # every example keeps a scored token (the formatters keep one): nothing left out
+        assert s["unscored_non_members"] == s["unscored_members"] == 0
         assert leak["mia"]["global"]["clients"][pid]["loss"]["members"] == s["members"]
     for view in ("base", "global", "client"):
         for score in ("loss", "min_k"):

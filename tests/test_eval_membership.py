@@ -8,7 +8,7 @@ import pytest
 from fedllm.data import tokenize_all
 from fedllm.data.canary import is_canary
 from fedllm.data.shards import raw_shard
-from fedllm.eval.membership import matched_sample, subsample
+from fedllm.eval.membership import MatchedSample, drop_unscored, matched_sample, subsample
 from fedllm.model.base import prepare_base_model
 from fedllm.model.loading import load_base_model
 from fedllm.recipe import build_config
@@ -31,6 +31,28 @@ def test_matching_by_hand() -> None:
     # an unknown domain is never matched across domains
     s = matched_sample(domains, lengths, ["adj"], [5], per_non_member=1, seed=0)
     assert s.members == [] and s.non_members == [] and s.dropped == 1
+
+
+def test_examples_without_a_scored_token_leave_with_their_set_or_alone() -> None:
+    """Non-members 4, 7, 9 (sets 0, 1, 2) with members 0, 1 / 2, 3 / 4, 5. Non-member 7 has no
+    scored token: its set goes whole (member 2's own zero is not counted). Member 1 has none:
+    it goes alone and set 0 keeps member 0. The kept sets renumber 0, 1."""
+    sample = MatchedSample(
+        members=[0, 1, 2, 3, 4, 5], non_members=[4, 7, 9], dropped=1, sets=[0, 0, 1, 1, 2, 2]
+    )
+    member_tokens = [3, 0, 0, 5, 6, 2]
+    non_member_tokens = {4: 3, 7: 0, 9: 4}
+    got = drop_unscored(sample, member_tokens=member_tokens, non_member_tokens=non_member_tokens)
+    assert got == MatchedSample(
+        members=[0, 4, 5],
+        non_members=[4, 9],
+        dropped=1,
+        sets=[0, 1, 1],
+        unscored_members=1,
+        unscored_non_members=1,
+    )
+    whole = drop_unscored(sample, member_tokens=[1] * 6, non_member_tokens={4: 1, 7: 1, 9: 1})
+    assert whole == sample  # nothing to drop
 
 
 def test_members_are_not_reused_and_ties_are_seeded() -> None:

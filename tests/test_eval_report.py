@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fedllm.eval import report as report_module
-from fedllm.eval.report import control_md, finite, mia_md, write_report
+from fedllm.eval.report import control_md, finite, mia_md, sample_md, write_report
 
 
 def minimal(run: str, accuracy: float) -> dict:
@@ -96,3 +96,20 @@ def test_the_intervals_say_how_they_resampled_and_the_control_its_confidence() -
     md = "\n".join(mia_md({"base": {"pooled": {"loss": s}}}))
     assert "members and non-members resampled separately within each client" in md
     assert "5% chance a 95% interval" in control_md(control)[0]
+
+
+def test_examples_without_a_scored_token_are_counted_in_the_report() -> None:
+    row = {
+        "held_out": 40,
+        "non_members": 36,
+        "members": 71,
+        "dropped_non_members": 2,
+        "member_tokens_mean": 12.0,
+        "non_member_tokens_mean": 12.5,
+    }
+    sample = {"0": {**row, "unscored_non_members": 2, "unscored_members": 1}, "1": row}
+    md = "\n".join(sample_md(sample))
+    assert "| 0 | 40 | 36 | 71 | 2 | 2 / 1 | 12.0 / 12.5 |" in md
+    assert "| 1 | 40 | 36 | 71 | 2 | 0 / 0 | 12.0 / 12.5 |" in md  # an older report: none
+    assert "**Note**: 2 non-members and 1 member have no scored token" in md
+    assert "**Note**" not in "\n".join(sample_md({"1": row}))
