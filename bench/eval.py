@@ -36,12 +36,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedllm.data import load_wordnet, tokenize_all
-from fedllm.eval.generate import end_token_ids, greedy_generate
-from fedllm.eval.prompting import prompt_ids
-from fedllm.eval.scoring import score_examples
-from fedllm.model.loading import load_base_model, resolve_model_dir
-from fedllm.model.tiny import build_tiny_model
+from fedllm.processes import hide_bitsandbytes
+
+hide_bitsandbytes()  # as fedllm's commands do: no base here is quantised (peft would import it)
+
+from fedllm.data import load_wordnet, tokenize_all  # noqa: E402
+from fedllm.eval.generate import end_token_ids, greedy_generate  # noqa: E402
+from fedllm.eval.prompting import prompt_ids  # noqa: E402
+from fedllm.eval.scoring import score_examples  # noqa: E402
+from fedllm.model.loading import load_base_model, resolve_model_dir  # noqa: E402
+from fedllm.model.tiny import build_tiny_model  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 OUT = RESULTS / "eval.md"
