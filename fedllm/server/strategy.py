@@ -164,7 +164,7 @@ class LoraStrategy(Strategy):
             return
         # the round's deadline: a simulation starts its workers (and imports) on first contact
         timeout = self.cfg.federation.round_timeout
-        replies = list(grid.send_and_receive(map(seats.query, ask), timeout=timeout))
+        replies = list(grid.send_and_receive([seats.query(n) for n in ask], timeout=timeout))
         self.asked |= {m.metadata.src_node_id for m in replies}
         self.claims |= seats.read_claims(replies)
         moved = seats.renumbering(self.old_ids, self.claims)
