@@ -40,7 +40,12 @@ from fedllm.deploy.app_config import (
     main,
     recipe_keys,
 )
-from fedllm.deploy.apps import check_server_run_dir, check_simulation_size, simulation_notice
+from fedllm.deploy.apps import (
+    check_server_run_dir,
+    check_simulation_size,
+    keep_recipe,
+    simulation_notice,
+)
 from fedllm.deploy.flower_env import flwr_env
 from fedllm.deploy.submit import write_run_config
 from fedllm.features.base import Feature
@@ -282,6 +287,8 @@ def test_a_submitted_run_never_overwrites_the_superlinks_checkpointed_run(tmp_pa
     check_server_run_dir(cfg, resume=False, overwrite=True)
     sent = write_run_config(tmp_path / "rc.toml", cfg, resume=False, overwrite=True)
     assert parse_config_args([str(sent)])["overwrite"] is True
+    keep_recipe(cfg)  # where the adapters are, for `fedllm eval RUN`
+    assert load_recipe(cfg.run_dir / "recipe.yaml") == cfg
 
 
 def test_simulation_size_must_match_the_recipe() -> None:

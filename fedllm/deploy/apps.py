@@ -117,6 +117,15 @@ def check_server_run_dir(cfg: RunConfig, *, resume: bool, overwrite: bool) -> No
         )
 
 
+def keep_recipe(cfg: RunConfig) -> None:
+    """The run's recipe.yaml in the SuperLink's run folder too (the submitter writes its own,
+    on its machine): `fedllm eval RUN` reads it where the adapters are."""
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    path = cfg.run_dir / "recipe.yaml"
+    if not path.exists():
+        path.write_text(cfg.to_yaml())
+
+
 @server_app.main()
 def _serve(grid: Grid, context: Context) -> None:
     app_process(verbose=flower_verbose())  # Flower's lines at WARNING, fedllm's printed once
@@ -126,6 +135,7 @@ def _serve(grid: Grid, context: Context) -> None:
     if is_recipe_text(str(run_config.get("recipe", ""))):  # `fedllm run --federation`
         cfg = app_recipe(run_config)
         check_server_run_dir(cfg, resume=resume, overwrite=overwrite)
+        keep_recipe(cfg)
         run_server(grid, cfg, resume=resume, cache=cache)
         return
     cfg = absolute_paths(app_recipe(run_config))
