@@ -287,7 +287,7 @@ def test_a_submitted_run_never_overwrites_the_superlinks_checkpointed_run(tmp_pa
     check_server_run_dir(cfg, resume=False, overwrite=True)
     sent = write_run_config(tmp_path / "rc.toml", cfg, resume=False, overwrite=True)
     assert parse_config_args([str(sent)])["overwrite"] is True
-    keep_recipe(cfg)  # where the adapters are, for `fedllm eval RUN`
+    keep_recipe(cfg, resume=False)  # where the adapters are, for `fedllm eval RUN`
     assert load_recipe(cfg.run_dir / "recipe.yaml") == cfg
 
 

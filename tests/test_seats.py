@@ -7,6 +7,7 @@ from __future__ import annotations
 from flwr.app import Context, RecordDict
 
 from fedllm.client.app import make_client_app
+from fedllm.constrained.adaptive import Adaptive
 from fedllm.constrained.bandit import Arm, ArmBandit
 from fedllm.deploy.local_grid import LocalGrid, server_identity
 from fedllm.features import registry
@@ -68,7 +69,9 @@ def test_the_query_is_answered_by_the_client_app_with_its_partition() -> None:
     with server_identity(1):
         replies = list(grid.send_and_receive([seats.query(n) for n in grid.get_node_ids()]))
     assert [m.has_error() for m in replies] == [False] * 5 + [True]
-    assert seats.read_claims(replies) == {40: 0, 41: 1, 42: 2, 43: 3, 44: 4}
+    assert seats.read_claims(replies, num_clients=6) == {40: 0, 41: 1, 42: 2, 43: 3, 44: 4}
+    # a claim outside the recipe's partitions is none (a node must not pick any seat it likes)
+    assert seats.read_claims(replies, num_clients=3) == {40: 0, 41: 1, 42: 2}
 
 
 def test_a_resumed_run_with_new_node_ids_samples_and_evaluates_the_same_clients() -> None:
@@ -92,19 +95,71 @@ def test_a_resumed_run_with_new_node_ids_samples_and_evaluates_the_same_clients(
     assert all(len(p) == 3 for p in picks[0][0].values()) and len(picks[0][1]) == 2
 
 
-def test_what_the_server_kept_per_node_follows_its_partition_to_the_new_id() -> None:
-    """The node ranks, partitions and a feature's per-node state (the adaptive bandit's counts)
-    move from a checkpoint's node ids to the new nodes claiming the same partitions."""
-    cfg = recipe()
-    s = LoraStrategy(cfg, shapes=SHAPES, features=registry.build(cfg))
+def adaptive_strategy() -> LoraStrategy:
+    cfg = build_config(
+        {
+            "data": {"num_clients": 6},
+            "lora": {"ranks": 2},
+            "adaptive": {"ranks": [1, 2], "pruning": [0.0], "time_weight": 1.0},
+        }
+    )
+    return LoraStrategy(cfg, shapes=SHAPES, features=registry.build(cfg))
+
+
+def checkpoint_of_nodes(ids: dict[int, int]) -> dict:
+    """A checkpoint whose nodes (id -> partition) trained, the bandit having learned node
+    ids[0]'s best arm (rank 1)."""
+    s = adaptive_strategy()
     state = s.state_dict()
-    state["node_ranks"], state["node_partitions"] = {1001: 2, 1002: 2}, {1001: 0, 1002: 1}
-    resumed = LoraStrategy(cfg, shapes=SHAPES, features=registry.build(cfg))
-    resumed.load_state_dict(state)
-    grid = grid_with_ids(cfg, [70, 71, 72, 73, 74, 75])
+    state["node_partitions"] = dict(ids)
+    (bandit,) = [f for f in s.features if isinstance(f, Adaptive)]
+    first = str(next(iter(ids)))
+    bandit.bandit.update(first, bandit.bandit.arms[0], 5.0)
+    bandit.bandit.update(first, bandit.bandit.arms[1], 0.1)
+    return {"strategy": state, "adaptive": bandit.state_dict()}
+
+
+def resumed(checkpoint: dict, grid: LocalGrid) -> tuple[LoraStrategy, Adaptive]:
+    s = adaptive_strategy()
+    s.load_state_dict(checkpoint["strategy"])
+    (bandit,) = [f for f in s.features if isinstance(f, Adaptive)]
+    bandit.load_state_dict(checkpoint["adaptive"])
     with server_identity(1):
-        resumed.introduce(grid)
-    assert resumed.node_partitions == {70: 0, 71: 1} and resumed.node_ranks == {70: 2, 71: 2}
+        s.introduce(grid)
+    return s, bandit
+
+
+def test_a_resumed_simulation_moves_the_bandits_counts_not_the_trained_partitions() -> None:
+    """Every node has a new id: the bandit's counts follow the partition's claim to it, but the
+    partition a node trained as (which vouches for its replies) waits for its own training."""
+    checkpoint = checkpoint_of_nodes({1001: 0, 1002: 1})
+    cfg = adaptive_strategy().cfg
+    s, bandit = resumed(checkpoint, grid_with_ids(cfg, [70, 71, 72, 73, 74, 75]))
+    assert s.claims == {70 + p: p for p in range(6)}
+    assert s.node_partitions == {1001: 0, 1002: 1}, "no claim binds a partition"
+    assert bandit.bandit.counts == {"70": [1, 1]} and bandit.bandit.best("70").rank == 1
+
+
+def test_with_ids_that_persist_nothing_moves_whatever_is_claimed() -> None:
+    """A deployment whose nodes kept their ids: a node claiming a connected node's partition
+    takes nothing of its state, and both are seated by id."""
+    checkpoint = checkpoint_of_nodes({1001: 0, 1002: 1})
+    cfg = adaptive_strategy().cfg
+    grid = grid_with_ids(cfg, [1001, 1002, 1003, 1004, 1005, 99])
+    hostile = grid.contexts[99]
+    grid.contexts[99] = Context(
+        run_id=1,
+        node_id=99,
+        node_config={**hostile.node_config, "partition-id": 0},
+        state=RecordDict(),
+        run_config={},
+    )
+    s, bandit = resumed(checkpoint, grid)
+    assert bandit.bandit.counts == {"1001": [1, 1]}
+    assert seats.seats([1001, 99, 1002], s.claims) == {1001: (1, 1001), 99: (1, 99), 1002: (0, 1)}
+
+
+def test_the_bandit_renames_a_client() -> None:
     bandit = ArmBandit([Arm(2, 0.0), Arm(4, 0.0)])
     bandit.update("1001", bandit.arms[1], 0.5)
     bandit.rename("1001", "70")

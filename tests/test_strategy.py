@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -560,7 +560,14 @@ class Nodes:
 NODE_IDS = [1004, 1001, 1003, 1002]  # a grid need not list its nodes in order
 
 
-def test_sample_is_deterministic_for_seed_and_round() -> None:
+@pytest.fixture
+def identity() -> Iterator[None]:
+    """A ServerApp's run id, which the server's query messages need (`LoraStrategy.introduce`)."""
+    with server_identity(1):
+        yield
+
+
+def test_sample_is_deterministic_for_seed_and_round(identity) -> None:
     cfg = recipe(federation={"clients_per_round": 2})
     a, b = strategy(cfg), strategy(cfg)
     draws = {}
@@ -574,7 +581,7 @@ def test_sample_is_deterministic_for_seed_and_round() -> None:
     assert len(set(draws.values())) > 1, "rounds draw different subsets"
 
 
-def test_sample_depends_on_the_seed() -> None:
+def test_sample_depends_on_the_seed(identity) -> None:
     def draws(seed: int) -> list[tuple[int, ...]]:
         cfg = build_config(
             {
@@ -595,7 +602,7 @@ def test_sample_depends_on_the_seed() -> None:
     ("per_round", "nodes", "expected"),
     [(None, NODE_IDS, 4), (1, NODE_IDS, 1), (3, NODE_IDS, 3), (4, NODE_IDS, 4), (3, [7, 8], 2)],
 )
-def test_sample_size_respects_clients_per_round(per_round, nodes, expected) -> None:
+def test_sample_size_respects_clients_per_round(per_round, nodes, expected, identity) -> None:
     s = strategy(recipe(federation={"clients_per_round": per_round}))
     for rnd in (1, 2, 3):
         picked = s.sample(rnd, Nodes(nodes))

@@ -124,6 +124,7 @@ def test_dropout_masks_follow_the_seed_not_the_process_rng(tiny) -> None:
 
     assert losses(3, disturb=0) == losses(3, disturb=99)
     assert losses(3, disturb=0) != losses(4, disturb=0)
+    assert len(losses(2**62, disturb=0)) == 3, "a large recipe seed must not overflow the RNG"
 
 
 # ---------------------------------------------------------------- gradient accumulation

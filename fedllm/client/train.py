@@ -271,9 +271,9 @@ def train_local(
     batches = forever(loader)
     for _ in range(skip_steps * accumulation):
         next(batches)
-    rng_devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=rng_devices), checkpointing(model, gradient_checkpointing):
-        torch.manual_seed(seed * 1_000_003 + skip_steps)  # dropout: this round's own stream
+    gpus = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpus), checkpointing(model, gradient_checkpointing):
+        torch.manual_seed((seed * 1_000_003 + skip_steps) % 2**63)  # dropout: this round's own
         for step in range(steps):
             micro = [to_device(next(batches), device) for _ in range(accumulation)]
             tokens = max(1, sum(counted_tokens(b) for b in micro))

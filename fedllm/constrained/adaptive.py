@@ -135,12 +135,10 @@ class Adaptive(Feature):
         self.bandit.update(str(node), arm, reward)
 
     def renumber(self, ids: Mapping[int, int]) -> None:
-        """What the bandit learned of a node, its last base and its replay, to its new id."""
+        """What the bandit learned of a node, to its new id (its loaded base and a warm replay
+        belonged to the old process: a new id starts cold)."""
         for old, new in ids.items():
             self.bandit.rename(str(old), str(new))
-            for table in (self.bases, self.replays):
-                if old in table and new not in table:
-                    table[new] = table.pop(old)
 
     def start_score(self, rank: int) -> float:
         """The server's test-set loss of this round's global cut to `rank` (a client's start)."""

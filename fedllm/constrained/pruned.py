@@ -233,12 +233,6 @@ class PrunedBase(Feature):
             }
         }
 
-    def renumber(self, ids: Mapping[int, int]) -> None:
-        """A node's kept-id map to its new id."""
-        for old, new in ids.items():
-            if old in self.known and new not in self.known:
-                self.known[new] = self.known.pop(old)
-
     def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
         if state is None:
             return

@@ -117,12 +117,13 @@ def check_server_run_dir(cfg: RunConfig, *, resume: bool, overwrite: bool) -> No
         )
 
 
-def keep_recipe(cfg: RunConfig) -> None:
+def keep_recipe(cfg: RunConfig, *, resume: bool) -> None:
     """The run's recipe.yaml in the SuperLink's run folder too (the submitter writes its own,
-    on its machine): `fedllm eval RUN` reads it where the adapters are."""
+    on its machine): `fedllm eval RUN` reads it where the adapters are. A new run (also one
+    submitted with --overwrite) writes it; a resume keeps the one its rounds began with."""
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     path = cfg.run_dir / "recipe.yaml"
-    if not path.exists():
+    if not resume or not path.exists():
         path.write_text(cfg.to_yaml())
 
 
@@ -135,7 +136,7 @@ def _serve(grid: Grid, context: Context) -> None:
     if is_recipe_text(str(run_config.get("recipe", ""))):  # `fedllm run --federation`
         cfg = app_recipe(run_config)
         check_server_run_dir(cfg, resume=resume, overwrite=overwrite)
-        keep_recipe(cfg)
+        keep_recipe(cfg, resume=resume)
         run_server(grid, cfg, resume=resume, cache=cache)
         return
     cfg = absolute_paths(app_recipe(run_config))

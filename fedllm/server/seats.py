@@ -6,11 +6,16 @@ one too): a sample or a panel drawn over node ids would then pick other clients 
 resumes, compare held-out losses of other panels across the resume, and orphan what the server
 kept per node id (a bandit's counts, a pruned tier's map). Each node is asked once per server
 process, with a query message, which partition it holds; a uniquely claimed partition is the
-node's seat, and state kept under a node's old id moves to the node that claims its partition.
+node's seat. When every node has a new id (a resumed simulation), what features kept under an
+old id (the adaptive bandit's counts) moves to the node that claims its partition.
 
 A claim is not proof: a hostile node can claim any partition. Two nodes claiming one partition
-are both seated by node id, as a node that does not answer (an older client, an error); a claim
-never vouches for a training reply, which the server checks as before (`fedllm.server.replies`).
+are both seated by node id, as a node that does not answer (an older client, an error, a late
+answer); a claim never vouches for a training reply or an evaluation (the partition a node
+trained as is learned from its accepted training replies, `fedllm.server.replies`). What a
+claim can do: take a partition no connected node claims, and with it a seat (in the sample of
+the rounds it picks, or on the panel, since the seed is in the recipe); with persistent ids a
+checkpoint's state never moves.
 """
 
 from __future__ import annotations
@@ -31,8 +36,9 @@ def query(node: int) -> Message:
     return Message(content, dst_node_id=node, message_type=MessageType.QUERY)
 
 
-def read_claims(replies: Iterable[Message]) -> dict[int, int]:
-    """node -> the partition its reply claims (an error or a malformed reply claims none)."""
+def read_claims(replies: Iterable[Message], *, num_clients: int) -> dict[int, int]:
+    """node -> the partition its reply claims, one of the recipe's `num_clients` (an error, a
+    malformed reply or another number claims none: a node must not pick any seat it likes)."""
     claims = {}
     for msg in replies:
         if msg.has_error():
@@ -41,7 +47,7 @@ def read_claims(replies: Iterable[Message]) -> dict[int, int]:
             value = msg.content.config_records[WHO][PARTITION]
         except KeyError:
             continue
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < num_clients:
             claims[msg.metadata.src_node_id] = value
     return claims
 

@@ -77,8 +77,8 @@ class LoraStrategy(Strategy):
         self.attempts: list[tuple[str, int]] = []
         # node -> the partition it says it holds (`seats`): asked once per process, not saved
         self.claims: dict[int, int] = {}
-        self.asked: set[int] = set()
-        self.old_ids: dict[int, int] = {}  # a resumed run's node -> partition, until renumbered
+        self.introduced = False
+        self.old_ids: dict[int, int] = {}  # a resumed run's node -> partition, until introduced
         self.sampled: tuple[int, list[int]] | None = None  # (round, its sample), drawn once
 
     @property
@@ -155,30 +155,26 @@ class LoraStrategy(Strategy):
         }
 
     def introduce(self, grid: Grid) -> None:
-        """Ask each node this process has no answer from which partition it holds (`seats`), and
-        move what a resumed run kept under a node's old id to the node claiming its partition.
-        A node that did not answer in time is asked again next round; one that answered with
-        an error (a client without the query) is not."""
-        ask = [n for n in sorted(grid.get_node_ids()) if n not in self.asked]
-        if not ask:
+        """Once per server process, when nodes are connected: ask each which partition it holds
+        (`seats`; within the round's deadline, the one wait a simulation's worker start-up
+        needs). A node that joins later, or did not answer, is seated by its id. When none of a
+        resumed checkpoint's node ids is connected (a simulation's new ids), what features kept
+        per node moves to the node claiming its partition; the partition a node trained as
+        (`node_partitions`, which vouches for its replies) is only ever learned from training."""
+        nodes = sorted(grid.get_node_ids())
+        if self.introduced or not nodes:
             return
-        # the round's deadline: a simulation starts its workers (and imports) on first contact
-        timeout = self.cfg.federation.round_timeout
-        replies = list(grid.send_and_receive([seats.query(n) for n in ask], timeout=timeout))
-        self.asked |= {m.metadata.src_node_id for m in replies}
-        self.claims |= seats.read_claims(replies)
-        moved = seats.renumbering(self.old_ids, self.claims)
-        if not moved:
+        self.introduced = True
+        asked = [seats.query(n) for n in nodes]  # a list: a deployment's grid reads it twice
+        replies = grid.send_and_receive(asked, timeout=self.cfg.federation.round_timeout)
+        self.claims = seats.read_claims(replies, num_clients=self.cfg.data.num_clients)
+        old, self.old_ids = self.old_ids, {}
+        if not old or set(old) & set(nodes):  # ids that persist: nothing to move
             return
-        for table in (self.node_ranks, self.node_partitions):
-            for old, new in moved.items():
-                if old in table and new not in table:
-                    table[new] = table.pop(old)
-        for f in self.features:
-            f.renumber(moved)
-        for old in moved:
-            del self.old_ids[old]
-        log.info("nodes renumbered by their partitions: %s", moved)
+        if moved := seats.renumbering(old, self.claims):
+            for f in self.features:
+                f.renumber(moved)
+            log.info("node state moved to new ids by their partitions: %s", moved)
 
     def sample(self, server_round: int, grid: Grid) -> list[int]:
         """The nodes asked to train in `server_round`, drawn once per round: seeded by the round
