@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -204,6 +205,9 @@ def leakage(argv: list[str]) -> None:
         stdout=subprocess.DEVNULL,
     )
     compare = (runs / "compare" / "compare.md").read_text().split("\n", 2)[2]
+    plot = out.with_suffix(".png")  # compare's figure beside the result, which links it
+    shutil.copyfile(runs / "compare" / "compare.png", plot)
+    compare = compare.replace("](compare.png)", f"]({plot.name})")
     from fedllm.eval.report import timings_brief
 
     shown = " ".join(overrides)
