@@ -18,7 +18,7 @@ from fedllm.server.app import run_server
 from fedllm.server.metrics import MetricsLog
 
 ROOT = Path(__file__).parents[1]
-TABLE_ROW = re.compile(r"^\| (train|evaluate) \| ([^|]+?) \|" + r" ([^|]+) \|" * 4)
+TABLE_ROW = re.compile(r"^\| (train|evaluate|query) \| ([^|]+?) \|" + r" ([^|]+) \|" * 4)
 MODES = ("none", "sample", "client", "secagg")
 ARRAYS = {  # the table's wording -> the key a reply carries
     "update (LoRA factors)": "update",
@@ -144,7 +144,7 @@ def test_every_key_a_client_sends_is_in_the_table(
         run_dir = run_server(grid, cfg)
     unexpected = spy.sent - table()[mode]
     assert not unexpected, f"sent in mode {mode} but not allowed by docs/privacy.md: {unexpected}"
-    assert {("train", "update"), *ONLY.get(run, ())} <= spy.sent
+    assert {("train", "update"), ("query", "partition-id"), *ONLY.get(run, ())} <= spy.sent
     rows = MetricsLog(run_dir).read()
     private = mode != "none"
     assert (run_dir / "client_adapters").exists() is not private
