@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from fedllm.privacy.accounting import PrivacyLedger
+from fedllm.privacy.plan import noise_planned_for
+from fedllm.recipe.schema import RunConfig
 
 # what any private reply may carry: who it is, its rank and steps, what it moved (no loss, no data
 # size, no timing, nothing computed from the data)
@@ -39,6 +41,19 @@ class Account:
         # the charge of the round about to run, as planned before its clients were asked: saved
         # with the pending checkpoint, so a resume charges exactly it (not the resumed recipe's)
         self.pending: dict[str, tuple[float, float, int]] = {}
+
+    @classmethod
+    def for_recipe(cls, cfg: RunConfig) -> Account:
+        """The account of a DP run of `cfg`: its δ, accountant, budget, mode and the settings a
+        target ε's noise is planned for (what both DP mechanisms keep)."""
+        p = cfg.privacy
+        return cls(
+            delta=p.delta,
+            accountant=p.accountant,
+            budget=p.epsilon_budget,
+            mode=p.mode,
+            planned_for=noise_planned_for(cfg),
+        )
 
     def stop(self, server_round: int, plan: Mapping[str, tuple[float, float, int]]) -> str | None:
         """Why round `server_round` (charging `plan`: key -> (σ, q, steps)) must not run; the

@@ -22,7 +22,6 @@ from fedllm.privacy.plan import (
     DELTA_FACTOR,
     client_level_round,
     client_noise_multiplier,
-    noise_planned_for,
     planned_clients,
 )
 from fedllm.recipe.schema import RunConfig
@@ -82,13 +81,7 @@ class ClientLevel(Feature):
             expected_clients=planned_clients(cfg),
             freeze_a=self.freeze_a,
         )
-        self.account = Account(
-            delta=p.delta,
-            accountant=p.accountant,
-            budget=p.epsilon_budget,
-            mode=p.mode,
-            planned_for=noise_planned_for(cfg),
-        )
+        self.account = Account.for_recipe(cfg)
         self.dp_metrics: dict[str, int | float] = {}
 
     # -- client --------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from fedllm.features.types import ClientRound, RoundResult, TrainReply
 from fedllm.privacy.accounting import partition_key
 from fedllm.privacy.budget import PUBLIC_KEYS, Account
 from fedllm.privacy.dpsgd import DPTrainResult, train_dp
-from fedllm.privacy.plan import SamplePlan, check_shards, noise_planned_for, sample_plan
+from fedllm.privacy.plan import SamplePlan, check_shards, sample_plan
 from fedllm.recipe.schema import RunConfig
 
 MAX_SHARD = 10**9  # the most examples a reply's q may imply when data.max_examples is unset
@@ -97,14 +97,7 @@ class SampleLevelDP(Feature):
 
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg)
-        p = cfg.privacy
-        self.account = Account(
-            delta=p.delta,
-            accountant=p.accountant,
-            budget=p.epsilon_budget,
-            mode=p.mode,
-            planned_for=noise_planned_for(cfg),
-        )
+        self.account = Account.for_recipe(cfg)
         self.reported: dict[int, tuple[float, float, int]] = {}  # partition -> (σ, q, steps)
         self.shards = ProcessCache()  # server: the recipe's split once, for every partition's plan
         self.dp_metrics: dict[str, int | float] = {}
