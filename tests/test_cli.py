@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from fedllm.cli import main, split_recipes
-from fedllm.recipe import ConfigError, load_recipe
+from fedllm.recipe import ConfigError, RunConfig, load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 SHIPPED = sorted(str(p) for p in RECIPES.glob("*.yaml"))
@@ -221,16 +221,23 @@ def test_a_recipe_that_cannot_be_read_is_named_with_what_is_wrong(
     assert "Traceback" not in err
 
 
-def test_resume_with_another_recipe_names_what_changed_and_writes_nothing(
-    tmp_path: Path, no_prepare: None, capsys: pytest.CaptureFixture[str]
-) -> None:
+def checkpointed(out: Path, name: str, **state: object) -> tuple[Path, RunConfig]:
+    """A run folder `name` in `out` holding a checkpoint of tiny.yaml (its fingerprint, and
+    `state`), as `fedllm run ... --resume` finds it; (run dir, the recipe as the run resolves
+    it)."""
     from fedllm.launch import absolute_paths
     from fedllm.server.checkpoint import save_checkpoint
 
-    run_dir = tmp_path / "ok"
-    run_dir.mkdir()
-    cfg = absolute_paths(load_recipe(TINY, [f"output_dir={tmp_path}", "name=ok"]))
-    save_checkpoint(run_dir, {"round": 1, "fingerprint": cfg.fingerprint(budget=False)})
+    cfg = absolute_paths(load_recipe(TINY, [f"output_dir={out}", f"name={name}"]))
+    cfg.run_dir.mkdir()
+    save_checkpoint(cfg.run_dir, {"fingerprint": cfg.fingerprint(budget=False), **state})
+    return cfg.run_dir, cfg
+
+
+def test_resume_with_another_recipe_names_what_changed_and_writes_nothing(
+    tmp_path: Path, no_prepare: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir, cfg = checkpointed(tmp_path, "ok", round=1)
     (run_dir / "recipe.yaml").write_text(saved := cfg.to_yaml())
     assert main(run_args(tmp_path, "ok", "lora.ranks=[4]", "seed=7", "--resume")) == 2
     err = capsys.readouterr().err
@@ -244,15 +251,7 @@ def test_resume_with_another_recipe_names_what_changed_and_writes_nothing(
 def test_resume_with_another_aggregator_is_refused_before_anything_is_prepared(
     tmp_path: Path, no_prepare: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from fedllm.launch import absolute_paths
-    from fedllm.server.checkpoint import save_checkpoint
-
-    run_dir = tmp_path / "agg"
-    run_dir.mkdir()
-    cfg = absolute_paths(load_recipe(TINY, [f"output_dir={tmp_path}", "name=agg"]))
-    settings = {"aggregator.name": "flora"}
-    fingerprint = cfg.fingerprint(budget=False)
-    save_checkpoint(run_dir, {"round": 2, "fingerprint": fingerprint, "settings": settings})
+    _, cfg = checkpointed(tmp_path, "agg", round=2, settings={"aggregator.name": "flora"})
     assert main(run_args(tmp_path, "agg", "--resume")) == 2
     err = capsys.readouterr().err
     assert f"aggregator.name is {cfg.aggregator.name!r}, but the checkpoint's rounds ran " in err
