@@ -22,6 +22,7 @@ from fedllm.cli import main
 from fedllm.client.app import make_client_app
 from fedllm.deploy.local_grid import LocalGrid, server_identity
 from fedllm.features.types import RoundResult
+from fedllm.files import replace_folder
 from fedllm.model import packing
 from fedllm.model.adapters import from_record, read_factors
 from fedllm.model.card import CARD_JSON, resolve_adapter_base
@@ -223,6 +224,38 @@ def test_a_resume_keeps_the_checkpointed_round_a_crash_kept_from_best_adapter(tm
     assert _kept(run_dir) == (1, 3.0)
     Run.resume(run)
     assert _kept(run_dir) == (2, 2.0)
+
+
+def test_a_resume_from_the_fallback_checkpoint_keeps_the_best_of_its_rounds(
+    tmp_path, capsys
+) -> None:
+    """checkpoint.pt damaged: the resume falls back to checkpoint.prev.pt (round 1) and reruns
+    round 2, so round 2's best_adapter/ goes, and the best before it (best_adapter.prev/,
+    round 1's weights) comes back; a crash between the two folders' swap is mended the same
+    way."""
+    cfg, run_dir, strategy, metrics = make_run(tmp_path, "federation.rounds=3")
+    metrics.path.write_text("")
+    run = SimpleNamespace(cfg=cfg, features=[], strategy=strategy, metrics=metrics)
+    weights = run_dir / "best_adapter" / "adapter_model.safetensors"
+    _round(cfg, strategy, metrics, 1, held_out_loss=3.0)
+    Run.save(run, 1)
+    round_1 = weights.read_bytes()
+    _round(cfg, strategy, metrics, 2, held_out_loss=2.8)
+    Run.save(run, 2)
+    assert _kept(run_dir) == (2, 2.8) and weights.read_bytes() != round_1
+    (run_dir / "checkpoint.pt").write_bytes(b"a damaged disk block")
+    assert Run.resume(run) == 2  # round 1's checkpoint: round 2 runs again
+    assert _kept(run_dir) == (1, 3.0) and weights.read_bytes() == round_1
+    assert "round 1 again, the best of the rounds up to 1" in capsys.readouterr().out
+    _round(cfg, strategy, metrics, 2, held_out_loss=3.1)  # the rerun is worse: round 1 stays
+    assert _kept(run_dir) == (1, 3.0)
+    _round(cfg, strategy, metrics, 3, held_out_loss=2.9)
+    assert _kept(run_dir) == (3, 2.9)
+    # a crash after the old best moved aside, before the new one was in place
+    replace_folder(run_dir / "best_adapter", run_dir / "best_adapter.prev")
+    Run.save(run, 3)
+    assert Run.resume(run) == 4
+    assert _kept(run_dir) == (3, 2.9)
 
 
 def _votes(cfg, strategy, metrics, rnd: int, losses: dict[int, float]) -> None:

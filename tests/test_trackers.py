@@ -260,13 +260,33 @@ class Recording:
         pass
 
 
+def test_a_checkpointed_round_the_trackers_missed_is_sent_once_on_resume(tmp_path: Path) -> None:
+    """A round's rows reach the trackers after its checkpoint: a crash between the two leaves a
+    round the resumed run will not repeat. `trackers.json` keeps the last round sent, and the
+    resume's catch-up sends the missing ones (once), never an earlier or a later one."""
+    first = Recording()
+    log = MetricsLog(tmp_path, sinks=[first])
+    log.write(ROWS[0])
+    log.write(ROWS[1], publish=False)  # round 1 checkpointed, then the crash
+    assert [step for step, _ in first.logged] == [0]
+    assert json.loads((tmp_path / IDS).read_text())["published_round"] == 0
+    again = Recording()
+    resumed = MetricsLog(tmp_path, sinks=[again])
+    assert resumed.catch_up(1) == [1]
+    assert again.logged == [(1, scalars_by_round(ROWS[1])[1])]
+    assert resumed.catch_up(1) == []  # sent: a second resume sends nothing
+    assert MetricsLog(tmp_path).catch_up(1) == []  # no trackers: nothing to catch up
+    assert json.loads((tmp_path / IDS).read_text())["published_round"] == 1
+
+
 @pytest.mark.slow
-def test_a_round_a_crash_makes_the_resumed_run_repeat_reaches_the_trackers_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("crash", ["before its checkpoint", "before its publish"])
+def test_a_round_a_crash_cuts_reaches_the_trackers_once_after_the_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash: str
 ) -> None:
-    """A crash after round 1's rows are on disk but before its checkpoint: the resumed run
-    trains round 1 again; the trackers get each round once, with the values metrics.jsonl
-    keeps (the repeated round's)."""
+    """A crash in round 1 after its rows are on disk, before its checkpoint (the resumed run
+    trains round 1 again) or after it, before the trackers got the round (the resume sends it):
+    either way the trackers get each round once, with the values metrics.jsonl keeps."""
     from fedllm.deploy.local_grid import run_local
     from fedllm.server import app
 
@@ -283,17 +303,27 @@ def test_a_round_a_crash_makes_the_resumed_run_repeat_reaches_the_trackers_once(
             "federation.local_steps=2",
         ],
     )
-    real_save = app.Run.save
+    real_save, real_keep = app.Run.save, app.keep_best
 
-    def crash_after_round_1(self, server_round: int, **kw) -> None:
+    def save_but_round_1(self, server_round: int, **kw) -> None:
         if server_round == 1 and kw.get("pending") is None:
             raise RuntimeError("the machine went down")
         real_save(self, server_round, **kw)
 
-    monkeypatch.setattr(app.Run, "save", crash_after_round_1)
+    def keep_but_round_1(cfg, strategy, metrics, server_round):
+        if server_round == 1:  # after the checkpoint, before the trackers get the round
+            raise RuntimeError("the machine went down")
+        return real_keep(cfg, strategy, metrics, server_round)
+
+    if crash == "before its checkpoint":
+        monkeypatch.setattr(app.Run, "save", save_but_round_1)
+    else:
+        monkeypatch.setattr(app, "keep_best", keep_but_round_1)
     with pytest.raises(RuntimeError, match="went down"):
         run_local(cfg)
+    assert [step for step, _ in sink.logged] == [0]
     monkeypatch.setattr(app.Run, "save", real_save)
+    monkeypatch.setattr(app, "keep_best", real_keep)
     run_dir, _ = run_local(cfg, resume=True)
     steps = [step for step, _ in sink.logged]
     assert sorted(steps) == [0, 1, 2], steps

@@ -110,6 +110,8 @@ class Run:
             say(f"round {lost['round']} was interrupted after its clients were asked to train")
             self.save(state["round"])  # the charge on disk now, even if this run stops at once
         self.metrics.truncate_after(state["round"])
+        if missed := self.metrics.catch_up(state["round"]):  # checkpointed, never published
+            say(f"round {', '.join(map(str, missed))} sent to the trackers (a crash kept it)")
         keep_best(self.cfg, self.strategy, self.metrics, state["round"])  # if a crash cut it
         if changes:  # on disk: the next checkpoint keeps only today's settings
             row = {"kind": "resume", "round": state["round"], "changed": changes}

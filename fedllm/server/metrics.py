@@ -67,7 +67,7 @@ class MetricsLog:
         stays the record, and a tracker's outage must not stop a federation)."""
         if not self.sinks:
             return
-        from fedllm.server.trackers import scalars_by_round
+        from fedllm.server.trackers import mark_published, scalars_by_round
 
         steps = scalars_by_round(rows)
         for sink in list(self.sinks):
@@ -77,6 +77,20 @@ class MetricsLog:
             except Exception as err:  # any tracker library error
                 log.warning("tracker %s failed (%s); it gets no more rows", sink.name, err)
                 self.sinks.remove(sink)
+        if steps:
+            mark_published(self.path.parent, max(steps))
+
+    def catch_up(self, last_round: int) -> list[int]:
+        """Publish the rounds up to `last_round` the trackers never got (a crash between a
+        round's checkpoint and its publish); returns those rounds. On --resume."""
+        from fedllm.server.trackers import published_round
+
+        mark = published_round(self.path.parent) if self.sinks else None
+        if mark is None or mark >= last_round:
+            return []
+        rows = [r for r in self.read() if mark < int(r.get("round", 0)) <= last_round]
+        self.publish(rows)
+        return sorted({int(r["round"]) for r in rows if "round" in r})
 
     def close(self) -> None:
         """Close every tracker sink (metrics.jsonl needs no closing)."""

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fedllm.aggregators import Factors, round_spec
-from fedllm.files import building_folder
+from fedllm.files import building_folder, replace_folder
 from fedllm.model.card import BEST_ADAPTER, AdapterCard, make_card, read_card, write_card
 from fedllm.model.card import save_adapter as save_with_card
 from fedllm.model.identity import IDENTITY_MEMO, BaseIdentity, base_identity
@@ -151,13 +151,48 @@ def _scored(rows: list[dict], key: str | None) -> dict[int, float]:
     }  # fmt: skip
 
 
-def _kept(cfg: RunConfig) -> tuple[str, int, float] | None:
-    """(metric, round, value) of the adapter in best_adapter/, None if there is none."""
-    card = read_card(cfg.run_dir / BEST_ADAPTER)
+PREVIOUS_BEST = "best_adapter.prev"  # the best before best_adapter/'s round: a resume's fallback
+
+
+def _kept(folder: Path) -> tuple[str, int, float] | None:
+    """(metric, round, value) of the best adapter in `folder`, None if there is none."""
+    card = read_card(folder)
     key = (card or {}).get("selected_by")
     if card is None or key is None or not isinstance(card["metrics"].get(key), int | float):
         return None
     return key, card["round"], card["metrics"][key]
+
+
+def _valid(kept: tuple[str, int, float] | None, key: str | None, server_round: int) -> bool:
+    """Whether a kept best still counts after `server_round`: chosen by `key`, not later."""
+    return kept is not None and kept[0] == key and kept[1] <= server_round
+
+
+def _settle(cfg: RunConfig, key: str | None, server_round: int) -> tuple[str, int, float] | None:
+    """The kept best after `server_round`, best_adapter/ mended first. One chosen by another
+    metric (`output.best_by` changed on a resume) or from a later round (a resume from the
+    fallback checkpoint reruns it) is removed; then the best before it (best_adapter.prev/)
+    takes its place if that one still counts (also after a crash between the two's swap)."""
+    folder, previous = cfg.run_dir / BEST_ADAPTER, cfg.run_dir / PREVIOUS_BEST
+    kept, why = _kept(folder), None
+    if folder.exists() and not _valid(kept, key, server_round):
+        if kept is not None and kept[0] == key:
+            why = f"it holds round {kept[1]}, which runs again"
+        else:
+            why = (
+                f"chosen by {kept[0] if kept else 'no metric'}, output.best_by now {key or 'none'}"
+            )
+        shutil.rmtree(folder)
+        kept = None
+    if why is not None:
+        say(f"{folder} removed ({why})")
+    if kept is None and previous.exists() and _valid(before := _kept(previous), key, server_round):
+        replace_folder(previous, folder)
+        say(f"{folder}: round {before[1]} again, the best of the rounds up to {server_round}")
+        return before
+    if why is not None:
+        say("a round below every earlier one is kept from here")
+    return kept
 
 
 def keep_best(
@@ -166,23 +201,12 @@ def keep_best(
     """The global adapter after `server_round` in best_adapter/ when this round's metric
     (`best_metric`) is below the kept one's (a tie keeps the earlier round); None otherwise.
 
-    The kept card is the state: one chosen by another metric (`output.best_by` changed on a
-    resume) or from a later round (a resume from the fallback checkpoint reruns it) is removed,
-    and then only a round below every earlier one is kept. Built beside and swapped in whole."""
+    The kept card is the state (`_settle` mends it on a resume). The new best is built beside
+    and swapped in whole; the one it replaces becomes best_adapter.prev/."""
     key, folder = best_metric(cfg), cfg.run_dir / BEST_ADAPTER
     if key is None and not folder.exists():
         return None
-    kept = _kept(cfg)
-    if folder.exists() and (kept is None or kept[0] != key or kept[1] > server_round):
-        if kept is not None and kept[0] == key:
-            why = f"it holds round {kept[1]}, which runs again"
-        else:
-            why = (
-                f"chosen by {kept[0] if kept else 'no metric'}, output.best_by now {key or 'none'}"
-            )
-        say(f"{folder} removed ({why}); a round below every earlier one is kept from here")
-        shutil.rmtree(folder)
-        kept = None
+    kept = _settle(cfg, key, server_round)
     rows = metrics.read()
     if key == VOTE:
         value = _vote(rows, server_round, None if kept is None else kept[1])
@@ -206,6 +230,8 @@ def keep_best(
     card = dataclasses.replace(card, selected_by=key, metrics={**card.metrics, key: value})
     with building_folder(folder) as fresh:
         save_adapter(fresh, strategy.global_, cfg, card)
+        if folder.exists():  # the best it replaces: a resume from the fallback checkpoint's
+            replace_folder(folder, cfg.run_dir / PREVIOUS_BEST)
     return folder
 
 
@@ -247,7 +273,7 @@ def _vote(rows: list[dict], server_round: int, kept_round: int | None) -> float 
 def best_line(cfg: RunConfig, rows: list[dict]) -> str:
     """Which round best_adapter/ holds, against the last round, for the run's last words."""
     key = best_metric(cfg)
-    kept = _kept(cfg)
+    kept = _kept(cfg.run_dir / BEST_ADAPTER)
     if kept is not None and key == VOTE:  # a share of votes: say the rounds' held-out losses
         scored = {
             r["round"]: r["held_out_loss"]

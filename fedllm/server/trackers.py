@@ -5,7 +5,9 @@
 the round's server row, `client_<p>/<key>` for a client's training and evaluation rows). Each
 tracker's package is imported only when the recipe asks for it; a missing one is an error naming
 the pip extra. A resumed run continues the same MLflow / W&B run (ids kept in `trackers.json`),
-and a round reaches the trackers once its checkpoint is saved, so a repeated round appears once.
+and a round reaches the trackers once its checkpoint is saved, so a repeated round appears once;
+`trackers.json` also keeps the last round published, so a resume sends the trackers a
+checkpointed round a crash kept from them.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ PACKAGES = {  # tracker -> (module it needs, pip package)
     "wandb": ("wandb", "wandb"),
 }
 IDS = "trackers.json"  # the MLflow / W&B run ids of this fedllm run, for --resume
+PUBLISHED = "published_round"  # in IDS: the last round the trackers got (-1: none yet)
 NOT_METRICS = frozenset({"round", "partition"})
 
 
@@ -195,7 +198,7 @@ def _params(cfg: RunConfig) -> list:
     return [Param(k, str(v)[:500]) for k, v in sorted(flat.items())]
 
 
-def load_ids(path: Path) -> dict[str, str]:
+def load_ids(path: Path) -> dict[str, Any]:
     """The trackers' run ids of an earlier attempt ({} if none; a file a crash left half-written
     is a fresh start, not a failed resume: it is written atomically since)."""
     try:
@@ -214,6 +217,8 @@ def open_trackers(cfg: RunConfig) -> list[Sink]:
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     ids_path = cfg.run_dir / IDS
     ids = load_ids(ids_path)
+    if not ids:  # a new run (a run from before this key publishes no earlier round again)
+        ids[PUBLISHED] = -1
     sinks: list[Sink] = []
     if trackers.tensorboard is not None:
         sinks.append(TensorBoardSink(cfg, trackers.tensorboard))
@@ -223,3 +228,18 @@ def open_trackers(cfg: RunConfig) -> list[Sink]:
         sinks.append(WandbSink(cfg, trackers.wandb, ids))
     write_atomic(ids_path, json.dumps(ids, indent=2))
     return sinks
+
+
+def published_round(run_dir: Path) -> int | None:
+    """The last round the run's trackers were sent (None: not recorded, e.g. no trackers)."""
+    value = load_ids(run_dir / IDS).get(PUBLISHED)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def mark_published(run_dir: Path, server_round: int) -> None:
+    """Record that the trackers have every round up to `server_round` (atomically)."""
+    path = run_dir / IDS
+    ids = load_ids(path)
+    before = published_round(run_dir)
+    ids[PUBLISHED] = server_round if before is None else max(server_round, before)
+    write_atomic(path, json.dumps(ids, indent=2))
