@@ -310,11 +310,12 @@ PLAN = [
         "the rest of scarce-lr: centralised at both lrs, fedit and ffa at 0.01",
         (1, 2, 3),
     ),
+    # the squeeze variants' third seed first: the default's table (issue 14 item 2) before rows
+    Step(("variants",), ("domain",), "what each squeeze option adds"),
     Step(("ffa", "hetlora", "flora", "lorafair", "features"), ("scarce",), "issue 14's other rows"),
     # flexlora forms svd's aggregate densely (the d×k SVD): seed 0 reproduced svd to 1e-5 nats,
     # so its other seeds would be svd's cells again at twice the cost
     Step(("flexlora",), ("scarce",), "svd's aggregate formed densely: a consistency check", (0,)),
-    Step(("variants",), ("domain",), "what each squeeze option adds"),
     Step(
         (*LONG, "squeeze", "squeeze balanced", "fedit", "local only"),
         ("long",),
