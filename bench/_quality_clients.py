@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from _stats import NEGLIGIBLE, paired, t_interval, verdict
+from _stats import MIN_SEEDS, NEGLIGIBLE, paired, t_interval, verdict
 
 REFERENCE = "local only"
 
@@ -67,6 +67,6 @@ def client_table(
             said.append(verdict(d, negligible=NEGLIGIBLE))  # better / worse: excludes 0
             texts.append(f"{d.mean:+.3f}" + ("*" if said[-1] in ("better", "worse") else ""))
         seeds = len(set(cells[method]) & set(cells[reference]))
-        count = "n/a" if seeds < 2 else f"{said.count('better')} / {said.count('worse')}"
+        count = "n/a" if seeds < MIN_SEEDS else f"{said.count('better')} / {said.count('worse')}"
         lines.append(f"| {method} | {seeds} | " + " | ".join(texts) + f" | {count} |")
     return lines

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from _quality_clients import client_table, local_reference
-from _stats import NEGLIGIBLE, Interval, paired, t_interval, verdict
+from _stats import MIN_SEEDS, NEGLIGIBLE, Interval, paired, seeds, t_interval, verdict
 
 RESULTS = Path(__file__).parent / "results"
 CURVES = ("centralised", "local only", "fedit", "svd", "squeeze", "rblora", "fedsa", "fedplora")
@@ -78,7 +78,7 @@ def diff_text(a: dict[int, float], b: dict[int, float]) -> str:
     d = paired(a, b)
     if d is None:
         return "—"
-    fewer = f" ({d.n} seeds)" if 2 <= d.n < max(len(a), len(b)) else ""
+    fewer = f" ({seeds(d.n)})" if MIN_SEEDS <= d.n < max(len(a), len(b)) else ""
     return f"{d.text(signed=True)} {verdict(d, negligible=NEGLIGIBLE)}{fewer}"
 
 
@@ -208,7 +208,8 @@ def header(
     fixed = {r["data_seed_fixed"] for r in rows}
     data = (
         "`data.seed=0` pins the data subset, global test set, partition and held-out splits: "
-        "seeds differ only in LoRA initialisation, client sampling and data order."
+        "seeds differ only in LoRA initialisation and data order (every client trains every "
+        "round: no regime samples clients)."
         if fixed == {True}
         else "The recipe has no data seed yet (proposed: `data.seed`), so `seed` also redraws the "
         "data subset, the global test set and the held-out splits (domains stay whole per "
@@ -233,7 +234,8 @@ def header(
         "personalisation; fedsa clients use their own B). Global test set: 10% of every domain "
         "drawn before partitioning plus two domains no client holds (noun.food, verb.motion), "
         "evaluated by the server with the global adapter (generalisation; local-only: the mean "
-        "of the clients' own adapters; sdflora: its global module only). Own at its best round: "
+        "of the clients' losses, each client's own adapter scored on the whole set; sdflora: its "
+        "global module only). Own at its best round: "
         "the lowest own-domain loss of rounds 1.., seed by seed (an oracle that reads the "
         "held-out split; what `output.best_by` keeps in a run). Last-round Δ: how much "
         "the last round still moved the own-domain loss (near 0: the curve has flattened). "
@@ -272,7 +274,7 @@ def plot(rows: list[dict], regimes: list[str], path: Path) -> None:
         extra = sorted(set(cells) - set(CURVES)) if len(cells) <= 10 else [reference]
         for m in dict.fromkeys(c for c in [*CURVES, *extra] if c in cells):
             curve = _curve(cells[m], "personal")
-            one = len(cells[m]) < 2  # no interval: dashed, hollow, said in the legend
+            one = len(cells[m]) < MIN_SEEDS  # no interval: dashed, hollow, said in the legend
             axes[0][col].errorbar(
                 range(len(curve)),
                 [x.mean for x in curve],
@@ -282,7 +284,7 @@ def plot(rows: list[dict], regimes: list[str], path: Path) -> None:
                 ms=3,
                 ls="--" if one else "-",
                 mfc="none" if one else None,
-                label=f"{m} (1 seed)" if one else m,
+                label=f"{m} ({seeds(len(cells[m]))})" if one else m,
             )
         axes[0][col].set(title=f"{regime}: own-domain held-out loss", xlabel="round")
         axes[0][col].legend(fontsize=7)
@@ -300,8 +302,8 @@ def plot(rows: list[dict], regimes: list[str], path: Path) -> None:
             }
             order = sorted(diffs, key=lambda m: -diffs[m].mean)
             ax = axes[row][col]
-            for y, m in enumerate(order):  # a one-seed difference: a hollow point, no bar
-                one = diffs[m].n < 2
+            for y, m in enumerate(order):  # under MIN_SEEDS seeds: a hollow point, no bar
+                one = diffs[m].n < MIN_SEEDS
                 ax.errorbar(
                     [diffs[m].mean],
                     [y],
@@ -312,7 +314,7 @@ def plot(rows: list[dict], regimes: list[str], path: Path) -> None:
                     capsize=3,
                 )
             ax.axvline(0, color="grey", lw=0.8)
-            names = [f"{m} (1 seed)" if diffs[m].n < 2 else m for m in order]
+            names = [f"{m} ({seeds(diffs[m].n)})" if diffs[m].n < MIN_SEEDS else m for m in order]
             ax.set_yticks(range(len(order)), names, fontsize=7)
             ax.set(
                 title=f"{regime}: final {what} loss − {reference} (paired, 95%)",

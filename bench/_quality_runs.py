@@ -102,8 +102,8 @@ def centralised(cfg: RunConfig) -> dict:
 
 def local_only(cfg: RunConfig) -> dict:
     """Every client alone on its own shard with the federation's steps: personal loss on its
-    own held-out split, test loss = the mean of the clients' own adapters on the test set (at
-    the first and last round only; None between)."""
+    own held-out split, test loss = the mean of the clients' losses on the test set, each
+    scored with its own adapter (at the first and last round only; None between)."""
     return _reference(cfg, pooled=False)
 
 

@@ -3,7 +3,8 @@
 A cell's runs differ only in `seed`; two methods run on the same seeds are compared by their
 per-seed differences (paired), which removes what the seed does to both. A difference whose 95%
 interval contains 0 is a tie, one whose whole interval is within a negligible margin of 0 is
-"same"; fewer than two seeds give no interval at all.
+"same". Fewer than `MIN_SEEDS` seeds (the issue's floor: a 2-seed t-interval rests on one
+degree of freedom) are shown as means without an interval or a verdict.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ LEVEL = 0.95
 # Nats below which a paired difference is no difference: the round-off between the exact and
 # the randomised SVD is 3e-5, the smallest seed noise between methods 0.001-0.002.
 NEGLIGIBLE = 0.001
+MIN_SEEDS = 3  # seeds a cell or a paired difference needs before it gets an interval and a verdict
 
 
 @dataclass(frozen=True)
@@ -38,11 +40,16 @@ class Interval:
         return self.mean + self.half
 
     def text(self, digits: int = 4, *, signed: bool = False) -> str:
-        """'3.4096 ± 0.0123' (or '+0.0123 ± …'); '3.4096 (1 seed)' without an interval."""
+        """'3.4096 ± 0.0123' (or '+0.0123 ± …'); '3.4096 (2 seeds)' under MIN_SEEDS seeds."""
         mean = f"{self.mean:+.{digits}f}" if signed else f"{self.mean:.{digits}f}"
-        if self.n < 2:
-            return f"{mean} ({self.n} seed)"
+        if self.n < MIN_SEEDS:
+            return f"{mean} ({seeds(self.n)})"
         return f"{mean} ± {self.half:.{digits}f}"
+
+
+def seeds(n: int) -> str:
+    """'1 seed', '2 seeds'."""
+    return f"{n} seed" + ("" if n == 1 else "s")
 
 
 def t_interval(values: Iterable[float], *, level: float = LEVEL) -> Interval:
@@ -71,8 +78,8 @@ def paired(
 
 def verdict(diff: Interval | None, *, lower_is_better: bool = True, negligible: float = 0.0) -> str:
     """'better'/'worse' (interval excludes 0), 'tie' (holds 0), 'same' (wholly within
-    `negligible` of 0: equal up to round-off, however sure), 'n/a' (fewer than two seeds)."""
-    if diff is None or diff.n < 2:
+    `negligible` of 0: equal up to round-off, however sure), 'n/a' (under MIN_SEEDS seeds)."""
+    if diff is None or diff.n < MIN_SEEDS:
         return "n/a"
     if max(abs(diff.low), abs(diff.high)) < negligible:
         return "same"

@@ -13,7 +13,8 @@ A finished cell appends one line to <out>/rows.jsonl and is skipped on the next 
 takes hours); an interrupted federation resumes from its last round's checkpoint, an interrupted
 local-only cell from its last finished client.
 
-`seed` changes the LoRA initialisation, client sampling and data order. It also changes the data
+`seed` changes the LoRA initialisation and data order (and client sampling, where a regime
+samples clients: none here does, every client trains every round). It also changes the data
 subset, the global test set and the held-out splits unless the recipe has a data seed of its own
 (`data.seed`, proposed in issue 14): with it the harness pins `data.seed=0` so the partition is
 the same in every seed. Comparisons are paired either way (same seed = same data for every method).

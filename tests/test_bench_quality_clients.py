@@ -27,7 +27,7 @@ def test_each_client_is_paired_with_its_local_only_loss_over_the_seeds() -> None
             # client 0: −0.10, −0.12, −0.08 -> mean −0.100, interval ± 4.303·0.02/√3 = ± 0.050:
             # a gain. client 1: +0.05, −0.05, +0.03: mean +0.010, holds 0: neither.
             "fedit": [{0: 2.90, 1: 2.05}, {0: 3.08, 1: 2.05}, {0: 2.82, 1: 2.23}],
-            # client 0 on two seeds only: +0.20, +0.22 -> +0.210 ± 12.71·0.01414/√2: a loss
+            # client 0 on two seeds only: +0.20, +0.22 -> +0.210, under MIN_SEEDS: no verdict
             "squeeze": [{0: 3.20, 1: 2.0}, {0: 3.42, 1: 2.1}, {1: 2.2}],
         }
     )
@@ -35,7 +35,7 @@ def test_each_client_is_paired_with_its_local_only_loss_over_the_seeds() -> None
     table = [line for line in lines if line.startswith("|")]
     assert table[0] == "| method | seeds | c0 (r4) | c1 (r8) | gains / losses |"
     assert table[2] == "| local only (loss) | 3 | 3.0333 | 2.1000 | |"
-    assert table[3] == "| squeeze | 3 | +0.210* | +0.000 | 0 / 1 |"  # client 1: all zero, n = 3
+    assert table[3] == "| squeeze | 3 | +0.210 | +0.000 | 0 / 0 |"  # client 1: all zero, n = 3
     assert table[4] == "| fedit | 3 | -0.100* | +0.010 | 1 / 0 |"
     assert len(table) == 5  # local-only has no difference row of its own
 

@@ -37,6 +37,11 @@ def test_single_value_has_no_interval_and_bad_input_is_refused() -> None:
     one = S.t_interval([3.5])
     assert one.mean == 3.5 and one.n == 1 and math.isnan(one.half)
     assert one.text() == "3.5000 (1 seed)"
+    two = S.t_interval([3.0, 3.2])  # computed, but under MIN_SEEDS: shown without it
+    assert (
+        two.text() == "3.1000 (2 seeds)"
+        and S.verdict(S.paired({0: 1, 1: 2}, {0: 0, 1: 0})) == "n/a"
+    )
     with pytest.raises(ValueError, match="at least one"):
         S.t_interval([])
     with pytest.raises(ValueError, match="non-finite"):
@@ -148,7 +153,11 @@ def test_a_difference_on_fewer_seeds_than_its_methods_have_says_how_many() -> No
     from _quality_report import diff_text
 
     three, two = {0: 3.10, 1: 3.20, 2: 3.90}, {0: 3.15, 1: 3.24}
-    # by hand: differences -0.05, -0.04: mean -0.045, sd 0.00707, t(0.975, 1) = 12.706: ± 0.0635
-    assert diff_text(three, two) == "-0.0450 ± 0.0635 tie (2 seeds)"
+    # by hand: differences -0.05, -0.04: mean -0.045; two seeds are under MIN_SEEDS (3): no
+    # interval (t(0.975, 1) = 12.706 would rest on one degree of freedom) and no verdict
+    assert diff_text(three, two) == "-0.0450 (2 seeds) n/a"
     assert diff_text(three, {0: 3.0, 1: 3.1, 2: 3.8}).endswith("worse")  # 3 of 3: no count
+    four = {**three, 3: 3.5}
+    # differences 0.1, 0.1, 0.1 on the 3 shared seeds of 4: a verdict, and how many it rests on
+    assert diff_text(four, {0: 3.0, 1: 3.1, 2: 3.8}) == "+0.1000 ± 0.0000 worse (3 seeds)"
     assert diff_text(three, {5: 3.0}) == "—"
