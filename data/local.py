@@ -191,6 +191,8 @@ def choice_row(row: Mapping[str, Any], *, where: str) -> tuple[str, list[str], i
         )
     if any(c is None for c in choices):
         raise ValueError(f"{where}: 'choices' holds a null: {list(choices)!r:.80}")
+    if any(not str(c).strip() for c in choices):  # it adds no token to score
+        raise ValueError(f"{where}: 'choices' holds an empty answer: {list(choices)!r:.80}")
     texts = [str(c) for c in choices]
     return question, texts, answer_index(row.get("answer"), len(texts), where=where)
 

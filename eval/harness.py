@@ -132,7 +132,10 @@ def evaluate_run(
             held = sample_examples(shard.held_out, max_examples=settings.max_examples, seed=pid)
             say(f"client {pid + 1}/{n} (partition {pid}): {len(held)} held-out examples")
             built = {name: cls.build(held, setup) for name, cls in tasks.items()}
-            result = _client_quality(views, pid, built, settings=settings, timer=timer, say=say)
+            first = pid == min(shards)  # shared views score a task of shared items only here
+            result = _client_quality(
+                views, pid, built, first=first, settings=settings, timer=timer, say=say
+            )
             result = pieces.put(f"quality-{pid}", result)
         for key, per_task in result.items():
             report["quality"].setdefault(key, {"clients": {}})["clients"][str(pid)] = per_task
@@ -172,23 +175,28 @@ def _client_quality(
     pid: int,
     built: dict[str, EvalTask],
     *,
+    first: bool,
     settings: EvalSettings,
     timer: PhaseTimer,
     say: Callable[[str], None],
 ) -> dict:
-    """One client's tasks under the base, global and (when saved) its own adapter's view."""
+    """One client's tasks under the base, global and (when saved) its own adapter's view; a task
+    of the same items for every client (`per_client` False) under a shared view only if `first`."""
     local = client_view(pid) if client_view(pid) in views.names else None
     result = {}
     for view in [BASE, GLOBAL] + ([local] if local else []):
         key = "local" if view == local else view
         with views.use(view) as model:
             for name, task in built.items():
+                if not (first or task.per_client or view == local):
+                    continue  # the first client's score is every client's
                 with timer(name):
                     result.setdefault(key, {})[name] = task.evaluate(
                         model, batch_size=settings.batch_size
                     )
-        brief = ", ".join(f"{k} {built[k].headline(r)}" for k, r in result[key].items())
-        say(f"partition {pid} quality [{key}]: {brief}")
+        if scored := result.get(key):
+            brief = ", ".join(f"{k} {built[k].headline(r)}" for k, r in scored.items())
+            say(f"partition {pid} quality [{key}]: {brief}")
     return result
 
 

@@ -48,6 +48,9 @@ class EvalTask(ABC):
     # a digest of data the task brings itself (an outside file's questions): an interrupted
     # eval's pieces are reused only with the same (`fedllm.eval.partial`)
     inputs_digest: ClassVar[str | None] = None
+    # False: the same items for every client (an outside file's questions), so the shared views
+    # (base, global) score them once, with the first client, not once per client
+    per_client: ClassVar[bool] = True
 
     @classmethod
     @abstractmethod

@@ -68,14 +68,15 @@ class Views:
             attention=attention,
             max_length=max_length,
         )
-        # no-grad forwards in eval mode break 4-bit LoRA (platform notes); dropout is 0 at eval
+        # no-grad forwards in eval mode break 4-bit LoRA (platform notes): train mode there, with
+        # every dropout layer (an adapter's lora.dropout) in eval mode, so scoring is deterministic
         self.train_mode = quantization is not None
         self.model = PeftModel.from_pretrained(base, str(global_adapter), adapter_name=GLOBAL)
         self.names = [BASE, GLOBAL]
         for pid, folder in sorted((client_adapters or {}).items()):
             self.model.load_adapter(str(folder), adapter_name=client_view(pid))
             self.names.append(client_view(pid))
-        self.model.train(self.train_mode)
+        self.set_mode()
         self.device = next(self.model.parameters()).device
         self.autocast = autocast_dtype(precision, device=self.device, model=self.model)
         if self.autocast is not None:
@@ -86,12 +87,19 @@ class Views:
         """What eval forwards run in: "bf16" (autocast) or "fp32" (the weights' own dtype)."""
         return "fp32" if self.autocast is None else "bf16"
 
+    def set_mode(self) -> None:
+        """Eval mode, or train mode for a quantized base, with dropout off either way."""
+        self.model.train(self.train_mode)
+        for module in self.model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.eval()
+
     @contextmanager
     def use(self, view: str) -> Iterator[PeftModel]:
         """The model with `view` active ("base" disables every adapter)."""
         if view not in self.names:
             raise KeyError(f"unknown view {view!r}; available: {self.names}")
-        self.model.train(self.train_mode)
+        self.set_mode()
         amp = autocast(self.device, self.autocast)
         if view == BASE:
             with self.model.disable_adapter(), amp:

@@ -66,6 +66,8 @@ def test_bad_rows_name_file_line_and_what_is_valid(tmp_path: Path) -> None:
         "bool": ({**ok, "answer": True}, "'answer' True is neither"),
         "question": ({**ok, "question": ""}, "row without 'question'"),
         "choices": ({**ok, "choices": ["only"]}, "'choices' must be a list of at least 2"),
+        # checked before any model loads (it once failed after: "adds no tokens")
+        "empty": ({**ok, "choices": ["a", " ", "c", "d"]}, "'choices' holds an empty answer"),
     }
     for name, (row, message) in cases.items():
         path = write_jsonl(tmp_path / f"{name}.jsonl", [ok, row])

@@ -36,6 +36,47 @@ def test_domain_questions() -> None:
     assert len(set(q["options"])) == 4
 
 
+def test_the_domain_prior_is_what_knowing_a_clients_domains_alone_scores() -> None:
+    # by hand: answers animal, animal, plant, food (counts 2, 1, 1). Q1 {animal, food}: pick
+    # animal, right. Q2 {plant, animal}: animal, right. Q3 {plant, food}: a tie, half credit.
+    # Q4 {animal, food}: animal, wrong. 2.5 / 4, where chance is 1/2
+    from fedllm.eval.tasks.domain import domain_prior
+
+    asked = [
+        (["noun.animal", "noun.food"], 0),
+        (["noun.plant", "noun.animal"], 1),
+        (["noun.plant", "noun.food"], 0),
+        (["noun.animal", "noun.food"], 1),
+    ]
+    assert domain_prior(asked) == pytest.approx(2.5 / 4)
+    # parts of speech kept apart: verb.motion and noun.act answered once each, both right (had
+    # "motion" and "act" been counted whole, both questions would be ties: 0.5)
+    verbs, nouns = ["verb.motion", "verb.act"], ["noun.motion", "noun.act"]
+    assert domain_prior([(verbs, 0), (nouns, 1)]) == 1.0
+    task = WordDomain([DOG, DOG, QUICK])
+    assert task.prior == 1.0  # one domain answered: always right
+    assert [m.key for m in WordDomain.metrics] == ["accuracy", "chance", "prior"]
+
+
+def test_choose_asks_a_chat_row_with_its_whole_conversation() -> None:
+    """A chat row's reply follows its system turn and earlier turns in training and in `define`;
+    `choose` asked only the last user turn (audit h84)."""
+    from fedllm.data.chat import messages_example
+
+    system = {"role": "system", "content": "Answer in one word."}
+    rows = [
+        messages_example(
+            [system, {"role": "user", "content": q}, {"role": "assistant", "content": a}],
+            label="geo",
+            example_id=str(i),
+        )
+        for i, (q, a) in enumerate([("France?", "Paris"), ("Italy?", "Rome"), ("Peru?", "Lima")])
+    ]
+    q = ChooseDefinition(rows, num_options=3).get_example(0)
+    assert q["prompt"] == [system, {"role": "user", "content": "France?"}]
+    assert q["options"][q["answer"]] == "Paris"
+
+
 def test_choose_definition_questions() -> None:
     examples = load_wordnet(pos=("noun",), max_examples=20, seed=4)
     task = ChooseDefinition(examples, num_options=4)

@@ -1,15 +1,18 @@
-"""Eval views: storing linear weights in autocast's dtype changes no number."""
+"""Eval views: storing linear weights in autocast's dtype changes no number; a quantized base's
+train mode scores with dropout off."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fedllm.eval.views import cast_linear_weights
+from fedllm.eval.views import Views, cast_linear_weights
 
 
-def test_cast_linear_weights_gives_autocasts_numbers_and_keeps_tied_embeddings():
+def tiny_llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=300,
@@ -20,7 +23,11 @@ def test_cast_linear_weights_gives_autocasts_numbers_and_keeps_tied_embeddings()
         num_key_value_heads=2,
         tie_word_embeddings=True,
     )
-    base = LlamaForCausalLM(config)
+    return LlamaForCausalLM(config)
+
+
+def test_cast_linear_weights_gives_autocasts_numbers_and_keeps_tied_embeddings():
+    base = tiny_llama()
     model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     for name, p in model.named_parameters():
         if "lora_B" in name:
@@ -36,3 +43,22 @@ def test_cast_linear_weights_gives_autocasts_numbers_and_keeps_tied_embeddings()
     assert q.lora_A["default"].weight.dtype == torch.bfloat16
     embeddings = base.get_input_embeddings().weight
     assert embeddings.dtype == torch.float32 and base.lm_head.weight is embeddings
+
+
+def test_a_quantized_bases_train_mode_scores_with_the_adapters_dropout_off():
+    """4-bit LoRA needs train mode at eval (views.py); an adapter trained with lora.dropout 0.3
+    kept that dropout active there, and two scorings of one text differed (audit h84)."""
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.3)
+    model = get_peft_model(tiny_llama(), config)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    ids = torch.randint(5, 300, (2, 9))
+    Views.set_mode(SimpleNamespace(model=model, train_mode=True))
+    assert model.training  # what 4-bit LoRA needs
+    with torch.no_grad():
+        first, second = model(input_ids=ids).logits, model(input_ids=ids).logits
+    assert torch.equal(first, second)
+    model.train(True)  # the old mode: dropout on, the same text scored twice differs
+    with torch.no_grad():
+        assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)

@@ -1,6 +1,7 @@
 """Task: pick a word's definition among distractors (other examples' responses).
 
-Asked with the training prompt itself, so it measures the fine-tuned skill without generation.
+Asked with the training prompt itself (a chat row's whole conversation before its reply, as
+`define` and training see it), so it measures the fine-tuned skill without generation.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from fedllm.eval.choice import MultipleChoiceTask
+from fedllm.eval.prompting import example_prompt
 from fedllm.eval.task import TaskSetup, register_task
 
 if TYPE_CHECKING:
@@ -50,7 +52,6 @@ def _questions(examples: Sequence[dict], *, rng: random.Random, num_options: int
         others = [r for r in rng.sample(responses, num_options) if r != ex["response"]]
         options = [ex["response"], *others[: num_options - 1]]
         rng.shuffle(options)
-        questions.append(
-            {"prompt": ex["prompt"], "options": options, "answer": options.index(ex["response"])}
-        )
+        answer = options.index(ex["response"])
+        questions.append({"prompt": example_prompt(ex), "options": options, "answer": answer})
     return questions

@@ -69,7 +69,12 @@ def file_task(path: str | Path) -> type[MultipleChoiceFile]:
 
     doc = f"Multiple choice from {path} ({len(questions)} questions): accuracy by log-likelihood."
     digest = hashlib.sha256(json.dumps(questions, sort_keys=True).encode()).hexdigest()
-    attributes = {"__doc__": doc, "build": classmethod(build), "inputs_digest": digest}
+    attributes = {
+        "__doc__": doc,
+        "build": classmethod(build),
+        "inputs_digest": digest,
+        "per_client": False,
+    }
     task = type("OutsideFile", (MultipleChoiceFile,), attributes)
     return register_task(file_task_name(path))(task)
 
