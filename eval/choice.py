@@ -1,13 +1,16 @@
 """Multiple choice by option log-likelihood: the option with the highest mean token log-prob wins.
 
 The mean (not the sum) keeps long options from losing just for being long. `MultipleChoiceTask`
-is the base of the tasks that only differ in how they write their questions.
+is the base of the tasks that only differ in how they write their questions. Accuracy carries a
+95% Wilson interval (questions taken as independent draws; the global one from the pooled
+counts), so two runs' accuracies can be told apart from noise.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,7 +31,8 @@ def choose(
     prompt_format: str,
     batch_size: int,
 ) -> dict:
-    """Accuracy over questions {prompt, options, answer}; chance = mean of 1/len(options)."""
+    """Accuracy (with its Wilson interval) over questions {prompt, options, answer}; chance =
+    mean of 1/len(options)."""
     if not questions:
         return {"examples": 0, "accuracy": float("nan"), "chance": float("nan")}
     items, owner = [], []
@@ -45,17 +49,38 @@ def choose(
     for q, s in zip(owner, scored, strict=True):
         means[q].append(float(s.logprobs.mean()))
     correct = [int(np.argmax(m)) == q["answer"] for m, q in zip(means, questions, strict=True)]
+    low, high = wilson(sum(correct), len(questions))
     return {
         "examples": len(questions),
+        "correct": sum(correct),
         "accuracy": float(np.mean(correct)),
+        "accuracy_low": low,
+        "accuracy_high": high,
         "chance": float(np.mean([1 / len(q["options"]) for q in questions])),
     }
+
+
+def wilson(k: int, n: int, *, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval of k successes in n trials (95% by default); (nan, nan) for
+    n = 0. Unlike p ± z·√(p(1−p)/n) it stays inside [0, 1] and is not empty at p = 0 or 1."""
+    if n == 0:
+        return math.nan, math.nan
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    low = 0.0 if k == 0 else max(0.0, centre - half)  # exact at the ends (float sums miss by 1e-16)
+    return low, 1.0 if k == n else min(1.0, centre + half)
 
 
 class MultipleChoiceTask(EvalTask):
     """Questions {prompt, options, answer} scored by `choose`: accuracy against chance."""
 
-    metrics = (Metric("accuracy", "accuracy", 2), Metric("chance", "chance", 2))
+    metrics = (
+        Metric("accuracy", "accuracy", 2),
+        Metric("accuracy_low", "95% low", 2),
+        Metric("accuracy_high", "95% high", 2),
+        Metric("chance", "chance", 2),
+    )
 
     def __init__(
         self,
@@ -70,6 +95,17 @@ class MultipleChoiceTask(EvalTask):
 
     def __len__(self) -> int:
         return len(self.questions)
+
+    @classmethod
+    def combine(cls, results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """Example-weighted means (`EvalTask.combine`), the interval from the pooled counts."""
+        combined = super().combine(results)
+        rows = [r for r in results if r.get("examples")]
+        if combined and all("correct" in r for r in rows):
+            k, n = sum(r["correct"] for r in rows), sum(r["examples"] for r in rows)
+            combined["correct"] = k
+            combined["accuracy_low"], combined["accuracy_high"] = wilson(k, n)
+        return combined
 
     def get_example(self, i: int) -> dict:
         return self.questions[i]

@@ -112,6 +112,8 @@ def evaluate_run(
     report: dict = {
         "run": cfg.name,
         "target": str(Path(target).resolve()),
+        # what the examples were drawn with: the same recipe and seed ask the same items
+        "recipe": {"fingerprint": cfg.fingerprint(), "seed": cfg.seed},
         "settings": {**asdict(settings), "compute": views.compute},
         "views": views.names,
         "tasks": {name: cls.describe() for name, cls in tasks.items()},

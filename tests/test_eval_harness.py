@@ -102,6 +102,10 @@ def test_report_files_and_views(run: Path) -> None:
     report = json.loads((out / "report.json").read_text())
     assert report["views"] == ["base", "global", "client:0", "client:1"]
     assert set(report["quality"]) == {"base", "global", "local"}
+    cfg = load_recipe(run / "recipe.yaml")
+    assert report["recipe"] == {"fingerprint": cfg.fingerprint(), "seed": cfg.seed}
+    choose = report["quality"]["global"]["global"]["choose"]  # pooled counts, Wilson interval
+    assert choose["accuracy_low"] <= choose["accuracy"] <= choose["accuracy_high"]
     md = (out / "report.md").read_text()
     assert "## Canary exposure" in md and "too few non-members" in md
 

@@ -141,6 +141,27 @@ def test_accuracy_picks_the_taught_answer(taught_model, tmp_path: Path) -> None:
     assert wrong.evaluate(model, batch_size=3, tokenizer=tok)["accuracy"] == 0.0
 
 
+def test_accuracy_has_a_wilson_interval_and_the_global_one_pools_the_counts() -> None:
+    from fedllm.eval.choice import wilson
+
+    # by hand, z = 1.96: 7 of 10: centre (0.7 + 0.19207) / 1.38415 = 0.64449, half
+    # 1.96 · √(0.021 + 0.0096) / 1.38415 = 0.24770 -> [0.3968, 0.8922]
+    assert wilson(7, 10) == pytest.approx((0.3968, 0.8922), abs=1e-4)
+    assert wilson(0, 5)[0] == 0.0 and wilson(0, 5)[1] > 0.4  # never an empty interval
+    assert all(math.isnan(x) for x in wilson(0, 0))
+    clients = [
+        {"examples": 10, "correct": 7, "accuracy": 0.7, "chance": 0.25},
+        {"examples": 30, "correct": 21, "accuracy": 0.7, "chance": 0.25},
+    ]
+    for c in clients:
+        c["accuracy_low"], c["accuracy_high"] = wilson(c["correct"], c["examples"])
+    pooled = MultipleChoiceFile.combine(clients)
+    assert pooled["accuracy"] == pytest.approx(0.7) and pooled["correct"] == 28
+    # 28 of 40, not the mean of two clients' (wider) intervals
+    assert (pooled["accuracy_low"], pooled["accuracy_high"]) == pytest.approx(wilson(28, 40))
+    assert pooled["accuracy_high"] - pooled["accuracy_low"] < 0.3
+
+
 def test_no_questions_give_no_number(taught_model) -> None:
     model, tok = taught_model
     result = MultipleChoiceFile([], tokenizer=tok).evaluate(model, batch_size=4)
@@ -173,7 +194,10 @@ def test_an_outside_file_is_a_task_asking_its_questions_whatever_the_client_data
     assert [built.get_example(i)["answer"] for i in range(len(built))] == [0, 1, 2, 3]
     assert built.evaluate(model, batch_size=8) == {
         "examples": 4,
+        "correct": 4,
         "accuracy": 1.0,
+        "accuracy_low": pytest.approx(0.5101, abs=1e-4),  # Wilson, 4 of 4: not [1, 1]
+        "accuracy_high": 1.0,
         "chance": pytest.approx(0.25),
     }
     assert file_task_name(tmp_path / "---.jsonl") == "mc_file"
