@@ -7,7 +7,10 @@ tracker's package is imported only when the recipe asks for it; a missing one is
 the pip extra. A resumed run continues the same MLflow / W&B run (ids kept in `trackers.json`),
 and a round reaches the trackers once its checkpoint is saved, so a repeated round appears once;
 `trackers.json` also keeps the last round published, so a resume sends the trackers a
-checkpointed round a crash kept from them.
+checkpointed round a crash kept from them. Not covered: a resume that falls back to
+`checkpoint.prev.pt` reruns a round the trackers already have, and sends it again (TensorBoard and
+MLflow then hold both values at that step, metrics.jsonl the rerun's). A resumed W&B offline run
+is a second `offline-run-*` folder of the same run id: sync both.
 """
 
 from __future__ import annotations
