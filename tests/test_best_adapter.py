@@ -168,6 +168,7 @@ def test_a_resume_that_changes_the_metric_drops_the_other_metrics_pick(tmp_path,
     said = capsys.readouterr().out
     assert "best_adapter removed (chosen by held_out_loss, output.best_by now test_loss)" in said
     assert not (run_dir / "best_adapter").exists()  # round 1, the best by test loss, is gone
+    assert not (run_dir / "best_adapter.prev").exists()  # round 1's by held-out loss too
     _round(by_test, strategy, metrics, 3, held_out_loss=1.0, test_loss=2.4)
     assert not (run_dir / "best_adapter").exists()  # 2.4 is not below round 1's 2.0
     assert best_line(by_test, metrics.read()) == ""  # nothing said of an adapter not kept
