@@ -43,6 +43,13 @@ def check_messages(value: Any, *, where: str) -> list[dict[str, str]]:
         turns.append({"role": role, "content": content})
     if not any(t["role"] == "assistant" for t in turns):
         raise ValueError(f"{where}: the messages have no assistant turn, so nothing to train on")
+    first = next(t["role"] for t in turns if t["role"] != "system")
+    if first == "assistant":  # a reply to nothing: chat templates render no prompt before it
+        raise ValueError(
+            f"{where}: the conversation opens with an assistant turn; start it with a user turn "
+            "(after an optional system turn): a greeting goes into the system turn or after "
+            "the user's first message"
+        )
     return turns
 
 

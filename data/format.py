@@ -61,6 +61,26 @@ def tokenize_all(
     return encoded
 
 
+def truncation(
+    examples: Sequence[Mapping[str, Any]],
+    tokenizer: Any,
+    *,
+    prompt_format: str = "chat",
+    max_length: int,
+) -> tuple[int, int, int]:
+    """What `max_length` cuts from `examples`: (examples cut, trained tokens kept, trained
+    tokens uncut). A cut reply also loses its end-of-turn token: it never learns to stop."""
+    resolved = _resolve_format(tokenizer, prompt_format)
+    cut = kept = whole = 0
+    for example in examples:
+        full, _ = _encode(example, tokenizer, prompt_format=resolved, max_length=1 << 30)
+        short, _ = _encode(example, tokenizer, prompt_format=resolved, max_length=max_length)
+        cut += len(full["input_ids"]) > max_length
+        whole += sum(t != IGNORE_INDEX for t in full["labels"])
+        kept += sum(t != IGNORE_INDEX for t in short["labels"])
+    return cut, kept, whole
+
+
 def collate(batch: Sequence[Mapping[str, Any]], *, pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch: input_ids with `pad_id`, labels with -100, attention_mask with 0."""
     import torch  # imported on use: loaders and partitions should not pay its seconds of import

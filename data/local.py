@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedllm.data.chat import check_messages, messages_example
+from fedllm.data.tables import Table, read_csv, read_json, read_jsonl
 
 # File suffix → the `datasets` builder that reads it.
 BUILDERS: dict[str, str] = {
@@ -25,6 +26,8 @@ BUILDERS: dict[str, str] = {
     ".csv": "csv",
     ".parquet": "parquet",
 }
+# Text formats read with the standard library, as written (no type guessing): suffix → reader
+TEXT_TABLES = {".json": read_json, ".jsonl": read_jsonl, ".csv": read_csv}
 # Row layouts read without setting prompt_field/response_field: the columns each one needs.
 LAYOUTS: dict[str, tuple[str, ...]] = {
     "messages": ("messages",),
@@ -50,17 +53,21 @@ def load_local(
             f"local dataset {path} not found; give a {'/'.join(BUILDERS)} file "
             "or a folder written by datasets' save_to_disk"
         )
+    fields = {
+        "prompt_field": prompt_field,
+        "response_field": response_field,
+        "label_field": label_field,
+    }
+    if not path.is_dir() and path.suffix.lower() in TEXT_TABLES:  # read as written, no guessing
+        table = _read_table(path)
+        return rows_to_examples(
+            table.rows, columns=table.columns, origin=str(path), places=table.places, **fields
+        )
     # A throwaway cache: the rows are copied out below, so nothing is left in ~/.cache.
     with tempfile.TemporaryDirectory(prefix="fedllm-data-") as cache_dir:
         dataset = _read_folder(path) if path.is_dir() else _read_file(path, cache_dir=cache_dir)
-        return rows_to_examples(
-            dataset,
-            columns=list(dataset.column_names),
-            origin=str(path),
-            prompt_field=prompt_field,
-            response_field=response_field,
-            label_field=label_field,
-        )
+        columns = list(dataset.column_names)
+        return rows_to_examples(dataset, columns=columns, origin=str(path), **fields)
 
 
 def rows_to_examples(
@@ -71,8 +78,10 @@ def rows_to_examples(
     prompt_field: str,
     response_field: str,
     label_field: str | None,
+    places: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Map table rows to examples in the layout `detect_layout` finds; label "" if unset.
+    `places`: each row's place in its file for errors (default: "<origin> row N").
 
     prompt/response rows: a None prompt becomes "" (a plain continuation); a null or empty
     response, a null label and a value that is a mapping or list are errors naming the row;
@@ -89,7 +98,7 @@ def rows_to_examples(
     has_id = "id" in columns
     examples: list[dict[str, Any]] = []
     for row_number, row in enumerate(_decoded(rows, origin)):
-        where = f"{origin} row {row_number + 1}"  # counted from 1 (a .jsonl's line, blanks aside)
+        where = places[row_number] if places else f"{origin} row {row_number + 1}"
         if label_field is not None and row[label_field] is None:
             raise ValueError(
                 f"{where}: label {label_field!r} is null or missing{_row_keys(row, label_field)};"
@@ -134,7 +143,8 @@ def _row_keys(row: Mapping[str, Any], wanted: str | None = None) -> str:
     keys = [k for k, v in row.items() if v is not None]
     if not keys:
         return " (this row is empty)"
-    close = difflib.get_close_matches(wanted, keys, n=1) if wanted else []
+    others = [k for k in keys if k != wanted]  # the key itself, empty, is no typo of itself
+    close = difflib.get_close_matches(wanted, others, n=1) if wanted else []
     typo = f"; is {close[0]!r} a typo of {wanted!r}?" if close else ""
     return f" (this row has: {', '.join(keys)}{typo})"
 
@@ -214,7 +224,28 @@ def answer_index(answer: Any, n: int, *, where: str) -> int:
     return index
 
 
-def _read_file(path: Path, *, cache_dir: str) -> Any:
+def _read_table(path: Path) -> Table:
+    """A JSON, JSON Lines or CSV file's rows as written (`fedllm.data.tables`), after the checks
+    that name a bad line."""
+    builder = _builder(path)
+    if path.suffix.lower() == ".jsonl" and (bad := _jsonl_problem(path)):
+        raise ValueError(bad)
+    if builder == "csv":
+        with path.open(encoding="utf-8", errors="replace", newline="") as lines:
+            if bad := _csv_problem(path, lines, shorter=False):
+                raise ValueError(bad)
+    read = TEXT_TABLES[path.suffix.lower()]
+    try:
+        table = read(path)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(_unreadable(path, builder, err)) from None
+    if not table.rows:
+        raise ValueError(f"{path} holds no rows; give at least one example")
+    return table
+
+
+def _builder(path: Path) -> str:
+    """The `datasets` builder of `path`'s suffix, once the file is known to hold something."""
     builder = BUILDERS.get(path.suffix.lower())
     if builder is None:
         raise ValueError(
@@ -224,13 +255,11 @@ def _read_file(path: Path, *, cache_dir: str) -> Any:
     size = path.stat().st_size
     if size == 0 or (size < 1 << 16 and not path.read_bytes().strip()):
         raise ValueError(f"{path} is empty: it holds no rows; give at least one example")
-    # before datasets, whose own error (and pandas' logged one) would print first
-    if path.suffix.lower() == ".jsonl" and (bad := _jsonl_problem(path)):
-        raise ValueError(bad)
-    if builder == "csv":
-        with path.open(encoding="utf-8", errors="replace", newline="") as lines:
-            if bad := _csv_problem(path, lines, shorter=False):
-                raise ValueError(bad)
+    return builder
+
+
+def _read_file(path: Path, *, cache_dir: str) -> Any:
+    builder = _builder(path)
     import datasets  # imported on use: it takes over a second
 
     try:

@@ -32,14 +32,16 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
 def prepare(cfg: RunConfig) -> None:
     """Everything that can fail before a round starts: base model, rank fit, every client's data."""
     from fedllm.features import registry
-    from fedllm.model.base import adapter_shapes, check_ranks
-    from fedllm.preflight import check_data
+    from fedllm.model.base import adapter_shapes, base_model_dir, check_ranks
+    from fedllm.preflight import check_data, check_length
     from fedllm.server.trackers import check_trackers
 
     shapes = adapter_shapes(cfg)
     check_ranks(cfg, shapes)
     data = check_data(cfg)
     print(f"[fedllm] {data.line(cfg)}; {len(shapes)} adapted modules", flush=True)
+    if cut := check_length(cfg, base_model_dir(cfg)):
+        print(f"[fedllm] {cut}", flush=True)
     for feature in registry.active(cfg):  # e.g. pruned ranks fit, DP fits every shard
         feature.prepare(cfg, shapes=shapes)
     check_trackers(cfg)  # output.trackers installed here (the server logs to them)

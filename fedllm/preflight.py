@@ -8,8 +8,11 @@ machine lacks are named in seconds);
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
+from pathlib import Path
 
+from fedllm.data.format import truncation
 from fedllm.data.shards import ProcessCache, raw_shard
 from fedllm.model.base import check_ranks, config_shapes
 from fedllm.model.loading import (
@@ -48,6 +51,31 @@ class DataCheck:
             f"{len(self.train)} clients ({cfg.data.partitioner}): train {_span(self.train)}, "
             f"held out {_span(self.held_out)} each{none}"
         )
+
+
+LENGTH_SAMPLE = 500  # training examples tokenized to tell what data.max_length cuts
+
+
+def check_length(cfg: RunConfig, model_dir: Path) -> str | None:
+    """What `data.max_length` cuts from a sample of the clients' training examples, said for a
+    person (None if it cuts nothing): a cut example trains on part of its reply and loses its
+    end-of-turn token. Needs the base's tokenizer, so `prepare` runs it once the base is ready."""
+    from transformers import AutoTokenizer
+
+    cache = ProcessCache()
+    train = [e for p in range(cfg.data.num_clients) for e in raw_shard(cfg, p, cache=cache).train]
+    sample = random.Random(cfg.seed).sample(train, min(LENGTH_SAMPLE, len(train)))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    cut, kept, whole = truncation(
+        sample, tokenizer, prompt_format=cfg.data.prompt_format, max_length=cfg.data.max_length
+    )
+    if not cut:
+        return None
+    return (
+        f"data.max_length={cfg.data.max_length} cuts {cut} of {len(sample)} sampled training "
+        f"examples ({1 - kept / whole:.1%} of their trained tokens; a cut reply also loses its "
+        "end-of-turn token, so it never learns to stop): raise data.max_length to keep them"
+    )
 
 
 def _span(sizes: tuple[int, ...]) -> str:

@@ -115,10 +115,16 @@ def test_messages_parquet_and_label_field(tmp_path: Path) -> None:
 def test_bad_messages_rows_name_file_row_and_turn(tmp_path: Path) -> None:
     good = {"messages": TURNS[1:3]}
     cases = {
-        "role": ([{"role": "bot", "content": "x"}, TURNS[2]], r"row 2: messages\[0\] has role "),
+        "role": ([{"role": "bot", "content": "x"}, TURNS[2]], r"line 2: messages\[0\] has role "),
         "content": ([TURNS[1], {"role": "assistant", "content": None}], r"messages\[1\]"),
-        "no_reply": ([TURNS[0], TURNS[1]], "row 2: the messages have no assistant turn"),
-        "empty": ([], "row 2: 'messages' must be a non-empty list"),
+        "no_reply": ([TURNS[0], TURNS[1]], "line 2: the messages have no assistant turn"),
+        "empty": ([], "line 2: 'messages' must be a non-empty list"),
+        # a greeting first: once accepted here and refused by the chat template at training
+        # time, naming roles [] (audit h86); now here, before any client starts
+        "greeting": (
+            [TURNS[0], TURNS[2], *TURNS[1:3]],
+            "line 2: the conversation opens with an assistant turn; start it with a user turn",
+        ),
     }
     for name, (messages, pattern) in cases.items():
         path = write_jsonl(tmp_path / f"{name}.jsonl", [good, {"messages": messages}])
@@ -135,7 +141,7 @@ def test_a_row_of_another_layout_in_a_chat_file_names_its_keys_and_the_layouts(
     path = write_jsonl(tmp_path / "mixed.jsonl", [{"messages": TURNS[1:3]}, {"topic": "t"}])
     with pytest.raises(ValueError) as err:
         load_local(path)
-    assert f"{path} row 2: no 'messages' (this row has: topic); the file's rows are chat" in str(
+    assert f"{path} line 2: no 'messages' (this row has: topic); the file's rows are chat" in str(
         err.value
     )
     assert "'instruction' + 'output' (alpaca)" in str(err.value)
@@ -212,9 +218,9 @@ def test_bad_alpaca_row_names_file_row_and_column(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "alpaca.jsonl", rows)
     with pytest.raises(ValueError) as err:
         load_local(path)
-    assert f"{path} row 3: Alpaca row without 'output'" in str(err.value)
+    assert f"{path} line 3: Alpaca row without 'output'" in str(err.value)
     blank = write_jsonl(tmp_path / "blank.jsonl", [{"instruction": " ", "output": "x"}])
-    with pytest.raises(ValueError, match=r"blank\.jsonl row 1: Alpaca row without 'instruction'"):
+    with pytest.raises(ValueError, match=r"blank\.jsonl line 1: Alpaca row without 'instruction'"):
         load_local(blank)
 
 

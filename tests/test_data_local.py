@@ -131,7 +131,7 @@ def test_a_null_response_is_an_error_naming_the_row(tmp_path: Path) -> None:
     path = tmp_path / "null.jsonl"
     rows = [{"prompt": "a", "response": "b"}, {"prompt": "c", "response": None}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    with pytest.raises(ValueError, match=r"null\.jsonl row 2: 'response' is null"):
+    with pytest.raises(ValueError, match=r"null\.jsonl line 2: 'response' is null"):
         load_local(path)
 
 
@@ -198,15 +198,15 @@ def test_a_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("row", "message"),
     [
-        ({"prompt": "c", "response": ""}, r"row 2: 'response' is empty"),
-        ({"prompt": "c", "response": "  "}, r"row 2: 'response' is empty"),
-        ({"prompt": "c", "response": {"text": "a"}}, r"row 2: 'response' is a dict, not text"),
-        ({"prompt": ["c"], "response": "d"}, r"row 2: 'prompt' is a list, not text"),
-        ({"prompt": "c", "response": "d", "topic": None}, r"row 2: label 'topic' is null"),
+        ({"prompt": "c", "response": ""}, r"line 2: 'response' is empty"),
+        ({"prompt": "c", "response": "  "}, r"line 2: 'response' is empty"),
+        ({"prompt": "c", "response": {"text": "a"}}, r"line 2: 'response' is a dict, not text"),
+        ({"prompt": ["c"], "response": "d"}, r"line 2: 'prompt' is a list, not text"),
+        ({"prompt": "c", "response": "d", "topic": None}, r"line 2: label 'topic' is null"),
         # a key misspelt in one row: the row's own keys and the likely typo
         (
             {"prompt": "c", "respose": "d"},
-            r"row 2: 'response' is null or missing \(this row has: prompt, topic, respose; is "
+            r"line 2: 'response' is null or missing \(this row has: prompt, topic, respose; is "
             r"'respose' a typo of 'response'\?\)",
         ),
     ],

@@ -121,3 +121,33 @@ def test_the_embedded_base_config_comes_from_the_gguf_without_converting_it(
     assert type(config).__name__ == "LlamaConfig"
     assert (config.num_hidden_layers, config.hidden_size) == (30, 576)  # SmolLM2-135M
     assert not any(tmp_path.iterdir())
+
+
+def test_prepare_says_how_much_data_max_length_cuts(tmp_path: Path) -> None:
+    """A cut example trains on part of its reply and never on its end-of-turn token; nothing
+    said it (audit h86: 204 of the quickstart's 2,000 examples at max_length 64)."""
+    from fedllm.data.format import tokenize_all, truncation
+    from fedllm.data.shards import raw_shard
+    from fedllm.model.base import prepare_base_model
+    from fedllm.preflight import check_length
+
+    cfg = load_recipe(TINY, [f"output_dir={tmp_path}", "data.max_length=64"])
+    folder = prepare_base_model(cfg)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    train = raw_shard(cfg, 0).train
+    fmt = {"prompt_format": cfg.data.prompt_format}
+    whole = tokenize_all(train, tokenizer, max_length=1 << 20, **fmt)
+    short = tokenize_all(train, tokenizer, max_length=64, **fmt)
+    longer = sum(len(item["input_ids"]) > 64 for item in whole)
+    trained = [sum(t != -100 for t in item["labels"]) for item in (*whole, *short)]
+    expected = (longer, sum(trained[len(whole) :]), sum(trained[: len(whole)]))
+    assert 0 < longer < len(train)  # the recipe's own data: some cut, some not
+    assert truncation(train, tokenizer, max_length=64, **fmt) == expected
+    assert truncation(train, tokenizer, max_length=1 << 20, **fmt) == (0, expected[2], expected[2])
+    said = check_length(cfg, folder)
+    assert said is not None and said.startswith("data.max_length=64 cuts ")
+    assert "sampled training examples" in said and "raise data.max_length" in said
+    roomy = load_recipe(TINY, [f"output_dir={tmp_path}", "data.max_length=256"])
+    assert check_length(roomy, folder) is None
