@@ -73,8 +73,9 @@ def check_length(cfg: RunConfig, model_dir: Path) -> str | None:
         return None
     return (
         f"data.max_length={cfg.data.max_length} cuts {cut} of {len(sample)} sampled training "
-        f"examples ({1 - kept / whole:.1%} of their trained tokens; a cut reply also loses its "
-        "end-of-turn token, so it never learns to stop): raise data.max_length to keep them"
+        f"examples ({1 - kept / whole:.1%} of the sample's trained tokens; a cut reply also "
+        "loses its end-of-turn token, so it never learns to stop): raise data.max_length to "
+        "keep them"
     )
 
 
