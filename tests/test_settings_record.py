@@ -39,6 +39,7 @@ def _run(cfg, written: list[dict] | None = None) -> SimpleNamespace:
         strategy=SimpleNamespace(state_dict=dict, load_state_dict=lambda state: None),
         metrics=SimpleNamespace(
             truncate_after=lambda last: None,
+            catch_up=lambda last: [],
             write=lambda rows, publish: sink.extend(rows),
             read=lambda: [],
         ),
