@@ -14,7 +14,7 @@ from peft import PeftModel
 
 from fedllm.client.precision import PRECISIONS, autocast, autocast_dtype
 from fedllm.model.card import resolve_adapter_base
-from fedllm.model.loading import load_base_model
+from fedllm.model.loading import load_base_model, scoring_mode
 
 BASE, GLOBAL = "base", "global"
 
@@ -89,10 +89,7 @@ class Views:
 
     def set_mode(self) -> None:
         """Eval mode, or train mode for a quantized base, with dropout off either way."""
-        self.model.train(self.train_mode)
-        for module in self.model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.eval()
+        scoring_mode(self.model, quantized=self.train_mode)
 
     @contextmanager
     def use(self, view: str) -> Iterator[PeftModel]:

@@ -39,7 +39,7 @@ class ClientLevel(Feature):
 
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
-        """Uniform weights, adapter-state rounds and δ below 1/clients."""
+        """Uniform weights, fixed local steps, adapter-state rounds and δ below 1/clients."""
         if not cls.enabled(cfg):
             return
         if cfg.privacy.client_noise_multiplier is None:
@@ -51,6 +51,12 @@ class ClientLevel(Feature):
             raise ValueError(
                 "privacy.mode='client' needs aggregator.weighting='uniform': example-count "
                 "weights reveal each client's data size and break the S/m sensitivity bound"
+            )
+        if cfg.federation.local_epochs is not None:
+            raise ValueError(
+                "privacy.mode='client' needs federation.local_steps, not local_epochs: with "
+                "epochs a client's step count is ceil(epochs·n/batch), and its reply's 'steps' "
+                "would reveal its data size n, which client-level DP protects"
             )
         spec = round_spec(cfg.aggregator.name)
         if spec.merge or spec.local_B:

@@ -49,6 +49,19 @@ def test_client_level_dp_refuses_pruned_tiers() -> None:
         )
 
 
+def test_client_level_dp_refuses_local_epochs_whose_steps_reveal_n() -> None:
+    """With epochs a reply's `steps` is ceil(epochs·n/batch): the client's data size, which
+    client-level DP protects, in the clear (audit h87: n = 137 sent 137 steps, n = 138 sent 138)."""
+    client = {"mode": "client", "client_noise_multiplier": 1.0}
+    with pytest.raises(ConfigError, match=r"needs federation\.local_steps, not local_epochs"):
+        cfg(
+            privacy=client,
+            aggregator={"weighting": "uniform"},
+            federation={"local_steps": None, "local_epochs": 1},
+        )
+    cfg(privacy=client, aggregator={"weighting": "uniform"})  # fixed steps: allowed
+
+
 def test_wanda_maps_are_refused_under_dp() -> None:
     tiers = [{"name": "small", "rank": 2, "clients": 4, "pruning": 0.5}]
     with pytest.raises(ConfigError, match=r"pruning\.importance='wanda'"):

@@ -156,3 +156,23 @@ def test_every_key_a_client_sends_is_in_the_table(
     # the progress lines: per-client held-out losses only where the files have them too
     evals = [x for x in capsys.readouterr().out.splitlines() if " eval: client " in x]
     assert evals and all(("held-out loss" in x) is not private for x in evals), evals
+
+
+def test_a_failing_client_in_a_private_run_sends_only_its_errors_type(caplog) -> None:
+    """Flower sends a failed handler's error text and traceback to the server; a loader's error
+    quotes a training row (audit h87). In a private run only the type leaves the client."""
+    from types import SimpleNamespace
+
+    from fedllm.client.app import quiet_failure
+
+    row = "rows.jsonl line 7: 'response' is a dict, not text: {'diagnosis': 'secret'}"
+    private = SimpleNamespace(privacy=SimpleNamespace(private=True))
+    with pytest.raises(RuntimeError) as err, quiet_failure(private, "training"):
+        raise ValueError(row)
+    said = str(err.value)
+    assert "ValueError" in said and "secret" not in said and err.value.__cause__ is None
+    assert err.value.__suppress_context__  # the traceback does not chain the original either
+    assert "secret" in caplog.text  # the node's own log keeps it
+    open_run = SimpleNamespace(privacy=SimpleNamespace(private=False))
+    with pytest.raises(ValueError, match="secret"), quiet_failure(open_run, "training"):
+        raise ValueError(row)

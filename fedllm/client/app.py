@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -36,6 +37,7 @@ from fedllm.features.types import ClientUpdate
 from fedllm.model import packing, wire
 from fedllm.model.adapters import attach_lora, from_record, read_factors, write_factors
 from fedllm.model.base import cached_base_model
+from fedllm.model.loading import scoring_mode
 from fedllm.recipe.schema import RunConfig
 
 log = logging.getLogger("fedllm.client")
@@ -161,10 +163,7 @@ def evaluate(
         if spec.local_B:
             global_factors = wire.personal(model, record, context.state)
         write_factors(model, global_factors)
-        # No-grad forwards in eval mode would flip 4-bit layers to an inference kernel on some
-        # CPUs (see platform notes); dropout is the only other difference, so stay in train mode
-        # for quantized bases.
-        model.train(cfg.model.quantization != "none")
+        scoring_mode(model, quantized=cfg.model.quantization != "none")  # dropout off
         nll, tokens = evaluate_nll(
             model,
             shard.held_out,
@@ -202,6 +201,24 @@ def introduce(msg: Message, context: Context) -> Message:
     return Message(wire.who_answer(partition_of(context)), reply_to=msg)
 
 
+@contextmanager
+def quiet_failure(cfg: RunConfig, what: str) -> Iterator[None]:
+    """In a private run, a failure leaves the client as its exception's type only: its text (a
+    loader's error quotes a training row, a shard check names n) stays in the node's log. Flower
+    sends the raised error's text and traceback to the server, outside every guarantee."""
+    if not cfg.privacy.private:
+        yield
+        return
+    try:
+        yield
+    except Exception as err:
+        log.exception("%s failed (the server is told only the error's type)", what)
+        raise RuntimeError(
+            f"client {what} failed ({type(err).__name__}); a private run sends no error text: "
+            "the node's log has it"
+        ) from None
+
+
 def make_client_app(cfg: RunConfig, *, cache: ProcessCache | None = None) -> ClientApp:
     """A ClientApp bound to a recipe (the simulation passes it by value to every worker), holding
     `cache` (a new one by default): the base loaded and each shard tokenized once per process."""
@@ -210,11 +227,13 @@ def make_client_app(cfg: RunConfig, *, cache: ProcessCache | None = None) -> Cli
 
     @app.train(mods=[packing.mod, *registry.client_mods()])  # arrays packed; e.g. SecAgg+
     def _train(msg: Message, context: Context) -> Message:
-        return train(cfg, msg, context, cache=cache)
+        with quiet_failure(cfg, "training"):
+            return train(cfg, msg, context, cache=cache)
 
     @app.evaluate(mods=[packing.mod])
     def _evaluate(msg: Message, context: Context) -> Message:
-        return evaluate(cfg, msg, context, cache=cache)
+        with quiet_failure(cfg, "evaluation"):
+            return evaluate(cfg, msg, context, cache=cache)
 
     app.query()(introduce)
     return app

@@ -258,6 +258,17 @@ def load_base_model(
     return model, tokenizer
 
 
+def scoring_mode(model: nn.Module, *, quantized: bool) -> None:
+    """Ready `model` to score text: eval mode, or train mode for a 4-bit/8-bit base (no-grad
+    forwards in eval mode flip those layers to an inference kernel on some CPUs), with every
+    dropout layer (an adapter's `lora.dropout`) in eval mode either way, so a score is
+    deterministic."""
+    model.train(quantized)
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.eval()
+
+
 def _disable_avx512bf16_kernel(model: nn.Module) -> None:
     """Keep Linear4bit on the trainable path.
 
