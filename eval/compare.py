@@ -60,6 +60,7 @@ def summarize(report: dict, *, privacy: str = "?") -> dict:
         "perplexity": g.get("held_out", {}).get("perplexity"),
         "define_rouge_l": g.get("define", {}).get("rouge_l"),
         "choose_acc": g.get("choose", {}).get("accuracy"),
+        "choose_acc_interval": _accuracy_interval(g.get("choose", {})),
         "domain_acc": g.get("domain", {}).get("accuracy"),
     }
     interval = interval_settings(report)
@@ -279,6 +280,12 @@ def run_privacy(run: Path) -> str:
     return str((recipe.get("privacy") or {}).get("mode", "none"))
 
 
+def _accuracy_interval(result: dict) -> list[float] | None:
+    """A multiple-choice result's 95% Wilson interval (None in a report written before it)."""
+    low, high = result.get("accuracy_low"), result.get("accuracy_high")
+    return None if low is None or high is None else [low, high]
+
+
 def table_md(rows: list[dict]) -> str:
     """The `summarize` rows as one Markdown table: quality, MIA AUC with intervals, exposure per
     repeat count k, extraction."""
@@ -302,7 +309,7 @@ def table_md(rows: list[dict]) -> str:
             r["privacy"],
             f"{fmt(r['base_loss'])} → {fmt(r['loss'])}",
             fmt(r["define_rouge_l"]),
-            fmt(r["choose_acc"], 2),
+            interval_cell(r["choose_acc"], r.get("choose_acc_interval"), 2),
             interval_cell(r["mia_auc_global"], r.get("mia_auc_global_interval")),
             interval_cell(r["mia_auc_client"], r.get("mia_auc_client_interval")),
             interval_cell(r.get("mia_auc_base"), r.get("mia_auc_base_interval")),

@@ -56,6 +56,8 @@ def runs(tmp_path: Path) -> list[Path]:
         ],
     )
     b = report("dp", loss=2.5, aucs={"loss": 0.52}, exposures=[("global", 16, 1.0)])
+    choose = a["quality"]["global"]["global"]["choose"]
+    choose["accuracy_low"], choose["accuracy_high"] = 0.4, 0.6  # b: a report from before
     dirs = []
     for r, mode in ((a, "none"), (b, "sample")):
         d = tmp_path / r["run"]
@@ -81,6 +83,8 @@ def test_compare_writes_one_table_and_a_figure(runs: list[Path], tmp_path: Path)
     assert main(["compare", *map(str, runs), "--out", str(out)]) == 0
     md = (out / "compare.md").read_text()
     assert "| plain | none | 3.000 → 2.000 |" in md and "| 0.139 |" in md
+    assert "| 0.50 [0.40, 0.60] |" in md  # choose accuracy with its interval (one run has it)
+    assert "| 0.50 |" in md  # a report from before the interval: the bare value
     assert "| dp | sample | 3.000 → 2.500 |" in md
     assert "exposure k=16 (global/client)" in md and "11.0 / 20.0" in md
     assert (out / "compare.png").stat().st_size > 10_000
