@@ -43,14 +43,20 @@ def check_messages(value: Any, *, where: str) -> list[dict[str, str]]:
         turns.append({"role": role, "content": content})
     if not any(t["role"] == "assistant" for t in turns):
         raise ValueError(f"{where}: the messages have no assistant turn, so nothing to train on")
-    first = next(t["role"] for t in turns if t["role"] != "system")
-    if first == "assistant":  # a reply to nothing: chat templates render no prompt before it
-        raise ValueError(
-            f"{where}: the conversation opens with an assistant turn; start it with a user turn "
-            "(after an optional system turn): a greeting goes into the system turn or after "
-            "the user's first message"
-        )
     return turns
+
+
+def opens_with_assistant(messages: Sequence[Mapping[str, str]]) -> bool:
+    """Whether the first turn after any system turns is the assistant's: a reply to nothing,
+    which a chat template cannot put after a prompt (`prompt_format: plain` can)."""
+    return next((t["role"] for t in messages if t["role"] != "system"), None) == "assistant"
+
+
+GREETING = (
+    "the conversation opens with an assistant turn, which a chat template cannot render after "
+    "a prompt: start it with a user turn (a greeting goes into the system turn or after the "
+    "user's first message), or set data.prompt_format: plain"
+)
 
 
 def messages_example(
@@ -101,6 +107,8 @@ def template_text(
     When a template renders a conversation's beginning differently from the whole (it moves or
     drops text), a span falls back to the longest common prefix and the flag is False.
     """
+    if opens_with_assistant(messages):
+        raise ValueError(f"{where}: {GREETING}")
     full = render(tokenizer, messages, generation_prompt=False, where=where)
     spans: list[Span] = []
     clean = True

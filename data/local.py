@@ -310,13 +310,16 @@ def _csv_problem(path: Path, lines: Iterable[str], *, shorter: bool = True) -> s
     narrower (which datasets reads as nulls: only named once it has failed), or None; `lines`
     are read one at a time (a large file is not held twice)."""
     rows = csv.reader(lines)
-    header = next(rows, [])
-    for number, row in enumerate(rows, 2):
-        if row and (len(row) > len(header) or (shorter and len(row) < len(header))):
-            return (
-                f"{path} line {number} has {len(row)} fields, the header {len(header)}; "
-                "quote a field that holds a comma"
-            )
+    try:
+        header = next((row for row in rows if any(row)), [])  # leading blank lines aside
+        for row in rows:
+            if row and (len(row) > len(header) or (shorter and len(row) < len(header))):
+                return (
+                    f"{path} line {rows.line_num} has {len(row)} fields, the header "
+                    f"{len(header)}; quote a field that holds a comma"
+                )
+    except csv.Error as err:  # e.g. a cell longer than the csv module's field limit
+        return f"{path} line {rows.line_num}: not readable as CSV ({err})"
     return None
 
 

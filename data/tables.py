@@ -38,16 +38,19 @@ def read_jsonl(path: Path) -> Table:
 
 
 def read_json(path: Path) -> Table:
-    """A JSON array of objects, or an object of equal-length column lists."""
-    data = json.loads(path.read_text(encoding="utf-8"))
-    if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
-        lengths = {len(v) for v in data.values()}
-        if len(lengths) != 1:
-            raise ValueError(
-                f"{path}: its columns have different lengths ({sorted(lengths)}); give a list "
-                "of objects, one per row"
-            )
-        data = [dict(zip(data, values, strict=True)) for values in zip(*data.values(), strict=True)]
+    """A JSON array of objects (one row each) or one object (one row); a `.json` file holding
+    JSON Lines, as `datasets` accepts, is read as JSON Lines. A UTF-8 byte-order mark is fine."""
+    text = path.read_text(encoding="utf-8-sig")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        lines = _json_lines(text)
+        if lines is None:
+            raise
+        objects, numbers = lines
+        return _table(objects, [f"{path} line {n}" for n in numbers])
+    if isinstance(data, dict):
+        data = [data]
     if not isinstance(data, list):
         raise ValueError(
             f"{path} holds a JSON {type(data).__name__}; give a list of objects (one per row), "
@@ -59,22 +62,44 @@ def read_json(path: Path) -> Table:
     return _table(data, [f"{path} row {i + 1}" for i in range(len(data))])
 
 
+def _json_lines(text: str) -> tuple[list[dict], list[int]] | None:
+    """(objects, their line numbers) if every non-blank line of `text` is a JSON object."""
+    objects, numbers = [], []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            return None
+        if not isinstance(row, dict):
+            return None
+        objects.append(row)
+        numbers.append(number)
+    return (objects, numbers) if len(objects) > 1 else None
+
+
 def read_csv(path: Path) -> Table:
     """A header row, then rows of text cells; a row shorter than the header leaves the rest None
     (a wider one was refused before). Raises UnicodeDecodeError for a file that is not UTF-8."""
     objects, places = [], []
     with path.open(encoding="utf-8-sig", newline="") as lines:
         reader = csv.reader(lines)
-        header = next(reader, [])
-        if repeated := sorted({c for c in header if header.count(c) > 1}):
-            raise ValueError(f"{path}: the header names a column twice: {repeated}")
-        start = reader.line_num + 1
-        for record in reader:
-            if any(record):  # a blank line is no row
-                cells = [None if cell == "" else cell for cell in record]
-                objects.append(dict(zip(header, cells, strict=False)))
-                places.append(f"{path} line {start}")
+        try:
+            header = next((record for record in reader if any(record)), [])  # blank lines aside
+            if repeated := sorted({c for c in header if header.count(c) > 1}):
+                raise ValueError(f"{path}: the header names a column twice: {repeated}")
             start = reader.line_num + 1
+            for record in reader:
+                if any(record):  # a blank line is no row
+                    cells = [None if cell == "" else cell for cell in record]
+                    objects.append(dict(zip(header, cells, strict=False)))
+                    places.append(f"{path} line {start}")
+                start = reader.line_num + 1
+        except csv.Error as err:  # e.g. a cell longer than the csv module's field limit
+            raise ValueError(
+                f"{path} line {reader.line_num}: not readable as CSV ({err})"
+            ) from None
     if not objects:
         raise ValueError(f"{path} has a header but no rows; give at least one example")
     return _table(objects, places, columns=header)

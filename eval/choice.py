@@ -104,6 +104,9 @@ class MultipleChoiceTask(EvalTask):
         if combined and all("correct" in r for r in rows):
             k, n = sum(r["correct"] for r in rows), sum(r["examples"] for r in rows)
             combined["correct"] = k
+            if not cls.per_client:  # every client's model asked the same N questions: N draws
+                questions = max(r["examples"] for r in rows)
+                k, n = k * questions / n, questions
             combined["accuracy_low"], combined["accuracy_high"] = wilson(k, n)
         return combined
 

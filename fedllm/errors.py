@@ -9,6 +9,11 @@ class RunFailed(RuntimeError):
     """A run that cannot go on (every client of a round failed); its finished rounds are kept."""
 
 
+class NodeRefusal(ValueError):
+    """A node declining a run by its own published rules (e.g. a privacy floor): its text names
+    only the recipe and those rules, so it reaches the server even from a private run."""
+
+
 def short_reason(reason: str, *, limit: int = 300) -> str:
     """The line of an error report a person needs: a client's error as Flower relays it from a
     Ray worker is the exception's repr plus its whole traceback, ending in "Exception

@@ -12,6 +12,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedllm.data.chat import GREETING, opens_with_assistant
 from fedllm.data.format import truncation
 from fedllm.data.shards import ProcessCache, raw_shard
 from fedllm.model.base import check_ranks, config_shapes
@@ -90,6 +91,10 @@ def check_data(cfg: RunConfig) -> DataCheck:
     cache = ProcessCache()
     shards = [raw_shard(cfg, p, cache=cache) for p in range(cfg.data.num_clients)]
     split = cache.split(cfg)
+    if cfg.data.prompt_format == "chat":  # found here, not when a client tokenizes it
+        for example in split.examples:
+            if example.get("messages") and opens_with_assistant(example["messages"]):
+                raise ConfigError(f"data.source example {example.get('id', '?')}: {GREETING}")
     return DataCheck(
         examples=len(split.examples),
         test=len(split.test),

@@ -28,6 +28,7 @@ from typing import Any
 from flwr.app import ConfigRecord, RecordDict
 
 from fedllm.aggregators.base import Factors
+from fedllm.errors import NodeRefusal
 from fedllm.features.base import Feature
 from fedllm.features.node_state import restore_node_state, save_node_state
 from fedllm.features.registry import register
@@ -98,8 +99,8 @@ def planned_client_epsilon(cfg: RunConfig) -> float:
     )
 
 
-def _refuse(rule: str, why: str, valid: str) -> ValueError:
-    return ValueError(f"this node refuses the run ({rule}): {why}; valid: {valid}")
+def _refuse(rule: str, why: str, valid: str) -> NodeRefusal:
+    return NodeRefusal(f"this node refuses the run ({rule}): {why}; valid: {valid}")
 
 
 def check_recipe(cfg: RunConfig, rules: NodeRules) -> None:

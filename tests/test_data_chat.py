@@ -119,12 +119,6 @@ def test_bad_messages_rows_name_file_row_and_turn(tmp_path: Path) -> None:
         "content": ([TURNS[1], {"role": "assistant", "content": None}], r"messages\[1\]"),
         "no_reply": ([TURNS[0], TURNS[1]], "line 2: the messages have no assistant turn"),
         "empty": ([], "line 2: 'messages' must be a non-empty list"),
-        # a greeting first: once accepted here and refused by the chat template at training
-        # time, naming roles [] (audit h86); now here, before any client starts
-        "greeting": (
-            [TURNS[0], TURNS[2], *TURNS[1:3]],
-            "line 2: the conversation opens with an assistant turn; start it with a user turn",
-        ),
     }
     for name, (messages, pattern) in cases.items():
         path = write_jsonl(tmp_path / f"{name}.jsonl", [good, {"messages": messages}])
@@ -133,6 +127,29 @@ def test_bad_messages_rows_name_file_row_and_turn(tmp_path: Path) -> None:
         assert str(path) in str(err.value), name
     with pytest.raises(ValueError, match=r"valid roles are \['system', 'user', 'assistant'\]"):
         load_local(tmp_path / "role.jsonl")
+
+
+def test_a_greeting_first_is_named_under_a_chat_template_and_trained_under_plain(
+    tmp_path: Path, tok: PreTrainedTokenizerFast
+) -> None:
+    """An assistant turn first once failed as the template refusing "roles []" (audit h86); it
+    now names the example and the two ways out, and `prompt_format: plain` trains it (h89)."""
+    from fedllm.preflight import check_data
+    from fedllm.recipe import ConfigError, load_recipe
+
+    greeting = {"role": "assistant", "content": "Hello!"}
+    path = write_jsonl(tmp_path / "greeting.jsonl", [{"messages": [greeting, *TURNS[1:3]]}] * 8)
+    (example, *_) = load_local(path)  # the file itself is fine
+    with pytest.raises(ValueError, match=r"greeting\.jsonl:0: the conversation opens with an"):
+        format_example(example, tok, prompt_format="chat", max_length=64)
+    plain = format_example(example, tok, prompt_format="plain", max_length=64)
+    assert any(t != -100 for t in plain["labels"])
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
+    data = [f"data.source={path}", "data.num_clients=2", "data.partitioner=iid"]
+    cfg = load_recipe(recipe, data)
+    with pytest.raises(ConfigError, match=r"or set data\.prompt_format: plain"):
+        check_data(cfg)  # `fedllm validate` and `prepare` say it before any client starts
+    check_data(load_recipe(recipe, [*data, "data.prompt_format=plain"]))
 
 
 def test_a_row_of_another_layout_in_a_chat_file_names_its_keys_and_the_layouts(

@@ -52,20 +52,31 @@ def test_json_lines_keep_their_json_types_and_name_the_line(tmp_path: Path) -> N
     assert [(e["response"], e["id"]) for e in examples] == [("2024-01-01", "00042"), ("7", "43")]
 
 
-def test_a_json_file_is_a_list_of_rows_or_a_table_of_columns(tmp_path: Path) -> None:
+def test_a_json_file_is_a_list_of_rows_one_object_or_json_lines(tmp_path: Path) -> None:
+    """What `datasets` read before stays readable (audit h89): one object is one row (a single
+    conversation too), JSON Lines in a .json file are lines, a byte-order mark is fine."""
+    row = {"prompt": "p", "response": "0.10"}
     rows = tmp_path / "rows.json"
-    rows.write_text(json.dumps([{"prompt": "p", "response": "0.10"}]), encoding="utf-8")
-    columns = tmp_path / "columns.json"
-    columns.write_text(json.dumps({"prompt": ["p"], "response": ["0.10"]}), encoding="utf-8")
-    assert read_json(rows).rows == read_json(columns).rows == [{"prompt": "p", "response": "0.10"}]
+    rows.write_text(json.dumps([row]), encoding="utf-8")
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps(row, indent=2), encoding="utf-8-sig")
+    lines = tmp_path / "lines.json"
+    lines.write_text(json.dumps(row) + "\n\n" + json.dumps(row) + "\n", encoding="utf-8")
+    assert read_json(rows).rows == read_json(one).rows == [row]
+    assert read_json(lines).rows == [row, row]
+    assert read_json(lines).places == [f"{lines} line 1", f"{lines} line 3"]
+    chat = tmp_path / "chat.json"
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    chat.write_text(json.dumps({"messages": turns}), encoding="utf-8")
+    assert [e["response"] for e in load_local(chat)] == ["hello"]
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps([{"prompt": "p", "response": "r"}, "text"]), encoding="utf-8")
+    bad.write_text(json.dumps([row, "text"]), encoding="utf-8")
     with pytest.raises(ValueError, match=r"bad\.json row 2 is a JSON str, not an object"):
         load_local(bad)
-    ragged = tmp_path / "ragged.json"
-    ragged.write_text(json.dumps({"prompt": ["p", "q"], "response": ["r"]}), encoding="utf-8")
-    with pytest.raises(ValueError, match=r"columns have different lengths \(\[1, 2\]\)"):
-        load_local(ragged)
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"prompt": "p",', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"broken\.json is not valid JSON"):
+        load_local(broken)
 
 
 def test_a_csv_of_a_header_only_or_a_repeated_column_is_refused(tmp_path: Path) -> None:
@@ -90,3 +101,10 @@ def test_an_empty_response_suggests_no_typo_of_itself(tmp_path: Path) -> None:
         load_local(path)
     assert "'response' is empty (this row has: prompt, response)" in str(err.value)
     assert "typo" not in str(err.value)
+
+
+def test_a_csv_cell_past_the_csv_modules_limit_names_the_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "long.csv"
+    path.write_text("\nprompt,response\np," + "x" * 200_000 + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"long\.csv line 3: not readable as CSV \(field larger"):
+        load_local(path)  # a leading blank line is no header either

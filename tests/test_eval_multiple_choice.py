@@ -162,6 +162,23 @@ def test_accuracy_has_a_wilson_interval_and_the_global_one_pools_the_counts() ->
     assert pooled["accuracy_high"] - pooled["accuracy_low"] < 0.3
 
 
+def test_an_outside_files_pooled_interval_counts_its_questions_once(tmp_path: Path) -> None:
+    """Every client's adapter answers the same N questions of an --mc-file: pooling C×N as
+    independent draws made the interval too narrow (audit h89: 5×40 gave [0.633, 0.759])."""
+    from fedllm.eval.choice import wilson
+
+    path = write_jsonl(tmp_path / "quiz.jsonl", taught_rows())
+    task = file_task(path)
+    clients = [
+        {"examples": 40, "correct": c, "accuracy": c / 40, "chance": 0.25} for c in (28,) * 5
+    ]
+    for c in clients:
+        c["accuracy_low"], c["accuracy_high"] = wilson(c["correct"], 40)
+    pooled = task.combine(clients)
+    assert pooled["accuracy"] == pytest.approx(0.7)
+    assert (pooled["accuracy_low"], pooled["accuracy_high"]) == pytest.approx(wilson(28, 40))
+
+
 def test_no_questions_give_no_number(taught_model) -> None:
     model, tok = taught_model
     result = MultipleChoiceFile([], tokenizer=tok).evaluate(model, batch_size=4)

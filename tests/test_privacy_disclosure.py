@@ -176,3 +176,34 @@ def test_a_failing_client_in_a_private_run_sends_only_its_errors_type(caplog) ->
     open_run = SimpleNamespace(privacy=SimpleNamespace(private=False))
     with pytest.raises(ValueError, match="secret"), quiet_failure(open_run, "training"):
         raise ValueError(row)
+
+
+def test_the_installed_client_app_sends_a_private_runs_errors_as_their_type(monkeypatch) -> None:
+    """SuperNodes run `fedllm.deploy.apps:client_app`, not the simulation's app (audit h89):
+    its handlers hide a failure's text too, and let a node's refusal by its own rules through."""
+    from fedllm.client import app as client
+    from fedllm.deploy import apps
+    from fedllm.errors import NodeRefusal
+
+    private = load_recipe("recipes/dp.yaml")
+    monkeypatch.setattr(apps, "client_app_process", lambda **kw: None)
+    monkeypatch.setattr(apps, "_recipe", lambda context: private)
+    monkeypatch.setattr(apps, "check_node", lambda cfg, node_config: None)
+
+    def leaky(*args, **kw):
+        raise ValueError("row 7: {'diagnosis': 'secret'}")
+
+    monkeypatch.setattr(client, "train", leaky)
+    monkeypatch.setattr(client, "evaluate", leaky)
+    context = Context(run_id=1, node_id=1, node_config={}, state=None, run_config={})
+    for handler in (apps._train, apps._evaluate):
+        with pytest.raises(RuntimeError) as err:
+            handler(None, context)
+        assert "ValueError" in str(err.value) and "secret" not in str(err.value)
+
+    def refuse(cfg, node_config):
+        raise NodeRefusal("this node refuses the run (node config max-epsilon=4): ε 8")
+
+    monkeypatch.setattr(apps, "check_node", refuse)
+    with pytest.raises(NodeRefusal, match="max-epsilon=4"):
+        apps._train(None, context)

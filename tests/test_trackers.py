@@ -330,3 +330,24 @@ def test_a_round_a_crash_cuts_reaches_the_trackers_once_after_the_resume(
     kept = {r["round"]: r for r in MetricsLog(run_dir).read() if r["kind"] == "server"}
     logged = dict(sink.logged)
     assert logged[1]["server/held_out_loss"] == kept[1]["held_out_loss"]
+
+
+def test_a_run_from_before_the_published_mark_resends_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run whose trackers.json predates `published_round` (TensorBoard alone: `{}`) had every
+    round sent already; its first resume must not send them again (audit h89). A new run
+    starts its mark at -1."""
+    from fedllm.server import trackers
+
+    monkeypatch.setattr(trackers, "check_trackers", lambda cfg: None)
+    monkeypatch.setattr(trackers, "TensorBoardSink", lambda cfg, options: Recording())
+    cfg = config(tmp_path, "[tensorboard]")
+    cfg.run_dir.mkdir(parents=True)
+    (cfg.run_dir / IDS).write_text("{}")
+    log = MetricsLog(cfg.run_dir, sinks=open_trackers(cfg))
+    log.write(ROWS[0], publish=False)
+    assert log.catch_up(0) == [] and json.loads((cfg.run_dir / IDS).read_text()) == {}
+    new = config(tmp_path / "new", "[tensorboard]")
+    open_trackers(new)
+    assert json.loads((new.run_dir / IDS).read_text()) == {"published_round": -1}

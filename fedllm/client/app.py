@@ -31,6 +31,7 @@ from fedllm.client.round import (
 )
 from fedllm.client.train import evaluate_nll
 from fedllm.data.shards import ProcessCache
+from fedllm.errors import NodeRefusal
 from fedllm.features import registry
 from fedllm.features.base import Feature
 from fedllm.features.types import ClientUpdate
@@ -38,6 +39,7 @@ from fedllm.model import packing, wire
 from fedllm.model.adapters import attach_lora, from_record, read_factors, write_factors
 from fedllm.model.base import cached_base_model
 from fedllm.model.loading import scoring_mode
+from fedllm.recipe.checks import ConfigError
 from fedllm.recipe.schema import RunConfig
 
 log = logging.getLogger("fedllm.client")
@@ -205,12 +207,15 @@ def introduce(msg: Message, context: Context) -> Message:
 def quiet_failure(cfg: RunConfig, what: str) -> Iterator[None]:
     """In a private run, a failure leaves the client as its exception's type only: its text (a
     loader's error quotes a training row, a shard check names n) stays in the node's log. Flower
-    sends the raised error's text and traceback to the server, outside every guarantee."""
+    sends the raised error's text and traceback to the server, outside every guarantee. A
+    recipe error or a node's refusal by its own rules names no data and goes as it is."""
     if not cfg.privacy.private:
         yield
         return
     try:
         yield
+    except (ConfigError, NodeRefusal):
+        raise
     except Exception as err:
         log.exception("%s failed (the server is told only the error's type)", what)
         raise RuntimeError(

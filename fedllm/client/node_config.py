@@ -22,7 +22,8 @@ The last three are enforced by `fedllm.privacy.node_guard` before any training.
 - `threads`, `slowdown`, `memory-mb`: this node's emulated device (torch threads, local steps this
   many times slower, memory budget in MiB), over its entry in the recipe's `devices`, which must be
   set (`fedllm.constrained.devices`).
-Errors raised here reach the server as the client's error reply and leave it out of the round.
+Errors raised here reach the server as the client's error reply and leave it out of the round
+(in a private run, a refusal by this node's settings as it is, any other error as its type only).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fedllm.errors import NodeRefusal
 from fedllm.recipe import RunConfig, build_config, load_yaml
 
 if TYPE_CHECKING:
@@ -93,22 +95,22 @@ def check_node(cfg: RunConfig, node_config: Mapping[str, object]) -> None:
     check_app_source()
     unknown = sorted(set(node_config) - set(NODE_KEYS))
     if unknown:
-        raise ValueError(f"unknown node config key(s) {unknown}; valid: {', '.join(NODE_KEYS)}")
+        raise NodeRefusal(f"unknown node config key(s) {unknown}; valid: {', '.join(NODE_KEYS)}")
     emulated = [k for k in DEVICE_KEYS if k in node_config]
     if emulated and cfg.devices is None:
-        raise ValueError(
+        raise NodeRefusal(
             f"node config {', '.join(emulated)} emulate a device, which the run's recipe does not "
             "turn on: give it a `devices` section (e.g. devices=[{clients: N}]) or drop the keys"
         )
     model = node_config.get("model")
     if model is not None and str(model) != cfg.model.name:
-        raise ValueError(
+        raise NodeRefusal(
             f"base model mismatch: the run uses model.name={cfg.model.name!r} but this node "
             f"holds {model!r} (node config model=...)"
         )
     pinned = node_config.get("recipe-hash")
     if pinned is not None and str(pinned) != cfg.fingerprint():
-        raise ValueError(
+        raise NodeRefusal(
             f"recipe hash mismatch: the run's recipe has fingerprint {cfg.fingerprint()} but this "
             f"node only accepts {pinned} (node config recipe-hash=...; `fedllm validate RECIPE` "
             "prints a recipe's hash as the run from that folder would send it)"

@@ -175,8 +175,9 @@ def _recipe(context: Context) -> RunConfig:
 def _train(msg: Message, context: Context) -> Message:
     client_app_process(verbose=flower_verbose())
     cfg = _recipe(context)
-    check_node(cfg, context.node_config)
-    return client.train(cfg, msg, context, cache=cache)
+    with client.quiet_failure(cfg, "training"):  # a private run sends no error text
+        check_node(cfg, context.node_config)
+        return client.train(cfg, msg, context, cache=cache)
 
 
 @client_app.query()
@@ -191,5 +192,6 @@ def _introduce(msg: Message, context: Context) -> Message:
 def _evaluate(msg: Message, context: Context) -> Message:
     client_app_process(verbose=flower_verbose())
     cfg = _recipe(context)
-    check_node(cfg, context.node_config)
-    return client.evaluate(cfg, msg, context, cache=cache)
+    with client.quiet_failure(cfg, "evaluation"):
+        check_node(cfg, context.node_config)
+        return client.evaluate(cfg, msg, context, cache=cache)

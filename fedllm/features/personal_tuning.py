@@ -49,6 +49,7 @@ from fedllm.model.adapters import adapter_holding, read_factors
 from fedllm.model.base import cached_base_model
 from fedllm.model.card import make_card, save_adapter
 from fedllm.model.identity import IDENTITY_MEMO, base_identity
+from fedllm.model.loading import scoring_mode
 
 if TYPE_CHECKING:
     from fedllm.recipe.schema import RunConfig
@@ -163,7 +164,7 @@ class PersonalTuning(Feature):
                 max_grad_norm=fed.max_grad_norm,
                 seed=client_seed(cfg, server_round=fed.rounds + 1, partition=rnd.partition),
             )
-            model.train(cfg.model.quantization != "none")  # as the evaluation scores
+            scoring_mode(model, quantized=cfg.model.quantization != "none")  # as evaluations
             nll, tokens = evaluate_nll(
                 model,
                 rnd.shard.held_out,

@@ -30,6 +30,7 @@ from fedllm.errors import short_reason
 from fedllm.features.types import EvalRow
 from fedllm.model.adapters import adapter_holding
 from fedllm.model.base import cached_base_model
+from fedllm.model.loading import scoring_mode
 from fedllm.recipe.schema import RunConfig
 from fedllm.server.replies import shared_partitions
 
@@ -213,8 +214,7 @@ class TestSetEvaluator:
             base, factors, dropout=cfg.lora.dropout, target_modules=cfg.lora.target_modules
         )
         try:
-            # as on the clients: eval mode would flip 4-bit layers to an inference kernel
-            model.train(cfg.model.quantization != "none")
+            scoring_mode(model, quantized=cfg.model.quantization != "none")  # as the clients
             nll, tokens = evaluate_nll(
                 model,
                 examples,

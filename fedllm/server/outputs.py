@@ -230,10 +230,11 @@ def keep_best(
         note = f"The round with the lowest {key} of the run's rounds up to {server_round}."
     card = _round_card(cfg, strategy, rows, server_round, what="best", note=note)
     card = dataclasses.replace(card, selected_by=key, metrics={**card.metrics, key: value})
-    with building_folder(folder) as fresh:
+    if folder.exists():  # the best it replaces, copied first: a resume from the fallback
+        with building_folder(cfg.run_dir / PREVIOUS_BEST) as copy:  # checkpoint's best
+            shutil.copytree(folder, copy, dirs_exist_ok=True)
+    with building_folder(folder) as fresh:  # best_adapter/ whole at every moment
         save_adapter(fresh, strategy.global_, cfg, card)
-        if folder.exists():  # the best it replaces: a resume from the fallback checkpoint's
-            replace_folder(folder, cfg.run_dir / PREVIOUS_BEST)
     return folder
 
 

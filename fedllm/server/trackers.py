@@ -219,8 +219,9 @@ def open_trackers(cfg: RunConfig) -> list[Sink]:
     check_trackers(cfg)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     ids_path = cfg.run_dir / IDS
+    fresh = not ids_path.is_file()  # a run from before the key has a file: nothing resent
     ids = load_ids(ids_path)
-    if not ids:  # a new run (a run from before this key publishes no earlier round again)
+    if fresh:
         ids[PUBLISHED] = -1
     sinks: list[Sink] = []
     if trackers.tensorboard is not None:
