@@ -99,7 +99,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             f"ok  {path}: {cfg.name}, {cfg.data.num_clients} clients, "
             f"aggregator {cfg.aggregator.name}"
         )
-        print(f"    recipe-hash {cfg.fingerprint()}")  # what `fedllm node --recipe-hash` pins
+        print(f"    recipe-hash {cfg.recipe_hash()}")  # what `fedllm node --recipe-hash` pins
         for line in found:
             print(f"    {line}")
     return 2 if failed else 0

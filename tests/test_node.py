@@ -55,9 +55,19 @@ def test_other_base_model_is_refused_naming_both(cfg) -> None:
 
 
 def test_other_recipe_hash_is_refused_naming_both(cfg) -> None:
-    with pytest.raises(ValueError, match=rf"recipe hash mismatch.*{cfg.fingerprint()}.*abc123"):
-        check_node(cfg, {"partition-id": 0, "recipe-hash": "abc123"})
-    check_node(cfg, {"partition-id": 0, "recipe-hash": cfg.fingerprint()})
+    other = "ab" * 32
+    with pytest.raises(ValueError, match=rf"recipe hash mismatch.*{cfg.recipe_hash()}.*{other}"):
+        check_node(cfg, {"partition-id": 0, "recipe-hash": other})
+    check_node(cfg, {"partition-id": 0, "recipe-hash": cfg.recipe_hash()})
+
+
+def test_a_short_recipe_hash_pin_is_refused(cfg) -> None:
+    """12 hex digits are 48 bits, and `seed` is free: a submitter could search seeds for a
+    weaker recipe with the same fingerprint (audit h90 matched 20 bits in 1.4 s on a CPU). A
+    node pins the whole hash; the old short pin is refused, naming the fix."""
+    assert cfg.recipe_hash().startswith(cfg.fingerprint()) and len(cfg.recipe_hash()) == 64
+    with pytest.raises(ValueError, match="give the whole 64-digit hash"):
+        check_node(cfg, {"partition-id": 0, "recipe-hash": cfg.fingerprint()})
 
 
 def test_unknown_node_config_key_is_named(cfg) -> None:
@@ -123,7 +133,7 @@ def test_a_pinned_recipe_hash_covers_secagg_and_the_budget(cfg) -> None:
             ),
         }
     )
-    node = {"partition-id": 0, "recipe-hash": agreed.fingerprint()}
+    node = {"partition-id": 0, "recipe-hash": agreed.recipe_hash()}
     check_node(agreed, node)
     p, secagg = agreed.privacy, agreed.privacy.secure_aggregation
     weaker = [

@@ -109,9 +109,15 @@ def check_node(cfg: RunConfig, node_config: Mapping[str, object]) -> None:
             f"holds {model!r} (node config model=...)"
         )
     pinned = node_config.get("recipe-hash")
-    if pinned is not None and str(pinned) != cfg.fingerprint():
+    if pinned is not None and len(str(pinned)) != len(cfg.recipe_hash()):
         raise NodeRefusal(
-            f"recipe hash mismatch: the run's recipe has fingerprint {cfg.fingerprint()} but this "
+            f"node config recipe-hash={pinned!s:.20}: give the whole 64-digit hash "
+            "`fedllm validate RECIPE` prints (a 12-digit fingerprint can be matched by a search "
+            "over seeds for a weaker recipe)"
+        )
+    if pinned is not None and str(pinned) != cfg.recipe_hash():
+        raise NodeRefusal(
+            f"recipe hash mismatch: the run's recipe has hash {cfg.recipe_hash()} but this "
             f"node only accepts {pinned} (node config recipe-hash=...; `fedllm validate RECIPE` "
             "prints a recipe's hash as the run from that folder would send it)"
         )

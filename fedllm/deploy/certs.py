@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,9 +48,18 @@ def _name(common: str) -> x509.Name:
 
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey, fmt: serialization.PrivateFormat):
+    """The key in a file that is 0600 from its creation, written beside and renamed into place:
+    never readable by others for a moment, and a symlink planted at `path` is replaced, not
+    followed (audit h90)."""
     data = key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption())
-    path.write_bytes(data)
-    path.chmod(0o600)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # 0600, O_EXCL
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _alt_names(hosts: list[str]) -> list[x509.GeneralName]:

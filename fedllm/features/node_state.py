@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,11 @@ def save_node_state(
     tmp = folder / f"{path.name}.tmp"
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        # a fresh name no one could have planted a symlink at (audit h90: the fixed `.tmp`
+        # path was written through a link another local user made in a shared output_dir)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        tmp = Path(name)
         if isinstance(record, ArrayRecord):
             tensors = {k: t.contiguous() for k, t in record.to_torch_state_dict().items()}
             save_file(tensors, str(tmp), metadata=meta)
@@ -117,6 +123,7 @@ def save_node_state(
             os.replace(path, prev)  # else a lost round's file: dropped, `prev` kept
         os.replace(tmp, path)  # never half a file, even if the node dies while writing
     except OSError as err:
+        tmp.unlink(missing_ok=True)
         if strict:
             raise OSError(
                 f"client {rnd.partition}: cannot keep {key} in {folder} ({err}); refusing to "

@@ -168,8 +168,14 @@ class RunConfig(Strict):
         `budget=False` leaves out `privacy.epsilon_budget`: a checkpoint may be resumed under a
         new budget (the ledger keeps what was spent), though a node pinning the hash refuses it.
         """
+        return self.recipe_hash(budget=budget)[:12]
+
+    def recipe_hash(self, *, budget: bool = True) -> str:
+        """The whole SHA-256 (64 hex digits) `fingerprint` is the start of: what a node pins. Its
+        first 12 digits are 48 bits, which a submitter could match by searching `seed` values
+        for a weaker recipe; the whole hash cannot be matched that way."""
         parts = self.pinned(budget=budget)
-        return hashlib.sha256(yaml.safe_dump(parts, sort_keys=True).encode()).hexdigest()[:12]
+        return hashlib.sha256(yaml.safe_dump(parts, sort_keys=True).encode()).hexdigest()
 
     def pinned(self, *, budget: bool = True) -> dict[str, Any]:
         """The sections `fingerprint` hashes, as plain data (what a resumed run must keep)."""
