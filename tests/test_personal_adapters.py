@@ -129,6 +129,11 @@ def test_a_fedsa_node_with_empty_state_takes_its_B_back_from_its_personal_adapte
     spec = RoundSpec(local_B=True)
     rnd = ClientRound(cfg, 1, 3, spec, ConfigRecord({}), {}, state, 0, plan)
     feature = PersonalAdapter(cfg)
+    card = folder / "fedllm_adapter.json"
+    card.write_text(json.dumps({"fingerprint": "0" * 12}))  # another recipe's, in a shared dir
+    feature.start({}, rnd)
+    assert LOCAL_B not in state  # another run's B stays out (audit h90)
+    card.write_text(json.dumps({"fingerprint": cfg.fingerprint()}))
     assert feature.start({}, rnd) == {}
     assert torch.equal(state[LOCAL_B].to_torch_state_dict()[module], B)
     state[LOCAL_B] = ArrayRecord({module: torch.zeros(4, 2)})  # a live node's state wins
@@ -189,9 +194,9 @@ def test_a_resumed_fedsa_node_evaluates_with_its_own_B_before_it_trains(tmp_path
             d, k = getattr(layer.self_attn, p).weight.shape
             B, A = torch.randn(d, 2, generator=g) * 0.1, torch.randn(2, k, generator=g)
             mine[f"model.layers.{i}.self_attn.{p}"] = Factors(B, A, cfg.client_scaling(2))
-    save_peft_adapter(
-        personal_adapter_dir(cfg, 1), mine, base_model="tiny", target_modules=["q_proj", "v_proj"]
-    )
+    folder = personal_adapter_dir(cfg, 1)
+    save_peft_adapter(folder, mine, base_model="tiny", target_modules=["q_proj", "v_proj"])
+    (folder / "fedllm_adapter.json").write_text(json.dumps({"fingerprint": cfg.fingerprint()}))
     spec = RoundSpec(local_B=True)
     config = {"server-round": 3, "global-scaling": cfg.client_scaling(2)}
     config |= {"recipe-hash": cfg.fingerprint(), **wire_config(spec)}

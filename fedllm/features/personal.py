@@ -42,7 +42,7 @@ from fedllm.features.registry import register
 from fedllm.features.types import ClientRound, ClientUpdate
 from fedllm.model import wire
 from fedllm.model.adapters import PEFT_PREFIX
-from fedllm.model.card import make_card, save_adapter
+from fedllm.model.card import make_card, read_card, save_adapter
 from fedllm.model.identity import IDENTITY_MEMO, base_identity
 from fedllm.model.wire import LOCAL_B
 
@@ -80,12 +80,17 @@ def personal_adapter_dir(
     return client_dir(cfg, partition, node_config or {}) / FOLDER
 
 
-def restore_local_B(folder: Path, state: RecordDict) -> bool:
+def restore_local_B(folder: Path, state: RecordDict, *, fingerprint: str) -> bool:
     """Put the B matrices of the personal adapter in `folder` into `state` (a node's context
     state) if it holds none: a resumed simulation's nodes start with empty state, and under
-    `local_B` (fedsa) B would restart from zero. True if restored."""
+    `local_B` (fedsa) B would restart from zero. Only an adapter this recipe wrote (its card's
+    `fingerprint`): another run's B in a shared personal-dir stays out (audit h90). True if
+    restored."""
     weights = folder / "adapter_model.safetensors"
     if LOCAL_B in state or not weights.exists():
+        return False
+    if (read_card(folder) or {}).get("fingerprint") != fingerprint:
+        log.info("%s: written by another recipe; B starts afresh", folder)
         return False
     end = ".lora_B.weight"
     tensors = load_file(str(weights))
@@ -157,7 +162,7 @@ class PersonalAdapter(Feature):
         if has_node_state(rnd, LOCAL_B, uncovered=raw_update(rnd.cfg)):
             return  # only a lost attempt's: B starts afresh, as in that round's first attempt
         folder = personal_adapter_dir(rnd.cfg, rnd.partition, node_config=rnd.node_config)
-        if restore_local_B(folder, rnd.state):
+        if restore_local_B(folder, rnd.state, fingerprint=rnd.cfg.fingerprint()):
             log.info("client %d: local B restored from %s", rnd.partition, folder)
 
     def post_process(self, update: ClientUpdate, rnd: ClientRound) -> ClientUpdate:
