@@ -31,6 +31,7 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
 
 def prepare(cfg: RunConfig) -> None:
     """Everything that can fail before a round starts: base model, rank fit, every client's data."""
+    from fedllm.data.shards import ProcessCache
     from fedllm.features import registry
     from fedllm.model.base import adapter_shapes, base_model_dir, check_ranks
     from fedllm.preflight import check_data, check_length
@@ -38,9 +39,10 @@ def prepare(cfg: RunConfig) -> None:
 
     shapes = adapter_shapes(cfg)
     check_ranks(cfg, shapes)
-    data = check_data(cfg)
+    cache = ProcessCache()  # the data parsed and partitioned once for both checks
+    data = check_data(cfg, cache=cache)
     print(f"[fedllm] {data.line(cfg)}; {len(shapes)} adapted modules", flush=True)
-    if cut := check_length(cfg, base_model_dir(cfg)):
+    if cut := check_length(cfg, base_model_dir(cfg), cache=cache):
         print(f"[fedllm] {cut}", flush=True)
     for feature in registry.active(cfg):  # e.g. pruned ranks fit, DP fits every shard
         feature.prepare(cfg, shapes=shapes)

@@ -57,13 +57,15 @@ class DataCheck:
 LENGTH_SAMPLE = 500  # training examples tokenized to tell what data.max_length cuts
 
 
-def check_length(cfg: RunConfig, model_dir: Path) -> str | None:
+def check_length(
+    cfg: RunConfig, model_dir: Path, *, cache: ProcessCache | None = None
+) -> str | None:
     """What `data.max_length` cuts from a sample of the clients' training examples, said for a
     person (None if it cuts nothing): a cut example trains on part of its reply and loses its
     end-of-turn token. Needs the base's tokenizer, so `prepare` runs it once the base is ready."""
     from transformers import AutoTokenizer
 
-    cache = ProcessCache()
+    cache = cache if cache is not None else ProcessCache()  # `prepare` shares check_data's
     train = [e for p in range(cfg.data.num_clients) for e in raw_shard(cfg, p, cache=cache).train]
     sample = random.Random(cfg.seed).sample(train, min(LENGTH_SAMPLE, len(train)))
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
@@ -85,10 +87,10 @@ def _span(sizes: tuple[int, ...]) -> str:
     return str(low) if low == high else f"{low}–{high}"
 
 
-def check_data(cfg: RunConfig) -> DataCheck:
+def check_data(cfg: RunConfig, *, cache: ProcessCache | None = None) -> DataCheck:
     """Load, split and partition the recipe's data as the clients will; the loaders' and the
     partitioner's errors (a broken file, too few examples for the clients) surface here."""
-    cache = ProcessCache()
+    cache = cache if cache is not None else ProcessCache()
     shards = [raw_shard(cfg, p, cache=cache) for p in range(cfg.data.num_clients)]
     split = cache.split(cfg)
     if cfg.data.prompt_format == "chat":  # found here, not when a client tokenizes it
