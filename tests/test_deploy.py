@@ -227,14 +227,17 @@ class Federation:
 
 
 def _answered(node_log: str, run_id: str) -> bool:
-    """Whether a SuperNode's log shows as many replies as messages received for `run_id`."""
+    """Whether a SuperNode's log shows as many replies as messages received for `run_id`; a
+    message it dropped because the run had already ended (the SuperLink marks a run whose
+    ServerApp was killed as failed once its heartbeat stops) counts as answered: the node keeps
+    nothing of it and is not one reply behind."""
     run, received, sent = None, 0, 0
     for line in node_log.splitlines():
         if m := re.search(r"\[RUN (\d+)", line):
             run = m.group(1)
         elif run == run_id and "Receiving:" in line:
             received += 1
-        elif run == run_id and "Sending:" in line:
+        elif run == run_id and ("Sending:" in line or "Ignoring message" in line):
             sent += 1
     return received == sent
 
