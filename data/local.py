@@ -7,9 +7,7 @@ turns), Alpaca's instruction/input/output, or MMLU's question/choices/answer.
 
 from __future__ import annotations
 
-import csv
 import difflib
-import io
 import json
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -225,15 +223,9 @@ def answer_index(answer: Any, n: int, *, where: str) -> int:
 
 
 def _read_table(path: Path) -> Table:
-    """A JSON, JSON Lines or CSV file's rows as written (`fedllm.data.tables`), after the checks
-    that name a bad line."""
+    """A JSON, JSON Lines or CSV file's rows as written (`fedllm.data.tables`, whose readers
+    name a bad line); a file that is not UTF-8 or not JSON is named by `_unreadable`."""
     builder = _builder(path)
-    if path.suffix.lower() == ".jsonl" and (bad := _jsonl_problem(path)):
-        raise ValueError(bad)
-    if builder == "csv":
-        with path.open(encoding="utf-8", errors="replace", newline="") as lines:
-            if bad := _csv_problem(path, lines, shorter=False):
-                raise ValueError(bad)
     read = TEXT_TABLES[path.suffix.lower()]
     try:
         table = read(path)
@@ -273,71 +265,16 @@ def _read_file(path: Path, *, cache_dir: str) -> Any:
     return dataset
 
 
-def _jsonl_problem(path: Path) -> str | None:
-    """The first line of a JSON Lines file that is not one JSON object, or its first byte that is
-    not UTF-8, read line by line; None if every line is an object."""
-    try:
-        with path.open(encoding="utf-8") as lines:
-            for number, line in enumerate(lines, 1):
-                if problem := _jsonl_line_problem(path, number, line):
-                    return problem
-    except UnicodeDecodeError as err:
-        return _unreadable(path, "json", err)
-    return None
-
-
-def _jsonl_line_problem(path: Path, number: int, line: str) -> str | None:
-    """Why line `number` of a JSON Lines file is not one JSON object (blank lines are fine)."""
-    if not line.strip():
-        return None
-    try:
-        row = json.loads(line.rstrip())
-    except json.JSONDecodeError as bad:
-        return (
-            f"{path} line {number} is not valid JSON ({bad.msg} at column {bad.colno}); every "
-            "line must be one JSON object"
-        )
-    if not isinstance(row, dict):
-        return (
-            f"{path} line {number} is a JSON {type(row).__name__}, not an object; every line "
-            'must be one JSON object ({"prompt": ..., "response": ...})'
-        )
-    return None
-
-
-def _csv_problem(path: Path, lines: Iterable[str], *, shorter: bool = True) -> str | None:
-    """The first CSV row wider than its header (a comma left unquoted) or, with `shorter`,
-    narrower (which datasets reads as nulls: only named once it has failed), or None; `lines`
-    are read one at a time (a large file is not held twice)."""
-    rows = csv.reader(lines)
-    try:
-        header = next((row for row in rows if any(row)), [])  # leading blank lines aside
-        for row in rows:
-            if row and (len(row) > len(header) or (shorter and len(row) < len(header))):
-                return (
-                    f"{path} line {rows.line_num} has {len(row)} fields, the header "
-                    f"{len(header)}; quote a field that holds a comma"
-                )
-    except csv.Error as err:  # e.g. a cell longer than the csv module's field limit
-        return f"{path} line {rows.line_num}: not readable as CSV ({err})"
-    return None
-
-
 def _unreadable(path: Path, builder: str, err: Exception) -> str:
-    """Why `path` does not read as `builder`, where: a byte that is not UTF-8, a JSON Lines line
-    that is not a JSON object, where a JSON file breaks, a CSV row of another width than its
-    header, no row under a CSV header, or datasets' own words."""
+    """Why `path` does not read as `builder`, where: a byte that is not UTF-8, where a JSON file
+    breaks, or datasets' own words (Parquet)."""
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as bad:
         line, byte = raw[: bad.start].count(b"\n") + 1, raw[bad.start : bad.start + 1]
         return f"{path} line {line} is not UTF-8 text (byte {byte!r}); save it as UTF-8"
-    if path.suffix.lower() == ".jsonl":
-        for number, line in enumerate(text.splitlines(), 1):
-            if problem := _jsonl_line_problem(path, number, line):
-                return problem
-    elif builder == "json":
+    if builder == "json":
         try:
             json.loads(text)
         except json.JSONDecodeError as bad:
@@ -345,10 +282,6 @@ def _unreadable(path: Path, builder: str, err: Exception) -> str:
                 f"{path} is not valid JSON ({bad.msg} at line {bad.lineno} column {bad.colno}); "
                 "give a list of objects, or JSON Lines (.jsonl) with one object per line"
             )
-    elif builder == "csv" and (problem := _csv_problem(path, io.StringIO(text))):
-        return problem
-    if builder == "csv" and len(text.strip().splitlines()) <= 1:
-        return f"{path} has a header but no rows; give at least one example"
     if "corresponds to no data" in str(err):  # datasets' words for a file without rows
         return f"{path} holds no rows; give at least one example"
     return f"cannot read {path} as {builder.upper()}: {err}"

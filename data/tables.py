@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,14 +28,11 @@ class Table:
 
 
 def read_jsonl(path: Path) -> Table:
-    """One JSON object per line (blank lines skipped); call after the lines were checked."""
-    objects, places = [], []
+    """One JSON object per line (blank lines skipped), read once; a line that is not one names
+    its number. Raises UnicodeDecodeError for a file that is not UTF-8."""
     with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if line.strip():
-                objects.append(json.loads(line))
-                places.append(f"{path} line {number}")
-    return _table(objects, places)
+        objects, numbers = _line_objects(lines, path)
+    return _table(objects, [f"{path} line {n}" for n in numbers])
 
 
 def read_json(path: Path) -> Table:
@@ -44,10 +42,12 @@ def read_json(path: Path) -> Table:
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
-        lines = _json_lines(text)
-        if lines is None:
+        try:
+            objects, numbers = _line_objects(text.splitlines(), path)
+        except ValueError:
+            objects = []
+        if len(objects) < 2:  # not JSON Lines either: the whole file's JSON error stands
             raise
-        objects, numbers = lines
         return _table(objects, [f"{path} line {n}" for n in numbers])
     if isinstance(data, dict):
         data = [data]
@@ -62,26 +62,34 @@ def read_json(path: Path) -> Table:
     return _table(data, [f"{path} row {i + 1}" for i in range(len(data))])
 
 
-def _json_lines(text: str) -> tuple[list[dict], list[int]] | None:
-    """(objects, their line numbers) if every non-blank line of `text` is a JSON object."""
+def _line_objects(lines: Iterable[str], path: Path) -> tuple[list[dict], list[int]]:
+    """(objects, their line numbers) of JSON Lines, blank lines skipped; a line that is not one
+    JSON object is a ValueError naming it."""
     objects, numbers = [], []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            return None
+            row = json.loads(line.rstrip())
+        except json.JSONDecodeError as bad:
+            raise ValueError(
+                f"{path} line {number} is not valid JSON ({bad.msg} at column {bad.colno}); "
+                "every line must be one JSON object"
+            ) from None
         if not isinstance(row, dict):
-            return None
+            raise ValueError(
+                f"{path} line {number} is a JSON {type(row).__name__}, not an object; every "
+                'line must be one JSON object ({"prompt": ..., "response": ...})'
+            )
         objects.append(row)
         numbers.append(number)
-    return (objects, numbers) if len(objects) > 1 else None
+    return objects, numbers
 
 
 def read_csv(path: Path) -> Table:
-    """A header row, then rows of text cells; a row shorter than the header leaves the rest None
-    (a wider one was refused before). Raises UnicodeDecodeError for a file that is not UTF-8."""
+    """A header row, then rows of text cells, read once; a row shorter than the header leaves
+    the rest None, a wider one (a comma left unquoted) is refused naming its line. Raises
+    UnicodeDecodeError for a file that is not UTF-8."""
     objects, places = [], []
     with path.open(encoding="utf-8-sig", newline="") as lines:
         reader = csv.reader(lines)
@@ -91,6 +99,11 @@ def read_csv(path: Path) -> Table:
                 raise ValueError(f"{path}: the header names a column twice: {repeated}")
             start = reader.line_num + 1
             for record in reader:
+                if len(record) > len(header):
+                    raise ValueError(
+                        f"{path} line {reader.line_num} has {len(record)} fields, the header "
+                        f"{len(header)}; quote a field that holds a comma"
+                    )
                 if any(record):  # a blank line is no row
                     cells = [None if cell == "" else cell for cell in record]
                     objects.append(dict(zip(header, cells, strict=False)))
