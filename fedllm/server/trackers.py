@@ -236,14 +236,18 @@ def open_trackers(cfg: RunConfig) -> list[Sink]:
 
 def published_round(run_dir: Path) -> int | None:
     """The last round the run's trackers were sent (None: not recorded, e.g. no trackers)."""
-    value = load_ids(run_dir / IDS).get(PUBLISHED)
+    return _published(load_ids(run_dir / IDS))
+
+
+def _published(ids: dict[str, Any]) -> int | None:
+    value = ids.get(PUBLISHED)
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def mark_published(run_dir: Path, server_round: int) -> None:
     """Record that the trackers have every round up to `server_round` (atomically)."""
     path = run_dir / IDS
-    ids = load_ids(path)
-    before = published_round(run_dir)
+    ids = load_ids(path)  # read once: the ids and the mark
+    before = _published(ids)
     ids[PUBLISHED] = server_round if before is None else max(server_round, before)
     write_atomic(path, json.dumps(ids, indent=2))
