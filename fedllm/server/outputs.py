@@ -186,9 +186,10 @@ def _settle(cfg: RunConfig, key: str | None, server_round: int) -> tuple[str, in
         kept = None
     if why is not None:
         say(f"{folder} removed ({why})")
-    if previous.exists() and (_kept(previous) or (None,))[0] != key:
+    before = _kept(previous)
+    if previous.exists() and (before or (None,))[0] != key:
         shutil.rmtree(previous)  # chosen by another metric: never this one's best
-    if kept is None and previous.exists() and _valid(before := _kept(previous), key, server_round):
+    if kept is None and previous.exists() and _valid(before, key, server_round):
         replace_folder(previous, folder)
         say(f"{folder}: round {before[1]} again, the best of the rounds up to {server_round}")
         return before
