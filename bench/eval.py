@@ -236,11 +236,12 @@ def leakage(argv: list[str]) -> None:
     lines += ["", "`fedllm compare` of the runs:", "", compare.strip(), ""]
     for name, _, _, report in rows:
         control = report["leakage"].get("control", {})
-        verdict = (
-            "contains 0.5 for every score"
-            if control.get("ok")
-            else (f"EXCLUDES 0.5 for {', '.join(control.get('outside', {})) or '?'}")
-        )
+        if control.get("ok") is None:
+            verdict = "was not checked (no bootstrap intervals)"
+        elif control["ok"]:
+            verdict = "contains 0.5 for every score"
+        else:
+            verdict = f"EXCLUDES 0.5 for {', '.join(control.get('outside', {})) or '?'}"
         lines.append(f"- {name}: the base control's AUC interval {verdict}.")
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

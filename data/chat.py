@@ -74,6 +74,15 @@ def messages_example(
     }
 
 
+def trained_text(example: Mapping[str, Any]) -> str:
+    """The text the training loss covers: every assistant turn of a conversation (joined by
+    newlines), or the response (what a zlib-calibrated membership score divides by)."""
+    messages = example.get("messages")
+    if not messages:
+        return example["response"]
+    return "\n".join(t["content"] for t in messages if t["role"] == "assistant")
+
+
 def context(example: Mapping[str, Any]) -> str | list[dict[str, str]]:
     """What a reply to `example` is generated from: its turns before the last assistant turn."""
     messages = example.get("messages")

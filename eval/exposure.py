@@ -1,11 +1,13 @@
 """Canary exposure (Carlini et al., "The Secret Sharer", 2019).
 
 Px(s) = Σ over the secret's tokens of −log₂ p(xₜ | x<ₜ), conditioned on the canary's prompt.
-Rank-based, against n sampled reference secrets:
-  rank = #(references with Px lower than the canary's) + 1,  exposure = log₂ n − log₂ rank,
-so a canary more likely than every reference gets log₂ n (the most n samples can show).
+Rank-based, against n sampled reference secrets, the canary counted among the candidates as in
+the paper (|R| = n + 1, so exposure lies in [0, log₂(n + 1)]):
+  rank = #(references with Px lower than the canary's) + 1,  exposure = log₂(n + 1) − log₂ rank,
+so a canary more likely than every reference gets log₂(n + 1) (the most n samples can show) and
+one less likely than all of them 0.
 Skew-normal extrapolation: fit a skew-normal to the references' Px, exposure = −log₂ CDF(Px canary),
-which can reach beyond log₂ n (capped at log₂ |R| when the size of the secret space is given).
+which can reach beyond log₂(n + 1) (capped at log₂ |R| when the size of the secret space is given).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def exposure(canary_log_perplexity: float, reference_log_perplexities: Sequence[
     if not math.isfinite(canary_log_perplexity):
         raise ValueError(f"canary_log_perplexity must be finite, got {canary_log_perplexity}")
     rank = int((refs < canary_log_perplexity).sum()) + 1
-    return math.log2(len(refs)) - math.log2(rank)
+    return math.log2(len(refs) + 1) - math.log2(rank)
 
 
 def exposure_skewnormal(

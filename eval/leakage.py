@@ -81,7 +81,7 @@ def exposure_row(canary: Canary, px: Sequence[float], *, digits: int) -> dict:
         # membership of the secret itself: canary (member) vs reference secrets
         "auc_vs_references": roc_auc(px[:1], px[1:]),
         "references": references,
-        "max_rank_exposure": math.log2(references),
+        "max_rank_exposure": math.log2(references + 1),
         "space_bits": digits * math.log2(10),
     }
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from fedllm.data import tokenize_all
 from fedllm.data.canary import is_canary
+from fedllm.data.chat import trained_text
 from fedllm.data.shards import RawShard
 from fedllm.eval.leakage import CanarySet, canary_set
 from fedllm.eval.membership import drop_unscored, matched_sample, subsample
@@ -28,7 +29,7 @@ class ClientData:
 
     pid: int
     items: dict[str, list[dict]]  # "members" (matched to the non-members), "non_members"
-    texts: dict[str, list[str]]  # their responses (for the zlib score)
+    texts: dict[str, list[str]]  # their trained text, every assistant turn (for the zlib score)
     ids: dict[str, list[str]]  # their example ids (runs on the same examples compare paired)
     sets: list[int]  # per member: its non-member's index in items["non_members"] (matched set)
     extract: dict[str, list[dict]]  # the subsets extraction decodes from
@@ -77,8 +78,8 @@ def prepare_client(
         pid=pid,
         items={"members": m_items, "non_members": n_items},
         texts={
-            "members": [pool[i]["response"] for i in match.members],
-            "non_members": [non[j]["response"] for j in match.non_members],
+            "members": [trained_text(pool[i]) for i in match.members],
+            "non_members": [trained_text(non[j]) for j in match.non_members],
         },
         ids={
             "members": [str(pool[i].get("id", "")) for i in match.members],

@@ -215,13 +215,15 @@ _PARTS = ("members", "non_members")
 
 
 def control_check(pooled: dict) -> dict:
-    """Whether every score's AUC interval under the base model contains 0.5 (it should)."""
+    """Whether every score's AUC interval under the base model contains 0.5 (it should).
+    `ok` is None when no score has an interval (`--bootstrap 0`): nothing was checked."""
+    checked = [name for name, s in pooled.items() if "auc_interval" in s]
     outside = {
-        name: s["auc_interval"]
-        for name, s in pooled.items()
-        if "auc_interval" in s and not s["auc_interval"][0] <= 0.5 <= s["auc_interval"][1]
+        name: pooled[name]["auc_interval"]
+        for name in checked
+        if not pooled[name]["auc_interval"][0] <= 0.5 <= pooled[name]["auc_interval"][1]
     }
-    return {"ok": not outside, "outside": outside}
+    return {"ok": (not outside) if checked else None, "outside": outside}
 
 
 def _pooled(

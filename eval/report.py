@@ -161,6 +161,11 @@ def mia_md(mia: dict, *, sample: dict | None = None, control: dict | None = None
 def control_md(control: dict, *, confidence: float = 0.95) -> list[str]:
     """The base model never saw the data: its AUC interval (at `confidence`) should contain
     0.5."""
+    if control["ok"] is None:
+        return [
+            "Control: not checked: no score has an AUC interval under the **base** model "
+            "(`--bootstrap 0`); rerun with `--bootstrap 1000` to test that it contains 0.5."
+        ]
     if control["ok"]:
         return [
             "Control: every score's AUC interval under the **base** model (which never saw the "
@@ -277,7 +282,7 @@ def plot_exposure(rows: list[dict], path: Path) -> None:
         ax.set_xlabel("canary repeats k")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].axhline(rows[0]["max_rank_exposure"], ls=":", color="grey", label="log2 n")
+    axes[0].axhline(rows[0]["max_rank_exposure"], ls=":", color="grey", label="log2(n + 1)")
     axes[1].axhline(0.5, ls=":", color="grey")
     axes[1].set_ylim(0, 1.02)
     axes[0].legend()

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from fedllm.client.precision import PRECISIONS
 
 
+MIN_REFERENCES = 10  # reference secrets per canary, as the recipe's data.canaries.references
+
+
 @dataclass(frozen=True)
 class EvalSettings:
     """How much to evaluate: examples per client and task, MIA sample, intervals, lengths."""
@@ -43,11 +46,14 @@ class EvalSettings:
         }
         if self.mia_non_members is not None:
             positive["mia_non_members"] = self.mia_non_members
-        if self.references is not None:
-            positive["references"] = self.references
         for key, value in positive.items():
             if value < 1:
                 raise ValueError(f"eval setting {key} must be >= 1, got {value}")
+        if self.references is not None and self.references < MIN_REFERENCES:
+            raise ValueError(  # as data.canaries.references: a skew-normal fit needs a sample
+                f"--references: eval setting references must be >= {MIN_REFERENCES}, "
+                f"got {self.references}"
+            )
         if self.bootstrap < 0:
             raise ValueError(f"eval setting bootstrap must be >= 0, got {self.bootstrap}")
         if not 0 < self.confidence < 1:

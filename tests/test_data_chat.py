@@ -13,6 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
 from fedllm.data import format_example, load_examples, load_local, tokenize_all
+from fedllm.data.chat import messages_example, trained_text
 from fedllm.eval.generate import end_token_ids, template_end_ids
 from fedllm.eval.prompting import example_prompt, prompt_ids
 
@@ -427,3 +428,11 @@ def test_tiny_federation_on_a_chat_jsonl(tmp_path: Path) -> None:
     server = {r["round"]: r for r in rows if r["kind"] == "server"}
     assert server[1]["held_out_loss"] < server[0]["held_out_loss"]
     assert (run / "final_adapter" / "adapter_config.json").is_file()
+
+
+def test_trained_text_is_every_assistant_turn_of_a_conversation() -> None:
+    # the zlib membership score divides the mean NLL over every assistant turn by this text's
+    # compressed size: the last reply alone would be a fraction of what was scored
+    row = messages_example(list(TURNS), label="x", example_id="1")
+    assert trained_text(row) == "a domestic animal\na small feline"
+    assert trained_text({"prompt": "Define dog.", "response": "a dog"}) == "a dog"
