@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 from fedllm.client.precision import PRECISIONS
 
-
 MIN_REFERENCES = 10  # reference secrets per canary, as the recipe's data.canaries.references
 
 
