@@ -33,21 +33,24 @@ def train_private(
     model: torch.nn.Module,
     examples: Sequence[dict],
     *,
-    steps: int,
+    steps: int | None = None,
     pad_id: int,
     partition: int,
     server_round: int = 1,
 ) -> DPTrainResult:
     """DP-SGD for this client's shard (raises ValueError if δ or q do not fit its size), with
-    the recipe's schedule at `server_round` and its precision."""
+    the recipe's schedule at `server_round` and its precision; `steps` defaults to the plan's
+    (Poisson batches: E·n/b of them per E epochs), what the accountant charges."""
     fed = cfg.federation
+    plan = sample_plan(cfg, n_train=len(examples), partition=partition)
+    steps = plan.steps_per_round if steps is None else steps
     offset, span = schedule_span(
         scope=fed.schedule_scope, server_round=server_round, rounds=fed.rounds, steps=steps
     )
     return train_dp(
         model,
         examples,
-        plan=sample_plan(cfg, n_train=len(examples), partition=partition),
+        plan=plan,
         steps=steps,
         pad_id=pad_id,
         optimizer=fed.optimizer,
@@ -105,12 +108,12 @@ class SampleLevelDP(Feature):
 
     # -- client --------------------------------------------------------------------------------
     def train(self, model: torch.nn.Module, rnd: ClientRound, *, steps: int) -> TrainResult:
-        """DP-SGD instead of plain steps; the reply reports σ, q and the steps it ran."""
+        """DP-SGD instead of plain steps; the reply reports σ, q and the steps it ran: its
+        plan's, which `steps` (the plain loader's epochs) equals under `local_steps`."""
         private = train_private(
             self.cfg,
             model,
             rnd.shard.train,
-            steps=steps,
             pad_id=rnd.tokenizer.pad_token_id,
             partition=rnd.partition,
             server_round=rnd.server_round,

@@ -14,9 +14,15 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 
 from fedllm.aggregators import RoundSpec
-from fedllm.client.batches import length_grouped_batches
+from fedllm.client.batches import batch_loader, forever, length_grouped_batches
 from fedllm.client.round import local_steps
-from fedllm.client.schedule import lr_factor, make_scheduler, num_local_steps, schedule_span
+from fedllm.client.schedule import (
+    epoch_steps,
+    lr_factor,
+    make_scheduler,
+    num_local_steps,
+    schedule_span,
+)
 from fedllm.client.train import (
     evaluate_nll,
     keeps_logits,
@@ -159,6 +165,34 @@ def test_accumulation_counts_examples_and_epochs() -> None:
     assert num_local_steps(100, batch_size=8, local_steps=None, local_epochs=1, accumulation=2) == 7
     assert num_local_steps(100, batch_size=8, local_steps=None, local_epochs=1) == 13
     assert num_local_steps(100, batch_size=8, local_steps=5, local_epochs=None, accumulation=4) == 5
+
+
+@pytest.mark.parametrize(
+    ("n", "batch", "accumulation", "epochs", "steps"),
+    [(20, 8, 1, 2.0, 6), (12, 8, 1, 3.0, 6), (100, 8, 1, 1.0, 13), (16, 8, 1, 1.5, 3)],
+)
+def test_whole_epochs_see_every_example_equally_often(
+    n: int, batch: int, accumulation: int, epochs: float, steps: int
+) -> None:
+    # the loader keeps each epoch's short last batch: ceil(E·n/b) steps (5 for 20 examples
+    # over 2 epochs of 8) drew 36 examples, some once and some twice
+    got = epoch_steps(n, batch_size=batch, local_epochs=epochs, accumulation=accumulation)
+    assert got == steps
+    examples = [{"input_ids": [i + 1], "labels": [i + 1], "id": i} for i in range(n)]
+    batches = forever(batch_loader(examples, batch_size=batch, pad_id=0, seed=3, shuffle=True))
+    seen = torch.cat([next(batches)["input_ids"][:, 0] for _ in range(got * accumulation)])
+    counts = torch.bincount(seen - 1, minlength=n)
+    if float(epochs).is_integer():
+        assert counts.tolist() == [int(epochs)] * n
+    assert len(seen) >= epochs * n > len(seen) - batch  # never short of the epochs asked
+
+
+def test_epochs_with_accumulation_round_up_to_whole_steps() -> None:
+    # 20 examples, batches of 8: 3 per epoch; 2 micro-batches a step: 2 steps (4 batches, the
+    # last one runs into the next pass) where ceil(20 / 16) expected batches gave the same
+    assert epoch_steps(20, batch_size=8, local_epochs=1.0, accumulation=2) == 2
+    assert epoch_steps(86, batch_size=8, local_epochs=1.0, accumulation=2) == 6
+    assert epoch_steps(100, batch_size=8, local_epochs=2.0, accumulation=2) == 13
 
 
 def test_accumulation_reports_every_micro_batch_example(tiny, lora) -> None:

@@ -20,21 +20,34 @@ def num_local_steps(
     local_epochs: float | None,
     accumulation: int = 1,
 ) -> int:
-    """Local steps for a round: given directly, or from epochs over this client's shard (a step
-    sees `accumulation` batches)."""
+    """Local steps for a round: given directly, or from epochs over this client's shard in
+    expected batches, ceil(E·n / (batch·accumulation)): DP-SGD's Poisson batches, whose mean is
+    `batch_size` (the plain loader's epoch is `epoch_steps`)."""
     if local_steps is not None:
         return local_steps
     assert local_epochs is not None
     return max(1, math.ceil(local_epochs * n_examples / (batch_size * accumulation)))
 
 
+def epoch_steps(
+    n_examples: int, *, batch_size: int, local_epochs: float, accumulation: int = 1
+) -> int:
+    """Steps of `local_epochs` passes of the plain loader: an epoch is ceil(n / batch) batches,
+    the last one short, so whole epochs see every example equally often (with `accumulation`,
+    the last step may run up to accumulation − 1 batches into the next pass)."""
+    batches = math.ceil(local_epochs * math.ceil(n_examples / batch_size) - 1e-9)
+    return max(1, math.ceil(batches / accumulation))
+
+
 def round_steps(fed: FederationConfig, n_examples: int) -> int:
-    """A client's local steps per round on `n_examples` training examples under the recipe's
-    `federation` section (steps, or epochs with its batch and accumulation)."""
-    return num_local_steps(
+    """A client's plain local steps per round on `n_examples` training examples under the
+    recipe's `federation` section (steps, or epochs of the shuffled loader)."""
+    if fed.local_steps is not None:
+        return fed.local_steps
+    assert fed.local_epochs is not None
+    return epoch_steps(
         n_examples,
         batch_size=fed.batch_size,
-        local_steps=fed.local_steps,
         local_epochs=fed.local_epochs,
         accumulation=fed.gradient_accumulation_steps,
     )

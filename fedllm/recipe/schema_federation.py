@@ -16,7 +16,12 @@ class FederationConfig(Strict):
     rounds: int = Field(3, ge=1)
     clients_per_round: int | None = Field(None, ge=1, description="default: every client")
     local_steps: int | None = Field(20, ge=1)
-    local_epochs: float | None = Field(None, gt=0)
+    local_epochs: float | None = Field(
+        None,
+        gt=0,
+        description="passes over each client's shard per round: ceil(E·ceil(n/batch)/accumulation)"
+        " steps (DP-SGD: ceil(E·n/batch) Poisson batches, what its accountant charges)",
+    )
     batch_size: int = Field(8, ge=1)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(3e-4, gt=0)
