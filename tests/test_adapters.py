@@ -13,6 +13,7 @@ from fedllm.model.adapters import (
     attach_lora,
     from_record,
     read_factors,
+    revive_dead,
     save_peft_adapter,
     to_record,
     write_factors,
@@ -61,6 +62,52 @@ def test_write_truncates_a_larger_global_to_the_client_rank(tiny_dir: Path) -> N
     assert got.rank == 2
     expected = sent[Q].B[:, :2] @ sent[Q].A[:2]
     torch.testing.assert_close(got.delta().float(), expected, rtol=1e-5, atol=1e-5)
+    model.unload()
+
+
+def test_revive_gives_dead_components_fresh_A_rows_and_keeps_the_update() -> None:
+    # a rank-2 global zero-padded to rank 4: components 2, 3 have A row and B column zero
+    g = torch.Generator().manual_seed(0)
+    live = Factors(torch.randn(6, 2, generator=g), torch.randn(2, 5, generator=g), 1.0)
+    padded = live.pad(4)
+    half = Factors(live.B.clone(), torch.zeros(2, 5), 1.0)  # A zero, B not: not dead, trains
+    out, n = revive_dead({Q: padded, "half": half}, generator=torch.Generator().manual_seed(1))
+    assert n == 2
+    A = out[Q].A
+    torch.testing.assert_close(A[:2], live.A)  # live components untouched
+    assert (A[2:] != 0).all() and A[2:].abs().max() <= 5**-0.5  # U(±1/√k)
+    assert (out[Q].B[:, 2:] == 0).all()
+    torch.testing.assert_close(out[Q].delta(), padded.delta())  # ΔW unchanged
+    assert out["half"] is half
+    again, n = revive_dead({Q: padded}, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(again[Q].A, A)  # seeded
+    assert revive_dead(out, generator=torch.Generator())[1] == 0
+
+
+def test_padded_components_train_only_once_revived(tiny_dir: Path) -> None:
+    # a client of rank 4 receiving a rank-2 global: without revival components 2, 3 stay zero
+    # through training (each factor's gradient is a product with the other)
+    base, tok = load_base_model(tiny_dir)
+    model = attach_lora(base, rank=4, alpha=8.0, dropout=0.0, target_modules=["q_proj"])
+    shapes = {m: f.shape for m, f in read_factors(model).items()}
+    start = {m: f.pad(4) for m, f in random_factors(shapes, rank=2, scaling=2.0).items()}
+    ids = tok(TEXTS[:8], return_tensors="pt", padding=True)["input_ids"]
+
+    def trained(factors: dict[str, Factors]) -> Factors:
+        write_factors(model, factors)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        for _ in range(3):
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        return read_factors(model)[Q]
+
+    dead = trained(start)
+    assert (dead.A[2:] == 0).all() and (dead.B[:, 2:] == 0).all()
+    revived, n = revive_dead(start, generator=torch.Generator().manual_seed(0))
+    assert n == 2 * len(shapes)
+    alive = trained(revived)
+    assert (alive.B[:, 2:] != 0).any()
     model.unload()
 
 

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 from fedllm.aggregators import Factors, RoundSpec, round_spec
+from fedllm.client.round import start_adapter
 from fedllm.model import wire as rounds
 from fedllm.model.adapters import attach_lora, read_factors, write_factors
 from fedllm.model.loading import load_base_model
 from fedllm.model.tiny import build_tiny_model
+from fedllm.recipe import load_recipe
 
 TEXTS = [f"word {i} means the thing number {i} in a list of {i % 7} things" for i in range(200)]
 Q = "model.layers.0.self_attn.q_proj"
@@ -107,3 +110,33 @@ def test_merge_methods_refuse_a_quantized_base_at_validation() -> None:
     with pytest.raises(ConfigError, match=r"model\.quantization: none"):
         build_config({"aggregator": {"name": "flora"}, "model": {"quantization": "4bit"}})
     build_config({"aggregator": {"name": "svd"}, "model": {"quantization": "4bit"}})
+
+
+@pytest.mark.parametrize(
+    ("spec", "revived"), [(RoundSpec(), True), (RoundSpec(freeze_A=True), False)]
+)
+def test_a_lower_rank_global_starts_its_padded_components_afresh(
+    tiny_dir: Path, spec: RoundSpec, revived: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a rank-8 client given a rank-4 global (global_rank below its rank, or a round that sampled
+    # only rank-4 clients): the padding would never train; ffa's A must stay the server's
+    cfg = load_recipe(str(Path(__file__).parents[1] / "recipes" / "tiny.yaml"))
+    base, _ = load_base_model(tiny_dir)
+    model = attach_lora(base, rank=8, alpha=16.0, dropout=0.0, target_modules=TARGETS)
+    shapes = {m: f.shape for m, f in read_factors(model).items()}
+    g = torch.Generator().manual_seed(0)
+    glob = {
+        m: Factors(torch.randn(d, 4, generator=g), torch.randn(4, k, generator=g), 1.0)
+        for m, (d, k) in shapes.items()
+    }
+    plan = SimpleNamespace(rank=8)
+    rnd = SimpleNamespace(cfg=cfg, plan=plan, spec=spec, seed=7, partition=1, server_round=2)
+    with caplog.at_level("INFO", logger="fedllm.client"):
+        start = start_adapter(model, ArrayRecord(), global_factors=glob, rnd=rnd, features=[])
+    live = read_factors(model)
+    for m in shapes:
+        assert ((live[m].A[4:] != 0).all().item()) is revived
+        torch.testing.assert_close(live[m].delta(), glob[m].delta(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(start[m].A, live[m].A)  # the start the features see
+    assert ("started them afresh" in caplog.text) is revived
+    model.unload()

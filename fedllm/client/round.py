@@ -6,6 +6,7 @@ feature's own trainer, else plain steps in the stages the features ask for).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, get_args
@@ -24,11 +25,13 @@ from fedllm.features import registry
 from fedllm.features.base import Feature
 from fedllm.features.types import ClientPlan, ClientRound
 from fedllm.model import wire
-from fedllm.model.adapters import attach_lora, from_record, write_factors
+from fedllm.model.adapters import attach_lora, from_record, revive_dead, write_factors
 from fedllm.model.base import cached_base_model
 from fedllm.model.loading import module_shapes
 from fedllm.recipe.schema import RunConfig
 from fedllm.recipe.schema_common import BasePrecision
+
+log = logging.getLogger("fedllm.client")
 
 
 def partition_of(context: Context) -> int:
@@ -181,9 +184,28 @@ def start_adapter(
     elif rnd.spec.local_B:  # the shared A with this node's own B
         write_factors(model, wire.personal(model, received, rnd.state))
     else:
+        if not rnd.spec.freeze_A:  # ffa's A must stay the server's shared one, bit for bit
+            start = revive(start, rnd)
         write_factors(model, start)
     if rnd.spec.freeze_A:
         wire.freeze_A(model)
+    return start
+
+
+def revive(start: dict[str, Factors], rnd: ClientRound) -> dict[str, Factors]:
+    """The start with its dead components (zero-padded past a lower-rank global: a recipe's
+    `aggregator.global_rank` below this client's rank, or a round that sampled only lower-rank
+    clients) given fresh A rows from the round's seed, so they train; ΔW is unchanged."""
+    start, revived = revive_dead(start, generator=torch.Generator().manual_seed(rnd.seed))
+    if revived:
+        log.info(
+            "client %d, round %d: %d components of the received adapter were zero (a global of "
+            "lower rank than %d); started them afresh",
+            rnd.partition,
+            rnd.server_round,
+            revived,
+            rnd.plan.rank,
+        )
     return start
 
 

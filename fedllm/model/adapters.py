@@ -36,6 +36,31 @@ def initial_factors(
     return out
 
 
+def revive_dead(
+    factors: Mapping[str, Factors], *, generator: torch.Generator
+) -> tuple[dict[str, Factors], int]:
+    """(`factors` with every dead component revived, how many were). A component whose A row and
+    B column are both zero (zero-padding: a global of lower rank than the client's) never trains,
+    each factor's gradient being a product with the other; its A row gets peft's fresh
+    kaiming-uniform init, U(±1/√k), and B stays zero, so ΔW is unchanged (modules in sorted
+    order)."""
+    out: dict[str, Factors] = {}
+    revived = 0
+    for module in sorted(factors):
+        f = factors[module]
+        dead = (f.A == 0).all(dim=1) & (f.B == 0).all(dim=0)
+        if not bool(dead.any()):
+            out[module] = f
+            continue
+        k, n = f.A.shape[1], int(dead.sum())
+        fresh = (torch.rand(n, k, generator=generator, dtype=torch.float64) * 2 - 1) / math.sqrt(k)
+        A = f.A.clone()
+        A[dead] = fresh.to(A.dtype)
+        out[module] = Factors(f.B, A, f.scaling)
+        revived += n
+    return out, revived
+
+
 def attach_lora(
     base: torch.nn.Module,
     *,
