@@ -15,7 +15,7 @@ from flwr.app import ConfigRecord, RecordDict
 
 from fedllm.aggregators import RoundSpec
 from fedllm.client.batches import batch_loader, forever, length_grouped_batches
-from fedllm.client.round import local_steps
+from fedllm.client.round import client_seed, local_steps
 from fedllm.client.schedule import (
     epoch_steps,
     lr_factor,
@@ -526,3 +526,18 @@ def test_grouped_training_runs_and_evaluation_sums_do_not_depend_on_order(tiny, 
     total_r, tokens_r = evaluate_nll(lora, reverse, batch_size=3, pad_id=tok.pad_token_id)
     assert tokens == tokens_r
     assert total == pytest.approx(total_r, rel=1e-5)
+
+
+def test_client_seeds_stay_distinct_past_a_thousand_partitions() -> None:
+    # seed·100003 + round·1009 + partition made (round 1, partition 1009) and (round 2,
+    # partition 0) share a seed (8,919 such pairs over 10 rounds × 2,000 clients)
+    cfg = SimpleNamespace(seed=0)
+    seeds = {
+        client_seed(cfg, server_round=r, partition=p) for r in range(1, 11) for p in range(2000)
+    }
+    assert len(seeds) == 10 * 2000
+    # runs inside the formula's one-to-one range keep the seeds they had before the change
+    assert client_seed(SimpleNamespace(seed=3), server_round=2, partition=5) == 3 * 100_003 + 2023
+    far = client_seed(cfg, server_round=1, partition=1009)
+    assert 2**62 <= far < 2**63 and far == client_seed(cfg, server_round=1, partition=1009)
+    assert client_seed(SimpleNamespace(seed=1), server_round=1, partition=1009) != far
