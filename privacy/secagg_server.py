@@ -60,9 +60,11 @@ class SecureRound(Strategy):
     def __init__(self, lora: LoraStrategy, grid: Grid) -> None:
         self.lora, self.grid = lora, grid
         self.mode = MODES[lora.cfg.aggregator.name]
+        self.uniform = lora.cfg.aggregator.weighting == "uniform"
         self.sampled = 0
         self.rows: list[ClientRow] = []
         self.failure: str | None = None  # why the unmasked mean was refused, if it was
+        self.applied = False  # whether the unmasked mean became the new global
 
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
@@ -136,6 +138,7 @@ class SecureRound(Strategy):
             try:
                 reply = parse_reply(res.metrics)
                 check_claims(reply, cfg=lora.cfg, held=lora.node_partitions.get(node))
+                check_weight(res.num_examples, reply, uniform=self.uniform)
             except (KeyError, TypeError, ValueError) as err:
                 known, may_hold = lora.node_partitions.get(node), lora.may_train([node])
                 rows.append(malformed_row(server_round, node, err, known=known, may_hold=may_hold))
@@ -194,9 +197,14 @@ class SecureRound(Strategy):
             g = result.global_
             new_global[module] = Factors(g.B.float(), g.A.float(), g.scaling)
             new_state[module] = result.state
-        if (problem := lora.commit(server_round, new_global, new_state)) is not None:
+        try:
+            problem = lora.commit(server_round, new_global, new_state)
+        except Exception as err:  # post-processing of a hostile mean: the round, not the run
+            problem = f"{type(err).__name__}: {err}"
+        if problem is not None:
             self.failure = f"{KEY}: {problem}"  # e.g. the aggregator overflowed on the mean
             return self.refuse()
+        self.applied = True
         return True
 
     def refuse(self) -> bool:
@@ -232,6 +240,14 @@ class SecureRound(Strategy):
 def parse_reply(metrics: Mapping[str, Any]) -> TrainReply:
     """A SecAgg+ reply's metrics, validated (its losses and time never leave a client)."""
     return TrainReply.parse(dict(metrics))
+
+
+def check_weight(weight: Any, reply: TrainReply, *, uniform: bool) -> None:
+    """The weight a client's mod quantised by (FitRes.num_examples, which the server's bound on
+    the mean reads) must be the clear claim the server checked: 1, or its num-examples."""
+    claimed = 1 if uniform else reply.num_examples
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or weight != claimed:
+        raise ValueError(f"SecAgg+ weight {weight!r} is not the claimed weight {claimed}")
 
 
 def row_fields(reply: TrainReply) -> dict[str, Any]:
@@ -331,7 +347,14 @@ def train_round(lora: LoraStrategy, grid: Grid, server_round: int) -> RoundResul
         }
     )
     context = LegacyContext(Context(0, 0, {}, state, {}), strategy=adapter)
-    workflow(grid, context)
+    try:
+        workflow(grid, context)
+    except Exception as err:  # a protocol reply the workflow cannot use: the round, not the run
+        if not adapter.applied:
+            return protocol_failure(adapter, server_round, err)
+        log.warning(
+            "round %d: %s failed after its mean was applied", server_round, KEY, exc_info=True
+        )
     rows = adapter.rows
     if not rows:  # the protocol halted (too few clients left) or none replied
         reason = (
@@ -340,4 +363,17 @@ def train_round(lora: LoraStrategy, grid: Grid, server_round: int) -> RoundResul
         )
         rows = [ClientRow(server_round, -1, "failed", reason=reason)]
     # the server cannot know the clients' losses (they stay on the clients): train_loss is None
+    return RoundResult(adapter.sampled, rows, None, replies=len(adapter.rows))
+
+
+def protocol_failure(adapter: SecureRound, server_round: int, err: Exception) -> RoundResult:
+    """The round refused for a protocol message the workflow could not use (a missing key, a
+    short list, an array of the wrong shape, an unknown node id): logged, the global unchanged."""
+    log.warning("round %d: %s: the protocol failed", server_round, KEY, exc_info=True)
+    reason = (
+        f"{KEY}: a protocol message could not be used ({type(err).__name__}: {err}); "
+        "round refused, the global adapter is unchanged"
+    )
+    rows = [dataclasses.replace(r, status="failed", reason=reason) for r in adapter.rows]
+    rows = rows or [ClientRow(server_round, -1, "failed", reason=reason)]
     return RoundResult(adapter.sampled, rows, None, replies=len(adapter.rows))

@@ -715,3 +715,40 @@ def test_a_feature_that_makes_the_aggregate_non_finite_is_undone() -> None:
     )
     assert poison.steps == 0  # its state is the one before the round
     assert all(torch.equal(s.global_[m].B, B) for m, B in before.items())
+
+
+def test_integers_past_2_53_are_refused_where_no_cap_bounds_them() -> None:
+    # h93: without data.max_examples two replies with num-examples=1.7e308 overflowed the
+    # aggregators' weight sums (OverflowError, the run ended); tokens=1.7e308 did so in the
+    # evaluation's token-weighted mean
+    s = strategy(recipe())
+    assert s.cfg.data.max_examples is None
+    replies = [from_content(1 + p, content_of(p)) for p in range(3)]
+    replies += [from_content(4 + p, content_of(p, **{"num-examples": 1.7e308})) for p in (0, 1)]
+    rows = {r.node: r for r in s.train_round(1, replies, sampled=5).rows}
+    assert [rows[n].status for n in (4, 5)] == ["rejected"] * 2
+    assert "must be at most 2**53" in rows[4].reason
+    s.node_partitions = {1: 0, 2: 1, 3: 2, 4: 3}
+    honest = [reply(1 + p, None, eval_metrics(p)) for p in range(3)]
+    huge = reply(4, None, eval_metrics(3) | {"tokens": 1.7e308}, record=ConfigRecord)
+    _, _, dropped = s.evaluate_round(2, [*honest, huge])
+    assert "at most 2**53" in dropped[4]
+
+
+def test_an_aggregator_that_fails_on_the_accepted_updates_refuses_the_round_not_the_run(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = strategy(recipe())
+    before = dict(s.global_)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise OverflowError("int too large to convert to float")
+
+    monkeypatch.setattr(s, "aggregate", broken)
+    replies = [from_content(1 + p, content_of(p)) for p in range(3)]
+    with caplog.at_level(logging.WARNING, logger="fedllm.server"):
+        result = s.train_round(1, replies, sampled=3)
+    assert [r.status for r in result.rows] == ["rejected"] * 3
+    assert all("OverflowError" in r.reason for r in result.rows)
+    assert s.global_ == before and s.node_ranks == {}  # a refused round teaches nothing
+    assert "the aggregator failed" in caplog.text

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
 from fedllm.aggregators import Factors, get
 from fedllm.privacy.secagg_common import max_weight
@@ -202,8 +203,9 @@ def fitins_content(cfg):
     return compat.fitins_to_recorddict(FitIns(params, config), keep_input=True)
 
 
-def secure_round(cfg, ups, *, check=None):
-    """One real SecAgg+ round (Flower's workflow and mods, fedllm's `train_round`) on a LocalGrid.
+def secure_round(cfg, ups, *, check=None, tamper=None):
+    """One real SecAgg+ round (Flower's workflow and mods, fedllm's `train_round`) on a LocalGrid;
+    `tamper(stage, node, reply)` may change any reply as it leaves its node (a hostile client).
 
     Returns (round result, global before, global after, the replies that left each client)."""
     from flwr.clientapp import ClientApp
@@ -224,7 +226,13 @@ def secure_round(cfg, ups, *, check=None):
     sent = []
 
     def node(msg, context):  # what leaves each client, after the mod
+        configs = msg.content.config_records  # the stage, before the mod reads it out
+        stage = (
+            configs[RECORD_KEY_CONFIGS].get(Key.STAGE) if RECORD_KEY_CONFIGS in configs else None
+        )
         reply = app(msg, context)
+        if tamper is not None:
+            reply = tamper(stage, context.node_id, reply)
         sent.append(reply)
         return reply
 
@@ -849,6 +857,8 @@ def test_a_client_refuses_to_send_both_shares_of_one_node() -> None:
         (lambda m: m.update({"partition-id": 99}), "outside the recipe's"),
         (lambda m: m.update({"partition-id": 0}), "claimed by nodes"),
         (lambda m: m.update({"dp-sample-rate": 5e-324}), None),  # no DP here: an ignored extra
+        # no screen sees a SecAgg+ update: the next round's download was padded to this rank
+        (lambda m: m.update({"rank": 10**13}), "above the recipe's largest"),
     ],
 )
 def test_a_malformed_clear_reply_refuses_the_round_and_never_ends_it(change, words) -> None:
@@ -890,3 +900,56 @@ def test_an_aggregate_the_strategy_refuses_fails_the_secure_rounds_rows(monkeypa
     assert [r.status for r in result.rows] == ["failed"] * 3
     assert all(r.reason == f"privacy.secure_aggregation: {why}" for r in result.rows)
     assert all(after[m] is before[m] for m in SHAPES)
+
+
+def _set_weight(value):
+    def change(content) -> None:  # the weight Flower's workflow reads in the clear
+        from flwr.app import MetricRecord
+
+        content["fitres.num_examples"] = MetricRecord({"num_examples": value})
+
+    return change
+
+
+def _drop_share(rec) -> None:
+    rec[Key.NODE_ID_LIST] = [*list(rec[Key.NODE_ID_LIST])[:-1], 424242]
+
+
+def _short_array(rec) -> None:
+    from flwr.common import bytes_to_ndarray, ndarray_to_bytes
+
+    arrays = [bytes_to_ndarray(b) for b in rec[Key.MASKED_PARAMETERS]]
+    rec[Key.MASKED_PARAMETERS] = [ndarray_to_bytes(a[:-1]) for a in arrays]
+
+
+@pytest.mark.parametrize(
+    ("stage", "change", "words"),
+    [
+        ("setup", lambda c: c[RECORD_KEY_CONFIGS].pop(Key.PUBLIC_KEY_1), "'pk1'"),
+        (
+            "collect_masked_vectors",
+            lambda c: _short_array(c.config_records[RECORD_KEY_CONFIGS]),
+            "could not be used",
+        ),
+        ("unmask", lambda c: _drop_share(c[RECORD_KEY_CONFIGS]), "424242"),
+        # the weight the server's bound reads must be the one the client claimed and was checked
+        ("collect_masked_vectors", _set_weight(1), "is not the claimed weight"),
+        ("collect_masked_vectors", _set_weight(float("nan")), "is not the claimed weight"),
+    ],
+)
+def test_a_hostile_protocol_reply_refuses_the_round_and_never_ends_the_run(
+    stage: str, change, words: str
+) -> None:
+    """h93: each of these raised out of Flower's workflow and ended the run (a resume replayed
+    the round, and the attack with it)."""
+    cfg = secure_cfg()
+
+    def tamper(at, node, reply):
+        if node == 1001 and at == stage:
+            change(reply.content)
+        return reply
+
+    result, before, after, _ = secure_round(cfg, updates(cfg), tamper=tamper)
+    assert result.rows and all(r.status in ("failed", "rejected") for r in result.rows)
+    assert any(words in (r.reason or "") for r in result.rows), [r.reason for r in result.rows]
+    assert all(after[m] is before[m] for m in SHAPES), "the previous global stays"

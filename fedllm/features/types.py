@@ -65,6 +65,9 @@ class Download:
     config: dict[str, Any] = field(default_factory=dict)
 
 
+MAX_INT = 2**53  # the largest integer a reply metric may claim (exact as a float)
+
+
 def _number(metrics: Mapping[str, Any], key: str, kind: type, *, minimum: float = 0) -> Any:
     if key not in metrics:
         raise ValueError(f"reply metrics lack {key!r}")
@@ -75,6 +78,8 @@ def _number(metrics: Mapping[str, Any], key: str, kind: type, *, minimum: float 
         raise ValueError(f"reply metric {key!r} must be finite, got {raw!r}")
     if kind is int and float(raw) != int(raw):
         raise ValueError(f"reply metric {key!r} must be an integer, got {raw!r}")
+    if kind is int and abs(raw) > MAX_INT:  # 1.7e308 "examples" overflowed the weights' sums
+        raise ValueError(f"reply metric {key!r} must be at most 2**53, got {raw!r}")
     value = kind(raw)
     if not math.isfinite(value) or value < minimum:
         raise ValueError(f"reply metric {key!r} must be finite and >= {minimum}, got {raw!r}")

@@ -290,7 +290,11 @@ class LoraStrategy(Strategy):
         inputs = [parsed[n][1] for n in accepted]
         for f in self.features:  # e.g. coverage weights for pruned clients, the DP release
             inputs, weights = f.release(accepted, inputs, weights, global_=self.global_)
-        refused = self.commit(server_round, *self.aggregate(server_round, inputs, weights))
+        try:
+            refused = self.commit(server_round, *self.aggregate(server_round, inputs, weights))
+        except Exception as err:  # what the accepted updates did to the aggregator: not the run
+            log.warning("round %d: the aggregator failed", server_round, exc_info=True)
+            refused = f"aggregate refused ({type(err).__name__}: {err}): the global is unchanged"
         if refused is not None:  # every accepted update is in it: none can be told to blame
             for row in rows:
                 if row.status == "ok":
