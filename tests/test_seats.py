@@ -164,3 +164,14 @@ def test_the_bandit_renames_a_client() -> None:
     bandit.update("1001", bandit.arms[1], 0.5)
     bandit.rename("1001", "70")
     assert bandit.counts == {"70": [0, 1]} and bandit.best("70") == Arm(4, 0.0)
+
+
+def test_a_resumed_simulation_moves_the_ranks_its_downloads_are_cut_to() -> None:
+    """h92: with the ranks left under the old ids, the first round after a resume sent every
+    node the whole global (26,416 bytes each where 4,912-15,664 were due on the tiny recipe)."""
+    checkpoint = checkpoint_of_nodes({1001: 0, 1002: 1})
+    checkpoint["strategy"]["node_ranks"] = {1001: 2, 1002: 1}
+    cfg = adaptive_strategy().cfg
+    s, _ = resumed(checkpoint, grid_with_ids(cfg, [70, 71, 72, 73, 74, 75]))
+    assert s.node_ranks == {70: 2, 71: 1}
+    assert s.node_partitions == {1001: 0, 1002: 1}, "still learned from training only"

@@ -159,7 +159,8 @@ class LoraStrategy(Strategy):
         (`seats`; within the round's deadline, the one wait a simulation's worker start-up
         needs). A node that joins later, or did not answer, is seated by its id. When none of a
         resumed checkpoint's node ids is connected (a simulation's new ids), what features kept
-        per node moves to the node claiming its partition; the partition a node trained as
+        per node, and the rank its downloads are cut to, move to the node claiming its
+        partition; the partition a node trained as
         (`node_partitions`, which vouches for its replies) is only ever learned from training."""
         nodes = sorted(grid.get_node_ids())
         if self.introduced or not nodes:
@@ -174,6 +175,9 @@ class LoraStrategy(Strategy):
         if moved := seats.renumbering(old, self.claims):
             for f in self.features:
                 f.renumber(moved)
+            # the rank each download is cut to (only bandwidth: the node cuts to its own rank
+            # anyway); unmoved, the first round after a resume sent every node the whole global
+            self.node_ranks = {moved.get(n, n): r for n, r in self.node_ranks.items()}
             log.info("node state moved to new ids by their partitions: %s", moved)
 
     def sample(self, server_round: int, grid: Grid) -> list[int]:
