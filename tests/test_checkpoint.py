@@ -95,6 +95,7 @@ def test_every_value_a_run_saves_round_trips_under_weights_only(tmp_path: Path) 
     state = _real_state()
     save_checkpoint(tmp_path, state)
     loaded = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    assert loaded.pop("digest") == ckpt.digest(loaded)  # the SHA-256 of the rest
     assert _same({**state, "rng": loaded["rng"]}, loaded)
     assert list(loaded["strategy"]["node_ranks"]) == list(NODE_IDS)  # int keys stay ints
     assert type(next(iter(loaded["pruned"]["kept"]))) is int
@@ -218,6 +219,31 @@ def test_an_unreadable_latest_falls_back_to_the_previous_with_a_warning(
     assert not latest.exists() and (tmp_path / CORRUPT).exists()
     save_checkpoint(tmp_path, {"round": 2})
     assert torch.load(tmp_path / PREVIOUS, weights_only=True)["round"] == 1
+
+
+def test_a_flipped_bit_in_a_tensor_falls_back_instead_of_loading(tmp_path: Path) -> None:
+    # torch.load does not check the zip's CRCs: before the digest, h92's flipped bit loaded as
+    # a valid round 3 with B[0, 0] = 9.1e37
+    save_checkpoint(tmp_path, {"round": 1, "w": torch.full((64,), 0.25)})
+    save_checkpoint(tmp_path, {"round": 2, "w": torch.full((64,), 0.25)})
+    latest = tmp_path / CHECKPOINT
+    data = bytearray(latest.read_bytes())
+    at = data.index(torch.tensor([0.25] * 4).numpy().tobytes())
+    data[at + 3] ^= 0x40
+    latest.write_bytes(bytes(data))
+    assert torch.load(latest, weights_only=True)["w"][0] != 0.25, "torch.load reads it"
+    with pytest.raises(CheckpointError, match="does not match the SHA-256"):
+        ckpt._read(latest)
+    state = load_checkpoint(tmp_path)
+    assert state is not None and state["round"] == 1 and (tmp_path / CORRUPT).exists()
+    assert "digest" not in state
+
+
+def test_a_checkpoint_without_a_digest_still_reads(tmp_path: Path) -> None:
+    # written before stop 44
+    payload = {"round": 4, "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
+    torch.save(payload, tmp_path / CHECKPOINT)
+    assert load_checkpoint(tmp_path)["round"] == 4
 
 
 def test_a_missing_latest_with_a_previous_copy_resumes_from_it(

@@ -5,11 +5,14 @@ None) and is read with `torch.load(weights_only=True)`, so a file dropped into a
 cannot run code when it is resumed. Each save keeps the one before as `checkpoint.prev.pt`; a
 latest checkpoint that cannot be read (a bad disk, a partial copy) falls back to it. The save that
 marks a round pending (its clients may be training: a resume charges it to the DP ledgers) writes
-both files, so that the fallback charges it too.
+both files, so that the fallback charges it too. Each file carries a SHA-256 of its own content
+(`digest`), checked on reading: `torch.load` does not check the zip's CRCs, so a flipped bit in a
+tensor read back as a valid checkpoint (h92: a B entry 0.267 became 9.1e37).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
@@ -27,6 +30,7 @@ from fedllm.server.metrics import fsync_dir
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"  # the checkpoint before the latest: the fallback when it is bad
 CORRUPT = "checkpoint.corrupt.pt"  # an unreadable latest, moved aside when the fallback is used
+DIGEST = "digest"  # the payload's key for the SHA-256 of the rest of it
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +100,7 @@ def save_checkpoint(run_dir: Path, state: dict, *, as_previous: bool = False) ->
     """
     path, previous = run_dir / CHECKPOINT, run_dir / PREVIOUS
     payload = plain({**state, "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}})
+    payload[DIGEST] = digest(payload)
     tmp = _write(run_dir / f"{CHECKPOINT}.tmp", payload)
     if as_previous:
         os.replace(_write(run_dir / f"{PREVIOUS}.tmp", payload), previous)
@@ -106,9 +111,37 @@ def save_checkpoint(run_dir: Path, state: dict, *, as_previous: bool = False) ->
     return path
 
 
+def digest(value: Any) -> str:
+    """SHA-256 of a plain value's content: every tensor's dtype, shape and bytes, every leaf's
+    type and repr, containers with their keys in order (what `torch.load` gives back)."""
+    h = hashlib.sha256()
+    _feed(h, value)
+    return h.hexdigest()
+
+
+def _feed(h: Any, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, Mapping):
+        h.update(f"D{len(value)}".encode())
+        for k, v in value.items():
+            _feed(h, k)
+            _feed(h, v)
+    elif isinstance(value, (list, tuple, torch.Size)):
+        h.update(f"{type(value).__name__[0]}{len(value)}".encode())
+        for v in value:
+            _feed(h, v)
+    else:
+        h.update(f"{type(value).__name__}:{value!r};".encode())
+
+
 def _write(tmp: Path, payload: dict) -> Path:
-    """`payload` saved to `tmp` and fsynced; returns `tmp`."""
-    with tmp.open("wb") as f:
+    """`payload` saved to `tmp` (a fresh file, never written through a link planted at the
+    name) and fsynced; returns `tmp`."""
+    tmp.unlink(missing_ok=True)
+    with tmp.open("xb") as f:
         torch.save(payload, f)
         f.flush()
         os.fsync(f.fileno())
@@ -150,6 +183,12 @@ def _read(path: Path) -> dict:
         and isinstance(rng.get("python"), tuple)
     ):
         raise CheckpointError(f"{path} is not a fedllm checkpoint: no 'rng' states in it")
+    written = state.pop(DIGEST, None)  # None: a checkpoint from before stop 44
+    if written is not None and written != digest(state):
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint: damaged (its content does not match the "
+            "SHA-256 written with it)"
+        )
     return state
 
 

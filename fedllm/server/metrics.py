@@ -42,7 +42,8 @@ class MetricsLog:
             if int(r.get("round", 0)) <= last_round and r.get("kind") != "stop"
         ]
         tmp = self.path.with_name(f"{self.path.name}.tmp")
-        with tmp.open("w") as f:
+        tmp.unlink(missing_ok=True)  # "x": a fresh file, never through a link planted at the name
+        with tmp.open("x") as f:
             f.write("".join(json.dumps(r) + "\n" for r in rows))
             f.flush()
             os.fsync(f.fileno())
