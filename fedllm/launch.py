@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from fedllm.files import write_atomic
 from fedllm.recipe import ConfigError, RunConfig, build_config, load_yaml
 from fedllm.server.checkpoint import CHECKPOINT, PREVIOUS, has_checkpoint, read_checkpoint
 from fedllm.server.metrics import METRICS
@@ -70,8 +71,26 @@ def start_run(cfg: RunConfig, *, resume: bool, overwrite: bool, local: bool = Tr
         remove_run_dir(run_dir, Path(cfg.output_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
     prepare(cfg)
-    (run_dir / "recipe.yaml").write_text(cfg.to_yaml())
+    keep_recipe_files(run_dir, cfg, resume=resume)
     return run_dir
+
+
+def keep_recipe_files(run_dir: Path, cfg: RunConfig, *, resume: bool) -> None:
+    """recipe.yaml is the recipe the run began with (as a SuperLink's run folder keeps it); a
+    resume that changed a setting adds its own as recipe.resume-<k>.yaml (k = 1, 2, ...)."""
+    text, first = cfg.to_yaml(), run_dir / "recipe.yaml"
+    if not resume or not first.exists():
+        write_atomic(first, text)
+        return
+    kept = sorted(run_dir.glob("recipe.resume-*.yaml"), key=lambda p: _resume_number(p.name))
+    last = kept[-1] if kept else first
+    if last.read_text() != text:
+        write_atomic(run_dir / f"recipe.resume-{len(kept) + 1}.yaml", text)
+
+
+def _resume_number(name: str) -> int:
+    digits = name.removeprefix("recipe.resume-").removesuffix(".yaml")
+    return int(digits) if digits.isdigit() else 0
 
 
 RUN_FILES = (CHECKPOINT, PREVIOUS, "recipe.yaml", METRICS)  # any of these: a fedllm run folder
@@ -87,6 +106,12 @@ def check_resumable(run_dir: Path, cfg: RunConfig | None = None) -> None:
             "from; drop --resume to start this run from round 0 (or check output_dir= and name=)"
         )
     found = read_checkpoint(run_dir)  # CheckpointError naming the file and --overwrite
+    done = found[0].get("round", 0) if found else 0
+    if cfg is not None and done > cfg.federation.rounds:
+        raise ConfigError(
+            f"--resume: {found[1]} is after round {done}, but federation.rounds is "
+            f"{cfg.federation.rounds}; set federation.rounds to {done} or more to continue it"
+        )
     saved = found[0].get("fingerprint") if found else None
     if cfg is not None and saved is not None and saved != cfg.fingerprint(budget=False):
         raise ConfigError(

@@ -11,7 +11,8 @@ import torch
 
 from fedllm.aggregators import available
 from fedllm.features import registry
-from fedllm.recipe import load_recipe
+from fedllm.launch import check_resumable, keep_recipe_files
+from fedllm.recipe import ConfigError, load_recipe
 from fedllm.server.app import Run
 from fedllm.server.checkpoint import load_checkpoint, plain
 from fedllm.server.settings_record import (
@@ -26,7 +27,7 @@ TINY = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
 
 
 def _cfg(tmp_path: Path, *extra: str):
-    return load_recipe(TINY, [f"output_dir={tmp_path}", "name=r", *extra])
+    return load_recipe(TINY, [f"output_dir={tmp_path}", "name=r", "federation.rounds=5", *extra])
 
 
 def _run(cfg, written: list[dict] | None = None) -> SimpleNamespace:
@@ -84,10 +85,10 @@ def test_a_resume_says_each_changed_setting_and_goes_on(
     ]
     out = capsys.readouterr().out
     assert (
-        "[fedllm] resume: aggregator.options.gauge was 'balanced' in rounds 1-3 and is 'rows' "
-        "now (the recipe or a default changed)" in out
+        "[fedllm] resume: aggregator.options.gauge was 'balanced' in the last attempt (up to "
+        "round 3) and is 'rows' now (the recipe or a default changed)" in out
     )
-    assert "resume: federation.lr was 0.005 in rounds 1-3 and is 0.002 now" in out
+    assert "resume: federation.lr was 0.005 in the last attempt (up to round 3) and is 0.002" in out
     assert "resuming r after round 3" in out
 
 
@@ -107,6 +108,33 @@ def test_a_resume_under_another_aggregator_is_refused(tmp_path: Path) -> None:
     assert why is not None and "resume with aggregator.name=squeeze" in why
 
 
+def test_a_resume_with_fewer_rounds_than_ran_is_refused(tmp_path: Path) -> None:
+    # h92: "resuming after round 4 of 2", then a final card saying "round 4 of 2"
+    cfg = _cfg(tmp_path)
+    cfg.run_dir.mkdir(parents=True)
+    Run.save(_run(cfg), 4)
+    fewer = _cfg(tmp_path, "federation.rounds=2")
+    with pytest.raises(ValueError, match=r"after round 4, but federation\.rounds is 2"):
+        Run.resume(_run(fewer))
+    with pytest.raises(ConfigError, match=r"after round 4, but federation\.rounds is 2"):
+        check_resumable(cfg.run_dir, fewer)
+
+
+def test_a_local_resume_keeps_the_recipe_the_run_began_with(tmp_path: Path) -> None:
+    # h92: recipe.yaml and the cards said lr 0.01 for rounds that ran at 0.005
+    cfg = _cfg(tmp_path)
+    keep_recipe_files(cfg.run_dir, cfg, resume=False)
+    first = (cfg.run_dir / "recipe.yaml").read_text()
+    keep_recipe_files(cfg.run_dir, cfg, resume=True)  # nothing changed: nothing added
+    assert sorted(p.name for p in cfg.run_dir.iterdir()) == ["recipe.yaml"]
+    for lr in ("0.002", "0.002", "0.004"):
+        keep_recipe_files(cfg.run_dir, _cfg(tmp_path, f"federation.lr={lr}"), resume=True)
+    assert (cfg.run_dir / "recipe.yaml").read_text() == first
+    names = sorted(p.name for p in cfg.run_dir.iterdir())
+    assert names == ["recipe.resume-1.yaml", "recipe.resume-2.yaml", "recipe.yaml"]
+    assert "lr: 0.004" in (cfg.run_dir / "recipe.resume-2.yaml").read_text()
+
+
 def test_changes_name_added_and_removed_settings() -> None:
     saved = {"aggregator.name": "squeeze", "features.fedprox.mu": 0.01}
     now = {"aggregator.name": "svd"}
@@ -116,9 +144,9 @@ def test_changes_name_added_and_removed_settings() -> None:
         "features.fedprox.mu": [0.01, "(not set)"],
     }
     assert describe_changes(changes, saved_round=2)[0] == (
-        "resume: aggregator.name was 'squeeze' in rounds 1-2 and is 'svd' now (the recipe or a "
-        "default changed); the run goes on with today's value (set it in the recipe to keep the "
-        "old one)"
+        "resume: aggregator.name was 'squeeze' in the last attempt (up to round 2) and is 'svd' "
+        "now (the recipe or a default changed); the run goes on with today's value (set it in "
+        "the recipe to keep the old one; metrics.jsonl's resume rows keep each change)"
     )
     assert changed_settings(None, now, saved_round=2) == {}  # a checkpoint before the record
     assert changed_settings(saved, now, saved_round=0) == {}  # nothing aggregated yet

@@ -97,6 +97,12 @@ class Run:
             )
         if why := aggregator_changed(state.get("settings"), self.cfg):
             raise ValueError(f"--resume: {why}")
+        if state["round"] > self.cfg.federation.rounds:  # "after round 4 of 2", finished at once
+            raise ValueError(
+                f"--resume: the checkpoint is after round {state['round']}, but "
+                f"federation.rounds is {self.cfg.federation.rounds}; set it to {state['round']} "
+                "or more to continue the run"
+            )
         now = settings_record(self.cfg, self.features)
         changes = changed_settings(state.get("settings"), now, saved_round=state["round"])
         for line in describe_changes(changes, saved_round=state["round"]):

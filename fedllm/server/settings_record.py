@@ -105,9 +105,9 @@ def _client_defaults_filled(saved: dict[str, Any]) -> dict[str, Any]:
 def describe_changes(changes: dict[str, list[Any]], *, saved_round: int) -> list[str]:
     """One progress line per changed setting."""
     return [
-        f"resume: {key} was {old!r} in rounds 1-{saved_round} and is {new!r} now (the recipe or "
-        "a default changed); the run goes on with today's value (set it in the recipe to keep "
-        "the old one)"
+        f"resume: {key} was {old!r} in the last attempt (up to round {saved_round}) and is "
+        f"{new!r} now (the recipe or a default changed); the run goes on with today's value (set "
+        "it in the recipe to keep the old one; metrics.jsonl's resume rows keep each change)"
         for key, (old, new) in changes.items()
     ]
 
