@@ -90,6 +90,11 @@ def evaluate_run(
         Path(target), Path(recipe) if recipe else None
     )
     out = Path(out_dir) if out_dir else default_out
+    if cfg.privacy.private and not out_dir:  # docs/security.md: reader of the run directory
+        say(
+            f"this is a private run: the report in {out} (per-client scores, sample texts, "
+            "member ids) is outside its guarantee; pass --out elsewhere to keep it apart"
+        )
     quant = None if cfg.model.quantization == "none" else cfg.model.quantization
     say(f"loading base + global adapter + {len(clients)} client adapters ({adapter})")
     views = Views(
