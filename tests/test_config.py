@@ -90,6 +90,19 @@ def test_overrides_parse_as_yaml_and_nest() -> None:
 
 
 @pytest.mark.parametrize(
+    "order",
+    [
+        ["features.fedprox.mu=0.1", "features.fedprox=true"],  # mu was dropped silently (h95)
+        ["features.fedprox=true", "features.fedprox.mu=0.1"],  # refused as a conflict before
+    ],
+)
+def test_a_feature_switched_on_and_given_an_option_keeps_it_in_either_order(order) -> None:
+    assert parse_overrides(order) == {"features": {"fedprox": {"mu": 0.1}}}
+    cfg = load_recipe(str(TINY_RECIPE), order)
+    assert dict(cfg.features["fedprox"]) == {"mu": 0.1}
+
+
+@pytest.mark.parametrize(
     ("override", "problem"),
     [
         ("data.test_set={fraction: 0.1, labels: [a", "expected ',' or ']'"),

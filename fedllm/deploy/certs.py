@@ -72,13 +72,34 @@ def _alt_names(hosts: list[str]) -> list[x509.GeneralName]:
     return names
 
 
+def credential_files(folder: Path, *, nodes: int) -> list[Path]:
+    """The files `make_credentials` writes into `folder` for `nodes` node key pairs."""
+    fixed = [folder / n for n in ("ca.crt", "ca.key", "server.pem", "server.key")]
+    return fixed + [folder / f"node-{i}{ext}" for i in range(nodes) for ext in ("", ".pub")]
+
+
 def make_credentials(
-    folder: str | Path, *, nodes: int = 3, hosts: list[str] | None = None, days: int = 30
+    folder: str | Path,
+    *,
+    nodes: int = 3,
+    hosts: list[str] | None = None,
+    days: int = 30,
+    force: bool = False,
 ) -> Credentials:
-    """Write a test CA, a CA-signed server certificate for `hosts`, and `nodes` node key pairs."""
+    """Write a test CA, a CA-signed server certificate for `hosts`, and `nodes` node key pairs;
+    existing credentials in `folder` are refused unless `force` (a running SuperLink or a
+    registered node would stop matching them)."""
     if nodes < 0:
         raise ValueError(f"nodes must be >= 0, got {nodes}")
     out = Path(folder)
+    there = [p.name for p in credential_files(out, nodes=nodes) if p.exists() or p.is_symlink()]
+    if there and not force:
+        raise ValueError(
+            f"{out} already holds credentials ({', '.join(there[:4])}"
+            f"{', ...' if len(there) > 4 else ''}); new ones would replace the CA and every key "
+            "a running SuperLink or a registered node uses: pass --force to replace them, or "
+            "name another folder"
+        )
     out.mkdir(parents=True, exist_ok=True)
     # Flower's ServerApp runner reaches the SuperLink over loopback: always name 127.0.0.1
     hosts = list(dict.fromkeys([*(hosts or ["127.0.0.1", "localhost"]), "127.0.0.1"]))

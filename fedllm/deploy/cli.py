@@ -85,7 +85,9 @@ def cmd_certs(args: argparse.Namespace) -> int:
     """`fedllm certs`: write test credentials into the folder and print which file is which."""
     from fedllm.deploy.certs import make_credentials
 
-    creds = make_credentials(args.folder, nodes=args.nodes, hosts=args.host or None)
+    creds = make_credentials(
+        args.folder, nodes=args.nodes, hosts=args.host or None, force=args.force
+    )
     print(f"CA certificate:      {creds.ca_cert}")
     print(f"SuperLink cert/key:  {creds.server_cert}, {creds.server_key}")
     for i, key in enumerate(creds.node_keys):
@@ -175,6 +177,9 @@ def add_deploy_commands(sub: argparse._SubParsersAction) -> None:
 
     certs = sub.add_parser("certs", help="create a test CA, SuperLink certificate and node keys")
     certs.add_argument("folder")
-    certs.add_argument("--nodes", type=int, default=3)
+    certs.add_argument("--nodes", type=int, default=3, help="node key pairs to make (default 3)")
     certs.add_argument("--host", action="append", help="SuperLink host name/IP (repeatable)")
+    certs.add_argument(
+        "--force", action="store_true", help="replace credentials already in the folder"
+    )
     certs.set_defaults(fn=cmd_certs)

@@ -127,16 +127,15 @@ def save_node_state(
         if strict:
             raise OSError(
                 f"client {rnd.partition}: cannot keep {key} in {folder} ({err}); refusing to "
-                f"train without it (give the SuperNode a writable --node-config {NODE_KEY})"
+                "train without it (give the node a writable `fedllm node --personal-dir <folder>`)"
             ) from err
         log.warning(
             "client %d: cannot keep %s in %s (%s); a resumed run would start it afresh (give "
-            "the SuperNode a writable folder with --node-config %s=<folder>)",
+            "the node a writable folder with `fedllm node --personal-dir <folder>`)",
             rnd.partition,
             key,
             folder,
             err,
-            NODE_KEY,
         )
         return None
     return path

@@ -123,9 +123,8 @@ class PersonalAdapter(Feature):
         if raw_update(cfg):
             log.warning(
                 "features.personal_adapter: in this privacy setting a client's adapter is its "
-                "raw update, so only nodes started with --node-config %s=<folder> keep one "
-                "(never in the run directory; none in a simulation)",
-                NODE_KEY,
+                "raw update, so only nodes started with `fedllm node --personal-dir <folder>` "
+                "keep one (never in the run directory; none in a simulation)"
             )
         pruned = [who for who, _, q in planned_ranks(cfg) if q > 0]
         if pruned:
@@ -192,7 +191,7 @@ class PersonalAdapter(Feature):
         except OSError as err:
             raise OSError(
                 f"client {rnd.partition}: cannot write its personal adapter in {home} ({err}); "
-                f"give the SuperNode a writable folder with --node-config {NODE_KEY}=<folder>, "
+                "give the node a writable folder with `fedllm node --personal-dir <folder>`, "
                 f"or turn it off with features.{NAME}.enabled=false"
             ) from err
         if rnd.spec.local_B:  # the B it trains on next, by round (see `_restore_local_B`)

@@ -124,10 +124,9 @@ class PersonalTuning(Feature):
         if cfg.privacy.private:
             log.warning(
                 "%s: in a private run the tuned adapter is kept only by nodes started with "
-                "--node-config %s=<folder> (never in the run directory; none in a simulation), "
-                "and its loss is not sent",
+                "`fedllm node --personal-dir <folder>` (never in the run directory; none in a "
+                "simulation), and its loss is not sent",
                 where,
-                NODE_KEY,
             )
 
     def evaluated(self, factors: Mapping[str, Factors], rnd: ClientRound) -> dict[str, float]:

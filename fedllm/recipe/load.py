@@ -186,7 +186,9 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if not all(parts):
             raise ConfigError(f"override {item!r} has an empty key part")
         node = tree
-        for part in parts[:-1]:
+        for i, part in enumerate(parts[:-1]):
+            if parts[:i] == ["features"] and node.get(part) is True:
+                node[part] = {}  # features.x=true, then features.x.<option>=...: x with it
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r} conflicts with another override of {part!r}")
@@ -195,6 +197,8 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             value = {"name": value}  # the short form, merged with any aggregator.<key> override
         if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
             node[parts[-1]] = _merge(node[parts[-1]], value)  # in either order
+        elif value is True and parts[:-1] == ["features"] and isinstance(node.get(parts[-1]), dict):
+            continue  # features.x.<option>=..., then features.x=true: on, keeping the option
         else:
             node[parts[-1]] = value
     return tree
