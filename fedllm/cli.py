@@ -92,7 +92,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
             cfg = absolute_paths(load_recipe(path, overrides))  # as `fedllm run` resolves it
             found = [] if args.config_only else check_machine(cfg)
         except (ConfigError, FileNotFoundError, ValueError) as err:
-            print(f"fedllm: error: {err}", file=sys.stderr)
+            named = len(recipes) == 1 or str(path) in str(err)
+            where = "" if named else f"{path}: "  # which of several recipes failed
+            print(f"fedllm: error: {where}{err}", file=sys.stderr)
             failed += 1
             continue
         print(

@@ -151,3 +151,13 @@ def test_prepare_says_how_much_data_max_length_cuts(tmp_path: Path) -> None:
     assert "sampled training examples" in said and "raise data.max_length" in said
     roomy = load_recipe(TINY, [f"output_dir={tmp_path}", "data.max_length=256"])
     assert check_length(roomy, folder) is None
+
+
+def test_validating_several_recipes_names_the_one_that_failed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # h95: "label_field='topik' is not a column..." did not say which of recipes/*.yaml it was
+    (tmp_path / "m").mkdir()  # not a model folder: a machine check fails
+    assert main(["validate", TINY, TINY, f"model.name={tmp_path / 'm'}"]) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 2 and all(line.startswith(f"fedllm: error: {TINY}: ") for line in errors)
