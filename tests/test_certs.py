@@ -32,7 +32,7 @@ def test_existing_credentials_are_refused_unless_forced(tmp_path: Path) -> None:
     # h95: a second `fedllm certs` replaced the CA and every key a running SuperLink used
     first = make_credentials(tmp_path, nodes=1)
     ca = first.ca_cert.read_bytes()
-    with pytest.raises(ValueError, match="already holds credentials .*--force"):
+    with pytest.raises(ValueError, match=r"already holds credentials .*--force"):
         make_credentials(tmp_path, nodes=1)
     assert first.ca_cert.read_bytes() == ca
     assert make_credentials(tmp_path, nodes=1, force=True).ca_cert.read_bytes() != ca
