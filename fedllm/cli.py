@@ -226,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fedllm.recipes_cmd import add_recipes_command
 
     add_recipes_command(sub)
+    from fedllm.methods_cmd import add_methods_command
+
+    add_methods_command(sub)
     return parser
 
 

@@ -1,0 +1,83 @@
+"""`fedllm methods`: what this installation can run, as a recipe names it: the registered
+aggregators (`aggregator.name`, with their round semantics and options), the features
+(`features.<name>`, with their options) and the eval tasks (`fedllm eval --tasks`), each with
+where it comes from, so a plugin's methods can be seen to be found (docs/extending.md)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from fedllm.aggregators import available as aggregators
+from fedllm.aggregators import get, resolved_options, round_spec
+from fedllm.eval.registry import available_tasks
+from fedllm.features import registry
+
+CORE = ("fedllm.",)  # modules of this package; anything else came from a plugin
+
+
+def origin(module: str) -> str:
+    """'' for fedllm's own code, else ' (plugin: <module>)'."""
+    return "" if module.startswith(CORE) else f"  (plugin: {module})"
+
+
+def first_line(doc: str | None) -> str:
+    return (doc or "").strip().splitlines()[0] if (doc or "").strip() else ""
+
+
+def semantics(name: str) -> str:
+    """The aggregator's round semantics in a word (docs/aggregators.md's table)."""
+    spec = round_spec(name)
+    flags = [flag for flag in ("merge", "freeze_A", "local_B") if getattr(spec, flag)]
+    return ", ".join(flags) or "adapter state"
+
+
+def options_text(options: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in options.items()) or "(none)"
+
+
+def feature_options(cls: type) -> dict[str, Any] | None:
+    """A feature's options with their defaults (None: it has no `features.<name>` section)."""
+    if cls.Options is None:
+        return None
+    return {k: f.default for k, f in cls.Options.model_fields.items() if not f.is_required()}
+
+
+def lines() -> list[str]:
+    """The listing, one block per kind."""
+    out = ["aggregators (aggregator.name; options go in aggregator.options):"]
+    for name in aggregators():
+        fn = get(name)
+        out.append(
+            f"  {name:<10} {semantics(name)}: {first_line(fn.__doc__)}{origin(fn.__module__)}"
+        )
+        out.append(f"  {'':<10} options: {options_text(resolved_options(name, {}))}")
+    found = registry.discover()
+    out += ["", "features (features.<name>: {options}, or features.<name>=true):"]
+    inner = []
+    for name, cls in sorted(found.items()):
+        opts = feature_options(cls)
+        if opts is None:
+            inner.append(name)
+            continue
+        out.append(f"  {name:<18} {first_line(cls.__doc__)}{origin(cls.__module__)}")
+        out.append(f"  {'':<18} options: {options_text(opts)}")
+    out.append(f"  built in, turned on by their own recipe sections: {', '.join(inner)}")
+    out += ["", "eval tasks (fedllm eval --tasks NAME ...):"]
+    for name, cls in available_tasks().items():
+        out.append(f"  {name:<18} {cls.describe()['about']}{origin(cls.__module__)}")
+    return out
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    """Print `lines()`."""
+    print("\n".join(lines()))
+    return 0
+
+
+def add_methods_command(sub: argparse._SubParsersAction) -> None:
+    """`fedllm methods`."""
+    methods = sub.add_parser(
+        "methods", help="list the aggregators, features and eval tasks this installation has"
+    )
+    methods.set_defaults(fn=cmd_methods)
