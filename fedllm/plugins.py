@@ -28,10 +28,11 @@ def load_entry_points(group: str, *, kind: str) -> Iterator[tuple[str, Any]]:
         try:
             target = point.load()
         except Exception as err:  # any error of third-party code at import
-            warnings.warn(
+            warnings.warn(  # issued here, one place: Python shows each message once, however
+                # many times a command reads the registries (h95 saw it twice)
                 f"{where} failed to load and was skipped: {type(err).__name__}: {err}",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=1,
             )
             continue
         yield where, target
