@@ -501,3 +501,10 @@ def test_a_list_entry_given_a_word_gets_no_name_only_fix() -> None:
         load_recipe(TINY_RECIPE, ["lora.tiers=[phone]"])
     assert "lora.tiers.0: is a section of keys (name, rank, clients" in str(info.value)
     assert "did you mean" not in str(info.value)  # a tier needs a rank and clients too
+
+
+def test_a_feature_given_a_bare_value_is_told_to_use_a_mapping() -> None:
+    # h95: `features.fedprox=0.01` said only "Input should be a valid dictionary"
+    with pytest.raises(ConfigError, match=r"features\.fedprox takes its options as a mapping"):
+        load_recipe(str(TINY_RECIPE), ["features.fedprox=0.01"])
+    assert load_recipe(str(TINY_RECIPE), ["features.fedprox=true"]).features == {"fedprox": {}}

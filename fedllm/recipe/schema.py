@@ -75,9 +75,17 @@ class RunConfig(Strict):
     def _false_turns_a_feature_off(cls, v: Any) -> Any:
         """`fedprox: false` leaves fedprox out: overrides merge into the recipe and cannot delete
         a key, so this is how `features.fedprox=false` turns off a feature the recipe has."""
-        if isinstance(v, dict):  # and `true` is "on, with its defaults", as `{}`
-            return {n: {} if o is True else o for n, o in v.items() if o is not False}
-        return v
+        if not isinstance(v, dict):
+            return v
+        for n, o in v.items():  # `fedprox: 0.01` read as "Input should be a valid dictionary"
+            if not isinstance(o, dict | bool) and o is not None:
+                raise ValueError(
+                    f"features.{n} takes its options as a mapping (e.g. features.{n}: "
+                    f"{{<option>: {o!r}}}; `fedllm methods` lists each feature's options), or "
+                    f"true / false to turn it on with its defaults or off; got {o!r}"
+                )
+        # and `true` is "on, with its defaults", as `{}`
+        return {n: {} if o is True else o for n, o in v.items() if o is not False}
 
     @field_validator("name")
     @classmethod
