@@ -139,6 +139,11 @@ class SecureRound(Strategy):
                 reply = parse_reply(res.metrics)
                 check_claims(reply, cfg=lora.cfg, held=lora.node_partitions.get(node))
                 check_weight(res.num_examples, reply, uniform=self.uniform)
+                if reply.rank > lora.max_rank:  # no screen sees the vector: the next download
+                    # was padded to the claim (10**13 failed the allocation)
+                    raise ValueError(
+                        f"rank {reply.rank} above the recipe's largest, {lora.max_rank}"
+                    )
             except (KeyError, TypeError, ValueError) as err:
                 known, may_hold = lora.node_partitions.get(node), lora.may_train([node])
                 rows.append(malformed_row(server_round, node, err, known=known, may_hold=may_hold))

@@ -23,13 +23,11 @@ log = logging.getLogger("fedllm.server")
 
 
 def check_claims(reply: TrainReply, *, cfg: RunConfig, held: int | None) -> None:
-    """A reply's partition, rank and weight against the recipe and the partition the node held
+    """A reply's partition and weight against the recipe and the partition the node held
     before (`held`, None if unknown); ValueError naming the key."""
     n, cap = cfg.data.num_clients, cfg.data.max_examples
     if reply.partition >= n:
         raise ValueError(f"partition-id {reply.partition} outside the recipe's [0, {n})")
-    if reply.rank > cfg.max_rank:  # SecAgg+ has no screen to catch it: the next download pads
-        raise ValueError(f"rank {reply.rank} above the recipe's largest, {cfg.max_rank}")
     if held is not None and reply.partition != held:  # a node's partition-id is fixed
         raise ValueError(f"partition-id {reply.partition}, but the node held {held} before")
     if cap is not None and (reply.num_examples or 0) > cap:  # a weight the server can bound
