@@ -15,6 +15,7 @@ from fedllm.launch import check_resumable, keep_recipe_files
 from fedllm.recipe import ConfigError, load_recipe
 from fedllm.server.app import Run
 from fedllm.server.checkpoint import load_checkpoint, plain
+from fedllm.server.outputs import resume_note
 from fedllm.server.settings_record import (
     aggregator_changed,
     changed_settings,
@@ -217,3 +218,15 @@ def test_a_version_1_record_still_reports_real_changes(tmp_path: Path) -> None:
     old["aggregator.options.residual_rank"] = None
     changes = changed_settings(old, now, saved_round=2)
     assert changes == {"aggregator.options.residual_rank": [None, 4]}
+
+
+def test_a_card_after_a_resume_that_changed_settings_says_so() -> None:
+    # h92: the final card named lr 0.01 for an adapter whose rounds 1-3 ran at 0.005
+    rows = [
+        {"kind": "server", "round": 3},
+        {"kind": "resume", "round": 3, "changed": {"federation.lr": [0.005, 0.01]}},
+    ]
+    assert resume_note(rows, 3) == ""  # the adapter of round 3 ran before the change
+    note = resume_note(rows, 5)
+    assert "after round 3: federation.lr 0.005 -> 0.01" in note and "last one's" in note
+    assert resume_note([{"kind": "resume", "round": 2, "changed": {}}], 4) == ""

@@ -110,8 +110,22 @@ def _round_card(
         round=server_round,
         rank=_rank(strategy.global_),
         metrics=metrics,
-        note=note,
+        note=" ".join(filter(None, (note, resume_note(rows, server_round)))),
     )
+
+
+def resume_note(rows: list[dict], server_round: int) -> str:
+    """The settings resumes changed before `server_round` (metrics.jsonl's resume rows): the
+    card's recipe is the last attempt's, so an adapter trained partly under others says so."""
+    changes = [
+        f"after round {r['round']}: "
+        + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in r["changed"].items())
+        for r in rows
+        if r.get("kind") == "resume" and int(r.get("round", 0)) < server_round and r.get("changed")
+    ]
+    if not changes:
+        return ""
+    return f"Resumed with changed settings ({'; '.join(changes)}); the recipe is the last one's."
 
 
 def snapshot(
