@@ -37,6 +37,9 @@ class ClientLevel(Feature):
     screen_relative = False  # one client's presence must not get another's update rejected
     order = 25  # its client noise comes before any rank cut (HetLoRA)
 
+    def sent_start(self) -> bool:
+        return True  # the server clips each update's change from its own global
+
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
         """Uniform weights, fixed local steps, adapter-state rounds and δ below 1/clients."""

@@ -10,7 +10,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 from fedllm.aggregators import Factors, RoundSpec, round_spec
-from fedllm.client.round import start_adapter
+from fedllm.client.round import revive, start_adapter
+from fedllm.features.squeeze_intune import widen
 from fedllm.model import wire as rounds
 from fedllm.model.adapters import attach_lora, read_factors, write_factors
 from fedllm.model.loading import load_base_model
@@ -140,3 +141,37 @@ def test_a_lower_rank_global_starts_its_padded_components_afresh(
         torch.testing.assert_close(start[m].A, live[m].A)  # the start the features see
     assert ("started them afresh" in caplog.text) is revived
     model.unload()
+
+
+def test_no_revival_where_the_server_reads_a_change_from_what_it_sent(tiny_dir: Path) -> None:
+    # h96: a top-k delta or client-level DP's clipped change is measured against the factors
+    # the server sent: revived rows were lost in the top-k rebuild and spent DP's clip budget
+    cfg = load_recipe(str(Path(__file__).parents[1] / "recipes" / "tiny.yaml"))
+    base, _ = load_base_model(tiny_dir)
+    model = attach_lora(base, rank=8, alpha=16.0, dropout=0.0, target_modules=TARGETS)
+    shapes = {m: f.shape for m, f in read_factors(model).items()}
+    g = torch.Generator().manual_seed(0)
+    glob = {
+        m: Factors(torch.randn(d, 4, generator=g), torch.randn(4, k, generator=g), 1.0)
+        for m, (d, k) in shapes.items()
+    }
+    rnd = SimpleNamespace(
+        cfg=cfg, plan=SimpleNamespace(rank=8), spec=RoundSpec(), seed=7, partition=1, server_round=2
+    )
+    delta = SimpleNamespace(start=lambda f, r: dict(f), sent_start=lambda: True)
+    start = start_adapter(model, ArrayRecord(), global_factors=glob, rnd=rnd, features=[delta])
+    assert all((start[m].A[4:] == 0).all() for m in shapes)
+    model.unload()
+
+
+def test_revived_rows_are_not_squeeze_intunes_fresh_rows() -> None:
+    # h96: both drew from Generator(rnd.seed): identical rows, duplicate components
+    f = Factors(torch.zeros(6, 2), torch.zeros(2, 5), 1.0)
+    wide = widen(
+        Factors(torch.ones(6, 2), torch.ones(2, 5), 1.0),
+        4,
+        generator=torch.Generator().manual_seed(7),
+    )
+    rnd = SimpleNamespace(seed=7, partition=0, server_round=1, plan=SimpleNamespace(rank=4))
+    revived = revive({"m": f.pad(4)}, rnd)["m"]
+    assert not torch.equal(revived.A[:2].double(), wide.A[2:4].double())

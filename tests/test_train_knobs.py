@@ -538,6 +538,8 @@ def test_client_seeds_stay_distinct_past_a_thousand_partitions() -> None:
     assert len(seeds) == 10 * 2000
     # runs inside the formula's one-to-one range keep the seeds they had before the change
     assert client_seed(SimpleNamespace(seed=3), server_round=2, partition=5) == 3 * 100_003 + 2023
+    # also past round 99 (h96: a guard on round·1009 + partition changed them there)
+    assert client_seed(cfg, server_round=100, partition=0) == 100 * 1009
     far = client_seed(cfg, server_round=1, partition=1009)
     assert 2**62 <= far < 2**63 and far == client_seed(cfg, server_round=1, partition=1009)
     assert client_seed(SimpleNamespace(seed=1), server_round=1, partition=1009) != far

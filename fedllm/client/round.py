@@ -74,12 +74,12 @@ def base_plan(
 
 def client_seed(cfg: RunConfig, *, server_round: int, partition: int) -> int:
     """The seed of one client's training in one round: distinct per run seed, round and client,
-    and the same on a resume. seed·100003 + round·1009 + partition while that is one-to-one
-    (partitions below 1009, round·1009 + partition below 100003: every run before stop 44 keeps
-    its seeds); past it (h91: round 1 partition 1009 met round 2 partition 0) a hash of the
-    three, in [2⁶², 2⁶³), a range the formula never reaches."""
+    and the same on a resume. seed·100003 + round·1009 + partition for partitions below 1009,
+    where it is one-to-one within a run (every run before stop 44 keeps its seeds); past it (h91:
+    round 1 partition 1009 met round 2 partition 0) a hash of the three in [2⁶², 2⁶³), which
+    the formula reaches only for seeds above 4·10¹³."""
     seed = cfg.seed
-    if 0 <= seed < 2**40 and 0 <= partition < 1009 and server_round * 1009 + partition < 100_003:
+    if 0 <= partition < 1009:  # within a run (one seed) one-to-one for every round
         return seed * 100_003 + server_round * 1009 + partition
     digest = hashlib.sha256(f"{seed}/{server_round}/{partition}".encode()).digest()
     return 2**62 + int.from_bytes(digest[:8], "big") % 2**62
@@ -192,7 +192,9 @@ def start_adapter(
     elif rnd.spec.local_B:  # the shared A with this node's own B
         write_factors(model, wire.personal(model, received, rnd.state))
     else:
-        if not rnd.spec.freeze_A:  # ffa's A must stay the server's shared one, bit for bit
+        # ffa's A must stay the server's shared one, bit for bit; a delta read against what
+        # the server sent must start from exactly that
+        if not rnd.spec.freeze_A and not any(f.sent_start() for f in features):
             start = revive(start, rnd)
         write_factors(model, start)
     if rnd.spec.freeze_A:
@@ -204,7 +206,10 @@ def revive(start: dict[str, Factors], rnd: ClientRound) -> dict[str, Factors]:
     """The start with its dead components (zero-padded past a lower-rank global: a recipe's
     `aggregator.global_rank` below this client's rank, or a round that sampled only lower-rank
     clients) given fresh A rows from the round's seed, so they train; ΔW is unchanged."""
-    start, revived = revive_dead(start, generator=torch.Generator().manual_seed(rnd.seed))
+    seed = int.from_bytes(hashlib.sha256(f"revive/{rnd.seed}".encode()).digest()[:8], "big")
+    # a stream of its own: squeeze_intune's fresh rows come from Generator(rnd.seed), and the
+    # same draws twice would be duplicate components that train as one
+    start, revived = revive_dead(start, generator=torch.Generator().manual_seed(seed % 2**63))
     if revived:
         log.info(
             "client %d, round %d: %d components of the received adapter were zero (a global of "

@@ -45,6 +45,9 @@ class Compression(Feature):
         c = cfg.compression
         return c.dtype != "float32" or c.topk is not None
 
+    def sent_start(self) -> bool:
+        return self.cfg.compression.topk is not None  # a delta the server adds to what it sent
+
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
         if cls.enabled(cfg):

@@ -146,6 +146,12 @@ class Feature:
         """The received global factors as this client's base needs them (before the rank cut)."""
         return dict(factors)
 
+    def sent_start(self) -> bool:
+        """True: the server reads this feature's reply as a change from the factors it sent (a
+        top-k delta, client-level DP's clipped change), so the client must start from exactly
+        those: no dead component is revived (`fedllm.client.round.revive`)."""
+        return False
+
     def personalise(self, factors: Mapping[str, Factors], rnd: ClientRound) -> dict[str, Factors]:
         """The adapter this client evaluates on its own held-out split, from the global factors
         received (default: those; SDFLoRA adds the private local module it keeps)."""
