@@ -83,7 +83,7 @@ def main() -> None:
         "",
         "Largest |subset − all| over every row and draw: "
         + ", ".join(f"n = {n}: {worst[n]:.1f} bits" for n in sizes)
-        + f". Rank exposure is capped at log₂ n ({math.log2(full_n):.1f} bits with all).",
+        + f". Rank exposure is capped at log₂(n + 1) ({math.log2(full_n + 1):.1f} bits with all).",
     ]
     args.out.write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import yaml
 
-from fedllm.files import write_atomic
 from fedllm.recipe import ConfigError, RunConfig, build_config, load_yaml
 from fedllm.server.checkpoint import CHECKPOINT, PREVIOUS, has_checkpoint, read_checkpoint
 from fedllm.server.metrics import METRICS
+from fedllm.server.outputs import RECIPE, keep_recipe
 from fedllm.server.settings_record import aggregator_changed
 
 
@@ -71,29 +71,12 @@ def start_run(cfg: RunConfig, *, resume: bool, overwrite: bool, local: bool = Tr
         remove_run_dir(run_dir, Path(cfg.output_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
     prepare(cfg)
-    keep_recipe_files(run_dir, cfg, resume=resume)
+    if not resume or not (run_dir / RECIPE).exists():  # a resume's own: after its checks
+        keep_recipe(run_dir, cfg.to_yaml(), resume=False)
     return run_dir
 
 
-def keep_recipe_files(run_dir: Path, cfg: RunConfig, *, resume: bool) -> None:
-    """recipe.yaml is the recipe the run began with (as a SuperLink's run folder keeps it); a
-    resume that changed a setting adds its own as recipe.resume-<k>.yaml (k = 1, 2, ...)."""
-    text, first = cfg.to_yaml(), run_dir / "recipe.yaml"
-    if not resume or not first.exists():
-        write_atomic(first, text)
-        return
-    kept = sorted(run_dir.glob("recipe.resume-*.yaml"), key=lambda p: _resume_number(p.name))
-    last = kept[-1] if kept else first
-    if last.read_text() != text:
-        write_atomic(run_dir / f"recipe.resume-{len(kept) + 1}.yaml", text)
-
-
-def _resume_number(name: str) -> int:
-    digits = name.removeprefix("recipe.resume-").removesuffix(".yaml")
-    return int(digits) if digits.isdigit() else 0
-
-
-RUN_FILES = (CHECKPOINT, PREVIOUS, "recipe.yaml", METRICS)  # any of these: a fedllm run folder
+RUN_FILES = (CHECKPOINT, PREVIOUS, RECIPE, METRICS)  # any of these: a fedllm run folder
 
 
 def check_resumable(run_dir: Path, cfg: RunConfig | None = None) -> None:

@@ -11,11 +11,11 @@ import torch
 
 from fedllm.aggregators import available
 from fedllm.features import registry
-from fedllm.launch import check_resumable, keep_recipe_files
+from fedllm.launch import check_resumable
 from fedllm.recipe import ConfigError, load_recipe
 from fedllm.server.app import Run
 from fedllm.server.checkpoint import load_checkpoint, plain
-from fedllm.server.outputs import resume_note
+from fedllm.server.outputs import keep_recipe, resume_note
 from fedllm.server.settings_record import (
     aggregator_changed,
     changed_settings,
@@ -121,19 +121,35 @@ def test_a_resume_with_fewer_rounds_than_ran_is_refused(tmp_path: Path) -> None:
         check_resumable(cfg.run_dir, fewer)
 
 
-def test_a_local_resume_keeps_the_recipe_the_run_began_with(tmp_path: Path) -> None:
+def test_a_resume_keeps_the_recipe_the_run_began_with(tmp_path: Path) -> None:
     # h92: recipe.yaml and the cards said lr 0.01 for rounds that ran at 0.005
     cfg = _cfg(tmp_path)
-    keep_recipe_files(cfg.run_dir, cfg, resume=False)
+    keep_recipe(cfg.run_dir, cfg.to_yaml(), resume=False)
     first = (cfg.run_dir / "recipe.yaml").read_text()
-    keep_recipe_files(cfg.run_dir, cfg, resume=True)  # nothing changed: nothing added
+    keep_recipe(cfg.run_dir, cfg.to_yaml(), resume=True)  # nothing changed: nothing added
     assert sorted(p.name for p in cfg.run_dir.iterdir()) == ["recipe.yaml"]
     for lr in ("0.002", "0.002", "0.004"):
-        keep_recipe_files(cfg.run_dir, _cfg(tmp_path, f"federation.lr={lr}"), resume=True)
+        keep_recipe(cfg.run_dir, _cfg(tmp_path, f"federation.lr={lr}").to_yaml(), resume=True)
     assert (cfg.run_dir / "recipe.yaml").read_text() == first
     names = sorted(p.name for p in cfg.run_dir.iterdir())
     assert names == ["recipe.resume-1.yaml", "recipe.resume-2.yaml", "recipe.yaml"]
     assert "lr: 0.004" in (cfg.run_dir / "recipe.resume-2.yaml").read_text()
+    (cfg.run_dir / "recipe.resume-1.yaml").unlink()  # numbered past the highest, not the count
+    keep_recipe(cfg.run_dir, _cfg(tmp_path, "federation.lr=0.003").to_yaml(), resume=True)
+    assert (cfg.run_dir / "recipe.resume-3.yaml").exists()
+
+
+def test_a_refused_resume_leaves_no_recipe_of_its_own(tmp_path: Path) -> None:
+    # h96: the resume file was written before the server's checks, which may refuse
+    cfg = _cfg(tmp_path)
+    cfg.run_dir.mkdir(parents=True)
+    keep_recipe(cfg.run_dir, cfg.to_yaml(), resume=False)
+    Run.save(_run(cfg), 4)
+    with pytest.raises(ValueError, match="federation"):
+        Run.resume(_run(_cfg(tmp_path, "federation.rounds=2")))
+    assert not list(cfg.run_dir.glob("recipe.resume-*"))
+    assert Run.resume(_run(_cfg(tmp_path, "federation.lr=0.002"))) == 5
+    assert (cfg.run_dir / "recipe.resume-1.yaml").exists()
 
 
 def test_changes_name_added_and_removed_settings() -> None:

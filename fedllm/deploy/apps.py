@@ -47,6 +47,7 @@ from fedllm.features import registry  # noqa: E402
 from fedllm.launch import absolute_paths, start_run  # noqa: E402
 from fedllm.model import packing  # noqa: E402
 from fedllm.recipe import ConfigError, RunConfig  # noqa: E402
+from fedllm.server import outputs  # noqa: E402
 from fedllm.server.app import run_server  # noqa: E402
 from fedllm.server.checkpoint import CHECKPOINT, has_checkpoint  # noqa: E402
 from fedllm.server.exchange import say, wait_for_nodes  # noqa: E402
@@ -120,11 +121,11 @@ def check_server_run_dir(cfg: RunConfig, *, resume: bool, overwrite: bool) -> No
 def keep_recipe(cfg: RunConfig, *, resume: bool) -> None:
     """The run's recipe.yaml in the SuperLink's run folder too (the submitter writes its own,
     on its machine): `fedllm eval RUN` reads it where the adapters are. A new run (also one
-    submitted with --overwrite) writes it; a resume keeps the one its rounds began with."""
+    submitted with --overwrite) writes it; a resume keeps the one its rounds began with and,
+    once its checks pass, adds its own if it differs (`outputs.keep_recipe`)."""
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    path = cfg.run_dir / "recipe.yaml"
-    if not resume or not path.exists():
-        path.write_text(cfg.to_yaml())
+    if not resume or not (cfg.run_dir / outputs.RECIPE).exists():  # a resume's own: Run.resume
+        outputs.keep_recipe(cfg.run_dir, cfg.to_yaml(), resume=False)
 
 
 @server_app.main()

@@ -36,7 +36,7 @@ from fedllm.server.exchange import (
     wait_for_nodes,
 )
 from fedllm.server.metrics import MetricsLog
-from fedllm.server.outputs import finish, keep_best, snapshot
+from fedllm.server.outputs import finish, keep_best, keep_recipe, snapshot
 from fedllm.server.settings_record import (
     aggregator_changed,
     changed_settings,
@@ -105,6 +105,7 @@ class Run:
             )
         now = settings_record(self.cfg, self.features)
         changes = changed_settings(state.get("settings"), now, saved_round=state["round"])
+        keep_recipe(self.cfg.run_dir, self.cfg.to_yaml(), resume=True)  # checks passed
         for line in describe_changes(changes, saved_round=state["round"]):
             say(line)
         self.strategy.load_state_dict(state["strategy"])
