@@ -377,3 +377,11 @@ def test_an_unknown_federation_connection_fails_before_the_run_folder_is_built(
 def test_eval_with_a_missing_recipe_names_the_recipe(tmp_path: Path, capsys) -> None:
     assert main(["eval", str(tmp_path), "--recipe", str(tmp_path / "nosuch.yaml")]) == 2
     assert f"--recipe {tmp_path / 'nosuch.yaml'} not found" in capsys.readouterr().err
+
+
+def test_ffa_with_pruned_clients_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    # h97: the coverage rescaling rebuilt updates from the clients' own A (a hostile pruned
+    # client's A went in unchecked) and column-pruned modules refused every round
+    pruned = str(Path(TINY).with_name("pruned.yaml"))
+    assert main(["validate", "--config-only", pruned, "aggregator.name=ffa"]) == 2
+    assert "'ffa' (frozen shared A) with pruned clients is not supported" in capsys.readouterr().err

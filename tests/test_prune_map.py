@@ -13,6 +13,7 @@ from fedllm.constrained.prune_map import (
     kept_from_record,
     kept_to_record,
     restrict,
+    uncovered_fill,
 )
 
 
@@ -65,6 +66,57 @@ def test_coverage_on_columns_and_uncovered_coordinates_stay_zero() -> None:
     expected[:, 0] = a.delta()[:, 0]
     expected[:, 1] = (a.delta()[:, 1] + b.delta()[:, 0]) / 2
     assert torch.allclose(result, expected, atol=1e-5)
+
+
+def _aggregate(name, updates, kept, weights, global_, shapes):
+    fill = uncovered_fill(updates, kept, weights, global_)
+    if fill is not None:
+        updates, kept, weights = [*updates, fill[0]], [*kept, fill[1]], [*weights, fill[2]]
+    inputs = coverage_weighted(updates, kept, weights, shapes)
+    return {m: get(name)([u[m] for u in inputs], weights).global_.delta() for m in shapes}
+
+
+@pytest.mark.parametrize("method", ["svd", "flexlora"])
+def test_rows_no_reply_covers_keep_the_globals_value(method: str) -> None:
+    # h97: a round answered only by pruned clients set those rows of the global to zero
+    g_q, g_v = rand(4, 2, 3, 6, scaling=1.0), rand(3, 2, 3, 7, scaling=1.0)
+    shapes = {"q": (4, 3), "v": (3, 3)}
+    pruned, whole_v = rand(2, 1, 3, 8), rand(3, 1, 3, 9)
+    kept = [{"q": Kept(torch.tensor([0, 2]), None)}]
+    got = _aggregate(
+        method, [{"q": pruned, "v": whole_v}], kept, [5.0], {"q": g_q, "v": g_v}, shapes
+    )
+    expected = g_q.delta().double().clone()
+    expected[[0, 2]] = pruned.delta().double()  # covered: the client's; rows 1, 3: the global's
+    assert torch.allclose(got["q"], expected, atol=1e-5)
+    assert torch.allclose(got["v"], whole_v.delta().double(), atol=1e-5)  # untouched module
+
+
+def test_columns_no_reply_covers_keep_the_globals_value() -> None:
+    g = rand(2, 2, 3, 10, scaling=1.0)
+    a, b = rand(2, 1, 2, 11), rand(2, 1, 1, 12)
+    kept = [{"m": Kept(None, torch.tensor([0, 1]))}, {"m": Kept(None, torch.tensor([1]))}]
+    got = _aggregate("svd", [{"m": a}, {"m": b}], kept, [1.0, 1.0], {"m": g}, {"m": (2, 3)})
+    expected = g.delta().double().clone()
+    expected[:, 0] = a.delta()[:, 0]
+    expected[:, 1] = (a.delta()[:, 1] + b.delta()[:, 0]) / 2
+    assert torch.allclose(got["m"], expected, atol=1e-5)
+
+
+def test_no_fill_when_every_coordinate_is_covered() -> None:
+    whole, pruned = rand(4, 2, 3, 2), rand(2, 1, 3, 3)
+    kept = [{}, {"m": Kept(torch.tensor([0, 2]), None)}]
+    assert uncovered_fill([{"m": whole}, {"m": pruned}], kept, [1.0, 3.0], {"m": whole}) is None
+
+
+def test_a_factor_wise_mean_barely_moves_with_the_fill() -> None:
+    # fedit averages A: the fill's weight is 1e-3 of the clients', its A the clients' mean
+    g = rand(4, 2, 3, 13, scaling=1.0)
+    pruned = rand(2, 2, 3, 14, scaling=1.0)
+    kept = [{"m": Kept(torch.tensor([0, 2]), None)}]
+    got = _aggregate("fedit", [{"m": pruned}], kept, [1.0], {"m": g}, {"m": (4, 3)})["m"]
+    assert torch.allclose(got[[0, 2]], pruned.delta().double(), rtol=0.01, atol=0.02)
+    assert torch.count_nonzero(got[[1, 3]]) > 0  # before: exactly zero
 
 
 def test_fit_start_restricts_full_factors_and_passes_restricted_ones() -> None:

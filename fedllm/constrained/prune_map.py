@@ -155,6 +155,68 @@ def coverage_weighted(
     return out
 
 
+FILL_SHARE = 1e-3  # the uncovered-coordinate input's weight, as a share of the clients'
+
+
+def uncovered_fill(
+    updates: Sequence[Mapping[str, Factors]],
+    kept: Sequence[Mapping[str, Kept]],
+    weights: Sequence[float],
+    global_: Mapping[str, Factors],
+) -> tuple[dict[str, Factors], dict[str, Kept], float] | None:
+    """(factors, kept map, weight) of one more input for `coverage_weighted` that keeps the
+    global's value at the coordinates no reply covers; None when every coordinate is covered.
+
+    Clients send their adapter, not a change to it, so a row every answering client pruned came
+    out 0 (h97: a round answered only by pruned clients erased the global there). The extra
+    input covers exactly those rows (or columns) with the global's factors, at a weight small
+    enough (`FILL_SHARE`) that a factor-wise mean's other factor barely moves; an exact method
+    (Σpᵢsᵢ·BᵢAᵢ) gets the global's ΔW there exactly, since coverage divides its weight back out.
+    Elsewhere it adds nothing: B zero where it covers no row, A the clients' mean (so that
+    fedit's Ā stays theirs)."""
+    total = float(sum(weights))
+    p = [float(w) / total for w in weights]
+    factors: dict[str, Factors] = {}
+    maps: dict[str, Kept] = {}
+    uncovered_any = False
+    for module, g in global_.items():
+        d, k = g.shape
+        outs = [km.get(module) for km in kept]
+        rows_cut = any(o is not None and o.out is not None for o in outs)
+        cols_cut = any(o is not None and o.in_ is not None for o in outs)
+        full = [expand(u[module], o, (d, k)) for u, o in zip(updates, outs, strict=True)]
+        width = max(f.rank for f in full)
+        mean_A = sum(pi * f.pad(width).A.double() for pi, f in zip(p, full, strict=True))
+        mean_B = sum(
+            pi * f.pad(width).B.double() * f.scaling for pi, f in zip(p, full, strict=True)
+        )
+        if cols_cut:  # a column-pruned module: fill its uncovered columns
+            seen = torch.zeros(k, dtype=torch.bool)
+            for o in outs:
+                seen[slice(None) if o is None or o.in_ is None else o.in_] = True
+            gap = torch.nonzero(~seen).flatten()
+            if len(gap):
+                uncovered_any = True
+                factors[module] = restrict(g, Kept(None, gap))
+            else:
+                factors[module] = Factors(mean_B.to(g.B.dtype), g.A.new_zeros(width, 0), 1.0)
+            maps[module] = Kept(None, gap)
+            continue
+        seen = torch.zeros(d, dtype=torch.bool)
+        for o in outs:
+            seen[slice(None) if o is None or o.out is None else o.out] = True
+        gap = torch.nonzero(~seen).flatten() if rows_cut else torch.zeros(0, dtype=torch.long)
+        if len(gap):
+            uncovered_any = True
+            factors[module] = restrict(g, Kept(gap, None))
+        else:
+            factors[module] = Factors(g.B.new_zeros(0, width), mean_A.to(g.A.dtype), 1.0)
+        maps[module] = Kept(gap, None)
+    if not uncovered_any:
+        return None
+    return factors, maps, FILL_SHARE * total
+
+
 def kept_to_record(kept: Mapping[str, Kept]) -> ArrayRecord:
     """The kept-index map as arrays `<module>.out` / `<module>.in` (int32)."""
     arrays = {}

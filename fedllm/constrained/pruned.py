@@ -10,6 +10,7 @@ that cover it (`fedllm.constrained.prune_map`).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 from flwr.app import ArrayRecord, RecordDict
 from transformers import AutoConfig
 
+from fedllm.aggregators import round_spec
 from fedllm.aggregators.base import Factors
 from fedllm.constrained.prune_map import (
     Kept,
@@ -27,6 +29,7 @@ from fedllm.constrained.prune_map import (
     kept_from_record,
     kept_to_record,
     restrict,
+    uncovered_fill,
 )
 from fedllm.constrained.pruning import prune_model, prune_plan, pruned_module_shapes
 from fedllm.constrained.tiers import tier_of
@@ -37,6 +40,8 @@ from fedllm.features.types import ClientRound, ClientUpdate, Download, TrainRepl
 from fedllm.model.base import prepare_base_model
 from fedllm.model.loading import load_base_model
 from fedllm.recipe.schema import RunConfig
+
+log = logging.getLogger("fedllm.server")
 
 
 def pruned_base(rnd: ClientRound, base: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, Kept]]:
@@ -133,6 +138,14 @@ class PrunedBase(Feature):
         require_adapter_state(
             cfg, f"pruning (tiers {used})" if used else "adaptive (rank, pruning)"
         )
+        if round_spec(cfg.aggregator.name).freeze_A:
+            raise ValueError(
+                f"aggregator {cfg.aggregator.name!r} (frozen shared A) with pruned clients is not "
+                "supported: the coverage rescaling rebuilds each update from the client's own A, "
+                "not the server's frozen one, and a column-pruned module's rescaled A is no "
+                "slice of it (every round was refused, h97); use svd, squeeze or fedit, or drop "
+                "the pruning"
+            )
         if cfg.privacy.mode == "client":  # first: no other change makes this recipe run
             raise ValueError(
                 "privacy.mode='client' with pruned clients is not supported: pruned rows would "
@@ -222,8 +235,12 @@ class PrunedBase(Feature):
         got = [self.received[n] for n in nodes]
         self.received = {}
         shapes = {m: f.shape for m, f in global_.items()}
-        full = coverage_weighted([g[0] for g in got], [g[1] for g in got], weights, shapes)
-        return full, weights
+        updates, kept = [g[0] for g in got], [g[1] for g in got]
+        if (fill := uncovered_fill(updates, kept, weights, global_)) is not None:
+            # coordinates every reply pruned keep the global's value (they came out 0)
+            updates, kept, weights = [*updates, fill[0]], [*kept, fill[1]], [*weights, fill[2]]
+            log.info("coordinates no reply covered keep the global's value this round")
+        return coverage_weighted(updates, kept, weights, shapes), weights
 
     def state_dict(self) -> dict[str, Any]:
         return {
