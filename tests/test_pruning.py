@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config
 
 from fedllm.client.round import check_rank_fits, client_plan
 from fedllm.constrained.pruning import check_ratio, prune_model, prune_plan, pruned_module_shapes
@@ -152,3 +152,28 @@ def test_recipe_rejects_bad_tier_ratio_and_pruning_with_merge_aggregators() -> N
                 "aggregator": {"name": "flora"},
             }
         )
+
+
+@pytest.mark.parametrize(
+    ("config", "words"),
+    [
+        (
+            LlamaConfig(
+                hidden_size=32, num_attention_heads=4, num_key_value_heads=2, mlp_bias=True
+            ),
+            "a Llama with mlp_bias",
+        ),
+        (
+            LlamaConfig(
+                hidden_size=32, num_attention_heads=4, num_key_value_heads=2, attention_bias=True
+            ),
+            "a Llama with attention_bias",
+        ),
+    ],
+)
+def test_a_base_pruning_cannot_rebuild_is_refused_by_name(config, words: str) -> None:
+    # h97: a Llama with biases crashed at slicing its bias, a Qwen2/Mistral/Gemma at rebuilding
+    with pytest.raises(ValueError, match=words):
+        prune_plan(config, 0.5)
+    with pytest.raises(ValueError, match="a 'qwen2' model"):
+        prune_plan(Qwen2Config(hidden_size=32, num_attention_heads=4, num_key_value_heads=2), 0.5)

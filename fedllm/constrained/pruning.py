@@ -60,7 +60,17 @@ def _keep(n: int, ratio: float) -> int:
 def prune_plan(
     config: PretrainedConfig, ratio: float, *, parts: Sequence[Part] = ("mlp", "heads")
 ) -> PrunePlan:
-    """The kept counts for a Llama config at `ratio` (same for every layer)."""
+    """The kept counts for a Llama config at `ratio` (same for every layer); ValueError for a
+    base the pruned model cannot be rebuilt as (it is rebuilt as a LlamaForCausalLM)."""
+    kind = getattr(config, "model_type", None)
+    biased = [b for b in ("attention_bias", "mlp_bias") if getattr(config, b, False)]
+    if kind != "llama" or biased:
+        what = f"a {kind!r} model" if kind != "llama" else f"a Llama with {' and '.join(biased)}"
+        raise ValueError(
+            f"structured pruning rebuilds the base as a bias-free Llama (SmolLM2, Llama, "
+            f"TinyLlama), and this base is {what} (h97: it crashed mid-round); drop the pruning "
+            "(tiers' pruning: 0, adaptive pruning arms [0.0]) or use a Llama-architecture base"
+        )
     heads, kv = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     group = heads // kv
