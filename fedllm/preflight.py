@@ -8,6 +8,8 @@ machine lacks are named in seconds);
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +122,32 @@ def check_gpus(per_client: float) -> None:
         )
 
 
+def installed(distribution: str) -> bool:
+    """Whether a package is installed (its metadata: fedllm's commands hide bitsandbytes from
+    imports until a quantised base is asked for, so find_spec would say no)."""
+    try:
+        importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def check_quantization(cfg: RunConfig) -> None:
+    """A quantised base anywhere in the recipe (the model, a tier, a bandit arm) needs
+    bitsandbytes installed: missing, it failed only inside a round, where a 4-bit arm's failure
+    scored 0 and the bandit kept offering it (h97)."""
+    asked = {cfg.model.quantization, *(t.quantization for t in cfg.lora.tiers or [])}
+    if cfg.adaptive is not None:
+        asked |= set(cfg.adaptive.quantization)
+    quantised = sorted(q for q in asked if q not in (None, "none"))
+    if quantised and not installed("bitsandbytes"):
+        raise ConfigError(
+            f"the recipe loads a base at {', '.join(quantised)} (model.quantization, "
+            "lora.tiers or adaptive.quantization), which needs bitsandbytes: pip install "
+            "bitsandbytes, or use quantization: none"
+        )
+
+
 def check_model(cfg: RunConfig) -> str:
     """Where the base model would come from, found without loading or converting it (the
     loaders' errors name what to install or download while online)."""
@@ -152,6 +180,7 @@ def check_machine(cfg: RunConfig) -> list[str]:
     data = check_data(cfg)
     check_shards(cfg)  # DP-SGD: δ, batch and the target ε's noise against every shard
     check_trackers(cfg)
+    check_quantization(cfg)
     if cfg.simulation.ray_address is None:
         check_gpus(cfg.simulation.num_gpus_per_client)
     return [model, data.line(cfg)]

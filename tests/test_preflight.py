@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from fedllm import preflight
 from fedllm.cli import main
 from fedllm.model.loading import EMBEDDED, base_config
 from fedllm.preflight import check_data
@@ -161,3 +162,14 @@ def test_validating_several_recipes_names_the_one_that_failed(
     assert main(["validate", TINY, TINY, f"model.name={tmp_path / 'm'}"]) == 2
     errors = capsys.readouterr().err.splitlines()
     assert len(errors) == 2 and all(line.startswith(f"fedllm: error: {TINY}: ") for line in errors)
+
+
+def test_a_quantised_tier_without_bitsandbytes_is_refused_by_validate(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # h97: it failed only inside a round, where a 4-bit arm scored 0 and was offered again
+    monkeypatch.setattr(preflight, "installed", lambda name: name != "bitsandbytes")
+    arms = "adaptive={ranks: [2], quantization: [none, 4bit]}"
+    assert main(["validate", TINY, arms]) == 2
+    assert "needs bitsandbytes: pip install bitsandbytes" in capsys.readouterr().err
+    assert main(["validate", TINY]) == 0  # nothing quantised: nothing needed
