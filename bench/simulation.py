@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from fedllm.aggregators import get, round_spec
-from fedllm.client.schedule import num_local_steps
+from fedllm.client.round import client_seed
+from fedllm.client.schedule import round_steps
 from fedllm.client.train import evaluate_nll, train_local
 from fedllm.data.shards import ProcessCache, load_shard
 from fedllm.launch import absolute_paths
@@ -62,12 +63,7 @@ def plain_rounds(cfg: RunConfig) -> list[float]:
                 target_modules=cfg.lora.target_modules,
             )
             write_factors(model, global_)
-            steps = num_local_steps(
-                len(shard.train),
-                batch_size=fed.batch_size,
-                local_steps=fed.local_steps,
-                local_epochs=fed.local_epochs,
-            )
+            steps = round_steps(fed, len(shard.train))  # as the ClientApp counts them
             train_local(
                 model,
                 shard.train,
@@ -80,7 +76,7 @@ def plain_rounds(cfg: RunConfig) -> list[float]:
                 schedule=fed.schedule,
                 warmup_steps=fed.warmup_steps,
                 max_grad_norm=fed.max_grad_norm,
-                seed=cfg.seed * 100_003 + rnd * 1009 + pid,
+                seed=client_seed(cfg, server_round=rnd, partition=pid),
             )
             updates.append(read_factors(model))
             weights.append(float(len(shard.train)))
