@@ -94,3 +94,27 @@ def read_json(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+RECIPE = "recipe.yaml"  # the recipe a run began with; a resume's own: recipe.resume-<k>.yaml
+
+
+def keep_recipe(run_dir: Path, text: str, *, resume: bool) -> None:
+    """recipe.yaml is the recipe the run began with (written when it starts, or when a resumed
+    folder lacks one); a resume whose recipe differs from the last one kept adds it as
+    recipe.resume-<k>.yaml (k one above the highest there), once its checks have passed."""
+    first = run_dir / RECIPE
+    if not resume or not first.exists():
+        write_atomic(first, text)
+        return
+    kept = sorted(
+        (n, p) for p in run_dir.glob("recipe.resume-*.yaml") if (n := _resume_number(p.name))
+    )
+    last = kept[-1][1] if kept else first
+    if last.read_text() != text:
+        write_atomic(run_dir / f"recipe.resume-{(kept[-1][0] if kept else 0) + 1}.yaml", text)
+
+
+def _resume_number(name: str) -> int:
+    digits = name.removeprefix("recipe.resume-").removesuffix(".yaml")
+    return int(digits) if digits.isdigit() else 0

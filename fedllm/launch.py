@@ -9,10 +9,10 @@ from pathlib import Path
 
 import yaml
 
+from fedllm.files import RECIPE, keep_recipe
 from fedllm.recipe import ConfigError, RunConfig, build_config, load_yaml
 from fedllm.server.checkpoint import CHECKPOINT, PREVIOUS, has_checkpoint, read_checkpoint
 from fedllm.server.metrics import METRICS
-from fedllm.server.outputs import RECIPE, keep_recipe
 from fedllm.server.settings_record import aggregator_changed
 
 

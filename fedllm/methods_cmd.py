@@ -8,11 +8,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from fedllm.aggregators import available as aggregators
-from fedllm.aggregators import get, resolved_options, round_spec
-from fedllm.eval.registry import available_tasks
-from fedllm.features import registry
-
 CORE = ("fedllm.",)  # modules of this package; anything else came from a plugin
 
 
@@ -27,6 +22,8 @@ def first_line(doc: str | None) -> str:
 
 def semantics(name: str) -> str:
     """The aggregator's round semantics in a word (docs/aggregators.md's table)."""
+    from fedllm.aggregators import round_spec
+
     spec = round_spec(name)
     flags = [flag for flag in ("merge", "freeze_A", "local_B") if getattr(spec, flag)]
     return ", ".join(flags) or "adapter state"
@@ -44,7 +41,13 @@ def feature_options(cls: type) -> dict[str, Any] | None:
 
 
 def lines() -> list[str]:
-    """The listing, one block per kind."""
+    """The listing, one block per kind (the registries import peft: here, not when the command
+    line is parsed, which must stay light and leave bitsandbytes hidden)."""
+    from fedllm.aggregators import available as aggregators
+    from fedllm.aggregators import get, resolved_options
+    from fedllm.eval.registry import available_tasks
+    from fedllm.features import registry
+
     out = ["aggregators (aggregator.name; options go in aggregator.options):"]
     for name in aggregators():
         fn = get(name)

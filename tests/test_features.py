@@ -394,6 +394,7 @@ HOOKS = {
     "read_global",
     "prepare_base",
     "start",
+    "sent_start",
     "personalise",
     "evaluated",
     "regularizers",
@@ -468,6 +469,7 @@ def test_every_hook_of_the_base_feature_is_a_no_op() -> None:
     assert f.reply_keys() is None
     assert f.lost_round(3, partitions=[0, 1], sampled=2) is None
     assert f.renumber({1001: 7}) is None
+    assert f.sent_start() is False  # a client may revive dead components
     assert Feature.parse_options(cfg) is None
     assert Feature.check(cfg) is None
     assert Feature.prepare(cfg, shapes={"q": (3, 2)}) is None

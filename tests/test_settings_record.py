@@ -11,11 +11,12 @@ import torch
 
 from fedllm.aggregators import available
 from fedllm.features import registry
+from fedllm.files import keep_recipe
 from fedllm.launch import check_resumable
 from fedllm.recipe import ConfigError, load_recipe
 from fedllm.server.app import Run
 from fedllm.server.checkpoint import load_checkpoint, plain
-from fedllm.server.outputs import keep_recipe, resume_note
+from fedllm.server.outputs import resume_note
 from fedllm.server.settings_record import (
     aggregator_changed,
     changed_settings,

@@ -39,6 +39,7 @@ from fedllm.processes import (
 
 hide_bitsandbytes()  # before peft (imported below): ~4 s and a kernels warning, unless quantising
 
+from fedllm import files  # noqa: E402
 from fedllm.client import app as client  # noqa: E402
 from fedllm.client.node_config import check_node  # noqa: E402
 from fedllm.data.shards import ProcessCache  # noqa: E402
@@ -47,7 +48,6 @@ from fedllm.features import registry  # noqa: E402
 from fedllm.launch import absolute_paths, start_run  # noqa: E402
 from fedllm.model import packing  # noqa: E402
 from fedllm.recipe import ConfigError, RunConfig  # noqa: E402
-from fedllm.server import outputs  # noqa: E402
 from fedllm.server.app import run_server  # noqa: E402
 from fedllm.server.checkpoint import CHECKPOINT, has_checkpoint  # noqa: E402
 from fedllm.server.exchange import say, wait_for_nodes  # noqa: E402
@@ -122,10 +122,10 @@ def keep_recipe(cfg: RunConfig, *, resume: bool) -> None:
     """The run's recipe.yaml in the SuperLink's run folder too (the submitter writes its own,
     on its machine): `fedllm eval RUN` reads it where the adapters are. A new run (also one
     submitted with --overwrite) writes it; a resume keeps the one its rounds began with and,
-    once its checks pass, adds its own if it differs (`outputs.keep_recipe`)."""
+    once its checks pass, adds its own if it differs (`files.keep_recipe`)."""
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume or not (cfg.run_dir / outputs.RECIPE).exists():  # a resume's own: Run.resume
-        outputs.keep_recipe(cfg.run_dir, cfg.to_yaml(), resume=False)
+    if not resume or not (cfg.run_dir / files.RECIPE).exists():  # a resume's own: Run.resume
+        files.keep_recipe(cfg.run_dir, cfg.to_yaml(), resume=False)
 
 
 @server_app.main()

@@ -23,6 +23,7 @@ from fedllm.errors import RunFailed, short_reason
 from fedllm.features import registry
 from fedllm.features.base import Feature
 from fedllm.features.types import RoundResult
+from fedllm.files import keep_recipe
 from fedllm.model.adapters import factors_digest
 from fedllm.model.base import adapter_shapes
 from fedllm.recipe.schema import RunConfig
@@ -36,7 +37,7 @@ from fedllm.server.exchange import (
     wait_for_nodes,
 )
 from fedllm.server.metrics import MetricsLog
-from fedllm.server.outputs import finish, keep_best, keep_recipe, snapshot
+from fedllm.server.outputs import finish, keep_best, snapshot
 from fedllm.server.settings_record import (
     aggregator_changed,
     changed_settings,

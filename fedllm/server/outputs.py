@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fedllm.aggregators import Factors, round_spec
-from fedllm.files import building_folder, replace_folder, write_atomic
+from fedllm.files import building_folder, replace_folder
 from fedllm.model.card import BEST_ADAPTER, AdapterCard, make_card, read_card, write_card
 from fedllm.model.card import save_adapter as save_with_card
 from fedllm.model.identity import IDENTITY_MEMO, BaseIdentity, base_identity
@@ -338,27 +338,3 @@ def finish(cfg: RunConfig, strategy: LoraStrategy, metrics: MetricsLog) -> Path:
     metrics.close()
     say(f"finished: adapter in {run_dir / 'final_adapter'}\n{md}{best_line(cfg, rows)}")
     return run_dir
-
-
-RECIPE = "recipe.yaml"  # the recipe a run began with; a resume's own: recipe.resume-<k>.yaml
-
-
-def keep_recipe(run_dir: Path, text: str, *, resume: bool) -> None:
-    """recipe.yaml is the recipe the run began with (written when it starts, or when a resumed
-    folder lacks one); a resume whose recipe differs from the last one kept adds it as
-    recipe.resume-<k>.yaml (k one above the highest there), once its checks have passed."""
-    first = run_dir / RECIPE
-    if not resume or not first.exists():
-        write_atomic(first, text)
-        return
-    kept = sorted(
-        (n, p) for p in run_dir.glob("recipe.resume-*.yaml") if (n := _resume_number(p.name))
-    )
-    last = kept[-1][1] if kept else first
-    if last.read_text() != text:
-        write_atomic(run_dir / f"recipe.resume-{(kept[-1][0] if kept else 0) + 1}.yaml", text)
-
-
-def _resume_number(name: str) -> int:
-    digits = name.removeprefix("recipe.resume-").removesuffix(".yaml")
-    return int(digits) if digits.isdigit() else 0
