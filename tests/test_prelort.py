@@ -9,13 +9,15 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, RecordDict
 from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from fedllm.aggregators import Factors, get, round_spec
 from fedllm.aggregators.prelort import segments
+from fedllm.client.train import label_nll
 from fedllm.features import registry
 from fedllm.features.prelort_nested import Draws, PreLortNested, nested, truncations
 from fedllm.features.types import ClientPlan, ClientRound, ClientUpdate
-from fedllm.model.adapters import live_lora, read_factors, write_factors
+from fedllm.model.adapters import attach_lora, live_lora, read_factors, write_factors
 from fedllm.recipe import ConfigError, RunConfig, load_recipe
 
 TINY = Path(__file__).parents[1] / "recipes" / "tiny.yaml"
@@ -118,7 +120,7 @@ def test_the_tail_gets_no_gradient_from_a_truncated_pass() -> None:
 def test_draws_are_seeded_and_uniform_over_the_truncations() -> None:
     a, b = Draws([1, 2, 4], seed=5), Draws([1, 2, 4], seed=5)
     for _ in range(300):
-        a.draw(None, ()), b.draw(None, ())
+        a.draw(None, (), {}), b.draw(None, (), {})
     assert a.drawn == b.drawn
     assert all(60 < a.drawn.count(x) < 140 for x in (1, 2, 4))
     with pytest.raises(ValueError, match=r"truncations must be ranks >= 1, got \[0, 2\]"):
@@ -201,3 +203,40 @@ def test_any_adapter_state_aggregator_can_train_nested() -> None:
     feature = PreLortNested(cfg)
     feature.train(model, client_round(cfg, nested_on=None), steps=1)
     assert feature.handles
+
+
+def test_a_shared_prompt_head_and_its_rows_run_at_one_truncation() -> None:
+    # h98: with share_head (the default) the head's forward and the rows' forward each drew a
+    # truncation, so a sample's loss mixed two (draws [2, 8] for one micro-batch)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    model = attach_lora(
+        LlamaForCausalLM(config), rank=8, alpha=16, dropout=0.0, target_modules=["q_proj"]
+    )
+    ids = torch.randint(5, 60, (3, 12))
+    ids[:, :5] = ids[0, :5]  # a 5-token head every row shares
+    labels = ids.clone()
+    labels[:, :7] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    for seed in range(6):
+        seen: list[int | None] = []
+        with nested(model, [2, 4, 8], seed=seed) as draws:
+            (lora_A,) = [
+                m
+                for n, m in model.named_modules()
+                if n.endswith("0.self_attn.q_proj.lora_A.default")
+            ]
+            handle = lora_A.register_forward_hook(
+                lambda *_, seen=seen, draws=draws: seen.append(draws.current)
+            )
+            label_nll(model, batch, share_head=True)
+            handle.remove()
+        assert len(draws.drawn) == 1 and len(seen) == 2 and len(set(seen)) == 1, (draws.drawn, seen)

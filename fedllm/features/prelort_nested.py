@@ -66,8 +66,13 @@ class Draws:
         self.current: int | None = None
         self.drawn: list[int] = []
 
-    def draw(self, module: torch.nn.Module, args: Any) -> None:
-        """Forward pre-hook: draw this pass's truncation from `choices` (and log it in `drawn`)."""
+    def draw(self, module: torch.nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        """Forward pre-hook: draw this pass's truncation from `choices` (and log it in `drawn`).
+        A forward that continues from cached keys/values (`share_head`: the rows after their
+        shared prompt head) keeps the head's draw: one truncation per sample (h98: the head ran
+        at one and the rows at another)."""
+        if kwargs.get("past_key_values") is not None and self.current is not None:
+            return
         self.current = self.rng.choice(self.choices)
         self.drawn.append(self.current)
 
@@ -84,7 +89,7 @@ class Draws:
 def install(model: torch.nn.Module, draws: Draws) -> list[RemovableHandle]:
     """Hooks making every forward of `model` (a peft model) run at a drawn truncation."""
     name = getattr(model, "active_adapter", "default")
-    handles = [model.register_forward_pre_hook(draws.draw)]
+    handles = [model.register_forward_pre_hook(draws.draw, with_kwargs=True)]
     for layer in model.modules():
         lora_A = getattr(layer, "lora_A", None)
         if isinstance(lora_A, torch.nn.ModuleDict) and name in lora_A:
