@@ -229,6 +229,8 @@ def test_the_server_sends_everything_and_places_the_modules() -> None:
         ("aggregator.global_rank=3", "aggregator.global_rank"),
         ("model.quantization=4bit", "model.quantization"),
         ("privacy.secure_aggregation.enabled=true", "privacy.secure_aggregation"),
+        # h98: it saved the r trained modules of R, not the client's whole model
+        ("features.personal_adapter={}", "features.personal_adapter"),
     ],
 )
 def test_combinations_it_cannot_run_are_refused_naming_the_key(override: str, key: str) -> None:

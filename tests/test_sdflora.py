@@ -186,6 +186,8 @@ def test_combinations_it_cannot_run_are_refused_naming_the_key() -> None:
         recipe("aggregator.options={local_fraction: 1.0}")
     with pytest.raises(ConfigError, match=r"compression\.topk"):
         recipe("compression.topk=0.1")
+    with pytest.raises(ConfigError, match=r"adaptive: not supported"):  # h98
+        recipe("adaptive={ranks: [2, 4]}")
 
 
 def test_personalise_is_the_global_cut_plus_the_kept_local_module() -> None:

@@ -43,6 +43,9 @@ def check_recipe(cfg: RunConfig) -> None:
         ),
         "adaptive": cfg.adaptive is not None,
         "aggregator.global_rank": cfg.aggregator.global_rank is not None,
+        # a client's trained modules are r of R: its whole model is the folded rest too (h98)
+        "features.personal_adapter": "personal_adapter" in cfg.features
+        and (cfg.features.get("personal_adapter") or {}).get("enabled", True) is not False,
     }
     bad = [key for key, hit in problems.items() if hit]
     if bad:

@@ -70,6 +70,9 @@ def check_recipe(cfg: RunConfig) -> None:
     personal = cfg.features.get("personal_adapter") or {}
     problems = {
         "lora.tiers/adaptive pruning": pruned,
+        # the local module is kept at the rank it was made at (h98: a bandit's new rank rescaled
+        # it by r/r' or started it afresh, and evaluation used the node's own rank)
+        "adaptive": cfg.adaptive is not None,
         "compression.topk": cfg.compression.topk is not None,
         "features.personal_adapter": "personal_adapter" in cfg.features
         and personal.get("enabled", True) is not False,
