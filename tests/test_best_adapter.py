@@ -323,6 +323,10 @@ def test_without_a_kept_round_the_vote_needs_a_win_against_every_earlier_round()
     assert _vote(rows, 3, None) == 2 / 3  # beats round 1 (2 of 3) and round 2 (2 of 3)
     assert _vote(rows, 3, 1) == 2 / 3 and _vote(rows, 2, 1) is None
     assert _vote(evals(1, {0: 3.0}), 1, None) is None  # one evaluation: nothing to keep
+    # h99: a round one client scored can never be kept, so it is no rival: with it one, rounds
+    # every client scored lower were refused for the rest of the run
+    lone = evals(1, {0: 3.0}) + evals(2, {0: 2.5, 1: 2.0, 2: 2.0})
+    assert _vote(lone, 2, None) == 1.0
 
 
 class Liar:

@@ -275,8 +275,9 @@ def _vote(rows: list[dict], server_round: int, kept_round: int | None) -> float 
         return None
     if kept_round is not None:
         rivals = [kept_round]
-    else:
-        rivals = [r for r in losses if 1 <= r < server_round]
+    else:  # a round fewer than 2 clients scored can never be kept: no rival (h99: every later
+        # round then needed 2 shared clients with it, and the vote stalled for the run)
+        rivals = [r for r in losses if 1 <= r < server_round and len(losses[r]) >= 2]
     shares = []
     for rival in rivals:
         theirs = losses[rival] if rival in losses else {}
@@ -307,13 +308,11 @@ def best_line(cfg: RunConfig, rows: list[dict]) -> str:
     if kept is None or not scored:
         return ""
     key, best, value = kept
-    last = max(scored)
+    last = max((r["round"] for r in rows if r.get("kind") == "server"), default=max(scored))
     if best == last:
         return f"\nbest round by {key}: the last ({value:.4f}); best_adapter/ holds it too"
-    return (
-        f"\nbest round by {key}: {best} ({value:.4f}; the last round's "
-        f"{scored[last]:.4f}), in {cfg.run_dir / BEST_ADAPTER}"
-    )
+    then = f"the last round's {scored[last]:.4f}" if last in scored else f"round {last} not scored"
+    return f"\nbest round by {key}: {best} ({value:.4f}; {then}), in {cfg.run_dir / BEST_ADAPTER}"
 
 
 def finish(cfg: RunConfig, strategy: LoraStrategy, metrics: MetricsLog) -> Path:
