@@ -150,6 +150,26 @@ def test_the_final_table_shows_the_tuned_adapters_where_clients_tuned() -> None:
     assert "tuned" not in table_markdown(final_table(plain, 1))
 
 
+def test_the_global_row_compares_the_clients_that_evaluated_in_both_rounds() -> None:
+    # h99: every client -0.5, but the global said 4.6667 -> 3.5 (-1.1667): a client missing
+    # from the last round was in the base loss and not in the federated one
+    rows = [
+        {"kind": "eval", "round": 0, "partition": 0, "held_out_loss": 4.0, "tokens": 10},
+        {"kind": "eval", "round": 0, "partition": 1, "held_out_loss": 4.0, "tokens": 10},
+        {"kind": "eval", "round": 0, "partition": 2, "held_out_loss": 6.0, "tokens": 10},
+        {"kind": "server", "round": 0, "held_out_loss": 14 / 3},
+        {"kind": "eval", "round": 2, "partition": 0, "held_out_loss": 3.5, "tokens": 10},
+        {"kind": "eval", "round": 2, "partition": 1, "held_out_loss": 3.5, "tokens": 10},
+        {"kind": "server", "round": 2, "held_out_loss": 3.5},
+    ]
+    world = final_table(rows, 2)[-1]
+    assert world["who"] == "global" and world["change"] == pytest.approx(-0.5)
+    assert (world["base_loss"], world["federated_loss"]) == (4.0, 3.5)
+    rows.insert(6, {"kind": "eval", "round": 2, "partition": 2, "held_out_loss": 5.5, "tokens": 10})
+    rows[-1]["held_out_loss"] = 12.5 / 3  # every client in both: the server's own numbers
+    assert final_table(rows, 2)[-1]["federated_loss"] == 12.5 / 3
+
+
 def test_truncate_after_drops_stop_rows(tmp_path: Path) -> None:
     """A resumed run goes on past its old stop (a larger budget), or writes its own at its end:
     the old `stop` row would sit mid-file."""

@@ -202,6 +202,8 @@ def final_table(rows: list[dict], last_round: int) -> list[dict]:
     server = {r["round"]: r for r in rows if r.get("kind") == "server" and "held_out_loss" in r}
     if 0 in server and last_round in server:
         row = _row("global", server[0]["held_out_loss"], server[last_round]["held_out_loss"])
+        if (common := _common_global(evals, last_round)) is not None:  # like with like (h99)
+            row = _row("global", *common)
         final = [r for (rnd, _), r in evals.items() if rnd == last_round]
         every = final and all("tuned_loss" in r for r in final)  # else Δ would mix panels
         table.append({**row, **(_tuned(server[last_round]) if every else {})})
@@ -209,6 +211,27 @@ def final_table(rows: list[dict], last_round: int) -> list[dict]:
     if 0 in test and last_round in test:  # the server's own test set (data.test_set)
         table.append(_row("test set", test[0]["test_loss"], test[last_round]["test_loss"]))
     return table
+
+
+def _common_global(
+    evals: dict[tuple[int, int], dict], last_round: int
+) -> tuple[float, float] | None:
+    """(base, federated) token-weighted held-out loss over the clients that evaluated in both
+    round 0 and `last_round`, when the two rounds' clients differ (a client that missed one
+    made the server rows' global Δ compare different clients); None when they are the same."""
+    at = {rnd: {p for (r, p) in evals if r == rnd} for rnd in (0, last_round)}
+    both = at[0] & at[last_round]
+    if at[0] == at[last_round] or not both:
+        return None
+
+    def mean(rnd: int) -> float:
+        rows = [evals[(rnd, p)] for p in sorted(both)]
+        tokens = sum(r.get("tokens", 0) for r in rows)
+        if tokens <= 0:
+            return sum(r["held_out_loss"] for r in rows) / len(rows)
+        return sum(r["held_out_loss"] * r.get("tokens", 0) for r in rows) / tokens
+
+    return mean(0), mean(last_round)
 
 
 def perplexity(loss: float) -> float:
