@@ -150,6 +150,9 @@ def test_a_round_scored_by_fewer_clients_is_not_compared(tmp_path) -> None:
     _round(cfg, strategy, metrics, 1, held_out_loss=3.0)
     _round(cfg, strategy, metrics, 2, held_out_loss=1.0, eval_dropped=1)  # one easy client
     assert _kept(run_dir) == (1, 3.0)
+    # h99: a client that failed or missed the deadline was not counted, only a dropped reply
+    _round(cfg, strategy, metrics, 3, held_out_loss=0.5, eval_failed=1)
+    assert _kept(run_dir) == (1, 3.0)
 
 
 def test_a_resume_that_changes_the_metric_drops_the_other_metrics_pick(tmp_path, capsys) -> None:

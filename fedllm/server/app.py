@@ -148,11 +148,14 @@ class Run:
                 declared=s.eval_metrics,
             ),
         )
+        replies = list(replies)
         loss, rows, dropped = s.evaluate_round(server_round, replies)
         row: dict[str, Any] = {"kind": "server", "round": server_round, "phase": "evaluate"}
         row["eval_clients"] = len(messages)  # the panel asked (federation.evaluate_clients)
         if dropped:
             row["eval_dropped"] = len(dropped)
+        if failed := len(messages) - sum(not m.has_error() for m in replies):
+            row["eval_failed"] = failed  # failed or missed the deadline: another mix (h99)
         if loss is not None:
             row["held_out_loss"], row["eval_tokens"] = loss
             row.update(extra_means(rows))  # the features' evaluation metrics

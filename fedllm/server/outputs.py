@@ -155,13 +155,14 @@ def best_metric(cfg: RunConfig) -> str | None:
 
 def _scored(rows: list[dict], key: str | None) -> dict[int, float]:
     """Trained round -> its server row's `key`, where it has a finite one; a held-out loss only
-    where every client of the panel replied (fewer clients score another mix of domains)."""
+    where every client of the panel replied usably (none dropped, failed or late: fewer clients
+    score another mix of domains)."""
     return {
         r["round"]: r[key]
         for r in rows
         if key and r.get("kind") == "server" and r.get("round", 0) >= 1
         and isinstance(r.get(key), int | float) and math.isfinite(r[key])
-        and not (key == "held_out_loss" and r.get("eval_dropped"))
+        and not (key == "held_out_loss" and (r.get("eval_dropped") or r.get("eval_failed")))
     }  # fmt: skip
 
 
