@@ -100,11 +100,17 @@ RECIPE = "recipe.yaml"  # the recipe a run began with; a resume's own: recipe.re
 
 
 def keep_recipe(run_dir: Path, text: str, *, resume: bool) -> None:
-    """recipe.yaml is the recipe the run began with (written when it starts, or when a resumed
-    folder lacks one); a resume whose recipe differs from the last one kept adds it as
-    recipe.resume-<k>.yaml (k one above the highest there), once its checks have passed."""
+    """recipe.yaml is the recipe the run began with: written when it starts (or when a resumed
+    folder lacks one), kept by a resume, whose own recipe `keep_resume_recipe` adds."""
+    if not resume or not (run_dir / RECIPE).exists():
+        write_atomic(run_dir / RECIPE, text)
+
+
+def keep_resume_recipe(run_dir: Path, text: str) -> None:
+    """A resume whose recipe differs from the last one kept adds it as recipe.resume-<k>.yaml
+    (k one above the highest there), once its checks have passed (recipe.yaml if none)."""
     first = run_dir / RECIPE
-    if not resume or not first.exists():
+    if not first.exists():
         write_atomic(first, text)
         return
     kept = sorted(

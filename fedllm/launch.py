@@ -71,8 +71,7 @@ def start_run(cfg: RunConfig, *, resume: bool, overwrite: bool, local: bool = Tr
         remove_run_dir(run_dir, Path(cfg.output_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
     prepare(cfg)
-    if not resume or not (run_dir / RECIPE).exists():  # a resume's own: after its checks
-        keep_recipe(run_dir, cfg.to_yaml(), resume=False)
+    keep_recipe(run_dir, cfg.to_yaml(), resume=resume)  # a resume's own: after its checks
     return run_dir
 
 

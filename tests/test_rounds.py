@@ -113,14 +113,8 @@ def test_merge_methods_refuse_a_quantized_base_at_validation() -> None:
     build_config({"aggregator": {"name": "svd"}, "model": {"quantization": "4bit"}})
 
 
-@pytest.mark.parametrize(
-    ("spec", "revived"), [(RoundSpec(), True), (RoundSpec(freeze_A=True), False)]
-)
-def test_a_lower_rank_global_starts_its_padded_components_afresh(
-    tiny_dir: Path, spec: RoundSpec, revived: bool, caplog: pytest.LogCaptureFixture
-) -> None:
-    # a rank-8 client given a rank-4 global (global_rank below its rank, or a round that sampled
-    # only rank-4 clients): the padding would never train; ffa's A must stay the server's
+def rank8_client_rank4_global(tiny_dir: Path) -> tuple:
+    """(tiny recipe, a rank-8 LoRA model, its module shapes, a random rank-4 global)."""
     cfg = load_recipe(str(Path(__file__).parents[1] / "recipes" / "tiny.yaml"))
     base, _ = load_base_model(tiny_dir)
     model = attach_lora(base, rank=8, alpha=16.0, dropout=0.0, target_modules=TARGETS)
@@ -130,6 +124,18 @@ def test_a_lower_rank_global_starts_its_padded_components_afresh(
         m: Factors(torch.randn(d, 4, generator=g), torch.randn(4, k, generator=g), 1.0)
         for m, (d, k) in shapes.items()
     }
+    return cfg, model, shapes, glob
+
+
+@pytest.mark.parametrize(
+    ("spec", "revived"), [(RoundSpec(), True), (RoundSpec(freeze_A=True), False)]
+)
+def test_a_lower_rank_global_starts_its_padded_components_afresh(
+    tiny_dir: Path, spec: RoundSpec, revived: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a rank-8 client given a rank-4 global (global_rank below its rank, or a round that sampled
+    # only rank-4 clients): the padding would never train; ffa's A must stay the server's
+    cfg, model, shapes, glob = rank8_client_rank4_global(tiny_dir)
     plan = SimpleNamespace(rank=8)
     rnd = SimpleNamespace(cfg=cfg, plan=plan, spec=spec, seed=7, partition=1, server_round=2)
     with caplog.at_level("INFO", logger="fedllm.client"):
@@ -146,15 +152,7 @@ def test_a_lower_rank_global_starts_its_padded_components_afresh(
 def test_no_revival_where_the_server_reads_a_change_from_what_it_sent(tiny_dir: Path) -> None:
     # h96: a top-k delta or client-level DP's clipped change is measured against the factors
     # the server sent: revived rows were lost in the top-k rebuild and spent DP's clip budget
-    cfg = load_recipe(str(Path(__file__).parents[1] / "recipes" / "tiny.yaml"))
-    base, _ = load_base_model(tiny_dir)
-    model = attach_lora(base, rank=8, alpha=16.0, dropout=0.0, target_modules=TARGETS)
-    shapes = {m: f.shape for m, f in read_factors(model).items()}
-    g = torch.Generator().manual_seed(0)
-    glob = {
-        m: Factors(torch.randn(d, 4, generator=g), torch.randn(4, k, generator=g), 1.0)
-        for m, (d, k) in shapes.items()
-    }
+    cfg, model, shapes, glob = rank8_client_rank4_global(tiny_dir)
     rnd = SimpleNamespace(
         cfg=cfg, plan=SimpleNamespace(rank=8), spec=RoundSpec(), seed=7, partition=1, server_round=2
     )

@@ -11,7 +11,7 @@ import torch
 
 from fedllm.aggregators import available
 from fedllm.features import registry
-from fedllm.files import keep_recipe
+from fedllm.files import keep_recipe, keep_resume_recipe
 from fedllm.launch import check_resumable
 from fedllm.recipe import ConfigError, load_recipe
 from fedllm.server.app import Run
@@ -127,16 +127,16 @@ def test_a_resume_keeps_the_recipe_the_run_began_with(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path)
     keep_recipe(cfg.run_dir, cfg.to_yaml(), resume=False)
     first = (cfg.run_dir / "recipe.yaml").read_text()
-    keep_recipe(cfg.run_dir, cfg.to_yaml(), resume=True)  # nothing changed: nothing added
+    keep_resume_recipe(cfg.run_dir, cfg.to_yaml())  # nothing changed: nothing added
     assert sorted(p.name for p in cfg.run_dir.iterdir()) == ["recipe.yaml"]
     for lr in ("0.002", "0.002", "0.004"):
-        keep_recipe(cfg.run_dir, _cfg(tmp_path, f"federation.lr={lr}").to_yaml(), resume=True)
+        keep_resume_recipe(cfg.run_dir, _cfg(tmp_path, f"federation.lr={lr}").to_yaml())
     assert (cfg.run_dir / "recipe.yaml").read_text() == first
     names = sorted(p.name for p in cfg.run_dir.iterdir())
     assert names == ["recipe.resume-1.yaml", "recipe.resume-2.yaml", "recipe.yaml"]
     assert "lr: 0.004" in (cfg.run_dir / "recipe.resume-2.yaml").read_text()
     (cfg.run_dir / "recipe.resume-1.yaml").unlink()  # numbered past the highest, not the count
-    keep_recipe(cfg.run_dir, _cfg(tmp_path, "federation.lr=0.003").to_yaml(), resume=True)
+    keep_resume_recipe(cfg.run_dir, _cfg(tmp_path, "federation.lr=0.003").to_yaml())
     assert (cfg.run_dir / "recipe.resume-3.yaml").exists()
 
 

@@ -186,10 +186,6 @@ def uncovered_fill(
         cols_cut = any(o is not None and o.in_ is not None for o in outs)
         full = [expand(u[module], o, (d, k)) for u, o in zip(updates, outs, strict=True)]
         width = max(f.rank for f in full)
-        mean_A = sum(pi * f.pad(width).A.double() for pi, f in zip(p, full, strict=True))
-        mean_B = sum(
-            pi * f.pad(width).B.double() * f.scaling for pi, f in zip(p, full, strict=True)
-        )
         if cols_cut:  # a column-pruned module: fill its uncovered columns
             seen = torch.zeros(k, dtype=torch.bool)
             for o in outs:
@@ -199,7 +195,10 @@ def uncovered_fill(
                 uncovered_any = True
                 factors[module] = restrict(g, Kept(None, gap))
             else:
-                factors[module] = Factors(mean_B.to(g.B.dtype), g.A.new_zeros(width, 0), 1.0)
+                B = sum(
+                    pi * f.pad(width).B.double() * f.scaling for pi, f in zip(p, full, strict=True)
+                )
+                factors[module] = Factors(B.to(g.B.dtype), g.A.new_zeros(width, 0), 1.0)
             maps[module] = Kept(None, gap)
             continue
         seen = torch.zeros(d, dtype=torch.bool)
@@ -210,7 +209,8 @@ def uncovered_fill(
             uncovered_any = True
             factors[module] = restrict(g, Kept(gap, None))
         else:
-            factors[module] = Factors(g.B.new_zeros(0, width), mean_A.to(g.A.dtype), 1.0)
+            A = sum(pi * f.pad(width).A.double() for pi, f in zip(p, full, strict=True))
+            factors[module] = Factors(g.B.new_zeros(0, width), A.to(g.A.dtype), 1.0)
         maps[module] = Kept(gap, None)
     if not uncovered_any:
         return None

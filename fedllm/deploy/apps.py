@@ -122,10 +122,9 @@ def keep_recipe(cfg: RunConfig, *, resume: bool) -> None:
     """The run's recipe.yaml in the SuperLink's run folder too (the submitter writes its own,
     on its machine): `fedllm eval RUN` reads it where the adapters are. A new run (also one
     submitted with --overwrite) writes it; a resume keeps the one its rounds began with and,
-    once its checks pass, adds its own if it differs (`files.keep_recipe`)."""
+    once its checks pass, adds its own if it differs (`files.keep_resume_recipe`)."""
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume or not (cfg.run_dir / files.RECIPE).exists():  # a resume's own: Run.resume
-        files.keep_recipe(cfg.run_dir, cfg.to_yaml(), resume=False)
+    files.keep_recipe(cfg.run_dir, cfg.to_yaml(), resume=resume)  # a resume's own: Run.resume
 
 
 @server_app.main()

@@ -24,6 +24,7 @@ from flwr.app import RecordDict
 from fedllm.aggregators.base import Factors
 from fedllm.aggregators.fedplora import check_selection, expand, select, split
 from fedllm.features.base import Feature
+from fedllm.features.personal import PersonalAdapter
 from fedllm.features.registry import register
 from fedllm.features.types import ClientRound, Download, TrainReply
 from fedllm.recipe.schema import RunConfig
@@ -44,8 +45,7 @@ def check_recipe(cfg: RunConfig) -> None:
         "adaptive": cfg.adaptive is not None,
         "aggregator.global_rank": cfg.aggregator.global_rank is not None,
         # a client's trained modules are r of R: its whole model is the folded rest too (h98)
-        "features.personal_adapter": "personal_adapter" in cfg.features
-        and (cfg.features.get("personal_adapter") or {}).get("enabled", True) is not False,
+        "features.personal_adapter": PersonalAdapter.enabled(cfg),
     }
     bad = [key for key, hit in problems.items() if hit]
     if bad:

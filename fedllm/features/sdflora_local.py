@@ -37,6 +37,7 @@ from fedllm.aggregators.base import Factors
 from fedllm.aggregators.sdflora import CLIENT_DEFAULTS, CLIENT_OPTIONS, split_ranks
 from fedllm.features.base import Feature, ReplyMetrics
 from fedllm.features.node_state import restore_node_state, save_node_state
+from fedllm.features.personal import PersonalAdapter
 from fedllm.features.registry import register
 from fedllm.features.types import ClientRound, ClientUpdate
 from fedllm.model.wire import client_options
@@ -67,15 +68,13 @@ def check_recipe(cfg: RunConfig) -> None:
         )
     pruned = any(t.pruning > 0 for t in cfg.lora.tiers or [])
     pruned |= cfg.adaptive is not None and any(q > 0 for q in cfg.adaptive.pruning)
-    personal = cfg.features.get("personal_adapter") or {}
     problems = {
         "lora.tiers/adaptive pruning": pruned,
         # the local module is kept at the rank it was made at (h98: a bandit's new rank rescaled
         # it by r/r' or started it afresh, and evaluation used the node's own rank)
         "adaptive": cfg.adaptive is not None,
         "compression.topk": cfg.compression.topk is not None,
-        "features.personal_adapter": "personal_adapter" in cfg.features
-        and personal.get("enabled", True) is not False,
+        "features.personal_adapter": PersonalAdapter.enabled(cfg),
     }
     bad = [key for key, hit in problems.items() if hit]
     if bad:

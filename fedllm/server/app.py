@@ -23,7 +23,7 @@ from fedllm.errors import RunFailed, short_reason
 from fedllm.features import registry
 from fedllm.features.base import Feature
 from fedllm.features.types import RoundResult
-from fedllm.files import keep_recipe
+from fedllm.files import keep_resume_recipe
 from fedllm.model.adapters import factors_digest
 from fedllm.model.base import adapter_shapes
 from fedllm.recipe.schema import RunConfig
@@ -106,7 +106,7 @@ class Run:
             )
         now = settings_record(self.cfg, self.features)
         changes = changed_settings(state.get("settings"), now, saved_round=state["round"])
-        keep_recipe(self.cfg.run_dir, self.cfg.to_yaml(), resume=True)  # checks passed
+        keep_resume_recipe(self.cfg.run_dir, self.cfg.to_yaml())  # its checks passed
         for line in describe_changes(changes, saved_round=state["round"]):
             say(line)
         self.strategy.load_state_dict(state["strategy"])
@@ -148,7 +148,6 @@ class Run:
                 declared=s.eval_metrics,
             ),
         )
-        replies = list(replies)
         loss, rows, dropped = s.evaluate_round(server_round, replies)
         row: dict[str, Any] = {"kind": "server", "round": server_round, "phase": "evaluate"}
         row["eval_clients"] = len(messages)  # the panel asked (federation.evaluate_clients)
