@@ -171,6 +171,43 @@ def regime_tables(
     return lines
 
 
+def pooled_tables(
+    rows: list[dict], pooled: Mapping[str, Sequence[tuple[str, str, str]]]
+) -> list[str]:
+    """One question asked in several regimes: each (variant, base, regime) contributes its
+    paired seeds, and the interval runs over all of them (a regime's own effect counts as seed
+    noise, so the interval is if anything wide). Only questions with a cell in every regime."""
+    cells = {g: by_method(rows, g) for g in {g for q in pooled.values() for _, _, g in q}}
+    lines = []
+    for title, parts in pooled.items():
+        if not all(a in cells[g] and b in cells[g] for a, b, g in parts):
+            continue
+        own_a, own_b, test_a, test_b = {}, {}, {}, {}
+        for a, b, g in parts:
+            for key, of_a, of_b in (("personal", own_a, own_b), ("test", test_a, test_b)):
+                of_a.update({(g, s): x for s, x in finals(cells[g][a], key).items()})
+                of_b.update({(g, s): x for s, x in finals(cells[g][b], key).items()})
+        where = "; ".join(f"{a} − {b} in `{g}`" for a, b, g in parts)
+        signs = [own_a[k] < own_b[k] for k in sorted(set(own_a) & set(own_b))]
+        lower = f"{sum(signs)} of {len(signs)}"
+        lines.append(
+            f"| {title} | {where} | {diff_text(own_a, own_b)} | {diff_text(test_a, test_b)} "
+            f"| {lower} |"
+        )
+    if not lines:
+        return []
+    return [
+        "",
+        "## Across regimes",
+        "",
+        "Paired differences pooled over the regimes' seeds (one (regime, seed) pair per term):",
+        "",
+        "| question | cells | own-domain | test | variant lower at home |",
+        "|---|---|---:|---:|---:|",
+        *lines,
+    ]
+
+
 def _curve(by_seed: dict[int, dict], key: str) -> list[Interval]:
     """Per round, the interval over seeds (rounds every seed reached)."""
     series = [r[key] for r in by_seed.values()]
@@ -336,6 +373,7 @@ def write_report(
     pairs: Sequence[tuple[str, str]],
     invocation: str,
     client_ranks: Mapping[str, Mapping[int, int]] | None = None,
+    pooled: Mapping[str, Sequence[tuple[str, str, str]]] | None = None,
 ) -> list[Path]:
     """Write the report files for `rows`; the paths written."""
     if not rows:
@@ -357,6 +395,7 @@ def write_report(
             "",
             *regime_tables(rows, regime, pairs=pairs, ranks=(client_ranks or {}).get(regime)),
         ]
+    lines += pooled_tables(rows, pooled or {})
     lines += ["", f"![loss per round and final losses with intervals]({stem}.png)", ""]
     md, png = results / f"{stem}.md", results / f"{stem}.png"
     md.write_text("\n".join(lines))

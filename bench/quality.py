@@ -61,6 +61,7 @@ from _quality_grid import (  # noqa: E402
     METHODS,
     PAIRS,
     PLAN,
+    POOLED,
     REGIMES,
     ROOT,
     SEEDS,
@@ -229,6 +230,7 @@ def main() -> None:
             pairs=PAIRS,
             invocation=shlex.join(["python", "bench/quality.py", *sys.argv[1:]]),
             client_ranks=ranks,
+            pooled=POOLED,
         )
 
     for i, (label, regime, seed) in enumerate([] if args.report else cells, 1):

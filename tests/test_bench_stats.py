@@ -161,3 +161,30 @@ def test_a_difference_on_fewer_seeds_than_its_methods_have_says_how_many() -> No
     # differences 0.1, 0.1, 0.1 on the 3 shared seeds of 4: a verdict, and how many it rests on
     assert diff_text(four, {0: 3.0, 1: 3.1, 2: 3.8}) == "+0.1000 ± 0.0000 worse (3 seeds)"
     assert diff_text(three, {5: 3.0}) == "—"
+
+
+def test_a_question_across_regimes_pools_their_seeds(tmp_path: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    try:
+        from _quality_report import pooled_tables
+    finally:
+        sys.path.pop(0)
+    rows = []
+    # quickstart seeds 0-2: "a lr 1" − "b lr 1" = +0.01, +0.02, +0.03; scarce-lr seeds 1-3 (the
+    # same seed numbers in another regime are other runs): "a" − "b" = +0.02 on each
+    for s, d in zip((0, 1, 2), (0.01, 0.02, 0.03), strict=True):
+        rows += [{**_row("a lr 1", s, 3.0 + d, 3.5), "regime": "quickstart"}]
+        rows += [{**_row("b lr 1", s, 3.0, 3.5 + s), "regime": "quickstart"}]
+    for s in (1, 2, 3):
+        rows += [{**_row("a", s, 3.12 + s, 3.0), "regime": "scarce-lr"}]
+        rows += [{**_row("b", s, 3.1 + s, 3.0), "regime": "scarce-lr"}]
+    parts = [("a lr 1", "b lr 1", "quickstart"), ("a", "b", "scarce-lr")]
+    lines = pooled_tables(rows, {"a − b": parts, "missing": [("a", "c", "scarce-lr")]})
+    line = next(x for x in lines if x.startswith("| a − b |"))
+    # by hand, six differences 0.01, 0.02, 0.03, 0.02, 0.02, 0.02: mean 0.02, s = √(0.0002/5),
+    # half = t(0.975, 5) · s/√6 = 2.5706 · 0.0025820 = 0.0066 (a regime alone: 3 terms, wider)
+    assert "| +0.0200 ± 0.0066 worse |" in line and "| 0 of 6 |" in line
+    # the test set: quickstart 0, −1, −2 and scarce-lr 0, 0, 0 -> mean −0.5
+    assert "| -0.5000 ± " in line
+    assert not any(x.startswith("| missing") for x in lines)  # no cell for "c": not shown
+    assert pooled_tables(rows, {"missing": [("a", "c", "scarce-lr")]}) == []

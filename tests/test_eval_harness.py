@@ -155,9 +155,10 @@ def test_leakage_sections(run: Path) -> None:
         (v, k) for v in ("base", "global", "client") for k in (1, 4)
     )
     assert all(r["client"] == 0 and r["exposure"] <= r["max_rank_exposure"] + 1e-9 for r in rows)
-    for r in rows:  # the secret's AUC against its references is 1 - (rank - 1) / n (no ties)
-        rank = r["references"] / 2 ** r["exposure"]
-        assert r["auc_vs_references"] == pytest.approx(1 - (rank - 1) / r["references"], abs=0.05)
+    for r in rows:  # the secret's AUC against its references is 1 - (rank - 1) / n (no ties),
+        # and exposure = log2(n + 1) - log2(rank) (eval/exposure.py), so rank = (n + 1) / 2^e
+        rank = (r["references"] + 1) / 2 ** r["exposure"]
+        assert r["auc_vs_references"] == pytest.approx(1 - (rank - 1) / r["references"], abs=1e-9)
     assert set(leak["mia"]) == {"base", "global", "client"}
     pooled = leak["mia"]["global"]["pooled"]
     assert set(pooled) == {"loss", "zlib", "min_k", "min_k_pp", "reference"}

@@ -81,7 +81,7 @@ def test_a_recipe_name_works_where_a_path_is_expected(tmp_path: Path, monkeypatc
     assert main(["validate", "quickstart", "tiny.yaml", "recipes/svd.yaml"]) == 0
     out = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("    ")]
     assert out == [
-        "ok  quickstart: quickstart, 4 clients, aggregator squeeze",
+        "ok  quickstart: quickstart, 4 clients, aggregator svd",
         "ok  tiny.yaml: tiny, 3 clients, aggregator svd",
         "ok  recipes/svd.yaml: svd, 4 clients, aggregator svd",
     ]

@@ -123,10 +123,10 @@ class FederationConfig(Strict):
 
 
 class AggregatorConfig(Strict):
-    """The server's aggregation method, by registry name, with its options (default squeeze: the
-    one method that beat FedIT on both test sets of bench/results/quality.md's scarce regime)."""
+    """The server's aggregation method, by registry name, with its options (default svd: at the
+    shipped lr 0.003 it beat squeeze and FedIT, docs/aggregators.md's short answer)."""
 
-    name: str = "squeeze"
+    name: str = "svd"
     weighting: Literal["examples", "uniform"] = "examples"
     global_rank: int | None = Field(None, gt=0)
     options: dict[str, Any] = Field(default_factory=dict)
