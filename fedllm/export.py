@@ -122,7 +122,8 @@ def adapter_card(adapter: Path, run_dir: Path) -> AdapterCard:
         return AdapterCard.from_json(data)
     cfg = run_recipe(run_dir)
     config = json.loads((adapter / "adapter_config.json").read_text())
-    return make_card(cfg, base_identity(cfg), what="global", round=0, rank=int(config["r"]))
+    card = make_card(cfg, base_identity(cfg), what="global", round=0, rank=int(config["r"]))
+    return replace(card, alpha=float(config["lora_alpha"]))
 
 
 def _fresh(out: Path) -> None:

@@ -157,6 +157,19 @@ def test_final_adapter_names_its_base_portably_with_a_card(run) -> None:
     assert "| client 1 | 6.0000 | 5.2500 |" in readme
 
 
+def test_a_card_gives_the_adapters_own_alpha_not_the_recipes(run, tmp_path) -> None:
+    """svd's global at rank Σrᵢ carries scaling 1 (lora_alpha = r), not the recipe's α / r: the
+    card says what peft will apply (h100: it said the recipe's α beside the adapter's rank)."""
+    cfg, _, _ = run
+    factors = random_factors(adapter_shapes(cfg), 6, 1.0, seed=7)
+    card = make_card(cfg, base_identity(cfg), what="global", round=2, rank=6)
+    save_adapter(tmp_path / "g", factors, card, target_modules=cfg.lora.target_modules)
+    config = json.loads((tmp_path / "g" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (6, 6.0) and cfg.lora.alpha != 6
+    assert json.loads((tmp_path / "g" / CARD_JSON).read_text())["alpha"] == 6.0
+    assert "| LoRA | rank 6, α 6, " in (tmp_path / "g" / "README.md").read_text()
+
+
 def test_every_adapter_folder_of_the_run_has_a_card(run) -> None:
     _, run_dir, _ = run
     folders = [p.parent for p in run_dir.rglob("adapter_config.json")]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -100,6 +100,9 @@ class AdapterCard:
     partition: int | None = None
     note: str = ""
     selected_by: str | None = None  # best_adapter/: the metric its round is the lowest of
+    # the adapter's own lora_alpha (scaling × rank: svd's global at rank Σrᵢ has scaling 1, not
+    # the recipe's α / r); None: the recipe's α (a card from before it, a merged model)
+    alpha: float | None = None
     fedllm_version: str = field(default_factory=fedllm_version)
 
     def to_json(self) -> dict[str, Any]:
@@ -167,7 +170,8 @@ def save_adapter(
         save_peft_adapter(
             tmp, factors, base_model=card.base.name, target_modules=target_modules, dropout=dropout
         )
-        write_card(tmp, card)
+        config = json.loads((tmp / "adapter_config.json").read_text())
+        write_card(tmp, replace(card, rank=int(config["r"]), alpha=float(config["lora_alpha"])))
     return folder
 
 
@@ -227,7 +231,7 @@ def render_card(card: AdapterCard) -> str:
         "| | |",
         "|---|---|",
         f"| rounds | {card.rounds} (this {'model' if merged else 'adapter'}: round {card.round}) |",
-        f"| LoRA | rank {card.rank}, α {lora['alpha']}, "
+        f"| LoRA | rank {card.rank}, α {lora['alpha'] if card.alpha is None else card.alpha:g}, "
         f"targets {', '.join(lora['target_modules'])} |",
         f"| local training | {fed['local_steps'] or fed['local_epochs']} "
         f"{'steps' if fed['local_steps'] else 'epochs'} per round, batch {fed['batch_size']}, "
