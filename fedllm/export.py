@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from fedllm.files import building_folder, write_atomic
+from fedllm.model.adapters import adapter_summary
 from fedllm.model.card import (
     BEST_ADAPTER,
     CARD_JSON,
@@ -121,9 +122,9 @@ def adapter_card(adapter: Path, run_dir: Path) -> AdapterCard:
     if data is not None:
         return AdapterCard.from_json(data)
     cfg = run_recipe(run_dir)
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    card = make_card(cfg, base_identity(cfg), what="global", round=0, rank=int(config["r"]))
-    return replace(card, alpha=float(config["lora_alpha"]))
+    saved = adapter_summary(adapter)
+    card = make_card(cfg, base_identity(cfg), what="global", round=0, rank=int(saved["r"]))
+    return replace(card, alpha=float(saved["lora_alpha"]))
 
 
 def _fresh(out: Path) -> None:

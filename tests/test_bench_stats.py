@@ -163,7 +163,7 @@ def test_a_difference_on_fewer_seeds_than_its_methods_have_says_how_many() -> No
     assert diff_text(three, {5: 3.0}) == "—"
 
 
-def test_a_question_across_regimes_pools_their_seeds(tmp_path: Path) -> None:
+def test_a_question_across_regimes_pools_their_seeds() -> None:
     sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
     try:
         from _quality_report import pooled_tables

@@ -21,7 +21,7 @@ import yaml
 
 from fedllm.aggregators import Factors
 from fedllm.files import building_folder, write_atomic
-from fedllm.model.adapters import save_peft_adapter
+from fedllm.model.adapters import adapter_summary, save_peft_adapter
 from fedllm.model.identity import BaseIdentity, file_sha256, weight_files
 from fedllm.model.loading import resolve_model_dir
 from fedllm.model.tiny import TINY_MARKER
@@ -170,8 +170,8 @@ def save_adapter(
         save_peft_adapter(
             tmp, factors, base_model=card.base.name, target_modules=target_modules, dropout=dropout
         )
-        config = json.loads((tmp / "adapter_config.json").read_text())
-        write_card(tmp, replace(card, rank=int(config["r"]), alpha=float(config["lora_alpha"])))
+        saved = adapter_summary(tmp)
+        write_card(tmp, replace(card, rank=int(saved["r"]), alpha=float(saved["lora_alpha"])))
     return folder
 
 
