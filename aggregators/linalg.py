@@ -56,6 +56,15 @@ def factored_svd(
     return B.to(dtype), A.to(dtype)
 
 
+def numerical_rank(S: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype) -> int:
+    """How many of the decreasing singular values `S` of a `shape` matrix held in `dtype` are
+    above its numerical zero, S₁·max(d, k)·ε (numpy's `matrix_rank` tolerance); at least 1."""
+    if S.numel() == 0:
+        return 0
+    tol = S[0].item() * max(shape) * torch.finfo(dtype).eps
+    return max(1, int((S > tol).sum()))
+
+
 def split_triplets(
     L: torch.Tensor, S: torch.Tensor, R: torch.Tensor, rank: int
 ) -> tuple[torch.Tensor, torch.Tensor]:

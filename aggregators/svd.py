@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from .base import Aggregate, Factors, NonNegativeInt, normalized_weights, reject_options
-from .linalg import SvdMethod, factored_svd
+from .linalg import SvdMethod, numerical_rank, split_triplets, svd_factors
 from .registry import register
 
 
@@ -29,15 +29,19 @@ def svd(
     power_iters: NonNegativeInt = 2,
     **options: Any,
 ) -> Aggregate:
-    """Best rank-`global_rank` factors of ΔW* (default Σrᵢ capped at min(d, k)), scaling 1.
+    """Best rank-`global_rank` factors of ΔW* (default: its numerical rank, at most Σrᵢ and
+    min(d, k)), scaling 1.
 
-    `method`, `oversample`, `power_iters` go to `factored_svd` ("exact" with rank ≥ Σrᵢ is exact).
+    By default components at numerical zero are dropped: clients that sent the same direction,
+    a zero factor, or a pruned round's fill (which re-adds the global's rank every round) would
+    otherwise grow the global's rank with zeros. `method`, `oversample`, `power_iters` go to
+    `svd_factors` ("exact" with rank ≥ Σrᵢ is exact).
     """
     reject_options("svd", options)
     p = normalized_weights(updates, weights)
     d, k = updates[0].shape
     rank = min(sum(u.rank for u in updates), d, k) if global_rank is None else global_rank
-    B, A = factored_svd(
+    L, S, R = svd_factors(
         [u.B for u in updates],
         [u.A for u in updates],
         [pi * u.scaling for pi, u in zip(p, updates, strict=True)],
@@ -47,4 +51,9 @@ def svd(
         power_iters=power_iters,
         seed=seed,
     )
-    return Aggregate(Factors(B, A, 1.0))
+    if global_rank is None:
+        rank = numerical_rank(S, (d, k), updates[0].B.dtype)
+        L, S, R = L[:, :rank], S[:rank], R[:, :rank]
+    B, A = split_triplets(L, S, R, rank)
+    dtype = updates[0].B.dtype
+    return Aggregate(Factors(B.to(dtype), A.to(dtype), 1.0))

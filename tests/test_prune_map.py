@@ -92,6 +92,27 @@ def test_rows_no_reply_covers_keep_the_globals_value(method: str) -> None:
     assert torch.allclose(got["v"], whole_v.delta().double(), atol=1e-5)  # untouched module
 
 
+def test_the_fill_does_not_grow_svds_rank_round_after_round() -> None:
+    # the fill re-adds the global (rank R) every round, and a no-gap module gets a zero B of
+    # the clients' width: svd's default rank was Σrᵢ + R, so R grew by Σrᵢ each round
+    shapes = {"q": (40, 30), "v": (30, 30)}
+    g = {"q": rand(40, 2, 30, 20, scaling=1.0), "v": rand(30, 2, 30, 21, scaling=1.0)}
+    kept = [{"q": Kept(torch.arange(0, 40, 2), None)}, {"q": Kept(torch.arange(0, 20), None)}]
+    for rnd in range(4):
+        updates = [
+            {"q": rand(20, 2, 30, 30 + rnd), "v": rand(30, 2, 30, 40 + rnd)},
+            {"q": rand(20, 2, 30, 50 + rnd), "v": rand(30, 2, 30, 60 + rnd)},
+        ]
+        fill = uncovered_fill(updates, kept, [1.0, 1.0], g)
+        weights = [1.0, 1.0, fill[2]]
+        inputs = coverage_weighted([*updates, fill[0]], [*kept, fill[1]], weights, shapes)
+        g = {m: get("svd")([u[m] for u in inputs], weights).global_ for m in shapes}
+        assert g["v"].rank == 4, rnd  # two rank-2 clients, and the fill's zero B
+        # q: rows 21, 23, .., 39 keep the first global's (rank 2) every round, the rest are the
+        # clients' (2 + 2); before: 6, 10, 14, 18
+        assert g["q"].rank == 6, rnd
+
+
 def test_columns_no_reply_covers_keep_the_globals_value() -> None:
     g = rand(2, 2, 3, 10, scaling=1.0)
     a, b = rand(2, 1, 2, 11), rand(2, 1, 1, 12)

@@ -42,6 +42,23 @@ def test_default_rank_is_capped_by_the_module() -> None:
     assert torch.allclose(g.delta(), exact_mean(updates, [1.0, 1.0]), atol=1e-10)
 
 
+def test_components_at_numerical_zero_are_dropped() -> None:
+    # two clients with the same rank-2 update span 2 directions, not 4; a zero B adds none
+    same = make(20, 12, [2], alpha=4.0, seed=3)[0]
+    zero = Factors(torch.zeros(20, 3, dtype=torch.float64), torch.randn(3, 12).double(), 1.0)
+    for method in ("exact", "rsvd", "dense"):
+        g = get("svd")([same, same, zero], [1.0, 2.0, 1.0], method=method).global_
+        assert g.rank == 2, method
+        assert torch.allclose(g.delta(), 0.75 * same.delta(), atol=1e-10)
+    f32 = Factors(same.B.float(), same.A.float(), same.scaling)  # float32: ε₃₂'s zero
+    assert get("svd")([f32, f32], [1.0, 1.0], method="rsvd").global_.rank == 2
+    # an all-zero aggregate keeps one (zero) component; an asked-for rank is kept, its extra
+    # components at numerical zero
+    assert get("svd")([zero], [1.0]).global_.rank == 1
+    padded = get("svd")([same, same], [1.0, 1.0], global_rank=4).global_
+    assert padded.rank == 4 and padded.B[:, 2:].abs().max() < 1e-12
+
+
 def test_truncating_to_each_clients_rank_is_optimal() -> None:
     updates = make(30, 24, [2, 4, 8], alpha=16.0, seed=1)
     weights = [1.0, 2.0, 3.0]
