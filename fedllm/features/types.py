@@ -281,6 +281,7 @@ class RoundResult:
     rows: list[ClientRow]
     train_loss: float | None = None  # example-weighted over accepted clients; None if none
     replies: int = 0  # replies received (errors included)
+    aggregator_error: str | None = None  # the aggregator raised on the accepted updates
 
     @property
     def ok(self) -> list[ClientRow]:

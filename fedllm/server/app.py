@@ -47,6 +47,8 @@ from fedllm.server.settings_record import (
 from fedllm.server.strategy import LoraStrategy
 from fedllm.server.trackers import open_trackers
 
+AGGREGATOR_FAILURES = 3  # rounds running whose aggregate raised before the run stops
+
 
 class Run:
     """One run on the server: recipe, strategy, active features, metrics file, grid."""
@@ -67,6 +69,7 @@ class Run:
             TestSetEvaluator(cfg, cache=self.cache) if cfg.data.test_set is not None else None
         )
         self.missed: set[int] = set()  # nodes that sent no training reply last round
+        self.aggregator_failures = 0  # rounds running whose aggregate raised
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save(self, server_round: int, *, pending: dict[str, Any] | None = None) -> None:
@@ -267,6 +270,23 @@ class Run:
             f"{with_extras(server_row, self.strategy.eval_metrics)}{with_test_loss(server_row)} "
             f"[{server_row['seconds']:.0f}s]{' (best so far)' if best else ''}{progress}"
         )
+        self.stop_if_the_aggregator_keeps_failing(server_round, result)
+
+    def stop_if_the_aggregator_keeps_failing(self, server_round: int, result: RoundResult) -> None:
+        """End the run (its rounds checkpointed) once the aggregate raised `AGGREGATOR_FAILURES`
+        rounds running: a refused round keeps a run alive against one bad round of updates, but
+        every round refused is a bug in the aggregator or a feature, and nothing would train."""
+        failed = result.aggregator_error is not None
+        self.aggregator_failures = self.aggregator_failures + 1 if failed else 0
+        if self.aggregator_failures >= AGGREGATOR_FAILURES:
+            raise RunFailed(
+                f"round {server_round}: the aggregator raised {self.aggregator_failures} rounds "
+                f"running ({result.aggregator_error}), on updates that passed screening: a bug "
+                f"in aggregator {self.cfg.aggregator.name!r} or a feature, not a client (the "
+                f"traceback is in the log above); rounds up to {server_round} are checkpointed "
+                f"in {self.cfg.run_dir} (the refused ones left the global unchanged), fix and "
+                "use --resume"
+            )
 
     def base_round(self) -> None:
         """Round 0: the base model's held-out loss, the reference every round is compared to."""

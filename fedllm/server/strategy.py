@@ -299,7 +299,8 @@ class LoraStrategy(Strategy):
             refused = self.commit(server_round, *self.aggregate(server_round, inputs, weights))
         except Exception as err:  # what the accepted updates did to the aggregator: not the run
             log.warning("round %d: the aggregator failed", server_round, exc_info=True)
-            refused = f"aggregate refused ({type(err).__name__}: {err}): the global is unchanged"
+            result.aggregator_error = f"{type(err).__name__}: {err}"
+            refused = f"aggregate refused ({result.aggregator_error}): the global is unchanged"
         if refused is not None:  # every accepted update is in it: none can be told to blame
             for row in rows:
                 if row.status == "ok":

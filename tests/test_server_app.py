@@ -1,0 +1,58 @@
+"""The round loop (`fedllm.server.app`) through a real federation on the in-process grid: an
+aggregator that raises on every round's accepted updates ends the run after
+`AGGREGATOR_FAILURES` rounds, its rounds checkpointed, and a resume after the fix goes on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedllm.deploy.local_grid import run_local
+from fedllm.errors import RunFailed
+from fedllm.recipe import load_recipe
+from fedllm.server.app import AGGREGATOR_FAILURES
+from fedllm.server.metrics import MetricsLog
+from fedllm.server.strategy import LoraStrategy
+
+RECIPE = Path(__file__).parents[1] / "recipes" / "tiny.yaml"
+pytestmark = pytest.mark.slow  # a federation
+
+OVERRIDES = [
+    "name=bug",
+    "data.max_examples=90",
+    "data.num_clients=2",
+    "data.max_length=32",
+    "lora.ranks=[2,4]",
+    "federation.local_steps=1",
+    "federation.rounds=4",
+]
+
+
+def test_an_aggregator_that_raises_every_round_stops_the_run_and_a_resume_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # before: each round was refused alone and the run "finished" having trained nothing
+    cfg = load_recipe(RECIPE, [f"output_dir={tmp_path}", *OVERRIDES])
+
+    def buggy(self, server_round, inputs, weights):
+        raise IndexError("list index out of range")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(LoraStrategy, "aggregate", buggy)
+        with pytest.raises(RunFailed) as stopped:
+            run_local(cfg)
+    assert AGGREGATOR_FAILURES == 3
+    message = str(stopped.value)
+    assert message.startswith("round 3: the aggregator raised 3 rounds running (IndexError")
+    assert "aggregator 'svd'" in message and "--resume" in message
+    rows = MetricsLog(cfg.run_dir).read()
+    assert [r["round"] for r in rows if r["kind"] == "server"] == [0, 1, 2, 3]  # each checkpointed
+    clients = [r for r in rows if r["kind"] == "client" and r.get("phase") != "eval"]
+    assert {(r["round"], r["status"]) for r in clients} == {(n, "rejected") for n in (1, 2, 3)}
+    # the fix (here: the real aggregator back), then --resume: round 4 trains and is kept
+    run_dir, _ = run_local(cfg, resume=True)
+    rows = MetricsLog(run_dir).read()
+    last = [r for r in rows if r["kind"] == "client" and r["round"] == 4 and "status" in r]
+    assert last and {r["status"] for r in last} == {"ok"}
+    assert [r["round"] for r in rows if r["kind"] == "server"] == [0, 1, 2, 3, 4]
