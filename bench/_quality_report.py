@@ -176,11 +176,13 @@ def pooled_tables(
 ) -> list[str]:
     """One question asked in several regimes: each (variant, base, regime) contributes its
     paired seeds, and the interval runs over all of them (a regime's own effect counts as seed
-    noise, so the interval is if anything wide). Only questions with a cell in every regime."""
+    noise, so the interval is if anything wide). Regimes that have not run both cells yet
+    are left out of a question (the cells column names the ones in it)."""
     cells = {g: by_method(rows, g) for g in {g for q in pooled.values() for _, _, g in q}}
     lines = []
     for title, parts in pooled.items():
-        if not all(a in cells[g] and b in cells[g] for a, b, g in parts):
+        parts = [(a, b, g) for a, b, g in parts if a in cells[g] and b in cells[g]]
+        if not parts:
             continue
         own_a, own_b, test_a, test_b = {}, {}, {}, {}
         for a, b, g in parts:

@@ -178,9 +178,11 @@ def test_a_question_across_regimes_pools_their_seeds() -> None:
     for s in (1, 2, 3):
         rows += [{**_row("a", s, 3.12 + s, 3.0), "regime": "scarce-lr"}]
         rows += [{**_row("b", s, 3.1 + s, 3.0), "regime": "scarce-lr"}]
-    parts = [("a lr 1", "b lr 1", "quickstart"), ("a", "b", "scarce-lr")]
+    # a regime that has not run yet ("long") is left out of the question, not the question
+    parts = [("a lr 1", "b lr 1", "quickstart"), ("a", "b", "scarce-lr"), ("a", "b", "long")]
     lines = pooled_tables(rows, {"a − b": parts, "missing": [("a", "c", "scarce-lr")]})
     line = next(x for x in lines if x.startswith("| a − b |"))
+    assert "in `long`" not in line and "a − b in `scarce-lr` |" in line
     # by hand, six differences 0.01, 0.02, 0.03, 0.02, 0.02, 0.02: mean 0.02, s = √(0.0002/5),
     # half = t(0.975, 5) · s/√6 = 2.5706 · 0.0025820 = 0.0066 (a regime alone: 3 terms, wider)
     assert "| +0.0200 ± 0.0066 worse |" in line and "| 0 of 6 |" in line
