@@ -70,7 +70,8 @@ REGIMES = {
         "the lr the check picked for it",
     ),
     # recipes/quickstart.yaml's own workload (COMMON's grid settings undone but fp32 and the
-    # test set): the shipped recipes' lr 0.001 was chosen on it; does a larger step pay there too?
+    # test set): the common lr 0.001 (shipped until stop 41) was chosen on it; does a larger
+    # step pay?
     "quickstart": Regime(
         (
             "data.max_examples=2000",
@@ -184,7 +185,7 @@ METHODS: dict[str, tuple[str | None, tuple[str, ...]]] = {
     # the shipped lr (recipes: 0.003) on the shipped workload: at 0.003 in scarce-lr svd led
     # squeeze; does it on the quickstart's own data too?
     "svd lr 0.003": ("svd", ("federation.lr=0.003",)),
-    "squeeze": _sq(),  # the default: +correction +residual at the global rank, rows gauge
+    "squeeze": _sq(),  # its default options: +correction +residual at the global rank, rows gauge
     # the default until stop 34 (rows won in domain: bench/results/quality.md)
     "squeeze balanced": _sq(*BALANCED),
     "squeeze plain": _sq(*PLAIN, *BALANCED),  # == svd at rank max rᵢ
@@ -220,7 +221,8 @@ GROUPS = {
     ],
     "baselines": ["ffa", "hetlora", "flora", "flexlora", "lorafair"],
     # the IID regime is a control (does the gap to local-only close without domain skew?):
-    # the references, the plain average and the exact and default aggregators are enough
+    # the references, the plain average, svd (exact; the default since stop 45) and squeeze
+    # are enough
     "control": ["centralised", "local only", "fedit", "svd", "squeeze"],
     # not "squeeze": a group name would shadow the method's label in --methods
     "variants": [m for m in METHODS if m.startswith("squeeze") and " lr " not in m],
@@ -244,7 +246,7 @@ PAIRS = [
     ("ffa lr 0.003", "ffa"),
     ("ffa lr 0.01", "ffa"),
     ("squeeze lr 0.003", "fedit lr 0.003"),
-    ("squeeze lr 0.003", "svd lr 0.003"),  # the shipped default against the exact aggregate
+    ("squeeze lr 0.003", "svd lr 0.003"),  # squeeze against svd (the default since stop 45)
     ("svd lr 0.003", "fedit lr 0.003"),
     ("fedit lr 0.003", "local only lr 0.003"),
     ("squeeze lr 0.01", "fedit lr 0.01"),
@@ -345,7 +347,8 @@ PLAN = [
     Step(
         ("local only", "squeeze", "squeeze lr 0.003", "squeeze lr 0.01"),
         ("quickstart",),
-        "the shipped lr (0.001) on the quickstart's own workload, against 0.003 and 0.01",
+        "the common lr 0.001 (shipped until stop 41) on the quickstart's workload, against 0.003 "
+        "(shipped since) and 0.01",
     ),
     Step(
         ("centralised", "centralised lr 0.001", "fedit lr 0.01", "ffa lr 0.01"),
@@ -353,12 +356,12 @@ PLAN = [
         "the rest of scarce-lr: centralised at both lrs, fedit and ffa at 0.01",
         (1, 2, 3),
     ),
-    # the shipped default (squeeze at the recipes' lr 0.003) against the exact aggregate and
-    # FedIT at that lr on the shipped workload: the default's case at the lr users run
+    # squeeze (the default then) at the recipes' lr 0.003 against the exact aggregate and FedIT
+    # at that lr on the shipped workload: it made svd the default (stop 45)
     Step(
         ("svd lr 0.003", "fedit lr 0.003"),
         ("quickstart",),
-        "the shipped default at the shipped lr against svd and fedit there",
+        "svd and fedit at the shipped lr, against squeeze (then the default) there",
         (0, 1, 2),
     ),
     # the squeeze variants' third seed first: the default's table (issue 14 item 2) before rows

@@ -31,13 +31,13 @@ sys.path.insert(0, str(Path(__file__).parent))  # bench/_stats.py next to this s
 from _stats import t_interval
 
 RESULTS = Path(__file__).parent / "results" / "gauge-noise.md"
-LABELS = ("fedit", "svd", "squeeze balanced", "squeeze")  # squeeze: the default, rows gauge
+LABELS = ("fedit", "svd", "squeeze balanced", "squeeze")  # squeeze: its default options, rows gauge
 
 
 def gain_and_signal(global_: dict, *, rank: int | None = None) -> tuple[float, float]:
     """(G = Σ (d‖A‖² + k‖sB‖²), ‖sBA‖ over all modules) of checkpointed global factors; G over
     the first `rank` components only (client-level DP noises what clients can move: a global
-    above the largest client rank, svd's Σrᵢ, keeps the rest noiseless)."""
+    above the largest client rank, svd's (up to Σrᵢ), keeps the rest noiseless)."""
     gain = signal = 0.0
     for B, A, s in global_.values():
         d, k = B.shape[0], A.shape[1]

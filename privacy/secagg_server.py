@@ -188,7 +188,7 @@ class SecureRound(Strategy):
                 pseudo = Factors(next(arrays), A0, 1.0)
             elif self.mode == "fedit":
                 pseudo = Factors(next(arrays), next(arrays), 1.0)
-            else:  # dense ΔW: the svd aggregator keeps Σrᵢ singular triplets unless told
+            else:  # dense ΔW, numerically full rank once quantised: capped at Σrᵢ (or as told)
                 pseudo = Factors(next(arrays), torch.eye(k, dtype=torch.float64), 1.0)
                 rank = rank or min(total_rank, d, k)
             result = lora.aggregate_fn(

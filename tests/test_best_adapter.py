@@ -197,6 +197,7 @@ def test_the_round_loop_keeps_the_best_after_the_rounds_checkpoint(
         metrics=metrics,
         features=[],
         timeout=60.0,
+        aggregator_failures=0,
         train=lambda rnd: RoundResult(sampled=2, rows=[], replies=2),
         evaluate=lambda rnd: ({"kind": "server", "round": rnd, "held_out_loss": losses[rnd]}, []),
         save=lambda rnd, **_: calls.append(("save", rnd)),

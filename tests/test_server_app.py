@@ -10,13 +10,13 @@ import pytest
 
 from fedllm.deploy.local_grid import run_local
 from fedllm.errors import RunFailed
+from fedllm.features.types import RoundResult
 from fedllm.recipe import load_recipe
-from fedllm.server.app import AGGREGATOR_FAILURES
+from fedllm.server.app import AGGREGATOR_FAILURES, aggregator_failures
 from fedllm.server.metrics import MetricsLog
 from fedllm.server.strategy import LoraStrategy
 
 RECIPE = Path(__file__).parents[1] / "recipes" / "tiny.yaml"
-pytestmark = pytest.mark.slow  # a federation
 
 OVERRIDES = [
     "name=bug",
@@ -29,6 +29,19 @@ OVERRIDES = [
 ]
 
 
+def test_failures_count_rounds_running_and_a_good_round_resets_them(tmp_path: Path) -> None:
+    cfg = load_recipe(RECIPE, [f"output_dir={tmp_path}", *OVERRIDES])
+    bad = RoundResult(sampled=2, rows=[], aggregator_error="IndexError: boom")
+    good = RoundResult(sampled=2, rows=[])
+    count = 0
+    for rnd, result in enumerate([bad, bad, good, bad, bad], start=1):
+        count = aggregator_failures(count, result, cfg=cfg, server_round=rnd)
+    assert count == 2  # the good round 3 reset the two before it
+    with pytest.raises(RunFailed, match=r"^round 6: the aggregator raised 3 rounds running"):
+        aggregator_failures(count, bad, cfg=cfg, server_round=6)
+
+
+@pytest.mark.slow  # a federation
 def test_an_aggregator_that_raises_every_round_stops_the_run_and_a_resume_goes_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

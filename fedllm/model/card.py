@@ -100,8 +100,9 @@ class AdapterCard:
     partition: int | None = None
     note: str = ""
     selected_by: str | None = None  # best_adapter/: the metric its round is the lowest of
-    # the adapter's own lora_alpha (scaling × rank: svd's global at rank Σrᵢ has scaling 1, not
-    # the recipe's α / r); None: the recipe's α (a card from before it, a merged model)
+    # the adapter's own lora_alpha (scaling × rank: an aggregated global, e.g. svd's at its
+    # numerical rank up to Σrᵢ, has scaling 1, not the recipe's α / r); None: the recipe's α
+    # (a card from before it, a merged model)
     alpha: float | None = None
     fedllm_version: str = field(default_factory=fedllm_version)
 

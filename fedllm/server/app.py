@@ -270,23 +270,9 @@ class Run:
             f"{with_extras(server_row, self.strategy.eval_metrics)}{with_test_loss(server_row)} "
             f"[{server_row['seconds']:.0f}s]{' (best so far)' if best else ''}{progress}"
         )
-        self.stop_if_the_aggregator_keeps_failing(server_round, result)
-
-    def stop_if_the_aggregator_keeps_failing(self, server_round: int, result: RoundResult) -> None:
-        """End the run (its rounds checkpointed) once the aggregate raised `AGGREGATOR_FAILURES`
-        rounds running: a refused round keeps a run alive against one bad round of updates, but
-        every round refused is a bug in the aggregator or a feature, and nothing would train."""
-        failed = result.aggregator_error is not None
-        self.aggregator_failures = self.aggregator_failures + 1 if failed else 0
-        if self.aggregator_failures >= AGGREGATOR_FAILURES:
-            raise RunFailed(
-                f"round {server_round}: the aggregator raised {self.aggregator_failures} rounds "
-                f"running ({result.aggregator_error}), on updates that passed screening: a bug "
-                f"in aggregator {self.cfg.aggregator.name!r} or a feature, not a client (the "
-                f"traceback is in the log above); rounds up to {server_round} are checkpointed "
-                f"in {self.cfg.run_dir} (the refused ones left the global unchanged), fix and "
-                "use --resume"
-            )
+        self.aggregator_failures = aggregator_failures(
+            self.aggregator_failures, result, cfg=self.cfg, server_round=server_round
+        )
 
     def base_round(self) -> None:
         """Round 0: the base model's held-out loss, the reference every round is compared to."""
@@ -302,6 +288,26 @@ class Run:
         say(f"round 0 (base model): held-out loss {held:.4f}{with_test_loss(row)} [{seconds:.0f}s]")
         self.save(0)
         self.metrics.publish([*eval_rows, row])
+
+
+def aggregator_failures(
+    before: int, result: RoundResult, *, cfg: RunConfig, server_round: int
+) -> int:
+    """Rounds running whose aggregate raised, with this one; RunFailed (the rounds are
+    checkpointed) at `AGGREGATOR_FAILURES`: a refused round keeps a run alive against one bad
+    round of updates, but every round refused is a bug in the aggregator or a feature, and
+    nothing would train."""
+    if result.aggregator_error is None:
+        return 0
+    if (failures := before + 1) >= AGGREGATOR_FAILURES:
+        raise RunFailed(
+            f"round {server_round}: the aggregator raised {failures} rounds running "
+            f"({result.aggregator_error}), on updates that passed screening: a bug in aggregator "
+            f"{cfg.aggregator.name!r} or a feature, not a client (the traceback is in the log "
+            f"above); rounds up to {server_round} are checkpointed in {cfg.run_dir} (the "
+            "refused ones left the global unchanged), fix and use --resume"
+        )
+    return failures
 
 
 def with_extras(row: dict[str, Any], declared: Mapping[str, Any]) -> str:

@@ -136,8 +136,9 @@ class LoraStrategy(Strategy):
 
     @property
     def global_scaling(self) -> float:
-        """The global adapter's LoRA scaling (α/r at the largest rank under squeeze; 1 under
-        svd, whose global at rank Σrᵢ folds every client's sᵢ into its factors)."""
+        """The global adapter's LoRA scaling: α/r at the largest client rank before the first
+        aggregate, 1 after it (every built-in aggregator folds each client's sᵢ into its
+        factors)."""
         return next(iter(self.global_.values())).scaling
 
     def global_record(self) -> ArrayRecord:
