@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .base import Aggregate, Factors, RoundSpec, carried_factors, normalized_weights, reject_options
-from .linalg import split_triplets, svd_factors
+from .linalg import numerical_rank, split_triplets, svd_factors
 from .registry import register
 
 STATE_KEYS = ("merged_B", "merged_A")
@@ -53,17 +53,9 @@ def flora(
     d, k = updates[0].shape
     cap = min(d, k) if global_rank is None else global_rank
     L, S, R = svd_factors(Bs, As, ws, cap, method="exact", seed=seed)
-    rank = max(1, numerical_rank(S, d, k))
+    rank = numerical_rank(S, updates[0].B.dtype)
     B, A = split_triplets(L[:, :rank], S[:rank], R[:, :rank], rank)
     dtype = updates[0].B.dtype
     kept = torch.promote_types(dtype, torch.float32)
     new_state = {"merged_B": B.to(kept), "merged_A": A.to(kept)}
     return Aggregate(Factors(B.to(dtype), A.to(dtype), 1.0), new_state)
-
-
-def numerical_rank(S: torch.Tensor, d: int, k: int) -> int:
-    """How many singular values exceed max(d, k)·ε(float32)·S₀ (the factors arrive in float32)."""
-    if S.numel() == 0 or S[0] <= 0:
-        return 0
-    tol = S[0] * max(d, k) * torch.finfo(torch.float32).eps
-    return int((S > tol).sum())

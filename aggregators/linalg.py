@@ -56,13 +56,16 @@ def factored_svd(
     return B.to(dtype), A.to(dtype)
 
 
-def numerical_rank(S: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype) -> int:
-    """How many of the decreasing singular values `S` of a `shape` matrix held in `dtype` are
-    above its numerical zero, S₁·max(d, k)·ε (numpy's `matrix_rank` tolerance); at least 1."""
+def numerical_rank(S: torch.Tensor, dtype: torch.dtype) -> int:
+    """How many of the decreasing singular values `S` of a sum of factors held in `dtype` are
+    above S₁·ε (at least 1). The directions that are exactly zero (a zero factor, a repeated
+    update, a pruned round's fill) come out of every method at ≤ 1e-8·S₁ (≤ 2e-13 for zero
+    inputs, rsvd with or without bf16, up to 4096×11008); numpy's S₁·max(d, k)·ε would also cut
+    real components of wide modules (h102: 12 of 60 at 4096×11008, 0.27% of ΔW), and more once
+    a screened-in update at 100× the median norm raises S₁."""
     if S.numel() == 0:
         return 0
-    tol = S[0].item() * max(shape) * torch.finfo(dtype).eps
-    return max(1, int((S > tol).sum()))
+    return max(1, int((S > S[0].item() * torch.finfo(dtype).eps).sum()))
 
 
 def split_triplets(

@@ -52,7 +52,7 @@ def svd(
         seed=seed,
     )
     if global_rank is None:
-        rank = numerical_rank(S, (d, k), updates[0].B.dtype)
+        rank = numerical_rank(S, updates[0].B.dtype)
         L, S, R = L[:, :rank], S[:rank], R[:, :rank]
     B, A = split_triplets(L, S, R, rank)
     dtype = updates[0].B.dtype

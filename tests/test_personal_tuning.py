@@ -17,7 +17,7 @@ from fedllm.client.train import evaluate_nll
 from fedllm.data.shards import load_shard
 from fedllm.deploy.local_grid import LocalGrid, server_identity
 from fedllm.features import registry
-from fedllm.features.personal_tuning import PersonalTuning, cut_to_rank
+from fedllm.features.personal_tuning import PersonalTuning, cut_to_rank, tuning_start
 from fedllm.features.types import ClientPlan, ClientRound, EvalRow
 from fedllm.model.base import cached_base_model
 from fedllm.model.card import CARD_JSON
@@ -46,6 +46,21 @@ def test_the_cut_is_the_best_rank_r_approximation_of_the_global() -> None:
     ).values()  # more rank than it holds: same ΔW
     assert padded.rank == 6
     torch.testing.assert_close(padded.B @ padded.A, dW)
+
+
+def test_the_tuning_start_revives_what_a_lower_rank_global_left_dead() -> None:
+    # h102: a rank-8 client tuning a rank-2 global kept 6 components whose A row and B column
+    # were both zero, which never train; they get fresh A rows (B stays 0) as in a round
+    torch.manual_seed(1)
+    f = Factors(torch.randn(6, 2), torch.randn(2, 5), 1.0)
+    (start,) = tuning_start({"m": f}, rank=8, scaling=0.25, seed=3).values()
+    assert start.rank == 8 and torch.count_nonzero(start.B[:, 2:]) == 0
+    assert bool((start.A[2:] != 0).all(dim=1).all())  # every padded row is alive
+    torch.testing.assert_close(0.25 * start.B @ start.A, f.B @ f.A)  # ΔW unchanged
+    (again,) = tuning_start({"m": f}, rank=8, scaling=0.25, seed=3).values()
+    assert torch.equal(again.A, start.A)  # the seed's draws
+    (other,) = tuning_start({"m": f}, rank=8, scaling=0.25, seed=4).values()
+    assert not torch.equal(other.A[2:], start.A[2:])
 
 
 def test_off_unless_named_and_its_options_are_checked() -> None:

@@ -202,14 +202,19 @@ def start_adapter(
     return start
 
 
+def revive_generator(seed: int) -> torch.Generator:
+    """The fresh A rows' stream for a round of `seed`: one of its own (squeeze_intune's fresh
+    rows come from Generator(seed), and the same draws twice would be duplicate components
+    that train as one)."""
+    digest = hashlib.sha256(f"revive/{seed}".encode()).digest()[:8]
+    return torch.Generator().manual_seed(int.from_bytes(digest, "big") % 2**63)
+
+
 def revive(start: dict[str, Factors], rnd: ClientRound) -> dict[str, Factors]:
     """The start with its dead components (zero-padded past a lower-rank global: a recipe's
     `aggregator.global_rank` below this client's rank, or a round that sampled only lower-rank
     clients) given fresh A rows from the round's seed, so they train; ΔW is unchanged."""
-    seed = int.from_bytes(hashlib.sha256(f"revive/{rnd.seed}".encode()).digest()[:8], "big")
-    # a stream of its own: squeeze_intune's fresh rows come from Generator(rnd.seed), and the
-    # same draws twice would be duplicate components that train as one
-    start, revived = revive_dead(start, generator=torch.Generator().manual_seed(seed % 2**63))
+    start, revived = revive_dead(start, generator=revive_generator(rnd.seed))
     if revived:
         log.info(
             "client %d, round %d: %d components of the received adapter were zero (a global of "

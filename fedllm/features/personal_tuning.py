@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fedllm.aggregators import Factors, round_spec
 from fedllm.aggregators.linalg import factored_svd
-from fedllm.client.round import client_seed
+from fedllm.client.round import client_seed, revive_generator
 from fedllm.client.schedule import round_steps
 from fedllm.client.train import evaluate_nll, train_local
 from fedllm.constrained.pruned import planned_ranks
@@ -45,7 +45,7 @@ from fedllm.features.base import Feature, ReplyMetrics
 from fedllm.features.node_state import NODE_KEY, client_dir
 from fedllm.features.registry import active, register
 from fedllm.features.types import ClientRound
-from fedllm.model.adapters import adapter_holding, read_factors
+from fedllm.model.adapters import adapter_holding, read_factors, revive_dead
 from fedllm.model.base import cached_base_model
 from fedllm.model.card import make_card, save_adapter
 from fedllm.model.identity import IDENTITY_MEMO, base_identity
@@ -70,6 +70,18 @@ class PersonalTuningOptions(BaseModel):
     steps: int | None = Field(
         None, gt=0, description="optimizer steps (default: one round's local steps)"
     )
+
+
+def tuning_start(
+    factors: Mapping[str, Factors], *, rank: int, scaling: float, seed: int
+) -> dict[str, Factors]:
+    """The tuning round's start: `cut_to_rank`, its dead components (zero-padded past a global
+    of lower rank) given fresh A rows from the tuning round's `seed`, as a training round's
+    start (`fedllm.client.round.revive`); ΔW is unchanged."""
+    start, _ = revive_dead(
+        cut_to_rank(factors, rank=rank, scaling=scaling), generator=revive_generator(seed)
+    )
+    return start
 
 
 def cut_to_rank(factors: Mapping[str, Factors], *, rank: int, scaling: float) -> dict[str, Factors]:
@@ -139,7 +151,8 @@ class PersonalTuning(Feature):
             return {}
         opts = self.options
         rank = rnd.plan.rank
-        start = cut_to_rank(factors, rank=rank, scaling=cfg.client_scaling(rank))
+        seed = client_seed(cfg, server_round=fed.rounds + 1, partition=rnd.partition)
+        start = tuning_start(factors, rank=rank, scaling=cfg.client_scaling(rank), seed=seed)
         base, tok = cached_base_model(cfg, cache=rnd.cache)  # the evaluation's, when cached
         examples = rnd.shard.train
         steps = opts.steps or round_steps(fed, len(examples))
@@ -161,7 +174,7 @@ class PersonalTuning(Feature):
                 precision=fed.precision,
                 share_head=fed.share_head,
                 max_grad_norm=fed.max_grad_norm,
-                seed=client_seed(cfg, server_round=fed.rounds + 1, partition=rnd.partition),
+                seed=seed,
             )
             scoring_mode(model, quantized=cfg.model.quantization != "none")  # as evaluations
             nll, tokens = evaluate_nll(
