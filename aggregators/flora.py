@@ -53,9 +53,9 @@ def flora(
     d, k = updates[0].shape
     cap = min(d, k) if global_rank is None else global_rank
     L, S, R = svd_factors(Bs, As, ws, cap, method="exact", seed=seed)
-    rank = numerical_rank(S, updates[0].B.dtype)
-    B, A = split_triplets(L[:, :rank], S[:rank], R[:, :rank], rank)
     dtype = updates[0].B.dtype
+    rank = numerical_rank(S, dtype)
+    B, A = split_triplets(L[:, :rank], S[:rank], R[:, :rank], rank)
     kept = torch.promote_types(dtype, torch.float32)
     new_state = {"merged_B": B.to(kept), "merged_A": A.to(kept)}
     return Aggregate(Factors(B.to(dtype), A.to(dtype), 1.0), new_state)

@@ -51,9 +51,9 @@ def svd(
         power_iters=power_iters,
         seed=seed,
     )
+    dtype = updates[0].B.dtype
     if global_rank is None:
-        rank = numerical_rank(S, updates[0].B.dtype)
+        rank = numerical_rank(S, dtype)
         L, S, R = L[:, :rank], S[:rank], R[:, :rank]
     B, A = split_triplets(L, S, R, rank)
-    dtype = updates[0].B.dtype
     return Aggregate(Factors(B.to(dtype), A.to(dtype), 1.0))
