@@ -64,6 +64,7 @@ class SecureRound(Strategy):
         self.sampled = 0
         self.rows: list[ClientRow] = []
         self.failure: str | None = None  # why the unmasked mean was refused, if it was
+        self.aggregator_error: str | None = None  # the aggregator raised on a checked mean
         self.applied = False  # whether the unmasked mean became the new global
 
     def configure_fit(
@@ -177,6 +178,23 @@ class SecureRound(Strategy):
         if self.failure is not None:
             log.warning("round %d: %s; the global adapter is unchanged", server_round, self.failure)
             return self.refuse()
+        try:
+            new_global, new_state = self.aggregate(server_round, mean, total_rank)
+            problem = self.lora.commit(server_round, new_global, new_state)
+        except Exception as err:  # a checked mean the aggregator cannot take: the round, not run
+            log.warning("round %d: the aggregator failed on the mean", server_round, exc_info=True)
+            self.aggregator_error = f"{type(err).__name__}: {err}"  # three rounds running end it
+            problem = f"aggregate refused ({self.aggregator_error}): the global is unchanged"
+        if problem is not None:
+            self.failure = f"{KEY}: {problem}"
+            return self.refuse()
+        self.applied = True
+        return True
+
+    def aggregate(
+        self, server_round: int, mean: list[np.ndarray], total_rank: int
+    ) -> tuple[dict[str, Factors], dict[str, Any]]:
+        """The new global and aggregator state: the mean as one weight-1 pseudo-client."""
         lora, agg = self.lora, self.lora.cfg.aggregator
         arrays = iter(torch.from_numpy(a).double() for a in mean)
         new_global, new_state = {}, {}
@@ -202,15 +220,7 @@ class SecureRound(Strategy):
             g = result.global_
             new_global[module] = Factors(g.B.float(), g.A.float(), g.scaling)
             new_state[module] = result.state
-        try:
-            problem = lora.commit(server_round, new_global, new_state)
-        except Exception as err:  # post-processing of a hostile mean: the round, not the run
-            problem = f"{type(err).__name__}: {err}"
-        if problem is not None:
-            self.failure = f"{KEY}: {problem}"  # e.g. the aggregator overflowed on the mean
-            return self.refuse()
-        self.applied = True
-        return True
+        return new_global, new_state
 
     def refuse(self) -> bool:
         """Every row of a refused round fails with `self.failure`; False."""
@@ -368,7 +378,13 @@ def train_round(lora: LoraStrategy, grid: Grid, server_round: int) -> RoundResul
         )
         rows = [ClientRow(server_round, -1, "failed", reason=reason)]
     # the server cannot know the clients' losses (they stay on the clients): train_loss is None
-    return RoundResult(adapter.sampled, rows, None, replies=len(adapter.rows))
+    return RoundResult(
+        adapter.sampled,
+        rows,
+        None,
+        replies=len(adapter.rows),
+        aggregator_error=adapter.aggregator_error,
+    )
 
 
 def protocol_failure(adapter: SecureRound, server_round: int, err: Exception) -> RoundResult:

@@ -902,6 +902,33 @@ def test_an_aggregate_the_strategy_refuses_fails_the_secure_rounds_rows(monkeypa
     assert all(after[m] is before[m] for m in SHAPES)
 
 
+def test_an_aggregator_that_raises_on_the_mean_is_counted_towards_the_runs_stop(
+    monkeypatch,
+) -> None:
+    """Stop 46 left it: an aggregator raising on a checked mean failed as a protocol error, and
+    so never reached the count that ends a run whose aggregator raises 3 rounds running."""
+    from fedllm.errors import RunFailed
+    from fedllm.server import strategy
+    from fedllm.server.app import AGGREGATOR_FAILURES, aggregator_failures
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug in the aggregator")
+
+    monkeypatch.setattr(strategy, "get", lambda name: broken)
+    cfg = secure_cfg()
+    result, before, after, _ = secure_round(cfg, updates(cfg))
+    assert result.aggregator_error == "ZeroDivisionError: a bug in the aggregator"
+    assert [r.status for r in result.rows] == ["failed"] * 3
+    assert all("aggregate refused (ZeroDivisionError" in r.reason for r in result.rows)
+    assert all("protocol" not in r.reason for r in result.rows)
+    assert all(after[m] is before[m] for m in SHAPES), "the previous global stays"
+    count = 0
+    for rnd in range(1, AGGREGATOR_FAILURES):
+        count = aggregator_failures(count, result, cfg=cfg, server_round=rnd)
+    with pytest.raises(RunFailed, match="raised 3 rounds running"):
+        aggregator_failures(count, result, cfg=cfg, server_round=AGGREGATOR_FAILURES)
+
+
 def _set_weight(value):
     def change(content) -> None:  # the weight Flower's workflow reads in the clear
         from flwr.app import MetricRecord
