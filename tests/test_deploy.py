@@ -92,13 +92,24 @@ if PROGRAM == "flower-supernode":
 
     replace(flwr.supercore.heartbeat, "HEARTBEAT_DEFAULT_INTERVAL", 30, 10)
     replace(flwr.supernode.fleet_http_connection, "HEARTBEAT_DEFAULT_INTERVAL", 30, 10)
+elif PROGRAM == "flower-superlink":
+    # a running task (the ServerApp) whose heartbeats stop fails after 2/3 x 2 x 30 s = 20 s,
+    # not 60 s: a killed ServerApp's run ends (and the nodes drop its messages) sooner. Its claim
+    # (30 s to start) is unchanged.
+    import flwr.supercore.corestate.sql_corestate
+
+    replace(flwr.supercore.corestate.sql_corestate, "HEARTBEAT_PATIENCE", 2, 2 / 3)
 elif PROGRAM == "flwr-serverapp":
+    # the ServerApp sends a heartbeat every ~4 s instead of ~20 s (its 20 s TTL above), and
     # Grid.send_and_receive (each stage of Flower's SecAgg+ workflow) polls for replies every
     # 0.5 s instead of 3 s
     import time
     import types
 
+    import flwr.supercore.heartbeat
     import flwr.superlink.grid.http_grid
+
+    replace(flwr.supercore.heartbeat, "HEARTBEAT_DEFAULT_INTERVAL", 30, 10)
 
     class FastPoll(types.ModuleType):
         def __getattr__(self, name):

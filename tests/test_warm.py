@@ -179,3 +179,44 @@ def test_a_worker_writes_its_pid_beside_its_secret(worker: Path) -> None:
 def test_a_swept_folder_means_run_here(tmp_path: Path) -> None:
     """A node whose worker died and whose folder was swept runs its messages itself."""
     assert warm.forward(tmp_path / "gone", _message(), _context(tmp_path / "gone")) is None
+
+
+def test_the_machines_cores_are_split_between_its_live_workers(tmp_path: Path) -> None:
+    """Three nodes on 2 cores at 2 torch threads each spun OpenMP threads against each other
+    (~20x slower steps); each live worker gets its share, at least 1, a dead one none."""
+    import os
+    import subprocess
+    import sys
+
+    assert warm.shared_threads(tmp_path, cores=8) == 8  # no worker yet: the first takes all
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for name, pid in (("a", os.getpid()), ("b", os.getppid()), ("dead", dead.pid), ("new", None)):
+        folder = tmp_path / f"{warm.PREFIX}{name}"
+        warm.make_folder(folder)
+        (folder / warm.PID).unlink()
+        if pid is not None:
+            (folder / warm.PID).write_text(str(pid))
+    assert warm.shared_threads(tmp_path, cores=8) == 4  # 2 live; the dead and pid-less not
+    assert warm.shared_threads(tmp_path, cores=7) == 3
+    assert warm.shared_threads(tmp_path, cores=1) == 1
+
+
+def test_each_call_runs_after_the_workers_before_hook(tmp_path: Path) -> None:
+    calls: list[str] = []
+
+    def app(msg: Message, context: Context) -> Message:
+        calls.append("app")
+        return counting_app(msg, context)
+
+    folder = tmp_path / "worker"
+    server, secret = warm.listen(folder)
+    threading.Thread(
+        target=warm.serve_forever,
+        args=(server, secret, app),
+        kwargs={"before": lambda: calls.append("before")},
+        daemon=True,
+    ).start()
+    for _ in range(2):
+        assert warm.forward(folder, _message(), _context(folder)) is not None
+    assert calls == ["before", "app", "before", "app"]
