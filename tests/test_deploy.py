@@ -64,7 +64,8 @@ def cmdline(pid: int) -> str:
 
 
 # Flower's timings in a test federation: a `sitecustomize` on the PYTHONPATH of its processes.
-# Only how soon Flower sees a lost node or a reply changes, not what Flower or fedllm then do.
+# Only how soon Flower sees a lost node, a message or a reply changes, not what Flower or fedllm
+# then do.
 # The per-message `flwr-clientapp` processes and the warm workers run `python -I`, without it.
 FLOWER_TIMINGS = '''\
 """Test timings of tests/test_deploy.py's loopback federation (FLOWER_TIMINGS there)."""
@@ -84,14 +85,33 @@ def replace(module, name, old, new):
     setattr(module, name, new)
 
 
+def fast_poll(module):
+    """`module`'s `time`, with every sleep at most 0.5 s (how often it polls)."""
+    import time
+    import types
+
+    class FastPoll(types.ModuleType):
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        @staticmethod
+        def sleep(seconds):
+            time.sleep(min(seconds, 0.5))
+
+    replace(module, "time", time, FastPoll("time"))
+
+
 if PROGRAM == "flower-supernode":
     # a SuperNode declares a 10 s heartbeat (the SuperLink's minimum) instead of 30 s and sends
-    # one every ~4 s: a killed node's messages fail 2 x 10 s after its last one, not 2 x 30 s
+    # one every ~4 s: a killed node's messages fail 2 x 10 s after its last one, not 2 x 30 s;
+    # an idle SuperNode asks for messages every 0.5 s instead of 3 s
     import flwr.supercore.heartbeat
     import flwr.supernode.fleet_http_connection
+    import flwr.supernode.start_client_internal
 
     replace(flwr.supercore.heartbeat, "HEARTBEAT_DEFAULT_INTERVAL", 30, 10)
     replace(flwr.supernode.fleet_http_connection, "HEARTBEAT_DEFAULT_INTERVAL", 30, 10)
+    fast_poll(flwr.supernode.start_client_internal)
 elif PROGRAM == "flower-superlink":
     # a running task (the ServerApp) whose heartbeats stop fails after 2/3 x 2 x 30 s = 20 s,
     # not 60 s: a killed ServerApp's run ends (and the nodes drop its messages) sooner. Its claim
@@ -103,23 +123,11 @@ elif PROGRAM == "flwr-serverapp":
     # the ServerApp sends a heartbeat every ~4 s instead of ~20 s (its 20 s TTL above), and
     # Grid.send_and_receive (each stage of Flower's SecAgg+ workflow) polls for replies every
     # 0.5 s instead of 3 s
-    import time
-    import types
-
     import flwr.supercore.heartbeat
     import flwr.superlink.grid.http_grid
 
     replace(flwr.supercore.heartbeat, "HEARTBEAT_DEFAULT_INTERVAL", 30, 10)
-
-    class FastPoll(types.ModuleType):
-        def __getattr__(self, name):
-            return getattr(time, name)
-
-        @staticmethod
-        def sleep(seconds):
-            time.sleep(min(seconds, 0.5))
-
-    replace(flwr.superlink.grid.http_grid, "time", time, FastPoll("time"))
+    fast_poll(flwr.superlink.grid.http_grid)
 '''
 
 
@@ -137,6 +145,9 @@ class Federation:
             "FLWR_HOME": str(root / "flwr_home"),
             "PYTHONPATH": path,
             "FLWR_DISABLE_UPDATE_CHECK": "1",  # no call to api.flower.ai from each CLI process
+            # a SuperExec starts a pending ClientApp or ServerApp within 0.2 s, not 1 s (Flower's
+            # own setting)
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
         }
         self.deadline = time.monotonic() + LIMIT
         self.link: subprocess.Popen | None = None  # the SuperLink, once secure_link started it
