@@ -74,6 +74,8 @@ import os
 import sys
 
 PROGRAM = os.path.basename(sys.argv[0]) if sys.argv else ""
+if sys.orig_argv[1:4] == ["-m", "fedllm.deploy.federation", "superlink"]:
+    PROGRAM = "flower-superlink"  # fedllm's guard runs Flower's SuperLink in this process
 
 
 def replace(module, name, old, new):

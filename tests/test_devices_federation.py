@@ -25,7 +25,7 @@ def test_a_miss_and_a_memory_refusal_in_a_simulated_round_teach_the_bandit(tmp_p
     code = main(
         [
             "run", RECIPE, f"output_dir={tmp_path}", "name=d", "federation.rounds=1",
-            "federation.local_steps=4", "federation.round_timeout=45",
+            "federation.local_steps=4", "federation.round_timeout=25",
             "simulation.num_cpus_per_client=1", "lora.ranks=2",
             "adaptive={ranks: [2, 4], pruning: [0.0, 0.5]}", f"devices={devices}",
         ]
@@ -38,7 +38,7 @@ def test_a_miss_and_a_memory_refusal_in_a_simulated_round_teach_the_bandit(tmp_p
     (refused,) = [r for r in clients if r["status"] == "failed"]
     assert MEMORY_REFUSAL in refused["reason"]
     (missed,) = [r for r in clients if r["status"] == "missed"]
-    assert "federation.round_timeout=45s" in missed["reason"]
+    assert "federation.round_timeout=25s" in missed["reason"]
     (server,) = [r for r in rows if r["kind"] == "server" and r["round"] == 1]
     assert (server["clients_ok"], server["clients_failed"], server["clients_missed"]) == (1, 1, 1)
     adaptive = load_checkpoint(tmp_path / "d")["adaptive"]
