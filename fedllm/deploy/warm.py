@@ -232,8 +232,11 @@ def serve(folder: Path, *, app_ref: str = APP_REF, parent: int | None = None) ->
     app = _load(app_ref)  # the heavy imports, once
     import torch  # loaded by the app above
 
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux; elsewhere every core counts
+    cores = len(affinity(0)) if affinity else os.cpu_count() or 1
+
     def share_cores() -> None:  # the nodes on this machine change as they start and stop
-        torch.set_num_threads(shared_threads(folder.parent, cores=len(os.sched_getaffinity(0))))
+        torch.set_num_threads(shared_threads(folder.parent, cores=cores))
 
     if parent is not None:
         threading.Thread(target=_exit_with_parent, args=(parent, folder), daemon=True).start()
