@@ -45,6 +45,7 @@ from fedllm.deploy.apps import (
     check_simulation_size,
     keep_recipe,
     simulation_notice,
+    weight_notice,
 )
 from fedllm.deploy.flower_env import flwr_env
 from fedllm.deploy.submit import write_run_config
@@ -269,6 +270,23 @@ def test_flwr_run_names_the_simulation_settings_it_cannot_apply() -> None:
     notice = simulation_notice(cfg)
     assert notice is not None and notice.startswith("simulation.num_gpus_per_client=0.5: not ")
     assert "--client-resources-num-cpus 2 --client-resources-num-gpus 0.5" in notice
+
+
+def test_a_deployment_warns_when_a_clients_weight_is_its_own_unbounded_claim() -> None:
+    """Under example weighting with no data.max_examples one node's claim sets the global (h93):
+    the deployment's server says so, naming the settings that bound it; bounded, it is quiet."""
+    assert weight_notice(load_recipe(TINY)) is None  # tiny caps data.max_examples
+    open_ = load_recipe(TINY, ["data.max_examples=null"])
+    notice = weight_notice(open_)
+    assert notice is not None
+    assert "data.max_examples" in notice and "aggregator.weighting=uniform" in notice
+    uniform = load_recipe(TINY, ["data.max_examples=null", "aggregator.weighting=uniform"])
+    assert weight_notice(uniform) is None
+    secagg = ["data.max_examples=null", "privacy.secure_aggregation.enabled=true"]
+    notice = weight_notice(load_recipe(TINY, secagg))
+    assert notice is not None and "up to SecAgg+'s default 100000" in notice
+    bounded = [*secagg, "privacy.secure_aggregation.max_weight=500"]
+    assert weight_notice(load_recipe(TINY, bounded)) is None
 
 
 def test_a_submitted_run_never_overwrites_the_superlinks_checkpointed_run(tmp_path: Path) -> None:

@@ -47,6 +47,7 @@ from fedllm.deploy.app_config import app_recipe, is_recipe_text  # noqa: E402
 from fedllm.features import registry  # noqa: E402
 from fedllm.launch import absolute_paths, start_run  # noqa: E402
 from fedllm.model import packing  # noqa: E402
+from fedllm.privacy.secagg_common import max_weight  # noqa: E402
 from fedllm.recipe import ConfigError, RunConfig  # noqa: E402
 from fedllm.server.app import run_server  # noqa: E402
 from fedllm.server.checkpoint import CHECKPOINT, has_checkpoint  # noqa: E402
@@ -106,6 +107,25 @@ def simulation_notice(cfg: RunConfig) -> str | None:
     )
 
 
+def weight_notice(cfg: RunConfig) -> str | None:
+    """A deployment's warning when a client's aggregation weight is its own claim, bounded by
+    nothing the recipe sets (`weighting: examples` without `data.max_examples` or, under
+    SecAgg+, `max_weight`): one node claiming 10¹⁵ examples would make every global its own
+    update. None when the recipe bounds it."""
+    sa = cfg.privacy.secure_aggregation
+    if cfg.aggregator.weighting != "examples" or cfg.data.max_examples is not None:
+        return None
+    if sa.enabled and sa.max_weight is not None:
+        return None
+    bound = f"up to SecAgg+'s default {max_weight(cfg):g}" if sa.enabled else "unbounded"
+    return (
+        "aggregator.weighting=examples with no data.max_examples: each client's weight is the "
+        f"example count it claims ({bound}), so one node can make the global its own update; "
+        "set data.max_examples (the server refuses claims above it) or aggregator.weighting="
+        "uniform where nodes are not trusted (docs/security.md)"
+    )
+
+
 def check_server_run_dir(cfg: RunConfig, *, resume: bool, overwrite: bool) -> None:
     """Refuse to start a submitted run (`fedllm run --federation`) over a checkpointed run of
     the same name in the SuperLink's run directory, which the submitter, on another machine,
@@ -137,12 +157,17 @@ def _serve(grid: Grid, context: Context) -> None:
         cfg = app_recipe(run_config)
         check_server_run_dir(cfg, resume=resume, overwrite=overwrite)
         keep_recipe(cfg, resume=resume)
+        if notice := weight_notice(cfg):
+            say(f"warning: {notice}")
         run_server(grid, cfg, resume=resume, cache=cache)
         return
     cfg = absolute_paths(app_recipe(run_config))
-    check_simulation_size(simulated_nodes(grid), cfg)
+    nodes = simulated_nodes(grid)
+    check_simulation_size(nodes, cfg)
     if notice := simulation_notice(cfg):
         say(notice)
+    if nodes is None and (notice := weight_notice(cfg)):  # a simulation's clients are its own
+        say(f"warning: {notice}")
     try:
         run_dir = start_run(cfg, resume=resume, overwrite=overwrite)
     except ConfigError as err:
