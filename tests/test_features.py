@@ -396,6 +396,7 @@ HOOKS = {
     "start",
     "sent_start",
     "personalise",
+    "eval_precision",
     "evaluated",
     "regularizers",
     "fold",
@@ -493,6 +494,7 @@ def test_every_hook_of_the_base_feature_is_a_no_op() -> None:
     assert all(started[m] is start_in[m] for m in start_in)  # ... of the same factors
     own = f.personalise(start_in, rnd)
     assert own is not start_in and all(own[m] is start_in[m] for m in start_in)
+    assert f.eval_precision("4bit", rnd) == "4bit" and f.eval_precision(None, rnd) is None
     assert f.evaluated(start_in, rnd) == {}
     assert f.regularizers(base, rnd) == []
     assert f.train(base, rnd, steps=3) is None

@@ -152,7 +152,11 @@ def evaluate(
         rank = max((f.rank for f in global_factors.values()), default=1)
         if global_factors:  # a feature may have moved them to this client's scaling (sdflora)
             scaling = next(iter(global_factors.values())).scaling
-    base, tokenizer = cached_base_model(cfg, cache=cache)
+    quant = rnd.plan.quantization  # the recipe's, unless a feature (a device tier) has its own
+    for f in features:
+        quant = f.eval_precision(quant, rnd)
+    model_cfg = cfg.model.model_copy(update={"quantization": quant or "none"})
+    base, tokenizer = cached_base_model(cfg.model_copy(update={"model": model_cfg}), cache=cache)
     model = attach_lora(
         base,
         rank=rank,
@@ -165,7 +169,7 @@ def evaluate(
         if spec.local_B:
             global_factors = wire.personal(model, record, context.state)
         write_factors(model, global_factors)
-        scoring_mode(model, quantized=cfg.model.quantization != "none")  # dropout off
+        scoring_mode(model, quantized=quant is not None)  # dropout off
         nll, tokens = evaluate_nll(
             model,
             shard.held_out,

@@ -1,4 +1,5 @@
-"""Device tiers (`lora.tiers`): each tier's clients prune their base and load it quantized.
+"""Device tiers (`lora.tiers`): each tier's clients prune their base and load it quantized, and
+evaluate on the base at their tier's precision (the whole base: evaluation is not pruned).
 
 The tier's rank is the recipe's (`RunConfig.client_rank`); this feature adds the tier's pruning
 ratio and quantization to the client's plan. The pruning itself is `fedllm.constrained.pruned`.
@@ -50,3 +51,10 @@ class Tiers(Feature):
         return dataclasses.replace(
             plan, pruning=pruning, quantization=None if quant == "none" else quant
         )
+
+    def eval_precision(self, quantization: str | None, rnd: ClientRound) -> str | None:
+        """The tier's precision (else the recipe's): a device that trains on a 4-bit base does
+        not load the recipe's full-precision one to evaluate (nor reload its own each round)."""
+        tier = tier_of(self.cfg, rnd.partition)
+        quant = tier.quantization if tier is not None and tier.quantization else None
+        return quantization if quant is None else (None if quant == "none" else quant)

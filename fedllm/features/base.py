@@ -157,6 +157,11 @@ class Feature:
         received (default: those; SDFLoRA adds the private local module it keeps)."""
         return dict(factors)
 
+    def eval_precision(self, quantization: str | None, rnd: ClientRound) -> str | None:
+        """The base precision ('4bit', '8bit', None: full) this client evaluates on (default: as
+        given, the recipe's; a device tier's own: a small device never loads a bigger base)."""
+        return quantization
+
     def evaluated(self, factors: Mapping[str, Factors], rnd: ClientRound) -> dict[str, float]:
         """After this client scored `factors` (as personalised) on its held-out split, with
         `rnd.tokenizer` and `rnd.shard` set: metrics for the evaluation reply (`eval_metrics`)."""
