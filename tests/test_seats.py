@@ -11,6 +11,7 @@ from fedllm.constrained.adaptive import Adaptive
 from fedllm.constrained.bandit import Arm, ArmBandit
 from fedllm.deploy.local_grid import LocalGrid, server_identity
 from fedllm.features import registry
+from fedllm.features.types import TrainReply
 from fedllm.recipe import RunConfig, build_config
 from fedllm.server import seats
 from fedllm.server.strategy import LoraStrategy
@@ -58,6 +59,17 @@ def test_renumbering_moves_only_unambiguous_partitions() -> None:
     old = {1001: 0, 1002: 1, 1003: 1, 1004: 2, 1005: 3}  # 1002/1003 both trained as 1
     claims = {7: 0, 8: 1, 9: 2, 10: 2, 1005: 3}  # 9/10 both claim 2; 1005 kept its id
     assert seats.renumbering(old, claims) == {1001: 7}
+
+
+def test_carried_ids_are_renamed_and_take_in_lone_claims_of_unheld_partitions() -> None:
+    known = {1001: 0, 1002: 1}  # 1001 moved to 7; 1002 not claimed now, keeps its id
+    claims = {7: 0, 8: 2, 9: 3, 10: 3, 11: 1}  # 9/10 both claim 3; 11 claims 1002's partition
+    assert seats.carried(known, claims, {1001: 7}) == {7: 0, 1002: 1, 8: 2}
+
+
+def test_an_accepted_reply_makes_its_node_the_partitions_one_id() -> None:
+    assert seats.seated({1001: 0, 1002: 1}, 70, 0) == {1002: 1, 70: 0}
+    assert seats.seated({70: 0}, 70, 0) == {70: 0}
 
 
 def test_the_query_is_answered_by_the_client_app_with_its_partition() -> None:
@@ -175,3 +187,38 @@ def test_a_resumed_simulation_moves_the_ranks_its_downloads_are_cut_to() -> None
     s, _ = resumed(checkpoint, grid_with_ids(cfg, [70, 71, 72, 73, 74, 75]))
     assert s.node_ranks == {70: 2, 71: 1}
     assert s.node_partitions == {1001: 0, 1002: 1}, "still learned from training only"
+
+
+def reply_as(partition: int) -> TrainReply:
+    return TrainReply(partition, 2, 10, 1.0, 2.0, 0.5, 5, 0.1, 100, 200)
+
+
+def test_a_node_never_accepted_takes_its_bandit_state_through_a_resume() -> None:
+    """h97's limit: only partitions of accepted replies moved, so a slow device that always
+    missed started afresh after a resume, its memory-forbidden arms offered again. Its claim
+    now carries its id into the checkpoint, and its state follows it to the new id."""
+    cfg = adaptive_strategy().cfg
+    first = adaptive_strategy()
+    (bandit,) = [f for f in first.features if isinstance(f, Adaptive)]
+    with server_identity(1):
+        first.introduce(grid_with_ids(cfg, [1001, 1002, 1003, 1004, 1005, 1006]))
+    first.remember(1001, reply_as(0))
+    bandit.bandit.forbid("1002", bandit.bandit.arms[1])  # 1002 (partition 1) never answered
+    checkpoint = {"strategy": first.state_dict(), "adaptive": bandit.state_dict()}
+    s, moved = resumed(checkpoint, grid_with_ids(cfg, [70, 71, 72, 73, 74, 75]))
+    assert moved.bandit.allowed("71") == [0], "the forbidden arm stays forbidden under 71"
+    assert s.node_partitions == {1001: 0}, "a claim still binds no partition"
+
+
+def test_a_second_resume_moves_the_state_again() -> None:
+    """Each resume of a simulation gives new ids: the partition trained under 70 after the
+    first one is carried under 70, not also under the first run's 1001 (two ids for one
+    partition moved nothing before stop 48)."""
+    cfg = adaptive_strategy().cfg
+    checkpoint = checkpoint_of_nodes({1001: 0, 1002: 1})
+    s, bandit = resumed(checkpoint, grid_with_ids(cfg, [70, 71, 72, 73, 74, 75]))
+    s.remember(70, reply_as(0))
+    bandit.bandit.update("70", bandit.bandit.arms[0], 5.0)
+    again = {"strategy": s.state_dict(), "adaptive": bandit.state_dict()}
+    _, moved = resumed(again, grid_with_ids(cfg, [80, 81, 82, 83, 84, 85]))
+    assert moved.bandit.counts == {"80": [2, 1]}

@@ -7,7 +7,9 @@ resumes, compare held-out losses of other panels across the resume, and orphan w
 kept per node id (a bandit's counts, a pruned tier's map). Each node is asked once per server
 process, with a query message, which partition it holds; a uniquely claimed partition is the
 node's seat. When every node has a new id (a resumed simulation), what features kept under an
-old id (the adaptive bandit's counts) moves to the node that claims its partition.
+old id (the adaptive bandit's counts) moves to the node that claims its partition. The ids that
+state is kept under (`carried`, `seated`) are checkpointed: a node's accepted partition, else
+its lone claim, so a node that never had a reply accepted moves too, and so does every resume.
 
 A claim is not proof: a hostile node can claim any partition. Two nodes claiming one partition
 are both seated by node id, as a node that does not answer (an older client, an error, a late
@@ -66,3 +68,22 @@ def renumbering(old: Mapping[int, int], claims: Mapping[int, int]) -> dict[int, 
     claimed = Counter(claims.values())
     now = {p: n for n, p in claims.items() if claimed[p] == 1}
     return {n: now[p] for n, p in old.items() if held[p] == 1 and p in now and now[p] != n}
+
+
+def carried(
+    known: Mapping[int, int], claims: Mapping[int, int], moved: Mapping[int, int]
+) -> dict[int, int]:
+    """node -> partition of the ids that per-node state is kept under, after a process's
+    introduction: the `known` ones renamed by `moved`, plus each partition one node alone
+    claims that no known id holds (a node that never had a reply accepted, e.g. a slow device
+    that always missed, so that its state follows it into the next resume too)."""
+    out = {moved.get(n, n): p for n, p in known.items()}
+    held, counts = set(out.values()), Counter(claims.values())
+    out |= {n: p for n, p in claims.items() if counts[p] == 1 and p not in held and n not in out}
+    return out
+
+
+def seated(known: Mapping[int, int], node: int, partition: int) -> dict[int, int]:
+    """`known` after `node`'s reply as `partition` was accepted: that node is the partition's
+    one id (an older id of the partition, a resumed run's, holds no state of it any more)."""
+    return {n: p for n, p in known.items() if p != partition and n != node} | {node: partition}

@@ -78,7 +78,9 @@ class LoraStrategy(Strategy):
         # node -> the partition it says it holds (`seats`): asked once per process, not saved
         self.claims: dict[int, int] = {}
         self.introduced = False
-        self.old_ids: dict[int, int] = {}  # a resumed run's node -> partition, until introduced
+        # node -> partition of the ids per-node state is kept under (`seats.carried`): a resumed
+        # run's until introduced, then this process's; saved, so state follows new ids again
+        self.node_seats: dict[int, int] = {}
         self.sampled: tuple[int, list[int]] | None = None  # (round, its sample), drawn once
 
     @property
@@ -109,6 +111,7 @@ class LoraStrategy(Strategy):
             "agg_state": self.agg_state,
             "node_ranks": dict(self.node_ranks),
             "node_partitions": dict(self.node_partitions),
+            "node_seats": dict(self.node_seats),
             # the server's view of each client (client_adapters/ at the end); empty when private
             "client_updates": {
                 p: (rnd, {m: (f.B, f.A, f.scaling) for m, f in update.items()})
@@ -128,7 +131,8 @@ class LoraStrategy(Strategy):
             for p, (rnd, update) in state.get("client_updates", {}).items()
         }
         self.attempts = [(str(t), int(r)) for t, r in state.get("attempts", [])]
-        self.old_ids = dict(self.node_partitions)
+        # a checkpoint before stop 48 knew the ids of accepted replies only (every one is seated)
+        self.node_seats = dict(state.get("node_seats") or self.node_partitions)
 
     def begin(self, first_round: int) -> None:
         """This process runs the rounds from `first_round` on: a new attempt, with a new token."""
@@ -171,10 +175,11 @@ class LoraStrategy(Strategy):
         asked = [seats.query(n) for n in nodes]  # a list: a deployment's grid reads it twice
         replies = grid.send_and_receive(asked, timeout=self.cfg.federation.round_timeout)
         self.claims = seats.read_claims(replies, num_clients=self.cfg.data.num_clients)
-        old, self.old_ids = self.old_ids, {}
-        if not old or set(old) & set(nodes):  # ids that persist: nothing to move
-            return
-        if moved := seats.renumbering(old, self.claims):
+        old = self.node_seats
+        persist = not old or set(old) & set(nodes)  # ids that persist: nothing to move
+        moved = {} if persist else seats.renumbering(old, self.claims)
+        self.node_seats = seats.carried(old, self.claims, moved)
+        if moved:
             for f in self.features:
                 f.renumber(moved)
             # the rank each download is cut to (only bandwidth: the node cuts to its own rank
@@ -264,6 +269,7 @@ class LoraStrategy(Strategy):
         """What the server learns of a node from a reply: its rank and its partition."""
         self.node_ranks[node] = reply.rank
         self.node_partitions[node] = reply.partition
+        self.node_seats = seats.seated(self.node_seats, node, reply.partition)
         self.seen.add(node)
 
     def train_round(
@@ -286,7 +292,7 @@ class LoraStrategy(Strategy):
                 known, may_hold = self.node_partitions.get(node), self.may_train([node])
                 rows.append(malformed_row(server_round, node, err, known=known, may_hold=may_hold))
         refuse_shared_partitions(server_round, parsed, rows)
-        known = dict(self.node_ranks), dict(self.node_partitions), set(self.seen)
+        known = (dict(self.node_ranks), dict(self.node_partitions), set(self.seen), self.node_seats)
         accepted = self.screen(server_round, parsed, rows)
         result = RoundResult(sampled=sampled, rows=rows, replies=len(replies))
         if not accepted:
@@ -308,7 +314,7 @@ class LoraStrategy(Strategy):
                     log.warning("round %d: rejected node %s: %s", server_round, row.node, refused)
                     row.status, row.reason = "rejected", refused
             # a refused round teaches the server nothing (the ranks and partitions it claimed)
-            self.node_ranks, self.node_partitions, self.seen = known
+            self.node_ranks, self.node_partitions, self.seen, self.node_seats = known
             return result
         for n in accepted if not self.private else []:  # a private run keeps none
             reply, update = parsed[n]
