@@ -12,6 +12,7 @@ from flwr.app import MetricRecord, RecordDict
 from fedllm.aggregators.base import Factors
 from fedllm.constrained.adaptive import Adaptive
 from fedllm.constrained.bandit import Arm, efficiency
+from fedllm.constrained.prune_map import Kept, expand, kept_to_record, restrict
 from fedllm.data.shards import ProcessCache
 from fedllm.features import registry
 from fedllm.features.types import TrainReply
@@ -143,3 +144,38 @@ def test_the_client_reward_is_the_clients_own_losses(tiny) -> None:
     strategy.download(7)
     bandit.accepted(7, reply(rank=2, first=3.0, last=1.5, seconds=4.0))
     assert bandit.bandit.sums["7"][0] == pytest.approx(0.5 / 4.0**0.5)
+
+
+def test_a_pruned_reply_is_scored_against_the_start_it_had(tiny) -> None:
+    """h97: a pruned client's reply comes back with zeros at the ids it pruned, and was scored
+    against the whole global cut to its rank, so one that trained nothing gained or lost by the
+    rows it dropped. Its start now has the same zeros: sending it back scores no gain."""
+    cfg, shapes = tiny
+    pruned = load_recipe(
+        RECIPE,
+        [
+            f"output_dir={cfg.output_dir}",
+            TEST_SET,
+            "adaptive={ranks: [2], pruning: [0.5], reward: server, reward_examples: 8}",
+        ],
+    )
+    strategy = LoraStrategy(pruned, shapes=shapes, features=registry.build(pruned))
+    gen = torch.Generator().manual_seed(1)
+    strategy.global_ = {  # a poor global: zeroing half its rows helps
+        m: Factors(torch.randn(d, 4, generator=gen) * 2.0, torch.randn(4, k, generator=gen), 1.0)
+        for m, (d, k) in shapes.items()
+    }
+    (bandit,) = [f for f in strategy.features if isinstance(f, Adaptive)]
+    _, extra = strategy.download(7)
+    assert (extra["rank"], extra["pruning"]) == (2, 0.5)
+    s = pruned.client_scaling(2)
+    start = {m: f.truncate(2, s) for m, f in strategy.global_.items()}
+    kept = {m: Kept(out=torch.arange(0, d, 2), in_=None) for m, (d, _) in shapes.items()}
+    sent_back = {m: expand(restrict(f, kept[m]), kept[m], f.shape) for m, f in start.items()}
+    scorer = TestSetEvaluator(pruned, max_examples=8)
+    assert scorer.evaluate(sent_back)[0] < scorer.evaluate(start)[0]  # the dropped rows "gain"
+    content = RecordDict({"kept": kept_to_record(kept)})
+    claim = reply(rank=2, first=3.0, last=1.0, seconds=2.0)
+    bandit.receive(7, content, sent_back, reply=claim, shapes=shapes)
+    bandit.accepted(7, claim)
+    assert bandit.bandit.counts["7"] == [1] and bandit.bandit.sums["7"] == [0.0]

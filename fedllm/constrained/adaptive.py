@@ -5,8 +5,9 @@ pruning, whose training transfers poorly to the full base, docs/constrained.md).
 
 Whose loss gain (`adaptive.reward`): the client's own first and last training losses (`client`,
 the default: no server data needed), or the server's (`server`): the test-set loss of the
-global adapter cut to the arm's rank (where the client started) against that of the client's
-reply, both on the server's unpruned base. A client's losses on a pruned base measure what its
+global adapter cut to the arm's rank (where the client started; a pruned client, zeros at the
+ids it pruned, as its reply has them) against that of the client's reply, both on the server's
+unpruned base. A client's losses on a pruned base measure what its
 adapter does there, and training on a pruned base transfers poorly to the full one
 (docs/constrained.md); the server's score sees that, at one small evaluation per arm rank
 played and one per reply each round, on `reward_examples` of `data.test_set`.
@@ -31,6 +32,7 @@ from flwr.app import RecordDict
 from fedllm.aggregators.base import Factors
 from fedllm.constrained.bandit import Arm, ArmBandit, efficiency
 from fedllm.constrained.devices import MEMORY_REFUSAL
+from fedllm.constrained.prune_map import Kept, expand, kept_from_record, restrict
 from fedllm.features.base import Feature, require_adapter_state
 from fedllm.features.registry import register
 from fedllm.features.types import Download, RoundResult, TrainReply
@@ -86,7 +88,7 @@ class Adaptive(Feature):
         # reward=server, this round only: the global, the score of its cut per rank, the replies
         self.global_: dict[str, Factors] = {}
         self.start_loss: dict[int, float] = {}
-        self.replies: dict[int, dict[str, Factors]] = {}
+        self.replies: dict[int, tuple[dict[str, Factors], dict[str, Kept]]] = {}
 
     # -- server --------------------------------------------------------------------------------
     def on_server(self, *, cache: Any) -> None:
@@ -113,9 +115,11 @@ class Adaptive(Feature):
         shapes: Mapping[str, tuple[int, int]],
     ) -> dict[str, Factors]:
         """reward=server: keep the reply's factors at the global shapes (a pruned base's
-        feature, order 40, has put them back at full shape) to score once it is accepted."""
+        feature, order 40, has put them back at full shape, and checked the kept-index map
+        kept here with them) to score once it is accepted."""
         if self.cfg.adaptive.reward == "server":
-            self.replies[node] = factors
+            kept = kept_from_record(content.get("kept"), who=f"client (node {node})")
+            self.replies[node] = (factors, kept)
         return factors
 
     def accepted(self, node: int, reply: TrainReply) -> None:
@@ -126,7 +130,8 @@ class Adaptive(Feature):
         if self.cfg.adaptive.reward == "client":
             first, last = reply.train_loss_first, reply.train_loss_last
         else:
-            first, last = self.start_score(arm.rank), self.score(self.replies[node])
+            factors, kept = self.replies[node]
+            first, last = self.start_score(arm.rank, kept), self.score(factors)
         if first is None or last is None:
             return
         reward = efficiency(
@@ -140,11 +145,19 @@ class Adaptive(Feature):
         for old, new in ids.items():
             self.bandit.rename(str(old), str(new))
 
-    def start_score(self, rank: int) -> float:
-        """The server's test-set loss of this round's global cut to `rank` (a client's start)."""
-        if rank not in self.start_loss:
+    def start_score(self, rank: int, kept: Mapping[str, Kept] | None = None) -> float:
+        """The server's test-set loss of a client's start: this round's global cut to `rank`
+        and, for a pruned client, to the ids it `kept` (zeros elsewhere, as its reply comes
+        back), so an adapter that trained nothing scores no gain. Unpruned: once per rank."""
+        if kept or rank not in self.start_loss:
             scaling = self.cfg.client_scaling(rank)
             start = {m: f.truncate(rank, scaling) for m, f in self.global_.items()}
+            if kept:
+                start = {
+                    m: expand(restrict(f, kept.get(m)), kept.get(m), f.shape)
+                    for m, f in start.items()
+                }
+                return self.score(start)
             self.start_loss[rank] = self.score(start)
         return self.start_loss[rank]
 
