@@ -30,6 +30,10 @@ B2 = torch.tensor([[7.0, 7.0, 0.0, 0.0], [7.0, 7.0, 1.0, 0.0]])  # tail ‖·‖
 A2 = torch.tensor([[5.0, 5.0, 5.0], [5.0, 5.0, 5.0], [0.0, 6.0, 8.0], [0.0, 0.0, 0.0]])  # 10
 
 
+# the tail of factors() halved then pruned 4 → 2 at scaling 8/r (B × 1/4), t = 1 at rank 2
+PRUNED_TAIL = 4.5 * 3**0.5 + 8.75 * 6**0.5
+
+
 def factors(scaling: float = 2.0) -> dict[str, Factors]:
     return {
         "m1": Factors(B1.clone(), A1.clone(), scaling),
@@ -110,7 +114,9 @@ def test_state_persists_rank_and_lowers_the_plan() -> None:
         smaller, start, opts, state, rank=4, scaling=lambda r: 8.0 / r
     )
     assert rank == 2 and all(f.rank == 2 for f in (*out.values(), *start2.values()))
-    assert hc.remembered(state) == (2, pytest.approx(12.5))
+    # recorded: the pruned factors' own tail at rank 2 (t = 1, B halved by the prune and by
+    # 8/2 over 8/4): ‖B1[:,1]‖/4·‖A1[1]‖ + ‖B2[:,1]‖/4·‖A2[1]‖ = 4.5√3 + 8.75√6
+    assert hc.remembered(state) == (2, pytest.approx(PRUNED_TAIL))
     plan = ClientPlan(partition=0, rank=4, pruning=0.0, quantization=None)
     assert hc.planned(plan, state).rank == 2
     assert hc.planned(plan, RecordDict()).rank == 4
@@ -118,6 +124,23 @@ def test_state_persists_rank_and_lowers_the_plan() -> None:
     fresh = RecordDict()
     assert hc.prune_reply(factors(), start, hc.PruneOptions(), fresh, rank=4, scaling=float)[2] == 4
     assert hc.STATE not in fresh
+
+
+def test_after_a_prune_the_next_round_compares_tails_at_the_new_rank() -> None:
+    """Stop 48: the value kept after a prune was the rank-4 tail (12.5), compared next round
+    with a rank-2 tail of other components at another scaling: a rank-2 tail that shrank from
+    29.2 to 23.4 did not prune again (23.4 > 12.5). A value kept at another rank than the
+    round's (the server lowered it) only records."""
+    opts = hc.PruneOptions(prune_lambda=1.0, prune_gamma=0.5, min_rank=1)
+    state = RecordDict({hc.STATE: ConfigRecord({"rank": 2, "tail": PRUNED_TAIL})})
+    at2 = {m: f.truncate(2, 4.0) for m, f in factors().items()}
+    shrunk = {m: Factors(f.B * 0.4, f.A, f.scaling) for m, f in at2.items()}  # tail 29.2 → 23.4
+    assert float(hc.tail_penalty(shrunk, 0.5)) == pytest.approx(0.8 * PRUNED_TAIL)
+    _, _, rank, _ = hc.prune_reply(shrunk, shrunk, opts, state, rank=2, scaling=lambda r: 8 / r)
+    assert rank == 1
+    other = RecordDict({hc.STATE: ConfigRecord({"rank": 4, "tail": 1e9})})
+    _, _, rank, _ = hc.prune_reply(shrunk, shrunk, opts, other, rank=2, scaling=lambda r: 8 / r)
+    assert rank == 2 and hc.remembered(other) == (2, pytest.approx(0.8 * PRUNED_TAIL))
 
 
 def prune_round(cfg, state: RecordDict, trained, *, server_round: int, node_config=None):
@@ -158,7 +181,7 @@ def test_a_resumed_node_takes_its_pruned_rank_back_from_its_own_folder(tmp_path:
     prune_round(cfg, state, factors(), server_round=1)  # records the tail (25)
     smaller = {m: Factors(f.B * 0.5, f.A, f.scaling) for m, f in factors().items()}  # 12.5
     _, update = prune_round(cfg, state, smaller, server_round=2)
-    assert update.rank == 2 and hc.remembered(state) == (2, pytest.approx(12.5))
+    assert update.rank == 2 and hc.remembered(state) == (2, pytest.approx(PRUNED_TAIL))
     written = tmp_path / "r" / "clients" / "0" / "node_state" / f"{hc.STATE}.json"
     assert written.is_file()
     fresh = RecordDict()  # the same partition on a new node

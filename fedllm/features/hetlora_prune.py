@@ -3,10 +3,13 @@
 During local training the client adds λ·Σ_modules ‖B[:, r−t:r]‖_F·‖A[r−t:r, :]‖_F to its loss: the
 norms of the tail t = ⌊γr⌋ rank components (at least one, at most r−1). After training it prunes
 its rank to max(min_rank, r−t) if that tail value (computed on the trained factors) is below the
-value it recorded after the previous round's training; the first round only records it. A pruned
-client trains and sends at the smaller rank from then on: the rank and the last tail value persist
-in the node's `context.state`, and the server, which cuts the global factors to the rank a client
-last reported, needs no change (zero-padded averaging takes any rank). The client also writes
+value it recorded after the previous round's training; the first round only records it. Tails
+are compared at one rank: after a prune the client records the pruned factors' own tail (the
+pre-prune tail measured other components at another scaling), and a value recorded at another
+rank than the round's only records again. A pruned client trains and sends at the smaller rank
+from then on: the rank and the last tail value persist in the node's `context.state`, and the
+server, which cuts the global factors to the rank a client last reported, needs no change
+(zero-padded averaging takes any rank). The client also writes
 them into its own folder (`features.node_state.save_node_state`: `clients/<p>/node_state/`, or the
 node's `personal-dir`), and a node whose state has none (a resumed simulation's new process) takes
 them back before it plans its round. They are read from the update a client sends (noised
@@ -226,18 +229,23 @@ def prune_reply(
     scaling: Callable[[int], float],
 ) -> tuple[dict[str, Factors], dict[str, Factors], int, dict[str, float]]:
     """After local training at `rank`: maybe prune (factors and `start` alike), remember the rank
-    and the tail value in `state`.
+    and the tail value at that rank in `state` (after a prune: the pruned factors' own tail), so
+    each round compares tails of one rank; a value remembered at another rank only records.
 
     Returns (factors, start, rank to send, metrics); unchanged and no metrics when pruning is off.
     """
     if not opts.active:
         return dict(factors), dict(start), rank, {}
-    _, prev = remembered(state)
+    kept_rank, prev = remembered(state)
+    if kept_rank != rank:  # a value at another rank measured other components: not comparable
+        prev = None
     gamma, min_rank = opts.prune_gamma, opts.min_rank
     result = maybe_prune(factors, prev, gamma=gamma, min_rank=min_rank, scaling=scaling)
+    value = result.value
     if result.pruned:
         start = {m: f.truncate(result.rank, scaling(result.rank)) for m, f in start.items()}
-    state[STATE] = ConfigRecord({"rank": result.rank, "tail": result.value})
+        value = float(tail_penalty(result.factors, gamma))  # the new rank's tail, rescaled B
+    state[STATE] = ConfigRecord({"rank": result.rank, "tail": value})
     return result.factors, dict(start), result.rank, {TAIL: result.value}
 
 
