@@ -61,6 +61,7 @@ class SecureRound(Strategy):
         self.lora, self.grid = lora, grid
         self.mode = MODES[lora.cfg.aggregator.name]
         self.uniform = lora.cfg.aggregator.weighting == "uniform"
+        self.limit = workflow_max_weight(lora.cfg)  # the largest weight a mod may quantise by
         self.sampled = 0
         self.rows: list[ClientRow] = []
         self.failure: str | None = None  # why the unmasked mean was refused, if it was
@@ -139,7 +140,7 @@ class SecureRound(Strategy):
             try:
                 reply = parse_reply(res.metrics)
                 check_claims(reply, cfg=lora.cfg, held=lora.node_partitions.get(node))
-                check_weight(res.num_examples, reply, uniform=self.uniform)
+                check_weight(res.num_examples, reply, uniform=self.uniform, limit=self.limit)
                 if reply.rank > lora.max_rank:  # no screen sees the vector: the next download
                     # was padded to the claim (10**13 failed the allocation)
                     raise ValueError(
@@ -257,12 +258,17 @@ def parse_reply(metrics: Mapping[str, Any]) -> TrainReply:
     return TrainReply.parse(dict(metrics))
 
 
-def check_weight(weight: Any, reply: TrainReply, *, uniform: bool) -> None:
+def check_weight(weight: Any, reply: TrainReply, *, uniform: bool, limit: float) -> None:
     """The weight a client's mod quantised by (FitRes.num_examples, which the server's bound on
-    the mean reads) must be the clear claim the server checked: 1, or its num-examples."""
+    the mean reads) must be the clear claim the server checked: 1, or its num-examples, at most
+    `limit` (`max_weight`: an honest client refuses to send more; h103: the server did not)."""
     claimed = 1 if uniform else reply.num_examples
     if isinstance(weight, bool) or not isinstance(weight, int | float) or weight != claimed:
         raise ValueError(f"SecAgg+ weight {weight!r} is not the claimed weight {claimed}")
+    if weight > limit:
+        raise ValueError(
+            f"SecAgg+ weight {weight} above privacy.secure_aggregation.max_weight={limit:g}"
+        )
 
 
 def row_fields(reply: TrainReply) -> dict[str, Any]:

@@ -179,3 +179,22 @@ def test_a_pruned_reply_is_scored_against_the_start_it_had(tiny) -> None:
     bandit.receive(7, content, sent_back, reply=claim, shapes=shapes)
     bandit.accepted(7, claim)
     assert bandit.bandit.counts["7"] == [1] and bandit.bandit.sums["7"] == [0.0]
+
+
+def test_an_unpruned_arms_reply_is_scored_whole_whatever_map_it_sends(tiny) -> None:
+    """h103: the map was read from any reply, and only a pruned arm's is checked (by the pruned
+    base's feature, off when no arm prunes): an index out of range raised in `accepted`, which
+    nothing catches, and ended the server. An unpruned arm's map is not read."""
+    cfg, shapes = tiny
+    strategy = LoraStrategy(cfg, shapes=shapes, features=registry.build(cfg))
+    (bandit,) = [f for f in strategy.features if isinstance(f, Adaptive)]
+    _, extra = strategy.download(7)
+    assert (extra["rank"], extra["pruning"]) == (2, 0.0)
+    s = cfg.client_scaling(2)
+    start = {m: f.truncate(2, s) for m, f in strategy.global_.items()}
+    bogus = {m: Kept(out=torch.tensor([10**6]), in_=None) for m in shapes}
+    content = RecordDict({"kept": kept_to_record(bogus)})
+    claim = reply(rank=2, first=3.0, last=1.0, seconds=2.0)
+    bandit.receive(7, content, start, reply=claim, shapes=shapes)
+    bandit.accepted(7, claim)  # the start sent back: no gain, and no IndexError
+    assert bandit.bandit.counts["7"][0] == 1 and bandit.bandit.sums["7"][0] == 0.0

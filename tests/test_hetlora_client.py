@@ -132,7 +132,7 @@ def test_after_a_prune_the_next_round_compares_tails_at_the_new_rank() -> None:
     29.2 to 23.4 did not prune again (23.4 > 12.5). A value kept at another rank than the
     round's (the server lowered it) only records."""
     opts = hc.PruneOptions(prune_lambda=1.0, prune_gamma=0.5, min_rank=1)
-    state = RecordDict({hc.STATE: ConfigRecord({"rank": 2, "tail": PRUNED_TAIL})})
+    state = RecordDict({hc.STATE: ConfigRecord({"rank": 2, "tail": PRUNED_TAIL, "tail-rank": 2})})
     at2 = {m: f.truncate(2, 4.0) for m, f in factors().items()}
     shrunk = {m: Factors(f.B * 0.4, f.A, f.scaling) for m, f in at2.items()}  # tail 29.2 → 23.4
     assert float(hc.tail_penalty(shrunk, 0.5)) == pytest.approx(0.8 * PRUNED_TAIL)
@@ -141,6 +141,12 @@ def test_after_a_prune_the_next_round_compares_tails_at_the_new_rank() -> None:
     other = RecordDict({hc.STATE: ConfigRecord({"rank": 4, "tail": 1e9})})
     _, _, rank, _ = hc.prune_reply(shrunk, shrunk, opts, other, rank=2, scaling=lambda r: 8 / r)
     assert rank == 2 and hc.remembered(other) == (2, pytest.approx(0.8 * PRUNED_TAIL))
+    # a node's state from before stop 48 kept the pre-prune tail beside the pruned rank, with
+    # no "tail-rank": its value is not the rank's and only records (h103)
+    old = RecordDict({hc.STATE: ConfigRecord({"rank": 2, "tail": 1e9})})
+    assert hc.remembered(old) == (2, None)
+    _, _, rank, _ = hc.prune_reply(shrunk, shrunk, opts, old, rank=2, scaling=lambda r: 8 / r)
+    assert rank == 2 and hc.remembered(old) == (2, pytest.approx(0.8 * PRUNED_TAIL))
 
 
 def prune_round(cfg, state: RecordDict, trained, *, server_round: int, node_config=None):

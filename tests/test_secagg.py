@@ -980,3 +980,22 @@ def test_a_hostile_protocol_reply_refuses_the_round_and_never_ends_the_run(
     assert result.rows and all(r.status in ("failed", "rejected") for r in result.rows)
     assert any(words in (r.reason or "") for r in result.rows), [r.reason for r in result.rows]
     assert all(after[m] is before[m] for m in SHAPES), "the previous global stays"
+
+
+def test_the_server_refuses_a_weight_above_max_weight() -> None:
+    """h103: an honest client refuses to send a weight above max_weight, but the server only
+    checked that the weight was the claim: a hostile client's 10⁹ claim weighted the mean."""
+    from flwr.app import MetricRecord
+
+    from fedllm.privacy.secagg_server import check_weight, parse_reply
+
+    cfg = secure_cfg("privacy.secure_aggregation.max_weight=500")
+    limit = max_weight(cfg)
+    for claim, ok in ((500, True), (10**9, False)):
+        reply = parse_reply(MetricRecord(all_metrics(0, 2, claim)))
+        if ok:
+            check_weight(claim, reply, uniform=False, limit=limit)
+            continue
+        with pytest.raises(ValueError, match=r"weight 1000000000 above .*max_weight=500"):
+            check_weight(claim, reply, uniform=False, limit=limit)
+    check_weight(1, reply, uniform=True, limit=1.0)  # uniform: every weight is 1

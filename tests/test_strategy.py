@@ -403,6 +403,25 @@ def test_failed_clients_beside_good_ones() -> None:
     assert_deltas_close(s.global_, fedit_by_hand([GOOD[1]], [10], ALPHA / 2))
 
 
+def test_a_feature_failing_on_an_accepted_reply_does_not_end_the_round(caplog) -> None:
+    """h103: `accepted` (a bandit's reward) ran outside any guard, so whatever a reply made it
+    raise ended the server, and every resume reran the round into the same error."""
+    from fedllm.features.base import Feature
+
+    class Fails(Feature):
+        name = "fails"
+
+        def accepted(self, node: int, reply: TrainReply) -> None:
+            raise IndexError("index out of range in self")
+
+    cfg = recipe()
+    s = LoraStrategy(cfg, shapes=SHAPES, features=[*registry.build(cfg), Fails(cfg)])
+    result = s.train_round(1, [reply(1, GOOD[1], metrics(0))], sampled=1)
+    assert [r.status for r in result.rows] == ["ok"]
+    assert_deltas_close(s.global_, fedit_by_hand([GOOD[1]], [10], ALPHA / 2))
+    assert "features.fails failed on node 1" in caplog.text
+
+
 # -- (e) non-finite factors -----------------------------------------------------------------------
 
 

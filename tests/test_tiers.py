@@ -23,7 +23,8 @@ from fedllm.recipe import RunConfig, load_recipe
 TINY = Path(__file__).parents[1] / "recipes" / "tiny.yaml"
 TIERS = (
     "lora.tiers=[{name: gpu, rank: 4, clients: 1}, {name: laptop, rank: 2, clients: 1, "
-    "quantization: 4bit}, {name: full, rank: 2, clients: 1, quantization: none}]"
+    "quantization: 4bit}, {name: full, rank: 2, clients: 1, quantization: none}, "
+    "{name: phone, rank: 2, clients: 1, pruning: 0.5, quantization: 4bit}]"
 )
 
 
@@ -38,16 +39,23 @@ def at(cfg: RunConfig, partition: int) -> ClientRound:
     )
 
 
-def test_a_tier_evaluates_at_its_own_precision_else_the_recipes() -> None:
-    """laptop: its 4bit; gpu (no precision of its own): the recipe's as given; full: 'none'
-    over a 4-bit recipe is the full-precision base (None)."""
-    tiers = Tiers(recipe())
-    assert [tiers.eval_precision(None, at(tiers.cfg, p)) for p in range(3)] == [None, "4bit", None]
-    assert [tiers.eval_precision("8bit", at(tiers.cfg, p)) for p in range(3)] == [
-        "8bit",
-        "4bit",
-        None,
-    ]
+def test_a_tier_evaluates_at_the_precision_it_trains_at() -> None:
+    """gpu (no precision of its own): the recipe's; laptop: its 4bit; full: 'none' over a 4-bit
+    recipe is the full-precision base (None); phone (pruned, 4-bit): the full base it loads to
+    prune (h103: its unpruned 4-bit base would be a second load every round)."""
+    for model, expected in (
+        ("none", [None, "4bit", None, None]),
+        ("8bit", ["8bit", "4bit", None, None]),
+    ):
+        tiers = Tiers(recipe("data.num_clients=4", f"model.quantization={model}"))
+        given = None if model == "none" else model
+        assert [tiers.eval_precision(given, at(tiers.cfg, p)) for p in range(4)] == expected
+
+
+def test_under_a_bandit_a_tier_evaluates_at_the_recipes_precision() -> None:
+    """The bandit sets each round's precision; evaluation keeps the recipe's (constrained.md)."""
+    tiers = Tiers(recipe("data.num_clients=4", "adaptive={ranks: [2], quantization: [4bit, none]}"))
+    assert [tiers.eval_precision(None, at(tiers.cfg, p)) for p in range(4)] == [None] * 4
 
 
 def test_a_4bit_tiers_client_evaluates_on_a_4bit_base_and_loads_it_once(
@@ -57,7 +65,7 @@ def test_a_4bit_tiers_client_evaluates_on_a_4bit_base_and_loads_it_once(
     recipe's full-precision one (it reloaded and re-quantized every round before stop 48); the
     gpu client, with no precision of its own, evaluates at the recipe's."""
     pytest.importorskip("bitsandbytes")
-    cfg = recipe(f"output_dir={tmp_path}", "data.max_examples=200")
+    cfg = recipe(f"output_dir={tmp_path}", "data.max_examples=200", "data.num_clients=4")
     loaded: list[str | None] = []
     real = model_base.load_base_model
 

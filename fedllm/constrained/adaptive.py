@@ -10,7 +10,8 @@ ids it pruned, as its reply has them) against that of the client's reply, both o
 unpruned base. A client's losses on a pruned base measure what its
 adapter does there, and training on a pruned base transfers poorly to the full one
 (docs/constrained.md); the server's score sees that, at one small evaluation per arm rank
-played and one per reply each round, on `reward_examples` of `data.test_set`.
+played, one per reply and one more per pruned reply each round, on `reward_examples` of
+`data.test_set`.
 
 An arm that bought nothing teaches too: a client that missed the round's deadline or failed
 scores 0 on the arm it was given, and an arm that does not fit a client's memory
@@ -118,7 +119,11 @@ class Adaptive(Feature):
         feature, order 40, has put them back at full shape, and checked the kept-index map
         kept here with them) to score once it is accepted."""
         if self.cfg.adaptive.reward == "server":
-            kept = kept_from_record(content.get("kept"), who=f"client (node {node})")
+            # only a pruned arm's map, which the pruned base's feature checked before this hook;
+            # an unpruned arm's reply is whole: a map sent anyway is not read (h103)
+            arm = self.arms.get(node)
+            pruned = arm is not None and arm.pruning > 0
+            kept = kept_from_record(content.get("kept"), who=f"node {node}") if pruned else {}
             self.replies[node] = (factors, kept)
         return factors
 

@@ -1,5 +1,5 @@
 """Device tiers (`lora.tiers`): each tier's clients prune their base and load it quantized, and
-evaluate on the base at their tier's precision (the whole base: evaluation is not pruned).
+evaluate on the whole base at the precision they load it (evaluation is not pruned).
 
 The tier's rank is the recipe's (`RunConfig.client_rank`); this feature adds the tier's pruning
 ratio and quantization to the client's plan. The pruning itself is `fedllm.constrained.pruned`.
@@ -53,8 +53,15 @@ class Tiers(Feature):
         )
 
     def eval_precision(self, quantization: str | None, rnd: ClientRound) -> str | None:
-        """The tier's precision (else the recipe's): a device that trains on a 4-bit base does
-        not load the recipe's full-precision one to evaluate (nor reload its own each round)."""
+        """The precision of the base the tier's client loads to train, so it evaluates on the
+        base it holds: its tier's (a 4-bit device never loads the recipe's full-precision
+        base, nor reloads its own each round); full for a pruned tier (it loads the base at
+        full precision to prune it, quantizing after); the recipe's under a bandit, which sets
+        each round's precision itself (h103)."""
         tier = tier_of(self.cfg, rnd.partition)
-        quant = tier.quantization if tier is not None and tier.quantization else None
-        return quantization if quant is None else (None if quant == "none" else quant)
+        if tier is None or self.cfg.adaptive is not None:
+            return quantization
+        if tier.pruning > 0:
+            return None
+        quant = tier.quantization or self.cfg.model.quantization
+        return None if quant == "none" else quant

@@ -195,11 +195,15 @@ def options_of(config: ConfigRecord) -> PruneOptions:
 
 
 def remembered(state: RecordDict) -> tuple[int | None, float | None]:
-    """(pruned rank, last tail value) kept in this node's state, or (None, None)."""
+    """(pruned rank, last tail value at that rank) kept in this node's state, or None for
+    either. A value without its rank ("tail-rank", since stop 48) was written after a prune
+    before then, when the pre-prune tail was kept: it is not the rank's, so None (h103)."""
     kept = state.get(STATE)
     if not isinstance(kept, ConfigRecord):
         return None, None
-    return int(kept["rank"]), float(kept["tail"])
+    rank = int(kept["rank"])
+    same = "tail-rank" in kept and int(kept["tail-rank"]) == rank
+    return rank, float(kept["tail"]) if same else None
 
 
 def planned(plan: ClientPlan, state: RecordDict) -> ClientPlan:
@@ -245,7 +249,7 @@ def prune_reply(
     if result.pruned:
         start = {m: f.truncate(result.rank, scaling(result.rank)) for m, f in start.items()}
         value = float(tail_penalty(result.factors, gamma))  # the new rank's tail, rescaled B
-    state[STATE] = ConfigRecord({"rank": result.rank, "tail": value})
+    state[STATE] = ConfigRecord({"rank": result.rank, "tail": value, "tail-rank": result.rank})
     return result.factors, dict(start), result.rank, {TAIL: result.value}
 
 

@@ -356,7 +356,12 @@ class LoraStrategy(Strategy):
             reply = parsed[node][0]
             self.remember(node, reply)  # a rejected reply teaches the server nothing
             for f in self.features:
-                f.accepted(node, reply)
+                try:  # what a feature learns from a reply (a bandit's reward) must not end the run
+                    f.accepted(node, reply)
+                except Exception:
+                    log.exception(
+                        "round %d: features.%s failed on node %s", server_round, f.name, node
+                    )
             fields: dict[str, Any] = {}
             for f in self.features:  # checked in `read_reply`
                 fields |= declared_metrics(reply, f.reply_metrics)
