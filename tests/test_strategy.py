@@ -422,6 +422,21 @@ def test_a_feature_failing_on_an_accepted_reply_does_not_end_the_round(caplog) -
     assert "features.fails failed on node 1" in caplog.text
 
 
+def test_ffa_takes_the_global_a_whatever_a_client_sends() -> None:
+    """h104: FFA kept a client's zero columns of A (for pruned clients, refused with FFA since
+    stop 44), so one zero column made the aggregator raise every round and the run stop after
+    three. The server's own A stands in for whatever A a client sends."""
+    cfg = recipe(aggregator={"name": "ffa"})
+    s = strategy(cfg)
+    hostile = {m: Factors(f.B, f.A.clone(), f.scaling) for m, f in factors(3).items()}
+    hostile["q"].A[:, 1] = 0.0
+    replies = [reply(1, GOOD[1], metrics(0)), reply(3, hostile, metrics(1))]
+    result = s.train_round(1, replies, sampled=2)
+    assert result.aggregator_error is None
+    assert [r.status for r in result.rows] == ["ok", "ok"]
+    assert torch.count_nonzero(s.global_["q"].A[:, 1]) > 0, "the shared A, not the zero column"
+
+
 # -- (e) non-finite factors -----------------------------------------------------------------------
 
 

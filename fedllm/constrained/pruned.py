@@ -31,7 +31,12 @@ from fedllm.constrained.prune_map import (
     restrict,
     uncovered_fill,
 )
-from fedllm.constrained.pruning import prune_model, prune_plan, pruned_module_shapes
+from fedllm.constrained.pruning import (
+    check_sides,
+    prune_model,
+    prune_plan,
+    pruned_module_shapes,
+)
 from fedllm.constrained.tiers import tier_of
 from fedllm.data import collate
 from fedllm.features.base import Feature, require_adapter_state
@@ -217,6 +222,7 @@ class PrunedBase(Feature):
         who = f"client (node {node})"
         kept = kept_from_record(content.get("kept"), who=who)
         check_kept(factors, kept, shapes, who=who)
+        check_sides(kept, who=who)
         self.received[node] = (factors, kept)
         self.known[node] = (reply.pruning, kept)
         return {

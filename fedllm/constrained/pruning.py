@@ -14,7 +14,7 @@ sends with its LoRA factors so the server can put them back at full shape
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -85,6 +85,32 @@ def prune_plan(
         num_kv_heads=kv,
         head_dim=head_dim,
     )
+
+
+# the side of each adapted projection that pruning cuts ("out": rows, "in": columns): heads are
+# q_proj's rows and o_proj's columns, MLP channels gate/up's rows and down's columns; k_proj and
+# v_proj keep every kv head, so nothing of them is ever pruned
+PRUNED_SIDE = {
+    "q_proj": "out",
+    "o_proj": "in",
+    "gate_proj": "out",
+    "up_proj": "out",
+    "down_proj": "in",
+}
+
+
+def check_sides(kept: Mapping[str, Kept], *, who: str) -> None:
+    """Refuse a kept-index map on a side pruning never cuts (both sides of a module, k_proj's
+    rows...): the server's per-coordinate weights are exact only for the one pruned side, and
+    such a map made them raise after screening, ending the run (h104)."""
+    for module, k in kept.items():
+        side = PRUNED_SIDE.get(module.rsplit(".", 1)[-1])
+        sent = [name for name, idx in (("out", k.out), ("in", k.in_)) if idx is not None]
+        if sent and sent != [side]:
+            valid = f"only its {side!r} ids" if side else "none of it"
+            raise ValueError(
+                f"{who}: kept-index map on {module}.{'/'.join(sent)}; pruning keeps {valid}"
+            )
 
 
 def pruned_module_shapes(

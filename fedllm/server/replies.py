@@ -124,9 +124,10 @@ def refuse_shared_partitions(
 
 
 def frozen_A(global_: Mapping[str, Factors], module: str, f: Factors) -> Factors:
-    """`f` with the global A's first rows (zero where a pruned client has zero columns)."""
+    """`f` with the global A's first rows, whatever A it sent. (It kept a client's zero columns,
+    for pruned clients, which FFA refuses since stop 44: h104, one zero column made the
+    aggregator raise every round and the run stop after three.)"""
     A = global_[module].A if module in global_ else None
     if A is None or A.shape[0] < f.rank or A.shape[1] != f.A.shape[1]:
         return f  # not a slice of the global A: the aggregator's own check refuses it
-    cols = (f.A != 0).any(dim=0, keepdim=True)
-    return Factors(f.B, A[: f.rank].to(f.A.dtype) * cols, f.scaling)
+    return Factors(f.B, A[: f.rank].to(f.A.dtype), f.scaling)

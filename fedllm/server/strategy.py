@@ -300,9 +300,9 @@ class LoraStrategy(Strategy):
             return result
         weights = [self.weight(parsed[n][0]) for n in accepted]
         inputs = [parsed[n][1] for n in accepted]
-        for f in self.features:  # e.g. coverage weights for pruned clients, the DP release
-            inputs, weights = f.release(accepted, inputs, weights, global_=self.global_)
-        try:
+        try:  # the accepted updates through the features and the aggregator: never the run
+            for f in self.features:  # e.g. coverage weights for pruned clients, the DP release
+                inputs, weights = f.release(accepted, inputs, weights, global_=self.global_)
             refused = self.commit(server_round, *self.aggregate(server_round, inputs, weights))
         except Exception as err:  # what the accepted updates did to the aggregator: not the run
             log.warning("round %d: the aggregator failed", server_round, exc_info=True)
