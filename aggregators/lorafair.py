@@ -49,7 +49,13 @@ def fair_correction(
     if lam == 0:
         return rhs @ torch.linalg.pinv(gram, hermitian=True)
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    return torch.linalg.solve(gram + lam * eye, rhs.T).T
+    system = gram + lam * eye
+    solution, info = torch.linalg.solve_ex(system, rhs.T)
+    if int(info.max()) != 0 or not bool(torch.isfinite(solution).all()):
+        # lam is lost next to a huge gram (h105: duplicate rows of A at 1e7 made it exactly
+        # singular and the solve raise): the minimum-norm least-squares ΔB instead
+        return rhs @ torch.linalg.pinv(system, hermitian=True)
+    return solution.T
 
 
 def fair_correction_iterative(

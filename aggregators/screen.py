@@ -6,10 +6,12 @@ others is rejected with a reason; the round aggregates the rest. Inputs are neve
 
 The float32 bound is absolute, so it holds with one or two clients, where there is no median to
 compare with: a module's ΔW = s·B·A must have ‖ΔW‖_F ≤ the largest float32 (then every entry of
-it, and of any weighted mean of such updates, is a float32), and s·B, the factor the aggregators
-fold the scaling into (their global is at scaling 1), must be a float32 entry by entry. Real
-updates are over thirty orders of magnitude below it. A finite update under the bound can still
-be far too large: only the relative screening (three clients or more) refuses that.
+it, and of any weighted mean of such updates, is a float32), and every entry of s·B (the factor
+the aggregators fold the scaling into: their global is at scaling 1) and of A must be at most
+`FACTOR_MAX` = 1e15, so that no float32 product of two factors overflows however lopsided they
+are. Real updates are over ten orders of magnitude below both. A finite update under the
+bounds can still be far too large: only the relative screening (three clients or more) refuses
+that.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ import torch
 from fedllm.aggregators.base import Factors
 
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # ≈ 3.4e38
+# the largest entry of s·B or of A: a product of two such entries, summed over a module's
+# dimensions, stays a float32 (real factors are below 1e3; h105: B = 0 with A ≈ 1e37 passed the
+# norm bound and overflowed a randomized SVD's float32 products, raising every round)
+FACTOR_MAX = 1e15
 
 
 def update_norm(f: Factors) -> float:
@@ -57,11 +63,15 @@ def check_update(
 
 
 def float32_overflow(f: Factors) -> str | None:
-    """Why this (finite) update does not fit float32 once scaled, or None: ‖s·B·A‖_F or an
-    entry of s·B above the largest float32 (computed in float64, so neither overflows here)."""
+    """Why this (finite) update does not fit float32 once scaled, or None: ‖s·B·A‖_F above the
+    largest float32, or an entry of s·B or A above `FACTOR_MAX`, so that the aggregators' float32
+    products of factors cannot overflow (computed in float64, so nothing overflows here)."""
     folded = abs(f.scaling) * float(f.B.double().abs().max()) if f.B.numel() else 0.0
-    if folded > FLOAT32_MAX:
-        return f"s·B reaches {folded:.3g}, beyond float32 (max {FLOAT32_MAX:.3g})"
+    if folded > FACTOR_MAX:
+        return f"s·B reaches {folded:.3g}, beyond the factors' bound {FACTOR_MAX:g}"
+    entry = float(f.A.double().abs().max()) if f.A.numel() else 0.0
+    if entry > FACTOR_MAX:
+        return f"A reaches {entry:.3g}, beyond the factors' bound {FACTOR_MAX:g}"
     norm = update_norm(f)
     if norm > FLOAT32_MAX:
         return f"update norm ‖s·B·A‖ = {norm:.3g}, beyond float32 (max {FLOAT32_MAX:.3g})"

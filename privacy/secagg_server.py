@@ -202,9 +202,10 @@ class SecureRound(Strategy):
         for module in sorted(lora.shapes):
             d, k = lora.shapes[module]
             rank = agg.global_rank
-            if self.mode == "ffa":  # A is the server's own frozen A₀
-                A0 = lora.global_[module].A.double()
-                pseudo = Factors(next(arrays), A0, 1.0)
+            if self.mode == "ffa":  # A is the server's own frozen A₀, at the padded width
+                B = next(arrays)
+                A0 = lora.global_[module].truncate(B.shape[1]).A.double()
+                pseudo = Factors(B, A0, 1.0)
             elif self.mode == "fedit":
                 pseudo = Factors(next(arrays), next(arrays), 1.0)
             else:  # dense ΔW, numerically full rank once quantised: capped at Σrᵢ (or as told)

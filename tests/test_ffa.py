@@ -52,3 +52,21 @@ def test_global_rank_and_no_aliasing() -> None:
     assert g.rank == 1
     g.A.add_(1.0)
     assert torch.equal(A0, torch.ones(2, 3))
+
+
+def test_the_frozen_a_in_the_state_outlasts_a_round_of_low_rank_clients() -> None:
+    """h105: a round whose largest client had rank 1 made the global A one row, and the top
+    rank's other rows were dead (zero-padded) for every later round. The state's A₀ stays."""
+    A0 = t([[1.0, 0.0, 2.0], [0.0, 1.0, 0.0]])
+    low = Factors(t([[2.0], [4.0]]), A0[:1], 1.0)
+    out = get("ffa")([low], [1.0], state={"A": A0})
+    assert torch.equal(out.global_.A, A0) and torch.equal(out.state["A"], A0)
+    assert torch.allclose(out.global_.B, t([[2.0, 0.0], [4.0, 0.0]]))
+    # above a global_rank of 1: the client holds a zero row past it, as it was sent
+    cut = out.global_.truncate(1)
+    sent = cut.truncate(2).A  # what a rank-2 client is sent: [A0[0]; 0]
+    high = Factors(t([[1.0, 1.0], [0.0, 2.0]]), sent, 0.5)
+    again = get("ffa")([high], [1.0], global_rank=1, state={"A": cut.A})
+    assert again.global_.rank == 1 and torch.equal(again.state["A"], A0[:1])
+    # B̄ = ½·[[1, 1], [0, 2]]; the zero row drops B's second column from ΔW
+    assert torch.allclose(again.global_.delta(), t([[0.5], [0.0]]) @ A0[:1])

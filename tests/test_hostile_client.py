@@ -19,7 +19,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from test_strategy import SHAPES, factors, metrics, recipe, reply, strategy
 
-from fedllm.aggregators import Factors
+from fedllm.aggregators import Aggregate, Factors, get
 from fedllm.deploy.local_grid import LocalGrid, server_identity
 from fedllm.features.base import Feature
 from fedllm.model.adapters import to_record
@@ -630,11 +630,31 @@ def test_with_two_replies_an_update_beyond_float32_is_rejected_alone(
         result = s.train_round(1, replies, sampled=2)
     rows = {r.node: r for r in result.rows}
     assert rows[1].status == "ok" and rows[2].status == "rejected"
-    assert rows[2].reason == "q: s·B reaches 4.8e+39, beyond float32 (max 3.4e+38)"
+    assert rows[2].reason == "q: s·B reaches 4.8e+39, beyond the factors' bound 1e+15"
     assert f"round 1: rejected node 2: {rows[2].reason}" in _warnings(caplog)
     want = expected_global(cfg, [GOOD[1]], [2], [10.0], server_round=1)
     for m, delta in want.items():
         torch.testing.assert_close(s.global_[m].delta(), delta, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("aggregator", ["svd", "squeeze", "lorafair"])
+def test_with_two_replies_lopsided_factors_are_rejected_alone(aggregator: str) -> None:
+    """h105: B = 0 with A ≈ 1e37 has a zero update norm and passed, then overflowed the float32
+    products of a randomized SVD (or made LoRA-FAIR's ridge solve singular) and the aggregator
+    raised every round it was sampled, which ends a run after three. Each factor is bounded."""
+    from test_strategy import GOOD
+
+    cfg = recipe(aggregator={"name": aggregator})
+    s = strategy(cfg)
+    hostile = {
+        m: Factors(torch.zeros(d, 2), torch.full((2, k), 1e37), 1.0) for m, (d, k) in SHAPES.items()
+    }
+    replies = [reply(1, GOOD[1], metrics(0)), reply(2, hostile, metrics(1))]
+    result = s.train_round(1, replies, sampled=2)
+    rows = {r.node: r for r in result.rows}
+    assert result.aggregator_error is None and rows[1].status == "ok"
+    assert rows[2].status == "rejected"
+    assert rows[2].reason == "q: A reaches 1e+37, beyond the factors' bound 1e+15"
 
 
 def _cross(b: float, a: float) -> dict[str, Factors]:
@@ -647,22 +667,32 @@ def _cross(b: float, a: float) -> dict[str, Factors]:
 def test_an_aggregate_beyond_float32_is_refused_and_the_previous_global_kept(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Each update is within float32 (s·B = 2e37, ‖s·B·A‖ ≈ 2e8), but fedit averages the
-    factors: B̄ ≈ ½·2e37 = 1e37 and Ā ≈ ½·1e37 = 5e36, so every entry of the global's ΔW is
-    2·1e37·5e36 = 1e74, no float32. Neither update can be blamed: the round is refused (both
-    rows rejected with the reason, logged), the global stays, the next round goes on."""
+    """Each update was within float32 (s·B = 2e37, ‖s·B·A‖ ≈ 2e8), but fedit averages the
+    factors: B̄ ≈ 1e37 and Ā ≈ 5e36, so the global's ΔW was 1e74, no float32. Since stop 48 the
+    factor bound (1e15) rejects each such update alone; the aggregate's own check stays for
+    what no per-update bound catches (here an aggregator that returns such an aggregate):
+    neither update can be blamed, the round is refused (both rows rejected with the reason,
+    logged), the global stays, the next round goes on."""
+    lopsided = strategy(recipe())
+    pair = [reply(1, _cross(1e37, 1e-30), metrics(0)), reply(2, _cross(1e-30, 1e37), metrics(1))]
+    rows = {r.node: r for r in lopsided.train_round(1, pair, sampled=2).rows}
+    assert [rows[n].status for n in (1, 2)] == ["rejected", "rejected"]
+    assert "beyond the factors' bound 1e+15" in rows[1].reason + rows[2].reason
     s = strategy(recipe())
     before = {m: (f.B.clone(), f.A.clone()) for m, f in s.global_.items()}
-    replies = [
-        reply(1, _cross(1e37, 1e-30), metrics(0)),  # s = α/2 = 2: s·B = 2e37
-        reply(2, _cross(1e-30, 1e37), metrics(1)),
-    ]
+
+    def beyond(updates, weights, **kw):
+        d, k = updates[0].shape
+        return Aggregate(Factors(torch.full((d, 2), 1e37), torch.full((2, k), 1e37), 1.0))
+
+    s.aggregate_fn = beyond
     with caplog.at_level(logging.WARNING, logger="fedllm.server"):
-        result = s.train_round(1, replies, sampled=2)
+        result = s.train_round(1, [honest(1, 0), honest(2, 1)], sampled=2)
+    s.aggregate_fn = get("fedit")
     rows = {r.node: r for r in result.rows}
     reason = rows[1].reason
     assert [rows[n].status for n in (1, 2)] == ["rejected", "rejected"]
-    assert reason.startswith("aggregate refused (q: aggregate norm ‖s·B·A‖ = 4.9e+74, beyond")
+    assert reason.startswith("aggregate refused (q: aggregate norm ‖s·B·A‖ = 9.8e+74, beyond")
     assert reason.endswith("): the global adapter is unchanged") and rows[2].reason == reason
     logged = _warnings(caplog)
     assert f"round 1: {reason}" in logged

@@ -100,3 +100,18 @@ def test_iterative_penalty_holds_the_correction_back() -> None:
 def test_unknown_solver_is_named() -> None:
     with pytest.raises(ValueError, match="solver"):
         get("lorafair")([ONE, TWO], [1.0, 1.0], solver="sgd")
+
+
+def test_a_numerically_singular_ridge_falls_back_to_least_squares() -> None:
+    """h105: duplicate rows of A at 1e7 make AAᵀ + λI exactly singular in float64 (λ is lost
+    next to 1e14), and the solve raised: the aggregator failed every round. The minimum-norm
+    least-squares ΔB takes over, finite, and with it the correction still moves B."""
+    from fedllm.aggregators.lorafair import fair_correction
+
+    A = torch.tensor([[1e7, 2e7, 3e7], [1e7, 2e7, 3e7]], dtype=torch.float64)
+    with pytest.raises(torch.linalg.LinAlgError):
+        torch.linalg.solve(A @ A.T + 0.01 * torch.eye(2, dtype=torch.float64), A[:, :1])
+    B = torch.zeros(4, 2, dtype=torch.float64)
+    target = (torch.ones(4, 1, dtype=torch.float64), torch.ones(1, 3, dtype=torch.float64))
+    dB = fair_correction(B, A, [(1.0, *target)], lam=0.01)
+    assert dB.shape == B.shape and bool(torch.isfinite(dB).all()) and dB.abs().sum() > 0

@@ -203,11 +203,12 @@ def fitins_content(cfg):
     return compat.fitins_to_recorddict(FitIns(params, config), keep_input=True)
 
 
-def secure_round(cfg, ups, *, check=None, tamper=None):
+def secure_round(cfg, ups, *, check=None, tamper=None, rounds: int = 1):
     """One real SecAgg+ round (Flower's workflow and mods, fedllm's `train_round`) on a LocalGrid;
     `tamper(stage, node, reply)` may change any reply as it leaves its node (a hostile client).
 
-    Returns (round result, global before, global after, the replies that left each client)."""
+    Returns (last round's result, global before, global after, the replies that left each
+    client); `rounds` > 1 runs that many rounds on one strategy."""
     from flwr.clientapp import ClientApp
 
     from fedllm.deploy.local_grid import LocalGrid, server_identity
@@ -240,7 +241,8 @@ def secure_round(cfg, ups, *, check=None, tamper=None):
     lora = LoraStrategy(cfg, shapes=SHAPES, features=registry.build(cfg))
     before = dict(lora.global_)
     with server_identity(grid.run.run_id):
-        result = secagg_server.train_round(lora, grid, 1)
+        for rnd in range(1, rounds + 1):
+            result = secagg_server.train_round(lora, grid, rnd)
     return result, before, lora.global_, sent
 
 
@@ -999,3 +1001,15 @@ def test_the_server_refuses_a_weight_above_max_weight() -> None:
         with pytest.raises(ValueError, match=r"weight 1000000000 above .*max_weight=500"):
             check_weight(claim, reply, uniform=False, limit=limit)
     check_weight(1, reply, uniform=True, limit=1.0)  # uniform: every weight is 1
+
+
+def test_secure_ffa_below_the_largest_rank_goes_on_after_its_first_round() -> None:
+    """h105: with aggregator.global_rank below the largest client rank the global A had
+    global_rank rows from round 2 on, the masked B the padded width, and the pseudo-client's
+    factors did not pair: every round from the second raised, and the run stopped."""
+    cfg = secure_cfg("aggregator.global_rank=2")
+    assert cfg.max_rank > 2
+    result, _, after, _ = secure_round(cfg, updates(cfg), rounds=2)
+    assert result.aggregator_error is None
+    assert [r.status for r in result.rows] == ["ok"] * cfg.data.num_clients
+    assert all(f.rank == 2 for f in after.values())

@@ -437,6 +437,21 @@ def test_ffa_takes_the_global_a_whatever_a_client_sends() -> None:
     assert torch.count_nonzero(s.global_["q"].A[:, 1]) > 0, "the shared A, not the zero column"
 
 
+def test_ffa_keeps_its_frozen_a_through_a_round_without_the_top_rank() -> None:
+    """h105: a round of rank-2 clients shrank FFA's global A to 2 rows; next round a rank-4
+    client's A was its own (nothing to substitute past row 2) and the aggregator raised, every
+    round after, until the run stopped. The server's A₀ keeps its 4 rows."""
+    cfg = recipe(lora={"ranks": [2, 4, 2, 4]}, aggregator={"name": "ffa"})
+    s = strategy(cfg)
+    A0 = {m: f.A.clone() for m, f in s.global_.items()}
+    assert all(a.shape[0] == 4 for a in A0.values())
+    s.train_round(1, [reply(1, factors(1, rank=2), metrics(0, rank=2))], sampled=1)
+    assert all(torch.equal(s.global_[m].A, A0[m]) for m in SHAPES)
+    result = s.train_round(2, [reply(2, factors(2, rank=4), metrics(1, rank=4))], sampled=1)
+    assert result.aggregator_error is None and [r.status for r in result.rows] == ["ok"]
+    assert all(torch.equal(s.global_[m].A, A0[m]) for m in SHAPES)
+
+
 # -- (e) non-finite factors -----------------------------------------------------------------------
 
 

@@ -124,10 +124,11 @@ def refuse_shared_partitions(
 
 
 def frozen_A(global_: Mapping[str, Factors], module: str, f: Factors) -> Factors:
-    """`f` with the global A's first rows, whatever A it sent. (It kept a client's zero columns,
-    for pruned clients, which FFA refuses since stop 44: h104, one zero column made the
-    aggregator raise every round and the run stop after three.)"""
-    A = global_[module].A if module in global_ else None
-    if A is None or A.shape[0] < f.rank or A.shape[1] != f.A.shape[1]:
+    """`f` with the A it was sent, whatever A it sent: the global A's first rows, zero rows past
+    them (a rank above the global's). It kept a client's zero columns (for pruned clients, which
+    FFA refuses since stop 44), and its own A above the global's rows: either made the aggregator
+    raise every round and the run stop after three (h104, h105)."""
+    g = global_.get(module)
+    if g is None or g.A.shape[1] != f.A.shape[1]:
         return f  # not a slice of the global A: the aggregator's own check refuses it
-    return Factors(f.B, A[: f.rank].to(f.A.dtype), f.scaling)
+    return Factors(f.B, g.truncate(f.rank).A.to(f.A.dtype), f.scaling)  # zero rows past it

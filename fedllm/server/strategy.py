@@ -67,6 +67,8 @@ class LoraStrategy(Strategy):
             shapes, rank=self.max_rank, scaling=cfg.client_scaling(self.max_rank), seed=cfg.seed
         )
         self.agg_state: dict[str, dict[str, torch.Tensor]] = {}
+        if self.spec.freeze_A:  # FFA's shared frozen A₀ is the server's from the start (h105)
+            self.agg_state = {m: {"A": f.A} for m, f in self.global_.items()}
         self.node_ranks: dict[int, int] = {}
         self.node_partitions: dict[int, int] = {}
         self.seen: set[int] = set()  # nodes that replied to this process (not to a resumed one)
