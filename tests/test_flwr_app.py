@@ -292,7 +292,7 @@ def test_a_deployment_warns_when_a_clients_weight_is_its_own_unbounded_claim() -
 def test_a_submitted_run_never_overwrites_the_superlinks_checkpointed_run(tmp_path: Path) -> None:
     """On separate machines the submitter cannot see the SuperLink's run folder: the ServerApp
     itself refuses to start over a checkpoint unless the submitter said --resume or --overwrite
-    (both travel in the run config)."""
+    (both travel in the run config); --overwrite deletes the old run's folder there."""
     from fedllm.server.checkpoint import save_checkpoint
 
     cfg = load_recipe(TINY, [f"output_dir={tmp_path}", "name=r"])
@@ -302,7 +302,10 @@ def test_a_submitted_run_never_overwrites_the_superlinks_checkpointed_run(tmp_pa
     with pytest.raises(ConfigError, match=r"already holds a run of this name.*--resume.*--overw"):
         check_server_run_dir(cfg, resume=False, overwrite=False)
     check_server_run_dir(cfg, resume=True, overwrite=False)
-    check_server_run_dir(cfg, resume=False, overwrite=True)
+    stale = cfg.run_dir / "client_adapters" / "0"
+    stale.mkdir(parents=True)
+    check_server_run_dir(cfg, resume=False, overwrite=True)  # h107: the old run's files go
+    assert not cfg.run_dir.exists()
     sent = write_run_config(tmp_path / "rc.toml", cfg, resume=False, overwrite=True)
     assert parse_config_args([str(sent)])["overwrite"] is True
     keep_recipe(cfg, resume=False)  # where the adapters are, for `fedllm eval RUN`

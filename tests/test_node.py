@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import sys
@@ -65,7 +66,7 @@ def test_a_short_recipe_hash_pin_is_refused(cfg) -> None:
     """12 hex digits are 48 bits, and `seed` is free: a submitter could search seeds for a
     weaker recipe with the same fingerprint (audit h90 matched 20 bits in 1.4 s on a CPU). A
     node pins the whole hash; the old short pin is refused, naming the fix."""
-    assert cfg.recipe_hash().startswith(cfg.fingerprint()) and len(cfg.recipe_hash()) == 64
+    assert len(cfg.recipe_hash()) == 64 and len(cfg.fingerprint()) == 12
     with pytest.raises(ValueError, match="give the whole 64-digit hash"):
         check_node(cfg, {"partition-id": 0, "recipe-hash": cfg.fingerprint()})
 
@@ -147,8 +148,32 @@ def test_a_pinned_recipe_hash_covers_secagg_and_the_budget(cfg) -> None:
             check_node(agreed.model_copy(update={"privacy": privacy}), node)
 
 
+def test_the_pinned_hash_covers_what_sets_epsilon_not_where_the_server_writes(cfg) -> None:
+    """h106: the pin covered model, LoRA, data, seed and privacy only, so a pinned node under
+    client-level DP trained 300 rounds at 40 clients per round (planned ε 8.1 → 1739) under
+    the hash it agreed to. Every setting but the server's own (name, output_dir, simulation,
+    output) is pinned now; the fingerprint a resume keeps is unchanged by them."""
+    node = {"partition-id": 0, "recipe-hash": cfg.recipe_hash()}
+    fed, agg = cfg.federation, cfg.aggregator
+    changed = [
+        {"federation": fed.model_copy(update={"rounds": fed.rounds * 100})},
+        {"federation": fed.model_copy(update={"local_steps": fed.local_steps + 1})},
+        {"aggregator": agg.model_copy(update={"weighting": "uniform"})},
+        {"features": {"personal_adapter": {}}},
+    ]
+    for update in changed:
+        other = cfg.model_copy(update=update)
+        assert other.fingerprint() == cfg.fingerprint()
+        with pytest.raises(ValueError, match="recipe hash mismatch"):
+            check_node(other, node)
+    server_only = {"name": "elsewhere", "output_dir": "/srv/runs"}
+    check_node(cfg.model_copy(update=server_only), node)
+
+
 def test_node_privacy_keys_are_node_config_keys(cfg) -> None:
-    check_node(cfg, {"partition-id": 0, "require-secagg": True, "max-epsilon": 8, "min-noise": 1})
+    rules = {"require-secagg": True, "max-epsilon": 8, "min-noise": 1}
+    with pytest.raises(ValueError, match="this node refuses the run"):  # known keys, a weak recipe
+        check_node(cfg, {"partition-id": 0, **rules})
     cmd = supernode_command(
         superlink="h:1",
         partition_id=0,
@@ -345,3 +370,18 @@ def test_superlink_needs_certificates_unless_insecure(capsys) -> None:
     err = capsys.readouterr().err
     assert "needs --ssl-ca-certfile, --ssl-certfile and --ssl-keyfile" in err
     assert "--insecure" in err
+
+
+def test_a_nodes_privacy_rules_hold_for_every_message_not_only_training(cfg) -> None:
+    """h106: the rules were checked when training began, so a node with require-secagg or
+    max-epsilon still evaluated (and answered queries for) a recipe without them, sending its
+    held-out loss and any data error's text in the clear. `check_node`, which every handler
+    runs first (train, evaluate, query), refuses it."""
+    from fedllm.deploy import apps
+
+    assert not cfg.privacy.secure_aggregation.enabled and cfg.privacy.mode == "none"
+    for rule in ({"require-secagg": True}, {"max-epsilon": 8}):
+        with pytest.raises(ValueError, match="this node refuses the run"):
+            check_node(cfg, {"partition-id": 0, **rule})
+    for handler in (apps._train, apps._evaluate, apps._introduce):
+        assert "check_node(cfg, context.node_config)" in inspect.getsource(handler)

@@ -173,3 +173,17 @@ def test_revived_rows_are_not_squeeze_intunes_fresh_rows() -> None:
     rnd = SimpleNamespace(seed=7, partition=0, server_round=1, plan=SimpleNamespace(rank=4))
     revived = revive({"m": f.pad(4)}, rnd)["m"]
     assert not torch.equal(revived.A[:2].double(), wide.A[2:4].double())
+
+
+def test_a_rank_the_server_asks_above_the_recipes_largest_is_refused() -> None:
+    """h106: a server's config rank beat the node's and was capped only by the module's shape
+    in training and not at all by personal tuning at evaluation (10⁸: out of memory)."""
+    from flwr.app import ConfigRecord
+
+    from fedllm.client.round import base_plan
+
+    cfg = load_recipe(str(Path(__file__).parents[1] / "recipes" / "tiny.yaml"))
+    top = cfg.max_rank
+    assert base_plan(cfg, 0, config=ConfigRecord({"rank": top}), node_config={}).rank == top
+    with pytest.raises(ValueError, match=rf"server asked rank 100000000, above .* {top}"):
+        base_plan(cfg, 0, config=ConfigRecord({"rank": 10**8}), node_config={})

@@ -452,6 +452,20 @@ def test_ffa_keeps_its_frozen_a_through_a_round_without_the_top_rank() -> None:
     assert all(torch.equal(s.global_[m].A, A0[m]) for m in SHAPES)
 
 
+def test_a_private_run_drops_client_updates_an_older_checkpoint_kept() -> None:
+    """h107: `load_state_dict` took `client_updates` whatever the mode, and `client_adapters/`
+    is written from them: a checkpoint from before stop 31 would put them back in a private
+    run's folder. A private strategy keeps none."""
+    plain = strategy(recipe())
+    plain.train_round(1, [reply(1, GOOD[1], metrics(0))], sampled=1)
+    state = plain.state_dict()
+    assert state["client_updates"]
+    private = strategy(recipe(privacy={"mode": "sample", "noise_multiplier": 1.0}))
+    assert private.private
+    private.load_state_dict(state)
+    assert private.client_updates == {}
+
+
 # -- (e) non-finite factors -----------------------------------------------------------------------
 
 

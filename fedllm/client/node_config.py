@@ -7,8 +7,8 @@ A SuperNode is started with `--node-config` (see `fedllm node`), whose keys are:
   whole private dataset (split into train/held-out with the recipe's `data.held_out`);
 - `rank`: the LoRA rank this node trains at (default: the recipe's rank for its partition);
 - `model`: the base model this node has; a run of a recipe on another base is refused;
-- `recipe-hash`: pin the recipe fingerprint this organisation agreed to (model, LoRA, data, seed
-  and the whole `privacy` section, SecAgg+ and budget included); other runs are refused;
+- `recipe-hash`: pin the recipe hash this organisation agreed to (`RunConfig.recipe_hash`: the
+  whole recipe but name, output_dir, simulation and output); other runs are refused;
 - `require-secagg` (true/false): train only in runs with `privacy.secure_aggregation.enabled`;
 - `max-epsilon`: train only under DP whose target ε / budget is at most this, and never past it by
   this node's own ε ledger (`privacy.mode: sample` or `client`), kept in its context state;
@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedllm.errors import NodeRefusal
+from fedllm.privacy.node_guard import NodeRules, check_recipe
 from fedllm.recipe import RunConfig, build_config, load_yaml
 
 if TYPE_CHECKING:
@@ -91,7 +92,10 @@ def check_app_source(paths: list[str] | None = None) -> None:
 
 
 def check_node(cfg: RunConfig, node_config: Mapping[str, object]) -> None:
-    """Refuse a run whose app, base model or recipe differs from what this node was set up for."""
+    """Refuse a run whose app, base model or recipe differs from what this node was set up for,
+    or whose recipe breaks its privacy rules: for every message, evaluation and query too (h106:
+    the rules were checked in training only, so a node with require-secagg or max-epsilon still
+    evaluated a recipe without them and sent its held-out loss and error texts in the clear)."""
     check_app_source()
     unknown = sorted(set(node_config) - set(NODE_KEYS))
     if unknown:
@@ -108,6 +112,7 @@ def check_node(cfg: RunConfig, node_config: Mapping[str, object]) -> None:
             f"base model mismatch: the run uses model.name={cfg.model.name!r} but this node "
             f"holds {model!r} (node config model=...)"
         )
+    check_recipe(cfg, NodeRules.from_node_config(node_config))
     pinned = node_config.get("recipe-hash")
     if pinned is not None and len(str(pinned)) != len(cfg.recipe_hash()):
         raise NodeRefusal(

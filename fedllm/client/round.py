@@ -65,6 +65,10 @@ def base_plan(
         raise ValueError(f"{who}: LoRA rank must be a positive integer, got {raw!r}") from None
     if rank <= 0:
         raise ValueError(f"{who}: LoRA rank must be > 0, got {rank}")
+    if "rank" in config and rank > cfg.max_rank:  # h106: 10⁸ ran the node out of memory
+        raise ValueError(
+            f"{who}: the server asked rank {rank}, above the recipe's largest, {cfg.max_rank}"
+        )
     pruning = check_ratio(config.get("pruning", 0.0), who=who)
     quant = config.get("quantization", cfg.model.quantization)
     if quant not in (valid := get_args(BasePrecision)):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from pathlib import Path
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
@@ -45,7 +46,7 @@ from fedllm.client.node_config import check_node  # noqa: E402
 from fedllm.data.shards import ProcessCache  # noqa: E402
 from fedllm.deploy.app_config import app_recipe, is_recipe_text  # noqa: E402
 from fedllm.features import registry  # noqa: E402
-from fedllm.launch import absolute_paths, start_run  # noqa: E402
+from fedllm.launch import absolute_paths, remove_run_dir, start_run  # noqa: E402
 from fedllm.model import packing  # noqa: E402
 from fedllm.privacy.secagg_common import max_weight  # noqa: E402
 from fedllm.recipe import ConfigError, RunConfig  # noqa: E402
@@ -129,13 +130,18 @@ def weight_notice(cfg: RunConfig) -> str | None:
 def check_server_run_dir(cfg: RunConfig, *, resume: bool, overwrite: bool) -> None:
     """Refuse to start a submitted run (`fedllm run --federation`) over a checkpointed run of
     the same name in the SuperLink's run directory, which the submitter, on another machine,
-    cannot see: a run is never overwritten silently."""
-    if not resume and not overwrite and has_checkpoint(cfg.run_dir):
+    cannot see: a run is never overwritten silently. With --overwrite the old run's folder is
+    deleted, as `fedllm run --overwrite` does locally (h107: it was kept, and a private run
+    submitted over a plain one kept that run's client_adapters/, best_adapter/ and trackers)."""
+    if resume or not has_checkpoint(cfg.run_dir):
+        return
+    if not overwrite:
         raise ConfigError(
             f"the SuperLink's {cfg.run_dir} already holds a run of this name (its "
             f"{CHECKPOINT}); submit again with --resume to continue it, --overwrite to start "
             "again, or name=<new name>"
         )
+    remove_run_dir(cfg.run_dir, Path(cfg.output_dir))
 
 
 def keep_recipe(cfg: RunConfig, *, resume: bool) -> None:

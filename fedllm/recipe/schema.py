@@ -33,6 +33,13 @@ from fedllm.recipe.schema_privacy import PrivacyConfig
 from fedllm.recipe.yaml_io import dump_yaml
 
 NAME_CHARS = "A-Za-z0-9._-"  # a run name's characters (it names a folder), as a regex class
+# settings only the server uses: where it writes, how it simulates, what it reports
+SERVER_ONLY = frozenset({"name", "output_dir", "simulation", "output"})
+
+
+def _sha256(parts: dict[str, Any]) -> str:
+    """The SHA-256 of plain data, as its sorted YAML."""
+    return hashlib.sha256(yaml.safe_dump(parts, sort_keys=True).encode()).hexdigest()
 
 
 def _safe_name(name: str) -> str:
@@ -170,20 +177,26 @@ class RunConfig(Strict):
         return self.lora.alpha / rank
 
     def fingerprint(self, *, budget: bool = True) -> str:
-        """A short hash of what must match between server and clients and what a node pins
-        (model, LoRA, data, seed and the whole privacy section, SecAgg+ and budget included).
+        """A short hash of what must match between server and clients and what a resumed run
+        keeps (model, LoRA, data, seed and the whole privacy section, SecAgg+ and budget
+        included).
 
         `budget=False` leaves out `privacy.epsilon_budget`: a checkpoint may be resumed under a
         new budget (the ledger keeps what was spent), though a node pinning the hash refuses it.
         """
-        return self.recipe_hash(budget=budget)[:12]
+        return _sha256(self.pinned(budget=budget))[:12]
 
     def recipe_hash(self, *, budget: bool = True) -> str:
-        """The whole SHA-256 (64 hex digits) `fingerprint` is the start of: what a node pins. Its
-        first 12 digits are 48 bits, which a submitter could match by searching `seed` values
-        for a weaker recipe; the whole hash cannot be matched that way."""
-        parts = self.pinned(budget=budget)
-        return hashlib.sha256(yaml.safe_dump(parts, sort_keys=True).encode()).hexdigest()
+        """What a node pins (`recipe-hash`, 64 hex digits): the whole recipe except the settings
+        only the server uses (`SERVER_ONLY`: where it writes, how it simulates, what it reports),
+        so every setting that decides what a node trains, how often and what it sends (rounds,
+        clients per round, local steps, weighting, features...) is agreed to. It covered only
+        `pinned()` before stop 48, and 4 → 40 clients per round and 3 → 300 rounds under
+        client-level DP kept it while the planned ε went from 8.1 to 1739 (h106)."""
+        parts = self.model_dump(exclude=set(SERVER_ONLY), mode="json")
+        if not budget:
+            parts["privacy"].pop("epsilon_budget")
+        return _sha256(parts)
 
     def pinned(self, *, budget: bool = True) -> dict[str, Any]:
         """The sections `fingerprint` hashes, as plain data (what a resumed run must keep)."""

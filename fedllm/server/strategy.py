@@ -128,9 +128,10 @@ class LoraStrategy(Strategy):
         self.agg_state = state["agg_state"]
         self.node_ranks = dict(state["node_ranks"])
         self.node_partitions = dict(state["node_partitions"])
-        self.client_updates = {
+        self.client_updates = {  # a private run keeps none (h107: not even an old checkpoint's)
             p: (rnd, {m: Factors(b, a, s) for m, (b, a, s) in update.items()})
             for p, (rnd, update) in state.get("client_updates", {}).items()
+            if not self.private
         }
         self.attempts = [(str(t), int(r)) for t, r in state.get("attempts", [])]
         # a checkpoint before stop 48 knew the ids of accepted replies only (every one is seated)
