@@ -34,6 +34,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.serverapp import Grid
 
 from fedllm.aggregators.base import Factors
+from fedllm.features.base import allowed_metrics
 from fedllm.features.types import ClientRow, RoundResult, TrainReply
 from fedllm.privacy.secagg_common import (
     CLIPPED,
@@ -138,7 +139,7 @@ class SecureRound(Strategy):
         for proxy, res in results:
             node = proxy.node_id
             try:
-                reply = parse_reply(res.metrics)
+                reply = parse_reply(allowed_metrics(res.metrics, lora.features))
                 check_claims(reply, cfg=lora.cfg, held=lora.node_partitions.get(node))
                 check_weight(res.num_examples, reply, uniform=self.uniform, limit=self.limit)
                 if reply.rank > lora.max_rank:  # no screen sees the vector: the next download

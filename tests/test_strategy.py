@@ -466,6 +466,21 @@ def test_a_private_run_drops_client_updates_an_older_checkpoint_kept() -> None:
     assert private.client_updates == {}
 
 
+def test_a_private_run_keeps_only_the_reply_keys_its_guarantee_allows() -> None:
+    """h107: clients strip their reply to the keys the run's DP covers, but the server read
+    whatever came: an outdated client's training loss was saved in a private run's rows. The
+    server applies the same filter."""
+    private = {"mode": "client", "client_noise_multiplier": 1.0}
+    s = strategy(recipe(privacy=private, aggregator={"name": "fedit", "weighting": "uniform"}))
+    values = {**metrics(0), "train-loss": 0.123, "train-seconds": 9.0}
+    result = s.train_round(1, [reply(1, GOOD[1], values)], sampled=1)
+    (row,) = result.rows
+    assert row.status == "ok" and row.reply.train_loss is None
+    saved = row.to_json()
+    assert saved["train_loss"] is None and saved["train_seconds"] is None
+    assert 0.123 not in saved.values() and 9.0 not in saved.values()
+
+
 # -- (e) non-finite factors -----------------------------------------------------------------------
 
 

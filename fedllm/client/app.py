@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -33,7 +33,7 @@ from fedllm.client.train import evaluate_nll
 from fedllm.data.shards import ProcessCache
 from fedllm.errors import NodeRefusal
 from fedllm.features import registry
-from fedllm.features.base import Feature
+from fedllm.features.base import allowed_metrics
 from fedllm.features.types import ClientUpdate
 from fedllm.model import packing, wire
 from fedllm.model.adapters import attach_lora, from_record, read_factors, write_factors
@@ -117,13 +117,7 @@ def train_content(
             **{k: v for f in features for k, v in f.metrics().items()},
         }
     )
-    return RecordDict({**arrays, "metrics": only_allowed(metrics, features)})
-
-
-def only_allowed(metrics: MetricRecord, features: Sequence[Feature]) -> MetricRecord:
-    """The metrics every active feature's guarantee lets leave this client (all without one)."""
-    limits = [keys for f in features if (keys := f.reply_keys()) is not None]
-    return MetricRecord({k: v for k, v in metrics.items() if all(k in keys for keys in limits)})
+    return RecordDict({**arrays, "metrics": MetricRecord(allowed_metrics(metrics, features))})
 
 
 def evaluate(

@@ -308,3 +308,11 @@ def require_adapter_state(cfg: RunConfig, what: str) -> None:
             "adapter-state aggregator (svd, squeeze, fedit, hetlora, lorafair, ffa, ...) "
             "or drop the pruning/compression"
         )
+
+
+def allowed_metrics(metrics: Mapping[str, Any], features: Sequence[Feature]) -> dict[str, Any]:
+    """The metrics every active feature's guarantee lets leave a client (all without one): what
+    a client sends, and all the server reads of a reply (h107: the server read whatever came,
+    and kept an outdated or non-conforming client's training loss in a private run's rows)."""
+    limits = [keys for f in features if (keys := f.reply_keys()) is not None]
+    return {k: v for k, v in metrics.items() if all(k in keys for keys in limits)}

@@ -145,11 +145,11 @@ def evaluate_round(
     for node, reason in dropped.items():
         log.warning("round %d: dropped node %s's evaluation: %s", server_round, node, reason)
     if empty := sorted(r.partition for r in rows if r.tokens == 0):  # its loss would read 0.0
-        if server_round <= 1:
+        if server_round <= 1:  # a private run says how many, not which (h107)
             log.warning(
-                "partitions %s hold no held-out examples: no held-out loss of theirs is "
-                "recorded (raise data.held_out or data.max_examples)",
-                empty,
+                "%s hold no held-out examples: no held-out loss of theirs is recorded (raise "
+                "data.held_out or data.max_examples)",
+                f"{len(empty)} partitions" if cfg.privacy.private else f"partitions {empty}",
             )
         rows = [r for r in rows if r.tokens > 0]
     tokens = sum(r.tokens for r in rows)

@@ -132,9 +132,9 @@ def describe_evaluation(
         row = EvalRow.parse(0, reply.content["metrics"], declared=declared)
     except (KeyError, ValueError, TypeError) as err:
         return f"sent malformed metrics ({err})"
+    if private:  # not even whether its held-out split is empty (h107)
+        return f"(partition {row.partition})"
     if row.tokens == 0:
         return f"(partition {row.partition}): no held-out examples"
     extras = "".join(f", {k.replace('_', ' ')} {v:.4f}" for k, v in row.extra.items())
-    return f"(partition {row.partition})" + (
-        "" if private else f": held-out loss {row.held_out_loss:.4f}{extras}"
-    )
+    return f"(partition {row.partition}): held-out loss {row.held_out_loss:.4f}{extras}"

@@ -14,7 +14,7 @@ import torch
 from flwr.app import ArrayRecord, RecordDict
 
 from fedllm.aggregators.base import Factors, RoundSpec
-from fedllm.features.base import Feature
+from fedllm.features.base import Feature, allowed_metrics
 from fedllm.features.types import ClientRow, TrainReply, declared_metrics
 from fedllm.model import packing, wire
 from fedllm.recipe.schema import RunConfig
@@ -59,7 +59,7 @@ def read_reply(
     for key in ("update", "kept"):
         if key in content and not isinstance(content[key], ArrayRecord):
             raise ValueError(f"'{key}' must be an array record, got {type(content[key]).__name__}")
-    reply = TrainReply.parse(content["metrics"])
+    reply = TrainReply.parse(allowed_metrics(content["metrics"], features))
     check_claims(reply, cfg=cfg, held=held)
     scaling = cfg.client_scaling(reply.rank)  # α/r from the recipe, not trusted
     update = None
