@@ -203,7 +203,7 @@ def test_the_client_app_refuses_before_loading_anything(monkeypatch) -> None:
 
     # training loads both in fedllm.client.round, evaluation in app: every place is watched
     for module in (app, round):
-        monkeypatch.setattr(module, "cached_base_model", must_not_load)
+        monkeypatch.setattr(module, "cached_base_at", must_not_load)
         monkeypatch.setattr(module, "node_shard", must_not_load)
     content = RecordDict({"config": ConfigRecord({"server-round": 1}), "global": ArrayRecord()})
     context = Context(0, 0, {"partition-id": 0, "require-secagg": True}, RecordDict(), {})

@@ -62,10 +62,13 @@ def test_a_4bit_tiers_client_evaluates_on_a_4bit_base_and_loads_it_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The laptop evaluates two rounds on the 4-bit base it trains on, loaded once, never the
-    recipe's full-precision one (it reloaded and re-quantized every round before stop 48); the
-    gpu client, with no precision of its own, evaluates at the recipe's."""
+    recipe's full-precision one (it reloaded and re-quantized every round before stop 48), and
+    personal tuning after the last round's evaluation tunes on that base too; the gpu client,
+    with no precision of its own, evaluates at the recipe's."""
     pytest.importorskip("bitsandbytes")
-    cfg = recipe(f"output_dir={tmp_path}", "data.max_examples=200", "data.num_clients=4")
+    tuning = "features={personal_tuning: {steps: 1}}"  # at the last round, on the same base
+    unpruned = TIERS.split(", {name: phone")[0] + "]"  # tuning refuses pruned tiers
+    cfg = recipe(f"output_dir={tmp_path}", "data.max_examples=200", unpruned, tuning)
     loaded: list[str | None] = []
     real = model_base.load_base_model
 

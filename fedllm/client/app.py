@@ -10,6 +10,7 @@ know none of them by name. Only adapter tensors and metrics leave the client.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections.abc import Iterator
@@ -37,7 +38,7 @@ from fedllm.features.base import allowed_metrics
 from fedllm.features.types import ClientUpdate
 from fedllm.model import packing, wire
 from fedllm.model.adapters import attach_lora, from_record, read_factors, write_factors
-from fedllm.model.base import cached_base_model
+from fedllm.model.base import cached_base_at
 from fedllm.model.loading import scoring_mode
 from fedllm.recipe.checks import ConfigError
 from fedllm.recipe.schema import RunConfig
@@ -149,8 +150,8 @@ def evaluate(
     quant = rnd.plan.quantization  # the recipe's, unless a feature (a device tier) has its own
     for f in features:
         quant = f.eval_precision(quant, rnd)
-    model_cfg = cfg.model.model_copy(update={"quantization": quant or "none"})
-    base, tokenizer = cached_base_model(cfg.model_copy(update={"model": model_cfg}), cache=cache)
+    rnd.plan = dataclasses.replace(rnd.plan, quantization=quant)  # what `evaluated` hooks hold
+    base, tokenizer = cached_base_at(cfg, quant, cache=cache)
     model = attach_lora(
         base,
         rank=rank,

@@ -27,7 +27,7 @@ from fedllm.features.base import Feature
 from fedllm.features.types import ClientPlan, ClientRound
 from fedllm.model import wire
 from fedllm.model.adapters import attach_lora, from_record, revive_dead, write_factors
-from fedllm.model.base import cached_base_model
+from fedllm.model.base import cached_base_at
 from fedllm.model.loading import module_shapes
 from fedllm.recipe.schema import RunConfig
 from fedllm.recipe.schema_common import BasePrecision
@@ -143,11 +143,8 @@ def lora_model(
     cfg, plan = rnd.cfg, rnd.plan
     # a base to be pruned loads at full precision; the feature that prunes it quantizes after
     quant = None if plan.pruning > 0 else plan.quantization
-    model_cfg = cfg.model.model_copy(update={"quantization": quant or "none"})
     rnd.cache = cache  # e.g. the pruned base's feature keeps its pruned model there
-    base, rnd.tokenizer = cached_base_model(
-        cfg.model_copy(update={"model": model_cfg}), cache=cache
-    )
+    base, rnd.tokenizer = cached_base_at(cfg, quant, cache=cache)
     rnd.shard = node_shard(cfg, rnd.node_config, rnd.tokenizer, cache=cache)
     for f in features:
         base = f.prepare_base(base, rnd)

@@ -154,16 +154,18 @@ class Adaptive(Feature):
         """The server's test-set loss of a client's start: this round's global cut to `rank`
         and, for a pruned client, to the ids it `kept` (zeros elsewhere, as its reply comes
         back), so an adapter that trained nothing scores no gain. Unpruned: once per rank."""
-        if kept or rank not in self.start_loss:
-            scaling = self.cfg.client_scaling(rank)
-            start = {m: f.truncate(rank, scaling) for m, f in self.global_.items()}
-            if kept:
-                start = {
+        if not kept and rank in self.start_loss:
+            return self.start_loss[rank]
+        scaling = self.cfg.client_scaling(rank)
+        start = {m: f.truncate(rank, scaling) for m, f in self.global_.items()}
+        if kept:  # one evaluation per pruned reply
+            return self.score(
+                {
                     m: expand(restrict(f, kept.get(m)), kept.get(m), f.shape)
                     for m, f in start.items()
                 }
-                return self.score(start)
-            self.start_loss[rank] = self.score(start)
+            )
+        self.start_loss[rank] = self.score(start)
         return self.start_loss[rank]
 
     def score(self, factors: Mapping[str, Factors]) -> float:

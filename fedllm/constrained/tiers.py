@@ -26,6 +26,12 @@ def tier_of(cfg: RunConfig, partition: int) -> TierConfig | None:
     return None
 
 
+def tier_precision(cfg: RunConfig, tier: TierConfig) -> str | None:
+    """The tier's base precision, else the recipe's ('4bit', '8bit', None: full)."""
+    quant = tier.quantization or cfg.model.quantization
+    return None if quant == "none" else quant
+
+
 @register
 class Tiers(Feature):
     """A tier's pruning ratio and quantization in its clients' plans."""
@@ -47,9 +53,8 @@ class Tiers(Feature):
         pruning = plan.pruning if "pruning" in rnd.config else tier.pruning  # the server's first
         if "quantization" in rnd.config:
             return dataclasses.replace(plan, pruning=pruning)
-        quant = tier.quantization or self.cfg.model.quantization
         return dataclasses.replace(
-            plan, pruning=pruning, quantization=None if quant == "none" else quant
+            plan, pruning=pruning, quantization=tier_precision(self.cfg, tier)
         )
 
     def eval_precision(self, quantization: str | None, rnd: ClientRound) -> str | None:
@@ -61,7 +66,4 @@ class Tiers(Feature):
         tier = tier_of(self.cfg, rnd.partition)
         if tier is None or self.cfg.adaptive is not None:
             return quantization
-        if tier.pruning > 0:
-            return None
-        quant = tier.quantization or self.cfg.model.quantization
-        return None if quant == "none" else quant
+        return None if tier.pruning > 0 else tier_precision(self.cfg, tier)

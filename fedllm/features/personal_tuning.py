@@ -46,7 +46,7 @@ from fedllm.features.node_state import NODE_KEY, client_dir
 from fedllm.features.registry import active, register
 from fedllm.features.types import ClientRound
 from fedllm.model.adapters import adapter_holding, read_factors, revive_dead
-from fedllm.model.base import cached_base_model
+from fedllm.model.base import cached_base_at
 from fedllm.model.card import make_card, save_adapter
 from fedllm.model.identity import IDENTITY_MEMO, base_identity
 from fedllm.model.loading import scoring_mode
@@ -153,7 +153,7 @@ class PersonalTuning(Feature):
         rank = rnd.plan.rank
         seed = client_seed(cfg, server_round=fed.rounds + 1, partition=rnd.partition)
         start = tuning_start(factors, rank=rank, scaling=cfg.client_scaling(rank), seed=seed)
-        base, tok = cached_base_model(cfg, cache=rnd.cache)  # the evaluation's, when cached
+        base, tok = cached_base_at(cfg, rnd.plan.quantization, cache=rnd.cache)  # evaluation's
         examples = rnd.shard.train
         steps = opts.steps or round_steps(fed, len(examples))
         lora = {"dropout": cfg.lora.dropout, "target_modules": cfg.lora.target_modules}

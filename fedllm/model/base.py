@@ -63,6 +63,15 @@ def cached_base_model(
     return cache.base.get(key, load) if cache is not None else load()
 
 
+def cached_base_at(
+    cfg: RunConfig, quantization: str | None, *, cache: ProcessCache | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """`cached_base_model` at a base precision other than the recipe's ('4bit', '8bit', None:
+    full): a client's plan (a device tier, a bandit arm) sets its own."""
+    model = cfg.model.model_copy(update={"quantization": quantization or "none"})
+    return cached_base_model(cfg.model_copy(update={"model": model}), cache=cache)
+
+
 def adapter_shapes(
     cfg: RunConfig, *, cache: ProcessCache | None = None
 ) -> dict[str, tuple[int, int]]:
