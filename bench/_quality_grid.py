@@ -268,6 +268,9 @@ PAIRS = [
     ("fedprox", "svd"),
     ("fedavgm", "fedit"),
     ("svd +fedavgm", "svd"),
+    # LoRA-FAIR's correction over fedit's mean, against the exact aggregate with and without it
+    ("lorafair", "svd"),
+    ("lorafair", "squeeze"),
 ]
 
 # One question asked in several regimes, pooled over their seeds (the report's "Across
@@ -370,6 +373,14 @@ PLAN = [
     # flexlora forms svd's aggregate densely (the d×k SVD): seed 0 reproduced svd to 1e-5 nats,
     # so its other seeds would be svd's cells again at twice the cost
     Step(("flexlora",), ("scarce",), "svd's aggregate formed densely: a consistency check", (0,)),
+    # lorafair led svd at the common lr 0.001 on scarce's seeds 0-1: at the shipped lr, where
+    # svd won scarce-lr, does it still (scarce-lr's fresh seeds)?
+    Step(
+        ("lorafair",),
+        ("scarce-lr",),
+        f"lorafair at the shipped lr {TUNED_LR}: does its lead over svd at 0.001 hold",
+        (1, 2, 3),
+    ),
     Step(
         ("svd", "squeeze", "fedit", "local only lr 0.001"),
         ("long",),
