@@ -5,7 +5,15 @@ A method is one module of this folder with `@register("name")` (or an installed 
 them all through `discover`, so there is no list to edit here.
 """
 
-from .base import Aggregate, AggregatorFn, Factors, RoundSpec
+from .base import (
+    Aggregate,
+    AggregatorFn,
+    Factors,
+    NonNegativeFloat,
+    PositiveFloat,
+    RoundSpec,
+    normalized_weights,
+)
 from .linalg import factored_svd, svd_factors
 from .registry import (
     available,
@@ -21,12 +29,15 @@ __all__ = [
     "Aggregate",
     "AggregatorFn",
     "Factors",
+    "NonNegativeFloat",
+    "PositiveFloat",
     "RoundSpec",
     "available",
     "check_options",
     "discover",
     "factored_svd",
     "get",
+    "normalized_weights",
     "register",
     "resolved_options",
     "round_spec",

@@ -42,8 +42,10 @@ def register(
     """Decorator registering a method under `name` (taken only once) with its round semantics."""
 
     def decorate(fn: AggregatorFn) -> AggregatorFn:
-        if name in _REGISTRY and _REGISTRY[name] is not fn:
-            raise ValueError(f"aggregator {name!r} is already registered")
+        known = _REGISTRY.get(name)
+        if known is not None and known is not fn:
+            where = f"{known.__module__}.{known.__qualname__}"
+            raise ValueError(f"aggregator {name!r} is already registered by {where}")
         _check_signature(name, fn)
         stray = sorted(set(rounds.client_defaults) - set(rounds.client_options))
         if stray:

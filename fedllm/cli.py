@@ -84,6 +84,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
             "nothing was validated"
         )
     overrides += args.overrides  # --set KEY=VALUE, kept as an alias
+    from fedllm.features.registry import active
+    from fedllm.methods_cmd import origin
+
     if not args.config_only:
         from fedllm.preflight import check_machine
     failed = 0
@@ -101,6 +104,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
             f"ok  {path}: {cfg.name}, {cfg.data.num_clients} clients, "
             f"aggregator {cfg.aggregator.name}"
         )
+        on = [f"{c.name}{origin(c.__module__, short=True)}" for c in active(cfg)]
+        print(f"    features {', '.join(on)}")  # a plugin's, marked: is it found and on?
         print(f"    recipe-hash {cfg.recipe_hash()}")  # what `fedllm node --recipe-hash` pins
         for line in found:
             print(f"    {line}")

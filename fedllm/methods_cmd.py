@@ -11,9 +11,11 @@ from typing import Any
 CORE = ("fedllm.",)  # modules of this package; anything else came from a plugin
 
 
-def origin(module: str) -> str:
-    """'' for fedllm's own code, else ' (plugin: <module>)'."""
-    return "" if module.startswith(CORE) else f"  (plugin: {module})"
+def origin(module: str, *, short: bool = False) -> str:
+    """'' for fedllm's own code, else '  (plugin: <module>)' (`short`: ' (plugin <module>)')."""
+    if module.startswith(CORE):
+        return ""
+    return f" (plugin {module})" if short else f"  (plugin: {module})"
 
 
 def first_line(doc: str | None) -> str:
@@ -49,12 +51,14 @@ def lines() -> list[str]:
     from fedllm.features import registry
 
     out = ["aggregators (aggregator.name; options go in aggregator.options):"]
-    for name in aggregators():
+    names = aggregators()
+    width = max(10, *map(len, names))  # a plugin's long name keeps the columns
+    for name in names:
         fn = get(name)
         out.append(
-            f"  {name:<10} {semantics(name)}: {first_line(fn.__doc__)}{origin(fn.__module__)}"
+            f"  {name:<{width}} {semantics(name)}: {first_line(fn.__doc__)}{origin(fn.__module__)}"
         )
-        out.append(f"  {'':<10} options: {options_text(resolved_options(name, {}))}")
+        out.append(f"  {'':<{width}} options: {options_text(resolved_options(name, {}))}")
     found = registry.discover()
     out += ["", "features (features.<name>: {options}, or features.<name>=true):"]
     inner = []
@@ -65,7 +69,8 @@ def lines() -> list[str]:
             continue
         out.append(f"  {name:<18} {first_line(cls.__doc__)}{origin(cls.__module__)}")
         out.append(f"  {'':<18} options: {options_text(opts)}")
-    out.append(f"  built in, turned on by their own recipe sections: {', '.join(inner)}")
+    inner_text = ", ".join(f"{n}{origin(found[n].__module__, short=True)}" for n in inner)
+    out.append(f"  turned on by their own recipe sections or keys: {inner_text}")
     out += ["", "eval tasks (fedllm eval --tasks NAME ...):"]
     for name, cls in available_tasks().items():
         out.append(f"  {name:<18} {cls.describe()['about']}{origin(cls.__module__)}")

@@ -99,6 +99,9 @@ def test_the_pages_feature_and_task_are_found_and_their_options_checked() -> Non
                 "privacy": {"mode": "sample", "target_epsilon": 8.0},
             }
         )
+    # its check: a pull towards the round's start, with clients that start from a merged delta
+    with pytest.raises(ConfigError, match=r"features\.b_anchor needs clients that start from"):
+        build_config({**base, "aggregator": {"name": "flora"}, "features": {"b_anchor": {}}})
     assert "response_chars" in available_tasks()
 
 

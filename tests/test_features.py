@@ -292,7 +292,10 @@ class FakeEntryPoint:
 
 
 def test_entry_point_feature_is_found(
-    monkeypatch: pytest.MonkeyPatch, clean_registry: None, tmp_path: Path
+    monkeypatch: pytest.MonkeyPatch,
+    clean_registry: None,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     point = FakeEntryPoint()
     groups: list[str] = []
@@ -310,7 +313,10 @@ def test_entry_point_feature_is_found(
         build_config(recipe(features={"ep_probe": {"level": 0}}))
     path = tmp_path / "ep.yaml"
     path.write_text(yaml.safe_dump(recipe(features={"ep_probe": {"level": 2}})))
+    capsys.readouterr()
     assert validate(str(path)) == 0
+    # validate says which features are on, and which came from a plugin
+    assert f"features node_guard, ep_probe (plugin {__name__})" in capsys.readouterr().out
 
 
 # -- (c) unknown names in `features:` -------------------------------------------------------------

@@ -10,9 +10,10 @@ import pytest
 
 from fedllm.deploy.local_grid import run_local
 from fedllm.errors import RunFailed
-from fedllm.features.types import RoundResult
+from fedllm.features.types import ClientRow, RoundResult
 from fedllm.recipe import load_recipe
-from fedllm.server.app import AGGREGATOR_FAILURES, aggregator_failures
+from fedllm.features.base import Feature
+from fedllm.server.app import AGGREGATOR_FAILURES, aggregator_failures, record_features
 from fedllm.server.metrics import MetricsLog
 from fedllm.server.strategy import LoraStrategy
 
@@ -27,6 +28,36 @@ OVERRIDES = [
     "federation.local_steps=1",
     "federation.rounds=4",
 ]
+
+
+class Adds(Feature):
+    name = "adds"
+
+    def record(self, result: RoundResult, *, server_row: dict) -> None:
+        server_row["adds_count"] = len(result.rows)  # a key of its own
+        result.rows.append(ClientRow(server_row["round"], 9, "missed"))
+
+
+class Overwrites(Feature):
+    name = "overwrites"
+
+    def record(self, result: RoundResult, *, server_row: dict) -> None:
+        server_row["train_loss"] = 0.0  # would pass for the clients' loss
+        server_row.pop("clients_ok")
+
+
+def test_features_record_may_add_but_not_change_the_servers_columns(tmp_path: Path) -> None:
+    cfg = load_recipe(RECIPE, [f"output_dir={tmp_path}", *OVERRIDES])
+    result = RoundResult(sampled=2, rows=[])
+    row: dict = {"round": 1, "train_loss": 3.5, "clients_ok": 2}
+    record_features([Adds(cfg)], result, row)
+    assert row == {"round": 1, "train_loss": 3.5, "clients_ok": 2, "adds_count": 0}
+    assert [r.status for r in result.rows] == ["missed"]
+    with pytest.raises(
+        ValueError, match=r"^features\.overwrites: .*\['clients_ok', 'train_loss'\]"
+    ):
+        fresh = {"round": 2, "train_loss": 3.5, "clients_ok": 2}
+        record_features([Adds(cfg), Overwrites(cfg)], result, fresh)
 
 
 def test_failures_count_rounds_running_and_a_good_round_resets_them(tmp_path: Path) -> None:

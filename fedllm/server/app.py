@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -246,8 +246,7 @@ class Run:
             "seconds": time.perf_counter() - t0,
             "train_seconds": train_seconds,
         }
-        for f in self.features:
-            f.record(result, server_row=server_row)
+        record_features(self.features, result, server_row)
         rows = [r.to_json() for r in result.rows] + eval_rows + [server_row]
         self.metrics.write(rows, publish=False)
         # the snapshot first: a crash between the two reruns this round and writes it again
@@ -288,6 +287,21 @@ class Run:
         say(f"round 0 (base model): held-out loss {held:.4f}{with_test_loss(row)} [{seconds:.0f}s]")
         self.save(0)
         self.metrics.publish([*eval_rows, row])
+
+
+def record_features(
+    features: Sequence[Feature], result: RoundResult, server_row: dict[str, Any]
+) -> None:
+    """Each feature's `record` (ε, missed nodes...), refusing one that changes or drops a column
+    the server wrote: a plugin's bug would otherwise pass its numbers off as the server's."""
+    core = dict(server_row)
+    for f in features:
+        f.record(result, server_row=server_row)
+        if changed := sorted(k for k in core if server_row.get(k, core) is not core[k]):
+            raise ValueError(
+                f"features.{f.name}: record() changed the server row's own columns {changed}; "
+                "a feature may only add keys of its own"
+            )
 
 
 def aggregator_failures(
