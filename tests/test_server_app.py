@@ -10,9 +10,9 @@ import pytest
 
 from fedllm.deploy.local_grid import run_local
 from fedllm.errors import RunFailed
+from fedllm.features.base import Feature
 from fedllm.features.types import ClientRow, RoundResult
 from fedllm.recipe import load_recipe
-from fedllm.features.base import Feature
 from fedllm.server.app import AGGREGATOR_FAILURES, aggregator_failures, record_features
 from fedllm.server.metrics import MetricsLog
 from fedllm.server.strategy import LoraStrategy
