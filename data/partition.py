@@ -51,6 +51,13 @@ def partition(
         return [sorted(part.tolist()) for part in np.array_split(order, num_clients)]
     labels = [_label(example, i) for i, example in enumerate(examples)]
     if method == "dirichlet":
+        if len(set(labels)) == 1:  # a Dirichlet split of one label is a random size split
+            which = "none" if labels[0] == "" else f"only {labels[0]!r}"
+            raise ValueError(
+                "data.partitioner='dirichlet' skews each label's share across clients, but the "
+                f"examples have one label ({which}); set data.label_field to a label column, "
+                "or use data.partitioner='iid'"
+            )
         clients = _dirichlet(
             labels, num_clients=num_clients, alpha=alpha, seed=seed, min_size=min_size
         )

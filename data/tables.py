@@ -29,8 +29,9 @@ class Table:
 
 def read_jsonl(path: Path) -> Table:
     """One JSON object per line (blank lines skipped), read once; a line that is not one names
-    its number. Raises UnicodeDecodeError for a file that is not UTF-8."""
-    with path.open(encoding="utf-8") as lines:
+    its number. Raises UnicodeDecodeError for a file that is not UTF-8; a byte-order mark (as
+    Windows editors save) is fine."""
+    with path.open(encoding="utf-8-sig") as lines:
         objects, numbers = _line_objects(lines, path)
     return _table(objects, [f"{path} line {n}" for n in numbers])
 

@@ -79,8 +79,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if not recipes:
         raise ConfigError("validate needs at least one recipe path (got only key=value overrides)")
     if bare := [r for r in recipes if looks_like_key(r)]:  # before any recipe is called ok
+        key, colon, value = bare[0].partition(":")  # YAML's `key: value` written on the line
+        example = f"{key}={value.strip()}" if colon and value.strip() else f"{key}=2"
         raise ConfigError(
-            f"{bare[0]!r} is neither a recipe file nor key=value (e.g. {bare[0]}=2); "
+            f"{bare[0]!r} is neither a recipe file nor key=value (e.g. {example}); "
             "nothing was validated"
         )
     overrides += args.overrides  # --set KEY=VALUE, kept as an alias
@@ -273,6 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     except RunFailed as err:
         print(f"fedllm: error: {err}", file=sys.stderr)
         return 1
+    except OSError as err:  # a file system's refusal (not a folder, no permission, disk full)
+        if verbose:
+            raise
+        print(f"fedllm: error: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # finished rounds are checkpointed; reports and exports whole
         print("fedllm: interrupted", file=sys.stderr)
         return 130

@@ -53,7 +53,10 @@ def prepare(cfg: RunConfig) -> None:
 def start_run(cfg: RunConfig, *, resume: bool, overwrite: bool, local: bool = True) -> Path:
     """Ready the run directory (resume / overwrite rules), check everything that can fail before
     round 1 and save the resolved recipe; `fedllm run` and the Flower App (`flwr run .`) both."""
+    from fedllm.preflight import check_output_dir
+
     run_dir = cfg.run_dir
+    check_output_dir(cfg)  # a file there: said before anything is deleted or written
     if resume and overwrite:
         raise ConfigError(
             "--resume continues the run in its folder and --overwrite deletes that folder; "

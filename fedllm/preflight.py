@@ -169,12 +169,24 @@ def check_adapted_modules(cfg: RunConfig) -> None:
     check_ranks(cfg, config_shapes(config, cfg.lora.target_modules))
 
 
+def check_output_dir(cfg: RunConfig) -> None:
+    """`output_dir` and the run's folder are folders if they exist (a file there would stop the
+    run at its first write)."""
+    for path, key in ((Path(cfg.output_dir), "output_dir"), (cfg.run_dir, "name")):
+        if path.exists() and not path.is_dir():
+            raise ConfigError(
+                f"{key}: {path} is a file, not a folder; the run writes into "
+                f"{cfg.run_dir}: choose another output_dir or name"
+            )
+
+
 def check_machine(cfg: RunConfig) -> list[str]:
     """What the recipe needs of this machine, short of loading the base: the base is here and
     has the layers LoRA adapts at every client's rank, the data loads and feeds every client,
     the trackers are installed, and the GPUs exist when this machine runs the clients (on a Ray
     cluster, `simulation.ray_address`, its nodes give them). Returns a line for each finding a
     person would want to see."""
+    check_output_dir(cfg)
     model = check_model(cfg)
     check_adapted_modules(cfg)
     data = check_data(cfg)

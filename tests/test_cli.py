@@ -93,6 +93,8 @@ def test_a_key_without_its_value_is_refused_before_any_recipe_is_called_ok(
     captured = capsys.readouterr()
     assert "'federation.rounds' is neither a recipe file nor key=value" in captured.err
     assert "ok  " not in captured.out
+    assert main(["validate", TINY, "federation.rounds:4"]) == 2  # YAML's colon: its own value
+    assert "(e.g. federation.rounds=4)" in capsys.readouterr().err
     assert main(["validate", "quikstart"]) == 2
     assert "(did you mean 'quickstart'?)" in capsys.readouterr().err
     with pytest.raises(ConfigError, match=r"if it is an override, write key=value \(e\.g\. f"):
@@ -356,6 +358,32 @@ def test_a_stray_flag_is_still_an_error() -> None:
 
     with pytest.raises(SystemExit):
         parse(["run", "recipes/tiny.yaml", "--bogus"])
+
+
+@pytest.mark.parametrize("which", ["output_dir", "name"])
+def test_a_file_where_the_run_folder_goes_is_named_before_anything_is_written(
+    tmp_path: Path, which: str, no_prepare: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # h110: `output_dir=<a file>` ended in a NotADirectoryError traceback
+    blocker = tmp_path / "taken"
+    blocker.write_text("mine")
+    out, name = (blocker, "x") if which == "output_dir" else (tmp_path, "taken")
+    assert main(run_args(out, name)) == 2
+    assert f"{which}: {blocker} is a file, not a folder" in capsys.readouterr().err
+    assert blocker.read_text() == "mine"
+    assert main(["validate", TINY, f"output_dir={out}", f"name={name}"]) == 2
+    assert f"{which}: {blocker} is a file" in capsys.readouterr().err
+
+
+def test_an_os_error_is_one_line_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def refuse(args: object) -> int:
+        raise PermissionError(13, "Permission denied", "/srv/runs/x")
+
+    monkeypatch.setattr("fedllm.cli.cmd_validate", refuse)
+    assert main(["validate", TINY]) == 2
+    assert capsys.readouterr().err == "fedllm: error: [Errno 13] Permission denied: '/srv/runs/x'\n"
 
 
 def test_resume_and_overwrite_together_are_refused(tmp_path: Path, no_prepare: None, capsys):

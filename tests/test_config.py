@@ -78,8 +78,13 @@ def test_cross_field_checks() -> None:
                 "lora": {"tiers": [{"name": "a", "rank": 4, "clients": 3}]},
             }
         )
-    with pytest.raises(ConfigError, match="exactly one of local_steps"):
+    with pytest.raises(ConfigError, match=r"local_steps \(5\) and local_epochs \(1\) are both set"):
         build_config({"federation": {"local_steps": 5, "local_epochs": 1.0}})
+    with pytest.raises(ConfigError, match=r"set local_steps .* or local_epochs .*both are null"):
+        build_config({"federation": {"local_steps": None}})
+    # local_epochs alone replaces the steps' default (h110: it was "set exactly one")
+    alone = build_config({"federation": {"local_epochs": 0.5}}).federation
+    assert (alone.local_steps, alone.local_epochs) == (None, 0.5)
 
 
 def test_overrides_parse_as_yaml_and_nest() -> None:
@@ -267,7 +272,7 @@ def test_the_plan_is_its_steps_commands_each_cell_once() -> None:
 
     quality = _quality_bench()
     cells = quality.plan_cells(quality.PLAN, quiet=True)
-    assert len(cells) == len(set(cells)) == 205  # docs/aggregators.md quotes the count
+    assert len(cells) == len(set(cells)) == 208  # docs/aggregators.md quotes the count
     assert cells[0] == ("centralised", "scarce", 0)  # core first, seed by seed
     parser = quality.build_parser()
     for step in quality.PLAN:
@@ -383,6 +388,13 @@ def test_a_name_yaml_would_read_as_a_date_or_number(tmp_path: Path) -> None:
         (
             "lora.tiers=[{nam: a, rank: 2, clients: 3}]",
             "lora.tiers.0.nam: unknown key (did you mean 'name'?); valid keys here: clients, name,",
+        ),
+        # a feature, a feature's option, an aggregator's option outside their sections (h110)
+        ("fedprox={mu: 0.01}", "fedprox: unknown key (did you mean 'features.fedprox'?)"),
+        ("federation.mu=0.01", "federation.mu: unknown key (did you mean 'features.fedprox.mu'?)"),
+        (
+            "aggregator.oversample=16",
+            "aggregator.oversample: unknown key (did you mean 'aggregator.options.oversample'?)",
         ),
         (
             "devices=[{clients: 3, slowdwn: 2}]",
@@ -508,3 +520,37 @@ def test_a_feature_given_a_bare_value_is_told_to_use_a_mapping() -> None:
     with pytest.raises(ConfigError, match=r"features\.fedprox takes its options as a mapping"):
         load_recipe(str(TINY_RECIPE), ["features.fedprox=0.01"])
     assert load_recipe(str(TINY_RECIPE), ["features.fedprox=true"]).features == {"fedprox": {}}
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (
+            "features=[fedprox]",
+            r"features: .*\(got \['fedprox'\]\); write a mapping, e\.g\. \{fedprox: \{\}\}",
+        ),
+        ("data.pos=noun", r"data\.pos: .*\(got 'noun'\); write a list, e\.g\. \[noun\]"),
+        (
+            "lora.target_modules={q_proj: 1}",
+            r"\(got \{'q_proj': 1\}\); write a list, e\.g\. \[q_proj\]",
+        ),
+        (
+            "lora.target_modules=all-linear",
+            r"'all-linear' \(peft's shortcut\) is not supported: list",
+        ),
+    ],
+)
+def test_a_value_of_the_wrong_shape_gets_the_shape_it_needs(override: str, expected: str) -> None:
+    # h110: pydantic's bare "Input should be a valid list" named no form that would do
+    with pytest.raises(ConfigError, match=expected):
+        load_recipe(TINY_RECIPE, [override])
+
+
+def test_a_misspelt_required_key_is_said_once() -> None:
+    # h110: `rnak` got its did-you-mean and then "lora.tiers.0.rank: Field required" as well
+    with pytest.raises(ConfigError) as info:
+        load_recipe(TINY_RECIPE, ["lora.tiers=[{name: a, rnak: 2, clients: 3}]"])
+    assert "lora.tiers.0.rnak: unknown key (did you mean 'rank'?)" in str(info.value)
+    assert "Field required" not in str(info.value)
+    with pytest.raises(ConfigError, match=r"lora\.tiers\.0\.rank: Field required"):  # none given
+        load_recipe(TINY_RECIPE, ["lora.tiers=[{name: a, clients: 3}]"])

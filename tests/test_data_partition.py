@@ -86,7 +86,16 @@ def test_dirichlet_respects_min_size_or_says_what_to_change() -> None:
     clients = partition(examples, num_clients=3, method="dirichlet", alpha=0.3, min_size=5)
     assert min(len(c) for c in clients) >= 5
     with pytest.raises(ValueError, match=r"raise data\.dirichlet_alpha, lower data\.num_clients"):
-        partition(labelled({"a": 5}), num_clients=5, method="dirichlet", alpha=0.01, min_size=1)
+        partition(
+            labelled({"a": 3, "b": 2}), num_clients=5, method="dirichlet", alpha=0.01, min_size=1
+        )
+
+
+@pytest.mark.parametrize(("label", "named"), [("", "none"), ("noun.food", "only 'noun.food'")])
+def test_dirichlet_over_one_label_is_refused(label: str, named: str) -> None:
+    # h110: a local file without data.label_field gave a "non-IID" split that was a random one
+    with pytest.raises(ValueError, match=rf"one label \({named}\); set data\.label_field"):
+        partition(labelled({label: 20}), num_clients=2, method="dirichlet")
 
 
 @pytest.mark.parametrize(

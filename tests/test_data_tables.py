@@ -108,3 +108,10 @@ def test_a_csv_cell_past_the_csv_modules_limit_names_the_file_and_line(tmp_path:
     path.write_text("\nprompt,response\np," + "x" * 200_000 + "\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"long\.csv line 3: not readable as CSV \(field larger"):
         load_local(path)  # a leading blank line is no header either
+
+
+def test_json_lines_saved_with_a_byte_order_mark_are_read(tmp_path: Path) -> None:
+    # h110: Windows editors save one; the CSV and JSON readers already skipped it
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "p", "response": "r"}\n')
+    assert read_jsonl(path).rows == [{"prompt": "p", "response": "r"}]

@@ -7,6 +7,7 @@ command that takes a recipe.
 
 from __future__ import annotations
 
+import difflib
 import re
 import typing
 from pathlib import Path
@@ -85,8 +86,12 @@ def _union_errors(errors: list[dict]) -> list[dict]:
 
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid recipe {source}:"]
-    for e in _union_errors(err.errors()):
+    errors = _union_errors(err.errors())
+    misspelt = _misspelt(errors)
+    for e in errors:
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "missing" and tuple(e["loc"]) in misspelt:
+            continue  # `rnak` given: "did you mean 'rank'" says it; "rank: required" repeats it
         if e["type"] == "union":
             lines.append(f"  {key}: {e['msg']}")
             continue
@@ -99,7 +104,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
             # close key (`lora.rank`: 'ranks', not 'lora.tiers.rank'; `data.clients`:
             # 'num_clients'); else this section's closest key.
             hint = did_you_mean(name, valid)
-            homes = [h for h in _homes(name, RunConfig) if h != key]
+            homes = [h for h in _homes(name, RunConfig) if h != key] or _extension_homes(name)
             very_close = len(e["loc"]) > 1 and did_you_mean(name, valid, cutoff=0.75)
             if homes and not very_close:
                 hint = f" (did you mean {' or '.join(repr(h) for h in homes)}?)"
@@ -122,12 +127,40 @@ def _format_errors(err: ValidationError, source: str) -> str:
             lines.append(f"  {msg}" if named else f"  {key}: {msg}")
         else:
             got = e.get("input")
-            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            shown = "" if isinstance(got, dict) and e["type"] != "list_type" else f" (got {got!r})"
+            shown += _shape_hint(e["type"], got)
             if e["type"] == "string_type" and isinstance(got, int | float | bool):
                 kind = "true/false" if isinstance(got, bool) else "a number"
                 shown += f"; YAML reads it as {kind}: quote it to keep it text"
             lines.append(f"  {key}: {e['msg']}{shown}")
     return "\n".join(lines)
+
+
+def _misspelt(errors: list[dict[str, Any]]) -> set[tuple[Any, ...]]:
+    """Locations of required keys that an unknown key beside them is a close misspelling of."""
+    out = set()
+    for e in errors:
+        if e["type"] != "extra_forbidden":
+            continue
+        parent = _model_at(e["loc"][:-1])
+        valid = list(parent.model_fields) if parent else []
+        close = difflib.get_close_matches(str(e["loc"][-1]).lower(), valid, n=1, cutoff=0.6)
+        out |= {(*e["loc"][:-1], close[0])} if close else set()
+    return out
+
+
+def _shape_hint(kind: str, got: Any) -> str:
+    """The form a list or mapping field wants, from what was given (`all-linear` ->
+    `[all-linear]`; `[fedprox]` -> `{fedprox: {}}`), '' if none fits."""
+    if kind == "list_type" and isinstance(got, str | int | float):
+        return f"; write a list, e.g. [{got}]"
+    if kind == "list_type" and isinstance(got, dict):
+        return f"; write a list, e.g. [{', '.join(map(str, got))}]"
+    if kind == "dict_type" and isinstance(got, list) and got and isinstance(got[0], str):
+        return f"; write a mapping, e.g. {{{got[0]}: {{}}}}"
+    if kind == "dict_type":
+        return "; write a mapping, e.g. {key: value}"
+    return ""
 
 
 def _models_in(annotation: Any) -> list[type[BaseModel]]:
@@ -148,6 +181,24 @@ def _homes(key: str, model: type[BaseModel], *, prefix: str = "", depth: int = 2
             elif depth > 1:
                 found += _homes(key, sub, prefix=f"{prefix}{name}.", depth=depth - 1)
     return found
+
+
+def _extension_homes(key: str) -> list[str]:
+    """Where `key` goes if a feature or an aggregator takes it: `features.fedprox` (a feature
+    written as a section), `features.fedprox.mu`, `aggregator.options.oversample`."""
+    from fedllm.aggregators import available
+    from fedllm.aggregators.registry import option_names
+
+    found = features.discover()
+    homes = [f"features.{key}"] if key in found else []
+    homes += [
+        f"features.{name}.{key}"
+        for name, cls in sorted(found.items())
+        if cls.Options is not None and key in cls.Options.model_fields
+    ]
+    if any(key in option_names(a) for a in available()):  # the chosen one's: checked later
+        homes.append(f"aggregator.options.{key}")
+    return homes
 
 
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:

@@ -102,10 +102,27 @@ class FederationConfig(Strict):
             )
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _epochs_alone(cls, data: Any) -> Any:
+        """`local_epochs` given without `local_steps`: the epochs, not the steps' default."""
+        if isinstance(data, dict) and data.get("local_epochs") is not None:
+            return {"local_steps": None, **data}
+        return data
+
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> FederationConfig:
-        if (self.local_steps is None) == (self.local_epochs is None):
-            raise ValueError("set exactly one of local_steps and local_epochs (the other to null)")
+        steps, epochs = self.local_steps, self.local_epochs
+        if steps is None and epochs is None:
+            raise ValueError(
+                "federation: set local_steps (optimizer steps per round) or local_epochs "
+                "(passes over each shard per round); both are null"
+            )
+        if steps is not None and epochs is not None:
+            raise ValueError(
+                f"federation: local_steps ({steps}) and local_epochs ({epochs:g}) are both set; "
+                "keep one and set the other to null (e.g. federation.local_steps=null)"
+            )
         return self
 
     @model_validator(mode="after")

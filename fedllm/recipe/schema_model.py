@@ -129,6 +129,18 @@ class LoraConfig(Strict):
             )
         return self
 
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _no_all_linear(cls, v: Any) -> Any:
+        """peft's `all-linear` shortcut is not supported: the server needs each module's name."""
+        if v == "all-linear" or (isinstance(v, list) and "all-linear" in v):
+            raise ValueError(
+                "'all-linear' (peft's shortcut) is not supported: list the modules, e.g. "
+                "[q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj] for Llama-style "
+                "bases such as SmolLM2"
+            )
+        return v
+
     @field_validator("ranks")
     @classmethod
     def _positive(cls, v: Any) -> Any:
