@@ -6,7 +6,9 @@ import stat
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
+from fedllm.cli import main
 from fedllm.deploy.certs import make_credentials
 
 
@@ -37,3 +39,30 @@ def test_existing_credentials_are_refused_unless_forced(tmp_path: Path) -> None:
     assert first.ca_cert.read_bytes() == ca
     assert make_credentials(tmp_path, nodes=1, force=True).ca_cert.read_bytes() != ca
     make_credentials(tmp_path / "other", nodes=1)  # a new folder needs no --force
+
+
+def test_a_file_where_the_folder_should_be_is_named(tmp_path: Path, capsys) -> None:
+    # h111: `fedllm certs t.sh` (an existing file) ended in a FileExistsError traceback
+    script = tmp_path / "t.sh"
+    script.write_text("echo hi\n")
+    assert main(["certs", str(script)]) == 2
+    assert f"{script} is a file, not a folder" in capsys.readouterr().err
+    assert main(["certs", str(script / "creds")]) == 2
+    assert f"cannot create the folder {script / 'creds'}" in capsys.readouterr().err
+    assert script.read_text() == "echo hi\n"
+
+
+@pytest.mark.parametrize("host", ["bad host!", "a..b", "-a.example.org", "x" * 64 + ".org", ""])
+def test_a_host_that_is_no_dns_name_or_ip_address_is_refused(tmp_path: Path, host: str) -> None:
+    # h111: `fedllm certs --host "bad host!"` wrote a certificate for a name no client can ask for
+    with pytest.raises(ValueError, match=r"not a DNS name or IP address; .* e\.g\. "):
+        make_credentials(tmp_path / "c", nodes=0, hosts=["localhost", host])
+    assert not (tmp_path / "c").exists()  # refused before anything is written
+
+
+def test_dns_names_and_ip_addresses_are_named_in_the_certificate(tmp_path: Path) -> None:
+    hosts = ["superlink.example.org", "*.example.org", "10.0.0.5", "::1", "node-1.local."]
+    creds = make_credentials(tmp_path, nodes=0, hosts=hosts)
+    cert = x509.load_pem_x509_certificate(creds.server_cert.read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(n.value) for n in names] == [*hosts, "127.0.0.1"]

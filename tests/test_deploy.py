@@ -4,7 +4,8 @@ the ServerApp is killed after round 1 (that run must exit non-zero), the run is 
 SuperNode is killed during round 2 (the round finishes without it once Flower reports it unavailable
 or the round's timeout passes), the node is started again and rejoins for round 3, and the run
 finishes. Every process is started in its own session and killed by its process-group id, also on
-failure; the scenario bounds its time."""
+failure; the scenario bounds its time. Those tests are slow; the last section's checks of
+`fedllm superlink` / `fedllm node` arguments start no process and are not."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedllm.cli import main
 from fedllm.deploy.certs import make_credentials
 from fedllm.deploy.federation import (
     register_node,
@@ -35,7 +37,7 @@ from fedllm.deploy.submit import APP_PYPROJECT
 
 RECIPE = str(Path(__file__).parents[1] / "recipes" / "tiny.yaml")
 LIMIT = 900.0  # seconds for the whole scenario on a loaded 2-core machine
-pytestmark = pytest.mark.slow
+SLOW = pytest.mark.slow  # every test that starts a federation; the argument checks are fast
 
 
 def free_port() -> int:
@@ -360,12 +362,14 @@ def rows(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@SLOW
 def test_killed_serverapp_run_exits_nonzero_and_resumed_run_succeeds(scenario) -> None:
     assert scenario["first_rc"] != 0
     assert scenario["second_rc"] == 0, scenario["log"][-3000:]
     assert "resuming dep after round 1 of 3" in scenario["log"]
 
 
+@SLOW
 def test_round_2_finishes_without_the_killed_node_and_says_so(scenario) -> None:
     r = rows(scenario["run_dir"])
     server = {x["round"]: x for x in r if x["kind"] == "server"}
@@ -384,6 +388,7 @@ def test_round_2_finishes_without_the_killed_node_and_says_so(scenario) -> None:
     assert said, log[-3000:]
 
 
+@SLOW
 def test_restarted_node_rejoins_in_round_3(scenario) -> None:
     r = rows(scenario["run_dir"])
     server = {x["round"]: x for x in r if x["kind"] == "server"}
@@ -396,6 +401,7 @@ def test_restarted_node_rejoins_in_round_3(scenario) -> None:
     assert ok3 == {0, 1, 2}
 
 
+@SLOW
 def test_resumed_round_2_starts_from_round_1_state(scenario) -> None:
     """The resumed ServerApp starts round 2 from exactly the global factors checkpointed after
     round 1 (their digest is logged at the round start), not from the initial ones; the rows of
@@ -416,6 +422,7 @@ def test_resumed_round_2_starts_from_round_1_state(scenario) -> None:
     assert round1 != factors_digest(saved), "round 1 must have changed the global factors"
 
 
+@SLOW
 def test_global_adapter_loads_with_stock_peft(scenario) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -463,6 +470,7 @@ def flwr_ls(fed: Federation, connection: str) -> dict:
     return json.loads(out.stdout)
 
 
+@SLOW
 def test_the_control_api_answers_only_loopback_and_the_operator_address(tmp_path) -> None:
     ip = outside_address()
     if ip is None:
@@ -540,6 +548,7 @@ def _train(msg: Message, context: Context) -> Message:
 """
 
 
+@SLOW
 def test_a_supernode_runs_only_the_installed_fedllm_not_code_a_run_brings(tmp_path) -> None:
     """A run whose app carries its own ClientApp (here: code that writes a file next to the
     node's data) is refused by fedllm's SuperNode; the code never runs."""
@@ -572,3 +581,122 @@ def test_a_supernode_runs_only_the_installed_fedllm_not_code_a_run_brings(tmp_pa
         assert "REPLY ran" not in out.stdout and not marker.exists()
     finally:
         fed.stop()
+
+
+# -- bad arguments of `fedllm superlink` / `fedllm node`: named before any process starts ---------
+
+
+@pytest.fixture(scope="module")
+def creds(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("creds")
+    make_credentials(folder, nodes=1)
+    return folder
+
+
+@pytest.fixture
+def started(monkeypatch) -> list[list[str]]:
+    """What `fedllm superlink` / `fedllm node` would have started (nothing starts in these
+    tests: without the checks the SuperNode would replace the test process)."""
+    import fedllm.deploy.cli as deploy_cli
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(deploy_cli, "serve_superlink", lambda argv: calls.append(list(argv)))
+    monkeypatch.setattr(deploy_cli.os, "execvpe", lambda file, argv, env: calls.append(argv))
+    return calls
+
+
+def superlink_argv(creds: Path, ca: str, cert: str, key: str) -> list[str]:
+    files = {"--ssl-ca-certfile": ca, "--ssl-certfile": cert, "--ssl-keyfile": key}
+    return ["superlink", *(a for flag, name in files.items() for a in (flag, str(creds / name)))]
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        (
+            ("ca.crt", "server.key", "server.pem"),
+            "--ssl-certfile {creds}/server.key: expected a PEM certificate (a file starting "
+            "-----BEGIN CERTIFICATE-----); it holds a private key: are --ssl-certfile and "
+            "--ssl-keyfile swapped?",
+        ),
+        (
+            ("ca.crt", "server.pem", "server.pem"),
+            "--ssl-keyfile {creds}/server.pem: expected a PEM private key",
+        ),
+        (
+            ("ca.crt", "server.pem", "ca.key"),
+            "--ssl-keyfile {creds}/ca.key is not the private key of --ssl-certfile "
+            "{creds}/server.pem",
+        ),
+        (("nope.crt", "server.pem", "server.key"), "--ssl-ca-certfile {creds}/nope.crt: no such"),
+        (
+            ("ca.key", "server.pem", "server.key"),
+            "--ssl-ca-certfile {creds}/ca.key: expected a PEM certificate",
+        ),
+    ],
+    ids=["swapped", "cert-as-key", "other-key", "missing-ca", "key-as-ca"],
+)
+def test_superlink_tls_files_that_cannot_work_are_named_before_it_starts(
+    creds: Path, started: list, capsys, files: tuple[str, str, str], message: str
+) -> None:
+    """h111: a swapped certificate and key printed "SuperLink on ..." and then a traceback
+    (`ssl.SSLError: [SSL] PEM lib`); a missing file gave Flower's message naming the flag only."""
+    assert main([*superlink_argv(creds, *files), "--database", "s.db"]) == 2
+    out = capsys.readouterr()
+    assert message.format(creds=creds) in out.err and "Traceback" not in out.err
+    assert not started and "SuperLink on" not in out.out
+    assert main([*superlink_argv(creds, "ca.crt", "server.pem", "server.key")]) == 0
+    assert len(started) == 1  # the test's own credentials pass
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--root-certificates", "nope/ca.crt", "--auth-key", "nope/node0"],
+            "--root-certificates nope/ca.crt: no such file",
+        ),
+        (["--auth-key", "nope/node0"], "--auth-key nope/node0: no such file"),
+        (
+            ["--auth-key", "{creds}/node-0.pub"],
+            "--auth-key {creds}/node-0.pub: not an unencrypted OpenSSH ECDSA private key",
+        ),
+        (["--root-certificates", "{creds}/ca.key"], "expected a PEM certificate"),
+        (["--superlink", "localhost"], "--superlink 'localhost': give the SuperLink's HOST:PORT"),
+        (["--superlink", "::1:9093"], "--superlink '::1:9093': give the SuperLink's HOST:PORT"),
+    ],
+    ids=["missing-ca", "missing-key", "public-key", "key-as-ca", "no-port", "bare-ipv6"],
+)
+def test_a_node_with_unusable_arguments_is_refused_before_anything_starts(
+    creds: Path, started: list, capsys, flags: list[str], message: str
+) -> None:
+    """h111: missing credentials reached Flower only once the SuperNode ran; --superlink without
+    a port was taken; the --data-path check came after the SuperNode's command was built."""
+    good = {
+        "--superlink": "127.0.0.1:9093",
+        "--root-certificates": f"{creds}/ca.crt",
+        "--auth-key": f"{creds}/node-0",
+    }
+    given = {**good, **dict(zip(flags[::2], flags[1::2], strict=True))}
+    argv = ["node", "--partition-id", "0", *(a for kv in given.items() for a in kv)]
+    assert main([a.format(creds=creds) for a in argv]) == 2
+    out = capsys.readouterr()
+    assert message.format(creds=creds) in out.err and "Traceback" not in out.err
+    assert not started and out.out == ""  # not even the SuperNode's command line
+    argv = ["node", "--partition-id", "0", *(a for kv in good.items() for a in kv)]
+    assert main(argv) == 1 and started[0][:4] == [
+        sys.executable,
+        "-m",
+        "fedllm.deploy.federation",
+        "supernode",
+    ]
+
+
+def test_a_missing_data_path_is_the_only_thing_an_insecure_node_says(started, capsys) -> None:
+    """h111: the --data-path check came after the SuperNode's command was built (and its insecure
+    warning printed): every argument is checked first."""
+    argv = ["node", "--superlink", "127.0.0.1:9093", "--partition-id", "0", "--insecure"]
+    assert main([*argv, "--data-path", "nope.jsonl"]) == 2
+    out = capsys.readouterr()
+    assert out.err == "fedllm: error: --data-path nope.jsonl: no such file or folder\n"
+    assert not started and out.out == ""

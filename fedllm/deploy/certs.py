@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,27 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey, fmt: serialization.P
         raise
 
 
+DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def check_host(host: str) -> str:
+    """`host` if a certificate can name it: an IP address, or a DNS name (labels of letters,
+    digits and inner hyphens, at most 253 characters; `*.` first for a wildcard). Else a
+    ValueError naming it: a certificate for a name no client can ask for is of no use."""
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    labels = host.removeprefix("*.").removesuffix(".").split(".")
+    if len(host) > 253 or not all(DNS_LABEL.fullmatch(label) for label in labels):
+        raise ValueError(
+            f"--host {host!r}: not a DNS name or IP address; give the name or address "
+            "SuperNodes connect to, e.g. superlink.example.org, 10.0.0.5 or ::1"
+        )
+    return host
+
+
 def _alt_names(hosts: list[str]) -> list[x509.GeneralName]:
     names: list[x509.GeneralName] = []
     for host in hosts:
@@ -70,6 +92,20 @@ def _alt_names(hosts: list[str]) -> list[x509.GeneralName]:
         except ValueError:
             names.append(x509.DNSName(host))
     return names
+
+
+def _make_folder(out: Path) -> None:
+    """Create the credentials folder; a file (or a file among its parents) in the way is a
+    ValueError naming it, not a FileExistsError traceback."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(
+            f"{out} is a file, not a folder; name a folder for the credentials (a new one is "
+            "created)"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # e.g. a parent that is a file, or no permission
+        raise ValueError(f"cannot create the folder {out}: {err.strerror}") from None
 
 
 def credential_files(folder: Path, *, nodes: int) -> list[Path]:
@@ -91,6 +127,8 @@ def make_credentials(
     registered node would stop matching them)."""
     if nodes < 0:
         raise ValueError(f"nodes must be >= 0, got {nodes}")
+    for host in hosts or []:
+        check_host(host)
     out = Path(folder)
     there = [p.name for p in credential_files(out, nodes=nodes) if p.exists() or p.is_symlink()]
     if there and not force:
@@ -100,7 +138,7 @@ def make_credentials(
             "a running SuperLink or a registered node uses: pass --force to replace them, or "
             "name another folder"
         )
-    out.mkdir(parents=True, exist_ok=True)
+    _make_folder(out)
     # Flower's ServerApp runner reaches the SuperLink over loopback: always name 127.0.0.1
     hosts = list(dict.fromkeys([*(hosts or ["127.0.0.1", "localhost"]), "127.0.0.1"]))
     now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)

@@ -9,18 +9,34 @@ import sys
 from pathlib import Path
 
 from fedllm.client.node_config import DEVICE_KEYS
+from fedllm.deploy.arguments import (
+    check_node_credentials,
+    check_server_tls,
+    check_superlink_address,
+)
 from fedllm.deploy.federation import node_port, superlink_args, supernode_command
 from fedllm.deploy.flower_env import flwr_env
 from fedllm.deploy.guard import serve_superlink
 
 
-def cmd_node(args: argparse.Namespace) -> int:
-    """Replace this process by the guarded `flower-supernode` (`exec_supernode` execs again), so
-    its PID is the SuperNode's."""
+def check_node_args(args: argparse.Namespace) -> None:
+    """Refuse a `fedllm node` argument that cannot work, naming the flag, before anything starts:
+    Flower checks its own only once the SuperNode (and its warm worker) run."""
     if args.partition_id < 0:
         raise ValueError(f"--partition-id {args.partition_id}: a partition id is 0 or more")
     if args.rank is not None and args.rank < 1:
         raise ValueError(f"--rank {args.rank}: a LoRA rank is 1 or more")
+    check_superlink_address(args.superlink)
+    if args.data_path and not Path(args.data_path).expanduser().exists():
+        raise FileNotFoundError(f"--data-path {args.data_path}: no such file or folder")
+    if not args.insecure:
+        check_node_credentials(args.root_certificates, args.auth_key)
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    """Replace this process by the guarded `flower-supernode` (`exec_supernode` execs again), so
+    its PID is the SuperNode's; every argument is checked first (`check_node_args`)."""
+    check_node_args(args)
     port = node_port(args.port)
     cmd = supernode_command(
         superlink=args.superlink,
@@ -41,8 +57,6 @@ def cmd_node(args: argparse.Namespace) -> int:
     )
     if args.no_warm_worker:  # every message in its own process (see fedllm.deploy.warm)
         cmd.append("--no-warm-worker")
-    if args.data_path and not Path(args.data_path).expanduser().exists():
-        raise FileNotFoundError(f"--data-path {args.data_path}: no such file or folder")
     if args.port is None:
         print(f"[fedllm] this SuperNode's app API: 127.0.0.1:{port} (free; --port to choose)")
     print(f"[fedllm] {' '.join(cmd)}", flush=True)
@@ -63,6 +77,8 @@ def cmd_superlink(args: argparse.Namespace) -> int:
             "a SuperLink needs --ssl-ca-certfile, --ssl-certfile and --ssl-keyfile "
             "(or --insecure, on a trusted loopback only)"
         )
+    if not args.insecure:  # else uvicorn fails after "SuperLink on ...": `ssl.SSLError: PEM lib`
+        check_server_tls(*tls)
     if args.verbose:  # this process's Flower log, and the ServerApp processes it starts
         from flwr.common.logger import update_console_handler
 
