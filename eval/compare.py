@@ -33,6 +33,11 @@ def note_md(rows: list[dict]) -> str:
 def load_report(run: Path) -> dict:
     """A run's eval/report.json (or a report.json named directly), checked to be a fedllm eval
     report."""
+    if not run.exists():  # "run `fedllm eval` first" would send the user to another error
+        raise FileNotFoundError(
+            f"{run} does not exist; pass run folders `fedllm eval` has evaluated (or their "
+            "eval/report.json)"
+        )
     path = run / "eval" / "report.json" if run.is_dir() else run
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run `fedllm eval {run}` first")

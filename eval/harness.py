@@ -23,6 +23,7 @@ from fedllm.eval.registry import select_tasks
 from fedllm.eval.settings import EvalSettings
 from fedllm.eval.task import EvalTask, TaskSetup
 from fedllm.eval.views import BASE, GLOBAL, Views, client_view, find_client_adapters
+from fedllm.model.adapters import check_adapter_files
 from fedllm.model.card import read_card
 from fedllm.recipe import RunConfig, load_recipe
 
@@ -44,26 +45,54 @@ def trained_by(cfg: RunConfig, adapter: Path, recipe: Path) -> RunConfig:
 def resolve_inputs(
     target: Path, recipe: Path | None
 ) -> tuple[RunConfig, Path, dict[int, Path], Path]:
-    """(config, global adapter, client adapters, output folder) for a run dir or adapter folder."""
+    """(config, global adapter, client adapters, output folder) for a run dir or adapter folder;
+    every adapter's files are checked before any model loads (`check_adapter_files`)."""
+    if not target.exists():
+        raise FileNotFoundError(
+            f"{target} does not exist; pass a run folder `fedllm run` wrote (e.g. "
+            "runs/quickstart), or a PEFT adapter folder with --recipe"
+        )
     if (target / "adapter_config.json").is_file():
-        if recipe is None:
-            raise ValueError(f"{target} is an adapter folder: pass --recipe RECIPE.yaml with it")
-        cfg = trained_by(load_recipe(recipe), target, recipe)
-        # beside the adapter, not in it: its report lists training example ids
-        return cfg, target, {}, target.parent / f"{target.name}-eval"
+        return _adapter_inputs(target, recipe)
+    return _run_inputs(target, recipe)
+
+
+def _adapter_inputs(
+    target: Path, recipe: Path | None
+) -> tuple[RunConfig, Path, dict[int, Path], Path]:
+    """`resolve_inputs` for a PEFT adapter folder, which needs --recipe."""
+    if recipe is None:
+        raise ValueError(f"{target} is an adapter folder: pass --recipe RECIPE.yaml with it")
+    check_adapter_files(target)
+    cfg = trained_by(load_recipe(recipe), target, recipe)
+    # beside the adapter, not in it: its report lists training example ids
+    return cfg, target, {}, target.parent / f"{target.name}-eval"
+
+
+def _run_inputs(target: Path, recipe: Path | None) -> tuple[RunConfig, Path, dict[int, Path], Path]:
+    """`resolve_inputs` for a run folder: its recipe.yaml (or --recipe), final and client
+    adapters."""
     if recipe is not None and not recipe.is_file():
         raise FileNotFoundError(f"--recipe {recipe} not found")
-    recipe = recipe or target / "recipe.yaml"
-    if not recipe.is_file():
+    adapter = target / "final_adapter"
+    if recipe is None and not (target / "recipe.yaml").is_file():
+        if adapter.is_dir():  # a run folder copied without its recipe
+            raise FileNotFoundError(
+                f"{target} has no recipe.yaml; pass --recipe RECIPE.yaml, the recipe that "
+                "trained this run"
+            )
         raise FileNotFoundError(
             f"{target} is neither a run directory (with recipe.yaml and final_adapter/) nor a "
             "PEFT adapter folder (with adapter_config.json)"
         )
-    adapter = target / "final_adapter"
+    recipe = recipe or target / "recipe.yaml"
     if not (adapter / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter} holds no adapter: did the run finish?")
+    clients = find_client_adapters(target)
+    for folder in [adapter, *clients.values()]:
+        check_adapter_files(folder)
     cfg = trained_by(load_recipe(recipe), adapter, recipe)
-    return cfg, adapter, find_client_adapters(target), target / "eval"
+    return cfg, adapter, clients, target / "eval"
 
 
 def evaluate_run(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
+from safetensors import SafetensorError
 
 from fedllm.client.precision import PRECISIONS, autocast, autocast_dtype
 from fedllm.model.card import resolve_adapter_base
@@ -39,6 +40,21 @@ def find_client_adapters(run_dir: Path) -> dict[int, Path]:
         for p in sorted(folder.iterdir())
         if p.name.isdigit() and (p / "adapter_config.json").is_file()
     }
+
+
+@contextmanager
+def named_adapter(folder: Path) -> Iterator[None]:
+    """Loading the adapter in `folder`: PEFT's failure (a hub lookup, "Repo id must be in the
+    form ...", for a folder without weights; a SafetensorError for a truncated file) as a
+    ValueError naming the folder, which `fedllm eval` prints as one line."""
+    try:
+        yield
+    except (OSError, ValueError, SafetensorError) as err:
+        reason = " ".join(str(err).split())
+        raise ValueError(
+            f"cannot load the adapter in {folder} ({reason[:300]}); its files are incomplete "
+            "or damaged (e.g. an interrupted copy): copy it again"
+        ) from None
 
 
 class Views:
@@ -71,10 +87,12 @@ class Views:
         # no-grad forwards in eval mode break 4-bit LoRA (platform notes): train mode there, with
         # every dropout layer (an adapter's lora.dropout) in eval mode, so scoring is deterministic
         self.train_mode = quantization is not None
-        self.model = PeftModel.from_pretrained(base, str(global_adapter), adapter_name=GLOBAL)
+        with named_adapter(global_adapter):
+            self.model = PeftModel.from_pretrained(base, str(global_adapter), adapter_name=GLOBAL)
         self.names = [BASE, GLOBAL]
         for pid, folder in sorted((client_adapters or {}).items()):
-            self.model.load_adapter(str(folder), adapter_name=client_view(pid))
+            with named_adapter(folder):
+                self.model.load_adapter(str(folder), adapter_name=client_view(pid))
             self.names.append(client_view(pid))
         self.set_mode()
         self.device = next(self.model.parameters()).device

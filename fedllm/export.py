@@ -18,8 +18,8 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from fedllm.files import building_folder, write_atomic
-from fedllm.model.adapters import adapter_summary
+from fedllm.files import building_folder, load_json_object, write_atomic
+from fedllm.model.adapters import ADAPTER_CONFIG, RECOPY, adapter_summary, check_adapter_files
 from fedllm.model.card import (
     BEST_ADAPTER,
     CARD_JSON,
@@ -150,10 +150,9 @@ def export_adapter(adapter: Path, out: Path, card: AdapterCard, *, base_name: st
         for f in adapter.iterdir():
             if f.is_file():
                 shutil.copyfile(f, tmp / f.name)  # an ordinary file's mode, not the source's
-        config_path = tmp / "adapter_config.json"
-        config = json.loads(config_path.read_text())
+        config = load_json_object(adapter / ADAPTER_CONFIG, remedy=RECOPY)  # names the source
         config["base_model_name_or_path"] = card.base.name  # portable even for an old adapter
-        write_atomic(config_path, json.dumps(config, indent=2))
+        write_atomic(tmp / ADAPTER_CONFIG, json.dumps(config, indent=2))
         write_atomic(tmp / CARD_JSON, json.dumps(card.to_json(), indent=2))
         write_atomic(tmp / README, render_card(card))
     return out
@@ -199,6 +198,7 @@ def export(
     """Export a run's adapter (or the merged model) to `out`; returns `out`."""
     check_run_dir(run_dir)
     adapter = find_adapter(run_dir, client=client, round=round, best=best)
+    check_adapter_files(adapter)  # a damaged copy is refused, not exported as a success
     card = adapter_card(adapter, run_dir)
     model = card.recipe["model"]
     if not merge:

@@ -96,6 +96,24 @@ def read_json(path: Path) -> dict | None:
         return None
 
 
+def load_json_object(path: Path, *, remedy: str) -> dict:
+    """The JSON object in `path`; a ValueError naming the file (and `remedy`, what to do) when it
+    is empty, cut short or not an object, e.g. after an interrupted copy: json's own message
+    ("Expecting value: line 1 column 1") names no file."""
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not text (not UTF-8); {remedy}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        what = "empty" if not text.strip() else f"not valid JSON ({err})"
+        raise ValueError(f"{path} is {what}; {remedy}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object; {remedy}")
+    return data
+
+
 RECIPE = "recipe.yaml"  # the recipe a run began with; a resume's own: recipe.resume-<k>.yaml
 
 

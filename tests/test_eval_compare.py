@@ -245,3 +245,11 @@ def test_recorded_matched_sets_are_resampled_whole(tmp_path: Path) -> None:
     assert paired_differences(private, leaky)["global"] == {**want, "confidence": 0.95}
     private["leakage"]["mia"]["global"]["scores"]["members"]["set"] = sets[::-1]
     assert paired_differences(private, leaky) == {}
+
+
+def test_a_run_folder_that_does_not_exist_is_named(tmp_path: Path, capsys) -> None:
+    # h111: `fedllm compare runs/nope` said "run `fedllm eval runs/nope` first"
+    gone = tmp_path / "nope"
+    assert main(["compare", str(gone), "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert f"{gone} does not exist" in err and "fedllm eval" in err and "first" not in err

@@ -389,3 +389,72 @@ def test_an_outside_file_with_other_answers_makes_another_resume_key(tmp_path: P
     after = file_task(quiz)
     assert before.describe() == after.describe()
     assert before.inputs_digest != after.inputs_digest
+
+
+def run_copy(run: Path, folder: Path) -> Path:
+    """The run's recipe and adapters in `folder` (its base stays where the adapters name it)."""
+    folder.mkdir()
+    shutil.copy(run / "recipe.yaml", folder / "recipe.yaml")
+    for name in ("final_adapter", "client_adapters"):
+        shutil.copytree(run / name, folder / name)
+    return folder
+
+
+def cut(path: Path, *, keep: int) -> None:
+    """What an interrupted copy leaves: the file's first `keep` bytes."""
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (
+            lambda r: (r / "final_adapter" / "adapter_model.safetensors").unlink(),
+            "final_adapter has no adapter_model.safetensors (its weights); the adapter folder is "
+            "incomplete (e.g. an interrupted copy): copy it again",
+        ),
+        (
+            lambda r: cut(r / "final_adapter" / "adapter_model.safetensors", keep=300),
+            "final_adapter/adapter_model.safetensors is damaged (Error while deserializing header",
+        ),
+        (
+            lambda r: cut(r / "client_adapters" / "1" / "adapter_model.safetensors", keep=5),
+            "client_adapters/1/adapter_model.safetensors is damaged",
+        ),
+        (
+            lambda r: cut(r / "final_adapter" / "adapter_config.json", keep=0),
+            "final_adapter/adapter_config.json is empty; the adapter folder is incomplete",
+        ),
+        (
+            lambda r: (r / "final_adapter" / CARD_JSON).write_text('{"fingerprint": "ab'),
+            f"final_adapter/{CARD_JSON} is not valid JSON (Unterminated string",
+        ),
+        (
+            lambda r: (r / "recipe.yaml").unlink(),
+            "has no recipe.yaml; pass --recipe RECIPE.yaml, the recipe that trained this run",
+        ),
+        (lambda r: shutil.rmtree(r), "does not exist; pass a run folder `fedllm run` wrote"),
+    ],
+    ids=["no-weights", "cut-weights", "cut-client", "empty-cfg", "cut-card", "no-recipe", "gone"],
+)
+def test_a_damaged_run_folder_is_named_before_any_model_loads(
+    run: Path, tmp_path: Path, capsys, damage, message: str
+) -> None:
+    """h111: a run folder from an interrupted copy failed in a hub lookup ("Repo id must be in
+    the form ..."), a SafetensorError traceback or "Expecting value: line 1 column 1 (char 0)"
+    naming no file; a missing folder or recipe.yaml was "neither a run directory nor ..."."""
+    damaged = run_copy(run, tmp_path / "copy")
+    damage(damaged)
+    assert main(["eval", str(damaged), *ARGS]) == 2
+    out = capsys.readouterr()
+    assert f"fedllm: error: {damaged}" in out.err and message in out.err, out.err
+    assert "Traceback" not in out.err and "[eval]" not in out.out, "nothing loaded"
+
+
+def test_a_damaged_adapter_folder_is_named(run: Path, tmp_path: Path, capsys) -> None:
+    adapter = tmp_path / "adapter"
+    shutil.copytree(run / "final_adapter", adapter)
+    cut(adapter / "adapter_model.safetensors", keep=1000)
+    assert main(["eval", str(adapter), "--recipe", str(run / "recipe.yaml"), *ARGS]) == 2
+    err = capsys.readouterr().err
+    assert f"{adapter / 'adapter_model.safetensors'} is damaged" in err

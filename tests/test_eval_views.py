@@ -3,8 +3,10 @@ train mode scores with dropout off."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -62,3 +64,25 @@ def test_a_quantized_bases_train_mode_scores_with_the_adapters_dropout_off():
     model.train(True)  # the old mode: dropout on, the same text scored twice differs
     with torch.no_grad():
         assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_an_adapter_that_cannot_load_is_named_not_a_hub_error_or_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage: str
+) -> None:
+    """h111: an adapter folder without its weights failed in a hub lookup ("Repo id must be in
+    the form ..."), a truncated weights file in a SafetensorError traceback."""
+    import fedllm.eval.views as views
+
+    adapter = tmp_path / "adapter"
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model.save_pretrained(adapter)
+    weights = adapter / "adapter_model.safetensors"
+    if damage == "missing":
+        weights.unlink()
+    else:
+        weights.write_bytes(weights.read_bytes()[:-100])
+    monkeypatch.setattr(views, "adapter_base_dir", lambda folder: tmp_path)
+    monkeypatch.setattr(views, "load_base_model", lambda *a, **k: (tiny_llama(), None))
+    with pytest.raises(ValueError, match=f"cannot load the adapter in {adapter} .*copy it again"):
+        Views(adapter, precision="fp32")

@@ -470,3 +470,50 @@ def test_the_final_round_exports_the_final_adapter(run, tmp_path, capsys) -> Non
     assert json.loads((out / CARD_JSON).read_text())["round"] == final
     assert main(["export", str(run_dir), str(tmp_path / "o"), "--round", str(final + 7)]) == 2
     assert f"the final adapter is round {final} (leave out --round)" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------ a damaged adapter (interrupted copy)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (
+            lambda a: (a / "adapter_model.safetensors").unlink(),
+            "final_adapter has no adapter_model.safetensors (its weights); the adapter folder is "
+            "incomplete (e.g. an interrupted copy): copy it again",
+        ),
+        (
+            lambda a: (a / "adapter_model.safetensors").write_bytes(
+                (a / "adapter_model.safetensors").read_bytes()[:-64]
+            ),
+            "final_adapter/adapter_model.safetensors is damaged (Error while deserializing "
+            "header: incomplete metadata",
+        ),
+        (
+            lambda a: (a / "adapter_config.json").write_text(""),
+            "final_adapter/adapter_config.json is empty; the adapter folder is incomplete",
+        ),
+        (
+            lambda a: (a / CARD_JSON).write_text('{"run": "r", "rou'),
+            f"final_adapter/{CARD_JSON} is not valid JSON (Unterminated string",
+        ),
+    ],
+    ids=["no-weights", "cut-weights", "empty-config", "cut-card"],
+)
+def test_export_refuses_a_damaged_adapter_naming_the_file(
+    run, tmp_path, capsys, damage, message
+) -> None:
+    """h111: an adapter without its weights, or with a truncated weights file, was copied and
+    reported as exported; an empty config or a cut card ended in "Expecting value: line 1
+    column 1 (char 0)", naming no file."""
+    _, run_dir, _ = run
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("snapshots", "client_adapters"))
+    damage(copy / "final_adapter")
+    out = tmp_path / "out"
+    for merge in ([], ["--merge"]):
+        assert main(["export", str(copy), str(out), *merge]) == 2
+        err = capsys.readouterr().err
+        assert f"fedllm: error: {copy}" in err and message in err, err
+        assert not out.exists()

@@ -8,7 +8,6 @@ so that every party agrees on the update s·B·A.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,11 +15,17 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from fedllm.aggregators import Factors
+from fedllm.files import load_json_object
 
 PEFT_PREFIX = "base_model.model."
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+LEGACY_WEIGHTS = "adapter_model.bin"  # PEFT's pickled format, which other tools still write
+RECOPY = "the adapter folder is incomplete (e.g. an interrupted copy): copy it again"
 
 
 def initial_factors(
@@ -200,9 +205,30 @@ def save_peft_adapter(
     return folder
 
 
+def check_adapter_files(folder: Path) -> None:
+    """Refuse an adapter folder PEFT cannot load, naming the file: adapter_config.json missing,
+    empty or cut short, or the weights (adapter_model.safetensors) missing or truncated. PEFT's
+    own errors name no file: a missing weights file becomes a hub lookup ("Repo id must be in
+    the form ..."), a truncated one a SafetensorError traceback."""
+    config = folder / ADAPTER_CONFIG
+    if not config.is_file():
+        raise FileNotFoundError(f"{folder} is not a PEFT adapter folder (no {ADAPTER_CONFIG})")
+    load_json_object(config, remedy=RECOPY)
+    weights = folder / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        if (folder / LEGACY_WEIGHTS).is_file():
+            return  # loaded by torch; not written by fedllm, so not checked here
+        raise FileNotFoundError(f"{folder} has no {ADAPTER_WEIGHTS} (its weights); {RECOPY}")
+    try:
+        with safe_open(str(weights), framework="pt") as f:  # reads and checks the header only
+            f.keys()
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{weights} is damaged ({err}); {RECOPY}") from None
+
+
 def adapter_summary(folder: Path) -> dict:
     """The rank, alpha and targets of a saved PEFT adapter (for reports)."""
-    config = json.loads((folder / "adapter_config.json").read_text())
+    config = load_json_object(folder / ADAPTER_CONFIG, remedy=RECOPY)
     return {k: config[k] for k in ("r", "lora_alpha", "target_modules", "base_model_name_or_path")}
 
 

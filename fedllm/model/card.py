@@ -20,8 +20,8 @@ from typing import Any
 import yaml
 
 from fedllm.aggregators import Factors
-from fedllm.files import building_folder, write_atomic
-from fedllm.model.adapters import adapter_summary, save_peft_adapter
+from fedllm.files import building_folder, load_json_object, write_atomic
+from fedllm.model.adapters import RECOPY, adapter_summary, save_peft_adapter
 from fedllm.model.identity import BaseIdentity, file_sha256, weight_files
 from fedllm.model.loading import resolve_model_dir
 from fedllm.model.tiny import TINY_MARKER
@@ -42,7 +42,7 @@ def resolve_adapter_base(adapter: Path) -> Path:
     config_path = adapter / "adapter_config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
-    name = json.loads(config_path.read_text()).get("base_model_name_or_path")
+    name = load_json_object(config_path, remedy=RECOPY).get("base_model_name_or_path")
     if not name:
         raise FileNotFoundError(f"{config_path} names no base (base_model_name_or_path)")
     if Path(name).expanduser().is_dir():
@@ -177,9 +177,10 @@ def save_adapter(
 
 
 def read_card(folder: Path) -> dict[str, Any] | None:
-    """The card data of a folder fedllm wrote (None for other folders)."""
+    """The card data of a folder fedllm wrote (None for other folders); a damaged card (empty
+    or cut short, e.g. by an interrupted copy) is a ValueError naming its file."""
     path = folder / CARD_JSON
-    return json.loads(path.read_text()) if path.is_file() else None
+    return load_json_object(path, remedy=RECOPY) if path.is_file() else None
 
 
 BEST_ADAPTER = "best_adapter"  # a run's folder for its best round's global adapter (output.best_by)
