@@ -128,7 +128,7 @@ def discover(package: str, path: Iterable[str], *, group: str = ENTRY_POINT_GROU
     for info in pkgutil.iter_modules(list(path)):
         if not info.name.startswith("_"):
             importlib.import_module(f"{package}.{info.name}")
-    for _ in load_entry_points(group, kind="aggregator"):
+    for _ in load_entry_points(group, kind="aggregator", registries=(_REGISTRY, _ROUNDS)):
         pass  # loading the module ran its @register
     return sorted(set(_REGISTRY) - before)
 

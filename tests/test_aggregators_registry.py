@@ -208,12 +208,48 @@ def test_a_broken_entry_point_warns_and_the_others_still_load(
     def fine() -> object:
         return register("plugin_ok")(lambda updates, weights, **options: Aggregate(updates[0]))
 
-    eps = [CountingEntryPoint("bad", "bad.mod", broken), CountingEntryPoint("ok", "ok.mod", fine)]
+    eps = [
+        CountingEntryPoint("bad", "bad.mod", broken),
+        CountingEntryPoint("plugin_ok", "ok.mod", fine),
+    ]
     monkeypatch.setattr(importlib.metadata, "entry_points", lambda *, group: eps)
     with pytest.warns(
         RuntimeWarning, match=r"aggregator entry point bad = bad.mod .*missing_dependency"
     ):
         assert registry.discover("fedllm.aggregators", []) == ["plugin_ok"]
+
+
+@pytest.mark.usefixtures("isolated_registry")
+def test_an_entry_point_that_registers_then_raises_leaves_nothing_registered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # h109: "skipped" while its method stayed registered and a recipe could name it
+    def half() -> object:
+        register("half_test")(lambda updates, weights, **options: Aggregate(updates[0]))
+        raise RuntimeError("its second module failed")
+
+    monkeypatch.setattr(
+        importlib.metadata,
+        "entry_points",
+        lambda *, group: [CountingEntryPoint("half_test", "h", half)],
+    )
+    with pytest.warns(RuntimeWarning, match="half_test = h .*failed to load and was skipped"):
+        assert registry.discover("fedllm.aggregators", []) == []
+    assert "half_test" not in available()
+    with pytest.raises(KeyError):
+        registry.round_spec("half_test")
+
+
+@pytest.mark.usefixtures("isolated_registry")
+def test_an_entry_point_registering_another_name_is_said(monkeypatch: pytest.MonkeyPatch) -> None:
+    def other() -> object:
+        return register("bar_test")(lambda updates, weights, **options: Aggregate(updates[0]))
+
+    monkeypatch.setattr(
+        importlib.metadata, "entry_points", lambda *, group: [CountingEntryPoint("foo", "f", other)]
+    )
+    with pytest.warns(RuntimeWarning, match=r"foo = f .*registered 'bar_test', not 'foo'"):
+        assert registry.discover("fedllm.aggregators", []) == ["bar_test"]
 
 
 # -- check_options: aggregator.options bound to the method's signature ---------------------------

@@ -60,7 +60,7 @@ def discover() -> dict[str, type[Feature]]:
         for info in pkgutil.iter_modules(package.__path__):
             if not info.name.startswith("_"):
                 importlib.import_module(f"{home}.{info.name}")
-    for _ in load_entry_points(GROUP, kind="feature"):
+    for _ in load_entry_points(GROUP, kind="feature", registries=(_FEATURES,)):
         pass  # loading the module ran its @register_feature
     return dict(_FEATURES)
 
