@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import logging
 import numbers
 import pkgutil
 import typing
@@ -23,6 +24,8 @@ from fedllm.plugins import load_entry_points
 from fedllm.suggest import did_you_mean
 
 from .base import ADAPTER_STATE, AggregatorFn, RoundSpec
+
+log = logging.getLogger(__name__)
 
 
 class UnknownAggregatorError(KeyError, ValueError):
@@ -223,6 +226,7 @@ def _annotation_problem(hint: Any, value: Any) -> str | None:
         what = _SAME_WORDS.get(what, what)  # as `_type_problem` says it
         return f"a value {what}" if what.startswith(("greater", "less")) else what
     except Exception:  # an annotation pydantic cannot build a validator for: not checked
+        log.debug("option annotation %r has no validator: unchecked", hint, exc_info=True)
         return None
     return None
 
@@ -232,6 +236,7 @@ def _option_hints(fn: Callable[..., Any]) -> dict[str, Any]:
     try:
         return typing.get_type_hints(fn, include_extras=True)
     except Exception:  # a name only imported under TYPE_CHECKING, a non-function callable, ...
+        log.debug("annotations of %r unresolved: defaults' types only", fn, exc_info=True)
         return {}
 
 

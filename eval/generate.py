@@ -6,6 +6,7 @@ the first end-of-sequence token. Batched and one-at-a-time decoding give the sam
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -14,6 +15,8 @@ from transformers import GenerationConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
 
 
 def end_token_ids(
@@ -40,6 +43,7 @@ def template_end_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     try:
         text = tokenizer.apply_chat_template(probe, tokenize=False)
     except Exception:  # a template that refuses the probe simply gives no end-of-turn token
+        log.debug("the chat template refused the end-of-turn probe", exc_info=True)
         return []
     if _PROBE not in text:
         return []

@@ -11,6 +11,7 @@ import pytest
 
 from fedllm.client.train import train_local
 from fedllm.data import load_local, tokenize_all
+from fedllm.eval.choice import MultipleChoiceTask
 from fedllm.eval.registry import available_tasks, get_task
 from fedllm.eval.task import TaskSetup
 from fedllm.eval.tasks.multiple_choice import (
@@ -202,7 +203,7 @@ def test_an_outside_file_is_a_task_asking_its_questions_whatever_the_client_data
     model, tok = taught_model
     path = write_jsonl(tmp_path / "My Quiz-v2.jsonl", taught_rows())
     task = file_task(path)
-    assert task.name == "mc_my_quiz_v2" and issubclass(task, MultipleChoiceFile)
+    assert task.name == "mc_my_quiz_v2" and issubclass(task, MultipleChoiceTask)
     assert task.describe()["about"].startswith(f"Multiple choice from {path} (4 questions)")
     assert "mc_my_quiz_v2" not in available_tasks(), "per call, never in the registry"
     setup = TaskSetup(tokenizer=tok, prompt_format="chat", max_length=48, max_new_tokens=4, seed=0)

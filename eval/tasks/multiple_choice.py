@@ -58,13 +58,13 @@ class MultipleChoiceFile(MultipleChoiceTask):
         return cls(read_questions(path), tokenizer=tokenizer, prompt_format=prompt_format)
 
 
-def file_task(path: str | Path) -> type[MultipleChoiceFile]:
+def file_task(path: str | Path) -> type[MultipleChoiceTask]:
     """The task `mc_<file name>` asking an outside file's questions of every client's views
     (`fedllm eval --mc-file`); the file is read and checked here, before any model loads."""
     path = Path(path).expanduser()
     questions = read_questions(path)
 
-    def build(cls, examples: Sequence[dict], setup: TaskSetup) -> MultipleChoiceFile:
+    def build(cls, examples: Sequence[dict], setup: TaskSetup) -> MultipleChoiceTask:
         return cls(questions, tokenizer=setup.tokenizer, prompt_format=setup.prompt_format)
 
     doc = f"Multiple choice from {path} ({len(questions)} questions): accuracy by log-likelihood."
@@ -75,7 +75,7 @@ def file_task(path: str | Path) -> type[MultipleChoiceFile]:
         "inputs_digest": digest,
         "per_client": False,
     }
-    task = type("OutsideFile", (MultipleChoiceFile,), attributes)
+    task = type("OutsideFile", (MultipleChoiceTask,), attributes)  # one level: not a file task's
     return register_task(file_task_name(path))(task)
 
 

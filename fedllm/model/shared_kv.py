@@ -75,6 +75,7 @@ def shared_kv_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
+    *,
     scaling: float,
     dropout: float = 0.0,
     shared_kv: SharedKV | None = None,

@@ -50,10 +50,10 @@ def post_processes(feature: Feature) -> bool:
 
 def post_process(
     features: Sequence[Feature],
+    *,
     global_: Mapping[str, Factors],
     new_global: dict[str, Factors],
     new_state: Mapping[str, Mapping[str, torch.Tensor] | None],
-    *,
     server_round: int,
 ) -> tuple[dict[str, Factors], str | None]:
     """(the aggregate after every feature's `after_aggregate`, None), or (_, why it is refused):

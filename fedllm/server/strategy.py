@@ -396,7 +396,11 @@ class LoraStrategy(Strategy):
         refuse it with the reason, logged: the previous global and every state stay
         (`aggregation.post_process`)."""
         new_global, problem = post_process(
-            self.features, self.global_, new_global, new_state, server_round=server_round
+            self.features,
+            global_=self.global_,
+            new_global=new_global,
+            new_state=new_state,
+            server_round=server_round,
         )
         if problem is not None:
             why = f"aggregate refused ({problem}): the global adapter is unchanged"
