@@ -100,7 +100,7 @@ def check_selection(selected: Sequence[int], *, rank: int, global_rank: int) -> 
     return out
 
 
-def expand(update: Factors, selected: Sequence[int], global_: Factors) -> Factors:
+def expand(update: Factors, selected: Sequence[int], *, global_: Factors) -> Factors:
     """A client's rank-rᵢ update as R modules (scaling 1): its sᵢ·Bᵢ and Aᵢ at `selected`, the
     global modules (scaled) everywhere else; ΔW of the result = client i's whole PLoRA."""
     chosen = check_selection(selected, rank=update.rank, global_rank=global_.rank)

@@ -44,6 +44,6 @@ def flexlora(
     rank = min(sum(u.rank for u in updates), d, k) if global_rank is None else global_rank
     L, S, Rt = torch.linalg.svd(dense_delta(updates, p), full_matrices=False)
     m = min(rank, S.shape[0])
-    B, A = split_triplets(L[:, :m], S[:m], Rt[:m].T, rank)
+    B, A = split_triplets((L[:, :m], S[:m], Rt[:m].T), rank=rank)
     dtype = updates[0].B.dtype
     return Aggregate(Factors(B.to(dtype), A.to(dtype), 1.0))

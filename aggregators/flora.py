@@ -52,10 +52,10 @@ def flora(
         Bs, As, ws = [*Bs, merged[0]], [*As, merged[1]], [*ws, 1.0]
     d, k = updates[0].shape
     cap = min(d, k) if global_rank is None else global_rank
-    L, S, R = svd_factors(Bs, As, ws, cap, method="exact", seed=seed)
+    L, S, R = svd_factors(Bs, As, weights=ws, rank=cap, method="exact", seed=seed)
     dtype = updates[0].B.dtype
     rank = numerical_rank(S, dtype)
-    B, A = split_triplets(L[:, :rank], S[:rank], R[:, :rank], rank)
+    B, A = split_triplets((L[:, :rank], S[:rank], R[:, :rank]), rank=rank)
     kept = torch.promote_types(dtype, torch.float32)
     new_state = {"merged_B": B.to(kept), "merged_A": A.to(kept)}
     return Aggregate(Factors(B.to(dtype), A.to(dtype), 1.0), new_state)

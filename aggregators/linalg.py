@@ -26,9 +26,9 @@ PRECISIONS = ("auto", "mixed", "float32", "float64")
 def factored_svd(
     Bs: Sequence[torch.Tensor],
     As: Sequence[torch.Tensor],
+    *,
     weights: Sequence[float],
     rank: int,
-    *,
     method: str = "auto",
     oversample: int = 16,
     power_iters: int = 2,
@@ -43,15 +43,15 @@ def factored_svd(
     L, S, R = svd_factors(
         Bs,
         As,
-        weights,
-        rank,
+        weights=weights,
+        rank=rank,
         method=method,
         oversample=oversample,
         power_iters=power_iters,
         seed=seed,
         precision=precision,
     )
-    B, A = split_triplets(L, S, R, rank)
+    B, A = split_triplets((L, S, R), rank=rank)
     dtype = Bs[0].dtype
     return B.to(dtype), A.to(dtype)
 
@@ -69,9 +69,11 @@ def numerical_rank(S: torch.Tensor, dtype: torch.dtype) -> int:
 
 
 def split_triplets(
-    L: torch.Tensor, S: torch.Tensor, R: torch.Tensor, rank: int
+    triplets: tuple[torch.Tensor, torch.Tensor, torch.Tensor], *, rank: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factors (L·Σ^½, Σ^½·Rᵀ) of L·diag(S)·Rᵀ, zero-padded to `rank` (≥ len(S)) components."""
+    """Factors (L·Σ^½, Σ^½·Rᵀ) of L·diag(S)·Rᵀ, `triplets` = (L, S, R) as `svd_factors`
+    returns them, zero-padded to `rank` (≥ len(S)) components."""
+    L, S, R = triplets
     m = S.shape[0]
     if rank < m:
         raise ValueError(f"cannot fit {m} triplets into rank {rank}")
@@ -86,9 +88,9 @@ def split_triplets(
 def svd_factors(
     Bs: Sequence[torch.Tensor],
     As: Sequence[torch.Tensor],
+    *,
     weights: Sequence[float],
     rank: int,
-    *,
     method: str = "auto",
     oversample: int = 16,
     power_iters: int = 2,
@@ -107,7 +109,7 @@ def svd_factors(
     _check(
         Bs,
         As,
-        weights,
+        weights=weights,
         rank=rank,
         method=method,
         oversample=oversample,
@@ -121,16 +123,25 @@ def svd_factors(
         empty = torch.zeros(0, dtype=torch.float64, device=Bs[0].device)
         return empty.new_zeros(d, 0), empty, empty.new_zeros(k, 0)
     chosen = (
-        choose_method(total, d, k, rank=rank, oversample=oversample) if method == "auto" else method
+        choose_method(total, d=d, k=k, rank=rank, oversample=oversample)
+        if method == "auto"
+        else method
     )
     if chosen == "rsvd":
-        dtype, fast = sketch_dtypes(Bs, As, precision)
+        dtype, fast = sketch_dtypes(Bs, As, precision=precision)
         width = min(rank + oversample, d, k)
         L, S, Rt = _rsvd(
-            Bs, As, weights, width=width, power_iters=power_iters, seed=seed, dtype=dtype, fast=fast
+            Bs,
+            As,
+            weights=weights,
+            width=width,
+            power_iters=power_iters,
+            seed=seed,
+            dtype=dtype,
+            fast=fast,
         )
         return L[:, :m], S[:m], Rt[:m].T
-    U, V = stack(Bs, As, weights)
+    U, V = stack(Bs, As, weights=weights)
     if chosen == "dense":
         L, S, Rt = torch.linalg.svd(U @ V, full_matrices=False)
     else:
@@ -139,7 +150,7 @@ def svd_factors(
 
 
 def sketch_dtype(
-    Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor], precision: str
+    Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor], *, precision: str
 ) -> torch.dtype:
     """The dtype of rsvd's accurate products: float32, or float64 when asked or when an input is.
 
@@ -155,10 +166,10 @@ def sketch_dtype(
 
 
 def sketch_dtypes(
-    Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor], precision: str
+    Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor], *, precision: str
 ) -> tuple[torch.dtype, torch.dtype | None]:
     """(`sketch_dtype`, the range finding's dtype: bf16 under "mixed" where native, else None)."""
-    dtype = sketch_dtype(Bs, As, precision)
+    dtype = sketch_dtype(Bs, As, precision=precision)
     mixed = precision == "mixed" or (precision == "auto" and dtype == torch.float32)
     return dtype, torch.bfloat16 if mixed and native_bf16(Bs[0].device) else None
 
@@ -174,13 +185,13 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def stack(
-    Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor], weights: Sequence[float]
+    Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor], *, weights: Sequence[float]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Σ wᵢBᵢAᵢ = U@V with U = [w₁B₁|…] (d×R) and V = [A₁;…] (R×k), in float64 (FLoRA stacking)."""
     return _stacked(Bs, As, dtype=torch.float64, weights=[float(w) for w in weights])
 
 
-def choose_method(total_rank: int, d: int, k: int, *, rank: int, oversample: int) -> str:
+def choose_method(total_rank: int, *, d: int, k: int, rank: int, oversample: int) -> str:
     """The "auto" rule: "exact" while R ≤ 4ℓ (ℓ = rank+oversample) or min(d, k) ≤ 2ℓ, else "rsvd".
 
     Exact costs ~2(d+k)R² + O(R³), rsvd ~(2q+2)(d+k)Rℓ. At d=k=4096 (one core's CPU time) the
@@ -218,8 +229,8 @@ def _exact(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 def _rsvd(
     Bs: Sequence[torch.Tensor],
     As: Sequence[torch.Tensor],
-    weights: Sequence[float],
     *,
+    weights: Sequence[float],
     width: int,
     power_iters: int,
     seed: int,
@@ -327,8 +338,8 @@ def _orth(Y: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
 def _check(
     Bs: Sequence[torch.Tensor],
     As: Sequence[torch.Tensor],
-    weights: Sequence[float],
     *,
+    weights: Sequence[float],
     rank: int,
     method: str,
     oversample: int,

@@ -31,8 +31,8 @@ from .registry import register
 def fair_correction(
     B: torch.Tensor,
     A: torch.Tensor,
-    terms: Iterable[tuple[float, torch.Tensor, torch.Tensor]],
     *,
+    terms: Iterable[tuple[float, torch.Tensor, torch.Tensor]],
     lam: float,
 ) -> torch.Tensor:
     """ΔB minimising ‖Σwᵢ·BᵢAᵢ − (B+ΔB)A‖_F² + lam·‖ΔB‖_F², terms = (wᵢ, Bᵢ, Aᵢ); float64 B, A.
@@ -61,9 +61,9 @@ def fair_correction(
 def fair_correction_iterative(
     B: torch.Tensor,
     A: torch.Tensor,
+    *,
     terms: Iterable[tuple[float, torch.Tensor, torch.Tensor]],
     lam: float,
-    *,
     steps: int = 200,
     lr: float = 0.01,
 ) -> torch.Tensor:
@@ -136,9 +136,11 @@ def lorafair(
         mean = mean.truncate(global_rank)
     terms = ((pi * u.scaling, u.B, u.A) for pi, u in zip(p, updates, strict=True))
     if solver == "closed":
-        correction = fair_correction(mean.B, mean.A, terms, lam=lam)
+        correction = fair_correction(mean.B, mean.A, terms=terms, lam=lam)
     else:
-        correction = fair_correction_iterative(mean.B, mean.A, terms, lam, steps=steps, lr=lr)
+        correction = fair_correction_iterative(
+            mean.B, mean.A, terms=terms, lam=lam, steps=steps, lr=lr
+        )
     corrected = mean.B + correction
     dtype = updates[0].B.dtype
     return Aggregate(Factors(corrected.to(dtype), mean.A.to(dtype), 1.0))

@@ -112,28 +112,31 @@ def squeeze(
     if correction:
         mean = Factors(*padded_mean(updates, p), 1.0).truncate(rank)
         terms = zip(ws, Bs, As, strict=True)
-        B, A = mean.B + fair_correction(mean.B, mean.A, terms, lam=lam), mean.A
+        B, A = mean.B + fair_correction(mean.B, mean.A, terms=terms, lam=lam), mean.A
         # What the corrected factors miss is [U | −B][V; A]: squeeze that to the cap.
-        missed = ([*Bs, B], [*As, A], [*ws, -1.0])
-        tail = decompose(*missed, residual_rank) if residual_rank else None
+        tail = (
+            decompose([*Bs, B], [*As, A], weights=[*ws, -1.0], rank=residual_rank)
+            if residual_rank
+            else None
+        )
     else:
-        L, S, R = decompose(Bs, As, ws, rank + residual_rank)
-        B, A = split_triplets(L[:, :rank], S[:rank], R[:, :rank], rank)
+        L, S, R = decompose(Bs, As, weights=ws, rank=rank + residual_rank)
+        B, A = split_triplets((L[:, :rank], S[:rank], R[:, :rank]), rank=rank)
         tail = (L[:, rank:], S[rank:], R[:, rank:]) if residual_rank else None
 
     dtype = updates[0].B.dtype
     new_state: dict[str, torch.Tensor] = {}
     if tail is not None:
         kept = torch.promote_types(dtype, torch.float32)
-        rB, rA = split_triplets(*tail, residual_rank)
+        rB, rA = split_triplets(tail, rank=residual_rank)
         new_state = {"residual_B": rB.to(kept), "residual_A": rA.to(kept)}
     if gauge == "rows":
-        B, A = rows_gauge(B, A, row_norm)
+        B, A = rows_gauge(B, A, row_norm=row_norm)
     return Aggregate(Factors(B.to(dtype), A.to(dtype), 1.0), new_state)
 
 
 def rows_gauge(
-    B: torch.Tensor, A: torch.Tensor, row_norm: float
+    B: torch.Tensor, A: torch.Tensor, *, row_norm: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B·D⁻¹, D·A) with D = diag(row_norm/‖Aⱼ‖): every non-zero row of A at `row_norm`, BA kept."""
     norms = A.double().norm(dim=1)

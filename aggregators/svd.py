@@ -44,8 +44,8 @@ def svd(
     L, S, R = svd_factors(
         [u.B for u in updates],
         [u.A for u in updates],
-        [pi * u.scaling for pi, u in zip(p, updates, strict=True)],
-        rank,
+        weights=[pi * u.scaling for pi, u in zip(p, updates, strict=True)],
+        rank=rank,
         method=method,
         oversample=oversample,
         power_iters=power_iters,
@@ -55,5 +55,5 @@ def svd(
     if global_rank is None:
         rank = numerical_rank(S, dtype)
         L, S, R = L[:, :rank], S[:rank], R[:, :rank]
-    B, A = split_triplets(L, S, R, rank)
+    B, A = split_triplets((L, S, R), rank=rank)
     return Aggregate(Factors(B.to(dtype), A.to(dtype), 1.0))

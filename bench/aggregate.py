@@ -87,7 +87,7 @@ def lowrank_baseline(updates: list[Factors], weights: list[float]) -> Factors:
     U, V = stack(
         [u.B for u in updates],
         [u.A for u in updates],
-        [w / total * u.scaling for w, u in zip(weights, updates, strict=True)],
+        weights=[w / total * u.scaling for w, u in zip(weights, updates, strict=True)],
     )
     L, S, R = torch.svd_lowrank(U @ V, q=TARGET + OVERSAMPLE, niter=POWER_ITERS)
     root = S[:TARGET].sqrt()
@@ -140,7 +140,7 @@ def run_config(d: int, n: int) -> list[Row]:
     U, V = stack(
         [u.B for u in updates],
         [u.A for u in updates],
-        [w / total * u.scaling for w, u in zip(weights, updates, strict=True)],
+        weights=[w / total * u.scaling for w, u in zip(weights, updates, strict=True)],
     )
     target = U @ V
     del U, V

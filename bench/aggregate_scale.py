@@ -65,8 +65,8 @@ def before(updates: list[Factors], weights: list[float], *, method: str = "rsvd"
     B, A = factored_svd(
         [u.B for u in updates],
         [u.A for u in updates],
-        [pi * u.scaling for pi, u in zip(p, updates, strict=True)],
-        TARGET,
+        weights=[pi * u.scaling for pi, u in zip(p, updates, strict=True)],
+        rank=TARGET,
         method=method,
         **BEFORE,  # type: ignore[arg-type]
     )
@@ -131,7 +131,7 @@ def optimal_ratios(updates: list[Factors], weights: list[float]) -> dict[str, fl
     ws = [pi * u.scaling for pi, u in zip(p, updates, strict=True)]
     target = sum(pi * u.delta() for pi, u in zip(p, updates, strict=True))  # delta() has sᵢ
     _, S, _ = svd_factors(
-        [u.B for u in updates], [u.A for u in updates], ws, TARGET, method="exact"
+        [u.B for u in updates], [u.A for u in updates], weights=ws, rank=TARGET, method="exact"
     )
     optimal = (torch.linalg.matrix_norm(target) ** 2 - (S**2).sum()).clamp_min(0).sqrt().item()
     results = {

@@ -91,10 +91,12 @@ def worker(pruning: float, *, quant: str | None, steps: int, overrides: list[str
         from fedllm.model.adapters import read_factors
 
         update = ClientUpdate(read_factors(model), {}, plan.rank)
-        plain = pruned.reply({"update": wire.outgoing(update.factors, RoundSpec())}, update, rnd)
+        plain = pruned.reply(
+            {"update": wire.outgoing(update.factors, RoundSpec())}, update, rnd=rnd
+        )
         over = {"dtype": "bfloat16"}
         c = cfg.model_copy(update={"compression": cfg.compression.model_copy(update=over)})
-        bf16 = Compression(c).reply(plain, update, rnd)
+        bf16 = Compression(c).reply(plain, update, rnd=rnd)
         sizes = {
             n: sum(r.count_bytes() for r in a.values())
             for n, a in (("fp32", plain), ("bf16", bf16))

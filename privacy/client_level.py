@@ -148,8 +148,8 @@ class ClientLevel(Feature):
         self,
         nodes: Sequence[int],
         inputs: list[dict[str, Factors]],
-        weights: list[float],
         *,
+        weights: list[float],
         global_: Mapping[str, Factors],
     ) -> tuple[list[dict[str, Factors]], list[float]]:
         """One pseudo-update: global + mean of clipped deltas + noise (DP-FedAvg)."""

@@ -170,8 +170,8 @@ class SampleLevelDP(Feature):
         self,
         node: int,
         content: RecordDict,
-        factors: dict[str, Factors],
         *,
+        factors: dict[str, Factors],
         reply: TrainReply,
         shapes: Mapping[str, tuple[int, int]],
     ) -> dict[str, Factors]:

@@ -117,8 +117,9 @@ class SecureAggregation(Feature):
         cls,
         cfg: RunConfig,
         content: RecordDict,
+        *,
         context: Any,
-        train: Callable[[RunConfig, RecordDict, Any], RecordDict],
+        train: Callable[..., RecordDict],
     ) -> RecordDict | None:
         """Refuse a train message outside the SecAgg+ protocol (its reply would leave unmasked);
         reply through `client_reply` otherwise."""
@@ -136,7 +137,7 @@ class SecureAggregation(Feature):
                 f"'{RECORD_KEY_CONFIGS}' record: its masking stage never ran); refusing to reply "
                 "with an unmasked update"
             )
-        return client_reply(cfg, content, context, train)
+        return client_reply(cfg, content, context=context, train=train)
 
     def run_round(self, server_round: int, *, strategy: Any, grid: Any) -> RoundResult:
         label = f"round {server_round}/{self.cfg.federation.rounds} train"

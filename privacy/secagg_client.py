@@ -93,7 +93,7 @@ def check_stage(configs: ConfigRecord, state: ConfigRecord | None = None) -> Non
             )
 
 
-def vectors(update: dict[str, Factors], mode: str, width: int) -> list[np.ndarray]:
+def vectors(update: dict[str, Factors], *, mode: str, width: int) -> list[np.ndarray]:
     """The padded vectors of one client, modules in sorted order (float64)."""
     out = []
     for module in sorted(update):
@@ -126,13 +126,13 @@ def check_finite(vecs: Sequence[np.ndarray], names: Sequence[str]) -> None:
             )
 
 
-def clipped_entries(vecs: Sequence[np.ndarray], ratio: float, clipping_range: float) -> int:
+def clipped_entries(vecs: Sequence[np.ndarray], *, ratio: float, clipping_range: float) -> int:
     """How many entries the mod's quantisation clips: |ratio·x| > clipping_range."""
     return sum(int(np.count_nonzero(np.abs(v * ratio) > clipping_range)) for v in vecs)
 
 
 def client_reply(
-    cfg: RunConfig, content: RecordDict, context: Context, train: Callable[..., RecordDict]
+    cfg: RunConfig, content: RecordDict, *, context: Context, train: Callable[..., RecordDict]
 ) -> RecordDict:
     """Train from a FitIns-form message; reply in FitRes form with the vectors to be masked."""
     fitins = compat.recorddict_to_fitins(content, keep_input=True)
@@ -149,17 +149,20 @@ def client_reply(
     received = ArrayRecord(
         {k: torch.from_numpy(a.copy()) for k, a in zip(keys, arrays, strict=True)}
     )
-    out = train(cfg, RecordDict({"global": received, "config": ConfigRecord(config)}), context)
+    plain = RecordDict({"global": received, "config": ConfigRecord(config)})
+    out = train(cfg, plain, context=context)
     metrics = dict(out["metrics"])
     update = from_record(out["update"], cfg.client_scaling(int(metrics["rank"])))
-    vecs = vectors(update, mode, width)
+    vecs = vectors(update, mode=mode, width=width)
     check_finite(vecs, vector_names(update, mode))
     weight = 1 if uniform else int(metrics["num-examples"])
     if weight > max_weight(cfg):  # the mod would only warn, and the masked sum overflow
         raise ValueError(f"weight {weight} exceeds privacy.secure_aggregation.max_weight")
     sa = cfg.privacy.secure_aggregation
-    ratio = weight_ratio(weight, workflow_max_weight(cfg), sa.quantization_range)
-    clipped = clipped_entries(vecs, ratio, sa.clipping_range)
+    ratio = weight_ratio(
+        weight, max_weight=workflow_max_weight(cfg), quantization_range=sa.quantization_range
+    )
+    clipped = clipped_entries(vecs, ratio=ratio, clipping_range=sa.clipping_range)
     if clipped:
         log.warning(
             "%s: %d of %d weighted entries exceed ±clipping_range=%g and will be clipped by "

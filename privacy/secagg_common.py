@@ -48,7 +48,7 @@ def workflow_max_weight(cfg: RunConfig) -> float:
     return 1.0 if cfg.aggregator.weighting == "uniform" else max_weight(cfg)
 
 
-def weight_ratio(weight: float, max_weight: float, quantization_range: int) -> float:
+def weight_ratio(weight: float, *, max_weight: float, quantization_range: int) -> float:
     """The factor `secaggplus_mod` multiplies a client's vectors by: wᵢ/max_weight, quantized."""
     return round(weight / max_weight * quantization_range) / quantization_range
 

@@ -162,7 +162,10 @@ class SecureRound(Strategy):
         sa, mw = self.lora.cfg.privacy.secure_aggregation, workflow_max_weight(self.lora.cfg)
         if not weights:
             return sa.clipping_range * mw
-        total = sum(weight_ratio(w, mw, sa.quantization_range) for w in weights)
+        total = sum(
+            weight_ratio(w, max_weight=mw, quantization_range=sa.quantization_range)
+            for w in weights
+        )
         return len(weights) * sa.clipping_range / total if total > 0 else float("inf")
 
     def apply(

@@ -96,7 +96,7 @@ def test_the_server_scores_the_reply_not_the_claim(tiny) -> None:
     s = cfg.client_scaling(2)
     start = {m: f.truncate(2, s) for m, f in strategy.global_.items()}
     claim = reply(rank=2, first=3.0, last=1.0, seconds=2.0)  # "I halved my loss"
-    assert bandit.receive(7, RecordDict(), start, reply=claim, shapes=shapes) is start
+    assert bandit.receive(7, RecordDict(), factors=start, reply=claim, shapes=shapes) is start
     bandit.accepted(7, claim)
     i = bandit.bandit.arms.index(Arm(2, 0.0))
     assert bandit.bandit.counts["7"][i] == 1
@@ -110,7 +110,7 @@ def test_the_server_scores_the_reply_not_the_claim(tiny) -> None:
     first, last = scorer.evaluate(start)[0], scorer.evaluate(moved)[0]
     assert first != last
     claim = reply(rank=4, first=3.0, last=2.9, seconds=4.0)
-    bandit.receive(7, RecordDict(), moved, reply=claim, shapes=shapes)
+    bandit.receive(7, RecordDict(), factors=moved, reply=claim, shapes=shapes)
     bandit.accepted(7, claim)
     j = bandit.bandit.arms.index(Arm(4, 0.0))
     expected = efficiency(first, last, 4.0)
@@ -171,12 +171,12 @@ def test_a_pruned_reply_is_scored_against_the_start_it_had(tiny) -> None:
     s = pruned.client_scaling(2)
     start = {m: f.truncate(2, s) for m, f in strategy.global_.items()}
     kept = {m: Kept(out=torch.arange(0, d, 2), in_=None) for m, (d, _) in shapes.items()}
-    sent_back = {m: expand(restrict(f, kept[m]), kept[m], f.shape) for m, f in start.items()}
+    sent_back = {m: expand(restrict(f, kept[m]), kept[m], shape=f.shape) for m, f in start.items()}
     scorer = TestSetEvaluator(pruned, max_examples=8)
     assert scorer.evaluate(sent_back)[0] < scorer.evaluate(start)[0]  # the dropped rows "gain"
     content = RecordDict({"kept": kept_to_record(kept)})
     claim = reply(rank=2, first=3.0, last=1.0, seconds=2.0)
-    bandit.receive(7, content, sent_back, reply=claim, shapes=shapes)
+    bandit.receive(7, content, factors=sent_back, reply=claim, shapes=shapes)
     bandit.accepted(7, claim)
     assert bandit.bandit.counts["7"] == [1] and bandit.bandit.sums["7"] == [0.0]
 
@@ -195,6 +195,6 @@ def test_an_unpruned_arms_reply_is_scored_whole_whatever_map_it_sends(tiny) -> N
     bogus = {m: Kept(out=torch.tensor([10**6]), in_=None) for m in shapes}
     content = RecordDict({"kept": kept_to_record(bogus)})
     claim = reply(rank=2, first=3.0, last=1.0, seconds=2.0)
-    bandit.receive(7, content, start, reply=claim, shapes=shapes)
+    bandit.receive(7, content, factors=start, reply=claim, shapes=shapes)
     bandit.accepted(7, claim)  # the start sent back: no gain, and no IndexError
     assert bandit.bandit.counts["7"][0] == 1 and bandit.bandit.sums["7"][0] == 0.0

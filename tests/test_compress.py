@@ -95,7 +95,7 @@ def topk_round(cfg, state: RecordDict, trained, start, *, server_round: int, nod
     config = ConfigRecord({"server-round": server_round})
     rnd = ClientRound(cfg, 1, server_round, RoundSpec(), config, node_config or {}, state, 0, plan)
     update = ClientUpdate(trained, start, 4)
-    return Compression(cfg).reply({}, update, rnd)["update"].to_torch_state_dict()
+    return Compression(cfg).reply({}, update, rnd=rnd)["update"].to_torch_state_dict()
 
 
 def topk_recipe(tmp_path: Path, **privacy):

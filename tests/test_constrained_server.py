@@ -55,7 +55,7 @@ def build_reply(c, trained, *, start, kept, state) -> dict:
             f.kept = kept  # what its prepare_base would have found
     arrays = {"update": wire.outgoing(trained, RoundSpec())}
     for f in features:
-        arrays = f.reply(arrays, ClientUpdate(dict(trained), dict(start), 2), rnd)
+        arrays = f.reply(arrays, ClientUpdate(dict(trained), dict(start), 2), rnd=rnd)
     return arrays
 
 

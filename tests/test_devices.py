@@ -101,14 +101,14 @@ def slow_round(cfg, node_config: dict, *, seconds: float) -> tuple[RecordDict, f
     """Devices.wrap_train around a 'round' that takes `seconds` of local steps."""
     seen = []
 
-    def train(cfg, content, context):
+    def train(cfg, content, *, context):
         seen.append(torch.get_num_threads())
         time.sleep(seconds)
         return RecordDict({"metrics": MetricRecord({"train-seconds": seconds, "steps": 3})})
 
     context = SimpleNamespace(node_config=node_config)
     t0 = time.perf_counter()
-    out = Devices.wrap_train(cfg, RecordDict(), context, train)
+    out = Devices.wrap_train(cfg, RecordDict(), context=context, train=train)
     return out, time.perf_counter() - t0, seen
 
 
@@ -133,7 +133,10 @@ def test_a_device_that_cannot_make_the_deadline_stops_waiting_just_past_it() -> 
 
 def test_no_profile_leaves_the_message_to_the_plain_path() -> None:
     cfg = build_config(recipe(devices=[{"clients": 2, "memory_mb": 5}]))
-    assert Devices.wrap_train(cfg, RecordDict(), SimpleNamespace(node_config={}), None) is None
+    assert (
+        Devices.wrap_train(cfg, RecordDict(), context=SimpleNamespace(node_config={}), train=None)
+        is None
+    )
 
 
 # -- memory --------------------------------------------------------------------------------------

@@ -163,7 +163,7 @@ def test_a_card_gives_the_adapters_own_alpha_not_the_recipes(run, tmp_path) -> N
     cfg, _, _ = run
     factors = random_factors(adapter_shapes(cfg), 6, 1.0, seed=7)
     card = make_card(cfg, base_identity(cfg), what="global", round=2, rank=6)
-    save_adapter(tmp_path / "g", factors, card, target_modules=cfg.lora.target_modules)
+    save_adapter(tmp_path / "g", factors, card=card, target_modules=cfg.lora.target_modules)
     config = json.loads((tmp_path / "g" / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"]) == (6, 6.0) and cfg.lora.alpha != 6
     assert json.loads((tmp_path / "g" / CARD_JSON).read_text())["alpha"] == 6.0
@@ -308,7 +308,7 @@ def test_export_client_prefers_its_personal_adapter_over_the_servers_copy(run, t
     assert json.loads((out / CARD_JSON).read_text())["what"] == "client"
     personal = run_dir / "clients" / "1" / "personal_adapter"
     card = make_card(cfg, base_identity(cfg), what="personal", round=2, rank=4, partition=1)
-    save_adapter(personal, strategy.global_, card, target_modules=cfg.lora.target_modules)
+    save_adapter(personal, strategy.global_, card=card, target_modules=cfg.lora.target_modules)
     try:
         out = tmp_path / "c1"
         assert main(["export", str(run_dir), str(out), "--client", "1"]) == 0

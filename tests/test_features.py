@@ -483,7 +483,10 @@ def test_every_hook_of_the_base_feature_is_a_no_op() -> None:
     # client
     content = RecordDict({"config": ConfigRecord({"x": 1})})
     calls = []
-    assert Feature.wrap_train(cfg, content, None, lambda *a: calls.append(a)) is None
+    assert (
+        Feature.wrap_train(cfg, content, context=None, train=lambda *a, **k: calls.append(a))
+        is None
+    )
     assert calls == [], "wrap_train must not train by itself"
     plan = ClientPlan(partition=1, rank=2)
     state = RecordDict()
@@ -508,7 +511,7 @@ def test_every_hook_of_the_base_feature_is_a_no_op() -> None:
     update = ClientUpdate(factors(), factors(), 2)
     assert f.post_process(update, rnd) is update
     arrays = {"update": ArrayRecord()}
-    assert f.reply(arrays, update, rnd) is arrays and list(arrays) == ["update"]
+    assert f.reply(arrays, update, rnd=rnd) is arrays and list(arrays) == ["update"]
     assert f.metrics() == {}
     assert len(state) == 0, "no client hook writes the node's state"
     # server
@@ -522,10 +525,12 @@ def test_every_hook_of_the_base_feature_is_a_no_op() -> None:
     assert f.decode(7, RecordDict(), rank=2) is None
     received = factors()
     reply = TrainReply(0, 2, 10, 1.0, 2.0, 0.5, 5, 0.1, 100, 200)
-    assert f.receive(7, RecordDict(), received, reply=reply, shapes={"q": (3, 2)}) is received
+    assert (
+        f.receive(7, RecordDict(), factors=received, reply=reply, shapes={"q": (3, 2)}) is received
+    )
     assert f.accepted(7, reply) is None
     inputs, weights = [factors()], [1.0]
-    out_inputs, out_weights = f.release([7], inputs, weights, global_=factors(4))
+    out_inputs, out_weights = f.release([7], inputs, weights=weights, global_=factors(4))
     assert out_inputs is inputs and out_weights is weights
     new = factors()
     assert f.after_aggregate(factors(4), new, server_round=1) is new

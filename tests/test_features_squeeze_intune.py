@@ -330,7 +330,7 @@ def test_a_client_app_round_replies_at_its_own_rank(tiny) -> None:
             ),
         }
     )
-    out = train_content(cfg, content, Context(0, 0, {"partition-id": 1}, RecordDict(), {}))
+    out = train_content(cfg, content, context=Context(0, 0, {"partition-id": 1}, RecordDict(), {}))
     metrics = out["metrics"]
     assert metrics["rank"] == 4 and metrics["scaling"] == 16 / 4
     assert metrics["squeeze-rank"] == 8 and metrics["squeeze-step"] == 5

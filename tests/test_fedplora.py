@@ -35,17 +35,17 @@ C1 = Factors(t([[4.0, 6.0]]), t([[3.0], [1.0]]), 1.0)
 
 
 def test_expand_places_the_trained_modules_and_keeps_the_global_ones() -> None:
-    e0 = expand(C0, [2], GLOBAL)
+    e0 = expand(C0, [2], global_=GLOBAL)
     assert e0.scaling == 1.0
     assert torch.equal(e0.B, t([[1.0, 2.0, 10.0]])) and torch.equal(e0.A, t([[1.0], [1.0], [2.0]]))
-    e1 = expand(C1, [0, 2], GLOBAL)
+    e1 = expand(C1, [0, 2], global_=GLOBAL)
     assert torch.equal(e1.B, t([[4.0, 2.0, 6.0]])) and torch.equal(e1.A, t([[3.0], [1.0], [1.0]]))
     # a client's whole PLoRA: 1·1 + 2·1 + 10·2 = 23 and 4·3 + 2·1 + 6·1 = 20
     assert e0.delta().item() == 23.0 and e1.delta().item() == 20.0
 
 
 def test_hand_computed_module_wise_mean_over_every_client() -> None:
-    expanded = [expand(C0, [2], GLOBAL), expand(C1, [0, 2], GLOBAL)]
+    expanded = [expand(C0, [2], global_=GLOBAL), expand(C1, [0, 2], global_=GLOBAL)]
     g = get("fedplora")(expanded, [1.0, 3.0]).global_  # p = ¼, ¾
     # B̄ = ¼[1, 2, 10] + ¾[4, 2, 6] = [3.25, 2, 7]; Ā = ¼[1, 1, 2] + ¾[3, 1, 1] = [2.5, 1, 1.25]
     assert torch.allclose(g.B, t([[3.25, 2.0, 7.0]])) and torch.allclose(
@@ -76,7 +76,7 @@ def test_the_error_is_second_order_in_what_the_clients_changed() -> None:
         )
         for s in picks
     ]
-    full = [expand(u, s, glob) for u, s in zip(ups, picks, strict=True)]
+    full = [expand(u, s, global_=glob) for u, s in zip(ups, picks, strict=True)]
     w = [1.0, 2.0, 5.0]
     p = [x / sum(w) for x in w]
     agg = get("fedplora")(full, w).global_
@@ -94,7 +94,7 @@ def test_the_error_is_second_order_in_what_the_clients_changed() -> None:
 def test_the_aggregator_refuses_unexpanded_updates_and_a_global_rank() -> None:
     with pytest.raises(ValueError, match="global rank R"):
         get("fedplora")([C0, C1], [1.0, 1.0])
-    e = expand(C0, [2], GLOBAL)
+    e = expand(C0, [2], global_=GLOBAL)
     with pytest.raises(ValueError, match="global_rank"):
         get("fedplora")([e, e], [1.0, 1.0], global_rank=2)
     assert round_spec("fedplora") == round_spec("svd")  # adapter-state rounds
@@ -205,21 +205,24 @@ def test_the_server_sends_everything_and_places_the_modules() -> None:
     }
     reply = TrainReply.parse(metrics)
     factors = {"q": C1}
-    assert feature.receive(7, RecordDict(), factors, reply=reply, shapes={"q": (1, 1)}) is factors
-    inputs, weights = feature.release([7], [factors], [3.0], global_=glob)
+    assert (
+        feature.receive(7, RecordDict(), factors=factors, reply=reply, shapes={"q": (1, 1)})
+        is factors
+    )
+    inputs, weights = feature.release([7], [factors], weights=[3.0], global_=glob)
     assert weights == [3.0] and torch.equal(inputs[0]["q"].B, t([[4.0, 2.0, 6.0]]))
     for bad in ([0, 0], [2]):
         with pytest.raises(ValueError, match="module indices"):
             feature.receive(
                 7,
                 RecordDict(),
-                factors,
+                factors=factors,
                 reply=TrainReply.parse({**metrics, METRIC: bad}),
                 shapes={},
             )
     missing = TrainReply.parse({k: v for k, v in metrics.items() if k != METRIC})
     with pytest.raises(ValueError, match=METRIC):
-        feature.receive(7, RecordDict(), factors, reply=missing, shapes={})
+        feature.receive(7, RecordDict(), factors=factors, reply=missing, shapes={})
 
 
 @pytest.mark.parametrize(

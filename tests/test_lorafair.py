@@ -113,5 +113,5 @@ def test_a_numerically_singular_ridge_falls_back_to_least_squares() -> None:
         torch.linalg.solve(A @ A.T + 0.01 * torch.eye(2, dtype=torch.float64), A[:, :1])
     B = torch.zeros(4, 2, dtype=torch.float64)
     target = (torch.ones(4, 1, dtype=torch.float64), torch.ones(1, 3, dtype=torch.float64))
-    dB = fair_correction(B, A, [(1.0, *target)], lam=0.01)
+    dB = fair_correction(B, A, terms=[(1.0, *target)], lam=0.01)
     assert dB.shape == B.shape and bool(torch.isfinite(dB).all()) and dB.abs().sum() > 0

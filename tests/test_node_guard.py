@@ -208,7 +208,7 @@ def test_the_client_app_refuses_before_loading_anything(monkeypatch) -> None:
     content = RecordDict({"config": ConfigRecord({"server-round": 1}), "global": ArrayRecord()})
     context = Context(0, 0, {"partition-id": 0, "require-secagg": True}, RecordDict(), {})
     with pytest.raises(ValueError, match="require-secagg=true"):
-        app.train_content(recipe(DP_SGD), content, context)
+        app.train_content(recipe(DP_SGD), content, context=context)
 
 
 def audit_recipe(noise_at: str, *, rounds: int = 10):
@@ -230,7 +230,7 @@ def server_ledger_epsilon(cfg) -> float:
     row: dict = {}
     for rnd in range(1, cfg.federation.rounds + 1):
         assert server.before_round(rnd, partitions=list(range(m)), sampled=m) is None
-        server.release(list(range(m)), [update] * m, [1.0] * m, global_=start)
+        server.release(list(range(m)), [update] * m, weights=[1.0] * m, global_=start)
         server.record(RoundResult(sampled=m, rows=[]), server_row=row)
     return row["epsilon"]
 

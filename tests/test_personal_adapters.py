@@ -206,7 +206,7 @@ def test_a_resumed_fedsa_node_evaluates_with_its_own_B_before_it_trains(tmp_path
         with server_identity(1):  # a message is made by a run's server
             msg = Message(content, dst_node_id=1, message_type=MessageType.EVALUATE)
         context = Context(0, 1, {"partition-id": 1}, state, {})
-        return float(evaluate(cfg, msg, context).content["metrics"]["held-out-loss"])
+        return float(evaluate(cfg, msg, context=context).content["metrics"]["held-out-loss"])
 
     live = RecordDict({LOCAL_B: ArrayRecord({m: f.B for m, f in mine.items()})})
     zero = RecordDict({LOCAL_B: ArrayRecord({m: f.B * 0 for m, f in mine.items()})})

@@ -249,7 +249,7 @@ def test_a_client_whose_tuning_fails_still_reports_its_score(tmp_path: Path, cap
     with server_identity(1):
         msg = Message(content, dst_node_id=1, message_type=MessageType.EVALUATE)
     context = Context(0, 1, {"partition-id": 1}, RecordDict(), {})
-    metrics = evaluate(cfg, msg, context).content["metrics"]
+    metrics = evaluate(cfg, msg, context=context).content["metrics"]
     assert metrics["tokens"] > 0 and metrics["held-out-loss"] > 0
     assert "tuned-loss" not in metrics
     assert "features.personal_tuning failed after the evaluation" in caplog.text

@@ -24,7 +24,7 @@ def rand(d: int, r: int, k: int, seed: int, scaling: float = 2.0) -> Factors:
 
 def test_expanded_rows_land_exactly_at_the_kept_ids() -> None:
     f = rand(2, 3, 4, 0)
-    full = expand(f, Kept(out=torch.tensor([1, 4]), in_=None), (5, 4))
+    full = expand(f, Kept(out=torch.tensor([1, 4]), in_=None), shape=(5, 4))
     assert full.shape == (5, 4)
     assert torch.equal(full.B[1], f.B[0]) and torch.equal(full.B[4], f.B[1])
     assert torch.equal(full.B[[0, 2, 3]], torch.zeros(3, 3))
@@ -36,7 +36,7 @@ def test_expanded_rows_land_exactly_at_the_kept_ids() -> None:
 def test_expanded_columns_and_restrict_round_trip() -> None:
     f = rand(3, 2, 2, 1)
     kept = Kept(out=None, in_=torch.tensor([0, 3]))
-    full = expand(f, kept, (3, 5))
+    full = expand(f, kept, shape=(3, 5))
     assert torch.equal(full.A[:, [0, 3]], f.A)
     assert torch.count_nonzero(full.A[:, [1, 2, 4]]) == 0
     back = restrict(full, kept)

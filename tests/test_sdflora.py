@@ -239,7 +239,7 @@ def test_a_client_evaluates_its_own_model_not_the_global_module_alone(tmp_path: 
         with server_identity(1):  # a message is made by a run's server
             msg = Message(content, dst_node_id=1, message_type=MessageType.EVALUATE)
         context = Context(0, 1, {"partition-id": 1}, state, {})
-        return float(evaluate(run, msg, context).content["metrics"]["held-out-loss"])
+        return float(evaluate(run, msg, context=context).content["metrics"]["held-out-loss"])
 
     kept = RecordDict()
     keep(kept, local)

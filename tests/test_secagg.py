@@ -80,7 +80,9 @@ def test_vectors_have_one_shape_for_every_rank() -> None:
     d, k = 6, 5
     for r in (1, 3):
         u = {"m": Factors(torch.randn(d, r), torch.randn(r, k), 16.0 / r)}
-        ffa, (B, A), (W,) = vectors(u, "ffa", 3), vectors(u, "fedit", 3), vectors(u, "dense", 3)
+        ffa = vectors(u, mode="ffa", width=3)
+        B, A = vectors(u, mode="fedit", width=3)
+        (W,) = vectors(u, mode="dense", width=3)
         assert ffa[0].shape == B.shape == (d, 3) and A.shape == (3, k) and W.shape == (d, k)
         np.testing.assert_allclose(B[:, :r], (u["m"].B * u["m"].scaling).double().numpy())
         assert not B[:, r:].any() and not A[r:].any()
@@ -171,7 +173,7 @@ def fake_train(ups: dict[int, dict[str, Factors]], weights: dict[int, int] = WEI
 
     from fedllm.model.adapters import to_record
 
-    def train(cfg, content, context):
+    def train(cfg, content, *, context):
         p = int(context.node_config["partition-id"])
         rank = next(iter(ups[p].values())).rank
         return RecordDict(
@@ -221,7 +223,9 @@ def secure_round(cfg, ups, *, check=None, tamper=None, rounds: int = 1):
 
     @app.train(mods=[secagg_client.mod])
     def _train(msg, context):
-        content = secagg.SecureAggregation.wrap_train(cfg, msg.content, context, train)
+        content = secagg.SecureAggregation.wrap_train(
+            cfg, msg.content, context=context, train=train
+        )
         return type(msg)(content, reply_to=msg)
 
     sent = []
@@ -303,7 +307,7 @@ def test_a_client_refuses_to_send_non_finite_vectors(bad: float) -> None:
     ups[1]["m2"].B[0, 0] = bad
     match = r"privacy\.secure_aggregation.*1 non-finite \(NaN/Inf\) entries .* in m2\.B"
     with pytest.raises(ValueError, match=match):
-        client_reply(cfg, fitins_content(cfg), node_context(1), fake_train(ups))
+        client_reply(cfg, fitins_content(cfg), context=node_context(1), train=fake_train(ups))
 
 
 def test_a_non_finite_client_drops_out_and_the_others_are_aggregated() -> None:
@@ -409,7 +413,7 @@ def test_a_client_reports_the_entries_quantisation_will_clip(
         f.B[i, 0] = x * c / f.scaling
     train = fake_train(ups, {0: examples})
     with caplog.at_level(logging.WARNING, logger="fedllm.secagg"):
-        reply = client_reply(cfg, fitins_content(cfg), node_context(0), train)
+        reply = client_reply(cfg, fitins_content(cfg), context=node_context(0), train=train)
     res = compat.recorddict_to_fitres(reply, keep_input=True)
     assert res.metrics["secagg-clipped-entries"] == clipped
     assert f"{clipped} of " in caplog.text and "will be clipped" in caplog.text
@@ -435,7 +439,7 @@ def oracle_client_app(cfg, folder: Path):
 
     @app.train(mods=[secagg_client.mod])
     def _train(msg, context):
-        reply = client.train(cfg, msg, context)
+        reply = client.train(cfg, msg, context=context)
         if FITINS in msg.content.config_records:
             res = compat.recorddict_to_fitres(reply.content, keep_input=True)
             stage = context.state.config_records["secaggplus_state"]["current_stage"]
@@ -451,7 +455,7 @@ def oracle_client_app(cfg, folder: Path):
 
     @app.evaluate()
     def _evaluate(msg, context):
-        return client.evaluate(cfg, msg, context)
+        return client.evaluate(cfg, msg, context=context)
 
     return app
 
@@ -778,12 +782,16 @@ def test_a_client_refuses_a_plain_training_message_under_secagg() -> None:
     cfg = secure_cfg()
     plain = RecordDict({"config": ConfigRecord({"server-round": 1})})
     with pytest.raises(ValueError, match="plain training message; refusing"):
-        SecureAggregation.wrap_train(cfg, plain, node_context(0), fake_train(updates(cfg)))
+        SecureAggregation.wrap_train(
+            cfg, plain, context=node_context(0), train=fake_train(updates(cfg))
+        )
     # the protocol's own form without its stage record: the masking stage never ran, and the
     # reply would carry the raw vectors (found by an audit; Flower's mod never saw the message)
     skipped = fitins_content(cfg)
     with pytest.raises(ValueError, match=r"outside the SecAgg\+ protocol"):
-        SecureAggregation.wrap_train(cfg, skipped, node_context(0), fake_train(updates(cfg)))
+        SecureAggregation.wrap_train(
+            cfg, skipped, context=node_context(0), train=fake_train(updates(cfg))
+        )
 
 
 @pytest.mark.parametrize(
@@ -804,8 +812,10 @@ def test_a_client_sends_what_its_recipe_says_not_what_the_server_asks(key: str, 
     params = ndarrays_to_parameters([np.zeros((2, 5), np.float32)])
     asked = compat.fitins_to_recorddict(FitIns(params, config), keep_input=True)
     with pytest.raises(ValueError, match=r"the server asked for .* but this recipe gives"):
-        client_reply(cfg, asked, node_context(0), fake_train(updates(cfg)))
-    client_reply(cfg, content, node_context(0), fake_train(updates(cfg)))  # as asked: fine
+        client_reply(cfg, asked, context=node_context(0), train=fake_train(updates(cfg)))
+    client_reply(
+        cfg, content, context=node_context(0), train=fake_train(updates(cfg))
+    )  # as asked: fine
 
 
 def setup_configs(n: int, k: int, t: int):

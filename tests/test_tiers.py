@@ -93,7 +93,7 @@ def test_a_4bit_tiers_client_evaluates_on_a_4bit_base_and_loads_it_once(
         with server_identity(1):
             msg = Message(content, dst_node_id=1, message_type=MessageType.EVALUATE)
         context = Context(0, 1, {"partition-id": partition}, RecordDict(), {})
-        reply = evaluate(cfg, msg, context, cache=cache)
+        reply = evaluate(cfg, msg, context=context, cache=cache)
         return float(reply.content["metrics"]["held-out-loss"])
 
     losses = [held_out_loss(1, r) for r in (1, 2)]

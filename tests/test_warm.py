@@ -52,14 +52,17 @@ def worker(tmp_path: Path) -> Path:
     folder = tmp_path / "worker"
     server, secret = warm.listen(folder)
     threading.Thread(
-        target=warm.serve_forever, args=(server, secret, counting_app), daemon=True
+        target=warm.serve_forever,
+        args=(server, secret),
+        kwargs={"app": counting_app},
+        daemon=True,
     ).start()
     return folder
 
 
 def test_forward_returns_the_reply_and_the_state(worker: Path) -> None:
     msg, context = _message(), _context(worker)
-    reply = warm.forward(worker, msg, context)
+    reply = warm.forward(worker, msg, context=context)
     assert reply is not None
     np.testing.assert_array_equal(
         reply.content["update"]["w"].numpy(), np.arange(6.0).reshape(2, 3) * 2
@@ -67,25 +70,25 @@ def test_forward_returns_the_reply_and_the_state(worker: Path) -> None:
     assert reply.metadata.reply_to_message_id == msg.object_id
     assert context.state["count"]["calls"] == 1
     # the state round-trips: the next message sees the first call
-    warm.forward(worker, _message(), context)
+    warm.forward(worker, _message(), context=context)
     assert context.state["count"]["calls"] == 2
 
 
 def test_app_errors_reach_the_caller(worker: Path) -> None:
     with pytest.raises(RuntimeError, match="ValueError: asked to fail"):
-        warm.forward(worker, _message(fail=ConfigRecord({"x": 1})), _context(worker))
+        warm.forward(worker, _message(fail=ConfigRecord({"x": 1})), context=_context(worker))
 
 
 def test_a_wrong_secret_is_refused(worker: Path) -> None:
     (worker / warm.SECRET).write_bytes(b"x" * 32)
     with pytest.raises(RuntimeError, match="wrong warm worker secret"):
-        warm.forward(worker, _message(), _context(worker))
+        warm.forward(worker, _message(), context=_context(worker))
 
 
 def test_no_worker_means_run_here(tmp_path: Path) -> None:
     folder = tmp_path / "idle"
     warm.make_folder(folder)  # a folder and secret, but nothing listens
-    assert warm.forward(folder, _message(), _context(folder)) is None
+    assert warm.forward(folder, _message(), context=_context(folder)) is None
 
 
 def test_a_folder_others_can_reach_is_refused(tmp_path: Path) -> None:
@@ -93,7 +96,7 @@ def test_a_folder_others_can_reach_is_refused(tmp_path: Path) -> None:
     warm.make_folder(folder)
     folder.chmod(0o755)
     with pytest.raises(PermissionError, match="mode 0700"):
-        warm.forward(folder, _message(), _context(folder))
+        warm.forward(folder, _message(), context=_context(folder))
     assert (folder / warm.SECRET).stat().st_mode & 0o077 == 0
 
 
@@ -178,7 +181,7 @@ def test_a_worker_writes_its_pid_beside_its_secret(worker: Path) -> None:
 
 def test_a_swept_folder_means_run_here(tmp_path: Path) -> None:
     """A node whose worker died and whose folder was swept runs its messages itself."""
-    assert warm.forward(tmp_path / "gone", _message(), _context(tmp_path / "gone")) is None
+    assert warm.forward(tmp_path / "gone", _message(), context=_context(tmp_path / "gone")) is None
 
 
 def test_the_machines_cores_are_split_between_its_live_workers(tmp_path: Path) -> None:
@@ -213,10 +216,10 @@ def test_each_call_runs_after_the_workers_before_hook(tmp_path: Path) -> None:
     server, secret = warm.listen(folder)
     threading.Thread(
         target=warm.serve_forever,
-        args=(server, secret, app),
-        kwargs={"before": lambda: calls.append("before")},
+        args=(server, secret),
+        kwargs={"app": app, "before": lambda: calls.append("before")},
         daemon=True,
     ).start()
     for _ in range(2):
-        assert warm.forward(folder, _message(), _context(folder)) is not None
+        assert warm.forward(folder, _message(), context=_context(folder)) is not None
     assert calls == ["before", "app", "before", "app"]

@@ -47,7 +47,7 @@ log = logging.getLogger("fedllm.client")
 
 
 def train(
-    cfg: RunConfig, msg: Message, context: Context, *, cache: ProcessCache | None = None
+    cfg: RunConfig, msg: Message, *, context: Context, cache: ProcessCache | None = None
 ) -> Message:
     """One round of local training, started from the global factors in `msg`.
 
@@ -57,14 +57,14 @@ def train(
     run = functools.partial(train_content, cache=cache)
     received = packing.unpack(msg.content)  # packed arrays from a ClientApp without the mod
     for cls in registry.active(cfg):
-        content = cls.wrap_train(cfg, received, context, run)
+        content = cls.wrap_train(cfg, received, context=context, train=run)
         if content is not None:
             return Message(content, reply_to=msg)
-    return Message(run(cfg, received, context), reply_to=msg)
+    return Message(run(cfg, received, context=context), reply_to=msg)
 
 
 def train_content(
-    cfg: RunConfig, content: RecordDict, context: Context, *, cache: ProcessCache | None = None
+    cfg: RunConfig, content: RecordDict, *, context: Context, cache: ProcessCache | None = None
 ) -> RecordDict:
     """`train` on a message's content: {global, config} in, {update, metrics} out."""
     config = content["config"]
@@ -91,7 +91,7 @@ def train_content(
             wire.keep_local_B(rnd.state, update.factors)
         arrays = {"update": wire.outgoing(update.factors, rnd.spec)}
         for f in features:
-            arrays = f.reply(arrays, update, rnd)
+            arrays = f.reply(arrays, update, rnd=rnd)
     log.info(
         "client %d round %d: rank %d, %d steps, loss %.4f -> %.4f",
         rnd.partition,
@@ -122,7 +122,7 @@ def train_content(
 
 
 def evaluate(
-    cfg: RunConfig, msg: Message, context: Context, *, cache: ProcessCache | None = None
+    cfg: RunConfig, msg: Message, *, context: Context, cache: ProcessCache | None = None
 ) -> Message:
     """Held-out NLL of the global adapter (as this client's features personalise it: fedsa's own
     B, sdflora's local module) on this client's held-out split."""
@@ -232,12 +232,12 @@ def make_client_app(cfg: RunConfig, *, cache: ProcessCache | None = None) -> Cli
     @app.train(mods=[packing.mod, *registry.client_mods()])  # arrays packed; e.g. SecAgg+
     def _train(msg: Message, context: Context) -> Message:
         with quiet_failure(cfg, "training"):
-            return train(cfg, msg, context, cache=cache)
+            return train(cfg, msg, context=context, cache=cache)
 
     @app.evaluate(mods=[packing.mod])
     def _evaluate(msg: Message, context: Context) -> Message:
         with quiet_failure(cfg, "evaluation"):
-            return evaluate(cfg, msg, context, cache=cache)
+            return evaluate(cfg, msg, context=context, cache=cache)
 
     app.query()(introduce)
     return app

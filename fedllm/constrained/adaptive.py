@@ -110,8 +110,8 @@ class Adaptive(Feature):
         self,
         node: int,
         content: RecordDict,
-        factors: dict[str, Factors],
         *,
+        factors: dict[str, Factors],
         reply: TrainReply,
         shapes: Mapping[str, tuple[int, int]],
     ) -> dict[str, Factors]:
@@ -161,7 +161,7 @@ class Adaptive(Feature):
         if kept:  # one evaluation per pruned reply
             return self.score(
                 {
-                    m: expand(restrict(f, kept.get(m)), kept.get(m), f.shape)
+                    m: expand(restrict(f, kept.get(m)), kept.get(m), shape=f.shape)
                     for m, f in start.items()
                 }
             )

@@ -63,7 +63,7 @@ class Compression(Feature):
         return decode_factors(record, scaling=scaling, dtype=self.cfg.compression.dtype)
 
     def reply(
-        self, arrays: dict[str, ArrayRecord], update: ClientUpdate, rnd: ClientRound
+        self, arrays: dict[str, ArrayRecord], update: ClientUpdate, *, rnd: ClientRound
     ) -> dict[str, ArrayRecord]:
         """The update re-encoded in the wire dtype (top-k: with error feedback, its residual kept in
         the node's state and own folder, never sent)."""

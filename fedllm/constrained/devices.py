@@ -275,8 +275,9 @@ class Devices(Feature):
         cls,
         cfg: RunConfig,
         content: RecordDict,
+        *,
         context: Any,
-        train: Callable[[RunConfig, RecordDict, Any], RecordDict],
+        train: Callable[..., RecordDict],
     ) -> RecordDict | None:
         """The round under this node's thread limit, then its emulated slowdown."""
         device = device_of(cfg, context.node_config)
@@ -284,7 +285,7 @@ class Devices(Feature):
             return None
         start = time.perf_counter()
         with torch_threads(device.threads):
-            out = train(cfg, content, context)
+            out = train(cfg, content, context=context)
         if device.slowdown == 1:
             return out
         elapsed = time.perf_counter() - start

@@ -39,7 +39,7 @@ def restrict(f: Factors, kept: Kept | None) -> Factors:
     return Factors(B, A, f.scaling)
 
 
-def expand(f: Factors, kept: Kept | None, shape: tuple[int, int]) -> Factors:
+def expand(f: Factors, kept: Kept | None, *, shape: tuple[int, int]) -> Factors:
     """Full-shape factors with the client's rows/columns at the kept ids and zeros elsewhere."""
     if kept is None:
         return f
@@ -148,7 +148,7 @@ def coverage_weighted(
         inv_r = torch.where(rows > 0, 1 / rows.clamp_min(1e-300), 0.0)
         inv_c = torch.where(cols > 0, 1 / cols.clamp_min(1e-300), 0.0)
         for i, (u, km) in enumerate(zip(updates, kept, strict=True)):
-            f = expand(u[module], km.get(module), (d, k))
+            f = expand(u[module], km.get(module), shape=(d, k))
             B = f.B * inv_r.to(f.B.dtype).unsqueeze(1) if pruned_rows else f.B
             A = f.A * inv_c.to(f.A.dtype).unsqueeze(0) if pruned_cols else f.A
             out[i][module] = Factors(B, A, f.scaling)
@@ -184,7 +184,7 @@ def uncovered_fill(
         outs = [km.get(module) for km in kept]
         rows_cut = any(o is not None and o.out is not None for o in outs)
         cols_cut = any(o is not None and o.in_ is not None for o in outs)
-        full = [expand(u[module], o, (d, k)) for u, o in zip(updates, outs, strict=True)]
+        full = [expand(u[module], o, shape=(d, k)) for u, o in zip(updates, outs, strict=True)]
         width = max(f.rank for f in full)
         if cols_cut:  # a column-pruned module: fill its uncovered columns
             seen = torch.zeros(k, dtype=torch.bool)

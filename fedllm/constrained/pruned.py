@@ -195,7 +195,7 @@ class PrunedBase(Feature):
         return restricted(factors, self.kept)
 
     def reply(
-        self, arrays: dict[str, ArrayRecord], update: ClientUpdate, rnd: ClientRound
+        self, arrays: dict[str, ArrayRecord], update: ClientUpdate, *, rnd: ClientRound
     ) -> dict[str, ArrayRecord]:
         return {**arrays, "kept": kept_to_record(self.kept)} if self.kept else arrays
 
@@ -213,8 +213,8 @@ class PrunedBase(Feature):
         self,
         node: int,
         content: RecordDict,
-        factors: dict[str, Factors],
         *,
+        factors: dict[str, Factors],
         reply: TrainReply,
         shapes: Mapping[str, tuple[int, int]],
     ) -> dict[str, Factors]:
@@ -226,15 +226,16 @@ class PrunedBase(Feature):
         self.received[node] = (factors, kept)
         self.known[node] = (reply.pruning, kept)
         return {
-            m: expand(f, kept.get(m), shapes[m]) if m in shapes else f for m, f in factors.items()
+            m: expand(f, kept.get(m), shape=shapes[m]) if m in shapes else f
+            for m, f in factors.items()
         }
 
     def release(
         self,
         nodes: Sequence[int],
         inputs: list[dict[str, Factors]],
-        weights: list[float],
         *,
+        weights: list[float],
         global_: Mapping[str, Factors],
     ) -> tuple[list[dict[str, Factors]], list[float]]:
         """Full-shape inputs rescaled per coordinate by the weight of the clients covering it."""

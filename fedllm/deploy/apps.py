@@ -208,7 +208,7 @@ def _train(msg: Message, context: Context) -> Message:
     cfg = _recipe(context)
     with client.quiet_failure(cfg, "training"):  # a private run sends no error text
         check_node(cfg, context.node_config)
-        return client.train(cfg, msg, context, cache=cache)
+        return client.train(cfg, msg, context=context, cache=cache)
 
 
 @client_app.query()
@@ -225,4 +225,4 @@ def _evaluate(msg: Message, context: Context) -> Message:
     cfg = _recipe(context)
     with client.quiet_failure(cfg, "evaluation"):
         check_node(cfg, context.node_config)
-        return client.evaluate(cfg, msg, context, cache=cache)
+        return client.evaluate(cfg, msg, context=context, cache=cache)

@@ -145,7 +145,7 @@ def _load(ref: str) -> Callable[[Message, Context], Message]:
 
 
 def handle(
-    app: Callable[[Message, Context], Message], identity: bytes, message: bytes, context: bytes
+    app: Callable[[Message, Context], Message], *, identity: bytes, message: bytes, context: bytes
 ) -> list[bytes]:
     """One request: run `app` on the decoded message and context; the reply and the new state.
 
@@ -200,8 +200,8 @@ def shared_threads(tmp: Path, *, cores: int) -> int:
 def serve_forever(
     server: socket.socket,
     secret: bytes,
-    app: Callable[[Message, Context], Message],
     *,
+    app: Callable[[Message, Context], Message],
     before: Callable[[], None] = lambda: None,
 ) -> None:
     """One ClientApp call per connection, in order (a node trains one message at a time);
@@ -218,7 +218,7 @@ def serve_forever(
                     _send(conn, b"error", b"PermissionError: wrong warm worker secret")
                     continue
                 before()
-                _send(conn, *handle(app, identity, message, context))
+                _send(conn, *handle(app, identity=identity, message=message, context=context))
             except OSError:
                 continue
 
@@ -242,13 +242,13 @@ def serve(folder: Path, *, app_ref: str = APP_REF, parent: int | None = None) ->
         threading.Thread(target=_exit_with_parent, args=(parent, folder), daemon=True).start()
     print(f"[fedllm] warm worker ready on {folder / SOCKET}", flush=True)
     explicit = "OMP_NUM_THREADS" in os.environ  # the node's operator named the count
-    serve_forever(server, secret, app, before=(lambda: None) if explicit else share_cores)
+    serve_forever(server, secret, app=app, before=(lambda: None) if explicit else share_cores)
 
 
 # -- the per-message side -----------------------------------------------------------------------
 
 
-def forward(folder: Path, message: Message, context: Context) -> Message | None:
+def forward(folder: Path, message: Message, *, context: Context) -> Message | None:
     """Run `message` in the worker of FOLDER; None when no worker listens there (run it here),
     the folder gone included (a worker that died, its folder swept by `sweep_stale`)."""
     if not folder.exists():
@@ -282,7 +282,7 @@ def client_entry(message: Message, context: Context) -> Message:
     has one, else the installed ClientApp in this process."""
     folder = context.node_config.get(NODE_KEY)
     if folder:
-        reply = forward(Path(str(folder)), message, context)
+        reply = forward(Path(str(folder)), message, context=context)
         if reply is not None:
             return reply
         print(f"[fedllm] no warm worker in {folder}; running this message here", file=sys.stderr)

@@ -118,10 +118,12 @@ class Feature:
         cls,
         cfg: RunConfig,
         content: RecordDict,
+        *,
         context: Any,
-        train: Callable[[RunConfig, RecordDict, Any], RecordDict],
+        train: Callable[..., RecordDict],
     ) -> RecordDict | None:
-        """Handle a train message in this feature's own form (calling `train` inside), or None."""
+        """Handle a train message in this feature's own form (calling
+        `train(cfg, content, context=context)` inside), or None."""
         return None
 
     # -- client -----------------------------------------------------------------------------
@@ -188,7 +190,7 @@ class Feature:
         return update
 
     def reply(
-        self, arrays: dict[str, ArrayRecord], update: ClientUpdate, rnd: ClientRound
+        self, arrays: dict[str, ArrayRecord], update: ClientUpdate, *, rnd: ClientRound
     ) -> dict[str, ArrayRecord]:
         """The arrays this client sends (re-encode `update`, add a map, ...)."""
         return arrays
@@ -244,8 +246,8 @@ class Feature:
         self,
         node: int,
         content: RecordDict,
-        factors: dict[str, Factors],
         *,
+        factors: dict[str, Factors],
         reply: TrainReply,
         shapes: Mapping[str, tuple[int, int]],
     ) -> dict[str, Factors]:
@@ -261,8 +263,8 @@ class Feature:
         self,
         nodes: Sequence[int],
         inputs: list[dict[str, Factors]],
-        weights: list[float],
         *,
+        weights: list[float],
         global_: Mapping[str, Factors],
     ) -> tuple[list[dict[str, Factors]], list[float]]:
         """The aggregator's inputs and weights from the accepted updates (e.g. clipped + noised)."""

@@ -111,8 +111,8 @@ class FedPLoRAFold(Feature):
         self,
         node: int,
         content: RecordDict,
-        factors: dict[str, Factors],
         *,
+        factors: dict[str, Factors],
         reply: TrainReply,
         shapes: Mapping[str, tuple[int, int]],
     ) -> dict[str, Factors]:
@@ -128,13 +128,13 @@ class FedPLoRAFold(Feature):
         self,
         nodes: Sequence[int],
         inputs: list[dict[str, Factors]],
-        weights: list[float],
         *,
+        weights: list[float],
         global_: Mapping[str, Factors],
     ) -> tuple[list[dict[str, Factors]], list[float]]:
         """Every update as R modules: its own at its indices, the global ones elsewhere."""
         out = [
-            {m: expand(f, self.placed[node], global_[m]) for m, f in update.items()}
+            {m: expand(f, self.placed[node], global_=global_[m]) for m, f in update.items()}
             for node, update in zip(nodes, inputs, strict=True)
         ]
         self.placed = {}

@@ -184,7 +184,7 @@ class PersonalAdapter(Feature):
             folder = save_adapter(
                 home / FOLDER,
                 update.factors,
-                card,
+                card=card,
                 target_modules=cfg.lora.target_modules,
                 dropout=cfg.lora.dropout,
             )

@@ -92,7 +92,7 @@ def cut_to_rank(factors: Mapping[str, Factors], *, rank: int, scaling: float) ->
         if f.rank <= rank:
             out[module] = f.truncate(rank, scaling)
             continue
-        B, A = factored_svd([f.B.float()], [f.A.float()], [f.scaling / scaling], rank)
+        B, A = factored_svd([f.B.float()], [f.A.float()], weights=[f.scaling / scaling], rank=rank)
         out[module] = Factors(B, A, scaling)
     return out
 
@@ -203,7 +203,7 @@ class PersonalTuning(Feature):
             note=f"The final global adapter tuned by this client for {steps} steps at lr "
             f"{opts.lr:g} on its own data; never sent to the server.",
         )
-        folder = save_adapter(home / FOLDER, tuned, card, **lora)
+        folder = save_adapter(home / FOLDER, tuned, card=card, **lora)
         log.info(
             "client %d: tuned the final global in %d steps at lr %g (held-out loss %s), in %s",
             rnd.partition,

@@ -104,12 +104,12 @@ def _refactor(
     L, S, R = svd_factors(
         [f.B for f, _ in live],
         [f.A for f, _ in live],
-        [w * f.scaling for f, w in live],
-        rank,
+        weights=[w * f.scaling for f, w in live],
+        rank=rank,
         method=method,
         seed=seed,
     )
-    return split_triplets(L, S, R, rank)
+    return split_triplets((L, S, R), rank=rank)
 
 
 @register

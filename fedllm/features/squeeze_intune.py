@@ -112,11 +112,13 @@ def squeeze_factors(
 ) -> tuple[Factors, float]:
     """The best rank-`rank` factors of f.scaling·B·A at `scaling`, and the share of ‖ΔW‖²_F they
     keep; with `anchor` (rank×k), rotated so that A is closest to it (the product is the same)."""
-    L, S, R = svd_factors([f.B], [f.A], [f.scaling], f.rank, method="exact", precision="float64")
+    L, S, R = svd_factors(
+        [f.B], [f.A], weights=[f.scaling], rank=f.rank, method="exact", precision="float64"
+    )
     total = float((S * S).sum())
     kept = float((S[:rank] ** 2).sum() / total) if total > 0 else 1.0
     m = min(rank, S.shape[0])
-    B, A = split_triplets(L[:, :m], S[:m], R[:, :m], rank)
+    B, A = split_triplets((L[:, :m], S[:m], R[:, :m]), rank=rank)
     if anchor is not None:
         if anchor.shape != A.shape:
             raise ValueError(f"anchor {tuple(anchor.shape)} does not match A {tuple(A.shape)}")

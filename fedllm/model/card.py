@@ -160,8 +160,8 @@ def write_card(folder: Path, card: AdapterCard) -> Path:
 def save_adapter(
     folder: Path,
     factors: Mapping[str, Factors],
-    card: AdapterCard,
     *,
+    card: AdapterCard,
     target_modules: list[str],
     dropout: float = 0.0,
 ) -> Path:

@@ -37,11 +37,15 @@ def run_base(cfg: RunConfig) -> BaseIdentity:
 
 
 def save_adapter(
-    folder: Path, factors: Mapping[str, Factors], cfg: RunConfig, card: AdapterCard
+    folder: Path, factors: Mapping[str, Factors], *, cfg: RunConfig, card: AdapterCard
 ) -> Path:
     """A PEFT adapter folder naming the base portably, with its model card."""
     return save_with_card(
-        folder, factors, card, target_modules=cfg.lora.target_modules, dropout=cfg.lora.dropout
+        folder,
+        factors,
+        card=card,
+        target_modules=cfg.lora.target_modules,
+        dropout=cfg.lora.dropout,
     )
 
 
@@ -85,7 +89,7 @@ def save_client_adapters(
             metrics=_numbers(row, ("train_loss", "train_loss_first", "train_loss_last")),
             note="What the server received from this client in that round (before aggregation).",
         )
-        save_adapter(folder / str(pid), factors, cfg, card)
+        save_adapter(folder / str(pid), factors, cfg=cfg, card=card)
         index[str(pid)] = {"round": rnd, "rank": _rank(factors)}
     if index:
         (folder / "index.json").write_text(json.dumps(index, indent=2))
@@ -138,7 +142,7 @@ def snapshot(
         return None
     card = _round_card(cfg, strategy, metrics.read(), server_round, what="snapshot")
     return save_adapter(
-        cfg.run_dir / SNAPSHOTS / f"round_{server_round}", strategy.global_, cfg, card
+        cfg.run_dir / SNAPSHOTS / f"round_{server_round}", strategy.global_, cfg=cfg, card=card
     )
 
 
@@ -250,7 +254,7 @@ def keep_best(
         with building_folder(cfg.run_dir / PREVIOUS_BEST) as copy:  # checkpoint's best
             shutil.copytree(folder, copy, dirs_exist_ok=True)
     with building_folder(folder) as fresh:  # best_adapter/ whole at every moment
-        save_adapter(fresh, strategy.global_, cfg, card)
+        save_adapter(fresh, strategy.global_, cfg=cfg, card=card)
     return folder
 
 
@@ -327,7 +331,7 @@ def finish(cfg: RunConfig, strategy: LoraStrategy, metrics: MetricsLog) -> Path:
     base = run_base(cfg)
     note = LOCAL_B_NOTE if round_spec(cfg.aggregator.name).local_B else ""
     card = _round_card(cfg, strategy, rows, last, what="global", note=note)
-    adapter = save_adapter(run_dir / "final_adapter", strategy.global_, cfg, card)
+    adapter = save_adapter(run_dir / "final_adapter", strategy.global_, cfg=cfg, card=card)
     save_client_adapters(cfg, strategy, base=base, rows=rows)
     table = final_table(rows, last)  # a privacy budget may have stopped the run early
     write_card(adapter, dataclasses.replace(card, table=table))

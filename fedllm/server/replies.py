@@ -69,7 +69,7 @@ def read_reply(
     if update is None:
         update = wire.read_update(content["update"], scaling=scaling, spec=spec, shapes=shapes)
     for f in features:
-        update = f.receive(node, content, update, reply=reply, shapes=shapes)
+        update = f.receive(node, content, factors=update, reply=reply, shapes=shapes)
         declared_metrics(reply, f.reply_metrics)  # a bad declared metric rejects the reply
     if any(f.B.dtype != torch.float32 for f in update.values()):
         dtypes = sorted({str(f.B.dtype) for f in update.values()})

@@ -305,7 +305,7 @@ class LoraStrategy(Strategy):
         inputs = [parsed[n][1] for n in accepted]
         try:  # the accepted updates through the features and the aggregator: never the run
             for f in self.features:  # e.g. coverage weights for pruned clients, the DP release
-                inputs, weights = f.release(accepted, inputs, weights, global_=self.global_)
+                inputs, weights = f.release(accepted, inputs, weights=weights, global_=self.global_)
             refused = self.commit(server_round, *self.aggregate(server_round, inputs, weights))
         except Exception as err:  # what the accepted updates did to the aggregator: not the run
             log.warning("round %d: the aggregator failed", server_round, exc_info=True)
