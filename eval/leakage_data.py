@@ -38,7 +38,7 @@ class ClientData:
 
 
 def prepare_client(
-    cfg: RunConfig, settings: EvalSettings, shard: RawShard, tokenizer: PreTrainedTokenizerBase
+    cfg: RunConfig, settings: EvalSettings, *, shard: RawShard, tokenizer: PreTrainedTokenizerBase
 ) -> ClientData:
     """Matched members/non-members, extraction subsets and canary items of one client."""
     fmt = {"prompt_format": cfg.data.prompt_format, "max_length": cfg.data.max_length}
@@ -54,8 +54,8 @@ def prepare_client(
     match = matched_sample(
         [str(e.get("label", "")) for e in pool],
         pool_tokens,
-        [str(e.get("label", "")) for e in non],
-        non_tokens,
+        non_member_domains=[str(e.get("label", "")) for e in non],
+        non_member_lengths=non_tokens,
         per_non_member=settings.mia_members_per_non_member,
         seed=cfg.seed + pid,
     )

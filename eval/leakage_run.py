@@ -47,7 +47,7 @@ def measure_leakage(
     timer = PhaseTimer()
     with timer("prepare"):
         data = {
-            pid: prepare_client(cfg, settings, shard, views.tokenizer)
+            pid: prepare_client(cfg, settings, shard=shard, tokenizer=views.tokenizer)
             for pid, shard in shards.items()
         }
     for d in data.values():

@@ -33,9 +33,9 @@ class MatchedSample:
 def matched_sample(
     member_domains: Sequence[str],
     member_lengths: Sequence[int],
+    *,
     non_member_domains: Sequence[str],
     non_member_lengths: Sequence[int],
-    *,
     per_non_member: int,
     seed: int,
 ) -> MatchedSample:

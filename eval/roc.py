@@ -186,12 +186,18 @@ def bootstrap(
         wn = _resample_counts(
             len(n), non_member_strata, resamples=resamples, rng=rng, name="non_member_strata"
         )
-        return weighted_stats(m, n, matched_counts(wn, sets), wn, fpr_levels=fpr_levels)
+        return weighted_stats(
+            m,
+            n,
+            member_counts=matched_counts(wn, sets),
+            non_member_counts=wn,
+            fpr_levels=fpr_levels,
+        )
     wm = _resample_counts(len(m), member_strata, resamples=resamples, rng=rng, name="member_strata")
     wn = _resample_counts(
         len(n), non_member_strata, resamples=resamples, rng=rng, name="non_member_strata"
     )
-    return weighted_stats(m, n, wm, wn, fpr_levels=fpr_levels)
+    return weighted_stats(m, n, member_counts=wm, non_member_counts=wn, fpr_levels=fpr_levels)
 
 
 def matched_counts(non_member_counts: np.ndarray, member_sets: Sequence[int]) -> np.ndarray:
@@ -203,9 +209,9 @@ def matched_counts(non_member_counts: np.ndarray, member_sets: Sequence[int]) ->
 def weighted_stats(
     members: np.ndarray,
     non_members: np.ndarray,
+    *,
     member_counts: np.ndarray,
     non_member_counts: np.ndarray,
-    *,
     fpr_levels: Sequence[float] = FPR_LEVELS,
 ) -> dict[str, np.ndarray]:
     """AUC and TPR@FPR<α of each row's resample: score i drawn counts[row, i] times."""

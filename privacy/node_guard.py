@@ -182,7 +182,7 @@ def load_ledger(state: RecordDict, cfg: RunConfig) -> tuple[PrivacyLedger, list[
     return ledger, [int(r) for r in record["rounds"]]
 
 
-def save_ledger(state: RecordDict, ledger: PrivacyLedger, rounds: list[int]) -> None:
+def save_ledger(state: RecordDict, ledger: PrivacyLedger, *, rounds: list[int]) -> None:
     """Write the ledger into the context state as plain config values (Flower keeps it)."""
     history = ledger.state_dict()["accountants"][NODE]["history"]
     state[LEDGER_KEY] = ConfigRecord(
@@ -233,7 +233,7 @@ def charge(rnd: ClientRound, rules: NodeRules) -> float:
             f"no more rounds: this node's ε stays ≤ {rules.max_epsilon:g}",
         )
     ledger.record(NODE, noise_multiplier=sigma, sample_rate=q, steps=steps)
-    save_ledger(rnd.state, ledger, [*rounds, rnd.server_round])
+    save_ledger(rnd.state, ledger, rounds=[*rounds, rnd.server_round])
     save_node_state(rnd, LEDGER_KEY, uncovered=False, strict=True)
     return after
 

@@ -185,7 +185,7 @@ class SecureRound(Strategy):
             return self.refuse()
         try:
             new_global, new_state = self.aggregate(server_round, mean, total_rank)
-            problem = self.lora.commit(server_round, new_global, new_state)
+            problem = self.lora.commit(server_round, new_global=new_global, new_state=new_state)
         except Exception as err:  # a checked mean the aggregator cannot take: the round, not run
             log.warning("round %d: the aggregator failed on the mean", server_round, exc_info=True)
             self.aggregator_error = f"{type(err).__name__}: {err}"  # three rounds running end it

@@ -39,7 +39,7 @@ def _round(cfg, strategy, metrics, rnd: int, **losses: float) -> None:
     """Round `rnd` ends: a new global (seeded by the round), its server row, then keep_best."""
     strategy.global_ = random_factors(strategy.shapes, 4, cfg.client_scaling(4), seed=100 + rnd)
     metrics.write([{"kind": "server", "round": rnd, "phase": "round", **losses}])
-    keep_best(cfg, strategy, metrics, rnd)
+    keep_best(cfg, strategy, metrics=metrics, server_round=rnd)
 
 
 def _kept(run_dir) -> tuple[int, float]:
@@ -90,7 +90,7 @@ def test_test_loss_selects_on_the_servers_test_set(tmp_path) -> None:
 def test_off_keeps_none_and_export_best_says_why(tmp_path, capsys) -> None:
     cfg, run_dir, strategy, metrics = make_run(tmp_path, "output.best_by=none")
     _round(cfg, strategy, metrics, 3, held_out_loss=1.0)
-    finish(cfg, strategy, metrics)
+    finish(cfg, strategy, metrics=metrics)
     assert not (run_dir / "best_adapter").exists()
     assert main(["export", str(run_dir), str(tmp_path / "o"), "--best"]) != 0
     assert "output.best_by is none" in capsys.readouterr().err
@@ -203,9 +203,9 @@ def test_the_round_loop_keeps_the_best_after_the_rounds_checkpoint(
         save=lambda rnd, **_: calls.append(("save", rnd)),
     )
 
-    def recorded(*args):
-        calls.append(("best", args[3]))
-        return keep_best(*args)
+    def recorded(*args, **kwargs):
+        calls.append(("best", kwargs["server_round"]))
+        return keep_best(*args, **kwargs)
 
     monkeypatch.setattr(app, "keep_best", recorded)
     for rnd in (1, 2, 3):
@@ -274,7 +274,7 @@ def _votes(cfg, strategy, metrics, rnd: int, losses: dict[int, float]) -> None:
     metrics.write(
         [*rows, {"kind": "server", "round": rnd, "phase": "round", "held_out_loss": mean}]
     )
-    keep_best(cfg, strategy, metrics, rnd)
+    keep_best(cfg, strategy, metrics=metrics, server_round=rnd)
 
 
 def test_the_vote_keeps_a_round_only_when_most_clients_score_it_lower_on_their_own_split(

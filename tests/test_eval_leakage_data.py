@@ -42,7 +42,7 @@ def test_unscored_examples_are_left_out_and_counted(monkeypatch: pytest.MonkeyPa
     held = [example("n0", "a", 3), example("n1", "b", 0), example("n2", "c", 5)]
     shard = RawShard(partition_id=0, train=train, held_out=held, labels=("a", "b", "c"))
     cfg = build_config({"name": "x", "model": {"name": "tiny"}, "data": {"source": "wordnet"}})
-    d = prepare_client(cfg, EvalSettings(), shard, tokenizer=None)
+    d = prepare_client(cfg, EvalSettings(), shard=shard, tokenizer=None)
     assert d.ids == {"members": ["t0", "t4", "t5"], "non_members": ["n0", "n2"]}
     assert d.sets == [0, 1, 1]
     assert d.sample["members"] == 3 and d.sample["non_members"] == 2

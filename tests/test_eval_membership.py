@@ -19,17 +19,45 @@ def test_matching_by_hand() -> None:
     domains = ["noun", "noun", "verb", "noun"]
     lengths = [5, 9, 4, 30]
     # non-members: a noun of length 8 takes the 9 (nearest), a verb of length 20 the only verb
-    s = matched_sample(domains, lengths, ["noun", "verb"], [8, 20], per_non_member=1, seed=0)
+    s = matched_sample(
+        domains,
+        lengths,
+        non_member_domains=["noun", "verb"],
+        non_member_lengths=[8, 20],
+        per_non_member=1,
+        seed=0,
+    )
     assert s.non_members == [0, 1] and s.members == [1, 2] and s.dropped == 0
     assert s.sets == [0, 1]  # each member's matched set: its non-member's place in non_members
     # two per non-member: the noun takes 9 and 5; the verb has one member only and is dropped
-    s = matched_sample(domains, lengths, ["noun", "verb"], [8, 20], per_non_member=2, seed=0)
+    s = matched_sample(
+        domains,
+        lengths,
+        non_member_domains=["noun", "verb"],
+        non_member_lengths=[8, 20],
+        per_non_member=2,
+        seed=0,
+    )
     assert s.non_members == [0] and sorted(s.members) == [0, 1] and s.dropped == 1
     # the verb first: it is dropped, so the noun (non-member 1) is set 0 of the kept ones
-    s = matched_sample(domains, lengths, ["verb", "noun"], [20, 8], per_non_member=2, seed=0)
+    s = matched_sample(
+        domains,
+        lengths,
+        non_member_domains=["verb", "noun"],
+        non_member_lengths=[20, 8],
+        per_non_member=2,
+        seed=0,
+    )
     assert s.non_members == [1] and s.sets == [0, 0]
     # an unknown domain is never matched across domains
-    s = matched_sample(domains, lengths, ["adj"], [5], per_non_member=1, seed=0)
+    s = matched_sample(
+        domains,
+        lengths,
+        non_member_domains=["adj"],
+        non_member_lengths=[5],
+        per_non_member=1,
+        seed=0,
+    )
     assert s.members == [] and s.non_members == [] and s.dropped == 1
 
 
@@ -59,16 +87,44 @@ def test_members_are_not_reused_and_ties_are_seeded() -> None:
     domains, lengths = ["a"] * 6, [10] * 6  # all equally near
     picks = {
         tuple(
-            matched_sample(domains, lengths, ["a"] * 3, [10] * 3, per_non_member=2, seed=s).members
+            matched_sample(
+                domains,
+                lengths,
+                non_member_domains=["a"] * 3,
+                non_member_lengths=[10] * 3,
+                per_non_member=2,
+                seed=s,
+            ).members
         )
         for s in range(5)
     }
     assert all(len(set(p)) == 6 for p in picks)  # 3 non-members x 2, never the same member twice
     assert len(picks) > 1  # the seed decides ties
-    a = matched_sample(domains, lengths, ["a"] * 3, [10] * 3, per_non_member=2, seed=4)
-    assert a == matched_sample(domains, lengths, ["a"] * 3, [10] * 3, per_non_member=2, seed=4)
+    a = matched_sample(
+        domains,
+        lengths,
+        non_member_domains=["a"] * 3,
+        non_member_lengths=[10] * 3,
+        per_non_member=2,
+        seed=4,
+    )
+    assert a == matched_sample(
+        domains,
+        lengths,
+        non_member_domains=["a"] * 3,
+        non_member_lengths=[10] * 3,
+        per_non_member=2,
+        seed=4,
+    )
     with pytest.raises(ValueError, match="per_non_member"):
-        matched_sample(domains, lengths, ["a"], [1], per_non_member=0, seed=0)
+        matched_sample(
+            domains,
+            lengths,
+            non_member_domains=["a"],
+            non_member_lengths=[1],
+            per_non_member=0,
+            seed=0,
+        )
 
 
 def test_subsample_keeps_order_and_is_seeded() -> None:
@@ -106,8 +162,8 @@ def test_matched_sample_on_real_shards_has_the_non_members_domains_and_lengths()
         s = matched_sample(
             [e["label"] for e in pool],
             length,
-            [e["label"] for e in shard.held_out],
-            n_len,
+            non_member_domains=[e["label"] for e in shard.held_out],
+            non_member_lengths=n_len,
             per_non_member=2,
             seed=pid,
         )

@@ -97,7 +97,9 @@ def test_resample_statistics_equal_the_resampled_arrays() -> None:
         n = rng.integers(0, 6, size=rng.integers(1, 120)).astype(float)
         wm = rng.multinomial(len(m), np.full(len(m), 1 / len(m)), size=4)
         wn = rng.multinomial(len(n), np.full(len(n), 1 / len(n)), size=4)
-        stats = weighted_stats(m, n, wm, wn, fpr_levels=(0.01, 0.1, 0.3))
+        stats = weighted_stats(
+            m, n, member_counts=wm, non_member_counts=wn, fpr_levels=(0.01, 0.1, 0.3)
+        )
         for row in range(4):
             mm, nn = np.repeat(m, wm[row]), np.repeat(n, wn[row])
             assert stats["auc"][row] == pytest.approx(roc_auc(mm, nn), abs=1e-12)
@@ -191,7 +193,9 @@ def test_a_matched_set_resample_by_hand() -> None:
     wn = np.array([[2, 0], [1, 1], [0, 2]])
     wm = matched_counts(wn, SETS)
     assert wm.tolist() == [[2, 2, 0, 0], [1, 1, 1, 1], [0, 0, 2, 2]]
-    stats = weighted_stats(SET_MEMBERS, SET_NON, wm, wn, fpr_levels=(0.6,))
+    stats = weighted_stats(
+        SET_MEMBERS, SET_NON, member_counts=wm, non_member_counts=wn, fpr_levels=(0.6,)
+    )
     assert stats["auc"].tolist() == [1.0, 5 / 8, 0.5]
     # FPR < 0.6 of 2 drawn non-members allows one: below the second, so every member but 4.0
     assert stats["tpr@fpr<0.6"].tolist() == [1.0, 3 / 4, 1 / 2]

@@ -115,7 +115,7 @@ def make_run(root: Path, *extra: str):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     cfg, run_dir, strategy, metrics = make_run(tmp_path_factory.mktemp("export"))
-    finish(cfg, strategy, metrics)
+    finish(cfg, strategy, metrics=metrics)
     return cfg, run_dir, strategy
 
 
@@ -237,8 +237,8 @@ def test_the_embedded_base_is_named_by_package_version_and_gguf_hash(tmp_path, m
 
 def test_snapshots_every_k_rounds_carry_that_rounds_metrics(tmp_path) -> None:
     cfg, run_dir, strategy, metrics = make_run(tmp_path, "output.snapshot_every=2")
-    assert snapshot(cfg, strategy, metrics, 1) is None
-    folder = snapshot(cfg, strategy, metrics, 2)
+    assert snapshot(cfg, strategy, metrics=metrics, server_round=1) is None
+    folder = snapshot(cfg, strategy, metrics=metrics, server_round=2)
     assert folder == run_dir / "snapshots" / "round_2"
     card = json.loads((folder / CARD_JSON).read_text())
     assert (card["what"], card["round"], card["metrics"]["held_out_loss"]) == ("snapshot", 2, 4.25)
@@ -386,7 +386,7 @@ def test_a_held_out_loss_of_1e300_leaves_the_final_adapter_and_an_inf_perplexity
     cfg, run_dir, strategy, metrics = make_run(tmp_path)
     hostile = {"kind": "eval", "round": 2, "partition": 1, "held_out_loss": 1e300}
     metrics.write([hostile, {"kind": "server", "round": 2, "held_out_loss": 1e300}])
-    finish(cfg, strategy, metrics)
+    finish(cfg, strategy, metrics=metrics)
     assert (run_dir / "final_adapter" / "adapter_model.safetensors").is_file()
     table = json.loads((run_dir / "final_eval.json").read_text())  # Python's json: Infinity
     ppl = {r["who"]: r["federated_ppl"] for r in table}
@@ -412,7 +412,7 @@ def test_the_final_adapter_is_saved_before_anything_that_only_reports(tmp_path, 
 
     monkeypatch.setattr(outputs, "final_table", broken)
     with pytest.raises(RuntimeError, match="a report failed"):
-        finish(cfg, strategy, metrics)
+        finish(cfg, strategy, metrics=metrics)
     card = json.loads((run_dir / "final_adapter" / CARD_JSON).read_text())
     assert card["what"] == "global" and card["round"] == 2 and card["table"] == []
     assert (run_dir / "final_adapter" / "adapter_model.safetensors").is_file()

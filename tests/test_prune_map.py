@@ -48,7 +48,9 @@ def test_mixed_pruned_and_whole_clients_aggregate_per_coordinate() -> None:
     whole, pruned = rand(4, 2, 3, 2), rand(2, 1, 3, 3, scaling=4.0)
     kept = Kept(out=torch.tensor([0, 2]), in_=None)
     shapes = {"m": (4, 3)}
-    inputs = coverage_weighted([{"m": whole}, {"m": pruned}], [{}, {"m": kept}], [1.0, 3.0], shapes)
+    inputs = coverage_weighted(
+        [{"m": whole}, {"m": pruned}], [{}, {"m": kept}], weights=[1.0, 3.0], shapes=shapes
+    )
     result = get("svd")([u["m"] for u in inputs], [1.0, 3.0]).global_.delta()
     d0, d1 = whole.delta(), pruned.delta()
     expected = d0.clone()
@@ -60,7 +62,9 @@ def test_mixed_pruned_and_whole_clients_aggregate_per_coordinate() -> None:
 def test_coverage_on_columns_and_uncovered_coordinates_stay_zero() -> None:
     a, b = rand(2, 1, 2, 4), rand(2, 1, 1, 5)
     ka, kb = Kept(None, torch.tensor([0, 1])), Kept(None, torch.tensor([1]))
-    inputs = coverage_weighted([{"m": a}, {"m": b}], [{"m": ka}, {"m": kb}], [1, 1], {"m": (2, 3)})
+    inputs = coverage_weighted(
+        [{"m": a}, {"m": b}], [{"m": ka}, {"m": kb}], weights=[1, 1], shapes={"m": (2, 3)}
+    )
     result = get("svd")([u["m"] for u in inputs], [1, 1]).global_.delta()
     expected = torch.zeros(2, 3, dtype=torch.float64)
     expected[:, 0] = a.delta()[:, 0]
@@ -69,10 +73,10 @@ def test_coverage_on_columns_and_uncovered_coordinates_stay_zero() -> None:
 
 
 def _aggregate(name, updates, kept, weights, global_, shapes):
-    fill = uncovered_fill(updates, kept, weights, global_)
+    fill = uncovered_fill(updates, kept, weights=weights, global_=global_)
     if fill is not None:
         updates, kept, weights = [*updates, fill[0]], [*kept, fill[1]], [*weights, fill[2]]
-    inputs = coverage_weighted(updates, kept, weights, shapes)
+    inputs = coverage_weighted(updates, kept, weights=weights, shapes=shapes)
     return {m: get(name)([u[m] for u in inputs], weights).global_.delta() for m in shapes}
 
 
@@ -103,9 +107,11 @@ def test_the_fill_does_not_grow_svds_rank_round_after_round() -> None:
             {"q": rand(20, 2, 30, 30 + rnd), "v": rand(30, 2, 30, 40 + rnd)},
             {"q": rand(20, 2, 30, 50 + rnd), "v": rand(30, 2, 30, 60 + rnd)},
         ]
-        fill = uncovered_fill(updates, kept, [1.0, 1.0], g)
+        fill = uncovered_fill(updates, kept, weights=[1.0, 1.0], global_=g)
         weights = [1.0, 1.0, fill[2]]
-        inputs = coverage_weighted([*updates, fill[0]], [*kept, fill[1]], weights, shapes)
+        inputs = coverage_weighted(
+            [*updates, fill[0]], [*kept, fill[1]], weights=weights, shapes=shapes
+        )
         g = {m: get("svd")([u[m] for u in inputs], weights).global_ for m in shapes}
         assert g["v"].rank == 4, rnd  # two rank-2 clients, and the fill's zero B
         # q: rows 21, 23, .., 39 keep the first global's (rank 2) every round, the rest are the
@@ -127,7 +133,12 @@ def test_columns_no_reply_covers_keep_the_globals_value() -> None:
 def test_no_fill_when_every_coordinate_is_covered() -> None:
     whole, pruned = rand(4, 2, 3, 2), rand(2, 1, 3, 3)
     kept = [{}, {"m": Kept(torch.tensor([0, 2]), None)}]
-    assert uncovered_fill([{"m": whole}, {"m": pruned}], kept, [1.0, 3.0], {"m": whole}) is None
+    assert (
+        uncovered_fill(
+            [{"m": whole}, {"m": pruned}], kept, weights=[1.0, 3.0], global_={"m": whole}
+        )
+        is None
+    )
 
 
 def test_a_factor_wise_mean_barely_moves_with_the_fill() -> None:

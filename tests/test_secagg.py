@@ -906,7 +906,7 @@ def test_an_aggregate_the_strategy_refuses_fails_the_secure_rounds_rows(monkeypa
     from fedllm.server.strategy import LoraStrategy
 
     why = "aggregate refused (m1: NaN or Inf in the aggregate): the global adapter is unchanged"
-    monkeypatch.setattr(LoraStrategy, "commit", lambda self, *args: why)
+    monkeypatch.setattr(LoraStrategy, "commit", lambda self, *args, **kwargs: why)
     cfg = secure_cfg()
     result, before, after, _ = secure_round(cfg, updates(cfg))
     assert [r.status for r in result.rows] == ["failed"] * 3

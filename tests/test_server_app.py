@@ -79,7 +79,7 @@ def test_an_aggregator_that_raises_every_round_stops_the_run_and_a_resume_goes_o
     # before: each round was refused alone and the run "finished" having trained nothing
     cfg = load_recipe(RECIPE, [f"output_dir={tmp_path}", *OVERRIDES])
 
-    def buggy(self, server_round, inputs, weights):
+    def buggy(self, server_round, *, inputs, weights):
         raise IndexError("list index out of range")
 
     with monkeypatch.context() as patch:

@@ -64,7 +64,7 @@ def test_beta_zero_gives_back_the_aggregate() -> None:
     old = random_factors(12, 10, 3, 16 / 3, seed=1)
     new = random_factors(12, 10, 5, 16 / 5, seed=2)
     velocity = random_factors(12, 10, 4, 1.0, seed=3)  # carried, but β = 0 forgets it
-    global_, v = momentum_step(old, new, velocity, beta=0.0)
+    global_, v = momentum_step(old, new, velocity=velocity, beta=0.0)
     torch.testing.assert_close(global_.delta(), new.delta(), rtol=0, atol=1e-10)
     assert (global_.rank, global_.scaling, global_.B.dtype) == (5, new.scaling, torch.float64)
     assert v.rank == 5 and v.scaling == 1.0
@@ -82,10 +82,10 @@ def test_two_steps_follow_the_hand_computed_recurrence(
     lr: float, g1: list[float], v2: list[float], g2: list[float]
 ) -> None:
     agg1, agg2 = diag([4, 2, 0], scaling=4.0), diag([6, 0, 2], scaling=0.5)
-    first, v1 = momentum_step(ZERO, agg1, None, beta=0.5, lr=lr)
+    first, v1 = momentum_step(ZERO, agg1, velocity=None, beta=0.5, lr=lr)
     close(first, dense(g1))
     close(v1, dense([4, 2, 0]))
-    second, v = momentum_step(first, agg2, v1, beta=0.5, lr=lr)
+    second, v = momentum_step(first, agg2, velocity=v1, beta=0.5, lr=lr)
     close(v, dense(v2))
     close(second, dense(g2))
     assert second.scaling == agg2.scaling and second.rank == 3
@@ -100,18 +100,20 @@ def test_matches_the_dense_recurrence_over_several_rounds() -> None:
         agg = random_factors(5, 4, 4, 4.0, seed=rnd)
         v_dense = beta * v_dense + (agg.delta() - g)
         g = g + lr * v_dense
-        global_, velocity = momentum_step(global_, agg, velocity, beta=beta, lr=lr, seed=rnd)
+        global_, velocity = momentum_step(
+            global_, agg, velocity=velocity, beta=beta, lr=lr, seed=rnd
+        )
         torch.testing.assert_close(velocity.delta(), v_dense, rtol=0, atol=1e-10)
         torch.testing.assert_close(global_.delta(), g, rtol=0, atol=1e-10)
 
 
 def test_velocity_cap_keeps_its_best_approximation_for_the_next_round() -> None:
     agg1, agg2 = diag([4, 2, 0]), diag([6, 0, 2])
-    first, v1 = momentum_step(ZERO, agg1, None, beta=0.5, rank=1)
+    first, v1 = momentum_step(ZERO, agg1, velocity=None, beta=0.5, rank=1)
     close(first, dense([4, 2, 0]))  # the global uses the whole step
     assert v1.rank == 1
     close(v1, dense([4, 0, 0]))  # what is carried: the best rank-1 part of diag(4, 2, 0)
-    second, v2 = momentum_step(first, agg2, v1, beta=0.5, rank=1)
+    second, v2 = momentum_step(first, agg2, velocity=v1, beta=0.5, rank=1)
     close(second, dense([8, 0, 2]))  # g1 + ½·diag(4,0,0) + diag(2,−2,2)
     close(v2, dense([4, 0, 0]))  # best rank-1 part of diag(4, −2, 2)
 
@@ -120,7 +122,7 @@ def test_global_comes_back_at_the_aggregate_rank_svd_ordered() -> None:
     first = diag([4, 2, 0])
     agg2 = diag([6, 0, 2], rank=3)
     agg2 = Factors(agg2.B[:, [0, 2]], agg2.A[[0, 2]], 1.0)  # the same update at rank 2
-    second, v2 = momentum_step(first, agg2, diag([4, 2, 0]), beta=0.5)
+    second, v2 = momentum_step(first, agg2, velocity=diag([4, 2, 0]), beta=0.5)
     assert second.rank == 2 and v2.rank == 2
     close(second, dense([8, 0, 2]))  # best rank-2 part of diag(8, 1, 2)
     close(v2, dense([4, 0, 2]))  # best rank-2 part of diag(4, −1, 2)
@@ -135,7 +137,7 @@ def test_float32_factors_stay_float32_and_inputs_are_not_mutated() -> None:
         Factors(f.B.float(), f.A.float(), f.scaling) for f in (old, new, velocity)
     )
     before = [t.clone() for f in (old, new, velocity) for t in (f.B, f.A)]
-    global_, v = momentum_step(old, new, velocity, beta=0.9, lr=0.5, rank=4, method="rsvd")
+    global_, v = momentum_step(old, new, velocity=velocity, beta=0.9, lr=0.5, rank=4, method="rsvd")
     after = [t for f in (old, new, velocity) for t in (f.B, f.A)]
     assert all(torch.equal(x, y) for x, y in zip(before, after, strict=True))
     assert global_.B.dtype == global_.A.dtype == v.B.dtype == torch.float32
@@ -150,9 +152,9 @@ def test_bad_arguments_are_refused() -> None:
         ({"beta": 0.5, "rank": 0}, r"rank must be an int >= 1, got 0"),
     ):
         with pytest.raises(ValueError, match=named):
-            momentum_step(ZERO, diag([1, 2, 3]), None, **kwargs)
+            momentum_step(ZERO, diag([1, 2, 3]), velocity=None, **kwargs)
     with pytest.raises(ValueError, match="but the new global is"):
-        momentum_step(diag([1, 2]), diag([1, 2, 3]), None, beta=0.5)
+        momentum_step(diag([1, 2]), diag([1, 2, 3]), velocity=None, beta=0.5)
 
 
 # -- the feature -----------------------------------------------------------------------------
@@ -171,7 +173,7 @@ def test_feature_steps_every_module_and_keeps_the_velocity() -> None:
     out = feature.after_aggregate(old, new, server_round=1)
     assert sorted(out) == ["q", "v"] and sorted(feature.velocity) == ["q", "v"]
     for m in "qv":
-        expected, _ = momentum_step(old[m], new[m], None, beta=0.5, seed=1)
+        expected, _ = momentum_step(old[m], new[m], velocity=None, beta=0.5, seed=1)
         torch.testing.assert_close(out[m].delta(), expected.delta())
     now = [t for f in (*old.values(), *new.values()) for t in (f.B, f.A)]
     assert all(torch.equal(x, y) for x, y in zip(kept, now, strict=True))  # inputs untouched

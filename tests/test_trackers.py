@@ -310,10 +310,10 @@ def test_a_round_a_crash_cuts_reaches_the_trackers_once_after_the_resume(
             raise RuntimeError("the machine went down")
         real_save(self, server_round, **kw)
 
-    def keep_but_round_1(cfg, strategy, metrics, server_round):
+    def keep_but_round_1(cfg, strategy, *, metrics, server_round):
         if server_round == 1:  # after the checkpoint, before the trackers get the round
             raise RuntimeError("the machine went down")
-        return real_keep(cfg, strategy, metrics, server_round)
+        return real_keep(cfg, strategy, metrics=metrics, server_round=server_round)
 
     if crash == "before its checkpoint":
         monkeypatch.setattr(app.Run, "save", save_but_round_1)

@@ -122,6 +122,7 @@ def check_kept(
 def coverage_weighted(
     updates: Sequence[Mapping[str, Factors]],
     kept: Sequence[Mapping[str, Kept]],
+    *,
     weights: Sequence[float],
     shapes: Mapping[str, tuple[int, int]],
 ) -> list[dict[str, Factors]]:
@@ -161,6 +162,7 @@ FILL_SHARE = 1e-3  # the uncovered-coordinate input's weight, as a share of the 
 def uncovered_fill(
     updates: Sequence[Mapping[str, Factors]],
     kept: Sequence[Mapping[str, Kept]],
+    *,
     weights: Sequence[float],
     global_: Mapping[str, Factors],
 ) -> tuple[dict[str, Factors], dict[str, Kept], float] | None:

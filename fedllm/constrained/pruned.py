@@ -243,11 +243,11 @@ class PrunedBase(Feature):
         self.received = {}
         shapes = {m: f.shape for m, f in global_.items()}
         updates, kept = [g[0] for g in got], [g[1] for g in got]
-        if (fill := uncovered_fill(updates, kept, weights, global_)) is not None:
+        if (fill := uncovered_fill(updates, kept, weights=weights, global_=global_)) is not None:
             # coordinates every reply pruned keep the global's value (they came out 0)
             updates, kept, weights = [*updates, fill[0]], [*kept, fill[1]], [*weights, fill[2]]
             log.info("coordinates no reply covered keep the global's value this round")
-        return coverage_weighted(updates, kept, weights, shapes), weights
+        return coverage_weighted(updates, kept, weights=weights, shapes=shapes), weights
 
     def state_dict(self) -> dict[str, Any]:
         return {

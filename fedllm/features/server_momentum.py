@@ -58,8 +58,8 @@ class ServerMomentumOptions(BaseModel):
 def momentum_step(
     old: Factors,
     new: Factors,
-    velocity: Factors | None,
     *,
+    velocity: Factors | None,
     beta: float,
     lr: float = 1.0,
     rank: int | None = None,
@@ -156,7 +156,7 @@ class ServerMomentum(Feature):
             out[module], velocity[module] = momentum_step(
                 old[module],
                 new[module],
-                self.velocity.get(module),
+                velocity=self.velocity.get(module),
                 beta=opts.beta,
                 lr=opts.server_lr,
                 rank=opts.rank,

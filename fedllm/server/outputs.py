@@ -98,9 +98,9 @@ def save_client_adapters(
 def _round_card(
     cfg: RunConfig,
     strategy: LoraStrategy,
+    *,
     rows: list[dict],
     server_round: int,
-    *,
     what: str,
     note: str = "",
 ) -> AdapterCard:
@@ -133,14 +133,16 @@ def resume_note(rows: list[dict], server_round: int) -> str:
 
 
 def snapshot(
-    cfg: RunConfig, strategy: LoraStrategy, metrics: MetricsLog, server_round: int
+    cfg: RunConfig, strategy: LoraStrategy, *, metrics: MetricsLog, server_round: int
 ) -> Path | None:
     """The global adapter after `server_round` in `snapshots/round_<r>/`, every
     `output.snapshot_every` rounds (None when this round is not one of them)."""
     every = cfg.output.snapshot_every
     if every is None or server_round % every:
         return None
-    card = _round_card(cfg, strategy, metrics.read(), server_round, what="snapshot")
+    card = _round_card(
+        cfg, strategy, rows=metrics.read(), server_round=server_round, what="snapshot"
+    )
     return save_adapter(
         cfg.run_dir / SNAPSHOTS / f"round_{server_round}", strategy.global_, cfg=cfg, card=card
     )
@@ -218,7 +220,7 @@ def _settle(cfg: RunConfig, key: str | None, server_round: int) -> tuple[str, in
 
 
 def keep_best(
-    cfg: RunConfig, strategy: LoraStrategy, metrics: MetricsLog, server_round: int
+    cfg: RunConfig, strategy: LoraStrategy, *, metrics: MetricsLog, server_round: int
 ) -> Path | None:
     """The global adapter after `server_round` in best_adapter/ when this round's metric
     (`best_metric`) is below the kept one's (a tie keeps the earlier round); None otherwise.
@@ -248,7 +250,7 @@ def keep_best(
             return None
         value = scored[server_round]
         note = f"The round with the lowest {key} of the run's rounds up to {server_round}."
-    card = _round_card(cfg, strategy, rows, server_round, what="best", note=note)
+    card = _round_card(cfg, strategy, rows=rows, server_round=server_round, what="best", note=note)
     card = dataclasses.replace(card, selected_by=key, metrics={**card.metrics, key: value})
     if folder.exists():  # the best it replaces, copied first: a resume from the fallback
         with building_folder(cfg.run_dir / PREVIOUS_BEST) as copy:  # checkpoint's best
@@ -320,7 +322,7 @@ def best_line(cfg: RunConfig, rows: list[dict]) -> str:
     return f"\nbest round by {key}: {best} ({value:.4f}; {then}), in {cfg.run_dir / BEST_ADAPTER}"
 
 
-def finish(cfg: RunConfig, strategy: LoraStrategy, metrics: MetricsLog) -> Path:
+def finish(cfg: RunConfig, strategy: LoraStrategy, *, metrics: MetricsLog) -> Path:
     """Save the global adapter in PEFT format with its card and the client adapters, then what
     only reports: the base-vs-federated table (also into the final adapter's card), the plot;
     close the trackers. The adapters come first: a report that fails never costs them (and a
@@ -330,7 +332,7 @@ def finish(cfg: RunConfig, strategy: LoraStrategy, metrics: MetricsLog) -> Path:
     last = max((r["round"] for r in rows if r.get("kind") == "server"), default=0)
     base = run_base(cfg)
     note = LOCAL_B_NOTE if round_spec(cfg.aggregator.name).local_B else ""
-    card = _round_card(cfg, strategy, rows, last, what="global", note=note)
+    card = _round_card(cfg, strategy, rows=rows, server_round=last, what="global", note=note)
     adapter = save_adapter(run_dir / "final_adapter", strategy.global_, cfg=cfg, card=card)
     save_client_adapters(cfg, strategy, base=base, rows=rows)
     table = final_table(rows, last)  # a privacy budget may have stopped the run early

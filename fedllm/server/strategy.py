@@ -296,7 +296,7 @@ class LoraStrategy(Strategy):
                 rows.append(malformed_row(server_round, node, err, known=known, may_hold=may_hold))
         refuse_shared_partitions(server_round, parsed, rows)
         known = (dict(self.node_ranks), dict(self.node_partitions), set(self.seen), self.node_seats)
-        accepted = self.screen(server_round, parsed, rows)
+        accepted = self.screen(server_round, parsed=parsed, rows=rows)
         result = RoundResult(sampled=sampled, rows=rows, replies=len(replies))
         if not accepted:
             log.warning("round %d: no acceptable update; the global is unchanged", server_round)
@@ -306,7 +306,8 @@ class LoraStrategy(Strategy):
         try:  # the accepted updates through the features and the aggregator: never the run
             for f in self.features:  # e.g. coverage weights for pruned clients, the DP release
                 inputs, weights = f.release(accepted, inputs, weights=weights, global_=self.global_)
-            refused = self.commit(server_round, *self.aggregate(server_round, inputs, weights))
+            new_global, new_state = self.aggregate(server_round, inputs=inputs, weights=weights)
+            refused = self.commit(server_round, new_global=new_global, new_state=new_state)
         except Exception as err:  # what the accepted updates did to the aggregator: not the run
             log.warning("round %d: the aggregator failed", server_round, exc_info=True)
             result.aggregator_error = f"{type(err).__name__}: {err}"
@@ -337,6 +338,7 @@ class LoraStrategy(Strategy):
     def screen(
         self,
         server_round: int,
+        *,
         parsed: Mapping[int, tuple[TrainReply, dict[str, Factors]]],
         rows: list[ClientRow],
     ) -> list[int]:
@@ -372,7 +374,7 @@ class LoraStrategy(Strategy):
         return accepted
 
     def aggregate(
-        self, server_round: int, inputs: Sequence[Mapping[str, Factors]], weights: list[float]
+        self, server_round: int, *, inputs: Sequence[Mapping[str, Factors]], weights: list[float]
     ) -> tuple[dict[str, Factors], dict[str, dict[str, torch.Tensor]]]:
         """The recipe's aggregator, module by module: (new global, new aggregator state)."""
         return aggregate_modules(
@@ -389,6 +391,7 @@ class LoraStrategy(Strategy):
     def commit(
         self,
         server_round: int,
+        *,
         new_global: dict[str, Factors],
         new_state: dict[str, dict[str, torch.Tensor]],
     ) -> str | None:
