@@ -111,7 +111,9 @@ def _reference(cfg: RunConfig, *, pooled: bool) -> dict:
     start = time.perf_counter()
     cache = ProcessCache()
     base, tok = cached_base_model(cfg, cache=cache)
-    shards = [load_shard(cfg, pid, tok, cache=cache) for pid in range(cfg.data.num_clients)]
+    shards = [
+        load_shard(cfg, pid, tokenizer=tok, cache=cache) for pid in range(cfg.data.num_clients)
+    ]
     fmt = {"prompt_format": cfg.data.prompt_format, "max_length": cfg.data.max_length}
     test = tokenize_all(global_test_set(cfg, cache=cache), tok, **fmt)
     fed = cfg.federation

@@ -95,7 +95,7 @@ def arm_memory(cfg: RunConfig, arm: tuple[int, float, str | None]) -> int:
     load = None if pruning > 0 else quant  # as fedllm.client.round.lora_model loads it
     model = cfg.model.model_copy(update={"quantization": load or "none"})
     base, rnd.tokenizer = cached_base_model(cfg.model_copy(update={"model": model}))
-    rnd.shard = node_shard(cfg, node, rnd.tokenizer)
+    rnd.shard = node_shard(cfg, node, tokenizer=rnd.tokenizer)
     for f in registry.build(cfg):
         base = f.prepare_base(base, rnd)
     return round_memory(base, rnd).total

@@ -103,7 +103,9 @@ def throughput(argv: list[str]) -> None:
         client=0, clients=[0], prefix="What is the secret number of {name}?", digits=9, repeats=[1]
     )[0]
     secrets = [canary.secret, *reference_secrets(canary, n=args.references, digits=9)]
-    secret_items = [secret_item(tok, canary.prompt, s, prompt_format="chat") for s in secrets]
+    secret_items = [
+        secret_item(tok, canary.prompt, secret=s, prompt_format="chat") for s in secrets
+    ]
     load0 = os.getloadavg()[0]
 
     def score(its, bs: int, shared: bool):

@@ -59,7 +59,7 @@ def measure(
 
     folder = prepare_base_model(cfg)
     base, tok = load_base_model(folder, dtype=cfg.model.dtype, quantization=quant, device=device)
-    shard = load_shard(cfg, 0, tok)
+    shard = load_shard(cfg, 0, tokenizer=tok)
     rank, fed = cfg.client_rank(0), cfg.federation
     torch.manual_seed(cfg.seed)
     model = attach_lora(

@@ -60,7 +60,7 @@ def tune_cell(cfg: RunConfig, factors: dict[str, Factors]) -> dict[int, dict]:
     lora = {"dropout": cfg.lora.dropout, "target_modules": cfg.lora.target_modules}
     out = {}
     for pid in range(cfg.data.num_clients):
-        shard = load_shard(cfg, pid, tok, cache=cache)
+        shard = load_shard(cfg, pid, tokenizer=tok, cache=cache)
         model = adapter_holding(base, factors, **lora)
         scores = {"global": list(nll(model, shard.held_out))}
         model.unload()

@@ -75,7 +75,7 @@ def overhead(recipe: str, extra: list[str], out: Path, *, steps: int = 12) -> di
     dp = ["privacy.mode=sample", f"privacy.delta={DELTA}", "privacy.noise_multiplier=1"]
     cfg = load_recipe(recipe, [*extra, f"output_dir={out}", *dp])
     base, tok = cached_base_model(cfg)
-    shard = load_shard(cfg, 0, tok)
+    shard = load_shard(cfg, 0, tokenizer=tok)
     plan = sample_plan(cfg, n_train=len(shard.train))
     rank = cfg.client_rank(0)
     kw = {"steps": steps, "pad_id": tok.pad_token_id, "lr": cfg.federation.lr}

@@ -47,7 +47,7 @@ def plain_rounds(cfg: RunConfig) -> list[float]:
         adapter_shapes(cfg), rank=top, scaling=cfg.client_scaling(top), seed=cfg.seed
     )
     cache = ProcessCache()  # the partition once, as a ClientApp process does
-    shards = [load_shard(cfg, pid, tok, cache=cache) for pid in range(n)]
+    shards = [load_shard(cfg, pid, tokenizer=tok, cache=cache) for pid in range(n)]
     fed, aggregate = cfg.federation, get(cfg.aggregator.name)
     seconds = []
     for rnd in range(1, fed.rounds + 1):

@@ -102,8 +102,8 @@ def rows_to_examples(
                 f"{where}: label {label_field!r} is null or missing{_row_keys(row, label_field)};"
                 " every row needs one (it names the row's domain for data.partitioner=domain)"
             )
-        label = "" if label_field is None else _text(row[label_field], where, label_field)
-        example_id = _text(row["id"], where, "id") if has_id else f"{origin}:{row_number}"
+        label = "" if label_field is None else _text(row[label_field], where, field=label_field)
+        example_id = _text(row["id"], where, field="id") if has_id else f"{origin}:{row_number}"
         if layout == "messages":
             if row["messages"] is None:  # the file's other rows have it: a row of another layout
                 raise ValueError(
@@ -121,14 +121,14 @@ def rows_to_examples(
             prompt, response = question, choices[answer]
             extra = {"choices": choices, "answer": answer}
         else:
-            response = _text(row[response_field], where, response_field)
+            response = _text(row[response_field], where, field=response_field)
             if row[response_field] is None or not response.strip():
                 empty = "null or missing" if row[response_field] is None else "empty"
                 raise ValueError(
                     f"{where}: {response_field!r} is {empty}{_row_keys(row, response_field)}; "
                     "every row needs a response to learn"
                 )
-            prompt, extra = _text(row[prompt_field], where, prompt_field), {}
+            prompt, extra = _text(row[prompt_field], where, field=prompt_field), {}
         examples.append(
             {"prompt": prompt, "response": response, "label": label, "id": example_id, **extra}
         )
@@ -230,7 +230,7 @@ def _read_table(path: Path) -> Table:
     try:
         table = read(path)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(_unreadable(path, builder, err)) from None
+        raise ValueError(_unreadable(path, builder, err=err)) from None
     if not table.rows:
         raise ValueError(f"{path} holds no rows; give at least one example")
     return table
@@ -259,13 +259,13 @@ def _read_file(path: Path, *, cache_dir: str) -> Any:
             builder, data_files=str(path), split="train", cache_dir=cache_dir
         )
     except Exception as err:  # datasets' own errors name neither the file nor the line
-        raise ValueError(_unreadable(path, builder, err)) from None
+        raise ValueError(_unreadable(path, builder, err=err)) from None
     if len(dataset) == 0:
         raise ValueError(f"{path} has columns {dataset.column_names} but no rows")
     return dataset
 
 
-def _unreadable(path: Path, builder: str, err: Exception) -> str:
+def _unreadable(path: Path, builder: str, *, err: Exception) -> str:
     """Why `path` does not read as `builder`, where: a byte that is not UTF-8, where a JSON file
     breaks, or datasets' own words (Parquet)."""
     raw = path.read_bytes()
@@ -306,7 +306,7 @@ def _read_folder(path: Path) -> Any:
     return loaded
 
 
-def _text(value: Any, where: str, field: str) -> str:
+def _text(value: Any, where: str, *, field: str) -> str:
     """A cell as text: None is "", a number its digits; a mapping or list is an error (its
     Python repr would be trained on as if it were text)."""
     if isinstance(value, Mapping | list | tuple):

@@ -159,7 +159,7 @@ class ProcessCache:
                 self.splits += 1
             return self._split[1]
 
-    def shard(self, cfg: RunConfig, partition_id: int, tokenizer: Any) -> Shard:
+    def shard(self, cfg: RunConfig, partition_id: int, *, tokenizer: Any) -> Shard:
         """Client `partition_id`'s tokenized shard, tokenized once per tokenizer."""
         key = (data_key(cfg), partition_id)
         with self._lock:
@@ -167,7 +167,7 @@ class ProcessCache:
             if hit is not None and hit[0] is tokenizer:
                 self._shards.move_to_end(key)
                 return hit[1]
-        shard = tokenize_shard(cfg, raw_shard(cfg, partition_id, cache=self), tokenizer)
+        shard = tokenize_shard(cfg, raw_shard(cfg, partition_id, cache=self), tokenizer=tokenizer)
         with self._lock:
             self.tokenized += 1
             if (old := self._shards.pop(key, None)) is not None:
@@ -245,7 +245,7 @@ def raw_shard(cfg: RunConfig, partition_id: int, *, cache: ProcessCache | None =
     )
 
 
-def tokenize_shard(cfg: RunConfig, raw: RawShard, tokenizer: Any) -> Shard:
+def tokenize_shard(cfg: RunConfig, raw: RawShard, *, tokenizer: Any) -> Shard:
     """`raw` tokenized with the base model's tokenizer and the recipe's format."""
     fmt = {"prompt_format": cfg.data.prompt_format, "max_length": cfg.data.max_length}
     return Shard(
@@ -258,11 +258,13 @@ def tokenize_shard(cfg: RunConfig, raw: RawShard, tokenizer: Any) -> Shard:
 
 
 def load_shard(
-    cfg: RunConfig, partition_id: int, tokenizer: Any, *, cache: ProcessCache | None = None
+    cfg: RunConfig, partition_id: int, *, tokenizer: Any, cache: ProcessCache | None = None
 ) -> Shard:
     """Client `partition_id`'s shard, tokenized with the base model's tokenizer (kept by
     `cache` for the next message of this process; built afresh without one)."""
-    return (cache if cache is not None else ProcessCache()).shard(cfg, partition_id, tokenizer)
+    return (cache if cache is not None else ProcessCache()).shard(
+        cfg, partition_id, tokenizer=tokenizer
+    )
 
 
 def global_test_set(cfg: RunConfig, *, cache: ProcessCache | None = None) -> list[dict]:

@@ -40,7 +40,7 @@ def choose(
         for option in question["options"]:
             items.append(
                 prompt_response_item(
-                    tokenizer, question["prompt"], option, prompt_format=prompt_format
+                    tokenizer, question["prompt"], response=option, prompt_format=prompt_format
                 )
             )
             owner.append(q)

@@ -207,7 +207,7 @@ def paired_interval_phrase(confidences: set[float | None]) -> str:
 NEUTRAL_SETTINGS = {"batch_size"}
 
 
-def mismatches(reports: list[dict], recipes: list[dict | None], labels: list[str]) -> list[str]:
+def mismatches(reports: list[dict], recipes: list[dict | None], *, labels: list[str]) -> list[str]:
     """What differs between the runs besides the training itself, each as one Markdown line: the
     eval settings and tasks, the recipes' data and model sections (keys every known recipe has;
     None: no recipe found). A gap between such runs may be that difference, not the method's."""
@@ -314,7 +314,7 @@ def table_md(rows: list[dict]) -> str:
             r["privacy"],
             f"{fmt(r['base_loss'])} → {fmt(r['loss'])}",
             fmt(r["define_rouge_l"]),
-            interval_cell(r["choose_acc"], r.get("choose_acc_interval"), 2),
+            interval_cell(r["choose_acc"], r.get("choose_acc_interval"), digits=2),
             interval_cell(r["mia_auc_global"], r.get("mia_auc_global_interval")),
             interval_cell(r["mia_auc_client"], r.get("mia_auc_client_interval")),
             interval_cell(r.get("mia_auc_base"), r.get("mia_auc_base_interval")),
@@ -375,7 +375,7 @@ def compare_runs(runs: list[Path], *, out_dir: Path) -> Path:
     reports = [{**rep, "run": label} for rep, label in zip(reports, labels, strict=True)]
     rows = [summarize(rep, privacy=run_privacy(r)) for rep, r in zip(reports, runs, strict=True)]
     paired = paired_table_md(reports)
-    differ = mismatches(reports, [run_recipe_data(r) for r in runs], labels)
+    differ = mismatches(reports, [run_recipe_data(r) for r in runs], labels=labels)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "compare.json").write_text(json.dumps(rows, indent=2, default=float))
     plot_compare(rows, out_dir / "compare.png")

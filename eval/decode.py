@@ -62,9 +62,9 @@ def greedy_decode(
             _decode_rows(
                 model,
                 kv,
-                head,
-                [prompts[i] for i in rows],
-                [max_new_tokens[i] for i in rows],
+                head=head,
+                prompts=[prompts[i] for i in rows],
+                budgets=[max_new_tokens[i] for i in rows],
                 pad_id=pad_id,
                 ends=set(eos_ids),
             ),
@@ -89,7 +89,7 @@ def decode_rows(
     return max(MIN_ROWS, batch_size, batch_size * width // max(rest, 1))
 
 
-def _decode_rows(model, kv, head: int, prompts, budgets, *, pad_id: int, ends: set[int]):
+def _decode_rows(model, kv, *, head: int, prompts, budgets, pad_id: int, ends: set[int]):
     """Greedy tokens for one batch of prompts whose first `head` tokens' keys/values are `kv`
     (read by every row from one copy: `fedllm.model.shared_kv`)."""
     device = next(model.parameters()).device

@@ -53,10 +53,10 @@ def exposure_skewnormal(
 
 
 def secret_item(
-    tokenizer: PreTrainedTokenizerBase, prompt: str, secret: str, *, prompt_format: str
+    tokenizer: PreTrainedTokenizerBase, prompt: str, *, secret: str, prompt_format: str
 ) -> dict:
     """Token ids of prompt + secret, with labels on the secret's tokens only (for Px)."""
-    return prompt_response_item(tokenizer, prompt, secret, prompt_format=prompt_format)
+    return prompt_response_item(tokenizer, prompt, response=secret, prompt_format=prompt_format)
 
 
 def log_perplexity_bits(logprobs_nats: np.ndarray) -> float:

@@ -28,7 +28,7 @@ from fedllm.model.card import read_card
 from fedllm.recipe import RunConfig, load_recipe
 
 
-def trained_by(cfg: RunConfig, adapter: Path, recipe: Path) -> RunConfig:
+def trained_by(cfg: RunConfig, adapter: Path, *, recipe: Path) -> RunConfig:
     """`cfg`, if it is the recipe that trained `adapter` (its card's fingerprint; an adapter
     without a card is taken as it is); else a ValueError: another recipe's clients, data or
     canaries would be scored as if the adapter had met them."""
@@ -64,7 +64,7 @@ def _adapter_inputs(
     if recipe is None:
         raise ValueError(f"{target} is an adapter folder: pass --recipe RECIPE.yaml with it")
     check_adapter_files(target)
-    cfg = trained_by(load_recipe(recipe), target, recipe)
+    cfg = trained_by(load_recipe(recipe), target, recipe=recipe)
     # beside the adapter, not in it: its report lists training example ids
     return cfg, target, {}, target.parent / f"{target.name}-eval"
 
@@ -91,7 +91,7 @@ def _run_inputs(target: Path, recipe: Path | None) -> tuple[RunConfig, Path, dic
     clients = find_client_adapters(target)
     for folder in [adapter, *clients.values()]:
         check_adapter_files(folder)
-    cfg = trained_by(load_recipe(recipe), adapter, recipe)
+    cfg = trained_by(load_recipe(recipe), adapter, recipe=recipe)
     return cfg, adapter, clients, target / "eval"
 
 
@@ -155,7 +155,7 @@ def evaluate_run(
         "leakage": {"exposure": [], "mia": {}, "extraction": {}},
     }
     report["timings"] = {"load": time.perf_counter() - t0}
-    key = _resume_key(cfg, report, [adapter, *clients.values()], tasks)
+    key = _resume_key(cfg, report, adapters=[adapter, *clients.values()], tasks=tasks)
     pieces = Pieces.beside(out, key, say=say)
     t_quality, timer = time.perf_counter(), PhaseTimer()
     n = cfg.data.num_clients
@@ -170,7 +170,7 @@ def evaluate_run(
             built = {name: cls.build(held, setup) for name, cls in tasks.items()}
             first = pid == min(shards)  # shared views score a task of shared items only here
             result = _client_quality(
-                views, pid, built, first=first, settings=settings, timer=timer, say=say
+                views, pid, built=built, first=first, settings=settings, timer=timer, say=say
             )
             result = pieces.put(f"quality-{pid}", result)
         for key, per_task in result.items():
@@ -192,7 +192,7 @@ def evaluate_run(
 
 
 def _resume_key(
-    cfg: RunConfig, report: dict, adapters: list[Path], tasks: Mapping[str, type[EvalTask]]
+    cfg: RunConfig, report: dict, *, adapters: list[Path], tasks: Mapping[str, type[EvalTask]]
 ) -> dict:
     """What every finished piece depends on: an interrupted eval's pieces are reused only when
     all of it is the same (`fedllm.eval.partial`)."""
@@ -209,8 +209,8 @@ def _resume_key(
 def _client_quality(
     views: Views,
     pid: int,
-    built: dict[str, EvalTask],
     *,
+    built: dict[str, EvalTask],
     first: bool,
     settings: EvalSettings,
     timer: PhaseTimer,

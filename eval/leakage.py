@@ -46,7 +46,7 @@ def canary_set(
 ) -> CanarySet:
     """Each canary's secret and `references` sampled secrets, after its prompt, as items."""
     items = [
-        secret_item(tokenizer, canary.prompt, s, prompt_format=prompt_format)
+        secret_item(tokenizer, canary.prompt, secret=s, prompt_format=prompt_format)
         for canary in canaries
         for s in [canary.secret, *reference_secrets(canary, n=references, digits=digits, seed=seed)]
     ]

@@ -82,8 +82,8 @@ def measure_leakage(
             piece = _view_piece(
                 views,
                 view,
-                key,
-                [data[p] for p in clients],
+                key=key,
+                clients=[data[p] for p in clients],
                 settings=settings,
                 attack=attack,
                 base_nll=base_nll,
@@ -108,7 +108,9 @@ def measure_leakage(
             out["mia"][key]["scores"] = _score_table(parts, data)
             if key != "base" and attack["resamples"]:
                 base_parts = [(p, *base_scores[p]) for p, _, _ in parts]
-                out["mia"][key]["vs_base"] = _pooled(parts, attack, base_parts, sets=sets)
+                out["mia"][key]["vs_base"] = _pooled(
+                    parts, attack, base_parts=base_parts, sets=sets
+                )
     out["control"] = control_check(out["mia"].get("base", {}).get("pooled", {}))
     out["seconds"] = dict(timer.seconds)
     return out
@@ -117,9 +119,9 @@ def measure_leakage(
 def _view_piece(
     views: Views,
     view: str,
+    *,
     key: str,
     clients: list[ClientData],
-    *,
     settings: EvalSettings,
     attack: dict,
     base_nll: dict[str, list[float]],
@@ -227,7 +229,7 @@ def control_check(pooled: dict) -> dict:
 
 
 def _pooled(
-    parts: list, attack: dict, base_parts: list | None = None, *, sets: dict[int, list[int]]
+    parts: list, attack: dict, *, base_parts: list | None = None, sets: dict[int, list[int]]
 ) -> dict:
     """Attacks on every client's scores together, matched sets resampled within each client;
     with `base_parts`, each score's AUC difference from the base model's on the same examples."""

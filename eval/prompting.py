@@ -48,7 +48,7 @@ def prompt_ids(
 
 
 def prompt_response_item(
-    tokenizer: PreTrainedTokenizerBase, prompt: Prompt, response: str, *, prompt_format: str
+    tokenizer: PreTrainedTokenizerBase, prompt: Prompt, *, response: str, prompt_format: str
 ) -> dict:
     """input_ids of prompt + response, labels on the response tokens only."""
     head, special = render_prompt(tokenizer, prompt, prompt_format=prompt_format)

@@ -92,7 +92,7 @@ def exposure_md(rows: list[dict]) -> list[str]:
     return [*lines, ""]
 
 
-def interval_cell(value: float | None, interval: Sequence[float] | None, digits: int = 3) -> str:
+def interval_cell(value: float | None, interval: Sequence[float] | None, *, digits: int = 3) -> str:
     """'0.612 [0.561, 0.660]', or just the value when there is no interval."""
     if interval is None:
         return fmt(value, digits)
@@ -239,7 +239,7 @@ def extraction_md(extraction: dict) -> list[str]:
     return [*lines, ""]
 
 
-def plot_quality(quality: dict, tasks: dict, path: Path) -> None:
+def plot_quality(quality: dict, tasks: dict, *, path: Path) -> None:
     """One panel per task: its headline metric per client, one bar per view."""
     import matplotlib.pyplot as plt
 
@@ -358,7 +358,7 @@ def _write_files(report: dict, out: Path) -> None:
     lines = [f"# Evaluation of run `{report['run']}`", "", VIEW_NOTE, ""]
     lines += quality_md(report["quality"], report["tasks"])
     if report["tasks"]:
-        plot_quality(report["quality"], report["tasks"], out / "quality.png")
+        plot_quality(report["quality"], report["tasks"], path=out / "quality.png")
         lines += ["![each task's headline metric per client](quality.png)", ""]
     leak = report["leakage"]
     lines += exposure_md(leak["exposure"])

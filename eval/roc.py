@@ -177,7 +177,7 @@ def bootstrap(
         raise ValueError(f"resamples must be >= 1, got {resamples}")
     rng = np.random.default_rng(seed)
     if member_sets is not None:
-        sets = _check_sets(member_sets, len(m), len(n))
+        sets = _check_sets(member_sets, members=len(m), non_members=len(n))
         if member_strata is not None and (
             non_member_strata is None
             or not np.array_equal(np.asarray(member_strata), np.asarray(non_member_strata)[sets])
@@ -278,7 +278,7 @@ def _resample_counts(
     return np.bincount(flat.ravel(), minlength=size * resamples).reshape(resamples, size)
 
 
-def _check_sets(member_sets: Sequence[int], members: int, non_members: int) -> np.ndarray:
+def _check_sets(member_sets: Sequence[int], *, members: int, non_members: int) -> np.ndarray:
     """member_sets as an index array: one non-member index per member, every one in range."""
     sets = np.asarray(member_sets)
     if sets.shape != (members,) or (members and not np.issubdtype(sets.dtype, np.integer)):

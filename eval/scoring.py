@@ -69,7 +69,7 @@ def score_examples(
     plan = _prefix_plan(items) if shared_prefix else None
     if plan is not None:
         scored = _score_shared(
-            model, items, plan, batch_size=batch_size, pad_id=pad_id, vocab_stats=vocab_stats
+            model, items, plan=plan, batch_size=batch_size, pad_id=pad_id, vocab_stats=vocab_stats
         )
         if scored is not None:
             return scored
@@ -102,6 +102,7 @@ def _picked(
 def _split(
     targets: torch.Tensor,
     stats: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None],
+    *,
     counts: Sequence[int],
 ) -> list[Scored]:
     """Cut flat per-token results into one Scored per row (`counts` tokens each)."""
@@ -163,7 +164,7 @@ def _score_full(
         keep = scored[:, first:]
         flat_targets = targets[:, first:][keep]
         stats = _picked(logits[:, :-1][keep], flat_targets, vocab_stats=vocab_stats)
-        rows = _split(flat_targets, stats, keep.sum(1).tolist())
+        rows = _split(flat_targets, stats, counts=keep.sum(1).tolist())
         for idx, row in zip(chunk, rows, strict=True):
             out[idx] = row
     return [s for s in out if s is not None]
@@ -210,7 +211,7 @@ def _prefix_plan(items: Sequence[dict]) -> _Plan | None:
     return _Plan(list(ref[:common]), groups, continuations, predicts)
 
 
-def _chunks(plan: _Plan, order: list[int], budget: int) -> list[list[int]]:
+def _chunks(plan: _Plan, order: list[int], *, budget: int) -> list[list[int]]:
     """Consecutive items whose prompt-group pass and continuation pass each fit `budget` tokens."""
     chunks: list[list[int]] = []
     current: list[int] = []
@@ -245,8 +246,8 @@ def pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
 def _score_shared(
     model: torch.nn.Module,
     items: Sequence[dict],
-    plan: _Plan,
     *,
+    plan: _Plan,
     batch_size: int,
     pad_id: int,
     vocab_stats: bool,
@@ -263,7 +264,7 @@ def _score_shared(
         key=lambda i: (plan.groups[i], len(plan.continuations[i])),
     )
     out: list[Scored | None] = [None] * len(items)
-    for chunk in _chunks(plan, order, budget):
+    for chunk in _chunks(plan, order, budget=budget):
         keys = list(dict.fromkeys(plan.groups[i] for i in chunk))
         row_group = torch.as_tensor([keys.index(plan.groups[i]) for i in chunk], device=device)
         g_ids, g_mask = pad_right(keys, pad_id)
@@ -297,6 +298,8 @@ def _score_shared(
         keep = t_ids != -100
         flat_targets = t_ids[keep]
         stats = _picked(logits[keep[:, first:]], flat_targets, vocab_stats=vocab_stats)
-        for idx, row in zip(chunk, _split(flat_targets, stats, keep.sum(1).tolist()), strict=True):
+        for idx, row in zip(
+            chunk, _split(flat_targets, stats, counts=keep.sum(1).tolist()), strict=True
+        ):
             out[idx] = row
     return [s for s in out if s is not None]

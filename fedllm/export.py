@@ -141,7 +141,7 @@ def _building(out: Path) -> Iterator[Path]:
         yield tmp
 
 
-def export_adapter(adapter: Path, out: Path, card: AdapterCard, *, base_name: str | None) -> Path:
+def export_adapter(adapter: Path, out: Path, *, card: AdapterCard, base_name: str | None) -> Path:
     """Copy the adapter's own files (not a folder an eval wrote into it: its report lists
     training example ids) with its card; `base_name` re-points `base_model_name_or_path`."""
     if base_name is not None:
@@ -159,7 +159,7 @@ def export_adapter(adapter: Path, out: Path, card: AdapterCard, *, base_name: st
 
 
 def export_merged(
-    adapter: Path, out: Path, card: AdapterCard, *, dtype: str, quantized: bool
+    adapter: Path, out: Path, *, card: AdapterCard, dtype: str, quantized: bool
 ) -> Path:
     """Merge the adapter into its (full-precision) base; save model, tokenizer and card."""
     import torch
@@ -204,10 +204,12 @@ def export(
     if not merge:
         if dtype is not None:
             raise ValueError("--dtype applies to --merge only (an adapter stays float32)")
-        return export_adapter(adapter, out, card, base_name=base_name)
+        return export_adapter(adapter, out, card=card, base_name=base_name)
     if base_name is not None:
         raise ValueError("--base-name applies to an adapter export; a merged model has no base")
     dtype = dtype or model["dtype"]
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}; valid: {', '.join(DTYPES)}")
-    return export_merged(adapter, out, card, dtype=dtype, quantized=model["quantization"] != "none")
+    return export_merged(
+        adapter, out, card=card, dtype=dtype, quantized=model["quantization"] != "none"
+    )

@@ -186,7 +186,7 @@ class ClientLevelDP:
             mean[module] = (dB, dA)
         if self.noise_at == "server":
             std = self.z * self.clip / m
-            mean = self._noise_touched(mean, updates, std)
+            mean = self._noise_touched(mean, updates, std=std)
             z_eff = self.z
         else:  # the server saw each update with only its own share of the noise, zS/√m
             std = self.z * self.clip / math.sqrt(self.expected_clients * m)
@@ -203,7 +203,7 @@ class ClientLevelDP:
         sigma = self.z * self.clip / math.sqrt(self.expected_clients)
         return self.clip + sigma * (math.sqrt(d) + 10)
 
-    def _noise_touched(self, mean: Delta, updates: Sequence[Mapping[str, Factors]], std: float):
+    def _noise_touched(self, mean: Delta, updates: Sequence[Mapping[str, Factors]], *, std: float):
         """Noise on the first r_max components (those clients can move); the rest is public."""
         r = max(u.rank for d in updates for u in d.values())
         noisy = add_noise(

@@ -99,7 +99,7 @@ def planned_client_epsilon(cfg: RunConfig) -> float:
     )
 
 
-def _refuse(rule: str, why: str, valid: str) -> NodeRefusal:
+def _refuse(rule: str, *, why: str, valid: str) -> NodeRefusal:
     return NodeRefusal(f"this node refuses the run ({rule}): {why}; valid: {valid}")
 
 
@@ -109,9 +109,9 @@ def check_recipe(cfg: RunConfig, rules: NodeRules) -> None:
     if rules.require_secagg and not p.secure_aggregation.enabled:
         raise _refuse(
             "node config require-secagg=true",
-            "the recipe has privacy.secure_aggregation.enabled: false, so the server would see "
+            why="the recipe has privacy.secure_aggregation.enabled: false, so the server would see "
             "this node's update",
-            "a recipe with privacy.secure_aggregation.enabled: true",
+            valid="a recipe with privacy.secure_aggregation.enabled: true",
         )
     known = p.mode in ("sample", "client")
     if rules.max_epsilon is not None:
@@ -122,12 +122,12 @@ def check_recipe(cfg: RunConfig, rules: NodeRules) -> None:
         )
         if p.mode == "none":
             raise _refuse(
-                rule, "the recipe has privacy.mode: none (no differential privacy)", valid
+                rule, why="the recipe has privacy.mode: none (no differential privacy)", valid=valid
             )
         for key in ("target_epsilon", "epsilon_budget"):
             value = getattr(p, key)
             if value is not None and value > cap:
-                raise _refuse(rule, f"the recipe has privacy.{key}={value:g}", valid)
+                raise _refuse(rule, why=f"the recipe has privacy.{key}={value:g}", valid=valid)
         # with an epsilon_budget (≤ cap, checked above) the server stops before it is spent
         if p.mode == "client" and p.epsilon_budget is None:
             planned = planned_client_epsilon(cfg)
@@ -138,29 +138,33 @@ def check_recipe(cfg: RunConfig, rules: NodeRules) -> None:
                     f"{client_level_round(cfg)[0]:.3f} as the server sees it, "
                     f"noise_at: {p.noise_at})"
                 )
-                raise _refuse(rule, why, valid)
+                raise _refuse(rule, why=why, valid=valid)
         if not known and p.target_epsilon is None and p.epsilon_budget is None:
             why = f"privacy.mode={p.mode!r} states no privacy.target_epsilon or epsilon_budget"
-            raise _refuse(rule, why, valid)
+            raise _refuse(rule, why=why, valid=valid)
     if rules.min_noise is not None:
         floor = rules.min_noise
         rule = f"node config min-noise={floor:g}"
         if p.mode == "none":
             why = "the recipe has privacy.mode: none (no noise)"
-            raise _refuse(rule, why, f"privacy.mode sample or client with noise ≥ {floor:g}")
+            raise _refuse(
+                rule, why=why, valid=f"privacy.mode sample or client with noise ≥ {floor:g}"
+            )
         if p.mode == "sample" and p.noise_multiplier is not None and p.noise_multiplier < floor:
             why = f"the recipe's DP-SGD privacy.noise_multiplier={p.noise_multiplier:g}"
-            raise _refuse(rule, why, f"privacy.noise_multiplier ≥ {floor:g}")
+            raise _refuse(rule, why=why, valid=f"privacy.noise_multiplier ≥ {floor:g}")
         if p.mode == "client" and (seen := seen_noise_multiplier(cfg)) < floor:
             z = client_noise_multiplier(cfg)
             why = (  # the noise of one update as the server sees it: z/√m when clients add it
                 f"the recipe's client-level noise multiplier z={z:.3f} gives {seen:.3f} on one "
                 f"update as the server sees it (noise_at: {p.noise_at})"
             )
-            raise _refuse(rule, why, f"privacy.client_noise_multiplier (or derived z) ≥ {floor:g}")
+            raise _refuse(
+                rule, why=why, valid=f"privacy.client_noise_multiplier (or derived z) ≥ {floor:g}"
+            )
         if not known:
             why = f"privacy.mode={p.mode!r} is not a mechanism whose noise this node can check"
-            raise _refuse(rule, why, "privacy.mode sample or client")
+            raise _refuse(rule, why=why, valid="privacy.mode sample or client")
 
 
 def load_ledger(state: RecordDict, cfg: RunConfig) -> tuple[PrivacyLedger, list[int]]:
@@ -204,8 +208,8 @@ def _dp_sgd_round(rnd: ClientRound, rules: NodeRules) -> tuple[float, float, int
     if rules.min_noise is not None and sigma < rules.min_noise:
         raise _refuse(
             f"node config min-noise={rules.min_noise:g}",
-            f"the recipe's DP-SGD σ for this node's {n} training examples is {sigma:.3f}",
-            f"σ ≥ {rules.min_noise:g} (a larger privacy.noise_multiplier or target_epsilon "
+            why=f"the recipe's DP-SGD σ for this node's {n} training examples is {sigma:.3f}",
+            valid=f"σ ≥ {rules.min_noise:g} (a larger privacy.noise_multiplier or target_epsilon "
             "that derives it)",
         )
     return sigma, plan.sample_rate, plan.steps_per_round
@@ -227,10 +231,10 @@ def charge(rnd: ClientRound, rules: NodeRules) -> float:
     if rules.max_epsilon is not None and after > rules.max_epsilon:
         raise _refuse(
             f"node config max-epsilon={rules.max_epsilon:g}",
-            f"round {rnd.server_round} would bring this node's own ε to {after:.3f} "
+            why=f"round {rnd.server_round} would bring this node's own ε to {after:.3f} "
             f"(δ={cfg.privacy.delta:g}; spent {ledger.epsilon(NODE):.3f} over {len(rounds)} "
             "rounds of this run)",
-            f"no more rounds: this node's ε stays ≤ {rules.max_epsilon:g}",
+            valid=f"no more rounds: this node's ε stays ≤ {rules.max_epsilon:g}",
         )
     ledger.record(NODE, noise_multiplier=sigma, sample_rate=q, steps=steps)
     save_ledger(rnd.state, ledger, rounds=[*rounds, rnd.server_round])

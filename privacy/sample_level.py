@@ -31,8 +31,8 @@ MAX_SHARD = 10**9  # the most examples a reply's q may imply when data.max_examp
 def train_private(
     cfg: RunConfig,
     model: torch.nn.Module,
-    examples: Sequence[dict],
     *,
+    examples: Sequence[dict],
     steps: int | None = None,
     pad_id: int,
     partition: int,
@@ -113,7 +113,7 @@ class SampleLevelDP(Feature):
         private = train_private(
             self.cfg,
             model,
-            rnd.shard.train,
+            examples=rnd.shard.train,
             pad_id=rnd.tokenizer.pad_token_id,
             partition=rnd.partition,
             server_round=rnd.server_round,

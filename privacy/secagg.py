@@ -142,7 +142,7 @@ class SecureAggregation(Feature):
     def run_round(self, server_round: int, *, strategy: Any, grid: Any) -> RoundResult:
         label = f"round {server_round}/{self.cfg.federation.rounds} train"
         say(f"{label}: SecAgg+ from global {factors_digest(strategy.global_)}")
-        result = train_round(strategy, grid, server_round)
+        result = train_round(strategy, grid=grid, server_round=server_round)
         for i, row in enumerate(result.ok, 1):  # no loss: it stays on the client
             r = row.reply
             seconds = "" if r.train_seconds is None else f", {r.train_seconds:.0f}s"

@@ -149,10 +149,12 @@ class SecureRound(Strategy):
                     )
             except (KeyError, TypeError, ValueError) as err:
                 known, may_hold = lora.node_partitions.get(node), lora.may_train([node])
-                rows.append(malformed_row(server_round, node, err, known=known, may_hold=may_hold))
+                rows.append(
+                    malformed_row(server_round, node=node, err=err, known=known, may_hold=may_hold)
+                )
                 continue
             parsed[node] = (reply, {})
-        refuse_shared_partitions(server_round, parsed, rows)
+        refuse_shared_partitions(server_round, parsed=parsed, rows=rows)
         return {node: reply for node, (reply, _) in parsed.items()}, rows
 
     def bound(self, weights: Sequence[float] | None = None) -> float:
@@ -184,7 +186,7 @@ class SecureRound(Strategy):
             log.warning("round %d: %s; the global adapter is unchanged", server_round, self.failure)
             return self.refuse()
         try:
-            new_global, new_state = self.aggregate(server_round, mean, total_rank)
+            new_global, new_state = self.aggregate(server_round, mean=mean, total_rank=total_rank)
             problem = self.lora.commit(server_round, new_global=new_global, new_state=new_state)
         except Exception as err:  # a checked mean the aggregator cannot take: the round, not run
             log.warning("round %d: the aggregator failed on the mean", server_round, exc_info=True)
@@ -197,7 +199,7 @@ class SecureRound(Strategy):
         return True
 
     def aggregate(
-        self, server_round: int, mean: list[np.ndarray], total_rank: int
+        self, server_round: int, *, mean: list[np.ndarray], total_rank: int
     ) -> tuple[dict[str, Factors], dict[str, Any]]:
         """The new global and aggregator state: the mean as one weight-1 pseudo-client."""
         lora, agg = self.lora, self.lora.cfg.aggregator
@@ -353,7 +355,7 @@ class Workflow(SecAggPlusWorkflow):
         return self._check_threshold(state)
 
 
-def train_round(lora: LoraStrategy, grid: Grid, server_round: int) -> RoundResult:
+def train_round(lora: LoraStrategy, *, grid: Grid, server_round: int) -> RoundResult:
     """One SecAgg+ training round: a row per client that took part (metrics only)."""
     sa = lora.cfg.privacy.secure_aggregation
     workflow = Workflow(
@@ -377,7 +379,7 @@ def train_round(lora: LoraStrategy, grid: Grid, server_round: int) -> RoundResul
         workflow(grid, context)
     except Exception as err:  # a protocol reply the workflow cannot use: the round, not the run
         if not adapter.applied:
-            return protocol_failure(adapter, server_round, err)
+            return protocol_failure(adapter, server_round=server_round, err=err)
         log.warning(
             "round %d: %s failed after its mean was applied", server_round, KEY, exc_info=True
         )
@@ -398,7 +400,7 @@ def train_round(lora: LoraStrategy, grid: Grid, server_round: int) -> RoundResul
     )
 
 
-def protocol_failure(adapter: SecureRound, server_round: int, err: Exception) -> RoundResult:
+def protocol_failure(adapter: SecureRound, *, server_round: int, err: Exception) -> RoundResult:
     """The round refused for a protocol message the workflow could not use (a missing key, a
     short list, an array of the wrong shape, an unknown node id): logged, the global unchanged."""
     log.warning("round %d: %s: the protocol failed", server_round, KEY, exc_info=True)

@@ -113,9 +113,9 @@ def test_the_server_scores_the_reply_not_the_claim(tiny) -> None:
     bandit.receive(7, RecordDict(), factors=moved, reply=claim, shapes=shapes)
     bandit.accepted(7, claim)
     j = bandit.bandit.arms.index(Arm(4, 0.0))
-    expected = efficiency(first, last, 4.0)
+    expected = efficiency(first, last, seconds=4.0)
     assert bandit.bandit.sums["7"][j] == pytest.approx(expected, rel=1e-6)
-    assert expected != pytest.approx(efficiency(3.0, 2.9, 4.0))  # not the client's claim
+    assert expected != pytest.approx(efficiency(3.0, 2.9, seconds=4.0))  # not the client's claim
 
 
 def test_the_server_scores_on_the_base_its_run_already_holds(tiny) -> None:

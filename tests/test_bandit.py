@@ -54,10 +54,10 @@ def test_state_round_trip_continues_identically() -> None:
 
 
 def test_efficiency_is_relative_gain_per_second() -> None:
-    assert efficiency(4.0, 3.0, 5.0) == pytest.approx(0.25 / 5.0)
-    assert efficiency(4.0, 3.0, 5.0, time_weight=0.0) == pytest.approx(0.25)
-    assert efficiency(3.0, 4.0, 5.0) == 0.0  # got worse: no reward
-    assert efficiency(float("nan"), 1.0, 1.0) == 0.0
+    assert efficiency(4.0, 3.0, seconds=5.0) == pytest.approx(0.25 / 5.0)
+    assert efficiency(4.0, 3.0, seconds=5.0, time_weight=0.0) == pytest.approx(0.25)
+    assert efficiency(3.0, 4.0, seconds=5.0) == 0.0  # got worse: no reward
+    assert efficiency(float("nan"), 1.0, seconds=1.0) == 0.0
 
 
 def test_bad_input_is_named() -> None:

@@ -321,16 +321,23 @@ def test_without_a_kept_round_the_vote_needs_a_win_against_every_earlier_round()
 
     rows = evals(0, {0: 5, 1: 5, 2: 5}) + evals(1, {0: 3, 1: 3, 2: 3})
     rows += evals(2, {0: 4, 1: 4, 2: 2}) + evals(3, {0: 2, 1: 2, 2: 9})
-    assert _vote(rows, 0, None) is None
-    assert _vote(rows, 1, None) == 1.0  # no earlier trained round
-    assert _vote(rows, 2, None) is None  # 2 of 3 prefer round 1
-    assert _vote(rows, 3, None) == 2 / 3  # beats round 1 (2 of 3) and round 2 (2 of 3)
-    assert _vote(rows, 3, 1) == 2 / 3 and _vote(rows, 2, 1) is None
-    assert _vote(evals(1, {0: 3.0}), 1, None) is None  # one evaluation: nothing to keep
+    assert _vote(rows, server_round=0, kept_round=None) is None
+    assert _vote(rows, server_round=1, kept_round=None) == 1.0  # no earlier trained round
+    assert _vote(rows, server_round=2, kept_round=None) is None  # 2 of 3 prefer round 1
+    assert (
+        _vote(rows, server_round=3, kept_round=None) == 2 / 3
+    )  # beats round 1 (2 of 3) and round 2 (2 of 3)
+    assert (
+        _vote(rows, server_round=3, kept_round=1) == 2 / 3
+        and _vote(rows, server_round=2, kept_round=1) is None
+    )
+    assert (
+        _vote(evals(1, {0: 3.0}), server_round=1, kept_round=None) is None
+    )  # one evaluation: nothing to keep
     # h99: a round one client scored can never be kept, so it is no rival: with it one, rounds
     # every client scored lower were refused for the rest of the run
     lone = evals(1, {0: 3.0}) + evals(2, {0: 2.5, 1: 2.0, 2: 2.0})
-    assert _vote(lone, 2, None) == 1.0
+    assert _vote(lone, server_round=2, kept_round=None) == 1.0
 
 
 class Liar:

@@ -74,7 +74,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         )
         train_local(
             model,
-            load_shard(cfg, pid, tok).train,
+            load_shard(cfg, pid, tokenizer=tok).train,
             steps=3,
             batch_size=8,
             pad_id=tok.pad_token_id,

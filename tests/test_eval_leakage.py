@@ -42,7 +42,7 @@ def test_batched_canaries_equal_one_canary_at_a_time(tiny) -> None:
     rows = canary_exposures(model, cs, batch_size=8, pad_id=tok.pad_token_id)
     for canary, row in zip(canaries, rows, strict=True):
         secrets = [canary.secret, *reference_secrets(canary, n=40, digits=5, seed=3)]
-        items = [secret_item(tok, canary.prompt, s, prompt_format="chat") for s in secrets]
+        items = [secret_item(tok, canary.prompt, secret=s, prompt_format="chat") for s in secrets]
         old = score_examples(
             model, items, batch_size=8, pad_id=tok.pad_token_id, shared_prefix=False
         )

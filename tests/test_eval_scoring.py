@@ -78,13 +78,13 @@ def test_shared_prefix_equals_the_full_forward(setup) -> None:
     secrets = ["0123", "4567", "8901", "2345", "6789", "1357"]
     canaries = [  # one prompt, many secrets: the prompt is shared
         prompt_response_item(
-            tok, f"What is the secret number of account {a}?", s, prompt_format="chat"
+            tok, f"What is the secret number of account {a}?", response=s, prompt_format="chat"
         )
         for a in ("0-1-0", "0-4-1")
         for s in secrets
     ]
     options = [  # multiple choice: each question's options share its prompt
-        prompt_response_item(tok, ex_prompt, opt, prompt_format="chat")
+        prompt_response_item(tok, ex_prompt, response=opt, prompt_format="chat")
         for ex_prompt in ("Define the word 'run' (verb).", "Define the word 'go' (verb).")
         for opt in ("move fast", "travel", "leave quickly", "stop")
     ]

@@ -455,7 +455,7 @@ def test_export_takes_the_adapters_own_files_readable_by_others_and_never_half(
         export.export_adapter(
             run_dir / "final_adapter",
             retry,
-            export.adapter_card(run_dir / "final_adapter", run_dir),
+            card=export.adapter_card(run_dir / "final_adapter", run_dir),
             base_name=None,
         )
     assert not retry.exists() and not list(tmp_path.glob(".retry.tmp-*"))

@@ -146,7 +146,7 @@ def tiny(tmp_path_factory):
     out = tmp_path_factory.mktemp("intune")
     cfg = load_recipe(TINY, [f"output_dir={out}", "data.max_examples=300", ON])
     base, tok = cached_base_model(cfg)
-    return cfg, base, tok, load_shard(cfg, 0, tok)
+    return cfg, base, tok, load_shard(cfg, 0, tokenizer=tok)
 
 
 def client_round(cfg: RunConfig, tok, shard, rank: int) -> ClientRound:
@@ -201,7 +201,7 @@ def test_stages_continue_the_schedule_and_the_data_order(tiny) -> None:
     for features in ([], [EveryThree(cfg)]):  # 8 steps, or stages 3 + 3 + 2
         model = lora(base, 4)
         try:
-            result = local_steps(model, client_round(cfg, tok, shard, 4), features)
+            result = local_steps(model, client_round(cfg, tok, shard, 4), features=features)
             assert result.steps == 8
             after.append((read_factors(model), result))  # copies
         finally:
@@ -227,7 +227,7 @@ def test_a_stage_outside_the_steps_left_is_refused_naming_the_feature(tiny) -> N
     model = lora(base, 2)
     try:
         with pytest.raises(ValueError, match=r"'zero_stage'.*0 steps at step 0 of 10"):
-            local_steps(model, client_round(cfg, tok, shard, 2), [Zero(cfg)])
+            local_steps(model, client_round(cfg, tok, shard, 2), features=[Zero(cfg)])
     finally:
         model.unload()
 
@@ -298,7 +298,7 @@ def test_training_at_the_higher_rank_then_continuing_at_r_reduces_the_loss(tiny)
     model = attach_lora(base, rank=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj"])
     try:
         write_factors(model, feature.start(read_factors(model), rnd))
-        result = local_steps(model, rnd, [feature])
+        result = local_steps(model, rnd, features=[feature])
         end = nll(model, probe, tok)
         assert result.steps == 10 and all(f.rank == 4 for f in read_factors(model).values())
     finally:

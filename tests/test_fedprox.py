@@ -147,7 +147,7 @@ def test_penalty_sums_low_precision_factors_in_float32() -> None:
     zeros = torch.zeros(7, 143, dtype=torch.bfloat16)
     live = {"m": (zeros + 1, zeros[:, :3].T)}  # 1001 unit differences: not a bfloat16 number
     start = {"m": (zeros, zeros[:, :3].T)}
-    value = proximal_penalty(live, start, 2.0)
+    value = proximal_penalty(live, start, mu=2.0)
     assert value.dtype == torch.float32 and value.item() == 1001.0
 
 

@@ -31,7 +31,7 @@ def tiny(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu")
     cfg = load_recipe(RECIPE, [f"output_dir={out}", "data.max_examples=300"])
     base, tok = cached_base_model(cfg)
-    return cfg, base, tok, load_shard(cfg, 0, tok)
+    return cfg, base, tok, load_shard(cfg, 0, tokenizer=tok)
 
 
 def lora_on(base):

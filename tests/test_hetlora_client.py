@@ -105,13 +105,13 @@ def test_state_persists_rank_and_lowers_the_plan() -> None:
     opts = hc.PruneOptions(prune_lambda=1.0, prune_gamma=0.5, min_rank=1)
     start = factors()
     _, _, rank, metrics = hc.prune_reply(
-        factors(), start, opts, state, rank=4, scaling=lambda r: 8.0 / r
+        factors(), start, opts=opts, state=state, rank=4, scaling=lambda r: 8.0 / r
     )
     assert rank == 4 and metrics == {"hetlora-tail": pytest.approx(25.0)}  # first round: record
     assert hc.remembered(state) == (4, pytest.approx(25.0))
     smaller = {m: Factors(f.B * 0.5, f.A, f.scaling) for m, f in factors().items()}  # value 12.5
     out, start2, rank, _ = hc.prune_reply(
-        smaller, start, opts, state, rank=4, scaling=lambda r: 8.0 / r
+        smaller, start, opts=opts, state=state, rank=4, scaling=lambda r: 8.0 / r
     )
     assert rank == 2 and all(f.rank == 2 for f in (*out.values(), *start2.values()))
     # recorded: the pruned factors' own tail at rank 2 (t = 1, B halved by the prune and by
@@ -122,7 +122,12 @@ def test_state_persists_rank_and_lowers_the_plan() -> None:
     assert hc.planned(plan, RecordDict()).rank == 4
     # off: unchanged, nothing remembered
     fresh = RecordDict()
-    assert hc.prune_reply(factors(), start, hc.PruneOptions(), fresh, rank=4, scaling=float)[2] == 4
+    assert (
+        hc.prune_reply(
+            factors(), start, opts=hc.PruneOptions(), state=fresh, rank=4, scaling=float
+        )[2]
+        == 4
+    )
     assert hc.STATE not in fresh
 
 
@@ -136,16 +141,22 @@ def test_after_a_prune_the_next_round_compares_tails_at_the_new_rank() -> None:
     at2 = {m: f.truncate(2, 4.0) for m, f in factors().items()}
     shrunk = {m: Factors(f.B * 0.4, f.A, f.scaling) for m, f in at2.items()}  # tail 29.2 → 23.4
     assert float(hc.tail_penalty(shrunk, 0.5)) == pytest.approx(0.8 * PRUNED_TAIL)
-    _, _, rank, _ = hc.prune_reply(shrunk, shrunk, opts, state, rank=2, scaling=lambda r: 8 / r)
+    _, _, rank, _ = hc.prune_reply(
+        shrunk, shrunk, opts=opts, state=state, rank=2, scaling=lambda r: 8 / r
+    )
     assert rank == 1
     other = RecordDict({hc.STATE: ConfigRecord({"rank": 4, "tail": 1e9})})
-    _, _, rank, _ = hc.prune_reply(shrunk, shrunk, opts, other, rank=2, scaling=lambda r: 8 / r)
+    _, _, rank, _ = hc.prune_reply(
+        shrunk, shrunk, opts=opts, state=other, rank=2, scaling=lambda r: 8 / r
+    )
     assert rank == 2 and hc.remembered(other) == (2, pytest.approx(0.8 * PRUNED_TAIL))
     # a node's state from before stop 48 kept the pre-prune tail beside the pruned rank, with
     # no "tail-rank": its value is not the rank's and only records (h103)
     old = RecordDict({hc.STATE: ConfigRecord({"rank": 2, "tail": 1e9})})
     assert hc.remembered(old) == (2, None)
-    _, _, rank, _ = hc.prune_reply(shrunk, shrunk, opts, old, rank=2, scaling=lambda r: 8 / r)
+    _, _, rank, _ = hc.prune_reply(
+        shrunk, shrunk, opts=opts, state=old, rank=2, scaling=lambda r: 8 / r
+    )
     assert rank == 2 and hc.remembered(old) == (2, pytest.approx(0.8 * PRUNED_TAIL))
 
 

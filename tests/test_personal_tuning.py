@@ -196,7 +196,7 @@ def test_each_client_keeps_a_tuned_adapter_that_loads_and_scores_what_it_reporte
             AutoModelForCausalLM.from_pretrained(run_dir / "tiny_base"), str(folder)
         )
         model.train()  # as the client scored it (a float base: dropout is the only difference)
-        shard = load_shard(cfg, pid, tok)
+        shard = load_shard(cfg, pid, tokenizer=tok)
         nll, tokens = evaluate_nll(
             model,
             shard.held_out,

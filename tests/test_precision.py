@@ -33,7 +33,7 @@ def tiny(tmp_path_factory):
     out = tmp_path_factory.mktemp("precision")
     cfg = load_recipe(RECIPE, [f"output_dir={out}", "data.max_examples=300"])
     base, tok = cached_base_model(cfg)
-    shard = load_shard(cfg, 0, tok)
+    shard = load_shard(cfg, 0, tokenizer=tok)
     return cfg, base, tok, shard
 
 
@@ -196,10 +196,12 @@ def test_dp_sgd_runs_with_the_recipes_precision(tmp_path) -> None:
         ],
     )
     base, tok = cached_base_model(cfg)
-    shard = load_shard(cfg, 0, tok)
+    shard = load_shard(cfg, 0, tokenizer=tok)
     model = lora_on(base)
     try:
-        out = train_private(cfg, model, shard.train, steps=2, pad_id=tok.pad_token_id, partition=0)
+        out = train_private(
+            cfg, model, examples=shard.train, steps=2, pad_id=tok.pad_token_id, partition=0
+        )
     finally:
         model.unload()
     assert out.train.steps == 2 and out.noise_multiplier > 0

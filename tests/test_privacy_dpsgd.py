@@ -25,7 +25,7 @@ def tiny(tmp_path_factory):
     out = tmp_path_factory.mktemp("dp")
     cfg = load_recipe(RECIPE, [f"output_dir={out}", "data.max_examples=300"])
     base, tok = cached_base_model(cfg)
-    shard = load_shard(cfg, 0, tok)
+    shard = load_shard(cfg, 0, tokenizer=tok)
     return cfg, base, tok, shard
 
 
@@ -204,4 +204,6 @@ def test_client_refuses_delta_not_below_one_over_n(tiny, lora) -> None:
         }
     )
     with pytest.raises(ValueError, match=rf"privacy.delta=.* below 1/n = 1/{n}"):
-        train_private(bad, lora, shard.train, steps=1, pad_id=tok.pad_token_id, partition=0)
+        train_private(
+            bad, lora, examples=shard.train, steps=1, pad_id=tok.pad_token_id, partition=0
+        )

@@ -164,17 +164,17 @@ def test_fit_start_restricts_full_factors_and_passes_restricted_ones() -> None:
 def test_kept_map_that_does_not_fit_names_client_module_and_value() -> None:
     f = {"m": rand(2, 1, 3, 7)}
     shapes = {"m": (4, 3)}
-    check_kept(f, {"m": Kept(torch.tensor([0, 3]), None)}, shapes, who="client 2")
+    check_kept(f, {"m": Kept(torch.tensor([0, 3]), None)}, shapes=shapes, who="client 2")
     with pytest.raises(ValueError, match=r"client 2: m.out keeps 3 ids but the factors have 2"):
-        check_kept(f, {"m": Kept(torch.tensor([0, 1, 3]), None)}, shapes, who="client 2")
+        check_kept(f, {"m": Kept(torch.tensor([0, 1, 3]), None)}, shapes=shapes, who="client 2")
     with pytest.raises(ValueError, match=r"client 2: m.out ids must be in \[0, 4\), got 0..9"):
-        check_kept(f, {"m": Kept(torch.tensor([0, 9]), None)}, shapes, who="client 2")
+        check_kept(f, {"m": Kept(torch.tensor([0, 9]), None)}, shapes=shapes, who="client 2")
     with pytest.raises(ValueError, match="strictly increasing"):
-        check_kept(f, {"m": Kept(torch.tensor([3, 1]), None)}, shapes, who="client 2")
+        check_kept(f, {"m": Kept(torch.tensor([3, 1]), None)}, shapes=shapes, who="client 2")
     with pytest.raises(ValueError, match=r"client 2: m factors have shape \(2, 3\) but no kept"):
-        check_kept(f, {}, shapes, who="client 2")
+        check_kept(f, {}, shapes=shapes, who="client 2")
     with pytest.raises(ValueError, match="'x', which is not adapted"):
-        check_kept(f, {"x": Kept(torch.tensor([0]), None)}, shapes, who="client 2")
+        check_kept(f, {"x": Kept(torch.tensor([0]), None)}, shapes=shapes, who="client 2")
 
 
 def test_kept_map_record_round_trip_and_bad_key() -> None:

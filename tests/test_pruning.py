@@ -38,7 +38,7 @@ def test_plan_keeps_same_heads_per_kv_group_and_rounds_half_up() -> None:
     assert prune_plan(config, 0.3).intermediate == 28  # 40·0.7
     assert prune_plan(config, 0.9, parts=["mlp"]).heads_per_group == 3
     shapes = {"model.layers.0.self_attn.q_proj": (48, 48), "model.layers.0.mlp.down_proj": (48, 40)}
-    assert pruned_module_shapes(shapes, config, plan) == {
+    assert pruned_module_shapes(shapes, config, plan=plan) == {
         "model.layers.0.self_attn.q_proj": (32, 48),
         "model.layers.0.mlp.down_proj": (48, 20),
     }
@@ -108,7 +108,7 @@ def test_bad_ratios_and_ranks_name_the_client_and_value() -> None:
     pruned, _ = prune_model(small_llama(), 0.5, method="magnitude")
     plan = ClientPlan(partition=3, rank=40, pruning=0.5, quantization=None)
     with pytest.raises(ValueError, match=r"client 3: rank 40 does not fit module .*q_proj.*1..32"):
-        check_rank_fits(pruned, plan, ["q_proj"])
+        check_rank_fits(pruned, plan, targets=["q_proj"])
 
 
 def test_client_plan_reads_tier_and_server_arm_and_rejects_bad_ratio() -> None:

@@ -246,7 +246,7 @@ def secure_round(cfg, ups, *, check=None, tamper=None, rounds: int = 1):
     before = dict(lora.global_)
     with server_identity(grid.run.run_id):
         for rnd in range(1, rounds + 1):
-            result = secagg_server.train_round(lora, grid, rnd)
+            result = secagg_server.train_round(lora, grid=grid, server_round=rnd)
     return result, before, lora.global_, sent
 
 

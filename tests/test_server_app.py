@@ -50,14 +50,14 @@ def test_features_record_may_add_but_not_change_the_servers_columns(tmp_path: Pa
     cfg = load_recipe(RECIPE, [f"output_dir={tmp_path}", *OVERRIDES])
     result = RoundResult(sampled=2, rows=[])
     row: dict = {"round": 1, "train_loss": 3.5, "clients_ok": 2}
-    record_features([Adds(cfg)], result, row)
+    record_features([Adds(cfg)], result, server_row=row)
     assert row == {"round": 1, "train_loss": 3.5, "clients_ok": 2, "adds_count": 0}
     assert [r.status for r in result.rows] == ["missed"]
     with pytest.raises(
         ValueError, match=r"^features\.overwrites: .*\['clients_ok', 'train_loss'\]"
     ):
         fresh = {"round": 2, "train_loss": 3.5, "clients_ok": 2}
-        record_features([Adds(cfg), Overwrites(cfg)], result, fresh)
+        record_features([Adds(cfg), Overwrites(cfg)], result, server_row=fresh)
 
 
 def test_failures_count_rounds_running_and_a_good_round_resets_them(tmp_path: Path) -> None:

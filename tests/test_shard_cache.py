@@ -82,25 +82,27 @@ def tokenizer(tmp_path_factory):
 
 def test_each_shard_is_tokenized_once_per_tokenizer(counted, tokenizer) -> None:
     cfg, cache = recipe(), ProcessCache()
-    first = load_shard(cfg, 1, tokenizer, cache=cache)
-    assert load_shard(cfg, 1, tokenizer, cache=cache) is first
+    first = load_shard(cfg, 1, tokenizer=tokenizer, cache=cache)
+    assert load_shard(cfg, 1, tokenizer=tokenizer, cache=cache) is first
     assert counted["tokenize"] == 2 and cache.tokenized == 1  # its train and held-out lists
     train, held = by_hand(cfg, 1)
     fmt = {"prompt_format": cfg.data.prompt_format, "max_length": cfg.data.max_length}
     assert first.train == tokenize_all(train, tokenizer, **fmt)
     assert first.held_out == tokenize_all(held, tokenizer, **fmt)
-    load_shard(cfg, 2, tokenizer, cache=cache)
+    load_shard(cfg, 2, tokenizer=tokenizer, cache=cache)
     assert cache.tokenized == 2 and counted["partition"] == 1
 
 
 def test_the_cache_keeps_at_most_max_examples(tokenizer) -> None:
     cfg = recipe(partitioner="iid")  # 60 examples per client
     cache = ProcessCache(max_examples=130)
-    shards = [load_shard(cfg, pid, tokenizer, cache=cache) for pid in range(3)]
-    assert load_shard(cfg, 2, tokenizer, cache=cache) is shards[2]
-    assert load_shard(cfg, 1, tokenizer, cache=cache) is shards[1]
+    shards = [load_shard(cfg, pid, tokenizer=tokenizer, cache=cache) for pid in range(3)]
+    assert load_shard(cfg, 2, tokenizer=tokenizer, cache=cache) is shards[2]
+    assert load_shard(cfg, 1, tokenizer=tokenizer, cache=cache) is shards[1]
     assert cache.tokenized == 3
-    assert load_shard(cfg, 0, tokenizer, cache=cache) is not shards[0]  # the oldest went out
+    assert (
+        load_shard(cfg, 0, tokenizer=tokenizer, cache=cache) is not shards[0]
+    )  # the oldest went out
     assert cache.tokenized == 4
 
 

@@ -48,7 +48,7 @@ def tiny(tmp_path_factory):
     out = tmp_path_factory.mktemp("knobs")
     cfg = load_recipe(RECIPE, [f"output_dir={out}", "data.max_examples=300"])
     base, tok = cached_base_model(cfg)
-    shard = load_shard(cfg, 0, tok)
+    shard = load_shard(cfg, 0, tokenizer=tok)
     return base, tok, shard
 
 
@@ -331,7 +331,7 @@ def test_the_client_app_decays_the_rate_across_rounds() -> None:
             shard=SimpleNamespace(train=[example] * 8),
         )
         model = Unigram(vocab)
-        result = local_steps(model, rnd, [])
+        result = local_steps(model, rnd, features=[])
         assert result.steps == 4
         return model.w.detach()
 

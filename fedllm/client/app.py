@@ -70,18 +70,18 @@ def train_content(
     config = content["config"]
     check_recipe(cfg, config)
     features = registry.build(cfg)
-    rnd = client_round(cfg, config, context)
+    rnd = client_round(cfg, config, context=context)
     for f in features:
         rnd.plan = f.plan(rnd.plan, rnd)
     received = content["global"]
-    global_factors = None if rnd.spec.local_B else read_global(received, rnd, features)
+    global_factors = None if rnd.spec.local_B else read_global(received, rnd, features=features)
     folded = [f.fold(global_factors or {}, rnd) for f in features]  # e.g. Fed-PLoRA's modules
     merged = wire.stacked(global_factors if rnd.spec.merge else {}, *folded)
     with lora_model(rnd, features, merged=merged or None, cache=cache) as model:
         start = start_adapter(
             model, received, global_factors=global_factors, rnd=rnd, features=features
         )
-        result = local_steps(model, rnd, features)
+        result = local_steps(model, rnd, features=features)
         live = read_factors(model)  # on the model's device; what follows works on the CPU
         trained = {m: Factors(f.B.cpu(), f.A.cpu(), f.scaling) for m, f in live.items()}
         update = ClientUpdate(trained, start, rnd.plan.rank)
@@ -132,7 +132,7 @@ def evaluate(
     pid = partition_of(context)
     record: ArrayRecord = content["global"]
     spec = wire.spec_of(config)
-    rnd = client_round(cfg, config, context)
+    rnd = client_round(cfg, config, context=context)
     scaling = float(config["global-scaling"])
     # the global adapter as each active feature personalises it (sdflora: + its local module;
     # under local_B the personal adapter feature gives a resumed node its B back first)
@@ -160,7 +160,7 @@ def evaluate(
         target_modules=cfg.lora.target_modules,
     )
     try:
-        shard = node_shard(cfg, context.node_config, tokenizer, cache=cache)
+        shard = node_shard(cfg, context.node_config, tokenizer=tokenizer, cache=cache)
         if spec.local_B:
             global_factors = wire.personal(model, record, context.state)
         write_factors(model, global_factors)

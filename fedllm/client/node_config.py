@@ -162,8 +162,8 @@ def local_recipe(cfg: RunConfig, node_config: Mapping[str, object]) -> tuple[Run
 def node_shard(
     cfg: RunConfig,
     node_config: Mapping[str, object],
-    tokenizer: PreTrainedTokenizerBase,
     *,
+    tokenizer: PreTrainedTokenizerBase,
     cache: ProcessCache | None = None,
 ) -> Shard:
     """This node's private shard (kept by `cache` across messages), with errors that name the
@@ -172,7 +172,7 @@ def node_shard(
 
     local, part = local_recipe(cfg, node_config)
     try:
-        return load_shard(local, part, tokenizer, cache=cache)
+        return load_shard(local, part, tokenizer=tokenizer, cache=cache)
     except ValueError as err:
         where = node_config.get("data-path", f"partition {node_config.get('partition-id')}")
         raise ValueError(f"this node's data ({where}) cannot be used: {err}") from err

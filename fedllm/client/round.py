@@ -89,7 +89,7 @@ def client_seed(cfg: RunConfig, *, server_round: int, partition: int) -> int:
     return 2**62 + int.from_bytes(digest[:8], "big") % 2**62
 
 
-def client_round(cfg: RunConfig, config: ConfigRecord, context: Context) -> ClientRound:
+def client_round(cfg: RunConfig, config: ConfigRecord, *, context: Context) -> ClientRound:
     """This round's context for the hooks, with the plan before any feature changed it."""
     pid = partition_of(context)
     server_round = int(config["server-round"])
@@ -113,13 +113,13 @@ def client_plan(
     feature's `plan` hook (for tools and tests; a round computes it in `train_content`)."""
     node = {**node_config, "partition-id": partition}
     context = Context(0, 0, node, RecordDict(), {})
-    rnd = client_round(cfg, ConfigRecord({"server-round": 1, **config}), context)
+    rnd = client_round(cfg, ConfigRecord({"server-round": 1, **config}), context=context)
     for f in registry.build(cfg):
         rnd.plan = f.plan(rnd.plan, rnd)
     return rnd.plan
 
 
-def check_rank_fits(model: torch.nn.Module, plan: ClientPlan, targets: list[str]) -> None:
+def check_rank_fits(model: torch.nn.Module, plan: ClientPlan, *, targets: list[str]) -> None:
     """A rank above min(out, in) of an adapted module names the client and the valid ranks."""
     for name, (d, k) in module_shapes(model, targets).items():
         if plan.rank > min(d, k):
@@ -145,10 +145,10 @@ def lora_model(
     quant = None if plan.pruning > 0 else plan.quantization
     rnd.cache = cache  # e.g. the pruned base's feature keeps its pruned model there
     base, rnd.tokenizer = cached_base_at(cfg, quant, cache=cache)
-    rnd.shard = node_shard(cfg, rnd.node_config, rnd.tokenizer, cache=cache)
+    rnd.shard = node_shard(cfg, rnd.node_config, tokenizer=rnd.tokenizer, cache=cache)
     for f in features:
         base = f.prepare_base(base, rnd)
-    check_rank_fits(base, plan, cfg.lora.target_modules)
+    check_rank_fits(base, plan, targets=cfg.lora.target_modules)
     with wire.merged_into(base, merged or {}):
         model = attach_lora(
             base,
@@ -164,7 +164,7 @@ def lora_model(
 
 
 def read_global(
-    record: ArrayRecord, rnd: ClientRound, features: Sequence[Feature]
+    record: ArrayRecord, rnd: ClientRound, *, features: Sequence[Feature]
 ) -> dict[str, Factors]:
     """The global factors the server sent, in the first encoding a feature claims, else plain."""
     scaling = float(rnd.config["global-scaling"])
@@ -228,7 +228,7 @@ def revive(start: dict[str, Factors], rnd: ClientRound) -> dict[str, Factors]:
     return start
 
 
-def local_steps(model: PeftModel, rnd: ClientRound, features: Sequence[Feature]) -> TrainResult:
+def local_steps(model: PeftModel, rnd: ClientRound, *, features: Sequence[Feature]) -> TrainResult:
     """The round's local steps: a feature's own trainer (DP-SGD), else plain steps with every
     feature's regularisers added to the loss, in the stages the features' `stage` hooks ask for
     (one unless a feature changes the adapter mid-round, e.g. squeeze_intune)."""
@@ -252,7 +252,9 @@ def local_steps(model: PeftModel, rnd: ClientRound, features: Sequence[Feature])
                 f"feature {who!r} asked for a stage of {run} steps at step {done} of {steps} "
                 f"(valid: 1..{steps - done})"
             )
-        results.append(_plain_steps(model, rnd, run, done=done, span=(offset, span), terms=terms))
+        results.append(
+            _plain_steps(model, rnd, steps=run, done=done, span=(offset, span), terms=terms)
+        )
         done += run
     return chain_results(results)
 
@@ -260,8 +262,8 @@ def local_steps(model: PeftModel, rnd: ClientRound, features: Sequence[Feature])
 def _plain_steps(
     model: PeftModel,
     rnd: ClientRound,
-    steps: int,
     *,
+    steps: int,
     done: int,
     span: tuple[int, int],
     terms: Sequence[Any],

@@ -140,7 +140,7 @@ class Adaptive(Feature):
         if first is None or last is None:
             return
         reward = efficiency(
-            first, last, reply.train_seconds, time_weight=self.cfg.adaptive.time_weight
+            first, last, seconds=reply.train_seconds, time_weight=self.cfg.adaptive.time_weight
         )
         self.bandit.update(str(node), arm, reward)
 

@@ -42,7 +42,7 @@ MAX_REWARD = 1e100  # above any real reward (gain ≤ 1, ≥ 1 µs at time_weigh
 
 
 def efficiency(
-    loss_first: float, loss_last: float, seconds: float, *, time_weight: float = 1.0
+    loss_first: float, loss_last: float, *, seconds: float, time_weight: float = 1.0
 ) -> float:
     """Relative loss improvement of a round (at most 1) per (seconds ** time_weight): in
     [0, MAX_REWARD] for any finite input, never raises (a hostile client's numbers included);

@@ -78,8 +78,8 @@ def _is_restricted(f: Factors, k: Kept) -> bool:
 def check_kept(
     factors: Mapping[str, Factors],
     kept: Mapping[str, Kept],
-    shapes: Mapping[str, tuple[int, int]],
     *,
+    shapes: Mapping[str, tuple[int, int]],
     who: str,
 ) -> None:
     """Raise ValueError naming `who`, the module and the value when a map does not fit."""

@@ -171,7 +171,7 @@ class PrunedBase(Feature):
             if ratio == 0:
                 continue
             plan = prune_plan(config, ratio, parts=tuple(cfg.pruning.parts))
-            for name, (d, k) in pruned_module_shapes(shapes, config, plan).items():
+            for name, (d, k) in pruned_module_shapes(shapes, config, plan=plan).items():
                 if rank > min(d, k):
                     raise ValueError(
                         f"{who}: rank {rank} does not fit module {name} pruned to {(d, k)} at "
@@ -221,7 +221,7 @@ class PrunedBase(Feature):
         """A reply's factors at full shape (zeros at pruned ids); ValueError if its map is bad."""
         who = f"client (node {node})"
         kept = kept_from_record(content.get("kept"), who=who)
-        check_kept(factors, kept, shapes, who=who)
+        check_kept(factors, kept, shapes=shapes, who=who)
         check_sides(kept, who=who)
         self.received[node] = (factors, kept)
         self.known[node] = (reply.pruning, kept)

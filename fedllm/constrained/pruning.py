@@ -114,7 +114,7 @@ def check_sides(kept: Mapping[str, Kept], *, who: str) -> None:
 
 
 def pruned_module_shapes(
-    shapes: dict[str, tuple[int, int]], config: PretrainedConfig, plan: PrunePlan
+    shapes: dict[str, tuple[int, int]], config: PretrainedConfig, *, plan: PrunePlan
 ) -> dict[str, tuple[int, int]]:
     """(out, in) of each adapted module after pruning to `plan` (for rank checks before a run)."""
     q = plan.num_heads * plan.head_dim
@@ -231,7 +231,7 @@ def kept_map(
 
 @torch.no_grad()
 def build_pruned(
-    model: PreTrainedModel, kept_by_module: dict[str, Kept], plan: PrunePlan
+    model: PreTrainedModel, kept_by_module: dict[str, Kept], *, plan: PrunePlan
 ) -> LlamaForCausalLM:
     """A new, frozen LlamaForCausalLM holding only the kept rows/columns of `model`."""
     config = model.config.__class__.from_dict(model.config.to_dict())
@@ -270,4 +270,4 @@ def prune_model(
     norms = input_norms(model, batches) if method == "wanda" else None
     kept = choose_kept(importance(model, method=method, norms=norms), plan)
     by_module = kept_map(kept, plan, full_config=model.config)
-    return build_pruned(model, by_module, plan), by_module
+    return build_pruned(model, by_module, plan=plan), by_module

@@ -57,7 +57,7 @@ def _read(flag: str, path: Path) -> bytes:
         raise ValueError(f"{flag} {path}: cannot read it ({err.strerror})") from None
 
 
-def _swapped(found: str, flag: str, other: str | None) -> str:
+def _swapped(found: str, flag: str, *, other: str | None) -> str:
     """The end of a refusal of a file holding `found` (the other kind of PEM file)."""
     if other is None:
         return f"; it holds {found}"
@@ -71,7 +71,7 @@ def check_certificate(flag: str, path: Path, *, other: str | None = None) -> Non
     try:
         x509.load_pem_x509_certificates(data)
     except ValueError:
-        end = _swapped("a private key", flag, other) if PRIVATE_KEY in data else ""
+        end = _swapped("a private key", flag, other=other) if PRIVATE_KEY in data else ""
         raise ValueError(
             f"{flag} {path}: expected a PEM certificate (a file starting "
             f"{CERTIFICATE.decode()}){end}"
@@ -89,14 +89,14 @@ def check_private_key(flag: str, path: Path, *, other: str | None = None) -> Non
             f"{flag} {path}: the private key is encrypted; the SuperLink needs it unencrypted"
         ) from None
     except (ValueError, UnsupportedAlgorithm):
-        end = _swapped("a certificate", flag, other) if CERTIFICATE in data else ""
+        end = _swapped("a certificate", flag, other=other) if CERTIFICATE in data else ""
         raise ValueError(
             f"{flag} {path}: expected a PEM private key (a file starting -----BEGIN PRIVATE "
             f"KEY----- or -----BEGIN EC PRIVATE KEY-----){end}"
         ) from None
 
 
-def check_server_tls(ca: Path, cert: Path, key: Path) -> None:
+def check_server_tls(*, ca: Path, cert: Path, key: Path) -> None:
     """The SuperLink's TLS files: a CA certificate, its certificate and the matching private key,
     loaded as the SuperLink will load them (`ssl.SSLContext`), each refusal naming its file."""
     check_certificate("--ssl-ca-certfile", ca)

@@ -48,7 +48,7 @@ def _name(common: str) -> x509.Name:
     )
 
 
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey, fmt: serialization.PrivateFormat):
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey, *, fmt: serialization.PrivateFormat):
     """The key in a file that is 0600 from its creation, written beside and renamed into place:
     never readable by others for a moment, and a symlink planted at `path` is replaced, not
     followed (audit h90)."""
@@ -171,7 +171,7 @@ def make_credentials(
         .sign(ca_key, hashes.SHA384())
     )
     (out / "ca.crt").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    _write_key(out / "ca.key", ca_key, serialization.PrivateFormat.PKCS8)
+    _write_key(out / "ca.key", ca_key, fmt=serialization.PrivateFormat.PKCS8)
 
     server_key = ec.generate_private_key(ec.SECP384R1())
     server_cert = (
@@ -190,13 +190,13 @@ def make_credentials(
         .sign(ca_key, hashes.SHA384())
     )
     (out / "server.pem").write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
-    _write_key(out / "server.key", server_key, serialization.PrivateFormat.PKCS8)
+    _write_key(out / "server.key", server_key, fmt=serialization.PrivateFormat.PKCS8)
 
     keys = []
     for i in range(nodes):
         key = ec.generate_private_key(ec.SECP384R1())
         path = out / f"node-{i}"
-        _write_key(path, key, serialization.PrivateFormat.OpenSSH)
+        _write_key(path, key, fmt=serialization.PrivateFormat.OpenSSH)
         pub = key.public_key().public_bytes(
             serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
         )

@@ -78,7 +78,7 @@ def cmd_superlink(args: argparse.Namespace) -> int:
             "(or --insecure, on a trusted loopback only)"
         )
     if not args.insecure:  # else uvicorn fails after "SuperLink on ...": `ssl.SSLError: PEM lib`
-        check_server_tls(*tls)
+        check_server_tls(ca=tls[0], cert=tls[1], key=tls[2])
     if args.verbose:  # this process's Flower log, and the ServerApp processes it starts
         from flwr.common.logger import update_console_handler
 

@@ -47,7 +47,7 @@ def snapshot(pairs: Mapping[str, Pair]) -> dict[str, Pair]:
 
 
 def proximal_penalty(
-    live: Mapping[str, Pair], start: Mapping[str, Pair], mu: float
+    live: Mapping[str, Pair], start: Mapping[str, Pair], *, mu: float
 ) -> torch.Tensor:
     """μ/2·Σ_modules(‖B − B₀‖²_F + ‖A − A₀‖²_F), a differentiable float32 (or wider) scalar."""
     if live.keys() != start.keys():
@@ -98,4 +98,4 @@ class FedProx(Feature):
             raise ValueError("features.fedprox: the model has no LoRA adapter to regularise")
         start = snapshot(live)
         mu = self.options.mu
-        return [lambda: proximal_penalty(live, start, mu)]
+        return [lambda: proximal_penalty(live, start, mu=mu)]

@@ -215,7 +215,7 @@ def planned(plan: ClientPlan, state: RecordDict) -> ClientPlan:
 
 
 def regularizer(
-    model: torch.nn.Module, opts: PruneOptions, rank: int
+    model: torch.nn.Module, opts: PruneOptions, *, rank: int
 ) -> Callable[[], torch.Tensor] | None:
     """λ·tail_penalty on the live adapter, or None when off or the rank cannot shrink."""
     if not opts.active or rank <= opts.min_rank:
@@ -226,9 +226,9 @@ def regularizer(
 def prune_reply(
     factors: Mapping[str, Factors],
     start: Mapping[str, Factors],
+    *,
     opts: PruneOptions,
     state: RecordDict,
-    *,
     rank: int,
     scaling: Callable[[int], float],
 ) -> tuple[dict[str, Factors], dict[str, Factors], int, dict[str, float]]:
@@ -286,7 +286,7 @@ class HetLoRAPrune(Feature):
         return planned(plan, rnd.state)
 
     def regularizers(self, model: torch.nn.Module, rnd: ClientRound) -> list[Regularizer]:
-        term = regularizer(model, self.opts, rnd.plan.rank)
+        term = regularizer(model, self.opts, rank=rnd.plan.rank)
         return [] if term is None else [term]
 
     def post_process(self, update: ClientUpdate, rnd: ClientRound) -> ClientUpdate:
@@ -295,8 +295,8 @@ class HetLoRAPrune(Feature):
         factors, start, rank, self.tail = prune_reply(
             update.factors,
             update.start,
-            self.opts,
-            rnd.state,
+            opts=self.opts,
+            state=rnd.state,
             rank=update.rank,
             scaling=self.cfg.client_scaling,
         )

@@ -71,7 +71,7 @@ def finished(meta: Mapping[str, Any], rnd: ClientRound) -> bool:
     return written < ends
 
 
-def client_dir(cfg: RunConfig, partition: int, node_config: Mapping[str, Any]) -> Path:
+def client_dir(cfg: RunConfig, partition: int, *, node_config: Mapping[str, Any]) -> Path:
     """This client's own folder: the node's `personal-dir`, else `<run_dir>/clients/<p>`."""
     if node_config.get(NODE_KEY):
         return Path(str(node_config[NODE_KEY])).expanduser()
@@ -85,7 +85,7 @@ def node_state_dir(rnd: ClientRound, *, uncovered: bool) -> Path | None:
     then only a node's own personal-dir keeps it, as for a raw update's personal adapter."""
     if uncovered and not rnd.node_config.get(NODE_KEY):
         return None
-    return client_dir(rnd.cfg, rnd.partition, rnd.node_config) / NODE_STATE
+    return client_dir(rnd.cfg, rnd.partition, node_config=rnd.node_config) / NODE_STATE
 
 
 def save_node_state(

@@ -77,7 +77,7 @@ def personal_adapter_dir(
     cfg: RunConfig, partition: int, *, node_config: Mapping[str, Any] | None = None
 ) -> Path:
     """Where client `partition` keeps its personal adapter."""
-    return client_dir(cfg, partition, node_config or {}) / FOLDER
+    return client_dir(cfg, partition, node_config=node_config or {}) / FOLDER
 
 
 def restore_local_B(folder: Path, state: RecordDict, *, fingerprint: str) -> bool:
@@ -169,7 +169,7 @@ class PersonalAdapter(Feature):
         cfg = rnd.cfg
         if raw_update(cfg) and not rnd.node_config.get(NODE_KEY):
             return update  # a raw update stays out of the run directory (see `raw_update`)
-        home = client_dir(cfg, rnd.partition, rnd.node_config)
+        home = client_dir(cfg, rnd.partition, node_config=rnd.node_config)
         card = make_card(
             cfg,
             base_identity(cfg, memo=home / IDENTITY_MEMO),

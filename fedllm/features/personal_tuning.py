@@ -191,7 +191,7 @@ class PersonalTuning(Feature):
         finally:
             model.unload()
         loss = nll / max(tokens, 1)
-        home = client_dir(cfg, rnd.partition, rnd.node_config)
+        home = client_dir(cfg, rnd.partition, node_config=rnd.node_config)
         card = make_card(
             cfg,
             base_identity(cfg, memo=home / IDENTITY_MEMO),

@@ -105,8 +105,8 @@ def check(cfg: RunConfig) -> None:
         try:
             cls.parse_options(cfg)
         except ValidationError as err:
-            raise ValueError(option_error(name, cls.Options, err)) from None
-        unknown_option(name, cls.Options, cfg.features[name])
+            raise ValueError(option_error(name, cls.Options, err=err)) from None
+        unknown_option(name, cls.Options, given=cfg.features[name])
     problems = []  # every feature's refusal at once: fixing one should not uncover the next
     for cls in sorted(found.values(), key=lambda c: (c.order, c.name)):
         try:
@@ -118,7 +118,7 @@ def check(cfg: RunConfig) -> None:
     check_trainer(cfg, active(cfg))
 
 
-def unknown_option(name: str, options: type[BaseModel], given: object) -> None:
+def unknown_option(name: str, options: type[BaseModel], *, given: object) -> None:
     """Refuse a key of `features.<name>` its Options model does not have, even when the model
     ignores extra keys (a plugin's model without `extra="forbid"`): a typo is never dropped."""
     if not isinstance(given, dict):
@@ -127,7 +127,7 @@ def unknown_option(name: str, options: type[BaseModel], given: object) -> None:
     valid = sorted(set(fields) | {f.alias for f in fields.values() if f.alias})
     for key in given:
         if key not in valid:
-            raise ValueError(_unknown(name, str(key), str(key), valid))
+            raise ValueError(_unknown(name, str(key), last=str(key), valid=valid))
 
 
 def check_trainer(cfg: RunConfig, classes: list[type[Feature]]) -> None:
@@ -154,17 +154,17 @@ def build(cfg: RunConfig) -> list[Feature]:
     return [cls(cfg) for cls in active(cfg)]
 
 
-def option_error(name: str, options: type[BaseModel], err: ValidationError) -> str:
+def option_error(name: str, options: type[BaseModel], *, err: ValidationError) -> str:
     """`features.<name>.<key>: ...` for a bad option: an unknown one with a did-you-mean and the
     valid options, a bad value with what was given."""
     e = err.errors()[0]
     key = ".".join(str(p) for p in e["loc"])
     if e["type"] == "extra_forbidden":
-        return _unknown(name, key, str(e["loc"][-1]), sorted(options.model_fields))
+        return _unknown(name, key, last=str(e["loc"][-1]), valid=sorted(options.model_fields))
     return f"features.{name}.{key}: {e['msg']} (got {e.get('input')!r})"
 
 
-def _unknown(name: str, key: str, last: str, valid: list[str]) -> str:
+def _unknown(name: str, key: str, *, last: str, valid: list[str]) -> str:
     """`features.<name>.<key>: unknown option` with a did-you-mean for `last` and the valid keys."""
     hint, listed = did_you_mean(last, valid), ", ".join(valid)
     return f"features.{name}.{key}: unknown option{hint}; valid: {listed}"

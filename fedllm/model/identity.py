@@ -76,7 +76,7 @@ def _stamp(files: list[Path]) -> list[list]:
     return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 
-def _hashed(files: list[Path], memo: Path | None, key: str) -> dict[str, str]:
+def _hashed(files: list[Path], memo: Path | None, *, key: str) -> dict[str, str]:
     """name -> sha256 of `files`, reusing `memo` when it holds the same files (size, mtime)."""
     stamp = _stamp(files)
     if memo is not None and memo.is_file():

@@ -62,7 +62,7 @@ def _per_key_head(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return x.view(rows, kv_heads, group, t, n).transpose(0, 1).reshape(kv_heads, -1, n)
 
 
-def _per_row(x: torch.Tensor, rows: int, heads: int) -> torch.Tensor:
+def _per_row(x: torch.Tensor, *, rows: int, heads: int) -> torch.Tensor:
     """The inverse of `_per_key_head`: (kv heads, rows × group × T, n) -> (rows, heads, T, n)."""
     kv_heads, _, n = x.shape
     x = x.view(kv_heads, rows, heads // kv_heads, -1, n).transpose(0, 1)
@@ -92,7 +92,9 @@ def shared_kv_attention(
     shared_k, shared_v = shared_kv[module.layer_idx]
     s = shared_k.shape[-2]
     q = _per_key_head(query, kv_heads)
-    scores_shared = _per_row(q @ shared_k[0].transpose(-1, -2), rows, heads).float() * scaling
+    scores_shared = (
+        _per_row(q @ shared_k[0].transpose(-1, -2), rows=rows, heads=heads).float() * scaling
+    )
     own_k = key.repeat_interleave(heads // kv_heads, dim=1)
     own_v = value.repeat_interleave(heads // kv_heads, dim=1)
     scores_own = (query @ own_k.transpose(-1, -2)).float() * scaling
@@ -103,7 +105,7 @@ def shared_kv_attention(
     weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
     to_shared = _per_key_head(weights[..., :s], kv_heads) @ shared_v[0]
     # summed in fp32: one rounding, as a single product over the joined keys would have
-    out = _per_row(to_shared, rows, heads).float() + (weights[..., s:] @ own_v).float()
+    out = _per_row(to_shared, rows=rows, heads=heads).float() + (weights[..., s:] @ own_v).float()
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 

@@ -18,8 +18,8 @@ from fedllm.features.base import Feature
 def aggregate_modules(
     aggregate_fn: AggregatorFn,
     inputs: Sequence[Mapping[str, Factors]],
-    weights: list[float],
     *,
+    weights: list[float],
     modules: Sequence[str],
     global_rank: int | None,
     states: Mapping[str, dict[str, torch.Tensor]],

@@ -248,7 +248,7 @@ class Run:
             "seconds": time.perf_counter() - t0,
             "train_seconds": train_seconds,
         }
-        record_features(self.features, result, server_row)
+        record_features(self.features, result, server_row=server_row)
         rows = [r.to_json() for r in result.rows] + eval_rows + [server_row]
         self.metrics.write(rows, publish=False)
         # the snapshot first: a crash between the two reruns this round and writes it again
@@ -296,7 +296,7 @@ class Run:
 
 
 def record_features(
-    features: Sequence[Feature], result: RoundResult, server_row: dict[str, Any]
+    features: Sequence[Feature], result: RoundResult, *, server_row: dict[str, Any]
 ) -> None:
     """Each feature's `record` (ε, missed nodes...), refusing one that changes or drops a column
     the server wrote: a plugin's bug would otherwise pass its numbers off as the server's."""

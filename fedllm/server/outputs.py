@@ -184,19 +184,19 @@ def _kept(folder: Path) -> tuple[str, int, float] | None:
     return key, card["round"], card["metrics"][key]
 
 
-def _valid(kept: tuple[str, int, float] | None, key: str | None, server_round: int) -> bool:
+def _valid(kept: tuple[str, int, float] | None, key: str | None, *, server_round: int) -> bool:
     """Whether a kept best still counts after `server_round`: chosen by `key`, not later."""
     return kept is not None and kept[0] == key and kept[1] <= server_round
 
 
-def _settle(cfg: RunConfig, key: str | None, server_round: int) -> tuple[str, int, float] | None:
+def _settle(cfg: RunConfig, key: str | None, *, server_round: int) -> tuple[str, int, float] | None:
     """The kept best after `server_round`, best_adapter/ mended first. One chosen by another
     metric (`output.best_by` changed on a resume) or from a later round (a resume from the
     fallback checkpoint reruns it) is removed; then the best before it (best_adapter.prev/)
     takes its place if that one still counts (also after a crash between the two's swap)."""
     folder, previous = cfg.run_dir / BEST_ADAPTER, cfg.run_dir / PREVIOUS_BEST
     kept, why = _kept(folder), None
-    if folder.exists() and not _valid(kept, key, server_round):
+    if folder.exists() and not _valid(kept, key, server_round=server_round):
         if kept is not None and kept[0] == key:
             why = f"it holds round {kept[1]}, which runs again"
         else:
@@ -210,7 +210,7 @@ def _settle(cfg: RunConfig, key: str | None, server_round: int) -> tuple[str, in
     before = _kept(previous)
     if previous.exists() and (before or (None,))[0] != key:
         shutil.rmtree(previous)  # chosen by another metric: never this one's best
-    if kept is None and previous.exists() and _valid(before, key, server_round):
+    if kept is None and previous.exists() and _valid(before, key, server_round=server_round):
         replace_folder(previous, folder)
         say(f"{folder}: round {before[1]} again, the best of the rounds up to {server_round}")
         return before
@@ -230,10 +230,10 @@ def keep_best(
     key, folder = best_metric(cfg), cfg.run_dir / BEST_ADAPTER
     if key is None and not folder.exists():
         return None
-    kept = _settle(cfg, key, server_round)
+    kept = _settle(cfg, key, server_round=server_round)
     rows = metrics.read()
     if key == VOTE:
-        value = _vote(rows, server_round, None if kept is None else kept[1])
+        value = _vote(rows, server_round=server_round, kept_round=None if kept is None else kept[1])
         if value is None:
             return None
         note = (
@@ -263,7 +263,7 @@ def keep_best(
 VOTE = "held_out_vote"
 
 
-def _vote(rows: list[dict], server_round: int, kept_round: int | None) -> float | None:
+def _vote(rows: list[dict], *, server_round: int, kept_round: int | None) -> float | None:
     """`output.best_by: held_out_vote`: the share of the clients that evaluated both
     `server_round` and the kept round whose own held-out loss is lower in `server_round`, when
     that is a strict majority of at least 2 (None otherwise, and for a round fewer than 2

@@ -77,12 +77,12 @@ def read_reply(
     if any(f.rank != reply.rank for f in update.values()):
         raise ValueError(f"claims rank {reply.rank} but sent factors of other ranks")
     if spec.freeze_A:  # the server's own frozen A, never one a client sent
-        update = {m: frozen_A(global_, m, f) for m, f in update.items()}
+        update = {m: frozen_A(global_, m, f=f) for m, f in update.items()}
     return reply, update
 
 
 def malformed_row(
-    server_round: int, node: int, err: Exception, *, known: int | None, may_hold: Sequence[int]
+    server_round: int, *, node: int, err: Exception, known: int | None, may_hold: Sequence[int]
 ) -> ClientRow:
     """The rejected row of a reply that could not be read (logged): the partition the node held
     before (`known`), and the partitions it may have trained on (`may_hold`, for DP charges)."""
@@ -111,6 +111,7 @@ def shared_partitions(claims: Mapping[int, int]) -> dict[int, str]:
 
 def refuse_shared_partitions(
     server_round: int,
+    *,
     parsed: dict[int, tuple[TrainReply, dict[str, Factors]]],
     rows: list[ClientRow],
 ) -> None:
@@ -123,7 +124,7 @@ def refuse_shared_partitions(
         rows.append(ClientRow(server_round, node, "rejected", reply, reply.partition, reason))
 
 
-def frozen_A(global_: Mapping[str, Factors], module: str, f: Factors) -> Factors:
+def frozen_A(global_: Mapping[str, Factors], module: str, *, f: Factors) -> Factors:
     """`f` with the A it was sent, whatever A it sent: the global A's first rows, zero rows past
     them (a rank above the global's). It kept a client's zero columns (for pruned clients, which
     FFA refuses since stop 44), and its own A above the global's rows: either made the aggregator

@@ -293,8 +293,10 @@ class LoraStrategy(Strategy):
                 parsed[node] = self.read_reply(node, msg.content)
             except Exception as err:  # anything a client sends must not end the round
                 known, may_hold = self.node_partitions.get(node), self.may_train([node])
-                rows.append(malformed_row(server_round, node, err, known=known, may_hold=may_hold))
-        refuse_shared_partitions(server_round, parsed, rows)
+                rows.append(
+                    malformed_row(server_round, node=node, err=err, known=known, may_hold=may_hold)
+                )
+        refuse_shared_partitions(server_round, parsed=parsed, rows=rows)
         known = (dict(self.node_ranks), dict(self.node_partitions), set(self.seen), self.node_seats)
         accepted = self.screen(server_round, parsed=parsed, rows=rows)
         result = RoundResult(sampled=sampled, rows=rows, replies=len(replies))
@@ -380,7 +382,7 @@ class LoraStrategy(Strategy):
         return aggregate_modules(
             self.aggregate_fn,
             inputs,
-            weights,
+            weights=weights,
             modules=sorted(self.shapes),
             global_rank=self.cfg.aggregator.global_rank,
             states=self.agg_state,
