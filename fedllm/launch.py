@@ -124,12 +124,12 @@ def recipe_changes(run_dir: Path, cfg: RunConfig, *, most: int = 5) -> str:
     return f": {shown}" if changes else ""
 
 
-def differences(a: object, b: object, prefix: str = "") -> list[tuple[str, object, object]]:
+def differences(a: object, b: object, *, prefix: str = "") -> list[tuple[str, object, object]]:
     """(dotted key, a's value, b's value) wherever two nested dicts differ."""
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for k in [*a, *(k for k in b if k not in a)]:
-            out += differences(a.get(k), b.get(k), f"{prefix}{k}.")
+            out += differences(a.get(k), b.get(k), prefix=f"{prefix}{k}.")
         return out
     return [] if a == b else [(prefix.rstrip("."), a, b)]
 

@@ -17,7 +17,7 @@ def play(bandit: ArmBandit, rounds: int, *, seed: int = 0) -> dict[Arm, int]:
     for _ in range(rounds):
         arm = bandit.select("dev")
         picks[arm] += 1
-        bandit.update("dev", arm, max(0.0, rng.gauss(MEANS[arm], 0.1)))
+        bandit.update("dev", arm, reward=max(0.0, rng.gauss(MEANS[arm], 0.1)))
     return picks
 
 
@@ -37,7 +37,7 @@ def test_ucb_plays_every_arm_once_first() -> None:
     for _ in ARMS:
         arm = bandit.select("x")
         seen.append(arm)
-        bandit.update("x", arm, 0.1)
+        bandit.update("x", arm, reward=0.1)
     assert seen == ARMS
 
 
@@ -65,9 +65,9 @@ def test_bad_input_is_named() -> None:
         ArmBandit([])
     bandit = ArmBandit(ARMS)
     with pytest.raises(ValueError, match="client c: arm"):
-        bandit.update("c", Arm(3, 0.1), 0.5)
+        bandit.update("c", Arm(3, 0.1), reward=0.5)
     with pytest.raises(ValueError, match="client c: reward"):
-        bandit.update("c", ARMS[0], -1.0)
+        bandit.update("c", ARMS[0], reward=-1.0)
 
 
 def test_one_clients_rewards_never_rescale_another_clients() -> None:
@@ -76,15 +76,15 @@ def test_one_clients_rewards_never_rescale_another_clients() -> None:
     arms = [Arm(2, 0.0), Arm(4, 0.0)]
     alone, beside = ArmBandit(arms, seed=0), ArmBandit(arms, seed=0)
     for bandit in (alone, beside):
-        bandit.update("a", arms[0], 1.0)
-        bandit.update("a", arms[1], 3.0)
-    beside.update("b", arms[0], 1e9)
+        bandit.update("a", arms[0], reward=1.0)
+        bandit.update("a", arms[1], reward=3.0)
+    beside.update("b", arms[0], reward=1e9)
     assert beside.scales == {"a": 3.0, "b": 1e9}
     for _ in range(5):  # the same choices for "a", with or without "b"
         pick = alone.select("a")
         assert beside.select("a") == pick
-        alone.update("a", pick, 2.0)
-        beside.update("a", pick, 2.0)
+        alone.update("a", pick, reward=2.0)
+        beside.update("a", pick, reward=2.0)
     old = {**beside.state_dict(), "scale": 5.0}  # a checkpoint of one shared scale
     del old["scales"]
     again = ArmBandit(arms, seed=0)

@@ -55,7 +55,7 @@ def _real_state() -> dict:
     strategy.node_partitions = {n: p for p, n in enumerate(NODE_IDS)}
     strategy.agg_state = {"layers.0.q_proj": {"merged_B": torch.randn(8, 3)}}
     bandit = ArmBandit([Arm(2, 0.0), Arm(4, 0.5)], algorithm="exp3", exploration=0.5)
-    bandit.update("partition-0", Arm(4, 0.5), 1.5)
+    bandit.update("partition-0", Arm(4, 0.5), reward=1.5)
     ledgers = {}
     for name in ("rdp", "prv"):
         ledger = PrivacyLedger(delta=1e-5, accountant=name)

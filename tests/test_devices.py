@@ -469,7 +469,7 @@ def test_a_forbidden_arm_is_never_selected(algorithm: str, exploration: float) -
     for _ in range(60):
         arm = bandit.select("d")
         picks.add(arm)
-        bandit.update("d", arm, 1.0 if arm == Arm(8, 0.5) else 0.1)
+        bandit.update("d", arm, reward=1.0 if arm == Arm(8, 0.5) else 0.1)
     assert Arm(2, 0.5) not in picks and bandit.best("d") == Arm(8, 0.5)
     if algorithm == "exp3":
         p = bandit.probabilities("d")

@@ -93,12 +93,12 @@ def test_local_b_persists_in_the_context_and_pairs_with_the_shared_a(tiny_dir: P
     model = attach_lora(base, rank=2, alpha=4.0, dropout=0.0, target_modules=["q_proj"])
     context = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
     shared = ArrayRecord({f"{Q}.lora_A": torch.arange(4 * 64.0).reshape(4, 64)})
-    start = rounds.personal(model, shared, context.state)  # first round: no B yet
+    start = rounds.personal(model, shared, state=context.state)  # first round: no B yet
     assert not start[Q].B.any() and torch.equal(start[Q].A, torch.arange(2 * 64.0).reshape(2, 64))
     assert start[Q].scaling == 2.0
     mine = {Q: Factors(torch.full((64, 2), 0.25), start[Q].A, 2.0)}
     rounds.keep_local_B(context.state, mine)
-    later = rounds.personal(model, shared, context.state)
+    later = rounds.personal(model, shared, state=context.state)
     assert torch.equal(later[Q].B, mine[Q].B)
     write_factors(model, later)
     torch.testing.assert_close(read_factors(model)[Q].delta(), mine[Q].delta())

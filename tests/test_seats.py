@@ -64,12 +64,12 @@ def test_renumbering_moves_only_unambiguous_partitions() -> None:
 def test_carried_ids_are_renamed_and_take_in_lone_claims_of_unheld_partitions() -> None:
     known = {1001: 0, 1002: 1}  # 1001 moved to 7; 1002 not claimed now, keeps its id
     claims = {7: 0, 8: 2, 9: 3, 10: 3, 11: 1}  # 9/10 both claim 3; 11 claims 1002's partition
-    assert seats.carried(known, claims, {1001: 7}) == {7: 0, 1002: 1, 8: 2}
+    assert seats.carried(known, claims=claims, moved={1001: 7}) == {7: 0, 1002: 1, 8: 2}
 
 
 def test_an_accepted_reply_makes_its_node_the_partitions_one_id() -> None:
-    assert seats.seated({1001: 0, 1002: 1}, 70, 0) == {1002: 1, 70: 0}
-    assert seats.seated({70: 0}, 70, 0) == {70: 0}
+    assert seats.seated({1001: 0, 1002: 1}, node=70, partition=0) == {1002: 1, 70: 0}
+    assert seats.seated({70: 0}, node=70, partition=0) == {70: 0}
 
 
 def test_the_query_is_answered_by_the_client_app_with_its_partition() -> None:
@@ -126,8 +126,8 @@ def checkpoint_of_nodes(ids: dict[int, int]) -> dict:
     state["node_partitions"] = dict(ids)
     (bandit,) = [f for f in s.features if isinstance(f, Adaptive)]
     first = str(next(iter(ids)))
-    bandit.bandit.update(first, bandit.bandit.arms[0], 5.0)
-    bandit.bandit.update(first, bandit.bandit.arms[1], 0.1)
+    bandit.bandit.update(first, bandit.bandit.arms[0], reward=5.0)
+    bandit.bandit.update(first, bandit.bandit.arms[1], reward=0.1)
     return {"strategy": state, "adaptive": bandit.state_dict()}
 
 
@@ -173,7 +173,7 @@ def test_with_ids_that_persist_nothing_moves_whatever_is_claimed() -> None:
 
 def test_the_bandit_renames_a_client() -> None:
     bandit = ArmBandit([Arm(2, 0.0), Arm(4, 0.0)])
-    bandit.update("1001", bandit.arms[1], 0.5)
+    bandit.update("1001", bandit.arms[1], reward=0.5)
     bandit.rename("1001", "70")
     assert bandit.counts == {"70": [0, 1]} and bandit.best("70") == Arm(4, 0.0)
 
@@ -218,7 +218,7 @@ def test_a_second_resume_moves_the_state_again() -> None:
     checkpoint = checkpoint_of_nodes({1001: 0, 1002: 1})
     s, bandit = resumed(checkpoint, grid_with_ids(cfg, [70, 71, 72, 73, 74, 75]))
     s.remember(70, reply_as(0))
-    bandit.bandit.update("70", bandit.bandit.arms[0], 5.0)
+    bandit.bandit.update("70", bandit.bandit.arms[0], reward=5.0)
     again = {"strategy": s.state_dict(), "adaptive": bandit.state_dict()}
     _, moved = resumed(again, grid_with_ids(cfg, [80, 81, 82, 83, 84, 85]))
     assert moved.bandit.counts == {"80": [2, 1]}

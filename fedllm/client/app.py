@@ -162,7 +162,7 @@ def evaluate(
     try:
         shard = node_shard(cfg, context.node_config, tokenizer=tokenizer, cache=cache)
         if spec.local_B:
-            global_factors = wire.personal(model, record, context.state)
+            global_factors = wire.personal(model, record, state=context.state)
         write_factors(model, global_factors)
         scoring_mode(model, quantized=quant is not None)  # dropout off
         nll, tokens = evaluate_nll(

@@ -191,7 +191,7 @@ def start_adapter(
     if rnd.spec.merge:  # the delta is in the base: train a fresh LoRA on top
         wire.fresh_adapter(model, seed=rnd.seed)
     elif rnd.spec.local_B:  # the shared A with this node's own B
-        write_factors(model, wire.personal(model, received, rnd.state))
+        write_factors(model, wire.personal(model, received, state=rnd.state))
     else:
         # ffa's A must stay the server's shared one, bit for bit; a delta read against what
         # the server sent must start from exactly that

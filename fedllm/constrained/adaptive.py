@@ -142,7 +142,7 @@ class Adaptive(Feature):
         reward = efficiency(
             first, last, seconds=reply.train_seconds, time_weight=self.cfg.adaptive.time_weight
         )
-        self.bandit.update(str(node), arm, reward)
+        self.bandit.update(str(node), arm, reward=reward)
 
     def renumber(self, ids: Mapping[int, int]) -> None:
         """What the bandit learned of a node, to its new id (its loaded base and a warm replay
@@ -202,7 +202,7 @@ class Adaptive(Feature):
             elif status == "missed" and new_base:
                 self.replays[node] = arm  # the miss may be the load's: ask again, warm
             else:
-                self.bandit.update(str(node), arm, 0.0)
+                self.bandit.update(str(node), arm, reward=0.0)
         self.arms, self.start_loss, self.replies = {}, {}, {}
 
     def state_dict(self) -> dict[str, Any]:

@@ -141,7 +141,7 @@ class ArmBandit:
         self._init(client)
         return self.arms.index(arm)
 
-    def update(self, client: str, arm: Arm, reward: float) -> None:
+    def update(self, client: str, arm: Arm, *, reward: float) -> None:
         """Record the raw reward `client` obtained with `arm`."""
         i = self._index(client, arm)
         if not math.isfinite(reward) or reward < 0:

@@ -68,7 +68,7 @@ class Download:
 MAX_INT = 2**53  # the largest integer a reply metric may claim (exact as a float)
 
 
-def _number(metrics: Mapping[str, Any], key: str, kind: type, *, minimum: float = 0) -> Any:
+def _number(metrics: Mapping[str, Any], key: str, *, kind: type, minimum: float = 0) -> Any:
     if key not in metrics:
         raise ValueError(f"reply metrics lack {key!r}")
     raw = metrics[key]
@@ -86,8 +86,8 @@ def _number(metrics: Mapping[str, Any], key: str, kind: type, *, minimum: float 
     return value
 
 
-def _optional(metrics: Mapping[str, Any], key: str, kind: type, *, minimum: float = 0) -> Any:
-    return _number(metrics, key, kind, minimum=minimum) if key in metrics else None
+def _optional(metrics: Mapping[str, Any], key: str, *, kind: type, minimum: float = 0) -> Any:
+    return _number(metrics, key, kind=kind, minimum=minimum) if key in metrics else None
 
 
 def extra_number(
@@ -97,7 +97,7 @@ def extra_number(
     `minimum`, or None if the reply has none; ValueError naming the key otherwise (a list, a
     string, NaN: Flower's records carry them all). For a feature's `receive`, so that a bad value
     rejects its reply there instead of failing a later hook."""
-    return _optional(reply.extra, key, kind, minimum=minimum)
+    return _optional(reply.extra, key, kind=kind, minimum=minimum)
 
 
 def declared_metrics(reply: TrainReply, declared: Mapping[str, Any]) -> dict[str, Any]:
@@ -113,7 +113,7 @@ def _declared(metrics: Mapping[str, Any], declared: Mapping[str, Any]) -> dict[s
     out: dict[str, Any] = {}
     for key, spec in declared.items():
         kind, minimum = spec if isinstance(spec, tuple) else (spec, -math.inf)
-        if (value := _optional(metrics, key, kind, minimum=minimum)) is not None:
+        if (value := _optional(metrics, key, kind=kind, minimum=minimum)) is not None:
             out[key.replace("-", "_")] = value
     return out
 
@@ -159,17 +159,17 @@ class TrainReply:
         """
         loss = -math.inf
         return cls(
-            partition=_number(metrics, "partition-id", int),
-            rank=_number(metrics, "rank", int, minimum=1),
-            num_examples=_optional(metrics, "num-examples", int, minimum=1),
-            train_loss=_optional(metrics, "train-loss", float, minimum=loss),
-            train_loss_first=_optional(metrics, "train-loss-first", float, minimum=loss),
-            train_loss_last=_optional(metrics, "train-loss-last", float, minimum=loss),
-            steps=_number(metrics, "steps", int),
-            train_seconds=_optional(metrics, "train-seconds", float),
-            bytes_sent=_number(metrics, "bytes-sent", int),
-            bytes_received=_number(metrics, "bytes-received", int),
-            pruning=_number({"pruning": metrics.get("pruning", 0.0)}, "pruning", float),
+            partition=_number(metrics, "partition-id", kind=int),
+            rank=_number(metrics, "rank", kind=int, minimum=1),
+            num_examples=_optional(metrics, "num-examples", kind=int, minimum=1),
+            train_loss=_optional(metrics, "train-loss", kind=float, minimum=loss),
+            train_loss_first=_optional(metrics, "train-loss-first", kind=float, minimum=loss),
+            train_loss_last=_optional(metrics, "train-loss-last", kind=float, minimum=loss),
+            steps=_number(metrics, "steps", kind=int),
+            train_seconds=_optional(metrics, "train-seconds", kind=float),
+            bytes_sent=_number(metrics, "bytes-sent", kind=int),
+            bytes_received=_number(metrics, "bytes-received", kind=int),
+            pruning=_number({"pruning": metrics.get("pruning", 0.0)}, "pruning", kind=float),
             extra={k: v for k, v in metrics.items() if k not in CORE_KEYS},
         )
 
@@ -250,16 +250,16 @@ class EvalRow:
         """Validate an evaluation reply's metrics; ValueError names the first bad key. The loss
         must be its own nll-sum over its tokens (the token-weighted mean uses both). `declared`:
         the active features' `eval_metrics`, kept in `extra` when present and valid."""
-        nll = _number(metrics, "nll-sum", float)
-        tokens = _number(metrics, "tokens", int)
-        loss = _number(metrics, "held-out-loss", float)
+        nll = _number(metrics, "nll-sum", kind=float)
+        tokens = _number(metrics, "tokens", kind=int)
+        loss = _number(metrics, "held-out-loss", kind=float)
         if not math.isclose(loss, nll / max(tokens, 1), rel_tol=1e-5, abs_tol=1e-9):
             raise ValueError(
                 f"reply metric 'held-out-loss'={loss!r} is not 'nll-sum'/'tokens' "
                 f"({nll!r}/{tokens})"
             )
         extra = _declared(metrics, declared or {})
-        return cls(server_round, _number(metrics, "partition-id", int), loss, tokens, extra)
+        return cls(server_round, _number(metrics, "partition-id", kind=int), loss, tokens, extra)
 
     def to_json(self) -> dict[str, Any]:
         """The row as metrics.jsonl writes it (`kind: eval`)."""

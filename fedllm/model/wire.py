@@ -117,7 +117,7 @@ def read_update(
     return out
 
 
-def personal(model: PeftModel, received: ArrayRecord, state: RecordDict) -> dict[str, Factors]:
+def personal(model: PeftModel, received: ArrayRecord, *, state: RecordDict) -> dict[str, Factors]:
     """Under `local_B`: the global A cut to the live adapter's rank, with this node's own B.
 
     B is zero before the node's first round (or if its rank changed); the scaling is the adapter's.

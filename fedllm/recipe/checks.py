@@ -50,7 +50,7 @@ def cross_check(cfg: RunConfig) -> None:
         name = cfg.aggregator.name
         if (known := NOT_AGGREGATORS.get(name.lower())) is not None:
             raise ValueError(f"aggregator.name: {name!r} is not an aggregator: {known}")
-        raise ValueError(_unknown("aggregator.name", name, available()))
+        raise ValueError(_unknown("aggregator.name", name, valid=available()))
     check_options(cfg.aggregator.name, cfg.aggregator.options)  # typos fail before any training
     _check_best_by(cfg, local_B=round_spec(cfg.aggregator.name).local_B)
     if round_spec(cfg.aggregator.name).merge and cfg.model.quantization != "none":
@@ -103,6 +103,6 @@ def _check_best_by(cfg: RunConfig, *, local_B: bool) -> None:
         )
 
 
-def _unknown(key: str, value: str, valid: list[str]) -> str:
+def _unknown(key: str, value: str, *, valid: list[str]) -> str:
     hint = did_you_mean(value, valid)
     return f"{key}: unknown value {value!r}{hint}; valid: {', '.join(sorted(valid))}"

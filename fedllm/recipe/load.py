@@ -274,7 +274,7 @@ def _override_value(item: str, raw: str) -> Any:
 
 
 def _merge(
-    base: dict[str, Any], extra: dict[str, Any], path: tuple[str, ...] = ()
+    base: dict[str, Any], extra: dict[str, Any], *, path: tuple[str, ...] = ()
 ) -> dict[str, Any]:
     """`extra` (overrides) into `base` (the recipe): mappings merge key by key, except that an
     empty mapping replaces (`aggregator.options={}` clears the recipe's options), and
@@ -300,7 +300,7 @@ def _merge(
         elif v is True and path == ("features",) and isinstance(out.get(k), dict):
             continue  # on already, with the recipe's options
         elif isinstance(v, dict) and isinstance(out.get(k), dict) and k != "options":
-            out[k] = _merge(out[k], v, (*path, k))
+            out[k] = _merge(out[k], v, path=(*path, k))
         elif isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = {**out[k], **v}
         else:

@@ -197,19 +197,21 @@ def final_table(rows: list[dict], last_round: int) -> list[dict]:
         if rnd != 0 or (last_round, pid) not in evals:
             continue
         fed = evals[(last_round, pid)]
-        row = _row(f"client {pid}", base["held_out_loss"], fed["held_out_loss"])
+        row = _row(f"client {pid}", base=base["held_out_loss"], fed=fed["held_out_loss"])
         table.append({**row, **_tuned(fed)})
     server = {r["round"]: r for r in rows if r.get("kind") == "server" and "held_out_loss" in r}
     if 0 in server and last_round in server:
-        row = _row("global", server[0]["held_out_loss"], server[last_round]["held_out_loss"])
+        row = _row(
+            "global", base=server[0]["held_out_loss"], fed=server[last_round]["held_out_loss"]
+        )
         if (common := _common_global(evals, last_round)) is not None:  # like with like (h99)
-            row = _row("global", *common)
+            row = _row("global", base=common[0], fed=common[1])
         final = [r for (rnd, _), r in evals.items() if rnd == last_round]
         every = final and all("tuned_loss" in r for r in final)  # else Δ would mix panels
         table.append({**row, **(_tuned(server[last_round]) if every else {})})
     test = {r["round"]: r for r in rows if r.get("kind") == "server" and "test_loss" in r}
     if 0 in test and last_round in test:  # the server's own test set (data.test_set)
-        table.append(_row("test set", test[0]["test_loss"], test[last_round]["test_loss"]))
+        table.append(_row("test set", base=test[0]["test_loss"], fed=test[last_round]["test_loss"]))
     return table
 
 
@@ -248,7 +250,7 @@ def _tuned(row: dict[str, Any]) -> dict[str, float]:
     return {"tuned_loss": row["tuned_loss"]} if "tuned_loss" in row else {}
 
 
-def _row(who: str, base: float, fed: float) -> dict:
+def _row(who: str, *, base: float, fed: float) -> dict:
     return {
         "who": who,
         "base_loss": base,

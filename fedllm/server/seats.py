@@ -71,7 +71,7 @@ def renumbering(old: Mapping[int, int], claims: Mapping[int, int]) -> dict[int, 
 
 
 def carried(
-    known: Mapping[int, int], claims: Mapping[int, int], moved: Mapping[int, int]
+    known: Mapping[int, int], *, claims: Mapping[int, int], moved: Mapping[int, int]
 ) -> dict[int, int]:
     """node -> partition of the ids that per-node state is kept under, after a process's
     introduction: the `known` ones renamed by `moved`, plus each partition one node alone
@@ -83,7 +83,7 @@ def carried(
     return out
 
 
-def seated(known: Mapping[int, int], node: int, partition: int) -> dict[int, int]:
+def seated(known: Mapping[int, int], *, node: int, partition: int) -> dict[int, int]:
     """`known` after `node`'s reply as `partition` was accepted: that node is the partition's
     one id (an older id of the partition, a resumed run's, holds no state of it any more)."""
     return {n: p for n, p in known.items() if p != partition and n != node} | {node: partition}

@@ -181,7 +181,7 @@ class LoraStrategy(Strategy):
         old = self.node_seats
         persist = not old or set(old) & set(nodes)  # ids that persist: nothing to move
         moved = {} if persist else seats.renumbering(old, self.claims)
-        self.node_seats = seats.carried(old, self.claims, moved)
+        self.node_seats = seats.carried(old, claims=self.claims, moved=moved)
         if moved:
             for f in self.features:
                 f.renumber(moved)
@@ -272,7 +272,7 @@ class LoraStrategy(Strategy):
         """What the server learns of a node from a reply: its rank and its partition."""
         self.node_ranks[node] = reply.rank
         self.node_partitions[node] = reply.partition
-        self.node_seats = seats.seated(self.node_seats, node, reply.partition)
+        self.node_seats = seats.seated(self.node_seats, node=node, partition=reply.partition)
         self.seen.add(node)
 
     def train_round(

@@ -111,7 +111,7 @@ class MlflowSink:
 
     name = "mlflow"
 
-    def __init__(self, cfg: RunConfig, options: MlflowTracker, ids: dict[str, str]) -> None:
+    def __init__(self, cfg: RunConfig, options: MlflowTracker, *, ids: dict[str, str]) -> None:
         from mlflow.tracking import MlflowClient
 
         db = (cfg.run_dir / "mlflow.db").resolve()
@@ -155,7 +155,7 @@ class WandbSink:
 
     name = "wandb"
 
-    def __init__(self, cfg: RunConfig, options: WandbTracker, ids: dict[str, str]) -> None:
+    def __init__(self, cfg: RunConfig, options: WandbTracker, *, ids: dict[str, str]) -> None:
         import wandb
 
         folder = Path(options.dir or cfg.run_dir)
@@ -227,9 +227,9 @@ def open_trackers(cfg: RunConfig) -> list[Sink]:
     if trackers.tensorboard is not None:
         sinks.append(TensorBoardSink(cfg, trackers.tensorboard))
     if trackers.mlflow is not None:
-        sinks.append(MlflowSink(cfg, trackers.mlflow, ids))
+        sinks.append(MlflowSink(cfg, trackers.mlflow, ids=ids))
     if trackers.wandb is not None:
-        sinks.append(WandbSink(cfg, trackers.wandb, ids))
+        sinks.append(WandbSink(cfg, trackers.wandb, ids=ids))
     write_atomic(ids_path, json.dumps(ids, indent=2))
     return sinks
 
