@@ -10,7 +10,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import save_file
 
 import fedllm.eval.tasks as task_folder
 from fedllm.cli import main
@@ -168,6 +170,8 @@ def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     )
     (cfg.run_dir / "final_adapter").mkdir(parents=True)
     (cfg.run_dir / "final_adapter" / "adapter_config.json").write_text("{}")
+    # whole files (the harness checks them first); Views below never loads them
+    save_file({"x": torch.zeros(1)}, cfg.run_dir / "final_adapter" / "adapter_model.safetensors")
     (cfg.run_dir / "recipe.yaml").write_text(
         yaml.safe_dump(cfg.model_dump(mode="json", exclude_unset=True))
     )
