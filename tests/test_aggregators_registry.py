@@ -191,7 +191,7 @@ def test_a_real_entry_point_naming_a_module_registers(
     (tmp_path / "zz_thirdparty_methods.py").write_text(DROPPED_IN)
     monkeypatch.syspath_prepend(str(tmp_path))
     ep = importlib.metadata.EntryPoint(
-        name="dropin", value="zz_thirdparty_methods", group="fedllm.aggregators"
+        name="dropin_test", value="zz_thirdparty_methods", group="fedllm.aggregators"
     )
     monkeypatch.setattr(importlib.metadata, "entry_points", lambda *, group: [ep])
     assert registry.discover("fedllm.aggregators", []) == ["dropin_test"]
