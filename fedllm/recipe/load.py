@@ -7,7 +7,6 @@ command that takes a recipe.
 
 from __future__ import annotations
 
-import difflib
 import re
 import typing
 from pathlib import Path
@@ -21,7 +20,7 @@ from fedllm.recipe.checks import ConfigError
 from fedllm.recipe.schema import RunConfig
 from fedllm.recipe.shipped import resolve_recipe
 from fedllm.recipe.yaml_io import load_yaml
-from fedllm.suggest import did_you_mean
+from fedllm.suggest import closest, did_you_mean
 
 # A location part that names a member of a union type (`int`, `list[int]`, `RankRule`,
 # `function-after[_ordered(), RankRule]`), not a recipe key.
@@ -143,9 +142,8 @@ def _misspelt(errors: list[dict[str, Any]]) -> set[tuple[Any, ...]]:
         if e["type"] != "extra_forbidden":
             continue
         parent = _model_at(e["loc"][:-1])
-        valid = list(parent.model_fields) if parent else []
-        close = difflib.get_close_matches(str(e["loc"][-1]).lower(), valid, n=1, cutoff=0.6)
-        out |= {(*e["loc"][:-1], close[0])} if close else set()
+        name = closest(str(e["loc"][-1]), parent.model_fields if parent else [])
+        out |= {(*e["loc"][:-1], name)} if name is not None else set()
     return out
 
 
