@@ -123,9 +123,8 @@ class Run:
         self.metrics.truncate_after(state["round"])
         if missed := self.metrics.catch_up(state["round"]):  # checkpointed, never published
             say(f"round {', '.join(map(str, missed))} sent to the trackers (a crash kept it)")
-        keep_best(
-            self.cfg, self.strategy, metrics=self.metrics, server_round=state["round"]
-        )  # if a crash cut it
+        # if a crash cut it
+        keep_best(self.cfg, self.strategy, metrics=self.metrics, server_round=state["round"])
         if changes:  # on disk: the next checkpoint keeps only today's settings
             row = {"kind": "resume", "round": state["round"], "changed": changes}
             self.metrics.write([row], publish=False)
@@ -252,16 +251,14 @@ class Run:
         rows = [r.to_json() for r in result.rows] + eval_rows + [server_row]
         self.metrics.write(rows, publish=False)
         # the snapshot first: a crash between the two reruns this round and writes it again
-        snapshot(
-            self.cfg, self.strategy, metrics=self.metrics, server_round=server_round
-        )  # output.snapshot_every
+        # output.snapshot_every
+        snapshot(self.cfg, self.strategy, metrics=self.metrics, server_round=server_round)
         self.save(server_round)
         # after the checkpoint: a crash before it ends is mended by `resume`, which keeps the
         # checkpointed round's adapter if it is the best (an earlier best is never overwritten
         # by a round that will be rerun)
-        best = keep_best(
-            self.cfg, self.strategy, metrics=self.metrics, server_round=server_round
-        )  # output.best_by
+        # output.best_by
+        best = keep_best(self.cfg, self.strategy, metrics=self.metrics, server_round=server_round)
         self.metrics.publish(rows)  # to the trackers once the round can no longer be rerun
         losses = " ".join(
             f"c{r.partition}:{r.train_loss:.3f}" for r in ok if r.train_loss is not None
