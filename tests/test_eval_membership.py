@@ -18,46 +18,29 @@ def test_matching_by_hand() -> None:
     # members: two nouns of length 5 and 9, one verb of length 4, one noun of length 30
     domains = ["noun", "noun", "verb", "noun"]
     lengths = [5, 9, 4, 30]
+
+    def sample(non_domains: list[str], non_lengths: list[int], per: int) -> MatchedSample:
+        return matched_sample(
+            domains,
+            lengths,
+            non_member_domains=non_domains,
+            non_member_lengths=non_lengths,
+            per_non_member=per,
+            seed=0,
+        )
+
     # non-members: a noun of length 8 takes the 9 (nearest), a verb of length 20 the only verb
-    s = matched_sample(
-        domains,
-        lengths,
-        non_member_domains=["noun", "verb"],
-        non_member_lengths=[8, 20],
-        per_non_member=1,
-        seed=0,
-    )
+    s = sample(["noun", "verb"], [8, 20], 1)
     assert s.non_members == [0, 1] and s.members == [1, 2] and s.dropped == 0
     assert s.sets == [0, 1]  # each member's matched set: its non-member's place in non_members
     # two per non-member: the noun takes 9 and 5; the verb has one member only and is dropped
-    s = matched_sample(
-        domains,
-        lengths,
-        non_member_domains=["noun", "verb"],
-        non_member_lengths=[8, 20],
-        per_non_member=2,
-        seed=0,
-    )
+    s = sample(["noun", "verb"], [8, 20], 2)
     assert s.non_members == [0] and sorted(s.members) == [0, 1] and s.dropped == 1
     # the verb first: it is dropped, so the noun (non-member 1) is set 0 of the kept ones
-    s = matched_sample(
-        domains,
-        lengths,
-        non_member_domains=["verb", "noun"],
-        non_member_lengths=[20, 8],
-        per_non_member=2,
-        seed=0,
-    )
+    s = sample(["verb", "noun"], [20, 8], 2)
     assert s.non_members == [1] and s.sets == [0, 0]
     # an unknown domain is never matched across domains
-    s = matched_sample(
-        domains,
-        lengths,
-        non_member_domains=["adj"],
-        non_member_lengths=[5],
-        per_non_member=1,
-        seed=0,
-    )
+    s = sample(["adj"], [5], 1)
     assert s.members == [] and s.non_members == [] and s.dropped == 1
 
 
