@@ -68,37 +68,21 @@ def test_examples_without_a_scored_token_leave_with_their_set_or_alone() -> None
 
 def test_members_are_not_reused_and_ties_are_seeded() -> None:
     domains, lengths = ["a"] * 6, [10] * 6  # all equally near
-    picks = {
-        tuple(
-            matched_sample(
-                domains,
-                lengths,
-                non_member_domains=["a"] * 3,
-                non_member_lengths=[10] * 3,
-                per_non_member=2,
-                seed=s,
-            ).members
+
+    def sample(seed: int) -> MatchedSample:
+        return matched_sample(
+            domains,
+            lengths,
+            non_member_domains=["a"] * 3,
+            non_member_lengths=[10] * 3,
+            per_non_member=2,
+            seed=seed,
         )
-        for s in range(5)
-    }
+
+    picks = {tuple(sample(s).members) for s in range(5)}
     assert all(len(set(p)) == 6 for p in picks)  # 3 non-members x 2, never the same member twice
     assert len(picks) > 1  # the seed decides ties
-    a = matched_sample(
-        domains,
-        lengths,
-        non_member_domains=["a"] * 3,
-        non_member_lengths=[10] * 3,
-        per_non_member=2,
-        seed=4,
-    )
-    assert a == matched_sample(
-        domains,
-        lengths,
-        non_member_domains=["a"] * 3,
-        non_member_lengths=[10] * 3,
-        per_non_member=2,
-        seed=4,
-    )
+    assert sample(4) == sample(4)
     with pytest.raises(ValueError, match="per_non_member"):
         matched_sample(
             domains,
