@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import peft.utils.save_and_load as peft_save
 import pytest
 import torch
 from flwr.app import ArrayRecord
@@ -49,6 +50,21 @@ def test_write_then_read_reproduces_the_update_at_another_scaling(tiny_dir: Path
     for m, f in sent.items():
         assert got[m].scaling == pytest.approx(2.0)  # this adapter's alpha / r
         torch.testing.assert_close(got[m].delta(), f.delta(), rtol=1e-5, atol=1e-5)
+    model.unload()
+
+
+def test_reading_factors_never_asks_the_hub(tiny_dir: Path, monkeypatch) -> None:
+    """An adapter whose base is named by hub id (a loaded adapter, a hub base) is read offline:
+    peft's embedding check would look the id up on the Hub on every reply."""
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError(f"hub lookup {args}")
+
+    monkeypatch.setattr(peft_save, "check_file_exists_on_hf_hub", no_hub)
+    base, _ = load_base_model(tiny_dir)
+    model = attach_lora(base, rank=2, alpha=4.0, dropout=0.0, target_modules=["q_proj"])
+    model.peft_config["default"].base_model_name_or_path = "someone/a-hub-model"
+    assert set(read_factors(model)) == {Q, Q.replace("layers.0", "layers.1")}
     model.unload()
 
 

@@ -87,10 +87,14 @@ def attach_lora(
 
 
 def read_factors(model: PeftModel) -> dict[str, Factors]:
-    """Copy the adapter's factors out of the live model (peft's state dict aliases parameters)."""
+    """Copy the adapter's factors out of the live model (peft's state dict aliases parameters).
+
+    `save_embedding_layers=False`: fedllm's LoRA targets linear layers only, and peft's "auto"
+    asks the Hub for the base's config.json whenever the base is named by id, not folder.
+    """
     config = model.peft_config[model.active_adapter]
     scaling = config.lora_alpha / config.r
-    state = get_peft_model_state_dict(model)
+    state = get_peft_model_state_dict(model, save_embedding_layers=False)
     out: dict[str, Factors] = {}
     for key, a in state.items():
         if not key.endswith(".lora_A.weight"):
