@@ -9,6 +9,7 @@ failure; the scenario bounds its time. Those tests are slow; the last section's 
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import re
@@ -22,6 +23,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedllm.cli import main
 from fedllm.deploy.certs import make_credentials
@@ -647,6 +651,87 @@ def test_superlink_tls_files_that_cannot_work_are_named_before_it_starts(
     assert not started and "SuperLink on" not in out.out
     assert main([*superlink_argv(creds, "ca.crt", "server.pem", "server.key")]) == 0
     assert len(started) == 1  # the test's own credentials pass
+
+
+def _issue(subject: str, key, *, by: tuple | None, ca: bool, days: int = 30):
+    """A certificate for `key` named `subject`, signed by `by` = (issuer cert, issuer key)
+    (self-signed if None), valid for `days` from 5 minutes ago (or `-days` until 5 ago)."""
+    now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+    if days < 0:
+        now, days = now + dt.timedelta(days=days), -days
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, subject)])
+    issuer_cert, issuer_key = by or (None, key)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer_cert.subject if issuer_cert else name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .sign(issuer_key, hashes.SHA256())
+    )
+
+
+def test_a_server_certificate_the_ca_did_not_issue_or_out_of_date_is_named(
+    creds: Path, started: list, capsys, tmp_path: Path
+) -> None:
+    """A SuperLink started with a certificate its CA did not sign (another `fedllm certs`
+    folder's) or an expired one ran, and every SuperNode failed its TLS handshake."""
+    other = make_credentials(tmp_path / "other", nodes=0).ca_cert.parent
+    argv = ["superlink", "--ssl-ca-certfile", str(other / "ca.crt")]
+    argv += [
+        "--ssl-certfile",
+        str(creds / "server.pem"),
+        "--ssl-keyfile",
+        str(creds / "server.key"),
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--ssl-certfile {creds}/server.pem" in err and "was not issued by" in err
+    assert f"--ssl-ca-certfile {other}/ca.crt" in err and not started
+    # an expired server certificate, signed by the right CA
+    ca_cert = x509.load_pem_x509_certificate((creds / "ca.crt").read_bytes())
+    ca_key = serialization.load_pem_private_key((creds / "ca.key").read_bytes(), password=None)
+    key = serialization.load_pem_private_key((creds / "server.key").read_bytes(), password=None)
+    old = _issue("127.0.0.1", key, by=(ca_cert, ca_key), ca=False, days=-1)
+    (tmp_path / "old.pem").write_bytes(old.public_bytes(serialization.Encoding.PEM))
+    argv = ["superlink", "--ssl-ca-certfile", str(creds / "ca.crt")]
+    argv += [
+        "--ssl-certfile",
+        str(tmp_path / "old.pem"),
+        "--ssl-keyfile",
+        str(creds / "server.key"),
+    ]
+    assert main(argv) == 2
+    assert f"--ssl-certfile {tmp_path}/old.pem: valid " in capsys.readouterr().err
+    assert not started
+    with pytest.raises(ValueError, match="days must be >= 1"):
+        make_credentials(tmp_path / "none", days=0)
+
+
+def test_a_server_certificate_chained_through_an_intermediate_passes(
+    started: list, tmp_path: Path
+) -> None:
+    """The CA check walks intermediates in the certificate file (a real PKI's layout), and
+    refuses the leaf alone."""
+    root_key, mid_key, leaf_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    root = _issue("root", root_key, by=None, ca=True)
+    mid = _issue("intermediate", mid_key, by=(root, root_key), ca=True)
+    leaf = _issue("127.0.0.1", leaf_key, by=(mid, mid_key), ca=False)
+    pem = serialization.Encoding.PEM
+    (tmp_path / "ca.crt").write_bytes(root.public_bytes(pem))
+    (tmp_path / "chain.pem").write_bytes(leaf.public_bytes(pem) + mid.public_bytes(pem))
+    (tmp_path / "leaf.pem").write_bytes(leaf.public_bytes(pem))
+    key = leaf_key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    (tmp_path / "server.key").write_bytes(key)
+    assert main(superlink_argv(tmp_path, "ca.crt", "chain.pem", "server.key")) == 0
+    assert len(started) == 1
+    assert main(superlink_argv(tmp_path, "ca.crt", "leaf.pem", "server.key")) == 2
+    assert len(started) == 1
 
 
 @pytest.mark.parametrize(

@@ -8,11 +8,12 @@ should hold, which `fedllm` prints as one `fedllm: error: ...` line.
 
 from __future__ import annotations
 
+import datetime as dt
 import ssl
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -116,6 +117,47 @@ def check_server_tls(*, ca: Path, cert: Path, key: Path) -> None:
             f"--ssl-keyfile {key} is not the private key of --ssl-certfile {cert} "
             f"({err.reason or err}); pass the key the certificate was made for"
         ) from None
+    check_chain(ca=ca, cert=cert)
+
+
+def check_chain(*, ca: Path, cert: Path) -> None:
+    """Refuse a server certificate the CA did not issue (directly or through intermediates in
+    the certificate file) or outside its validity window: every SuperNode given that CA would
+    refuse the SuperLink at its TLS handshake, far from the cause."""
+    authorities = x509.load_pem_x509_certificates(_read("--ssl-ca-certfile", ca))
+    chain = x509.load_pem_x509_certificates(_read("--ssl-certfile", cert))
+    now = dt.datetime.now(dt.UTC)
+    for c, flag, path in [
+        (chain[0], "--ssl-certfile", cert),
+        *((a, "--ssl-ca-certfile", ca) for a in authorities),
+    ]:
+        if not c.not_valid_before_utc <= now <= c.not_valid_after_utc:
+            raise ValueError(
+                f"{flag} {path}: valid {c.not_valid_before_utc:%Y-%m-%d %H:%M} to "
+                f"{c.not_valid_after_utc:%Y-%m-%d %H:%M} UTC, not now; make new credentials "
+                "(`fedllm certs --force`)"
+            )
+    current, rest = chain[0], list(chain[1:])
+    while not any(_issued(current, by=a) for a in authorities):
+        parent = next((c for c in rest if _issued(current, by=c)), None)
+        if parent is None:
+            raise ValueError(
+                f"--ssl-certfile {cert} (issued by {chain[0].issuer.rfc4514_string()}) was not "
+                f"issued by --ssl-ca-certfile {ca} ({authorities[0].subject.rfc4514_string()}): "
+                "SuperNodes given that CA would refuse the SuperLink; pass the CA that signed "
+                "the certificate"
+            )
+        current = parent
+        rest.remove(parent)
+
+
+def _issued(cert: x509.Certificate, *, by: x509.Certificate) -> bool:
+    """Whether `by`'s key signed `cert` and `by` is named as its issuer."""
+    try:
+        cert.verify_directly_issued_by(by)
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+        return False
+    return True
 
 
 def check_node_credentials(root_certificates: Path | None, auth_key: Path | None) -> None:

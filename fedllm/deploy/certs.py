@@ -127,6 +127,8 @@ def make_credentials(
     registered node would stop matching them)."""
     if nodes < 0:
         raise ValueError(f"nodes must be >= 0, got {nodes}")
+    if days < 1:
+        raise ValueError(f"days must be >= 1, got {days} (the certificates would be expired)")
     for host in hosts or []:
         check_host(host)
     out = Path(folder)
