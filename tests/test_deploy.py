@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import uvicorn
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -709,6 +710,23 @@ def test_a_server_certificate_the_ca_did_not_issue_or_out_of_date_is_named(
     assert not started
     with pytest.raises(ValueError, match="days must be >= 1"):
         make_credentials(tmp_path / "none", days=0)
+
+
+def test_the_low_level_superlink_runner_checks_its_tls_files_too(
+    creds: Path, monkeypatch, tmp_path: Path
+) -> None:
+    """`python -m fedllm.deploy.federation superlink` (tests, benches, any flower-superlink flag)
+    refuses the CA/certificate mismatch `fedllm superlink` refuses, before anything serves."""
+    from fedllm.deploy import guard
+
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # serve_superlink sets Flower's env
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: pytest.fail("the SuperLink served"))
+    other = make_credentials(tmp_path / "other", nodes=0).ca_cert
+    flags = ["--ssl-ca-certfile", str(other), "--ssl-certfile", str(creds / "server.pem")]
+    flags += ["--ssl-keyfile", str(creds / "server.key"), "--database", ":memory:"]
+    with pytest.raises(ValueError, match="was not issued by --ssl-ca-certfile"):
+        guard.serve_superlink(flags)
 
 
 def test_a_server_certificate_chained_through_an_intermediate_passes(

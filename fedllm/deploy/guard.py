@@ -28,6 +28,7 @@ from typing import Any
 
 from fedllm.deploy import warm
 from fedllm.deploy.app_check import check_fab
+from fedllm.deploy.arguments import check_server_tls
 from fedllm.deploy.flower_env import flwr_env, flwr_home
 
 # the SuperLink paths anyone may reach: the Fleet API of SuperNodes, and health
@@ -174,6 +175,13 @@ def serve_superlink(argv: Sequence[str]) -> None:
     os.environ.update(flwr_env())  # the SuperExec and ServerApps it starts: no installs, our PATH
     sys.argv = ["flower-superlink", *flower_args]
     config = flower._parse_superlink_lifespan_config()
+    if config.ssl_ca_certfile and config.ssl_certfile and config.ssl_keyfile:
+        # `fedllm superlink` checked them already; `python -m fedllm.deploy.federation` had not
+        check_server_tls(
+            ca=Path(config.ssl_ca_certfile),
+            cert=Path(config.ssl_certfile),
+            key=Path(config.ssl_keyfile),
+        )
     listeners = [(config.host, config.port)]
     wildcard = config.host in ("0.0.0.0", "::", "[::]")
     if not wildcard and not is_loopback(config.host):
