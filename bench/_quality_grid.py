@@ -115,7 +115,9 @@ REGIMES = {
         ),
         f"the domain regime at 12 rounds and the shipped lr {TUNED_LR} (local-only at 0.001, "
         "its best): the default's case over a longer budget",
-        methods=("local only lr 0.001", "fedit", "svd", "squeeze"),
+        # `squeeze +residual` is svd plus the residual error feedback alone (squeeze plain ==
+        # svd): does the residual pay once there are more rounds to carry it (5: nothing)?
+        methods=("local only lr 0.001", "fedit", "svd", "squeeze", "squeeze +residual"),
     ),
     # Client-level DP at the noise a large federation's mean carries: σ = zS/m per entry, here
     # 0.01·2/4 = 0.005, which is a 400-client round at z = 1 (4 clients cannot give a useful ε:
@@ -271,6 +273,7 @@ PAIRS = [
     # LoRA-FAIR's correction over fedit's mean, against the exact aggregate with and without it
     ("lorafair", "svd"),
     ("lorafair", "squeeze"),
+    ("squeeze +residual", "svd"),  # the residual alone over the exact aggregate (long)
 ]
 
 # One question asked in several regimes, pooled over their seeds (the report's "Across
@@ -370,9 +373,6 @@ PLAN = [
     # the squeeze variants' third seed first: the default's table (issue 14 item 2) before rows
     Step(("variants",), ("domain",), "what each squeeze option adds"),
     Step(("ffa", "hetlora", "flora", "lorafair", "features"), ("scarce",), "issue 14's other rows"),
-    # flexlora forms svd's aggregate densely (the d×k SVD): seed 0 reproduced svd to 1e-5 nats,
-    # so its other seeds would be svd's cells again at twice the cost
-    Step(("flexlora",), ("scarce",), "svd's aggregate formed densely: a consistency check", (0,)),
     # lorafair led svd at the common lr 0.001 on scarce's seeds 0-1: at the shipped lr, where
     # svd won scarce-lr, does it still (scarce-lr's fresh seeds)?
     Step(
@@ -381,11 +381,14 @@ PLAN = [
         f"lorafair at the shipped lr {TUNED_LR}: does its lead over svd at 0.001 hold",
         (1, 2, 3),
     ),
+    # flexlora forms svd's aggregate densely (the d×k SVD): seed 0 reproduced svd to 1e-5 nats;
+    # seeds 1-2 since stop 50, so the row has its three seeds like every other baseline
+    Step(("flexlora",), ("scarce",), "svd's aggregate formed densely: a consistency check"),
     Step(
-        ("svd", "squeeze", "fedit", "local only lr 0.001"),
+        ("svd", "squeeze", "fedit", "local only lr 0.001", "squeeze +residual"),
         ("long",),
         f"12 rounds at the shipped lr {TUNED_LR}: do the default's results hold, do the curves "
-        "flatten",
+        "flatten, does the residual pay over more rounds",
     ),
 ]
 

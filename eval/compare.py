@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedllm.eval.report import fmt, interval_cell
+from fedllm.eval.report import fmt, interval_cell, tpr_cell
 from fedllm.eval.roc import CONFIDENCE, RESAMPLES, paired_auc_difference
 from fedllm.recipe import load_yaml
 
@@ -23,7 +23,9 @@ def note_md(rows: list[dict]) -> str:
     return (
         f"MIA AUC: the best of the five scores, pooled over clients, with its {said}bootstrap "
         "interval when the report has one. Picking the best of five inflates it a little, the "
-        "base model's too: compare a view with the base control, not with 0.5. Exposure: "
+        "base model's too: compare a view with the base control, not with 0.5. TPR@FPR<1%: "
+        "that score's true-positive rate below 1% false positives, with its interval (* when "
+        "fewer than 101 non-members make it the TPR at zero false positives). Exposure: "
         "skew-normal bits, mean over the canaries with that repeat count. Extraction: exact "
         "suffixes over attempted members, pooled over the clients (a client with no decodable "
         "member adds nothing)."
@@ -77,6 +79,7 @@ def summarize(report: dict, *, privacy: str = "?") -> dict:
         row[f"mia_auc_{view}_interval"] = best[1].get("auc_interval")
         row[f"mia_auc_{view}_score"] = best[0]
         row[f"mia_loss_auc_{view}"] = pooled.get("loss", {}).get("auc")
+        row[f"mia_tpr_{view}"] = best[1].get("tpr@fpr<0.01")  # the best-AUC score's, as above
         if view == "base":
             continue
         by_k: dict[int, list[float]] = defaultdict(list)
@@ -304,6 +307,7 @@ def table_md(rows: list[dict]) -> str:
         "MIA AUC global",
         "MIA AUC client",
         "MIA AUC base (control)",
+        "TPR@FPR<1% global / client / base",
         *[f"exposure k={k} (global/client)" for k in ks],
         "extraction (global)",
     ]
@@ -318,6 +322,10 @@ def table_md(rows: list[dict]) -> str:
             interval_cell(r["mia_auc_global"], r.get("mia_auc_global_interval")),
             interval_cell(r["mia_auc_client"], r.get("mia_auc_client_interval")),
             interval_cell(r.get("mia_auc_base"), r.get("mia_auc_base_interval")),
+            " / ".join(
+                "—" if r.get(f"mia_tpr_{v}") is None else tpr_cell(r[f"mia_tpr_{v}"])
+                for v in ("global", "client", "base")
+            ),
             *[
                 f"{fmt(r['exposure_global'].get(k), 1)} / {fmt(r['exposure_client'].get(k), 1)}"
                 for k in ks

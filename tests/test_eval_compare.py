@@ -10,7 +10,10 @@ from fedllm.eval.compare import summarize
 
 
 def attack(auc: float) -> dict:
-    return {"auc": auc, "members": 10, "non_members": 10}
+    """A pooled attack entry; its TPR@FPR<1% is auc / 10, with an interval, and too few
+    non-members (10) for that FPR, as `roc.attack_metrics` marks it."""
+    tpr = {"value": auc / 10, "interval": [auc / 20, auc / 5], "enough_non_members": False}
+    return {"auc": auc, "members": 10, "non_members": 10, "tpr@fpr<0.01": tpr}
 
 
 def report(name: str, *, loss: float, aucs: dict, exposures: list[tuple[str, int, float]]) -> dict:
@@ -87,6 +90,8 @@ def test_compare_writes_one_table_and_a_figure(runs: list[Path], tmp_path: Path)
     assert "| 0.50 |" in md  # a report from before the interval: the bare value
     assert "| dp | sample | 3.000 → 2.500 |" in md
     assert "exposure k=16 (global/client)" in md and "11.0 / 20.0" in md
+    # the best-AUC score's (min_k, 0.8) TPR@FPR<1%, starred: 10 non-members cannot make 1%
+    assert "| 0.080 [0.040, 0.160]* / — / — |" in md and "0.070" not in md
     assert (out / "compare.png").stat().st_size > 10_000
     assert "Not like for like" not in md  # the recipes differ in privacy only: the point
     assert main(["compare", str(tmp_path / "missing"), "--out", str(out)]) == 2
