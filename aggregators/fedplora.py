@@ -5,15 +5,21 @@ A; ΔW = Σⱼ BⱼAⱼ, the same matrix as the LoRA B@A). Each round client i o
 modules (`select`, seeded per client and round), folds the other R − rᵢ into its frozen base
 (W₀ + Σ_{j∉Sᵢ} BⱼAⱼ: it starts from the global model exactly, no initialisation noise), trains
 the selected ones as an ordinary rank-rᵢ LoRA and sends them with their indices. The server puts
-them back at their indices (`expand`: the modules a client did not train are the global ones, which
-it left untouched) and averages the R modules over every client, here: module j is
-(ΣpᵢsᵢBⱼ⁽ⁱ⁾)(ΣpᵢAⱼ⁽ⁱ⁾) with the global module wherever client i did not train j.
+them back at their indices (`expand`) and averages each module over the clients that trained it,
+as the paper does (its aggregation-noise bound divides by the number of clients that selected
+module j): module j is (Σ_{i∈Tⱼ}pᵢsᵢBⱼ⁽ⁱ⁾)(Σ_{i∈Tⱼ}pᵢAⱼ⁽ⁱ⁾) with p renormalised over its
+trainers Tⱼ; a module nobody trained stays the global one. `trainers_mean` writes that as
+inputs to this module-wise mean over every client (a non-trainer's module j := the trainers'
+mean), so the aggregator stays one weighted sum.
 
-Against the ideal Σpᵢ·(client i's whole ΔW), module j errs by
-−Σ_{i<k} pᵢpₖ(Bⱼ⁽ⁱ⁾−Bⱼ⁽ᵏ⁾)(Aⱼ⁽ⁱ⁾−Aⱼ⁽ᵏ⁾) (sᵢ folded into B): second order in what the clients
-changed, where zero-padded averaging (FedIT, HetLoRA) errs at first order. The client side
-(selection, fold, indices) is `fedllm.features.fedplora_fold`; R is the largest client rank (the
-strategy's global rank), so `aggregator.global_rank` is refused.
+Against the FedAvg of the trainers' whole one-rank modules, module j errs by
+−Σ_{i<k∈Tⱼ} pᵢpₖ(Bⱼ⁽ⁱ⁾−Bⱼ⁽ᵏ⁾)(Aⱼ⁽ⁱ⁾−Aⱼ⁽ᵏ⁾) (sᵢ folded into B, p over Tⱼ): second order in
+what the clients changed, where zero-padded averaging (FedIT, HetLoRA) errs at first order.
+Against the FedAvg of every client's whole model it takes a 1/P(Tⱼ) times larger step on module
+j (a non-trainer's copy of the global module does not dilute it; the grid's cells before stop 50
+averaged over every client, see docs/aggregators.md). The client side (selection, fold, indices) is
+`fedllm.features.fedplora_fold`; R is the largest client rank (the strategy's global rank), so
+`aggregator.global_rank` is refused.
 """
 
 from __future__ import annotations
@@ -111,3 +117,36 @@ def expand(update: Factors, selected: Sequence[int], *, global_: Factors) -> Fac
     B[:, chosen] = update.B * update.scaling
     A[chosen] = update.A
     return Factors(B, A, 1.0)
+
+
+def trainers_mean(
+    expanded: Sequence[Factors], selected: Sequence[Sequence[int]], weights: Sequence[float]
+) -> list[Factors]:
+    """`expanded` (each client's R modules, scaling 1) with every module a client did not train
+    replaced by the weighted mean of the clients that did (`selected`: each client's indices), so
+    that a weighted mean over every client is the mean over each module's trainers; a module
+    nobody trained (or trained at weight 0) keeps what the clients hold, the global module."""
+    if not len(expanded) == len(selected) == len(weights):
+        raise ValueError(
+            f"{len(expanded)} updates, {len(selected)} selections, {len(weights)} weights"
+        )
+    R = expanded[0].rank
+    chose = torch.zeros(len(expanded), R, dtype=torch.bool)
+    for i, chosen in enumerate(selected):
+        chose[i, list(chosen)] = True
+    owners = chose * torch.tensor([float(w) for w in weights], dtype=torch.float64)[:, None]
+    total = owners.sum(dim=0)
+    B = torch.stack([u.B.double() for u in expanded])  # clients × d × R
+    A = torch.stack([u.A.double() for u in expanded])  # clients × R × k
+    trained = total > 0
+    share = owners / torch.where(trained, total, 1.0)  # each trainer's weight within module j
+    mean_B = torch.einsum("cj,cdj->dj", share, B)
+    mean_A = torch.einsum("cj,cjk->jk", share, A)
+    out = []
+    for i, u in enumerate(expanded):
+        fill = trained & ~chose[i]  # modules others trained and client i did not
+        b, a = u.B.clone(), u.A.clone()
+        b[:, fill] = mean_B[:, fill].to(b.dtype)
+        a[fill] = mean_A[fill].to(a.dtype)
+        out.append(Factors(b, a, u.scaling))
+    return out

@@ -1,6 +1,6 @@
-"""fedplora: R one-rank modules, a seeded selection per client, the rest folded into the base, and a
-module-wise mean over every client (hand-computed); the client and server hooks; and (slow) one tiny
-federation of each 2026 method (fedplora, prelort, sdflora)."""
+"""fedplora: R one-rank modules, a seeded selection per client, the rest folded into the base, and
+a module-wise mean over the clients that trained each module (hand-computed); the client and
+server hooks; and (slow) one tiny federation of each 2026 method (fedplora, prelort, sdflora)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from flwr.app import ConfigRecord, RecordDict
 from peft import LoraConfig, get_peft_model
 
 from fedllm.aggregators import Factors, get, round_spec
-from fedllm.aggregators.fedplora import check_selection, expand, select, split
+from fedllm.aggregators.fedplora import check_selection, expand, select, split, trainers_mean
 from fedllm.features.fedplora_fold import METRIC, FedPLoRAFold
 from fedllm.features.types import ClientPlan, ClientRound, Download, TrainReply
 from fedllm.model import wire
@@ -44,22 +44,36 @@ def test_expand_places_the_trained_modules_and_keeps_the_global_ones() -> None:
     assert e0.delta().item() == 23.0 and e1.delta().item() == 20.0
 
 
-def test_hand_computed_module_wise_mean_over_every_client() -> None:
+def test_hand_computed_module_wise_mean_over_each_modules_trainers() -> None:
+    """The paper's aggregation: module j averaged over the clients that selected it."""
+    selected = [[2], [0, 2]]
     expanded = [expand(C0, [2], global_=GLOBAL), expand(C1, [0, 2], global_=GLOBAL)]
-    g = get("fedplora")(expanded, [1.0, 3.0]).global_  # p = ¼, ¾
-    # B̄ = ¼[1, 2, 10] + ¾[4, 2, 6] = [3.25, 2, 7]; Ā = ¼[1, 1, 2] + ¾[3, 1, 1] = [2.5, 1, 1.25]
-    assert torch.allclose(g.B, t([[3.25, 2.0, 7.0]])) and torch.allclose(
-        g.A, t([[2.5], [1.0], [1.25]])
+    filled = trainers_mean(expanded, selected, [1.0, 3.0])
+    # module 0: client 1 alone trained it, so client 0's copy becomes client 1's (4, 3)
+    assert torch.equal(filled[0].B, t([[4.0, 2.0, 10.0]]))
+    assert torch.equal(filled[0].A, t([[3.0], [1.0], [2.0]]))
+    assert torch.equal(filled[1].B, expanded[1].B) and torch.equal(filled[1].A, expanded[1].A)
+    assert torch.equal(expanded[0].B, t([[1.0, 2.0, 10.0]]))  # its inputs are not changed
+    g = get("fedplora")(filled, [1.0, 3.0]).global_  # p = ¼, ¾
+    # module 0: (4, 3) (its one trainer); module 1, trained by no one: the global (2, 1);
+    # module 2, both: B = ¼·10 + ¾·6 = 7, A = ¼·2 + ¾·1 = 1.25
+    assert torch.allclose(g.B, t([[4.0, 2.0, 7.0]])) and torch.allclose(
+        g.A, t([[3.0], [1.0], [1.25]])
     )
     assert g.scaling == 1.0
-    # module 1, trained by no one, is the global module unchanged
-    assert g.B[0, 1].item() == 2.0 and g.A[1, 0].item() == 1.0
-    # ΔW = 3.25·2.5 + 2 + 7·1.25 = 18.875 against the ideal ¼·23 + ¾·20 = 20.75
-    assert g.delta().item() == pytest.approx(18.875)
+    # ΔW = 4·3 + 2·1 + 7·1.25 = 22.75; every client's whole model averaged (the variant the grid
+    # ran before stop 50) gave 18.875: module 0 diluted by client 0's global copy
+    assert g.delta().item() == pytest.approx(22.75)
+    # weight 0 for the only trainer of module 0: it is left as the clients hold it
+    zero = trainers_mean(expanded, selected, [1.0, 0.0])
+    assert torch.equal(zero[0].B, expanded[0].B) and torch.equal(zero[1].B, expanded[1].B)
+    with pytest.raises(ValueError, match="2 updates, 1 selections"):
+        trainers_mean(expanded, selected[:1], [1.0, 3.0])
 
 
-def test_the_error_is_second_order_in_what_the_clients_changed() -> None:
-    """aggregate − Σpᵢ·ΔWᵢ = −Σ_j Σ_{i<k} pᵢpₖ(Bⱼ⁽ⁱ⁾−Bⱼ⁽ᵏ⁾)(Aⱼ⁽ⁱ⁾−Aⱼ⁽ᵏ⁾), for random tensors."""
+def test_the_error_is_second_order_in_what_the_trainers_changed() -> None:
+    """aggregate − Σⱼ Σ_{i∈Tⱼ} qᵢⱼ·Bⱼ⁽ⁱ⁾Aⱼ⁽ⁱ⁾ (q: p renormalised over module j's trainers Tⱼ) =
+    −Σⱼ Σ_{i<k∈Tⱼ} qᵢⱼqₖⱼ(Bⱼ⁽ⁱ⁾−Bⱼ⁽ᵏ⁾)(Aⱼ⁽ⁱ⁾−Aⱼ⁽ᵏ⁾), for random tensors."""
     g = torch.Generator().manual_seed(3)
     R, d, k = 4, 5, 3
     glob = Factors(
@@ -78,16 +92,19 @@ def test_the_error_is_second_order_in_what_the_clients_changed() -> None:
     ]
     full = [expand(u, s, global_=glob) for u, s in zip(ups, picks, strict=True)]
     w = [1.0, 2.0, 5.0]
-    p = [x / sum(w) for x in w]
-    agg = get("fedplora")(full, w).global_
-    ideal = sum(pi * f.delta() for pi, f in zip(p, full, strict=True))
+    agg = get("fedplora")(trainers_mean(full, picks, w), w).global_
+    ideal = torch.zeros(d, k, dtype=torch.float64)
     error = torch.zeros(d, k, dtype=torch.float64)
     for j in range(R):
-        for i in range(3):
-            for m in range(i + 1, 3):
-                dB = full[i].B[:, j] - full[m].B[:, j]
-                dA = full[i].A[j] - full[m].A[j]
-                error -= p[i] * p[m] * torch.outer(dB, dA)
+        owners = [i for i in range(3) if j in picks[i]]
+        q = {i: w[i] / sum(w[o] for o in owners) for i in owners}
+        for i in owners:
+            ideal += q[i] * torch.outer(full[i].B[:, j], full[i].A[j])
+            for m in owners:
+                if m > i:
+                    dB = full[i].B[:, j] - full[m].B[:, j]
+                    dA = full[i].A[j] - full[m].A[j]
+                    error -= q[i] * q[m] * torch.outer(dB, dA)
     torch.testing.assert_close(agg.delta() - ideal, error)
 
 
@@ -211,6 +228,13 @@ def test_the_server_sends_everything_and_places_the_modules() -> None:
     )
     inputs, weights = feature.release([7], [factors], weights=[3.0], global_=glob)
     assert weights == [3.0] and torch.equal(inputs[0]["q"].B, t([[4.0, 2.0, 6.0]]))
+    # two nodes: node 8 (C0, module 2 only) holds node 7's module 0, the one trainer's
+    for node, (f, chosen) in {7: (C1, [0, 2]), 8: (C0, [2])}.items():
+        one = TrainReply.parse({**metrics, "rank": len(chosen), METRIC: chosen})
+        feature.receive(node, RecordDict(), factors={"q": f}, reply=one, shapes={"q": (1, 1)})
+    inputs, _ = feature.release([7, 8], [{"q": C1}, {"q": C0}], weights=[3.0, 1.0], global_=glob)
+    assert torch.equal(inputs[1]["q"].B, t([[4.0, 2.0, 10.0]]))
+    assert torch.equal(inputs[1]["q"].A, t([[3.0], [1.0], [2.0]]))
     for bad in ([0, 0], [2]):
         with pytest.raises(ValueError, match="module indices"):
             feature.receive(

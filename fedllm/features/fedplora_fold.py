@@ -2,7 +2,8 @@
 
 Server: every node is sent the whole global adapter (R modules; no cut to its rank), and each
 reply's module indices (`fedplora-select`, one per trained rank) put its modules back at their
-places before the aggregator runs (`release`: the global modules fill the rest).
+places before the aggregator runs (`release`: the trainers' mean fills the rest, so each module
+is averaged over the clients that trained it).
 Client: it selects rᵢ modules (seeded by the run's seed, the round and its partition), folds the
 others into its frozen base for the round (the `fold` hook; restored afterwards), trains the
 selected ones as its rank-rᵢ LoRA and reports their indices.
@@ -22,7 +23,7 @@ from typing import Any
 from flwr.app import RecordDict
 
 from fedllm.aggregators.base import Factors
-from fedllm.aggregators.fedplora import check_selection, expand, select, split
+from fedllm.aggregators.fedplora import check_selection, expand, select, split, trainers_mean
 from fedllm.features.base import Feature
 from fedllm.features.personal import PersonalAdapter
 from fedllm.features.registry import register
@@ -132,10 +133,16 @@ class FedPLoRAFold(Feature):
         weights: list[float],
         global_: Mapping[str, Factors],
     ) -> tuple[list[dict[str, Factors]], list[float]]:
-        """Every update as R modules: its own at its indices, the global ones elsewhere."""
-        out = [
-            {m: expand(f, self.placed[node], global_=global_[m]) for m, f in update.items()}
-            for node, update in zip(nodes, inputs, strict=True)
+        """Every update as R modules: its own at its indices, and elsewhere the mean of the
+        clients that trained that module (the global one where none did): the aggregator's
+        mean over every client is then each module's mean over its trainers, the paper's."""
+        if not inputs:
+            return inputs, weights
+        selected = [self.placed[node] for node in nodes]
+        expanded = [
+            {m: expand(f, chosen, global_=global_[m]) for m, f in update.items()}
+            for chosen, update in zip(selected, inputs, strict=True)
         ]
+        by_module = {m: trainers_mean([u[m] for u in expanded], selected, weights) for m in global_}
         self.placed = {}
-        return out, weights
+        return [{m: by_module[m][i] for m in update} for i, update in enumerate(expanded)], weights
