@@ -19,6 +19,7 @@ from _stats import MIN_SEEDS, NEGLIGIBLE, Interval, paired, seeds, t_interval, v
 
 RESULTS = Path(__file__).parent / "results"
 CURVES = ("centralised", "local only", "fedit", "svd", "squeeze", "rblora", "fedsa", "fedplora")
+BUSY_LOAD = 3.0  # a cell started above this shared the 2 cores with another job (alone: ~2)
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -109,6 +110,8 @@ def regime_tables(
         # times of whole cells only: a resumed cell's are its last part's
         whole = [r for r in by_seed.values() if not r.get("resumed")]
         seconds = f"{sum(r['seconds'] for r in whole) / len(whole):.0f}" if whole else "—"
+        if any(r["load"] > BUSY_LOAD for r in whole):
+            seconds += "†"  # another job shared the cores for part of it
         cpu = [r["cpu_seconds"] for r in whole if "cpu_seconds" in r]
         cpu_text = f"{sum(cpu) / len(cpu):.0f}" if cpu else "—"
         lines.append(
@@ -280,7 +283,9 @@ def header(
         "the last round still moved the own-domain loss (near 0: the curve has flattened). "
         "s/cell: wall time, including any time the grid was paused for another job on the "
         "machine; CPU s/cell: the grid process's CPU time (both cores; a pause adds none), "
-        "since the cell's last resume (— : not recorded, cells before stop 28).",
+        "since the cell's last resume (— : not recorded, cells before stop 28); †: a seed's "
+        f"cell started at load average above {BUSY_LOAD} (another job shared the two cores: its "
+        "wall time is inflated, its CPU time a little, its losses not at all).",
         "",
         "Each verdict below is one paired 95% t-interval (n − 1 degrees of freedom: 2 with three "
         "seeds), read on its own: among the dozens of comparisons per regime a few "

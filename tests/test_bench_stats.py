@@ -121,6 +121,27 @@ def test_report_pairs_each_method_with_fedit_and_local_only(tmp_path: Path) -> N
     assert "n/a (B on clients)" in fedsa  # the server's adapter is not what fedsa clients use
     assert "| squeeze − fedit | -0.1000 ± 0.0248 better |" in md
     assert len((tmp_path / "q-rows.csv").read_text().splitlines()) == 1 + 12 * 3
+    assert "| 10† |" not in md  # every cell started at load 0.5: no mark
+
+
+def test_a_cell_started_on_a_busy_machine_marks_its_wall_time(tmp_path: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    try:
+        from _quality_report import BUSY_LOAD, write_report
+    finally:
+        sys.path.pop(0)
+    rows = [_row("fedit", s, 3.5, 3.9) for s in range(3)] + [
+        _row("svd", s, 3.4, 3.8) for s in range(3)
+    ]
+    rows[4]["load"] = BUSY_LOAD + 0.1  # svd seed 1 shared the cores with another job
+    write_report(
+        rows, stem="q", results=tmp_path, regimes={"domain": "4 clients"}, common=["a=1"],
+        regime_overrides={"domain": ["b=2"]}, pairs=[], invocation="python bench/quality.py",
+    )  # fmt: skip
+    md = (tmp_path / "q.md").read_text()
+    svd = next(x for x in md.splitlines() if x.startswith("| svd | adapter"))
+    fedit = next(x for x in md.splitlines() if x.startswith("| fedit | adapter"))
+    assert "| 10† |" in svd and "| 10 |" in fedit and "†: a seed's cell started" in md
 
 
 def test_local_only_at_its_best_round_is_the_harder_reference(tmp_path: Path) -> None:
