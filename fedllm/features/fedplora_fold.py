@@ -143,6 +143,8 @@ class FedPLoRAFold(Feature):
             {m: expand(f, chosen, global_=global_[m]) for m, f in update.items()}
             for chosen, update in zip(selected, inputs, strict=True)
         ]
-        by_module = {m: trainers_mean([u[m] for u in expanded], selected, weights) for m in global_}
+        by_module = {
+            m: trainers_mean([u[m] for u in expanded], selected, weights) for m in expanded[0]
+        }
         self.placed = {}
         return [{m: by_module[m][i] for m in update} for i, update in enumerate(expanded)], weights
