@@ -45,8 +45,10 @@ def fedplora(
 ) -> Aggregate:
     """Module-wise weighted mean of R one-rank modules: (Σpᵢsᵢ·Bᵢ, Σpᵢ·Aᵢ), scaling 1.
 
-    Every update must already be at the global rank R (`expand`: the client's trained modules at
-    their indices, the global ones elsewhere); a different rank or `global_rank` raises.
+    Every update must already be at the global rank R (the fedplora_fold feature's release:
+    `expand` puts the client's trained modules at their indices, `trainers_mean` the other
+    clients' mean elsewhere, so this mean is each module's over its trainers); a different rank
+    or `global_rank` raises.
     """
     reject_options("fedplora", options)
     p = normalized_weights(updates, weights)
