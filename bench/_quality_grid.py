@@ -330,6 +330,8 @@ class Step:
 # less (docs/privacy.md).
 KEY_LR = ("local only lr 0.001", "fedit", "squeeze lr 0.01", "svd", "squeeze")
 PLAN = [
+    # stop 50: fedplora's and prelort's cells (and squeeze prefix's, in `variants`) before then
+    # measured defects since fixed; their rows are in quality-rows-before-s50.jsonl and rerun here
     Step(("core",), ("scarce", "domain"), "every core method, 8 and 4 clients"),
     Step(("squeeze balanced",), ("scarce",), "the default until stop 34"),
     Step(("control",), ("iid",), "the IID control: does the gap to local-only close?"),
