@@ -654,6 +654,12 @@ def test_superlink_tls_files_that_cannot_work_are_named_before_it_starts(
     assert len(started) == 1  # the test's own credentials pass
 
 
+def tls_argv(ca: Path, cert: Path, key: Path) -> list[str]:
+    """`fedllm superlink` with these three TLS files, each from anywhere."""
+    files = {"--ssl-ca-certfile": ca, "--ssl-certfile": cert, "--ssl-keyfile": key}
+    return ["superlink", *(a for flag, path in files.items() for a in (flag, str(path)))]
+
+
 def _issue(subject: str, key, *, by: tuple | None, ca: bool, days: int = 30):
     """A certificate for `key` named `subject`, signed by `by` = (issuer cert, issuer key)
     (self-signed if None), valid for `days` from 5 minutes ago (or `-days` until 5 ago)."""
@@ -681,14 +687,7 @@ def test_a_server_certificate_the_ca_did_not_issue_or_out_of_date_is_named(
     """A SuperLink started with a certificate its CA did not sign (another `fedllm certs`
     folder's) or an expired one ran, and every SuperNode failed its TLS handshake."""
     other = make_credentials(tmp_path / "other", nodes=0).ca_cert.parent
-    argv = ["superlink", "--ssl-ca-certfile", str(other / "ca.crt")]
-    argv += [
-        "--ssl-certfile",
-        str(creds / "server.pem"),
-        "--ssl-keyfile",
-        str(creds / "server.key"),
-    ]
-    assert main(argv) == 2
+    assert main(tls_argv(other / "ca.crt", creds / "server.pem", creds / "server.key")) == 2
     err = capsys.readouterr().err
     assert f"--ssl-certfile {creds}/server.pem" in err and "was not issued by" in err
     assert f"--ssl-ca-certfile {other}/ca.crt" in err and not started
@@ -698,14 +697,7 @@ def test_a_server_certificate_the_ca_did_not_issue_or_out_of_date_is_named(
     key = serialization.load_pem_private_key((creds / "server.key").read_bytes(), password=None)
     old = _issue("127.0.0.1", key, by=(ca_cert, ca_key), ca=False, days=-1)
     (tmp_path / "old.pem").write_bytes(old.public_bytes(serialization.Encoding.PEM))
-    argv = ["superlink", "--ssl-ca-certfile", str(creds / "ca.crt")]
-    argv += [
-        "--ssl-certfile",
-        str(tmp_path / "old.pem"),
-        "--ssl-keyfile",
-        str(creds / "server.key"),
-    ]
-    assert main(argv) == 2
+    assert main(tls_argv(creds / "ca.crt", tmp_path / "old.pem", creds / "server.key")) == 2
     assert f"--ssl-certfile {tmp_path}/old.pem: valid " in capsys.readouterr().err
     assert not started
     with pytest.raises(ValueError, match="days must be >= 1"):
@@ -723,8 +715,8 @@ def test_the_low_level_superlink_runner_checks_its_tls_files_too(
     monkeypatch.setattr(sys, "argv", list(sys.argv))
     monkeypatch.setattr(uvicorn.Server, "run", lambda self: pytest.fail("the SuperLink served"))
     other = make_credentials(tmp_path / "other", nodes=0).ca_cert
-    flags = ["--ssl-ca-certfile", str(other), "--ssl-certfile", str(creds / "server.pem")]
-    flags += ["--ssl-keyfile", str(creds / "server.key"), "--database", ":memory:"]
+    flags = tls_argv(other, creds / "server.pem", creds / "server.key")[1:]  # no "superlink"
+    flags += ["--database", ":memory:"]
     with pytest.raises(ValueError, match="was not issued by --ssl-ca-certfile"):
         guard.serve_superlink(flags)
 
