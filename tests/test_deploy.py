@@ -690,6 +690,7 @@ def test_a_server_certificate_the_ca_did_not_issue_or_out_of_date_is_named(
     assert main(tls_argv(other / "ca.crt", creds / "server.pem", creds / "server.key")) == 2
     err = capsys.readouterr().err
     assert f"--ssl-certfile {creds}/server.pem" in err and "was not issued by" in err
+    assert "the same name, another key" in err  # both folders' CAs are "fedllm test CA"
     assert f"--ssl-ca-certfile {other}/ca.crt" in err and not started
     # an expired server certificate, signed by the right CA
     ca_cert = x509.load_pem_x509_certificate((creds / "ca.crt").read_bytes())

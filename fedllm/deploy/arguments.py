@@ -141,9 +141,12 @@ def check_chain(*, ca: Path, cert: Path) -> None:
     while not any(_issued(current, by=a) for a in authorities):
         parent = next((c for c in rest if _issued(current, by=c)), None)
         if parent is None:
+            issuer, subject = chain[0].issuer, authorities[0].subject
+            same = " (the same name, another key: another `fedllm certs` folder's CA?)"
+            same = same if issuer == subject else ""
             raise ValueError(
-                f"--ssl-certfile {cert} (issued by {chain[0].issuer.rfc4514_string()}) was not "
-                f"issued by --ssl-ca-certfile {ca} ({authorities[0].subject.rfc4514_string()}): "
+                f"--ssl-certfile {cert} (issued by {issuer.rfc4514_string()}) was not issued by "
+                f"--ssl-ca-certfile {ca} ({subject.rfc4514_string()}){same}: "
                 "SuperNodes given that CA would refuse the SuperLink; pass the CA that signed "
                 "the certificate"
             )
