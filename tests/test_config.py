@@ -272,7 +272,7 @@ def test_the_plan_is_its_steps_commands_each_cell_once() -> None:
 
     quality = _quality_bench()
     cells = quality.plan_cells(quality.PLAN, quiet=True)
-    assert len(cells) == len(set(cells)) == 213  # docs/aggregators.md quotes the count
+    assert len(cells) == len(set(cells)) == 216  # docs/aggregators.md quotes the count
     assert cells[0] == ("centralised", "scarce", 0)  # core first, seed by seed
     parser = quality.build_parser()
     for step in quality.PLAN:
