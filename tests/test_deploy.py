@@ -601,11 +601,15 @@ def creds(tmp_path_factory) -> Path:
 @pytest.fixture
 def started(monkeypatch) -> list[list[str]]:
     """What `fedllm superlink` / `fedllm node` would have started (nothing starts in these
-    tests: without the checks the SuperNode would replace the test process)."""
+    tests: without the checks the SuperNode would replace the test process). The SuperLink's
+    flags are parsed and its TLS files checked as when it starts: only serving is left out."""
     import fedllm.deploy.cli as deploy_cli
+    from fedllm.deploy import guard
 
     calls: list[list[str]] = []
-    monkeypatch.setattr(deploy_cli, "serve_superlink", lambda argv: calls.append(list(argv)))
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # the SuperLink sets Flower's env
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.setattr(guard, "_serve", lambda config, operator: calls.append([config.host]))
     monkeypatch.setattr(deploy_cli.os, "execvpe", lambda file, argv, env: calls.append(argv))
     return calls
 

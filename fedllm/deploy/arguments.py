@@ -65,12 +65,12 @@ def _swapped(found: str, flag: str, *, other: str | None) -> str:
     return f"; it holds {found}: are {flag} and {other} swapped?"
 
 
-def check_certificate(flag: str, path: Path, *, other: str | None = None) -> None:
-    """Refuse a file that holds no PEM certificate (e.g. the private key, given for flag `other`
-    in its place)."""
+def check_certificate(flag: str, path: Path, *, other: str | None = None) -> list[x509.Certificate]:
+    """The PEM certificates in a file (leaf first); refuse a file that holds none (e.g. the
+    private key, given for flag `other` in its place)."""
     data = _read(flag, path)
     try:
-        x509.load_pem_x509_certificates(data)
+        return x509.load_pem_x509_certificates(data)
     except ValueError:
         end = _swapped("a private key", flag, other=other) if PRIVATE_KEY in data else ""
         raise ValueError(
@@ -100,8 +100,8 @@ def check_private_key(flag: str, path: Path, *, other: str | None = None) -> Non
 def check_server_tls(*, ca: Path, cert: Path, key: Path) -> None:
     """The SuperLink's TLS files: a CA certificate, its certificate and the matching private key,
     loaded as the SuperLink will load them (`ssl.SSLContext`), each refusal naming its file."""
-    check_certificate("--ssl-ca-certfile", ca)
-    check_certificate("--ssl-certfile", cert, other="--ssl-keyfile")
+    authorities = check_certificate("--ssl-ca-certfile", ca)
+    chain = check_certificate("--ssl-certfile", cert, other="--ssl-keyfile")
     check_private_key("--ssl-keyfile", key, other="--ssl-certfile")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
@@ -117,15 +117,15 @@ def check_server_tls(*, ca: Path, cert: Path, key: Path) -> None:
             f"--ssl-keyfile {key} is not the private key of --ssl-certfile {cert} "
             f"({err.reason or err}); pass the key the certificate was made for"
         ) from None
-    check_chain(ca=ca, cert=cert)
+    check_chain(authorities, chain, ca=ca, cert=cert)
 
 
-def check_chain(*, ca: Path, cert: Path) -> None:
-    """Refuse a server certificate the CA did not issue (directly or through intermediates in
-    the certificate file) or outside its validity window: every SuperNode given that CA would
-    refuse the SuperLink at its TLS handshake, far from the cause."""
-    authorities = x509.load_pem_x509_certificates(_read("--ssl-ca-certfile", ca))
-    chain = x509.load_pem_x509_certificates(_read("--ssl-certfile", cert))
+def check_chain(
+    authorities: list[x509.Certificate], chain: list[x509.Certificate], *, ca: Path, cert: Path
+) -> None:
+    """Refuse a server certificate (`chain`, read from `cert`: leaf, then any intermediates) the
+    CA (`authorities`, read from `ca`) did not issue, or one outside its validity window: every
+    SuperNode given that CA would refuse the SuperLink at its TLS handshake, far from the cause."""
     now = dt.datetime.now(dt.UTC)
     for c, flag, path in [
         (chain[0], "--ssl-certfile", cert),

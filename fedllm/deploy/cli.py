@@ -11,7 +11,6 @@ from pathlib import Path
 from fedllm.client.node_config import DEVICE_KEYS
 from fedllm.deploy.arguments import (
     check_node_credentials,
-    check_server_tls,
     check_superlink_address,
 )
 from fedllm.deploy.federation import node_port, superlink_args, supernode_command
@@ -77,8 +76,6 @@ def cmd_superlink(args: argparse.Namespace) -> int:
             "a SuperLink needs --ssl-ca-certfile, --ssl-certfile and --ssl-keyfile "
             "(or --insecure, on a trusted loopback only)"
         )
-    if not args.insecure:  # else uvicorn fails after "SuperLink on ...": `ssl.SSLError: PEM lib`
-        check_server_tls(ca=tls[0], cert=tls[1], key=tls[2])
     if args.verbose:  # this process's Flower log, and the ServerApp processes it starts
         from flwr.common.logger import update_console_handler
 

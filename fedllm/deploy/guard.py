@@ -32,6 +32,8 @@ from fedllm.deploy.arguments import check_server_tls
 from fedllm.deploy.flower_env import flwr_env, flwr_home
 
 # the SuperLink paths anyone may reach: the Fleet API of SuperNodes, and health
+FLOWER_SUPERLINK = "flwr.superlink.cli.flower_superlink"  # the module: the package's attribute
+# of that name is the `flower_superlink` function
 PUBLIC_PATHS = ("/v1/fleet/",)
 
 
@@ -157,6 +159,32 @@ def _listen(host: str, port: int) -> socket.socket:
 def serve_superlink(argv: Sequence[str]) -> None:
     """Run Flower's SuperLink (flower-superlink's flags, plus `--operator-address HOST:PORT`)
     with `OperatorOnly` in front of its HTTP app; blocks until the SuperLink stops."""
+    config, operator = superlink_config(argv)
+    _serve(config, operator)
+
+
+def superlink_config(argv: Sequence[str]) -> tuple[Any, list[tuple[str, int]]]:
+    """Flower's SuperLink config from its flags and the operator addresses, its TLS files
+    checked; sets the environment the SuperExec and the ServerApps it starts inherit."""
+    flower = importlib.import_module(FLOWER_SUPERLINK)
+    addresses, flower_args = _take_option(argv, "--operator-address")
+    operator = [parse_operator_address(a) for a in addresses]
+    for legacy in ("FLWR_INTERNAL_GRPC_CONTROL_API", "FLWR_INTERNAL_GRPC_FLEET_API"):
+        if os.environ.pop(legacy, None) is not None:  # gRPC servers outside the guard
+            print(f"[fedllm] ignoring {legacy}: this SuperLink serves HTTP only", file=sys.stderr)
+    os.environ.update(flwr_env())  # the SuperExec and ServerApps it starts: no installs, our PATH
+    tls = [
+        _take_option(flower_args, f"--ssl-{f}")[0] for f in ("ca-certfile", "certfile", "keyfile")
+    ]
+    if all(tls):  # before Flower reads them (it names a missing file's flag only) and before
+        # serving (else uvicorn fails after "SuperLink on ...": `ssl.SSLError: PEM lib`)
+        check_server_tls(ca=Path(tls[0][-1]), cert=Path(tls[1][-1]), key=Path(tls[2][-1]))
+    sys.argv = ["flower-superlink", *flower_args]
+    return flower._parse_superlink_lifespan_config(), operator
+
+
+def _serve(config: Any, operator: list[tuple[str, int]]) -> None:
+    """Serve a checked SuperLink config behind `OperatorOnly`; blocks until it stops."""
     import dataclasses
 
     import uvicorn
@@ -164,24 +192,7 @@ def serve_superlink(argv: Sequence[str]) -> None:
     from flwr.supercore.logger import console_handler
     from flwr.superlink.main import create_app
 
-    flower = importlib.import_module("flwr.superlink.cli.flower_superlink")  # the package's
-    # attribute of that name is the `flower_superlink` function, not the module
-
-    addresses, flower_args = _take_option(argv, "--operator-address")
-    operator = [parse_operator_address(a) for a in addresses]
-    for legacy in ("FLWR_INTERNAL_GRPC_CONTROL_API", "FLWR_INTERNAL_GRPC_FLEET_API"):
-        if os.environ.pop(legacy, None) is not None:  # gRPC servers outside the guard
-            print(f"[fedllm] ignoring {legacy}: this SuperLink serves HTTP only", file=sys.stderr)
-    os.environ.update(flwr_env())  # the SuperExec and ServerApps it starts: no installs, our PATH
-    sys.argv = ["flower-superlink", *flower_args]
-    config = flower._parse_superlink_lifespan_config()
-    if config.ssl_ca_certfile and config.ssl_certfile and config.ssl_keyfile:
-        # `fedllm superlink` checked them already; `python -m fedllm.deploy.federation` had not
-        check_server_tls(
-            ca=Path(config.ssl_ca_certfile),
-            cert=Path(config.ssl_certfile),
-            key=Path(config.ssl_keyfile),
-        )
+    flower = importlib.import_module(FLOWER_SUPERLINK)
     listeners = [(config.host, config.port)]
     wildcard = config.host in ("0.0.0.0", "::", "[::]")
     if not wildcard and not is_loopback(config.host):
