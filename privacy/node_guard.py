@@ -20,6 +20,7 @@ Evaluation rounds are not guarded (no training).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from fedllm.privacy.plan import (
 )
 from fedllm.recipe.schema import RunConfig
 
+log = logging.getLogger("fedllm.client")  # the node's own log: numbers a refusal withholds
 LEDGER_KEY = "fedllm.node-privacy-ledger"  # a ConfigRecord in the node's context.state
 NODE = "node"  # the ledger's one key: this node's own data
 
@@ -206,9 +208,11 @@ def _dp_sgd_round(rnd: ClientRound, rules: NodeRules) -> tuple[float, float, int
     plan = sample_plan(rnd.cfg, n_train=n, partition=rnd.partition)
     sigma = plan.noise_multiplier
     if rules.min_noise is not None and sigma < rules.min_noise:
+        log.warning("min-noise: the recipe's DP-SGD σ for %d training examples is %.3f", n, sigma)
         raise _refuse(
             f"node config min-noise={rules.min_noise:g}",
-            why=f"the recipe's DP-SGD σ for this node's {n} training examples is {sigma:.3f}",
+            why="the recipe's DP-SGD σ derived for this node's shard is below it (σ and the "
+            "shard's size stay in the node's log: a node refused from round 1 never tells)",
             valid=f"σ ≥ {rules.min_noise:g} (a larger privacy.noise_multiplier or target_epsilon "
             "that derives it)",
         )
@@ -229,11 +233,20 @@ def charge(rnd: ClientRound, rules: NodeRules) -> float:
     ledger, rounds = load_ledger(rnd.state, cfg)
     after = ledger.epsilon_if({NODE: (sigma, q, steps)})
     if rules.max_epsilon is not None and after > rules.max_epsilon:
+        numbers = (
+            f"(δ={cfg.privacy.delta:g}; spent {ledger.epsilon(NODE):.3f} over {len(rounds)} "
+            "rounds of this run)"
+        )
+        log.warning("max-epsilon: round %d: ε %.3f %s", rnd.server_round, after, numbers)
+        shown = (  # DP-SGD's ε follows q = batch / shard size, which a refusal withholds
+            f"to {after:.3f} {numbers}"
+            if cfg.privacy.mode == "client"
+            else f"past it (δ={cfg.privacy.delta:g}; ε, a function of the shard's size, stays "
+            "in the node's log)"
+        )
         raise _refuse(
             f"node config max-epsilon={rules.max_epsilon:g}",
-            why=f"round {rnd.server_round} would bring this node's own ε to {after:.3f} "
-            f"(δ={cfg.privacy.delta:g}; spent {ledger.epsilon(NODE):.3f} over {len(rounds)} "
-            "rounds of this run)",
+            why=f"round {rnd.server_round} would bring this node's own ε {shown}",
             valid=f"no more rounds: this node's ε stays ≤ {rules.max_epsilon:g}",
         )
     ledger.record(NODE, noise_multiplier=sigma, sample_rate=q, steps=steps)

@@ -16,6 +16,7 @@ from fedllm.privacy import node_guard
 from fedllm.privacy.accounting import epsilon
 from fedllm.privacy.client_level import ClientLevel
 from fedllm.privacy.node_guard import LEDGER_KEY, NodeGuard, NodeRules, load_ledger
+from fedllm.privacy.plan import sample_plan
 from fedllm.recipe import build_config
 
 DP_SGD = {"mode": "sample", "noise_multiplier": 1.0, "delta": 1e-5}
@@ -108,13 +109,19 @@ def test_min_noise_refuses_a_smaller_sigma_or_z() -> None:
     guard_round(recipe({**shared, "noise_at": "server"}, **CLIENT_DP), node)
 
 
-def test_min_noise_checks_the_sigma_derived_for_this_nodes_shard() -> None:
+def test_min_noise_checks_the_sigma_derived_for_this_nodes_shard(caplog) -> None:
+    """σ follows the shard's size: the refusal (which reaches the server, even from a private
+    run) names neither; the node's own log has both."""
     cfg = recipe({"mode": "sample", "target_epsilon": 8.0})
     rnd = client_round(cfg, {"min-noise": 5.0})
     guard = NodeGuard(cfg)
     guard.plan(rnd.plan, rnd)  # σ is not in the recipe: known only once the shard is
-    with pytest.raises(ValueError, match=r"min-noise=5.*σ for this node's 100 training"):
-        guard.start({}, rnd)
+    with caplog.at_level("WARNING", logger="fedllm.client"):
+        with pytest.raises(ValueError, match=r"min-noise=5.*σ derived for this node's shard") as e:
+            guard.start({}, rnd)
+    sigma = sample_plan(cfg, n_train=100, partition=0).noise_multiplier
+    assert "100" not in str(e.value) and f"{sigma:.3f}" not in str(e.value)
+    assert f"100 training examples is {sigma:.3f}" in caplog.text
     assert LEDGER_KEY not in rnd.state  # refused rounds are not charged
 
 
@@ -129,7 +136,8 @@ def test_malformed_rules_name_the_key_and_what_is_valid() -> None:
     assert rules == NodeRules(True, 8.0, 1.0)
 
 
-def test_the_ledger_grows_each_round_and_refuses_the_round_past_max_epsilon() -> None:
+def test_the_ledger_grows_each_round_and_refuses_the_round_past_max_epsilon(caplog) -> None:
+    """DP-SGD's ε follows q = batch / shard size: the refusal names no ε, the node's log does."""
     cfg = recipe(DP_SGD)  # σ = 1, q = 8/100, 5 local steps a round
     per_round = epsilon(noise_multiplier=1.0, sample_rate=0.08, steps=5, delta=1e-5)
     three = epsilon(noise_multiplier=1.0, sample_rate=0.08, steps=15, delta=1e-5)
@@ -143,8 +151,11 @@ def test_the_ledger_grows_each_round_and_refuses_the_round_past_max_epsilon() ->
         assert rounds == list(range(1, rnd + 1)) and ledger.steps("node") == 5 * rnd
     assert spent[0] == pytest.approx(per_round) and spent[2] == pytest.approx(three)
     assert spent[0] < spent[1] < spent[2]
-    with pytest.raises(ValueError, match=r"max-epsilon=.*round 4 would bring this node's own ε"):
-        guard_round(cfg, node, state=state, rnd=4)
+    with caplog.at_level("WARNING", logger="fedllm.client"):
+        with pytest.raises(ValueError, match=r"max-epsilon=.*round 4 would bring this node's") as e:
+            guard_round(cfg, node, state=state, rnd=4)
+    assert f"{four:.3f}" not in str(e.value) and f"{three:.3f}" not in str(e.value)
+    assert f"ε {four:.3f} (δ=1e-05; spent {three:.3f} over 3 rounds" in caplog.text
     assert load_ledger(state, cfg)[1] == [1, 2, 3]  # the refused round is not charged
     # the ledger is plain config values in the node's context state
     record = state.config_records[LEDGER_KEY]
@@ -269,8 +280,11 @@ def test_client_level_rounds_are_charged_and_stop_at_max_epsilon(noise_at: str) 
         ledger, rounds = load_ledger(state, cfg)
         assert rounds == list(range(1, rnd + 1)) and ledger.steps("node") == rnd
         assert ledger.epsilon() == pytest.approx(spent_after(rnd))
-    with pytest.raises(ValueError, match=r"round 4 would bring this node's own ε"):
-        guard_round(cfg, node, state=state, rnd=4)
+    with pytest.raises(ValueError, match=r"round 4 would bring this node's own ε to (\S+) ") as e:
+        guard_round(cfg, node, state=state, rnd=4)  # client-level ε names no data: shown
+    assert float(e.value.args[0].split(" ε to ")[1].split()[0]) == pytest.approx(
+        spent_after(4), abs=1e-3
+    )
     record = state.config_records[LEDGER_KEY]
     assert record["rounds"] == [1, 2, 3] and record["steps"] == [3]
     assert record["sigma"] == [pytest.approx(seen)] and record["sample-rate"] == [1.0]
