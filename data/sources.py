@@ -6,7 +6,6 @@ rows or question/choices/answer rows: see fedllm.data.local.detect_layout.
 
 from __future__ import annotations
 
-import difflib
 import logging
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,8 @@ from fedllm.data.fortunes import load_fortunes
 from fedllm.data.local import BUILDERS, load_local, rows_to_examples
 from fedllm.data.sample import sample_examples
 from fedllm.data.wordnet import load_wordnet
+from fedllm.recipe.schema_data import BUILT_IN_SOURCES as BUILT_IN
+from fedllm.recipe.schema_data import near_built_in
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +25,6 @@ VALID_SOURCES = (
     + " file or save_to_disk folder, or a Hugging Face hub dataset name (needs network access)"
 )
 
-BUILT_IN = ("wordnet", "fortunes")
 # The keyword options each kind of source accepts, besides max_examples and seed.
 OPTIONS: dict[str, tuple[str, ...]] = {
     "wordnet": ("root", "pos"),
@@ -50,10 +50,10 @@ def load_examples(
         examples = load_local(path, **source_options)
     elif _looks_like_path(source):
         raise FileNotFoundError(f"local dataset {source} not found; valid sources: {VALID_SOURCES}")
-    elif close := difflib.get_close_matches(source, BUILT_IN, n=1, cutoff=0.75):
+    elif close := near_built_in(source):
         # a typo, not a hub name: say so now instead of after the hub's network retries
         raise ValueError(
-            f"source {source!r} is not a local path (did you mean {close[0]!r}?); "
+            f"source {source!r} is not a local path (did you mean {close!r}?); "
             f"valid sources: {VALID_SOURCES}"
         )
     else:

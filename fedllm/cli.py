@@ -10,6 +10,7 @@ from pathlib import Path
 from fedllm.errors import RunFailed
 from fedllm.launch import absolute_paths, prepare, start_run
 from fedllm.recipe import ConfigError, load_recipe
+from fedllm.recipe.schema_data import describe_source
 from fedllm.recipe.shipped import looks_like_key
 
 
@@ -107,6 +108,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             f"aggregator {cfg.aggregator.name}"
         )
         on = [f"{c.name}{origin(c.__module__, short=True)}" for c in active(cfg)]
+        print(f"    data {describe_source(cfg.data.source)}")  # a far typo reads as the hub
         print(f"    features {', '.join(on)}")  # a plugin's, marked: is it found and on?
         print(f"    recipe-hash {cfg.recipe_hash()}")  # what `fedllm node --recipe-hash` pins
         for line in found:

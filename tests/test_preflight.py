@@ -59,6 +59,24 @@ def test_validate_loads_the_data_and_names_what_is_wrong(
     assert "ok  " in capsys.readouterr().out
 
 
+def test_config_only_names_a_source_typo_and_says_where_the_data_would_come_from(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A near typo of a built-in source is refused by the recipe itself (it was tried on the hub
+    at run time: half a minute of retries offline); a far one reads as the hub dataset it is."""
+    assert main(["validate", "--config-only", TINY, "data.source=wordnt"]) == 2
+    err = capsys.readouterr().err
+    assert "data.source: 'wordnt' is neither a built-in source" in err
+    assert "did you mean 'wordnet'?" in err
+    assert main(["validate", "--config-only", TINY, "data.source=words"]) == 0
+    assert "\n    data Hugging Face hub dataset 'words' (" in capsys.readouterr().out
+    source = rows(tmp_path / "mine.jsonl", [PAIR] * 10)
+    assert main(["validate", "--config-only", TINY, f"data.source={source}"]) == 0
+    assert f"\n    data local file {source}\n" in capsys.readouterr().out
+    assert main(["validate", "--config-only", TINY]) == 0
+    assert "\n    data built-in 'wordnet'\n" in capsys.readouterr().out
+
+
 def test_validate_says_what_each_client_gets(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["validate", TINY]) == 0
     out = capsys.readouterr().out

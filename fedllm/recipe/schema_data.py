@@ -3,11 +3,34 @@ canaries and the server's global test set."""
 
 from __future__ import annotations
 
+import difflib
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from fedllm.recipe.schema_common import Strict, must_exist
+
+BUILT_IN_SOURCES = ("wordnet", "fortunes")
+
+
+def near_built_in(source: str) -> str | None:
+    """The built-in source `source` is a typo of (no local path of that name exists), or None:
+    such a name would otherwise be tried on the hub, half a minute of retries offline."""
+    if source in BUILT_IN_SOURCES or Path(source).expanduser().exists():
+        return None
+    close = difflib.get_close_matches(source.lower(), BUILT_IN_SOURCES, n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
+def describe_source(source: str) -> str:
+    """How a run reads `data.source` on this machine: built in, a local path, or the hub."""
+    path = Path(source).expanduser()
+    if source in BUILT_IN_SOURCES:
+        return f"built-in {source!r}"
+    if path.exists():
+        return f"local {'folder' if path.is_dir() else 'file'} {path.resolve()}"
+    return f"Hugging Face hub dataset {source!r} (no local path of that name; needs network)"
 
 
 class CanaryConfig(Strict):
@@ -87,4 +110,11 @@ class DataConfig(Strict):
     @field_validator("source")
     @classmethod
     def _local_data_exists(cls, v: str) -> str:
-        return must_exist(v, "local dataset (a JSON/JSONL/CSV/Parquet file or a saved folder)")
+        v = must_exist(v, "local dataset (a JSON/JSONL/CSV/Parquet file or a saved folder)")
+        if close := near_built_in(v):
+            raise ValueError(
+                f"{v!r} is neither a built-in source nor a local path (did you mean {close!r}?); "
+                f"valid: {', '.join(map(repr, BUILT_IN_SOURCES))}, a local file or folder, or a "
+                "Hugging Face hub dataset name"
+            )
+        return v
