@@ -7,8 +7,10 @@ rows or question/choices/answer rows: see fedllm.data.local.detect_layout.
 from __future__ import annotations
 
 import logging
+import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from fedllm.data.fortunes import load_fortunes
 from fedllm.data.local import BUILDERS, load_local, rows_to_examples
@@ -58,10 +60,9 @@ def load_examples(
         )
     else:
         _check_options(source, source_options, kind="hub")
-        # the hub's retries take half a minute offline: say what is being tried meanwhile
-        logger.info(
+        logger.info(  # a download can take a while: say what is being tried meanwhile
             "data source %r: no local file or folder of that name in %s; trying it as a "
-            "Hugging Face hub dataset (HF_HUB_OFFLINE=1 fails at once)",
+            "Hugging Face hub dataset",
             source,
             Path.cwd(),
         )
@@ -94,6 +95,13 @@ def _load_hub(
 ) -> list[dict[str, Any]]:
     import datasets  # imported on use: it takes over a second
 
+    if reason := hub_unreachable():
+        raise ValueError(
+            f"could not load source {name_or_path!r}: it is not 'wordnet', 'fortunes' or an "
+            f"existing local path (in {Path.cwd()}), and as a Hugging Face hub dataset it needs "
+            f"the hub, which {reason} (set HF_HUB_OFFLINE=1 to use a copy already in the "
+            f"datasets cache); valid sources: {VALID_SOURCES}"
+        )
     try:
         dataset = datasets.load_dataset(name_or_path, name=name, split=split)
     except Exception as err:
@@ -112,3 +120,19 @@ def _load_hub(
         response_field=response_field,
         label_field=label_field,
     )
+
+
+def hub_unreachable() -> str | None:
+    """Why the hub cannot be reached (its host does not resolve), else None: offline, `datasets`
+    retries each request for half a minute before it fails. Under HF_HUB_OFFLINE nothing is
+    asked (the cache answers)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    host = urlparse(constants.ENDPOINT).hostname or constants.ENDPOINT
+    try:
+        socket.getaddrinfo(host, 443)
+    except (socket.gaierror, UnicodeError) as err:
+        return f"this machine cannot resolve ({host}: {err})"
+    return None

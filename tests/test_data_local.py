@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+import socket
 from pathlib import Path
 
 import datasets
+import huggingface_hub
 import pytest
 
-from fedllm.data import load_examples, load_local
+from fedllm.data import load_examples, load_local, sources
 
 ROWS = [
     {"question": "2+2?", "answer": "4", "topic": "math"},
@@ -22,6 +24,11 @@ EXPECTED = [
     {"prompt": "3*3?", "response": "9", "label": "math"},
 ]
 FIELDS = {"prompt_field": "question", "response_field": "answer", "label_field": "topic"}
+
+
+def resolved(host: str, port: int) -> list:
+    """`socket.getaddrinfo` as on a machine online: the hub's host resolves."""
+    return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("192.0.2.1", port))]
 
 
 def without_ids(examples: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -149,6 +156,7 @@ def test_load_examples_dispatches_local_paths(tmp_path: Path) -> None:
 
 
 def test_hub_names_go_through_load_dataset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sources.socket, "getaddrinfo", resolved)  # as online
     calls: list[tuple[str, str | None, str]] = []
 
     def fake_load_dataset(path: str, *, name: str | None, split: str) -> datasets.Dataset:
@@ -163,6 +171,8 @@ def test_hub_names_go_through_load_dataset(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_hub_failure_says_it_needs_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sources.socket, "getaddrinfo", resolved)  # as online
+
     def offline(*args: object, **kwargs: object) -> None:
         raise ConnectionError("no route to host")
 
@@ -178,6 +188,7 @@ def test_a_typo_of_a_built_in_source_is_named_before_the_hub_is_tried(
         raise AssertionError("the hub was tried")
 
     monkeypatch.setattr(datasets, "load_dataset", never)
+    monkeypatch.setattr(sources.socket, "getaddrinfo", resolved)  # as online
     with pytest.raises(
         ValueError, match=r"source 'wordnt' is not a local path \(did you mean 'wordnet'\?\)"
     ):
@@ -186,6 +197,25 @@ def test_a_typo_of_a_built_in_source_is_named_before_the_hub_is_tried(
         load_examples("fortune")
     with pytest.raises(ValueError, match=r"tried as a Hugging Face hub dataset.*the hub was tried"):
         load_examples("imdb")  # a hub name unlike either: tried
+
+
+def test_a_hub_name_offline_is_refused_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offline, `datasets` retried for ~26 s before failing; the hub's host not resolving says
+    so at once, with the way to use a cached copy; under HF_HUB_OFFLINE the cache is asked."""
+
+    def unresolved(host: str, port: int) -> None:
+        raise socket.gaierror(-2, "Name or service not known")
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the hub was tried")
+
+    monkeypatch.setattr(sources.socket, "getaddrinfo", unresolved)
+    monkeypatch.setattr(datasets, "load_dataset", never)
+    with pytest.raises(ValueError, match=r"cannot resolve \(huggingface\.co: .*HF_HUB_OFFLINE=1"):
+        load_examples("words")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match=r"the hub was tried"):
+        load_examples("words")  # the cache is asked (here: `never`)
 
 
 def test_a_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
