@@ -208,6 +208,8 @@ def test_the_client_starts_from_the_global_model_exactly() -> None:
 def test_the_server_sends_everything_and_places_the_modules() -> None:
     cfg = recipe()
     feature = FedPLoRAFold(cfg)
+    # round 7 (run seed 0): partition 0 at rank 2 draws modules [0, 2], partition 1 at rank 1 [2]
+    assert feature.before_round(7, partitions=[0, 1], sampled=2) is None
     down = feature.download(7, Download(2, {"q": GLOBAL}, {"x": 1}))
     assert down.rank is None and down.config == {"x": 1}
     glob = {"q": Factors(t([[1.0, 2.0, 3.0]]), t([[1.0], [1.0], [1.0]]), 1.0)}
@@ -230,7 +232,9 @@ def test_the_server_sends_everything_and_places_the_modules() -> None:
     assert weights == [3.0] and torch.equal(inputs[0]["q"].B, t([[4.0, 2.0, 6.0]]))
     # two nodes: node 8 (C0, module 2 only) holds node 7's module 0, the one trainer's
     for node, (f, chosen) in {7: (C1, [0, 2]), 8: (C0, [2])}.items():
-        one = TrainReply.parse({**metrics, "rank": len(chosen), METRIC: chosen})
+        one = TrainReply.parse(
+            {**metrics, "partition-id": node - 7, "rank": len(chosen), METRIC: chosen}
+        )
         feature.receive(node, RecordDict(), factors={"q": f}, reply=one, shapes={"q": (1, 1)})
     inputs, _ = feature.release([7, 8], [{"q": C1}, {"q": C0}], weights=[3.0, 1.0], global_=glob)
     assert torch.equal(inputs[1]["q"].B, t([[4.0, 2.0, 10.0]]))
@@ -244,6 +248,18 @@ def test_the_server_sends_everything_and_places_the_modules() -> None:
                 reply=TrainReply.parse({**metrics, METRIC: bad}),
                 shapes={},
             )
+    # valid indices, but not the draw: a hostile client choosing the module it sets alone
+    with pytest.raises(ValueError, match=r"\[0, 1\] is not the seeded draw of partition 0 "):
+        feature.receive(
+            7,
+            RecordDict(),
+            factors=factors,
+            reply=TrainReply.parse({**metrics, METRIC: [0, 1]}),
+            shapes={},
+        )
+    feature.before_round(9, partitions=[0, 1], sampled=2)  # another round, another draw ([0, 1])
+    with pytest.raises(ValueError, match=r"in round 9 \(\[0, 1\]\)"):
+        feature.receive(7, RecordDict(), factors=factors, reply=reply, shapes={"q": (1, 1)})
     missing = TrainReply.parse({k: v for k, v in metrics.items() if k != METRIC})
     with pytest.raises(ValueError, match=METRIC):
         feature.receive(7, RecordDict(), factors=factors, reply=missing, shapes={})

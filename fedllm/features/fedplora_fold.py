@@ -1,8 +1,9 @@
 """Fed-PLoRA's Select-N-Fold on both sides of a round (the math is `fedllm.aggregators.fedplora`).
 
 Server: every node is sent the whole global adapter (R modules; no cut to its rank), and each
-reply's module indices (`fedplora-select`, one per trained rank) put its modules back at their
-places before the aggregator runs (`release`: the trainers' mean fills the rest, so each module
+reply's module indices (`fedplora-select`, one per trained rank; refused unless they are the
+seeded draw of its partition, rank and round) put its modules back at their places before the
+aggregator runs (`release`: the trainers' mean fills the rest, so each module
 is averaged over the clients that trained it).
 Client: it selects rᵢ modules (seeded by the run's seed, the round and its partition), folds the
 others into its frozen base for the round (the `fold` hook; restored afterwards), trains the
@@ -24,6 +25,7 @@ from flwr.app import RecordDict
 
 from fedllm.aggregators.base import Factors
 from fedllm.aggregators.fedplora import check_selection, expand, select, split, trainers_mean
+from fedllm.client.round import client_seed
 from fedllm.features.base import Feature
 from fedllm.features.personal import PersonalAdapter
 from fedllm.features.registry import register
@@ -79,6 +81,7 @@ class FedPLoRAFold(Feature):
         super().__init__(cfg)
         self.selected: dict[str, list[int]] = {}  # client: module -> the indices it trains
         self.placed: dict[int, list[int]] = {}  # server: node -> its reply's indices
+        self.round = 0  # server: the round whose replies `receive` checks
 
     # -- client --------------------------------------------------------------------------------
     def fold(self, factors: Mapping[str, Factors], rnd: ClientRound) -> dict[str, Factors]:
@@ -104,6 +107,13 @@ class FedPLoRAFold(Feature):
         return {METRIC: list(chosen.pop())} if chosen else {}
 
     # -- server --------------------------------------------------------------------------------
+    def before_round(
+        self, server_round: int, *, partitions: Sequence[int], sampled: int
+    ) -> str | None:
+        """Note the round: its replies' indices must be its seeded draws."""
+        self.round = server_round
+        return None
+
     def download(self, node: int, down: Download) -> Download:
         """The whole global adapter: a client selects its modules and folds the rest."""
         return dataclasses.replace(down, rank=None)
@@ -117,12 +127,21 @@ class FedPLoRAFold(Feature):
         reply: TrainReply,
         shapes: Mapping[str, tuple[int, int]],
     ) -> dict[str, Factors]:
-        """Keep the reply's module indices (checked against its rank and R) for `release`."""
+        """Keep the reply's module indices for `release`: they must be the draw `select` makes
+        for its partition, rank and round (under the trainers' mean a client that picked a
+        module nobody else trains would set it alone)."""
         if METRIC not in reply.extra:
             raise ValueError(f"a fedplora reply must list its trained modules in {METRIC!r}")
-        self.placed[node] = check_selection(
-            reply.extra[METRIC], rank=reply.rank, global_rank=self.cfg.max_rank
-        )
+        R = self.cfg.max_rank
+        chosen = check_selection(reply.extra[METRIC], rank=reply.rank, global_rank=R)
+        seed = client_seed(self.cfg, server_round=self.round, partition=reply.partition)
+        if chosen != (drawn := select(R, reply.rank, seed=seed)):
+            raise ValueError(
+                f"{METRIC} {chosen} is not the seeded draw of partition {reply.partition} at "
+                f"rank {reply.rank} in round {self.round} ({drawn}): a client does not choose "
+                "its modules"
+            )
+        self.placed[node] = chosen
         return factors
 
     def release(
