@@ -146,6 +146,30 @@ def make_credentials(
     now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
     until = now + dt.timedelta(days=days)
 
+    ca_key, ca_cert = _ca(now=now, until=until)
+    (out / "ca.crt").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(out / "ca.key", ca_key, fmt=serialization.PrivateFormat.PKCS8)
+    server_key, server_cert = _server(hosts, ca=(ca_cert, ca_key), now=now, until=until)
+    (out / "server.pem").write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(out / "server.key", server_key, fmt=serialization.PrivateFormat.PKCS8)
+
+    keys = []
+    for i in range(nodes):
+        key = ec.generate_private_key(ec.SECP384R1())
+        path = out / f"node-{i}"
+        _write_key(path, key, fmt=serialization.PrivateFormat.OpenSSH)
+        pub = key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+        path.with_name(path.name + ".pub").write_bytes(pub + f" fedllm-node-{i}\n".encode())
+        keys.append(path)
+    return Credentials(out / "ca.crt", out / "server.pem", out / "server.key", tuple(keys))
+
+
+def _ca(
+    *, now: dt.datetime, until: dt.datetime
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A self-signed CA (key, certificate) that may sign leaf certificates only."""
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_cert = (
         x509.CertificateBuilder()
@@ -172,9 +196,18 @@ def make_credentials(
         )
         .sign(ca_key, hashes.SHA384())
     )
-    (out / "ca.crt").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    _write_key(out / "ca.key", ca_key, fmt=serialization.PrivateFormat.PKCS8)
+    return ca_key, ca_cert
 
+
+def _server(
+    hosts: list[str],
+    *,
+    ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
+    now: dt.datetime,
+    until: dt.datetime,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """The SuperLink's (key, certificate) for `hosts` (the first is its subject), signed by `ca`."""
+    ca_cert, ca_key = ca
     server_key = ec.generate_private_key(ec.SECP384R1())
     server_cert = (
         x509.CertificateBuilder()
@@ -191,17 +224,4 @@ def make_credentials(
         )
         .sign(ca_key, hashes.SHA384())
     )
-    (out / "server.pem").write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
-    _write_key(out / "server.key", server_key, fmt=serialization.PrivateFormat.PKCS8)
-
-    keys = []
-    for i in range(nodes):
-        key = ec.generate_private_key(ec.SECP384R1())
-        path = out / f"node-{i}"
-        _write_key(path, key, fmt=serialization.PrivateFormat.OpenSSH)
-        pub = key.public_key().public_bytes(
-            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-        )
-        path.with_name(path.name + ".pub").write_bytes(pub + f" fedllm-node-{i}\n".encode())
-        keys.append(path)
-    return Credentials(out / "ca.crt", out / "server.pem", out / "server.key", tuple(keys))
+    return server_key, server_cert
