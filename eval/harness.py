@@ -16,7 +16,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from fedllm.data.sample import sample_examples
-from fedllm.data.shards import raw_shard
+from fedllm.data.shards import RawShard, raw_shard
 from fedllm.eval.leakage_run import PhaseTimer, measure_leakage
 from fedllm.eval.partial import Pieces, adapter_digest, code_digest
 from fedllm.eval.registry import select_tasks
@@ -158,8 +158,47 @@ def evaluate_run(
     key = _resume_key(cfg, report, adapters=[adapter, *clients.values()], tasks=tasks)
     pieces = Pieces.beside(out, key, say=say)
     t_quality, timer = time.perf_counter(), PhaseTimer()
-    n = cfg.data.num_clients
-    shards = {pid: raw_shard(cfg, pid) for pid in range(n)}
+    shards = {pid: raw_shard(cfg, pid) for pid in range(cfg.data.num_clients)}
+    report["quality"] = _quality(
+        views,
+        shards,
+        tasks=tasks,
+        setup=setup,
+        settings=settings,
+        pieces=pieces,
+        timer=timer,
+        say=say,
+    )
+    report["timings"]["quality"] = time.perf_counter() - t_quality
+    report["timings"]["quality tasks"] = dict(timer.seconds)
+    if settings.leakage:
+        report["leakage"] = measure_leakage(
+            views, cfg=cfg, settings=settings, shards=shards, say=say, pieces=pieces
+        )
+        report["timings"]["leakage"] = report["leakage"].pop("seconds")
+    report["seconds"] = time.perf_counter() - t0
+    write_report(report, out)
+    pieces.remove()
+    say(f"done in {report['seconds']:.0f}s: {out / 'report.md'}")
+    return report
+
+
+def _quality(
+    views: Views,
+    shards: Mapping[int, RawShard],
+    *,
+    tasks: Mapping[str, type[EvalTask]],
+    setup: TaskSetup,
+    settings: EvalSettings,
+    pieces: Pieces,
+    timer: PhaseTimer,
+    say: Callable[[str], None],
+) -> dict:
+    """report["quality"]: view -> {"clients": partition -> task -> metrics, "global": combined},
+    each client's held-out sample scored by every task (a client an interrupted eval finished is
+    taken from `pieces`)."""
+    quality: dict = {}
+    n = len(shards)
     for pid, shard in shards.items():
         result = pieces.get(f"quality-{pid}")
         if result is not None:
@@ -174,21 +213,10 @@ def evaluate_run(
             )
             result = pieces.put(f"quality-{pid}", result)
         for key, per_task in result.items():
-            report["quality"].setdefault(key, {"clients": {}})["clients"][str(pid)] = per_task
-    for block in report["quality"].values():
+            quality.setdefault(key, {"clients": {}})["clients"][str(pid)] = per_task
+    for block in quality.values():
         block["global"] = _combine(tasks, list(block["clients"].values()))
-    report["timings"]["quality"] = time.perf_counter() - t_quality
-    report["timings"]["quality tasks"] = dict(timer.seconds)
-    if settings.leakage:
-        report["leakage"] = measure_leakage(
-            views, cfg=cfg, settings=settings, shards=shards, say=say, pieces=pieces
-        )
-        report["timings"]["leakage"] = report["leakage"].pop("seconds")
-    report["seconds"] = time.perf_counter() - t0
-    write_report(report, out)
-    pieces.remove()
-    say(f"done in {report['seconds']:.0f}s: {out / 'report.md'}")
-    return report
+    return quality
 
 
 def _resume_key(

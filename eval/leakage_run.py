@@ -51,20 +51,7 @@ def measure_leakage(
             for pid, shard in shards.items()
         }
     for d in data.values():
-        s = d.sample
-        unscored = s["unscored_non_members"] + s["unscored_members"]
-        say(
-            f"partition {d.pid} MIA sample: {s['members']} members matched to "
-            f"{s['non_members']} of {s['held_out']} held-out ({s['dropped_non_members']} "
-            f"unmatched); mean tokens {s['member_tokens_mean']:.1f} vs "
-            f"{s['non_member_tokens_mean']:.1f}"
-            + (
-                f"; left out with no scored token: {s['unscored_non_members']} non-members "
-                f"(with their matched sets), {s['unscored_members']} members"
-                if unscored
-                else ""
-            )
-        )
+        say(f"partition {d.pid} MIA sample: {_sample_line(d.sample)}")
     out: dict = {"exposure": [], "mia": {}, "extraction": {}, "sample": {}}
     out["sample"] = {str(pid): d.sample for pid, d in data.items()}
     attack = {"resamples": settings.bootstrap, "confidence": settings.confidence, "seed": cfg.seed}
@@ -114,6 +101,22 @@ def measure_leakage(
     out["control"] = control_check(out["mia"].get("base", {}).get("pooled", {}))
     out["seconds"] = dict(timer.seconds)
     return out
+
+
+def _sample_line(s: dict) -> str:
+    """One client's MIA sample in a line: matched members and non-members, their mean lengths,
+    and what was left out for having no scored token."""
+    line = (
+        f"{s['members']} members matched to {s['non_members']} of {s['held_out']} held-out "
+        f"({s['dropped_non_members']} unmatched); mean tokens {s['member_tokens_mean']:.1f} vs "
+        f"{s['non_member_tokens_mean']:.1f}"
+    )
+    if s["unscored_non_members"] + s["unscored_members"]:
+        line += (
+            f"; left out with no scored token: {s['unscored_non_members']} non-members "
+            f"(with their matched sets), {s['unscored_members']} members"
+        )
+    return line
 
 
 def _view_piece(
