@@ -20,6 +20,12 @@ j (a non-trainer's copy of the global module does not dilute it; the grid's cell
 averaged over every client, see docs/aggregators.md). The client side (selection, fold, indices) is
 `fedllm.features.fedplora_fold`; R is the largest client rank (the strategy's global rank), so
 `aggregator.global_rank` is refused.
+
+A client trains its rᵢ modules at the rank-R LoRA's scaling α/R (`module_scaling: global`, since
+stop 51), as parts of that LoRA: each module's step does not depend on how many a client
+selected. Before, it trained them as a rank-rᵢ LoRA at α/rᵢ (`module_scaling: client`): with
+Adam an R/rᵢ times larger step per module on a low-rank client, which the trainers' mean adds up
+over the modules (at lr 0.003 the global overshot: docs/aggregators.md).
 """
 
 from __future__ import annotations
@@ -32,8 +38,15 @@ import torch
 from .base import Aggregate, Factors, RoundSpec, normalized_weights, reject_options
 from .registry import register
 
+# read by the clients only (fedllm.features.fedplora_fold): option -> its default there
+CLIENT_DEFAULTS: dict[str, Any] = {"module_scaling": "global"}
+CLIENT_OPTIONS = tuple(CLIENT_DEFAULTS)
+MODULE_SCALINGS = ("global", "client")
 
-@register("fedplora", rounds=RoundSpec())
+
+@register(
+    "fedplora", rounds=RoundSpec(client_options=CLIENT_OPTIONS, client_defaults=CLIENT_DEFAULTS)
+)
 def fedplora(
     updates: Sequence[Factors],
     weights: Sequence[float],
@@ -71,6 +84,18 @@ def fedplora(
         A.add_(u.A, alpha=pi)
     dtype = updates[0].B.dtype
     return Aggregate(Factors(B.to(dtype), A.to(dtype), 1.0))
+
+
+def module_alpha(alpha: float, *, rank: int, global_rank: int, module_scaling: str) -> float:
+    """The lora_alpha a client of `rank` trains its modules at: "global" α·rᵢ/R, so each module
+    keeps the rank-R LoRA's scaling α/R whatever rᵢ (the modules are that LoRA's parts); "client"
+    α, the client's own α/rᵢ: an R/rᵢ times larger step per module on a low-rank client."""
+    if module_scaling not in MODULE_SCALINGS:
+        raise ValueError(
+            f"aggregator.options.module_scaling: must be one of {list(MODULE_SCALINGS)}, got "
+            f"{module_scaling!r}"
+        )
+    return alpha * rank / global_rank if module_scaling == "global" else alpha
 
 
 def select(global_rank: int, rank: int, *, seed: int) -> list[int]:

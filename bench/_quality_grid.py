@@ -202,6 +202,8 @@ METHODS: dict[str, tuple[str | None, tuple[str, ...]]] = {
     # trained to carry the most
     "squeeze prefix": ("squeeze", ("features.nested_prefix={}",)),
     "fedplora": ("fedplora", ()),
+    # its modules at the client's own α/rᵢ (the only form before stop 51): the lr 0.003 overshoot
+    "fedplora client-scaling": ("fedplora", ("aggregator.options={module_scaling: client}",)),
     "prelort": ("prelort", ()),
     "sdflora": ("sdflora", ()),
     "fedprox": ("fedprox", ()),  # svd + μ = 0.01
@@ -275,6 +277,7 @@ PAIRS = [
     ("lorafair", "squeeze"),
     ("squeeze +residual", "svd"),  # the residual alone over the exact aggregate (long)
     ("fedplora", "svd"),  # Fed-PLoRA against the default (scarce, domain, scarce-lr)
+    ("fedplora", "fedplora client-scaling"),  # its modules at α/R against α/rᵢ (scarce-lr)
 ]
 
 # One question asked in several regimes, pooled over their seeds (the report's "Across
@@ -331,13 +334,14 @@ class Step:
 # less (docs/privacy.md).
 KEY_LR = ("local only lr 0.001", "fedit", "squeeze lr 0.01", "svd", "squeeze")
 PLAN = [
-    # first since stop 51: fedplora with the paper's per-module averaging (stop 50) beat svd by
-    # 0.04 / 0.08 nats on scarce's seed 0 at lr 0.001: at the shipped lr, where the default is
-    # decided? (the reruns below replace caveated numbers; this may change the default)
+    # first since stop 51: at the shipped lr, where the default is decided, fedplora with its
+    # modules at the rank-R LoRA's α/R (its default since stop 51), and at the client's own α/rᵢ
+    # (before: seeds 1-2 ran with it, 0.25 nats behind svd on seed 1: the per-module step grew
+    # R/rᵢ times on low-rank clients and the trainers' mean added it up over the modules)
     Step(
-        ("fedplora",),
+        ("fedplora", "fedplora client-scaling"),
         ("scarce-lr",),
-        f"fedplora (its trainers' mean since stop 50) at the shipped lr {TUNED_LR} against svd",
+        f"fedplora at the shipped lr {TUNED_LR}: its modules at α/R (default) and at α/rᵢ",
         (1, 2, 3),
     ),
     # stop 50: fedplora's and prelort's cells (and squeeze prefix's, in `variants`) before then

@@ -4,20 +4,31 @@ server hooks; and (slow) one tiny federation of each 2026 method (fedplora, prel
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, Context, RecordDict
 from peft import LoraConfig, get_peft_model
 
 from fedllm.aggregators import Factors, get, round_spec
-from fedllm.aggregators.fedplora import check_selection, expand, select, split, trainers_mean
+from fedllm.aggregators.fedplora import (
+    check_selection,
+    expand,
+    module_alpha,
+    select,
+    split,
+    trainers_mean,
+)
+from fedllm.client import round as client_round_module
+from fedllm.client.app import train_content
 from fedllm.features.fedplora_fold import METRIC, FedPLoRAFold
 from fedllm.features.types import ClientPlan, ClientRound, Download, TrainReply
 from fedllm.model import wire
-from fedllm.model.adapters import write_factors
+from fedllm.model.adapters import from_record, to_record, write_factors
+from fedllm.model.base import cached_base_model
 from fedllm.recipe import ConfigError, RunConfig, load_recipe
 
 TINY = Path(__file__).parents[1] / "recipes" / "tiny.yaml"
@@ -114,7 +125,8 @@ def test_the_aggregator_refuses_unexpanded_updates_and_a_global_rank() -> None:
     e = expand(C0, [2], global_=GLOBAL)
     with pytest.raises(ValueError, match="global_rank"):
         get("fedplora")([e, e], [1.0, 1.0], global_rank=2)
-    assert round_spec("fedplora") == round_spec("svd")  # adapter-state rounds
+    spec = dataclasses.replace(round_spec("fedplora"), client_options=(), client_defaults={})
+    assert spec == round_spec("svd")  # adapter-state rounds (its one option is the clients')
 
 
 def test_selection_is_seeded_sorted_and_covers_every_module() -> None:
@@ -203,6 +215,63 @@ def test_the_client_starts_from_the_global_model_exactly() -> None:
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         assert not torch.allclose(model(x), want, atol=1e-3)  # the fold is undone after the block
+
+
+def test_modules_train_at_the_rank_R_scaling_by_default() -> None:
+    """A rank-rᵢ client's modules keep the rank-R LoRA's scaling α/R (lora_alpha α·rᵢ/R), so a
+    module's step does not grow as a client selects fewer; `client` keeps the client's α/rᵢ."""
+    assert module_alpha(16.0, rank=4, global_rank=32, module_scaling="global") == 2.0  # 2/4 = 16/32
+    assert module_alpha(16.0, rank=4, global_rank=32, module_scaling="client") == 16.0
+    with pytest.raises(ValueError, match=r"aggregator.options.module_scaling: must be one of"):
+        module_alpha(16.0, rank=4, global_rank=32, module_scaling="rank")
+    cfg = recipe()  # R = 3, α = 16
+    plan = FedPLoRAFold(cfg).plan(ClientPlan(partition=0, rank=2), client_round(cfg, rank=2))
+    assert plan.lora_alpha == pytest.approx(16 * 2 / 3) and plan.rank == 2
+    own = recipe("aggregator.options={module_scaling: client}")
+    assert FedPLoRAFold(own).plan(ClientPlan(0, 2), client_round(own, rank=2)).lora_alpha == 16
+    with pytest.raises(ConfigError, match="module_scaling"):
+        recipe("aggregator.options={module_scaling: rank}")
+
+
+def test_a_client_round_trains_at_alpha_over_R_and_replies_at_alpha_over_r(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The adapter is attached at the plan's lora_alpha and the reply converted back to the
+    recipe's α/rᵢ, which the server reads: at a vanishing lr the placed reply is the global's
+    selected modules to float rounding (read at the wrong scaling they would be off by R/rᵢ)."""
+    cfg = recipe(f"output_dir={tmp_path}", "data.max_examples=120", "federation.lr=1e-12")
+    base, _ = cached_base_model(cfg)
+    shapes = {
+        f"model.layers.{i}.self_attn.{p}": tuple(
+            getattr(base.model.layers[i].self_attn, p).weight.shape
+        )
+        for i in range(2)
+        for p in ("q_proj", "v_proj")
+    }
+    g = torch.Generator().manual_seed(3)
+    glob = {
+        m: Factors(torch.randn(d, 3, generator=g) * 0.05, torch.randn(3, k, generator=g), 1.0)
+        for m, (d, k) in shapes.items()
+    }
+    alphas = []
+    real = client_round_module.attach_lora
+    monkeypatch.setattr(
+        client_round_module,
+        "attach_lora",
+        lambda base, **kw: alphas.append(kw["alpha"]) or real(base, **kw),
+    )
+    config = {"server-round": 1, "global-scaling": 1.0, "recipe-hash": cfg.fingerprint()}
+    content = RecordDict({"global": to_record(glob), "config": ConfigRecord(config)})
+    context = Context(0, 0, {"partition-id": 0}, RecordDict(), {})  # partition 0: rank 2
+    out = train_content(cfg, content, context=context)
+    assert alphas == [pytest.approx(16 * 2 / 3)]
+    chosen = list(out["metrics"][METRIC])
+    assert out["metrics"]["scaling"] == cfg.client_scaling(2) == 8.0
+    update = from_record(out["update"], cfg.client_scaling(2))
+    assert update.keys() == glob.keys() and len(chosen) == 2
+    for m, f in update.items():
+        placed = expand(f, chosen, global_=glob[m])
+        torch.testing.assert_close(placed.delta(), glob[m].delta(), atol=1e-6, rtol=1e-4)
 
 
 def test_the_server_sends_everything_and_places_the_modules() -> None:

@@ -84,6 +84,10 @@ def train_content(
         result = local_steps(model, rnd, features=features)
         live = read_factors(model)  # on the model's device; what follows works on the CPU
         trained = {m: Factors(f.B.cpu(), f.A.cpu(), f.scaling) for m, f in live.items()}
+        if rnd.plan.lora_alpha is not None:  # the server reads a reply at the recipe's α/r
+            trained = {
+                m: t.truncate(t.rank, cfg.client_scaling(t.rank)) for m, t in trained.items()
+            }
         update = ClientUpdate(trained, start, rnd.plan.rank)
         for f in features:
             update = f.post_process(update, rnd)

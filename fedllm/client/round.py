@@ -153,7 +153,7 @@ def lora_model(
         model = attach_lora(
             base,
             rank=plan.rank,
-            alpha=cfg.lora.alpha,
+            alpha=cfg.lora.alpha if plan.lora_alpha is None else plan.lora_alpha,
             dropout=cfg.lora.dropout,
             target_modules=cfg.lora.target_modules,
         )

@@ -7,7 +7,8 @@ aggregator runs (`release`: the trainers' mean fills the rest, so each module
 is averaged over the clients that trained it).
 Client: it selects rᵢ modules (seeded by the run's seed, the round and its partition), folds the
 others into its frozen base for the round (the `fold` hook; restored afterwards), trains the
-selected ones as its rank-rᵢ LoRA and reports their indices.
+selected ones as its rank-rᵢ LoRA at the rank-R LoRA's scaling α/R (`aggregator.options.
+module_scaling: global`; `client`: its own α/rᵢ) and reports their indices.
 
 Refused: DP (a client-level release would mix the clients before their modules are placed),
 SecAgg+ (the server must see each client's indices), top-k compression (its residual would follow
@@ -24,19 +25,33 @@ from typing import Any
 from flwr.app import RecordDict
 
 from fedllm.aggregators.base import Factors
-from fedllm.aggregators.fedplora import check_selection, expand, select, split, trainers_mean
+from fedllm.aggregators.fedplora import (
+    CLIENT_DEFAULTS,
+    check_selection,
+    expand,
+    module_alpha,
+    select,
+    split,
+    trainers_mean,
+)
 from fedllm.client.round import client_seed
 from fedllm.features.base import Feature
 from fedllm.features.personal import PersonalAdapter
 from fedllm.features.registry import register
-from fedllm.features.types import ClientRound, Download, TrainReply
+from fedllm.features.types import ClientPlan, ClientRound, Download, TrainReply
 from fedllm.recipe.schema import RunConfig
 
 METRIC = "fedplora-select"  # the reply metric listing the trained module indices
 
 
+def module_scaling(cfg: RunConfig) -> str:
+    """The recipe's `aggregator.options.module_scaling` ("global" by default)."""
+    return cfg.aggregator.options.get("module_scaling", CLIENT_DEFAULTS["module_scaling"])
+
+
 def check_recipe(cfg: RunConfig) -> None:
     """Refuse what Select-N-Fold cannot run with, naming the recipe key."""
+    module_alpha(cfg.lora.alpha, rank=1, global_rank=1, module_scaling=module_scaling(cfg))
     problems = {
         "privacy.mode": cfg.privacy.mode != "none",
         "privacy.secure_aggregation.enabled": cfg.privacy.secure_aggregation.enabled,
@@ -84,6 +99,16 @@ class FedPLoRAFold(Feature):
         self.round = 0  # server: the round whose replies `receive` checks
 
     # -- client --------------------------------------------------------------------------------
+    def plan(self, plan: ClientPlan, rnd: ClientRound) -> ClientPlan:
+        """Train the selected modules at the rank-R LoRA's scaling (`module_scaling: global`)."""
+        alpha = module_alpha(
+            self.cfg.lora.alpha,
+            rank=plan.rank,
+            global_rank=self.cfg.max_rank,
+            module_scaling=module_scaling(self.cfg),
+        )
+        return dataclasses.replace(plan, lora_alpha=alpha)
+
     def fold(self, factors: Mapping[str, Factors], rnd: ClientRound) -> dict[str, Factors]:
         """Choose this round's modules (one draw for every adapted module) and return the others."""
         folded: dict[str, Factors] = {}

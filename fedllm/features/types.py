@@ -20,12 +20,15 @@ from fedllm.aggregators.base import Factors, RoundSpec
 
 @dataclass(frozen=True)
 class ClientPlan:
-    """What one client runs this round: LoRA rank, pruning ratio of its base, quantization."""
+    """What one client runs this round: LoRA rank, pruning ratio of its base, quantization, and
+    the lora_alpha its adapter trains at (None: the recipe's; the reply is at the recipe's α/r
+    either way, so only the local steps' size per parameter changes)."""
 
     partition: int
     rank: int
     pruning: float = 0.0
     quantization: str | None = None  # None: full precision
+    lora_alpha: float | None = None
 
 
 @dataclass
