@@ -36,7 +36,16 @@ def test_every_hook_fedplora_overrides_is_in_the_hook_table() -> None:
         for n in vars(FedPLoRAFold)
         if n in vars(Feature) and not n.startswith("_") and n not in recipe_side
     }
-    assert overridden == {"fold", "start", "metrics", "download", "receive", "release"}
+    assert overridden == {
+        "plan",
+        "fold",
+        "start",
+        "metrics",
+        "before_round",
+        "download",
+        "receive",
+        "release",
+    }
     assert overridden <= set(hook_table())
 
 
