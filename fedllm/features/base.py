@@ -128,7 +128,8 @@ class Feature:
 
     # -- client -----------------------------------------------------------------------------
     def plan(self, plan: ClientPlan, rnd: ClientRound) -> ClientPlan:
-        """Change what this client runs this round (rank, pruning ratio, quantization)."""
+        """Change what this client runs this round (rank, pruning ratio, quantization, the
+        lora_alpha its adapter trains at)."""
         return plan
 
     def read_global(self, record: ArrayRecord, rnd: ClientRound) -> dict[str, Factors] | None:
