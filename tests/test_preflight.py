@@ -70,6 +70,8 @@ def test_config_only_names_a_source_typo_and_says_where_the_data_would_come_from
     assert "did you mean 'wordnet'?" in err
     assert main(["validate", "--config-only", TINY, "data.source=words"]) == 0
     assert "\n    data Hugging Face hub dataset 'words' (" in capsys.readouterr().out
+    assert main(["validate", "--config-only", TINY, "data.source=jxm/wordnet"]) == 0  # an owner's
+    assert "\n    data Hugging Face hub dataset 'jxm/wordnet' (" in capsys.readouterr().out
     source = rows(tmp_path / "mine.jsonl", [PAIR] * 10)
     assert main(["validate", "--config-only", TINY, f"data.source={source}"]) == 0
     assert f"\n    data local file {source}\n" in capsys.readouterr().out

@@ -16,8 +16,9 @@ BUILT_IN_SOURCES = ("wordnet", "fortunes")
 
 def near_built_in(source: str) -> str | None:
     """The built-in source `source` is a typo of (no local path of that name exists), or None:
-    such a name would otherwise be tried on the hub, half a minute of retries offline."""
-    if source in BUILT_IN_SOURCES or Path(source).expanduser().exists():
+    such a name would otherwise be tried on the hub. A name with an owner ("jxm/wordnet") is a
+    hub dataset's, never a typo."""
+    if source in BUILT_IN_SOURCES or "/" in source or Path(source).expanduser().exists():
         return None
     close = difflib.get_close_matches(source.lower(), BUILT_IN_SOURCES, n=1, cutoff=0.75)
     return close[0] if close else None
