@@ -86,16 +86,22 @@ def fedplora(
     return Aggregate(Factors(B.to(dtype), A.to(dtype), 1.0))
 
 
+def check_module_scaling(value: Any) -> str:
+    """`aggregator.options.module_scaling`, one of MODULE_SCALINGS; ValueError naming it if not."""
+    if value not in MODULE_SCALINGS:
+        raise ValueError(
+            f"aggregator.options.module_scaling: must be one of {list(MODULE_SCALINGS)}, got "
+            f"{value!r}"
+        )
+    return value
+
+
 def module_alpha(alpha: float, *, rank: int, global_rank: int, module_scaling: str) -> float:
     """The lora_alpha a client of `rank` trains its modules at: "global" α·rᵢ/R, so each module
     keeps the rank-R LoRA's scaling α/R whatever rᵢ (the modules are that LoRA's parts); "client"
     α, the client's own α/rᵢ: an R/rᵢ times larger step per module on a low-rank client."""
-    if module_scaling not in MODULE_SCALINGS:
-        raise ValueError(
-            f"aggregator.options.module_scaling: must be one of {list(MODULE_SCALINGS)}, got "
-            f"{module_scaling!r}"
-        )
-    return alpha * rank / global_rank if module_scaling == "global" else alpha
+    global_scaling = check_module_scaling(module_scaling) == "global"
+    return alpha * rank / global_rank if global_scaling else alpha
 
 
 def select(global_rank: int, rank: int, *, seed: int) -> list[int]:

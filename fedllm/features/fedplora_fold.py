@@ -27,6 +27,7 @@ from flwr.app import RecordDict
 from fedllm.aggregators.base import Factors
 from fedllm.aggregators.fedplora import (
     CLIENT_DEFAULTS,
+    check_module_scaling,
     check_selection,
     expand,
     module_alpha,
@@ -45,13 +46,14 @@ METRIC = "fedplora-select"  # the reply metric listing the trained module indice
 
 
 def module_scaling(cfg: RunConfig) -> str:
-    """The recipe's `aggregator.options.module_scaling` ("global" by default)."""
-    return cfg.aggregator.options.get("module_scaling", CLIENT_DEFAULTS["module_scaling"])
+    """The recipe's `aggregator.options.module_scaling` ("global" by default), checked."""
+    default = CLIENT_DEFAULTS["module_scaling"]
+    return check_module_scaling(cfg.aggregator.options.get("module_scaling", default))
 
 
 def check_recipe(cfg: RunConfig) -> None:
     """Refuse what Select-N-Fold cannot run with, naming the recipe key."""
-    module_alpha(cfg.lora.alpha, rank=1, global_rank=1, module_scaling=module_scaling(cfg))
+    module_scaling(cfg)
     problems = {
         "privacy.mode": cfg.privacy.mode != "none",
         "privacy.secure_aggregation.enabled": cfg.privacy.secure_aggregation.enabled,
