@@ -615,8 +615,8 @@ def started(monkeypatch) -> list[list[str]]:
 
 
 def superlink_argv(creds: Path, ca: str, cert: str, key: str) -> list[str]:
-    files = {"--ssl-ca-certfile": ca, "--ssl-certfile": cert, "--ssl-keyfile": key}
-    return ["superlink", *(a for flag, name in files.items() for a in (flag, str(creds / name)))]
+    """`fedllm superlink` with three TLS files of the folder `creds`, by name."""
+    return tls_argv(creds / ca, creds / cert, creds / key)
 
 
 @pytest.mark.parametrize(
