@@ -16,6 +16,7 @@ from fedllm.data.fortunes import load_fortunes
 from fedllm.data.local import BUILDERS, load_local, rows_to_examples
 from fedllm.data.sample import sample_examples
 from fedllm.data.wordnet import load_wordnet
+from fedllm.recipe.schema_common import looks_like_path
 from fedllm.recipe.schema_data import BUILT_IN_SOURCES as BUILT_IN
 from fedllm.recipe.schema_data import near_built_in
 
@@ -50,7 +51,7 @@ def load_examples(
     if path.exists():
         _check_options(source, source_options, kind="local")
         examples = load_local(path, **source_options)
-    elif _looks_like_path(source):
+    elif looks_like_path(source):
         raise FileNotFoundError(f"local dataset {source} not found; valid sources: {VALID_SOURCES}")
     elif close := near_built_in(source):
         # a typo, not a hub name: say so now instead of after the hub's network retries
@@ -77,11 +78,6 @@ def _check_options(source: str, options: dict[str, Any], *, kind: str) -> None:
             f"option(s) {unknown} do not apply to source {source!r} ({kind}); "
             f"valid options are {list(OPTIONS[kind])} plus max_examples and seed"
         )
-
-
-def _looks_like_path(source: str) -> bool:
-    prefixes = ("/", "./", "../", "~", "\\")
-    return source.startswith(prefixes) or Path(source).suffix.lower() in BUILDERS
 
 
 def _load_hub(

@@ -12,6 +12,8 @@ import huggingface_hub
 import pytest
 
 from fedllm.data import load_examples, load_local, sources
+from fedllm.data.local import BUILDERS
+from fedllm.recipe.schema_common import DATA_SUFFIXES, looks_like_path
 
 ROWS = [
     {"question": "2+2?", "answer": "4", "topic": "math"},
@@ -273,3 +275,15 @@ def test_a_csv_row_short_of_the_header_still_loads_its_missing_field_empty(tmp_p
     (tmp_path / "short.csv").write_text("prompt,response,note\nhello,world,x\nfoo,bar\n")
     rows = load_local(tmp_path / "short.csv")
     assert [(r["prompt"], r["response"]) for r in rows] == [("hello", "world"), ("foo", "bar")]
+
+
+def test_the_recipe_and_the_loader_read_a_path_alike() -> None:
+    """One rule decides "a local path" for the recipe check and for the loader: a missing
+    `data/train.CSV` or `..\\shards` is a missing file to both, never a hub name."""
+    assert DATA_SUFFIXES == tuple(BUILDERS)  # every suffix a recipe accepts has a reader
+    for value in ("/x", "./x", "../x", "~/x", "..\\shards", "train.CSV", "d/t.parquet"):
+        assert looks_like_path(value), value
+    for value in ("wordnet", "someone/qa", "imdb", "csv"):
+        assert not looks_like_path(value), value
+    with pytest.raises(FileNotFoundError, match=r"local dataset missing\.CSV not found"):
+        load_examples("missing.CSV")

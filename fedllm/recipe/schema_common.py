@@ -50,15 +50,18 @@ class Strict(BaseModel):
         return value
 
 
-def _looks_like_path(value: str) -> bool:
-    return value.startswith(("/", "./", "../", "~")) or value.endswith(DATA_SUFFIXES)
+def looks_like_path(value: str) -> bool:
+    """True if `value` reads as a local path (/, ./, ../, ~, their Windows forms or a data file's
+    suffix): such a value is never tried as a hub name or taken for a typo of a built-in source."""
+    prefixes = ("/", "./", "../", "~", "\\", ".\\", "..\\")
+    return value.startswith(prefixes) or Path(value).suffix.lower() in DATA_SUFFIXES
 
 
 def must_exist(value: str, what: str) -> str:
     """`value`, unless it looks like a local path (/, ./, ../, ~, a data file's suffix) that does
     not exist: a hub name or a built-in source passes unchecked."""
     path = Path(value).expanduser()
-    if _looks_like_path(value) and not path.exists():
+    if looks_like_path(value) and not path.exists():
         where = (
             ""
             if path.is_absolute()
