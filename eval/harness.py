@@ -11,7 +11,7 @@ leakage view is saved as it finishes, so an interrupted eval resumes (fedllm.eva
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -109,11 +109,7 @@ def evaluate_run(
     from fedllm.eval.report import write_report
 
     t0 = time.perf_counter()
-    tasks = select_tasks(settings.tasks)
-    extra = dict(extra_tasks or {})
-    if clash := sorted(set(tasks) & set(extra)):
-        raise ValueError(f"eval task {clash[0]!r} is both a registered task and an extra one")
-    tasks = {**tasks, **extra}
+    tasks = _all_tasks(settings.tasks, extra_tasks or {})
     settings = replace(settings, tasks=tuple(tasks))
     cfg, adapter, clients, default_out = resolve_inputs(
         Path(target), Path(recipe) if recipe else None
@@ -124,18 +120,7 @@ def evaluate_run(
             f"this is a private run: the report in {out} (per-client scores, sample texts, "
             "member ids) is outside its guarantee; pass --out elsewhere to keep it apart"
         )
-    quant = None if cfg.model.quantization == "none" else cfg.model.quantization
-    say(f"loading base + global adapter + {len(clients)} client adapters ({adapter})")
-    views = Views(
-        adapter,
-        client_adapters=clients,
-        dtype=cfg.model.dtype,
-        quantization=quant,
-        precision=settings.precision,
-        attention=cfg.model.attention,
-        max_length=cfg.data.max_length,
-    )
-    say(f"eval forwards in {views.compute} (precision {settings.precision})")
+    views = _load_views(cfg, adapter, clients, precision=settings.precision, say=say)
     setup = TaskSetup(
         tokenizer=views.tokenizer,
         prompt_format=cfg.data.prompt_format,
@@ -181,6 +166,39 @@ def evaluate_run(
     pieces.remove()
     say(f"done in {report['seconds']:.0f}s: {out / 'report.md'}")
     return report
+
+
+def _all_tasks(
+    names: Sequence[str], extra: Mapping[str, type[EvalTask]]
+) -> dict[str, type[EvalTask]]:
+    """The registered tasks `names` selects, then the caller's extra ones (no name in both)."""
+    tasks = select_tasks(names)
+    if clash := sorted(set(tasks) & set(extra)):
+        raise ValueError(f"eval task {clash[0]!r} is both a registered task and an extra one")
+    return {**tasks, **extra}
+
+
+def _load_views(
+    cfg: RunConfig,
+    adapter: Path,
+    clients: Mapping[int, Path],
+    *,
+    precision: str,
+    say: Callable[[str], None],
+) -> Views:
+    """The base with the global adapter and every client's, loaded as the recipe trained them."""
+    say(f"loading base + global adapter + {len(clients)} client adapters ({adapter})")
+    views = Views(
+        adapter,
+        client_adapters=clients,
+        dtype=cfg.model.dtype,
+        quantization=None if cfg.model.quantization == "none" else cfg.model.quantization,
+        precision=precision,
+        attention=cfg.model.attention,
+        max_length=cfg.data.max_length,
+    )
+    say(f"eval forwards in {views.compute} (precision {precision})")
+    return views
 
 
 def _quality(
