@@ -114,6 +114,12 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 def add_deploy_commands(sub: argparse._SubParsersAction) -> None:
     """`fedllm node`, `fedllm superlink` and `fedllm certs`."""
+    _add_node(sub)
+    _add_superlink(sub)
+    _add_certs(sub)
+
+
+def _add_node(sub: argparse._SubParsersAction) -> None:
     node = sub.add_parser("node", help="start a SuperNode for one organisation (deployment mode)")
     node.add_argument("--superlink", required=True, metavar="HOST:PORT")
     node.add_argument("--partition-id", type=int, required=True, help="this node's partition id")
@@ -167,6 +173,8 @@ def add_deploy_commands(sub: argparse._SubParsersAction) -> None:
     )
     node.set_defaults(fn=cmd_node, flower_service=True)  # its output is Flower's own log
 
+
+def _add_superlink(sub: argparse._SubParsersAction) -> None:
     link = sub.add_parser(
         "superlink",
         help="start the SuperLink (deployment mode): Flower's, with its Control API for the "
@@ -188,6 +196,8 @@ def add_deploy_commands(sub: argparse._SubParsersAction) -> None:
     link.add_argument("-v", "--verbose", action="store_true", help="Flower's DEBUG log lines too")
     link.set_defaults(fn=cmd_superlink, flower_service=True)  # its output is Flower's own log
 
+
+def _add_certs(sub: argparse._SubParsersAction) -> None:
     certs = sub.add_parser("certs", help="create a test CA, SuperLink certificate and node keys")
     certs.add_argument("folder")
     certs.add_argument("--nodes", type=int, default=3, help="node key pairs to make (default 3)")
