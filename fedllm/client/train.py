@@ -277,16 +277,10 @@ def train_local(
         for step in range(steps):
             micro = [to_device(next(batches), device) for _ in range(accumulation)]
             tokens = max(1, sum(counted_tokens(b) for b in micro))
-            total = 0.0
-            for i, batch in enumerate(micro):
-                with autocast(device, amp):
-                    nll = label_nll(model, batch, share_head=share_head).sum()
-                part = nll / tokens
-                if i == 0 and regularizer is not None:
-                    part = part + regularizer()
-                part.backward()
-                total += float(nll.detach())
-                seen += int(batch["input_ids"].shape[0])
+            total = _backward(
+                model, micro, tokens=tokens, amp=amp, share_head=share_head, regularizer=regularizer
+            )
+            seen += sum(int(b["input_ids"].shape[0]) for b in micro)
             if max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             opt.step()
@@ -303,6 +297,30 @@ def train_local(
         loss_mean=sum(losses) / len(losses),
         seconds=time.perf_counter() - start,
     )
+
+
+def _backward(
+    model: torch.nn.Module,
+    micro: Sequence[dict],
+    *,
+    tokens: int,
+    amp: torch.dtype | None,
+    share_head: bool,
+    regularizer: Callable[[], torch.Tensor] | None,
+) -> float:
+    """Accumulate one step's gradients over its micro-batches, each weighted by the step's
+    `tokens` (the token mean of the concatenated batch); returns the summed token NLL."""
+    device = model_device(model)
+    total = 0.0
+    for i, batch in enumerate(micro):
+        with autocast(device, amp):
+            nll = label_nll(model, batch, share_head=share_head).sum()
+        part = nll / tokens
+        if i == 0 and regularizer is not None:
+            part = part + regularizer()
+        part.backward()
+        total += float(nll.detach())
+    return total
 
 
 @torch.no_grad()
