@@ -94,7 +94,16 @@ def regime_tables(
     by client, `ranks`: partition -> LoRA rank), per-round means."""
     cells = by_method(rows, regime)
     order = sorted(cells, key=lambda m: t_interval(finals(cells[m], "personal").values()).mean)
-    fedit, local = "fedit", local_reference(cells) or "local only"
+    lines = [*_finals_table(cells, order), "", *_paired_table(cells, order)]
+    if shown := [(a, b) for a, b in pairs if a in cells and b in cells]:
+        lines += ["", *_pairs_table(cells, shown)]
+    if by_client := client_table(cells, order=order, ranks=ranks or {}):
+        lines += ["", *by_client]
+    return [*lines, "", *_curves_table(cells, order)]
+
+
+def _finals_table(cells: Mapping[str, dict], order: Sequence[str]) -> list[str]:
+    """Each method's final losses (own, own at its best round, global test), traffic and time."""
     lines = [
         "| method | semantics | own-domain held-out | own at its best round | global test set "
         "| last-round Δ (own) "
@@ -121,8 +130,13 @@ def regime_tables(
             f"| {cpu_text} "
             f"| {', '.join(str(s) for s in sorted(by_seed))} |"
         )
-    lines += [
-        "",
+    return lines
+
+
+def _paired_table(cells: Mapping[str, dict], order: Sequence[str]) -> list[str]:
+    """Each method against fedit and against local-only (last and best round) on the same seeds."""
+    fedit, local = "fedit", local_reference(cells) or "local only"
+    lines = [
         "Paired differences, method − reference on the same seeds (negative: lower loss than the "
         "reference; mean ± 95% t-interval; tie: the interval contains 0; same: the whole "
         f"interval within {NEGLIGIBLE} nats of 0). At its best round: {local} stopped, seed by "
@@ -147,22 +161,27 @@ def regime_tables(
             "—" if m == local or no_test else diff_text(test, test_of[local]),
         ]
         lines.append(f"| {m} | " + " | ".join(out) + " |")
-    shown = [(a, b) for a, b in pairs if a in cells and b in cells]
-    if shown:
-        lines += [
-            "",
-            "Controlled pairs (one knob changed, same seeds):",
-            "",
-            "| variant − base | own-domain | test |",
-            "|---|---:|---:|",
-        ]
-        for a, b in shown:
-            own = diff_text(finals(cells[a], "personal"), finals(cells[b], "personal"))
-            test = diff_text(finals(cells[a], "test"), finals(cells[b], "test"))
-            lines.append(f"| {a} − {b} | {own} | {test} |")
-    if by_client := client_table(cells, order=order, ranks=ranks or {}):
-        lines += ["", *by_client]
-    lines += ["", "Own-domain held-out loss per round (mean over seeds):", ""]
+    return lines
+
+
+def _pairs_table(cells: Mapping[str, dict], shown: Sequence[tuple[str, str]]) -> list[str]:
+    """Controlled pairs: a variant against the base it changes one knob of."""
+    lines = [
+        "Controlled pairs (one knob changed, same seeds):",
+        "",
+        "| variant − base | own-domain | test |",
+        "|---|---:|---:|",
+    ]
+    for a, b in shown:
+        own = diff_text(finals(cells[a], "personal"), finals(cells[b], "personal"))
+        test = diff_text(finals(cells[a], "test"), finals(cells[b], "test"))
+        lines.append(f"| {a} − {b} | {own} | {test} |")
+    return lines
+
+
+def _curves_table(cells: Mapping[str, dict], order: Sequence[str]) -> list[str]:
+    """Own-domain held-out loss per round, each method's mean over its seeds."""
+    lines = ["Own-domain held-out loss per round (mean over seeds):", ""]
     rounds = max(len(r["personal"]) for c in cells.values() for r in c.values())
     lines += [
         "| method | " + " | ".join(f"r{i}" for i in range(rounds)) + " |",
