@@ -62,7 +62,6 @@ def report(
 ) -> list[str]:
     """The markdown report: this invocation's calibration, and every saved (seed, setting) run
     of the workload, each under the deadline and budget of its own invocation."""
-    cmd = shlex.join(["python", "bench/constrained.py", *sys.argv[1:]])
     seeds = sorted({seed for seed, _ in results})
     settings = [x for x in SETTINGS if any(setting == x for _, setting in results)]
     ran_under = {
@@ -70,11 +69,30 @@ def report(
     }  # calibrations, in order of first use
     for (seed, setting), r in results.items():
         ran_under[r["deadline"], r["budget"], r["cpu"]].append(f"{setting} s{seed}")
+    lines = _head(args, cal=cal, ran_under=ran_under, n=n, seeds=seeds, load=load)
+    lines += ["", *_calibration(cal)]
+    lines += ["", *_outcomes(results, seeds=seeds, settings=settings, n=n)]
+    for seed in seeds:
+        lines += ["", *_per_round(results, seed=seed, settings=settings, n=n, rounds=args.rounds)]
+    return [*lines, "", OUTCOMES]
+
+
+def _head(
+    args: argparse.Namespace,
+    *,
+    cal: dict,
+    ran_under: dict,
+    n: int,
+    seeds: list[int],
+    load: tuple[float, float],
+) -> list[str]:
+    """The command, the machine's load, the devices and the deadline each run was held to."""
+    cmd = shlex.join(["python", "bench/constrained.py", *sys.argv[1:]])
     who = profiles(n)
     budget = "none (pruning does not shrink the estimate below the unpruned arms)"
     if cal["budget"] is not None:
         budget = f"{cal['budget']:.2f} MiB"
-    lines = [
+    return [
         "# Constrained clients: the (rank, pruning) bandit against fixed arms",
         "",
         f"Command: `{cmd}`. Load average {load[0]:.2f} at start, {load[1]:.2f} at the end "
@@ -94,7 +112,12 @@ def report(
             for (d, b, c), who_ran in ran_under.items()
         )
         + ".",
-        "",
+    ]
+
+
+def _calibration(cal: dict) -> list[str]:
+    """Each arm's estimated memory and step time, and the reply time predicted per profile."""
+    lines = [
         "## Calibration (this invocation)",
         "",
         "| arm | est. memory | overhead, s/step (1 thread) | (2 threads) "
@@ -108,8 +131,13 @@ def report(
             f"| {arm_name(*arm)} | {cal['need'][arm] / MIB:.2f} MiB | {o1:.2f} s, {s1:.3f} s "
             f"| {o2:.2f} s, {s2:.3f} s | {p[0]:.2f} s | {p[1]:.2f} s | {p[2]:.2f} s |"
         )
-    lines += [
-        "",
+    return lines
+
+
+def _outcomes(results: dict, *, seeds: list[int], settings: list[str], n: int) -> list[str]:
+    """Per setting: deadlines met (in all and by client) and the final test loss per seed."""
+    who = profiles(n)
+    lines = [
         "## Deadlines met and quality",
         "",
         "| setting | deadlines met | by client | test loss after the last round (per seed) "
@@ -133,25 +161,31 @@ def report(
             f"| {setting} | {met}/{len(cells)} | {', '.join(by_client)} | {losses} | {mean} "
             f"| {per_seed[0]['base']:.4f} | {sum(r['seconds'] for r in per_seed):.0f} s |"
         )
-    for seed in seeds:
-        lines += ["", f"## Arm and outcome per client and round (seed {seed})", ""]
-        head = " | ".join(f"c{p} {who[p]}" for p in range(n))
-        lines += [f"| setting | round | {head} |", "|---|---:|" + "---|" * n]
-        for setting in (x for x in settings if (seed, x) in results):
-            cells = results[seed, setting]["cells"]
-            for rnd in range(1, args.rounds + 1):
-                row = [cells.get((rnd, p)) for p in range(n)]
-                text = " | ".join(f"{c[0]} {c[1]}" if c else "—" for c in row)
-                lines.append(f"| {setting} | {rnd} | {text} |")
-    lines += [
-        "",
-        "Outcomes: met (the reply came in before the deadline and was aggregated), missed (no "
-        "reply in time: dropped, the bandit scores the arm 0), missed (new base) (a miss in a "
-        "round whose arm changed the client's pruning or precision: the bandit replays the arm "
-        "next round, warm, and scores that round instead), no memory (the client refused "
-        "a plan whose estimated training memory exceeds its budget: the bandit never offers "
-        "that arm to it again). Test loss: the server's own global test set (10% of every "
-        "domain, held out before the partition) with the global adapter on the full-precision "
-        "unpruned base; no client evaluates, so quality does not depend on the devices.",
-    ]
     return lines
+
+
+def _per_round(results: dict, *, seed: int, settings: list[str], n: int, rounds: int) -> list[str]:
+    """One seed's arm and outcome for every client and round, setting by setting."""
+    who = profiles(n)
+    lines = [f"## Arm and outcome per client and round (seed {seed})", ""]
+    head = " | ".join(f"c{p} {who[p]}" for p in range(n))
+    lines += [f"| setting | round | {head} |", "|---|---:|" + "---|" * n]
+    for setting in (x for x in settings if (seed, x) in results):
+        cells = results[seed, setting]["cells"]
+        for rnd in range(1, rounds + 1):
+            row = [cells.get((rnd, p)) for p in range(n)]
+            text = " | ".join(f"{c[0]} {c[1]}" if c else "—" for c in row)
+            lines.append(f"| {setting} | {rnd} | {text} |")
+    return lines
+
+
+OUTCOMES = (
+    "Outcomes: met (the reply came in before the deadline and was aggregated), missed (no "
+    "reply in time: dropped, the bandit scores the arm 0), missed (new base) (a miss in a "
+    "round whose arm changed the client's pruning or precision: the bandit replays the arm "
+    "next round, warm, and scores that round instead), no memory (the client refused "
+    "a plan whose estimated training memory exceeds its budget: the bandit never offers "
+    "that arm to it again). Test loss: the server's own global test set (10% of every "
+    "domain, held out before the partition) with the global adapter on the full-precision "
+    "unpruned base; no client evaluates, so quality does not depend on the devices."
+)
