@@ -107,28 +107,18 @@ def throughput(argv: list[str]) -> None:
         secret_item(tok, canary.prompt, secret=s, prompt_format="chat") for s in secrets
     ]
     load0 = os.getloadavg()[0]
-
-    def score(its, bs: int, shared: bool):
-        return lambda: score_examples(
-            model, its, batch_size=bs, pad_id=pad, vocab_stats=its is items, shared_prefix=shared
-        )
-
-    score(items, args.batch_size, True)()  # warm-up
+    # warm-up
+    score_examples(model, items, batch_size=args.batch_size, pad_id=pad, vocab_stats=True)
     rows, agree = [], []
     for name, its in (
         ("MIA items (log-probs + vocab stats)", items),
         (f"one canary + {args.references} reference secrets", secret_items),
     ):
-        t1, one = timed(score(its, 1, False))
-        tf, _ = timed(score(its, args.batch_size, False))
-        ts, shared = timed(score(its, args.batch_size, True))
-        rows.append((name, len(its), t1, tf, ts))
-        agree.append(
-            max(
-                float(np.abs(a.logprobs - b.logprobs).max())
-                for a, b in zip(one, shared, strict=True)
-            )
+        times, diff = _scoring_times(
+            model, its, batch_size=args.batch_size, pad_id=pad, vocab_stats=its is items
         )
+        rows.append((name, len(its), *times))
+        agree.append(diff)
 
     prompts = [prompt_ids(tok, e["prompt"], prompt_format="chat") for e in examples]
     prompts = prompts[: args.gen_examples]
@@ -139,23 +129,7 @@ def throughput(argv: list[str]) -> None:
     )
     same = sum(a == b for a, b in zip(g_single, g_batch, strict=True))
     g = len(prompts)
-    lines = [
-        "# Evaluation throughput: one at a time, batched, batched with shared prefixes",
-        "",
-        f"Command: `python bench/eval.py throughput --model {args.model} --examples "
-        f"{args.examples} --references {args.references} --gen-examples {args.gen_examples} "
-        f"--batch-size {args.batch_size}`. {machine_note(load0)} (treat absolute times as "
-        "rough on a shared machine; the ratios are measured in one run).",
-        "",
-        f"Model: {args.model}; WordNet definition examples in the chat format (≤ 64 tokens); "
-        f"batch size {args.batch_size}. Full batches: every item in full, length-sorted. Shared "
-        "prefixes: the chat template's common head once, a shared prompt once per batch, "
-        "then each item's rest on copied keys/values (fedllm.eval.scoring).",
-        "",
-        "| path | items | one at a time (items/s) | batched, full (items/s) | batched, shared "
-        "prefixes (items/s) | shared ÷ one at a time | shared ÷ full batched |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
+    lines = _throughput_head(args, load0)
     for name, count, t1, tf, ts in rows:
         lines.append(
             f"| scoring: {name} | {count} | {count / t1:.2f} | {count / tf:.2f} | "
@@ -172,6 +146,52 @@ def throughput(argv: list[str]) -> None:
     ]
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _scoring_times(
+    model: torch.nn.Module, items: list[dict], *, batch_size: int, pad_id: int, vocab_stats: bool
+) -> tuple[tuple[float, float, float], float]:
+    """Seconds to score `items` one at a time, batched in full and batched with shared prefixes;
+    and the largest |Δ log p| between the first and the last."""
+
+    def score(bs: int, shared: bool):
+        return lambda: score_examples(
+            model,
+            items,
+            batch_size=bs,
+            pad_id=pad_id,
+            vocab_stats=vocab_stats,
+            shared_prefix=shared,
+        )
+
+    t1, one = timed(score(1, False))
+    tf, _ = timed(score(batch_size, False))
+    ts, shared = timed(score(batch_size, True))
+    diff = max(
+        float(np.abs(a.logprobs - b.logprobs).max()) for a, b in zip(one, shared, strict=True)
+    )
+    return (t1, tf, ts), diff
+
+
+def _throughput_head(args: argparse.Namespace, load0: float) -> list[str]:
+    """The throughput report's command, machine and the table's header."""
+    return [
+        "# Evaluation throughput: one at a time, batched, batched with shared prefixes",
+        "",
+        f"Command: `python bench/eval.py throughput --model {args.model} --examples "
+        f"{args.examples} --references {args.references} --gen-examples {args.gen_examples} "
+        f"--batch-size {args.batch_size}`. {machine_note(load0)} (treat absolute times as "
+        "rough on a shared machine; the ratios are measured in one run).",
+        "",
+        f"Model: {args.model}; WordNet definition examples in the chat format (≤ 64 tokens); "
+        f"batch size {args.batch_size}. Full batches: every item in full, length-sorted. Shared "
+        "prefixes: the chat template's common head once, a shared prompt once per batch, "
+        "then each item's rest on copied keys/values (fedllm.eval.scoring).",
+        "",
+        "| path | items | one at a time (items/s) | batched, full (items/s) | batched, shared "
+        "prefixes (items/s) | shared ÷ one at a time | shared ÷ full batched |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
 
 
 def leakage(argv: list[str]) -> None:
