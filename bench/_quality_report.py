@@ -106,14 +106,15 @@ def _finals_table(cells: Mapping[str, dict], order: Sequence[str]) -> list[str]:
     """Each method's final losses (own, own at its best round, global test), traffic and time."""
     lines = [
         "| method | semantics | own-domain held-out | own at its best round | global test set "
-        "| last-round Δ (own) "
+        "| last round − the one before (own) "
         "| MB moved | s/cell | CPU s/cell | seeds |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for m in order:
         by_seed = cells[m]
         own, test = finals(by_seed, "personal"), finals(by_seed, "test")
-        last = [r["personal"][-1] - r["personal"][-2] for r in by_seed.values()]
+        # has the curve flattened: the last round's own-domain change, paired over seeds
+        before = {s: r["personal"][-2] for s, r in by_seed.items() if len(r["personal"]) > 1}
         any_row = next(iter(by_seed.values()))
         test_text = "n/a (B on clients)" if _personal_B(by_seed) else interval_text(test)
         # times of whole cells only: a resumed cell's are its last part's
@@ -126,7 +127,7 @@ def _finals_table(cells: Mapping[str, dict], order: Sequence[str]) -> list[str]:
         lines.append(
             f"| {m} | {any_row['semantics']} | {interval_text(own)} "
             f"| {interval_text(best_round(by_seed))} | {test_text} "
-            f"| {sum(last) / len(last):+.4f} | {any_row['mb_moved']:.1f} | {seconds} "
+            f"| {diff_text(own, before)} | {any_row['mb_moved']:.1f} | {seconds} "
             f"| {cpu_text} "
             f"| {', '.join(str(s) for s in sorted(by_seed))} |"
         )
