@@ -50,7 +50,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # bench/_*.py next to this script
 
-from fedllm.processes import hide_bitsandbytes
+from fedllm.processes import drop_checkpointing_notice, hide_bitsandbytes
 
 hide_bitsandbytes()  # as fedllm's commands do: no base here is quantised (peft would import it)
 
@@ -199,6 +199,7 @@ def main() -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
+    drop_checkpointing_notice()  # peft's FutureWarning on every wrap, as `fedllm run` drops it
     cells = chosen_cells(args)
     # a method is its recipe (fedprox, fedavgm are features on a registered aggregator)
     missing = {m for m, _, _ in cells if METHODS[m][0] and not recipe_path(METHODS[m][0]).exists()}
