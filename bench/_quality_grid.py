@@ -345,7 +345,8 @@ PLAN = [
         (1, 2, 3),
     ),
     # stop 50: fedplora's and prelort's cells (and squeeze prefix's, in `variants`) before then
-    # measured defects since fixed; their rows are in quality-rows-before-s50.jsonl and rerun here
+    # measured defects since fixed; their rows are in quality-rows-before-s50.jsonl (rerun here,
+    # stops 51-52)
     Step(("core",), ("scarce", "domain"), "every core method, 8 and 4 clients"),
     Step(("squeeze balanced",), ("scarce",), "the default until stop 34"),
     Step(("control",), ("iid",), "the IID control: does the gap to local-only close?"),
