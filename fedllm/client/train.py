@@ -278,7 +278,13 @@ def train_local(
             micro = [to_device(next(batches), device) for _ in range(accumulation)]
             tokens = max(1, sum(counted_tokens(b) for b in micro))
             total = _backward(
-                model, micro, tokens=tokens, amp=amp, share_head=share_head, regularizer=regularizer
+                model,
+                micro,
+                tokens=tokens,
+                amp=amp,
+                share_head=share_head,
+                regularizer=regularizer,
+                device=device,
             )
             seen += sum(int(b["input_ids"].shape[0]) for b in micro)
             if max_grad_norm is not None:
@@ -307,10 +313,10 @@ def _backward(
     amp: torch.dtype | None,
     share_head: bool,
     regularizer: Callable[[], torch.Tensor] | None,
+    device: torch.device,
 ) -> float:
     """Accumulate one step's gradients over its micro-batches, each weighted by the step's
     `tokens` (the token mean of the concatenated batch); returns the summed token NLL."""
-    device = model_device(model)
     total = 0.0
     for i, batch in enumerate(micro):
         with autocast(device, amp):
