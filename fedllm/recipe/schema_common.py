@@ -58,8 +58,8 @@ def looks_like_path(value: str) -> bool:
 
 
 def must_exist(value: str, what: str) -> str:
-    """`value`, unless it looks like a local path (/, ./, ../, ~, a data file's suffix) that does
-    not exist: a hub name or a built-in source passes unchecked."""
+    """`value`, unless it looks like a local path (`looks_like_path`) that does not exist: a hub
+    name or a built-in source passes unchecked."""
     path = Path(value).expanduser()
     if looks_like_path(value) and not path.exists():
         where = (
