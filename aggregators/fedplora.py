@@ -2,7 +2,9 @@
 
 The global adapter of rank R is read as R parallel one-rank modules (column j of B with row j of
 A; ΔW = Σⱼ BⱼAⱼ, the same matrix as the LoRA B@A). Each round client i of rank rᵢ ≤ R selects rᵢ
-modules (`select`, seeded per client and round), folds the other R − rᵢ into its frozen base
+modules in every target module (adapted weight), drawn independently per target as the paper
+does (`draw`, seeded per client, round and target; `module_draw: client`, one draw shared by
+every target, is the form of stops 50–52), folds the other R − rᵢ into its frozen base
 (W₀ + Σ_{j∉Sᵢ} BⱼAⱼ: it starts from the global model exactly, no initialisation noise), trains
 the selected ones as an ordinary rank-rᵢ LoRA and sends them with their indices. The server puts
 them back at their indices (`expand`) and averages each module over the clients that trained it,
@@ -30,7 +32,8 @@ over the modules (at lr 0.003 the global overshot: docs/aggregators.md).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -39,9 +42,10 @@ from .base import Aggregate, Factors, RoundSpec, normalized_weights, reject_opti
 from .registry import register
 
 # read by the clients only (fedllm.features.fedplora_fold): option -> its default there
-CLIENT_DEFAULTS: dict[str, Any] = {"module_scaling": "global"}
+CLIENT_DEFAULTS: dict[str, Any] = {"module_scaling": "global", "module_draw": "target"}
 CLIENT_OPTIONS = tuple(CLIENT_DEFAULTS)
 MODULE_SCALINGS = ("global", "client")
+MODULE_DRAWS = ("target", "client")  # one draw per target module (the paper's) / per client
 
 
 @register(
@@ -88,11 +92,17 @@ def fedplora(
 
 def check_module_scaling(value: Any) -> str:
     """`aggregator.options.module_scaling`, one of MODULE_SCALINGS; ValueError naming it if not."""
-    if value not in MODULE_SCALINGS:
-        raise ValueError(
-            f"aggregator.options.module_scaling: must be one of {list(MODULE_SCALINGS)}, got "
-            f"{value!r}"
-        )
+    return _check_option("module_scaling", value, MODULE_SCALINGS)
+
+
+def check_module_draw(value: Any) -> str:
+    """`aggregator.options.module_draw`, one of MODULE_DRAWS; ValueError naming it if not."""
+    return _check_option("module_draw", value, MODULE_DRAWS)
+
+
+def _check_option(key: str, value: Any, valid: Sequence[str]) -> str:
+    if value not in valid:
+        raise ValueError(f"aggregator.options.{key}: must be one of {list(valid)}, got {value!r}")
     return value
 
 
@@ -113,6 +123,33 @@ def select(global_rank: int, rank: int, *, seed: int) -> list[int]:
         return list(range(global_rank))
     order = torch.randperm(global_rank, generator=torch.Generator().manual_seed(seed))
     return sorted(int(j) for j in order[:rank])
+
+
+def target_seed(seed: int, target: str) -> int:
+    """The seed of one target module's draw (`target`: the adapted weight's name) in a client's
+    round (`seed`): a hash of both, the same on client and server, independent across targets."""
+    digest = hashlib.sha256(f"{seed}/{target}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % 2**63
+
+
+def draw(
+    targets: Iterable[str], *, global_rank: int, rank: int, seed: int, per_target: bool = True
+) -> dict[str, list[int]]:
+    """Each target module's `rank` selected one-rank module indices in a client's round (`seed`):
+    drawn independently per target (the paper: "performed independently for each target
+    module"), or with `per_target` False one draw shared by every target (`module_draw: client`)."""
+    return {
+        t: select(global_rank, rank, seed=target_seed(seed, t) if per_target else seed)
+        for t in targets
+    }
+
+
+def draw_digest(selected: Mapping[str, Sequence[int]]) -> int:
+    """A checksum of a client's draws in a round (target -> indices) in [0, 2⁵²), exact as a
+    float too: the reply metric by which the server checks that the client trained the modules
+    it places the reply at."""
+    text = ";".join(f"{t}:{','.join(map(str, selected[t]))}" for t in sorted(selected))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") % 2**52
 
 
 def split(global_: Factors, selected: Sequence[int]) -> tuple[Factors, Factors | None]:

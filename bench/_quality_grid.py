@@ -201,9 +201,15 @@ METHODS: dict[str, tuple[str | None, tuple[str, ...]]] = {
     # PreLort's nested-prefix training under squeeze: the prefix a client's rank cut keeps is
     # trained to carry the most
     "squeeze prefix": ("squeeze", ("features.nested_prefix={}",)),
-    "fedplora": ("fedplora", ()),
-    # its modules at the client's own α/rᵢ (the only form before stop 51): the lr 0.003 overshoot
-    "fedplora client-scaling": ("fedplora", ("aggregator.options={module_scaling: client}",)),
+    "fedplora": ("fedplora", ()),  # one draw of modules per target module (since stop 53)
+    # one draw per client for all its targets: every fedplora cell of stops 50-52
+    "fedplora one-draw": ("fedplora", ("aggregator.options={module_draw: client}",)),
+    # and its modules at the client's own α/rᵢ (the only form before stop 51): the lr 0.003
+    # overshoot
+    "fedplora client-scaling one-draw": (
+        "fedplora",
+        ("aggregator.options={module_scaling: client, module_draw: client}",),
+    ),
     "prelort": ("prelort", ()),
     "sdflora": ("sdflora", ()),
     "fedprox": ("fedprox", ()),  # svd + μ = 0.01
@@ -277,7 +283,10 @@ PAIRS = [
     ("lorafair", "squeeze"),
     ("squeeze +residual", "svd"),  # the residual alone over the exact aggregate (long)
     ("fedplora", "svd"),  # Fed-PLoRA against the default (scarce, domain, scarce-lr)
-    ("fedplora", "fedplora client-scaling"),  # its modules at α/R against α/rᵢ (scarce-lr)
+    ("fedplora one-draw", "svd"),  # its form of stops 50-52 against the default
+    ("fedplora", "fedplora one-draw"),  # a draw per target module against one per client
+    # its modules at α/R against α/rᵢ (scarce-lr, one draw per client)
+    ("fedplora one-draw", "fedplora client-scaling one-draw"),
 ]
 
 # One question asked in several regimes, pooled over their seeds (the report's "Across
@@ -339,7 +348,7 @@ PLAN = [
     # (before: seeds 1-2 ran with it, 0.25 nats behind svd on seed 1: the per-module step grew
     # R/rᵢ times on low-rank clients and the trainers' mean added it up over the modules)
     Step(
-        ("fedplora", "fedplora client-scaling"),
+        ("fedplora one-draw", "fedplora client-scaling one-draw"),
         ("scarce-lr",),
         f"fedplora at the shipped lr {TUNED_LR}: its modules at α/R (default) and at α/rᵢ",
         (1, 2, 3),
@@ -406,6 +415,14 @@ PLAN = [
         ("long",),
         f"12 rounds at the shipped lr {TUNED_LR}: do the default's results hold, do the curves "
         "flatten, does the residual pay over more rounds",
+    ),
+    # stop 53: the paper draws a client's modules per target module, stops 50-52 drew once per
+    # client (`fedplora one-draw`); the core step above reruns fedplora in scarce and domain
+    Step(
+        ("fedplora",),
+        ("scarce-lr",),
+        f"fedplora with the paper's per-target draw at the shipped lr {TUNED_LR}",
+        (1, 2, 3),
     ),
 ]
 

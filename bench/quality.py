@@ -23,7 +23,7 @@ Two test sets per cell: each client's own held-out split (own domains: personali
 global test set (`data.test_set`: 10% of every domain plus two whole domains no client holds:
 generalisation). `bench/_stats.py` makes the intervals; `bench/_quality_report.py` the report.
 
-The whole grid is `PLAN` in bench/_quality_grid.py: seventeen commands, 219 distinct cells, in
+The whole grid is `PLAN` in bench/_quality_grid.py: eighteen commands, 222 distinct cells, in
 the order that answers the most first. `--list` prints each with what is done and the hours left;
 `--plan` runs what is left in that order (what each new session restarts). Measured on an idle
 2-core AMD EPYC: a federated `domain` cell takes ~5 min (squeeze: 305–324 s), a `scarce` one 9–10

@@ -272,10 +272,12 @@ def test_the_plan_is_its_steps_commands_each_cell_once() -> None:
 
     quality = _quality_bench()
     cells = quality.plan_cells(quality.PLAN, quiet=True)
-    assert len(cells) == len(set(cells)) == 219  # docs/aggregators.md quotes the count
+    assert len(cells) == len(set(cells)) == 222  # docs/aggregators.md quotes the count
     # the step that may change the default first (stop 51), then core, seed by seed
     fedplora = [
-        (m, "scarce-lr", s) for s in (1, 2, 3) for m in ("fedplora", "fedplora client-scaling")
+        (m, "scarce-lr", s)
+        for s in (1, 2, 3)
+        for m in ("fedplora one-draw", "fedplora client-scaling one-draw")
     ]
     assert cells[:7] == [*fedplora, ("centralised", "scarce", 0)]
     parser = quality.build_parser()

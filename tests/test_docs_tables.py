@@ -49,13 +49,13 @@ def test_every_hook_fedplora_overrides_is_in_the_hook_table() -> None:
     assert overridden <= set(hook_table())
 
 
-def test_the_disclosure_table_has_fedplora_select_public_without_privacy() -> None:
+def test_the_disclosure_table_has_fedplora_draw_public_without_privacy() -> None:
     rows = [
         [c.strip() for c in line.split("|")[1:-1]]
         for line in (DOCS / "privacy.md").read_text().splitlines()
         if line.startswith(f"| train | {METRIC} |")
     ]
-    assert rows == [["train", "fedplora-select", "public", "—", "—", "—"]]
+    assert rows == [["train", "fedplora-draw", "public", "—", "—", "—"]]
 
 
 def test_every_module_of_fedllm_has_its_line_in_the_architecture_tree() -> None:

@@ -1,6 +1,7 @@
-"""fedplora: R one-rank modules, a seeded selection per client, the rest folded into the base, and
-a module-wise mean over the clients that trained each module (hand-computed); the client and
-server hooks; and (slow) one tiny federation of each 2026 method (fedplora, prelort, sdflora)."""
+"""fedplora: R one-rank modules, a seeded selection per client and target, the rest folded into
+the base, and a module-wise mean over the clients that trained each module (hand-computed); the
+client and server hooks; and (slow) one tiny federation of each 2026 method (fedplora, prelort,
+sdflora)."""
 
 from __future__ import annotations
 
@@ -16,14 +17,18 @@ from peft import LoraConfig, get_peft_model
 from fedllm.aggregators import Factors, get, round_spec
 from fedllm.aggregators.fedplora import (
     check_selection,
+    draw,
+    draw_digest,
     expand,
     module_alpha,
     select,
     split,
+    target_seed,
     trainers_mean,
 )
 from fedllm.client import round as client_round_module
 from fedllm.client.app import train_content
+from fedllm.client.round import client_seed
 from fedllm.features.fedplora_fold import METRIC, FedPLoRAFold
 from fedllm.features.types import ClientPlan, ClientRound, Download, TrainReply
 from fedllm.model import wire
@@ -140,6 +145,26 @@ def test_selection_is_seeded_sorted_and_covers_every_module() -> None:
         select(4, 0, seed=0)
 
 
+def test_each_target_draws_its_own_modules_unless_one_draw_per_client() -> None:
+    """The paper draws "independently for each target module": per target by default, the same
+    on client and server (a hash of seed and name); `module_draw: client` shares one draw."""
+    targets = [f"model.layers.{i}.self_attn.{p}" for i in range(4) for p in ("q_proj", "v_proj")]
+    drawn = draw(targets, global_rank=8, rank=3, seed=5)
+    assert drawn == draw(reversed(targets), global_rank=8, rank=3, seed=5)  # order-free
+    assert drawn[targets[0]] == select(8, 3, seed=target_seed(5, targets[0]))
+    assert len({tuple(c) for c in drawn.values()}) > 1
+    assert drawn != draw(targets, global_rank=8, rank=3, seed=6)
+    shared = draw(targets, global_rank=8, rank=3, seed=5, per_target=False)
+    assert all(c == select(8, 3, seed=5) for c in shared.values())
+    # the checksum follows every index of every target, and not the order they were listed in
+    assert draw_digest(drawn) == draw_digest(dict(reversed(list(drawn.items()))))
+    assert draw_digest(drawn) != draw_digest({**drawn, targets[3]: [0, 1, 2]})
+    assert 0 <= draw_digest(drawn) < 2**52
+    assert recipe("aggregator.options={module_draw: client}").aggregator.options
+    with pytest.raises(ConfigError, match=r"module_draw: must be one of \['target', 'client'\]"):
+        recipe("aggregator.options={module_draw: layer}")
+
+
 @pytest.mark.parametrize(
     "bad",
     [[0, 0], [0, 3], [0], [0.5, 1], "01", [-1, 1]],
@@ -205,8 +230,8 @@ def test_the_client_starts_from_the_global_model_exactly() -> None:
     folded = feature.fold(glob, rnd)
     start = feature.start(glob, rnd)
     chosen = feature.selected["q"]
-    assert chosen == select(3, 2, seed=rnd.seed) and folded["q"].rank == 1
-    assert feature.metrics() == {METRIC: chosen}
+    assert chosen == select(3, 2, seed=target_seed(rnd.seed, "q")) and folded["q"].rank == 1
+    assert feature.metrics() == {METRIC: draw_digest({"q": chosen})}
     model = get_peft_model(base, LoraConfig(r=2, lora_alpha=cfg.lora.alpha, target_modules=["q"]))
     scaling = cfg.client_scaling(2)
     write_factors(model, {m: f.truncate(2, scaling) for m, f in start.items()})
@@ -265,20 +290,24 @@ def test_a_client_round_trains_at_alpha_over_R_and_replies_at_alpha_over_r(
     context = Context(0, 0, {"partition-id": 0}, RecordDict(), {})  # partition 0: rank 2
     out = train_content(cfg, content, context=context)
     assert alphas == [pytest.approx(16 * 2 / 3)]
-    chosen = list(out["metrics"][METRIC])
+    seed = client_seed(cfg, server_round=1, partition=0)
+    drawn = draw(glob, global_rank=3, rank=2, seed=seed)
+    assert len({tuple(c) for c in drawn.values()}) > 1  # this seed's targets draw differently
+    assert out["metrics"][METRIC] == draw_digest(drawn)
     assert out["metrics"]["scaling"] == cfg.client_scaling(2) == 8.0
     update = from_record(out["update"], cfg.client_scaling(2))
-    assert update.keys() == glob.keys() and len(chosen) == 2
+    assert update.keys() == glob.keys()
     for m, f in update.items():
-        placed = expand(f, chosen, global_=glob[m])
+        placed = expand(f, drawn[m], global_=glob[m])
         torch.testing.assert_close(placed.delta(), glob[m].delta(), atol=1e-6, rtol=1e-4)
 
 
 def test_the_server_sends_everything_and_places_the_modules() -> None:
     cfg = recipe()
     feature = FedPLoRAFold(cfg)
-    # round 7 (run seed 0): partition 0 at rank 2 draws modules [0, 2], partition 1 at rank 1 [2]
-    assert feature.before_round(7, partitions=[0, 1], sampled=2) is None
+    # round 4 (run seed 0): in target q partition 0 at rank 2 draws modules [0, 2], partition 1
+    # at rank 1 [2]; round 9: partition 0 draws [0, 1]
+    assert feature.before_round(4, partitions=[0, 1], sampled=2) is None
     down = feature.download(7, Download(2, {"q": GLOBAL}, {"x": 1}))
     assert down.rank is None and down.config == {"x": 1}
     glob = {"q": Factors(t([[1.0, 2.0, 3.0]]), t([[1.0], [1.0], [1.0]]), 1.0)}
@@ -289,7 +318,7 @@ def test_the_server_sends_everything_and_places_the_modules() -> None:
         "steps": 1,
         "bytes-sent": 1,
         "bytes-received": 1,
-        METRIC: [0, 2],
+        METRIC: draw_digest({"q": [0, 2]}),
     }
     reply = TrainReply.parse(metrics)
     factors = {"q": C1}
@@ -302,14 +331,19 @@ def test_the_server_sends_everything_and_places_the_modules() -> None:
     # two nodes: node 8 (C0, module 2 only) holds node 7's module 0, the one trainer's
     for node, (f, chosen) in {7: (C1, [0, 2]), 8: (C0, [2])}.items():
         one = TrainReply.parse(
-            {**metrics, "partition-id": node - 7, "rank": len(chosen), METRIC: chosen}
+            {
+                **metrics,
+                "partition-id": node - 7,
+                "rank": len(chosen),
+                METRIC: draw_digest({"q": chosen}),
+            }
         )
         feature.receive(node, RecordDict(), factors={"q": f}, reply=one, shapes={"q": (1, 1)})
     inputs, _ = feature.release([7, 8], [{"q": C1}, {"q": C0}], weights=[3.0, 1.0], global_=glob)
     assert torch.equal(inputs[1]["q"].B, t([[4.0, 2.0, 10.0]]))
     assert torch.equal(inputs[1]["q"].A, t([[3.0], [1.0], [2.0]]))
-    for bad in ([0, 0], [2]):
-        with pytest.raises(ValueError, match="module indices"):
+    for bad in ([0, 2], -1, 1.5):  # the indices themselves, a negative or fractional checksum
+        with pytest.raises(ValueError, match=METRIC):
             feature.receive(
                 7,
                 RecordDict(),
@@ -317,17 +351,19 @@ def test_the_server_sends_everything_and_places_the_modules() -> None:
                 reply=TrainReply.parse({**metrics, METRIC: bad}),
                 shapes={},
             )
-    # valid indices, but not the draw: a hostile client choosing the module it sets alone
-    with pytest.raises(ValueError, match=r"\[0, 1\] is not the seeded draw of partition 0 "):
+    # another draw's checksum: a hostile client choosing the module it sets alone (or one whose
+    # draw differs) is refused, not placed where it did not train
+    other = draw_digest({"q": [0, 1]})
+    with pytest.raises(ValueError, match=rf"{other} is not the checksum of partition 0's seeded"):
         feature.receive(
             7,
             RecordDict(),
             factors=factors,
-            reply=TrainReply.parse({**metrics, METRIC: [0, 1]}),
+            reply=TrainReply.parse({**metrics, METRIC: other}),
             shapes={},
         )
     feature.before_round(9, partitions=[0, 1], sampled=2)  # another round, another draw ([0, 1])
-    with pytest.raises(ValueError, match=r"in round 9 \(\[0, 1\]\)"):
+    with pytest.raises(ValueError, match=rf"in round 9 \({other}\)"):
         feature.receive(7, RecordDict(), factors=factors, reply=reply, shapes={"q": (1, 1)})
     missing = TrainReply.parse({k: v for k, v in metrics.items() if k != METRIC})
     with pytest.raises(ValueError, match=METRIC):

@@ -1,14 +1,15 @@
 """Fed-PLoRA's Select-N-Fold on both sides of a round (the math is `fedllm.aggregators.fedplora`).
 
 Server: every node is sent the whole global adapter (R modules; no cut to its rank), and each
-reply's module indices (`fedplora-select`, one per trained rank; refused unless they are the
-seeded draw of its partition, rank and round) put its modules back at their places before the
-aggregator runs (`release`: the trainers' mean fills the rest, so each module
-is averaged over the clients that trained it).
-Client: it selects rᵢ modules (seeded by the run's seed, the round and its partition), folds the
-others into its frozen base for the round (the `fold` hook; restored afterwards), trains the
-selected ones as its rank-rᵢ LoRA at the rank-R LoRA's scaling α/R (`aggregator.options.
-module_scaling: global`; `client`: its own α/rᵢ) and reports their indices.
+reply's modules go back at the indices of its seeded draw (its partition, rank and round; the
+reply's `fedplora-draw` checksum must match it) before the aggregator runs (`release`: the
+trainers' mean fills the rest, so each module is averaged over the clients that trained it).
+Client: in every target module it selects rᵢ of the R one-rank modules (drawn per target, seeded
+by the run's seed, the round, its partition and the target; `module_draw: client`: one draw for
+all targets), folds the others into its frozen base for the round (the `fold` hook; restored
+afterwards), trains the selected ones as its rank-rᵢ LoRA at the rank-R LoRA's scaling α/R
+(`aggregator.options.module_scaling: global`; `client`: its own α/rᵢ) and reports the
+checksum of its draws.
 
 Refused: DP (a client-level release would mix the clients before their modules are placed),
 SecAgg+ (the server must see each client's indices), top-k compression (its residual would follow
@@ -27,11 +28,12 @@ from flwr.app import RecordDict
 from fedllm.aggregators.base import Factors
 from fedllm.aggregators.fedplora import (
     CLIENT_DEFAULTS,
+    check_module_draw,
     check_module_scaling,
-    check_selection,
+    draw,
+    draw_digest,
     expand,
     module_alpha,
-    select,
     split,
     trainers_mean,
 )
@@ -39,10 +41,10 @@ from fedllm.client.round import client_seed
 from fedllm.features.base import Feature
 from fedllm.features.personal import PersonalAdapter
 from fedllm.features.registry import register
-from fedllm.features.types import ClientPlan, ClientRound, Download, TrainReply
+from fedllm.features.types import ClientPlan, ClientRound, Download, TrainReply, extra_number
 from fedllm.recipe.schema import RunConfig
 
-METRIC = "fedplora-select"  # the reply metric listing the trained module indices
+METRIC = "fedplora-draw"  # the reply metric: the checksum of the client's draws (`draw_digest`)
 
 
 def module_scaling(cfg: RunConfig) -> str:
@@ -51,9 +53,22 @@ def module_scaling(cfg: RunConfig) -> str:
     return check_module_scaling(cfg.aggregator.options.get("module_scaling", default))
 
 
+def per_target(cfg: RunConfig) -> bool:
+    """True unless the recipe's `aggregator.options.module_draw` is "client" (one draw for every
+    target module, the form of stops 50–52)."""
+    default = CLIENT_DEFAULTS["module_draw"]
+    return check_module_draw(cfg.aggregator.options.get("module_draw", default)) == "target"
+
+
+def draws(cfg: RunConfig, targets: Sequence[str], *, rank: int, seed: int) -> dict[str, list[int]]:
+    """A client's selected modules per target this round, as the recipe draws them."""
+    return draw(targets, global_rank=cfg.max_rank, rank=rank, seed=seed, per_target=per_target(cfg))
+
+
 def check_recipe(cfg: RunConfig) -> None:
     """Refuse what Select-N-Fold cannot run with, naming the recipe key."""
     module_scaling(cfg)
+    per_target(cfg)
     problems = {
         "privacy.mode": cfg.privacy.mode != "none",
         "privacy.secure_aggregation.enabled": cfg.privacy.secure_aggregation.enabled,
@@ -96,8 +111,8 @@ class FedPLoRAFold(Feature):
 
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg)
-        self.selected: dict[str, list[int]] = {}  # client: module -> the indices it trains
-        self.placed: dict[int, list[int]] = {}  # server: node -> its reply's indices
+        self.selected: dict[str, list[int]] = {}  # client: target -> the indices it trains
+        self.placed: dict[int, dict[str, list[int]]] = {}  # server: node -> its reply's draws
         self.round = 0  # server: the round whose replies `receive` checks
 
     # -- client --------------------------------------------------------------------------------
@@ -112,14 +127,18 @@ class FedPLoRAFold(Feature):
         return dataclasses.replace(plan, lora_alpha=alpha)
 
     def fold(self, factors: Mapping[str, Factors], rnd: ClientRound) -> dict[str, Factors]:
-        """Choose this round's modules (one draw for every adapted module) and return the others."""
+        """Draw this round's modules in every target and return the others, to fold."""
+        ranks = {f.rank for f in factors.values()}
+        if ranks - {self.cfg.max_rank}:
+            raise ValueError(
+                f"the global adapter has ranks {sorted(ranks)}, not R = {self.cfg.max_rank}"
+            )
+        self.selected = draws(self.cfg, list(factors), rank=rnd.plan.rank, seed=rnd.seed)
         folded: dict[str, Factors] = {}
-        for module, f in factors.items():
-            chosen = select(f.rank, rnd.plan.rank, seed=rnd.seed)
-            self.selected[module] = chosen
-            _, rest = split(f, chosen)
+        for target, f in factors.items():
+            _, rest = split(f, self.selected[target])
             if rest is not None:
-                folded[module] = rest
+                folded[target] = rest
         return folded
 
     def start(self, factors: Mapping[str, Factors], rnd: ClientRound) -> dict[str, Factors]:
@@ -127,17 +146,14 @@ class FedPLoRAFold(Feature):
         return {m: split(f, self.selected[m])[0] for m, f in factors.items()}
 
     def metrics(self) -> dict[str, Any]:
-        """The trained module indices (`fedplora-select`); ValueError if modules disagree."""
-        chosen = {tuple(v) for v in self.selected.values()}
-        if len(chosen) > 1:  # one draw per round: every module has the same indices
-            raise ValueError(f"modules disagree on the selected indices: {sorted(chosen)}")
-        return {METRIC: list(chosen.pop())} if chosen else {}
+        """The checksum of this round's draws (`fedplora-draw`)."""
+        return {METRIC: draw_digest(self.selected)} if self.selected else {}
 
     # -- server --------------------------------------------------------------------------------
     def before_round(
         self, server_round: int, *, partitions: Sequence[int], sampled: int
     ) -> str | None:
-        """Note the round: its replies' indices must be its seeded draws."""
+        """Note the round: its replies' modules are placed at its seeded draws."""
         self.round = server_round
         return None
 
@@ -154,21 +170,22 @@ class FedPLoRAFold(Feature):
         reply: TrainReply,
         shapes: Mapping[str, tuple[int, int]],
     ) -> dict[str, Factors]:
-        """Keep the reply's module indices for `release`: they must be the draw `select` makes
-        for its partition, rank and round (under the trainers' mean a client that picked a
-        module nobody else trains would set it alone)."""
-        if METRIC not in reply.extra:
-            raise ValueError(f"a fedplora reply must list its trained modules in {METRIC!r}")
-        R = self.cfg.max_rank
-        chosen = check_selection(reply.extra[METRIC], rank=reply.rank, global_rank=R)
+        """Keep the reply's draws for `release`: the server makes them itself (partition, rank,
+        round), and the reply's checksum must match, so a client trained where its modules go
+        (under the trainers' mean a client that picked a module nobody else trains would set it
+        alone; one with another draw would land its modules at the wrong indices)."""
+        sent = extra_number(reply, METRIC, kind=int, minimum=0)
+        if sent is None:
+            raise ValueError(f"a fedplora reply must carry its draws' checksum in {METRIC!r}")
         seed = client_seed(self.cfg, server_round=self.round, partition=reply.partition)
-        if chosen != (drawn := select(R, reply.rank, seed=seed)):
+        drawn = draws(self.cfg, list(factors), rank=reply.rank, seed=seed)
+        if sent != (want := draw_digest(drawn)):
             raise ValueError(
-                f"{METRIC} {chosen} is not the seeded draw of partition {reply.partition} at "
-                f"rank {reply.rank} in round {self.round} ({drawn}): a client does not choose "
-                "its modules"
+                f"{METRIC} {sent} is not the checksum of partition {reply.partition}'s seeded "
+                f"draws at rank {reply.rank} in round {self.round} ({want}): a client does not "
+                "choose its modules"
             )
-        self.placed[node] = chosen
+        self.placed[node] = drawn
         return factors
 
     def release(
@@ -186,11 +203,12 @@ class FedPLoRAFold(Feature):
             return inputs, weights
         selected = [self.placed[node] for node in nodes]
         expanded = [
-            {m: expand(f, chosen, global_=global_[m]) for m, f in update.items()}
+            {m: expand(f, chosen[m], global_=global_[m]) for m, f in update.items()}
             for chosen, update in zip(selected, inputs, strict=True)
         ]
         by_module = {
-            m: trainers_mean([u[m] for u in expanded], selected, weights) for m in expanded[0]
+            m: trainers_mean([u[m] for u in expanded], [c[m] for c in selected], weights)
+            for m in expanded[0]
         }
         self.placed = {}
         return [{m: by_module[m][i] for m in update} for i, update in enumerate(expanded)], weights
