@@ -128,8 +128,7 @@ def select(global_rank: int, rank: int, *, seed: int) -> list[int]:
 def target_seed(seed: int, target: str) -> int:
     """The seed of one target module's draw (`target`: the adapted weight's name) in a client's
     round (`seed`): a hash of both, the same on client and server, independent across targets."""
-    digest = hashlib.sha256(f"{seed}/{target}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % 2**63
+    return _hashed(f"{seed}/{target}", bits=63)
 
 
 def draw(
@@ -149,7 +148,12 @@ def draw_digest(selected: Mapping[str, Sequence[int]]) -> int:
     float too: the reply metric by which the server checks that the client trained the modules
     it places the reply at."""
     text = ";".join(f"{t}:{','.join(map(str, selected[t]))}" for t in sorted(selected))
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") % 2**52
+    return _hashed(text, bits=52)
+
+
+def _hashed(text: str, *, bits: int) -> int:
+    """`text`'s sha256 as an int in [0, 2^bits): the same in every process, unlike hash()."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") % 2**bits
 
 
 def split(global_: Factors, selected: Sequence[int]) -> tuple[Factors, Factors | None]:
